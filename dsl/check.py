@@ -1,0 +1,80 @@
+"""Static checks across rules: orders that cannot work, rules that would do nothing, duplicates.
+
+These need only the policy text. Checks that need the model (two selectors that overlap on the
+same module) happen when rules are bound to the graph; this module catches what it can earlier,
+with a message that says what to write instead.
+"""
+from __future__ import annotations
+
+from . import ast as A
+from .errors import Diagnostic, SpecError
+from .printer import format_selector
+
+__all__ = ["check_spec", "check_policy"]
+
+_STRUCTURAL = (A.Collapse, A.Drop)
+_WEIGHT_CHANGING = (A.Adapt, A.Quantize, A.Precision)
+_PRECISION_RULES = (A.Quantize, A.Precision)
+
+
+def check_spec(spec: A.Spec) -> None:
+    """Raise one SpecError listing every problem in the file."""
+    problems: list[Diagnostic] = []
+    seen: dict[str, A.Policy] = {}
+    for policy in spec.policies:
+        if policy.name in seen:
+            first = seen[policy.name].span
+            problems.append(_at(policy.span, "duplicate", f"a second policy named `{policy.name}` "
+                                f"(the first is on line {first.line})", "give each policy its own name",
+                                width=len("policy")))
+        seen.setdefault(policy.name, policy)
+        problems += check_policy(policy)
+    if problems:
+        raise SpecError(problems, spec.source, spec.filename)
+
+
+def check_policy(policy: A.Policy) -> list[Diagnostic]:
+    problems: list[Diagnostic] = []
+    for i, rule in enumerate(policy.rules):
+        for earlier in policy.rules[:i]:
+            problem = _pair_problem(earlier, rule)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def _pair_problem(earlier: A.Rule, later: A.Rule) -> Diagnostic | None:
+    """What is wrong with `later` given that `earlier` comes before it, if anything."""
+    same = format_selector(earlier.selector) == format_selector(later.selector)
+    sel = format_selector(later.selector)
+    line = earlier.span.line
+    if isinstance(later, _STRUCTURAL) and isinstance(earlier, _WEIGHT_CHANGING):
+        return _at(later.span, "illegal-order", f"`{later.kind}` after `{earlier.kind}` (line {line}): blocks are "
+                   f"merged or removed on full-precision weights without adapters",
+                   f"move this `{later.kind}` rule above line {line}")
+    if not same:
+        return None
+    if isinstance(later, A.Adapt) and later.get("merge") and isinstance(earlier, _PRECISION_RULES):
+        return _at(later.span, "illegal-order", f"`adapt … merge=true` on `{sel}` after `{earlier.kind}` "
+                   f"(line {line}): an adapter cannot be merged into already-quantized weights",
+                   f"put this `adapt` above line {line} to merge before quantizing, or write "
+                   "`merge=false` to keep the adapter in full precision (QLoRA style)")
+    if isinstance(later, _PRECISION_RULES) and isinstance(earlier, _PRECISION_RULES):
+        return _at(later.span, "duplicate", f"`{sel}` is given a precision twice: here and by `{earlier.kind}` "
+                   f"on line {line}", "keep one of the two rules")
+    if type(later) is type(earlier) and isinstance(later, (A.Adapt, A.Tokens, A.Keep, A.Collapse, A.Drop)):
+        return _at(later.span, "duplicate", f"a second `{later.kind}` rule on `{sel}` (the first is on line {line})",
+                   "merge the two rules into one")
+    if isinstance(earlier, A.Keep) or isinstance(later, A.Keep):
+        other = later if isinstance(earlier, A.Keep) else earlier
+        keep = earlier if isinstance(earlier, A.Keep) else later
+        return _at(other.span if other is later else later.span, "invalid-combination",
+                   f"`keep {sel}` (line {keep.span.line}) protects exactly what `{other.kind}` "
+                   f"(line {other.span.line}) selects, so that rule would do nothing",
+                   "remove one of the two rules, or narrow one selector")
+    return None
+
+
+def _at(span: A.Span, kind: str, message: str, hint: str | None = None, width: int | None = None) -> Diagnostic:
+    w = width if width is not None else max(1, span.end_column - span.column if span.end_line == span.line else 1)
+    return Diagnostic(kind, message, span.line, span.column, w, hint)

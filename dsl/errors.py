@@ -1,0 +1,106 @@
+"""SpecError: the one exception a user sees for a bad policy, wherever in the pipeline it is found.
+
+Every error points into the policy text (line, column, the source line, a caret) and says what
+to do. Several problems found in one pass travel together in `.diagnostics`.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+__all__ = ["Diagnostic", "SpecError", "did_you_mean", "ERROR_KINDS"]
+
+# Every `kind` a Diagnostic may carry, with what it means (README lists these).
+ERROR_KINDS: dict[str, str] = {
+    "syntax": "the text does not follow the grammar (a missing `}`, a stray character, …)",
+    "unknown-keyword": "a misspelt rule keyword, adapter, action or bit format",
+    "unknown-parameter": "a parameter the rule does not take",
+    "missing-value": "a parameter without `=value`, or a rule without its required part",
+    "wrong-type": "a value of the wrong type (`rank=1.5`, `merge=yes`)",
+    "out-of-range": "a value outside its range (`rank=0`, `keep=1.5`, `group=48`)",
+    "invalid-combination": "parameters that cannot go together (`group` on fp16, `ratio` and `count`)",
+    "duplicate": "a parameter, policy or rule written twice",
+    "illegal-order": "rules in an order that cannot work (`adapt … merge=true` after `quantize`)",
+    "encoding": "the file is not UTF-8 text",
+    "too-deep": "selector alternatives nested too deeply to be meant",
+    "selector": "a selector that matches nothing in the model",
+    "unsupported": "a rule the model or this version cannot apply",
+    "internal": "a bug in slimfx: please report it with the policy text",
+}
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One problem at one place. line/column are 1-based; 0 means "no position"."""
+
+    kind: str
+    message: str
+    line: int = 0
+    column: int = 0
+    width: int = 1
+    hint: str | None = None
+
+    def render(self, source: str, filename: str = "<policy>") -> str:
+        where = f"{filename}:{self.line}:{self.column}" if self.line else filename
+        out = [f"{where}: error[{self.kind}]: {self.message}"]
+        lines = source.splitlines()
+        if 0 < self.line <= len(lines):
+            text, column = _window(lines[self.line - 1].expandtabs(1), self.column)
+            out.append(f"    {text}")
+            out.append("    " + " " * (column - 1) + "^" * max(1, min(self.width, len(text) - column + 1)))
+        if self.hint:
+            out.append(f"  = {self.hint}")
+        return "\n".join(out)
+
+
+def _window(text: str, column: int, width: int = 100) -> tuple[str, int]:
+    """A long source line cut to `width` characters around the column (with `…` marks)."""
+    if len(text) <= width:
+        return text, column
+    start = max(0, min(column - 1 - width // 2, len(text) - width))
+    cut = ("…" if start else "") + text[start:start + width] + ("…" if start + width < len(text) else "")
+    return cut, column - start + (1 if start else 0)
+
+
+class SpecError(ValueError):
+    """A policy that cannot be applied. `.line`, `.column`, `.source_line`, `.kind` describe the
+    first problem; `.diagnostics` holds all of them; `str()` renders each with a caret."""
+
+    def __init__(self, diagnostics: Diagnostic | Sequence[Diagnostic], source: str = "",
+                 filename: str = "<policy>"):
+        diags = [diagnostics] if isinstance(diagnostics, Diagnostic) else list(diagnostics)
+        if not diags:
+            raise ValueError("SpecError needs at least one diagnostic")
+        self.diagnostics: tuple[Diagnostic, ...] = tuple(diags)
+        self.source = source
+        self.filename = filename
+        super().__init__(self.render())
+
+    @classmethod
+    def at(cls, kind: str, message: str, *, line: int = 0, column: int = 0, width: int = 1,
+           hint: str | None = None, source: str = "", filename: str = "<policy>") -> "SpecError":
+        return cls(Diagnostic(kind, message, line, column, width, hint), source, filename)
+
+    first = property(lambda self: self.diagnostics[0])
+    kind = property(lambda self: self.first.kind)
+    line = property(lambda self: self.first.line)
+    column = property(lambda self: self.first.column)
+    hint = property(lambda self: self.first.hint)
+    message = property(lambda self: self.first.message)
+
+    @property
+    def source_line(self) -> str:
+        lines = self.source.splitlines()
+        return lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+
+    def render(self) -> str:
+        return "\n".join(d.render(self.source, self.filename) for d in self.diagnostics)
+
+
+def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str | None:
+    """`did you mean `rank`?` for a close candidate, else None."""
+    close = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
+    if not close:
+        return None
+    return "did you mean " + " or ".join(f"`{c}`" for c in close) + "?"

@@ -1,0 +1,269 @@
+"""Policy text -> Spec (the AST). The first stage of the pipeline, and the only one that sees text.
+
+parse() runs the Lark LALR parser, turns the tree into frozen dataclasses, checks every value
+against its rule's schema, attaches comments for the formatter, and runs the static checks of
+dsl/check.py. Whatever it is given, only SpecError comes out.
+"""
+from __future__ import annotations
+
+import ast as pyast
+import functools
+import threading
+from importlib import resources
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedInput, VisitError
+
+from . import ast as A
+from .errors import Diagnostic, SpecError
+from .syntax_errors import syntax_error
+from .trivia import attach_trivia
+from .validate import validate_spec
+
+__all__ = ["parse", "parse_file", "grammar_text", "lark_parser"]
+
+# Deeper alternatives than this are never meant, and would only exhaust Python's stack.
+MAX_NESTING = 32
+
+
+def grammar_text() -> str:
+    return resources.files("slimfx.dsl").joinpath("policy.lark").read_text(encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=None)
+def lark_parser() -> Lark:
+    return Lark(grammar_text(), parser="lalr", lexer="contextual", propagate_positions=True,
+                maybe_placeholders=True, lexer_callbacks={"COMMENT": _collect_comment})
+
+
+# Comments are %ignored by the grammar; the lexer hands them here so `fmt` can keep them.
+# Thread-local, because the one cached Lark instance may serve several threads.
+_seen = threading.local()
+
+
+def _collect_comment(token: Token) -> Token:
+    _seen.comments.append(token)
+    return token
+
+
+def parse(text: str | bytes, *, filename: str = "<policy>", check: bool = True) -> A.Spec:
+    """Parse policy text into a Spec.
+
+    >>> spec = parse("policy p {\\n  quantize head int8\\n}")
+    >>> spec.policy("p").rules[0].format
+    'int8'
+    """
+    source = _decode(text, filename)
+    tree, comments = _parse_tree(source, filename)
+    spec = _to_ast(tree, source, filename)
+    spec = validate_spec(spec)
+    spec = attach_trivia(spec, comments)
+    if check:
+        from .check import check_spec
+
+        check_spec(spec)
+    return spec
+
+
+def parse_file(path, *, check: bool = True) -> A.Spec:
+    """parse() the file at `path`; an unreadable file is a SpecError too."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SpecError.at("encoding", f"cannot read {path}: {e.strerror or e}", filename=str(path)) from e
+    return parse(data, filename=str(path), check=check)
+
+
+def _decode(text: str | bytes, filename: str) -> str:
+    if isinstance(text, str):
+        return text.lstrip("\ufeff")
+    if not isinstance(text, (bytes, bytearray)):
+        raise SpecError.at("encoding", f"a policy is text or bytes, not {type(text).__name__}",
+                           filename=filename)
+    try:
+        return bytes(text).decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError as e:
+        line = text.count(b"\n", 0, e.start) + 1
+        column = e.start - (text.rfind(b"\n", 0, e.start) + 1) + 1
+        raise SpecError.at("encoding", f"byte 0x{text[e.start]:02x} is not UTF-8; save the file as UTF-8",
+                           line=line, column=column, filename=filename) from None
+
+
+def _parse_tree(source: str, filename: str):
+    parser = lark_parser()
+    _seen.comments = []
+    try:
+        tree = parser.parse(source)
+    except UnexpectedInput as e:
+        raise syntax_error(e, source, filename, parser) from None
+    return tree, _seen.comments
+
+
+def _to_ast(tree, source: str, filename: str) -> A.Spec:
+    try:
+        policies = _AstBuilder().transform(tree)
+    except VisitError as e:
+        if isinstance(e.orig_exc, SpecError):
+            raise SpecError(e.orig_exc.diagnostics, source, filename) from None
+        if not isinstance(e.orig_exc, RecursionError):
+            raise
+        raise _too_deep(source, filename) from None
+    except RecursionError:
+        raise _too_deep(source, filename) from None
+    return A.Spec(tuple(policies), source=source, filename=filename)
+
+
+def _too_deep(source: str, filename: str) -> SpecError:
+    line, column = _deep_brace(source)
+    return SpecError.at("too-deep", f"selector alternatives nested deeper than {MAX_NESTING} levels",
+                        line=line, column=column, source=source, filename=filename)
+
+
+def _deep_brace(source: str) -> tuple[int, int]:
+    """Line and column of the first `{` nested past MAX_NESTING (the policy's own brace counts)."""
+    depth = 0
+    for line_no, text in enumerate(source.splitlines(), 1):
+        for col, char in enumerate(text, 1):
+            depth += (char == "{") - (char == "}")
+            if depth > MAX_NESTING + 1:
+                return line_no, col
+    return 0, 0
+
+
+def _span(meta) -> A.Span:
+    return A.Span(meta.line, meta.column, meta.end_line, meta.end_column)
+
+
+def _token_span(tok: Token) -> A.Span:
+    return A.Span(tok.line, tok.column, tok.end_line, tok.end_column)
+
+
+@v_args(meta=True)
+class _AstBuilder(Transformer):
+    """Lark tree -> AST nodes. Values keep their written type; validate.py coerces them."""
+
+    def start(self, meta, children):
+        return children
+
+    def policy(self, meta, children):
+        name, *rules = children
+        return A.Policy(str(name), tuple(rules), span=_span(meta))
+
+    # ---- rules
+    def collapse(self, meta, children):
+        selector, auto, *params = children
+        return A.Collapse(selector, _auto_of(auto, "collapse"), tuple(params), span=_span(meta))
+
+    def drop(self, meta, children):
+        selector, auto, *params = children
+        return A.Drop(selector, _auto_of(auto, "drop"), tuple(params), span=_span(meta))
+
+    def adapt(self, meta, children):
+        selector, method, *params = children
+        return A.Adapt(selector, str(method), tuple(params), span=_span(meta))
+
+    def quantize(self, meta, children):
+        selector, fmt, *params = children
+        return A.Quantize(selector, str(fmt), tuple(params), span=_span(meta))
+
+    def precision(self, meta, children):
+        selector, *rest = children
+        i = next(i for i, c in enumerate(rest) if isinstance(c, A.Budget))
+        choices, budget, metric, params = rest[:i], rest[i], rest[i + 1], rest[i + 2:]
+        return A.Precision(selector, tuple(choices), budget, str(metric), tuple(params), span=_span(meta))
+
+    def tokens(self, meta, children):
+        selector, action, *params = children
+        return A.Tokens(selector, str(action), tuple(params), span=_span(meta))
+
+    def keep(self, meta, children):
+        selector, *params = children
+        return A.Keep(selector, tuple(params), span=_span(meta))
+
+    # ---- rule parts
+    def auto(self, meta, children):
+        return (tuple(c for c in children if c is not None), _span(meta))
+
+    def choice(self, meta, children):
+        fmt, *params = children
+        return A.FormatChoice(str(fmt), tuple(params), span=_span(meta))
+
+    def budget_bits(self, meta, children):
+        return A.Budget("avg_bits", _number(children[0]), None, span=_span(meta))
+
+    def budget_bytes(self, meta, children):
+        limit, unit = children
+        return A.Budget("bytes", _number(limit), str(unit) if unit else None, span=_span(meta))
+
+    def param(self, meta, children):
+        name, value = children
+        return A.Param(str(name), value, span=_span(meta))
+
+    def number(self, meta, children):
+        return _number(children[0])
+
+    def true(self, meta, children):
+        return True
+
+    def false(self, meta, children):
+        return False
+
+    def ident(self, meta, children):
+        return str(children[0])
+
+    def string(self, meta, children):
+        return pyast.literal_eval(str(children[0]))
+
+    # ---- selectors
+    def selector(self, meta, children):
+        path, class_filter = children[0], (children[1] if len(children) > 1 else None)
+        return A.Selector(path, class_filter, span=_span(meta))
+
+    def class_filter(self, meta, children):
+        return str(children[0])
+
+    def path(self, meta, children):
+        return A.Path(tuple(children))
+
+    def name(self, meta, children):
+        return A.Name(str(children[0]), children[1] if len(children) > 1 else None)
+
+    def star(self, meta, children):
+        return A.Star()
+
+    def globstar(self, meta, children):
+        return A.GlobStar()
+
+    def alternatives(self, meta, children):
+        if _depth(children) > MAX_NESTING:
+            raise SpecError(Diagnostic("too-deep", f"selector alternatives nested deeper than "
+                                       f"{MAX_NESTING} levels", meta.line, meta.column))
+        return A.Alternatives(tuple(children))
+
+    def item(self, meta, children):
+        return A.Item(int(children[0]))
+
+    def slice(self, meta, children):
+        start, stop, step = (int(c) if c is not None else None for c in children)
+        return A.Slice(start, stop, step)
+
+
+def _auto_of(auto, rule: str) -> A.Auto | None:
+    if auto is None:
+        return None
+    params, span = auto
+    return A.Auto(rule, params, span=span)
+
+
+def _number(tok: Token) -> int | float:
+    text = str(tok)
+    if any(c in text for c in ".eE"):
+        return float(text)
+    return int(text)
+
+
+def _depth(paths) -> int:
+    """Nesting depth of alternatives below these paths (1 for `{a,b}`)."""
+    inner = [seg for p in paths for seg in p.segments if isinstance(seg, A.Alternatives)]
+    return 1 + max((_depth(s.options) for s in inner), default=0)

@@ -1,0 +1,146 @@
+"""Per-rule parameter schemas: names, types, ranges and defaults.
+
+The grammar accepts any `name=value`; this table decides which names each rule takes and what
+their values may be. The parser coerces values with it, the printer orders parameters by it,
+and `slimfx.testing` draws valid values from it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from .ast import Value
+
+__all__ = [
+    "ParamSpec", "SCHEMAS", "FORMATS", "INT_FORMATS", "FORMAT_BITS", "SIZE_UNITS", "METRICS",
+    "schema_key", "default_for", "is_power_of_two",
+]
+
+FORMATS = ("int8", "int4", "int2", "fp16", "bf16", "keep")
+INT_FORMATS = ("int8", "int4", "int2")
+FORMAT_BITS = {"int8": 8, "int4": 4, "int2": 2, "fp16": 16, "bf16": 16, "keep": 32}
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+METRICS = ("output_mse",)
+ADAPTERS = ("lora", "dora")
+TOKEN_ACTIONS = ("prune", "merge")
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: its type, default, and the range check with the phrase that explains it."""
+
+    name: str
+    type: type  # bool, int, float or str (an identifier or a quoted string)
+    default: Value | None
+    doc: str
+    check: Callable[[Value], bool] = lambda v: True
+    range_text: str = ""  # e.g. "a power of two, at least 16"
+    choices: tuple[str, ...] = ()  # for identifiers
+    example: str = ""  # a valid value for messages, where the default is None
+
+    def valid(self, value: Value) -> bool:
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return self.check(value)
+
+    @property
+    def expectation(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        return self.range_text or _TYPE_WORDS[self.type]
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a name or a quoted string"}
+
+
+def _fraction_open(v):  # (0, 1)
+    return 0 < v < 1
+
+
+def _fraction_half_open(v):  # (0, 1]
+    return 0 < v <= 1
+
+
+_GROUP = ParamSpec("group", int, None, "weights per quantization group along the input dim "
+                   "(default: per output channel for int8, 64 for int4/int2)",
+                   lambda v: is_power_of_two(v) and v >= 16, "a power of two, at least 16", example="64")
+_SYM = ParamSpec("sym", bool, True, "symmetric (true) or with a zero point (false)")
+_METHOD_Q = ParamSpec("method", str, "rtn", "round-to-nearest or GPTQ", choices=("rtn", "gptq"))
+_DAMP = ParamSpec("damp", float, 0.01, "GPTQ damping, as a fraction of the mean Hessian diagonal",
+                  _fraction_half_open, "a number in (0, 1]")
+_ACT_ORDER = ParamSpec("act_order", bool, False, "GPTQ: quantize columns in order of Hessian diagonal")
+_PROTECT = ParamSpec("protect", str, "none", "tokens never pruned or merged", choices=("cls", "none"))
+_RESTORE = ParamSpec("restore", bool, False, "scatter tokens back so the output keeps its length")
+
+
+def _specs(*specs: ParamSpec) -> dict[str, ParamSpec]:
+    return {s.name: s for s in specs}
+
+
+# Key: rule keyword, or "<keyword>.<variant>" where the variant changes what is accepted.
+SCHEMAS: dict[str, dict[str, ParamSpec]] = {
+    "collapse": _specs(
+        ParamSpec("method", str, "laco", "how blocks are merged (LaCo: θ_l + Σ(θ_k − θ_l))", choices=("laco",)),
+    ),
+    "collapse.auto": _specs(
+        ParamSpec("ratio", float, 0.25, "fraction of blocks to remove", _fraction_open, "a number in (0, 1)"),
+        ParamSpec("threshold", float, 0.9, "accept a merge while calibration outputs keep this cosine similarity",
+                  _fraction_half_open, "a number in (0, 1]"),
+        ParamSpec("span", int, 4, "blocks merged in one step (LaCo's C)", lambda v: v >= 2, "an integer ≥ 2"),
+        ParamSpec("interval", int, 1, "blocks kept between merges (LaCo's I)", lambda v: v >= 1, "an integer ≥ 1"),
+    ),
+    "drop": _specs(),
+    "drop.auto": _specs(
+        ParamSpec("ratio", float, None, "fraction of blocks to drop", _fraction_open, "a number in (0, 1)",
+                  example="0.25"),
+        ParamSpec("count", int, None, "number of blocks to drop", lambda v: v >= 1, "an integer ≥ 1", example="4"),
+        ParamSpec("score", str, "influence", "block influence 1 − cos(x_in, x_out)", choices=("influence",)),
+    ),
+    "adapt": _specs(
+        ParamSpec("rank", int, 8, "adapter rank r", lambda v: v >= 1, "an integer ≥ 1"),
+        ParamSpec("alpha", float, 16.0, "scale α (the update is α/r · B·A)", lambda v: v > 0, "a number > 0"),
+        ParamSpec("dropout", float, 0.0, "dropout on the adapter input", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        ParamSpec("init", str, "kaiming", "initialisation of A (B starts at zero)", choices=("kaiming", "gaussian")),
+        ParamSpec("merge", bool, False, "fold the adapter into the base weight"),
+    ),
+    "quantize": _specs(_GROUP, _SYM, _METHOD_Q, _DAMP, _ACT_ORDER),
+    "choice": _specs(_GROUP, _SYM),
+    "precision": _specs(_METHOD_Q, _DAMP),
+    "tokens.prune": _specs(
+        ParamSpec("keep", float, 0.5, "fraction of tokens kept", _fraction_half_open, "a number in (0, 1]"),
+        ParamSpec("score", str, "attention", "how tokens are ranked", choices=("attention", "norm")),
+        _PROTECT, _RESTORE,
+    ),
+    "tokens.merge": _specs(
+        ParamSpec("ratio", float, 0.25, "fraction of tokens merged away (ToMe)", _fraction_open, "a number in (0, 1)"),
+        _PROTECT, _RESTORE,
+    ),
+    "keep": _specs(),
+}
+
+# Parameters that only make sense for integer formats.
+INT_ONLY_PARAMS = ("group", "sym", "method", "damp", "act_order")
+
+
+def schema_key(node) -> str:
+    """The SCHEMAS key for an AST node (a rule, an Auto of a rule, or a FormatChoice)."""
+    kind = node.kind
+    if kind == "tokens":
+        return f"tokens.{node.action}"
+    if kind == "auto":
+        return f"{node.of}.auto"
+    return kind
+
+
+def default_for(node, name: str) -> Value | None:
+    spec = SCHEMAS[schema_key(node)].get(name)
+    if spec is None:
+        raise KeyError(f"`{node.kind}` takes no parameter `{name}`")
+    return spec.default

@@ -1,0 +1,176 @@
+"""Lark's UnexpectedInput -> a SpecError a person can act on.
+
+The message says what was expected in words ("a bit format such as `int8` or `int4` after
+`quantize <selector>`"), offers a did-you-mean for misspelt keywords, and names a fix for the
+mistakes people make most (two rules on one line, a rule outside a policy, an unclosed block).
+"""
+from __future__ import annotations
+
+import re
+
+from lark import Lark
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+
+from .errors import Diagnostic, SpecError, did_you_mean
+from .schema import ADAPTERS, FORMATS, TOKEN_ACTIONS
+
+__all__ = ["syntax_error", "RULE_KEYWORDS"]
+
+RULE_KEYWORDS = ("collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# Terminals with more than one spelling: what to call them, and the words they accept.
+_WORD_CLASSES = {
+    "FORMAT": ("a bit format such as `int8` or `int4`", FORMATS),
+    "ADAPTER": ("an adapter kind, `lora` or `dora`", ADAPTERS),
+    "ACTION": ("a token action, `prune` or `merge`", TOKEN_ACTIONS),
+    "SIZE_UNIT": ("a size unit (B, KB, MB, GB, KiB, MiB, GiB)", ()),
+}
+_DESCRIPTIONS = {
+    "NAME": "a name", "INT": "an integer", "NUMBER": "a number", "STRING": "a quoted string",
+    "_NL": "the end of the line", "$END": "the end of the file",
+}
+# Terminals that only continue a selector: mentioned last, as "or more of the selector".
+_SELECTOR_CONTINUATIONS = {"DOT", "LSQB", "COLON"}
+
+
+def syntax_error(e: UnexpectedInput, source: str, filename: str, parser: Lark) -> SpecError:
+    words = _terminal_words(parser)
+    expected = set(getattr(e, "expected", None) or getattr(e, "allowed", None) or ())
+    got = _got(e)
+    line, column = max(1, getattr(e, "line", 1) or 1), max(1, getattr(e, "column", 1) or 1)
+    kind, message, hint = _explain(e, got, expected, words, source, line, column)
+    width = len(got) if got and _WORD.fullmatch(got) else 1
+    return SpecError(Diagnostic(kind, message, line, column, width, hint), source, filename)
+
+
+def _got(e: UnexpectedInput) -> str:
+    if isinstance(e, UnexpectedToken):
+        return "" if e.token.type == "$END" else str(e.token)
+    if isinstance(e, UnexpectedCharacters):
+        return e.char
+    return ""
+
+
+def _terminal_words(parser: Lark) -> dict[str, tuple[str, ...]]:
+    """Terminal name -> the literal words it stands for (`COLLAPSE` -> ("collapse",))."""
+    out = {name: words for name, (_, words) in _WORD_CLASSES.items()}
+    for term in parser.terminals:
+        if type(term.pattern).__name__ == "PatternStr":
+            out[term.name] = (term.pattern.value,)
+    return out
+
+
+def _explain(e, got, expected, words, source, line, column):
+    """(kind, message, hint) for one syntax error."""
+    context = _rule_context(source, line, column)
+    expected = _relevant(expected, words, source, line)
+    keyword_words = sorted({w for t in expected for w in words.get(t, ()) if _WORD.fullmatch(w)})
+    if isinstance(e, UnexpectedToken) and e.token.type == "$END":
+        return _unexpected_end(source, expected, words)
+    if got in RULE_KEYWORDS and "POLICY" in expected:
+        return ("syntax", f"`{got}` rule outside a policy",
+                "rules go inside a block: `policy NAME {` on one line, the rules, then `}`")
+    if expected == {"EQUAL"} and _previous_word(source, line, column) in RULE_KEYWORDS:
+        return ("syntax", f"`{got}` follows `{_previous_word(source, line, column)}` on the same line",
+                "write one rule per line")
+    if _WORD.fullmatch(got or "") and keyword_words and "NAME" not in expected:
+        suggestion = did_you_mean(got, keyword_words)
+        if suggestion or got not in keyword_words:
+            message = f"expected {_phrase(expected, words)}{context}, got `{got}`"
+            return ("unknown-keyword" if suggestion else "syntax", message, suggestion)
+    if got.isdigit() and _char_before(source, line, column) == ".":
+        return ("syntax", f"a number after `.` in a selector", f"index with brackets: `name[{got}]`")
+    shown = f"`{got}`" if got and got.isprintable() and not got.isspace() else _describe_char(got)
+    return ("syntax", f"expected {_phrase(expected, words)}{context}, got {shown}", None)
+
+
+def _unexpected_end(source, expected, words):
+    open_policy = re.findall(r"^\s*policy\s+([A-Za-z_]\w*)", source, re.M)
+    if "RBRACE" in expected and open_policy:
+        return ("syntax", f"the file ends inside policy `{open_policy[-1]}`",
+                "close the block with `}` on a line of its own")
+    return ("syntax", f"the file ends too early; expected {_phrase(expected, words)}", None)
+
+
+def _phrase(expected: set[str], words: dict[str, tuple[str, ...]]) -> str:
+    """Expected terminals in words, most telling first."""
+    rules = sorted(t for t in expected if words.get(t, ("",))[0] in RULE_KEYWORDS)
+    parts = []
+    if rules:
+        parts.append("a rule (" + ", ".join(f"`{k}`" for k in RULE_KEYWORDS) + ")")
+    for t in sorted(expected - set(rules) - _SELECTOR_CONTINUATIONS, key=_order):
+        if t in _WORD_CLASSES:
+            parts.append(_WORD_CLASSES[t][0])
+        elif t in _DESCRIPTIONS:
+            parts.append(_DESCRIPTIONS[t])
+        elif t in words:
+            parts.append(f"`{words[t][0]}`")
+        else:
+            parts.append(t.lower())
+    if expected & _SELECTOR_CONTINUATIONS:
+        parts.append("more of the selector (`.`, `[`, `:`)" if parts else "`.`, `[` or `:`")
+    if not parts:
+        return "nothing more here"
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def _order(terminal: str) -> tuple[int, str]:
+    # Word classes first (they are what the user most likely meant), line ends last.
+    rank = 0 if terminal in _WORD_CLASSES else 2 if terminal in ("_NL", "$END", "RBRACE") else 1
+    return rank, terminal
+
+
+def _rule_context(source: str, line: int, column: int) -> str:
+    """" after `quantize <selector>`" when the error sits after a rule's selector."""
+    text = source.splitlines()[line - 1] if 0 < line <= len(source.splitlines()) else ""
+    first = _WORD.match(text.lstrip())
+    if not first or first.group() not in RULE_KEYWORDS or first.group() == "keep":
+        return ""
+    keyword = first.group()
+    start = len(text) - len(text.lstrip())
+    if column <= start + len(keyword) + 1:
+        return ""
+    return f" after `{'tokens after' if keyword == 'tokens' else keyword} <selector>`"
+
+
+def _relevant(expected: set[str], words, source: str, line: int) -> set[str]:
+    """Drop what LALR's merged look-ahead sets add but this spot cannot take: `policy` where a
+    rule may start, and the word classes of other rules (no `lora` after `quantize <selector>`)."""
+    out = set(expected)
+    if any(words.get(t, ("",))[0] in RULE_KEYWORDS for t in out):
+        out.discard("POLICY")
+    keyword = _first_word(source, line)
+    own = {"quantize": "FORMAT", "adapt": "ADAPTER", "tokens": "ACTION"}.get(keyword)
+    if keyword in RULE_KEYWORDS:
+        out -= {t for t in ("FORMAT", "ADAPTER", "ACTION") if t != own}
+    return out or set(expected)
+
+
+def _first_word(source: str, line: int) -> str | None:
+    lines = source.splitlines()
+    if not 0 < line <= len(lines):
+        return None
+    m = _WORD.match(lines[line - 1].lstrip())
+    return m.group() if m else None
+
+
+def _char_before(source: str, line: int, column: int) -> str:
+    lines = source.splitlines()
+    if not 0 < line <= len(lines) or column < 2:
+        return ""
+    return lines[line - 1][column - 2: column - 1]
+
+
+def _previous_word(source: str, line: int, column: int) -> str | None:
+    lines = source.splitlines()
+    if not 0 < line <= len(lines):
+        return None
+    before = _WORD.findall(lines[line - 1][: column - 1])
+    return before[-1] if before else None
+
+
+def _describe_char(char: str) -> str:
+    if not char:
+        return "nothing"
+    return f"the character {char!r} (U+{ord(char[0]):04X})"

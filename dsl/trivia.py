@@ -1,0 +1,50 @@
+"""Attach comments and blank lines to the AST, so that `slimfx fmt` rewrites a file without
+losing a word of it. Comments never change what a policy means (Trivia is compare=False).
+
+A comment alone on its line belongs to the node below it; a comment after code belongs to the
+node on its line.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from lark import Token
+
+from . import ast as A
+
+__all__ = ["attach_trivia"]
+
+
+def attach_trivia(spec: A.Spec, comments: list[Token]) -> A.Spec:
+    lines = spec.source.splitlines()
+    own = {c.line: str(c).rstrip() for c in comments if not lines[c.line - 1][: c.column - 1].strip()}
+    inline = {c.line: str(c).rstrip() for c in comments if c.line not in own}
+    cursor = _Cursor(own, inline, lines)
+    policies = tuple(_attach_policy(p, cursor) for p in spec.policies)
+    trailing = cursor.trivia_before(len(lines) + 1, at_line=None)
+    return dataclasses.replace(spec, policies=policies, trailing=trailing)
+
+
+def _attach_policy(policy: A.Policy, cursor: "_Cursor") -> A.Policy:
+    trivia = cursor.trivia_before(policy.span.line, at_line=policy.span.line)
+    rules = tuple(dataclasses.replace(r, trivia=cursor.trivia_before(r.span.line, at_line=r.span.line))
+                  for r in policy.rules)
+    closing_line = policy.span.end_line
+    closing = cursor.trivia_before(closing_line, at_line=closing_line if closing_line != policy.span.line else None)
+    return dataclasses.replace(policy, rules=rules, trivia=trivia, closing=closing)
+
+
+class _Cursor:
+    """Walks the file top to bottom, handing out the comments above and on each node's line."""
+
+    def __init__(self, own: dict[int, str], inline: dict[int, str], lines: list[str]):
+        self.own, self.inline, self.lines = own, inline, lines
+        self.line = 0  # last line already handed out
+
+    def trivia_before(self, line: int, *, at_line: int | None) -> A.Trivia:
+        above = range(self.line + 1, line)
+        leading = tuple(self.own[n] for n in above if n in self.own)
+        blank = self.line > 0 and any(not self.lines[n - 1].strip() for n in above if n <= len(self.lines))
+        comment = self.inline.pop(at_line, None) if at_line is not None else None
+        self.line = max(self.line, line if at_line is not None else line - 1)
+        return A.Trivia(leading, comment, blank)

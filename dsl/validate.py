@@ -1,0 +1,191 @@
+"""Schema checks of one rule at a time: parameter names, types, ranges, combinations.
+
+Runs right after the tree becomes an AST. It returns the same Spec with every value coerced to
+its declared type (`alpha=32` becomes 32.0) and parameters in schema order, so that two ways of
+writing one rule give equal ASTs. All problems of the file are reported together.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+from . import ast as A
+from .errors import Diagnostic, SpecError, did_you_mean
+from .schema import FORMAT_BITS, INT_FORMATS, INT_ONLY_PARAMS, METRICS, SCHEMAS, ParamSpec, schema_key
+
+__all__ = ["validate_spec"]
+
+_RULE_WORDS = {"tokens.prune": "tokens … prune", "tokens.merge": "tokens … merge",
+               "collapse.auto": "auto(…) of `collapse`", "drop.auto": "auto(…) of `drop`",
+               "choice": "a `choose` format"}
+
+
+class _Problems(list):
+    def add(self, kind: str, message: str, span: A.Span, hint: str | None = None, width: int | None = None):
+        w = width if width is not None else max(1, span.end_column - span.column if span.end_line == span.line else 1)
+        self.append(Diagnostic(kind, message, span.line, span.column, w, hint))
+
+
+def validate_spec(spec: A.Spec) -> A.Spec:
+    problems = _Problems()
+    policies = tuple(_validate_policy(p, problems) for p in spec.policies)
+    if problems:
+        raise SpecError(problems, spec.source, spec.filename)
+    return dataclasses.replace(spec, policies=policies)
+
+
+def _validate_policy(policy: A.Policy, problems: _Problems) -> A.Policy:
+    return dataclasses.replace(policy, rules=tuple(_validate_rule(r, problems) for r in policy.rules))
+
+
+def _validate_rule(rule, problems: _Problems):
+    _check_selector(rule.selector, problems)
+    changes = {"params": _coerce_params(rule, rule.params, problems)}
+    if getattr(rule, "auto", None) is not None:
+        changes["auto"] = dataclasses.replace(rule.auto, params=_coerce_params(rule.auto, rule.auto.params, problems))
+        _check_auto(changes["auto"], problems)
+    if isinstance(rule, A.Quantize):
+        _check_format_params(rule.format, changes["params"], problems)
+    if isinstance(rule, A.Precision):
+        changes["choices"] = tuple(_validate_choice(c, problems) for c in rule.choices)
+        _check_precision(rule, changes["choices"], problems)
+    return dataclasses.replace(rule, **changes)
+
+
+# ---- parameters ----------------------------------------------------------------------------
+
+
+def _coerce_params(node, params: Iterable[A.Param], problems: _Problems) -> tuple[A.Param, ...]:
+    key = schema_key(node)
+    schema = SCHEMAS[key]
+    seen: dict[str, A.Param] = {}
+    for p in params:
+        spec = schema.get(p.name)
+        if spec is None:
+            _unknown_param(key, p, schema, problems)
+        elif p.name in seen:
+            problems.add("duplicate", f"parameter `{p.name}` given twice (first on line {seen[p.name].span.line}, "
+                         f"column {seen[p.name].span.column})", p.span, "keep one of them")
+        else:
+            value = _coerce(spec, p, key, problems)
+            if value is not None:
+                seen[p.name] = dataclasses.replace(p, value=value)
+    order = list(schema)
+    return tuple(sorted(seen.values(), key=lambda p: order.index(p.name)))
+
+
+def _unknown_param(key: str, p: A.Param, schema: dict[str, ParamSpec], problems: _Problems):
+    what = _RULE_WORDS.get(key, f"`{key}`")
+    takes = ", ".join(f"`{n}`" for n in schema) or "no parameters"
+    hint = did_you_mean(p.name, schema) or _elsewhere(p.name, key)
+    problems.add("unknown-parameter", f"{what} takes no parameter `{p.name}` (it takes {takes})", p.span,
+                 hint, width=len(p.name))
+
+
+def _elsewhere(name: str, key: str) -> str | None:
+    owners = [k for k, s in SCHEMAS.items() if name in s and k != key]
+    if not owners:
+        return None
+    return f"`{name}` is a parameter of " + " and ".join(_RULE_WORDS.get(k, f"`{k}`") for k in owners)
+
+
+def _coerce(spec: ParamSpec, p: A.Param, key: str, problems: _Problems):
+    value = p.value
+    if spec.type is float and type(value) is int:
+        value = float(value)
+    if type(value) is not spec.type:
+        problems.add("wrong-type", f"`{p.name}` takes {_TYPE_WORDS[spec.type]}, not {_show(p.value)}",
+                     p.span, f"write e.g. `{p.name}={_example(spec)}`")
+        return None
+    if not spec.valid(value):
+        hint = did_you_mean(value, spec.choices) if spec.choices and isinstance(value, str) else None
+        kind = "unknown-keyword" if hint else "out-of-range"
+        problems.add(kind, f"`{p.name}={_show(p.value)}` is out of range: `{p.name}` is {spec.expectation}",
+                     p.span, hint or f"{spec.doc}")
+        return None
+    return value
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a name or a quoted string"}
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    return repr(value)
+
+
+def _example(spec: ParamSpec) -> str:
+    if spec.example:
+        return spec.example
+    if spec.default is not None:
+        return _show(spec.default)
+    return {int: "1", float: "0.5", bool: "true", str: "name"}[spec.type] if not spec.choices else spec.choices[0]
+
+
+# ---- combinations --------------------------------------------------------------------------
+
+
+def _check_format_params(fmt: str, params: tuple[A.Param, ...], problems: _Problems):
+    if fmt in INT_FORMATS:
+        return
+    for p in params:
+        if p.name in INT_ONLY_PARAMS:
+            problems.add("invalid-combination", f"`{p.name}` applies to integer formats only, not `{fmt}`",
+                         p.span, "remove it, or choose int8, int4 or int2")
+
+
+def _validate_choice(choice: A.FormatChoice, problems: _Problems) -> A.FormatChoice:
+    params = _coerce_params(choice, choice.params, problems)
+    _check_format_params(choice.format, params, problems)
+    return dataclasses.replace(choice, params=params)
+
+
+def _check_precision(rule: A.Precision, choices: tuple[A.FormatChoice, ...], problems: _Problems):
+    for i, c in enumerate(choices):
+        if c in choices[:i]:
+            problems.add("duplicate", f"format `{c.format}` is listed twice in `choose`", c.span, "list it once")
+    budget = rule.budget
+    if budget.metric == "avg_bits" and not 0 < budget.limit <= 32:
+        problems.add("out-of-range", f"`avg_bits<={budget.limit}` is out of range: average bits per weight "
+                     "is in (0, 32]", budget.span, "e.g. `budget avg_bits<=4.5`")
+    if budget.metric == "bytes" and not budget.limit_value >= 1:
+        problems.add("out-of-range", "a byte budget must be at least 1 byte", budget.span, "e.g. `budget bytes<=64MiB`")
+    if budget.metric == "avg_bits" and budget.limit < min(FORMAT_BITS[c.format] for c in choices):
+        smallest = min(FORMAT_BITS[c.format] for c in choices)
+        problems.add("out-of-range", f"`avg_bits<={budget.limit}` is below the smallest format offered "
+                     f"({smallest} bits)", budget.span, "raise the budget or offer a smaller format")
+    if rule.metric not in METRICS:
+        problems.add("unknown-keyword", f"unknown sensitivity metric `{rule.metric}` (known: "
+                     + ", ".join(METRICS) + ")", rule.span, did_you_mean(rule.metric, METRICS))
+
+
+def _check_auto(auto: A.Auto, problems: _Problems):
+    if auto.of != "drop":
+        return
+    names = {p.name for p in auto.params}
+    if {"ratio", "count"} <= names:
+        problems.add("invalid-combination", "give `ratio` or `count`, not both", auto.span)
+    elif not names & {"ratio", "count"}:
+        problems.add("missing-value", "`drop … auto(…)` needs how many blocks to drop", auto.span,
+                     "write `auto(ratio=0.25)` or `auto(count=4)`")
+
+
+# ---- selectors -----------------------------------------------------------------------------
+
+
+def _check_selector(selector: A.Selector, problems: _Problems):
+    for index in _indices(selector.path):
+        if isinstance(index, A.Slice) and index.step == 0:
+            problems.add("out-of-range", "a slice step cannot be zero", selector.span, "e.g. `blocks[::2]`")
+
+
+def _indices(path: A.Path):
+    for seg in path.segments:
+        if isinstance(seg, A.Name) and seg.index is not None:
+            yield seg.index
+        elif isinstance(seg, A.Alternatives):
+            for option in seg.options:
+                yield from _indices(option)
