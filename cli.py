@@ -71,8 +71,12 @@ def _check(args) -> int:
             continue
         spec = loaded[1]
         rules = sum(len(p.rules) for p in spec.policies)
-        _info(f"{spec.filename}: ok ({len(spec.policies)} policies, {rules} rules)")
+        _info(f"{spec.filename}: ok ({_count(len(spec.policies), 'policy', 'policies')}, {_count(rules, 'rule', 'rules')})")
     return 1 if failed else 0
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def _fmt(args) -> int:

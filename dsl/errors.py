@@ -9,7 +9,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-__all__ = ["Diagnostic", "SpecError", "did_you_mean", "ERROR_KINDS"]
+__all__ = ["Diagnostic", "SpecError", "did_you_mean", "source_lines", "ERROR_KINDS"]
 
 # Every `kind` a Diagnostic may carry, with what it means (README lists these).
 ERROR_KINDS: dict[str, str] = {
@@ -30,6 +30,12 @@ ERROR_KINDS: dict[str, str] = {
 }
 
 
+def source_lines(source: str) -> list[str]:
+    """Lines as Lark numbers them: split at `\n` only (str.splitlines also splits at form feeds
+    and other separators, which would shift every line number after them)."""
+    return [line.removesuffix("\r") for line in source.split("\n")]
+
+
 @dataclass(frozen=True)
 class Diagnostic:
     """One problem at one place. line/column are 1-based; 0 means "no position"."""
@@ -44,7 +50,7 @@ class Diagnostic:
     def render(self, source: str, filename: str = "<policy>") -> str:
         where = f"{filename}:{self.line}:{self.column}" if self.line else filename
         out = [f"{where}: error[{self.kind}]: {self.message}"]
-        lines = source.splitlines()
+        lines = source_lines(source)
         if 0 < self.line <= len(lines):
             text, column = _window(lines[self.line - 1].expandtabs(1), self.column)
             out.append(f"    {text}")
@@ -91,7 +97,7 @@ class SpecError(ValueError):
 
     @property
     def source_line(self) -> str:
-        lines = self.source.splitlines()
+        lines = source_lines(self.source)
         return lines[self.line - 1] if 0 < self.line <= len(lines) else ""
 
     def render(self) -> str:

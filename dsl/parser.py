@@ -15,7 +15,7 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedInput, VisitError
 
 from . import ast as A
-from .errors import Diagnostic, SpecError
+from .errors import Diagnostic, SpecError, source_lines
 from .syntax_errors import syntax_error
 from .trivia import attach_trivia
 from .validate import validate_spec
@@ -42,7 +42,9 @@ _seen = threading.local()
 
 
 def _collect_comment(token: Token) -> Token:
-    _seen.comments.append(token)
+    comments = getattr(_seen, "comments", None)
+    if comments is not None:  # None when someone parses with lark_parser() directly
+        comments.append(token)
     return token
 
 
@@ -54,6 +56,16 @@ def parse(text: str | bytes, *, filename: str = "<policy>", check: bool = True) 
     'int8'
     """
     source = _decode(text, filename)
+    try:
+        return _parse_source(source, filename, check)
+    except SpecError:
+        raise
+    except Exception as e:  # a bug of ours: still a SpecError, but one that says so
+        raise SpecError.at("internal", f"slimfx failed on this policy ({type(e).__name__}: {e}); "
+                           "please report it with the policy text", source=source, filename=filename) from e
+
+
+def _parse_source(source: str, filename: str, check: bool) -> A.Spec:
     tree, comments = _parse_tree(source, filename)
     spec = _to_ast(tree, source, filename)
     spec = validate_spec(spec)
@@ -92,12 +104,14 @@ def _decode(text: str | bytes, filename: str) -> str:
 
 def _parse_tree(source: str, filename: str):
     parser = lark_parser()
-    _seen.comments = []
+    _seen.comments = comments = []
     try:
         tree = parser.parse(source)
     except UnexpectedInput as e:
         raise syntax_error(e, source, filename, parser) from None
-    return tree, _seen.comments
+    finally:
+        _seen.comments = None
+    return tree, comments
 
 
 def _to_ast(tree, source: str, filename: str) -> A.Spec:
@@ -123,7 +137,7 @@ def _too_deep(source: str, filename: str) -> SpecError:
 def _deep_brace(source: str) -> tuple[int, int]:
     """Line and column of the first `{` nested past MAX_NESTING (the policy's own brace counts)."""
     depth = 0
-    for line_no, text in enumerate(source.splitlines(), 1):
+    for line_no, text in enumerate(source_lines(source), 1):
         for col, char in enumerate(text, 1):
             depth += (char == "{") - (char == "}")
             if depth > MAX_NESTING + 1:

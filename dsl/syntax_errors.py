@@ -11,7 +11,7 @@ import re
 from lark import Lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
-from .errors import Diagnostic, SpecError, did_you_mean
+from .errors import Diagnostic, SpecError, did_you_mean, source_lines
 from .schema import ADAPTERS, FORMATS, TOKEN_ACTIONS
 
 __all__ = ["syntax_error", "RULE_KEYWORDS"]
@@ -95,7 +95,7 @@ def _unexpected_end(source, expected, words):
 
 def _phrase(expected: set[str], words: dict[str, tuple[str, ...]]) -> str:
     """Expected terminals in words, most telling first."""
-    rules = sorted(t for t in expected if words.get(t, ("",))[0] in RULE_KEYWORDS)
+    rules = sorted(t for t in expected if (words.get(t) or ("",))[0] in RULE_KEYWORDS)
     parts = []
     if rules:
         parts.append("a rule (" + ", ".join(f"`{k}`" for k in RULE_KEYWORDS) + ")")
@@ -123,7 +123,7 @@ def _order(terminal: str) -> tuple[int, str]:
 
 def _rule_context(source: str, line: int, column: int) -> str:
     """" after `quantize <selector>`" when the error sits after a rule's selector."""
-    text = source.splitlines()[line - 1] if 0 < line <= len(source.splitlines()) else ""
+    text = source_lines(source)[line - 1] if 0 < line <= len(source_lines(source)) else ""
     first = _WORD.match(text.lstrip())
     if not first or first.group() not in RULE_KEYWORDS or first.group() == "keep":
         return ""
@@ -138,7 +138,7 @@ def _relevant(expected: set[str], words, source: str, line: int) -> set[str]:
     """Drop what LALR's merged look-ahead sets add but this spot cannot take: `policy` where a
     rule may start, and the word classes of other rules (no `lora` after `quantize <selector>`)."""
     out = set(expected)
-    if any(words.get(t, ("",))[0] in RULE_KEYWORDS for t in out):
+    if any((words.get(t) or ("",))[0] in RULE_KEYWORDS for t in out):
         out.discard("POLICY")
     keyword = _first_word(source, line)
     own = {"quantize": "FORMAT", "adapt": "ADAPTER", "tokens": "ACTION"}.get(keyword)
@@ -148,7 +148,7 @@ def _relevant(expected: set[str], words, source: str, line: int) -> set[str]:
 
 
 def _first_word(source: str, line: int) -> str | None:
-    lines = source.splitlines()
+    lines = source_lines(source)
     if not 0 < line <= len(lines):
         return None
     m = _WORD.match(lines[line - 1].lstrip())
@@ -156,14 +156,14 @@ def _first_word(source: str, line: int) -> str | None:
 
 
 def _char_before(source: str, line: int, column: int) -> str:
-    lines = source.splitlines()
+    lines = source_lines(source)
     if not 0 < line <= len(lines) or column < 2:
         return ""
     return lines[line - 1][column - 2: column - 1]
 
 
 def _previous_word(source: str, line: int, column: int) -> str | None:
-    lines = source.splitlines()
+    lines = source_lines(source)
     if not 0 < line <= len(lines):
         return None
     before = _WORD.findall(lines[line - 1][: column - 1])

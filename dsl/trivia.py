@@ -11,12 +11,13 @@ import dataclasses
 from lark import Token
 
 from . import ast as A
+from .errors import source_lines
 
 __all__ = ["attach_trivia"]
 
 
 def attach_trivia(spec: A.Spec, comments: list[Token]) -> A.Spec:
-    lines = spec.source.splitlines()
+    lines = source_lines(spec.source)
     own = {c.line: str(c).rstrip() for c in comments if not lines[c.line - 1][: c.column - 1].strip()}
     inline = {c.line: str(c).rstrip() for c in comments if c.line not in own}
     cursor = _Cursor(own, inline, lines)
@@ -44,6 +45,8 @@ class _Cursor:
     def trivia_before(self, line: int, *, at_line: int | None) -> A.Trivia:
         above = range(self.line + 1, line)
         leading = tuple(self.own[n] for n in above if n in self.own)
+        if at_line is None:  # end of file: blank lines after the last comment mean nothing
+            above = range(above.start, max((n for n in above if n in self.own), default=above.start) + 1)
         blank = self.line > 0 and any(not self.lines[n - 1].strip() for n in above if n <= len(self.lines))
         comment = self.inline.pop(at_line, None) if at_line is not None else None
         self.line = max(self.line, line if at_line is not None else line - 1)

@@ -1,0 +1,224 @@
+"""Quality and cost metrics for the *output* side of the pipeline: original vs compiled model.
+
+Every function takes any callable model used the way Hugging Face models are (keyword tensors in,
+a ModelOutput / dict / tuple out), so a CompiledModel is measured exactly like its source model.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "default_text", "perplexity", "embed", "embedding_cosine", "param_bytes", "latency_ms",
+]
+
+# Mostly prose docstrings that have stayed put across CPython releases; order is fixed so the
+# text (and every perplexity computed on it) is the same run to run on one Python version.
+_DOC_SOURCES = (
+    "heapq:__about__", "argparse", "subprocess", "doctest", "unittest", "sched", "pydoc",
+    "difflib", "difflib:SequenceMatcher", "random", "inspect", "typing", "string",
+    "textwrap:TextWrapper", "contextlib:contextmanager", "statistics",
+)
+
+
+def default_text() -> str:
+    """English evaluation text (~5k SmolLM2 tokens) built from standard-library docstrings.
+
+    Needs no download. Raises RuntimeError under `python -OO`, which strips docstrings.
+    """
+    parts = [_clean(_docstring(src)) for src in _DOC_SOURCES]
+    text = "\n\n".join(p for p in parts if p)
+    if len(text) < 2000:
+        raise RuntimeError("standard-library docstrings are missing (python -OO?); pass your own "
+                           "text to perplexity() instead of default_text().")
+    return text
+
+
+def _docstring(source: str) -> str:
+    module, _, attr = source.partition(":")
+    obj: Any = importlib.import_module(module)
+    if attr == "__about__":
+        return getattr(obj, attr, "") or ""
+    for part in filter(None, attr.split(".")):
+        obj = getattr(obj, part)
+    return inspect.getdoc(obj) or ""
+
+
+def _clean(doc: str) -> str:
+    """Tabs to spaces, no trailing blanks or form feeds, at most one empty line in a row."""
+    doc = inspect.cleandoc(doc).expandtabs(4).replace("\f", "")
+    lines = [line.rstrip() for line in doc.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+# ---------------------------------------------------------------- model outputs
+
+def _field(out: Any, name: str) -> torch.Tensor:
+    """`name` from a ModelOutput / dict, else the first element of a tuple, else `out` itself."""
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        if name in out.keys():
+            return out[name]
+    elif hasattr(out, name):
+        return getattr(out, name)
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if isinstance(out, torch.Tensor):
+        return out
+    raise TypeError(f"cannot find {name!r} in a model output of type {type(out).__name__}; "
+                    f"return a ModelOutput, a dict with {name!r}, or a tuple with it first.")
+
+
+def _accepted(model: Callable, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tokenizer outputs the model's forward does not take (e.g. token_type_ids)."""
+    fn = model.forward if isinstance(model, nn.Module) else model
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return dict(inputs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(inputs)
+    return {k: v for k, v in inputs.items() if k in params}
+
+
+# ---------------------------------------------------------------- causal LMs
+
+def perplexity(model: Callable, tokenizer: Any, text: str, *, window: int = 256,
+               max_tokens: int = 2048, progress: bool = False) -> float:
+    """exp(token-weighted mean NLL) over non-overlapping `window`-token chunks of `text`.
+
+    Only the first `max_tokens` tokens are scored; each chunk predicts its tokens 2..n from
+    the ones before, so no token is scored twice and no context crosses a chunk border.
+    """
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    ids = torch.as_tensor(tokenizer(text, return_tensors="pt")["input_ids"]).reshape(-1)
+    ids = ids[:max_tokens]
+    chunks = [c for c in ids.split(window) if c.numel() >= 2]
+    if not chunks:
+        raise ValueError(f"text is {ids.numel()} token(s) long; perplexity needs at least 2.")
+    total_nll, total_tokens = 0.0, 0
+    with torch.inference_mode():
+        for i, chunk in enumerate(chunks):
+            nll, count = _chunk_nll(model, chunk)
+            total_nll, total_tokens = total_nll + nll, total_tokens + count
+            if progress:
+                print(f"perplexity: chunk {i + 1}/{len(chunks)} "
+                      f"running ppl {math.exp(total_nll / total_tokens):.3f}", file=sys.stderr)
+    return math.exp(total_nll / total_tokens)
+
+
+def _chunk_nll(model: Callable, chunk: torch.Tensor) -> tuple[float, int]:
+    device = _device_of(model)
+    input_ids = chunk.unsqueeze(0).to(device)
+    mask = torch.ones_like(input_ids)
+    logits = _field(model(input_ids=input_ids, attention_mask=mask), "logits")
+    # Position t predicts token t+1; sum in float32 even if the model ran in lower precision.
+    pred = logits[0, :-1].float()
+    nll = F.cross_entropy(pred, input_ids[0, 1:], reduction="sum")
+    return float(nll), int(input_ids.shape[1] - 1)
+
+
+def _device_of(model: Callable) -> torch.device:
+    if isinstance(model, nn.Module):
+        for t in model.parameters():
+            return t.device
+        for t in model.buffers():
+            return t.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- encoders
+
+def embed(model: Callable, tokenizer: Any, texts: Iterable[str]) -> torch.Tensor:
+    """Attention-mask-weighted mean of the last hidden states: one row per text, float32."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+    device = _device_of(model)
+    inputs = {k: v.to(device) for k, v in _accepted(model, dict(enc)).items()}
+    with torch.inference_mode():
+        hidden = _field(model(**inputs), "last_hidden_state").float()
+    mask = enc["attention_mask"].to(hidden.device, hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def embedding_cosine(model_a: Callable, model_b: Callable, tokenizer: Any,
+                     texts: Iterable[str]) -> float:
+    """Mean over texts of cos(embed_a(text), embed_b(text)); 1.0 means same embeddings."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("embedding_cosine needs at least one text")
+    a, b = embed(model_a, tokenizer, texts), embed(model_b, tokenizer, texts)
+    return float(F.cosine_similarity(a.double(), b.double().to(a.device), dim=-1).mean())
+
+
+# ---------------------------------------------------------------- cost
+
+def param_bytes(module: nn.Module) -> int:
+    """Bytes held by parameters and buffers; tensors sharing storage (tied weights) count once."""
+    seen: set[Any] = set()
+    total = 0
+    tensors = list(module.parameters()) + list(module.buffers())
+    for t in tensors:
+        key, size = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            total += size
+    return total
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, int]:
+    nbytes = t.numel() * t.element_size()
+    if t.device.type == "meta" or nbytes == 0:
+        return ("id", id(t)), nbytes
+    try:
+        storage = t.untyped_storage()
+        return ("ptr", t.device.type, storage.data_ptr()), storage.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        # Tensor subclasses (packed formats) may have no plain storage; count their own size.
+        return ("id", id(t)), nbytes
+
+
+def latency_ms(model: Callable, inputs: Any, *, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one call in milliseconds, under torch.inference_mode.
+
+    `inputs` is a dict (keyword call), a tuple/list (positional) or a single tensor.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    call = _caller(model, inputs)
+    sync = _synchronizer(inputs)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            call()
+            sync()
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _caller(model: Callable, inputs: Any) -> Callable[[], Any]:
+    if isinstance(inputs, dict):
+        return lambda: model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return lambda: model(*inputs)
+    return lambda: model(inputs)
+
+
+def _synchronizer(inputs: Any) -> Callable[[], None]:
+    """CUDA calls return before the kernel ends; wait for it so the time is the real one."""
+    values = inputs.values() if isinstance(inputs, dict) else (
+        inputs if isinstance(inputs, (tuple, list)) else [inputs])
+    if any(isinstance(v, torch.Tensor) and v.is_cuda for v in values):
+        return torch.cuda.synchronize
+    return lambda: None

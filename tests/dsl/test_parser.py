@@ -1,0 +1,131 @@
+"""parse(): text -> AST, for every rule kind and selector form."""
+import pytest
+
+from slimfx import SpecError, parse
+from slimfx.dsl import ast as A
+
+
+def rules(text: str):
+    return parse("policy p {\n" + text + "\n}").policy("p").rules
+
+
+def only(text: str):
+    (rule,) = rules(text)
+    return rule
+
+
+def test_empty_text_is_an_empty_spec():
+    assert parse("") == A.Spec(())
+    assert parse("\n  # only a comment\n") == A.Spec(())
+
+
+def test_several_policies_share_a_file():
+    spec = parse("policy a {\n keep head\n}\n\npolicy b {\n keep embed\n}\n")
+    assert [p.name for p in spec.policies] == ["a", "b"]
+    with pytest.raises(ValueError, match="a, b"):
+        spec.policy()
+    with pytest.raises(KeyError, match="no policy `c`"):
+        spec.policy("c")
+
+
+def test_collapse_auto_with_typed_params():
+    rule = only("collapse blocks auto(ratio=0.25, threshold=1) method=laco")
+    assert isinstance(rule, A.Collapse)
+    assert rule.auto.get("ratio") == 0.25
+    assert rule.auto.get("threshold") == 1.0 and type(rule.auto.get("threshold")) is float
+    assert rule.auto.get("span") == 4  # schema default
+    assert rule.get("method") == "laco"
+
+
+def test_drop_explicit_and_auto():
+    assert only("drop blocks[-4:-1]").selector.path.segments[0] == A.Name("blocks", A.Slice(-4, -1))
+    assert only("drop blocks auto(count=3)").auto.get("count") == 3
+
+
+def test_adapt_params_are_kept_in_schema_order():
+    a = only("adapt blocks.*.attn.q lora alpha=32 rank=16")
+    b = only("adapt blocks.*.attn.q lora rank=16 alpha=32.0")
+    assert a == b
+    assert [p.name for p in a.params] == ["rank", "alpha"]
+    assert a.method == "lora" and a.get("merge") is False
+
+
+def test_quantize_and_formats():
+    q = only("quantize blocks.*.** : Linear int4 group=64 sym=false method=gptq")
+    assert (q.format, q.get("group"), q.get("sym"), q.get("method")) == ("int4", 64, False, "gptq")
+    assert only("quantize head fp16").format == "fp16"
+
+
+def test_precision_choose_budget_by():
+    p = only("precision blocks.*.** : Linear choose {int8, int4 group=32} budget avg_bits<=4.5 by output_mse")
+    assert [c.format for c in p.choices] == ["int8", "int4"]
+    assert p.choices[1].get("group") == 32
+    assert p.budget == A.Budget("avg_bits", 4.5)
+    b = only("precision blocks choose {int8, int4} budget bytes<=64MiB by output_mse").budget
+    assert (b.metric, b.limit, b.unit, b.limit_value) == ("bytes", 64, "MiB", 64 * 2**20)
+
+
+def test_tokens_prune_and_merge_keep_is_a_parameter_name_here():
+    prune, merge = rules("tokens after blocks[1] prune keep=0.5 score=norm\ntokens after blocks[3] merge ratio=0.25")
+    assert (prune.action, prune.get("keep"), prune.get("score")) == ("prune", 0.5, "norm")
+    assert (merge.action, merge.get("ratio")) == ("merge", 0.25)
+
+
+def test_keep():
+    assert isinstance(only("keep embed"), A.Keep)
+
+
+@pytest.mark.parametrize("text, segments, class_filter", [
+    ("blocks", (A.Name("blocks"),), None),
+    ("blocks[3]", (A.Name("blocks", A.Item(3)),), None),
+    ("blocks[-2:]", (A.Name("blocks", A.Slice(-2, None)),), None),
+    ("blocks[::2]", (A.Name("blocks", A.Slice(None, None, 2)),), None),
+    ("blocks[1:7:-2]", (A.Name("blocks", A.Slice(1, 7, -2)),), None),
+    ("blocks.*.**", (A.Name("blocks"), A.Star(), A.GlobStar()), None),
+    ("** : Linear", (A.GlobStar(),), "Linear"),
+    ("model.layers[3].self_attn.q_proj",
+     (A.Name("model"), A.Name("layers", A.Item(3)), A.Name("self_attn"), A.Name("q_proj")), None),
+    ("blocks.*.{attn.q, mlp.down}", (A.Name("blocks"), A.Star(), A.Alternatives((
+        A.Path((A.Name("attn"), A.Name("q"))), A.Path((A.Name("mlp"), A.Name("down")))))), None),
+    ("model.keep.int8", (A.Name("model"), A.Name("keep"), A.Name("int8")), None),  # keywords as names
+])
+def test_selector_forms(text, segments, class_filter):
+    sel = only(f"keep {text}").selector
+    assert sel.path.segments == segments
+    assert sel.class_filter == class_filter
+
+
+def test_positions_point_into_the_source():
+    rule = parse("policy p {\n    adapt blocks.*.attn.q lora rank=4\n}").policies[0].rules[0]
+    assert (rule.span.line, rule.span.column) == (2, 5)
+    assert (rule.selector.span.line, rule.selector.span.column) == (2, 11)
+    assert (rule.params[0].span.line, rule.params[0].span.column) == (2, 32)
+
+
+def test_string_values_and_bytes_input_and_bom():
+    spec = parse("\ufeffpolicy p {\n keep head\n}".encode())
+    assert spec.policy("p").rules[0] == A.Keep(A.Selector(A.Path((A.Name("head"),))))
+    with pytest.raises(SpecError) as e:
+        parse(b"policy p {\n keep head \xff\n}")
+    assert e.value.kind == "encoding" and (e.value.line, e.value.column) == (2, 12)
+
+
+def test_only_text_or_bytes():
+    with pytest.raises(SpecError, match="text or bytes"):
+        parse(42)
+
+
+def test_comments_and_crlf_do_not_change_meaning():
+    plain = parse("policy p {\n keep head\n quantize embed int8\n}")
+    noisy = parse("# top\r\npolicy p {  # header\r\n\r\n keep head # why\r\n # lead\r\n quantize embed int8\r\n}\r\n")
+    assert plain == noisy
+
+
+def test_parse_file_reads_and_reports_unreadable(tmp_path):
+    from slimfx import parse_file
+
+    f = tmp_path / "x.slim"
+    f.write_text("policy p {\n keep head\n}\n")
+    assert parse_file(f).filename == str(f)
+    with pytest.raises(SpecError, match="cannot read"):
+        parse_file(tmp_path / "missing.slim")

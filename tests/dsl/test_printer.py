@@ -1,0 +1,77 @@
+"""Canonical printing: golden output, comments kept, parse(format(p)) == p for every policy."""
+from pathlib import Path
+
+from hypothesis import given
+
+from slimfx import format_spec, parse
+from slimfx.testing import policies
+
+SPECS = sorted((Path(__file__).parents[2] / "specs").glob("*.slim"))
+
+MESSY = """\
+# leading file comment
+policy   edge{   # header note
+  collapse   blocks auto( threshold=0.90 , ratio=0.25 )   method = laco
+
+
+  # why int4
+  quantize blocks.*.**:Linear int4 method=gptq group=64
+  adapt blocks.*.attn.{ q , v } lora alpha=32 rank=16   # trailing
+  precision blocks choose{int8,int4 group=32}budget bytes<=64MiB by output_mse
+  # closing remark
+}
+policy tiny {}
+# end of file
+"""
+
+CANONICAL = """\
+# leading file comment
+policy edge {  # header note
+    collapse blocks auto(ratio=0.25, threshold=0.9) method=laco
+
+    # why int4
+    quantize blocks.*.** : Linear int4 group=64 method=gptq
+    adapt blocks.*.attn.{q,v} lora rank=16 alpha=32  # trailing
+    precision blocks choose {int8, int4 group=32} budget bytes<=64MiB by output_mse
+    # closing remark
+}
+
+policy tiny {
+}
+# end of file
+"""
+
+
+def test_golden_canonical_form_keeps_every_comment():
+    assert format_spec(parse(MESSY)) == CANONICAL
+    assert format_spec(parse(CANONICAL)) == CANONICAL
+
+
+def test_empty_spec_prints_empty():
+    assert format_spec(parse("")) == ""
+    assert format_spec(parse("# just a note\n")) == "# just a note\n"
+
+
+def test_values_print_in_their_canonical_spelling():
+    text = 'policy p {\n    adapt a lora alpha=16.0 dropout=0.05\n    quantize b int8 damp=1e-05\n}\n'
+    out = format_spec(parse(text))
+    assert "alpha=16 dropout=0.05" in out and "damp=1e-05" in out
+    assert parse(out) == parse(text)
+
+
+def test_shipped_specs_are_canonical():
+    assert SPECS, "specs/ holds the example policies"
+    for path in SPECS:
+        text = path.read_text()
+        assert format_spec(parse(text)) == text, f"{path.name}: run `slimfx fmt --write {path}`"
+
+
+@given(policies())
+def test_round_trip_text_ast_canonical_ast(text):
+    spec = parse(text)
+    canonical = format_spec(spec)
+    again = parse(canonical)
+    assert again == spec
+    assert format_spec(again) == canonical  # idempotent
+    # no comment is lost
+    assert canonical.count("#") == sum(line.count("#") for line in text.splitlines() if "#" in line)

@@ -1,0 +1,73 @@
+"""The `slimfx` command: check and fmt, exit codes, caret errors on stderr, no torch import."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slimfx.cli import main
+
+SPECS = sorted((Path(__file__).parents[1] / "specs").glob("*.slim"))
+TYPO = "policy p {\n    quantise head int8\n}\n"
+
+
+def write(tmp_path, text, name="p.slim"):
+    f = tmp_path / name
+    f.write_text(text)
+    return f
+
+
+def test_check_accepts_every_shipped_spec(capsys):
+    assert main(["check", *map(str, SPECS)]) == 0
+    err = capsys.readouterr().err
+    assert all(f"{p}: ok" in err for p in SPECS)
+
+
+def test_check_a_typo_prints_line_column_caret_and_did_you_mean(tmp_path, capsys):
+    f = write(tmp_path, TYPO)
+    assert main(["check", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert f"{f}:2:5: error[unknown-keyword]" in err
+    assert "        quantise head int8\n        ^^^^^^^^\n" in err
+    assert "did you mean `quantize`?" in err
+
+
+def test_check_reports_every_file_and_missing_ones(tmp_path, capsys):
+    good, bad = write(tmp_path, "policy p {\n}\n", "good.slim"), write(tmp_path, TYPO, "bad.slim")
+    assert main(["check", str(good), str(bad), str(tmp_path / "gone.slim")]) == 1
+    err = capsys.readouterr().err
+    assert "good.slim: ok" in err and "bad.slim:2:5" in err and "gone.slim: cannot read" in err
+
+
+def test_fmt_prints_check_and_write(tmp_path, capsys):
+    f = write(tmp_path, "policy p{\n  quantize head int8   # keep it\n}")
+    assert main(["fmt", str(f)]) == 0
+    assert capsys.readouterr().out == "policy p {\n    quantize head int8  # keep it\n}\n"
+    assert main(["fmt", "--check", str(f)]) == 1
+    assert "not in canonical form" in capsys.readouterr().err
+    assert main(["fmt", "--write", str(f)]) == 0
+    assert f.read_text() == "policy p {\n    quantize head int8  # keep it\n}\n"
+    assert main(["fmt", "--check", str(f)]) == 0
+
+
+def test_fmt_refuses_an_invalid_file_and_leaves_it_alone(tmp_path, capsys):
+    f = write(tmp_path, TYPO)
+    assert main(["fmt", "--write", str(f)]) == 1
+    assert f.read_text() == TYPO
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["check"])
+    assert e.value.code == 2
+
+
+def test_the_installed_command_reads_stdin_and_never_imports_torch():
+    code = ("import sys; from slimfx.cli import main; rc = main(['check', '-']); "
+            "assert 'torch' not in sys.modules, 'check imported torch'; sys.exit(rc)")
+    run = subprocess.run([sys.executable, "-c", code], input=TYPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert "<stdin>:2:5" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "slimfx", "fmt", "-"], input="policy p {\n keep head\n}",
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout == "policy p {\n    keep head\n}\n"

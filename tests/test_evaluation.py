@@ -1,0 +1,162 @@
+"""slimfx.evaluation: metrics checked against hand-computable models, then on real fixtures."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from slimfx import evaluation as ev
+from slimfx import models
+from slimfx.models import ByteTokenizer
+
+
+class UniformLM(nn.Module):
+    """Zero logits over `vocab` tokens: perplexity is exactly `vocab`. Records each call's length."""
+
+    def __init__(self, vocab=256, as_dict=False):
+        super().__init__()
+        self.vocab, self.as_dict, self.lengths = vocab, as_dict, []
+
+    def forward(self, input_ids, attention_mask):
+        self.lengths.append(input_ids.shape[1])
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        return {"logits": logits} if self.as_dict else (logits,)
+
+
+# ---------------------------------------------------------------- default_text
+
+def test_default_text_is_stable_and_clean():
+    text = ev.default_text()
+    assert text == ev.default_text()
+    assert len(text) > 10_000
+    assert "\t" not in text and "\f" not in text and "\r" not in text and "\n\n\n" not in text
+
+
+# ---------------------------------------------------------------- perplexity
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_perplexity_of_uniform_model_is_vocab(as_dict):
+    model = UniformLM(as_dict=as_dict)
+    ppl = ev.perplexity(model, ByteTokenizer(), "x" * 100, window=32)
+    assert ppl == pytest.approx(256.0, rel=1e-5)
+
+
+def test_perplexity_windows_do_not_overlap_and_respect_max_tokens():
+    model = UniformLM()
+    ev.perplexity(model, ByteTokenizer(), "y" * 100, window=32)
+    assert model.lengths == [32, 32, 32, 4]
+    model.lengths.clear()
+    ev.perplexity(model, ByteTokenizer(), "y" * 100, window=32, max_tokens=40)
+    assert model.lengths == [32, 8]
+
+
+def test_perplexity_is_token_weighted():
+    # Right after "a" the model is certain of "b"; elsewhere it is uniform over 256.
+    class Peaked(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(*input_ids.shape, 256)
+            logits[..., ord("b")] = torch.where(input_ids == ord("a"), 1e4, 0.0)
+            return (logits,)
+
+    ppl = ev.perplexity(Peaked(), ByteTokenizer(), "ab" * 8 + "zzz", window=64)
+    # 18 predictions: 8 certain ("a"->"b"), 10 uniform.
+    assert ppl == pytest.approx(math.exp(10 * math.log(256) / 18), rel=1e-4)
+
+
+def test_perplexity_rejects_short_text():
+    with pytest.raises(ValueError, match="at least 2"):
+        ev.perplexity(UniformLM(), ByteTokenizer(), "x")
+
+
+def test_perplexity_of_random_tiny_model_is_near_vocab():
+    lm = models.tiny("llama")
+    ppl = ev.perplexity(lm.model, lm.tokenizer, ev.default_text(), window=64, max_tokens=256)
+    assert 100 < ppl < 600  # random init: close to uniform over 256 bytes
+
+
+# ---------------------------------------------------------------- embeddings
+
+def test_embed_ignores_padding():
+    lm = models.tiny("bert")
+    alone = ev.embed(lm.model, lm.tokenizer, ["short"])
+    batched = ev.embed(lm.model, lm.tokenizer, ["short", "a considerably longer sentence"])
+    assert batched.shape == (2, 64)
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_cosine_self_and_other():
+    a, b = models.tiny("bert", seed=0), models.tiny("bert", seed=1)
+    texts = ["one", "two words", "three little words"]
+    assert ev.embedding_cosine(a.model, a.model, a.tokenizer, texts) == pytest.approx(1, abs=1e-6)
+    assert ev.embedding_cosine(a.model, b.model, a.tokenizer, texts) < 0.999
+
+
+def test_embed_drops_inputs_the_model_does_not_take():
+    lm = models.tiny("distilbert")  # forward has no token_type_ids
+
+    class WithTypes(ByteTokenizer):
+        def __call__(self, texts, **kw):
+            enc = super().__call__(texts, **kw)
+            return {**enc, "token_type_ids": torch.zeros_like(enc["input_ids"])}
+
+    assert ev.embed(lm.model, WithTypes(), ["hi", "there"]).shape == (2, 64)
+
+
+# ---------------------------------------------------------------- cost
+
+def test_param_bytes_counts_buffers_and_dtypes():
+    lin = nn.Linear(4, 3)
+    assert ev.param_bytes(lin) == (12 + 3) * 4
+    lin.register_buffer("scale", torch.ones(5, dtype=torch.float16))
+    assert ev.param_bytes(lin) == (12 + 3) * 4 + 5 * 2
+    assert ev.param_bytes(nn.Linear(4, 3).half()) == (12 + 3) * 2
+
+
+def test_param_bytes_counts_tied_and_shared_storage_once():
+    net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    net[1].weight = net[0].weight  # tied, as in LM heads
+    assert ev.param_bytes(net) == 10 * 4 * 4
+    base = torch.zeros(8)
+    holder = nn.Module()
+    holder.register_buffer("a", base[:4])
+    holder.register_buffer("b", base[4:])  # two views of one storage
+    assert ev.param_bytes(holder) == 8 * 4
+
+
+def test_param_bytes_meta_tensors_count_their_size():
+    with torch.device("meta"):
+        lin = nn.Linear(4, 3)
+    assert ev.param_bytes(lin) == (12 + 3) * 4
+
+
+def test_latency_ms_accepts_dict_tuple_tensor():
+    lin = nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    for inputs in ({"input": x}, (x,), x):
+        ms = ev.latency_ms(lin, inputs, repeats=3, warmup=1)
+        assert isinstance(ms, float) and ms > 0
+    with pytest.raises(ValueError):
+        ev.latency_ms(lin, x, repeats=0)
+
+
+# ---------------------------------------------------------------- real fixtures
+
+@pytest.mark.realmodel
+def test_smollm2_perplexity_in_the_tens():
+    lm = models.load("smollm2-135m")
+    ppl = ev.perplexity(lm.model, lm.tokenizer, ev.default_text(), window=256, max_tokens=512)
+    print(f"SmolLM2-135M-Instruct perplexity on default_text (512 tokens): {ppl:.2f}")
+    assert 3 < ppl < 100
+
+
+@pytest.mark.realmodel
+def test_minilm_embedding_cosine():
+    lm = models.load("minilm-l6")
+    texts = ["The cat sits on the mat.", "Stock markets fell sharply today."]
+    self_cos = ev.embedding_cosine(lm.model, lm.model, lm.tokenizer, texts)
+    assert self_cos == pytest.approx(1.0, abs=1e-6)
+    cat, paraphrase, stocks = ev.embed(lm.model, lm.tokenizer, [
+        "The cat sits on the mat.", "A cat is sitting on a mat.", texts[1]])
+    near = torch.cosine_similarity(cat, paraphrase, dim=0)
+    far = torch.cosine_similarity(cat, stocks, dim=0)
+    assert far < near < 1

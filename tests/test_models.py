@@ -1,0 +1,180 @@
+"""slimfx.models: tiny random models, local folders, the shipped pretrained fixtures, errors."""
+import json
+import time
+
+import pytest
+import torch
+
+from slimfx import models
+from slimfx.models import ModelNotFound, TINY_ARCHS
+
+
+def _out_tensor(out):
+    return out["logits"] if "logits" in out else out["last_hidden_state"]
+
+
+# ---------------------------------------------------------------- tiny models
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_tiny_builds_and_runs(arch):
+    lm = models.tiny(arch)
+    assert lm.name == f"tiny:{arch}" and lm.arch == arch
+    assert not lm.model.training
+    assert all(p.dtype == torch.float32 for p in lm.model.parameters())
+    assert lm.kind == ("vision" if arch == "vit" else
+                       "causal-lm" if arch in models.DECODER_ARCHS else "encoder")
+    with torch.no_grad():
+        out = _out_tensor(lm.model(**lm.example_inputs))
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    if lm.kind == "causal-lm":
+        assert out.shape == (2, 8, 256)
+        assert lm.model.config.use_cache is False
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_tiny_is_deterministic_per_seed(arch):
+    a, b, c = models.tiny(arch, seed=3), models.tiny(arch, seed=3), models.tiny(arch, seed=4)
+    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+    assert all(torch.equal(a.example_inputs[k], b.example_inputs[k]) for k in a.example_inputs)
+
+
+def test_tiny_layers_and_global_rng_untouched():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    lm = models.tiny("llama", layers=3)
+    assert torch.equal(torch.rand(3), expected)  # building must not consume the caller's RNG
+    assert lm.model.config.num_hidden_layers == 3
+    assert len(lm.model.model.layers) == 3
+
+
+def test_load_tiny_name_matches_tiny():
+    a, b = models.load("tiny:qwen2"), models.tiny("qwen2")
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
+                                                 b.model.state_dict().values()))
+
+
+def test_byte_tokenizer_and_encode():
+    lm = models.tiny("bert")
+    enc = lm.encode(["héllo", "a much longer sentence"])
+    assert set(enc) == {"input_ids", "attention_mask"}
+    assert enc["input_ids"].shape == enc["attention_mask"].shape
+    assert enc["attention_mask"][0].sum() == len("héllo".encode())
+    assert lm.tokenizer.decode(enc["input_ids"][0]) == "héllo"
+    with torch.no_grad():
+        lm.model(**enc)
+
+
+def test_encode_without_tokenizer_says_what_to_do():
+    lm = models.tiny("vit")
+    assert lm.tokenizer is None
+    with pytest.raises(ValueError, match="example_inputs"):
+        lm.encode(["x"])
+
+
+# ---------------------------------------------------------------- local folders
+
+@pytest.mark.parametrize("arch", ["gpt2", "distilbert"])
+def test_load_local_folder(tmp_path, arch):
+    src = models.tiny(arch, seed=1)
+    src.model.save_pretrained(tmp_path)
+    lm = models.load(str(tmp_path))
+    assert lm.kind == src.kind and lm.arch == arch and lm.tokenizer is None
+    assert type(lm.model) is type(src.model)
+    with torch.no_grad():
+        want = _out_tensor(src.model(**src.example_inputs))
+        got = _out_tensor(lm.model(**src.example_inputs))
+    torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------- errors and names
+
+def test_unknown_name_lists_names_and_closest_match():
+    with pytest.raises(ModelNotFound) as info:
+        models.load("tiny:lama")
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "'tiny:llama'" in msg and "Did you mean" in msg
+    assert all(name in msg for name in models.available())
+    assert "config.json" in msg
+
+
+def test_unknown_name_suggests_pretrained():
+    with pytest.raises(ModelNotFound, match="smollm2-135m"):
+        models.load("smollm2")
+
+
+def test_folder_without_config_is_explained(tmp_path):
+    with pytest.raises(ModelNotFound, match="exists but holds no config.json"):
+        models.load(tmp_path)
+
+
+def test_available_and_tiny_archs():
+    assert len(TINY_ARCHS) == 13
+    assert {"smollm2-135m", "minilm-l6", "tiny:llama", "tiny:vit"} <= set(models.available())
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLIMFX_CACHE", str(tmp_path))
+    assert models.cache_dir() == tmp_path
+
+
+def test_publish_keeps_the_winner(tmp_path):
+    target, tmp = tmp_path / "m", tmp_path / "tmp"
+    for folder, tag in ((target, "first"), (tmp, "second")):
+        folder.mkdir()
+        for name in models._CACHE_FILES:
+            (folder / name).write_text(tag)
+    models._publish(tmp, target)  # loses the race: the published copy stays
+    assert (target / "config.json").read_text() == "first"
+
+
+def test_publish_replaces_a_broken_cache(tmp_path):
+    target, tmp = tmp_path / "m", tmp_path / "tmp"
+    target.mkdir()
+    (target / "config.json").write_text("half")
+    tmp.mkdir()
+    for name in models._CACHE_FILES:
+        (tmp / name).write_text("whole")
+    models._publish(tmp, target)
+    assert all((target / n).read_text() == "whole" for n in models._CACHE_FILES)
+
+
+# ---------------------------------------------------------------- pretrained fixtures
+
+@pytest.mark.realmodel
+def test_smollm2_loads_from_gguf_and_caches(monkeypatch):
+    lm = models.load("smollm2-135m")
+    assert type(lm.model).__name__ == "LlamaForCausalLM"
+    assert lm.model.config.num_hidden_layers == 30 and lm.kind == "causal-lm"
+    assert lm.model.config.use_cache is False
+    folder = models.cache_dir() / "models" / "smollm2-135m"
+    assert all((folder / name).is_file() for name in models._CACHE_FILES)
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert getattr(lm.model.config, "quantization_config", None) is None
+
+    def no_conversion(*args):
+        raise AssertionError("second load converted the GGUF again")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    start = time.perf_counter()
+    again = models.load("smollm2-135m")
+    print(f"cached smollm2-135m load: {time.perf_counter() - start:.2f} s")
+    sentence = "Slimfx rewrites model graphs, one policy at a time."
+    ids = again.tokenizer(sentence)["input_ids"]
+    assert again.tokenizer.decode(ids, skip_special_tokens=True) == sentence
+    with torch.no_grad():
+        logits = again.model(**again.example_inputs).logits
+    assert logits.shape[:2] == again.example_inputs["input_ids"].shape
+
+
+@pytest.mark.realmodel
+def test_minilm_loads():
+    lm = models.load("minilm-l6")
+    assert type(lm.model).__name__ == "BertModel" and lm.kind == "encoder"
+    assert lm.model.config.num_hidden_layers == 6
+    with torch.no_grad():
+        hidden = lm.model(**lm.example_inputs).last_hidden_state
+    assert hidden.shape[-1] == 384

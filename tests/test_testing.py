@@ -1,0 +1,43 @@
+"""The hypothesis strategies slimfx ships: what they draw is valid, varied, and round-trips."""
+from hypothesis import given, settings, strategies as st
+
+from slimfx import parse
+from slimfx.dsl import ast as A
+from slimfx.testing import grammar_text_strategy, param_values, policies, policy_asts
+from slimfx.dsl.schema import SCHEMAS
+
+
+@given(policies())
+def test_policies_are_valid_text(text):
+    assert isinstance(parse(text), A.Spec)
+
+
+@given(policy_asts())
+def test_policy_asts_are_specs(spec):
+    assert all(isinstance(p, A.Policy) for p in spec.policies)
+
+
+def test_policies_cover_every_rule_kind():
+    seen: set[str] = set()
+
+    @settings(max_examples=150, database=None)
+    @given(policy_asts())
+    def collect(spec):
+        seen.update(r.kind for p in spec.policies for r in p.rules)
+
+    collect()
+    assert seen == {"collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep"}
+
+
+@given(st.data())
+def test_param_values_satisfy_their_schema(data):
+    key = data.draw(st.sampled_from(sorted(SCHEMAS)))
+    for spec in SCHEMAS[key].values():
+        assert spec.valid(data.draw(param_values(spec)))
+
+
+@given(grammar_text_strategy())
+def test_raw_grammar_text_is_syntactically_valid(text):
+    from slimfx.dsl.parser import lark_parser
+
+    lark_parser().parse(text)
