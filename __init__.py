@@ -1,9 +1,23 @@
 """slimfx: a declarative model-graph rewriting compiler for PyTorch.
 
 A policy file says how a model is compressed; `slimfx.compile(model, policy)` applies it.
-Only the language is imported eagerly: `slimfx check` and `slimfx fmt` never import torch.
+Only the language is imported eagerly: `slimfx check` and `slimfx fmt` never import torch;
+compile, plan, load and CompiledModel load torch on first use.
 """
-from .dsl import Spec, Policy, SpecError, parse, parse_file, format_spec
+from .dsl import Policy, Spec, SpecError, format_spec, parse, parse_file
 
 __version__ = "0.1.0"
-__all__ = ["parse", "parse_file", "format_spec", "SpecError", "Spec", "Policy", "__version__"]
+__all__ = ["compile", "plan", "load", "parse", "parse_file", "format_spec", "SpecError", "Spec", "Policy",
+           "CompiledModel", "__version__"]
+
+_LAZY = {"compile": "api", "plan": "api", "load": "api", "CompiledModel": "runtime.compiled"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'slimfx' has no attribute {name!r}")

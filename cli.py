@@ -1,7 +1,10 @@
 """The `slimfx` command. `check` and `fmt` answer in well under a second: they never import torch.
 
-    slimfx check specs/*.slim          exit 0 when every file is valid, 1 otherwise
-    slimfx fmt FILE [--check|--write]  print the canonical form (or check it, or rewrite the file)
+    slimfx check specs/*.slim                      exit 0 when every file is valid, 1 otherwise
+    slimfx fmt FILE [--check|--write]              print the canonical form (or check, or rewrite)
+    slimfx plan SPEC --model M [--policy NAME]     what each rule would touch, before any change
+    slimfx compile SPEC --model M --out DIR        compile and save an artifact
+    slimfx eval --model M [--compiled DIR]         perplexity / embedding cosine, bytes, latency
 """
 from __future__ import annotations
 
@@ -39,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--check", action="store_true", help="exit 1 if a file is not in canonical form")
     mode.add_argument("--write", action="store_true", help="rewrite files in place")
     fmt.set_defaults(run=_fmt)
+
+    from .commands import add_model_commands  # torch-free until one of them runs
+
+    add_model_commands(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 __all__ = [
     "default_text", "perplexity", "embed", "embedding_cosine", "param_bytes", "latency_ms",
+    "eval_rows", "eval_table",
 ]
 
 # Mostly prose docstrings that have stayed put across CPython releases; order is fixed so the
@@ -222,3 +223,53 @@ def _synchronizer(inputs: Any) -> Callable[[], None]:
     if any(isinstance(v, torch.Tensor) and v.is_cuda for v in values):
         return torch.cuda.synchronize
     return lambda: None
+
+
+# ---------------------------------------------------------------- `slimfx eval`
+
+EVAL_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "A compiler rewrites programs into faster programs that mean the same thing.",
+    "Weights stored in four bits take an eighth of the memory of thirty-two-bit floats.",
+    "The weather in the mountains changed quickly in the afternoon.",
+)
+
+
+def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str, Any]]:
+    """One row per model (original, then compiled): quality metric, parameter bytes, latency.
+
+    Causal LMs get perplexity on default_text(); encoders get the mean embedding cosine to the
+    original model on EVAL_SENTENCES (1.0 for the original itself).
+    """
+    models = [("original", loaded.model)] + ([("compiled", compiled)] if compiled is not None else [])
+    rows = []
+    for label, model in models:
+        row = {"model": label, "bytes": param_bytes(model),
+               "latency_ms": latency_ms(model, loaded.example_inputs, repeats=10, warmup=2)}
+        if loaded.kind == "causal-lm":
+            row["perplexity"] = perplexity(model, loaded.tokenizer, default_text(), max_tokens=max_tokens)
+        elif loaded.tokenizer is not None:
+            row["cosine"] = embedding_cosine(loaded.model, model, loaded.tokenizer, EVAL_SENTENCES)
+        rows.append(row)
+    return rows
+
+
+def eval_table(loaded, compiled=None, *, max_tokens: int = 2048):
+    """eval_rows() as a rich Table, with ratios of the compiled model to the original."""
+    from rich.table import Table
+
+    rows = eval_rows(loaded, compiled, max_tokens=max_tokens)
+    metric = "perplexity" if "perplexity" in rows[0] else "cosine" if "cosine" in rows[0] else None
+    table = Table(title=f"slimfx eval: {loaded.name} ({loaded.kind})")
+    for col in ("model", *([metric] if metric else []), "parameter bytes", "CPU latency (ms)"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        cells = [row["model"], *([f"{row[metric]:.4f}"] if metric else []), f"{row['bytes']:,}",
+                 f"{row['latency_ms']:.1f}"]
+        table.add_row(*cells)
+    if len(rows) == 2:
+        a, b = rows
+        ratio = [f"×{b[metric] / a[metric]:.3f}"] if metric else []
+        table.add_row("compiled / original", *ratio, f"×{b['bytes'] / a['bytes']:.3f}",
+                      f"×{b['latency_ms'] / a['latency_ms']:.2f}")
+    return table

@@ -1,0 +1,136 @@
+"""compile() / plan() / load(): the glue that runs the pipeline. No stage logic lives here.
+
+    policy text ─parse─▶ Spec ─▶ Policy;  model + inputs ─capture─▶ ModelGraph
+    Policy + ModelGraph ─bind─▶ Plan ─pipeline─▶ rewritten graph ─▶ CompiledModel
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .dsl import ast as A
+from .dsl.errors import SpecError
+from .dsl.parser import parse, parse_file
+
+__all__ = ["compile", "plan", "load", "resolve_policy"]
+
+BACKENDS = ("auto", "eager", "triton")
+
+
+def plan(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *, example_inputs: Mapping[str, Any] | None = None,
+         name: str | None = None):
+    """Bind every rule to its targets without touching a weight. Returns a Plan (`slimfx plan`)."""
+    from .passes.bind import bind
+
+    policy_ast, spec = resolve_policy(policy, name)
+    graph = _capture(model, example_inputs)
+    return bind(graph, policy_ast, source=spec.source, filename=spec.filename)
+
+
+def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noqa: A001 - the public name
+            example_inputs: Mapping[str, Any] | None = None, calib=None, backend: str = "auto",
+            name: str | None = None, progress: bool = False):
+    """Apply `policy` to `model`; return a CompiledModel called exactly like `model`.
+
+    `policy` is a path, policy text, or a parsed Spec/Policy (`name` picks one policy of a file
+    that has several). The user's model is never modified.
+    """
+    from .passes.bind import bind
+    from .passes.pipeline import Context, run_pipeline
+    from .runtime.compiled import CompiledModel
+
+    _check_backend(backend)
+    policy_ast, spec = resolve_policy(policy, name)
+    graph = _capture(model, example_inputs)
+    bound = bind(graph, policy_ast, source=spec.source, filename=spec.filename)
+    ctx = Context(calib=_calibration(model, calib), source=spec.source, filename=spec.filename, progress=progress)
+    report = run_pipeline(graph, bound, ctx)
+    return CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
+                         policy_name=policy_ast.name if policy_ast else None)
+
+
+def load(path: str | os.PathLike):
+    """A CompiledModel saved with `cm.save(path)`. Never unpickles, never runs stored code."""
+    from .runtime.artifact import load as load_artifact
+
+    return load_artifact(path)
+
+
+def resolve_policy(policy, name: str | None = None) -> tuple[A.Policy | None, A.Spec]:
+    """(the one policy to apply or None for an empty spec, the Spec it came from)."""
+    if isinstance(policy, A.Policy):
+        return policy, A.Spec((policy,))
+    spec = policy if isinstance(policy, A.Spec) else _read_spec(policy)
+    if not spec.policies:
+        if name is not None:
+            raise SpecError.at("selector", f"no policy `{name}`: {spec.filename} holds none", filename=spec.filename)
+        return None, spec
+    try:
+        return spec.policy(name), spec
+    except (KeyError, ValueError) as e:
+        raise SpecError.at("selector", str(e).strip("'\""), source=spec.source, filename=spec.filename,
+                           hint="pass name=… (or --policy NAME) to choose one") from None
+
+
+def _read_spec(policy) -> A.Spec:
+    if isinstance(policy, os.PathLike):
+        return parse_file(policy)
+    if not isinstance(policy, str):
+        raise TypeError(f"policy must be a path, policy text, Spec or Policy, not {type(policy).__name__}")
+    looks_like_path = "\n" not in policy and "{" not in policy and policy.strip() != ""
+    if looks_like_path:
+        if not Path(policy).exists():
+            raise SpecError.at("encoding", f"no policy file {policy!r}", filename=policy,
+                               hint="pass an existing .slim path, or the policy text itself")
+        return parse_file(policy)
+    return parse(policy)
+
+
+def _capture(model, example_inputs):
+    from .passes.capture import capture
+
+    model, example_inputs = _unwrap(model, example_inputs)
+    if example_inputs is None:
+        raise TypeError("slimfx needs example_inputs: the keyword inputs the model is called with, e.g. "
+                        "example_inputs=tokenizer(['hello'], return_tensors='pt') (or pass a slimfx.models.load(...) "
+                        "result, which carries its own)")
+    return capture(model, example_inputs)
+
+
+def _unwrap(model, example_inputs):
+    """A slimfx.models.LoadedModel carries its module and example inputs."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(model, "example_inputs") and not hasattr(model, "forward"):
+        return inner, example_inputs if example_inputs is not None else model.example_inputs
+    return model, example_inputs
+
+
+def _calibration(model, calib) -> list[dict[str, Any]]:
+    """Calibration batches: given ones, or none. Passes that need them say so."""
+    if calib is None:
+        return []
+    if isinstance(calib, Mapping):
+        return [dict(calib)]
+    batches = list(calib)
+    if batches and isinstance(batches[0], str):
+        encode = getattr(model, "encode", None)
+        if encode is None:
+            raise TypeError("calib as texts needs a model from slimfx.models.load(...) (it knows its "
+                            "tokenizer); otherwise pass token batches: [{'input_ids': ...}, ...]")
+        return [encode(batches)]
+    return [dict(b) for b in batches]
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "triton":
+        raise NotImplementedError("the Triton backend is not implemented yet: use backend='auto' or 'eager' "
+                                  "(the rewritten graph runs on PyTorch's own kernels)")
+
+
+def _policy_text(policy: A.Policy | None) -> str:
+    from .dsl.printer import format_policy
+
+    return format_policy(policy) + "\n" if policy else ""

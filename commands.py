@@ -1,0 +1,96 @@
+"""The `slimfx` subcommands that need a model: plan, compile, eval. Torch is imported only
+when one of them runs, so `slimfx check` stays fast."""
+from __future__ import annotations
+
+import sys
+
+from .dsl.errors import SpecError
+
+__all__ = ["add_model_commands"]
+
+MODEL_HELP = "smollm2-135m, minilm-l6, tiny:<arch>, or a local Hugging Face model directory"
+
+
+def add_model_commands(sub) -> None:
+    plan = sub.add_parser("plan", help="show what a policy would do to a model, touching nothing")
+    plan.add_argument("spec", help="policy file")
+    plan.add_argument("--model", required=True, help=MODEL_HELP)
+    plan.add_argument("--policy", help="which policy of the file (when it holds several)")
+    plan.set_defaults(run=_guarded(_plan))
+
+    comp = sub.add_parser("compile", help="compile a model with a policy and save the artifact")
+    comp.add_argument("spec", help="policy file")
+    comp.add_argument("--model", required=True, help=MODEL_HELP)
+    comp.add_argument("--policy", help="which policy of the file (when it holds several)")
+    comp.add_argument("--out", required=True, help="artifact directory to write")
+    comp.set_defaults(run=_guarded(_compile))
+
+    ev = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders), bytes, latency")
+    ev.add_argument("--model", required=True, help=MODEL_HELP)
+    ev.add_argument("--compiled", help="artifact directory from `slimfx compile`, evaluated side by side")
+    ev.add_argument("--max-tokens", type=int, default=2048, help="tokens of the default text to score")
+    ev.set_defaults(run=_guarded(_eval))
+
+
+def _guarded(fn):
+    """Policy and model problems print as messages, not tracebacks."""
+
+    def run(args) -> int:
+        from .models import ModelNotFound
+
+        try:
+            return fn(args)
+        except SpecError as e:
+            print(str(e), file=sys.stderr)
+        except ModelNotFound as e:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    return run
+
+
+def _load_model(name: str):
+    from .models import load
+
+    print(f"loading {name} …", file=sys.stderr)
+    return load(name)
+
+
+def _plan(args) -> int:
+    from rich.console import Console
+
+    from . import api
+    from .passes.plan_table import plan_table
+
+    loaded = _load_model(args.model)
+    plan = api.plan(loaded, args.spec, name=args.policy)
+    Console().print(plan_table(plan, args.spec))
+    return 0
+
+
+def _compile(args) -> int:
+    from rich.console import Console
+
+    from . import api
+
+    loaded = _load_model(args.model)
+    cm = api.compile(loaded, args.spec, name=args.policy, progress=True)
+    Console().print(cm.report.table())
+    cm.save(args.out)
+    print(f"saved to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _eval(args) -> int:
+    from rich.console import Console
+
+    from .evaluation import eval_table
+
+    loaded = _load_model(args.model)
+    compiled = None
+    if args.compiled:
+        from . import api
+
+        compiled = api.load(args.compiled)
+    Console().print(eval_table(loaded, compiled, max_tokens=args.max_tokens))
+    return 0

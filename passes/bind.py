@@ -1,0 +1,209 @@
+"""Bind: Policy + ModelGraph -> Plan. Every rule resolved to concrete targets; nothing touched.
+
+The plan is what `slimfx plan` prints and what the pipeline runs. Binding is where rule-level
+checks that need the model happen: a selector that matches nothing, `tokens after` something that
+is not one block, `keep` protecting what a `drop` removes, one linear quantized twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..dsl import ast as A
+from ..dsl.errors import Diagnostic, SpecError
+from ..dsl.printer import format_rule
+from .estimate import Estimate, estimate
+from .graph import Block, ModelGraph, Target
+from .select import resolve
+
+__all__ = ["BoundRule", "Plan", "bind", "graph_bytes", "graph_params"]
+
+_LINEAR_RULES = (A.Adapt, A.Quantize, A.Precision)
+_BLOCK_RULES = (A.Collapse, A.Drop)
+
+
+@dataclass(frozen=True)
+class BoundRule:
+    """A rule with what it acts on: targets (linears) or blocks, minus what `keep` protects."""
+
+    rule: A.Rule
+    targets: tuple[Target, ...] = ()
+    blocks: tuple[Block, ...] = ()
+    protected: tuple[str, ...] = ()  # paths `keep` removed from this rule
+    estimate: Estimate = field(default_factory=Estimate)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        return format_rule(self.rule)
+
+    @property
+    def line(self) -> int:
+        return self.rule.span.line
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.path for t in self.targets) or tuple(b.path for b in self.blocks)
+
+
+@dataclass(frozen=True)
+class Plan:
+    policy: A.Policy | None
+    model_class: str
+    rules: tuple[BoundRule, ...] = ()
+    bytes_total: int = 0
+    params_total: int = 0
+
+
+def bind(graph: ModelGraph, policy: A.Policy | None, *, source: str = "", filename: str = "<policy>") -> Plan:
+    """Resolve every rule of `policy` on `graph`. All problems are raised together."""
+    totals = dict(bytes_total=graph_bytes(graph), params_total=graph_params(graph))
+    if policy is None:
+        return Plan(None, graph.model_class, **totals)
+    binder = _Binder(graph, source, filename)
+    bound = binder.bind_all(policy.rules)
+    return Plan(policy, graph.model_class, bound, **totals)
+
+
+class _Binder:
+    def __init__(self, graph: ModelGraph, source: str, filename: str):
+        self.graph, self.source, self.filename = graph, source, filename
+        self.problems: list[Diagnostic] = []
+
+    def bind_all(self, rules: tuple[A.Rule, ...]) -> tuple[BoundRule, ...]:
+        protected = self._protected(rules)
+        bound = [self._bind(rule, protected) for rule in rules]
+        self._check_overlaps(bound)
+        if self.problems:
+            raise SpecError(self.problems, self.source, self.filename)
+        return tuple(bound)
+
+    def _resolve(self, selector: A.Selector) -> list[Target | Block]:
+        try:
+            return resolve(self.graph, selector, source=self.source, filename=self.filename)
+        except SpecError as e:
+            self.problems += e.diagnostics
+            return []
+
+    def _protected(self, rules) -> set[str]:
+        paths: set[str] = set()
+        for rule in rules:
+            if isinstance(rule, A.Keep):
+                for found in self._resolve(rule.selector):
+                    paths |= _paths_of(found, self.graph)
+        return paths
+
+    def _bind(self, rule: A.Rule, protected: set[str]) -> BoundRule:
+        found = self._resolve(rule.selector) if not isinstance(rule, A.Keep) else []
+        if isinstance(rule, A.Keep):
+            return self._bind_keep(rule)
+        if isinstance(rule, _BLOCK_RULES):
+            return self._bind_blocks(rule, found, protected)
+        if isinstance(rule, A.Tokens):
+            return self._bind_tokens(rule, found)
+        return self._bind_linears(rule, found, protected)
+
+    def _bind_keep(self, rule: A.Keep) -> BoundRule:
+        found = self._resolve(rule.selector)
+        targets = tuple(t for f in found for t in _targets_of(f, self.graph))
+        return BoundRule(rule, targets=targets, estimate=estimate(rule, targets, (), self.graph))
+
+    def _bind_blocks(self, rule, found, protected: set[str]) -> BoundRule:
+        blocks = tuple(f for f in found if isinstance(f, Block))
+        if found and not blocks:
+            self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on blocks, and `"
+                        f"{_sel(rule)}` selects {found[0].path} (a {found[0].kind})",
+                        "select blocks, e.g. `blocks[20:28]` or `blocks` with auto(...)")
+        if isinstance(rule, A.Collapse) and rule.auto is None and 0 < len(blocks) < 2:
+            self._error(rule.selector.span, "invalid-combination", "an explicit `collapse` needs at least "
+                        "two blocks to merge", "e.g. `collapse blocks[24:28]`, or `collapse blocks auto(...)`")
+        hit = sorted(p for b in blocks for p in _paths_of(b, self.graph) if p in protected)
+        if hit and rule.auto is None:
+            self._error(rule.span, "invalid-combination", f"`keep` protects {hit[0]}, which this `{rule.kind}` "
+                        "removes", "narrow the `keep` or the block range")
+        warnings = ("auto: `keep`-protected blocks are not candidates",) if hit else ()
+        return BoundRule(rule, blocks=blocks, estimate=estimate(rule, (), blocks, self.graph), warnings=warnings)
+
+    def _bind_tokens(self, rule: A.Tokens, found) -> BoundRule:
+        blocks = tuple(f for f in found if isinstance(f, Block))
+        if found and (len(blocks) != 1 or len(found) != 1):
+            what = f"{len(found)} places" if len(found) != 1 else found[0].path
+            self._error(rule.selector.span, "selector", f"`tokens after` needs exactly one block, and "
+                        f"`{_sel(rule)}` selects {what}", "write e.g. `tokens after blocks[3]`")
+        return BoundRule(rule, blocks=blocks, estimate=estimate(rule, (), blocks, self.graph))
+
+    def _bind_linears(self, rule, found, protected: set[str]) -> BoundRule:
+        candidates = [t for f in found for t in _targets_of(f, self.graph)]
+        linears = [t for t in candidates if t.kind == "linear"]
+        others = sorted({t.kind for t in candidates if t.kind != "linear"})
+        kept = [t for t in linears if t.path in protected]
+        targets = tuple(t for t in linears if t.path not in protected)
+        warnings = []
+        if others and linears:
+            warnings.append(f"skipped {len(candidates) - len(linears)} non-linear targets ({', '.join(others)}): "
+                            f"`{rule.kind}` applies to linears; add `: Linear` to say so")
+        if kept:
+            warnings.append(f"{len(kept)} targets protected by `keep`")
+        if found and not targets:
+            why = "all are protected by `keep`" if kept else f"it selects only {', '.join(others) or 'blocks'}"
+            self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on linear layers, and `{_sel(rule)}` "
+                        f"leaves none: {why}", "select linears, e.g. `blocks.*.** : Linear` or `blocks.*.attn.q`")
+        return BoundRule(rule, targets=targets, protected=tuple(t.path for t in kept),
+                         estimate=estimate(rule, targets, (), self.graph), warnings=tuple(warnings))
+
+    def _check_overlaps(self, bound: list[BoundRule]) -> None:
+        """One linear given two precisions, or an adapter merged into already-quantized weights."""
+        quantized: dict[str, BoundRule] = {}
+        for b in bound:
+            if isinstance(b.rule, (A.Quantize, A.Precision)):
+                clash = next((quantized[t.path] for t in b.targets if t.path in quantized), None)
+                if clash is not None:
+                    path = next(t.path for t in b.targets if t.path in quantized)
+                    self._error(b.rule.span, "duplicate", f"{path} is given a precision here and by line "
+                                f"{clash.line} (`{clash.text}`)", "narrow one selector, or add `keep` for the exceptions")
+                quantized.update({t.path: b for t in b.targets})
+            elif isinstance(b.rule, A.Adapt) and b.rule.get("merge"):
+                clash = next((quantized[t.path] for t in b.targets if t.path in quantized), None)
+                if clash is not None:
+                    self._error(b.rule.span, "illegal-order", f"`adapt … merge=true` merges into weights that line "
+                                f"{clash.line} already quantized", f"move this rule above line {clash.line}, "
+                                "or use `merge=false` (QLoRA style)")
+
+    def _error(self, span: A.Span, kind: str, message: str, hint: str | None = None) -> None:
+        width = max(1, span.end_column - span.column) if span.end_line == span.line else 1
+        self.problems.append(Diagnostic(kind, message, span.line, span.column, width, hint))
+
+
+def _sel(rule) -> str:
+    from ..dsl.printer import format_selector
+
+    return format_selector(rule.selector)
+
+
+def _targets_of(found: Target | Block, graph: ModelGraph) -> list[Target]:
+    if isinstance(found, Target):
+        return [found]
+    return [graph.targets[p] for p in found.targets if p in graph.targets]
+
+
+def _paths_of(found: Target | Block, graph: ModelGraph) -> set[str]:
+    return {found.path} | {t.path for t in _targets_of(found, graph)}
+
+
+def graph_bytes(graph: ModelGraph) -> int:
+    """Bytes of the graph's parameters and buffers, each storage counted once (tied weights)."""
+    seen, total = set(), 0
+    for t in [*graph.module.parameters(), *graph.module.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def graph_params(graph: ModelGraph) -> int:
+    seen, total = set(), 0
+    for p in graph.module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

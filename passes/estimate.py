@@ -1,0 +1,121 @@
+"""Size estimates for `slimfx plan`: parameters and bytes before -> after, from the rule alone.
+
+Estimates are arithmetic on shapes (no weight is read), so a plan of a 135M-parameter model
+answers in the time it takes to capture it. The passes report the measured figures.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..dsl import ast as A
+from ..dsl.schema import FORMAT_BITS
+
+__all__ = ["Estimate", "estimate", "quantized_bytes"]
+
+SCALE_BYTES = 2  # fp16 scales and zero points
+
+
+@dataclass(frozen=True)
+class Estimate:
+    params_before: int = 0
+    params_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    note: str = ""
+
+
+def estimate(rule: A.Rule, targets, blocks, graph) -> Estimate:
+    if isinstance(rule, A.Quantize):
+        return _quantize(rule, targets)
+    if isinstance(rule, A.Precision):
+        return _precision(rule, targets)
+    if isinstance(rule, A.Adapt):
+        return _adapt(rule, targets)
+    if isinstance(rule, (A.Collapse, A.Drop)):
+        return _remove_blocks(rule, blocks, graph)
+    if isinstance(rule, A.Tokens):
+        return _tokens(rule)
+    params = sum(_numel(t) for t in targets)
+    return Estimate(params, params, sum(t.nbytes for t in targets), sum(t.nbytes for t in targets),
+                    f"{len(targets)} target{'s' if len(targets) != 1 else ''} left as {'they are' if len(targets) != 1 else 'it is'}")
+
+
+def quantized_bytes(out_features: int, in_features: int, fmt: str, group: int | None, sym: bool) -> int:
+    """Bytes of one packed weight: codes plus fp16 scales (and zero points when asymmetric)."""
+    bits = FORMAT_BITS[fmt]
+    if fmt not in ("int8", "int4", "int2"):
+        return out_features * in_features * bits // 8
+    if group is None and fmt != "int8":
+        group = 64
+    groups = 1 if group is None else math.ceil(in_features / group)  # ragged last group counts whole
+    codes = out_features * math.ceil(in_features * bits / 8)
+    return codes + out_features * groups * SCALE_BYTES * (1 if sym else 2)
+
+
+def _numel(target) -> int:
+    return sum(math.prod(s) for s in target.shapes)
+
+
+def _weight_shape(target) -> tuple[int, int]:
+    shape = target.shapes[0]
+    out_f, in_f = (shape[1], shape[0]) if getattr(target, "transposed", False) else (shape[0], shape[1])
+    return out_f, in_f
+
+
+def _bias_bytes(target) -> int:
+    return sum(math.prod(s) * 4 for s in target.shapes[1:])
+
+
+def _quantize(rule: A.Quantize, targets) -> Estimate:
+    before = sum(t.nbytes for t in targets)
+    after = sum(quantized_bytes(*_weight_shape(t), rule.format, rule.get("group"), rule.get("sym"))
+                + _bias_bytes(t) for t in targets)
+    params = sum(_numel(t) for t in targets)
+    weights = sum(math.prod(_weight_shape(t)) for t in targets) or 1
+    bits = 8 * (after - sum(_bias_bytes(t) for t in targets)) / weights
+    return Estimate(params, params, before, after, f"≈{bits:.2f} bits/weight")
+
+
+def _precision(rule: A.Precision, targets) -> Estimate:
+    before = sum(t.nbytes for t in targets)
+    weights = sum(math.prod(_weight_shape(t)) for t in targets)
+    params = sum(_numel(t) for t in targets)
+    if rule.budget.metric == "avg_bits":
+        after = int(weights * rule.budget.limit_value / 8) + sum(_bias_bytes(t) for t in targets)
+    else:
+        after = min(before, int(rule.budget.limit_value))
+    return Estimate(params, params, before, after, f"at most {rule.budget.limit}{rule.budget.unit or ''} "
+                    f"{'bits/weight' if rule.budget.metric == 'avg_bits' else ''}".strip())
+
+
+def _adapt(rule: A.Adapt, targets) -> Estimate:
+    rank = rule.get("rank")
+    added = sum(rank * sum(_weight_shape(t)) + (_weight_shape(t)[0] if rule.method == "dora" else 0)
+                for t in targets)
+    params = sum(_numel(t) for t in targets)
+    before = sum(t.nbytes for t in targets)
+    if rule.get("merge"):
+        return Estimate(params, params, before, before, "merged into the base weights")
+    return Estimate(params, params + added, before, before + 4 * added, f"+{added:,} trainable")
+
+
+def _remove_blocks(rule, blocks, graph) -> Estimate:
+    per_block = [sum(graph.targets[p].nbytes for p in b.targets if p in graph.targets) for b in blocks]
+    params_per = [sum(_numel(graph.targets[p]) for p in b.targets if p in graph.targets) for b in blocks]
+    before, params = sum(per_block), sum(params_per)
+    if rule.auto is None:
+        removed = len(blocks) - 1 if isinstance(rule, A.Collapse) else len(blocks)
+        note = f"{removed} of {len(graph.blocks)} blocks removed"
+    else:
+        count = rule.auto.get("count") if isinstance(rule, A.Drop) else None
+        removed = count if count else round(rule.auto.get("ratio") * len(blocks))
+        note = f"up to {removed} of {len(graph.blocks)} blocks removed (searched at compile)"
+    mean, mean_params = (before / len(blocks), params / len(blocks)) if blocks else (0, 0)
+    return Estimate(params, params - int(removed * mean_params), before, before - int(removed * mean), note)
+
+
+def _tokens(rule: A.Tokens) -> Estimate:
+    if rule.action == "prune":
+        return Estimate(note=f"keeps {rule.get('keep'):.0%} of tokens after this block")
+    return Estimate(note=f"merges {rule.get('ratio'):.0%} of tokens after this block")

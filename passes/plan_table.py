@@ -1,0 +1,46 @@
+"""A Plan as a rich table: what each rule would touch and cost, before any weight is touched."""
+from __future__ import annotations
+
+from rich.table import Table
+
+from ..runtime.report import format_bytes
+from .bind import Plan
+from .pipeline import is_implemented
+
+__all__ = ["plan_table", "plan_text"]
+
+
+def plan_table(plan: Plan, filename: str = "") -> Table:
+    name = plan.policy.name if plan.policy else "(empty)"
+    where = f" ({filename})" if filename else ""
+    table = Table(title=f"slimfx plan: policy {name}{where} on {plan.model_class}"
+                        f" — {plan.params_total:,} params, {format_bytes(plan.bytes_total)}")
+    for col in ("line", "rule", "targets", "examples", "params before → after", "bytes before → after",
+                "status / warnings"):
+        table.add_column(col, overflow="fold")
+    for b in plan.rules:
+        e = b.estimate
+        names = b.names
+        examples = ", ".join(names[:3]) + (f", … (+{len(names) - 3})" if len(names) > 3 else "")
+        status = "ready" if is_implemented(b.rule) else "[yellow]not implemented yet[/yellow]"
+        notes = "; ".join(x for x in (e.note, *b.warnings) if x)
+        table.add_row(str(b.line), b.text, str(len(names)), examples,
+                      _arrow(e.params_before, e.params_after, lambda n: f"{n:,}"),
+                      _arrow(e.bytes_before, e.bytes_after, format_bytes), f"{status}" + (f"; {notes}" if notes else ""))
+    return table
+
+
+def plan_text(plan: Plan, filename: str = "", width: int = 160) -> str:
+    """The table as plain text (for logs, tests and `repr`)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    console = Console(width=width, file=StringIO(), color_system=None, record=True)
+    console.print(plan_table(plan, filename))
+    return console.export_text()
+
+
+def _arrow(before, after, fmt) -> str:
+    return fmt(before) if before == after else f"{fmt(before)} → ≈{fmt(after)}"
+

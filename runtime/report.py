@@ -1,0 +1,101 @@
+"""What compile() did, rule by rule: the `.report` of a CompiledModel, saved with its artifact.
+
+Plain data (JSON round-trip) so that a saved model's report reads the same after load(); printed
+as a rich table for people.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["RuleReport", "Report", "format_bytes"]
+
+
+@dataclass(frozen=True)
+class RuleReport:
+    """One rule's outcome. `details` holds pass-specific figures (bits/weight, cosine, …)."""
+
+    line: int
+    text: str  # the rule in canonical form
+    kind: str
+    targets: tuple[str, ...] = ()
+    params_before: int = 0
+    params_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["targets"], out["notes"] = list(self.targets), list(self.notes)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RuleReport":
+        return cls(**{**d, "targets": tuple(d.get("targets", ())), "notes": tuple(d.get("notes", ()))})
+
+
+@dataclass(frozen=True)
+class Report:
+    """All rules of one compile, plus whole-model figures."""
+
+    policy: str | None  # policy name, None for the empty spec
+    model_class: str
+    rules: tuple[RuleReport, ...] = ()
+    params_before: int = 0
+    params_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rules"] = [r.to_dict() for r in self.rules]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Report":
+        return cls(**{**d, "rules": tuple(RuleReport.from_dict(r) for r in d.get("rules", ()))})
+
+    def table(self):
+        """A rich Table: one row per rule, then the whole model."""
+        from rich.table import Table
+
+        table = Table(title=f"slimfx compile: policy {self.policy or '(empty)'} on {self.model_class}")
+        for col in ("line", "rule", "targets", "params before → after", "bytes before → after", "notes"):
+            table.add_column(col, overflow="fold")
+        for r in self.rules:
+            table.add_row(str(r.line), r.text, str(len(r.targets)), _arrow(r.params_before, r.params_after),
+                          _arrow(r.bytes_before, r.bytes_after, format_bytes), "; ".join(r.notes))
+        table.add_row("", "[b]whole model[/b]", "", _arrow(self.params_before, self.params_after),
+                      _arrow(self.bytes_before, self.bytes_after, format_bytes), f"{self.seconds:.1f} s")
+        return table
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=140, record=True, file=_Null(), color_system=None)
+        console.print(self.table())
+        return console.export_text()
+
+
+def _arrow(before: int, after: int, fmt=lambda n: f"{n:,}") -> str:
+    return fmt(before) if before == after else f"{fmt(before)} → {fmt(after)}"
+
+
+def format_bytes(n: int | float) -> str:
+    """1536 -> "1.5 KiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class _Null:
+    def write(self, _):
+        return 0
+
+    def flush(self):
+        pass
