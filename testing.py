@@ -24,7 +24,7 @@ from .dsl.parser import lark_parser, parse
 from .dsl.printer import format_value
 from .dsl.schema import ADAPTERS, FORMATS, INT_FORMATS, SCHEMAS, SIZE_UNITS, TOKEN_ACTIONS, ParamSpec
 
-__all__ = ["policies", "policy_asts", "param_values", "grammar_text_strategy"]
+__all__ = ["policies", "policy_asts", "param_values", "grammar_text_strategy", "tiny_models"]
 
 _RULES_WITH_PARAMS = {"collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep"}
 
@@ -197,3 +197,22 @@ def policies(draw) -> str:
 def policy_asts() -> st.SearchStrategy[A.Spec]:
     """Parsed Specs of `policies()`."""
     return policies().map(parse)
+
+
+# ---- models --------------------------------------------------------------------------------
+
+
+def tiny_models(archs=None, *, max_layers: int = 3) -> st.SearchStrategy:
+    """Small random-init transformers models (slimfx.models.LoadedModel) with example inputs.
+
+    Covers every architecture slimfx supports (decoders and encoders) unless `archs` narrows it;
+    layer count and seed vary. Each draw builds a fresh model (a few hundred ms).
+    """
+    from .models import TINY_ARCHS, tiny
+
+    choices = tuple(archs) if archs is not None else TINY_ARCHS
+    unknown = sorted(set(choices) - set(TINY_ARCHS))
+    if unknown:
+        raise ValueError(f"unknown architectures {unknown}; known: {', '.join(TINY_ARCHS)}")
+    return st.builds(lambda arch, layers, seed: tiny(arch, layers=layers, seed=seed),
+                     st.sampled_from(choices), st.integers(2, max_layers), st.integers(0, 2**16))

@@ -1,0 +1,291 @@
+"""Capture: model + example inputs -> ModelGraph, the first stage of the pipeline.
+
+`torch.export.export(strict=False)` with dynamic batch/sequence dims traces the model to an aten
+graph; the graph gets its own copy of every weight, so no later pass can touch the user's model.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..dsl.errors import SpecError
+from .graph import InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
+
+__all__ = ["capture", "clear_cache", "cache_info", "SEQ_INPUTS"]
+
+# Inputs whose dim 1 is the sequence; any other 2-D integer/bool input (a mask) counts too.
+SEQ_INPUTS = frozenset({
+    "input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
+    "decoder_input_ids", "decoder_attention_mask", "labels", "head_mask",
+})
+
+
+def capture(model: nn.Module, example_inputs: Mapping[str, Any] | tuple,
+            *, dynamic: Mapping[str, Mapping[int, str]] | None = None) -> ModelGraph:
+    """Trace `model` on `example_inputs` into a ModelGraph whose weights are copies.
+
+    >>> g = capture(llama, {"input_ids": ids, "attention_mask": mask})   # doctest: +SKIP
+    >>> g(input_ids=ids2, attention_mask=mask2).logits       # any batch / seq; a ModelOutput
+    >>> g.restructure(g.module(ids2, mask2))                 # the same, from the flat graph
+
+    A second call with the same model, input names/shapes/dtypes and unchanged weights reuses
+    the cached export (only the weight copy and the index are redone).
+
+    `dynamic` overrides which dims are symbolic: {"input_ids": {0: "batch", 1: "seq"}}.
+    Sizes 0/1 in the example are widened to 2 for tracing (export would specialize them).
+    The model is traced in eval mode; its training flags are restored afterwards.
+    """
+    names, args, consts = _bind_inputs(model, example_inputs)
+    dims = {n: dict(dynamic[n]) if dynamic and n in dynamic else _default_dims(n, a)
+            for n, a in zip(names, args)}
+    key = (_signature_key(names, args, consts, dims), _state_key(model))
+    entry = _lookup(model, key)
+    if entry is None:
+        entry = _export(model, names, args, consts, dims)
+        _store(model, key, entry)
+    return _graph_from(entry)
+
+
+# ---- inputs --------------------------------------------------------------------------------
+
+
+def _bind_inputs(model: nn.Module, example: Mapping[str, Any] | tuple):
+    """(input names, tensor values, non-tensor keyword constants) in call order."""
+    if isinstance(example, Mapping):
+        items = list(example.items())
+    else:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(params) < len(example):
+            raise TypeError(f"{type(model).__name__}.forward takes {len(params)} positional "
+                            f"inputs; {len(example)} were given: pass a dict of named inputs")
+        items = [(p.name, v) for p, v in zip(params, example)]
+    tensors = [(n, v) for n, v in items if isinstance(v, torch.Tensor)]
+    consts = {n: v for n, v in items if not isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise TypeError(f"no tensor among the example inputs of {type(model).__name__}")
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        consts.setdefault("use_cache", False)  # a KV cache output would not be a flat tensor
+    return [n for n, _ in tensors], [v for _, v in tensors], consts
+
+
+def _default_dims(name: str, value: torch.Tensor) -> dict[int, str]:
+    """Dim 0 is the batch; dim 1 the sequence for token-shaped inputs (ids, masks, embeds)."""
+    if value.dim() == 0:
+        return {}
+    dims = {0: "batch"}
+    token_like = value.dim() == 2 and not value.is_floating_point()
+    if value.dim() >= 2 and (name in SEQ_INPUTS or token_like):
+        dims[1] = "seq"
+    return dims
+
+
+def _widen(value: torch.Tensor, dims: Mapping[int, str]) -> torch.Tensor:
+    """Repeat dims of size 1 to size 2: export specializes 0/1-sized dims to constants."""
+    for d in dims:
+        if value.shape[d] == 1:
+            value = torch.cat([value, value], dim=d)
+    return value
+
+
+# ---- the in-process cache --------------------------------------------------------------------
+# model -> {key: _Entry}. Weak on the model; the entry holds the model's tensors (not copies), so
+# the cache costs no memory beyond the graph. A weight edit changes _state_key and misses.
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_STATS = {"hits": 0, "misses": 0}
+
+
+@dataclass
+class _Entry:
+    program: Any  # torch.export.ExportedProgram, sharing storage with the model
+    modules: dict[str, ModuleInfo]
+    inputs: tuple[InputInfo, ...]
+    outputs: OutputSpec
+    model_class: str
+
+
+def _signature_key(names, args, consts, dims) -> tuple:
+    tensors = tuple((n, tuple(a.shape), a.dtype, a.device.type) for n, a in zip(names, args))
+    frozen_dims = tuple((n, tuple(sorted(d.items()))) for n, d in dims.items())
+    return tensors, repr(sorted(consts.items())), frozen_dims
+
+
+def _state_key(model: nn.Module) -> tuple:
+    """Identity and version of every tensor: in-place edits bump `_version`, `.data =` moves the
+    pointer, `module.weight = new` changes the id."""
+    state = list(model.named_parameters(remove_duplicate=False))
+    state += list(model.named_buffers(remove_duplicate=False))
+    return tuple((n, id(t), t._version, t.data_ptr()) for n, t in state)
+
+
+def _lookup(model: nn.Module, key: tuple) -> _Entry | None:
+    entry = _CACHE.get(model, {}).get(key)
+    _STATS["hits" if entry else "misses"] += 1
+    return entry
+
+
+def _store(model: nn.Module, key: tuple, entry: _Entry) -> None:
+    # Entries for an older state hold tensors the model no longer has: drop them.
+    kept = {k: e for k, e in _CACHE.get(model, {}).items() if k[1] == key[1]}
+    kept[key] = entry
+    _CACHE[model] = kept
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+    _STATS.update(hits=0, misses=0)
+
+
+def cache_info() -> dict[str, int]:
+    """{"hits": …, "misses": …, "models": …} since the last clear_cache()."""
+    return dict(_STATS, models=len(_CACHE))
+
+
+# ---- export --------------------------------------------------------------------------------
+
+
+class _FlatCall(nn.Module):
+    """Calls the model with named inputs and returns its output leaves as a flat tuple.
+
+    It shares the model's child/parameter/buffer dicts instead of owning the model, so names in
+    the exported program are the model's own (`model.layers.0.mlp.up_proj.weight`).
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], consts: dict[str, Any], sink: list):
+        super().__init__()
+        self._modules, self._parameters, self._buffers = (
+            model._modules, model._parameters, model._buffers)
+        object.__setattr__(self, "_target", model)  # not a child: no `_target.` name prefix
+        self._names, self._consts, self._sink = names, consts, sink
+
+    def forward(self, *args):
+        out = self._target(**dict(zip(self._names, args)), **self._consts)
+        leaves, spec = pytree.tree_flatten(out)
+        # Export restores attributes set during tracing, so the spec leaves through a list.
+        self._sink.append((spec, [None if isinstance(x, torch.Tensor) else x for x in leaves]))
+        return tuple(x for x in leaves if isinstance(x, torch.Tensor))
+
+
+def _export(model, names, args, consts, dims) -> _Entry:
+    sink: list = []
+    wrapper = _FlatCall(model, names, consts, sink)
+    # torch.export names the placeholders after forward's parameters.
+    P = inspect.Parameter
+    sig = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in names])
+    wrapper.forward = _with_signature(wrapper.forward, sig)
+    shapes = {n: {d: torch.export.Dim.AUTO for d in dims[n]} or None for n in names}
+    traced = tuple(_widen(a, dims[n]) for n, a in zip(names, args))
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            program = torch.export.export(wrapper, traced, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # export raises many types; the user needs one, with the cause
+        raise _unsupported(model, e) from e
+    spec, consts_out = sink[-1]
+    return _Entry(program, _module_table(model), _input_infos(program, names, dims),
+                  OutputSpec(spec, tuple(consts_out)), type(model).__name__)
+
+
+def _with_signature(bound, sig: inspect.Signature):
+    """A per-instance forward with an explicit signature (the class stays generic)."""
+    def forward(*args):
+        return bound(*args)
+    forward.__signature__ = sig
+    return forward
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Trace inference (no dropout), then give every module its training flag back."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _unsupported(model: nn.Module, e: Exception) -> SpecError:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return SpecError.at(
+        "unsupported",
+        f"cannot capture {type(model).__name__}: torch.export failed with "
+        f"{type(e).__name__}: {first}",
+        hint="slimfx needs a model that torch.export.export(strict=False) can trace; "
+             "the full cause is chained below this error")
+
+
+# ---- what the graph keeps about the model -----------------------------------------------------
+
+
+def _module_table(model: nn.Module) -> dict[str, ModuleInfo]:
+    """Structure, classes and parameter shapes of every module: metadata only, no tensors."""
+    storage: dict[int, int] = {}
+    table = {}
+    for path, mod in model.named_modules():
+        own = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+        params = tuple(
+            ParamInfo(_join(path, n), tuple(t.shape), str(t.dtype).replace("torch.", ""),
+                      t.numel() * t.element_size(), storage.setdefault(id(t), len(storage)),
+                      is_buffer=not isinstance(t, nn.Parameter))
+            for n, t in own if t is not None)
+        table[path] = ModuleInfo(
+            path=path, cls=type(mod).__name__,
+            classes=tuple(c.__name__ for c in type(mod).__mro__),
+            children=tuple(n for n, _ in mod.named_children()),
+            is_list=isinstance(mod, (nn.ModuleList, nn.Sequential)), params=params)
+    return table
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _input_infos(program, names, dims) -> tuple[InputInfo, ...]:
+    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    infos = []
+    for name, placeholder in zip(names, program.graph_signature.user_inputs):
+        val = vals[placeholder]
+        sizes = tuple(s if isinstance(s, int) else str(s) for s in val.shape)
+        infos.append(InputInfo(name, sizes, val.dtype, dict(dims[name])))
+    return tuple(infos)
+
+
+def _graph_from(entry: _Entry) -> ModelGraph:
+    """A fresh GraphModule per call, with its own copies of the weights (tying preserved)."""
+    gm = entry.program.module()
+    _own_tensors(gm)
+    # The module table is copied too: a pass may edit its graph's table, never the cache's.
+    return ModelGraph(gm, dict(entry.modules), entry.inputs, entry.outputs, entry.model_class)
+
+
+def _own_tensors(gm: nn.Module) -> None:
+    """Replace every parameter, buffer and tensor constant of `gm` by a copy; aliases stay
+    aliases (GPT-2's lm_head and wte keep sharing one tensor)."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in copies:
+            data = t.detach().clone()
+            is_param = isinstance(t, nn.Parameter)
+            copies[id(t)] = nn.Parameter(data, t.requires_grad) if is_param else data
+        return copies[id(t)]
+
+    for mod in gm.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[name] = copy(p)
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = copy(b)
+        for name, v in list(vars(mod).items()):
+            if isinstance(v, torch.Tensor):  # constants unlifted as plain attributes
+                setattr(mod, name, copy(v))

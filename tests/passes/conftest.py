@@ -1,0 +1,12 @@
+"""Fixtures for tests/passes: the `arch` parameter over every supported architecture."""
+from __future__ import annotations
+
+import pytest
+
+from passes_tiny import ARCHS
+
+
+@pytest.fixture(scope="session", params=list(ARCHS))
+def arch(request) -> str:
+    """Session-scoped, so pytest orders tests arch by arch and each is captured once."""
+    return request.param

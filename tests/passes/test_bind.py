@@ -1,0 +1,110 @@
+"""bind(): rules -> concrete targets, `keep`, rule/model mismatches, size estimates, plan table."""
+import pytest
+
+from slimfx import SpecError, parse
+from slimfx.models import tiny
+from slimfx.passes.bind import bind, graph_bytes
+from slimfx.passes.capture import capture
+from slimfx.passes.plan_table import plan_text
+
+
+@pytest.fixture(scope="module")
+def llama():
+    loaded = tiny("llama", layers=4)
+    return capture(loaded.model, loaded.example_inputs)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    loaded = tiny("gpt2", layers=2)
+    return capture(loaded.model, loaded.example_inputs)
+
+
+def plan_of(graph, *rules):
+    spec = parse("policy p {\n" + "\n".join("    " + r for r in rules) + "\n}\n")
+    return bind(graph, spec.policy("p"), source=spec.source)
+
+
+def error_of(graph, *rules) -> SpecError:
+    with pytest.raises(SpecError) as e:
+        plan_of(graph, *rules)
+    return e.value
+
+
+def test_quantize_binds_every_linear_in_every_block(llama):
+    (bound,) = plan_of(llama, "quantize blocks.*.** : Linear int4").rules
+    assert len(bound.targets) == 4 * 7  # q k v o gate up down
+    assert all(t.kind == "linear" and t.block is not None for t in bound.targets)
+    assert bound.estimate.bytes_after < bound.estimate.bytes_before / 6  # ≈4.25 of 32 bits
+
+
+def test_a_block_selector_expands_to_its_linears_and_says_what_it_skipped(llama):
+    (bound,) = plan_of(llama, "quantize blocks[0] int8").rules
+    assert {t.path.rsplit(".", 1)[-1] for t in bound.targets} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"}
+    (bound,) = plan_of(llama, "quantize blocks[0].** int8").rules
+    assert any("non-linear" in w and "norm" in w for w in bound.warnings)
+
+
+def test_keep_removes_targets_from_every_other_rule(llama):
+    keep, quant = plan_of(llama, "keep blocks[0].mlp.down", "quantize blocks.*.mlp.down int8").rules
+    assert [t.path for t in keep.targets] == ["model.layers.0.mlp.down_proj"]
+    assert [t.path for t in quant.targets] == [f"model.layers.{i}.mlp.down_proj" for i in (1, 2, 3)]
+    assert quant.protected == ("model.layers.0.mlp.down_proj",)
+
+
+def test_everything_protected_is_an_error_not_a_no_op(llama):
+    err = error_of(llama, "keep blocks[0]", "adapt blocks[0].attn.q lora")
+    assert err.kind == "selector" and "protected by `keep`" in err.message
+
+
+def test_keep_of_what_a_drop_removes_is_an_error(llama):
+    err = error_of(llama, "drop blocks[1:3]", "keep blocks[2].mlp.up")
+    assert err.kind == "invalid-combination" and "model.layers.2" in err.message
+
+
+def test_block_rules_need_blocks(llama):
+    assert error_of(llama, "drop blocks.*.mlp.up").kind == "selector"
+    assert error_of(llama, "collapse blocks[2]").kind == "invalid-combination"
+    (bound,) = plan_of(llama, "collapse blocks[1:4]").rules
+    assert [b.index for b in bound.blocks] == [1, 2, 3]
+    assert "2 of 4 blocks removed" in bound.estimate.note
+
+
+def test_tokens_after_needs_exactly_one_block(llama):
+    (bound,) = plan_of(llama, "tokens after blocks[1] prune keep=0.5").rules
+    assert [b.index for b in bound.blocks] == [1]
+    err = error_of(llama, "tokens after blocks[1:3] prune")
+    assert err.kind == "selector" and "exactly one block" in err.message
+
+
+def test_overlapping_precisions_are_caught_on_the_model(llama):
+    err = error_of(llama, "quantize blocks[0].** : Linear int8", "quantize blocks.*.attn.q int4")
+    assert err.kind == "duplicate" and "line 2" in err.message and err.line == 3
+    err = error_of(llama, "quantize blocks.*.attn.q int4", "adapt blocks[0].attn.{q,k} lora merge=true")
+    assert err.kind == "illegal-order"
+
+
+def test_selector_errors_keep_their_place_and_all_come_together(gpt2):
+    err = error_of(gpt2, "quantize blocks.*.attn.q int8", "adapt blocks.*.atn.qkv lora")
+    assert [(d.line, d.column) for d in err.diagnostics] == [(2, 14), (3, 11)]
+    assert "attn.qkv" in err.diagnostics[0].hint
+
+
+def test_adapter_and_estimates(llama):
+    (bound,) = plan_of(llama, "adapt blocks.*.attn.{q,v} lora rank=4").rules
+    assert len(bound.targets) == 8
+    added = sum(4 * (t.shapes[0][0] + t.shapes[0][1]) for t in bound.targets)  # r·(out + in) each
+    assert bound.estimate.params_after - bound.estimate.params_before == added
+
+
+def test_empty_policy_binds_to_an_empty_plan(llama):
+    plan = bind(llama, None)
+    assert plan.rules == () and plan.bytes_total == graph_bytes(llama) > 0
+
+
+def test_plan_table_lists_every_rule_with_status(llama):
+    text = plan_text(plan_of(llama, "quantize blocks.*.** : Linear int4 group=64", "keep embed"), "p.slim", width=400)
+    assert "quantize blocks.*.** : Linear int4 group=64" in text and "keep embed" in text
+    assert "not implemented yet" in text  # no quantize pass is registered yet
+    assert "ready" in text  # keep is applied by bind itself

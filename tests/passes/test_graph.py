@@ -1,0 +1,148 @@
+"""ModelGraph: blocks, residual stream, targets and roles per architecture, nx view, lint."""
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+import torch
+
+from passes_tiny import EXPECTED, captured, one_of
+from slimfx.passes.graph import LintError
+
+def test_index_per_arch(arch):
+    """One test per architecture (so xdist workers split the exports); each check is a helper."""
+    c = captured(arch)
+    _blocks_found_and_counted(c)
+    _residual_stream_chains_blocks(c)
+    _roles_of_block_zero(c)
+    _top_level_roles(c)
+    _target_records(c)
+    _lint_passes(c)
+    _nx_view(c)
+    for check in ARCH_CHECKS.get(arch, ()):
+        check(c)
+
+
+def _blocks_found_and_counted(c):
+    g = c.graph
+    assert one_of(EXPECTED[c.arch][0], g.blocks_path)
+    assert len(g.blocks) == c.model.config.num_hidden_layers
+    assert [b.path for b in g.blocks] == [f"{g.blocks_path}.{i}" for i in range(len(g.blocks))]
+    assert all(b.nodes for b in g.blocks)
+    assert not set.intersection(*(set(b.nodes) for b in g.blocks))
+
+
+def _residual_stream_chains_blocks(c):
+    g = c.graph
+    for prev, nxt in zip(g.blocks, g.blocks[1:]):
+        assert nxt.input is prev.output
+    for b in g.blocks:
+        assert b.input not in b.nodes and b.output in b.nodes
+        assert b.input.meta["val"].shape[-1] == b.output.meta["val"].shape[-1] == 64
+        assert str(b.input.meta["val"].shape) == str(b.output.meta["val"].shape)
+
+
+def _roles_of_block_zero(c):
+    g = c.graph
+    _, q, down, *_ = EXPECTED[c.arch]
+    fused = q.startswith("fused:")
+    role = "attn.qkv" if fused else "attn.q"
+    assert one_of(q.removeprefix("fused:"), g.by_role(role, block=0)[0].path)
+    assert one_of(down, g.by_role("mlp.down", block=0)[0].path)
+    for b in g.blocks:
+        roles = {g.targets[p].role for p in b.targets}
+        assert {role, "attn.o", "mlp.down", "norm"} <= roles, roles
+        assert ({"attn.q", "attn.k", "attn.v"} <= roles) != fused
+
+
+def _top_level_roles(c):
+    g = c.graph
+    _, _, _, embed, head, final = EXPECTED[c.arch]
+    assert [t.path for t in g.by_role("embed")] == [embed]
+    if head is None:
+        assert g.by_role("head") == []
+    else:
+        assert one_of(head, g.by_role("head")[0].path)
+    assert [t.path for t in g.by_role("final_norm")] == ([final] if final else [])
+
+
+def _target_records(c):
+    g = c.graph
+    for t in g.targets.values():
+        tensors = [g.param(p) for p in t.params]
+        assert t.shapes == tuple(tuple(x.shape) for x in tensors)
+        assert t.nbytes == sum(x.numel() * x.element_size() for x in tensors)
+        assert t.nodes and all(n.graph is g.module.graph for n in t.nodes)
+        assert (t.block is None) == (g.block_of(t.path) is None)
+        assert t.kind in ("linear", "embedding", "norm", "conv")
+
+
+def _lint_passes(c):
+    c.graph.lint()
+
+
+def _nx_view(c):
+    g = c.graph
+    view = g.nx()
+    assert view.number_of_nodes() == len(g.module.graph.nodes)
+    assert nx.is_directed_acyclic_graph(view)
+    b0 = g.blocks[0]
+    assert view.nodes[b0.output.name]["block"] == 0
+    assert nx.has_path(view, b0.input.name, b0.output.name)
+
+
+def _conv1d_is_a_transposed_linear(c):
+    t = c.graph.targets["transformer.h.0.mlp.c_fc"]
+    assert t.kind == "linear" and t.cls == "Conv1D" and t.transposed
+    assert t.shapes[0] == (64, 128)
+
+
+def _qk_norms_have_their_own_roles(c):
+    g = c.graph
+    assert [t.path for t in g.by_role("attn.q_norm", 0)] == ["model.layers.0.self_attn.q_norm"]
+    assert "model.layers.0.self_attn.q_norm" not in [t.path for t in g.by_role("norm", 0)]
+
+
+# Checks of one architecture's peculiarity, run inside its per-arch test.
+ARCH_CHECKS = {"gpt2": (_conv1d_is_a_transposed_linear,),
+               "qwen3": (_qk_norms_have_their_own_roles,)}
+
+
+# ---- lint catches broken invariants ----------------------------------------------------------
+
+
+def _fresh(arch: str):
+    from slimfx.passes.capture import capture
+
+    c = captured(arch)
+    return capture(c.model, c.inputs)  # a cache hit: a private copy to break
+
+
+def test_lint_reports_a_stale_index():
+    g = _fresh("llama")
+    last = g.blocks[-1]
+    # Bypass the last block (its output's users read its input): a collapse without reindex().
+    last.output.replace_all_uses_with(last.input)
+    g.module.graph.eliminate_dead_code()
+    with pytest.raises(LintError, match="stale"):
+        g.lint()
+    g.reindex()
+    assert g.blocks[-1].output is None  # nothing of block 1 reaches the output any more
+    with pytest.raises(LintError) as info:
+        g.lint()  # the bypassed block's weights are still on the module
+    assert "stale" not in str(info.value) and "dangling" in str(info.value)
+
+
+def test_lint_reports_missing_meta_val():
+    g = _fresh("gpt2")
+    node = next(n for n in g.module.graph.nodes if n.op == "call_function")
+    del node.meta["val"]
+    with pytest.raises(LintError, match="no meta\\['val'\\]") as info:
+        g.lint()
+    assert node.name in str(info.value)
+
+
+def test_lint_reports_dangling_param():
+    g = _fresh("bert")
+    g.module.register_parameter("stray", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(LintError, match="'stray'.*dangling"):
+        g.lint()

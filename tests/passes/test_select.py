@@ -1,0 +1,253 @@
+"""resolve(): every selector form, canonical and raw names, and the errors for no match."""
+from __future__ import annotations
+
+import pytest
+
+from passes_tiny import EXPECTED, captured, one_of
+from slimfx.dsl.ast import (Alternatives, GlobStar, Item, Name, Path, Selector, Slice, Span,
+                            Star)
+from slimfx.dsl.errors import SpecError
+from slimfx.passes.graph import Block, Target
+from slimfx.passes.select import resolve
+
+# ---- building selectors by hand: "blocks[0:2].attn.{q,v}" ------------------------------------
+
+
+def sel(*segments, cls: str | None = None, span: Span | None = None) -> Selector:
+    segs = tuple(_seg(s) for s in segments)
+    return Selector(Path(segs), cls, span or Span(3, 14, 3, 14 + 10))
+
+
+def _seg(s):
+    if not isinstance(s, str):
+        return s
+    if s == "*":
+        return Star()
+    if s == "**":
+        return GlobStar()
+    return Name(s)
+
+
+def alt(*options: str) -> Alternatives:
+    return Alternatives(tuple(Path(tuple(_seg(p) for p in o.split("."))) for o in options))
+
+
+def paths(graph, selector) -> list[str]:
+    return [r.path for r in resolve(graph, selector)]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return captured("llama").graph
+
+
+# ---- per architecture ------------------------------------------------------------------------
+
+
+def test_attn_q_and_mlp_down_per_arch(arch):
+    g = captured(arch).graph
+    _, q, down, embed, head, _ = EXPECTED[arch]
+    n = len(g.blocks)
+    got = paths(g, sel("blocks", "*", "mlp", "down"))
+    assert len(got) == n and one_of(down, got[0])
+    if q.startswith("fused:"):
+        with pytest.raises(SpecError) as info:
+            resolve(g, sel("blocks", "*", "attn", "q"))
+        assert info.value.kind == "selector" and "`attn.qkv`" in info.value.hint
+        assert q.removeprefix("fused:") in info.value.message and "fused" in info.value.message
+        assert one_of(q.removeprefix("fused:"), paths(g, sel("blocks", "*", "attn", "qkv"))[0])
+    else:
+        got = paths(g, sel("blocks", "*", "attn", "q"))
+        assert len(got) == n and one_of(q, got[0])
+    assert paths(g, sel("embed")) == [embed]
+    if head is None:
+        with pytest.raises(SpecError, match="has no head"):
+            resolve(g, sel("head"))
+    else:
+        assert one_of(head, paths(g, sel("head"))[0])
+    for check in ARCH_CHECKS.get(arch, ()):
+        check(captured(arch))
+
+
+# ---- forms -----------------------------------------------------------------------------------
+
+
+def test_dotted_raw_path(llama):
+    assert paths(llama, sel("model", "layers", "1", "self_attn", "q_proj")) == [
+        "model.layers.1.self_attn.q_proj"]
+
+
+def test_bracket_index_equals_dotted_index(llama):
+    bracket = sel("model", Name("layers", Item(1)), "self_attn", "q_proj")
+    assert paths(llama, bracket) == paths(llama, sel("model", "layers", "1", "self_attn", "q_proj"))
+
+
+def test_star_is_exactly_one_level(llama):
+    assert paths(llama, sel("model", "layers", "0", "mlp", "*")) == [
+        "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.down_proj"]
+    with pytest.raises(SpecError, match="no `q_proj` under `model.layers.\\*`"):
+        resolve(llama, sel("model", "layers", "*", "q_proj"))  # q_proj is two levels down
+
+
+def test_globstar_includes_zero_levels(llama):
+    assert paths(llama, sel("**", "lm_head")) == ["lm_head"]
+    everything = paths(llama, sel("**"))
+    assert everything[0] == "model.embed_tokens" and "lm_head" in everything
+
+
+def test_globstar_class_filter_every_linear_in_every_block(llama):
+    got = resolve(llama, sel("blocks", "*", "**", cls="Linear"))
+    assert len(got) == 2 * 7 and all(isinstance(t, Target) and t.kind == "linear" for t in got)
+    assert "lm_head" not in [t.path for t in got]
+
+
+def _linear_filter_matches_gpt2_conv1d(c):
+    g = c.graph
+    got = paths(g, sel("blocks", "*", "**", cls="Linear"))
+    assert got[:4] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                       "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+
+
+def test_class_filter_by_mro_and_exact_class(llama):
+    assert len(paths(llama, sel("**", cls="LlamaRMSNorm"))) == 5
+    assert len(paths(llama, sel("**", cls="Module"))) == len(llama.targets) + 2  # + the blocks
+    assert [b.index for b in resolve(llama, sel("**", cls="LlamaDecoderLayer"))] == [0, 1]
+
+
+def test_alternatives_with_sub_paths(llama):
+    got = paths(llama, sel("blocks", "0", alt("attn.q", "mlp.down")))
+    assert got == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+
+
+def test_blocks_slice_with_roles(llama):
+    got = paths(llama, sel(Name("blocks", Slice(0, 4)), "attn", alt("q", "v")))
+    assert got == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                   "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+@pytest.mark.parametrize("index, want", [
+    (Item(0), [0]), (Item(-1), [1]), (Item(-2), [0]), (Slice(None, None), [0, 1]),
+    (Slice(-1, None), [1]), (Slice(None, None, -1), [0, 1]), (Slice(1, None), [1]),
+    (Slice(0, 100), [0, 1]), (Slice(None, None, 2), [0]),
+])
+def test_block_index_and_slice_semantics(llama, index, want):
+    got = resolve(llama, sel(Name("blocks", index)))
+    assert all(isinstance(b, Block) for b in got)
+    assert [b.index for b in got] == want
+
+
+def test_blocks_star_and_raw_container_give_blocks(llama):
+    assert [b.index for b in resolve(llama, sel("blocks", "*"))] == [0, 1]
+    assert [b.index for b in resolve(llama, sel("blocks"))] == [0, 1]
+    assert [b.index for b in resolve(llama, sel("model", "layers"))] == [0, 1]
+
+
+def test_mixed_canonical_then_raw(llama):
+    assert paths(llama, sel("blocks", "*", "self_attn", "q_proj")) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
+def test_module_that_is_no_target_expands_to_its_targets(llama):
+    assert paths(llama, sel("blocks", "0", "self_attn")) == [
+        f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+
+
+def test_role_group_and_block_norms(llama):
+    assert paths(llama, sel(Name("blocks", Item(0)), "mlp")) == [
+        f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    assert paths(llama, sel(Name("blocks", Item(1)), "norm")) == [
+        "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm"]
+    assert paths(llama, sel("final_norm")) == ["model.norm"]
+
+
+def test_results_deduplicated_in_model_order(llama):
+    got = paths(llama, sel("blocks", "*", alt("mlp.down", "attn.q", "self_attn.q_proj", "**")))
+    assert len(got) == len(set(got))
+    order = [t.path for t in llama.targets.values() if t.block is not None]
+    blocks = ["model.layers.0", "model.layers.1"]
+    assert [p for p in got if p not in blocks] == order
+
+
+def _fused_gate_up(c):
+    g = c.graph
+    with pytest.raises(SpecError, match="gate_up"):
+        resolve(g, sel("blocks", "*", "mlp", "up"))
+    assert paths(g, sel("blocks", "0", "mlp", "gate_up")) == ["model.layers.0.mlp.gate_up_proj"]
+
+
+# Checks of one architecture's peculiarity, run inside its per-arch test.
+ARCH_CHECKS = {"gpt2": (_linear_filter_matches_gpt2_conv1d,), "phi3": (_fused_gate_up,)}
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+def test_no_match_names_closest_and_position(llama):
+    source = "policy p {\n    x\n  quantize blocks.*.self_atn.q_proj int8\n}\n"
+    selector = sel("blocks", "*", "self_atn", "q_proj", span=Span(3, 12, 3, 37))
+    with pytest.raises(SpecError) as info:
+        resolve(llama, selector, source=source, filename="p.slim")
+    err = info.value
+    assert err.kind == "selector" and (err.line, err.column) == (3, 12)
+    assert "`self_atn`" in err.message and "`self_attn`" in err.message
+    assert "under `blocks.*`" in err.message
+    assert "did you mean" in err.hint
+    rendered = str(err)
+    assert rendered.startswith("p.slim:3:12: error[selector]")
+    assert "quantize blocks.*.self_atn.q_proj int8" in rendered and "^" * 25 in rendered
+
+
+def test_no_match_at_top_level_lists_names(llama):
+    with pytest.raises(SpecError) as info:
+        resolve(llama, sel("modle", "layers"))
+    assert "at the top of LlamaForCausalLM" in info.value.message
+    assert "`model`" in info.value.message
+
+
+def test_unknown_role_lists_roles(llama):
+    with pytest.raises(SpecError) as info:
+        resolve(llama, sel("blocks", "0", "attn", "qq"))
+    assert "`q`" in info.value.message and "under `blocks.0.attn`" in info.value.message
+
+
+def test_index_out_of_range_names_valid_range(llama):
+    with pytest.raises(SpecError) as info:
+        resolve(llama, sel(Name("blocks", Item(5))))
+    assert "out of range" in info.value.message and "-2..1" in info.value.message
+
+
+def test_empty_slice_is_an_error(llama):
+    with pytest.raises(SpecError, match=r"slice \[5:\] of `blocks` is empty.*2 items"):
+        resolve(llama, sel(Name("blocks", Slice(5, None))))
+
+
+def test_zero_step_is_an_error(llama):
+    with pytest.raises(SpecError, match="step"):
+        resolve(llama, sel(Name("blocks", Slice(None, None, 0))))
+
+
+def test_index_on_a_non_list(llama):
+    with pytest.raises(SpecError, match="LlamaAttention, not a ModuleList"):
+        resolve(llama, sel("blocks", "0", Name("self_attn", Item(0))))
+
+
+def test_class_filter_matching_nothing(llama):
+    with pytest.raises(SpecError) as info:
+        resolve(llama, sel("blocks", "*", "**", cls="Linaer"))
+    assert "none is a `Linaer`" in info.value.message and "`Linear`" in info.value.hint
+
+
+def test_module_without_targets(llama):
+    with pytest.raises(SpecError, match="none of them is a linear"):
+        resolve(llama, sel("model", "rotary_emb"))
+
+
+def test_star_under_a_leaf(llama):
+    with pytest.raises(SpecError, match="nothing under `lm_head`"):
+        resolve(llama, sel("lm_head", "*"))
+
+
+def test_alternative_option_matching_nothing_is_an_error(llama):
+    with pytest.raises(SpecError, match="no `x`"):
+        resolve(llama, sel("blocks", "0", alt("attn.q", "x")))
