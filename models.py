@@ -153,7 +153,7 @@ def _tiny_config_kwargs(arch: str, layers: int) -> dict[str, Any]:
         "distilbert": dict(dim=64, n_layers=layers, n_heads=4, hidden_dim=128,
                            max_position_embeddings=128, vocab_size=256, pad_token_id=0),
         "vit": dict(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                    intermediate_size=128, image_size=32, patch_size=8, num_channels=3),
+                    intermediate_size=128, image_size=32, patch_size=8, num_channels=3, num_labels=3),
     }[arch]
 
 
@@ -166,11 +166,13 @@ def tiny(arch: str, *, layers: int = 2, seed: int = 0,
     """
     if arch not in TINY_ARCHS:
         raise ModelNotFound(_not_found_message(f"tiny:{arch}"))
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
     config = AutoConfig.for_model(arch, **_tiny_config_kwargs(arch, layers))
     config.use_cache = False
-    auto = AutoModelForCausalLM if arch in DECODER_ARCHS else AutoModel
+    # ViT comes with its classification head, as deployed ViTs do (`head` is its classifier).
+    auto = (AutoModelForCausalLM if arch in DECODER_ARCHS
+            else AutoModelForImageClassification if arch == "vit" else AutoModel)
     # fork_rng: seeding must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -208,7 +210,7 @@ def _wheel_folder(module: str, wheel: str) -> Path:
 
 def _load_folder(folder: Path, *, name: str) -> LoadedModel:
     """Load a local Hugging Face folder; the model class follows config.architectures."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     archs = config.architectures or []

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from passes_tiny import ARCHS
+from slimfx.models import TINY_ARCHS
 
 
-@pytest.fixture(scope="session", params=list(ARCHS))
+@pytest.fixture(scope="session", params=list(TINY_ARCHS))
 def arch(request) -> str:
     """Session-scoped, so pytest orders tests arch by arch and each is captured once."""
     return request.param
