@@ -143,6 +143,10 @@ class _Binder:
                             f"`{rule.kind}` applies to linears; add `: Linear` to say so")
         if kept:
             warnings.append(f"{len(kept)} targets protected by `keep`")
+        tied = [t for t in targets if t.tied]
+        if tied and not isinstance(rule, A.Adapt):
+            warnings.append(f"{', '.join(tied[0].tied)} is tied to another module's weight: that module keeps "
+                            "the original, so its memory is not freed")
         if found and not targets:
             why = "all are protected by `keep`" if kept else f"it selects only {', '.join(others) or 'blocks'}"
             self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on linear layers, and `{_sel(rule)}` "

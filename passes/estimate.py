@@ -63,6 +63,11 @@ def _weight_shape(target) -> tuple[int, int]:
     return out_f, in_f
 
 
+def _still_held(target) -> int:
+    """A tied weight stays in memory for the module it is shared with."""
+    return math.prod(target.shapes[0]) * 4 if target.tied else 0
+
+
 def _bias_bytes(target) -> int:
     return sum(math.prod(s) * 4 for s in target.shapes[1:])
 
@@ -70,10 +75,10 @@ def _bias_bytes(target) -> int:
 def _quantize(rule: A.Quantize, targets) -> Estimate:
     before = sum(t.nbytes for t in targets)
     after = sum(quantized_bytes(*_weight_shape(t), rule.format, rule.get("group"), rule.get("sym"))
-                + _bias_bytes(t) for t in targets)
+                + _bias_bytes(t) + _still_held(t) for t in targets)
     params = sum(_numel(t) for t in targets)
     weights = sum(math.prod(_weight_shape(t)) for t in targets) or 1
-    bits = 8 * (after - sum(_bias_bytes(t) for t in targets)) / weights
+    bits = 8 * (after - sum(_bias_bytes(t) + _still_held(t) for t in targets)) / weights
     return Estimate(params, params, before, after, f"≈{bits:.2f} bits/weight")
 
 

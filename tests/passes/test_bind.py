@@ -108,3 +108,9 @@ def test_plan_table_lists_every_rule_with_status(llama):
     assert "quantize blocks.*.** : Linear int4 group=64" in text and "keep embed" in text
     assert "not implemented yet" in text  # no quantize pass is registered yet
     assert "ready" in text  # keep is applied by bind itself
+
+
+def test_a_tied_weight_is_flagged_and_not_counted_as_freed(gpt2):
+    (bound,) = plan_of(gpt2, "quantize head int8").rules
+    assert any("lm_head.weight is tied" in w for w in bound.warnings)
+    assert bound.estimate.bytes_after > bound.estimate.bytes_before  # the fp32 original stays
