@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/slimfx check specs/*.slim
 	$(VENV)/bin/slimfx fmt specs/*.slim
-	COLUMNS=200 $(VENV)/bin/slimfx plan specs/smollm2-edge.slim --model smollm2-135m --policy smollm2_edge
+	$(VENV)/bin/slimfx plan specs/smollm2-edge.slim --model smollm2-135m --policy smollm2_edge
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(WORKERS) -q --durations=15

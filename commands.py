@@ -49,6 +49,13 @@ def _guarded(fn):
     return run
 
 
+def _console():
+    """Tables fit the terminal; piped into a file or a log they are not squeezed to 80 columns."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def _load_model(name: str):
     from .models import load
 
@@ -57,33 +64,27 @@ def _load_model(name: str):
 
 
 def _plan(args) -> int:
-    from rich.console import Console
-
     from . import api
     from .passes.plan_table import plan_table
 
     loaded = _load_model(args.model)
     plan = api.plan(loaded, args.spec, name=args.policy)
-    Console().print(plan_table(plan, args.spec))
+    _console().print(plan_table(plan, args.spec))
     return 0
 
 
 def _compile(args) -> int:
-    from rich.console import Console
-
     from . import api
 
     loaded = _load_model(args.model)
     cm = api.compile(loaded, args.spec, name=args.policy, progress=True)
-    Console().print(cm.report.table())
+    _console().print(cm.report.table())
     cm.save(args.out)
     print(f"saved to {args.out}", file=sys.stderr)
     return 0
 
 
 def _eval(args) -> int:
-    from rich.console import Console
-
     from .evaluation import eval_table
 
     loaded = _load_model(args.model)
@@ -92,5 +93,5 @@ def _eval(args) -> int:
         from . import api
 
         compiled = api.load(args.compiled)
-    Console().print(eval_table(loaded, compiled, max_tokens=args.max_tokens))
+    _console().print(eval_table(loaded, compiled, max_tokens=args.max_tokens))
     return 0

@@ -71,3 +71,24 @@ def test_the_installed_command_reads_stdin_and_never_imports_torch():
     run = subprocess.run([sys.executable, "-m", "slimfx", "fmt", "-"], input="policy p {\n keep head\n}",
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout == "policy p {\n    keep head\n}\n"
+
+
+def test_plan_prints_the_table_for_a_model(capsys):
+    assert main(["plan", str(SPECS[0].parent / "llama-qlora.slim"), "--model", "tiny:llama",
+                 "--policy", "llama_qlora"]) == 0
+    out = capsys.readouterr().out
+    assert "slimfx plan: policy llama_qlora" in out and "not implemented yet" in out
+
+
+def test_plan_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    f = write(tmp_path, "policy p {\n    quantize blocks.*.atn.q int8\n}\n")
+    assert main(["plan", str(f), "--model", "tiny:llama"]) == 1
+    err = capsys.readouterr().err
+    assert f"{f}:2:14: error[selector]" in err and "did you mean `attn`?" in err
+    assert main(["plan", str(f), "--model", "tiny:lama"]) == 1
+    assert "tiny:llama" in capsys.readouterr().err
+
+
+def test_eval_of_a_tiny_model_prints_perplexity(capsys):
+    assert main(["eval", "--model", "tiny:llama", "--max-tokens", "64"]) == 0
+    assert "perplexity" in capsys.readouterr().out

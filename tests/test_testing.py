@@ -3,7 +3,7 @@ from hypothesis import given, settings, strategies as st
 
 from slimfx import parse
 from slimfx.dsl import ast as A
-from slimfx.testing import grammar_text_strategy, param_values, policies, policy_asts
+from slimfx.testing import grammar_text_strategy, param_values, policies, policy_asts, tiny_models
 from slimfx.dsl.schema import SCHEMAS
 
 
@@ -41,3 +41,22 @@ def test_raw_grammar_text_is_syntactically_valid(text):
     from slimfx.dsl.parser import lark_parser
 
     lark_parser().parse(text)
+
+
+@settings(max_examples=4, deadline=None)
+@given(tiny_models(archs=("llama", "bert", "vit")))
+def test_tiny_models_build_and_run(loaded):
+    import torch
+
+    with torch.no_grad():
+        out = loaded.model(**loaded.example_inputs)
+    assert out is not None and loaded.arch in ("llama", "bert", "vit")
+
+
+def test_tiny_models_refuses_unknown_archs():
+    import pytest
+
+    from slimfx.testing import tiny_models
+
+    with pytest.raises(ValueError, match="unknown architectures"):
+        tiny_models(archs=("lama",))
