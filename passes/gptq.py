@@ -1,0 +1,173 @@
+"""GPTQ (Frantar et al., 2022) on one weight matrix, and the calibration statistics it needs.
+
+The precision pass records each target Linear's inputs into a `HessianAccumulator`, then calls
+`gptq(w, acc.H, fmt)` (or `runtime.formats.quantize_rtn`) and scores formats with `output_error`.
+Pure functions of tensors: nothing here knows about graphs.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..runtime.formats import (QuantFormat, QuantizedWeight, dequantize_codes, group_params, group_size,
+                               pack, quantize_codes)
+
+__all__ = ["HessianAccumulator", "hessian", "gptq", "output_error"]
+
+
+class HessianAccumulator:
+    """Running mean of x xᵀ over every row of every batch, in float64.
+
+    >>> acc = HessianAccumulator(); acc.add(torch.ones(2, 3, 4)); acc.count, acc.H.shape
+    (6, torch.Size([4, 4]))
+    """
+
+    def __init__(self):
+        self._H: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch [..., in]; every leading index is one row."""
+        if not x.is_floating_point():
+            raise ValueError(f"calibration inputs must be floating point, got {x.dtype}")
+        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if self._H is not None and rows.shape[1] != self._H.shape[0]:
+            raise ValueError(f"calibration input has {rows.shape[1]} features, earlier ones had "
+                             f"{self._H.shape[0]}; feed one Linear's inputs per accumulator")
+        n = rows.shape[0]
+        if n == 0:
+            return
+        if self._H is None:
+            self._H = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+        # Running mean rather than a sum, so long calibration runs keep H at the scale of one row.
+        self._H.mul_(self.count / (self.count + n)).add_(rows.T @ rows, alpha=1 / (self.count + n))
+        self.count += n
+
+    @property
+    def H(self) -> torch.Tensor:
+        if self._H is None:
+            raise ValueError("no calibration rows were added; run the model on calibration data first")
+        return self._H
+
+
+def hessian(xs: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """H = E[x xᵀ] (float64 [in, in]) over all rows of all batches, and the row count."""
+    acc = HessianAccumulator()
+    for x in xs:
+        acc.add(x)
+    return acc.H, acc.count
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((w - ŵ) H (w - ŵ)ᵀ) = E_x ‖(w - ŵ) x‖²: with H = E[x xᵀ], the squared output error
+    of one calibration row, summed over output features (divide by `out` for a per-feature MSE)."""
+    d = (w.double() - w_hat.double())
+    return float(((d @ H.double()) * d).sum())
+
+
+# ---- GPTQ ------------------------------------------------------------------------------------
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹ = Uᵀ U, in float32: row i of U holds
+    the error-propagation coefficients of column i onto the columns after it."""
+    H = H.double()
+    H = H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise ValueError(f"the calibration Hessian is not positive definite even with damp={damp}; "
+                         "increase damp or calibrate on more (or more varied) rows")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+
+
+def _prepare(w: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 copy of w and float64 copy of H, with dead inputs (never active in calibration)
+    zeroed in w and given a unit diagonal in H so the factorization exists."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"expected a 2-D floating-point weight, got {w.dtype} {tuple(w.shape)}")
+    if H.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"H is {tuple(H.shape)} but the weight has {w.shape[1]} inputs; "
+                         "accumulate H from this Linear's inputs")
+    if not bool(torch.isfinite(w).all()) or not bool(torch.isfinite(H).all()):
+        raise ValueError("weight or Hessian holds NaN or inf")
+    w, H = w.detach().float().clone(), H.detach().double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    w[:, dead] = 0
+    return w, H
+
+
+def _block_columns(block_size: int, group: int, static: bool) -> int:
+    """Block width. Without static groups a group's scale comes from its columns as updated so
+    far, so a group must sit inside one block: blocks are rounded to whole groups."""
+    if block_size <= 0:
+        raise ValueError(f"block_size={block_size} must be positive")
+    return block_size if static else max(1, block_size // group) * group
+
+
+def gptq(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: float = 0.01,
+         block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
+    """Quantize w [out, in] column by column, folding each column's rounding error into the columns
+    not yet quantized (weighted by the inverse Hessian) so the layer output moves least.
+
+    Scales: per-channel formats take them from the whole weight up front. Group formats take a
+    group's scale from its columns as updated when the group starts (GPTQ's default, the ragged
+    last group included). With `act_order` and groups, scales are fixed up front from the
+    original weight's contiguous groups ("static groups"), so the packed layout stays the plain
+    contiguous one and needs no per-column group index.
+    """
+    if not damp >= 0:  # also refuses NaN
+        raise ValueError(f"damp={damp} must be non-negative (a fraction of the mean Hessian diagonal)")
+    w, H = _prepare(w, H)
+    out, cols = w.shape
+    g = group_size(fmt, cols)
+    n = -(-cols // g)
+    scales = torch.zeros(out, n, device=w.device)
+    zeros = None if fmt.sym else torch.zeros(out, n, device=w.device)
+    static = act_order or g == cols  # per-channel (or one group) needs no re-fit along the way
+    if static:
+        for k in range(n):
+            _set_group_params(w[:, k * g:(k + 1) * g], fmt, k, scales, zeros)
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        w, H = w[:, perm], H[perm][:, perm]
+    group_of = (perm if perm is not None else torch.arange(cols, device=w.device)) // g
+    codes = _quantize_blocks(w, _inverse_cholesky(H, damp), fmt, group_of, scales, zeros,
+                             _block_columns(block_size, g, static), None if static else g)
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return QuantizedWeight(pack(codes, fmt.bits), scales.half(), None if zeros is None else zeros.half(),
+                           fmt, (out, cols))
+
+
+def _set_group_params(wg, fmt, k, scales, zeros) -> None:
+    """Set group k's scale (and zero point) from its columns `wg` [out, <= group]."""
+    s, z = group_params(wg, fmt)
+    scales[:, k] = s
+    if zeros is not None:
+        zeros[:, k] = z
+
+
+def _quantize_blocks(w, U, fmt, group_of, scales, zeros, block, dynamic_group) -> torch.Tensor:
+    """The blocked GPTQ loop over (possibly permuted) columns; returns uint8 codes [out, in] in
+    that column order. `dynamic_group` is the group size when scales are set as groups start."""
+    out, cols = w.shape
+    codes = torch.zeros(out, cols, dtype=torch.uint8, device=w.device)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        wb = w[:, i1:i2].clone()
+        err = torch.zeros_like(wb)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic_group is not None and j % dynamic_group == 0:
+                # Blocks hold whole groups, so wb has every update this group has seen.
+                _set_group_params(wb[:, i:i + dynamic_group], fmt, j // dynamic_group, scales, zeros)
+            k = int(group_of[j])
+            s, z = scales[:, k], None if zeros is None else zeros[:, k]
+            codes[:, j] = quantize_codes(wb[:, i], s, z, fmt)
+            e = (wb[:, i] - dequantize_codes(codes[:, j], s, z, fmt)) / U[j, j]
+            wb[:, i:] -= e.unsqueeze(1) * U[j, i1 + i:i2].unsqueeze(0)
+            err[:, i] = e
+        # Lazy batch update: the columns after this block see its errors in one matmul.
+        w[:, i2:] -= err @ U[i1:i2, i2:]
+    return codes

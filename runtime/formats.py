@@ -1,0 +1,261 @@
+"""Packed weight formats for the precision pass: group-wise int8 / int4 / int2 codes with fp16 scales.
+
+passes/precision.py quantizes a Linear weight into a `QuantizedWeight` (RTN here, GPTQ in
+passes/gptq.py); runtime/ops.py's `slimfx::quant_linear` reads the packed tensors back.
+
+Layout (what `dequantize` and the kernels agree on):
+- Groups run along the input dim: columns `[k*group, (k+1)*group)`; the last group may be shorter
+  (ragged: 576 inputs at group 128 is 4 groups of 128 and one of 64). `group=None` is one group
+  per output row (per channel).
+- Codes are stored unsigned, `u in [0, 2^bits - 1]`, and dequantize as `(u - zero) * scale`.
+  Symmetric: `zero = 2^(bits-1)` (implicit, `zeros is None`), signed codes -2^(bits-1)..2^(bits-1)-1
+  and `scale = max|w| / (2^(bits-1) - 1/2)`: the grid's ends sit within scale/2 of -max|w| and
+  +max|w|, so every code is used (int2 gets 4 levels, not the 3 of `max|w| / (2^(bits-1) - 1)`,
+  which halves its error) and the RTN bound below still holds.
+  Asymmetric: the group range is widened to include 0 (so a 0 weight is exact and the zero point
+  is a whole code in [0, 2^bits - 1]), `scale = (max - min) / (2^bits - 1)`,
+  `zero = round(-min / scale)`, stored as fp16 [out, n_groups] (whole numbers up to 255 are exact).
+- Scales are rounded *up* to fp16, so every weight lies within half a step of the grid and RTN
+  keeps |w - ŵ| <= scale / 2 with the stored scale. All-zero groups get scale 1 (ŵ = 0).
+- Packing: per row, `8 // bits` codes per byte, little-end first (code j of a byte sits in bits
+  [j*bits, (j+1)*bits)); each row is padded with zero codes to a whole byte.
+  `qweight` is uint8 [out, ceil(in * bits / 8)].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "QuantFormat", "QuantizedWeight", "from_rule", "pack", "unpack", "group_params", "quantize_codes",
+    "dequantize_codes", "quantize_rtn", "dequantize", "error_bound", "nbytes", "bits_per_weight",
+    "group_size", "n_groups",
+]
+
+BITS = (2, 4, 8)
+_FORMAT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+_DEFAULT_GROUP = {"int8": None, "int4": 64, "int2": 64}
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """`QuantFormat(4, 64, True)`: int4, 64 weights per group along the input dim, symmetric."""
+
+    bits: int
+    group: int | None = None
+    sym: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or self.bits not in BITS:
+            raise ValueError(f"bits={self.bits!r} is not supported; use one of {BITS}")
+        if self.group is not None and (isinstance(self.group, bool) or not isinstance(self.group, int)
+                                       or self.group <= 0):
+            raise ValueError(f"group={self.group!r} must be a positive integer, or None for per-channel")
+        if not isinstance(self.sym, bool):
+            raise ValueError(f"sym={self.sym!r} must be True or False")
+
+    @property
+    def qmax(self) -> int:
+        """Largest unsigned code."""
+        return (1 << self.bits) - 1
+
+
+def from_rule(fmt: str, group: int | None = None, sym: bool = True) -> QuantFormat:
+    """The format a policy names: `from_rule("int4")` is int4 group 64 symmetric; int8 defaults
+    to per-channel."""
+    if fmt not in _FORMAT_BITS:
+        raise ValueError(f"{fmt!r} is not a packed integer format; use one of {sorted(_FORMAT_BITS)}")
+    return QuantFormat(_FORMAT_BITS[fmt], _DEFAULT_GROUP[fmt] if group is None else group, sym)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A packed [out, in] weight: `qweight` uint8 codes, `scales` fp16 [out, n_groups],
+    `zeros` fp16 [out, n_groups] (asymmetric) or None (symmetric)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    fmt: QuantFormat
+    shape: tuple[int, int]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+
+def group_size(fmt: QuantFormat, in_features: int) -> int:
+    """Columns per group; per-channel is one group spanning the whole row."""
+    return in_features if fmt.group is None else min(fmt.group, in_features)
+
+
+def n_groups(fmt: QuantFormat, in_features: int) -> int:
+    return math.ceil(in_features / group_size(fmt, in_features))
+
+
+# ---- packing ---------------------------------------------------------------------------------
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"bits={bits!r} is not supported; use one of {BITS}")
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [out, in] (each < 2^bits) -> uint8 [out, ceil(in * bits / 8)].
+
+    >>> pack(torch.tensor([[1, 2, 3]], dtype=torch.uint8), 4)  # 0x21, then 0x03 padded
+    tensor([[33,  3]], dtype=torch.uint8)
+    """
+    _check_bits(bits)
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise ValueError(f"pack wants a 2-D uint8 tensor of codes, got {codes.dtype} {tuple(codes.shape)}")
+    if codes.numel() and int(codes.max()) >= 1 << bits:
+        raise ValueError(f"a code is {int(codes.max())}, which does not fit in {bits} bits")
+    per = 8 // bits
+    out, cols = codes.shape
+    padded = torch.nn.functional.pad(codes, (0, -cols % per))
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    # The shifted fields never overlap, so their sum is their bitwise or.
+    return (padded.view(out, -1, per) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of `pack`: uint8 [out, ceil(in * bits / 8)] -> uint8 codes [out, in_features]."""
+    _check_bits(bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"unpack wants a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[1] != math.ceil(in_features * bits / 8):
+        raise ValueError(f"{packed.shape[1]} bytes per row cannot hold {in_features} {bits}-bit codes; "
+                         f"expected {math.ceil(in_features * bits / 8)}")
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(packed.shape[0], -1)[:, :in_features]
+
+
+# ---- scales and codes ------------------------------------------------------------------------
+
+def _fp16_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """Round positive float32 scales up to the next fp16 value, returned as float32, so that
+    dividing by the stored scale never pushes a weight past the code range."""
+    if bool((scale > _FP16_MAX).any()):
+        raise ValueError(f"a weight group needs a scale above {_FP16_MAX} (fp16's largest); "
+                         "this weight is too large to quantize with fp16 scales")
+    half = scale.to(torch.float16)
+    low = half.float() < scale
+    half = torch.where(low, torch.nextafter(half, torch.full_like(half, math.inf)), half)
+    return half.float()
+
+
+def group_params(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point of each group, reducing over the last dim of `w`.
+
+    Returns float32 tensors shaped like `w` minus its last dim: the scale (exactly an fp16 value)
+    and, when asymmetric, the zero point (a whole code), else None.
+    """
+    w = w.float()
+    if fmt.sym:
+        scale = w.abs().amax(-1) / ((1 << (fmt.bits - 1)) - 0.5)  # see the module docstring
+        return _fp16_ceil(torch.where(scale > 0, scale, 1.0)), None
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # the range always holds 0
+    scale = _fp16_ceil(torch.where(hi > lo, (hi - lo) / fmt.qmax, 1.0))
+    zero = torch.round(-lo / scale).clamp(0, fmt.qmax)
+    return scale, zero
+
+
+def _zero_or_mid(zero: torch.Tensor | None, fmt: QuantFormat) -> torch.Tensor | float:
+    return float(1 << (fmt.bits - 1)) if zero is None else zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   fmt: QuantFormat) -> torch.Tensor:
+    """Unsigned uint8 codes of `w` given its (broadcastable) scale and zero point; clamps to the
+    code range (GPTQ's updated weights may leave the range their group started with)."""
+    q = torch.round(w.float() / scale) + _zero_or_mid(zero, fmt)
+    return q.clamp(0, fmt.qmax).to(torch.uint8)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                     fmt: QuantFormat) -> torch.Tensor:
+    """(codes - zero) * scale in float32; exact, since codes are small ints and scales fp16."""
+    return (codes.float() - _zero_or_mid(zero, fmt)) * scale
+
+
+# ---- round to nearest ------------------------------------------------------------------------
+
+def _check_weight(w: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got {getattr(w, 'shape', type(w))}")
+    if not w.is_floating_point():
+        raise ValueError(f"expected a floating-point weight, got {w.dtype}; dequantize it first")
+    if w.numel() == 0:
+        raise ValueError(f"weight of shape {tuple(w.shape)} is empty; nothing to quantize")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight holds NaN or inf; fix the model's weights before quantizing")
+
+
+def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
+    """[out, in] -> [out, n_groups, g], padding the ragged last group with zeros. Zeros never move
+    a group's scale: |0| <= max|w| and the asymmetric range holds 0 anyway."""
+    out, cols = w.shape
+    return torch.nn.functional.pad(w, (0, -cols % g)).view(out, -1, g)
+
+
+def _expand(t: torch.Tensor, g: int, in_features: int) -> torch.Tensor:
+    """Per-group [out, n_groups] -> per-column [out, in]."""
+    return t.repeat_interleave(g, dim=1)[:, :in_features]
+
+
+def _packed(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+            fmt: QuantFormat) -> QuantizedWeight:
+    zeros = None if zero is None else zero.to(torch.float16).contiguous()
+    return QuantizedWeight(pack(codes, fmt.bits), scale.to(torch.float16).contiguous(), zeros, fmt,
+                           tuple(codes.shape))
+
+
+def quantize_rtn(w: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
+    """Round-to-nearest, group by group.
+
+    >>> qw = quantize_rtn(torch.randn(8, 100), QuantFormat(4, 32, True))
+    >>> qw.qweight.shape, qw.scales.shape  # 100 = 3 groups of 32 + one of 4
+    (torch.Size([8, 50]), torch.Size([8, 4]))
+    """
+    _check_weight(w)
+    out, cols = w.shape
+    g = group_size(fmt, cols)
+    grouped = _grouped(w.float(), g)
+    scale, zero = group_params(grouped, fmt)
+    codes = quantize_codes(grouped, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), fmt)
+    return _packed(codes.view(out, -1)[:, :cols], scale, zero, fmt)
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    """float32 [out, in]."""
+    out, cols = qw.shape
+    g = group_size(qw.fmt, cols)
+    codes = unpack(qw.qweight, qw.fmt.bits, cols)
+    zero = None if qw.zeros is None else _expand(qw.zeros.float(), g, cols)
+    return dequantize_codes(codes, _expand(qw.scales.float(), g, cols), zero, qw.fmt)
+
+
+def error_bound(qw: QuantizedWeight) -> torch.Tensor:
+    """RTN's per-element bound |w - ŵ| <= scale / 2, as float32 [out, in]. (GPTQ trades this
+    bound for a smaller output error, so it may exceed it.)"""
+    return _expand(qw.scales.float(), group_size(qw.fmt, qw.in_features), qw.in_features) / 2
+
+
+def nbytes(qw: QuantizedWeight) -> int:
+    """Bytes of every stored tensor: codes, scales and zero points."""
+    tensors = [qw.qweight, qw.scales] + ([] if qw.zeros is None else [qw.zeros])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bits_per_weight(qw: QuantizedWeight) -> float:
+    """All-in storage cost: int4 group 64 is 4.25 symmetric, 4.5 asymmetric (fp16 scales/zeros)."""
+    return 8 * nbytes(qw) / (qw.out_features * qw.in_features)

@@ -1,0 +1,109 @@
+"""The custom ops the passes put into the graph, in namespace `slimfx` (torch.library).
+
+Each op has an eager reference implementation — which *is* its meaning; every generated kernel is
+tested against it — and a fake implementation so torch.export can trace, save and load graphs that
+call it. Importing this module registers the ops once (re-imports and reloads are no-ops).
+
+    y = torch.ops.slimfx.quant_linear(x, qweight, scales, zeros, bias, bits, group, in_features)
+
+is `F.linear(x, dequantize(...).to(x.dtype), bias)` for a weight packed as in runtime/formats.py;
+`group` is the group size (`in_features` for per-channel) and `zeros is None` means symmetric.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .formats import QuantFormat, QuantizedWeight, dequantize, group_size
+
+__all__ = ["quant_linear", "quant_linear_reference", "apply_quant_linear", "quant_linear_args"]
+
+_SCHEMA = ("(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
+           "int bits, int group, int in_features) -> Tensor")
+
+
+def _check(x, qweight, scales, zeros, bits, group, in_features) -> None:
+    """Shape and dtype checks shared by the eager and the fake implementation."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"slimfx::quant_linear: bits={bits} is not one of (2, 4, 8)")
+    if group <= 0 or in_features <= 0:
+        raise ValueError(f"slimfx::quant_linear: group={group} and in_features={in_features} "
+                         "must be positive")
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError(f"slimfx::quant_linear: qweight must be 2-D uint8, got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    if qweight.shape[1] != math.ceil(in_features * bits / 8):
+        raise ValueError(f"slimfx::quant_linear: qweight has {qweight.shape[1]} bytes per row; "
+                         f"{in_features} {bits}-bit codes need {math.ceil(in_features * bits / 8)}")
+    expected = (qweight.shape[0], math.ceil(in_features / group))
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is not None and tuple(t.shape) != expected:
+            raise ValueError(f"slimfx::quant_linear: {name} is {tuple(t.shape)}, expected {expected} "
+                             f"(out, ceil(in_features / group))")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"slimfx::quant_linear: input's last dim is {x.shape[-1]}, expected {in_features}")
+
+
+def _weight(qweight, scales, zeros, bits, group, in_features) -> torch.Tensor:
+    """float32 [out, in]: the packed weight, dequantized."""
+    fmt = QuantFormat(bits, group, zeros is None)
+    return dequantize(QuantizedWeight(qweight, scales, zeros, fmt, (qweight.shape[0], in_features)))
+
+
+def quant_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                           zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int,
+                           group: int, in_features: int) -> torch.Tensor:
+    """Eager meaning of `slimfx::quant_linear`: dequantize, then `F.linear` in x's dtype."""
+    _check(x, qweight, scales, zeros, bits, group, in_features)
+    w = _weight(qweight, scales, zeros, bits, group, in_features).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _fake(x, qweight, scales, zeros, bias, bits, group, in_features):
+    _check(x, qweight, scales, zeros, bits, group, in_features)
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+# Gradients flow to x and bias only (adapters train on a frozen quantized base, as in QLoRA).
+def _setup_context(ctx, inputs, output):
+    x, qweight, scales, zeros, bias, bits, group, in_features = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.args = (bits, group, in_features)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    qweight, scales, zeros = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ _weight(qweight, scales, zeros, *ctx.args).to(grad.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_bias, None, None, None
+
+
+def _register() -> None:
+    # hasattr answers False until the schema exists; a second import (a reload, or the checkout
+    # imported under another name) finds it and leaves the first registration in place.
+    if hasattr(torch.ops.slimfx, "quant_linear"):
+        return
+    op = torch.library.custom_op("slimfx::quant_linear", quant_linear_reference, mutates_args=(),
+                                 schema=_SCHEMA)
+    op.register_fake(_fake)
+    op.register_autograd(_backward, setup_context=_setup_context)
+
+
+_register()
+quant_linear = torch.ops.slimfx.quant_linear
+
+
+def quant_linear_args(qw: QuantizedWeight) -> tuple[int, int, int]:
+    """The op's int arguments for a packed weight: (bits, group, in_features)."""
+    return qw.fmt.bits, group_size(qw.fmt, qw.in_features), qw.in_features
+
+
+def apply_quant_linear(x: torch.Tensor, qw: QuantizedWeight,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Call the op on a `QuantizedWeight`: `apply_quant_linear(x, quantize_rtn(w, fmt), b)`."""
+    return quant_linear(x, qw.qweight, qw.scales, qw.zeros, bias, *quant_linear_args(qw))
