@@ -1,0 +1,632 @@
+"""Artifacts: `CompiledModel.save(dir)` and `slimfx.load(dir)`, the end of the pipeline.
+
+A saved model is three files: the weights as safetensors, the rewritten graph as torch.export's
+JSON schema (no weights), and meta.json (report, policy, inputs, output structure, module table,
+file hashes). load() never unpickles and never runs code stored in the artifact (_check_program).
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import inspect
+import json
+import keyword
+import math
+import operator
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..passes.graph import InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
+from .compiled import CompiledModel
+from .report import Report
+
+__all__ = ["save", "load", "ArtifactError", "FORMAT_VERSION", "FILES"]
+
+FORMAT = "slimfx-artifact"
+FORMAT_VERSION = 1
+META, PROGRAM, WEIGHTS = "meta.json", "program.json", "weights.safetensors"
+FILES = (META, PROGRAM, WEIGHTS)
+RESAVE = "re-save the model with cm.save(path)"
+
+
+class ArtifactError(ValueError):
+    """An artifact that load() refuses, or a model that save() cannot write. The message says
+    what is wrong and what to do; the cause, if any, is chained."""
+
+
+# ---- save --------------------------------------------------------------------------------------
+
+
+def save(cm: CompiledModel, path: str | os.PathLike) -> None:
+    """Write `cm` to the directory `path`, atomically: everything goes to a temporary directory
+    next to it, is fsynced, then renamed into place; an existing artifact there is replaced only
+    once the new one is complete, and a failed save leaves no partial directory behind."""
+    target = Path(path)
+    _check_target(target)
+    ep = _reexport(cm.graph)
+    program = _program_json(ep)
+    tensors, aliases = _weights(ep)
+    meta = _meta(cm, aliases)
+
+    def write(tmp: Path) -> None:
+        files = {PROGRAM: _write_bytes(tmp / PROGRAM, program)}
+        files[WEIGHTS] = _write_weights(tmp / WEIGHTS, tensors)
+        _write_bytes(tmp / META, _json_bytes({**meta, "files": files}, "meta.json"))
+
+    _write_atomic(target, write)
+
+
+def _check_target(target: Path) -> None:
+    if target.is_file():
+        raise ArtifactError(f"cannot save to {target}: it is a file; pass a directory path")
+    if target.is_dir() and any(target.iterdir()) and not (target / META).is_file():
+        raise ArtifactError(f"refusing to replace {target}: it is a non-empty directory that is "
+                            "not a slimfx artifact; choose a new path or empty it first")
+
+
+def _reexport(graph: ModelGraph):
+    """The rewritten GraphModule as an ExportedProgram, dynamic in the same batch/seq dims.
+    Example inputs are zeros at the traced sizes (the hints of the placeholders' symbols)."""
+    placeholders = [n for n in graph.module.graph.nodes if n.op == "placeholder"]
+    args = tuple(_zeros_like(p.meta["val"]) for p in placeholders)
+    dims = tuple({d: torch.export.Dim.AUTO for d in i.dims} or None for i in graph.inputs)
+    try:
+        with torch.no_grad():
+            return torch.export.export(graph.module, args, dynamic_shapes=dims, strict=False)
+    except Exception as e:  # export raises many types; the user needs one, with the cause
+        raise ArtifactError(f"cannot save {graph.model_class}: re-exporting the rewritten graph "
+                            f"failed with {type(e).__name__}: {_first_line(e)}; every op in the "
+                            "graph needs a fake (meta) implementation") from e
+
+
+def _zeros_like(val: torch.Tensor) -> torch.Tensor:
+    sizes = [s if isinstance(s, int) else int(s.node.hint or 2) for s in val.shape]
+    return torch.zeros(sizes, dtype=val.dtype, device=val.device)
+
+
+def _program_json(ep) -> bytes:
+    """The program as torch.export JSON, without the pickles serialize() would make of weights,
+    constants and example inputs, and without guard code or stack traces (_check_program)."""
+    from torch._export.serde.serialize import serialize
+
+    wanted = ("serialize_state_dict", "serialize_constants", "serialize_example_inputs")
+    accepted = inspect.signature(serialize).parameters  # older torch pickles them all anyway
+    doc = json.loads(serialize(ep, **{k: False for k in wanted if k in accepted}).exported_program)
+    doc["guards_code"] = []  # Python source ep.module() would exec; shape checks stay in ranges
+    _keep_metadata(doc)
+    return _json_bytes(doc, PROGRAM, indent=None)  # read by machines; meta.json by people
+
+
+def _weights(ep) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to store, alias name -> stored name): tied weights are stored once."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, t in {**ep.state_dict, **ep.constants}.items():
+        if not isinstance(t, torch.Tensor):
+            raise ArtifactError(f"cannot save constant {name!r} of type {type(t).__name__}: "
+                                "only tensors can be stored in safetensors")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+               t.stride(), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        ptr = t.untyped_storage().data_ptr()
+        # safetensors refuses tensors that share memory: copy partial views of one storage.
+        data = t.detach().cpu()
+        tensors[name] = data.clone() if ptr in storages and t.numel() else data.contiguous()
+        storages.add(ptr)
+    return tensors, aliases
+
+
+def _meta(cm: CompiledModel, aliases: dict[str, str]) -> dict[str, Any]:
+    from .. import __version__
+
+    g = cm.graph
+    try:
+        spec = json.loads(pytree.treespec_dumps(g.outputs.spec))
+    except Exception as e:  # a pytree node type registered without a serialized name
+        raise ArtifactError(f"cannot save the output structure of {g.model_class}: "
+                            f"{_first_line(e)}") from e
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "slimfx_version": __version__, "torch_version": torch.__version__,
+        "model_class": g.model_class,
+        "policy": {"name": cm.policy_name, "text": cm.policy_text},
+        "report": cm.report.to_dict(),
+        "inputs": [{"name": i.name, "dtype": str(i.dtype).removeprefix("torch."),
+                    "shape": list(i.shape), "dims": {str(d): r for d, r in i.dims.items()}}
+                   for i in g.inputs],
+        "outputs": {"spec": spec, "constants": list(g.outputs.constants)},
+        "modules": [asdict(m) for m in g.modules.values()],
+        "weights": {"aliases": aliases},  # tied names; the program's signature says the rest
+    }
+
+
+# ---- writing files -----------------------------------------------------------------------------
+
+
+def _json_bytes(doc: Any, what: str, indent: int | None = 1) -> bytes:
+    try:
+        return json.dumps(doc, indent=indent, ensure_ascii=False,
+                          separators=None if indent else (",", ":")).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"cannot write {what}: {e}; report figures and output constants "
+                            "must be plain JSON values (str, int, float, bool, None, list, dict)"
+                            ) from e
+
+
+def _write_bytes(path: Path, data: bytes) -> dict[str, Any]:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", "writer": "slimfx"})
+    except Exception as e:
+        raise ArtifactError(f"cannot write {WEIGHTS}: {_first_line(e)}") from e
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
+
+
+def _write_atomic(target: Path, write: Callable[[Path], None]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an artifact is an ordinary directory
+        write(tmp)
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """rename(2) cannot replace a non-empty directory: move the old one aside first, and back
+    if the new one cannot take its place."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rmdir(old)
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; its renames are durable enough
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+# ---- load --------------------------------------------------------------------------------------
+
+
+def load(path: str | os.PathLike) -> CompiledModel:
+    """The CompiledModel saved at `path`; its outputs are bit-identical to the saved one's.
+
+    Reads JSON and safetensors only (no pickle), checks every file against the SHA-256 in
+    meta.json, and checks the program before torch deserializes it (see _check_program).
+    Whatever goes wrong is an ArtifactError that says what to do."""
+    root = Path(path)
+    meta = _read_meta(root)
+    _check_files(root, meta)
+    try:
+        return _restore(root, meta)
+    except ArtifactError:
+        raise
+    except Exception as e:  # files that hash right but do not fit together: another version?
+        raise ArtifactError(
+            f"{root} cannot be restored ({type(e).__name__}: {_first_line(e)}); it was saved by "
+            f"slimfx {meta.get('slimfx_version', '?')} with torch {meta.get('torch_version', '?')}"
+            f", this is torch {torch.__version__}: load it there or {RESAVE}") from e
+
+
+def _restore(root: Path, meta: dict[str, Any]) -> CompiledModel:
+    _register_slimfx_ops()
+    doc = _read_json(root / PROGRAM)
+    _check_program(doc, [i["name"] for i in meta["inputs"]])
+    state, constants = _split_weights(doc, _read_weights(root / WEIGHTS), meta["weights"])
+    module = _rebuild_module(doc, state, constants)
+    graph = ModelGraph(module, _modules(meta), _inputs(meta, module), _outputs(meta),
+                       meta["model_class"])
+    policy = meta.get("policy") or {}
+    return CompiledModel(graph, report=Report.from_dict(meta["report"]),
+                         policy_text=policy.get("text") or "", policy_name=policy.get("name"))
+
+
+def _register_slimfx_ops() -> None:
+    """slimfx:: custom ops must be registered before the program's targets are resolved."""
+    name = f"{__package__}.ops"
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:  # ops.py exists but a dependency of it is missing: say so
+            raise
+
+
+def _read_meta(root: Path) -> dict[str, Any]:
+    if not root.is_dir():
+        raise ArtifactError(f"no artifact at {root}: not a directory (save one with cm.save(path))")
+    if not (root / META).is_file():
+        raise ArtifactError(f"{root} is not a slimfx artifact: it has no {META}; {RESAVE}")
+    meta = _read_json(root / META)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(f"{root / META} does not describe a slimfx artifact; {RESAVE}")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{root} has artifact format version {version!r}; this slimfx reads version "
+            f"{FORMAT_VERSION}: load it with the slimfx that wrote it "
+            f"({meta.get('slimfx_version', '?')}) or {RESAVE}")
+    missing = [k for k in ("files", "inputs", "outputs", "modules", "weights", "model_class")
+               if k not in meta]
+    if missing:
+        raise ArtifactError(f"{root / META} lacks {missing}: it is damaged; {RESAVE}")
+    return meta
+
+
+def _check_files(root: Path, meta: dict[str, Any]) -> None:
+    for name in (PROGRAM, WEIGHTS):
+        path, want = root / name, meta["files"].get(name) or {}
+        if not path.is_file():
+            raise ArtifactError(f"{root} is incomplete: {name} is missing (an interrupted copy?); "
+                                f"{RESAVE}")
+        size = path.stat().st_size
+        if size != want.get("bytes"):
+            raise ArtifactError(f"{path} is {size} bytes but meta.json records "
+                                f"{want.get('bytes')}: the file is truncated or was replaced; "
+                                f"{RESAVE}")
+        if _sha256(path) != want.get("sha256"):
+            raise ArtifactError(f"{path} does not match the SHA-256 recorded in meta.json: it was "
+                                f"changed or damaged after saving; {RESAVE}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); {RESAVE}") from e
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file  # a Rust parser: no pickle involved
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, or OSError for unreadable headers
+        raise ArtifactError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
+                            f"{RESAVE}") from e
+
+
+def _split_weights(doc, tensors, weights_meta) -> tuple[dict, dict]:
+    """(state dict, constants) as the program's signature names them, each tensor checked
+    against the shape and dtype the program expects; aliases share one tensor again."""
+    aliases = weights_meta.get("aliases", {})
+    known = {**tensors, **{a: tensors.get(t) for a, t in aliases.items()}}
+    expected = _expected_tensors(doc)
+    missing = sorted(n for n in expected if known.get(n) is None)
+    extra = sorted(set(known) - set(expected))
+    if missing or extra:
+        raise ArtifactError(f"{WEIGHTS} does not hold the program's tensors (missing "
+                            f"{missing[:5]}, unexpected {extra[:5]}); {RESAVE}")
+    state, constants, params = {}, {}, {}
+    for name, (kind, shape, dtype, grad) in expected.items():
+        t = known[name]
+        if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+            raise ArtifactError(f"tensor {name!r} in {WEIGHTS} is {t.dtype} {tuple(t.shape)} but "
+                                f"the program expects {dtype} {shape}; {RESAVE}")
+        if kind == "parameter":  # one Parameter per stored tensor keeps tied weights tied
+            t = params.setdefault(aliases.get(name, name), nn.Parameter(t, requires_grad=grad))
+        (state if kind in ("parameter", "buffer") else constants)[name] = t
+    return state, constants
+
+
+def _rebuild_module(doc, state, constants) -> torch.fx.GraphModule:
+    from torch._export.serde.serialize import SerializedArtifact, deserialize
+
+    # State and constants go in as dicts, example inputs as b"": torch.load is never reached.
+    ep = deserialize(SerializedArtifact(json.dumps(doc).encode("utf-8"), state, constants, b""))
+    gm = ep.module(check_guards=False) if _takes(ep.module, "check_guards") else ep.module()
+    for n in gm.graph.nodes:  # ops returning nothing come back without meta["val"]
+        if n.op == "call_function" and "val" not in n.meta and _returns_nothing(n.target):
+            n.meta["val"] = None
+    return gm
+
+
+def _takes(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def _returns_nothing(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and not target._schema.returns
+
+
+# ---- meta.json -> graph records -----------------------------------------------------------------
+
+
+def _modules(meta) -> dict[str, ModuleInfo]:
+    table = {}
+    for m in meta["modules"]:
+        params = tuple(ParamInfo(**{**p, "shape": tuple(p["shape"])}) for p in m["params"])
+        table[m["path"]] = ModuleInfo(m["path"], m["cls"], tuple(m["classes"]),
+                                      tuple(m["children"]), m["is_list"], params)
+    return table
+
+
+def _inputs(meta, module: torch.fx.GraphModule) -> tuple[InputInfo, ...]:
+    """Names and dim roles from meta.json; shapes from the loaded program, whose symbols the
+    graph's seq_dim() compares against."""
+    vals = [n.meta["val"] for n in module.graph.nodes if n.op == "placeholder"]
+    infos = []
+    for rec, val in zip(meta["inputs"], vals, strict=True):
+        if str(val.dtype).removeprefix("torch.") != rec["dtype"]:
+            raise ArtifactError(f"input {rec['name']!r} is {rec['dtype']} in meta.json but "
+                                f"{val.dtype} in the program; {RESAVE}")
+        shape = tuple(s if isinstance(s, int) else str(s) for s in val.shape)
+        infos.append(InputInfo(rec["name"], shape, val.dtype,
+                               {int(d): r for d, r in rec["dims"].items()}))
+    return tuple(infos)
+
+
+def _outputs(meta) -> OutputSpec:
+    out = meta["outputs"]
+    _import_output_types(out["spec"])
+    spec = pytree.treespec_loads(json.dumps(out["spec"]))
+    return OutputSpec(spec, tuple(out["constants"]))
+
+
+_TRANSFORMERS_CLASS = re.compile(r"transformers(\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def _import_output_types(spec: Any) -> None:
+    """Register the output's pytree node types before treespec_loads looks them up. The only
+    names ever imported: ModelOutput subclasses from the installed transformers."""
+    for name in _spec_types(spec):
+        if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            continue
+        if not _TRANSFORMERS_CLASS.fullmatch(name):
+            raise ArtifactError(f"the saved output type {name!r} is not a registered pytree "
+                                "type nor a transformers ModelOutput; slimfx imports no other "
+                                f"names from an artifact; {RESAVE}")
+        from transformers.utils import ModelOutput
+
+        module, _, cls_name = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError) as e:
+            raise ArtifactError(f"the saved output type {name} does not exist in the installed "
+                                f"transformers: install the version that saved it") from e
+        if not (isinstance(cls, type) and issubclass(cls, ModelOutput)):
+            raise ArtifactError(f"the saved output type {name} is not a ModelOutput; {RESAVE}")
+
+
+def _spec_types(node: Any):
+    if isinstance(node, list):  # [protocol, tree] at the top, children lists below
+        for child in node:
+            yield from _spec_types(child)
+    elif isinstance(node, dict):
+        if isinstance(node.get("type"), str):
+            yield node["type"]
+        yield from _spec_types(node.get("children_spec", []))
+
+
+# ---- program.json: what torch may deserialize ---------------------------------------------------
+# torch's deserializer trusts its input: it resolves call targets by getattr on `torch`, parses
+# symbolic sizes with sympy.sympify (an eval), exec()s `guards_code`, and fx pastes node and
+# parameter names into the Python source of forward(). So before it runs, every target must be
+# an operator, every expression plain arithmetic on size symbols, every name an identifier.
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_SYMBOL = re.compile(r"[a-z]+[0-9]+")  # s0, u3, zuf0: shape-env symbols
+# Sizes are sympy srepr text: `Mul(Integer(64), Symbol('s53', positive=True, integer=True))`.
+_SYMPY_NAMES = frozenset({
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs", "Mod",
+    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "Equality", "Unequality", "StrictLessThan",
+    "StrictGreaterThan", "LessThan", "GreaterThan", "And", "Or", "Not", "floor", "ceiling",
+    "oo", "zoo", "true", "false", "True", "False",
+    # the functions torch's deserializer puts in sympify's namespace
+    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt", "FloorToInt",
+    "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv",
+    "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt",
+    "RoundDecimal", "ToFloat", "Identity",
+})
+_SYMBOL_FLAGS = frozenset({"positive", "negative", "nonnegative", "integer", "real", "finite"})
+_EXPR_NODES = (ast.Expression, ast.expr_context, ast.BinOp, ast.UnaryOp, ast.Compare,
+               ast.BoolOp, ast.operator, ast.unaryop, ast.cmpop, ast.boolop)
+_OP_NAMESPACES = frozenset({"aten", "prims", "slimfx"})
+_KEPT_METADATA = ("nn_module_stack", "source_fn_stack", "torch_fn", "custom")
+_NAME_KEYS = ("name", "as_name")
+_PATH_KEYS = ("parameter_name", "buffer_name", "tensor_constant_name")
+
+
+def _check_program(doc: Any, input_names: list[str]) -> None:
+    """Refuse a program.json torch could be made to run code from (see the banner above)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("graph_module"), dict):
+        raise ArtifactError(f"{PROGRAM} is not a torch.export program; {RESAVE}")
+    _check_schema(doc)
+    problems: list[str] = []
+    if doc.get("guards_code"):
+        problems.append("it carries guard code (Python source)")
+    _keep_metadata(doc)
+    _walk(doc, None, problems)
+    root = (doc["graph_module"].get("module_call_graph") or [{}])[0].get("signature") or {}
+    if root.get("forward_arg_names") != input_names:
+        problems.append(f"its inputs {root.get('forward_arg_names')} are not meta.json's "
+                        f"{input_names}")
+    if problems:
+        raise ArtifactError(f"{PROGRAM} is refused: {'; '.join(problems[:5])}. slimfx never "
+                            f"runs code from an artifact; {RESAVE} from a trusted model")
+
+
+def _check_schema(doc: dict) -> None:
+    from torch._export.serde.serialize import SCHEMA_VERSION
+
+    major = (doc.get("schema_version") or {}).get("major")
+    if major != SCHEMA_VERSION[0]:
+        raise ArtifactError(
+            f"{PROGRAM} uses torch.export schema {major} (torch {doc.get('torch_version', '?')});"
+            f" torch {torch.__version__} reads schema {SCHEMA_VERSION[0]}: load it with the "
+            f"torch that saved it or {RESAVE} under this one")
+
+
+def _keep_metadata(doc: Any) -> None:
+    """Node metadata minus stack traces (local paths, and code comments in fx's source) and
+    provenance: only what the ModelGraph index and passes read."""
+    for node in _nodes(doc):
+        meta = node.get("metadata") or {}
+        node["metadata"] = {k: meta[k] for k in _KEPT_METADATA if isinstance(meta.get(k), str)}
+
+
+def _nodes(doc: Any):
+    """Every serialized fx node, nested subgraphs (higher-order ops) included."""
+    if isinstance(doc, dict):
+        if {"target", "inputs", "outputs"} <= doc.keys():
+            yield doc
+        for v in doc.values():
+            yield from _nodes(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _nodes(v)
+
+
+def _walk(doc: Any, key: str | None, problems: list[str]) -> None:
+    if isinstance(doc, dict):
+        if {"target", "inputs", "outputs"} <= doc.keys() and not _allowed_target(doc["target"]):
+            problems.append(_target_problem(str(doc["target"])[:80]))
+        if "custom_obj" in doc:
+            problems.append("it holds a script object, which only pickle could restore")
+        for k, v in doc.items():
+            _walk(v, k, problems)
+    elif isinstance(doc, list):
+        for v in doc:
+            _walk(v, "forward_arg_names" if key == "forward_arg_names" else None, problems)
+    elif isinstance(doc, str):
+        bad = ((key == "expr_str" and not _safe_expr(doc))
+               or (key in _NAME_KEYS + ("forward_arg_names",) and not _identifier(doc))
+               or (key in _PATH_KEYS and not _PATH.fullmatch(doc)))
+        if bad:
+            problems.append(f"{key} {doc[:80]!r} is not a plain name or size expression")
+
+
+def _identifier(s: str) -> bool:
+    return bool(_NAME.fullmatch(s)) and not keyword.iskeyword(s)
+
+
+def _safe_expr(expr: str) -> bool:
+    """Calls of sympy constructors and the functions above on literals, and arithmetic:
+    nothing sympify's eval could turn into an attribute access or an import."""
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        return False
+    return all(_safe_expr_node(n) for n in ast.walk(tree))
+
+
+def _safe_expr_node(n: ast.AST) -> bool:
+    if isinstance(n, ast.Call):
+        return isinstance(n.func, ast.Name) and n.func.id in _SYMPY_NAMES
+    if isinstance(n, ast.Name):
+        return n.id in _SYMPY_NAMES or bool(_SYMBOL.fullmatch(n.id))
+    if isinstance(n, ast.keyword):
+        return n.arg in _SYMBOL_FLAGS and isinstance(n.value, ast.Constant)
+    if isinstance(n, ast.Constant):  # a symbol's name, or a number
+        if isinstance(n.value, str):
+            return bool(_SYMBOL.fullmatch(n.value))
+        return isinstance(n.value, (bool, int, float))
+    return isinstance(n, _EXPR_NODES)
+
+
+def _allowed_target(target: Any) -> bool:
+    """An operator registered in this process (aten, prims, slimfx, higher-order) or one of
+    the symbolic-int ops; resolved as torch's deserializer would, never called."""
+    from torch._export.serde.serialize import _SYM_OPS  # private, but there since torch 2.1
+
+    if not isinstance(target, str):
+        return False
+    head, *rest = target.split(".")
+    if not rest or not all(_NAME.fullmatch(p) for p in rest):
+        return False
+    if head == "torch" and rest[0] != "ops" and not rest[0].lstrip("_").startswith("sym"):
+        return False  # e.g. torch.load: no attribute of torch but its ops and sym functions
+    obj = {"torch": torch, "_operator": operator, "math": math}.get(head)
+    for part in rest:
+        obj = getattr(obj, part, None)
+    if isinstance(obj, torch._ops.OpOverload):
+        return obj.namespace in _OP_NAMESPACES
+    return isinstance(obj, torch._ops.HigherOrderOperator) or any(obj is op for op in _SYM_OPS)
+
+
+def _target_problem(target: str) -> str:
+    if target.startswith("torch.ops.slimfx."):
+        return (f"operator {target!r} is not registered: the artifact needs a newer slimfx "
+                "(upgrade it)")
+    return f"node target {target!r} is not an allowed operator"
+
+
+def _expected_tensors(doc: dict) -> dict[str, tuple]:
+    """name -> (kind, shape, dtype or None, requires_grad) for every lifted tensor the program
+    reads; kind "parameter", "buffer" (persistent, in the state dict) or "constant"."""
+    from torch._export.serde import serialize as serde
+
+    dtypes = getattr(serde, "_SERIALIZE_TO_TORCH_DTYPE", {})  # private: skip the check without
+    values = doc["graph_module"]["graph"].get("tensor_values", {})
+    expected = {}
+    for spec in doc["graph_module"]["signature"]["input_specs"]:
+        (kind, body), = spec.items()
+        if kind == "buffer":
+            name, kind = body["buffer_name"], "buffer" if body.get("persistent") else "constant"
+        elif kind in ("parameter", "tensor_constant"):
+            name = body[f"{kind}_name"]
+            kind = "parameter" if kind == "parameter" else "constant"
+        else:
+            continue  # user inputs and effect tokens are not stored
+        meta = values.get(body["arg"]["name"], {})
+        shape = tuple(s.get("as_int") for s in meta.get("sizes", ()))
+        dtype, grad = dtypes.get(meta.get("dtype")), bool(meta.get("requires_grad"))
+        expected[name] = (kind, shape, dtype, grad)
+    return expected

@@ -1,0 +1,112 @@
+"""CompiledModel: what `slimfx.compile` returns and `slimfx.load` restores — the last stage.
+
+It wraps the rewritten ModelGraph as an nn.Module that is called like the original model and
+owns the graph's (possibly packed) weights, so `.parameters()` and `.state_dict()` show them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..passes.graph import ModelGraph
+from .report import Report
+
+__all__ = ["CompiledModel"]
+
+
+class CompiledModel(nn.Module):
+    """A compiled model: call it like the original, read `.report`, `.save(dir)` it.
+
+    >>> cm = CompiledModel(graph, report=Report(None, "LlamaForCausalLM"))   # doctest: +SKIP
+    >>> cm(input_ids=ids, attention_mask=mask).logits       # the model's own output class
+    >>> cm.save("out/llama-int4"); slimfx.load("out/llama-int4")(ids, mask)
+
+    The graph's GraphModule is the child `program`: its weights are this module's weights
+    (state-dict keys `program.<original name>`), and `.to(device)` moves them.
+    """
+
+    def __init__(self, graph: ModelGraph, *, report: Report, policy_text: str = "",
+                 policy_name: str | None = None):
+        super().__init__()
+        self.program = graph.module  # registered child: parameters/state_dict see its weights
+        self.graph = graph  # not a Module, so nn.Module keeps it as a plain attribute
+        self.report = report
+        self.policy_text = policy_text
+        self.policy_name = policy_name
+        self.train(False)
+
+    # ---- calling ----
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.graph.inputs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the graph on the original model's inputs; return the original output structure."""
+        flat = self._bind(args, kwargs)
+        return self.graph.restructure(tuple(self.program(*flat)))
+
+    def _bind(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        names = self.input_names
+        if len(args) > len(names):
+            raise TypeError(f"{self._what()} takes {len(names)} inputs {list(names)}; "
+                            f"{len(args)} were given by position")
+        bound = dict(zip(names, args))
+        twice = [n for n in kwargs if n in bound]
+        bound.update(kwargs)
+        missing = [n for n in names if n not in bound]
+        extra = [n for n in bound if n not in names]
+        if missing or extra or twice:
+            raise TypeError(
+                f"{self._what()} takes inputs {list(names)} (by position or name); "
+                + "; ".join(f"{label} {items}" for label, items in
+                            (("missing", missing), ("unexpected", extra),
+                             ("given twice", twice)) if items)
+                + ". The compiled graph was captured with exactly these tensor inputs: "
+                  "recompile with other example_inputs to change them")
+        return [bound[n] for n in names]
+
+    def _what(self) -> str:
+        return f"compiled {self.graph.model_class}"
+
+    def train(self, mode: bool = True) -> "CompiledModel":
+        """Set the flags only: the graph was traced in eval mode (no dropout) and stays so.
+        (An exported GraphModule refuses `.train()`; a training loop may still call it here.)"""
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    # ---- saving ----
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the artifact directory `path` atomically (see runtime/artifact.py)."""
+        from .artifact import save  # artifact imports this module: import it on use
+
+        save(self, path)
+
+    # ---- reading ----
+    def weight_bytes(self) -> int:
+        """Bytes of every distinct parameter, buffer and tensor constant (aliases once)."""
+        seen: dict[tuple, int] = {}
+        for t in _tensors(self.program):
+            seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = (
+                t.numel() * t.element_size())
+        return sum(seen.values())
+
+    def __repr__(self) -> str:
+        policy = self.policy_name or "(empty policy)"
+        return (f"CompiledModel({self.graph.model_class}, policy {policy}, "
+                f"inputs {list(self.input_names)}, {_mib(self.weight_bytes())} of weights)")
+
+
+def _tensors(module: nn.Module):
+    """Parameters, buffers and plain tensor attributes (constants an export left unlifted)."""
+    yield from module.parameters()
+    yield from module.buffers()
+    for mod in module.modules():
+        yield from (v for v in vars(mod).values() if isinstance(v, torch.Tensor))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"

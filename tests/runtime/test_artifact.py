@@ -1,0 +1,330 @@
+"""Artifacts: layout and meta.json, atomic save, refusal of damaged or tampered directories
+with a specific message each, no unpickling, no code from the artifact, and a real model."""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import slimfx.runtime.artifact as artifact
+from runtime_tiny import assert_identical, compiled
+from slimfx.runtime.artifact import FILES, FORMAT_VERSION, ArtifactError, load
+
+RESAVE = "re-save the model with cm.save(path)"
+
+
+@pytest.fixture
+def llama_dir(saved, tmp_path) -> Path:
+    """A private copy of the saved tiny Llama artifact, free to damage."""
+    return Path(shutil.copytree(saved("llama"), tmp_path / "llama"))
+
+
+def _rehash(path: Path) -> None:
+    """Make meta.json agree with the files again, as someone tampering on purpose would."""
+    meta = json.loads((path / "meta.json").read_text())
+    for name in meta["files"]:
+        data = (path / name).read_bytes()
+        meta["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def _edit_json(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _refused(path: Path, *words: str) -> str:
+    with pytest.raises(ArtifactError) as e:
+        load(path)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    return str(e.value)
+
+
+# ---- layout -----------------------------------------------------------------------------------
+
+
+def test_meta_json(saved):
+    meta = json.loads((saved("gpt2") / "meta.json").read_text())
+    assert meta["format"] == "slimfx-artifact" and meta["format_version"] == FORMAT_VERSION
+    assert meta["torch_version"] == torch.__version__ and meta["slimfx_version"]
+    assert meta["model_class"] == "GPT2LMHeadModel"
+    assert meta["policy"] == {"name": "tiny", "text": "policy tiny { keep embed }\n"}
+    assert meta["report"]["rules"][0]["text"] == "keep embed"
+    assert [i["name"] for i in meta["inputs"]] == ["input_ids", "attention_mask"]
+    assert meta["inputs"][0]["dims"] == {"0": "batch", "1": "seq"}
+    assert meta["outputs"]["spec"][1]["type"].startswith("transformers.")
+    assert meta["weights"]["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert set(meta["files"]) == set(FILES) - {"meta.json"}
+    for name, rec in meta["files"].items():
+        data = (saved("gpt2") / name).read_bytes()
+        assert rec == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def test_weights_file_holds_the_programs_tensors(saved):
+    cm = compiled("llama").cm
+    stored = load_file(saved("llama") / "weights.safetensors")
+    state = cm.program.state_dict()
+    # Parameters and persistent buffers by their state-dict names; non-persistent buffers
+    # (rotary inv_freq) are program constants and are stored too.
+    assert set(state) <= set(stored)
+    assert all(torch.equal(stored[k], v) for k, v in state.items())
+
+
+def test_program_json_has_no_pickles_or_stack_traces(saved):
+    text = (saved("llama") / "program.json").read_text()
+    doc = json.loads(text)
+    assert doc["guards_code"] == []
+    assert "stack_trace" not in text and "/site-packages/" not in text
+    assert "nn_module_stack" in text  # kept: the block index is built from it
+
+
+# ---- atomic save --------------------------------------------------------------------------------
+
+
+def _failing_weights(monkeypatch):
+    def fail(path, tensors):
+        path.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact, "_write_weights", fail)
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    _failing_weights(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        compiled("llama").cm.save(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_old_artifact(llama_dir, monkeypatch):
+    before = {p.name: p.read_bytes() for p in llama_dir.iterdir()}
+    _failing_weights(monkeypatch)
+    with pytest.raises(OSError):
+        compiled("llama").cm.save(llama_dir)
+    assert {p.name: p.read_bytes() for p in llama_dir.iterdir()} == before
+    assert [p.name for p in llama_dir.parent.iterdir()] == [llama_dir.name]
+    monkeypatch.undo()
+    x = compiled("llama").loaded.example_inputs
+    assert_identical(load(llama_dir)(**x), compiled("llama").cm(**x))
+
+
+def test_overwrite_replaces(llama_dir):
+    (llama_dir / "stale.txt").write_text("from an older save")
+    compiled("llama").cm.save(llama_dir)
+    assert sorted(p.name for p in llama_dir.iterdir()) == sorted(FILES)
+    assert [p.name for p in llama_dir.parent.iterdir()] == [llama_dir.name]
+
+
+def test_save_refuses_to_replace_other_directories(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(ArtifactError, match="not a slimfx artifact"):
+        compiled("llama").cm.save(tmp_path)
+    with pytest.raises(ArtifactError, match="is a file"):
+        compiled("llama").cm.save(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+# ---- damaged artifacts --------------------------------------------------------------------------
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_weight_byte(llama_dir):
+    _flip_byte(llama_dir / "weights.safetensors", -100)
+    _refused(llama_dir, "weights.safetensors does not match the SHA-256", RESAVE)
+
+
+def test_edited_program(llama_dir):
+    _flip_byte(llama_dir / "program.json", 1000)
+    _refused(llama_dir, "program.json does not match the SHA-256", RESAVE)
+
+
+def test_truncated_weights(llama_dir):
+    path = llama_dir / "weights.safetensors"
+    path.write_bytes(path.read_bytes()[:5000])
+    _refused(llama_dir, "weights.safetensors is 5000 bytes", "truncated", RESAVE)
+
+
+@pytest.mark.parametrize("name", ["program.json", "weights.safetensors"])
+def test_missing_file(llama_dir, name):
+    (llama_dir / name).unlink()
+    _refused(llama_dir, f"{name} is missing", "incomplete", RESAVE)
+
+
+def test_not_an_artifact(tmp_path, llama_dir):
+    _refused(tmp_path / "nowhere", "no artifact at", "not a directory")
+    (llama_dir / "meta.json").unlink()
+    _refused(llama_dir, "is not a slimfx artifact", "no meta.json")
+
+
+def test_bad_meta_json(llama_dir):
+    (llama_dir / "meta.json").write_text('{"format": "slimfx-artifact", ')
+    _refused(llama_dir, "meta.json is not valid JSON", RESAVE)
+
+
+def test_wrong_format_version(llama_dir):
+    _edit_json(llama_dir / "meta.json", lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    _refused(llama_dir, f"format version {FORMAT_VERSION + 1}", f"reads version {FORMAT_VERSION}")
+
+
+def test_damaged_safetensors_header(llama_dir):
+    path = llama_dir / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:16] = b"{garbage"  # the JSON header right after its 8-byte length
+    path.write_bytes(bytes(data))
+    _rehash(llama_dir)  # past the hash check: the parser itself must refuse
+    _refused(llama_dir, "weights.safetensors is not a readable safetensors file", RESAVE)
+
+
+def test_tensor_shape_mismatch(llama_dir):
+    path = llama_dir / "weights.safetensors"
+    tensors = load_file(path)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][:, :10].contiguous()
+    save_file(tensors, path)
+    _rehash(llama_dir)
+    _refused(llama_dir, "'lm_head.weight'", "(256, 10)", "program expects", "(256, 64)")
+
+
+def test_missing_tensor(llama_dir):
+    path = llama_dir / "weights.safetensors"
+    tensors = load_file(path)
+    del tensors["model.norm.weight"]
+    save_file(tensors, path)
+    _rehash(llama_dir)
+    _refused(llama_dir, "missing ['model.norm.weight']")
+
+
+# ---- no pickle, no code from the artifact -------------------------------------------------------
+
+
+def test_load_never_unpickles(saved, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("load() must not unpickle")
+
+    class Refuse:
+        def __init__(self, *args, **kwargs):
+            refuse()
+
+    for name in ("load", "loads"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(pickle, "Unpickler", Refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(torch.serialization, "load", refuse)
+    back = load(saved("bert"))
+    monkeypatch.undo()
+    x = compiled("bert").loaded.example_inputs
+    assert_identical(back(**x), compiled("bert").cm(**x))
+
+
+def _tamper_program(path: Path, edit) -> None:
+    _edit_json(path / "program.json", edit)
+    _rehash(path)
+
+
+def _nodes(doc):
+    return doc["graph_module"]["graph"]["nodes"]
+
+
+def test_refuses_guard_code(llama_dir):
+    _tamper_program(llama_dir, lambda d: d.update(guards_code=["__import__('os').getcwd()"]))
+    _refused(llama_dir, "program.json is refused", "guard code", "never runs code")
+
+
+def test_refuses_non_operator_targets(llama_dir):
+    def edit(doc):
+        _nodes(doc)[3]["target"] = "torch.load"
+        _nodes(doc)[4]["target"] = "torch.ops.load_library"
+    _tamper_program(llama_dir, edit)
+    _refused(llama_dir, "'torch.load' is not an allowed operator",
+             "'torch.ops.load_library' is not an allowed operator")
+
+
+def test_refuses_code_in_size_expressions(llama_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    payload = f"__import__('pathlib').Path({str(marker)!r}).touch() or 2"
+
+    def edit(doc):
+        values = doc["graph_module"]["graph"]["tensor_values"]
+        size = next(s for v in values.values() for s in v["sizes"] if "as_expr" in s)
+        size["as_expr"]["expr_str"] = payload
+    _tamper_program(llama_dir, edit)
+    _refused(llama_dir, "expr_str", "is not a plain name or size expression")
+    assert not marker.exists()
+
+
+def test_refuses_code_in_names(llama_dir):
+    def edit(doc):
+        node = _nodes(doc)[5]
+        node["outputs"][0]["as_tensor"]["name"] = "x = __import__('os')"
+        spec = doc["graph_module"]["signature"]["input_specs"][0]
+        spec["parameter"]["parameter_name"] = 'model.x"); import os; ("'
+    _tamper_program(llama_dir, edit)
+    _refused(llama_dir, "name \"x = __import__('os')\"", "parameter_name")
+
+
+def test_refuses_foreign_output_types(llama_dir):
+    def edit(meta):
+        meta["outputs"]["spec"][1]["type"] = "os.system"
+    _edit_json(llama_dir / "meta.json", edit)
+    _refused(llama_dir, "'os.system' is not a registered pytree type", "imports no other names")
+
+
+def test_refuses_renamed_inputs(llama_dir):
+    _edit_json(llama_dir / "meta.json", lambda m: m["inputs"][0].update(name="ids"))
+    _refused(llama_dir, "inputs ['input_ids', 'attention_mask'] are not meta.json's")
+
+
+# ---- a real model -------------------------------------------------------------------------------
+
+
+@pytest.mark.realmodel
+def test_minilm_round_trip(tmp_path):
+    from slimfx import models
+    from slimfx.passes.capture import capture
+    from slimfx.runtime.compiled import CompiledModel
+    from slimfx.runtime.report import Report
+
+    lm = models.load("minilm-l6")
+    graph = capture(lm.model, lm.example_inputs)
+    cm = CompiledModel(graph, report=Report(None, graph.model_class))
+    cm.save(tmp_path / "minilm")
+    back = load(tmp_path / "minilm")
+    for texts in (["one short sentence"], ["a", "batch of three", "sentences of other lengths"]):
+        x = lm.encode(texts)
+        assert_identical(back(**x), cm(**x), "minilm")
+    assert (tmp_path / "minilm" / "weights.safetensors").stat().st_size < 1.01 * cm.weight_bytes()
+
+
+# ---- files that hash right but do not fit -----------------------------------------------------
+
+
+def test_meta_without_required_keys(llama_dir):
+    _edit_json(llama_dir / "meta.json", lambda m: m.pop("modules"))
+    _refused(llama_dir, "lacks ['modules']", "damaged", RESAVE)
+
+
+def test_program_that_is_not_a_program(llama_dir):
+    _tamper_program(llama_dir, lambda d: d.pop("graph_module"))
+    _refused(llama_dir, "program.json is not a torch.export program", RESAVE)
+
+
+def test_other_schema_version(llama_dir):
+    _tamper_program(llama_dir, lambda d: d["schema_version"].update(major=1))
+    _refused(llama_dir, "torch.export schema 1", "load it with the torch that saved it")
+
+
+def test_inconsistent_meta_is_an_artifact_error(llama_dir):
+    _edit_json(llama_dir / "meta.json", lambda m: m["modules"][0].pop("children"))
+    _refused(llama_dir, "cannot be restored (KeyError", "saved by slimfx", RESAVE)

@@ -1,0 +1,81 @@
+"""CompiledModel: called like the original model, owning the graph's weights, with clear errors
+for wrong inputs. Bit-identity with the original, per architecture, is in test_every_arch.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime_tiny import assert_identical, compiled
+from slimfx.runtime.compiled import CompiledModel
+from slimfx.runtime.report import Report
+
+
+def test_positional_and_keyword_calls_agree():
+    case = compiled("llama")
+    x = case.loaded.example_inputs
+    assert_identical(case.cm(x["input_ids"], x["attention_mask"]), case.cm(**x))
+    assert_identical(case.cm(x["input_ids"], attention_mask=x["attention_mask"]), case.cm(**x))
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda cm, x: cm(input_ids=x["input_ids"]), ["missing ['attention_mask']"]),
+    (lambda cm, x: cm(**x, labels=x["input_ids"]), ["unexpected ['labels']"]),
+    (lambda cm, x: cm(x["input_ids"], input_ids=x["input_ids"], attention_mask=x["attention_mask"]),
+     ["given twice ['input_ids']"]),
+    (lambda cm, x: cm(*x.values(), x["input_ids"]), ["takes 2 inputs", "3 were given"]),
+])
+def test_wrong_inputs_name_the_expected_ones(call, words):
+    case = compiled("llama")
+    with pytest.raises(TypeError) as e:
+        call(case.cm, case.loaded.example_inputs)
+    message = str(e.value)
+    assert "['input_ids', 'attention_mask']" in message
+    for w in words:
+        assert w in message
+
+
+def test_weights_are_the_graphs():
+    """parameters()/state_dict() are the graph module's own tensors, under `program.`."""
+    cm = compiled("gpt2").cm
+    gm = cm.graph.module
+    assert cm.program is gm
+    assert [id(p) for p in cm.parameters()] == [id(p) for p in gm.parameters()]
+    keys = list(cm.state_dict())
+    assert keys == [f"program.{k}" for k in gm.state_dict()]
+    assert "program.transformer.wte.weight" in keys
+    # Tied weights (lm_head = wte) count once in the byte total.
+    distinct = {p.data_ptr(): p.numel() * p.element_size() for p in gm.parameters()}
+    assert cm.weight_bytes() == sum(distinct.values())
+
+
+def test_attributes_and_modes():
+    cm = compiled("bert").cm
+    assert cm.report.policy == "tiny" and cm.policy_name == "tiny"
+    assert cm.policy_text.startswith("policy tiny")
+    assert cm.input_names == tuple(i.name for i in cm.graph.inputs)
+    assert not cm.training
+    assert cm.train() is cm and cm.training and cm.program.training
+    cm.eval()
+    assert not cm.training and not cm.program.training
+    text = repr(cm)
+    assert text.startswith("CompiledModel(BertModel, policy tiny") and "\n" not in text
+
+
+def test_defaults():
+    graph = compiled("vit").cm.graph
+    cm = CompiledModel(graph, report=Report(None, graph.model_class))
+    assert cm.policy_text == "" and cm.policy_name is None
+    assert "(empty policy)" in repr(cm)
+    x = compiled("vit").loaded.example_inputs
+    assert_identical(cm(**x), compiled("vit").cm(**x))
+
+
+def test_grad_flows_through_graph_weights():
+    """Trainable weights stay trainable: a later adapter pass trains through the graph."""
+    case = compiled("llama")
+    out = case.cm(**case.loaded.example_inputs)
+    out.logits.sum().backward()
+    grads = [p.grad for p in case.cm.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    case.cm.zero_grad(set_to_none=True)
+    assert torch.is_grad_enabled()

@@ -1,0 +1,114 @@
+"""compile() / plan(): policy resolution, the empty policy is the identity on every architecture,
+the user's model is never touched, and unimplemented rules are refused, never skipped."""
+import pytest
+import torch
+
+import slimfx
+from slimfx import SpecError
+from slimfx.models import TINY_ARCHS, tiny
+from slimfx.passes.capture import clear_cache
+
+SPEC = "policy p {\n    quantize blocks.*.** : Linear int4\n}\n"
+
+
+def state_bytes(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_output(a, b):
+    assert type(a) is type(b)
+    leaves_a, leaves_b = _leaves(a), _leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        assert torch.equal(x, y)
+
+
+def _leaves(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = out.values() if hasattr(out, "values") else out
+    return [t for v in values for t in _leaves(v)] if not isinstance(out, torch.Tensor) else [out]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_empty_policy_is_bit_identical_and_leaves_the_model_alone(arch):
+    loaded = tiny(arch)
+    before = state_bytes(loaded.model)
+    cm = slimfx.compile(loaded.model, "", example_inputs=loaded.example_inputs)
+    with torch.no_grad():
+        assert_same_output(cm(**loaded.example_inputs), loaded.model(**loaded.example_inputs))
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert cm.report.rules == () and cm.report.policy is None
+    for p in cm.parameters():  # no storage shared with the user's model
+        assert all(p.data_ptr() != q.data_ptr() for q in loaded.model.parameters())
+
+
+def test_loaded_model_carries_its_inputs_and_calls_match_positionally():
+    loaded = tiny("llama")
+    cm = slimfx.compile(loaded, "")
+    ids, mask = loaded.example_inputs["input_ids"], loaded.example_inputs["attention_mask"]
+    with torch.no_grad():
+        assert torch.equal(cm(ids, mask).logits, cm(input_ids=ids, attention_mask=mask).logits)
+    with pytest.raises(TypeError, match="missing \\['attention_mask'\\]"):
+        cm(input_ids=ids)
+
+
+def test_policy_as_path_text_spec_and_policy(tmp_path):
+    loaded = tiny("llama")
+    f = tmp_path / "p.slim"
+    f.write_text(SPEC)
+    spec = slimfx.parse(SPEC)
+    for policy in (str(f), f, SPEC, spec, spec.policy("p")):
+        plan = slimfx.plan(loaded, policy)
+        assert plan.policy.name == "p" and len(plan.rules[0].targets) == 14
+
+
+def test_missing_policy_file_and_several_policies_need_a_name(tmp_path):
+    loaded = tiny("llama")
+    with pytest.raises(SpecError, match="no policy file"):
+        slimfx.plan(loaded, str(tmp_path / "nope.slim"))
+    two = "policy a {\n keep head\n}\npolicy b {\n keep embed\n}\n"
+    with pytest.raises(SpecError, match="holds 2 policies"):
+        slimfx.plan(loaded, two)
+    assert slimfx.plan(loaded, two, name="b").policy.name == "b"
+
+
+def test_unimplemented_rules_stop_compile_with_what_to_do():
+    loaded = tiny("llama")
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(loaded, SPEC)
+    assert e.value.kind == "unsupported" and e.value.line == 2
+    assert "not implemented" in e.value.message and "slimfx plan" in e.value.hint
+
+
+def test_keep_only_policy_compiles_and_reports():
+    loaded = tiny("llama")
+    cm = slimfx.compile(loaded, "policy p {\n    keep head\n}\n")
+    assert [r.kind for r in cm.report.rules] == ["keep"]
+    assert cm.report.rules[0].targets == ("lm_head",)
+    assert "keep head" in str(cm.report)
+
+
+def test_example_inputs_are_required_for_a_plain_module():
+    with pytest.raises(TypeError, match="example_inputs"):
+        slimfx.compile(tiny("llama").model, "")
+
+
+def test_bad_backend_and_triton_not_yet():
+    loaded = tiny("llama")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        slimfx.compile(loaded, "", backend="cuda")
+    with pytest.raises(NotImplementedError, match="Triton backend is not implemented yet"):
+        slimfx.compile(loaded, "", backend="triton")
+
+
+def test_second_compile_of_the_same_model_reuses_the_capture():
+    from slimfx.passes.capture import cache_info
+
+    clear_cache()
+    loaded = tiny("gpt2")
+    slimfx.compile(loaded, "")
+    slimfx.compile(loaded, "")
+    info = cache_info()
+    assert info["hits"] >= 1 and info["misses"] == 1
