@@ -92,3 +92,14 @@ def test_plan_errors_are_messages_not_tracebacks(tmp_path, capsys):
 def test_eval_of_a_tiny_model_prints_perplexity(capsys):
     assert main(["eval", "--model", "tiny:llama", "--max-tokens", "64"]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_compile_saves_an_artifact_that_eval_compares_side_by_side(tmp_path, capsys):
+    spec = write(tmp_path, "policy p {\n    keep head\n}\n")
+    out = tmp_path / "artifact"
+    assert main(["compile", str(spec), "--model", "tiny:llama", "--out", str(out)]) == 0
+    assert "slimfx compile: policy p" in capsys.readouterr().out
+    assert (out / "meta.json").exists()
+    assert main(["eval", "--model", "tiny:llama", "--compiled", str(out), "--max-tokens", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "compiled / original" in text and "×1.000" in text  # keep-only: same perplexity
