@@ -23,6 +23,7 @@ def plan(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *, example_i
     """Bind every rule to its targets without touching a weight. Returns a Plan (`slimfx plan`)."""
     from .passes.bind import bind
 
+    _register_passes()
     policy_ast, spec = resolve_policy(policy, name)
     graph = _capture(model, example_inputs)
     return bind(graph, policy_ast, source=spec.source, filename=spec.filename)
@@ -41,6 +42,7 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     from .runtime.compiled import CompiledModel
 
     _check_backend(backend)
+    _register_passes()
     policy_ast, spec = resolve_policy(policy, name)
     graph = _capture(model, example_inputs)
     bound = bind(graph, policy_ast, source=spec.source, filename=spec.filename)
@@ -87,6 +89,11 @@ def _read_spec(policy) -> A.Spec:
     return parse(policy)
 
 
+def _register_passes() -> None:
+    """Import every pass module so it registers itself (kept out of `import slimfx`)."""
+    from .passes import precision  # noqa: F401  quantize, precision … budget
+
+
 def _capture(model, example_inputs):
     from .passes.capture import capture
 
@@ -106,10 +113,15 @@ def _unwrap(model, example_inputs):
     return model, example_inputs
 
 
+CALIB_BATCHES, CALIB_BATCH_SIZE, CALIB_TOKENS = 8, 4, 128
+
+
 def _calibration(model, calib) -> list[dict[str, Any]]:
-    """Calibration batches: given ones, or none. Passes that need them say so."""
+    """Calibration batches: the given ones; for a slimfx.models model with a tokenizer, paragraphs
+    from the end of the default text (perplexity scores its start); otherwise none, and a pass
+    that needs them (GPTQ, the budget solver) says so."""
     if calib is None:
-        return []
+        return _default_calibration(model)
     if isinstance(calib, Mapping):
         return [dict(calib)]
     batches = list(calib)
@@ -120,6 +132,18 @@ def _calibration(model, calib) -> list[dict[str, Any]]:
                             "tokenizer); otherwise pass token batches: [{'input_ids': ...}, ...]")
         return [encode(batches)]
     return [dict(b) for b in batches]
+
+
+def _default_calibration(model) -> list[dict[str, Any]]:
+    if getattr(model, "tokenizer", None) is None or not hasattr(model, "encode"):
+        return []
+    from .evaluation import default_text
+
+    paragraphs = [p for p in default_text().split("\n\n") if len(p.split()) > 20]
+    wanted = CALIB_BATCHES * CALIB_BATCH_SIZE
+    texts = paragraphs[-wanted:]
+    return [model.encode(texts[i:i + CALIB_BATCH_SIZE], max_length=CALIB_TOKENS)
+            for i in range(0, len(texts), CALIB_BATCH_SIZE)]
 
 
 def _check_backend(backend: str) -> None:

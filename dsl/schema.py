@@ -112,7 +112,7 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
     ),
     "quantize": _specs(_GROUP, _SYM, _METHOD_Q, _DAMP, _ACT_ORDER),
     "choice": _specs(_GROUP, _SYM),
-    "precision": _specs(_METHOD_Q, _DAMP),
+    "precision": _specs(_METHOD_Q, _DAMP, _ACT_ORDER),
     "tokens.prune": _specs(
         ParamSpec("keep", float, 0.5, "fraction of tokens kept", _fraction_half_open, "a number in (0, 1]"),
         ParamSpec("score", str, "attention", "how tokens are ranked", choices=("attention", "norm")),

@@ -77,8 +77,8 @@ def test_missing_policy_file_and_several_policies_need_a_name(tmp_path):
 def test_unimplemented_rules_stop_compile_with_what_to_do():
     loaded = tiny("llama")
     with pytest.raises(SpecError) as e:
-        slimfx.compile(loaded, SPEC)
-    assert e.value.kind == "unsupported" and e.value.line == 2
+        slimfx.compile(loaded, "policy p {\n    adapt blocks.*.attn.q lora\n}\n")
+    assert e.value.kind == "unsupported" and e.value.line == 2 and "`adapt`" in e.value.message
     assert "not implemented" in e.value.message and "slimfx plan" in e.value.hint
 
 
