@@ -29,8 +29,8 @@ ROWS = {  # name -> rule (None: the fp32 model itself)
     "int4 g64 RTN asym": f"quantize {LINEARS} int4 group=64 sym=false",
     "int4 g64 GPTQ": f"quantize {LINEARS} int4 group=64 method=gptq act_order=true",
     "int4 g32 GPTQ": f"quantize {LINEARS} int4 group=32 method=gptq act_order=true",
-    "budget avg_bits<=4.5": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=4.5 by output_mse method=gptq",
-    "budget avg_bits<=5.0": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=5.0 by output_mse method=gptq",
+    "budget avg_bits<=4.5": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=4.5 by output_mse method=gptq act_order=true",
+    "budget avg_bits<=5.0": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=5.0 by output_mse method=gptq act_order=true",
 }
 MINILM_ROWS = {"int8": f"quantize {LINEARS} int8", "int4 g32": f"quantize {LINEARS} int4 group=32"}
 SENTENCES = ["The cat sits on the mat.", "Quantization shrinks neural network weights.",
