@@ -195,13 +195,9 @@ def _paths_of(found: Target | Block, graph: ModelGraph) -> set[str]:
 
 def graph_bytes(graph: ModelGraph) -> int:
     """Bytes of the graph's parameters and buffers, each storage counted once (tied weights)."""
-    seen, total = set(), 0
-    for t in [*graph.module.parameters(), *graph.module.buffers()]:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()) if t.device.type != "meta" else id(t)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    from ..evaluation import param_bytes  # the one byte counter; evaluation also measures models
+
+    return param_bytes(graph.module)
 
 
 def graph_params(graph: ModelGraph) -> int:
