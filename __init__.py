@@ -4,7 +4,11 @@ A policy file says how a model is compressed; `slimfx.compile(model, policy)` ap
 Only the language is imported eagerly: `slimfx check` and `slimfx fmt` never import torch;
 compile, plan, load and CompiledModel load torch on first use.
 """
-from .dsl import Policy, Spec, SpecError, format_spec, parse, parse_file
+# pytest imports the repository root's __init__.py while collecting tests/ (the root is a
+# package); from a checkout folder whose name is not an identifier (`tmp.x1y2`) it has no parent
+# package, and the relative import would fail every test. Imported as `slimfx`, it always has one.
+if __package__:
+    from .dsl import Policy, Spec, SpecError, format_spec, parse, parse_file
 
 __version__ = "0.1.0"
 __all__ = ["compile", "plan", "load", "parse", "parse_file", "format_spec", "SpecError", "Spec", "Policy",
