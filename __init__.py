@@ -9,8 +9,7 @@ compile, plan, load and CompiledModel load torch on first use.
 # package, and the relative import would fail every test. Imported as `slimfx`, it always has one.
 if __package__:
     from .dsl import Policy, Spec, SpecError, format_spec, parse, parse_file
-
-__version__ = "0.1.0"
+    from .runtime.version import __version__
 __all__ = ["compile", "plan", "load", "parse", "parse_file", "format_spec", "SpecError", "Spec", "Policy",
            "CompiledModel", "__version__"]
 

@@ -23,7 +23,6 @@ def plan(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *, example_i
     """Bind every rule to its targets without touching a weight. Returns a Plan (`slimfx plan`)."""
     from .passes.bind import bind
 
-    _register_passes()
     policy_ast, spec = resolve_policy(policy, name)
     graph = _capture(model, example_inputs)
     return bind(graph, policy_ast, source=spec.source, filename=spec.filename)
@@ -40,13 +39,14 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     from .passes.bind import bind
     from .passes.pipeline import Context, run_pipeline
     from .runtime.compiled import CompiledModel
+    from .runtime.progress import Progress
 
     _check_backend(backend)
-    _register_passes()
     policy_ast, spec = resolve_policy(policy, name)
     graph = _capture(model, example_inputs)
     bound = bind(graph, policy_ast, source=spec.source, filename=spec.filename)
-    ctx = Context(calib=_calibration(model, calib), source=spec.source, filename=spec.filename, progress=progress)
+    ctx = Context(calib=_calibration(model, calib), source=spec.source, filename=spec.filename,
+                  progress=Progress.for_terminal(progress))
     report = run_pipeline(graph, bound, ctx)
     return CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
                          policy_name=policy_ast.name if policy_ast else None)
@@ -87,11 +87,6 @@ def _read_spec(policy) -> A.Spec:
                                hint="pass an existing .slim path, or the policy text itself")
         return parse_file(policy)
     return parse(policy)
-
-
-def _register_passes() -> None:
-    """Import every pass module so it registers itself (kept out of `import slimfx`)."""
-    from .passes import precision  # noqa: F401  quantize, precision … budget
 
 
 def _capture(model, example_inputs):

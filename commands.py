@@ -65,7 +65,7 @@ def _load_model(name: str):
 
 def _plan(args) -> int:
     from . import api
-    from .passes.plan_table import plan_table
+    from .plan_table import plan_table
 
     loaded = _load_model(args.model)
     plan = api.plan(loaded, args.spec, name=args.policy)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .runtime.sizes import param_bytes
+
 __all__ = [
     "default_text", "perplexity", "embed", "embedding_cosine", "param_bytes", "latency_ms",
     "eval_rows", "eval_table",
@@ -162,31 +164,6 @@ def embedding_cosine(model_a: Callable, model_b: Callable, tokenizer: Any,
 
 
 # ---------------------------------------------------------------- cost
-
-def param_bytes(module: nn.Module) -> int:
-    """Bytes held by parameters and buffers; tensors sharing storage (tied weights) count once."""
-    seen: set[Any] = set()
-    total = 0
-    tensors = list(module.parameters()) + list(module.buffers())
-    for t in tensors:
-        key, size = _storage_key(t)
-        if key not in seen:
-            seen.add(key)
-            total += size
-    return total
-
-
-def _storage_key(t: torch.Tensor) -> tuple[Any, int]:
-    nbytes = t.numel() * t.element_size()
-    if t.device.type == "meta" or nbytes == 0:
-        return ("id", id(t)), nbytes
-    try:
-        storage = t.untyped_storage()
-        return ("ptr", t.device.type, storage.data_ptr()), storage.nbytes()
-    except (RuntimeError, NotImplementedError, TypeError):
-        # Tensor subclasses (packed formats) may have no plain storage; count their own size.
-        return ("id", id(t)), nbytes
-
 
 def latency_ms(model: Callable, inputs: Any, *, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time of one call in milliseconds, under torch.inference_mode.

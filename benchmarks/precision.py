@@ -16,7 +16,7 @@ import time
 import torch
 
 import slimfx
-import slimfx.passes.precision  # noqa: F401  (registers the pass until api.py imports it)
+
 from slimfx.evaluation import default_text, embedding_cosine, param_bytes, perplexity
 from slimfx.models import load
 

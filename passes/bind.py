@@ -195,7 +195,7 @@ def _paths_of(found: Target | Block, graph: ModelGraph) -> set[str]:
 
 def graph_bytes(graph: ModelGraph) -> int:
     """Bytes of the graph's parameters and buffers, each storage counted once (tied weights)."""
-    from ..evaluation import param_bytes  # the one byte counter; evaluation also measures models
+    from ..runtime.sizes import param_bytes
 
     return param_bytes(graph.module)
 

@@ -1,48 +1,44 @@
-"""Calibration statistics for the precision pass: H = E[x xᵀ] of each target linear's input.
+"""Calibration: run the graph (as earlier passes left it) on `ctx.calib` and hand chosen
+intermediate values to the passes that asked for them.
 
-The graph (as earlier passes left it) runs on `ctx.calib` under an fx Interpreter that hands the
-input of every watched linear site to a `HessianAccumulator`. Targets that read the same value
-(q/k/v, gate/up) share one accumulator. Padding positions (attention_mask == 0) are left out.
+A pass names the fx nodes it wants to observe and a callback for each; `observe` runs an fx
+Interpreter over every batch and calls each callback with the node's value flattened to rows
+[tokens, features], padding positions (attention_mask == 0) left out. The precision pass builds
+its GPTQ Hessians this way; collapse and heal read residual streams the same way.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import fx
 
-from .gptq import HessianAccumulator
+from ..runtime.progress import Progress
 from .graph import ModelGraph
-from .quant_rewrite import LinearSite
 
-__all__ = ["collect_hessians"]
+__all__ = ["observe", "Observer"]
+
+Observer = Callable[[torch.Tensor], None]
 
 
-def collect_hessians(graph: ModelGraph, sites: dict[str, list[LinearSite]],
-                     batches: list[dict[str, Any]]) -> dict[str, HessianAccumulator]:
-    """path -> accumulator of its linear's inputs over every calibration batch.
+def observe(graph: ModelGraph, watch: dict[fx.Node, list[Observer]], batches: list[dict[str, Any]],
+            progress: Progress | None = None, description: str = "calibrating") -> None:
+    """Run every batch through the graph; call `watch[node]`'s observers with node's rows.
 
-    >>> acc = collect_hessians(graph, {"model.layers.0.mlp.up_proj": sites}, [batch])  # doctest: +SKIP
-    >>> acc["model.layers.0.mlp.up_proj"].H.shape
-    torch.Size([64, 64])
+    >>> rows = []
+    >>> observe(graph, {site.x: [rows.append]}, [batch])               # doctest: +SKIP
+    >>> rows[0].shape          # [real tokens of the batch, in_features]
+    torch.Size([37, 64])
     """
-    by_input: dict[fx.Node, HessianAccumulator] = {}
-    watched: dict[fx.Node, HessianAccumulator] = {}
-    out = {}
-    for path, path_sites in sites.items():
-        for site in path_sites:
-            acc = by_input.setdefault(site.x, out.get(path) or HessianAccumulator())
-            out.setdefault(path, acc)
-            watched[site.node] = acc
     names = [i.name for i in graph.inputs]
-    for i, batch in enumerate(batches):
-        missing = [n for n in names if n not in batch]
-        if missing:
-            raise ValueError(f"calibration batch {i} lacks inputs {missing}; the graph takes {names}")
-        keep = _kept_rows(batch)
-        with torch.no_grad():
-            _Recorder(graph.module, watched, keep).run(*(batch[n] for n in names))
-    return out
+    with (progress or Progress()).task(f"{description} ({len(batches)} batches)", total=len(batches)) as step:
+        for i, batch in enumerate(batches):
+            missing = [n for n in names if n not in batch]
+            if missing:
+                raise ValueError(f"calibration batch {i} lacks inputs {missing}; the graph takes {names}")
+            with torch.no_grad():
+                _Recorder(graph.module, watch, _kept_rows(batch)).run(*(batch[n] for n in names))
+            step()
 
 
 def _kept_rows(batch: dict[str, Any]) -> torch.Tensor | None:
@@ -54,25 +50,19 @@ def _kept_rows(batch: dict[str, Any]) -> torch.Tensor | None:
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the graph; feeds each watched site's input x to its accumulator."""
+    """Runs the graph; hands each watched node's value, as rows of real tokens, to its observers."""
 
-    def __init__(self, module: fx.GraphModule, watched: dict[fx.Node, HessianAccumulator],
-                 keep: torch.Tensor | None):
+    def __init__(self, module: fx.GraphModule, watch: dict[fx.Node, list[Observer]], keep: torch.Tensor | None):
         super().__init__(module)
-        self.watched, self.keep = watched, keep
+        self.watch, self.keep = watch, keep
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        acc = self.watched.get(n)
-        if acc is not None:
-            x = self.env[_input_of(n)]
-            rows = x.detach().reshape(-1, x.shape[-1])
+        observers = self.watch.get(n)
+        if observers:
+            rows = result.detach().reshape(-1, result.shape[-1])
             if self.keep is not None and self.keep.numel() == rows.shape[0]:
                 rows = rows[self.keep.to(rows.device)]
-            acc.add(rows)
+            for fn in observers:
+                fn(rows)
         return result
-
-
-def _input_of(n: fx.Node) -> fx.Node:
-    # aten.linear(x, w, b) and mm(x, w): x first; addmm(b, x, w): x second.
-    return n.args[1] if n.target == torch.ops.aten.addmm.default else n.args[0]

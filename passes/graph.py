@@ -14,57 +14,13 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from ..runtime.program import InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program
 from . import roles
 
 __all__ = [
     "ModelGraph", "Target", "Block", "ModuleInfo", "ParamInfo", "InputInfo", "OutputSpec",
     "LintError",
 ]
-
-
-# ---- records ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    """One parameter or buffer owned directly by a module, as it was at capture time."""
-
-    name: str  # full dotted name, e.g. "model.layers.0.mlp.up_proj.weight"
-    shape: tuple[int, ...]
-    dtype: str  # "float32"
-    nbytes: int
-    storage: int  # equal numbers = the same tensor (tied weights)
-    is_buffer: bool = False
-
-
-@dataclass(frozen=True)
-class ModuleInfo:
-    """A module of the captured model: metadata only, never a tensor."""
-
-    path: str  # "" for the root
-    cls: str
-    classes: tuple[str, ...]  # class names of its MRO, most derived first
-    children: tuple[str, ...]  # child names in definition order
-    is_list: bool  # ModuleList/Sequential: children are addressed by position
-    params: tuple[ParamInfo, ...]
-
-
-@dataclass(frozen=True)
-class InputInfo:
-    """A graph input: traced shape (ints, or symbol names for dynamic dims) and dim roles."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: torch.dtype
-    dims: dict[int, str] = field(compare=False)  # {0: "batch", 1: "seq"}
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """How to rebuild the model's output (a ModelOutput, tuple, dict …) from the flat tensors."""
-
-    spec: Any  # a pytree TreeSpec
-    constants: tuple[Any, ...]  # per leaf: None for a tensor, else the constant leaf value
 
 
 @dataclass(frozen=True)
@@ -110,7 +66,7 @@ class LintError(AssertionError):
 # ---- the graph -------------------------------------------------------------------------------
 
 
-class ModelGraph:
+class ModelGraph(Program):
     """A captured model: `module` (an fx GraphModule over aten ops) and its index.
 
     >>> g = capture(model, {"input_ids": ids})                        # doctest: +SKIP
@@ -121,33 +77,14 @@ class ModelGraph:
 
     def __init__(self, module: fx.GraphModule, modules: dict[str, ModuleInfo],
                  inputs: tuple[InputInfo, ...], outputs: OutputSpec, model_class: str):
-        self.module = module
-        self.modules = modules
-        self.inputs = inputs
-        self.outputs = outputs
-        self.model_class = model_class
+        super().__init__(module, modules, inputs, outputs, model_class)
         self.reindex()
 
-    # ---- running ----
-    def __call__(self, *args, **kwargs) -> Any:
-        """Run like the original model (inputs by position or name) and rebuild its output."""
-        return self.restructure(self.run_flat(*args, **kwargs))
-
-    def run_flat(self, *args, **kwargs) -> tuple[torch.Tensor, ...]:
-        names = [i.name for i in self.inputs]
-        bound = dict(zip(names, args), **kwargs)
-        missing = [n for n in names if n not in bound]
-        extra = [n for n in bound if n not in names]
-        if missing or extra:
-            raise TypeError(f"{self.model_class} graph takes inputs {names}; "
-                            f"missing {missing}, unexpected {extra}")
-        return tuple(self.module(*(bound[n] for n in names)))
-
-    def restructure(self, flat) -> Any:
-        """The flat output tuple back in the model's own output structure."""
-        tensors = iter(flat)
-        leaves = [next(tensors) if c is None else c for c in self.outputs.constants]
-        return pytree.tree_unflatten(leaves, self.outputs.spec)
+    @classmethod
+    def of(cls, program: Program) -> "ModelGraph":
+        """The index over a Program (e.g. one loaded from an artifact); shares its module."""
+        return cls(program.module, dict(program.modules), program.inputs, program.outputs,
+                   program.model_class)
 
     # ---- the index ----
     def reindex(self) -> None:
@@ -163,11 +100,6 @@ class ModelGraph:
     def by_role(self, role: str, block: int | None = None) -> list[Target]:
         return [t for t in self.targets.values()
                 if t.role == role and (block is None or t.block == block)]
-
-    def param(self, name: str) -> torch.Tensor:
-        """A parameter or buffer of the graph module by its full dotted name."""
-        owner, _, attr = name.rpartition(".")
-        return getattr(self.module.get_submodule(owner) if owner else self.module, attr)
 
     # ---- shapes ----
     def dim_symbols(self, role: str) -> frozenset[str]:

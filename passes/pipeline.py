@@ -1,53 +1,35 @@
-"""The pipeline: run a Plan's rules in file order, one registered pass per rule kind.
-
-A pass registers itself with `@register(A.Quantize)` and has the shape
-`run(graph, bound: BoundRule, ctx: Context) -> RuleReport`. After every pass the graph is linted.
-A rule whose pass is not registered stops compile() with a SpecError: nothing is ever skipped
-silently (`slimfx plan` lists such rules as "not implemented").
+"""The pipeline: run a Plan's rules in file order, each by the pass its rule kind names in
+`PASSES`. Every pass has the same shape, `run(graph, bound: BoundRule, ctx: Context) -> RuleReport`;
+after each one the graph is re-indexed and linted. A rule kind with no pass stops compile() with
+a SpecError: nothing is ever skipped silently (`slimfx plan` lists such rules as "not implemented").
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..runtime.report import Report, RuleReport
 from .bind import BoundRule, Plan, graph_bytes, graph_params
+from .context import Context
 from .graph import ModelGraph
+from .precision import choose, quantize
 
-__all__ = ["Context", "register", "is_implemented", "run_pipeline", "PassFn"]
-
-
-@dataclass
-class Context:
-    """What every pass may read: calibration batches, the policy source for errors, progress."""
-
-    calib: list[dict[str, Any]] = field(default_factory=list)
-    source: str = ""
-    filename: str = "<policy>"
-    progress: bool = False
-    dump_dir: str | None = None  # when set, the graph is written here after each stage
-
+__all__ = ["Context", "PASSES", "is_implemented", "run_pipeline", "PassFn"]
 
 PassFn = Callable[[ModelGraph, BoundRule, Context], RuleReport]
-_PASSES: dict[type, PassFn] = {}
 
-
-def register(rule_type: type) -> Callable[[PassFn], PassFn]:
-    """Decorator: the pass that applies rules of `rule_type`."""
-
-    def deco(fn: PassFn) -> PassFn:
-        _PASSES[rule_type] = fn
-        return fn
-
-    return deco
+# Rule kind -> the pass that applies it. `keep` has none: bind() applies it by taking its targets
+# away from every other rule.
+PASSES: dict[type, PassFn] = {
+    A.Quantize: quantize.run,    # passes/precision/quantize.py
+    A.Precision: choose.run,     # passes/precision/choose.py
+}
 
 
 def is_implemented(rule: A.Rule) -> bool:
-    """`keep` is applied by bind(); everything else needs a registered pass."""
-    return isinstance(rule, A.Keep) or type(rule) in _PASSES
+    return isinstance(rule, A.Keep) or type(rule) in PASSES
 
 
 def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
@@ -59,7 +41,7 @@ def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
         if isinstance(bound.rule, A.Keep):
             rules.append(_keep_report(bound))
             continue
-        report = _PASSES[type(bound.rule)](graph, bound, ctx)
+        report = PASSES[type(bound.rule)](graph, bound, ctx)
         graph.reindex()
         graph.lint()
         _dump(graph, ctx, i, bound)

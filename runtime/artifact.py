@@ -22,11 +22,12 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..passes.graph import InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
+from .program import InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program
 from .compiled import CompiledModel
 from .artifact_errors import FILES, META, PROGRAM, RESAVE, WEIGHTS, ArtifactError
 from .program_check import check_program, expected_tensors, keep_metadata
 from .report import Report
+from .version import __version__
 
 __all__ = ["save", "load", "ArtifactError", "FORMAT_VERSION", "FILES"]
 
@@ -62,7 +63,7 @@ def _check_target(target: Path) -> None:
                             "not a slimfx artifact; choose a new path or empty it first")
 
 
-def _reexport(graph: ModelGraph):
+def _reexport(graph: Program):
     """The rewritten GraphModule as an ExportedProgram, dynamic in the same batch/seq dims.
     Example inputs are zeros at the traced sizes (the hints of the placeholders' symbols)."""
     placeholders = [n for n in graph.module.graph.nodes if n.op == "placeholder"]
@@ -120,7 +121,6 @@ def _weights(ep) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _meta(cm: CompiledModel, aliases: dict[str, str]) -> dict[str, Any]:
-    from .. import __version__
 
     g = cm.graph
     try:
@@ -259,7 +259,7 @@ def _restore(root: Path, meta: dict[str, Any]) -> CompiledModel:
     check_program(doc, [i["name"] for i in meta["inputs"]])
     state, constants = _split_weights(doc, _read_weights(root / WEIGHTS), meta["weights"])
     module = _rebuild_module(doc, state, constants)
-    graph = ModelGraph(module, _modules(meta), _inputs(meta, module), _outputs(meta),
+    graph = Program(module, _modules(meta), _inputs(meta, module), _outputs(meta),
                        meta["model_class"])
     policy = meta.get("policy") or {}
     return CompiledModel(graph, report=Report.from_dict(meta["report"]),

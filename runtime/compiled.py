@@ -1,6 +1,6 @@
 """CompiledModel: what `slimfx.compile` returns and `slimfx.load` restores — the last stage.
 
-It wraps the rewritten ModelGraph as an nn.Module that is called like the original model and
+It wraps the rewritten Program (runtime/program.py) as an nn.Module that is called like the original model and
 owns the graph's (possibly packed) weights, so `.parameters()` and `.state_dict()` show them.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..passes.graph import ModelGraph
+from .program import Program
 from .report import Report
 
 __all__ = ["CompiledModel"]
@@ -28,7 +28,7 @@ class CompiledModel(nn.Module):
     (state-dict keys `program.<original name>`), and `.to(device)` moves them.
     """
 
-    def __init__(self, graph: ModelGraph, *, report: Report, policy_text: str = "",
+    def __init__(self, graph: Program, *, report: Report, policy_text: str = "",
                  policy_name: str | None = None):
         super().__init__()
         self.program = graph.module  # registered child: parameters/state_dict see its weights

@@ -1,7 +1,7 @@
 """Packed weight formats for the precision pass: group-wise int8 / int4 / int2 codes with fp16 scales.
 
-passes/precision.py quantizes a Linear weight into a `QuantizedWeight` (RTN here, GPTQ in
-passes/gptq.py); runtime/ops.py's `slimfx::quant_linear` reads the packed tensors back.
+passes/precision/ quantizes a Linear weight into a `QuantizedWeight` (RTN here, GPTQ in
+passes/precision/gptq.py); runtime/ops.py's `slimfx::quant_linear` reads the packed tensors back.
 
 Layout (what `dequantize` and the kernels agree on):
 - Groups run along the input dim: columns `[k*group, (k+1)*group)`; the last group may be shorter

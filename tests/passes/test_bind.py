@@ -5,7 +5,7 @@ from slimfx import SpecError, parse
 from slimfx.models import tiny
 from slimfx.passes.bind import bind, graph_bytes
 from slimfx.passes.capture import capture
-from slimfx.passes.plan_table import plan_text
+from slimfx.plan_table import plan_text
 
 
 @pytest.fixture(scope="module")

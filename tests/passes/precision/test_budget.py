@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from slimfx.passes.budget import BudgetInfeasible, fits, solve_avg_bits, solve_budget
+from slimfx.passes.precision.budget import BudgetInfeasible, fits, solve_avg_bits, solve_budget
 
 
 def _brute_force(costs, sizes, limit):

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..runtime.formats import (QuantFormat, QuantizedWeight, dequantize_codes, group_params, group_size,
+from ...runtime.formats import (QuantFormat, QuantizedWeight, dequantize_codes, group_params, group_size,
                                pack, quantize_codes)
 
 __all__ = ["HessianAccumulator", "hessian", "gptq", "output_error"]

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import slimfx
-import slimfx.passes.precision  # noqa: F401  (registers the pass; api.py will import it)
+
 from slimfx.dsl.errors import SpecError
-from slimfx.passes.calibrate import collect_hessians
+from slimfx.passes.calibrate import observe
 from slimfx.passes.capture import capture
-from slimfx.passes.gptq import output_error
-from slimfx.passes.quant_rewrite import find_sites
+from slimfx.passes.precision.gptq import HessianAccumulator, output_error
+from slimfx.passes.rewrite import find_sites
 from slimfx.runtime.formats import QuantFormat, QuantizedWeight, dequantize
 
 from passes_tiny import captured, example_inputs, state_bytes
@@ -169,7 +169,7 @@ def test_gptq_output_error_not_above_rtn_on_calibration_inputs(llama):
     rtn, gq = compile_(model, inputs, rules, calib=data), compile_(model, inputs, rules + " method=gptq", calib=data)
     graph = capture(model, inputs)
     targets = [graph.targets[p] for p in rtn.report.rules[0].targets]
-    H = collect_hessians(graph, {t.path: find_sites(graph, t) for t in targets}, data)
+    H = _hessians(graph, targets, data)
     worse, totals = [], [0.0, 0.0]
     for t in targets:
         w = graph.param(f"{t.path}.weight").detach()
@@ -231,3 +231,14 @@ def test_user_model_untouched(llama):
     compile_(model, inputs, f"quantize {LINEARS} int4 method=gptq", calib=calib("llama", 1))
     compile_(model, inputs, f"quantize {LINEARS} fp16")
     assert state_bytes(model) == captured("llama").before
+
+
+def _hessians(graph, targets, data) -> dict[str, HessianAccumulator]:
+    """H = E[x xᵀ] per target, from calibration.observe directly (not the pass's own sharing)."""
+    accs, watch = {}, {}
+    for t in targets:
+        acc = accs[t.path] = HessianAccumulator()
+        for site in find_sites(graph, t):
+            watch.setdefault(site.x, []).append(acc.add)
+    observe(graph, watch, data)
+    return accs

@@ -3,7 +3,7 @@ the format's grid, is deterministic, handles ragged groups, dead inputs and act-
 import pytest
 import torch
 
-from slimfx.passes.gptq import HessianAccumulator, gptq, hessian, output_error
+from slimfx.passes.precision.gptq import HessianAccumulator, gptq, hessian, output_error
 from slimfx.runtime.formats import QuantFormat, dequantize, group_size, quantize_codes, quantize_rtn, unpack
 
 GPTQ_FORMATS = [QuantFormat(4, 32, True), QuantFormat(4, 32, False), QuantFormat(4, 64, True),

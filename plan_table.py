@@ -1,11 +1,12 @@
-"""A Plan as a rich table: what each rule would touch and cost, before any weight is touched."""
+"""A Plan as a rich table for `slimfx plan`: what each rule would touch and cost, before any weight
+is touched. UI, so it lives with the CLI, not in passes/."""
 from __future__ import annotations
 
 from rich.table import Table
 
-from ..runtime.report import format_bytes
-from .bind import Plan
-from .pipeline import is_implemented
+from .passes.bind import Plan
+from .passes.pipeline import is_implemented
+from .runtime.report import format_bytes
 
 __all__ = ["plan_table", "plan_text"]
 

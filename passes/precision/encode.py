@@ -1,0 +1,73 @@
+"""One weight in one format: the candidates a rule offers, and encoding a weight into one of them
+(RTN or GPTQ into packed codes, a half-precision copy, or left as it is)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from ...dsl import ast as A
+from ...runtime.formats import QuantizedWeight, dequantize, from_rule, quantize_rtn
+from .gptq import gptq
+
+__all__ = ["Candidate", "Encoded", "encode", "decode", "encoded_bytes", "HALF"]
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# An encoded weight: packed codes, a half-precision copy, or None for "left as it is".
+Encoded = Union[QuantizedWeight, torch.Tensor, None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One format a target may get: `Candidate("int4", 64, True)`; group/sym only for ints."""
+
+    format: str
+    group: int | None = None
+    sym: bool = True
+
+    @classmethod
+    def of(cls, node: A.Quantize | A.FormatChoice) -> "Candidate":
+        if node.format in HALF or node.format == "keep":
+            return cls(node.format)
+        return cls(node.format, from_rule(node.format, node.get("group"), node.get("sym")).group, node.get("sym"))
+
+    @property
+    def is_packed(self) -> bool:
+        return self.format not in HALF and self.format != "keep"
+
+    def __str__(self) -> str:
+        if not self.is_packed:
+            return self.format
+        group = "per-channel" if self.group is None else f"group={self.group}"
+        return f"{self.format} {group}" + ("" if self.sym else " sym=false")
+
+
+def encode(w: torch.Tensor, cand: Candidate, method: str = "rtn", H: torch.Tensor | None = None,
+           damp: float = 0.01, act_order: bool = False) -> Encoded:
+    """w [out, in] in `cand`'s format. GPTQ needs H [in, in]."""
+    if cand.format == "keep":
+        return None
+    if cand.format in HALF:
+        return w.to(HALF[cand.format])
+    fmt = from_rule(cand.format, cand.group, cand.sym)
+    if method == "gptq":
+        return gptq(w, H, fmt, damp=damp, act_order=act_order)
+    return quantize_rtn(w, fmt)
+
+
+def decode(enc: Encoded, w: torch.Tensor) -> torch.Tensor:
+    """The float32 weight the rewritten graph computes with (`w` itself for keep)."""
+    if enc is None:
+        return w.float()
+    if isinstance(enc, QuantizedWeight):
+        return dequantize(enc)
+    return enc.float()
+
+
+def encoded_bytes(enc: Encoded, w: torch.Tensor) -> int:
+    """Stored bytes of the weight alone (packed codes + scales + zeros, or the tensor)."""
+    if isinstance(enc, QuantizedWeight):
+        return sum(t.numel() * t.element_size() for t in (enc.qweight, enc.scales, enc.zeros) if t is not None)
+    t = w if enc is None else enc
+    return t.numel() * t.element_size()

@@ -1,0 +1,37 @@
+"""`quantize <selector> int4 group=64 method=gptq`: every target in the rule's one format.
+
+    quantize blocks.*.** : Linear int4 group=64 method=gptq
+
+RTN needs nothing but the weight; GPTQ needs H = E[x xᵀ] of each target's input, from calibration.
+"""
+from __future__ import annotations
+
+from ...dsl import ast as A
+from ...runtime.report import RuleReport
+from ..bind import BoundRule
+from ..context import Context
+from ..graph import ModelGraph
+from .encode import Candidate, encode
+from .targets import apply, hessians_of, items_of, one_thread
+
+__all__ = ["run"]
+
+
+def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
+    """Encode every target (RTN, or GPTQ on calibration Hessians) and swap its linear."""
+    rule: A.Quantize = bound.rule
+    cand = Candidate.of(rule)
+    items = items_of(graph, bound)
+    method = rule.get("method") if cand.is_packed else "rtn"
+    hessians = hessians_of(graph, items, ctx, bound, "GPTQ") if method == "gptq" else {}
+    chosen = {}
+    with one_thread(), ctx.progress.task(f"{method.upper()} {cand} (line {bound.line})", total=len(items)) as step:
+        for it in items:
+            step(0, note=it.path)
+            H = hessians[it.path].H if it.path in hessians else None
+            chosen[it.path] = (cand, encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order")))
+            step()
+    details = {"format": str(cand), "method": method}
+    if hessians:
+        details["calib_rows"] = max(h.count for h in hessians.values())
+    return apply(graph, bound, items, chosen, details)

@@ -1,0 +1,50 @@
+"""The precision pass's two rewrites of a target's linear sites (found by passes/rewrite.py):
+`to_quant_linear` swaps each for `slimfx::quant_linear` over packed buffers registered under the
+target's module path; `to_half` stores the weight in fp16/bf16 and casts it back with
+`aten._to_copy`. Both delete the fp32 weight unless another module still reads it (tied).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...runtime.formats import QuantizedWeight
+from ...runtime.ops import quant_linear_args
+from ..graph import ModelGraph, Target
+from ..rewrite import LinearSite, drop_weight, register_tensors, replace_node, set_meta, weight_name
+
+__all__ = ["to_quant_linear", "to_half"]
+
+aten = torch.ops.aten
+
+
+def to_quant_linear(graph: ModelGraph, target: Target, sites: list[LinearSite], qw: QuantizedWeight) -> None:
+    """Replace every site with `slimfx::quant_linear` over `qw`, stored as buffers
+    `<path>.qweight`, `<path>.scales` (and `<path>.zeros` when asymmetric)."""
+    tensors = {"qweight": qw.qweight, "scales": qw.scales, "zeros": qw.zeros}
+    tensors = {k: v.contiguous() for k, v in tensors.items() if v is not None}
+    attrs = register_tensors(graph, target.path, tensors, _first(graph, sites))
+    for site in sites:
+        args = (site.x, attrs["qweight"], attrs["scales"], attrs.get("zeros"), site.bias, *quant_linear_args(qw))
+        replace_node(graph.module, site.node, torch.ops.slimfx.quant_linear.default, args, {})
+    drop_weight(graph, target, sites, added=tensors)
+
+
+def to_half(graph: ModelGraph, target: Target, sites: list[LinearSite], dtype: torch.dtype) -> None:
+    """Store the weight as `<path>.weight_fp16` / `weight_bf16` and cast it back to the input's
+    dtype right before the linear (`aten._to_copy`): half the bytes, same ops."""
+    gm = graph.module
+    w = graph.param(weight_name(target)).detach()
+    name = "weight_fp16" if dtype == torch.float16 else "weight_bf16"
+    stored = {name: w.to(dtype)}
+    half = register_tensors(graph, target.path, stored, _first(graph, sites))[name]
+    for site in sites:
+        x_dtype = site.x.meta["val"].dtype
+        with gm.graph.inserting_before(site.node):
+            cast = gm.graph.call_function(aten._to_copy.default, (half,), {"dtype": x_dtype})
+        set_meta(cast, site.node, aten._to_copy.default, (half,), {"dtype": x_dtype})
+        site.node.replace_input_with(site.weight, cast)
+    drop_weight(graph, target, sites, added=stored)
+
+
+def _first(graph: ModelGraph, sites: list[LinearSite]):
+    return min(sites, key=lambda s: graph.node_order.get(s.node, 0)).node

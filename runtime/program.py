@@ -1,0 +1,104 @@
+"""What a compiled model is made of, with no compiler attached: the fx GraphModule, its inputs,
+how to rebuild the model's output, and the module table. Passes (passes/graph.py's ModelGraph
+adds the index of blocks and targets) and the runtime (CompiledModel, artifacts) both build on
+it, so a saved model needs nothing of the compiler to load and run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+__all__ = ["Program", "ModuleInfo", "ParamInfo", "InputInfo", "OutputSpec"]
+
+
+# ---- records ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter or buffer owned directly by a module, as it was at capture time."""
+
+    name: str  # full dotted name, e.g. "model.layers.0.mlp.up_proj.weight"
+    shape: tuple[int, ...]
+    dtype: str  # "float32"
+    nbytes: int
+    storage: int  # equal numbers = the same tensor (tied weights)
+    is_buffer: bool = False
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """A module of the captured model: metadata only, never a tensor."""
+
+    path: str  # "" for the root
+    cls: str
+    classes: tuple[str, ...]  # class names of its MRO, most derived first
+    children: tuple[str, ...]  # child names in definition order
+    is_list: bool  # ModuleList/Sequential: children are addressed by position
+    params: tuple[ParamInfo, ...]
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """A graph input: traced shape (ints, or symbol names for dynamic dims) and dim roles."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: torch.dtype
+    dims: dict[int, str] = field(compare=False)  # {0: "batch", 1: "seq"}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How to rebuild the model's output (a ModelOutput, tuple, dict …) from the flat tensors."""
+
+    spec: Any  # a pytree TreeSpec
+    constants: tuple[Any, ...]  # per leaf: None for a tensor, else the constant leaf value
+
+
+class Program:
+    """A runnable graph: `module` (an fx GraphModule over aten and slimfx ops) called with the
+    inputs in `inputs` order, returning a flat tuple that `restructure` turns back into the
+    model's own output type.
+    """
+
+    def __init__(self, module: fx.GraphModule, modules: dict[str, ModuleInfo],
+                 inputs: tuple[InputInfo, ...], outputs: OutputSpec, model_class: str):
+        self.module = module
+        self.modules = modules
+        self.inputs = inputs
+        self.outputs = outputs
+        self.model_class = model_class
+
+    # ---- running ----
+    def __call__(self, *args, **kwargs) -> Any:
+        """Run like the original model (inputs by position or name) and rebuild its output."""
+        return self.restructure(self.run_flat(*args, **kwargs))
+
+    def run_flat(self, *args, **kwargs) -> tuple[torch.Tensor, ...]:
+        names = [i.name for i in self.inputs]
+        bound = dict(zip(names, args), **kwargs)
+        missing = [n for n in names if n not in bound]
+        extra = [n for n in bound if n not in names]
+        if missing or extra:
+            raise TypeError(f"{self.model_class} graph takes inputs {names}; "
+                            f"missing {missing}, unexpected {extra}")
+        return tuple(self.module(*(bound[n] for n in names)))
+
+    def restructure(self, flat) -> Any:
+        """The flat output tuple back in the model's own output structure."""
+        tensors = iter(flat)
+        leaves = [next(tensors) if c is None else c for c in self.outputs.constants]
+        return pytree.tree_unflatten(leaves, self.outputs.spec)
+
+    def param(self, name: str) -> torch.Tensor:
+        """A parameter or buffer of the graph module by its full dotted name."""
+        owner, _, attr = name.rpartition(".")
+        return getattr(self.module.get_submodule(owner) if owner else self.module, attr)
+
+    def __repr__(self) -> str:
+        return f"Program({self.model_class}, {len(self.module.graph.nodes)} nodes)"
