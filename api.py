@@ -45,7 +45,7 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     policy_ast, spec = resolve_policy(policy, name)
     graph = _capture(model, example_inputs)
     bound = bind(graph, policy_ast, source=spec.source, filename=spec.filename)
-    ctx = Context(calib=_calibration(model, calib), source=spec.source, filename=spec.filename,
+    ctx = Context(calib=_calibration(model, calib, graph), source=spec.source, filename=spec.filename,
                   progress=Progress.for_terminal(progress))
     report = run_pipeline(graph, bound, ctx)
     return CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
@@ -66,12 +66,13 @@ def resolve_policy(policy, name: str | None = None) -> tuple[A.Policy | None, A.
     spec = policy if isinstance(policy, A.Spec) else _read_spec(policy)
     if not spec.policies:
         if name is not None:
-            raise SpecError.at("selector", f"no policy `{name}`: {spec.filename} holds none", filename=spec.filename)
+            raise SpecError.at("unknown-policy", f"no policy `{name}`: {spec.filename} holds none",
+                               filename=spec.filename)
         return None, spec
     try:
         return spec.policy(name), spec
     except (KeyError, ValueError) as e:
-        raise SpecError.at("selector", str(e).strip("'\""), source=spec.source, filename=spec.filename,
+        raise SpecError.at("unknown-policy", str(e).strip("'\""), source=spec.source, filename=spec.filename,
                            hint="pass name=… (or --policy NAME) to choose one") from None
 
 
@@ -83,16 +84,20 @@ def _read_spec(policy) -> A.Spec:
     looks_like_path = "\n" not in policy and "{" not in policy and policy.strip() != ""
     if looks_like_path:
         if not Path(policy).exists():
-            raise SpecError.at("encoding", f"no policy file {policy!r}", filename=policy,
+            raise SpecError.at("no-file", f"no policy file {policy!r}", filename=policy,
                                hint="pass an existing .slim path, or the policy text itself")
         return parse_file(policy)
     return parse(policy)
 
 
 def _capture(model, example_inputs):
+    import torch
+
     from .passes.capture import capture
 
     model, example_inputs = _unwrap(model, example_inputs)
+    if isinstance(example_inputs, torch.Tensor):  # a bare tensor is the first input, not rows
+        example_inputs = (example_inputs,)
     if example_inputs is None:
         raise TypeError("slimfx needs example_inputs: the keyword inputs the model is called with, e.g. "
                         "example_inputs=tokenizer(['hello'], return_tensors='pt') (or pass a slimfx.models.load(...) "
@@ -108,37 +113,14 @@ def _unwrap(model, example_inputs):
     return model, example_inputs
 
 
-CALIB_BATCHES, CALIB_BATCH_SIZE, CALIB_TOKENS = 8, 4, 128
+def _calibration(model, calib, graph) -> list[dict[str, Any]]:
+    """Calibration batches with every graph input present (runtime/inputs.py fills an omitted
+    attention_mask etc. as the model itself would)."""
+    from .calibration import calibration_batches
+    from .runtime.inputs import complete_inputs
 
-
-def _calibration(model, calib) -> list[dict[str, Any]]:
-    """Calibration batches: the given ones; for a slimfx.models model with a tokenizer, paragraphs
-    from the end of the default text (perplexity scores its start); otherwise none, and a pass
-    that needs them (GPTQ, the budget solver) says so."""
-    if calib is None:
-        return _default_calibration(model)
-    if isinstance(calib, Mapping):
-        return [dict(calib)]
-    batches = list(calib)
-    if batches and isinstance(batches[0], str):
-        encode = getattr(model, "encode", None)
-        if encode is None:
-            raise TypeError("calib as texts needs a model from slimfx.models.load(...) (it knows its "
-                            "tokenizer); otherwise pass token batches: [{'input_ids': ...}, ...]")
-        return [encode(batches)]
-    return [dict(b) for b in batches]
-
-
-def _default_calibration(model) -> list[dict[str, Any]]:
-    if getattr(model, "tokenizer", None) is None or not hasattr(model, "encode"):
-        return []
-    from .evaluation import default_text
-
-    paragraphs = [p for p in default_text().split("\n\n") if len(p.split()) > 20]
-    wanted = CALIB_BATCHES * CALIB_BATCH_SIZE
-    texts = paragraphs[-wanted:]
-    return [model.encode(texts[i:i + CALIB_BATCH_SIZE], max_length=CALIB_TOKENS)
-            for i in range(0, len(texts), CALIB_BATCH_SIZE)]
+    return [complete_inputs(b, graph.inputs, what=f"calibration batch {i}")
+            for i, b in enumerate(calibration_batches(model, calib))]
 
 
 def _check_backend(backend: str) -> None:

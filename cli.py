@@ -110,10 +110,17 @@ def _fmt(args) -> int:
 
 def _write_atomically(path: Path, text: str) -> None:
     # A crash mid-write must never leave half a policy behind.
+    # mkstemp makes the file 0600; the rewritten policy keeps the original's permissions.
+    mode = path.stat().st_mode & 0o7777
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _error(text: str) -> None:

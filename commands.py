@@ -2,6 +2,7 @@
 when one of them runs, so `slimfx check` stays fast."""
 from __future__ import annotations
 
+import os
 import sys
 
 from .dsl.errors import SpecError
@@ -23,6 +24,8 @@ def add_model_commands(sub) -> None:
     comp.add_argument("--model", required=True, help=MODEL_HELP)
     comp.add_argument("--policy", help="which policy of the file (when it holds several)")
     comp.add_argument("--out", required=True, help="artifact directory to write")
+    comp.add_argument("--calib", metavar="FILE", help="calibration text (UTF-8; paragraphs become calibration "
+                      "texts); default: the part of the built-in text that `slimfx eval` never scores")
     comp.set_defaults(run=_guarded(_compile))
 
     ev = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders), bytes, latency")
@@ -32,17 +35,22 @@ def add_model_commands(sub) -> None:
     ev.set_defaults(run=_guarded(_eval))
 
 
+class UsageError(ValueError):
+    """A command-line argument that cannot work (an --out that is a file, an unreadable --calib)."""
+
+
 def _guarded(fn):
-    """Policy and model problems print as messages, not tracebacks."""
+    """Policy, model, artifact and argument problems print as messages, not tracebacks."""
 
     def run(args) -> int:
         from .models import ModelNotFound
+        from .runtime.artifact_errors import ArtifactError
 
         try:
             return fn(args)
         except SpecError as e:
             print(str(e), file=sys.stderr)
-        except ModelNotFound as e:
+        except (ModelNotFound, ArtifactError, UsageError) as e:
             print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -76,12 +84,34 @@ def _plan(args) -> int:
 def _compile(args) -> int:
     from . import api
 
+    _check_out(args.out)  # before minutes of compiling, not after
+    calib = _read_calib(args.calib) if args.calib else None
     loaded = _load_model(args.model)
-    cm = api.compile(loaded, args.spec, name=args.policy, progress=True)
+    cm = api.compile(loaded, args.spec, name=args.policy, calib=calib, progress=True)
     _console().print(cm.report.table())
     cm.save(args.out)
     print(f"saved to {args.out}", file=sys.stderr)
     return 0
+
+
+def _check_out(out: str) -> None:
+    from pathlib import Path
+
+    from .runtime.artifact import _check_target as check_target  # TODO(integration): public name
+
+    check_target(Path(out))
+    parent = next(p for p in Path(out).absolute().parents if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write --out {out}: {parent} is not writable")
+
+
+def _read_calib(path: str) -> list[str]:
+    from .calibration import read_paragraphs
+
+    try:
+        return read_paragraphs(path)
+    except ValueError as e:
+        raise UsageError(f"--calib: {e}") from None
 
 
 def _eval(args) -> int:

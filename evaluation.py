@@ -21,7 +21,7 @@ from torch import nn
 from .runtime.sizes import param_bytes
 
 __all__ = [
-    "default_text", "perplexity", "embed", "embedding_cosine", "param_bytes", "latency_ms",
+    "default_text", "eval_text", "calibration_texts", "perplexity", "embed", "embedding_cosine", "param_bytes", "latency_ms",
     "eval_rows", "eval_table",
 ]
 
@@ -45,6 +45,32 @@ def default_text() -> str:
         raise RuntimeError("standard-library docstrings are missing (python -OO?); pass your own "
                            "text to perplexity() instead of default_text().")
     return text
+
+
+# default_text() splits in two at a paragraph boundary: `slimfx eval` scores the first part,
+# default calibration reads the second, so a compiled model is never scored on text it was
+# calibrated on, whatever --max-tokens says.
+EVAL_SHARE = 0.55
+
+
+def eval_text() -> str:
+    """The part of default_text() that `slimfx eval` scores (its first ~55%)."""
+    return "\n\n".join(_split_default()[0])
+
+
+def calibration_texts(min_words: int = 20) -> list[str]:
+    """Paragraphs of default_text() after eval_text(), for default calibration."""
+    return [p for p in _split_default()[1] if len(p.split()) > min_words]
+
+
+def _split_default() -> tuple[list[str], list[str]]:
+    paragraphs = default_text().split("\n\n")
+    total, seen = sum(len(p) for p in paragraphs), 0
+    for i, p in enumerate(paragraphs):
+        seen += len(p)
+        if seen >= EVAL_SHARE * total:
+            return paragraphs[:i + 1], paragraphs[i + 1:]
+    return paragraphs, []
 
 
 def _docstring(source: str) -> str:
@@ -224,7 +250,7 @@ def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str
         row = {"model": label, "bytes": param_bytes(model),
                "latency_ms": latency_ms(model, loaded.example_inputs, repeats=10, warmup=2)}
         if loaded.kind == "causal-lm":
-            row["perplexity"] = perplexity(model, loaded.tokenizer, default_text(), max_tokens=max_tokens)
+            row["perplexity"] = perplexity(model, loaded.tokenizer, eval_text(), max_tokens=max_tokens)
         elif loaded.tokenizer is not None:
             row["cosine"] = embedding_cosine(loaded.model, model, loaded.tokenizer, EVAL_SENTENCES)
         rows.append(row)

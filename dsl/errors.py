@@ -23,6 +23,8 @@ ERROR_KINDS: dict[str, str] = {
     "duplicate": "a parameter, policy or rule written twice",
     "illegal-order": "rules in an order that cannot work (`adapt … merge=true` after `quantize`)",
     "encoding": "the file is not UTF-8 text",
+    "no-file": "a policy file that does not exist or cannot be read",
+    "unknown-policy": "a policy name the file does not hold (or a file of several policies and no name)",
     "too-deep": "selector alternatives nested too deeply to be meant",
     "selector": "a selector that matches nothing in the model",
     "unsupported": "a rule the model or this version cannot apply",

@@ -83,7 +83,8 @@ def parse_file(path, *, check: bool = True) -> A.Spec:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise SpecError.at("encoding", f"cannot read {path}: {e.strerror or e}", filename=str(path)) from e
+        raise SpecError.at("no-file", f"cannot read {path}: {e.strerror or e}", filename=str(path),
+                           hint="pass the path of an existing .slim file") from e
     return parse(data, filename=str(path), check=check)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .inputs import complete_inputs
 from .program import Program
 from .report import Report
 
@@ -56,6 +57,7 @@ class CompiledModel(nn.Module):
         bound = dict(zip(names, args))
         twice = [n for n in kwargs if n in bound]
         bound.update(kwargs)
+        bound = complete_inputs(bound, self.graph.inputs)  # e.g. attention_mask omitted: all ones
         missing = [n for n in names if n not in bound]
         extra = [n for n in bound if n not in names]
         if missing or extra or twice:

@@ -112,3 +112,25 @@ def test_second_compile_of_the_same_model_reuses_the_capture():
     slimfx.compile(loaded, "")
     info = cache_info()
     assert info["hits"] >= 1 and info["misses"] == 1
+
+
+def test_policy_file_and_name_errors_have_kinds_of_their_own(tmp_path):
+    loaded = tiny("llama")
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(loaded, str(tmp_path / "missing.slim"))
+    assert e.value.kind == "no-file" and "missing.slim" in e.value.message
+    two = tmp_path / "two.slim"
+    two.write_text("policy a {\n    keep head\n}\npolicy b {\n    keep embed\n}\n")
+    for name in (None, "c"):
+        with pytest.raises(SpecError) as e:
+            slimfx.compile(loaded, str(two), name=name)
+        assert e.value.kind == "unknown-policy" and "a, b" in e.value.message
+
+
+def test_a_bare_tensor_of_example_inputs_is_the_first_input_not_rows():
+    loaded = tiny("llama")
+    ids = loaded.example_inputs["input_ids"]
+    cm = slimfx.compile(loaded.model, "", example_inputs=ids)
+    assert cm.input_names == ("input_ids",)
+    with torch.no_grad():
+        assert torch.equal(cm(ids).logits, loaded.model(ids).logits)

@@ -103,3 +103,32 @@ def test_compile_saves_an_artifact_that_eval_compares_side_by_side(tmp_path, cap
     assert main(["eval", "--model", "tiny:llama", "--compiled", str(out), "--max-tokens", "64"]) == 0
     text = capsys.readouterr().out
     assert "compiled / original" in text and "×1.000" in text  # keep-only: same perplexity
+
+
+def test_compile_checks_out_before_compiling_and_reads_calib_files(tmp_path, capsys):
+    spec = write(tmp_path, "policy p {\n    quantize blocks.*.** : Linear int4 method=gptq\n}\n")
+    a_file = write(tmp_path, "x", name="not-a-dir")
+    assert main(["compile", str(spec), "--model", "tiny:llama", "--out", str(a_file)]) == 1
+    err = capsys.readouterr().err
+    assert "it is a file" in err and "loading" not in err  # refused before the model was loaded
+    assert main(["compile", str(spec), "--model", "tiny:llama", "--out", str(tmp_path / "o"),
+                 "--calib", str(tmp_path / "nope.txt")]) == 1
+    assert "--calib" in capsys.readouterr().err
+    calib = write(tmp_path, "\n\n".join(f"calibration paragraph {i} with a few words" for i in range(5)), "c.txt")
+    assert main(["compile", str(spec), "--model", "tiny:llama", "--out", str(tmp_path / "o"),
+                 "--calib", str(calib)]) == 0
+    assert (tmp_path / "o" / "meta.json").exists()
+
+
+def test_artifact_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    (tmp_path / "junk").mkdir()
+    assert main(["eval", "--model", "tiny:llama", "--compiled", str(tmp_path / "junk")]) == 1
+    err = capsys.readouterr().err
+    assert "\nerror: " in err and "not a slimfx artifact" in err and "Traceback" not in err
+
+
+def test_fmt_write_keeps_the_files_permissions(tmp_path):
+    f = write(tmp_path, "policy p {\n  keep   head\n}\n")
+    f.chmod(0o644)
+    assert main(["fmt", "--write", str(f)]) == 0
+    assert f.read_text() == "policy p {\n    keep head\n}\n" and (f.stat().st_mode & 0o777) == 0o644

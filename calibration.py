@@ -1,0 +1,94 @@
+"""Calibration data as a user passes it, turned into the batches the passes run: `compile(...,
+calib=...)` and `slimfx compile --calib FILE` both come through here.
+
+Accepted forms: None (default text, for a slimfx.models model with a tokenizer), a tensor of
+token ids ([batch, seq] or [seq]), a dict of tensors (one batch), a list of tensors or dicts
+(one batch each), a list of texts (with a slimfx.models model, which knows its tokenizer), or
+the path of a text file (paragraphs, separated by blank lines, become the texts).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+__all__ = ["calibration_batches", "read_paragraphs", "BATCH_SIZE", "MAX_TOKENS"]
+
+BATCH_SIZE, MAX_TOKENS = 4, 128  # texts per batch, tokens per text
+ACCEPTED = ("a tensor of token ids ([batch, seq] or [seq]), a dict of tensors (one batch), "
+            "a list of such tensors or dicts, a list of texts (with a model from slimfx.models.load), "
+            "or the path of a text file")
+
+
+def calibration_batches(model, calib) -> list[dict[str, Any]]:
+    """The batches `calib` stands for (see the module docstring); [] when there are none."""
+    if calib is None:
+        return _default(model)
+    if isinstance(calib, (str, os.PathLike)):  # one string is a file name; texts come as a list
+        return _texts(model, read_paragraphs(calib))
+    if isinstance(calib, torch.Tensor):
+        return [_ids_batch(calib)]
+    if isinstance(calib, Mapping):
+        return [_dict_batch(calib, 0)]
+    if isinstance(calib, (list, tuple)):
+        if calib and all(isinstance(c, str) for c in calib):
+            return _texts(model, list(calib))
+        return [_one(c, i) for i, c in enumerate(calib)]
+    raise TypeError(f"calib must be {ACCEPTED}; got {type(calib).__name__}")
+
+
+def read_paragraphs(path: str | os.PathLike) -> list[str]:
+    """Paragraphs of a UTF-8 text file (blank-line separated), empty ones dropped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read calibration text {str(path)!r}: {e} (one string is read as a file "
+                         "path; pass texts as a list of strings)") from e
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+    paragraphs = [p for p in paragraphs if p]
+    if not paragraphs:
+        raise ValueError(f"calibration text {str(path)!r} is empty")
+    return paragraphs
+
+
+def _one(item, i: int) -> dict[str, Any]:
+    if isinstance(item, torch.Tensor):
+        return _ids_batch(item)
+    if isinstance(item, Mapping):
+        return _dict_batch(item, i)
+    raise TypeError(f"calib[{i}] is a {type(item).__name__}; a list of calibration batches holds "
+                    f"tensors of token ids or dicts of tensors (calib may be {ACCEPTED})")
+
+
+def _ids_batch(ids: torch.Tensor) -> dict[str, Any]:
+    if ids.is_floating_point() or ids.dim() not in (1, 2):
+        raise TypeError(f"a calibration tensor is token ids, [batch, seq] or [seq] integers; got "
+                        f"{ids.dtype} {tuple(ids.shape)} (pass a dict to name other inputs)")
+    return {"input_ids": ids.reshape(1, -1) if ids.dim() == 1 else ids}
+
+
+def _dict_batch(batch: Mapping, i: int) -> dict[str, Any]:
+    wrong = [k for k, v in batch.items() if not isinstance(v, torch.Tensor)]
+    if wrong:
+        raise TypeError(f"calibration batch {i}: {wrong} are not tensors; a batch maps input names to tensors")
+    return dict(batch)
+
+
+def _texts(model, texts: list[str]) -> list[dict[str, Any]]:
+    encode = getattr(model, "encode", None)
+    if encode is None or getattr(model, "tokenizer", None) is None:
+        raise TypeError("calib as texts needs a model from slimfx.models.load(...) with a tokenizer; "
+                        "otherwise pass token batches: [{'input_ids': ...}, ...]")
+    return [encode(texts[i:i + BATCH_SIZE], max_length=MAX_TOKENS) for i in range(0, len(texts), BATCH_SIZE)]
+
+
+def _default(model) -> list[dict[str, Any]]:
+    """Paragraphs of the default text that `slimfx eval` never scores; none without a tokenizer
+    (a pass that needs calibration, GPTQ or the budget solver, then says so)."""
+    if getattr(model, "tokenizer", None) is None or not hasattr(model, "encode"):
+        return []
+    from .evaluation import calibration_texts
+
+    return _texts(model, calibration_texts())

@@ -1,0 +1,69 @@
+"""compile(calib=...) accepts the forms a user passes (ids tensor, batches, dicts, texts, a file),
+refuses anything else with the list of forms, and the default never overlaps `slimfx eval`'s text."""
+import pytest
+import torch
+
+import slimfx
+from slimfx.calibration import calibration_batches, read_paragraphs
+from slimfx.evaluation import calibration_texts, default_text, eval_text
+from slimfx.models import tiny
+
+GPTQ = "policy p {\n    quantize blocks.*.** : Linear int4 method=gptq\n}\n"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny("llama")
+
+
+def ids(*shape):
+    return torch.randint(3, 200, shape)
+
+
+def test_every_accepted_form_becomes_named_batches(llama, tmp_path):
+    t = ids(2, 7)
+    assert calibration_batches(llama, t)[0]["input_ids"] is t
+    assert calibration_batches(llama, ids(7))[0]["input_ids"].shape == (1, 7)
+    assert [b["input_ids"].shape for b in calibration_batches(llama, [ids(1, 5), ids(3, 4)])] == [(1, 5), (3, 4)]
+    assert calibration_batches(llama, {"input_ids": t})[0]["input_ids"] is t
+    texts = [f"paragraph number {i} of the calibration text" for i in range(6)]
+    batches = calibration_batches(llama, texts)
+    assert len(batches) == 2 and batches[0]["input_ids"].shape[0] == 4  # four texts per batch
+    f = tmp_path / "calib.txt"
+    f.write_text("\n\n".join(texts) + "\n\n\n")
+    assert read_paragraphs(f) == texts
+    assert [b["input_ids"].tolist() for b in calibration_batches(llama, str(f))] == \
+        [b["input_ids"].tolist() for b in batches]
+
+
+@pytest.mark.parametrize("bad, says", [(3, "got int"), ([3], "calib[0] is a int"),
+                                       (torch.randn(2, 4), "token ids"), ({"input_ids": [1, 2]}, "not tensors")])
+def test_anything_else_is_a_type_error_that_lists_the_accepted_forms(llama, bad, says):
+    with pytest.raises(TypeError) as e:
+        calibration_batches(llama, bad)
+    assert says in str(e.value)
+
+
+def test_a_tensor_or_a_mask_less_batch_calibrates_a_compile(llama):
+    """The ids tensor gets the attention mask the graph takes, filled as the model would."""
+    a = slimfx.compile(llama.model, GPTQ, example_inputs=llama.example_inputs, calib=ids(2, 9))
+    b = slimfx.compile(llama.model, GPTQ, example_inputs=llama.example_inputs,
+                       calib=[{"input_ids": ids(2, 9).fill_(5), "attention_mask": torch.ones(2, 9, dtype=torch.long)}])
+    assert a.report.rules[0].details["calib_rows"] == 18 == b.report.rules[0].details["calib_rows"]
+
+
+def test_texts_need_a_model_that_knows_its_tokenizer(llama):
+    with pytest.raises(TypeError, match="slimfx.models.load"):
+        slimfx.compile(llama.model, GPTQ, example_inputs=llama.example_inputs, calib=["some text"])
+
+
+def test_a_missing_calibration_file_says_how_strings_are_read(llama):
+    with pytest.raises(ValueError, match="one string is read as a file path"):
+        calibration_batches(llama, "no such file.txt")
+
+
+def test_default_calibration_never_overlaps_the_scored_text():
+    scored, calib = eval_text(), calibration_texts()
+    assert len(calib) >= 16 and len(scored) > 10_000
+    assert not any(p in scored for p in calib)
+    assert default_text().startswith(scored)
