@@ -1,50 +1,51 @@
 """Artifacts: `CompiledModel.save(dir)` and `slimfx.load(dir)`, the end of the pipeline.
 
-A saved model is three files: the weights as safetensors, the rewritten graph as torch.export's
-JSON schema (no weights), and meta.json (report, policy, inputs, output structure, module table,
-file hashes). load() never unpickles and never runs code stored in the artifact (runtime/program_check.py).
+A saved model is three files: the weights as safetensors, the rewritten graph as slimfx's own
+JSON node list (runtime/graph_io.py: operators by name from an allow-list, no weights, no code),
+and meta.json (report, policy, inputs, output structure, module table, file hashes). Saving
+walks the GraphModule as it is (no re-export); loading rebuilds it node by node with its
+symbolic fake values. load() never unpickles and never runs code stored in the artifact.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import inspect
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 from torch.utils import _pytree as pytree
 
 from .program import InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program
 from .compiled import CompiledModel
 from .artifact_errors import FILES, META, PROGRAM, RESAVE, WEIGHTS, ArtifactError
-from .program_check import check_program, expected_tensors, keep_metadata
+from .artifact_files import first_line as _first_line, json_bytes as _json_bytes
+from .artifact_files import read_json as _read_json, read_weights as _read_weights
+from .artifact_files import sha256 as _sha256, sha256_file as _sha256_file
+from .artifact_files import write_atomic as _write_atomic
+from .artifact_files import write_bytes as _write_bytes, write_weights as _write_weights
+from .graph_io import decode_graph, encode_graph
 from .report import Report
 from .version import __version__
 
 __all__ = ["save", "load", "ArtifactError", "FORMAT_VERSION", "FILES"]
 
 FORMAT = "slimfx-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: program.json in torch.export's schema (slimfx <= 0.x, before Dec 2026)
 # ---- save --------------------------------------------------------------------------------------
 
 
 def save(cm: CompiledModel, path: str | os.PathLike) -> None:
-    """Write `cm` to the directory `path`, atomically: everything goes to a temporary directory
-    next to it, is fsynced, then renamed into place; an existing artifact there is replaced only
-    once the new one is complete, and a failed save leaves no partial directory behind."""
+    """Write `cm` to the directory `path`, atomically (runtime/artifact_files.py): an existing
+    artifact there is replaced only once the new one is complete, and a failed save leaves no
+    partial directory behind. Files are 0644 under the usual umask."""
     target = Path(path)
     _check_target(target)
-    ep = _reexport(cm.graph)
-    program = _program_json(ep)
-    tensors, aliases = _weights(ep)
+    doc, tensors, aliases = encode_graph(cm.graph.module, cm.graph.model_class)
+    program = _json_bytes(doc, PROGRAM, indent=None)  # read by machines; meta.json by people
     meta = _meta(cm, aliases)
 
     def write(tmp: Path) -> None:
@@ -63,65 +64,7 @@ def _check_target(target: Path) -> None:
                             "not a slimfx artifact; choose a new path or empty it first")
 
 
-def _reexport(graph: Program):
-    """The rewritten GraphModule as an ExportedProgram, dynamic in the same batch/seq dims.
-    Example inputs are zeros at the traced sizes (the hints of the placeholders' symbols)."""
-    placeholders = [n for n in graph.module.graph.nodes if n.op == "placeholder"]
-    args = tuple(_zeros_like(p.meta["val"]) for p in placeholders)
-    dims = tuple({d: torch.export.Dim.AUTO for d in i.dims} or None for i in graph.inputs)
-    try:
-        with torch.no_grad():
-            return torch.export.export(graph.module, args, dynamic_shapes=dims, strict=False)
-    except Exception as e:  # export raises many types; the user needs one, with the cause
-        raise ArtifactError(f"cannot save {graph.model_class}: re-exporting the rewritten graph "
-                            f"failed with {type(e).__name__}: {_first_line(e)}; every op in the "
-                            "graph needs a fake (meta) implementation") from e
-
-
-def _zeros_like(val: torch.Tensor) -> torch.Tensor:
-    sizes = [s if isinstance(s, int) else int(s.node.hint or 2) for s in val.shape]
-    return torch.zeros(sizes, dtype=val.dtype, device=val.device)
-
-
-def _program_json(ep) -> bytes:
-    """The program as torch.export JSON, without the pickles serialize() would make of weights,
-    constants and example inputs, and without guard code or stack traces (runtime/program_check.py)."""
-    from torch._export.serde.serialize import serialize
-
-    wanted = ("serialize_state_dict", "serialize_constants", "serialize_example_inputs")
-    accepted = inspect.signature(serialize).parameters  # older torch pickles them all anyway
-    doc = json.loads(serialize(ep, **{k: False for k in wanted if k in accepted}).exported_program)
-    doc["guards_code"] = []  # Python source ep.module() would exec; shape checks stay in ranges
-    keep_metadata(doc)
-    return _json_bytes(doc, PROGRAM, indent=None)  # read by machines; meta.json by people
-
-
-def _weights(ep) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors to store, alias name -> stored name): tied weights are stored once."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    storages: set[int] = set()
-    for name, t in {**ep.state_dict, **ep.constants}.items():
-        if not isinstance(t, torch.Tensor):
-            raise ArtifactError(f"cannot save constant {name!r} of type {type(t).__name__}: "
-                                "only tensors can be stored in safetensors")
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-               t.stride(), t.dtype)
-        if t.numel() and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        ptr = t.untyped_storage().data_ptr()
-        # safetensors refuses tensors that share memory: copy partial views of one storage.
-        data = t.detach().cpu()
-        tensors[name] = data.clone() if ptr in storages and t.numel() else data.contiguous()
-        storages.add(ptr)
-    return tensors, aliases
-
-
 def _meta(cm: CompiledModel, aliases: dict[str, str]) -> dict[str, Any]:
-
     g = cm.graph
     try:
         spec = json.loads(pytree.treespec_dumps(g.outputs.spec))
@@ -139,95 +82,8 @@ def _meta(cm: CompiledModel, aliases: dict[str, str]) -> dict[str, Any]:
                    for i in g.inputs],
         "outputs": {"spec": spec, "constants": list(g.outputs.constants)},
         "modules": [asdict(m) for m in g.modules.values()],
-        "weights": {"aliases": aliases},  # tied names; the program's signature says the rest
+        "weights": {"aliases": aliases},  # tied names, for people; program.json says the rest
     }
-
-
-# ---- writing files -----------------------------------------------------------------------------
-
-
-def _json_bytes(doc: Any, what: str, indent: int | None = 1) -> bytes:
-    try:
-        return json.dumps(doc, indent=indent, ensure_ascii=False,
-                          separators=None if indent else (",", ":")).encode("utf-8")
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"cannot write {what}: {e}; report figures and output constants "
-                            "must be plain JSON values (str, int, float, bool, None, list, dict)"
-                            ) from e
-
-
-def _write_bytes(path: Path, data: bytes) -> dict[str, Any]:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def _write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt", "writer": "slimfx"})
-    except Exception as e:
-        raise ArtifactError(f"cannot write {WEIGHTS}: {_first_line(e)}") from e
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
-
-
-def _write_atomic(target: Path, write: Callable[[Path], None]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an artifact is an ordinary directory
-        write(tmp)
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """rename(2) cannot replace a non-empty directory: move the old one aside first, and back
-    if the new one cannot take its place."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(old)
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; its renames are durable enough
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 # ---- load --------------------------------------------------------------------------------------
@@ -237,13 +93,15 @@ def load(path: str | os.PathLike) -> CompiledModel:
     """The CompiledModel saved at `path`; its outputs are bit-identical to the saved one's.
 
     Reads JSON and safetensors only (no pickle), checks every file against the SHA-256 in
-    meta.json, and checks the program before torch deserializes it (see _check_program).
-    Whatever goes wrong is an ArtifactError that says what to do."""
+    meta.json (program.json: the very bytes it then parses), and resolves every operator via the
+    allow-list in runtime/program_check.py. Whatever goes wrong is an ArtifactError that says
+    what to do."""
     root = Path(path)
     meta = _read_meta(root)
-    _check_files(root, meta)
+    program = _read_checked(root, meta, PROGRAM)
+    _read_checked(root, meta, WEIGHTS, keep=False)  # safetensors maps the file itself
     try:
-        return _restore(root, meta)
+        return _restore(root, meta, program)
     except ArtifactError:
         raise
     except Exception as e:  # files that hash right but do not fit together: another version?
@@ -253,14 +111,13 @@ def load(path: str | os.PathLike) -> CompiledModel:
             f", this is torch {torch.__version__}: load it there or {RESAVE}") from e
 
 
-def _restore(root: Path, meta: dict[str, Any]) -> CompiledModel:
+def _restore(root: Path, meta: dict[str, Any], program: bytes) -> CompiledModel:
     _register_slimfx_ops()
-    doc = _read_json(root / PROGRAM)
-    check_program(doc, [i["name"] for i in meta["inputs"]])
-    state, constants = _split_weights(doc, _read_weights(root / WEIGHTS), meta["weights"])
-    module = _rebuild_module(doc, state, constants)
+    doc = _read_json(root / PROGRAM, program)
+    tensors = _read_weights(root / WEIGHTS)
+    module = decode_graph(doc, tensors)
     graph = Program(module, _modules(meta), _inputs(meta, module), _outputs(meta),
-                       meta["model_class"])
+                    meta["model_class"])
     policy = meta.get("policy") or {}
     return CompiledModel(graph, report=Report.from_dict(meta["report"]),
                          policy_text=policy.get("text") or "", policy_name=policy.get("name"))
@@ -286,10 +143,12 @@ def _read_meta(root: Path) -> dict[str, Any]:
         raise ArtifactError(f"{root / META} does not describe a slimfx artifact; {RESAVE}")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
+        older = (" (version 1 stored the graph in torch.export's format, which took seconds "
+                 "to load)" if version == 1 else "")
         raise ArtifactError(
-            f"{root} has artifact format version {version!r}; this slimfx reads version "
+            f"{root} has artifact format version {version!r}{older}; this slimfx reads version "
             f"{FORMAT_VERSION}: load it with the slimfx that wrote it "
-            f"({meta.get('slimfx_version', '?')}) or {RESAVE}")
+            f"({meta.get('slimfx_version', '?')}) and {RESAVE} under this one, or recompile")
     missing = [k for k in ("files", "inputs", "outputs", "modules", "weights", "model_class")
                if k not in meta]
     if missing:
@@ -297,80 +156,23 @@ def _read_meta(root: Path) -> dict[str, Any]:
     return meta
 
 
-def _check_files(root: Path, meta: dict[str, Any]) -> None:
-    for name in (PROGRAM, WEIGHTS):
-        path, want = root / name, meta["files"].get(name) or {}
-        if not path.is_file():
-            raise ArtifactError(f"{root} is incomplete: {name} is missing (an interrupted copy?); "
-                                f"{RESAVE}")
-        size = path.stat().st_size
-        if size != want.get("bytes"):
-            raise ArtifactError(f"{path} is {size} bytes but meta.json records "
-                                f"{want.get('bytes')}: the file is truncated or was replaced; "
-                                f"{RESAVE}")
-        if _sha256(path) != want.get("sha256"):
-            raise ArtifactError(f"{path} does not match the SHA-256 recorded in meta.json: it was "
-                                f"changed or damaged after saving; {RESAVE}")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); {RESAVE}") from e
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file  # a Rust parser: no pickle involved
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # SafetensorError, or OSError for unreadable headers
-        raise ArtifactError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
-                            f"{RESAVE}") from e
-
-
-def _split_weights(doc, tensors, weights_meta) -> tuple[dict, dict]:
-    """(state dict, constants) as the program's signature names them, each tensor checked
-    against the shape and dtype the program expects; aliases share one tensor again."""
-    aliases = weights_meta.get("aliases", {})
-    known = {**tensors, **{a: tensors.get(t) for a, t in aliases.items()}}
-    expected = expected_tensors(doc)
-    missing = sorted(n for n in expected if known.get(n) is None)
-    extra = sorted(set(known) - set(expected))
-    if missing or extra:
-        raise ArtifactError(f"{WEIGHTS} does not hold the program's tensors (missing "
-                            f"{missing[:5]}, unexpected {extra[:5]}); {RESAVE}")
-    state, constants, params = {}, {}, {}
-    for name, (kind, shape, dtype, grad) in expected.items():
-        t = known[name]
-        if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
-            raise ArtifactError(f"tensor {name!r} in {WEIGHTS} is {t.dtype} {tuple(t.shape)} but "
-                                f"the program expects {dtype} {shape}; {RESAVE}")
-        if kind == "parameter":  # one Parameter per stored tensor keeps tied weights tied
-            t = params.setdefault(aliases.get(name, name), nn.Parameter(t, requires_grad=grad))
-        (state if kind in ("parameter", "buffer") else constants)[name] = t
-    return state, constants
-
-
-def _rebuild_module(doc, state, constants) -> torch.fx.GraphModule:
-    from torch._export.serde.serialize import SerializedArtifact, deserialize
-
-    # State and constants go in as dicts, example inputs as b"": torch.load is never reached.
-    ep = deserialize(SerializedArtifact(json.dumps(doc).encode("utf-8"), state, constants, b""))
-    gm = ep.module(check_guards=False) if _takes(ep.module, "check_guards") else ep.module()
-    for n in gm.graph.nodes:  # ops returning nothing come back without meta["val"]
-        if n.op == "call_function" and "val" not in n.meta and _returns_nothing(n.target):
-            n.meta["val"] = None
-    return gm
-
-
-def _takes(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
-def _returns_nothing(target) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and not target._schema.returns
+def _read_checked(root: Path, meta: dict[str, Any], name: str, keep: bool = True) -> bytes:
+    """The file's bytes (if `keep`), once they match the size and SHA-256 in meta.json."""
+    files = meta["files"] if isinstance(meta["files"], dict) else {}
+    path, want = root / name, files.get(name) or {}
+    if not path.is_file():
+        raise ArtifactError(f"{root} is incomplete: {name} is missing (an interrupted copy?); "
+                            f"{RESAVE}")
+    size = path.stat().st_size
+    if size != want.get("bytes"):
+        raise ArtifactError(f"{path} is {size} bytes but meta.json records "
+                            f"{want.get('bytes')}: the file is truncated or was replaced; "
+                            f"{RESAVE}")
+    data = path.read_bytes() if keep else b""
+    if (_sha256(data) if keep else _sha256_file(path)) != want.get("sha256"):
+        raise ArtifactError(f"{path} does not match the SHA-256 recorded in meta.json: it was "
+                            f"changed or damaged after saving; {RESAVE}")
+    return data
 
 
 # ---- meta.json -> graph records -----------------------------------------------------------------
@@ -388,9 +190,16 @@ def _modules(meta) -> dict[str, ModuleInfo]:
 def _inputs(meta, module: torch.fx.GraphModule) -> tuple[InputInfo, ...]:
     """Names and dim roles from meta.json; shapes from the loaded program, whose symbols the
     graph's seq_dim() compares against."""
-    vals = [n.meta["val"] for n in module.graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    names = [rec["name"] for rec in meta["inputs"]]
+    if [p.target for p in placeholders] != names:
+        raise ArtifactError(f"{PROGRAM} is refused: its inputs {[p.target for p in placeholders]}"
+                            f" are not meta.json's {names}; {RESAVE}")
     infos = []
-    for rec, val in zip(meta["inputs"], vals, strict=True):
+    for rec, p in zip(meta["inputs"], placeholders, strict=True):
+        val = p.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise ArtifactError(f"input {rec['name']!r} has no value in {PROGRAM}; {RESAVE}")
         if str(val.dtype).removeprefix("torch.") != rec["dtype"]:
             raise ArtifactError(f"input {rec['name']!r} is {rec['dtype']} in meta.json but "
                                 f"{val.dtype} in the program; {RESAVE}")

@@ -81,9 +81,12 @@ def test_weights_file_holds_the_programs_tensors(saved):
 def test_program_json_has_no_pickles_or_stack_traces(saved):
     text = (saved("llama") / "program.json").read_text()
     doc = json.loads(text)
-    assert doc["guards_code"] == []
+    assert doc["format"] == "slimfx-graph" and "guards_code" not in text
     assert "stack_trace" not in text and "/site-packages/" not in text
+    assert "_guards_fn" not in text  # export's guard checker is code: never stored
     assert "nn_module_stack" in text  # kept: the block index is built from it
+    assert {n["op"] for n in doc["nodes"]} == {"placeholder", "get_attr", "call_function",
+                                                "output"}
 
 
 # ---- atomic save --------------------------------------------------------------------------------
@@ -234,21 +237,32 @@ def _tamper_program(path: Path, edit) -> None:
 
 
 def _nodes(doc):
-    return doc["graph_module"]["graph"]["nodes"]
+    return doc["nodes"]
 
 
-def test_refuses_guard_code(llama_dir):
-    _tamper_program(llama_dir, lambda d: d.update(guards_code=["__import__('os').getcwd()"]))
-    _refused(llama_dir, "program.json is refused", "guard code", "never runs code")
-
-
-def test_refuses_non_operator_targets(llama_dir):
+def test_refuses_module_calls(llama_dir):
+    """export's `_guards_fn` submodule runs guard code: a graph may not call modules."""
     def edit(doc):
-        _nodes(doc)[3]["target"] = "torch.load"
-        _nodes(doc)[4]["target"] = "torch.ops.load_library"
+        _nodes(doc)[-2].update(op="call_module", target="_guards_fn")
     _tamper_program(llama_dir, edit)
-    _refused(llama_dir, "'torch.load' is not an allowed operator",
-             "'torch.ops.load_library' is not an allowed operator")
+    _refused(llama_dir, "program.json is refused", "'call_module' node", "never runs code")
+
+
+@pytest.mark.parametrize("target", [
+    "torch.load", "torch.ops.load_library", "builtins.eval", "os.system",
+    "operator.attrgetter", "torch.ops.aten.add.Tensor", "aten.add._Tensor",
+])
+def test_refuses_non_operator_targets(llama_dir, target):
+    def edit(doc):
+        next(n for n in _nodes(doc) if n["op"] == "call_function")["target"] = target
+    _tamper_program(llama_dir, edit)
+    _refused(llama_dir, f"node target {target!r} is not an allowed operator", "never runs code")
+
+
+def _symbolic_node(doc) -> dict:
+    """A node whose value's first size is a symbol (the batch)."""
+    return next(n for n in _nodes(doc) if "tensor" in (n.get("val") or {})
+                and isinstance(n["val"]["tensor"][1][0], str))
 
 
 def test_refuses_code_in_size_expressions(llama_dir, tmp_path):
@@ -256,22 +270,30 @@ def test_refuses_code_in_size_expressions(llama_dir, tmp_path):
     payload = f"__import__('pathlib').Path({str(marker)!r}).touch() or 2"
 
     def edit(doc):
-        values = doc["graph_module"]["graph"]["tensor_values"]
-        size = next(s for v in values.values() for s in v["sizes"] if "as_expr" in s)
-        size["as_expr"]["expr_str"] = payload
+        _symbolic_node(doc)["val"]["tensor"][1][0] = payload
     _tamper_program(llama_dir, edit)
-    _refused(llama_dir, "expr_str", "is not a plain name or size expression")
+    _refused(llama_dir, "program.json is malformed", "is not in the symbol table", RESAVE)
+    assert not marker.exists()
+
+    def edit_function(doc):
+        _symbolic_node(doc)["val"]["tensor"][1][0] = ["eval", payload]
+    _tamper_program(llama_dir, edit_function)
+    _refused(llama_dir, "size function 'eval'", "not one slimfx rebuilds")
     assert not marker.exists()
 
 
 def test_refuses_code_in_names(llama_dir):
     def edit(doc):
-        node = _nodes(doc)[5]
-        node["outputs"][0]["as_tensor"]["name"] = "x = __import__('os')"
-        spec = doc["graph_module"]["signature"]["input_specs"][0]
-        spec["parameter"]["parameter_name"] = 'model.x"); import os; ("'
+        _nodes(doc)[5]["name"] = "x = __import__('os')"
     _tamper_program(llama_dir, edit)
-    _refused(llama_dir, "name \"x = __import__('os')\"", "parameter_name")
+    _refused(llama_dir, "node name \"x = __import__('os')\" is not a plain name")
+
+
+def test_refuses_code_in_tensor_paths(llama_dir):
+    def edit(doc):
+        doc["tensors"][0]["path"] = 'model.x"); import os; ("'
+    _tamper_program(llama_dir, edit)
+    _refused(llama_dir, "tensor path", "is not a dotted name")
 
 
 def test_refuses_foreign_output_types(llama_dir):
@@ -316,13 +338,15 @@ def test_meta_without_required_keys(llama_dir):
 
 
 def test_program_that_is_not_a_program(llama_dir):
-    _tamper_program(llama_dir, lambda d: d.pop("graph_module"))
-    _refused(llama_dir, "program.json is not a torch.export program", RESAVE)
+    _tamper_program(llama_dir, lambda d: d.pop("format"))
+    _refused(llama_dir, "program.json is not a slimfx graph", RESAVE)
 
 
-def test_other_schema_version(llama_dir):
-    _tamper_program(llama_dir, lambda d: d["schema_version"].update(major=1))
-    _refused(llama_dir, "torch.export schema 1", "load it with the torch that saved it")
+def test_format_version_1(llama_dir):
+    """Version 1 stored torch.export's schema; it is refused before anything is parsed."""
+    _edit_json(llama_dir / "meta.json", lambda m: m.update(format_version=1))
+    _refused(llama_dir, "format version 1 (version 1 stored the graph in torch.export's format",
+             f"reads version {FORMAT_VERSION}", "load it with the slimfx that wrote it")
 
 
 def test_inconsistent_meta_is_an_artifact_error(llama_dir):

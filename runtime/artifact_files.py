@@ -1,0 +1,141 @@
+"""Writing and reading an artifact's files: atomic directory swap, fsync, SHA-256, permissions.
+
+Files are written readable by group and others like any saved model (0666 less the umask,
+so 0644 under the usual 022), the directory 0777 less the umask.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .artifact_errors import RESAVE, WEIGHTS, ArtifactError
+
+__all__ = ["json_bytes", "write_bytes", "write_weights", "write_atomic", "sha256", "sha256_file",
+           "read_json", "read_weights", "first_line", "file_mode"]
+
+
+def file_mode(directory: bool = False) -> int:
+    """The mode open()/mkdir() would give under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def json_bytes(doc: Any, what: str, indent: int | None = 1) -> bytes:
+    try:
+        return json.dumps(doc, indent=indent, ensure_ascii=False,
+                          separators=None if indent else (",", ":")).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"cannot write {what}: {e}; report figures and output constants "
+                            "must be plain JSON values (str, int, float, bool, None, list, dict)"
+                            ) from e
+
+
+def write_bytes(path: Path, data: bytes) -> dict[str, Any]:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, file_mode())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """safetensors written by its Rust writer straight to the file (no bytes object of the
+    whole model in Python), then hashed back from the page cache: the faster of the two."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", "writer": "slimfx"})
+    except Exception as e:
+        raise ArtifactError(f"cannot write {WEIGHTS}: {first_line(e)}") from e
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(path, file_mode())  # the writer may create it private
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
+    """Everything goes to a temporary directory next to `target`, is fsynced, then renamed
+    into place; an existing artifact there is replaced only once the new one is complete, and
+    a failed save leaves no partial directory behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        os.chmod(tmp, file_mode(directory=True))  # mkdtemp makes it private
+        write(tmp)
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """rename(2) cannot replace a non-empty directory: move the old one aside first, and back
+    if the new one cannot take its place."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rmdir(old)
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; its renames are durable enough
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(path: Path, data: bytes | None = None) -> Any:
+    try:
+        return json.loads((path.read_bytes() if data is None else data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); {RESAVE}") from e
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file (already hashed): a Rust parser, no pickle."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, or OSError for unreadable headers
+        raise ArtifactError(f"{path} is not a readable safetensors file ({first_line(e)}); "
+                            f"{RESAVE}") from e
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

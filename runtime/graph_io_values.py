@@ -1,0 +1,235 @@
+"""meta["val"] of a saved graph node: fake tensors with symbolic sizes, as JSON and back.
+
+Saving writes each value's dtype, sizes, strides and device, with symbolic sizes as expression
+trees (`["Mul", 64, "s70"]`: an int, a symbol name, or [function, *args]). Loading rebuilds them
+in one new ShapeEnv and FakeTensorMode, with no parsing of expression text: each function name
+is looked up in a fixed table of sympy / torch size functions and called on the rebuilt args.
+Tensors of the same layout share one meta tensor, so rebuilding thousands costs milliseconds.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import sympy
+import torch
+
+from .artifact_errors import PROGRAM, RESAVE, ArtifactError
+
+__all__ = ["encode_val", "ValueDecoder", "symbol_table", "NOT_STORED"]
+
+NOT_STORED = object()  # a value encode_val cannot write: the node is saved without meta["val"]
+
+
+def _size_functions() -> dict[str, type]:
+    from torch.utils._sympy import functions as F
+
+    table = {c.__name__: c for c in (sympy.Add, sympy.Mul, sympy.Pow, sympy.Abs,
+                                     sympy.floor, sympy.ceiling, sympy.Rational)}
+    for name in ("FloorDiv", "CeilDiv", "ModularIndexing", "CleanDiv", "PythonMod", "Mod",
+                 "CeilToInt", "FloorToInt", "PowByNatural", "IntTrueDiv", "TruncToInt",
+                 "RoundToInt", "Identity", "Max", "Min", "Where", "LShift", "RShift"):
+        if getattr(F, name, None) is not None:
+            table[name] = getattr(F, name)
+    table.setdefault("Max", sympy.Max)
+    table.setdefault("Min", sympy.Min)
+    return table
+
+
+_FUNCTIONS = _size_functions()
+_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values()
+           if isinstance(d, torch.dtype)}
+
+
+def dtype_named(name: Any) -> torch.dtype:
+    if not isinstance(name, str) or name not in _DTYPES:
+        raise ArtifactError(f"{PROGRAM} names an unknown dtype {str(name)[:40]!r}; {RESAVE}")
+    return _DTYPES[name]
+
+
+def device_named(name: Any) -> torch.device:
+    if not isinstance(name, str) or len(name) > 40:
+        raise ArtifactError(f"{PROGRAM} names a device {str(name)[:40]!r}; {RESAVE}")
+    try:
+        return torch.device(name)  # parsed by torch's C++ device parser: no eval
+    except RuntimeError as e:
+        raise ArtifactError(f"{PROGRAM} names an unknown device {name!r}; {RESAVE}") from e
+
+
+# ---- save -----------------------------------------------------------------------------------
+
+
+def _expr(e: sympy.Basic) -> Any:
+    if isinstance(e, sympy.Integer):
+        return int(e)
+    if isinstance(e, sympy.Symbol):
+        return e.name
+    if isinstance(e, sympy.Rational):
+        return ["Rational", int(e.p), int(e.q)]
+    name = type(e).__name__
+    if _FUNCTIONS.get(name) is not type(e):
+        raise ValueError(f"size expression {e} uses {name}, which artifacts cannot store")
+    return [name, *(_expr(a) for a in e.args)]
+
+
+def _size(s: Any) -> Any:
+    if isinstance(s, torch.SymInt):
+        return _expr(s.node.expr)
+    return int(s)
+
+
+def encode_val(val: Any) -> Any:
+    """JSON for a node's meta["val"], or NOT_STORED for a kind of value artifacts do not keep."""
+    if val is None or isinstance(val, bool):
+        return val
+    if isinstance(val, torch.Tensor):
+        if val.layout != torch.strided or val.is_quantized:
+            return NOT_STORED
+        try:
+            sizes = [_size(s) for s in val.shape]
+            strides = [_size(s) for s in val.stride()]
+        except ValueError:
+            return NOT_STORED
+        return {"tensor": [str(val.dtype).removeprefix("torch."), sizes, strides,
+                           str(val.device), bool(val.requires_grad)]}
+    if isinstance(val, torch.SymInt):
+        try:
+            return {"symint": _expr(val.node.expr)}
+        except ValueError:
+            return NOT_STORED
+    if isinstance(val, int):
+        return {"int": val}
+    if isinstance(val, float) and math.isfinite(val):
+        return {"float": val}
+    if isinstance(val, (list, tuple)):
+        items = [encode_val(v) for v in val]
+        if any(i is NOT_STORED for i in items):
+            return NOT_STORED
+        return {"list" if isinstance(val, list) else "tuple": items}
+    return NOT_STORED
+
+
+def symbol_table(vals: list[Any]) -> dict[str, int | None]:
+    """name -> hint (None for unbacked symbols) of every size symbol in `vals`."""
+    out: dict[str, int | None] = {}
+
+    def visit(v):
+        if isinstance(v, torch.Tensor):
+            for s in (*v.shape, *v.stride()):
+                visit(s)
+        elif isinstance(v, torch.SymInt):
+            env = v.node.shape_env
+            known = getattr(env, "backed_var_to_val", None) or env.var_to_val
+            for sym in v.node.expr.free_symbols:
+                hint = known.get(sym)
+                out.setdefault(sym.name, None if hint is None else int(hint))
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+
+    for v in vals:
+        visit(v)
+    return out
+
+
+# ---- load -----------------------------------------------------------------------------------
+
+
+class ValueDecoder:
+    """Rebuilds saved values in one ShapeEnv / FakeTensorMode, symbols first."""
+
+    def __init__(self, symbols: Any):
+        from torch._dynamo.source import ConstantSource
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+        if not isinstance(symbols, dict):
+            raise ArtifactError(f"{PROGRAM} has no symbol table; {RESAVE}")
+        self.env = ShapeEnv()
+        self.mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
+        self.symbols: dict[str, sympy.Expr] = {}
+        self.hints: dict[sympy.Expr, int] = {}
+        for name, hint in symbols.items():
+            if not (isinstance(name, str) and name.isidentifier()):
+                raise ArtifactError(f"{PROGRAM} has a size symbol {str(name)[:40]!r} that is "
+                                    f"not a plain name; {RESAVE}")
+            if hint is None:
+                sym = self.env.create_unbacked_symint().node.expr
+            elif isinstance(hint, int) and not isinstance(hint, bool) and hint >= 0:
+                sym = self.env.create_symbol(hint, ConstantSource(f"slimfx_{name}"),
+                                             dynamic_dim=DimDynamic.DYNAMIC)
+                self.hints[sym] = hint
+            else:
+                raise ArtifactError(f"{PROGRAM}: size symbol {name} has hint {hint!r}, not a "
+                                    f"size; {RESAVE}")
+            self.symbols[name] = sym
+        self._symints: dict[str, Any] = {}
+        self._metas: dict[tuple, torch.Tensor] = {}
+
+    def decode(self, doc: Any) -> Any:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if doc is None or isinstance(doc, bool):
+            return doc
+        if not isinstance(doc, dict) or len(doc) != 1:
+            raise ValueError(f"a value is {str(doc)[:60]}")
+        (kind, body), = doc.items()
+        if kind == "tensor":
+            dtype, sizes, strides, device, grad = body
+            key = (dtype, repr(sizes), repr(strides), bool(grad))
+            meta = self._metas.get(key)
+            if meta is None:
+                meta = torch.empty_strided([self.size(s) for s in sizes],
+                                           [self.size(s) for s in strides],
+                                           dtype=dtype_named(dtype), device="meta")
+                if grad:
+                    meta.requires_grad_(True)
+                self._metas[key] = meta
+            return FakeTensor(self.mode, meta, device_named(device))
+        if kind == "symint":
+            return self.size(body)
+        if kind == "int" and type(body) is int:
+            return body
+        if kind == "float" and isinstance(body, (int, float)):
+            return float(body)
+        if kind in ("list", "tuple") and isinstance(body, list):
+            items = [self.decode(v) for v in body]
+            return items if kind == "list" else tuple(items)
+        raise ValueError(f"a value of kind {kind!r}")
+
+    def size(self, doc: Any) -> Any:
+        """An int, or a SymInt over this decoder's symbols."""
+        if type(doc) is int:
+            return doc
+        key = repr(doc)
+        if key not in self._symints:
+            expr = self._expr(doc, 0)
+            if isinstance(expr, sympy.Integer):
+                self._symints[key] = int(expr)
+            else:
+                hint = expr.xreplace(self.hints)
+                hint = int(hint) if isinstance(hint, sympy.Integer) else None
+                self._symints[key] = self.env.create_symintnode(expr, hint=hint)
+        return self._symints[key]
+
+    def _expr(self, doc: Any, depth: int) -> sympy.Expr:
+        if depth > 32:
+            raise ValueError("a size expression nested deeper than 32")
+        if type(doc) is int:
+            return sympy.Integer(doc)
+        if isinstance(doc, str):
+            if doc not in self.symbols:
+                raise ValueError(f"size symbol {doc[:40]!r} is not in the symbol table")
+            return self.symbols[doc]
+        if isinstance(doc, list) and doc and isinstance(doc[0], str):
+            fn = _FUNCTIONS.get(doc[0])
+            if fn is None:
+                raise ArtifactError(f"{PROGRAM} uses size function {doc[0][:40]!r}, which is "
+                                    f"not one slimfx rebuilds; {RESAVE}")
+            if fn is sympy.Rational:
+                p, q = doc[1:]
+                if type(p) is not int or type(q) is not int or q == 0:
+                    raise ValueError("a Rational of non-integers")
+                return sympy.Rational(p, q)
+            return fn(*(self._expr(a, depth + 1) for a in doc[1:]))
+        raise ValueError(f"a size expression is {str(doc)[:60]}")
