@@ -6,6 +6,10 @@
     @given(policies())
     def test_my_linter_accepts_every_policy(text): ...
 
+`check_policy(model, policy, ...)` (slimfx/policy_check.py) is the property test for a policy on
+a model: compile once, then compare compiled and original on drawn batch sizes, sequence lengths
+and padding; a failure names the smallest failing input.
+
 `policies()` draws text straight from the grammar (hypothesis.extra.lark.from_lark), then rewrites
 the parts the grammar cannot constrain (parameter names and values, budgets, metric names) to
 values the schema accepts, keeping the drawn layout. Only text that parse() accepts comes out.
@@ -24,7 +28,19 @@ from .dsl.parser import lark_parser, parse
 from .dsl.printer import format_value
 from .dsl.schema import ADAPTERS, FORMATS, INT_FORMATS, SCHEMAS, SIZE_UNITS, TOKEN_ACTIONS, ParamSpec
 
-__all__ = ["policies", "policy_asts", "param_values", "grammar_text_strategy", "tiny_models"]
+__all__ = ["policies", "policy_asts", "param_values", "grammar_text_strategy", "tiny_models",
+           "check_policy", "PolicyCheckError", "PolicyCheckResult"]
+
+_CHECKER = ("check_policy", "PolicyCheckError", "PolicyCheckResult", "Draw", "DrawResult")
+
+
+def __getattr__(name: str):
+    # The checker imports torch; the policy strategies do not, so it loads on first use.
+    if name in _CHECKER:
+        from . import policy_check
+
+        return getattr(policy_check, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _RULES_WITH_PARAMS = {"collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep"}
 

@@ -60,3 +60,16 @@ def test_tiny_models_refuses_unknown_archs():
 
     with pytest.raises(ValueError, match="unknown architectures"):
         tiny_models(archs=("lama",))
+
+
+def test_check_policy_is_exported_and_loads_torch_only_on_use():
+    """`from slimfx.testing import policies` stays torch-free; check_policy comes on first use
+    (the checker lives in slimfx/policy_check.py; tests/test_policy_check.py tests it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, slimfx.testing as t; assert 'torch' not in sys.modules; "
+            "from slimfx.testing import check_policy, PolicyCheckError, PolicyCheckResult; "
+            "import slimfx.policy_check as pc; assert check_policy is pc.check_policy; "
+            "assert issubclass(PolicyCheckError, AssertionError); assert 'check_policy' in t.__all__")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,575 @@
+"""`check_policy`: the property test users run on their own policies (re-exported by slimfx.testing).
+
+    from slimfx.models import tiny
+    from slimfx.testing import check_policy
+
+    def test_int8_policy_keeps_logits():
+        check_policy(tiny("llama"), "policy p {\\n quantize blocks.*.** : Linear int8\\n}\\n",
+                     atol=0.02, rtol=0.0)
+
+The model is compiled once; hypothesis then draws batch sizes, sequence lengths and padding (masks
+with zeros at the left or right end, or none), builds inputs like the example inputs, and compares
+the compiled model with the original on each draw. A failure is shrunk to the smallest input that
+still fails and reported with its error.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis.control import current_build_context, currently_in_test_context
+from torch import nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["check_policy", "PolicyCheckError", "PolicyCheckResult", "Draw", "DrawResult"]
+
+PADDINGS = ("none", "right", "left")  # "none" first: hypothesis shrinks towards it
+_MAX_SEED = 2**31 - 1
+
+
+# ---- what is drawn -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """One drawn input: batch, sequence length (None when no input has one), padding side and the
+    number of padded (mask = 0) positions per row, and the seed of the token ids / float values."""
+
+    batch: int
+    seq: int | None
+    padding: str  # "none" | "left" | "right"
+    pads: tuple[int, ...]
+    seed: int
+
+    def describe(self) -> str:
+        parts = [f"batch={self.batch}"]
+        if self.seq is not None:
+            parts.append(f"seq={self.seq}")
+            if self.padding == "none":
+                parts.append("padding=none (attention_mask all ones)")
+            else:
+                parts.append(f"padding={self.padding} (masked positions per row: {list(self.pads)})")
+        parts.append(f"seed={self.seed}")
+        return ", ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class DrawResult:
+    draw: Draw
+    ok: bool
+    value: float  # max |compiled - original| over compared elements, or the metric's value
+
+
+@dataclasses.dataclass
+class PolicyCheckResult:
+    """What a passing check_policy saw: the compiled model and every input it tried."""
+
+    compiled: Any  # the CompiledModel
+    results: list[DrawResult]
+
+    @property
+    def draws(self) -> list[Draw]:
+        return [r.draw for r in self.results]
+
+    @property
+    def max_value(self) -> float:
+        """The largest error (or metric value) over every draw."""
+        return max((r.value for r in self.results), default=0.0)
+
+
+class PolicyCheckError(AssertionError):
+    """check_policy found an input on which the compiled model departs from the original.
+    `.draw` is the smallest such input hypothesis found, `.value` its error or metric value."""
+
+    def __init__(self, message: str, draw: Draw | None = None, value: float | None = None):
+        super().__init__(message)
+        self.draw, self.value = draw, value
+
+
+class _Failure(AssertionError):
+    """Raised inside the hypothesis test (one raise site, so hypothesis sees a single bug)."""
+
+    def __init__(self, draw: Draw, detail: str, value: float):
+        super().__init__(f"{draw.describe()}: {detail}")
+        self.draw, self.detail, self.value = draw, detail, value
+
+
+# ---- how inputs are built ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Input:
+    name: str
+    kind: str  # "mask" | "ids" | "positions" | "int" | "bool" | "float"
+    dtype: torch.dtype
+    device: torch.device
+    shape: tuple[int, ...]  # the example's shape; batch/seq dims are replaced per draw
+    dims: Mapping[int, str]  # {0: "batch", 1: "seq"}
+    low: float = 0.0  # ints: values in [low, high); floats: mean
+    high: float = 1.0  # floats: std
+
+
+@dataclasses.dataclass(frozen=True)
+class _Space:
+    inputs: tuple[_Input, ...]
+    batch: tuple[int, int]
+    seq: tuple[int, int] | None
+    pad_id: int | None
+
+    @property
+    def has_mask(self) -> bool:
+        return any(i.kind == "mask" and i.dims.get(1) == "seq" for i in self.inputs)
+
+
+def _draws(space: _Space) -> st.SearchStrategy[Draw]:
+    @st.composite
+    def draw_one(draw) -> Draw:
+        batch = draw(st.integers(*space.batch))
+        seq = draw(st.integers(*space.seq)) if space.seq else None
+        padding, pads = "none", (0,) * batch
+        if space.has_mask and seq is not None and seq > 1:
+            padding = draw(st.sampled_from(PADDINGS))
+            if padding != "none":
+                # The first row is always padded, so a drawn side is a real padding pattern;
+                # every row keeps at least one real token.
+                first = draw(st.integers(1, seq - 1))
+                rest = draw(st.lists(st.integers(0, seq - 1), min_size=batch - 1, max_size=batch - 1))
+                pads = (first, *rest)
+        return Draw(batch, seq, padding, pads, draw(st.integers(0, _MAX_SEED)))
+
+    return draw_one()
+
+
+def _mask(d: Draw) -> torch.Tensor | None:
+    if d.seq is None:
+        return None
+    mask = torch.ones(d.batch, d.seq, dtype=torch.long)
+    for row, p in enumerate(d.pads):
+        if p and d.padding == "left":
+            mask[row, :p] = 0
+        elif p and d.padding == "right":
+            mask[row, d.seq - p:] = 0
+    return mask
+
+
+def _build(space: _Space, d: Draw) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(d.seed)
+    mask = _mask(d)
+    out: dict[str, torch.Tensor] = {}
+    for spec in space.inputs:
+        shape = list(spec.shape)
+        for dim, role in spec.dims.items():
+            shape[dim] = d.batch if role == "batch" else (d.seq if role == "seq" and d.seq else shape[dim])
+        token_shaped = mask is not None and len(shape) == 2 and spec.dims.get(1) == "seq"
+        if spec.kind == "mask":
+            value = mask if token_shaped else torch.ones(shape, dtype=torch.long)
+        elif spec.kind == "positions" and token_shaped:
+            value = torch.arange(d.seq).expand(d.batch, d.seq).clone()
+        elif spec.kind in ("ids", "int", "positions"):
+            value = torch.randint(int(spec.low), int(spec.high), shape, generator=gen)
+            if spec.kind == "ids" and token_shaped and space.pad_id is not None:
+                value[mask == 0] = space.pad_id
+        elif spec.kind == "bool":
+            value = torch.randint(0, 2, shape, generator=gen).bool()
+        else:
+            value = torch.randn(shape, generator=gen, dtype=torch.float64) * spec.high + spec.low
+        out[spec.name] = value.to(dtype=spec.dtype, device=spec.device)
+    return out
+
+
+def _space(compiled, module: nn.Module, example: Mapping[str, torch.Tensor], max_batch: int,
+           max_seq: int) -> _Space:
+    config = getattr(module, "config", None)
+    vocab = _vocab_size(module, config)
+    bounds = _dim_bounds(compiled)
+    inputs, batch, seq = [], [1, max_batch], None
+    for info in compiled.graph.inputs:
+        value = example[info.name]
+        inputs.append(_describe_input(info, value, vocab, config))
+        for dim, role in info.dims.items():
+            lo, hi = bounds.get(str(info.shape[dim]), (1, None))
+            if role == "batch":
+                batch = [max(batch[0], lo), min(batch[1], hi) if hi else batch[1]]
+            elif role == "seq":
+                seq = seq or [1, max_seq]
+                seq = [max(seq[0], lo), min(seq[1], hi) if hi else seq[1]]
+    if seq is not None:
+        limit = _max_positions(config)
+        if limit:
+            seq[1] = min(seq[1], limit)
+    for name, rng in (("batch", batch), ("seq", seq)):
+        if rng is not None and rng[0] > rng[1]:
+            raise ValueError(f"check_policy: no {name} size to draw: the compiled model allows "
+                             f"{name} >= {rng[0]}, the limit is {rng[1]} (raise max_{name})")
+    pad = getattr(config, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) and (vocab is None or 0 <= pad < vocab) else None
+    return _Space(tuple(inputs), tuple(batch), tuple(seq) if seq else None, pad)
+
+
+def _dim_bounds(compiled) -> dict[str, tuple[int, int | None]]:
+    """{symbol: (lowest, highest or None)} from the exported graph's range constraints.
+
+    torch.export reports every dynamic dim as >= 2 (capture widens sizes 0/1 so export does not
+    specialize them) and the captured graphs run sizes 1 exactly (tests/passes/test_capture.py),
+    so a lower bound of 2 means 1; a higher one is a real constraint."""
+    out = {}
+    for sym, rng in (getattr(compiled.program, "range_constraints", None) or {}).items():
+        lo = int(rng.lower) if _finite(rng.lower) else 1
+        hi = int(rng.upper) if _finite(rng.upper) else None
+        out[str(sym)] = (1 if lo <= 2 else lo, hi)
+    return out
+
+
+def _finite(x) -> bool:
+    """A sympy bound (an Integer, or int_oo / -int_oo) that is a plain integer."""
+    import sympy  # torch's own dependency; only reached with a compiled graph in hand
+
+    return isinstance(x, (int, sympy.Integer))
+
+
+def _vocab_size(module: nn.Module, config) -> int | None:
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 0:
+        return vocab
+    get = getattr(module, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return emb.num_embeddings if isinstance(emb, nn.Embedding) else None
+
+
+def _max_positions(config) -> int | None:
+    for field in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _describe_input(info, value: torch.Tensor, vocab: int | None, config) -> _Input:
+    name, dtype = info.name, value.dtype
+    common = dict(name=name, dtype=dtype, device=value.device, shape=tuple(value.shape), dims=dict(info.dims))
+    if dtype.is_floating_point or dtype.is_complex:
+        if "mask" in name:
+            return _Input(kind="mask", **common)
+        std = float(value.double().std()) if value.numel() > 1 else 1.0
+        return _Input(kind="float", low=float(value.double().mean()),
+                      high=std if math.isfinite(std) and std > 0 else 1.0, **common)
+    if dtype == torch.bool:
+        return _Input(kind="mask" if "mask" in name else "bool", **common)
+    if "mask" in name:
+        return _Input(kind="mask", **common)
+    if name == "position_ids":
+        return _Input(kind="positions", low=0, high=max(int(value.max()) + 1, 1), **common)
+    if name.endswith("input_ids") or name == "labels":
+        high = vocab if vocab else int(value.max()) + 1
+        return _Input(kind="ids", low=0, high=max(high, 1), **common)
+    if name == "token_type_ids" and isinstance(getattr(config, "type_vocab_size", None), int):
+        return _Input(kind="int", low=0, high=max(config.type_vocab_size, 1), **common)
+    return _Input(kind="int", low=int(value.min()), high=int(value.max()) + 1, **common)
+
+
+# ---- comparing outputs ---------------------------------------------------------------------
+
+
+def _leaves(out) -> list[tuple[str, Any]]:
+    flat, _ = pytree.tree_flatten_with_path(out)
+    return [(_path(path), leaf) for path, leaf in flat]
+
+
+def _path(path) -> str:
+    """`logits`, `hidden_states[2]`, `[0]`: readable names for output leaves."""
+    text = ""
+    for entry in path:
+        key = getattr(entry, "key", None)
+        if isinstance(key, str):
+            text += f".{key}" if text else key
+        elif hasattr(entry, "name"):  # attribute keys
+            text += f".{entry.name}" if text else entry.name
+        else:
+            text += f"[{getattr(entry, 'idx', key)!r}]"
+    return text or "output"
+
+
+def _signature(out) -> tuple[str, list[tuple[str, str]]]:
+    leaves = [(path, f"tensor{list(leaf.shape)}" if isinstance(leaf, torch.Tensor) else repr(leaf))
+              for path, leaf in _leaves(out)]
+    return type(out).__name__, leaves
+
+
+def _structure_problem(orig, comp) -> str | None:
+    (ot, ol), (ct, cl) = _signature(orig), _signature(comp)
+    problems = []
+    if type(orig) is not type(comp):
+        problems.append(f"type {ct}, original {ot}")
+    ok, ck = dict(ol), dict(cl)
+    if missing := [k for k in ok if k not in ck]:
+        problems.append(f"missing {', '.join(missing)}")
+    if extra := [k for k in ck if k not in ok]:
+        problems.append(f"unexpected {', '.join(extra)}")
+    problems += [f"{k} is {ck[k]}, original {ok[k]}" for k in ok if k in ck and ck[k] != ok[k]]
+    if not problems and [k for k, _ in ol] != [k for k, _ in cl]:
+        problems.append(f"leaf order {[k for k, _ in cl]}, original {[k for k, _ in ol]}")
+    if not problems:
+        return None
+    return ("output structure differs: " + "; ".join(problems)
+            + f"\n    original: {ot} {_leaf_list(ol)}\n    compiled: {ct} {_leaf_list(cl)}")
+
+
+def _leaf_list(leaves) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in leaves) + "}"
+
+
+def _real(leaf: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Bool tensor shaped like `leaf`, False at padded positions, for leaves shaped [batch, seq, …];
+    None when every element counts."""
+    if mask is None or bool(mask.all()) or leaf.dim() < 2 or tuple(leaf.shape[:2]) != tuple(mask.shape):
+        return None
+    keep = mask.to(device=leaf.device, dtype=torch.bool)
+    return keep.view(*keep.shape, *([1] * (leaf.dim() - 2))).expand(leaf.shape)
+
+
+def _tolerance_problem(orig, comp, mask, rtol: float, atol: float) -> tuple[str | None, float]:
+    """(a description of the worst leaf if any element is out of tolerance, max abs error)."""
+    worst_err, report = 0.0, None
+    worst_bad = -1.0
+    for (path, o), (_, c) in zip(_leaves(orig), _leaves(comp)):
+        if not isinstance(o, torch.Tensor):
+            if o != c:
+                return f"{path}: {c!r}, original {o!r}", math.inf
+            continue
+        o64, c64 = o.detach().double().cpu(), c.detach().double().cpu()
+        diff = (c64 - o64).abs()
+        same = (torch.isnan(o64) & torch.isnan(c64)) | (o64 == c64)  # NaN==NaN, inf==inf
+        diff = torch.where(same, torch.zeros_like(diff), torch.nan_to_num(diff, nan=math.inf))
+        allowed = atol + rtol * o64.abs().nan_to_num(nan=0.0, posinf=math.inf)
+        keep = _real(o, mask)
+        keep = keep.cpu() if keep is not None else torch.ones_like(diff, dtype=torch.bool)
+        diff = torch.where(keep, diff, torch.zeros_like(diff))
+        bad = (diff > allowed) & keep
+        if diff.numel() == 0:
+            continue
+        err = float(diff.max())
+        worst_err = max(worst_err, err)
+        if not bool(bad.any()):
+            continue
+        excess = torch.where(bad, diff - allowed, torch.full_like(diff, -1.0))
+        flat = int(excess.argmax())
+        index = list(torch.unravel_index(torch.tensor(flat), diff.shape))
+        index = [int(i) for i in index]
+        at = tuple(index)
+        where = (f"{path}: max |compiled - original| = {err:.4g}; worst at {index}: original "
+                 f"{float(o64[at]):.6g}, compiled {float(c64[at]):.6g}, allowed {float(allowed[at]):.3g}; "
+                 f"{int(bad.sum())} of {int(keep.sum())} compared elements out of tolerance")
+        if float(excess.max()) > worst_bad:
+            worst_bad, report = float(excess.max()), where
+    return report, worst_err
+
+
+def _zero_padding(out, mask):
+    def zero(leaf):
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        keep = _real(leaf, mask)
+        return leaf if keep is None else torch.where(keep, leaf, torch.zeros_like(leaf))
+
+    return pytree.tree_map(zero, out)
+
+
+def _metric_result(metric, orig, comp, mask, atol: float) -> tuple[str | None, float]:
+    value = metric(_zero_padding(orig, mask), _zero_padding(comp, mask))
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if value is None or type(value).__name__ in ("bool", "bool_"):  # numpy's bool too
+        ok = bool(value)
+        return (None if ok else f"metric {_name(metric)} returned {value}"), (0.0 if ok else 1.0)
+    value = float(value)
+    if value <= atol:  # NaN fails
+        return None, value
+    return f"metric {_name(metric)} = {value:.6g}, allowed <= {atol:g}", value if value == value else math.inf
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+# ---- the check -----------------------------------------------------------------------------
+
+
+def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = None, calib=None,
+                 rtol: float = 1e-2, atol: float = 1e-2,
+                 metric: Callable[[Any, Any], bool | float] | None = None,
+                 max_examples: int = 20, max_batch: int = 4, max_seq: int = 32,
+                 name: str | None = None) -> PolicyCheckResult:
+    """Compile `model` with `policy` once, then compare it with the original on drawn inputs.
+
+        from slimfx.models import tiny
+        from slimfx.testing import check_policy
+
+        def test_my_policy():
+            # int8 weights: logits of the tiny llama (|logit| < 1) move by well under 0.02
+            check_policy(tiny("llama"), "policy p {\\n quantize blocks.*.** : Linear int8\\n}\\n",
+                         rtol=0, atol=0.02)
+
+    `model`, `policy`, `example_inputs`, `calib` and `name` are what `slimfx.compile` takes (a
+    `slimfx.models` LoadedModel carries its example inputs). Hypothesis draws batch sizes (1 to
+    `max_batch`), sequence lengths (1 to `max_seq`, within what the compiled graph and the model's
+    position table allow) and padding — attention masks all ones, or with zeros at the left or the
+    right end of rows — and builds every input the example inputs have, with their names and
+    dtypes (token ids within the vocabulary, pad id at padded positions; float inputs such as
+    ViT pixel_values drawn with the example's mean and spread, only the dynamic dims changing).
+
+    On each draw both models run (the original in eval mode, without gradients) and:
+    - the outputs must have the same structure: type, keys, leaf shapes;
+    - every element at a real token (padded positions of [batch, seq, …] outputs are skipped)
+      must satisfy |compiled - original| <= atol + rtol * |original| (torch.allclose's rule), or,
+      with `metric`, `metric(original, compiled)` must return True or a float <= atol (padded
+      positions are zeroed in both outputs first).
+    The default tolerance (rtol = atol = 1e-2) suits outputs of order 1 under fp16/bf16/int8
+    weights; int4/int2 policies need a bound chosen from their format (see the README).
+
+    A failure raises PolicyCheckError (an AssertionError) naming the smallest failing input
+    hypothesis shrank to (batch, seq, padding) and the error there. On success it returns a
+    PolicyCheckResult with the compiled model and every draw.
+
+    In a plain test it runs a hypothesis test of its own (`max_examples` draws, no deadline, no
+    database; derandomization follows the loaded hypothesis profile). Inside an outer @given it
+    does not nest one (hypothesis refuses nested @given): it draws up to `max_examples` inputs
+    from the outer test's data, so the outer test shrinks them with its own arguments (each
+    outer example compiles again: keep both example counts small there).
+    """
+    from . import api
+
+    module = getattr(model, "model", None) if _is_loaded(model) else model
+    example = example_inputs if example_inputs is not None else getattr(model, "example_inputs", None)
+    compiled = api.compile(model, policy, example_inputs=example_inputs, calib=calib, name=name)
+    tensors, consts = _split_example(module, example, compiled.input_names)
+    space = _space(compiled, module, tensors, max_batch, max_seq)
+    results: list[DrawResult] = []
+
+    def run_one(d: Draw) -> None:
+        failure = _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results)
+        if failure is not None:
+            raise _Failure(d, *failure)
+
+    try:
+        if currently_in_test_context():
+            _run_in_outer_test(space, run_one, max_examples)
+        else:
+            _run_own_test(space, run_one, max_examples)
+    except _Failure as f:
+        raise PolicyCheckError(_message(compiled, f, len(results), rtol, atol, metric), f.draw, f.value) from None
+    return PolicyCheckResult(compiled, results)
+
+
+def _run_own_test(space: _Space, run_one, max_examples: int) -> None:
+    """A hypothesis test of its own: draws, and on failure shrinks to the smallest failing draw."""
+    test = given(_draws(space))(run_one)
+    test = settings(
+        max_examples=max_examples, deadline=None, database=None, print_blob=False,
+        derandomize=getattr(settings.default, "derandomize", False), report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck), phases=(Phase.explicit, Phase.generate, Phase.shrink),
+    )(test)
+    test()
+
+
+def _run_in_outer_test(space: _Space, run_one, max_examples: int) -> None:
+    """Inside an outer @given, a nested @given fails hypothesis' nested_given health check, and
+    would shrink quadratically. Draw from the outer test's data instead (what st.data() does): the
+    outer test then shrinks these draws together with its own, and its falsifying example lists
+    them. Stops at the first failing draw."""
+    data = current_build_context().data.draw(st.data())
+    strategy = _draws(space)
+    for _ in range(max_examples):
+        run_one(data.draw(strategy, label="check_policy input"))
+
+
+def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results):
+    """None, or (detail, value) for a draw on which the compiled model fails."""
+    inputs = _build(space, d)
+    mask = _mask(d) if d.padding != "none" else None
+    try:
+        with torch.no_grad(), _eval_mode(module):
+            orig = module(**inputs, **consts)
+    except Exception as e:  # noqa: BLE001 - reported with the input that caused it
+        failure = (f"the original model raised {type(e).__name__}: {_first_line(e)} (check_policy drew an "
+                   "input the model does not take: lower max_seq/max_batch or pass other example_inputs)",
+                   math.inf)
+        results.append(DrawResult(d, False, math.inf))
+        return failure
+    try:
+        with torch.no_grad():
+            comp = compiled(**inputs)
+    except Exception as e:  # noqa: BLE001
+        results.append(DrawResult(d, False, math.inf))
+        return f"the compiled model raised {type(e).__name__}: {_first_line(e)}", math.inf
+    problem = _structure_problem(orig, comp)
+    if problem is not None:
+        results.append(DrawResult(d, False, math.inf))
+        return problem, math.inf
+    if metric is not None:
+        problem, value = _metric_result(metric, orig, comp, mask, atol)
+    else:
+        problem, value = _tolerance_problem(orig, comp, mask, rtol, atol)
+    results.append(DrawResult(d, problem is None, value))
+    return None if problem is None else (problem, value)
+
+
+def _message(compiled, f: _Failure, tried: int, rtol, atol, metric) -> str:
+    policy = f"policy `{compiled.policy_name}`" if compiled.policy_name else "the empty policy"
+    rule = (f"metric {_name(metric)}(original, compiled) is True or <= {atol:g}" if metric is not None else
+            f"|compiled - original| <= atol + rtol * |original|, rtol={rtol:g}, atol={atol:g}, real tokens only")
+    numeric = f.detail.startswith("metric ") or "max |compiled - original|" in f.detail
+    return (f"check_policy: compiled {compiled.graph.model_class} ({policy}) departs from the original model\n"
+            f"  smallest failing input: {f.draw.describe()}\n"
+            f"  {f.detail}\n"
+            + (f"  required: {rule}\n" if numeric else "")
+            + f"  ({tried} inputs run, shrinking included)")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _is_loaded(model) -> bool:
+    """A slimfx.models LoadedModel (or anything like it: .model + .example_inputs, not a module)."""
+    return (getattr(model, "model", None) is not None and hasattr(model, "example_inputs")
+            and not isinstance(model, nn.Module))
+
+
+def _split_example(module: nn.Module, example, names: tuple[str, ...]):
+    """({name: example tensor} for the compiled model's inputs, non-tensor keyword constants for
+    the original — the ones capture passed it, use_cache=False included)."""
+    if example is None:
+        raise TypeError("check_policy needs example_inputs (or a slimfx.models LoadedModel)")
+    if isinstance(example, torch.Tensor):  # a bare tensor is the first input, as compile takes it
+        example = (example,)
+    if isinstance(example, Mapping):
+        items = dict(example)
+    else:  # positional, bound to forward's parameters the way capture binds them
+        params = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        items = dict(zip(params, example))
+    tensors = {n: v for n, v in items.items() if isinstance(v, torch.Tensor)}
+    consts = {n: v for n, v in items.items() if not isinstance(v, torch.Tensor)}
+    if "use_cache" in inspect.signature(module.forward).parameters:
+        consts.setdefault("use_cache", False)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise TypeError(f"check_policy: the compiled model takes {list(names)} but the example inputs "
+                        f"have no tensor for {missing}")
+    return {n: tensors[n] for n in names}, consts
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

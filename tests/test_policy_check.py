@@ -1,0 +1,278 @@
+"""slimfx.testing.check_policy: passes where compiled == original within the tolerance, fails with
+a shrunk, readable report where it is not, and covers every policy in specs/."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import Phase, given, settings, strategies as st
+
+from slimfx import api
+from slimfx.dsl.errors import SpecError
+from slimfx.dsl.parser import parse_file
+from slimfx.models import tiny
+from slimfx.passes.pipeline import is_implemented
+from slimfx.testing import Draw, PolicyCheckError, PolicyCheckResult, check_policy
+
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+FEW = 8  # examples per passing check: each is two forward passes of a tiny model
+
+
+def quantize(fmt: str) -> str:
+    return f"policy p {{\n    quantize blocks.*.** : Linear {fmt}\n}}\n"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny("llama")  # one instance per module: slimfx's capture cache then exports it once
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny("bert")
+
+
+class Tampered:
+    """A CompiledModel whose outputs pass through `fn(out, inputs)`: a stand-in for a broken pass."""
+
+    def __init__(self, cm, fn):
+        self._cm, self._fn = cm, fn
+
+    def __getattr__(self, name):
+        return getattr(self._cm, name)
+
+    def __call__(self, **inputs):
+        return self._fn(self._cm(**inputs), inputs)
+
+
+@pytest.fixture
+def tamper(monkeypatch):
+    def install(fn):
+        real = api.compile
+        monkeypatch.setattr(api, "compile", lambda *a, **k: Tampered(real(*a, **k), fn))
+    return install
+
+
+# ---- passing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["", "policy p {\n    keep head\n    quantize blocks.*.** : Linear keep\n}\n"])
+def test_identity_policies_are_bit_exact(llama, policy):
+    result = check_policy(llama, policy, rtol=0, atol=0, max_examples=FEW)
+    assert isinstance(result, PolicyCheckResult) and len(result.results) >= FEW
+    assert result.max_value == 0.0
+
+
+def test_int8_passes_on_decoder_and_encoder(llama, bert):
+    # int8 RTN (symmetric, per output channel) moves each weight by at most max|w|/254, about 0.4 %;
+    # through two blocks the tiny llama's logits (|logit| < 1) move by < 0.008 and the tiny bert's
+    # hidden states (std 1) by < 0.002 (measured): 0.02 leaves room and still fails int4/int2.
+    for loaded in (llama, bert):
+        result = check_policy(loaded, quantize("int8"), rtol=0, atol=0.02, max_examples=FEW)
+        assert 0 < result.max_value < 0.02
+
+
+def test_vit_draws_batch_only_and_passes_int8():
+    result = check_policy(tiny("vit"), quantize("int8"), rtol=0, atol=0.02, max_examples=FEW)
+    assert {d.seq for d in result.draws} == {None}
+    assert {d.padding for d in result.draws} == {"none"}
+    assert len({d.batch for d in result.draws}) > 1
+
+
+def test_draws_cover_padding_and_shapes(bert):
+    result = check_policy(bert, quantize("int8"), rtol=0, atol=0.02, max_examples=25)
+    draws = result.draws
+    assert any(d.padding == "left" and any(d.pads) for d in draws)
+    assert any(d.padding == "right" and any(d.pads) for d in draws)
+    assert any(d.padding == "none" for d in draws)
+    assert len({d.batch for d in draws}) > 1 and len({d.seq for d in draws}) > 2
+    for d in draws:  # every row keeps a real token; sizes within the defaults and bert's 128 positions
+        assert all(0 <= p < d.seq for p in d.pads) and 1 <= d.batch <= 4 and 1 <= d.seq <= 32
+
+
+def test_only_real_tokens_are_compared(llama, tamper):
+    def garbage_at_padding(out, inputs):
+        out.logits[inputs["attention_mask"] == 0] = 1e6
+        return out
+
+    tamper(garbage_at_padding)
+    result = check_policy(llama, "", rtol=0, atol=0, max_examples=20)
+    assert any(d.padding != "none" for d in result.draws) and result.max_value == 0.0
+
+
+def test_metric_bool_and_float(llama):
+    def cosine_gap(orig, comp):
+        a, b = orig.logits.flatten(), comp.logits.flatten()
+        return float(1 - torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+    result = check_policy(llama, quantize("int8"), metric=cosine_gap, atol=1e-3, max_examples=FEW)
+    assert 0 < result.max_value < 1e-3
+    result = check_policy(llama, quantize("int8"), metric=lambda o, c: bool(torch.isfinite(c.logits).all()),
+                          max_examples=FEW)
+    assert all(r.ok for r in result.results)
+    with pytest.raises(PolicyCheckError, match=r"metric cosine_gap = [0-9.e-]+, allowed <= 0\.001"):
+        check_policy(llama, quantize("int2 group=16"), metric=cosine_gap, atol=1e-3, max_examples=FEW)
+
+
+# ---- failing -------------------------------------------------------------------------------
+
+
+def test_int2_at_tight_tolerance_fails_with_the_smallest_input(llama):
+    with pytest.raises(PolicyCheckError) as info:
+        check_policy(llama, quantize("int2 group=16"), rtol=0, atol=1e-3, max_examples=FEW)
+    err = info.value
+    assert isinstance(err, AssertionError)
+    assert err.draw == Draw(batch=1, seq=1, padding="none", pads=(0,), seed=0)  # shrunk all the way
+    assert err.value > 1e-3
+    text = str(err)
+    assert "compiled LlamaForCausalLM (policy `p`) departs from the original model" in text
+    assert "smallest failing input: batch=1, seq=1, padding=none" in text
+    assert "logits: max |compiled - original| = " in text
+    assert "rtol=0, atol=0.001" in text
+
+
+def test_padding_only_failure_shrinks_to_one_padded_position(llama, tamper):
+    def broken_under_left_padding(out, inputs):
+        if bool((inputs["attention_mask"][:, 0] == 0).any()):
+            out.logits[..., -1, :] += 1.0  # the last position is always a real token here
+        return out
+
+    tamper(broken_under_left_padding)
+    with pytest.raises(PolicyCheckError) as info:
+        check_policy(llama, "", rtol=0, atol=1e-4, max_examples=40)
+    assert info.value.draw.padding == "left"
+    assert "smallest failing input: batch=1, seq=2, padding=left (masked positions per row: [1])" in str(info.value)
+
+
+def test_compiled_model_errors_are_reported_with_the_smallest_batch(llama, tamper):
+    def refuses_big_batches(out, inputs):
+        if inputs["input_ids"].shape[0] > 2:
+            raise RuntimeError("batch too large for this kernel")
+        return out
+
+    tamper(refuses_big_batches)
+    with pytest.raises(PolicyCheckError) as info:
+        check_policy(llama, "", max_examples=40)
+    text = str(info.value)
+    assert "batch=3, seq=1, padding=none" in text
+    assert "the compiled model raised RuntimeError: batch too large for this kernel" in text
+
+
+def test_structure_mismatch_is_reported(llama, tamper):
+    tamper(lambda out, inputs: (out.logits,))
+    with pytest.raises(PolicyCheckError) as info:
+        check_policy(llama, "", max_examples=FEW)
+    text = str(info.value)
+    assert "output structure differs: type tuple, original CausalLMOutputWithPast; missing logits; unexpected [0]" in text
+    assert "original: CausalLMOutputWithPast {logits: tensor[1, 1, 256]}" in text
+    assert "required:" not in text  # no tolerance was involved
+
+
+def test_shape_mismatch_is_reported(llama, tamper):
+    tamper(lambda out, inputs: type(out)(logits=out.logits[..., :-1]))
+    with pytest.raises(PolicyCheckError, match=r"logits is tensor\[1, 1, 255\], original tensor\[1, 1, 256\]"):
+        check_policy(llama, "", max_examples=FEW)
+
+
+# ---- inside an outer @given ----------------------------------------------------------------
+
+
+def test_runs_inside_an_outer_given(llama):
+    seen = []
+
+    @settings(max_examples=3, deadline=None, database=None)
+    @given(st.sampled_from(["int8", "fp16", "bf16"]))
+    def outer(fmt):
+        seen.append(len(check_policy(llama, quantize(fmt), rtol=0, atol=0.02, max_examples=3).results))
+
+    outer()
+    assert seen and all(n == 3 for n in seen)
+
+
+def test_failure_inside_an_outer_given_is_shrunk_by_it(llama):
+    # No explain phase: it reruns the outer test (a compile each) dozens of times.
+    @settings(max_examples=3, deadline=None, database=None, phases=[Phase.generate, Phase.shrink])
+    @given(st.sampled_from(["int2 group=16", "int2 group=32"]))
+    def outer(fmt):
+        check_policy(llama, quantize(fmt), rtol=0, atol=1e-3, max_examples=3)
+
+    with pytest.raises(PolicyCheckError, match="smallest failing input: batch=1, seq=1, padding=none"):
+        outer()
+
+
+# ---- every policy in specs/ ----------------------------------------------------------------
+
+# Which tiny model stands in for a spec's real model (by file-name prefix), and with how many
+# blocks: enough for every index the specs name (vit-tome reaches blocks[6], llama_shallow
+# blocks[-5:-1]); 2 where nothing needs more, since compilable policies run their passes on it.
+SPEC_MODELS = {
+    "llama": ("llama", 6),
+    "smollm2": ("llama", 2),  # SmolLM2 is a Llama
+    "minilm": ("bert", 6),    # all-MiniLM-L6-v2 is a 6-block BERT encoder
+    "vit": ("vit", 7),
+}
+
+# Tolerances of the compilable policies; rtol=0 since logits near 0 make a relative bound meaningless.
+# Both policies below put int4 (group 64 or 32, RTN or GPTQ) on most linears, int8 on the rest. int4
+# moves a weight by up to half a step, max|w|/14 of its group (~7 %); over 40 draws through the tiny
+# llama's 2 blocks the logits (|logit| < 1) moved by at most 0.10 (smollm2_budget) and 0.16
+# (smollm2_demo); all-int4 RTN by 0.11, all-int2 by 0.50-0.57, int8 by 0.008. 0.3 passes int4-level
+# error with room and fails anything int2-like (a wrong format, a transposed or unscaled weight).
+INT4_LEVEL = dict(rtol=0, atol=0.3)
+TOLERANCES = {
+    "smollm2_budget": INT4_LEVEL,
+    "smollm2_demo": INT4_LEVEL,
+}
+
+
+# Spec policies this version cannot compile, with the rules that stop them (passes not written yet:
+# `compile` refuses them with SpecError kind "unsupported"). The test checks that refusal; when a
+# pass lands the policy drops out of this branch by itself and is run through check_policy.
+NOT_COMPILABLE_YET = {
+    "llama_qlora": "drop, adapt",
+    "llama_shallow": "drop",
+    "minilm_fast": "tokens",
+    "smollm2_edge": "collapse, adapt",
+    "vit_tome": "tokens",
+}
+
+
+def _spec_policies():
+    for path in sorted(SPECS.glob("*.slim")):
+        for policy in parse_file(path).policies:
+            yield pytest.param(path, policy, id=f"{path.name}:{policy.name}")
+
+
+@pytest.mark.parametrize("path,policy", list(_spec_policies()))
+def test_every_spec_policy(path, policy):
+    prefix = path.name.split("-")[0]
+    assert prefix in SPEC_MODELS, f"add {prefix!r} to SPEC_MODELS: which tiny model stands in for {path.name}"
+    arch, layers = SPEC_MODELS[prefix]
+    model = tiny(arch, layers=layers)
+    pending = sorted({r.kind for r in policy.rules if not is_implemented(r)})
+    if pending:
+        listed = NOT_COMPILABLE_YET.get(policy.name, "")
+        assert set(pending) <= set(listed.split(", ")), (
+            f"{policy.name} needs {pending}: list it in NOT_COMPILABLE_YET with those rules")
+        # Not compilable yet: compile must refuse exactly those rules as "unsupported" (once their
+        # pass lands this branch is no longer taken and the policy is checked below).
+        with pytest.raises(SpecError) as info:
+            api.compile(model, policy)
+        assert {d.kind for d in info.value.diagnostics} == {"unsupported"}, str(info.value)
+        refused = sorted({k for d in info.value.diagnostics for k in pending if f"`{k}` is not implemented" in d.message})
+        assert refused == pending, str(info.value)
+        return
+    if policy.name in TOLERANCES:
+        result = check_policy(model, policy, max_examples=FEW, **TOLERANCES[policy.name])
+    else:
+        # Newly compilable with no bound chosen yet: structure and finite outputs on every draw.
+        # Add a tolerance to TOLERANCES that the policy's formats justify.
+        result = check_policy(model, policy, max_examples=FEW, metric=_finite)
+    assert result.results
+
+
+def _finite(orig, comp) -> bool:
+    from torch.utils import _pytree as pytree
+
+    return all(bool(torch.isfinite(t).all()) for t in pytree.tree_leaves(comp) if isinstance(t, torch.Tensor))
