@@ -24,14 +24,18 @@ import torch
 INT4 = "policy p {\n quantize blocks.*.** : Linear int4 group=64\n}\n"
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up: imports, page cache
-    times = []
+def timed(fn, repeat: int, clock: "LoweringClock | None" = None) -> tuple[float, float]:
+    """(median seconds, median seconds of it spent lowering) after one warm-up call that pays
+    for imports and fills the page cache."""
+    fn()
+    times, lowering = [], []
     for _ in range(repeat):
+        before = clock.seconds if clock else 0.0
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        lowering.append((clock.seconds if clock else 0.0) - before)
+    return statistics.median(times), statistics.median(lowering)
 
 
 class LoweringClock:
@@ -81,7 +85,7 @@ def main() -> None:
     def hf_load():
         AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
 
-    hf = {"save": timed(hf_save, args.repeat), "load": timed(hf_load, args.repeat),
+    hf = {"save": timed(hf_save, args.repeat)[0], "load": timed(hf_load, args.repeat)[0],
           "mib": du(hf_dir)}
     clock = LoweringClock()
     rows = []
@@ -89,11 +93,9 @@ def main() -> None:
         print(f"compiling {label} ...", file=sys.stderr)
         cm = slimfx.compile(lm, policy)
         out = work / label
-        save = timed(lambda: cm.save(out), args.repeat)
-        load = timed(lambda: slimfx.load(out), args.repeat)
-        before = clock.seconds
+        save = timed(lambda: cm.save(out), args.repeat)[0]
+        load, lowering = timed(lambda: slimfx.load(out), args.repeat, clock)
         back = slimfx.load(out)
-        lowering = clock.seconds - before
         with torch.no_grad():
             same = torch.equal(back(**x).logits, cm(**x).logits)
         rows.append((label, save, load, lowering, du(out), same))
@@ -109,8 +111,8 @@ def main() -> None:
         print(f"{label:<6} {save:>13.2f} {load:>13.2f} {lowering:>12.2f} {hf['save']:>17.2f} "
               f"{hf['load']:>17.2f} {save / hf['save']:>9.2f} {load / hf['load']:>9.2f} "
               f"{mib:>7.1f} {hf['mib']:>7.1f}  {'yes' if same else 'NO'}")
-    print("\n(lowering s): the part of one slimfx load spent converting weights for CPU kernels "
-          "in CompiledModel.__init__ (runtime/lower.py), not reading the artifact.")
+    print("\n(lowering s): the part of slimfx load spent converting weights for CPU kernels in "
+          "CompiledModel.__init__ (runtime/lower.py), not reading the artifact (median per run).")
 
 
 if __name__ == "__main__":
