@@ -30,7 +30,7 @@ class CompiledModel(nn.Module):
     """
 
     def __init__(self, graph: Program, *, report: Report, policy_text: str = "",
-                 policy_name: str | None = None):
+                 policy_name: str | None = None, backend: str = "auto"):
         super().__init__()
         self.program = graph.module  # registered child: parameters/state_dict see its weights
         self.graph = graph  # not a Module, so nn.Module keeps it as a plain attribute
@@ -38,6 +38,23 @@ class CompiledModel(nn.Module):
         self.policy_text = policy_text
         self.policy_name = policy_name
         self.train(False)
+        self.set_backend(backend)
+
+    # ---- lowering (runtime/lower.py) ----
+    def set_backend(self, backend: str = "auto") -> "CompiledModel":
+        """Lower the graph once for `backend`: "auto" runs each quantized linear a CPU kernel takes
+        through it (bf16 activations), "eager" runs the reference ops only. Never per call."""
+        from .lower import lower
+
+        lower(self.program, backend)
+        return self
+
+    @property
+    def lowering(self):
+        """Which quantized linears run through which kernel (a runtime/lower.py `Lowering`)."""
+        from .lower import summary
+
+        return summary(self.program)
 
     # ---- calling ----
     @property
@@ -84,22 +101,32 @@ class CompiledModel(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         """Write the artifact directory `path` atomically (see runtime/artifact.py)."""
         from .artifact import save  # artifact imports this module: import it on use
+        from .lower import unlowered
 
-        save(self, path)
+        with unlowered(self.program):  # the artifact holds the reference graph, never kernel layouts
+            save(self, path)
 
     # ---- reading ----
     def weight_bytes(self) -> int:
-        """Bytes of every distinct parameter, buffer and tensor constant (aliases once)."""
+        """Bytes of every distinct parameter, buffer and tensor constant (aliases once); the
+        weights converted for CPU kernels are not counted (`self.lowering.extra_bytes`)."""
+        from .lower import lowered_tensors
+
+        converted = {id(t) for t in lowered_tensors(self.program)}
         seen: dict[tuple, int] = {}
         for t in _tensors(self.program):
+            if id(t) in converted:
+                continue
             seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = (
                 t.numel() * t.element_size())
         return sum(seen.values())
 
     def __repr__(self) -> str:
         policy = self.policy_name or "(empty policy)"
+        lowering = self.lowering
+        kernels = f", {lowering}" if lowering.lowered else ""
         return (f"CompiledModel({self.graph.model_class}, policy {policy}, "
-                f"inputs {list(self.input_names)}, {_mib(self.weight_bytes())} of weights)")
+                f"inputs {list(self.input_names)}, {_mib(self.weight_bytes())} of weights{kernels})")
 
 
 def _tensors(module: nn.Module):

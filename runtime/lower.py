@@ -1,0 +1,234 @@
+"""Lowering a compiled graph for the CPU, once, when a CompiledModel is built or loaded.
+
+`lower(gm, "auto")` turns every `slimfx::quant_linear` node whose weight a CPU kernel takes
+(runtime/cpu_kernels.py) into that kernel's op, in place (the node object stays, so an index of
+nodes stays valid): int4 and int2 → `slimfx::quant_linear_int4pack`, per-channel int8 →
+`slimfx::quant_linear_int8pack`. The reference op's arguments stay the node's first eight, and the
+weights converted for the kernel are **non-persistent buffers** next to the packed ones
+(`<path>.qweight_int4pack`, …): `.to(device)` moves them, `state_dict()` never holds them, and
+`CompiledModel.weight_bytes()` leaves them out (`Lowering.extra_bytes` counts them).
+`lower(gm, "eager")` (and `unlower`) puts the reference graph back; `unlowered(gm)` does so for
+the length of a `with` block, keeping the converted tensors to put back after (saving uses it:
+an artifact holds the reference graph and the packed codes only).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import fx, nn
+
+from . import cpu_kernels as K
+from .report import format_bytes
+
+__all__ = ["BACKENDS", "Lowering", "lower", "unlower", "unlowered", "summary", "lowered_tensors"]
+
+BACKENDS = ("auto", "eager")
+QUANT = torch.ops.slimfx.quant_linear.default
+INT4PACK = torch.ops.slimfx.quant_linear_int4pack.default
+INT8PACK = torch.ops.slimfx.quant_linear_int8pack.default
+_LOWERED = {INT4PACK: "int4pack", INT8PACK: "int8pack"}
+_N_REF_ARGS = 8
+_REF_ARG_NAMES = tuple(a.name for a in QUANT._schema.arguments)
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """How a compiled model's quantized linears run: `routes` holds (format, route, linear calls),
+    e.g. ("int4", "int4pack", 210); route "reference" is `slimfx::quant_linear` itself."""
+
+    routes: tuple[tuple[str, str, int], ...] = ()
+    extra_bytes: int = 0  # converted weights held for the kernels, on top of weight_bytes()
+
+    def count(self, route: str) -> int:
+        return sum(n for _, r, n in self.routes if r == route)
+
+    @property
+    def lowered(self) -> int:
+        return sum(n for _, r, n in self.routes if r != "reference")
+
+    def __str__(self) -> str:
+        if not self.routes:
+            return "no quantized linears"
+        parts = [f"{n} {fmt} linear{'s' * (n != 1)} → {_LABEL.get(r, r)}" for fmt, r, n in self.routes]
+        if self.lowered:
+            parts.append(f"activations pass through bf16 in the kernels; "
+                         f"+{format_bytes(self.extra_bytes)} of converted weights")
+        return "; ".join(parts)
+
+
+_LABEL = {"int4pack": "CPU int4pack kernel", "int8pack": "CPU int8pack kernel",
+          "reference": "reference op"}
+
+
+# ---- reading the graph ------------------------------------------------------------------------------
+
+
+def _fetch(gm: nn.Module, target: str):
+    owner, _, leaf = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+
+
+def _ref_args(node: fx.Node) -> tuple:
+    """The reference op's eight arguments of a quant_linear or lowered node, by position."""
+    args = list(node.args[:_N_REF_ARGS])
+    for name in _REF_ARG_NAMES[len(args):]:
+        args.append(node.kwargs.get(name))
+    return tuple(args)
+
+
+def _quant_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and (node.target is QUANT or node.target in _LOWERED):
+            yield node
+
+
+def _fmt(node: fx.Node) -> str:
+    return f"int{_ref_args(node)[5]}"
+
+
+def summary(gm: fx.GraphModule) -> Lowering:
+    """What runs where now, read from the graph."""
+    counts: dict[tuple[str, str], int] = {}
+    for node in _quant_nodes(gm):
+        key = (_fmt(node), _LOWERED.get(node.target, "reference"))
+        counts[key] = counts.get(key, 0) + 1
+    extra = K.nbytes(*{id(t): t for t in lowered_tensors(gm)}.values())
+    return Lowering(tuple((f, r, n) for (f, r), n in sorted(counts.items())), extra)
+
+
+def lowered_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """The converted weights the lowered nodes read (what weight_bytes leaves out)."""
+    return [_fetch(gm, a.target) for node in _quant_nodes(gm) if node.target in _LOWERED
+            for a in node.args[_N_REF_ARGS:] if isinstance(a, fx.Node) and a.op == "get_attr"]
+
+
+# ---- choosing and converting ------------------------------------------------------------------------
+
+
+def _plan(gm: fx.GraphModule, node: fx.Node):
+    """(op, {suffix: tensor}, trailing ints) for a node a kernel takes, else None."""
+    x, qweight, scales, zeros, _bias, bits, group, in_features = _ref_args(node)
+    attrs = (qweight, scales) + (() if zeros is None else (zeros,))
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in attrs):
+        return None
+    qw, sc = _fetch(gm, qweight.target), _fetch(gm, scales.target)
+    zr = None if zeros is None else _fetch(gm, zeros.target)
+    if qw.device.type != "cpu" or qw.dim() != 2:
+        return None
+    kernel_group = K.int4_kernel_group(bits, group, in_features, qw.shape[0])
+    if kernel_group is not None:
+        packed, sz = K.int4pack_weights(qw, sc, zr, bits, group, in_features, kernel_group)
+        return INT4PACK, {"int4pack": packed, "int4pack_scales_zeros": sz}, (kernel_group,)
+    if K.int8_eligible(bits, group, in_features):
+        w8, s8, offsets = K.int8pack_weights(qw, sc, zr)
+        tensors = {"int8pack": w8, "int8pack_scales": s8, "int8pack_offsets": offsets}
+        return INT8PACK, tensors, ()
+    return None
+
+
+def _register(gm: fx.GraphModule, anchor: fx.Node, tensors: dict[str, Optional[torch.Tensor]]):
+    """Non-persistent buffers `<anchor's path>_<suffix>` and get_attr nodes right after the anchor
+    (the packed weight's own get_attr, so they come before every use). None stays None."""
+    owner_path, _, leaf = anchor.target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    nodes: dict[str, Optional[fx.Node]] = {}
+    fake = getattr(anchor.meta.get("val"), "fake_mode", None)
+    where = anchor
+    for suffix, t in tensors.items():
+        if t is None:
+            nodes[suffix] = None
+            continue
+        name = f"{leaf}_{suffix}"
+        if name in owner._buffers:
+            del owner._buffers[name]
+        owner.register_buffer(name, t, persistent=False)
+        with gm.graph.inserting_after(where):
+            where = gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
+        if fake is not None:
+            where.meta["val"] = fake.from_tensor(t, static_shapes=True)
+        nodes[suffix] = where
+    return nodes
+
+
+def lower(gm: fx.GraphModule, backend: str = "auto", *,
+          _converted: Optional[dict] = None) -> Lowering:
+    """Lower `gm` in place for `backend` ("auto": the fastest route per linear; "eager": the
+    reference ops only). Idempotent; switching backends re-lowers from the reference graph."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    converted = dict(_converted or {})
+    if any(n.target in _LOWERED for n in _quant_nodes(gm)):
+        converted.update(_strip(gm))
+    if backend == "auto":
+        changed, attrs_of = False, {}
+        for node in list(_quant_nodes(gm)):
+            key = _key(node)
+            plan = converted.get(key) or _plan(gm, node)
+            if plan is None:
+                continue
+            converted[key] = plan
+            op, tensors, ints = plan
+            anchor = _ref_args(node)[1]
+            if key not in attrs_of:  # sites sharing a weight share its buffers
+                attrs_of[key] = _register(gm, anchor, tensors)
+            attrs = attrs_of[key]
+            node.target = op
+            node.args = (*_ref_args(node), *attrs.values(), *ints)
+            node.kwargs = {}
+            changed = True
+        if changed:
+            gm.recompile()
+    return summary(gm)
+
+
+def _key(node: fx.Node):
+    qweight = _ref_args(node)[1]
+    return qweight.target if isinstance(qweight, fx.Node) else id(node)
+
+
+def _strip(gm: fx.GraphModule) -> dict:
+    """Put every lowered node back to the reference op, drop the converted buffers and their
+    get_attr nodes; return the plans (so they can be put back without converting again)."""
+    plans: dict = {}
+    dead: list[fx.Node] = []
+    for node in list(_quant_nodes(gm)):
+        if node.target not in _LOWERED:
+            continue
+        extra = node.args[_N_REF_ARGS:]
+        attrs = [a for a in extra if isinstance(a, fx.Node) or a is None]
+        ints = tuple(a for a in extra if not (isinstance(a, fx.Node) or a is None))
+        suffixes = ("int4pack", "int4pack_scales_zeros") if node.target is INT4PACK else (
+            "int8pack", "int8pack_scales", "int8pack_offsets")
+        tensors = {s: None if a is None else _fetch(gm, a.target) for s, a in zip(suffixes, attrs)}
+        plans[_key(node)] = (node.target, tensors, ints)
+        node.target, node.args, node.kwargs = QUANT, _ref_args(node), {}
+        dead.extend(a for a in attrs if a is not None)
+    for a in dict.fromkeys(dead):
+        if not a.users:
+            owner_path, _, leaf = a.target.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            owner._buffers.pop(leaf, None)
+            gm.graph.erase_node(a)
+    if plans:
+        gm.recompile()
+    return plans
+
+
+def unlower(gm: fx.GraphModule) -> Lowering:
+    """The reference graph again (same as `lower(gm, "eager")`)."""
+    return lower(gm, "eager")
+
+
+@contextmanager
+def unlowered(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """Within the block `gm` is the reference graph with no converted buffers; after it, the
+    same lowering is back (without converting again)."""
+    plans = _strip(gm)
+    try:
+        yield gm
+    finally:
+        if plans:
+            lower(gm, "auto", _converted=plans)
