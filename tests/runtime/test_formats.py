@@ -1,6 +1,9 @@
-"""Packed weight formats: packing round-trips, RTN stays within scale/2, all-in bits per weight."""
+"""Packed weight formats: golden codes/scales/zeros/bytes written out literally, RTN equal to an
+independent implementation of the layout in runtime/formats.py's docstring, packing round-trips,
+RTN stays within scale/2, all-in bits per weight."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -71,6 +74,184 @@ def test_pack_and_unpack_reject_bad_input():
         unpack(torch.zeros(2, 4, dtype=torch.uint8), 4, 9)
 
 
+# ---- an independent implementation of the layout (runtime/formats.py's docstring) -------------
+# Written from the format description alone, one group and one element at a time in numpy
+# float32: nothing here calls slimfx. RTN must agree with it exactly (codes, scales, zeros, bytes).
+
+def _fp16_ceil(s: np.float32) -> np.float32:
+    """The smallest fp16 value >= s."""
+    h = np.float16(s)
+    if np.float32(h) < s:
+        h = np.nextafter(h, np.float16(np.inf))
+    return np.float32(h)
+
+
+def _ref_rtn(w: np.ndarray, bits: int, group: int | None, sym: bool):
+    """(codes int [out, in], scales float [out, groups], zeros int [out, groups]) of float32 `w`."""
+    out, cols = w.shape
+    g = cols if group is None else min(group, cols)
+    qmax = 2 ** bits - 1
+    codes = np.zeros((out, cols), np.int64)
+    n = -(-cols // g)
+    scales, zeros = np.zeros((out, n), np.float32), np.zeros((out, n), np.int64)
+    for r in range(out):
+        for k, start in enumerate(range(0, cols, g)):
+            x = w[r, start:start + g]
+            if sym:  # scale = max|w| / (2^(bits-1) - 1/2), zero point 2^(bits-1)
+                m = np.float32(np.abs(x).max())
+                s = _fp16_ceil(m / np.float32(2 ** (bits - 1) - 0.5)) if m > 0 else np.float32(1)
+                z = 2 ** (bits - 1)
+            else:  # range widened to hold 0; scale = (max - min) / qmax, zero = round(-min / scale)
+                lo, hi = min(np.float32(x.min()), np.float32(0)), max(np.float32(x.max()), np.float32(0))
+                s = _fp16_ceil(np.float32(hi - lo) / np.float32(qmax)) if hi > lo else np.float32(1)
+                z = int(np.round(-lo / s))
+            scales[r, k], zeros[r, k] = s, z
+            for c in range(start, min(start + g, cols)):
+                codes[r, c] = int(np.clip(np.round(w[r, c] / s) + z, 0, qmax))
+    return codes, scales, zeros
+
+
+def _ref_pack(codes: np.ndarray, bits: int) -> list[list[int]]:
+    """8 // bits codes per byte, code j of a byte in bits [j*bits, (j+1)*bits), zero-padded rows."""
+    per = 8 // bits
+    rows = []
+    for row in codes:
+        row_bytes = []
+        for i in range(0, len(row), per):
+            byte = 0
+            for j, c in enumerate(row[i:i + per]):
+                byte |= int(c) << (j * bits)
+            row_bytes.append(byte)
+        rows.append(row_bytes)
+    return rows
+
+
+def _ref_dequantize(codes, scales, zeros, group):
+    """(code - zero) * scale, element by element, in float32."""
+    out, cols = codes.shape
+    g = cols if group is None else min(group, cols)
+    w = np.zeros((out, cols), np.float32)
+    for r in range(out):
+        for c in range(cols):
+            w[r, c] = np.float32(codes[r, c] - zeros[r, c // g]) * scales[r, c // g]
+    return w
+
+
+def _assert_matches_reference(w: torch.Tensor, fmt: QuantFormat):
+    qw = quantize_rtn(w, fmt)
+    codes, scales, zeros = _ref_rtn(w.float().numpy(), fmt.bits, fmt.group, fmt.sym)
+    np.testing.assert_array_equal(unpack(qw.qweight, fmt.bits, w.shape[1]).numpy(), codes)
+    np.testing.assert_array_equal(qw.scales.float().numpy(), scales)
+    if fmt.sym:
+        assert qw.zeros is None
+    else:
+        np.testing.assert_array_equal(qw.zeros.float().numpy(), zeros)
+    assert qw.qweight.tolist() == _ref_pack(codes, fmt.bits)
+    np.testing.assert_array_equal(dequantize(qw).numpy(), _ref_dequantize(codes, scales, zeros, fmt.group))
+
+
+# ---- golden values ---------------------------------------------------------------------------
+# A 3 x 10 weight at group 4: groups are columns [0:4], [4:8] and a ragged [8:10]. Row 1 starts
+# with an all-zero group (scale 1), row 2 ends with one; row 1's [4:8] is all positive and its
+# [8:10] all negative (asymmetric zero points 0 and qmax). Several codes sit within 1e-3 of a
+# rounding boundary only because the scale is rounded *up* to fp16 (e.g. row 0's 0.3 at scale
+# 0.2 -> 0.2000732421875 is 1.4995 steps: code 8 + 1; with round-to-nearest fp16, 0.199951171875,
+# it would be 1.5004 steps and code 10). By hand, int4 symmetric row 0, group [0:4]:
+# scale = 0.9375 / 7.5 = 0.125 (an fp16 value), codes 8 + round([7.5, -4, 2, 0.75]) =
+# [16 -> 15 (clamped), 4, 10, 9]; bytes little end first: 0x4F, 0x9A.
+GOLDEN_W = [
+    [0.9375, -0.5, 0.25, 0.09375, 1.5, -1.5, 0.0, 0.3, -0.2, 0.05],
+    [0.0, 0.0, 0.0, 0.0, 0.1, 0.2, 0.3, 0.4, -0.7, -0.1],
+    [-0.03, 0.01, 0.02, -0.01, 2.0, 1.0, -0.5, 0.25, 0.0, 0.0],
+]
+# (bits, group, sym): codes, scales, zeros (None: symmetric), packed bytes
+GOLDEN = {
+    (4, 4, True): (
+        [[15, 4, 10, 9, 15, 1, 8, 9, 1, 10], [8, 8, 8, 8, 10, 12, 14, 15, 1, 7], [1, 10, 13, 6, 15, 12, 6, 9, 8, 8]],
+        [[0.125, 0.2000732421875, 0.02667236328125], [1.0, 0.0533447265625, 0.0933837890625],
+         [0.004001617431640625, 0.266845703125, 1.0]],
+        None,
+        [[0x4F, 0x9A, 0x1F, 0x98, 0xA1], [0x88, 0x88, 0xCA, 0xFE, 0x71], [0xA1, 0x6D, 0xCF, 0x96, 0x88]]),
+    (4, 4, False): (
+        [[15, 0, 8, 6, 14, 0, 7, 8, 0, 15], [0, 0, 0, 0, 4, 7, 11, 15, 0, 13], [0, 12, 15, 6, 15, 9, 0, 4, 0, 0]],
+        [[0.09588623046875, 0.2000732421875, 0.0166778564453125], [1.0, 0.02667236328125, 0.04669189453125],
+         [0.00333404541015625, 0.166748046875, 1.0]],
+        [[5, 7, 12], [0, 0, 15], [9, 3, 0]],
+        [[0x0F, 0x68, 0x0E, 0x87, 0xF0], [0x00, 0x00, 0x74, 0xFB, 0xD0], [0xC0, 0x6F, 0x9F, 0x40, 0x00]]),
+    (8, None, True): (
+        [[208, 86, 149, 136, 255, 1, 128, 153, 111, 132], [128, 128, 128, 128, 146, 164, 183, 201, 1, 110],
+         [126, 129, 129, 127, 255, 192, 96, 144, 128, 128]],
+        [[0.01177215576171875], [0.0054931640625], [0.0157012939453125]],
+        None,
+        None),  # int8 bytes are the codes
+    (8, 4, False): (
+        [[255, 0, 133, 106, 254, 0, 127, 152, 0, 255], [0, 0, 0, 0, 64, 127, 191, 255, 0, 219],
+         [0, 204, 255, 102, 255, 153, 0, 76, 0, 0]],
+        [[0.00563812255859375, 0.01177215576171875, 0.0009813308715820312], [1.0, 0.0015687942504882812, 0.00274658203125],
+         [0.00019609928131103516, 0.0098114013671875, 1.0]],
+        [[89, 127, 204], [0, 0, 255], [153, 51, 0]],
+        None),
+    (2, 4, True): (
+        [[3, 1, 2, 2, 3, 0, 2, 2, 1, 2], [2, 2, 2, 2, 2, 3, 3, 3, 1, 2], [1, 2, 3, 2, 3, 3, 2, 2, 2, 2]],
+        [[0.625, 1.0, 0.1334228515625], [1.0, 0.266845703125, 0.466796875], [0.0200042724609375, 1.333984375, 1.0]],
+        None,
+        [[0xA7, 0xA3, 0x09], [0xAA, 0xFE, 0x09], [0xB9, 0xAF, 0x0A]]),
+    (2, 4, False): (
+        [[3, 0, 2, 1, 3, 0, 2, 2, 0, 3], [0, 0, 0, 0, 1, 1, 2, 3, 0, 3], [0, 3, 3, 1, 3, 2, 0, 1, 0, 0]],
+        [[0.479248046875, 1.0, 0.0833740234375], [1.0, 0.1334228515625, 0.2333984375],
+         [0.0166778564453125, 0.83349609375, 1.0]],
+        [[1, 2, 2], [0, 0, 3], [2, 1, 0]],
+        [[0x63, 0xA3, 0x0C], [0x00, 0xE5, 0x0C], [0x7C, 0x4B, 0x00]]),
+}
+
+
+@pytest.mark.parametrize("key", list(GOLDEN), ids=lambda k: f"int{k[0]}-g{k[1]}-{'sym' if k[2] else 'asym'}")
+def test_rtn_golden_codes_scales_zeros_and_bytes(key):
+    bits, group, sym = key
+    codes, scales, zeros, packed = GOLDEN[key]
+    w = torch.tensor(GOLDEN_W)
+    qw = quantize_rtn(w, QuantFormat(bits, group, sym))
+    assert unpack(qw.qweight, bits, 10).tolist() == codes
+    assert qw.scales.dtype == torch.float16 and qw.scales.float().tolist() == scales
+    if sym:
+        assert qw.zeros is None
+    else:
+        assert qw.zeros.dtype == torch.float16 and qw.zeros.float().tolist() == zeros
+    assert qw.qweight.tolist() == (codes if packed is None else packed)
+    # ŵ = (code - zero) * scale, written out from the golden tables
+    g = 10 if group is None else group
+    mid = 1 << (bits - 1)
+    expected = [[(codes[r][c] - (mid if sym else zeros[r][c // g])) * scales[r][c // g] for c in range(10)]
+                for r in range(3)]
+    assert dequantize(qw).tolist() == expected
+    # the independent implementation below agrees with the golden tables too
+    ref_codes, ref_scales, ref_zeros = _ref_rtn(w.numpy(), bits, group, sym)
+    assert ref_codes.tolist() == codes and ref_scales.tolist() == scales
+    assert sym or ref_zeros.tolist() == zeros
+
+
+def test_golden_hand_checks():
+    """Two groups worked by hand from the format description, independent of the tables above."""
+    w = torch.tensor(GOLDEN_W)
+    # int4 symmetric, row 0, group [4:8] = [1.5, -1.5, 0, 0.3]: 1.5 / 7.5 = 0.2 is not an fp16
+    # value; rounded up it is 0.2000732421875, so -1.5 is -7.497 steps: code 8 - 7 = 1, not 0.
+    qw = quantize_rtn(w, QuantFormat(4, 4, True))
+    assert float(qw.scales[0, 1]) == 0.2000732421875
+    assert unpack(qw.qweight, 4, 10)[0, 4:8].tolist() == [15, 1, 8, 9]
+    # int4 asymmetric, row 1, ragged group [8:10] = [-0.7, -0.1]: range [-0.7, 0], scale
+    # 0.7 / 15 -> fp16 up 0.04669189453125, zero round(0.7 / scale) = round(14.992) = 15,
+    # codes 15 + round([-14.992, -2.142]) = [0, 13].
+    qw = quantize_rtn(w, QuantFormat(4, 4, False))
+    assert float(qw.scales[1, 2]) == 0.04669189453125 and float(qw.zeros[1, 2]) == 15
+    assert unpack(qw.qweight, 4, 10)[1, 8:].tolist() == [0, 13]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("shape", RAGGED, ids=str)
+def test_rtn_equals_the_independent_implementation(fmt, shape):
+    _assert_matches_reference(_weight(*shape), fmt)
+
+
 # ---- round to nearest ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
@@ -96,16 +277,10 @@ def test_rtn_within_half_a_step(fmt, shape):
 def test_rtn_error_bound_property(fmt, out, cols, seed, scale):
     w = _weight(out, cols, seed) * scale
     qw = quantize_rtn(w, fmt)
+    # The bound alone would also hold for an inflated scale (e.g. every code at the zero point with
+    # scale 2 max|w|); equality with the independent implementation pins the scale and the codes.
     assert bool(((w - dequantize(qw)).abs() <= error_bound(qw)).all())
-
-
-def test_rtn_codes_sit_on_the_grid():
-    """Re-quantizing ŵ with its own scales gives back the stored codes: ŵ is on the grid."""
-    fmt = QuantFormat(4, 32, False)
-    qw = quantize_rtn(_weight(6, 100), fmt)
-    s = qw.scales.float().repeat_interleave(32, 1)[:, :100]
-    z = qw.zeros.float().repeat_interleave(32, 1)[:, :100]
-    assert torch.equal(quantize_codes(dequantize(qw), s, z, fmt), unpack(qw.qweight, 4, 100))
+    _assert_matches_reference(w, fmt)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
@@ -119,6 +294,7 @@ def test_zero_and_constant_groups_are_finite(fmt):
     assert bool(torch.isfinite(w_hat).all())
     assert torch.equal(w_hat[0], torch.zeros(70))  # exact zeros stay exactly zero
     assert bool(((w - w_hat).abs() <= error_bound(qw)).all())
+    _assert_matches_reference(w, fmt)  # scale 1 for all-zero groups, fp16's smallest for -1e-30
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -1,14 +1,16 @@
-"""slimfx::quant_linear: eager == dequantize-then-linear, fake/autograd registrations, and a
-torch.export round trip with dynamic batch and sequence dims."""
+"""slimfx::quant_linear: hand-computed outputs on literal packed bytes, eager == a linear over a
+weight decoded from the bytes by an independent decoder (not runtime/formats.py), fake/autograd
+registrations, and a torch.export round trip with dynamic batch and sequence dims."""
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.export import Dim
 
 import slimfx.runtime.ops as ops
-from slimfx.runtime.formats import QuantFormat, dequantize, quantize_rtn
+from slimfx.runtime.formats import QuantFormat, quantize_rtn
 
 CASES = [(7, 100, 32), (5, 576, 128), (3, 33, None), (4, 64, 64)]  # (out, in, group)
 
@@ -23,14 +25,86 @@ def _args(qw, bias):
     return (qw.qweight, qw.scales, qw.zeros, bias, *ops.quant_linear_args(qw))
 
 
+def _decode(qweight, scales, zeros, bits, group, in_features) -> torch.Tensor:
+    """float64 [out, in] from the packed buffers, bit by bit, following the layout in
+    runtime/formats.py's docstring (code c of a row is byte c // (8 // bits), bits
+    [(c % (8 // bits)) * bits, ...)); symmetric zero point 2^(bits-1); group k covers columns
+    [k * group, (k + 1) * group)). Independent of slimfx's unpack/dequantize."""
+    q = qweight.numpy().astype(np.int64)
+    s = scales.float().numpy().astype(np.float64)
+    z = None if zeros is None else zeros.float().numpy().astype(np.float64)
+    per = 8 // bits
+    w = np.zeros((q.shape[0], in_features))
+    for r in range(q.shape[0]):
+        for c in range(in_features):
+            code = (q[r, c // per] >> ((c % per) * bits)) & ((1 << bits) - 1)
+            zero = 2 ** (bits - 1) if z is None else z[r, c // group]
+            w[r, c] = (code - zero) * s[r, c // group]
+    return torch.from_numpy(w)
+
+
+def _expected(x, qw, bias):
+    """x @ Wᵀ + b in float64, W decoded independently."""
+    w = _decode(qw.qweight, qw.scales, qw.zeros, *ops.quant_linear_args(qw))
+    y = x.double() @ w.T
+    return y if bias is None else y + bias.double()
+
+
+# Literal packed weights and their outputs, worked by hand.
+# int4, 2 x 5, group 2 (groups [0:2], [2:4] and a ragged [4:5]).
+#   row 0 bytes 0x9F 0x08 0x03 -> codes [15, 9, 8, 0, 3]; row 1 bytes 0x78 0xA1 0x0C -> [8, 7, 1, 10, 12].
+#   symmetric (zero 8): signed [7, 1, 0, -8, -5] and [0, -1, -7, 2, 4];
+#     scales [0.5, 0.25, 2] and [1, 0.125, 0.0625] -> W = [[3.5, 0.5, 0, -2, -10], [0, -1, -0.875, 0.25, 0.25]];
+#     x = [1, 2, 3, 4, 5]: y = [3.5 + 1 + 0 - 8 - 50, 0 - 2 - 2.625 + 1 + 1.25] = [-53.5, -2.375], + bias [0.5, -1].
+#   asymmetric, zeros [7, 9, 3] and [8, 8, 15]: W = [[4, 1, -0.25, -2.25, 0], [0, -1, -0.875, 0.25, -0.1875]]
+#     y = [4 + 2 - 0.75 - 9 + 0, 0 - 2 - 2.625 + 1 - 0.9375] = [-3.75, -4.5625], + bias [0.5, -1].
+# int2, 1 x 5, per channel: bytes 0b11100100 0b11 -> codes [0, 1, 2, 3, 3], zero 2, scale 0.5
+#   -> W = [-1, -0.5, 0, 0.5, 0.5]; y = -1 - 1 + 0 + 2 + 2.5 = 2.5.
+# int8, 1 x 3, per channel: bytes [130, 0, 255], zero 128, scale 0.25 -> W = [0.5, -32, 31.75];
+#   y = 0.5 - 64 + 95.25 = 31.75.
+_INT4_BYTES = [[0x9F, 0x08, 0x03], [0x78, 0xA1, 0x0C]]
+_INT4_SCALES = [[0.5, 0.25, 2.0], [1.0, 0.125, 0.0625]]
+LITERAL = {
+    "int4-sym": (_INT4_BYTES, _INT4_SCALES, None, 4, 2, [1, 2, 3, 4, 5], [-53.0, -3.375]),
+    "int4-asym": (_INT4_BYTES, _INT4_SCALES, [[7, 9, 3], [8, 8, 15]], 4, 2, [1, 2, 3, 4, 5], [-3.25, -5.5625]),
+    "int2": ([[0b11100100, 0b11]], [[0.5]], None, 2, 5, [1, 2, 3, 4, 5], [2.5]),
+    "int8": ([[130, 0, 255]], [[0.25]], None, 8, 3, [1, 2, 3], [31.75]),
+}
+
+
+@pytest.mark.parametrize("case", list(LITERAL))
+def test_literal_packed_weights_give_hand_computed_outputs(case):
+    qweight, scales, zeros, bits, group, x, y = LITERAL[case]
+    out, cols = len(scales), len(x)
+    bias = torch.tensor([0.5, -1.0][:out]) if bits == 4 else None
+    args = (torch.tensor(qweight, dtype=torch.uint8), torch.tensor(scales, dtype=torch.float16),
+            None if zeros is None else torch.tensor(zeros, dtype=torch.float16), bias, bits, group, cols)
+    result = ops.quant_linear(torch.tensor([x], dtype=torch.float32), *args)
+    assert result.tolist() == [y]
+    # the independent decoder used below agrees with the hand-worked weights
+    assert _expected(torch.tensor([x], dtype=torch.float32), _Packed(*args[:3], bits, group, cols), bias).tolist() == [y]
+
+
+class _Packed:
+    """Just enough of a QuantizedWeight for `ops.quant_linear_args` and `_expected`."""
+
+    def __init__(self, qweight, scales, zeros, bits, group, in_features):
+        self.qweight, self.scales, self.zeros = qweight, scales, zeros
+        self.fmt = QuantFormat(bits, None if group == in_features else group, zeros is None)
+        self.in_features = in_features
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("out, cols, group", CASES, ids=str)
-def test_eager_equals_dequantize_then_linear(bits, sym, out, cols, group):
+def test_eager_equals_a_linear_over_the_independently_decoded_weight(bits, sym, out, cols, group):
     qw, bias = _packed(out, cols, group, bits, sym)
     x = torch.randn(2, 3, cols)
     for b in (bias, None):
-        assert torch.equal(ops.apply_quant_linear(x, qw, b), F.linear(x, dequantize(qw), b))
+        y = ops.apply_quant_linear(x, qw, b)
+        assert y.dtype == torch.float32 and y.shape == (2, 3, out)
+        # float32 matmul against float64: only summation order differs
+        torch.testing.assert_close(y.double(), _expected(x, qw, b), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -39,7 +113,9 @@ def test_computes_in_the_input_dtype(dtype):
     x = torch.randn(2, 5, 100, dtype=dtype)
     y = ops.apply_quant_linear(x, qw, bias)
     assert y.dtype == dtype
-    assert torch.equal(y, F.linear(x, dequantize(qw).to(dtype), bias.to(dtype)))
+    # the weight is rounded to x's dtype before the linear (the op's documented meaning)
+    w = _decode(qw.qweight, qw.scales, qw.zeros, *ops.quant_linear_args(qw)).to(dtype)
+    assert torch.equal(y, F.linear(x, w, bias.to(dtype)))
 
 
 def test_opcheck_fake_and_autograd_registrations():
@@ -50,14 +126,14 @@ def test_opcheck_fake_and_autograd_registrations():
     torch.library.opcheck(torch.ops.slimfx.quant_linear.default, (torch.randn(2, 4, 40), *_args(qw, None)))
 
 
-def test_gradients_match_dequantize_then_linear():
+def test_gradients_match_a_linear_over_the_decoded_weight():
     qw, bias = _packed(7, 100, 32, 2, True)
     x = torch.randn(2, 3, 100)
     x1, b1 = x.clone().requires_grad_(), bias.clone().requires_grad_()
     x2, b2 = x.clone().requires_grad_(), bias.clone().requires_grad_()
     g = torch.randn(2, 3, 7)
     ops.apply_quant_linear(x1, qw, b1).backward(g)
-    F.linear(x2, dequantize(qw), b2).backward(g)
+    F.linear(x2, _decode(qw.qweight, qw.scales, qw.zeros, *ops.quant_linear_args(qw)).float(), b2).backward(g)
     torch.testing.assert_close(x1.grad, x2.grad)
     torch.testing.assert_close(b1.grad, b2.grad)
 
@@ -123,4 +199,5 @@ def test_reimport_keeps_one_registration():
     assert torch.ops.slimfx.quant_linear.default is op
     qw, bias = _packed(7, 100, 32, 4, True)
     x = torch.randn(2, 100)
-    assert torch.equal(ops.apply_quant_linear(x, qw, bias), F.linear(x, dequantize(qw), bias))
+    torch.testing.assert_close(ops.apply_quant_linear(x, qw, bias).double(), _expected(x, qw, bias),
+                               rtol=1e-5, atol=1e-6)

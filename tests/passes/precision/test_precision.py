@@ -15,9 +15,9 @@ import slimfx
 from slimfx.dsl.errors import SpecError
 from slimfx.passes.calibrate import observe
 from slimfx.passes.capture import capture
-from slimfx.passes.precision.gptq import HessianAccumulator, output_error
+from slimfx.passes.precision.gptq import HessianAccumulator, gptq, output_error
 from slimfx.passes.rewrite import find_sites
-from slimfx.runtime.formats import QuantFormat, QuantizedWeight, dequantize
+from slimfx.runtime.formats import QuantFormat, QuantizedWeight, dequantize, quantize_rtn
 
 from passes_tiny import captured, example_inputs, state_bytes
 
@@ -41,7 +41,12 @@ def llama():
 
 
 def compile_(model, inputs, *rules, calib=None):
-    return slimfx.compile(model, policy(*rules), example_inputs=inputs, calib=calib)
+    """Compiled with the reference ops: these tests check what the pass wrote into the graph
+    (`slimfx::quant_linear` over packed codes), not a CPU kernel lowered from it."""
+    cm = slimfx.compile(model, policy(*rules), example_inputs=inputs, calib=calib)
+    if hasattr(cm, "set_backend"):
+        cm.set_backend("eager")
+    return cm
 
 
 def packed(cm, path: str) -> QuantizedWeight:
@@ -60,8 +65,15 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---- quantize: structure and exactness -------------------------------------------------------
 
-@pytest.mark.parametrize("fmt, bound", [("int8", 0.02), ("int4 group=32", 0.3), ("int2 group=16", 1.2)])
-def test_quantize_rewrites_every_target_and_equals_dequantize_then_linear(llama, fmt, bound):
+# Relative logit error of the tiny Llama (random init) with every block linear quantized, measured
+# (torch 2.x, CPU): int8 0.0069, int4 group=32 0.132, int2 group=16 0.466. Zeroing those same
+# weights gives 0.795 and all-zero logits 1.0, so every bound here fails on a zeroed output.
+@pytest.mark.parametrize("fmt, qfmt, bound", [
+    ("int8", QuantFormat(8, None, True), 0.01),
+    ("int4 group=32", QuantFormat(4, 32, True), 0.2),
+    ("int2 group=16", QuantFormat(2, 16, True), 0.6),
+], ids=["int8", "int4", "int2"])
+def test_quantize_rewrites_every_target_and_equals_dequantize_then_linear(llama, fmt, qfmt, bound):
     model, inputs = llama
     cm = compile_(model, inputs, f"quantize {LINEARS} {fmt}")
     targets = cm.report.rules[0].targets
@@ -70,6 +82,12 @@ def test_quantize_rewrites_every_target_and_equals_dequantize_then_linear(llama,
         assert any(n.target is QUANT for n in cm.graph.targets[path].nodes), path
         assert not hasattr(cm.program.get_submodule(path), "weight"), f"{path} still holds its fp weight"
         assert f"{path}.weight" not in {p.name for p in cm.graph.modules[path].params}
+        # what the pass stored is RTN of this target's own original weight (tests/runtime/
+        # test_formats.py pins quantize_rtn to golden values and an independent implementation)
+        stored, expected_qw = packed(cm, path), quantize_rtn(model.get_submodule(path).weight.detach(), qfmt)
+        assert stored.fmt.bits == qfmt.bits and stored.zeros is None
+        for name in ("qweight", "scales"):
+            assert torch.equal(getattr(stored, name), getattr(expected_qw, name)), (path, name)
     ref = copy.deepcopy(model)  # the original with every target's weight dequantized
     with torch.no_grad():
         for path in targets:
@@ -77,7 +95,7 @@ def test_quantize_rewrites_every_target_and_equals_dequantize_then_linear(llama,
     expected = capture(ref, inputs)(**inputs).logits
     out = cm(**inputs).logits
     assert torch.equal(out, expected)
-    assert rel_error(out, model(**inputs).logits) < bound
+    assert 0 < rel_error(out, model(**inputs).logits) < bound
 
 
 def test_ragged_groups_and_asymmetric_on_a_plain_module():
@@ -111,7 +129,18 @@ def test_every_architecture(arch):
         assert any(n.target is QUANT for n in cm.graph.targets[path].nodes), path
     out, ref = cm(**inputs), model(**inputs)
     a, b = (out.logits, ref.logits) if hasattr(ref, "logits") else (out[0], ref[0])
-    assert torch.isfinite(a).all() and rel_error(a, b) < 0.5
+    # A fixed bound cannot work across architectures: zeroing every target moves BERT's output by
+    # 0.03 and ViT's by 3.9. Measured int4 group=32 errors are 0.11-0.19 of the zeroed error on
+    # every tiny architecture; 0.3 fails on a zeroed (1.0) or badly shifted (off-by-one zero
+    # point, wrong group) weight.
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for path in rule.targets:
+            w = zeroed.get_submodule(path).weight
+            w.zero_()
+    z = zeroed(**inputs)
+    z = z.logits if hasattr(z, "logits") else z[0]
+    assert torch.isfinite(a).all() and rel_error(a, b) < 0.3 * rel_error(z, b), (rel_error(a, b), rel_error(z, b))
 
 
 def test_gpt2_conv1d_transposed_weight_and_tied_head():
@@ -123,7 +152,10 @@ def test_gpt2_conv1d_transposed_weight_and_tied_head():
     head = cm.report.rules[1]
     assert any("tied" in n for n in head.notes)
     assert hasattr(cm.program.lm_head, "weight")  # the embedding still reads it
-    assert rel_error(cm(**inputs).logits, model(**inputs).logits) < 0.05
+    # the stored c_fc codes are RTN of Conv1D's [in, out] weight transposed to [out, in]
+    w = model.get_submodule("transformer.h.0.mlp.c_fc").weight.detach()
+    assert torch.equal(packed(cm, "transformer.h.0.mlp.c_fc").qweight, quantize_rtn(w.T, QuantFormat(8)).qweight)
+    assert rel_error(cm(**inputs).logits, model(**inputs).logits) < 0.01  # measured 0.0062
 
 
 @pytest.mark.parametrize("fmt, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
@@ -134,7 +166,13 @@ def test_half_formats_cast_back_before_the_linear(llama, fmt, dtype):
     assert getattr(q, f"weight_{fmt}").dtype == dtype and not hasattr(q, "weight")
     assert any(n.target is torch.ops.aten._to_copy.default for n in cm.graph.module.graph.nodes)
     assert cm.report.rules[0].details["bits_per_weight"] == 16
-    assert rel_error(cm(**inputs).logits, model(**inputs).logits) < 0.02
+    ref = copy.deepcopy(model)  # the original with every target's weight rounded to `dtype`
+    with torch.no_grad():
+        for path in cm.report.rules[0].targets:
+            w = ref.get_submodule(path).weight
+            w.copy_(w.to(dtype).float())
+    assert torch.equal(cm(**inputs).logits, capture(ref, inputs)(**inputs).logits)
+    assert 0 < rel_error(cm(**inputs).logits, model(**inputs).logits) < (0.001 if dtype == torch.float16 else 0.005)
 
 
 def test_keep_format_changes_nothing(llama):
@@ -152,7 +190,8 @@ def test_int4_g64_bytes_and_bits_per_weight(llama):
     base = compile_(model, inputs)
     cm = compile_(model, inputs, f"quantize {LINEARS} int4 group=64")
     rule = cm.report.rules[0]
-    assert 4.25 <= rule.details["bits_per_weight"] <= 4.5
+    # every block linear of the tiny Llama has 64 or 128 inputs: whole groups, 4 + 16/64 bits
+    assert rule.details["bits_per_weight"] == 4.25
     weights = rule.details["weights"]
     assert rule.bytes_before - rule.bytes_after == pytest.approx(weights * (4 - 4.25 / 8), abs=1)
     assert base.weight_bytes() - cm.weight_bytes() == rule.bytes_before - rule.bytes_after
@@ -170,16 +209,22 @@ def test_gptq_output_error_not_above_rtn_on_calibration_inputs(llama):
     graph = capture(model, inputs)
     targets = [graph.targets[p] for p in rtn.report.rules[0].targets]
     H = _hessians(graph, targets, data)
-    worse, totals = [], [0.0, 0.0]
+    ratios, totals = {}, [0.0, 0.0]
     for t in targets:
         w = graph.param(f"{t.path}.weight").detach()
+        # the pass ran GPTQ on this target's weight with the Hessian of its own input (observed
+        # here directly): the same codes as calling gptq() on them (tests/passes/precision/
+        # test_gptq.py checks gptq() against a port of the reference loop)
+        assert torch.equal(packed(gq, t.path).qweight, gptq(w, H[t.path].H, QuantFormat(4, 32, True)).qweight), t.path
         e_rtn = output_error(w, dequantize(packed(rtn, t.path)), H[t.path].H)
         e_gq = output_error(w, dequantize(packed(gq, t.path)), H[t.path].H)
         totals[0] += e_rtn
         totals[1] += e_gq
-        worse += [t.path] if e_gq > e_rtn * (1 + 1e-6) else []
-    assert totals[1] < totals[0] and not worse, (totals, worse)
-    assert gq.report.rules[0].details["calib_rows"] > 0
+        ratios[t.path] = e_gq / e_rtn
+    # Measured GPTQ/RTN: 0.13-0.46 per target, 0.41 in total (66 calibration rows for 64-128
+    # inputs: GPTQ fits them closely). RTN passed off as GPTQ gives 1.0.
+    assert totals[1] < 0.6 * totals[0] and max(ratios.values()) < 0.7, (totals, ratios)
+    assert gq.report.rules[0].details["calib_rows"] == sum(int(b["attention_mask"].sum()) for b in data)
 
 
 def test_gptq_without_calibration_is_a_spec_error(llama):
@@ -242,3 +287,63 @@ def _hessians(graph, targets, data) -> dict[str, HessianAccumulator]:
             watch.setdefault(site.x, []).append(acc.add)
     observe(graph, watch, data)
     return accs
+
+
+# ---- padding stays out of the Hessians -------------------------------------------------------
+
+def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b|: float rounding gives ~1e-7 on these H, leaked padding 0.1+."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _padded_and_trimmed(seed: int = 20):
+    """One batch of 4 rows where rows 0-1 have 8 real tokens right-padded to 12 (attention_mask 0),
+    and the same real tokens as two batches without padding (rows 0-1 cut to 8, rows 2-3 whole)."""
+    ids = torch.randint(3, 256, (4, 12), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[:2, 8:] = 0
+    padded = {"input_ids": ids, "attention_mask": mask}
+    trimmed = [{"input_ids": ids[:2, :8].clone(), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
+               {"input_ids": ids[2:].clone(), "attention_mask": torch.ones(2, 12, dtype=torch.long)}]
+    return padded, trimmed
+
+
+def test_padding_rows_stay_out_of_observed_hessians():
+    """calibrate.observe hands only real tokens' rows: the padded batch gives the H (and count) of
+    the same tokens without padding. Causal attention means a real token never sees the padding
+    after it, so its activations are the same either way up to float rounding."""
+    graph = captured("llama").graph
+    padded, trimmed = _padded_and_trimmed()
+    targets = [graph.targets[p] for p in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj",
+                                           "model.layers.1.mlp.down_proj")]
+    with_pad, without = _hessians(graph, targets, [padded]), _hessians(graph, targets, trimmed)
+    # the same batch with its padding counted as tokens: what a leak would give
+    leaked = _hessians(graph, targets, [{**padded, "attention_mask": torch.ones(4, 12, dtype=torch.long)}])
+    for t in targets:
+        assert with_pad[t.path].count == without[t.path].count == 2 * 8 + 2 * 12  # not 48
+        assert _max_rel_diff(with_pad[t.path].H, without[t.path].H) < 1e-5  # measured <= 1.3e-7
+        assert leaked[t.path].count == 48 and _max_rel_diff(leaked[t.path].H, without[t.path].H) > 0.05  # 0.11-0.42
+
+
+def test_padding_rows_stay_out_of_the_precision_pass_hessians(llama, monkeypatch):
+    """The same through compile(): the Hessians GPTQ receives (q/k/v and gate/up share one)."""
+    from slimfx.passes.precision import quantize as quantize_pass
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    real = quantize_pass.hessians_of
+    monkeypatch.setattr(quantize_pass, "hessians_of", spy)
+    model, inputs = llama
+    padded, trimmed = _padded_and_trimmed()
+    rule = f"quantize {LINEARS} int4 group=32 method=gptq"
+    reports = [compile_(model, inputs, rule, calib=data).report.rules[0] for data in ([padded], trimmed)]
+    with_pad, without = seen
+    assert set(with_pad) == set(without) == set(reports[0].targets) and len(with_pad) == 14
+    for path in with_pad:
+        assert with_pad[path].count == without[path].count == 40, path
+        assert _max_rel_diff(with_pad[path].H, without[path].H) < 1e-5, path
+    assert reports[0].details["calib_rows"] == reports[1].details["calib_rows"] == 40
