@@ -66,8 +66,9 @@ def test_identity_policies_are_bit_exact(llama, policy):
 
 def test_int8_passes_on_decoder_and_encoder(llama, bert):
     # int8 RTN (symmetric, per output channel) moves each weight by at most max|w|/254, about 0.4 %;
-    # through two blocks the tiny llama's logits (|logit| < 1) move by < 0.008 and the tiny bert's
-    # hidden states (std 1) by < 0.002 (measured): 0.02 leaves room and still fails int4/int2.
+    # through two blocks the tiny llama's logits (|logit| < 1) move by < 0.009 and the tiny bert's
+    # hidden states (std 1) by < 0.002 (measured over 30 draws, also with the CPU int8 kernel's bf16
+    # activations): 0.02 leaves room and still fails int4 (0.1) and int2 (0.5).
     for loaded in (llama, bert):
         result = check_policy(loaded, quantize("int8"), rtol=0, atol=0.02, max_examples=FEW)
         assert 0 < result.max_value < 0.02
