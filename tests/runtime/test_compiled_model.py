@@ -18,7 +18,7 @@ def test_positional_and_keyword_calls_agree():
 
 
 @pytest.mark.parametrize("call, words", [
-    (lambda cm, x: cm(input_ids=x["input_ids"]), ["missing ['attention_mask']"]),
+    (lambda cm, x: cm(attention_mask=x["attention_mask"]), ["missing ['input_ids']"]),
     (lambda cm, x: cm(**x, labels=x["input_ids"]), ["unexpected ['labels']"]),
     (lambda cm, x: cm(x["input_ids"], input_ids=x["input_ids"], attention_mask=x["attention_mask"]),
      ["given twice ['input_ids']"]),

@@ -1,0 +1,134 @@
+"""How check_policy compares a compiled model's output with the original's: the same structure
+(type, keys, leaf shapes), then every real-token element within `atol + rtol·|original|`, or a
+user metric. Padded positions of [batch, seq, …] outputs are never compared."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["structure_problem", "tolerance_problem", "metric_result", "callable_name"]
+
+
+
+def _leaves(out) -> list[tuple[str, Any]]:
+    flat, _ = pytree.tree_flatten_with_path(out)
+    return [(_path(path), leaf) for path, leaf in flat]
+
+
+def _path(path) -> str:
+    """`logits`, `hidden_states[2]`, `[0]`: readable names for output leaves."""
+    text = ""
+    for entry in path:
+        key = getattr(entry, "key", None)
+        if isinstance(key, str):
+            text += f".{key}" if text else key
+        elif hasattr(entry, "name"):  # attribute keys
+            text += f".{entry.name}" if text else entry.name
+        else:
+            text += f"[{getattr(entry, 'idx', key)!r}]"
+    return text or "output"
+
+
+def _signature(out) -> tuple[str, list[tuple[str, str]]]:
+    leaves = [(path, f"tensor{list(leaf.shape)}" if isinstance(leaf, torch.Tensor) else repr(leaf))
+              for path, leaf in _leaves(out)]
+    return type(out).__name__, leaves
+
+
+def structure_problem(orig, comp) -> str | None:
+    (ot, ol), (ct, cl) = _signature(orig), _signature(comp)
+    problems = []
+    if type(orig) is not type(comp):
+        problems.append(f"type {ct}, original {ot}")
+    ok, ck = dict(ol), dict(cl)
+    if missing := [k for k in ok if k not in ck]:
+        problems.append(f"missing {', '.join(missing)}")
+    if extra := [k for k in ck if k not in ok]:
+        problems.append(f"unexpected {', '.join(extra)}")
+    problems += [f"{k} is {ck[k]}, original {ok[k]}" for k in ok if k in ck and ck[k] != ok[k]]
+    if not problems and [k for k, _ in ol] != [k for k, _ in cl]:
+        problems.append(f"leaf order {[k for k, _ in cl]}, original {[k for k, _ in ol]}")
+    if not problems:
+        return None
+    return ("output structure differs: " + "; ".join(problems)
+            + f"\n    original: {ot} {_leaf_list(ol)}\n    compiled: {ct} {_leaf_list(cl)}")
+
+
+def _leaf_list(leaves) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in leaves) + "}"
+
+
+def _real(leaf: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Bool tensor shaped like `leaf`, False at padded positions, for leaves shaped [batch, seq, …];
+    None when every element counts."""
+    if mask is None or bool(mask.all()) or leaf.dim() < 2 or tuple(leaf.shape[:2]) != tuple(mask.shape):
+        return None
+    keep = mask.to(device=leaf.device, dtype=torch.bool)
+    return keep.view(*keep.shape, *([1] * (leaf.dim() - 2))).expand(leaf.shape)
+
+
+def tolerance_problem(orig, comp, mask, rtol: float, atol: float) -> tuple[str | None, float]:
+    """(a description of the worst leaf if any element is out of tolerance, max abs error)."""
+    worst_err, report = 0.0, None
+    worst_bad = -1.0
+    for (path, o), (_, c) in zip(_leaves(orig), _leaves(comp)):
+        if not isinstance(o, torch.Tensor):
+            if o != c:
+                return f"{path}: {c!r}, original {o!r}", math.inf
+            continue
+        o64, c64 = o.detach().double().cpu(), c.detach().double().cpu()
+        diff = (c64 - o64).abs()
+        same = (torch.isnan(o64) & torch.isnan(c64)) | (o64 == c64)  # NaN==NaN, inf==inf
+        diff = torch.where(same, torch.zeros_like(diff), torch.nan_to_num(diff, nan=math.inf))
+        allowed = atol + rtol * o64.abs().nan_to_num(nan=0.0, posinf=math.inf)
+        keep = _real(o, mask)
+        keep = keep.cpu() if keep is not None else torch.ones_like(diff, dtype=torch.bool)
+        diff = torch.where(keep, diff, torch.zeros_like(diff))
+        bad = (diff > allowed) & keep
+        if diff.numel() == 0:
+            continue
+        err = float(diff.max())
+        worst_err = max(worst_err, err)
+        if not bool(bad.any()):
+            continue
+        excess = torch.where(bad, diff - allowed, torch.full_like(diff, -1.0))
+        flat = int(excess.argmax())
+        index = list(torch.unravel_index(torch.tensor(flat), diff.shape))
+        index = [int(i) for i in index]
+        at = tuple(index)
+        where = (f"{path}: max |compiled - original| = {err:.4g}; worst at {index}: original "
+                 f"{float(o64[at]):.6g}, compiled {float(c64[at]):.6g}, allowed {float(allowed[at]):.3g}; "
+                 f"{int(bad.sum())} of {int(keep.sum())} compared elements out of tolerance")
+        if float(excess.max()) > worst_bad:
+            worst_bad, report = float(excess.max()), where
+    return report, worst_err
+
+
+def _zero_padding(out, mask):
+    def zero(leaf):
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        keep = _real(leaf, mask)
+        return leaf if keep is None else torch.where(keep, leaf, torch.zeros_like(leaf))
+
+    return pytree.tree_map(zero, out)
+
+
+def metric_result(metric, orig, comp, mask, atol: float) -> tuple[str | None, float]:
+    value = metric(_zero_padding(orig, mask), _zero_padding(comp, mask))
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if value is None or type(value).__name__ in ("bool", "bool_"):  # numpy's bool too
+        ok = bool(value)
+        return (None if ok else f"metric {callable_name(metric)} returned {value}"), (0.0 if ok else 1.0)
+    value = float(value)
+    if value <= atol:  # NaN fails
+        return None, value
+    return f"metric {callable_name(metric)} = {value:.6g}, allowed <= {atol:g}", value if value == value else math.inf
+
+
+def callable_name(fn) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
