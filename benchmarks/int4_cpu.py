@@ -2,18 +2,21 @@
 (`backend="auto"`, runtime/lower.py) against fp32 and against the reference op (`"eager"`).
 
 Every row quantizes the blocks' linears (`blocks.*.** : Linear`; embeddings and the tied head stay
-fp32), is compiled once, and is timed with both backends by switching `cm.set_backend(...)`.
+fp32; row "int4+head" also stores the head int4 g64, the embedding keeping its fp32 copy: at one
+token the fp32 head is a third of the int4 model's time), is compiled once, and is timed with both backends (the reference inside `unlowered(...)`).
 Timings interleave the models round by round (the machine may be shared) and report the median
 over rounds of each model's median call time (slimfx.evaluation.latency_ms, inference_mode);
 "× fp32" is fp32 time / row time (> 1 is faster than fp32). "rel err" is ‖logits − reference‖ /
 ‖reference‖ of the lowered model against the same weights through the reference op. Exits
 non-zero if int4 misses its targets (≥ 1.0× fp32 at 1×128, ≥ 2× at 1 token).
 
-    .venv/bin/python benchmarks/int4_cpu.py [--rounds 5] [--repeats 10] [--rows int4,int8,int2] [--gptq]
+    .venv/bin/python benchmarks/int4_cpu.py [--rounds 5] [--repeats 10] [--rows int4,int4+head,int8,int2] [--gptq]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -23,10 +26,12 @@ import torch
 import slimfx
 from slimfx.evaluation import default_text, latency_ms
 from slimfx.models import load
+from slimfx.runtime.lower import unlowered
 
 LINEARS = "blocks.*.** : Linear"
 ROWS = {
     "int4": f"quantize {LINEARS} int4 group=64",
+    "int4+head": f"quantize {LINEARS} int4 group=64\n    quantize head int4 group=64",
     "int4-asym": f"quantize {LINEARS} int4 group=64 sym=false",
     "int8": f"quantize {LINEARS} int8",
     "int2": f"quantize {LINEARS} int2 group=64",
@@ -45,7 +50,8 @@ def inputs(loaded, tokens: int) -> dict[str, torch.Tensor]:
 
 
 class Backend:
-    """A compiled model called under one backend (switched, once, right before it is timed)."""
+    """A compiled model timed under one backend: "eager" runs inside `unlowered(...)`, which puts
+    the reference graph back for the block and the same lowering after it (no re-conversion)."""
 
     def __init__(self, cm, backend: str):
         self.cm, self.backend = cm, backend
@@ -53,10 +59,8 @@ class Backend:
     def __call__(self, **kw):
         return self.cm(**kw)
 
-    def ready(self):
-        if (self.cm.lowering.lowered > 0) != (self.backend == "auto"):
-            self.cm.set_backend(self.backend)
-        return self
+    def context(self):
+        return unlowered(self.cm.program) if self.backend == "eager" else contextlib.nullcontext()
 
 
 def timed(models: dict, batch: dict, rounds: int, repeats: int) -> dict[str, float]:
@@ -64,17 +68,16 @@ def timed(models: dict, batch: dict, rounds: int, repeats: int) -> dict[str, flo
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            call = model.ready() if isinstance(model, Backend) else model
-            times[name].append(latency_ms(call, batch, repeats=repeats, warmup=2))
+            with model.context() if isinstance(model, Backend) else contextlib.nullcontext():
+                times[name].append(latency_ms(model, batch, repeats=repeats, warmup=2))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 def rel_err(cm, batch) -> float:
     with torch.inference_mode():
-        cm.set_backend("auto")
         fast = cm(**batch).logits
-        cm.set_backend("eager")
-        ref = cm(**batch).logits
+        with unlowered(cm.program):
+            ref = cm(**batch).logits
     return float((fast - ref).norm() / ref.norm())
 
 
@@ -82,7 +85,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--rows", default="int4,int8,int2")
+    ap.add_argument("--rows", default="int4,int4+head,int8,int2")
     ap.add_argument("--gptq", action="store_true", help="also int4 g64 GPTQ (same kernel, same speed)")
     args = ap.parse_args()
     names = [r for r in args.rows.split(",") if r] + (["int4-gptq"] if args.gptq else [])
@@ -96,8 +99,9 @@ def main() -> int:
         compiled[name] = cm
         print(f"compiled {name}: {cm.lowering} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; {args.rounds} rounds x {args.repeats} calls\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, CPU "
+          f"capability {torch.backends.cpu.get_cpu_capability()}; {args.rounds} rounds x {args.repeats} "
+          f"calls; load average before timing {os.getloadavg()[0]:.1f}\n")
     print("| shape | model | backend | ms | × fp32 | rel err vs reference |")
     print("|---|---|---|---:|---:|---:|")
     results = {}
@@ -114,8 +118,6 @@ def main() -> int:
             err = f"{errs[model]:.2e}" if backend == "auto" else ""
             print(f"| 1×{tokens} | {model} | {backend or '-'} | {t:.2f} | {ms['fp32'] / t:.2f} | {err} |")
             results[(tokens, name)] = ms["fp32"] / t
-    for cm in compiled.values():
-        cm.set_backend("auto")
 
     failed = []
     if "int4" in names:

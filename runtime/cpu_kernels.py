@@ -140,7 +140,7 @@ def int8pack_weights(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optiona
 def _use_reference(x: torch.Tensor, bias: Optional[torch.Tensor], kernel_weight: torch.Tensor) -> bool:
     wants_grad = torch.is_grad_enabled() and (
         x.requires_grad or (bias is not None and bias.requires_grad))
-    return wants_grad or x.device.type != "cpu" or kernel_weight.device != x.device
+    return wants_grad or not (x.is_cpu and kernel_weight.is_cpu)
 
 
 def _reference(x, qweight, scales, zeros, bias, bits, group, in_features):
@@ -153,8 +153,8 @@ def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def _finish(y: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-    return y if bias is None else y + bias.to(x.dtype)
+    y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])  # a new tensor unless x is bf16: the kernel's
+    return y if bias is None else y.add_(bias)
 
 
 def quant_linear_int4pack(x, qweight, scales, zeros, bias, bits: int, group: int, in_features: int,
@@ -165,7 +165,7 @@ def quant_linear_int4pack(x, qweight, scales, zeros, bias, bits: int, group: int
     if x.shape[-1] != in_features:  # the reference says what is wrong
         return _reference(x, qweight, scales, zeros, bias, bits, group, in_features)
     sz = scales_zeros if scales_zeros.dtype == COMPUTE_DTYPE else scales_zeros.to(COMPUTE_DTYPE)
-    y = aten._weight_int4pack_mm_for_cpu(_rows(x, in_features), packed, kernel_group, sz)
+    y = aten._weight_int4pack_mm_for_cpu.default(_rows(x, in_features), packed, kernel_group, sz)
     return _finish(y, x, bias)
 
 
@@ -176,7 +176,7 @@ def quant_linear_int8pack(x, qweight, scales, zeros, bias, bits: int, group: int
         return _reference(x, qweight, scales, zeros, bias, bits, group, in_features)
     rows = _rows(x, in_features)
     s = channel_scales if channel_scales.dtype == COMPUTE_DTYPE else channel_scales.to(COMPUTE_DTYPE)
-    y = aten._weight_int8pack_mm(rows, weight_int8, s)
+    y = aten._weight_int8pack_mm.default(rows, weight_int8, s)
     if channel_offsets is not None:
         y = y.float() + rows.float().sum(-1, keepdim=True) * channel_offsets.float()
     return _finish(y, x, bias)
