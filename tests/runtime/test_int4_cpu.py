@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import slimfx
+from slimfx import models
 from slimfx.runtime import cpu_kernels as K
 from slimfx.runtime.compiled import CompiledModel
 from slimfx.runtime.formats import QuantFormat, dequantize, quantize_rtn, unpack
@@ -283,7 +284,7 @@ def test_backends_and_idempotence(chain):
 
 
 def test_tiny_llama_int4_matches_the_reference(tmp_path):
-    lm = slimfx.models.tiny("llama")
+    lm = models.tiny("llama")
     cm = slimfx.compile(lm, "policy p {\n    quantize blocks.*.** : Linear int4 group=64\n}\n")
     assert cm.lowering.count("int4pack") == 14 and cm.lowering.count("reference") == 0
     x = lm.example_inputs
