@@ -49,14 +49,16 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
                   progress=Progress.for_terminal(progress))
     report = run_pipeline(graph, bound, ctx)
     return CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
-                         policy_name=policy_ast.name if policy_ast else None)
+                         policy_name=policy_ast.name if policy_ast else None, backend=backend)
 
 
-def load(path: str | os.PathLike):
-    """A CompiledModel saved with `cm.save(path)`. Never unpickles, never runs stored code."""
+def load(path: str | os.PathLike, *, backend: str = "auto"):
+    """A CompiledModel saved with `cm.save(path)`. Never unpickles, never runs stored code.
+    `backend` as in compile(): "auto" lowers quantized linears to the CPU kernels once, here."""
     from .runtime.artifact import load as load_artifact
 
-    return load_artifact(path)
+    _check_backend(backend)
+    return load_artifact(path, backend=backend)
 
 
 def resolve_policy(policy, name: str | None = None) -> tuple[A.Policy | None, A.Spec]:
@@ -127,8 +129,8 @@ def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "triton":
-        raise NotImplementedError("the Triton backend is not implemented yet: use backend='auto' or 'eager' "
-                                  "(the rewritten graph runs on PyTorch's own kernels)")
+        raise NotImplementedError("the Triton backend is not implemented yet: use backend='auto' (PyTorch's "
+                                  "CPU kernels for packed weights) or 'eager' (the reference ops only)")
 
 
 def _policy_text(policy: A.Policy | None) -> str:

@@ -97,7 +97,7 @@ def _compile(args) -> int:
 def _check_out(out: str) -> None:
     from pathlib import Path
 
-    from .runtime.artifact import _check_target as check_target  # TODO(integration): public name
+    from .runtime.artifact import check_target
 
     check_target(Path(out))
     parent = next(p for p in Path(out).absolute().parents if p.exists())

@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from .program import InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program
 from .compiled import CompiledModel
+from .lower import unlowered
 from .artifact_errors import FILES, META, PROGRAM, RESAVE, WEIGHTS, ArtifactError
 from .artifact_files import first_line as _first_line, json_bytes as _json_bytes
 from .artifact_files import read_json as _read_json, read_weights as _read_weights
@@ -43,8 +44,9 @@ def save(cm: CompiledModel, path: str | os.PathLike) -> None:
     artifact there is replaced only once the new one is complete, and a failed save leaves no
     partial directory behind. Files are 0644 under the usual umask."""
     target = Path(path)
-    _check_target(target)
-    doc, tensors, aliases = encode_graph(cm.graph.module, cm.graph.model_class)
+    check_target(target)
+    with unlowered(cm.program):  # the artifact holds the reference graph, never kernel layouts
+        doc, tensors, aliases = encode_graph(cm.graph.module, cm.graph.model_class)
     program = _json_bytes(doc, PROGRAM, indent=None)  # read by machines; meta.json by people
     meta = _meta(cm, aliases)
 
@@ -56,7 +58,9 @@ def save(cm: CompiledModel, path: str | os.PathLike) -> None:
     _write_atomic(target, write)
 
 
-def _check_target(target: Path) -> None:
+def check_target(target: Path) -> None:
+    """Refuse, before any work, a path save() could not write: a file, or a non-empty directory
+    that is not an artifact (`slimfx compile --out` checks it before compiling)."""
     if target.is_file():
         raise ArtifactError(f"cannot save to {target}: it is a file; pass a directory path")
     if target.is_dir() and any(target.iterdir()) and not (target / META).is_file():
@@ -89,7 +93,7 @@ def _meta(cm: CompiledModel, aliases: dict[str, str]) -> dict[str, Any]:
 # ---- load --------------------------------------------------------------------------------------
 
 
-def load(path: str | os.PathLike) -> CompiledModel:
+def load(path: str | os.PathLike, *, backend: str = "auto") -> CompiledModel:
     """The CompiledModel saved at `path`; its outputs are bit-identical to the saved one's.
 
     Reads JSON and safetensors only (no pickle), checks every file against the SHA-256 in
@@ -101,7 +105,7 @@ def load(path: str | os.PathLike) -> CompiledModel:
     program = _read_checked(root, meta, PROGRAM)
     _read_checked(root, meta, WEIGHTS, keep=False)  # safetensors maps the file itself
     try:
-        return _restore(root, meta, program)
+        return _restore(root, meta, program, backend)
     except ArtifactError:
         raise
     except Exception as e:  # files that hash right but do not fit together: another version?
@@ -111,7 +115,7 @@ def load(path: str | os.PathLike) -> CompiledModel:
             f", this is torch {torch.__version__}: load it there or {RESAVE}") from e
 
 
-def _restore(root: Path, meta: dict[str, Any], program: bytes) -> CompiledModel:
+def _restore(root: Path, meta: dict[str, Any], program: bytes, backend: str) -> CompiledModel:
     _register_slimfx_ops()
     doc = _read_json(root / PROGRAM, program)
     tensors = _read_weights(root / WEIGHTS)
@@ -120,7 +124,7 @@ def _restore(root: Path, meta: dict[str, Any], program: bytes) -> CompiledModel:
                     meta["model_class"])
     policy = meta.get("policy") or {}
     return CompiledModel(graph, report=Report.from_dict(meta["report"]),
-                         policy_text=policy.get("text") or "", policy_name=policy.get("name"))
+                         policy_text=policy.get("text") or "", policy_name=policy.get("name"), backend=backend)
 
 
 def _register_slimfx_ops() -> None:

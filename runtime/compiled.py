@@ -38,6 +38,10 @@ class CompiledModel(nn.Module):
         self.policy_text = policy_text
         self.policy_name = policy_name
         self.train(False)
+        # Compiled weights are frozen, as a compressed model's base weights are (QLoRA-style
+        # adapters train beside them): a call outside torch.no_grad() then still takes the fast
+        # CPU kernels, which step aside for the reference op only when a gradient is needed.
+        self.program.requires_grad_(False)
         self.set_backend(backend)
 
     # ---- lowering (runtime/lower.py) ----
@@ -101,10 +105,8 @@ class CompiledModel(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         """Write the artifact directory `path` atomically (see runtime/artifact.py)."""
         from .artifact import save  # artifact imports this module: import it on use
-        from .lower import unlowered
 
-        with unlowered(self.program):  # the artifact holds the reference graph, never kernel layouts
-            save(self, path)
+        save(self, path)
 
     # ---- reading ----
     def weight_bytes(self) -> int:

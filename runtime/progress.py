@@ -58,6 +58,8 @@ class Progress:
 
             def step(n: int = 1, note: str | None = None) -> None:
                 bars.update(task, advance=n, **({"note": note} if note is not None else {}))
+                if note is not None:  # draw now: the bar's own refresh (10/s) would skip quick items
+                    bars.refresh()
 
             yield step
             bars.update(task, note="done")

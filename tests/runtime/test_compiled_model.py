@@ -70,12 +70,16 @@ def test_defaults():
     assert_identical(cm(**x), compiled("vit").cm(**x))
 
 
-def test_grad_flows_through_graph_weights():
-    """Trainable weights stay trainable: a later adapter pass trains through the graph."""
+def test_weights_are_frozen_and_grad_flows_once_unfrozen():
+    """Compiled weights are frozen (a plain call takes the fast kernels); a user who unfreezes
+    them trains through the graph."""
     case = compiled("llama")
+    assert not any(p.requires_grad for p in case.cm.parameters())
+    case.cm.requires_grad_(True)
     out = case.cm(**case.loaded.example_inputs)
     out.logits.sum().backward()
     grads = [p.grad for p in case.cm.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads)
     case.cm.zero_grad(set_to_none=True)
+    case.cm.requires_grad_(False)
     assert torch.is_grad_enabled()

@@ -312,3 +312,23 @@ def test_tiny_llama_int4_matches_the_reference(tmp_path):
         assert torch.equal(back(**x).logits, fast)
         back.set_backend("eager")
         assert torch.equal(back(**x).logits, ref)
+
+
+def test_a_plain_call_outside_no_grad_takes_the_kernels_and_load_honours_backend(tmp_path):
+    """Compiled weights are frozen, so no gradient is needed and the lowered route runs; load()
+    lowers for the backend it is given."""
+    import slimfx
+    from slimfx.models import tiny
+
+    m = tiny("llama")
+    cm = slimfx.compile(m.model, "policy p {\n    quantize blocks.*.** : Linear int4 group=32\n}\n",
+                        example_inputs=m.example_inputs)
+    assert cm.lowering.lowered > 0 and torch.is_grad_enabled()
+    plain = cm(**m.example_inputs).logits
+    with torch.no_grad():
+        assert torch.equal(plain, cm(**m.example_inputs).logits)
+        reference = cm.set_backend("eager")(**m.example_inputs).logits
+    assert not torch.equal(plain, reference)  # bf16 activations in the kernel: not the reference bits
+    cm.set_backend("auto").save(tmp_path / "a")
+    assert slimfx.load(tmp_path / "a", backend="eager").lowering.lowered == 0
+    assert slimfx.load(tmp_path / "a").lowering.lowered == cm.lowering.lowered
