@@ -239,15 +239,16 @@ EVAL_SENTENCES = (
 
 
 def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str, Any]]:
-    """One row per model (original, then compiled): quality metric, parameter bytes, latency.
-
-    Causal LMs get perplexity on default_text(); encoders get the mean embedding cosine to the
+    """One row per model (original, then compiled): quality metric, stored weight bytes, bytes
+    held while running (a compiled model's CPU kernels keep converted copies of packed weights),
+    latency. Causal LMs get perplexity on eval_text(); encoders get the mean embedding cosine to the
     original model on EVAL_SENTENCES (1.0 for the original itself).
     """
     models = [("original", loaded.model)] + ([("compiled", compiled)] if compiled is not None else [])
     rows = []
     for label, model in models:
-        row = {"model": label, "bytes": param_bytes(model),
+        stored = model.weight_bytes() if hasattr(model, "weight_bytes") else param_bytes(model)
+        row = {"model": label, "bytes": stored, "running_bytes": param_bytes(model),
                "latency_ms": latency_ms(model, loaded.example_inputs, repeats=10, warmup=2)}
         if loaded.kind == "causal-lm":
             row["perplexity"] = perplexity(model, loaded.tokenizer, eval_text(), max_tokens=max_tokens)
@@ -264,15 +265,15 @@ def eval_table(loaded, compiled=None, *, max_tokens: int = 2048):
     rows = eval_rows(loaded, compiled, max_tokens=max_tokens)
     metric = "perplexity" if "perplexity" in rows[0] else "cosine" if "cosine" in rows[0] else None
     table = Table(title=f"slimfx eval: {loaded.name} ({loaded.kind})")
-    for col in ("model", *([metric] if metric else []), "parameter bytes", "CPU latency (ms)"):
+    for col in ("model", *([metric] if metric else []), "weight bytes", "bytes while running", "CPU latency (ms)"):
         table.add_column(col, justify="right")
     for row in rows:
         cells = [row["model"], *([f"{row[metric]:.4f}"] if metric else []), f"{row['bytes']:,}",
-                 f"{row['latency_ms']:.1f}"]
+                 f"{row['running_bytes']:,}", f"{row['latency_ms']:.1f}"]
         table.add_row(*cells)
     if len(rows) == 2:
         a, b = rows
         ratio = [f"×{b[metric] / a[metric]:.3f}"] if metric else []
         table.add_row("compiled / original", *ratio, f"×{b['bytes'] / a['bytes']:.3f}",
-                      f"×{b['latency_ms'] / a['latency_ms']:.2f}")
+                      f"×{b['running_bytes'] / a['running_bytes']:.3f}", f"×{b['latency_ms'] / a['latency_ms']:.2f}")
     return table

@@ -14,7 +14,6 @@ still fails and reported with its error.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import math
@@ -25,6 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from hypothesis.control import current_build_context, currently_in_test_context
 from torch import nn
 
+from .passes.capture import eval_mode
 from .policy_compare import callable_name, metric_result, structure_problem, tolerance_problem
 
 __all__ = ["check_policy", "PolicyCheckError", "PolicyCheckResult", "Draw", "DrawResult"]
@@ -369,7 +369,7 @@ def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results)
     inputs = _build(space, d)
     mask = _mask(d) if d.padding != "none" else None
     try:
-        with torch.no_grad(), _eval_mode(module):
+        with torch.no_grad(), eval_mode(module):
             orig = module(**inputs, **consts)
     except Exception as e:  # noqa: BLE001 - reported with the input that caused it
         failure = (f"the original model raised {type(e).__name__}: {_first_line(e)} (check_policy drew an "
@@ -439,14 +439,3 @@ def _split_example(module: nn.Module, example, names: tuple[str, ...]):
         raise TypeError(f"check_policy: the compiled model takes {list(names)} but the example inputs "
                         f"have no tensor for {missing}")
     return {n: tensors[n] for n in names}, consts
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag

@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from ..dsl.errors import SpecError
 from .graph import InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
 
-__all__ = ["capture", "clear_cache", "cache_info", "SEQ_INPUTS"]
+__all__ = ["capture", "clear_cache", "cache_info", "eval_mode", "SEQ_INPUTS"]
 
 # Inputs whose dim 1 is the sequence; any other 2-D integer/bool input (a mask) counts too.
 SEQ_INPUTS = frozenset({
@@ -184,7 +184,7 @@ def _export(model, names, args, consts, dims) -> _Entry:
     shapes = {n: {d: torch.export.Dim.AUTO for d in dims[n]} or None for n in names}
     traced = tuple(_widen(a, dims[n]) for n, a in zip(names, args))
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             program = torch.export.export(wrapper, traced, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # export raises many types; the user needs one, with the cause
         raise _unsupported(model, e) from e
@@ -202,7 +202,7 @@ def _with_signature(bound, sig: inspect.Signature):
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
     """Trace inference (no dropout), then give every module its training flag back."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()

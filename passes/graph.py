@@ -12,7 +12,6 @@ from typing import Any
 import networkx as nx
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
 from ..runtime.program import InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program
 from . import roles

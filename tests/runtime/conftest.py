@@ -24,3 +24,12 @@ def saved(tmp_path_factory):
         return dirs[arch]
 
     return get
+
+
+@pytest.fixture
+def llama_dir(saved, tmp_path):
+    """A private copy of the saved tiny Llama artifact, free to damage."""
+    import shutil
+    from pathlib import Path
+
+    return Path(shutil.copytree(saved("llama"), tmp_path / "llama"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,25 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import slimfx.runtime.artifact as artifact
-from runtime_tiny import assert_identical, compiled
+from runtime_tiny import assert_identical, compiled, rehash
 from slimfx.runtime.artifact import FILES, FORMAT_VERSION, ArtifactError, load
 
 RESAVE = "re-save the model with cm.save(path)"
-
-
-@pytest.fixture
-def llama_dir(saved, tmp_path) -> Path:
-    """A private copy of the saved tiny Llama artifact, free to damage."""
-    return Path(shutil.copytree(saved("llama"), tmp_path / "llama"))
-
-
-def _rehash(path: Path) -> None:
-    """Make meta.json agree with the files again, as someone tampering on purpose would."""
-    meta = json.loads((path / "meta.json").read_text())
-    for name in meta["files"]:
-        data = (path / name).read_bytes()
-        meta["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (path / "meta.json").write_text(json.dumps(meta))
 
 
 def _edit_json(path: Path, edit) -> None:
@@ -187,7 +171,7 @@ def test_damaged_safetensors_header(llama_dir):
     data = bytearray(path.read_bytes())
     data[8:16] = b"{garbage"  # the JSON header right after its 8-byte length
     path.write_bytes(bytes(data))
-    _rehash(llama_dir)  # past the hash check: the parser itself must refuse
+    rehash(llama_dir)  # past the hash check: the parser itself must refuse
     _refused(llama_dir, "weights.safetensors is not a readable safetensors file", RESAVE)
 
 
@@ -196,7 +180,7 @@ def test_tensor_shape_mismatch(llama_dir):
     tensors = load_file(path)
     tensors["lm_head.weight"] = tensors["lm_head.weight"][:, :10].contiguous()
     save_file(tensors, path)
-    _rehash(llama_dir)
+    rehash(llama_dir)
     _refused(llama_dir, "'lm_head.weight'", "(256, 10)", "program expects", "(256, 64)")
 
 
@@ -205,7 +189,7 @@ def test_missing_tensor(llama_dir):
     tensors = load_file(path)
     del tensors["model.norm.weight"]
     save_file(tensors, path)
-    _rehash(llama_dir)
+    rehash(llama_dir)
     _refused(llama_dir, "missing ['model.norm.weight']")
 
 
@@ -233,7 +217,7 @@ def test_load_never_unpickles(saved, monkeypatch):
 
 def _tamper_program(path: Path, edit) -> None:
     _edit_json(path / "program.json", edit)
-    _rehash(path)
+    rehash(path)
 
 
 def _nodes(doc):

@@ -4,12 +4,10 @@ malformed program.json is refused with an ArtifactError that says what to do. Al
 files are as readable as any saved model (0644 under umask 022)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import operator
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 import torch
 from torch import fx
 
-from runtime_tiny import assert_identical, compiled, other_inputs
+from runtime_tiny import assert_identical, compiled, other_inputs, rehash
 from slimfx.passes.capture import capture
 from slimfx.runtime.artifact import ArtifactError, load
 from slimfx.runtime.compiled import CompiledModel
@@ -28,24 +26,11 @@ RESAVE = "re-save the model with cm.save(path)"
 aten = torch.ops.aten
 
 
-@pytest.fixture
-def llama_dir(saved, tmp_path) -> Path:
-    return Path(shutil.copytree(saved("llama"), tmp_path / "llama"))
-
-
-def _rehash(path: Path) -> None:
-    meta = json.loads((path / "meta.json").read_text())
-    for name in meta["files"]:
-        data = (path / name).read_bytes()
-        meta["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (path / "meta.json").write_text(json.dumps(meta))
-
-
 def _tamper(path: Path, edit) -> None:
     doc = json.loads((path / "program.json").read_text())
     edit(doc)
     (path / "program.json").write_text(json.dumps(doc))
-    _rehash(path)
+    rehash(path)
 
 
 def _refused(path: Path, *words: str) -> str:
@@ -200,5 +185,5 @@ def test_malformed_program(llama_dir, edit, words):
 
 def test_program_that_is_not_json(llama_dir):
     (llama_dir / "program.json").write_text('{"format": "slimfx-graph", "nodes": [')
-    _rehash(llama_dir)
+    rehash(llama_dir)
     _refused(llama_dir, "program.json is not valid JSON", RESAVE)

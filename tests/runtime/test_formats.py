@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from slimfx.passes.estimate import quantized_bytes
 from slimfx.runtime.formats import (QuantFormat, bits_per_weight, dequantize, error_bound, from_rule,
-                                    nbytes, pack, quantize_codes, quantize_rtn, unpack)
+                                    nbytes, pack, quantize_rtn, unpack)
 
 FORMATS = [QuantFormat(bits, group, sym) for bits in (8, 4, 2) for group in (None, 32, 128)
            for sym in (True, False)]
