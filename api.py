@@ -42,14 +42,17 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     from .runtime.progress import Progress
 
     _check_backend(backend)
+    bars = Progress.for_terminal(progress)
     policy_ast, spec = resolve_policy(policy, name)
-    graph = _capture(model, example_inputs)
+    with bars.task(f"capturing {_model_name(model)} with torch.export"):
+        graph = _capture(model, example_inputs)
     bound = bind(graph, policy_ast, source=spec.source, filename=spec.filename)
     ctx = Context(calib=_calibration(model, calib, graph), source=spec.source, filename=spec.filename,
-                  progress=Progress.for_terminal(progress))
+                  progress=bars)
     report = run_pipeline(graph, bound, ctx)
-    return CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
-                         policy_name=policy_ast.name if policy_ast else None, backend=backend)
+    with bars.task("converting packed weights for the CPU kernels" if backend == "auto" else "building"):
+        return CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
+                             policy_name=policy_ast.name if policy_ast else None, backend=backend)
 
 
 def load(path: str | os.PathLike, *, backend: str = "auto"):
@@ -105,6 +108,11 @@ def _capture(model, example_inputs):
                         "example_inputs=tokenizer(['hello'], return_tensors='pt') (or pass a slimfx.models.load(...) "
                         "result, which carries its own)")
     return capture(model, example_inputs)
+
+
+def _model_name(model) -> str:
+    inner = getattr(model, "model", model)
+    return type(inner).__name__
 
 
 def _unwrap(model, example_inputs):
