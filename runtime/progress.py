@@ -62,4 +62,5 @@ class Progress:
                     bars.refresh()
 
             yield step
-            bars.update(task, note="done")
+            done = bars.tasks[0].completed if total is not None else 1
+            bars.update(task, total=total if total is not None else 1, completed=done, note="done")

@@ -15,6 +15,7 @@ import torch
 from ...dsl import ast as A
 from ...dsl.errors import Diagnostic, SpecError
 from ...runtime.formats import QuantizedWeight
+from ...runtime.progress import Progress
 from ...runtime.report import RuleReport, format_bytes
 from ..bind import BoundRule
 from ..context import Context
@@ -80,8 +81,8 @@ def _sensitivity(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
 def _encode_chosen(rule: A.Precision, items, cands, options, pick, hessians, ctx: Context, bound: BoundRule):
     """The chosen format per target, re-encoded with GPTQ when the rule asks for it."""
     method, chosen = rule.get("method"), {}
-    with one_thread(), ctx.progress.task(f"{method.upper()} chosen formats (line {bound.line})",
-                                         total=len(items)) as step:
+    bars = ctx.progress if method == "gptq" else Progress()  # RTN encodings are already made: no bar
+    with one_thread(), bars.task(f"GPTQ chosen formats (line {bound.line})", total=len(items)) as step:
         for i, (it, j) in enumerate(zip(items, pick)):
             step(0, note=it.path)
             enc = options[i][j]
