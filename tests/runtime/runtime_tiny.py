@@ -91,3 +91,16 @@ def rehash(path) -> None:
         data = (path / name).read_bytes()
         meta["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     (path / "meta.json").write_text(json.dumps(meta))
+
+
+def refused(path, *words: str) -> str:
+    """load(path) raises an ArtifactError whose message holds every one of `words`; the message."""
+    import pytest
+
+    from slimfx.runtime.artifact import ArtifactError, load
+
+    with pytest.raises(ArtifactError) as e:
+        load(path)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    return str(e.value)

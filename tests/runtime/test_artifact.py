@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import slimfx.runtime.artifact as artifact
-from runtime_tiny import assert_identical, compiled, rehash
+from runtime_tiny import assert_identical, compiled, refused, rehash
 from slimfx.runtime.artifact import FILES, FORMAT_VERSION, ArtifactError, load
 
 RESAVE = "re-save the model with cm.save(path)"
@@ -22,14 +22,6 @@ def _edit_json(path: Path, edit) -> None:
     doc = json.loads(path.read_text())
     edit(doc)
     path.write_text(json.dumps(doc))
-
-
-def _refused(path: Path, *words: str) -> str:
-    with pytest.raises(ArtifactError) as e:
-        load(path)
-    for w in words:
-        assert w in str(e.value), str(e.value)
-    return str(e.value)
 
 
 # ---- layout -----------------------------------------------------------------------------------
@@ -130,40 +122,40 @@ def _flip_byte(path: Path, offset: int) -> None:
 
 def test_flipped_weight_byte(llama_dir):
     _flip_byte(llama_dir / "weights.safetensors", -100)
-    _refused(llama_dir, "weights.safetensors does not match the SHA-256", RESAVE)
+    refused(llama_dir, "weights.safetensors does not match the SHA-256", RESAVE)
 
 
 def test_edited_program(llama_dir):
     _flip_byte(llama_dir / "program.json", 1000)
-    _refused(llama_dir, "program.json does not match the SHA-256", RESAVE)
+    refused(llama_dir, "program.json does not match the SHA-256", RESAVE)
 
 
 def test_truncated_weights(llama_dir):
     path = llama_dir / "weights.safetensors"
     path.write_bytes(path.read_bytes()[:5000])
-    _refused(llama_dir, "weights.safetensors is 5000 bytes", "truncated", RESAVE)
+    refused(llama_dir, "weights.safetensors is 5000 bytes", "truncated", RESAVE)
 
 
 @pytest.mark.parametrize("name", ["program.json", "weights.safetensors"])
 def test_missing_file(llama_dir, name):
     (llama_dir / name).unlink()
-    _refused(llama_dir, f"{name} is missing", "incomplete", RESAVE)
+    refused(llama_dir, f"{name} is missing", "incomplete", RESAVE)
 
 
 def test_not_an_artifact(tmp_path, llama_dir):
-    _refused(tmp_path / "nowhere", "no artifact at", "not a directory")
+    refused(tmp_path / "nowhere", "no artifact at", "not a directory")
     (llama_dir / "meta.json").unlink()
-    _refused(llama_dir, "is not a slimfx artifact", "no meta.json")
+    refused(llama_dir, "is not a slimfx artifact", "no meta.json")
 
 
 def test_bad_meta_json(llama_dir):
     (llama_dir / "meta.json").write_text('{"format": "slimfx-artifact", ')
-    _refused(llama_dir, "meta.json is not valid JSON", RESAVE)
+    refused(llama_dir, "meta.json is not valid JSON", RESAVE)
 
 
 def test_wrong_format_version(llama_dir):
     _edit_json(llama_dir / "meta.json", lambda m: m.update(format_version=FORMAT_VERSION + 1))
-    _refused(llama_dir, f"format version {FORMAT_VERSION + 1}", f"reads version {FORMAT_VERSION}")
+    refused(llama_dir, f"format version {FORMAT_VERSION + 1}", f"reads version {FORMAT_VERSION}")
 
 
 def test_damaged_safetensors_header(llama_dir):
@@ -172,7 +164,7 @@ def test_damaged_safetensors_header(llama_dir):
     data[8:16] = b"{garbage"  # the JSON header right after its 8-byte length
     path.write_bytes(bytes(data))
     rehash(llama_dir)  # past the hash check: the parser itself must refuse
-    _refused(llama_dir, "weights.safetensors is not a readable safetensors file", RESAVE)
+    refused(llama_dir, "weights.safetensors is not a readable safetensors file", RESAVE)
 
 
 def test_tensor_shape_mismatch(llama_dir):
@@ -181,7 +173,7 @@ def test_tensor_shape_mismatch(llama_dir):
     tensors["lm_head.weight"] = tensors["lm_head.weight"][:, :10].contiguous()
     save_file(tensors, path)
     rehash(llama_dir)
-    _refused(llama_dir, "'lm_head.weight'", "(256, 10)", "program expects", "(256, 64)")
+    refused(llama_dir, "'lm_head.weight'", "(256, 10)", "program expects", "(256, 64)")
 
 
 def test_missing_tensor(llama_dir):
@@ -190,7 +182,7 @@ def test_missing_tensor(llama_dir):
     del tensors["model.norm.weight"]
     save_file(tensors, path)
     rehash(llama_dir)
-    _refused(llama_dir, "missing ['model.norm.weight']")
+    refused(llama_dir, "missing ['model.norm.weight']")
 
 
 # ---- no pickle, no code from the artifact -------------------------------------------------------
@@ -229,7 +221,7 @@ def test_refuses_module_calls(llama_dir):
     def edit(doc):
         _nodes(doc)[-2].update(op="call_module", target="_guards_fn")
     _tamper_program(llama_dir, edit)
-    _refused(llama_dir, "program.json is refused", "'call_module' node", "never runs code")
+    refused(llama_dir, "program.json is refused", "'call_module' node", "never runs code")
 
 
 @pytest.mark.parametrize("target", [
@@ -240,7 +232,7 @@ def test_refuses_non_operator_targets(llama_dir, target):
     def edit(doc):
         next(n for n in _nodes(doc) if n["op"] == "call_function")["target"] = target
     _tamper_program(llama_dir, edit)
-    _refused(llama_dir, f"node target {target!r} is not an allowed operator", "never runs code")
+    refused(llama_dir, f"node target {target!r} is not an allowed operator", "never runs code")
 
 
 def _symbolic_node(doc) -> dict:
@@ -256,13 +248,13 @@ def test_refuses_code_in_size_expressions(llama_dir, tmp_path):
     def edit(doc):
         _symbolic_node(doc)["val"]["tensor"][1][0] = payload
     _tamper_program(llama_dir, edit)
-    _refused(llama_dir, "program.json is malformed", "is not in the symbol table", RESAVE)
+    refused(llama_dir, "program.json is malformed", "is not in the symbol table", RESAVE)
     assert not marker.exists()
 
     def edit_function(doc):
         _symbolic_node(doc)["val"]["tensor"][1][0] = ["eval", payload]
     _tamper_program(llama_dir, edit_function)
-    _refused(llama_dir, "size function 'eval'", "not one slimfx rebuilds")
+    refused(llama_dir, "size function 'eval'", "not one slimfx rebuilds")
     assert not marker.exists()
 
 
@@ -270,26 +262,26 @@ def test_refuses_code_in_names(llama_dir):
     def edit(doc):
         _nodes(doc)[5]["name"] = "x = __import__('os')"
     _tamper_program(llama_dir, edit)
-    _refused(llama_dir, "node name \"x = __import__('os')\" is not a plain name")
+    refused(llama_dir, "node name \"x = __import__('os')\" is not a plain name")
 
 
 def test_refuses_code_in_tensor_paths(llama_dir):
     def edit(doc):
         doc["tensors"][0]["path"] = 'model.x"); import os; ("'
     _tamper_program(llama_dir, edit)
-    _refused(llama_dir, "tensor path", "is not a dotted name")
+    refused(llama_dir, "tensor path", "is not a dotted name")
 
 
 def test_refuses_foreign_output_types(llama_dir):
     def edit(meta):
         meta["outputs"]["spec"][1]["type"] = "os.system"
     _edit_json(llama_dir / "meta.json", edit)
-    _refused(llama_dir, "'os.system' is not a registered pytree type", "imports no other names")
+    refused(llama_dir, "'os.system' is not a registered pytree type", "imports no other names")
 
 
 def test_refuses_renamed_inputs(llama_dir):
     _edit_json(llama_dir / "meta.json", lambda m: m["inputs"][0].update(name="ids"))
-    _refused(llama_dir, "inputs ['input_ids', 'attention_mask'] are not meta.json's")
+    refused(llama_dir, "inputs ['input_ids', 'attention_mask'] are not meta.json's")
 
 
 # ---- a real model -------------------------------------------------------------------------------
@@ -318,21 +310,21 @@ def test_minilm_round_trip(tmp_path):
 
 def test_meta_without_required_keys(llama_dir):
     _edit_json(llama_dir / "meta.json", lambda m: m.pop("modules"))
-    _refused(llama_dir, "lacks ['modules']", "damaged", RESAVE)
+    refused(llama_dir, "lacks ['modules']", "damaged", RESAVE)
 
 
 def test_program_that_is_not_a_program(llama_dir):
     _tamper_program(llama_dir, lambda d: d.pop("format"))
-    _refused(llama_dir, "program.json is not a slimfx graph", RESAVE)
+    refused(llama_dir, "program.json is not a slimfx graph", RESAVE)
 
 
 def test_format_version_1(llama_dir):
     """Version 1 stored torch.export's schema; it is refused before anything is parsed."""
     _edit_json(llama_dir / "meta.json", lambda m: m.update(format_version=1))
-    _refused(llama_dir, "format version 1 (version 1 stored the graph in torch.export's format",
+    refused(llama_dir, "format version 1 (version 1 stored the graph in torch.export's format",
              f"reads version {FORMAT_VERSION}", "load it with the slimfx that wrote it")
 
 
 def test_inconsistent_meta_is_an_artifact_error(llama_dir):
     _edit_json(llama_dir / "meta.json", lambda m: m["modules"][0].pop("children"))
-    _refused(llama_dir, "cannot be restored (KeyError", "saved by slimfx", RESAVE)
+    refused(llama_dir, "cannot be restored (KeyError", "saved by slimfx", RESAVE)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import fx
 
-from runtime_tiny import assert_identical, compiled, other_inputs, rehash
+from runtime_tiny import assert_identical, compiled, other_inputs, refused, rehash
 from slimfx.passes.capture import capture
 from slimfx.runtime.artifact import ArtifactError, load
 from slimfx.runtime.compiled import CompiledModel
@@ -31,14 +31,6 @@ def _tamper(path: Path, edit) -> None:
     edit(doc)
     (path / "program.json").write_text(json.dumps(doc))
     rehash(path)
-
-
-def _refused(path: Path, *words: str) -> str:
-    with pytest.raises(ArtifactError) as e:
-        load(path)
-    for w in words:
-        assert w in str(e.value), str(e.value)
-    return str(e.value)
 
 
 def _first(doc, op: str) -> dict:
@@ -144,14 +136,14 @@ def test_files_are_readable_like_any_saved_model(tmp_path, umask, file_mode, dir
 ])
 def test_unknown_or_foreign_operators(llama_dir, target, words):
     _tamper(llama_dir, lambda d: _first(d, "call_function").update(target=target))
-    _refused(llama_dir, *words)
+    refused(llama_dir, *words)
 
 
 def test_get_attr_outside_the_tensors(llama_dir):
     _tamper(llama_dir, lambda d: _first(d, "get_attr").update(target="training"))
-    _refused(llama_dir, "get_attr training names no tensor", RESAVE)
+    refused(llama_dir, "get_attr training names no tensor", RESAVE)
     _tamper(llama_dir, lambda d: _first(d, "get_attr").update(target="model.__class__"))
-    _refused(llama_dir, "'model.__class__' is not a dotted name", "never runs code")
+    refused(llama_dir, "'model.__class__' is not a dotted name", "never runs code")
 
 
 def _set_arg(doc, value):
@@ -178,7 +170,7 @@ def _set_arg(doc, value):
 ])
 def test_malformed_program(llama_dir, edit, words):
     _tamper(llama_dir, edit)
-    message = _refused(llama_dir, *words)
+    message = refused(llama_dir, *words)
     assert message.startswith("program.json") or "weights.safetensors" in message
     assert RESAVE in message
 
@@ -186,4 +178,4 @@ def test_malformed_program(llama_dir, edit, words):
 def test_program_that_is_not_json(llama_dir):
     (llama_dir / "program.json").write_text('{"format": "slimfx-graph", "nodes": [')
     rehash(llama_dir)
-    _refused(llama_dir, "program.json is not valid JSON", RESAVE)
+    refused(llama_dir, "program.json is not valid JSON", RESAVE)
