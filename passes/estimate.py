@@ -36,9 +36,22 @@ def estimate(rule: A.Rule, targets, blocks, graph) -> Estimate:
         return _remove_blocks(rule, blocks, graph)
     if isinstance(rule, A.Tokens):
         return _tokens(rule)
-    params = sum(_numel(t) for t in targets)
-    return Estimate(params, params, sum(t.nbytes for t in targets), sum(t.nbytes for t in targets),
+    params, nbytes = _distinct(targets, graph)
+    return Estimate(params, params, nbytes, nbytes,
                     f"{len(targets)} target{'s' if len(targets) != 1 else ''} left as {'they are' if len(targets) != 1 else 'it is'}")
+
+
+def _distinct(targets, graph) -> tuple[int, int]:
+    """(params, bytes) of the targets with tied weights counted once (`keep {embed,head}` on a
+    model whose head is its embedding holds one matrix, not two)."""
+    seen, params, nbytes = set(), 0, 0
+    for t in targets:
+        for info in graph.modules[t.path].params:
+            if info.name in t.params and info.storage not in seen:
+                seen.add(info.storage)
+                params += math.prod(info.shape)
+                nbytes += info.nbytes
+    return params, nbytes
 
 
 def quantized_bytes(out_features: int, in_features: int, fmt: str, group: int | None, sym: bool) -> int:

@@ -119,3 +119,13 @@ def test_a_tied_weight_is_flagged_and_not_counted_as_freed(gpt2):
     (bound,) = plan_of(gpt2, "quantize head int8").rules
     assert any("lm_head.weight is tied" in w for w in bound.warnings)
     assert bound.estimate.bytes_after > bound.estimate.bytes_before  # the fp32 original stays
+
+
+def test_keep_counts_a_tied_weight_once():
+    from slimfx.models import tiny
+    import slimfx
+
+    m = tiny("gpt2")  # lm_head is tied to the token embedding
+    bound = slimfx.plan(m, "policy p {\n    keep {embed,head}\n}\n").rules[0]
+    assert [t.path for t in bound.targets] == ["transformer.wte", "lm_head"]
+    assert bound.estimate.bytes_before == bound.targets[0].nbytes == bound.targets[1].nbytes
