@@ -13,7 +13,7 @@ from .dsl import ast as A
 from .dsl.errors import SpecError
 from .dsl.parser import parse, parse_file
 
-__all__ = ["compile", "plan", "load", "resolve_policy"]
+__all__ = ["compile", "plan", "load", "resolve_policy", "unwrap"]
 
 BACKENDS = ("auto", "eager", "triton")
 
@@ -44,7 +44,7 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     _check_backend(backend)
     bars = Progress.for_terminal(progress)
     policy_ast, spec = resolve_policy(policy, name)
-    with bars.task(f"capturing {_model_name(model)} with torch.export"):
+    with bars.task(f"capturing {type(unwrap(model, None)[0]).__name__} with torch.export"):
         graph = _capture(model, example_inputs)
     bound = bind(graph, policy_ast, source=spec.source, filename=spec.filename)
     ctx = Context(calib=_calibration(model, calib, graph), source=spec.source, filename=spec.filename,
@@ -96,13 +96,9 @@ def _read_spec(policy) -> A.Spec:
 
 
 def _capture(model, example_inputs):
-    import torch
-
     from .passes.capture import capture
 
-    model, example_inputs = _unwrap(model, example_inputs)
-    if isinstance(example_inputs, torch.Tensor):  # a bare tensor is the first input, not rows
-        example_inputs = (example_inputs,)
+    model, example_inputs = unwrap(model, example_inputs)
     if example_inputs is None:
         raise TypeError("slimfx needs example_inputs: the keyword inputs the model is called with, e.g. "
                         "example_inputs=tokenizer(['hello'], return_tensors='pt') (or pass a slimfx.models.load(...) "
@@ -110,12 +106,7 @@ def _capture(model, example_inputs):
     return capture(model, example_inputs)
 
 
-def _model_name(model) -> str:
-    inner = getattr(model, "model", model)
-    return type(inner).__name__
-
-
-def _unwrap(model, example_inputs):
+def unwrap(model, example_inputs):
     """A slimfx.models.LoadedModel carries its module and example inputs."""
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(model, "example_inputs") and not hasattr(model, "forward"):
@@ -129,8 +120,7 @@ def _calibration(model, calib, graph) -> list[dict[str, Any]]:
     from .calibration import calibration_batches
     from .runtime.inputs import complete_inputs
 
-    return [complete_inputs(b, graph.inputs, what=f"calibration batch {i}")
-            for i, b in enumerate(calibration_batches(model, calib))]
+    return [complete_inputs(b, graph.inputs) for b in calibration_batches(model, calib)]
 
 
 def _check_backend(backend: str) -> None:

@@ -5,6 +5,7 @@ a ModelOutput / dict / tuple out), so a CompiledModel is measured exactly like i
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -63,14 +64,15 @@ def calibration_texts(min_words: int = 20) -> list[str]:
     return [p for p in _split_default()[1] if len(p.split()) > min_words]
 
 
-def _split_default() -> tuple[list[str], list[str]]:
-    paragraphs = default_text().split("\n\n")
+@functools.cache  # default_text() walks many docstrings; eval and calibration both ask for it
+def _split_default() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    paragraphs = tuple(default_text().split("\n\n"))
     total, seen = sum(len(p) for p in paragraphs), 0
     for i, p in enumerate(paragraphs):
         seen += len(p)
         if seen >= EVAL_SHARE * total:
             return paragraphs[:i + 1], paragraphs[i + 1:]
-    return paragraphs, []
+    return paragraphs, ()
 
 
 def _docstring(source: str) -> str:

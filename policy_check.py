@@ -15,7 +15,6 @@ still fails and reported with its error.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from typing import Any, Callable, Mapping
 
@@ -24,7 +23,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from hypothesis.control import current_build_context, currently_in_test_context
 from torch import nn
 
-from .passes.capture import eval_mode
+from .passes.capture import bind_inputs, eval_mode
 from .policy_compare import callable_name, metric_result, structure_problem, tolerance_problem
 
 __all__ = ["check_policy", "PolicyCheckError", "PolicyCheckResult", "Draw", "DrawResult"]
@@ -320,8 +319,7 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     """
     from . import api
 
-    module = getattr(model, "model", None) if _is_loaded(model) else model
-    example = example_inputs if example_inputs is not None else getattr(model, "example_inputs", None)
+    module, example = api.unwrap(model, example_inputs)
     compiled = api.compile(model, policy, example_inputs=example_inputs, calib=calib, name=name)
     tensors, consts = _split_example(module, example, compiled.input_names)
     space = _space(compiled, module, tensors, max_batch, max_seq)
@@ -411,29 +409,13 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
 
 
-def _is_loaded(model) -> bool:
-    """A slimfx.models LoadedModel (or anything like it: .model + .example_inputs, not a module)."""
-    return (getattr(model, "model", None) is not None and hasattr(model, "example_inputs")
-            and not isinstance(model, nn.Module))
-
-
 def _split_example(module: nn.Module, example, names: tuple[str, ...]):
     """({name: example tensor} for the compiled model's inputs, non-tensor keyword constants for
     the original — the ones capture passed it, use_cache=False included)."""
     if example is None:
         raise TypeError("check_policy needs example_inputs (or a slimfx.models LoadedModel)")
-    if isinstance(example, torch.Tensor):  # a bare tensor is the first input, as compile takes it
-        example = (example,)
-    if isinstance(example, Mapping):
-        items = dict(example)
-    else:  # positional, bound to forward's parameters the way capture binds them
-        params = [p.name for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        items = dict(zip(params, example))
-    tensors = {n: v for n, v in items.items() if isinstance(v, torch.Tensor)}
-    consts = {n: v for n, v in items.items() if not isinstance(v, torch.Tensor)}
-    if "use_cache" in inspect.signature(module.forward).parameters:
-        consts.setdefault("use_cache", False)
+    tensor_names, values, consts = bind_inputs(module, example)  # as capture bound them
+    tensors = dict(zip(tensor_names, values))
     missing = [n for n in names if n not in tensors]
     if missing:
         raise TypeError(f"check_policy: the compiled model takes {list(names)} but the example inputs "

@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from ..dsl.errors import SpecError
 from .graph import InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
 
-__all__ = ["capture", "clear_cache", "cache_info", "eval_mode", "SEQ_INPUTS"]
+__all__ = ["capture", "bind_inputs", "clear_cache", "cache_info", "eval_mode", "SEQ_INPUTS"]
 
 # Inputs whose dim 1 is the sequence; any other 2-D integer/bool input (a mask) counts too.
 SEQ_INPUTS = frozenset({
@@ -42,7 +42,7 @@ def capture(model: nn.Module, example_inputs: Mapping[str, Any] | tuple,
     Sizes 0/1 in the example are widened to 2 for tracing (export would specialize them).
     The model is traced in eval mode; its training flags are restored afterwards.
     """
-    names, args, consts = _bind_inputs(model, example_inputs)
+    names, args, consts = bind_inputs(model, example_inputs)
     dims = {n: dict(dynamic[n]) if dynamic and n in dynamic else _default_dims(n, a)
             for n, a in zip(names, args)}
     key = (_signature_key(names, args, consts, dims), _state_key(model))
@@ -56,8 +56,11 @@ def capture(model: nn.Module, example_inputs: Mapping[str, Any] | tuple,
 # ---- inputs --------------------------------------------------------------------------------
 
 
-def _bind_inputs(model: nn.Module, example: Mapping[str, Any] | tuple):
-    """(input names, tensor values, non-tensor keyword constants) in call order."""
+def bind_inputs(model: nn.Module, example: Mapping[str, Any] | tuple):
+    """(input names, tensor values, non-tensor keyword constants) in call order. A dict names
+    the inputs; a tuple (or a bare tensor: the first input, not rows) binds by position."""
+    if isinstance(example, torch.Tensor):
+        example = (example,)
     if isinstance(example, Mapping):
         items = list(example.items())
     else:

@@ -160,9 +160,7 @@ def _finish(y: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor]) -> t
 def quant_linear_int4pack(x, qweight, scales, zeros, bias, bits: int, group: int, in_features: int,
                           packed, scales_zeros, kernel_group: int):
     """`slimfx::quant_linear` through the CPU int4 kernel, bf16 activations."""
-    if _use_reference(x, bias, packed):
-        return _reference(x, qweight, scales, zeros, bias, bits, group, in_features)
-    if x.shape[-1] != in_features:  # the reference says what is wrong
+    if _use_reference(x, bias, packed) or x.shape[-1] != in_features:  # the reference says what is wrong
         return _reference(x, qweight, scales, zeros, bias, bits, group, in_features)
     sz = scales_zeros if scales_zeros.dtype == COMPUTE_DTYPE else scales_zeros.to(COMPUTE_DTYPE)
     y = aten._weight_int4pack_mm_for_cpu.default(_rows(x, in_features), packed, kernel_group, sz)
@@ -196,10 +194,6 @@ def _register() -> None:
     for name in todo:
         _LIB.define(name + _SCHEMAS[name])
         _LIB.impl(name, impls[name], "CompositeImplicitAutograd")
-
-
-def nbytes(*tensors: Optional[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 _register()

@@ -36,7 +36,7 @@ FILLABLE: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def complete_inputs(given: dict[str, Any], inputs: tuple[InputInfo, ...], *, what: str = "the inputs") -> dict[str, Any]:
+def complete_inputs(given: dict[str, Any], inputs: tuple[InputInfo, ...]) -> dict[str, Any]:
     """`given` plus a default for each omitted (or None) input in FILLABLE; anything else stays
     missing (the caller reports it)."""
     given = {k: v for k, v in given.items() if not (v is None and k in FILLABLE)}

@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from . import cpu_kernels as K
 from .report import format_bytes
+from .sizes import tensor_bytes
 
 __all__ = ["BACKENDS", "Lowering", "lower", "unlower", "unlowered", "summary", "lowered_tensors"]
 
@@ -100,7 +101,7 @@ def summary(gm: fx.GraphModule) -> Lowering:
     for node in _quant_nodes(gm):
         key = (_fmt(node), _LOWERED.get(node.target, "reference"))
         counts[key] = counts.get(key, 0) + 1
-    extra = K.nbytes(*{id(t): t for t in lowered_tensors(gm)}.values())
+    extra = tensor_bytes(*{id(t): t for t in lowered_tensors(gm)}.values())
     return Lowering(tuple((f, r, n) for (f, r), n in sorted(counts.items())), extra)
 
 

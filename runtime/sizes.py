@@ -7,7 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["param_bytes"]
+__all__ = ["param_bytes", "tensor_bytes"]
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of the given tensors' elements (None skipped), each counted as given."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def param_bytes(module: nn.Module) -> int:

@@ -8,7 +8,7 @@ from typing import Union
 import torch
 
 from ...dsl import ast as A
-from ...runtime.formats import QuantizedWeight, dequantize, from_rule, quantize_rtn
+from ...runtime.formats import QuantizedWeight, dequantize, from_rule, nbytes, quantize_rtn
 from .gptq import gptq
 
 __all__ = ["Candidate", "Encoded", "encode", "decode", "encoded_bytes", "HALF"]
@@ -68,6 +68,6 @@ def decode(enc: Encoded, w: torch.Tensor) -> torch.Tensor:
 def encoded_bytes(enc: Encoded, w: torch.Tensor) -> int:
     """Stored bytes of the weight alone (packed codes + scales + zeros, or the tensor)."""
     if isinstance(enc, QuantizedWeight):
-        return sum(t.numel() * t.element_size() for t in (enc.qweight, enc.scales, enc.zeros) if t is not None)
+        return nbytes(enc)
     t = w if enc is None else enc
     return t.numel() * t.element_size()
