@@ -13,6 +13,7 @@ import networkx as nx
 import torch
 from torch import fx
 
+from ..runtime.adapters import is_adapter_param
 from ..runtime.program import InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program
 from . import roles
 
@@ -264,7 +265,8 @@ def _storage_owners(modules) -> dict[int, set[str]]:
 
 
 def _target(info, kind, role, block, members, order, owners) -> Target:
-    params = [p for p in info.params if not p.is_buffer]
+    # A target's own parameters: an adapter's (lora_A, …) are trainable extras beside them.
+    params = [p for p in info.params if not p.is_buffer and not is_adapter_param(p.name)]
     tied = tuple(p.name for p in params if len(owners[p.storage]) > 1)
     return Target(
         path=info.path, kind=kind, cls=info.cls, role=role,

@@ -14,6 +14,7 @@ from ..runtime.report import Report, RuleReport
 from .bind import BoundRule, Plan, graph_bytes, graph_params
 from .context import Context
 from .graph import ModelGraph
+from .adapters import adapt
 from .precision import choose, quantize
 
 __all__ = ["Context", "PASSES", "is_implemented", "run_pipeline", "PassFn"]
@@ -23,6 +24,7 @@ PassFn = Callable[[ModelGraph, BoundRule, Context], RuleReport]
 # Rule kind -> the pass that applies it. `keep` has none: bind() applies it by taking its targets
 # away from every other rule.
 PASSES: dict[type, PassFn] = {
+    A.Adapt: adapt.run,          # passes/adapters/adapt.py
     A.Quantize: quantize.run,    # passes/precision/quantize.py
     A.Precision: choose.run,     # passes/precision/choose.py
 }

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from ..runtime.adapters import tag_of
 from ..runtime.program import ParamInfo
 from .graph import ModelGraph, Target
 
@@ -76,7 +77,8 @@ def find_sites(graph: ModelGraph, target: Target) -> list[LinearSite]:
     sites = []
     for n in target.nodes:
         match = table.get(n.target)
-        site = match(n) if match and n.op == "call_function" else None
+        # An adapter's own linears (passes/lora.py) are not the target's: they stay full precision.
+        site = match(n) if match and n.op == "call_function" and tag_of(n) is None else None
         if site is not None and reads(graph, site.weight, weight):
             sites.append(site)
     if not sites:

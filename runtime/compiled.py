@@ -41,7 +41,10 @@ class CompiledModel(nn.Module):
         # Compiled weights are frozen, as a compressed model's base weights are (QLoRA-style
         # adapters train beside them): a call outside torch.no_grad() then still takes the fast
         # CPU kernels, which step aside for the reference op only when a gradient is needed.
+        # Adapter parameters (runtime/adapters.py) are the exception: they are what trains.
         self.program.requires_grad_(False)
+        for p in self.adapter_parameters():
+            p.requires_grad_(True)
         self.set_backend(backend)
 
     # ---- lowering (runtime/lower.py) ----
@@ -51,6 +54,7 @@ class CompiledModel(nn.Module):
         from .lower import lower
 
         lower(self.program, backend)
+        self.backend = backend
         return self
 
     @property
@@ -95,11 +99,47 @@ class CompiledModel(nn.Module):
         return f"compiled {self.graph.model_class}"
 
     def train(self, mode: bool = True) -> "CompiledModel":
-        """Set the flags only: the graph was traced in eval mode (no dropout) and stays so.
-        (An exported GraphModule refuses `.train()`; a training loop may still call it here.)"""
+        """Training mode switches the adapters' dropout on; the rest of the graph was captured in
+        eval mode (no dropout of the model's own) and stays so."""
+        from .adapters import set_dropout
+
         for m in self.modules():
             m.training = mode
+        set_dropout(self.program, mode)
         return self
+
+    # ---- adapters (runtime/adapters.py) ----
+    @property
+    def adapters(self):
+        """target path -> `Adapter` (method, rank, alpha, dropout) for every adapter in the graph."""
+        from .adapters import adapters_of
+
+        return adapters_of(self.program)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The adapters' parameters (lora_A, lora_B, lora_magnitude): what an optimizer trains."""
+        from .adapters import is_adapter_param
+
+        return [p for n, p in self.program.named_parameters() if is_adapter_param(n)]
+
+    def merge_adapters(self) -> "CompiledModel":
+        """A new CompiledModel with every adapter folded into its full-precision base weight (no
+        adapter ops left); this one is unchanged. Refused (MergeError, before any change) for an
+        adapter over a quantized or tied weight."""
+        from .adapter_merge import merge_adapters
+        from .program_copy import copy_program
+
+        program = copy_program(self.graph)
+        merge_adapters(program)
+        return CompiledModel(program, report=self.report, policy_text=self.policy_text,
+                             policy_name=self.policy_name, backend=self.backend)
+
+    def save_adapters(self, path: str | os.PathLike) -> None:
+        """Write the adapters in PEFT's format (adapter_config.json, adapter_model.safetensors):
+        `peft.PeftModel.from_pretrained(original_model, path)` loads them."""
+        from .peft_format import save_adapters
+
+        save_adapters(self, path)
 
     # ---- saving ----
     def save(self, path: str | os.PathLike) -> None:

@@ -8,6 +8,10 @@ call it. Importing this module registers the ops once (re-imports and reloads ar
 
 is `F.linear(x, dequantize(...).to(x.dtype), bias)` for a weight packed as in runtime/formats.py;
 `group` is the group size (`in_features` for per-channel) and `zeros is None` means symmetric.
+
+    w = torch.ops.slimfx.dequantize(qweight, scales, zeros, bits, group, in_features)
+
+is that weight as float32 [out, in]: DoRA reads it for its column norm over a quantized base.
 """
 import math
 from typing import Optional
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 
 from .formats import QuantFormat, QuantizedWeight, dequantize, group_size
 
-__all__ = ["quant_linear", "quant_linear_reference", "apply_quant_linear", "quant_linear_args"]
+__all__ = ["quant_linear", "quant_linear_reference", "apply_quant_linear", "quant_linear_args", "dequantize_op"]
 
 _SCHEMA = ("(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
            "int bits, int group, int in_features) -> Tensor")
@@ -83,19 +87,41 @@ def _backward(ctx, grad):
     return grad_x, None, None, None, grad_bias, None, None, None
 
 
+_DEQUANT_SCHEMA = "(Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group, int in_features) -> Tensor"
+
+
+def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                         bits: int, group: int, in_features: int) -> torch.Tensor:
+    """Eager meaning of `slimfx::dequantize`: the packed weight as float32 [out, in]."""
+    _check(qweight.new_empty((0, in_features), dtype=torch.float32), qweight, scales, zeros, bits, group,
+           in_features)
+    return _weight(qweight, scales, zeros, bits, group, in_features)
+
+
+def _dequantize_fake(qweight, scales, zeros, bits, group, in_features):
+    _check(qweight.new_empty((0, in_features), dtype=torch.float32), qweight, scales, zeros, bits, group,
+           in_features)
+    return qweight.new_empty((qweight.shape[0], in_features), dtype=torch.float32)
+
+
 def _register() -> None:
     # hasattr answers False until the schema exists; a second import (a reload, or the checkout
     # imported under another name) finds it and leaves the first registration in place.
-    if hasattr(torch.ops.slimfx, "quant_linear"):
-        return
-    op = torch.library.custom_op("slimfx::quant_linear", quant_linear_reference, mutates_args=(),
-                                 schema=_SCHEMA)
-    op.register_fake(_fake)
-    op.register_autograd(_backward, setup_context=_setup_context)
+    if not hasattr(torch.ops.slimfx, "quant_linear"):
+        op = torch.library.custom_op("slimfx::quant_linear", quant_linear_reference, mutates_args=(),
+                                     schema=_SCHEMA)
+        op.register_fake(_fake)
+        op.register_autograd(_backward, setup_context=_setup_context)
+    if not hasattr(torch.ops.slimfx, "dequantize"):
+        # No autograd: the packed codes are frozen and DoRA detaches the norm it reads them for.
+        op = torch.library.custom_op("slimfx::dequantize", dequantize_reference, mutates_args=(),
+                                     schema=_DEQUANT_SCHEMA)
+        op.register_fake(_dequantize_fake)
 
 
 _register()
 quant_linear = torch.ops.slimfx.quant_linear
+dequantize_op = torch.ops.slimfx.dequantize
 
 
 def quant_linear_args(qw: QuantizedWeight) -> tuple[int, int, int]:

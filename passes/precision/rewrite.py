@@ -2,6 +2,8 @@
 `to_quant_linear` swaps each for `slimfx::quant_linear` over packed buffers registered under the
 target's module path; `to_half` stores the weight in fp16/bf16 and casts it back with
 `aten._to_copy`. Both delete the fp32 weight unless another module still reads it (tied).
+A DoRA adapter on the target (passes/lora.py) reads the base weight for its norm: it is given the
+new weight (dequantized, or cast back) too, and the adapter itself stays in full precision.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from ...runtime.formats import QuantizedWeight
 from ...runtime.ops import quant_linear_args
 from ..graph import ModelGraph, Target
+from ..lora import swap_adapter_weight
 from ..rewrite import LinearSite, drop_weight, register_tensors, replace_node, set_meta, weight_name
 
 __all__ = ["to_quant_linear", "to_half"]
@@ -26,6 +29,8 @@ def to_quant_linear(graph: ModelGraph, target: Target, sites: list[LinearSite], 
     for site in sites:
         args = (site.x, attrs["qweight"], attrs["scales"], attrs.get("zeros"), site.bias, *quant_linear_args(qw))
         replace_node(graph.module, site.node, torch.ops.slimfx.quant_linear.default, args, {})
+    args = (attrs["qweight"], attrs["scales"], attrs.get("zeros"), *quant_linear_args(qw))
+    swap_adapter_weight(graph, target, lambda: _call(graph, torch.ops.slimfx.dequantize.default, args))
     drop_weight(graph, target, sites, added=tensors)
 
 
@@ -43,7 +48,19 @@ def to_half(graph: ModelGraph, target: Target, sites: list[LinearSite], dtype: t
             cast = gm.graph.call_function(aten._to_copy.default, (half,), {"dtype": x_dtype})
         set_meta(cast, site.node, aten._to_copy.default, (half,), {"dtype": x_dtype})
         site.node.replace_input_with(site.weight, cast)
+
+    def dora_weight():  # float32 [out, in], as the adapter reads it
+        w = _call(graph, aten._to_copy.default, (half,), {"dtype": torch.float32})
+        return _call(graph, aten.t.default, (w,)) if target.transposed else w
+
+    swap_adapter_weight(graph, target, dora_weight)
     drop_weight(graph, target, sites, added=stored)
+
+
+def _call(graph: ModelGraph, op, args: tuple, kwargs: dict | None = None):
+    node = graph.module.graph.call_function(op, args, kwargs or {})
+    set_meta(node, node, op, args, kwargs or {})
+    return node
 
 
 def _first(graph: ModelGraph, sites: list[LinearSite]):

@@ -1,0 +1,223 @@
+"""The LoRA/DoRA rewrite primitive of the graph core: add an adapter beside a target's base linear.
+
+Every pass may use it (the adapter pass, and collapse's `heal method=lora`), so it lives here and
+not in a pass folder. The base call stays its own node — `aten.linear`, GPT-2 Conv1D's
+`addmm`/`mm`, or `slimfx::quant_linear` — and the adapter's nodes are added after it, each tagged
+(runtime/adapters.py) as a part of the one adapter of that target:
+
+    LoRA:  out = y + B(A(dropout(x))) · s                                       (s = alpha/rank)
+    DoRA:  w = base weight [out, in];  n = detach(‖w + s·B@A‖ per row);  k = m / n
+           out = y + ((k − 1) · (y − bias) + (B(A(dropout(x))) · k) · s)
+
+which are PEFT's (peft/tuners/lora/layer.py and dora.py), so weights move between the two as they
+are. With dropout > 0, DoRA's base term uses the dropped-out input, `w @ dropout(x)`, as PEFT does
+in training. A later `quantize` of the target swaps the base call and, through
+`swap_adapter_weight`, the weight DoRA reads; the adapter itself stays in full precision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import fx
+
+from ..runtime.adapters import Adapter, tag, tag_of
+from ..runtime.program import ParamInfo
+from .graph import ModelGraph, Target
+from .rewrite import PassError, register_tensors, set_meta
+
+__all__ = ["BaseSite", "base_sites", "insert_adapter", "swap_adapter_weight", "adapter_weight_nodes",
+           "site_dims", "base_weight"]
+
+aten = torch.ops.aten
+_BASE_OPS = {aten.linear.default: "linear", aten.addmm.default: "addmm", aten.mm.default: "mm"}
+
+
+@dataclass(frozen=True)
+class BaseSite:
+    """One call of a target's base linear, whatever the precision pass made of it."""
+
+    node: fx.Node  # y
+    x: fx.Node
+    bias: fx.Node | None
+    kind: str  # "linear" | "addmm" | "mm" (Conv1D) | "quant" (slimfx::quant_linear)
+    weight: fx.Node | None  # the weight argument of an fp/half base (a get_attr, or a cast of one)
+
+    @property
+    def transposed(self) -> bool:
+        return self.kind in ("addmm", "mm")
+
+
+def base_sites(graph: ModelGraph, target: Target) -> list[BaseSite]:
+    """Every call of `target`'s base linear (not an adapter's own linears)."""
+    quant = torch.ops.slimfx.quant_linear.default
+    sites = []
+    for n in target.nodes:
+        if n.op != "call_function" or tag_of(n) is not None:
+            continue
+        if n.target is quant:
+            sites.append(BaseSite(n, n.args[0], n.args[4], "quant", None))
+            continue
+        kind = _BASE_OPS.get(n.target)
+        if kind == "linear":
+            x, w, b = (list(n.args) + [None])[:3]
+        elif kind == "addmm":
+            b, x, w = n.args[:3]
+        elif kind == "mm":
+            (x, w), b = n.args[:2], None
+        else:
+            continue
+        if _attr_source(w) is not None:
+            sites.append(BaseSite(n, x, b, kind, w))
+    if not sites:
+        ops = sorted({str(n.target) for n in target.nodes if n.op == "call_function"})
+        raise PassError(f"{target.path}: no linear call found among its nodes ({', '.join(ops)}) to put an "
+                        "adapter beside; slimfx knows aten.linear, addmm, mm and slimfx::quant_linear")
+    return sites
+
+
+def _attr_source(w) -> fx.Node | None:
+    """The get_attr a weight argument reads: itself, or the input of a dtype cast (fp16/bf16 storage)."""
+    if isinstance(w, fx.Node) and w.op == "call_function" and w.target is aten._to_copy.default:
+        w = w.args[0]
+    return w if isinstance(w, fx.Node) and w.op == "get_attr" else None
+
+
+def insert_adapter(graph: ModelGraph, target: Target, adapter: Adapter, tensors: dict[str, torch.Tensor]) -> int:
+    """Add `adapter` with parameters `tensors` (lora_A [r, in], lora_B [out, r], and for DoRA
+    lora_magnitude [out]) beside every call of the target's base linear. Returns the number of
+    calls adapted. The parameters are registered on the target's module and in its module table."""
+    sites = base_sites(graph, target)
+    gm = graph.module
+    first = min(sites, key=lambda s: graph.node_order.get(s.node, 0)).node
+    attrs = register_tensors(graph, target.path, tensors, first, parameters=True)
+    for name, node in attrs.items():
+        tag(node, adapter, name)
+    _record_params(graph, target.path, tensors)
+    for site in sites:
+        _build(gm, site, adapter, attrs)
+    gm.recompile()
+    return len(sites)
+
+
+def _record_params(graph: ModelGraph, path: str, tensors: dict[str, torch.Tensor]) -> None:
+    info = graph.modules[path]
+    storage = 1 + max((p.storage for m in graph.modules.values() for p in m.params), default=0)
+    new = tuple(ParamInfo(f"{path}.{k}", tuple(t.shape), str(t.dtype).removeprefix("torch."),
+                          t.numel() * t.element_size(), storage + i) for i, (k, t) in enumerate(tensors.items()))
+    graph.modules[path] = replace(info, params=info.params + new)
+
+
+class _Builder:
+    """Appends tagged call nodes one after another, starting right after `after`."""
+
+    def __init__(self, gm: fx.GraphModule, after: fx.Node, adapter: Adapter):
+        self.gm, self.like, self.cursor, self.adapter = gm, after, after, adapter
+
+    def __call__(self, part: str, op, *args, **kwargs) -> fx.Node:
+        with self.gm.graph.inserting_after(self.cursor):
+            node = self.gm.graph.call_function(op, args, kwargs)
+        set_meta(node, self.like, op, args, kwargs)
+        self.cursor = node
+        return tag(node, self.adapter, part)
+
+    def attr(self, part: str, target: str, like: fx.Node) -> fx.Node:
+        with self.gm.graph.inserting_after(self.cursor):
+            node = self.gm.graph.get_attr(target)
+        node.meta["val"] = like.meta["val"]
+        if "nn_module_stack" in self.like.meta:
+            node.meta["nn_module_stack"] = self.like.meta["nn_module_stack"]
+        self.cursor = node
+        return tag(node, self.adapter, part)
+
+
+def _build(gm: fx.GraphModule, site: BaseSite, adapter: Adapter, attrs: dict[str, fx.Node]) -> None:
+    b = _Builder(gm, site.node, adapter)
+    y, s = site.node, adapter.scale
+    h = b("dropout", aten.dropout.default, site.x, adapter.dropout, False) if adapter.dropout > 0 else site.x
+    lora = b("B", aten.linear.default, b("A", aten.linear.default, h, attrs["lora_A"]), attrs["lora_B"])
+    if adapter.method == "lora":
+        out = b("out", aten.add.Tensor, y, b("scale", aten.mul.Tensor, lora, s))
+    else:
+        w = _weight_value(b, site)
+        delta = b("norm", aten.mul.Tensor, b("norm", aten.mm.default, attrs["lora_B"], attrs["lora_A"]), s)
+        norm = b("norm", aten.linalg_vector_norm.default, b("norm", aten.add.Tensor, w, delta), 2, [1])
+        k = b("norm", aten.div.Tensor, attrs["lora_magnitude"], b("norm", aten.detach.default, norm))
+        if adapter.dropout > 0:
+            base = b("dora", aten.linear.default, h, w)
+        else:
+            base = b("dora", aten.sub.Tensor, y, site.bias) if site.bias is not None else y
+        term = b("dora", aten.mul.Tensor, b("dora", aten.sub.Tensor, k, 1), base)
+        term = b("dora", aten.add.Tensor, term, b("dora", aten.mul.Tensor, b("dora", aten.mul.Tensor, lora, k), s))
+        out = b("out", aten.add.Tensor, y, term)
+    y.replace_all_uses_with(out, delete_user_cb=lambda u: tag_of(u) is None)
+
+
+def _weight_value(b: _Builder, site: BaseSite) -> fx.Node:
+    """The base weight as [out, in], from nodes of the adapter's own (part "weight" is the result)."""
+    if site.kind == "quant":
+        return b("weight", torch.ops.slimfx.dequantize.default, *site.node.args[1:4], *site.node.args[5:8])
+    source = _attr_source(site.weight)
+    w = b.attr("weight_read", source.target, source)
+    if site.weight is not source:  # stored in half precision: the same cast the base applies
+        w = b("weight_read", aten._to_copy.default, w, **site.weight.kwargs)
+    if site.transposed:
+        w = b("weight_read", aten.t.default, w)
+    return tag(w, b.adapter, "weight")
+
+
+def adapter_weight_nodes(graph: ModelGraph, target: Target) -> list[fx.Node]:
+    """The nodes giving a DoRA adapter of `target` its base weight ([out, in])."""
+    return [n for n in graph.module.graph.nodes
+            if (t := tag_of(n)) is not None and t["target"] == target.path and t["part"] == "weight"]
+
+
+def swap_adapter_weight(graph: ModelGraph, target: Target, build: Callable[[], fx.Node]) -> None:
+    """After the base weight was re-stored (quantized, halved): give the target's DoRA adapter
+    the new weight. `build()` makes the nodes computing it as float [out, in] (inserted where the
+    old value was); the old nodes are erased, so the original weight is no longer read."""
+    gm = graph.module
+    for old in adapter_weight_nodes(graph, target):
+        adapter = tag_of(old)
+        before = set(gm.graph.nodes)
+        with gm.graph.inserting_before(old):
+            new = build()
+        for n in set(gm.graph.nodes) - before:
+            if "nn_module_stack" in old.meta:
+                n.meta.setdefault("nn_module_stack", old.meta["nn_module_stack"])
+            tag(n, Adapter.from_meta(adapter), "weight_read")
+        tag(new, Adapter.from_meta(adapter), "weight")
+        old.replace_all_uses_with(new)
+        _erase_chain(gm, old)
+
+
+def _erase_chain(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Erase `node` and then whichever of its inputs it leaves unused."""
+    inputs = node.all_input_nodes
+    gm.graph.erase_node(node)
+    for n in inputs:
+        if not n.users and tag_of(n) is not None:
+            _erase_chain(gm, n)
+
+
+def site_dims(site: BaseSite) -> tuple[int, int]:
+    """(out_features, in_features) of a base call, from its traced values."""
+    return int(site.node.meta["val"].shape[-1]), int(site.x.meta["val"].shape[-1])
+
+
+def base_weight(graph: ModelGraph, site: BaseSite) -> torch.Tensor:
+    """The base weight as float32 [out, in] (dequantized, cast back or un-transposed as stored)."""
+    gm = graph.module
+    if site.kind == "quant":
+        qweight, scales, zeros = (_fetch(gm, a) for a in site.node.args[1:4])
+        return torch.ops.slimfx.dequantize(qweight, scales, zeros, *site.node.args[5:8])
+    w = _fetch(gm, _attr_source(site.weight)).detach().float()
+    return w.T if site.transposed else w
+
+
+def _fetch(gm: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
+    if node is None:
+        return None
+    owner, _, attr = node.target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)

@@ -1,0 +1,23 @@
+"""An independent copy of a Program: the same graph and module table over cloned tensors.
+
+It goes through the artifact's own encoding (runtime/graph_io.py) in memory, so the copy is
+exactly what save + load would give (fresh fake values, reference ops, no kernel layouts), and
+nothing the copy does — a merge, another compile — can touch the original.
+"""
+from __future__ import annotations
+
+import json
+
+from .graph_io import decode_graph, encode_graph
+from .lower import unlowered
+from .program import Program
+
+__all__ = ["copy_program"]
+
+
+def copy_program(program: Program) -> Program:
+    with unlowered(program.module):
+        doc, tensors, _ = encode_graph(program.module, program.model_class)
+    doc = json.loads(json.dumps(doc))  # exactly what a load reads: no shared Python objects either
+    module = decode_graph(doc, {k: v.detach().clone() for k, v in tensors.items()})
+    return Program(module, dict(program.modules), program.inputs, program.outputs, program.model_class)
