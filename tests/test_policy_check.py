@@ -231,10 +231,10 @@ TOLERANCES = {
 # `compile` refuses them with SpecError kind "unsupported"). The test checks that refusal; when a
 # pass lands the policy drops out of this branch by itself and is run through check_policy.
 NOT_COMPILABLE_YET = {
-    "llama_qlora": "drop, adapt",
+    "llama_qlora": "drop",
     "llama_shallow": "drop",
     "minilm_fast": "tokens",
-    "smollm2_edge": "collapse, adapt",
+    "smollm2_edge": "collapse",
     "vit_tome": "tokens",
 }
 
