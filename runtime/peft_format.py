@@ -1,0 +1,165 @@
+"""PEFT's adapter directory format, both ways: `CompiledModel.save_adapters(dir)` writes it here,
+and `adapt … from="dir"` (passes/adapters/peft_in.py) reads it with the names and the pattern
+rule defined here. PEFT itself is not needed for either.
+
+A directory is `adapter_config.json` (a LoraConfig: r, lora_alpha, target_modules, …) and
+`adapter_model.safetensors`, whose keys are PEFT's own:
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight     [r, in]
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight     [out, r]
+    base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector   [out]  (DoRA)
+
+The module paths are the captured model's, which are the original model's, so
+`peft.PeftModel.from_pretrained(original_model, dir)` reproduces the compiled model's outputs.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .adapters import Adapter, adapters_of
+from .artifact_files import json_bytes, write_atomic, write_bytes, write_weights
+
+__all__ = ["PeftFormatError", "save_adapters", "peft_config", "tensor_key", "split_key", "pattern_value",
+           "CONFIG", "WEIGHTS", "PICKLED", "PREFIX", "KEYS"]
+
+CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+PREFIX = "base_model.model."  # PeftModel.base_model (a LoraModel) .model (the original model)
+KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+_OLD_MAGNITUDE = "lora_magnitude_vector.weight"  # how PEFT < 0.12 named DoRA's magnitude
+
+
+class PeftFormatError(ValueError):
+    """Adapters that cannot be written as one PEFT adapter directory; the message says what to do."""
+
+
+def save_adapters(cm, path: str | os.PathLike, targets: Iterable[str] | None = None) -> None:
+    """Write the adapters of `cm` (or of the module paths `targets` only) to the directory `path`
+    in PEFT's format, atomically; an existing PEFT adapter directory there is replaced.
+
+    >>> cm.save_adapters("out/support-bot")                      # doctest: +SKIP
+    >>> peft.PeftModel.from_pretrained(original_model, "out/support-bot")   # the same outputs
+
+    PEFT loads them over the original model's weights: adapters a policy put beside quantized
+    weights (QLoRA) reproduce the compiled model only up to that quantization."""
+    target = Path(path)
+    adapters = _chosen(adapters_of(cm.program), targets)
+    config = peft_config(adapters)
+    tensors = {tensor_key(a.target, name): t for a in adapters for name, t in _tensors(cm.program, a).items()}
+    _check_target(target)
+
+    def write(tmp: Path) -> None:
+        write_bytes(tmp / CONFIG, json_bytes(config, CONFIG, indent=2))
+        write_weights(tmp / WEIGHTS, tensors)
+
+    write_atomic(target, write)
+
+
+def _chosen(found: dict[str, Adapter], targets: Iterable[str] | None) -> list[Adapter]:
+    if not found:
+        raise PeftFormatError("this compiled model has no adapters to save: add them with an `adapt` rule "
+                              "(e.g. `adapt blocks.*.attn.{q,v} lora rank=16`) and compile again; adapters "
+                              "merged into the weights (merge=true, merge_adapters()) are gone: save that "
+                              "model with cm.save(path)")
+    if targets is None:
+        return list(found.values())
+    targets = list(targets)
+    missing = [t for t in targets if t not in found]
+    if missing or not targets:
+        raise PeftFormatError(f"no adapter on {', '.join(missing) or '(no targets given)'}; the adapted "
+                              f"modules are {_few(found)}")
+    return [found[t] for t in targets]
+
+
+def peft_config(adapters: list[Adapter]) -> dict:
+    """The LoraConfig (as JSON) of `adapters`: the commonest rank and alpha as r and lora_alpha,
+    the others per module path in rank_pattern/alpha_pattern."""
+    _check_expressible(adapters)
+    r = Counter(a.rank for a in adapters).most_common(1)[0][0]
+    alpha = Counter(a.alpha for a in adapters).most_common(1)[0][0]
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
+        "inference_mode": True,
+        "r": r, "lora_alpha": _number(alpha), "lora_dropout": adapters[0].dropout,
+        "target_modules": [a.target for a in adapters],
+        "rank_pattern": {a.target: a.rank for a in adapters if a.rank != r},
+        "alpha_pattern": {a.target: _number(a.alpha) for a in adapters if a.alpha != alpha},
+        # per module PEFT corrects it anyway (with a warning) where Linear and Conv1D targets mix
+        "fan_in_fan_out": any(a.transposed for a in adapters),
+        "use_dora": adapters[0].method == "dora", "use_rslora": False,
+        "bias": "none", "lora_bias": False, "init_lora_weights": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None,
+    }
+
+
+def _check_expressible(adapters: list[Adapter]) -> None:
+    """PEFT's one config has a single use_dora and lora_dropout for every target."""
+    for what, key in (("methods", lambda a: a.method), ("dropouts", lambda a: a.dropout)):
+        groups: dict = {}
+        for a in adapters:
+            groups.setdefault(key(a), []).append(a.target)
+        if len(groups) > 1:
+            sides = "; ".join(f"{k} on {_few(v)}" for k, v in groups.items())
+            raise PeftFormatError(
+                f"these adapters have different {what} ({sides}), and a PEFT adapter_config.json has one "
+                f"{'use_dora' if what == 'methods' else 'lora_dropout'} for all its modules. Save each group "
+                "to its own directory with slimfx.runtime.peft_format.save_adapters(cm, path, targets=[…]) "
+                "and load both in PEFT (PeftModel.from_pretrained, then load_adapter with another name, and "
+                "activate both with model.base_model.set_adapter([name1, name2]))")
+
+
+def _tensors(gm: torch.nn.Module, adapter: Adapter) -> dict[str, torch.Tensor]:
+    names = ("lora_A", "lora_B") + (("lora_magnitude",) if adapter.method == "dora" else ())
+    return {n: gm.get_parameter(f"{adapter.target}.{n}").detach().to("cpu", torch.float32).contiguous()
+            for n in names}
+
+
+def _check_target(target: Path) -> None:
+    if target.is_file():
+        raise PeftFormatError(f"cannot save adapters to {target}: it is a file; pass a directory path")
+    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG).is_file():
+        raise PeftFormatError(f"refusing to replace {target}: it is a non-empty directory without an "
+                              f"{CONFIG} (not a PEFT adapter); choose a new path or empty it first")
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _few(paths, n: int = 3) -> str:
+    paths = list(paths)
+    more = f" (+{len(paths) - n} more)" if len(paths) > n else ""
+    return ", ".join(paths[:n]) + more
+
+
+# ---- names both ways -------------------------------------------------------------------------------
+
+def tensor_key(path: str, name: str) -> str:
+    """PEFT's safetensors key of the adapter parameter `name` ("lora_A", …) of module `path`."""
+    return f"{PREFIX}{path}.{KEYS[name]}"
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(module path, parameter name) of a PEFT LoRA/DoRA key, or None for any other key."""
+    if not key.startswith(PREFIX):
+        return None
+    rest = key[len(PREFIX):]
+    for name, suffix in (*KEYS.items(), ("lora_magnitude", _OLD_MAGNITUDE)):
+        if rest.endswith("." + suffix):
+            return rest[:-len(suffix) - 1], name
+    return None
+
+
+def pattern_value(patterns: dict, path: str, default):
+    """PEFT's rank_pattern/alpha_pattern rule: the value of the first key that matches the end of
+    `path` at a dot (a regex, `^` anchors it), else `default`. `{"q_proj": 8}` gives every
+    …q_proj 8; save_adapters writes full paths, which match only themselves."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return patterns[key]
+    return patterns.get(path, default)
