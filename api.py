@@ -34,7 +34,9 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     """Apply `policy` to `model`; return a CompiledModel called exactly like `model`.
 
     `policy` is a path, policy text, or a parsed Spec/Policy (`name` picks one policy of a file
-    that has several). The user's model is never modified.
+    that has several). `model` may itself be a CompiledModel (e.g. one whose trained adapters
+    were merged: `compile(cm.merge_adapters(), "quantize …", calib=batches)`); the rules then
+    act on its graph. The user's model is never modified.
     """
     from .passes.bind import bind
     from .passes.pipeline import Context, run_pipeline
@@ -97,13 +99,29 @@ def _read_spec(policy) -> A.Spec:
 
 def _capture(model, example_inputs):
     from .passes.capture import capture
+    from .runtime.compiled import CompiledModel
 
+    if isinstance(model, CompiledModel):  # compile again: its graph, copied, is the starting point
+        return _recompile_source(model, example_inputs)
     model, example_inputs = unwrap(model, example_inputs)
     if example_inputs is None:
         raise TypeError("slimfx needs example_inputs: the keyword inputs the model is called with, e.g. "
                         "example_inputs=tokenizer(['hello'], return_tensors='pt') (or pass a slimfx.models.load(...) "
                         "result, which carries its own)")
     return capture(model, example_inputs)
+
+
+def _recompile_source(cm, example_inputs):
+    """A CompiledModel as the model of compile()/plan(): a copy of its graph (the reference ops,
+    never the CPU-kernel layouts), so `cm` itself is never changed. Typical use: adapters trained
+    and merged (`cm.merge_adapters()`), then quantized by a second policy."""
+    from .passes.graph import ModelGraph
+    from .runtime.program_copy import copy_program
+
+    if example_inputs is not None:
+        raise TypeError("example_inputs cannot be given with a CompiledModel: its graph is already captured "
+                        f"(inputs {list(cm.input_names)})")
+    return ModelGraph.of(copy_program(cm.graph))
 
 
 def unwrap(model, example_inputs):

@@ -147,12 +147,26 @@ class _Binder:
         if tied and not isinstance(rule, A.Adapt):
             warnings.append(f"{', '.join(tied[0].tied)} is tied to another module's weight: that module keeps "
                             "the original, so its memory is not freed")
+        if isinstance(rule, A.Adapt) and not rule.get("from"):
+            self._check_rank(rule, targets)
         if found and not targets:
             why = "all are protected by `keep`" if kept else f"it selects only {', '.join(others) or 'blocks'}"
             self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on linear layers, and `{_sel(rule)}` "
                         f"leaves none: {why}", "select linears, e.g. `blocks.*.** : Linear` or `blocks.*.attn.q`")
         return BoundRule(rule, targets=targets, protected=tuple(t.path for t in kept),
                          estimate=estimate(rule, targets, (), self.graph), warnings=tuple(warnings))
+
+    def _check_rank(self, rule: A.Adapt, targets: tuple[Target, ...]) -> None:
+        """An adapter's B·A cannot have a larger rank than the layer's smaller dimension."""
+        rank = rule.get("rank")
+        small = [(t, min(t.shapes[t.params.index(p)])) for t in targets for p in t.params
+                 if p.endswith(".weight") and len(t.shapes[t.params.index(p)]) == 2]
+        over = [(t, m) for t, m in small if rank > m]
+        if over:
+            t, m = min(over, key=lambda o: o[1])
+            self._error(rule.span, "out-of-range", f"rank={rank} is larger than {t.path}'s smaller dimension "
+                        f"({m}){f' and {len(over) - 1} more targets' if len(over) > 1 else ''}: B·A "
+                        f"cannot have rank above {m}", f"use rank={m} or less, or narrow the selector")
 
     def _check_overlaps(self, bound: list[BoundRule]) -> None:
         """One linear given two precisions, or an adapter merged into already-quantized weights."""

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from ..runtime import ops  # noqa: F401 - registers slimfx::quant_linear and slimfx::dequantize
 from ..runtime.adapters import Adapter, tag, tag_of
 from ..runtime.program import ParamInfo
 from .graph import ModelGraph, Target

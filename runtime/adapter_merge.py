@@ -21,7 +21,7 @@ __all__ = ["MergeError", "merge_adapters", "merged_weight"]
 
 aten = torch.ops.aten
 _FP_BASES = {aten.linear.default: 1, aten.addmm.default: 2, aten.mm.default: 1}  # op -> weight arg
-QUANTIZED_HINT = ("compile with the adapters on full-precision weights, train, call merge_adapters(), then "
+QUANTIZED_HINT = ("Compile with the adapters on full-precision weights, train, call merge_adapters(), then "
                   "quantize the merged model: slimfx.compile(merged, \"quantize …\")")
 
 

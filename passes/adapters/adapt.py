@@ -21,7 +21,7 @@ from torch import nn
 from ...dsl import ast as A
 from ...dsl.errors import SpecError
 from ...runtime.adapter_merge import MergeError, merge_adapters
-from ...runtime.adapters import Adapter
+from ...runtime.adapters import Adapter, is_adapter_param
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_params
 from ..context import Context
@@ -35,8 +35,7 @@ __all__ = ["run", "fresh_tensors"]
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Adapt = bound.rule
     loaded = peft_in.read(rule.get("from"), bound, ctx) if rule.get("from") else None
-    before_bytes = sum(graph.targets[t.path].nbytes for t in bound.targets if t.path in graph.targets)
-    added, inserted = {}, []
+    added, inserted, base = {}, [], {}
     with ctx.progress.task(f"adding {rule.method} adapters (line {bound.line})", total=len(bound.targets)) as step:
         for t in bound.targets:
             target = _current(graph, t, bound, ctx)
@@ -48,6 +47,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                                   sites[0].transposed)
                 _check_rank(adapter, sites[0], bound, ctx)
                 tensors = fresh_tensors(graph, sites[0], adapter, rule.get("init"))
+            base[target.path] = _base_size(graph, target, sites[0])
             insert_adapter(graph, target, adapter, tensors)
             added[target.path] = sum(v.numel() for v in tensors.values())
             inserted.append(adapter)
@@ -58,7 +58,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
         if loaded is None:
             notes.append("fresh adapters are zero (B = 0): merging them left every weight as it was; use "
                          "merge=false to train them, or from=\"dir\" to merge a trained adapter")
-    return _report(graph, bound, inserted, added, before_bytes, notes)
+    return _report(graph, bound, inserted, added, base, notes)
 
 
 def _current(graph: ModelGraph, t: Target, bound: BoundRule, ctx: Context) -> Target:
@@ -103,25 +103,37 @@ def _merge(graph: ModelGraph, paths: list[str], bound: BoundRule, ctx: Context) 
                            hint="write merge=false to keep the adapters beside the weights") from None
 
 
+def _base_size(graph: ModelGraph, target: Target, site: BaseSite) -> tuple[int, int]:
+    """(parameters, stored bytes) of the target's base linear as it is now (packed or not)."""
+    out_features, in_features = site_dims(site)
+    stored = [p for p in graph.modules[target.path].params if not is_adapter_param(p.name)]
+    bias = site.node.meta["val"].shape[-1] if site.bias is not None else 0
+    return out_features * in_features + bias, sum(p.nbytes for p in stored)
+
+
 def _report(graph: ModelGraph, bound: BoundRule, inserted: list[Adapter], added: dict[str, int],
-            before_bytes: int, notes: list[str]) -> RuleReport:
+            base: dict[str, tuple[int, int]], notes: list[str]) -> RuleReport:
     rule: A.Adapt = bound.rule
     merged = bool(rule.get("merge"))
     trainable = 0 if merged else sum(added.values())
     total = graph_params(graph)
-    params = sum(_numel(graph.targets[p]) for p in added if p in graph.targets)
     ranks = sorted({a.rank for a in inserted})
+    alphas = sorted({a.alpha for a in inserted})
     details = {
         "adapters": len(inserted), "method": rule.method, "rank": ranks[0] if len(ranks) == 1 else ranks,
-        "alpha": inserted[0].alpha if inserted else rule.get("alpha"), "merged": merged,
+        "alpha": alphas[0] if len(alphas) == 1 else alphas, "merged": merged,
         "trainable_params": trainable, "trainable_share": trainable / total if total else 0.0,
     }
     if rule.get("from"):
         details["from"] = rule.get("from")
-    after_bytes = before_bytes + (0 if merged else 4 * trainable)
+    what = f"{rule.method} r={'/'.join(map(str, ranks))} α={'/'.join(f'{a:g}' for a in alphas)}"
+    if merged:
+        notes.insert(0, f"{len(inserted)} {what} adapters merged into their weights")
+    else:
+        notes.insert(0, f"{len(inserted)} {what} adapters: {trainable:,} trainable parameters "
+                        f"({details['trainable_share']:.2%} of the model)")
+    params = sum(p for p, _ in base.values())
+    before = sum(b for _, b in base.values())
+    after = before + (0 if merged else sum(4 * n for n in added.values()))
     return RuleReport(bound.line, bound.text, rule.kind, tuple(added), params, params + trainable,
-                      before_bytes, after_bytes, details, tuple(notes))
-
-
-def _numel(target: Target) -> int:
-    return sum(math.prod(s) for s in target.shapes)
+                      before, after, details, tuple(notes))

@@ -1,0 +1,158 @@
+"""The LoRA/DoRA rewrite primitive (passes/lora.py), through `adapt` rules: identity at init on
+every architecture, the adapter math against a direct implementation of the papers' formulas,
+tags, and a later `quantize` touching the base weight only."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import slimfx
+from slimfx.models import tiny
+from slimfx.runtime import ops  # noqa: F401 - registers the slimfx:: ops
+from slimfx.runtime.adapters import tag_of
+from slimfx.runtime.compiled import CompiledModel
+
+QUANT = torch.ops.slimfx.quant_linear.default
+
+
+def _policy(rules: str) -> str:
+    return "policy p {\n" + rules + "\n}"
+
+
+def _out(result) -> torch.Tensor:
+    return result.logits if hasattr(result, "logits") else result[0]
+
+
+def _run(cm, lm) -> torch.Tensor:
+    with torch.no_grad():
+        return _out(cm(**lm.example_inputs))
+
+
+def _randomize(cm: CompiledModel, seed: int = 0, scale: float = 0.2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in cm.adapter_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_fresh_adapter_is_bit_identical_on_every_arch(arch, method):
+    lm = tiny(arch)
+    cm = slimfx.compile(lm, _policy(f"adapt blocks.*.** : Linear {method} rank=4 alpha=8"))
+    with torch.no_grad():
+        expected = _out(lm.model(**lm.example_inputs))
+    assert torch.equal(_run(cm, lm), expected)
+    assert len(cm.adapters) == len(cm.report.rules[0].targets) > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_fresh_adapter_over_quantized_base_is_identity(arch, method):
+    lm = tiny(arch)
+    quantized = slimfx.compile(lm, _policy("quantize blocks.*.** : Linear int4 group=16"))
+    cm = slimfx.compile(lm, _policy(f"quantize blocks.*.** : Linear int4 group=16\nadapt blocks.*.** : Linear {method} rank=4"))
+    assert torch.equal(_run(cm, lm), _run(quantized, lm))
+    bases = {tag_of(n) is None for n in cm.program.graph.nodes if n.target is QUANT}
+    assert bases == {True}, "the base call stays its own, untagged quant_linear node"
+
+
+# ---- the math, against a direct implementation of the papers' formulas ------------------------
+
+
+class _OneLinear(nn.Module):
+    """A model that is one linear layer (nn.Linear, or GPT-2's Conv1D storing [in, out])."""
+
+    def __init__(self, conv1d: bool):
+        super().__init__()
+        torch.manual_seed(1)
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            self.proj = Conv1D(6, 5)  # nf=6 outputs, nx=5 inputs
+            nn.init.normal_(self.proj.bias)
+        else:
+            self.proj = nn.Linear(5, 6)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _direct(module: nn.Module, x, adapter, a, b, m):
+    """LoRA (Hu et al. 2021): W' = W + (α/r)·B·A. DoRA (Liu et al. 2024, eq. 5):
+    W' = m · (W + ΔW) / ‖W + ΔW‖_c with the norm per output unit. y = x·W'ᵀ + bias."""
+    w = module.proj.weight.detach()
+    w = w.T if adapter.transposed else w  # [out, in]
+    merged = w + adapter.scale * (b @ a)
+    if adapter.method == "dora":
+        merged = m[:, None] * merged / merged.norm(dim=1, keepdim=True)
+    return x @ merged.T + module.proj.bias.detach()
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapter_math_matches_the_papers(conv1d, method):
+    model = _OneLinear(conv1d)
+    x = torch.randn(3, 4, 5)
+    cm = slimfx.compile(model, _policy(f"adapt proj {method} rank=2 alpha=3"), example_inputs={"x": x})
+    _randomize(cm)
+    adapter = cm.adapters["proj"]
+    assert adapter.transposed is conv1d and adapter.scale == 1.5
+    owner = cm.program.get_submodule("proj")
+    a, b = owner.lora_A.detach(), owner.lora_B.detach()
+    m = owner.lora_magnitude.detach() if method == "dora" else None
+    assert a.shape == (2, 5) and b.shape == (6, 2)
+    with torch.no_grad():
+        got = cm(x)
+    torch.testing.assert_close(got, _direct(model, x, adapter, a, b, m), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, model(x)), "random adapters must change the output"
+
+
+def test_adapter_params_are_named_where_they_live_and_nodes_tagged():
+    lm = tiny("llama")
+    cm = slimfx.compile(lm, _policy("adapt blocks.*.attn.{q,v} dora rank=4 alpha=8"))
+    names = {n for n, _ in cm.program.named_parameters() if "lora" in n}
+    assert "model.layers.0.self_attn.q_proj.lora_A" in names
+    assert "model.layers.1.self_attn.v_proj.lora_magnitude" in names
+    assert len(names) == 4 * 3
+    tagged = [tag_of(n) for n in cm.program.graph.nodes if tag_of(n) is not None]
+    assert {t["target"] for t in tagged} == set(cm.adapters)
+    for path in cm.adapters:
+        parts = {t["part"] for t in tagged if t["target"] == path}
+        assert {"lora_A", "lora_B", "lora_magnitude", "A", "B", "weight", "out"} <= parts
+
+
+# ---- a later `quantize` ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_quantize_after_adapt_packs_the_base_weight_only(method):
+    lm = tiny("gpt2")
+    policy = _policy(f"adapt blocks.*.** : Linear {method} rank=4 merge=false\nquantize blocks.*.** : Linear int4 group=16")
+    cm = slimfx.compile(lm, policy)
+    params = dict(cm.program.named_parameters())
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in cm.adapter_parameters())
+    assert not [n for n in params if n.endswith("c_attn.weight") or n.endswith("c_fc.weight")], \
+        "no full-precision base weight of an adapted target may stay behind"
+    quant = [n for n in cm.program.graph.nodes if n.target is QUANT]
+    assert len(quant) == len(cm.adapters) and all(tag_of(n) is None for n in quant)
+    dequant = [n for n in cm.program.graph.nodes if n.target is torch.ops.slimfx.dequantize.default]
+    assert len(dequant) == (len(cm.adapters) if method == "dora" else 0)
+    if method == "lora":  # B = 0: exactly the quantized model
+        plain = slimfx.compile(lm, _policy("quantize blocks.*.** : Linear int4 group=16"))
+        assert torch.equal(_run(cm, lm), _run(plain, lm))
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_dora_over_quantized_base_reads_the_dequantized_weight(conv1d):
+    """DoRA's column norm uses the weight the base computes with: after `quantize`, the packed one."""
+    model = _OneLinear(conv1d)
+    x = torch.randn(3, 4, 5)
+    cm = slimfx.compile(model, _policy("adapt proj dora rank=2\nquantize proj int4 group=16"), example_inputs={"x": x})
+    _randomize(cm)
+    q = cm.program.get_submodule("proj")
+    w = torch.ops.slimfx.dequantize(q.qweight, q.scales, getattr(q, "zeros", None), 4, 16, 5)
+    merged = w + cm.adapters["proj"].scale * (q.lora_B @ q.lora_A)
+    expected = x @ (q.lora_magnitude[:, None] * merged / merged.norm(dim=1, keepdim=True)).T + q.bias
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), expected.detach(), rtol=1e-5, atol=1e-5)
