@@ -33,7 +33,8 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
             name: str | None = None, progress: bool = False):
     """Apply `policy` to `model`; return a CompiledModel called exactly like `model`.
 
-    `policy` is a path, policy text, or a parsed Spec/Policy (`name` picks one policy of a file
+    `policy` is a path, policy text (a whole file, or just its rules: "quantize head int8"), or a
+    parsed Spec/Policy (`name` picks one policy of a file
     that has several). `model` may itself be a CompiledModel (e.g. one whose trained adapters
     were merged: `compile(cm.merge_adapters(), "quantize …", calib=batches)`); the rules then
     act on its graph. The user's model is never modified.
@@ -89,12 +90,29 @@ def _read_spec(policy) -> A.Spec:
     if not isinstance(policy, str):
         raise TypeError(f"policy must be a path, policy text, Spec or Policy, not {type(policy).__name__}")
     looks_like_path = "\n" not in policy and "{" not in policy and policy.strip() != ""
-    if looks_like_path:
-        if not Path(policy).exists():
-            raise SpecError.at("no-file", f"no policy file {policy!r}", filename=policy,
-                               hint="pass an existing .slim path, or the policy text itself")
+    if looks_like_path and Path(policy).exists():
         return parse_file(policy)
+    if _bare_rules(policy):
+        # Rules without a `policy name { }` around them: one anonymous policy. The opening brace
+        # shares the first line, so every line number the user sees is their own.
+        return parse(f"policy {INLINE_POLICY} {{ {policy}\n}}")
+    if looks_like_path:
+        raise SpecError.at("no-file", f"no policy file {policy!r}", filename=policy,
+                           hint="pass an existing .slim path, or the policy text itself")
     return parse(policy)
+
+
+INLINE_POLICY = "inline"
+_RULE_WORDS = ("collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep")
+
+
+def _bare_rules(text: str) -> bool:
+    """Does the text start (after comments) with a rule keyword rather than `policy`?"""
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            return words[0] in _RULE_WORDS
+    return False
 
 
 def _capture(model, example_inputs):

@@ -1,0 +1,91 @@
+"""Folding adapters into their weights (runtime/adapter_merge.py): merged == unmerged, the folded
+weight equals the papers' formula, refusals come before any change, the original is untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimfx
+from slimfx.models import tiny
+from slimfx.runtime.adapter_merge import MergeError
+from slimfx.runtime.adapters import tag_of
+
+
+def _compile(lm, rules: str):
+    return slimfx.compile(lm, "policy p {\n" + rules + "\n}")
+
+
+def _trained(lm, rules: str, seed: int = 0):
+    """Compiled with adapters whose weights are random (as if trained)."""
+    cm = _compile(lm, rules)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in cm.adapter_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return cm
+
+
+def _out(cm, lm):
+    with torch.no_grad():
+        r = cm(**lm.example_inputs)
+    return r.logits if hasattr(r, "logits") else r[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merged_equals_unmerged(arch, method):
+    lm = tiny(arch)
+    cm = _trained(lm, f"adapt blocks.*.** : Linear {method} rank=4 alpha=8")
+    merged = cm.merge_adapters()
+    torch.testing.assert_close(_out(merged, lm), _out(cm, lm), rtol=1e-5, atol=1e-5)
+    assert merged.adapters == {} and merged.adapter_parameters() == []
+    assert not any(tag_of(n) for n in merged.program.graph.nodes)
+    assert cm.adapters and len(cm.adapter_parameters()) > 0, "the unmerged model is unchanged"
+    assert not any(p.requires_grad for p in merged.parameters())
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_folded_weight_is_the_papers_formula(method):
+    lm = tiny("gpt2")  # Conv1D: the weight is stored [in, out]
+    cm = _trained(lm, f"adapt blocks[0].attn.qkv {method} rank=2 alpha=5")
+    path = "transformer.h.0.attn.c_attn"
+    module = cm.program.get_submodule(path)
+    w = module.weight.detach().T  # [out, in]
+    delta = 2.5 * module.lora_B.detach() @ module.lora_A.detach()
+    expected = w + delta
+    if method == "dora":  # DoRA eq. 5: m · V / ‖V‖_c, per output unit
+        expected = module.lora_magnitude.detach()[:, None] * expected / expected.norm(dim=1, keepdim=True)
+    merged = cm.merge_adapters().program.get_submodule(path).weight
+    torch.testing.assert_close(merged.T, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_refused_over_a_quantized_base_says_what_to_do():
+    lm = tiny("llama")
+    cm = _trained(lm, "quantize blocks.*.attn.* : Linear int4 group=16\nadapt blocks.*.attn.q lora rank=2")
+    before = [p.detach().clone() for p in cm.adapter_parameters()]
+    with pytest.raises(MergeError, match=r"quantized.*train, call merge_adapters\(\), then quantize"):
+        cm.merge_adapters()
+    assert all(torch.equal(a, b) for a, b in zip(before, cm.adapter_parameters()))
+    assert len(cm.adapters) == 2
+
+
+def test_merge_refused_into_a_tied_weight():
+    lm = tiny("llama")
+    lm.model.config.tie_word_embeddings = True
+    lm.model.lm_head.weight = lm.model.model.embed_tokens.weight
+    cm = _trained(lm, "adapt head lora rank=2")
+    with pytest.raises(MergeError, match="tied to model.embed_tokens.weight"):
+        cm.merge_adapters()
+
+
+def test_merge_then_quantize_by_a_second_compile():
+    """The order the refusal recommends: train, merge, then compile the merged model again."""
+    lm = tiny("llama")
+    cm = _trained(lm, "adapt blocks.*.** : Linear lora rank=4 alpha=8")
+    merged = cm.merge_adapters()
+    quantized = slimfx.compile(merged, "quantize blocks.*.** : Linear int8")
+    direct = _compile(tiny("llama"), "quantize blocks.*.** : Linear int8")
+    err_merged = (_out(quantized, lm) - _out(merged, lm)).abs().max()
+    assert 0 < err_merged < 0.05, "int8 of the merged weights: close to the merged model, not equal"
+    assert not torch.equal(_out(quantized, lm), _out(direct, lm)), "the merged weights were the ones quantized"
+    assert quantized.report.policy == "inline" and len(merged.adapters) == 0

@@ -1,0 +1,62 @@
+"""Adapters in a CompiledModel (runtime/adapters.py): trainable parameters, dropout on only in
+training mode, artifacts that keep adapters bit-identical and trainable."""
+from __future__ import annotations
+
+import torch
+
+import slimfx
+from slimfx.models import tiny
+from slimfx.runtime.adapters import Adapter
+
+
+def _compile(lm, rules: str):
+    return slimfx.compile(lm, "policy p {\n" + rules + "\n}")
+
+
+def test_only_adapter_parameters_are_trainable():
+    lm = tiny("llama")
+    cm = _compile(lm, "quantize blocks.*.mlp.* : Linear int4 group=16\nadapt blocks.*.attn.{q,v} lora rank=4")
+    trainable = [n for n, p in cm.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == sorted(f"program.{n}" for n, _ in cm.program.named_parameters()
+                                       if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B"))
+    assert len(cm.adapter_parameters()) == 2 * 2 * 2
+    assert cm.adapters["model.layers.1.self_attn.v_proj"] == Adapter(
+        "model.layers.1.self_attn.v_proj", "lora", 4, 16.0, 0.0, False)
+
+
+def test_dropout_only_in_training_mode():
+    lm = tiny("llama")
+    cm = _compile(lm, "adapt blocks.*.attn.{q,v} lora rank=4 dropout=0.5")
+    with torch.no_grad():
+        for p in cm.adapter_parameters():
+            p.add_(0.3)
+        eval_out = cm(**lm.example_inputs).logits
+        cm.train()
+        torch.manual_seed(0)
+        train_a = cm(**lm.example_inputs).logits
+        torch.manual_seed(1)
+        train_b = cm(**lm.example_inputs).logits
+        cm.eval()
+        again = cm(**lm.example_inputs).logits
+    assert not torch.equal(train_a, train_b), "dropout draws a new mask per call in training"
+    assert torch.equal(eval_out, again), "eval mode is deterministic again"
+
+
+def test_artifact_keeps_adapters_bit_identical_and_trainable(tmp_path):
+    lm = tiny("gpt2")
+    cm = _compile(lm, "quantize blocks.*.mlp.* : Linear int4 group=16\nadapt blocks.*.** : Linear dora rank=4 dropout=0.1")
+    with torch.no_grad():
+        for p in cm.adapter_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    cm.save(tmp_path / "a")
+    loaded = slimfx.load(tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(loaded(**lm.example_inputs).logits, cm(**lm.example_inputs).logits)
+    assert loaded.adapters == cm.adapters
+    assert [p.requires_grad for p in loaded.adapter_parameters()] == [True] * len(cm.adapter_parameters())
+    for a, b in zip(loaded.adapter_parameters(), cm.adapter_parameters()):
+        assert torch.equal(a, b)
+    loaded.train()
+    loss = loaded(**lm.example_inputs).logits.square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in loaded.adapter_parameters())
