@@ -171,7 +171,16 @@ class _Binder:
     def _check_overlaps(self, bound: list[BoundRule]) -> None:
         """One linear given two precisions, or an adapter merged into already-quantized weights."""
         quantized: dict[str, BoundRule] = {}
+        adapted: dict[str, BoundRule] = {}  # targets with an unmerged adapter
         for b in bound:
+            if isinstance(b.rule, A.Adapt):
+                clash = next((t.path for t in b.targets if t.path in adapted), None)
+                if clash is not None:
+                    self._error(b.rule.span, "duplicate", f"{clash} already has an adapter from line "
+                                f"{adapted[clash].line} (`{adapted[clash].text}`): a linear takes one adapter",
+                                "narrow one selector, or give the earlier rule merge=true to fold it in first")
+                if not b.rule.get("merge"):
+                    adapted.update({t.path: b for t in b.targets})
             if isinstance(b.rule, (A.Quantize, A.Precision)):
                 clash = next((quantized[t.path] for t in b.targets if t.path in quantized), None)
                 if clash is not None:
