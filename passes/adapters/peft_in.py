@@ -261,11 +261,12 @@ def _check_written(bound: BoundRule, ranks: dict[str, int], alphas: dict[str, fl
         if name not in written:
             continue
         want = bound.rule.get(name)
-        have = sorted({v for v in values.values() if float(v) != float(want)})
-        if have:
-            shown = ", ".join(f"{v:g}" for v in have)
+        other = {p: v for p, v in values.items() if float(v) != float(want)}
+        if other:
+            shown = ", ".join(f"{v:g}" for v in sorted(set(other.values())))
             raise errors("invalid-combination", f"{name}={want:g} is written in the rule but the adapter in "
-                         f"{errors.directory} has {name} {shown} ({field} / {name}_pattern in {CONFIG})",
+                         f"{errors.directory} has {name} {shown} on {_few(list(other))} ({field} / "
+                         f"{name}_pattern in {CONFIG})",
                          hint=f"drop {name}= (from= takes the adapter's own rank and alpha)")
 
 

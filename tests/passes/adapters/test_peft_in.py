@@ -1,0 +1,218 @@
+"""`adapt … from="dir"` (passes/adapters/peft_in.py) against the real peft package: an adapter
+PEFT trained and saved gives the PeftModel's outputs, as adapters or merged, on Llama, GPT-2
+(Conv1D), BERT and ViT, LoRA and DoRA; every bad directory or rule is a SpecError that says what
+is wrong."""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import slimfx
+from passes_tiny import captured
+from slimfx.dsl.errors import SpecError
+from slimfx.runtime.compiled import CompiledModel
+from slimfx.runtime.program_copy import copy_program
+from slimfx.runtime.report import Report
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT's notes on fan_in_fan_out
+
+SELECTORS = {"llama": "blocks.*.attn.{q,v}", "gpt2": "blocks.*.attn.**", "bert": "blocks.*.attn.{q,v}",
+             "vit": "blocks.*.attn.{q,v}"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run in milliseconds on one thread; two threads on a busy 2-core machine spin
+    for ~0.3 s per forward."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def _base(arch: str) -> CompiledModel:
+    """A CompiledModel over a copy of the session's capture (passes_tiny): compile() copies it
+    again, so no test exports the model a second time or touches the shared graph."""
+    graph = captured(arch).graph
+    return CompiledModel(copy_program(graph), report=Report(None, graph.model_class))
+
+
+@functools.lru_cache(maxsize=None)
+def _selected(arch: str) -> tuple[str, ...]:
+    plan = slimfx.plan(_base(arch), _policy(f"adapt {SELECTORS[arch]} lora"))
+    return tuple(t.path for t in plan.rules[0].targets)
+
+
+def _policy(rule: str) -> str:
+    return "policy p {\n " + rule + "\n}"
+
+
+def _outputs(model, inputs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(**inputs)
+    return [v for v in out.values() if isinstance(v, torch.Tensor)]
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert len(a) == len(b)
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def _trained_peft(arch: str, dora: bool, patterns: bool, seed: int = 0):
+    """A PeftModel over the selected modules (named as users do, by their last two components),
+    its adapters moved off their initial values as training would."""
+    names = sorted({".".join(p.split(".")[-2:]) for p in _selected(arch)})
+    extra = dict(rank_pattern={names[0]: 2}, alpha_pattern={names[0]: 3}) if patterns else {}
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=names, use_dora=dora, fan_in_fan_out=arch == "gpt2",
+                        **extra)
+    pm = get_peft_model(copy.deepcopy(captured(arch).model), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return pm.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(arch, dora, patterns) -> (directory of the saved PeftModel, its outputs)."""
+    made = {}
+
+    def get(arch: str, dora: bool = False, patterns: bool = False):
+        key = (arch, dora, patterns)
+        if key not in made:
+            pm = _trained_peft(arch, dora, patterns)
+            directory = tmp_path_factory.mktemp(f"peft-{arch}-{'dora' if dora else 'lora'}")
+            pm.save_pretrained(directory)
+            assert {k.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
+                    for k in load_file(directory / "adapter_model.safetensors")} == set(_selected(arch))
+            made[key] = directory, _outputs(pm, captured(arch).inputs)
+        return made[key]
+
+    return get
+
+
+# ---- PEFT's adapters give PEFT's outputs -------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("arch", list(SELECTORS))
+def test_adapter_from_peft_gives_its_outputs(arch, method, saved):
+    directory, want = saved(arch, method == "dora", patterns=True)
+    inputs = captured(arch).inputs
+    assert _max_diff(want, _outputs(captured(arch).model, inputs)) > 1e-3  # the adapters do something
+    cm = slimfx.compile(_base(arch), _policy(f'adapt {SELECTORS[arch]} {method} from="{directory}"'))
+    assert _max_diff(_outputs(cm, inputs), want) < 1e-5
+    assert {a.rank for a in cm.adapters.values()} == {2, 4}  # rank_pattern
+    assert {a.alpha for a in cm.adapters.values()} == {3.0, 8.0}  # alpha_pattern
+    assert len(cm.adapter_parameters()) == len(_selected(arch)) * (3 if method == "dora" else 2)
+    merged = slimfx.compile(_base(arch), _policy(f'adapt {SELECTORS[arch]} {method} from="{directory}" merge=true'))
+    assert _max_diff(_outputs(merged, inputs), want) < 1e-5
+    assert not merged.adapters and not merged.adapter_parameters()
+
+
+def test_a_relative_path_is_taken_from_the_current_directory(saved, monkeypatch):
+    directory, want = saved("llama")
+    monkeypatch.chdir(directory.parent)
+    cm = slimfx.compile(_base("llama"), _policy(f'adapt blocks.*.attn.{{q,v}} lora from="{directory.name}" '
+                                                "rank=4 alpha=8"))  # written and equal: fine
+    assert _max_diff(_outputs(cm, captured("llama").inputs), want) < 1e-5
+
+
+# ---- what is refused ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def damaged(saved, tmp_path):
+    """A private copy of a saved Llama LoRA adapter (r=4, alpha=8 everywhere), free to damage."""
+    return shutil.copytree(saved("llama")[0], tmp_path / "adapter")
+
+
+def _refused(source, kind: str, *words: str, rule: str = "adapt blocks.*.attn.{q,v} lora") -> SpecError:
+    with pytest.raises(SpecError) as info:
+        slimfx.compile(_base("llama"), _policy(f'{rule} from="{source}"'))
+    e = info.value
+    assert (e.kind, e.line) == (kind, 2), e.render()
+    for word in words:
+        assert word in e.message + (e.hint or ""), e.render()
+    return e
+
+
+def _edit_config(directory, **changes) -> None:
+    file = directory / "adapter_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+def test_a_missing_directory_names_the_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _refused("nowhere/adapter", "no-file", str(tmp_path / "nowhere" / "adapter"), "current directory")
+
+
+def test_a_directory_without_a_config_is_not_an_adapter(damaged):
+    (damaged / "adapter_config.json").unlink()
+    _refused(damaged, "no-file", "not a PEFT adapter", "adapter_config.json")
+
+
+def test_another_peft_type_is_refused(damaged):
+    _edit_config(damaged, peft_type="IA3")
+    _refused(damaged, "unsupported", "IA3", "LoRA and DoRA")
+
+
+def test_a_pickled_adapter_is_never_unpickled(damaged):
+    (damaged / "adapter_model.safetensors").rename(damaged / "adapter_model.bin")
+    _refused(damaged, "unsupported", "adapter_model.bin", "pickle", "safetensors")
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"use_rslora": True}, ("use_rslora", "alpha/r", "lora_alpha = 8·√4 = 16")),
+    ({"bias": "all"}, ('bias="all"',)),
+    ({"lora_bias": True}, ("lora_bias=true",)),
+    ({"modules_to_save": ["lm_head"]}, ('modules_to_save=["lm_head"]', "merge_and_unload")),
+    ({"init_lora_weights": "pissa"}, ("'pissa'", "base weights", "path_initial_model_for_weight_conversion")),
+])
+def test_features_the_formulas_do_not_cover_are_refused(damaged, changes, words):
+    _edit_config(damaged, **changes)
+    _refused(damaged, "unsupported", *words)
+
+
+def test_the_method_must_match(saved, damaged):
+    _refused(damaged, "invalid-combination", "says `dora`", "LoRA adapter", "adapt … lora from=",
+             rule="adapt blocks.*.attn.{q,v} dora")
+    _refused(saved("llama", dora=True)[0], "invalid-combination", "says `lora`", "DoRA adapter")
+
+
+@pytest.mark.parametrize("written, words", [
+    ("rank=8", ("rank=8 is written", "rank 4", "drop rank=")),
+    ("alpha=16", ("alpha=16 is written", "alpha 8", "drop alpha=")),
+])
+def test_written_rank_or_alpha_must_agree(damaged, written, words):
+    _refused(damaged, "invalid-combination", *words, rule=f"adapt blocks.*.attn.{{q,v}} lora {written}")
+
+
+def test_the_selection_must_be_the_adapters_modules(damaged):
+    _refused(damaged, "invalid-combination", "selected by the rule but not in the adapter",
+             "model.layers.0.self_attn.k_proj", rule="adapt blocks.*.attn.{q,k,v} lora")
+    _refused(damaged, "invalid-combination", "in the adapter but not selected", "model.layers.1.self_attn.q_proj",
+             rule="adapt blocks[0].attn.{q,v} lora")
+
+
+def test_shapes_must_fit_the_linears(damaged):
+    file = damaged / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+    tensors[key] = torch.zeros(4, 5)
+    save_file(tensors, file)
+    _refused(damaged, "unsupported", "model.layers.1.self_attn.v_proj", "lora_A [4, 5]", "other sizes")
+
+
+def test_tensors_of_other_kinds_are_refused(damaged):
+    file = damaged / "adapter_model.safetensors"
+    save_file({**load_file(file), "base_model.model.lm_head.weight": torch.zeros(3, 3)}, file)
+    _refused(damaged, "unsupported", "base_model.model.lm_head.weight", "not LoRA/DoRA weights")
