@@ -114,6 +114,8 @@ def _params_text(draw, key: str, count: int, sep: str = " ") -> str:
     names = draw(st.permutations(list(schema)))[:count]
     if key == "drop.auto":  # exactly one of ratio/count
         names = [n for n in names if n not in ("ratio", "count")] + [draw(st.sampled_from(["ratio", "count"]))]
+    if key == "adapt" and {"from", "init"} <= set(names):  # a loaded adapter has no init
+        names.remove(draw(st.sampled_from(["from", "init"])))
     return sep.join(f"{n}={format_value(draw(param_values(schema[n])))}" for n in names)
 
 

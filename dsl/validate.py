@@ -46,6 +46,8 @@ def _validate_rule(rule, problems: _Problems):
         _check_auto(changes["auto"], problems)
     if isinstance(rule, A.Quantize):
         _check_format_params(rule.format, changes["params"], problems)
+    if isinstance(rule, A.Adapt):
+        _check_adapt(changes["params"], problems)
     if isinstance(rule, A.Precision):
         changes["choices"] = tuple(_validate_choice(c, problems) for c in rule.choices)
         _check_precision(rule, changes["choices"], problems)
@@ -160,6 +162,13 @@ def _check_precision(rule: A.Precision, choices: tuple[A.FormatChoice, ...], pro
     if rule.metric not in METRICS:
         problems.add("unknown-keyword", f"unknown sensitivity metric `{rule.metric}` (known: "
                      + ", ".join(METRICS) + ")", rule.span, did_you_mean(rule.metric, METRICS))
+
+
+def _check_adapt(params: tuple[A.Param, ...], problems: _Problems):
+    names = {p.name: p for p in params}
+    if "from" in names and "init" in names:
+        problems.add("invalid-combination", "`init` sets up a fresh adapter, and `from=` loads a trained one",
+                     names["init"].span, "remove `init`")
 
 
 def _check_auto(auto: A.Auto, problems: _Problems):

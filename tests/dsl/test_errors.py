@@ -47,6 +47,7 @@ CASES = [
     (body("quantize head fp16 group=64"), "invalid-combination", 2, 24, ["integer formats only"], None),
     (body("adapt blocks lora rank=4 rank=8"), "duplicate", 2, 30, ["given twice"], None),
     (body("drop blocks auto(ratio=0.2, count=2)"), "invalid-combination", 2, 17, ["not both"], None),
+    (body('adapt blocks lora from="a" init=gaussian'), "invalid-combination", 2, 32, ["loads a trained one"], "remove `init`"),
     (body("drop blocks auto(score=influence)"), "missing-value", 2, 17, ["how many blocks"], "auto(count=4)"),
     (body("keep head[::0]"), "out-of-range", 2, 10, ["step cannot be zero"], None),
     (body("keep head rank=3"), "unknown-parameter", 2, 15, ["`keep` takes no parameter"], "`adapt`"),
