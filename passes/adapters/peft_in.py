@@ -140,7 +140,8 @@ def _check_features(config: dict, errors: _Errors) -> None:
     if bias != "none":
         raise errors("unsupported", f'bias="{bias}": the adapter trained bias terms, which slimfx does not load',
                      hint='use a LoRA adapter trained with bias="none"')
-    extra = {k: v for k, v in config.items() if k not in _HARMLESS and k != "bias" and v not in (None, False, {}, [], "")}
+    extra = {k: v for k, v in config.items()
+             if k not in _HARMLESS and k != "bias" and v not in (None, False, {}, [], "")}
     if extra:
         shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in list(extra.items())[:4])
         raise errors("unsupported", f"the adapter uses {shown}: slimfx's adapter covers plain LoRA and DoRA "
@@ -281,8 +282,10 @@ def _check_rank(path: str, ts: dict[str, torch.Tensor], rank: int, errors: _Erro
 def _check_dims(path: str, ts: dict[str, torch.Tensor], dims: tuple[int, int], errors: _Errors) -> None:
     out_features, in_features = dims
     a, b, m = ts["lora_A"], ts["lora_B"], ts.get("lora_magnitude")
-    if a.shape[1] != in_features or b.shape[0] != out_features or (m is not None and tuple(m.shape) != (out_features,)):
-        got = f"lora_A {list(a.shape)}, lora_B {list(b.shape)}" + (f", magnitude {list(m.shape)}" if m is not None else "")
+    bad_m = m is not None and tuple(m.shape) != (out_features,)
+    if a.shape[1] != in_features or b.shape[0] != out_features or bad_m:
+        got = f"lora_A {list(a.shape)}, lora_B {list(b.shape)}"
+        got += f", magnitude {list(m.shape)}" if m is not None else ""
         raise errors("unsupported", f"{path} is a {out_features}×{in_features} linear (out×in) but the adapter "
                      f"in {errors.directory} has {got}: it was trained on a model of other sizes",
                      hint="load an adapter trained on this model")

@@ -216,3 +216,10 @@ def test_tensors_of_other_kinds_are_refused(damaged):
     file = damaged / "adapter_model.safetensors"
     save_file({**load_file(file), "base_model.model.lm_head.weight": torch.zeros(3, 3)}, file)
     _refused(damaged, "unsupported", "base_model.model.lm_head.weight", "not LoRA/DoRA weights")
+
+
+def test_a_wrapper_prefix_on_one_side_is_named(damaged):
+    file = damaged / "adapter_model.safetensors"
+    prefix = "base_model.model."
+    save_file({k.replace(prefix, prefix + "outer.", 1): v for k, v in load_file(file).items()}, file)
+    _refused(damaged, "invalid-combination", "extra `outer.`", "another class of this model")
