@@ -11,9 +11,10 @@ if __package__:
     from .dsl import Policy, Spec, SpecError, format_spec, parse, parse_file
     from .runtime.version import __version__
 __all__ = ["compile", "plan", "load", "parse", "parse_file", "format_spec", "SpecError", "Spec", "Policy",
-           "CompiledModel", "__version__"]
+           "CompiledModel", "train", "__version__"]
 
-_LAZY = {"compile": "api", "plan": "api", "load": "api", "CompiledModel": "runtime.compiled"}
+_LAZY = {"compile": "api", "plan": "api", "load": "api", "CompiledModel": "runtime.compiled",
+         "train": "runtime.train"}
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""The `slimfx` subcommands that need a model: plan, compile, eval. Torch is imported only
+"""The `slimfx` subcommands that need a model: plan, compile, train, eval. Torch is imported only
 when one of them runs, so `slimfx check` stays fast."""
 from __future__ import annotations
 
@@ -27,6 +27,18 @@ def add_model_commands(sub) -> None:
     comp.add_argument("--calib", metavar="FILE", help="calibration text (UTF-8; paragraphs become calibration "
                       "texts); default: the part of the built-in text that `slimfx eval` never scores")
     comp.set_defaults(run=_guarded(_compile))
+
+    tr = sub.add_parser("train", help="train a compiled model's adapters (LoRA/DoRA, QLoRA) and save it")
+    tr.add_argument("--model", required=True, help=MODEL_HELP + " (the model that was compiled)")
+    tr.add_argument("--compiled", required=True, help="artifact directory from `slimfx compile`, with adapters")
+    tr.add_argument("--steps", type=int, required=True, help="optimizer steps (AdamW over the adapters)")
+    tr.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    tr.add_argument("--batch", type=int, default=4, help="rows of the training batch (default 4)")
+    tr.add_argument("--seq", type=int, default=128, help="tokens per row (default 128)")
+    tr.add_argument("--loss", choices=("lm", "distill"), help="lm: next-token cross entropy; distill: match the "
+                    "original model's outputs; default: lm for causal LMs, distill otherwise")
+    tr.add_argument("--out", help="artifact directory to write (default: <compiled>-trained)")
+    tr.set_defaults(run=_guarded(_train))
 
     ev = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders), bytes, latency")
     ev.add_argument("--model", required=True, help=MODEL_HELP)
@@ -112,6 +124,64 @@ def _read_calib(path: str) -> list[str]:
         return read_paragraphs(path)
     except ValueError as e:
         raise UsageError(f"--calib: {e}") from None
+
+
+def _train(args) -> int:
+    from . import api
+    from .runtime.train import train
+
+    _check_train_args(args)
+    out = args.out or f"{args.compiled.rstrip('/')}-trained"
+    _check_out(out)  # before loading and training, not after
+    cm = api.load(args.compiled)
+    if not cm.adapter_parameters():
+        raise UsageError(f"{args.compiled} has no adapters to train: compile it with an `adapt` rule, "
+                         "e.g. `adapt blocks.*.attn.{q,v} lora rank=16 alpha=32`")
+    loaded = _load_model(args.model)
+    batch = _training_batch(loaded, args.batch, args.seq)
+    loss = args.loss or ("lm" if loaded.kind == "causal-lm" else "distill")
+    print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {args.steps} steps "
+          f"on {args.batch}×{args.seq} calibration tokens, {loss} loss, lr {args.lr:g}", file=sys.stderr)
+    result = train(cm, [batch], steps=args.steps, lr=args.lr, loss=loss,
+                   teacher=loaded.model if loss == "distill" else None, progress=True)
+    for i, value in enumerate(result.losses, 1):
+        print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {value:.4f}")
+    print(f"loss {result.first:.4f} -> {result.last:.4f} in {result.seconds:.1f}s")
+    cm.save(out)
+    print(f"saved to {out}", file=sys.stderr)
+    return 0
+
+
+def _check_train_args(args) -> None:
+    for name in ("steps", "batch", "seq"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+
+
+def _training_batch(loaded, batch: int, seq: int) -> dict:
+    """The first batch×seq tokens of the calibration text (the part `slimfx eval` never scores),
+    packed into rows with no padding."""
+    import torch
+
+    from .evaluation import calibration_texts
+
+    if loaded.tokenizer is None:
+        raise UsageError(f"{loaded.name} has no tokenizer; `slimfx train` trains on text "
+                         "(use slimfx.train() from Python with your own batches)")
+    ids = torch.as_tensor(loaded.tokenizer("\n\n".join(calibration_texts()), return_tensors="pt")["input_ids"])
+    ids = ids.reshape(-1)
+    if ids.numel() < batch * seq:
+        raise UsageError(f"--batch {batch} × --seq {seq} needs {batch * seq} tokens; the calibration "
+                         f"text has {ids.numel()}")
+    rows = ids[:batch * seq].reshape(batch, seq)
+    return {"input_ids": rows, "attention_mask": torch.ones_like(rows)}
+
+
+def _count_params(cm) -> str:
+    n = sum(p.numel() for p in cm.adapter_parameters())
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
 def _eval(args) -> int:

@@ -1,0 +1,219 @@
+"""Training a compiled model's adapters: after `adapt` rules (passes/adapters/) the LoRA/DoRA
+parameters are the only trainable ones (runtime/adapters.py); this is the plain loop that trains
+them, beside frozen (possibly 4-bit) base weights: QLoRA.
+
+    cm = slimfx.compile(lm, "policy p { adapt blocks.*.attn.{q,v} lora rank=16 alpha=32 }")
+    result = slimfx.train(cm, [lm.encode(texts)], steps=8, lr=1e-3)
+    result.losses      # one float per step; result.first, result.last
+    cm.save("out/trained")
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .progress import Progress
+
+__all__ = ["train", "TrainResult", "LOSSES"]
+
+LOSSES = ("lm", "distill")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one `train` call did: the loss at every step (before that step's update)."""
+
+    losses: list[float]
+    seconds: float
+    loss: str
+
+    @property
+    def first(self) -> float:
+        return self.losses[0]
+
+    @property
+    def last(self) -> float:
+        return self.losses[-1]
+
+    def __str__(self) -> str:
+        return (f"{len(self.losses)} steps of {self.loss} loss in {self.seconds:.1f}s: "
+                f"{self.first:.4f} -> {self.last:.4f}")
+
+
+def train(cm, batches, *, steps: int, lr: float = 2e-4, loss: str = "lm", teacher=None,
+          progress: bool | Progress = False, optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+    """Train `cm`'s adapters for `steps` optimizer steps over `batches` (input dicts, cycled).
+
+    loss="lm": next-token cross entropy on `.logits`, padding (attention_mask == 0) and labels of
+    -100 ignored; a batch may carry `labels` (Hugging Face's convention) instead of scoring its
+    input_ids. loss="distill": KL(teacher ‖ student) on the logits, or the MSE of the first output
+    tensor (e.g. last_hidden_state) for a model without logits; `teacher` (the original module or
+    another CompiledModel) runs in eval mode under no_grad. AdamW over `cm.adapter_parameters()`
+    unless `optimizer` is given. `cm` is in training mode (adapter dropout on) only while this runs.
+    """
+    params = _check(cm, steps, loss, teacher)
+    batches = _batches(batches)
+    teacher = _unwrap(teacher)
+    opt = optimizer if optimizer is not None else torch.optim.AdamW(params, lr=lr)
+    bars = progress if isinstance(progress, Progress) else Progress.for_terminal(progress)
+    losses: list[float] = []
+    start = time.perf_counter()
+    with _mode(cm, True), _mode(teacher, False), bars.task(f"training adapters ({loss})", total=steps) as step:
+        for i, batch in zip(range(steps), itertools.cycle(batches)):
+            value = _step(cm, batch, opt, loss, teacher, i)
+            losses.append(value)
+            step(note=f"loss {value:.4f}")
+    return TrainResult(losses, time.perf_counter() - start, loss)
+
+
+def _check(cm, steps: int, loss: str, teacher) -> list[nn.Parameter]:
+    if not hasattr(cm, "adapter_parameters"):
+        raise TypeError(f"train() takes a CompiledModel (from slimfx.compile or slimfx.load); "
+                        f"got {type(cm).__name__}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; train() knows {', '.join(map(repr, LOSSES))}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number of at least 1, got {steps!r}")
+    if loss == "distill" and teacher is None:
+        raise ValueError("loss='distill' needs a teacher: the original model (or another "
+                         "CompiledModel) whose outputs the student learns to match")
+    params = cm.adapter_parameters()
+    if not params:
+        raise ValueError(f"{type(cm).__name__} has no adapters to train: compile with an `adapt` "
+                         "rule, e.g. `adapt blocks.*.attn.{q,v} lora rank=16 alpha=32`")
+    return params
+
+
+def _batches(batches) -> list[dict[str, Any]]:
+    """The batches as a list (an iterator is read once); one dict is one batch."""
+    items = [batches] if isinstance(batches, Mapping) else list(batches) if isinstance(batches, Iterable) else None
+    if items is None:
+        raise TypeError(f"batches must be a list of input dicts; got {type(batches).__name__}")
+    if not items:
+        raise ValueError("batches is empty; pass at least one input dict, e.g. [lm.encode(texts)]")
+    for i, b in enumerate(items):
+        if not isinstance(b, Mapping):
+            raise TypeError(f"batches[{i}] is a {type(b).__name__}; each batch is a dict of input tensors "
+                            "(e.g. {'input_ids': ..., 'attention_mask': ...})")
+    return [dict(b) for b in items]
+
+
+def _unwrap(teacher):
+    """A slimfx.models.LoadedModel stands for its module."""
+    if teacher is not None and not isinstance(teacher, nn.Module) and isinstance(getattr(teacher, "model", None), nn.Module):
+        return teacher.model
+    return teacher
+
+
+@contextmanager
+def _mode(module: nn.Module | None, training: bool):
+    """`module` in training (or eval) mode inside, its previous mode restored after, also on an
+    exception; nothing to do for no teacher (or a plain function)."""
+    if not isinstance(module, nn.Module):
+        yield
+        return
+    was = module.training
+    module.train(training)
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
+def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
+    # Autocast caches its low-precision copy of each trainable leaf (the adapters) until the
+    # caller's `with torch.autocast` ends; without this, every step would reuse step 1's copy.
+    torch.clear_autocast_cache()
+    opt.zero_grad(set_to_none=True)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = cm(**inputs)
+    value = _lm_loss(out, batch) if loss == "lm" else _distill_loss(out, teacher, inputs)
+    if not torch.isfinite(value):
+        raise FloatingPointError(f"the {loss} loss is {value.item()} at step {i + 1}; the adapters were "
+                                 "not updated by it (try a lower lr)")
+    value.backward()
+    opt.step()
+    return value.item()
+
+
+# ---------------------------------------------------------------- losses
+
+def _lm_loss(out, batch: dict) -> torch.Tensor:
+    """Mean next-token cross entropy over the scored tokens (float32, whatever autocast did)."""
+    logits = _logits(out)
+    if logits is None:
+        raise ValueError("loss='lm' needs a model whose output has logits (a causal LM); this one "
+                         "has none: use loss='distill' with the original model as teacher")
+    labels = _labels(batch)
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"loss='lm': logits {tuple(logits.shape)} do not match token ids "
+                         f"{tuple(labels.shape)}; lm loss is for causal LMs over [batch, seq] tokens")
+    targets = labels[:, 1:]
+    if not (targets != -100).any():
+        raise ValueError("loss='lm': the batch has no token to predict (all padding, or one token per row)")
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def _labels(batch: dict) -> torch.Tensor:
+    """Token ids to predict, -100 where attention_mask is 0 (padding)."""
+    if "labels" in batch:
+        return batch["labels"]
+    if "input_ids" not in batch:
+        raise ValueError(f"loss='lm' scores input_ids (or labels); the batch has {sorted(batch)}")
+    labels = batch["input_ids"].clone()
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        labels[mask == 0] = -100
+    return labels
+
+
+def _distill_loss(out, teacher, inputs: dict) -> torch.Tensor:
+    """KL(teacher ‖ student) per position over the logits, else the MSE of the first output
+    tensor; averaged over the positions attention_mask keeps."""
+    with torch.no_grad():
+        ref = teacher(**inputs)
+    student, target = _logits(out), _logits(ref)
+    if student is not None and target is not None:
+        log_s, log_t = F.log_softmax(student.float(), -1), F.log_softmax(target.float(), -1)
+        per_position = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
+    else:
+        student, target = _first_tensor(out), _first_tensor(ref)
+        if student.shape != target.shape:
+            raise ValueError(f"loss='distill': the student's output {tuple(student.shape)} and the "
+                             f"teacher's {tuple(target.shape)} differ in shape")
+        diff = student.float() - target.float()
+        per_position = diff.pow(2).mean(-1) if diff.dim() > 1 else diff.pow(2)
+    return _masked_mean(per_position, inputs.get("attention_mask"))
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None or mask.shape != values.shape:
+        return values.mean()
+    keep = mask != 0
+    return values[keep].mean() if keep.any() else values.mean()
+
+
+def _logits(out) -> torch.Tensor | None:
+    if isinstance(out, Mapping) or hasattr(out, "keys"):
+        return out["logits"] if "logits" in out.keys() else None
+    logits = getattr(out, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
+def _first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    values = list(out.values()) if isinstance(out, Mapping) or hasattr(out, "keys") else (
+        list(out) if isinstance(out, (tuple, list)) else [])
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"loss='distill' found no output tensor in a {type(out).__name__}")

@@ -1,0 +1,157 @@
+"""slimfx.train (runtime/train.py): training moves the adapters and nothing else, over float and
+4-bit bases, with and without bf16 autocast; distillation; every refusal is a clear message."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import slimfx
+from runtime_tiny import compiled
+from slimfx import models
+from slimfx.runtime.adapters import is_adapter_param
+
+# Each tiny compile costs seconds: a few rule sets, each compiled once per worker and reset.
+MIXED = ("adapt blocks.*.attn.* : Linear lora rank=4 alpha=8", "adapt blocks.*.mlp.* : Linear dora rank=4 alpha=8")
+QLORA = ("quantize blocks.*.** : Linear int4 group=16", "adapt blocks.*.** : Linear lora rank=4 alpha=8")
+
+
+@functools.cache
+def case(arch: str, *rules: str):
+    """(LoadedModel, CompiledModel, its initial adapter values): compiled once per worker."""
+    lm = models.tiny(arch)
+    cm = slimfx.compile(lm, "policy p {\n" + "".join(f"    {r}\n" for r in rules) + "}\n")
+    return lm, cm, {n: p.detach().clone() for n, p in cm.named_parameters() if is_adapter_param(n)}
+
+
+def fresh(arch: str, *rules: str):
+    """The cached compiled model with its adapters reset to their initial values."""
+    lm, cm, initial = case(arch, *rules)
+    with torch.no_grad():
+        for n, p in cm.named_parameters():
+            if n in initial:
+                p.copy_(initial[n])
+                p.grad = None
+    return lm, cm
+
+
+def tokens(batch: int, seq: int, *, pad: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad:
+        mask[-1, seq // 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def frozen_state(cm) -> dict[str, torch.Tensor]:
+    """Every non-adapter parameter and buffer (and plain tensor constant), cloned."""
+    state = {n: t.detach().clone() for n, t in cm.state_dict(keep_vars=True).items() if not is_adapter_param(n)}
+    assert state
+    return state
+
+
+def assert_unchanged(cm, before: dict[str, torch.Tensor]) -> None:
+    after = {n: t for n, t in cm.state_dict().items() if not is_adapter_param(n)}
+    assert after.keys() == before.keys()
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert not changed, f"training changed non-adapter tensors {changed[:5]}"
+
+
+def assert_only_adapters_got_gradients(cm) -> None:
+    with_grad = {n for n, p in cm.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, _ in cm.named_parameters() if is_adapter_param(n)}
+
+
+@settings(max_examples=4, deadline=None)
+@given(arch=st.sampled_from(["llama", "gpt2"]), batch=st.integers(1, 2), seq=st.integers(4, 12),
+       pad=st.booleans())
+def test_training_lowers_the_loss_and_moves_only_adapters(arch, batch, seq, pad):
+    lm, cm = fresh(arch, *MIXED)  # LoRA on attention, DoRA on the MLP
+    before = frozen_state(cm)
+    result = slimfx.train(cm, [tokens(batch, seq, pad=pad)], steps=6, lr=1e-2)
+    assert len(result.losses) == 6 and result.last < result.first
+    assert_unchanged(cm, before)
+    assert_only_adapters_got_gradients(cm)
+    assert cm.training is False  # the previous mode is back
+
+
+def test_lora_over_a_4_bit_base_trains_and_leaves_the_packed_weights_alone():
+    lm, cm = fresh("llama", *QLORA)
+    before = frozen_state(cm)
+    assert any(t.dtype in (torch.uint8, torch.int8, torch.int32) for t in before.values())
+    result = slimfx.train(cm, iter([tokens(2, 10, pad=True)]), steps=5, lr=1e-2)
+    assert result.last < result.first
+    assert_unchanged(cm, before)
+    assert_only_adapters_got_gradients(cm)
+
+
+@pytest.mark.parametrize("rules", [MIXED, QLORA], ids=["float", "int4"])
+def test_bf16_autocast_around_training(rules):
+    lm, cm = fresh("llama", *rules)
+    before = frozen_state(cm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = slimfx.train(cm, [tokens(2, 8, pad=False)], steps=5, lr=1e-2)
+    # Every step must see the updated adapters, not autocast's cached bf16 copy of step 1.
+    assert len(set(result.losses)) == 5 and result.last < result.first
+    assert all(p.dtype == torch.float32 for p in cm.adapter_parameters())
+    assert_unchanged(cm, before)
+
+
+def test_distill_against_the_original_lowers_the_kl():
+    lm, cm = fresh("llama", *QLORA)
+    # The 4-bit error is small: a gentle lr, or the first step overshoots it.
+    result = slimfx.train(cm, [tokens(2, 8, pad=True)], steps=6, lr=1e-3, loss="distill", teacher=lm)
+    assert result.first > 0 and result.last < result.first
+    assert lm.model.training is False
+
+
+def test_distill_without_logits_matches_the_first_output_and_lm_loss_says_so():
+    lm, cm = fresh("bert", *QLORA)
+    result = slimfx.train(cm, [tokens(2, 8, pad=True)], steps=4, lr=1e-3, loss="distill", teacher=lm.model)
+    assert 0 < result.last < result.first
+    with pytest.raises(ValueError, match="loss='distill'"):
+        slimfx.train(cm, [tokens(2, 8, pad=False)], steps=1)
+
+
+def test_a_given_optimizer_is_used():
+    lm, cm = fresh("llama", *MIXED)
+    opt = torch.optim.SGD(cm.adapter_parameters(), lr=0.0)
+    result = slimfx.train(cm, [tokens(1, 6, pad=False)], steps=3, optimizer=opt)
+    assert result.losses == [result.first] * 3  # lr 0: nothing moved
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(steps=0), ValueError, "steps must be"),
+    (dict(steps=2, loss="mse"), ValueError, "unknown loss 'mse'"),
+    (dict(steps=2, loss="distill"), ValueError, "needs a teacher"),
+])
+def test_argument_errors(kwargs, error, match):
+    lm, cm = fresh("llama", *MIXED)
+    with pytest.raises(error, match=match):
+        slimfx.train(cm, [tokens(1, 4, pad=False)], **kwargs)
+
+
+def test_a_model_without_adapters_is_refused():
+    case_ = compiled("llama")
+    with pytest.raises(ValueError, match="compile with an `adapt` rule"):
+        slimfx.train(case_.cm, [case_.loaded.example_inputs], steps=1)
+    with pytest.raises(TypeError, match="takes a CompiledModel"):
+        slimfx.train(case_.loaded.model, [case_.loaded.example_inputs], steps=1)
+
+
+def test_bad_batches_are_refused_and_the_mode_is_restored_after_an_error():
+    lm, cm = fresh("llama", *MIXED)
+    with pytest.raises(ValueError, match="batches is empty"):
+        slimfx.train(cm, [], steps=1)
+    with pytest.raises(TypeError, match=r"batches\[0\]"):
+        slimfx.train(cm, [torch.zeros(2, 3)], steps=1)
+    with pytest.raises(TypeError, match="unexpected"):
+        slimfx.train(cm, [{**tokens(1, 4, pad=False), "pixels": torch.zeros(1)}], steps=1)
+    assert cm.training is False
+    cm.train()
+    with pytest.raises(TypeError):
+        slimfx.train(cm, [{"nope": torch.zeros(1)}], steps=1)
+    assert cm.training is True
+    cm.eval()

@@ -1,0 +1,66 @@
+"""`slimfx train`: an artifact with adapters is trained on calibration text and saved beside it;
+arguments and artifacts that cannot work are refused as messages, before any training."""
+import pytest
+import torch
+
+import slimfx
+from slimfx.cli import main
+from test_cli import write
+
+QLORA = ("policy p {\n    quantize blocks.*.** : Linear int4 group=16\n"
+         "    adapt blocks.*.** : Linear lora rank=4 alpha=8\n}\n")
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    """A tiny Llama compiled with QLoRA adapters and saved."""
+    out = tmp_path / "qlora"
+    assert main(["compile", str(write(tmp_path, QLORA)), "--model", "tiny:llama", "--out", str(out)]) == 0
+    return out
+
+
+def adapters(path) -> dict[str, torch.Tensor]:
+    cm = slimfx.load(path)
+    return {n: p.detach() for n, p in cm.named_parameters() if p.requires_grad}
+
+
+def test_train_prints_the_loss_per_step_and_saves_beside_the_artifact(artifact, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "4",
+                 "--batch", "2", "--seq", "32", "--lr", "1e-2"]) == 0
+    out, err = capsys.readouterr()
+    assert "step 1/4  loss" in out and "step 4/4  loss" in out
+    first, last = (float(x) for x in out.split("\nloss ")[1].split(" in ")[0].split(" -> "))
+    assert last < first
+    trained = artifact.parent / "qlora-trained"
+    assert f"saved to {trained}" in err
+    before, after = adapters(artifact), adapters(trained)
+    assert before.keys() == after.keys() and not any(torch.equal(before[n], after[n]) for n in before
+                                                     if n.endswith("lora_B"))
+    assert main(["eval", "--model", "tiny:llama", "--compiled", str(trained), "--max-tokens", "64"]) == 0
+    assert "compiled / original" in capsys.readouterr().out
+    assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "1",
+                 "--batch", "1000", "--seq", "1000", "--out", str(tmp_path / "o")]) == 1
+    assert "needs 1000000 tokens" in capsys.readouterr().err
+
+
+def test_train_refuses_before_loading_anything(tmp_path, capsys):
+    a_file = write(tmp_path, "x", name="not-a-dir")
+    argv = ["train", "--model", "tiny:llama", "--compiled", str(tmp_path / "never-read"), "--steps"]
+    assert main([*argv, "1", "--out", str(a_file)]) == 1
+    err = capsys.readouterr().err
+    assert "it is a file" in err and "loading" not in err
+    assert main([*argv, "0"]) == 1
+    assert "--steps must be at least 1" in capsys.readouterr().err
+    assert main([*argv, "1", "--lr", "0"]) == 1
+    assert "--lr must be positive" in capsys.readouterr().err
+
+
+def test_an_artifact_without_adapters_is_a_message_not_a_traceback(tmp_path, capsys):
+    plain = tmp_path / "plain"
+    assert main(["compile", str(write(tmp_path, "policy p {\n    keep head\n}\n")), "--model", "tiny:llama",
+                 "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", "tiny:llama", "--compiled", str(plain), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "no adapters to train" in err and "`adapt` rule" in err and "Traceback" not in err
