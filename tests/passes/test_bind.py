@@ -106,13 +106,14 @@ def test_empty_policy_binds_to_an_empty_plan(llama):
 def test_plan_table_lists_every_rule_with_status(llama):
     from slimfx.passes import precision  # noqa: F401  registers quantize
 
-    text = plan_text(plan_of(llama, "quantize blocks.*.** : Linear int4 group=64", "keep embed",
+    text = plan_text(plan_of(llama, "drop blocks[1]", "quantize blocks.*.** : Linear int4 group=64", "keep embed",
                              "adapt blocks.*.attn.q lora"), "p.slim", width=400)
     assert "quantize blocks.*.** : Linear int4 group=64" in text and "keep embed" in text
     rows = {line.split("│")[2].strip(): line for line in text.splitlines() if line.count("│") > 3}
     assert "ready" in rows["quantize blocks.*.** : Linear int4 group=64"]
     assert "ready" in rows["keep embed"]  # keep is applied by bind itself
-    assert "not implemented yet" in rows["adapt blocks.*.attn.q lora"]  # no adapter pass yet
+    assert "ready; +4,096 trainable" in rows["adapt blocks.*.attn.q lora"]
+    assert "not implemented yet" in rows["drop blocks[1]"]  # no collapse pass yet
 
 
 def test_a_tied_weight_is_flagged_and_not_counted_as_freed(gpt2):
