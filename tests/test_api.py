@@ -77,9 +77,34 @@ def test_missing_policy_file_and_several_policies_need_a_name(tmp_path):
 def test_unimplemented_rules_stop_compile_with_what_to_do():
     loaded = tiny("llama")
     with pytest.raises(SpecError) as e:
-        slimfx.compile(loaded, "policy p {\n    adapt blocks.*.attn.q lora\n}\n")
-    assert e.value.kind == "unsupported" and e.value.line == 2 and "`adapt`" in e.value.message
+        slimfx.compile(loaded, "policy p {\n    drop blocks[1]\n}\n")
+    assert e.value.kind == "unsupported" and e.value.line == 2 and "`drop`" in e.value.message
     assert "not implemented" in e.value.message and "slimfx plan" in e.value.hint
+
+
+def test_bare_rules_are_one_inline_policy_with_the_users_line_numbers():
+    loaded = tiny("llama")
+    cm = slimfx.compile(loaded, "# int8 attention\nquantize blocks.*.attn.* : Linear int8\nkeep head")
+    assert cm.report.policy == "inline" and [r.line for r in cm.report.rules] == [2, 3]
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(loaded, "keep head\nquantize blocks.*.atn.* int8")
+    assert e.value.kind == "selector" and e.value.line == 2
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(loaded, "quantize_me.slim")
+    assert e.value.kind == "no-file"
+
+
+def test_a_compiled_model_compiles_again_and_is_not_changed():
+    loaded = tiny("llama")
+    first = slimfx.compile(loaded, "adapt blocks.*.attn.q lora rank=4")
+    state = {k: v.clone() for k, v in first.state_dict().items()}
+    nodes = len(first.program.graph.nodes)
+    second = slimfx.compile(first, "quantize blocks.*.mlp.* : Linear int8")
+    assert [r.kind for r in second.report.rules] == ["quantize"] and len(second.adapters) == 2
+    assert len(first.program.graph.nodes) == nodes
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(TypeError, match="already captured"):
+        slimfx.compile(first, "keep head", example_inputs=loaded.example_inputs)
 
 
 def test_keep_only_policy_compiles_and_reports():
