@@ -12,6 +12,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import slimfx
+from output_compare import max_diff, outputs
 from runtime_tiny import compiled
 from slimfx.runtime.peft_format import PeftFormatError, pattern_value, save_adapters
 
@@ -50,27 +51,16 @@ def _compile(arch: str, rules: str):
     return slimfx.compile(compiled(arch).cm, "policy p {\n" + rules + "\n}")
 
 
-def _outputs(model, inputs) -> list[torch.Tensor]:
-    with torch.no_grad():
-        out = model(**inputs)
-    return [v for v in out.values() if isinstance(v, torch.Tensor)]
-
-
-def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    assert len(a) == len(b)
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
-
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("arch", list(SELECTORS))
 def test_peft_loads_what_save_adapters_wrote(arch, method, tmp_path):
     lm = compiled(arch).loaded
     cm = _compiled(arch, method)
-    ours = _outputs(cm, lm.example_inputs)
-    assert _max_diff(ours, _outputs(lm.model, lm.example_inputs)) > 1e-3  # the adapters do something
+    ours = outputs(cm, lm.example_inputs)
+    assert max_diff(ours, outputs(lm.model, lm.example_inputs)) > 1e-3  # the adapters do something
     cm.save_adapters(tmp_path / "adapter")
     pm = PeftModel.from_pretrained(copy.deepcopy(lm.model), tmp_path / "adapter").eval()
-    assert _max_diff(_outputs(pm, lm.example_inputs), ours) < 1e-5
+    assert max_diff(outputs(pm, lm.example_inputs), ours) < 1e-5
     written = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert set(written) == set(get_peft_model_state_dict(pm))  # PEFT's own names, every one loaded
     paths = list(cm.adapters)
@@ -123,7 +113,7 @@ def test_lora_and_dora_in_one_model_go_to_two_directories(tmp_path):
     pm = PeftModel.from_pretrained(copy.deepcopy(lm.model), tmp_path / "lora", adapter_name="a")
     pm.load_adapter(tmp_path / "dora", adapter_name="b")
     pm.base_model.set_adapter(["a", "b"])  # what the refusal tells the user to do
-    assert _max_diff(_outputs(pm.eval(), lm.example_inputs), _outputs(cm, lm.example_inputs)) < 1e-5
+    assert max_diff(outputs(pm.eval(), lm.example_inputs), outputs(cm, lm.example_inputs)) < 1e-5
 
 
 def test_directory_rules(tmp_path):

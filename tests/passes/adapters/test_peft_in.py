@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import slimfx
+from output_compare import max_diff, outputs
 from passes_tiny import captured
 from slimfx.dsl.errors import SpecError
 from slimfx.runtime.compiled import CompiledModel
@@ -55,17 +56,6 @@ def _policy(rule: str) -> str:
     return "policy p {\n " + rule + "\n}"
 
 
-def _outputs(model, inputs) -> list[torch.Tensor]:
-    with torch.no_grad():
-        out = model(**inputs)
-    return [v for v in out.values() if isinstance(v, torch.Tensor)]
-
-
-def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    assert len(a) == len(b)
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
-
 def _trained_peft(arch: str, dora: bool, patterns: bool, seed: int = 0):
     """A PeftModel over the selected modules (named as users do, by their last two components),
     its adapters moved off their initial values as training would."""
@@ -95,7 +85,7 @@ def saved(tmp_path_factory):
             pm.save_pretrained(directory)
             assert {k.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
                     for k in load_file(directory / "adapter_model.safetensors")} == set(_selected(arch))
-            made[key] = directory, _outputs(pm, captured(arch).inputs)
+            made[key] = directory, outputs(pm, captured(arch).inputs)
         return made[key]
 
     return get
@@ -105,17 +95,17 @@ def saved(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("arch", list(SELECTORS))
-def test_adapter_from_peft_gives_its_outputs(arch, method, saved):
+def test_adapter_from_peft_gives_itsoutputs(arch, method, saved):
     directory, want = saved(arch, method == "dora", patterns=True)
     inputs = captured(arch).inputs
-    assert _max_diff(want, _outputs(captured(arch).model, inputs)) > 1e-3  # the adapters do something
+    assert max_diff(want, outputs(captured(arch).model, inputs)) > 1e-3  # the adapters do something
     cm = slimfx.compile(_base(arch), _policy(f'adapt {SELECTORS[arch]} {method} from="{directory}"'))
-    assert _max_diff(_outputs(cm, inputs), want) < 1e-5
+    assert max_diff(outputs(cm, inputs), want) < 1e-5
     assert {a.rank for a in cm.adapters.values()} == {2, 4}  # rank_pattern
     assert {a.alpha for a in cm.adapters.values()} == {3.0, 8.0}  # alpha_pattern
     assert len(cm.adapter_parameters()) == len(_selected(arch)) * (3 if method == "dora" else 2)
     merged = slimfx.compile(_base(arch), _policy(f'adapt {SELECTORS[arch]} {method} from="{directory}" merge=true'))
-    assert _max_diff(_outputs(merged, inputs), want) < 1e-5
+    assert max_diff(outputs(merged, inputs), want) < 1e-5
     assert not merged.adapters and not merged.adapter_parameters()
 
 
@@ -124,7 +114,7 @@ def test_a_relative_path_is_taken_from_the_current_directory(saved, monkeypatch)
     monkeypatch.chdir(directory.parent)
     cm = slimfx.compile(_base("llama"), _policy(f'adapt blocks.*.attn.{{q,v}} lora from="{directory.name}" '
                                                 "rank=4 alpha=8"))  # written and equal: fine
-    assert _max_diff(_outputs(cm, captured("llama").inputs), want) < 1e-5
+    assert max_diff(outputs(cm, captured("llama").inputs), want) < 1e-5
 
 
 # ---- what is refused ---------------------------------------------------------------------------------
