@@ -108,6 +108,11 @@ def _precision(rule: A.Precision, targets) -> Estimate:
 
 
 def _adapt(rule: A.Adapt, targets) -> Estimate:
+    if rule.get("from"):  # rank and method come from the adapter's config, read at compile
+        params = sum(_numel(t) for t in targets)
+        before = sum(t.nbytes for t in targets)
+        return Estimate(params, params, before, before, f"loaded from {rule.get('from')} at compile"
+                        + ("; merged into the base weights" if rule.get("merge") else ""))
     rank = rule.get("rank")
     added = sum(rank * sum(_weight_shape(t)) + (_weight_shape(t)[0] if rule.method == "dora" else 0)
                 for t in targets)

@@ -130,3 +130,9 @@ def test_keep_counts_a_tied_weight_once():
     bound = slimfx.plan(m, "policy p {\n    keep {embed,head}\n}\n").rules[0]
     assert [t.path for t in bound.targets] == ["transformer.wte", "lm_head"]
     assert bound.estimate.bytes_before == bound.targets[0].nbytes == bound.targets[1].nbytes
+
+
+def test_adapt_from_a_directory_is_sized_at_compile(llama):
+    (bound,) = plan_of(llama, 'adapt blocks.*.attn.q lora from="adapters/x" merge=true').rules
+    assert bound.estimate.params_after == bound.estimate.params_before
+    assert bound.estimate.note == "loaded from adapters/x at compile; merged into the base weights"
