@@ -30,13 +30,13 @@ DEMO_SPEC    := specs/smollm2-demo.slim
 DEMO_OUT     := out/smollm2-demo
 DEMO_TRAINED := $(DEMO_OUT)-trained
 DEMO_STEPS   ?= 8
-DEMO_BATCH   ?= 2
+DEMO_BATCH   ?= 4
 DEMO_SEQ     ?= 128
 demo: $(STAMP)
 	$(VENV)/bin/slimfx check specs/*.slim
 	$(VENV)/bin/slimfx compile $(DEMO_SPEC) --model smollm2-135m --out $(DEMO_OUT)
 	$(VENV)/bin/slimfx train --model smollm2-135m --compiled $(DEMO_OUT) --steps $(DEMO_STEPS) \
-		--batch $(DEMO_BATCH) --seq $(DEMO_SEQ) --lr 1e-3 --out $(DEMO_TRAINED)
+		--batch $(DEMO_BATCH) --seq $(DEMO_SEQ) --out $(DEMO_TRAINED)
 	$(VENV)/bin/slimfx eval --model smollm2-135m --compiled $(DEMO_TRAINED)
 
 test: $(STAMP)

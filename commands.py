@@ -32,11 +32,12 @@ def add_model_commands(sub) -> None:
     tr.add_argument("--model", required=True, help=MODEL_HELP + " (the model that was compiled)")
     tr.add_argument("--compiled", required=True, help="artifact directory from `slimfx compile`, with adapters")
     tr.add_argument("--steps", type=int, required=True, help="optimizer steps (AdamW over the adapters)")
-    tr.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    tr.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
     tr.add_argument("--batch", type=int, default=4, help="rows of the training batch (default 4)")
     tr.add_argument("--seq", type=int, default=128, help="tokens per row (default 128)")
     tr.add_argument("--loss", choices=("lm", "distill"), help="lm: next-token cross entropy; distill: match the "
                     "original model's outputs; default: lm for causal LMs, distill otherwise")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the adapters' dropout (default 0: runs repeat)")
     tr.add_argument("--out", help="artifact directory to write (default: <compiled>-trained)")
     tr.set_defaults(run=_guarded(_train))
 
@@ -127,6 +128,8 @@ def _read_calib(path: str) -> list[str]:
 
 
 def _train(args) -> int:
+    import torch
+
     from . import api
     from .runtime.train import train
 
@@ -142,6 +145,7 @@ def _train(args) -> int:
     loss = args.loss or ("lm" if loaded.kind == "causal-lm" else "distill")
     print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {args.steps} steps "
           f"on {args.batch}×{args.seq} calibration tokens, {loss} loss, lr {args.lr:g}", file=sys.stderr)
+    torch.manual_seed(args.seed)
     result = train(cm, [batch], steps=args.steps, lr=args.lr, loss=loss,
                    teacher=loaded.model if loss == "distill" else None, progress=True)
     for i, value in enumerate(result.losses, 1):

@@ -3,7 +3,7 @@ parameters are the only trainable ones (runtime/adapters.py); this is the plain 
 them, beside frozen (possibly 4-bit) base weights: QLoRA.
 
     cm = slimfx.compile(lm, "policy p { adapt blocks.*.attn.{q,v} lora rank=16 alpha=32 }")
-    result = slimfx.train(cm, [lm.encode(texts)], steps=8, lr=1e-3)
+    result = slimfx.train(cm, [lm.encode(texts)], steps=8)
     result.losses      # one float per step; result.first, result.last
     cm.save("out/trained")
 """
@@ -48,7 +48,7 @@ class TrainResult:
                 f"{self.first:.4f} -> {self.last:.4f}")
 
 
-def train(cm, batches, *, steps: int, lr: float = 2e-4, loss: str = "lm", teacher=None,
+def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teacher=None,
           progress: bool | Progress = False, optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
     """Train `cm`'s adapters for `steps` optimizer steps over `batches` (input dicts, cycled).
 
@@ -108,9 +108,8 @@ def _batches(batches) -> list[dict[str, Any]]:
 
 def _unwrap(teacher):
     """A slimfx.models.LoadedModel stands for its module."""
-    if teacher is not None and not isinstance(teacher, nn.Module) and isinstance(getattr(teacher, "model", None), nn.Module):
-        return teacher.model
-    return teacher
+    inner = getattr(teacher, "model", None)
+    return inner if not isinstance(teacher, nn.Module) and isinstance(inner, nn.Module) else teacher
 
 
 @contextmanager
