@@ -12,7 +12,9 @@ and padding; a failure names the smallest failing input.
 
 `policies()` draws text straight from the grammar (hypothesis.extra.lark.from_lark), then rewrites
 the parts the grammar cannot constrain (parameter names and values, budgets, metric names) to
-values the schema accepts, keeping the drawn layout. Only text that parse() accepts comes out.
+values the schema accepts, keeping the drawn layout; a `heal` gets a `drop` above it where its
+policy removes no blocks, and half the draws move removals above the other rules. Only text that
+parse() accepts comes out.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from .dsl import ast as A
 from .dsl.errors import SpecError
 from .dsl.parser import lark_parser, parse
 from .dsl.printer import format_value
-from .dsl.schema import ADAPTERS, FORMATS, INT_FORMATS, SCHEMAS, SIZE_UNITS, TOKEN_ACTIONS, ParamSpec
+from .dsl.schema import (ADAPTERS, FORMATS, HEAL_METHOD_PARAMS, INT_FORMATS, SCHEMAS, SIZE_UNITS, TOKEN_ACTIONS,
+                         ParamSpec)
 
 __all__ = ["policies", "policy_asts", "param_values", "grammar_text_strategy", "tiny_models",
            "check_policy", "PolicyCheckError", "PolicyCheckResult"]
@@ -42,7 +45,7 @@ def __getattr__(name: str):
         return getattr(policy_check, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-_RULES_WITH_PARAMS = {"collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep"}
+_RULES_WITH_PARAMS = {"collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep", "heal"}
 
 
 def _pad(text: str) -> str:
@@ -112,11 +115,26 @@ def param_values(spec: ParamSpec) -> st.SearchStrategy:
 def _params_text(draw, key: str, count: int, sep: str = " ") -> str:
     schema = SCHEMAS[key]
     names = draw(st.permutations(list(schema)))[:count]
-    if key == "drop.auto":  # exactly one of ratio/count
-        names = [n for n in names if n not in ("ratio", "count")] + [draw(st.sampled_from(["ratio", "count"]))]
-    if key == "adapt" and {"from", "init"} <= set(names):  # a loaded adapter has no init
-        names.remove(draw(st.sampled_from(["from", "init"])))
-    return sep.join(f"{n}={format_value(draw(param_values(schema[n])))}" for n in names)
+    values = _compatible(draw, key, {n: draw(param_values(schema[n])) for n in names})
+    return sep.join(f"{n}={format_value(v)}" for n, v in values.items())
+
+
+def _compatible(draw, key: str, values: dict) -> dict:
+    """`values` with what validate.py rejects in combination taken out or fixed (mirrors its checks)."""
+    def drop_one_of(a: str, b: str):
+        if {a, b} <= set(values):
+            del values[draw(st.sampled_from([a, b]))]
+
+    if key in ("collapse.auto", "drop.auto"):
+        drop_one_of("ratio", "count")  # neither is fine: ratio's default applies
+    if key == "drop.auto" and "max_run" in values:
+        values["score"] = "angular"  # max_run ranks runs by angular distance only
+    if key == "adapt":
+        drop_one_of("from", "init")  # a loaded adapter has no init
+    if key == "heal":  # method is required, and picks which other parameters apply
+        method = values.pop("method", None) or draw(param_values(SCHEMAS["heal"]["method"]))
+        values = {"method": method, **{n: v for n, v in values.items() if HEAL_METHOD_PARAMS[n] == method}}
+    return values
 
 
 @st.composite
@@ -149,10 +167,25 @@ def _schema_edits(draw, tree: Tree) -> list[tuple[int, int, str]]:
         edits += _replace_params(draw, params, key, rule)
         for child in rule.children:
             edits += _edit_part(draw, rule, child)
+    edits += draw(_removal_for_heal(tree))
     for sl in tree.find_data("slice"):
         step = sl.children[2]
         if step is not None and int(step) == 0:
             edits.append((*_offsets(step), "1"))
+    return edits
+
+
+@st.composite
+def _removal_for_heal(draw, tree: Tree) -> list[tuple[int, int, str]]:
+    """A `drop` above the first `heal` of each policy that has no `collapse` or `drop`: `heal`
+    repairs what one removed, and random rule lists seldom hold both."""
+    edits = []
+    for policy in tree.find_data("policy"):
+        kinds = [c.data for c in policy.children if isinstance(c, Tree)]
+        if "heal" in kinds and not {"collapse", "drop"} & set(kinds):
+            heal = next(c for c in policy.children if isinstance(c, Tree) and c.data == "heal")
+            start = _offsets(heal)[0]
+            edits.append((start, start, f"drop {draw(_names())}[{draw(st.integers(0, 40))}]\n    "))
     return edits
 
 
@@ -165,6 +198,9 @@ def _key(rule: Tree) -> str:
 
 
 def _replace_params(draw, params: list[Tree], key: str, rule: Tree) -> list[tuple[int, int, str]]:
+    if not params and key == "heal":  # `heal` needs its method: write it after the keyword
+        end = _offsets(rule)[1]
+        return [(end, end, f" {draw(_params_text(key, 0))} ")]
     if not params:
         return []
     start, end = _offsets(params[0])[0], _offsets(params[-1])[1]
@@ -198,12 +234,26 @@ def _unique_policy_names(text: str, tree: Tree) -> list[tuple[int, int, str]]:
     return [(*_offsets(p.children[0]), f" {p.children[0]}_{i} ") for i, p in enumerate(tree.find_data("policy"))]
 
 
+def _removals_first(text: str) -> str:
+    """`text` with every `collapse`/`drop` moved above the other rules of its policy, which keep
+    their order (and the lines keep their comments). Removals must precede `heal`, `adapt`,
+    `quantize` and `precision`, and random orders seldom do: most such draws would be redrawn."""
+    edits = []
+    for policy in lark_parser().parse(text).find_data("policy"):
+        rules = [c for c in policy.children if isinstance(c, Tree)]
+        moved = sorted(rules, key=lambda r: r.data not in ("collapse", "drop"))
+        edits += [(*_offsets(old), text[slice(*_offsets(new))]) for old, new in zip(rules, moved) if old is not new]
+    return _apply(text, edits)
+
+
 @st.composite
 def policies(draw) -> str:
     """Valid policy text, drawn from the grammar. Layout, comments and blank lines vary."""
     raw = draw(grammar_text_strategy())
     tree = lark_parser().parse(raw)
     text = _apply(raw, draw(_schema_edits(tree)) + _unique_policy_names(raw, tree))
+    if draw(st.booleans()):  # else the drawn order stands, e.g. `keep` or `tokens` above `collapse`
+        text = _removals_first(text)
     try:
         parse(text)
     except SpecError:

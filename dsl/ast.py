@@ -12,7 +12,7 @@ from typing import Union
 __all__ = [
     "Span", "Trivia", "Item", "Slice", "Name", "Star", "GlobStar", "Alternatives", "Path",
     "Selector", "Param", "Auto", "FormatChoice", "Budget", "Collapse", "Drop", "Adapt",
-    "Quantize", "Precision", "Tokens", "Keep", "Rule", "Policy", "Spec", "Value", "RULE_TYPES",
+    "Quantize", "Precision", "Tokens", "Keep", "Heal", "Rule", "Policy", "Spec", "Value", "RULE_TYPES",
 ]
 
 Value = Union[bool, int, float, str]
@@ -176,6 +176,7 @@ class Budget:
 
 # ---- rules ---------------------------------------------------------------------------------
 # Every rule has `selector`, `params`, `span`, `trivia`, and a class-level `kind` (its keyword).
+# `heal` alone has no selector of its own: its `selector` is None.
 
 
 @dataclass(frozen=True)
@@ -263,8 +264,27 @@ class Keep(_HasParams):
     kind = "keep"
 
 
-Rule = Union[Collapse, Drop, Adapt, Quantize, Precision, Tokens, Keep]
-RULE_TYPES: tuple[type, ...] = (Collapse, Drop, Adapt, Quantize, Precision, Tokens, Keep)
+@dataclass(frozen=True)
+class Heal(_HasParams):
+    """`heal method=linear|lora …`: repair what the `collapse`/`drop` rules before it removed.
+
+    It acts on the seams those rules left, so it takes no selector (`selector` is None).
+    """
+
+    params: tuple[Param, ...] = ()
+    span: Span = field(default=NO_SPAN, compare=False)
+    trivia: Trivia = field(default=NO_TRIVIA, compare=False)
+    kind = "heal"
+    selector = None  # class attribute, not a field: code that reads `rule.selector` gets None
+
+    @property
+    def method(self) -> str | None:
+        """"linear" or "lora" (None only in an AST that skipped validation)."""
+        return self.get("method")
+
+
+Rule = Union[Collapse, Drop, Adapt, Quantize, Precision, Tokens, Keep, Heal]
+RULE_TYPES: tuple[type, ...] = (Collapse, Drop, Adapt, Quantize, Precision, Tokens, Keep, Heal)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from .printer import format_selector
 __all__ = ["check_spec", "check_policy"]
 
 _STRUCTURAL = (A.Collapse, A.Drop)
-_WEIGHT_CHANGING = (A.Adapt, A.Quantize, A.Precision)
+_WEIGHT_CHANGING = (A.Adapt, A.Quantize, A.Precision, A.Heal)
 _PRECISION_RULES = (A.Quantize, A.Precision)
 
 
@@ -36,6 +36,8 @@ def check_spec(spec: A.Spec) -> None:
 def check_policy(policy: A.Policy) -> list[Diagnostic]:
     problems: list[Diagnostic] = []
     for i, rule in enumerate(policy.rules):
+        if isinstance(rule, A.Heal) and not any(isinstance(r, _STRUCTURAL) for r in policy.rules[:i]):
+            problems.append(_heal_first(rule))
         for earlier in policy.rules[:i]:
             problem = _pair_problem(earlier, rule)
             if problem:
@@ -43,15 +45,25 @@ def check_policy(policy: A.Policy) -> list[Diagnostic]:
     return problems
 
 
+def _heal_first(heal: A.Heal) -> Diagnostic:
+    return _at(heal.span, "illegal-order", "`heal` repairs what a `collapse` or `drop` before it removed, and "
+               f"nothing before line {heal.span.line} removes blocks",
+               "put `heal` after a `collapse` or `drop` rule, or remove it", width=len("heal"))
+
+
 def _pair_problem(earlier: A.Rule, later: A.Rule) -> Diagnostic | None:
     """What is wrong with `later` given that `earlier` comes before it, if anything."""
-    same = format_selector(earlier.selector) == format_selector(later.selector)
-    sel = format_selector(later.selector)
     line = earlier.span.line
     if isinstance(later, _STRUCTURAL) and isinstance(earlier, _WEIGHT_CHANGING):
-        return _at(later.span, "illegal-order", f"`{later.kind}` after `{earlier.kind}` (line {line}): blocks are "
-                   f"merged or removed on full-precision weights without adapters",
+        why = ("`heal` repairs the blocks removed before it, so blocks are merged or removed first"
+               if isinstance(earlier, A.Heal) else
+               "blocks are merged or removed on full-precision weights without adapters")
+        return _at(later.span, "illegal-order", f"`{later.kind}` after `{earlier.kind}` (line {line}): {why}",
                    f"move this `{later.kind}` rule above line {line}")
+    if earlier.selector is None or later.selector is None:  # the checks below compare selectors
+        return None
+    same = format_selector(earlier.selector) == format_selector(later.selector)
+    sel = format_selector(later.selector)
     if not same:
         return None
     if isinstance(later, A.Adapt) and later.get("merge") and isinstance(earlier, _PRECISION_RULES):

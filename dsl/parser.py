@@ -196,6 +196,9 @@ class _AstBuilder(Transformer):
         selector, *params = children
         return A.Keep(selector, tuple(params), span=_span(meta))
 
+    def heal(self, meta, children):
+        return A.Heal(tuple(children), span=_span(meta))
+
     # ---- rule parts
     def auto(self, meta, children):
         return (tuple(c for c in children if c is not None), _span(meta))

@@ -44,6 +44,8 @@ def format_policy(policy: A.Policy) -> str:
 
 def format_rule(rule: A.Rule) -> str:
     """One rule on one line, without comments."""
+    if isinstance(rule, A.Heal):  # the one rule without a selector
+        return _join("heal", rule.params)
     sel = format_selector(rule.selector)
     if isinstance(rule, (A.Collapse, A.Drop)):
         auto = f" auto({', '.join(_param(p) for p in rule.auto.params)})" if rule.auto else ""

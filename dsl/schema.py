@@ -14,7 +14,7 @@ from .ast import Value
 
 __all__ = [
     "ParamSpec", "SCHEMAS", "FORMATS", "INT_FORMATS", "FORMAT_BITS", "SIZE_UNITS", "METRICS",
-    "schema_key", "default_for", "is_power_of_two",
+    "HEAL_METHOD_PARAMS", "schema_key", "default_for", "is_power_of_two",
 ]
 
 FORMATS = ("int8", "int4", "int2", "fp16", "bf16", "keep")
@@ -84,13 +84,25 @@ def _specs(*specs: ParamSpec) -> dict[str, ParamSpec]:
     return {s.name: s for s in specs}
 
 
+# `auto(ratio=…)` or `auto(count=…)`, never both; a consumer reads `count` first, then `ratio`.
+def _ratio(verb: str) -> ParamSpec:
+    return ParamSpec("ratio", float, 0.25, f"fraction of blocks to {verb} (when `count` is not given)",
+                     _fraction_open, "a number in (0, 1)")
+
+
+def _count(verb: str) -> ParamSpec:
+    return ParamSpec("count", int, None, f"number of blocks to {verb}", lambda v: v >= 1, "an integer ≥ 1",
+                     example="4")
+
+
 # Key: rule keyword, or "<keyword>.<variant>" where the variant changes what is accepted.
 SCHEMAS: dict[str, dict[str, ParamSpec]] = {
     "collapse": _specs(
         ParamSpec("method", str, "laco", "how blocks are merged (LaCo: θ_l + Σ(θ_k − θ_l))", choices=("laco",)),
     ),
     "collapse.auto": _specs(
-        ParamSpec("ratio", float, 0.25, "fraction of blocks to remove", _fraction_open, "a number in (0, 1)"),
+        _ratio("remove"),
+        _count("remove"),
         ParamSpec("threshold", float, 0.9, "accept a merge while calibration outputs keep this cosine similarity",
                   _fraction_half_open, "a number in (0, 1]"),
         ParamSpec("span", int, 4, "blocks merged in one step (LaCo's C)", lambda v: v >= 2, "an integer ≥ 2"),
@@ -98,10 +110,13 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
     ),
     "drop": _specs(),
     "drop.auto": _specs(
-        ParamSpec("ratio", float, None, "fraction of blocks to drop", _fraction_open, "a number in (0, 1)",
-                  example="0.25"),
-        ParamSpec("count", int, None, "number of blocks to drop", lambda v: v >= 1, "an integer ≥ 1", example="4"),
-        ParamSpec("score", str, "influence", "block influence 1 − cos(x_in, x_out)", choices=("influence",)),
+        _ratio("drop"),
+        _count("drop"),
+        ParamSpec("score", str, "influence", "how blocks are ranked: `influence` is block influence "
+                  "1 − cos(x_in, x_out) of each block alone; `angular` is the angular distance between a "
+                  "run's residual input and output (Gromov et al. 2024)", choices=("influence", "angular")),
+        ParamSpec("max_run", int, 4, "longest contiguous run removed at once (score=angular)",
+                  lambda v: v >= 1, "an integer ≥ 1"),
     ),
     "adapt": _specs(
         ParamSpec("rank", int, 8, "adapter rank r", lambda v: v >= 1, "an integer ≥ 1"),
@@ -126,7 +141,23 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
         _PROTECT, _RESTORE,
     ),
     "keep": _specs(),
+    # One table for both methods; HEAL_METHOD_PARAMS says which method takes which parameter.
+    "heal": _specs(
+        ParamSpec("method", str, None, "`linear` fits a linear map where blocks were removed (training-free, "
+                  "seconds); `lora` trains low-rank adapters",
+                  choices=("linear", "lora"), example="linear"),
+        ParamSpec("fold", bool, False, "fold the linear map into the previous block's down projection (no new op)"),
+        ParamSpec("steps", int, 100, "training steps", lambda v: v >= 1, "an integer ≥ 1"),
+        ParamSpec("lr", float, 1e-4, "learning rate", lambda v: v > 0, "a number > 0"),
+        ParamSpec("rank", int, 8, "rank of the healing adapters", lambda v: v >= 1, "an integer ≥ 1"),
+        ParamSpec("distill", bool, False, "loss against the uncompressed model's logits"),
+        ParamSpec("merge", bool, True, "merge the healing adapters into the weights afterwards"),
+    ),
 }
+
+# `heal` parameters that only one method takes (`method` itself goes with both).
+HEAL_METHOD_PARAMS = {"fold": "linear", "steps": "lora", "lr": "lora", "rank": "lora", "distill": "lora",
+                      "merge": "lora"}
 
 # Parameters that only make sense for integer formats.
 INT_ONLY_PARAMS = ("group", "sym", "method", "damp", "act_order")

@@ -12,11 +12,11 @@ from lark import Lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from .errors import Diagnostic, SpecError, did_you_mean, source_lines
-from .schema import ADAPTERS, FORMATS, TOKEN_ACTIONS
+from .schema import ADAPTERS, FORMATS, SCHEMAS, TOKEN_ACTIONS
 
 __all__ = ["syntax_error", "RULE_KEYWORDS"]
 
-RULE_KEYWORDS = ("collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep")
+RULE_KEYWORDS = ("collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep", "heal")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Terminals with more than one spelling: what to call them, and the words they accept.
@@ -39,9 +39,38 @@ def syntax_error(e: UnexpectedInput, source: str, filename: str, parser: Lark) -
     expected = set(getattr(e, "expected", None) or getattr(e, "allowed", None) or ())
     got = _got(e)
     line, column = max(1, getattr(e, "line", 1) or 1), max(1, getattr(e, "column", 1) or 1)
-    kind, message, hint = _explain(e, got, expected, words, source, line, column)
+    earlier = _earlier_cause(expected, words, source, line, column)
+    if earlier:
+        kind, message, hint, got, column = earlier
+    else:
+        kind, message, hint = _explain(e, got, expected, words, source, line, column)
     width = len(got) if got and _WORD.fullmatch(got) else 1
     return SpecError(Diagnostic(kind, message, line, column, width, hint), source, filename)
+
+
+def _earlier_cause(expected, words, source, line, column):
+    """(kind, message, hint, word, column) for errors the parser notices only after their cause."""
+    text = source_lines(source)[line - 1] if 0 < line <= len(source_lines(source)) else ""
+    first = _WORD.match(text, len(text) - len(text.lstrip()))
+    if not first or column <= first.end():
+        return None
+    if first.group() not in RULE_KEYWORDS and first.group().startswith(RULE_KEYWORDS):
+        return _glued_keyword(first, words)
+    second = _WORD.search(text, first.end())
+    if (first.group() == "heal" and expected == {"EQUAL"} and second and second.group() not in SCHEMAS["heal"]
+            and len(_WORD.findall(text[: column - 1])) == 2):  # `heal blocks[3] …`
+        return ("syntax", "`heal` takes no selector, only `name=value` parameters",
+                "write e.g. `heal method=linear`: it repairs what the `collapse` or `drop` rules above it removed",
+                second.group(), second.start() + 1)
+    return None
+
+
+def _glued_keyword(first: re.Match, words):
+    """`heall …` lexes as `heal` + `l` (string terminals match prefixes): blame the whole word."""
+    rules = {t for t, w in words.items() if w and w[0] in RULE_KEYWORDS} | {"RBRACE"}
+    suggestion = did_you_mean(first.group(), RULE_KEYWORDS)
+    return ("unknown-keyword" if suggestion else "syntax", f"expected {_phrase(rules, words)}, got `{first.group()}`",
+            suggestion or "a rule starts with its keyword and a space", first.group(), first.start() + 1)
 
 
 def _got(e: UnexpectedInput) -> str:
@@ -71,7 +100,7 @@ def _explain(e, got, expected, words, source, line, column):
     if got in RULE_KEYWORDS and "POLICY" in expected:
         return ("syntax", f"`{got}` rule outside a policy",
                 "rules go inside a block: `policy NAME {` on one line, the rules, then `}`")
-    if expected == {"EQUAL"} and _previous_word(source, line, column) in RULE_KEYWORDS:
+    if expected == {"EQUAL"} and _WORD.fullmatch(got) and _previous_word(source, line, column) in RULE_KEYWORDS:
         return ("syntax", f"`{got}` follows `{_previous_word(source, line, column)}` on the same line",
                 "write one rule per line")
     if _WORD.fullmatch(got or "") and keyword_words and "NAME" not in expected:
@@ -125,7 +154,7 @@ def _rule_context(source: str, line: int, column: int) -> str:
     """" after `quantize <selector>`" when the error sits after a rule's selector."""
     text = source_lines(source)[line - 1] if 0 < line <= len(source_lines(source)) else ""
     first = _WORD.match(text.lstrip())
-    if not first or first.group() not in RULE_KEYWORDS or first.group() == "keep":
+    if not first or first.group() not in RULE_KEYWORDS or first.group() in ("keep", "heal"):
         return ""
     keyword = first.group()
     start = len(text) - len(text.lstrip())

@@ -11,7 +11,8 @@ from typing import Iterable
 
 from . import ast as A
 from .errors import Diagnostic, SpecError, did_you_mean
-from .schema import FORMAT_BITS, INT_FORMATS, INT_ONLY_PARAMS, METRICS, SCHEMAS, ParamSpec, schema_key
+from .schema import (FORMAT_BITS, HEAL_METHOD_PARAMS, INT_FORMATS, INT_ONLY_PARAMS, METRICS, SCHEMAS, ParamSpec,
+                     schema_key)
 
 __all__ = ["validate_spec"]
 
@@ -39,15 +40,18 @@ def _validate_policy(policy: A.Policy, problems: _Problems) -> A.Policy:
 
 
 def _validate_rule(rule, problems: _Problems):
-    _check_selector(rule.selector, problems)
+    if rule.selector is not None:  # `heal` has none
+        _check_selector(rule.selector, problems)
     changes = {"params": _coerce_params(rule, rule.params, problems)}
     if getattr(rule, "auto", None) is not None:
         changes["auto"] = dataclasses.replace(rule.auto, params=_coerce_params(rule.auto, rule.auto.params, problems))
-        _check_auto(changes["auto"], problems)
+        _check_auto(changes["auto"], rule.auto.params, problems)
     if isinstance(rule, A.Quantize):
         _check_format_params(rule.format, changes["params"], problems)
     if isinstance(rule, A.Adapt):
         _check_adapt(changes["params"], problems)
+    if isinstance(rule, A.Heal):
+        _check_heal(rule, changes["params"], problems)
     if isinstance(rule, A.Precision):
         changes["choices"] = tuple(_validate_choice(c, problems) for c in rule.choices)
         _check_precision(rule, changes["choices"], problems)
@@ -171,15 +175,32 @@ def _check_adapt(params: tuple[A.Param, ...], problems: _Problems):
                      names["init"].span, "remove `init`")
 
 
-def _check_auto(auto: A.Auto, problems: _Problems):
-    if auto.of != "drop":
+def _check_auto(auto: A.Auto, written: tuple[A.Param, ...], problems: _Problems):
+    names = {p.name: p for p in auto.params}
+    score_dropped = any(p.name == "score" for p in written) and "score" not in names  # reported already
+    if {"ratio", "count"} <= set(names):
+        problems.add("invalid-combination", "give `ratio` or `count`, not both", auto.span,
+                     "keep one: `ratio` is a fraction of the blocks, `count` a number of them")
+    if "max_run" in names and auto.get("score") != "angular" and not score_dropped:
+        problems.add("invalid-combination", "`max_run` applies to `score=angular` only, and this auto(…) "
+                     f"ranks blocks by `score={auto.get('score')}`", names["max_run"].span,
+                     "write `score=angular`, or remove `max_run`")
+
+
+def _check_heal(rule: A.Heal, params: tuple[A.Param, ...], problems: _Problems):
+    names = {p.name: p for p in params}
+    if "method" not in names:
+        if not any(p.name == "method" for p in rule.params):  # a bad `method=` is reported already
+            problems.add("missing-value", "`heal` needs a `method`", rule.span,
+                         "write `heal method=linear` (training-free, seconds) or `heal method=lora`",
+                         width=len("heal"))
         return
-    names = {p.name for p in auto.params}
-    if {"ratio", "count"} <= names:
-        problems.add("invalid-combination", "give `ratio` or `count`, not both", auto.span)
-    elif not names & {"ratio", "count"}:
-        problems.add("missing-value", "`drop … auto(…)` needs how many blocks to drop", auto.span,
-                     "write `auto(ratio=0.25)` or `auto(count=4)`")
+    method = names["method"].value
+    for p in params:
+        owner = HEAL_METHOD_PARAMS.get(p.name, method)
+        if owner != method:
+            problems.add("invalid-combination", f"`{p.name}` applies to `heal method={owner}` only, "
+                         f"not `method={method}`", p.span, f"remove it, or write `method={owner}`")
 
 
 # ---- selectors -----------------------------------------------------------------------------

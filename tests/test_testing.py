@@ -26,7 +26,33 @@ def test_policies_cover_every_rule_kind():
         seen.update(r.kind for p in spec.policies for r in p.rules)
 
     collect()
-    assert seen == {"collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep"}
+    assert seen == {"collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep", "heal"}
+
+
+def test_heal_comes_after_a_removal_with_its_own_methods_params():
+    """Generated `heal` rules follow a `collapse` or `drop`, and auto(…) never mixes what validate.py
+    rejects together (ratio and count; max_run without score=angular)."""
+    from slimfx.dsl.schema import HEAL_METHOD_PARAMS
+
+    methods: set[str] = set()
+
+    @settings(max_examples=120, database=None, derandomize=True, deadline=None)
+    @given(policy_asts())
+    def collect(spec):
+        for policy in spec.policies:
+            for i, rule in enumerate(policy.rules):
+                if isinstance(rule, A.Heal):
+                    assert any(isinstance(r, (A.Collapse, A.Drop)) for r in policy.rules[:i])
+                    assert all(HEAL_METHOD_PARAMS.get(p.name, rule.method) == rule.method for p in rule.params)
+                    methods.add(rule.method)
+                auto = getattr(rule, "auto", None)
+                if auto is not None:
+                    names = {p.name for p in auto.params}
+                    assert not {"ratio", "count"} <= names
+                    assert "max_run" not in names or auto.get("score") == "angular"
+
+    collect()
+    assert methods == {"linear", "lora"}
 
 
 @given(st.data())

@@ -55,3 +55,32 @@ def test_duplicate_rules_and_policies():
 def test_check_can_be_skipped_for_tools_that_want_the_raw_ast():
     spec = parse("policy p {\n keep head\n quantize head int8\n}", check=False)
     assert len(spec.policy("p").rules) == 2
+
+
+def test_heal_needs_a_collapse_or_drop_before_it():
+    err = error_of("heal method=linear", "quantize head int8")
+    assert err.kind == "illegal-order" and (err.line, err.column) == (2, 5)
+    assert "nothing before line 2 removes blocks" in err.message
+    assert "after a `collapse` or `drop`" in err.hint
+    assert error_of("quantize head int8", "heal method=lora").kind == "illegal-order"  # only removals count
+    ok("drop blocks[3]", "heal method=linear")
+    ok("collapse blocks auto(count=2)", "heal method=lora steps=200 distill=true")
+
+
+def test_blocks_are_removed_before_heal_not_after():
+    err = error_of("drop blocks[1]", "heal method=linear", "drop blocks[3]")
+    assert err.kind == "illegal-order" and err.line == 4
+    assert "`drop` after `heal` (line 3)" in err.message and "above line 3" in err.hint
+    assert error_of("collapse blocks[0:2]", "heal method=lora", "collapse blocks[4:6]").kind == "illegal-order"
+
+
+def test_several_heals_in_a_row_are_fine_and_rules_without_selectors_never_clash():
+    spec = ok("drop blocks auto(ratio=0.25)", "heal method=linear", "heal method=linear",
+              "heal method=lora", "keep head", "adapt blocks lora", "quantize blocks.*.** int4")
+    assert [r.kind for r in spec.policy("p").rules].count("heal") == 3
+
+
+def test_heal_is_a_rule_without_a_selector():
+    spec = ok("drop blocks[1]", "heal method=linear")
+    heal = spec.policy("p").rules[1]
+    assert heal.selector is None and heal.kind == "heal"

@@ -42,6 +42,32 @@ def test_drop_explicit_and_auto():
     assert only("drop blocks auto(count=3)").auto.get("count") == 3
 
 
+def test_auto_takes_count_or_ratio_and_neither_means_a_quarter():
+    # Consumers read `count` first and fall back to `ratio`, whose default is 0.25.
+    for keyword in ("collapse", "drop"):
+        auto = only(f"{keyword} blocks auto()").auto
+        assert (auto.get("count"), auto.get("ratio")) == (None, 0.25)
+        assert only(f"{keyword} blocks auto(count=2)").auto.get("count") == 2
+    assert only("drop blocks auto(score=influence)").auto.get("ratio") == 0.25
+
+
+def test_drop_auto_angular_score_with_max_run():
+    auto = only("drop blocks auto(score=angular, max_run=3)").auto
+    assert (auto.get("score"), auto.get("max_run")) == ("angular", 3)
+    assert only("drop blocks auto(score=angular)").auto.get("max_run") == 4  # schema default
+
+
+def test_heal_has_no_selector_and_typed_params():
+    drop, linear, lora = rules("drop blocks[2]\nheal method=linear fold=true\n"
+                               "heal distill=true steps=200 method=lora lr=3e-4")
+    assert isinstance(linear, A.Heal) and linear.selector is None
+    assert (linear.method, linear.get("fold")) == ("linear", True)
+    assert [p.name for p in lora.params] == ["method", "steps", "lr", "distill"]  # schema order
+    assert (lora.method, lora.get("steps"), lora.get("lr"), lora.get("distill")) == ("lora", 200, 3e-4, True)
+    assert (lora.get("rank"), lora.get("merge"), lora.get("fold")) == (8, True, False)  # defaults
+    assert (lora.span.line, lora.span.column, lora.params[0].span.column) == (4, 1, 29)  # line 1 is `policy`
+
+
 def test_adapt_params_are_kept_in_schema_order():
     a = only("adapt blocks.*.attn.q lora alpha=32 rank=16")
     b = only("adapt blocks.*.attn.q lora rank=16 alpha=32.0")

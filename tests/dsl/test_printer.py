@@ -47,6 +47,14 @@ def test_golden_canonical_form_keeps_every_comment():
     assert format_spec(parse(CANONICAL)) == CANONICAL
 
 
+def test_heal_prints_its_params_in_schema_order_and_round_trips():
+    text = "policy p {\n  drop blocks auto( count=2 )\n  heal   distill=true method=lora steps=200 # why\n  heal method=linear\n}"
+    out = format_spec(parse(text))
+    assert out == ("policy p {\n    drop blocks auto(count=2)\n    heal method=lora steps=200 distill=true  # why\n"
+                   "    heal method=linear\n}\n")
+    assert parse(out) == parse(text)
+
+
 def test_empty_spec_prints_empty():
     assert format_spec(parse("")) == ""
     assert format_spec(parse("# just a note\n")) == "# just a note\n"
