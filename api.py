@@ -51,7 +51,7 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
         graph = _capture(model, example_inputs)
     bound = bind(graph, policy_ast, source=spec.source, filename=spec.filename)
     ctx = Context(calib=_calibration(model, calib, graph), source=spec.source, filename=spec.filename,
-                  progress=bars)
+                  progress=bars, reference=unwrap(model, None)[0])
     report = run_pipeline(graph, bound, ctx)
     with bars.task("converting packed weights for the CPU kernels" if backend == "auto" else "building"):
         return CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
@@ -103,7 +103,7 @@ def _read_spec(policy) -> A.Spec:
 
 
 INLINE_POLICY = "inline"
-_RULE_WORDS = ("collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep")
+_RULE_WORDS = ("collapse", "drop", "heal", "adapt", "quantize", "precision", "tokens", "keep")
 
 
 def _bare_rules(text: str) -> bool:

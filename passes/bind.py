@@ -3,19 +3,25 @@
 The plan is what `slimfx plan` prints and what the pipeline runs. Binding is where rule-level
 checks that need the model happen: a selector that matches nothing, `tokens after` something that
 is not one block, `keep` protecting what a `drop` removes, one linear quantized twice.
+
+Rules after a `collapse`/`drop` bind to the model as it is after it (blocks_view.py): blocks
+renumbered, the removed ones gone. After an `auto(…)` one, which blocks go is decided at compile
+time, so the rules after it are bound provisionally here (`deferred_by` names the auto rule's
+line) and bound again by the pipeline once the search has run (`rebind`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
+from .blocks_view import without_blocks
 from .estimate import Estimate, estimate
 from .graph import Block, ModelGraph, Target
 from .select import resolve
 
-__all__ = ["BoundRule", "Plan", "bind", "graph_bytes", "graph_params"]
+__all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params"]
 
 _LINEAR_RULES = (A.Adapt, A.Quantize, A.Precision)
 _BLOCK_RULES = (A.Collapse, A.Drop)
@@ -28,9 +34,10 @@ class BoundRule:
     rule: A.Rule
     targets: tuple[Target, ...] = ()
     blocks: tuple[Block, ...] = ()
-    protected: tuple[str, ...] = ()  # paths `keep` removed from this rule
+    protected: tuple[str, ...] = ()  # paths `keep` removed from this rule (block rules: blocks it must not remove)
     estimate: Estimate = field(default_factory=Estimate)
     warnings: tuple[str, ...] = ()
+    deferred_by: int | None = None  # line of an earlier auto rule: this binding is redone at compile time
 
     @property
     def text(self) -> str:
@@ -52,6 +59,7 @@ class Plan:
     rules: tuple[BoundRule, ...] = ()
     bytes_total: int = 0
     params_total: int = 0
+    protected: frozenset[str] = frozenset()  # module paths `keep` protects (stable across renumbering)
 
 
 def bind(graph: ModelGraph, policy: A.Policy | None, *, source: str = "", filename: str = "<policy>") -> Plan:
@@ -61,21 +69,60 @@ def bind(graph: ModelGraph, policy: A.Policy | None, *, source: str = "", filena
         return Plan(None, graph.model_class, **totals)
     binder = _Binder(graph, source, filename)
     bound = binder.bind_all(policy.rules)
-    return Plan(policy, graph.model_class, bound, **totals)
+    return Plan(policy, graph.model_class, bound, protected=frozenset(binder.protected), **totals)
+
+
+def rebind(graph: ModelGraph, plan: Plan, start: int, *, source: str = "", filename: str = "<policy>") -> Plan:
+    """The plan with its rules from index `start` on bound again to `graph` as it is now (after an
+    auto collapse/drop chose its blocks); `keep` protects the same modules as before."""
+    binder = _Binder(graph, source, filename)
+    bound = binder.bind_all(plan.policy.rules[start:], protected=set(plan.protected))
+    return replace(plan, rules=plan.rules[:start] + bound)
 
 
 class _Binder:
     def __init__(self, graph: ModelGraph, source: str, filename: str):
         self.graph, self.source, self.filename = graph, source, filename
         self.problems: list[Diagnostic] = []
+        self.protected: set[str] = set()
 
-    def bind_all(self, rules: tuple[A.Rule, ...]) -> tuple[BoundRule, ...]:
-        protected = self._protected(rules)
-        bound = [self._bind(rule, protected) for rule in rules]
+    def bind_all(self, rules: tuple[A.Rule, ...], protected: set[str] | None = None) -> tuple[BoundRule, ...]:
+        views = self._views(rules)
+        self.protected = self._protected(rules, views) if protected is None else protected
+        bound = []
+        for rule, (view, deferred_by) in zip(rules, views):
+            self.graph = view
+            b = self._bind(rule, self.protected)
+            if deferred_by is not None:
+                b = replace(b, deferred_by=deferred_by, warnings=b.warnings + (
+                    f"decided at compile time: the auto rule on line {deferred_by} chooses which blocks "
+                    "go first, and blocks are renumbered after it",))
+            bound.append(b)
         self._check_overlaps(bound)
         if self.problems:
             raise SpecError(self.problems, self.source, self.filename)
         return tuple(bound)
+
+    def _views(self, rules) -> list[tuple[object, int | None]]:
+        """Per rule: the model as it is when the rule runs (blocks an explicit collapse/drop before
+        it removed are gone), and the line of an earlier auto rule if there is one."""
+        view, deferred_by, out = self.graph, None, []
+        for rule in rules:
+            out.append((view, deferred_by))
+            if not isinstance(rule, _BLOCK_RULES):
+                continue
+            if rule.auto is not None:
+                deferred_by = deferred_by or rule.span.line
+                continue
+            try:  # a selector that fails is reported when the rule itself is bound
+                found = resolve(view, rule.selector, source=self.source, filename=self.filename)
+            except SpecError:
+                continue
+            blocks = [f for f in found if isinstance(f, Block)]
+            gone = blocks[1:] if isinstance(rule, A.Collapse) else blocks
+            if len(gone) < len(view.blocks):
+                view = without_blocks(view, {b.path for b in gone})
+        return out
 
     def _resolve(self, selector: A.Selector) -> list[Target | Block]:
         try:
@@ -84,18 +131,21 @@ class _Binder:
             self.problems += e.diagnostics
             return []
 
-    def _protected(self, rules) -> set[str]:
+    def _protected(self, rules, views) -> set[str]:
         paths: set[str] = set()
-        for rule in rules:
+        for rule, (view, _) in zip(rules, views):
             if isinstance(rule, A.Keep):
+                self.graph = view
                 for found in self._resolve(rule.selector):
                     paths |= _paths_of(found, self.graph)
         return paths
 
     def _bind(self, rule: A.Rule, protected: set[str]) -> BoundRule:
-        found = self._resolve(rule.selector) if not isinstance(rule, A.Keep) else []
         if isinstance(rule, A.Keep):
             return self._bind_keep(rule)
+        if isinstance(rule, A.Heal):
+            return BoundRule(rule, estimate=estimate(rule, (), (), self.graph))
+        found = self._resolve(rule.selector)
         if isinstance(rule, _BLOCK_RULES):
             return self._bind_blocks(rule, found, protected)
         if isinstance(rule, A.Tokens):
@@ -109,6 +159,7 @@ class _Binder:
 
     def _bind_blocks(self, rule, found, protected: set[str]) -> BoundRule:
         blocks = tuple(f for f in found if isinstance(f, Block))
+        n = len(self.graph.blocks)
         if found and not blocks:
             self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on blocks, and `"
                         f"{_sel(rule)}` selects {found[0].path} (a {found[0].kind})",
@@ -116,12 +167,32 @@ class _Binder:
         if isinstance(rule, A.Collapse) and rule.auto is None and 0 < len(blocks) < 2:
             self._error(rule.selector.span, "invalid-combination", "an explicit `collapse` needs at least "
                         "two blocks to merge", "e.g. `collapse blocks[24:28]`, or `collapse blocks auto(...)`")
+        if rule.auto is None and blocks and len(blocks) == n:
+            what = "merges every block of the model into one" if isinstance(rule, A.Collapse) else \
+                f"removes all {n} blocks of the model"
+            self._error(rule.selector.span, "out-of-range", f"`{rule.kind} {_sel(rule)}` {what}",
+                        "select fewer blocks, e.g. `blocks[-5:-1]`")
         hit = sorted(p for b in blocks for p in _paths_of(b, self.graph) if p in protected)
         if hit and rule.auto is None:
             self._error(rule.span, "invalid-combination", f"`keep` protects {hit[0]}, which this `{rule.kind}` "
                         "removes", "narrow the `keep` or the block range")
+        kept = tuple(b.path for b in blocks if _paths_of(b, self.graph) & protected)
+        if rule.auto is not None and blocks:
+            self._check_auto_count(rule, len(blocks) - len(kept), n)
         warnings = ("auto: `keep`-protected blocks are not candidates",) if hit else ()
-        return BoundRule(rule, blocks=blocks, estimate=estimate(rule, (), blocks, self.graph), warnings=warnings)
+        return BoundRule(rule, blocks=blocks, protected=kept, estimate=estimate(rule, (), blocks, self.graph),
+                         warnings=warnings)
+
+    def _check_auto_count(self, rule, candidates: int, n: int) -> None:
+        auto = rule.auto
+        count = auto.get("count") or round(auto.get("ratio") * n)
+        if count < 1:
+            self._error(auto.span, "out-of-range", f"ratio={auto.get('ratio')} of {n} blocks removes none",
+                        "raise the ratio, or write count=1")
+        elif count > candidates or count >= n:
+            self._error(auto.span, "out-of-range", f"`{rule.kind} … auto` asks for {count} blocks, and only "
+                        f"{min(candidates, n - 1)} of the model's {n} blocks may go",
+                        "lower count/ratio, or widen the selector or the `keep`")
 
     def _bind_tokens(self, rule: A.Tokens, found) -> BoundRule:
         blocks = tuple(f for f in found if isinstance(f, Block))

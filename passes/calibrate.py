@@ -16,7 +16,7 @@ from torch import fx
 from ..runtime.progress import Progress
 from .graph import ModelGraph
 
-__all__ = ["observe", "Observer"]
+__all__ = ["observe", "Observer", "kept_rows"]
 
 Observer = Callable[[torch.Tensor], None]
 
@@ -37,11 +37,11 @@ def observe(graph: ModelGraph, watch: dict[fx.Node, list[Observer]], batches: li
             if missing:
                 raise ValueError(f"calibration batch {i} lacks inputs {missing}; the graph takes {names}")
             with torch.no_grad():
-                _Recorder(graph.module, watch, _kept_rows(batch)).run(*(batch[n] for n in names))
+                _Recorder(graph.module, watch, kept_rows(batch)).run(*(batch[n] for n in names))
             step()
 
 
-def _kept_rows(batch: dict[str, Any]) -> torch.Tensor | None:
+def kept_rows(batch: dict[str, Any]) -> torch.Tensor | None:
     """Flattened attention mask (True = a real token), if the batch has one."""
     mask = batch.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:

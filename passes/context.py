@@ -1,9 +1,10 @@
 """What every pass may read besides the graph: calibration batches, the policy source (for
-errors at the right line), progress bars, and where to dump the graph between stages."""
+errors at the right line), progress bars, where to dump the graph between stages, and the
+records one rule leaves for a later one (the cuts a `collapse`/`drop` made, which `heal` repairs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..runtime.progress import Progress
 
@@ -17,3 +18,9 @@ class Context:
     filename: str = "<policy>"
     progress: Progress = field(default_factory=Progress)  # silent unless the caller asked and has a terminal
     dump_dir: str | None = None  # when set, the graph is written here after each stage
+    # The model as the user gave it (never modified; called like it), for a pass that compares
+    # against the uncompressed model: `heal … distill=true` distills from it.
+    reference: Callable[..., Any] | None = None
+    # Cuts made by `collapse`/`drop` since the last `heal` (passes/collapse/cut.py's Cut records);
+    # a `heal` repairs them and empties the list.
+    cuts: list[Any] = field(default_factory=list)

@@ -36,6 +36,8 @@ def estimate(rule: A.Rule, targets, blocks, graph) -> Estimate:
         return _remove_blocks(rule, blocks, graph)
     if isinstance(rule, A.Tokens):
         return _tokens(rule)
+    if isinstance(rule, A.Heal):
+        return _heal(rule, graph)
     params, nbytes = _distinct(targets, graph)
     return Estimate(params, params, nbytes, nbytes,
                     f"{len(targets)} target{'s' if len(targets) != 1 else ''} left as {'they are' if len(targets) != 1 else 'it is'}")
@@ -131,11 +133,29 @@ def _remove_blocks(rule, blocks, graph) -> Estimate:
         removed = len(blocks) - 1 if isinstance(rule, A.Collapse) else len(blocks)
         note = f"{removed} of {len(graph.blocks)} blocks removed"
     else:
-        count = rule.auto.get("count") if isinstance(rule, A.Drop) else None
-        removed = count if count else round(rule.auto.get("ratio") * len(blocks))
+        removed = rule.auto.get("count") or round(rule.auto.get("ratio") * len(graph.blocks))
         note = f"up to {removed} of {len(graph.blocks)} blocks removed (searched at compile)"
     mean, mean_params = (before / len(blocks), params / len(blocks)) if blocks else (0, 0)
     return Estimate(params, params - int(removed * mean_params), before, before - int(removed * mean), note)
+
+
+def _heal(rule, graph) -> Estimate:
+    """A linear heal adds a d×d map per cut (none folded); a LoRA heal adds nothing once merged."""
+    if rule.get("method") == "linear":
+        hidden = _hidden(graph)
+        return Estimate(note="a least-squares map at each cut" + (", folded into the down projection before it"
+                             if rule.get("fold") else f" (+{hidden * hidden:,} params per cut)" if hidden else ""))
+    merged = "merged afterwards" if rule.get("merge") else "kept as adapters"
+    return Estimate(note=f"LoRA r={rule.get('rank')} beside each cut, {rule.get('steps')} steps"
+                         f"{' distilled from the original' if rule.get('distill') else ''}, {merged}")
+
+
+def _hidden(graph) -> int | None:
+    """The residual stream's width: the input width of a block's first linear."""
+    for t in graph.targets.values():
+        if t.block is not None and t.kind == "linear" and t.role in ("attn.q", "attn.qkv"):
+            return _weight_shape(t)[1]
+    return None
 
 
 def _tokens(rule: A.Tokens) -> Estimate:

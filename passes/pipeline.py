@@ -11,10 +11,11 @@ from typing import Callable
 from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..runtime.report import Report, RuleReport
-from .bind import BoundRule, Plan, graph_bytes, graph_params
+from .bind import BoundRule, Plan, graph_bytes, graph_params, rebind
 from .context import Context
 from .graph import ModelGraph
 from .adapters import adapt
+from .collapse import collapse, drop, heal
 from .precision import choose, quantize
 
 __all__ = ["Context", "PASSES", "is_implemented", "run_pipeline", "PassFn"]
@@ -24,6 +25,9 @@ PassFn = Callable[[ModelGraph, BoundRule, Context], RuleReport]
 # Rule kind -> the pass that applies it. `keep` has none: bind() applies it by taking its targets
 # away from every other rule.
 PASSES: dict[type, PassFn] = {
+    A.Collapse: collapse.run,    # passes/collapse/collapse.py
+    A.Drop: drop.run,            # passes/collapse/drop.py
+    A.Heal: heal.run,            # passes/collapse/heal.py
     A.Adapt: adapt.run,          # passes/adapters/adapt.py
     A.Quantize: quantize.run,    # passes/precision/quantize.py
     A.Precision: choose.run,     # passes/precision/choose.py
@@ -39,7 +43,8 @@ def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
     _refuse_unimplemented(plan, ctx)
     start = time.perf_counter()
     rules = []
-    for i, bound in enumerate(plan.rules):
+    for i in range(len(plan.rules)):
+        bound = plan.rules[i]
         if isinstance(bound.rule, A.Keep):
             rules.append(_keep_report(bound))
             continue
@@ -48,6 +53,9 @@ def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
         graph.lint()
         _dump(graph, ctx, i, bound)
         rules.append(report)
+        if getattr(bound.rule, "auto", None) is not None and i + 1 < len(plan.rules):
+            # The search chose its blocks: the rules after it bind to the model as it is now.
+            plan = rebind(graph, plan, i + 1, source=ctx.source, filename=ctx.filename)
     return Report(plan.policy.name if plan.policy else None, plan.model_class, tuple(rules),
                   plan.params_total, graph_params(graph), plan.bytes_total, graph_bytes(graph),
                   time.perf_counter() - start)

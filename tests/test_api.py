@@ -77,8 +77,8 @@ def test_missing_policy_file_and_several_policies_need_a_name(tmp_path):
 def test_unimplemented_rules_stop_compile_with_what_to_do():
     loaded = tiny("llama")
     with pytest.raises(SpecError) as e:
-        slimfx.compile(loaded, "policy p {\n    drop blocks[1]\n}\n")
-    assert e.value.kind == "unsupported" and e.value.line == 2 and "`drop`" in e.value.message
+        slimfx.compile(loaded, "policy p {\n    tokens after blocks[0] prune keep=0.5\n}\n")
+    assert e.value.kind == "unsupported" and e.value.line == 2 and "`tokens`" in e.value.message
     assert "not implemented" in e.value.message and "slimfx plan" in e.value.hint
 
 

@@ -59,8 +59,30 @@ def test_everything_protected_is_an_error_not_a_no_op(llama):
 
 
 def test_keep_of_what_a_drop_removes_is_an_error(llama):
-    err = error_of(llama, "drop blocks[1:3]", "keep blocks[2].mlp.up")
+    err = error_of(llama, "keep blocks[2].mlp.up", "drop blocks[1:3]")
     assert err.kind == "invalid-combination" and "model.layers.2" in err.message
+
+
+def test_rules_after_a_drop_bind_to_the_renumbered_blocks(llama):
+    """After `drop blocks[1:3]` the model has two blocks: blocks[1] is model.layers.3, blocks.*
+    the two left, and blocks[2] no longer exists."""
+    _, keep, quant = plan_of(llama, "drop blocks[1:3]", "keep blocks[1].mlp.up",
+                             "quantize blocks.*.mlp.up int8").rules
+    assert [t.path for t in keep.targets] == ["model.layers.3.mlp.up_proj"]
+    assert [t.path for t in quant.targets] == ["model.layers.0.mlp.up_proj"]
+    err = error_of(llama, "drop blocks[1:3]", "keep blocks[2].mlp.up")
+    assert err.kind == "selector" and "out of range" in err.message and "2 items" in err.message
+
+
+def test_collapse_keeps_its_first_block_for_later_rules(llama):
+    _, quant = plan_of(llama, "collapse blocks[0:3]", "quantize blocks.*.attn.q int8").rules
+    assert [t.path for t in quant.targets] == ["model.layers.0.self_attn.q_proj", "model.layers.3.self_attn.q_proj"]
+    assert quant.deferred_by is None
+
+
+def test_heal_binds_without_a_selector(llama):
+    _, heal = plan_of(llama, "drop blocks[2]", "heal method=linear").rules
+    assert heal.targets == () and heal.blocks == () and "map at each cut" in heal.estimate.note
 
 
 def test_block_rules_need_blocks(llama):
@@ -107,13 +129,15 @@ def test_plan_table_lists_every_rule_with_status(llama):
     from slimfx.passes import precision  # noqa: F401  registers quantize
 
     text = plan_text(plan_of(llama, "drop blocks[1]", "quantize blocks.*.** : Linear int4 group=64", "keep embed",
-                             "adapt blocks.*.attn.q lora"), "p.slim", width=400)
+                             "adapt blocks.*.attn.q lora", "tokens after blocks[0] prune keep=0.5"), "p.slim",
+                     width=400)
     assert "quantize blocks.*.** : Linear int4 group=64" in text and "keep embed" in text
     rows = {line.split("│")[2].strip(): line for line in text.splitlines() if line.count("│") > 3}
     assert "ready" in rows["quantize blocks.*.** : Linear int4 group=64"]
     assert "ready" in rows["keep embed"]  # keep is applied by bind itself
-    assert "ready; +4,096 trainable" in rows["adapt blocks.*.attn.q lora"]
-    assert "not implemented yet" in rows["drop blocks[1]"]  # no collapse pass yet
+    assert "ready; +3,072 trainable" in rows["adapt blocks.*.attn.q lora"]  # 3 blocks left after the drop
+    assert "ready" in rows["drop blocks[1]"]
+    assert "not implemented yet" in rows["tokens after blocks[0] prune keep=0.5"]  # no token pass yet
 
 
 def test_a_tied_weight_is_flagged_and_not_counted_as_freed(gpt2):

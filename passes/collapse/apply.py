@@ -1,0 +1,112 @@
+"""What `collapse` and `drop` share: how many blocks an `auto(…)` asks for, removing the chosen
+runs (recording a Cut for `heal` with what each run output on the calibration tokens), and the
+report row."""
+from __future__ import annotations
+
+from ...dsl.errors import SpecError
+from ...runtime.report import RuleReport
+from ..bind import BoundRule, graph_bytes, graph_params
+from ..context import Context
+from ..graph import Block, ModelGraph
+from .cut import Cut, remove_run
+from .streams import collect
+
+__all__ = ["auto_count", "candidates", "remove_runs", "block_report", "current", "rule_error", "need_calibration",
+           "run_targets"]
+
+
+def rule_error(bound: BoundRule, ctx: Context, kind: str, message: str, hint: str | None = None) -> SpecError:
+    return SpecError.at(kind, message, line=bound.line, column=bound.rule.span.column,
+                        width=len(bound.rule.kind), hint=hint, source=ctx.source, filename=ctx.filename)
+
+
+def need_calibration(bound: BoundRule, ctx: Context, why: str) -> None:
+    if not ctx.calib:
+        raise rule_error(bound, ctx, "missing-value", f"`{bound.rule.kind}` {why}, and there are no "
+                         "calibration batches", "pass calib= to compile() (texts, or input dicts), or "
+                         "--calib on the command line; a slimfx.models model brings its own")
+
+
+def current(graph: ModelGraph, blocks) -> list[Block]:
+    """The bound blocks as the graph indexes them now (earlier rules renumbered them)."""
+    by_path = {b.path: b for b in graph.blocks}
+    return [by_path[b.path] for b in blocks if b.path in by_path]
+
+
+def candidates(graph: ModelGraph, bound: BoundRule) -> list[int]:
+    """Indices of the blocks an auto search may remove: the selected ones not protected by `keep`."""
+    protected = set(bound.protected)
+    return [b.index for b in current(graph, bound.blocks) if b.path not in protected]
+
+
+def auto_count(bound: BoundRule, ctx: Context, n_candidates: int, n_blocks: int) -> int:
+    """Blocks to remove: `count`, else round(ratio × the model's blocks); refused when the
+    candidates cannot give that many (one block always stays)."""
+    auto = bound.rule.auto
+    count = auto.get("count") or round(auto.get("ratio") * n_blocks)
+    if count < 1:
+        raise rule_error(bound, ctx, "out-of-range", f"ratio={auto.get('ratio')} of {n_blocks} blocks "
+                         "removes none", "raise the ratio, or write count=1")
+    if count > n_candidates or count >= n_blocks:
+        raise rule_error(bound, ctx, "out-of-range", f"`{bound.rule.kind}` asks for {count} blocks, and only "
+                         f"{min(n_candidates, n_blocks - 1)} of the model's {n_blocks} may go",
+                         "lower count/ratio, or widen the selector or the `keep`")
+    return count
+
+
+def run_targets(graph: ModelGraph, runs: list[list[Block]], ctx: Context) -> list[list]:
+    """Per run, what left it on each calibration batch (rows of real tokens); empty lists without
+    calibration. Read before anything of the runs changes."""
+    if not ctx.calib:
+        return [[] for _ in runs]
+    ends = [run[-1].index + 1 for run in runs]
+    rows = collect(graph, sorted(set(ends)), ctx.calib, ctx.progress, "recording what the removed blocks output")
+    return [rows[e] for e in ends]
+
+
+def remove_runs(graph: ModelGraph, runs: list[list[Block]], bound: BoundRule, ctx: Context,
+                targets: list[list] | None = None) -> list[Cut]:
+    """Remove each run (given in model order; removed last to first so indices stay valid) and
+    record a Cut per run for `heal`, with `targets` (run_targets) or, if None, measured now."""
+    targets = run_targets(graph, runs, ctx) if targets is None else targets
+    cuts = []
+    for run, target in sorted(zip(runs, targets), key=lambda r: -r[0][0].index):
+        end = run[-1].index + 1
+        before = graph.blocks[run[0].index - 1].path if run[0].index > 0 else None
+        after = graph.blocks[end].path if end < len(graph.blocks) else None
+        stream = remove_run(graph, run)
+        removed = tuple(b.path for b in run)
+        # An earlier cut right beside this run (its next or previous block removed now) is one gap
+        # with it: what enters the gap is this stream, what left it is the later end's target.
+        for old in [c for c in ctx.cuts if c.after in removed]:
+            ctx.cuts.remove(old)
+            removed, before = old.removed + removed, old.before
+        for old in [c for c in ctx.cuts if c.before in removed]:
+            ctx.cuts.remove(old)
+            removed, after, target = removed + old.removed, old.after, old.target
+        cuts.append(Cut(bound.line, removed, stream, before, after, target))
+    cuts.reverse()
+    ctx.cuts.extend(cuts)
+    return cuts
+
+
+def block_report(graph: ModelGraph, bound: BoundRule, before: tuple[int, int], paths_before: list[str],
+                 details: dict, notes: list[str]) -> RuleReport:
+    """The rule's row: blocks removed (those of `paths_before` no longer in the graph), params and
+    bytes of the whole model before → after."""
+    params, nbytes = before
+    now = {b.path for b in graph.blocks}
+    removed = [p for p in paths_before if p not in now]
+    n_before = len(paths_before)
+    notes = [f"{len(removed)} of {n_before} blocks removed: {_short(removed)}", *notes, *bound.warnings]
+    return RuleReport(bound.line, bound.text, bound.rule.kind, tuple(removed), params, graph_params(graph),
+                      nbytes, graph_bytes(graph), {"removed": list(removed), "blocks_before": n_before,
+                                                   "blocks_after": len(graph.blocks), **details}, tuple(notes))
+
+
+def _short(paths: list[str]) -> str:
+    """"model.layers.{3,7,20}" for paths under one parent."""
+    parents = {p.rpartition(".")[0] for p in paths}
+    if len(parents) == 1:
+        return f"{parents.pop()}.{{{','.join(p.rpartition('.')[2] for p in paths)}}}"
+    return ", ".join(paths)

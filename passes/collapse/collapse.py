@@ -1,0 +1,69 @@
+"""`collapse <blocks> [auto(…)] method=laco`: LaCo's Reserving-Differences-while-Seeking-Common
+(RDSC) layer merge, θ*_l = θ_l + Σ_k (θ_{l+k} − θ_l), then the merged blocks leave the graph.
+
+Explicit (`collapse blocks[a:b]` merges blocks a+1..b−1 into block a), or `auto(…)`: LaCo's search
+from the top block down (search.py), every trial listed in the report with its similarity."""
+from __future__ import annotations
+
+from ...dsl import ast as A
+from ...runtime.report import RuleReport
+from ..bind import BoundRule, graph_bytes, graph_params
+from ..context import Context
+from ..graph import ModelGraph
+from .apply import (auto_count, block_report, candidates, current, need_calibration, remove_runs, rule_error,
+                    run_targets)
+from .cut import laco_merge, runs_of
+from .search import laco_trials
+from .streams import collect
+
+__all__ = ["run"]
+
+
+def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
+    rule: A.Collapse = bound.rule
+    before, paths = (graph_params(graph), graph_bytes(graph)), [b.path for b in graph.blocks]
+    n_before = len(paths)
+    if rule.auto is None:
+        return _explicit(graph, bound, ctx, before, paths)
+    return _auto(graph, bound, ctx, before, paths)
+
+
+def _explicit(graph, bound, ctx, before, paths) -> RuleReport:
+    blocks = current(graph, bound.blocks)
+    runs = runs_of(blocks)
+    if len(runs) != 1:
+        raise rule_error(bound, ctx, "selector", "`collapse` merges one contiguous range of blocks, and the "
+                         f"selector gives {len(runs)} ranges", "write one range, e.g. `collapse blocks[20:24]`")
+    keep, merged = blocks[0], blocks[1:]
+    targets = run_targets(graph, [merged], ctx)  # what the run output before the merge, for `heal`
+    changed = laco_merge(graph, keep, merged)
+    remove_runs(graph, [merged], bound, ctx, targets)
+    return block_report(graph, bound, before, paths, {"into": keep.path, "tensors_merged": changed},
+                        [f"merged into {keep.path} ({changed} tensors)"])
+
+
+def _auto(graph, bound, ctx, before, paths) -> RuleReport:
+    auto, n_before = bound.rule.auto, len(paths)
+    need_calibration(bound, ctx, "with auto(…) compares merged models on calibration tokens")
+    count = auto_count(bound, ctx, len(candidates(graph, bound)), n_before)
+    allowed = {graph.blocks[i].path for i in candidates(graph, bound)}
+    protected = {b.path for b in graph.blocks if b.path not in allowed}
+    # Every stream of the model before the search: the last is LaCo's reference, and the one
+    # after a merged run is what `heal` maps the merged block's output back to.
+    streams = collect(graph, list(range(n_before + 1)), ctx.calib, ctx.progress, "recording the residual stream")
+    original = {b.path: b.index for b in graph.blocks}
+
+    def accept(keep, merged):
+        remove_runs(graph, [merged], bound, ctx, [streams[original[merged[-1].path] + 1]])
+
+    trials = laco_trials(graph, ctx.calib, streams[n_before], count=count, span=auto.get("span"),
+                         interval=auto.get("interval"), threshold=auto.get("threshold"), protected=protected,
+                         accept=accept, progress=ctx.progress)
+    notes = [f"LaCo trials: " + "; ".join(f"{t.into} +{len(t.merged)} cos {t.similarity:.4f} "
+                                          f"{'kept' if t.accepted else 'rejected'}" for t in trials)]
+    removed = n_before - len(graph.blocks)
+    if removed < count:
+        notes.append(f"stopped at {removed} of {count} blocks: no further merge kept cos ≥ "
+                     f"{auto.get('threshold')} (lower the threshold to remove more)")
+    details = {"trials": [t.__dict__ for t in trials], "asked": count}
+    return block_report(graph, bound, before, paths, details, notes)

@@ -1,0 +1,112 @@
+"""Removing blocks from the graph: the residual stream that entered a removed run now flows where
+the run's output flowed. No model class is assumed: the ModelGraph's index knows each block's
+node set and its residual input and output.
+
+A `Cut` records one removed run for a later `heal`: where the stream now jumps over the gap, and
+what left the run in the model as it was before (on the calibration tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import fx
+
+from ..graph import Block, ModelGraph
+from ..rewrite import PassError
+
+__all__ = ["Cut", "remove_run", "laco_merge", "runs_of"]
+
+
+@dataclass
+class Cut:
+    """One contiguous run of removed blocks (for a LaCo merge: the blocks merged away)."""
+
+    line: int  # the rule that made it
+    removed: tuple[str, ...]  # module paths of the removed blocks
+    stream: fx.Node  # the residual value that now flows where the run's output flowed
+    before: str | None  # path of the block just before the gap (None: the gap starts at block 0)
+    after: str | None  # path of the block just after it (None: the gap ends at the last block)
+    target: list[torch.Tensor] = field(default_factory=list, repr=False)  # per calibration batch:
+    # what left the run before it was removed, rows of real tokens [tokens, hidden]
+
+
+def runs_of(blocks: list[Block]) -> list[list[Block]]:
+    """Blocks grouped into contiguous runs, in model order."""
+    runs: list[list[Block]] = []
+    for b in sorted(blocks, key=lambda b: b.index):
+        if runs and runs[-1][-1].index + 1 == b.index:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return runs
+
+
+def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:
+    """Remove a contiguous run of blocks; return the residual node that now flows past the gap.
+
+    The run's last output is replaced, in every use, by the first block's residual input; then the
+    run's nodes, the get_attr nodes of its tensors, its submodules and its rows of the module table
+    go. The graph is re-indexed (later blocks renumbered) before this returns."""
+    first, last = run[0], run[-1]
+    if [b.index for b in run] != list(range(first.index, last.index + 1)):
+        raise PassError(f"remove_run needs contiguous blocks, got {[b.index for b in run]}")
+    if first.input is None or last.output is None:
+        raise PassError(f"{first.path}: the residual stream through the block is not known")
+    members = frozenset().union(*(b.nodes for b in run))
+    leaks = [n for n in members if n is not last.output and any(u not in members for u in n.users)]
+    if leaks:
+        raise PassError(f"{leaks[0].name} is computed inside {first.path} and read after it (e.g. a shared "
+                        "position bias): this model's blocks cannot be removed by slimfx yet")
+    gm, stream = graph.module, first.input
+    last.output.replace_all_uses_with(stream)
+    for n in sorted(members, key=graph.node_order.__getitem__, reverse=True):
+        gm.graph.erase_node(n)
+    prefixes = tuple(b.path + "." for b in run)
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and not n.users and n.target.startswith(prefixes):
+            gm.graph.erase_node(n)
+    _forget_modules(graph, [b.path for b in run])
+    gm.recompile()
+    graph.reindex()
+    return stream
+
+
+def _forget_modules(graph: ModelGraph, paths: list[str]) -> None:
+    gm, parent_path = graph.module, graph.blocks_path
+    parent = gm.get_submodule(parent_path)
+    names = {p[len(parent_path) + 1:] if parent_path else p for p in paths}
+    for name in names:
+        delattr(parent, name)
+    prefixes = tuple(p + "." for p in paths)
+    for path in [p for p in graph.modules if p in paths or p.startswith(prefixes)]:
+        del graph.modules[path]
+    info = graph.modules[parent_path]
+    graph.modules[parent_path] = replace(info, children=tuple(c for c in info.children if c not in names))
+
+
+def laco_merge(graph: ModelGraph, keep: Block, merged: list[Block]) -> int:
+    """LaCo's parameter merge: θ_keep ← θ_keep + Σ_k (θ_k − θ_keep) over the merged blocks, for
+    every floating-point parameter (buffers such as rotary frequencies are left as they are).
+    Returns how many tensors changed. The merged blocks themselves are not removed here."""
+    own = _block_params(graph, keep)
+    changed = 0
+    for rel, theta in own.items():
+        others = []
+        for b in merged:
+            other = _block_params(graph, b).get(rel)
+            if other is None or other.shape != theta.shape:
+                raise PassError(f"{b.path}{rel} does not match {keep.path}{rel}: blocks of different "
+                                "shape cannot be merged")
+            others.append(other)
+        with torch.no_grad():
+            delta = sum((o.float() - theta.float() for o in others), torch.zeros_like(theta, dtype=torch.float32))
+            theta.add_(delta.to(theta.dtype))  # the graph owns its tensors (capture copied them)
+        changed += 1
+    return changed
+
+
+def _block_params(graph: ModelGraph, block: Block) -> dict[str, torch.Tensor]:
+    """Floating-point parameters of a block by their name relative to it ('.mlp.up_proj.weight')."""
+    sub = graph.module.get_submodule(block.path)
+    return {f".{name}": p for name, p in sub.named_parameters(remove_duplicate=False) if p.is_floating_point()}

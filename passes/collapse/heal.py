@@ -1,0 +1,279 @@
+"""`heal method=linear|lora …`: repair what the `collapse`/`drop` rules before it removed.
+
+Every heal repairs every cut made so far (ctx.cuts; a collapse/drop may not follow a heal), so
+`heal method=linear` then `heal method=lora distill=true` stack: the map first, LoRA on top.
+
+- linear: per cut, in model order, X = the residual stream entering the gap (the graph as it is
+  now, earlier maps applied), Y = what left the removed run before it was removed; T from
+  fit.py, applied as one `aten.linear(h, Tᵀ)` on the stream (`h ← h @ T`, a d×d buffer). With
+  `fold=true` T is fitted on the previous block's MLP output instead and folded into its down
+  projection (ReplaceMe, 2025): no new op, a little worse (DESIGN.md).
+- lora: LoRA adapters (passes/lora.py) on every linear of the blocks on both sides of each cut,
+  trained with runtime/train.py on the calibration batches (next-token loss, or KL to the
+  uncompressed model's logits with `distill=true`), merged afterwards unless `merge=false`.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import fx
+
+from ...dsl import ast as A
+from ...runtime.adapter_merge import merge_adapters
+from ...runtime.adapters import Adapter, is_adapter_param
+from ...runtime.program import ParamInfo
+from ...runtime.report import RuleReport
+from ...runtime.train import train
+from ..bind import BoundRule, graph_bytes, graph_params
+from ..calibrate import observe
+from ..context import Context
+from ..graph import ModelGraph
+from ..lora import base_sites, insert_adapter, site_dims
+from ..rewrite import PassError, find_sites, register_tensors, set_meta
+from .apply import need_calibration, rule_error
+from .cut import Cut
+from .fit import fit_map
+
+__all__ = ["run"]
+
+aten = torch.ops.aten
+
+
+def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
+    rule: A.Heal = bound.rule
+    if not ctx.cuts:
+        raise rule_error(bound, ctx, "illegal-order", "`heal` found nothing to repair: the rules before it "
+                         "removed no block (an auto search may have accepted none: see its report)",
+                         "put `heal` after a `collapse` or `drop` that removes blocks, or lower the search's threshold")
+    need_calibration(bound, ctx, "fits and trains on calibration tokens")
+    if any(not c.target for c in ctx.cuts):
+        raise rule_error(bound, ctx, "missing-value", "`heal` needs what the removed blocks output on the "
+                         "calibration tokens, and none was recorded when they were removed")
+    before = graph_params(graph), graph_bytes(graph)
+    if rule.get("method") == "linear":
+        details, notes = (_fold if rule.get("fold") else _linear)(graph, bound, ctx)
+    else:
+        details, notes = _lora(graph, bound, ctx)
+    return RuleReport(bound.line, bound.text, rule.kind, tuple(p for c in ctx.cuts for p in c.removed),
+                      before[0], graph_params(graph), before[1], graph_bytes(graph), details,
+                      tuple(notes) + bound.warnings)
+
+
+# ---- linear ------------------------------------------------------------------------------------
+
+
+def _observe_rows(graph: ModelGraph, node: fx.Node, ctx: Context, what: str) -> list[torch.Tensor]:
+    rows: list[torch.Tensor] = []
+    observe(graph, {node: [lambda r: rows.append(r.clone())]}, ctx.calib, ctx.progress, what)
+    return rows
+
+
+def _linear(graph: ModelGraph, bound: BoundRule, ctx: Context):
+    fits = []
+    for k, cut in enumerate(ctx.cuts):
+        xs = _observe_rows(graph, cut.stream, ctx, f"fitting the map at cut {k + 1}/{len(ctx.cuts)}")
+        fit = fit_map(xs, cut.target)
+        cut.stream = _apply_map(graph, cut, fit.map, f"heal_map{_serial(graph, cut)}")
+        fits.append((cut, fit))
+    details = {"cuts": [{"removed": list(c.removed), "residual_before": f.residual_before,
+                         "residual_after": f.residual_after} for c, f in fits]}
+    notes = [f"a {fits[0][1].map.shape[0]}×{fits[0][1].map.shape[0]} map at each of {len(fits)} cuts; "
+             "fit residual ‖XT − Y‖/‖Y‖: " + ", ".join(f"{f.residual_before:.3f} → {f.residual_after:.3f}"
+                                                       for _, f in fits)]
+    return details, notes
+
+
+def _serial(graph: ModelGraph, cut: Cut) -> str:
+    """A name suffix not yet used on the container of the blocks: `_3` for the map in front of
+    block model.layers.3, `_end` after the last block (`_3_1` for a second map there)."""
+    owner = graph.module.get_submodule(graph.blocks_path)
+    base = f"_{cut.after.rpartition('.')[2]}" if cut.after is not None else "_end"
+    name, i = base, 0
+    while hasattr(owner, f"heal_map{name}"):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _apply_map(graph: ModelGraph, cut: Cut, t: torch.Tensor, name: str) -> fx.Node:
+    """h ← h @ T on the stream at the cut; returns the new stream node.
+
+    The map is a buffer of the blocks' container (a block's own tensors would make it unlike the
+    other blocks); its node belongs to the block after the cut (its first op, so that block still
+    reads the previous block's output) or, after the last block, to the container."""
+    gm, stream, path = graph.module, cut.stream, graph.blocks_path
+    first_user = min(stream.users, key=graph.node_order.__getitem__)
+    weight = register_tensors(graph, path, {name: t.T.contiguous()}, first_user)[name]
+    with gm.graph.inserting_before(first_user):
+        new = gm.graph.call_function(aten.linear.default, (stream, weight))
+    home = cut.after if cut.after is not None else path
+    like = next((n for n in graph.module_nodes.get(home, ()) if "nn_module_stack" in n.meta), None)
+    set_meta(new, first_user, aten.linear.default, (stream, weight), {})
+    new.meta["nn_module_stack"] = _stack_to(like, home) if like is not None else {}
+    stream.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    info = graph.modules[path]
+    graph.modules[path] = replace(info, params=info.params + (ParamInfo(
+        f"{path}.{name}", tuple(t.shape), "float32", t.numel() * 4, _new_storage(graph), is_buffer=True),))
+    gm.recompile()
+    graph.reindex()
+    return new
+
+
+def _stack_to(node: fx.Node, path: str) -> dict:
+    """The node's nn_module_stack cut after the entry for module `path`."""
+    out = {}
+    for key, entry in node.meta["nn_module_stack"].items():
+        out[key] = entry
+        name = entry[0] if isinstance(entry, tuple) else entry
+        if isinstance(name, str) and name.replace("[", ".").replace("]", "") == path:
+            break
+    return out
+
+
+def _new_storage(graph: ModelGraph) -> int:
+    return 1 + max((p.storage for m in graph.modules.values() for p in m.params), default=0)
+
+
+def _fold(graph: ModelGraph, bound: BoundRule, ctx: Context):
+    """ReplaceMe: T fitted on the previous block's MLP output M (Y − rest ≈ M·T, rest = h − M) and
+    folded into its down projection: W ← Tᵀ·W, b ← b·T (Conv1D: W ← W·T)."""
+    fits = []
+    for cut in ctx.cuts:
+        down, out = _down_before(graph, cut, bound, ctx)
+        site = find_sites(graph, down)[0]
+        ms, hs = [], []
+        observe(graph, {site.node: [lambda r: ms.append(r.clone())], out: [lambda r: hs.append(r.clone())]},
+                ctx.calib, ctx.progress, f"fitting the folded map before {cut.removed[0]}")
+        rest = [h - m for h, m in zip(hs, ms)]
+        fit = fit_map(ms, [y - r for y, r in zip(cut.target, rest)])
+        _fold_into(graph, site, fit.map)
+        fits.append((cut, fit))
+    details = {"fold": True, "cuts": [{"removed": list(c.removed), "residual_before": f.residual_before,
+                                       "residual_after": f.residual_after} for c, f in fits]}
+    notes = [f"maps folded into {len(fits)} down projections; fit residual on the MLP output: "
+             + ", ".join(f"{f.residual_before:.3f} → {f.residual_after:.3f}" for _, f in fits)]
+    return details, notes
+
+
+def _down_before(graph: ModelGraph, cut: Cut, bound: BoundRule, ctx: Context):
+    """The down projection of the block before the cut, and that block's output, when the output
+    is the residual sum `h + down(…)` (a pre-norm block); else a SpecError saying why not."""
+    block = next((b for b in graph.blocks if b.path == cut.before), None)
+    downs = graph.by_role("mlp.down", block.index) if block is not None else []
+    if block is None or len(downs) != 1:
+        where = "the gap starts at the first block" if block is None else f"{cut.before} has no single mlp.down"
+        raise rule_error(bound, ctx, "unsupported", f"`heal … fold=true` folds into the down projection of the "
+                         f"block before each cut, and {where}", "write fold=false (a map on the stream)")
+    site = find_sites(graph, downs[0])[0]
+    out = cut.stream
+    if out.target not in (aten.add.Tensor,) or not any(_through(a, site.node) for a in out.args):
+        raise rule_error(bound, ctx, "unsupported", f"`heal … fold=true` needs {cut.before}'s output to be "
+                         "the residual sum h + down(…) (a pre-norm block); this model's is not",
+                         "write fold=false (a map on the stream)")
+    return downs[0], out
+
+
+def _through(arg, node: fx.Node) -> bool:
+    """Is `arg` `node`, or reached from it through one-input ops (dropout, casts, clones)?"""
+    while isinstance(arg, fx.Node):
+        if arg is node:
+            return True
+        inputs = arg.all_input_nodes
+        if arg.op != "call_function" or len(inputs) != 1:
+            return False
+        arg = inputs[0]
+    return False
+
+
+def _fold_into(graph: ModelGraph, site, t: torch.Tensor) -> None:
+    gm = graph.module
+    w = _fetch(gm, site.weight)
+    with torch.no_grad():
+        w.copy_(w @ t if site.transposed else t.T @ w)
+        if site.bias is not None:
+            b = _fetch(gm, site.bias)
+            b.copy_(b @ t)
+
+
+def _fetch(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    if node.op != "get_attr":
+        raise PassError(f"{node.format_node()}: expected a weight read (get_attr)")
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# ---- lora --------------------------------------------------------------------------------------
+
+
+class _Student:
+    """What runtime/train.py trains: the graph, called like the model, with these adapters."""
+
+    def __init__(self, graph: ModelGraph, params: list[torch.nn.Parameter]):
+        self.graph, self.params = graph, params
+
+    def adapter_parameters(self) -> list[torch.nn.Parameter]:
+        return self.params
+
+    def __call__(self, **inputs):
+        return self.graph(**inputs)
+
+
+def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
+    rule = bound.rule
+    paths = _neighbour_linears(graph, ctx.cuts)
+    rank = rule.get("rank")
+    inserted = []
+    torch.manual_seed(0)  # the same policy heals the same way
+    with ctx.progress.task(f"adding healing adapters (line {bound.line})", total=len(paths)) as step:
+        for path in paths:
+            target = graph.targets[path]
+            site = base_sites(graph, target)[0]
+            r = min(rank, *site_dims(site))
+            adapter = Adapter(path, "lora", r, 2.0 * r, 0.0, site.transposed)
+            out_f, in_f = site_dims(site)
+            a = torch.empty(r, in_f)
+            torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+            insert_adapter(graph, graph.targets[path], adapter, {"lora_A": a, "lora_B": torch.zeros(out_f, r)})
+            inserted.append(path)
+            step(note=path)
+    graph.reindex()
+    for name, p in graph.module.named_parameters():
+        p.requires_grad_(is_adapter_param(name))
+    params = [p for n, p in graph.module.named_parameters() if is_adapter_param(n)
+              and n.rsplit(".", 1)[0] in inserted]
+    distill = bool(rule.get("distill"))
+    if distill and ctx.reference is None:
+        raise rule_error(bound, ctx, "missing-value", "`heal … distill=true` needs the uncompressed model")
+    try:
+        result = train(_Student(graph, params), ctx.calib, steps=rule.get("steps"), lr=rule.get("lr"),
+                       loss="distill" if distill else "lm", teacher=ctx.reference if distill else None,
+                       progress=ctx.progress)
+    except ValueError as e:
+        raise rule_error(bound, ctx, "unsupported", f"`heal method=lora` cannot train here: {e}",
+                         "write distill=true to learn the original model's outputs") from None
+    graph.module.recompile()
+    if rule.get("merge"):
+        merge_adapters(graph, inserted)
+    details = {"adapters": len(inserted), "rank": rank, "steps": rule.get("steps"), "loss": result.loss,
+               "first_loss": result.first, "last_loss": result.last, "merged": bool(rule.get("merge"))}
+    notes = [f"LoRA r={rank} on {len(inserted)} linears beside the cuts, {len(result.losses)} steps of "
+             f"{result.loss} loss: {result.first:.4f} → {result.last:.4f}"
+             + ("; merged into the weights" if rule.get("merge") else "; kept as trainable adapters")]
+    return details, notes
+
+
+def _neighbour_linears(graph: ModelGraph, cuts: list[Cut]) -> list[str]:
+    """Every linear of the blocks just before and just after each cut (no adapter on it yet)."""
+    blocks = {p for c in cuts for p in (c.before, c.after) if p is not None}
+    chosen = [t.path for t in graph.targets.values() if t.kind == "linear" and t.block is not None
+              and graph.blocks[t.block].path in blocks and not _has_adapter(graph, t.path)]
+    if not chosen:
+        raise PassError(f"no linear found in the blocks beside the cuts ({', '.join(sorted(blocks))})")
+    return chosen
+
+
+def _has_adapter(graph: ModelGraph, path: str) -> bool:
+    return hasattr(graph.module.get_submodule(path), "lora_A")

@@ -1,0 +1,100 @@
+"""Which blocks to remove when a rule says `auto(…)`: by block influence (ShortGPT), by the
+angular distance across a run (Gromov et al. 2024), or LaCo's merge search. The first two read one
+measurement of the residual stream; LaCo tries merges on the graph itself, each trial one
+calibration forward with the kept block's weights merged in place and the merged blocks skipped
+(no recapture, no copy of the model)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...runtime.progress import Progress
+from ..graph import ModelGraph
+from .cut import laco_merge
+from .streams import StreamSums, angular, final_similarity
+
+__all__ = ["by_influence", "by_angular", "Trial", "laco_trials", "NotEnoughBlocks"]
+
+
+class NotEnoughBlocks(ValueError):
+    """The search cannot remove as many blocks as asked under the rule's constraints."""
+
+
+def by_influence(sims: StreamSums, count: int, candidates: list[int]) -> list[int]:
+    """The `count` candidate blocks of lowest influence 1 − cos(x_in, x_out), in model order."""
+    if count > len(candidates):
+        raise NotEnoughBlocks(f"{count} blocks asked, {len(candidates)} candidates")
+    return sorted(sorted(candidates, key=lambda i: 1 - sims[i, i + 1])[:count])
+
+
+def by_angular(sims: StreamSums, count: int, max_run: int, candidates: list[int], n_blocks: int) -> list[list[int]]:
+    """Runs of at most `max_run` contiguous candidate blocks, `count` blocks in all, chosen greedily
+    by the smallest angular distance between what enters a run and what leaves it. Runs never
+    touch each other (two adjacent runs would be one longer run) and never include the last block."""
+    allowed = set(candidates) - {n_blocks - 1}
+    taken: set[int] = set()
+    runs: list[list[int]] = []
+    left = count
+    while left > 0:
+        n = min(max_run, left)
+        best = None
+        for start in range(0, n_blocks - n):
+            run = list(range(start, start + n))
+            if not set(run) <= allowed or taken & set(range(start - 1, start + n + 1)):
+                continue
+            d = angular(sims[start, start + n])
+            if best is None or d < best[0]:
+                best = (d, run)
+        if best is None:
+            raise NotEnoughBlocks(f"no run of {n} removable blocks is left after choosing {runs}")
+        runs.append(best[1])
+        taken |= set(best[1])
+        left -= n
+    return sorted(runs)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One LaCo trial: blocks `merged` (paths) merged into `into`, and the mean cosine of the final
+    hidden states to the reference."""
+
+    into: str
+    merged: tuple[str, ...]
+    similarity: float
+    accepted: bool
+
+
+def laco_trials(graph: ModelGraph, batches, reference: list[torch.Tensor], *, count: int, span: int,
+                interval: int, threshold: float, protected: set[str], accept, progress: Progress) -> list[Trial]:
+    """LaCo's search (Yang et al. 2024, Algorithm 1): from the top down, try merging the next
+    `span` blocks into block l; keep the merge while the final hidden states keep mean cosine ≥
+    `threshold` to `reference`, then move down by `interval`, else by one; stop once `count`
+    blocks are gone. `accept(keep_block, merged_blocks)` applies an accepted merge to the graph
+    (weights already merged in place by the trial; it removes the merged blocks)."""
+    trials: list[Trial] = []
+    removed = 0
+    l = len(graph.blocks) - span
+    with progress.task(f"LaCo search ({count} blocks to merge away)", total=count) as step:
+        while removed < count and l >= 0:
+            c = min(span, count - removed + 1)  # never merge away more than asked
+            l = min(l, len(graph.blocks) - c)
+            run = list(graph.blocks[l:l + c])
+            if any(b.path in protected for b in run):
+                l -= 1
+                continue
+            saved = {k: v.detach().clone() for k, v in graph.module.get_submodule(run[0].path).state_dict().items()}
+            laco_merge(graph, run[0], run[1:])
+            sim = final_similarity(graph, run[1:], batches, reference)
+            ok = sim >= threshold
+            trials.append(Trial(run[0].path, tuple(b.path for b in run[1:]), sim, ok))
+            if ok:
+                accept(run[0], run[1:])
+                removed += c - 1
+                step(c - 1, note=f"cos {sim:.4f} kept")
+                l -= interval
+            else:
+                graph.module.get_submodule(run[0].path).load_state_dict(saved)
+                step(0, note=f"cos {sim:.4f} < {threshold}")
+                l -= 1
+    return trials

@@ -1,0 +1,80 @@
+"""`collapse` (passes/collapse/collapse.py, search.py): LaCo's merge against the same merge done by
+hand on the Hugging Face modules; a block merged with its identical copy stays as it was; the
+auto search's trials against a direct computation of their similarity."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import slimfx
+from slimfx.models import tiny
+
+from collapse_ref import laco_merged, layer_streams, mean_cos
+from output_compare import max_diff, outputs
+
+
+def _lm(layers: int, seed: int):
+    return tiny("llama", layers=layers, seed=seed, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_explicit_collapse_is_the_laco_merge(arch):
+    lm = tiny(arch, layers=5, seed=11, attn_implementation="eager")
+    cm = slimfx.compile(lm, "collapse blocks[1:4]")
+    path = cm.graph.blocks_path
+    reference = laco_merged(lm.model, path, 1, [2, 3])
+    assert max_diff(outputs(cm, lm.example_inputs), outputs(reference, lm.example_inputs)) < 1e-5
+    assert [b.path for b in cm.graph.blocks] == [f"{path}.{i}" for i in (0, 1, 4)]
+    assert cm.report.rules[0].details["into"] == f"{path}.1"
+
+
+def test_merging_a_block_with_its_identical_copy_leaves_it_as_it_was():
+    lm = _lm(4, 12)
+    layers = lm.model.model.layers
+    layers[2].load_state_dict(layers[1].state_dict())
+    before = {k: v.clone() for k, v in layers[1].state_dict().items()}
+    cm = slimfx.compile(lm, "collapse blocks[1:3]")
+    merged = cm.program.get_submodule("model.layers.1").state_dict()
+    for name, value in before.items():
+        assert torch.equal(merged[name], value), name
+
+
+def _similarity_by_hand(model, keep: int, merged: list[int], inputs) -> float:
+    """LaCo's trial measure: mean cosine of the last layer's output, merged model vs original."""
+    original = layer_streams(model, "model.layers", inputs)[-1]
+    trial = layer_streams(laco_merged(model, "model.layers", keep, merged), "model.layers", inputs)[-1]
+    return mean_cos(trial, original)
+
+
+def test_auto_search_trials_match_a_direct_computation():
+    lm = _lm(6, 13)
+    ids = lm.example_inputs
+    cm = slimfx.compile(lm, "collapse blocks auto(count=2, span=2, threshold=0.01, interval=2)", calib=[ids])
+    trials = cm.report.rules[0].details["trials"]
+    # From the top: block 4 takes block 5; with interval 2 the next trial merges block 3 into 2.
+    assert [(t["into"], t["merged"]) for t in trials] == [("model.layers.4", ("model.layers.5",)),
+                                                          ("model.layers.2", ("model.layers.3",))]
+    assert abs(trials[0]["similarity"] - _similarity_by_hand(lm.model, 4, [5], ids)) < 1e-5
+    step1 = laco_merged(lm.model, "model.layers", 4, [5])
+    original = layer_streams(lm.model, "model.layers", ids)[-1]
+    step2 = layer_streams(laco_merged(step1, "model.layers", 2, [3]), "model.layers", ids)[-1]
+    assert abs(trials[1]["similarity"] - mean_cos(step2, original)) < 1e-5
+    assert len(cm.graph.blocks) == 4
+
+
+def test_auto_search_rejects_below_the_threshold_and_says_where_it_stopped():
+    lm = _lm(5, 14)
+    cm = slimfx.compile(lm, "collapse blocks auto(count=2, span=2, threshold=1.0)", calib=[lm.example_inputs])
+    rule = cm.report.rules[0]
+    assert rule.details["trials"] and not any(t["accepted"] for t in rule.details["trials"])
+    assert len(cm.graph.blocks) == 5 and "stopped at 0 of 2" in " ".join(rule.notes)
+
+
+def test_keep_protected_blocks_are_never_merged():
+    lm = _lm(5, 15)
+    cm = slimfx.compile(lm, "keep blocks[3]\ncollapse blocks auto(count=1, span=2, threshold=0.01)",
+                        calib=[lm.example_inputs])
+    tried = {p for t in cm.report.rules[1].details["trials"] for p in (t["into"], *t["merged"])}
+    assert "model.layers.3" not in tried and len(cm.graph.blocks) == 4

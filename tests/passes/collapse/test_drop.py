@@ -1,0 +1,156 @@
+"""`drop` (passes/collapse/drop.py, cut.py): explicit removal against the Hugging Face model with
+the same layers deleted, on every tiny architecture; zero-contribution blocks removed bit-exactly;
+auto by influence and angular distance against a direct computation with forward hooks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import slimfx
+from slimfx import SpecError
+from slimfx.passes.capture import capture
+from slimfx.runtime.sizes import param_bytes
+
+from collapse_ref import layer_streams, mean_cos, without_layers
+from passes_tiny import example_inputs, tiny_model
+from output_compare import max_diff, outputs
+
+
+def _compile(model, inputs, rules: str, calib=None):
+    return slimfx.compile(model, rules, example_inputs=inputs, calib=calib)
+
+
+def test_drop_matches_the_model_with_the_layer_deleted(arch):
+    """On every architecture: the rewired graph computes what the HF model computes once the
+    layer is taken out of its ModuleList, and its bytes go down by that layer's."""
+    model, inputs = tiny_model(arch, seed=1), example_inputs(arch)
+    path = capture(model, inputs).blocks_path
+    cm = _compile(model, inputs, "drop blocks[1]")
+    reference = without_layers(model, path, {1})
+    assert max_diff(outputs(cm, inputs), outputs(reference, inputs)) < 1e-5
+    cm.graph.lint() if hasattr(cm.graph, "lint") else None
+    assert param_bytes(cm.program) < param_bytes(model)
+    assert not any(n.startswith(f"{path}.1.") for n, _ in cm.program.named_parameters())
+    assert len(cm.report.rules[0].targets) == 1 and cm.report.rules[0].targets[0] == f"{path}.1"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "vit"])
+def test_dropping_a_block_that_adds_nothing_is_bit_identical(arch):
+    """A pre-norm block whose output projections are zero returns its input exactly (x + 0 + 0):
+    removing it must not change one bit of the output."""
+    model, inputs = tiny_model(arch, seed=2), example_inputs(arch)
+    graph = capture(model, inputs)
+    zeroed = graph.by_role("attn.o", 1) + graph.by_role("mlp.down", 1)
+    assert len(zeroed) == 2
+    with torch.no_grad():
+        for target in zeroed:
+            for p in model.get_submodule(target.path).parameters():
+                p.zero_()
+    cm = _compile(model, inputs, "drop blocks[1]")
+    for a, b in zip(outputs(cm, inputs), outputs(model, inputs)):
+        assert torch.equal(a, b)
+
+
+def test_drop_a_run_and_single_blocks_and_save_load(tmp_path):
+    from slimfx.models import tiny
+    lm = tiny("llama", layers=6, seed=3, attn_implementation="eager")
+    cm = slimfx.compile(lm, "drop {blocks[1], blocks[3:5]}")
+    assert [b.path for b in cm.graph.blocks] == ["model.layers.0", "model.layers.2", "model.layers.5"]
+    reference = without_layers(lm.model, "model.layers", {1, 3, 4})
+    ids = lm.example_inputs
+    assert max_diff(outputs(cm, ids), outputs(reference, ids)) < 1e-5
+    cm.save(tmp_path / "a")
+    back = slimfx.load(tmp_path / "a", backend="eager")
+    for a, b in zip(outputs(cm, ids), outputs(back, ids)):
+        assert torch.equal(a, b)
+    assert cm.report.rules[0].details["runs"] == [["model.layers.1"], ["model.layers.3", "model.layers.4"]]
+
+
+def _influence_by_hand(model, path, inputs) -> list[float]:
+    s = layer_streams(model, path, inputs)
+    return [1 - mean_cos(s[i], s[i + 1]) for i in range(len(s) - 1)]
+
+
+def test_auto_influence_drops_the_blocks_a_direct_computation_ranks_lowest():
+    from slimfx.models import tiny
+    lm = tiny("llama", layers=6, seed=4, attn_implementation="eager")
+    bi = _influence_by_hand(lm.model, "model.layers", lm.example_inputs)
+    expected = sorted(sorted(range(6), key=bi.__getitem__)[:2])
+    cm = slimfx.compile(lm, "drop blocks auto(count=2)", calib=[lm.example_inputs])
+    report = cm.report.rules[0]
+    assert report.targets == tuple(f"model.layers.{i}" for i in expected)
+    for i in range(6):
+        assert math.isclose(report.details["influence"][f"model.layers.{i}"], bi[i], abs_tol=1e-5)
+
+
+def test_auto_angular_removes_the_closest_run_never_the_last_block():
+    from slimfx.models import tiny
+    lm = tiny("llama", layers=6, seed=5, attn_implementation="eager")
+    s = layer_streams(lm.model, "model.layers", lm.example_inputs)
+    n = 2
+    dist = {start: math.acos(max(-1, min(1, mean_cos(s[start], s[start + n])))) / math.pi
+            for start in range(0, 6 - n)}  # runs that end before the last block
+    best = min(dist, key=dist.get)
+    cm = slimfx.compile(lm, "drop blocks auto(count=2, score=angular, max_run=2)", calib=[lm.example_inputs])
+    assert cm.report.rules[0].targets == (f"model.layers.{best}", f"model.layers.{best + 1}")
+    assert "model.layers.5" not in cm.report.rules[0].targets
+
+
+def test_auto_angular_splits_into_runs_of_at_most_max_run():
+    from slimfx.models import tiny
+    lm = tiny("llama", layers=8, seed=6, attn_implementation="eager")
+    cm = slimfx.compile(lm, "drop blocks auto(count=4, score=angular, max_run=2)", calib=[lm.example_inputs])
+    runs = cm.report.rules[0].details["runs"]
+    assert sum(len(r) for r in runs) == 4 and all(len(r) <= 2 for r in runs)
+    assert "model.layers.7" not in cm.report.rules[0].targets
+
+
+def test_rules_after_a_drop_see_the_blocks_renumbered():
+    from slimfx.models import tiny
+    lm = tiny("llama", layers=5, seed=7, attn_implementation="eager")
+    plan = slimfx.plan(lm, "drop blocks[0:2]\nquantize blocks[0].attn.q int8\nkeep blocks[-1]")
+    assert plan.rules[1].targets[0].path == "model.layers.2.self_attn.q_proj"
+    cm = slimfx.compile(lm, "drop blocks[0:2]\nquantize blocks.*.attn.q int8")
+    assert cm.report.rules[1].targets == tuple(f"model.layers.{i}.self_attn.q_proj" for i in (2, 3, 4))
+
+
+def test_rules_after_an_auto_drop_are_bound_again_at_compile():
+    from slimfx.models import tiny
+    lm = tiny("llama", layers=5, seed=8, attn_implementation="eager")
+    plan = slimfx.plan(lm, "drop blocks auto(count=2)\nquantize blocks.*.attn.q int8")
+    assert plan.rules[1].deferred_by == 1 and "decided at compile time" in " ".join(plan.rules[1].warnings)
+    cm = slimfx.compile(lm, "drop blocks auto(count=2)\nquantize blocks.*.attn.q int8", calib=[lm.example_inputs])
+    kept = [b.path for b in cm.graph.blocks]
+    assert cm.report.rules[1].targets == tuple(f"{p}.self_attn.q_proj" for p in kept) and len(kept) == 3
+
+
+@pytest.mark.parametrize("rules, kind, words", [
+    ("drop blocks[7]", "selector", "out of range"),
+    ("drop blocks[0:4]", "out-of-range", "removes all 4 blocks"),
+    ("collapse blocks[0:4]", "out-of-range", "merges every block"),
+    ("drop blocks auto(count=4)", "out-of-range", "asks for 4 blocks"),
+    ("collapse blocks auto(count=9)", "out-of-range", "asks for 9 blocks"),
+    ("keep blocks[1]\ndrop blocks[0:2]", "invalid-combination", "protects"),
+])
+def test_bad_block_rules_are_spec_errors_at_the_rule(rules, kind, words):
+    from slimfx.models import tiny
+    lm = tiny("llama", layers=4, seed=0, attn_implementation="eager")
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(lm, rules)
+    assert e.value.diagnostics[0].kind == kind and words in str(e.value)
+
+
+def test_a_model_without_blocks_is_a_spec_error():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(model, "drop blocks[0]", example_inputs={"input": torch.randn(2, 8)})
+    assert "no repeated blocks" in str(e.value)
+
+
+def test_auto_without_calibration_says_how_to_give_it():
+    model, inputs = tiny_model("llama"), example_inputs("llama")
+    with pytest.raises(SpecError) as e:
+        _compile(model, inputs, "drop blocks auto(count=1)")
+    assert "calib" in str(e.value)

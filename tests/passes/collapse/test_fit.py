@@ -1,0 +1,32 @@
+"""The least-squares map of `heal method=linear` (passes/collapse/fit.py) against numpy-free
+direct solutions written here."""
+from __future__ import annotations
+
+import torch
+
+from slimfx.passes.collapse.fit import fit_map
+
+
+def test_an_exactly_linear_run_is_recovered():
+    """λ = 0 and no row weighting: the plain least-squares solution, which finds A when Y = X·A."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=gen) / 4
+    xs = [torch.randn(40, 16, generator=gen) for _ in range(3)]
+    fit = fit_map(xs, [x @ a for x in xs], ridge=0.0, weighted=False)
+    assert torch.allclose(fit.map, a, atol=1e-5)
+    assert fit.residual_after < 1e-6 < fit.residual_before
+
+
+def test_weighted_ridge_matches_the_closed_form():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 8, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(8, 8, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(200, 8, generator=gen,
+                                                                                           dtype=torch.float64)
+    y[:5] *= 100  # a few huge rows: the weighting keeps them from dominating
+    w = 1 / (y * y).sum(1, keepdim=True)
+    gram = x.T @ (w * x)
+    lam = 0.01 * torch.trace(gram) / 8
+    t = torch.eye(8, dtype=torch.float64) + torch.linalg.solve(gram + lam * torch.eye(8, dtype=torch.float64),
+                                                               x.T @ (w * (y - x)))
+    fit = fit_map([x[:100].float(), x[100:].float()], [y[:100].float(), y[100:].float()])
+    assert torch.allclose(fit.map.double(), t, atol=1e-4)

@@ -1,0 +1,119 @@
+"""`heal` (passes/collapse/heal.py): the linear map and its folded variant against the same fit
+applied by hand to the Hugging Face model (hooks and a weight edit); LoRA healing trains, merges
+or stays; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimfx
+from slimfx import SpecError
+from slimfx.models import tiny
+from slimfx.passes.collapse.fit import fit_map
+
+from collapse_ref import layer_streams, layers_of, without_layers
+from output_compare import max_diff, outputs
+
+
+def _lm(arch="llama", layers=5, seed=21):
+    return tiny(arch, layers=layers, seed=seed, attn_implementation="eager")
+
+
+def _mapped(model, path: str, before_layer: int | None, t: torch.Tensor, final_norm: str | None = None):
+    """`model` with h ← h @ T applied to what enters layer `before_layer` (or the final norm)."""
+    hook = lambda m, args, kwargs: ((args[0] @ t,) + tuple(args[1:]), kwargs) if args else \
+        (args, {**kwargs, "hidden_states": kwargs["hidden_states"] @ t})
+    module = layers_of(model, path)[before_layer] if before_layer is not None else model.get_submodule(final_norm)
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+    return model
+
+
+def test_linear_heal_is_the_fit_applied_at_the_cut():
+    lm = _lm(seed=22)
+    ids = lm.example_inputs
+    original = layer_streams(lm.model, "model.layers", ids)
+    dropped = without_layers(lm.model, "model.layers", {2, 3})
+    x = layer_streams(dropped, "model.layers", ids)[2]  # what enters the gap (= layer 4's input now)
+    fit = fit_map([x], [original[4]])
+    reference = _mapped(dropped, "model.layers", 2, fit.map)
+    cm = slimfx.compile(lm, "drop blocks[2:4]\nheal method=linear", calib=[ids])
+    assert max_diff(outputs(cm, ids), outputs(reference, ids)) < 1e-4
+    cut = cm.report.rules[1].details["cuts"][0]
+    assert cut["residual_after"] < cut["residual_before"]
+    assert hasattr(cm.program.get_submodule("model.layers"), "heal_map_4")
+
+
+def test_linear_heal_after_the_last_block_maps_into_the_final_norm(tmp_path):
+    lm = _lm(seed=23)
+    ids = lm.example_inputs
+    original = layer_streams(lm.model, "model.layers", ids)
+    dropped = without_layers(lm.model, "model.layers", {3, 4})
+    x = layer_streams(dropped, "model.layers", ids)[3]
+    fit = fit_map([x], [original[5]])
+    reference = _mapped(dropped, "model.layers", None, fit.map, final_norm="model.norm")
+    cm = slimfx.compile(lm, "drop blocks[3:5]\nheal method=linear", calib=[ids])
+    assert max_diff(outputs(cm, ids), outputs(reference, ids)) < 1e-4
+    cm.save(tmp_path / "healed")
+    back = slimfx.load(tmp_path / "healed", backend="eager")
+    for a, b in zip(outputs(cm, ids), outputs(back, ids)):
+        assert torch.equal(a, b)
+
+
+def test_folded_heal_edits_the_down_projection_before_the_cut():
+    lm = _lm(seed=24)
+    ids = lm.example_inputs
+    original = layer_streams(lm.model, "model.layers", ids)
+    dropped = without_layers(lm.model, "model.layers", {2, 3})
+    down = dropped.model.layers[1].mlp.down_proj
+    seen = []
+    handle = down.register_forward_hook(lambda m, a, out: seen.append(out))
+    h = layer_streams(dropped, "model.layers", ids)[2]
+    handle.remove()
+    keep = ids["attention_mask"].reshape(-1) != 0
+    m = seen[0].reshape(-1, seen[0].shape[-1])[keep]
+    fit = fit_map([m], [original[4] - (h - m)])
+    with torch.no_grad():
+        down.weight.copy_(fit.map.T @ down.weight)
+    cm = slimfx.compile(lm, "drop blocks[2:4]\nheal method=linear fold=true", calib=[ids])
+    assert max_diff(outputs(cm, ids), outputs(dropped, ids)) < 1e-4
+    assert not any("heal_map" in n for n, _ in cm.program.named_buffers())
+
+
+def test_fold_is_refused_where_the_block_output_is_not_a_residual_sum():
+    lm = tiny("bert", layers=4, seed=25, attn_implementation="eager")
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(lm, "drop blocks[2]\nheal method=linear fold=true", calib=[lm.example_inputs])
+    assert e.value.diagnostics[0].kind == "unsupported" and "fold=false" in str(e.value)
+
+
+def test_lora_heal_trains_and_merges():
+    lm = _lm(seed=26)
+    ids = lm.example_inputs
+    cm = slimfx.compile(lm, "drop blocks[2]\nheal method=lora steps=12 lr=0.01 rank=4", calib=[ids])
+    d = cm.report.rules[1].details
+    assert d["last_loss"] < d["first_loss"] and d["merged"] and d["adapters"] == 14  # 7 linears × 2 blocks
+    assert cm.adapter_parameters() == []
+
+
+def test_lora_heal_kept_unmerged_is_trainable_and_distills_from_the_original():
+    lm = _lm(seed=27)
+    cm = slimfx.compile(lm, "drop blocks[2]\nheal method=linear\nheal method=lora steps=3 distill=true merge=false",
+                        calib=[lm.example_inputs])
+    assert cm.report.rules[2].details["loss"] == "distill"
+    params = cm.adapter_parameters()
+    assert params and all(p.requires_grad for p in params)
+    assert {p.rsplit(".", 2)[0] for p in cm.adapters} <= {f"model.layers.{i}" for i in (1, 3)}
+
+
+def test_heal_first_is_an_illegal_order():
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(_lm(), "heal method=linear\ndrop blocks[1]")
+    assert e.value.diagnostics[0].kind == "illegal-order"
+
+
+def test_heal_needs_calibration():
+    model = _lm().model
+    inputs = _lm().example_inputs
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(model, "drop blocks[1]\nheal method=linear", example_inputs=inputs)
+    assert "calib" in str(e.value)
