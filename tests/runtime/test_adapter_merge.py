@@ -16,7 +16,9 @@ def _compile(lm, rules: str):
 
 
 def _trained(lm, rules: str, seed: int = 0):
-    """Compiled with adapters whose weights are random (as if trained)."""
+    """Compiled with adapters whose weights are random (as if trained); the same every run (A's
+    kaiming init draws from the global generator)."""
+    torch.manual_seed(seed)
     cm = _compile(lm, rules)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -19,6 +19,12 @@ def _lm(layers: int, seed: int):
     return tiny("llama", layers=layers, seed=seed, attn_implementation="eager")
 
 
+@pytest.fixture(scope="module")
+def lm6():
+    """Shared by the tests that leave it unchanged: captured once (compile's capture cache)."""
+    return _lm(6, 13)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_explicit_collapse_is_the_laco_merge(arch):
     lm = tiny(arch, layers=5, seed=11, attn_implementation="eager")
@@ -48,8 +54,8 @@ def _similarity_by_hand(model, keep: int, merged: list[int], inputs) -> float:
     return mean_cos(trial, original)
 
 
-def test_auto_search_trials_match_a_direct_computation():
-    lm = _lm(6, 13)
+def test_auto_search_trials_match_a_direct_computation(lm6):
+    lm = lm6
     ids = lm.example_inputs
     cm = slimfx.compile(lm, "collapse blocks auto(count=2, span=2, threshold=0.01, interval=2)", calib=[ids])
     trials = cm.report.rules[0].details["trials"]
@@ -64,17 +70,17 @@ def test_auto_search_trials_match_a_direct_computation():
     assert len(cm.graph.blocks) == 4
 
 
-def test_auto_search_rejects_below_the_threshold_and_says_where_it_stopped():
-    lm = _lm(5, 14)
+def test_auto_search_rejects_below_the_threshold_and_says_where_it_stopped(lm6):
+    lm = lm6
     cm = slimfx.compile(lm, "collapse blocks auto(count=2, span=2, threshold=1.0)", calib=[lm.example_inputs])
     rule = cm.report.rules[0]
     assert rule.details["trials"] and not any(t["accepted"] for t in rule.details["trials"])
-    assert len(cm.graph.blocks) == 5 and "stopped at 0 of 2" in " ".join(rule.notes)
+    assert len(cm.graph.blocks) == 6 and "stopped at 0 of 2" in " ".join(rule.notes)
 
 
-def test_keep_protected_blocks_are_never_merged():
-    lm = _lm(5, 15)
+def test_keep_protected_blocks_are_never_merged(lm6):
+    lm = lm6
     cm = slimfx.compile(lm, "keep blocks[3]\ncollapse blocks auto(count=1, span=2, threshold=0.01)",
                         calib=[lm.example_inputs])
     tried = {p for t in cm.report.rules[1].details["trials"] for p in (t["into"], *t["merged"])}
-    assert "model.layers.3" not in tried and len(cm.graph.blocks) == 4
+    assert "model.layers.3" not in tried and len(cm.graph.blocks) == 5

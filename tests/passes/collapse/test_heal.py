@@ -19,6 +19,16 @@ def _lm(arch="llama", layers=5, seed=21):
     return tiny(arch, layers=layers, seed=seed, attn_implementation="eager")
 
 
+_SHARED = {}
+
+
+def _shared():
+    """One tiny Llama for the tests that leave it unchanged: captured once (capture cache)."""
+    if "lm" not in _SHARED:
+        _SHARED["lm"] = _lm(seed=22)
+    return _SHARED["lm"]
+
+
 def _mapped(model, path: str, before_layer: int | None, t: torch.Tensor, final_norm: str | None = None):
     """`model` with h ← h @ T applied to what enters layer `before_layer` (or the final norm)."""
     hook = lambda m, args, kwargs: ((args[0] @ t,) + tuple(args[1:]), kwargs) if args else \
@@ -29,7 +39,7 @@ def _mapped(model, path: str, before_layer: int | None, t: torch.Tensor, final_n
 
 
 def test_linear_heal_is_the_fit_applied_at_the_cut():
-    lm = _lm(seed=22)
+    lm = _shared()
     ids = lm.example_inputs
     original = layer_streams(lm.model, "model.layers", ids)
     dropped = without_layers(lm.model, "model.layers", {2, 3})
@@ -44,7 +54,7 @@ def test_linear_heal_is_the_fit_applied_at_the_cut():
 
 
 def test_linear_heal_after_the_last_block_maps_into_the_final_norm(tmp_path):
-    lm = _lm(seed=23)
+    lm = _shared()
     ids = lm.example_inputs
     original = layer_streams(lm.model, "model.layers", ids)
     dropped = without_layers(lm.model, "model.layers", {3, 4})
@@ -60,7 +70,7 @@ def test_linear_heal_after_the_last_block_maps_into_the_final_norm(tmp_path):
 
 
 def test_folded_heal_edits_the_down_projection_before_the_cut():
-    lm = _lm(seed=24)
+    lm = _shared()
     ids = lm.example_inputs
     original = layer_streams(lm.model, "model.layers", ids)
     dropped = without_layers(lm.model, "model.layers", {2, 3})
@@ -87,7 +97,7 @@ def test_fold_is_refused_where_the_block_output_is_not_a_residual_sum():
 
 
 def test_lora_heal_trains_and_merges():
-    lm = _lm(seed=26)
+    lm = _shared()
     ids = lm.example_inputs
     cm = slimfx.compile(lm, "drop blocks[2]\nheal method=lora steps=12 lr=0.01 rank=4", calib=[ids])
     d = cm.report.rules[1].details
@@ -96,7 +106,7 @@ def test_lora_heal_trains_and_merges():
 
 
 def test_lora_heal_kept_unmerged_is_trainable_and_distills_from_the_original():
-    lm = _lm(seed=27)
+    lm = _shared()
     cm = slimfx.compile(lm, "drop blocks[2]\nheal method=linear\nheal method=lora steps=3 distill=true merge=false",
                         calib=[lm.example_inputs])
     assert cm.report.rules[2].details["loss"] == "distill"
@@ -107,13 +117,12 @@ def test_lora_heal_kept_unmerged_is_trainable_and_distills_from_the_original():
 
 def test_heal_first_is_an_illegal_order():
     with pytest.raises(SpecError) as e:
-        slimfx.compile(_lm(), "heal method=linear\ndrop blocks[1]")
+        slimfx.compile(_shared(), "heal method=linear\ndrop blocks[1]")
     assert e.value.diagnostics[0].kind == "illegal-order"
 
 
 def test_heal_needs_calibration():
-    model = _lm().model
-    inputs = _lm().example_inputs
+    model, inputs = _shared().model, _shared().example_inputs
     with pytest.raises(SpecError) as e:
         slimfx.compile(model, "drop blocks[1]\nheal method=linear", example_inputs=inputs)
     assert "calib" in str(e.value)
