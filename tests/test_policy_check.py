@@ -222,9 +222,10 @@ SPEC_MODELS = {
 # (smollm2_demo); all-int4 RTN by 0.11, all-int2 by 0.50-0.57, int8 by 0.008. 0.3 passes int4-level
 # error with room and fails anything int2-like (a wrong format, a transposed or unscaled weight).
 INT4_LEVEL = dict(rtol=0, atol=0.3)
+# smollm2_demo drops two blocks first, so its outputs are not close to the original's at all: it
+# is checked for structure and finite outputs (below), its quantization by smollm2_budget's bound.
 TOLERANCES = {
     "smollm2_budget": INT4_LEVEL,
-    "smollm2_demo": INT4_LEVEL,
 }
 
 
