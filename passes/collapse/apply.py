@@ -3,7 +3,13 @@ runs (recording a Cut for `heal` with what each run output on the calibration to
 report row."""
 from __future__ import annotations
 
+import statistics
+import time
+
+import torch
+
 from ...dsl.errors import SpecError
+from ...runtime.inputs import complete_inputs
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
 from ..context import Context
@@ -12,7 +18,9 @@ from .cut import Cut, remove_run
 from .streams import collect
 
 __all__ = ["auto_count", "candidates", "remove_runs", "block_report", "current", "rule_error", "need_calibration",
-           "run_targets"]
+           "run_targets", "latency_ms"]
+
+PROBE_TOKENS = 256  # the report's latency: one forward of 1×256 tokens
 
 
 def rule_error(bound: BoundRule, ctx: Context, kind: str, message: str, hint: str | None = None) -> SpecError:
@@ -90,8 +98,32 @@ def remove_runs(graph: ModelGraph, runs: list[list[Block]], bound: BoundRule, ct
     return cuts
 
 
+def latency_ms(graph: ModelGraph, ctx: Context, repeats: int = 3) -> float | None:
+    """Median ms of one forward of the graph on 1×256 tokens (taken from the first calibration
+    batch, repeated to length); None without calibration. For the report's before → after."""
+    if not ctx.calib:
+        return None
+    batch = ctx.calib[0]
+    if "input_ids" in batch:
+        ids = batch["input_ids"].reshape(-1)
+        ids = ids.repeat(PROBE_TOKENS // ids.numel() + 1)[:PROBE_TOKENS][None]
+        inputs = complete_inputs({"input_ids": ids}, graph.inputs)
+        inputs = {k: v for k, v in inputs.items() if k in {i.name for i in graph.inputs}}
+    else:
+        inputs = {k: v[:1] for k, v in batch.items()}
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            graph(**inputs)
+            if i:  # the first call warms up
+                times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def block_report(graph: ModelGraph, bound: BoundRule, before: tuple[int, int], paths_before: list[str],
-                 details: dict, notes: list[str]) -> RuleReport:
+                 details: dict, notes: list[str], ms_before: float | None = None,
+                 ctx: Context | None = None) -> RuleReport:
     """The rule's row: blocks removed (those of `paths_before` no longer in the graph), params and
     bytes of the whole model before → after."""
     params, nbytes = before
@@ -99,6 +131,11 @@ def block_report(graph: ModelGraph, bound: BoundRule, before: tuple[int, int], p
     removed = [p for p in paths_before if p not in now]
     n_before = len(paths_before)
     notes = [f"{len(removed)} of {n_before} blocks removed: {_short(removed)}", *notes, *bound.warnings]
+    ms_after = latency_ms(graph, ctx) if ms_before is not None and ctx is not None else None
+    if ms_after is not None:
+        details = {**details, "latency_ms_1x256": [round(ms_before, 2), round(ms_after, 2)]}
+        notes.append(f"CPU latency of a 1×{PROBE_TOKENS} forward ×{ms_after / ms_before:.2f} "
+                     f"({ms_before:.0f} → {ms_after:.0f} ms)")
     return RuleReport(bound.line, bound.text, bound.rule.kind, tuple(removed), params, graph_params(graph),
                       nbytes, graph_bytes(graph), {"removed": list(removed), "blocks_before": n_before,
                                                    "blocks_after": len(graph.blocks), **details}, tuple(notes))

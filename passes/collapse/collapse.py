@@ -10,8 +10,8 @@ from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
 from ..context import Context
 from ..graph import ModelGraph
-from .apply import (auto_count, block_report, candidates, current, need_calibration, remove_runs, rule_error,
-                    run_targets)
+from .apply import (auto_count, block_report, candidates, current, latency_ms, need_calibration, remove_runs,
+                    rule_error, run_targets)
 from .cut import laco_merge, runs_of
 from .search import laco_trials
 from .streams import collect
@@ -23,12 +23,13 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Collapse = bound.rule
     before, paths = (graph_params(graph), graph_bytes(graph)), [b.path for b in graph.blocks]
     n_before = len(paths)
+    ms = latency_ms(graph, ctx)
     if rule.auto is None:
-        return _explicit(graph, bound, ctx, before, paths)
-    return _auto(graph, bound, ctx, before, paths)
+        return _explicit(graph, bound, ctx, before, paths, ms)
+    return _auto(graph, bound, ctx, before, paths, ms)
 
 
-def _explicit(graph, bound, ctx, before, paths) -> RuleReport:
+def _explicit(graph, bound, ctx, before, paths, ms) -> RuleReport:
     blocks = current(graph, bound.blocks)
     runs = runs_of(blocks)
     if len(runs) != 1:
@@ -39,10 +40,10 @@ def _explicit(graph, bound, ctx, before, paths) -> RuleReport:
     changed = laco_merge(graph, keep, merged)
     remove_runs(graph, [merged], bound, ctx, targets)
     return block_report(graph, bound, before, paths, {"into": keep.path, "tensors_merged": changed},
-                        [f"merged into {keep.path} ({changed} tensors)"])
+                        [f"merged into {keep.path} ({changed} tensors)"], ms, ctx)
 
 
-def _auto(graph, bound, ctx, before, paths) -> RuleReport:
+def _auto(graph, bound, ctx, before, paths, ms) -> RuleReport:
     auto, n_before = bound.rule.auto, len(paths)
     need_calibration(bound, ctx, "with auto(…) compares merged models on calibration tokens")
     count = auto_count(bound, ctx, len(candidates(graph, bound)), n_before)
@@ -66,4 +67,4 @@ def _auto(graph, bound, ctx, before, paths) -> RuleReport:
         notes.append(f"stopped at {removed} of {count} blocks: no further merge kept cos ≥ "
                      f"{auto.get('threshold')} (lower the threshold to remove more)")
     details = {"trials": [t.__dict__ for t in trials], "asked": count}
-    return block_report(graph, bound, before, paths, details, notes)
+    return block_report(graph, bound, before, paths, details, notes, ms, ctx)

@@ -155,3 +155,11 @@ def test_auto_without_calibration_says_how_to_give_it():
     with pytest.raises(SpecError) as e:
         _compile(model, inputs, "drop blocks auto(count=1)")
     assert "calib" in str(e.value)
+
+
+def test_the_report_gives_bytes_and_the_latency_of_a_1x256_forward(lm8):
+    cm = slimfx.compile(lm8, "drop blocks[2:6]", calib=[lm8.example_inputs])
+    rule = cm.report.rules[0]
+    assert rule.bytes_after < rule.bytes_before and rule.params_after < rule.params_before
+    before_ms, after_ms = rule.details["latency_ms_1x256"]
+    assert before_ms > 0 and after_ms > 0 and "CPU latency of a 1×256 forward" in " ".join(rule.notes)
