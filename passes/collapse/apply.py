@@ -98,19 +98,28 @@ def remove_runs(graph: ModelGraph, runs: list[list[Block]], bound: BoundRule, ct
     return cuts
 
 
-def latency_ms(graph: ModelGraph, ctx: Context, repeats: int = 3) -> float | None:
-    """Median ms of one forward of the graph on 1×256 tokens (taken from the first calibration
-    batch, repeated to length); None without calibration. For the report's before → after."""
+def latency_ms(graph: ModelGraph, ctx: Context, repeats: int = 3) -> tuple[float, int] | None:
+    """(median ms of one forward, tokens) of the graph on 1×256 tokens taken from the first
+    calibration batch (repeated to length), or on its first row where the model takes fewer
+    positions; None without calibration. For the report's before → after."""
     if not ctx.calib:
         return None
     batch = ctx.calib[0]
-    if "input_ids" in batch:
-        ids = batch["input_ids"].reshape(-1)
-        ids = ids.repeat(PROBE_TOKENS // ids.numel() + 1)[:PROBE_TOKENS][None]
-        inputs = complete_inputs({"input_ids": ids}, graph.inputs)
+    if "input_ids" not in batch:
+        return _timed(graph, {k: v[:1] for k, v in batch.items()}, repeats), 0
+    ids = batch["input_ids"].reshape(-1)
+    for tokens in (PROBE_TOKENS, batch["input_ids"].shape[-1]):
+        probe = ids.repeat(tokens // ids.numel() + 1)[:tokens][None]
+        inputs = complete_inputs({"input_ids": probe}, graph.inputs)
         inputs = {k: v for k, v in inputs.items() if k in {i.name for i in graph.inputs}}
-    else:
-        inputs = {k: v[:1] for k, v in batch.items()}
+        try:
+            return _timed(graph, inputs, repeats), tokens
+        except Exception:  # noqa: BLE001 - a model with fewer positions (the graph's guard says so)
+            continue
+    return None
+
+
+def _timed(graph: ModelGraph, inputs: dict, repeats: int) -> float:
     times = []
     with torch.no_grad():
         for i in range(repeats + 1):
@@ -122,7 +131,7 @@ def latency_ms(graph: ModelGraph, ctx: Context, repeats: int = 3) -> float | Non
 
 
 def block_report(graph: ModelGraph, bound: BoundRule, before: tuple[int, int], paths_before: list[str],
-                 details: dict, notes: list[str], ms_before: float | None = None,
+                 details: dict, notes: list[str], ms_before: tuple[float, int] | None = None,
                  ctx: Context | None = None) -> RuleReport:
     """The rule's row: blocks removed (those of `paths_before` no longer in the graph), params and
     bytes of the whole model before → after."""
@@ -131,11 +140,11 @@ def block_report(graph: ModelGraph, bound: BoundRule, before: tuple[int, int], p
     removed = [p for p in paths_before if p not in now]
     n_before = len(paths_before)
     notes = [f"{len(removed)} of {n_before} blocks removed: {_short(removed)}", *notes, *bound.warnings]
-    ms_after = latency_ms(graph, ctx) if ms_before is not None and ctx is not None else None
-    if ms_after is not None:
-        details = {**details, "latency_ms_1x256": [round(ms_before, 2), round(ms_after, 2)]}
-        notes.append(f"CPU latency of a 1×{PROBE_TOKENS} forward ×{ms_after / ms_before:.2f} "
-                     f"({ms_before:.0f} → {ms_after:.0f} ms)")
+    after = latency_ms(graph, ctx) if ms_before is not None and ctx is not None else None
+    if after is not None:
+        (was, tokens), (now, _) = ms_before, after
+        details = {**details, "latency_ms": [round(was, 2), round(now, 2)], "latency_tokens": tokens}
+        notes.append(f"CPU latency of a 1×{tokens} forward ×{now / was:.2f} ({was:.0f} → {now:.0f} ms)")
     return RuleReport(bound.line, bound.text, bound.rule.kind, tuple(removed), params, graph_params(graph),
                       nbytes, graph_bytes(graph), {"removed": list(removed), "blocks_before": n_before,
                                                    "blocks_after": len(graph.blocks), **details}, tuple(notes))

@@ -3,9 +3,10 @@
     T = I + (XᵀWX + λ·tr(XᵀWX)/d·I)⁻¹ XᵀW(Y − X)
 
 X: the residual stream entering a cut (rows of calibration tokens), Y: what left the removed run
-in the model before it was cut, W: each token's row scaled by 1/‖Y_t‖ (its squared error weighted
-by 1/‖Y_t‖², so every token counts alike whatever the norm of its stream: a few tokens carry
-streams orders of magnitude larger than the rest). Solved in
+in the model before it was cut, W: each token's row weighted by 1/‖Y_t‖ (a few tokens carry
+streams orders of magnitude larger than the rest and would decide the fit alone). Measured on
+SmolLM2 with 4 blocks dropped (perplexity × fp32 on 1024 eval tokens): weight 1/‖Y‖ ×1.200,
+1/‖Y‖² ×1.224, none ×1.295, at λ = 0.01; λ = 0.001 or 0.1 was worse with 1/‖Y‖. Solved in
 float64. With λ = 0 and no weighting it is the plain least-squares solution (XᵀX)⁻¹XᵀY.
 Measured with a standalone prototype on SmolLM2 (DESIGN.md): the weighting and λ = 0.01 matter.
 """
@@ -50,7 +51,7 @@ def fit_map(xs: list[torch.Tensor], ys: list[torch.Tensor], *, ridge: float = RI
 def _weights(y: torch.Tensor, weighted: bool) -> torch.Tensor:
     if not weighted:
         return torch.ones(y.shape[0], 1, dtype=y.dtype)
-    return 1.0 / y.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+    return 1.0 / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _relative(xs, ys, t: torch.Tensor | None) -> float:

@@ -161,5 +161,6 @@ def test_the_report_gives_bytes_and_the_latency_of_a_1x256_forward(lm8):
     cm = slimfx.compile(lm8, "drop blocks[2:6]", calib=[lm8.example_inputs])
     rule = cm.report.rules[0]
     assert rule.bytes_after < rule.bytes_before and rule.params_after < rule.params_before
-    before_ms, after_ms = rule.details["latency_ms_1x256"]
+    before_ms, after_ms = rule.details["latency_ms"]
+    assert rule.details["latency_tokens"] == 256
     assert before_ms > 0 and after_ms > 0 and "CPU latency of a 1×256 forward" in " ".join(rule.notes)

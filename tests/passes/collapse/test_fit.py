@@ -23,7 +23,7 @@ def test_weighted_ridge_matches_the_closed_form():
     y = x @ torch.randn(8, 8, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(200, 8, generator=gen,
                                                                                            dtype=torch.float64)
     y[:5] *= 100  # a few huge rows: the weighting keeps them from dominating
-    w = 1 / (y * y).sum(1, keepdim=True)
+    w = 1 / y.norm(dim=1, keepdim=True)
     gram = x.T @ (w * x)
     lam = 0.01 * torch.trace(gram) / 8
     t = torch.eye(8, dtype=torch.float64) + torch.linalg.solve(gram + lam * torch.eye(8, dtype=torch.float64),
