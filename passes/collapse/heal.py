@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from ...dsl import ast as A
-from ...runtime.adapter_merge import merge_adapters
+from ...runtime.adapter_merge import MergeError, merge_adapters
 from ...runtime.adapters import Adapter, is_adapter_param
 from ...runtime.program import ParamInfo
 from ...runtime.report import RuleReport
@@ -256,7 +256,12 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
                          "write distill=true to learn the original model's outputs") from None
     graph.module.recompile()
     if rule.get("merge"):
-        merge_adapters(graph, inserted)
+        try:
+            merge_adapters(graph, inserted)
+        except MergeError as e:
+            raise rule_error(bound, ctx, "illegal-order", f"`heal method=lora` cannot merge its adapters: {e}",
+                             "write merge=false to keep them beside the quantized weights, or put the heal "
+                             "above the `quantize`") from None
     details = {"adapters": len(inserted), "rank": rank, "steps": rule.get("steps"), "loss": result.loss,
                "first_loss": result.first, "last_loss": result.last, "merged": bool(rule.get("merge"))}
     notes = [f"LoRA r={rank} on {len(inserted)} linears beside the cuts, {len(result.losses)} steps of "

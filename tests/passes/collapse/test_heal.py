@@ -126,3 +126,12 @@ def test_heal_needs_calibration():
     with pytest.raises(SpecError) as e:
         slimfx.compile(model, "drop blocks[1]\nheal method=linear", example_inputs=inputs)
     assert "calib" in str(e.value)
+
+
+def test_lora_heal_over_quantized_blocks_must_stay_unmerged():
+    rules = "drop blocks[2]\nquantize blocks.*.** : Linear int8\nheal method=lora steps=1"
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(_shared(), rules)
+    assert e.value.diagnostics[0].kind == "illegal-order" and "merge=false" in str(e.value)
+    cm = slimfx.compile(_shared(), rules + " merge=false")
+    assert cm.adapter_parameters()
