@@ -23,7 +23,7 @@ class BlocksView:
         prefixes = tuple(p + "." for p in removed)
         kept = [b for b in base.blocks if b.path not in removed]
         self.blocks = tuple(replace(b, index=i) for i, b in enumerate(kept))
-        renumber = {b.index: i for i, b in zip(range(len(kept)), kept)}
+        renumber = {b.index: i for i, b in enumerate(kept)}
         self.targets: dict[str, Target] = {
             p: (replace(t, block=renumber[t.block]) if t.block is not None else t)
             for p, t in base.targets.items() if not p.startswith(prefixes)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -18,7 +19,7 @@ from .cut import Cut, remove_run
 from .streams import collect
 
 __all__ = ["auto_count", "candidates", "remove_runs", "block_report", "current", "rule_error", "need_calibration",
-           "run_targets", "latency_ms"]
+           "run_targets", "latency_ms", "Before", "before_rule"]
 
 PROBE_TOKENS = 256  # the report's latency: one forward of 1×256 tokens
 
@@ -130,17 +131,30 @@ def _timed(graph: ModelGraph, inputs: dict, repeats: int) -> float:
     return statistics.median(times)
 
 
-def block_report(graph: ModelGraph, bound: BoundRule, before: tuple[int, int], paths_before: list[str],
-                 details: dict, notes: list[str], ms_before: tuple[float, int] | None = None,
-                 ctx: Context | None = None) -> RuleReport:
-    """The rule's row: blocks removed (those of `paths_before` no longer in the graph), params and
-    bytes of the whole model before → after."""
-    params, nbytes = before
+@dataclass(frozen=True)
+class Before:
+    """The model as a collapse/drop rule found it, for its report."""
+
+    params: int
+    nbytes: int
+    paths: list[str]  # block paths
+    latency: tuple[float, int] | None  # (ms, tokens) of one forward
+
+
+def before_rule(graph: ModelGraph, ctx: Context) -> Before:
+    return Before(graph_params(graph), graph_bytes(graph), [b.path for b in graph.blocks], latency_ms(graph, ctx))
+
+
+def block_report(graph: ModelGraph, bound: BoundRule, before: Before, details: dict, notes: list[str],
+                 ctx: Context) -> RuleReport:
+    """The rule's row: blocks removed (those of `before.paths` no longer in the graph), params and
+    bytes of the whole model before → after, latency before → after."""
+    params, nbytes, ms_before = before.params, before.nbytes, before.latency
     now = {b.path for b in graph.blocks}
-    removed = [p for p in paths_before if p not in now]
-    n_before = len(paths_before)
+    removed = [p for p in before.paths if p not in now]
+    n_before = len(before.paths)
     notes = [f"{len(removed)} of {n_before} blocks removed: {_short(removed)}", *notes, *bound.warnings]
-    after = latency_ms(graph, ctx) if ms_before is not None and ctx is not None else None
+    after = latency_ms(graph, ctx) if ms_before is not None else None
     if after is not None:
         (was, tokens), (now, _) = ms_before, after
         details = {**details, "latency_ms": [round(was, 2), round(now, 2)], "latency_tokens": tokens}

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from ...dsl import ast as A
 from ...runtime.report import RuleReport
-from ..bind import BoundRule, graph_bytes, graph_params
+from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
-from .apply import (auto_count, block_report, candidates, current, latency_ms, need_calibration, remove_runs,
-                    rule_error, run_targets)
+from .apply import (Before, auto_count, before_rule, block_report, candidates, current, need_calibration,
+                    remove_runs, rule_error, run_targets)
 from .cut import laco_merge, runs_of
 from .search import laco_trials
 from .streams import collect
@@ -21,15 +21,13 @@ __all__ = ["run"]
 
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Collapse = bound.rule
-    before, paths = (graph_params(graph), graph_bytes(graph)), [b.path for b in graph.blocks]
-    n_before = len(paths)
-    ms = latency_ms(graph, ctx)
+    before = before_rule(graph, ctx)
     if rule.auto is None:
-        return _explicit(graph, bound, ctx, before, paths, ms)
-    return _auto(graph, bound, ctx, before, paths, ms)
+        return _explicit(graph, bound, ctx, before)
+    return _auto(graph, bound, ctx, before)
 
 
-def _explicit(graph, bound, ctx, before, paths, ms) -> RuleReport:
+def _explicit(graph, bound, ctx, before: Before) -> RuleReport:
     blocks = current(graph, bound.blocks)
     runs = runs_of(blocks)
     if len(runs) != 1:
@@ -39,12 +37,12 @@ def _explicit(graph, bound, ctx, before, paths, ms) -> RuleReport:
     targets = run_targets(graph, [merged], ctx)  # what the run output before the merge, for `heal`
     changed = laco_merge(graph, keep, merged)
     remove_runs(graph, [merged], bound, ctx, targets)
-    return block_report(graph, bound, before, paths, {"into": keep.path, "tensors_merged": changed},
-                        [f"merged into {keep.path} ({changed} tensors)"], ms, ctx)
+    return block_report(graph, bound, before, {"into": keep.path, "tensors_merged": changed},
+                        [f"merged into {keep.path} ({changed} tensors)"], ctx)
 
 
-def _auto(graph, bound, ctx, before, paths, ms) -> RuleReport:
-    auto, n_before = bound.rule.auto, len(paths)
+def _auto(graph, bound, ctx, before: Before) -> RuleReport:
+    auto, n_before = bound.rule.auto, len(before.paths)
     need_calibration(bound, ctx, "with auto(…) compares merged models on calibration tokens")
     count = auto_count(bound, ctx, len(candidates(graph, bound)), n_before)
     allowed = {graph.blocks[i].path for i in candidates(graph, bound)}
@@ -67,4 +65,4 @@ def _auto(graph, bound, ctx, before, paths, ms) -> RuleReport:
         notes.append(f"stopped at {removed} of {count} blocks: no further merge kept cos ≥ "
                      f"{auto.get('threshold')} (lower the threshold to remove more)")
     details = {"trials": [t.__dict__ for t in trials], "asked": count}
-    return block_report(graph, bound, before, paths, details, notes, ms, ctx)
+    return block_report(graph, bound, before, details, notes, ctx)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from ...dsl import ast as A
 from ...runtime.report import RuleReport
-from ..bind import BoundRule, graph_bytes, graph_params
+from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
-from .apply import (auto_count, block_report, candidates, current, latency_ms, need_calibration, remove_runs,
+from .apply import (auto_count, before_rule, block_report, candidates, current, need_calibration, remove_runs,
                     rule_error)
 from .cut import runs_of
 from .search import NotEnoughBlocks, by_angular, by_influence
@@ -23,9 +23,8 @@ __all__ = ["run"]
 
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Drop = bound.rule
-    before, paths = (graph_params(graph), graph_bytes(graph)), [b.path for b in graph.blocks]
-    n_before = len(paths)
-    ms = latency_ms(graph, ctx)
+    before = before_rule(graph, ctx)
+    n_before = len(before.paths)
     details, notes = {}, []
     if rule.auto is None:
         blocks = current(graph, bound.blocks)
@@ -37,7 +36,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
         runs, details, notes = _search(graph, bound, ctx)
     cuts = remove_runs(graph, runs, bound, ctx)
     details["runs"] = [list(c.removed) for c in cuts]
-    return block_report(graph, bound, before, paths, details, notes, ms, ctx)
+    return block_report(graph, bound, before, details, notes, ctx)
 
 
 def _search(graph: ModelGraph, bound: BoundRule, ctx: Context):
