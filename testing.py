@@ -13,8 +13,9 @@ and padding; a failure names the smallest failing input.
 `policies()` draws text straight from the grammar (hypothesis.extra.lark.from_lark), then rewrites
 the parts the grammar cannot constrain (parameter names and values, budgets, metric names) to
 values the schema accepts, keeping the drawn layout; a `heal` gets a `drop` above it where its
-policy removes no blocks, and half the draws move removals above the other rules. Only text that
-parse() accepts comes out.
+policy removes no blocks, a policy keeps one `tokens unpad` at most, above its `tokens after`
+rules (and half of those without one get one), and half the draws move removals above the other
+rules. Only text that parse() accepts comes out.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def __getattr__(name: str):
         return getattr(policy_check, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-_RULES_WITH_PARAMS = {"collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep", "heal"}
+_RULES_WITH_PARAMS = {"collapse", "drop", "adapt", "quantize", "precision", "tokens", "unpad", "keep", "heal"}
 
 
 def _pad(text: str) -> str:
@@ -192,6 +193,8 @@ def _removal_for_heal(draw, tree: Tree) -> list[tuple[int, int, str]]:
 def _key(rule: Tree) -> str:
     if rule.data == "tokens":
         return f"tokens.{rule.children[1]}"
+    if rule.data == "unpad":
+        return "tokens.unpad"  # no parameters: any drawn ones are removed
     if rule.data == "quantize" and str(rule.children[1]) not in INT_FORMATS:
         return "keep"  # non-integer formats take no parameters
     return str(rule.data)
@@ -247,11 +250,34 @@ def _removals_first(text: str) -> str:
 
 
 @st.composite
+def _one_unpad_first(draw, text: str) -> str:
+    """`text` with one `tokens unpad` at most per policy, above the policy's first `tokens after`
+    rule: the grammar draws any number of them anywhere, and check.py rejects all but that. Half
+    the policies with a `tokens after` and no `tokens unpad` get one: random rule lists seldom
+    hold both."""
+    edits = []
+    for policy in lark_parser().parse(text).find_data("policy"):
+        rules = [c for c in policy.children if isinstance(c, Tree)]
+        unpads = [r for r in rules if r.data == "unpad"]
+        edits += [(*_offsets(r), "") for r in unpads[1:]]
+        after = next((r for r in rules if r.data == "tokens"), None)
+        if after is None:
+            continue
+        start = _offsets(after)[0]
+        if not unpads and draw(st.booleans()):
+            edits.append((start, start, "tokens unpad\n    "))
+        elif unpads and rules.index(after) < rules.index(unpads[0]):
+            edits += [(*_offsets(unpads[0]), ""), (start, start, text[slice(*_offsets(unpads[0]))] + "\n    ")]
+    return _apply(text, edits)
+
+
+@st.composite
 def policies(draw) -> str:
     """Valid policy text, drawn from the grammar. Layout, comments and blank lines vary."""
     raw = draw(grammar_text_strategy())
     tree = lark_parser().parse(raw)
     text = _apply(raw, draw(_schema_edits(tree)) + _unique_policy_names(raw, tree))
+    text = draw(_one_unpad_first(text))
     if draw(st.booleans()):  # else the drawn order stands, e.g. `keep` or `tokens` above `collapse`
         text = _removals_first(text)
     try:

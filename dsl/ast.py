@@ -12,7 +12,7 @@ from typing import Union
 __all__ = [
     "Span", "Trivia", "Item", "Slice", "Name", "Star", "GlobStar", "Alternatives", "Path",
     "Selector", "Param", "Auto", "FormatChoice", "Budget", "Collapse", "Drop", "Adapt",
-    "Quantize", "Precision", "Tokens", "Keep", "Heal", "Rule", "Policy", "Spec", "Value", "RULE_TYPES",
+    "Quantize", "Precision", "Tokens", "Unpad", "Keep", "Heal", "Rule", "Policy", "Spec", "Value", "RULE_TYPES",
 ]
 
 Value = Union[bool, int, float, str]
@@ -176,7 +176,7 @@ class Budget:
 
 # ---- rules ---------------------------------------------------------------------------------
 # Every rule has `selector`, `params`, `span`, `trivia`, and a class-level `kind` (its keyword).
-# `heal` alone has no selector of its own: its `selector` is None.
+# `heal` and `tokens unpad` have no selector of their own: their `selector` is None.
 
 
 @dataclass(frozen=True)
@@ -254,6 +254,23 @@ class Tokens(_HasParams):
 
 
 @dataclass(frozen=True)
+class Unpad(_HasParams):
+    """`tokens unpad`: remove the padding tokens of a batch, so later rules see real tokens only.
+
+    It acts on the whole batch, so it takes no selector (`selector` is None) and no parameters,
+    and it comes before every `tokens after` rule of its policy (dsl/check.py). Its `kind` is
+    "tokens", like `Tokens`; `action` is "unpad", so its schema key is "tokens.unpad".
+    """
+
+    params: tuple[Param, ...] = ()
+    span: Span = field(default=NO_SPAN, compare=False)
+    trivia: Trivia = field(default=NO_TRIVIA, compare=False)
+    kind = "tokens"
+    selector = None  # class attributes, not fields: code that reads `rule.selector` gets None
+    action = "unpad"
+
+
+@dataclass(frozen=True)
 class Keep(_HasParams):
     """`keep <selector>`: no rule of the policy touches these targets."""
 
@@ -283,8 +300,8 @@ class Heal(_HasParams):
         return self.get("method")
 
 
-Rule = Union[Collapse, Drop, Adapt, Quantize, Precision, Tokens, Keep, Heal]
-RULE_TYPES: tuple[type, ...] = (Collapse, Drop, Adapt, Quantize, Precision, Tokens, Keep, Heal)
+Rule = Union[Collapse, Drop, Adapt, Quantize, Precision, Tokens, Unpad, Keep, Heal]
+RULE_TYPES: tuple[type, ...] = (Collapse, Drop, Adapt, Quantize, Precision, Tokens, Unpad, Keep, Heal)
 
 
 @dataclass(frozen=True)

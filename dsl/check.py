@@ -38,6 +38,8 @@ def check_policy(policy: A.Policy) -> list[Diagnostic]:
     for i, rule in enumerate(policy.rules):
         if isinstance(rule, A.Heal) and not any(isinstance(r, _STRUCTURAL) for r in policy.rules[:i]):
             problems.append(_heal_first(rule))
+        if isinstance(rule, A.Unpad):
+            problems += _unpad_problems(rule, policy.rules[:i])
         for earlier in policy.rules[:i]:
             problem = _pair_problem(earlier, rule)
             if problem:
@@ -49,6 +51,23 @@ def _heal_first(heal: A.Heal) -> Diagnostic:
     return _at(heal.span, "illegal-order", "`heal` repairs what a `collapse` or `drop` before it removed, and "
                f"nothing before line {heal.span.line} removes blocks",
                "put `heal` after a `collapse` or `drop` rule, or remove it", width=len("heal"))
+
+
+def _unpad_problems(unpad: A.Unpad, earlier: tuple[A.Rule, ...]) -> list[Diagnostic]:
+    """`tokens unpad` once per policy, above every `tokens after` rule: pruning and merging then
+    rank real tokens only."""
+    first = next((r for r in earlier if isinstance(r, A.Unpad)), None)
+    if first is not None:
+        return [_at(unpad.span, "duplicate", f"a second `tokens unpad` rule (the first is on line {first.span.line})",
+                    "remove this one: a batch is unpadded once", width=len("tokens unpad"))]
+    after = next((r for r in earlier if isinstance(r, A.Tokens)), None)
+    if after is not None:
+        line = after.span.line
+        return [_at(unpad.span, "illegal-order", f"`tokens unpad` after `tokens after` (line {line}): tokens are "
+                    "pruned or merged with the padding still in the batch",
+                    f"move `tokens unpad` above line {line}, the first `tokens after` rule",
+                    width=len("tokens unpad"))]
+    return []
 
 
 def _pair_problem(earlier: A.Rule, later: A.Rule) -> Diagnostic | None:

@@ -192,6 +192,9 @@ class _AstBuilder(Transformer):
         selector, action, *params = children
         return A.Tokens(selector, str(action), tuple(params), span=_span(meta))
 
+    def unpad(self, meta, children):
+        return A.Unpad(tuple(children), span=_span(meta))
+
     def keep(self, meta, children):
         selector, *params = children
         return A.Keep(selector, tuple(params), span=_span(meta))

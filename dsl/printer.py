@@ -44,8 +44,10 @@ def format_policy(policy: A.Policy) -> str:
 
 def format_rule(rule: A.Rule) -> str:
     """One rule on one line, without comments."""
-    if isinstance(rule, A.Heal):  # the one rule without a selector
+    if isinstance(rule, A.Heal):  # `heal` and `tokens unpad` take no selector
         return _join("heal", rule.params)
+    if isinstance(rule, A.Unpad):
+        return _join("tokens unpad", rule.params)
     sel = format_selector(rule.selector)
     if isinstance(rule, (A.Collapse, A.Drop)):
         auto = f" auto({', '.join(_param(p) for p in rule.auto.params)})" if rule.auto else ""

@@ -140,6 +140,7 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
         ParamSpec("ratio", float, 0.25, "fraction of tokens merged away (ToMe)", _fraction_open, "a number in (0, 1)"),
         _PROTECT, _RESTORE,
     ),
+    "tokens.unpad": _specs(),  # `tokens unpad` alone: nothing to tune
     "keep": _specs(),
     # One table for both methods; HEAL_METHOD_PARAMS says which method takes which parameter.
     "heal": _specs(

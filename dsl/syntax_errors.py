@@ -17,7 +17,10 @@ from .schema import ADAPTERS, FORMATS, SCHEMAS, TOKEN_ACTIONS
 __all__ = ["syntax_error", "RULE_KEYWORDS"]
 
 RULE_KEYWORDS = ("collapse", "drop", "adapt", "quantize", "precision", "tokens", "keep", "heal")
+_TOKENS_FORMS = ("after", "unpad")  # the words that may follow `tokens`
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PARAM_START = re.compile(r"[A-Za-z_][A-Za-z0-9_]*[\t \f]*=")
+_SELECTOR_START = re.compile(r"[\t \f]*([A-Za-z_*{])")
 
 # Terminals with more than one spelling: what to call them, and the words they accept.
 _WORD_CLASSES = {
@@ -62,6 +65,26 @@ def _earlier_cause(expected, words, source, line, column):
         return ("syntax", "`heal` takes no selector, only `name=value` parameters",
                 "write e.g. `heal method=linear`: it repairs what the `collapse` or `drop` rules above it removed",
                 second.group(), second.start() + 1)
+    if first.group() == "tokens" and second and column > second.start():
+        return _after_tokens(text, second, column)
+    return None
+
+
+def _after_tokens(text: str, second: re.Match, column: int):
+    """`tokens unpadd` (lexed as `unpad` + `d`, as with `heall`) and `tokens unpad <selector>`."""
+    word = second.group()
+    if word not in _TOKENS_FORMS and word.startswith(_TOKENS_FORMS):
+        suggestion = did_you_mean(word, _TOKENS_FORMS)
+        return ("unknown-keyword" if suggestion else "syntax", f"expected `after` or `unpad` after `tokens`, "
+                f"got `{word}`", suggestion or "write `tokens after <block> prune …` or `tokens unpad`",
+                word, second.start() + 1)
+    start = _SELECTOR_START.match(text, second.end())
+    if word == "unpad" and start and not _PARAM_START.match(text, start.start(1)) and column > start.start(1):
+        selector = _WORD.match(text, start.start(1))
+        return ("syntax", "`tokens unpad` takes no selector (and no parameters)",
+                "write `tokens unpad` alone, above the first `tokens after` rule: it unpads the whole batch",
+                selector.group() if selector else start.group(1),
+                start.start(1) + 1)
     return None
 
 
@@ -158,9 +181,14 @@ def _rule_context(source: str, line: int, column: int) -> str:
         return ""
     keyword = first.group()
     start = len(text) - len(text.lstrip())
+    if keyword == "tokens":  # `tokens after <selector>`: the selector comes after the second word
+        second = _WORD.search(text, start + len(keyword))
+        if not second or second.group() != "after":
+            return ""
+        keyword, start = "tokens after", second.start() - len("tokens ")
     if column <= start + len(keyword) + 1:
         return ""
-    return f" after `{'tokens after' if keyword == 'tokens' else keyword} <selector>`"
+    return f" after `{keyword} <selector>`"
 
 
 def _relevant(expected: set[str], words, source: str, line: int) -> set[str]:

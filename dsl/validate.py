@@ -16,7 +16,7 @@ from .schema import (FORMAT_BITS, HEAL_METHOD_PARAMS, INT_FORMATS, INT_ONLY_PARA
 
 __all__ = ["validate_spec"]
 
-_RULE_WORDS = {"tokens.prune": "tokens … prune", "tokens.merge": "tokens … merge",
+_RULE_WORDS = {"tokens.prune": "tokens … prune", "tokens.merge": "tokens … merge", "tokens.unpad": "`tokens unpad`",
                "collapse.auto": "auto(…) of `collapse`", "drop.auto": "auto(…) of `drop`",
                "choice": "a `choose` format"}
 
@@ -40,7 +40,7 @@ def _validate_policy(policy: A.Policy, problems: _Problems) -> A.Policy:
 
 
 def _validate_rule(rule, problems: _Problems):
-    if rule.selector is not None:  # `heal` has none
+    if rule.selector is not None:  # `heal` and `tokens unpad` have none
         _check_selector(rule.selector, problems)
     changes = {"params": _coerce_params(rule, rule.params, problems)}
     if getattr(rule, "auto", None) is not None:

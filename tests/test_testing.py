@@ -55,6 +55,38 @@ def test_heal_comes_after_a_removal_with_its_own_methods_params():
     assert methods == {"linear", "lora"}
 
 
+def test_tokens_unpad_is_drawn_once_at_most_and_above_every_tokens_after():
+    seen = {"unpad": 0, "unpad and tokens after": 0}
+
+    @settings(max_examples=200, database=None, derandomize=True, deadline=None)
+    @given(policy_asts())
+    def collect(spec):
+        for policy in spec.policies:
+            types = [type(r) for r in policy.rules]
+            assert types.count(A.Unpad) <= 1
+            if A.Unpad in types:
+                seen["unpad"] += 1
+                assert A.Tokens not in types[: types.index(A.Unpad)]
+                seen["unpad and tokens after"] += A.Tokens in types
+
+    collect()
+    assert seen["unpad"] >= 10 and seen["unpad and tokens after"] >= 1, seen
+
+
+@given(st.data())
+def test_extra_unpads_go_and_the_first_moves_above_tokens_after(data):
+    from slimfx.testing import _one_unpad_first
+
+    text = ("policy p {\n    keep head\n    tokens after blocks[1] prune  # why\n    tokens  unpad\n"
+            "    tokens unpad\n}\npolicy q {\n    tokens unpad\n    tokens after blocks[2] merge\n}\n")
+    spec = parse(data.draw(_one_unpad_first(text)))
+    assert [type(r) for r in spec.policy("p").rules] == [A.Keep, A.Unpad, A.Tokens]
+    assert spec.policy("p").rules[2].trivia.inline == "# why"
+    assert [type(r) for r in spec.policy("q").rules] == [A.Unpad, A.Tokens]  # already right: unchanged
+    lone = parse(data.draw(_one_unpad_first("policy r {\n    tokens after blocks[0] prune\n}\n")))
+    assert [type(r) for r in lone.policy("r").rules] in ([A.Tokens], [A.Unpad, A.Tokens])
+
+
 @given(st.data())
 def test_param_values_satisfy_their_schema(data):
     key = data.draw(st.sampled_from(sorted(SCHEMAS)))

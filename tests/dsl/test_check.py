@@ -84,3 +84,29 @@ def test_heal_is_a_rule_without_a_selector():
     spec = ok("drop blocks[1]", "heal method=linear")
     heal = spec.policy("p").rules[1]
     assert heal.selector is None and heal.kind == "heal"
+
+
+def test_tokens_unpad_comes_before_every_tokens_after_rule():
+    err = error_of("tokens after blocks[1] prune", "keep head", "tokens unpad", "tokens after blocks[3] merge")
+    assert err.kind == "illegal-order" and (err.line, err.column, err.diagnostics[0].width) == (4, 5, 12)
+    assert "`tokens unpad` after `tokens after` (line 2)" in err.message
+    assert "move `tokens unpad` above line 2, the first `tokens after` rule" in err.hint
+    assert len(err.diagnostics) == 1  # one problem for the unpad, not one per earlier `tokens after`
+    ok("tokens unpad", "tokens after blocks[1] prune", "tokens after blocks[3] merge")
+    ok("keep head", "tokens unpad")  # alone, or with other rules before it
+
+
+def test_a_second_tokens_unpad_is_a_duplicate():
+    err = error_of("tokens unpad", "tokens after blocks[1] prune", "tokens unpad", "tokens unpad")
+    assert [(d.kind, d.line) for d in err.diagnostics] == [("duplicate", 4), ("duplicate", 5)]
+    assert "a second `tokens unpad` rule (the first is on line 2)" in err.message
+    with pytest.raises(SpecError) as other_policy:
+        parse("policy a {\n tokens unpad\n}\npolicy b {\n tokens unpad\n tokens unpad\n}\n")
+    assert [(d.kind, d.line) for d in other_policy.value.diagnostics] == [("duplicate", 6)]  # per policy
+
+
+def test_tokens_unpad_changes_no_weights_and_clashes_with_no_selector():
+    ok("tokens unpad", "collapse blocks[0:2]", "drop blocks[5]", "heal method=linear", "quantize head int8")
+    ok("drop blocks[1]", "tokens unpad", "adapt blocks lora", "keep head")
+    err = error_of("tokens unpad", "heal method=linear")  # not a removal: heal still needs one
+    assert err.kind == "illegal-order" and err.line == 3

@@ -3,6 +3,7 @@ import pytest
 
 from slimfx import SpecError, parse
 from slimfx.dsl import ast as A
+from slimfx.dsl.printer import format_selector
 
 
 def rules(text: str):
@@ -95,6 +96,30 @@ def test_tokens_prune_and_merge_keep_is_a_parameter_name_here():
     prune, merge = rules("tokens after blocks[1] prune keep=0.5 score=norm\ntokens after blocks[3] merge ratio=0.25")
     assert (prune.action, prune.get("keep"), prune.get("score")) == ("prune", 0.5, "norm")
     assert (merge.action, merge.get("ratio")) == ("merge", 0.25)
+
+
+def test_tokens_unpad_has_no_selector_and_no_params():
+    unpad, prune = rules("tokens   unpad\ntokens after blocks[1] prune")
+    assert type(unpad) is A.Unpad and not isinstance(unpad, A.Tokens)
+    assert (unpad.kind, unpad.selector, unpad.action, unpad.params) == ("tokens", None, "unpad", ())
+    assert (unpad.span.line, unpad.span.column, unpad.span.end_column) == (2, 1, 15)  # line 1 is `policy`
+    assert type(prune) is A.Tokens and prune.action == "prune"
+    assert A.Unpad in A.RULE_TYPES and "Unpad" in A.__all__
+
+
+def test_unpad_is_a_class_attribute_not_a_field():
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(A.Unpad)] == ["params", "span", "trivia"]
+    assert A.Unpad() == only("tokens unpad") and A.Unpad().selector is None
+
+
+@pytest.mark.parametrize("selector", ["unpad", "blocks[0].unpad", "unpad.after", "model.unpad[2].tokens"])
+def test_unpad_is_reserved_only_right_after_tokens(selector):
+    for rule in (f"keep {selector}", f"tokens after {selector} merge", f"adapt {selector} lora"):
+        assert format_selector(only(rule).selector) == selector
+    spec = parse("policy unpad {\n    tokens unpad\n}")  # a policy may be called `unpad` too
+    assert spec.policy("unpad").rules == (A.Unpad(),)
 
 
 def test_keep():

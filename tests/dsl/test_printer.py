@@ -4,6 +4,8 @@ from pathlib import Path
 from hypothesis import given
 
 from slimfx import format_spec, parse
+from slimfx.dsl import ast as A
+from slimfx.dsl.printer import format_rule
 from slimfx.testing import policies
 
 SPECS = sorted((Path(__file__).parents[2] / "specs").glob("*.slim"))
@@ -53,6 +55,17 @@ def test_heal_prints_its_params_in_schema_order_and_round_trips():
     assert out == ("policy p {\n    drop blocks auto(count=2)\n    heal method=lora steps=200 distill=true  # why\n"
                    "    heal method=linear\n}\n")
     assert parse(out) == parse(text)
+
+
+def test_tokens_unpad_prints_alone_with_its_comment_and_round_trips():
+    text = ("policy p {\n  # unpad first\n  tokens   unpad   # why\n  tokens after blocks[1]  prune keep=0.5\n"
+            "  tokens unpad\n}\n")
+    spec = parse(text, check=False)  # the second unpad is a check error, not a printing one
+    out = format_spec(spec)
+    assert out == ("policy p {\n    # unpad first\n    tokens unpad  # why\n    tokens after blocks[1] prune keep=0.5\n"
+                   "    tokens unpad\n}\n")
+    assert parse(out, check=False) == spec
+    assert format_rule(A.Unpad()) == "tokens unpad"
 
 
 def test_empty_spec_prints_empty():
