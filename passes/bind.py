@@ -143,7 +143,7 @@ class _Binder:
     def _bind(self, rule: A.Rule, protected: set[str]) -> BoundRule:
         if isinstance(rule, A.Keep):
             return self._bind_keep(rule)
-        if isinstance(rule, A.Heal):
+        if isinstance(rule, (A.Heal, A.Unpad)):  # no selector: they act on the whole model
             return BoundRule(rule, estimate=estimate(rule, (), (), self.graph))
         found = self._resolve(rule.selector)
         if isinstance(rule, _BLOCK_RULES):

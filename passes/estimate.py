@@ -36,6 +36,8 @@ def estimate(rule: A.Rule, targets, blocks, graph) -> Estimate:
         return _remove_blocks(rule, blocks, graph)
     if isinstance(rule, A.Tokens):
         return _tokens(rule)
+    if isinstance(rule, A.Unpad):
+        return Estimate(note="computes on the real tokens of a padded batch; attention per sequence")
     if isinstance(rule, A.Heal):
         return _heal(rule, graph)
     params, nbytes = _distinct(targets, graph)

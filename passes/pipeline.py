@@ -17,6 +17,7 @@ from .graph import ModelGraph
 from .adapters import adapt
 from .collapse import collapse, drop, heal
 from .precision import choose, quantize
+from .tokens import unpad
 
 __all__ = ["Context", "PASSES", "is_implemented", "run_pipeline", "PassFn"]
 
@@ -31,6 +32,7 @@ PASSES: dict[type, PassFn] = {
     A.Adapt: adapt.run,          # passes/adapters/adapt.py
     A.Quantize: quantize.run,    # passes/precision/quantize.py
     A.Precision: choose.run,     # passes/precision/choose.py
+    A.Unpad: unpad.run,          # passes/tokens/unpad.py
 }
 
 

@@ -1,0 +1,108 @@
+"""`tokens unpad`: the compiled model computes on the real tokens of a padded batch only.
+
+From the residual stream entering the first block on, linears, norms and MLPs run on the packed
+tokens of the whole batch and attention runs per sequence (passes/tokens/pack.py); the outputs
+come back in the padded layout with zeros at padding positions. Exact: at real positions the
+outputs equal the original's within float tolerance; each token keeps its original position
+(rotary tables and position embeddings are gathered at the real positions), so left and right
+padding both work. The report gives real and padded tokens of the first calibration batch and
+the latency of one forward on it before → after.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ...dsl.errors import SpecError
+from ...runtime.report import RuleReport
+from ..bind import BoundRule, graph_bytes, graph_params
+from ..context import Context
+from ..graph import ModelGraph
+from .layout import Symbols
+from .pack import pack_graph
+
+__all__ = ["run", "MASK_INPUT"]
+
+MASK_INPUT = "attention_mask"
+
+
+def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
+    mask = _mask_placeholder(graph, bound, ctx)
+    if not graph.blocks:
+        raise _error(bound, ctx, "unsupported", f"`tokens unpad` packs the tokens entering the first block, and "
+                     f"{graph.model_class} has no repeated blocks", "remove the rule")
+    symbols = Symbols(graph.dim_symbols("batch"), graph.dim_symbols("seq"))
+    probe = _padded_batch(ctx)
+    before = _timed(graph, probe) if probe else None
+    try:
+        result = pack_graph(graph.module, graph.blocks[0].input, mask, symbols)
+    except ValueError as e:
+        raise _error(bound, ctx, "unsupported", f"`tokens unpad` cannot pack {graph.model_class}: {e}",
+                     "remove the rule; the model runs on the padded batch as before") from e
+    if result.attention == 0:
+        notes = ["no attention op runs per sequence (the model writes attention out by hand): "
+                 "attention runs on the padded layout, only the other ops on real tokens"]
+    else:
+        notes = [f"attention per sequence in {result.attention} places"]
+    if result.padded:
+        notes.append(f"{len(result.padded)} op{'s' if len(result.padded) != 1 else ''} need{'' if len(result.padded) != 1 else 's'} the padded layout and scatter back to it first: "
+                     + ", ".join(_op_name(t) for t in result.padded[:4]) + (" …" if len(result.padded) > 4 else ""))
+    details = {"attention_per_sequence": result.attention, "packed_nodes": result.packed_nodes,
+               "padded_layout_nodes": len(result.padded)}
+    if probe:
+        mask_t = probe[MASK_INPUT]
+        real, padded = int((mask_t != 0).sum()), mask_t.numel()
+        after = _timed(graph, probe)
+        details.update(tokens_padded=padded, tokens_real=real, latency_ms_before=round(before, 2),
+                       latency_ms_after=round(after, 2))
+        notes.append(f"first calibration batch {tuple(mask_t.shape)}: {real} of {padded} tokens are real "
+                     f"({real / padded:.0%}); one forward {before:.1f} → {after:.1f} ms (×{before / after:.2f})")
+    params, nbytes = graph_params(graph), graph_bytes(graph)
+    return RuleReport(bound.line, bound.text, "tokens", (), params, params, nbytes, nbytes, details, tuple(notes))
+
+
+def _mask_placeholder(graph: ModelGraph, bound: BoundRule, ctx: Context):
+    for node in graph.module.graph.nodes:
+        if node.op == "placeholder" and node.name == MASK_INPUT:
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor) or val.dim() != 2:
+                raise _error(bound, ctx, "unsupported", f"`tokens unpad` needs a [batch, seq] attention mask; "
+                             f"this model's {MASK_INPUT} is {tuple(getattr(val, 'shape', ()))}")
+            return node
+    raise _error(bound, ctx, "unsupported", f"`tokens unpad` finds the real tokens from the attention mask, and "
+                 f"{graph.model_class} was captured without an `{MASK_INPUT}` input",
+                 f"pass `{MASK_INPUT}` among the example inputs (a tokenizer's padded batch has it)")
+
+
+def _error(bound: BoundRule, ctx: Context, kind: str, message: str, hint: str | None = None) -> SpecError:
+    return SpecError.at(kind, message, line=bound.line, column=bound.rule.span.column, width=len("tokens unpad"),
+                        hint=hint, source=ctx.source, filename=ctx.filename)
+
+
+def _padded_batch(ctx: Context) -> dict | None:
+    """The first calibration batch that has an attention mask (its padding shows the gain)."""
+    for batch in ctx.calib:
+        if MASK_INPUT in batch:
+            return batch
+    return None
+
+
+def _timed(graph: ModelGraph, inputs: dict, repeats: int = 3) -> float:
+    """Median ms of one forward (after one warm-up)."""
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            graph(**inputs)
+            if i:
+                times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _op_name(node_text: str) -> str:
+    """`aten.select.int` from a node's format_node() text."""
+    marker = "target="
+    if marker not in node_text:
+        return node_text.split(":")[0]
+    return node_text.split(marker, 1)[1].split("]", 1)[0].replace("torch.ops.", "")

@@ -1,0 +1,154 @@
+"""The custom ops of the token pass's `tokens unpad`: computing on the real tokens of a padded batch.
+
+A padded batch [B, S, …] becomes one packed row [1, N, …] of its N real tokens (row-major, so each
+sequence's tokens are contiguous and in order); per-token ops run on it unchanged, attention runs
+per sequence, and the padded layout comes back at the outputs with zeros at padding positions.
+
+    bi, si = torch.ops.slimfx.token_index(attention_mask)        # [N] batch and position of each token
+    p = torch.ops.slimfx.pack_tokens(x, bi, si, S, 0, 1)         # [B, S, D] -> [1, N, D]
+    y = torch.ops.slimfx.unpack_tokens(p, bi, si, B, S, 0, 1)    # [1, N, D] -> [B, S, D], zeros at padding
+    o = torch.ops.slimfx.packed_attention(q, k, v, mask, bi, si, B, scale, False, False)
+
+`batch_dim`/`seq_dim` say where the batch and the sequence sit in the *unpacked* tensor;
+`batch_dim = FLAT` (-1) means `seq_dim` holds batch×sequence flattened (GPT-2's [B·S, D] linears);
+`batch_dim = NO_BATCH` (-2) means the tensor has no batch (a [1, S, D] rotary table or position
+embedding, the same for every sequence): packing gathers positions only. A batch dim of size 1 is
+broadcast the same way.
+
+The reference implementations are the meaning; the fake ones give the packed length N as a new
+unbacked symbolic size (it depends on the mask's values), so graphs with these ops still trace.
+Gradients are not defined: an unpadded model is for inference (train adapters before `tokens unpad`).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FLAT", "NO_BATCH", "token_index", "pack_tokens", "unpack_tokens", "packed_attention"]
+
+FLAT = -1
+NO_BATCH = -2
+
+
+def _token_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if mask.dim() != 2:
+        raise ValueError(f"slimfx::token_index: the attention mask must be [batch, seq], got {tuple(mask.shape)}")
+    nz = torch.nonzero(mask != 0)
+    return nz[:, 0].clone(), nz[:, 1].clone()
+
+
+def _token_index_fake(mask):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return mask.new_empty((n,), dtype=torch.long), mask.new_empty((n,), dtype=torch.long)
+
+
+def _packed_shape(shape, n, batch_dim: int, seq_dim: int) -> list:
+    out = list(shape)
+    out[seq_dim] = n
+    if batch_dim >= 0:
+        out[batch_dim] = 1
+    return out
+
+
+def _pack(x: torch.Tensor, bi: torch.Tensor, si: torch.Tensor, seq: int, batch_dim: int,
+          seq_dim: int) -> torch.Tensor:
+    if batch_dim == FLAT:
+        return x.index_select(seq_dim, bi * seq + si)
+    if batch_dim == NO_BATCH or x.shape[batch_dim] == 1:
+        return x.index_select(seq_dim, si)
+    y = x.movedim((batch_dim, seq_dim), (0, 1))[bi, si]  # [N, rest…]
+    return y.unsqueeze(0).movedim((0, 1), (batch_dim, seq_dim)).contiguous()
+
+
+def _pack_fake(x, bi, si, seq, batch_dim, seq_dim):
+    return x.new_empty(_packed_shape(x.shape, bi.shape[0], batch_dim, seq_dim))
+
+
+def _unpack(x: torch.Tensor, bi: torch.Tensor, si: torch.Tensor, batch: int, seq: int, batch_dim: int,
+            seq_dim: int) -> torch.Tensor:
+    if batch_dim == FLAT:
+        shape = list(x.shape)
+        shape[seq_dim] = batch * seq
+        out = x.new_zeros(shape)
+        return out.index_copy(seq_dim, bi * seq + si, x)
+    if batch_dim == NO_BATCH:
+        raise ValueError("slimfx::unpack_tokens: a tensor without a batch dim cannot be unpacked")
+    shape = list(x.shape)
+    shape[batch_dim], shape[seq_dim] = batch, seq
+    out = x.new_zeros(shape)
+    moved = out.movedim((batch_dim, seq_dim), (0, 1))  # a view: writing it writes `out`
+    moved[bi, si] = x.movedim((batch_dim, seq_dim), (0, 1))[0]
+    return out
+
+
+def _unpack_fake(x, bi, si, batch, seq, batch_dim, seq_dim):
+    shape = list(x.shape)
+    if batch_dim == FLAT:
+        shape[seq_dim] = batch * seq
+    else:
+        shape[batch_dim], shape[seq_dim] = batch, seq
+    return x.new_empty(shape)
+
+
+def _sequence_bounds(bi: torch.Tensor, batch: int) -> list[tuple[int, int, int]]:
+    """(sequence, start, end) in the packed order of every sequence with at least one token."""
+    counts = torch.bincount(bi, minlength=batch).tolist()
+    bounds, start = [], 0
+    for b, c in enumerate(counts):
+        if c:
+            bounds.append((b, start, start + c))
+        start += c
+    return bounds
+
+
+def _packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                      bi: torch.Tensor, si: torch.Tensor, batch: int, scale: Optional[float],
+                      is_causal: bool, enable_gqa: bool) -> torch.Tensor:
+    """`scaled_dot_product_attention` of each sequence's tokens among themselves.
+
+    q/k/v are [1, heads, N, d]; `mask` is the original [B | 1, heads | 1, S, S] mask (bool or
+    additive), each sequence attends with its own rows and columns of it at its real positions,
+    which is exactly what the padded model computed at those positions. A causal mask needs no
+    change: positions stay in order inside a sequence.
+    """
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    for b, start, end in _sequence_bounds(bi, batch):
+        pos = si[start:end]
+        sub = None
+        if mask is not None:
+            m = mask[b if mask.shape[0] > 1 else 0]
+            sub = m.index_select(-2, pos).index_select(-1, pos).unsqueeze(0)
+        out[:, :, start:end] = F.scaled_dot_product_attention(
+            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], attn_mask=sub,
+            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out
+
+
+def _packed_attention_fake(q, k, v, mask, bi, si, batch, scale, is_causal, enable_gqa):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+_OPS = {
+    "token_index": ("(Tensor mask) -> (Tensor, Tensor)", _token_index, _token_index_fake),
+    "pack_tokens": ("(Tensor x, Tensor batch_index, Tensor seq_index, SymInt seq, int batch_dim, int seq_dim) -> Tensor",
+                    _pack, _pack_fake),
+    "unpack_tokens": ("(Tensor x, Tensor batch_index, Tensor seq_index, SymInt batch, SymInt seq, "
+                      "int batch_dim, int seq_dim) -> Tensor", _unpack, _unpack_fake),
+    "packed_attention": ("(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor batch_index, Tensor seq_index, "
+                         "SymInt batch, float? scale, bool is_causal, bool enable_gqa) -> Tensor",
+                         _packed_attention, _packed_attention_fake),
+}
+
+
+def _register() -> None:
+    for name, (schema, impl, fake) in _OPS.items():
+        if not hasattr(torch.ops.slimfx, name):  # a re-import keeps the first registration
+            op = torch.library.custom_op(f"slimfx::{name}", impl, mutates_args=(), schema=schema)
+            op.register_fake(fake)
+
+
+_register()
+token_index = torch.ops.slimfx.token_index.default
+pack_tokens = torch.ops.slimfx.pack_tokens.default
+unpack_tokens = torch.ops.slimfx.unpack_tokens.default
+packed_attention = torch.ops.slimfx.packed_attention.default

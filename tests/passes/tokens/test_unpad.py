@@ -1,0 +1,131 @@
+"""`tokens unpad` on every tiny architecture with a sequence: outputs at real positions equal the
+original model's on random padding patterns (left and right), zeros at padding, a batch without
+padding bit-identical, save/load bit-identical with other batch sizes and lengths; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import slimfx
+from slimfx.models import TINY_ARCHS, tiny
+
+POLICY = "policy p {\n    tokens unpad\n}\n"
+ARCHS = [a for a in TINY_ARCHS if a != "vit"]
+
+
+def _output(out) -> torch.Tensor:
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    return out[0]
+
+
+def _inputs(batch: int, seq: int, lengths, left: bool, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 200, (batch, seq), generator=gen)
+    mask = torch.zeros(batch, seq, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, seq - n:] = 1 if left else 0
+        if not left:
+            mask[b, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+_COMPILED: dict[str, tuple] = {}
+
+
+def _compiled(arch: str):
+    if arch not in _COMPILED:
+        lm = tiny(arch, layers=2)
+        example = _inputs(3, 7, [7, 4, 2], left=False)
+        _COMPILED[arch] = lm, slimfx.compile(lm.model, POLICY, example_inputs=example, calib=[example])
+    return _COMPILED[arch]
+
+
+@st.composite
+def padded_batches(draw):
+    batch, seq = draw(st.integers(1, 4)), draw(st.integers(2, 12))
+    lengths = draw(st.lists(st.integers(1, seq), min_size=batch, max_size=batch))
+    return _inputs(batch, seq, lengths, draw(st.booleans()), draw(st.integers(0, 1000)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=padded_batches())
+def test_unpad_is_exact_at_real_positions_and_zero_at_padding(arch, batch):
+    lm, cm = _compiled(arch)
+    with torch.no_grad():
+        want, got = _output(lm.model(**batch)), _output(cm(**batch))
+    real = batch["attention_mask"].bool()
+    assert got.shape == want.shape
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+    assert got[~real].abs().sum() == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
+def test_a_batch_without_padding_is_bit_identical(arch):
+    lm, cm = _compiled(arch)
+    batch = _inputs(3, 9, [9, 9, 9], left=False, seed=5)
+    with torch.no_grad():
+        assert torch.equal(_output(cm(**batch)), _output(lm.model(**batch)))
+
+
+def test_the_report_counts_real_tokens_and_attention_per_sequence():
+    _, cm = _compiled("llama")
+    (rule,) = cm.report.rules
+    assert rule.details["tokens_real"] == 13 and rule.details["tokens_padded"] == 21
+    assert rule.details["attention_per_sequence"] == 2  # one per block
+    assert rule.details["padded_layout_nodes"] == 0
+
+
+def test_hand_written_attention_runs_padded_and_stays_exact():
+    """gemma2 computes attention with matmul + softmax: those ops get the padded layout back."""
+    lm, cm = _compiled("gemma2")
+    (rule,) = cm.report.rules
+    assert rule.details["attention_per_sequence"] == 0 and rule.details["padded_layout_nodes"] > 0
+    assert any("padded layout" in n for n in rule.notes)
+
+
+def test_save_load_is_bit_identical_with_other_shapes(tmp_path):
+    lm, cm = _compiled("bert")
+    cm.save(tmp_path / "m")
+    back = slimfx.load(tmp_path / "m")
+    for batch in (_inputs(5, 11, [11, 3, 6, 1, 9], left=False, seed=1), _inputs(1, 4, [2], left=True, seed=2)):
+        with torch.no_grad():
+            assert torch.equal(_output(back(**batch)), _output(cm(**batch)))
+
+
+def test_the_users_model_is_not_touched():
+    lm = tiny("llama", layers=1)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    example = _inputs(2, 5, [5, 3], left=False)
+    slimfx.compile(lm.model, POLICY, example_inputs=example, calib=[example])
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_model_captured_without_a_mask_is_refused():
+    lm = tiny("llama", layers=1)
+    with pytest.raises(slimfx.SpecError, match="attention_mask") as e:
+        slimfx.compile(lm.model, POLICY, example_inputs={"input_ids": torch.randint(3, 200, (2, 5))})
+    assert "line 2" in str(e.value) or "2:" in str(e.value)
+
+
+def test_a_model_without_a_sequence_is_refused():
+    lm = tiny("vit", layers=1)
+    with pytest.raises(slimfx.SpecError, match="attention_mask"):
+        slimfx.compile(lm.model, POLICY, example_inputs=lm.example_inputs)
+
+
+def test_unpad_then_int8_matches_int8_alone_at_real_positions():
+    lm = tiny("llama", layers=2)
+    example = _inputs(3, 7, [7, 4, 2], left=True)
+    rules = "quantize blocks.*.** : Linear int8"
+    both = slimfx.compile(lm.model, "tokens unpad\n" + rules, example_inputs=example, calib=[example])
+    alone = slimfx.compile(lm.model, rules, example_inputs=example, calib=[example])
+    real = example["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(_output(both(**example))[real], _output(alone(**example))[real],
+                                   atol=2e-5, rtol=1e-4)

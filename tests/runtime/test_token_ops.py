@@ -1,0 +1,88 @@
+"""The token ops against direct implementations written here: packing is a row gather of the real
+tokens, unpacking its inverse with zeros at padding, and packed attention equals the padded
+batch's masked attention at every real position."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from slimfx.runtime import token_ops as T
+
+
+@st.composite
+def padded_masks(draw):
+    batch = draw(st.integers(1, 4))
+    seq = draw(st.integers(1, 9))
+    lengths = draw(st.lists(st.integers(1, seq), min_size=batch, max_size=batch))
+    left = draw(st.booleans())
+    mask = torch.zeros(batch, seq, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        if left:
+            mask[b, seq - n:] = 1
+        else:
+            mask[b, :n] = 1
+    return mask
+
+
+@settings(max_examples=40, deadline=None)
+@given(padded_masks(), st.integers(0, 2**16))
+def test_pack_is_the_real_rows_in_order_and_unpack_inverts_it(mask, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, S = mask.shape
+    x = torch.randn(B, S, 5, generator=gen)
+    bi, si = T.token_index(mask)
+    packed = T.pack_tokens(x, bi, si, S, 0, 1)
+    direct = torch.stack([x[b, s] for b in range(B) for s in range(S) if mask[b, s]])
+    assert packed.shape == (1, int(mask.sum()), 5)
+    assert torch.equal(packed[0], direct)
+    back = T.unpack_tokens(packed, bi, si, B, S, 0, 1)
+    assert torch.equal(back, x * mask[..., None])
+
+
+def test_pack_of_a_table_without_batch_gathers_positions():
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    bi, si = T.token_index(mask)
+    table = torch.arange(3.0).view(1, 3, 1) * 10  # [1, S, 1]: one row per position
+    packed = T.pack_tokens(table, bi, si, 3, T.NO_BATCH, 1)
+    assert packed.flatten().tolist() == [10.0, 20.0, 0.0, 10.0]
+
+
+def test_flat_layout_round_trip():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    bi, si = T.token_index(mask)
+    x = torch.randn(6, 4)  # [B·S, D]
+    packed = T.pack_tokens(x, bi, si, 3, T.FLAT, 0)
+    assert torch.equal(packed, x[[0, 1, 3]])
+    back = T.unpack_tokens(packed, bi, si, 2, 3, T.FLAT, 0)
+    assert torch.equal(back[[0, 1, 3]], packed) and back[[2, 4, 5]].abs().sum() == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(padded_masks(), st.booleans(), st.integers(0, 2**16))
+def test_packed_attention_equals_masked_attention_at_real_positions(mask, causal, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, S = mask.shape
+    H, D = 2, 4
+    q, k, v = (torch.randn(B, H, S, D, generator=gen) for _ in range(3))
+    keep = mask.bool()
+    allowed = keep[:, None, None, :].expand(B, 1, S, S)
+    if causal:
+        allowed = allowed & torch.ones(S, S, dtype=torch.bool).tril()
+    # Direct: the padded batch with the mask (rows of padding queries are not compared).
+    allowed = allowed | ~keep[:, None, :, None]  # keep padding rows finite
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    bi, si = T.token_index(mask)
+    pack = [T.pack_tokens(t, bi, si, S, 0, 2) for t in (q, k, v)]
+    out = T.packed_attention(*pack, allowed, bi, si, B, None, False, False)
+    got = T.unpack_tokens(out, bi, si, B, S, 0, 2)
+    real = keep[:, None, :, None].expand_as(ref)
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
+    assert got[~real].abs().sum() == 0
+
+
+def test_token_index_refuses_a_mask_that_is_not_2d():
+    import pytest
+
+    with pytest.raises(ValueError, match="batch, seq"):
+        T.token_index(torch.ones(2, 3, 4))
