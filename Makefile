@@ -32,12 +32,18 @@ DEMO_TRAINED := $(DEMO_OUT)-trained
 DEMO_STEPS   ?= 8
 DEMO_BATCH   ?= 4
 DEMO_SEQ     ?= 128
+# Then all-MiniLM-L6-v2 with the token policy: embedding cosine and CPU latency on a padded batch
+# of 16 paragraphs against the original.
+MINILM_SPEC  := specs/minilm-embed.slim
+MINILM_OUT   := out/minilm-embed
 demo: $(STAMP)
 	$(VENV)/bin/slimfx check specs/*.slim
 	$(VENV)/bin/slimfx compile $(DEMO_SPEC) --model smollm2-135m --out $(DEMO_OUT)
 	$(VENV)/bin/slimfx train --model smollm2-135m --compiled $(DEMO_OUT) --steps $(DEMO_STEPS) \
 		--batch $(DEMO_BATCH) --seq $(DEMO_SEQ) --out $(DEMO_TRAINED)
 	$(VENV)/bin/slimfx eval --model smollm2-135m --compiled $(DEMO_TRAINED)
+	$(VENV)/bin/slimfx compile $(MINILM_SPEC) --model minilm-l6 --out $(MINILM_OUT)
+	$(VENV)/bin/slimfx eval --model minilm-l6 --compiled $(MINILM_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(WORKERS) -q --durations=15

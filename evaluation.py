@@ -23,7 +23,7 @@ from .runtime.sizes import param_bytes
 
 __all__ = [
     "default_text", "eval_text", "calibration_texts", "perplexity", "embed", "embedding_cosine", "param_bytes", "latency_ms",
-    "eval_rows", "eval_table",
+    "eval_rows", "eval_table", "eval_paragraphs",
 ]
 
 # Mostly prose docstrings that have stayed put across CPython releases; order is fixed so the
@@ -240,22 +240,34 @@ EVAL_SENTENCES = (
 )
 
 
+def eval_paragraphs(count: int = 16, min_words: int = 40) -> list[str]:
+    """The first `count` paragraphs of eval_text() with at least `min_words` words: a padded batch
+    of real paragraphs of uneven length, as sentence-embedding services see them."""
+    return [p for p in eval_text().split("\n\n") if len(p.split()) >= min_words][:count]
+
+
 def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str, Any]]:
     """One row per model (original, then compiled): quality metric, stored weight bytes, bytes
     held while running (a compiled model's CPU kernels keep converted copies of packed weights),
-    latency. Causal LMs get perplexity on eval_text(); encoders get the mean embedding cosine to the
-    original model on EVAL_SENTENCES (1.0 for the original itself).
+    latency. Causal LMs get perplexity on eval_text() and latency on the example inputs; encoders
+    get the mean embedding cosine to the original model on EVAL_SENTENCES and eval_paragraphs()
+    (1.0 for the original itself) and latency on the padded batch of eval_paragraphs().
     """
     models = [("original", loaded.model)] + ([("compiled", compiled)] if compiled is not None else [])
+    timed = loaded.example_inputs
+    texts = (*EVAL_SENTENCES, *eval_paragraphs())
+    if loaded.kind == "encoder" and loaded.tokenizer is not None:
+        batch = loaded.tokenizer(eval_paragraphs(), padding=True, truncation=True, return_tensors="pt")
+        timed = _accepted(loaded.model, dict(batch))
     rows = []
     for label, model in models:
         stored = model.weight_bytes() if hasattr(model, "weight_bytes") else param_bytes(model)
         row = {"model": label, "bytes": stored, "running_bytes": param_bytes(model),
-               "latency_ms": latency_ms(model, loaded.example_inputs, repeats=10, warmup=2)}
+               "latency_ms": latency_ms(model, timed, repeats=10, warmup=2)}
         if loaded.kind == "causal-lm":
             row["perplexity"] = perplexity(model, loaded.tokenizer, eval_text(), max_tokens=max_tokens)
         elif loaded.tokenizer is not None:
-            row["cosine"] = embedding_cosine(loaded.model, model, loaded.tokenizer, EVAL_SENTENCES)
+            row["cosine"] = embedding_cosine(loaded.model, model, loaded.tokenizer, texts)
         rows.append(row)
     return rows
 
