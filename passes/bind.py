@@ -196,9 +196,11 @@ class _Binder:
 
     def _bind_tokens(self, rule: A.Tokens, found) -> BoundRule:
         blocks = tuple(f for f in found if isinstance(f, Block))
-        if found and (len(blocks) != 1 or len(found) != 1):
+        several = rule.action == "merge"  # one merge after each selected block
+        if found and (len(blocks) != len(found) or not blocks or (len(blocks) > 1 and not several)):
             what = f"{len(found)} places" if len(found) != 1 else found[0].path
-            self._error(rule.selector.span, "selector", f"`tokens after` needs exactly one block, and "
+            need = "blocks" if several else "exactly one block"
+            self._error(rule.selector.span, "selector", f"`tokens after … {rule.action}` needs {need}, and "
                         f"`{_sel(rule)}` selects {what}", "write e.g. `tokens after blocks[3]`")
         return BoundRule(rule, blocks=blocks, estimate=estimate(rule, (), blocks, self.graph))
 

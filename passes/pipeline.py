@@ -17,7 +17,7 @@ from .graph import ModelGraph
 from .adapters import adapt
 from .collapse import collapse, drop, heal
 from .precision import choose, quantize
-from .tokens import unpad
+from .tokens import after, unpad
 
 __all__ = ["Context", "PASSES", "is_implemented", "run_pipeline", "PassFn"]
 
@@ -33,10 +33,13 @@ PASSES: dict[type, PassFn] = {
     A.Quantize: quantize.run,    # passes/precision/quantize.py
     A.Precision: choose.run,     # passes/precision/choose.py
     A.Unpad: unpad.run,          # passes/tokens/unpad.py
+    A.Tokens: after.run,         # passes/tokens/after.py (merge; prune not yet: see is_implemented)
 }
 
 
 def is_implemented(rule: A.Rule) -> bool:
+    if isinstance(rule, A.Tokens):
+        return rule.action in after.IMPLEMENTED
     return isinstance(rule, A.Keep) or type(rule) in PASSES
 
 
@@ -66,10 +69,14 @@ def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
 def _refuse_unimplemented(plan: Plan, ctx: Context) -> None:
     missing = [b for b in plan.rules if not is_implemented(b.rule)]
     if missing:
-        raise SpecError([Diagnostic("unsupported", f"`{b.rule.kind}` is not implemented in this version of "
+        raise SpecError([Diagnostic("unsupported", f"`{b.rule.kind}`{_action(b.rule)} is not implemented in this version of "
                                     "slimfx, so this policy cannot be compiled yet", b.line, b.rule.span.column,
                                     len(b.rule.kind), "`slimfx plan` lists what each rule would do; remove the "
                                     "rule to compile the rest") for b in missing], ctx.source, ctx.filename)
+
+
+def _action(rule: A.Rule) -> str:
+    return f" (`{rule.action}`)" if isinstance(rule, A.Tokens) else ""
 
 
 def _keep_report(bound: BoundRule) -> RuleReport:

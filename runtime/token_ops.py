@@ -8,6 +8,7 @@ per sequence, and the padded layout comes back at the outputs with zeros at padd
     p = torch.ops.slimfx.pack_tokens(x, bi, si, S, 0, 1)         # [B, S, D] -> [1, N, D]
     y = torch.ops.slimfx.unpack_tokens(p, bi, si, B, S, 0, 1)    # [1, N, D] -> [B, S, D], zeros at padding
     o = torch.ops.slimfx.packed_attention(q, k, v, mask, bi, si, B, scale, False, False)
+    x2, sizes2, bi2, si2, dest = torch.ops.slimfx.token_merge(p, None, bi, si, B, 0.3, True)   # ToMe
 
 `batch_dim`/`seq_dim` say where the batch and the sequence sit in the *unpacked* tensor;
 `batch_dim = FLAT` (-1) means `seq_dim` holds batch×sequence flattened (GPT-2's [B·S, D] linears);
@@ -19,12 +20,13 @@ The reference implementations are the meaning; the fake ones give the packed len
 unbacked symbolic size (it depends on the mask's values), so graphs with these ops still trace.
 Gradients are not defined: an unpadded model is for inference (train adapters before `tokens unpad`).
 """
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FLAT", "NO_BATCH", "token_index", "pack_tokens", "unpack_tokens", "packed_attention"]
+__all__ = ["FLAT", "NO_BATCH", "token_index", "pack_tokens", "unpack_tokens", "packed_attention", "token_merge"]
 
 FLAT = -1
 NO_BATCH = -2
@@ -128,6 +130,71 @@ def _packed_attention_fake(q, k, v, mask, bi, si, batch, scale, is_causal, enabl
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+def _merge_sequence(x: torch.Tensor, sizes: torch.Tensor, ratio: float, protect_first: bool):
+    """ToMe's bipartite soft matching on one sequence's tokens x [L, D] with sizes [L].
+
+    Alternate tokens into A (even positions) and B (odd), match each A token to its most similar B
+    token by cosine, and merge the r = ⌊ratio·L⌋ best-matched A tokens into their B tokens by
+    size-weighted average (at most |A|; the first token never leaves when `protect_first`).
+    Returns (merged x [L−r, D] in the original order, sizes [L−r], kept local indices [L−r],
+    dest [L]: where each input token went)."""
+    length = x.shape[0]
+    a_idx = torch.arange(0, length, 2)
+    b_idx = torch.arange(1, length, 2)
+    candidates = a_idx.numel() - (1 if protect_first else 0)
+    r = min(int(ratio * length), candidates, b_idx.numel())
+    if r <= 0:
+        keep = torch.arange(length)
+        return x, sizes, keep, keep.clone()
+    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = unit[a_idx] @ unit[b_idx].T
+    if protect_first:
+        scores[0] = -math.inf
+    best, match = scores.max(dim=-1)
+    order = torch.argsort(best, descending=True, stable=True)
+    src = a_idx[order[:r]]
+    dst = b_idx[match[order[:r]]]
+    target = torch.arange(length)
+    target[src] = dst
+    weighted = torch.zeros_like(x).index_add_(0, target, x * sizes[:, None])
+    total = torch.zeros_like(sizes).index_add_(0, target, sizes)
+    gone = torch.zeros(length, dtype=torch.bool)
+    gone[src] = True
+    keep = (~gone).nonzero().flatten()
+    new_index = torch.cumsum(~gone, 0) - 1
+    dest = new_index[target]
+    return (weighted[keep] / total[keep, None]).to(x.dtype), total[keep], keep, dest
+
+
+def _token_merge(x: torch.Tensor, sizes: Optional[torch.Tensor], bi: torch.Tensor, si: torch.Tensor, batch: int,
+                 ratio: float, protect_first: bool):
+    """ToMe merging of each sequence of packed tokens x [1, N, D] (see _merge_sequence).
+
+    Returns (x [1, N', D], sizes [N'], batch_index [N'], seq_index [N'], dest [N]): each merged
+    token keeps the batch and position of the B token it merged into; dest[i] is where token i of
+    the input went (restoring the input's length is x[:, dest])."""
+    if sizes is None:
+        sizes = x.new_ones(x.shape[1])
+    xs, ss, bs, ps, dests, offset = [], [], [], [], [], 0
+    for b, start, end in _sequence_bounds(bi, batch):
+        merged, size, keep, dest = _merge_sequence(x[0, start:end], sizes[start:end], ratio, protect_first)
+        xs.append(merged)
+        ss.append(size)
+        bs.append(bi[start:end][keep])
+        ps.append(si[start:end][keep])
+        dests.append(dest + offset)
+        offset += merged.shape[0]
+    if not xs:
+        return x.clone(), sizes.clone(), bi.clone(), si.clone(), torch.arange(x.shape[1])
+    return (torch.cat(xs)[None], torch.cat(ss), torch.cat(bs), torch.cat(ps), torch.cat(dests))
+
+
+def _token_merge_fake(x, sizes, bi, si, batch, ratio, protect_first):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty((1, n, *x.shape[2:])), x.new_empty((n,)), bi.new_empty((n,)), si.new_empty((n,)),
+            bi.new_empty(bi.shape))
+
+
 _OPS = {
     "token_index": ("(Tensor mask) -> (Tensor, Tensor)", _token_index, _token_index_fake),
     "pack_tokens": ("(Tensor x, Tensor batch_index, Tensor seq_index, SymInt seq, int batch_dim, int seq_dim) -> Tensor",
@@ -137,6 +204,8 @@ _OPS = {
     "packed_attention": ("(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor batch_index, Tensor seq_index, "
                          "SymInt batch, float? scale, bool is_causal, bool enable_gqa) -> Tensor",
                          _packed_attention, _packed_attention_fake),
+    "token_merge": ("(Tensor x, Tensor? sizes, Tensor batch_index, Tensor seq_index, SymInt batch, float ratio, "
+                    "bool protect_first) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _token_merge, _token_merge_fake),
 }
 
 
@@ -152,3 +221,4 @@ token_index = torch.ops.slimfx.token_index.default
 pack_tokens = torch.ops.slimfx.pack_tokens.default
 unpack_tokens = torch.ops.slimfx.unpack_tokens.default
 packed_attention = torch.ops.slimfx.packed_attention.default
+token_merge = torch.ops.slimfx.token_merge.default

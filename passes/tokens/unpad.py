@@ -22,7 +22,7 @@ from ..graph import ModelGraph
 from .layout import Symbols
 from .pack import pack_graph
 
-__all__ = ["run", "MASK_INPUT"]
+__all__ = ["run", "MASK_INPUT", "padded_batch", "timed", "rule_error"]
 
 MASK_INPUT = "attention_mask"
 
@@ -30,15 +30,15 @@ MASK_INPUT = "attention_mask"
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     mask = _mask_placeholder(graph, bound, ctx)
     if not graph.blocks:
-        raise _error(bound, ctx, "unsupported", f"`tokens unpad` packs the tokens entering the first block, and "
+        raise rule_error(bound, ctx, "unsupported", f"`tokens unpad` packs the tokens entering the first block, and "
                      f"{graph.model_class} has no repeated blocks", "remove the rule")
     symbols = Symbols(graph.dim_symbols("batch"), graph.dim_symbols("seq"))
-    probe = _padded_batch(ctx)
-    before = _timed(graph, probe) if probe else None
+    probe = padded_batch(ctx)
+    before = timed(graph, probe) if probe else None
     try:
         result = pack_graph(graph.module, graph.blocks[0].input, mask, symbols)
     except ValueError as e:
-        raise _error(bound, ctx, "unsupported", f"`tokens unpad` cannot pack {graph.model_class}: {e}",
+        raise rule_error(bound, ctx, "unsupported", f"`tokens unpad` cannot pack {graph.model_class}: {e}",
                      "remove the rule; the model runs on the padded batch as before") from e
     if result.attention == 0:
         notes = ["no attention op runs per sequence (the model writes attention out by hand): "
@@ -53,7 +53,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     if probe:
         mask_t = probe[MASK_INPUT]
         real, padded = int((mask_t != 0).sum()), mask_t.numel()
-        after = _timed(graph, probe)
+        after = timed(graph, probe)
         details.update(tokens_padded=padded, tokens_real=real, latency_ms_before=round(before, 2),
                        latency_ms_after=round(after, 2))
         notes.append(f"first calibration batch {tuple(mask_t.shape)}: {real} of {padded} tokens are real "
@@ -67,20 +67,20 @@ def _mask_placeholder(graph: ModelGraph, bound: BoundRule, ctx: Context):
         if node.op == "placeholder" and node.name == MASK_INPUT:
             val = node.meta.get("val")
             if not isinstance(val, torch.Tensor) or val.dim() != 2:
-                raise _error(bound, ctx, "unsupported", f"`tokens unpad` needs a [batch, seq] attention mask; "
+                raise rule_error(bound, ctx, "unsupported", f"`tokens unpad` needs a [batch, seq] attention mask; "
                              f"this model's {MASK_INPUT} is {tuple(getattr(val, 'shape', ()))}")
             return node
-    raise _error(bound, ctx, "unsupported", f"`tokens unpad` finds the real tokens from the attention mask, and "
+    raise rule_error(bound, ctx, "unsupported", f"`tokens unpad` finds the real tokens from the attention mask, and "
                  f"{graph.model_class} was captured without an `{MASK_INPUT}` input",
                  f"pass `{MASK_INPUT}` among the example inputs (a tokenizer's padded batch has it)")
 
 
-def _error(bound: BoundRule, ctx: Context, kind: str, message: str, hint: str | None = None) -> SpecError:
-    return SpecError.at(kind, message, line=bound.line, column=bound.rule.span.column, width=len("tokens unpad"),
+def rule_error(bound: BoundRule, ctx: Context, kind: str, message: str, hint: str | None = None) -> SpecError:
+    return SpecError.at(kind, message, line=bound.line, column=bound.rule.span.column, width=len("tokens"),
                         hint=hint, source=ctx.source, filename=ctx.filename)
 
 
-def _padded_batch(ctx: Context) -> dict | None:
+def padded_batch(ctx: Context) -> dict | None:
     """The first calibration batch that has an attention mask (its padding shows the gain)."""
     for batch in ctx.calib:
         if MASK_INPUT in batch:
@@ -88,7 +88,7 @@ def _padded_batch(ctx: Context) -> dict | None:
     return None
 
 
-def _timed(graph: ModelGraph, inputs: dict, repeats: int = 3) -> float:
+def timed(graph: ModelGraph, inputs: dict, repeats: int = 3) -> float:
     """Median ms of one forward (after one warm-up)."""
     times = []
     with torch.no_grad():

@@ -86,3 +86,19 @@ def test_token_index_refuses_a_mask_that_is_not_2d():
 
     with pytest.raises(ValueError, match="batch, seq"):
         T.token_index(torch.ones(2, 3, 4))
+
+
+def test_merge_keeps_the_protected_first_token_of_every_sequence_and_tracks_sizes():
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]])
+    bi, si = T.token_index(mask)
+    x = torch.randn(1, bi.numel(), 6, generator=torch.Generator().manual_seed(0))
+    x[0, 0] = x[0, 1]  # the first token is the best possible match: protection must still keep it
+    out, sizes, bi2, si2, dest = T.token_merge(x, None, bi, si, 2, 0.5, True)
+    # Sequence 0: 8 tokens, A = {0,2,4,6} minus the protected 0, so r = min(⌊0.5·8⌋, 3, 4) = 3;
+    # sequence 1: 5 tokens, r = min(2, 2, 2) = 2. 13 − 5 = 8 tokens remain, in their order.
+    assert out.shape == (1, 8, 6) and sizes.sum() == 13  # every token is counted somewhere
+    assert bi2.tolist() == [0] * 5 + [1] * 3
+    for first in (0, 8):
+        assert torch.equal(out[0, dest[first]], x[0, first]) and sizes[dest[first]] == 1
+    assert si2[0] == 0 and si2[5] == 0  # the first tokens keep their positions
+    assert (si2[1:5].diff() > 0).all()  # positions stay in order within a sequence

@@ -1,0 +1,92 @@
+"""`tokens after <blocks> merge` against a direct ToMe implementation (tome_ref.py) on a tiny BERT
+run one sequence at a time; identity at r = 0; the refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import slimfx
+from slimfx.models import tiny
+
+from tome_ref import bert_with_merges
+
+MERGE = "tokens unpad\ntokens after blocks[1:3] merge ratio={ratio} protect={protect} restore=true"
+
+
+def _batch(lengths, seq: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 200, (len(lengths), seq), generator=gen)
+    mask = torch.zeros(len(lengths), seq, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny("bert", layers=4)
+
+
+@pytest.fixture(scope="module")
+def compiled(bert):
+    example = _batch([12, 8, 5], 12, 0)
+    return {(ratio, protect): slimfx.compile(bert.model, MERGE.format(ratio=ratio, protect=protect),
+                                             example_inputs=example, calib=[example])
+            for ratio, protect in ((0.3, "cls"), (0.5, "none"))}
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(1, 14), min_size=1, max_size=3), seed=st.integers(0, 1000),
+       variant=st.sampled_from([(0.3, "cls"), (0.5, "none")]))
+def test_merge_equals_a_direct_tome_run_one_sequence_at_a_time(bert, compiled, lengths, seed, variant):
+    ratio, protect = variant
+    batch = _batch(lengths, max(lengths), seed)
+    with torch.no_grad():
+        got = compiled[variant](**batch).last_hidden_state
+    for row, n in enumerate(lengths):
+        want = bert_with_merges(bert.model, batch["input_ids"][row, :n], {1, 2}, ratio, protect == "cls")
+        torch.testing.assert_close(got[row, :n], want, atol=1e-5, rtol=1e-4)
+        assert got[row, n:].abs().sum() == 0
+
+
+def test_merging_changes_the_output_and_the_report_counts_tokens(bert, compiled):
+    batch = _batch([12, 8, 5], 12, 0)
+    with torch.no_grad():
+        plain = bert.model(**batch).last_hidden_state
+        merged = compiled[(0.3, "cls")](**batch).last_hidden_state
+    assert (plain - merged).abs().max() > 1e-2  # a merge that did nothing would pass the reference test too
+    rule = compiled[(0.3, "cls")].report.rules[1]
+    # 25 real tokens; ⌊0.3·L⌋ per sequence: 3+2+1 = 6 after block 1, then 2+1+1 = 4 after block 2.
+    assert rule.details["tokens"] == ["25→19", "19→15"]
+
+
+def test_a_ratio_that_merges_nothing_is_bit_identical_to_unpad_alone(bert):
+    example = _batch([6, 4], 6, 3)
+    alone = slimfx.compile(bert.model, "tokens unpad", example_inputs=example, calib=[example])
+    tiny_ratio = slimfx.compile(bert.model, MERGE.format(ratio=0.05, protect="cls"), example_inputs=example,
+                                calib=[example])
+    with torch.no_grad():
+        assert torch.equal(tiny_ratio(**example).last_hidden_state, alone(**example).last_hidden_state)
+
+
+def test_save_load_keeps_the_merge(bert, compiled, tmp_path):
+    cm = compiled[(0.3, "cls")]
+    cm.save(tmp_path / "m")
+    back = slimfx.load(tmp_path / "m")
+    batch = _batch([9, 14, 2], 14, 7)
+    with torch.no_grad():
+        assert torch.equal(back(**batch).last_hidden_state, cm(**batch).last_hidden_state)
+
+
+@pytest.mark.parametrize("rules,arch,match", [
+    ("tokens after blocks[1] merge ratio=0.3 restore=true", "bert", "tokens unpad"),
+    ("tokens unpad\ntokens after blocks[1] merge ratio=0.3", "bert", "restore=false"),
+    ("tokens unpad\ntokens after blocks[3] merge ratio=0.3 restore=true", "bert", "last block"),
+    ("tokens unpad\ntokens after blocks[1] merge ratio=0.3 restore=true", "llama", "causal decoder"),
+])
+def test_refusals(rules, arch, match):
+    lm = tiny(arch, layers=4)
+    example = _batch([6, 4], 6, 1)
+    with pytest.raises(slimfx.SpecError, match=match):
+        slimfx.compile(lm.model, rules, example_inputs=example, calib=[example])
