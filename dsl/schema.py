@@ -137,7 +137,9 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
         _PROTECT, _RESTORE,
     ),
     "tokens.merge": _specs(
-        ParamSpec("ratio", float, 0.25, "fraction of tokens merged away (ToMe)", _fraction_open, "a number in (0, 1)"),
+        # Bipartite matching merges at most half the tokens in one step (each A token into a B token).
+        ParamSpec("ratio", float, 0.25, "fraction of each sequence's tokens merged away in one step (ToMe)",
+                  lambda v: 0 < v <= 0.5, "a number in (0, 0.5]"),
         _PROTECT, _RESTORE,
     ),
     "tokens.unpad": _specs(),  # `tokens unpad` alone: nothing to tune
