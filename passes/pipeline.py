@@ -39,7 +39,7 @@ PASSES: dict[type, PassFn] = {
 
 def is_implemented(rule: A.Rule) -> bool:
     if isinstance(rule, A.Tokens):
-        return rule.action in after.IMPLEMENTED
+        return after.missing(rule) is None
     return isinstance(rule, A.Keep) or type(rule) in PASSES
 
 
@@ -69,14 +69,14 @@ def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
 def _refuse_unimplemented(plan: Plan, ctx: Context) -> None:
     missing = [b for b in plan.rules if not is_implemented(b.rule)]
     if missing:
-        raise SpecError([Diagnostic("unsupported", f"`{b.rule.kind}`{_action(b.rule)} is not implemented in this version of "
+        raise SpecError([Diagnostic("unsupported", f"`{b.rule.kind}` is not implemented{_action(b.rule)} in this version of "
                                     "slimfx, so this policy cannot be compiled yet", b.line, b.rule.span.column,
                                     len(b.rule.kind), "`slimfx plan` lists what each rule would do; remove the "
                                     "rule to compile the rest") for b in missing], ctx.source, ctx.filename)
 
 
 def _action(rule: A.Rule) -> str:
-    return f" (`{rule.action}`)" if isinstance(rule, A.Tokens) else ""
+    return f" for `{after.missing(rule)}`" if isinstance(rule, A.Tokens) else ""
 
 
 def _keep_report(bound: BoundRule) -> RuleReport:

@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FLAT", "NO_BATCH", "token_index", "pack_tokens", "unpack_tokens", "packed_attention", "token_merge"]
+__all__ = ["FLAT", "NO_BATCH", "token_index", "pack_tokens", "unpack_tokens", "packed_attention", "token_merge",
+           "token_prune"]
 
 FLAT = -1
 NO_BATCH = -2
@@ -173,23 +174,61 @@ def _token_merge(x: torch.Tensor, sizes: Optional[torch.Tensor], bi: torch.Tenso
     Returns (x [1, N', D], sizes [N'], batch_index [N'], seq_index [N'], dest [N]): each merged
     token keeps the batch and position of the B token it merged into; dest[i] is where token i of
     the input went (restoring the input's length is x[:, dest])."""
+    return _per_sequence(_merge_sequence, x, sizes, bi, si, batch, ratio, protect_first)
+
+
+def _prune_sequence(x: torch.Tensor, sizes: torch.Tensor, keep: float, protect_first: bool, protect_last: bool):
+    """Keep the ⌈keep·L⌉ tokens of x [L, D] with the largest norm (protected ones always), in
+    order; a dropped token's dest is its nearest kept token by cosine. Same returns as
+    _merge_sequence."""
+    length = x.shape[0]
+    k = min(length, max(1, math.ceil(keep * length - 1e-9)))
+    score = x.norm(dim=-1)
+    protected = torch.zeros(length, dtype=torch.bool)
+    if protect_first:
+        protected[0] = True
+    if protect_last:
+        protected[-1] = True
+    score = torch.where(protected, torch.full_like(score, math.inf), score)
+    k = max(k, int(protected.sum()))
+    kept = torch.zeros(length, dtype=torch.bool)
+    kept[torch.argsort(score, descending=True, stable=True)[:k]] = True
+    keep_idx = kept.nonzero().flatten()
+    new_index = torch.cumsum(kept, 0) - 1
+    dest = new_index.clone()
+    if k < length:
+        unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        nearest = (unit[~kept] @ unit[keep_idx].T).argmax(dim=-1)
+        dest[~kept] = nearest
+    return x[keep_idx], sizes[keep_idx], keep_idx, dest
+
+
+def _per_sequence(fn, x, sizes, bi, si, batch, *params):
+    """Apply a per-sequence token op (_merge_sequence, _prune_sequence) to packed tokens."""
     if sizes is None:
         sizes = x.new_ones(x.shape[1])
     xs, ss, bs, ps, dests, offset = [], [], [], [], [], 0
     for b, start, end in _sequence_bounds(bi, batch):
-        merged, size, keep, dest = _merge_sequence(x[0, start:end], sizes[start:end], ratio, protect_first)
-        xs.append(merged)
+        out, size, keep, dest = fn(x[0, start:end], sizes[start:end], *params)
+        xs.append(out)
         ss.append(size)
         bs.append(bi[start:end][keep])
         ps.append(si[start:end][keep])
         dests.append(dest + offset)
-        offset += merged.shape[0]
+        offset += out.shape[0]
     if not xs:
         return x.clone(), sizes.clone(), bi.clone(), si.clone(), torch.arange(x.shape[1])
     return (torch.cat(xs)[None], torch.cat(ss), torch.cat(bs), torch.cat(ps), torch.cat(dests))
 
 
-def _token_merge_fake(x, sizes, bi, si, batch, ratio, protect_first):
+def _token_prune(x: torch.Tensor, sizes: Optional[torch.Tensor], bi: torch.Tensor, si: torch.Tensor, batch: int,
+                 keep: float, protect_first: bool, protect_last: bool):
+    """Norm-ranked pruning of each sequence of packed tokens x [1, N, D] (see _prune_sequence);
+    returns as token_merge does."""
+    return _per_sequence(_prune_sequence, x, sizes, bi, si, batch, keep, protect_first, protect_last)
+
+
+def _token_merge_fake(x, sizes, bi, si, batch, *params):
     n = torch.library.get_ctx().new_dynamic_size()
     return (x.new_empty((1, n, *x.shape[2:])), x.new_empty((n,)), bi.new_empty((n,)), si.new_empty((n,)),
             bi.new_empty(bi.shape))
@@ -206,6 +245,9 @@ _OPS = {
                          _packed_attention, _packed_attention_fake),
     "token_merge": ("(Tensor x, Tensor? sizes, Tensor batch_index, Tensor seq_index, SymInt batch, float ratio, "
                     "bool protect_first) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _token_merge, _token_merge_fake),
+    "token_prune": ("(Tensor x, Tensor? sizes, Tensor batch_index, Tensor seq_index, SymInt batch, float keep, "
+                    "bool protect_first, bool protect_last) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                    _token_prune, _token_merge_fake),
 }
 
 
@@ -222,3 +264,4 @@ pack_tokens = torch.ops.slimfx.pack_tokens.default
 unpack_tokens = torch.ops.slimfx.unpack_tokens.default
 packed_attention = torch.ops.slimfx.packed_attention.default
 token_merge = torch.ops.slimfx.token_merge.default
+token_prune = torch.ops.slimfx.token_prune.default

@@ -1,5 +1,5 @@
-"""`tokens after <blocks> prune|merge`: the rule's action picks the pass. Merge is implemented
-(passes/tokens/merge.py); prune is not yet, and `is_implemented` says so to compile and `plan`."""
+"""`tokens after <blocks> prune|merge`: the rule's action picks the pass (merge.py, prune.py).
+`IMPLEMENTED` is what `pipeline.is_implemented` reads for compile and `slimfx plan`."""
 from __future__ import annotations
 
 from ...dsl import ast as A
@@ -7,11 +7,22 @@ from ...runtime.report import RuleReport
 from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
-from . import merge
+from . import merge, prune
 
-__all__ = ["run", "IMPLEMENTED"]
+__all__ = ["run", "IMPLEMENTED", "missing"]
 
-IMPLEMENTED = {"merge": merge.run}
+IMPLEMENTED = {"merge": merge.run, "prune": prune.run}
+
+
+def missing(rule: A.Tokens) -> str | None:
+    """What of this rule this version cannot do (e.g. "prune score=attention"), or None."""
+    if rule.action not in IMPLEMENTED:
+        return rule.action
+    if not rule.get("restore"):
+        return f"{rule.action} restore=false"
+    if rule.action == "prune" and rule.get("score") != "norm":
+        return f"prune score={rule.get('score')}"
+    return None
 
 
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:

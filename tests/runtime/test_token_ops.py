@@ -102,3 +102,21 @@ def test_merge_keeps_the_protected_first_token_of_every_sequence_and_tracks_size
         assert torch.equal(out[0, dest[first]], x[0, first]) and sizes[dest[first]] == 1
     assert si2[0] == 0 and si2[5] == 0  # the first tokens keep their positions
     assert (si2[1:5].diff() > 0).all()  # positions stay in order within a sequence
+
+
+def test_prune_keeps_the_largest_norms_and_the_protected_last_position():
+    mask = torch.ones(1, 6, dtype=torch.long)
+    bi, si = T.token_index(mask)
+    x = torch.zeros(1, 6, 2)
+    x[0, :, 0] = torch.tensor([5.0, 1.0, 4.0, 3.0, 6.0, 0.5])  # norms; the last is the smallest
+    x[0, :, 1] = 0.1
+    out, sizes, bi2, si2, dest = T.token_prune(x, None, bi, si, 1, 0.5, False, True)
+    # ⌈0.5·6⌉ = 3 kept: the protected last position (the smallest norm), then the two largest
+    # norms, positions 4 and 0; in their order.
+    assert si2.tolist() == [0, 4, 5]
+    assert torch.equal(out[0], x[0, [0, 4, 5]]) and sizes.tolist() == [1, 1, 1]
+    # Each dropped token goes to the kept token most similar to it by cosine.
+    unit = x[0] / x[0].norm(dim=-1, keepdim=True)
+    for t in (1, 2, 3):
+        assert dest[t] == int((unit[[0, 4, 5]] @ unit[t]).argmax())
+    assert dest[[0, 4, 5]].tolist() == [0, 1, 2]

@@ -52,3 +52,40 @@ def bert_with_merges(model, ids: torch.Tensor, after: set[int], ratio: float, pr
                 h = merged[None]
                 dest = d[dest]
         return h[0][dest]
+
+
+def prune_tokens(x: torch.Tensor, sizes: torch.Tensor, keep: float, protect_first: bool):
+    """x [L, D] -> the ⌈keep·L⌉ rows of largest norm (the first always when protected), in order,
+    and dest [L]: a dropped row goes to its most cosine-similar kept row."""
+    import math
+
+    length = x.shape[0]
+    k = max(1, math.ceil(keep * length - 1e-9), 1 if protect_first else 0)
+    norms = [float(x[t].norm()) for t in range(length)]
+    ranked = sorted(range(length), key=lambda t: (-(math.inf if protect_first and t == 0 else norms[t]), t))
+    kept = sorted(ranked[:k])
+    where = {t: i for i, t in enumerate(kept)}
+    dest = []
+    for t in range(length):
+        if t in where:
+            dest.append(where[t])
+        else:
+            sims = [float(F.cosine_similarity(x[t], x[u], dim=0)) for u in kept]
+            dest.append(max(range(len(kept)), key=lambda i: (sims[i], -i)))
+    return x[kept], sizes[kept], torch.tensor(dest)
+
+
+def bert_with_token_ops(model, ids: torch.Tensor, ops: dict) -> torch.Tensor:
+    """bert_with_merges for any mix: ops maps a block index to a function (x, sizes) -> (x, sizes, dest)."""
+    with torch.no_grad():
+        h = model.embeddings(input_ids=ids[None])
+        sizes = torch.ones(ids.numel())
+        dest = torch.arange(ids.numel())
+        for i, layer in enumerate(model.encoder.layer):
+            out = layer(h)
+            h = out[0] if isinstance(out, tuple) else out
+            if i in ops:
+                x, sizes, d = ops[i](h[0], sizes)
+                h = x[None]
+                dest = d[dest]
+        return h[0][dest]

@@ -1,0 +1,167 @@
+"""What `tokens after … merge|prune` share: an op that changes the packed tokens after a block, and
+every later reader of the token index switched to its outputs.
+
+Such an op keeps some tokens (each at the batch and position of a token of its input) and says
+where each input token went (`dest`); the token index of `tokens unpad` (batch and position per
+packed token) becomes the op's, so attention per sequence, rotary or position tables and the
+views' packed length follow; nothing else with one value per token may cross the op (a SpecError
+names the node). The outputs are restored through the `dest` maps: every position takes the final
+value of the token it went to (nested gathers, the latest innermost).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from ...runtime import token_ops
+from ..bind import BoundRule
+from ..context import Context
+from ..graph import ModelGraph
+from .pack import PACKED
+from .unpad import rule_error
+
+__all__ = ["index_node", "selected_blocks", "insert_after", "token_counts", "TOKEN_OPS"]
+
+RESTORE = "slimfx_restore"  # meta key of the gathers that give an output its tokens back
+aten = torch.ops.aten
+TOKEN_OPS = {token_ops.token_merge, token_ops.token_prune}
+
+
+def index_node(graph: ModelGraph, bound: BoundRule, ctx: Context) -> fx.Node:
+    """The `tokens unpad` rewrite's token_index node; a SpecError without one."""
+    for node in graph.module.graph.nodes:
+        if node.target is token_ops.token_index:
+            return node
+    action = bound.rule.action
+    raise rule_error(bound, ctx, "unsupported", f"`tokens … {action}` works on the packed tokens of `tokens unpad` "
+                     "in this version, and no `tokens unpad` comes before it",
+                     f"add `tokens unpad` above this rule (it is exact, and a {action} pays most on real tokens)")
+
+
+def selected_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context) -> list:
+    """The bound blocks as the graph indexes them now, in order; never the last block."""
+    by_path = {b.path: b for b in graph.blocks}
+    blocks = sorted((by_path[b.path] for b in bound.blocks if b.path in by_path), key=lambda b: b.index)
+    if graph.blocks and graph.blocks[-1] in blocks:
+        raise rule_error(bound, ctx, "out-of-range", f"a `{bound.rule.action}` after the last block "
+                         f"({graph.blocks[-1].path}) saves no work and only changes output tokens",
+                         f"select blocks before the last, e.g. `blocks[1:{len(graph.blocks) - 1}]`")
+    return blocks
+
+
+def insert_after(graph: ModelGraph, h: fx.Node, index: fx.Node, op, params: tuple, bound: BoundRule,
+                 ctx: Context) -> fx.Node:
+    """Insert `op(h, sizes, batch_index, seq_index, batch, *params)` — an op with token_merge's
+    outputs (x, sizes, batch_index, seq_index, dest) — after the residual stream `h`, and switch
+    every later reader of the token index to its outputs."""
+    g = graph.module.graph
+    if PACKED not in h.meta:
+        raise rule_error(bound, ctx, "unsupported", f"the residual stream leaving the block ({h.name}) is not on "
+                         "packed tokens", "put `tokens unpad` above this rule")
+    order = {n: i for i, n in enumerate(g.nodes)}
+    later = [n for n in g.nodes if order[n] > order[h]]
+    bi, si, n_tokens, sizes = _current_index(later, index)
+    batch = next(n for n in g.nodes if n.target is aten.sym_size.int and n.args == (index.args[0], 0))
+    _check_crossing(graph, h, later, {bi, si, n_tokens, sizes, batch, index}, bound, ctx)
+    with g.inserting_after(h):
+        merge = g.call_function(op, (h, sizes, bi, si, batch, *params))
+    outs = []
+    prev = merge
+    for i in range(5):
+        with g.inserting_after(prev):
+            prev = g.call_function(operator.getitem, (merge, i))
+        outs.append(prev)
+    with g.inserting_after(prev):
+        n_new = g.call_function(aten.sym_size.int, (outs[2], 0))
+    x2, sizes2, bi2, si2, dest = outs
+    _logical_meta(merge, outs, n_new, h, bi)
+    x2.meta[PACKED] = h.meta[PACKED]
+    if "nn_module_stack" in h.meta:  # the merge is part of its block: the merged stream is its output
+        for node in (merge, *outs, n_new):
+            node.meta["nn_module_stack"] = h.meta["nn_module_stack"]
+    swap = {h: x2, bi: bi2, si: si2, n_tokens: n_new}
+    if sizes is not None:
+        swap[sizes] = sizes2
+    for user in later:
+        if user.target is token_ops.unpack_tokens:
+            _restore(g, user, dest)
+            continue
+        user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda a: swap.get(a, a))
+    return merge
+
+
+def _current_index(later, index: fx.Node):
+    """(batch_index, seq_index, packed length, sizes) the nodes after the merge point read: the
+    unpad's, or those of the last merge before it."""
+    for node in later:
+        if node.target is token_ops.packed_attention:
+            bi, si = node.args[4], node.args[5]
+            break
+    else:
+        raise ValueError("no attention after the merge point: merging after the last block changes nothing")
+    n_tokens = next((n for n in bi.users if n.target is aten.sym_size.int), None)
+    sizes = None
+    if bi.target is operator.getitem and bi.args[0].target in TOKEN_OPS:
+        sizes = next(u for u in bi.args[0].users if u.args[1] == 1)
+    return bi, si, n_tokens, sizes
+
+
+def _check_crossing(graph, h, later, index_nodes, bound, ctx) -> None:
+    """Nothing packed may reach past the merge point except the stream itself and the index."""
+    later_set = set(later)
+    for node in graph.module.graph.nodes:
+        if node is h or node in later_set or node in index_nodes:
+            continue
+        packed = PACKED in node.meta or node.target is token_ops.pack_tokens
+        if packed and any(u in later_set for u in node.users):
+            user = next(u for u in node.users if u in later_set)
+            raise rule_error(bound, ctx, "unsupported", f"{node.name} holds one value per token from before the "
+                             f"merge and is read after it (by {user.name}); the merge cannot make it follow",
+                             "merge after another block")
+
+
+def _restore(g: fx.Graph, unpack: fx.Node, dest: fx.Node) -> None:
+    """unpack(x) → unpack(x[dest]): every position takes the value of the token it merged into.
+    With several merges the gathers nest, the latest innermost."""
+    inner = unpack
+    while isinstance(inner.args[0], fx.Node) and inner.args[0].meta.get(RESTORE):
+        inner = inner.args[0]
+    x = inner.args[0]
+    seq_dim = unpack.args[6]
+    with g.inserting_before(inner):
+        gather = g.call_function(aten.index_select.default, (x, seq_dim, dest))
+    gather.meta["val"] = x.meta["val"]
+    gather.meta[RESTORE] = True
+    gather.meta[PACKED] = x.meta.get(PACKED)
+    inner.args = (gather, *inner.args[1:])
+
+
+def _logical_meta(merge, outs, n_new, h, bi) -> None:
+    """Logical values (the padded layout's shapes), as every packed node keeps."""
+    x2, sizes2, bi2, si2, dest = outs
+    merge.meta["val"] = (h.meta["val"], bi.meta["val"].float(), bi.meta["val"], bi.meta["val"], bi.meta["val"])
+    for node, val in zip(outs, merge.meta["val"]):
+        node.meta["val"] = val
+    n_new.meta["val"] = bi.meta["val"].shape[0]
+
+
+def token_counts(graph: ModelGraph, probe: dict, merges: list[fx.Node]) -> dict:
+    """{"tokens": ["in→out" per op in `merges`]} on one calibration batch."""
+    interp = _Counting(graph.module, merges)
+    with torch.no_grad():
+        interp.run(*[probe[i.name] for i in graph.inputs])
+    return {"tokens": [f"{interp.counts[m][0]}→{interp.counts[m][1]}" for m in merges if m in interp.counts]}
+
+
+class _Counting(fx.Interpreter):
+    def __init__(self, gm, merges):
+        super().__init__(gm)
+        self.merges, self.counts = set(merges), {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.merges:
+            self.counts[n] = (int(self.env[n.args[0]].shape[1]), int(out[0].shape[1]))
+        return out

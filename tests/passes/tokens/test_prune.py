@@ -1,0 +1,105 @@
+"""`tokens after <block> prune score=norm restore=true` against a direct implementation (tome_ref.py)
+on a tiny BERT, one sequence at a time; keep=1.0 is the identity; decoders keep their last position."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import slimfx
+from slimfx.models import tiny
+
+from tome_ref import bert_with_token_ops, merge_tokens, prune_tokens
+
+PRUNE = "tokens unpad\ntokens after blocks[{block}] prune keep={keep} score=norm protect={protect} restore=true"
+
+
+def _batch(lengths, seq: int, seed: int, left: bool = False) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 200, (len(lengths), seq), generator=gen)
+    mask = torch.zeros(len(lengths), seq, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        if left:
+            mask[b, seq - n:] = 1
+        else:
+            mask[b, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def bert():
+    """A tiny BERT whose block outputs have distinct norms: BERT is post-norm, and with a fresh
+    LayerNorm (weight 1, bias 0) every token leaves a block with norm √d, so a norm ranking would
+    be decided by rounding. Random LayerNorm weights make the ranking well-defined."""
+    lm = tiny("bert", layers=4)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lm.model.encoder.layer:
+            norm = layer.output.LayerNorm
+            norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=gen))
+            norm.bias.copy_(0.3 * torch.randn(norm.bias.shape, generator=gen))
+    return lm
+
+
+@pytest.fixture(scope="module")
+def pruned(bert):
+    example = _batch([12, 8, 5], 12, 0)
+    rules = PRUNE.format(block=1, keep=0.6, protect="cls") + "\ntokens after blocks[2] merge ratio=0.3 restore=true"
+    return slimfx.compile(bert.model, rules, example_inputs=example, calib=[example])
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(1, 14), min_size=1, max_size=3), seed=st.integers(0, 1000))
+def test_prune_then_merge_equals_a_direct_run_one_sequence_at_a_time(bert, pruned, lengths, seed):
+    batch = _batch(lengths, max(lengths), seed)
+    with torch.no_grad():
+        got = pruned(**batch).last_hidden_state
+    ops = {1: lambda x, s: prune_tokens(x, s, 0.6, True), 2: lambda x, s: merge_tokens(x, s, 0.3, False)}
+    for row, n in enumerate(lengths):
+        want = bert_with_token_ops(bert.model, batch["input_ids"][row, :n], ops)
+        torch.testing.assert_close(got[row, :n], want, atol=1e-5, rtol=1e-4)
+
+
+def test_pruning_changes_the_output_and_counts_tokens(bert, pruned):
+    batch = _batch([12, 8, 5], 12, 0)
+    with torch.no_grad():
+        assert (bert.model(**batch).last_hidden_state - pruned(**batch).last_hidden_state).abs().max() > 1e-2
+    # ⌈0.6·L⌉ of 12, 8, 5 = 8 + 5 + 3 = 16 of 25; then the merge takes ⌊0.3·L⌋ = 2 + 1 + 0.
+    assert pruned.report.rules[1].details["tokens"] == ["25→16"]
+    assert pruned.report.rules[2].details["tokens"] == ["16→13"]
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_keep_all_is_bit_identical_to_unpad_alone(arch):
+    lm = tiny(arch, layers=3)
+    example = _batch([7, 4, 6], 7, 2, left=arch == "llama")
+    alone = slimfx.compile(lm.model, "tokens unpad", example_inputs=example, calib=[example])
+    kept = slimfx.compile(lm.model, PRUNE.format(block=1, keep=1.0, protect="none"), example_inputs=example,
+                          calib=[example])
+    with torch.no_grad():
+        a, b = alone(**example), kept(**example)
+    first = a.logits if arch == "llama" else a.last_hidden_state
+    second = b.logits if arch == "llama" else b.last_hidden_state
+    assert torch.equal(first, second)
+
+
+def test_a_decoder_keeps_its_last_position_and_prefill_shape():
+    lm = tiny("llama", layers=3)
+    example = _batch([7, 4, 6], 7, 3, left=True)
+    cm = slimfx.compile(lm.model, PRUNE.format(block=0, keep=0.2, protect="none"), example_inputs=example,
+                        calib=[example])
+    with torch.no_grad():
+        logits = cm(**example).logits
+        want = lm.model(**example).logits
+    assert logits.shape == want.shape
+    # ⌈0.2·L⌉ of 7, 4, 6 real tokens = 2 + 1 + 2 survive block 0; the last position is always one
+    # of them (op-level: test_token_ops.py), so prefill's next-token logits stay its own.
+    assert cm.report.rules[1].details["tokens"] == ["17→5"]
+    assert torch.isfinite(logits[:, -1]).all()
+
+
+def test_attention_score_is_refused_until_implemented(bert):
+    example = _batch([6, 4], 6, 1)
+    with pytest.raises(slimfx.SpecError, match="score=attention"):
+        slimfx.compile(bert.model, "tokens unpad\ntokens after blocks[1] prune keep=0.5 restore=true",
+                       example_inputs=example, calib=[example])
