@@ -202,6 +202,11 @@ class _Binder:
             need = "blocks" if several else "exactly one block"
             self._error(rule.selector.span, "selector", f"`tokens after … {rule.action}` needs {need}, and "
                         f"`{_sel(rule)}` selects {what}", "write e.g. `tokens after blocks[3]`")
+        last = self.graph.blocks[-1] if self.graph.blocks else None
+        if last is not None and last in blocks:
+            self._error(rule.selector.span, "out-of-range", f"`tokens after {_sel(rule)}` includes the last block "
+                        f"({last.path}): a {rule.action} there saves no work and only changes output tokens",
+                        f"select blocks before the last, e.g. `blocks[{min(b.index for b in blocks)}:-1]`")
         return BoundRule(rule, blocks=blocks, estimate=estimate(rule, (), blocks, self.graph))
 
     def _bind_linears(self, rule, found, protected: set[str]) -> BoundRule:

@@ -40,18 +40,7 @@ def merge_tokens(x: torch.Tensor, sizes: torch.Tensor, ratio: float, protect_fir
 def bert_with_merges(model, ids: torch.Tensor, after: set[int], ratio: float, protect_first: bool) -> torch.Tensor:
     """Last hidden states [L, D] of one unpadded sequence, merging after each block in `after` and
     giving every position the final state of the token it merged into."""
-    with torch.no_grad():
-        h = model.embeddings(input_ids=ids[None])
-        sizes = torch.ones(ids.numel())
-        dest = torch.arange(ids.numel())
-        for i, layer in enumerate(model.encoder.layer):
-            out = layer(h)
-            h = out[0] if isinstance(out, tuple) else out
-            if i in after:
-                merged, sizes, d = merge_tokens(h[0], sizes, ratio, protect_first)
-                h = merged[None]
-                dest = d[dest]
-        return h[0][dest]
+    return bert_with_token_ops(model, ids, {i: lambda x, s: merge_tokens(x, s, ratio, protect_first) for i in after})
 
 
 def prune_tokens(x: torch.Tensor, sizes: torch.Tensor, keep: float, protect_first: bool):
