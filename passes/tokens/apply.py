@@ -6,7 +6,8 @@ from ..bind import BoundRule, graph_bytes, graph_params
 from ..context import Context
 from ..graph import ModelGraph
 from .reindex import index_node, insert_after, selected_blocks, token_counts
-from .unpad import padded_batch, rule_error, timed
+from .flops import block_flops, packed_lengths
+from .unpad import flops_note, padded_batch, timed
 
 __all__ = ["apply_token_op", "is_decoder"]
 
@@ -21,6 +22,8 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
     blocks = selected_blocks(graph, bound, ctx)
     probe = padded_batch(ctx)
     before = timed(graph, probe) if probe else None
+    lengths = packed_lengths(graph, probe) if probe else None
+    flops_before = block_flops(graph, lengths) if lengths else None
     inserted = []
     for block in blocks:
         graph.reindex()
@@ -36,6 +39,8 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
         details.update(latency_ms_before=round(before, 2), latency_ms_after=round(after, 2))
         notes.append(f"first calibration batch: real tokens {' then '.join(details['tokens'])}; one forward "
                      f"{before:.1f} → {after:.1f} ms (×{before / after:.2f})")
+        if flops_before:
+            notes.append(flops_note(details, flops_before, graph, probe))
     params_now, nbytes = graph_params(graph), graph_bytes(graph)
     return RuleReport(bound.line, bound.text, "tokens", tuple(paths), params_now, params_now, nbytes, nbytes,
                       details, tuple(notes))

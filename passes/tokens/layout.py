@@ -13,7 +13,9 @@ import torch
 
 from ...runtime.token_ops import FLAT, NO_BATCH
 
-__all__ = ["Symbols", "Layout", "FLAT", "NO_BATCH"]
+__all__ = ["Symbols", "Layout", "FLAT", "NO_BATCH", "MASK_INPUT"]
+
+MASK_INPUT = "attention_mask"  # the input whose nonzeros are the real tokens
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,11 @@ from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
 from ..context import Context
 from ..graph import ModelGraph
-from .layout import Symbols
+from .layout import MASK_INPUT, Symbols
+from .flops import block_flops, packed_lengths, padded_lengths
 from .pack import pack_graph
 
-__all__ = ["run", "MASK_INPUT", "padded_batch", "timed", "rule_error"]
-
-MASK_INPUT = "attention_mask"
+__all__ = ["run", "MASK_INPUT", "padded_batch", "timed", "rule_error", "flops_note"]
 
 
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
@@ -35,6 +34,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     symbols = Symbols(graph.dim_symbols("batch"), graph.dim_symbols("seq"))
     probe = padded_batch(ctx)
     before = timed(graph, probe) if probe else None
+    flops_before = block_flops(graph, padded_lengths(graph, probe)) if probe else None
     try:
         result = pack_graph(graph.module, graph.blocks[0].input, mask, symbols)
     except ValueError as e:
@@ -58,8 +58,23 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                        latency_ms_after=round(after, 2))
         notes.append(f"first calibration batch {tuple(mask_t.shape)}: {real} of {padded} tokens are real "
                      f"({real / padded:.0%}); one forward {before:.1f} → {after:.1f} ms (×{before / after:.2f})")
+        notes.append(flops_note(details, flops_before, graph, probe))
     params, nbytes = graph_params(graph), graph_bytes(graph)
     return RuleReport(bound.line, bound.text, "tokens", (), params, params, nbytes, nbytes, details, tuple(notes))
+
+
+def flops_note(details: dict, before: int, graph: ModelGraph, probe: dict) -> str:
+    """Record the blocks' estimated FLOPs on the batch before → after (flops.py) and say them."""
+    lengths = packed_lengths(graph, probe)
+    if lengths is None:
+        return "FLOPs not estimated: attention does not run per sequence"
+    after = block_flops(graph, lengths)
+    details.update(flops_before=before, flops_after=after)
+    return f"blocks' estimated FLOPs on it {_flops(before)} → {_flops(after)} (×{after / before:.2f})"
+
+
+def _flops(n: int) -> str:
+    return f"{n / 1e9:.2f} GFLOP" if n >= 1e9 else f"{n / 1e6:.1f} MFLOP"
 
 
 def _mask_placeholder(graph: ModelGraph, bound: BoundRule, ctx: Context):

@@ -59,6 +59,7 @@ def test_merging_changes_the_output_and_the_report_counts_tokens(bert, compiled)
     rule = compiled[(0.3, "cls")].report.rules[1]
     # 25 real tokens; ⌊0.3·L⌋ per sequence: 3+2+1 = 6 after block 1, then 2+1+1 = 4 after block 2.
     assert rule.details["tokens"] == ["25→19", "19→15"]
+    assert rule.details["flops_after"] < rule.details["flops_before"]
 
 
 def test_a_ratio_that_merges_nothing_is_bit_identical_to_unpad_alone(bert):

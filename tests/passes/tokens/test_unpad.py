@@ -80,6 +80,17 @@ def test_the_report_counts_real_tokens_and_attention_per_sequence():
     assert rule.details["padded_layout_nodes"] == 0
 
 
+def test_the_report_estimates_the_blocks_flops_before_and_after():
+    """tiny bert: 2 blocks of width 64, linears 4·64·64 + 2·64·128 = 32,768 weights; the example
+    batch has 7 + 4 + 2 real tokens in a 3×7 grid. FLOPs per block: 2·tokens·weights + 4·ΣL²·64."""
+    _, cm = _compiled("bert")
+    (rule,) = cm.report.rules
+    per_block_before = 2 * 21 * 32768 + 4 * (3 * 49) * 64
+    per_block_after = 2 * 13 * 32768 + 4 * (49 + 16 + 4) * 64
+    assert rule.details["flops_before"] == 2 * per_block_before
+    assert rule.details["flops_after"] == 2 * per_block_after
+
+
 def test_hand_written_attention_runs_padded_and_stays_exact():
     """gemma2 computes attention with matmul + softmax: those ops get the padded layout back."""
     lm, cm = _compiled("gemma2")

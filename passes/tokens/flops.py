@@ -1,0 +1,71 @@
+"""Estimated forward FLOPs of the blocks on one batch, for the token rules' report.
+
+Per block: 2 · tokens · (Σ in·out of its linears) for the linears, plus 4 · Σ_sequences L² · width
+for attention (QKᵀ and AV; `width` = the query projection's output). Before `tokens unpad` every
+sequence is the padded length; after it each block's attention says which tokens it sees (one
+run of the graph on the batch, reading the token index each `slimfx::packed_attention` gets).
+Norms, activations and the embedding/head are left out: the blocks' matmuls dominate.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import fx
+
+from ...runtime import token_ops
+from ..graph import ModelGraph
+from .layout import MASK_INPUT
+
+__all__ = ["padded_lengths", "packed_lengths", "block_flops"]
+
+
+def padded_lengths(graph: ModelGraph, batch: dict) -> list[list[int]]:
+    """What the original computes on: every sequence at the padded length, in every block."""
+    rows, seq = batch[MASK_INPUT].shape
+    return [[seq] * rows for _ in graph.blocks]
+
+
+def packed_lengths(graph: ModelGraph, batch: dict) -> Optional[list[list[int]]]:
+    """Per block, the token count of each sequence its attention sees; None when the blocks'
+    attention does not run per sequence (attention written out by hand stays padded)."""
+    nodes = [n for n in graph.module.graph.nodes if n.target is token_ops.packed_attention]
+    if len(nodes) != len(graph.blocks):
+        return None
+    rec = _Recorder(graph.module, set(nodes))
+    with torch.no_grad():
+        rec.run(*[batch[i.name] for i in graph.inputs])
+    return [rec.lengths[n] for n in nodes]
+
+
+def block_flops(graph: ModelGraph, lengths: list[list[int]]) -> int:
+    total = 0
+    for block, seqs in zip(graph.blocks, lengths):
+        linears = [t for t in graph.targets.values() if t.block == block.index and t.kind == "linear"]
+        weights = sum(math.prod(t.shapes[0]) for t in linears)
+        q = [t for t in linears if t.role == "attn.q"]
+        width = (q[0].shapes[0][1] if q[0].transposed else q[0].shapes[0][0]) if q else _hidden(linears)
+        total += 2 * sum(seqs) * weights + 4 * sum(n * n for n in seqs) * width
+    return total
+
+
+def _hidden(linears) -> int:
+    """The residual width: a fused attention projection's input."""
+    first = linears[0]
+    return first.shapes[0][0] if first.transposed else first.shapes[0][1]
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, nodes):
+        super().__init__(gm)
+        self.nodes, self.lengths = nodes, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.nodes:
+            bi = self.env[n.args[4]]
+            batch = int(self.env[n.args[6]] if isinstance(n.args[6], fx.Node) else n.args[6])
+            counts = torch.bincount(bi, minlength=batch).tolist()
+            self.lengths[n] = [c for c in counts if c]
+        return out
