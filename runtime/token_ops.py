@@ -106,13 +106,14 @@ def _sequence_bounds(bi: torch.Tensor, batch: int) -> list[tuple[int, int, int]]
 
 def _packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                       bi: torch.Tensor, si: torch.Tensor, batch: int, scale: Optional[float],
-                      is_causal: bool, enable_gqa: bool) -> torch.Tensor:
+                      is_causal: bool, enable_gqa: bool, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`scaled_dot_product_attention` of each sequence's tokens among themselves.
 
     q/k/v are [1, heads, N, d]; `mask` is the original [B | 1, heads | 1, S, S] mask (bool or
     additive), each sequence attends with its own rows and columns of it at its real positions,
     which is exactly what the padded model computed at those positions. A causal mask needs no
-    change: positions stay in order inside a sequence.
+    change: positions stay in order inside a sequence. `sizes` (ToMe's proportional attention)
+    adds log(size) of each key to the logits, so a merged token counts as the tokens it holds.
     """
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     for b, start, end in _sequence_bounds(bi, batch):
@@ -121,13 +122,21 @@ def _packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
         if mask is not None:
             m = mask[b if mask.shape[0] > 1 else 0]
             sub = m.index_select(-2, pos).index_select(-1, pos).unsqueeze(0)
+        if sizes is not None:
+            bias = sizes[start:end].log().to(q.dtype).view(1, 1, 1, -1)
+            if sub is None:
+                sub = bias
+            elif sub.dtype == torch.bool:
+                sub = torch.where(sub, bias, torch.full_like(bias, -math.inf))
+            else:
+                sub = sub + bias
         out[:, :, start:end] = F.scaled_dot_product_attention(
             q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], attn_mask=sub,
             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return out
 
 
-def _packed_attention_fake(q, k, v, mask, bi, si, batch, scale, is_causal, enable_gqa):
+def _packed_attention_fake(q, k, v, mask, bi, si, batch, scale, is_causal, enable_gqa, sizes=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -241,7 +250,7 @@ _OPS = {
     "unpack_tokens": ("(Tensor x, Tensor batch_index, Tensor seq_index, SymInt batch, SymInt seq, "
                       "int batch_dim, int seq_dim) -> Tensor", _unpack, _unpack_fake),
     "packed_attention": ("(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor batch_index, Tensor seq_index, "
-                         "SymInt batch, float? scale, bool is_causal, bool enable_gqa) -> Tensor",
+                         "SymInt batch, float? scale, bool is_causal, bool enable_gqa, Tensor? sizes=None) -> Tensor",
                          _packed_attention, _packed_attention_fake),
     "token_merge": ("(Tensor x, Tensor? sizes, Tensor batch_index, Tensor seq_index, SymInt batch, float ratio, "
                     "bool protect_first) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _token_merge, _token_merge_fake),

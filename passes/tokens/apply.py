@@ -17,7 +17,8 @@ def is_decoder(graph: ModelGraph) -> bool:
     return "GenerationMixin" in graph.modules[""].classes
 
 
-def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params: tuple, what: str) -> RuleReport:
+def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params: tuple, what: str,
+                   proportional: bool = False) -> RuleReport:
     index = index_node(graph, bound, ctx)
     blocks = selected_blocks(graph, bound, ctx)
     probe = padded_batch(ctx)
@@ -27,7 +28,8 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
     inserted = []
     for block in blocks:
         graph.reindex()
-        inserted.append(insert_after(graph, graph.blocks[block.index].output, index, op, params, bound, ctx))
+        inserted.append(insert_after(graph, graph.blocks[block.index].output, index, op, params, bound, ctx,
+                                     proportional))
     graph.module.graph.lint()
     graph.module.recompile()
     paths = [b.path for b in blocks]

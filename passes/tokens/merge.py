@@ -6,7 +6,8 @@ hidden states, size-weighted averages, sizes tracked across merges). This versio
 packed layout of `tokens unpad` (which must come first); reindex.py switches every later reader of
 the token index to the merge's and restores the outputs (`restore=true`: each output position
 takes the final value of the token it was merged into, so mean pooling with the original mask is
-size-weighted). Causal decoders are refused: a merged token would see positions after its own.
+size-weighted). `prop_attn=true` gives later attention the merged sizes (log size added to each
+key's logits), as ToMe does. Causal decoders are refused: a merged token would see positions after its own.
 """
 from __future__ import annotations
 
@@ -29,5 +30,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                          "causal decoder: a merged token would see positions after its own",
                          "merge tokens of encoders (and ViTs); on decoders, `prune`")
     ratio = float(rule.get("ratio"))
+    prop = bool(rule.get("prop_attn"))
     return apply_token_op(graph, bound, ctx, token_ops.token_merge, (ratio, rule.get("protect") == "cls"),
-                          f"ToMe merge of {ratio:.0%} of each sequence's tokens")
+                          f"ToMe merge{' with proportional attention' if prop else ''} of {ratio:.0%} of each "
+                          "sequence's tokens", proportional=prop)

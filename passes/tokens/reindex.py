@@ -52,7 +52,7 @@ def selected_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context) -> list:
 
 
 def insert_after(graph: ModelGraph, h: fx.Node, index: fx.Node, op, params: tuple, bound: BoundRule,
-                 ctx: Context) -> fx.Node:
+                 ctx: Context, proportional: bool = False) -> fx.Node:
     """Insert `op(h, sizes, batch_index, seq_index, batch, *params)` — an op with token_merge's
     outputs (x, sizes, batch_index, seq_index, dest) — after the residual stream `h`, and switch
     every later reader of the token index to its outputs."""
@@ -89,6 +89,8 @@ def insert_after(graph: ModelGraph, h: fx.Node, index: fx.Node, op, params: tupl
             _restore(g, user, dest)
             continue
         user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda a: swap.get(a, a))
+        if proportional and user.target is token_ops.packed_attention:
+            user.args = (*user.args[:10], sizes2)  # keys weighted by the tokens each holds
     return merge
 
 

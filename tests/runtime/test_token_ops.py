@@ -120,3 +120,20 @@ def test_prune_keeps_the_largest_norms_and_the_protected_last_position():
     for t in (1, 2, 3):
         assert dest[t] == int((unit[[0, 4, 5]] @ unit[t]).argmax())
     assert dest[[0, 4, 5]].tolist() == [0, 1, 2]
+
+
+def test_proportional_attention_counts_a_merged_key_as_the_tokens_it_holds():
+    """Keys (k1, k2) with sizes (1, 2) attend exactly like keys (k1, k2, k2) with sizes 1: the
+    meaning of ToMe's proportional attention."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 2, 4, generator=gen)
+    k = torch.randn(1, 2, 2, 4, generator=gen)
+    v = torch.randn(1, 2, 2, 4, generator=gen)
+    bi, si = torch.zeros(2, dtype=torch.long), torch.tensor([0, 1])
+    got = T.packed_attention(q, k, v, None, bi, si, 1, None, False, False, torch.tensor([1.0, 2.0]))
+    k3, v3 = torch.cat([k, k[:, :, 1:]], dim=2), torch.cat([v, v[:, :, 1:]], dim=2)
+    want = F.scaled_dot_product_attention(q, k3, v3)
+    torch.testing.assert_close(got, want)
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    with_mask = T.packed_attention(q, k, v, mask, bi, si, 1, None, False, False, torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(with_mask, want)

@@ -71,6 +71,21 @@ def test_a_ratio_that_merges_nothing_is_bit_identical_to_unpad_alone(bert):
         assert torch.equal(tiny_ratio(**example).last_hidden_state, alone(**example).last_hidden_state)
 
 
+def test_proportional_attention_changes_merged_attention_only(bert):
+    example = _batch([12, 8, 5], 12, 4)
+    rules = "tokens unpad\ntokens after blocks[1:3] merge ratio={ratio} prop_attn={prop} restore=true"
+    out = {}
+    for ratio in (0.3, 0.05):
+        for prop in ("true", "false"):
+            cm = slimfx.compile(bert.model, rules.format(ratio=ratio, prop=prop), example_inputs=example,
+                                calib=[example])
+            with torch.no_grad():
+                out[ratio, prop] = cm(**example).last_hidden_state
+    # With merges the sizes differ from 1 and change attention; with none (⌊0.05·L⌋ = 0) log 1 = 0.
+    assert (out[0.3, "true"] - out[0.3, "false"]).abs().max() > 1e-3
+    torch.testing.assert_close(out[0.05, "true"], out[0.05, "false"], atol=1e-6, rtol=1e-6)
+
+
 def test_save_load_keeps_the_merge(bert, compiled, tmp_path):
     cm = compiled[(0.3, "cls")]
     cm.save(tmp_path / "m")
