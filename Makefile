@@ -32,10 +32,10 @@ DEMO_TRAINED := $(DEMO_OUT)-trained
 DEMO_STEPS   ?= 8
 DEMO_BATCH   ?= 4
 DEMO_SEQ     ?= 128
-# Then all-MiniLM-L6-v2 with the token policy: embedding cosine and CPU latency on a padded batch
-# of 16 paragraphs against the original.
-MINILM_SPEC  := specs/minilm-embed.slim
-MINILM_OUT   := out/minilm-embed
+# Then all-MiniLM-L6-v2 with the token policy (real tokens only, then ToMe merging): embedding
+# cosine and CPU latency on a padded batch of 16 paragraphs against the original.
+MINILM_SPEC  := specs/minilm-merge.slim
+MINILM_OUT   := out/minilm-merge
 demo: $(STAMP)
 	$(VENV)/bin/slimfx check specs/*.slim
 	$(VENV)/bin/slimfx compile $(DEMO_SPEC) --model smollm2-135m --out $(DEMO_OUT)

@@ -40,6 +40,12 @@ POLICIES = {
     "unpad + merge 0.2 after blocks 1-4": "tokens unpad\n" + MERGE.format(blocks="blocks[1:5]", ratio=0.2),
     "unpad + merge 0.15 after blocks 1-4": "tokens unpad\n" + MERGE.format(blocks="blocks[1:5]", ratio=0.15),
     "unpad + merge 0.3 after blocks 3-4": "tokens unpad\n" + MERGE.format(blocks="blocks[3:5]", ratio=0.3),
+    "unpad + merge 0.3 after blocks 3-4 + prop_attn": "tokens unpad\n" + MERGE.format(blocks="blocks[3:5]", ratio=0.3)
+    + " prop_attn=true",
+    "unpad + merge 0.2 after blocks 1-4 + prop_attn": "tokens unpad\n" + MERGE.format(blocks="blocks[1:5]", ratio=0.2)
+    + " prop_attn=true",
+    "unpad + merge 0.15 after blocks 1-4 + prop_attn": "tokens unpad\n" + MERGE.format(blocks="blocks[1:5]", ratio=0.15)
+    + " prop_attn=true",
     "unpad + prune 0.7 (norm) after block 2": "tokens unpad\n" + PRUNE.format(block=2, keep=0.7),
     "unpad + prune 0.5 (norm) after block 3": "tokens unpad\n" + PRUNE.format(block=3, keep=0.5),
 }

@@ -22,6 +22,8 @@ def missing(rule: A.Tokens) -> str | None:
         return f"{rule.action} restore=false"
     if rule.action == "prune" and rule.get("score") != "norm":
         return f"prune score={rule.get('score')}"
+    if rule.action == "merge" and rule.get("by") != "hidden":
+        return f"merge by={rule.get('by')}"
     return None
 
 
