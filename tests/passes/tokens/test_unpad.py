@@ -108,6 +108,22 @@ def test_save_load_is_bit_identical_with_other_shapes(tmp_path):
             assert torch.equal(_output(back(**batch)), _output(cm(**batch)))
 
 
+def test_the_rewritten_graph_re_exports_with_its_data_dependent_length():
+    """The packed length is an unbacked size: torch.export of the compiled graph still works, and
+    the re-exported program gives the same bits on other shapes."""
+    _, cm = _compiled("bert")
+    gm = cm.graph.module
+    batch = _inputs(3, 9, [9, 5, 2], left=False)
+    dim = torch.export.Dim.AUTO
+    program = torch.export.export(gm, (batch["input_ids"], batch["attention_mask"]),
+                                  dynamic_shapes=({0: dim, 1: dim}, {0: dim, 1: dim}), strict=False)
+    other = _inputs(4, 6, [6, 1, 3, 5], left=False, seed=9)
+    with torch.no_grad():
+        got = program.module()(other["input_ids"], other["attention_mask"])
+        want = gm(other["input_ids"], other["attention_mask"])
+    assert torch.equal(got[0], want[0])
+
+
 def test_the_users_model_is_not_touched():
     lm = tiny("llama", layers=1)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
