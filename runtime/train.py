@@ -89,7 +89,24 @@ def _check(cm, steps: int, loss: str, teacher) -> list[nn.Parameter]:
     if not params:
         raise ValueError(f"{type(cm).__name__} has no adapters to train: compile with an `adapt` "
                          "rule, e.g. `adapt blocks.*.attn.{q,v} lora rank=16 alpha=32`")
+    token_nodes = _token_op_nodes(cm)
+    if token_nodes:
+        raise ValueError(f"this model was compiled with `tokens …` rules, and their ops ({token_nodes[0]}, …) "
+                         "have no gradients: train a model compiled without them, then compile the token rules "
+                         "onto the result (e.g. `slimfx.compile(cm.merge_adapters(), \"tokens unpad\")`)")
     return params
+
+
+def _token_op_nodes(cm) -> list[str]:
+    """Targets of the token pass's ops (inference only) in the model's graph."""
+    from torch import fx
+
+    from . import token_ops
+
+    ops = {token_ops.pack_tokens, token_ops.packed_attention, token_ops.token_merge, token_ops.token_prune}
+    modules = cm.modules() if isinstance(cm, nn.Module) else ()
+    return [f"slimfx::{n.target._schema.name.split('::')[-1]}" for m in modules if isinstance(m, fx.GraphModule)
+            for n in m.graph.nodes if n.target in ops]
 
 
 def _batches(batches) -> list[dict[str, Any]]:

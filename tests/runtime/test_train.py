@@ -155,3 +155,12 @@ def test_bad_batches_are_refused_and_the_mode_is_restored_after_an_error():
         slimfx.train(cm, [{"nope": torch.zeros(1)}], steps=1)
     assert cm.training is True
     cm.eval()
+
+
+def test_a_model_with_token_rules_is_refused_with_what_to_do():
+    lm = models.tiny("llama", layers=2)
+    example = {"input_ids": torch.randint(3, 200, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    cm = slimfx.compile(lm.model, "adapt blocks.*.attn.q lora rank=4\ntokens unpad", example_inputs=example,
+                        calib=[example])
+    with pytest.raises(ValueError, match=r"tokens …` rules.*slimfx::pack_tokens.*merge_adapters"):
+        slimfx.train(cm, [example], steps=1)
