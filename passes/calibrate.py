@@ -8,6 +8,8 @@ its GPTQ Hessians this way; collapse and heal read residual streams the same way
 """
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any, Callable
 
 import torch
@@ -16,7 +18,7 @@ from torch import fx
 from ..runtime.progress import Progress
 from .graph import ModelGraph
 
-__all__ = ["observe", "Observer", "kept_rows"]
+__all__ = ["observe", "Observer", "kept_rows", "forward_ms"]
 
 Observer = Callable[[torch.Tensor], None]
 
@@ -66,3 +68,16 @@ class _Recorder(fx.Interpreter):
             for fn in observers:
                 fn(rows)
         return result
+
+
+def forward_ms(graph: ModelGraph, inputs: dict[str, Any], repeats: int = 3) -> float:
+    """Median ms of one forward of the graph on `inputs` (after one warm-up call): the passes'
+    reports give a rule's latency before → after with it."""
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            graph(**inputs)
+            if i:  # the first call warms up
+                times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)

@@ -3,8 +3,6 @@ runs (recording a Cut for `heal` with what each run output on the calibration to
 report row."""
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +11,7 @@ from ...dsl.errors import SpecError
 from ...runtime.inputs import complete_inputs
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
+from ..calibrate import forward_ms
 from ..context import Context
 from ..graph import Block, ModelGraph
 from .cut import Cut, remove_run
@@ -107,28 +106,17 @@ def latency_ms(graph: ModelGraph, ctx: Context, repeats: int = 3) -> tuple[float
         return None
     batch = ctx.calib[0]
     if "input_ids" not in batch:
-        return _timed(graph, {k: v[:1] for k, v in batch.items()}, repeats), 0
+        return forward_ms(graph, {k: v[:1] for k, v in batch.items()}, repeats), 0
     ids = batch["input_ids"].reshape(-1)
     for tokens in (PROBE_TOKENS, batch["input_ids"].shape[-1]):
         probe = ids.repeat(tokens // ids.numel() + 1)[:tokens][None]
         inputs = complete_inputs({"input_ids": probe}, graph.inputs)
         inputs = {k: v for k, v in inputs.items() if k in {i.name for i in graph.inputs}}
         try:
-            return _timed(graph, inputs, repeats), tokens
+            return forward_ms(graph, inputs, repeats), tokens
         except Exception:  # noqa: BLE001 - a model with fewer positions (the graph's guard says so)
             continue
     return None
-
-
-def _timed(graph: ModelGraph, inputs: dict, repeats: int) -> float:
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            graph(**inputs)
-            if i:  # the first call warms up
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 @dataclass(frozen=True)

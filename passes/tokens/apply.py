@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
+from ..calibrate import forward_ms
 from ..context import Context
 from ..graph import ModelGraph
 from .reindex import index_node, insert_after, selected_blocks, token_counts
 from .flops import block_flops, packed_lengths
-from .unpad import flops_note, padded_batch, timed
+from .unpad import flops_note, padded_batch
 
 __all__ = ["apply_token_op", "is_decoder"]
 
@@ -22,7 +23,7 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
     index = index_node(graph, bound, ctx)
     blocks = selected_blocks(graph, bound, ctx)
     probe = padded_batch(ctx)
-    before = timed(graph, probe) if probe else None
+    before = forward_ms(graph, probe) if probe else None
     lengths = packed_lengths(graph, probe) if probe else None
     flops_before = block_flops(graph, lengths) if lengths else None
     inserted = []
@@ -37,7 +38,7 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
     notes = [f"{what} after {', '.join(paths)}"]
     if probe:
         details.update(token_counts(graph, probe, inserted))
-        after = timed(graph, probe)
+        after = forward_ms(graph, probe)
         details.update(latency_ms_before=round(before, 2), latency_ms_after=round(after, 2))
         notes.append(f"first calibration batch: real tokens {' then '.join(details['tokens'])}; one forward "
                      f"{before:.1f} → {after:.1f} ms (×{before / after:.2f})")

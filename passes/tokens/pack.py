@@ -60,7 +60,7 @@ class PackResult:
     def __init__(self):
         self.attention = 0  # attention nodes now per sequence
         self.packed_nodes = 0
-        self.padded: list[str] = []  # nodes that needed the padded layout (format_node text)
+        self.padded: list[str] = []  # ops that needed the padded layout ("aten.select.int")
 
 
 def pack_graph(gm: fx.GraphModule, start: fx.Node, mask: fx.Node, symbols: Symbols) -> PackResult:
@@ -150,7 +150,7 @@ class _Packer:
         return self.unpacks[value]
 
     def _to_padded(self, node: fx.Node) -> None:
-        self.result.padded.append(node.format_node())
+        self.result.padded.append(str(node.target).replace("torch.ops.", ""))
         node.args, node.kwargs = fx.node.map_arg(
             (node.args, node.kwargs), lambda a: self._unpacked(a, node) if a in self.packed else a)
 

@@ -62,7 +62,11 @@ def insert_after(graph: ModelGraph, h: fx.Node, index: fx.Node, op, params: tupl
                          "packed tokens", "put `tokens unpad` above this rule")
     order = {n: i for i, n in enumerate(g.nodes)}
     later = [n for n in g.nodes if order[n] > order[h]]
-    bi, si, n_tokens, sizes = _current_index(later, index)
+    try:
+        bi, si, n_tokens, sizes = _current_index(later, index)
+    except ValueError as e:
+        raise rule_error(bound, ctx, "unsupported", f"`tokens … {bound.rule.action}` after {h.name}: {e}",
+                         "token rules need attention that runs per sequence after `tokens unpad`") from None
     batch = next(n for n in g.nodes if n.target is aten.sym_size.int and n.args == (index.args[0], 0))
     _check_crossing(graph, h, later, {bi, si, n_tokens, sizes, batch, index}, bound, ctx)
     with g.inserting_after(h):
@@ -102,7 +106,7 @@ def _current_index(later, index: fx.Node):
             bi, si = node.args[4], node.args[5]
             break
     else:
-        raise ValueError("no attention after the merge point: merging after the last block changes nothing")
+        raise ValueError("no attention after it runs per sequence (attention written out by hand stays padded)")
     n_tokens = next((n for n in bi.users if n.target is aten.sym_size.int), None)
     sizes = None
     if bi.target is operator.getitem and bi.args[0].target in TOKEN_OPS:

@@ -10,20 +10,20 @@ the latency of one forward on it before → after.
 """
 from __future__ import annotations
 
-import time
 
 import torch
 
 from ...dsl.errors import SpecError
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
+from ..calibrate import forward_ms
 from ..context import Context
 from ..graph import ModelGraph
 from .layout import MASK_INPUT, Symbols
 from .flops import block_flops, packed_lengths, padded_lengths
 from .pack import pack_graph
 
-__all__ = ["run", "MASK_INPUT", "padded_batch", "timed", "rule_error", "flops_note"]
+__all__ = ["run", "MASK_INPUT", "padded_batch", "rule_error", "flops_note"]
 
 
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
@@ -33,7 +33,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                      f"{graph.model_class} has no repeated blocks", "remove the rule")
     symbols = Symbols(graph.dim_symbols("batch"), graph.dim_symbols("seq"))
     probe = padded_batch(ctx)
-    before = timed(graph, probe) if probe else None
+    before = forward_ms(graph, probe) if probe else None
     flops_before = block_flops(graph, padded_lengths(graph, probe)) if probe else None
     try:
         result = pack_graph(graph.module, graph.blocks[0].input, mask, symbols)
@@ -47,13 +47,13 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
         notes = [f"attention per sequence in {result.attention} places"]
     if result.padded:
         notes.append(f"{len(result.padded)} op{'s' if len(result.padded) != 1 else ''} need{'' if len(result.padded) != 1 else 's'} the padded layout and scatter back to it first: "
-                     + ", ".join(_op_name(t) for t in result.padded[:4]) + (" …" if len(result.padded) > 4 else ""))
+                     + ", ".join(result.padded[:4]) + (" …" if len(result.padded) > 4 else ""))
     details = {"attention_per_sequence": result.attention, "packed_nodes": result.packed_nodes,
                "padded_layout_nodes": len(result.padded)}
     if probe:
         mask_t = probe[MASK_INPUT]
         real, padded = int((mask_t != 0).sum()), mask_t.numel()
-        after = timed(graph, probe)
+        after = forward_ms(graph, probe)
         details.update(tokens_padded=padded, tokens_real=real, latency_ms_before=round(before, 2),
                        latency_ms_after=round(after, 2))
         notes.append(f"first calibration batch {tuple(mask_t.shape)}: {real} of {padded} tokens are real "
@@ -101,23 +101,3 @@ def padded_batch(ctx: Context) -> dict | None:
         if MASK_INPUT in batch:
             return batch
     return None
-
-
-def timed(graph: ModelGraph, inputs: dict, repeats: int = 3) -> float:
-    """Median ms of one forward (after one warm-up)."""
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            graph(**inputs)
-            if i:
-                times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def _op_name(node_text: str) -> str:
-    """`aten.select.int` from a node's format_node() text."""
-    marker = "target="
-    if marker not in node_text:
-        return node_text.split(":")[0]
-    return node_text.split(marker, 1)[1].split("]", 1)[0].replace("torch.ops.", "")
