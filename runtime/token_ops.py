@@ -9,6 +9,7 @@ per sequence, and the padded layout comes back at the outputs with zeros at padd
     y = torch.ops.slimfx.unpack_tokens(p, bi, si, B, S, 0, 1)    # [1, N, D] -> [B, S, D], zeros at padding
     o = torch.ops.slimfx.packed_attention(q, k, v, mask, bi, si, B, scale, False, False)
     x2, sizes2, bi2, si2, dest = torch.ops.slimfx.token_merge(p, None, bi, si, B, 0.3, True)   # ToMe
+    s = torch.ops.slimfx.attention_score(q, k, mask, bi, si, B, scale, False, False, False)  # [N]
 
 `batch_dim`/`seq_dim` say where the batch and the sequence sit in the *unpacked* tensor;
 `batch_dim = FLAT` (-1) means `seq_dim` holds batch×sequence flattened (GPT-2's [B·S, D] linears);
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["FLAT", "NO_BATCH", "token_index", "pack_tokens", "unpack_tokens", "packed_attention", "token_merge",
-           "token_prune"]
+           "token_prune", "attention_score"]
 
 FLAT = -1
 NO_BATCH = -2
@@ -117,11 +118,7 @@ def _packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
     """
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     for b, start, end in _sequence_bounds(bi, batch):
-        pos = si[start:end]
-        sub = None
-        if mask is not None:
-            m = mask[b if mask.shape[0] > 1 else 0]
-            sub = m.index_select(-2, pos).index_select(-1, pos).unsqueeze(0)
+        sub = _mask_of(mask, b, si[start:end])
         if sizes is not None:
             bias = sizes[start:end].log().to(q.dtype).view(1, 1, 1, -1)
             if sub is None:
@@ -136,15 +133,68 @@ def _packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
     return out
 
 
+def _mask_of(mask: Optional[torch.Tensor], b: int, pos: torch.Tensor) -> Optional[torch.Tensor]:
+    """Sequence b's rows and columns of the original attention mask, at its positions `pos`."""
+    if mask is None:
+        return None
+    m = mask[b if mask.shape[0] > 1 else 0]
+    return m.index_select(-2, pos).index_select(-1, pos).unsqueeze(0)
+
+
+def _attention_score(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], bi: torch.Tensor,
+                     si: torch.Tensor, batch: int, scale: Optional[float], is_causal: bool, enable_gqa: bool,
+                     received: bool) -> torch.Tensor:
+    """How much attention each packed token gets, from the queries and keys of an attention
+    (q/k [1, heads, N, d] and the mask as `packed_attention` takes them), averaged over heads.
+
+    `received=False` (encoders): the attention the sequence's first token (CLS) pays it — only that
+    softmax row is computed. `received=True` (decoders): the mean of the attention it receives
+    over the queries allowed to see it (with a causal mask, the L − j queries at or after it), so
+    late tokens are not ranked low merely for having fewer queries after them. Returns [N] float."""
+    out = q.new_zeros(q.shape[2], dtype=torch.float32)
+    for b, start, end in _sequence_bounds(bi, batch):
+        qs, ks = q[0, :, start:end].float(), k[0, :, start:end].float()
+        if enable_gqa and ks.shape[0] != qs.shape[0]:
+            ks = ks.repeat_interleave(qs.shape[0] // ks.shape[0], dim=0)
+        length = end - start
+        if not received:
+            qs = qs[:, :1]
+        logits = (qs @ ks.transpose(-1, -2)) * (scale if scale is not None else qs.shape[-1] ** -0.5)
+        allowed = torch.ones(logits.shape[-2:], dtype=torch.bool)
+        if is_causal:
+            allowed = torch.ones(length, length, dtype=torch.bool).tril()[: logits.shape[-2]]
+        sub = _mask_of(mask, b, si[start:end])
+        if sub is not None:
+            sub = sub[0, :, : logits.shape[-2]]
+            if sub.dtype == torch.bool:
+                allowed = allowed & sub
+            else:  # additive; Hugging Face writes "masked" as the dtype's minimum, not −inf
+                allowed = allowed & (sub > torch.finfo(sub.dtype).min / 2)
+                logits = logits + sub.float()
+        logits = logits.masked_fill(~allowed, -math.inf)
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(0)  # [rows, L], mean over heads
+        if received:
+            seen = allowed.expand(logits.shape).any(0).sum(0).clamp_min(1)  # queries that may see each key
+            out[start:end] = probs.sum(0) / seen
+        else:
+            out[start:end] = probs[0]
+    return out
+
+
+def _attention_score_fake(q, k, mask, bi, si, batch, scale, is_causal, enable_gqa, received):
+    return q.new_empty((q.shape[2],), dtype=torch.float32)
+
+
 def _packed_attention_fake(q, k, v, mask, bi, si, batch, scale, is_causal, enable_gqa, sizes=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-def _merge_sequence(x: torch.Tensor, sizes: torch.Tensor, ratio: float, protect_first: bool):
+def _merge_sequence(x: torch.Tensor, sizes: torch.Tensor, metric: Optional[torch.Tensor], ratio: float,
+                    protect_first: bool):
     """ToMe's bipartite soft matching on one sequence's tokens x [L, D] with sizes [L].
 
     Alternate tokens into A (even positions) and B (odd), match each A token to its most similar B
-    token by cosine, and merge the r = ⌊ratio·L⌋ best-matched A tokens into their B tokens by
+    token by cosine (of `metric` [L, d] when given — the attention keys, `by=keys` — else of x), and merge the r = ⌊ratio·L⌋ best-matched A tokens into their B tokens by
     size-weighted average (at most |A|; the first token never leaves when `protect_first`).
     Returns (merged x [L−r, D] in the original order, sizes [L−r], kept local indices [L−r],
     dest [L]: where each input token went)."""
@@ -156,7 +206,8 @@ def _merge_sequence(x: torch.Tensor, sizes: torch.Tensor, ratio: float, protect_
     if r <= 0:
         keep = torch.arange(length)
         return x, sizes, keep, keep.clone()
-    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    m = x if metric is None else metric
+    unit = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     scores = unit[a_idx] @ unit[b_idx].T
     if protect_first:
         scores[0] = -math.inf
@@ -177,22 +228,24 @@ def _merge_sequence(x: torch.Tensor, sizes: torch.Tensor, ratio: float, protect_
 
 
 def _token_merge(x: torch.Tensor, sizes: Optional[torch.Tensor], bi: torch.Tensor, si: torch.Tensor, batch: int,
-                 ratio: float, protect_first: bool):
-    """ToMe merging of each sequence of packed tokens x [1, N, D] (see _merge_sequence).
+                 ratio: float, protect_first: bool, metric: Optional[torch.Tensor] = None):
+    """ToMe merging of each sequence of packed tokens x [1, N, D] (see _merge_sequence); `metric`
+    [1, N, d] is what similarity is measured on (default: x itself).
 
     Returns (x [1, N', D], sizes [N'], batch_index [N'], seq_index [N'], dest [N]): each merged
     token keeps the batch and position of the B token it merged into; dest[i] is where token i of
     the input went (restoring the input's length is x[:, dest])."""
-    return _per_sequence(_merge_sequence, x, sizes, bi, si, batch, ratio, protect_first)
+    return _per_sequence(_merge_sequence, x, sizes, metric, bi, si, batch, ratio, protect_first)
 
 
-def _prune_sequence(x: torch.Tensor, sizes: torch.Tensor, keep: float, protect_first: bool, protect_last: bool):
-    """Keep the ⌈keep·L⌉ tokens of x [L, D] with the largest norm (protected ones always), in
-    order; a dropped token's dest is its nearest kept token by cosine. Same returns as
-    _merge_sequence."""
+def _prune_sequence(x: torch.Tensor, sizes: torch.Tensor, score: Optional[torch.Tensor], keep: float,
+                    protect_first: bool, protect_last: bool):
+    """Keep the ⌈keep·L⌉ tokens of x [L, D] with the largest `score` [L] (default: the norm of x;
+    protected ones always), in order; a dropped token's dest is its nearest kept token by cosine.
+    Same returns as _merge_sequence."""
     length = x.shape[0]
     k = min(length, max(1, math.ceil(keep * length - 1e-9)))
-    score = x.norm(dim=-1)
+    score = x.norm(dim=-1) if score is None else score.to(x.dtype)
     protected = torch.zeros(length, dtype=torch.bool)
     if protect_first:
         protected[0] = True
@@ -212,13 +265,17 @@ def _prune_sequence(x: torch.Tensor, sizes: torch.Tensor, keep: float, protect_f
     return x[keep_idx], sizes[keep_idx], keep_idx, dest
 
 
-def _per_sequence(fn, x, sizes, bi, si, batch, *params):
-    """Apply a per-sequence token op (_merge_sequence, _prune_sequence) to packed tokens."""
+def _per_sequence(fn, x, sizes, per_token, bi, si, batch, *params):
+    """Apply a per-sequence token op (_merge_sequence, _prune_sequence) to packed tokens;
+    `per_token` ([1, N, …], [N] or None) is sliced per sequence like x."""
     if sizes is None:
         sizes = x.new_ones(x.shape[1])
+    if per_token is not None and per_token.dim() > 1:
+        per_token = per_token[0]
     xs, ss, bs, ps, dests, offset = [], [], [], [], [], 0
     for b, start, end in _sequence_bounds(bi, batch):
-        out, size, keep, dest = fn(x[0, start:end], sizes[start:end], *params)
+        extra = None if per_token is None else per_token[start:end]
+        out, size, keep, dest = fn(x[0, start:end], sizes[start:end], extra, *params)
         xs.append(out)
         ss.append(size)
         bs.append(bi[start:end][keep])
@@ -231,10 +288,10 @@ def _per_sequence(fn, x, sizes, bi, si, batch, *params):
 
 
 def _token_prune(x: torch.Tensor, sizes: Optional[torch.Tensor], bi: torch.Tensor, si: torch.Tensor, batch: int,
-                 keep: float, protect_first: bool, protect_last: bool):
-    """Norm-ranked pruning of each sequence of packed tokens x [1, N, D] (see _prune_sequence);
-    returns as token_merge does."""
-    return _per_sequence(_prune_sequence, x, sizes, bi, si, batch, keep, protect_first, protect_last)
+                 keep: float, protect_first: bool, protect_last: bool, score: Optional[torch.Tensor] = None):
+    """Pruning of each sequence of packed tokens x [1, N, D] by `score` [N] (attention_score's),
+    or by norm without one (see _prune_sequence); returns as token_merge does."""
+    return _per_sequence(_prune_sequence, x, sizes, score, bi, si, batch, keep, protect_first, protect_last)
 
 
 def _token_merge_fake(x, sizes, bi, si, batch, *params):
@@ -253,10 +310,14 @@ _OPS = {
                          "SymInt batch, float? scale, bool is_causal, bool enable_gqa, Tensor? sizes=None) -> Tensor",
                          _packed_attention, _packed_attention_fake),
     "token_merge": ("(Tensor x, Tensor? sizes, Tensor batch_index, Tensor seq_index, SymInt batch, float ratio, "
-                    "bool protect_first) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _token_merge, _token_merge_fake),
+                    "bool protect_first, Tensor? metric=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                    _token_merge, _token_merge_fake),
     "token_prune": ("(Tensor x, Tensor? sizes, Tensor batch_index, Tensor seq_index, SymInt batch, float keep, "
-                    "bool protect_first, bool protect_last) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-                    _token_prune, _token_merge_fake),
+                    "bool protect_first, bool protect_last, Tensor? score=None) -> (Tensor, Tensor, Tensor, Tensor, "
+                    "Tensor)", _token_prune, _token_merge_fake),
+    "attention_score": ("(Tensor q, Tensor k, Tensor? mask, Tensor batch_index, Tensor seq_index, SymInt batch, "
+                        "float? scale, bool is_causal, bool enable_gqa, bool received) -> Tensor",
+                        _attention_score, _attention_score_fake),
 }
 
 
@@ -274,3 +335,4 @@ unpack_tokens = torch.ops.slimfx.unpack_tokens.default
 packed_attention = torch.ops.slimfx.packed_attention.default
 token_merge = torch.ops.slimfx.token_merge.default
 token_prune = torch.ops.slimfx.token_prune.default
+attention_score = torch.ops.slimfx.attention_score.default

@@ -20,10 +20,6 @@ def missing(rule: A.Tokens) -> str | None:
         return rule.action
     if not rule.get("restore"):
         return f"{rule.action} restore=false"
-    if rule.action == "prune" and rule.get("score") != "norm":
-        return f"prune score={rule.get('score')}"
-    if rule.action == "merge" and rule.get("by") != "hidden":
-        return f"merge by={rule.get('by')}"
     return None
 
 

@@ -1,14 +1,15 @@
 """The run shared by `merge` and `prune`: checks, the op after each selected block, the report."""
 from __future__ import annotations
 
+from ...runtime import token_ops
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
 from ..calibrate import forward_ms
 from ..context import Context
 from ..graph import ModelGraph
-from .reindex import index_node, insert_after, selected_blocks, token_counts
-from .flops import block_flops, packed_lengths
-from .unpad import flops_note, padded_batch
+from .reindex import insert_after, selected_blocks, token_counts
+from .flops import attention_lengths, block_flops
+from .unpad import flops_note, pack_from, probe_batch
 
 __all__ = ["apply_token_op", "is_decoder"]
 
@@ -19,28 +20,35 @@ def is_decoder(graph: ModelGraph) -> bool:
 
 
 def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params: tuple, what: str,
-                   proportional: bool = False) -> RuleReport:
-    index = index_node(graph, bound, ctx)
+                   proportional: bool = False, per_token=None) -> RuleReport:
+    """Insert `op` after each selected block (reindex.insert_after). Without `tokens unpad` before
+    it, the tokens are packed from the first selected block's input on: sequences leave a merge or
+    prune with different lengths, which the padded grid cannot hold without re-padding."""
     blocks = selected_blocks(graph, bound, ctx)
-    probe = padded_batch(ctx)
+    probe = probe_batch(ctx)
     before = forward_ms(graph, probe) if probe else None
-    lengths = packed_lengths(graph, probe) if probe else None
+    lengths = attention_lengths(graph, probe) if probe else None
     flops_before = block_flops(graph, lengths) if lengths else None
+    notes = []
+    if not any(n.target is token_ops.token_index for n in graph.module.graph.nodes):
+        packed = pack_from(graph, graph.blocks[blocks[0].index].input, bound, ctx)
+        notes.append(f"no `tokens unpad` above: tokens are packed from {blocks[0].path}'s input on "
+                     f"(attention per sequence in {packed.attention} places)")
     inserted = []
     for block in blocks:
         graph.reindex()
-        inserted.append(insert_after(graph, graph.blocks[block.index].output, index, op, params, bound, ctx,
-                                     proportional))
+        inserted.append(insert_after(graph, graph.blocks[block.index], op, params, bound, ctx,
+                                     proportional, per_token))
     graph.module.graph.lint()
     graph.module.recompile()
     paths = [b.path for b in blocks]
     details = {"blocks": paths}
-    notes = [f"{what} after {', '.join(paths)}"]
+    notes.insert(0, f"{what} after {', '.join(paths)}")
     if probe:
         details.update(token_counts(graph, probe, inserted))
         after = forward_ms(graph, probe)
         details.update(latency_ms_before=round(before, 2), latency_ms_after=round(after, 2))
-        notes.append(f"first calibration batch: real tokens {' then '.join(details['tokens'])}; one forward "
+        notes.append(f"first calibration batch: tokens {' then '.join(details['tokens'])}; one forward "
                      f"{before:.1f} → {after:.1f} ms (×{before / after:.2f})")
         if flops_before:
             notes.append(flops_note(details, flops_before, graph, probe))

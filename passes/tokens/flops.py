@@ -1,9 +1,9 @@
 """Estimated forward FLOPs of the blocks on one batch, for the token rules' report.
 
 Per block: 2 · tokens · (Σ in·out of its linears) for the linears, plus 4 · Σ_sequences L² · width
-for attention (QKᵀ and AV; `width` = the query projection's output). Before `tokens unpad` every
-sequence is the padded length; after it each block's attention says which tokens it sees (one
-run of the graph on the batch, reading the token index each `slimfx::packed_attention` gets).
+for attention (QKᵀ and AV; `width` = the query projection's output). Each block's attention says
+which tokens it sees (one run of the graph on the batch): a plain attention every sequence at the
+padded length, a `slimfx::packed_attention` each sequence's own tokens (its token index).
 Norms, activations and the embedding/head are left out: the blocks' matmuls dominate.
 """
 from __future__ import annotations
@@ -16,21 +16,17 @@ from torch import fx
 
 from ...runtime import token_ops
 from ..graph import ModelGraph
-from .layout import MASK_INPUT
 
-__all__ = ["padded_lengths", "packed_lengths", "block_flops"]
+__all__ = ["attention_lengths", "block_flops"]
 
-
-def padded_lengths(graph: ModelGraph, batch: dict) -> list[list[int]]:
-    """What the original computes on: every sequence at the padded length, in every block."""
-    rows, seq = batch[MASK_INPUT].shape
-    return [[seq] * rows for _ in graph.blocks]
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
-def packed_lengths(graph: ModelGraph, batch: dict) -> Optional[list[list[int]]]:
-    """Per block, the token count of each sequence its attention sees; None when the blocks'
-    attention does not run per sequence (attention written out by hand stays padded)."""
-    nodes = [n for n in graph.module.graph.nodes if n.target is token_ops.packed_attention]
+def attention_lengths(graph: ModelGraph, batch: dict) -> Optional[list[list[int]]]:
+    """Per block, the token count of each sequence its attention sees (one run of the graph on
+    the batch): the padded length for a plain attention, the sequence's own for one running per
+    sequence. None when some block's attention is written out by hand."""
+    nodes = [n for n in graph.module.graph.nodes if n.target in (token_ops.packed_attention, _SDPA)]
     if len(nodes) != len(graph.blocks):
         return None
     rec = _Recorder(graph.module, set(nodes))
@@ -63,7 +59,10 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n):
         out = super().run_node(n)
-        if n in self.nodes:
+        if n in self.nodes and n.target is _SDPA:
+            q = self.env[n.args[0]]
+            self.lengths[n] = [q.shape[-2]] * q.shape[0]
+        elif n in self.nodes:
             bi = self.env[n.args[4]]
             batch = int(self.env[n.args[6]] if isinstance(n.args[6], fx.Node) else n.args[6])
             counts = torch.bincount(bi, minlength=batch).tolist()

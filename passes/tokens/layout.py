@@ -32,13 +32,18 @@ class Layout:
 
 @dataclass(frozen=True)
 class Symbols:
+    """The batch and sequence symbols. `seq_size`: a model captured with a fixed sequence length
+    (a ViT's patches) has no sequence symbol; its length is then this constant, which the caller
+    has checked no other dim of the blocks' values shares."""
+
     batch: frozenset[str]
     seq: frozenset[str]
+    seq_size: Optional[int] = None
 
     def role(self, size) -> Optional[str]:
         """"batch", "seq", "flat" (batch×seq) or None (a constant or another symbol)."""
         if not isinstance(size, torch.SymInt):
-            return None
+            return "seq" if self.seq_size is not None and size == self.seq_size else None
         expr = size.node.expr
         name = str(expr)
         if name in self.batch:
@@ -47,7 +52,8 @@ class Symbols:
             return "seq"
         if expr.is_Mul and len(expr.args) == 2:
             names = {str(a) for a in expr.args}
-            if names & self.batch and names & self.seq:
+            seq = self.seq | ({str(self.seq_size)} if self.seq_size is not None else set())
+            if names & self.batch and names & seq:
                 return "flat"
         return None
 

@@ -2,14 +2,18 @@
 
 After the residual stream leaves each selected block, `slimfx::token_merge` merges ⌊R·L⌋ of each
 sequence's L tokens into their most similar tokens (bipartite soft matching by cosine of the
-hidden states, size-weighted averages, sizes tracked across merges). This version merges in the
-packed layout of `tokens unpad` (which must come first); reindex.py switches every later reader of
+hidden states, or with `by=keys` of the block attention's keys averaged over heads, as ToMe does;
+size-weighted averages, sizes tracked across merges). Merging runs on packed tokens: those of
+`tokens unpad`, or packed from the first selected block on without it (apply.py); reindex.py switches every later reader of
 the token index to the merge's and restores the outputs (`restore=true`: each output position
 takes the final value of the token it was merged into, so mean pooling with the original mask is
 size-weighted). `prop_attn=true` gives later attention the merged sizes (log size added to each
 key's logits), as ToMe does. Causal decoders are refused: a merged token would see positions after its own.
 """
 from __future__ import annotations
+
+import torch
+from torch import fx
 
 from ...dsl import ast as A
 from ...runtime import token_ops
@@ -31,6 +35,16 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                          "merge tokens of encoders (and ViTs); on decoders, `prune`")
     ratio = float(rule.get("ratio"))
     prop = bool(rule.get("prop_attn"))
+    keys = rule.get("by") == "keys"
     return apply_token_op(graph, bound, ctx, token_ops.token_merge, (ratio, rule.get("protect") == "cls"),
                           f"ToMe merge{' with proportional attention' if prop else ''} of {ratio:.0%} of each "
-                          "sequence's tokens", proportional=prop)
+                          f"sequence's tokens, matched by {'attention keys' if keys else 'hidden states'}",
+                          proportional=prop, per_token=_mean_keys if keys else None)
+
+
+def _mean_keys(g: fx.Graph, attention: fx.Node) -> fx.Node:
+    """ToMe's `by=keys` metric: the block attention's keys averaged over heads, [1, N, d]."""
+    k = attention.args[1]
+    node = g.call_function(torch.ops.aten.mean.dim, (k, [1]))
+    node.meta["val"] = k.meta["val"].mean(1)
+    return node

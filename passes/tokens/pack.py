@@ -63,9 +63,10 @@ class PackResult:
         self.padded: list[str] = []  # ops that needed the padded layout ("aten.select.int")
 
 
-def pack_graph(gm: fx.GraphModule, start: fx.Node, mask: fx.Node, symbols: Symbols) -> PackResult:
+def pack_graph(gm: fx.GraphModule, start: fx.Node, mask: Optional[fx.Node], symbols: Symbols) -> PackResult:
     """Rewrite `gm` in place so it computes on real tokens from `start` on; `mask` is the
-    attention-mask placeholder ([B, S], nonzero at real tokens)."""
+    attention-mask placeholder ([B, S], nonzero at real tokens), or None when every token of
+    `start` ([B, S, …]) is real (a ViT's patches)."""
     return _Packer(gm, start, mask, symbols).run()
 
 
@@ -76,6 +77,7 @@ class _Packer:
         self.packed: dict[fx.Node, Layout] = {}
         self.packs: dict[tuple[fx.Node, Layout], fx.Node] = {}
         self.unpacks: dict[fx.Node, fx.Node] = {}
+        self.own: list[fx.Node] = []  # nodes made here that read `start` as it is (the all-real mask)
 
     # ---- the walk ----
     def run(self) -> PackResult:
@@ -84,10 +86,12 @@ class _Packer:
         if layout is None or layout.batch == NO_BATCH:
             raise ValueError(f"the residual stream {self.start.name} has no batch and sequence dims")
         later = list(self.g.nodes)
-        later = later[later.index(self.start) + 1:]
-        with self.g.inserting_after(self.start):
+        at = {n: i for i, n in enumerate(later)}
+        later = later[at[self.start] + 1:]
+        with self.g.inserting_after(max(self.start, self.n, key=at.get)):
             first = self._pack_node(self.start, layout)
-        self.start.replace_all_uses_with(first, delete_user_cb=lambda u: u is not first)
+        own = {first, *self.own}
+        self.start.replace_all_uses_with(first, delete_user_cb=lambda u: u not in own)
         for node in later:
             if node.op == "output":
                 self._unpack_outputs(node)
@@ -101,6 +105,8 @@ class _Packer:
 
     def _index_nodes(self) -> None:
         """token_index(mask) and the sizes the packed ops need, right after the mask input."""
+        if self.mask is None:
+            self.mask = self._all_real()
         with self.g.inserting_after(self.mask):
             index = self._call(token_ops.token_index, (self.mask,), None)
         with self.g.inserting_after(index):
@@ -118,6 +124,19 @@ class _Packer:
         self.bi.meta["val"] = self.si.meta["val"] = flat
         self.batch.meta["val"], self.seq.meta["val"] = self.mask.meta["val"].shape
         self.n.meta["val"] = flat.shape[0]
+
+    def _all_real(self) -> fx.Node:
+        """A [B, S] mask of ones shaped like `start` (every token real), right after it."""
+        val = self.start.meta["val"]
+        with self.g.inserting_after(self.start):
+            batch = self._call(aten.sym_size.int, (self.start, 0), None)
+        with self.g.inserting_after(batch):
+            ones = self._call(aten.new_ones.default, (self.start, [batch, val.shape[1]]), None,
+                              {"dtype": torch.long})
+        self.own += [batch, ones]
+        batch.meta["val"] = val.shape[0]
+        ones.meta["val"] = val.new_ones((val.shape[0], val.shape[1]), dtype=torch.long)
+        return ones
 
     def _call(self, op, args, like: Optional[fx.Node], kwargs=None) -> fx.Node:
         node = self.g.call_function(op, tuple(args), kwargs or {})
@@ -257,7 +276,7 @@ class _Packer:
     def _reshape(self, node: fx.Node) -> bool:
         sizes = []
         for s in node.args[1]:
-            role = self.sym.role(s.meta.get("val")) if isinstance(s, fx.Node) else None
+            role = self.sym.role(s.meta.get("val") if isinstance(s, fx.Node) else s)
             if isinstance(s, fx.Node) and role is None:
                 return False  # a size computed some other way: cannot say what it is packed
             sizes.append(1 if role == "batch" else self.n if role in ("seq", "flat") else s)

@@ -22,22 +22,11 @@ from ..graph import ModelGraph
 from .pack import PACKED
 from .unpad import rule_error
 
-__all__ = ["index_node", "selected_blocks", "insert_after", "token_counts", "TOKEN_OPS"]
+__all__ = ["selected_blocks", "insert_after", "token_counts", "block_attention", "TOKEN_OPS"]
 
 RESTORE = "slimfx_restore"  # meta key of the gathers that give an output its tokens back
 aten = torch.ops.aten
 TOKEN_OPS = {token_ops.token_merge, token_ops.token_prune}
-
-
-def index_node(graph: ModelGraph, bound: BoundRule, ctx: Context) -> fx.Node:
-    """The `tokens unpad` rewrite's token_index node; a SpecError without one."""
-    for node in graph.module.graph.nodes:
-        if node.target is token_ops.token_index:
-            return node
-    action = bound.rule.action
-    raise rule_error(bound, ctx, "unsupported", f"`tokens … {action}` works on the packed tokens of `tokens unpad` "
-                     "in this version, and no `tokens unpad` comes before it",
-                     f"add `tokens unpad` above this rule (it is exact, and a {action} pays most on real tokens)")
 
 
 def selected_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context) -> list:
@@ -51,26 +40,31 @@ def selected_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context) -> list:
     return blocks
 
 
-def insert_after(graph: ModelGraph, h: fx.Node, index: fx.Node, op, params: tuple, bound: BoundRule,
-                 ctx: Context, proportional: bool = False) -> fx.Node:
-    """Insert `op(h, sizes, batch_index, seq_index, batch, *params)` — an op with token_merge's
-    outputs (x, sizes, batch_index, seq_index, dest) — after the residual stream `h`, and switch
-    every later reader of the token index to its outputs."""
+def insert_after(graph: ModelGraph, block, op, params: tuple, bound: BoundRule,
+                 ctx: Context, proportional: bool = False, per_token=None) -> fx.Node:
+    """Insert `op(h, sizes, batch_index, seq_index, batch, *params[, per_token])` — an op with
+    token_merge's outputs (x, sizes, batch_index, seq_index, dest) — after the residual stream `h`
+    leaving `block`, and switch every later reader of the token index to its outputs.
+    `per_token(graph, attention)`, when given, builds the op's last input (a similarity metric or
+    a score) from the block's own attention node; it inserts at the merge point."""
     g = graph.module.graph
+    h = block.output
     if PACKED not in h.meta:
         raise rule_error(bound, ctx, "unsupported", f"the residual stream leaving the block ({h.name}) is not on "
                          "packed tokens", "put `tokens unpad` above this rule")
     order = {n: i for i, n in enumerate(g.nodes)}
     later = [n for n in g.nodes if order[n] > order[h]]
     try:
-        bi, si, n_tokens, sizes = _current_index(later, index)
+        bi, si, batch, n_tokens, sizes = _current_index(later)
     except ValueError as e:
         raise rule_error(bound, ctx, "unsupported", f"`tokens … {bound.rule.action}` after {h.name}: {e}",
                          "token rules need attention that runs per sequence after `tokens unpad`") from None
-    batch = next(n for n in g.nodes if n.target is aten.sym_size.int and n.args == (index.args[0], 0))
-    _check_crossing(graph, h, later, {bi, si, n_tokens, sizes, batch, index}, bound, ctx)
-    with g.inserting_after(h):
-        merge = g.call_function(op, (h, sizes, bi, si, batch, *params))
+    _check_crossing(graph, h, later, {bi, si, n_tokens, sizes, batch}, bound, ctx)
+    args = (h, sizes, bi, si, batch, *params)
+    with g.inserting_before(h.next):  # nodes created here follow h in the order they are made
+        if per_token is not None:
+            args = (*args, per_token(g, block_attention(graph, block, bound, ctx)))
+        merge = g.call_function(op, args)
     outs = []
     prev = merge
     for i in range(5):
@@ -98,12 +92,22 @@ def insert_after(graph: ModelGraph, h: fx.Node, index: fx.Node, op, params: tupl
     return merge
 
 
-def _current_index(later, index: fx.Node):
-    """(batch_index, seq_index, packed length, sizes) the nodes after the merge point read: the
-    unpad's, or those of the last merge before it."""
+def block_attention(graph: ModelGraph, block, bound: BoundRule, ctx: Context) -> fx.Node:
+    """The block's one attention that runs per sequence (its queries and keys score tokens)."""
+    found = [n for n in graph.module.graph.nodes if n in block.nodes and n.target is token_ops.packed_attention]
+    if len(found) != 1:
+        what = f"{len(found)} such ops" if found else "none (attention written out by hand stays padded)"
+        raise rule_error(bound, ctx, "unsupported", f"`{bound.text}` reads the attention of {block.path}, which must be one scaled_dot_product_attention "
+                         f"running per sequence; it has {what}", "use the default (`by=hidden`, `score=norm`)")
+    return found[0]
+
+
+def _current_index(later):
+    """(batch_index, seq_index, batch, packed length, sizes) the nodes after the merge point read:
+    the unpad's, or those of the last merge before it."""
     for node in later:
         if node.target is token_ops.packed_attention:
-            bi, si = node.args[4], node.args[5]
+            bi, si, batch = node.args[4], node.args[5], node.args[6]
             break
     else:
         raise ValueError("no attention after it runs per sequence (attention written out by hand stays padded)")
@@ -111,7 +115,7 @@ def _current_index(later, index: fx.Node):
     sizes = None
     if bi.target is operator.getitem and bi.args[0].target in TOKEN_OPS:
         sizes = next(u for u in bi.args[0].users if u.args[1] == 1)
-    return bi, si, n_tokens, sizes
+    return bi, si, batch, n_tokens, sizes
 
 
 def _check_crossing(graph, h, later, index_nodes, bound, ctx) -> None:

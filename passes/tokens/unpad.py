@@ -14,32 +14,29 @@ from __future__ import annotations
 import torch
 
 from ...dsl.errors import SpecError
+from ...runtime import token_ops
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
 from ..calibrate import forward_ms
 from ..context import Context
 from ..graph import ModelGraph
 from .layout import MASK_INPUT, Symbols
-from .flops import block_flops, packed_lengths, padded_lengths
-from .pack import pack_graph
+from .flops import attention_lengths, block_flops
+from .pack import PackResult, pack_graph
 
-__all__ = ["run", "MASK_INPUT", "padded_batch", "rule_error", "flops_note"]
+__all__ = ["run", "MASK_INPUT", "padded_batch", "probe_batch", "pack_from", "rule_error", "flops_note"]
 
 
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
-    mask = _mask_placeholder(graph, bound, ctx)
+    _mask_placeholder(graph, bound, ctx)
     if not graph.blocks:
         raise rule_error(bound, ctx, "unsupported", f"`tokens unpad` packs the tokens entering the first block, and "
                      f"{graph.model_class} has no repeated blocks", "remove the rule")
-    symbols = Symbols(graph.dim_symbols("batch"), graph.dim_symbols("seq"))
     probe = padded_batch(ctx)
     before = forward_ms(graph, probe) if probe else None
-    flops_before = block_flops(graph, padded_lengths(graph, probe)) if probe else None
-    try:
-        result = pack_graph(graph.module, graph.blocks[0].input, mask, symbols)
-    except ValueError as e:
-        raise rule_error(bound, ctx, "unsupported", f"`tokens unpad` cannot pack {graph.model_class}: {e}",
-                     "remove the rule; the model runs on the padded batch as before") from e
+    lengths = attention_lengths(graph, probe) if probe else None
+    flops_before = block_flops(graph, lengths) if lengths else None
+    result = pack_from(graph, graph.blocks[0].input, bound, ctx)
     if result.attention == 0:
         notes = ["no attention op runs per sequence (the model writes attention out by hand): "
                  "attention runs on the padded layout, only the other ops on real tokens"]
@@ -58,16 +55,58 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                        latency_ms_after=round(after, 2))
         notes.append(f"first calibration batch {tuple(mask_t.shape)}: {real} of {padded} tokens are real "
                      f"({real / padded:.0%}); one forward {before:.1f} → {after:.1f} ms (×{before / after:.2f})")
-        notes.append(flops_note(details, flops_before, graph, probe))
+        if flops_before:
+            notes.append(flops_note(details, flops_before, graph, probe))
     params, nbytes = graph_params(graph), graph_bytes(graph)
     return RuleReport(bound.line, bound.text, "tokens", (), params, params, nbytes, nbytes, details, tuple(notes))
 
 
+def pack_from(graph: ModelGraph, start, bound: BoundRule, ctx: Context) -> PackResult:
+    """Pack the tokens from the residual stream `start` on (pack.py). The real tokens are the
+    attention mask's nonzeros; a model captured without a mask has only real tokens (a ViT)."""
+    mask = _mask_placeholder(graph, bound, ctx, required=False)
+    symbols = _symbols(graph, start, bound, ctx)
+    try:
+        result = pack_graph(graph.module, start, mask, symbols)
+    except ValueError as e:
+        raise rule_error(bound, ctx, "unsupported", f"`{bound.text}` cannot pack the tokens of {graph.model_class}: "
+                         f"{e}", "remove the rule; the model runs on the padded batch as before") from e
+    if any(b.output is start for b in graph.blocks):  # the packed stream stays the output of its block
+        for user in start.users:
+            if user.target is token_ops.pack_tokens:
+                user.meta["nn_module_stack"] = start.meta["nn_module_stack"]
+    return result
+
+
+def _symbols(graph: ModelGraph, start, bound: BoundRule, ctx: Context) -> Symbols:
+    """The batch and sequence symbols; for a model captured with a fixed length (a ViT's patches)
+    the length T of `start` [B, T, D], which must not also be a feature size the values carry:
+    the width, a linear's in/out size, attention's head count or head dim."""
+    symbols = Symbols(graph.dim_symbols("batch"), graph.dim_symbols("seq"))
+    val = start.meta.get("val")
+    if symbols.layout(val) is not None or not isinstance(val, torch.Tensor) or val.dim() != 3 \
+            or not isinstance(val.shape[1], int):
+        return symbols
+    length = val.shape[1]
+    features = {("the width", val.shape[2])}
+    features |= {(f"{t.path}'s weight", d) for t in graph.targets.values() for d in t.shapes[0]}
+    for node in graph.module.graph.nodes:
+        if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+            q = node.args[0].meta["val"]
+            features |= {("the attention heads", q.shape[1]), ("the attention head dim", q.shape[-1])}
+    clash = sorted(what for what, size in features if isinstance(size, int) and size == length)
+    if clash:
+        raise rule_error(bound, ctx, "unsupported", f"{graph.model_class} was captured with a fixed sequence "
+                         f"length {length}, which is also {clash[0]}: the pass could not tell them apart",
+                         "capture with another input size")
+    return Symbols(symbols.batch, symbols.seq, length)
+
+
 def flops_note(details: dict, before: int, graph: ModelGraph, probe: dict) -> str:
     """Record the blocks' estimated FLOPs on the batch before → after (flops.py) and say them."""
-    lengths = packed_lengths(graph, probe)
+    lengths = attention_lengths(graph, probe)
     if lengths is None:
-        return "FLOPs not estimated: attention does not run per sequence"
+        return "FLOPs not estimated: attention is written out by hand"
     after = block_flops(graph, lengths)
     details.update(flops_before=before, flops_after=after)
     return f"blocks' estimated FLOPs on it {_flops(before)} → {_flops(after)} (×{after / before:.2f})"
@@ -77,7 +116,7 @@ def _flops(n: int) -> str:
     return f"{n / 1e9:.2f} GFLOP" if n >= 1e9 else f"{n / 1e6:.1f} MFLOP"
 
 
-def _mask_placeholder(graph: ModelGraph, bound: BoundRule, ctx: Context):
+def _mask_placeholder(graph: ModelGraph, bound: BoundRule, ctx: Context, required: bool = True):
     for node in graph.module.graph.nodes:
         if node.op == "placeholder" and node.name == MASK_INPUT:
             val = node.meta.get("val")
@@ -85,6 +124,8 @@ def _mask_placeholder(graph: ModelGraph, bound: BoundRule, ctx: Context):
                 raise rule_error(bound, ctx, "unsupported", f"`tokens unpad` needs a [batch, seq] attention mask; "
                              f"this model's {MASK_INPUT} is {tuple(getattr(val, 'shape', ()))}")
             return node
+    if not required:
+        return None
     raise rule_error(bound, ctx, "unsupported", f"`tokens unpad` finds the real tokens from the attention mask, and "
                  f"{graph.model_class} was captured without an `{MASK_INPUT}` input",
                  f"pass `{MASK_INPUT}` among the example inputs (a tokenizer's padded batch has it)")
@@ -101,3 +142,8 @@ def padded_batch(ctx: Context) -> dict | None:
         if MASK_INPUT in batch:
             return batch
     return None
+
+
+def probe_batch(ctx: Context) -> dict | None:
+    """What the report measures on: a padded batch where there is one, else the first batch."""
+    return padded_batch(ctx) or next(iter(ctx.calib), None)
