@@ -137,3 +137,68 @@ def test_proportional_attention_counts_a_merged_key_as_the_tokens_it_holds():
     mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
     with_mask = T.packed_attention(q, k, v, mask, bi, si, 1, None, False, False, torch.tensor([1.0, 2.0]))
     torch.testing.assert_close(with_mask, want)
+
+
+def _direct_scores(q, k, received: bool) -> torch.Tensor:
+    """One sequence's tokens alone (q/k [heads, L, d]): the first token's attention row, or for a
+    causal decoder the mean of the attention each token receives over the L − j queries that see it."""
+    heads, length, d = q.shape
+    total = torch.zeros(length)
+    for h in range(heads):
+        logits = q[h] @ k[h].T / d ** 0.5
+        if not received:
+            total += torch.softmax(logits[0], dim=-1)
+            continue
+        for i in range(length):
+            row = torch.softmax(logits[i, : i + 1], dim=-1)  # causal: query i sees keys 0..i
+            total[: i + 1] += row / torch.arange(length, 0, -1)[: i + 1]
+    return total / heads
+
+
+@settings(max_examples=25, deadline=None)
+@given(padded_masks(), st.integers(0, 2**16), st.booleans(), st.booleans())
+def test_attention_score_equals_a_direct_softmax_per_sequence(mask, seed, received, gqa):
+    """On a padded batch's packed tokens, with the padded model's own additive mask (dtype minimum
+    at padding, as Hugging Face writes it), every sequence is scored as if it were alone."""
+    gen = torch.Generator().manual_seed(seed)
+    bi, si = T.token_index(mask)
+    n, heads, kv = bi.numel(), 4, 2 if gqa else 4
+    q = torch.randn(1, heads, n, 8, generator=gen)
+    k = torch.randn(1, kv, n, 8, generator=gen)
+    batch, seq = mask.shape
+    allowed = mask.bool()[:, None, None, :].expand(batch, 1, seq, seq)
+    if received:
+        allowed = allowed & torch.ones(seq, seq, dtype=torch.bool).tril()
+    additive = torch.zeros(batch, 1, seq, seq).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    got = T.attention_score(q, k, additive, bi, si, batch, None, False, gqa, received)
+    start = 0
+    for b in range(batch):
+        length = int(mask[b].sum())
+        ks = k[0, :, start:start + length].repeat_interleave(heads // kv, dim=0)
+        want = _direct_scores(q[0, :, start:start + length], ks, received)
+        torch.testing.assert_close(got[start:start + length], want, atol=1e-5, rtol=1e-5)
+        start += length
+    if received:  # is_causal=True without a mask scores the same
+        torch.testing.assert_close(T.attention_score(q, k, None, bi, si, batch, None, True, gqa, True), got,
+                                   atol=1e-6, rtol=1e-6)
+
+
+def test_prune_by_a_given_score_keeps_its_top_tokens_not_the_largest_norms():
+    mask = torch.ones(1, 6, dtype=torch.long)
+    bi, si = T.token_index(mask)
+    x = torch.zeros(1, 6, 2)
+    x[0, :, 0] = torch.tensor([5.0, 1.0, 4.0, 3.0, 6.0, 0.5])
+    score = torch.tensor([0.1, 0.9, 0.2, 0.8, 0.0, 0.3])
+    _, _, _, si2, _ = T.token_prune(x, None, bi, si, 1, 0.5, False, False, score)
+    assert si2.tolist() == [1, 3, 5]
+
+
+def test_merge_by_a_given_metric_matches_on_it():
+    """x makes tokens 0 and 1 identical, the metric makes 2 and 1: one merge follows the metric."""
+    mask = torch.ones(1, 4, dtype=torch.long)
+    bi, si = T.token_index(mask)
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]]])
+    metric = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]]])
+    _, _, _, _, by_x = T.token_merge(x, None, bi, si, 1, 0.25, False)
+    _, _, _, _, by_metric = T.token_merge(x, None, bi, si, 1, 0.25, False, metric)
+    assert by_x.tolist() == [0, 0, 1, 2] and by_metric.tolist() == [0, 1, 1, 2]

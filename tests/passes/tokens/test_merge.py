@@ -9,9 +9,17 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import slimfx
 from slimfx.models import tiny
 
-from tome_ref import bert_with_merges
+from tome_ref import bert_with_token_ops, merge_tokens
 
 MERGE = "tokens unpad\ntokens after blocks[1:3] merge ratio={ratio} protect={protect} restore=true"
+# (ratio, protect, by, after `tokens unpad`): without it the tokens are packed from block 1 on.
+VARIANTS = [(0.3, "cls", "hidden", True), (0.5, "none", "hidden", True), (0.3, "cls", "keys", True),
+            (0.3, "cls", "hidden", False)]
+
+
+def _rules(ratio, protect, by="hidden", unpad=True) -> str:
+    merge = f"tokens after blocks[1:3] merge ratio={ratio} protect={protect} by={by} restore=true"
+    return f"tokens unpad\n{merge}" if unpad else merge
 
 
 def _batch(lengths, seq: int, seed: int) -> dict:
@@ -31,21 +39,25 @@ def bert():
 @pytest.fixture(scope="module")
 def compiled(bert):
     example = _batch([12, 8, 5], 12, 0)
-    return {(ratio, protect): slimfx.compile(bert.model, MERGE.format(ratio=ratio, protect=protect),
-                                             example_inputs=example, calib=[example])
-            for ratio, protect in ((0.3, "cls"), (0.5, "none"))}
+    return {v: slimfx.compile(bert.model, _rules(*v), example_inputs=example, calib=[example]) for v in VARIANTS}
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lengths=st.lists(st.integers(1, 14), min_size=1, max_size=3), seed=st.integers(0, 1000),
-       variant=st.sampled_from([(0.3, "cls"), (0.5, "none")]))
+       variant=st.sampled_from(VARIANTS))
 def test_merge_equals_a_direct_tome_run_one_sequence_at_a_time(bert, compiled, lengths, seed, variant):
-    ratio, protect = variant
+    """by=keys matches on block i's keys averaged over heads (ToMe's metric), recomputed in the
+    test from that block's key projection; without `tokens unpad` the result is the same."""
+    ratio, protect, by, _ = variant
     batch = _batch(lengths, max(lengths), seed)
     with torch.no_grad():
         got = compiled[variant](**batch).last_hidden_state
+    if by == "keys":
+        op = lambda x, s, qk: merge_tokens(x, s, ratio, protect == "cls", metric=qk()[1].mean(0))  # noqa: E731
+    else:
+        op = lambda x, s, _: merge_tokens(x, s, ratio, protect == "cls")  # noqa: E731
     for row, n in enumerate(lengths):
-        want = bert_with_merges(bert.model, batch["input_ids"][row, :n], {1, 2}, ratio, protect == "cls")
+        want = bert_with_token_ops(bert.model, batch["input_ids"][row, :n], {1: op, 2: op})
         torch.testing.assert_close(got[row, :n], want, atol=1e-5, rtol=1e-4)
         assert got[row, n:].abs().sum() == 0
 
@@ -54,9 +66,11 @@ def test_merging_changes_the_output_and_the_report_counts_tokens(bert, compiled)
     batch = _batch([12, 8, 5], 12, 0)
     with torch.no_grad():
         plain = bert.model(**batch).last_hidden_state
-        merged = compiled[(0.3, "cls")](**batch).last_hidden_state
+        merged = compiled[VARIANTS[0]](**batch).last_hidden_state
+        by_keys = compiled[VARIANTS[2]](**batch).last_hidden_state
     assert (plain - merged).abs().max() > 1e-2  # a merge that did nothing would pass the reference test too
-    rule = compiled[(0.3, "cls")].report.rules[1]
+    assert (by_keys - merged).abs().max() > 1e-2  # keys that silently fell back to hidden states
+    rule = compiled[VARIANTS[0]].report.rules[1]
     # 25 real tokens; ⌊0.3·L⌋ per sequence: 3+2+1 = 6 after block 1, then 2+1+1 = 4 after block 2.
     assert rule.details["tokens"] == ["25→19", "19→15"]
     assert rule.details["flops_after"] < rule.details["flops_before"]
@@ -87,7 +101,7 @@ def test_proportional_attention_changes_merged_attention_only(bert):
 
 
 def test_save_load_keeps_the_merge(bert, compiled, tmp_path):
-    cm = compiled[(0.3, "cls")]
+    cm = compiled[VARIANTS[3]]  # packed by the merge rule itself
     cm.save(tmp_path / "m")
     back = slimfx.load(tmp_path / "m")
     batch = _batch([9, 14, 2], 14, 7)
@@ -96,9 +110,7 @@ def test_save_load_keeps_the_merge(bert, compiled, tmp_path):
 
 
 @pytest.mark.parametrize("rules,arch,match", [
-    ("tokens after blocks[1] merge ratio=0.3 restore=true", "bert", "tokens unpad"),
     ("tokens unpad\ntokens after blocks[1] merge ratio=0.3", "bert", "restore=false"),
-    ("tokens unpad\ntokens after blocks[1] merge ratio=0.3 by=keys restore=true", "bert", "by=keys"),
     ("tokens unpad\ntokens after blocks[3] merge ratio=0.3 restore=true", "bert", "last block"),
     ("tokens unpad\ntokens after blocks[1] merge ratio=0.3 restore=true", "llama", "causal decoder"),
 ])

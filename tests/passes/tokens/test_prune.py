@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import slimfx
 from slimfx.models import tiny
 
-from tome_ref import bert_with_token_ops, merge_tokens, prune_tokens
+from tome_ref import bert_with_token_ops, cls_attention, merge_tokens, prune_tokens
 
 PRUNE = "tokens unpad\ntokens after blocks[{block}] prune keep={keep} score=norm protect={protect} restore=true"
 
@@ -54,7 +54,7 @@ def test_prune_then_merge_equals_a_direct_run_one_sequence_at_a_time(bert, prune
     batch = _batch(lengths, max(lengths), seed)
     with torch.no_grad():
         got = pruned(**batch).last_hidden_state
-    ops = {1: lambda x, s: prune_tokens(x, s, 0.6, True), 2: lambda x, s: merge_tokens(x, s, 0.3, False)}
+    ops = {1: lambda x, s, _: prune_tokens(x, s, 0.6, True), 2: lambda x, s, _: merge_tokens(x, s, 0.3, False)}
     for row, n in enumerate(lengths):
         want = bert_with_token_ops(bert.model, batch["input_ids"][row, :n], ops)
         torch.testing.assert_close(got[row, :n], want, atol=1e-5, rtol=1e-4)
@@ -98,8 +98,44 @@ def test_a_decoder_keeps_its_last_position_and_prefill_shape():
     assert torch.isfinite(logits[:, -1]).all()
 
 
-def test_attention_score_is_refused_until_implemented(bert):
-    example = _batch([6, 4], 6, 1)
-    with pytest.raises(slimfx.SpecError, match="score=attention"):
-        slimfx.compile(bert.model, "tokens unpad\ntokens after blocks[1] prune keep=0.5 restore=true",
-                       example_inputs=example, calib=[example])
+@pytest.fixture(scope="module")
+def by_attention(bert):
+    example = _batch([12, 8, 5], 12, 0)
+    rules = "tokens unpad\ntokens after blocks[1] prune keep=0.5 score=attention protect=cls restore=true"
+    return slimfx.compile(bert.model, rules, example_inputs=example, calib=[example])
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(2, 14), min_size=1, max_size=3), seed=st.integers(0, 1000))
+def test_attention_score_equals_the_cls_attention_of_a_direct_run(bert, by_attention, lengths, seed):
+    """score=attention on an encoder: rank by the attention the first token pays each token in
+    block 1, recomputed in the test from that block's own query and key projections."""
+    batch = _batch(lengths, max(lengths), seed)
+    with torch.no_grad():
+        got = by_attention(**batch).last_hidden_state
+    ops = {1: lambda x, s, qk: prune_tokens(x, s, 0.5, True, score=cls_attention(*qk()))}
+    for row, n in enumerate(lengths):
+        want = bert_with_token_ops(bert.model, batch["input_ids"][row, :n], ops)
+        torch.testing.assert_close(got[row, :n], want, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_and_norm_scores_keep_different_tokens(bert, by_attention):
+    """A score that silently fell back to the norm would pass the reference test only by chance."""
+    example = _batch([12, 8, 5], 12, 0)
+    by_norm = slimfx.compile(bert.model, PRUNE.format(block=1, keep=0.5, protect="cls"), example_inputs=example,
+                             calib=[example])
+    with torch.no_grad():
+        assert (by_norm(**example).last_hidden_state - by_attention(**example).last_hidden_state).abs().max() > 1e-2
+    assert "attention the first token pays" in by_attention.report.rules[1].notes[0]
+
+
+def test_a_decoder_prunes_by_received_attention_and_keeps_its_last_position():
+    lm = tiny("llama", layers=3)
+    example = _batch([7, 4, 6], 7, 5, left=True)
+    rules = "tokens unpad\ntokens after blocks[0] prune keep=0.5 score=attention restore=true"
+    cm = slimfx.compile(lm.model, rules, example_inputs=example, calib=[example])
+    with torch.no_grad():
+        logits = cm(**example).logits
+    assert logits.shape == lm.model(**example).logits.shape and torch.isfinite(logits).all()
+    assert "mean attention they receive" in cm.report.rules[1].notes[0]
+    assert cm.report.rules[1].details["tokens"] == ["17→9"]  # ⌈0.5·L⌉ of 7, 4, 6 = 4 + 2 + 3
