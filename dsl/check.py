@@ -73,6 +73,13 @@ def _unpad_problems(unpad: A.Unpad, earlier: tuple[A.Rule, ...]) -> list[Diagnos
 def _pair_problem(earlier: A.Rule, later: A.Rule) -> Diagnostic | None:
     """What is wrong with `later` given that `earlier` comes before it, if anything."""
     line = earlier.span.line
+    if isinstance(earlier, A.Tokens) and isinstance(later, A.Tokens) \
+            and bool(earlier.get("restore")) != bool(later.get("restore")):
+        said = str(bool(later.get("restore"))).lower()
+        return _at(later.span, "invalid-combination", f"`restore={said}` here and `restore="
+                   f"{str(bool(earlier.get('restore'))).lower()}` on line {line}: the model's outputs are either "
+                   "the original length or the shorter one", "say the same `restore=` on every `tokens after` rule",
+                   width=len("tokens"))
     if isinstance(later, _STRUCTURAL) and isinstance(earlier, _WEIGHT_CHANGING):
         why = ("`heal` repairs the blocks removed before it, so blocks are merged or removed first"
                if isinstance(earlier, A.Heal) else

@@ -72,7 +72,19 @@ class CompiledModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the graph on the original model's inputs; return the original output structure."""
         flat = self._bind(args, kwargs)
-        return self.graph.restructure(tuple(self.program(*flat)))
+        out = tuple(self.program(*flat))
+        own = sum(c is None for c in self.graph.outputs.constants)
+        if len(out) > own:  # token rules with restore=false add (positions, sizes) after the model's own
+            self._kept_tokens = {"positions": out[own], "sizes": out[own + 1]}
+        return self.graph.restructure(out[:own])
+
+    @property
+    def kept_tokens(self) -> dict[str, torch.Tensor] | None:
+        """After a call of a model compiled with `tokens after … restore=false`: which tokens its
+        shorter outputs hold. "positions" [B, L']: each slot's position in the input (−1 at
+        padding); "sizes" [B, L']: how many input tokens it holds (merged ones more than 1, 0 at
+        padding). None before the first call and for models that keep the sequence length."""
+        return getattr(self, "_kept_tokens", None)
 
     def _bind(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         names = self.input_names

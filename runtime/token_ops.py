@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["FLAT", "NO_BATCH", "token_index", "pack_tokens", "unpack_tokens", "packed_attention", "token_merge",
-           "token_prune", "attention_score"]
+           "token_prune", "attention_score", "repad_tokens", "kept_tokens"]
 
 FLAT = -1
 NO_BATCH = -2
@@ -294,6 +294,51 @@ def _token_prune(x: torch.Tensor, sizes: Optional[torch.Tensor], bi: torch.Tenso
     return _per_sequence(_prune_sequence, x, sizes, score, bi, si, batch, keep, protect_first, protect_last)
 
 
+def _slots(bi: torch.Tensor, batch: int, right: bool) -> tuple[torch.Tensor, int]:
+    """Where each packed token goes in a [batch, L] grid of the sequences' remaining tokens, L the
+    longest: in order from slot 0, or ending at slot L − 1 with `right` (left padding, as decoders
+    want the last token last). Returns (flat slot b·L + j per token, L)."""
+    counts = torch.bincount(bi, minlength=batch)
+    length = int(counts.max()) if bi.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    local = torch.arange(bi.numel()) - starts[bi]
+    if right:
+        local = local + (length - counts)[bi]
+    return bi * length + local, length
+
+
+def _repad_tokens(x: torch.Tensor, bi: torch.Tensor, batch: int, batch_dim: int, seq_dim: int,
+                  right: bool) -> torch.Tensor:
+    """Packed x ([1, N, …] with batch/seq at batch_dim/seq_dim) -> [B, L, …]: each sequence's
+    remaining tokens in order, zeros after them (before them with `right`)."""
+    slots, length = _slots(bi, batch, right)
+    moved = x.movedim((batch_dim, seq_dim), (0, 1))[0]  # [N, rest…]
+    out = moved.new_zeros((batch * length, *moved.shape[1:])).index_copy(0, slots, moved)
+    return out.view(batch, length, *moved.shape[1:]).movedim((0, 1), (batch_dim, seq_dim)).contiguous()
+
+
+def _repad_tokens_fake(x, bi, batch, batch_dim, seq_dim, right):
+    shape = list(x.shape)
+    shape[batch_dim], shape[seq_dim] = batch, torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty(shape)
+
+
+def _kept_tokens(bi: torch.Tensor, si: torch.Tensor, sizes: Optional[torch.Tensor], batch: int,
+                 right: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of _repad_tokens' outputs described: (positions [B, L], each slot's original position
+    or −1 at padding; sizes [B, L], the input tokens each slot holds, 0 at padding)."""
+    slots, length = _slots(bi, batch, right)
+    positions = torch.full((batch * length,), -1, dtype=torch.long).index_copy(0, slots, si)
+    held = torch.ones(bi.numel()) if sizes is None else sizes.float()
+    counts = torch.zeros(batch * length).index_copy(0, slots, held)
+    return positions.view(batch, length), counts.view(batch, length)
+
+
+def _kept_tokens_fake(bi, si, sizes, batch, right):
+    length = torch.library.get_ctx().new_dynamic_size()
+    return bi.new_empty((batch, length)), bi.new_empty((batch, length), dtype=torch.float32)
+
+
 def _token_merge_fake(x, sizes, bi, si, batch, *params):
     n = torch.library.get_ctx().new_dynamic_size()
     return (x.new_empty((1, n, *x.shape[2:])), x.new_empty((n,)), bi.new_empty((n,)), si.new_empty((n,)),
@@ -315,6 +360,10 @@ _OPS = {
     "token_prune": ("(Tensor x, Tensor? sizes, Tensor batch_index, Tensor seq_index, SymInt batch, float keep, "
                     "bool protect_first, bool protect_last, Tensor? score=None) -> (Tensor, Tensor, Tensor, Tensor, "
                     "Tensor)", _token_prune, _token_merge_fake),
+    "repad_tokens": ("(Tensor x, Tensor batch_index, SymInt batch, int batch_dim, int seq_dim, bool right) -> Tensor",
+                     _repad_tokens, _repad_tokens_fake),
+    "kept_tokens": ("(Tensor batch_index, Tensor seq_index, Tensor? sizes, SymInt batch, bool right) -> "
+                    "(Tensor, Tensor)", _kept_tokens, _kept_tokens_fake),
     "attention_score": ("(Tensor q, Tensor k, Tensor? mask, Tensor batch_index, Tensor seq_index, SymInt batch, "
                         "float? scale, bool is_causal, bool enable_gqa, bool received) -> Tensor",
                         _attention_score, _attention_score_fake),
@@ -336,3 +385,5 @@ packed_attention = torch.ops.slimfx.packed_attention.default
 token_merge = torch.ops.slimfx.token_merge.default
 token_prune = torch.ops.slimfx.token_prune.default
 attention_score = torch.ops.slimfx.attention_score.default
+repad_tokens = torch.ops.slimfx.repad_tokens.default
+kept_tokens = torch.ops.slimfx.kept_tokens.default

@@ -247,10 +247,7 @@ METRICS = {
 # Spec policies this version cannot compile, with the rules that stop them (passes not written yet:
 # `compile` refuses them with SpecError kind "unsupported"). The test checks that refusal; when a
 # pass lands the policy drops out of this branch by itself and is run through check_policy.
-NOT_COMPILABLE_YET = {
-    "minilm_fast": "tokens",
-    "vit_tome": "tokens",
-}
+NOT_COMPILABLE_YET: dict[str, str] = {}
 
 
 def _spec_policies():
@@ -278,15 +275,17 @@ def test_every_spec_policy(path, policy):
         refused = sorted({k for d in info.value.diagnostics for k in pending if f"`{k}` is not implemented" in d.message})
         assert refused == pending, str(info.value)
         return
+    # Text models calibrate on the default text; a ViT has no text, so on its example images.
+    calib = [model.example_inputs] if model.kind == "vision" else None
     if policy.name in TOLERANCES:
-        result = check_policy(model, policy, max_examples=FEW, **TOLERANCES[policy.name])
+        result = check_policy(model, policy, max_examples=FEW, calib=calib, **TOLERANCES[policy.name])
     elif policy.name in METRICS:
         metric, atol = METRICS[policy.name]
-        result = check_policy(model, policy, max_examples=FEW, metric=metric, atol=atol)
+        result = check_policy(model, policy, max_examples=FEW, calib=calib, metric=metric, atol=atol)
     else:
         # Newly compilable with no bound chosen yet: structure and finite outputs on every draw.
         # Add a tolerance to TOLERANCES that the policy's formats justify.
-        result = check_policy(model, policy, max_examples=FEW, metric=_finite)
+        result = check_policy(model, policy, max_examples=FEW, calib=calib, metric=_finite)
     assert result.results
 
 

@@ -18,8 +18,6 @@ def missing(rule: A.Tokens) -> str | None:
     """What of this rule this version cannot do (e.g. "prune score=attention"), or None."""
     if rule.action not in IMPLEMENTED:
         return rule.action
-    if not rule.get("restore"):
-        return f"{rule.action} restore=false"
     return None
 
 

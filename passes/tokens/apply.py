@@ -9,6 +9,7 @@ from ..context import Context
 from ..graph import ModelGraph
 from .reindex import insert_after, selected_blocks, token_counts
 from .flops import attention_lengths, block_flops
+from .shorten import shorten_outputs
 from .unpad import flops_note, pack_from, probe_batch
 
 __all__ = ["apply_token_op", "is_decoder"]
@@ -25,6 +26,7 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
     it, the tokens are packed from the first selected block's input on: sequences leave a merge or
     prune with different lengths, which the padded grid cannot hold without re-padding."""
     blocks = selected_blocks(graph, bound, ctx)
+    restore = bool(bound.rule.get("restore"))
     probe = probe_batch(ctx)
     before = forward_ms(graph, probe) if probe else None
     lengths = attention_lengths(graph, probe) if probe else None
@@ -39,6 +41,11 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
         graph.reindex()
         inserted.append(insert_after(graph, graph.blocks[block.index], op, params, bound, ctx,
                                      proportional, per_token))
+    if not restore:
+        changed = shorten_outputs(graph, bound, ctx, right=is_decoder(graph))
+        notes.append(f"restore=false: {changed} output{'s' if changed != 1 else ''} return the remaining tokens "
+                     "(CompiledModel.kept_tokens: their positions and sizes)" if changed else
+                     "restore=false changes nothing here: no output carries the sequence")
     graph.module.graph.lint()
     graph.module.recompile()
     paths = [b.path for b in blocks]
