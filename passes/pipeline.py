@@ -33,13 +33,13 @@ PASSES: dict[type, PassFn] = {
     A.Quantize: quantize.run,    # passes/precision/quantize.py
     A.Precision: choose.run,     # passes/precision/choose.py
     A.Unpad: unpad.run,          # passes/tokens/unpad.py
-    A.Tokens: after.run,         # passes/tokens/after.py (merge; prune not yet: see is_implemented)
+    A.Tokens: after.run,         # passes/tokens/after.py (merge.py, prune.py)
 }
 
 
 def is_implemented(rule: A.Rule) -> bool:
-    if isinstance(rule, A.Tokens):
-        return after.missing(rule) is None
+    """Whether a pass applies this rule (every rule of the grammar has one in this version; a rule
+    the grammar gains before its pass is refused by name, and `slimfx plan` marks it)."""
     return isinstance(rule, A.Keep) or type(rule) in PASSES
 
 
@@ -69,14 +69,10 @@ def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
 def _refuse_unimplemented(plan: Plan, ctx: Context) -> None:
     missing = [b for b in plan.rules if not is_implemented(b.rule)]
     if missing:
-        raise SpecError([Diagnostic("unsupported", f"`{b.rule.kind}` is not implemented{_action(b.rule)} in this version of "
+        raise SpecError([Diagnostic("unsupported", f"`{b.rule.kind}` is not implemented in this version of "
                                     "slimfx, so this policy cannot be compiled yet", b.line, b.rule.span.column,
                                     len(b.rule.kind), "`slimfx plan` lists what each rule would do; remove the "
                                     "rule to compile the rest") for b in missing], ctx.source, ctx.filename)
-
-
-def _action(rule: A.Rule) -> str:
-    return f" for `{after.missing(rule)}`" if isinstance(rule, A.Tokens) else ""
 
 
 def _keep_report(bound: BoundRule) -> RuleReport:

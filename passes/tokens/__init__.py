@@ -1,2 +1,2 @@
-"""The token pass: `tokens unpad` (computing on the real tokens of a padded batch) today;
-`tokens after … prune|merge` are not implemented yet (compile() refuses them)."""
+"""The token pass: `tokens unpad` (computing on the real tokens of a padded batch) and
+`tokens after … merge|prune` (fewer tokens through the later blocks), on packed tokens."""

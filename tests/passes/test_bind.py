@@ -137,7 +137,7 @@ def test_plan_table_lists_every_rule_with_status(llama):
     assert "ready" in rows["keep embed"]  # keep is applied by bind itself
     assert "ready; +3,072 trainable" in rows["adapt blocks.*.attn.q lora"]  # 3 blocks left after the drop
     assert "ready" in rows["drop blocks[1]"]
-    assert "not implemented yet" in rows["tokens after blocks[0] prune keep=0.5"]  # no token pass yet
+    assert "ready" in rows["tokens after blocks[0] prune keep=0.5"]
 
 
 def test_a_tied_weight_is_flagged_and_not_counted_as_freed(gpt2):
