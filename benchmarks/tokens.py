@@ -19,6 +19,7 @@ import argparse
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,8 @@ POLICIES.update({
     + " prop_attn=true",
     "without unpad: merge 0.3 after blocks 3-4 + prop_attn": MERGE.format(blocks="blocks[3:5]", ratio=0.3)
     + " prop_attn=true",
+    "specs/minilm-fast.slim (unpad, prune 0.5 by attention after 1, merge 0.25 after 3, int8)":
+    (Path(__file__).parent.parent / "specs" / "minilm-fast.slim").read_text(),
 })
 SMOL_PRUNES = ["tokens unpad\n" + PRUNE.format(block=8, keep=0.7),
                "tokens unpad\n" + PRUNE.format(block=8, keep=0.7).replace("score=norm", "score=attention")]
