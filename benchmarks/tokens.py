@@ -50,9 +50,9 @@ POLICIES = {
     "unpad + prune 0.5 (norm) after block 3": "tokens unpad\n" + PRUNE.format(block=3, keep=0.5),
 }
 POLICIES.update({
-    "unpad + merge 0.3 after blocks 3-4 + prop_attn, by keys": "tokens unpad\n"
+    "unpad + merge 0.3 after blocks 3-4 + prop_attn + by keys": "tokens unpad\n"
     + MERGE.format(blocks="blocks[3:5]", ratio=0.3) + " prop_attn=true by=keys",
-    "unpad + merge 0.15 after blocks 1-4 + prop_attn, by keys": "tokens unpad\n"
+    "unpad + merge 0.15 after blocks 1-4 + prop_attn + by keys": "tokens unpad\n"
     + MERGE.format(blocks="blocks[1:5]", ratio=0.15) + " prop_attn=true by=keys",
     "unpad + prune 0.7 (attention) after block 2": "tokens unpad\n"
     + PRUNE.format(block=2, keep=0.7).replace("score=norm", "score=attention"),
@@ -64,7 +64,7 @@ POLICIES.update({
     + " prop_attn=true",
     "without unpad: merge 0.3 after blocks 3-4 + prop_attn": MERGE.format(blocks="blocks[3:5]", ratio=0.3)
     + " prop_attn=true",
-    "specs/minilm-fast.slim (unpad, prune 0.5 by attention after 1, merge 0.25 after 3, int8)":
+    "specs/minilm-fast.slim (unpad; prune 0.5 by attention after 1; merge 0.25 after 3; int8)":
     (Path(__file__).parent.parent / "specs" / "minilm-fast.slim").read_text(),
 })
 SMOL_PRUNES = ["tokens unpad\n" + PRUNE.format(block=8, keep=0.7),
