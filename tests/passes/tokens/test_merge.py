@@ -32,11 +32,6 @@ def _batch(lengths, seq: int, seed: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bert():
-    return tiny("bert", layers=4)
-
-
-@pytest.fixture(scope="module")
 def compiled(bert):
     example = _batch([12, 8, 5], 12, 0)
     return {v: slimfx.compile(bert.model, _rules(*v), example_inputs=example, calib=[example]) for v in VARIANTS}

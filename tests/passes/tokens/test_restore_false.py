@@ -13,11 +13,6 @@ MERGE = "tokens unpad\ntokens after blocks[1:3] merge ratio=0.3 protect=cls rest
 
 
 @pytest.fixture(scope="module")
-def bert():
-    return tiny("bert", layers=4)
-
-
-@pytest.fixture(scope="module")
 def both(bert):
     example = _batch([12, 8, 5], 12, 0)
     return {r: slimfx.compile(bert.model, MERGE.format(restore=r), example_inputs=example, calib=[example])
