@@ -1,0 +1,99 @@
+"""What each graph op is to the code generator: free (a view or bookkeeping, no kernel), pointwise,
+a row reduction (over the last dim), a GEMM anchor, or opaque (a kernel of its own, never fused).
+
+Read from the op itself (torch's `pointwise` tag, the dims an op reduces), never from module names.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch import fx
+
+__all__ = ["kind_of", "is_free", "ANCHORS", "PROLOGUES"]
+
+aten = torch.ops.aten
+
+# Views and bookkeeping: no kernel and no memory traffic of their own.
+_FREE = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.transpose.int,
+    aten.permute.default, aten.t.default, aten.alias.default, aten.detach.default, aten.slice.Tensor,
+    aten.select.int, aten.sym_size.int, aten._assert_tensor_metadata.default, aten.lift_fresh_copy.default,
+    aten.dropout.default, operator.getitem,
+}
+# Conversions are pointwise (a cast of each element); aten tags them as nothing.
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
+_ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+                   aten.var.correction, aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
+                   aten.log_softmax.int}
+_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
+ANCHORS = {aten.linear.default, aten.mm.default, aten.addmm.default}
+PROLOGUES: set = set()  # filled below with slimfx::dequantize once the runtime ops are registered
+
+
+def _register_slimfx() -> None:
+    from ..runtime import ops  # registers slimfx::quant_linear and slimfx::dequantize
+
+    ANCHORS.add(ops.quant_linear.default)
+    PROLOGUES.add(ops.dequantize_op.default)
+
+
+_register_slimfx()
+
+
+def is_free(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target in _FREE:
+        return True
+    # A cast to the dtype the value already has is a no-op (export writes many of them).
+    if node.target in (aten.to.dtype, aten._to_copy.default) and _same_dtype(node):
+        return True
+    return False
+
+
+def kind_of(node: fx.Node) -> str:
+    """"free", "pointwise", "reduction" (one row reduction over the last dim), "anchor",
+    "prologue" or "opaque"."""
+    if node.op != "call_function":
+        # A called submodule is a kernel of its own, except export's input-guard check
+        # (`_guards_fn`), whose result nothing reads.
+        return "opaque" if node.op == "call_module" and node.users else "free"
+    if is_free(node):
+        return "free"
+    op = node.target
+    if op in ANCHORS:
+        return "anchor"
+    if op in PROLOGUES:
+        return "prologue"
+    if op in _CASTS or torch.Tag.pointwise in getattr(op, "tags", ()):
+        return "pointwise" if _tensor_out(node) else "opaque"
+    if op in _NORMS or (op in _ROW_REDUCTIONS and _last_dim_only(node)):
+        return "reduction"
+    return "opaque"
+
+
+def _same_dtype(node: fx.Node) -> bool:
+    src, out = node.args[0], node.meta.get("val")
+    val = src.meta.get("val") if isinstance(src, fx.Node) else None
+    return isinstance(val, torch.Tensor) and isinstance(out, torch.Tensor) and val.dtype == out.dtype \
+        and val.device == out.device
+
+
+def _tensor_out(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _last_dim_only(node: fx.Node) -> bool:
+    """The op reduces (or normalizes) the last dim and nothing else: a row reduction."""
+    x = node.args[0]
+    rank = x.meta["val"].dim() if isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor) else None
+    if rank is None:
+        return False
+    dims: Optional[object] = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return False
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return [d % rank for d in dims] == [rank - 1]

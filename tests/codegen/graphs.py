@@ -1,0 +1,78 @@
+"""Random small graphs for the code generator's property tests: a pool of values starting from an
+input x [B, D] and a weight, grown by pointwise ops, row reductions (kept dims), linears and layer
+norms, captured with torch.export as the passes see graphs (aten ops with symbolic shapes)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+D = 8
+UNARY = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "neg": torch.neg, "silu": F.silu,
+         "gelu": F.gelu, "exp_tanh": lambda v: torch.exp(torch.tanh(v))}
+BINARY = {"add": torch.add, "mul": torch.mul, "sub": torch.sub}
+ROWS = {"sum": lambda v: v.sum(-1, keepdim=True), "amax": lambda v: v.amax(-1, keepdim=True),
+        "mean": lambda v: v.mean(-1, keepdim=True)}
+
+
+class Program(torch.nn.Module):
+    """Runs `steps`, each (op, operand indices) appending one value to the pool; returns the last two."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+        gen = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(D, D, generator=gen) / D ** 0.5)
+        self.bias = torch.nn.Parameter(torch.randn(D, generator=gen))
+
+    def forward(self, x):
+        pool = [x]
+        for op, args in self.steps:
+            a = [pool[i] for i in args]
+            if op in UNARY:
+                pool.append(UNARY[op](a[0]))
+            elif op in BINARY:
+                pool.append(BINARY[op](a[0], a[1]))
+            elif op in ROWS:
+                pool.append(ROWS[op](a[0]))
+            elif op == "softmax":
+                pool.append(torch.softmax(a[0], dim=-1))
+            elif op == "linear":
+                pool.append(F.linear(a[0], self.weight, self.bias))
+            elif op == "layer_norm":
+                pool.append(F.layer_norm(a[0], (D,)))
+        return pool[-1], pool[-2]
+
+
+@st.composite
+def programs(draw, max_steps: int = 10):
+    """Steps whose operands have shapes that fit: [B, D] values, or [B, 1] after a reduction."""
+    wide = [0]  # indices of [B, D] values
+    narrow: list[int] = []  # [B, 1]
+    steps = []
+    for i in range(draw(st.integers(2, max_steps))):
+        index = i + 1
+        kind = draw(st.sampled_from(["unary", "binary", "rows", "softmax", "linear", "layer_norm"]))
+        pool = wide + narrow
+        if kind == "unary":
+            src = draw(st.sampled_from(pool))
+            steps.append((draw(st.sampled_from(sorted(UNARY))), (src,)))
+            (wide if src in wide else narrow).append(index)
+        elif kind == "binary":
+            a, b = draw(st.sampled_from(pool)), draw(st.sampled_from(pool))
+            steps.append((draw(st.sampled_from(sorted(BINARY))), (a, b)))
+            (wide if a in wide or b in wide else narrow).append(index)
+        elif kind == "rows":
+            steps.append((draw(st.sampled_from(sorted(ROWS))), (draw(st.sampled_from(wide)),)))
+            narrow.append(index)
+        else:
+            steps.append((kind, (draw(st.sampled_from(wide)),)))
+            wide.append(index)
+    return steps
+
+
+def capture(steps, batch: int = 3) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    model = Program(steps).eval()
+    x = torch.randn(batch, D, generator=torch.Generator().manual_seed(1))
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return ep.module(), x
