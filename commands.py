@@ -26,6 +26,8 @@ def add_model_commands(sub) -> None:
     comp.add_argument("--out", required=True, help="artifact directory to write")
     comp.add_argument("--calib", metavar="FILE", help="calibration text (UTF-8; paragraphs become calibration "
                       "texts); default: the part of the built-in text that `slimfx eval` never scores")
+    comp.add_argument("--stats", action="store_true", help="also print the code generator's fusion groups and "
+                      "their memory traffic (unfused vs fused) for one run on the model's example inputs")
     comp.set_defaults(run=_guarded(_compile))
 
     tr = sub.add_parser("train", help="train a compiled model's adapters (LoRA/DoRA, QLoRA) and save it")
@@ -102,9 +104,21 @@ def _compile(args) -> int:
     loaded = _load_model(args.model)
     cm = api.compile(loaded, args.spec, name=args.policy, calib=calib, progress=True)
     _console().print(cm.report.table())
+    if args.stats:
+        print(_group_stats(cm, loaded))
     cm.save(args.out)
     print(f"saved to {args.out}", file=sys.stderr)
     return 0
+
+
+def _group_stats(cm, loaded) -> str:
+    from .codegen.stats import stats
+    from .runtime.inputs import complete_inputs
+    from .runtime.lower import unlowered
+
+    bound = complete_inputs(dict(loaded.example_inputs), cm.graph.inputs)
+    with unlowered(cm.program):  # the groups are those of the reference graph the generator reads
+        return stats(cm.program, [bound[n] for n in cm.input_names]).render()
 
 
 def _check_out(out: str) -> None:

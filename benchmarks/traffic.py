@@ -15,14 +15,13 @@ how many kernels Inductor generated for it (its fusion decisions; slimfx's custo
 from __future__ import annotations
 
 import argparse
-import collections
 import platform
 import time
 
 import torch
 
 import slimfx
-from slimfx.codegen.traffic import measure
+from slimfx.codegen.stats import stats
 from slimfx.evaluation import default_text
 from slimfx.models import load
 
@@ -42,19 +41,15 @@ def main() -> None:
     print(f"# SmolLM2-135M, `{POLICY}`, prefill of {ids.shape[1]} tokens, batch 1 "
           f"(compiled in {time.perf_counter() - start:.0f} s); {platform.machine()}, torch {torch.__version__}")
     inputs = [batch[n] for n in cm.input_names]
-    unfused, fused, groups = measure(cm.program, inputs)
+    table = stats(cm.program, inputs)
+    unfused, fused = table.unfused, table.fused
     print("| graph | kernels | activation MB read+written | weight MB read |")
     print("|---|---:|---:|---:|")
     for name, t in (("unfused (one kernel per op)", unfused), ("fusion groups", fused)):
         print(f"| {name} | {t.kernels} | {t.activation_bytes / 1e6:.1f} | {t.weight_bytes / 1e6:.1f} |")
     act, kern = fused.activation_bytes / unfused.activation_bytes, fused.kernels / unfused.kernels
-    print(f"\nfused/unfused: activation bytes {act:.0%} (target ≤ 60%), kernels {kern:.0%} (target ≤ 40%)")
-    kinds = collections.Counter(g.kind for g in groups)
-    print("groups by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
-    top = collections.Counter(g.describe() for g in groups if g.kind != "opaque").most_common(8)
-    print("most frequent fused groups:\n" + "\n".join(f"  {n:4d} × {d}" for d, n in top))
-    opaque = collections.Counter(g.describe() for g in groups if g.kind == "opaque").most_common(8)
-    print("most frequent unfused kernels:\n" + "\n".join(f"  {n:4d} × {d}" for d, n in opaque))
+    print(f"\nfused/unfused: activation bytes {act:.0%} (target ≤ 60%), kernels {kern:.0%} (target ≤ 40%)\n")
+    print(table.render(top=12))
     if args.inductor:
         inductor_kernels(cm.program, inputs)
 

@@ -113,6 +113,17 @@ def test_compile_saves_an_artifact_that_eval_compares_side_by_side(tmp_path, cap
     assert "compiled / original" in text and "×1.000" in text  # keep-only: same perplexity
 
 
+def test_compile_stats_prints_the_fusion_groups_of_the_int4_graph(tmp_path, capsys):
+    spec = write(tmp_path, "policy p {\n    quantize blocks.*.** : Linear int4 group=32\n}\n")
+    out = tmp_path / "artifact"
+    assert main(["compile", str(spec), "--model", "tiny:llama", "--out", str(out), "--stats"]) == 0
+    text = capsys.readouterr().out
+    assert "fusion groups" in text and "unfused:" in text and "fused:" in text
+    # The groups read the reference graph (the CPU lowering is put aside for the table).
+    assert "slimfx.quant_linear → silu → slimfx.quant_linear → mul.Tensor" in text
+    assert (out / "meta.json").exists()
+
+
 def test_compile_checks_out_before_compiling_and_reads_calib_files(tmp_path, capsys):
     spec = write(tmp_path, "policy p {\n    quantize blocks.*.** : Linear int4 method=gptq\n}\n")
     a_file = write(tmp_path, "x", name="not-a-dir")
