@@ -4,6 +4,11 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# Generated Triton kernels run through Triton's interpreter on a machine without a GPU; the
+# variable is read when triton is first imported, so it is set before any test imports it.
+if not os.environ.get("SLIMFX_TRITON_GPU"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile(
     "ci", max_examples=60, deadline=None, derandomize=True, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],

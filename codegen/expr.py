@@ -1,0 +1,99 @@
+"""aten ops as Triton `tl` expressions (float32), for the row template (emit_rows.py).
+
+`expression(node, operand)` gives the expression of a pointwise node, `operand(arg)` naming each
+argument (a variable for a graph value, the literal for a Python number); `reduction_lines` the
+statements of a row reduction over the masked row (`m`, `D` and `BLOCK` are the kernel's).
+An op missing from the table raises Unsupported: the group is not generated, never approximated.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+__all__ = ["Unsupported", "expression", "reduction_lines"]
+
+aten = torch.ops.aten
+
+
+class Unsupported(ValueError):
+    """A group the template cannot express; the message names the node."""
+
+
+def _gelu(a, approximate="none"):
+    if approximate == "tanh":
+        inner = f"0.7978845608028654 * ({a} + 0.044715 * {a} * {a} * {a})"
+        return f"0.5 * {a} * (1.0 + (2.0 * tl.sigmoid(2.0 * ({inner})) - 1.0))"
+    return f"0.5 * {a} * (1.0 + tl.math.erf({a} * {1 / math.sqrt(2)!r}))"
+
+
+def _pow(a, p):
+    table = {2: f"({a} * {a})", 2.0: f"({a} * {a})", 1: a, 0.5: f"tl.sqrt({a})", -1: f"(1.0 / {a})", 3: f"({a} * {a} * {a})"}
+    if p not in table:
+        raise Unsupported(f"pow with exponent {p!r}")
+    return table[p]
+
+
+def _add(a, b, alpha=1):
+    return f"({a} + {b})" if alpha == 1 else f"({a} + {alpha!r} * {b})"
+
+
+def _sub(a, b, alpha=1):
+    return f"({a} - {b})" if alpha == 1 else f"({a} - {alpha!r} * {b})"
+
+
+_POINTWISE = {
+    aten.add.Tensor: _add, aten.add.Scalar: _add, aten.sub.Tensor: _sub, aten.sub.Scalar: _sub,
+    aten.mul.Tensor: lambda a, b: f"({a} * {b})", aten.mul.Scalar: lambda a, b: f"({a} * {b})",
+    aten.div.Tensor: lambda a, b: f"({a} / {b})", aten.div.Scalar: lambda a, b: f"({a} / {b})",
+    aten.neg.default: lambda a: f"(-{a})", aten.relu.default: lambda a: f"tl.maximum({a}, 0.0)",
+    aten.sigmoid.default: lambda a: f"tl.sigmoid({a})", aten.silu.default: lambda a: f"({a} * tl.sigmoid({a}))",
+    aten.tanh.default: lambda a: f"(2.0 * tl.sigmoid(2.0 * {a}) - 1.0)", aten.exp.default: lambda a: f"tl.exp({a})",
+    aten.rsqrt.default: lambda a: f"tl.rsqrt({a})", aten.sqrt.default: lambda a: f"tl.sqrt({a})",
+    aten.pow.Tensor_Scalar: _pow, aten.gelu.default: _gelu,
+}
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+
+
+def expression(node: fx.Node, operand) -> str:
+    op = node.target
+    if op in _CASTS:
+        val = node.meta.get("val")
+        if getattr(val, "dtype", None) != torch.float32:
+            raise Unsupported(f"{node.name}: a cast to {getattr(val, 'dtype', '?')} (the row template is float32)")
+        return operand(node.args[0])
+    if op not in _POINTWISE:
+        raise Unsupported(f"{node.name}: no tl expression for {op}")
+    args = [operand(a) for a in node.args]
+    kwargs = {k: v for k, v in node.kwargs.items()}
+    return _POINTWISE[op](*args, **kwargs)
+
+
+def reduction_lines(node: fx.Node, var: str, operand) -> list[str]:
+    """Statements leaving `var` as the row's reduced value (a per-program scalar) or, for
+    softmax and layer norm, the row's normalized values."""
+    op, x = node.target, operand(node.args[0])
+    total = f"tl.sum(tl.where(m, {x}, 0.0), axis=0)"
+    if op is aten.sum.dim_IntList:
+        return [f"    {var} = {total}"]
+    if op is aten.mean.dim:
+        return [f"    {var} = {total} / D"]
+    if op is aten.amax.default:
+        return [f"    {var} = tl.max(tl.where(m, {x}, float('-inf')), axis=0)"]
+    if op in (aten._softmax.default, aten.softmax.int):
+        return [f"    {var}_max = tl.max(tl.where(m, {x}, float('-inf')), axis=0)",
+                f"    {var}_e = tl.where(m, tl.exp({x} - {var}_max), 0.0)",
+                f"    {var} = {var}_e / tl.sum({var}_e, axis=0)"]
+    if op is aten.layer_norm.default:
+        args = list(node.args) + [None] * (5 - len(node.args))
+        weight, bias, eps = args[2], args[3], args[4] if args[4] is not None else 1e-5
+        lines = [f"    {var}_mean = {total} / D",
+                 f"    {var}_c = tl.where(m, {x} - {var}_mean, 0.0)",
+                 f"    {var} = {var}_c * tl.rsqrt(tl.sum({var}_c * {var}_c, axis=0) / D + {eps!r})"]
+        if weight is not None:
+            lines.append(f"    {var} = {var} * {operand(weight)}")
+        if bias is not None:
+            lines.append(f"    {var} = {var} + {operand(bias)}")
+        return lines
+    raise Unsupported(f"{node.name}: no row reduction template for {op}")

@@ -1,0 +1,68 @@
+"""The row template (codegen/emit_rows.py) against eager: every pointwise and row group of random
+graphs, generated, run through Triton (its interpreter without a GPU) and compared with the
+values the graph computes; the RMSNorm group of a tiny Llama; refusals name the node."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+import slimfx
+from slimfx.codegen.emit_rows import Unsupported, emit_rows
+from slimfx.codegen.ops import kind_of
+from slimfx.codegen.partition import partition
+from slimfx.models import tiny
+
+from graphs import capture, programs
+
+
+def _values(gm: fx.GraphModule, *inputs) -> dict:
+    """Every node's value on `inputs` (and tensor_meta, which the launcher shapes outputs by)."""
+    ShapeProp(gm).propagate(*inputs)
+    interp = fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        interp.run(*inputs)
+    return interp.env
+
+
+def _check_group(group, env) -> None:
+    kernel = emit_rows(group)
+    ref = group.reduction.args[0] if group.reduction is not None else next(n for n in group.nodes
+                                                                            if kind_of(n) != "free")
+    outs = kernel.run([env[n] for n, _ in kernel.inputs], env[ref].shape)
+    for (node, _), got in zip(kernel.outputs, outs):
+        torch.testing.assert_close(got, env[node].reshape(got.shape), atol=2e-5, rtol=2e-5)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs())
+def test_every_pointwise_and_row_group_of_random_graphs_equals_eager(steps):
+    gm, x = capture(steps)
+    env = _values(gm, x)
+    groups = [g for g in partition(gm) if g.kind in ("pointwise", "rows")]
+    for group in groups:
+        _check_group(group, env)
+    # Only linears make no such group; every program of 2+ steps has another op.
+    assert groups or all(op == "linear" for op, _ in steps)
+
+
+def test_the_rmsnorm_group_of_a_tiny_llama():
+    lm = tiny("llama", layers=1)
+    cm = slimfx.compile(lm.model, "keep head", example_inputs=lm.example_inputs, backend="eager")
+    env = _values(cm.program, *[lm.example_inputs[n] for n in cm.input_names])
+    rms = [g for g in partition(cm.program) if g.kind == "rows"]
+    assert len(rms) == 3  # two per block and the final norm
+    for group in rms:
+        _check_group(group, env)
+    source = emit_rows(rms[0]).source
+    assert "# mean: aten.mean.dim" in source and "tl.rsqrt" in source  # the header names the nodes
+
+
+def test_unsupported_groups_name_the_node():
+    gm, _ = capture([("relu", (0,))])
+    group = next(g for g in partition(gm) if g.kind == "pointwise")
+    group.nodes[0].target = torch.ops.aten.erfinv.default  # an op with no tl expression
+    with pytest.raises(Unsupported, match="relu: no tl expression"):
+        emit_rows(group)
