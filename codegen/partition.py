@@ -108,12 +108,9 @@ class _Partitioner:
         """Neither group reads the other through a node outside both (a direct read, such as the
         SwiGLU product reading up's output, stays inside the merged kernel)."""
         both = set(a.nodes) | set(b.nodes)
-        first = min(self.order[n] for n in both)
         for reader, other in ((a, b), (b, a)):
             for value in reader.inputs:
-                if value in both:
-                    continue
-                if self._depends_on(value, set(other.nodes), first):
+                if value not in both and self._depends_on(value, set(other.nodes)):
                     return False
         return True
 
@@ -216,29 +213,55 @@ class _Partitioner:
         return path if path[-1].op == "call_function" else None
 
     def _can_join(self, group: Group, node: fx.Node, views: list[fx.Node]) -> bool:
-        """`node` may join when none of its other inputs depends on the group (that path would
-        leave the group and come back: a cycle) and it is not in another group."""
+        """`node` may join when no path leaves the group and comes back through it: none of its
+        other inputs depends on the group, and nothing it feeds outside the group feeds the group
+        (a node the group took in earlier may come after it). And it is in no other group."""
         if node in self.group_of or any(v in self.group_of for v in views):
             return False
         inside = set(group.nodes) | set(views)
-        first = min(self.order[n] for n in group.nodes)
-        for a in node.all_input_nodes:
-            if a in inside:
-                continue
-            if self._depends_on(a, inside, first):
-                return False
-        return True
+        if any(a not in inside and self._depends_on(a, inside) for a in node.all_input_nodes):
+            return False
+        return not any(u not in inside and self._feeds(u, inside) for u in node.users)
 
-    def _depends_on(self, value: fx.Node, inside: set, first: int) -> bool:
+    def _feeds(self, value: fx.Node, inside: set) -> bool:
         stack, seen = [value], set()
         while stack:
             n = stack.pop()
             if n in inside:
                 return True
-            if n in seen or self.order[n] < first:
+            if n in seen or self.order[n] > last:
                 continue
             seen.add(n)
-            stack.extend(n.all_input_nodes)
+            stack.extend(n.users)
+        return False
+
+    def _depends_on(self, value: fx.Node, inside: set) -> bool:
+        """Whether `value` is computed from the group's nodes, other groups counted as one unit
+        (a group runs once all it reads exists, so reaching any of its nodes reaches all of
+        their inputs)."""
+        return self._search(value, inside, lambda n: n.all_input_nodes)
+
+    def _feeds(self, value: fx.Node, inside: set) -> bool:
+        """Whether the group reads something computed from `value` (groups as one unit)."""
+        return self._search(value, inside, lambda n: n.users)
+
+    def _search(self, start: fx.Node, inside: set, step) -> bool:
+        stack, seen, expanded = [start], set(), set()
+        while stack:
+            n = stack.pop()
+            if n in inside:
+                return True
+            if n in seen:
+                continue
+            seen.add(n)
+            group = self.group_of.get(n)
+            if group is not None:
+                if id(group) not in expanded:
+                    expanded.add(id(group))
+                    for member in group.nodes:
+                        stack.extend(step(member))
+            else:
+                stack.extend(step(n))
         return False
 
     def _join(self, group: Group, node: fx.Node) -> None:
