@@ -59,22 +59,20 @@ class RowKernel:
 
     def run(self, values: list[torch.Tensor], full_shape: torch.Size) -> list[torch.Tensor]:
         """Launch on `values` (the inputs, in order) for a group whose full shape is `full_shape`."""
+        import triton  # here, not at module level: TRITON_INTERPRET must be set before the first import
+
         fn = self.compile()
         d = int(full_shape[-1]) if len(full_shape) else 1
         rows = math.prod(int(s) for s in full_shape[:-1]) if len(full_shape) else 1
         args = [_argument(v, role, rows, d) for v, (_, role) in zip(values, self.inputs)]
         outs = [torch.empty(rows * d if role == "full" else rows, dtype=torch.float32, device=values[0].device
                             if values else "cpu") for _, role in self.outputs]
-        fn[(rows,)](*args, *outs, d, BLOCK=max(triton_next_power_of_2(d), 1))
+        fn[(rows,)](*args, *outs, d, BLOCK=triton.next_power_of_2(d))
         shaped = []
         for out, (node, role) in zip(outs, self.outputs):
             want = node.meta["tensor_meta"].shape if "tensor_meta" in node.meta else None
             shaped.append(out.view(want) if want is not None else out)
         return shaped
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def _argument(value: torch.Tensor, role: str, rows: int, d: int) -> torch.Tensor:

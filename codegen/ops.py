@@ -6,10 +6,11 @@ Read from the op itself (torch's `pointwise` tag, the dims an op reduces), never
 from __future__ import annotations
 
 import operator
-from typing import Optional
 
 import torch
 from torch import fx
+
+from ..runtime import ops as slimfx_ops  # registers slimfx::quant_linear and slimfx::dequantize
 
 __all__ = ["kind_of", "is_free", "ANCHORS", "PROLOGUES"]
 
@@ -29,18 +30,8 @@ _ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.
                    aten.var.correction, aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
                    aten.log_softmax.int}
 _NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
-ANCHORS = {aten.linear.default, aten.mm.default, aten.addmm.default}
-PROLOGUES: set = set()  # filled below with slimfx::dequantize once the runtime ops are registered
-
-
-def _register_slimfx() -> None:
-    from ..runtime import ops  # registers slimfx::quant_linear and slimfx::dequantize
-
-    ANCHORS.add(ops.quant_linear.default)
-    PROLOGUES.add(ops.dequantize_op.default)
-
-
-_register_slimfx()
+ANCHORS = {aten.linear.default, aten.mm.default, aten.addmm.default, slimfx_ops.quant_linear.default}
+PROLOGUES = {slimfx_ops.dequantize_op.default}
 
 
 def is_free(node: fx.Node) -> bool:
@@ -92,7 +83,7 @@ def _last_dim_only(node: fx.Node) -> bool:
     rank = x.meta["val"].dim() if isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor) else None
     if rank is None:
         return False
-    dims: Optional[object] = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if dims is None:
         return False
     dims = [dims] if isinstance(dims, int) else list(dims)

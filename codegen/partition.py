@@ -223,18 +223,6 @@ class _Partitioner:
             return False
         return not any(u not in inside and self._feeds(u, inside) for u in node.users)
 
-    def _feeds(self, value: fx.Node, inside: set) -> bool:
-        stack, seen = [value], set()
-        while stack:
-            n = stack.pop()
-            if n in inside:
-                return True
-            if n in seen or self.order[n] > last:
-                continue
-            seen.add(n)
-            stack.extend(n.users)
-        return False
-
     def _depends_on(self, value: fx.Node, inside: set) -> bool:
         """Whether `value` is computed from the group's nodes, other groups counted as one unit
         (a group runs once all it reads exists, so reaching any of its nodes reaches all of

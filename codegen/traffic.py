@@ -97,4 +97,4 @@ def _meta_bytes(meta) -> int:
     numel = 1
     for s in meta.shape:
         numel *= int(s)
-    return numel * torch.empty((), dtype=meta.dtype).element_size()
+    return numel * meta.dtype.itemsize

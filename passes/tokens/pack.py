@@ -90,6 +90,8 @@ class _Packer:
         later = later[at[self.start] + 1:]
         with self.g.inserting_after(max(self.start, self.n, key=at.get)):
             first = self._pack_node(self.start, layout)
+        if "nn_module_stack" in self.start.meta:  # the packed stream stays the output of what made it (a block)
+            first.meta["nn_module_stack"] = self.start.meta["nn_module_stack"]
         own = {first, *self.own}
         self.start.replace_all_uses_with(first, delete_user_cb=lambda u: u not in own)
         for node in later:

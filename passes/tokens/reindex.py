@@ -22,7 +22,7 @@ from ..graph import ModelGraph
 from .pack import PACKED
 from .unpad import rule_error
 
-__all__ = ["selected_blocks", "insert_after", "token_counts", "block_attention", "TOKEN_OPS"]
+__all__ = ["innermost_restore", "selected_blocks", "insert_after", "token_counts", "block_attention", "TOKEN_OPS"]
 
 RESTORE = "slimfx_restore"  # meta key of the gathers that give an output its tokens back
 aten = torch.ops.aten
@@ -135,9 +135,7 @@ def _check_crossing(graph, h, later, index_nodes, bound, ctx) -> None:
 def _restore(g: fx.Graph, unpack: fx.Node, dest: fx.Node) -> None:
     """unpack(x) → unpack(x[dest]): every position takes the value of the token it merged into.
     With several merges the gathers nest, the latest innermost."""
-    inner = unpack
-    while isinstance(inner.args[0], fx.Node) and inner.args[0].meta.get(RESTORE):
-        inner = inner.args[0]
+    inner = innermost_restore(unpack)
     x = inner.args[0]
     seq_dim = unpack.args[6]
     with g.inserting_before(inner):
@@ -146,6 +144,15 @@ def _restore(g: fx.Graph, unpack: fx.Node, dest: fx.Node) -> None:
     gather.meta[RESTORE] = True
     gather.meta[PACKED] = x.meta.get(PACKED)
     inner.args = (gather, *inner.args[1:])
+
+
+def innermost_restore(unpack: fx.Node) -> fx.Node:
+    """The last node of an output's chain of restoring gathers (the unpack itself without one):
+    its first argument is the packed value as the graph computed it."""
+    inner = unpack
+    while isinstance(inner.args[0], fx.Node) and inner.args[0].meta.get(RESTORE):
+        inner = inner.args[0]
+    return inner
 
 
 def _logical_meta(merge, outs, n_new, h, bi) -> None:

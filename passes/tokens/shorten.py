@@ -22,7 +22,7 @@ from ...runtime import token_ops
 from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
-from .reindex import RESTORE, TOKEN_OPS
+from .reindex import RESTORE, TOKEN_OPS, innermost_restore
 from .unpad import rule_error
 
 __all__ = ["shorten_outputs"]
@@ -40,7 +40,7 @@ def shorten_outputs(graph: ModelGraph, bound: BoundRule, ctx: Context, right: bo
     for i, value in enumerate(values):
         if not (isinstance(value, fx.Node) and value.target is token_ops.unpack_tokens):
             continue
-        x, batch, bdim, sdim = _final(value), value.args[3], value.args[5], value.args[6]
+        x, batch, bdim, sdim = innermost_restore(value).args[0], value.args[3], value.args[5], value.args[6]
         if bdim < 0:
             raise rule_error(bound, ctx, "unsupported", f"`restore=false`: output {value.name} flattens batch and "
                              "sequence into one dim; its shorter form is not defined", "use `restore=true`")
@@ -50,7 +50,6 @@ def shorten_outputs(graph: ModelGraph, bound: BoundRule, ctx: Context, right: bo
         values[i] = repad
         changed += 1
     if changed and not any(n.target is token_ops.kept_tokens for n in g.nodes):
-        batch = next(n for n in values if isinstance(n, fx.Node) and n.target is token_ops.repad_tokens).args[2]
         with g.inserting_before(out):
             kept = g.call_function(token_ops.kept_tokens, (bi, si, sizes, batch, right))
             positions = g.call_function(operator.getitem, (kept, 0))
@@ -76,11 +75,3 @@ def _drop_unused(g: fx.Graph) -> None:
     for node in reversed(list(g.nodes)):
         if not node.users and (node.target is token_ops.unpack_tokens or node.meta.get(RESTORE)):
             g.erase_node(node)
-
-
-def _final(unpack: fx.Node) -> fx.Node:
-    """The packed value an output unpacks, before the restoring gathers (reindex._restore)."""
-    x = unpack.args[0]
-    while isinstance(x, fx.Node) and x.meta.get(RESTORE):
-        x = x.args[0]
-    return x

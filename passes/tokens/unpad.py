@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from ...dsl.errors import SpecError
-from ...runtime import token_ops
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
 from ..calibrate import forward_ms
@@ -67,15 +66,10 @@ def pack_from(graph: ModelGraph, start, bound: BoundRule, ctx: Context) -> PackR
     mask = _mask_placeholder(graph, bound, ctx, required=False)
     symbols = _symbols(graph, start, bound, ctx)
     try:
-        result = pack_graph(graph.module, start, mask, symbols)
+        return pack_graph(graph.module, start, mask, symbols)
     except ValueError as e:
         raise rule_error(bound, ctx, "unsupported", f"`{bound.text}` cannot pack the tokens of {graph.model_class}: "
                          f"{e}", "remove the rule; the model runs on the padded batch as before") from e
-    if any(b.output is start for b in graph.blocks):  # the packed stream stays the output of its block
-        for user in start.users:
-            if user.target is token_ops.pack_tokens:
-                user.meta["nn_module_stack"] = start.meta["nn_module_stack"]
-    return result
 
 
 def _symbols(graph: ModelGraph, start, bound: BoundRule, ctx: Context) -> Symbols:
