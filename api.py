@@ -53,7 +53,8 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     ctx = Context(calib=_calibration(model, calib, graph), source=spec.source, filename=spec.filename,
                   progress=bars, reference=unwrap(model, None)[0])
     report = run_pipeline(graph, bound, ctx)
-    with bars.task("converting packed weights for the CPU kernels" if backend == "auto" else "building"):
+    stage = {"auto": "converting packed weights for the CPU kernels", "triton": "generating Triton kernels"}
+    with bars.task(stage.get(backend, "building")):
         return CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
                              policy_name=policy_ast.name if policy_ast else None, backend=backend)
 
@@ -162,9 +163,6 @@ def _calibration(model, calib, graph) -> list[dict[str, Any]]:
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if backend == "triton":
-        raise NotImplementedError("the Triton backend is not implemented yet: use backend='auto' (PyTorch's "
-                                  "CPU kernels for packed weights) or 'eager' (the reference ops only)")
 
 
 def _policy_text(policy: A.Policy | None) -> str:

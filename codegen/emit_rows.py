@@ -6,73 +6,44 @@ group reads or writes has a role by its symbolic shape against the full one: "fu
 weight) or "scalar". Ops become `tl` expressions (codegen/expr.py); the one row reduction becomes a
 `tl.sum`/`tl.max` over the masked row. A group this template cannot express (a transposing view,
 another dtype, an op missing from the table) raises Unsupported naming the node — never a wrong
-kernel.
-
-The source is text; `RowKernel.compile()` writes it to a cache file named by its hash and imports
-that (the same group never generates twice). Without a GPU, run with TRITON_INTERPRET=1 set
-before triton is imported.
+kernel. Variables are numbered, not named after nodes, so equal groups share one source
+(codegen/kernel.py caches and imports it).
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import math
-import os
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import fx
 
 from .expr import Unsupported, expression, reduction_lines
-from .ops import kind_of
+from .kernel import Kernel, Shapes, float32_only, rows_of
+from .ops import keeps_order, kind_of
 from .partition import Group
 
 __all__ = ["RowKernel", "emit_rows", "Unsupported"]
 
 
 @dataclass
-class RowKernel:
-    source: str
-    name: str
-    inputs: list[tuple[fx.Node, str]]  # (value, role) in kernel-argument order
-    outputs: list[tuple[fx.Node, str]]
-    _fn: Optional[object] = field(default=None, repr=False)
+class RowKernel(Kernel):
+    full: Optional[fx.Node] = None  # a value of the group's full shape (the rows)
 
-    def compile(self, cache: Optional[Path] = None):
-        """Import the kernel from its source (cached by hash)."""
-        if self._fn is None:
-            folder = Path(cache or os.environ.get("SLIMFX_KERNEL_CACHE") or Path(tempfile.gettempdir()) / "slimfx-kernels")
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{self.name}.py"
-            if not path.exists():
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(self.source)
-                tmp.replace(path)
-            spec = importlib.util.spec_from_file_location(f"slimfx_kernels.{self.name}", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            self._fn = module.kernel
-        return self._fn
-
-    def run(self, values: list[torch.Tensor], full_shape: torch.Size) -> list[torch.Tensor]:
-        """Launch on `values` (the inputs, in order) for a group whose full shape is `full_shape`."""
+    def launch(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run on `values` (the inputs, in order); the outputs, shaped as the graph's."""
         import triton  # here, not at module level: TRITON_INTERPRET must be set before the first import
 
-        fn = self.compile()
-        d = int(full_shape[-1]) if len(full_shape) else 1
-        rows = math.prod(int(s) for s in full_shape[:-1]) if len(full_shape) else 1
+        if self._shapes is None:
+            self._shapes = Shapes([n for n, _ in self.inputs], [n for n, _ in self.outputs] + [self.full])
+        *shapes, full = self._shapes(values)
+        d = int(full[-1]) if len(full) else 1
+        rows = rows_of(full)
+        device = values[0].device if values else torch.device("cpu")
         args = [_argument(v, role, rows, d) for v, (_, role) in zip(values, self.inputs)]
-        outs = [torch.empty(rows * d if role == "full" else rows, dtype=torch.float32, device=values[0].device
-                            if values else "cpu") for _, role in self.outputs]
-        fn[(rows,)](*args, *outs, d, BLOCK=triton.next_power_of_2(d))
-        shaped = []
-        for out, (node, role) in zip(outs, self.outputs):
-            want = node.meta["tensor_meta"].shape if "tensor_meta" in node.meta else None
-            shaped.append(out.view(want) if want is not None else out)
-        return shaped
+        outs = [torch.empty(shape, dtype=torch.float32, device=device) for shape in shapes]
+        if rows and d:
+            self.compile()[(rows,)](*args, *outs, d, BLOCK=triton.next_power_of_2(d))
+        return outs
 
 
 def _argument(value: torch.Tensor, role: str, rows: int, d: int) -> torch.Tensor:
@@ -93,13 +64,17 @@ def emit_rows(group: Group) -> RowKernel:
     names: dict[fx.Node, str] = {}
     roles: dict[fx.Node, str] = {}
     inputs = [(n, _role(n, full)) for n in group.inputs if _is_tensor(n)]
+    if not inputs:
+        raise Unsupported(f"{group.nodes[0].name}: a group that reads no tensor")
     lines = []
     for i, (node, role) in enumerate(inputs):
         names[node], roles[node] = f"in{i}", role
         lines.append(_load(f"in{i}", role))
-    for node in group.nodes:
-        var = f"v_{node.name}"
+    for i, node in enumerate(group.nodes):
+        var = f"v{i}"
         if kind_of(node) == "free":
+            if not keeps_order(node):
+                raise Unsupported(f"{node.name} ({node.target}) reorders elements inside the group")
             src = node.all_input_nodes[0]
             role = _role(node, full)
             if role != roles[src] and not (roles[src] in ("row", "scalar", "col") and role == "full"):
@@ -119,14 +94,13 @@ def emit_rows(group: Group) -> RowKernel:
         lines.append(_store(f"out{i}", names[node], role))
     params = ", ".join([f"in{i}_ptr" for i in range(len(inputs))] + [f"out{i}_ptr" for i in range(len(outputs))])
     body = "\n".join(lines)
-    header = "\n".join(f"# {n.name}: {n.target}" for n in group.nodes if kind_of(n) != "free")
-    source = (f"# generated by slimfx codegen/emit_rows.py for the group:\n{header}\n"
+    header = "\n".join(f"#   {n.target}" for n in group.nodes if kind_of(n) != "free")
+    source = (f"# generated by slimfx codegen/emit_rows.py for a group of the ops:\n{header}\n"
               "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
               f"def kernel({params}, D, BLOCK: tl.constexpr):\n"
               "    row = tl.program_id(0)\n    cols = tl.arange(0, BLOCK)\n    m = cols < D\n"
               f"{body}\n")
-    name = "rows_" + hashlib.sha256(source.encode()).hexdigest()[:16]
-    return RowKernel(source, name, inputs, outputs)
+    return RowKernel("rows", source, inputs, outputs, list(group.nodes), full=_full_node(group))
 
 
 def _load(var: str, role: str) -> str:
@@ -150,18 +124,16 @@ def _is_tensor(node: fx.Node) -> bool:
 
 
 def _shape(node: fx.Node) -> tuple[str, ...]:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        raise Unsupported(f"{node.name} has no tensor value")
-    if val.dtype != torch.float32:
-        raise Unsupported(f"{node.name} is {val.dtype}: the row template is float32")
-    return tuple(str(s) for s in val.shape)
+    return tuple(str(s) for s in float32_only(node, "row").shape)
+
+
+def _full_node(group: Group) -> fx.Node:
+    return group.reduction.args[0] if group.reduction is not None else next(
+        n for n in group.nodes if kind_of(n) != "free")
 
 
 def _full_shape(group: Group) -> tuple[str, ...]:
-    ref = group.reduction.args[0] if group.reduction is not None else next(
-        n for n in group.nodes if kind_of(n) != "free")
-    return _shape(ref)
+    return _shape(_full_node(group))
 
 
 def _role(node: fx.Node, full: tuple[str, ...]) -> str:

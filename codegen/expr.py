@@ -50,6 +50,7 @@ _POINTWISE = {
     aten.neg.default: lambda a: f"(-{a})", aten.relu.default: lambda a: f"tl.maximum({a}, 0.0)",
     aten.sigmoid.default: lambda a: f"tl.sigmoid({a})", aten.silu.default: lambda a: f"({a} * tl.sigmoid({a}))",
     aten.tanh.default: lambda a: f"(2.0 * tl.sigmoid(2.0 * {a}) - 1.0)", aten.exp.default: lambda a: f"tl.exp({a})",
+    aten.cos.default: lambda a: f"tl.cos({a})", aten.sin.default: lambda a: f"tl.sin({a})",
     aten.rsqrt.default: lambda a: f"tl.rsqrt({a})", aten.sqrt.default: lambda a: f"tl.sqrt({a})",
     aten.pow.Tensor_Scalar: _pow, aten.gelu.default: _gelu,
 }

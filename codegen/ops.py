@@ -12,7 +12,7 @@ from torch import fx
 
 from ..runtime import ops as slimfx_ops  # registers slimfx::quant_linear and slimfx::dequantize
 
-__all__ = ["kind_of", "is_free", "ANCHORS", "PROLOGUES"]
+__all__ = ["kind_of", "is_free", "keeps_order", "ANCHORS", "PROLOGUES"]
 
 aten = torch.ops.aten
 
@@ -23,6 +23,14 @@ _FREE = {
     aten.permute.default, aten.t.default, aten.alias.default, aten.detach.default, aten.slice.Tensor,
     aten.select.int, aten.sym_size.int, aten._assert_tensor_metadata.default, aten.lift_fresh_copy.default,
     aten.dropout.default, operator.getitem,
+}
+# Free ops after which element i of the row-major result is element i of the input (or of its
+# broadcast): the templates index a group's values by their own logical shape, so only these may
+# sit between two of its ops. A transpose or a slice in a group is refused, never miscomputed.
+_ORDER_KEEPING = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.alias.default,
+    aten.detach.default, aten.dropout.default, aten.to.dtype, aten._to_copy.default,
 }
 # Conversions are pointwise (a cast of each element); aten tags them as nothing.
 _CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
@@ -43,6 +51,11 @@ def is_free(node: fx.Node) -> bool:
     if node.target in (aten.to.dtype, aten._to_copy.default) and _same_dtype(node):
         return True
     return False
+
+
+def keeps_order(node: fx.Node) -> bool:
+    """A free node the templates may read through (see _ORDER_KEEPING)."""
+    return node.target in _ORDER_KEEPING
 
 
 def kind_of(node: fx.Node) -> str:

@@ -61,24 +61,28 @@ class Group:
         return " → ".join(ops)
 
 
-def partition(gm: fx.GraphModule) -> list[Group]:
-    """The fusion groups of `gm`'s kernel ops, in graph order (free nodes join the group of the
-    value they view when that group reads them on; views that nothing fuses through stay out)."""
-    p = _Partitioner(gm)
+def partition(gm: fx.GraphModule | fx.Graph) -> list[Group]:
+    """The fusion groups of the graph's kernel ops, in graph order (free nodes join the group of
+    the value they view when that group reads them on; views that nothing fuses through stay out)."""
+    p = _Partitioner(_graph(gm))
     groups = p.run()
     check_acyclic(gm, groups)
     return groups
 
 
+def _graph(gm: fx.GraphModule | fx.Graph) -> fx.Graph:
+    return gm if isinstance(gm, fx.Graph) else gm.graph
+
+
 class _Partitioner:
-    def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
-        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
         self.group_of: dict[fx.Node, Group] = {}
         self.groups: list[Group] = []
 
     def run(self) -> list[Group]:
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             if node in self.group_of:
                 continue
             kind = kind_of(node)
@@ -258,12 +262,12 @@ class _Partitioner:
         self.group_of[node] = group
 
 
-def check_acyclic(gm: fx.GraphModule, groups: list[Group]) -> None:
+def check_acyclic(gm: fx.GraphModule | fx.Graph, groups: list[Group]) -> None:
     """The graph with each group contracted to one node is a DAG (a fused kernel can run once all
     it reads exists). Raises AssertionError naming a cycle: a bug in the partitioner."""
     group_index = {n: i for i, g in enumerate(groups) for n in g.nodes}
     q = nx.DiGraph()
-    for node in gm.graph.nodes:
+    for node in _graph(gm).nodes:
         here = group_index.get(node, node.name)
         q.add_node(here)
         for a in node.all_input_nodes:

@@ -8,9 +8,19 @@ int8 → `cpu_kernels.quant_linear_int8pack` (the functions behind `slimfx::quan
 weights converted for the kernel are **non-persistent buffers** next to the packed ones
 (`<path>.qweight_int4pack`, …): `.to(device)` moves them, `state_dict()` never holds them, and
 `CompiledModel.weight_bytes()` leaves them out (`Lowering.extra_bytes` counts them).
+`lower(gm, "triton")` replaces the graph by one whose fusion groups call generated Triton kernels
+(codegen/lower.py; the reference graph is kept aside, and the weights are the same tensors). It
+needs a CUDA GPU holding the weights, or Triton's interpreter (`TRITON_INTERPRET=1`, slow: for
+tests and small models). "auto" is "triton" when the weights are on a GPU, the CPU kernels
+otherwise.
+
 `lower(gm, "eager")` (and `unlower`) puts the reference graph back; `unlowered(gm)` does so for
-the length of a `with` block, keeping the converted tensors to put back after (saving uses it:
-an artifact holds the reference graph and the packed codes only).
+the length of a `with` block, keeping the converted tensors (or the lowered graph) to put back
+after (saving uses it: an artifact holds the reference graph and the packed codes only; training
+uses it under the Triton backend, whose kernels have no backward).
+
+The Triton route is the one import from runtime/ into codegen/ (lazy, for that backend only):
+a saved model loaded with `backend="triton"` regenerates its kernels from its graph.
 """
 from __future__ import annotations
 
@@ -27,7 +37,8 @@ from .sizes import tensor_bytes
 
 __all__ = ["BACKENDS", "Lowering", "lower", "unlower", "unlowered", "summary", "lowered_tensors"]
 
-BACKENDS = ("auto", "eager")
+BACKENDS = ("auto", "eager", "triton")
+_TRITON = "__triton__"  # key of the lowered graph among the plans _strip returns
 QUANT = torch.ops.slimfx.quant_linear.default
 # The lowered nodes call the kernels' Python functions, the same ones registered as
 # slimfx::quant_linear_int4pack / _int8pack: through the dispatcher a Python-implemented op costs
@@ -47,15 +58,19 @@ class Lowering:
 
     routes: tuple[tuple[str, str, int], ...] = ()
     extra_bytes: int = 0  # converted weights held for the kernels, on top of weight_bytes()
+    codegen: Optional[object] = None  # codegen.lower.CodegenSummary under the Triton backend
 
     def count(self, route: str) -> int:
         return sum(n for _, r, n in self.routes if r == route)
 
     @property
     def lowered(self) -> int:
-        return sum(n for _, r, n in self.routes if r != "reference")
+        return sum(n for _, r, n in self.routes if r != "reference") + (self.codegen.kernels if self.codegen else 0)
 
     def __str__(self) -> str:
+        if self.codegen is not None:
+            left = [f"{n} {fmt} linear{'s' * (n != 1)} → reference op" for fmt, _, n in self.routes]
+            return "; ".join([f"Triton backend: {self.codegen}", *left])
         if not self.routes:
             return "no quantized linears"
         parts = [f"{n} {fmt} linear{'s' * (n != 1)} → {_LABEL.get(r, r)}" for fmt, r, n in self.routes]
@@ -102,7 +117,9 @@ def summary(gm: fx.GraphModule) -> Lowering:
         key = (_fmt(node), _LOWERED.get(node.target, "reference"))
         counts[key] = counts.get(key, 0) + 1
     extra = tensor_bytes(*{id(t): t for t in lowered_tensors(gm)}.values())
-    return Lowering(tuple((f, r, n) for (f, r), n in sorted(counts.items())), extra)
+    triton = getattr(gm, "_slimfx_triton", None)
+    return Lowering(tuple((f, r, n) for (f, r), n in sorted(counts.items())), extra,
+                    None if triton is None else triton[1])
 
 
 def lowered_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
@@ -166,9 +183,13 @@ def lower(gm: fx.GraphModule, backend: str = "auto", *,
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     converted = dict(_converted or {})
-    if any(n.target in _LOWERED for n in _quant_nodes(gm)):
+    if getattr(gm, "_slimfx_triton", None) is not None or any(n.target in _LOWERED for n in _quant_nodes(gm)):
         converted.update(_strip(gm))
-    if backend == "auto":
+    if backend == "auto" and _on_gpu(gm):
+        backend = "triton"
+    if backend == "triton":
+        _lower_triton(gm, converted.get(_TRITON))
+    elif backend == "auto":
         changed, attrs_of = False, {}
         for node in list(_quant_nodes(gm)):
             key = _key(node)
@@ -190,6 +211,36 @@ def lower(gm: fx.GraphModule, backend: str = "auto", *,
     return summary(gm)
 
 
+def _on_gpu(gm: nn.Module) -> bool:
+    return any(t.device.type == "cuda" for t in gm.parameters()) or any(t.device.type == "cuda" for t in gm.buffers())
+
+
+def _lower_triton(gm: fx.GraphModule, kept: Optional[tuple]) -> None:
+    """Swap in the graph whose groups call generated kernels (`kept`: one lowered before)."""
+    if kept is None:
+        _check_triton_runs(gm)
+        from ..codegen.lower import lower_graph  # the one runtime → codegen import (module doc)
+
+        kept = lower_graph(gm.graph)
+    reference = gm.graph
+    gm.graph = kept[0]
+    gm.recompile()
+    gm._slimfx_triton = (reference, kept[1], kept[0])
+
+
+def _check_triton_runs(gm: nn.Module) -> None:
+    import os
+
+    if _on_gpu(gm) or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    why = "no CUDA GPU is available" if not torch.cuda.is_available() else "the weights are on the CPU"
+    raise RuntimeError(
+        f"backend=\"triton\" runs generated kernels on a CUDA GPU, and {why}: move the model with "
+        "`.to(\"cuda\")` first (or compile it there), use backend=\"auto\" (the CPU kernels) or \"eager\", "
+        "or set TRITON_INTERPRET=1 before triton is imported to run the kernels through Triton's interpreter "
+        "(slow; for tests and small models)")
+
+
 def _key(node: fx.Node):
     qweight = _ref_args(node)[1]
     return qweight.target if isinstance(qweight, fx.Node) else id(node)
@@ -199,6 +250,13 @@ def _strip(gm: fx.GraphModule) -> dict:
     """Put every lowered node back to the reference op, drop the converted buffers and their
     get_attr nodes; return the plans (so they can be put back without converting again)."""
     plans: dict = {}
+    triton = getattr(gm, "_slimfx_triton", None)
+    if triton is not None:
+        reference, summary_, lowered = triton
+        gm.graph = reference
+        gm.recompile()
+        del gm._slimfx_triton
+        plans[_TRITON] = (lowered, summary_)
     dead: list[fx.Node] = []
     for node in list(_quant_nodes(gm)):
         if node.target not in _LOWERED:
@@ -237,4 +295,4 @@ def unlowered(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
         yield gm
     finally:
         if plans:
-            lower(gm, "auto", _converted=plans)
+            lower(gm, "triton" if _TRITON in plans else "auto", _converted=plans)

@@ -9,6 +9,7 @@ them, beside frozen (possibly 4-bit) base weights: QLoRA.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lower import unlowered
 from .progress import Progress
 
 __all__ = ["train", "TrainResult", "LOSSES"]
@@ -66,7 +68,11 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     bars = progress if isinstance(progress, Progress) else Progress.for_terminal(progress)
     losses: list[float] = []
     start = time.perf_counter()
-    with _mode(cm, True), _mode(teacher, False), bars.task(f"training adapters ({loss})", total=steps) as step:
+    # Generated Triton kernels have no backward: a model on that backend trains on its reference
+    # graph (the same weights), and its kernels are back afterwards.
+    reference = unlowered(cm.program) if getattr(cm, "backend", None) == "triton" else contextlib.nullcontext()
+    with reference, _mode(cm, True), _mode(teacher, False), \
+            bars.task(f"training adapters ({loss})", total=steps) as step:
         for i, batch in zip(range(steps), itertools.cycle(batches)):
             value = _step(cm, batch, opt, loss, teacher, i)
             losses.append(value)

@@ -29,9 +29,7 @@ def _values(gm: fx.GraphModule, *inputs) -> dict:
 
 def _check_group(group, env) -> None:
     kernel = emit_rows(group)
-    ref = group.reduction.args[0] if group.reduction is not None else next(n for n in group.nodes
-                                                                            if kind_of(n) != "free")
-    outs = kernel.run([env[n] for n, _ in kernel.inputs], env[ref].shape)
+    outs = kernel.launch([env[n] for n, _ in kernel.inputs])
     for (node, _), got in zip(kernel.outputs, outs):
         torch.testing.assert_close(got, env[node].reshape(got.shape), atol=2e-5, rtol=2e-5)
 
@@ -57,7 +55,9 @@ def test_the_rmsnorm_group_of_a_tiny_llama():
     for group in rms:
         _check_group(group, env)
     source = emit_rows(rms[0]).source
-    assert "# mean: aten.mean.dim" in source and "tl.rsqrt" in source  # the header names the nodes
+    assert "#   aten.mean.dim" in source and "tl.rsqrt" in source  # the header lists the ops
+    assert "mean (aten.mean.dim)" in emit_rows(rms[0]).listing()  # the listing names the nodes
+    assert len({emit_rows(g).source for g in rms}) == 1  # equal groups share one source
 
 
 def test_unsupported_groups_name_the_node():

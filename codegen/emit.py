@@ -1,0 +1,99 @@
+"""From fusion groups to kernels: which template emits each group, and what happens when the
+template cannot express it.
+
+- A GEMM group merged horizontally (q/k/v; gate and up) is split back into one group per anchor:
+  each epilogue node goes with the latest anchor it depends on (the SwiGLU product with `up`,
+  reading `silu(gate)` as an operand), so the pieces run in graph order and stay acyclic.
+- A GEMM whose epilogue the template refuses runs as the anchor (and its dequantize prologue)
+  alone; the epilogue's ops stay eager ops.
+- A row or pointwise group the template refuses stays eager ops; an opaque group always does.
+
+Every refusal is kept with its reason (`Emitted.eager`), for the lowering summary: nothing is
+dropped silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from .emit_gemm import emit_gemm
+from .emit_rows import emit_rows
+from .expr import Unsupported
+from .kernel import Kernel
+from .ops import kind_of
+from .partition import Group
+
+__all__ = ["Emitted", "emit_all", "split_anchors"]
+
+
+@dataclass
+class Emitted:
+    kernels: list[Kernel] = field(default_factory=list)
+    eager: list[tuple[Group, str]] = field(default_factory=list)  # (group left to eager ops, why)
+
+
+def emit_all(groups: list[Group]) -> Emitted:
+    done = Emitted()
+    for group in groups:
+        if group.kind == "opaque":
+            continue
+        if group.kind == "gemm":
+            for piece in split_anchors(group):
+                _gemm(piece, done)
+            continue
+        try:
+            done.kernels.append(emit_rows(group))
+        except Unsupported as why:
+            done.eager.append((group, _reason(group, why)))
+    return done
+
+
+def _reason(group: Group, why: Exception) -> str:
+    """The refusal without the node's name it starts with, so equal reasons count together."""
+    text = str(why)
+    for node in group.nodes:
+        for sep in (" ", ": "):
+            if text.startswith(node.name + sep):
+                return text[len(node.name) + len(sep):]
+    return text
+
+
+def _gemm(piece: Group, done: Emitted) -> None:
+    try:
+        done.kernels.append(emit_gemm(piece))
+        return
+    except Unsupported as why:
+        reason = _reason(piece, why)
+    core = [n for n in piece.nodes if n is piece.anchor or kind_of(n) == "prologue"]
+    rest = [n for n in piece.nodes if n not in core]
+    if rest:
+        try:
+            done.kernels.append(emit_gemm(Group("gemm", core, anchor=piece.anchor)))
+            done.eager.append((Group("pointwise", rest), f"epilogue not fused: {reason}"))
+            return
+        except Unsupported as why:
+            reason = _reason(piece, why)
+    done.eager.append((piece, reason))
+
+
+def split_anchors(group: Group) -> list[Group]:
+    """One GEMM group per anchor (module doc); a one-anchor group is returned as it is."""
+    if len(group.anchors) <= 1:
+        return [group]
+    anchors = sorted(group.anchors, key=group.nodes.index)
+    owner: dict[fx.Node, fx.Node] = {a: a for a in anchors}
+    inside = set(group.nodes)
+    for node in group.nodes:  # graph order: a node's in-group inputs are assigned before it
+        if node in owner:
+            continue
+        if kind_of(node) == "prologue":
+            owner[node] = next(u for u in node.users if u in owner)
+            continue
+        sources = [owner[a] for a in node.all_input_nodes if a in inside and a in owner]
+        owner[node] = max(sources, key=anchors.index) if sources else anchors[-1]
+    pieces = []
+    for a in anchors:
+        nodes = [n for n in group.nodes if owner[n] is a]
+        pieces.append(Group("gemm", nodes, anchor=a))
+    return pieces

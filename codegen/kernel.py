@@ -1,0 +1,146 @@
+"""What every template produces: a `Kernel` — Triton source text, the graph values it reads and
+writes in argument order, and a launcher.
+
+- **The source is the cache key.** It names no graph node (variables are numbered), so the 30
+  RMSNorm groups of a model are one source, one file and one Triton compilation. `compile()` writes
+  it to `$SLIMFX_KERNEL_CACHE` (default: `<tmp>/slimfx-kernels`) as `<name>.py`, the name ending in
+  the source's hash, and imports that file — after checking that its text is exactly the source
+  (a stale or edited file is rewritten, never imported).
+- **`listing()`** is what `slimfx compile --emit-kernels` writes: a header naming the graph nodes
+  the kernel replaces, then the source.
+- **Shapes at run time.** Outputs are allocated from the group's symbolic shapes, with the symbols
+  (batch, sequence, …) bound from the shapes of the inputs of that call.
+
+Without a GPU, kernels run through Triton's interpreter (`TRITON_INTERPRET=1` set before triton is
+first imported); runtime/lower.py checks that before it lowers anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import sympy
+import torch
+from torch import fx
+
+__all__ = ["Kernel", "Shapes", "cache_dir", "source_name", "tensor_val", "float32_only"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLIMFX_KERNEL_CACHE") or Path(tempfile.gettempdir()) / "slimfx-kernels")
+
+
+def source_name(template: str, source: str) -> str:
+    return f"{template}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+
+
+def tensor_val(node: Any) -> Optional[torch.Tensor]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def float32_only(node: fx.Node, template: str) -> torch.Tensor:
+    """The node's value, which must be a float32 tensor (what the templates compute in)."""
+    from .expr import Unsupported
+
+    val = tensor_val(node)
+    if val is None:
+        raise Unsupported(f"{node.name} has no tensor value")
+    if val.dtype != torch.float32:
+        raise Unsupported(f"{node.name} is {val.dtype}: the {template} template is float32 only")
+    return val
+
+
+class Shapes:
+    """The symbolic shapes of a kernel's outputs, evaluated for the shapes of one call's inputs."""
+
+    def __init__(self, inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]):
+        self.where: dict[sympy.Symbol, tuple[int, int]] = {}  # symbol -> (input index, dim)
+        for i, node in enumerate(inputs):
+            val = tensor_val(node)
+            for d, size in enumerate(() if val is None else val.shape):
+                expr = _expr(size)
+                if isinstance(expr, sympy.Symbol):
+                    self.where.setdefault(expr, (i, d))
+        self.exprs = [tuple(_expr(s) for s in tensor_val(n).shape) for n in outputs]
+        for n, shape in zip(outputs, self.exprs):
+            missing = set().union(*(e.free_symbols for e in shape if isinstance(e, sympy.Expr))) - set(self.where)
+            if missing:
+                from .expr import Unsupported
+
+                raise Unsupported(f"{n.name}'s shape uses {sorted(map(str, missing))}, which no input of the group has")
+
+    def __call__(self, values: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
+        binding = {s: values[i].shape[d] for s, (i, d) in self.where.items()}
+        return [tuple(int(e) if isinstance(e, int) else int(e.xreplace(binding)) for e in shape)
+                for shape in self.exprs]
+
+
+def _expr(size) -> Any:
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        return int(expr) if expr.is_Integer else expr
+    return int(size)
+
+
+@dataclass
+class Kernel:
+    """One generated kernel. Subclasses (templates) define `launch(values) -> outputs`."""
+
+    template: str
+    source: str
+    inputs: list[tuple[fx.Node, str]]  # (graph value, role) in argument order
+    outputs: list[tuple[fx.Node, str]]
+    nodes: list[fx.Node]  # the group's nodes it replaces
+    _fn: Optional[object] = field(default=None, repr=False)
+    _shapes: Optional[Shapes] = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return source_name(self.template, self.source)
+
+    def listing(self, same: Sequence["Kernel"] = ()) -> str:
+        """The source under a header naming the graph nodes it replaces — its own group's and those
+        of `same`, other groups with this source (for --emit-kernels)."""
+        groups = list(same) or [self]
+        header = [f"# slimfx generated kernel {self.name} ({self.template} template), "
+                  f"replacing {len(groups)} group{'s' * (len(groups) != 1)} of the graph:"]
+        for i, k in enumerate(groups, 1):
+            header.append(f"# group {i}: " + ", ".join(f"{n.name} ({n.target})" for n in k.nodes))
+            header.append(f"#   reads {', '.join(n.name for n, _ in k.inputs)}; "
+                          f"writes {', '.join(n.name for n, _ in k.outputs)}")
+        return "\n".join(header) + "\n\n" + self.source
+
+    def compile(self, cache: Optional[Path] = None):
+        """The `@triton.jit` function, imported from the cache file of this source."""
+        if self._fn is None:
+            folder = Path(cache or cache_dir())
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{self.name}.py"
+            if not path.exists() or path.read_text() != self.source:
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(self.source)
+                tmp.replace(path)
+            spec = importlib.util.spec_from_file_location(f"slimfx_kernels.{self.name}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            self._fn = module.kernel
+        return self._fn
+
+    def output_shapes(self, values: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
+        if self._shapes is None:
+            self._shapes = Shapes([n for n, _ in self.inputs], [n for n, _ in self.outputs])
+        return self._shapes(values)
+
+    def launch(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} defines no launcher")
+
+
+def rows_of(shape: Sequence[int]) -> int:
+    return math.prod(shape[:-1]) if len(shape) else 1
