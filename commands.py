@@ -28,6 +28,9 @@ def add_model_commands(sub) -> None:
                       "texts); default: the part of the built-in text that `slimfx eval` never scores")
     comp.add_argument("--stats", action="store_true", help="also print the code generator's fusion groups and "
                       "their memory traffic (unfused vs fused) for one run on the model's example inputs")
+    comp.add_argument("--emit-kernels", metavar="DIR", help="also write the Triton source of every kernel the "
+                      "Triton backend generates for this model (a header names the graph nodes each replaces; "
+                      "DIR/index.txt lists them and the groups left to eager ops)")
     comp.set_defaults(run=_guarded(_compile))
 
     tr = sub.add_parser("train", help="train a compiled model's adapters (LoRA/DoRA, QLoRA) and save it")
@@ -106,6 +109,8 @@ def _compile(args) -> int:
     _console().print(cm.report.table())
     if args.stats:
         print(_group_stats(cm, loaded))
+    if args.emit_kernels:
+        print(_emit_kernels(cm, args.emit_kernels), file=sys.stderr)
     cm.save(args.out)
     print(f"saved to {args.out}", file=sys.stderr)
     return 0
@@ -119,6 +124,15 @@ def _group_stats(cm, loaded) -> str:
     bound = complete_inputs(dict(loaded.example_inputs), cm.graph.inputs)
     with unlowered(cm.program):  # the groups are those of the reference graph the generator reads
         return stats(cm.program, [bound[n] for n in cm.input_names]).render()
+
+
+def _emit_kernels(cm, folder: str) -> str:
+    from .codegen.listing import write_kernels
+    from .runtime.lower import unlowered
+
+    with unlowered(cm.program):
+        summary = write_kernels(cm.program.graph, folder)
+    return f"kernels written to {folder}: {summary}"
 
 
 def _check_out(out: str) -> None:

@@ -1,5 +1,6 @@
 """The GEMM template: one anchor of a GEMM group of partition.py — `slimfx::quant_linear`,
-`aten.linear` (its weight possibly a `slimfx::dequantize` prologue), `aten.mm` or `aten.addmm` — with
+`aten.linear` (its weight possibly a `slimfx::dequantize` prologue), `aten.mm`, `aten.addmm` or
+`aten.matmul` by a 2-D weight — with
 its pointwise epilogue, as one Triton kernel (float32 activations).
 
 - Tiles of [BM, BN] outputs, a loop over K in steps of BK. A packed weight (runtime/formats.py:
@@ -215,7 +216,7 @@ def _operands(anchor: fx.Node, group: Group):
             d = _args(w, _DEQUANT_ARGS)
             return x, ("quant", d["qweight"], d["scales"], d["zeros"], d["bits"], d["group"]), bias, "nk"
         return x, ("dense", w), bias, "nk"
-    if anchor.target is aten.mm.default:
+    if anchor.target in (aten.mm.default, aten.matmul.default):  # matmul: by a 2-D weight (codegen/ops.py)
         return anchor.args[0], ("dense", anchor.args[1]), None, "kn"
     if anchor.target is aten.addmm.default:
         if anchor.kwargs.get("beta", 1) != 1 or anchor.kwargs.get("alpha", 1) != 1:

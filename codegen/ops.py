@@ -68,8 +68,8 @@ def kind_of(node: fx.Node) -> str:
     if is_free(node):
         return "free"
     op = node.target
-    if op in ANCHORS:
-        return "anchor"
+    if op in ANCHORS or (op is aten.matmul.default and _rank(node.args[1]) == 2):
+        return "anchor"  # a matmul by a 2-D weight is a GEMM; a batched one (attention) is opaque
     if op in PROLOGUES:
         return "prologue"
     if op in _CASTS or torch.Tag.pointwise in getattr(op, "tags", ()):
@@ -84,6 +84,11 @@ def _same_dtype(node: fx.Node) -> bool:
     val = src.meta.get("val") if isinstance(src, fx.Node) else None
     return isinstance(val, torch.Tensor) and isinstance(out, torch.Tensor) and val.dtype == out.dtype \
         and val.device == out.device
+
+
+def _rank(value) -> int | None:
+    val = value.meta.get("val") if isinstance(value, fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
 
 
 def _tensor_out(node: fx.Node) -> bool:

@@ -124,6 +124,23 @@ def test_compile_stats_prints_the_fusion_groups_of_the_int4_graph(tmp_path, caps
     assert (out / "meta.json").exists()
 
 
+def test_compile_emit_kernels_writes_every_generated_source_with_its_nodes(tmp_path, capsys):
+    spec = write(tmp_path, "policy p {\n    quantize blocks.*.** : Linear int4 group=32\n}\n")
+    kernels = tmp_path / "kernels"
+    assert main(["compile", str(spec), "--model", "tiny:llama", "--out", str(tmp_path / "a"),
+                 "--emit-kernels", str(kernels)]) == 0
+    assert f"kernels written to {kernels}" in capsys.readouterr().err
+    files = sorted(kernels.glob("gemm_*.py")) + sorted(kernels.glob("rows_*.py"))
+    index = (kernels / "index.txt").read_text()
+    assert files and all(f"  {f.name}" in index for f in files)
+    assert "groups left to eager ops:" in index
+    texts = [f.read_text() for f in files]
+    # A header names the graph nodes each source replaces; an int4 source dequantizes in the kernel.
+    assert all(t.startswith("# slimfx generated kernel ") and "# group 1: " in t for t in texts)
+    assert any("slimfx.quant_linear" in t and "int4 weight, groups of 32" in t for t in texts)
+    assert any("replacing 5 groups" in t for t in texts)  # RMSNorm: 2 blocks × 2 and the final norm
+
+
 def test_compile_checks_out_before_compiling_and_reads_calib_files(tmp_path, capsys):
     spec = write(tmp_path, "policy p {\n    quantize blocks.*.** : Linear int4 method=gptq\n}\n")
     a_file = write(tmp_path, "x", name="not-a-dir")

@@ -76,3 +76,42 @@ def capture(steps, batch: int = 3) -> tuple[torch.fx.GraphModule, torch.Tensor]:
     x = torch.randn(batch, D, generator=torch.Generator().manual_seed(1))
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     return ep.module(), x
+
+
+EPILOGUES = {
+    "none": lambda y, x: y,
+    "silu": lambda y, x: F.silu(y),
+    "gelu_tanh": lambda y, x: F.gelu(y, approximate="tanh"),
+    "gelu_erf_scaled": lambda y, x: F.gelu(y) * 0.5,
+    "relu_residual": lambda y, x: torch.relu(y) + x[..., : y.shape[-1]] if x.shape[-1] >= y.shape[-1] else torch.relu(y),
+}
+
+
+class QuantLinear(torch.nn.Module):
+    """`slimfx::quant_linear` of a random packed weight (RTN), then an epilogue from EPILOGUES."""
+
+    def __init__(self, k: int, n: int, bits: int, group, sym: bool, bias: bool, epilogue: str, seed: int = 0):
+        super().__init__()
+        from slimfx.runtime.formats import QuantFormat, quantize_rtn
+        from slimfx.runtime.ops import quant_linear_args
+
+        gen = torch.Generator().manual_seed(seed)
+        qw = quantize_rtn(torch.randn(n, k, generator=gen) / k ** 0.5, QuantFormat(bits, group, sym))
+        self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("scales", qw.scales)
+        self.register_buffer("zeros", qw.zeros)
+        self.bias = torch.nn.Parameter(torch.randn(n, generator=gen), requires_grad=False) if bias else None
+        self.args = quant_linear_args(qw)
+        self.epilogue = epilogue
+
+    def forward(self, x):
+        from slimfx.runtime.ops import quant_linear
+
+        y = quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, *self.args)
+        return EPILOGUES[self.epilogue](y, x)
+
+
+def capture_module(model: torch.nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    """`model` exported with a dynamic batch (the first dim of x)."""
+    ep = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return ep.module()

@@ -1,0 +1,110 @@
+"""The GEMM template (codegen/emit_gemm.py) against the reference ops, through Triton's
+interpreter without a GPU: packed int8/int4/int2 weights (symmetric and asymmetric, groups that do
+not divide the input, per-channel) with fused epilogues on ragged shapes, and dense linear, mm and
+addmm. The reference is the op eager PyTorch runs (`slimfx::quant_linear` dequantizes and calls
+F.linear), never the template's own arithmetic."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from slimfx.codegen.emit import emit_all
+from slimfx.codegen.emit_gemm import emit_gemm
+from slimfx.codegen.expr import Unsupported
+from slimfx.codegen.partition import partition
+
+from graphs import EPILOGUES, QuantLinear, capture_module
+
+
+def _gemm_kernel(gm):
+    groups = [g for g in partition(gm) if g.kind == "gemm"]
+    assert len(groups) == 1, [g.describe() for g in partition(gm)]
+    return emit_gemm(groups[0]), groups[0]
+
+
+def _check(model, x, x_run=None, tol=1e-4):
+    """Export `model` at x, emit its GEMM group, launch the kernel at x_run (another batch size:
+    the shapes are symbolic) and compare with the model's own output."""
+    gm = capture_module(model, x)
+    kernel, group = _gemm_kernel(gm)
+    assert group.outputs == [group.nodes[-1]]  # the epilogue's end is the one value stored
+    x_run = x if x_run is None else x_run
+    interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        interp.run(x_run)
+    (got,) = kernel.launch([interp.env[node] for node, _ in kernel.inputs])
+    with torch.no_grad():
+        want = model(x_run)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=tol * max(1.0, want.abs().max().item()), rtol=tol)
+    return kernel
+
+
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 9), k=st.integers(1, 70), n=st.integers(1, 40), bits=st.sampled_from([2, 4, 8]),
+       group=st.sampled_from([8, 16, 32, None]), sym=st.booleans(), bias=st.booleans(),
+       epilogue=st.sampled_from(sorted(EPILOGUES)))
+def test_packed_gemm_with_its_epilogue_equals_the_reference_op(m, k, n, bits, group, sym, bias, epilogue):
+    model = QuantLinear(k, n, bits, group, sym, bias, epilogue)
+    x = torch.randn(2, k)
+    _check(model, x, torch.randn(m, k))
+
+
+@pytest.mark.parametrize("m,k,n,group,sym", [(1, 576, 1536, 128, True), (7, 1823, 781, 64, False)])
+def test_int4_gemm_on_model_sized_ragged_shapes(m, k, n, group, sym):
+    # 1823 inputs at group 64: 28 groups of 64 and a last one of 31.
+    _check(QuantLinear(k, n, 4, group, sym, True, "silu"), torch.randn(2, k), torch.randn(m, k))
+
+
+def test_int8_per_channel_and_int2_on_a_3d_input():  # M = batch × 3 rows
+    for bits, group in ((8, None), (2, 16)):
+        model = QuantLinear(40, 24, bits, group, False, False, "none")
+        _check(model, torch.randn(2, 3, 40), torch.randn(5, 3, 40))
+
+
+class _Dense(torch.nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.w = torch.nn.Parameter(torch.randn(24, 40, generator=gen), requires_grad=False)
+        self.b = torch.nn.Parameter(torch.randn(24, generator=gen), requires_grad=False)
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "linear":
+            return F.gelu(F.linear(x, self.w, self.b), approximate="tanh")
+        if self.how == "mm":  # the weight read through a transposed view
+            return torch.sigmoid(x @ self.w.t())
+        return torch.addmm(self.b, x, self.w.t()) * 2.0
+
+
+@pytest.mark.parametrize("how", ["linear", "mm", "addmm"])
+def test_dense_gemms(how):
+    kernel = _check(_Dense(how), torch.randn(2, 40), torch.randn(11, 40))
+    assert "input_precision=\"ieee\"" in kernel.source  # fp32 products, not TF32, on a GPU too
+
+
+def test_an_epilogue_through_a_transpose_is_refused_by_name():
+    class Rotated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = QuantLinear(16, 16, 4, 16, True, False, "none")
+
+        def forward(self, x):
+            y = self.inner(x).view(x.shape[0], 4, 4).transpose(1, 2)
+            return torch.relu(y)
+
+    gm = capture_module(Rotated(), torch.randn(3, 16))
+    group = next(g for g in partition(gm) if g.kind == "gemm")
+    assert [n.target for n in group.nodes][-1] is torch.ops.aten.relu.default  # the partitioner fused it
+    with pytest.raises(Unsupported, match=r"^view .* does not line up with the GEMM's \[M=s\d+, N=16\]"):
+        emit_gemm(group)
+    # The lowering then runs the GEMM alone and leaves the epilogue to eager ops, saying why.
+    done = emit_all([group])
+    assert [k.template for k in done.kernels] == ["gemm"] and len(done.kernels[0].nodes) == 1
+    (why,) = [why for _, why in done.eager]
+    assert re.fullmatch(r"epilogue not fused: \(s\d+, 4, 4\) does not line up with the GEMM's \[M=s\d+, N=16\]", why)
