@@ -177,7 +177,10 @@ def _source(inputs, outputs, tile_lines, epilogue, stores, quant) -> str:
             "    rn = tl.program_id(1) * BN + tl.arange(0, BN)\n"
             "    mm = rm < M\n    mn = rn < N\n    mo = mm[:, None] & mn[None, :]\n"
             "    acc = tl.zeros((BM, BN), dtype=tl.float32)\n"
-            "    for k0 in range(0, K, BK):\n"
+            + ("" if quant is None else
+               f"    KB = (K * {quant[0]} + 7) // 8  # bytes per packed row\n"
+               f"    GROUP = {quant[1]}\n    NG = (K + GROUP - 1) // GROUP  # groups per row (the last may be short)\n")
+            + "    for k0 in range(0, K, BK):\n"
             "        kk = k0 + tl.arange(0, BK)\n        mk = kk < K\n"
             "        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, "
             "mask=mm[:, None] & mk[None, :], other=0.0)\n"
@@ -193,9 +196,6 @@ def _quant_tile(bits: int, group: int, zeros: bool) -> list[str]:
             if zeros else f"{float(1 << (bits - 1))!r}")
     return [
         "        mw = mn[:, None] & mk[None, :]",
-        f"        KB = (K * {bits} + 7) // 8",
-        f"        NG = (K + {group} - 1) // {group}",
-        f"        GROUP = {group}",
         f"        byte = tl.load(qw_ptr + rn[:, None] * KB + kk[None, :] // {per}, mask=mw, other=0).to(tl.int32)",
         f"        code = (byte >> ((kk[None, :] % {per}) * {bits})) & {(1 << bits) - 1}",
         "        scale = tl.load(s_ptr + rn[:, None] * NG + kk[None, :] // GROUP, mask=mw, other=0.0).to(tl.float32)",
