@@ -163,6 +163,17 @@ def _calibration(model, calib, graph) -> list[dict[str, Any]]:
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    # The runtime never imports the compiler: the face hands it the code generator, so every
+    # model from compile() or load() can take backend="triton" (now or by set_backend later).
+    from .runtime.lower import register_graph_lowering
+
+    register_graph_lowering("triton", _lower_for_triton)
+
+
+def _lower_for_triton(graph):
+    from .codegen.lower import lower_graph
+
+    return lower_graph(graph)
 
 
 def _policy_text(policy: A.Policy | None) -> str:

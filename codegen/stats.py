@@ -10,6 +10,8 @@ from typing import Any
 from torch import fx
 
 from ..runtime.report import format_bytes
+from .lower import lower_graph
+from .ops import kind_of
 from .partition import Group
 from .traffic import Traffic, fused_traffic, measure
 
@@ -21,6 +23,8 @@ class Stats:
     unfused: Traffic
     fused: Traffic
     groups: list[Group]
+    generated: int = 0  # what backend="triton" launches today: generated kernel calls …
+    eager_ops: int = 0  # … and the ops of groups no template expresses yet (one kernel each)
 
     def rows(self) -> list[tuple[int, str, str, int]]:
         """(how many, kind, ops, bytes they move) per distinct group, most frequent first."""
@@ -43,6 +47,9 @@ class Stats:
             f"({f.activation_bytes / max(u.activation_bytes, 1):.0%}), {format_bytes(f.weight_bytes)} of weights",
             f"  {'count':>5}  {'kind':<9}  {'bytes moved':>11}  ops",
         ]
+        lines.insert(3, f"  backend=\"triton\" today: {self.generated} generated kernel calls + {self.eager_ops} eager "
+                        f"ops = {self.generated + self.eager_ops} launches "
+                        f"({(self.generated + self.eager_ops) / max(u.kernels, 1):.0%} of unfused)")
         rows = self.rows()
         for n, kind, ops, nbytes in rows[:top]:
             lines.append(f"  {n:>5}  {kind:<9}  {format_bytes(nbytes):>11}  {ops}")
@@ -54,4 +61,7 @@ class Stats:
 def stats(gm: fx.GraphModule, inputs: list[Any]) -> Stats:
     """The table's figures for one run of `gm` (the graph before lowering) on `inputs`."""
     unfused, fused, groups = measure(gm, inputs)
-    return Stats(unfused, fused, groups)
+    lowered, summary = lower_graph(gm.graph)
+    eager_ops = sum(1 for n in lowered.nodes if n.op in ("call_function", "call_module")
+                    and not hasattr(n.target, "kernel") and kind_of(n) != "free")
+    return Stats(unfused, fused, groups, summary.kernels, eager_ops)

@@ -210,7 +210,9 @@ class _Binder:
         return BoundRule(rule, blocks=blocks, estimate=estimate(rule, (), blocks, self.graph))
 
     def _bind_linears(self, rule, found, protected: set[str]) -> BoundRule:
-        candidates = [t for f in found for t in _targets_of(f, self.graph)]
+        # A block and a module inside it can both be selected (`blocks.*.**` on GPT-2 reaches
+        # c_attn by its path and by its role): each target counts once, or it is rewritten twice.
+        candidates = list({t.path: t for f in found for t in _targets_of(f, self.graph)}.values())
         linears = [t for t in candidates if t.kind == "linear"]
         others = sorted({t.kind for t in candidates if t.kind != "linear"})
         kept = [t for t in linears if t.path in protected]

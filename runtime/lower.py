@@ -19,8 +19,10 @@ the length of a `with` block, keeping the converted tensors (or the lowered grap
 after (saving uses it: an artifact holds the reference graph and the packed codes only; training
 uses it under the Triton backend, whose kernels have no backward).
 
-The Triton route is the one import from runtime/ into codegen/ (lazy, for that backend only):
-a saved model loaded with `backend="triton"` regenerates its kernels from its graph.
+Runtime never imports the compiler (tests/test_layout.py): the code generator's `lower_graph` is
+handed in with `register_graph_lowering("triton", …)`, which api.py does when it is imported — a
+model from `slimfx.compile` or `slimfx.load(dir, backend="triton")` (which regenerates its kernels
+from its stored graph) always has it.
 """
 from __future__ import annotations
 
@@ -35,10 +37,18 @@ from . import cpu_kernels as K
 from .report import format_bytes
 from .sizes import tensor_bytes
 
-__all__ = ["BACKENDS", "Lowering", "lower", "unlower", "unlowered", "summary", "lowered_tensors"]
+__all__ = ["BACKENDS", "Lowering", "lower", "unlower", "unlowered", "summary", "lowered_tensors",
+           "register_graph_lowering"]
 
 BACKENDS = ("auto", "eager", "triton")
 _TRITON = "__triton__"  # key of the lowered graph among the plans _strip returns
+_GRAPH_LOWERINGS: dict = {}  # backend -> fn(graph) -> (lowered graph, summary), registered by the face
+
+
+def register_graph_lowering(backend: str, fn) -> None:
+    """`fn(fx.Graph) -> (fx.Graph, summary)` lowers a reference graph for `backend` (api.py
+    registers codegen.lower.lower_graph for "triton")."""
+    _GRAPH_LOWERINGS[backend] = fn
 QUANT = torch.ops.slimfx.quant_linear.default
 # The lowered nodes call the kernels' Python functions, the same ones registered as
 # slimfx::quant_linear_int4pack / _int8pack: through the dispatcher a Python-implemented op costs
@@ -219,9 +229,10 @@ def _lower_triton(gm: fx.GraphModule, kept: Optional[tuple]) -> None:
     """Swap in the graph whose groups call generated kernels (`kept`: one lowered before)."""
     if kept is None:
         _check_triton_runs(gm)
-        from ..codegen.lower import lower_graph  # the one runtime → codegen import (module doc)
-
-        kept = lower_graph(gm.graph)
+        if "triton" not in _GRAPH_LOWERINGS:
+            raise RuntimeError("the Triton backend needs slimfx's code generator: get the model from "
+                               "slimfx.compile(...) or slimfx.load(...), which register it")
+        kept = _GRAPH_LOWERINGS["triton"](gm.graph)
     reference = gm.graph
     gm.graph = kept[0]
     gm.recompile()

@@ -66,3 +66,22 @@ def test_unsupported_groups_name_the_node():
     group.nodes[0].target = torch.ops.aten.erfinv.default  # an op with no tl expression
     with pytest.raises(Unsupported, match="relu: no tl expression"):
         emit_rows(group)
+
+
+def test_operands_that_broadcast_are_read_through_their_strides():
+    # Rotary's shape: q [B, H, T, D] * cos [1, 1, T, D] + q * sin, with sin a transposed view.
+    class Rotary(torch.nn.Module):
+        def forward(self, q, cos, sin_t):
+            return q * cos[None, None] + torch.relu(q) * sin_t.t()[None, None]
+
+    q, cos, sin_t = torch.randn(2, 3, 5, 8), torch.randn(5, 8), torch.randn(8, 5)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    ep = torch.export.export(Rotary(), (q, cos, sin_t), dynamic_shapes=({0: batch, 2: seq}, {0: seq}, {1: seq}))
+    gm = ep.module()
+    q2, cos2, sin2 = torch.randn(3, 3, 7, 8), torch.randn(7, 8), torch.randn(8, 7)
+    env = _values(gm, q2, cos2, sin2)
+    groups = [g for g in partition(gm) if g.kind == "pointwise"]
+    roles = [role for g in groups for _, role in emit_rows(g).inputs]
+    assert roles.count("bcast") == 2  # cos, and sin through its transpose
+    for group in groups:
+        _check_group(group, env)

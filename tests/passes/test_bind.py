@@ -46,6 +46,15 @@ def test_a_block_selector_expands_to_its_linears_and_says_what_it_skipped(llama)
     assert any("non-linear" in w and "norm" in w for w in bound.warnings)
 
 
+def test_a_target_reached_twice_is_bound_once(gpt2):
+    # On GPT-2, `blocks.*.**` reaches c_attn by its module path and by its role (attn.qkv): bound
+    # twice, the precision pass rewrote it twice and stopped ("already has an attribute 'qweight'").
+    (bound,) = plan_of(gpt2, "quantize blocks.*.** int4").rules
+    paths = [t.path for t in bound.targets]
+    assert len(paths) == len(set(paths)) == 2 * 4
+    assert any("skipped 4 non-linear targets" in w for w in bound.warnings)  # 2 norms × 2 blocks, once each
+
+
 def test_keep_removes_targets_from_every_other_rule(llama):
     keep, quant = plan_of(llama, "keep blocks[0].mlp.down", "quantize blocks.*.mlp.down int8").rules
     assert [t.path for t in keep.targets] == ["model.layers.0.mlp.down_proj"]
