@@ -1,9 +1,10 @@
 """From fusion groups to kernels: which template emits each group, and what happens when the
 template cannot express it.
 
-- A GEMM group merged horizontally (q/k/v; gate and up) is split back into one group per anchor:
-  each epilogue node goes with the latest anchor it depends on (the SwiGLU product with `up`,
-  reading `silu(gate)` as an operand), so the pieces run in graph order and stay acyclic.
+- A GEMM group merged horizontally (q/k/v; gate and up) is one kernel when the GEMM template
+  takes it; otherwise it is split back into one group per anchor: each epilogue node goes with
+  the latest anchor it depends on (the SwiGLU product with `up`, reading `silu(gate)` as an
+  operand), so the pieces run in graph order and stay acyclic.
 - A GEMM whose epilogue the template refuses runs as the anchor (and its dequantize prologue)
   alone; the epilogue's ops stay eager ops.
 - A row or pointwise group the template refuses stays eager ops; an opaque group always does.
@@ -15,9 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import fx
-
-from .emit_gemm import emit_gemm
+from .emit_gemm import emit_gemm, owners
 from .emit_rows import emit_rows
 from .expr import Unsupported
 from .kernel import Kernel
@@ -39,6 +38,12 @@ def emit_all(groups: list[Group]) -> Emitted:
         if group.kind == "opaque":
             continue
         if group.kind == "gemm":
+            if len(group.anchors) > 1:
+                try:
+                    done.kernels.append(emit_gemm(group))
+                    continue
+                except Unsupported:
+                    pass  # one kernel per anchor, each with its share of the epilogue
             for piece in split_anchors(group):
                 _gemm(piece, done)
             continue
@@ -81,19 +86,6 @@ def split_anchors(group: Group) -> list[Group]:
     """One GEMM group per anchor (module doc); a one-anchor group is returned as it is."""
     if len(group.anchors) <= 1:
         return [group]
+    owner = owners(group)
     anchors = sorted(group.anchors, key=group.nodes.index)
-    owner: dict[fx.Node, fx.Node] = {a: a for a in anchors}
-    inside = set(group.nodes)
-    for node in group.nodes:  # graph order: a node's in-group inputs are assigned before it
-        if node in owner:
-            continue
-        if kind_of(node) == "prologue":
-            owner[node] = next(u for u in node.users if u in owner)
-            continue
-        sources = [owner[a] for a in node.all_input_nodes if a in inside and a in owner]
-        owner[node] = max(sources, key=anchors.index) if sources else anchors[-1]
-    pieces = []
-    for a in anchors:
-        nodes = [n for n in group.nodes if owner[n] is a]
-        pieces.append(Group("gemm", nodes, anchor=a))
-    return pieces
+    return [Group("gemm", [n for n in group.nodes if owner[n] is a], anchor=a) for a in anchors]

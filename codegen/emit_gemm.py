@@ -1,7 +1,6 @@
-"""The GEMM template: one anchor of a GEMM group of partition.py — `slimfx::quant_linear`,
-`aten.linear` (its weight possibly a `slimfx::dequantize` prologue), `aten.mm`, `aten.addmm` or
-`aten.matmul` by a 2-D weight — with
-its pointwise epilogue, as one Triton kernel (float32 activations).
+"""The GEMM template: a GEMM group of partition.py — anchors `slimfx::quant_linear`, `aten.linear`
+(its weight possibly a `slimfx::dequantize` prologue), `aten.mm`, `aten.addmm` or `aten.matmul` by
+a 2-D weight — with its pointwise epilogue, as one Triton kernel (float32 activations).
 
 - Tiles of [BM, BN] outputs, a loop over K in steps of BK. A packed weight (runtime/formats.py:
   `8 // bits` codes per byte along the input dim, little end first; fp16 scales per group of
@@ -14,13 +13,17 @@ its pointwise epilogue, as one Triton kernel (float32 activations).
   transposing view, another dtype or an unknown op raises Unsupported naming the node (the caller
   then keeps the anchor alone, or the eager ops).
 
-GEMMs merged horizontally by the partitioner (q/k/v, gate/up) are emitted one anchor at a time
-(codegen/emit.py splits them); a kernel over concatenated weights is not written yet.
+- GEMMs the partitioner merged because they read one input in one weight format are one kernel:
+  anchors of one width are computed together, one accumulator each over the same loaded input
+  tile, and their epilogue may mix them (gate and up with the SwiGLU product: one store);
+  anchors of different widths (q/k/v under GQA) are segments, each program's column tile
+  choosing its segment, each with its own epilogue. A merged group the template refuses is split
+  back into one kernel per anchor by codegen/emit.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 import sympy
 import torch
@@ -31,7 +34,7 @@ from .kernel import Kernel, float32_only, tensor_val
 from .ops import keeps_order, kind_of
 from .partition import Group
 
-__all__ = ["GemmKernel", "emit_gemm", "block_sizes"]
+__all__ = ["GemmKernel", "emit_gemm", "block_sizes", "owners"]
 
 aten = torch.ops.aten
 QUANT = torch.ops.slimfx.quant_linear.default
@@ -40,27 +43,25 @@ _QUANT_ARGS = tuple(a.name for a in QUANT._schema.arguments)
 _DEQUANT_ARGS = tuple(a.name for a in DEQUANT._schema.arguments)
 
 
-def block_sizes(m: int, n: int, k: int, interpreted: bool) -> tuple[int, int, int]:
+def block_sizes(m: int, interpreted: bool) -> tuple[int, int, int]:
     """(BM, BN, BK) for one call. tl.dot needs 16 or more on each side. Under the interpreter
     (numpy, one program at a time) fewer, larger programs are faster; on a GPU these are a fixed
     first choice — autotuning per shape is not written yet."""
     if interpreted:
         return 16, 64, 64
-    bm = 16 if m <= 16 else 64
-    return bm, 64, 64
+    return (16 if m <= 16 else 64), 64, 64
 
 
 @dataclass
 class GemmKernel(Kernel):
-    n: int = 0
     k: int = 0
-    quant: Optional[tuple[int, int]] = None  # (bits, group) of a packed weight, None for a dense one
-    weight_layout: str = "nk"  # "nk": weight [N, K] (linear); "kn": [K, N] (mm)
-    roles: list[str] = field(default_factory=list)  # per input: x, qweight, scales, zeros, w, bias, full, col, row, scalar
+    ns: tuple[int, ...] = ()  # output width of each anchor
+    segments: tuple[tuple[int, ...], ...] = ()  # anchors computed together (indexes into ns)
+    weight_layouts: tuple[str, ...] = ()  # per anchor: "nk" (weight [N, K], linear) or "kn" ([K, N], mm)
+    roles: list[str] = field(default_factory=list)  # per input: x, qweight, scales, zeros, w, full, col, row, scalar
 
     def launch(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         import triton
-
         from triton import knobs
 
         x = values[0]
@@ -68,138 +69,208 @@ class GemmKernel(Kernel):
             raise TypeError(f"{self.name}: input of dtype {x.dtype}, the kernel is float32")
         x2 = x.reshape(-1, self.k)
         m = x2.shape[0]
-        shapes = self.output_shapes(values)
-        outs = [torch.empty(shape, dtype=torch.float32, device=x.device) for shape in shapes]
-        if m == 0 or self.n == 0:
+        outs = [torch.empty(shape, dtype=torch.float32, device=x.device) for shape in self.output_shapes(values)]
+        if m == 0 or not any(self.ns):
             return outs
-        args, strides = [x2], [x2.stride(0), x2.stride(1)]
+        args, strides, dense = [x2], [x2.stride(0), x2.stride(1)], 0
         for value, role in zip(values[1:], self.roles[1:]):
             if role == "w":  # read through its strides (an mm's weight is often a transposed view)
+                layout = self.weight_layouts[dense]  # merged anchors share a format: all dense here
+                strides += [value.stride(0), value.stride(1)] if layout == "nk" else [value.stride(1), value.stride(0)]
                 args.append(value)
-                strides += [value.stride(0), value.stride(1)] if self.weight_layout == "nk" else \
-                    [value.stride(1), value.stride(0)]
+                dense += 1
             else:
                 args.append(value.contiguous())
-        bm, bn, bk = block_sizes(m, self.n, self.k, bool(knobs.runtime.interpret))
-        grid = (triton.cdiv(m, bm), triton.cdiv(self.n, bn))
-        self.compile()[grid](*args, *outs, m, self.n, self.k, *strides, BM=bm, BN=bn, BK=bk)
+        bm, bn, bk = block_sizes(m, bool(knobs.runtime.interpret))
+        tiles = sum(triton.cdiv(self.ns[seg[0]], bn) for seg in self.segments)
+        self.compile()[(triton.cdiv(m, bm), tiles)](*args, *outs, m, self.k, *self.ns, *strides, BM=bm, BN=bn, BK=bk)
         return outs
 
 
-def emit_gemm(group: Group) -> GemmKernel:
-    """Triton source for a GEMM group with one anchor (module doc)."""
-    if group.kind != "gemm" or len(group.anchors) != 1:
-        raise Unsupported("the GEMM template takes a group with one anchor (codegen/emit.py splits merged ones)")
-    anchor = group.anchor
-    out_val = float32_only(anchor, "GEMM")
-    x, weight, bias, weight_layout = _operands(anchor, group)
-    float32_only(x, "GEMM")
-    n, k = _static(out_val.shape[-1], anchor), _static(tensor_val(x).shape[-1], x)
-    m_expr = _numel(out_val.shape[:-1])
-
-    inputs: list[tuple[fx.Node, str]] = [(x, "x")]
-    lines = []
-    if weight[0] == "quant":
-        _, qweight, scales, zeros, bits, group_size = weight
-        inputs += [(qweight, "qweight"), (scales, "scales")] + ([(zeros, "zeros")] if zeros is not None else [])
-        quant = (bits, group_size)
-        lines += _quant_tile(bits, group_size, zeros is not None)
-    else:
-        w = weight[1]
-        float32_only(w, "GEMM")
-        inputs.append((w, "w"))
-        quant = None
-        lines.append("        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :] * stride_wk, "
-                     "mask=mn[:, None] & mk[None, :], other=0.0)")
-    names: dict[fx.Node, str] = {anchor: "acc"}
-    epilogue = []
-    if bias is not None:
-        var, role = f"e{len(inputs)}", _role(bias, n, m_expr)
-        inputs.append((bias, role))
-        epilogue += [_load(var, role), f"    acc = acc + {var}"]
-
-    def operand(a):
-        if not isinstance(a, fx.Node):
-            return repr(a) if not isinstance(a, bool) else str(a)
-        if a not in names:
-            role = _role(a, n, m_expr)
-            var = f"e{len(inputs)}"
-            inputs.append((a, role))
-            epilogue.append(_load(var, role))
-            names[a] = var
-        return names[a]
-
-    tail = [nd for nd in group.nodes if nd is not anchor and kind_of(nd) != "prologue"]
-    for i, node in enumerate(tail):
-        if kind_of(node) == "free":
-            if not keeps_order(node):
-                raise Unsupported(f"{node.name} ({node.target}) reorders the GEMM's output")
-            src = node.all_input_nodes[0]
-            if src not in names or _role(node, n, m_expr) != "full":
-                raise Unsupported(f"{node.name} ({node.target}) changes the GEMM output's shape")
-            names[node] = names[src]
+def owners(group: Group) -> dict[fx.Node, fx.Node]:
+    """Each node of a GEMM group -> the anchor it belongs to: an anchor itself, a prologue its
+    reader, an epilogue node the latest anchor (graph order) it depends on inside the group."""
+    anchors = sorted(group.anchors, key=group.nodes.index)
+    owner: dict[fx.Node, fx.Node] = {a: a for a in anchors}
+    inside = set(group.nodes)
+    for node in group.nodes:  # graph order: a node's in-group inputs are assigned before it
+        if node in owner:
             continue
-        if kind_of(node) != "pointwise":
-            raise Unsupported(f"{node.name} ({node.target}) in a GEMM epilogue")
-        float32_only(node, "GEMM")
-        if _role(node, n, m_expr) != "full":
-            raise Unsupported(f"{node.name}: an epilogue value that is not the GEMM's [M, N]")
-        var = f"t{i}"
-        epilogue.append(f"    {var} = {expression(node, operand)}")
-        names[node] = var
-    outputs = [(nd, "full") for nd in group.outputs]
-    for nd, _ in outputs:
-        if nd not in names:
-            raise Unsupported(f"{nd.name}: a GEMM group output outside the epilogue chain")
-        if _role(nd, n, m_expr) != "full":
-            raise Unsupported(f"{nd.name}: an output that is not the GEMM's [M, N]")
-    stores = [f"    tl.store(out{i}_ptr + rm[:, None] * N + rn[None, :], {names[nd]}, mask=mo)"
-              for i, (nd, _) in enumerate(outputs)]
-    source = _source(inputs, outputs, lines, epilogue, stores, quant)
-    return GemmKernel("gemm", source, inputs, outputs, list(group.nodes), n=n, k=k, quant=quant,
-                      weight_layout=weight_layout,
-                      roles=[r for _, r in inputs])
+        if kind_of(node) == "prologue":
+            owner[node] = next(u for u in node.users if u in owner)
+            continue
+        sources = [owner[a] for a in node.all_input_nodes if a in inside and a in owner]
+        owner[node] = max(sources, key=anchors.index) if sources else anchors[-1]
+    return owner
 
 
-def _source(inputs, outputs, tile_lines, epilogue, stores, quant) -> str:
-    params = []
-    for i, (_, role) in enumerate(inputs):
-        params.append({"x": "x_ptr", "qweight": "qw_ptr", "scales": "s_ptr", "zeros": "z_ptr",
-                       "w": "w_ptr"}.get(role, f"e{i}_ptr"))
-    params += [f"out{i}_ptr" for i in range(len(outputs))]
-    strides = "stride_xm, stride_xk" + (", stride_wn, stride_wk" if quant is None else "")
-    what = "dense weight" if quant is None else f"int{quant[0]} weight, groups of {quant[1]}"
-    return (f"# generated by slimfx codegen/emit_gemm.py: GEMM ({what}) with its epilogue\n"
-            "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
-            f"def kernel({', '.join(params)}, M, N, K, {strides}, BM: tl.constexpr, BN: tl.constexpr, "
-            "BK: tl.constexpr):\n"
-            "    rm = tl.program_id(0) * BM + tl.arange(0, BM)\n"
-            "    rn = tl.program_id(1) * BN + tl.arange(0, BN)\n"
-            "    mm = rm < M\n    mn = rn < N\n    mo = mm[:, None] & mn[None, :]\n"
-            "    acc = tl.zeros((BM, BN), dtype=tl.float32)\n"
-            + ("" if quant is None else
-               f"    KB = (K * {quant[0]} + 7) // 8  # bytes per packed row\n"
-               f"    GROUP = {quant[1]}\n    NG = (K + GROUP - 1) // GROUP  # groups per row (the last may be short)\n")
-            + "    for k0 in range(0, K, BK):\n"
-            "        kk = k0 + tl.arange(0, BK)\n        mk = kk < K\n"
-            "        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, "
-            "mask=mm[:, None] & mk[None, :], other=0.0)\n"
-            + "\n".join(tile_lines) + "\n"
-            "        acc += tl.dot(a, tl.trans(w), input_precision=\"ieee\")\n"
-            + "\n".join(epilogue + stores) + "\n")
+def emit_gemm(group: Group) -> GemmKernel:
+    """Triton source for a GEMM group: one anchor, or several reading one input (module doc)."""
+    if group.kind != "gemm" or not group.anchors:
+        raise Unsupported("the GEMM template takes a GEMM group")
+    return _GemmSource(group).build()
 
 
-def _quant_tile(bits: int, group: int, zeros: bool) -> list[str]:
-    """Dequantize the [BN, BK] weight tile: codes from the packed bytes, group scales (and zeros)."""
+class _GemmSource:
+    def __init__(self, group: Group):
+        self.group = group
+        self.anchors = sorted(group.anchors, key=group.nodes.index)
+        self.owner = owners(group)
+        self.inputs: list[tuple[fx.Node, str]] = []
+        self.names: dict[fx.Node, str] = {}  # value -> its variable, within the segment being written
+        self.stored: set[fx.Node] = set()
+
+    def build(self) -> GemmKernel:
+        parts = [_operands(a, self.group) for a in self.anchors]
+        xs = {p[0] for p in parts}
+        if len(xs) != 1:
+            raise Unsupported(f"{self.anchors[0].name}: merged GEMMs that read different inputs")
+        x = parts[0][0]
+        float32_only(x, "GEMM")
+        self.k = _static(tensor_val(x).shape[-1], x)
+        ns = [_static(float32_only(a, "GEMM").shape[-1], a) for a in self.anchors]
+        self.m_expr = _numel(tensor_val(self.anchors[0]).shape[:-1])
+        formats = {p[1][0] if p[1][0] == "dense" else p[1][4:] for p in parts}
+        if len(formats) != 1:
+            raise Unsupported(f"{self.anchors[0].name}: merged GEMMs with different weight formats")
+        self.quant = None if parts[0][1][0] == "dense" else tuple(parts[0][1][4:])
+        self.inputs.append((x, "x"))
+        weight_args = []
+        for j, (_, weight, _, _) in enumerate(parts):
+            if weight[0] == "quant":
+                _, qweight, scales, zeros, _, _ = weight
+                self.inputs += [(qweight, "qweight"), (scales, "scales")] + ([(zeros, "zeros")] if zeros is not None else [])
+                weight_args += [f"qw{j}_ptr", f"s{j}_ptr"] + ([f"z{j}_ptr"] if zeros is not None else [])
+            else:
+                float32_only(weight[1], "GEMM")
+                self.inputs.append((weight[1], "w"))
+                weight_args.append(f"w{j}_ptr")
+        # Anchors of one width are computed together (their epilogue may mix them: SwiGLU);
+        # otherwise each anchor is a segment of its own, chosen by the program's column tile.
+        segments = [tuple(range(len(ns)))] if len(set(ns)) == 1 else [(j,) for j in range(len(ns))]
+        body = []
+        for s, seg in enumerate(segments):
+            body += self._segment(s, seg, segments, parts, ns)
+        outputs = [(nd, "full") for nd in self.group.outputs]
+        for nd, _ in outputs:
+            if nd not in self.stored:
+                raise Unsupported(f"{nd.name}: a GEMM group output outside the epilogue chains")
+        params = ["x_ptr", *weight_args, *[f"e{i}_ptr" for i, (_, r) in enumerate(self.inputs) if r in _OPERAND_ROLES],
+                  *[f"out{i}_ptr" for i in range(len(outputs))], "M", "K", *[f"N{j}" for j in range(len(ns))],
+                  "stride_xm", "stride_xk",
+                  *[f"stride_w{j}{d}" for j, p in enumerate(parts) if p[1][0] == "dense" for d in "nk"]]
+        self.out_index = {nd: i for i, (nd, _) in enumerate(outputs)}
+        body = [self._fill_outputs(line) for line in body]
+        what = "dense weight" if self.quant is None else f"int{self.quant[0]} weight, groups of {self.quant[1]}"
+        many = f", {len(ns)} GEMMs reading one input" if len(ns) > 1 else ""
+        source = (f"# generated by slimfx codegen/emit_gemm.py: GEMM ({what}{many}) with its epilogue\n"
+                  "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+                  f"def kernel({', '.join(params)}, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):\n"
+                  "    rm = tl.program_id(0) * BM + tl.arange(0, BM)\n    mm = rm < M\n    tile = tl.program_id(1)\n"
+                  + ("" if self.quant is None else
+                     f"    KB = (K * {self.quant[0]} + 7) // 8  # bytes per packed row\n"
+                     f"    GROUP = {self.quant[1]}\n    NG = (K + GROUP - 1) // GROUP  # groups per row (the last may be short)\n")
+                  + "\n".join(body) + "\n")
+        return GemmKernel("gemm", source, self.inputs, outputs, list(self.group.nodes), k=self.k, ns=tuple(ns),
+                          segments=tuple(segments), weight_layouts=tuple(p[3] for p in parts),
+                          roles=[r for _, r in self.inputs])
+
+    def _segment(self, s: int, seg: tuple[int, ...], segments, parts, ns) -> list[str]:
+        """The code of one segment: its tiles of columns, the K loop, its epilogue and stores."""
+        n = ns[seg[0]]
+        first = " + ".join(f"tl.cdiv(N{segments[t][0]}, BN)" for t in range(s)) or "0"
+        self.names = {}
+        lines = [f"    start{s} = {first}  # the first column tile of this segment",
+                 f"    if (tile >= start{s}) & (tile < start{s} + tl.cdiv(N{seg[0]}, BN)):",
+                 f"        rn = (tile - start{s}) * BN + tl.arange(0, BN)",
+                 f"        mn = rn < N{seg[0]}", "        mo = mm[:, None] & mn[None, :]"]
+        lines += [f"        acc{j} = tl.zeros((BM, BN), dtype=tl.float32)" for j in seg]
+        lines += ["        for k0 in range(0, K, BK):", "            kk = k0 + tl.arange(0, BK)", "            mk = kk < K",
+                  "            a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, "
+                  "mask=mm[:, None] & mk[None, :], other=0.0)"]
+        for j in seg:
+            weight = parts[j][1]
+            lines += _quant_tile(j, *weight[4:], weight[3] is not None) if weight[0] == "quant" else [
+                f"            w = tl.load(w{j}_ptr + rn[:, None] * stride_w{j}n + kk[None, :] * stride_w{j}k, "
+                "mask=mn[:, None] & mk[None, :], other=0.0)"]
+            lines.append(f"            acc{j} += tl.dot(a, tl.trans(w), input_precision=\"ieee\")")
+        mine = {self.anchors[j] for j in seg}
+        epilogue: list[str] = []
+        for j in seg:
+            self.names[self.anchors[j]] = f"acc{j}"
+            bias = parts[j][2]
+            if bias is not None:
+                if bias not in self.names:
+                    epilogue += self._load(bias, n, f"N{seg[0]}")
+                epilogue.append(f"acc{j} = acc{j} + {self.names[bias]}")
+        nodes = [nd for nd in self.group.nodes if self.owner[nd] in mine and nd not in mine and kind_of(nd) != "prologue"]
+        for i, node in enumerate(nodes):
+            if kind_of(node) == "free":
+                if not keeps_order(node):
+                    raise Unsupported(f"{node.name} ({node.target}) reorders the GEMM's output")
+                src = node.all_input_nodes[0]
+                if src not in self.names or _role(node, n, self.m_expr) != "full":
+                    raise Unsupported(f"{node.name} ({node.target}) changes the GEMM output's shape")
+                self.names[node] = self.names[src]
+                continue
+            if kind_of(node) != "pointwise":
+                raise Unsupported(f"{node.name} ({node.target}) in a GEMM epilogue")
+            float32_only(node, "GEMM")
+            if _role(node, n, self.m_expr) != "full":
+                raise Unsupported(f"{node.name}: an epilogue value that is not the GEMM's [M, N]")
+            for a in node.all_input_nodes:
+                if a not in self.names:
+                    epilogue += self._load(a, n, f"N{seg[0]}")
+            var = f"t{s}_{i}"
+            epilogue.append(f"{var} = {expression(node, lambda a: self.names[a] if isinstance(a, fx.Node) else a)}")
+            self.names[node] = var
+        stores = []
+        for nd in self.group.outputs:
+            if self.owner[nd] in mine:
+                if _role(nd, n, self.m_expr) != "full":
+                    raise Unsupported(f"{nd.name}: an output that is not the GEMM's [M, N]")
+                stores.append(f"tl.store(@{nd.name}@ + rm[:, None] * N{seg[0]} + rn[None, :], {self.names[nd]}, mask=mo)")
+                self.stored.add(nd)
+        return lines + [f"        {line}" for line in epilogue + stores]
+
+    def _load(self, value: fx.Node, n: int, width: str) -> list[str]:
+        """Read an epilogue operand from outside the group (once per segment that needs it)."""
+        role = _role(value, n, self.m_expr)
+        # The input x or a weight may also be an epilogue operand: it is then passed twice.
+        index = next((i for i, (v, r) in enumerate(self.inputs) if v is value and r in _OPERAND_ROLES), None)
+        if index is None:
+            index = len(self.inputs)
+            self.inputs.append((value, role))
+        var = f"e{index}"
+        self.names[value] = var
+        return [{
+            "full": f"{var} = tl.load({var}_ptr + rm[:, None] * {width} + rn[None, :], mask=mo, other=0.0)",
+            "col": f"{var} = tl.load({var}_ptr + rn[None, :], mask=mn[None, :], other=0.0)",
+            "row": f"{var} = tl.load({var}_ptr + rm[:, None], mask=mm[:, None], other=0.0)",
+            "scalar": f"{var} = tl.load({var}_ptr)",
+        }[role]]
+
+    def _fill_outputs(self, line: str) -> str:
+        for nd, i in self.out_index.items():
+            line = line.replace(f"@{nd.name}@", f"out{i}_ptr")
+        return line
+
+
+_OPERAND_ROLES = ("full", "col", "row", "scalar")
+
+
+def _quant_tile(j: int, bits: int, group: int, zeros: bool) -> list[str]:
+    """Dequantize anchor j's [BN, BK] weight tile: codes from the packed bytes, group scales (and
+    zeros, or the implicit middle code)."""
     per = 8 // bits
-    zero = ("tl.load(z_ptr + rn[:, None] * NG + kk[None, :] // GROUP, mask=mw, other=0.0).to(tl.float32)"
+    zero = (f"tl.load(z{j}_ptr + rn[:, None] * NG + kk[None, :] // GROUP, mask=mw, other=0.0).to(tl.float32)"
             if zeros else f"{float(1 << (bits - 1))!r}")
     return [
-        "        mw = mn[:, None] & mk[None, :]",
-        f"        byte = tl.load(qw_ptr + rn[:, None] * KB + kk[None, :] // {per}, mask=mw, other=0).to(tl.int32)",
-        f"        code = (byte >> ((kk[None, :] % {per}) * {bits})) & {(1 << bits) - 1}",
-        "        scale = tl.load(s_ptr + rn[:, None] * NG + kk[None, :] // GROUP, mask=mw, other=0.0).to(tl.float32)",
-        f"        w = (code.to(tl.float32) - {zero}) * scale",
+        "            mw = mn[:, None] & mk[None, :]",
+        f"            byte = tl.load(qw{j}_ptr + rn[:, None] * KB + kk[None, :] // {per}, mask=mw, other=0).to(tl.int32)",
+        f"            code = (byte >> ((kk[None, :] % {per}) * {bits})) & {(1 << bits) - 1}",
+        f"            scale = tl.load(s{j}_ptr + rn[:, None] * NG + kk[None, :] // GROUP, mask=mw, other=0.0).to(tl.float32)",
+        f"            w = (code.to(tl.float32) - {zero}) * scale",
     ]
 
 
@@ -262,10 +333,3 @@ def _role(node: fx.Node, n: int, m_expr: sympy.Expr) -> str:
     raise Unsupported(f"{node.name} {tuple(shape)} does not line up with the GEMM's [M={m_expr}, N={n}]")
 
 
-def _load(var: str, role: str) -> str:
-    return {
-        "full": f"    {var} = tl.load({var}_ptr + rm[:, None] * N + rn[None, :], mask=mo, other=0.0)",
-        "col": f"    {var} = tl.load({var}_ptr + rn[None, :], mask=mn[None, :], other=0.0)",
-        "row": f"    {var} = tl.load({var}_ptr + rm[:, None], mask=mm[:, None], other=0.0)",
-        "scalar": f"    {var} = tl.load({var}_ptr)",
-    }[role]

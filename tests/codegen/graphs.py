@@ -115,3 +115,20 @@ def capture_module(model: torch.nn.Module, x: torch.Tensor) -> torch.fx.GraphMod
     """`model` exported with a dynamic batch (the first dim of x)."""
     ep = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     return ep.module()
+
+
+class SharedInput(torch.nn.Module):
+    """Several quant_linears reading one input, as the partitioner merges them: with `swiglu`,
+    silu(first) * second (gate and up); else each output plus 1 (q/k/v with their own epilogues)."""
+
+    def __init__(self, k: int, widths, bits: int = 4, group=16, sym: bool = True, swiglu: bool = False):
+        super().__init__()
+        self.linears = torch.nn.ModuleList(QuantLinear(k, n, bits, group, sym, False, "none", seed=i)
+                                           for i, n in enumerate(widths))
+        self.swiglu = swiglu
+
+    def forward(self, x):
+        ys = [lin(x) for lin in self.linears]
+        if self.swiglu:
+            return F.silu(ys[0]) * ys[1]
+        return tuple(y + 1.0 for y in ys)

@@ -17,7 +17,7 @@ from slimfx.codegen.emit_gemm import emit_gemm
 from slimfx.codegen.expr import Unsupported
 from slimfx.codegen.partition import partition
 
-from graphs import EPILOGUES, QuantLinear, capture_module
+from graphs import EPILOGUES, QuantLinear, SharedInput, capture_module
 
 
 def _gemm_kernel(gm):
@@ -64,6 +64,27 @@ def test_int8_per_channel_and_int2_on_a_3d_input():  # M = batch × 3 rows
     for bits, group in ((8, None), (2, 16)):
         model = QuantLinear(40, 24, bits, group, False, False, "none")
         _check(model, torch.randn(2, 3, 40), torch.randn(5, 3, 40))
+
+
+@pytest.mark.parametrize("widths,swiglu", [((40, 40), True), ((40, 16, 16), False), ((24, 24, 24), False)])
+@pytest.mark.parametrize("bits,sym", [(4, True), (2, False)])
+def test_gemms_reading_one_input_are_one_kernel(widths, swiglu, bits, sym):
+    # gate/up with the SwiGLU product (one store), q/k/v of GQA widths (segments), of MHA widths
+    # (three accumulators over one loaded input tile).
+    model = SharedInput(24, widths, bits, 8, sym, swiglu)
+    gm = capture_module(model, torch.randn(2, 24))
+    (group,) = [g for g in partition(gm) if g.kind == "gemm"]
+    assert len(group.anchors) == len(widths)
+    kernel = emit_gemm(group)
+    assert len(kernel.outputs) == (1 if swiglu else len(widths))
+    x = torch.randn(19, 24)
+    interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        interp.run(x)
+        want = model(x)
+    got = kernel.launch([interp.env[node] for node, _ in kernel.inputs])
+    for g, w in zip(got, want if not swiglu else (want,)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
 class _Dense(torch.nn.Module):

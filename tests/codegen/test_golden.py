@@ -15,7 +15,7 @@ import torch
 from slimfx.codegen.emit import emit_all
 from slimfx.codegen.partition import partition
 
-from graphs import QuantLinear, capture, capture_module
+from graphs import QuantLinear, SharedInput, capture, capture_module
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -34,6 +34,8 @@ CASES = {
                                                      torch.randn(2, 24)),
     "gemm_int8_per_channel": lambda: capture_module(QuantLinear(24, 8, 8, None, True, False, "none"),
                                                     torch.randn(2, 24)),
+    "gemm_merged_swiglu": lambda: capture_module(SharedInput(24, (16, 16), swiglu=True), torch.randn(2, 24)),
+    "gemm_merged_qkv_widths": lambda: capture_module(SharedInput(24, (16, 8, 8)), torch.randn(2, 24)),
 }
 
 

@@ -61,8 +61,10 @@ def test_tiny_models_on_the_triton_backend_equal_the_eager_backend(arch):
     eager = slimfx.compile(lm.model, POLICIES[arch], example_inputs=lm.example_inputs, backend="eager")
     cm = slimfx.compile(lm.model, POLICIES[arch], example_inputs=lm.example_inputs, backend="triton")
     codegen = cm.lowering.codegen
-    # Every quantized linear (and LoRA's linears) runs in a generated GEMM; the norms in row kernels.
-    assert dict(codegen.by_template)["gemm"] >= 12 and dict(codegen.by_template)["rows"] >= 4
+    # Every quantized linear (and LoRA's linears) runs in a generated GEMM — q/k/v as one kernel,
+    # so at least 4 GEMM kernels per block (2 blocks) —; the norms in row kernels.
+    assert dict(codegen.by_template)["gemm"] >= 8 and dict(codegen.by_template)["rows"] >= 4
+    assert any("3 GEMMs reading one input" in text for _, text in codegen.listings)
     assert not [n for n in cm.program.graph.nodes if n.target in GEMMS]
     assert "Triton backend:" in str(cm.lowering) and "generated kernel calls" in repr(cm)
     with torch.no_grad():
