@@ -93,6 +93,10 @@ def owners(group: Group) -> dict[fx.Node, fx.Node]:
     anchors = sorted(group.anchors, key=group.nodes.index)
     owner: dict[fx.Node, fx.Node] = {a: a for a in anchors}
     inside = set(group.nodes)
+    for base, (a, b) in group.lora.items():  # a LoRA path belongs to its base linear
+        owner[a] = owner[b] = base
+        if a.args[0] in inside:
+            owner[a.args[0]] = base  # its dropout
     for node in group.nodes:  # graph order: a node's in-group inputs are assigned before it
         if node in owner:
             continue
@@ -136,6 +140,7 @@ class _GemmSource:
         self.quant = None if parts[0][1][0] == "dense" else tuple(parts[0][1][4:])
         self.inputs.append((x, "x"))
         weight_args = []
+        self.ranks: dict[int, int] = {}
         for j, (_, weight, _, _) in enumerate(parts):
             if weight[0] == "quant":
                 _, qweight, scales, zeros, _, _ = weight
@@ -145,6 +150,11 @@ class _GemmSource:
                 float32_only(weight[1], "GEMM")
                 self.inputs.append((weight[1], "w"))
                 weight_args.append(f"w{j}_ptr")
+            if self.anchors[j] in self.group.lora:
+                a_w, b_w = self._lora_weights(self.anchors[j], x)
+                self.inputs += [(a_w, "lora_a"), (b_w, "lora_b")]
+                weight_args += [f"la{j}_ptr", f"lb{j}_ptr"]
+                self.ranks[j] = _static(tensor_val(a_w).shape[0], a_w)
         # Anchors of one width are computed together (their epilogue may mix them: SwiGLU);
         # otherwise each anchor is a segment of its own, chosen by the program's column tile.
         segments = [tuple(range(len(ns)))] if len(set(ns)) == 1 else [(j,) for j in range(len(ns))]
@@ -185,6 +195,10 @@ class _GemmSource:
                  f"        rn = (tile - start{s}) * BN + tl.arange(0, BN)",
                  f"        mn = rn < N{seg[0]}", "        mo = mm[:, None] & mn[None, :]"]
         lines += [f"        acc{j} = tl.zeros((BM, BN), dtype=tl.float32)" for j in seg]
+        for j in seg:
+            if j in self.ranks:  # x·Aᵀ of the LoRA path, [BM, rank padded to tl.dot's 16]
+                lines += [f"        rr{j} = tl.arange(0, {_padded(self.ranks[j])})",
+                          f"        xa{j} = tl.zeros((BM, {_padded(self.ranks[j])}), dtype=tl.float32)"]
         lines += ["        for k0 in range(0, K, BK):", "            kk = k0 + tl.arange(0, BK)", "            mk = kk < K",
                   "            a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, "
                   "mask=mm[:, None] & mk[None, :], other=0.0)"]
@@ -194,7 +208,19 @@ class _GemmSource:
                 f"            w = tl.load(w{j}_ptr + rn[:, None] * stride_w{j}n + kk[None, :] * stride_w{j}k, "
                 "mask=mn[:, None] & mk[None, :], other=0.0)"]
             lines.append(f"            acc{j} += tl.dot(a, tl.trans(w), input_precision=\"ieee\")")
+            if j in self.ranks:
+                r = self.ranks[j]
+                lines += [f"            la = tl.load(la{j}_ptr + rr{j}[:, None] * K + kk[None, :], "
+                          f"mask=(rr{j}[:, None] < {r}) & mk[None, :], other=0.0)",
+                          f"            xa{j} += tl.dot(a, tl.trans(la), input_precision=\"ieee\")"]
+        for j in seg:
+            if j in self.ranks:  # (x·Aᵀ)·Bᵀ for this tile: the rank path never leaves the registers
+                r = self.ranks[j]
+                lines += [f"        lb = tl.load(lb{j}_ptr + rn[:, None] * {r} + rr{j}[None, :], "
+                          f"mask=mn[:, None] & (rr{j}[None, :] < {r}), other=0.0)",
+                          f"        lora{j} = tl.dot(xa{j}, tl.trans(lb), input_precision=\"ieee\")"]
         mine = {self.anchors[j] for j in seg}
+        lora_nodes = {n for base in mine if base in self.group.lora for n in self._lora_nodes(base)}
         epilogue: list[str] = []
         for j in seg:
             self.names[self.anchors[j]] = f"acc{j}"
@@ -203,7 +229,11 @@ class _GemmSource:
                 if bias not in self.names:
                     epilogue += self._load(bias, n, f"N{seg[0]}")
                 epilogue.append(f"acc{j} = acc{j} + {self.names[bias]}")
-        nodes = [nd for nd in self.group.nodes if self.owner[nd] in mine and nd not in mine and kind_of(nd) != "prologue"]
+        for j in seg:
+            if j in self.ranks:
+                self.names[self.group.lora[self.anchors[j]][1]] = f"lora{j}"
+        nodes = [nd for nd in self.group.nodes if self.owner[nd] in mine and nd not in mine
+                 and nd not in lora_nodes and kind_of(nd) != "prologue"]
         for i, node in enumerate(nodes):
             if kind_of(node) == "free":
                 if not keeps_order(node):
@@ -233,6 +263,24 @@ class _GemmSource:
                 self.stored.add(nd)
         return lines + [f"        {line}" for line in epilogue + stores]
 
+    def _lora_nodes(self, base: fx.Node) -> list[fx.Node]:
+        a, b = self.group.lora[base]
+        return [a, b] + ([a.args[0]] if a.args[0] in self.group.nodes else [])
+
+    def _lora_weights(self, base: fx.Node, x: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """The A [r, K] and B [N, r] weights of `base`'s adapter, whose path must read x (through
+        an inference-mode dropout at most) and have no biases."""
+        a, b = self.group.lora[base]
+        src = a.args[0]
+        if src is not x and not (src in self.group.nodes and src.target is aten.dropout.default
+                                 and src.args[0] is x and src.args[2] is False):
+            raise Unsupported(f"{a.name}: a LoRA path that does not read its base linear's input")
+        for lin in (a, b):
+            if lin.target is not aten.linear.default or (len(lin.args) > 2 and lin.args[2] is not None):
+                raise Unsupported(f"{lin.name}: a LoRA linear with a bias or of another op ({lin.target})")
+            float32_only(lin.args[1], "GEMM")
+        return a.args[1], b.args[1]
+
     def _load(self, value: fx.Node, n: int, width: str) -> list[str]:
         """Read an epilogue operand from outside the group (once per segment that needs it)."""
         role = _role(value, n, self.m_expr)
@@ -257,6 +305,11 @@ class _GemmSource:
 
 
 _OPERAND_ROLES = ("full", "col", "row", "scalar")
+
+
+def _padded(rank: int) -> int:
+    """A LoRA rank padded to a power of two of at least 16 (tl.dot's smallest side)."""
+    return max(16, 1 << (rank - 1).bit_length())
 
 
 def _quant_tile(j: int, bits: int, group: int, zeros: bool) -> list[str]:

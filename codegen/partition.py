@@ -5,6 +5,9 @@
   it (bias, SiLU/GELU/ReLU, the SwiGLU gate multiply, a residual add, a scale), their other
   operands read from outside. GEMMs that read one activation in one weight format become one
   group (q/k/v; gate and up with the SwiGLU product): one kernel over the concatenated weights.
+- A **LoRA adapter** (the adapter pass's tagged nodes: `A`, `B`, `scale`, and `out` = base + scaled
+  path) joins its base linear's GEMM group (`Group.lora[base] = (A, B)`): one kernel computes the
+  rank-r path beside the base GEMM and adds it in the epilogue, writing no full-size intermediate.
 - A **row group**: a chain of pointwise ops with at most one row reduction (RMSNorm, LayerNorm,
   softmax written out or as one op), every output either the rows' full shape or the reduced one.
 - Every other op that moves data is a kernel of its own ("opaque": attention, embedding, cat …);
@@ -35,6 +38,7 @@ class Group:
     anchor: Optional[fx.Node] = None
     reduction: Optional[fx.Node] = None
     anchors: list[fx.Node] = field(default_factory=list)  # a GEMM group's anchors reading one input
+    lora: dict = field(default_factory=dict)  # base anchor -> (A linear, B linear) of its LoRA adapter
 
     def __post_init__(self):
         if self.anchor is not None and not self.anchors:
@@ -80,6 +84,7 @@ class _Partitioner:
         self.order = {n: i for i, n in enumerate(graph.nodes)}
         self.group_of: dict[fx.Node, Group] = {}
         self.groups: list[Group] = []
+        self.lora = _lora_paths(graph)
 
     def run(self) -> list[Group]:
         for node in self.graph.nodes:
@@ -107,6 +112,7 @@ class _Partitioner:
                 if self._independent(merged, other):
                     self._merge(merged, other)
                     merged.anchors.append(other.anchor)
+                    merged.lora.update(other.lora)
 
     def _independent(self, a: Group, b: Group) -> bool:
         """Neither group reads the other through a node outside both (a direct read, such as the
@@ -135,6 +141,11 @@ class _Partitioner:
         for a in anchor.all_input_nodes:
             if kind_of(a) == "prologue" and len(a.users) == 1 and a not in self.group_of:
                 self._join(group, a)
+        path = self.lora.get(anchor)
+        if path is not None and not any(n in self.group_of for n in path):
+            for n in path:
+                self._join(group, n)
+            group.lora[anchor] = (path[-3], path[-2])
         tip = anchor
         while True:
             # The one pointwise reader of the tip continues the epilogue; other readers (the graph's
@@ -277,6 +288,33 @@ def check_acyclic(gm: fx.GraphModule | fx.Graph, groups: list[Group]) -> None:
     if not nx.is_directed_acyclic_graph(q):
         cycle = nx.find_cycle(q)
         raise AssertionError(f"fusion groups form a cycle: {cycle}")
+
+
+def _lora_paths(graph: fx.Graph) -> dict[fx.Node, tuple[fx.Node, ...]]:
+    """base linear -> the nodes of its LoRA path, (dropout,) A, B, scale, for every adapter the
+    adapter pass tagged whose parts are exactly A, B, scale and out with `out = base + scale`
+    (DoRA and anything else stays as it is); `out` then joins as the base's epilogue."""
+    from ..runtime.adapters import tag_of
+
+    parts: dict[str, dict[str, fx.Node]] = {}
+    for node in graph.nodes:
+        tag = tag_of(node)
+        if tag is not None and node.op == "call_function":
+            parts.setdefault(tag["target"], {})[tag["part"]] = node
+    paths = {}
+    for found in parts.values():
+        if set(found) != {"A", "B", "scale", "out"}:
+            continue
+        a, b, scale, out = found["A"], found["B"], found["scale"], found["out"]
+        base = out.args[0] if isinstance(out.args[0], fx.Node) else None
+        if base is None or kind_of(base) != "anchor" or out.args[1] is not scale or scale.args[0] is not b \
+                or b.args[0] is not a or len(a.users) != 1 or len(b.users) != 1:
+            continue
+        x = a.args[0]
+        dropout = [x] if isinstance(x, fx.Node) and kind_of(x) == "free" and len(x.users) == 1 else []
+        paths[base] = (*dropout, a, b, scale)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return dict(sorted(paths.items(), key=lambda kv: order[kv[0]]))
 
 
 def _anchor_key(anchor: fx.Node) -> tuple:

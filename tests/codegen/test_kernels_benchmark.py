@@ -28,6 +28,6 @@ def test_without_a_gpu_it_says_so_and_exits_0(capsys):
 def test_every_case_runs_through_the_interpreter(capsys):
     assert _script().main(["--interpret"]) == 0
     out = capsys.readouterr().out
-    for table in ("| int4 g128 GEMM |", "| fused RMSNorm |", "| LoRA r=16 linear (fp32) |"):
+    for table in ("| int4 g128 GEMM |", "| fused RMSNorm |", "| LoRA r=4 linear (fp32, one fused kernel) |"):
         assert table in out
     assert out.count("\n| 40×24 | ") == 2 and "| RMSNorm | 3×40 |" in out

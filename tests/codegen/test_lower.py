@@ -106,3 +106,26 @@ def test_training_on_the_triton_backend_trains_the_reference_graph_and_keeps_the
         trained = _logits(cm(**lm.example_inputs))
         cm.set_backend("eager")
         torch.testing.assert_close(trained, _logits(cm(**lm.example_inputs)), atol=2e-5, rtol=2e-5)
+
+
+def test_lora_paths_are_fused_into_their_base_gemm():
+    # Nonzero A and B (a fresh adapter's B is zero, which would hide a wrong rank path); rank 4
+    # pads to tl.dot's 16. q and v carry adapters: q/k/v stay one kernel with both rank paths.
+    lm = tiny("llama", layers=1)
+    eager = slimfx.compile(lm.model, POLICIES["llama"], example_inputs=lm.example_inputs, backend="eager")
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in eager.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    cm = slimfx.compile(lm.model, POLICIES["llama"], example_inputs=lm.example_inputs, backend="triton")
+    cm.load_state_dict(eager.state_dict())
+    codegen = cm.lowering.codegen
+    # q/k/v (+2 LoRA paths), o, gate/up, down, head: no kernel of its own for any adapter linear.
+    assert dict(codegen.by_template)["gemm"] == 5
+    assert sum("xa" in text and "lora" in text for _, text in codegen.listings) == 1
+    with torch.no_grad():
+        got, want = _logits(cm(**lm.example_inputs)), _logits(eager(**lm.example_inputs))
+        base = _logits(slimfx.compile(lm.model, "quantize blocks.*.** : Linear int4 group=16",
+                                      example_inputs=lm.example_inputs, backend="eager")(**lm.example_inputs))
+    assert (want - base).abs().max() > 1e-2  # the adapters change the output
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
