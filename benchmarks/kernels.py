@@ -110,8 +110,6 @@ def lowered(module, example):
 
 
 def check(got, want, what: str) -> None:
-    import torch
-
     err = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
     if err > 1e-3:
         raise AssertionError(f"{what}: the generated kernel differs from eager by {err:.2e} (relative)")

@@ -29,7 +29,7 @@ def _gelu(a, approximate="none"):
 
 
 def _pow(a, p):
-    table = {2: f"({a} * {a})", 2.0: f"({a} * {a})", 1: a, 0.5: f"tl.sqrt({a})", -1: f"(1.0 / {a})", 3: f"({a} * {a} * {a})"}
+    table = {2: f"({a} * {a})", 1: a, 0.5: f"tl.sqrt({a})", -1: f"(1.0 / {a})", 3: f"({a} * {a} * {a})"}
     if p not in table:
         raise Unsupported(f"pow with exponent {p!r}")
     return table[p]

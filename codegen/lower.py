@@ -22,7 +22,7 @@ from torch import fx
 
 from .emit import emit_all
 from .kernel import Kernel
-from .partition import check_acyclic, partition
+from .partition import Group, check_acyclic, partition
 
 __all__ = ["CodegenSummary", "lower_graph", "launcher"]
 
@@ -92,9 +92,7 @@ def _listings(kernels: list[Kernel]) -> tuple[tuple[str, str], ...]:
     return tuple((name, same[0].listing(same)) for name, same in by_name.items())
 
 
-def _as_group(kernel: Kernel):
-    from .partition import Group
-
+def _as_group(kernel: Kernel) -> Group:
     return Group("opaque", list(kernel.nodes))
 
 

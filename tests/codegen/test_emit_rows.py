@@ -7,11 +7,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
 
 import slimfx
 from slimfx.codegen.emit_rows import Unsupported, emit_rows
-from slimfx.codegen.ops import kind_of
 from slimfx.codegen.partition import partition
 from slimfx.models import tiny
 
@@ -19,8 +17,7 @@ from graphs import capture, programs
 
 
 def _values(gm: fx.GraphModule, *inputs) -> dict:
-    """Every node's value on `inputs` (and tensor_meta, which the launcher shapes outputs by)."""
-    ShapeProp(gm).propagate(*inputs)
+    """Every node's value on `inputs`."""
     interp = fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
         interp.run(*inputs)
