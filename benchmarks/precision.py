@@ -27,7 +27,12 @@ ROWS = {  # name -> rule (None: the fp32 model itself)
     "int8 per-channel RTN": f"quantize {LINEARS} int8",
     "int4 g64 RTN sym": f"quantize {LINEARS} int4 group=64",
     "int4 g64 RTN asym": f"quantize {LINEARS} int4 group=64 sym=false",
+    "int4 g64 RTN sym clip=mse": f"quantize {LINEARS} int4 group=64 clip=mse",
+    "int4 g64 RTN sym clip=output": f"quantize {LINEARS} int4 group=64 clip=output",
     "int4 g64 GPTQ": f"quantize {LINEARS} int4 group=64 method=gptq act_order=true",
+    "int4 g64 GPTQ clip=output": f"quantize {LINEARS} int4 group=64 method=gptq act_order=true clip=output",
+    "int4 g64 GPTQ asym clip=output": f"quantize {LINEARS} int4 group=64 sym=false method=gptq act_order=true "
+                                      "clip=output",
     "int4 g32 GPTQ": f"quantize {LINEARS} int4 group=32 method=gptq act_order=true",
     "budget avg_bits<=4.5": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=4.5 by output_mse method=gptq act_order=true",
     "budget avg_bits<=5.0": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=5.0 by output_mse method=gptq act_order=true",
@@ -111,6 +116,12 @@ def checks(rows: list[dict]) -> list[tuple[str, bool]]:
     if "int4 g64 GPTQ" in by and "int4 g64 RTN sym" in by:
         rtn, gq = by["int4 g64 RTN sym"]["ppl"] - fp32, by["int4 g64 GPTQ"]["ppl"] - fp32
         out.append((f"GPTQ g64 ppl increase ({gq:.3f}) <= half of RTN g64's ({rtn:.3f})", gq <= rtn / 2))
+    for searched, plain in (("int4 g64 RTN sym clip=mse", "int4 g64 RTN sym"),
+                            ("int4 g64 RTN sym clip=output", "int4 g64 RTN sym"),
+                            ("int4 g64 GPTQ clip=output", "int4 g64 GPTQ")):
+        if searched in by and plain in by:
+            a, b = by[searched]["ppl"], by[plain]["ppl"]
+            out.append((f"{searched} ppl {a:.3f} <= {plain}'s {b:.3f} (range search)", a <= b))
     uniform = [r for n, r in by.items() if n != "fp32" and not n.startswith("budget")]
     for n, r in by.items():
         if n.startswith("budget"):

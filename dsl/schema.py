@@ -76,6 +76,9 @@ _METHOD_Q = ParamSpec("method", str, "rtn", "round-to-nearest or GPTQ", choices=
 _DAMP = ParamSpec("damp", float, 0.01, "GPTQ damping, as a fraction of the mean Hessian diagonal",
                   _fraction_half_open, "a number in (0, 1]")
 _ACT_ORDER = ParamSpec("act_order", bool, False, "GPTQ: quantize columns in order of Hessian diagonal")
+_CLIP = ParamSpec("clip", str, "none", "search each group's range for the least rounding error: plain weight "
+                  "MSE (`mse`) or weighted by each input's calibration energy (`output`)",
+                  choices=("none", "mse", "output"))
 _PROTECT = ParamSpec("protect", str, "none", "tokens never pruned or merged", choices=("cls", "none"))
 _RESTORE = ParamSpec("restore", bool, False, "scatter tokens back so the output keeps its length")
 
@@ -128,9 +131,9 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
                   lambda v: isinstance(v, str) and v.strip() != "", "a directory path in quotes",
                   example='"adapters/my-lora"'),
     ),
-    "quantize": _specs(_GROUP, _SYM, _METHOD_Q, _DAMP, _ACT_ORDER),
+    "quantize": _specs(_GROUP, _SYM, _METHOD_Q, _DAMP, _ACT_ORDER, _CLIP),
     "choice": _specs(_GROUP, _SYM),
-    "precision": _specs(_METHOD_Q, _DAMP, _ACT_ORDER),
+    "precision": _specs(_METHOD_Q, _DAMP, _ACT_ORDER, _CLIP),
     "tokens.prune": _specs(
         ParamSpec("keep", float, 0.5, "fraction of tokens kept", _fraction_half_open, "a number in (0, 1]"),
         ParamSpec("score", str, "attention", "how tokens are ranked", choices=("attention", "norm")),

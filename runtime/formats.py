@@ -153,17 +153,19 @@ def _fp16_ceil(scale: torch.Tensor) -> torch.Tensor:
     return half.float()
 
 
-def group_params(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+def group_params(w: torch.Tensor, fmt: QuantFormat, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point of each group, reducing over the last dim of `w`.
 
     Returns float32 tensors shaped like `w` minus its last dim: the scale (exactly an fp16 value)
-    and, when asymmetric, the zero point (a whole code), else None.
+    and, when asymmetric, the zero point (a whole code), else None. `shrink` < 1 narrows the range
+    to that fraction of the group's (a clipping search tries several; weights outside then clamp
+    to the end codes and the RTN bound below no longer holds for them).
     """
     w = w.float()
     if fmt.sym:
-        scale = w.abs().amax(-1) / ((1 << (fmt.bits - 1)) - 0.5)  # see the module docstring
+        scale = w.abs().amax(-1) * shrink / ((1 << (fmt.bits - 1)) - 0.5)  # see the module docstring
         return _fp16_ceil(torch.where(scale > 0, scale, 1.0)), None
-    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # the range always holds 0
+    lo, hi = w.amin(-1).clamp(max=0) * shrink, w.amax(-1).clamp(min=0) * shrink  # the range always holds 0
     scale = _fp16_ceil(torch.where(hi > lo, (hi - lo) / fmt.qmax, 1.0))
     zero = torch.round(-lo / scale).clamp(0, fmt.qmax)
     return scale, zero
@@ -219,8 +221,9 @@ def _packed(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                            tuple(codes.shape))
 
 
-def quantize_rtn(w: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
-    """Round-to-nearest, group by group.
+def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, params=None) -> QuantizedWeight:
+    """Round-to-nearest, group by group. `params(groups [out, n, g]) -> (scale, zero)` replaces
+    `group_params` (the precision pass's clipping search passes one).
 
     >>> qw = quantize_rtn(torch.randn(8, 100), QuantFormat(4, 32, True))
     >>> qw.qweight.shape, qw.scales.shape  # 100 = 3 groups of 32 + one of 4
@@ -230,7 +233,7 @@ def quantize_rtn(w: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
     out, cols = w.shape
     g = group_size(fmt, cols)
     grouped = _grouped(w.float(), g)
-    scale, zero = group_params(grouped, fmt)
+    scale, zero = group_params(grouped, fmt) if params is None else params(grouped)
     codes = quantize_codes(grouped, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), fmt)
     return _packed(codes.view(out, -1)[:, :cols], scale, zero, fmt)
 

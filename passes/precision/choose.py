@@ -45,7 +45,9 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
         pick = _solve(rule, items, costs, sizes, ctx)
     chosen = _encode_chosen(rule, items, cands, options, pick, hessians, ctx, bound)
     weights = sum(it.w.numel() for it in items)
-    details = {"method": rule.get("method"), "scored_with": "rtn", "metric": rule.metric,
+    clip = rule.get("clip")
+    details = {"method": rule.get("method"), "scored_with": "rtn" if clip == "none" else f"rtn clip={clip}",
+               "metric": rule.metric,
                "budget": f"{rule.budget.metric}<={rule.budget.limit}{rule.budget.unit or ''}",
                "choices": {p: str(c) for p, (c, _) in chosen.items()},
                "sensitivity": sum(costs[i][j] for i, j in enumerate(pick)),
@@ -63,7 +65,7 @@ def _score(items: list[Item], cands: list[Candidate], hessians: dict[str, Hessia
         for it in items:
             step(0, note=it.path)
             H = hessians[it.path].H.float()  # float32: ranking formats needs no float64
-            encs = [encode(it.w, c) for c in cands]
+            encs = [encode(it.w, c, "rtn", H, clip=bound.rule.get("clip")) for c in cands]
             options.append(encs)
             costs.append([_sensitivity(it.w, decode(e, it.w), H) for e in encs])
             sizes.append([encoded_bytes(e, it.w) for e in encs])
@@ -88,7 +90,7 @@ def _encode_chosen(rule: A.Precision, items, cands, options, pick, hessians, ctx
             enc = options[i][j]
             if method == "gptq" and isinstance(enc, QuantizedWeight):
                 enc = encode(it.w, cands[j], "gptq", hessians[it.path].H, rule.get("damp"),
-                             _optional(rule, "act_order", False))
+                             _optional(rule, "act_order", False), rule.get("clip"))
             chosen[it.path] = (cands[j], enc)
             step()
     return chosen

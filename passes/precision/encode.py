@@ -8,7 +8,8 @@ from typing import Union
 import torch
 
 from ...dsl import ast as A
-from ...runtime.formats import QuantizedWeight, dequantize, from_rule, nbytes, quantize_rtn
+from ...runtime.formats import QuantizedWeight, dequantize, from_rule, group_size, nbytes, quantize_rtn
+from .clip import column_weights, rtn_params
 from .gptq import gptq
 
 __all__ = ["Candidate", "Encoded", "encode", "decode", "encoded_bytes", "HALF"]
@@ -44,15 +45,17 @@ class Candidate:
 
 
 def encode(w: torch.Tensor, cand: Candidate, method: str = "rtn", H: torch.Tensor | None = None,
-           damp: float = 0.01, act_order: bool = False) -> Encoded:
-    """w [out, in] in `cand`'s format. GPTQ needs H [in, in]."""
+           damp: float = 0.01, act_order: bool = False, clip: str = "none") -> Encoded:
+    """w [out, in] in `cand`'s format. GPTQ needs H [in, in], and so does clip=output."""
     if cand.format == "keep":
         return None
     if cand.format in HALF:
         return w.to(HALF[cand.format])
     fmt = from_rule(cand.format, cand.group, cand.sym)
     if method == "gptq":
-        return gptq(w, H, fmt, damp=damp, act_order=act_order)
+        return gptq(w, H, fmt, damp=damp, act_order=act_order, clip=clip)
+    if clip != "none":
+        return quantize_rtn(w, fmt, rtn_params(fmt, group_size(fmt, w.shape[1]), column_weights(clip, H)))
     return quantize_rtn(w, fmt)
 
 

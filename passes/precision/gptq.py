@@ -12,6 +12,7 @@ import torch
 
 from ...runtime.formats import (QuantFormat, QuantizedWeight, dequantize_codes, group_params, group_size,
                                pack, quantize_codes)
+from .clip import column_weights, searched_params
 
 __all__ = ["HessianAccumulator", "hessian", "gptq", "output_error"]
 
@@ -106,7 +107,7 @@ def _block_columns(block_size: int, group: int, static: bool) -> int:
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: float = 0.01,
-         block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
+         block_size: int = 128, act_order: bool = False, clip: str = "none") -> QuantizedWeight:
     """Quantize w [out, in] column by column, folding each column's rounding error into the columns
     not yet quantized (weighted by the inverse Hessian) so the layer output moves least.
 
@@ -114,41 +115,52 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: float = 0.
     group's scale from its columns as updated when the group starts (GPTQ's default, the ragged
     last group included). With `act_order` and groups, scales are fixed up front from the
     original weight's contiguous groups ("static groups"), so the packed layout stays the plain
-    contiguous one and needs no per-column group index.
+    contiguous one and needs no per-column group index. `clip` searches each group's range as it
+    is set (passes/precision/clip.py).
     """
     if not damp >= 0:  # also refuses NaN
         raise ValueError(f"damp={damp} must be non-negative (a fraction of the mean Hessian diagonal)")
     w, H = _prepare(w, H)
     out, cols = w.shape
     g = group_size(fmt, cols)
+    fit = _group_fitter(fmt, clip, H)
     n = -(-cols // g)
     scales = torch.zeros(out, n, device=w.device)
     zeros = None if fmt.sym else torch.zeros(out, n, device=w.device)
     static = act_order or g == cols  # per-channel (or one group) needs no re-fit along the way
     if static:
         for k in range(n):
-            _set_group_params(w[:, k * g:(k + 1) * g], fmt, k, scales, zeros)
+            fit(w[:, k * g:(k + 1) * g], k * g, k, scales, zeros)
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     if perm is not None:
         w, H = w[:, perm], H[perm][:, perm]
     group_of = (perm if perm is not None else torch.arange(cols, device=w.device)) // g
     codes = _quantize_blocks(w, _inverse_cholesky(H, damp), fmt, group_of, scales, zeros,
-                             _block_columns(block_size, g, static), None if static else g)
+                             _block_columns(block_size, g, static), None if static else g, fit)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return QuantizedWeight(pack(codes, fmt.bits), scales.half(), None if zeros is None else zeros.half(),
                            fmt, (out, cols))
 
 
-def _set_group_params(wg, fmt, k, scales, zeros) -> None:
-    """Set group k's scale (and zero point) from its columns `wg` [out, <= group]."""
-    s, z = group_params(wg, fmt)
-    scales[:, k] = s
-    if zeros is not None:
-        zeros[:, k] = z
+def _group_fitter(fmt: QuantFormat, clip: str, H: torch.Tensor):
+    """fit(wg, first column, k, scales, zeros): set group k's scale (and zero point) from its
+    columns `wg` [out, <= group] starting at `first` — their full range, or the searched one."""
+    weights = column_weights(clip, H)
+
+    def fit(wg, first, k, scales, zeros) -> None:
+        if clip == "none":
+            s, z = group_params(wg, fmt)
+        else:
+            s, z = searched_params(wg, fmt, None if weights is None else weights[first:first + wg.shape[1]])
+        scales[:, k] = s
+        if zeros is not None:
+            zeros[:, k] = z
+
+    return fit
 
 
-def _quantize_blocks(w, U, fmt, group_of, scales, zeros, block, dynamic_group) -> torch.Tensor:
+def _quantize_blocks(w, U, fmt, group_of, scales, zeros, block, dynamic_group, fit) -> torch.Tensor:
     """The blocked GPTQ loop over (possibly permuted) columns; returns uint8 codes [out, in] in
     that column order. `dynamic_group` is the group size when scales are set as groups start."""
     out, cols = w.shape
@@ -161,7 +173,7 @@ def _quantize_blocks(w, U, fmt, group_of, scales, zeros, block, dynamic_group) -
             j = i1 + i
             if dynamic_group is not None and j % dynamic_group == 0:
                 # Blocks hold whole groups, so wb has every update this group has seen.
-                _set_group_params(wb[:, i:i + dynamic_group], fmt, j // dynamic_group, scales, zeros)
+                fit(wb[:, i:i + dynamic_group], j, j // dynamic_group, scales, zeros)
             k = int(group_of[j])
             s, z = scales[:, k], None if zeros is None else zeros[:, k]
             codes[:, j] = quantize_codes(wb[:, i], s, z, fmt)

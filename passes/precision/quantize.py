@@ -2,7 +2,8 @@
 
     quantize blocks.*.** : Linear int4 group=64 method=gptq
 
-RTN needs nothing but the weight; GPTQ needs H = E[x xᵀ] of each target's input, from calibration.
+RTN needs nothing but the weight; GPTQ needs H = E[x xᵀ] of each target's input, from calibration,
+and so does `clip=output` (each group's range searched with inputs weighted by E[x_j²]).
 """
 from __future__ import annotations
 
@@ -23,15 +24,17 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     cand = Candidate.of(rule)
     items = items_of(graph, bound)
     method = rule.get("method") if cand.is_packed else "rtn"
-    hessians = hessians_of(graph, items, ctx, bound, "GPTQ") if method == "gptq" else {}
+    clip = rule.get("clip") if cand.is_packed else "none"
+    needs_h = method == "gptq" or clip == "output"
+    hessians = hessians_of(graph, items, ctx, bound, "GPTQ" if method == "gptq" else "clip=output") if needs_h else {}
     chosen = {}
     with one_thread(), ctx.progress.task(f"{method.upper()} {cand} (line {bound.line})", total=len(items)) as step:
         for it in items:
             step(0, note=it.path)
             H = hessians[it.path].H if it.path in hessians else None
-            chosen[it.path] = (cand, encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order")))
+            chosen[it.path] = (cand, encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip))
             step()
-    details = {"format": str(cand), "method": method}
+    details = {"format": str(cand), "method": method, **({"clip": clip} if clip != "none" else {})}
     if hessians:
         details["calib_rows"] = max(h.count for h in hessians.values())
     return apply(graph, bound, items, chosen, details)

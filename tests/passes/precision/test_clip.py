@@ -1,0 +1,92 @@
+"""`clip=mse|output` (passes/precision/clip.py): each group's range searched for the least rounding
+error. The search is checked against a direct loop written here, never worse than no search on
+random groups (hypothesis), strictly better where a group has an outlier, wired the same way into
+RTN and GPTQ, and usable from a policy."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import slimfx
+from slimfx.models import tiny
+from slimfx.passes.precision.clip import SHRINKS, searched_params
+from slimfx.passes.precision.encode import Candidate, encode
+from slimfx.passes.precision.gptq import gptq
+from slimfx.runtime.formats import QuantFormat, dequantize, dequantize_codes, group_params, quantize_codes
+
+
+def _error(w, scale, zero, fmt, weights=None):
+    z = None if zero is None else zero.unsqueeze(-1)
+    d = dequantize_codes(quantize_codes(w, scale.unsqueeze(-1), z, fmt), scale.unsqueeze(-1), z, fmt) - w
+    return ((d * d) if weights is None else d * d * weights).sum(-1)
+
+
+def _direct_search(row, fmt, weights):
+    """One group at a time: every shrink factor, full range first, keep the strictly better."""
+    best = None
+    for a in SHRINKS:
+        scale, zero = group_params(row, fmt, a)
+        err = float(_error(row, scale, zero, fmt, weights))
+        if best is None or err < best[0]:
+            best = (err, scale, zero)
+    return best
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 5), g=st.sampled_from([8, 16, 32, 64]), bits=st.sampled_from([2, 4, 8]),
+       sym=st.booleans(), weighted=st.booleans(), outlier=st.floats(1.0, 20.0), seed=st.integers(0, 10_000))
+def test_the_search_is_never_worse_and_is_the_direct_search(out, g, bits, sym, weighted, outlier, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, g, generator=gen)
+    w[:, 0] *= outlier  # a heavy tail, as real weights have
+    weights = torch.rand(g, generator=gen) + 0.01 if weighted else None
+    fmt = QuantFormat(bits, g, sym)
+    scale, zero = searched_params(w, fmt, weights)
+    plain_scale, plain_zero = group_params(w, fmt)
+    searched, plain = _error(w, scale, zero, fmt, weights), _error(w, plain_scale, plain_zero, fmt, weights)
+    assert bool((searched <= plain).all())
+    assert torch.equal(scale, scale.half().float())  # stored exactly as fp16
+    if zero is not None:
+        assert torch.equal(zero, zero.round()) and bool(((zero >= 0) & (zero <= fmt.qmax)).all())
+    for i in range(out):
+        err, s, z = _direct_search(w[i], fmt, weights)
+        assert float(scale[i]) == float(s) and (zero is None or float(zero[i]) == float(z))
+
+
+def test_an_outlier_makes_the_search_pay():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    w[:, ::17] *= 8
+    for cand in (Candidate("int4", 64, True), Candidate("int4", 64, False), Candidate("int2", 64, True)):
+        plain = dequantize(encode(w, cand))
+        searched = dequantize(encode(w, cand, clip="mse"))
+        assert float(((searched - w) ** 2).mean()) < 0.97 * float(((plain - w) ** 2).mean()), cand
+
+
+def test_gptq_with_an_identity_hessian_is_rtn_with_the_same_search():
+    # With H = I no rounding error moves to later columns, so GPTQ's codes are RTN's: the search
+    # must be wired into both the same way (each group's range from its own columns).
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(1))
+    w[:, 5] *= 6
+    fmt = QuantFormat(4, 32, False)
+    H = torch.eye(96, dtype=torch.float64)
+    for clip in ("mse", "output"):
+        via_gptq = gptq(w, H, fmt, damp=0.0, clip=clip)
+        via_rtn = encode(w, Candidate("int4", 32, False), "rtn", H, clip=clip)
+        assert torch.equal(via_gptq.qweight, via_rtn.qweight) and torch.equal(via_gptq.scales, via_rtn.scales)
+        assert torch.equal(via_gptq.zeros, via_rtn.zeros)
+    assert not torch.equal(gptq(w, H, fmt, damp=0.0).scales, via_gptq.scales)  # the search changed ranges
+
+
+def test_clip_in_a_policy():
+    lm = tiny("llama")
+    cm = slimfx.compile(lm.model, "quantize blocks.*.** : Linear int4 group=32 clip=mse",
+                        example_inputs=lm.example_inputs, backend="eager")
+    (rule,) = cm.report.rules
+    assert rule.details["clip"] == "mse"
+    with pytest.raises(slimfx.SpecError, match="clip=output needs calibration inputs"):
+        slimfx.compile(lm.model, "quantize blocks.*.** : Linear int4 clip=output",
+                       example_inputs=lm.example_inputs, calib=[], backend="eager")
+    with pytest.raises(slimfx.SpecError) as e:
+        slimfx.parse("policy p {\n    quantize blocks.*.** int4 clip=max\n}\n")
+    assert "none" in str(e.value) and "output" in str(e.value)
