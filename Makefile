@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml
 # The main job: check every example policy, compile SmolLM2-135M with the demo policy (progress
 # bars on a terminal, then the report), save the artifact, train its QLoRA adapters a few steps on
 # calibration text (the loss printed per step), save that, and evaluate the trained artifact read
-# back from disk side by side with the original (perplexity, bytes, CPU latency).
+# back from disk side by side with the original (perplexity, bytes, CPU latency). The compile also
+# writes the Triton kernels backend="triton" generates for the model (out/smollm2-demo-kernels/,
+# index.txt first): this machine has no GPU to run them on.
 # A step is a forward and backward pass through the 4-bit model: DEMO_STEPS × DEMO_BATCH rows of
 # DEMO_SEQ tokens keep the whole demo within minutes on 2 cores.
 DEMO_SPEC    := specs/smollm2-demo.slim
@@ -38,7 +40,8 @@ MINILM_SPEC  := specs/minilm-merge.slim
 MINILM_OUT   := out/minilm-merge
 demo: $(STAMP)
 	$(VENV)/bin/slimfx check specs/*.slim
-	$(VENV)/bin/slimfx compile $(DEMO_SPEC) --model smollm2-135m --out $(DEMO_OUT)
+	$(VENV)/bin/slimfx compile $(DEMO_SPEC) --model smollm2-135m --out $(DEMO_OUT) \
+		--emit-kernels $(DEMO_OUT)-kernels
 	$(VENV)/bin/slimfx train --model smollm2-135m --compiled $(DEMO_OUT) --steps $(DEMO_STEPS) \
 		--batch $(DEMO_BATCH) --seq $(DEMO_SEQ) --out $(DEMO_TRAINED)
 	$(VENV)/bin/slimfx eval --model smollm2-135m --compiled $(DEMO_TRAINED)

@@ -292,8 +292,9 @@ def check_acyclic(gm: fx.GraphModule | fx.Graph, groups: list[Group]) -> None:
 
 def _lora_paths(graph: fx.Graph) -> dict[fx.Node, tuple[fx.Node, ...]]:
     """base linear -> the nodes of its LoRA path, (dropout,) A, B, scale, for every adapter the
-    adapter pass tagged whose parts are exactly A, B, scale and out with `out = base + scale`
-    (DoRA and anything else stays as it is); `out` then joins as the base's epilogue."""
+    adapter pass tagged whose parts are A, B, scale and out (and its input dropout) with
+    `out = base + scale` (DoRA and anything else stays as it is); `out` then joins as the base's
+    epilogue."""
     from ..runtime.adapters import tag_of
 
     parts: dict[str, dict[str, fx.Node]] = {}
@@ -303,7 +304,7 @@ def _lora_paths(graph: fx.Graph) -> dict[fx.Node, tuple[fx.Node, ...]]:
             parts.setdefault(tag["target"], {})[tag["part"]] = node
     paths = {}
     for found in parts.values():
-        if set(found) != {"A", "B", "scale", "out"}:
+        if not {"A", "B", "scale", "out"} <= set(found) <= {"A", "B", "scale", "out", "dropout"}:
             continue
         a, b, scale, out = found["A"], found["B"], found["scale"], found["out"]
         base = out.args[0] if isinstance(out.args[0], fx.Node) else None

@@ -45,7 +45,7 @@ def test_random_graphs_lowered_to_kernels_equal_eager(steps):
 
 
 POLICIES = {
-    "llama": "quantize blocks.*.** : Linear int4 group=16\nadapt blocks.*.attn.{q,v} lora rank=4 alpha=8",
+    "llama": "quantize blocks.*.** : Linear int4 group=16\nadapt blocks.*.attn.{q,v} lora rank=4 alpha=8 dropout=0.1",
     "bert": "quantize blocks.*.** : Linear int8",
     "qwen2": "quantize blocks.*.** : Linear int2 group=16 sym=false",
 }
