@@ -30,6 +30,7 @@ ROWS = {  # name -> rule (None: the fp32 model itself)
     "int4 g64 RTN sym clip=mse": f"quantize {LINEARS} int4 group=64 clip=mse",
     "int4 g64 RTN sym clip=output": f"quantize {LINEARS} int4 group=64 clip=output",
     "int4 g64 GPTQ": f"quantize {LINEARS} int4 group=64 method=gptq act_order=true",
+    "int4 g64 GPTQ sequential=false": f"quantize {LINEARS} int4 group=64 method=gptq act_order=true sequential=false",
     "int4 g64 GPTQ clip=output": f"quantize {LINEARS} int4 group=64 method=gptq act_order=true clip=output",
     "int4 g64 GPTQ asym clip=output": f"quantize {LINEARS} int4 group=64 sym=false method=gptq act_order=true "
                                       "clip=output",
@@ -116,6 +117,10 @@ def checks(rows: list[dict]) -> list[tuple[str, bool]]:
     if "int4 g64 GPTQ" in by and "int4 g64 RTN sym" in by:
         rtn, gq = by["int4 g64 RTN sym"]["ppl"] - fp32, by["int4 g64 GPTQ"]["ppl"] - fp32
         out.append((f"GPTQ g64 ppl increase ({gq:.3f}) <= half of RTN g64's ({rtn:.3f})", gq <= rtn / 2))
+    if "int4 g64 GPTQ" in by and "int4 g64 GPTQ sequential=false" in by:
+        seq, flat = by["int4 g64 GPTQ"]["ppl"] - fp32, by["int4 g64 GPTQ sequential=false"]["ppl"] - fp32
+        out.append((f"sequential GPTQ g64 ppl increase ({seq:.3f}) <= 2/3 of sequential=false's ({flat:.3f})",
+                    seq <= 2 * flat / 3))
     for searched, plain in (("int4 g64 RTN sym clip=mse", "int4 g64 RTN sym"),
                             ("int4 g64 RTN sym clip=output", "int4 g64 RTN sym"),
                             ("int4 g64 GPTQ clip=output", "int4 g64 GPTQ")):

@@ -131,7 +131,9 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
                   lambda v: isinstance(v, str) and v.strip() != "", "a directory path in quotes",
                   example='"adapters/my-lora"'),
     ),
-    "quantize": _specs(_GROUP, _SYM, _METHOD_Q, _DAMP, _ACT_ORDER, _CLIP),
+    "quantize": _specs(_GROUP, _SYM, _METHOD_Q, _DAMP, _ACT_ORDER, _CLIP,
+                       ParamSpec("sequential", bool, True, "GPTQ block by block, each block calibrated on the "
+                                 "outputs of the blocks before it as already compressed")),
     "choice": _specs(_GROUP, _SYM),
     "precision": _specs(_METHOD_Q, _DAMP, _ACT_ORDER, _CLIP),
     "tokens.prune": _specs(

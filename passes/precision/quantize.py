@@ -3,7 +3,9 @@
     quantize blocks.*.** : Linear int4 group=64 method=gptq
 
 RTN needs nothing but the weight; GPTQ needs H = E[x xᵀ] of each target's input, from calibration,
-and so does `clip=output` (each group's range searched with inputs weighted by E[x_j²]).
+and so does `clip=output` (each group's range searched with inputs weighted by E[x_j²]). GPTQ runs
+block by block on the outputs of the blocks before it as compressed (passes/precision/
+sequential.py) unless `sequential=false` (every Hessian from one run of the uncompressed graph).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
 from .encode import Candidate, encode
-from .targets import apply, hessians_of, items_of, one_thread
+from .sequential import sequential_encode
+from .targets import apply, hessians_of, items_of, one_thread, require_calib
 
 __all__ = ["run"]
 
@@ -25,16 +28,27 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     items = items_of(graph, bound)
     method = rule.get("method") if cand.is_packed else "rtn"
     clip = rule.get("clip") if cand.is_packed else "none"
+    sequential = method == "gptq" and rule.get("sequential")
+
+    def encode_one(it, H):
+        return encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip)
+
+    details = {"format": str(cand), "method": method, **({"clip": clip} if clip != "none" else {})}
+    if sequential:
+        require_calib(ctx, bound, "GPTQ")
+        with one_thread(), ctx.progress.task(f"GPTQ {cand}, block by block (line {bound.line})",
+                                             total=len(items)) as step:
+            encoded = sequential_encode(graph, items, ctx.calib, encode_one, step)
+        details["sequential"] = True
+        return apply(graph, bound, items, {p: (cand, e) for p, e in encoded.items()}, details)
     needs_h = method == "gptq" or clip == "output"
     hessians = hessians_of(graph, items, ctx, bound, "GPTQ" if method == "gptq" else "clip=output") if needs_h else {}
     chosen = {}
     with one_thread(), ctx.progress.task(f"{method.upper()} {cand} (line {bound.line})", total=len(items)) as step:
         for it in items:
             step(0, note=it.path)
-            H = hessians[it.path].H if it.path in hessians else None
-            chosen[it.path] = (cand, encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip))
+            chosen[it.path] = (cand, encode_one(it, hessians[it.path].H if it.path in hessians else None))
             step()
-    details = {"format": str(cand), "method": method, **({"clip": clip} if clip != "none" else {})}
     if hessians:
         details["calib_rows"] = max(h.count for h in hessians.values())
     return apply(graph, bound, items, chosen, details)

@@ -20,7 +20,7 @@ from .encode import Candidate, Encoded, encoded_bytes
 from .gptq import HessianAccumulator
 from .rewrite import to_half, to_quant_linear
 
-__all__ = ["Item", "items_of", "hessians_of", "apply", "one_thread"]
+__all__ = ["Item", "items_of", "hessians_of", "require_calib", "apply", "one_thread"]
 
 
 @dataclass
@@ -59,11 +59,7 @@ def hessians_of(graph: ModelGraph, items: list[Item], ctx: Context, bound: Bound
                 who: str) -> dict[str, HessianAccumulator]:
     """path -> H = E[x xᵀ] of its linear's input over the calibration tokens. Targets reading the
     same value (q/k/v, gate/up) share one accumulator."""
-    if not ctx.calib:
-        raise SpecError(Diagnostic("missing-value", f"{who} needs calibration inputs, and none were given",
-                                   bound.line, bound.rule.span.column, len(bound.rule.kind),
-                                   "pass compile(..., calib=[batch, ...]) or calib=[text, ...] (with a "
-                                   "model from slimfx.models.load), or use method=rtn"), ctx.source, ctx.filename)
+    require_calib(ctx, bound, who)
     by_input: dict = {}
     out = {}
     for it in items:
@@ -73,6 +69,14 @@ def hessians_of(graph: ModelGraph, items: list[Item], ctx: Context, bound: Bound
     observe(graph, {x: [acc.add] for x, acc in by_input.items()}, ctx.calib, ctx.progress,
             f"calibrating for `{bound.rule.kind}` (line {bound.line})")
     return out
+
+
+def require_calib(ctx: Context, bound: BoundRule, who: str) -> None:
+    if not ctx.calib:
+        raise SpecError(Diagnostic("missing-value", f"{who} needs calibration inputs, and none were given",
+                                   bound.line, bound.rule.span.column, len(bound.rule.kind),
+                                   "pass compile(..., calib=[batch, ...]) or calib=[text, ...] (with a "
+                                   "model from slimfx.models.load), or use method=rtn"), ctx.source, ctx.filename)
 
 
 def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[str, tuple[Candidate, Encoded]],

@@ -1,0 +1,149 @@
+"""Sequential GPTQ (`quantize … method=gptq`, `sequential=true`, the default): block by block, each
+block's Hessians taken on the outputs of the blocks before it *as already compressed*, as the
+reference GPTQ and llm-compressor do.
+
+The calibration batches flow through the graph one block at a time (`Stream`): per batch, only the
+values later nodes still read are kept (the residual stream, the masks and rotary tables the
+preamble made), never the whole model's activations. For each block:
+
+1. run its nodes on the kept values, recording each target's input into one `HessianAccumulator`
+   per input value (q/k/v share one, gate/up another: one accumulation each);
+2. GPTQ every target of the block;
+3. put the dequantized weights in place of the float ones, run the block again so the values
+   handed to the next block are those of the compressed block, and put the float weights back
+   (the graph is rewritten once, at the end, as without `sequential`).
+
+Peak memory beyond the model: one block's Hessians, the kept values of each batch at one block
+boundary, and one block's weights copied. Targets outside blocks (a quantized head) come last,
+on the outputs of every compressed block.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from ...runtime.formats import QuantizedWeight
+from ..calibrate import kept_rows
+from ..graph import ModelGraph
+from ..rewrite import weight_name
+from .encode import Encoded, decode
+from .gptq import HessianAccumulator
+from .targets import Item
+
+__all__ = ["Stream", "sequential_encode"]
+
+
+class Stream:
+    """Calibration batches advanced through the graph in graph order, all batches together."""
+
+    def __init__(self, graph: ModelGraph, batches: list[dict[str, Any]]):
+        self.module = graph.module
+        names = [i.name for i in graph.inputs]
+        placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
+        self.envs = [dict(zip(placeholders, (b[n] for n in names))) for b in batches]
+        self.keeps = [kept_rows(b) for b in batches]
+        self.done: set[fx.Node] = set(placeholders)  # computed (and perhaps dropped since)
+
+    def run_through(self, last: fx.Node | None, watch: dict[fx.Node, list[Callable]],
+                    pin: frozenset = frozenset()) -> None:
+        """Compute every node up to `last` (graph order; None: up to the output) not computed yet;
+        watched nodes' rows (real tokens only) go to their observers; then drop the values no
+        node still to run reads, except `pin` (what a second run of the same nodes reads again)."""
+        todo = []
+        for node in self.module.graph.nodes:
+            if node.op == "output":
+                break
+            if node not in self.done:
+                todo.append(node)
+            if node is last:
+                break
+        self.done.update(todo)
+        for env, keep in zip(self.envs, self.keeps):
+            runner = fx.Interpreter(self.module)
+            runner.env = env
+            with torch.no_grad():
+                for node in todo:
+                    env[node] = runner.run_node(node)
+                    for fn in watch.get(node, ()):
+                        fn(_rows(env[node], keep))
+            for node in [n for n in env if n.op != "placeholder" and n not in pin and n.users
+                         and all(u in self.done for u in n.users)]:
+                del env[node]
+
+    def forget(self, nodes: set[fx.Node]) -> None:
+        """Drop these nodes' values, to compute them again (with other weights)."""
+        self.done -= nodes
+        for env in self.envs:
+            for node in nodes & env.keys():
+                del env[node]
+
+
+def _rows(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    rows = value.detach().reshape(-1, value.shape[-1])
+    return rows[keep.to(rows.device)] if keep is not None and keep.numel() == rows.shape[0] else rows
+
+
+def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]],
+                      encode_one: Callable[[Item, torch.Tensor], Encoded], progress_step) -> dict[str, Encoded]:
+    """path -> encoding, block by block (module doc); `encode_one(item, H)` encodes one target."""
+    order = {n: i for i, n in enumerate(graph.module.graph.nodes)}
+    by_block: dict[int | None, list[Item]] = {}
+    for it in items:
+        by_block.setdefault(it.target.block, []).append(it)
+    blocks = {b.index: b for b in graph.blocks}
+    stream = Stream(graph, batches)
+    out: dict[str, Encoded] = {}
+    for key in sorted(by_block, key=lambda b: (b is None, b if b is not None else 0)):
+        block_items = by_block[key]
+        last = None if key is None else max(blocks[key].nodes, key=order.__getitem__)
+        accs: dict[fx.Node, HessianAccumulator] = {}
+        for it in block_items:
+            for site in it.sites:
+                accs.setdefault(site.x, HessianAccumulator())
+        span = set() if key is None else _block_span(order, blocks[key], last)
+        reads = frozenset(a for n in span for a in n.all_input_nodes) - span  # read again by the re-run
+        stream.run_through(last, {x: [acc.add] for x, acc in accs.items()}, pin=reads)
+        for it in block_items:
+            progress_step(0, note=it.path)
+            # A target read at several sites (a tied weight) takes the first site's input.
+            out[it.path] = encode_one(it, accs[it.sites[0].x].H)
+            progress_step()
+        del accs
+        if key is not None:  # the next block reads this block's compressed outputs
+            with _swapped(graph, block_items, out):
+                stream.forget(span)
+                stream.run_through(last, {})
+    return out
+
+
+def _block_span(order: dict, block, last: fx.Node) -> set[fx.Node]:
+    """Every node from the block's first through `last`, in graph order (what its re-run computes)."""
+    first = min(order[n] for n in block.nodes)
+    return {n for n, i in order.items() if first <= i <= order[last]}
+
+
+class _swapped:
+    """Within the block, each item's weight parameter holds its decoded (dequantized) weight."""
+
+    def __init__(self, graph: ModelGraph, items: list[Item], encodings: dict[str, Encoded]):
+        self.graph, self.items, self.encodings = graph, items, encodings
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self):
+        for it in self.items:
+            enc = self.encodings[it.path]
+            if not isinstance(enc, QuantizedWeight) and not isinstance(enc, torch.Tensor):
+                continue
+            param = self.graph.param(weight_name(it.target))
+            w_hat = decode(enc, it.w)
+            w_hat = w_hat.T if it.target.transposed else w_hat
+            self.saved.append((param, param.detach().clone()))
+            param.data.copy_(w_hat.to(param.dtype))
+        return self
+
+    def __exit__(self, *exc):
+        for param, original in self.saved:
+            param.data.copy_(original)
+        return False
