@@ -88,4 +88,5 @@ def split_anchors(group: Group) -> list[Group]:
         return [group]
     owner = owners(group)
     anchors = sorted(group.anchors, key=group.nodes.index)
-    return [Group("gemm", [n for n in group.nodes if owner[n] is a], anchor=a) for a in anchors]
+    return [Group("gemm", [n for n in group.nodes if owner[n] is a], anchor=a,
+                  lora={a: group.lora[a]} if a in group.lora else {}) for a in anchors]
