@@ -86,8 +86,10 @@ def _rows(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 
 def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]],
-                      encode_one: Callable[[Item, torch.Tensor], Encoded], progress_step) -> dict[str, Encoded]:
-    """path -> encoding, block by block (module doc); `encode_one(item, H)` encodes one target."""
+                      encode_one: Callable[[Item, torch.Tensor], Encoded], progress_step
+                      ) -> tuple[dict[str, Encoded], int]:
+    """(path -> encoding, calibration rows per target), block by block (module doc);
+    `encode_one(item, H)` encodes one target."""
     order = {n: i for i, n in enumerate(graph.module.graph.nodes)}
     by_block: dict[int | None, list[Item]] = {}
     for it in items:
@@ -95,6 +97,7 @@ def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[s
     blocks = {b.index: b for b in graph.blocks}
     stream = Stream(graph, batches)
     out: dict[str, Encoded] = {}
+    rows = 0
     for key in sorted(by_block, key=lambda b: (b is None, b if b is not None else 0)):
         block_items = by_block[key]
         last = None if key is None else max(blocks[key].nodes, key=order.__getitem__)
@@ -105,6 +108,7 @@ def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[s
         span = set() if key is None else _block_span(order, blocks[key], last)
         reads = frozenset(a for n in span for a in n.all_input_nodes) - span  # read again by the re-run
         stream.run_through(last, {x: [acc.add] for x, acc in accs.items()}, pin=reads)
+        rows = max([rows, *(acc.count for acc in accs.values())])
         for it in block_items:
             progress_step(0, note=it.path)
             # A target read at several sites (a tied weight) takes the first site's input.
@@ -115,7 +119,7 @@ def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[s
             with _swapped(graph, block_items, out):
                 stream.forget(span)
                 stream.run_through(last, {})
-    return out
+    return out, rows
 
 
 def _block_span(order: dict, block, last: fx.Node) -> set[fx.Node]:

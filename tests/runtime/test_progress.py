@@ -46,6 +46,6 @@ def test_gptq_and_the_budget_solver_show_what_they_are_doing():
     calib = [{"input_ids": torch.randint(3, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}]
     run_pipeline(graph, bind(graph, policy), Context(calib=calib, progress=progress))
     out = buf.getvalue()
-    for says in ("calibrating for `quantize` (line 2)", "GPTQ int4 group=64 (line 2)", "scoring 2 formats",
+    for says in ("GPTQ int4 group=64, block by block (line 2)", "model.layers.1.self_attn.q_proj", "scoring 2 formats",
                  "solving the budget (line 3)", "model.layers.1.mlp.down_proj"):
         assert says in out, says

@@ -205,7 +205,9 @@ def test_gptq_output_error_not_above_rtn_on_calibration_inputs(llama):
     model, inputs = llama
     data = calib("llama")
     rules = f"quantize {LINEARS} int4 group=32"
-    rtn, gq = compile_(model, inputs, rules, calib=data), compile_(model, inputs, rules + " method=gptq", calib=data)
+    # sequential=false: every layer's GPTQ saw the uncompressed model's inputs, as H here does.
+    rtn, gq = (compile_(model, inputs, rules, calib=data),
+               compile_(model, inputs, rules + " method=gptq sequential=false", calib=data))
     graph = capture(model, inputs)
     targets = [graph.targets[p] for p in rtn.report.rules[0].targets]
     H = _hessians(graph, targets, data)
@@ -339,7 +341,7 @@ def test_padding_rows_stay_out_of_the_precision_pass_hessians(llama, monkeypatch
     monkeypatch.setattr(quantize_pass, "hessians_of", spy)
     model, inputs = llama
     padded, trimmed = _padded_and_trimmed()
-    rule = f"quantize {LINEARS} int4 group=32 method=gptq"
+    rule = f"quantize {LINEARS} int4 group=32 method=gptq sequential=false"  # sequential: test_sequential.py
     reports = [compile_(model, inputs, rule, calib=data).report.rules[0] for data in ([padded], trimmed)]
     with_pad, without = seen
     assert set(with_pad) == set(without) == set(reports[0].targets) and len(with_pad) == 14
