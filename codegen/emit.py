@@ -38,14 +38,7 @@ def emit_all(groups: list[Group]) -> Emitted:
         if group.kind == "opaque":
             continue
         if group.kind == "gemm":
-            if len(group.anchors) > 1:
-                try:
-                    done.kernels.append(emit_gemm(group))
-                    continue
-                except Unsupported:
-                    pass  # one kernel per anchor, each with its share of the epilogue
-            for piece in split_anchors(group):
-                _gemm(piece, done)
+            _gemm(group, done)
             continue
         try:
             done.kernels.append(emit_rows(group))
@@ -65,11 +58,17 @@ def _reason(group: Group, why: Exception) -> str:
 
 
 def _gemm(piece: Group, done: Emitted) -> None:
+    """The group as one kernel; else one kernel per anchor (each with its share of the
+    epilogue); else the anchor alone, its epilogue left to eager ops; else all eager ops."""
     try:
         done.kernels.append(emit_gemm(piece))
         return
     except Unsupported as why:
         reason = _reason(piece, why)
+    if len(piece.anchors) > 1:
+        for part in split_anchors(piece):
+            _gemm(part, done)
+        return
     core = [n for n in piece.nodes if n is piece.anchor or kind_of(n) == "prologue"]
     rest = [n for n in piece.nodes if n not in core]
     if rest:

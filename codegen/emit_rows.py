@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from .expr import Unsupported, expression, reduction_lines
-from .kernel import Kernel, Shapes, float32_only, rows_of
+from .kernel import Kernel, float32_only, rows_of
 from .ops import keeps_order, kind_of
 from .partition import Group
 
@@ -30,13 +30,14 @@ __all__ = ["RowKernel", "emit_rows", "Unsupported"]
 class RowKernel(Kernel):
     full: Optional[fx.Node] = None  # a value of the group's full shape (the rows)
 
+    def shape_nodes(self) -> list[fx.Node]:
+        return super().shape_nodes() + [self.full]
+
     def launch(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run on `values` (the inputs, in order); the outputs, shaped as the graph's."""
         import triton  # here, not at module level: TRITON_INTERPRET must be set before the first import
 
-        if self._shapes is None:
-            self._shapes = Shapes([n for n, _ in self.inputs], [n for n, _ in self.outputs] + [self.full])
-        *shapes, full = self._shapes(values)
+        *shapes, full = self.output_shapes(values)
         d = int(full[-1]) if len(full) else 1
         rows = rows_of(full)
         device = values[0].device if values else torch.device("cpu")

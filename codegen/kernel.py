@@ -133,9 +133,14 @@ class Kernel:
             self._fn = module.kernel
         return self._fn
 
+    def shape_nodes(self) -> list[fx.Node]:
+        """The values whose run-time shapes the launcher needs: the outputs (a template may add)."""
+        return [n for n, _ in self.outputs]
+
     def output_shapes(self, values: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
+        """The shapes of `shape_nodes()` for this call's inputs."""
         if self._shapes is None:
-            self._shapes = Shapes([n for n, _ in self.inputs], [n for n, _ in self.outputs])
+            self._shapes = Shapes([n for n, _ in self.inputs], self.shape_nodes())
         return self._shapes(values)
 
     def launch(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -29,11 +29,18 @@ __all__ = ["CodegenSummary", "lower_graph", "launcher"]
 
 @dataclass(frozen=True)
 class CodegenSummary:
-    kernels: int = 0  # group calls in the lowered graph
-    sources: int = 0  # distinct kernel sources (one Triton compilation each)
-    by_template: tuple[tuple[str, int], ...] = ()
+    by_template: tuple[tuple[str, int], ...] = ()  # (template, group calls in the lowered graph)
     eager: tuple[tuple[str, int], ...] = ()  # (reason, groups) left to eager ops
-    listings: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (kernel name, listing)
+    listings: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (kernel name, listing) per source
+
+    @property
+    def kernels(self) -> int:
+        return sum(n for _, n in self.by_template)
+
+    @property
+    def sources(self) -> int:
+        """Distinct kernel sources (one Triton compilation each)."""
+        return len(self.listings)
 
     def __str__(self) -> str:
         made = ", ".join(f"{n} {t}" for t, n in self.by_template) or "none"
@@ -79,9 +86,8 @@ def lower_graph(graph: fx.Graph) -> tuple[fx.Graph, CodegenSummary]:
     new.lint()
     templates = collections.Counter(k.template for k in emitted.kernels)
     reasons = collections.Counter(why for _, why in emitted.eager)
-    listings = _listings(emitted.kernels)
-    return new, CodegenSummary(len(emitted.kernels), len(listings), tuple(sorted(templates.items())),
-                               tuple(reasons.most_common()), listings)
+    return new, CodegenSummary(tuple(sorted(templates.items())), tuple(reasons.most_common()),
+                               _listings(emitted.kernels))
 
 
 def _listings(kernels: list[Kernel]) -> tuple[tuple[str, str], ...]:

@@ -18,7 +18,7 @@ from torch import fx
 from ..runtime.progress import Progress
 from .graph import ModelGraph
 
-__all__ = ["observe", "Observer", "kept_rows", "forward_ms"]
+__all__ = ["observe", "Observer", "kept_rows", "real_rows", "forward_ms"]
 
 Observer = Callable[[torch.Tensor], None]
 
@@ -51,6 +51,14 @@ def kept_rows(batch: dict[str, Any]) -> torch.Tensor | None:
     return mask.reshape(-1) != 0
 
 
+def real_rows(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """`value` as rows [tokens, features], the padding positions (`keep` False) left out."""
+    rows = value.detach().reshape(-1, value.shape[-1])
+    if keep is not None and keep.numel() == rows.shape[0]:
+        rows = rows[keep.to(rows.device)]
+    return rows
+
+
 class _Recorder(fx.Interpreter):
     """Runs the graph; hands each watched node's value, as rows of real tokens, to its observers."""
 
@@ -62,9 +70,7 @@ class _Recorder(fx.Interpreter):
         result = super().run_node(n)
         observers = self.watch.get(n)
         if observers:
-            rows = result.detach().reshape(-1, result.shape[-1])
-            if self.keep is not None and self.keep.numel() == rows.shape[0]:
-                rows = rows[self.keep.to(rows.device)]
+            rows = real_rows(result, self.keep)
             for fn in observers:
                 fn(rows)
         return result

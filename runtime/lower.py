@@ -26,6 +26,8 @@ from its stored graph) always has it.
 """
 from __future__ import annotations
 
+import itertools
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -49,6 +51,8 @@ def register_graph_lowering(backend: str, fn) -> None:
     """`fn(fx.Graph) -> (fx.Graph, summary)` lowers a reference graph for `backend` (api.py
     registers codegen.lower.lower_graph for "triton")."""
     _GRAPH_LOWERINGS[backend] = fn
+
+
 QUANT = torch.ops.slimfx.quant_linear.default
 # The lowered nodes call the kernels' Python functions, the same ones registered as
 # slimfx::quant_linear_int4pack / _int8pack: through the dispatcher a Python-implemented op costs
@@ -222,7 +226,7 @@ def lower(gm: fx.GraphModule, backend: str = "auto", *,
 
 
 def _on_gpu(gm: nn.Module) -> bool:
-    return any(t.device.type == "cuda" for t in gm.parameters()) or any(t.device.type == "cuda" for t in gm.buffers())
+    return any(t.device.type == "cuda" for t in itertools.chain(gm.parameters(), gm.buffers()))
 
 
 def _lower_triton(gm: fx.GraphModule, kept: Optional[tuple]) -> None:
@@ -236,12 +240,10 @@ def _lower_triton(gm: fx.GraphModule, kept: Optional[tuple]) -> None:
     reference = gm.graph
     gm.graph = kept[0]
     gm.recompile()
-    gm._slimfx_triton = (reference, kept[1], kept[0])
+    gm._slimfx_triton = (reference, kept[1])  # the lowered graph is gm.graph while it is installed
 
 
 def _check_triton_runs(gm: nn.Module) -> None:
-    import os
-
     if _on_gpu(gm) or os.environ.get("TRITON_INTERPRET") == "1":
         return
     why = "no CUDA GPU is available" if not torch.cuda.is_available() else "the weights are on the CPU"
@@ -263,11 +265,11 @@ def _strip(gm: fx.GraphModule) -> dict:
     plans: dict = {}
     triton = getattr(gm, "_slimfx_triton", None)
     if triton is not None:
-        reference, summary_, lowered = triton
+        reference, summary_ = triton
+        plans[_TRITON] = (gm.graph, summary_)
         gm.graph = reference
         gm.recompile()
         del gm._slimfx_triton
-        plans[_TRITON] = (lowered, summary_)
     dead: list[fx.Node] = []
     for node in list(_quant_nodes(gm)):
         if node.target not in _LOWERED:

@@ -19,13 +19,13 @@ on the outputs of every compressed block.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
 from torch import fx
 
-from ...runtime.formats import QuantizedWeight
-from ..calibrate import kept_rows
+from ..calibrate import kept_rows, real_rows
 from ..graph import ModelGraph
 from ..rewrite import weight_name
 from .encode import Encoded, decode
@@ -67,7 +67,7 @@ class Stream:
                 for node in todo:
                     env[node] = runner.run_node(node)
                     for fn in watch.get(node, ()):
-                        fn(_rows(env[node], keep))
+                        fn(real_rows(env[node], keep))
             for node in [n for n in env if n.op != "placeholder" and n not in pin and n.users
                          and all(u in self.done for u in n.users)]:
                 del env[node]
@@ -78,11 +78,6 @@ class Stream:
         for env in self.envs:
             for node in nodes & env.keys():
                 del env[node]
-
-
-def _rows(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    rows = value.detach().reshape(-1, value.shape[-1])
-    return rows[keep.to(rows.device)] if keep is not None and keep.numel() == rows.shape[0] else rows
 
 
 def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]],
@@ -98,7 +93,7 @@ def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[s
     stream = Stream(graph, batches)
     out: dict[str, Encoded] = {}
     rows = 0
-    for key in sorted(by_block, key=lambda b: (b is None, b if b is not None else 0)):
+    for key in sorted(by_block, key=lambda b: (b is None, b or 0)):  # blocks in order, then the rest
         block_items = by_block[key]
         last = None if key is None else max(blocks[key].nodes, key=order.__getitem__)
         accs: dict[fx.Node, HessianAccumulator] = {}
@@ -128,26 +123,20 @@ def _block_span(order: dict, block, last: fx.Node) -> set[fx.Node]:
     return {n for n, i in order.items() if first <= i <= order[last]}
 
 
-class _swapped:
+@contextmanager
+def _swapped(graph: ModelGraph, items: list[Item], encodings: dict[str, Encoded]):
     """Within the block, each item's weight parameter holds its decoded (dequantized) weight."""
-
-    def __init__(self, graph: ModelGraph, items: list[Item], encodings: dict[str, Encoded]):
-        self.graph, self.items, self.encodings = graph, items, encodings
-        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __enter__(self):
-        for it in self.items:
-            enc = self.encodings[it.path]
-            if not isinstance(enc, QuantizedWeight) and not isinstance(enc, torch.Tensor):
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for it in items:
+            enc = encodings[it.path]
+            if enc is None:  # kept as it is
                 continue
-            param = self.graph.param(weight_name(it.target))
+            param = graph.param(weight_name(it.target))
             w_hat = decode(enc, it.w)
-            w_hat = w_hat.T if it.target.transposed else w_hat
-            self.saved.append((param, param.detach().clone()))
-            param.data.copy_(w_hat.to(param.dtype))
-        return self
-
-    def __exit__(self, *exc):
-        for param, original in self.saved:
+            saved.append((param, param.detach().clone()))
+            param.data.copy_((w_hat.T if it.target.transposed else w_hat).to(param.dtype))
+        yield
+    finally:
+        for param, original in saved:
             param.data.copy_(original)
-        return False
