@@ -125,7 +125,10 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
         ParamSpec("rank", int, 8, "adapter rank r", lambda v: v >= 1, "an integer ≥ 1"),
         ParamSpec("alpha", float, 16.0, "scale α (the update is α/r · B·A)", lambda v: v > 0, "a number > 0"),
         ParamSpec("dropout", float, 0.0, "dropout on the adapter input", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        ParamSpec("init", str, "kaiming", "initialisation of A (B starts at zero)", choices=("kaiming", "gaussian")),
+        ParamSpec("init", str, "kaiming", "initialisation: A kaiming-uniform or gaussian with B zero (the outputs "
+                  "start unchanged), or `error`: B·A from the calibration-weighted SVD of the quantization error "
+                  "of a `quantize` before it (EoRA), so the adapter starts by undoing most of that error",
+                  choices=("kaiming", "gaussian", "error")),
         ParamSpec("merge", bool, False, "fold the adapter into the base weight"),
         ParamSpec("from", str, None, "a PEFT adapter directory to load (its rank, alpha and method apply)",
                   lambda v: isinstance(v, str) and v.strip() != "", "a directory path in quotes",

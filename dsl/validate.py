@@ -173,6 +173,11 @@ def _check_adapt(params: tuple[A.Param, ...], problems: _Problems):
     if "from" in names and "init" in names:
         problems.add("invalid-combination", "`init` sets up a fresh adapter, and `from=` loads a trained one",
                      names["init"].span, "remove `init`")
+    if "init" in names and names["init"].value == "error" and "merge" in names and names["merge"].value is True:
+        problems.add("invalid-combination", "`init=error` starts the adapter from the quantization error of the "
+                     "packed weights, and `merge=true` would fold it into them, which packed weights cannot take",
+                     names["merge"].span, "write `merge=false` (the default): the adapter stays beside the "
+                     "quantized weight, trainable")
 
 
 def _check_auto(auto: A.Auto, written: tuple[A.Param, ...], problems: _Problems):

@@ -54,7 +54,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                "calib_rows": max(h.count for h in hessians.values()),
                "weight_bytes": sum(sizes[i][j] for i, j in enumerate(pick))}
     details["achieved_avg_bits"] = 8 * details["weight_bytes"] / weights
-    return apply(graph, bound, items, chosen, details)
+    return apply(graph, bound, items, chosen, details, ctx)
 
 
 def _score(items: list[Item], cands: list[Candidate], hessians: dict[str, HessianAccumulator], ctx: Context,
