@@ -1,10 +1,11 @@
-"""`precision <selector> choose {…} budget … by output_mse`: a format per target from measured
-sensitivity, under an average-bits or bytes budget.
+"""`precision <selector> choose {…} budget … by output_mse|fisher`: a format per target from
+measured sensitivity, under an average-bits or bytes budget.
 
     precision blocks.*.** : Linear choose {int8, int4 group=32} budget avg_bits<=6 by output_mse
 
-Each candidate is scored by the output error it causes, tr(ΔW H ΔWᵀ) = E‖ΔW x‖², and the budget
-solver (budget.py, an exact multiple-choice knapsack) picks the least total error that fits.
+Each candidate is scored by the output error it causes, tr(ΔW H ΔWᵀ) = E‖ΔW x‖² (`output_mse`),
+or that error per output weighted by the loss's sensitivity to it (`fisher`, fisher.py), and the
+budget solver (budget.py, an exact multiple-choice knapsack) picks the least total that fits.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..context import Context
 from ..graph import ModelGraph
 from .budget import BudgetInfeasible, solve_avg_bits, solve_budget
 from .encode import Candidate, decode, encode, encoded_bytes
+from .fisher import FisherUnavailable, output_fisher, weighted_error
 from .sequential import sequential_encode, sequential_scores
 from .targets import Item, apply, hessians_of, items_of, one_thread, require_calib
 
@@ -48,10 +50,16 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     def encode_as(it: Item, cand: Candidate, H: torch.Tensor | None):
         return encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip)
 
+    fisher = _fisher(graph, items, ctx, bound) if rule.metric == "fisher" else {}
+
     def score(it: Item, H: torch.Tensor) -> tuple[list[float], list[int], list]:
         encs = [encode_as(it, c, H) for c in cands]
-        return ([_sensitivity(it.w, decode(e, it.w), H.float()) for e in encs],
-                [encoded_bytes(e, it.w) for e in encs], encs)
+        if fisher:
+            costs = [weighted_error(it.w.double() - decode(e, it.w).double(), H.double(), fisher[it.path])
+                     for e in encs]
+        else:
+            costs = [_sensitivity(it.w, decode(e, it.w), H.float()) for e in encs]
+        return costs, [encoded_bytes(e, it.w) for e in encs], encs
 
     if sequential:
         require_calib(ctx, bound, "GPTQ")
@@ -87,6 +95,19 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                    weight_bytes=sum(sizes[i][j] for i, j in enumerate(pick)))
     details["achieved_avg_bits"] = 8 * details["weight_bytes"] / weights
     return apply(graph, bound, items, chosen, details, ctx)
+
+
+def _fisher(graph: ModelGraph, items: list[Item], ctx: Context, bound: BoundRule) -> dict[str, torch.Tensor]:
+    """Per target, E[(∂L/∂y)²] of its outputs (fisher.py); refused at the rule where the graph
+    cannot give loss gradients."""
+    require_calib(ctx, bound, "`by fisher`")
+    try:
+        return output_fisher(graph, {it.path: [s.node for s in it.sites] for it in items}, ctx.calib, ctx.progress)
+    except (FisherUnavailable, RuntimeError) as e:
+        raise SpecError(Diagnostic(
+            "unsupported", f"`by fisher` weighs each output by the gradient of a causal LM's next-token loss, "
+            f"and this model cannot give it: {e}", bound.line, bound.rule.span.column, len(bound.rule.kind),
+            "use `by output_mse`"), ctx.source, ctx.filename) from None
 
 
 def _sensitivity(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
