@@ -78,6 +78,9 @@ _DAMP = ParamSpec("damp", float, 0.01, "GPTQ damping, as a fraction of the mean 
 _ACT_ORDER = ParamSpec("act_order", bool, False, "GPTQ: quantize columns in order of Hessian diagonal")
 _SEQUENTIAL = ParamSpec("sequential", bool, True, "GPTQ block by block, each block calibrated on the outputs "
                         "of the blocks before it as already compressed")
+_TRUE_SEQUENTIAL = ParamSpec("true_sequential", bool, False, "GPTQ inside each block too: q/k/v, then o, then "
+                             "gate/up, then down, each calibrated on the sublayers before it as already "
+                             "compressed")
 _CLIP = ParamSpec("clip", str, "none", "search each group's range for the least rounding error: plain weight "
                   "MSE (`mse`) or weighted by each input's calibration energy (`output`)",
                   choices=("none", "mse", "output"))
@@ -136,9 +139,9 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
                   lambda v: isinstance(v, str) and v.strip() != "", "a directory path in quotes",
                   example='"adapters/my-lora"'),
     ),
-    "quantize": _specs(_GROUP, _SYM, _METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _SEQUENTIAL),
+    "quantize": _specs(_GROUP, _SYM, _METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _SEQUENTIAL, _TRUE_SEQUENTIAL),
     "choice": _specs(_GROUP, _SYM),
-    "precision": _specs(_METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _SEQUENTIAL),
+    "precision": _specs(_METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _SEQUENTIAL, _TRUE_SEQUENTIAL),
     "tokens.prune": _specs(
         ParamSpec("keep", float, 0.5, "fraction of tokens kept", _fraction_half_open, "a number in (0, 1]"),
         ParamSpec("score", str, "attention", "how tokens are ranked", choices=("attention", "norm")),

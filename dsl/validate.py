@@ -55,6 +55,8 @@ def _validate_rule(rule, problems: _Problems):
     if isinstance(rule, A.Precision):
         changes["choices"] = tuple(_validate_choice(c, problems) for c in rule.choices)
         _check_precision(rule, changes["choices"], problems)
+    if isinstance(rule, (A.Quantize, A.Precision)):
+        _check_true_sequential(changes["params"], problems)
     return dataclasses.replace(rule, **changes)
 
 
@@ -141,6 +143,19 @@ def _check_format_params(fmt: str, params: tuple[A.Param, ...], problems: _Probl
         if p.name in INT_ONLY_PARAMS:
             problems.add("invalid-combination", f"`{p.name}` applies to integer formats only, not `{fmt}`",
                          p.span, "remove it, or choose int8, int4 or int2")
+
+
+def _check_true_sequential(params: tuple[A.Param, ...], problems: _Problems):
+    names = {p.name: p for p in params}
+    ask = names.get("true_sequential")
+    if ask is None or ask.value is not True:
+        return
+    if names.get("method") is None or names["method"].value != "gptq":
+        problems.add("invalid-combination", "`true_sequential` orders GPTQ's calibration inside each block, and "
+                     "this rule does not use GPTQ", ask.span, "write `method=gptq`, or remove it")
+    elif "sequential" in names and names["sequential"].value is False:
+        problems.add("invalid-combination", "`true_sequential=true` refines `sequential=true` (block by block), "
+                     "and this rule says `sequential=false`", ask.span, "remove one of the two")
 
 
 def _validate_choice(choice: A.FormatChoice, problems: _Problems) -> A.FormatChoice:

@@ -73,9 +73,11 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
         with one_thread(), ctx.progress.task(f"GPTQ chosen formats, block by block (line {bound.line})",
                                              total=len(items)) as step:
             encoded, rows2, peak2 = sequential_encode(
-                graph, items, ctx.calib, lambda it, H: encode_as(it, chosen_cand[it.path], H), step)
+                graph, items, ctx.calib, lambda it, H: encode_as(it, chosen_cand[it.path], H), step,
+                by_layer=rule.get("true_sequential"))
         chosen = {p: (chosen_cand[p], e) for p, e in encoded.items()}
-        details.update(sequential=True, calib_rows=max(rows, rows2), peak_calib_bytes=max(peak, peak2))
+        details.update(sequential="by layer" if rule.get("true_sequential") else True,
+                       calib_rows=max(rows, rows2), peak_calib_bytes=max(peak, peak2))
     else:
         hessians = hessians_of(graph, items, ctx, bound, "the budget solver (by output_mse)")
         with one_thread(), ctx.progress.task(f"scoring {len(cands)} formats with {method.upper()} "

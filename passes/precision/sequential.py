@@ -20,7 +20,7 @@ on the outputs of every compressed block.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable
 
 import torch
@@ -89,10 +89,14 @@ class Stream:
 
 
 def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]],
-                      encode_one: Callable[[Item, torch.Tensor], Encoded], progress_step
-                      ) -> tuple[dict[str, Encoded], int, int]:
+                      encode_one: Callable[[Item, torch.Tensor], Encoded], progress_step,
+                      by_layer: bool = False) -> tuple[dict[str, Encoded], int, int]:
     """(path -> encoding, calibration rows per target, peak bytes held), block by block (module
-    doc); `encode_one(item, H)` encodes one target."""
+    doc); `encode_one(item, H)` encodes one target. `by_layer` (true-sequential): inside a block
+    too, each group of targets reading one input is calibrated on the block's sublayers before it
+    as already compressed (q/k/v, then o, then gate/up, then down)."""
+    if by_layer:
+        return _sweep_by_layer(graph, items, batches, encode_one, progress_step)
     return _sweep(graph, items, batches, encode_one, progress_step, compressed=True)
 
 
@@ -106,17 +110,11 @@ def sequential_scores(graph: ModelGraph, items: list[Item], batches: list[dict[s
 
 def _sweep(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]], per_item: Callable,
            progress_step, compressed: bool) -> tuple[dict[str, Any], int, int]:
-    order = {n: i for i, n in enumerate(graph.module.graph.nodes)}
-    by_block: dict[int | None, list[Item]] = {}
-    for it in items:
-        by_block.setdefault(it.target.block, []).append(it)
-    blocks = {b.index: b for b in graph.blocks}
+    order, blocks, plan = _blocks_in_order(graph, items)
     stream = Stream(graph, batches)
     out: dict[str, Any] = {}
     rows, peak = 0, 0
-    for key in sorted(by_block, key=lambda b: (b is None, b or 0)):  # blocks in order, then the rest
-        block_items = by_block[key]
-        last = None if key is None else max(blocks[key].nodes, key=order.__getitem__)
+    for last, key, block_items in plan:
         accs: dict[fx.Node, HessianAccumulator] = {}
         for it in block_items:
             for site in it.sites:
@@ -136,6 +134,46 @@ def _sweep(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]], 
             with _swapped(graph, block_items, out):
                 stream.forget(span)
                 stream.run_through(last, {})
+    return out, rows, peak
+
+
+def _blocks_in_order(graph: ModelGraph, items: list[Item]):
+    """[(last node of the block or None, its items)], blocks in graph order, then targets outside."""
+    order = {n: i for i, n in enumerate(graph.module.graph.nodes)}
+    by_block: dict[int | None, list[Item]] = {}
+    for it in items:
+        by_block.setdefault(it.target.block, []).append(it)
+    blocks = {b.index: b for b in graph.blocks}
+    return order, blocks, [(None if key is None else max(blocks[key].nodes, key=order.__getitem__), key,
+                            by_block[key]) for key in sorted(by_block, key=lambda b: (b is None, b or 0))]
+
+
+def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]], per_item: Callable,
+                    progress_step) -> tuple[dict[str, Any], int, int]:
+    """True-sequential: the stream stops at each input a group of targets reads, the group is
+    encoded on it and its dequantized weights go in before the stream runs on, so every later
+    input of the block is computed by the compressed sublayers before it; the block is never
+    run twice."""
+    order, _, plan = _blocks_in_order(graph, items)
+    stream = Stream(graph, batches)
+    out: dict[str, Any] = {}
+    rows, peak = 0, 0
+    for last, _, block_items in plan:
+        groups: dict[fx.Node, list[Item]] = {}
+        for it in block_items:  # a target read at several sites (a tied weight) takes the first
+            groups.setdefault(it.sites[0].x, []).append(it)
+        with ExitStack() as swaps:
+            for x in sorted(groups, key=order.__getitem__):
+                acc = HessianAccumulator()
+                stream.run_through(x, {x: [acc.add]})
+                rows = max(rows, acc.count)
+                peak = max(peak, stream.nbytes() + acc.H.nbytes)
+                for it in groups[x]:
+                    progress_step(0, note=it.path)
+                    out[it.path] = per_item(it, acc.H)
+                    progress_step()
+                swaps.enter_context(_swapped(graph, groups[x], out))
+            stream.run_through(last, {})  # the rest of the block, on the compressed sublayers
     return out, rows, peak
 
 
