@@ -29,7 +29,7 @@ __all__ = ["run"]
 
 
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
-    """Least Σ tr(ΔW H ΔWᵀ) under the budget.
+    """Least Σ tr(ΔW H ΔWᵀ) (or its Fisher-weighted form) under the budget.
 
     Every candidate is scored with the method that will encode it: with `method=gptq`, each target
     is GPTQ-encoded in every candidate format and scored by that encoding's output error (RTN's
@@ -40,63 +40,84 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     Packed sizes do not depend on the method, so the budget holds either way.
     """
     rule: A.Precision = bound.rule
-    cands = [Candidate.of(c) for c in rule.choices]
     items = items_of(graph, bound)
     method, clip = rule.get("method"), rule.get("clip")
-    sequential = method == "gptq" and rule.get("sequential")
+    scorer = _Scorer(rule, [Candidate.of(c) for c in rule.choices],
+                     _fisher(graph, items, ctx, bound) if rule.metric == "fisher" else {})
     details = {"method": method, "scored_with": method if clip == "none" else f"{method} clip={clip}",
                "metric": rule.metric, "budget": f"{rule.budget.metric}<={rule.budget.limit}{rule.budget.unit or ''}"}
-
-    def encode_as(it: Item, cand: Candidate, H: torch.Tensor | None):
-        return encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip)
-
-    fisher = _fisher(graph, items, ctx, bound) if rule.metric == "fisher" else {}
-
-    def score(it: Item, H: torch.Tensor) -> tuple[list[float], list[int], list]:
-        encs = [encode_as(it, c, H) for c in cands]
-        if fisher:
-            costs = [weighted_error(it.w.double() - decode(e, it.w).double(), H.double(), fisher[it.path])
-                     for e in encs]
-        else:
-            costs = [_sensitivity(it.w, decode(e, it.w), H.float()) for e in encs]
-        return costs, [encoded_bytes(e, it.w) for e in encs], encs
-
-    if sequential:
-        require_calib(ctx, bound, "GPTQ")
-        with one_thread(), ctx.progress.task(f"scoring {len(cands)} formats with GPTQ, block by block "
-                                             f"(line {bound.line})", total=len(items)) as step:
-            # The encodings are dropped: the chosen ones are made again on the compressed stream.
-            scored, rows, peak = sequential_scores(graph, items, ctx.calib, lambda it, H: score(it, H)[:2], step)
-        costs, sizes = [scored[it.path][0] for it in items], [scored[it.path][1] for it in items]
-        pick = _solve(rule, items, costs, sizes, ctx)
-        chosen_cand = {it.path: cands[j] for it, j in zip(items, pick)}
-        with one_thread(), ctx.progress.task(f"GPTQ chosen formats, block by block (line {bound.line})",
-                                             total=len(items)) as step:
-            encoded, rows2, peak2 = sequential_encode(
-                graph, items, ctx.calib, lambda it, H: encode_as(it, chosen_cand[it.path], H), step,
-                by_layer=rule.get("true_sequential"))
-        chosen = {p: (chosen_cand[p], e) for p, e in encoded.items()}
-        details.update(sequential="by layer" if rule.get("true_sequential") else True,
-                       calib_rows=max(rows, rows2), peak_calib_bytes=max(peak, peak2))
-    else:
-        hessians = hessians_of(graph, items, ctx, bound, "the budget solver (by output_mse)")
-        with one_thread(), ctx.progress.task(f"scoring {len(cands)} formats with {method.upper()} "
-                                             f"(line {bound.line})", total=len(items)) as step:
-            options, costs, sizes = [], [], []
-            for it in items:
-                step(0, note=it.path)
-                c, sz, encs = score(it, hessians[it.path].H)
-                costs.append(c), sizes.append(sz), options.append(encs)
-                step()
-        pick = _solve(rule, items, costs, sizes, ctx)
-        chosen = {it.path: (cands[j], options[i][j]) for i, (it, j) in enumerate(zip(items, pick))}
-        details["calib_rows"] = max(h.count for h in hessians.values())
+    run_as = _by_blocks if method == "gptq" and rule.get("sequential") else _in_one_run
+    chosen, costs, sizes, pick = run_as(graph, bound, ctx, items, scorer, details)
     weights = sum(it.w.numel() for it in items)
     details.update(choices={p: str(c) for p, (c, _) in chosen.items()},
                    sensitivity=sum(costs[i][j] for i, j in enumerate(pick)),
                    weight_bytes=sum(sizes[i][j] for i, j in enumerate(pick)))
     details["achieved_avg_bits"] = 8 * details["weight_bytes"] / weights
     return apply(graph, bound, items, chosen, details, ctx)
+
+
+class _Scorer:
+    """Encodes a target in a candidate format with the rule's method, and scores encodings."""
+
+    def __init__(self, rule: A.Precision, cands: list[Candidate], fisher: dict[str, torch.Tensor]):
+        self.rule, self.cands, self.fisher = rule, cands, fisher
+
+    def encode(self, it: Item, cand: Candidate, H: torch.Tensor | None):
+        r = self.rule
+        return encode(it.w, cand, r.get("method"), H, r.get("damp"), r.get("act_order"), r.get("clip"))
+
+    def __call__(self, it: Item, H: torch.Tensor) -> tuple[list[float], list[int], list]:
+        """(cost, bytes, encoding) of every candidate."""
+        encs = [self.encode(it, c, H) for c in self.cands]
+        if self.fisher:
+            costs = [weighted_error(it.w.double() - decode(e, it.w).double(), H.double(), self.fisher[it.path])
+                     for e in encs]
+        else:
+            costs = [_sensitivity(it.w, decode(e, it.w), H.float()) for e in encs]
+        return costs, [encoded_bytes(e, it.w) for e in encs], encs
+
+
+def _by_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[Item], scorer: _Scorer,
+               details: dict):
+    """GPTQ block by block: a scoring sweep, the solver, then the chosen formats encoded."""
+    rule = bound.rule
+    require_calib(ctx, bound, "GPTQ")
+    with one_thread(), ctx.progress.task(f"scoring {len(scorer.cands)} formats with GPTQ, block by block "
+                                         f"(line {bound.line})", total=len(items)) as step:
+        # The encodings are dropped: the chosen ones are made again on the compressed stream.
+        scored, rows, peak = sequential_scores(graph, items, ctx.calib, lambda it, H: scorer(it, H)[:2], step)
+    costs, sizes = [scored[it.path][0] for it in items], [scored[it.path][1] for it in items]
+    pick = _solve(rule, items, costs, sizes, ctx)
+    cand = {it.path: scorer.cands[j] for it, j in zip(items, pick)}
+    with one_thread(), ctx.progress.task(f"GPTQ chosen formats, block by block (line {bound.line})",
+                                         total=len(items)) as step:
+        encoded, rows2, peak2 = sequential_encode(graph, items, ctx.calib,
+                                                  lambda it, H: scorer.encode(it, cand[it.path], H), step,
+                                                  by_layer=rule.get("true_sequential"))
+    details.update(sequential="by layer" if rule.get("true_sequential") else True,
+                   calib_rows=max(rows, rows2), peak_calib_bytes=max(peak, peak2))
+    return {p: (cand[p], e) for p, e in encoded.items()}, costs, sizes, pick
+
+
+def _in_one_run(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[Item], scorer: _Scorer,
+                details: dict):
+    """Every Hessian from one run of the graph as it is; the chosen encodings are the scored ones."""
+    hessians = hessians_of(graph, items, ctx, bound, f"the budget solver (by {bound.rule.metric})")
+    options, costs, sizes = [], [], []
+    with one_thread(), ctx.progress.task(f"scoring {len(scorer.cands)} formats with "
+                                         f"{bound.rule.get('method').upper()} (line {bound.line})",
+                                         total=len(items)) as step:
+        for it in items:
+            step(0, note=it.path)
+            cost, size, encs = scorer(it, hessians[it.path].H)
+            costs.append(cost)
+            sizes.append(size)
+            options.append(encs)
+            step()
+    pick = _solve(bound.rule, items, costs, sizes, ctx)
+    details["calib_rows"] = max(h.count for h in hessians.values())
+    return ({it.path: (scorer.cands[j], options[i][j]) for i, (it, j) in enumerate(zip(items, pick))},
+            costs, sizes, pick)
 
 
 def _fisher(graph: ModelGraph, items: list[Item], ctx: Context, bound: BoundRule) -> dict[str, torch.Tensor]:
