@@ -26,6 +26,7 @@ from ..calibrate import HessianAccumulator, observe
 from ..context import Context
 from ..graph import ModelGraph
 from ..lora import BaseSite, base_sites, base_weight
+from ..threads import one_thread
 
 __all__ = ["ErrorFit", "error_adapter", "output_error", "error_inputs", "error_tensors", "error_details",
            "error_note"]
@@ -115,7 +116,8 @@ def error_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, w: torch.
                   H: torch.Tensor) -> tuple[dict[str, torch.Tensor], ErrorFit]:
     """The adapter's tensors from the error of the target's base weight as encoded now."""
     w_hat = base_weight(graph, site)
-    fit = error_adapter(w, w_hat, H, adapter.rank, adapter.scale)
+    with one_thread():
+        fit = error_adapter(w, w_hat, H, adapter.rank, adapter.scale)
     tensors = {"lora_A": fit.A, "lora_B": fit.B}
     if adapter.method == "dora":  # m = ‖ŵ + s·B·A‖ per row: the magnitude of the weight it starts as
         tensors["lora_magnitude"] = torch.linalg.norm(w_hat + adapter.scale * fit.B @ fit.A, dim=1)

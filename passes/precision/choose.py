@@ -23,7 +23,8 @@ from .budget import BudgetInfeasible, solve_avg_bits, solve_budget
 from .encode import Candidate, decode, encode, encoded_bytes
 from .fisher import FisherUnavailable, output_fisher, weighted_error
 from .sequential import sequential_encode, sequential_scores
-from .targets import Item, apply, hessians_of, items_of, one_thread, require_calib
+from ..threads import one_thread
+from .targets import Item, apply, hessians_of, items_of, require_calib
 
 __all__ = ["run"]
 

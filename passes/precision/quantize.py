@@ -16,7 +16,8 @@ from ..context import Context
 from ..graph import ModelGraph
 from .encode import Candidate, encode
 from .sequential import sequential_encode
-from .targets import apply, hessians_of, items_of, one_thread, require_calib
+from ..threads import one_thread
+from .targets import apply, hessians_of, items_of, require_calib
 
 __all__ = ["run"]
 

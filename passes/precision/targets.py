@@ -3,7 +3,6 @@ sites, bias), their calibration Hessians, and applying the chosen encodings to t
 report measured on the stored tensors."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ from .encode import Candidate, Encoded, encoded_bytes
 from .gptq import HessianAccumulator
 from .rewrite import to_half, to_quant_linear
 
-__all__ = ["Item", "items_of", "hessians_of", "require_calib", "apply", "one_thread"]
+__all__ = ["Item", "items_of", "hessians_of", "require_calib", "apply"]
 
 
 @dataclass
@@ -115,15 +114,3 @@ def _notes(bound: BoundRule, kept: list[str], tied: list[str]) -> tuple[str, ...
     if tied:
         notes.append(f"{', '.join(tied)}: weight tied to another module, which keeps the original (not freed)")
     return tuple(notes)
-
-
-@contextmanager
-def one_thread():
-    """GPTQ's column loop is thousands of tiny ops: intra-op threads only add synchronisation
-    (measured 2.3x slower with 2 threads than with 1 on a 576x576 layer)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
