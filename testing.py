@@ -133,6 +133,8 @@ def _compatible(draw, key: str, values: dict) -> dict:
         values["score"] = "angular"  # max_run ranks runs by angular distance only
     if key == "adapt":
         drop_one_of("from", "init")  # a loaded adapter has no init
+    if key in ("quantize", "choice") and values.get("zero") == "float":
+        values["sym"] = False  # a float zero point is asymmetric
     if key == "heal":  # method is required, and picks which other parameters apply
         method = values.pop("method", None) or draw(param_values(SCHEMAS["heal"]["method"]))
         values = {"method": method, **{n: v for n, v in values.items() if HEAL_METHOD_PARAMS[n] == method}}
