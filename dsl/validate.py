@@ -149,8 +149,8 @@ def _check_zero(params: tuple[A.Param, ...], problems: _Problems):
     zero = names.get("zero")
     sym = names["sym"].value if "sym" in names else True  # the schema's default
     if zero is not None and zero.value == "float" and sym:
-        problems.add("invalid-combination", "`zero=float` is a float offset per group, an asymmetric format, "
-                     "and this format is symmetric" + ("" if "sym" in names else " (sym=true is the default)"),
+        problems.add("invalid-combination", "`zero=float` (a float offset per group) needs an asymmetric format, "
+                     "and this one is symmetric" + ("" if "sym" in names else " (sym=true is the default)"),
                      zero.span, "add `sym=false`" if "sym" not in names else "write `sym=false`, or remove `zero=float`")
 
 
