@@ -29,8 +29,8 @@ from .dsl import ast as A
 from .dsl.errors import SpecError
 from .dsl.parser import lark_parser, parse
 from .dsl.printer import format_value
-from .dsl.schema import (ADAPTERS, FORMATS, HEAL_METHOD_PARAMS, INT_FORMATS, SCHEMAS, SIZE_UNITS, TOKEN_ACTIONS,
-                         ParamSpec)
+from .dsl.schema import (ADAPTERS, FORMATS, HEAL_METHOD_PARAMS, INT_FORMATS, METRICS, SCHEMAS, SIZE_UNITS,
+                         TOKEN_ACTIONS, ParamSpec)
 
 __all__ = ["policies", "policy_asts", "param_values", "grammar_text_strategy", "tiny_models",
            "check_policy", "PolicyCheckError", "PolicyCheckResult"]
@@ -133,6 +133,10 @@ def _compatible(draw, key: str, values: dict) -> dict:
         values["score"] = "angular"  # max_run ranks runs by angular distance only
     if key == "adapt":
         drop_one_of("from", "init")  # a loaded adapter has no init
+        if values.get("init") == "error" and values.get("merge") is True:
+            del values[draw(st.sampled_from(["init", "merge"]))]  # packed weights take no merge
+    if values.get("true_sequential") is True and (values.get("method") != "gptq" or values.get("sequential") is False):
+        del values["true_sequential"]  # it refines GPTQ's block-by-block calibration only
     if key in ("quantize", "choice") and values.get("zero") == "float":
         values["sym"] = False  # a float zero point is asymmetric
     if key == "heal":  # method is required, and picks which other parameters apply
@@ -226,7 +230,7 @@ def _edit_part(draw, rule: Tree, child) -> list[tuple[int, int, str]]:
         formats = [str(c.children[0]) for c in rule.children if isinstance(c, Tree) and c.data == "choice"]
         return [(*_offsets(child), draw(_budget_text(formats)))]
     if isinstance(child, Token) and child.type == "NAME" and rule.data == "precision":
-        return [(*_offsets(child), " output_mse ")]  # the metric
+        return [(*_offsets(child), f" {draw(st.sampled_from(METRICS))} ")]  # the metric
     return []
 
 

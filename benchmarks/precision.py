@@ -6,12 +6,22 @@ other tokens of the same text (24 chunks of 128 tokens after the scored ones). P
 table and the checks; exits non-zero if a check fails.
 
     .venv/bin/python benchmarks/precision.py [--max-tokens 1024] [--rows fp32,int8,...]
+        [--peer ["int4 g64 GPTQ,int4 g32 GPTQ asym"]]
+
+`--peer` adds llm-compressor's GPTQ on the same model, scheme and calibration tokens, run by
+benchmarks/peer_gptq.py in its own venv (`bash benchmarks/peer_venv.sh` makes .venv-peer), scored
+by the same perplexity call, beside slimfx's row of the same scheme (`--rows ""` runs only those).
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -43,6 +53,18 @@ ROWS = {  # name -> rule (None: the fp32 model itself)
     "budget avg_bits<=4.5": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=4.5 by output_mse method=gptq act_order=true",
     "budget avg_bits<=5.0": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=5.0 by output_mse method=gptq act_order=true",
 }
+# scheme -> (slimfx rule, peer_gptq.py arguments); rules of a ROWS name are run once when both ask.
+PEER_SCHEMES = {
+    "int4 g64 GPTQ": (ROWS["int4 g64 GPTQ"], ["--group", "64"]),
+    "int4 g32 GPTQ": (ROWS["int4 g32 GPTQ"], ["--group", "32"]),
+    "int4 g64 GPTQ asym": (f"quantize {LINEARS} int4 group=64 sym=false method=gptq act_order=true",
+                           ["--group", "64", "--asym"]),
+    "int4 g32 GPTQ asym": (f"quantize {LINEARS} int4 group=32 sym=false method=gptq act_order=true",
+                           ["--group", "32", "--asym"]),
+}
+ROOT = Path(__file__).resolve().parents[1]
+PEER_VENV = ROOT / ".venv-peer"
+PEER_SCRIPT = Path(__file__).resolve().parent / "peer_gptq.py"
 MINILM_ROWS = {"int8": f"quantize {LINEARS} int8", "int4 g32": f"quantize {LINEARS} int4 group=32"}
 SENTENCES = ["The cat sits on the mat.", "Quantization shrinks neural network weights.",
              "A compiler rewrites programs into faster ones.", "It rained all day in the city.",
@@ -87,6 +109,74 @@ def smollm_rows(names: list[str], max_tokens: int) -> list[dict]:
                      "ppl": ppl, "compile_s": seconds, "sensitivity": details.get("sensitivity")})
         print(f"  {name}: ppl {ppl:.3f} ({seconds:.0f} s compile)", file=sys.stderr, flush=True)
     return rows
+
+
+def peer_python() -> Path | None:
+    python = PEER_VENV / "bin" / "python"
+    return python if python.exists() else None
+
+
+def with_weights(model, weights: dict[str, torch.Tensor]):
+    """A copy of `model` whose parameters named in `weights` hold those tensors."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, w in weights.items():
+            param = model.get_parameter(name)
+            if param.shape != w.shape:
+                raise ValueError(f"peer weight {name} is {tuple(w.shape)}, the model's {tuple(param.shape)}")
+            param.copy_(w.to(param.dtype))
+    return model
+
+
+def run_peer(loaded, calib: list[dict[str, torch.Tensor]], args: list[str], python: Path) -> tuple[dict, dict]:
+    """peer_gptq.py in the peer venv on the fp32 model and `calib`: (weights, its result.json)."""
+    with tempfile.TemporaryDirectory(prefix="slimfx-peer-") as tmp:
+        tmp = Path(tmp)
+        loaded.model.save_pretrained(tmp / "model")
+        loaded.tokenizer.save_pretrained(tmp / "model")
+        torch.save(torch.cat([c["input_ids"] for c in calib]), tmp / "calib.pt")
+        cmd = [str(python), str(PEER_SCRIPT), str(tmp / "model"), str(tmp / "calib.pt"), str(tmp / "out"), *args]
+        subprocess.run(cmd, check=True, cwd=tmp)
+        return (torch.load(tmp / "out" / "weights.pt", weights_only=True),
+                json.loads((tmp / "out" / "result.json").read_text()))
+
+
+def peer_rows(schemes: list[str], max_tokens: int, rows: list[dict]) -> list[dict]:
+    """Each scheme by slimfx (reusing a row of the same name from `rows`) and by llm-compressor."""
+    python = peer_python()
+    if python is None:
+        print(f"peer (llm-compressor) rows skipped: no {PEER_VENV.relative_to(ROOT)}; create it with "
+              "`bash benchmarks/peer_venv.sh`")
+        return []
+    loaded = load("smollm2-135m")
+    text = default_text()
+    calib = calibration(loaded, skip=max_tokens)
+    done = {r["name"]: r for r in rows}
+    out = []
+    for scheme in schemes:
+        rule, args = PEER_SCHEMES[scheme]
+        mine = done.get(scheme) if ROWS.get(scheme) == rule else None
+        if mine is None:
+            start = time.perf_counter()
+            cm = slimfx.compile(loaded, policy(rule), calib=calib)
+            mine = {"ppl": perplexity(cm, loaded.tokenizer, text, max_tokens=max_tokens),
+                    "compile_s": time.perf_counter() - start}
+            del cm
+        weights, result = run_peer(loaded, calib, args, python)
+        ppl = perplexity(with_weights(loaded.model, weights), loaded.tokenizer, text, max_tokens=max_tokens)
+        out.append({"name": scheme, "ppl": mine["ppl"], "compile_s": mine["compile_s"], "peer_ppl": ppl,
+                    "peer_s": result["seconds"], "peer_linears": result["linears"],
+                    "versions": result["versions"]})
+        print(f"  {scheme}: slimfx ppl {mine['ppl']:.3f} ({mine['compile_s']:.0f} s), llm-compressor ppl "
+              f"{ppl:.3f} ({result['seconds']:.0f} s, {result['linears']} linears)", file=sys.stderr, flush=True)
+    return out
+
+
+def peer_table(rows: list[dict]) -> str:
+    out = ["| scheme | slimfx ppl | peer ppl | slimfx s | peer s |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {r['name']} | {r['ppl']:.3f} | {r['peer_ppl']:.3f} | {r['compile_s']:.0f} | {r['peer_s']:.0f} |"
+            for r in rows]
+    return "\n".join(out)
 
 
 def minilm_rows() -> list[dict]:
@@ -150,18 +240,28 @@ def checks(rows: list[dict]) -> list[tuple[str, bool]]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
     ap.add_argument("--no-minilm", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--peer", nargs="?", const="int4 g64 GPTQ", default=None,
+                    help=f"comma-separated schemes of {', '.join(PEER_SCHEMES)} (default: int4 g64 GPTQ)")
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     start = time.perf_counter()
-    rows = smollm_rows(args.rows.split(","), args.max_tokens)
+    names = [n for n in args.rows.split(",") if n]
+    rows = smollm_rows(names, args.max_tokens) if names else []
+    peers = peer_rows(args.peer.split(","), args.max_tokens, rows) if args.peer else []
     print(f"\nSmolLM2-135M-Instruct, perplexity on the first {args.max_tokens} tokens of default_text(); "
           "calibration 24 x 128 other tokens\n")
-    print(table(rows))
+    if rows:
+        print(table(rows))
+    if peers:
+        versions = ", ".join(f"{k} {v}" for k, v in peers[0]["versions"].items())
+        print(f"\nThe same schemes by llm-compressor's GPTQModifier (actorder=static when act_order=true; "
+              f"{versions}), same model, calibration and perplexity tokens:\n")
+        print(peer_table(peers))
     if not args.no_minilm:
         fp32 = param_bytes(load("minilm-l6").model)
         print()

@@ -40,6 +40,9 @@ def check_policy(policy: A.Policy) -> list[Diagnostic]:
             problems.append(_heal_first(rule))
         if isinstance(rule, A.Unpad):
             problems += _unpad_problems(rule, policy.rules[:i])
+        if isinstance(rule, A.Adapt) and rule.get("init") == "error" \
+                and not any(isinstance(r, _PRECISION_RULES) for r in policy.rules[:i]):
+            problems.append(_error_init_first(rule))
         for earlier in policy.rules[:i]:
             problem = _pair_problem(earlier, rule)
             if problem:
@@ -51,6 +54,13 @@ def _heal_first(heal: A.Heal) -> Diagnostic:
     return _at(heal.span, "illegal-order", "`heal` repairs what a `collapse` or `drop` before it removed, and "
                f"nothing before line {heal.span.line} removes blocks",
                "put `heal` after a `collapse` or `drop` rule, or remove it", width=len("heal"))
+
+
+def _error_init_first(adapt: A.Adapt) -> Diagnostic:
+    return _at(adapt.span, "illegal-order", "`adapt … init=error` starts each adapter from the error a `quantize` "
+               f"left in its weight, and nothing before line {adapt.span.line} quantizes",
+               "put a `quantize` (or `precision`) rule on the same linears above this one, or use "
+               "`init=kaiming`", width=len("adapt"))
 
 
 def _unpad_problems(unpad: A.Unpad, earlier: tuple[A.Rule, ...]) -> list[Diagnostic]:

@@ -21,7 +21,7 @@ FORMATS = ("int8", "int4", "int2", "fp16", "bf16", "keep")
 INT_FORMATS = ("int8", "int4", "int2")
 FORMAT_BITS = {"int8": 8, "int4": 4, "int2": 2, "fp16": 16, "bf16": 16, "keep": 32}
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
-METRICS = ("output_mse",)
+METRICS = ("output_mse", "fisher")
 ADAPTERS = ("lora", "dora")
 TOKEN_ACTIONS = ("prune", "merge")
 
@@ -79,6 +79,11 @@ _METHOD_Q = ParamSpec("method", str, "rtn", "round-to-nearest or GPTQ", choices=
 _DAMP = ParamSpec("damp", float, 0.01, "GPTQ damping, as a fraction of the mean Hessian diagonal",
                   _fraction_half_open, "a number in (0, 1]")
 _ACT_ORDER = ParamSpec("act_order", bool, False, "GPTQ: quantize columns in order of Hessian diagonal")
+_SEQUENTIAL = ParamSpec("sequential", bool, True, "GPTQ block by block, each block calibrated on the outputs "
+                        "of the blocks before it as already compressed")
+_TRUE_SEQUENTIAL = ParamSpec("true_sequential", bool, False, "GPTQ inside each block too: q/k/v, then o, then "
+                             "gate/up, then down, each calibrated on the sublayers before it as already "
+                             "compressed")
 _CLIP = ParamSpec("clip", str, "none", "search each group's range for the least rounding error: plain weight "
                   "MSE (`mse`) or weighted by each input's calibration energy (`output`)",
                   choices=("none", "mse", "output"))
@@ -128,17 +133,18 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
         ParamSpec("rank", int, 8, "adapter rank r", lambda v: v >= 1, "an integer ≥ 1"),
         ParamSpec("alpha", float, 16.0, "scale α (the update is α/r · B·A)", lambda v: v > 0, "a number > 0"),
         ParamSpec("dropout", float, 0.0, "dropout on the adapter input", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        ParamSpec("init", str, "kaiming", "initialisation of A (B starts at zero)", choices=("kaiming", "gaussian")),
+        ParamSpec("init", str, "kaiming", "initialisation: A kaiming-uniform or gaussian with B zero (the outputs "
+                  "start unchanged), or `error`: B·A from the calibration-weighted SVD of the quantization error "
+                  "of a `quantize` before it (EoRA), so the adapter starts by undoing most of that error",
+                  choices=("kaiming", "gaussian", "error")),
         ParamSpec("merge", bool, False, "fold the adapter into the base weight"),
         ParamSpec("from", str, None, "a PEFT adapter directory to load (its rank, alpha and method apply)",
                   lambda v: isinstance(v, str) and v.strip() != "", "a directory path in quotes",
                   example='"adapters/my-lora"'),
     ),
-    "quantize": _specs(_GROUP, _SYM, _ZERO, _METHOD_Q, _DAMP, _ACT_ORDER, _CLIP,
-                       ParamSpec("sequential", bool, True, "GPTQ block by block, each block calibrated on the "
-                                 "outputs of the blocks before it as already compressed")),
+    "quantize": _specs(_GROUP, _SYM, _ZERO, _METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _SEQUENTIAL, _TRUE_SEQUENTIAL),
     "choice": _specs(_GROUP, _SYM, _ZERO),
-    "precision": _specs(_METHOD_Q, _DAMP, _ACT_ORDER, _CLIP),
+    "precision": _specs(_METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _SEQUENTIAL, _TRUE_SEQUENTIAL),
     "tokens.prune": _specs(
         ParamSpec("keep", float, 0.5, "fraction of tokens kept", _fraction_half_open, "a number in (0, 1]"),
         ParamSpec("score", str, "attention", "how tokens are ranked", choices=("attention", "norm")),

@@ -55,6 +55,8 @@ def _validate_rule(rule, problems: _Problems):
     if isinstance(rule, A.Precision):
         changes["choices"] = tuple(_validate_choice(c, problems) for c in rule.choices)
         _check_precision(rule, changes["choices"], problems)
+    if isinstance(rule, (A.Quantize, A.Precision)):
+        _check_true_sequential(changes["params"], problems)
     return dataclasses.replace(rule, **changes)
 
 
@@ -154,6 +156,19 @@ def _check_zero(params: tuple[A.Param, ...], problems: _Problems):
                      zero.span, "add `sym=false`" if "sym" not in names else "write `sym=false`, or remove `zero=float`")
 
 
+def _check_true_sequential(params: tuple[A.Param, ...], problems: _Problems):
+    names = {p.name: p for p in params}
+    ask = names.get("true_sequential")
+    if ask is None or ask.value is not True:
+        return
+    if names.get("method") is None or names["method"].value != "gptq":
+        problems.add("invalid-combination", "`true_sequential` orders GPTQ's calibration inside each block, and "
+                     "this rule does not use GPTQ", ask.span, "write `method=gptq`, or remove it")
+    elif "sequential" in names and names["sequential"].value is False:
+        problems.add("invalid-combination", "`true_sequential=true` refines `sequential=true` (block by block), "
+                     "and this rule says `sequential=false`", ask.span, "remove one of the two")
+
+
 def _validate_choice(choice: A.FormatChoice, problems: _Problems) -> A.FormatChoice:
     params = _coerce_params(choice, choice.params, problems)
     _check_format_params(choice.format, params, problems)
@@ -184,6 +199,11 @@ def _check_adapt(params: tuple[A.Param, ...], problems: _Problems):
     if "from" in names and "init" in names:
         problems.add("invalid-combination", "`init` sets up a fresh adapter, and `from=` loads a trained one",
                      names["init"].span, "remove `init`")
+    if "init" in names and names["init"].value == "error" and "merge" in names and names["merge"].value is True:
+        problems.add("invalid-combination", "`init=error` starts the adapter from the quantization error of the "
+                     "packed weights, and `merge=true` would fold it into them, which packed weights cannot take",
+                     names["merge"].span, "write `merge=false` (the default): the adapter stays beside the "
+                     "quantized weight, trainable")
 
 
 def _check_auto(auto: A.Auto, written: tuple[A.Param, ...], problems: _Problems):

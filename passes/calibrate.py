@@ -4,7 +4,8 @@ intermediate values to the passes that asked for them.
 A pass names the fx nodes it wants to observe and a callback for each; `observe` runs an fx
 Interpreter over every batch and calls each callback with the node's value flattened to rows
 [tokens, features], padding positions (attention_mask == 0) left out. The precision pass builds
-its GPTQ Hessians this way; collapse and heal read residual streams the same way.
+its GPTQ Hessians this way (`HessianAccumulator`, E[x xᵀ]), and so does `adapt … init=error`;
+collapse and heal read residual streams the same way.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import fx
 from ..runtime.progress import Progress
 from .graph import ModelGraph
 
-__all__ = ["observe", "Observer", "kept_rows", "real_rows", "forward_ms"]
+__all__ = ["observe", "Observer", "kept_rows", "real_rows", "forward_ms", "HessianAccumulator"]
 
 Observer = Callable[[torch.Tensor], None]
 
@@ -41,6 +42,41 @@ def observe(graph: ModelGraph, watch: dict[fx.Node, list[Observer]], batches: li
             with torch.no_grad():
                 _Recorder(graph.module, watch, kept_rows(batch)).run(*(batch[n] for n in names))
             step()
+
+
+class HessianAccumulator:
+    """Running mean of x xᵀ over every row of every batch, in float64.
+
+    >>> acc = HessianAccumulator(); acc.add(torch.ones(2, 3, 4)); acc.count, acc.H.shape
+    (6, torch.Size([4, 4]))
+    """
+
+    def __init__(self):
+        self._H: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch [..., in]; every leading index is one row."""
+        if not x.is_floating_point():
+            raise ValueError(f"calibration inputs must be floating point, got {x.dtype}")
+        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if self._H is not None and rows.shape[1] != self._H.shape[0]:
+            raise ValueError(f"calibration input has {rows.shape[1]} features, earlier ones had "
+                             f"{self._H.shape[0]}; feed one Linear's inputs per accumulator")
+        n = rows.shape[0]
+        if n == 0:
+            return
+        if self._H is None:
+            self._H = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+        # Running mean rather than a sum, so long calibration runs keep H at the scale of one row.
+        self._H.mul_(self.count / (self.count + n)).add_(rows.T @ rows, alpha=1 / (self.count + n))
+        self.count += n
+
+    @property
+    def H(self) -> torch.Tensor:
+        if self._H is None:
+            raise ValueError("no calibration rows were added; run the model on calibration data first")
+        return self._H
 
 
 def kept_rows(batch: dict[str, Any]) -> torch.Tensor | None:

@@ -1,6 +1,7 @@
 """What every pass may read besides the graph: calibration batches, the policy source (for
 errors at the right line), progress bars, where to dump the graph between stages, and the
-records one rule leaves for a later one (the cuts a `collapse`/`drop` made, which `heal` repairs)."""
+records one rule leaves for a later one (the cuts a `collapse`/`drop` made, which `heal` repairs;
+the weights a precision rule replaced, which `adapt … init=error` starts from)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,3 +25,8 @@ class Context:
     # Cuts made by `collapse`/`drop` since the last `heal` (passes/collapse/cut.py's Cut records);
     # a `heal` repairs them and empties the list.
     cuts: list[Any] = field(default_factory=list)
+    # Targets a later `adapt … init=error` names (the pipeline sets it before each rule): a
+    # precision rule keeps their float32 [out, in] weights from before it encoded them in
+    # `originals` (path -> tensor), and the adapt rule takes them out. Nothing is kept otherwise.
+    keep_originals: frozenset[str] = frozenset()
+    originals: dict[str, Any] = field(default_factory=dict)

@@ -53,6 +53,7 @@ def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
         if isinstance(bound.rule, A.Keep):
             rules.append(_keep_report(bound))
             continue
+        ctx.keep_originals = _error_init_targets(plan.rules[i + 1:])
         report = PASSES[type(bound.rule)](graph, bound, ctx)
         graph.reindex()
         graph.lint()
@@ -64,6 +65,12 @@ def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
     return Report(plan.policy.name if plan.policy else None, plan.model_class, tuple(rules),
                   plan.params_total, graph_params(graph), plan.bytes_total, graph_bytes(graph),
                   time.perf_counter() - start)
+
+
+def _error_init_targets(later: tuple[BoundRule, ...]) -> frozenset[str]:
+    """Paths whose pre-quantization weights a later `adapt … init=error` reads."""
+    return frozenset(t.path for b in later if isinstance(b.rule, A.Adapt) and b.rule.get("init") == "error"
+                     for t in b.targets)
 
 
 def _refuse_unimplemented(plan: Plan, ctx: Context) -> None:

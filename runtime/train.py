@@ -24,7 +24,7 @@ from torch import nn
 from .lower import unlowered
 from .progress import Progress
 
-__all__ = ["train", "TrainResult", "LOSSES"]
+__all__ = ["train", "TrainResult", "LOSSES", "lm_loss"]
 
 LOSSES = ("lm", "distill")
 
@@ -157,7 +157,7 @@ def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
     opt.zero_grad(set_to_none=True)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = cm(**inputs)
-    value = _lm_loss(out, batch) if loss == "lm" else _distill_loss(out, teacher, inputs)
+    value = lm_loss(out, batch) if loss == "lm" else _distill_loss(out, teacher, inputs)
     if not torch.isfinite(value):
         raise FloatingPointError(f"the {loss} loss is {value.item()} at step {i + 1}; the adapters were "
                                  "not updated by it (try a lower lr)")
@@ -168,7 +168,7 @@ def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
 
 # ---------------------------------------------------------------- losses
 
-def _lm_loss(out, batch: dict) -> torch.Tensor:
+def lm_loss(out, batch: dict) -> torch.Tensor:
     """Mean next-token cross entropy over the scored tokens (float32, whatever autocast did)."""
     logits = _logits(out)
     if logits is None:

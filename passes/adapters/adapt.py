@@ -7,7 +7,9 @@
 Each target's linear — nn.Linear, Conv1D, or one a `quantize` already packed (QLoRA) — gets the
 adapter of passes/lora.py. A fresh adapter starts as PEFT's does (A: kaiming-uniform with
 a=√5, or normal with std 1/r; B: zeros; DoRA's magnitude: the row norms of the base weight), so
-the compiled model's outputs are bit-identical to the original's until it trains. `from=` reads
+the compiled model's outputs are bit-identical to the original's until it trains. `init=error`
+starts each adapter instead from the error a `quantize` before it left in the weight
+(passes/adapters/error_init.py), so the model starts closer to the unquantized one. `from=` reads
 a PEFT adapter directory instead (passes/adapters/peft_in.py). `merge=true` folds the adapters
 into the base weights right away (runtime/adapter_merge.py).
 """
@@ -28,6 +30,7 @@ from ..context import Context
 from ..graph import ModelGraph, Target
 from ..lora import BaseSite, base_sites, base_weight, insert_adapter, site_dims
 from . import peft_in
+from .error_init import ErrorFit, error_details, error_inputs, error_note, error_tensors
 
 __all__ = ["run", "fresh_tensors"]
 
@@ -35,7 +38,8 @@ __all__ = ["run", "fresh_tensors"]
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Adapt = bound.rule
     loaded = peft_in.read(rule.get("from"), bound, ctx) if rule.get("from") else None
-    added, inserted, base = {}, [], {}
+    errors = error_inputs(graph, bound, ctx) if rule.get("init") == "error" else None
+    added, inserted, base, fits = {}, [], {}, {}
     with ctx.progress.task(f"adding {rule.method} adapters (line {bound.line})", total=len(bound.targets)) as step:
         for t in bound.targets:
             target = _current(graph, t, bound, ctx)
@@ -46,7 +50,10 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                 adapter = Adapter(target.path, rule.method, rule.get("rank"), rule.get("alpha"), rule.get("dropout"),
                                   sites[0].transposed)
                 _check_rank(adapter, sites[0], bound, ctx)
-                tensors = fresh_tensors(graph, sites[0], adapter, rule.get("init"))
+                if errors is not None:
+                    tensors, fits[target.path] = error_tensors(graph, sites[0], adapter, *errors[target.path])
+                else:
+                    tensors = fresh_tensors(graph, sites[0], adapter, rule.get("init"))
             base[target.path] = _base_size(graph, target, sites[0])
             insert_adapter(graph, target, adapter, tensors)
             added[target.path] = sum(v.numel() for v in tensors.values())
@@ -58,7 +65,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
         if loaded is None:
             notes.append("fresh adapters are zero (B = 0): merging them left every weight as it was; use "
                          "merge=false to train them, or from=\"dir\" to merge a trained adapter")
-    return _report(graph, bound, inserted, added, base, notes)
+    return _report(graph, bound, inserted, added, base, notes, fits)
 
 
 def _current(graph: ModelGraph, t: Target, bound: BoundRule, ctx: Context) -> Target:
@@ -112,7 +119,7 @@ def _base_size(graph: ModelGraph, target: Target, site: BaseSite) -> tuple[int, 
 
 
 def _report(graph: ModelGraph, bound: BoundRule, inserted: list[Adapter], added: dict[str, int],
-            base: dict[str, tuple[int, int]], notes: list[str]) -> RuleReport:
+            base: dict[str, tuple[int, int]], notes: list[str], fits: dict[str, ErrorFit]) -> RuleReport:
     rule: A.Adapt = bound.rule
     merged = bool(rule.get("merge"))
     trainable = 0 if merged else sum(added.values())
@@ -126,6 +133,9 @@ def _report(graph: ModelGraph, bound: BoundRule, inserted: list[Adapter], added:
     }
     if rule.get("from"):
         details["from"] = rule.get("from")
+    if fits:
+        details.update(error_details(fits))
+        notes.append(error_note(fits))
     what = f"{rule.method} r={'/'.join(map(str, ranks))} α={'/'.join(f'{a:g}' for a in alphas)}"
     if merged:
         notes.insert(0, f"{len(inserted)} {what} adapters merged into their weights")

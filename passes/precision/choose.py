@@ -1,10 +1,11 @@
-"""`precision <selector> choose {…} budget … by output_mse`: a format per target from measured
-sensitivity, under an average-bits or bytes budget.
+"""`precision <selector> choose {…} budget … by output_mse|fisher`: a format per target from
+measured sensitivity, under an average-bits or bytes budget.
 
     precision blocks.*.** : Linear choose {int8, int4 group=32} budget avg_bits<=6 by output_mse
 
-Each candidate is scored by the output error it causes, tr(ΔW H ΔWᵀ) = E‖ΔW x‖², and the budget
-solver (budget.py, an exact multiple-choice knapsack) picks the least total error that fits.
+Each candidate is scored by the output error it causes, tr(ΔW H ΔWᵀ) = E‖ΔW x‖² (`output_mse`),
+or that error per output weighted by the loss's sensitivity to it (`fisher`, fisher.py), and the
+budget solver (budget.py, an exact multiple-choice knapsack) picks the least total that fits.
 """
 from __future__ import annotations
 
@@ -14,63 +15,122 @@ import torch
 
 from ...dsl import ast as A
 from ...dsl.errors import Diagnostic, SpecError
-from ...runtime.formats import QuantizedWeight
-from ...runtime.progress import Progress
 from ...runtime.report import RuleReport, format_bytes
 from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
 from .budget import BudgetInfeasible, solve_avg_bits, solve_budget
 from .encode import Candidate, decode, encode, encoded_bytes
-from .gptq import HessianAccumulator
-from .targets import Item, apply, hessians_of, items_of, one_thread
+from .fisher import FisherUnavailable, output_fisher, weighted_error
+from .sequential import sequential_encode, sequential_scores
+from .targets import Item, apply, hessians_of, items_of, one_thread, require_calib
 
 __all__ = ["run"]
 
 
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
-    """Least Σ tr(ΔW H ΔWᵀ) under the budget.
+    """Least Σ tr(ΔW H ΔWᵀ) (or its Fisher-weighted form) under the budget.
 
-    Every candidate is scored with RTN (its ŵ is cheap, and the ranking of formats is what the
-    solver needs); only the chosen format is then encoded with the rule's method (GPTQ costs a
-    pass over the columns, so scoring every candidate with it would multiply the compile time).
+    Every candidate is scored with the method that will encode it: with `method=gptq`, each target
+    is GPTQ-encoded in every candidate format and scored by that encoding's output error (RTN's
+    error ranks formats differently from GPTQ's: GPTQ gains more on some layers than others).
+    GPTQ runs block by block (`sequential=true`, the default): one scoring sweep over the blocks
+    on the uncompressed model's activations, the solver once, then the chosen formats encoded
+    sequentially as `quantize` does; `sequential=false` takes every Hessian from one run.
     Packed sizes do not depend on the method, so the budget holds either way.
     """
     rule: A.Precision = bound.rule
-    cands = [Candidate.of(c) for c in rule.choices]
     items = items_of(graph, bound)
-    hessians = hessians_of(graph, items, ctx, bound, "the budget solver (by output_mse)")
-    options, costs, sizes = _score(items, cands, hessians, ctx, bound)
-    with ctx.progress.task(f"solving the budget (line {bound.line})", total=None):
-        pick = _solve(rule, items, costs, sizes, ctx)
-    chosen = _encode_chosen(rule, items, cands, options, pick, hessians, ctx, bound)
+    method, clip = rule.get("method"), rule.get("clip")
+    scorer = _Scorer(rule, [Candidate.of(c) for c in rule.choices],
+                     _fisher(graph, items, ctx, bound) if rule.metric == "fisher" else {})
+    details = {"method": method, "scored_with": method if clip == "none" else f"{method} clip={clip}",
+               "metric": rule.metric, "budget": f"{rule.budget.metric}<={rule.budget.limit}{rule.budget.unit or ''}"}
+    run_as = _by_blocks if method == "gptq" and rule.get("sequential") else _in_one_run
+    chosen, costs, sizes, pick = run_as(graph, bound, ctx, items, scorer, details)
     weights = sum(it.w.numel() for it in items)
-    clip = rule.get("clip")
-    details = {"method": rule.get("method"), "scored_with": "rtn" if clip == "none" else f"rtn clip={clip}",
-               "metric": rule.metric,
-               "budget": f"{rule.budget.metric}<={rule.budget.limit}{rule.budget.unit or ''}",
-               "choices": {p: str(c) for p, (c, _) in chosen.items()},
-               "sensitivity": sum(costs[i][j] for i, j in enumerate(pick)),
-               "calib_rows": max(h.count for h in hessians.values()),
-               "weight_bytes": sum(sizes[i][j] for i, j in enumerate(pick))}
+    details.update(choices={p: str(c) for p, (c, _) in chosen.items()},
+                   sensitivity=sum(costs[i][j] for i, j in enumerate(pick)),
+                   weight_bytes=sum(sizes[i][j] for i, j in enumerate(pick)))
     details["achieved_avg_bits"] = 8 * details["weight_bytes"] / weights
-    return apply(graph, bound, items, chosen, details)
+    return apply(graph, bound, items, chosen, details, ctx)
 
 
-def _score(items: list[Item], cands: list[Candidate], hessians: dict[str, HessianAccumulator], ctx: Context,
-           bound: BoundRule):
-    """Per target and candidate: the RTN encoding, its output error tr(ΔW H ΔWᵀ), its bytes."""
+class _Scorer:
+    """Encodes a target in a candidate format with the rule's method, and scores encodings."""
+
+    def __init__(self, rule: A.Precision, cands: list[Candidate], fisher: dict[str, torch.Tensor]):
+        self.rule, self.cands, self.fisher = rule, cands, fisher
+
+    def encode(self, it: Item, cand: Candidate, H: torch.Tensor | None):
+        r = self.rule
+        return encode(it.w, cand, r.get("method"), H, r.get("damp"), r.get("act_order"), r.get("clip"))
+
+    def __call__(self, it: Item, H: torch.Tensor) -> tuple[list[float], list[int], list]:
+        """(cost, bytes, encoding) of every candidate."""
+        encs = [self.encode(it, c, H) for c in self.cands]
+        if self.fisher:
+            costs = [weighted_error(it.w.double() - decode(e, it.w).double(), H.double(), self.fisher[it.path])
+                     for e in encs]
+        else:
+            costs = [_sensitivity(it.w, decode(e, it.w), H.float()) for e in encs]
+        return costs, [encoded_bytes(e, it.w) for e in encs], encs
+
+
+def _by_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[Item], scorer: _Scorer,
+               details: dict):
+    """GPTQ block by block: a scoring sweep, the solver, then the chosen formats encoded."""
+    rule = bound.rule
+    require_calib(ctx, bound, "GPTQ")
+    with one_thread(), ctx.progress.task(f"scoring {len(scorer.cands)} formats with GPTQ, block by block "
+                                         f"(line {bound.line})", total=len(items)) as step:
+        # The encodings are dropped: the chosen ones are made again on the compressed stream.
+        scored, rows, peak = sequential_scores(graph, items, ctx.calib, lambda it, H: scorer(it, H)[:2], step)
+    costs, sizes = [scored[it.path][0] for it in items], [scored[it.path][1] for it in items]
+    pick = _solve(rule, items, costs, sizes, ctx)
+    cand = {it.path: scorer.cands[j] for it, j in zip(items, pick)}
+    with one_thread(), ctx.progress.task(f"GPTQ chosen formats, block by block (line {bound.line})",
+                                         total=len(items)) as step:
+        encoded, rows2, peak2 = sequential_encode(graph, items, ctx.calib,
+                                                  lambda it, H: scorer.encode(it, cand[it.path], H), step,
+                                                  by_layer=rule.get("true_sequential"))
+    details.update(sequential="by layer" if rule.get("true_sequential") else True,
+                   calib_rows=max(rows, rows2), peak_calib_bytes=max(peak, peak2))
+    return {p: (cand[p], e) for p, e in encoded.items()}, costs, sizes, pick
+
+
+def _in_one_run(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[Item], scorer: _Scorer,
+                details: dict):
+    """Every Hessian from one run of the graph as it is; the chosen encodings are the scored ones."""
+    hessians = hessians_of(graph, items, ctx, bound, f"the budget solver (by {bound.rule.metric})")
     options, costs, sizes = [], [], []
-    with ctx.progress.task(f"scoring {len(cands)} formats (line {bound.line})", total=len(items)) as step:
+    with one_thread(), ctx.progress.task(f"scoring {len(scorer.cands)} formats with "
+                                         f"{bound.rule.get('method').upper()} (line {bound.line})",
+                                         total=len(items)) as step:
         for it in items:
             step(0, note=it.path)
-            H = hessians[it.path].H.float()  # float32: ranking formats needs no float64
-            encs = [encode(it.w, c, "rtn", H, clip=bound.rule.get("clip")) for c in cands]
+            cost, size, encs = scorer(it, hessians[it.path].H)
+            costs.append(cost)
+            sizes.append(size)
             options.append(encs)
-            costs.append([_sensitivity(it.w, decode(e, it.w), H) for e in encs])
-            sizes.append([encoded_bytes(e, it.w) for e in encs])
             step()
-    return options, costs, sizes
+    pick = _solve(bound.rule, items, costs, sizes, ctx)
+    details["calib_rows"] = max(h.count for h in hessians.values())
+    return ({it.path: (scorer.cands[j], options[i][j]) for i, (it, j) in enumerate(zip(items, pick))},
+            costs, sizes, pick)
+
+
+def _fisher(graph: ModelGraph, items: list[Item], ctx: Context, bound: BoundRule) -> dict[str, torch.Tensor]:
+    """Per target, E[(∂L/∂y)²] of its outputs (fisher.py); refused at the rule where the graph
+    cannot give loss gradients."""
+    require_calib(ctx, bound, "`by fisher`")
+    try:
+        return output_fisher(graph, {it.path: [s.node for s in it.sites] for it in items}, ctx.calib, ctx.progress)
+    except (FisherUnavailable, RuntimeError) as e:
+        raise SpecError(Diagnostic(
+            "unsupported", f"`by fisher` weighs each output by the gradient of a causal LM's next-token loss, "
+            f"and this model cannot give it: {e}", bound.line, bound.rule.span.column, len(bound.rule.kind),
+            "use `by output_mse`"), ctx.source, ctx.filename) from None
 
 
 def _sensitivity(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -78,22 +138,6 @@ def _sensitivity(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
     1536-wide layers of a 135M model, and ranking formats needs no more precision."""
     d = w.float() - w_hat
     return float(((d @ H) * d).sum(dtype=torch.float64))
-
-
-def _encode_chosen(rule: A.Precision, items, cands, options, pick, hessians, ctx: Context, bound: BoundRule):
-    """The chosen format per target, re-encoded with GPTQ when the rule asks for it."""
-    method, chosen = rule.get("method"), {}
-    bars = ctx.progress if method == "gptq" else Progress()  # RTN encodings are already made: no bar
-    with one_thread(), bars.task(f"GPTQ chosen formats (line {bound.line})", total=len(items)) as step:
-        for i, (it, j) in enumerate(zip(items, pick)):
-            step(0, note=it.path)
-            enc = options[i][j]
-            if method == "gptq" and isinstance(enc, QuantizedWeight):
-                enc = encode(it.w, cands[j], "gptq", hessians[it.path].H, rule.get("damp"),
-                             _optional(rule, "act_order", False), rule.get("clip"))
-            chosen[it.path] = (cands[j], enc)
-            step()
-    return chosen
 
 
 def _solve(rule: A.Precision, items: list[Item], costs, sizes, ctx: Context) -> list[int]:
@@ -115,12 +159,3 @@ def _solve(rule: A.Precision, items: list[Item], costs, sizes, ctx: Context) -> 
             f"be met: the smallest achievable is {figure} (every target at its "
             "smallest candidate)", span.line, span.column, max(1, span.end_column - span.column),
             "raise the limit, or offer a smaller format in `choose {…}`"), ctx.source, ctx.filename) from None
-
-
-def _optional(rule: A.Rule, name: str, default):
-    """A parameter the rule's schema may not list yet (`precision … act_order=` is not in
-    dsl/schema.py): its value, or `default`."""
-    try:
-        return rule.get(name)
-    except KeyError:
-        return default

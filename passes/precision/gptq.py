@@ -12,44 +12,10 @@ import torch
 
 from ...runtime.formats import (QuantFormat, QuantizedWeight, dequantize_codes, group_params, group_size,
                                pack, quantize_codes, store_zeros)
+from ..calibrate import HessianAccumulator  # calibration statistics are core: the adapter pass reads them too
 from .clip import column_weights, searched_params
 
 __all__ = ["HessianAccumulator", "hessian", "gptq", "output_error"]
-
-
-class HessianAccumulator:
-    """Running mean of x xᵀ over every row of every batch, in float64.
-
-    >>> acc = HessianAccumulator(); acc.add(torch.ones(2, 3, 4)); acc.count, acc.H.shape
-    (6, torch.Size([4, 4]))
-    """
-
-    def __init__(self):
-        self._H: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch [..., in]; every leading index is one row."""
-        if not x.is_floating_point():
-            raise ValueError(f"calibration inputs must be floating point, got {x.dtype}")
-        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        if self._H is not None and rows.shape[1] != self._H.shape[0]:
-            raise ValueError(f"calibration input has {rows.shape[1]} features, earlier ones had "
-                             f"{self._H.shape[0]}; feed one Linear's inputs per accumulator")
-        n = rows.shape[0]
-        if n == 0:
-            return
-        if self._H is None:
-            self._H = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
-        # Running mean rather than a sum, so long calibration runs keep H at the scale of one row.
-        self._H.mul_(self.count / (self.count + n)).add_(rows.T @ rows, alpha=1 / (self.count + n))
-        self.count += n
-
-    @property
-    def H(self) -> torch.Tensor:
-        if self._H is None:
-            raise ValueError("no calibration rows were added; run the model on calibration data first")
-        return self._H
 
 
 def hessian(xs: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -38,9 +38,11 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
         require_calib(ctx, bound, "GPTQ")
         with one_thread(), ctx.progress.task(f"GPTQ {cand}, block by block (line {bound.line})",
                                              total=len(items)) as step:
-            encoded, rows = sequential_encode(graph, items, ctx.calib, encode_one, step)
-        details.update(sequential=True, calib_rows=rows)
-        return apply(graph, bound, items, {p: (cand, e) for p, e in encoded.items()}, details)
+            encoded, rows, peak = sequential_encode(graph, items, ctx.calib, encode_one, step,
+                                                    by_layer=rule.get("true_sequential"))
+        details.update(sequential="by layer" if rule.get("true_sequential") else True, calib_rows=rows,
+                       peak_calib_bytes=peak)
+        return apply(graph, bound, items, {p: (cand, e) for p, e in encoded.items()}, details, ctx)
     needs_h = method == "gptq" or clip == "output"
     hessians = hessians_of(graph, items, ctx, bound, "GPTQ" if method == "gptq" else "clip=output") if needs_h else {}
     chosen = {}
@@ -51,4 +53,4 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
             step()
     if hessians:
         details["calib_rows"] = max(h.count for h in hessians.values())
-    return apply(graph, bound, items, chosen, details)
+    return apply(graph, bound, items, chosen, details, ctx)

@@ -14,12 +14,13 @@ preamble made), never the whole model's activations. For each block:
    (the graph is rewritten once, at the end, as without `sequential`).
 
 Peak memory beyond the model: one block's Hessians, the kept values of each batch at one block
-boundary, and one block's weights copied. Targets outside blocks (a quantized head) come last,
+boundary, and one block's weights copied; the first two are measured and reported (`peak_bytes`).
+`sequential_scores` walks the blocks the same way to score formats for the budget solver. Targets outside blocks (a quantized head) come last,
 on the outputs of every compressed block.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable
 
 import torch
@@ -32,7 +33,7 @@ from .encode import Encoded, decode
 from .gptq import HessianAccumulator
 from .targets import Item
 
-__all__ = ["Stream", "sequential_encode"]
+__all__ = ["Stream", "sequential_encode", "sequential_scores"]
 
 
 class Stream:
@@ -72,6 +73,13 @@ class Stream:
                          and all(u in self.done for u in n.users)]:
                 del env[node]
 
+    def nbytes(self) -> int:
+        """Bytes of the values held now (every batch), counted once per tensor; the model's own
+        parameters and buffers (get_attr values) are not copies and do not count."""
+        seen = {id(v): v.nbytes for env in self.envs for n, v in env.items()
+                if isinstance(v, torch.Tensor) and n.op != "get_attr"}
+        return sum(seen.values())
+
     def forget(self, nodes: set[fx.Node]) -> None:
         """Drop these nodes' values, to compute them again (with other weights)."""
         self.done -= nodes
@@ -81,21 +89,32 @@ class Stream:
 
 
 def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]],
-                      encode_one: Callable[[Item, torch.Tensor], Encoded], progress_step
-                      ) -> tuple[dict[str, Encoded], int]:
-    """(path -> encoding, calibration rows per target), block by block (module doc);
-    `encode_one(item, H)` encodes one target."""
-    order = {n: i for i, n in enumerate(graph.module.graph.nodes)}
-    by_block: dict[int | None, list[Item]] = {}
-    for it in items:
-        by_block.setdefault(it.target.block, []).append(it)
-    blocks = {b.index: b for b in graph.blocks}
+                      encode_one: Callable[[Item, torch.Tensor], Encoded], progress_step,
+                      by_layer: bool = False) -> tuple[dict[str, Encoded], int, int]:
+    """(path -> encoding, calibration rows per target, peak bytes held), block by block (module
+    doc); `encode_one(item, H)` encodes one target. `by_layer` (true-sequential): inside a block
+    too, each group of targets reading one input is calibrated on the block's sublayers before it
+    as already compressed (q/k/v, then o, then gate/up, then down)."""
+    if by_layer:
+        return _sweep_by_layer(graph, items, batches, encode_one, progress_step)
+    return _sweep(graph, items, batches, encode_one, progress_step, compressed=True)
+
+
+def sequential_scores(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]],
+                      score_one: Callable[[Item, torch.Tensor], Any], progress_step
+                      ) -> tuple[dict[str, Any], int, int]:
+    """(path -> score_one(item, H), rows, peak bytes) with the same bounded memory, on the
+    outputs of the uncompressed blocks (what to compress them to is what the scores decide)."""
+    return _sweep(graph, items, batches, score_one, progress_step, compressed=False)
+
+
+def _sweep(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]], per_item: Callable,
+           progress_step, compressed: bool) -> tuple[dict[str, Any], int, int]:
+    order, blocks, plan = _blocks_in_order(graph, items)
     stream = Stream(graph, batches)
-    out: dict[str, Encoded] = {}
-    rows = 0
-    for key in sorted(by_block, key=lambda b: (b is None, b or 0)):  # blocks in order, then the rest
-        block_items = by_block[key]
-        last = None if key is None else max(blocks[key].nodes, key=order.__getitem__)
+    out: dict[str, Any] = {}
+    rows, peak = 0, 0
+    for last, key, block_items in plan:
         accs: dict[fx.Node, HessianAccumulator] = {}
         for it in block_items:
             for site in it.sites:
@@ -104,17 +123,58 @@ def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[s
         reads = frozenset(a for n in span for a in n.all_input_nodes) - span  # read again by the re-run
         stream.run_through(last, {x: [acc.add] for x, acc in accs.items()}, pin=reads)
         rows = max([rows, *(acc.count for acc in accs.values())])
+        peak = max(peak, stream.nbytes() + sum(acc.H.nbytes for acc in accs.values() if acc.count))
         for it in block_items:
             progress_step(0, note=it.path)
             # A target read at several sites (a tied weight) takes the first site's input.
-            out[it.path] = encode_one(it, accs[it.sites[0].x].H)
+            out[it.path] = per_item(it, accs[it.sites[0].x].H)
             progress_step()
         del accs
-        if key is not None:  # the next block reads this block's compressed outputs
+        if key is not None and compressed:  # the next block reads this block's compressed outputs
             with _swapped(graph, block_items, out):
                 stream.forget(span)
                 stream.run_through(last, {})
-    return out, rows
+    return out, rows, peak
+
+
+def _blocks_in_order(graph: ModelGraph, items: list[Item]):
+    """[(last node of the block or None, its items)], blocks in graph order, then targets outside."""
+    order = {n: i for i, n in enumerate(graph.module.graph.nodes)}
+    by_block: dict[int | None, list[Item]] = {}
+    for it in items:
+        by_block.setdefault(it.target.block, []).append(it)
+    blocks = {b.index: b for b in graph.blocks}
+    return order, blocks, [(None if key is None else max(blocks[key].nodes, key=order.__getitem__), key,
+                            by_block[key]) for key in sorted(by_block, key=lambda b: (b is None, b or 0))]
+
+
+def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]], per_item: Callable,
+                    progress_step) -> tuple[dict[str, Any], int, int]:
+    """True-sequential: the stream stops at each input a group of targets reads, the group is
+    encoded on it and its dequantized weights go in before the stream runs on, so every later
+    input of the block is computed by the compressed sublayers before it; the block is never
+    run twice."""
+    order, _, plan = _blocks_in_order(graph, items)
+    stream = Stream(graph, batches)
+    out: dict[str, Any] = {}
+    rows, peak = 0, 0
+    for last, _, block_items in plan:
+        groups: dict[fx.Node, list[Item]] = {}
+        for it in block_items:  # a target read at several sites (a tied weight) takes the first
+            groups.setdefault(it.sites[0].x, []).append(it)
+        with ExitStack() as swaps:
+            for x in sorted(groups, key=order.__getitem__):
+                acc = HessianAccumulator()
+                stream.run_through(x, {x: [acc.add]})
+                rows = max(rows, acc.count)
+                peak = max(peak, stream.nbytes() + acc.H.nbytes)
+                for it in groups[x]:
+                    progress_step(0, note=it.path)
+                    out[it.path] = per_item(it, acc.H)
+                    progress_step()
+                swaps.enter_context(_swapped(graph, groups[x], out))
+            stream.run_through(last, {})  # the rest of the block, on the compressed sublayers
+    return out, rows, peak
 
 
 def _block_span(order: dict, block, last: fx.Node) -> set[fx.Node]:

@@ -80,13 +80,16 @@ def require_calib(ctx: Context, bound: BoundRule, who: str) -> None:
 
 
 def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[str, tuple[Candidate, Encoded]],
-          details: dict) -> RuleReport:
-    """Rewrite every target; report bytes measured on the stored tensors."""
+          details: dict, ctx: Context) -> RuleReport:
+    """Rewrite every target; report bytes measured on the stored tensors. The weights of targets
+    a later `adapt … init=error` reads are kept in `ctx.originals` (the first precision rule's)."""
     before = sum(it.target.nbytes for it in items)
     after, weights, packed = 0, 0, 0
     kept, tied = [], []
     for it in items:
         cand, enc = chosen[it.path]
+        if it.path in ctx.keep_originals:
+            ctx.originals.setdefault(it.path, it.w.clone())
         if enc is None:
             kept.append(it.path)
         elif isinstance(enc, QuantizedWeight):

@@ -110,3 +110,13 @@ def test_tokens_unpad_changes_no_weights_and_clashes_with_no_selector():
     ok("drop blocks[1]", "tokens unpad", "adapt blocks lora", "keep head")
     err = error_of("tokens unpad", "heal method=linear")  # not a removal: heal still needs one
     assert err.kind == "illegal-order" and err.line == 3
+
+
+def test_error_init_needs_a_precision_rule_before_it():
+    err = error_of("adapt blocks.*.attn.q lora init=error", "quantize blocks.*.attn.q int4")
+    assert err.kind == "illegal-order" and (err.line, err.column) == (2, 5)
+    assert "nothing before line 2 quantizes" in err.message and "init=kaiming" in err.hint
+    ok("quantize blocks.*.attn.q int2", "adapt blocks.*.attn.q lora rank=16 init=error")
+    ok("precision blocks.*.** choose {int4, int8} budget avg_bits<=6 by output_mse", "adapt blocks.*.** dora init=error")
+    spec = ok("quantize blocks.*.attn.q int2", "adapt blocks.*.attn.q lora init=error")
+    assert spec.policy("p").rules[1].get("init") == "error"

@@ -57,6 +57,9 @@ CASES = [
     (body("adapt blocks lora rank=4 rank=8"), "duplicate", 2, 30, ["given twice"], None),
     (body("drop blocks auto(ratio=0.2, count=2)"), "invalid-combination", 2, 17, ["not both"], None),
     (body('adapt blocks lora from="a" init=gaussian'), "invalid-combination", 2, 32, ["loads a trained one"], "remove `init`"),
+    (body("quantize blocks int2\n    adapt blocks lora init=error merge=true"), "invalid-combination", 3, 34,
+     ["packed weights cannot take"], "write `merge=false` (the default): the adapter stays beside the quantized "
+     "weight, trainable"),
     (body("collapse blocks auto(ratio=0.2, count=2)"), "invalid-combination", 2, 21, ["not both"], None),
     (body("drop blocks auto(score=influence, max_run=2)"), "invalid-combination", 2, 39,
      ["`max_run` applies to `score=angular` only", "`score=influence`"], "write `score=angular`"),

@@ -1,0 +1,189 @@
+"""`adapt … init=error` (passes/adapters/error_init.py): the adapter's s·B·A against the optimum
+written here a different way (the projection of the error onto the top singular vectors of the
+error's outputs on the calibration rows), the output error of every target it touches measured
+on the original model's inputs, the whole model closer to the original, DoRA equal to LoRA at the
+start, training, save/load, and every refusal."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import slimfx
+from slimfx import SpecError
+from slimfx.models import tiny
+from slimfx.passes.adapters.error_init import error_adapter
+from slimfx.passes.calibrate import HessianAccumulator
+from slimfx.runtime.formats import QuantFormat, QuantizedWeight, dequantize
+
+QUANT = "quantize blocks.*.** : Linear int2 group=16"
+FMT = QuantFormat(2, 16, True)
+
+
+def _calib(n=3, rows=2, length=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 100, (rows, length), generator=gen),
+             "attention_mask": torch.ones(rows, length, dtype=torch.long)} for _ in range(n)]
+
+
+def _policy(*rules: str) -> str:
+    return "policy p {\n" + "\n".join(rules) + "\n}"
+
+
+def _optimum(d: torch.Tensor, X: torch.Tensor, rank: int) -> torch.Tensor:
+    """argmin over rank-r M of ‖(d − M) Xᵀ‖_F: the best rank-r approximation of d Xᵀ is
+    U_r U_rᵀ d Xᵀ (Eckart–Young), so M = U_r U_rᵀ d."""
+    U = torch.linalg.svd(d @ X.T, full_matrices=False)[0][:, :rank]
+    return U @ U.T @ d
+
+
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(4, 40), inp=st.integers(4, 40), rank=st.integers(1, 6), scale=st.floats(0.25, 4.0),
+       seed=st.integers(0, 2**16))
+def test_the_adapter_is_the_optimal_rank_r_correction(out, inp, rank, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    X = (torch.randn(3 * inp, inp, generator=gen, dtype=torch.float64)
+         @ torch.randn(inp, inp, generator=gen, dtype=torch.float64))  # correlated, full rank
+    w = torch.randn(out, inp, generator=gen)
+    w_hat = w + 0.1 * torch.randn(out, inp, generator=gen)
+    H = X.T @ X / X.shape[0]
+    fit = error_adapter(w, w_hat, H, rank, scale)
+    assert fit.A.shape == (rank, inp) and fit.B.shape == (out, rank)
+    d = (w - w_hat).double()
+    want = _optimum(d, X, rank)
+    got = scale * fit.B.double() @ fit.A.double()
+    torch.testing.assert_close(got, want, atol=2e-5 * float(want.abs().max()) + 1e-6, rtol=0)
+    assert fit.after <= fit.before
+    # The optimum's error, computed directly on the rows.
+    direct = float(((d - want) @ X.T).pow(2).sum()) / X.shape[0]
+    assert fit.after == pytest.approx(direct, rel=1e-3, abs=1e-8)
+
+
+def test_rank_beyond_the_error_starts_those_terms_as_a_fresh_lora():
+    """An error of rank 1 and an adapter of rank 4: one term holds the error, three have B = 0 and a
+    nonzero row of A (a dead term would never train: both of its gradients would be zero)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 10, generator=gen)
+    d = torch.randn(12, 1, generator=gen) @ torch.randn(1, 10, generator=gen)
+    fit = error_adapter(w, w - d, torch.eye(10, dtype=torch.float64), 4, 2.0)
+    torch.testing.assert_close(2.0 * fit.B @ fit.A, d, atol=1e-5, rtol=0)
+    assert int((fit.B.abs().sum(0) > 0).sum()) == 1
+    assert bool((fit.A.norm(dim=1) > 0).all())
+    zero = error_adapter(w, w, torch.eye(10, dtype=torch.float64), 4, 2.0)
+    assert torch.count_nonzero(zero.B) == 0 and bool((zero.A.norm(dim=1) > 0).all())
+
+
+def _linear_inputs(model, calib) -> dict[str, torch.Tensor]:
+    """H of every nn.Linear's input in the *original* model (the pass used the quantized one's)."""
+    accs, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in name:
+            accs[name] = HessianAccumulator()
+            hooks.append(m.register_forward_hook(lambda mod, args, out, n=name: accs[n].add(args[0])))
+    with torch.no_grad():
+        for batch in calib:
+            model(**batch)
+    for h in hooks:
+        h.remove()
+    return {n: a.H for n, a in accs.items()}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    lm = tiny("llama", layers=2)
+    calib = _calib()
+    policy = _policy(QUANT, "adapt blocks.*.** : Linear lora rank=8 alpha=16 init=error")
+    return lm, calib, slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, calib=calib,
+                                     backend="eager")
+
+
+def test_every_target_s_output_error_goes_down(compiled):
+    lm, calib, cm = compiled
+    H = _linear_inputs(lm.model, calib)
+    weights = dict(lm.model.named_modules())
+    assert set(cm.adapters) == set(H)
+    for path, h in H.items():
+        w = weights[path].weight.detach().double()
+        mod = cm.program.get_submodule(path)
+        w_hat = dequantize(QuantizedWeight(mod.qweight, mod.scales, getattr(mod, "zeros", None), FMT,
+                                           tuple(w.shape))).double()
+        s = cm.adapters[path].scale
+        corrected = w_hat + s * mod.lora_B.detach().double() @ mod.lora_A.detach().double()
+        before = float((((w - w_hat) @ h) * (w - w_hat)).sum())
+        after = float((((w - corrected) @ h) * (w - corrected)).sum())
+        assert after < 0.8 * before, f"{path}: {after:.4g} vs {before:.4g}"
+    rule = cm.report.rules[1]
+    assert rule.details["init"] == "error" and 0 < rule.details["output_error_left"] < 0.8
+    assert any("init=error" in n for n in rule.notes)
+
+
+def test_the_model_starts_closer_to_the_original(compiled):
+    lm, calib, cm = compiled
+    plain = slimfx.compile(lm.model, _policy(QUANT), example_inputs=lm.example_inputs, backend="eager")
+    batch = _calib(n=1, seed=7)[0]
+    with torch.no_grad():
+        ref = lm.model(**batch).logits
+        err_plain = (plain(**batch).logits - ref).pow(2).mean()
+        err_fixed = (cm(**batch).logits - ref).pow(2).mean()
+    assert err_fixed < 0.8 * err_plain, (float(err_fixed), float(err_plain))
+
+
+def test_dora_starts_where_lora_does(compiled):
+    """DoRA's magnitude starts at ‖ŵ + s·B·A‖, so k = 1 and its outputs equal LoRA's."""
+    lm, calib, cm = compiled
+    dora = slimfx.compile(lm.model, _policy(QUANT, "adapt blocks.*.** : Linear dora rank=8 alpha=16 init=error"),
+                          example_inputs=lm.example_inputs, calib=calib, backend="eager")
+    batch = _calib(n=1, seed=7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(dora(**batch).logits, cm(**batch).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_adapters_train_and_save_load_bit_identical(compiled, tmp_path):
+    lm, calib, cm = compiled
+    cm.save(tmp_path / "a")
+    back = slimfx.load(tmp_path / "a", backend="eager")
+    batch = _calib(n=1, seed=9)[0]
+    with torch.no_grad():
+        assert torch.equal(back(**batch).logits, cm(**batch).logits)
+    trained = copy.deepcopy(back)
+    params = trained.adapter_parameters()
+    assert params and all(p.requires_grad for p in params)
+    trained(**batch).logits.float().pow(2).mean().backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in params)
+
+
+def test_refused_without_a_quantize_before_it():
+    with pytest.raises(SpecError) as e:
+        slimfx.parse(_policy("adapt blocks.*.attn.q lora init=error"))
+    assert e.value.kind == "illegal-order" and "nothing before line 2 quantizes" in e.value.message
+
+
+def test_refused_with_merge_true():
+    with pytest.raises(SpecError) as e:
+        slimfx.parse(_policy(QUANT, "adapt blocks.*.attn.q lora init=error merge=true"))
+    assert e.value.kind == "invalid-combination" and "merge=false" in e.value.hint
+
+
+def test_refused_with_from():
+    with pytest.raises(SpecError) as e:
+        slimfx.parse(_policy(QUANT, 'adapt blocks.*.attn.q lora init=error from="x"'))
+    assert e.value.kind == "invalid-combination"
+
+
+def test_refused_for_a_target_no_rule_quantized():
+    lm = tiny("llama", layers=2)
+    policy = _policy("quantize blocks.*.attn.q int4 group=16", "adapt blocks.*.attn.{q,v} lora rank=4 init=error")
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, calib=_calib(), backend="eager")
+    assert e.value.kind == "illegal-order" and "attn.v" in e.value.message and e.value.line == 3
+
+
+def test_refused_without_calibration():
+    lm = tiny("llama", layers=2)
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(lm.model, _policy(QUANT, "adapt blocks.*.attn.q lora rank=4 init=error"),
+                       example_inputs=lm.example_inputs, backend="eager")
+    assert e.value.kind == "missing-value" and "calib" in e.value.hint
+

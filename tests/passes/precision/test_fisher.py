@@ -1,0 +1,100 @@
+"""`precision … by fisher` (passes/precision/fisher.py): the per-output loss sensitivities against
+gradients taken here with hooks on the Hugging Face model, the weighted error against a sum over
+calibration rows, the rule end to end, and the refusal on a model without a language-model loss."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slimfx
+from slimfx import SpecError
+from slimfx.models import tiny
+from slimfx.passes.precision.fisher import output_fisher, weighted_error
+from slimfx.passes.rewrite import find_sites
+
+from passes_tiny import captured
+
+
+def _calib(n=2, rows=2, length=10, seed=0, pad=True):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        mask = torch.ones(rows, length, dtype=torch.long)
+        if pad:
+            mask[1, -3:] = 0  # padding: not a token the loss or F counts
+        out.append({"input_ids": torch.randint(3, 256, (rows, length), generator=gen), "attention_mask": mask})
+    return out
+
+
+def _hf_fisher(model, batches) -> dict[str, torch.Tensor]:
+    """Mean over real tokens of (∂L/∂y)² at every block linear's output, L the mean next-token
+    cross entropy over real tokens, written here on the HF modules."""
+    sums, tokens = {}, 0
+    flags = [p.requires_grad for p in model.parameters()]
+    for batch in batches:
+        outs, hooks = {}, []
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and ".layers." in name:
+                hooks.append(m.register_forward_hook(lambda mod, a, out, n=name: outs.__setitem__(n, out)))
+        with torch.enable_grad():
+            for p in model.parameters():
+                p.requires_grad_(True)
+            logits = model(**batch).logits
+            labels = batch["input_ids"].clone()
+            labels[batch["attention_mask"] == 0] = -100
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            grads = torch.autograd.grad(loss, list(outs.values()))
+        for h in hooks:
+            h.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        keep = batch["attention_mask"].reshape(-1) != 0
+        for name, g in zip(outs, grads):
+            rows = g.reshape(-1, g.shape[-1])[keep].double()
+            sums[name] = sums.get(name, 0) + rows.pow(2).sum(0)
+        tokens += int(keep.sum())
+    return {n: s / tokens for n, s in sums.items()}
+
+
+def test_output_fisher_equals_gradients_on_the_hf_model():
+    cap = captured("llama")
+    batches = _calib()
+    outputs = {path: [s.node for s in find_sites(cap.graph, t)] for path, t in cap.graph.targets.items()
+               if ".layers." in path and t.kind == "linear"}
+    flags = [p.requires_grad for p in cap.graph.module.parameters()]
+    got = output_fisher(cap.graph, outputs, batches)
+    assert [p.requires_grad for p in cap.graph.module.parameters()] == flags  # left as it was
+    want = _hf_fisher(cap.model, batches)
+    assert set(got) == set(want) and len(got) == 2 * 7
+    for path in want:
+        torch.testing.assert_close(got[path], want[path], rtol=1e-4, atol=1e-12 + 1e-4 * float(want[path].max()))
+
+
+def test_weighted_error_is_the_expected_loss_weighted_output_error():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    d = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    f = torch.rand(4, generator=gen, dtype=torch.float64)
+    direct = float(((X @ d.T).pow(2) * f).sum(1).mean())
+    assert weighted_error(d, X.T @ X / 50, f) == pytest.approx(direct, rel=1e-10)
+
+
+def test_budget_by_fisher_compiles_and_says_so():
+    lm = tiny("llama", layers=2)
+    policy = ("policy p {\nprecision blocks.*.** : Linear choose {int8, int4 group=16} budget avg_bits<=6 "
+              "by fisher\n}")
+    cm = slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, calib=_calib(pad=False), backend="eager")
+    details = cm.report.rules[0].details
+    assert details["metric"] == "fisher" and details["achieved_avg_bits"] <= 6
+    assert len(set(details["choices"].values())) == 2
+
+
+def test_by_fisher_is_refused_on_a_model_without_logits():
+    lm = tiny("bert", layers=2)
+    policy = ("policy p {\nprecision blocks.*.** : Linear choose {int8, int4 group=16} budget avg_bits<=6 "
+              "by fisher\n}")
+    calib = [{k: v for k, v in lm.example_inputs.items()}]
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, calib=calib, backend="eager")
+    assert e.value.kind == "unsupported" and "by output_mse" in e.value.hint and e.value.line == 2
