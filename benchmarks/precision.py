@@ -44,7 +44,12 @@ ROWS = {  # name -> rule (None: the fp32 model itself)
     "int4 g64 GPTQ clip=output": f"quantize {LINEARS} int4 group=64 method=gptq act_order=true clip=output",
     "int4 g64 GPTQ asym clip=output": f"quantize {LINEARS} int4 group=64 sym=false method=gptq act_order=true "
                                       "clip=output",
+    "int4 g64 GPTQ asym zero=float clip=output": f"quantize {LINEARS} int4 group=64 sym=false zero=float method=gptq "
+                                                 "act_order=true clip=output",
     "int4 g32 GPTQ": f"quantize {LINEARS} int4 group=32 method=gptq act_order=true",
+    # SmolLM2's weights are a dequantized Q4_1 file (groups of 32 with a float offset): this format
+    # reproduces them almost exactly, so judge formats at group 64, not by this row.
+    "int4 g32 RTN asym zero=float (source format)": f"quantize {LINEARS} int4 group=32 sym=false zero=float",
     "budget avg_bits<=4.5": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=4.5 by output_mse method=gptq act_order=true",
     "budget avg_bits<=5.0": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=5.0 by output_mse method=gptq act_order=true",
 }

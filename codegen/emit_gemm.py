@@ -4,8 +4,10 @@ a 2-D weight — with its pointwise epilogue, as one Triton kernel (float32 acti
 
 - Tiles of [BM, BN] outputs, a loop over K in steps of BK. A packed weight (runtime/formats.py:
   `8 // bits` codes per byte along the input dim, little end first; fp16 scales per group of
-  `group` inputs, the last group possibly shorter; zeros per group or the implicit middle code) is
-  dequantized tile by tile in registers — `(code - zero) * scale` — and never written out.
+  `group` inputs, the last group possibly shorter; zero points per group — packed whole ones
+  (uint8, `bits` bits each along the group axis, extracted like the codes), float ones, or the
+  implicit middle code) is dequantized tile by tile in registers — `(code - zero) * scale` — and
+  never written out.
 - The epilogue runs on the accumulator before the one store: bias, then the group's pointwise
   ops (codegen/expr.py's table), whose other operands are read as "full" ([M, N]), "col" ([N]:
   bias-like), "row" ([M, 1]) or "scalar" values, by their symbolic shapes.
@@ -142,6 +144,7 @@ class _GemmSource:
         if len(formats) != 1:
             raise Unsupported(f"{self.anchors[0].name}: merged GEMMs with different weight formats")
         self.quant = None if parts[0][1][0] == "dense" else tuple(parts[0][1][4:])
+        zero_kinds = [_zero_kind(p[1][3]) for p in parts if p[1][0] == "quant"]
         self.inputs.append((x, "x"))
         weight_args = []
         self.ranks: dict[int, int] = {}
@@ -182,7 +185,9 @@ class _GemmSource:
                   "    rm = tl.program_id(0) * BM + tl.arange(0, BM)\n    mm = rm < M\n    tile = tl.program_id(1)\n"
                   + ("" if self.quant is None else
                      f"    KB = (K * {self.quant[0]} + 7) // 8  # bytes per packed row\n"
-                     f"    GROUP = {self.quant[1]}\n    NG = (K + GROUP - 1) // GROUP  # groups per row (the last may be short)\n")
+                     f"    GROUP = {self.quant[1]}\n    NG = (K + GROUP - 1) // GROUP  # groups per row (the last may be short)\n"
+                     + (f"    ZB = (NG * {self.quant[0]} + 7) // 8  # bytes per row of packed zero points\n"
+                        if "packed" in zero_kinds else ""))
                   + "\n".join(body) + "\n")
         return GemmKernel("gemm", source, self.inputs, outputs, list(self.group.nodes), k=self.k, ns=tuple(ns),
                           segments=tuple(segments), weight_layouts=tuple(p[3] for p in parts))
@@ -206,7 +211,7 @@ class _GemmSource:
                   "mask=mm[:, None] & mk[None, :], other=0.0)"]
         for j in seg:
             weight = parts[j][1]
-            lines += _quant_tile(j, *weight[4:], weight[3] is not None) if weight[0] == "quant" else [
+            lines += _quant_tile(j, *weight[4:], _zero_kind(weight[3])) if weight[0] == "quant" else [
                 f"            w = tl.load(w{j}_ptr + rn[:, None] * stride_w{j}n + kk[None, :] * stride_w{j}k, "
                 "mask=mn[:, None] & mk[None, :], other=0.0)"]
             lines.append(f"            acc{j} += tl.dot(a, tl.trans(w), input_precision=\"ieee\")")
@@ -309,19 +314,40 @@ def _padded(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())
 
 
-def _quant_tile(j: int, bits: int, group: int, zeros: bool) -> list[str]:
+def _zero_kind(zeros) -> str | None:
+    """How a quant_linear's zero points are stored (runtime/ops.py tells them apart by dtype):
+    None (symmetric), "packed" (uint8, whole zero points) or "float"."""
+    if zeros is None:
+        return None
+    val = tensor_val(zeros)
+    if val is None:
+        raise Unsupported(f"{zeros.name}: zero points without a tensor value (dtype unknown)")
+    return "packed" if val.dtype == torch.uint8 else "float"
+
+
+def _quant_tile(j: int, bits: int, group: int, zeros: str | None) -> list[str]:
     """Dequantize anchor j's [BN, BK] weight tile: codes from the packed bytes, group scales (and
-    zeros, or the implicit middle code)."""
+    zero points — packed, float — or the implicit middle code)."""
     per = 8 // bits
-    zero = (f"tl.load(z{j}_ptr + rn[:, None] * NG + kk[None, :] // GROUP, mask=mw, other=0.0).to(tl.float32)"
-            if zeros else f"{float(1 << (bits - 1))!r}")
-    return [
+    mask = (1 << bits) - 1
+    lines = [
         "            mw = mn[:, None] & mk[None, :]",
         f"            byte = tl.load(qw{j}_ptr + rn[:, None] * KB + kk[None, :] // {per}, mask=mw, other=0).to(tl.int32)",
-        f"            code = (byte >> ((kk[None, :] % {per}) * {bits})) & {(1 << bits) - 1}",
+        f"            code = (byte >> ((kk[None, :] % {per}) * {bits})) & {mask}",
         f"            scale = tl.load(s{j}_ptr + rn[:, None] * NG + kk[None, :] // GROUP, mask=mw, other=0.0).to(tl.float32)",
-        f"            w = (code.to(tl.float32) - {zero}) * scale",
     ]
+    if zeros == "packed":  # zero point of group g: field g % per of byte g // per, as the codes
+        lines += [
+            "            zg = kk[None, :] // GROUP",
+            f"            zbyte = tl.load(z{j}_ptr + rn[:, None] * ZB + zg // {per}, mask=mw, other=0).to(tl.int32)",
+            f"            zero = ((zbyte >> ((zg % {per}) * {bits})) & {mask}).to(tl.float32)",
+        ]
+        zero = "zero"
+    elif zeros == "float":
+        zero = f"tl.load(z{j}_ptr + rn[:, None] * NG + kk[None, :] // GROUP, mask=mw, other=0.0).to(tl.float32)"
+    else:
+        zero = f"{float(1 << (bits - 1))!r}"
+    return lines + [f"            w = (code.to(tl.float32) - {zero}) * scale"]
 
 
 def _operands(anchor: fx.Node, group: Group):

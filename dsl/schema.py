@@ -72,6 +72,9 @@ _GROUP = ParamSpec("group", int, None, "weights per quantization group along the
                    "(default: per output channel for int8, 64 for int4/int2)",
                    lambda v: is_power_of_two(v) and v >= 16, "a power of two, at least 16", example="64")
 _SYM = ParamSpec("sym", bool, True, "symmetric (true) or with a zero point (false)")
+_ZERO = ParamSpec("zero", str, "int", "with sym=false: a whole zero point per group, packed in the format's bits "
+                  "(`int`), or a float offset per group, fp16, over the group's own range (`float`, as "
+                  "llama.cpp's Q4_1)", choices=("int", "float"))
 _METHOD_Q = ParamSpec("method", str, "rtn", "round-to-nearest or GPTQ", choices=("rtn", "gptq"))
 _DAMP = ParamSpec("damp", float, 0.01, "GPTQ damping, as a fraction of the mean Hessian diagonal",
                   _fraction_half_open, "a number in (0, 1]")
@@ -139,8 +142,8 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
                   lambda v: isinstance(v, str) and v.strip() != "", "a directory path in quotes",
                   example='"adapters/my-lora"'),
     ),
-    "quantize": _specs(_GROUP, _SYM, _METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _SEQUENTIAL, _TRUE_SEQUENTIAL),
-    "choice": _specs(_GROUP, _SYM),
+    "quantize": _specs(_GROUP, _SYM, _ZERO, _METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _SEQUENTIAL, _TRUE_SEQUENTIAL),
+    "choice": _specs(_GROUP, _SYM, _ZERO),
     "precision": _specs(_METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _SEQUENTIAL, _TRUE_SEQUENTIAL),
     "tokens.prune": _specs(
         ParamSpec("keep", float, 0.5, "fraction of tokens kept", _fraction_half_open, "a number in (0, 1]"),
@@ -178,7 +181,7 @@ HEAL_METHOD_PARAMS = {"fold": "linear", "steps": "lora", "lr": "lora", "rank": "
                       "merge": "lora"}
 
 # Parameters that only make sense for integer formats.
-INT_ONLY_PARAMS = ("group", "sym", "method", "damp", "act_order")
+INT_ONLY_PARAMS = ("group", "sym", "zero", "method", "damp", "act_order")
 
 
 def schema_key(node) -> str:

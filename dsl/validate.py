@@ -138,11 +138,22 @@ def _example(spec: ParamSpec) -> str:
 
 def _check_format_params(fmt: str, params: tuple[A.Param, ...], problems: _Problems):
     if fmt in INT_FORMATS:
+        _check_zero(params, problems)
         return
     for p in params:
         if p.name in INT_ONLY_PARAMS:
             problems.add("invalid-combination", f"`{p.name}` applies to integer formats only, not `{fmt}`",
                          p.span, "remove it, or choose int8, int4 or int2")
+
+
+def _check_zero(params: tuple[A.Param, ...], problems: _Problems):
+    names = {p.name: p for p in params}
+    zero = names.get("zero")
+    sym = names["sym"].value if "sym" in names else True  # the schema's default
+    if zero is not None and zero.value == "float" and sym:
+        problems.add("invalid-combination", "`zero=float` (a float offset per group) needs an asymmetric format, "
+                     "and this one is symmetric" + ("" if "sym" in names else " (sym=true is the default)"),
+                     zero.span, "add `sym=false`" if "sym" not in names else "write `sym=false`, or remove `zero=float`")
 
 
 def _check_true_sequential(params: tuple[A.Param, ...], problems: _Problems):

@@ -13,7 +13,7 @@ from ..dsl.schema import FORMAT_BITS
 
 __all__ = ["Estimate", "estimate", "quantized_bytes"]
 
-SCALE_BYTES = 2  # fp16 scales and zero points
+SCALE_BYTES = 2  # fp16 scales and float zero points
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,10 @@ def _distinct(targets, graph) -> tuple[int, int]:
     return params, nbytes
 
 
-def quantized_bytes(out_features: int, in_features: int, fmt: str, group: int | None, sym: bool) -> int:
-    """Bytes of one packed weight: codes plus fp16 scales (and zero points when asymmetric)."""
+def quantized_bytes(out_features: int, in_features: int, fmt: str, group: int | None, sym: bool,
+                    zero: str = "int") -> int:
+    """Bytes of one packed weight: codes plus fp16 scales, and zero points when asymmetric (whole
+    ones packed `bits` bits each per row, float ones fp16)."""
     bits = FORMAT_BITS[fmt]
     if fmt not in ("int8", "int4", "int2"):
         return out_features * in_features * bits // 8
@@ -67,7 +69,11 @@ def quantized_bytes(out_features: int, in_features: int, fmt: str, group: int | 
         group = 64
     groups = 1 if group is None else math.ceil(in_features / group)  # ragged last group counts whole
     codes = out_features * math.ceil(in_features * bits / 8)
-    return codes + out_features * groups * SCALE_BYTES * (1 if sym else 2)
+    scales = out_features * groups * SCALE_BYTES
+    if sym:
+        return codes + scales
+    zeros = groups * SCALE_BYTES if zero == "float" else math.ceil(groups * bits / 8)
+    return codes + scales + out_features * zeros
 
 
 def _numel(target) -> int:
@@ -91,7 +97,8 @@ def _bias_bytes(target) -> int:
 
 def _quantize(rule: A.Quantize, targets) -> Estimate:
     before = sum(t.nbytes for t in targets)
-    after = sum(quantized_bytes(*_weight_shape(t), rule.format, rule.get("group"), rule.get("sym"))
+    after = sum(quantized_bytes(*_weight_shape(t), rule.format, rule.get("group"), rule.get("sym"),
+                                rule.get("zero"))
                 + _bias_bytes(t) + _still_held(t) for t in targets)
     params = sum(_numel(t) for t in targets)
     weights = sum(math.prod(_weight_shape(t)) for t in targets) or 1

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from . import ops  # noqa: F401 - registers slimfx::quant_linear, the reference
-from .formats import unpack
+from .formats import unpack, zero_points
 
 __all__ = ["int4_kernel_group", "int4pack_weights", "int8_eligible", "int8pack_weights",
            "has_int4pack", "has_int8pack"]
@@ -98,21 +98,25 @@ def int4pack_weights(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optiona
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 [N, K/2] in the CPU kernel's layout, scales_zeros bf16 [K/kernel_group, N, 2]).
 
-    The kernel computes (q - 8) * scale + zero. int4: q = u and zero = scale * (8 - z) (z = 8 when
-    symmetric, so zero = 0); the bf16 zero of an asymmetric group is off by ≤ 2^-9 of 8 * scale.
-    int2: the codes (0..3) are moved to q = u + 8 - z (5..11), so that zero = 0 and the weight is
-    exact up to its bf16 scale."""
+    The kernel computes (q - 8) * scale + zero with 4-bit q. Each group's zero point z (packed,
+    float, or the middle code) is split into a whole part r moved into the codes, q = u + 8 - r,
+    and the rest, zero = scale * (r - z), which goes through bf16: (u - z) * scale either way.
+    r is as near z as keeps q in 0..15 for every code u: int4 (u up to 15) has only r = 8, so an
+    asymmetric group's bf16 zero is off by ≤ 2^-9 of |8 - z| * scale (for a float zero far from
+    0 that is bf16's own rounding of the group's offset, as a bf16 weight would have); int2 (u up
+    to 3) takes r = round(z) in -4..8, so whole zero points give zero = 0 and the weight is exact
+    up to its bf16 scale."""
     codes = unpack(qweight, bits, in_features).to(torch.int32)
+    groups = scales.shape[1]
+    z = zero_points(zeros, bits, groups)
+    if z is None:
+        z = torch.full_like(scales, float(1 << (bits - 1)), dtype=torch.float32)
+    r = z.round().clamp((1 << bits) - 1 - 7, 8)
+    shift = (8 - r).to(torch.int32).repeat_interleave(group, dim=1)[:, :in_features]
     owner = torch.arange(in_features // kernel_group) * kernel_group // group  # slimfx group of each
     scale = scales.float()[:, owner]
-    mid = float(1 << (bits - 1))
-    if bits == 2:
-        z = torch.full_like(scales, mid, dtype=torch.float32) if zeros is None else zeros.float()
-        shift = (8 - z.round().to(torch.int32)).repeat_interleave(group, dim=1)[:, :in_features]
-        codes, zero = codes + shift, torch.zeros_like(scale)
-    else:
-        zero = scale * (8.0 - (mid if zeros is None else zeros.float()[:, owner]))
-    packed = aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    zero = scale * (r - z)[:, owner]
+    packed = aten._convert_weight_to_int4pack_for_cpu((codes + shift).contiguous(), 1)
     scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(COMPUTE_DTYPE).contiguous()
     return packed, scales_zeros
 
@@ -127,10 +131,12 @@ def int8pack_weights(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optiona
                      ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(int8 codes u - 128 [N, K], bf16 scales [N], fp32 offsets [N] or None).
 
-    (u - z) * s = (u - 128) * s + (128 - z) * s: an asymmetric weight adds sum(x) * offset."""
+    (u - z) * s = (u - 128) * s + (128 - z) * s: an asymmetric weight (whole or float zero point)
+    adds sum(x) * offset."""
     weight = (qweight.to(torch.int16) - 128).to(torch.int8).contiguous()
     scale = scales.float()[:, 0]
-    offsets = None if zeros is None else ((128.0 - zeros.float()[:, 0]) * scale).contiguous()
+    z = zero_points(zeros, 8, 1)
+    offsets = None if z is None else ((128.0 - z[:, 0]) * scale).contiguous()
     return weight, scale.to(COMPUTE_DTYPE).contiguous(), offsets
 
 

@@ -12,11 +12,23 @@ Layout (what `dequantize` and the kernels agree on):
   and `scale = max|w| / (2^(bits-1) - 1/2)`: the grid's ends sit within scale/2 of -max|w| and
   +max|w|, so every code is used (int2 gets 4 levels, not the 3 of `max|w| / (2^(bits-1) - 1)`,
   which halves its error) and the RTN bound below still holds.
-  Asymmetric: the group range is widened to include 0 (so a 0 weight is exact and the zero point
-  is a whole code in [0, 2^bits - 1]), `scale = (max - min) / (2^bits - 1)`,
-  `zero = round(-min / scale)`, stored as fp16 [out, n_groups] (whole numbers up to 255 are exact).
+  Asymmetric, `zero="int"`: the group range is widened to include 0 (so a 0 weight is exact and
+  the zero point is a whole code in [0, 2^bits - 1]), `scale = (max - min) / (2^bits - 1)`,
+  `zero = round(-min / scale)`, stored packed like the codes, `bits` bits per zero point along the
+  group axis: uint8 [out, ceil(n_groups * bits / 8)] (int4 g32 costs 4 + 16/32 + 4/32 = 4.625 bits).
+  Asymmetric, `zero="float"` (llama.cpp's Q4_1, HQQ: ŵ = u * scale + m with a float offset m): the
+  range is the group's own [min, max], not widened, and the same formula holds with a non-integer
+  zero point z = -min / scale, stored fp16 [out, n_groups]. z is rounded to fp16 *before* the codes
+  are chosen, so the grid the codes were rounded on is the grid that is stored. fp16 holds every z
+  with |z| <= 2048 within 1/2 (whole numbers up to 2048 are exact), so the scale is widened where
+  needed to keep |z| <= 2048 (a group lying more than 2048 steps from 0: its offset would otherwise
+  be off by a step or more, or overflow fp16), and RTN's bound below holds for float zeros too.
+  The op tells the two apart by dtype: uint8 zeros are packed whole zero points, a float tensor
+  holds zero points as they are (float zeros; artifacts written before zero points were packed
+  stored whole ones as fp16, which read the same way and compute the same weight).
 - Scales are rounded *up* to fp16, so every weight lies within half a step of the grid and RTN
-  keeps |w - ŵ| <= scale / 2 with the stored scale. All-zero groups get scale 1 (ŵ = 0).
+  keeps |w - ŵ| <= scale / 2 with the stored scale (up to float32 rounding of the non-integer
+  (u - z) for float zeros). All-zero groups get scale 1 (ŵ = 0).
 - Packing: per row, `8 // bits` codes per byte, little-end first (code j of a byte sits in bits
   [j*bits, (j+1)*bits)); each row is padded with zero codes to a whole byte.
   `qweight` is uint8 [out, ceil(in * bits / 8)].
@@ -31,22 +43,27 @@ import torch
 __all__ = [
     "QuantFormat", "QuantizedWeight", "from_rule", "pack", "unpack", "group_params", "quantize_codes",
     "dequantize_codes", "quantize_rtn", "dequantize", "error_bound", "nbytes", "bits_per_weight",
-    "group_size", "n_groups",
+    "group_size", "n_groups", "ZEROS", "store_zeros", "zero_points",
 ]
 
 BITS = (2, 4, 8)
 _FORMAT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 _DEFAULT_GROUP = {"int8": None, "int4": 64, "int2": 64}
 _FP16_MAX = torch.finfo(torch.float16).max
+ZEROS = ("int", "float")  # whole zero points (packed) or float offsets (fp16)
+# fp16 holds every number up to 2048 within 1/2: the largest float zero point (module docstring).
+_FLOAT_ZERO_MAX = 2048.0
 
 
 @dataclass(frozen=True)
 class QuantFormat:
-    """`QuantFormat(4, 64, True)`: int4, 64 weights per group along the input dim, symmetric."""
+    """`QuantFormat(4, 64, True)`: int4, 64 weights per group along the input dim, symmetric.
+    `QuantFormat(4, 32, False, "float")`: asymmetric with a float offset per group (Q4_1-like)."""
 
     bits: int
     group: int | None = None
     sym: bool = True
+    zero: str = "int"
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or self.bits not in BITS:
@@ -56,6 +73,11 @@ class QuantFormat:
             raise ValueError(f"group={self.group!r} must be a positive integer, or None for per-channel")
         if not isinstance(self.sym, bool):
             raise ValueError(f"sym={self.sym!r} must be True or False")
+        if self.zero not in ZEROS:
+            raise ValueError(f"zero={self.zero!r} is not a zero-point kind; use one of {ZEROS}")
+        if self.zero == "float" and self.sym:
+            raise ValueError("zero='float' is an asymmetric format (a float offset per group); "
+                             "pass sym=False with it")
 
     @property
     def qmax(self) -> int:
@@ -63,18 +85,19 @@ class QuantFormat:
         return (1 << self.bits) - 1
 
 
-def from_rule(fmt: str, group: int | None = None, sym: bool = True) -> QuantFormat:
+def from_rule(fmt: str, group: int | None = None, sym: bool = True, zero: str = "int") -> QuantFormat:
     """The format a policy names: `from_rule("int4")` is int4 group 64 symmetric; int8 defaults
     to per-channel."""
     if fmt not in _FORMAT_BITS:
         raise ValueError(f"{fmt!r} is not a packed integer format; use one of {sorted(_FORMAT_BITS)}")
-    return QuantFormat(_FORMAT_BITS[fmt], _DEFAULT_GROUP[fmt] if group is None else group, sym)
+    return QuantFormat(_FORMAT_BITS[fmt], _DEFAULT_GROUP[fmt] if group is None else group, sym, zero)
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A packed [out, in] weight: `qweight` uint8 codes, `scales` fp16 [out, n_groups],
-    `zeros` fp16 [out, n_groups] (asymmetric) or None (symmetric)."""
+    """A packed [out, in] weight: `qweight` uint8 codes, `scales` fp16 [out, n_groups], `zeros`
+    None (symmetric), packed uint8 [out, ceil(n_groups * bits / 8)] (whole zero points) or fp16
+    [out, n_groups] (float zero points)."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -157,17 +180,38 @@ def group_params(w: torch.Tensor, fmt: QuantFormat, shrink: float = 1.0) -> tupl
     """Scale and zero point of each group, reducing over the last dim of `w`.
 
     Returns float32 tensors shaped like `w` minus its last dim: the scale (exactly an fp16 value)
-    and, when asymmetric, the zero point (a whole code), else None. `shrink` < 1 narrows the range
-    to that fraction of the group's (a clipping search tries several; weights outside then clamp
-    to the end codes and the RTN bound below no longer holds for them).
+    and, when asymmetric, the zero point (a whole code, or for `zero="float"` exactly an fp16
+    value), else None. `shrink` < 1 narrows the range to that fraction of the group's (a clipping
+    search tries several; weights outside then clamp to the end codes and the RTN bound below no
+    longer holds for them).
     """
     w = w.float()
     if fmt.sym:
         scale = w.abs().amax(-1) * shrink / ((1 << (fmt.bits - 1)) - 0.5)  # see the module docstring
         return _fp16_ceil(torch.where(scale > 0, scale, 1.0)), None
+    if fmt.zero == "float":
+        return _float_zero_params(w, fmt, shrink)
     lo, hi = w.amin(-1).clamp(max=0) * shrink, w.amax(-1).clamp(min=0) * shrink  # the range always holds 0
     scale = _fp16_ceil(torch.where(hi > lo, (hi - lo) / fmt.qmax, 1.0))
     zero = torch.round(-lo / scale).clamp(0, fmt.qmax)
+    return scale, zero
+
+
+def _float_zero_params(w: torch.Tensor, fmt: QuantFormat, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`zero="float"`: the group's own range (0 need not be in it), shrunk about its middle, since
+    shrinking towards 0 would move a group that lies away from 0 off its weights.
+
+    float64, so that a group whose ends are fp16 values u*d + m (a dequantized Q4_1 file) gets
+    back exactly d = (max - min) / qmax when its codes span 0..qmax: float32 would round the
+    difference and the fp16 scale would then come out one step too large."""
+    lo, hi = w.double().amin(-1), w.double().amax(-1)
+    cut = (hi - lo) * (1 - shrink) / 2  # 0 at shrink 1: the range as it is, exactly
+    lo, hi = lo + cut, hi - cut
+    # Widened where needed so |z| <= 2048, which fp16 holds within 1/2 (module docstring).
+    scale = torch.maximum((hi - lo) / fmt.qmax, lo.abs() / _FLOAT_ZERO_MAX)
+    scale = _fp16_ceil(torch.where(scale > 0, scale, 1.0))
+    # Rounded to fp16 now: the codes are chosen on the grid that will be stored.
+    zero = (-lo / scale.double()).to(torch.float16).float()
     return scale, zero
 
 
@@ -179,13 +223,19 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
                    fmt: QuantFormat) -> torch.Tensor:
     """Unsigned uint8 codes of `w` given its (broadcastable) scale and zero point; clamps to the
     code range (GPTQ's updated weights may leave the range their group started with)."""
-    q = torch.round(w.float() / scale) + _zero_or_mid(zero, fmt)
+    if fmt.zero == "float" and zero is not None:
+        # A float zero point shifts the grid by a fraction of a step: round after adding it
+        # (float64, so the sum does not move a weight across a rounding boundary).
+        q = torch.round(w.double() / scale + zero)
+    else:
+        q = torch.round(w.float() / scale) + _zero_or_mid(zero, fmt)
     return q.clamp(0, fmt.qmax).to(torch.uint8)
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                      fmt: QuantFormat) -> torch.Tensor:
-    """(codes - zero) * scale in float32; exact, since codes are small ints and scales fp16."""
+    """(codes - zero) * scale in float32; exact for whole zero points, since codes are small ints
+    and scales fp16 (a float zero point's difference may round in its last bit)."""
     return (codes.float() - _zero_or_mid(zero, fmt)) * scale
 
 
@@ -203,10 +253,14 @@ def _check_weight(w: torch.Tensor) -> None:
 
 
 def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
-    """[out, in] -> [out, n_groups, g], padding the ragged last group with zeros. Zeros never move
-    a group's scale: |0| <= max|w| and the asymmetric range holds 0 anyway."""
+    """[out, in] -> [out, n_groups, g], padding the ragged last group with copies of its last
+    column. A copy of a group's own weight never moves its range: not its max|w|, and not the
+    [min, max] of a float zero point's range, which padding with zeros would widen to hold 0."""
     out, cols = w.shape
-    return torch.nn.functional.pad(w, (0, -cols % g)).view(out, -1, g)
+    pad = -cols % g
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(out, pad)], dim=1)
+    return w.reshape(out, -1, g)
 
 
 def _expand(t: torch.Tensor, g: int, in_features: int) -> torch.Tensor:
@@ -214,11 +268,34 @@ def _expand(t: torch.Tensor, g: int, in_features: int) -> torch.Tensor:
     return t.repeat_interleave(g, dim=1)[:, :in_features]
 
 
+def store_zeros(zero: torch.Tensor | None, fmt: QuantFormat) -> torch.Tensor | None:
+    """Zero points [out, n_groups] (float32, as `group_params` gives them) as stored: packed
+    `bits`-bit codes for whole zero points, fp16 for float ones, None when symmetric."""
+    if zero is None:
+        return None
+    if fmt.zero == "float":
+        return zero.to(torch.float16).contiguous()
+    return pack(zero.round().clamp(0, fmt.qmax).to(torch.uint8), fmt.bits)
+
+
+def zero_points(zeros: torch.Tensor | None, bits: int, groups: int) -> torch.Tensor | None:
+    """Stored zero points -> float32 [out, groups] (None stays None). uint8 are packed whole zero
+    points; a float tensor holds them as they are (float zeros, and the fp16 whole zero points of
+    artifacts written before zeros were packed: the same formula reads both)."""
+    if zeros is None:
+        return None
+    if zeros.dtype == torch.uint8:
+        return unpack(zeros, bits, groups).float()
+    if zeros.is_floating_point():
+        return zeros.float()
+    raise ValueError(f"zero points of dtype {zeros.dtype} are neither packed (uint8) nor float; "
+                     "re-quantize the weight with this version of slimfx")
+
+
 def _packed(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
             fmt: QuantFormat) -> QuantizedWeight:
-    zeros = None if zero is None else zero.to(torch.float16).contiguous()
-    return QuantizedWeight(pack(codes, fmt.bits), scale.to(torch.float16).contiguous(), zeros, fmt,
-                           tuple(codes.shape))
+    return QuantizedWeight(pack(codes, fmt.bits), scale.to(torch.float16).contiguous(), store_zeros(zero, fmt),
+                           fmt, tuple(codes.shape))
 
 
 def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, params=None) -> QuantizedWeight:
@@ -243,7 +320,8 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     out, cols = qw.shape
     g = group_size(qw.fmt, cols)
     codes = unpack(qw.qweight, qw.fmt.bits, cols)
-    zero = None if qw.zeros is None else _expand(qw.zeros.float(), g, cols)
+    zero = zero_points(qw.zeros, qw.fmt.bits, n_groups(qw.fmt, cols))
+    zero = None if zero is None else _expand(zero, g, cols)
     return dequantize_codes(codes, _expand(qw.scales.float(), g, cols), zero, qw.fmt)
 
 
@@ -260,5 +338,6 @@ def nbytes(qw: QuantizedWeight) -> int:
 
 
 def bits_per_weight(qw: QuantizedWeight) -> float:
-    """All-in storage cost: int4 group 64 is 4.25 symmetric, 4.5 asymmetric (fp16 scales/zeros)."""
+    """All-in storage cost: int4 group 64 is 4.25 symmetric, 4.3125 asymmetric (fp16 scales,
+    4-bit zero points), 4.5 with float zero points (fp16)."""
     return 8 * nbytes(qw) / (qw.out_features * qw.in_features)

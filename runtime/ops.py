@@ -7,7 +7,10 @@ call it. Importing this module registers the ops once (re-imports and reloads ar
     y = torch.ops.slimfx.quant_linear(x, qweight, scales, zeros, bias, bits, group, in_features)
 
 is `F.linear(x, dequantize(...).to(x.dtype), bias)` for a weight packed as in runtime/formats.py;
-`group` is the group size (`in_features` for per-channel) and `zeros is None` means symmetric.
+`group` is the group size (`in_features` for per-channel). `zeros` says the zero-point kind by
+its dtype: None is symmetric, uint8 [out, ceil(n_groups * bits / 8)] holds whole zero points
+packed `bits` bits each, a float tensor [out, n_groups] holds them as they are (float zero points,
+or the fp16 whole ones of artifacts written before zeros were packed).
 
     w = torch.ops.slimfx.dequantize(qweight, scales, zeros, bits, group, in_features)
 
@@ -40,18 +43,34 @@ def _check(x, qweight, scales, zeros, bits, group, in_features) -> None:
     if qweight.shape[1] != math.ceil(in_features * bits / 8):
         raise ValueError(f"slimfx::quant_linear: qweight has {qweight.shape[1]} bytes per row; "
                          f"{in_features} {bits}-bit codes need {math.ceil(in_features * bits / 8)}")
-    expected = (qweight.shape[0], math.ceil(in_features / group))
-    for name, t in (("scales", scales), ("zeros", zeros)):
-        if t is not None and tuple(t.shape) != expected:
-            raise ValueError(f"slimfx::quant_linear: {name} is {tuple(t.shape)}, expected {expected} "
-                             f"(out, ceil(in_features / group))")
+    groups = math.ceil(in_features / group)
+    expected = (qweight.shape[0], groups)
+    if tuple(scales.shape) != expected:
+        raise ValueError(f"slimfx::quant_linear: scales is {tuple(scales.shape)}, expected {expected} "
+                         f"(out, ceil(in_features / group))")
+    if zeros is not None:
+        _check_zeros(zeros, qweight.shape[0], groups, bits)
     if x.shape[-1] != in_features:
         raise ValueError(f"slimfx::quant_linear: input's last dim is {x.shape[-1]}, expected {in_features}")
 
 
+def _check_zeros(zeros, out: int, groups: int, bits: int) -> None:
+    if zeros.dtype == torch.uint8:
+        expected, what = (out, math.ceil(groups * bits / 8)), "(out, ceil(n_groups * bits / 8)): packed whole zero points"
+    elif zeros.is_floating_point():
+        expected, what = (out, groups), "(out, ceil(in_features / group)): float zero points"
+    else:
+        raise ValueError(f"slimfx::quant_linear: zeros of dtype {zeros.dtype}; pass uint8 (packed whole "
+                         "zero points) or a float tensor (float zero points)")
+    if tuple(zeros.shape) != expected:
+        raise ValueError(f"slimfx::quant_linear: zeros is {zeros.dtype} {tuple(zeros.shape)}, expected "
+                         f"{expected} {what}")
+
+
 def _weight(qweight, scales, zeros, bits, group, in_features) -> torch.Tensor:
     """float32 [out, in]: the packed weight, dequantized."""
-    fmt = QuantFormat(bits, group, zeros is None)
+    kind = "float" if zeros is not None and zeros.is_floating_point() else "int"
+    fmt = QuantFormat(bits, group, zeros is None, kind)
     return dequantize(QuantizedWeight(qweight, scales, zeros, fmt, (qweight.shape[0], in_features)))
 
 

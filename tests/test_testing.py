@@ -3,7 +3,7 @@ from hypothesis import find, given, settings, strategies as st
 
 from slimfx import parse
 from slimfx.dsl import ast as A
-from slimfx.testing import grammar_text_strategy, param_values, policies, policy_asts, tiny_models
+from slimfx.testing import _params_text, grammar_text_strategy, param_values, policies, policy_asts, tiny_models
 from slimfx.dsl.schema import SCHEMAS
 
 
@@ -136,3 +136,21 @@ def test_check_policy_is_exported_and_loads_torch_only_on_use():
             "import slimfx.policy_check as pc; assert check_policy is pc.check_policy; "
             "assert issubclass(PolicyCheckError, AssertionError); assert 'check_policy' in t.__all__")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=60, database=None, deadline=None)
+@given(st.sampled_from(["quantize", "choice"]).flatmap(lambda key: _params_text(key, 3)))
+def test_drawn_format_params_never_put_zero_float_with_sym_true(text):
+    """validate.py refuses zero=float on a symmetric format (sym=true is the default)."""
+    assert "zero=float" not in text or "sym=false" in text
+
+
+_RULE = {"quantize": "policy p {{\n    quantize a int4 {}\n}}\n",
+         "choice": "policy p {{\n    precision a choose {{int4 {}}} budget avg_bits<=8 by output_mse\n}}\n"}
+
+
+def test_zero_float_is_drawn_in_quantize_rules_and_choose_formats():
+    for key in ("quantize", "choice"):
+        text = find(_params_text(key, 3), lambda t: "zero=float" in t,
+                    settings=settings(max_examples=2000, database=None, derandomize=True, deadline=None))
+        assert "sym=false" in text and parse(_RULE[key].format(text))

@@ -56,13 +56,16 @@ def column_weights(clip: str, H: Optional[torch.Tensor]) -> Optional[torch.Tenso
     return None
 
 
-def rtn_params(fmt: QuantFormat, g: int, weights: Optional[torch.Tensor]) -> Callable:
-    """`quantize_rtn`'s `params` for a clipping search: groups [out, n, g] -> (scale, zero)."""
+def rtn_params(fmt: QuantFormat, g: int, weights: Optional[torch.Tensor], cols: int) -> Callable:
+    """`quantize_rtn`'s `params` for a clipping search over a weight of `cols` inputs: groups
+    [out, n, g] -> (scale, zero)."""
+    if weights is None and cols % g:
+        weights = torch.ones(cols)  # so that the padding below weighs nothing
 
     def params(grouped: torch.Tensor):
         w = None
-        if weights is not None:  # [in] -> [n, g], the ragged last group padded with zeros
-            w = torch.nn.functional.pad(weights, (0, -weights.numel() % g)).view(-1, g)
+        if weights is not None:  # [in] -> [n, g], the ragged last group's padding weighted 0
+            w = torch.nn.functional.pad(weights.to(grouped.device), (0, -weights.numel() % g)).view(-1, g)
         return searched_params(grouped, fmt, w)
 
     return params

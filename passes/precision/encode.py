@@ -21,17 +21,20 @@ Encoded = Union[QuantizedWeight, torch.Tensor, None]
 
 @dataclass(frozen=True)
 class Candidate:
-    """One format a target may get: `Candidate("int4", 64, True)`; group/sym only for ints."""
+    """One format a target may get: `Candidate("int4", 64, True)`; group/sym/zero only for ints
+    (`Candidate("int4", 64, False, "float")`: a float offset per group)."""
 
     format: str
     group: int | None = None
     sym: bool = True
+    zero: str = "int"
 
     @classmethod
     def of(cls, node: A.Quantize | A.FormatChoice) -> "Candidate":
         if node.format in HALF or node.format == "keep":
             return cls(node.format)
-        return cls(node.format, from_rule(node.format, node.get("group"), node.get("sym")).group, node.get("sym"))
+        fmt = from_rule(node.format, node.get("group"), node.get("sym"), node.get("zero"))
+        return cls(node.format, fmt.group, fmt.sym, fmt.zero)
 
     @property
     def is_packed(self) -> bool:
@@ -41,7 +44,8 @@ class Candidate:
         if not self.is_packed:
             return self.format
         group = "per-channel" if self.group is None else f"group={self.group}"
-        return f"{self.format} {group}" + ("" if self.sym else " sym=false")
+        return f"{self.format} {group}" + ("" if self.sym else " sym=false") + (
+            " zero=float" if self.zero == "float" else "")
 
 
 def encode(w: torch.Tensor, cand: Candidate, method: str = "rtn", H: torch.Tensor | None = None,
@@ -51,11 +55,12 @@ def encode(w: torch.Tensor, cand: Candidate, method: str = "rtn", H: torch.Tenso
         return None
     if cand.format in HALF:
         return w.to(HALF[cand.format])
-    fmt = from_rule(cand.format, cand.group, cand.sym)
+    fmt = from_rule(cand.format, cand.group, cand.sym, cand.zero)
     if method == "gptq":
         return gptq(w, H, fmt, damp=damp, act_order=act_order, clip=clip)
     if clip != "none":
-        return quantize_rtn(w, fmt, rtn_params(fmt, group_size(fmt, w.shape[1]), column_weights(clip, H)))
+        cols = w.shape[1]
+        return quantize_rtn(w, fmt, rtn_params(fmt, group_size(fmt, cols), column_weights(clip, H), cols))
     return quantize_rtn(w, fmt)
 
 

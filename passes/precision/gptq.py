@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 
 from ...runtime.formats import (QuantFormat, QuantizedWeight, dequantize_codes, group_params, group_size,
-                               pack, quantize_codes)
+                               pack, quantize_codes, store_zeros)
 from ..calibrate import HessianAccumulator  # calibration statistics are core: the adapter pass reads them too
 from .clip import column_weights, searched_params
 
@@ -105,13 +105,14 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: float = 0.
                              _block_columns(block_size, g, static), None if static else g, fit)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    return QuantizedWeight(pack(codes, fmt.bits), scales.half(), None if zeros is None else zeros.half(),
-                           fmt, (out, cols))
+    return QuantizedWeight(pack(codes, fmt.bits), scales.half(), store_zeros(zeros, fmt), fmt, (out, cols))
 
 
 def _group_fitter(fmt: QuantFormat, clip: str, H: torch.Tensor):
     """fit(wg, first column, k, scales, zeros): set group k's scale (and zero point) from its
-    columns `wg` [out, <= group] starting at `first` — their full range, or the searched one."""
+    columns `wg` [out, <= group] starting at `first` — their full range, or the searched one.
+    A float zero point comes back already rounded to fp16 (`group_params`), so the columns after
+    are quantized, and their errors propagated, on the grid that is stored."""
     weights = column_weights(clip, H)
 
     def fit(wg, first, k, scales, zeros) -> None:

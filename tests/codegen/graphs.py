@@ -88,15 +88,17 @@ EPILOGUES = {
 
 
 class QuantLinear(torch.nn.Module):
-    """`slimfx::quant_linear` of a random packed weight (RTN), then an epilogue from EPILOGUES."""
+    """`slimfx::quant_linear` of a random packed weight (RTN), then an epilogue from EPILOGUES.
+    `zero="float"` (with sym=False) stores float zero points; else asymmetric ones are packed."""
 
-    def __init__(self, k: int, n: int, bits: int, group, sym: bool, bias: bool, epilogue: str, seed: int = 0):
+    def __init__(self, k: int, n: int, bits: int, group, sym: bool, bias: bool, epilogue: str, seed: int = 0,
+                 zero: str = "int"):
         super().__init__()
         from slimfx.runtime.formats import QuantFormat, quantize_rtn
         from slimfx.runtime.ops import quant_linear_args
 
         gen = torch.Generator().manual_seed(seed)
-        qw = quantize_rtn(torch.randn(n, k, generator=gen) / k ** 0.5, QuantFormat(bits, group, sym))
+        qw = quantize_rtn(torch.randn(n, k, generator=gen) / k ** 0.5, QuantFormat(bits, group, sym, zero))
         self.register_buffer("qweight", qw.qweight)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("zeros", qw.zeros)
@@ -121,10 +123,13 @@ class SharedInput(torch.nn.Module):
     """Several quant_linears reading one input, as the partitioner merges them: with `swiglu`,
     silu(first) * second (gate and up); else each output plus 1 (q/k/v with their own epilogues)."""
 
-    def __init__(self, k: int, widths, bits: int = 4, group=16, sym: bool = True, swiglu: bool = False):
+    def __init__(self, k: int, widths, bits: int = 4, group=16, sym: bool = True, swiglu: bool = False,
+                 zeros=None):
+        """`zeros`: each linear's zero-point kind ("int" or "float", with sym=False), or all "int"."""
         super().__init__()
-        self.linears = torch.nn.ModuleList(QuantLinear(k, n, bits, group, sym, False, "none", seed=i)
-                                           for i, n in enumerate(widths))
+        zeros = zeros or ["int"] * len(widths)
+        self.linears = torch.nn.ModuleList(QuantLinear(k, n, bits, group, sym, False, "none", seed=i, zero=z)
+                                           for i, (n, z) in enumerate(zip(widths, zeros)))
         self.swiglu = swiglu
 
     def forward(self, x):

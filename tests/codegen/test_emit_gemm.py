@@ -1,7 +1,7 @@
 """The GEMM template (codegen/emit_gemm.py) against the reference ops, through Triton's
-interpreter without a GPU: packed int8/int4/int2 weights (symmetric and asymmetric, groups that do
-not divide the input, per-channel) with fused epilogues on ragged shapes, and dense linear, mm and
-addmm. The reference is the op eager PyTorch runs (`slimfx::quant_linear` dequantizes and calls
+interpreter without a GPU: packed int8/int4/int2 weights (symmetric, asymmetric with packed whole
+zero points or float ones, groups that do not divide the input, per-channel) with fused epilogues
+on ragged shapes, and dense linear, mm and addmm. The reference is the op eager PyTorch runs (`slimfx::quant_linear` dequantizes and calls
 F.linear), never the template's own arithmetic."""
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def _check(model, x, x_run=None, tol=1e-4):
 
 @settings(max_examples=12, deadline=None)
 @given(m=st.integers(1, 9), k=st.integers(1, 70), n=st.integers(1, 40), bits=st.sampled_from([2, 4, 8]),
-       group=st.sampled_from([8, 16, 32, None]), sym=st.booleans(), bias=st.booleans(),
+       group=st.sampled_from([8, 16, 32, None]), kind=st.sampled_from(["sym", "int", "float"]), bias=st.booleans(),
        epilogue=st.sampled_from(sorted(EPILOGUES)))
-def test_packed_gemm_with_its_epilogue_equals_the_reference_op(m, k, n, bits, group, sym, bias, epilogue):
-    model = QuantLinear(k, n, bits, group, sym, bias, epilogue)
+def test_packed_gemm_with_its_epilogue_equals_the_reference_op(m, k, n, bits, group, kind, bias, epilogue):
+    model = QuantLinear(k, n, bits, group, kind == "sym", bias, epilogue, zero="float" if kind == "float" else "int")
     x = torch.randn(2, k)
     _check(model, x, torch.randn(m, k))
 
@@ -60,10 +60,40 @@ def test_int4_gemm_on_model_sized_ragged_shapes(m, k, n, group, sym):
     _check(QuantLinear(k, n, 4, group, sym, True, "silu"), torch.randn(2, k), torch.randn(m, k))
 
 
+@pytest.mark.parametrize("bits,group", [(4, 32), (2, 16), (8, 8)])
+@pytest.mark.parametrize("zero", ["int", "float"])
+def test_asymmetric_zero_points_of_each_kind(bits, group, zero):
+    """Packed whole zero points are extracted in the kernel as the codes are (several groups
+    share a byte at int4/int2: 70 inputs hold 3-9 groups, the last ragged); float ones are read
+    as they are."""
+    model = QuantLinear(70, 40, bits, group, False, True, "none", zero=zero)
+    assert model.zeros.dtype == (torch.uint8 if zero == "int" else torch.float16)
+    kernel = _check(model, torch.randn(2, 70), torch.randn(5, 70))
+    assert ("zbyte" in kernel.source) == (zero == "int")
+
+
 def test_int8_per_channel_and_int2_on_a_3d_input():  # M = batch × 3 rows
     for bits, group in ((8, None), (2, 16)):
         model = QuantLinear(40, 24, bits, group, False, False, "none")
         _check(model, torch.randn(2, 3, 40), torch.randn(5, 3, 40))
+
+
+def test_merged_gemms_with_different_zero_point_kinds():
+    """One input, one format (int4 g8 asymmetric): q has packed zero points, k float ones, v
+    packed again; the merged kernel reads each anchor's the way it is stored."""
+    model = SharedInput(24, (16, 16, 16), 4, 8, False, zeros=["int", "float", "int"])
+    gm = capture_module(model, torch.randn(2, 24))
+    (group,) = [g for g in partition(gm) if g.kind == "gemm"]
+    kernel = emit_gemm(group)
+    assert len(group.anchors) == 3 and "zbyte" in kernel.source
+    x = torch.randn(5, 24)
+    interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        interp.run(x)
+        got = kernel.launch([interp.env[node] for node, _ in kernel.inputs])
+        want = model(x)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("widths,swiglu", [((40, 40), True), ((40, 16, 16), False), ((24, 24, 24), False)])

@@ -30,6 +30,8 @@ CASES = {
     "rows_chain": _rmsnorm_like,
     "gemm_int4_g32_asym_silu": lambda: capture_module(QuantLinear(40, 24, 4, 32, False, True, "silu"),
                                                       torch.randn(2, 40)),
+    "gemm_int4_g32_float_zero_silu": lambda: capture_module(
+        QuantLinear(40, 24, 4, 32, False, True, "silu", zero="float"), torch.randn(2, 40)),
     "gemm_int2_g16_residual": lambda: capture_module(QuantLinear(24, 24, 2, 16, True, False, "relu_residual"),
                                                      torch.randn(2, 24)),
     "gemm_int8_per_channel": lambda: capture_module(QuantLinear(24, 8, 8, None, True, False, "none"),

@@ -81,6 +81,16 @@ def test_quantize_and_formats():
     q = only("quantize blocks.*.** : Linear int4 group=64 sym=false method=gptq")
     assert (q.format, q.get("group"), q.get("sym"), q.get("method")) == ("int4", 64, False, "gptq")
     assert only("quantize head fp16").format == "fp16"
+    assert only("quantize head int4").get("zero") == "int"  # the default: a whole zero point
+    z = only("quantize head int4 group=32 zero=float sym=false")
+    assert (z.get("sym"), z.get("zero")) == (False, "float")
+    assert [p.name for p in z.params] == ["group", "sym", "zero"]  # schema order
+
+
+def test_zero_float_in_a_choose():
+    p = only("precision head choose {int4 group=32 sym=false zero=float, int4 group=32 sym=false} "
+             "budget avg_bits<=5 by output_mse")
+    assert [c.get("zero") for c in p.choices] == ["float", "int"]
 
 
 def test_precision_choose_budget_by():

@@ -80,6 +80,15 @@ def test_values_print_in_their_canonical_spelling():
     assert parse(out) == parse(text)
 
 
+def test_zero_prints_after_sym_and_round_trips():
+    text = ("policy p {\n    quantize a int4 zero=float sym=false group=32\n"
+            "    precision b choose {int4 zero=float sym=false, int8} budget avg_bits<=6 by output_mse\n}\n")
+    out = format_spec(parse(text))
+    assert "quantize a int4 group=32 sym=false zero=float\n" in out
+    assert "choose {int4 sym=false zero=float, int8}" in out
+    assert parse(out) == parse(text)
+
+
 def test_shipped_specs_are_canonical():
     assert SPECS, "specs/ holds the example policies"
     for path in SPECS:

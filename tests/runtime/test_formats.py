@@ -1,6 +1,7 @@
 """Packed weight formats: golden codes/scales/zeros/bytes written out literally, RTN equal to an
-independent implementation of the layout in runtime/formats.py's docstring, packing round-trips,
-RTN stays within scale/2, all-in bits per weight."""
+independent implementation of the layout in runtime/formats.py's docstring (whole zero points
+packed, float zero points in fp16), packing round-trips, RTN stays within scale/2, all-in bits per
+weight. Float zero points on their own: tests/runtime/test_float_zeros.py."""
 import math
 
 import numpy as np
@@ -11,10 +12,10 @@ from hypothesis import strategies as st
 
 from slimfx.passes.estimate import quantized_bytes
 from slimfx.runtime.formats import (QuantFormat, bits_per_weight, dequantize, error_bound, from_rule,
-                                    nbytes, pack, quantize_rtn, unpack)
+                                    nbytes, pack, quantize_rtn, unpack, zero_points)
 
-FORMATS = [QuantFormat(bits, group, sym) for bits in (8, 4, 2) for group in (None, 32, 128)
-           for sym in (True, False)]
+FORMATS = [QuantFormat(bits, group, sym, zero) for bits in (8, 4, 2) for group in (None, 32, 128)
+           for sym, zero in ((True, "int"), (False, "int"), (False, "float"))]
 RAGGED = [(7, 100), (5, 576), (3, 33), (1, 1)]
 
 
@@ -29,6 +30,7 @@ def _weight(out, cols, seed=0):
     (dict(bits=3), "bits=3"), (dict(bits=16), "bits=16"), (dict(bits=4, group=0), "group=0"),
     (dict(bits=4, group=-64), "group=-64"), (dict(bits=4, group=True), "group=True"),
     (dict(bits=4, group=64.0), "group=64.0"), (dict(bits=4, sym=1), "sym=1"),
+    (dict(bits=4, sym=False, zero="half"), "zero='half'"), (dict(bits=4, zero="float"), "pass sym=False"),
 ])
 def test_format_rejects_bad_fields(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -40,6 +42,7 @@ def test_from_rule_defaults():
     assert from_rule("int4") == QuantFormat(4, 64, True)
     assert from_rule("int2", sym=False) == QuantFormat(2, 64, False)
     assert from_rule("int8", 32) == QuantFormat(8, 32, True)
+    assert from_rule("int4", 32, False, "float") == QuantFormat(4, 32, False, "float")
     with pytest.raises(ValueError, match="'fp16' is not a packed integer format"):
         from_rule("fp16")
 
@@ -78,22 +81,23 @@ def test_pack_and_unpack_reject_bad_input():
 # Written from the format description alone, one group and one element at a time in numpy
 # float32: nothing here calls slimfx. RTN must agree with it exactly (codes, scales, zeros, bytes).
 
-def _fp16_ceil(s: np.float32) -> np.float32:
-    """The smallest fp16 value >= s."""
+def _fp16_ceil(s) -> np.float32:
+    """The smallest fp16 value >= s (a float32 or float64 number)."""
     h = np.float16(s)
-    if np.float32(h) < s:
+    if np.float64(h) < s:
         h = np.nextafter(h, np.float16(np.inf))
     return np.float32(h)
 
 
-def _ref_rtn(w: np.ndarray, bits: int, group: int | None, sym: bool):
-    """(codes int [out, in], scales float [out, groups], zeros int [out, groups]) of float32 `w`."""
+def _ref_rtn(w: np.ndarray, bits: int, group: int | None, sym: bool, zero: str = "int"):
+    """(codes int [out, in], scales float [out, groups], zeros [out, groups]: whole numbers, or
+    fp16 values for float zero points) of float32 `w`."""
     out, cols = w.shape
     g = cols if group is None else min(group, cols)
     qmax = 2 ** bits - 1
     codes = np.zeros((out, cols), np.int64)
     n = -(-cols // g)
-    scales, zeros = np.zeros((out, n), np.float32), np.zeros((out, n), np.int64)
+    scales, zeros = np.zeros((out, n), np.float32), np.zeros((out, n), np.int64 if zero == "int" else np.float32)
     for r in range(out):
         for k, start in enumerate(range(0, cols, g)):
             x = w[r, start:start + g]
@@ -101,6 +105,15 @@ def _ref_rtn(w: np.ndarray, bits: int, group: int | None, sym: bool):
                 m = np.float32(np.abs(x).max())
                 s = _fp16_ceil(m / np.float32(2 ** (bits - 1) - 0.5)) if m > 0 else np.float32(1)
                 z = 2 ** (bits - 1)
+            elif zero == "float":  # the group's own range (float64); |z| <= 2048; z rounded to fp16 first
+                lo, hi = np.float64(x.min()), np.float64(x.max())
+                s64 = max((hi - lo) / qmax, abs(lo) / 2048)
+                s = _fp16_ceil(s64) if s64 > 0 else np.float32(1)
+                z = np.float32(np.float16(-lo / np.float64(s)))
+                scales[r, k], zeros[r, k] = s, z
+                for c in range(start, min(start + g, cols)):
+                    codes[r, c] = int(np.clip(np.round(np.float64(w[r, c]) / s + z), 0, qmax))
+                continue
             else:  # range widened to hold 0; scale = (max - min) / qmax, zero = round(-min / scale)
                 lo, hi = min(np.float32(x.min()), np.float32(0)), max(np.float32(x.max()), np.float32(0))
                 s = _fp16_ceil(np.float32(hi - lo) / np.float32(qmax)) if hi > lo else np.float32(1)
@@ -139,13 +152,16 @@ def _ref_dequantize(codes, scales, zeros, group):
 
 def _assert_matches_reference(w: torch.Tensor, fmt: QuantFormat):
     qw = quantize_rtn(w, fmt)
-    codes, scales, zeros = _ref_rtn(w.float().numpy(), fmt.bits, fmt.group, fmt.sym)
+    codes, scales, zeros = _ref_rtn(w.float().numpy(), fmt.bits, fmt.group, fmt.sym, fmt.zero)
     np.testing.assert_array_equal(unpack(qw.qweight, fmt.bits, w.shape[1]).numpy(), codes)
     np.testing.assert_array_equal(qw.scales.float().numpy(), scales)
     if fmt.sym:
         assert qw.zeros is None
-    else:
+    elif fmt.zero == "float":
+        assert qw.zeros.dtype == torch.float16
         np.testing.assert_array_equal(qw.zeros.float().numpy(), zeros)
+    else:  # packed like codes, along the group axis
+        assert qw.zeros.dtype == torch.uint8 and qw.zeros.tolist() == _ref_pack(zeros, fmt.bits)
     assert qw.qweight.tolist() == _ref_pack(codes, fmt.bits)
     np.testing.assert_array_equal(dequantize(qw).numpy(), _ref_dequantize(codes, scales, zeros, fmt.group))
 
@@ -215,8 +231,8 @@ def test_rtn_golden_codes_scales_zeros_and_bytes(key):
     assert qw.scales.dtype == torch.float16 and qw.scales.float().tolist() == scales
     if sym:
         assert qw.zeros is None
-    else:
-        assert qw.zeros.dtype == torch.float16 and qw.zeros.float().tolist() == zeros
+    else:  # whole zero points, packed `bits` bits each along the group axis
+        assert qw.zeros.dtype == torch.uint8 and unpack(qw.zeros, bits, len(zeros[0])).tolist() == zeros
     assert qw.qweight.tolist() == (codes if packed is None else packed)
     # ŵ = (code - zero) * scale, written out from the golden tables
     g = 10 if group is None else group
@@ -242,8 +258,11 @@ def test_golden_hand_checks():
     # 0.7 / 15 -> fp16 up 0.04669189453125, zero round(0.7 / scale) = round(14.992) = 15,
     # codes 15 + round([-14.992, -2.142]) = [0, 13].
     qw = quantize_rtn(w, QuantFormat(4, 4, False))
-    assert float(qw.scales[1, 2]) == 0.04669189453125 and float(qw.zeros[1, 2]) == 15
+    assert float(qw.scales[1, 2]) == 0.04669189453125 and float(zero_points(qw.zeros, 4, 3)[1, 2]) == 15
     assert unpack(qw.qweight, 4, 10)[1, 8:].tolist() == [0, 13]
+    # The zero points [[5, 7, 12], [0, 0, 15], [9, 3, 0]] packed two per byte, little end first:
+    # 5 | 7 << 4 = 0x75, then 12 padded; 0x00, 0x0F; 9 | 3 << 4 = 0x39, 0x00.
+    assert qw.zeros.tolist() == [[0x75, 0x0C], [0x00, 0x0F], [0x39, 0x00]]
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
@@ -264,9 +283,11 @@ def test_rtn_within_half_a_step(fmt, shape):
     assert qw.qweight.shape == (out, math.ceil(cols * fmt.bits / 8)) and qw.qweight.dtype == torch.uint8
     assert qw.scales.shape == (out, groups) and qw.scales.dtype == torch.float16
     assert (qw.zeros is None) == fmt.sym
-    if not fmt.sym:
+    if not fmt.sym and fmt.zero == "int":  # whole zero points, packed
+        assert qw.zeros.shape == (out, math.ceil(groups * fmt.bits / 8)) and qw.zeros.dtype == torch.uint8
+        assert int(zero_points(qw.zeros, fmt.bits, groups).max()) <= fmt.qmax
+    if fmt.zero == "float":
         assert qw.zeros.shape == (out, groups) and qw.zeros.dtype == torch.float16
-        assert torch.equal(qw.zeros, qw.zeros.round()) and int(qw.zeros.max()) <= fmt.qmax
     w_hat = dequantize(qw)
     assert w_hat.dtype == torch.float32 and w_hat.shape == shape
     assert bool(((w - w_hat).abs() <= error_bound(qw)).all())
@@ -318,14 +339,29 @@ def test_rtn_rejects_bad_weights(w, match):
 
 # ---- storage cost ----------------------------------------------------------------------------
 
+# Whole zero points cost `bits` bits per group (packed, each row rounded up to whole bytes), float
+# ones 16 (fp16): int4 g32 asym is 4 + 16/32 + 4/32 = 4.625 bits per weight, with float zeros
+# 4 + 16/32 + 16/32 = 5.0. A row of 576 holds 18 groups of 32 or 9 of 64: 9 int4 zero points take
+# 5 bytes (40 bits per 576 weights), 9 int2 ones 3 bytes, 18 int2 ones 5 bytes.
 @pytest.mark.parametrize("fmt, bits", [
-    (from_rule("int8"), 8 + 16 / 576), (from_rule("int4"), 4.25), (from_rule("int4", sym=False), 4.5),
-    (from_rule("int4", 32), 4.5), (from_rule("int4", 32, False), 5.0), (from_rule("int2"), 2.25),
-    (from_rule("int2", sym=False), 2.5),
+    (from_rule("int8"), 8 + 16 / 576), (from_rule("int8", sym=False), 8 + 24 / 576),
+    (from_rule("int8", sym=False, zero="float"), 8 + 32 / 576), (from_rule("int8", 32, False), 8 + 24 / 32),
+    (from_rule("int4"), 4.25), (from_rule("int4", sym=False), 4.25 + 40 / 576),
+    (from_rule("int4", sym=False, zero="float"), 4.5),
+    (from_rule("int4", 32), 4.5), (from_rule("int4", 32, False), 4.625), (from_rule("int4", 32, False, "float"), 5.0),
+    (from_rule("int2"), 2.25), (from_rule("int2", sym=False), 2.25 + 24 / 576), (from_rule("int2", sym=False, zero="float"), 2.5),
+    (from_rule("int2", 32, False), 2.5 + 40 / 576), (from_rule("int2", 32, False, "float"), 3.0),
 ], ids=str)
 def test_bits_per_weight_all_in(fmt, bits):
     qw = quantize_rtn(_weight(64, 576), fmt)
-    assert bits_per_weight(qw) == pytest.approx(bits)
+    assert bits_per_weight(qw) == pytest.approx(bits, rel=1e-12)
+
+
+def test_packed_zero_points_round_up_to_whole_bytes_per_row():
+    """9 int4 zero points per row (576 at group 64) take 5 bytes, 3 int2 ones (192 at 64) 1 byte."""
+    assert quantize_rtn(_weight(8, 576), from_rule("int4", sym=False)).zeros.shape == (8, 5)
+    assert quantize_rtn(_weight(8, 192), from_rule("int2", sym=False)).zeros.shape == (8, 1)
+    assert nbytes(quantize_rtn(_weight(8, 576), from_rule("int4", sym=False))) == 8 * (288 + 18 + 5)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
@@ -335,4 +371,4 @@ def test_nbytes_matches_the_plan_estimate(fmt, shape):
     qw = quantize_rtn(_weight(*shape), fmt)
     name = {8: "int8", 4: "int4", 2: "int2"}[fmt.bits]
     group = fmt.group if fmt.group is not None else (None if fmt.bits == 8 else shape[1])
-    assert nbytes(qw) == quantized_bytes(*shape, name, group, fmt.sym)
+    assert nbytes(qw) == quantized_bytes(*shape, name, group, fmt.sym, fmt.zero)

@@ -1,7 +1,8 @@
 """CPU kernels for packed weights (runtime/cpu_kernels.py) and the lowering that uses them
 (runtime/lower.py): conversions decode to exactly the reference weights, the kernel ops stay
 within bf16 rounding of `slimfx::quant_linear` (and a wrong zero point does not), ineligible
-shapes and gradients keep the reference, and artifacts keep the reference graph."""
+shapes and gradients keep the reference, and artifacts keep the reference graph. Zero points:
+packed whole ones (unpacked at conversion) and float ones (fp16) alike."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import slimfx
 from slimfx import models
 from slimfx.runtime import cpu_kernels as K
 from slimfx.runtime.compiled import CompiledModel
-from slimfx.runtime.formats import QuantFormat, dequantize, quantize_rtn, unpack
+from slimfx.runtime.formats import QuantFormat, dequantize, quantize_rtn, unpack, zero_points
 from slimfx.runtime.lower import INT4PACK, INT8PACK, QUANT, lower, summary
 from slimfx.runtime.ops import apply_quant_linear, quant_linear_args
 
@@ -68,19 +69,26 @@ def test_int8_eligibility():
 
 # ---- conversion: exact -----------------------------------------------------------------------------
 
-CASES = [  # (bits, group, out, in, sym)
-    (4, 64, 48, 192, True),
-    (4, 64, 48, 192, False),
-    (4, 128, 32, 576, True),   # ragged
-    (4, 128, 32, 576, False),
-    (4, None, 16, 320, False),  # per-channel
-    (2, 64, 32, 128, True),
-    (2, 32, 32, 96, False),
+CASES = [  # (bits, group, out, in, zero point: "sym", "int" (packed whole) or "float")
+    (4, 64, 48, 192, "sym"),
+    (4, 64, 48, 192, "int"),
+    (4, 64, 48, 192, "float"),
+    (4, 128, 32, 576, "sym"),   # ragged
+    (4, 128, 32, 576, "int"),
+    (4, 128, 32, 576, "float"),
+    (4, None, 16, 320, "int"),  # per-channel
+    (2, 64, 32, 128, "sym"),
+    (2, 32, 32, 96, "int"),
+    (2, 32, 32, 96, "float"),
 ]
 
 
-def _qw(bits, group, out, inp, sym, seed=0):
-    return quantize_rtn(weight(out, inp, seed, shift=0.0 if sym else 0.03), QuantFormat(bits, group, sym))
+def _fmt(bits, group, kind) -> QuantFormat:
+    return QuantFormat(bits, group, kind == "sym", "float" if kind == "float" else "int")
+
+
+def _qw(bits, group, out, inp, kind, seed=0):
+    return quantize_rtn(weight(out, inp, seed, shift=0.0 if kind == "sym" else 0.03), _fmt(bits, group, kind))
 
 
 def _int4pack(qw):
@@ -93,7 +101,8 @@ def _int4pack(qw):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_int4pack_codes_decode_exactly(case):
     """The packed layout holds exactly our codes: scale 1, zero 0 makes the kernel return q - 8,
-    which is u - 8 for int4 and u - z for int2 (its codes are moved to centre on 8)."""
+    which is u - 8 for int4 and u - round(z) for int2 (its codes are moved to centre on 8; the
+    rest of a float zero point goes to the kernel's zero)."""
     qw = _qw(*case)
     packed, _, kg = _int4pack(qw)
     k = qw.in_features
@@ -105,7 +114,9 @@ def test_int4pack_codes_decode_exactly(case):
         expected = codes - 8
     else:
         group = quant_linear_args(qw)[1]
-        z = torch.full_like(qw.scales.float(), 2.0) if qw.zeros is None else qw.zeros.float()
+        z = zero_points(qw.zeros, 2, qw.scales.shape[1])
+        z = torch.full_like(qw.scales.float(), 2.0) if z is None else z.round()
+        assert bool(((z >= -4) & (z <= 8)).all())  # every int2 zero point here moves whole into the codes
         expected = codes - z.repeat_interleave(group, dim=1)[:, :k]
     assert torch.equal(decoded, expected)
 
@@ -145,9 +156,10 @@ def test_int4pack_op_is_the_reference_within_bf16(case, bias):
         assert rel(bad, ref) > BROKEN_REL
 
 
-@pytest.mark.parametrize("sym", [True, False])
-def test_int8pack_op_is_the_reference_within_bf16(sym):
-    qw = quantize_rtn(weight(48, 96, shift=0.0 if sym else 0.03), QuantFormat(8, None, sym))
+@pytest.mark.parametrize("kind", ["sym", "int", "float"])
+def test_int8pack_op_is_the_reference_within_bf16(kind):
+    sym = kind == "sym"
+    qw = quantize_rtn(weight(48, 96, shift=0.0 if sym else 0.03), _fmt(8, None, kind))
     w8, s8, offsets = K.int8pack_weights(qw.qweight, qw.scales, qw.zeros)
     assert (offsets is None) == sym
     b = torch.randn(48)
@@ -164,7 +176,7 @@ def test_int8pack_op_is_the_reference_within_bf16(sym):
 def test_gradients_take_the_reference():
     """QLoRA: with grad mode on and x requiring grad, the forward is the reference's, exactly,
     and so is the backward; without grad the kernel runs (not bit-identical)."""
-    qw = _qw(4, 64, 32, 128, False)
+    qw = _qw(4, 64, 32, 128, "int")
     packed, sz, kg = _int4pack(qw)
     x = torch.randn(4, 128, requires_grad=True)
     out = torch.ops.slimfx.quant_linear_int4pack(x, *args_of(qw), packed, sz, kg)
@@ -182,7 +194,7 @@ def test_gradients_take_the_reference():
 def test_fake_tensors_trace_through_the_kernel_op():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    qw = _qw(4, 64, 32, 128, True)
+    qw = _qw(4, 64, 32, 128, "sym")
     packed, sz, kg = _int4pack(qw)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         x = mode.from_tensor(torch.randn(2, 3, 128))
@@ -205,7 +217,7 @@ class Chain(nn.Module):
         self.c = nn.Linear(48, 40)               # int4 g16 -> reference (no kernel group 16)
         self.d = nn.Linear(40, 64, bias=False)   # int8, K=40 -> reference
         self.e = nn.Linear(64, 64)               # int8 per-channel asym -> int8pack
-        self.f = nn.Linear(64, 32)               # int2 g32 -> int4pack
+        self.f = nn.Linear(64, 32)               # int2 g32 float zero points -> int4pack
 
     def forward(self, x):
         for m in (self.a, self.b, self.c, self.d, self.e):
@@ -214,7 +226,7 @@ class Chain(nn.Module):
 
 
 RULES = ["quantize a int4 group=128 sym=false", "quantize b int4 group=32", "quantize c int4 group=16",
-         "quantize d int8", "quantize e int8 sym=false", "quantize f int2 group=32"]
+         "quantize d int8", "quantize e int8 sym=false", "quantize f int2 group=32 sym=false zero=float"]
 
 
 @pytest.fixture(scope="module")

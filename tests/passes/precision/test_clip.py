@@ -1,7 +1,8 @@
 """`clip=mse|output` (passes/precision/clip.py): each group's range searched for the least rounding
 error. The search is checked against a direct loop written here, never worse than no search on
 random groups (hypothesis), strictly better where a group has an outlier, wired the same way into
-RTN and GPTQ, and usable from a policy."""
+RTN and GPTQ, and usable from a policy — for whole and float zero points alike (a float zero
+point's range shrinks about its middle; the ragged last group's padding weighs nothing)."""
 from __future__ import annotations
 
 import pytest
@@ -35,20 +36,23 @@ def _direct_search(row, fmt, weights):
 
 @settings(max_examples=40, deadline=None)
 @given(out=st.integers(1, 5), g=st.sampled_from([8, 16, 32, 64]), bits=st.sampled_from([2, 4, 8]),
-       sym=st.booleans(), weighted=st.booleans(), outlier=st.floats(1.0, 20.0), seed=st.integers(0, 10_000))
-def test_the_search_is_never_worse_and_is_the_direct_search(out, g, bits, sym, weighted, outlier, seed):
+       kind=st.sampled_from(["sym", "int", "float"]), weighted=st.booleans(), outlier=st.floats(1.0, 20.0),
+       offset=st.sampled_from([0.0, 3.0]), seed=st.integers(0, 10_000))
+def test_the_search_is_never_worse_and_is_the_direct_search(out, g, bits, kind, weighted, outlier, offset, seed):
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, g, generator=gen)
+    w = torch.randn(out, g, generator=gen) + offset  # offset: groups away from 0 (float zeros' case)
     w[:, 0] *= outlier  # a heavy tail, as real weights have
     weights = torch.rand(g, generator=gen) + 0.01 if weighted else None
-    fmt = QuantFormat(bits, g, sym)
+    fmt = QuantFormat(bits, g, kind == "sym", "float" if kind == "float" else "int")
     scale, zero = searched_params(w, fmt, weights)
     plain_scale, plain_zero = group_params(w, fmt)
     searched, plain = _error(w, scale, zero, fmt, weights), _error(w, plain_scale, plain_zero, fmt, weights)
     assert bool((searched <= plain).all())
     assert torch.equal(scale, scale.half().float())  # stored exactly as fp16
-    if zero is not None:
+    if kind == "int":
         assert torch.equal(zero, zero.round()) and bool(((zero >= 0) & (zero <= fmt.qmax)).all())
+    if kind == "float":  # the codes were chosen on the fp16 zero point that is stored
+        assert torch.equal(zero, zero.half().float())
     for i in range(out):
         err, s, z = _direct_search(w[i], fmt, weights)
         assert float(scale[i]) == float(s) and (zero is None or float(zero[i]) == float(z))
@@ -57,7 +61,8 @@ def test_the_search_is_never_worse_and_is_the_direct_search(out, g, bits, sym, w
 def test_an_outlier_makes_the_search_pay():
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
     w[:, ::17] *= 8
-    for cand in (Candidate("int4", 64, True), Candidate("int4", 64, False), Candidate("int2", 64, True)):
+    for cand in (Candidate("int4", 64, True), Candidate("int4", 64, False), Candidate("int2", 64, True),
+                 Candidate("int4", 64, False, "float")):
         plain = dequantize(encode(w, cand))
         searched = dequantize(encode(w, cand, clip="mse"))
         assert float(((searched - w) ** 2).mean()) < 0.97 * float(((plain - w) ** 2).mean()), cand
@@ -68,14 +73,27 @@ def test_gptq_with_an_identity_hessian_is_rtn_with_the_same_search():
     # must be wired into both the same way (each group's range from its own columns).
     w = torch.randn(16, 96, generator=torch.Generator().manual_seed(1))
     w[:, 5] *= 6
-    fmt = QuantFormat(4, 32, False)
     H = torch.eye(96, dtype=torch.float64)
-    for clip in ("mse", "output"):
-        via_gptq = gptq(w, H, fmt, damp=0.0, clip=clip)
-        via_rtn = encode(w, Candidate("int4", 32, False), "rtn", H, clip=clip)
-        assert torch.equal(via_gptq.qweight, via_rtn.qweight) and torch.equal(via_gptq.scales, via_rtn.scales)
-        assert torch.equal(via_gptq.zeros, via_rtn.zeros)
-    assert not torch.equal(gptq(w, H, fmt, damp=0.0).scales, via_gptq.scales)  # the search changed ranges
+    for zero in ("int", "float"):
+        fmt = QuantFormat(4, 32, False, zero)
+        for clip in ("mse", "output"):
+            via_gptq = gptq(w, H, fmt, damp=0.0, clip=clip)
+            via_rtn = encode(w, Candidate("int4", 32, False, zero), "rtn", H, clip=clip)
+            assert torch.equal(via_gptq.qweight, via_rtn.qweight) and torch.equal(via_gptq.scales, via_rtn.scales)
+            assert torch.equal(via_gptq.zeros, via_rtn.zeros)
+        assert not torch.equal(gptq(w, H, fmt, damp=0.0).scales, via_gptq.scales)  # the search changed ranges
+
+
+def test_the_ragged_groups_padding_weighs_nothing_in_the_search():
+    """100 columns at group 32 leave a ragged group of 4, padded to 32 with copies of its last
+    column: without a zero weight on the copies, clip=mse would fit that column 29 times over."""
+    w = torch.randn(6, 100, generator=torch.Generator().manual_seed(4)) + 2.0
+    w[:, 96] *= 5  # the ragged group's outlier, which the search may clip
+    for zero in ("int", "float"):
+        fmt = QuantFormat(4, 32, False, zero)
+        qw = encode(w, Candidate("int4", 32, False, zero), clip="mse")
+        scale, _ = searched_params(w[:, 96:], fmt)  # the ragged group alone, unpadded
+        assert torch.equal(qw.scales[:, 3].float(), scale)
 
 
 def test_clip_in_a_policy():

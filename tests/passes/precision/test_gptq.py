@@ -1,15 +1,19 @@
 """GPTQ on one matrix: code for code equal to an independent port of the reference GPTQ loop
 (IST-DASLab/gptq, `GPTQ.fasterquant`), beats RTN on the layer-output error when inputs are
-correlated, is deterministic, handles ragged groups, dead inputs and act-order."""
+correlated, is deterministic, handles ragged groups, dead inputs and act-order; float zero points
+(`zero="float"`) go through the same loop."""
 import pytest
 import torch
 
 from slimfx.passes.precision.gptq import HessianAccumulator, gptq, hessian, output_error
-from slimfx.runtime.formats import QuantFormat, dequantize, quantize_rtn, unpack
+from slimfx.runtime.formats import QuantFormat, dequantize, quantize_rtn, unpack, zero_points
 
 GPTQ_FORMATS = [QuantFormat(4, 32, True), QuantFormat(4, 32, False), QuantFormat(4, 64, True),
                 QuantFormat(4, 64, False), QuantFormat(2, 64, True), QuantFormat(2, 64, False),
                 QuantFormat(8, None, True), QuantFormat(4, 128, True)]
+# The reference port below knows whole zero points only; float ones are checked against RTN.
+FLOAT_ZERO_FORMATS = [QuantFormat(4, 32, False, "float"), QuantFormat(4, 64, False, "float"),
+                      QuantFormat(2, 64, False, "float"), QuantFormat(8, None, False, "float")]
 
 
 def _calibration(cols, rows=1024, seed=0):
@@ -66,7 +70,7 @@ def test_output_error_is_the_expected_squared_output_error():
 
 # ---- GPTQ ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", GPTQ_FORMATS, ids=str)
+@pytest.mark.parametrize("fmt", GPTQ_FORMATS + FLOAT_ZERO_FORMATS, ids=str)
 @pytest.mark.parametrize("act_order", [False, True], ids=["", "act_order"])
 def test_gptq_beats_rtn_on_output_error(layer, fmt, act_order):
     w, H = layer
@@ -200,7 +204,7 @@ def _assert_same_as_reference(w, H, fmt, act_order, hinv_dtype=torch.float64, ma
     # Group params come from the updated columns, so they agree only while the codes do.
     if flips == 0:
         assert torch.equal(qw.scales, ref_scales.half())
-        assert fmt.sym or torch.equal(qw.zeros, ref_zeros.half())
+        assert fmt.sym or torch.equal(zero_points(qw.zeros, fmt.bits, ref_zeros.shape[1]), ref_zeros.float())
     return codes, ref_codes
 
 
@@ -256,16 +260,19 @@ def test_gptq_is_deterministic(layer, act_order):
         assert torch.equal(getattr(a, name), getattr(b, name))
 
 
-@pytest.mark.parametrize("fmt", GPTQ_FORMATS, ids=str)
+@pytest.mark.parametrize("fmt", GPTQ_FORMATS + FLOAT_ZERO_FORMATS, ids=str)
 @pytest.mark.parametrize("act_order", [False, True], ids=["", "act_order"])
 def test_diagonal_hessian_reduces_to_rtn(fmt, act_order):
     """With uncorrelated inputs no error is propagated, so GPTQ is RTN code for code; with
-    act_order this also checks the permutation is undone."""
+    act_order this also checks the permutation is undone. Zero points too: packed whole ones,
+    and float ones stored as the same fp16 values RTN chose its codes on."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(9, 100, generator=g)
     H = torch.diag(torch.rand(100, generator=g) * 10 + 0.1).double()
     qw, ref = gptq(w, H, fmt, act_order=act_order), quantize_rtn(w, fmt)
     assert torch.equal(qw.qweight, ref.qweight) and torch.equal(qw.scales, ref.scales)
+    assert (qw.zeros is None and ref.zeros is None) or torch.equal(qw.zeros, ref.zeros)
+    assert fmt.zero != "float" or qw.zeros.dtype == torch.float16
 
 
 def test_small_blocks_match_large_blocks(layer):

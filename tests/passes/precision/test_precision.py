@@ -5,6 +5,7 @@ its budget, and the result saves and loads bit-identically."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from slimfx.passes.calibrate import observe
 from slimfx.passes.capture import capture
 from slimfx.passes.precision.gptq import HessianAccumulator, gptq, output_error
 from slimfx.passes.rewrite import find_sites
-from slimfx.runtime.formats import QuantFormat, QuantizedWeight, dequantize, quantize_rtn
+from slimfx.passes.precision.encode import Candidate
+from slimfx.runtime.formats import QuantFormat, QuantizedWeight, dequantize, nbytes, quantize_rtn
 
 from passes_tiny import captured, example_inputs, state_bytes
 
@@ -55,7 +57,8 @@ def packed(cm, path: str) -> QuantizedWeight:
     bits, group, in_features = node.args[5:8]
     mod = cm.program.get_submodule(path)
     zeros = getattr(mod, "zeros", None)
-    return QuantizedWeight(mod.qweight, mod.scales, zeros, QuantFormat(bits, group, zeros is None),
+    kind = "float" if zeros is not None and zeros.is_floating_point() else "int"
+    return QuantizedWeight(mod.qweight, mod.scales, zeros, QuantFormat(bits, group, zeros is None, kind),
                            (mod.qweight.shape[0], in_features))
 
 
@@ -111,7 +114,8 @@ def test_ragged_groups_and_asymmetric_on_a_plain_module():
     m, x = M(), torch.randn(2, 5, 100)
     cm = compile_(m, {"x": x}, "quantize proj int4 group=32", "quantize out int2 group=16 sym=false")
     assert tuple(cm.program.proj.scales.shape) == (40, 4)  # 100 = 3 x 32 + 4
-    assert tuple(cm.program.out.zeros.shape) == (8, 3)  # 40 = 2 x 16 + 8
+    # 40 = 2 x 16 + 8: three 2-bit zero points a row, packed into one byte
+    assert tuple(cm.program.out.zeros.shape) == (8, 1) and cm.program.out.zeros.dtype == torch.uint8
     ref = copy.deepcopy(m)
     with torch.no_grad():
         ref.proj.weight.copy_(dequantize(packed(cm, "proj")))
@@ -195,8 +199,15 @@ def test_int4_g64_bytes_and_bits_per_weight(llama):
     weights = rule.details["weights"]
     assert rule.bytes_before - rule.bytes_after == pytest.approx(weights * (4 - 4.25 / 8), abs=1)
     assert base.weight_bytes() - cm.weight_bytes() == rule.bytes_before - rule.bytes_after
+    # Asymmetric: whole zero points packed 4 bits each, a row's rounded up to whole bytes (1 or 2
+    # groups a row here: 1 byte); float zero points fp16, 4 + 16/64 + 16/64 = 4.5.
+    shapes = [model.get_submodule(p).weight.shape for p in rule.targets]
+    zero_bytes = sum(out * math.ceil(math.ceil(k / 64) / 2) for out, k in shapes)
     asym = compile_(model, inputs, f"quantize {LINEARS} int4 group=64 sym=false").report.rules[0]
-    assert asym.details["bits_per_weight"] == 4.5
+    assert asym.details["bits_per_weight"] == pytest.approx(4.25 + 8 * zero_bytes / weights, rel=1e-12)
+    assert asym.details["format"] == "int4 group=64 sym=false"
+    floats = compile_(model, inputs, f"quantize {LINEARS} int4 group=64 sym=false zero=float").report.rules[0]
+    assert floats.details["bits_per_weight"] == 4.5 and floats.details["format"] == "int4 group=64 sym=false zero=float"
 
 
 # ---- GPTQ and calibration --------------------------------------------------------------------
@@ -250,6 +261,34 @@ def test_budget_solver_meets_the_budget(llama):
     assert 8 * stored / d["weights"] == pytest.approx(d["achieved_avg_bits"]) and d["achieved_avg_bits"] <= 6
 
 
+def test_candidates_carry_their_zero_point_kind():
+    rule = slimfx.parse(policy(f"precision {LINEARS} choose {{int4 group=32 sym=false zero=float, int4 group=32 "
+                               "sym=false, int4} budget avg_bits<=5 by output_mse")).policies[0].rules[0]
+    cands = [Candidate.of(c) for c in rule.choices]
+    assert cands == [Candidate("int4", 32, False, "float"), Candidate("int4", 32, False), Candidate("int4", 64)]
+    assert [str(c) for c in cands] == ["int4 group=32 sym=false zero=float", "int4 group=32 sym=false",
+                                       "int4 group=64"]
+
+
+@pytest.mark.parametrize("budget", [4.625, 5.0])
+def test_the_budget_solver_sees_float_zero_points_at_their_true_cost(llama, budget):
+    """g32 on 64/128 inputs: packed whole zero points cost 4.625 bits/weight all in, float ones 5.0.
+    At 4.625 no float candidate fits (were zero points still costed at fp16, as before they were
+    packed, the budget would be infeasible); at 5.0 either may be chosen. The reported bytes are
+    what the chosen packed weights hold."""
+    model, inputs = llama
+    cm = compile_(model, inputs, f"precision {LINEARS} choose {{int4 group=32 sym=false zero=float, int4 group=32 "
+                  f"sym=false}} budget avg_bits<={budget} by output_mse", calib=calib("llama"))
+    d = cm.report.rules[0].details
+    assert set(d["choices"].values()) <= {"int4 group=32 sym=false zero=float", "int4 group=32 sym=false"}
+    if budget < 5:
+        assert set(d["choices"].values()) == {"int4 group=32 sym=false"} and d["achieved_avg_bits"] == 4.625
+    stored = [packed(cm, p) for p in d["choices"]]
+    assert d["weight_bytes"] == sum(nbytes(q) for q in stored) and d["achieved_avg_bits"] <= budget
+    for q, choice in zip(stored, d["choices"].values()):
+        assert q.zeros.dtype == (torch.float16 if "zero=float" in choice else torch.uint8)
+
+
 @pytest.mark.parametrize("budget, figure", [("avg_bits<=4.1", "4.25 bits/weight"), ("bytes<=1KiB", "bytes")])
 def test_infeasible_budget_names_the_smallest_achievable(llama, budget, figure):
     model, inputs = llama
@@ -262,15 +301,23 @@ def test_infeasible_budget_names_the_smallest_achievable(llama, budget, figure):
 
 # ---- artifact and the user's model -----------------------------------------------------------
 
-def test_save_load_bit_identical_with_packed_weights(llama, tmp_path):
+@pytest.mark.parametrize("attn, mlp", [
+    ("int4 group=32 sym=false", "int8"),
+    ("int4 group=32 sym=false zero=float", "int8 sym=false"),  # float zeros; packed 8-bit zeros
+    ("int2 group=16 sym=false", "int4 group=64 sym=false zero=float"),
+], ids=["int-zeros", "float-zeros", "int2-packed"])
+def test_save_load_bit_identical_with_packed_weights(llama, tmp_path, attn, mlp):
     model, inputs = llama
-    cm = compile_(model, inputs, f"quantize blocks.*.attn.* int4 group=32 sym=false", f"quantize blocks.*.mlp.* int8")
+    cm = compile_(model, inputs, f"quantize blocks.*.attn.* {attn}", f"quantize blocks.*.mlp.* {mlp}")
     cm.save(tmp_path / "m")
     loaded = slimfx.load(tmp_path / "m", backend="eager")  # as compile_ runs it
     assert torch.equal(loaded(**inputs).logits, cm(**inputs).logits)
     other = example_inputs("llama", batch=3, seq=9, seed=5)  # dynamic dims survive
     assert torch.equal(loaded(**other).logits, cm(**other).logits)
     assert {k: v.dtype for k, v in loaded.state_dict().items()} == {k: v.dtype for k, v in cm.state_dict().items()}
+    saved = cm.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())  # zero points included
+    assert any(k.endswith(".zeros") for k in saved)
 
 
 def test_user_model_untouched(llama):
