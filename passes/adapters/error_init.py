@@ -28,7 +28,7 @@ from ..graph import ModelGraph
 from ..lora import BaseSite, base_sites, base_weight
 from ..threads import one_thread
 
-__all__ = ["ErrorFit", "error_adapter", "output_error", "error_inputs", "error_tensors", "error_details",
+__all__ = ["ErrorFit", "InputBasis", "error_adapter", "output_error", "error_inputs", "error_tensors", "error_details",
            "error_note"]
 
 # H's eigenvalues are floored at this fraction of their mean: directions the calibration never
@@ -54,15 +54,31 @@ def output_error(d: torch.Tensor, H: torch.Tensor) -> float:
     return float(((d @ H) * d).sum())
 
 
-def error_adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, rank: int, scale: float) -> ErrorFit:
+@dataclass(frozen=True)
+class InputBasis:
+    """H = Q Λ Qᵀ of one input's second moment, Λ floored (module doc); shared by every target
+    reading that input (q/k/v, gate/up), so each input is decomposed once."""
+
+    H: torch.Tensor
+    Q: torch.Tensor
+    lam: torch.Tensor
+
+    @classmethod
+    def of(cls, H: torch.Tensor) -> "InputBasis":
+        H = H.double()
+        lam, Q = torch.linalg.eigh((H + H.T) / 2)
+        return cls(H, Q, lam.clamp(min=_FLOOR * max(float(lam.mean()), torch.finfo(torch.float64).tiny)))
+
+
+def error_adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor | InputBasis, rank: int,
+                  scale: float) -> ErrorFit:
     """The adapter (A, B) with scale·B·A ≈ w − w_hat in the H-weighted norm. w, w_hat [out, in];
-    H [in, in] (float64 preferred)."""
+    H [in, in] (float64 preferred), or its `InputBasis`."""
+    basis = H if isinstance(H, InputBasis) else InputBasis.of(H)
+    H, Q, lam = basis.H, basis.Q, basis.lam
     if w.shape != w_hat.shape or H.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"shapes do not fit: w {tuple(w.shape)}, ŵ {tuple(w_hat.shape)}, H {tuple(H.shape)}")
     d = w.double() - w_hat.double()
-    H = H.double()
-    lam, Q = torch.linalg.eigh((H + H.T) / 2)
-    lam = lam.clamp(min=_FLOOR * max(float(lam.mean()), torch.finfo(torch.float64).tiny))
     U, S, Vh = torch.linalg.svd(d @ (Q * lam.sqrt()), full_matrices=False)
     U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
     a = Vh @ (Q * lam.rsqrt()).T  # [r, in]: row i of A before the split
@@ -85,8 +101,9 @@ def error_adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, rank: i
 
 # ---- in the adapter pass ---------------------------------------------------------------------
 
-def error_inputs(graph: ModelGraph, bound: BoundRule, ctx: Context) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """path -> (its weight before the precision rule, H of its input in the graph as it is now),
+def error_inputs(graph: ModelGraph, bound: BoundRule, ctx: Context) -> dict[str, tuple[torch.Tensor, InputBasis]]:
+    """path -> (its weight before the precision rule, the basis of its input's H in the graph as
+    it is now),
     for every target of `bound`. Takes the weights out of `ctx.originals`."""
     rule = bound.rule
     missing = [t.path for t in bound.targets if t.path not in ctx.originals]
@@ -109,11 +126,13 @@ def error_inputs(graph: ModelGraph, bound: BoundRule, ctx: Context) -> dict[str,
         accs[t.path] = by_input.setdefault(x, HessianAccumulator())  # q/k/v read one input: one H
     observe(graph, {x: [acc.add] for x, acc in by_input.items()}, ctx.calib, ctx.progress,
             f"calibrating for `adapt … init=error` (line {bound.line})")
-    return {t.path: (ctx.originals.pop(t.path), accs[t.path].H) for t in bound.targets}
+    with one_thread():
+        bases = {id(acc): InputBasis.of(acc.H) for acc in by_input.values()}
+    return {t.path: (ctx.originals.pop(t.path), bases[id(accs[t.path])]) for t in bound.targets}
 
 
 def error_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, w: torch.Tensor,
-                  H: torch.Tensor) -> tuple[dict[str, torch.Tensor], ErrorFit]:
+                  H: InputBasis) -> tuple[dict[str, torch.Tensor], ErrorFit]:
     """The adapter's tensors from the error of the target's base weight as encoded now."""
     w_hat = base_weight(graph, site)
     with one_thread():
