@@ -78,6 +78,8 @@ def error_adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor | InputB
     H, Q, lam = basis.H, basis.Q, basis.lam
     if w.shape != w_hat.shape or H.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"shapes do not fit: w {tuple(w.shape)}, ŵ {tuple(w_hat.shape)}, H {tuple(H.shape)}")
+    if not 1 <= rank <= min(w.shape):
+        raise ValueError(f"rank={rank}: a correction of a {tuple(w.shape)} weight has rank 1 to {min(w.shape)}")
     d = w.double() - w_hat.double()
     U, S, Vh = torch.linalg.svd(d @ (Q * lam.sqrt()), full_matrices=False)
     U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]

@@ -103,3 +103,21 @@ def captured(arch: str) -> Captured:
         graph = capture(model, inputs)
         _SESSION[arch] = Captured(arch, model, inputs, graph, before, time.perf_counter() - start)
     return _SESSION[arch]
+
+
+def linear_input_hessians(model: torch.nn.Module, batches) -> dict[str, torch.Tensor]:
+    """H = E[x xᵀ] of every block nn.Linear's input (".layers." in its path), from forward hooks
+    on the Hugging Face model itself: the reference the precision and adapter tests compare with."""
+    from slimfx.passes.calibrate import HessianAccumulator
+
+    accs, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in name:
+            accs[name] = HessianAccumulator()
+            hooks.append(m.register_forward_hook(lambda mod, args, out, n=name: accs[n].add(args[0])))
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for h in hooks:
+        h.remove()
+    return {n: a.H for n, a in accs.items()}

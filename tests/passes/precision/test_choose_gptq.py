@@ -8,8 +8,10 @@ import torch
 
 import slimfx
 from slimfx.models import tiny
-from slimfx.passes.precision.gptq import HessianAccumulator, gptq, output_error
+from slimfx.passes.precision.gptq import gptq, output_error
 from slimfx.runtime.formats import QuantFormat, dequantize
+
+from passes_tiny import linear_input_hessians
 
 CHOICES = "{int8, int4 group=16}"
 
@@ -29,20 +31,6 @@ def _precision(extra: str = "", choices: str = CHOICES, bits: float = 6.0) -> st
                    f"method=gptq {extra}")
 
 
-def _hooked_hessians(model, calib) -> dict[str, torch.Tensor]:
-    accs, hooks = {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and ".layers." in name:
-            accs[name] = HessianAccumulator()
-            hooks.append(m.register_forward_hook(lambda mod, args, out, n=name: accs[n].add(args[0])))
-    with torch.no_grad():
-        for batch in calib:
-            model(**batch)
-    for h in hooks:
-        h.remove()
-    return {n: a.H for n, a in accs.items()}
-
-
 @pytest.fixture(scope="module")
 def setup():
     lm = tiny("llama", layers=3)
@@ -60,7 +48,7 @@ def test_the_solver_sees_gptq_errors(setup):
     cm = _compile(lm, calib, _precision("sequential=false"))
     details = cm.report.rules[0].details
     assert details["scored_with"] == "gptq"
-    H = _hooked_hessians(lm.model, calib)
+    H = linear_input_hessians(lm.model, calib)
     modules = dict(lm.model.named_modules())
     fmts = {"int8 per-channel": QuantFormat(8, None, True), "int4 group=16": QuantFormat(4, 16, True)}
     direct = 0.0

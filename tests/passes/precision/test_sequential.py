@@ -23,26 +23,46 @@ def _calib(n=3, rows=2, length=12, seed=0):
              "attention_mask": torch.ones(rows, length, dtype=torch.long)} for _ in range(n)]
 
 
-def _direct_sequential(model, calib):
-    """Block by block on the HF model: hooks gather each linear's inputs, GPTQ, then the block's
-    weights become their dequantized codes before the next block is calibrated."""
+BLOCK = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+          "mlp.up_proj", "mlp.down_proj"),)
+LAYERS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+          ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def _direct_sequential(model, calib, groups=BLOCK):
+    """Group by group of each block on the HF model (BLOCK: the whole block at once; LAYERS:
+    true-sequential): hooks gather each linear's inputs on the model as it is at that moment,
+    GPTQ, then the group's weights become their dequantized codes before the next group."""
     model = copy.deepcopy(model).eval()
     codes = {}
     for i, layer in enumerate(model.model.layers):
-        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        accs = {n: HessianAccumulator() for n in linears}
-        hooks = [m.register_forward_hook(lambda mod, args, out, n=n: accs[n].add(args[0]))
-                 for n, m in linears.items()]
-        with torch.no_grad():
-            for batch in calib:
-                model(**batch)
-        for h in hooks:
-            h.remove()
-        for n, m in linears.items():
-            qw = gptq(m.weight.detach(), accs[n].H, FMT)
-            codes[f"model.layers.{i}.{n}"] = unpack(qw.qweight, 4, m.in_features)
-            m.weight.data.copy_(dequantize(qw))
+        for group in groups:
+            linears = {n: layer.get_submodule(n) for n in group}
+            accs = {n: HessianAccumulator() for n in linears}
+            hooks = [m.register_forward_hook(lambda mod, args, out, n=n: accs[n].add(args[0]))
+                     for n, m in linears.items()]
+            with torch.no_grad():
+                for batch in calib:
+                    model(**batch)
+            for h in hooks:
+                h.remove()
+            for n, m in linears.items():
+                qw = gptq(m.weight.detach(), accs[n].H, FMT)
+                codes[f"model.layers.{i}.{n}"] = unpack(qw.qweight, 4, m.in_features)
+                m.weight.data.copy_(dequantize(qw))
     return model, codes
+
+
+def _assert_same_codes(cm, codes) -> None:
+    """At least 99.9% of the compiled model's codes equal the direct loop's (a code may round the
+    other way where the two sum Hessians in another order)."""
+    state = cm.state_dict()
+    same = total = 0
+    for path, want in codes.items():
+        got = unpack(state[f"program.{path}.qweight"], 4, want.shape[1])
+        same += int((got == want).sum())
+        total += want.numel()
+    assert same / total >= 0.999, f"{total - same} of {total} codes differ from the direct loop"
 
 
 def test_sequential_gptq_equals_a_direct_block_by_block_loop():
@@ -50,14 +70,9 @@ def test_sequential_gptq_equals_a_direct_block_by_block_loop():
     calib = _calib()
     cm = slimfx.compile(lm.model, POLICY, example_inputs=lm.example_inputs, calib=calib, backend="eager")
     direct, codes = _direct_sequential(lm.model, calib)
-    state = cm.state_dict()
-    same = total = 0
-    for path, want in codes.items():
-        got = unpack(state[f"program.{path}.qweight"], 4, want.shape[1])
-        same += int((got == want).sum())
-        total += want.numel()
     assert len(codes) == 3 * 7  # every linear of every block
-    assert same / total >= 0.999, f"{total - same} of {total} codes differ from the direct loop"
+    _assert_same_codes(cm, codes)
+    state = cm.state_dict()
     with torch.no_grad():
         torch.testing.assert_close(cm(**lm.example_inputs).logits, direct(**lm.example_inputs).logits,
                                    atol=1e-3, rtol=1e-3)
@@ -105,43 +120,14 @@ def test_padding_stays_out_of_the_sequential_hessians():
     assert same / sum(sa[k].numel() for k in keys) >= 0.999
 
 
-def _direct_true_sequential(model, calib):
-    """Layer by layer inside each block too: q/k/v on the block's input, then o on the attention
-    computed with the dequantized q/k/v, then gate/up, then down, each group's Hessian from hooks
-    on the model as it is at that moment."""
-    model = copy.deepcopy(model).eval()
-    codes = {}
-    groups = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
-    for i, layer in enumerate(model.model.layers):
-        for group in groups:
-            mods = {n: layer.get_submodule(n) for n in group}
-            acc = HessianAccumulator()  # one input for the group
-            hook = mods[group[0]].register_forward_hook(lambda mod, args, out: acc.add(args[0]))
-            with torch.no_grad():
-                for batch in calib:
-                    model(**batch)
-            hook.remove()
-            for n, m in mods.items():
-                qw = gptq(m.weight.detach(), acc.H, FMT)
-                codes[f"model.layers.{i}.{n}"] = unpack(qw.qweight, 4, m.in_features)
-                m.weight.data.copy_(dequantize(qw))
-    return model, codes
-
-
 def test_true_sequential_equals_a_direct_layer_by_layer_loop():
     lm = tiny("llama", layers=2)
     calib = _calib()
     cm = slimfx.compile(lm.model, POLICY + " true_sequential=true", example_inputs=lm.example_inputs, calib=calib,
                         backend="eager")
-    direct, codes = _direct_true_sequential(lm.model, calib)
+    direct, codes = _direct_sequential(lm.model, calib, LAYERS)
+    _assert_same_codes(cm, codes)
     state = cm.state_dict()
-    same = total = 0
-    for path, want in codes.items():
-        got = unpack(state[f"program.{path}.qweight"], 4, want.shape[1])
-        same += int((got == want).sum())
-        total += want.numel()
-    assert same / total >= 0.999, f"{total - same} of {total} codes differ from the direct loop"
     with torch.no_grad():
         torch.testing.assert_close(cm(**lm.example_inputs).logits, direct(**lm.example_inputs).logits,
                                    atol=1e-3, rtol=1e-3)
