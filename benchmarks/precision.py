@@ -136,7 +136,7 @@ def run_peer(loaded, calib: list[dict[str, torch.Tensor]], args: list[str], pyth
         loaded.tokenizer.save_pretrained(tmp / "model")
         torch.save(torch.cat([c["input_ids"] for c in calib]), tmp / "calib.pt")
         cmd = [str(python), str(PEER_SCRIPT), str(tmp / "model"), str(tmp / "calib.pt"), str(tmp / "out"), *args]
-        subprocess.run(cmd, check=True, cwd=tmp)
+        subprocess.run(cmd, check=True, cwd=tmp, stdout=sys.stderr)  # its logs: keep stdout for the tables
         return (torch.load(tmp / "out" / "weights.pt", weights_only=True),
                 json.loads((tmp / "out" / "result.json").read_text()))
 
