@@ -50,6 +50,16 @@ ROWS = {  # name -> rule (None: the fp32 model itself)
     # SmolLM2's weights are a dequantized Q4_1 file (groups of 32 with a float offset): this format
     # reproduces them almost exactly, so judge formats at group 64, not by this row.
     "int4 g32 RTN asym zero=float (source format)": f"quantize {LINEARS} int4 group=32 sym=false zero=float",
+    "int4 g64 GPTQ clip=output true_sequential": f"quantize {LINEARS} int4 group=64 method=gptq act_order=true "
+                                                 "clip=output true_sequential=true",
+    # Adapters from the quantization error (EoRA): their fp32 bytes count in "weight MiB" only.
+    "int4 g64 GPTQ clip=output + init=error r32": f"quantize {LINEARS} int4 group=64 method=gptq act_order=true "
+                                                  f"clip=output\n    adapt {LINEARS} lora rank=32 alpha=32 init=error",
+    "int2 g64 GPTQ": f"quantize {LINEARS} int2 group=64 method=gptq act_order=true",
+    "int2 g64 GPTQ + init=error r32": f"quantize {LINEARS} int2 group=64 method=gptq act_order=true\n    "
+                                      f"adapt {LINEARS} lora rank=32 alpha=32 init=error",
+    "budget avg_bits<=4.5 by fisher": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=4.5 by fisher method=gptq "
+                                      "act_order=true",
     "budget avg_bits<=4.5": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=4.5 by output_mse method=gptq act_order=true",
     "budget avg_bits<=5.0": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=5.0 by output_mse method=gptq act_order=true",
 }
@@ -228,10 +238,10 @@ def checks(rows: list[dict]) -> list[tuple[str, bool]]:
         if searched in by and plain in by:
             a, b = by[searched]["ppl"], by[plain]["ppl"]
             out.append((f"{searched} ppl {a:.3f} <= {plain}'s {b:.3f} (range search)", a <= b))
-    uniform = [r for n, r in by.items() if n != "fp32" and not n.startswith("budget")]
+    uniform = [r for n, r in by.items() if n != "fp32" and not n.startswith("budget") and "init=error" not in n]
     for n, r in by.items():
         if n.startswith("budget"):
-            limit = float(n.rsplit("<=", 1)[1])  # "budget avg_bits<=4.5"
+            limit = float(n.split("<=", 1)[1].split()[0])  # "budget avg_bits<=4.5 [by fisher]"
             fit = [u for u in uniform if u["bits"] <= limit + 1e-9]
             best = min(fit, key=lambda u: u["ppl"], default=None)
             if best is not None:
