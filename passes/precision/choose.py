@@ -19,11 +19,11 @@ from ...runtime.report import RuleReport, format_bytes
 from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
+from ..threads import one_thread
 from .budget import BudgetInfeasible, solve_avg_bits, solve_budget
 from .encode import Candidate, decode, encode, encoded_bytes
 from .fisher import FisherUnavailable, output_fisher, weighted_error
 from .sequential import sequential_encode, sequential_scores
-from ..threads import one_thread
 from .targets import Item, apply, hessians_of, items_of, require_calib
 
 __all__ = ["run"]

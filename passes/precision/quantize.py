@@ -14,9 +14,9 @@ from ...runtime.report import RuleReport
 from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
+from ..threads import one_thread
 from .encode import Candidate, encode
 from .sequential import sequential_encode
-from ..threads import one_thread
 from .targets import apply, hessians_of, items_of, require_calib
 
 __all__ = ["run"]
