@@ -143,6 +143,11 @@ def _sensitivity(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
 
 def _solve(rule: A.Precision, items: list[Item], costs, sizes, ctx: Context) -> list[int]:
     """Option index per target; an infeasible budget is the user's error at the budget."""
+    with ctx.progress.task(f"solving the budget (line {rule.span.line})", total=None):
+        return _solve_now(rule, items, costs, sizes, ctx)
+
+
+def _solve_now(rule: A.Precision, items: list[Item], costs, sizes, ctx: Context) -> list[int]:
     try:
         if rule.budget.metric == "avg_bits":
             bits = [[8 * s / it.w.numel() for s in row] for it, row in zip(items, sizes)]
