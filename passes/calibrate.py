@@ -19,7 +19,7 @@ from torch import fx
 from ..runtime.progress import Progress
 from .graph import ModelGraph
 
-__all__ = ["observe", "Observer", "kept_rows", "real_rows", "forward_ms", "HessianAccumulator"]
+__all__ = ["observe", "Observer", "kept_rows", "real_rows", "forward_ms", "HessianAccumulator", "output_error"]
 
 Observer = Callable[[torch.Tensor], None]
 
@@ -77,6 +77,13 @@ class HessianAccumulator:
         if self._H is None:
             raise ValueError("no calibration rows were added; run the model on calibration data first")
         return self._H
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((w - ŵ) H (w - ŵ)ᵀ) = E_x ‖(w - ŵ) x‖²: with H = E[x xᵀ], the squared output error
+    of one calibration row, summed over output features (divide by `out` for a per-feature MSE)."""
+    d = (w.double() - w_hat.double())
+    return float(((d @ H.double()) * d).sum())
 
 
 def kept_rows(batch: dict[str, Any]) -> torch.Tensor | None:

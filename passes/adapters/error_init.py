@@ -22,13 +22,13 @@ import torch
 from ...dsl.errors import SpecError
 from ...runtime.adapters import Adapter
 from ..bind import BoundRule
-from ..calibrate import HessianAccumulator, observe
+from ..calibrate import HessianAccumulator, observe, output_error
 from ..context import Context
 from ..graph import ModelGraph
 from ..lora import BaseSite, base_sites, base_weight
 from ..threads import one_thread
 
-__all__ = ["ErrorFit", "InputBasis", "error_adapter", "output_error", "error_inputs", "error_tensors", "error_details",
+__all__ = ["ErrorFit", "InputBasis", "error_adapter", "error_inputs", "error_tensors", "error_details",
            "error_note"]
 
 # H's eigenvalues are floored at this fraction of their mean: directions the calibration never
@@ -47,11 +47,6 @@ class ErrorFit:
     B: torch.Tensor
     before: float
     after: float
-
-
-def output_error(d: torch.Tensor, H: torch.Tensor) -> float:
-    """E‖d x‖² = tr(d H dᵀ) for x with second moment H."""
-    return float(((d @ H) * d).sum())
 
 
 @dataclass(frozen=True)
@@ -96,8 +91,8 @@ def error_adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor | InputB
                                                                                  dtype=torch.float64)
         A[~live] = a[~live] / a_norm[~live, None] * norm
         B[:, ~live] = 0
-    before = output_error(d, H)
-    after = output_error(d - B @ A, H)
+    before = output_error(w, w_hat, H)
+    after = output_error(w, w_hat.double() + B @ A, H)
     return ErrorFit(A.float(), (B / scale).float(), before, after)
 
 

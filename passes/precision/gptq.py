@@ -12,7 +12,7 @@ import torch
 
 from ...runtime.formats import (QuantFormat, QuantizedWeight, dequantize_codes, group_params, group_size,
                                pack, quantize_codes, store_zeros)
-from ..calibrate import HessianAccumulator  # calibration statistics are core: the adapter pass reads them too
+from ..calibrate import HessianAccumulator, output_error  # calibration statistics are core: the adapter pass reads them too
 from .clip import column_weights, searched_params
 
 __all__ = ["HessianAccumulator", "hessian", "gptq", "output_error"]
@@ -24,13 +24,6 @@ def hessian(xs: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
     for x in xs:
         acc.add(x)
     return acc.H, acc.count
-
-
-def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """tr((w - ŵ) H (w - ŵ)ᵀ) = E_x ‖(w - ŵ) x‖²: with H = E[x xᵀ], the squared output error
-    of one calibration row, summed over output features (divide by `out` for a per-feature MSE)."""
-    d = (w.double() - w_hat.double())
-    return float(((d @ H.double()) * d).sum())
 
 
 # ---- GPTQ ------------------------------------------------------------------------------------
