@@ -113,7 +113,7 @@ def linear_input_hessians(model: torch.nn.Module, batches) -> dict[str, torch.Te
     accs, hooks = {}, []
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and ".layers." in name:
-            accs[name] = HessianAccumulator()
+            accs[name] = HessianAccumulator(torch.float64)
             hooks.append(m.register_forward_hook(lambda mod, args, out, n=name: accs[n].add(args[0])))
     with torch.no_grad():
         for batch in batches:
