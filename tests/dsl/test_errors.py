@@ -54,6 +54,8 @@ CASES = [
     (body("precision head choose {int8, int4 group=32 zero=float} budget avg_bits<=5 by output_mse"),
      "invalid-combination", 2, 48, ["`zero=float`"], "add `sym=false`"),
     (body("quantize head int4 sym=false zero=half"), "out-of-range", 2, 34, ["one of int, float"], None),
+    (body("adapt blocks lora dtype=int8"), "out-of-range", 2, 23, ["`dtype` is one of fp32, fp16, bf16"], None),
+    (body("adapt blocks lora dtype=bf61"), "unknown-keyword", 2, 23, ["one of fp32, fp16, bf16"], "did you mean `bf16`?"),
     (body("adapt blocks lora rank=4 rank=8"), "duplicate", 2, 30, ["given twice"], None),
     (body("drop blocks auto(ratio=0.2, count=2)"), "invalid-combination", 2, 17, ["not both"], None),
     (body('adapt blocks lora from="a" init=gaussian'), "invalid-combination", 2, 32, ["loads a trained one"], "remove `init`"),
