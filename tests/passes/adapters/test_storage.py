@@ -81,6 +81,7 @@ def test_the_default_is_fp32_and_leaves_the_graph_as_before():
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_half_adapters_compute_as_fp32_ones_holding_the_rounded_values(method, dtype):
     half = _compile(f"adapt {QV} {method} rank=4 dtype={dtype}")
+    assert max_diff(outputs(half, _inputs()), outputs(captured("llama").model, _inputs())) == 0  # fresh: B = 0
     _perturb(half)
     stored = {n: p.dtype for n, p in half.program.named_parameters() if "lora_" in n}
     assert {d for n, d in stored.items() if not n.endswith("lora_magnitude")} == {HALF[dtype]}
