@@ -294,7 +294,8 @@ def _lora_paths(graph: fx.Graph) -> dict[fx.Node, tuple[fx.Node, ...]]:
     """base linear -> the nodes of its LoRA path, (dropout,) A, B, scale, for every adapter the
     adapter pass tagged whose parts are A, B, scale and out (and its input dropout) with
     `out = base + scale` (DoRA and anything else stays as it is); `out` then joins as the base's
-    epilogue."""
+    epilogue. Half-precision A and B are read through casts up ("cast" parts), which stay outside
+    the kernel: it reads their float32 results."""
     from ..runtime.adapters import tag_of
 
     parts: dict[str, dict[str, fx.Node]] = {}
@@ -304,7 +305,7 @@ def _lora_paths(graph: fx.Graph) -> dict[fx.Node, tuple[fx.Node, ...]]:
             parts.setdefault(tag["target"], {})[tag["part"]] = node
     paths = {}
     for found in parts.values():
-        if not {"A", "B", "scale", "out"} <= set(found) <= {"A", "B", "scale", "out", "dropout"}:
+        if not {"A", "B", "scale", "out"} <= set(found) <= {"A", "B", "scale", "out", "dropout", "cast"}:
             continue
         a, b, scale, out = found["A"], found["B"], found["scale"], found["out"]
         base = out.args[0] if isinstance(out.args[0], fx.Node) else None

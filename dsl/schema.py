@@ -13,7 +13,7 @@ from typing import Callable
 from .ast import Value
 
 __all__ = [
-    "ParamSpec", "SCHEMAS", "FORMATS", "INT_FORMATS", "FORMAT_BITS", "SIZE_UNITS", "METRICS",
+    "ParamSpec", "SCHEMAS", "FORMATS", "ADAPTER_DTYPES", "INT_FORMATS", "FORMAT_BITS", "SIZE_UNITS", "METRICS",
     "HEAL_METHOD_PARAMS", "schema_key", "default_for", "is_power_of_two",
 ]
 
@@ -23,6 +23,7 @@ FORMAT_BITS = {"int8": 8, "int4": 4, "int2": 2, "fp16": 16, "bf16": 16, "keep": 
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 METRICS = ("output_mse", "fisher")
 ADAPTERS = ("lora", "dora")
+ADAPTER_DTYPES = ("fp32", "fp16", "bf16")
 TOKEN_ACTIONS = ("prune", "merge")
 
 
@@ -137,6 +138,8 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
                   "start unchanged), or `error`: B·A from the calibration-weighted SVD of the quantization error "
                   "of a `quantize` before it (EoRA), so the adapter starts by undoing most of that error",
                   choices=("kaiming", "gaussian", "error")),
+        ParamSpec("dtype", str, "fp32", "the dtype A and B are stored in (cast up to the activations' dtype "
+                  "where they are read; DoRA's magnitude stays fp32)", choices=ADAPTER_DTYPES),
         ParamSpec("merge", bool, False, "fold the adapter into the base weight"),
         ParamSpec("from", str, None, "a PEFT adapter directory to load (its rank, alpha and method apply)",
                   lambda v: isinstance(v, str) and v.strip() != "", "a directory path in quotes",

@@ -14,6 +14,7 @@ from ..dsl.schema import FORMAT_BITS
 __all__ = ["Estimate", "estimate", "quantized_bytes"]
 
 SCALE_BYTES = 2  # fp16 scales and float zero points
+_ADAPTER_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # per element of A and B (`adapt … dtype=`)
 
 
 @dataclass(frozen=True)
@@ -124,14 +125,16 @@ def _adapt(rule: A.Adapt, targets) -> Estimate:
         before = sum(t.nbytes for t in targets)
         return Estimate(params, params, before, before, f"loaded from {rule.get('from')} at compile"
                         + ("; merged into the base weights" if rule.get("merge") else ""))
-    rank = rule.get("rank")
-    added = sum(rank * sum(_weight_shape(t)) + (_weight_shape(t)[0] if rule.method == "dora" else 0)
-                for t in targets)
+    rank, size = rule.get("rank"), _ADAPTER_BYTES[rule.get("dtype")]
+    low_rank = sum(rank * sum(_weight_shape(t)) for t in targets)  # A and B, stored in `dtype`
+    magnitude = sum(_weight_shape(t)[0] for t in targets) if rule.method == "dora" else 0  # fp32 always
+    added = low_rank + magnitude
     params = sum(_numel(t) for t in targets)
     before = sum(t.nbytes for t in targets)
     if rule.get("merge"):
         return Estimate(params, params, before, before, "merged into the base weights")
-    return Estimate(params, params + added, before, before + 4 * added, f"+{added:,} trainable")
+    return Estimate(params, params + added, before, before + size * low_rank + 4 * magnitude,
+                    f"+{added:,} trainable")
 
 
 def _remove_blocks(rule, blocks, graph) -> Estimate:

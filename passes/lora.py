@@ -11,8 +11,9 @@ not in a pass folder. The base call stays its own node — `aten.linear`, GPT-2 
 
 which are PEFT's (peft/tuners/lora/layer.py and dora.py), so weights move between the two as they
 are. With dropout > 0, DoRA's base term uses the dropped-out input, `w @ dropout(x)`, as PEFT does
-in training. A later `quantize` of the target swaps the base call and, through
-`swap_adapter_weight`, the weight DoRA reads; the adapter itself stays in full precision.
+in training. A and B stored in half precision (`adapt … dtype=fp16|bf16`) are read through one
+`aten._to_copy` each up to the activations' dtype. A later `quantize` of the target swaps the base
+call and, through `swap_adapter_weight`, the weight DoRA reads; the adapter itself stays as stored.
 """
 from __future__ import annotations
 
@@ -95,11 +96,31 @@ def insert_adapter(graph: ModelGraph, target: Target, adapter: Adapter, tensors:
     attrs = register_tensors(graph, target.path, tensors, first, parameters=True)
     for name, node in attrs.items():
         tag(node, adapter, name)
+    values = _read_as(gm, attrs, sites[0].x.meta["val"].dtype, adapter, first)
     _record_params(graph, target.path, tensors)
     for site in sites:
-        _build(gm, site, adapter, attrs)
+        _build(gm, site, adapter, values)
     gm.recompile()
     return len(sites)
+
+
+def _read_as(gm: fx.GraphModule, attrs: dict[str, fx.Node], dtype: torch.dtype, adapter: Adapter,
+             like: fx.Node) -> dict[str, fx.Node]:
+    """The node each computation reads a tensor from: A and B stored in another dtype than the
+    activations' (`adapt … dtype=fp16|bf16`) are read through one cast up each, tagged part
+    "cast", so the adapter computes as an fp32 one whose values were rounded; DoRA's magnitude is
+    read as stored (elementwise ops promote it)."""
+    values = dict(attrs)
+    for name in ("lora_A", "lora_B"):
+        attr = attrs[name]
+        if attr.meta["val"].dtype == dtype:
+            continue
+        kwargs = {"dtype": dtype}
+        with gm.graph.inserting_after(attr):
+            cast = gm.graph.call_function(aten._to_copy.default, (attr,), kwargs)
+        set_meta(cast, like, aten._to_copy.default, (attr,), kwargs)
+        values[name] = tag(cast, adapter, "cast")
+    return values
 
 
 def _record_params(graph: ModelGraph, path: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -133,18 +154,18 @@ class _Builder:
         return tag(node, self.adapter, part)
 
 
-def _build(gm: fx.GraphModule, site: BaseSite, adapter: Adapter, attrs: dict[str, fx.Node]) -> None:
+def _build(gm: fx.GraphModule, site: BaseSite, adapter: Adapter, values: dict[str, fx.Node]) -> None:
     b = _Builder(gm, site.node, adapter)
     y, s = site.node, adapter.scale
     h = b("dropout", aten.dropout.default, site.x, adapter.dropout, False) if adapter.dropout > 0 else site.x
-    lora = b("B", aten.linear.default, b("A", aten.linear.default, h, attrs["lora_A"]), attrs["lora_B"])
+    lora = b("B", aten.linear.default, b("A", aten.linear.default, h, values["lora_A"]), values["lora_B"])
     if adapter.method == "lora":
         out = b("out", aten.add.Tensor, y, b("scale", aten.mul.Tensor, lora, s))
     else:
         w = _weight_value(b, site)
-        delta = b("norm", aten.mul.Tensor, b("norm", aten.mm.default, attrs["lora_B"], attrs["lora_A"]), s)
+        delta = b("norm", aten.mul.Tensor, b("norm", aten.mm.default, values["lora_B"], values["lora_A"]), s)
         norm = b("norm", aten.linalg_vector_norm.default, b("norm", aten.add.Tensor, w, delta), 2, [1])
-        k = b("norm", aten.div.Tensor, attrs["lora_magnitude"], b("norm", aten.detach.default, norm))
+        k = b("norm", aten.div.Tensor, values["lora_magnitude"], b("norm", aten.detach.default, norm))
         if adapter.dropout > 0:
             base = b("dora", aten.linear.default, h, w)
         else:

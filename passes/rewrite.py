@@ -77,7 +77,7 @@ def find_sites(graph: ModelGraph, target: Target) -> list[LinearSite]:
     sites = []
     for n in target.nodes:
         match = table.get(n.target)
-        # An adapter's own linears (passes/lora.py) are not the target's: they stay full precision.
+        # An adapter's own linears (passes/lora.py) are not the target's: they stay as stored.
         site = match(n) if match and n.op == "call_function" and tag_of(n) is None else None
         if site is not None and reads(graph, site.weight, weight):
             sites.append(site)

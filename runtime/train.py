@@ -24,7 +24,7 @@ from torch import nn
 from .lower import unlowered
 from .progress import Progress
 
-__all__ = ["train", "TrainResult", "LOSSES", "lm_loss"]
+__all__ = ["train", "TrainResult", "LOSSES", "lm_loss", "float32_masters"]
 
 LOSSES = ("lm", "distill")
 
@@ -60,6 +60,8 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     tensor (e.g. last_hidden_state) for a model without logits; `teacher` (the original module or
     another CompiledModel) runs in eval mode under no_grad. AdamW over `cm.adapter_parameters()`
     unless `optimizer` is given. `cm` is in training mode (adapter dropout on) only while this runs.
+    Adapters stored in fp16/bf16 (`adapt … dtype=`) train as float32 and are rounded back at the
+    end (`float32_masters`).
     """
     params = _check(cm, steps, loss, teacher)
     batches = _batches(batches)
@@ -71,13 +73,32 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     # Generated Triton kernels have no backward: a model on that backend trains on its reference
     # graph (the same weights), and its kernels are back afterwards.
     reference = unlowered(cm.program) if getattr(cm, "backend", None) == "triton" else contextlib.nullcontext()
-    with reference, _mode(cm, True), _mode(teacher, False), \
+    with reference, float32_masters(params), _mode(cm, True), _mode(teacher, False), \
             bars.task(f"training adapters ({loss})", total=steps) as step:
         for i, batch in zip(range(steps), itertools.cycle(batches)):
             value = _step(cm, batch, opt, loss, teacher, i)
             losses.append(value)
             step(note=f"loss {value:.4f}")
     return TrainResult(losses, time.perf_counter() - start, loss)
+
+
+@contextmanager
+def float32_masters(params: list[nn.Parameter]):
+    """Inside, the fp16/bf16 parameters among `params` hold float32 copies of their values (the
+    same Parameter objects, so an optimizer built over them still applies); after, they are
+    rounded back to their dtype once, also on an exception. Optimizers need this: AdamW directly
+    on fp16 adapters divides by a second moment that underflows (NaN at the second step on a tiny
+    Llama), and on bf16 ones rounds away every update below 2^-9 of a weight (at lr 1e-4, 72% of
+    A's entries never moved in 10 steps). The adapter's casts up read float32 as well as half."""
+    half = [(p, p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)]
+    for p, _ in half:
+        p.data = p.data.float()
+    try:
+        yield
+    finally:
+        for p, dtype in half:
+            p.data = p.data.to(dtype)
+            p.grad = None  # a float32 gradient would not fit the rounded parameter
 
 
 def _check(cm, steps: int, loss: str, teacher) -> list[nn.Parameter]:

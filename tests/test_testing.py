@@ -149,6 +149,13 @@ _RULE = {"quantize": "policy p {{\n    quantize a int4 {}\n}}\n",
          "choice": "policy p {{\n    precision a choose {{int4 {}}} budget avg_bits<=8 by output_mse\n}}\n"}
 
 
+def test_adapter_dtypes_are_drawn_in_adapt_rules():
+    for dtype in ("fp16", "bf16"):
+        text = find(_params_text("adapt", 3), lambda t: f"dtype={dtype}" in t,
+                    settings=settings(max_examples=2000, database=None, derandomize=True, deadline=None))
+        assert parse("policy p {{\n    quantize a int4\n    adapt a lora {}\n}}\n".format(text))
+
+
 def test_zero_float_is_drawn_in_quantize_rules_and_choose_formats():
     for key in ("quantize", "choice"):
         text = find(_params_text(key, 3), lambda t: "zero=float" in t,

@@ -1,4 +1,4 @@
-"""`adapt <linears> lora|dora rank= alpha= dropout= init= merge= from=`: trainable adapters.
+"""`adapt <linears> lora|dora rank= alpha= dropout= init= dtype= merge= from=`: trainable adapters.
 
     adapt blocks.*.attn.{q,v} lora rank=16 alpha=32
     adapt blocks.*.** : Linear dora rank=32 alpha=64 dropout=0.05
@@ -10,8 +10,9 @@ a=√5, or normal with std 1/r; B: zeros; DoRA's magnitude: the row norms of the
 the compiled model's outputs are bit-identical to the original's until it trains. `init=error`
 starts each adapter instead from the error a `quantize` before it left in the weight
 (passes/adapters/error_init.py), so the model starts closer to the unquantized one. `from=` reads
-a PEFT adapter directory instead (passes/adapters/peft_in.py). `merge=true` folds the adapters
-into the base weights right away (runtime/adapter_merge.py).
+a PEFT adapter directory instead (passes/adapters/peft_in.py). `dtype=fp16|bf16` stores A and B
+rounded to half precision (passes/adapters/storage.py). `merge=true` folds the adapters into the
+base weights right away (runtime/adapter_merge.py).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from ..graph import ModelGraph, Target
 from ..lora import BaseSite, base_sites, base_weight, insert_adapter, site_dims
 from . import peft_in
 from .error_init import ErrorFit, error_details, error_inputs, error_note, error_tensors
+from .storage import STORED_DTYPES, store_as
 
 __all__ = ["run", "fresh_tensors"]
 
@@ -39,6 +41,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Adapt = bound.rule
     loaded = peft_in.read(rule.get("from"), bound, ctx) if rule.get("from") else None
     errors = error_inputs(graph, bound, ctx) if rule.get("init") == "error" else None
+    dtype = STORED_DTYPES[rule.get("dtype")]
     added, inserted, base, fits = {}, [], {}, {}
     with ctx.progress.task(f"adding {rule.method} adapters (line {bound.line})", total=len(bound.targets)) as step:
         for t in bound.targets:
@@ -46,17 +49,19 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
             sites = base_sites(graph, target)
             if loaded is not None:
                 adapter, tensors = loaded.adapter(target, sites[0])
+                tensors = store_as(tensors, dtype)
             else:
                 adapter = Adapter(target.path, rule.method, rule.get("rank"), rule.get("alpha"), rule.get("dropout"),
                                   sites[0].transposed)
                 _check_rank(adapter, sites[0], bound, ctx)
                 if errors is not None:
-                    tensors, fits[target.path] = error_tensors(graph, sites[0], adapter, *errors[target.path])
+                    tensors, fits[target.path] = error_tensors(graph, sites[0], adapter, *errors[target.path],
+                                                               dtype)
                 else:
-                    tensors = fresh_tensors(graph, sites[0], adapter, rule.get("init"))
+                    tensors = store_as(fresh_tensors(graph, sites[0], adapter, rule.get("init")), dtype)
             base[target.path] = _base_size(graph, target, sites[0])
             insert_adapter(graph, target, adapter, tensors)
-            added[target.path] = sum(v.numel() for v in tensors.values())
+            added[target.path] = (sum(v.numel() for v in tensors.values()), sum(v.nbytes for v in tensors.values()))
             inserted.append(adapter)
             step(note=target.path)
     notes = list(bound.warnings)
@@ -118,11 +123,11 @@ def _base_size(graph: ModelGraph, target: Target, site: BaseSite) -> tuple[int, 
     return out_features * in_features + bias, sum(p.nbytes for p in stored)
 
 
-def _report(graph: ModelGraph, bound: BoundRule, inserted: list[Adapter], added: dict[str, int],
+def _report(graph: ModelGraph, bound: BoundRule, inserted: list[Adapter], added: dict[str, tuple[int, int]],
             base: dict[str, tuple[int, int]], notes: list[str], fits: dict[str, ErrorFit]) -> RuleReport:
     rule: A.Adapt = bound.rule
     merged = bool(rule.get("merge"))
-    trainable = 0 if merged else sum(added.values())
+    trainable = 0 if merged else sum(n for n, _ in added.values())
     total = graph_params(graph)
     ranks = sorted({a.rank for a in inserted})
     alphas = sorted({a.alpha for a in inserted})
@@ -133,10 +138,13 @@ def _report(graph: ModelGraph, bound: BoundRule, inserted: list[Adapter], added:
     }
     if rule.get("from"):
         details["from"] = rule.get("from")
+    if rule.get("dtype") != "fp32":
+        details["dtype"] = rule.get("dtype")
     if fits:
         details.update(error_details(fits))
         notes.append(error_note(fits))
     what = f"{rule.method} r={'/'.join(map(str, ranks))} α={'/'.join(f'{a:g}' for a in alphas)}"
+    what += f" {rule.get('dtype')}" if "dtype" in details else ""
     if merged:
         notes.insert(0, f"{len(inserted)} {what} adapters merged into their weights")
     else:
@@ -144,6 +152,6 @@ def _report(graph: ModelGraph, bound: BoundRule, inserted: list[Adapter], added:
                         f"({details['trainable_share']:.2%} of the model)")
     params = sum(p for p, _ in base.values())
     before = sum(b for _, b in base.values())
-    after = before + (0 if merged else sum(4 * n for n in added.values()))
+    after = before + (0 if merged else sum(nbytes for _, nbytes in added.values()))
     return RuleReport(bound.line, bound.text, rule.kind, tuple(added), params, params + trainable,
                       before, after, details, tuple(notes))

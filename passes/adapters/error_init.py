@@ -15,7 +15,7 @@ column of B, as a fresh LoRA starts, so it can still learn.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,6 +27,7 @@ from ..context import Context
 from ..graph import ModelGraph
 from ..lora import BaseSite, base_sites, base_weight
 from ..threads import one_thread
+from .storage import store_as
 
 __all__ = ["ErrorFit", "InputBasis", "error_adapter", "error_inputs", "error_tensors", "error_details",
            "error_note"]
@@ -128,15 +129,20 @@ def error_inputs(graph: ModelGraph, bound: BoundRule, ctx: Context) -> dict[str,
     return {t.path: (ctx.originals.pop(t.path), bases[id(accs[t.path])]) for t in bound.targets}
 
 
-def error_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, w: torch.Tensor,
-                  H: InputBasis) -> tuple[dict[str, torch.Tensor], ErrorFit]:
-    """The adapter's tensors from the error of the target's base weight as encoded now."""
+def error_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, w: torch.Tensor, H: InputBasis,
+                  dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], ErrorFit]:
+    """The adapter's tensors from the error of the target's base weight as encoded now, A and B
+    stored in `dtype` (the fit in float64, then rounded once); the fit's `after` is the error left
+    by the rounded adapter, the one the model computes with."""
     w_hat = base_weight(graph, site)
     with one_thread():
         fit = error_adapter(w, w_hat, H, adapter.rank, adapter.scale)
-    tensors = {"lora_A": fit.A, "lora_B": fit.B}
+        tensors = store_as({"lora_A": fit.A, "lora_B": fit.B}, dtype)
+        A, B = tensors["lora_A"].float(), tensors["lora_B"].float()
+        if dtype != torch.float32:
+            fit = replace(fit, after=output_error(w, w_hat.double() + adapter.scale * B.double() @ A.double(), H.H))
     if adapter.method == "dora":  # m = ‖ŵ + s·B·A‖ per row: the magnitude of the weight it starts as
-        tensors["lora_magnitude"] = torch.linalg.norm(w_hat + adapter.scale * fit.B @ fit.A, dim=1)
+        tensors["lora_magnitude"] = torch.linalg.norm(w_hat + adapter.scale * B @ A, dim=1)
     return tensors, fit
 
 

@@ -3,7 +3,7 @@
 target's module path; `to_half` stores the weight in fp16/bf16 and casts it back with
 `aten._to_copy`. Both delete the fp32 weight unless another module still reads it (tied).
 A DoRA adapter on the target (passes/lora.py) reads the base weight for its norm: it is given the
-new weight (dequantized, or cast back) too, and the adapter itself stays in full precision.
+new weight (dequantized, or cast back) too, and the adapter itself stays as it is stored.
 """
 from __future__ import annotations
 

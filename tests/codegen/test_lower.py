@@ -108,16 +108,19 @@ def test_training_on_the_triton_backend_trains_the_reference_graph_and_keeps_the
         torch.testing.assert_close(trained, _logits(cm(**lm.example_inputs)), atol=2e-5, rtol=2e-5)
 
 
-def test_lora_paths_are_fused_into_their_base_gemm():
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_lora_paths_are_fused_into_their_base_gemm(dtype):
     # Nonzero A and B (a fresh adapter's B is zero, which would hide a wrong rank path); rank 4
     # pads to tl.dot's 16. q and v carry adapters: q/k/v stay one kernel with both rank paths.
+    # fp16 adapters: the kernel reads A and B through their casts up (eager ops before it).
     lm = tiny("llama", layers=1)
-    eager = slimfx.compile(lm.model, POLICIES["llama"], example_inputs=lm.example_inputs, backend="eager")
+    policy = POLICIES["llama"] + f" dtype={dtype}"
+    eager = slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, backend="eager")
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in eager.adapter_parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    cm = slimfx.compile(lm.model, POLICIES["llama"], example_inputs=lm.example_inputs, backend="triton")
+    cm = slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, backend="triton")
     cm.load_state_dict(eager.state_dict())
     codegen = cm.lowering.codegen
     # q/k/v (+2 LoRA paths), o, gate/up, down, head: no kernel of its own for any adapter linear.

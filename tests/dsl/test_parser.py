@@ -74,7 +74,9 @@ def test_adapt_params_are_kept_in_schema_order():
     b = only("adapt blocks.*.attn.q lora rank=16 alpha=32.0")
     assert a == b
     assert [p.name for p in a.params] == ["rank", "alpha"]
-    assert a.method == "lora" and a.get("merge") is False
+    assert a.method == "lora" and a.get("merge") is False and a.get("dtype") == "fp32"
+    c = only("adapt blocks.*.attn.q lora merge=true dtype=fp16 init=gaussian rank=4")
+    assert [p.name for p in c.params] == ["rank", "init", "dtype", "merge"] and c.get("dtype") == "fp16"
 
 
 def test_quantize_and_formats():

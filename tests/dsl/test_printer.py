@@ -89,6 +89,13 @@ def test_zero_prints_after_sym_and_round_trips():
     assert parse(out) == parse(text)
 
 
+def test_adapter_dtype_prints_after_init_and_round_trips():
+    text = "policy p {\n    adapt a dora merge=false dtype=bf16 init=error rank=4\n    quantize a int4\n}\n"
+    out = format_spec(parse(text, check=False))
+    assert "adapt a dora rank=4 init=error dtype=bf16 merge=false\n" in out
+    assert parse(out, check=False) == parse(text, check=False)
+
+
 def test_shipped_specs_are_canonical():
     assert SPECS, "specs/ holds the example policies"
     for path in SPECS:

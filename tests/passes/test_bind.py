@@ -127,6 +127,11 @@ def test_adapter_and_estimates(llama):
     assert len(bound.targets) == 8
     added = sum(4 * (t.shapes[0][0] + t.shapes[0][1]) for t in bound.targets)  # r·(out + in) each
     assert bound.estimate.params_after - bound.estimate.params_before == added
+    assert bound.estimate.bytes_after - bound.estimate.bytes_before == 4 * added
+    (half,) = plan_of(llama, "adapt blocks.*.attn.{q,v} dora rank=4 dtype=fp16").rules
+    magnitudes = sum(t.shapes[0][0] for t in half.targets)
+    assert half.estimate.params_after - half.estimate.params_before == added + magnitudes
+    assert half.estimate.bytes_after - half.estimate.bytes_before == 2 * added + 4 * magnitudes
 
 
 def test_empty_policy_binds_to_an_empty_plan(llama):

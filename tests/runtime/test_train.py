@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings, strategies as st
 
 import slimfx
@@ -164,3 +165,19 @@ def test_a_model_with_token_rules_is_refused_with_what_to_do():
                         calib=[example])
     with pytest.raises(ValueError, match=r"tokens …` rules.*slimfx::pack_tokens.*merge_adapters"):
         slimfx.train(cm, [example], steps=1)
+
+
+def test_float32_masters_hold_half_parameters_as_float32_inside_and_round_them_back_after():
+    from slimfx.runtime.train import float32_masters
+
+    half = nn.Parameter(torch.tensor([1.0, 2.0 ** -12], dtype=torch.float16))
+    full = nn.Parameter(torch.tensor([1.0]))
+    opt = torch.optim.SGD([half, full], lr=1.0)
+    with pytest.raises(RuntimeError, match="stop"), float32_masters([half, full]):
+        assert half.dtype == torch.float32 and full.dtype == torch.float32
+        for _ in range(8):  # eight steps of 2^-13: each below half of fp16's ulp at 1.0, together one ulp
+            half.grad = torch.tensor([-(2.0 ** -13), 0.0])
+            opt.step()
+        raise RuntimeError("stop")  # rounded back on an exception too
+    assert half.dtype == torch.float16 and half.grad is None and half.tolist() == [1.0 + 2.0 ** -10, 2.0 ** -12]
+    assert full.dtype == torch.float32
