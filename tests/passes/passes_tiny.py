@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -121,3 +120,15 @@ def linear_input_hessians(model: torch.nn.Module, batches) -> dict[str, torch.Te
     for h in hooks:
         h.remove()
     return {n: a.H for n, a in accs.items()}
+
+
+class Wide(torch.nn.Module):
+    """One 256 → 64 linear: a single adapter target whose byte counts are easy to write down."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.proj = torch.nn.Linear(256, 64)
+
+    def forward(self, x):
+        return self.proj(x)

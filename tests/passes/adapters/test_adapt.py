@@ -6,25 +6,16 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import slimfx
 from slimfx import SpecError
 from slimfx.models import tiny
 
-
-class _Wide(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.proj = nn.Linear(256, 64)
-
-    def forward(self, x):
-        return self.proj(x)
+from passes_tiny import Wide
 
 
 def _compile_wide(rules: str):
-    return slimfx.compile(_Wide(), "policy p {\n" + rules + "\n}", example_inputs={"x": torch.randn(2, 256)})
+    return slimfx.compile(Wide(), "policy p {\n" + rules + "\n}", example_inputs={"x": torch.randn(2, 256)})
 
 
 def test_kaiming_init_is_peft_default():
@@ -45,7 +36,7 @@ def test_gaussian_init_is_peft_gaussian():
 
 
 def test_dora_magnitude_starts_at_the_weight_row_norms():
-    model = _Wide()
+    model = Wide()
     proj = slimfx.compile(model, "policy p {\nadapt proj dora rank=4\n}",
                           example_inputs={"x": torch.randn(2, 256)}).program.get_submodule("proj")
     torch.testing.assert_close(proj.lora_magnitude, model.proj.weight.detach().norm(dim=1))

@@ -10,11 +10,10 @@ import functools
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from torch import nn
 
 import slimfx
 from output_compare import max_diff, outputs
-from passes_tiny import captured, linear_input_hessians
+from passes_tiny import Wide, captured, linear_input_hessians
 from slimfx import SpecError
 from slimfx.runtime.adapters import tag_of
 from slimfx.runtime.compiled import CompiledModel
@@ -151,21 +150,12 @@ def test_peft_export_of_half_adapters_loads_in_peft(tmp_path):
 
 # ---- bytes -----------------------------------------------------------------------------------
 
-class _Wide(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.proj = nn.Linear(256, 64)
-
-    def forward(self, x):
-        return self.proj(x)
-
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("dtype, size", [("fp32", 4), ("fp16", 2), ("bf16", 2)])
 def test_bytes_are_the_stored_ones(method, dtype, size):
     r, fan_in, fan_out = 16, 256, 64
-    model = _Wide()
+    model = Wide()
     cm = slimfx.compile(model, f"policy p {{\nadapt proj {method} rank={r} dtype={dtype}\n}}",
                         example_inputs={"x": torch.randn(2, fan_in)})
     magnitude = 4 * fan_out if method == "dora" else 0  # float32 whatever the dtype
