@@ -45,19 +45,21 @@ def observe(graph: ModelGraph, watch: dict[fx.Node, list[Observer]], batches: li
 
 
 class HessianAccumulator:
-    """Running mean of x xᵀ over every row of every batch, in float32 (or `dtype`).
+    """Running mean of x xᵀ over every row of every batch, in float64 (or `dtype`).
 
-    float32 halves what the sequential sweep holds per block and measured as accurate as float64
-    (SmolLM2-135M, the precision benchmark's 24 × 128 calibration tokens, all 121 distinct linear
-    inputs: worst ‖H32 − H64‖/‖H64‖ 2.8e-7; GPTQ int4 g64 act-order on all 211 linears gave
-    99.99% identical packed bytes and output errors, judged with the float64 H, within ±0.02%).
-    The solvers that read H (GPTQ's Cholesky, the error-init SVD) convert it to float64 first.
+    float32 was measured and is not the default: on SmolLM2-135M (the precision benchmark's 24 × 128
+    calibration tokens) it is close per layer — worst ‖H32 − H64‖/‖H64‖ 2.8e-7 over the 121
+    distinct linear inputs; GPTQ int4 g64 act-order on each of the 211 linears from its own H gave
+    99.99% identical packed bytes, output errors within ±0.02% — but end to end, sequential GPTQ
+    int4 g64 `sym=false zero=float clip=output` scored perplexity 30.480 with float32 against
+    30.347 with float64 (fp32 model 28.787): 8% more of the increase. One block's Hessians in
+    float64 are 26 MiB on SmolLM2, small beside the rest of what compile holds.
 
     >>> acc = HessianAccumulator(); acc.add(torch.ones(2, 3, 4)); acc.count, acc.H.shape, acc.H.dtype
-    (6, torch.Size([4, 4]), torch.float32)
+    (6, torch.Size([4, 4]), torch.float64)
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float32):
+    def __init__(self, dtype: torch.dtype = torch.float64):
         self._H: torch.Tensor | None = None
         self.count = 0
         self.dtype = dtype

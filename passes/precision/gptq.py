@@ -19,7 +19,7 @@ __all__ = ["HessianAccumulator", "hessian", "gptq", "output_error"]
 
 
 def hessian(xs: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """H = E[x xᵀ] (float32 [in, in], see HessianAccumulator) over all rows of all batches, and the row count."""
+    """H = E[x xᵀ] (float64 [in, in], see HessianAccumulator) over all rows of all batches, and the row count."""
     acc = HessianAccumulator()
     for x in xs:
         acc.add(x)

@@ -43,15 +43,15 @@ def test_accumulator_is_the_mean_of_x_xt_over_all_rows():
     for x in xs:
         acc.add(x)
     rows = torch.cat([x.reshape(-1, 8).double() for x in xs])
-    assert acc.count == 12 and acc.H.dtype == torch.float32  # float32 by default (measured: see its docstring)
-    torch.testing.assert_close(acc.H.double(), rows.T @ rows / 12, rtol=1e-6, atol=1e-6)
+    assert acc.count == 12 and acc.H.dtype == torch.float64  # float64 by default (measured: see its docstring)
+    torch.testing.assert_close(acc.H, rows.T @ rows / 12, rtol=1e-12, atol=1e-12)
     H, count = hessian(iter(xs))
     assert count == 12 and torch.equal(H, acc.H)
-    wide = HessianAccumulator(torch.float64)
+    narrow = HessianAccumulator(torch.float32)
     for x in xs:
-        wide.add(x)
-    assert wide.H.dtype == torch.float64
-    torch.testing.assert_close(wide.H, rows.T @ rows / 12, rtol=1e-12, atol=1e-12)
+        narrow.add(x)
+    assert narrow.H.dtype == torch.float32
+    torch.testing.assert_close(narrow.H.double(), rows.T @ rows / 12, rtol=1e-6, atol=1e-6)
 
 
 def test_float32_accumulation_of_many_batches_stays_within_float32_noise():
@@ -59,7 +59,7 @@ def test_float32_accumulation_of_many_batches_stays_within_float32_noise():
     the float64 mean than a few float32 roundings: no error that grows with the batch count."""
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(64, 16, generator=gen) * (1 + 10 * (i % 3)) for i in range(400)]
-    narrow, wide = HessianAccumulator(), HessianAccumulator(torch.float64)
+    narrow, wide = HessianAccumulator(torch.float32), HessianAccumulator()
     for x in xs:
         narrow.add(x)
         wide.add(x)
