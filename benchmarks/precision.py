@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,6 +35,11 @@ from slimfx.models import load
 
 LINEARS = "blocks.*.** : Linear"
 CHOICES = "{int8, int4 group=64, int4 group=64 sym=false, int4 group=32 sym=false}"
+# With float zero points (`zero=float`) among the candidates; group 32 left out, since it reproduces
+# the fixture's own Q4_1 weights (see "source format" below) and would not judge the solver.
+CHOICES_FLOAT = ("{int8, int4 group=128 sym=false zero=float, int4 group=64, int4 group=64 sym=false zero=float, "
+                 "int4 group=32 sym=false}")
+SOURCE_FORMAT = "int4 g32 RTN asym zero=float (source format)"
 ROWS = {  # name -> rule (None: the fp32 model itself)
     "fp32": None,
     "int8 per-channel RTN": f"quantize {LINEARS} int8",
@@ -49,12 +57,16 @@ ROWS = {  # name -> rule (None: the fp32 model itself)
     "int4 g32 GPTQ": f"quantize {LINEARS} int4 group=32 method=gptq act_order=true",
     # SmolLM2's weights are a dequantized Q4_1 file (groups of 32 with a float offset): this format
     # reproduces them almost exactly, so judge formats at group 64, not by this row.
-    "int4 g32 RTN asym zero=float (source format)": f"quantize {LINEARS} int4 group=32 sym=false zero=float",
+    SOURCE_FORMAT: f"quantize {LINEARS} int4 group=32 sym=false zero=float",
     "int4 g64 GPTQ clip=output true_sequential": f"quantize {LINEARS} int4 group=64 method=gptq act_order=true "
                                                  "clip=output true_sequential=true",
-    # Adapters from the quantization error (EoRA): their fp32 bytes count in "weight MiB" only.
+    # Adapters from the quantization error (EoRA): their bytes (fp32, or fp16 with dtype=fp16) count in
+    # "weight MiB" only.
     "int4 g64 GPTQ clip=output + init=error r32": f"quantize {LINEARS} int4 group=64 method=gptq act_order=true "
                                                   f"clip=output\n    adapt {LINEARS} lora rank=32 alpha=32 init=error",
+    "int4 g64 GPTQ clip=output + init=error r32 fp16": f"quantize {LINEARS} int4 group=64 method=gptq act_order=true "
+                                                       f"clip=output\n    adapt {LINEARS} lora rank=32 alpha=32 "
+                                                       "init=error dtype=fp16",
     "int2 g64 GPTQ": f"quantize {LINEARS} int2 group=64 method=gptq act_order=true",
     "int2 g64 GPTQ + init=error r32": f"quantize {LINEARS} int2 group=64 method=gptq act_order=true\n    "
                                       f"adapt {LINEARS} lora rank=32 alpha=32 init=error",
@@ -62,6 +74,10 @@ ROWS = {  # name -> rule (None: the fp32 model itself)
                                       "act_order=true",
     "budget avg_bits<=4.5": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=4.5 by output_mse method=gptq act_order=true",
     "budget avg_bits<=5.0": f"precision {LINEARS} choose {CHOICES} budget avg_bits<=5.0 by output_mse method=gptq act_order=true",
+    "budget avg_bits<=4.5 float zeros": f"precision {LINEARS} choose {CHOICES_FLOAT} budget avg_bits<=4.5 by output_mse "
+                                        "method=gptq act_order=true clip=output",
+    "budget avg_bits<=5.0 float zeros": f"precision {LINEARS} choose {CHOICES_FLOAT} budget avg_bits<=5.0 by output_mse "
+                                        "method=gptq act_order=true clip=output",
 }
 # scheme -> (slimfx rule, peer_gptq.py arguments); rules of a ROWS name are run once when both ask.
 PEER_SCHEMES = {
@@ -109,16 +125,38 @@ def smollm_rows(names: list[str], max_tokens: int) -> list[dict]:
     calib = calibration(loaded, skip=max_tokens)
     rows = []
     for name in names:
-        start = time.perf_counter()
         rule = ROWS[name]
-        model = loaded.model if rule is None else slimfx.compile(loaded, policy(rule), calib=calib)
-        seconds = time.perf_counter() - start
+        model, seconds, peak = (loaded.model, 0.0, 0.0) if rule is None else measured_compile(loaded, rule, calib)
         ppl = perplexity(model, loaded.tokenizer, text, max_tokens=max_tokens)
         details = {} if rule is None else model.report.rules[0].details
         rows.append({"name": name, "bytes": stored_bytes(model), "bits": details.get("bits_per_weight", 32.0),
-                     "ppl": ppl, "compile_s": seconds, "sensitivity": details.get("sensitivity")})
-        print(f"  {name}: ppl {ppl:.3f} ({seconds:.0f} s compile)", file=sys.stderr, flush=True)
+                     "ppl": ppl, "compile_s": seconds, "peak_mib": peak, "sensitivity": details.get("sensitivity")})
+        print(f"  {name}: ppl {ppl:.3f} ({seconds:.0f} s compile, peak +{peak:.0f} MiB)", file=sys.stderr, flush=True)
+        del model
     return rows
+
+
+def measured_compile(loaded, rule: str, calib) -> tuple:
+    """(compiled model, seconds, peak RSS during compile over the RSS before it, MiB)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = rss_kib("VmRSS")
+    start = time.perf_counter()
+    cm = slimfx.compile(loaded, policy(rule), calib=calib)
+    return cm, time.perf_counter() - start, (rss_kib("VmHWM") - base) / 1024
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def block_mib(loaded) -> tuple[float, float]:
+    """(the fp32 model's parameter MiB, one block's), for the memory column's yardstick."""
+    block = loaded.model.model.layers[0]
+    return param_bytes(loaded.model) / 2**20, param_bytes(block) / 2**20
 
 
 def peer_python() -> Path | None:
@@ -199,14 +237,16 @@ def minilm_rows() -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], sizes: tuple[float, float]) -> str:
     fp32 = next((r["ppl"] for r in rows if r["name"] == "fp32"), None)
-    out = ["| SmolLM2-135M | weight MiB | bits/weight (quantized linears) | ppl | ppl / fp32 | compile s |",
-           "|---|---:|---:|---:|---:|---:|"]
+    model, block = sizes
+    out = ["| SmolLM2-135M | weight MiB | bits/weight (quantized linears) | ppl | ppl / fp32 | compile s | "
+           f"compile peak MiB (model {model:.0f}, block {block:.1f}) |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r['ppl'] / fp32:.4f}" if fp32 else "-"
         out.append(f"| {r['name']} | {r['bytes'] / 2**20:.1f} | {r['bits']:.3f} | {r['ppl']:.3f} | {ratio} | "
-                   f"{r['compile_s']:.0f} |")
+                   f"{r['compile_s']:.0f} | {r['peak_mib']:.0f} |")
     return "\n".join(out)
 
 
@@ -238,10 +278,11 @@ def checks(rows: list[dict]) -> list[tuple[str, bool]]:
         if searched in by and plain in by:
             a, b = by[searched]["ppl"], by[plain]["ppl"]
             out.append((f"{searched} ppl {a:.3f} <= {plain}'s {b:.3f} (range search)", a <= b))
-    uniform = [r for n, r in by.items() if n != "fp32" and not n.startswith("budget") and "init=error" not in n]
+    uniform = [r for n, r in by.items()
+               if n not in ("fp32", SOURCE_FORMAT) and not n.startswith("budget") and "init=error" not in n]
     for n, r in by.items():
         if n.startswith("budget"):
-            limit = float(n.split("<=", 1)[1].split()[0])  # "budget avg_bits<=4.5 [by fisher]"
+            limit = float(n.split("<=", 1)[1].split()[0])  # "budget avg_bits<=4.5 [by fisher | float zeros]"
             fit = [u for u in uniform if u["bits"] <= limit + 1e-9]
             best = min(fit, key=lambda u: u["ppl"], default=None)
             if best is not None:
@@ -258,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer", nargs="?", const="int4 g64 GPTQ", default=None,
                     help=f"comma-separated schemes of {', '.join(PEER_SCHEMES)} (default: int4 g64 GPTQ)")
     args = ap.parse_args(argv)
+    if argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":  # freed tensors must leave the RSS
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]],
+                  dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"))
     torch.manual_seed(0)
     start = time.perf_counter()
     names = [n for n in args.rows.split(",") if n]
@@ -266,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nSmolLM2-135M-Instruct, perplexity on the first {args.max_tokens} tokens of default_text(); "
           "calibration 24 x 128 other tokens\n")
     if rows:
-        print(table(rows))
+        print(table(rows, block_mib(load("smollm2-135m"))))
     if peers:
         versions = ", ".join(f"{k} {v}" for k, v in peers[0]["versions"].items())
         print(f"\nThe same schemes by llm-compressor's GPTQModifier (actorder=static when act_order=true; "

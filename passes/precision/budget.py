@@ -7,7 +7,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -146,9 +149,30 @@ def _solve_milp(costs, sizes, options, room, cuts) -> list[int]:
         row = np.zeros(len(flat))
         row[[column[i, j] for i, j in enumerate(cut)]] = 1
         constraints.append(LinearConstraint(row[None], -np.inf, len(options) - 1))
-    res = milp(c / max(c.max(), 1e-300), integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
-               constraints=constraints, options={"mip_rel_gap": 0})
+    with native_stdout_silenced():
+        res = milp(c / max(c.max(), 1e-300), integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
+                   constraints=constraints, options={"mip_rel_gap": 0})
     if not res.success:
         raise RuntimeError(f"the budget solver failed: {res.message}")
     chosen = [flat[k] for k in np.flatnonzero(np.round(res.x) == 1)]
     return [j for _, j in sorted(chosen)]
+
+
+@contextlib.contextmanager
+def native_stdout_silenced():
+    """File descriptor 1 points at /dev/null inside. HiGHS (C++) writes debugging lines such as
+    "HighsMipSolverData::transformNewIntegerFeasibleSolution …" straight to it on large budgets,
+    whatever `disp` says, into the middle of compile's progress bars and the user's own output."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1 (a detached process): nothing to protect
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

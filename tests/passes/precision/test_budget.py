@@ -2,6 +2,7 @@
 quick on a model-sized instance."""
 import itertools
 import math
+import os
 import random
 import time
 
@@ -138,3 +139,16 @@ def test_model_sized_instance_is_quick():
     assert bits <= 5.4 + 1e-9 and len(set(choice)) == 3
     # Typically 0.1-0.5 s; the bound only catches a blow-up (timings belong in benchmarks/).
     assert elapsed < 5.0, f"{elapsed:.2f} s"
+
+
+def test_native_writes_to_stdout_are_silenced_inside_and_restored_after(capfd):
+    """HiGHS writes debugging lines to file descriptor 1 from C++; the solver runs with it pointed
+    at /dev/null, and Python's own stdout works again afterwards."""
+    from slimfx.passes.precision.budget import native_stdout_silenced
+
+    with native_stdout_silenced():
+        os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution\n")
+    os.write(1, b"after\n")
+    print("printed")
+    out = capfd.readouterr().out
+    assert "HighsMipSolverData" not in out and "after" in out and "printed" in out
