@@ -55,7 +55,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                                   sites[0].transposed)
                 _check_rank(adapter, sites[0], bound, ctx)
                 if errors is not None:
-                    tensors, fits[target.path] = error_tensors(graph, sites[0], adapter, *errors[target.path],
+                    tensors, fits[target.path] = error_tensors(graph, sites[0], adapter, *errors.take(target.path),
                                                                dtype)
                 else:
                     tensors = store_as(fresh_tensors(graph, sites[0], adapter, rule.get("init")), dtype)

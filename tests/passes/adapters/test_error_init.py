@@ -14,7 +14,9 @@ from hypothesis import given, settings, strategies as st
 import slimfx
 from slimfx import SpecError
 from slimfx.models import tiny
-from slimfx.passes.adapters.error_init import error_adapter
+from slimfx.passes.adapters import error_init
+from slimfx.passes.adapters.error_init import ErrorInputs, error_adapter
+from slimfx.passes.calibrate import HessianAccumulator
 from slimfx.runtime.formats import QuantFormat, QuantizedWeight, dequantize
 
 from passes_tiny import linear_input_hessians
@@ -86,6 +88,28 @@ def compiled():
     policy = _policy(QUANT, "adapt blocks.*.** : Linear lora rank=8 alpha=16 init=error")
     return lm, calib, slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, calib=calib,
                                      backend="eager")
+
+
+def test_each_input_is_decomposed_once_and_dropped_after_its_last_target(monkeypatch):
+    """q/k/v read one input: one eigendecomposition for the three, made at the first and released
+    after the last (holding every input's basis at once doubled the Hessians' memory)."""
+    made = []
+    real = error_init.InputBasis.of
+    monkeypatch.setattr(error_init.InputBasis, "of", classmethod(lambda cls, H: made.append(H) or real(H)))
+    shared, alone = HessianAccumulator(), HessianAccumulator()
+    shared.add(torch.randn(20, 4))
+    alone.add(torch.randn(20, 6))
+    paths = ["q", "k", "v", "down"]
+    inputs = ErrorInputs({"q": shared, "k": shared, "v": shared, "down": alone},
+                         {p: torch.full((3, 4 if p != "down" else 6), float(i)) for i, p in enumerate(paths)})
+    w, first = inputs.take("q")
+    assert torch.equal(w, torch.zeros(3, 4)) and len(made) == 1 and len(inputs._bases) == 1
+    assert inputs.take("k")[1] is first and len(made) == 1
+    inputs.take("v")
+    assert not inputs._bases  # the last of q/k/v: the basis (and its H) go
+    w, basis = inputs.take("down")
+    assert len(made) == 2 and basis.Q.shape == (6, 6) and torch.equal(w, torch.full((3, 6), 3.0))
+    assert not inputs._bases and not inputs._originals
 
 
 def test_every_target_s_output_error_goes_down(compiled):
