@@ -14,7 +14,6 @@ from ..dsl.schema import FORMAT_BITS
 __all__ = ["Estimate", "estimate", "quantized_bytes"]
 
 SCALE_BYTES = 2  # fp16 scales and float zero points
-_ADAPTER_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # per element of A and B (`adapt … dtype=`)
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,8 @@ def _adapt(rule: A.Adapt, targets) -> Estimate:
         before = sum(t.nbytes for t in targets)
         return Estimate(params, params, before, before, f"loaded from {rule.get('from')} at compile"
                         + ("; merged into the base weights" if rule.get("merge") else ""))
-    rank, size = rule.get("rank"), _ADAPTER_BYTES[rule.get("dtype")]
+    # Bytes per element of A and B (`adapt … dtype=`): fp16/bf16 as the formats table says, fp32 4.
+    rank, size = rule.get("rank"), FORMAT_BITS.get(rule.get("dtype"), 32) // 8
     low_rank = sum(rank * sum(_weight_shape(t)) for t in targets)  # A and B, stored in `dtype`
     magnitude = sum(_weight_shape(t)[0] for t in targets) if rule.method == "dora" else 0  # fp32 always
     added = low_rank + magnitude
