@@ -52,7 +52,13 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     bound = bind(graph, policy_ast, source=spec.source, filename=spec.filename)
     ctx = Context(calib=_calibration(model, calib, graph), source=spec.source, filename=spec.filename,
                   progress=bars, reference=unwrap(model, None)[0])
-    report = run_pipeline(graph, bound, ctx)
+    try:
+        report = run_pipeline(graph, bound, ctx)
+    finally:
+        if graph.lent is not None:
+            graph.lent.check()  # a pass that wrote into the user's weights is a bug, named here
+    if graph.lent is not None:  # the graph owns what it still shares with the model from here on
+        graph.lent.settle(graph.module)
     stage = {"auto": "converting packed weights for the CPU kernels", "triton": "generating Triton kernels"}
     with bars.task(stage.get(backend, "building")):
         return CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
@@ -127,7 +133,8 @@ def _capture(model, example_inputs):
         raise TypeError("slimfx needs example_inputs: the keyword inputs the model is called with, e.g. "
                         "example_inputs=tokenizer(['hello'], return_tensors='pt') (or pass a slimfx.models.load(...) "
                         "result, which carries its own)")
-    return capture(model, example_inputs)
+    # The graph reads the model's tensors (no copy) until compile() settles: passes/lent.py.
+    return capture(model, example_inputs, lend=True)
 
 
 def _recompile_source(cm, example_inputs):

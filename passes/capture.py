@@ -1,7 +1,8 @@
 """Capture: model + example inputs -> ModelGraph, the first stage of the pipeline.
 
 `torch.export.export(strict=False)` with dynamic batch/sequence dims traces the model to an aten
-graph; the graph gets its own copy of every weight, so no later pass can touch the user's model.
+graph; the graph gets its own copy of every weight, so no later pass can touch the user's model, or
+(`lend=True`, compile()'s way) reads the model's own tensors until compile() settles (lent.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from ..dsl.errors import SpecError
 from .graph import InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
+from .lent import lend as lend_tensors, own_copies
 
 __all__ = ["capture", "bind_inputs", "clear_cache", "cache_info", "eval_mode", "SEQ_INPUTS"]
 
@@ -28,8 +30,10 @@ SEQ_INPUTS = frozenset({
 
 
 def capture(model: nn.Module, example_inputs: Mapping[str, Any] | tuple,
-            *, dynamic: Mapping[str, Mapping[int, str]] | None = None) -> ModelGraph:
-    """Trace `model` on `example_inputs` into a ModelGraph whose weights are copies.
+            *, dynamic: Mapping[str, Mapping[int, str]] | None = None, lend: bool = False) -> ModelGraph:
+    """Trace `model` on `example_inputs` into a ModelGraph whose weights are copies, or with
+    `lend=True` new tensor objects over the model's own storage (`graph.lent` says which; see
+    lent.py: no pass may then write a weight in place, and `graph.lent.settle` ends the loan).
 
     >>> g = capture(llama, {"input_ids": ids, "attention_mask": mask})   # doctest: +SKIP
     >>> g(input_ids=ids2, attention_mask=mask2).logits       # any batch / seq; a ModelOutput
@@ -50,7 +54,7 @@ def capture(model: nn.Module, example_inputs: Mapping[str, Any] | tuple,
     if entry is None:
         entry = _export(model, names, args, consts, dims)
         _store(model, key, entry)
-    return _graph_from(entry)
+    return _graph_from(entry, lend)
 
 
 # ---- inputs --------------------------------------------------------------------------------
@@ -262,33 +266,14 @@ def _input_infos(program, names, dims) -> tuple[InputInfo, ...]:
     return tuple(infos)
 
 
-def _graph_from(entry: _Entry) -> ModelGraph:
-    """A fresh GraphModule per call, with its own copies of the weights (tying preserved)."""
+def _graph_from(entry: _Entry, lend: bool) -> ModelGraph:
+    """A fresh GraphModule per call, with its own copies of the weights (tying preserved), or
+    lent ones."""
     gm = entry.program.module()
-    _own_tensors(gm)
+    lent = lend_tensors(gm) if lend else None
+    if not lend:
+        own_copies(gm)
     # The module table is copied too: a pass may edit its graph's table, never the cache's.
-    return ModelGraph(gm, dict(entry.modules), entry.inputs, entry.outputs, entry.model_class)
-
-
-def _own_tensors(gm: nn.Module) -> None:
-    """Replace every parameter, buffer and tensor constant of `gm` by a copy; aliases stay
-    aliases (GPT-2's lm_head and wte keep sharing one tensor)."""
-    copies: dict[int, torch.Tensor] = {}
-
-    def copy(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in copies:
-            data = t.detach().clone()
-            is_param = isinstance(t, nn.Parameter)
-            copies[id(t)] = nn.Parameter(data, t.requires_grad) if is_param else data
-        return copies[id(t)]
-
-    for mod in gm.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is not None:
-                mod._parameters[name] = copy(p)
-        for name, b in list(mod._buffers.items()):
-            if b is not None:
-                mod._buffers[name] = copy(b)
-        for name, v in list(vars(mod).items()):
-            if isinstance(v, torch.Tensor):  # constants unlifted as plain attributes
-                setattr(mod, name, copy(v))
+    graph = ModelGraph(gm, dict(entry.modules), entry.inputs, entry.outputs, entry.model_class)
+    graph.lent = lent
+    return graph

@@ -16,6 +16,7 @@ from torch import fx
 from ..runtime.adapters import is_adapter_param
 from ..runtime.program import InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program
 from . import roles
+from .lent import Lent
 
 __all__ = [
     "ModelGraph", "Target", "Block", "ModuleInfo", "ParamInfo", "InputInfo", "OutputSpec",
@@ -78,6 +79,7 @@ class ModelGraph(Program):
     def __init__(self, module: fx.GraphModule, modules: dict[str, ModuleInfo],
                  inputs: tuple[InputInfo, ...], outputs: OutputSpec, model_class: str):
         super().__init__(module, modules, inputs, outputs, model_class)
+        self.lent: Lent | None = None  # set by capture(lend=True): tensors shared with the model
         self.reindex()
 
     @classmethod

@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from ..graph import Block, ModelGraph
+from ..lent import replace_tensor
 from ..rewrite import PassError
 
 __all__ = ["Cut", "remove_run", "laco_merge", "runs_of"]
@@ -101,7 +102,8 @@ def laco_merge(graph: ModelGraph, keep: Block, merged: list[Block]) -> int:
             others.append(other)
         with torch.no_grad():
             delta = sum((o.float() - theta.float() for o in others), torch.zeros_like(theta, dtype=torch.float32))
-            theta.add_(delta.to(theta.dtype))  # the graph owns its tensors (capture copied them)
+            # a new tensor, never an in-place add: theta may be the user's own storage (lent.py)
+            replace_tensor(graph.module, theta, theta + delta.to(theta.dtype))
         changed += 1
     return changed
 

@@ -29,6 +29,7 @@ from ..bind import BoundRule, graph_bytes, graph_params
 from ..calibrate import observe
 from ..context import Context
 from ..graph import ModelGraph
+from ..lent import replace_tensor
 from ..lora import base_sites, insert_adapter, site_dims
 from ..rewrite import PassError, find_sites, register_tensors, set_meta
 from .apply import need_calibration, rule_error
@@ -189,11 +190,12 @@ def _through(arg, node: fx.Node) -> bool:
 def _fold_into(graph: ModelGraph, site, t: torch.Tensor) -> None:
     gm = graph.module
     w = _fetch(gm, site.weight)
+    # new tensors, never written in place: the old ones may be the user's own storage (lent.py)
     with torch.no_grad():
-        w.copy_(w @ t if site.transposed else t.T @ w)
+        replace_tensor(gm, w, w @ t if site.transposed else t.T @ w)
         if site.bias is not None:
             b = _fetch(gm, site.bias)
-            b.copy_(b @ t)
+            replace_tensor(gm, b, b @ t)
 
 
 def _fetch(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Which blocks to remove when a rule says `auto(…)`: by block influence (ShortGPT), by the
 angular distance across a run (Gromov et al. 2024), or LaCo's merge search. The first two read one
 measurement of the residual stream; LaCo tries merges on the graph itself, each trial one
-calibration forward with the kept block's weights merged in place and the merged blocks skipped
+calibration forward with merged weights put in the kept block and the merged blocks skipped
 (no recapture, no copy of the model)."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from ...runtime.progress import Progress
 from ..graph import ModelGraph
+from ..lent import put_tensor
 from .cut import laco_merge
 from .streams import StreamSums, angular, final_similarity
 
@@ -71,7 +72,7 @@ def laco_trials(graph: ModelGraph, batches, reference: list[torch.Tensor], *, co
     `span` blocks into block l; keep the merge while the final hidden states keep mean cosine ≥
     `threshold` to `reference`, then move down by `interval`, else by one; stop once `count`
     blocks are gone. `accept(keep_block, merged_blocks)` applies an accepted merge to the graph
-    (weights already merged in place by the trial; it removes the merged blocks)."""
+    (the trial already put the merged weights in the block; it removes the merged blocks)."""
     trials: list[Trial] = []
     removed = 0
     l = len(graph.blocks) - span
@@ -83,7 +84,7 @@ def laco_trials(graph: ModelGraph, batches, reference: list[torch.Tensor], *, co
             if any(b.path in protected for b in run):
                 l -= 1
                 continue
-            saved = {k: v.detach().clone() for k, v in graph.module.get_submodule(run[0].path).state_dict().items()}
+            saved = dict(graph.module.get_submodule(run[0].path).named_parameters())
             laco_merge(graph, run[0], run[1:])
             sim = final_similarity(graph, run[1:], batches, reference)
             ok = sim >= threshold
@@ -94,7 +95,15 @@ def laco_trials(graph: ModelGraph, batches, reference: list[torch.Tensor], *, co
                 step(c - 1, note=f"cos {sim:.4f} kept")
                 l -= interval
             else:
-                graph.module.get_submodule(run[0].path).load_state_dict(saved)
+                _restore(graph, run[0].path, saved)
                 step(0, note=f"cos {sim:.4f} < {threshold}")
                 l -= 1
     return trials
+
+
+def _restore(graph: ModelGraph, path: str, saved: dict[str, torch.Tensor]) -> None:
+    """Put the block's parameters from before a rejected merge back (laco_merge put new tensors
+    in their place and wrote none, so the old ones still hold the old values)."""
+    for name, now in graph.module.get_submodule(path).named_parameters():
+        if now is not saved[name]:
+            put_tensor(graph.module, now, saved[name])

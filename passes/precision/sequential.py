@@ -28,6 +28,7 @@ from torch import fx
 
 from ..calibrate import kept_rows, real_rows
 from ..graph import ModelGraph
+from ..lent import put_tensor, replace_tensor
 from ..rewrite import weight_name
 from .encode import Encoded, decode
 from .gptq import HessianAccumulator
@@ -66,11 +67,17 @@ class Stream:
             runner.env = env
             with torch.no_grad():
                 for node in todo:
+                    if node.op == "get_attr":
+                        continue
+                    # Weights are read afresh at each use, never held: _swapped puts new tensors
+                    # in the module, and a held value would be the old one.
+                    env.update((a, runner.fetch_attr(a.target)) for a in node.all_input_nodes
+                               if a.op == "get_attr")
                     env[node] = runner.run_node(node)
                     for fn in watch.get(node, ()):
                         fn(real_rows(env[node], keep))
-            for node in [n for n in env if n.op != "placeholder" and n not in pin and n.users
-                         and all(u in self.done for u in n.users)]:
+            for node in [n for n in env if n.op == "get_attr" or (
+                    n.op != "placeholder" and n not in pin and n.users and all(u in self.done for u in n.users))]:
                 del env[node]
 
     def nbytes(self) -> int:
@@ -185,7 +192,9 @@ def _block_span(order: dict, block, last: fx.Node) -> set[fx.Node]:
 
 @contextmanager
 def _swapped(graph: ModelGraph, items: list[Item], encodings: dict[str, Encoded]):
-    """Within the block, each item's weight parameter holds its decoded (dequantized) weight."""
+    """Within the block, each item's weight is its decoded (dequantized) weight: a new tensor in
+    the weight's place, so the original (perhaps the user's own storage, passes/lent.py) is
+    never written."""
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         for it in items:
@@ -194,9 +203,8 @@ def _swapped(graph: ModelGraph, items: list[Item], encodings: dict[str, Encoded]
                 continue
             param = graph.param(weight_name(it.target))
             w_hat = decode(enc, it.w)
-            saved.append((param, param.detach().clone()))
-            param.data.copy_((w_hat.T if it.target.transposed else w_hat).to(param.dtype))
+            saved.append((param, replace_tensor(graph.module, param, w_hat.T if it.target.transposed else w_hat)))
         yield
     finally:
-        for param, original in saved:
-            param.data.copy_(original)
+        for param, decoded in saved:
+            put_tensor(graph.module, decoded, param)

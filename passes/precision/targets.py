@@ -88,7 +88,7 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
     for it in items:
         cand, enc = chosen[it.path]
         if it.path in ctx.keep_originals:
-            ctx.originals.setdefault(it.path, it.w.clone())
+            ctx.originals.setdefault(it.path, it.w)  # no pass writes a weight in place (lent.py)
         if enc is None:
             kept.append(it.path)
         elif isinstance(enc, QuantizedWeight):
