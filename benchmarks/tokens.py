@@ -106,7 +106,7 @@ def main() -> None:
           f"torch {torch.__version__}")
     print("| policy | mean cosine | min cosine | CPU speed × | compile s |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| original | 1.0000 | 1.0000 | 1.00 | |")
+    print("| original | 1.0000 | 1.0000 | 1.00 | |")
     chosen = {n: r for n, r in POLICIES.items() if not args.only or n in args.only.split(",")}
     for name, rules in chosen.items():
         start = time.perf_counter()

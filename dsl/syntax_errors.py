@@ -132,7 +132,7 @@ def _explain(e, got, expected, words, source, line, column):
             message = f"expected {_phrase(expected, words)}{context}, got `{got}`"
             return ("unknown-keyword" if suggestion else "syntax", message, suggestion)
     if got.isdigit() and _char_before(source, line, column) == ".":
-        return ("syntax", f"a number after `.` in a selector", f"index with brackets: `name[{got}]`")
+        return ("syntax", "a number after `.` in a selector", f"index with brackets: `name[{got}]`")
     shown = f"`{got}`" if got and got.isprintable() and not got.isspace() else _describe_char(got)
     return ("syntax", f"expected {_phrase(expected, words)}{context}, got {shown}", None)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from ...dsl.errors import SpecError
 from ...runtime.inputs import complete_inputs

@@ -58,7 +58,7 @@ def _auto(graph, bound, ctx, before: Before) -> RuleReport:
     trials = laco_trials(graph, ctx.calib, streams[n_before], count=count, span=auto.get("span"),
                          interval=auto.get("interval"), threshold=auto.get("threshold"), protected=protected,
                          accept=accept, progress=ctx.progress)
-    notes = [f"LaCo trials: " + "; ".join(f"{t.into} +{len(t.merged)} cos {t.similarity:.4f} "
+    notes = ["LaCo trials: " + "; ".join(f"{t.into} +{len(t.merged)} cos {t.similarity:.4f} "
                                           f"{'kept' if t.accepted else 'rejected'}" for t in trials)]
     removed = n_before - len(graph.blocks)
     if removed < count:

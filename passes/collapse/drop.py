@@ -59,10 +59,10 @@ def _search(graph: ModelGraph, bound: BoundRule, ctx: Context):
     runs = runs_of([graph.blocks[i] for run in chosen for i in run])
     if score == "angular":
         scores = {graph.blocks[r[0]].path: round(angular(sims[r[0], r[-1] + 1]), 5) for r in chosen}
-        notes = [f"angular distance per removed run: " + ", ".join(f"{p} +{len(r) - 1}: {d:.4f}"
+        notes = ["angular distance per removed run: " + ", ".join(f"{p} +{len(r) - 1}: {d:.4f}"
                                                                      for (p, d), r in zip(scores.items(), chosen))]
         return runs, {"score": score, "angular_distance": scores}, notes
     influence = {graph.blocks[i].path: round(1 - sims[i, i + 1], 6) for i in range(n)}
-    notes = [f"block influence of the removed: " + ", ".join(f"{graph.blocks[i].index}: "
+    notes = ["block influence of the removed: " + ", ".join(f"{graph.blocks[i].index}: "
                                                              f"{influence[graph.blocks[i].path]:.4f}" for r in chosen for i in r)]
     return runs, {"score": score, "influence": influence}, notes

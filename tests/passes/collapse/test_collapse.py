@@ -3,7 +3,6 @@ hand on the Hugging Face modules; a block merged with its identical copy stays a
 auto search's trials against a direct computation of their similarity."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
