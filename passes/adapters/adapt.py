@@ -31,7 +31,7 @@ from ..context import Context
 from ..graph import ModelGraph, Target
 from ..lora import BaseSite, base_sites, base_weight, insert_adapter, site_dims
 from . import peft_in
-from .error_init import ErrorFit, error_details, error_inputs, error_note, error_tensors
+from .error_init import ErrorFit, error_details, error_note, fit_error_adapters
 from .storage import STORED_DTYPES, store_as
 
 __all__ = ["run", "fresh_tensors"]
@@ -40,8 +40,8 @@ __all__ = ["run", "fresh_tensors"]
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Adapt = bound.rule
     loaded = peft_in.read(rule.get("from"), bound, ctx) if rule.get("from") else None
-    errors = error_inputs(graph, bound, ctx) if rule.get("init") == "error" else None
     dtype = STORED_DTYPES[rule.get("dtype")]
+    errors = _error_fits(graph, bound, ctx, dtype) if rule.get("init") == "error" else None
     added, inserted, base, fits = {}, [], {}, {}
     with ctx.progress.task(f"adding {rule.method} adapters (line {bound.line})", total=len(bound.targets)) as step:
         for t in bound.targets:
@@ -55,8 +55,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                                   sites[0].transposed)
                 _check_rank(adapter, sites[0], bound, ctx)
                 if errors is not None:
-                    tensors, fits[target.path] = error_tensors(graph, sites[0], adapter, *errors.take(target.path),
-                                                               dtype)
+                    tensors, fits[target.path] = errors.pop(target.path)
                 else:
                     tensors = store_as(fresh_tensors(graph, sites[0], adapter, rule.get("init")), dtype)
             base[target.path] = _base_size(graph, target, sites[0])
@@ -71,6 +70,20 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
             notes.append("fresh adapters are zero (B = 0): merging them left every weight as it was; use "
                          "merge=false to train them, or from=\"dir\" to merge a trained adapter")
     return _report(graph, bound, inserted, added, base, notes, fits)
+
+
+def _error_fits(graph: ModelGraph, bound: BoundRule, ctx: Context, dtype: torch.dtype) -> dict:
+    """`init=error`: every target's adapter fitted first (one calibration sweep, error_init.py),
+    before any is inserted, so each fit sees the quantized model without adapters."""
+    rule = bound.rule
+    adapters = {}
+    for t in bound.targets:
+        target = _current(graph, t, bound, ctx)
+        site = base_sites(graph, target)[0]
+        adapters[t.path] = Adapter(t.path, rule.method, rule.get("rank"), rule.get("alpha"), rule.get("dropout"),
+                                   site.transposed)
+        _check_rank(adapters[t.path], site, bound, ctx)
+    return fit_error_adapters(graph, bound, ctx, adapters, dtype)
 
 
 def _current(graph: ModelGraph, t: Target, bound: BoundRule, ctx: Context) -> Target:

@@ -18,18 +18,20 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from torch import fx
 
 from ...dsl.errors import SpecError
 from ...runtime.adapters import Adapter
 from ..bind import BoundRule
-from ..calibrate import HessianAccumulator, observe, output_error
+from ..calibrate import HessianAccumulator, output_error
 from ..context import Context
 from ..graph import ModelGraph
 from ..lora import BaseSite, base_sites, base_weight
+from ..stream import Stream
 from ..threads import one_thread
 from .storage import store_as
 
-__all__ = ["ErrorFit", "InputBasis", "error_adapter", "error_inputs", "error_tensors", "error_details",
+__all__ = ["ErrorFit", "InputBasis", "error_adapter", "fit_error_adapters", "error_tensors", "error_details",
            "error_note"]
 
 # H's eigenvalues are floored at this fraction of their mean: directions the calibration never
@@ -99,39 +101,54 @@ def error_adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor | InputB
 
 # ---- in the adapter pass ---------------------------------------------------------------------
 
-class ErrorInputs:
-    """What `init=error` fits each target from: its weight before the precision rule (taken out of
-    `ctx.originals`) and the basis of its input's H in the graph as it is now.
+def fit_error_adapters(graph: ModelGraph, bound: BoundRule, ctx: Context, adapters: dict[str, Adapter],
+                       dtype: torch.dtype) -> dict[str, tuple[dict[str, torch.Tensor], ErrorFit]]:
+    """Every target's adapter tensors and fit (error_tensors), made along one calibration sweep of
+    the graph as it is now (quantized, no adapter inserted yet; passes/stream.py), one block at a
+    time: the block's input Hs are accumulated, each decomposed once (q/k/v share one input), the
+    block's adapters fitted, and the Hs dropped before the stream goes on. One run of every input
+    at once held every H (≈0.8 GiB in float64 on SmolLM2, 121 inputs); this holds one block's.
+    Takes the targets' weights out of `ctx.originals`."""
+    _require(bound, ctx, list(adapters))
+    originals = {path: ctx.originals.pop(path) for path in adapters}
+    sites = {path: base_sites(graph, graph.targets[path])[0] for path in adapters}
+    readers: dict[fx.Node, list[str]] = {}  # input -> the targets reading it, in rule order
+    for path, site in sites.items():
+        readers.setdefault(site.x, []).append(path)
+    out = {}
+    stream = Stream(graph, ctx.calib)
+    with ctx.progress.task(f"fitting `init=error` adapters block by block (line {bound.line})",
+                           total=len(adapters)) as step:
+        for chunk in _chunks(graph, readers):
+            accs = {x: HessianAccumulator() for x in chunk}
+            stream.run_through(chunk[-1], {x: [acc.add] for x, acc in accs.items()})
+            for x in chunk:
+                with one_thread():
+                    basis = InputBasis.of(accs.pop(x).H)
+                for path in readers[x]:
+                    out[path] = error_tensors(graph, sites[path], adapters[path], originals.pop(path), basis, dtype)
+                    step(note=path)
+    return out
 
-    Every H comes from one calibration run, but each input's eigendecomposition is made when its
-    first target is fitted and dropped, with its H, after its last: all bases at once held an
-    extra copy of every H (≈0.8 GiB on SmolLM2's 121 inputs in float64)."""
 
-    def __init__(self, accs: dict[str, HessianAccumulator], originals: dict[str, torch.Tensor]):
-        self._accs, self._originals = accs, originals
-        self._left = {}  # id(acc) -> targets still to fit from it
-        for acc in accs.values():
-            self._left[id(acc)] = self._left.get(id(acc), 0) + 1
-        self._bases: dict[int, InputBasis] = {}
-
-    def take(self, path: str) -> tuple[torch.Tensor, InputBasis]:
-        acc = self._accs.pop(path)
-        key = id(acc)
-        if key not in self._bases:
-            with one_thread():
-                self._bases[key] = InputBasis.of(acc.H)
-        basis = self._bases[key]
-        self._left[key] -= 1
-        if not self._left[key]:
-            del self._bases[key]
-        return self._originals.pop(path), basis
+def _chunks(graph: ModelGraph, readers: dict[fx.Node, list[str]]) -> list[list[fx.Node]]:
+    """The inputs in graph order, cut where the block of their first reader changes: each chunk
+    is one block's inputs (or a run of inputs outside the blocks), and comes after the one before."""
+    chunks: list[list[fx.Node]] = []
+    last = object()
+    for x in sorted(readers, key=graph.node_order.__getitem__):
+        block = graph.targets[readers[x][0]].block
+        if block != last or not chunks:
+            chunks.append([])
+        chunks[-1].append(x)
+        last = block
+    return chunks
 
 
-def error_inputs(graph: ModelGraph, bound: BoundRule, ctx: Context) -> ErrorInputs:
-    """The inputs of `init=error` for every target of `bound` (see ErrorInputs); takes the weights
-    out of `ctx.originals`."""
+def _require(bound: BoundRule, ctx: Context, paths: list[str]) -> None:
+    """Every target encoded by an earlier precision rule, and calibration inputs; else a SpecError."""
     rule = bound.rule
-    missing = [t.path for t in bound.targets if t.path not in ctx.originals]
+    missing = [p for p in paths if p not in ctx.originals]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise SpecError.at("illegal-order", f"`init=error` starts from the error a `quantize` left in each weight, "
@@ -144,14 +161,6 @@ def error_inputs(graph: ModelGraph, bound: BoundRule, ctx: Context) -> ErrorInpu
                            "sees, and no calibration inputs were given", line=bound.line, column=rule.span.column,
                            width=len("adapt"), source=ctx.source, filename=ctx.filename,
                            hint="pass compile(..., calib=[batch, ...]) or calib=[text, ...], or use init=kaiming")
-    by_input: dict = {}
-    accs = {}
-    for t in bound.targets:
-        x = base_sites(graph, graph.targets[t.path])[0].x
-        accs[t.path] = by_input.setdefault(x, HessianAccumulator())  # q/k/v read one input: one H
-    observe(graph, {x: [acc.add] for x, acc in by_input.items()}, ctx.calib, ctx.progress,
-            f"calibrating for `adapt … init=error` (line {bound.line})")
-    return ErrorInputs(accs, {t.path: ctx.originals.pop(t.path) for t in bound.targets})
 
 
 def error_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, w: torch.Tensor, H: InputBasis,

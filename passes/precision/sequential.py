@@ -2,19 +2,20 @@
 block's Hessians taken on the outputs of the blocks before it *as already compressed*, as the
 reference GPTQ and llm-compressor do.
 
-The calibration batches flow through the graph one block at a time (`Stream`): per batch, only the
+The calibration batches flow through the graph one block at a time (`Stream`, passes/stream.py): per batch, only the
 values later nodes still read are kept (the residual stream, the masks and rotary tables the
 preamble made), never the whole model's activations. For each block:
 
 1. run its nodes on the kept values, recording each target's input into one `HessianAccumulator`
    per input value (q/k/v share one, gate/up another: one accumulation each);
 2. GPTQ every target of the block;
-3. put the dequantized weights in place of the float ones, run the block again so the values
+3. put the dequantized weights in place of the float ones (new tensors: the float ones, perhaps
+   the user's own storage, are never written; passes/lent.py), run the block again so the values
    handed to the next block are those of the compressed block, and put the float weights back
    (the graph is rewritten once, at the end, as without `sequential`).
 
 Peak memory beyond the model: one block's Hessians, the kept values of each batch at one block
-boundary, and one block's weights copied; the first two are measured and reported (`peak_bytes`).
+boundary, and one block's dequantized weights; the first two are measured and reported (`peak_bytes`).
 `sequential_scores` walks the blocks the same way to score formats for the budget solver. Targets outside blocks (a quantized head) come last,
 on the outputs of every compressed block.
 """
@@ -26,73 +27,15 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from ..calibrate import kept_rows, real_rows
 from ..graph import ModelGraph
 from ..lent import put_tensor, replace_tensor
 from ..rewrite import weight_name
+from ..stream import Stream
 from .encode import Encoded, decode
 from .gptq import HessianAccumulator
 from .targets import Item
 
-__all__ = ["Stream", "sequential_encode", "sequential_scores"]
-
-
-class Stream:
-    """Calibration batches advanced through the graph in graph order, all batches together."""
-
-    def __init__(self, graph: ModelGraph, batches: list[dict[str, Any]]):
-        self.module = graph.module
-        names = [i.name for i in graph.inputs]
-        placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
-        self.envs = [dict(zip(placeholders, (b[n] for n in names))) for b in batches]
-        self.keeps = [kept_rows(b) for b in batches]
-        self.done: set[fx.Node] = set(placeholders)  # computed (and perhaps dropped since)
-
-    def run_through(self, last: fx.Node | None, watch: dict[fx.Node, list[Callable]],
-                    pin: frozenset = frozenset()) -> None:
-        """Compute every node up to `last` (graph order; None: up to the output) not computed yet;
-        watched nodes' rows (real tokens only) go to their observers; then drop the values no
-        node still to run reads, except `pin` (what a second run of the same nodes reads again)."""
-        todo = []
-        for node in self.module.graph.nodes:
-            if node.op == "output":
-                break
-            if node not in self.done:
-                todo.append(node)
-            if node is last:
-                break
-        self.done.update(todo)
-        for env, keep in zip(self.envs, self.keeps):
-            runner = fx.Interpreter(self.module)
-            runner.env = env
-            with torch.no_grad():
-                for node in todo:
-                    if node.op == "get_attr":
-                        continue
-                    # Weights are read afresh at each use, never held: _swapped puts new tensors
-                    # in the module, and a held value would be the old one.
-                    env.update((a, runner.fetch_attr(a.target)) for a in node.all_input_nodes
-                               if a.op == "get_attr")
-                    env[node] = runner.run_node(node)
-                    for fn in watch.get(node, ()):
-                        fn(real_rows(env[node], keep))
-            for node in [n for n in env if n.op == "get_attr" or (
-                    n.op != "placeholder" and n not in pin and n.users and all(u in self.done for u in n.users))]:
-                del env[node]
-
-    def nbytes(self) -> int:
-        """Bytes of the values held now (every batch), counted once per tensor; the model's own
-        parameters and buffers (get_attr values) are not copies and do not count."""
-        seen = {id(v): v.nbytes for env in self.envs for n, v in env.items()
-                if isinstance(v, torch.Tensor) and n.op != "get_attr"}
-        return sum(seen.values())
-
-    def forget(self, nodes: set[fx.Node]) -> None:
-        """Drop these nodes' values, to compute them again (with other weights)."""
-        self.done -= nodes
-        for env in self.envs:
-            for node in nodes & env.keys():
-                del env[node]
+__all__ = ["sequential_encode", "sequential_scores"]
 
 
 def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]],
