@@ -4,9 +4,11 @@ random graphs (hypothesis) and whole tiny models (int4/int8/int2 + LoRA); save/l
 the kernels; training on the Triton backend; the refusals."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from torch import fx
 
 import slimfx
@@ -24,8 +26,26 @@ def _calls(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "call_function" and hasattr(n.target, "kernel")]
 
 
+# Found by the random (dev) profile: layer_norm of near-constant rows (exp∘tanh of a softmax)
+# divides float32 rounding by a std of ~3e-3, so eager itself is off by ~1e-4 there.
+ILL_CONDITIONED = [("linear", (0,)), ("amax", (0,)), ("exp_tanh", (2,)), ("add", (1, 2)), ("exp_tanh", (0,)),
+                   ("sub", (1, 4)), ("softmax", (0,)), ("exp_tanh", (0,)), ("layer_norm", (6,)), ("exp_tanh", (0,))]
+
+
+def _assert_as_accurate_as_eager(got: torch.Tensor, want: torch.Tensor, exact: torch.Tensor) -> None:
+    """The kernels' float32 result is within 3e-5 of eager's, or — where the graph amplifies
+    rounding (eager's own error against float64 is larger) — no more than twice eager's error
+    away from the float64 result."""
+    eager_error = float((want.double() - exact).abs().max())
+    if eager_error < 1e-5:
+        torch.testing.assert_close(got, want, atol=3e-5, rtol=3e-5)
+    else:
+        assert float((got.double() - exact).abs().max()) <= 2 * eager_error + 3e-5
+
+
 @settings(max_examples=12, deadline=None)
 @given(programs())
+@example(ILL_CONDITIONED)
 def test_random_graphs_lowered_to_kernels_equal_eager(steps):
     gm, x = capture(steps)
     reference = [(n.name, n.target) for n in gm.graph.nodes]
@@ -37,10 +57,11 @@ def test_random_graphs_lowered_to_kernels_equal_eager(steps):
     assert len(_calls(new)) == summary.kernels
     assert not [n for n in new.nodes if n.target in GEMMS or n.target in (aten.add.Tensor, aten.mul.Tensor)]
     x_other = torch.randn(5, D, generator=torch.Generator().manual_seed(2))  # another batch size
+    exact = copy.deepcopy(gm).double()
     with torch.no_grad():
         for inp in (x, x_other):
-            for got, want in zip(lowered(inp), gm(inp)):
-                torch.testing.assert_close(got, want, atol=3e-5, rtol=3e-5)
+            for got, want, ref in zip(lowered(inp), gm(inp), exact(inp.double())):
+                _assert_as_accurate_as_eager(got, want, ref)
     assert [(n.name, n.target) for n in gm.graph.nodes] == reference  # the reference graph is left as it was
 
 
