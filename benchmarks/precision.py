@@ -155,17 +155,21 @@ def measured_compile(loaded, rule: str, calib) -> tuple:
     """(compiled model, seconds, peak RSS during compile over the RSS before it, the RSS the
     compiled model holds after it over the same baseline; MiB). Peak − held is compile's working
     set beyond its input (the loaded model) and its output."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    _release_freed()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     base = rss_kib("VmRSS")
     start = time.perf_counter()
     cm = slimfx.compile(loaded, policy(rule), calib=calib)
     seconds = time.perf_counter() - start
+    _release_freed()
+    return cm, seconds, (rss_kib("VmHWM") - base) / 1024, (rss_kib("VmRSS") - base) / 1024
+
+
+def _release_freed() -> None:
+    """Collect garbage and hand freed heap pages back, so the RSS shows what is held."""
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return cm, seconds, (rss_kib("VmHWM") - base) / 1024, (rss_kib("VmRSS") - base) / 1024
 
 
 def rss_kib(field: str) -> int:

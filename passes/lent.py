@@ -25,10 +25,9 @@ __all__ = ["Lent", "lend", "own_copies", "put_tensor", "replace_tensor", "tensor
 
 @dataclass
 class Lent:
-    """What `lend` handed the graph: each lent alias with the version it had, by storage."""
+    """What `lend` handed the graph: each lent alias (name, tensor, the version it had)."""
 
     versions: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)
-    storages: set[int] = field(default_factory=set)
 
     def check(self) -> None:
         """Raise if any lent tensor was written in place (its shared version counter moved)."""
@@ -42,22 +41,17 @@ class Lent:
         """Check nothing lent was written, then give `gm` its own copy of every tensor that still
         shares storage with the lender. Returns the bytes copied."""
         self.check()
-        copied = _replace_all(gm, lambda t: _storage(t) in self.storages, lambda t: t.detach().clone())
+        lent = {_storage(t) for _, t, _ in self.versions}
+        copied = _replace_all(gm, lambda t: _storage(t) in lent, lambda t: t.detach().clone())
         self.versions.clear()
-        self.storages.clear()
         return copied
 
 
 def lend(gm: nn.Module) -> Lent:
     """Make every tensor of `gm` a new object over the same storage (aliases stay aliases)."""
     lent = Lent()
-
-    def alias(t: torch.Tensor) -> torch.Tensor:
-        view = t.detach()  # shares storage and the version counter with `t`
-        lent.storages.add(_storage(t))
-        return view
-
-    _replace_all(gm, lambda t: True, alias, record=lent.versions)
+    # detach() shares storage and the version counter with `t`
+    _replace_all(gm, lambda t: True, lambda t: t.detach(), record=lent.versions)
     return lent
 
 

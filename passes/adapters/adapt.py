@@ -50,14 +50,11 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
             if loaded is not None:
                 adapter, tensors = loaded.adapter(target, sites[0])
                 tensors = store_as(tensors, dtype)
+            elif errors is not None:
+                adapter, (tensors, fits[target.path]) = errors.pop(target.path)
             else:
-                adapter = Adapter(target.path, rule.method, rule.get("rank"), rule.get("alpha"), rule.get("dropout"),
-                                  sites[0].transposed)
-                _check_rank(adapter, sites[0], bound, ctx)
-                if errors is not None:
-                    tensors, fits[target.path] = errors.pop(target.path)
-                else:
-                    tensors = store_as(fresh_tensors(graph, sites[0], adapter, rule.get("init")), dtype)
+                adapter = _new_adapter(target, sites[0], bound, ctx)
+                tensors = store_as(fresh_tensors(graph, sites[0], adapter, rule.get("init")), dtype)
             base[target.path] = _base_size(graph, target, sites[0])
             insert_adapter(graph, target, adapter, tensors)
             added[target.path] = (sum(v.numel() for v in tensors.values()), sum(v.nbytes for v in tensors.values()))
@@ -73,17 +70,24 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
 
 
 def _error_fits(graph: ModelGraph, bound: BoundRule, ctx: Context, dtype: torch.dtype) -> dict:
-    """`init=error`: every target's adapter fitted first (one calibration sweep, error_init.py),
-    before any is inserted, so each fit sees the quantized model without adapters."""
-    rule = bound.rule
+    """`init=error`: path -> (adapter, (tensors, fit)), every adapter fitted first (one calibration
+    sweep, error_init.py), before any is inserted, so each fit sees the quantized model without
+    adapters."""
     adapters = {}
     for t in bound.targets:
         target = _current(graph, t, bound, ctx)
-        site = base_sites(graph, target)[0]
-        adapters[t.path] = Adapter(t.path, rule.method, rule.get("rank"), rule.get("alpha"), rule.get("dropout"),
-                                   site.transposed)
-        _check_rank(adapters[t.path], site, bound, ctx)
-    return fit_error_adapters(graph, bound, ctx, adapters, dtype)
+        adapters[t.path] = _new_adapter(target, base_sites(graph, target)[0], bound, ctx)
+    fitted = fit_error_adapters(graph, bound, ctx, adapters, dtype)
+    return {path: (adapters[path], fitted[path]) for path in adapters}
+
+
+def _new_adapter(target: Target, site: BaseSite, bound: BoundRule, ctx: Context) -> Adapter:
+    """The rule's adapter for this target, its rank checked against the weight."""
+    rule = bound.rule
+    adapter = Adapter(target.path, rule.method, rule.get("rank"), rule.get("alpha"), rule.get("dropout"),
+                      site.transposed)
+    _check_rank(adapter, site, bound, ctx)
+    return adapter
 
 
 def _current(graph: ModelGraph, t: Target, bound: BoundRule, ctx: Context) -> Target:

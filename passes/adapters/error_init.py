@@ -138,7 +138,7 @@ def _chunks(graph: ModelGraph, readers: dict[fx.Node, list[str]]) -> list[list[f
     last = object()
     for x in sorted(readers, key=graph.node_order.__getitem__):
         block = graph.targets[readers[x][0]].block
-        if block != last or not chunks:
+        if block != last:
             chunks.append([])
         chunks[-1].append(x)
         last = block
