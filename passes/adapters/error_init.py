@@ -1,17 +1,24 @@
 """`adapt <linears> lora rank=R init=error`: adapters that start by undoing the error a `quantize`
 left in each weight (EoRA, Liu et al. 2024; the idea of INT2.1), with no training.
 
-For a target with weight W before the precision rule, its encoded Ŵ and H = E[x xᵀ] of the inputs
-it sees in the compressed model, the rank-r M that minimises the output error E‖(W − Ŵ − M) x‖²
-is found in H's eigenbasis:
+For a target with weight W before the precision rule, its encoded Ŵ, D = W − Ŵ and H = E[x xᵀ] of
+the inputs it sees in the compressed model, the rank-r M minimising the output error
+E‖(D − M) x‖² = ‖(D − M) R‖²_F, for any root R Rᵀ = H, is (Eckart–Young on D R) the projection of
+D onto the top r left singular vectors U_r of D R: M = U_r U_rᵀ D. They are found from the smaller
+of two Gram matrices, never decomposing H itself (an eigendecomposition of the 1536-wide H of
+SmolLM2's down projections peaked at 54–81 MiB, more than the rest of the sweep):
 
-    H = Q Λ Qᵀ,   (W − Ŵ) Q Λ^½ ≈ U_r S_r V_rᵀ   (truncated SVD),   M = U_r S_r V_rᵀ Λ^-½ Qᵀ
+- out ≤ in: U_r are the top eigenvectors of D H Dᵀ [out, out] (no root needed); term i is
+  u_i ⊗ u_iᵀD.
+- out > in: with L the Cholesky factor of H (+ a ridge of 1e-8 of its mean eigenvalue, so
+  directions the calibration never excites stay finite), V_r the top eigenvectors of (DL)ᵀDL
+  [in, in]: term i is DL v_i ⊗ v_iᵀ L⁻¹ (= u_i s_i ⊗ s_i⁻¹ u_iᵀ D).
 
-which is Eckart–Young applied to (W − Ŵ − M) H^½. The adapter adds s·B·A x with s = α/r, so
-B·A = M / s. Each rank-one term is split so that its column of B and its row of A have the same
-norm (both train at one scale); a term the error does not need (a singular value at float32's
-rounding noise, when the rank exceeds the error's) gets a row of A of the mean norm and a zero
-column of B, as a fresh LoRA starts, so it can still learn.
+The adapter adds s·B·A x with s = α/r, so B·A = M / s. Each rank-one term is split so that its
+column of B and its row of A have the same norm (both train at one scale); a term the error does
+not need (a singular value at float32's rounding noise, when the rank exceeds the error's) gets a
+zero column of B and a row of A of the mean norm in a fixed random direction, as a fresh LoRA
+starts, so it can still learn.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from torch import fx
 from ...dsl.errors import SpecError
 from ...runtime.adapters import Adapter
 from ..bind import BoundRule
-from ..calibrate import HessianAccumulator, output_error
+from ..calibrate import HessianAccumulator
 from ..context import Context
 from ..graph import ModelGraph
 from ..lora import BaseSite, base_sites, base_weight
@@ -31,13 +38,13 @@ from ..stream import Stream
 from ..threads import one_thread
 from .storage import store_as
 
-__all__ = ["ErrorFit", "InputBasis", "error_adapter", "fit_error_adapters", "error_tensors", "error_details",
+__all__ = ["ErrorFit", "InputMoment", "error_adapter", "fit_error_adapters", "error_tensors", "error_details",
            "error_note"]
 
-# H's eigenvalues are floored at this fraction of their mean: directions the calibration never
-# excites get a finite Λ^-½ (M is free there; the floor keeps it small), and the fit elsewhere
-# moves by well under 1e-6 of the error.
-_FLOOR = 1e-8
+# The ridge added to H before its Cholesky factor, as a fraction of H's mean eigenvalue: directions
+# the calibration never excites get a finite L⁻¹ (M is free there; the ridge keeps it small), and
+# the fit elsewhere moves by well under 1e-6 of the error. Raised tenfold while the factor fails.
+_RIDGE = 1e-8
 _NOISE = 1e-5
 
 
@@ -52,51 +59,86 @@ class ErrorFit:
     after: float
 
 
-@dataclass(frozen=True)
-class InputBasis:
-    """H = Q Λ Qᵀ of one input's second moment, Λ floored (module doc); shared by every target
-    reading that input (q/k/v, gate/up), so each input is decomposed once."""
+class InputMoment:
+    """H = E[x xᵀ] of one input (float64), shared by every target reading it (q/k/v, gate/up); its
+    Cholesky factor is made at the first target that needs it (one wider in than out) and kept for
+    the others."""
 
-    H: torch.Tensor
-    Q: torch.Tensor
-    lam: torch.Tensor
+    def __init__(self, H: torch.Tensor):
+        self.H = H.double()
+        self._root: torch.Tensor | None = None
 
-    @classmethod
-    def of(cls, H: torch.Tensor) -> "InputBasis":
-        H = H.double()
-        lam, Q = torch.linalg.eigh((H + H.T) / 2)
-        return cls(H, Q, lam.clamp(min=_FLOOR * max(float(lam.mean()), torch.finfo(torch.float64).tiny)))
+    def root(self) -> torch.Tensor:
+        """L, lower triangular, with L Lᵀ = H + ridge·I (module doc)."""
+        if self._root is None:
+            n = self.H.shape[0]
+            ridge = _RIDGE * max(float(self.H.diagonal().mean()), torch.finfo(torch.float64).tiny)
+            for _ in range(8):
+                L, info = torch.linalg.cholesky_ex(self.H + ridge * torch.eye(n, dtype=torch.float64))
+                if int(info) == 0:
+                    break
+                ridge *= 10
+            else:
+                raise ValueError("the calibration inputs' second moment is not positive semi-definite "
+                                 "(a NaN or inf among the calibration activations?)")
+            self._root = L
+        return self._root
 
 
-def error_adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor | InputBasis, rank: int,
+def error_adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor | InputMoment, rank: int,
                   scale: float) -> ErrorFit:
     """The adapter (A, B) with scale·B·A ≈ w − w_hat in the H-weighted norm. w, w_hat [out, in];
-    H [in, in] (float64 preferred), or its `InputBasis`."""
-    basis = H if isinstance(H, InputBasis) else InputBasis.of(H)
-    H, Q, lam = basis.H, basis.Q, basis.lam
+    H [in, in] (float64 preferred), or its `InputMoment`."""
+    moment = H if isinstance(H, InputMoment) else InputMoment(H)
+    H = moment.H
     if w.shape != w_hat.shape or H.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"shapes do not fit: w {tuple(w.shape)}, ŵ {tuple(w_hat.shape)}, H {tuple(H.shape)}")
     if not 1 <= rank <= min(w.shape):
         raise ValueError(f"rank={rank}: a correction of a {tuple(w.shape)} weight has rank 1 to {min(w.shape)}")
     d = w.double() - w_hat.double()
-    U, S, Vh = torch.linalg.svd(d @ (Q * lam.sqrt()), full_matrices=False)
-    U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
-    a = Vh @ (Q * lam.rsqrt()).T  # [r, in]: row i of A before the split
-    b = U * S  # [out, r]
+    b, S, a = _top_terms(d, moment, rank)  # M = b @ a, term i singular value S[i]
     a_norm, b_norm = a.norm(dim=1), b.norm(dim=0)
     # Terms below float32's rounding of the weights (W − Ŵ of float32 tensors has noise of ~1e-7
     # relative) carry no error worth fitting: they start as a fresh LoRA's instead.
     live = S > S.max().clamp(min=torch.finfo(torch.float64).tiny) * _NOISE
-    t = torch.where(live, (b_norm / a_norm).sqrt(), torch.zeros_like(S))
+    t = torch.where(live, (b_norm / a_norm.clamp(min=torch.finfo(torch.float64).tiny)).sqrt(), torch.zeros_like(S))
     A, B = a * t[:, None], b / torch.where(live, t, torch.ones_like(t))
     if not bool(live.all()):  # the error has lower rank than the adapter: fresh-LoRA rows
         norm = A[live].norm(dim=1).mean() if bool(live.any()) else torch.tensor(w.shape[1] ** -0.5,
                                                                                  dtype=torch.float64)
-        A[~live] = a[~live] / a_norm[~live, None] * norm
+        fresh = torch.randn(int((~live).sum()), w.shape[1], generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float64)
+        A[~live] = fresh / fresh.norm(dim=1, keepdim=True) * norm
         B[:, ~live] = 0
-    before = output_error(w, w_hat, H)
-    after = output_error(w, w_hat.double() + B @ A, H)
-    return ErrorFit(A.float(), (B / scale).float(), before, after)
+    before = float((d @ H * d).sum())
+    # Row-major like every parameter (solve_triangular and the flips give other strides; a saved
+    # and reloaded adapter is row-major, and must compute bit for bit as the compiled one).
+    return ErrorFit(A.float().contiguous(), (B / scale).float().contiguous(), before, _left_error(d, B, A, H, before))
+
+
+def _top_terms(d: torch.Tensor, moment: InputMoment, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b [out, r], S [r], a [r, in]): the best rank-r correction of d in H's norm as b @ a, term by
+    term, and the singular values of d·H^½ they hold — from the smaller Gram matrix (module doc)."""
+    out, inp = d.shape
+    if out <= inp:
+        G = d @ moment.H @ d.T
+        lam, U = torch.linalg.eigh((G + G.T) / 2)
+        U, lam = U[:, -rank:].flip(1), lam[-rank:].flip(0)
+        return U, lam.clamp(min=0).sqrt(), U.T @ d
+    L = moment.root()
+    dL = d @ L
+    lam, V = torch.linalg.eigh(dL.T @ dL)
+    V, lam = V[:, -rank:].flip(1), lam[-rank:].flip(0)
+    a = torch.linalg.solve_triangular(L, V.T, upper=False, left=False)  # Vᵀ L⁻¹
+    return dL @ V, lam.clamp(min=0).sqrt(), a
+
+
+def _left_error(d: torch.Tensor, B: torch.Tensor, A: torch.Tensor, H: torch.Tensor, before: float) -> float:
+    """tr((d − BA) H (d − BA)ᵀ) from r-wide products only (no second d-sized matrix):
+    before − 2·tr(B A H dᵀ) + tr(B A H Aᵀ Bᵀ)."""
+    AH = A @ H
+    cross = float(((AH @ d.T) * B.T).sum())
+    return max(before - 2 * cross + float(((AH @ A.T) * (B.T @ B)).sum()), 0.0)
 
 
 # ---- in the adapter pass ---------------------------------------------------------------------
@@ -104,11 +146,11 @@ def error_adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor | InputB
 def fit_error_adapters(graph: ModelGraph, bound: BoundRule, ctx: Context, adapters: dict[str, Adapter],
                        dtype: torch.dtype) -> dict[str, tuple[dict[str, torch.Tensor], ErrorFit]]:
     """Every target's adapter tensors and fit (error_tensors), made along one calibration sweep of
-    the graph as it is now (quantized, no adapter inserted yet; passes/stream.py), one block at a
-    time: the block's input Hs are accumulated, each decomposed once (q/k/v share one input), the
-    block's adapters fitted, and the Hs dropped before the stream goes on. One run of every input
-    at once held every H (≈0.8 GiB in float64 on SmolLM2, 121 inputs); this holds one block's.
-    Takes the targets' weights out of `ctx.originals`."""
+    the graph as it is now (quantized, no adapter inserted yet; passes/stream.py), one input at a
+    time: the sweep stops at each distinct input in graph order, its H is accumulated, the
+    adapters of the targets reading it (q/k/v share one) are fitted, and H is dropped before the
+    stream goes on. So one H is held at a time (one run of every input at once held every H:
+    ≈0.8 GiB in float64 on SmolLM2, 121 inputs). Takes the targets' weights out of `ctx.originals`."""
     _require(bound, ctx, list(adapters))
     originals = {path: ctx.originals.pop(path) for path in adapters}
     sites = {path: base_sites(graph, graph.targets[path])[0] for path in adapters}
@@ -117,32 +159,17 @@ def fit_error_adapters(graph: ModelGraph, bound: BoundRule, ctx: Context, adapte
         readers.setdefault(site.x, []).append(path)
     out = {}
     stream = Stream(graph, ctx.calib)
-    with ctx.progress.task(f"fitting `init=error` adapters block by block (line {bound.line})",
+    with ctx.progress.task(f"fitting `init=error` adapters input by input (line {bound.line})",
                            total=len(adapters)) as step:
-        for chunk in _chunks(graph, readers):
-            accs = {x: HessianAccumulator() for x in chunk}
-            stream.run_through(chunk[-1], {x: [acc.add] for x, acc in accs.items()})
-            for x in chunk:
-                with one_thread():
-                    basis = InputBasis.of(accs.pop(x).H)
-                for path in readers[x]:
-                    out[path] = error_tensors(graph, sites[path], adapters[path], originals.pop(path), basis, dtype)
-                    step(note=path)
+        for x in sorted(readers, key=graph.node_order.__getitem__):
+            acc = HessianAccumulator()
+            stream.run_through(x, {x: [acc.add]})
+            moment = InputMoment(acc.H)
+            del acc
+            for path in readers[x]:
+                out[path] = error_tensors(graph, sites[path], adapters[path], originals.pop(path), moment, dtype)
+                step(note=path)
     return out
-
-
-def _chunks(graph: ModelGraph, readers: dict[fx.Node, list[str]]) -> list[list[fx.Node]]:
-    """The inputs in graph order, cut where the block of their first reader changes: each chunk
-    is one block's inputs (or a run of inputs outside the blocks), and comes after the one before."""
-    chunks: list[list[fx.Node]] = []
-    last = object()
-    for x in sorted(readers, key=graph.node_order.__getitem__):
-        block = graph.targets[readers[x][0]].block
-        if block != last:
-            chunks.append([])
-        chunks[-1].append(x)
-        last = block
-    return chunks
 
 
 def _require(bound: BoundRule, ctx: Context, paths: list[str]) -> None:
@@ -163,7 +190,7 @@ def _require(bound: BoundRule, ctx: Context, paths: list[str]) -> None:
                            hint="pass compile(..., calib=[batch, ...]) or calib=[text, ...], or use init=kaiming")
 
 
-def error_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, w: torch.Tensor, H: InputBasis,
+def error_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, w: torch.Tensor, H: InputMoment,
                   dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], ErrorFit]:
     """The adapter's tensors from the error of the target's base weight as encoded now, A and B
     stored in `dtype` (the fit in float64, then rounded once); the fit's `after` is the error left
@@ -174,7 +201,8 @@ def error_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, w: torch.
         tensors = store_as({"lora_A": fit.A, "lora_B": fit.B}, dtype)
         A, B = tensors["lora_A"].float(), tensors["lora_B"].float()
         if dtype != torch.float32:
-            fit = replace(fit, after=output_error(w, w_hat.double() + adapter.scale * B.double() @ A.double(), H.H))
+            d = w.double() - w_hat.double()
+            fit = replace(fit, after=_left_error(d, adapter.scale * B.double(), A.double(), H.H, fit.before))
     if adapter.method == "dora":  # m = ‖ŵ + s·B·A‖ per row: the magnitude of the weight it starts as
         tensors["lora_magnitude"] = torch.linalg.norm(w_hat + adapter.scale * B @ A, dim=1)
     return tensors, fit

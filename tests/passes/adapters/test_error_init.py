@@ -92,11 +92,11 @@ def compiled():
                                      backend="eager")
 
 
-def test_each_input_is_decomposed_once_and_one_block_of_hessians_is_held(monkeypatch):
-    """q/k/v read one input: one eigendecomposition for the three. The sweep holds one block's
-    Hessians at a time (a calibration run of every input at once held them all: 0.8 GiB on
-    SmolLM2), and fits what one run of every input over the quantized model gives (the same rows,
-    added in the same order), computed here with `observe` and `error_adapter`."""
+def test_one_hessian_is_held_at_a_time_and_shared_by_the_targets_reading_it(monkeypatch):
+    """q/k/v read one input: one H and one moment for the three. The sweep holds one input's H
+    at a time (a calibration run of every input at once held them all: 0.8 GiB on SmolLM2), and
+    fits what one run of every input over the quantized model gives (the same rows, added in the
+    same order), computed here with `observe` and `error_adapter`."""
     lm = tiny("llama", layers=3)
     calib = _calib()
     policy = _policy(QUANT, "adapt blocks.*.** : Linear lora rank=4 alpha=8 init=error")
@@ -109,14 +109,17 @@ def test_each_input_is_decomposed_once_and_one_block_of_hessians_is_held(monkeyp
             live.add(self)
             held.append(len(live))
 
-    real = error_init.InputBasis.of
+    class Moment(error_init.InputMoment):
+        def __init__(self, H):
+            super().__init__(H)
+            made.append(self)
+            held.append(len(live))
+
     monkeypatch.setattr(error_init, "HessianAccumulator", Counted)
-    monkeypatch.setattr(error_init.InputBasis, "of",
-                        classmethod(lambda cls, H: made.append(H) or real(H)))
+    monkeypatch.setattr(error_init, "InputMoment", Moment)
     cm = slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, calib=calib, backend="eager")
     assert len(made) == 3 * 4  # per block: q/k/v's input, o's, gate/up's, down's
-    assert len(held) == 12 and max(held) == 4  # one block's inputs alive, never more
-
+    assert len(held) == 24 and max(held) == 1  # one input's H alive, never more
     monkeypatch.undo()
     quantized = slimfx.compile(lm.model, _policy(QUANT), example_inputs=lm.example_inputs, calib=calib,
                                backend="eager")
