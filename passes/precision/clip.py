@@ -48,11 +48,12 @@ def searched_params(wg: torch.Tensor, fmt: QuantFormat, weights: Optional[torch.
 
 
 def column_weights(clip: str, H: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Per input column: E[x_j²] for `output` (from H = E[x xᵀ]), None (all equal) for `mse`."""
+    """Per input column: E[x_j²] for `output` (from H = E[x xᵀ] [in, in], or its diagonal [in]),
+    None (all equal) for `mse`."""
     if clip == "output":
         if H is None:
             raise ValueError("clip=output needs the calibration Hessian of the layer's input")
-        return H.diagonal().float().clamp(min=0)
+        return (H.diagonal() if H.dim() == 2 else H).float().clamp(min=0)
     return None
 
 

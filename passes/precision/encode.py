@@ -50,7 +50,7 @@ class Candidate:
 
 def encode(w: torch.Tensor, cand: Candidate, method: str = "rtn", H: torch.Tensor | None = None,
            damp: float = 0.01, act_order: bool = False, clip: str = "none") -> Encoded:
-    """w [out, in] in `cand`'s format. GPTQ needs H [in, in], and so does clip=output."""
+    """w [out, in] in `cand`'s format. GPTQ needs H [in, in]; clip=output H or its diagonal [in]."""
     if cand.format == "keep":
         return None
     if cand.format in HALF:

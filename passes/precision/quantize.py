@@ -45,7 +45,8 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                        peak_calib_bytes=peak)
         return apply(graph, bound, items, {p: (cand, e) for p, e in encoded.items()}, details, ctx)
     needs_h = method == "gptq" or clip == "output"
-    hessians = hessians_of(graph, items, ctx, bound, "GPTQ" if method == "gptq" else "clip=output") if needs_h else {}
+    hessians = hessians_of(graph, items, ctx, bound, "GPTQ" if method == "gptq" else "clip=output",
+                           diagonal=method != "gptq") if needs_h else {}
     chosen = {}
     with one_thread(), ctx.progress.task(f"{method.upper()} {cand} (line {bound.line})", total=len(items)) as step:
         for it in items:

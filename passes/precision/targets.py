@@ -11,7 +11,7 @@ from ...dsl.errors import Diagnostic, SpecError
 from ...runtime.formats import QuantizedWeight
 from ...runtime.report import RuleReport
 from ..bind import BoundRule
-from ..calibrate import observe
+from ..calibrate import DiagonalAccumulator, observe
 from ..context import Context
 from ..graph import ModelGraph, Target
 from ..rewrite import LinearSite, find_sites, weight_name, weight_still_held
@@ -55,15 +55,16 @@ def items_of(graph: ModelGraph, bound: BoundRule) -> list[Item]:
 
 
 def hessians_of(graph: ModelGraph, items: list[Item], ctx: Context, bound: BoundRule,
-                who: str) -> dict[str, HessianAccumulator]:
-    """path -> H = E[x xᵀ] of its linear's input over the calibration tokens. Targets reading the
-    same value (q/k/v, gate/up) share one accumulator."""
+                who: str, diagonal: bool = False) -> dict[str, HessianAccumulator | DiagonalAccumulator]:
+    """path -> H = E[x xᵀ] of its linear's input over the calibration tokens (only its diagonal
+    with `diagonal`). Targets reading the same value (q/k/v, gate/up) share one accumulator."""
+    make = DiagonalAccumulator if diagonal else HessianAccumulator
     require_calib(ctx, bound, who)
     by_input: dict = {}
     out = {}
     for it in items:
         for site in it.sites:
-            acc = by_input.setdefault(site.x, out.get(it.path) or HessianAccumulator())
+            acc = by_input.setdefault(site.x, out.get(it.path) or make())
             out.setdefault(it.path, acc)
     observe(graph, {x: [acc.add] for x, acc in by_input.items()}, ctx.calib, ctx.progress,
             f"calibrating for `{bound.rule.kind}` (line {bound.line})")

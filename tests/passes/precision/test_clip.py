@@ -108,3 +108,35 @@ def test_clip_in_a_policy():
     with pytest.raises(slimfx.SpecError) as e:
         slimfx.parse("policy p {\n    quantize blocks.*.** int4 clip=max\n}\n")
     assert "none" in str(e.value) and "output" in str(e.value)
+
+
+def test_rtn_clip_output_in_a_policy_reads_only_each_input_s_diagonal(monkeypatch):
+    """Before RTN, clip=output weighs each input column by E[x_j²]: the pass accumulates only that
+    diagonal (never an [in, in] H: on SmolLM2 every full H at once was 0.8 GiB), and its codes are
+    those of encode() with the full H observed here by forward hooks on the model itself."""
+    from slimfx.passes import calibrate
+    from slimfx.passes.calibrate import DiagonalAccumulator
+    from passes_tiny import linear_input_hessians
+
+    lm = tiny("llama")
+    gen = torch.Generator().manual_seed(5)
+    calib = [{"input_ids": torch.randint(0, 100, (2, 12), generator=gen),
+              "attention_mask": torch.ones(2, 12, dtype=torch.long)} for _ in range(3)]
+    full = []
+    real_init = calibrate.HessianAccumulator.__init__
+    monkeypatch.setattr(calibrate.HessianAccumulator, "__init__",
+                        lambda self, *a, **k: full.append(self) or real_init(self, *a, **k))
+    cm = slimfx.compile(lm.model, "quantize blocks.*.** : Linear int4 group=32 clip=output",
+                        example_inputs=lm.example_inputs, calib=calib, backend="eager")
+    assert not full
+    H = linear_input_hessians(lm.model, calib)
+    for path, h in H.items():
+        mod = cm.program.get_submodule(path)
+        want = encode(dict(lm.model.named_modules())[path].weight.detach(), Candidate("int4", 32, True), "rtn", h,
+                      clip="output")
+        assert torch.equal(mod.qweight, want.qweight) and torch.equal(mod.scales, want.scales), path
+    acc = DiagonalAccumulator()
+    rows = torch.randn(40, 7, generator=gen)
+    acc.add(rows[:15])
+    acc.add(rows[15:])
+    torch.testing.assert_close(acc.H, (rows.double().T @ rows.double() / 40).diagonal())
