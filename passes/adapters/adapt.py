@@ -31,7 +31,7 @@ from ..context import Context
 from ..graph import ModelGraph, Target
 from ..lora import BaseSite, base_sites, base_weight, insert_adapter, site_dims
 from . import peft_in
-from .error_init import ErrorFit, error_details, error_note, fit_error_adapters
+from .error_init import ErrorFigures, error_details, error_note, fit_error_adapters
 from .storage import STORED_DTYPES, store_as
 
 __all__ = ["run", "fresh_tensors"]
@@ -141,7 +141,7 @@ def _base_size(graph: ModelGraph, target: Target, site: BaseSite) -> tuple[int, 
 
 
 def _report(graph: ModelGraph, bound: BoundRule, inserted: list[Adapter], added: dict[str, tuple[int, int]],
-            base: dict[str, tuple[int, int]], notes: list[str], fits: dict[str, ErrorFit]) -> RuleReport:
+            base: dict[str, tuple[int, int]], notes: list[str], fits: dict[str, ErrorFigures]) -> RuleReport:
     rule: A.Adapt = bound.rule
     merged = bool(rule.get("merge"))
     trainable = 0 if merged else sum(n for n, _ in added.values())
