@@ -41,25 +41,31 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Adapt = bound.rule
     loaded = peft_in.read(rule.get("from"), bound, ctx) if rule.get("from") else None
     dtype = STORED_DTYPES[rule.get("dtype")]
-    errors = _error_fits(graph, bound, ctx, dtype) if rule.get("init") == "error" else None
-    added, inserted, base, fits = {}, [], {}, {}
-    with ctx.progress.task(f"adding {rule.method} adapters (line {bound.line})", total=len(bound.targets)) as step:
-        for t in bound.targets:
-            target = _current(graph, t, bound, ctx)
-            sites = base_sites(graph, target)
-            if loaded is not None:
-                adapter, tensors = loaded.adapter(target, sites[0])
-                tensors = store_as(tensors, dtype)
-            elif errors is not None:
-                adapter, (tensors, fits[target.path]) = errors.pop(target.path)
-            else:
-                adapter = _new_adapter(target, sites[0], bound, ctx)
-                tensors = store_as(fresh_tensors(graph, sites[0], adapter, rule.get("init")), dtype)
-            base[target.path] = _base_size(graph, target, sites[0])
-            insert_adapter(graph, target, adapter, tensors)
-            added[target.path] = (sum(v.numel() for v in tensors.values()), sum(v.nbytes for v in tensors.values()))
-            inserted.append(adapter)
-            step(note=target.path)
+    added, inserted, base, fits = {}, {}, {}, {}
+
+    def put(target: Target, adapter: Adapter, tensors: dict[str, torch.Tensor]) -> None:
+        base[target.path] = _base_size(graph, target, base_sites(graph, target)[0])
+        insert_adapter(graph, target, adapter, tensors)
+        added[target.path] = (sum(v.numel() for v in tensors.values()), sum(v.nbytes for v in tensors.values()))
+        inserted[target.path] = adapter
+
+    if rule.get("init") == "error":
+        fits = _error_fits(graph, bound, ctx, dtype, put)
+    else:
+        with ctx.progress.task(f"adding {rule.method} adapters (line {bound.line})",
+                               total=len(bound.targets)) as step:
+            for t in bound.targets:
+                target = _current(graph, t, bound, ctx)
+                sites = base_sites(graph, target)
+                if loaded is not None:
+                    adapter, tensors = loaded.adapter(target, sites[0])
+                    tensors = store_as(tensors, dtype)
+                else:
+                    adapter = _new_adapter(target, sites[0], bound, ctx)
+                    tensors = store_as(fresh_tensors(graph, sites[0], adapter, rule.get("init")), dtype)
+                put(target, adapter, tensors)
+                step(note=target.path)
+    inserted = [inserted[t.path] for t in bound.targets]  # rule order (init=error inserts in graph order)
     notes = list(bound.warnings)
     if rule.get("merge"):
         _merge(graph, [a.target for a in inserted], bound, ctx)
@@ -69,16 +75,17 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     return _report(graph, bound, inserted, added, base, notes, fits)
 
 
-def _error_fits(graph: ModelGraph, bound: BoundRule, ctx: Context, dtype: torch.dtype) -> dict:
-    """`init=error`: path -> (adapter, (tensors, fit)), every adapter fitted first (one calibration
-    sweep, error_init.py), before any is inserted, so each fit sees the quantized model without
-    adapters."""
+def _error_fits(graph: ModelGraph, bound: BoundRule, ctx: Context, dtype: torch.dtype, put) -> dict:
+    """`init=error`: every adapter fitted along one calibration sweep (error_init.py) and put into
+    the graph as soon as it is fitted, so each fit sees the quantized model with the adapters of
+    the linears before it (as sequential GPTQ sees the blocks before it compressed); path -> its
+    fit's errors."""
     adapters = {}
     for t in bound.targets:
         target = _current(graph, t, bound, ctx)
         adapters[t.path] = _new_adapter(target, base_sites(graph, target)[0], bound, ctx)
-    fitted = fit_error_adapters(graph, bound, ctx, adapters, dtype)
-    return {path: (adapters[path], fitted[path]) for path in adapters}
+    return fit_error_adapters(graph, bound, ctx, adapters, dtype,
+                              lambda path, tensors: put(graph.targets[path], adapters[path], tensors))
 
 
 def _new_adapter(target: Target, site: BaseSite, bound: BoundRule, ctx: Context) -> Adapter:

@@ -224,7 +224,12 @@ def test_init_error_in_fp16_still_removes_most_of_each_target_s_output_error():
     for path, h in H.items():
         mod, ref = cm.program.get_submodule(path), full.program.get_submodule(path)
         assert mod.lora_A.dtype == torch.float16
-        assert torch.equal(mod.lora_A, ref.lora_A.half()) and torch.equal(mod.lora_B, ref.lora_B.half())
+        if path.startswith("model.layers.0.self_attn.") and path[-6] in "qkv":
+            # the first input's fits see no adapter: the fp32 fit, rounded once
+            assert torch.equal(mod.lora_A, ref.lora_A.half()) and torch.equal(mod.lora_B, ref.lora_B.half())
+        else:  # later fits see the earlier adapters as stored, rounded or not: close, not equal
+            half, single = (m.lora_B.double() @ m.lora_A.double() for m in (mod, ref))
+            torch.testing.assert_close(half, single, atol=0.02 * float(single.abs().max()), rtol=0)
         w = weights[path].weight.detach().double()
         w_hat = dequantize(QuantizedWeight(mod.qweight, mod.scales, getattr(mod, "zeros", None),
                                            QuantFormat(2, 16, True), tuple(w.shape))).double()
