@@ -45,7 +45,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
 
     def put(target: Target, adapter: Adapter, tensors: dict[str, torch.Tensor]) -> None:
         base[target.path] = _base_size(graph, target, base_sites(graph, target)[0])
-        insert_adapter(graph, target, adapter, tensors)
+        insert_adapter(graph, target, adapter, tensors, recompile=False)  # once, below
         added[target.path] = (sum(v.numel() for v in tensors.values()), sum(v.nbytes for v in tensors.values()))
         inserted[target.path] = adapter
 
@@ -66,6 +66,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                 put(target, adapter, tensors)
                 step(note=target.path)
     inserted = [inserted[t.path] for t in bound.targets]  # rule order (init=error inserts in graph order)
+    graph.module.recompile()
     notes = list(bound.warnings)
     if rule.get("merge"):
         _merge(graph, [a.target for a in inserted], bound, ctx)

@@ -238,9 +238,11 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
             out_f, in_f = site_dims(site)
             a = torch.empty(r, in_f)
             torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)
-            insert_adapter(graph, graph.targets[path], adapter, {"lora_A": a, "lora_B": torch.zeros(out_f, r)})
+            insert_adapter(graph, graph.targets[path], adapter, {"lora_A": a, "lora_B": torch.zeros(out_f, r)},
+                           recompile=False)
             inserted.append(path)
             step(note=path)
+    graph.module.recompile()
     graph.reindex()
     for name, p in graph.module.named_parameters():
         p.requires_grad_(is_adapter_param(name))
