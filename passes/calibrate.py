@@ -77,10 +77,17 @@ class HessianAccumulator:
         if n == 0:
             return
         if self._H is None:
-            self._H = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype, device=rows.device)
+            self._H = self._empty(rows.shape[1], rows.device)
         # Running mean rather than a sum, so long calibration runs keep H at the scale of one row.
-        self._H.mul_(self.count / (self.count + n)).add_(rows.T @ rows, alpha=1 / (self.count + n))
+        self._H.mul_(self.count / (self.count + n)).add_(self._moment(rows), alpha=1 / (self.count + n))
         self.count += n
+
+    def _empty(self, features: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(features, features, dtype=self.dtype, device=device)
+
+    def _moment(self, rows: torch.Tensor) -> torch.Tensor:
+        """The sum over rows of what is averaged: x xᵀ here."""
+        return rows.T @ rows
 
     @property
     def H(self) -> torch.Tensor:
@@ -89,41 +96,23 @@ class HessianAccumulator:
         return self._H
 
 
-class DiagonalAccumulator:
-    """Running mean of x² per feature: H's diagonal E[x_j²], all `clip=output` before RTN reads.
-    [in] floats instead of HessianAccumulator's [in, in]: RTN with clip=output over SmolLM2 held
-    every input's full H at once, 0.8 GiB, to read 1/576 of it.
+class DiagonalAccumulator(HessianAccumulator):
+    """Running mean of x² per feature: H's diagonal E[x_j²], all `clip=output` before RTN reads
+    (`.H` is [in]). HessianAccumulator's [in, in] for every input at once was 0.8 GiB on SmolLM2,
+    to read 1/576 of it.
 
     >>> acc = DiagonalAccumulator(); acc.add(torch.ones(2, 3, 4)); acc.count, acc.H.shape
     (6, torch.Size([4]))
     """
 
     def __init__(self):
-        self._sq: torch.Tensor | None = None
-        self.count = 0
+        super().__init__(torch.float64)
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch [..., in]; every leading index is one row."""
-        if not x.is_floating_point():
-            raise ValueError(f"calibration inputs must be floating point, got {x.dtype}")
-        rows = x.detach().reshape(-1, x.shape[-1]).double()
-        if self._sq is not None and rows.shape[1] != self._sq.shape[0]:
-            raise ValueError(f"calibration input has {rows.shape[1]} features, earlier ones had "
-                             f"{self._sq.shape[0]}; feed one Linear's inputs per accumulator")
-        n = rows.shape[0]
-        if n == 0:
-            return
-        if self._sq is None:
-            self._sq = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
-        self._sq.mul_(self.count / (self.count + n)).add_(rows.pow(2).sum(0), alpha=1 / (self.count + n))
-        self.count += n
+    def _empty(self, features: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(features, dtype=self.dtype, device=device)
 
-    @property
-    def H(self) -> torch.Tensor:
-        """diag(E[x xᵀ]), [in]."""
-        if self._sq is None:
-            raise ValueError("no calibration rows were added; run the model on calibration data first")
-        return self._sq
+    def _moment(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.pow(2).sum(0)
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
