@@ -42,6 +42,7 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     from .passes.bind import bind
     from .passes.pipeline import Context, run_pipeline
     from .runtime.compiled import CompiledModel
+    from .runtime.heap import return_freed_heap
     from .runtime.progress import Progress
 
     _check_backend(backend)
@@ -59,26 +60,11 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
             graph.lent.check()  # a pass that wrote into the user's weights is a bug, named here
     if graph.lent is not None:  # the graph owns what it still shares with the model from here on
         graph.lent.settle(graph.module)
-    _return_freed_heap()
+    return_freed_heap()  # before lowering adds its own buffers
     stage = {"auto": "converting packed weights for the CPU kernels", "triton": "generating Triton kernels"}
     with bars.task(stage.get(backend, "building")):
         return CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
                              policy_name=policy_ast.name if policy_ast else None, backend=backend)
-
-
-def _return_freed_heap() -> None:
-    """Hand the heap pages the passes freed back to the system before lowering adds its own
-    buffers. Small tensors (an fp16 rank-32 adapter's A is 36 KiB) live in glibc's heap between
-    the passes' freed temporaries, which the heap keeps: measured on SmolLM2 with `init=error`
-    adapters on every linear, 24 MiB of the peak. A no-op where the C library is not glibc."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def load(path: str | os.PathLike, *, backend: str = "auto"):

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -37,6 +35,7 @@ import slimfx
 
 from slimfx.evaluation import default_text, embedding_cosine, param_bytes, perplexity
 from slimfx.models import load
+from slimfx.runtime.heap import return_freed_heap
 
 LINEARS = "blocks.*.** : Linear"
 CHOICES = "{int8, int4 group=64, int4 group=64 sym=false, int4 group=32 sym=false}"
@@ -155,21 +154,15 @@ def measured_compile(loaded, rule: str, calib) -> tuple:
     """(compiled model, seconds, peak RSS during compile over the RSS before it, the RSS the
     compiled model holds after it over the same baseline; MiB). Peak − held is compile's working
     set beyond its input (the loaded model) and its output."""
-    _release_freed()
+    return_freed_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     base = rss_kib("VmRSS")
     start = time.perf_counter()
     cm = slimfx.compile(loaded, policy(rule), calib=calib)
     seconds = time.perf_counter() - start
-    _release_freed()
+    return_freed_heap()
     return cm, seconds, (rss_kib("VmHWM") - base) / 1024, (rss_kib("VmRSS") - base) / 1024
-
-
-def _release_freed() -> None:
-    """Collect garbage and hand freed heap pages back, so the RSS shows what is held."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def rss_kib(field: str) -> int:

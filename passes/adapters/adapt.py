@@ -41,13 +41,13 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Adapt = bound.rule
     loaded = peft_in.read(rule.get("from"), bound, ctx) if rule.get("from") else None
     dtype = STORED_DTYPES[rule.get("dtype")]
-    added, inserted, base, fits = {}, {}, {}, {}
+    added, adapters, base, fits = {}, {}, {}, {}
 
     def put(target: Target, adapter: Adapter, tensors: dict[str, torch.Tensor]) -> None:
         base[target.path] = _base_size(graph, target, base_sites(graph, target)[0])
-        insert_adapter(graph, target, adapter, tensors, recompile=False)  # once, below
+        insert_adapter(graph, target, adapter, tensors)  # recompiled once, below
         added[target.path] = (sum(v.numel() for v in tensors.values()), sum(v.nbytes for v in tensors.values()))
-        inserted[target.path] = adapter
+        adapters[target.path] = adapter
 
     if rule.get("init") == "error":
         fits = _error_fits(graph, bound, ctx, dtype, put)
@@ -65,7 +65,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                     tensors = store_as(fresh_tensors(graph, sites[0], adapter, rule.get("init")), dtype)
                 put(target, adapter, tensors)
                 step(note=target.path)
-    inserted = [inserted[t.path] for t in bound.targets]  # rule order (init=error inserts in graph order)
+    inserted = [adapters[t.path] for t in bound.targets]  # rule order (init=error inserts in graph order)
     graph.module.recompile()
     notes = list(bound.warnings)
     if rule.get("merge"):

@@ -22,7 +22,7 @@ starts, so it can still learn.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,8 +51,9 @@ _NOISE = 1e-5
 
 @dataclass(frozen=True)
 class ErrorFit:
-    """A and B of one adapter ([r, in] and [out, r], float32), and the output error E‖·x‖² of
-    the encoded weight before and after the adapter (the report prints their ratio)."""
+    """A and B of one adapter ([r, in] and [out, r], in the dtype they are stored in), and the
+    output error E‖·x‖² of the encoded weight before and after the adapter as stored (the report
+    prints their ratio)."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -97,8 +98,9 @@ class InputMoment:
 
 
 def error_adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor | InputMoment, rank: int,
-                  scale: float) -> ErrorFit:
-    """The adapter (A, B) with scale·B·A ≈ w − w_hat in the H-weighted norm. w, w_hat [out, in];
+                  scale: float, dtype: torch.dtype = torch.float32) -> ErrorFit:
+    """The adapter (A, B) with scale·B·A ≈ w − w_hat in the H-weighted norm, fitted in float64 and
+    rounded once to `dtype`; `after` is the error the rounded adapter leaves. w, w_hat [out, in];
     H [in, in] (float64 preferred), or its `InputMoment`."""
     moment = H if isinstance(H, InputMoment) else InputMoment(H)
     H = moment.H
@@ -124,7 +126,9 @@ def error_adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor | InputM
     before = float((d @ H * d).sum())
     # Row-major like every parameter (solve_triangular and the flips give other strides; a saved
     # and reloaded adapter is row-major, and must compute bit for bit as the compiled one).
-    return ErrorFit(A.float().contiguous(), (B / scale).float().contiguous(), before, _left_error(d, B, A, H, before))
+    # Through float32 first, as every adapter is computed before store_as rounds it (storage.py).
+    A, B = store_as({"lora_A": A.float().contiguous(), "lora_B": (B / scale).float().contiguous()}, dtype).values()
+    return ErrorFit(A, B, before, _left_error(d, scale * B.double(), A.double(), H, before))
 
 
 def _top_terms(d: torch.Tensor, moment: InputMoment, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -219,12 +223,9 @@ def error_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, w: torch.
     the error left by the rounded adapter, the one the model computes with."""
     w_hat = base_weight(graph, site)
     with one_thread():
-        fit = error_adapter(w, w_hat, H, adapter.rank, adapter.scale)
-        tensors = store_as({"lora_A": fit.A, "lora_B": fit.B}, dtype)
-        A, B = tensors["lora_A"].float(), tensors["lora_B"].float()
-        if dtype != torch.float32:
-            d = w.double() - w_hat.double()
-            fit = replace(fit, after=_left_error(d, adapter.scale * B.double(), A.double(), H.H, fit.before))
+        fit = error_adapter(w, w_hat, H, adapter.rank, adapter.scale, dtype)
+    tensors = {"lora_A": fit.A, "lora_B": fit.B}
+    A, B = fit.A.float(), fit.B.float()
     if adapter.method == "dora":  # m = ‖ŵ + s·B·A‖ per row: the magnitude of the weight it starts as
         tensors["lora_magnitude"] = torch.linalg.norm(w_hat + adapter.scale * B @ A, dim=1)
     return tensors, ErrorFigures(fit.before, fit.after)

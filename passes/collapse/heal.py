@@ -238,8 +238,7 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
             out_f, in_f = site_dims(site)
             a = torch.empty(r, in_f)
             torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)
-            insert_adapter(graph, graph.targets[path], adapter, {"lora_A": a, "lora_B": torch.zeros(out_f, r)},
-                           recompile=False)
+            insert_adapter(graph, graph.targets[path], adapter, {"lora_A": a, "lora_B": torch.zeros(out_f, r)})
             inserted.append(path)
             step(note=path)
     graph.module.recompile()
