@@ -137,6 +137,8 @@ def _compatible(draw, key: str, values: dict) -> dict:
             del values[draw(st.sampled_from(["init", "merge"]))]  # packed weights take no merge
     if values.get("true_sequential") is True and (values.get("method") != "gptq" or values.get("sequential") is False):
         del values["true_sequential"]  # it refines GPTQ's block-by-block calibration only
+    if values.get("refit") is True and values.get("method") != "gptq":
+        del values["refit"]  # it refits the grid to GPTQ's codes
     if key in ("quantize", "choice") and values.get("zero") == "float":
         values["sym"] = False  # a float zero point is asymmetric
     if key == "heal":  # method is required, and picks which other parameters apply

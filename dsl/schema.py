@@ -88,6 +88,9 @@ _TRUE_SEQUENTIAL = ParamSpec("true_sequential", bool, False, "GPTQ inside each b
 _CLIP = ParamSpec("clip", str, "none", "search each group's range for the least rounding error: plain weight "
                   "MSE (`mse`) or weighted by each input's calibration energy (`output`)",
                   choices=("none", "mse", "output"))
+_REFIT = ParamSpec("refit", bool, False, "GPTQ: once the codes are chosen, solve for each group's scale (and "
+                   "float offset) that fits them best in the calibration-weighted error, alternating with GPTQ on "
+                   "the fitted grid")
 _PROTECT = ParamSpec("protect", str, "none", "tokens never pruned or merged", choices=("cls", "none"))
 _RESTORE = ParamSpec("restore", bool, False, "scatter tokens back so the output keeps its length")
 
@@ -145,9 +148,10 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
                   lambda v: isinstance(v, str) and v.strip() != "", "a directory path in quotes",
                   example='"adapters/my-lora"'),
     ),
-    "quantize": _specs(_GROUP, _SYM, _ZERO, _METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _SEQUENTIAL, _TRUE_SEQUENTIAL),
+    "quantize": _specs(_GROUP, _SYM, _ZERO, _METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _REFIT, _SEQUENTIAL,
+                       _TRUE_SEQUENTIAL),
     "choice": _specs(_GROUP, _SYM, _ZERO),
-    "precision": _specs(_METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _SEQUENTIAL, _TRUE_SEQUENTIAL),
+    "precision": _specs(_METHOD_Q, _DAMP, _ACT_ORDER, _CLIP, _REFIT, _SEQUENTIAL, _TRUE_SEQUENTIAL),
     "tokens.prune": _specs(
         ParamSpec("keep", float, 0.5, "fraction of tokens kept", _fraction_half_open, "a number in (0, 1]"),
         ParamSpec("score", str, "attention", "how tokens are ranked", choices=("attention", "norm")),
@@ -184,7 +188,7 @@ HEAL_METHOD_PARAMS = {"fold": "linear", "steps": "lora", "lr": "lora", "rank": "
                       "merge": "lora"}
 
 # Parameters that only make sense for integer formats.
-INT_ONLY_PARAMS = ("group", "sym", "zero", "method", "damp", "act_order")
+INT_ONLY_PARAMS = ("group", "sym", "zero", "method", "damp", "act_order", "refit")
 
 
 def schema_key(node) -> str:

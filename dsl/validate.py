@@ -56,7 +56,7 @@ def _validate_rule(rule, problems: _Problems):
         changes["choices"] = tuple(_validate_choice(c, problems) for c in rule.choices)
         _check_precision(rule, changes["choices"], problems)
     if isinstance(rule, (A.Quantize, A.Precision)):
-        _check_true_sequential(changes["params"], problems)
+        _check_gptq_only(changes["params"], problems)
     return dataclasses.replace(rule, **changes)
 
 
@@ -156,12 +156,18 @@ def _check_zero(params: tuple[A.Param, ...], problems: _Problems):
                      zero.span, "add `sym=false`" if "sym" not in names else "write `sym=false`, or remove `zero=float`")
 
 
-def _check_true_sequential(params: tuple[A.Param, ...], problems: _Problems):
+def _check_gptq_only(params: tuple[A.Param, ...], problems: _Problems):
+    """`true_sequential` and `refit` refine GPTQ: refused on a rule that does not use it."""
     names = {p.name: p for p in params}
+    gptq = names.get("method") is not None and names["method"].value == "gptq"
+    refit = names.get("refit")
+    if refit is not None and refit.value is True and not gptq:
+        problems.add("invalid-combination", "`refit` fits each group's scale to the codes GPTQ chose, and this "
+                     "rule does not use GPTQ", refit.span, "write `method=gptq`, or remove it")
     ask = names.get("true_sequential")
     if ask is None or ask.value is not True:
         return
-    if names.get("method") is None or names["method"].value != "gptq":
+    if not gptq:
         problems.add("invalid-combination", "`true_sequential` orders GPTQ's calibration inside each block, and "
                      "this rule does not use GPTQ", ask.span, "write `method=gptq`, or remove it")
     elif "sequential" in names and names["sequential"].value is False:

@@ -43,7 +43,7 @@ import torch
 __all__ = [
     "QuantFormat", "QuantizedWeight", "from_rule", "pack", "unpack", "group_params", "quantize_codes",
     "dequantize_codes", "quantize_rtn", "dequantize", "error_bound", "nbytes", "bits_per_weight",
-    "group_size", "n_groups", "ZEROS", "store_zeros", "zero_points",
+    "group_size", "n_groups", "ZEROS", "FLOAT_ZERO_MAX", "store_zeros", "zero_points",
 ]
 
 BITS = (2, 4, 8)
@@ -52,7 +52,7 @@ _DEFAULT_GROUP = {"int8": None, "int4": 64, "int2": 64}
 _FP16_MAX = torch.finfo(torch.float16).max
 ZEROS = ("int", "float")  # whole zero points (packed) or float offsets (fp16)
 # fp16 holds every number up to 2048 within 1/2: the largest float zero point (module docstring).
-_FLOAT_ZERO_MAX = 2048.0
+FLOAT_ZERO_MAX = 2048.0
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def _float_zero_params(w: torch.Tensor, fmt: QuantFormat, shrink: float) -> tupl
     cut = (hi - lo) * (1 - shrink) / 2  # 0 at shrink 1: the range as it is, exactly
     lo, hi = lo + cut, hi - cut
     # Widened where needed so |z| <= 2048, which fp16 holds within 1/2 (module docstring).
-    scale = torch.maximum((hi - lo) / fmt.qmax, lo.abs() / _FLOAT_ZERO_MAX)
+    scale = torch.maximum((hi - lo) / fmt.qmax, lo.abs() / FLOAT_ZERO_MAX)
     scale = _fp16_ceil(torch.where(scale > 0, scale, 1.0))
     # Rounded to fp16 now: the codes are chosen on the grid that will be stored.
     zero = (-lo / scale.double()).to(torch.float16).float()

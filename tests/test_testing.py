@@ -61,7 +61,7 @@ def test_heal_comes_after_a_removal_with_its_own_methods_params():
 
 
 def test_tokens_unpad_is_drawn_once_at_most_and_above_every_tokens_after():
-    seen = {"unpad": 0, "unpad and tokens after": 0}
+    seen = {"unpad": 0}
 
     @settings(max_examples=200, database=None, derandomize=True, deadline=None)
     @given(policy_asts())
@@ -72,10 +72,14 @@ def test_tokens_unpad_is_drawn_once_at_most_and_above_every_tokens_after():
             if A.Unpad in types:
                 seen["unpad"] += 1
                 assert A.Tokens not in types[: types.index(A.Unpad)]
-                seen["unpad and tokens after"] += A.Tokens in types
 
     collect()
-    assert seen["unpad"] >= 10 and seen["unpad and tokens after"] >= 1, seen
+    assert seen["unpad"] >= 10, seen
+    # Both orders are drawn: an unpad with a `tokens after` below it (searched for, not counted in
+    # the 200 above, where it is rare enough that one more schema parameter drew none of it).
+    find(policy_asts(), lambda spec: any(A.Unpad in (types := [type(r) for r in p.rules])
+                                         and A.Tokens in types[types.index(A.Unpad):] for p in spec.policies),
+         settings=settings(max_examples=2000, database=None, derandomize=True, deadline=None))
 
 
 @given(st.data())

@@ -45,7 +45,8 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     method, clip = rule.get("method"), rule.get("clip")
     scorer = _Scorer(rule, [Candidate.of(c) for c in rule.choices],
                      _fisher(graph, items, ctx, bound) if rule.metric == "fisher" else {})
-    details = {"method": method, "scored_with": method if clip == "none" else f"{method} clip={clip}",
+    details = {"method": method, "scored_with": method + (f" clip={clip}" if clip != "none" else "")
+               + (" refit" if rule.get("refit") else ""),
                "metric": rule.metric, "budget": f"{rule.budget.metric}<={rule.budget.limit}{rule.budget.unit or ''}"}
     run_as = _by_blocks if method == "gptq" and rule.get("sequential") else _in_one_run
     chosen, costs, sizes, pick = run_as(graph, bound, ctx, items, scorer, details)
@@ -65,7 +66,8 @@ class _Scorer:
 
     def encode(self, it: Item, cand: Candidate, H: torch.Tensor | None):
         r = self.rule
-        return encode(it.w, cand, r.get("method"), H, r.get("damp"), r.get("act_order"), r.get("clip"))
+        return encode(it.w, cand, r.get("method"), H, r.get("damp"), r.get("act_order"), r.get("clip"),
+                      r.get("refit"))
 
     def __call__(self, it: Item, H: torch.Tensor) -> tuple[list[float], list[int], list]:
         """(cost, bytes, encoding) of every candidate."""

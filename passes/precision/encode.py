@@ -49,15 +49,16 @@ class Candidate:
 
 
 def encode(w: torch.Tensor, cand: Candidate, method: str = "rtn", H: torch.Tensor | None = None,
-           damp: float = 0.01, act_order: bool = False, clip: str = "none") -> Encoded:
-    """w [out, in] in `cand`'s format. GPTQ needs H [in, in]; clip=output H or its diagonal [in]."""
+           damp: float = 0.01, act_order: bool = False, clip: str = "none", refit: bool = False) -> Encoded:
+    """w [out, in] in `cand`'s format. GPTQ needs H [in, in]; clip=output H or its diagonal [in].
+    `refit` (GPTQ only) refits the grid to the codes (passes/precision/refit.py)."""
     if cand.format == "keep":
         return None
     if cand.format in HALF:
         return w.to(HALF[cand.format])
     fmt = from_rule(cand.format, cand.group, cand.sym, cand.zero)
     if method == "gptq":
-        return gptq(w, H, fmt, damp=damp, act_order=act_order, clip=clip)
+        return gptq(w, H, fmt, damp=damp, act_order=act_order, clip=clip, refit=refit)
     if clip != "none":
         cols = w.shape[1]
         return quantize_rtn(w, fmt, rtn_params(fmt, group_size(fmt, cols), column_weights(clip, H), cols))

@@ -14,6 +14,7 @@ from ...runtime.formats import (QuantFormat, QuantizedWeight, dequantize_codes, 
                                pack, quantize_codes, store_zeros)
 from ..calibrate import HessianAccumulator, output_error  # calibration statistics are core: the adapter pass reads them too
 from .clip import column_weights, searched_params
+from .refit import ROUNDS, fitted_params, row_errors, stored_params
 
 __all__ = ["HessianAccumulator", "hessian", "gptq", "output_error"]
 
@@ -66,7 +67,7 @@ def _block_columns(block_size: int, group: int, static: bool) -> int:
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: float = 0.01,
-         block_size: int = 128, act_order: bool = False, clip: str = "none") -> QuantizedWeight:
+         block_size: int = 128, act_order: bool = False, clip: str = "none", refit: bool = False) -> QuantizedWeight:
     """Quantize w [out, in] column by column, folding each column's rounding error into the columns
     not yet quantized (weighted by the inverse Hessian) so the layer output moves least.
 
@@ -75,7 +76,9 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: float = 0.
     last group included). With `act_order` and groups, scales are fixed up front from the
     original weight's contiguous groups ("static groups"), so the packed layout stays the plain
     contiguous one and needs no per-column group index. `clip` searches each group's range as it
-    is set (passes/precision/clip.py).
+    is set (passes/precision/clip.py). `refit` then solves for the scales (and float zero points)
+    that fit the chosen codes best, alternating with GPTQ on the fitted grid
+    (passes/precision/refit.py).
     """
     if not damp >= 0:  # also refuses NaN
         raise ValueError(f"damp={damp} must be non-negative (a fraction of the mean Hessian diagonal)")
@@ -91,14 +94,50 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: float = 0.
         for k in range(n):
             fit(w[:, k * g:(k + 1) * g], k * g, k, scales, zeros)
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
-    if perm is not None:
-        w, H = w[:, perm], H[perm][:, perm]
-    group_of = (perm if perm is not None else torch.arange(cols, device=w.device)) // g
-    codes = _quantize_blocks(w, _inverse_cholesky(H, damp), fmt, group_of, scales, zeros,
-                             _block_columns(block_size, g, static), None if static else g, fit)
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
+    order = _ColumnOrder(perm, H, damp, g)
+    codes = order.codes(w.clone() if refit else w, fmt, scales, zeros, _block_columns(block_size, g, static),
+                        None if static else g, fit)
+    if refit:
+        codes, scales, zeros = _refitted(w, H, codes, scales, zeros, fmt, damp, order, block_size)
     return QuantizedWeight(pack(codes, fmt.bits), scales.half(), store_zeros(zeros, fmt), fmt, (out, cols))
+
+
+class _ColumnOrder:
+    """The order GPTQ takes the columns in (act_order's permutation, or as they are) and the
+    inverse-Hessian factor of that order, kept so a refit can run GPTQ again on another grid."""
+
+    def __init__(self, perm: torch.Tensor | None, H: torch.Tensor, damp: float, g: int):
+        self.perm = perm
+        cols = H.shape[0]
+        self.U = _inverse_cholesky(H if perm is None else H[perm][:, perm], damp)
+        self.group_of = (perm if perm is not None else torch.arange(cols, device=H.device)) // g
+
+    def codes(self, w, fmt, scales, zeros, block, dynamic_group, fit) -> torch.Tensor:
+        """uint8 codes [out, in] of w in the original column order. GPTQ's updates are made in w
+        itself when the order is w's own (a copy of the weight saved where it is not needed)."""
+        w = w if self.perm is None else w[:, self.perm]
+        codes = _quantize_blocks(w, self.U, fmt, self.group_of, scales, zeros, block, dynamic_group, fit)
+        return codes if self.perm is None else codes[:, torch.argsort(self.perm)]
+
+
+def _refitted(w, H, codes, scales, zeros, fmt, damp, order: _ColumnOrder, block_size: int):
+    """(codes, scales, zeros) after `ROUNDS` refits (refit.py): each row keeps whichever tried
+    codes and parameters, rounded as stored, leave it the least error — its first ones when none
+    do better."""
+    best = row_errors(w, codes, scales, zeros, fmt, H)
+    tried = codes
+    for r in range(ROUNDS):
+        if r:  # GPTQ again, on the grid each row holds now
+            tried = order.codes(w.clone(), fmt, scales, zeros, block_size, None, None)
+        s, z = stored_params(*fitted_params(w, tried, scales, zeros, fmt, H, damp), fmt)
+        err = row_errors(w, tried, s, z, fmt, H)
+        better = (err < best) & torch.isfinite(err)
+        best = torch.where(better, err, best)
+        codes = torch.where(better[:, None], tried, codes)
+        scales = torch.where(better[:, None], s, scales)
+        if zeros is not None:
+            zeros = torch.where(better[:, None], z, zeros)
+    return codes, scales, zeros
 
 
 def _group_fitter(fmt: QuantFormat, clip: str, H: torch.Tensor):

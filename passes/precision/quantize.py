@@ -30,11 +30,13 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     method = rule.get("method") if cand.is_packed else "rtn"
     clip = rule.get("clip") if cand.is_packed else "none"
     sequential = method == "gptq" and rule.get("sequential")
+    refit = method == "gptq" and rule.get("refit")
 
     def encode_one(it, H):
-        return encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip)
+        return encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip, refit)
 
-    details = {"format": str(cand), "method": method, **({"clip": clip} if clip != "none" else {})}
+    details = {"format": str(cand), "method": method, **({"clip": clip} if clip != "none" else {}),
+               **({"refit": True} if refit else {})}
     if sequential:
         require_calib(ctx, bound, "GPTQ")
         with one_thread(), ctx.progress.task(f"GPTQ {cand}, block by block (line {bound.line})",
