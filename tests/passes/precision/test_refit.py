@@ -160,3 +160,13 @@ def test_refit_needs_gptq():
     slimfx.parse("policy p {\n    quantize blocks.*.** : Linear int4 group=32 method=gptq refit=true\n}\n")
     slimfx.parse("policy p {\n    precision blocks.*.** : Linear choose {int8, int4} budget avg_bits<=6 "
                  "by output_mse method=gptq refit=true\n}\n")
+
+
+def test_refit_in_a_budget_scores_and_encodes_with_it():
+    lm = tiny("llama")
+    rule = "precision blocks.*.** : Linear choose {int8, int2 group=32} budget avg_bits<=5 by output_mse method=gptq"
+    cms = [slimfx.compile(lm.model, rule + extra, example_inputs=lm.example_inputs, calib=_calib(), backend="eager")
+           for extra in ("", " refit=true")]
+    plain, fitted = (cm.report.rules[0].details for cm in cms)
+    assert plain["scored_with"] == "gptq" and fitted["scored_with"] == "gptq refit"
+    assert fitted["sensitivity"] < plain["sensitivity"]  # the same picks cost less, or cheaper picks were made
