@@ -95,8 +95,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, *, damp: float = 0.
             fit(w[:, k * g:(k + 1) * g], k * g, k, scales, zeros)
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     order = _ColumnOrder(perm, H, damp, g)
-    codes = order.codes(w.clone() if refit else w, fmt, scales, zeros, _block_columns(block_size, g, static),
-                        None if static else g, fit)
+    codes = order.codes(w, fmt, scales, zeros, _block_columns(block_size, g, static), None if static else g, fit,
+                        in_place=not refit)
     if refit:
         codes, scales, zeros = _refitted(w, H, codes, scales, zeros, fmt, damp, order, block_size)
     return QuantizedWeight(pack(codes, fmt.bits), scales.half(), store_zeros(zeros, fmt), fmt, (out, cols))
@@ -112,10 +112,11 @@ class _ColumnOrder:
         self.U = _inverse_cholesky(H if perm is None else H[perm][:, perm], damp)
         self.group_of = (perm if perm is not None else torch.arange(cols, device=H.device)) // g
 
-    def codes(self, w, fmt, scales, zeros, block, dynamic_group, fit) -> torch.Tensor:
-        """uint8 codes [out, in] of w in the original column order. GPTQ's updates are made in w
-        itself when the order is w's own (a copy of the weight saved where it is not needed)."""
-        w = w if self.perm is None else w[:, self.perm]
+    def codes(self, w, fmt, scales, zeros, block, dynamic_group, fit, in_place: bool = False) -> torch.Tensor:
+        """uint8 codes [out, in] of w in the original column order. GPTQ updates the columns as it
+        goes: in a permuted copy, else in w itself with `in_place` (a copy saved where w is not
+        needed again)."""
+        w = w[:, self.perm] if self.perm is not None else w if in_place else w.clone()
         codes = _quantize_blocks(w, self.U, fmt, self.group_of, scales, zeros, block, dynamic_group, fit)
         return codes if self.perm is None else codes[:, torch.argsort(self.perm)]
 
@@ -128,7 +129,7 @@ def _refitted(w, H, codes, scales, zeros, fmt, damp, order: _ColumnOrder, block_
     tried = codes
     for r in range(ROUNDS):
         if r:  # GPTQ again, on the grid each row holds now
-            tried = order.codes(w.clone(), fmt, scales, zeros, block_size, None, None)
+            tried = order.codes(w, fmt, scales, zeros, block_size, None, None)
         s, z = stored_params(*fitted_params(w, tried, scales, zeros, fmt, H, damp), fmt)
         err = row_errors(w, tried, s, z, fmt, H)
         better = (err < best) & torch.isfinite(err)
