@@ -115,7 +115,8 @@ PEER_SCRIPT = Path(__file__).resolve().parent / "peer_gptq.py"
 # steps add. "compile s" is the compile alone; the training seconds are printed below the table.
 TRAIN_LR, TRAIN_BATCH = 2e-4, 4
 TRAINED = {
-    "int2 g64 GPTQ asym zero=float clip=output refit + init=error r32 fp16, 48 distill steps": (
+    # (no comma in a name: --rows splits on commas)
+    "int2 g64 GPTQ asym zero=float clip=output refit + init=error r32 fp16 + 48 distill steps": (
         "int2 g64 GPTQ asym zero=float clip=output refit + init=error r32 fp16", 48),
 }
 

@@ -1,6 +1,6 @@
 """benchmarks/precision.py's peer (llm-compressor) row without llm-compressor: with no peer venv it
 says the row is skipped and how to make the venv, and exits 0; the weights the peer hands back go
-into a copy of the model's linears."""
+into a copy of the model's linears. (And every row name of the script can be asked for.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -37,6 +37,15 @@ def test_every_peer_scheme_names_the_peer_arguments_of_its_rule():
         assert ("sym=false" in rule) == ("--asym" in args)
         if scheme in script.ROWS:
             assert script.ROWS[scheme] == rule
+
+
+def test_every_row_name_can_be_asked_for_with_rows():
+    """`--rows` splits on commas: a name holding one could never be run (a trained row's could not)."""
+    script = _script()
+    for name in [*script.ROWS, *script.TRAINED]:
+        assert "," not in name, name
+    for name, (compiled, steps) in script.TRAINED.items():
+        assert compiled in script.ROWS and steps >= 1
 
 
 class _Block(nn.Module):
