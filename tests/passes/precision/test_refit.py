@@ -16,7 +16,7 @@ from slimfx.passes.precision import gptq as gptq_module
 from slimfx.passes.precision.encode import Candidate, encode
 from slimfx.passes.precision.gptq import gptq, hessian
 from slimfx.passes.precision.refit import fitted_params, row_errors, stored_params
-from slimfx.runtime.formats import QuantFormat, dequantize, unpack, zero_points
+from slimfx.runtime.formats import QuantFormat, unpack, zero_points
 
 KINDS = {"sym": (True, "int"), "int": (False, "int"), "float": (False, "float")}
 
