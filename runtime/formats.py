@@ -42,7 +42,7 @@ import torch
 
 __all__ = [
     "QuantFormat", "QuantizedWeight", "from_rule", "pack", "unpack", "group_params", "quantize_codes",
-    "dequantize_codes", "quantize_rtn", "dequantize", "error_bound", "nbytes", "bits_per_weight",
+    "dequantize_codes", "quantize_rtn", "dequantize", "dequantize_groups", "per_column", "error_bound", "nbytes", "bits_per_weight",
     "group_size", "n_groups", "ZEROS", "FLOAT_ZERO_MAX", "store_zeros", "zero_points",
 ]
 
@@ -263,7 +263,7 @@ def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
     return w.reshape(out, -1, g)
 
 
-def _expand(t: torch.Tensor, g: int, in_features: int) -> torch.Tensor:
+def per_column(t: torch.Tensor, g: int, in_features: int) -> torch.Tensor:
     """Per-group [out, n_groups] -> per-column [out, in]."""
     return t.repeat_interleave(g, dim=1)[:, :in_features]
 
@@ -317,18 +317,26 @@ def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, params=None) -> QuantizedWei
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """float32 [out, in]."""
-    out, cols = qw.shape
-    g = group_size(qw.fmt, cols)
+    cols = qw.in_features
     codes = unpack(qw.qweight, qw.fmt.bits, cols)
-    zero = zero_points(qw.zeros, qw.fmt.bits, n_groups(qw.fmt, cols))
-    zero = None if zero is None else _expand(zero, g, cols)
-    return dequantize_codes(codes, _expand(qw.scales.float(), g, cols), zero, qw.fmt)
+    return dequantize_groups(codes, qw.scales.float(), zero_points(qw.zeros, qw.fmt.bits, n_groups(qw.fmt, cols)),
+                             qw.fmt)
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      fmt: QuantFormat) -> torch.Tensor:
+    """ŵ [out, in] from unpacked codes [out, in] and per-group scales and zero points [out, n_groups]
+    (zero points as numbers, not as stored; None when symmetric)."""
+    cols = codes.shape[1]
+    g = group_size(fmt, cols)
+    zero = None if zeros is None else per_column(zeros, g, cols)
+    return dequantize_codes(codes, per_column(scales, g, cols), zero, fmt)
 
 
 def error_bound(qw: QuantizedWeight) -> torch.Tensor:
     """RTN's per-element bound |w - ŵ| <= scale / 2, as float32 [out, in]. (GPTQ trades this
     bound for a smaller output error, so it may exceed it.)"""
-    return _expand(qw.scales.float(), group_size(qw.fmt, qw.in_features), qw.in_features) / 2
+    return per_column(qw.scales.float(), group_size(qw.fmt, qw.in_features), qw.in_features) / 2
 
 
 def nbytes(qw: QuantizedWeight) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ...runtime.formats import FLOAT_ZERO_MAX, QuantFormat, dequantize_codes, group_size
+from ...runtime.formats import FLOAT_ZERO_MAX, QuantFormat, dequantize_groups, group_size, per_column
 
 __all__ = ["ROUNDS", "fitted_params", "stored_params", "row_errors"]
 
@@ -47,8 +47,7 @@ def fitted_params(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, ze
     Hd = H.double() + damp * H.double().diagonal().mean() * torch.eye(cols, dtype=torch.float64)
     Hd = torch.nn.functional.pad(Hd, (0, pad, 0, pad)).view(n, g, n * g)  # padding weighs nothing
     float_zero = fmt.zero == "float" and zeros is not None
-    fixed = _fixed_zero(zeros, fmt, float_zero)
-    P = torch.nn.functional.pad(codes.double() - _per_column(fixed, g, cols), (0, pad))  # the scale's basis
+    P = torch.nn.functional.pad(codes.double() - _fixed_zero(zeros, fmt, float_zero, g, cols), (0, pad))  # the scale's basis
     W = torch.nn.functional.pad(w.double(), (0, pad))
     theta0 = scales.double() if not float_zero else torch.cat([scales.double(), -(scales * zeros).double()], 1)
     theta = torch.empty_like(theta0)
@@ -92,22 +91,16 @@ def stored_params(scales: torch.Tensor, zeros: torch.Tensor | None, fmt: QuantFo
 def row_errors(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                fmt: QuantFormat, H: torch.Tensor) -> torch.Tensor:
     """(w − ŵ)ᵀ H (w − ŵ) of each row [out] (float64), ŵ dequantized from these parameters."""
-    cols = w.shape[1]
-    g = group_size(fmt, cols)
-    z = None if zeros is None else _per_column(zeros, g, cols)
-    d = w.double() - dequantize_codes(codes, _per_column(scales, g, cols), z, fmt).double()
+    d = w.double() - dequantize_groups(codes, scales, zeros, fmt).double()
     return ((d @ H.double()) * d).sum(1)
 
 
-def _fixed_zero(zeros: torch.Tensor | None, fmt: QuantFormat, float_zero: bool) -> torch.Tensor | float:
-    """What the codes are measured from in the scale's basis: the whole zero point, the middle
-    code when symmetric, 0 with a float offset (which then has a basis of its own)."""
+def _fixed_zero(zeros: torch.Tensor | None, fmt: QuantFormat, float_zero: bool, g: int,
+                cols: int) -> torch.Tensor | float:
+    """What the codes are measured from in the scale's basis: the whole zero point (per column),
+    the middle code when symmetric, 0 with a float offset (which then has a basis of its own)."""
     if float_zero:
         return 0.0
     if zeros is None:
         return float(1 << (fmt.bits - 1))
-    return zeros
-
-
-def _per_column(t: torch.Tensor | float, g: int, cols: int) -> torch.Tensor | float:
-    return t if isinstance(t, float) else t.repeat_interleave(g, dim=1)[:, :cols]
+    return per_column(zeros, g, cols)
