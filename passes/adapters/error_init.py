@@ -225,9 +225,8 @@ def error_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, w: torch.
     with one_thread():
         fit = error_adapter(w, w_hat, H, adapter.rank, adapter.scale, dtype)
     tensors = {"lora_A": fit.A, "lora_B": fit.B}
-    A, B = fit.A.float(), fit.B.float()
     if adapter.method == "dora":  # m = ‖ŵ + s·B·A‖ per row: the magnitude of the weight it starts as
-        tensors["lora_magnitude"] = torch.linalg.norm(w_hat + adapter.scale * B @ A, dim=1)
+        tensors["lora_magnitude"] = torch.linalg.norm(w_hat + adapter.scale * fit.B.float() @ fit.A.float(), dim=1)
     return tensors, ErrorFigures(fit.before, fit.after)
 
 
