@@ -30,3 +30,9 @@ class Context:
     # `originals` (path -> tensor), and the adapt rule takes them out. Nothing is kept otherwise.
     keep_originals: frozenset[str] = frozenset()
     originals: dict[str, Any] = field(default_factory=dict)
+    # When that adapt rule comes right after a precision rule, the pipeline also sets, for its
+    # targets, what it will fit (path -> passes/lowrank.py's ErrorPlan): a precision rule that
+    # sweeps block by block fits those adapters as it goes, so the blocks after are calibrated on
+    # them, and leaves them in `error_fits` (path -> ErrorFit) for the adapt rule to put in.
+    error_plans: dict[str, Any] = field(default_factory=dict)
+    error_fits: dict[str, Any] = field(default_factory=dict)

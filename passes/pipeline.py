@@ -14,6 +14,7 @@ from ..runtime.report import Report, RuleReport
 from .bind import BoundRule, Plan, graph_bytes, graph_params, rebind
 from .context import Context
 from .graph import ModelGraph
+from .lowrank import ErrorPlan
 from .adapters import adapt
 from .collapse import collapse, drop, heal
 from .precision import choose, quantize
@@ -54,6 +55,7 @@ def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
             rules.append(_keep_report(bound))
             continue
         ctx.keep_originals = _error_init_targets(plan.rules[i + 1:])
+        ctx.error_plans = _error_plans(plan.rules[i + 1:])
         report = PASSES[type(bound.rule)](graph, bound, ctx)
         graph.reindex()
         graph.lint()
@@ -71,6 +73,17 @@ def _error_init_targets(later: tuple[BoundRule, ...]) -> frozenset[str]:
     """Paths whose pre-quantization weights a later `adapt … init=error` reads."""
     return frozenset(t.path for b in later if isinstance(b.rule, A.Adapt) and b.rule.get("init") == "error"
                      for t in b.targets)
+
+
+def _error_plans(later: tuple[BoundRule, ...]) -> dict[str, ErrorPlan]:
+    """path -> what the next rule fits, when it is an `adapt … init=error` (keep rules aside): a
+    rule between could change the weights it starts from, so then the adapt rule fits them itself."""
+    nxt = next((b for b in later if not isinstance(b.rule, A.Keep)), None)
+    if nxt is None or not isinstance(nxt.rule, A.Adapt) or nxt.rule.get("init") != "error":
+        return {}
+    r = nxt.rule
+    plan = ErrorPlan(r.get("rank"), r.get("alpha"), r.get("dtype"), nxt.line)
+    return {t.path: plan for t in nxt.targets}
 
 
 def _refuse_unimplemented(plan: Plan, ctx: Context) -> None:

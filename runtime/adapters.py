@@ -22,9 +22,11 @@ import torch
 from torch import fx
 
 __all__ = ["Adapter", "META_KEY", "PARAMS", "tag", "tag_of", "is_adapter_param", "adapters_of",
-           "adapter_nodes", "output_node", "set_dropout", "adapter_param_names"]
+           "adapter_nodes", "output_node", "set_dropout", "adapter_param_names", "STORED_DTYPES"]
 
 META_KEY = "slimfx_adapter"
+# `adapt … dtype=`: what A and B may be stored in (passes/adapters/storage.py rounds them).
+STORED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARAMS = ("lora_A", "lora_B", "lora_magnitude")
 _DROPOUT = torch.ops.aten.dropout.default
 

@@ -1,24 +1,12 @@
 """`adapt <linears> lora rank=R init=error`: adapters that start by undoing the error a `quantize`
-left in each weight (EoRA, Liu et al. 2024; the idea of INT2.1), with no training.
+left in each weight (EoRA, Liu et al. 2024; the idea of INT2.1), with no training. The fit itself
+(the H-weighted best rank-r correction of W − Ŵ) is passes/lowrank.py.
 
-For a target with weight W before the precision rule, its encoded Ŵ, D = W − Ŵ and H = E[x xᵀ] of
-the inputs it sees in the compressed model, the rank-r M minimising the output error
-E‖(D − M) x‖² = ‖(D − M) R‖²_F, for any root R Rᵀ = H, is (Eckart–Young on D R) the projection of
-D onto the top r left singular vectors U_r of D R: M = U_r U_rᵀ D. They are found from the smaller
-of two Gram matrices, never decomposing H itself (an eigendecomposition of the 1536-wide H of
-SmolLM2's down projections peaked at 54–81 MiB, more than the rest of the sweep):
-
-- out ≤ in: U_r are the top eigenvectors of D H Dᵀ [out, out] (no root needed); term i is
-  u_i ⊗ u_iᵀD.
-- out > in: with L the Cholesky factor of H (+ a ridge of 1e-8 of its mean eigenvalue, so
-  directions the calibration never excites stay finite), V_r the top eigenvectors of (DL)ᵀDL
-  [in, in]: term i is DL v_i ⊗ v_iᵀ L⁻¹ (= u_i s_i ⊗ s_i⁻¹ u_iᵀ D).
-
-The adapter adds s·B·A x with s = α/r, so B·A = M / s. Each rank-one term is split so that its
-column of B and its row of A have the same norm (both train at one scale); a term the error does
-not need (a singular value at float32's rounding noise, when the rank exceeds the error's) gets a
-zero column of B and a row of A of the mean norm in a fixed random direction, as a fresh LoRA
-starts, so it can still learn.
+Where the adapt rule directly follows a sequential GPTQ rule encoding its targets, that rule has
+already fitted each adapter during its sweep, on the same inputs its GPTQ saw (`ctx.error_fits`):
+so every later block was calibrated on, and compensates for, the blocks before it as they will
+compute, adapters included (SmolLM2 int2 g64 r32, perplexity 87.5 → 78.2 in a prototype). The
+others are fitted here, along one calibration sweep of the compressed model (`fit_error_adapters`).
 """
 from __future__ import annotations
 
@@ -35,30 +23,12 @@ from ..calibrate import HessianAccumulator
 from ..context import Context
 from ..graph import ModelGraph
 from ..lora import BaseSite, base_sites, base_weight
+from ..lowrank import ErrorFit, InputMoment, error_adapter
 from ..stream import Stream
 from ..threads import one_thread
-from .storage import store_as
 
 __all__ = ["ErrorFit", "ErrorFigures", "InputMoment", "error_adapter", "fit_error_adapters", "error_tensors",
-           "error_details", "error_note"]
-
-# The ridge added to H before its Cholesky factor, as a fraction of H's mean eigenvalue: directions
-# the calibration never excites get a finite L⁻¹ (M is free there; the ridge keeps it small), and
-# the fit elsewhere moves by well under 1e-6 of the error. Raised tenfold while the factor fails.
-_RIDGE = 1e-8
-_NOISE = 1e-5
-
-
-@dataclass(frozen=True)
-class ErrorFit:
-    """A and B of one adapter ([r, in] and [out, r], in the dtype they are stored in), and the
-    output error E‖·x‖² of the encoded weight before and after the adapter as stored (the report
-    prints their ratio)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    before: float
-    after: float
+           "adapter_tensors", "error_details", "error_note"]
 
 
 @dataclass(frozen=True)
@@ -69,91 +39,6 @@ class ErrorFigures:
 
     before: float
     after: float
-
-
-class InputMoment:
-    """H = E[x xᵀ] of one input (float64), shared by every target reading it (q/k/v, gate/up); its
-    Cholesky factor is made at the first target that needs it (one wider in than out) and kept for
-    the others."""
-
-    def __init__(self, H: torch.Tensor):
-        self.H = H.double()
-        self._root: torch.Tensor | None = None
-
-    def root(self) -> torch.Tensor:
-        """L, lower triangular, with L Lᵀ = H + ridge·I (module doc)."""
-        if self._root is None:
-            n = self.H.shape[0]
-            ridge = _RIDGE * max(float(self.H.diagonal().mean()), torch.finfo(torch.float64).tiny)
-            for _ in range(8):
-                L, info = torch.linalg.cholesky_ex(self.H + ridge * torch.eye(n, dtype=torch.float64))
-                if int(info) == 0:
-                    break
-                ridge *= 10
-            else:
-                raise ValueError("the calibration inputs' second moment is not positive semi-definite "
-                                 "(a NaN or inf among the calibration activations?)")
-            self._root = L
-        return self._root
-
-
-def error_adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor | InputMoment, rank: int,
-                  scale: float, dtype: torch.dtype = torch.float32) -> ErrorFit:
-    """The adapter (A, B) with scale·B·A ≈ w − w_hat in the H-weighted norm, fitted in float64 and
-    rounded once to `dtype`; `after` is the error the rounded adapter leaves. w, w_hat [out, in];
-    H [in, in] (float64 preferred), or its `InputMoment`."""
-    moment = H if isinstance(H, InputMoment) else InputMoment(H)
-    H = moment.H
-    if w.shape != w_hat.shape or H.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"shapes do not fit: w {tuple(w.shape)}, ŵ {tuple(w_hat.shape)}, H {tuple(H.shape)}")
-    if not 1 <= rank <= min(w.shape):
-        raise ValueError(f"rank={rank}: a correction of a {tuple(w.shape)} weight has rank 1 to {min(w.shape)}")
-    d = w.double() - w_hat.double()
-    b, S, a = _top_terms(d, moment, rank)  # M = b @ a, term i singular value S[i]
-    a_norm, b_norm = a.norm(dim=1), b.norm(dim=0)
-    # Terms below float32's rounding of the weights (W − Ŵ of float32 tensors has noise of ~1e-7
-    # relative) carry no error worth fitting: they start as a fresh LoRA's instead.
-    live = S > S.max().clamp(min=torch.finfo(torch.float64).tiny) * _NOISE
-    t = torch.where(live, (b_norm / a_norm.clamp(min=torch.finfo(torch.float64).tiny)).sqrt(), torch.zeros_like(S))
-    A, B = a * t[:, None], b / torch.where(live, t, torch.ones_like(t))
-    if not bool(live.all()):  # the error has lower rank than the adapter: fresh-LoRA rows
-        norm = A[live].norm(dim=1).mean() if bool(live.any()) else torch.tensor(w.shape[1] ** -0.5,
-                                                                                 dtype=torch.float64)
-        fresh = torch.randn(int((~live).sum()), w.shape[1], generator=torch.Generator().manual_seed(0),
-                            dtype=torch.float64)
-        A[~live] = fresh / fresh.norm(dim=1, keepdim=True) * norm
-        B[:, ~live] = 0
-    before = float((d @ H * d).sum())
-    # Row-major like every parameter (solve_triangular and the flips give other strides; a saved
-    # and reloaded adapter is row-major, and must compute bit for bit as the compiled one).
-    # Through float32 first, as every adapter is computed before store_as rounds it (storage.py).
-    A, B = store_as({"lora_A": A.float().contiguous(), "lora_B": (B / scale).float().contiguous()}, dtype).values()
-    return ErrorFit(A, B, before, _left_error(d, scale * B.double(), A.double(), H, before))
-
-
-def _top_terms(d: torch.Tensor, moment: InputMoment, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(b [out, r], S [r], a [r, in]): the best rank-r correction of d in H's norm as b @ a, term by
-    term, and the singular values of d·H^½ they hold — from the smaller Gram matrix (module doc)."""
-    out, inp = d.shape
-    if out <= inp:
-        G = d @ moment.H @ d.T
-        lam, U = torch.linalg.eigh((G + G.T) / 2)
-        U, lam = U[:, -rank:].flip(1), lam[-rank:].flip(0)
-        return U, lam.clamp(min=0).sqrt(), U.T @ d
-    L = moment.root()
-    dL = d @ L
-    lam, V = torch.linalg.eigh(dL.T @ dL)
-    V, lam = V[:, -rank:].flip(1), lam[-rank:].flip(0)
-    a = torch.linalg.solve_triangular(L, V.T, upper=False, left=False)  # Vᵀ L⁻¹
-    return dL @ V, lam.clamp(min=0).sqrt(), a
-
-
-def _left_error(d: torch.Tensor, B: torch.Tensor, A: torch.Tensor, H: torch.Tensor, before: float) -> float:
-    """tr((d − BA) H (d − BA)ᵀ) from r-wide products only (no second d-sized matrix):
-    before − 2·tr(B A H dᵀ) + tr(B A H Aᵀ Bᵀ)."""
-    AH = A @ H
-    cross = float(((AH @ d.T) * B.T).sum())
-    return max(before - 2 * cross + float(((AH @ A.T) * (B.T @ B)).sum()), 0.0)
 
 
 # ---- in the adapter pass ---------------------------------------------------------------------
@@ -172,13 +57,16 @@ def fit_error_adapters(graph: ModelGraph, bound: BoundRule, ctx: Context, adapte
     inputs). Takes the targets' weights out of `ctx.originals`; returns each fit's errors."""
     _require(bound, ctx, list(adapters))
     originals = {path: ctx.originals.pop(path) for path in adapters}
+    out = _put_prefitted(graph, ctx, adapters, dtype, put)
     readers: dict[fx.Node, list[str]] = {}  # input -> the targets reading it, in rule order
     for path in adapters:
-        readers.setdefault(base_sites(graph, graph.targets[path])[0].x, []).append(path)
-    out = {}
+        if path not in out:
+            readers.setdefault(base_sites(graph, graph.targets[path])[0].x, []).append(path)
+    if not readers:
+        return out
     stream = Stream(graph, ctx.calib)
     with ctx.progress.task(f"fitting `init=error` adapters input by input (line {bound.line})",
-                           total=len(adapters)) as step:
+                           total=len(adapters) - len(out)) as step:
         for paths in [readers[x] for x in sorted(readers, key=graph.node_order.__getitem__)]:
             # Sites afresh: an adapter put on the linear whose output this input is (a linear
             # feeding a linear) moves the readers onto the adapter's sum.
@@ -195,6 +83,23 @@ def fit_error_adapters(graph: ModelGraph, bound: BoundRule, ctx: Context, adapte
                 step(note=path)
             for path in paths:  # after every reader's fit: each saw the input without the others' adapters
                 put(path, fitted[path])
+    return out
+
+
+def _put_prefitted(graph: ModelGraph, ctx: Context, adapters: dict[str, Adapter], dtype: torch.dtype,
+                   put: Callable[[str, dict[str, torch.Tensor]], None]) -> dict[str, ErrorFigures]:
+    """Puts the adapters the precision rule before fitted during its sweep (`ctx.error_fits`,
+    module doc), taking them out of ctx; path -> their fits' errors."""
+    out = {}
+    for path, adapter in adapters.items():
+        fit = ctx.error_fits.pop(path, None)
+        if fit is None:
+            continue
+        if (fit.A.shape[0], fit.A.dtype) != (adapter.rank, dtype):  # the plan is this rule's: a bug if not
+            raise AssertionError(f"{path}: fitted rank {fit.A.shape[0]} {fit.A.dtype}, the rule asks "
+                                 f"rank {adapter.rank} {dtype}")
+        tensors, out[path] = adapter_tensors(graph, base_sites(graph, graph.targets[path])[0], adapter, fit)
+        put(path, tensors)
     return out
 
 
@@ -221,11 +126,18 @@ def error_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, w: torch.
     """The adapter's tensors from the error of the target's base weight as encoded now, A and B
     stored in `dtype` (the fit in float64, then rounded once), and the fit's errors; `after` is
     the error left by the rounded adapter, the one the model computes with."""
-    w_hat = base_weight(graph, site)
     with one_thread():
-        fit = error_adapter(w, w_hat, H, adapter.rank, adapter.scale, dtype)
+        fit = error_adapter(w, base_weight(graph, site), H, adapter.rank, adapter.scale, dtype)
+    return adapter_tensors(graph, site, adapter, fit)
+
+
+def adapter_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, fit: ErrorFit
+                    ) -> tuple[dict[str, torch.Tensor], ErrorFigures]:
+    """The adapter's stored tensors from a fit of the error of the target's base weight as it is
+    now, and the fit's errors."""
     tensors = {"lora_A": fit.A, "lora_B": fit.B}
     if adapter.method == "dora":  # m = ‖ŵ + s·B·A‖ per row: the magnitude of the weight it starts as
+        w_hat = base_weight(graph, site)
         tensors["lora_magnitude"] = torch.linalg.norm(w_hat + adapter.scale * fit.B.float() @ fit.A.float(), dim=1)
     return tensors, ErrorFigures(fit.before, fit.after)
 

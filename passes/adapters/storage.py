@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import torch
 
+from ...runtime.adapters import STORED_DTYPES
+
 __all__ = ["STORED_DTYPES", "ROUNDED", "store_as"]
 
-STORED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ROUNDED = ("lora_A", "lora_B")  # the tensors `dtype=` applies to
 
 

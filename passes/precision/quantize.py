@@ -5,7 +5,8 @@
 RTN needs nothing but the weight; GPTQ needs H = E[x xᵀ] of each target's input, from calibration,
 and so does `clip=output` (each group's range searched with inputs weighted by E[x_j²]). GPTQ runs
 block by block on the outputs of the blocks before it as compressed (passes/precision/
-sequential.py) unless `sequential=false` (every Hessian from one run of the uncompressed graph).
+sequential.py) unless `sequential=false` (every Hessian from one run of the uncompressed graph);
+followed by `adapt … init=error`, that sweep fits the adapters too (compensate.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
 from ..threads import one_thread
+from .compensate import error_corrections, sweep_details
 from .encode import Candidate, encode
 from .sequential import sequential_encode
 from .targets import apply, hessians_of, items_of, require_calib
@@ -39,11 +41,12 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                **({"refit": True} if refit else {})}
     if sequential:
         require_calib(ctx, bound, "GPTQ")
+        correct, adapt_line = error_corrections(ctx, items)
         with one_thread(), ctx.progress.task(f"GPTQ {cand}, block by block (line {bound.line})",
                                              total=len(items)) as step:
             encoded, rows, peak = sequential_encode(graph, items, ctx.calib, encode_one, step,
-                                                    by_layer=rule.get("true_sequential"))
-        details.update(sequential="by layer" if rule.get("true_sequential") else True, calib_rows=rows,
+                                                    by_layer=rule.get("true_sequential"), correct=correct)
+        details.update(sweep_details(rule.get("true_sequential"), adapt_line), calib_rows=rows,
                        peak_calib_bytes=peak)
         return apply(graph, bound, items, {p: (cand, e) for p, e in encoded.items()}, details, ctx)
     needs_h = method == "gptq" or clip == "output"

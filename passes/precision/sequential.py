@@ -35,18 +35,25 @@ from .encode import Encoded, decode
 from .gptq import HessianAccumulator
 from .targets import Item
 
-__all__ = ["sequential_encode", "sequential_scores"]
+__all__ = ["sequential_encode", "sequential_scores", "Correct"]
+
+Correct = Callable[[Item, Encoded, torch.Tensor], "torch.Tensor | None"]
 
 
 def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]],
                       encode_one: Callable[[Item, torch.Tensor], Encoded], progress_step,
-                      by_layer: bool = False) -> tuple[dict[str, Encoded], int, int]:
+                      by_layer: bool = False, correct: Correct | None = None
+                      ) -> tuple[dict[str, Encoded], int, int]:
     """(path -> encoding, calibration rows per target, peak bytes held), block by block (module
     doc); `encode_one(item, H)` encodes one target. `by_layer` (true-sequential): inside a block
     too, each group of targets reading one input is calibrated on the block's sublayers before it
-    as already compressed (q/k/v, then o, then gate/up, then down)."""
-    if by_layer:
-        return _sweep_by_layer(graph, items, batches, encode_one, progress_step)
+    as already compressed (q/k/v, then o, then gate/up, then down). `correct(item, encoding, H)`,
+    called after each encoding with the same H, returns a float32 [out, in] term the rest of the
+    sweep adds to the decoded weight (a low-rank error correction, passes/precision/
+    compensate.py), or None; it makes the sweep go by layer, so that H is the input the
+    corrected sublayers before it compute."""
+    if by_layer or correct is not None:
+        return _sweep_by_layer(graph, items, batches, encode_one, progress_step, correct)
     return _sweep(graph, items, batches, encode_one, progress_step, compressed=True)
 
 
@@ -99,7 +106,7 @@ def _blocks_in_order(graph: ModelGraph, items: list[Item]):
 
 
 def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]], per_item: Callable,
-                    progress_step) -> tuple[dict[str, Any], int, int]:
+                    progress_step, correct: Correct | None = None) -> tuple[dict[str, Any], int, int]:
     """True-sequential: the stream stops at each input a group of targets reads, the group is
     encoded on it and its dequantized weights go in before the stream runs on, so every later
     input of the block is computed by the compressed sublayers before it; the block is never
@@ -118,11 +125,14 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
                 stream.run_through(x, {x: [acc.add]})
                 rows = max(rows, acc.count)
                 peak = max(peak, stream.nbytes() + acc.H.nbytes)
+                corrections = {}
                 for it in groups[x]:
                     progress_step(0, note=it.path)
                     out[it.path] = per_item(it, acc.H)
+                    if correct is not None:
+                        corrections[it.path] = correct(it, out[it.path], acc.H)
                     progress_step()
-                swaps.enter_context(_swapped(graph, groups[x], out))
+                swaps.enter_context(_swapped(graph, groups[x], out, corrections))
             stream.run_through(last, {})  # the rest of the block, on the compressed sublayers
     return out, rows, peak
 
@@ -134,10 +144,11 @@ def _block_span(order: dict, block, last: fx.Node) -> set[fx.Node]:
 
 
 @contextmanager
-def _swapped(graph: ModelGraph, items: list[Item], encodings: dict[str, Encoded]):
-    """Within the block, each item's weight is its decoded (dequantized) weight: a new tensor in
-    the weight's place, so the original (perhaps the user's own storage, passes/lent.py) is
-    never written."""
+def _swapped(graph: ModelGraph, items: list[Item], encodings: dict[str, Encoded],
+             corrections: dict[str, torch.Tensor | None] | None = None):
+    """Within the block, each item's weight is its decoded (dequantized) weight, plus its
+    correction if it has one: a new tensor in the weight's place, so the original (perhaps the
+    user's own storage, passes/lent.py) is never written."""
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         for it in items:
@@ -146,6 +157,8 @@ def _swapped(graph: ModelGraph, items: list[Item], encodings: dict[str, Encoded]
                 continue
             param = graph.param(weight_name(it.target))
             w_hat = decode(enc, it.w)
+            fix = (corrections or {}).get(it.path)
+            w_hat = w_hat if fix is None else w_hat + fix
             saved.append((param, replace_tensor(graph.module, param, w_hat.T if it.target.transposed else w_hat)))
         yield
     finally:

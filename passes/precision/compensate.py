@@ -1,0 +1,50 @@
+"""Low-rank error corrections fitted during the sequential sweep, for an `adapt … init=error` that
+comes right after this precision rule (the pipeline hands its plan over as `ctx.error_plans`).
+
+    quantize blocks.*.** : Linear int2 group=64 sym=false zero=float method=gptq clip=output
+    adapt    blocks.*.** : Linear lora rank=32 init=error dtype=fp16
+
+Fitted after the rule, the adapters correct errors that every later block's GPTQ had already
+compensated for on inputs without them. Fitted here instead, each as soon as its target is
+encoded and on the same H its GPTQ used, the rest of the sweep computes with Ŵ + s·B·A, so each
+later sublayer is calibrated on the model as it will compute. SmolLM2-135M int2 g64 zero=float
+clip=output + r32 fp16 adapters: perplexity 87.5 fitted after, 78.2 fitted along (a prototype with
+one rule pair per block, 2026-12-02). The fits wait in `ctx.error_fits` for the adapt rule.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..context import Context
+from ..lowrank import error_adapter
+from .encode import Encoded, decode
+from .sequential import Correct
+from .targets import Item
+
+__all__ = ["error_corrections", "sweep_details"]
+
+
+def error_corrections(ctx: Context, items: list[Item]) -> tuple[Correct | None, int | None]:
+    """(the sweep's `correct` callback, the adapt rule's line), or (None, None) when no target has a
+    plan. A target the plan cannot fit (a kept weight, a rank above its smaller dimension: the adapt
+    rule reports that) gets no correction here and is fitted, or refused, by the adapt rule."""
+    plans = {it.path: ctx.error_plans[it.path] for it in items if it.path in ctx.error_plans}
+    if not plans:
+        return None, None
+
+    def correct(it: Item, enc: Encoded, H: torch.Tensor) -> torch.Tensor | None:
+        plan = plans.get(it.path)
+        if plan is None or enc is None or plan.rank > min(it.w.shape):
+            return None
+        fit = error_adapter(it.w, decode(enc, it.w), H, plan.rank, plan.scale, plan.torch_dtype)
+        ctx.error_fits[it.path] = fit
+        return plan.scale * (fit.B.float() @ fit.A.float())
+
+    return correct, next(iter(plans.values())).line
+
+
+def sweep_details(true_sequential: bool, adapt_line: int | None) -> dict:
+    """The report's account of the sweep: by layer when asked or when it fitted adapters."""
+    if adapt_line is None:
+        return {"sequential": "by layer" if true_sequential else True}
+    return {"sequential": "by layer", "error_adapters_fitted_for_line": adapt_line}

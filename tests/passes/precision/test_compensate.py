@@ -1,0 +1,116 @@
+"""Error adapters fitted during the sequential GPTQ sweep (passes/precision/compensate.py), when
+`adapt … init=error` comes right after the quantize rule: against a direct layer-by-layer loop
+written here on the Hugging Face model (GPTQ a group of linears on the inputs the model computes
+now, fit each one's adapter on the same H, put Ŵ + s·B·A in, go on)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import slimfx
+from slimfx.models import tiny
+from slimfx.passes.lowrank import error_adapter
+from slimfx.passes.precision.gptq import HessianAccumulator, gptq
+from slimfx.runtime.formats import QuantFormat, dequantize, unpack
+
+FMT = QuantFormat(2, 16, True)
+QUANT = "quantize blocks.*.** : Linear int2 group=16 method=gptq"
+ADAPT = "adapt blocks.*.** : Linear lora rank=4 alpha=8 init=error"
+LAYERS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+          ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def _calib(n=3, rows=2, length=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 100, (rows, length), generator=gen),
+             "attention_mask": torch.ones(rows, length, dtype=torch.long)} for _ in range(n)]
+
+
+def _policy(*rules: str) -> str:
+    return "policy p {\n" + "\n".join(rules) + "\n}"
+
+
+def _direct(model, calib, rank: int, scale: float, dtype: torch.dtype):
+    """(model, codes, s·B·A per linear): group by group of each block, hooks gather the inputs on
+    the model as it is now, GPTQ and the error adapter on that H, then Ŵ + s·B·A in its place."""
+    model = copy.deepcopy(model).eval()
+    codes, corrections = {}, {}
+    for i, layer in enumerate(model.model.layers):
+        for group in LAYERS:
+            linears = {n: layer.get_submodule(n) for n in group}
+            acc = HessianAccumulator()
+            hook = linears[group[0]].register_forward_hook(lambda mod, args, out: acc.add(args[0]))
+            with torch.no_grad():
+                for batch in calib:
+                    model(**batch)
+            hook.remove()
+            for n, m in linears.items():
+                w = m.weight.detach().clone()
+                qw = gptq(w, acc.H, FMT)
+                w_hat = dequantize(qw)
+                fit = error_adapter(w, w_hat, acc.H, rank, scale, dtype)
+                path = f"model.layers.{i}.{n}"
+                codes[path] = unpack(qw.qweight, 2, m.in_features)
+                corrections[path] = scale * fit.B.float() @ fit.A.float()
+                m.weight.data.copy_(w_hat + corrections[path])
+    return model, codes, corrections
+
+
+@pytest.mark.parametrize("dtype_name,dtype", [("fp32", torch.float32), ("fp16", torch.float16)])
+def test_adapters_fitted_in_the_sweep_equal_a_direct_layer_by_layer_loop(dtype_name, dtype):
+    lm = tiny("llama", layers=2)
+    calib = _calib()
+    cm = slimfx.compile(lm.model, _policy(QUANT, ADAPT + f" dtype={dtype_name}"), example_inputs=lm.example_inputs,
+                        calib=calib, backend="eager")
+    scale = 8 / 4
+    direct, codes, corrections = _direct(lm.model, calib, 4, scale, dtype)
+    state = cm.state_dict()
+    same = total = 0
+    for path, want in codes.items():
+        got = unpack(state[f"program.{path}.qweight"], 2, want.shape[1])
+        same += int((got == want).sum())
+        total += want.numel()
+        mod = cm.program.get_submodule(path)
+        assert mod.lora_A.dtype == dtype
+        ba = scale * mod.lora_B.float() @ mod.lora_A.float()
+        torch.testing.assert_close(ba, corrections[path], atol=1e-4 * float(corrections[path].abs().max()), rtol=0)
+    assert same / total >= 0.999, f"{total - same} of {total} codes differ from the direct loop"
+    with torch.no_grad():
+        torch.testing.assert_close(cm(**lm.example_inputs).logits, direct(**lm.example_inputs).logits,
+                                   atol=1e-3, rtol=1e-3)
+    quant, adapt = cm.report.rules
+    assert quant.details["sequential"] == "by layer" and quant.details["error_adapters_fitted_for_line"] == 3
+    assert adapt.details["init"] == "error" and 0 < adapt.details["output_error_left"] < 1
+
+
+def test_later_blocks_are_calibrated_on_the_adapters_before_them():
+    """The second block's codes differ from GPTQ's without the adapters (true-sequential, the same
+    sweep otherwise), and the first block's q/k/v, which see no adapter, do not."""
+    lm = tiny("llama", layers=2)
+    calib = _calib()
+    with_fits = slimfx.compile(lm.model, _policy(QUANT, ADAPT), example_inputs=lm.example_inputs, calib=calib,
+                               backend="eager").state_dict()
+    alone = slimfx.compile(lm.model, _policy(QUANT + " true_sequential=true"), example_inputs=lm.example_inputs,
+                           calib=calib, backend="eager").state_dict()
+    first = "program.model.layers.0.self_attn.q_proj.qweight"
+    assert torch.equal(with_fits[first], alone[first])
+    later = [k for k in alone if k.startswith("program.model.layers.1.") and k.endswith("qweight")]
+    assert len(later) == 7 and all(not torch.equal(with_fits[k], alone[k]) for k in later)
+
+
+def test_only_a_directly_following_adapt_rule_is_fitted_in_the_sweep():
+    """A rule between the two (here another quantize) may change the weights: the first rule's
+    targets are then fitted by the adapt rule itself, the second's in its sweep, and both are the
+    best rank-r corrections of what they end up correcting."""
+    lm = tiny("llama", layers=2)
+    calib = _calib()
+    attn = "quantize blocks.*.attn.** : Linear int2 group=16 method=gptq"
+    mlp = "quantize blocks.*.mlp.** : Linear int2 group=16 method=gptq"
+    cm = slimfx.compile(lm.model, _policy(attn, mlp, ADAPT), example_inputs=lm.example_inputs, calib=calib,
+                        backend="eager")
+    first, second, adapt = cm.report.rules
+    assert "error_adapters_fitted_for_line" not in first.details and first.details["sequential"] is True
+    assert second.details["error_adapters_fitted_for_line"] == 4
+    assert len(cm.adapters) == 14 and adapt.details["output_error_left"] < 1
