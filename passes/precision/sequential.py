@@ -21,7 +21,7 @@ on the outputs of every compressed block.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -32,28 +32,33 @@ from ..lent import put_tensor, replace_tensor
 from ..rewrite import weight_name
 from ..stream import Stream
 from .encode import Encoded, decode
+from ..calibrate import CrossAccumulator
 from .gptq import HessianAccumulator
 from .targets import Item
 
-__all__ = ["sequential_encode", "sequential_scores", "Correct"]
+__all__ = ["sequential_encode", "sequential_scores", "Compensate"]
 
-Correct = Callable[[Item, Encoded, torch.Tensor], "torch.Tensor | None"]
+# (item, H = E[x xᵀ] of its input in the compressed model, C = E[x_ref xᵀ] with the original
+# model's input at the same rows, encode_one) -> (its encoding, a float32 [out, in] term added to
+# the decoded weight, or None)
+Compensate = Callable[[Item, torch.Tensor, torch.Tensor, Callable[[Item, torch.Tensor], Encoded]],
+                      "tuple[Encoded, torch.Tensor | None]"]
 
 
 def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]],
                       encode_one: Callable[[Item, torch.Tensor], Encoded], progress_step,
-                      by_layer: bool = False, correct: Correct | None = None
+                      by_layer: bool = False, compensate: Compensate | None = None
                       ) -> tuple[dict[str, Encoded], int, int]:
     """(path -> encoding, calibration rows per target, peak bytes held), block by block (module
     doc); `encode_one(item, H)` encodes one target. `by_layer` (true-sequential): inside a block
     too, each group of targets reading one input is calibrated on the block's sublayers before it
-    as already compressed (q/k/v, then o, then gate/up, then down). `correct(item, encoding, H)`,
-    called after each encoding with the same H, returns a float32 [out, in] term the rest of the
-    sweep adds to the decoded weight (a low-rank error correction, passes/precision/
-    compensate.py), or None; it makes the sweep go by layer, so that H is the input the
-    corrected sublayers before it compute."""
-    if by_layer or correct is not None:
-        return _sweep_by_layer(graph, items, batches, encode_one, progress_step, correct)
+    as already compressed (q/k/v, then o, then gate/up, then down). `compensate(item, H, C,
+    encode_one)` (`Compensate`) encodes each target in encode_one's place and returns a float32
+    [out, in] term the rest of the sweep adds to the decoded weight (a low-rank error correction,
+    passes/precision/compensate.py), or None; it makes the sweep go by layer, so that H is the
+    input the corrected sublayers before it compute."""
+    if by_layer or compensate is not None:
+        return _sweep_by_layer(graph, items, batches, encode_one, progress_step, compensate)
     return _sweep(graph, items, batches, encode_one, progress_step, compressed=True)
 
 
@@ -88,7 +93,8 @@ def _sweep(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]], 
             progress_step()
         del accs
         if key is not None and compressed:  # the next block reads this block's compressed outputs
-            with _swapped(graph, block_items, out):
+            with _swapped(graph, block_items, {it.path: decode(out[it.path], it.w) for it in block_items
+                                               if out[it.path] is not None}):
                 stream.forget(span)
                 stream.run_through(last, {})
     return out, rows, peak
@@ -106,34 +112,48 @@ def _blocks_in_order(graph: ModelGraph, items: list[Item]):
 
 
 def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]], per_item: Callable,
-                    progress_step, correct: Correct | None = None) -> tuple[dict[str, Any], int, int]:
+                    progress_step, compensate: Compensate | None = None) -> tuple[dict[str, Any], int, int]:
     """True-sequential: the stream stops at each input a group of targets reads, the group is
     encoded on it and its dequantized weights go in before the stream runs on, so every later
     input of the block is computed by the compressed sublayers before it; the block is never
-    run twice."""
+    run twice. With `compensate`, a second stream runs the same batches through the graph with its
+    float weights (the original model: every block before is back to float) just ahead of the
+    first, so that each input's C = E[x_ref xᵀ] pairs the original model's rows with the
+    compressed model's; `compensate` gets it beside H."""
     order, _, plan = _blocks_in_order(graph, items)
     stream = Stream(graph, batches)
+    reference = None if compensate is None else Stream(graph, batches)
     out: dict[str, Any] = {}
     rows, peak = 0, 0
     for last, _, block_items in plan:
         groups: dict[fx.Node, list[Item]] = {}
         for it in block_items:  # a target read at several sites (a tied weight) takes the first
             groups.setdefault(it.sites[0].x, []).append(it)
-        with ExitStack() as swaps:
-            for x in sorted(groups, key=order.__getitem__):
-                acc = HessianAccumulator()
-                stream.run_through(x, {x: [acc.add]})
-                rows = max(rows, acc.count)
-                peak = max(peak, stream.nbytes() + acc.H.nbytes)
-                corrections = {}
-                for it in groups[x]:
-                    progress_step(0, note=it.path)
-                    out[it.path] = per_item(it, acc.H)
-                    if correct is not None:
-                        corrections[it.path] = correct(it, out[it.path], acc.H)
-                    progress_step()
-                swaps.enter_context(_swapped(graph, groups[x], out, corrections))
+        in_use: dict[str, torch.Tensor] = {}  # path -> the weight the compressed block computes with
+        for x in sorted(groups, key=order.__getitem__):
+            acc = HessianAccumulator()
+            cross = None if reference is None else CrossAccumulator()
+            if cross is not None:
+                reference.run_through(x, {x: [cross.keep]})  # before the swaps: float weights
+            with _swapped(graph, block_items, in_use):  # the groups before x, encoded
+                stream.run_through(x, {x: [acc.add] + ([] if cross is None else [cross.add])})
+            rows = max(rows, acc.count)
+            peak = max(peak, stream.nbytes() + acc.H.nbytes + (0 if reference is None else
+                                                                reference.nbytes() + cross.nbytes()))
+            for it in groups[x]:
+                progress_step(0, note=it.path)
+                enc, fix = (per_item(it, acc.H), None) if compensate is None else \
+                    compensate(it, acc.H, cross.H, per_item)
+                out[it.path] = enc
+                if enc is not None:
+                    w_hat = decode(enc, it.w)
+                    in_use[it.path] = w_hat if fix is None else w_hat + fix
+                progress_step()
+            del acc, cross
+        with _swapped(graph, block_items, in_use):
             stream.run_through(last, {})  # the rest of the block, on the compressed sublayers
+        if reference is not None:
+            reference.run_through(last, {})
     return out, rows, peak
 
 
@@ -144,21 +164,17 @@ def _block_span(order: dict, block, last: fx.Node) -> set[fx.Node]:
 
 
 @contextmanager
-def _swapped(graph: ModelGraph, items: list[Item], encodings: dict[str, Encoded],
-             corrections: dict[str, torch.Tensor | None] | None = None):
-    """Within the block, each item's weight is its decoded (dequantized) weight, plus its
-    correction if it has one: a new tensor in the weight's place, so the original (perhaps the
-    user's own storage, passes/lent.py) is never written."""
+def _swapped(graph: ModelGraph, items: list[Item], weights: dict[str, torch.Tensor]):
+    """Within the block, each item's weight is `weights[path]` (its decoded weight, perhaps
+    corrected; an item not there is kept as it is): a new tensor in the weight's place, so the
+    original (perhaps the user's own storage, passes/lent.py) is never written."""
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         for it in items:
-            enc = encodings[it.path]
-            if enc is None:  # kept as it is
+            w_hat = weights.get(it.path)
+            if w_hat is None:
                 continue
             param = graph.param(weight_name(it.target))
-            w_hat = decode(enc, it.w)
-            fix = (corrections or {}).get(it.path)
-            w_hat = w_hat if fix is None else w_hat + fix
             saved.append((param, replace_tensor(graph.module, param, w_hat.T if it.target.transposed else w_hat)))
         yield
     finally:

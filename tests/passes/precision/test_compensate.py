@@ -1,7 +1,8 @@
 """Error adapters fitted during the sequential GPTQ sweep (passes/precision/compensate.py), when
 `adapt … init=error` comes right after the quantize rule: against a direct layer-by-layer loop
 written here on the Hugging Face model (GPTQ a group of linears on the inputs the model computes
-now, fit each one's adapter on the same H, put Ŵ + s·B·A in, go on)."""
+now, both aimed at what the original layer computed on the original model's inputs, fit each
+one's adapter on the same H, put Ŵ + s·B·A in, go on)."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,9 @@ import torch
 
 import slimfx
 from slimfx.models import tiny
-from slimfx.passes.lowrank import error_adapter
-from slimfx.passes.precision.gptq import HessianAccumulator, gptq
+from slimfx.passes.lowrank import drift_target, error_adapter
+from slimfx.passes.precision.compensate import ADAPTER_RIDGE, ENCODE_RIDGE
+from slimfx.passes.precision.gptq import gptq
 from slimfx.runtime.formats import QuantFormat, dequantize, unpack
 
 FMT = QuantFormat(2, 16, True)
@@ -34,23 +36,33 @@ def _policy(*rules: str) -> str:
 
 def _direct(model, calib, rank: int, scale: float, dtype: torch.dtype):
     """(model, codes, s·B·A per linear): group by group of each block, hooks gather the inputs on
-    the model as it is now, GPTQ and the error adapter on that H, then Ŵ + s·B·A in its place."""
+    the model as it is now (H) and on the original model at the same rows (C = E[x_ref xᵀ]), GPTQ
+    of drift_target(W, H, C) on H, the error adapter aimed at drift_target(W, H, C) (its own
+    ridge) on the same H, then Ŵ + s·B·A in its place."""
+    original = copy.deepcopy(model).eval()
     model = copy.deepcopy(model).eval()
     codes, corrections = {}, {}
     for i, layer in enumerate(model.model.layers):
         for group in LAYERS:
             linears = {n: layer.get_submodule(n) for n in group}
-            acc = HessianAccumulator()
-            hook = linears[group[0]].register_forward_hook(lambda mod, args, out: acc.add(args[0]))
+            seen, seen_ref = [], []
+            hooks = [linears[group[0]].register_forward_hook(lambda mod, args, out: seen.append(args[0])),
+                     original.model.layers[i].get_submodule(group[0]).register_forward_hook(
+                         lambda mod, args, out: seen_ref.append(args[0]))]
             with torch.no_grad():
                 for batch in calib:
                     model(**batch)
-            hook.remove()
+                    original(**batch)
+            for h in hooks:
+                h.remove()
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen]).double()
+            x_ref = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen_ref]).double()
+            H, C = x.T @ x / x.shape[0], x_ref.T @ x / x.shape[0]
             for n, m in linears.items():
                 w = m.weight.detach().clone()
-                qw = gptq(w, acc.H, FMT)
+                qw = gptq(drift_target(w, H, C, ENCODE_RIDGE).float(), H, FMT)
                 w_hat = dequantize(qw)
-                fit = error_adapter(w, w_hat, acc.H, rank, scale, dtype)
+                fit = error_adapter(drift_target(w, H, C, ADAPTER_RIDGE), w_hat, H, rank, scale, dtype)
                 path = f"model.layers.{i}.{n}"
                 codes[path] = unpack(qw.qweight, 2, m.in_features)
                 corrections[path] = scale * fit.B.float() @ fit.A.float()

@@ -1,0 +1,58 @@
+"""passes/lowrank.py's drift target and passes/calibrate.py's CrossAccumulator, against a least
+squares solved directly on the rows (torch.linalg.lstsq)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from slimfx.passes.calibrate import CrossAccumulator, HessianAccumulator
+from slimfx.passes.lowrank import drift_target
+
+
+def _rows(n, inp, gen):
+    return torch.randn(n, inp, generator=gen, dtype=torch.float64) @ torch.randn(inp, inp, generator=gen,
+                                                                                 dtype=torch.float64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(1, 12), inp=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_without_ridge_the_target_is_the_least_squares_map_from_the_compressed_inputs(out, inp, seed):
+    """W_t x ≈ W x_ref over the rows: with ridge 0, W_t = argmin ‖X W_tᵀ − X_ref Wᵀ‖ exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 4 * inp + 3
+    x = _rows(n, inp, gen)
+    x_ref = x + 0.3 * _rows(n, inp, gen)  # the original model's inputs at the same rows
+    w = torch.randn(out, inp, generator=gen, dtype=torch.float64)
+    H, C = x.T @ x / n, x_ref.T @ x / n
+    want = torch.linalg.lstsq(x, x_ref @ w.T).solution.T
+    torch.testing.assert_close(drift_target(w, H, C, ridge=0.0), want, atol=1e-8 * float(want.abs().max()) + 1e-10,
+                               rtol=1e-6)
+
+
+def test_the_ridge_shrinks_towards_the_weight_itself_and_no_drift_leaves_it():
+    gen = torch.Generator().manual_seed(0)
+    x = _rows(40, 6, gen)
+    x_ref = x + 0.5 * _rows(40, 6, gen)
+    w = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    H, C = x.T @ x / 40, x_ref.T @ x / 40
+    torch.testing.assert_close(drift_target(w, H, H), w)  # x_ref = x: nothing to undo
+    far = [float((drift_target(w, H, C, ridge=r) - w).norm()) for r in (0.0, 1.0, 10.0, 1e6)]
+    assert far == sorted(far, reverse=True) and far[-1] < 1e-4 * far[0]
+
+
+def test_cross_accumulator_pairs_the_reference_rows_with_the_counted_ones():
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 5, 4, generator=gen), torch.randn(2, 5, 4, generator=gen)) for _ in range(3)]
+    acc, h = CrossAccumulator(), HessianAccumulator()
+    for ref, _ in batches:
+        acc.keep(ref)
+    for _, x in batches:
+        acc.add(x)
+        h.add(x)
+    R = torch.cat([r.reshape(-1, 4) for r, _ in batches]).double()
+    X = torch.cat([x.reshape(-1, 4) for _, x in batches]).double()
+    torch.testing.assert_close(acc.H, R.T @ X / 30)
+    assert acc.count == h.count == 30 and acc.nbytes() == acc.H.nbytes  # every reference row consumed
+    with pytest.raises(ValueError, match="same batches"):
+        acc.add(torch.randn(2, 5, 4))
