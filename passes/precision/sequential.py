@@ -27,12 +27,12 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
+from ..calibrate import CrossAccumulator
 from ..graph import ModelGraph
 from ..lent import put_tensor, replace_tensor
 from ..rewrite import weight_name
 from ..stream import Stream
 from .encode import Encoded, decode
-from ..calibrate import CrossAccumulator
 from .gptq import HessianAccumulator
 from .targets import Item
 
@@ -133,13 +133,15 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
         for x in sorted(groups, key=order.__getitem__):
             acc = HessianAccumulator()
             cross = None if reference is None else CrossAccumulator()
+            ref_rows = 0
             if cross is not None:
                 reference.run_through(x, {x: [cross.keep]})  # before the swaps: float weights
+                ref_rows = cross.nbytes() + reference.nbytes()
             with _swapped(graph, block_items, in_use):  # the groups before x, encoded
                 stream.run_through(x, {x: [acc.add] + ([] if cross is None else [cross.add])})
             rows = max(rows, acc.count)
-            peak = max(peak, stream.nbytes() + acc.H.nbytes + (0 if reference is None else
-                                                                reference.nbytes() + cross.nbytes()))
+            # An upper bound with the reference: its rows are let go as C grows.
+            peak = max(peak, stream.nbytes() + acc.H.nbytes + (0 if cross is None else ref_rows + cross.H.nbytes))
             for it in groups[x]:
                 progress_step(0, note=it.path)
                 enc, fix = (per_item(it, acc.H), None) if compensate is None else \
