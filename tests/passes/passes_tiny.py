@@ -104,6 +104,27 @@ def captured(arch: str) -> Captured:
     return _SESSION[arch]
 
 
+def token_batches(n: int = 3, rows: int = 2, length: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """n calibration batches of random token ids below 100 (every tiny model's vocabulary), no padding."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 100, (rows, length), generator=gen),
+             "attention_mask": torch.ones(rows, length, dtype=torch.long)} for _ in range(n)]
+
+
+def assert_same_codes(cm, codes: dict[str, torch.Tensor], bits: int) -> None:
+    """At least 99.9% of the compiled model's codes equal a direct loop's (path -> unpacked codes;
+    a code may round the other way where the two sum Hessians in another order)."""
+    from slimfx.runtime.formats import unpack
+
+    state = cm.state_dict()
+    same = total = 0
+    for path, want in codes.items():
+        got = unpack(state[f"program.{path}.qweight"], bits, want.shape[1])
+        same += int((got == want).sum())
+        total += want.numel()
+    assert same / total >= 0.999, f"{total - same} of {total} codes differ from the direct loop"
+
+
 def linear_input_hessians(model: torch.nn.Module, batches) -> dict[str, torch.Tensor]:
     """H = E[x xᵀ] of every block nn.Linear's input (".layers." in its path), from forward hooks
     on the Hugging Face model itself: the reference the precision and adapter tests compare with."""

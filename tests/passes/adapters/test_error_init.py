@@ -21,16 +21,14 @@ from slimfx.passes.calibrate import HessianAccumulator
 from slimfx.passes.lora import base_sites, base_weight
 from slimfx.runtime.formats import QuantFormat, QuantizedWeight, dequantize
 
-from passes_tiny import linear_input_hessians
+from passes_tiny import linear_input_hessians, token_batches
 
 QUANT = "quantize blocks.*.** : Linear int2 group=16"
 FMT = QuantFormat(2, 16, True)
 
 
 def _calib(n=3, rows=2, length=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 100, (rows, length), generator=gen),
-             "attention_mask": torch.ones(rows, length, dtype=torch.long)} for _ in range(n)]
+    return token_batches(n, rows, length, seed)
 
 
 def _policy(*rules: str) -> str:

@@ -11,15 +11,13 @@ from slimfx.models import tiny
 from slimfx.passes.precision.gptq import gptq, output_error
 from slimfx.runtime.formats import QuantFormat, dequantize
 
-from passes_tiny import linear_input_hessians
+from passes_tiny import linear_input_hessians, token_batches
 
 CHOICES = "{int8, int4 group=16}"
 
 
 def _calib(n=3, rows=2, length=12, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 100, (rows, length), generator=gen),
-             "attention_mask": torch.ones(rows, length, dtype=torch.long)} for _ in range(n)]
+    return token_batches(n, rows, length, seed)
 
 
 def _policy(rule: str) -> str:

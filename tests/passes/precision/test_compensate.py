@@ -17,6 +17,8 @@ from slimfx.passes.precision.compensate import ADAPTER_RIDGE, ENCODE_RIDGE
 from slimfx.passes.precision.gptq import gptq
 from slimfx.runtime.formats import QuantFormat, dequantize, unpack
 
+from passes_tiny import assert_same_codes, token_batches
+
 FMT = QuantFormat(2, 16, True)
 QUANT = "quantize blocks.*.** : Linear int2 group=16 method=gptq"
 ADAPT = "adapt blocks.*.** : Linear lora rank=4 alpha=8 init=error"
@@ -25,9 +27,7 @@ LAYERS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_a
 
 
 def _calib(n=3, rows=2, length=12, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 100, (rows, length), generator=gen),
-             "attention_mask": torch.ones(rows, length, dtype=torch.long)} for _ in range(n)]
+    return token_batches(n, rows, length, seed)
 
 
 def _policy(*rules: str) -> str:
@@ -78,17 +78,12 @@ def test_adapters_fitted_in_the_sweep_equal_a_direct_layer_by_layer_loop(dtype_n
                         calib=calib, backend="eager")
     scale = 8 / 4
     direct, codes, corrections = _direct(lm.model, calib, 4, scale, dtype)
-    state = cm.state_dict()
-    same = total = 0
-    for path, want in codes.items():
-        got = unpack(state[f"program.{path}.qweight"], 2, want.shape[1])
-        same += int((got == want).sum())
-        total += want.numel()
+    assert_same_codes(cm, codes, 2)
+    for path in codes:
         mod = cm.program.get_submodule(path)
         assert mod.lora_A.dtype == dtype
         ba = scale * mod.lora_B.float() @ mod.lora_A.float()
         torch.testing.assert_close(ba, corrections[path], atol=1e-4 * float(corrections[path].abs().max()), rtol=0)
-    assert same / total >= 0.999, f"{total - same} of {total} codes differ from the direct loop"
     with torch.no_grad():
         torch.testing.assert_close(cm(**lm.example_inputs).logits, direct(**lm.example_inputs).logits,
                                    atol=1e-3, rtol=1e-3)

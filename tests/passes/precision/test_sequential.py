@@ -13,14 +13,14 @@ from slimfx.models import tiny
 from slimfx.passes.precision.gptq import HessianAccumulator, gptq
 from slimfx.runtime.formats import QuantFormat, dequantize, unpack
 
+from passes_tiny import assert_same_codes, token_batches
+
 FMT = QuantFormat(4, 16, True)
 POLICY = "quantize blocks.*.** : Linear int4 group=16 method=gptq"
 
 
 def _calib(n=3, rows=2, length=12, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 100, (rows, length), generator=gen),
-             "attention_mask": torch.ones(rows, length, dtype=torch.long)} for _ in range(n)]
+    return token_batches(n, rows, length, seed)
 
 
 BLOCK = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -53,25 +53,13 @@ def _direct_sequential(model, calib, groups=BLOCK):
     return model, codes
 
 
-def _assert_same_codes(cm, codes) -> None:
-    """At least 99.9% of the compiled model's codes equal the direct loop's (a code may round the
-    other way where the two sum Hessians in another order)."""
-    state = cm.state_dict()
-    same = total = 0
-    for path, want in codes.items():
-        got = unpack(state[f"program.{path}.qweight"], 4, want.shape[1])
-        same += int((got == want).sum())
-        total += want.numel()
-    assert same / total >= 0.999, f"{total - same} of {total} codes differ from the direct loop"
-
-
 def test_sequential_gptq_equals_a_direct_block_by_block_loop():
     lm = tiny("llama", layers=3)
     calib = _calib()
     cm = slimfx.compile(lm.model, POLICY, example_inputs=lm.example_inputs, calib=calib, backend="eager")
     direct, codes = _direct_sequential(lm.model, calib)
     assert len(codes) == 3 * 7  # every linear of every block
-    _assert_same_codes(cm, codes)
+    assert_same_codes(cm, codes, 4)
     state = cm.state_dict()
     with torch.no_grad():
         torch.testing.assert_close(cm(**lm.example_inputs).logits, direct(**lm.example_inputs).logits,
@@ -126,7 +114,7 @@ def test_true_sequential_equals_a_direct_layer_by_layer_loop():
     cm = slimfx.compile(lm.model, POLICY + " true_sequential=true", example_inputs=lm.example_inputs, calib=calib,
                         backend="eager")
     direct, codes = _direct_sequential(lm.model, calib, LAYERS)
-    _assert_same_codes(cm, codes)
+    assert_same_codes(cm, codes, 4)
     state = cm.state_dict()
     with torch.no_grad():
         torch.testing.assert_close(cm(**lm.example_inputs).logits, direct(**lm.example_inputs).logits,
