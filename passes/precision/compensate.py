@@ -7,9 +7,15 @@ comes right after this precision rule (the pipeline hands its plan over as `ctx.
 Fitted after the rule, the adapters correct errors that every later block's GPTQ had already
 compensated for on inputs without them. Fitted here instead, each as soon as its target is
 encoded and on the same H its GPTQ used, the rest of the sweep computes with Ŵ + s·B·A, so each
-later sublayer is calibrated on the model as it will compute. SmolLM2-135M int2 g64 zero=float
-clip=output + r32 fp16 adapters: perplexity 87.5 fitted after, 78.2 fitted along (a prototype with
-one rule pair per block, 2026-12-02). The fits wait in `ctx.error_fits` for the adapt rule.
+later sublayer is calibrated on the model as it will compute. And both GPTQ and the adapter aim
+at what the original layer computed on the original model's inputs (passes/lowrank.py's
+`drift_target`, from C = E[x_ref xᵀ], which the sweep gathers with a reference stream), so each
+layer also undoes some of the drift the compressed layers before it left.
+
+SmolLM2-135M int2 g64 zero=float clip=output + r32 fp16 adapters (prototypes, 2026-12-02; fp32
+28.79): perplexity 87.5 fitted after the rule, 78.2 fitted along (one rule pair per block), 80.0
+fitted along layer by layer on the Hugging Face model, 60.0 aimed at the drift target. The fits
+wait in `ctx.error_fits` for the adapt rule.
 """
 from __future__ import annotations
 
@@ -22,15 +28,6 @@ from ..lowrank import drift_target, error_adapter
 from .encode import Encoded, decode
 from .sequential import Compensate
 from .targets import Item
-
-# drift_target's ridges (fractions of H's mean eigenvalue) for the weight GPTQ encodes and for
-# the adapter's target: measured on SmolLM2-135M int2 g64 zero=float clip=output + r32 fp16
-# adapters, a prototype without refit (perplexity; fp32 28.79, no drift term 80.0):
-#   the adapter's target only: ridge 0.1: 77.0, 0.3: 74.2, 1: 69.2, 3: 65.3, 10: 72.6
-#   both (adapter, encode): (1, 1): 64.5, (3, 3): 62.8, (10, 10): 60.0, (3, 10): 63.4, (3, 30): 68.1,
-#   (10, 100): 68.0
-ENCODE_RIDGE = 10.0
-ADAPTER_RIDGE = 10.0
 
 __all__ = ["error_corrections", "sweep_details"]
 
@@ -48,11 +45,11 @@ def error_corrections(ctx: Context, items: list[Item]) -> tuple[Compensate | Non
         plan = plans.get(it.path)
         if plan is None or plan.rank > min(it.w.shape):
             return encode_one(it, H), None
-        enc = encode_one(replace(it, w=drift_target(it.w, H, C, ENCODE_RIDGE).float()), H)
+        aim = drift_target(it.w, H, C)
+        enc = encode_one(replace(it, w=aim.float()), H)
         if enc is None:  # kept: no error to correct
             return None, None
-        fit = error_adapter(drift_target(it.w, H, C, ADAPTER_RIDGE), decode(enc, it.w), H, plan.rank, plan.scale,
-                            plan.torch_dtype)
+        fit = error_adapter(aim, decode(enc, it.w), H, plan.rank, plan.scale, plan.torch_dtype)
         ctx.error_fits[it.path] = fit
         return enc, plan.scale * (fit.B.float() @ fit.A.float())
 

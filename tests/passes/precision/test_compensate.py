@@ -13,7 +13,6 @@ import torch
 import slimfx
 from slimfx.models import tiny
 from slimfx.passes.lowrank import drift_target, error_adapter
-from slimfx.passes.precision.compensate import ADAPTER_RIDGE, ENCODE_RIDGE
 from slimfx.passes.precision.gptq import gptq
 from slimfx.runtime.formats import QuantFormat, dequantize, unpack
 
@@ -37,8 +36,8 @@ def _policy(*rules: str) -> str:
 def _direct(model, calib, rank: int, scale: float, dtype: torch.dtype):
     """(model, codes, s·B·A per linear): group by group of each block, hooks gather the inputs on
     the model as it is now (H) and on the original model at the same rows (C = E[x_ref xᵀ]), GPTQ
-    of drift_target(W, H, C) on H, the error adapter aimed at drift_target(W, H, C) (its own
-    ridge) on the same H, then Ŵ + s·B·A in its place."""
+    of drift_target(W, H, C) on H, the error adapter aimed at it on the same H, then Ŵ + s·B·A
+    in its place."""
     original = copy.deepcopy(model).eval()
     model = copy.deepcopy(model).eval()
     codes, corrections = {}, {}
@@ -60,9 +59,10 @@ def _direct(model, calib, rank: int, scale: float, dtype: torch.dtype):
             H, C = x.T @ x / x.shape[0], x_ref.T @ x / x.shape[0]
             for n, m in linears.items():
                 w = m.weight.detach().clone()
-                qw = gptq(drift_target(w, H, C, ENCODE_RIDGE).float(), H, FMT)
+                aim = drift_target(w, H, C)
+                qw = gptq(aim.float(), H, FMT)
                 w_hat = dequantize(qw)
-                fit = error_adapter(drift_target(w, H, C, ADAPTER_RIDGE), w_hat, H, rank, scale, dtype)
+                fit = error_adapter(aim, w_hat, H, rank, scale, dtype)
                 path = f"model.layers.{i}.{n}"
                 codes[path] = unpack(qw.qweight, 2, m.in_features)
                 corrections[path] = scale * fit.B.float() @ fit.A.float()
