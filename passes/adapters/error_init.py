@@ -39,6 +39,7 @@ class ErrorFigures:
 
     before: float
     after: float
+    in_sweep: bool = False  # fitted by the precision rule before, aimed at the drift target
 
 
 # ---- in the adapter pass ---------------------------------------------------------------------
@@ -98,7 +99,8 @@ def _put_prefitted(graph: ModelGraph, ctx: Context, adapters: dict[str, Adapter]
         if (fit.A.shape[0], fit.A.dtype) != (adapter.rank, dtype):  # the plan is this rule's: a bug if not
             raise AssertionError(f"{path}: fitted rank {fit.A.shape[0]} {fit.A.dtype}, the rule asks "
                                  f"rank {adapter.rank} {dtype}")
-        tensors, out[path] = adapter_tensors(graph, base_sites(graph, graph.targets[path])[0], adapter, fit)
+        tensors, figures = adapter_tensors(graph, base_sites(graph, graph.targets[path])[0], adapter, fit)
+        out[path] = ErrorFigures(figures.before, figures.after, in_sweep=True)
         put(path, tensors)
     return out
 
@@ -149,9 +151,15 @@ def _left(fits: dict[str, ErrorFigures]) -> float:
 
 
 def error_details(fits: dict[str, ErrorFigures]) -> dict:
-    return {"init": "error", "output_error_left": _left(fits)}
+    return {"init": "error", "output_error_left": _left(fits),
+            "fitted_in_gptq_sweep": sum(f.in_sweep for f in fits.values())}
 
 
 def error_note(fits: dict[str, ErrorFigures]) -> str:
+    swept = sum(f.in_sweep for f in fits.values())
+    how = "" if not swept else (
+        f"; {swept} of them fitted during the GPTQ sweep before, so the later layers were calibrated on "
+        "them, and aimed at what the original model computed (the error there includes the drift of "
+        "the inputs)")
     return (f"init=error: the adapters leave {_left(fits):.1%} of the quantization's output error on the "
-            f"calibration inputs (mean over {len(fits)} targets)")
+            f"calibration inputs (mean over {len(fits)} targets{how})")

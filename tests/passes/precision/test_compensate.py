@@ -90,6 +90,8 @@ def test_adapters_fitted_in_the_sweep_equal_a_direct_layer_by_layer_loop(dtype_n
     quant, adapt = cm.report.rules
     assert quant.details["sequential"] == "by layer" and quant.details["error_adapters_fitted_for_line"] == 3
     assert adapt.details["init"] == "error" and 0 < adapt.details["output_error_left"] < 1
+    assert adapt.details["fitted_in_gptq_sweep"] == 14 and any("fitted during the GPTQ sweep" in n
+                                                               for n in adapt.notes)
 
 
 def test_later_blocks_are_calibrated_on_the_adapters_before_them():
@@ -121,3 +123,4 @@ def test_only_a_directly_following_adapt_rule_is_fitted_in_the_sweep():
     assert "error_adapters_fitted_for_line" not in first.details and first.details["sequential"] is True
     assert second.details["error_adapters_fitted_for_line"] == 4
     assert len(cm.adapters) == 14 and adapt.details["output_error_left"] < 1
+    assert adapt.details["fitted_in_gptq_sweep"] == 6  # gate, up and down of both blocks
