@@ -42,8 +42,8 @@ import torch
 
 __all__ = [
     "QuantFormat", "QuantizedWeight", "from_rule", "pack", "unpack", "group_params", "quantize_codes",
-    "dequantize_codes", "quantize_rtn", "dequantize", "dequantize_groups", "per_column", "error_bound", "nbytes", "bits_per_weight",
-    "group_size", "n_groups", "ZEROS", "FLOAT_ZERO_MAX", "store_zeros", "zero_points",
+    "dequantize_codes", "quantize_rtn", "dequantize", "dequantize_groups", "per_column", "error_bound", "nbytes",
+    "bits_per_weight", "group_size", "n_groups", "ZEROS", "FLOAT_ZERO_MAX", "store_zeros", "zero_points",
 ]
 
 BITS = (2, 4, 8)

@@ -4,13 +4,13 @@ left in each weight (EoRA, Liu et al. 2024; the idea of INT2.1), with no trainin
 
 Where the adapt rule directly follows a sequential GPTQ rule encoding its targets, that rule has
 already fitted each adapter during its sweep, on the same inputs its GPTQ saw (`ctx.error_fits`):
-so every later block was calibrated on, and compensates for, the blocks before it as they will
-compute, adapters included (SmolLM2 int2 g64 r32, perplexity 87.5 → 78.2 in a prototype). The
-others are fitted here, along one calibration sweep of the compressed model (`fit_error_adapters`).
+so every later layer was calibrated on the layers before it as they will compute, adapters
+included (passes/precision/compensate.py, with the figures). The others are fitted here, along
+one calibration sweep of the compressed model (`fit_error_adapters`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -100,7 +100,7 @@ def _put_prefitted(graph: ModelGraph, ctx: Context, adapters: dict[str, Adapter]
             raise AssertionError(f"{path}: fitted rank {fit.A.shape[0]} {fit.A.dtype}, the rule asks "
                                  f"rank {adapter.rank} {dtype}")
         tensors, figures = adapter_tensors(graph, base_sites(graph, graph.targets[path])[0], adapter, fit)
-        out[path] = ErrorFigures(figures.before, figures.after, in_sweep=True)
+        out[path] = replace(figures, in_sweep=True)
         put(path, tensors)
     return out
 

@@ -47,7 +47,8 @@ def fitted_params(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, ze
     Hd = H.double() + damp * H.double().diagonal().mean() * torch.eye(cols, dtype=torch.float64)
     Hd = torch.nn.functional.pad(Hd, (0, pad, 0, pad)).view(n, g, n * g)  # padding weighs nothing
     float_zero = fmt.zero == "float" and zeros is not None
-    P = torch.nn.functional.pad(codes.double() - _fixed_zero(zeros, fmt, float_zero, g, cols), (0, pad))  # the scale's basis
+    basis = codes.double() - _fixed_zero(zeros, fmt, float_zero, g, cols)
+    P = torch.nn.functional.pad(basis, (0, pad))  # the scale's basis
     W = torch.nn.functional.pad(w.double(), (0, pad))
     theta0 = scales.double() if not float_zero else torch.cat([scales.double(), -(scales * zeros).double()], 1)
     theta = torch.empty_like(theta0)
