@@ -166,17 +166,26 @@ def _left_error(d: torch.Tensor, B: torch.Tensor, A: torch.Tensor, H: torch.Tens
     return max(before - 2 * cross + float(((AH @ A.T) * (B.T @ B)).sum()), 0.0)
 
 
-def drift_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, ridge: float = DRIFT_RIDGE) -> torch.Tensor:
+def drift_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, ridge: float = DRIFT_RIDGE,
+                 D: torch.Tensor | None = None) -> torch.Tensor:
     """The weight whose outputs on the compressed model's inputs x best match (in the mean square,
     ridge-regularised) the original layer's outputs W x_ref on the original model's inputs at the
     same rows, H = E[x xᵀ], C = E[x_ref xᵀ]: W_t = W (I + (C − H)(H + ridge·h̄·I)⁻¹), h̄ H's mean
     eigenvalue (float64 [out, in]). With ridge 0, W_t = W C H⁻¹, the least-squares map from x to
     W x_ref; an error adapter fitted to W_t − Ŵ rather than W − Ŵ also undoes the drift the
     compressed layers before left in this layer's input (as GPTAQ, Li et al. 2025, does for
-    GPTQ's target). The ridge shrinks the drift's correction to none, not the weight to zero."""
+    GPTQ's target). The ridge shrinks the drift's correction to none, not the weight to zero.
+
+    `D` = E[e xᵀ] [out, in], for a layer whose output is added to the residual stream
+    (passes/residual.py): e = r_ref − r, the stream's drift there (the original model's value
+    minus the compressed one's). The target is then W x_ref + e, what the sum would have been in
+    the original model: W_t = W + (W (C − H) + D)(H + ridge·h̄·I)⁻¹."""
     Hd = H.double()
     R = Hd + ridge * max(float(Hd.diagonal().mean()), torch.finfo(torch.float64).tiny) * torch.eye(
         Hd.shape[0], dtype=torch.float64)
     wd = w.double()
-    # X R = W (C − H), R symmetric: X = (R⁻¹ (C − H)ᵀ Wᵀ)ᵀ
-    return wd + torch.linalg.solve(R, (wd @ (C.double() - Hd)).T).T
+    aim = wd @ (C.double() - Hd)
+    if D is not None:
+        aim = aim + D.double()
+    # X R = aim, R symmetric: X = (R⁻¹ aimᵀ)ᵀ
+    return wd + torch.linalg.solve(R, aim.T).T

@@ -66,6 +66,13 @@ class Stream:
                 if isinstance(v, torch.Tensor) and n.op != "get_attr"}
         return sum(seen.values())
 
+    def rows(self, node: fx.Node) -> list[torch.Tensor]:
+        """Each batch's real-token rows [tokens, features] of a value the stream holds now (computed,
+        and read by a node still to run)."""
+        if any(node not in env for env in self.envs):
+            raise KeyError(f"the stream does not hold {node.name} now")
+        return [real_rows(env[node], keep) for env, keep in zip(self.envs, self.keeps)]
+
     def forget(self, nodes: set[fx.Node]) -> None:
         """Drop these nodes' values, to compute them again (with other weights)."""
         self.done -= nodes

@@ -93,13 +93,13 @@ def _by_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[It
     costs, sizes = [scored[it.path][0] for it in items], [scored[it.path][1] for it in items]
     pick = _solve(rule, items, costs, sizes, ctx)
     cand = {it.path: scorer.cands[j] for it, j in zip(items, pick)}
-    compensate, adapt_line = error_corrections(ctx, items)
+    corrections = error_corrections(ctx, items)
     with one_thread(), ctx.progress.task(f"GPTQ chosen formats, block by block (line {bound.line})",
                                          total=len(items)) as step:
         encoded, rows2, peak2 = sequential_encode(graph, items, ctx.calib,
                                                   lambda it, H: scorer.encode(it, cand[it.path], H), step,
-                                                  by_layer=rule.get("true_sequential"), compensate=compensate)
-    details.update(sweep_details(rule.get("true_sequential"), adapt_line),
+                                                  by_layer=rule.get("true_sequential"), compensate=corrections)
+    details.update(sweep_details(rule.get("true_sequential"), corrections),
                    calib_rows=max(rows, rows2), peak_calib_bytes=max(peak, peak2))
     return {p: (cand[p], e) for p, e in encoded.items()}, costs, sizes, pick
 

@@ -26,38 +26,47 @@ import torch
 from ..context import Context
 from ..lowrank import drift_target, error_adapter
 from .encode import Encoded, decode
-from .sequential import Compensate
 from .targets import Item
 
-__all__ = ["error_corrections", "sweep_details"]
+__all__ = ["ErrorCorrections", "error_corrections", "sweep_details"]
 
 
-def error_corrections(ctx: Context, items: list[Item]) -> tuple[Compensate | None, int | None]:
-    """(the sweep's `compensate` callback, the adapt rule's line), or (None, None) when no target
-    has a plan. A target the plan cannot fit (a kept weight, a rank above its smaller dimension:
-    the adapt rule reports that) is encoded as without a plan and fitted, or refused, by the adapt
-    rule."""
-    plans = {it.path: ctx.error_plans[it.path] for it in items if it.path in ctx.error_plans}
-    if not plans:
-        return None, None
+class ErrorCorrections:
+    """The sweep's `compensate` callback (sequential.py's `Compensate`) for the targets the adapt
+    rule on `line` planned: GPTQ of each one's drift target, then its adapter fitted to it. It
+    counts the targets it aimed at the residual stream's drift too (`residual`)."""
 
-    def compensate(it: Item, H: torch.Tensor, C: torch.Tensor, encode_one) -> tuple[Encoded, torch.Tensor | None]:
-        plan = plans.get(it.path)
+    def __init__(self, plans: dict, line: int, ctx: Context):
+        self.plans, self.line, self.ctx, self.residual = plans, line, ctx, 0
+
+    def __call__(self, it: Item, H: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None,
+                 encode_one) -> tuple[Encoded, torch.Tensor | None]:
+        plan = self.plans.get(it.path)
         if plan is None or plan.rank > min(it.w.shape):
             return encode_one(it, H), None
-        aim = drift_target(it.w, H, C)
+        aim = drift_target(it.w, H, C, D=D)
         enc = encode_one(replace(it, w=aim.float()), H)
         if enc is None:  # kept: no error to correct
             return None, None
+        self.residual += D is not None
         fit = error_adapter(aim, decode(enc, it.w), H, plan.rank, plan.scale, plan.torch_dtype)
-        ctx.error_fits[it.path] = fit
+        self.ctx.error_fits[it.path] = fit
         return enc, plan.scale * (fit.B.float() @ fit.A.float())
 
-    return compensate, next(iter(plans.values())).line
+
+def error_corrections(ctx: Context, items: list[Item]) -> ErrorCorrections | None:
+    """The sweep's `compensate` callback, or None when no target has a plan. A target the plan
+    cannot fit (a kept weight, a rank above its smaller dimension: the adapt rule reports that)
+    is encoded as without a plan and fitted, or refused, by the adapt rule."""
+    plans = {it.path: ctx.error_plans[it.path] for it in items if it.path in ctx.error_plans}
+    if not plans:
+        return None
+    return ErrorCorrections(plans, next(iter(plans.values())).line, ctx)
 
 
-def sweep_details(true_sequential: bool, adapt_line: int | None) -> dict:
+def sweep_details(true_sequential: bool, corrections: ErrorCorrections | None) -> dict:
     """The report's account of the sweep: by layer when asked or when it fitted adapters."""
-    if adapt_line is None:
+    if corrections is None:
         return {"sequential": "by layer" if true_sequential else True}
-    return {"sequential": "by layer", "error_adapters_fitted_for_line": adapt_line}
+    return {"sequential": "by layer", "error_adapters_fitted_for_line": corrections.line,
+            "aimed_at_residual_stream": corrections.residual}

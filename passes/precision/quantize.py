@@ -41,12 +41,12 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                **({"refit": True} if refit else {})}
     if sequential:
         require_calib(ctx, bound, "GPTQ")
-        compensate, adapt_line = error_corrections(ctx, items)
+        corrections = error_corrections(ctx, items)
         with one_thread(), ctx.progress.task(f"GPTQ {cand}, block by block (line {bound.line})",
                                              total=len(items)) as step:
             encoded, rows, peak = sequential_encode(graph, items, ctx.calib, encode_one, step,
-                                                    by_layer=rule.get("true_sequential"), compensate=compensate)
-        details.update(sweep_details(rule.get("true_sequential"), adapt_line), calib_rows=rows,
+                                                    by_layer=rule.get("true_sequential"), compensate=corrections)
+        details.update(sweep_details(rule.get("true_sequential"), corrections), calib_rows=rows,
                        peak_calib_bytes=peak)
         return apply(graph, bound, items, {p: (cand, e) for p, e in encoded.items()}, details, ctx)
     needs_h = method == "gptq" or clip == "output"

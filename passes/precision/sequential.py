@@ -30,6 +30,7 @@ from torch import fx
 from ..calibrate import CrossAccumulator
 from ..graph import ModelGraph
 from ..lent import put_tensor, replace_tensor
+from ..residual import block_stream, residual_partner
 from ..rewrite import weight_name
 from ..stream import Stream
 from .encode import Encoded, decode
@@ -39,9 +40,10 @@ from .targets import Item
 __all__ = ["sequential_encode", "sequential_scores", "Compensate"]
 
 # (item, H = E[x xᵀ] of its input in the compressed model, C = E[x_ref xᵀ] with the original
-# model's input at the same rows, encode_one) -> (its encoding, a float32 [out, in] term added to
-# the decoded weight, or None)
-Compensate = Callable[[Item, torch.Tensor, torch.Tensor, Callable[[Item, torch.Tensor], Encoded]],
+# model's input at the same rows, D = E[(r_ref − r) xᵀ] with the residual stream its output is
+# added to (passes/residual.py) or None, encode_one) -> (its encoding, a float32 [out, in] term
+# added to the decoded weight, or None)
+Compensate = Callable[[Item, torch.Tensor, torch.Tensor, "torch.Tensor | None", Callable[[Item, torch.Tensor], Encoded]],
                       "tuple[Encoded, torch.Tensor | None]"]
 
 
@@ -53,7 +55,7 @@ def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[s
     doc); `encode_one(item, H)` encodes one target. `by_layer` (true-sequential): inside a block
     too, each group of targets reading one input is calibrated on the block's sublayers before it
     as already compressed (q/k/v, then o, then gate/up, then down). `compensate(item, H, C,
-    encode_one)` (`Compensate`) encodes each target in encode_one's place and returns a float32
+    D, encode_one)` (`Compensate`) encodes each target in encode_one's place and returns a float32
     [out, in] term the rest of the sweep adds to the decoded weight (a low-rank error correction,
     passes/precision/compensate.py), or None; it makes the sweep go by layer, so that H is the
     input the corrected sublayers before it compute."""
@@ -119,13 +121,16 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
     run twice. With `compensate`, a second stream runs the same batches through the graph with its
     float weights (the original model: every block before is back to float) just ahead of the
     first, so that each input's C = E[x_ref xᵀ] pairs the original model's rows with the
-    compressed model's; `compensate` gets it beside H."""
-    order, _, plan = _blocks_in_order(graph, items)
+    compressed model's; `compensate` gets it beside H, and for a target whose output is added to
+    the residual stream, D = E[(r_ref − r) xᵀ] from both streams' values of it (held then: the add
+    that reads them comes after the target)."""
+    order, blocks, plan = _blocks_in_order(graph, items)
     stream = Stream(graph, batches)
     reference = None if compensate is None else Stream(graph, batches)
     out: dict[str, Any] = {}
     rows, peak = 0, 0
-    for last, _, block_items in plan:
+    for last, key, block_items in plan:
+        stream_values = frozenset() if compensate is None or key is None else block_stream(blocks[key], order)
         groups: dict[fx.Node, list[Item]] = {}
         for it in block_items:  # a target read at several sites (a tied weight) takes the first
             groups.setdefault(it.sites[0].x, []).append(it)
@@ -144,8 +149,12 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
             peak = max(peak, stream.nbytes() + acc.H.nbytes + (0 if cross is None else ref_rows + cross.H.nbytes))
             for it in groups[x]:
                 progress_step(0, note=it.path)
-                enc, fix = (per_item(it, acc.H), None) if compensate is None else \
-                    compensate(it, acc.H, cross.H, per_item)
+                if compensate is None:
+                    enc, fix = per_item(it, acc.H), None
+                else:
+                    r = residual_partner(it.sites[0], stream_values)
+                    D = None if r is None else _stream_drift(stream, reference, r, x)
+                    enc, fix = compensate(it, acc.H, cross.H, D, per_item)
                 out[it.path] = enc
                 if enc is not None:
                     w_hat = decode(enc, it.w)
@@ -157,6 +166,17 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
         if reference is not None:
             reference.run_through(last, {})
     return out, rows, peak
+
+
+def _stream_drift(stream: Stream, reference: Stream, r: fx.Node, x: fx.Node) -> torch.Tensor:
+    """D = E[(r_ref − r) xᵀ] [features of r, features of x] over every real row of every batch:
+    the residual stream's drift at r (the reference stream's value minus the compressed one's)
+    against the compressed model's input x; both streams hold r and x now."""
+    total, count = None, 0
+    for r_ref, r_now, rows in zip(reference.rows(r), stream.rows(r), stream.rows(x)):
+        m = (r_ref.double() - r_now.double()).T @ rows.double()
+        total, count = (m if total is None else total + m), count + rows.shape[0]
+    return total / max(count, 1)
 
 
 def _block_span(order: dict, block, last: fx.Node) -> set[fx.Node]:

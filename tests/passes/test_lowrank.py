@@ -1,4 +1,4 @@
-"""passes/lowrank.py's drift target and passes/calibrate.py's CrossAccumulator, against a least
+"""passes/lowrank.py's drift target (with and without the residual stream's drift) and passes/calibrate.py's CrossAccumulator, against a least
 squares solved directly on the rows (torch.linalg.lstsq)."""
 from __future__ import annotations
 
@@ -28,6 +28,24 @@ def test_without_ridge_the_target_is_the_least_squares_map_from_the_compressed_i
     want = torch.linalg.lstsq(x, x_ref @ w.T).solution.T
     torch.testing.assert_close(drift_target(w, H, C, ridge=0.0), want, atol=1e-8 * float(want.abs().max()) + 1e-10,
                                rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(1, 12), inp=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_with_the_streams_drift_the_target_also_restores_the_residual_sum(out, inp, seed):
+    """For a layer whose output is added to the residual stream r: with D = E[(r_ref − r) xᵀ] and
+    ridge 0, W_t x ≈ W x_ref + (r_ref − r), the original model's sum less the compressed stream."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 4 * inp + 3
+    x = _rows(n, inp, gen)
+    x_ref = x + 0.3 * _rows(n, inp, gen)
+    e = 0.5 * torch.randn(n, out, generator=gen, dtype=torch.float64) + x @ torch.randn(
+        inp, out, generator=gen, dtype=torch.float64)  # r_ref − r, partly a function of x
+    w = torch.randn(out, inp, generator=gen, dtype=torch.float64)
+    H, C, D = x.T @ x / n, x_ref.T @ x / n, e.T @ x / n
+    want = torch.linalg.lstsq(x, x_ref @ w.T + e).solution.T
+    torch.testing.assert_close(drift_target(w, H, C, ridge=0.0, D=D), want,
+                               atol=1e-8 * float(want.abs().max()) + 1e-10, rtol=1e-6)
 
 
 def test_the_ridge_shrinks_towards_the_weight_itself_and_no_drift_leaves_it():
