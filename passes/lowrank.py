@@ -181,11 +181,18 @@ def drift_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, ridge: float
     minus the compressed one's). The target is then W x_ref + e, what the sum would have been in
     the original model: W_t = W + (W (C − H) + D)(H + ridge·h̄·I)⁻¹."""
     Hd = H.double()
+    wd = w.double()
+    # W C − W H rather than W (C − H): [out, in] temporaries, not another [in, in] (18 MiB for a
+    # 1536-wide input); every sum below in place for the same reason
+    shift = wd @ C.double()
+    shift.sub_(wd @ Hd)
+    if D is not None:
+        shift.add_(D.double())
     R = Hd + ridge * max(float(Hd.diagonal().mean()), torch.finfo(torch.float64).tiny) * torch.eye(
         Hd.shape[0], dtype=torch.float64)
-    wd = w.double()
-    aim = wd @ (C.double() - Hd)
-    if D is not None:
-        aim = aim + D.double()
-    # X R = aim, R symmetric: X = (R⁻¹ aimᵀ)ᵀ
-    return wd + torch.linalg.solve(R, aim.T).T
+    L, info = torch.linalg.cholesky_ex(R)
+    if int(info) == 0:  # R = L Lᵀ (positive definite whenever the ridge or the rows make it so)
+        del R
+        return wd + torch.cholesky_solve(shift.T, L).T
+    # X R = shift, R symmetric: X = (R⁻¹ shiftᵀ)ᵀ
+    return wd + torch.linalg.solve(R, shift.T).T

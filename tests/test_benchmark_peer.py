@@ -42,10 +42,11 @@ def test_every_peer_scheme_names_the_peer_arguments_of_its_rule():
 def test_every_row_name_can_be_asked_for_with_rows():
     """`--rows` splits on commas: a name holding one could never be run (a trained row's could not)."""
     script = _script()
-    for name in [*script.ROWS, *script.TRAINED]:
+    for name in [*script.ROWS, *script.TRAINED, *script.ALL_WINDOWS]:
         assert "," not in name, name
     for name, (compiled, steps) in script.TRAINED.items():
         assert compiled in script.ROWS and steps >= 1
+    assert all(compiled in script.ROWS for compiled in script.ALL_WINDOWS.values())
 
 
 class _Block(nn.Module):

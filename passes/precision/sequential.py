@@ -172,11 +172,11 @@ def _stream_drift(stream: Stream, reference: Stream, r: fx.Node, x: fx.Node) -> 
     """D = E[(r_ref − r) xᵀ] [features of r, features of x] over every real row of every batch:
     the residual stream's drift at r (the reference stream's value minus the compressed one's)
     against the compressed model's input x; both streams hold r and x now."""
-    total, count = None, 0
-    for r_ref, r_now, rows in zip(reference.rows(r), stream.rows(r), stream.rows(x)):
-        m = (r_ref.double() - r_now.double()).T @ rows.double()
-        total, count = (m if total is None else total + m), count + rows.shape[0]
-    return total / max(count, 1)
+    rows = stream.rows(x)
+    total = torch.zeros(r.meta["val"].shape[-1], rows[0].shape[-1], dtype=torch.float64)
+    for r_ref, r_now, xs in zip(reference.rows(r), stream.rows(r), rows):
+        total.addmm_((r_ref.double() - r_now.double()).T, xs.double())  # in place: no second [out, in]
+    return total.div_(max(sum(xs.shape[0] for xs in rows), 1))
 
 
 def _block_span(order: dict, block, last: fx.Node) -> set[fx.Node]:
