@@ -24,8 +24,9 @@ from .rewrite import LinearSite
 __all__ = ["block_stream", "residual_partner"]
 
 aten = torch.ops.aten
-# Ops that hand on their first input's values unchanged (dtype casts to the same dtype, shapes,
-# dropout at inference), in the forms torch.export leaves them.
+# Ops that hand on their first input's values as the same stream (a dtype cast: the stream in
+# another precision; views and reshapes; dropout, the identity at inference), in the forms
+# torch.export leaves them.
 _SAME_VALUES = {aten.to.dtype, aten._to_copy.default, aten.view.default, aten.reshape.default,
                 aten._unsafe_view.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
                 aten.dropout.default}

@@ -43,8 +43,8 @@ __all__ = ["sequential_encode", "sequential_scores", "Compensate"]
 # model's input at the same rows, D = E[(r_ref − r) xᵀ] with the residual stream its output is
 # added to (passes/residual.py) or None, encode_one) -> (its encoding, a float32 [out, in] term
 # added to the decoded weight, or None)
-Compensate = Callable[[Item, torch.Tensor, torch.Tensor, "torch.Tensor | None", Callable[[Item, torch.Tensor], Encoded]],
-                      "tuple[Encoded, torch.Tensor | None]"]
+Compensate = Callable[[Item, torch.Tensor, torch.Tensor, "torch.Tensor | None",
+                       Callable[[Item, torch.Tensor], Encoded]], "tuple[Encoded, torch.Tensor | None]"]
 
 
 def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]],
