@@ -23,7 +23,7 @@ from ..threads import one_thread
 from .budget import BudgetInfeasible, solve_avg_bits, solve_budget
 from .encode import Candidate, decode, encode, encoded_bytes
 from .fisher import FisherUnavailable, output_fisher, weighted_error
-from .compensate import error_corrections, sweep_details
+from .compensate import error_corrections, few_rows_note, sweep_details
 from .sequential import sequential_encode, sequential_scores
 from .targets import Item, apply, hessians_of, items_of, require_calib
 
@@ -50,13 +50,14 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                + (" refit" if rule.get("refit") else ""),
                "metric": rule.metric, "budget": f"{rule.budget.metric}<={rule.budget.limit}{rule.budget.unit or ''}"}
     run_as = _by_blocks if method == "gptq" and rule.get("sequential") else _in_one_run
-    chosen, costs, sizes, pick = run_as(graph, bound, ctx, items, scorer, details)
+    notes: list[str] = []
+    chosen, costs, sizes, pick = run_as(graph, bound, ctx, items, scorer, details, notes)
     weights = sum(it.w.numel() for it in items)
     details.update(choices={p: str(c) for p, (c, _) in chosen.items()},
                    sensitivity=sum(costs[i][j] for i, j in enumerate(pick)),
                    weight_bytes=sum(sizes[i][j] for i, j in enumerate(pick)))
     details["achieved_avg_bits"] = 8 * details["weight_bytes"] / weights
-    return apply(graph, bound, items, chosen, details, ctx)
+    return apply(graph, bound, items, chosen, details, ctx, tuple(notes))
 
 
 class _Scorer:
@@ -82,7 +83,7 @@ class _Scorer:
 
 
 def _by_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[Item], scorer: _Scorer,
-               details: dict):
+               details: dict, notes: list[str]):
     """GPTQ block by block: a scoring sweep, the solver, then the chosen formats encoded."""
     rule = bound.rule
     require_calib(ctx, bound, "GPTQ")
@@ -101,11 +102,12 @@ def _by_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[It
                                                   by_layer=rule.get("true_sequential"), compensate=corrections)
     details.update(sweep_details(rule.get("true_sequential"), corrections),
                    calib_rows=max(rows, rows2), peak_calib_bytes=max(peak, peak2))
+    notes.extend(few_rows_note(corrections, rows2))
     return {p: (cand[p], e) for p, e in encoded.items()}, costs, sizes, pick
 
 
 def _in_one_run(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[Item], scorer: _Scorer,
-                details: dict):
+                details: dict, notes: list[str]):
     """Every Hessian from one run of the graph as it is; the chosen encodings are the scored ones."""
     hessians = hessians_of(graph, items, ctx, bound, f"the budget solver (by {bound.rule.metric})")
     options, costs, sizes = [], [], []

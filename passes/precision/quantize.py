@@ -16,7 +16,7 @@ from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
 from ..threads import one_thread
-from .compensate import error_corrections, sweep_details
+from .compensate import error_corrections, few_rows_note, sweep_details
 from .encode import Candidate, encode
 from .sequential import sequential_encode
 from .targets import apply, hessians_of, items_of, require_calib
@@ -48,7 +48,8 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                                                     by_layer=rule.get("true_sequential"), compensate=corrections)
         details.update(sweep_details(rule.get("true_sequential"), corrections), calib_rows=rows,
                        peak_calib_bytes=peak)
-        return apply(graph, bound, items, {p: (cand, e) for p, e in encoded.items()}, details, ctx)
+        return apply(graph, bound, items, {p: (cand, e) for p, e in encoded.items()}, details, ctx,
+                     few_rows_note(corrections, rows))
     needs_h = method == "gptq" or clip == "output"
     hessians = hessians_of(graph, items, ctx, bound, "GPTQ" if method == "gptq" else "clip=output",
                            diagonal=method != "gptq") if needs_h else {}

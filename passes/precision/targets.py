@@ -80,9 +80,10 @@ def require_calib(ctx: Context, bound: BoundRule, who: str) -> None:
 
 
 def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[str, tuple[Candidate, Encoded]],
-          details: dict, ctx: Context) -> RuleReport:
-    """Rewrite every target; report bytes measured on the stored tensors. The weights of targets
-    a later `adapt … init=error` reads are kept in `ctx.originals` (the first precision rule's)."""
+          details: dict, ctx: Context, notes: tuple[str, ...] = ()) -> RuleReport:
+    """Rewrite every target; report bytes measured on the stored tensors (and `notes` beside the
+    rule's own). The weights of targets a later `adapt … init=error` reads are kept in
+    `ctx.originals` (the first precision rule's)."""
     before = sum(it.target.nbytes for it in items)
     after, weights, packed = 0, 0, 0
     kept, tied = [], []
@@ -105,7 +106,7 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
     details = {**details, "bits_per_weight": 8 * packed / weights, "weights": weights}
     params = sum(it.w.numel() + it.bias_numel for it in items)
     return RuleReport(bound.line, bound.text, bound.rule.kind, tuple(it.path for it in items),
-                      params, params, before, after, details, _notes(bound, kept, tied))
+                      params, params, before, after, details, _notes(bound, kept, tied) + notes)
 
 
 def _notes(bound: BoundRule, kept: list[str], tied: list[str]) -> tuple[str, ...]:

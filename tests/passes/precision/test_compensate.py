@@ -14,6 +14,7 @@ import torch
 import slimfx
 from slimfx.models import tiny
 from slimfx.passes.lowrank import drift_target, error_adapter
+from slimfx.passes.precision.compensate import ErrorCorrections, few_rows_note
 from slimfx.passes.precision.gptq import gptq
 from slimfx.runtime.formats import QuantFormat, dequantize, unpack
 
@@ -117,6 +118,8 @@ def test_adapters_fitted_in_the_sweep_equal_a_direct_layer_by_layer_loop(dtype_n
     quant, adapt = cm.report.rules
     assert quant.details["sequential"] == "by layer" and quant.details["error_adapters_fitted_for_line"] == 3
     assert quant.details["aimed_at_residual_stream"] == 4  # o_proj and down_proj of both blocks
+    rows = sum(b["input_ids"].numel() for b in calib)  # 256, below 4 per feature of the widest input
+    assert any(f"regression on {rows:,} calibration rows" in n for n in quant.notes)
     assert adapt.details["init"] == "error" and 0 < adapt.details["output_error_left"] < 1
     assert adapt.details["fitted_in_gptq_sweep"] == 14 and any("fitted during the GPTQ sweep" in n
                                                                for n in adapt.notes)
@@ -152,3 +155,12 @@ def test_only_a_directly_following_adapt_rule_is_fitted_in_the_sweep():
     assert second.details["error_adapters_fitted_for_line"] == 4
     assert len(cm.adapters) == 14 and adapt.details["output_error_left"] < 1
     assert adapt.details["fitted_in_gptq_sweep"] == 6  # gate, up and down of both blocks
+
+
+def test_a_note_asks_for_more_calibration_below_four_rows_per_input_feature():
+    fits = ErrorCorrections({}, 2, None)
+    assert few_rows_note(None, 10) == () and few_rows_note(fits, 10) == ()  # nothing fitted
+    fits.widest = 100
+    assert few_rows_note(fits, 4 * 100) == ()
+    (note,) = few_rows_note(fits, 4 * 100 - 1)
+    assert "399 calibration rows, for inputs up to 100 wide" in note and "more calibration" in note
