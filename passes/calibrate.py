@@ -20,7 +20,7 @@ from ..runtime.progress import Progress
 from .graph import ModelGraph
 
 __all__ = ["observe", "Observer", "kept_rows", "real_rows", "forward_ms", "HessianAccumulator", "DiagonalAccumulator",
-           "CrossAccumulator",
+           "paired_moment",
            "output_error"]
 
 Observer = Callable[[torch.Tensor], None]
@@ -116,32 +116,20 @@ class DiagonalAccumulator(HessianAccumulator):
         return rows.pow(2).sum(0)
 
 
-class CrossAccumulator(HessianAccumulator):
-    """Running mean of x_ref xᵀ, C = E[x_ref xᵀ] [in, in]: the same rows seen twice, first by
-    `keep` on a reference run (the original model's input to a linear), then by `add` on the run
-    that counts (the compressed model's input to it), batch for batch in the same order. Holds the
-    reference rows of every batch in between (float32).
+def paired_moment(lefts: list[torch.Tensor], rights: list[torch.Tensor]) -> torch.Tensor:
+    """E[a bᵀ] [features of a, features of b] over paired rows, in float64: batch i's rows of
+    `lefts` [tokens, p] against its rows of `rights` [tokens, q] (the same tokens, e.g. two
+    streams' values of one node, passes/stream.py's `rows`), summed in place.
 
-    >>> acc = CrossAccumulator(); acc.keep(2 * torch.ones(3, 4)); acc.add(torch.ones(3, 4)); acc.H[0, 0].item()
+    >>> paired_moment([2 * torch.ones(3, 4)], [torch.ones(3, 5)])[0, 0].item()
     2.0
     """
-
-    def __init__(self):
-        super().__init__(torch.float64)
-        self._ref: list[torch.Tensor] = []
-
-    def keep(self, x: torch.Tensor) -> None:
-        self._ref.append(x.detach().reshape(-1, x.shape[-1]).float())
-
-    def _moment(self, rows: torch.Tensor) -> torch.Tensor:
-        if not self._ref or self._ref[0].shape != rows.shape:
-            raise ValueError("the reference run's rows do not match this run's: both must see the same "
-                             "batches in the same order")
-        return self._ref.pop(0).to(rows.dtype).T @ rows
-
-    def nbytes(self) -> int:
-        """The reference rows still held and C."""
-        return sum(r.nbytes for r in self._ref) + (0 if self._H is None else self._H.nbytes)
+    if len(lefts) != len(rights) or any(a.shape[0] != b.shape[0] for a, b in zip(lefts, rights)):
+        raise ValueError("paired rows must come from the same batches, the same tokens in each")
+    total = torch.zeros(lefts[0].shape[-1], rights[0].shape[-1], dtype=torch.float64)
+    for a, b in zip(lefts, rights):
+        total.addmm_(a.double().T, b.double())
+    return total.div_(max(sum(b.shape[0] for b in rights), 1))
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from ..calibrate import CrossAccumulator
+from ..calibrate import paired_moment
 from ..graph import ModelGraph
 from ..lent import put_tensor, replace_tensor
 from ..residual import block_stream, residual_partner
@@ -119,9 +119,9 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
     encoded on it and its dequantized weights go in before the stream runs on, so every later
     input of the block is computed by the compressed sublayers before it; the block is never
     run twice. With `compensate`, a second stream runs the same batches through the graph with its
-    float weights (the original model: every block before is back to float) just ahead of the
-    first, so that each input's C = E[x_ref xᵀ] pairs the original model's rows with the
-    compressed model's; `compensate` gets it beside H, and for a target whose output is added to
+    float weights (the original model: every block before is back to float) to the same input,
+    so that each input's C = E[x_ref xᵀ] pairs the original model's rows with the compressed
+    model's; `compensate` gets it beside H, and for a target whose output is added to
     the residual stream, D = E[(r_ref − r) xᵀ] from both streams' values of it (held then: the add
     that reads them comes after the target)."""
     order, blocks, plan = _blocks_in_order(graph, items)
@@ -137,16 +137,16 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
         in_use: dict[str, torch.Tensor] = {}  # path -> the weight the compressed block computes with
         for x in sorted(groups, key=order.__getitem__):
             acc = HessianAccumulator()
-            cross = None if reference is None else CrossAccumulator()
-            ref_rows = 0
-            if cross is not None:
-                reference.run_through(x, {x: [cross.keep]})  # before the swaps: float weights
-                ref_rows = cross.nbytes() + reference.nbytes()
+            if reference is not None:
+                reference.run_through(x, {})  # before the swaps: float weights
             with _swapped(graph, block_items, in_use):  # the groups before x, encoded
-                stream.run_through(x, {x: [acc.add] + ([] if cross is None else [cross.add])})
+                stream.run_through(x, {x: [acc.add]})
             rows = max(rows, acc.count)
-            # An upper bound with the reference: its rows are let go as C grows.
-            peak = max(peak, stream.nbytes() + acc.H.nbytes + (0 if cross is None else ref_rows + cross.H.nbytes))
+            # Both streams hold x now (the linears reading it come next): C = E[x_ref xᵀ] pairs
+            # their rows batch by batch, with no copy of either kept.
+            C = None if reference is None else paired_moment(reference.rows(x), stream.rows(x))
+            held = stream.nbytes() + acc.H.nbytes
+            peak = max(peak, held if C is None else held + reference.nbytes() + C.nbytes)
             for it in groups[x]:
                 progress_step(0, note=it.path)
                 if compensate is None:
@@ -154,13 +154,13 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
                 else:
                     r = residual_partner(it.sites[0], stream_values)
                     D = None if r is None else _stream_drift(stream, reference, r, x)
-                    enc, fix = compensate(it, acc.H, cross.H, D, per_item)
+                    enc, fix = compensate(it, acc.H, C, D, per_item)
                 out[it.path] = enc
                 if enc is not None:
                     w_hat = decode(enc, it.w)
                     in_use[it.path] = w_hat if fix is None else w_hat + fix
                 progress_step()
-            del acc, cross
+            del acc, C
         with _swapped(graph, block_items, in_use):
             stream.run_through(last, {})  # the rest of the block, on the compressed sublayers
         if reference is not None:
@@ -172,11 +172,8 @@ def _stream_drift(stream: Stream, reference: Stream, r: fx.Node, x: fx.Node) -> 
     """D = E[(r_ref − r) xᵀ] [features of r, features of x] over every real row of every batch:
     the residual stream's drift at r (the reference stream's value minus the compressed one's)
     against the compressed model's input x; both streams hold r and x now."""
-    rows = stream.rows(x)
-    total = torch.zeros(r.meta["val"].shape[-1], rows[0].shape[-1], dtype=torch.float64)
-    for r_ref, r_now, xs in zip(reference.rows(r), stream.rows(r), rows):
-        total.addmm_((r_ref.double() - r_now.double()).T, xs.double())  # in place: no second [out, in]
-    return total.div_(max(sum(xs.shape[0] for xs in rows), 1))
+    drift = [r_ref.double() - r_now.double() for r_ref, r_now in zip(reference.rows(r), stream.rows(r))]
+    return paired_moment(drift, stream.rows(x))
 
 
 def _block_span(order: dict, block, last: fx.Node) -> set[fx.Node]:

@@ -1,12 +1,13 @@
-"""passes/lowrank.py's drift target (with and without the residual stream's drift) and passes/calibrate.py's CrossAccumulator, against a least
-squares solved directly on the rows (torch.linalg.lstsq)."""
+"""passes/lowrank.py's drift target (with and without the residual stream's drift), against a
+least squares solved directly on the rows (torch.linalg.lstsq), and passes/calibrate.py's
+paired_moment."""
 from __future__ import annotations
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from slimfx.passes.calibrate import CrossAccumulator, HessianAccumulator
+from slimfx.passes.calibrate import paired_moment
 from slimfx.passes.lowrank import drift_target
 
 
@@ -59,18 +60,15 @@ def test_the_ridge_shrinks_towards_the_weight_itself_and_no_drift_leaves_it():
     assert far == sorted(far, reverse=True) and far[-1] < 1e-4 * far[0]
 
 
-def test_cross_accumulator_pairs_the_reference_rows_with_the_counted_ones():
+def test_paired_moment_pairs_each_batchs_rows_as_one_sum_over_every_row_does():
     gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(2, 5, 4, generator=gen), torch.randn(2, 5, 4, generator=gen)) for _ in range(3)]
-    acc, h = CrossAccumulator(), HessianAccumulator()
-    for ref, _ in batches:
-        acc.keep(ref)
-    for _, x in batches:
-        acc.add(x)
-        h.add(x)
-    R = torch.cat([r.reshape(-1, 4) for r, _ in batches]).double()
-    X = torch.cat([x.reshape(-1, 4) for _, x in batches]).double()
-    torch.testing.assert_close(acc.H, R.T @ X / 30)
-    assert acc.count == h.count == 30 and acc.nbytes() == acc.H.nbytes  # every reference row consumed
+    lefts = [torch.randn(n, 4, generator=gen) for n in (5, 3, 7)]
+    rights = [torch.randn(n, 6, generator=gen) for n in (5, 3, 7)]
+    L, R = torch.cat(lefts).double(), torch.cat(rights).double()
+    got = paired_moment(lefts, rights)
+    assert got.dtype == torch.float64 and got.shape == (4, 6)
+    torch.testing.assert_close(got, L.T @ R / 15)
     with pytest.raises(ValueError, match="same batches"):
-        acc.add(torch.randn(2, 5, 4))
+        paired_moment(lefts, rights[:2])
+    with pytest.raises(ValueError, match="same tokens"):
+        paired_moment(lefts, [rights[1], rights[0], rights[2]])
