@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx
@@ -116,20 +116,26 @@ class DiagonalAccumulator(HessianAccumulator):
         return rows.pow(2).sum(0)
 
 
-def paired_moment(lefts: list[torch.Tensor], rights: list[torch.Tensor]) -> torch.Tensor:
-    """E[a bᵀ] [features of a, features of b] over paired rows, in float64: batch i's rows of
-    `lefts` [tokens, p] against its rows of `rights` [tokens, q] (the same tokens, e.g. two
-    streams' values of one node, passes/stream.py's `rows`), summed in place.
+def paired_moment(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """E[a bᵀ] [features of a, features of b] over paired rows, in float64: for each batch, its
+    rows a [tokens, p] against its rows b [tokens, q] of the same tokens (e.g. two streams' values
+    of one node, passes/stream.py's `rows`), summed in place; `pairs` may be a generator, so
+    that no batch's float64 copy outlives its product.
 
-    >>> paired_moment([2 * torch.ones(3, 4)], [torch.ones(3, 5)])[0, 0].item()
+    >>> paired_moment([(2 * torch.ones(3, 4), torch.ones(3, 5))])[0, 0].item()
     2.0
     """
-    if len(lefts) != len(rights) or any(a.shape[0] != b.shape[0] for a, b in zip(lefts, rights)):
-        raise ValueError("paired rows must come from the same batches, the same tokens in each")
-    total = torch.zeros(lefts[0].shape[-1], rights[0].shape[-1], dtype=torch.float64)
-    for a, b in zip(lefts, rights):
+    total, count = None, 0
+    for a, b in pairs:
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"paired rows must be the same tokens: {a.shape[0]} rows against {b.shape[0]}")
+        if total is None:
+            total = torch.zeros(a.shape[-1], b.shape[-1], dtype=torch.float64)
         total.addmm_(a.double().T, b.double())
-    return total.div_(max(sum(b.shape[0] for b in rights), 1))
+        count += b.shape[0]
+    if total is None:
+        raise ValueError("paired_moment needs at least one batch of rows")
+    return total.div_(max(count, 1))
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:

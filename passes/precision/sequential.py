@@ -144,7 +144,7 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
             rows = max(rows, acc.count)
             # Both streams hold x now (the linears reading it come next): C = E[x_ref xᵀ] pairs
             # their rows batch by batch, with no copy of either kept.
-            C = None if reference is None else paired_moment(reference.rows(x), stream.rows(x))
+            C = None if reference is None else paired_moment(zip(reference.rows(x), stream.rows(x)))
             held = stream.nbytes() + acc.H.nbytes
             peak = max(peak, held if C is None else held + reference.nbytes() + C.nbytes)
             for it in groups[x]:
@@ -172,8 +172,8 @@ def _stream_drift(stream: Stream, reference: Stream, r: fx.Node, x: fx.Node) -> 
     """D = E[(r_ref − r) xᵀ] [features of r, features of x] over every real row of every batch:
     the residual stream's drift at r (the reference stream's value minus the compressed one's)
     against the compressed model's input x; both streams hold r and x now."""
-    drift = [r_ref.double() - r_now.double() for r_ref, r_now in zip(reference.rows(r), stream.rows(r))]
-    return paired_moment(drift, stream.rows(x))
+    return paired_moment((r_ref - r_now, xs) for r_ref, r_now, xs in
+                         zip(reference.rows(r), stream.rows(r), stream.rows(x), strict=True))
 
 
 def _block_span(order: dict, block, last: fx.Node) -> set[fx.Node]:

@@ -65,10 +65,10 @@ def test_paired_moment_pairs_each_batchs_rows_as_one_sum_over_every_row_does():
     lefts = [torch.randn(n, 4, generator=gen) for n in (5, 3, 7)]
     rights = [torch.randn(n, 6, generator=gen) for n in (5, 3, 7)]
     L, R = torch.cat(lefts).double(), torch.cat(rights).double()
-    got = paired_moment(lefts, rights)
+    got = paired_moment(zip(lefts, rights))
     assert got.dtype == torch.float64 and got.shape == (4, 6)
     torch.testing.assert_close(got, L.T @ R / 15)
-    with pytest.raises(ValueError, match="same batches"):
-        paired_moment(lefts, rights[:2])
-    with pytest.raises(ValueError, match="same tokens"):
-        paired_moment(lefts, [rights[1], rights[0], rights[2]])
+    with pytest.raises(ValueError, match="same tokens: 5 rows against 3"):
+        paired_moment(zip(lefts, [rights[1], rights[0], rights[2]]))
+    with pytest.raises(ValueError, match="at least one batch"):
+        paired_moment([])
