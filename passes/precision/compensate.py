@@ -21,7 +21,8 @@ perplexity 87.5 fitted after the rule, 80.0 fitted along, 62.8 aimed at the drif
 the residual stream's drift too (on the 2,975 text tokens neither the eval nor the calibration
 read: 45.2 -> 41.3, fp32 15.6). Neighbouring ridges move int2 perplexity by ±5% either way
 (residual ridge 1: 61.9, 3: 66.8, 10: 60.5, 30: 60.6; down_proj alone 66.8), so single figures
-are noisy. Calibration size matters more: the same on 46 windows instead of 24, 50.5. The fits
+are noisy. Calibration size matters more: the same loop on 46 windows instead of 24, 50.5 (the
+pass on 47 in the benchmark: 54.0). The fits
 wait in `ctx.error_fits` for the adapt rule.
 """
 from __future__ import annotations
@@ -38,8 +39,8 @@ from .targets import Item
 __all__ = ["ErrorCorrections", "error_corrections", "sweep_details", "few_rows_note", "ROWS_PER_FEATURE"]
 
 # Below this many calibration rows per input feature the drift regression overfits: SmolLM2-135M's
-# down_proj reads 1,536 features; 3,072 rows (2 per feature) left int2 at x2.11 of fp32, 5,888
-# (3.8) at x1.75.
+# down_proj reads 1,536 features; 3,072 rows (2 per feature) left int2 at x2.11 of fp32, 6,016
+# (3.9) at x1.87 (benchmarks/precision.py, no refit).
 ROWS_PER_FEATURE = 4
 
 
@@ -74,7 +75,7 @@ def few_rows_note(corrections: ErrorCorrections | None, rows: int) -> tuple[str,
         return ()
     return (f"init=error aimed each target at a regression on {rows:,} calibration rows, for inputs up to "
             f"{corrections.widest} wide: fewer than {ROWS_PER_FEATURE} rows per input feature overfit "
-            "(SmolLM2-135M int2 g64 with r32 adapters: x2.11 of fp32 on 3,072 rows, x1.75 on 5,888); "
+            "(SmolLM2-135M int2 g64 with r32 adapters: x2.11 of fp32 on 3,072 rows, x1.87 on 6,016); "
             "more calibration text helps",)
 
 
