@@ -130,7 +130,7 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
     out: dict[str, Any] = {}
     rows, peak = 0, 0
     for last, key, block_items in plan:
-        stream_values = frozenset() if compensate is None or key is None else block_stream(blocks[key], order)
+        residual_values = frozenset() if compensate is None or key is None else block_stream(blocks[key], order)
         groups: dict[fx.Node, list[Item]] = {}
         for it in block_items:  # a target read at several sites (a tied weight) takes the first
             groups.setdefault(it.sites[0].x, []).append(it)
@@ -152,7 +152,7 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
                 if compensate is None:
                     enc, fix = per_item(it, acc.H), None
                 else:
-                    r = residual_partner(it.sites[0], stream_values)
+                    r = residual_partner(it.sites[0], residual_values)
                     D = None if r is None else _stream_drift(stream, reference, r, x)
                     enc, fix = compensate(it, acc.H, C, D, per_item)
                 out[it.path] = enc
