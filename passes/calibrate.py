@@ -135,7 +135,7 @@ def paired_moment(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.T
         count += b.shape[0]
     if total is None:
         raise ValueError("paired_moment needs at least one batch of rows")
-    return total.div_(max(count, 1))
+    return total.div_(max(count, 1))  # every row padding: zeros, not NaN
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:

@@ -144,7 +144,8 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
             rows = max(rows, acc.count)
             # Both streams hold x now (the linears reading it come next): C = E[x_ref xᵀ] pairs
             # their rows batch by batch, with no copy of either kept.
-            C = None if reference is None else paired_moment(zip(reference.rows(x), stream.rows(x)))
+            x_rows = None if reference is None else stream.rows(x)  # C's and every D's right side
+            C = None if reference is None else paired_moment(zip(reference.rows(x), x_rows))
             held = stream.nbytes() + acc.H.nbytes
             peak = max(peak, held if C is None else held + reference.nbytes() + C.nbytes)
             for it in groups[x]:
@@ -153,14 +154,14 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
                     enc, fix = per_item(it, acc.H), None
                 else:
                     r = residual_partner(it.sites[0], residual_values)
-                    D = None if r is None else _stream_drift(stream, reference, r, x)
+                    D = None if r is None else _stream_drift(stream, reference, r, x_rows)
                     enc, fix = compensate(it, acc.H, C, D, per_item)
                 out[it.path] = enc
                 if enc is not None:
                     w_hat = decode(enc, it.w)
                     in_use[it.path] = w_hat if fix is None else w_hat + fix
                 progress_step()
-            del acc, C
+            del acc, C, x_rows
         with _swapped(graph, block_items, in_use):
             stream.run_through(last, {})  # the rest of the block, on the compressed sublayers
         if reference is not None:
@@ -168,12 +169,12 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
     return out, rows, peak
 
 
-def _stream_drift(stream: Stream, reference: Stream, r: fx.Node, x: fx.Node) -> torch.Tensor:
+def _stream_drift(stream: Stream, reference: Stream, r: fx.Node, x_rows: list[torch.Tensor]) -> torch.Tensor:
     """D = E[(r_ref − r) xᵀ] [features of r, features of x] over every real row of every batch:
     the residual stream's drift at r (the reference stream's value minus the compressed one's)
-    against the compressed model's input x; both streams hold r and x now."""
+    against the compressed model's input x (`x_rows`, each batch's); both streams hold r now."""
     return paired_moment((r_ref - r_now, xs) for r_ref, r_now, xs in
-                         zip(reference.rows(r), stream.rows(r), stream.rows(x), strict=True))
+                         zip(reference.rows(r), stream.rows(r), x_rows, strict=True))
 
 
 def _block_span(order: dict, block, last: fx.Node) -> set[fx.Node]:
