@@ -15,6 +15,10 @@ ratios compare within one run:
   x·Aᵀ in the same K loop, ·Bᵀ and the scaled add in the epilogue) against the base linear alone,
   both generated, and against eager.
 
+The generated kernels autotune (codegen/tuning.py) on their first call at each shape bucket;
+do_bench's warm-up runs absorb that, and the configs chosen are printed at the end
+(`SLIMFX_AUTOTUNE=0` times the fixed untuned choice instead).
+
 Activations are float32 (the templates' dtype today; bf16 is not generated yet). Targets (issue
 10, an H100/H200): int4 g128 GEMV ≥ 70% of copy bandwidth and ≥ 1.3× Inductor; LoRA r=16 ≤ 1.15×
 the base linear; RMSNorm ≥ 1.5× eager; no kernel slower than Inductor on the same group by > 10%.
@@ -52,7 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     gemm_rows(bench, quick=args.quick)
     rmsnorm_rows(bench)
     lora_rows(bench)
+    tuned_configs()
     return 0
+
+
+def tuned_configs() -> None:
+    """The config each autotuned launcher chose, per (kernel source, shape bucket, sizes)."""
+    from slimfx.codegen.kernel import tuned_launchers
+
+    launchers = tuned_launchers()
+    if not launchers:
+        return
+    print("\nconfigs chosen by autotuning (kernel, bucket: sizes -> config):")
+    for (name, *bucket), tuner in sorted(launchers.items(), key=lambda kv: str(kv[0])):
+        for sizes, config in tuner.cache.items():
+            print(f"  {name} {tuple(bucket)}: {sizes[:len(tuner.keys)]} -> {config}")
 
 
 class Bench:

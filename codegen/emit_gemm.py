@@ -35,6 +35,7 @@ from .expr import Unsupported, expression
 from .kernel import Kernel, float32_only, tensor_val
 from .ops import keeps_order, kind_of
 from .partition import Group
+from .tuning import autotuned, gemm_configs, m_bucket, tuning_enabled
 
 __all__ = ["GemmKernel", "emit_gemm", "block_sizes", "owners"]
 
@@ -47,8 +48,8 @@ _DEQUANT_ARGS = tuple(a.name for a in DEQUANT._schema.arguments)
 
 def block_sizes(m: int, interpreted: bool) -> tuple[int, int, int]:
     """(BM, BN, BK) for one call. tl.dot needs 16 or more on each side. Under the interpreter
-    (numpy, one program at a time) fewer, larger programs are faster; on a GPU these are a fixed
-    first choice — autotuning per shape is not written yet."""
+    (numpy, one program at a time) fewer, larger programs are faster; on a GPU this is the choice
+    when autotuning is off (SLIMFX_AUTOTUNE=0; codegen/tuning.py has the tuned candidates)."""
     if interpreted:
         return 16, 64, 64
     return (16 if m <= 16 else 64), 64, 64
@@ -67,7 +68,6 @@ class GemmKernel(Kernel):
         return [r for _, r in self.inputs]
 
     def launch(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        import triton
         from triton import knobs
 
         x = values[0]
@@ -87,10 +87,21 @@ class GemmKernel(Kernel):
                 dense += 1
             else:
                 args.append(value.contiguous())
-        bm, bn, bk = block_sizes(m, bool(knobs.runtime.interpret))
-        tiles = sum(triton.cdiv(self.ns[seg[0]], bn) for seg in self.segments)
-        self.compile()[(triton.cdiv(m, bm), tiles)](*args, *outs, m, self.k, *self.ns, *strides, BM=bm, BN=bn, BK=bk)
+        interpreted = bool(knobs.runtime.interpret)
+        sizes = (*args, *outs, m, self.k, *self.ns, *strides)
+        if not tuning_enabled(interpreted):
+            bm, bn, bk = block_sizes(m, interpreted)
+            self.compile()[self._grid(m, bm, bn)](*sizes, BM=bm, BN=bn, BK=bk)
+            return outs
+        bucket = m_bucket(m)
+        key = ["K", *[f"N{j}" for j in range(len(self.ns))]]
+        tuned = self.tuned(("gemm", bucket), lambda: autotuned(self.compile(), gemm_configs(bucket), key, interpreted))
+        tuned[lambda meta: self._grid(m, meta["BM"], meta["BN"])](*sizes)
         return outs
+
+    def _grid(self, m: int, bm: int, bn: int) -> tuple[int, int]:
+        """Programs: row tiles × the column tiles of every segment."""
+        return -(-m // bm), sum(-(-self.ns[seg[0]] // bn) for seg in self.segments)
 
 
 def owners(group: Group) -> dict[fx.Node, fx.Node]:

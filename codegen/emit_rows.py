@@ -22,6 +22,7 @@ from .expr import Unsupported, expression, reduction_lines
 from .kernel import Kernel, float32_only, rows_of
 from .ops import keeps_order, kind_of
 from .partition import Group
+from .tuning import autotuned, row_configs, tuning_enabled
 
 __all__ = ["RowKernel", "emit_rows", "Unsupported"]
 
@@ -36,6 +37,7 @@ class RowKernel(Kernel):
     def launch(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run on `values` (the inputs, in order); the outputs, shaped as the graph's."""
         import triton  # here, not at module level: TRITON_INTERPRET must be set before the first import
+        from triton import knobs
 
         *shapes, full = self.output_shapes(values)
         d = int(full[-1]) if len(full) else 1
@@ -50,7 +52,13 @@ class RowKernel(Kernel):
                 if role == "bcast":
                     extra += list(torch.broadcast_to(v, full).stride())
         if rows and d:
-            self.compile()[(rows,)](*args, *outs, d, *extra, BLOCK=triton.next_power_of_2(d))
+            block = triton.next_power_of_2(d)
+            interpreted = bool(knobs.runtime.interpret)
+            if tuning_enabled(interpreted):  # one launcher per row width: its own timings
+                tuned = self.tuned(("rows", block), lambda: autotuned(self.compile(), row_configs(), ["D"], interpreted))
+                tuned[(rows,)](*args, *outs, d, *extra, BLOCK=block)
+            else:
+                self.compile()[(rows,)](*args, *outs, d, *extra, BLOCK=block)
         return outs
 
 

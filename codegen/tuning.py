@@ -1,0 +1,94 @@
+"""Autotuning of the generated kernels: the candidate launch configurations of each template, and
+the launcher that times them once per shape bucket and keeps the fastest.
+
+- **When.** On a GPU every launch goes through `triton.autotune` over the template's configs.
+  Under Triton's interpreter (no GPU) a launch uses the template's fixed first choice: the
+  interpreter has no driver to time on, and numpy's speed says nothing about a GPU's.
+  `SLIMFX_AUTOTUNE=0` turns tuning off on a GPU too (the fixed choice, no timing runs);
+  `SLIMFX_AUTOTUNE=1` turns it on under the interpreter as well, timed by the wall clock — slow,
+  and only there to exercise the tuner without a GPU (the test suite does).
+- **Keys.** The GEMM template is tuned per bucket of M (rows: 1–16, then powers of two up to
+  256, then one bucket) and per (K, N…): a decode step and a prefill get their own choice, but a
+  new sequence length in the same bucket does not time the configs again. The row template is
+  tuned per row width.
+- **Every config computes the same numbers** (the kernels mask ragged tiles; BK changes only the
+  order of the K-sum, within float32 rounding), so tuning changes speed, never the result beyond
+  that rounding. tl.dot needs 16 or more on each side of a tile: every GEMM config has it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+__all__ = ["tuning_enabled", "gemm_configs", "row_configs", "m_bucket", "autotuned", "wall_clock_bench"]
+
+ENV = "SLIMFX_AUTOTUNE"
+
+
+def tuning_enabled(interpreted: bool) -> bool:
+    """Whether a launch autotunes (module doc): on a GPU unless SLIMFX_AUTOTUNE=0; under the
+    interpreter only with SLIMFX_AUTOTUNE=1."""
+    setting = os.environ.get(ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{ENV}={setting!r}: use 1 (tune, even under Triton's interpreter), "
+                         "0 (never tune) or leave it unset (tune on a GPU only)")
+    if setting:
+        return setting == "1"
+    return not interpreted
+
+
+def m_bucket(m: int) -> int:
+    """The GEMM's tuning bucket of M rows: 16 for 1–16 (decode, small batches), then the next
+    power of two up to 256, then 512 for everything larger (prefill)."""
+    if m <= 16:
+        return 16
+    if m <= 256:
+        return 1 << (m - 1).bit_length()
+    return 512
+
+
+def gemm_configs(bucket: int) -> list[dict]:
+    """The GEMM template's candidates for an M bucket: dicts of BM/BN/BK and the launch's
+    num_warps/num_stages. Small M: one row tile of 16, wide and deep weight tiles (a GEMV reads
+    the weight once; more K per step hides the dequantize). Large M: square-ish tiles."""
+    if bucket <= 16:
+        tiles = [(16, 32, 64), (16, 64, 64), (16, 64, 128), (16, 128, 64), (16, 128, 128), (16, 32, 256),
+                 (16, 64, 256)]
+        return [_config(bm, bn, bk, warps, 3) for bm, bn, bk in tiles for warps in (2, 4)]
+    if bucket <= 64:
+        tiles = [(32, 64, 64), (32, 128, 64), (64, 64, 64), (64, 128, 32), (16, 64, 64)]
+    else:
+        tiles = [(64, 64, 64), (64, 128, 32), (128, 64, 32), (128, 128, 32), (64, 128, 64), (128, 128, 64)]
+    return [_config(bm, bn, bk, warps, stages) for bm, bn, bk in tiles for warps, stages in ((4, 3), (8, 4))]
+
+
+def row_configs() -> list[dict]:
+    """The row template's candidates: one program per row whatever the config, so only how many
+    warps share a row (BLOCK, the row width's next power of two, is set by the launcher)."""
+    return [{"kwargs": {}, "num_warps": w, "num_stages": 1} for w in (1, 2, 4, 8, 16)]
+
+
+def autotuned(fn, configs: list[dict], key: list[str], interpreted: bool):
+    """`fn` (a @triton.jit function) behind triton.autotune over `configs`, keyed on the argument
+    names `key`; timed by Triton's benchmarker on a GPU, by the wall clock under the interpreter."""
+    import triton
+
+    choices = [triton.Config(c["kwargs"], num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs]
+    return triton.autotune(configs=choices, key=key, do_bench=wall_clock_bench if interpreted else None)(fn)
+
+
+def wall_clock_bench(fn: Callable[[], object], quantiles=None, **_) -> float | list[float]:
+    """Triton's do_bench contract (milliseconds; a list when quantiles are asked for), timed by the
+    wall clock: the best of three runs after one warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        best = min(best, (time.perf_counter() - start) * 1e3)
+    return [best] * len(quantiles) if quantiles else best
+
+
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
+    return {"kwargs": {"BM": bm, "BN": bn, "BK": bk}, "num_warps": warps, "num_stages": stages}

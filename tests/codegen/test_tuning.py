@@ -1,0 +1,120 @@
+"""Autotuning of the generated kernels (codegen/tuning.py). Without a GPU the tuned launchers run
+under Triton's interpreter with SLIMFX_AUTOTUNE=1, timed by the wall clock: every config of a
+template is launched and timed, the result still equals the eager backend, one M bucket is timed
+once; without the setting the interpreter keeps the fixed choice and times nothing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimfx
+from slimfx.codegen import kernel as kernel_module
+from slimfx.codegen import tuning
+from slimfx.codegen.emit_gemm import block_sizes, emit_gemm
+from slimfx.codegen.partition import partition
+from slimfx.codegen.tuning import gemm_configs, m_bucket, row_configs, tuning_enabled
+from slimfx.models import tiny
+
+from graphs import QuantLinear, capture_module
+
+
+@pytest.fixture
+def fresh_tuners(monkeypatch):
+    """An empty table of tuned launchers, and a count of the configs timed."""
+    monkeypatch.setattr(kernel_module, "_TUNED", {})
+    timed, original = [], tuning.wall_clock_bench
+
+    def counting_bench(fn, quantiles=None, **kw):
+        timed.append(fn)
+        return original(fn, quantiles, **kw)
+
+    monkeypatch.setattr(tuning, "wall_clock_bench", counting_bench)
+    return timed
+
+
+def test_tuning_on_a_gpu_and_under_the_interpreter_only_when_asked(monkeypatch):
+    monkeypatch.delenv("SLIMFX_AUTOTUNE", raising=False)
+    assert tuning_enabled(interpreted=False) and not tuning_enabled(interpreted=True)
+    monkeypatch.setenv("SLIMFX_AUTOTUNE", "1")
+    assert tuning_enabled(interpreted=True) and tuning_enabled(interpreted=False)
+    monkeypatch.setenv("SLIMFX_AUTOTUNE", "0")
+    assert not tuning_enabled(interpreted=False) and not tuning_enabled(interpreted=True)
+    monkeypatch.setenv("SLIMFX_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="use 1 .* 0 .* or leave it unset"):
+        tuning_enabled(interpreted=False)
+
+
+@pytest.mark.parametrize("m,bucket", [(1, 16), (16, 16), (17, 32), (64, 64), (65, 128), (256, 256), (257, 512),
+                                      (8192, 512)])
+def test_m_buckets(m, bucket):
+    assert m_bucket(m) == bucket
+
+
+@pytest.mark.parametrize("m", [1, 16, 17, 48, 100, 256, 4096])
+def test_every_gemm_config_is_a_legal_tile_and_includes_the_fixed_choice(m):
+    configs = gemm_configs(m_bucket(m))
+    tiles = [(c["kwargs"]["BM"], c["kwargs"]["BN"], c["kwargs"]["BK"]) for c in configs]
+    assert len(set(tiles)) * 2 == len(configs)  # each tile with two launch settings
+    for tile in tiles:
+        assert all(size >= 16 and size & (size - 1) == 0 for size in tile), tile  # tl.dot: 16+, powers of 2
+    assert block_sizes(m, interpreted=False) in tiles  # tuning never loses the untuned choice
+    assert all(c["num_warps"] in (2, 4, 8) and c["num_stages"] >= 1 for c in configs)
+    assert {c["num_warps"] for c in row_configs()} == {1, 2, 4, 8, 16}
+
+
+def _gemm(model, x):
+    gm = capture_module(model, x)
+    (group,) = [g for g in partition(gm) if g.kind == "gemm"]
+    return emit_gemm(group)
+
+
+def test_a_tuned_gemm_times_every_config_once_per_m_bucket(monkeypatch, fresh_tuners):
+    monkeypatch.setenv("SLIMFX_AUTOTUNE", "1")
+    model = QuantLinear(40, 24, 4, 16, False, True, "silu")
+    kernel = _gemm(model, torch.randn(2, 40))
+    assert [role for _, role in kernel.inputs[:4]] == ["x", "qweight", "scales", "zeros"]
+    extra = [r for _, r in kernel.inputs[4:]]
+    assert extra == ["col"], extra  # the bias: read from the model below
+    for m, new_timings in ((3, len(gemm_configs(16))), (5, 0), (20, len(gemm_configs(32)))):
+        x = torch.randn(m, 40)
+        before = len(fresh_tuners)
+        (got,) = kernel.launch([x, model.qweight, model.scales, model.zeros, model.bias])
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-4)
+        assert len(fresh_tuners) - before == new_timings, (m, len(fresh_tuners) - before)
+    tuners = {key[1:]: t for key, t in kernel_module._TUNED.items()}
+    assert set(tuners) == {("gemm", 16), ("gemm", 32)}
+    for (_, bucket), tuner in tuners.items():
+        assert tuner.best_config.kwargs in [c["kwargs"] for c in gemm_configs(bucket)]
+
+
+def test_without_the_setting_the_interpreter_times_nothing(monkeypatch, fresh_tuners):
+    monkeypatch.delenv("SLIMFX_AUTOTUNE", raising=False)
+    model = QuantLinear(40, 24, 4, 16, False, True, "silu")
+    kernel = _gemm(model, torch.randn(2, 40))
+    x = torch.randn(3, 40)
+    (got,) = kernel.launch([x, model.qweight, model.scales, model.zeros, model.bias])
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-4)
+    assert fresh_tuners == [] and kernel_module._TUNED == {}
+
+
+def test_a_tiny_llama_with_tuned_kernels_equals_the_eager_backend(monkeypatch, fresh_tuners):
+    """Both templates tuned (the GEMMs with int4 weights and LoRA, the RMSNorm rows), every
+    config of each launched and timed, the logits as eager's."""
+    monkeypatch.setenv("SLIMFX_AUTOTUNE", "1")
+    lm = tiny("llama")
+    policy = "quantize blocks.*.** : Linear int4 group=32\nadapt blocks.*.self_attn.q_proj lora rank=4\n"
+    eager = slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, backend="eager")
+    cm = slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, backend="triton")
+    with torch.no_grad():
+        want = eager(**lm.example_inputs).logits
+        got = cm(**lm.example_inputs).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    templates = {key[1] for key in kernel_module._TUNED}
+    assert templates == {"gemm", "rows"}
+    for key, tuner in kernel_module._TUNED.items():
+        assert len(tuner.configs) == len(gemm_configs(key[2]) if key[1] == "gemm" else row_configs())
+        assert tuner.best_config in tuner.configs
+    # every launcher timed each of its configs once per key it met
+    assert len(fresh_tuners) >= sum(len(t.configs) for t in kernel_module._TUNED.values())
