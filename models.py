@@ -54,14 +54,18 @@ class LoadedModel:
     def config(self):
         return self.model.config
 
-    def encode(self, texts: list[str] | str, *, max_length: int = 128) -> dict[str, torch.Tensor]:
-        """Tokenize `texts` into the keyword inputs the model takes (padded batch, pt tensors)."""
+    def encode(self, texts: list[str] | str, *, max_length: int = 128, overflow: bool = False) -> dict[str, torch.Tensor]:
+        """Tokenize `texts` into the keyword inputs the model takes (padded batch, pt tensors).
+        A text longer than `max_length` tokens is cut there, or with `overflow=True` goes on in
+        as many further rows as it needs (each with the tokenizer's special tokens), so no
+        token is dropped."""
         if self.tokenizer is None:
             raise ValueError(f"{self.name} has no tokenizer ({self.kind} model); build its inputs "
                              "by hand, e.g. from LoadedModel.example_inputs.")
         texts = [texts] if isinstance(texts, str) else list(texts)
+        more = {"return_overflowing_tokens": True} if overflow else {}
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
-                             return_tensors="pt")
+                             return_tensors="pt", **more)
         return {k: v for k, v in enc.items() if k in _forward_params(self.model)}
 
 
@@ -73,10 +77,12 @@ class ByteTokenizer:
     model_max_length = 1 << 30
 
     def __call__(self, texts, *, padding=True, truncation=False, max_length=None,
-                 return_tensors=None, **_ignored):
+                 return_tensors=None, return_overflowing_tokens=False, **_ignored):
         batch = [texts] if isinstance(texts, str) else list(texts)
         ids = [list(t.encode("utf-8")) for t in batch]
-        if truncation and max_length:
+        if truncation and max_length and return_overflowing_tokens:  # as HF: the rest in further rows
+            ids = [row[i:i + max_length] for row in ids for i in range(0, max(len(row), 1), max_length)]
+        elif truncation and max_length:
             ids = [row[:max_length] for row in ids]
         width = max(map(len, ids), default=0) if padding else None
         if width is not None:

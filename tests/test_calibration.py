@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import slimfx
-from slimfx.calibration import calibration_batches, read_paragraphs
+from slimfx.calibration import BATCH_SIZE, DEFAULT_TOKENS, MAX_TOKENS, calibration_batches, read_paragraphs
 from slimfx.evaluation import calibration_texts, default_text, eval_text
-from slimfx.models import tiny
+from slimfx.models import load, tiny
 
 GPTQ = "policy p {\n    quantize blocks.*.** : Linear int4 method=gptq\n}\n"
 
@@ -67,3 +67,43 @@ def test_default_calibration_never_overlaps_the_scored_text():
     assert len(calib) >= 16 and len(scored) > 10_000
     assert not any(p in scored for p in calib)
     assert default_text().startswith(scored)
+
+
+def _real_rows(batches) -> list[list[int]]:
+    return [row[mask.bool()].tolist() for b in batches for row, mask in zip(b["input_ids"], b["attention_mask"])]
+
+
+def test_a_long_text_goes_on_in_further_rows_none_of_it_dropped(llama):
+    """Byte tokens: a 300-character text is rows of 128, 128 and 44, in order; batches of four
+    rows, each only as wide as its longest row."""
+    long, short = "x" * 100 + "y" * 100 + "z" * 100, "a short one"
+    batches = calibration_batches(llama, [long, short, long])
+    rows = _real_rows(batches)
+    assert [len(r) for r in rows] == [128, 128, 44, len(short), 128, 128, 44]
+    assert bytes(sum(rows[:3], [])).decode() == long and bytes(rows[3]).decode() == short
+    assert [b["input_ids"].shape for b in batches] == [(BATCH_SIZE, 128), (3, 128)]
+    tail = calibration_batches(llama, [long[:200] + "!" * 56, short])  # rows of 128, 128, 11
+    assert [b["input_ids"].shape for b in tail] == [(3, 128)]
+    only_short = calibration_batches(llama, [short, short + "!"])
+    assert only_short[0]["input_ids"].shape == (2, len(short) + 1)  # no all-padding columns
+
+
+def test_every_row_of_a_real_tokenizer_keeps_its_special_tokens():
+    """BERT's rows each begin with [CLS] and end with [SEP], the overflow rows too."""
+    lm = load("minilm-l6")
+    text = " ".join(calibration_texts())  # far longer than one row
+    batches = calibration_batches(lm, [text])
+    rows = _real_rows(batches)
+    assert len(rows) > 3 and all(len(r) <= MAX_TOKENS for r in rows)
+    cls, sep = lm.tokenizer.cls_token_id, lm.tokenizer.sep_token_id
+    assert all(r[0] == cls and r[-1] == sep for r in rows)
+    words = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert sum((r[1:-1] for r in rows), []) == words  # every token once, in order
+
+
+def test_the_default_is_every_row_of_the_calibration_text_up_to_its_cap(llama):
+    batches = calibration_batches(llama, None)
+    rows = _real_rows(batches)
+    assert sum(map(len, rows)) == DEFAULT_TOKENS and all(len(r) == MAX_TOKENS for r in rows)
+    text = "\n\n".join(calibration_texts(min_words=0)).encode()
+    assert bytes(sum(rows, [])) == text[:DEFAULT_TOKENS]  # the text's first tokens, in order
