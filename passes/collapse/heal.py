@@ -79,7 +79,8 @@ def _linear(graph: ModelGraph, bound: BoundRule, ctx: Context):
         fits.append((cut, fit))
     details = {"cuts": [{"removed": list(c.removed), "residual_before": f.residual_before,
                          "residual_after": f.residual_after} for c, f in fits]}
-    notes = [f"a {fits[0][1].map.shape[0]}×{fits[0][1].map.shape[0]} map at each of {len(fits)} cuts; "
+    where = "at the cut" if len(fits) == 1 else f"at each of {len(fits)} cuts"
+    notes = [f"a {fits[0][1].map.shape[0]}×{fits[0][1].map.shape[0]} map {where}; "
              "fit residual ‖XT − Y‖/‖Y‖: " + ", ".join(f"{f.residual_before:.3f} → {f.residual_after:.3f}"
                                                        for _, f in fits)]
     return details, notes

@@ -50,6 +50,7 @@ def test_linear_heal_is_the_fit_applied_at_the_cut():
     assert max_diff(outputs(cm, ids), outputs(reference, ids)) < 1e-4
     cut = cm.report.rules[1].details["cuts"][0]
     assert cut["residual_after"] < cut["residual_before"]
+    assert cm.report.rules[1].notes[0].startswith(f"a {fit.map.shape[0]}×{fit.map.shape[0]} map at the cut; ")
     assert hasattr(cm.program.get_submodule("model.layers"), "heal_map_4")
 
 
