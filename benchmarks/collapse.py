@@ -4,7 +4,7 @@ Removes 4 and 8 blocks with every method of the collapse pass — rear drop, dro
 influence, drop by angular distance (runs of at most 4), LaCo's search — each plain and (except
 rear drop) with `heal method=linear`; then the best of them with `heal method=linear` followed by `heal
 method=lora … distill=true`. Perplexity on evaluation.eval_text() (the same tokens for every
-row); calibration is compile's default (the other part of the built-in text, 1.7k tokens), so
+row); calibration is compile's default (the other part of the built-in text, 3,072 tokens), so
 no row is scored on text it was fitted or trained on. CPU latency of one 1×256 forward, each row
 against the fp32 model measured in the same run. Prints a markdown table, then the checks.
 
