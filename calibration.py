@@ -85,6 +85,8 @@ def _texts(model, texts: list[str], max_tokens: int | None = None) -> list[dict[
     if encode is None or getattr(model, "tokenizer", None) is None:
         raise TypeError("calib as texts needs a model from slimfx.models.load(...) with a tokenizer; "
                         "otherwise pass token batches: [{'input_ids': ...}, ...]")
+    if not texts:
+        return []
     rows = encode(texts, max_length=MAX_TOKENS, overflow=True)
     total = len(rows["input_ids"])
     if max_tokens is not None and "attention_mask" in rows:
@@ -102,10 +104,10 @@ def _texts(model, texts: list[str], max_tokens: int | None = None) -> list[dict[
 
 # The default calibration: rows of the calibration text up to DEFAULT_TOKENS real tokens (24 rows
 # of 128; SmolLM2's tokens of it all are 3,143). Paragraphs of 20+ words used to be one row
-# each, cut at 128 tokens (1,742 of SmolLM2's tokens). In a prototype with all 3,143, `heal
-# method=linear` on SmolLM2 went from ×1.316 to ×1.278 of fp32 (4 blocks dropped) and from
-# ×2.044 to ×1.858 (8 blocks). The cap keeps byte-level tiny models (a token per character,
-# 9k of them) at the size they had (3,061).
+# each, cut at 128 tokens (1,742 of SmolLM2's tokens). With these 3,072, benchmarks/collapse.py's
+# `heal method=linear` went from ×1.316 to ×1.278 of fp32 (4 blocks dropped) and from ×2.044 to
+# ×1.871 (8 blocks), and `make demo` from ×1.215 to ×1.164. The cap keeps byte-level tiny models
+# (a token per character, 9k of them) at the size they had (3,061).
 DEFAULT_TOKENS = 3072
 
 

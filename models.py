@@ -66,6 +66,10 @@ class LoadedModel:
         more = {"return_overflowing_tokens": True} if overflow else {}
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                              return_tensors="pt", **more)
+        if overflow and "overflow_to_sample_mapping" not in enc:  # a slow tokenizer: no further rows
+            raise ValueError(f"{self.name}'s tokenizer ({type(self.tokenizer).__name__}) cannot go on with a "
+                             f"long text in further rows; pass texts of at most {max_length} tokens, or token "
+                             "batches ([{'input_ids': ...}, ...])")
         return {k: v for k, v in enc.items() if k in _forward_params(self.model)}
 
 
@@ -80,8 +84,11 @@ class ByteTokenizer:
                  return_tensors=None, return_overflowing_tokens=False, **_ignored):
         batch = [texts] if isinstance(texts, str) else list(texts)
         ids = [list(t.encode("utf-8")) for t in batch]
+        sample = list(range(len(ids)))
         if truncation and max_length and return_overflowing_tokens:  # as HF: the rest in further rows
-            ids = [row[i:i + max_length] for row in ids for i in range(0, max(len(row), 1), max_length)]
+            starts = [(j, i) for j, row in enumerate(ids) for i in range(0, max(len(row), 1), max_length)]
+            sample = [j for j, _ in starts]
+            ids = [ids[j][i:i + max_length] for j, i in starts]
         elif truncation and max_length:
             ids = [row[:max_length] for row in ids]
         width = max(map(len, ids), default=0) if padding else None
@@ -94,7 +101,10 @@ class ByteTokenizer:
             ids, mask = ids[0], mask[0]
         if return_tensors == "pt":
             ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask}
+        out = {"input_ids": ids, "attention_mask": mask}
+        if return_overflowing_tokens:  # which text each row came from, as HF's fast tokenizers say
+            out["overflow_to_sample_mapping"] = torch.tensor(sample) if return_tensors == "pt" else sample
+        return out
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)

@@ -7,6 +7,10 @@ the launcher that times them once per shape bucket and keeps the fastest.
   `SLIMFX_AUTOTUNE=0` turns tuning off on a GPU too (the fixed choice, no timing runs);
   `SLIMFX_AUTOTUNE=1` turns it on under the interpreter as well, timed by the wall clock — slow,
   and only there to exercise the tuner without a GPU (the test suite does).
+- **Cost.** The first call of a kernel source at a new bucket compiles and times every config
+  (seconds per source on a GPU); Triton keeps the compiled configs and, where it can, the choice
+  on disk, so later processes pay little. The configs have never been timed on a GPU here (none
+  was lent): they are the usual Triton-tutorial tile sizes, not measured choices.
 - **Keys.** The GEMM template is tuned per bucket of M (rows: 1–16, then powers of two up to
   256, then one bucket) and per (K, N…): a decode step and a prefill get their own choice, but a
   new sequence length in the same bucket does not time the configs again. The row template is
@@ -17,6 +21,7 @@ the launcher that times them once per shape bucket and keeps the fastest.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from typing import Callable
@@ -71,11 +76,22 @@ def row_configs() -> list[dict]:
 
 def autotuned(fn, configs: list[dict], key: list[str], interpreted: bool):
     """`fn` (a @triton.jit function) behind triton.autotune over `configs`, keyed on the argument
-    names `key`; timed by Triton's benchmarker on a GPU, by the wall clock under the interpreter."""
+    names `key`; timed by Triton's benchmarker on a GPU, by the wall clock under the interpreter.
+    On a GPU the choice is also kept in Triton's disk cache where this Triton can (cache_results),
+    so a later process does not time the same kernel and sizes again."""
     import triton
 
     choices = [triton.Config(c["kwargs"], num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs]
-    return triton.autotune(configs=choices, key=key, do_bench=wall_clock_bench if interpreted else None)(fn)
+    accepts = inspect.signature(triton.autotune).parameters
+    options = {}
+    if interpreted:
+        if "do_bench" not in accepts:
+            raise RuntimeError(f"triton {triton.__version__}'s autotune takes no do_bench: it cannot be timed "
+                               f"under the interpreter; unset {ENV}")
+        options["do_bench"] = wall_clock_bench
+    elif "cache_results" in accepts:
+        options["cache_results"] = True
+    return triton.autotune(configs=choices, key=key, **options)(fn)
 
 
 def wall_clock_bench(fn: Callable[[], object], quantiles=None, **_) -> float | list[float]:

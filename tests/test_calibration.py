@@ -107,3 +107,18 @@ def test_the_default_is_every_row_of_the_calibration_text_up_to_its_cap(llama):
     assert sum(map(len, rows)) == DEFAULT_TOKENS and all(len(r) == MAX_TOKENS for r in rows)
     text = "\n\n".join(calibration_texts(min_words=0)).encode()
     assert bytes(sum(rows, [])) == text[:DEFAULT_TOKENS]  # the text's first tokens, in order
+
+
+def test_a_tokenizer_that_cannot_go_on_in_further_rows_is_refused(llama):
+    """A slow tokenizer returns the overflow apart instead of as rows: refused, not truncated."""
+    import dataclasses
+
+    class Slow:
+        def __call__(self, texts, **kwargs):
+            out = llama.tokenizer(texts, **kwargs)
+            out.pop("overflow_to_sample_mapping", None)
+            return out
+
+    slow = dataclasses.replace(llama, tokenizer=Slow())
+    with pytest.raises(ValueError, match="cannot go on with a long text in further rows; pass texts of at most 128"):
+        calibration_batches(slow, ["x" * 300])
