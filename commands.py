@@ -25,7 +25,8 @@ def add_model_commands(sub) -> None:
     comp.add_argument("--policy", help="which policy of the file (when it holds several)")
     comp.add_argument("--out", required=True, help="artifact directory to write")
     comp.add_argument("--calib", metavar="FILE", help="calibration text (UTF-8; paragraphs become calibration "
-                      "texts); default: the part of the built-in text that `slimfx eval` never scores")
+                      "texts, in rows of at most 128 tokens, none dropped); default: 3,072 tokens of the part "
+                      "of the built-in text that `slimfx eval` never scores")
     comp.add_argument("--stats", action="store_true", help="also print the code generator's fusion groups and "
                       "their memory traffic (unfused vs fused) for one run on the model's example inputs")
     comp.add_argument("--emit-kernels", metavar="DIR", help="also write the Triton source of every kernel the "
