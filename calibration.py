@@ -90,8 +90,8 @@ def _texts(model, texts: list[str], max_tokens: int | None = None) -> list[dict[
     rows = encode(texts, max_length=MAX_TOKENS, overflow=True)
     total = len(rows["input_ids"])
     if max_tokens is not None and "attention_mask" in rows:
-        before = rows["attention_mask"].sum(1).cumsum(0) - rows["attention_mask"].sum(1)  # tokens before each row
-        total = int((before < max_tokens).sum())
+        lengths = rows["attention_mask"].sum(1)
+        total = int((lengths.cumsum(0) - lengths < max_tokens).sum())  # rows starting before the cap
     batches = []
     for i in range(0, total, BATCH_SIZE):
         batch = {k: v[i:min(i + BATCH_SIZE, total)] for k, v in rows.items()}

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def tuned_configs() -> None:
     """The config each autotuned launcher chose, per (kernel source, shape bucket, sizes)."""
-    from slimfx.codegen.kernel import tuned_launchers
+    from slimfx.codegen.tuning import tuned_launchers
 
     launchers = tuned_launchers()
     if not launchers:

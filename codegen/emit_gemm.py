@@ -94,8 +94,8 @@ class GemmKernel(Kernel):
             self.compile()[self._grid(m, bm, bn)](*sizes, BM=bm, BN=bn, BK=bk)
             return outs
         bucket = m_bucket(m)
-        key = ["K", *[f"N{j}" for j in range(len(self.ns))]]
-        tuned = self.tuned(("gemm", bucket), lambda: autotuned(self.compile(), gemm_configs(bucket), key, interpreted))
+        tuned = self.tuned(("gemm", bucket), lambda: autotuned(
+            self.compile(), gemm_configs(bucket), ["K", *[f"N{j}" for j in range(len(self.ns))]], interpreted))
         tuned[lambda meta: self._grid(m, meta["BM"], meta["BN"])](*sizes)
         return outs
 

@@ -29,17 +29,7 @@ import sympy
 import torch
 from torch import fx
 
-__all__ = ["Kernel", "Shapes", "tuned_launchers", "cache_dir", "source_name", "tensor_val", "float32_only"]
-
-
-# (source name, bucket…) -> triton.autotune launcher: the timings it keeps are per source, not per group
-_TUNED: dict[tuple, Any] = {}
-
-
-def tuned_launchers() -> dict[tuple, Any]:
-    """The autotuned launchers made so far in this process: (source name, bucket…) -> launcher
-    (its `.cache` maps the sizes it met to the config it chose)."""
-    return dict(_TUNED)
+__all__ = ["Kernel", "Shapes", "cache_dir", "source_name", "tensor_val", "float32_only"]
 
 
 def cache_dir() -> Path:
@@ -146,10 +136,9 @@ class Kernel:
     def tuned(self, bucket: tuple, make: Callable[[], Any]):
         """The autotuned launcher of this source for `bucket` (codegen/tuning.py), made by `make`
         once per process: every group with this source shares it, so one shape is timed once."""
-        key = (self.name, *bucket)
-        if key not in _TUNED:
-            _TUNED[key] = make()
-        return _TUNED[key]
+        from .tuning import launcher
+
+        return launcher((self.name, *bucket), make)
 
     def shape_nodes(self) -> list[fx.Node]:
         """The values whose run-time shapes the launcher needs: the outputs (a template may add)."""

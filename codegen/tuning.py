@@ -24,11 +24,28 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["tuning_enabled", "gemm_configs", "row_configs", "m_bucket", "autotuned", "wall_clock_bench"]
+__all__ = ["tuning_enabled", "gemm_configs", "row_configs", "m_bucket", "autotuned", "wall_clock_bench",
+           "launcher", "tuned_launchers"]
 
 ENV = "SLIMFX_AUTOTUNE"
+
+# (source name, bucket…) -> triton.autotune launcher: the timings it keeps are per source, not per group
+_TUNED: dict[tuple, Any] = {}
+
+
+def launcher(key: tuple, make: Callable[[], Any]):
+    """The tuned launcher for `key`, made by `make` the first time in this process."""
+    if key not in _TUNED:
+        _TUNED[key] = make()
+    return _TUNED[key]
+
+
+def tuned_launchers() -> dict[tuple, Any]:
+    """The autotuned launchers made so far in this process: (source name, bucket…) -> launcher
+    (its `.cache` maps the sizes it met to the config it chose)."""
+    return dict(_TUNED)
 
 
 def tuning_enabled(interpreted: bool) -> bool:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import slimfx
-from slimfx.codegen import kernel as kernel_module
 from slimfx.codegen import tuning
 from slimfx.codegen.emit_gemm import block_sizes, emit_gemm
 from slimfx.codegen.partition import partition
@@ -21,7 +20,7 @@ from graphs import QuantLinear, capture_module
 @pytest.fixture
 def fresh_tuners(monkeypatch):
     """An empty table of tuned launchers, and a count of the configs timed."""
-    monkeypatch.setattr(kernel_module, "_TUNED", {})
+    monkeypatch.setattr(tuning, "_TUNED", {})
     timed, original = [], tuning.wall_clock_bench
 
     def counting_bench(fn, quantiles=None, **kw):
@@ -82,7 +81,7 @@ def test_a_tuned_gemm_times_every_config_once_per_m_bucket(monkeypatch, fresh_tu
         with torch.no_grad():
             torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-4)
         assert len(fresh_tuners) - before == new_timings, (m, len(fresh_tuners) - before)
-    tuners = {key[1:]: t for key, t in kernel_module._TUNED.items()}
+    tuners = {key[1:]: t for key, t in tuning._TUNED.items()}
     assert set(tuners) == {("gemm", 16), ("gemm", 32)}
     for (_, bucket), tuner in tuners.items():
         assert tuner.best_config.kwargs in [c["kwargs"] for c in gemm_configs(bucket)]
@@ -96,7 +95,7 @@ def test_without_the_setting_the_interpreter_times_nothing(monkeypatch, fresh_tu
     (got,) = kernel.launch([x, model.qweight, model.scales, model.zeros, model.bias])
     with torch.no_grad():
         torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-4)
-    assert fresh_tuners == [] and kernel_module._TUNED == {}
+    assert fresh_tuners == [] and tuning._TUNED == {}
 
 
 def test_a_tiny_llama_with_tuned_kernels_equals_the_eager_backend(monkeypatch, fresh_tuners):
@@ -111,10 +110,10 @@ def test_a_tiny_llama_with_tuned_kernels_equals_the_eager_backend(monkeypatch, f
         want = eager(**lm.example_inputs).logits
         got = cm(**lm.example_inputs).logits
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
-    templates = {key[1] for key in kernel_module._TUNED}
+    templates = {key[1] for key in tuning._TUNED}
     assert templates == {"gemm", "rows"}
-    for key, tuner in kernel_module._TUNED.items():
+    for key, tuner in tuning._TUNED.items():
         assert len(tuner.configs) == len(gemm_configs(key[2]) if key[1] == "gemm" else row_configs())
         assert tuner.best_config in tuner.configs
     # every launcher timed each of its configs once per key it met
-    assert len(fresh_tuners) >= sum(len(t.configs) for t in kernel_module._TUNED.values())
+    assert len(fresh_tuners) >= sum(len(t.configs) for t in tuning._TUNED.values())
