@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from .adapters import Adapter, adapter_nodes, adapters_of, is_adapter_param, output_node
 from .program import Program
+from .forward_parts import recompile
 
 __all__ = ["MergeError", "merge_adapters", "merged_weight"]
 
@@ -50,7 +51,7 @@ def merge_adapters(program: Program, paths: Iterable[str] | None = None) -> list
     plans = [(path, _weight_of(gm, path)) for path in chosen]  # every refusal before any change
     for path, (owner, attr) in plans:
         _fold(program, path, found[path], owner, attr)
-    gm.recompile()
+    recompile(gm)
     return chosen
 
 

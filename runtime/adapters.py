@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 from torch import fx
+from .forward_parts import recompile
 
 __all__ = ["Adapter", "META_KEY", "PARAMS", "tag", "tag_of", "is_adapter_param", "adapters_of",
            "adapter_nodes", "output_node", "set_dropout", "adapter_param_names", "STORED_DTYPES"]
@@ -112,5 +113,5 @@ def set_dropout(gm: fx.GraphModule, training: bool) -> bool:
             n.args = (n.args[0], n.args[1], training)
             changed = True
     if changed:
-        gm.recompile()
+        recompile(gm)
     return changed

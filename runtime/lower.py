@@ -38,6 +38,7 @@ from torch import fx, nn
 from . import cpu_kernels as K
 from .report import format_bytes
 from .sizes import tensor_bytes
+from .forward_parts import recompile
 
 __all__ = ["BACKENDS", "Lowering", "lower", "unlower", "unlowered", "summary", "lowered_tensors",
            "register_graph_lowering"]
@@ -221,7 +222,7 @@ def lower(gm: fx.GraphModule, backend: str = "auto", *,
             node.kwargs = {}
             changed = True
         if changed:
-            gm.recompile()
+            recompile(gm)
     return summary(gm)
 
 
@@ -239,7 +240,7 @@ def _lower_triton(gm: fx.GraphModule, kept: Optional[tuple]) -> None:
         kept = _GRAPH_LOWERINGS["triton"](gm.graph)
     reference = gm.graph
     gm.graph = kept[0]
-    gm.recompile()
+    recompile(gm)
     gm._slimfx_triton = (reference, kept[1])  # the lowered graph is gm.graph while it is installed
 
 
@@ -268,7 +269,7 @@ def _strip(gm: fx.GraphModule) -> dict:
         reference, summary_ = triton
         plans[_TRITON] = (gm.graph, summary_)
         gm.graph = reference
-        gm.recompile()
+        recompile(gm)
         del gm._slimfx_triton
     dead: list[fx.Node] = []
     for node in list(_quant_nodes(gm)):
@@ -290,7 +291,7 @@ def _strip(gm: fx.GraphModule) -> dict:
             owner._buffers.pop(leaf, None)
             gm.graph.erase_node(a)
     if plans:
-        gm.recompile()
+        recompile(gm)
     return plans
 
 

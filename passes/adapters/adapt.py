@@ -33,6 +33,7 @@ from ..lora import BaseSite, base_sites, base_weight, insert_adapter, site_dims
 from . import peft_in
 from .error_init import ErrorFigures, error_details, error_note, fit_error_adapters
 from .storage import STORED_DTYPES, store_as
+from ...runtime.forward_parts import recompile
 
 __all__ = ["run", "fresh_tensors"]
 
@@ -66,7 +67,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                 put(target, adapter, tensors)
                 step(note=target.path)
     inserted = [adapters[t.path] for t in bound.targets]  # rule order (init=error inserts in graph order)
-    graph.module.recompile()
+    recompile(graph.module)
     notes = list(bound.warnings)
     if rule.get("merge"):
         _merge(graph, [a.target for a in inserted], bound, ctx)

@@ -15,6 +15,7 @@ from torch import fx
 from ..graph import Block, ModelGraph
 from ..lent import replace_tensor
 from ..rewrite import PassError
+from ...runtime.forward_parts import recompile
 
 __all__ = ["Cut", "remove_run", "laco_merge", "runs_of"]
 
@@ -68,7 +69,7 @@ def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:
         if n.op == "get_attr" and not n.users and n.target.startswith(prefixes):
             gm.graph.erase_node(n)
     _forget_modules(graph, [b.path for b in run])
-    gm.recompile()
+    recompile(gm)
     graph.reindex()
     return stream
 

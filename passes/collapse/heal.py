@@ -35,6 +35,7 @@ from ..rewrite import PassError, find_sites, register_tensors, set_meta
 from .apply import need_calibration, rule_error
 from .cut import Cut
 from .fit import fit_map
+from ...runtime.forward_parts import recompile
 
 __all__ = ["run"]
 
@@ -117,7 +118,7 @@ def _apply_map(graph: ModelGraph, cut: Cut, t: torch.Tensor, name: str) -> fx.No
     info = graph.modules[path]
     graph.modules[path] = replace(info, params=info.params + (ParamInfo(
         f"{path}.{name}", tuple(t.shape), "float32", t.numel() * 4, _new_storage(graph), is_buffer=True),))
-    gm.recompile()
+    recompile(gm)
     graph.reindex()
     return new
 
@@ -242,7 +243,7 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
             insert_adapter(graph, graph.targets[path], adapter, {"lora_A": a, "lora_B": torch.zeros(out_f, r)})
             inserted.append(path)
             step(note=path)
-    graph.module.recompile()
+    recompile(graph.module)
     graph.reindex()
     for name, p in graph.module.named_parameters():
         p.requires_grad_(is_adapter_param(name))
@@ -258,7 +259,7 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     except ValueError as e:
         raise rule_error(bound, ctx, "unsupported", f"`heal method=lora` cannot train here: {e}",
                          "write distill=true to learn the original model's outputs") from None
-    graph.module.recompile()
+    recompile(graph.module)
     if rule.get("merge"):
         try:
             merge_adapters(graph, inserted)

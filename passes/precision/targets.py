@@ -18,6 +18,7 @@ from ..rewrite import LinearSite, find_sites, weight_name, weight_still_held
 from .encode import Candidate, Encoded, encoded_bytes
 from .gptq import HessianAccumulator
 from .rewrite import to_half, to_quant_linear
+from ...runtime.forward_parts import recompile
 
 __all__ = ["Item", "items_of", "hessians_of", "require_calib", "apply"]
 
@@ -102,7 +103,7 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
         after += encoded_bytes(enc, it.w) + it.bias_bytes + (it.target.nbytes - it.bias_bytes if held else 0)
         weights += it.w.numel()
         packed += encoded_bytes(enc, it.w)
-    graph.module.recompile()  # the module's generated forward still reads the old weights
+    recompile(graph.module)  # the module's generated forward still reads the old weights
     details = {**details, "bits_per_weight": 8 * packed / weights, "weights": weights}
     params = sum(it.w.numel() + it.bias_numel for it in items)
     return RuleReport(bound.line, bound.text, bound.rule.kind, tuple(it.path for it in items),

@@ -11,6 +11,7 @@ from .reindex import insert_after, selected_blocks, token_counts
 from .flops import attention_lengths, block_flops
 from .shorten import shorten_outputs
 from .unpad import flops_note, pack_from, probe_batch
+from ...runtime.forward_parts import recompile
 
 __all__ = ["apply_token_op", "is_decoder"]
 
@@ -47,7 +48,7 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
                      "(CompiledModel.kept_tokens: their positions and sizes)" if changed else
                      "restore=false changes nothing here: no output carries the sequence")
     graph.module.graph.lint()
-    graph.module.recompile()
+    recompile(graph.module)
     paths = [b.path for b in blocks]
     details = {"blocks": paths}
     notes.insert(0, f"{what} after {', '.join(paths)}")

@@ -23,6 +23,7 @@ from torch import fx
 
 from ...runtime import token_ops
 from .layout import FLAT, NO_BATCH, Layout, Symbols
+from ...runtime.forward_parts import recompile
 
 __all__ = ["pack_graph", "PackResult", "PACKED"]
 
@@ -102,7 +103,7 @@ class _Packer:
                     self._to_padded(node)
         self.result.packed_nodes = len(self.packed)
         self.g.lint()
-        self.gm.recompile()
+        recompile(self.gm)
         return self.result
 
     def _index_nodes(self) -> None:
