@@ -192,8 +192,8 @@ def drift_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, ridge: float
     shift.sub_(wd @ Hd)
     if D is not None:
         shift.add_(D.double())
-    R = Hd + ridge * max(float(Hd.diagonal().mean()), torch.finfo(torch.float64).tiny) * torch.eye(
-        Hd.shape[0], dtype=torch.float64)
+    R = Hd.clone()  # the ridge on a copy's diagonal: no identity matrix beside H and R
+    R.diagonal().add_(ridge * max(float(Hd.diagonal().mean()), torch.finfo(torch.float64).tiny))
     L, info = torch.linalg.cholesky_ex(R)
     if int(info) == 0:  # R = L Lᵀ (positive definite whenever the ridge or the rows make it so)
         del R

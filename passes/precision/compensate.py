@@ -45,24 +45,30 @@ ROWS_PER_FEATURE = 4
 
 
 class ErrorCorrections:
-    """The sweep's `compensate` callback (sequential.py's `Compensate`) for the targets the adapt
-    rule on `line` planned: GPTQ of each one's drift target, then its adapter fitted to it. It
-    counts the targets it aimed at the residual stream's drift too (`residual`)."""
+    """The sweep's `compensate` (sequential.py's `Compensate`) for the targets the adapt rule on
+    `line` planned: each one's drift target (`aim`), then GPTQ of it and its adapter fitted to it
+    (`encode`). It counts the targets it aimed at the residual stream's drift too (`residual`)."""
 
     def __init__(self, plans: dict, line: int, ctx: Context):
         self.plans, self.line, self.ctx, self.residual, self.widest = plans, line, ctx, 0, 0
 
-    def __call__(self, it: Item, H: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None,
-                 encode_one) -> tuple[Encoded, torch.Tensor | None]:
+    def aim(self, it: Item, H: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor | None:
+        """The float64 weight `it` is encoded toward, or None for a target without an adapter."""
         plan = self.plans.get(it.path)
         if plan is None or plan.rank > min(it.w.shape):
-            return encode_one(it, H), None
-        aim = drift_target(it.w, H, C, D=D)
+            return None
         self.widest = max(self.widest, H.shape[0])
+        self.residual += D is not None
+        return drift_target(it.w, H, C, D=D)
+
+    def encode(self, it: Item, H: torch.Tensor, aim: torch.Tensor | None,
+               encode_one) -> tuple[Encoded, torch.Tensor | None]:
+        if aim is None:
+            return encode_one(it, H), None
         enc = encode_one(replace(it, w=aim.float()), H)
         if enc is None:  # kept: no error to correct
             return None, None
-        self.residual += D is not None
+        plan = self.plans[it.path]
         fit = error_adapter(aim, decode(enc, it.w), H, plan.rank, plan.scale, plan.torch_dtype)
         self.ctx.error_fits[it.path] = fit
         return enc, plan.scale * (fit.B.float() @ fit.A.float())

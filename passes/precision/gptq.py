@@ -29,21 +29,30 @@ def hessian(xs: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
 
 # ---- GPTQ ------------------------------------------------------------------------------------
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹ = Uᵀ U, in float32: row i of U holds
-    the error-propagation coefficients of column i onto the columns after it."""
-    H = H.double()
-    H = H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    L, info = torch.linalg.cholesky_ex(H)
+def _inverse_cholesky(H: torch.Tensor, damp: float, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper Cholesky factor U of (H' + damp·mean(diag H')·I)⁻¹ = Uᵀ U, in float32, H' = H with
+    rows and columns in the order `perm` (if given): row i of U holds the error-propagation
+    coefficients of column i onto the columns after it."""
+    # One [in, in] float64 matrix at a time beside H where it can be (each is 19 MiB for a
+    # 1536-wide input, and this is at the top of compile's peak in the `init=error` sweep): the
+    # permuted copy taken in one gather and damped on its diagonal (no identity matrix), each
+    # factor dropped once the next is made.
+    damped = H.double().clone() if perm is None else H.double()[perm[:, None], perm]
+    damped.diagonal().add_(damp * float(damped.diagonal().mean()))
+    L, info = torch.linalg.cholesky_ex(damped)
+    del damped
     if int(info) != 0:
         raise ValueError(f"the calibration Hessian is not positive definite even with damp={damp}; "
                          "increase damp or calibrate on more (or more varied) rows")
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    inverse = torch.cholesky_inverse(L)
+    del L
+    return torch.linalg.cholesky(inverse, upper=True).float()
 
 
 def _prepare(w: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 copy of w and float64 copy of H, with dead inputs (never active in calibration)
-    zeroed in w and given a unit diagonal in H so the factorization exists."""
+    """float32 copy of w and H in float64, with dead inputs (never active in calibration) zeroed
+    in w and given a unit diagonal in a copy of H so the factorization exists. Nothing here or
+    after writes into H."""
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"expected a 2-D floating-point weight, got {w.dtype} {tuple(w.shape)}")
     if H.shape != (w.shape[1], w.shape[1]):
@@ -51,10 +60,12 @@ def _prepare(w: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
                          "accumulate H from this Linear's inputs")
     if not bool(torch.isfinite(w).all()) or not bool(torch.isfinite(H).all()):
         raise ValueError("weight or Hessian holds NaN or inf")
-    w, H = w.detach().float().clone(), H.detach().double().clone()
+    w, H = w.detach().float().clone(), H.detach().double()
     dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    w[:, dead] = 0
+    if bool(dead.any()):  # H is copied only then: it is the caller's (shared by q/k/v), 19 MiB at 1536 wide
+        H = H.clone()
+        H[dead, dead] = 1
+        w[:, dead] = 0
     return w, H
 
 
@@ -109,7 +120,7 @@ class _ColumnOrder:
     def __init__(self, perm: torch.Tensor | None, H: torch.Tensor, damp: float, g: int):
         self.perm = perm
         cols = H.shape[0]
-        self.U = _inverse_cholesky(H if perm is None else H[perm][:, perm], damp)
+        self.U = _inverse_cholesky(H, damp, perm)
         self.group_of = (perm if perm is not None else torch.arange(cols, device=H.device)) // g
 
     def codes(self, w, fmt, scales, zeros, block, dynamic_group, fit, in_place: bool = False) -> torch.Tensor:

@@ -22,7 +22,7 @@ on the outputs of every compressed block.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import fx
@@ -39,12 +39,18 @@ from .targets import Item
 
 __all__ = ["sequential_encode", "sequential_scores", "Compensate"]
 
-# (item, H = E[x xᵀ] of its input in the compressed model, C = E[x_ref xᵀ] with the original
-# model's input at the same rows, D = E[(r_ref − r) xᵀ] with the residual stream its output is
-# added to (passes/residual.py) or None, encode_one) -> (its encoding, a float32 [out, in] term
-# added to the decoded weight, or None)
-Compensate = Callable[[Item, torch.Tensor, torch.Tensor, "torch.Tensor | None",
-                       Callable[[Item, torch.Tensor], Encoded]], "tuple[Encoded, torch.Tensor | None]"]
+class Compensate(Protocol):
+    """What the sweep asks of a low-rank error correction (passes/precision/compensate.py), in two
+    steps so that C (19 MiB for SmolLM2's down_proj input) is gone before GPTQ runs."""
+
+    def aim(self, it: Item, H: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor | None:
+        """The weight to encode toward, or None: H = E[x xᵀ] of the input in the compressed model,
+        C = E[x_ref xᵀ] with the original model's input at the same rows, D = E[(r_ref − r) xᵀ]
+        with the residual stream the output is added to (passes/residual.py) or None."""
+
+    def encode(self, it: Item, H: torch.Tensor, aim: torch.Tensor | None,
+               encode_one: Callable[[Item, torch.Tensor], Encoded]) -> tuple[Encoded, torch.Tensor | None]:
+        """(the encoding, a float32 [out, in] term added to the decoded weight, or None)."""
 
 
 def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]],
@@ -54,11 +60,11 @@ def sequential_encode(graph: ModelGraph, items: list[Item], batches: list[dict[s
     """(path -> encoding, calibration rows per target, peak bytes held), block by block (module
     doc); `encode_one(item, H)` encodes one target. `by_layer` (true-sequential): inside a block
     too, each group of targets reading one input is calibrated on the block's sublayers before it
-    as already compressed (q/k/v, then o, then gate/up, then down). `compensate(item, H, C,
-    D, encode_one)` (`Compensate`) encodes each target in encode_one's place and returns a float32
-    [out, in] term the rest of the sweep adds to the decoded weight (a low-rank error correction,
-    passes/precision/compensate.py), or None; it makes the sweep go by layer, so that H is the
-    input the corrected sublayers before it compute."""
+    as already compressed (q/k/v, then o, then gate/up, then down). `compensate` (`Compensate`)
+    encodes each target in encode_one's place, toward the weight its `aim` gives, and returns a
+    float32 [out, in] term the rest of the sweep adds to the decoded weight (a low-rank error
+    correction, passes/precision/compensate.py), or None; it makes the sweep go by layer, so that
+    H is the input the corrected sublayers before it compute."""
     if by_layer or compensate is not None:
         return _sweep_by_layer(graph, items, batches, encode_one, progress_step, compensate)
     return _sweep(graph, items, batches, encode_one, progress_step, compressed=True)
@@ -148,14 +154,19 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
             C = None if reference is None else paired_moment(zip(reference.rows(x), x_rows))
             held = stream.nbytes() + acc.H.nbytes
             peak = max(peak, held if C is None else held + reference.nbytes() + C.nbytes)
-            for it in groups[x]:
+            for i, it in enumerate(groups[x]):
                 progress_step(0, note=it.path)
                 if compensate is None:
                     enc, fix = per_item(it, acc.H), None
                 else:
                     r = residual_partner(it.sites[0], residual_values)
                     D = None if r is None else _stream_drift(stream, reference, r, x_rows)
-                    enc, fix = compensate(it, acc.H, C, D, per_item)
+                    aim = compensate.aim(it, acc.H, C, D)
+                    del D
+                    if i == len(groups[x]) - 1:  # the group's last aim is made: C goes before GPTQ
+                        C = x_rows = None
+                    enc, fix = compensate.encode(it, acc.H, aim, per_item)
+                    del aim
                 out[it.path] = enc
                 if enc is not None:
                     w_hat = decode(enc, it.w)
