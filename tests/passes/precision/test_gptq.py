@@ -246,6 +246,20 @@ def test_gptq_nearly_equals_the_float32_reference(layer, fmt, act_order):
     _assert_same_as_reference(w, H, fmt, act_order, hinv_dtype=torch.float32, max_flips=0.02)
 
 
+def test_gptq_never_writes_into_the_callers_hessian():
+    """H is shared by every target reading one input (q/k/v) and GPTQ copies it only to mend dead
+    inputs: with or without them, refit and act-order included, the caller's H is left as it was."""
+    x = _calibration(96, rows=256)
+    w = torch.randn(8, 96, generator=torch.Generator().manual_seed(3)) * 0.05
+    for dead in ([], [3, 40]):
+        x[:, dead] = 0
+        H, _ = hessian([x])
+        before = H.clone()
+        for act_order in (False, True):
+            gptq(w, H, QuantFormat(4, 32, False, "float"), act_order=act_order, clip="output", refit=True)
+            assert torch.equal(H, before)
+
+
 def test_gptq_equals_the_reference_with_dead_inputs():
     x = _calibration(96, rows=256)
     x[:, [3, 40, 41]] = 0
