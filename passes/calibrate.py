@@ -147,19 +147,22 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
 
 
 def kept_rows(batch: dict[str, Any]) -> torch.Tensor | None:
-    """Flattened attention mask (True = a real token), if the batch has one."""
+    """Flattened attention mask (True = a real token), or None when the batch has none or every
+    token is real: real_rows is then a view, not a copy (indexing by an all-true mask copies; at
+    down_proj's input on SmolLM2 that copy was 19 MiB of the `init=error` sweep's peak). Decided
+    once per batch, not at every watched value."""
     mask = batch.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
-    return mask.reshape(-1) != 0
+    keep = mask.reshape(-1) != 0
+    return None if bool(keep.all()) else keep
 
 
 def real_rows(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """`value` as rows [tokens, features], the padding positions (`keep` False) left out: a view
-    of `value` when nothing is left out (indexing by an all-true mask copies; at down_proj's input
-    on SmolLM2 that copy was 19 MiB of the `init=error` sweep's peak), a copy otherwise."""
+    """`value` as rows [tokens, features], the padding positions (`keep` False) left out (a copy);
+    a view of `value` when `keep` is None (see kept_rows)."""
     rows = value.detach().reshape(-1, value.shape[-1])
-    if keep is not None and keep.numel() == rows.shape[0] and not bool(keep.all()):
+    if keep is not None and keep.numel() == rows.shape[0]:
         rows = rows[keep.to(rows.device)]
     return rows
 

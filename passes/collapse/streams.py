@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ...runtime.progress import Progress
-from ..calibrate import kept_rows, observe
+from ..calibrate import kept_rows, observe, real_rows
 from ..graph import ModelGraph
 from ..rewrite import PassError
 
@@ -132,10 +132,7 @@ def final_similarity(graph: ModelGraph, skip_blocks: list, batches, reference: l
         for batch, ref in zip(batches, reference):
             trial = _Trial(graph.module, skip, first.input, last.output, record)
             trial.run(*(batch[n] for n in names))
-            rows = trial.value.reshape(-1, trial.value.shape[-1])
-            keep = kept_rows(batch)
-            if keep is not None and keep.numel() == rows.shape[0]:
-                rows = rows[keep]
+            rows = real_rows(trial.value, kept_rows(batch))
             cos = F.cosine_similarity(rows.double(), ref.double(), dim=-1)
             total, tokens = total + cos.sum().item(), tokens + cos.numel()
     return total / max(1, tokens)
