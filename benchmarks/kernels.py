@@ -19,7 +19,11 @@ The generated kernels autotune (codegen/tuning.py) on their first call at each s
 do_bench's warm-up runs absorb that, and the configs chosen are printed at the end
 (`SLIMFX_AUTOTUNE=0` times the fixed untuned choice instead).
 
-Activations are float32 (the templates' dtype today; bf16 is not generated yet). Targets (issue
+Activations, norm weights and LoRA weights are in `--dtype`: bfloat16 by default on a GPU (what a
+model is served in), float32 under `--interpret` (whose tl.dot cannot multiply bfloat16: float16
+there checks the half-precision path); every template computes in float32 and rounds as eager
+does (codegen/dtypes.py). A case whose group is not lowered to one kernel stops the script, so no
+row ever times eager ops under slimfx's name. Targets (issue
 10, an H100/H200): int4 g128 GEMV ≥ 70% of copy bandwidth and ≥ 1.3× Inductor; LoRA r=16 ≤ 1.15×
 the base linear; RMSNorm ≥ 1.5× eager; no kernel slower than Inductor on the same group by > 10%.
 
@@ -27,7 +31,7 @@ Without a GPU the script says so and exits 0. `--interpret` runs every case at t
 through Triton's interpreter instead (checks the script and the kernels' results, times nothing
 meaningful; `tests/codegen/test_kernels_benchmark.py` runs it).
 
-    .venv/bin/python benchmarks/kernels.py [--quick] [--interpret]
+    .venv/bin/python benchmarks/kernels.py [--quick] [--interpret] [--dtype float32|float16|bfloat16]
 """
 from __future__ import annotations
 
@@ -42,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="SmolLM2's shapes only")
     ap.add_argument("--interpret", action="store_true", help="tiny shapes through Triton's interpreter (no GPU)")
+    ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                    help="activations' dtype (default: bfloat16 on a GPU, float32 under --interpret)")
     args = ap.parse_args(argv)
+    if args.interpret and args.dtype == "bfloat16":
+        ap.error("--interpret cannot time bfloat16 GEMMs: the interpreter's tl.dot multiplies bfloat16 tiles as "
+                 "raw integers, so slimfx leaves them to eager ops there; use --dtype float16 or float32")
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
     import torch
@@ -51,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks/kernels.py: no CUDA GPU here, so there is nothing to time "
               "(run it on a machine with one; `--interpret` checks the cases through Triton's interpreter)")
         return 0
-    bench = Bench(interpret=args.interpret)
+    dtype = getattr(torch, args.dtype or ("float32" if args.interpret else "bfloat16"))
+    bench = Bench(interpret=args.interpret, dtype=dtype)
     print(bench.header())
     gemm_rows(bench, quick=args.quick)
     rmsnorm_rows(bench)
@@ -76,10 +86,11 @@ def tuned_configs() -> None:
 class Bench:
     """Timing and the table; under --interpret, tiny shapes on the CPU and wall-clock timing."""
 
-    def __init__(self, interpret: bool):
+    def __init__(self, interpret: bool, dtype):
         import torch
 
         self.interpret = interpret
+        self.dtype = dtype
         self.device = "cpu" if interpret else "cuda"
         self.torch = torch
 
@@ -88,7 +99,12 @@ class Bench:
         import triton
 
         where = "Triton interpreter (CPU; times meaningless)" if self.interpret else torch.cuda.get_device_name()
-        return f"# {where}; torch {torch.__version__}, triton {triton.__version__}"
+        return f"# {where}; torch {torch.__version__}, triton {triton.__version__}; activations {self.dtype}"
+
+    def tolerance(self) -> float:
+        """Relative error allowed against eager: float32 sums in another order, or one or two
+        roundings to a half-precision format apart (a bfloat16 step is 2**-8)."""
+        return {self.torch.float32: 1e-3, self.torch.float16: 4e-3}.get(self.dtype, 2e-2)
 
     def ms(self, fn: Callable[[], object]) -> float:
         if self.interpret:
@@ -124,12 +140,16 @@ def lowered(module, example):
     ep = torch.export.export(module.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     gm = ep.module()
     graph, summary = lower_graph(gm.graph)
+    if summary.eager:
+        raise RuntimeError(f"benchmarks/kernels.py: part of the case stays eager ops ({summary.eager}), "
+                           "so its time would not be the generated kernel's")
     return fx.GraphModule(gm, graph), summary
 
 
-def check(got, want, what: str) -> None:
+def check(got, want, what: str, tolerance: float) -> None:
+    got, want = got.float(), want.float()
     err = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
-    if err > 1e-3:
+    if err > tolerance:
         raise AssertionError(f"{what}: the generated kernel differs from eager by {err:.2e} (relative)")
 
 
@@ -167,13 +187,13 @@ def gemm_rows(bench: Bench, quick: bool) -> None:
                 return quant_linear(x, self.qweight, self.scales, None, None, *args)
 
         module = Q().to(bench.device)
-        fast, summary = lowered(module, torch.randn(2, k, device=bench.device))
+        fast, summary = lowered(module, torch.randn(2, k, device=bench.device, dtype=bench.dtype))
         inductor = bench.compiled(_torch_dequant_matmul(bits=4, group=group, k=k))
         for m in batches:
-            x = torch.randn(m, k, device=bench.device)
+            x = torch.randn(m, k, device=bench.device, dtype=bench.dtype)
             with torch.no_grad():
                 want = module(x)
-                check(fast(x), want, f"int4 {k}×{n} batch {m}")
+                check(fast(x), want, f"int4 {k}×{n} batch {m}", bench.tolerance())
                 t_eager = bench.ms(lambda: module(x))
                 t_fast = bench.ms(lambda: fast(x))
                 t_ind = bench.ms(lambda: inductor(x, *packed)) if inductor else float("nan")
@@ -197,7 +217,7 @@ def _torch_dequant_matmul(bits: int, group: int, k: int):
         codes = codes.reshape(qweight.shape[0], -1)[:, :k]
         s = scales.float().repeat_interleave(group, dim=1)[:, :k]
         w = (codes.float() - (1 << (bits - 1))) * s
-        return x @ w.t()
+        return x @ w.t().to(x.dtype)
 
     return fn
 
@@ -220,12 +240,12 @@ def rmsnorm_rows(bench: Bench) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     sizes = [(256, 576), (1, 4096), (256, 4096), (4096, 4096)] if not bench.interpret else [(3, 40)]
     for rows, d in sizes:
-        module = RMSNorm(d).to(bench.device)
-        fast, _ = lowered(module, torch.randn(2, d, device=bench.device))
+        module = RMSNorm(d).to(bench.device, bench.dtype)
+        fast, _ = lowered(module, torch.randn(2, d, device=bench.device, dtype=bench.dtype))
         inductor = bench.compiled(module)
-        x = torch.randn(rows, d, device=bench.device)
+        x = torch.randn(rows, d, device=bench.device, dtype=bench.dtype)
         with torch.no_grad():
-            check(fast(x), module(x), f"RMSNorm {rows}×{d}")
+            check(fast(x), module(x), f"RMSNorm {rows}×{d}", bench.tolerance())
             t_eager, t_fast = bench.ms(lambda: module(x)), bench.ms(lambda: fast(x))
             t_ind = bench.ms(lambda: inductor(x)) if inductor else float("nan")
         print(f"| RMSNorm | {rows}×{d} | {t_eager:.4f} | {t_ind:.4f} | {t_fast:.4f} | {t_eager / t_fast:.2f}× | "
@@ -249,23 +269,31 @@ def lora_rows(bench: Bench) -> None:
             return self.proj(x)
 
     k, n, r = (576, 576, 16) if not bench.interpret else (40, 24, 4)
-    module = Proj(k, n).to(bench.device)
-    example = {"x": torch.randn(2, k, device=bench.device)}
+    module = Proj(k, n).to(bench.device, bench.dtype)
+    example = {"x": torch.randn(2, k, device=bench.device, dtype=bench.dtype)}
+    # Adapters stored in the activations' dtype, as they are served (float32 ones would be cast
+    # on every call, two kernels more).
+    stored = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[bench.dtype]
+    rule = f"adapt proj lora rank={r} alpha={2 * r} dtype={stored}"
     base = slimfx.compile(module, "", example_inputs=example, backend="triton")
-    lora = slimfx.compile(module, f"adapt proj lora rank={r} alpha={2 * r}", example_inputs=example, backend="triton")
-    eager = slimfx.compile(module, f"adapt proj lora rank={r} alpha={2 * r}", example_inputs=example, backend="eager")
+    lora = slimfx.compile(module, rule, example_inputs=example, backend="triton")
+    eager = slimfx.compile(module, rule, example_inputs=example, backend="eager")
     with torch.no_grad():
         for p in eager.adapter_parameters():  # a trained-looking adapter (a fresh B is zero)
             p.normal_(0, 0.02)
     lora.load_state_dict(eager.state_dict())
     kernels = lora.lowering.codegen.kernels
-    print(f"\n| LoRA r={r} linear (fp32, one fused kernel) | batch | base linear (eager) ms | base (slimfx) ms | "
+    if kernels != 1 or lora.lowering.codegen.eager:
+        raise RuntimeError(f"benchmarks/kernels.py: the LoRA linear is {kernels} kernels, "
+                           f"eager ops {lora.lowering.codegen.eager}: not the one fused kernel it times")
+    dtype = str(bench.dtype).removeprefix("torch.")
+    print(f"\n| LoRA r={r} linear ({dtype}, one fused kernel) | batch | base linear (eager) ms | base (slimfx) ms | "
           "LoRA eager ms | LoRA fused ms | kernels | fused ÷ base (slimfx) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for m in ((1, 16, 256) if not bench.interpret else (3,)):
-        x = torch.randn(m, k, device=bench.device)
+        x = torch.randn(m, k, device=bench.device, dtype=bench.dtype)
         with torch.no_grad():
-            check(lora(x=x), eager(x=x), f"LoRA batch {m}")
+            check(lora(x=x), eager(x=x), f"LoRA batch {m}", bench.tolerance())
             times = [bench.ms(lambda f=f: f(x=x)) for f in (module, base, eager, lora)]
         print(f"| {k}×{n} r={r} | {m} | " + " | ".join(f"{t:.4f}" for t in times)
               + f" | {kernels} | {times[3] / times[1]:.2f}× |")

@@ -1,6 +1,7 @@
 """The GEMM template: a GEMM group of partition.py — anchors `slimfx::quant_linear`, `aten.linear`
 (its weight possibly a `slimfx::dequantize` prologue), `aten.mm`, `aten.addmm` or `aten.matmul` by
-a 2-D weight — with its pointwise epilogue, as one Triton kernel (float32 activations).
+a 2-D weight — with its pointwise epilogue, as one Triton kernel (float32, float16 or bfloat16
+activations; codegen/dtypes.py says how each is read, multiplied and rounded).
 
 - Tiles of [BM, BN] outputs, a loop over K in steps of BK. A packed weight (runtime/formats.py:
   `8 // bits` codes per byte along the input dim, little end first; fp16 scales per group of
@@ -12,8 +13,10 @@ a 2-D weight — with its pointwise epilogue, as one Triton kernel (float32 acti
   ops (codegen/expr.py's table), whose other operands are read as "full" ([M, N]), "col" ([N]:
   bias-like), "row" ([M, 1]) or "scalar" values, by their symbolic shapes.
 - Only reshapes may sit between the anchor and its epilogue (codegen/ops.py `keeps_order`); a
-  transposing view, another dtype or an unknown op raises Unsupported naming the node (the caller
-  then keeps the anchor alone, or the eager ops).
+  transposing view, a weight of another dtype than the input or an unknown op raises Unsupported
+  naming the node (the caller then keeps the anchor alone, or the eager ops). So does a bfloat16
+  GEMM under Triton's interpreter, which keeps bfloat16 as raw 16-bit integers and would multiply
+  those in `tl.dot`: on a CPU such a GEMM stays an eager op; on a GPU it is a kernel.
 
 - GEMMs the partitioner merged because they read one input in one weight format are one kernel:
   anchors of one width are computed together, one accumulator each over the same loaded input
@@ -31,8 +34,9 @@ import sympy
 import torch
 from torch import fx
 
-from .expr import Unsupported, expression
-from .kernel import Kernel, float32_only, tensor_val
+from .dtypes import dot, float_value, narrowed, rounded, widened
+from .expr import Unsupported, node_value
+from .kernel import Kernel, tensor_val
 from .ops import keeps_order, kind_of
 from .partition import Group
 from .tuning import autotuned, gemm_configs, m_bucket, tuning_enabled
@@ -70,12 +74,12 @@ class GemmKernel(Kernel):
     def launch(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         from triton import knobs
 
+        self.check_dtypes(values)
         x = values[0]
-        if x.dtype != torch.float32:
-            raise TypeError(f"{self.name}: input of dtype {x.dtype}, the kernel is float32")
         x2 = x.reshape(-1, self.k)
         m = x2.shape[0]
-        outs = [torch.empty(shape, dtype=torch.float32, device=x.device) for shape in self.output_shapes(values)]
+        outs = [torch.empty(shape, dtype=dtype, device=x.device)
+                for shape, dtype in zip(self.output_shapes(values), self.output_dtypes())]
         if m == 0 or not any(self.ns):
             return outs
         args, strides, dense = [x2], [x2.stride(0), x2.stride(1)], 0
@@ -147,9 +151,12 @@ class _GemmSource:
         if len(xs) != 1:
             raise Unsupported(f"{self.anchors[0].name}: merged GEMMs that read different inputs")
         x = parts[0][0]
-        float32_only(x, "GEMM")
+        self.dtype = float_value(x, "GEMM").dtype
+        if self.dtype == torch.bfloat16 and _interpreted():
+            raise Unsupported(f"{self.anchors[0].name}: a bfloat16 GEMM under Triton's interpreter, whose tl.dot "
+                              "multiplies bfloat16 tiles as raw integers (a GPU runs it as a kernel)")
         self.k = _static(tensor_val(x).shape[-1], x)
-        ns = [_static(float32_only(a, "GEMM").shape[-1], a) for a in self.anchors]
+        ns = [_static(float_value(a, "GEMM").shape[-1], a) for a in self.anchors]
         self.m_expr = _numel(tensor_val(self.anchors[0]).shape[:-1])
         formats = {p[1][0] if p[1][0] == "dense" else p[1][4:] for p in parts}
         if len(formats) != 1:
@@ -165,7 +172,7 @@ class _GemmSource:
                 self.inputs += [(qweight, "qweight"), (scales, "scales")] + ([(zeros, "zeros")] if zeros is not None else [])
                 weight_args += [f"qw{j}_ptr", f"s{j}_ptr"] + ([f"z{j}_ptr"] if zeros is not None else [])
             else:
-                float32_only(weight[1], "GEMM")
+                self._same_dtype(weight[1])
                 self.inputs.append((weight[1], "w"))
                 weight_args.append(f"w{j}_ptr")
             if self.anchors[j] in self.group.lora:
@@ -222,21 +229,23 @@ class _GemmSource:
                   "mask=mm[:, None] & mk[None, :], other=0.0)"]
         for j in seg:
             weight = parts[j][1]
-            lines += _quant_tile(j, *weight[4:], _zero_kind(weight[3])) if weight[0] == "quant" else [
+            lines += _quant_tile(j, *weight[4:], _zero_kind(weight[3]), self.dtype) if weight[0] == "quant" else [
                 f"            w = tl.load(w{j}_ptr + rn[:, None] * stride_w{j}n + kk[None, :] * stride_w{j}k, "
                 "mask=mn[:, None] & mk[None, :], other=0.0)"]
-            lines.append(f"            acc{j} += tl.dot(a, tl.trans(w), input_precision=\"ieee\")")
+            lines.append(f"            acc{j} += {dot('a', 'tl.trans(w)', self.dtype)}")
             if j in self.ranks:
                 r = self.ranks[j]
                 lines += [f"            la = tl.load(la{j}_ptr + rr{j}[:, None] * K + kk[None, :], "
                           f"mask=(rr{j}[:, None] < {r}) & mk[None, :], other=0.0)",
-                          f"            xa{j} += tl.dot(a, tl.trans(la), input_precision=\"ieee\")"]
+                          f"            xa{j} += {dot('a', 'tl.trans(la)', self.dtype)}"]
         for j in seg:
             if j in self.ranks:  # (x·Aᵀ)·Bᵀ for this tile: the rank path never leaves the registers
                 r = self.ranks[j]
                 lines += [f"        lb = tl.load(lb{j}_ptr + rn[:, None] * {r} + rr{j}[None, :], "
                           f"mask=mn[:, None] & (rr{j}[None, :] < {r}), other=0.0)",
-                          f"        lora{j} = tl.dot(xa{j}, tl.trans(lb), input_precision=\"ieee\")"]
+                          f"        lora{j} = {dot(narrowed(f'xa{j}', self.dtype), 'tl.trans(lb)', self.dtype)}"]
+                if self.dtype != torch.float32:  # the B linear's result, rounded as eager's is
+                    lines.append(f"        lora{j} = {rounded(f'lora{j}', self.dtype)}")
         mine = {self.anchors[j] for j in seg}
         lora_nodes = {n for base in mine if base in self.group.lora for n in self._lora_nodes(base)}
         epilogue: list[str] = []
@@ -246,7 +255,10 @@ class _GemmSource:
             if bias is not None:
                 if bias not in self.names:
                     epilogue += self._load(bias, n, f"N{seg[0]}")
-                epilogue.append(f"acc{j} = acc{j} + {self.names[bias]}")
+                # in the input's dtype, as quant_linear's eager meaning casts it (a no-op for linear)
+                epilogue.append(f"acc{j} = acc{j} + {rounded(self.names[bias], self.dtype)}")
+            if self.dtype != torch.float32:  # the anchor's result, rounded once as eager's is
+                epilogue.append(f"acc{j} = {rounded(f'acc{j}', float_value(self.anchors[j], 'GEMM').dtype)}")
         for j in seg:
             if j in self.ranks:
                 self.names[self.group.lora[self.anchors[j]][1]] = f"lora{j}"
@@ -263,21 +275,21 @@ class _GemmSource:
                 continue
             if kind_of(node) != "pointwise":
                 raise Unsupported(f"{node.name} ({node.target}) in a GEMM epilogue")
-            float32_only(node, "GEMM")
             if _role(node, n, self.m_expr) != "full":
                 raise Unsupported(f"{node.name}: an epilogue value that is not the GEMM's [M, N]")
             for a in node.all_input_nodes:
                 if a not in self.names:
                     epilogue += self._load(a, n, f"N{seg[0]}")
             var = f"t{s}_{i}"
-            epilogue.append(f"{var} = {expression(node, lambda a: self.names[a] if isinstance(a, fx.Node) else a)}")
+            epilogue.append(f"{var} = {node_value(node, lambda a: self.names[a] if isinstance(a, fx.Node) else a)}")
             self.names[node] = var
         stores = []
         for nd in self.group.outputs:
             if self.owner[nd] in mine:
                 if _role(nd, n, self.m_expr) != "full":
                     raise Unsupported(f"{nd.name}: an output that is not the GEMM's [M, N]")
-                stores.append(f"tl.store(out{self.out_index[nd]}_ptr + rm[:, None] * N{seg[0]} + rn[None, :], {self.names[nd]}, mask=mo)")
+                out = narrowed(self.names[nd], float_value(nd, "GEMM").dtype)
+                stores.append(f"tl.store(out{self.out_index[nd]}_ptr + rm[:, None] * N{seg[0]} + rn[None, :], {out}, mask=mo)")
                 self.stored.add(nd)
         return lines + [f"        {line}" for line in epilogue + stores]
 
@@ -296,8 +308,14 @@ class _GemmSource:
         for lin in (a, b):
             if lin.target is not aten.linear.default or (len(lin.args) > 2 and lin.args[2] is not None):
                 raise Unsupported(f"{lin.name}: a LoRA linear with a bias or of another op ({lin.target})")
-            float32_only(lin.args[1], "GEMM")
+            self._same_dtype(lin.args[1])
         return a.args[1], b.args[1]
+
+    def _same_dtype(self, weight: fx.Node) -> None:
+        """A dense weight goes into tl.dot beside the input's tile: it must be in the same format."""
+        dtype = float_value(weight, "GEMM").dtype
+        if dtype != self.dtype:
+            raise Unsupported(f"{weight.name}: a {dtype} weight for a {self.dtype} input")
 
     def _load(self, value: fx.Node, n: int, width: str) -> list[str]:
         """Read an epilogue operand from outside the group (once per segment that needs it)."""
@@ -309,12 +327,13 @@ class _GemmSource:
             self.inputs.append((value, role))
         var = f"e{index}"
         self.names[value] = var
-        return [{
-            "full": f"{var} = tl.load({var}_ptr + rm[:, None] * {width} + rn[None, :], mask=mo, other=0.0)",
-            "col": f"{var} = tl.load({var}_ptr + rn[None, :], mask=mn[None, :], other=0.0)",
-            "row": f"{var} = tl.load({var}_ptr + rm[:, None], mask=mm[:, None], other=0.0)",
-            "scalar": f"{var} = tl.load({var}_ptr)",
-        }[role]]
+        load = {
+            "full": f"tl.load({var}_ptr + rm[:, None] * {width} + rn[None, :], mask=mo, other=0.0)",
+            "col": f"tl.load({var}_ptr + rn[None, :], mask=mn[None, :], other=0.0)",
+            "row": f"tl.load({var}_ptr + rm[:, None], mask=mm[:, None], other=0.0)",
+            "scalar": f"tl.load({var}_ptr)",
+        }[role]
+        return [f"{var} = {widened(load, float_value(value, 'GEMM').dtype)}"]
 
 
 _OPERAND_ROLES = ("full", "col", "row", "scalar")
@@ -336,9 +355,10 @@ def _zero_kind(zeros) -> str | None:
     return "packed" if val.dtype == torch.uint8 else "float"
 
 
-def _quant_tile(j: int, bits: int, group: int, zeros: str | None) -> list[str]:
+def _quant_tile(j: int, bits: int, group: int, zeros: str | None, dtype: torch.dtype) -> list[str]:
     """Dequantize anchor j's [BN, BK] weight tile: codes from the packed bytes, group scales (and
-    zero points — packed, float — or the implicit middle code)."""
+    zero points — packed, float — or the implicit middle code); in float32, then in the input's
+    `dtype` for tl.dot."""
     per = 8 // bits
     mask = (1 << bits) - 1
     lines = [
@@ -358,7 +378,7 @@ def _quant_tile(j: int, bits: int, group: int, zeros: str | None) -> list[str]:
         zero = f"tl.load(z{j}_ptr + rn[:, None] * NG + kk[None, :] // GROUP, mask=mw, other=0.0).to(tl.float32)"
     else:
         zero = f"{float(1 << (bits - 1))!r}"
-    return lines + [f"            w = (code.to(tl.float32) - {zero}) * scale"]
+    return lines + [f"            w = {narrowed(f'(code.to(tl.float32) - {zero}) * scale', dtype)}"]
 
 
 def _operands(anchor: fx.Node, group: Group):
@@ -383,6 +403,12 @@ def _operands(anchor: fx.Node, group: Group):
     raise Unsupported(f"{anchor.name}: no GEMM template for {anchor.target}")
 
 
+def _interpreted() -> bool:
+    from triton import knobs  # here: runtime/lower.py has set TRITON_INTERPRET before triton's import
+
+    return bool(knobs.runtime.interpret)
+
+
 def _args(node: fx.Node, names: tuple[str, ...]) -> dict:
     out = dict(zip(names, node.args))
     for name in names[len(node.args):]:
@@ -405,7 +431,7 @@ def _numel(shape) -> sympy.Expr:
 
 def _role(node: fx.Node, n: int, m_expr: sympy.Expr) -> str:
     """How an epilogue operand lines up with the GEMM's [M, N] output (module doc)."""
-    val = float32_only(node, "GEMM")
+    val = float_value(node, "GEMM")
     shape = val.shape
     last = shape[-1] if len(shape) else 1
     lead = _numel(shape[:-1]) if len(shape) else sympy.Integer(1)

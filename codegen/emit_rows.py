@@ -1,13 +1,16 @@
-"""The row template: Triton source for a pointwise or row group of partition.py (float32).
+"""The row template: Triton source for a pointwise or row group of partition.py (float32, float16
+and bfloat16 values, computed in float32 with each half-precision op's result rounded as eager
+rounds it: codegen/dtypes.py).
 
 One program per row of the group's full shape [R, D] (leading dims flattened). Each value the
 group reads or writes has a role by its symbolic shape against the full one: "full" ([…, D]),
 "row" ([…, 1] or […], one value per row), "col" ([D], the same for every row, e.g. a norm
 weight), "scalar", or "bcast": any other shape that broadcasts to the full one (rotary's cos/sin
-[1, 1, T, D] against [B, H, T, D]), read through its broadcast strides from the row's coordinates. Ops become `tl` expressions (codegen/expr.py); the one row reduction becomes a
+[1, 1, T, D] against [B, H, T, D]), read through its broadcast strides from the row's
+coordinates. Ops become `tl` expressions (codegen/expr.py); the one row reduction becomes a
 `tl.sum`/`tl.max` over the masked row. A group this template cannot express (a transposing view,
-another dtype, an op missing from the table) raises Unsupported naming the node — never a wrong
-kernel. Variables are numbered, not named after nodes, so equal groups share one source
+an integer or bool value, an op missing from the table) raises Unsupported naming the node —
+never a wrong kernel. Variables are numbered, not named after nodes, so equal groups share one source
 (codegen/kernel.py caches and imports it).
 """
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import Optional, Sequence
 import torch
 from torch import fx
 
-from .expr import Unsupported, expression, reduction_lines
-from .kernel import Kernel, float32_only, rows_of
+from .dtypes import float_value, narrowed, widened
+from .expr import Unsupported, node_value, reduction_lines
+from .kernel import Kernel, rows_of
 from .ops import keeps_order, kind_of
 from .partition import Group
 from .tuning import autotuned, row_configs, tuning_enabled
@@ -39,12 +43,13 @@ class RowKernel(Kernel):
         import triton  # here, not at module level: TRITON_INTERPRET must be set before the first import
         from triton import knobs
 
+        self.check_dtypes(values)
         *shapes, full = self.output_shapes(values)
         d = int(full[-1]) if len(full) else 1
         rows = rows_of(full)
         device = values[0].device if values else torch.device("cpu")
         args = [_argument(v, role, rows, d) for v, (_, role) in zip(values, self.inputs)]
-        outs = [torch.empty(shape, dtype=torch.float32, device=device) for shape in shapes]
+        outs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in zip(shapes, self.output_dtypes())]
         extra = []  # the bcast inputs' coordinates: the full shape's leading sizes, their strides
         if any(role == "bcast" for _, role in self.inputs):
             extra += list(full[:-1])
@@ -63,8 +68,6 @@ class RowKernel(Kernel):
 
 
 def _argument(value: torch.Tensor, role: str, rows: int, d: int) -> torch.Tensor:
-    if value.dtype != torch.float32:
-        raise Unsupported(f"an input of dtype {value.dtype}: the row template is float32")
     if role == "bcast":
         return value  # read in place through its broadcast strides
     flat = value.contiguous().reshape(-1)
@@ -94,7 +97,7 @@ def emit_rows(group: Group) -> RowKernel:
             lines.append(f"    c{j} = r % F{j}\n    r = r // F{j}")
     for i, (node, role) in enumerate(inputs):
         names[node], roles[node] = f"in{i}", role
-        lines.append(_load(f"in{i}", role, len(full) - 1))
+        lines.append(_load(f"in{i}", role, len(full) - 1, float_value(node, "row").dtype))
     for i, node in enumerate(group.nodes):
         var = f"v{i}"
         if kind_of(node) == "free":
@@ -112,13 +115,13 @@ def emit_rows(group: Group) -> RowKernel:
         if kind_of(node) == "reduction":
             lines += reduction_lines(node, var, operand)
         else:
-            lines.append(f"    {var} = {expression(node, operand)}")
+            lines.append(f"    {var} = {node_value(node, operand)}")
         names[node], roles[node] = var, _role(node, full)
     outputs = [(n, roles[n]) for n in group.outputs]
     for i, (node, role) in enumerate(outputs):
         if role not in ("full", "row"):
             raise Unsupported(f"{node.name}: an output of role {role}")
-        lines.append(_store(f"out{i}", names[node], role))
+        lines.append(_store(f"out{i}", names[node], role, float_value(node, "row").dtype))
     params = ", ".join([f"in{i}_ptr" for i in range(len(inputs))] + [f"out{i}_ptr" for i in range(len(outputs))]
                        + ["D"] + extra)
     body = "\n".join(lines)
@@ -131,23 +134,26 @@ def emit_rows(group: Group) -> RowKernel:
     return RowKernel("rows", source, inputs, outputs, list(group.nodes), full=_full_node(group))
 
 
-def _load(var: str, role: str, lead: int) -> str:
+def _load(var: str, role: str, lead: int, dtype: torch.dtype) -> str:
     if role == "bcast":
         offset = " + ".join([f"c{j} * {var}_s{j}" for j in range(lead)] + [f"cols * {var}_s{lead}"])
-        return f"    {var} = tl.load({var}_ptr + {offset}, mask=m, other=0.0)"
-    return {
-        "full": f"    {var} = tl.load({var}_ptr + row * D + cols, mask=m, other=0.0)",
-        "row": f"    {var} = tl.load({var}_ptr + row)",
-        "col": f"    {var} = tl.load({var}_ptr + cols, mask=m, other=0.0)",
-        "scalar": f"    {var} = tl.load({var}_ptr)",
-    }[role]
+        load = f"tl.load({var}_ptr + {offset}, mask=m, other=0.0)"
+    else:
+        load = {
+            "full": f"tl.load({var}_ptr + row * D + cols, mask=m, other=0.0)",
+            "row": f"tl.load({var}_ptr + row)",
+            "col": f"tl.load({var}_ptr + cols, mask=m, other=0.0)",
+            "scalar": f"tl.load({var}_ptr)",
+        }[role]
+    return f"    {var} = {widened(load, dtype)}"
 
 
-def _store(var: str, value: str, role: str) -> str:
+def _store(var: str, value: str, role: str, dtype: torch.dtype) -> str:
     if role == "full":
         # A row value stored at full shape is broadcast first (0 * cols keeps the block shape).
-        return f"    tl.store({var}_ptr + row * D + cols, {value} + tl.zeros([BLOCK], tl.float32), mask=m)"
-    return f"    tl.store({var}_ptr + row, {value})"
+        full = narrowed(f"{value} + tl.zeros([BLOCK], tl.float32)", dtype)
+        return f"    tl.store({var}_ptr + row * D + cols, {full}, mask=m)"
+    return f"    tl.store({var}_ptr + row, {narrowed(value, dtype)})"
 
 
 def _is_tensor(node: fx.Node) -> bool:
@@ -155,7 +161,7 @@ def _is_tensor(node: fx.Node) -> bool:
 
 
 def _shape(node: fx.Node) -> tuple[str, ...]:
-    return tuple(str(s) for s in float32_only(node, "row").shape)
+    return tuple(str(s) for s in float_value(node, "row").shape)
 
 
 def _full_node(group: Group) -> fx.Node:

@@ -1,9 +1,11 @@
-"""aten ops as Triton `tl` expressions (float32), for the row template (emit_rows.py).
+"""aten ops as Triton `tl` expressions (float32), for the row and GEMM templates.
 
 `expression(node, operand)` gives the expression of a pointwise node, `operand(arg)` naming each
 argument (a variable for a graph value, the literal for a Python number); `reduction_lines` the
 statements of a row reduction over the masked row (`m`, `D` and `BLOCK` are the kernel's).
 An op missing from the table raises Unsupported: the group is not generated, never approximated.
+Expressions compute in float32 whatever the values' dtypes; `node_value` rounds a half-precision op's
+result to its dtype (codegen/dtypes.py), which is also all a cast between float formats does.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import math
 import torch
 from torch import fx
 
-__all__ = ["Unsupported", "expression", "reduction_lines"]
+from .dtypes import FLOATS, rounded
+
+__all__ = ["Unsupported", "expression", "node_value", "reduction_lines"]
 
 aten = torch.ops.aten
 
@@ -59,10 +63,11 @@ _CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
 
 def expression(node: fx.Node, operand) -> str:
     op = node.target
-    if op in _CASTS:
+    if op in _CASTS:  # a cast between float formats is the rounding `node_value` adds
         val = node.meta.get("val")
-        if getattr(val, "dtype", None) != torch.float32:
-            raise Unsupported(f"{node.name}: a cast to {getattr(val, 'dtype', '?')} (the row template is float32)")
+        if getattr(val, "dtype", None) not in FLOATS:
+            raise Unsupported(f"{node.name}: a cast to {getattr(val, 'dtype', '?')} (the templates compute "
+                              "float32, float16 and bfloat16 values)")
         return operand(node.args[0])
     if op not in _POINTWISE:
         raise Unsupported(f"{node.name}: no tl expression for {op}")
@@ -71,9 +76,21 @@ def expression(node: fx.Node, operand) -> str:
     return _POINTWISE[op](*args, **kwargs)
 
 
+def node_value(node: fx.Node, operand) -> str:
+    """`expression`, rounded to the node's dtype when that is a half-precision one."""
+    return rounded(expression(node, operand), node.meta["val"].dtype)
+
+
 def reduction_lines(node: fx.Node, var: str, operand) -> list[str]:
     """Statements leaving `var` as the row's reduced value (a per-program scalar) or, for
-    softmax and layer norm, the row's normalized values."""
+    softmax and layer norm, the row's normalized values — in float32, rounded once at the end to
+    a half-precision result's dtype (as eager's half reductions accumulate in float32)."""
+    lines = _reduction_lines(node, var, operand)
+    dtype = node.meta["val"].dtype
+    return lines if dtype == torch.float32 else lines + [f"    {var} = {rounded(var, dtype)}"]
+
+
+def _reduction_lines(node: fx.Node, var: str, operand) -> list[str]:
     op, x = node.target, operand(node.args[0])
     total = f"tl.sum(tl.where(m, {x}, 0.0), axis=0)"
     if op is aten.sum.dim_IntList:

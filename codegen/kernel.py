@@ -29,7 +29,7 @@ import sympy
 import torch
 from torch import fx
 
-__all__ = ["Kernel", "Shapes", "cache_dir", "source_name", "tensor_val", "float32_only"]
+__all__ = ["Kernel", "Shapes", "cache_dir", "source_name", "tensor_val"]
 
 
 def cache_dir() -> Path:
@@ -43,18 +43,6 @@ def source_name(template: str, source: str) -> str:
 def tensor_val(node: Any) -> Optional[torch.Tensor]:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return val if isinstance(val, torch.Tensor) else None
-
-
-def float32_only(node: fx.Node, template: str) -> torch.Tensor:
-    """The node's value, which must be a float32 tensor (what the templates compute in)."""
-    from .expr import Unsupported
-
-    val = tensor_val(node)
-    if val is None:
-        raise Unsupported(f"{node.name} has no tensor value")
-    if val.dtype != torch.float32:
-        raise Unsupported(f"{node.name} is {val.dtype}: the {template} template is float32 only")
-    return val
 
 
 class Shapes:
@@ -149,6 +137,18 @@ class Kernel:
         if self._shapes is None:
             self._shapes = Shapes([n for n, _ in self.inputs], self.shape_nodes())
         return self._shapes(values)
+
+    def check_dtypes(self, values: Sequence[torch.Tensor]) -> None:
+        """The source reads each input in the dtype its graph value had (codegen/dtypes.py): a
+        tensor of another dtype would be read as the wrong format, so it is refused by name."""
+        for value, (node, role) in zip(values, self.inputs):
+            want = tensor_val(node)
+            if want is not None and value.dtype != want.dtype:
+                raise TypeError(f"kernel {self.name}: its {role} input {node.name} is {value.dtype}, the kernel "
+                                f"was generated for {want.dtype}; compile the model again in the dtype it runs in")
+
+    def output_dtypes(self) -> list[torch.dtype]:
+        return [tensor_val(n).dtype for n, _ in self.outputs]
 
     def launch(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} defines no launcher")

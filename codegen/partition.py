@@ -294,8 +294,8 @@ def _lora_paths(graph: fx.Graph) -> dict[fx.Node, tuple[fx.Node, ...]]:
     """base linear -> the nodes of its LoRA path, (dropout,) A, B, scale, for every adapter the
     adapter pass tagged whose parts are A, B, scale and out (and its input dropout) with
     `out = base + scale` (DoRA and anything else stays as it is); `out` then joins as the base's
-    epilogue. Half-precision A and B are read through casts up ("cast" parts), which stay outside
-    the kernel: it reads their float32 results."""
+    epilogue. A and B stored in another dtype than the activations are read through their casts
+    ("cast" parts), which stay outside the kernel: it reads the cast results."""
     from ..runtime.adapters import tag_of
 
     parts: dict[str, dict[str, fx.Node]] = {}

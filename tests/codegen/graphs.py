@@ -71,9 +71,9 @@ def programs(draw, max_steps: int = 10):
     return steps
 
 
-def capture(steps, batch: int = 3) -> tuple[torch.fx.GraphModule, torch.Tensor]:
-    model = Program(steps).eval()
-    x = torch.randn(batch, D, generator=torch.Generator().manual_seed(1))
+def capture(steps, batch: int = 3, dtype: torch.dtype = torch.float32) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    model = Program(steps).eval().to(dtype)
+    x = torch.randn(batch, D, generator=torch.Generator().manual_seed(1)).to(dtype)
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     return ep.module(), x
 

@@ -159,3 +159,47 @@ def test_an_epilogue_through_a_transpose_is_refused_by_name():
     assert [k.template for k in done.kernels] == ["gemm"] and len(done.kernels[0].nodes) == 1
     (why,) = [why for _, why in done.eager]
     assert re.fullmatch(r"epilogue not fused: \(s\d+, 4, 4\) does not line up with the GEMM's \[M=s\d+, N=16\]", why)
+
+
+# float16 under the interpreter is IEEE half (numpy): the kernel's products go into tl.dot as
+# float16 tiles and accumulate in float32 as eager's do; the tolerance is a few float16 steps.
+@settings(max_examples=8, deadline=None)
+@given(m=st.integers(1, 9), k=st.integers(1, 70), n=st.integers(1, 40), bits=st.sampled_from([2, 4, 8]),
+       group=st.sampled_from([16, None]), kind=st.sampled_from(["sym", "int", "float"]), bias=st.booleans(),
+       epilogue=st.sampled_from(sorted(EPILOGUES)))
+def test_float16_packed_gemm_with_its_epilogue_equals_the_reference_op(m, k, n, bits, group, kind, bias, epilogue):
+    # The bias stays float32: quant_linear's eager meaning casts it to x's dtype, as the kernel does.
+    model = QuantLinear(k, n, bits, group, kind == "sym", bias, epilogue, zero="float" if kind == "float" else "int")
+    kernel = _check(model, torch.randn(2, k).half(), torch.randn(m, k).half(), tol=4e-3)
+    assert "tl.float16" in kernel.source
+
+
+@pytest.mark.parametrize("how", ["linear", "mm", "addmm"])
+def test_float16_dense_gemms(how):
+    _check(_Dense(how).half(), torch.randn(2, 40).half(), torch.randn(11, 40).half(), tol=4e-3)
+
+
+def test_merged_float16_gemms_reading_one_input():
+    model = SharedInput(24, (40, 40), 4, 8, True, swiglu=True)
+    gm = capture_module(model, torch.randn(2, 24).half())
+    (group,) = [g for g in partition(gm) if g.kind == "gemm"]
+    kernel = emit_gemm(group)
+    x = torch.randn(19, 24).half()
+    interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        interp.run(x)
+        want = model(x)
+    (got,) = kernel.launch([interp.env[node] for node, _ in kernel.inputs])
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, want, atol=4e-3, rtol=4e-3)
+
+
+def test_a_weight_in_another_dtype_than_the_input_is_refused_by_name():
+    # Eager F.linear refuses such a pair, so only an edited graph has one; the template must still
+    # not read a float32 weight into a float16 tl.dot.
+    gm = capture_module(_Dense("linear").half(), torch.randn(2, 40).half())
+    (group,) = [g for g in partition(gm) if g.kind == "gemm"]
+    weight = group.anchor.args[1]
+    weight.meta["val"] = weight.meta["val"].float()
+    with pytest.raises(Unsupported, match=rf"^{weight.name}: a torch.float32 weight for a torch.float16 input$"):
+        emit_gemm(group)

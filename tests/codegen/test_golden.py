@@ -20,14 +20,18 @@ from graphs import QuantLinear, SharedInput, capture, capture_module
 GOLDEN = Path(__file__).parent / "golden"
 
 
-def _rmsnorm_like():
+def _rmsnorm_like(dtype=torch.float32):
     # x * rsqrt(mean(x·x) + c) as a chain: mul, mean, add, rsqrt, mul — one row group.
-    gm, _ = capture([("mul", (0, 0)), ("mean", (1,)), ("sigmoid", (2,)), ("mul", (0, 3)), ("softmax", (4,))])
+    gm, _ = capture([("mul", (0, 0)), ("mean", (1,)), ("sigmoid", (2,)), ("mul", (0, 3)), ("softmax", (4,))],
+                    dtype=dtype)
     return gm
 
 
 CASES = {
     "rows_chain": _rmsnorm_like,
+    "rows_chain_bf16": lambda: _rmsnorm_like(torch.bfloat16),  # widened loads, each op rounded, narrowed stores
+    "gemm_int4_g32_asym_silu_fp16": lambda: capture_module(QuantLinear(40, 24, 4, 32, False, True, "silu"),
+                                                           torch.randn(2, 40).half()),
     "gemm_int4_g32_asym_silu": lambda: capture_module(QuantLinear(40, 24, 4, 32, False, True, "silu"),
                                                       torch.randn(2, 40)),
     "gemm_int4_g32_float_zero_silu": lambda: capture_module(

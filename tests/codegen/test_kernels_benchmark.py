@@ -28,6 +28,20 @@ def test_without_a_gpu_it_says_so_and_exits_0(capsys):
 def test_every_case_runs_through_the_interpreter(capsys):
     assert _script().main(["--interpret"]) == 0
     out = capsys.readouterr().out
-    for table in ("| int4 g128 GEMM |", "| fused RMSNorm |", "| LoRA r=4 linear (fp32, one fused kernel) |"):
+    for table in ("| int4 g128 GEMM |", "| fused RMSNorm |", "| LoRA r=4 linear (float32, one fused kernel) |"):
         assert table in out
     assert out.count("\n| 40×24 | ") == 2 and "| RMSNorm | 3×40 |" in out
+
+
+def test_the_half_precision_path_runs_through_the_interpreter_in_float16(capsys):
+    assert _script().main(["--interpret", "--dtype", "float16"]) == 0
+    out = capsys.readouterr().out
+    assert "activations torch.float16" in out and "| LoRA r=4 linear (float16, one fused kernel) |" in out
+    assert "| 40×24 r=4 | 3 | " in out and " | 1 | " in out  # the LoRA linear is one kernel
+
+
+def test_bfloat16_under_the_interpreter_is_refused_with_what_to_do(capsys):
+    with pytest.raises(SystemExit) as stop:
+        _script().main(["--interpret", "--dtype", "bfloat16"])
+    assert stop.value.code == 2
+    assert "use --dtype float16 or float32" in capsys.readouterr().err
