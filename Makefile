@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.slimfx-installed
 # Pytest workers; the machines have 2 cores.
 WORKERS ?= 2
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-wheels
 
 install: $(STAMP)
 
@@ -50,6 +50,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(WORKERS) -q --durations=15
+
+# The wheels benchmarks/gpu_check.sh installs on a lent GPU machine (Python 3.12, no network there):
+# lark, the one dependency its image lacks, at the version this venv runs.
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		-d .whl "lark==$$($(PY) -c 'import lark; print(lark.__version__)')"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info out
