@@ -173,7 +173,7 @@ def test_a_bfloat16_llama_on_a_cpu_keeps_its_gemms_eager_and_says_why():
 
 
 # benchmarks/gpu_check.sh runs this on a lent GPU (with SLIMFX_TRITON_GPU=1: real kernels).
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 GEMM kernels run on a GPU only (module doc)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real Triton kernels need a CUDA GPU (benchmarks/gpu_check.sh runs this there)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_llama_kernels_on_a_gpu_equal_the_eager_backend(dtype):
     eager, inputs = _compiled(dtype, "eager", "cuda")
