@@ -19,7 +19,7 @@ from torch import fx
 from ..runtime.progress import Progress
 from .graph import ModelGraph
 
-__all__ = ["observe", "Observer", "kept_rows", "real_rows", "forward_ms", "HessianAccumulator", "DiagonalAccumulator",
+__all__ = ["observe", "Observer", "kept_rows", "real_rows", "forward_ms", "HessianAccumulator", "DiagonalAccumulator", "damped",
            "paired_moment",
            "output_error"]
 
@@ -115,6 +115,22 @@ class DiagonalAccumulator(HessianAccumulator):
 
     def _fold(self, rows: torch.Tensor, keep: float, weight: float) -> None:
         self._H.mul_(keep).add_(rows.pow(2).sum(0), alpha=weight)
+
+
+def damped(H: torch.Tensor, frac: float, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """H + frac·mean(diag H)·I as a float64 copy (rows and columns in the order `perm` if given):
+    what GPTQ, the error-compensating adapters and the scale refit solve with. The mean is floored
+    at the smallest float64 so an all-zero H still gets a positive diagonal. One [in, in] copy:
+    the permutation gathered in H's own dtype, the damping added on the copy's diagonal, never an
+    identity matrix beside it (19 MiB each at a 1536-wide input, at the top of compile's peak).
+
+    >>> damped(torch.eye(2) * 4, 0.5)
+    tensor([[6., 0.],
+            [0., 6.]], dtype=torch.float64)
+    """
+    out = (H if perm is None else H[perm[:, None], perm]).to(torch.float64, copy=perm is None)
+    out.diagonal().add_(frac * max(float(out.diagonal().mean()), torch.finfo(torch.float64).tiny))
+    return out
 
 
 def paired_moment(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..runtime.adapters import STORED_DTYPES
+from .calibrate import damped
 
 __all__ = ["ErrorFit", "ErrorPlan", "InputMoment", "error_adapter", "drift_target", "DRIFT_RIDGE"]
 
@@ -96,13 +97,10 @@ class InputMoment:
     def root(self) -> torch.Tensor:
         """L, lower triangular, with L Lᵀ = H + ridge·I (module doc)."""
         if self._root is None:
-            n = self.H.shape[0]
-            ridge = _RIDGE * max(float(self.H.diagonal().mean()), torch.finfo(torch.float64).tiny)
-            for _ in range(8):
-                L, info = torch.linalg.cholesky_ex(self.H + ridge * torch.eye(n, dtype=torch.float64))
+            for tries in range(8):
+                L, info = torch.linalg.cholesky_ex(damped(self.H, _RIDGE * 10 ** tries))
                 if int(info) == 0:
                     break
-                ridge *= 10
             else:
                 raise ValueError("the calibration inputs' second moment is not positive semi-definite "
                                  "(a NaN or inf among the calibration activations?)")
@@ -192,8 +190,7 @@ def drift_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, ridge: float
     shift.sub_(wd @ Hd)
     if D is not None:
         shift.add_(D.double())
-    R = Hd.clone()  # the ridge on a copy's diagonal: no identity matrix beside H and R
-    R.diagonal().add_(ridge * max(float(Hd.diagonal().mean()), torch.finfo(torch.float64).tiny))
+    R = damped(Hd, ridge)
     L, info = torch.linalg.cholesky_ex(R)
     if int(info) == 0:  # R = L Lᵀ (positive definite whenever the ridge or the rows make it so)
         del R

@@ -12,7 +12,7 @@ import torch
 
 from ...runtime.formats import (QuantFormat, QuantizedWeight, dequantize_codes, group_params, group_size,
                                pack, quantize_codes, store_zeros)
-from ..calibrate import HessianAccumulator, output_error  # calibration statistics are core: the adapter pass reads them too
+from ..calibrate import HessianAccumulator, damped, output_error  # calibration statistics are core: the adapter pass reads them too
 from .clip import column_weights, searched_params
 from .refit import ROUNDS, fitted_params, row_errors, stored_params
 
@@ -35,12 +35,10 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, perm: torch.Tensor | None = 
     coefficients of column i onto the columns after it."""
     # One [in, in] float64 matrix at a time beside H where it can be (each is 19 MiB for a
     # 1536-wide input, and this is at the top of compile's peak in the `init=error` sweep): the
-    # permuted copy taken in one gather and damped on its diagonal (no identity matrix), each
-    # factor dropped once the next is made.
-    damped = H.double().clone() if perm is None else H.double()[perm[:, None], perm]
-    damped.diagonal().add_(damp * float(damped.diagonal().mean()))
-    L, info = torch.linalg.cholesky_ex(damped)
-    del damped
+    # damped copy (calibrate.damped), then each factor dropped once the next is made.
+    ridged = damped(H, damp, perm)
+    L, info = torch.linalg.cholesky_ex(ridged)
+    del ridged
     if int(info) != 0:
         raise ValueError(f"the calibration Hessian is not positive definite even with damp={damp}; "
                          "increase damp or calibrate on more (or more varied) rows")

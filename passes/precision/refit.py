@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..calibrate import damped
 from ...runtime.formats import FLOAT_ZERO_MAX, QuantFormat, dequantize_groups, group_size, per_column
 
 __all__ = ["ROUNDS", "fitted_params", "stored_params", "row_errors"]
@@ -44,8 +45,7 @@ def fitted_params(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, ze
     g = group_size(fmt, cols)
     n = scales.shape[1]
     pad = n * g - cols
-    Hd = H.double() + damp * H.double().diagonal().mean() * torch.eye(cols, dtype=torch.float64)
-    Hd = torch.nn.functional.pad(Hd, (0, pad, 0, pad)).view(n, g, n * g)  # padding weighs nothing
+    Hd = torch.nn.functional.pad(damped(H, damp), (0, pad, 0, pad)).view(n, g, n * g)  # padding weighs nothing
     float_zero = fmt.zero == "float" and zeros is not None
     basis = codes.double() - _fixed_zero(zeros, fmt, float_zero, g, cols)
     P = torch.nn.functional.pad(basis, (0, pad))  # the scale's basis

@@ -1,9 +1,10 @@
-"""passes/calibrate.py: calibration rows of real tokens."""
+"""passes/calibrate.py: calibration rows of real tokens; the damped Hessian the solvers share."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from slimfx.passes.calibrate import kept_rows, real_rows
+from slimfx.passes.calibrate import damped, kept_rows, real_rows
 
 
 def test_rows_of_a_batch_without_padding_are_a_view_not_a_copy():
@@ -21,3 +22,24 @@ def test_padding_rows_are_left_out_in_order():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     rows = real_rows(value, kept_rows({"attention_mask": mask}))
     assert torch.equal(rows, torch.cat([value[0, :3], value[1, :2]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_damped_is_a_float64_copy_with_the_ridge_on_its_diagonal(dtype, permuted):
+    x = torch.randn(40, 6, dtype=torch.float64)
+    H = (x.T @ x / 40).to(dtype)
+    kept = H.clone()
+    perm = torch.tensor([3, 0, 5, 1, 4, 2]) if permuted else None
+    got = damped(H, 0.01, perm)
+    # Written out as the solvers once did: an identity matrix scaled by the mean diagonal.
+    order = perm if permuted else torch.arange(6)
+    want = H.double()[order][:, order] + 0.01 * H.double().diagonal().mean() * torch.eye(6, dtype=torch.float64)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)  # the mean summed in another order
+    assert torch.equal(H, kept)  # the caller's H is never written
+
+
+def test_damped_keeps_an_all_zero_hessian_positive():
+    got = damped(torch.zeros(3, 3, dtype=torch.float64), 0.01)
+    assert (got.diagonal() > 0).all() and torch.linalg.cholesky_ex(got).info == 0
