@@ -108,18 +108,23 @@ class Kernel:
     def compile(self, cache: Optional[Path] = None):
         """The `@triton.jit` function, imported from the cache file of this source."""
         if self._fn is None:
-            folder = Path(cache or cache_dir())
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{self.name}.py"
-            if not path.exists() or path.read_text() != self.source:
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(self.source)
-                tmp.replace(path)
+            path = self.cached_file(cache)
             spec = importlib.util.spec_from_file_location(f"slimfx_kernels.{self.name}", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             self._fn = module.kernel
         return self._fn
+
+    def cached_file(self, cache: Optional[Path] = None) -> Path:
+        """The cache file of this source, written first if missing or not exactly the source."""
+        folder = Path(cache or cache_dir())
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.name}.py"
+        if not path.exists() or path.read_text() != self.source:
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(self.source)
+            tmp.replace(path)
+        return path
 
     def tuned(self, bucket: tuple, make: Callable[[], Any]):
         """The autotuned launcher of this source for `bucket` (codegen/tuning.py), made by `make`

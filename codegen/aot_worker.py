@@ -1,0 +1,67 @@
+"""The compiling half of codegen/aot.py, run by path in a process of its own.
+
+Triton decides at import whether it interprets: a process whose Triton was imported with
+TRITON_INTERPRET=1 (the test suite's, a CPU run's) holds only the interpreter's stand-ins for
+Triton's own library functions (tl.sigmoid, tl.cdiv, …), which the compiler refuses. This process
+imports Triton with the interpreter off and needs nothing of slimfx: it reads jobs as JSON on
+stdin — a kernel source file, the dtypes of its pointer arguments in order, launch configurations,
+a compute capability — and writes, per job and configuration, the argument types, the PTX and
+the shared memory a block uses as JSON on stdout. A source that does not compile ends the process
+with Triton's error and the file's name on stderr.
+"""
+import importlib.util
+import json
+import sys
+
+MARK = "aot_worker: "  # starts the error it reports, after whatever Triton warned on stderr
+
+
+def _jitted(path: str):
+    spec = importlib.util.spec_from_file_location("slimfx_aot_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.kernel
+
+
+def _types(fn, pointers: list[str]) -> dict[str, str]:
+    constexprs = {p.name for p in fn.params if p.is_constexpr}
+    left = iter(pointers)
+    types = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            types[name] = "*" + next(left)
+        else:
+            types[name] = "i32"
+    if next(left, None) is not None or sum(t.startswith("*") for t in types.values()) != len(pointers):
+        raise ValueError(f"{len(pointers)} pointer dtypes for the pointer arguments of {list(types)}")
+    return types
+
+
+def main() -> int:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    results = []
+    for job in json.load(sys.stdin):
+        try:
+            fn = _jitted(job["path"])
+            types = _types(fn, job["pointers"])
+            built = []
+            for config in job["configs"]:
+                done = triton.compile(ASTSource(fn=fn, signature=types, constexprs=dict(config["kwargs"])),
+                                      target=GPUTarget("cuda", job["arch"], 32),
+                                      options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
+                built.append({"types": types, "ptx": done.asm["ptx"], "shared": int(done.metadata.shared)})
+        except Exception as e:  # noqa: BLE001 - any compiler error, reported with the file it came from
+            print(f"{MARK}{job['path']}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        results.append(built)
+    json.dump(results, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
