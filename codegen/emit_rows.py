@@ -10,8 +10,8 @@ weight), "scalar", or "bcast": any other shape that broadcasts to the full one (
 coordinates. Ops become `tl` expressions (codegen/expr.py); the one row reduction becomes a
 `tl.sum`/`tl.max` over the masked row. A group this template cannot express (a transposing view,
 an integer or bool value, an op missing from the table) raises Unsupported naming the node —
-never a wrong kernel. Variables are numbered, not named after nodes, so equal groups share one source
-(codegen/kernel.py caches and imports it).
+never a wrong kernel. Variables are numbered, not named after nodes, so equal groups share one
+source (codegen/kernel.py caches and imports it).
 """
 from __future__ import annotations
 

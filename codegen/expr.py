@@ -4,8 +4,8 @@
 argument (a variable for a graph value, the literal for a Python number); `reduction_lines` the
 statements of a row reduction over the masked row (`m`, `D` and `BLOCK` are the kernel's).
 An op missing from the table raises Unsupported: the group is not generated, never approximated.
-Expressions compute in float32 whatever the values' dtypes; `node_value` rounds a half-precision op's
-result to its dtype (codegen/dtypes.py), which is also all a cast between float formats does.
+Expressions compute in float32 whatever the values' dtypes; `node_value` rounds a half-precision
+op's result to its dtype (codegen/dtypes.py), which is also all a cast between float formats does.
 """
 from __future__ import annotations
 
