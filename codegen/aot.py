@@ -9,9 +9,12 @@ what a block may have. It proves nothing about speed, and a kernel is never run 
 
 The argument types come from the graph: each pointer argument in the order the launchers pass
 them (the kernel's inputs, then its outputs) takes its value's dtype; every other runtime argument
-(sizes, strides) is a 32-bit integer. Triton's JIT would also specialize integers it sees are
-multiples of 16 (alignment hints); an ahead-of-time compile makes no such assumption, so its
-code is the general one. The compiling happens in a process of its own (codegen/aot_worker.py),
+(sizes, strides) is a 32-bit integer. Triton's JIT also specializes on the values of a call: an
+integer equal to 1 becomes a constant, one that is a multiple of 16 and every 16-byte-aligned
+pointer carry that as a hint — which decides whether loads are vectorized and pipelined (without
+them no load here became `cp.async`, and `num_stages` changed nothing). So each configuration
+carries the integers of a sample call ("ints": contiguous rows and weights, M of its bucket) and
+pointers are taken as aligned, as torch allocates them. The compiling happens in a process of its own (codegen/aot_worker.py),
 one for all the kernels asked for at once: a process whose Triton interprets cannot compile.
 """
 from __future__ import annotations
@@ -54,31 +57,42 @@ class Compiled:
 
 def launch_configs(kernel: Kernel) -> list[dict]:
     """The configurations a launch uses with autotuning off (SLIMFX_AUTOTUNE=0): the GEMM's
-    fixed tiles for a decode step and for a prefill; the row template's one program per row."""
+    fixed tiles for a decode step (1 row) and a prefill (256 rows); the row template's one
+    program per row."""
     from .emit_gemm import block_sizes
 
     if kernel.template == "gemm":
-        tiles = dict.fromkeys(block_sizes(m, interpreted=False) for m in (1, 256))
-        return [_config(dict(zip(("BM", "BN", "BK"), t)), 4, 3) for t in tiles]
-    return [_config({"BLOCK": _row_block(kernel)}, 4, 3)]
+        return [_config(dict(zip(("BM", "BN", "BK"), block_sizes(m, interpreted=False))), 4, 3, _gemm_ints(kernel, m))
+                for m in (1, 256)]
+    return [_config({"BLOCK": _row_block(kernel)}, 4, 3, _row_ints(kernel))]
 
 
 def tuned_configs(kernel: Kernel) -> list[dict]:
     """Every configuration autotuning may time for `kernel` on a GPU (codegen/tuning.py): the
-    GEMM's candidates of every M bucket, the row template's warps per row."""
+    GEMM's candidates of each M bucket (at that many rows), the row template's warps per row."""
     from .tuning import gemm_configs, row_configs
 
     if kernel.template == "gemm":
-        seen, configs = set(), []
-        for bucket in (16, 32, 64, 128, 256, 512):
-            for c in gemm_configs(bucket):
-                key = (tuple(sorted(c["kwargs"].items())), c["num_warps"], c["num_stages"])
-                if key not in seen:
-                    seen.add(key)
-                    configs.append(c)
-        return configs
+        return [_config(c["kwargs"], c["num_warps"], c["num_stages"], _gemm_ints(kernel, bucket))
+                for bucket in (16, 32, 64, 128, 256, 512) for c in gemm_configs(bucket)]
     block = _row_block(kernel)
-    return [_config({**c["kwargs"], "BLOCK": block}, c["num_warps"], c["num_stages"]) for c in row_configs()]
+    return [_config({**c["kwargs"], "BLOCK": block}, c["num_warps"], c["num_stages"], _row_ints(kernel))
+            for c in row_configs()]
+
+
+def _gemm_ints(kernel: Kernel, m: int) -> dict[str, int]:
+    """The integer arguments of a call on `m` contiguous rows with contiguous [N, K] weights —
+    what Triton's JIT would see and specialize on (module doc)."""
+    ints = {"M": m, "K": kernel.k, "stride_xm": kernel.k, "stride_xk": 1}
+    ints.update({f"N{j}": n for j, n in enumerate(kernel.ns)})
+    if "w" in kernel.roles:  # dense weights (merged anchors share a format: all of them)
+        ints.update({name: value for j in range(len(kernel.ns))
+                     for name, value in ((f"stride_w{j}n", kernel.k), (f"stride_w{j}k", 1))})
+    return ints
+
+
+def _row_ints(kernel: Kernel) -> dict[str, int]:
+    return {"D": _row_width(kernel)}
 
 
 def compile_for(kernel: Kernel, configs: Optional[list[dict]] = None, arch: int = HOPPER) -> list[Compiled]:
@@ -114,15 +128,20 @@ def _pointer(val: Optional[torch.Tensor], kernel: Kernel, name: str) -> str:
     return _TYPES[val.dtype]
 
 
-def _row_block(kernel: Kernel) -> int:
-    import triton
-
+def _row_width(kernel: Kernel) -> int:
     val = tensor_val(getattr(kernel, "full", None))
     width = val.shape[-1] if val is not None and val.dim() else 1
     if isinstance(width, torch.SymInt):
         raise ValueError(f"{kernel.name}: its row width is known only at run time")
-    return triton.next_power_of_2(int(width))
+    return int(width)
 
 
-def _config(kwargs: dict, warps: int, stages: int) -> dict:
-    return {"kwargs": kwargs, "num_warps": warps, "num_stages": stages}
+def _row_block(kernel: Kernel) -> int:
+    import triton
+
+    return triton.next_power_of_2(_row_width(kernel))
+
+
+def _config(kwargs: dict, warps: int, stages: int, ints: dict[str, int]) -> dict:
+    """A launch configuration, with the integer arguments of a sample call ("ints")."""
+    return {"kwargs": kwargs, "num_warps": warps, "num_stages": stages, "ints": ints}

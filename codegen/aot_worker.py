@@ -4,8 +4,8 @@ Triton decides at import whether it interprets: a process whose Triton was impor
 TRITON_INTERPRET=1 (the test suite's, a CPU run's) holds only the interpreter's stand-ins for
 Triton's own library functions (tl.sigmoid, tl.cdiv, …), which the compiler refuses. This process
 imports Triton with the interpreter off and needs nothing of slimfx: it reads jobs as JSON on
-stdin — a kernel source file, the dtypes of its pointer arguments in order, launch configurations,
-a compute capability — and writes, per job and configuration, the argument types, the PTX and
+stdin — a kernel source file, the dtypes of its pointer arguments in order, launch configurations
+(with the integer arguments of a sample call), a compute capability — and writes, per job and configuration, the argument types, the PTX and
 the shared memory a block uses as JSON on stdout. A source that does not compile ends the process
 with Triton's error and the file's name on stderr.
 """
@@ -23,20 +23,29 @@ def _jitted(path: str):
     return module.kernel
 
 
-def _types(fn, pointers: list[str]) -> dict[str, str]:
+def _specialized(fn, pointers: list[str], ints: dict) -> tuple[dict, dict, dict]:
+    """(argument types, constants, attributes) as Triton's JIT makes them for a call whose integer
+    arguments are `ints` (those not given stay general) and whose pointers are 16-byte aligned:
+    an integer 1 becomes a constant, a multiple of 16 gets a divisibility hint, as does every
+    pointer."""
     constexprs = {p.name for p in fn.params if p.is_constexpr}
     left = iter(pointers)
-    types = {}
-    for name in fn.arg_names:
+    types, constants, attrs = {}, {}, {}
+    for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             types[name] = "constexpr"
         elif name.endswith("_ptr"):
             types[name] = "*" + next(left)
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif ints.get(name) == 1:
+            types[name], constants[name] = "constexpr", 1
         else:
             types[name] = "i32"
+            if name in ints and ints[name] % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
     if next(left, None) is not None or sum(t.startswith("*") for t in types.values()) != len(pointers):
         raise ValueError(f"{len(pointers)} pointer dtypes for the pointer arguments of {list(types)}")
-    return types
+    return types, constants, attrs
 
 
 def main() -> int:
@@ -48,10 +57,11 @@ def main() -> int:
     for job in json.load(sys.stdin):
         try:
             fn = _jitted(job["path"])
-            types = _types(fn, job["pointers"])
             built = []
             for config in job["configs"]:
-                done = triton.compile(ASTSource(fn=fn, signature=types, constexprs=dict(config["kwargs"])),
+                types, constants, attrs = _specialized(fn, job["pointers"], config.get("ints", {}))
+                source = ASTSource(fn=fn, signature=types, constexprs={**constants, **config["kwargs"]}, attrs=attrs)
+                done = triton.compile(source,
                                       target=GPUTarget("cuda", job["arch"], 32),
                                       options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
                 built.append({"types": types, "ptx": done.asm["ptx"], "shared": int(done.metadata.shared)})

@@ -71,7 +71,9 @@ def test_every_autotune_candidate_compiles_and_fits_in_shared_memory(no_interpre
     row = next(k for k in kernels if k.template == "rows" and "tl.rsqrt" in k.source)
     configs = tuned_configs(gemm)
     every = [c for bucket in (16, 32, 64, 128, 256, 512) for c in gemm_configs(bucket)]
-    assert all(c in configs for c in every + launch_configs(gemm)) and len(configs) == len({str(c) for c in every})
+    assert [(c["kwargs"], c["num_warps"], c["num_stages"]) for c in configs] == \
+        [(c["kwargs"], c["num_warps"], c["num_stages"]) for c in every]
+    assert {str(c["kwargs"]) for c in launch_configs(gemm)} <= {str(c["kwargs"]) for c in configs}
     for kernel, built in zip((gemm, row), compile_many([(gemm, configs), (row, tuned_configs(row))])):
         assert len(built) == len(tuned_configs(kernel))
         for b in built:
@@ -85,7 +87,7 @@ def test_other_packed_formats_compile_in_bfloat16(bits, group, zero, no_interpre
     (found,) = [g for g in partition(gm) if g.kind == "gemm"]
     built = compile_for(emit_gemm(found))
     assert built[0].types["x_ptr"] == "*bf16" and built[0].types["qw0_ptr"] == "*u8"
-    assert built[0].types["out0_ptr"] == "*bf16" and built[0].types["M"] == "i32"
+    assert built[0].types["out0_ptr"] == "*bf16" and built[1].types["M"] == "i32"  # [0] is decode: M = 1
     assert all(b.tensor_cores for b in built)
 
 
@@ -105,6 +107,23 @@ def test_the_kernels_of_random_graphs_compile_for_hopper(steps, dtype):
         knobs.runtime.interpret = old
     for kernel, built in zip(kernels, compile_many([(k, None) for k in kernels])):
         assert built and all(b.shared <= SHARED_BYTES[HOPPER] for b in built), kernel.name
+
+
+def test_calls_are_specialized_as_the_jit_does_and_loads_are_pipelined(no_interpreter):
+    """With a sample call's integers (1 → a constant, multiples of 16 → a hint) and aligned
+    pointers, the weight loads of a multi-stage config become asynchronous copies into shared
+    memory; one stage keeps them synchronous."""
+    model = QuantLinear(512, 512, 4, 128, True, False, "none").to(torch.bfloat16)
+    gm = capture_module(model, torch.randn(2, 512, dtype=torch.bfloat16))
+    (found,) = [g for g in partition(gm) if g.kind == "gemm"]
+    kernel = emit_gemm(found)
+    decode, prefill = launch_configs(kernel)
+    assert decode["ints"]["M"] == 1 and prefill["ints"]["M"] == 256
+    tiles = [{**prefill, "num_stages": stages} for stages in (1, 4)]
+    one, four = compile_for(kernel, [decode] + tiles)[1:]
+    assert compile_for(kernel, [decode])[0].types["M"] == "constexpr"  # M = 1 specialized, as the JIT does
+    assert one.types["M"] == "i32" and one.types["stride_xk"] == "constexpr"
+    assert not one.uses("cp.async") and four.uses("cp.async") and four.shared > one.shared
 
 
 def test_a_source_that_does_not_compile_says_so():
