@@ -62,8 +62,8 @@ def launch_configs(kernel: Kernel) -> list[dict]:
     from .emit_gemm import block_sizes
 
     if kernel.template == "gemm":
-        return [_config(dict(zip(("BM", "BN", "BK"), block_sizes(m, interpreted=False))), 4, 3, _gemm_ints(kernel, m))
-                for m in (1, 256)]
+        return [_config({**dict(zip(("BM", "BN", "BK"), block_sizes(m, interpreted=False))), "GEMV": False}, 4, 3,
+                        _gemm_ints(kernel, m)) for m in (1, 256)]
     return [_config({"BLOCK": _row_block(kernel)}, 4, 3, _row_ints(kernel))]
 
 
@@ -74,7 +74,7 @@ def tuned_configs(kernel: Kernel) -> list[dict]:
 
     if kernel.template == "gemm":
         return [_config(c["kwargs"], c["num_warps"], c["num_stages"], _gemm_ints(kernel, bucket))
-                for bucket in (16, 32, 64, 128, 256, 512) for c in gemm_configs(bucket)]
+                for bucket in (1, 4, 16, 32, 64, 128, 256, 512) for c in gemm_configs(bucket)]
     block = _row_block(kernel)
     return [_config({**c["kwargs"], "BLOCK": block}, c["num_warps"], c["num_stages"], _row_ints(kernel))
             for c in row_configs()]

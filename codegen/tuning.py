@@ -11,13 +11,14 @@ the launcher that times them once per shape bucket and keeps the fastest.
   (seconds per source on a GPU); Triton keeps the compiled configs and, where it can, the choice
   on disk, so later processes pay little. The configs have never been timed on a GPU here (none
   was lent): they are the usual Triton-tutorial tile sizes, not measured choices.
-- **Keys.** The GEMM template is tuned per bucket of M (rows: 1–16, then powers of two up to
-  256, then one bucket) and per (K, N…): a decode step and a prefill get their own choice, but a
+- **Keys.** The GEMM template is tuned per bucket of M (rows: 1, 2–4, 5–16, then powers of two
+  up to 256, then one bucket) and per (K, N…): a decode step and a prefill get their own choice, but a
   new sequence length in the same bucket does not time the configs again. The row template is
   tuned per row width.
 - **Every config computes the same numbers** (the kernels mask ragged tiles; BK changes only the
-  order of the K-sum, within float32 rounding), so tuning changes speed, never the result beyond
-  that rounding. tl.dot needs 16 or more on each side of a tile: every GEMM config has it.
+  order of the K-sum, within float32 rounding; a GEMV config sums the same products as tl.dot in
+  another order), so tuning changes speed, never the result beyond that rounding. tl.dot needs
+  16 or more on each side of a tile: every GEMM config that uses it has it.
 """
 from __future__ import annotations
 
@@ -61,8 +62,13 @@ def tuning_enabled(interpreted: bool) -> bool:
 
 
 def m_bucket(m: int) -> int:
-    """The GEMM's tuning bucket of M rows: 16 for 1–16 (decode, small batches), then the next
-    power of two up to 256, then 512 for everything larger (prefill)."""
+    """The GEMM's tuning bucket of M rows: 1 (a decode step of one sequence), 4 for 2–4, 16 for
+    5–16 (small batches), then the next power of two up to 256, then 512 for everything larger
+    (prefill)."""
+    if m == 1:
+        return 1
+    if m <= 4:
+        return 4
     if m <= 16:
         return 16
     if m <= 256:
@@ -71,13 +77,24 @@ def m_bucket(m: int) -> int:
 
 
 def gemm_configs(bucket: int) -> list[dict]:
-    """The GEMM template's candidates for an M bucket: dicts of BM/BN/BK and the launch's
+    """The GEMM template's candidates for an M bucket: dicts of BM/BN/BK/GEMV and the launch's
     num_warps/num_stages. Small M: one row tile of 16, wide and deep weight tiles (a GEMV reads
-    the weight once; more K per step hides the dequantize). Large M: square-ish tiles."""
+    the weight once; more K per step hides the dequantize). Large M: square-ish tiles.
+
+    Buckets of 1 and 4 rows also get GEMV configs (emit_gemm.py `_product`): no tl.dot, so row
+    tiles of exactly 1 or 4 rows and column tiles down to 8 — at batch 1 SmolLM2's 576-wide
+    linears are 9-18 programs with tl.dot's tiles (BN 32-64) on an H100's 132 SMs, 36-72 with
+    these. Their [BM, BN, BK] products are kept to 8,192 values (64 per thread at 4 warps).
+    Never timed on a GPU here: the tuner, not this list, decides which form wins."""
     if bucket <= 16:
         tiles = [(16, 32, 64), (16, 64, 64), (16, 64, 128), (16, 128, 64), (16, 128, 128), (16, 32, 256),
                  (16, 64, 256)]
-        return [_config(bm, bn, bk, warps, 3) for bm, bn, bk in tiles for warps in (2, 4)]
+        dots = [_config(bm, bn, bk, warps, 3) for bm, bn, bk in tiles for warps in (2, 4)]
+        if bucket > 4:
+            return dots
+        gemv = [(8, 256), (8, 512), (16, 128), (16, 256), (32, 128), (32, 256), (64, 128)] if bucket == 1 else \
+            [(8, 128), (8, 256), (16, 128), (32, 64)]
+        return dots + [_config(bucket, bn, bk, warps, 3, gemv=True) for bn, bk in gemv for warps in (4, 8)]
     if bucket <= 64:
         tiles = [(32, 64, 64), (32, 128, 64), (64, 64, 64), (64, 128, 32), (16, 64, 64)]
     else:
@@ -123,5 +140,5 @@ def wall_clock_bench(fn: Callable[[], object], quantiles=None, **_) -> float | l
     return [best] * len(quantiles) if quantiles else best
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
-    return {"kwargs": {"BM": bm, "BN": bn, "BK": bk}, "num_warps": warps, "num_stages": stages}
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, gemv: bool = False) -> dict:
+    return {"kwargs": {"BM": bm, "BN": bn, "BK": bk, "GEMV": gemv}, "num_warps": warps, "num_stages": stages}

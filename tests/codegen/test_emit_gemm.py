@@ -16,6 +16,7 @@ from slimfx.codegen.emit import emit_all
 from slimfx.codegen.emit_gemm import emit_gemm
 from slimfx.codegen.expr import Unsupported
 from slimfx.codegen.partition import partition
+from slimfx.codegen.tuning import gemm_configs
 
 from graphs import EPILOGUES, QuantLinear, SharedInput, capture_module
 
@@ -26,9 +27,9 @@ def _gemm_kernel(gm):
     return emit_gemm(groups[0]), groups[0]
 
 
-def _check(model, x, x_run=None, tol=1e-4):
+def _check(model, x, x_run=None, tol=1e-4, config=None):
     """Export `model` at x, emit its GEMM group, launch the kernel at x_run (another batch size:
-    the shapes are symbolic) and compare with the model's own output."""
+    the shapes are symbolic; under `config` if given) and compare with the model's own output."""
     gm = capture_module(model, x)
     kernel, group = _gemm_kernel(gm)
     assert group.outputs == [group.nodes[-1]]  # the epilogue's end is the one value stored
@@ -36,7 +37,7 @@ def _check(model, x, x_run=None, tol=1e-4):
     interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
         interp.run(x_run)
-    (got,) = kernel.launch([interp.env[node] for node, _ in kernel.inputs])
+    (got,) = kernel.launch([interp.env[node] for node, _ in kernel.inputs], config=config)
     with torch.no_grad():
         want = model(x_run)
     assert got.shape == want.shape
@@ -203,3 +204,58 @@ def test_a_weight_in_another_dtype_than_the_input_is_refused_by_name():
     weight.meta["val"] = weight.meta["val"].float()
     with pytest.raises(Unsupported, match=rf"^{weight.name}: a torch.float32 weight for a torch.float16 input$"):
         emit_gemm(group)
+
+
+# The GEMV form (no tl.dot: a broadcast product summed over each K step) of decode-step configs:
+# row tiles of exactly 1 or 4 rows, column tiles down to 8 (codegen/tuning.py).
+GEMV = [c for bucket in (1, 4) for c in gemm_configs(bucket) if c["kwargs"]["GEMV"]]
+
+
+def _name(config) -> str:
+    return "BM{BM}-BN{BN}-BK{BK}".format(**config["kwargs"]) + f"-w{config['num_warps']}"
+
+
+@pytest.mark.parametrize("config", GEMV, ids=_name)
+def test_every_gemv_config_equals_the_reference_op(config):
+    # 300 inputs: ragged against every BK and against groups of 32 (9 of them and one of 12);
+    # 40 outputs against every BN; 3 rows in a row tile of 4.
+    assert "tl.sum(" in _check(QuantLinear(300, 40, 4, 32, False, True, "silu"), torch.randn(2, 300),
+                               torch.randn(1 if config["kwargs"]["BM"] == 1 else 3, 300), config=config).source
+
+
+@settings(max_examples=10, deadline=None)
+@given(m=st.integers(1, 4), k=st.integers(1, 70), n=st.integers(1, 40), bits=st.sampled_from([2, 4, 8]),
+       group=st.sampled_from([8, 16, 32, None]), kind=st.sampled_from(["sym", "int", "float"]), bias=st.booleans(),
+       epilogue=st.sampled_from(sorted(EPILOGUES)), half=st.booleans(), pick=st.integers(0, 99))
+def test_packed_gemv_with_its_epilogue_equals_the_reference_op(m, k, n, bits, group, kind, bias, epilogue, half,
+                                                               pick):
+    configs = [c for c in GEMV if c["kwargs"]["BM"] == (1 if m == 1 else 4)]
+    model = QuantLinear(k, n, bits, group, kind == "sym", bias, epilogue, zero="float" if kind == "float" else "int")
+    dtype = torch.float16 if half else torch.float32
+    _check(model, torch.randn(2, k, dtype=dtype), torch.randn(m, k, dtype=dtype), tol=4e-3 if half else 1e-4,
+           config=configs[pick % len(configs)])
+
+
+@pytest.mark.parametrize("how", ["linear", "mm", "addmm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_gemv(how, dtype):
+    config = next(c for c in GEMV if c["kwargs"]["BN"] == 16 and c["kwargs"]["BM"] == 1)
+    _check(_Dense(how).to(dtype), torch.randn(2, 40, dtype=dtype), torch.randn(1, 40, dtype=dtype),
+           tol=4e-3 if dtype == torch.float16 else 1e-4, config=config)
+
+
+@pytest.mark.parametrize("widths,swiglu", [((40, 40), True), ((40, 16, 16), False)])
+def test_merged_gemms_as_gemv(widths, swiglu):
+    model = SharedInput(24, widths, 4, 8, False, swiglu)
+    gm = capture_module(model, torch.randn(2, 24))
+    (group,) = [g for g in partition(gm) if g.kind == "gemm"]
+    kernel = emit_gemm(group)
+    x = torch.randn(3, 24)
+    interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        interp.run(x)
+        want = model(x)
+    config = next(c for c in GEMV if c["kwargs"]["BM"] == 4 and c["kwargs"]["BN"] == 8)
+    got = kernel.launch([interp.env[node] for node, _ in kernel.inputs], config=config)
+    for g, w in zip(got, want if not swiglu else (want,), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

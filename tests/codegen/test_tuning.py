@@ -43,20 +43,25 @@ def test_tuning_on_a_gpu_and_under_the_interpreter_only_when_asked(monkeypatch):
         tuning_enabled(interpreted=False)
 
 
-@pytest.mark.parametrize("m,bucket", [(1, 16), (16, 16), (17, 32), (64, 64), (65, 128), (256, 256), (257, 512),
+@pytest.mark.parametrize("m,bucket", [(1, 1), (2, 4), (4, 4), (5, 16), (16, 16), (17, 32), (64, 64), (65, 128), (256, 256), (257, 512),
                                       (8192, 512)])
 def test_m_buckets(m, bucket):
     assert m_bucket(m) == bucket
 
 
-@pytest.mark.parametrize("m", [1, 16, 17, 48, 100, 256, 4096])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 48, 100, 256, 4096])
 def test_every_gemm_config_is_a_legal_tile_and_includes_the_fixed_choice(m):
     configs = gemm_configs(m_bucket(m))
-    tiles = [(c["kwargs"]["BM"], c["kwargs"]["BN"], c["kwargs"]["BK"]) for c in configs]
+    tiles = [(c["kwargs"]["BM"], c["kwargs"]["BN"], c["kwargs"]["BK"], c["kwargs"]["GEMV"]) for c in configs]
     assert len(set(tiles)) * 2 == len(configs)  # each tile with two launch settings
-    for tile in tiles:
-        assert all(size >= 16 and size & (size - 1) == 0 for size in tile), tile  # tl.dot: 16+, powers of 2
-    assert block_sizes(m, interpreted=False) in tiles  # tuning never loses the untuned choice
+    for *tile, gemv in tiles:
+        assert all(size & (size - 1) == 0 for size in tile), tile  # powers of 2 (tl.arange)
+        if gemv:  # no tl.dot: a row tile of exactly the bucket's rows, a bounded [BM, BN, BK] product
+            assert tile[0] == m_bucket(m) <= 4 and tile[0] * tile[1] * tile[2] <= 8192, tile
+        else:
+            assert min(tile) >= 16, tile  # tl.dot: 16 or more on each side
+    assert any(gemv for *_, gemv in tiles) == (m <= 4)  # decode steps may go either way; the tuner picks
+    assert (*block_sizes(m, interpreted=False), False) in tiles  # tuning never loses the untuned choice
     assert all(c["num_warps"] in (2, 4, 8) and c["num_stages"] >= 1 for c in configs)
     assert {c["num_warps"] for c in row_configs()} == {1, 2, 4, 8, 16}
 
@@ -74,7 +79,8 @@ def test_a_tuned_gemm_times_every_config_once_per_m_bucket(monkeypatch, fresh_tu
     assert [role for _, role in kernel.inputs[:4]] == ["x", "qweight", "scales", "zeros"]
     extra = [r for _, r in kernel.inputs[4:]]
     assert extra == ["col"], extra  # the bias: read from the model below
-    for m, new_timings in ((3, len(gemm_configs(16))), (5, 0), (20, len(gemm_configs(32)))):
+    for m, new_timings in ((3, len(gemm_configs(4))), (4, 0), (9, len(gemm_configs(16))), (5, 0),
+                           (20, len(gemm_configs(32)))):
         x = torch.randn(m, 40)
         before = len(fresh_tuners)
         (got,) = kernel.launch([x, model.qweight, model.scales, model.zeros, model.bias])
@@ -82,7 +88,7 @@ def test_a_tuned_gemm_times_every_config_once_per_m_bucket(monkeypatch, fresh_tu
             torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-4)
         assert len(fresh_tuners) - before == new_timings, (m, len(fresh_tuners) - before)
     tuners = {key[1:]: t for key, t in tuning._TUNED.items()}
-    assert set(tuners) == {("gemm", 16), ("gemm", 32)}
+    assert set(tuners) == {("gemm", 4), ("gemm", 16), ("gemm", 32)}
     for (_, bucket), tuner in tuners.items():
         assert tuner.best_config.kwargs in [c["kwargs"] for c in gemm_configs(bucket)]
 
@@ -117,3 +123,30 @@ def test_a_tiny_llama_with_tuned_kernels_equals_the_eager_backend(monkeypatch, f
         assert tuner.best_config in tuner.configs
     # every launcher timed each of its configs once per key it met
     assert len(fresh_tuners) >= sum(len(t.configs) for t in tuning._TUNED.values())
+
+
+def test_a_tiny_llama_decode_step_in_gemv_form_equals_the_eager_backend(monkeypatch, fresh_tuners):
+    """Decode-sized calls (1 and 3 tokens) with only GEMV configs to choose from: every GEMM of
+    the model — merged q/k/v with two nonzero LoRA paths, gate/up with SwiGLU, o, down, the
+    head — in the broadcast-product form, the logits as the eager backend's."""
+    from slimfx.codegen import emit_gemm as emit_gemm_module
+
+    monkeypatch.setenv("SLIMFX_AUTOTUNE", "1")
+    monkeypatch.setattr(emit_gemm_module, "gemm_configs",
+                        lambda bucket: [c for c in gemm_configs(bucket) if c["kwargs"]["GEMV"]][:2])
+    lm = tiny("llama")
+    policy = "quantize blocks.*.** : Linear int4 group=16\nadapt blocks.*.attn.{q,v} lora rank=4 alpha=8\n"
+    eager = slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, backend="eager")
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in eager.adapter_parameters():  # a fresh adapter's B is zero: it would hide the rank path
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    cm = slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, backend="triton")
+    cm.load_state_dict(eager.state_dict())
+    for tokens in (1, 3):
+        inputs = {k: v[:1, :tokens] for k, v in lm.example_inputs.items()}
+        with torch.no_grad():
+            torch.testing.assert_close(cm(**inputs).logits, eager(**inputs).logits, atol=2e-5, rtol=2e-5)
+    gemms = {key[2]: t for key, t in tuning._TUNED.items() if key[1] == "gemm"}
+    assert set(gemms) == {1, 4} and fresh_tuners
+    assert all(t.best_config.kwargs["GEMV"] for t in tuning._TUNED.values() if t in gemms.values())
