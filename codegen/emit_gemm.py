@@ -239,7 +239,7 @@ class _GemmSource:
                   "mask=mm[:, None] & mk[None, :], other=0.0)"]
         for j in seg:
             weight = parts[j][1]
-            lines += _quant_tile(j, *weight[4:], _zero_kind(weight[3]), self.dtype) if weight[0] == "quant" else [
+            lines += _quant_tile(j, *weight[4:], _zero_kind(weight[3]), self.dtype, self.k) if weight[0] == "quant" else [
                 f"            w = tl.load(w{j}_ptr + rn[:, None] * stride_w{j}n + kk[None, :] * stride_w{j}k, "
                 "mask=mn[:, None] & mk[None, :], other=0.0)"]
             lines += _product(f"acc{j}", "+=", "a", "w", self.dtype, "            ")
@@ -379,30 +379,66 @@ def _zero_kind(zeros) -> str | None:
     return "packed" if val.dtype == torch.uint8 else "float"
 
 
-def _quant_tile(j: int, bits: int, group: int, zeros: str | None, dtype: torch.dtype) -> list[str]:
+def _quant_tile(j: int, bits: int, group: int, zeros: str | None, dtype: torch.dtype, k: int) -> list[str]:
     """Dequantize anchor j's [BN, BK] weight tile: codes from the packed bytes, group scales (and
     zero points — packed, float — or the implicit middle code); in float32, then in the input's
-    `dtype` for tl.dot."""
+    `dtype` for tl.dot. Each byte, scale and zero point of the step is loaded once (not once per
+    weight it serves: that was 3 loads per weight, measured in the PTX — codegen/aot.py)."""
     per = 8 // bits
-    mask = (1 << bits) - 1
-    lines = [
-        "            mw = mn[:, None] & mk[None, :]",
-        f"            byte = tl.load(qw{j}_ptr + rn[:, None] * KB + kk[None, :] // {per}, mask=mw, other=0).to(tl.int32)",
-        f"            code = (byte >> ((kk[None, :] % {per}) * {bits})) & {mask}",
-        f"            scale = tl.load(s{j}_ptr + rn[:, None] * NG + kk[None, :] // GROUP, mask=mw, other=0.0).to(tl.float32)",
-    ]
+    if per == 1:
+        lines = [f"byte = tl.load(qw{j}_ptr + rn[:, None] * KB + kk[None, :], mask=mn[:, None] & mk[None, :], "
+                 "other=0).to(tl.int32)", "code = byte"]
+    else:  # the step's BK / per bytes, then the codes in input order: code i of a byte is field i
+        lines = [f"kb = k0 // {per} + tl.arange(0, BK // {per})",
+                 f"byte = tl.load(qw{j}_ptr + rn[:, None] * KB + kb[None, :], mask=mn[:, None] & (kb[None, :] < KB), "
+                 "other=0).to(tl.int32)",
+                 f"code = {_unpacked('byte', bits)}"]
+    loads = [("scale", lambda idx, rows, m: f"tl.load(s{j}_ptr + {rows} * NG + {idx}, mask={m}, other=0.0).to(tl.float32)")]
     if zeros == "packed":  # zero point of group g: field g % per of byte g // per, as the codes
-        lines += [
-            "            zg = kk[None, :] // GROUP",
-            f"            zbyte = tl.load(z{j}_ptr + rn[:, None] * ZB + zg // {per}, mask=mw, other=0).to(tl.int32)",
-            f"            zero = ((zbyte >> ((zg % {per}) * {bits})) & {mask}).to(tl.float32)",
-        ]
-        zero = "zero"
+        loads.append(("zero", lambda idx, rows, m: f"((tl.load(z{j}_ptr + {rows} * ZB + {idx} // {per}, mask={m}, "
+                                                    f"other=0).to(tl.int32) >> (({idx} % {per}) * {bits})) & "
+                                                    f"{(1 << bits) - 1}).to(tl.float32)"))
     elif zeros == "float":
-        zero = f"tl.load(z{j}_ptr + rn[:, None] * NG + kk[None, :] // GROUP, mask=mw, other=0.0).to(tl.float32)"
+        loads.append(("zero", lambda idx, rows, m: f"tl.load(z{j}_ptr + {rows} * NG + {idx}, mask={m}, other=0.0)"
+                                                   ".to(tl.float32)"))
+    zero = "zero" if zeros else f"{float(1 << (bits - 1))!r}"
+    if group >= k:  # one group per row (per channel): one value per column
+        lines += _group_values(group, "one", loads)
+    elif group & (group - 1) == 0:  # BK and the group are powers of two: one divides the other
+        lines += [f"if BK <= {group}:", *[f"    {ln}" for ln in _group_values(group, "one", loads)],
+                  "else:", *[f"    {ln}" for ln in _group_values(group, "many", loads)]]
+    else:  # groups that straddle steps: a value per weight
+        lines += _group_values(group, "each", loads)
+    lines.append(f"w = {narrowed(f'(code.to(tl.float32) - {zero}) * scale', dtype)}")
+    return [f"            {ln}" for ln in lines]
+
+
+def _unpacked(byte: str, bits: int) -> str:
+    """The codes of a [BN, B] tile of packed bytes as a [BN, B · 8/bits] tile in input order:
+    interleaving fields 0 and 1 of each byte (int4); for int2, fields 0 and 2, and 1 and 3, then
+    those two."""
+    field = lambda i: f"(({byte} >> {i * bits}) & {(1 << bits) - 1})" if i else f"({byte} & {(1 << bits) - 1})"
+    if bits == 4:
+        return f"tl.interleave({field(0)}, {field(1)})"
+    if bits == 2:
+        return f"tl.interleave(tl.interleave({field(0)}, {field(2)}), tl.interleave({field(1)}, {field(3)}))"
+    raise Unsupported(f"no unpacking of {bits}-bit codes")
+
+
+def _group_values(group: int, how: str, loads) -> list[str]:
+    """Lines that set each (variable, load) of `loads` to the step's per-group values, as a tile
+    that broadcasts against [BN, BK]: "one" — the step lies in one group (the group is a multiple
+    of BK, or the whole row): a [BN, 1] column; "many" — the step holds BK / group whole groups:
+    [BN, BK / group] values, each repeated group times; "each" — a value per weight."""
+    if how == "one":
+        pre, idx, rows, m, wrap = [f"g = k0 // {group}"], "g", "rn", "mn", "{}[:, None]"
+    elif how == "many":
+        pre = [f"sg = k0 // {group} + tl.arange(0, BK // {group})"]
+        idx, rows, m = "sg[None, :]", "rn[:, None]", "mn[:, None] & (sg[None, :] < NG)"
+        wrap = f"tl.reshape(tl.broadcast_to(({{}})[:, :, None], (BN, BK // {group}, {group})), (BN, BK))"
     else:
-        zero = f"{float(1 << (bits - 1))!r}"
-    return lines + [f"            w = {narrowed(f'(code.to(tl.float32) - {zero}) * scale', dtype)}"]
+        pre, idx, rows, m, wrap = ["mw = mn[:, None] & mk[None, :]"], "(kk[None, :] // GROUP)", "rn[:, None]", "mw", "{}"
+    return pre + [f"{var} = {wrap.format(load(idx, rows, m))}" for var, load in loads]
 
 
 def _operands(anchor: fx.Node, group: Group):

@@ -70,7 +70,22 @@ def test_asymmetric_zero_points_of_each_kind(bits, group, zero):
     model = QuantLinear(70, 40, bits, group, False, True, "none", zero=zero)
     assert model.zeros.dtype == (torch.uint8 if zero == "int" else torch.float16)
     kernel = _check(model, torch.randn(2, 70), torch.randn(5, 70))
-    assert ("zbyte" in kernel.source) == (zero == "int")
+    assert ("* ZB +" in kernel.source) == (zero == "int")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("k,group,form", [(300, 16, "BK // 16"), (300, 128, "BK <= 128"), (100, 48, "// GROUP"),
+                                          (90, None, "k0 // 90")])
+@pytest.mark.parametrize("gemv", [False, True])
+def test_each_way_of_reading_group_values(bits, k, group, form, gemv):
+    """Scales and zero points are read once per group a step touches: a step of whole groups
+    (16 | BK), a step inside one group (BK | 128), one group per row; a group of 48 straddles
+    steps and is read per weight. The tile config: the interpreter's default, or a GEMV one."""
+    model = QuantLinear(k, 24, bits, group, False, True, "none", zero="int")
+    config = next(c for c in gemm_configs(1 if gemv else 16)
+                  if c["kwargs"]["GEMV"] == gemv and c["kwargs"]["BK"] == (128 if gemv else 64))
+    kernel = _check(model, torch.randn(2, k), torch.randn(1 if gemv else 5, k), config=config)
+    assert form in kernel.source
 
 
 def test_int8_per_channel_and_int2_on_a_3d_input():  # M = batch × 3 rows
@@ -86,7 +101,7 @@ def test_merged_gemms_with_different_zero_point_kinds():
     gm = capture_module(model, torch.randn(2, 24))
     (group,) = [g for g in partition(gm) if g.kind == "gemm"]
     kernel = emit_gemm(group)
-    assert len(group.anchors) == 3 and "zbyte" in kernel.source
+    assert len(group.anchors) == 3 and "* ZB +" in kernel.source
     x = torch.randn(5, 24)
     interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
