@@ -211,14 +211,19 @@ class _GemmSource:
                   "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
                   f"def kernel({', '.join(params)}, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GEMV: tl.constexpr):\n"
                   "    rm = tl.program_id(0) * BM + tl.arange(0, BM)\n    mm = rm < M\n    tile = tl.program_id(1)\n"
-                  + ("" if self.quant is None else
-                     f"    KB = (K * {self.quant[0]} + 7) // 8  # bytes per packed row\n"
-                     f"    GROUP = {self.quant[1]}\n    NG = (K + GROUP - 1) // GROUP  # groups per row (the last may be short)\n"
-                     + (f"    ZB = (NG * {self.quant[0]} + 7) // 8  # bytes per row of packed zero points\n"
-                        if "packed" in zero_kinds else ""))
+                  + ("" if self.quant is None else self._packed_sizes("packed" in zero_kinds))
                   + "\n".join(body) + "\n")
         return GemmKernel("gemm", source, self.inputs, outputs, list(self.group.nodes), k=self.k, ns=tuple(ns),
                           segments=tuple(segments), weight_layouts=tuple(p[3] for p in parts))
+
+    def _packed_sizes(self, packed_zeros: bool) -> str:
+        """The packed layout's row sizes as constants of the source (K is the group's own): a
+        constant lets the compiler see that rows of bytes line up, and vectorize their loads."""
+        bits, group = self.quant
+        ng = -(-self.k // group)
+        return (f"    KB = {-(-self.k * bits // 8)}  # bytes per packed row\n"
+                f"    GROUP = {group}\n    NG = {ng}  # groups per row (the last may be short)\n"
+                + (f"    ZB = {-(-ng * bits // 8)}  # bytes per row of packed zero points\n" if packed_zeros else ""))
 
     def _segment(self, s: int, seg: tuple[int, ...], segments, parts, ns) -> list[str]:
         """The code of one segment: its tiles of columns, the K loop, its epilogue and stores."""
