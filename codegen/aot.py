@@ -4,8 +4,10 @@ Triton's compiler runs the whole way — Triton IR, GPU IR, LLVM IR, PTX, and a 
 ptxas Triton ships — for a named target without a driver, so a machine with no GPU can check what
 the interpreter cannot: that a kernel source compiles for an H100/H200 (sm_90) under each launch
 configuration it may get, which instructions its products become (`wgmma`/`mma`: tensor cores;
-`fma`: CUDA cores; any `tf32`), and how much shared memory each configuration asks for, against
-what a block may have. It proves nothing about speed, and a kernel is never run here.
+`fma`: CUDA cores; any `tf32`), how much shared memory each configuration asks for, against
+what a block may have, and how many registers a thread needs and whether any spill to local
+memory (a spilling GEMV would be bound by that traffic, not by its weights'). It proves nothing
+about speed, and a kernel is never run here.
 
 The argument types come from the graph: each pointer argument in the order the launchers pass
 them (the kernel's inputs, then its outputs) takes its value's dtype; every other runtime argument
@@ -45,6 +47,8 @@ class Compiled:
     types: dict  # argument name -> Triton type ("*bf16", "i32", "constexpr")
     ptx: str
     shared: int  # bytes of shared memory a block uses
+    registers: int  # per thread, as ptxas assembles the PTX
+    spilled: int  # bytes of spill stores and loads (local memory a register did not fit in)
 
     def uses(self, instruction: str) -> bool:
         """Whether the PTX has `instruction` (a prefix such as "wgmma.mma_async" or "fma.rn.f32")."""
@@ -118,7 +122,8 @@ def compile_many(jobs: Sequence[tuple[Kernel, Optional[list[dict]]]], arch: int 
         why = done.stderr.rpartition("aot_worker: ")[2] if "aot_worker: " in done.stderr else done.stderr
         raise RuntimeError(f"ahead-of-time compilation for sm_{arch} failed: {why.strip()[-4000:]}")
     results = json.loads(done.stdout)
-    return [[Compiled(c, r["types"], r["ptx"], r["shared"]) for c, r in zip(configs, built)]
+    return [[Compiled(c, r["types"], r["ptx"], r["shared"], r["registers"], r["spill_stores"] + r["spill_loads"])
+             for c, r in zip(configs, built)]
             for configs, built in zip(configs_of, results)]
 
 

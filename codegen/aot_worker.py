@@ -5,13 +5,19 @@ TRITON_INTERPRET=1 (the test suite's, a CPU run's) holds only the interpreter's 
 Triton's own library functions (tl.sigmoid, tl.cdiv, …), which the compiler refuses. This process
 imports Triton with the interpreter off and needs nothing of slimfx: it reads jobs as JSON on
 stdin — a kernel source file, the dtypes of its pointer arguments in order, launch configurations
-(with the integer arguments of a sample call), a compute capability — and writes, per job and configuration, the argument types, the PTX and
-the shared memory a block uses as JSON on stdout. A source that does not compile ends the process
+(with the integer arguments of a sample call), a compute capability — and writes, per job and configuration, the argument types, the PTX,
+the shared memory a block uses and what ptxas reports of the registers (registers per thread, bytes
+of spill stores and loads: Triton keeps these only once a driver loads the binary, so the PTX is
+assembled once more here with `ptxas -v`, ~70 ms) as JSON on stdout. A source that does not compile ends the process
 with Triton's error and the file's name on stderr.
 """
 import importlib.util
 import json
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 MARK = "aot_worker: "  # starts the error it reports, after whatever Triton warned on stderr
 
@@ -48,6 +54,23 @@ def _specialized(fn, pointers: list[str], ints: dict) -> tuple[dict, dict, dict]
     return types, constants, attrs
 
 
+def _registers(ptx: str, arch: int) -> dict:
+    """Registers per thread and spilled bytes of `ptx` as ptxas assembles it for `arch`."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        done = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", str(src),
+                               "-o", str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True, check=True)
+    log = done.stdout + done.stderr
+    used = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if used is None or spills is None:
+        raise RuntimeError(f"ptxas -v printed no register usage: {log[-2000:]}")
+    return {"registers": int(used[1]), "spill_stores": int(spills[1]), "spill_loads": int(spills[2])}
+
+
 def main() -> int:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -64,7 +87,8 @@ def main() -> int:
                 done = triton.compile(source,
                                       target=GPUTarget("cuda", job["arch"], 32),
                                       options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
-                built.append({"types": types, "ptx": done.asm["ptx"], "shared": int(done.metadata.shared)})
+                built.append({"types": types, "ptx": done.asm["ptx"], "shared": int(done.metadata.shared),
+                              **_registers(done.asm["ptx"], job["arch"])})
         except Exception as e:  # noqa: BLE001 - any compiler error, reported with the file it came from
             print(f"{MARK}{job['path']}: {type(e).__name__}: {e}", file=sys.stderr)
             return 1

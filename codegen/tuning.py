@@ -89,7 +89,9 @@ def gemm_configs(bucket: int) -> list[dict]:
     if bucket <= 16:
         tiles = [(16, 32, 64), (16, 64, 64), (16, 64, 128), (16, 128, 64), (16, 128, 128), (16, 32, 256),
                  (16, 64, 256)]
-        dots = [_config(bm, bn, bk, warps, 3) for bm, bn, bk in tiles for warps in (2, 4)]
+        # 2 warps cannot hold a 16×128 tile's operands at BK=128: ptxas spills 208-224 bytes (aot.py)
+        dots = [_config(bm, bn, bk, warps, 3) for bm, bn, bk in tiles for warps in (2, 4)
+                if warps > 2 or bn * bk < 128 * 128]
         if bucket > 4:
             return dots
         gemv = [(8, 256), (8, 512), (16, 128), (16, 256), (32, 128), (32, 256), (64, 128)] if bucket == 1 else \
@@ -99,7 +101,10 @@ def gemm_configs(bucket: int) -> list[dict]:
         tiles = [(32, 64, 64), (32, 128, 64), (64, 64, 64), (64, 128, 32), (16, 64, 64)]
     else:
         tiles = [(64, 64, 64), (64, 128, 32), (128, 64, 32), (128, 128, 32), (64, 128, 64), (128, 128, 64)]
-    return [_config(bm, bn, bk, warps, stages) for bm, bn, bk in tiles for warps, stages in ((4, 3), (8, 4))]
+    # A 128×128 float32 accumulator is 128 registers a thread at 4 warps: ptxas spilled 1.6 KB a
+    # thread there (SmolLM2's merged q/k/v, codegen/aot.py), so those tiles get 8 warps only.
+    return [_config(bm, bn, bk, warps, stages) for bm, bn, bk in tiles for warps, stages in ((4, 3), (8, 4))
+            if warps > 4 or bm * bn < 128 * 128]
 
 
 def row_configs() -> list[dict]:

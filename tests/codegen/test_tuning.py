@@ -53,7 +53,8 @@ def test_m_buckets(m, bucket):
 def test_every_gemm_config_is_a_legal_tile_and_includes_the_fixed_choice(m):
     configs = gemm_configs(m_bucket(m))
     tiles = [(c["kwargs"]["BM"], c["kwargs"]["BN"], c["kwargs"]["BK"], c["kwargs"]["GEMV"]) for c in configs]
-    assert len(set(tiles)) * 2 == len(configs)  # each tile with two launch settings
+    assert len(set(tiles)) * 2 - len(configs) == sum(  # each tile with two launch settings, but
+        bm * bn >= 128 * 128 or bn * bk >= 128 * 128 for bm, bn, bk, gemv in set(tiles) if not gemv)  # (spills)
     for *tile, gemv in tiles:
         assert all(size & (size - 1) == 0 for size in tile), tile  # powers of 2 (tl.arange)
         if gemv:  # no tl.dot: a row tile of exactly the bucket's rows, a bounded [BM, BN, BK] product
