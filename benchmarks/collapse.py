@@ -9,7 +9,7 @@ no row is scored on text it was fitted or trained on. CPU latency of one 1×256 
 against the fp32 model measured in the same run. Prints a markdown table, then the checks.
 
     .venv/bin/python benchmarks/collapse.py [--sizes 4,8] [--max-tokens 2048] [--lora-steps 40]
-        [--methods rear,influence,angular,laco]
+        [--methods rear,influence,angular,laco] [--generate TOKENS]
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ SHORT = {"rear drop": "rear", "drop by influence": "influence", "drop by angular
 LINEAR = "heal method=linear"
 
 
-def lora(steps: int) -> str:
-    return f"heal method=lora steps={steps} lr=0.001 rank=8 distill=true"
+def lora(steps: int, generate: int = 0) -> str:
+    return f"heal method=lora steps={steps} lr=0.001 rank=8 distill=true" + (f" generate={generate}" if generate else "")
 
 
 def measure(lm, rules: str | None, tokens: int, example: dict, base_ms: float | None) -> dict:
@@ -68,6 +68,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="4,8")
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--lora-steps", type=int, default=40)
+    ap.add_argument("--generate", type=int, default=0, help="the LoRA heal's generate= (tokens the model writes)")
     ap.add_argument("--methods", default=",".join(SHORT.values()))
     args = ap.parse_args()
     chosen = [m for m in METHODS if SHORT[m] in args.methods.split(",")]
@@ -90,9 +91,10 @@ def main() -> int:
                       f"{'; '.join(row['notes'])}", flush=True)
                 sized.append(row)
         best = min((r for r in sized if r["heal"] == "linear"), key=lambda r: r["ppl"])
-        rules = f"{METHODS[best['method']](n)}\n{LINEAR}\n{lora(args.lora_steps)}"
+        rules = f"{METHODS[best['method']](n)}\n{LINEAR}\n{lora(args.lora_steps, args.generate)}"
+        written = f", {args.generate:,} tokens written by the model" if args.generate else ""
         row = {**measure(lm, rules, args.max_tokens, example, base["ms"]), "n": n, "method": best["method"],
-               "heal": f"linear + lora ({args.lora_steps} steps, distill)"}
+               "heal": f"linear + lora ({args.lora_steps} steps, distill{written})"}
         print(f"{n} {best['method']} heal=linear+lora: ×{row['ppl'] / base['ppl']:.3f} ({row['compile_s']:.0f} s) "
               f"{'; '.join(row['notes'])}", flush=True)
         sized.append(row)

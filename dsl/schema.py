@@ -180,12 +180,15 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
         ParamSpec("rank", int, 8, "rank of the healing adapters", lambda v: v >= 1, "an integer ≥ 1"),
         ParamSpec("distill", bool, False, "loss against the uncompressed model's logits"),
         ParamSpec("merge", bool, True, "merge the healing adapters into the weights afterwards"),
+        ParamSpec("generate", int, 0, "also train on this many tokens of text the uncompressed model writes "
+                  "after openings of the calibration text (0: the calibration text only)",
+                  lambda v: v >= 0, "an integer ≥ 0"),
     ),
 }
 
 # `heal` parameters that only one method takes (`method` itself goes with both).
 HEAL_METHOD_PARAMS = {"fold": "linear", "steps": "lora", "lr": "lora", "rank": "lora", "distill": "lora",
-                      "merge": "lora"}
+                      "merge": "lora", "generate": "lora"}
 
 # Parameters that only make sense for integer formats.
 INT_ONLY_PARAMS = ("group", "sym", "zero", "method", "damp", "act_order", "refit")

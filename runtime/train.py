@@ -24,7 +24,7 @@ from torch import nn
 from .lower import unlowered
 from .progress import Progress
 
-__all__ = ["train", "TrainResult", "LOSSES", "lm_loss", "float32_masters"]
+__all__ = ["train", "TrainResult", "LOSSES", "lm_loss", "float32_masters", "module_mode"]
 
 LOSSES = ("lm", "distill")
 
@@ -73,7 +73,7 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     # Generated Triton kernels have no backward: a model on that backend trains on its reference
     # graph (the same weights), and its kernels are back afterwards.
     reference = unlowered(cm.program) if getattr(cm, "backend", None) == "triton" else contextlib.nullcontext()
-    with reference, float32_masters(params), _mode(cm, True), _mode(teacher, False), \
+    with reference, float32_masters(params), module_mode(cm, True), module_mode(teacher, False), \
             bars.task(f"training adapters ({loss})", total=steps) as step:
         for i, batch in zip(range(steps), itertools.cycle(batches)):
             value = _step(cm, batch, opt, loss, teacher, i)
@@ -157,7 +157,7 @@ def _unwrap(teacher):
 
 
 @contextmanager
-def _mode(module: nn.Module | None, training: bool):
+def module_mode(module: nn.Module | None, training: bool):
     """`module` in training (or eval) mode inside, its previous mode restored after, also on an
     exception; nothing to do for no teacher (or a plain function)."""
     if not isinstance(module, nn.Module):

@@ -10,7 +10,8 @@ Every heal repairs every cut made so far (ctx.cuts; a collapse/drop may not foll
   projection (ReplaceMe, 2025): no new op, a little worse (DESIGN.md).
 - lora: LoRA adapters (passes/lora.py) on every linear of the blocks on both sides of each cut,
   trained with runtime/train.py on the calibration batches (next-token loss, or KL to the
-  uncompressed model's logits with `distill=true`), merged afterwards unless `merge=false`.
+  uncompressed model's logits with `distill=true`), merged afterwards unless `merge=false`;
+  `generate=N` adds batches of N tokens the uncompressed model writes (teacher_text.py).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from ..rewrite import PassError, find_sites, register_tensors, set_meta
 from .apply import need_calibration, rule_error
 from .cut import Cut
 from .fit import fit_map
+from .teacher_text import PROMPT, teacher_batches
 from ...runtime.forward_parts import recompile
 
 __all__ = ["run"]
@@ -252,8 +254,18 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     distill = bool(rule.get("distill"))
     if distill and ctx.reference is None:
         raise rule_error(bound, ctx, "missing-value", "`heal … distill=true` needs the uncompressed model")
+    batches, written = ctx.calib, rule.get("generate")
+    if written:
+        if ctx.reference is None:
+            raise rule_error(bound, ctx, "missing-value", "`heal … generate=` needs the uncompressed model to write "
+                             "with", "compile the model itself, not a graph without it")
+        try:
+            batches = ctx.calib + teacher_batches(ctx.reference, ctx.calib, written, ctx.progress)
+        except ValueError as e:
+            raise rule_error(bound, ctx, "unsupported", f"`heal … generate={written}` cannot write text: {e}",
+                             "leave out generate=, or pass more calibration text (calib=[texts])") from None
     try:
-        result = train(_Student(graph, params), ctx.calib, steps=rule.get("steps"), lr=rule.get("lr"),
+        result = train(_Student(graph, params), batches, steps=rule.get("steps"), lr=rule.get("lr"),
                        loss="distill" if distill else "lm", teacher=ctx.reference if distill else None,
                        progress=ctx.progress)
     except ValueError as e:
@@ -268,9 +280,12 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
                              "write merge=false to keep them beside the quantized weights, or put the heal "
                              "above the `quantize`") from None
     details = {"adapters": len(inserted), "rank": rank, "steps": rule.get("steps"), "loss": result.loss,
+               "generated_tokens": sum(b["input_ids"][:, PROMPT:].numel() for b in batches[len(ctx.calib):]),
                "first_loss": result.first, "last_loss": result.last, "merged": bool(rule.get("merge"))}
     notes = [f"LoRA r={rank} on {len(inserted)} linears beside the cuts, {len(result.losses)} steps of "
              f"{result.loss} loss: {result.first:.4f} → {result.last:.4f}"
+             + (f"; on the calibration batches and {details['generated_tokens']:,} tokens the uncompressed "
+                "model wrote" if written else "")
              + ("; merged into the weights" if rule.get("merge") else "; kept as trainable adapters")]
     return details, notes
 

@@ -1,0 +1,84 @@
+"""`heal method=lora … generate=N` (passes/collapse/teacher_text.py): the rows are the model's own
+sampled continuations of the calibration rows' openings — the same tokens as Hugging Face's
+`generate` called by hand with the same seed —, whole, seeded, leaving the caller's random state
+and the model's mode as they were; the heal trains on them and says so; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimfx
+from slimfx import SpecError
+from slimfx.models import tiny
+from slimfx.passes.collapse.teacher_text import PROMPT, teacher_batches
+from slimfx.runtime.progress import Progress
+
+
+def _lm():
+    return tiny("llama", layers=3, seed=4)
+
+
+def _calib(lm, rows=3, length=20):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, lm.model.config.vocab_size, (rows, length), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :length - PROMPT + 1] = 0  # row 0: left padding leaves PROMPT - 1 real tokens: no opening
+    return [{"input_ids": ids, "attention_mask": mask}]
+
+
+def test_rows_are_the_models_own_continuations_of_the_openings():
+    lm = _lm()
+    calib = _calib(lm)
+    lm.model.train()
+    state = torch.get_rng_state()
+    batches = teacher_batches(lm.model, calib, 300, Progress.for_terminal(False))
+    assert torch.equal(torch.get_rng_state(), state) and lm.model.training  # as they were
+    rows = torch.cat([b["input_ids"] for b in batches])
+    new = lm.model.config.max_position_embeddings - PROMPT  # the tiny model reads 128 positions
+    assert rows.shape == (-(-300 // new), PROMPT + new) and all(b["attention_mask"].all() for b in batches)
+    openings = [calib[0]["input_ids"][i, :PROMPT] for i in (1, 2)]  # row 0 is too short
+    for i, row in enumerate(rows):
+        assert torch.equal(row[:PROMPT], openings[i % 2])
+    # The reference: Hugging Face's generate by hand, in eval mode, seeded the same way.
+    lm.model.eval()
+    torch.manual_seed(0)
+    ids = torch.stack([openings[i % 2] for i in range(len(rows))])
+    pad = lm.model.generation_config.pad_token_id
+    want = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                             top_p=0.95, top_k=0, min_new_tokens=new, max_new_tokens=new,
+                             pad_token_id=pad if pad is not None else lm.model.generation_config.eos_token_id)
+    assert torch.equal(rows, want)
+    again = torch.cat([b["input_ids"] for b in teacher_batches(lm.model, calib, 300, Progress.for_terminal(False))])
+    assert torch.equal(again, rows)  # seeded: the same policy heals the same way
+
+
+def test_what_cannot_write_says_why():
+    lm = _lm()
+    with pytest.raises(ValueError, match="no `generate`"):
+        teacher_batches(torch.nn.Linear(2, 2), _calib(lm), 10, Progress.for_terminal(False))
+    short = [{"input_ids": torch.ones(2, PROMPT - 1, dtype=torch.long)}]
+    with pytest.raises(ValueError, match=f"no calibration row has the {PROMPT} real tokens"):
+        teacher_batches(lm.model, short, 10, Progress.for_terminal(False))
+
+
+def test_the_heal_trains_on_the_written_text_and_reports_it():
+    lm = _lm()
+    rules = "drop blocks[1]\nheal method=lora steps=8 lr=0.01 rank=4 distill=true generate=200"
+    cm, plain = (slimfx.compile(lm, r) for r in (rules, rules.replace(" generate=200", "")))
+    report = cm.report.rules[1]
+    # 2 rows of 116 new tokens (the tiny model reads 128 positions, 12 are the opening)
+    assert report.details["generated_tokens"] == 2 * 116 and "232 tokens the uncompressed model wrote" in report.notes[0]
+    assert plain.report.rules[1].details["generated_tokens"] == 0
+    # The written batches come after the calibration's (the tiny model's default calibration is
+    # 3,072 byte tokens: 6 batches): the first steps are the same, the 7th and 8th are not.
+    d_gen, d_plain = report.details, plain.report.rules[1].details
+    assert d_gen["first_loss"] == d_plain["first_loss"] and d_gen["last_loss"] != d_plain["last_loss"]
+
+
+def test_generate_belongs_to_the_lora_heal():
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(_lm(), "drop blocks[1]\nheal method=linear generate=100")
+    assert "generate" in str(e.value)
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(_lm(), "drop blocks[1]\nheal method=lora generate=-5")
+    assert "an integer ≥ 0" in str(e.value)
