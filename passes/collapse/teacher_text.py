@@ -30,8 +30,9 @@ def teacher_batches(model: Any, calib: list[dict], tokens: int, progress: Progre
     """Batches of at least `tokens` new tokens written by `model` (a Hugging Face model with
     `generate`) after openings of the `calib` rows. Raises ValueError saying what is missing."""
     generate = getattr(model, "generate", None)
-    if not callable(generate):
-        raise ValueError(f"{type(model).__name__} has no `generate` to write text with")
+    can = getattr(model, "can_generate", None)  # Hugging Face models all have generate; encoders cannot use it
+    if not callable(generate) or (callable(can) and not can()):
+        raise ValueError(f"{type(model).__name__} has no `generate` to write text with (an encoder writes none)")
     prompts = _openings(calib)
     if not prompts:
         raise ValueError(f"no calibration row has the {PROMPT} real tokens a continuation starts from")

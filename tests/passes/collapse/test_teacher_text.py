@@ -82,3 +82,11 @@ def test_generate_belongs_to_the_lora_heal():
     with pytest.raises(SpecError) as e:
         slimfx.compile(_lm(), "drop blocks[1]\nheal method=lora generate=-5")
     assert "an integer ≥ 0" in str(e.value)
+
+
+def test_an_encoder_writes_no_text():
+    lm = tiny("bert", layers=3)
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(lm, "drop blocks[1]\nheal method=lora steps=1 distill=true generate=100")
+    assert e.value.diagnostics[0].kind == "unsupported" and "an encoder writes none" in str(e.value)
+    assert "leave out generate=" in str(e.value)
