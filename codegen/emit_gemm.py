@@ -5,12 +5,13 @@ activations; codegen/dtypes.py says how each is read, multiplied and rounded).
 
 - Tiles of [BM, BN] outputs, a loop over K in steps of BK; each step's products on the tensor
   cores (tl.dot, tiles of 16 or more on each side) or, when the launch config sets GEMV, as a
-  broadcast product summed on the CUDA cores (row tiles of 1-4 for decode steps: `_product`). A packed weight (runtime/formats.py:
-  `8 // bits` codes per byte along the input dim, little end first; fp16 scales per group of
-  `group` inputs, the last group possibly shorter; zero points per group — packed whole ones
-  (uint8, `bits` bits each along the group axis, extracted like the codes), float ones, or the
-  implicit middle code) is dequantized tile by tile in registers — `(code - zero) * scale` — and
-  never written out.
+  broadcast product summed on the CUDA cores (row tiles of 1-4 for decode steps: `_product`).
+  A packed weight (runtime/formats.py: `8 // bits` codes per byte along the input dim, little
+  end first; fp16 scales per group of `group` inputs, the last group possibly shorter; zero
+  points per group — packed whole ones (uint8, `bits` bits each along the group axis, extracted
+  like the codes), float ones, or the implicit middle code) is dequantized tile by tile in
+  registers — `(code - zero) * scale` — and never written out; each step loads its bytes,
+  scales and zero points once (`_quant_tile`).
 - The epilogue runs on the accumulator before the one store: bias, then the group's pointwise
   ops (codegen/expr.py's table), whose other operands are read as "full" ([M, N]), "col" ([N]:
   bias-like), "row" ([M, 1]) or "scalar" values, by their symbolic shapes.
