@@ -180,8 +180,9 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
         ParamSpec("rank", int, 8, "rank of the healing adapters", lambda v: v >= 1, "an integer ≥ 1"),
         ParamSpec("distill", bool, False, "loss against the uncompressed model's logits"),
         ParamSpec("merge", bool, True, "merge the healing adapters into the weights afterwards"),
-        ParamSpec("generate", int, 0, "also train on this many tokens of text the uncompressed model writes "
-                  "after openings of the calibration text (0: the calibration text only)",
+        ParamSpec("generate", int, 0, "also train on at least this many tokens of text the uncompressed model "
+                  "writes after openings of the calibration text, after the calibration batches (0: the "
+                  "calibration text only)",
                   lambda v: v >= 0, "an integer ≥ 0"),
     ),
 }

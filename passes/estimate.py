@@ -158,8 +158,9 @@ def _heal(rule, graph) -> Estimate:
         return Estimate(note="a least-squares map at each cut" + (", folded into the down projection before it"
                              if rule.get("fold") else f" (+{hidden * hidden:,} params per cut)" if hidden else ""))
     merged = "merged afterwards" if rule.get("merge") else "kept as adapters"
+    written = f", on {rule.get('generate'):,}+ tokens the original writes first" if rule.get("generate") else ""
     return Estimate(note=f"LoRA r={rule.get('rank')} beside each cut, {rule.get('steps')} steps"
-                         f"{' distilled from the original' if rule.get('distill') else ''}, {merged}")
+                         f"{' distilled from the original' if rule.get('distill') else ''}{written}, {merged}")
 
 
 def _hidden(graph) -> int | None:

@@ -36,8 +36,9 @@ from ..rewrite import PassError, find_sites, register_tensors, set_meta
 from .apply import need_calibration, rule_error
 from .cut import Cut
 from .fit import fit_map
-from .teacher_text import PROMPT, teacher_batches
+from .teacher_text import PROMPT, WriteError, check_writer, teacher_batches, written_batch_count
 from ...runtime.forward_parts import recompile
+from ...runtime.inputs import complete_inputs
 
 __all__ = ["run"]
 
@@ -229,10 +230,29 @@ class _Student:
 
 def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     rule = bound.rule
+    distill, written, steps = bool(rule.get("distill")), rule.get("generate"), rule.get("steps")
+    if distill and ctx.reference is None:
+        raise rule_error(bound, ctx, "missing-value", "`heal … distill=true` needs the uncompressed model")
+    if written:  # checked before anything is written or inserted: text no step reaches is minutes lost
+        if ctx.reference is None:
+            raise rule_error(bound, ctx, "missing-value", "`heal … generate=` needs the uncompressed model to write "
+                             "with", "compile the model itself, not a graph without it")
+        try:
+            check_writer(ctx.reference)
+        except WriteError as e:
+            raise rule_error(bound, ctx, "unsupported", f"`heal … generate={written}` cannot write text: {e}",
+                             e.hint) from None
+        reached = steps - len(ctx.calib)  # steps go through the calibration batches first, then the written
+        needed = written_batch_count(ctx.reference, written)
+        if reached < needed:
+            raise rule_error(bound, ctx, "unsupported",
+                             f"`heal … steps={steps} generate={written}`: the text fills {needed} batches, but "
+                             f"the steps reach {max(reached, 0)} of them after the {len(ctx.calib)} calibration "
+                             f"batches", f"write steps={len(ctx.calib) + needed} or more, or a smaller generate=")
     paths = _neighbour_linears(graph, ctx.cuts)
     rank = rule.get("rank")
     inserted = []
-    torch.manual_seed(0)  # the same policy heals the same way
+    seeded = torch.Generator().manual_seed(0)  # the same policy heals the same way; the caller's RNG untouched
     with ctx.progress.task(f"adding healing adapters (line {bound.line})", total=len(paths)) as step:
         for path in paths:
             target = graph.targets[path]
@@ -241,7 +261,7 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
             adapter = Adapter(path, "lora", r, 2.0 * r, 0.0, site.transposed)
             out_f, in_f = site_dims(site)
             a = torch.empty(r, in_f)
-            torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+            torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5, generator=seeded)
             insert_adapter(graph, graph.targets[path], adapter, {"lora_A": a, "lora_B": torch.zeros(out_f, r)})
             inserted.append(path)
             step(note=path)
@@ -251,21 +271,16 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
         p.requires_grad_(is_adapter_param(name))
     params = [p for n, p in graph.module.named_parameters() if is_adapter_param(n)
               and n.rsplit(".", 1)[0] in inserted]
-    distill = bool(rule.get("distill"))
-    if distill and ctx.reference is None:
-        raise rule_error(bound, ctx, "missing-value", "`heal … distill=true` needs the uncompressed model")
-    batches, written = ctx.calib, rule.get("generate")
+    batches = ctx.calib
     if written:
-        if ctx.reference is None:
-            raise rule_error(bound, ctx, "missing-value", "`heal … generate=` needs the uncompressed model to write "
-                             "with", "compile the model itself, not a graph without it")
         try:
-            batches = ctx.calib + teacher_batches(ctx.reference, ctx.calib, written, ctx.progress)
-        except ValueError as e:
+            text = teacher_batches(ctx.reference, ctx.calib, written, ctx.progress)
+        except WriteError as e:
             raise rule_error(bound, ctx, "unsupported", f"`heal … generate={written}` cannot write text: {e}",
-                             "leave out generate=, or pass more calibration text (calib=[texts])") from None
+                             e.hint) from None
+        batches = ctx.calib + [complete_inputs(b, graph.inputs) for b in text]
     try:
-        result = train(_Student(graph, params), batches, steps=rule.get("steps"), lr=rule.get("lr"),
+        result = train(_Student(graph, params), batches, steps=steps, lr=rule.get("lr"),
                        loss="distill" if distill else "lm", teacher=ctx.reference if distill else None,
                        progress=ctx.progress)
     except ValueError as e:
@@ -282,8 +297,12 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     details = {"adapters": len(inserted), "rank": rank, "steps": rule.get("steps"), "loss": result.loss,
                "generated_tokens": sum(b["input_ids"][:, PROMPT:].numel() for b in batches[len(ctx.calib):]),
                "first_loss": result.first, "last_loss": result.last, "merged": bool(rule.get("merge"))}
+    # Steps cycle through the batches: with written text the first and last step read different
+    # text, and the note says which, so a rising pair is not taken for a heal that got worse.
+    last_written = written and (len(result.losses) - 1) % len(batches) >= len(ctx.calib)
     notes = [f"LoRA r={rank} on {len(inserted)} linears beside the cuts, {len(result.losses)} steps of "
              f"{result.loss} loss: {result.first:.4f} → {result.last:.4f}"
+             + (" (first step on calibration text, last on written text)" if last_written else "")
              + (f"; on the calibration batches and {details['generated_tokens']:,} tokens the uncompressed "
                 "model wrote" if written else "")
              + ("; merged into the weights" if rule.get("merge") else "; kept as trainable adapters")]
