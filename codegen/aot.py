@@ -78,7 +78,7 @@ def tuned_configs(kernel: Kernel) -> list[dict]:
 
     if kernel.template == "gemm":
         return [_config(c["kwargs"], c["num_warps"], c["num_stages"], _gemm_ints(kernel, bucket))
-                for bucket in (1, 4, 16, 32, 64, 128, 256, 512) for c in gemm_configs(bucket)]
+                for bucket in (1, 4, 16, 32, 64, 128, 256, 512) for c in gemm_configs(bucket, kernel.lora_width)]
     block = _row_block(kernel)
     return [_config({**c["kwargs"], "BLOCK": block}, c["num_warps"], c["num_stages"], _row_ints(kernel))
             for c in row_configs()]

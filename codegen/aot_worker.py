@@ -62,8 +62,10 @@ def _registers(ptx: str, arch: int) -> dict:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
         done = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", str(src),
-                               "-o", str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True, check=True)
+                               "-o", str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
     log = done.stdout + done.stderr
+    if done.returncode:  # ptxas's own message, not only the command that failed
+        raise RuntimeError(f"ptxas failed ({done.returncode}) on the kernel's PTX: {log[-2000:]}")
     used = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if used is None or spills is None:

@@ -68,6 +68,7 @@ class GemmKernel(Kernel):
     ns: tuple[int, ...] = ()  # output width of each anchor
     segments: tuple[tuple[int, ...], ...] = ()  # anchors computed together (indexes into ns)
     weight_layouts: tuple[str, ...] = ()  # per anchor: "nk" (weight [N, K], linear) or "kn" ([K, N], mm)
+    lora_width: int = 0  # the widest LoRA rank as the source pads it (0: no LoRA path); tuning.gemm_configs
 
     @property
     def roles(self) -> list[str]:
@@ -110,7 +111,7 @@ class GemmKernel(Kernel):
             return outs
         bucket = m_bucket(m)
         tuned = self.tuned(("gemm", bucket), lambda: autotuned(
-            self.compile(), gemm_configs(bucket), ["K", *[f"N{j}" for j in range(len(self.ns))]], interpreted))
+            self.compile(), gemm_configs(bucket, self.lora_width), ["K", *[f"N{j}" for j in range(len(self.ns))]], interpreted))
         tuned[lambda meta: self._grid(m, meta["BM"], meta["BN"])](*sizes)
         return outs
 
@@ -215,7 +216,8 @@ class _GemmSource:
                   + ("" if self.quant is None else self._packed_sizes("packed" in zero_kinds))
                   + "\n".join(body) + "\n")
         return GemmKernel("gemm", source, self.inputs, outputs, list(self.group.nodes), k=self.k, ns=tuple(ns),
-                          segments=tuple(segments), weight_layouts=tuple(p[3] for p in parts))
+                          segments=tuple(segments), weight_layouts=tuple(p[3] for p in parts),
+                          lora_width=max((_padded(r) for r in self.ranks.values()), default=0))
 
     def _packed_sizes(self, packed_zeros: bool) -> str:
         """The packed layout's row sizes as constants of the source (K is the group's own): a

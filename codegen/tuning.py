@@ -76,7 +76,7 @@ def m_bucket(m: int) -> int:
     return 512
 
 
-def gemm_configs(bucket: int) -> list[dict]:
+def gemm_configs(bucket: int, lora_width: int = 0) -> list[dict]:
     """The GEMM template's candidates for an M bucket: dicts of BM/BN/BK/GEMV and the launch's
     num_warps/num_stages. Small M: one row tile of 16, wide and deep weight tiles (a GEMV reads
     the weight once; more K per step hides the dequantize). Large M: square-ish tiles.
@@ -84,7 +84,10 @@ def gemm_configs(bucket: int) -> list[dict]:
     Buckets of 1 and 4 rows also get GEMV configs (emit_gemm.py `_product`): no tl.dot, so row
     tiles of exactly 1 or 4 rows and column tiles down to 8 — at batch 1 SmolLM2's 576-wide
     linears are 9-18 programs with tl.dot's tiles (BN 32-64) on an H100's 132 SMs, 36-72 with
-    these. Their [BM, BN, BK] products are kept to 8,192 values (64 per thread at 4 warps).
+    these. Their [BM, BN, BK] products are kept to 8,192 values (64 per thread at 4 warps). A
+    LoRA-fused GEMM (`lora_width`: its widest rank as padded in the source) also forms [BM, RP,
+    BK] and [BM, BN, RP] products: those are kept to 128 values a thread — ptxas (aot.py) spilled
+    0.7-1.4 KB a thread at 256 with rank 64 in the 4-row bucket, nothing at rank 16 or 32.
     Never timed on a GPU here: the tuner, not this list, decides which form wins."""
     if bucket <= 16:
         tiles = [(16, 32, 64), (16, 64, 64), (16, 64, 128), (16, 128, 64), (16, 128, 128), (16, 32, 256),
@@ -96,7 +99,8 @@ def gemm_configs(bucket: int) -> list[dict]:
             return dots
         gemv = [(8, 256), (8, 512), (16, 128), (16, 256), (32, 128), (32, 256), (64, 128)] if bucket == 1 else \
             [(8, 128), (8, 256), (16, 128), (32, 64)]
-        return dots + [_config(bucket, bn, bk, warps, 3, gemv=True) for bn, bk in gemv for warps in (4, 8)]
+        return dots + [_config(bucket, bn, bk, warps, 3, gemv=True) for bn, bk in gemv for warps in (4, 8)
+                       if bucket * lora_width * max(bn, bk) <= 128 * 32 * warps]
     if bucket <= 64:
         tiles = [(32, 64, 64), (32, 128, 64), (64, 64, 64), (64, 128, 32), (16, 64, 64)]
     else:

@@ -33,10 +33,10 @@ def no_interpreter(monkeypatch):
     monkeypatch.setattr(knobs.runtime, "interpret", False)
 
 
-def _llama_kernels(dtype):
+def _llama_kernels(dtype, adapted="{q,v}", rank=4):
     lm = tiny("llama", layers=1)
     policy = ("quantize blocks.*.** : Linear int4 group=16\n"
-              f"adapt blocks.*.attn.{{q,v}} lora rank=4 alpha=8 dtype={STORED[dtype]}")
+              f"adapt blocks.*.attn.{adapted} lora rank={rank} alpha=8 dtype={STORED[dtype]}")
     cm = slimfx.compile(lm.model.to(dtype), policy, example_inputs=lm.example_inputs, backend="eager")
     done = emit_all(partition(cm.program))
     unique = {k.name: k for k in done.kernels}
@@ -70,12 +70,12 @@ def test_every_autotune_candidate_compiles_and_fits_in_shared_memory_and_registe
     gemm = max((k for k in kernels if k.template == "gemm"), key=lambda k: k.source.count("tl.dot"))
     row = next(k for k in kernels if k.template == "rows" and "tl.rsqrt" in k.source)
     configs = tuned_configs(gemm)
-    every = [c for bucket in (1, 4, 16, 32, 64, 128, 256, 512) for c in gemm_configs(bucket)]
+    every = [c for bucket in (1, 4, 16, 32, 64, 128, 256, 512) for c in gemm_configs(bucket, gemm.lora_width)]
     assert [(c["kwargs"], c["num_warps"], c["num_stages"]) for c in configs] == \
         [(c["kwargs"], c["num_warps"], c["num_stages"]) for c in every]
     assert {str(c["kwargs"]) for c in launch_configs(gemm)} <= {str(c["kwargs"]) for c in configs}
-    # The tl.dot tiles of the 1- and 4-row buckets are the 16-row bucket's: compiled once, there.
-    configs = [c for c in configs if c["kwargs"]["GEMV"] or c["ints"]["M"] >= 16]
+    # The 1- and 4-row buckets' tl.dot tiles are the 16-row bucket's, but compiled again: a call
+    # of one row has M as a constant (aot.py specializes as the JIT does), which changes the code.
     for kernel, built in zip((gemm, row), compile_many([(gemm, configs), (row, tuned_configs(row))])):
         assert len(built) == len(configs if kernel is gemm else tuned_configs(row))
         for b in built:
@@ -85,6 +85,18 @@ def test_every_autotune_candidate_compiles_and_fits_in_shared_memory_and_registe
             # a candidate whose registers spill is never worth timing (a few bytes aside)
             assert b.spilled <= 64 and (b.spilled == 0 or not b.config["kwargs"].get("GEMV")), \
                 (kernel.name, b.config, b.registers, b.spilled)
+
+
+def test_a_wide_lora_path_leaves_no_gemv_candidate_that_spills(no_interpreter):
+    """Rank 64: the GEMV form's rank products are 4x those of rank 16 (tuning.gemm_configs drops
+    the configs where ptxas spilled them)."""
+    gemm = next(k for k in _llama_kernels(torch.bfloat16, "q", 64) if k.template == "gemm" and "lora" in k.source)
+    assert gemm.lora_width == 64
+    configs = [c for c in tuned_configs(gemm) if c["kwargs"]["GEMV"]]
+    built = compile_many([(gemm, configs)])[0]
+    assert len(built) == len(configs) >= 16
+    assert all(b.spilled == 0 for b in built), [(b.config["kwargs"], b.config["num_warps"], b.spilled)
+                                                  for b in built if b.spilled]
 
 
 @pytest.mark.parametrize("bits,group,zero", [(8, None, "int"), (2, 16, "int"), (4, 32, "float")])

@@ -134,7 +134,8 @@ def test_a_tiny_llama_decode_step_in_gemv_form_equals_the_eager_backend(monkeypa
 
     monkeypatch.setenv("SLIMFX_AUTOTUNE", "1")
     monkeypatch.setattr(emit_gemm_module, "gemm_configs",
-                        lambda bucket: [c for c in gemm_configs(bucket) if c["kwargs"]["GEMV"]][:2])
+                        lambda bucket, lora_width=0: [c for c in gemm_configs(bucket, lora_width)
+                                                      if c["kwargs"]["GEMV"]][:2])
     lm = tiny("llama")
     policy = "quantize blocks.*.** : Linear int4 group=16\nadapt blocks.*.attn.{q,v} lora rank=4 alpha=8\n"
     eager = slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, backend="eager")
@@ -149,5 +150,20 @@ def test_a_tiny_llama_decode_step_in_gemv_form_equals_the_eager_backend(monkeypa
         with torch.no_grad():
             torch.testing.assert_close(cm(**inputs).logits, eager(**inputs).logits, atol=2e-5, rtol=2e-5)
     gemms = {key[2]: t for key, t in tuning._TUNED.items() if key[1] == "gemm"}
-    assert set(gemms) == {1, 4} and fresh_tuners
-    assert all(t.best_config.kwargs["GEMV"] for t in tuning._TUNED.values() if t in gemms.values())
+    assert set(gemms) == {1, 4} and fresh_tuners  # both decode buckets went through the tuned GEMV configs
+
+
+def test_a_lora_gemv_keeps_its_rank_products_in_registers():
+    """With a LoRA path the GEMV form also sums [BM, RP, BK] and [BM, BN, RP] products: configs
+    where that is over 128 values a thread are not offered (ptxas spilled these at rank 64)."""
+    def gemv(bucket, width):
+        return {(c["kwargs"]["BN"], c["kwargs"]["BK"], c["num_warps"]) for c in gemm_configs(bucket, width)
+                if c["kwargs"]["GEMV"]}
+
+    for bucket in (1, 4):
+        assert gemv(bucket, 16) == gemv(bucket, 0)  # rank ≤ 16: nothing spilled, nothing dropped
+        for width in (32, 64, 128, 256):
+            assert all(bucket * width * max(bn, bk) <= 128 * 32 * warps for bn, bk, warps in gemv(bucket, width))
+    spilled_at_64 = {(8, 128, 4), (8, 256, 4), (8, 256, 8), (16, 128, 4)}  # 4-row bucket, 0.7-1.4 KB a thread
+    assert not gemv(4, 64) & spilled_at_64 and gemv(4, 64) == {(8, 128, 8), (16, 128, 8), (32, 64, 4), (32, 64, 8)}
+    assert gemv(1, 64) and [c for c in gemm_configs(4, 256) if not c["kwargs"]["GEMV"]]  # tl.dot tiles stay
