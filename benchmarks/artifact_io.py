@@ -10,11 +10,16 @@ for imports. Also checks that the loaded model's logits equal the saved one's bi
 """
 from __future__ import annotations
 
-import argparse
 import os
+import sys
+
+# Python puts this folder first on sys.path, where kernels.py would shadow the `kernels` package
+# transformers imports when it is installed ("cannot import name 'CUDAProperties'"): off it goes.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+
+import argparse
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -8,11 +8,17 @@ model construction), plus ratios to the 2-block model.
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# Python puts this folder first on sys.path, where kernels.py would shadow the `kernels` package
+# transformers imports when it is installed ("cannot import name 'CUDAProperties'"): off it goes.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+
 import argparse
 import json
 import platform
 import subprocess
-import sys
 
 CHILD = r"""
 import json, resource, time, sys

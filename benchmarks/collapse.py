@@ -13,16 +13,24 @@ against the fp32 model measured in the same run. Prints a markdown table, then t
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# Python puts this folder first on sys.path, where kernels.py would shadow the `kernels` package
+# transformers imports when it is installed ("cannot import name 'CUDAProperties'"): off it goes.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+
 import argparse
 import platform
-import sys
 import time
 
 import torch
 
 import slimfx
+from slimfx.calibration import calibration_batches
 from slimfx.evaluation import eval_text, latency_ms, param_bytes, perplexity
 from slimfx.models import load
+from slimfx.passes.collapse.teacher_text import written_batch_count
 
 METHODS = {  # name -> the rule that removes n blocks
     "rear drop": lambda n: f"drop blocks[-{n}:]",
@@ -75,6 +83,10 @@ def main() -> int:
     torch.manual_seed(0)
     started = time.perf_counter()
     lm = load("smollm2-135m")
+    if args.generate:  # the heal refuses steps that stop short of the written text: say so before any row runs
+        needed = len(calibration_batches(lm, None)) + written_batch_count(lm.model, args.generate)
+        if args.lora_steps < needed:
+            ap.error(f"--generate {args.generate} fills batches up to step {needed}: give --lora-steps {needed} or more")
     example = lm.encode([eval_text()], max_length=256)
     base = measure(lm, None, args.max_tokens, example, None)
     print(f"fp32: perplexity {base['ppl']:.3f}, {base['ms']:.1f} ms per 1×256 forward", flush=True)

@@ -14,11 +14,16 @@ non-zero if int4 misses its targets (≥ 1.0× fp32 at 1×128, ≥ 2× at 1 toke
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# Python puts this folder first on sys.path, where kernels.py would shadow the `kernels` package
+# transformers imports when it is installed ("cannot import name 'CUDAProperties'"): off it goes.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+
 import argparse
 import contextlib
-import os
 import statistics
-import sys
 import time
 
 import torch

@@ -35,9 +35,14 @@ meaningful; `tests/codegen/test_kernels_benchmark.py` runs it).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+# Python puts this folder first on sys.path, where kernels.py would shadow the `kernels` package
+# transformers imports when it is installed ("cannot import name 'CUDAProperties'"): off it goes.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+
+import argparse
 import time
 from typing import Callable
 

@@ -24,9 +24,15 @@ GGUF loader.
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# Python puts this folder first on sys.path, where kernels.py would shadow the `kernels` package
+# transformers imports when it is installed ("cannot import name 'CUDAProperties'"): off it goes.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 

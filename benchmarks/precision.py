@@ -19,12 +19,17 @@ by the same perplexity call, beside slimfx's row of the same scheme (`--rows ""`
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# Python puts this folder first on sys.path, where kernels.py would shadow the `kernels` package
+# transformers imports when it is installed ("cannot import name 'CUDAProperties'"): off it goes.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+
 import argparse
 import copy
 import json
-import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -14,6 +14,13 @@ how many kernels Inductor generated for it (its fusion decisions; slimfx's custo
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# Python puts this folder first on sys.path, where kernels.py would shadow the `kernels` package
+# transformers imports when it is installed ("cannot import name 'CUDAProperties'"): off it goes.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+
 import argparse
 import platform
 import time
