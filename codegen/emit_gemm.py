@@ -11,7 +11,7 @@ activations; codegen/dtypes.py says how each is read, multiplied and rounded).
   points per group — packed whole ones (uint8, `bits` bits each along the group axis, extracted
   like the codes), float ones, or the implicit middle code) is dequantized tile by tile in
   registers — `(code - zero) * scale` — and never written out; each step loads its bytes,
-  scales and zero points once (`_quant_tile`).
+  scales and zero points once (codegen/gemm_dequant.py).
 - The epilogue runs on the accumulator before the one store: bias, then the group's pointwise
   ops (codegen/expr.py's table), whose other operands are read as "full" ([M, N]), "col" ([N]:
   bias-like), "row" ([M, 1]) or "scalar" values, by their symbolic shapes.
@@ -39,6 +39,7 @@ from torch import fx
 
 from .dtypes import dot, float_value, narrowed, rounded, widened
 from .expr import Unsupported, node_value
+from .gemm_dequant import quant_tile, zero_kind
 from .kernel import Kernel, tensor_val
 from .ops import keeps_order, kind_of
 from .partition import Group
@@ -174,7 +175,7 @@ class _GemmSource:
         if len(formats) != 1:
             raise Unsupported(f"{self.anchors[0].name}: merged GEMMs with different weight formats")
         self.quant = None if parts[0][1][0] == "dense" else tuple(parts[0][1][4:])
-        zero_kinds = [_zero_kind(p[1][3]) for p in parts if p[1][0] == "quant"]
+        zero_kinds = [zero_kind(p[1][3]) for p in parts if p[1][0] == "quant"]
         self.inputs.append((x, "x"))
         weight_args = []
         self.ranks: dict[int, int] = {}
@@ -247,7 +248,7 @@ class _GemmSource:
                   "mask=mm[:, None] & mk[None, :], other=0.0)"]
         for j in seg:
             weight = parts[j][1]
-            lines += _quant_tile(j, *weight[4:], _zero_kind(weight[3]), self.dtype, self.k) if weight[0] == "quant" else [
+            lines += quant_tile(j, *weight[4:], zero_kind(weight[3]), self.dtype, self.k) if weight[0] == "quant" else [
                 f"            w = tl.load(w{j}_ptr + rn[:, None] * stride_w{j}n + kk[None, :] * stride_w{j}k, "
                 "mask=mn[:, None] & mk[None, :], other=0.0)"]
             lines += _product(f"acc{j}", "+=", "a", "w", self.dtype, "            ")
@@ -374,79 +375,6 @@ def _product(target: str, op: str, a: str, b: str, dtype: torch.dtype, indent: s
 def _padded(rank: int) -> int:
     """A LoRA rank padded to a power of two of at least 16 (tl.dot's smallest side)."""
     return max(16, 1 << (rank - 1).bit_length())
-
-
-def _zero_kind(zeros) -> str | None:
-    """How a quant_linear's zero points are stored (runtime/ops.py tells them apart by dtype):
-    None (symmetric), "packed" (uint8, whole zero points) or "float"."""
-    if zeros is None:
-        return None
-    val = tensor_val(zeros)
-    if val is None:
-        raise Unsupported(f"{zeros.name}: zero points without a tensor value (dtype unknown)")
-    return "packed" if val.dtype == torch.uint8 else "float"
-
-
-def _quant_tile(j: int, bits: int, group: int, zeros: str | None, dtype: torch.dtype, k: int) -> list[str]:
-    """Dequantize anchor j's [BN, BK] weight tile: codes from the packed bytes, group scales (and
-    zero points — packed, float — or the implicit middle code); in float32, then in the input's
-    `dtype` for tl.dot. Each byte, scale and zero point of the step is loaded once (not once per
-    weight it serves: that was 3 loads per weight, measured in the PTX — codegen/aot.py)."""
-    per = 8 // bits
-    if per == 1:
-        lines = [f"byte = tl.load(qw{j}_ptr + rn[:, None] * KB + kk[None, :], mask=mn[:, None] & mk[None, :], "
-                 "other=0).to(tl.int32)", "code = byte"]
-    else:  # the step's BK / per bytes, then the codes in input order: code i of a byte is field i
-        lines = [f"kb = k0 // {per} + tl.arange(0, BK // {per})",
-                 f"byte = tl.load(qw{j}_ptr + rn[:, None] * KB + kb[None, :], mask=mn[:, None] & (kb[None, :] < KB), "
-                 "other=0).to(tl.int32)",
-                 f"code = {_unpacked('byte', bits)}"]
-    loads = [("scale", lambda idx, rows, m: f"tl.load(s{j}_ptr + {rows} * NG + {idx}, mask={m}, other=0.0).to(tl.float32)")]
-    if zeros == "packed":  # zero point of group g: field g % per of byte g // per, as the codes
-        loads.append(("zero", lambda idx, rows, m: f"((tl.load(z{j}_ptr + {rows} * ZB + {idx} // {per}, mask={m}, "
-                                                    f"other=0).to(tl.int32) >> (({idx} % {per}) * {bits})) & "
-                                                    f"{(1 << bits) - 1}).to(tl.float32)"))
-    elif zeros == "float":
-        loads.append(("zero", lambda idx, rows, m: f"tl.load(z{j}_ptr + {rows} * NG + {idx}, mask={m}, other=0.0)"
-                                                   ".to(tl.float32)"))
-    zero = "zero" if zeros else f"{float(1 << (bits - 1))!r}"
-    if group >= k:  # one group per row (per channel): one value per column
-        lines += _group_values(group, "one", loads)
-    elif group & (group - 1) == 0:  # BK and the group are powers of two: one divides the other
-        lines += [f"if BK <= {group}:", *[f"    {ln}" for ln in _group_values(group, "one", loads)],
-                  "else:", *[f"    {ln}" for ln in _group_values(group, "many", loads)]]
-    else:  # groups that straddle steps: a value per weight
-        lines += _group_values(group, "each", loads)
-    lines.append(f"w = {narrowed(f'(code.to(tl.float32) - {zero}) * scale', dtype)}")
-    return [f"            {ln}" for ln in lines]
-
-
-def _unpacked(byte: str, bits: int) -> str:
-    """The codes of a [BN, B] tile of packed bytes as a [BN, B · 8/bits] tile in input order:
-    interleaving fields 0 and 1 of each byte (int4); for int2, fields 0 and 2, and 1 and 3, then
-    those two."""
-    field = lambda i: f"(({byte} >> {i * bits}) & {(1 << bits) - 1})" if i else f"({byte} & {(1 << bits) - 1})"
-    if bits == 4:
-        return f"tl.interleave({field(0)}, {field(1)})"
-    if bits == 2:
-        return f"tl.interleave(tl.interleave({field(0)}, {field(2)}), tl.interleave({field(1)}, {field(3)}))"
-    raise Unsupported(f"no unpacking of {bits}-bit codes")
-
-
-def _group_values(group: int, how: str, loads) -> list[str]:
-    """Lines that set each (variable, load) of `loads` to the step's per-group values, as a tile
-    that broadcasts against [BN, BK]: "one" — the step lies in one group (the group is a multiple
-    of BK, or the whole row): a [BN, 1] column; "many" — the step holds BK / group whole groups:
-    [BN, BK / group] values, each repeated group times; "each" — a value per weight."""
-    if how == "one":
-        pre, idx, rows, m, wrap = [f"g = k0 // {group}"], "g", "rn", "mn", "{}[:, None]"
-    elif how == "many":
-        pre = [f"sg = k0 // {group} + tl.arange(0, BK // {group})"]
-        idx, rows, m = "sg[None, :]", "rn[:, None]", "mn[:, None] & (sg[None, :] < NG)"
-        wrap = f"tl.reshape(tl.broadcast_to(({{}})[:, :, None], (BN, BK // {group}, {group})), (BN, BK))"
-    else:
-        pre, idx, rows, m, wrap = ["mw = mn[:, None] & mk[None, :]"], "(kk[None, :] // GROUP)", "rn[:, None]", "mw", "{}"
-    return pre + [f"{var} = {wrap.format(load(idx, rows, m))}" for var, load in loads]
 
 
 def _operands(anchor: fx.Node, group: Group):

@@ -234,21 +234,7 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     if distill and ctx.reference is None:
         raise rule_error(bound, ctx, "missing-value", "`heal … distill=true` needs the uncompressed model")
     if written:  # checked before anything is written or inserted: text no step reaches is minutes lost
-        if ctx.reference is None:
-            raise rule_error(bound, ctx, "missing-value", "`heal … generate=` needs the uncompressed model to write "
-                             "with", "compile the model itself, not a graph without it")
-        try:
-            check_writer(ctx.reference)
-        except WriteError as e:
-            raise rule_error(bound, ctx, "unsupported", f"`heal … generate={written}` cannot write text: {e}",
-                             e.hint) from None
-        reached = steps - len(ctx.calib)  # steps go through the calibration batches first, then the written
-        needed = written_batch_count(ctx.reference, written)
-        if reached < needed:
-            raise rule_error(bound, ctx, "unsupported",
-                             f"`heal … steps={steps} generate={written}`: the text fills {needed} batches, but "
-                             f"the steps reach {max(reached, 0)} of them after the {len(ctx.calib)} calibration "
-                             f"batches", f"write steps={len(ctx.calib) + needed} or more, or a smaller generate=")
+        _check_generate(bound, ctx, steps, written)
     paths = _neighbour_linears(graph, ctx.cuts)
     rank = rule.get("rank")
     inserted = []
@@ -276,8 +262,7 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
         try:
             text = teacher_batches(ctx.reference, ctx.calib, written, ctx.progress)
         except WriteError as e:
-            raise rule_error(bound, ctx, "unsupported", f"`heal … generate={written}` cannot write text: {e}",
-                             e.hint) from None
+            raise _cannot_write(bound, ctx, written, e) from None
         batches = ctx.calib + [complete_inputs(b, graph.inputs) for b in text]
     try:
         result = train(_Student(graph, params), batches, steps=steps, lr=rule.get("lr"),
@@ -294,7 +279,7 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
             raise rule_error(bound, ctx, "illegal-order", f"`heal method=lora` cannot merge its adapters: {e}",
                              "write merge=false to keep them beside the quantized weights, or put the heal "
                              "above the `quantize`") from None
-    details = {"adapters": len(inserted), "rank": rank, "steps": rule.get("steps"), "loss": result.loss,
+    details = {"adapters": len(inserted), "rank": rank, "steps": steps, "loss": result.loss,
                "generated_tokens": sum(b["input_ids"][:, PROMPT:].numel() for b in batches[len(ctx.calib):]),
                "first_loss": result.first, "last_loss": result.last, "merged": bool(rule.get("merge"))}
     # Steps cycle through the batches: with written text the first and last step read different
@@ -307,6 +292,28 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
                 "model wrote" if written else "")
              + ("; merged into the weights" if rule.get("merge") else "; kept as trainable adapters")]
     return details, notes
+
+
+def _check_generate(bound: BoundRule, ctx: Context, steps: int, written: int) -> None:
+    """`generate=` needs the uncompressed model, one that can write, and steps that reach every
+    written batch (they go through the calibration batches first): SpecErrors at the rule."""
+    if ctx.reference is None:
+        raise rule_error(bound, ctx, "missing-value", "`heal … generate=` needs the uncompressed model to write "
+                         "with", "compile the model itself, not a graph without it")
+    try:
+        check_writer(ctx.reference)
+    except WriteError as e:
+        raise _cannot_write(bound, ctx, written, e) from None
+    reached, needed = steps - len(ctx.calib), written_batch_count(ctx.reference, written)
+    if reached < needed:
+        raise rule_error(bound, ctx, "unsupported",
+                         f"`heal … steps={steps} generate={written}`: the text fills {needed} batches, but "
+                         f"the steps reach {max(reached, 0)} of them after the {len(ctx.calib)} calibration "
+                         f"batches", f"write steps={len(ctx.calib) + needed} or more, or a smaller generate=")
+
+
+def _cannot_write(bound: BoundRule, ctx: Context, written: int, e: WriteError):
+    return rule_error(bound, ctx, "unsupported", f"`heal … generate={written}` cannot write text: {e}", e.hint)
 
 
 def _neighbour_linears(graph: ModelGraph, cuts: list[Cut]) -> list[str]:
