@@ -4,8 +4,11 @@ calib=...)` and `slimfx compile --calib FILE` both come through here.
 Accepted forms: None (default text, for a slimfx.models model with a tokenizer), a tensor of
 token ids ([batch, seq] or [seq]), a dict of tensors (one batch), a list of tensors or dicts
 (one batch each), a list of texts (with a slimfx.models model, which knows its tokenizer), or
-the path of a text file (paragraphs, separated by blank lines, become the texts). Texts become
-rows of at most 128 tokens: a longer one goes on in further rows, so none of it is dropped.
+the path of a text file (paragraphs, separated by blank lines, become the texts), or a number
+of tokens N (an int, with a slimfx.models model): N tokens of built-in text, the default's 3,072
+first and then more_text.py's docstrings — more rows for what fits on calibration, such as
+`heal method=linear`, without a file. Texts become rows of at most 128 tokens: a longer one goes
+on in further rows, so none of it is dropped.
 """
 from __future__ import annotations
 
@@ -15,18 +18,20 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["calibration_batches", "read_paragraphs", "BATCH_SIZE", "MAX_TOKENS"]
+__all__ = ["calibration_batches", "read_paragraphs", "builtin_token_count", "BATCH_SIZE", "MAX_TOKENS"]
 
 BATCH_SIZE, MAX_TOKENS = 4, 128  # texts per batch, tokens per text
 ACCEPTED = ("a tensor of token ids ([batch, seq] or [seq]), a dict of tensors (one batch), "
             "a list of such tensors or dicts, a list of texts (with a model from slimfx.models.load), "
-            "or the path of a text file")
+            "the path of a text file, or a number of tokens of built-in text (an int)")
 
 
 def calibration_batches(model, calib) -> list[dict[str, Any]]:
     """The batches `calib` stands for (see the module docstring); [] when there are none."""
     if calib is None:
         return _default(model)
+    if isinstance(calib, int) and not isinstance(calib, bool):
+        return _builtin(model, calib)
     if isinstance(calib, (str, os.PathLike)):  # one string is a file name; texts come as a list
         return _texts(model, read_paragraphs(calib))
     if isinstance(calib, torch.Tensor):
@@ -121,3 +126,31 @@ def _default(model) -> list[dict[str, Any]]:
     # One text of every paragraph (headings and short lines too), cut into rows of MAX_TOKENS:
     # no row is mostly padding, and each still has the tokenizer's special tokens.
     return _texts(model, ["\n\n".join(calibration_texts(min_words=0))], max_tokens=DEFAULT_TOKENS)
+
+
+def _builtin(model, tokens: int) -> list[dict[str, Any]]:
+    """Rows of the default calibration text and then more_text.py's, up to `tokens` real tokens;
+    `tokens` = DEFAULT_TOKENS gives exactly the default's rows."""
+    if getattr(model, "tokenizer", None) is None or not hasattr(model, "encode"):
+        raise TypeError("calib as a number of tokens needs a model from slimfx.models.load(...) with a "
+                        "tokenizer; otherwise pass token batches: [{'input_ids': ...}, ...]")
+    available = builtin_token_count(model)
+    if not MAX_TOKENS <= tokens <= available:
+        raise ValueError(f"calib={tokens}: the built-in text has {available:,} tokens for this tokenizer; "
+                         f"ask for {MAX_TOKENS} to {available} (for more, pass your own text: a list "
+                         "of texts or a file)")
+    return _texts(model, [_builtin_text()], max_tokens=tokens)
+
+
+def builtin_token_count(model) -> int:
+    """How many tokens of built-in calibration text `model`'s tokenizer makes (calib=N's limit)."""
+    rows = model.encode([_builtin_text()], max_length=MAX_TOKENS, overflow=True)
+    return int(rows["attention_mask"].sum()) if "attention_mask" in rows else rows["input_ids"].numel()
+
+
+def _builtin_text() -> str:
+    from .evaluation import calibration_texts
+    from .more_text import more_texts
+
+    # One text, so rows are full and the first DEFAULT_TOKENS are the default's rows exactly.
+    return "\n\n".join([*calibration_texts(min_words=0), *more_texts()])

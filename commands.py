@@ -24,9 +24,13 @@ def add_model_commands(sub) -> None:
     comp.add_argument("--model", required=True, help=MODEL_HELP)
     comp.add_argument("--policy", help="which policy of the file (when it holds several)")
     comp.add_argument("--out", required=True, help="artifact directory to write")
-    comp.add_argument("--calib", metavar="FILE", help="calibration text (UTF-8; paragraphs become calibration "
-                      "texts, in rows of at most 128 tokens, none dropped); default: 3,072 tokens of the part "
-                      "of the built-in text that `slimfx eval` never scores")
+    calib = comp.add_mutually_exclusive_group()
+    calib.add_argument("--calib", metavar="FILE", help="calibration text (UTF-8; paragraphs become calibration "
+                       "texts, in rows of at most 128 tokens, none dropped); default: 3,072 tokens of the part "
+                       "of the built-in text that `slimfx eval` never scores")
+    calib.add_argument("--calib-tokens", metavar="N", type=int, help="calibrate on N tokens of built-in text "
+                       "(the default's 3,072, then standard-library docstrings `slimfx eval` never scores): "
+                       "`heal method=linear` fits better on 25000 (README, collapse section)")
     comp.add_argument("--stats", action="store_true", help="also print the code generator's fusion groups and "
                       "their memory traffic (unfused vs fused) for one run on the model's example inputs")
     comp.add_argument("--emit-kernels", metavar="DIR", help="also write the Triton source of every kernel the "
@@ -106,6 +110,8 @@ def _compile(args) -> int:
     _check_out(args.out)  # before minutes of compiling, not after
     calib = _read_calib(args.calib) if args.calib else None
     loaded = _load_model(args.model)
+    if args.calib_tokens is not None:
+        calib = _builtin_calib(loaded, args.calib_tokens)
     cm = api.compile(loaded, args.spec, name=args.policy, calib=calib, progress=True)
     _console().print(cm.report.table())
     if args.stats:
@@ -154,6 +160,15 @@ def _read_calib(path: str) -> list[str]:
         return read_paragraphs(path)
     except ValueError as e:
         raise UsageError(f"--calib: {e}") from None
+
+
+def _builtin_calib(loaded, tokens: int) -> list[dict]:
+    from .calibration import calibration_batches
+
+    try:
+        return calibration_batches(loaded, tokens)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--calib-tokens: {e}") from None
 
 
 def _train(args) -> int:

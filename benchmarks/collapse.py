@@ -4,12 +4,14 @@ Removes 4 and 8 blocks with every method of the collapse pass — rear drop, dro
 influence, drop by angular distance (runs of at most 4), LaCo's search — each plain and (except
 rear drop) with `heal method=linear`; then the best of them with `heal method=linear` followed by `heal
 method=lora … distill=true`. Perplexity on evaluation.eval_text() (the same tokens for every
-row); calibration is compile's default (the other part of the built-in text, 3,072 tokens), so
-no row is scored on text it was fitted or trained on. CPU latency of one 1×256 forward, each row
+row); calibration is compile's default (the other part of the built-in text, 3,072 tokens), or
+with --calib-tokens N that many tokens of built-in text (the default's, then standard-library
+docstrings the eval text does not hold: calibration.py), so no row is scored on text it was
+fitted or trained on. CPU latency of one 1×256 forward, each row
 against the fp32 model measured in the same run. Prints a markdown table, then the checks.
 
     .venv/bin/python benchmarks/collapse.py [--sizes 4,8] [--max-tokens 2048] [--lora-steps 40]
-        [--methods rear,influence,angular,laco] [--generate TOKENS]
+        [--methods rear,influence,angular,laco] [--generate TOKENS] [--calib-tokens N]
 """
 from __future__ import annotations
 
@@ -49,9 +51,9 @@ def lora(steps: int, generate: int = 0) -> str:
     return f"heal method=lora steps={steps} lr=0.001 rank=8 distill=true" + (f" generate={generate}" if generate else "")
 
 
-def measure(lm, rules: str | None, tokens: int, example: dict, base_ms: float | None) -> dict:
+def measure(lm, rules: str | None, tokens: int, example: dict, base_ms: float | None, calib=None) -> dict:
     start = time.perf_counter()
-    model = lm.model if rules is None else slimfx.compile(lm, rules)
+    model = lm.model if rules is None else slimfx.compile(lm, rules, calib=calib)
     seconds = time.perf_counter() - start
     ppl = perplexity(model, lm.tokenizer, eval_text(), max_tokens=tokens)
     ms = latency_ms(model, example, repeats=5, warmup=1)
@@ -78,13 +80,15 @@ def main() -> int:
     ap.add_argument("--lora-steps", type=int, default=40)
     ap.add_argument("--generate", type=int, default=0, help="the LoRA heal's generate= (tokens the model writes)")
     ap.add_argument("--methods", default=",".join(SHORT.values()))
+    ap.add_argument("--calib-tokens", type=int, default=None,
+                    help="calibrate every compile on this many tokens of built-in text (default: compile's 3,072)")
     args = ap.parse_args()
     chosen = [m for m in METHODS if SHORT[m] in args.methods.split(",")]
     torch.manual_seed(0)
     started = time.perf_counter()
     lm = load("smollm2-135m")
     if args.generate:  # the heal refuses steps that stop short of the written text: say so before any row runs
-        needed = len(calibration_batches(lm, None)) + written_batch_count(lm.model, args.generate)
+        needed = len(calibration_batches(lm, args.calib_tokens)) + written_batch_count(lm.model, args.generate)
         if args.lora_steps < needed:
             ap.error(f"--generate {args.generate} fills batches up to step {needed}: give --lora-steps {needed} or more")
     example = lm.encode([eval_text()], max_length=256)
@@ -97,7 +101,7 @@ def main() -> int:
         for method in chosen:
             for heal in ("",) if method == "rear drop" else ("", "linear"):  # rear: thousands either way
                 rules = METHODS[method](n) + (f"\n{LINEAR}" if heal else "")
-                row = {**measure(lm, rules, args.max_tokens, example, base["ms"]), "n": n, "method": method,
+                row = {**measure(lm, rules, args.max_tokens, example, base["ms"], args.calib_tokens), "n": n, "method": method,
                        "heal": heal or "none"}
                 print(f"{n} {method} heal={row['heal']}: ×{row['ppl'] / base['ppl']:.3f} ({row['compile_s']:.0f} s) "
                       f"{'; '.join(row['notes'])}", flush=True)
@@ -105,7 +109,7 @@ def main() -> int:
         best = min((r for r in sized if r["heal"] == "linear"), key=lambda r: r["ppl"])
         rules = f"{METHODS[best['method']](n)}\n{LINEAR}\n{lora(args.lora_steps, args.generate)}"
         written = f", {args.generate:,} tokens written by the model" if args.generate else ""
-        row = {**measure(lm, rules, args.max_tokens, example, base["ms"]), "n": n, "method": best["method"],
+        row = {**measure(lm, rules, args.max_tokens, example, base["ms"], args.calib_tokens), "n": n, "method": best["method"],
                "heal": f"linear + lora ({args.lora_steps} steps, distill{written})"}
         print(f"{n} {best['method']} heal=linear+lora: ×{row['ppl'] / base['ppl']:.3f} ({row['compile_s']:.0f} s) "
               f"{'; '.join(row['notes'])}", flush=True)
@@ -123,7 +127,8 @@ def main() -> int:
                            f"(×{best['ppl'] / base['ppl']:.3f}, {best['method']})", best["ppl"] / base["ppl"] <= proto))
     print()
     print(f"SmolLM2-135M-Instruct, {args.max_tokens} eval tokens; {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; run {time.perf_counter() - started:.0f} s")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; run {time.perf_counter() - started:.0f} s; "
+          f"calibration {f'{args.calib_tokens:,} tokens of built-in text' if args.calib_tokens else 'compile default'}")
     print(table(rows, base))
     print()
     for text, ok in checks:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import slimfx
-from slimfx.calibration import BATCH_SIZE, DEFAULT_TOKENS, MAX_TOKENS, calibration_batches, read_paragraphs
+from slimfx.calibration import (BATCH_SIZE, DEFAULT_TOKENS, MAX_TOKENS, builtin_token_count, calibration_batches,
+                                read_paragraphs)
 from slimfx.evaluation import calibration_texts, default_text, eval_text
 from slimfx.models import load, tiny
 
@@ -36,7 +37,7 @@ def test_every_accepted_form_becomes_named_batches(llama, tmp_path):
         [b["input_ids"].tolist() for b in batches]
 
 
-@pytest.mark.parametrize("bad, says", [(3, "got int"), ([3], "calib[0] is a int"),
+@pytest.mark.parametrize("bad, says", [(3.0, "got float"), (True, "got bool"), ([3], "calib[0] is a int"),
                                        (torch.randn(2, 4), "token ids"), ({"input_ids": [1, 2]}, "not tensors")])
 def test_anything_else_is_a_type_error_that_lists_the_accepted_forms(llama, bad, says):
     with pytest.raises(TypeError) as e:
@@ -107,6 +108,32 @@ def test_the_default_is_every_row_of_the_calibration_text_up_to_its_cap(llama):
     assert sum(map(len, rows)) == DEFAULT_TOKENS and all(len(r) == MAX_TOKENS for r in rows)
     text = "\n\n".join(calibration_texts(min_words=0)).encode()
     assert bytes(sum(rows, [])) == text[:DEFAULT_TOKENS]  # the text's first tokens, in order
+
+
+def test_a_number_of_tokens_is_the_default_text_and_then_more_built_in_text(llama):
+    """calib=DEFAULT_TOKENS is the default's rows exactly; a larger N goes on into more_text.py's
+    docstrings, whole rows up to the one that reaches N."""
+    from slimfx.more_text import more_texts
+
+    default = calibration_batches(llama, None)
+    same = calibration_batches(llama, DEFAULT_TOKENS)
+    assert [b["input_ids"].tolist() for b in same] == [b["input_ids"].tolist() for b in default]
+    rows = _real_rows(calibration_batches(llama, 5000))
+    assert 5000 <= sum(map(len, rows)) < 5000 + MAX_TOKENS
+    text = "\n\n".join([*calibration_texts(min_words=0), *more_texts()]).encode()
+    assert bytes(sum(rows, [])) == text[:sum(map(len, rows))]
+    assert builtin_token_count(llama) == len(text)  # byte tokens: one per byte
+
+
+@pytest.mark.parametrize("tokens", [MAX_TOKENS - 1, 0, -5, 10**9])
+def test_a_number_of_tokens_outside_the_built_in_text_says_the_range(llama, tokens):
+    with pytest.raises(ValueError, match=f"ask for {MAX_TOKENS} to {builtin_token_count(llama)}"):
+        calibration_batches(llama, tokens)
+
+
+def test_a_number_of_tokens_needs_a_model_that_knows_its_tokenizer(llama):
+    with pytest.raises(TypeError, match="slimfx.models.load"):
+        slimfx.compile(llama.model, GPTQ, example_inputs=llama.example_inputs, calib=1000)
 
 
 def test_a_tokenizer_that_cannot_go_on_in_further_rows_is_refused(llama):

@@ -156,6 +156,25 @@ def test_compile_checks_out_before_compiling_and_reads_calib_files(tmp_path, cap
     assert (tmp_path / "o" / "meta.json").exists()
 
 
+def test_compile_calibrates_on_a_number_of_built_in_tokens(tmp_path, capsys, monkeypatch):
+    from slimfx import api
+    from slimfx.calibration import calibration_batches
+    from slimfx.models import tiny
+
+    seen, real = [], api.compile
+    monkeypatch.setattr(api, "compile", lambda *a, **k: seen.append(k["calib"]) or real(*a, **k))
+    spec = write(tmp_path, "policy p {\n    quantize blocks.*.** : Linear int4 method=gptq\n}\n")
+    out = ["compile", str(spec), "--model", "tiny:llama", "--out", str(tmp_path / "o")]
+    assert main(out + ["--calib-tokens", "10"]) == 1
+    assert "--calib-tokens: calib=10: the built-in text has" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one source of calibration or the other
+        main(out + ["--calib-tokens", "512", "--calib", str(spec)])
+    assert "not allowed with" in capsys.readouterr().err
+    assert main(out + ["--calib-tokens", "512"]) == 0 and len(seen) == 1
+    expected = calibration_batches(tiny("llama"), 512)  # 4 rows of 128 byte tokens
+    assert [b["input_ids"].tolist() for b in seen[0]] == [b["input_ids"].tolist() for b in expected]
+
+
 def test_artifact_errors_are_messages_not_tracebacks(tmp_path, capsys):
     (tmp_path / "junk").mkdir()
     assert main(["eval", "--model", "tiny:llama", "--compiled", str(tmp_path / "junk")]) == 1

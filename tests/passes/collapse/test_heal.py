@@ -54,6 +54,21 @@ def test_linear_heal_is_the_fit_applied_at_the_cut():
     assert hasattr(cm.program.get_submodule("model.layers"), "heal_map_4")
 
 
+def test_a_map_fitted_on_few_tokens_says_more_text_helps():
+    """The example's tokens are far fewer than 10× the map's width: the report says so and how to
+    give more; the default calibration (3,061 byte tokens for a 64-wide map) is enough."""
+    lm = _shared()
+    ids = lm.example_inputs
+    few = slimfx.compile(lm, "drop blocks[2:4]\nheal method=linear", calib=[ids]).report.rules[1]
+    d = lm.model.config.hidden_size
+    assert few.details["calib_tokens"] == ids["input_ids"].numel() < 10 * d
+    assert any(n.startswith(f"fitted on {ids['input_ids'].numel()} calibration tokens, fewer than 10×") and
+               "calib=25000" in n for n in few.notes)
+    enough = slimfx.compile(lm, "drop blocks[2:4]\nheal method=linear").report.rules[1]
+    assert enough.details["calib_tokens"] >= 10 * d
+    assert not any(n.startswith("fitted on") for n in enough.notes)
+
+
 def test_linear_heal_after_the_last_block_maps_into_the_final_norm(tmp_path):
     lm = _shared()
     ids = lm.example_inputs
