@@ -4,9 +4,9 @@ default text (evaluation.default_text, which `slimfx eval` scores part of) does 
 Why: `heal method=linear` fits a 576×576 map (for SmolLM2) from the calibration rows, and 3,072
 tokens (the default calibration) are too few for it — fitted on the eval text itself the map
 reaches ×1.03 of fp32 perplexity, on the default calibration ×1.278 (4 blocks removed). With
-this text after the default (`compile(..., calib=25_000)`) it reached ×1.218, and ×1.613 instead
-of ×1.871 with 8 blocks removed; 108k tokens gave no more (×1.224, ×1.605). Measured 2026-12-04,
-README (collapse section).
+this text after the default (`compile(..., calib=25_000)`) it reaches ×1.235, and ×1.635 instead
+of ×1.871 with 8 blocks removed (benchmarks/collapse.py --calib-tokens 25000, 2026-12-04; README,
+collapse section).
 
 Like the default text it needs no download, and it is the same run to run on one Python version;
 a module a Python build lacks (ssl without OpenSSL) is skipped.
