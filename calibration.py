@@ -86,10 +86,7 @@ def _texts(model, texts: list[str], max_tokens: int | None = None) -> list[dict[
     """Rows of at most MAX_TOKENS tokens — a longer text goes on in further rows, none of it
     dropped — BATCH_SIZE rows to a batch (the last may hold fewer), each batch only as wide as
     its longest row; with `max_tokens`, rows up to the one that reaches that many real tokens."""
-    encode = getattr(model, "encode", None)
-    if encode is None or getattr(model, "tokenizer", None) is None:
-        raise TypeError("calib as texts needs a model from slimfx.models.load(...) with a tokenizer; "
-                        "otherwise pass token batches: [{'input_ids': ...}, ...]")
+    encode = _encoder(model, "texts")
     if not texts:
         return []
     rows = encode(texts, max_length=MAX_TOKENS, overflow=True)
@@ -131,15 +128,22 @@ def _default(model) -> list[dict[str, Any]]:
 def _builtin(model, tokens: int) -> list[dict[str, Any]]:
     """Rows of the default calibration text and then more_text.py's, up to `tokens` real tokens;
     `tokens` = DEFAULT_TOKENS gives exactly the default's rows."""
-    if getattr(model, "tokenizer", None) is None or not hasattr(model, "encode"):
-        raise TypeError("calib as a number of tokens needs a model from slimfx.models.load(...) with a "
-                        "tokenizer; otherwise pass token batches: [{'input_ids': ...}, ...]")
+    _encoder(model, "a number of tokens")
     available = builtin_token_count(model)
     if not MAX_TOKENS <= tokens <= available:
         raise ValueError(f"calib={tokens}: the built-in text has {available:,} tokens for this tokenizer; "
                          f"ask for {MAX_TOKENS} to {available} (for more, pass your own text: a list "
                          "of texts or a file)")
     return _texts(model, [_builtin_text()], max_tokens=tokens)
+
+
+def _encoder(model, what: str):
+    """`model.encode`, for calib forms that are text; a model without a tokenizer is told what to pass."""
+    encode = getattr(model, "encode", None)
+    if encode is None or getattr(model, "tokenizer", None) is None:
+        raise TypeError(f"calib as {what} needs a model from slimfx.models.load(...) with a tokenizer; "
+                        "otherwise pass token batches: [{'input_ids': ...}, ...]")
+    return encode
 
 
 def builtin_token_count(model) -> int:

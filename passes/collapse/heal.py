@@ -81,7 +81,8 @@ def _linear(graph: ModelGraph, bound: BoundRule, ctx: Context):
         fit = fit_map(xs, cut.target)
         cut.stream = _apply_map(graph, cut, fit.map, f"heal_map{_serial(graph, cut)}")
         fits.append((cut, fit))
-    tokens, d = sum(int(x.shape[0]) for x in xs), fits[0][1].map.shape[0]
+    tokens = sum(int(x.shape[0]) for x in xs)  # every cut observes the same calibration rows
+    d = fits[0][1].map.shape[0]
     details = {"calib_tokens": tokens, "cuts": [{"removed": list(c.removed), "residual_before": f.residual_before,
                                                  "residual_after": f.residual_after} for c, f in fits]}
     where = "at the cut" if len(fits) == 1 else f"at each of {len(fits)} cuts"
