@@ -178,6 +178,9 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
         ParamSpec("steps", int, 100, "training steps", lambda v: v >= 1, "an integer ≥ 1"),
         ParamSpec("lr", float, 1e-4, "learning rate", lambda v: v > 0, "a number > 0"),
         ParamSpec("rank", int, 8, "rank of the healing adapters", lambda v: v >= 1, "an integer ≥ 1"),
+        ParamSpec("reach", int, 1, "adapters on every linear of the blocks up to this many blocks from a cut, "
+                  "on each side (1: the block just before and the block just after each cut)",
+                  lambda v: v >= 1, "an integer ≥ 1"),
         ParamSpec("distill", bool, False, "loss against the uncompressed model's logits"),
         ParamSpec("merge", bool, True, "merge the healing adapters into the weights afterwards"),
         ParamSpec("generate", int, 0, "also train on at least this many tokens of text the uncompressed model "
@@ -188,7 +191,8 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
 }
 
 # `heal` parameters that only one method takes (`method` itself goes with both).
-HEAL_METHOD_PARAMS = {"fold": "linear", "steps": "lora", "lr": "lora", "rank": "lora", "distill": "lora",
+HEAL_METHOD_PARAMS = {"fold": "linear", "steps": "lora", "lr": "lora", "rank": "lora", "reach": "lora",
+                      "distill": "lora",
                       "merge": "lora", "generate": "lora"}
 
 # Parameters that only make sense for integer formats.

@@ -249,7 +249,8 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
         raise rule_error(bound, ctx, "missing-value", "`heal … distill=true` needs the uncompressed model")
     if written:  # checked before anything is written or inserted: text no step reaches is minutes lost
         _check_generate(bound, ctx, steps, written)
-    paths = _neighbour_linears(graph, ctx.cuts)
+    reach = rule.get("reach")
+    paths, blocks = _neighbour_linears(graph, ctx.cuts, reach)
     rank = rule.get("rank")
     inserted = []
     seeded = torch.Generator().manual_seed(0)  # the same policy heals the same way; the caller's RNG untouched
@@ -293,13 +294,14 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
             raise rule_error(bound, ctx, "illegal-order", f"`heal method=lora` cannot merge its adapters: {e}",
                              "write merge=false to keep them beside the quantized weights, or put the heal "
                              "above the `quantize`") from None
-    details = {"adapters": len(inserted), "rank": rank, "steps": steps, "loss": result.loss,
+    details = {"adapters": len(inserted), "blocks": blocks, "rank": rank, "steps": steps, "loss": result.loss,
                "generated_tokens": sum(b["input_ids"][:, PROMPT:].numel() for b in batches[len(ctx.calib):]),
                "first_loss": result.first, "last_loss": result.last, "merged": bool(rule.get("merge"))}
     # Steps cycle through the batches: with written text the first and last step read different
     # text, and the note says which, so a rising pair is not taken for a heal that got worse.
     last_written = written and (len(result.losses) - 1) % len(batches) >= len(ctx.calib)
-    notes = [f"LoRA r={rank} on {len(inserted)} linears beside the cuts, {len(result.losses)} steps of "
+    where = "beside the cuts" if reach == 1 else f"of {len(blocks)} blocks within {reach} of the cuts"
+    notes = [f"LoRA r={rank} on {len(inserted)} linears {where}, {len(result.losses)} steps of "
              f"{result.loss} loss: {result.first:.4f} → {result.last:.4f}"
              + (" (first step on calibration text, last on written text)" if last_written else "")
              + (f"; on the calibration batches and {details['generated_tokens']:,} tokens the uncompressed "
@@ -330,14 +332,24 @@ def _cannot_write(bound: BoundRule, ctx: Context, written: int, e: WriteError):
     return rule_error(bound, ctx, "unsupported", f"`heal … generate={written}` cannot write text: {e}", e.hint)
 
 
-def _neighbour_linears(graph: ModelGraph, cuts: list[Cut]) -> list[str]:
-    """Every linear of the blocks just before and just after each cut (no adapter on it yet)."""
-    blocks = {p for c in cuts for p in (c.before, c.after) if p is not None}
+def _neighbour_linears(graph: ModelGraph, cuts: list[Cut], reach: int) -> tuple[list[str], list[str]]:
+    """Every linear (no adapter on it yet) of the blocks up to `reach` blocks before and after each
+    cut, and those blocks' paths in model order. reach=1: the block just before and just after."""
+    order = [b.path for b in graph.blocks]
+    near: set[str] = set()
+    for c in cuts:
+        if c.before is not None:
+            i = order.index(c.before)
+            near.update(order[max(0, i - reach + 1):i + 1])
+        if c.after is not None:
+            j = order.index(c.after)
+            near.update(order[j:j + reach])
+    blocks = [p for p in order if p in near]
     chosen = [t.path for t in graph.targets.values() if t.kind == "linear" and t.block is not None
-              and graph.blocks[t.block].path in blocks and not _has_adapter(graph, t.path)]
+              and graph.blocks[t.block].path in near and not _has_adapter(graph, t.path)]
     if not chosen:
-        raise PassError(f"no linear found in the blocks beside the cuts ({', '.join(sorted(blocks))})")
-    return chosen
+        raise PassError(f"no linear found in the blocks beside the cuts ({', '.join(blocks)})")
+    return chosen, blocks
 
 
 def _has_adapter(graph: ModelGraph, path: str) -> bool:

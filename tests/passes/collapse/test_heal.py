@@ -131,6 +131,23 @@ def test_lora_heal_kept_unmerged_is_trainable_and_distills_from_the_original():
     assert {p.rsplit(".", 2)[0] for p in cm.adapters} <= {f"model.layers.{i}" for i in (1, 3)}
 
 
+@pytest.mark.parametrize("rules, near", [
+    ("drop blocks[3]\nheal method=lora steps=1 merge=false reach=2", {1, 2, 4, 5}),
+    ("drop blocks[3]\nheal method=lora steps=1 merge=false reach=9", {0, 1, 2, 4, 5, 6}),  # capped: every block
+    ("drop {blocks[1], blocks[5]}\nheal method=lora steps=1 merge=false reach=2", {0, 2, 3, 4, 6}),
+    ("drop {blocks[2], blocks[5]}\nheal method=lora steps=1 merge=false", {1, 3, 4, 6}),  # reach=1
+])
+def test_lora_heal_reach_puts_adapters_on_the_blocks_that_near_each_cut(rules, near):
+    lm = _lm(layers=7, seed=23)
+    cm = slimfx.compile(lm, rules, calib=[lm.example_inputs])
+    assert {int(p.split(".")[2]) for p in cm.adapters} == near  # paths keep the original block numbers
+    d = cm.report.rules[1].details
+    assert d["adapters"] == 7 * len(near) and d["blocks"] == [f"model.layers.{i}" for i in sorted(near)]
+    reach = "reach=1" if "reach" not in rules else rules.rsplit(" ", 1)[1]
+    assert ("beside the cuts" if reach == "reach=1" else f"of {len(near)} blocks within {reach[6:]} of the cuts") \
+        in cm.report.rules[1].notes[0]
+
+
 def test_heal_first_is_an_illegal_order():
     with pytest.raises(SpecError) as e:
         slimfx.compile(_shared(), "heal method=linear\ndrop blocks[1]")
