@@ -11,7 +11,7 @@ fitted or trained on. CPU latency of one 1×256 forward, each row
 against the fp32 model measured in the same run. Prints a markdown table, then the checks.
 
     .venv/bin/python benchmarks/collapse.py [--sizes 4,8] [--max-tokens 2048] [--lora-steps 40]
-        [--methods rear,influence,angular,laco] [--generate TOKENS] [--calib-tokens N]
+        [--lora-reach 1] [--methods rear,influence,angular,laco] [--generate TOKENS] [--calib-tokens N]
 """
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ SHORT = {"rear drop": "rear", "drop by influence": "influence", "drop by angular
 LINEAR = "heal method=linear"
 
 
-def lora(steps: int, generate: int = 0) -> str:
-    return f"heal method=lora steps={steps} lr=0.001 rank=8 distill=true" + (f" generate={generate}" if generate else "")
+def lora(steps: int, generate: int = 0, reach: int = 1) -> str:
+    return (f"heal method=lora steps={steps} lr=0.001 rank=8 distill=true" + (f" reach={reach}" if reach != 1 else "")
+            + (f" generate={generate}" if generate else ""))
 
 
 def measure(lm, rules: str | None, tokens: int, example: dict, base_ms: float | None, calib=None) -> dict:
@@ -78,6 +79,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="4,8")
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--lora-steps", type=int, default=40)
+    ap.add_argument("--lora-reach", type=int, default=1,
+                    help="the LoRA heal's reach= (adapters on the blocks this many from each cut, each side)")
     ap.add_argument("--generate", type=int, default=0, help="the LoRA heal's generate= (tokens the model writes)")
     ap.add_argument("--methods", default=",".join(SHORT.values()))
     ap.add_argument("--calib-tokens", type=int, default=None,
@@ -107,10 +110,11 @@ def main() -> int:
                       f"{'; '.join(row['notes'])}", flush=True)
                 sized.append(row)
         best = min((r for r in sized if r["heal"] == "linear"), key=lambda r: r["ppl"])
-        rules = f"{METHODS[best['method']](n)}\n{LINEAR}\n{lora(args.lora_steps, args.generate)}"
+        rules = f"{METHODS[best['method']](n)}\n{LINEAR}\n{lora(args.lora_steps, args.generate, args.lora_reach)}"
         written = f", {args.generate:,} tokens written by the model" if args.generate else ""
+        reach = f", reach {args.lora_reach}" if args.lora_reach != 1 else ""
         row = {**measure(lm, rules, args.max_tokens, example, base["ms"], args.calib_tokens), "n": n, "method": best["method"],
-               "heal": f"linear + lora ({args.lora_steps} steps, distill{written})"}
+               "heal": f"linear + lora ({args.lora_steps} steps{reach}, distill{written})"}
         print(f"{n} {best['method']} heal=linear+lora: ×{row['ppl'] / base['ppl']:.3f} ({row['compile_s']:.0f} s) "
               f"{'; '.join(row['notes'])}", flush=True)
         sized.append(row)

@@ -1,11 +1,14 @@
 """benchmarks/collapse.py run as a script (as its docstring says): it loads SmolLM2 — with
 benchmarks/ first on sys.path, where kernels.py once shadowed the `kernels` package transformers
-imports — and refuses `--generate` with too few LoRA steps before measuring any row."""
+imports — and refuses `--generate` with too few LoRA steps before measuring any row; the heal rule it writes."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+from slimfx.dsl import parse
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "collapse.py"
 
@@ -24,3 +27,13 @@ def test_the_steps_needed_count_the_calibration_asked_for():
                            "--calib-tokens", "25000"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "give --lora-steps 97 or more" in done.stderr
+
+
+def test_the_lora_heal_it_writes_carries_reach_and_parses():
+    spec = importlib.util.spec_from_file_location("collapse_benchmark", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # main() runs only as a script
+    assert "reach" not in bench.lora(40)  # reach=1 is the rule's default: the row's rule stays as before
+    rules = f"policy p {{\ndrop blocks[2]\n{bench.LINEAR}\n{bench.lora(600, 0, 3)}\n}}"
+    heal = parse(rules).policies[0].rules[2]
+    assert dict((p.name, p.value) for p in heal.params)["reach"] == 3
