@@ -192,8 +192,7 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
 
 # `heal` parameters that only one method takes (`method` itself goes with both).
 HEAL_METHOD_PARAMS = {"fold": "linear", "steps": "lora", "lr": "lora", "rank": "lora", "reach": "lora",
-                      "distill": "lora",
-                      "merge": "lora", "generate": "lora"}
+                      "distill": "lora", "merge": "lora", "generate": "lora"}
 
 # Parameters that only make sense for integer formats.
 INT_ONLY_PARAMS = ("group", "sym", "zero", "method", "damp", "act_order", "refit")

@@ -131,21 +131,19 @@ def test_lora_heal_kept_unmerged_is_trainable_and_distills_from_the_original():
     assert {p.rsplit(".", 2)[0] for p in cm.adapters} <= {f"model.layers.{i}" for i in (1, 3)}
 
 
-@pytest.mark.parametrize("rules, near", [
-    ("drop blocks[3]\nheal method=lora steps=1 merge=false reach=2", {1, 2, 4, 5}),
-    ("drop blocks[3]\nheal method=lora steps=1 merge=false reach=9", {0, 1, 2, 4, 5, 6}),  # capped: every block
-    ("drop {blocks[1], blocks[5]}\nheal method=lora steps=1 merge=false reach=2", {0, 2, 3, 4, 6}),
-    ("drop {blocks[2], blocks[5]}\nheal method=lora steps=1 merge=false", {1, 3, 4, 6}),  # reach=1
+@pytest.mark.parametrize("drop, reach, near", [
+    ("blocks[3]", " reach=2", {1, 2, 4, 5}),
+    ("blocks[3]", " reach=9", {0, 1, 2, 4, 5, 6}),  # more than there are: every remaining block
+    ("{blocks[1], blocks[5]}", " reach=2", {0, 2, 3, 4, 6}),  # 3 and 4 are within 2 of both cuts
+    ("{blocks[2], blocks[5]}", "", {1, 3, 4, 6}),  # the default, reach=1
 ])
-def test_lora_heal_reach_puts_adapters_on_the_blocks_that_near_each_cut(rules, near):
+def test_lora_heal_reach_puts_adapters_on_the_blocks_near_each_cut(drop, reach, near):
     lm = _lm(layers=7, seed=23)
-    cm = slimfx.compile(lm, rules, calib=[lm.example_inputs])
+    cm = slimfx.compile(lm, f"drop {drop}\nheal method=lora steps=1 merge=false{reach}", calib=[lm.example_inputs])
     assert {int(p.split(".")[2]) for p in cm.adapters} == near  # paths keep the original block numbers
-    d = cm.report.rules[1].details
+    d, note = cm.report.rules[1].details, cm.report.rules[1].notes[0]
     assert d["adapters"] == 7 * len(near) and d["blocks"] == [f"model.layers.{i}" for i in sorted(near)]
-    reach = "reach=1" if "reach" not in rules else rules.rsplit(" ", 1)[1]
-    assert ("beside the cuts" if reach == "reach=1" else f"of {len(near)} blocks within {reach[6:]} of the cuts") \
-        in cm.report.rules[1].notes[0]
+    assert (f"of {len(near)} blocks within {reach[7:]} of the cuts" if reach else "beside the cuts") in note
 
 
 def test_heal_first_is_an_illegal_order():
