@@ -24,7 +24,9 @@ def test_policy_asts_are_specs(spec):
 def test_policies_cover_every_rule_kind():
     seen: set[str] = set()
 
-    @settings(max_examples=150, database=None)
+    # Derandomized: a fixed run of examples, so a rare kind missing from one random run of 150
+    # (precision was, once, after a new heal parameter shifted the draws) cannot fail CI by chance.
+    @settings(max_examples=300, database=None, derandomize=True)
     @given(policy_asts())
     def collect(spec):
         seen.update(r.kind for p in spec.policies for r in p.rules)
