@@ -30,6 +30,7 @@ import torch
 
 import slimfx
 from slimfx.calibration import calibration_batches
+from slimfx.dsl.schema import SCHEMAS
 from slimfx.evaluation import eval_text, latency_ms, param_bytes, perplexity
 from slimfx.models import load
 from slimfx.passes.collapse.teacher_text import written_batch_count
@@ -45,10 +46,11 @@ METHODS = {  # name -> the rule that removes n blocks
 SHORT = {"rear drop": "rear", "drop by influence": "influence", "drop by angular distance": "angular",
          "LaCo search": "laco"}
 LINEAR = "heal method=linear"
+REACH = SCHEMAS["heal"]["reach"].default  # the rule's own default: written out only when asked otherwise
 
 
-def lora(steps: int, generate: int = 0, reach: int = 1) -> str:
-    return (f"heal method=lora steps={steps} lr=0.001 rank=8 distill=true" + (f" reach={reach}" if reach != 1 else "")
+def lora(steps: int, generate: int = 0, reach: int = REACH) -> str:
+    return (f"heal method=lora steps={steps} lr=0.001 rank=8 distill=true" + (f" reach={reach}" if reach != REACH else "")
             + (f" generate={generate}" if generate else ""))
 
 
@@ -79,7 +81,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="4,8")
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--lora-steps", type=int, default=40)
-    ap.add_argument("--lora-reach", type=int, default=1,
+    ap.add_argument("--lora-reach", type=int, default=REACH,
                     help="the LoRA heal's reach= (adapters on the blocks this many from each cut, each side)")
     ap.add_argument("--generate", type=int, default=0, help="the LoRA heal's generate= (tokens the model writes)")
     ap.add_argument("--methods", default=",".join(SHORT.values()))
@@ -112,7 +114,7 @@ def main() -> int:
         best = min((r for r in sized if r["heal"] == "linear"), key=lambda r: r["ppl"])
         rules = f"{METHODS[best['method']](n)}\n{LINEAR}\n{lora(args.lora_steps, args.generate, args.lora_reach)}"
         written = f", {args.generate:,} tokens written by the model" if args.generate else ""
-        reach = f", reach {args.lora_reach}" if args.lora_reach != 1 else ""
+        reach = f", reach {args.lora_reach}" if args.lora_reach != REACH else ""
         row = {**measure(lm, rules, args.max_tokens, example, base["ms"], args.calib_tokens), "n": n, "method": best["method"],
                "heal": f"linear + lora ({args.lora_steps} steps{reach}, distill{written})"}
         print(f"{n} {best['method']} heal=linear+lora: ×{row['ppl'] / base['ppl']:.3f} ({row['compile_s']:.0f} s) "
