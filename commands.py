@@ -43,6 +43,9 @@ def add_model_commands(sub) -> None:
     tr.add_argument("--compiled", required=True, help="artifact directory from `slimfx compile`, with adapters")
     tr.add_argument("--steps", type=int, required=True, help="optimizer steps (AdamW over the adapters)")
     tr.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
+    tr.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                    help="lr schedule: constant (default), or cosine (warm-up over the first 5%% of the steps, "
+                    "then decay towards 0)")
     tr.add_argument("--batch", type=int, default=4, help="rows of the training batch (default 4)")
     tr.add_argument("--seq", type=int, default=128, help="tokens per row (default 128)")
     tr.add_argument("--loss", choices=("lm", "distill"), help="lm: next-token cross entropy; distill: match the "
@@ -188,9 +191,10 @@ def _train(args) -> int:
     batch = _training_batch(loaded, args.batch, args.seq)
     loss = args.loss or ("lm" if loaded.kind == "causal-lm" else "distill")
     print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {args.steps} steps "
-          f"on {args.batch}×{args.seq} calibration tokens, {loss} loss, lr {args.lr:g}", file=sys.stderr)
+          f"on {args.batch}×{args.seq} calibration tokens, {loss} loss, lr {args.lr:g}"
+          + (" with a cosine schedule" if args.schedule == "cosine" else ""), file=sys.stderr)
     torch.manual_seed(args.seed)
-    result = train(cm, [batch], steps=args.steps, lr=args.lr, loss=loss,
+    result = train(cm, [batch], steps=args.steps, lr=args.lr, loss=loss, schedule=args.schedule,
                    teacher=loaded.model if loss == "distill" else None, progress=True)
     for i, value in enumerate(result.losses, 1):
         print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {value:.4f}")

@@ -177,6 +177,8 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
         ParamSpec("fold", bool, False, "fold the linear map into the previous block's down projection (no new op)"),
         ParamSpec("steps", int, 100, "training steps", lambda v: v >= 1, "an integer ≥ 1"),
         ParamSpec("lr", float, 1e-4, "learning rate", lambda v: v > 0, "a number > 0"),
+        ParamSpec("schedule", str, "constant", "learning-rate schedule: `constant`, or `cosine` (warm-up over "
+                  "the first 5% of the steps, then decay towards 0)", choices=("constant", "cosine")),
         ParamSpec("rank", int, 8, "rank of the healing adapters", lambda v: v >= 1, "an integer ≥ 1"),
         ParamSpec("reach", int, 1, "adapters on every linear of the blocks up to this many blocks from a cut, "
                   "on each side (1: the block just before and the block just after each cut)",
@@ -191,8 +193,8 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
 }
 
 # `heal` parameters that only one method takes (`method` itself goes with both).
-HEAL_METHOD_PARAMS = {"fold": "linear", "steps": "lora", "lr": "lora", "rank": "lora", "reach": "lora",
-                      "distill": "lora", "merge": "lora", "generate": "lora"}
+HEAL_METHOD_PARAMS = {"fold": "linear", "steps": "lora", "lr": "lora", "schedule": "lora", "rank": "lora",
+                      "reach": "lora", "distill": "lora", "merge": "lora", "generate": "lora"}
 
 # Parameters that only make sense for integer formats.
 INT_ONLY_PARAMS = ("group", "sym", "zero", "method", "damp", "act_order", "refit")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -24,9 +25,14 @@ from torch import nn
 from .lower import unlowered
 from .progress import Progress
 
-__all__ = ["train", "TrainResult", "LOSSES", "lm_loss", "float32_masters", "module_mode"]
+__all__ = ["train", "TrainResult", "LOSSES", "SCHEDULES", "lm_loss", "float32_masters", "module_mode",
+           "lr_factor"]
 
 LOSSES = ("lm", "distill")
+# "constant": `lr` at every step. "cosine": a linear warm-up over the first 5% of the steps, then a
+# cosine decay towards 0 at the last step, so the last updates are small ones that settle rather than
+# the full-size steps that make a constant lr's loss wander at the end.
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,8 @@ class TrainResult:
 
 
 def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teacher=None,
-          progress: bool | Progress = False, optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+          progress: bool | Progress = False, optimizer: torch.optim.Optimizer | None = None,
+          schedule: str = "constant") -> TrainResult:
     """Train `cm`'s adapters for `steps` optimizer steps over `batches` (input dicts, cycled).
 
     loss="lm": next-token cross entropy on `.logits`, padding (attention_mask == 0) and labels of
@@ -59,11 +66,14 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     input_ids. loss="distill": KL(teacher ‖ student) on the logits, or the MSE of the first output
     tensor (e.g. last_hidden_state) for a model without logits; `teacher` (the original module or
     another CompiledModel) runs in eval mode under no_grad. AdamW over `cm.adapter_parameters()`
-    unless `optimizer` is given. `cm` is in training mode (adapter dropout on) only while this runs.
+    unless `optimizer` is given. `schedule` scales every step's lr (SCHEDULES; "cosine": warm-up,
+    then decay to 0; the optimizer's own lr is restored afterwards). `cm` is in training mode (adapter dropout on) only while this runs.
     Adapters stored in fp16/bf16 (`adapt … dtype=`) train as float32 and are rounded back at the
     end (`float32_masters`).
     """
     params = _check(cm, steps, loss, teacher)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; train() knows {', '.join(map(repr, SCHEDULES))}")
     batches = _batches(batches)
     teacher = _unwrap(teacher)
     opt = optimizer if optimizer is not None else torch.optim.AdamW(params, lr=lr)
@@ -74,12 +84,41 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     # graph (the same weights), and its kernels are back afterwards.
     reference = unlowered(cm.program) if getattr(cm, "backend", None) == "triton" else contextlib.nullcontext()
     with reference, float32_masters(params), module_mode(cm, True), module_mode(teacher, False), \
-            bars.task(f"training adapters ({loss})", total=steps) as step:
+            scaled_lr(opt) as scale, bars.task(f"training adapters ({loss})", total=steps) as step:
         for i, batch in zip(range(steps), itertools.cycle(batches)):
+            scale(lr_factor(schedule, i, steps))
             value = _step(cm, batch, opt, loss, teacher, i)
             losses.append(value)
             step(note=f"loss {value:.4f}")
     return TrainResult(losses, time.perf_counter() - start, loss)
+
+
+def lr_factor(schedule: str, i: int, steps: int) -> float:
+    """The fraction of the lr that step `i` (0-based) of `steps` takes under `schedule`."""
+    if schedule == "constant":
+        return 1.0
+    warmup = max(1, steps // 20)
+    if i < warmup:
+        return (i + 1) / warmup
+    # Over (steps - warmup), not one less: the last step still moves (a little), none is wasted at 0.
+    return 0.5 * (1.0 + math.cos(math.pi * (i - warmup) / (steps - warmup)))
+
+
+@contextmanager
+def scaled_lr(opt: torch.optim.Optimizer):
+    """Inside, `scale(f)` sets each parameter group's lr to f × its lr on entry; the lrs on entry
+    are back afterwards, also on an exception (a caller's optimizer is theirs to reuse)."""
+    base = [g["lr"] for g in opt.param_groups]
+
+    def scale(factor: float) -> None:
+        for g, lr in zip(opt.param_groups, base):
+            g["lr"] = lr * factor
+
+    try:
+        yield scale
+    finally:
+        for g, lr in zip(opt.param_groups, base):
+            g["lr"] = lr
 
 
 @contextmanager

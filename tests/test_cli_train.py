@@ -44,6 +44,24 @@ def test_train_prints_the_loss_per_step_and_saves_beside_the_artifact(artifact, 
     assert "needs 1000000 tokens" in capsys.readouterr().err
 
 
+def test_train_schedule_is_passed_on_and_said(artifact, tmp_path, capsys):
+    runs = {}
+    for schedule in ("constant", "cosine"):
+        capsys.readouterr()
+        out = tmp_path / schedule
+        assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "4", "--batch", "2",
+                     "--seq", "16", "--lr", "1e-2", "--schedule", schedule, "--out", str(out)]) == 0
+        runs[schedule] = adapters(out), capsys.readouterr().err
+    said = {name: err.split("saved to")[0] for name, (_, err) in runs.items()}  # without the out dir's name
+    assert "lr 0.01 with a cosine schedule" in said["cosine"] and "cosine" not in said["constant"]
+    # The first two steps take the full lr under both (warm-up of one step); the last two differ.
+    (cos, _), (const, _) = runs["cosine"], runs["constant"]
+    assert not all(torch.equal(cos[n], const[n]) for n in cos)
+    with pytest.raises(SystemExit) as e:  # argparse's choices: usage and the two names, exit status 2
+        main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "1", "--schedule", "linear"])
+    assert e.value.code == 2 and "choose from 'constant', 'cosine'" in capsys.readouterr().err
+
+
 def test_train_refuses_before_loading_anything(tmp_path, capsys):
     a_file = write(tmp_path, "x", name="not-a-dir")
     argv = ["train", "--model", "tiny:llama", "--compiled", str(tmp_path / "never-read"), "--steps"]

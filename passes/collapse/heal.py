@@ -10,8 +10,8 @@ Every heal repairs every cut made so far (ctx.cuts; a collapse/drop may not foll
   projection (ReplaceMe, 2025): no new op, a little worse (DESIGN.md).
 - lora: LoRA adapters (passes/lora.py) on every linear of the blocks on both sides of each cut,
   trained with runtime/train.py on the calibration batches (next-token loss, or KL to the
-  uncompressed model's logits with `distill=true`), merged afterwards unless `merge=false`;
-  `generate=N` adds batches of N tokens the uncompressed model writes (teacher_text.py).
+  uncompressed model's logits with `distill=true`) at a constant lr or, with `schedule=cosine`,
+  a warm-up then a cosine decay; merged afterwards unless `merge=false`; `generate=N` adds batches of N tokens the uncompressed model writes (teacher_text.py).
 """
 from __future__ import annotations
 
@@ -281,6 +281,7 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
         batches = ctx.calib + [complete_inputs(b, graph.inputs) for b in text]
     try:
         result = train(_Student(graph, params), batches, steps=steps, lr=rule.get("lr"),
+                       schedule=rule.get("schedule"),
                        loss="distill" if distill else "lm", teacher=ctx.reference if distill else None,
                        progress=ctx.progress)
     except ValueError as e:
@@ -294,14 +295,17 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
             raise rule_error(bound, ctx, "illegal-order", f"`heal method=lora` cannot merge its adapters: {e}",
                              "write merge=false to keep them beside the quantized weights, or put the heal "
                              "above the `quantize`") from None
+    schedule = rule.get("schedule")
     details = {"adapters": len(inserted), "blocks": blocks, "rank": rank, "steps": steps, "loss": result.loss,
+               "schedule": schedule,
                "generated_tokens": sum(b["input_ids"][:, PROMPT:].numel() for b in batches[len(ctx.calib):]),
                "first_loss": result.first, "last_loss": result.last, "merged": bool(rule.get("merge"))}
     # Steps cycle through the batches: with written text the first and last step read different
     # text, and the note says which, so a rising pair is not taken for a heal that got worse.
     last_written = written and (len(result.losses) - 1) % len(batches) >= len(ctx.calib)
     where = "beside the cuts" if reach == 1 else f"of {len(blocks)} blocks within {reach} of the cuts"
-    notes = [f"LoRA r={rank} on {len(inserted)} linears {where}, {len(result.losses)} steps of "
+    lr = " (cosine lr)" if schedule == "cosine" else ""
+    notes = [f"LoRA r={rank} on {len(inserted)} linears {where}, {len(result.losses)} steps{lr} of "
              f"{result.loss} loss: {result.first:.4f} → {result.last:.4f}"
              + (" (first step on calibration text, last on written text)" if last_written else "")
              + (f"; on the calibration batches and {details['generated_tokens']:,} tokens the uncompressed "

@@ -123,10 +123,62 @@ def test_a_given_optimizer_is_used():
     assert result.losses == [result.first] * 3  # lr 0: nothing moved
 
 
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that notes the lr of its group at every step."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.seen: list[float] = []
+
+    def step(self, closure=None):
+        self.seen.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def _torch_cosine_lrs(lr: float, steps: int) -> list[float]:
+    """The same schedule as torch's own schedulers give it: linear warm-up over steps // 20 (at
+    least 1) steps from lr/warmup, then cosine annealing to 0 over the remaining steps."""
+    warmup = max(1, steps // 20)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1)),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps - warmup, eta_min=0.0)], milestones=[warmup])
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("steps", [3, 40, 61])
+def test_the_cosine_schedule_is_torchs_warmup_then_cosine_annealing(steps):
+    from slimfx.runtime.train import lr_factor
+
+    ours = [0.5 * lr_factor("cosine", i, steps) for i in range(steps)]
+    assert ours == pytest.approx(_torch_cosine_lrs(0.5, steps), abs=1e-12)
+    assert [lr_factor("constant", i, steps) for i in range(steps)] == [1.0] * steps
+
+
+def test_train_steps_with_the_scheduled_lr_and_gives_the_optimizer_its_lr_back():
+    from slimfx.runtime.train import lr_factor
+
+    lm, cm = fresh("llama", *MIXED)
+    opt = _RecordingSGD(cm.adapter_parameters(), lr=0.1)
+    slimfx.train(cm, [tokens(1, 6, pad=False)], steps=40, optimizer=opt, schedule="cosine")
+    assert opt.seen == pytest.approx([0.1 * lr_factor("cosine", i, 40) for i in range(40)])
+    assert opt.seen[0] == pytest.approx(0.05) and opt.seen[-1] < 0.001 and max(opt.seen) == pytest.approx(0.1)
+    assert opt.param_groups[0]["lr"] == 0.1
+    opt.seen.clear()
+    slimfx.train(cm, [tokens(1, 6, pad=False)], steps=3, optimizer=opt)  # constant by default
+    assert opt.seen == [0.1] * 3
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(steps=0), ValueError, "steps must be"),
     (dict(steps=2, loss="mse"), ValueError, "unknown loss 'mse'"),
     (dict(steps=2, loss="distill"), ValueError, "needs a teacher"),
+    (dict(steps=2, schedule="linear"), ValueError, "unknown schedule 'linear'"),
 ])
 def test_argument_errors(kwargs, error, match):
     lm, cm = fresh("llama", *MIXED)

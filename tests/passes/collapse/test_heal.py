@@ -146,6 +146,32 @@ def test_lora_heal_reach_puts_adapters_on_the_blocks_near_each_cut(drop, reach, 
     assert (f"of {len(near)} blocks within {reach[7:]} of the cuts" if reach else "beside the cuts") in note
 
 
+def test_lora_heal_schedule_reaches_the_training():
+    """One step is the same under both schedules (its factor is 1); four are not (the cosine
+    decays the last two), and the report says which schedule ran."""
+    lm = _lm(layers=4, seed=24)
+    calib = [lm.example_inputs]
+
+    def healed(steps, schedule):
+        cm = slimfx.compile(lm, f"drop blocks[1]\nheal method=lora steps={steps} lr=0.01 merge=false{schedule}",
+                            calib=calib)
+        return cm, {n: p.detach() for n, p in cm.named_parameters() if "lora_B" in n}
+
+    for steps, same in ((1, True), (4, False)):
+        (c, cos), (_, const) = healed(steps, " schedule=cosine"), healed(steps, "")
+        assert all(torch.equal(cos[n], const[n]) for n in cos) is same
+    assert c.report.rules[1].details["schedule"] == "cosine"
+    assert "4 steps (cosine lr) of lm loss" in c.report.rules[1].notes[0]
+
+
+def test_heal_offers_the_schedules_train_knows():
+    from slimfx.dsl.schema import SCHEMAS
+    from slimfx.runtime.train import SCHEDULES
+
+    spec = SCHEMAS["heal"]["schedule"]
+    assert spec.choices == SCHEDULES and spec.default == "constant"
+
+
 def test_heal_first_is_an_illegal_order():
     with pytest.raises(SpecError) as e:
         slimfx.compile(_shared(), "heal method=linear\ndrop blocks[1]")
