@@ -11,7 +11,7 @@ fitted or trained on. CPU latency of one 1×256 forward, each row
 against the fp32 model measured in the same run. Prints a markdown table, then the checks.
 
     .venv/bin/python benchmarks/collapse.py [--sizes 4,8] [--max-tokens 2048] [--lora-steps 40]
-        [--lora-reach 1] [--methods rear,influence,angular,laco] [--generate TOKENS] [--calib-tokens N]
+        [--lora-reach 1] [--lora-schedule cosine] [--methods rear,influence,angular,laco] [--generate TOKENS] [--calib-tokens N]
 """
 from __future__ import annotations
 
@@ -46,12 +46,13 @@ METHODS = {  # name -> the rule that removes n blocks
 SHORT = {"rear drop": "rear", "drop by influence": "influence", "drop by angular distance": "angular",
          "LaCo search": "laco"}
 LINEAR = "heal method=linear"
-REACH = SCHEMAS["heal"]["reach"].default  # the rule's own default: written out only when asked otherwise
+# The rule's own defaults: written out only when asked otherwise, so the default rows keep their rule.
+REACH, SCHEDULE = SCHEMAS["heal"]["reach"].default, SCHEMAS["heal"]["schedule"].default
 
 
-def lora(steps: int, generate: int = 0, reach: int = REACH) -> str:
+def lora(steps: int, generate: int = 0, reach: int = REACH, schedule: str = SCHEDULE) -> str:
     return (f"heal method=lora steps={steps} lr=0.001 rank=8 distill=true" + (f" reach={reach}" if reach != REACH else "")
-            + (f" generate={generate}" if generate else ""))
+            + (f" schedule={schedule}" if schedule != SCHEDULE else "") + (f" generate={generate}" if generate else ""))
 
 
 def measure(lm, rules: str | None, tokens: int, example: dict, base_ms: float | None, calib=None) -> dict:
@@ -83,6 +84,8 @@ def main() -> int:
     ap.add_argument("--lora-steps", type=int, default=40)
     ap.add_argument("--lora-reach", type=int, default=REACH,
                     help="the LoRA heal's reach= (adapters on the blocks this many from each cut, each side)")
+    ap.add_argument("--lora-schedule", choices=SCHEMAS["heal"]["schedule"].choices, default=SCHEDULE,
+                    help="the LoRA heal's schedule= (cosine: warm-up, then decay towards 0)")
     ap.add_argument("--generate", type=int, default=0, help="the LoRA heal's generate= (tokens the model writes)")
     ap.add_argument("--methods", default=",".join(SHORT.values()))
     ap.add_argument("--calib-tokens", type=int, default=None,
@@ -112,9 +115,10 @@ def main() -> int:
                       f"{'; '.join(row['notes'])}", flush=True)
                 sized.append(row)
         best = min((r for r in sized if r["heal"] == "linear"), key=lambda r: r["ppl"])
-        rules = f"{METHODS[best['method']](n)}\n{LINEAR}\n{lora(args.lora_steps, args.generate, args.lora_reach)}"
+        rules = f"{METHODS[best['method']](n)}\n{LINEAR}\n{lora(args.lora_steps, args.generate, args.lora_reach, args.lora_schedule)}"
         written = f", {args.generate:,} tokens written by the model" if args.generate else ""
-        reach = f", reach {args.lora_reach}" if args.lora_reach != REACH else ""
+        reach = (f", reach {args.lora_reach}" if args.lora_reach != REACH else "") + (
+            f", {args.lora_schedule} lr" if args.lora_schedule != SCHEDULE else "")
         row = {**measure(lm, rules, args.max_tokens, example, base["ms"], args.calib_tokens), "n": n, "method": best["method"],
                "heal": f"linear + lora ({args.lora_steps} steps{reach}, distill{written})"}
         print(f"{n} {best['method']} heal=linear+lora: ×{row['ppl'] / base['ppl']:.3f} ({row['compile_s']:.0f} s) "

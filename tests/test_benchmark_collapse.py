@@ -29,11 +29,13 @@ def test_the_steps_needed_count_the_calibration_asked_for():
     assert "give --lora-steps 97 or more" in done.stderr
 
 
-def test_the_lora_heal_it_writes_carries_reach_and_parses():
+def test_the_lora_heal_it_writes_carries_reach_and_schedule_and_parses():
     spec = importlib.util.spec_from_file_location("collapse_benchmark", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)  # main() runs only as a script
-    assert "reach" not in bench.lora(40)  # reach=1 is the rule's default: the row's rule stays as before
-    rules = f"policy p {{\ndrop blocks[2]\n{bench.LINEAR}\n{bench.lora(600, 0, 3)}\n}}"
+    # reach=1 and a constant lr are the rule's defaults: the default row's rule stays as before
+    assert "reach" not in bench.lora(40) and "schedule" not in bench.lora(40)
+    rules = f"policy p {{\ndrop blocks[2]\n{bench.LINEAR}\n{bench.lora(600, 0, 3, 'cosine')}\n}}"
     heal = parse(rules).policies[0].rules[2]
-    assert dict((p.name, p.value) for p in heal.params)["reach"] == 3
+    params = dict((p.name, p.value) for p in heal.params)
+    assert params["reach"] == 3 and params["schedule"] == "cosine"
