@@ -67,7 +67,8 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     tensor (e.g. last_hidden_state) for a model without logits; `teacher` (the original module or
     another CompiledModel) runs in eval mode under no_grad. AdamW over `cm.adapter_parameters()`
     unless `optimizer` is given. `schedule` scales every step's lr (SCHEDULES; "cosine": warm-up,
-    then decay to 0; the optimizer's own lr is restored afterwards). `cm` is in training mode (adapter dropout on) only while this runs.
+    then decay towards 0; the optimizer's own lr is restored afterwards). `cm` is in training mode
+    (adapter dropout on) only while this runs.
     Adapters stored in fp16/bf16 (`adapt … dtype=`) train as float32 and are rounded back at the
     end (`float32_masters`).
     """

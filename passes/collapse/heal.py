@@ -11,7 +11,8 @@ Every heal repairs every cut made so far (ctx.cuts; a collapse/drop may not foll
 - lora: LoRA adapters (passes/lora.py) on every linear of the blocks on both sides of each cut,
   trained with runtime/train.py on the calibration batches (next-token loss, or KL to the
   uncompressed model's logits with `distill=true`) at a constant lr or, with `schedule=cosine`,
-  a warm-up then a cosine decay; merged afterwards unless `merge=false`; `generate=N` adds batches of N tokens the uncompressed model writes (teacher_text.py).
+  a warm-up then a cosine decay; merged afterwards unless `merge=false`; `generate=N` adds
+  batches of N tokens the uncompressed model writes (teacher_text.py).
 """
 from __future__ import annotations
 
