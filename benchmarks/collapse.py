@@ -11,7 +11,8 @@ fitted or trained on. CPU latency of one 1×256 forward, each row
 against the fp32 model measured in the same run. Prints a markdown table, then the checks.
 
     .venv/bin/python benchmarks/collapse.py [--sizes 4,8] [--max-tokens 2048] [--lora-steps 40]
-        [--lora-reach 1] [--lora-schedule cosine] [--methods rear,influence,angular,laco] [--generate TOKENS] [--calib-tokens N]
+        [--lora-reach 1] [--lora-schedule cosine] [--methods rear,influence,angular,laco]
+        [--generate TOKENS] [--calib-tokens N]
 """
 from __future__ import annotations
 
@@ -117,10 +118,10 @@ def main() -> int:
         best = min((r for r in sized if r["heal"] == "linear"), key=lambda r: r["ppl"])
         rules = f"{METHODS[best['method']](n)}\n{LINEAR}\n{lora(args.lora_steps, args.generate, args.lora_reach, args.lora_schedule)}"
         written = f", {args.generate:,} tokens written by the model" if args.generate else ""
-        reach = (f", reach {args.lora_reach}" if args.lora_reach != REACH else "") + (
+        options = (f", reach {args.lora_reach}" if args.lora_reach != REACH else "") + (
             f", {args.lora_schedule} lr" if args.lora_schedule != SCHEDULE else "")
         row = {**measure(lm, rules, args.max_tokens, example, base["ms"], args.calib_tokens), "n": n, "method": best["method"],
-               "heal": f"linear + lora ({args.lora_steps} steps{reach}, distill{written})"}
+               "heal": f"linear + lora ({args.lora_steps} steps{options}, distill{written})"}
         print(f"{n} {best['method']} heal=linear+lora: ×{row['ppl'] / base['ppl']:.3f} ({row['compile_s']:.0f} s) "
               f"{'; '.join(row['notes'])}", flush=True)
         sized.append(row)

@@ -280,9 +280,9 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
         except WriteError as e:
             raise _cannot_write(bound, ctx, written, e) from None
         batches = ctx.calib + [complete_inputs(b, graph.inputs) for b in text]
+    schedule = rule.get("schedule")
     try:
-        result = train(_Student(graph, params), batches, steps=steps, lr=rule.get("lr"),
-                       schedule=rule.get("schedule"),
+        result = train(_Student(graph, params), batches, steps=steps, lr=rule.get("lr"), schedule=schedule,
                        loss="distill" if distill else "lm", teacher=ctx.reference if distill else None,
                        progress=ctx.progress)
     except ValueError as e:
@@ -296,7 +296,6 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
             raise rule_error(bound, ctx, "illegal-order", f"`heal method=lora` cannot merge its adapters: {e}",
                              "write merge=false to keep them beside the quantized weights, or put the heal "
                              "above the `quantize`") from None
-    schedule = rule.get("schedule")
     details = {"adapters": len(inserted), "blocks": blocks, "rank": rank, "steps": steps, "loss": result.loss,
                "schedule": schedule,
                "generated_tokens": sum(b["input_ids"][:, PROMPT:].numel() for b in batches[len(ctx.calib):]),
@@ -305,8 +304,8 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     # text, and the note says which, so a rising pair is not taken for a heal that got worse.
     last_written = written and (len(result.losses) - 1) % len(batches) >= len(ctx.calib)
     where = "beside the cuts" if reach == 1 else f"of {len(blocks)} blocks within {reach} of the cuts"
-    lr = " (cosine lr)" if schedule == "cosine" else ""
-    notes = [f"LoRA r={rank} on {len(inserted)} linears {where}, {len(result.losses)} steps{lr} of "
+    cosine = " (cosine lr)" if schedule == "cosine" else ""
+    notes = [f"LoRA r={rank} on {len(inserted)} linears {where}, {len(result.losses)} steps{cosine} of "
              f"{result.loss} loss: {result.first:.4f} → {result.last:.4f}"
              + (" (first step on calibration text, last on written text)" if last_written else "")
              + (f"; on the calibration batches and {details['generated_tokens']:,} tokens the uncompressed "
