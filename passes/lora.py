@@ -29,8 +29,8 @@ from ..runtime.program import ParamInfo
 from .graph import ModelGraph, Target
 from .rewrite import PassError, register_tensors, set_meta
 
-__all__ = ["BaseSite", "base_sites", "insert_adapter", "swap_adapter_weight", "adapter_weight_nodes",
-           "site_dims", "base_weight"]
+__all__ = ["BaseSite", "base_sites", "insert_adapter", "has_adapter", "swap_adapter_weight",
+           "adapter_weight_nodes", "site_dims", "base_weight"]
 
 aten = torch.ops.aten
 _BASE_OPS = {aten.linear.default: "linear", aten.addmm.default: "addmm", aten.mm.default: "mm"}
@@ -84,6 +84,11 @@ def _attr_source(w) -> fx.Node | None:
     if isinstance(w, fx.Node) and w.op == "call_function" and w.target is aten._to_copy.default:
         w = w.args[0]
     return w if isinstance(w, fx.Node) and w.op == "get_attr" else None
+
+
+def has_adapter(graph: ModelGraph, path: str) -> bool:
+    """Does the linear at `path` already carry an adapter (its lora_A, from an earlier rule)?"""
+    return hasattr(graph.module.get_submodule(path), "lora_A")
 
 
 def insert_adapter(graph: ModelGraph, target: Target, adapter: Adapter, tensors: dict[str, torch.Tensor]) -> int:

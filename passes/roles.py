@@ -137,8 +137,10 @@ def find_blocks(modules: Mapping[str, Any], compute: Mapping[str, int]) -> str |
 
 
 def _structure(path: str, modules) -> tuple:
-    """Classes and parameter names of a module and everything under it, relative to `path`.
-    Shapes are left out on purpose: blocks pruned to different widths are still the blocks."""
+    """Paths and classes of a module and everything under it, relative to `path`. Shapes and
+    tensor names are left out on purpose: blocks pruned to different widths are still the blocks,
+    and so are blocks of which some were rewritten by a rule for them alone (a quantized linear
+    holds qweight/scales instead of weight, an adapted one lora_A/lora_B beside it), or the
+    index would lose the blocks after `quantize blocks[0]…` and every later rule with it."""
     n = len(path)
-    return tuple((p[n:], info.cls, tuple(q.name[n:] for q in info.params))
-                 for p, info in modules.items() if p == path or p.startswith(path + "."))
+    return tuple((p[n:], info.cls) for p, info in modules.items() if p == path or p.startswith(path + "."))

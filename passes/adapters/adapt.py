@@ -29,7 +29,7 @@ from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_params
 from ..context import Context
 from ..graph import ModelGraph, Target
-from ..lora import BaseSite, base_sites, base_weight, insert_adapter, site_dims
+from ..lora import BaseSite, base_sites, base_weight, has_adapter, insert_adapter, site_dims
 from . import peft_in
 from .error_init import ErrorFigures, error_details, error_note, fit_error_adapters
 from .storage import STORED_DTYPES, store_as
@@ -105,6 +105,13 @@ def _current(graph: ModelGraph, t: Target, bound: BoundRule, ctx: Context) -> Ta
         raise SpecError.at("unsupported", f"{t.path} is no longer in the graph (an earlier rule removed it), "
                            f"so `{bound.text}` cannot adapt it", line=bound.line, column=bound.rule.span.column,
                            source=ctx.source, filename=ctx.filename, hint="narrow the selector")
+    if has_adapter(graph, t.path):  # only a rule run before this one can have put it there
+        raise SpecError.at("unsupported", f"{t.path} already carries an adapter from an earlier rule (a `heal "
+                           "method=lora merge=false` keeps its adapters on the linears beside the cuts), so "
+                           f"`{bound.text}` cannot add another", line=bound.line, column=bound.rule.span.column,
+                           source=ctx.source, filename=ctx.filename,
+                           hint="narrow the selector to leave the healed linears out, or let the heal merge "
+                           "its adapters (merge=true, the default)")
     return target
 
 

@@ -32,7 +32,7 @@ from ..calibrate import observe
 from ..context import Context
 from ..graph import ModelGraph
 from ..lent import replace_tensor
-from ..lora import base_sites, insert_adapter, site_dims
+from ..lora import base_sites, has_adapter, insert_adapter, site_dims
 from ..rewrite import PassError, find_sites, register_tensors, set_meta
 from .apply import need_calibration, rule_error
 from .cut import Cut
@@ -350,11 +350,8 @@ def _neighbour_linears(graph: ModelGraph, cuts: list[Cut], reach: int) -> tuple[
             near.update(order[j:j + reach])
     blocks = [p for p in order if p in near]
     chosen = [t.path for t in graph.targets.values() if t.kind == "linear" and t.block is not None
-              and graph.blocks[t.block].path in near and not _has_adapter(graph, t.path)]
+              and graph.blocks[t.block].path in near and not has_adapter(graph, t.path)]
     if not chosen:
         raise PassError(f"no linear found in the blocks beside the cuts ({', '.join(blocks)})")
     return chosen, blocks
 
-
-def _has_adapter(graph: ModelGraph, path: str) -> bool:
-    return hasattr(graph.module.get_submodule(path), "lora_A")

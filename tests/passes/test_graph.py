@@ -1,6 +1,8 @@
 """ModelGraph: blocks, residual stream, targets and roles per architecture, nx view, lint."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import networkx as nx
 import pytest
 import torch
@@ -105,6 +107,23 @@ def _qk_norms_have_their_own_roles(c):
 # Checks of one architecture's peculiarity, run inside its per-arch test.
 ARCH_CHECKS = {"gpt2": (_conv1d_is_a_transposed_linear,),
                "qwen3": (_qk_norms_have_their_own_roles,)}
+
+
+def test_blocks_stay_the_blocks_when_some_were_rewritten():
+    """One block's linear quantized (qweight/scales for weight) and another's adapted (lora_A/B
+    beside it): the index still finds every block, and lint agrees with a fresh index."""
+    g = _fresh("llama")
+    q = g.module.get_submodule("model.layers.0.self_attn.q_proj")
+    k = g.module.get_submodule("model.layers.1.self_attn.k_proj")
+    for module, path, names in ((q, "model.layers.0.self_attn.q_proj", ("qweight", "scales")),
+                                (k, "model.layers.1.self_attn.k_proj", ("lora_A", "lora_B"))):
+        info = g.modules[path]
+        kept = tuple(p for p in info.params if not (module is q and p.name.endswith(".weight")))
+        extra = tuple(replace(info.params[0], name=f"{path}.{n}") for n in names)
+        g.modules[path] = replace(info, params=kept + extra)
+    g.reindex()
+    assert [b.path for b in g.blocks] == ["model.layers.0", "model.layers.1"]
+    assert g.by_role("attn.q", 0)[0].block == 0
 
 
 # ---- lint catches broken invariants ----------------------------------------------------------

@@ -131,6 +131,21 @@ def test_lora_heal_kept_unmerged_is_trainable_and_distills_from_the_original():
     assert {p.rsplit(".", 2)[0] for p in cm.adapters} <= {f"model.layers.{i}" for i in (1, 3)}
 
 
+def test_an_adapt_rule_after_an_unmerged_heal_keeps_off_its_adapters():
+    """The heal's kept adapters sit on the linears of blocks 1 and 3 (blocks[1] and blocks[2] once
+    block 2 is gone): an `adapt` of one of those is refused at its line, not a raw PassError; an
+    `adapt` elsewhere adds its own. The blocks stay indexed with adapters on only some of them."""
+    lm = _shared()
+    heal = "drop blocks[2]\nheal method=lora steps=1 merge=false\n"
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(lm, heal + "adapt blocks[1].attn.v lora rank=2", calib=[lm.example_inputs])
+    (d,) = e.value.diagnostics
+    assert d.kind == "unsupported" and d.line == 3 and "model.layers.1.self_attn.v_proj already carries" in d.message
+    cm = slimfx.compile(lm, heal + "adapt blocks[0].attn.v lora rank=2", calib=[lm.example_inputs])
+    assert "model.layers.0.self_attn.v_proj" in cm.adapters
+    assert [b.path for b in cm.graph.blocks] == [f"model.layers.{i}" for i in (0, 1, 3, 4)]
+
+
 @pytest.mark.parametrize("drop, reach, near", [
     ("blocks[3]", " reach=2", {1, 2, 4, 5}),
     ("blocks[3]", " reach=9", {0, 1, 2, 4, 5, 6}),  # more than there are: every remaining block

@@ -156,3 +156,19 @@ def test_unpad_then_int8_matches_int8_alone_at_real_positions():
     with torch.no_grad():
         torch.testing.assert_close(_output(both(**example))[real], _output(alone(**example))[real],
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_unpad_after_rules_that_rewrote_only_some_blocks():
+    """A quantized or adapted linear in one block holds other tensors than the same linear in the
+    next; the blocks are still the blocks, so a token rule after such rules finds them (it was
+    refused with "has no repeated blocks") and stays exact at real positions."""
+    lm = tiny("bert", layers=3)
+    example = _inputs(3, 7, [7, 4, 2], left=False)
+    rules = "quantize blocks[0].attn.q int8\nquantize blocks[1].attn.q int4\nadapt blocks[2].attn.k lora rank=2"
+    both = slimfx.compile(lm.model, rules + "\ntokens unpad", example_inputs=example, calib=[example])
+    alone = slimfx.compile(lm.model, rules, example_inputs=example, calib=[example])
+    assert [b.path for b in both.graph.blocks] == [f"encoder.layer.{i}" for i in range(3)]
+    real = example["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(_output(both(**example))[real], _output(alone(**example))[real],
+                                   atol=2e-5, rtol=1e-4)
