@@ -30,7 +30,9 @@ class Stream:
     def run_through(self, last: fx.Node | None, watch: dict[fx.Node, list[Callable]],
                     pin: frozenset = frozenset()) -> None:
         """Compute every node up to `last` (graph order; None: up to the output) not computed yet;
-        watched nodes' rows (real tokens only) go to their observers; then drop the values no
+        watched nodes' rows (real tokens only) go to their observers — also those of a watched
+        node computed before and held now (a post-norm block's first linears read the previous
+        block's last value: without this their Hessians saw no row); then drop the values no
         node still to run reads, except `pin` (what a second run of the same nodes reads again)."""
         todo = []
         for node in self.module.graph.nodes:
@@ -40,10 +42,17 @@ class Stream:
                 todo.append(node)
             if node is last:
                 break
+        held = [n for n in watch if n in self.done and n not in todo]
+        for node in held:
+            if any(node not in env for env in self.envs):
+                raise KeyError(f"{node.name} is watched, but it was computed and dropped before this sweep")
         self.done.update(todo)
         for env, keep in zip(self.envs, self.keeps):
             runner = fx.Interpreter(self.module)
             runner.env = env
+            for node in held:
+                for fn in watch[node]:
+                    fn(real_rows(env[node], keep))
             with torch.no_grad():
                 for node in todo:
                     if node.op == "get_attr":

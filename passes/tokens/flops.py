@@ -8,7 +8,6 @@ Norms, activations and the embedding/head are left out: the blocks' matmuls domi
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -16,6 +15,7 @@ from torch import fx
 
 from ...runtime import token_ops
 from ..graph import ModelGraph
+from ..lora import base_sites, site_dims
 
 __all__ = ["attention_lengths", "block_flops"]
 
@@ -38,18 +38,16 @@ def attention_lengths(graph: ModelGraph, batch: dict) -> Optional[list[list[int]
 def block_flops(graph: ModelGraph, lengths: list[list[int]]) -> int:
     total = 0
     for block, seqs in zip(graph.blocks, lengths):
-        linears = [t for t in graph.targets.values() if t.block == block.index and t.kind == "linear"]
-        weights = sum(math.prod(t.shapes[0]) for t in linears)
-        q = [t for t in linears if t.role == "attn.q"]
-        width = (q[0].shapes[0][1] if q[0].transposed else q[0].shapes[0][0]) if q else _hidden(linears)
+        # (out, in) from the traced call, not the module's parameters: a quantized linear holds
+        # packed buffers (and at most its bias) where the weight was.
+        dims = {t.path: site_dims(base_sites(graph, t)[0]) for t in graph.targets.values()
+                if t.block == block.index and t.kind == "linear"}
+        weights = sum(out * inp for out, inp in dims.values())
+        q = [p for p in dims if graph.targets[p].role == "attn.q"]
+        # the query projection's output, or for a fused one the residual width (its input)
+        width = dims[q[0]][0] if q else next(iter(dims.values()))[1]
         total += 2 * sum(seqs) * weights + 4 * sum(n * n for n in seqs) * width
     return total
-
-
-def _hidden(linears) -> int:
-    """The residual width: a fused attention projection's input."""
-    first = linears[0]
-    return first.shapes[0][0] if first.transposed else first.shapes[0][1]
 
 
 class _Recorder(fx.Interpreter):

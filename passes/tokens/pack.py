@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
+from ...runtime import ops as _quant_ops  # noqa: F401 - registers slimfx::quant_linear
 from ...runtime import token_ops
 from .layout import FLAT, NO_BATCH, Layout, Symbols
 from ...runtime.forward_parts import recompile
@@ -41,8 +42,10 @@ _LAYOUT_OPS = {
 }
 _SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 # Contractions with a weight: token-wise as long as no other operand has a batch or sequence dim.
+# A quantized linear (`quantize` above the token rules) is one too: its packed weight has neither.
 _WEIGHT_OPS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default,
-               aten.bmm.default, aten.embedding.default, aten.conv1d.default}
+               aten.bmm.default, aten.embedding.default, aten.conv1d.default,
+               torch.ops.slimfx.quant_linear.default}
 # (op, position of the dim argument) for ops along one dim or a list of dims.
 _DIM_OPS = {
     aten._softmax.default: 1, aten.softmax.int: 1, aten._log_softmax.default: 1, aten.log_softmax.int: 1,

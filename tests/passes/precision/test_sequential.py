@@ -29,13 +29,13 @@ LAYERS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_a
           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
-def _direct_sequential(model, calib, groups=BLOCK):
+def _direct_sequential(model, calib, groups=BLOCK, layers="model.layers"):
     """Group by group of each block on the HF model (BLOCK: the whole block at once; LAYERS:
     true-sequential): hooks gather each linear's inputs on the model as it is at that moment,
     GPTQ, then the group's weights become their dequantized codes before the next group."""
     model = copy.deepcopy(model).eval()
     codes = {}
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(model.get_submodule(layers)):
         for group in groups:
             linears = {n: layer.get_submodule(n) for n in group}
             accs = {n: HessianAccumulator() for n in linears}
@@ -48,7 +48,7 @@ def _direct_sequential(model, calib, groups=BLOCK):
                 h.remove()
             for n, m in linears.items():
                 qw = gptq(m.weight.detach(), accs[n].H, FMT)
-                codes[f"model.layers.{i}.{n}"] = unpack(qw.qweight, 4, m.in_features)
+                codes[f"{layers}.{i}.{n}"] = unpack(qw.qweight, 4, m.in_features)
                 m.weight.data.copy_(dequantize(qw))
     return model, codes
 
@@ -70,6 +70,28 @@ def test_sequential_gptq_equals_a_direct_block_by_block_loop():
     later = "program.model.layers.2.mlp.down_proj.qweight"
     assert not torch.equal(flat.state_dict()[later], state[later])
     assert cm.report.rules[0].details["sequential"] is True
+
+
+# A post-norm encoder: the first linears of block i > 0 read block i−1's last value (its output
+# LayerNorm), which the sweep computed before it reached block i; those Hessians saw no row and
+# compile raised "no calibration rows were added" until the stream handed held values over too.
+BERT_BLOCK = (("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+               "intermediate.dense", "output.dense"),)
+BERT_LAYERS = (("attention.self.query", "attention.self.key", "attention.self.value"), ("attention.output.dense",),
+               ("intermediate.dense",), ("output.dense",))
+
+
+@pytest.mark.parametrize("groups, extra", [(BERT_BLOCK, ""), (BERT_LAYERS, " true_sequential=true")])
+def test_sequential_gptq_on_a_post_norm_encoder_equals_a_direct_loop(groups, extra):
+    lm = tiny("bert", layers=3)
+    calib = _calib()
+    cm = slimfx.compile(lm.model, POLICY + extra, example_inputs=lm.example_inputs, calib=calib, backend="eager")
+    direct, codes = _direct_sequential(lm.model, calib, groups, layers="encoder.layer")
+    assert len(codes) == 3 * 6
+    assert_same_codes(cm, codes, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(**lm.example_inputs).last_hidden_state,
+                                   direct(**lm.example_inputs).last_hidden_state, atol=1e-3, rtol=1e-3)
 
 
 def test_inputs_shared_by_several_targets_are_accumulated_once(monkeypatch):

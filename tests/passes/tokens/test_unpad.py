@@ -172,3 +172,25 @@ def test_unpad_after_rules_that_rewrote_only_some_blocks():
     with torch.no_grad():
         torch.testing.assert_close(_output(both(**example))[real], _output(alone(**example))[real],
                                    atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
+def test_the_flops_estimate_counts_quantized_linears_by_their_logical_shape(arch):
+    """`quantize` above `tokens unpad`: a quantized linear (slimfx::quant_linear) runs on the
+    packed tokens like a float one (it was scattered back to the padded layout), the outputs at
+    real positions are the quantized model's, and the FLOPs estimate counts its logical shape, as
+    for the float model (it raised IndexError on Llama and counted BERT's bias as the weight)."""
+    lm = tiny(arch, layers=2)
+    example = _inputs(3, 7, [7, 4, 2], left=False)
+    plain = slimfx.compile(lm.model, POLICY, example_inputs=example, calib=[example])
+    rules = "quantize blocks[1].** : Linear int8\nquantize blocks[0].mlp.down fp16\ntokens unpad"
+    quantized = slimfx.compile(lm.model, rules, example_inputs=example, calib=[example])
+    want, got = plain.report.rules[0].details, quantized.report.rules[-1].details
+    assert (got["flops_before"], got["flops_after"]) == (want["flops_before"], want["flops_after"])
+    for key in ("padded_layout_nodes", "attention_per_sequence", "packed_nodes"):  # BERT's pooler reads padded
+        assert got[key] == want[key], key
+    alone = slimfx.compile(lm.model, rules.rpartition("\n")[0], example_inputs=example, calib=[example])
+    real = example["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(_output(quantized(**example))[real], _output(alone(**example))[real],
+                                   atol=2e-5, rtol=1e-4)
