@@ -83,14 +83,18 @@ def remove_runs(graph: ModelGraph, runs: list[list[Block]], bound: BoundRule, ct
         after = graph.blocks[end].path if end < len(graph.blocks) else None
         stream = remove_run(graph, run)
         removed = tuple(b.path for b in run)
-        # An earlier cut right beside this run (its next or previous block removed now) is one gap
-        # with it: what enters the gap is this stream, what left it is the later end's target.
-        for old in [c for c in ctx.cuts if c.after in removed]:
+        # An earlier cut right beside this run (its next or previous block removed now), or inside
+        # it (both), is one gap with it: what enters the gap is this stream, what left it is the
+        # later end's target, and its blocks are listed in model order.
+        for old in [c for c in ctx.cuts if c.after in removed or c.before in removed]:
             ctx.cuts.remove(old)
-            removed, before = old.removed + removed, old.before
-        for old in [c for c in ctx.cuts if c.before in removed]:
-            ctx.cuts.remove(old)
-            removed, after, target = removed + old.removed, old.after, old.target
+            if old.before in removed and old.after in removed:  # this run spans the earlier gap
+                i = removed.index(old.before) + 1
+                removed = removed[:i] + old.removed + removed[i:]
+            elif old.after in removed:  # the earlier gap ends where this run starts
+                removed, before = old.removed + removed, old.before
+            else:  # it starts where this run ends
+                removed, after, target = removed + old.removed, old.after, old.target
         cuts.append(Cut(bound.line, removed, stream, before, after, target))
     cuts.reverse()
     ctx.cuts.extend(cuts)

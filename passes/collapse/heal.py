@@ -252,6 +252,8 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
         _check_generate(bound, ctx, steps, written)
     reach = rule.get("reach")
     paths, blocks = _neighbour_linears(graph, ctx.cuts, reach)
+    if not paths:
+        raise _no_linear(graph, bound, ctx, blocks)
     rank = rule.get("rank")
     inserted = []
     seeded = torch.Generator().manual_seed(0)  # the same policy heals the same way; the caller's RNG untouched
@@ -314,6 +316,18 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     return details, notes
 
 
+def _no_linear(graph: ModelGraph, bound: BoundRule, ctx: Context, blocks: list[str]):
+    near = ", ".join(blocks)
+    if any(has_adapter(graph, t.path) for t in graph.targets.values()
+           if t.kind == "linear" and t.block is not None and graph.blocks[t.block].path in blocks):
+        return rule_error(bound, ctx, "unsupported", "`heal method=lora` found no linear without an adapter in the "
+                          f"blocks near the cuts ({near}): an earlier `heal method=lora merge=false` keeps its "
+                          "adapters on them", "let the earlier heal merge its adapters (merge=true, the default), "
+                          "give this one a larger reach=, or remove it")
+    return rule_error(bound, ctx, "unsupported", f"`heal method=lora` found no linear in the blocks near the cuts "
+                      f"({near}) to put an adapter on", "use `heal method=linear`")
+
+
 def _check_generate(bound: BoundRule, ctx: Context, steps: int, written: int) -> None:
     """`generate=` needs the uncompressed model, one that can write, and steps that reach every
     written batch (they go through the calibration batches first): SpecErrors at the rule."""
@@ -338,7 +352,8 @@ def _cannot_write(bound: BoundRule, ctx: Context, written: int, e: WriteError):
 
 def _neighbour_linears(graph: ModelGraph, cuts: list[Cut], reach: int) -> tuple[list[str], list[str]]:
     """Every linear (no adapter on it yet) of the blocks up to `reach` blocks before and after each
-    cut, and those blocks' paths in model order. reach=1: the block just before and just after."""
+    cut, and those blocks' paths in model order. reach=1: the block just before and just after.
+    No linear at all: the caller says why."""
     order = [b.path for b in graph.blocks]
     near: set[str] = set()
     for c in cuts:
@@ -351,7 +366,5 @@ def _neighbour_linears(graph: ModelGraph, cuts: list[Cut], reach: int) -> tuple[
     blocks = [p for p in order if p in near]
     chosen = [t.path for t in graph.targets.values() if t.kind == "linear" and t.block is not None
               and graph.blocks[t.block].path in near and not has_adapter(graph, t.path)]
-    if not chosen:
-        raise PassError(f"no linear found in the blocks beside the cuts ({', '.join(blocks)})")
     return chosen, blocks
 

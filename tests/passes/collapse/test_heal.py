@@ -54,6 +54,26 @@ def test_linear_heal_is_the_fit_applied_at_the_cut():
     assert hasattr(cm.program.get_submodule("model.layers"), "heal_map_4")
 
 
+def test_a_drop_spanning_an_earlier_gap_makes_one_cut_healed_as_one():
+    """`drop blocks[2:4]` then `drop blocks[1:3]` (the renumbered blocks 1 and 4, on both sides of
+    the first gap): one gap of blocks 1–4, in model order, between 0 and 5. What enters it is
+    block 0's output; what left it is block 4's output as recorded when it was removed (the model
+    without 2–3). It raised ValueError (block 1, gone, was still the first gap's neighbour)."""
+    lm = _lm(layers=6, seed=25)
+    ids = lm.example_inputs
+    cm = slimfx.compile(lm, "drop blocks[2:4]\ndrop blocks[1:3]\nheal method=linear", calib=[ids])
+    (cut,) = cm.report.rules[2].details["cuts"]
+    assert cut["removed"] == [f"model.layers.{i}" for i in (1, 2, 3, 4)]
+    target = layer_streams(without_layers(lm.model, "model.layers", {2, 3}), "model.layers", ids)[3]
+    dropped = without_layers(lm.model, "model.layers", {1, 2, 3, 4})
+    fit = fit_map([layer_streams(dropped, "model.layers", ids)[1]], [target])
+    reference = _mapped(dropped, "model.layers", 1, fit.map)
+    assert max_diff(outputs(cm, ids), outputs(reference, ids)) < 1e-4
+    lora = slimfx.compile(lm, "drop blocks[2:4]\ndrop blocks[1:3]\nheal method=lora steps=1 merge=false",
+                          calib=[ids])
+    assert lora.report.rules[2].details["blocks"] == ["model.layers.0", "model.layers.5"]
+
+
 def test_a_map_fitted_on_few_tokens_says_more_text_helps():
     """The example's tokens are far fewer than 10× the map's width: the report says so and how to
     give more; the default calibration (3,061 byte tokens for a 64-wide map) is enough."""
@@ -144,6 +164,17 @@ def test_an_adapt_rule_after_an_unmerged_heal_keeps_off_its_adapters():
     cm = slimfx.compile(lm, heal + "adapt blocks[0].attn.v lora rank=2", calib=[lm.example_inputs])
     assert "model.layers.0.self_attn.v_proj" in cm.adapters
     assert [b.path for b in cm.graph.blocks] == [f"model.layers.{i}" for i in (0, 1, 3, 4)]
+
+
+def test_a_second_lora_heal_where_an_unmerged_one_left_no_free_linear_is_refused_at_its_line():
+    lm = _shared()
+    heal = "drop blocks[2]\nheal method=lora steps=1 merge=false\n"
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(lm, heal + "heal method=lora steps=1", calib=[lm.example_inputs])
+    (d,) = e.value.diagnostics
+    assert d.kind == "unsupported" and d.line == 3 and "merge=false" in d.message
+    cm = slimfx.compile(lm, heal + "heal method=lora steps=1 reach=2", calib=[lm.example_inputs])
+    assert cm.report.rules[2].details["adapters"] == 14  # the 7 linears of blocks 0 and 4: 1 and 3 had theirs
 
 
 @pytest.mark.parametrize("drop, reach, near", [
