@@ -165,7 +165,9 @@ def _tiny_config_kwargs(arch: str, layers: int) -> dict[str, Any]:
         "gpt2": dict(n_embd=64, n_layer=layers, n_head=4, n_inner=128, n_positions=128, **ids),
         "gpt_neox": std,
         "opt": dict(std, ffn_dim=128, word_embed_proj_dim=64),
-        "bert": std, "roberta": std,
+        # RoBERTa numbers positions from pad_token_id + 1 (its 514 = 512 + 2 with pad 1): 129
+        # rows take the 128-token rows of the default calibration, as every other tiny model does.
+        "bert": std, "roberta": dict(std, max_position_embeddings=129),
         "distilbert": dict(dim=64, n_layers=layers, n_heads=4, hidden_dim=128,
                            max_position_embeddings=128, vocab_size=256, pad_token_id=0),
         "vit": dict(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,

@@ -31,6 +31,19 @@ def test_tiny_builds_and_runs(arch):
         assert lm.model.config.use_cache is False
 
 
+@pytest.mark.parametrize("arch", [a for a in TINY_ARCHS if a != "vit"])
+def test_tiny_text_models_take_full_calibration_rows(arch):
+    """The default calibration's rows are 128 tokens: every tiny text model runs them (tiny RoBERTa,
+    which numbers positions from pad + 1, raised IndexError in every calibrated pass)."""
+    from slimfx.calibration import MAX_TOKENS, calibration_batches
+
+    lm = models.tiny(arch)
+    batch = calibration_batches(lm, None)[0]
+    assert batch["input_ids"].shape[1] == MAX_TOKENS
+    with torch.no_grad():
+        assert torch.isfinite(_out_tensor(lm.model(**batch))).all()
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tiny_is_deterministic_per_seed(arch):
     a, b, c = models.tiny(arch, seed=3), models.tiny(arch, seed=3), models.tiny(arch, seed=4)
