@@ -16,3 +16,12 @@ def outputs(model, inputs) -> list[torch.Tensor]:
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     assert len(a) == len(b)
     return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def main_output(out) -> torch.Tensor:
+    """The tensor a model is judged by: its logits, else its last hidden state, else its first output."""
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    return out[0]

@@ -18,6 +18,8 @@ import slimfx
 from slimfx import SpecError
 from slimfx.models import tiny
 
+from output_compare import main_output
+
 REMOVE = ["drop blocks[1]", "drop blocks[1:3]", "drop {blocks[0], blocks[2]}", "drop blocks[-1]",
           "drop blocks auto(count=1)", "drop blocks auto(count=2, score=angular, max_run=2)",
           "drop blocks auto(ratio=0.3)", "collapse blocks[0:2]", "collapse blocks[1:4]",
@@ -62,14 +64,6 @@ def rule_sequences(draw) -> str:
     return "\n".join(rules)
 
 
-def _output(out) -> torch.Tensor:
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(out, name, None)
-        if value is not None:
-            return value
-    return out[0]
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(rules=rule_sequences(), arch=st.sampled_from(ARCHS))
 def test_compile_gives_a_working_model_or_a_spec_error(rules, arch):
@@ -82,7 +76,7 @@ def test_compile_gives_a_working_model_or_a_spec_error(rules, arch):
         str(e)  # rendering must not fail either
     else:
         with torch.no_grad():
-            got, want = _output(cm(**lm.example_inputs)), _output(lm.model(**lm.example_inputs))
+            got, want = main_output(cm(**lm.example_inputs)), main_output(lm.model(**lm.example_inputs))
         assert got.shape == want.shape and torch.isfinite(got).all(), rules
     after = lm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), f"compile changed the user's model: {rules!r}"
@@ -98,4 +92,4 @@ def test_the_draws_that_found_bugs_stay_fixed(rules):
     lm = _model("bert" if "gptq" in rules else "llama")
     cm = slimfx.compile(lm, rules)
     with torch.no_grad():
-        assert torch.isfinite(_output(cm(**lm.example_inputs))).all()
+        assert torch.isfinite(main_output(cm(**lm.example_inputs))).all()

@@ -151,29 +151,37 @@ def test_lora_heal_kept_unmerged_is_trainable_and_distills_from_the_original():
     assert {p.rsplit(".", 2)[0] for p in cm.adapters} <= {f"model.layers.{i}" for i in (1, 3)}
 
 
+_UNMERGED_HEAL = "drop blocks[2]\nheal method=lora steps=1 merge=false\n"  # adapters kept on blocks 1 and 3
+
+
+def _after_unmerged_heal(rule: str):
+    lm = _shared()
+    return slimfx.compile(lm, _UNMERGED_HEAL + rule, calib=[lm.example_inputs])
+
+
+def _refused_after_unmerged_heal(rule: str):
+    """The SpecError's one diagnostic: `unsupported`, at the rule's line (3)."""
+    with pytest.raises(SpecError) as e:
+        _after_unmerged_heal(rule)
+    (d,) = e.value.diagnostics
+    assert d.kind == "unsupported" and d.line == 3
+    return d
+
+
 def test_an_adapt_rule_after_an_unmerged_heal_keeps_off_its_adapters():
     """The heal's kept adapters sit on the linears of blocks 1 and 3 (blocks[1] and blocks[2] once
     block 2 is gone): an `adapt` of one of those is refused at its line, not a raw PassError; an
     `adapt` elsewhere adds its own. The blocks stay indexed with adapters on only some of them."""
-    lm = _shared()
-    heal = "drop blocks[2]\nheal method=lora steps=1 merge=false\n"
-    with pytest.raises(SpecError) as e:
-        slimfx.compile(lm, heal + "adapt blocks[1].attn.v lora rank=2", calib=[lm.example_inputs])
-    (d,) = e.value.diagnostics
-    assert d.kind == "unsupported" and d.line == 3 and "model.layers.1.self_attn.v_proj already carries" in d.message
-    cm = slimfx.compile(lm, heal + "adapt blocks[0].attn.v lora rank=2", calib=[lm.example_inputs])
+    d = _refused_after_unmerged_heal("adapt blocks[1].attn.v lora rank=2")
+    assert "model.layers.1.self_attn.v_proj already carries" in d.message
+    cm = _after_unmerged_heal("adapt blocks[0].attn.v lora rank=2")
     assert "model.layers.0.self_attn.v_proj" in cm.adapters
     assert [b.path for b in cm.graph.blocks] == [f"model.layers.{i}" for i in (0, 1, 3, 4)]
 
 
 def test_a_second_lora_heal_where_an_unmerged_one_left_no_free_linear_is_refused_at_its_line():
-    lm = _shared()
-    heal = "drop blocks[2]\nheal method=lora steps=1 merge=false\n"
-    with pytest.raises(SpecError) as e:
-        slimfx.compile(lm, heal + "heal method=lora steps=1", calib=[lm.example_inputs])
-    (d,) = e.value.diagnostics
-    assert d.kind == "unsupported" and d.line == 3 and "merge=false" in d.message
-    cm = slimfx.compile(lm, heal + "heal method=lora steps=1 reach=2", calib=[lm.example_inputs])
+    assert "merge=false" in _refused_after_unmerged_heal("heal method=lora steps=1").message
+    cm = _after_unmerged_heal("heal method=lora steps=1 reach=2")
     assert cm.report.rules[2].details["adapters"] == 14  # the 7 linears of blocks 0 and 4: 1 and 3 had theirs
 
 

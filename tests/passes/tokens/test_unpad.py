@@ -10,16 +10,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import slimfx
 from slimfx.models import TINY_ARCHS, tiny
 
+from output_compare import main_output
+
 POLICY = "policy p {\n    tokens unpad\n}\n"
 ARCHS = [a for a in TINY_ARCHS if a != "vit"]
-
-
-def _output(out) -> torch.Tensor:
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(out, name, None)
-        if value is not None:
-            return value
-    return out[0]
 
 
 def _inputs(batch: int, seq: int, lengths, left: bool, seed: int = 0) -> dict:
@@ -57,7 +51,7 @@ def padded_batches(draw):
 def test_unpad_is_exact_at_real_positions_and_zero_at_padding(arch, batch):
     lm, cm = _compiled(arch)
     with torch.no_grad():
-        want, got = _output(lm.model(**batch)), _output(cm(**batch))
+        want, got = main_output(lm.model(**batch)), main_output(cm(**batch))
     real = batch["attention_mask"].bool()
     assert got.shape == want.shape
     torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
@@ -69,7 +63,7 @@ def test_a_batch_without_padding_is_bit_identical(arch):
     lm, cm = _compiled(arch)
     batch = _inputs(3, 9, [9, 9, 9], left=False, seed=5)
     with torch.no_grad():
-        assert torch.equal(_output(cm(**batch)), _output(lm.model(**batch)))
+        assert torch.equal(main_output(cm(**batch)), main_output(lm.model(**batch)))
 
 
 def test_the_report_counts_real_tokens_and_attention_per_sequence():
@@ -105,7 +99,7 @@ def test_save_load_is_bit_identical_with_other_shapes(tmp_path):
     back = slimfx.load(tmp_path / "m")
     for batch in (_inputs(5, 11, [11, 3, 6, 1, 9], left=False, seed=1), _inputs(1, 4, [2], left=True, seed=2)):
         with torch.no_grad():
-            assert torch.equal(_output(back(**batch)), _output(cm(**batch)))
+            assert torch.equal(main_output(back(**batch)), main_output(cm(**batch)))
 
 
 def test_the_rewritten_graph_re_exports_with_its_data_dependent_length():
@@ -154,7 +148,7 @@ def test_unpad_then_int8_matches_int8_alone_at_real_positions():
     alone = slimfx.compile(lm.model, rules, example_inputs=example, calib=[example])
     real = example["attention_mask"].bool()
     with torch.no_grad():
-        torch.testing.assert_close(_output(both(**example))[real], _output(alone(**example))[real],
+        torch.testing.assert_close(main_output(both(**example))[real], main_output(alone(**example))[real],
                                    atol=2e-5, rtol=1e-4)
 
 
@@ -170,7 +164,7 @@ def test_unpad_after_rules_that_rewrote_only_some_blocks():
     assert [b.path for b in both.graph.blocks] == [f"encoder.layer.{i}" for i in range(3)]
     real = example["attention_mask"].bool()
     with torch.no_grad():
-        torch.testing.assert_close(_output(both(**example))[real], _output(alone(**example))[real],
+        torch.testing.assert_close(main_output(both(**example))[real], main_output(alone(**example))[real],
                                    atol=2e-5, rtol=1e-4)
 
 
@@ -192,5 +186,5 @@ def test_the_flops_estimate_counts_quantized_linears_by_their_logical_shape(arch
     alone = slimfx.compile(lm.model, rules.rpartition("\n")[0], example_inputs=example, calib=[example])
     real = example["attention_mask"].bool()
     with torch.no_grad():
-        torch.testing.assert_close(_output(quantized(**example))[real], _output(alone(**example))[real],
+        torch.testing.assert_close(main_output(quantized(**example))[real], main_output(alone(**example))[real],
                                    atol=2e-5, rtol=1e-4)
