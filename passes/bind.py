@@ -249,10 +249,32 @@ class _Binder:
                         f"cannot have rank above {m}", f"use rank={m} or less, or narrow the selector")
 
     def _check_overlaps(self, bound: list[BoundRule]) -> None:
-        """One linear given two precisions, or an adapter merged into already-quantized weights."""
+        """One linear given two precisions, an adapter merged into already-quantized weights, one
+        block given two token steps (the text check sees equal selectors only), or a token step
+        written below one after a later block."""
         quantized: dict[str, BoundRule] = {}
         adapted: dict[str, BoundRule] = {}  # targets with an unmerged adapter
+        stepped: dict[str, BoundRule] = {}  # blocks with a `tokens after` merge/prune
+        last_step: tuple[Block, BoundRule] | None = None  # the deepest block stepped so far
         for b in bound:
+            if isinstance(b.rule, A.Tokens) and b.blocks:
+                clash = next((blk.path for blk in b.blocks if blk.path in stepped), None)
+                first = min(b.blocks, key=lambda blk: blk.order)
+                if clash is not None:
+                    earlier = stepped[clash]
+                    self._error(b.rule.selector.span, "duplicate", f"{clash} already has a token step after it from "
+                                f"line {earlier.line} (`{earlier.text}`): one merge or prune after each block",
+                                "narrow one selector, or give the earlier rule a larger ratio=/keep=")
+                elif last_step is not None and first.order < last_step[0].order:
+                    # Each step re-indexes the tokens from its block on; one put in above steps already
+                    # made would read indices that no longer hold (a broken graph, not an error).
+                    self._error(b.rule.selector.span, "illegal-order", f"this token step (after {first.path}) is written "
+                                f"below line {last_step[1].line}'s (after {last_step[0].path}, a later block): "
+                                "`tokens after` rules go in block order", f"move this rule above line {last_step[1].line}")
+                stepped.update({blk.path: b for blk in b.blocks})
+                deepest = max(b.blocks, key=lambda blk: blk.order)
+                if last_step is None or deepest.order > last_step[0].order:
+                    last_step = (deepest, b)
             if isinstance(b.rule, A.Adapt):
                 clash = next((t.path for t in b.targets if t.path in adapted), None)
                 if clash is not None:

@@ -1,7 +1,7 @@
 """compile() on short sequences of real rules drawn at random, on tiny models of several
-architectures: it returns a model whose outputs have the original's shape and are finite, or it
-raises a SpecError (never an "internal" one) — never another exception — and the user's model
-is unchanged either way.
+architectures: it returns a model whose outputs have the original's shape (fewer tokens after
+`restore=false` token steps) and are finite, and that saves and loads to the same bits, or it raises a SpecError (never an "internal" one) — never
+another exception — and the user's model is unchanged either way.
 
 The rules are written for the tiny models (selectors that resolve, parameters that run in
 seconds), so most draws reach the passes and their interplay: a drop after a drop, heals that keep
@@ -9,6 +9,8 @@ their adapters, token rules after quantized or adapted blocks, GPTQ on a post-no
 of those once raised something else (fixed with their own tests; found by this test's first runs).
 """
 from __future__ import annotations
+
+import tempfile
 
 import pytest
 import torch
@@ -26,7 +28,11 @@ REMOVE = ["drop blocks[1]", "drop blocks[1:3]", "drop {blocks[0], blocks[2]}", "
           "collapse blocks auto(count=1, span=2, threshold=0.0)"]
 HEAL = ["heal method=linear", "heal method=linear fold=true", "heal method=lora steps=2",
         "heal method=lora steps=2 merge=false distill=true", "heal method=lora steps=2 rank=2 reach=2 schedule=cosine"]
-WEIGHT = ["quantize blocks[0].attn.q int8", "quantize blocks.*.mlp.* int4 group=32",
+WEIGHT = ["quantize blocks[0].attn.q int8", "quantize embed int8", "quantize blocks.*.mlp.* bf16",
+          "quantize blocks.*.mlp.* int4 group=16 method=gptq refit=true sym=false zero=float",
+          "quantize blocks.* int4 group=16 method=gptq true_sequential=true",
+          "precision blocks.*.attn.* choose {int4 group=16, int8} budget avg_bits<=6 by output_mse method=gptq",
+          "adapt blocks[-2:].mlp.* dora rank=2 dtype=fp16", "adapt blocks.*.attn.o lora rank=2 init=gaussian dropout=0.1", "quantize blocks.*.mlp.* int4 group=32",
           "quantize blocks.* int8 method=gptq", "quantize head int8",
           "quantize blocks[1].** : Linear int2 group=16 sym=false zero=float", "quantize blocks.*.attn.v fp16",
           "quantize blocks.*.attn.o int4 group=32 method=gptq act_order=true clip=mse",
@@ -37,7 +43,9 @@ WEIGHT = ["quantize blocks[0].attn.q int8", "quantize blocks.*.mlp.* int4 group=
           "precision blocks[0].** : Linear choose {int2 group=16, int8} budget avg_bits<=5 by fisher",
           "keep blocks[0]", "keep blocks.*.attn.q"]
 TOKENS = ["tokens unpad", "tokens after blocks[0] merge ratio=0.25", "tokens after blocks[0] prune keep=0.5",
-          "tokens after blocks[0] merge by=keys prop_attn=true restore=true"]
+          "tokens after blocks[0] merge by=keys prop_attn=true restore=true",
+          "tokens after blocks[1:3] merge ratio=0.2 protect=none", "tokens after blocks[1] prune keep=0.6 score=norm",
+          "tokens after {blocks[0], blocks[2]} merge ratio=0.3"]
 ARCHS = ("llama", "qwen3", "gpt2", "opt", "bert")
 _MODELS: dict[str, object] = {}
 
@@ -77,7 +85,17 @@ def test_compile_gives_a_working_model_or_a_spec_error(rules, arch):
     else:
         with torch.no_grad():
             got, want = main_output(cm(**lm.example_inputs)), main_output(lm.model(**lm.example_inputs))
-        assert got.shape == want.shape and torch.isfinite(got).all(), rules
+        assert torch.isfinite(got).all(), rules
+        if "tokens after" in rules and "restore=true" not in rules:  # restore=false: fewer tokens come out
+            assert got.shape[0] == want.shape[0] and got.shape[2:] == want.shape[2:], rules
+            assert got.shape[1] <= want.shape[1], rules
+        else:
+            assert got.shape == want.shape, rules
+        with tempfile.TemporaryDirectory() as folder:
+            cm.save(f"{folder}/m")
+            with torch.no_grad():
+                back = main_output(slimfx.load(f"{folder}/m")(**lm.example_inputs))
+        assert torch.equal(back, got), f"save/load changed the outputs of {rules!r}"
     after = lm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), f"compile changed the user's model: {rules!r}"
 
@@ -93,3 +111,9 @@ def test_the_draws_that_found_bugs_stay_fixed(rules):
     cm = slimfx.compile(lm, rules)
     with torch.no_grad():
         assert torch.isfinite(main_output(cm(**lm.example_inputs))).all()
+
+
+def test_two_token_steps_after_one_block_are_refused_at_the_second_rule():
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(_model("bert"), "tokens after blocks[0] merge\ntokens after {blocks[0], blocks[2]} merge")
+    assert e.value.diagnostics[0].kind == "duplicate" and e.value.diagnostics[0].line == 2

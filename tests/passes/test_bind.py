@@ -119,6 +119,24 @@ def test_overlapping_precisions_are_caught_on_the_model(llama):
     assert err.kind == "illegal-order"
 
 
+def test_overlapping_token_steps_are_caught_on_the_model(llama):
+    """Two steps after one block broke the graph (a merge read a value defined after it); the text
+    check sees only equal selectors. Blocks are compared as the model is when each rule runs."""
+    err = error_of(llama, "tokens after blocks[0] merge", "tokens after {blocks[0], blocks[2]} merge")
+    assert err.kind == "duplicate" and "model.layers.0" in err.message and "line 2" in err.message
+    err = error_of(llama, "drop blocks[1]", "tokens after blocks[1] prune", "tokens after blocks[0:2] merge")
+    assert err.kind == "duplicate" and "model.layers.2" in err.message  # blocks[1] once block 1 is gone
+    assert len(plan_of(llama, "tokens after blocks[0] merge", "tokens after blocks[1:3] merge").rules) == 2
+
+
+def test_token_steps_written_out_of_block_order_are_refused(llama):
+    """A step above steps already made read token indices that no longer held: the compiled graph
+    failed at run time (index out of bounds), found by tests/test_compile_fuzz.py."""
+    err = error_of(llama, "tokens after blocks[1:3] merge", "tokens after blocks[0] merge")
+    assert err.kind == "illegal-order" and err.line == 3 and "model.layers.2" in err.message
+    assert "move this rule above line 2" in err.hint
+
+
 def test_selector_errors_keep_their_place_and_all_come_together(gpt2):
     err = error_of(gpt2, "quantize blocks.*.attn.q int8", "adapt blocks.*.atn.qkv lora")
     assert [(d.line, d.column) for d in err.diagnostics] == [(2, 14), (3, 11)]
