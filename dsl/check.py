@@ -110,7 +110,8 @@ def _pair_problem(earlier: A.Rule, later: A.Rule) -> Diagnostic | None:
     if isinstance(later, _PRECISION_RULES) and isinstance(earlier, _PRECISION_RULES):
         return _at(later.span, "duplicate", f"`{sel}` is given a precision twice: here and by `{earlier.kind}` "
                    f"on line {line}", "keep one of the two rules")
-    if type(later) is type(earlier) and isinstance(later, (A.Adapt, A.Tokens, A.Keep, A.Collapse, A.Drop)):
+    # Not two removals: the later one's `blocks[0]` is the first block left after the earlier one.
+    if type(later) is type(earlier) and isinstance(later, (A.Adapt, A.Tokens, A.Keep)):
         return _at(later.span, "duplicate", f"a second `{later.kind}` rule on `{sel}` (the first is on line {line})",
                    "merge the two rules into one")
     if isinstance(earlier, A.Keep) or isinstance(later, A.Keep):

@@ -47,6 +47,9 @@ def test_keep_that_cancels_a_rule_is_an_error_not_a_silent_no_op():
 
 def test_duplicate_rules_and_policies():
     assert error_of("tokens after blocks[1] prune", "tokens after blocks[1] merge").kind == "duplicate"
+    # blocks are renumbered after each removal: the same text removes another block
+    ok("drop blocks[0]", "drop blocks[0]")
+    ok("collapse blocks[0:2]", "collapse blocks[0:2]")
     with pytest.raises(SpecError) as e:
         parse("policy a {\n}\npolicy a {\n}\n")
     assert e.value.kind == "duplicate" and e.value.line == 3

@@ -120,6 +120,15 @@ def test_rules_after_a_drop_see_the_blocks_renumbered(lm8):
     assert cm.report.rules[1].targets == tuple(f"model.layers.{i}.self_attn.q_proj" for i in range(2, 8))
 
 
+def test_the_same_drop_twice_removes_the_next_block_too(lm8):
+    """The second `drop blocks[0]` binds to the model as the first left it: blocks 0 and 1 go, as
+    with `drop blocks[0:2]`, to the same bits."""
+    twice = slimfx.compile(lm8, "drop blocks[0]\ndrop blocks[0]")
+    assert [r.targets for r in twice.report.rules] == [("model.layers.0",), ("model.layers.1",)]
+    once = slimfx.compile(lm8, "drop blocks[0:2]")
+    assert max_diff(outputs(twice, lm8.example_inputs), outputs(once, lm8.example_inputs)) == 0
+
+
 def test_rules_after_an_auto_drop_are_bound_again_at_compile(lm8):
     lm = lm8
     plan = slimfx.plan(lm, "drop blocks auto(count=2)\nquantize blocks.*.attn.q int8")
