@@ -1,7 +1,8 @@
 """compile() on short sequences of real rules drawn at random, on tiny models of several
-architectures: it returns a model whose outputs have the original's shape (fewer tokens after
-`restore=false` token steps) and are finite, and that saves and loads to the same bits, or it raises a SpecError (never an "internal" one) — never
-another exception — and the user's model is unchanged either way.
+architectures: it returns a model whose outputs are finite and have the original's shape (fewer
+tokens after `restore=false` token steps) and that saves and loads to the same bits, or it raises
+a SpecError (never an "internal" one) — never another exception — and the user's model is
+unchanged either way.
 
 The rules are written for the tiny models (selectors that resolve, parameters that run in
 seconds), so most draws reach the passes and their interplay: a drop after a drop, heals that keep
@@ -28,19 +29,20 @@ REMOVE = ["drop blocks[1]", "drop blocks[1:3]", "drop {blocks[0], blocks[2]}", "
           "collapse blocks auto(count=1, span=2, threshold=0.0)"]
 HEAL = ["heal method=linear", "heal method=linear fold=true", "heal method=lora steps=2",
         "heal method=lora steps=2 merge=false distill=true", "heal method=lora steps=2 rank=2 reach=2 schedule=cosine"]
-WEIGHT = ["quantize blocks[0].attn.q int8", "quantize embed int8", "quantize blocks.*.mlp.* bf16",
+WEIGHT = ["quantize blocks[0].attn.q int8", "quantize blocks.*.mlp.* int4 group=32",
+          "quantize blocks.* int8 method=gptq",
+          "quantize head int8", "quantize embed int8", "quantize blocks.*.mlp.* bf16", "quantize blocks.*.attn.v fp16",
+          "quantize blocks[1].** : Linear int2 group=16 sym=false zero=float",
+          "quantize blocks.*.attn.o int4 group=32 method=gptq act_order=true clip=mse",
           "quantize blocks.*.mlp.* int4 group=16 method=gptq refit=true sym=false zero=float",
           "quantize blocks.* int4 group=16 method=gptq true_sequential=true",
-          "precision blocks.*.attn.* choose {int4 group=16, int8} budget avg_bits<=6 by output_mse method=gptq",
-          "adapt blocks[-2:].mlp.* dora rank=2 dtype=fp16", "adapt blocks.*.attn.o lora rank=2 init=gaussian dropout=0.1", "quantize blocks.*.mlp.* int4 group=32",
-          "quantize blocks.* int8 method=gptq", "quantize head int8",
-          "quantize blocks[1].** : Linear int2 group=16 sym=false zero=float", "quantize blocks.*.attn.v fp16",
-          "quantize blocks.*.attn.o int4 group=32 method=gptq act_order=true clip=mse",
-          "adapt blocks.*.attn.{q,v} lora rank=2", "adapt blocks[0].attn.q dora rank=2",
-          "adapt blocks[-1].mlp.down lora rank=2 merge=true", "adapt blocks.*.attn.q lora rank=2 init=error",
-          "adapt blocks[1].attn.k lora rank=2 dtype=bf16",
           "precision blocks.*.mlp.* choose {int4, int8} budget avg_bits<=6 by output_mse",
           "precision blocks[0].** : Linear choose {int2 group=16, int8} budget avg_bits<=5 by fisher",
+          "precision blocks.*.attn.* choose {int4 group=16, int8} budget avg_bits<=6 by output_mse method=gptq",
+          "adapt blocks.*.attn.{q,v} lora rank=2", "adapt blocks[0].attn.q dora rank=2",
+          "adapt blocks[-1].mlp.down lora rank=2 merge=true", "adapt blocks.*.attn.q lora rank=2 init=error",
+          "adapt blocks[1].attn.k lora rank=2 dtype=bf16", "adapt blocks[-2:].mlp.* dora rank=2 dtype=fp16",
+          "adapt blocks.*.attn.o lora rank=2 init=gaussian dropout=0.1",
           "keep blocks[0]", "keep blocks.*.attn.q"]
 TOKENS = ["tokens unpad", "tokens after blocks[0] merge ratio=0.25", "tokens after blocks[0] prune keep=0.5",
           "tokens after blocks[0] merge by=keys prop_attn=true restore=true",
