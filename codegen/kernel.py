@@ -49,25 +49,31 @@ class Shapes:
     """The symbolic shapes of a kernel's outputs, evaluated for the shapes of one call's inputs."""
 
     def __init__(self, inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]):
-        self.where: dict[sympy.Symbol, tuple[int, int]] = {}  # symbol -> (input index, dim)
+        # symbolic size -> (input index, dim): bare symbols, and whole expressions such as the
+        # batch × sequence of GPT-2's and OPT's flattened [B·S, D] rows, whose factors no input
+        # holds apart (an output of that size is read off the input dim, not solved for)
+        self.where: dict[sympy.Expr, tuple[int, int]] = {}
         for i, node in enumerate(inputs):
             val = tensor_val(node)
             for d, size in enumerate(() if val is None else val.shape):
                 expr = _expr(size)
-                if isinstance(expr, sympy.Symbol):
+                if isinstance(expr, sympy.Expr):
                     self.where.setdefault(expr, (i, d))
         self.exprs = [tuple(_expr(s) for s in tensor_val(n).shape) for n in outputs]
+        symbols = {e for e in self.where if isinstance(e, sympy.Symbol)}
         for n, shape in zip(outputs, self.exprs):
-            missing = set().union(*(e.free_symbols for e in shape if isinstance(e, sympy.Expr))) - set(self.where)
+            solved = [e for e in shape if isinstance(e, sympy.Expr) and e not in self.where]
+            missing = set().union(*(e.free_symbols for e in solved)) - symbols
             if missing:
                 from .expr import Unsupported
 
                 raise Unsupported(f"{n.name}'s shape uses {sorted(map(str, missing))}, which no input of the group has")
 
     def __call__(self, values: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
-        binding = {s: values[i].shape[d] for s, (i, d) in self.where.items()}
-        return [tuple(int(e) if isinstance(e, int) else int(e.xreplace(binding)) for e in shape)
-                for shape in self.exprs]
+        sizes = {e: values[i].shape[d] for e, (i, d) in self.where.items()}
+        binding = {e: v for e, v in sizes.items() if isinstance(e, sympy.Symbol)}
+        return [tuple(e if isinstance(e, int) else sizes[e] if e in sizes else int(e.xreplace(binding))
+                      for e in shape) for shape in self.exprs]
 
 
 def _expr(size) -> Any:
