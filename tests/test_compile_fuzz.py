@@ -8,6 +8,7 @@ The rules are written for the tiny models (selectors that resolve, parameters th
 seconds), so most draws reach the passes and their interplay: a drop after a drop, heals that keep
 their adapters, token rules after quantized or adapted blocks, GPTQ on a post-norm encoder. Each
 of those once raised something else (fixed with their own tests; found by this test's first runs).
+A second test runs the draws on the Triton backend against the reference ops.
 """
 from __future__ import annotations
 
@@ -100,6 +101,23 @@ def test_compile_gives_a_working_model_or_a_spec_error(rules, arch):
         assert torch.equal(back, got), f"save/load changed the outputs of {rules!r}"
     after = lm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), f"compile changed the user's model: {rules!r}"
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(rules=rule_sequences(), arch=st.sampled_from(("llama", "gpt2", "opt", "bert")))
+def test_what_compiles_runs_on_the_triton_backend_as_on_the_reference_ops(rules, arch):
+    """The same draws with backend="triton" (Triton's interpreter here): the generated kernels
+    give what the reference ops give, to float32 rounding."""
+    lm = _model(arch)
+    try:
+        cm = slimfx.compile(lm, rules, backend="triton")
+    except SpecError:
+        return
+    with torch.no_grad():
+        kernels = main_output(cm(**lm.example_inputs))
+        cm.set_backend("eager")
+        reference = main_output(cm(**lm.example_inputs))
+    torch.testing.assert_close(kernels, reference, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("rules", [
