@@ -249,32 +249,12 @@ class _Binder:
                         f"cannot have rank above {m}", f"use rank={m} or less, or narrow the selector")
 
     def _check_overlaps(self, bound: list[BoundRule]) -> None:
-        """One linear given two precisions, an adapter merged into already-quantized weights, one
-        block given two token steps (the text check sees equal selectors only), or a token step
-        written below one after a later block."""
+        """One linear given two precisions, or an adapter merged into already-quantized weights;
+        then the token steps (`_check_token_steps`)."""
         quantized: dict[str, BoundRule] = {}
         adapted: dict[str, BoundRule] = {}  # targets with an unmerged adapter
-        stepped: dict[str, BoundRule] = {}  # blocks with a `tokens after` merge/prune
-        last_step: tuple[Block, BoundRule] | None = None  # the deepest block stepped so far
+        self._check_token_steps([b for b in bound if isinstance(b.rule, A.Tokens) and b.blocks])
         for b in bound:
-            if isinstance(b.rule, A.Tokens) and b.blocks:
-                clash = next((blk.path for blk in b.blocks if blk.path in stepped), None)
-                first = min(b.blocks, key=lambda blk: blk.order)
-                if clash is not None:
-                    earlier = stepped[clash]
-                    self._error(b.rule.selector.span, "duplicate", f"{clash} already has a token step after it from "
-                                f"line {earlier.line} (`{earlier.text}`): one merge or prune after each block",
-                                "narrow one selector, or give the earlier rule a larger ratio=/keep=")
-                elif last_step is not None and first.order < last_step[0].order:
-                    # Each step re-indexes the tokens from its block on; one put in above steps already
-                    # made would read indices that no longer hold (a broken graph, not an error).
-                    self._error(b.rule.selector.span, "illegal-order", f"this token step (after {first.path}) is written "
-                                f"below line {last_step[1].line}'s (after {last_step[0].path}, a later block): "
-                                "`tokens after` rules go in block order", f"move this rule above line {last_step[1].line}")
-                stepped.update({blk.path: b for blk in b.blocks})
-                deepest = max(b.blocks, key=lambda blk: blk.order)
-                if last_step is None or deepest.order > last_step[0].order:
-                    last_step = (deepest, b)
             if isinstance(b.rule, A.Adapt):
                 clash = next((t.path for t in b.targets if t.path in adapted), None)
                 if clash is not None:
@@ -296,6 +276,31 @@ class _Binder:
                     self._error(b.rule.span, "illegal-order", f"`adapt … merge=true` merges into weights that line "
                                 f"{clash.line} already quantized", f"move this rule above line {clash.line}, "
                                 "or use `merge=false` (QLoRA style)")
+
+    def _check_token_steps(self, steps: list[BoundRule]) -> None:
+        """One block given two token steps (the text check sees equal selectors only), or a step
+        written below one after a later block."""
+        stepped: dict[str, BoundRule] = {}  # block path -> the rule with a merge/prune after it
+        deepest: Block | None = None  # the latest block stepped so far (its rule: stepped[path])
+        for b in steps:
+            clash = next((blk.path for blk in b.blocks if blk.path in stepped), None)
+            first = min(b.blocks, key=lambda blk: blk.order)
+            if clash is not None:
+                earlier = stepped[clash]
+                self._error(b.rule.selector.span, "duplicate", f"{clash} already has a token step after it from "
+                            f"line {earlier.line} (`{earlier.text}`): one merge or prune after each block",
+                            "narrow one selector, or give the earlier rule a larger ratio=/keep=")
+            elif deepest is not None and first.order < deepest.order:
+                # Each step re-indexes the tokens from its block on; one put in above steps already
+                # made would read indices that no longer hold (a broken graph, not an error).
+                line = stepped[deepest.path].line
+                self._error(b.rule.selector.span, "illegal-order", f"this token step (after {first.path}) is written "
+                            f"below line {line}'s (after {deepest.path}, a later block): `tokens after` rules go "
+                            "in block order", f"move this rule above line {line}")
+            stepped.update({blk.path: b for blk in b.blocks})
+            latest = max(b.blocks, key=lambda blk: blk.order)
+            if deepest is None or latest.order > deepest.order:
+                deepest = latest
 
     def _error(self, span: A.Span, kind: str, message: str, hint: str | None = None) -> None:
         width = max(1, span.end_column - span.column) if span.end_line == span.line else 1

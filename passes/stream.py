@@ -42,7 +42,7 @@ class Stream:
                 todo.append(node)
             if node is last:
                 break
-        held = [n for n in watch if n in self.done and n not in todo]
+        held = [n for n in watch if n in self.done]  # todo holds only nodes not done yet
         for node in held:
             if any(node not in env for env in self.envs):
                 raise KeyError(f"{node.name} is watched, but it was computed and dropped before this sweep")

@@ -251,9 +251,9 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     if written:  # checked before anything is written or inserted: text no step reaches is minutes lost
         _check_generate(bound, ctx, steps, written)
     reach = rule.get("reach")
-    paths, blocks = _neighbour_linears(graph, ctx.cuts, reach)
+    paths, blocks, held = _neighbour_linears(graph, ctx.cuts, reach)
     if not paths:
-        raise _no_linear(graph, bound, ctx, blocks)
+        raise _no_linear(bound, ctx, blocks, held)
     rank = rule.get("rank")
     inserted = []
     seeded = torch.Generator().manual_seed(0)  # the same policy heals the same way; the caller's RNG untouched
@@ -316,10 +316,9 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     return details, notes
 
 
-def _no_linear(graph: ModelGraph, bound: BoundRule, ctx: Context, blocks: list[str]):
+def _no_linear(bound: BoundRule, ctx: Context, blocks: list[str], held: bool):
     near = ", ".join(blocks)
-    if any(has_adapter(graph, t.path) for t in graph.targets.values()
-           if t.kind == "linear" and t.block is not None and graph.blocks[t.block].path in blocks):
+    if held:
         return rule_error(bound, ctx, "unsupported", "`heal method=lora` found no linear without an adapter in the "
                           f"blocks near the cuts ({near}): an earlier `heal method=lora merge=false` keeps its "
                           "adapters on them", "let the earlier heal merge its adapters (merge=true, the default), "
@@ -350,10 +349,10 @@ def _cannot_write(bound: BoundRule, ctx: Context, written: int, e: WriteError):
     return rule_error(bound, ctx, "unsupported", f"`heal … generate={written}` cannot write text: {e}", e.hint)
 
 
-def _neighbour_linears(graph: ModelGraph, cuts: list[Cut], reach: int) -> tuple[list[str], list[str]]:
+def _neighbour_linears(graph: ModelGraph, cuts: list[Cut], reach: int) -> tuple[list[str], list[str], bool]:
     """Every linear (no adapter on it yet) of the blocks up to `reach` blocks before and after each
-    cut, and those blocks' paths in model order. reach=1: the block just before and just after.
-    No linear at all: the caller says why."""
+    cut, those blocks' paths in model order, and whether some of their linears already carry an
+    adapter. reach=1: the block just before and just after. No linear at all: the caller says why."""
     order = [b.path for b in graph.blocks]
     near: set[str] = set()
     for c in cuts:
@@ -364,7 +363,8 @@ def _neighbour_linears(graph: ModelGraph, cuts: list[Cut], reach: int) -> tuple[
             j = order.index(c.after)
             near.update(order[j:j + reach])
     blocks = [p for p in order if p in near]
-    chosen = [t.path for t in graph.targets.values() if t.kind == "linear" and t.block is not None
-              and graph.blocks[t.block].path in near and not has_adapter(graph, t.path)]
-    return chosen, blocks
+    linears = [t.path for t in graph.targets.values() if t.kind == "linear" and t.block is not None
+               and graph.blocks[t.block].path in near]
+    chosen = [p for p in linears if not has_adapter(graph, p)]
+    return chosen, blocks, len(chosen) < len(linears)
 
