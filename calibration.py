@@ -6,7 +6,8 @@ token ids ([batch, seq] or [seq]), a dict of tensors (one batch), a list of tens
 (one batch each), a list of texts (with a slimfx.models model, which knows its tokenizer), or
 the path of a text file (paragraphs, separated by blank lines, become the texts), or a number
 of tokens N (an int, with a slimfx.models model): N tokens of built-in text, the default's 3,072
-first and then more_text.py's docstrings — more rows for what fits on calibration, such as
+first and then more_text.py's (standard-library docstrings and the Language Reference's
+topics, ≈226k SmolLM2 tokens in all) — more rows for what fits on calibration, such as
 `heal method=linear`, without a file. Texts become rows of at most 128 tokens: a longer one goes
 on in further rows, so none of it is dropped.
 """
