@@ -125,7 +125,12 @@ class Bench:
         """torch.compile (Inductor), or None under the interpreter (no GPU to generate for)."""
         if self.interpret:
             return None
-        return self.torch.compile(fn, backend="inductor", dynamic=False)
+        # Every case compiles the same Python code at new shapes; past dynamo's recompile limit (8)
+        # it would quietly run eager ops under Inductor's name, so each case starts afresh.
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        return torch.compile(fn, backend="inductor", dynamic=False)
 
     def copy_bandwidth(self) -> float:
         """Bytes per second of a device-to-device copy of 1 GiB (read + write counted)."""
@@ -201,7 +206,7 @@ def gemm_rows(bench: Bench, quick: bool) -> None:
                 check(fast(x), want, f"int4 {k}×{n} batch {m}", bench.tolerance())
                 t_eager = bench.ms(lambda: module(x))
                 t_fast = bench.ms(lambda: fast(x))
-                t_ind = bench.ms(lambda: inductor(x, *packed)) if inductor else float("nan")
+                t_ind = bench.ms(lambda: inductor(x, *packed)) if inductor is not None else float("nan")
             bw = ""
             if m == 1:
                 moved = packed[0].numel() + packed[1].numel() * 2
@@ -252,7 +257,7 @@ def rmsnorm_rows(bench: Bench) -> None:
         with torch.no_grad():
             check(fast(x), module(x), f"RMSNorm {rows}×{d}", bench.tolerance())
             t_eager, t_fast = bench.ms(lambda: module(x)), bench.ms(lambda: fast(x))
-            t_ind = bench.ms(lambda: inductor(x)) if inductor else float("nan")
+            t_ind = bench.ms(lambda: inductor(x)) if inductor is not None else float("nan")
         print(f"| RMSNorm | {rows}×{d} | {t_eager:.4f} | {t_ind:.4f} | {t_fast:.4f} | {t_eager / t_fast:.2f}× | "
               f"{t_ind / t_fast:.2f}× |")
 

@@ -114,14 +114,20 @@ def _attr(module, target: str):
 def register_tensors(graph: ModelGraph, path: str, tensors: dict[str, torch.Tensor], before: fx.Node,
                      *, parameters: bool = False) -> dict[str, fx.Node]:
     """Register `tensors` on module `path` (buffers, or trainable parameters) and read each with a
-    get_attr node inserted before `before`."""
+    get_attr node inserted before `before`. Each goes to the device of the tensors already there:
+    passes build new tensors on the CPU (seeded generators), and a model compiled on a GPU must
+    keep all of its tensors there (a CPU adapter beside CUDA activations fails at the first op)."""
     gm = graph.module
     owner = gm.get_submodule(path)
     mode = fake_mode(gm)
+    device = _device_of(gm, owner)
     nodes = {}
     for name, t in tensors.items():
         if hasattr(owner, name):
             raise PassError(f"{path} already has an attribute {name!r}; was it rewritten twice?")
+        if device is not None and t.device != device:
+            moved = t.detach().to(device)
+            t = torch.nn.Parameter(moved, t.requires_grad) if isinstance(t, torch.nn.Parameter) else moved
         if parameters:
             owner.register_parameter(name, t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t))
         else:
@@ -131,6 +137,15 @@ def register_tensors(graph: ModelGraph, path: str, tensors: dict[str, torch.Tens
         node.meta["val"] = mode.from_tensor(t, static_shapes=True)
         nodes[name] = node
     return nodes
+
+
+def _device_of(gm: fx.GraphModule, owner: torch.nn.Module) -> torch.device | None:
+    """Where `owner`'s tensors live: its own first, else its submodules', else the model's."""
+    for tensors in (owner.parameters(recurse=False), owner.buffers(recurse=False), owner.parameters(),
+                    owner.buffers(), gm.parameters(), gm.buffers()):
+        for t in tensors:
+            return t.device
+    return None
 
 
 def replace_node(gm: fx.GraphModule, old: fx.Node, op, args: tuple, kwargs: dict) -> fx.Node:
