@@ -163,9 +163,14 @@ def set_meta(new: fx.Node, like: fx.Node, op, args: tuple, kwargs: dict) -> None
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn"):
         if key in like.meta:
             new.meta[key] = like.meta[key]
+    from torch._dispatch.python import enable_python_dispatcher
+
     fake = fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
     try:
-        with fake_mode(new.graph.owning_module):
+        # The Python dispatcher sends composite ops (aten.linear → matmul) through their
+        # symbolic-shape decompositions, as export and dynamo do; without it, torch 2.11's C++
+        # linear on a CUDA tensor of symbolic batch asks for numel() and fails (seen on an H200).
+        with fake_mode(new.graph.owning_module), enable_python_dispatcher():
             new.meta["val"] = op(*fake[0], **fake[1])
     except Exception as e:
         raise PassError(f"the fake implementation of {op} failed on {new.format_node()}") from e
