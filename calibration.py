@@ -90,7 +90,11 @@ def _texts(model, texts: list[str], max_tokens: int | None = None) -> list[dict[
     encode = _encoder(model, "texts")
     if not texts:
         return []
-    rows = encode(texts, max_length=MAX_TOKENS, overflow=True)
+    return _batches(encode(texts, max_length=MAX_TOKENS, overflow=True), max_tokens)
+
+
+def _batches(rows: dict[str, Any], max_tokens: int | None) -> list[dict[str, Any]]:
+    """_texts' batches of rows already encoded."""
     total = len(rows["input_ids"])
     if max_tokens is not None and "attention_mask" in rows:
         lengths = rows["attention_mask"].sum(1)
@@ -129,13 +133,14 @@ def _default(model) -> list[dict[str, Any]]:
 def _builtin(model, tokens: int) -> list[dict[str, Any]]:
     """Rows of the default calibration text and then more_text.py's, up to `tokens` real tokens;
     `tokens` = DEFAULT_TOKENS gives exactly the default's rows."""
-    _encoder(model, "a number of tokens")
-    available = builtin_token_count(model)
+    encode = _encoder(model, "a number of tokens")
+    rows = encode([_builtin_text()], max_length=MAX_TOKENS, overflow=True)  # once: ~226k tokens
+    available = _token_count(rows)
     if not MAX_TOKENS <= tokens <= available:
         raise ValueError(f"calib={tokens}: the built-in text has {available:,} tokens for this tokenizer; "
                          f"ask for {MAX_TOKENS} to {available} (for more, pass your own text: a list "
                          "of texts or a file)")
-    return _texts(model, [_builtin_text()], max_tokens=tokens)
+    return _batches(rows, max_tokens=tokens)
 
 
 def _encoder(model, what: str):
@@ -149,7 +154,10 @@ def _encoder(model, what: str):
 
 def builtin_token_count(model) -> int:
     """How many tokens of built-in calibration text `model`'s tokenizer makes (calib=N's limit)."""
-    rows = model.encode([_builtin_text()], max_length=MAX_TOKENS, overflow=True)
+    return _token_count(model.encode([_builtin_text()], max_length=MAX_TOKENS, overflow=True))
+
+
+def _token_count(rows: dict[str, Any]) -> int:
     return int(rows["attention_mask"].sum()) if "attention_mask" in rows else rows["input_ids"].numel()
 
 

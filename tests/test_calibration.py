@@ -125,6 +125,15 @@ def test_a_number_of_tokens_is_the_default_text_and_then_more_built_in_text(llam
     assert builtin_token_count(llama) == len(text)  # byte tokens: one per byte
 
 
+def test_a_number_of_tokens_encodes_the_built_in_text_once(llama, monkeypatch):
+    """It is ~226k tokens of SmolLM2's: the range check reads its count off the rows it batches."""
+    calls = []
+    encode = type(llama).encode
+    monkeypatch.setattr(type(llama), "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    calibration_batches(llama, 5000)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("tokens", [MAX_TOKENS - 1, 0, -5, 10**9])
 def test_a_number_of_tokens_outside_the_built_in_text_says_the_range(llama, tokens):
     with pytest.raises(ValueError, match=f"ask for {MAX_TOKENS} to {builtin_token_count(llama)}"):
