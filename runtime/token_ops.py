@@ -160,9 +160,9 @@ def _attention_score(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tens
         if not received:
             qs = qs[:, :1]
         logits = (qs @ ks.transpose(-1, -2)) * (scale if scale is not None else qs.shape[-1] ** -0.5)
-        allowed = torch.ones(logits.shape[-2:], dtype=torch.bool)
+        allowed = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device)
         if is_causal:
-            allowed = torch.ones(length, length, dtype=torch.bool).tril()[: logits.shape[-2]]
+            allowed = torch.ones(length, length, dtype=torch.bool, device=logits.device).tril()[: logits.shape[-2]]
         sub = _mask_of(mask, b, si[start:end])
         if sub is not None:
             sub = sub[0, :, : logits.shape[-2]]
@@ -199,12 +199,12 @@ def _merge_sequence(x: torch.Tensor, sizes: torch.Tensor, metric: Optional[torch
     Returns (merged x [L−r, D] in the original order, sizes [L−r], kept local indices [L−r],
     dest [L]: where each input token went)."""
     length = x.shape[0]
-    a_idx = torch.arange(0, length, 2)
-    b_idx = torch.arange(1, length, 2)
+    a_idx = torch.arange(0, length, 2, device=x.device)
+    b_idx = torch.arange(1, length, 2, device=x.device)
     candidates = a_idx.numel() - (1 if protect_first else 0)
     r = min(int(ratio * length), candidates, b_idx.numel())
     if r <= 0:
-        keep = torch.arange(length)
+        keep = torch.arange(length, device=x.device)
         return x, sizes, keep, keep.clone()
     m = x if metric is None else metric
     unit = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -215,11 +215,11 @@ def _merge_sequence(x: torch.Tensor, sizes: torch.Tensor, metric: Optional[torch
     order = torch.argsort(best, descending=True, stable=True)
     src = a_idx[order[:r]]
     dst = b_idx[match[order[:r]]]
-    target = torch.arange(length)
+    target = torch.arange(length, device=x.device)
     target[src] = dst
     weighted = torch.zeros_like(x).index_add_(0, target, x * sizes[:, None])
     total = torch.zeros_like(sizes).index_add_(0, target, sizes)
-    gone = torch.zeros(length, dtype=torch.bool)
+    gone = torch.zeros(length, dtype=torch.bool, device=x.device)
     gone[src] = True
     keep = (~gone).nonzero().flatten()
     new_index = torch.cumsum(~gone, 0) - 1
@@ -246,14 +246,14 @@ def _prune_sequence(x: torch.Tensor, sizes: torch.Tensor, score: Optional[torch.
     length = x.shape[0]
     k = min(length, max(1, math.ceil(keep * length - 1e-9)))
     score = x.norm(dim=-1) if score is None else score.to(x.dtype)
-    protected = torch.zeros(length, dtype=torch.bool)
+    protected = torch.zeros(length, dtype=torch.bool, device=x.device)
     if protect_first:
         protected[0] = True
     if protect_last:
         protected[-1] = True
     score = torch.where(protected, torch.full_like(score, math.inf), score)
     k = max(k, int(protected.sum()))
-    kept = torch.zeros(length, dtype=torch.bool)
+    kept = torch.zeros(length, dtype=torch.bool, device=x.device)
     kept[torch.argsort(score, descending=True, stable=True)[:k]] = True
     keep_idx = kept.nonzero().flatten()
     new_index = torch.cumsum(kept, 0) - 1
@@ -283,7 +283,7 @@ def _per_sequence(fn, x, sizes, per_token, bi, si, batch, *params):
         dests.append(dest + offset)
         offset += out.shape[0]
     if not xs:
-        return x.clone(), sizes.clone(), bi.clone(), si.clone(), torch.arange(x.shape[1])
+        return x.clone(), sizes.clone(), bi.clone(), si.clone(), torch.arange(x.shape[1], device=x.device)
     return (torch.cat(xs)[None], torch.cat(ss), torch.cat(bs), torch.cat(ps), torch.cat(dests))
 
 
@@ -301,7 +301,7 @@ def _slots(bi: torch.Tensor, batch: int, right: bool) -> tuple[torch.Tensor, int
     counts = torch.bincount(bi, minlength=batch)
     length = int(counts.max()) if bi.numel() else 0
     starts = torch.cumsum(counts, 0) - counts
-    local = torch.arange(bi.numel()) - starts[bi]
+    local = torch.arange(bi.numel(), device=bi.device) - starts[bi]
     if right:
         local = local + (length - counts)[bi]
     return bi * length + local, length
@@ -328,9 +328,9 @@ def _kept_tokens(bi: torch.Tensor, si: torch.Tensor, sizes: Optional[torch.Tenso
     """The grid of _repad_tokens' outputs described: (positions [B, L], each slot's original position
     or −1 at padding; sizes [B, L], the input tokens each slot holds, 0 at padding)."""
     slots, length = _slots(bi, batch, right)
-    positions = torch.full((batch * length,), -1, dtype=torch.long).index_copy(0, slots, si)
-    held = torch.ones(bi.numel()) if sizes is None else sizes.float()
-    counts = torch.zeros(batch * length).index_copy(0, slots, held)
+    positions = torch.full((batch * length,), -1, dtype=torch.long, device=bi.device).index_copy(0, slots, si)
+    held = torch.ones(bi.numel(), device=bi.device) if sizes is None else sizes.float()
+    counts = torch.zeros(batch * length, device=bi.device).index_copy(0, slots, held)
     return positions.view(batch, length), counts.view(batch, length)
 
 

@@ -32,17 +32,18 @@ def fit_map(xs: list[torch.Tensor], ys: list[torch.Tensor], *, ridge: float = RI
     """T from batches of rows `xs[i]` → `ys[i]` (each [tokens, d], the same tokens)."""
     if not xs or len(xs) != len(ys):
         raise ValueError(f"fit_map needs matching batches of rows, got {len(xs)} and {len(ys)}")
-    d = xs[0].shape[-1]
-    gram = torch.zeros(d, d, dtype=torch.float64)
-    cross = torch.zeros(d, d, dtype=torch.float64)
+    d, device = xs[0].shape[-1], xs[0].device  # the model's device (a GPU's, for one there)
+    gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+    cross = torch.zeros(d, d, dtype=torch.float64, device=device)
     for x, y in zip(xs, ys):
         x, y = x.double(), y.double()
         w = _weights(y, weighted)
         gram += (x * w).T @ x
         cross += (x * w).T @ (y - x)
     damp = ridge * torch.trace(gram) / d
-    update = torch.linalg.solve(gram + damp * torch.eye(d, dtype=torch.float64), cross)
-    t = torch.eye(d, dtype=torch.float64) + update
+    eye = torch.eye(d, dtype=torch.float64, device=device)
+    update = torch.linalg.solve(gram + damp * eye, cross)
+    t = eye + update
     before = _relative(xs, ys, None)
     after = _relative(xs, ys, t)
     return Fit(t.float(), before, after)
@@ -50,7 +51,7 @@ def fit_map(xs: list[torch.Tensor], ys: list[torch.Tensor], *, ridge: float = RI
 
 def _weights(y: torch.Tensor, weighted: bool) -> torch.Tensor:
     if not weighted:
-        return torch.ones(y.shape[0], 1, dtype=y.dtype)
+        return y.new_ones(y.shape[0], 1)
     return 1.0 / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 

@@ -202,3 +202,39 @@ def test_merge_by_a_given_metric_matches_on_it():
     _, _, _, _, by_x = T.token_merge(x, None, bi, si, 1, 0.25, False)
     _, _, _, _, by_metric = T.token_merge(x, None, bi, si, 1, 0.25, False, metric)
     assert by_x.tolist() == [0, 0, 1, 2] and by_metric.tolist() == [0, 1, 1, 2]
+
+
+# ---- device: every tensor an op makes goes where its inputs are ----------------------------------
+# The CPU machines have no GPU, so "meta" as the default device stands in for one: a factory call
+# that does not name its inputs' device makes a meta tensor, which the op's next step refuses.
+
+
+def _every_op(x, q, k, mask2d, attn_mask):
+    bi, si = T._token_index(mask2d)
+    batch = mask2d.shape[0]
+    packed, qp, kp = T._pack(x, bi, si, x.shape[1], 0, 1), T._pack(q, bi, si, q.shape[2], 0, 2), T._pack(k, bi, si, k.shape[2], 0, 2)
+    score = T._attention_score(qp, kp, attn_mask, bi, si, batch, None, False, False, False)
+    received = T._attention_score(qp, kp, None, bi, si, batch, None, True, False, True)
+    merged = T._token_merge(packed, None, bi, si, batch, 0.4, True)
+    pruned = T._token_prune(packed, None, bi, si, batch, 0.5, True, False, score)
+    empty = T._token_merge(packed[:, :0], None, bi[:0], si[:0], batch, 0.4, True)
+    repad = T._repad_tokens(pruned[0], pruned[2], batch, 0, 1, True)
+    kept = T._kept_tokens(merged[2], merged[3], merged[1], batch, False)
+    return [score, received, *merged, *pruned, *empty, repad, *kept]
+
+
+def test_every_token_op_makes_its_tensors_on_its_inputs_device():
+    g = torch.Generator().manual_seed(0)
+    x, q, k = (torch.randn(shape, generator=g) for shape in ((2, 7, 4), (2, 2, 7, 4), (2, 2, 7, 4)))
+    mask2d = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    attn_mask = mask2d.bool()[:, None, None, :].expand(2, 1, 7, 7)
+    want = _every_op(x, q, k, mask2d, attn_mask)
+    torch.set_default_device("meta")
+    try:
+        got = _every_op(x, q, k, mask2d, attn_mask)
+    finally:
+        torch.set_default_device(None)
+    assert len(got) == len(want)
+    for g_, w in zip(got, want):
+        assert g_.device.type == "cpu"
+        torch.testing.assert_close(g_, w)

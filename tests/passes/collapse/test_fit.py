@@ -30,3 +30,20 @@ def test_weighted_ridge_matches_the_closed_form():
                                                                x.T @ (w * (y - x)))
     fit = fit_map([x[:100].float(), x[100:].float()], [y[:100].float(), y[100:].float()])
     assert torch.allclose(fit.map.double(), t, atol=1e-4)
+
+
+def test_the_fit_stays_on_its_activations_device():
+    """On a GPU the activations are there; "meta" as the default device stands in for that here:
+    a sum begun on the default device would refuse the CPU rows."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(20, 6, generator=g) for _ in range(2)]
+    ys = [x @ torch.randn(6, 6, generator=g) for x in xs]
+    for weighted in (True, False):
+        want = fit_map(xs, ys, weighted=weighted)
+        torch.set_default_device("meta")
+        try:
+            got = fit_map(xs, ys, weighted=weighted)
+        finally:
+            torch.set_default_device(None)
+        assert got.map.device.type == "cpu"
+        torch.testing.assert_close(got.map, want.map)
