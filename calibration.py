@@ -133,8 +133,8 @@ def _default(model) -> list[dict[str, Any]]:
 def _builtin(model, tokens: int) -> list[dict[str, Any]]:
     """Rows of the default calibration text and then more_text.py's, up to `tokens` real tokens;
     `tokens` = DEFAULT_TOKENS gives exactly the default's rows."""
-    encode = _encoder(model, "a number of tokens")
-    rows = encode([_builtin_text()], max_length=MAX_TOKENS, overflow=True)  # once: ~226k tokens
+    _encoder(model, "a number of tokens")
+    rows = _builtin_rows(model)  # once: ~226k tokens of SmolLM2's
     available = _token_count(rows)
     if not MAX_TOKENS <= tokens <= available:
         raise ValueError(f"calib={tokens}: the built-in text has {available:,} tokens for this tokenizer; "
@@ -154,7 +154,11 @@ def _encoder(model, what: str):
 
 def builtin_token_count(model) -> int:
     """How many tokens of built-in calibration text `model`'s tokenizer makes (calib=N's limit)."""
-    return _token_count(model.encode([_builtin_text()], max_length=MAX_TOKENS, overflow=True))
+    return _token_count(_builtin_rows(model))
+
+
+def _builtin_rows(model) -> dict[str, Any]:
+    return model.encode([_builtin_text()], max_length=MAX_TOKENS, overflow=True)
 
 
 def _token_count(rows: dict[str, Any]) -> int:

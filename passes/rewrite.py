@@ -13,8 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import itertools
+
 import torch
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
 
 from ..runtime.adapters import tag_of
 from ..runtime.program import ParamInfo
@@ -140,12 +143,9 @@ def register_tensors(graph: ModelGraph, path: str, tensors: dict[str, torch.Tens
 
 
 def _device_of(gm: fx.GraphModule, owner: torch.nn.Module) -> torch.device | None:
-    """Where `owner`'s tensors live: its own first, else its submodules', else the model's."""
-    for tensors in (owner.parameters(recurse=False), owner.buffers(recurse=False), owner.parameters(),
-                    owner.buffers(), gm.parameters(), gm.buffers()):
-        for t in tensors:
-            return t.device
-    return None
+    """Where `owner`'s tensors live (its own and its submodules'), else where the model's do."""
+    first = next(itertools.chain(owner.parameters(), owner.buffers(), gm.parameters(), gm.buffers()), None)
+    return None if first is None else first.device
 
 
 def replace_node(gm: fx.GraphModule, old: fx.Node, op, args: tuple, kwargs: dict) -> fx.Node:
@@ -163,8 +163,6 @@ def set_meta(new: fx.Node, like: fx.Node, op, args: tuple, kwargs: dict) -> None
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn"):
         if key in like.meta:
             new.meta[key] = like.meta[key]
-    from torch._dispatch.python import enable_python_dispatcher
-
     fake = fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
     try:
         # The Python dispatcher sends composite ops (aten.linear → matmul) through their

@@ -229,11 +229,8 @@ def test_every_token_op_makes_its_tensors_on_its_inputs_device():
     mask2d = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
     attn_mask = mask2d.bool()[:, None, None, :].expand(2, 1, 7, 7)
     want = _every_op(x, q, k, mask2d, attn_mask)
-    torch.set_default_device("meta")
-    try:
+    with torch.device("meta"):  # the default device inside
         got = _every_op(x, q, k, mask2d, attn_mask)
-    finally:
-        torch.set_default_device(None)
     assert len(got) == len(want)
     for g_, w in zip(got, want):
         assert g_.device.type == "cpu"

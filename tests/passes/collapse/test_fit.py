@@ -40,10 +40,7 @@ def test_the_fit_stays_on_its_activations_device():
     ys = [x @ torch.randn(6, 6, generator=g) for x in xs]
     for weighted in (True, False):
         want = fit_map(xs, ys, weighted=weighted)
-        torch.set_default_device("meta")
-        try:
+        with torch.device("meta"):  # the default device inside
             got = fit_map(xs, ys, weighted=weighted)
-        finally:
-            torch.set_default_device(None)
         assert got.map.device.type == "cpu"
         torch.testing.assert_close(got.map, want.map)
