@@ -10,9 +10,14 @@ docstrings the eval text does not hold: calibration.py), so no row is scored on 
 fitted or trained on. CPU latency of one 1×256 forward, each row
 against the fp32 model measured in the same run. Prints a markdown table, then the checks.
 
+--eval-text FILE and --calib-text FILE score and calibrate on your own text instead (paragraphs
+separated by blank lines, as `slimfx compile --calib` reads them): the issue's prototype figures
+were measured on other text than the built-in docstrings, and how much a cut costs depends on the
+text (README, collapse section: news text).
+
     .venv/bin/python benchmarks/collapse.py [--sizes 4,8] [--max-tokens 2048] [--lora-steps 40]
         [--lora-reach 1] [--lora-schedule cosine] [--methods rear,influence,angular,laco]
-        [--generate TOKENS] [--calib-tokens N]
+        [--generate TOKENS] [--calib-tokens N | --calib-text FILE] [--eval-text FILE]
 """
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirn
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import torch
 
 import slimfx
-from slimfx.calibration import calibration_batches
+from slimfx.calibration import calibration_batches, read_paragraphs
 from slimfx.dsl.schema import SCHEMAS
 from slimfx.evaluation import eval_text, latency_ms, param_bytes, perplexity
 from slimfx.models import load
@@ -56,11 +62,12 @@ def lora(steps: int, generate: int = 0, reach: int = REACH, schedule: str = SCHE
             + (f" schedule={schedule}" if schedule != SCHEDULE else "") + (f" generate={generate}" if generate else ""))
 
 
-def measure(lm, rules: str | None, tokens: int, example: dict, base_ms: float | None, calib=None) -> dict:
+def measure(lm, rules: str | None, tokens: int, example: dict, base_ms: float | None, calib=None,
+            text: str | None = None) -> dict:
     start = time.perf_counter()
     model = lm.model if rules is None else slimfx.compile(lm, rules, calib=calib)
     seconds = time.perf_counter() - start
-    ppl = perplexity(model, lm.tokenizer, eval_text(), max_tokens=tokens)
+    ppl = perplexity(model, lm.tokenizer, text or eval_text(), max_tokens=tokens)
     ms = latency_ms(model, example, repeats=5, warmup=1)
     notes = [] if rules is None else [n for r in model.report.rules for n in r.notes[:1]]
     blocks = len(model.graph.blocks) if rules is not None else lm.model.config.num_hidden_layers
@@ -78,6 +85,17 @@ def table(rows: list[dict], base: dict) -> str:
     return "\n".join(out)
 
 
+def _eval_text(path: str) -> str:
+    """The text of an eval file, its paragraphs' whitespace normalized as calibration reads them."""
+    try:
+        paragraphs = [" ".join(p.split()) for p in Path(path).read_text(encoding="utf-8").split("\n\n")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path!r} as an eval text: {e}") from e
+    if not any(paragraphs):
+        raise ValueError(f"eval text {path!r} is empty")
+    return "\n\n".join(p for p in paragraphs if p)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="4,8")
@@ -89,19 +107,29 @@ def main() -> int:
                     help="the LoRA heal's schedule= (cosine: warm-up, then decay towards 0)")
     ap.add_argument("--generate", type=int, default=0, help="the LoRA heal's generate= (tokens the model writes)")
     ap.add_argument("--methods", default=",".join(SHORT.values()))
-    ap.add_argument("--calib-tokens", type=int, default=None,
-                    help="calibrate every compile on this many tokens of built-in text (default: compile's 3,072)")
+    source = ap.add_mutually_exclusive_group()
+    source.add_argument("--calib-tokens", type=int, default=None,
+                       help="calibrate every compile on this many tokens of built-in text (default: compile's 3,072)")
+    source.add_argument("--calib-text", default=None,
+                       help="calibrate every compile on this text file's paragraphs (blank-line separated)")
+    ap.add_argument("--eval-text", default=None,
+                    help="score perplexity on this text file instead of the built-in eval text")
     args = ap.parse_args()
+    try:  # a file that cannot be read is refused before the model loads, by name
+        text = _eval_text(args.eval_text) if args.eval_text else eval_text()
+        calib = read_paragraphs(args.calib_text) if args.calib_text else args.calib_tokens
+    except ValueError as e:
+        ap.error(str(e))
     chosen = [m for m in METHODS if SHORT[m] in args.methods.split(",")]
     torch.manual_seed(0)
     started = time.perf_counter()
     lm = load("smollm2-135m")
     if args.generate:  # the heal refuses steps that stop short of the written text: say so before any row runs
-        needed = len(calibration_batches(lm, args.calib_tokens)) + written_batch_count(lm.model, args.generate)
+        needed = len(calibration_batches(lm, calib)) + written_batch_count(lm.model, args.generate)
         if args.lora_steps < needed:
             ap.error(f"--generate {args.generate} fills batches up to step {needed}: give --lora-steps {needed} or more")
-    example = lm.encode([eval_text()], max_length=256)
-    base = measure(lm, None, args.max_tokens, example, None)
+    example = lm.encode([text], max_length=256)
+    base = measure(lm, None, args.max_tokens, example, None, text=text)
     print(f"fp32: perplexity {base['ppl']:.3f}, {base['ms']:.1f} ms per 1×256 forward", flush=True)
     rows = [base]
     checks = []
@@ -110,7 +138,7 @@ def main() -> int:
         for method in chosen:
             for heal in ("",) if method == "rear drop" else ("", "linear"):  # rear: thousands either way
                 rules = METHODS[method](n) + (f"\n{LINEAR}" if heal else "")
-                row = {**measure(lm, rules, args.max_tokens, example, base["ms"], args.calib_tokens), "n": n, "method": method,
+                row = {**measure(lm, rules, args.max_tokens, example, base["ms"], calib, text), "n": n, "method": method,
                        "heal": heal or "none"}
                 print(f"{n} {method} heal={row['heal']}: ×{row['ppl'] / base['ppl']:.3f} ({row['compile_s']:.0f} s) "
                       f"{'; '.join(row['notes'])}", flush=True)
@@ -120,7 +148,7 @@ def main() -> int:
         written = f", {args.generate:,} tokens written by the model" if args.generate else ""
         options = (f", reach {args.lora_reach}" if args.lora_reach != REACH else "") + (
             f", {args.lora_schedule} lr" if args.lora_schedule != SCHEDULE else "")
-        row = {**measure(lm, rules, args.max_tokens, example, base["ms"], args.calib_tokens), "n": n, "method": best["method"],
+        row = {**measure(lm, rules, args.max_tokens, example, base["ms"], calib, text), "n": n, "method": best["method"],
                "heal": f"linear + lora ({args.lora_steps} steps{options}, distill{written})"}
         print(f"{n} {best['method']} heal=linear+lora: ×{row['ppl'] / base['ppl']:.3f} ({row['compile_s']:.0f} s) "
               f"{'; '.join(row['notes'])}", flush=True)
@@ -139,7 +167,8 @@ def main() -> int:
     print()
     print(f"SmolLM2-135M-Instruct, {args.max_tokens} eval tokens; {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; run {time.perf_counter() - started:.0f} s; "
-          f"calibration {f'{args.calib_tokens:,} tokens of built-in text' if args.calib_tokens else 'compile default'}")
+          f"eval text {args.eval_text or 'built-in'}; calibration "
+          f"{args.calib_text or (f'{args.calib_tokens:,} tokens of built-in text' if args.calib_tokens else 'compile default')}")
     print(table(rows, base))
     print()
     for text, ok in checks:

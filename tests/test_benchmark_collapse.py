@@ -39,3 +39,22 @@ def test_the_lora_heal_it_writes_carries_reach_and_schedule_and_parses():
     heal = parse(rules).policies[0].rules[2]
     params = dict((p.name, p.value) for p in heal.params)
     assert params["reach"] == 3 and params["schedule"] == "cosine"
+
+
+def test_an_eval_or_calibration_text_that_cannot_be_read_is_refused_before_the_model_loads(tmp_path):
+    missing = tmp_path / "news.txt"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--eval-text", str(missing)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"cannot read {str(missing)!r} as an eval text" in done.stderr
+    (tmp_path / "empty.txt").write_text("\n\n")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--calib-text", str(tmp_path / "empty.txt")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "is empty" in done.stderr, done.stderr[-2000:]
+    assert "fp32: perplexity" not in done.stdout
+
+
+def test_calibration_tokens_and_a_calibration_text_are_exclusive(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--calib-tokens", "25000", "--calib-text", "x.txt"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr, done.stderr[-2000:]
