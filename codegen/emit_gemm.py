@@ -86,7 +86,8 @@ class GemmKernel(Kernel):
         x = values[0]
         x2 = x.reshape(-1, self.k)
         m = x2.shape[0]
-        outs = [torch.empty(shape, dtype=dtype, device=x.device)
+        device = x.device
+        outs = [torch.empty(shape, dtype=dtype, device=device)
                 for shape, dtype in zip(self.output_shapes(values), self.output_dtypes())]
         if m == 0 or not any(self.ns):
             return outs
@@ -110,10 +111,10 @@ class GemmKernel(Kernel):
             bm, bn, bk = block_sizes(m, interpreted)
             self.compile()[self._grid(m, bm, bn)](*sizes, BM=bm, BN=bn, BK=bk, GEMV=False)
             return outs
-        bucket = m_bucket(m)
-        tuned = self.tuned(("gemm", bucket), lambda: autotuned(
-            self.compile(), gemm_configs(bucket, self.lora_width), ["K", *[f"N{j}" for j in range(len(self.ns))]], interpreted))
-        tuned[lambda meta: self._grid(m, meta["BM"], meta["BN"])](*sizes)
+        bucket = m_bucket(m)  # K and the Ns, the rest of the tuner's key, are the kernel's own
+        self.launch_tuned(("gemm", bucket), lambda: autotuned(
+            self.compile(), gemm_configs(bucket, self.lora_width), ["K", *[f"N{j}" for j in range(len(self.ns))]], interpreted),
+            lambda meta: self._grid(m, meta["BM"], meta["BN"]), sizes, {})
         return outs
 
     def _grid(self, m: int, bm: int, bn: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ source (codegen/kernel.py caches and imports it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Sequence
 
 import torch
@@ -38,10 +39,13 @@ class RowKernel(Kernel):
     def shape_nodes(self) -> list[fx.Node]:
         return super().shape_nodes() + [self.full]
 
+    @cached_property
+    def reads_bcast(self) -> bool:  # asked at every launch
+        return any(role == "bcast" for _, role in self.inputs)
+
     def launch(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run on `values` (the inputs, in order); the outputs, shaped as the graph's."""
-        import triton  # here, not at module level: TRITON_INTERPRET must be set before the first import
-        from triton import knobs
+        from triton import knobs  # here, not at module level: TRITON_INTERPRET must be set before the first import
 
         self.check_dtypes(values)
         *shapes, full = self.output_shapes(values)
@@ -51,17 +55,17 @@ class RowKernel(Kernel):
         args = [_argument(v, role, rows, d) for v, (_, role) in zip(values, self.inputs)]
         outs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in zip(shapes, self.output_dtypes())]
         extra = []  # the bcast inputs' coordinates: the full shape's leading sizes, their strides
-        if any(role == "bcast" for _, role in self.inputs):
+        if self.reads_bcast:
             extra += list(full[:-1])
             for v, (_, role) in zip(values, self.inputs):
                 if role == "bcast":
                     extra += list(torch.broadcast_to(v, full).stride())
         if rows and d:
-            block = triton.next_power_of_2(d)
+            block = 1 << (d - 1).bit_length()  # triton.next_power_of_2(d), without its constexpr wrapper's cost
             interpreted = bool(knobs.runtime.interpret)
             if tuning_enabled(interpreted):  # one launcher per row width: its own timings
-                tuned = self.tuned(("rows", block), lambda: autotuned(self.compile(), row_configs(), ["D"], interpreted))
-                tuned[(rows,)](*args, *outs, d, *extra, BLOCK=block)
+                self.launch_tuned(("rows", block), lambda: autotuned(self.compile(), row_configs(), ["D"], interpreted),
+                                  (rows,), (*args, *outs, d, *extra), {"BLOCK": block}, sizes=(d,))
             else:
                 self.compile()[(rows,)](*args, *outs, d, *extra, BLOCK=block)
         return outs
@@ -71,7 +75,7 @@ def _argument(value: torch.Tensor, role: str, rows: int, d: int) -> torch.Tensor
     if role == "bcast":
         return value  # read in place through its broadcast strides
     flat = value.contiguous().reshape(-1)
-    want = {"full": rows * d, "row": rows, "col": d, "scalar": 1}[role]
+    want = rows * d if role == "full" else rows if role == "row" else d if role == "col" else 1  # or "scalar"
     if flat.numel() != want:
         raise ValueError(f"a {role} input holds {flat.numel()} values, expected {want}")
     return flat

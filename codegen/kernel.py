@@ -9,7 +9,8 @@ writes in argument order, and a launcher.
 - **`listing()`** is what `slimfx compile --emit-kernels` writes: a header naming the graph nodes
   the kernel replaces, then the source.
 - **Shapes at run time.** Outputs are allocated from the group's symbolic shapes, with the symbols
-  (batch, sequence, …) bound from the shapes of the inputs of that call.
+  (batch, sequence, …) bound from the shapes of the inputs of that call — evaluated once per
+  distinct binding and looked up after that: a launch's host time is what a small GPU call costs.
 
 Without a GPU, kernels run through Triton's interpreter (`TRITON_INTERPRET=1` set before triton is
 first imported); runtime/lower.py checks that before it lowers anything.
@@ -22,6 +23,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -69,11 +71,26 @@ class Shapes:
 
                 raise Unsupported(f"{n.name}'s shape uses {sorted(map(str, missing))}, which no input of the group has")
 
-    def __call__(self, values: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
-        sizes = {e: values[i].shape[d] for e, (i, d) in self.where.items()}
+        # Every launch asks for the shapes: they are evaluated once per distinct sizes of the
+        # symbolic input dims (batch, sequence length) and then looked up, so no sympy runs on a
+        # call's host path (a GPU launch costs microseconds). Emptied when full: a decode loop's
+        # growing length must not grow it without end.
+        self.reads = tuple(self.where.values())
+        self.seen: dict[tuple[int, ...], tuple[tuple[int, ...], ...]] = {}
+
+    def __call__(self, values: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], ...]:
+        key = tuple([values[i].shape[d] for i, d in self.reads])
+        shapes = self.seen.get(key)
+        if shapes is None:
+            if len(self.seen) >= 1024:
+                self.seen.clear()
+            shapes = self.seen[key] = self.evaluate(dict(zip(self.where, key)))
+        return shapes
+
+    def evaluate(self, sizes: dict[sympy.Expr, int]) -> tuple[tuple[int, ...], ...]:
         binding = {e: v for e, v in sizes.items() if isinstance(e, sympy.Symbol)}
-        return [tuple(e if isinstance(e, int) else sizes[e] if e in sizes else int(e.xreplace(binding))
-                      for e in shape) for shape in self.exprs]
+        return tuple(tuple(e if isinstance(e, int) else sizes[e] if e in sizes else int(e.xreplace(binding))
+                           for e in shape) for shape in self.exprs)
 
 
 def _expr(size) -> Any:
@@ -94,9 +111,14 @@ class Kernel:
     nodes: list[fx.Node]  # the group's nodes it replaces
     _fn: Optional[object] = field(default=None, repr=False)
     _shapes: Optional[Shapes] = field(default=None, repr=False)
+    # What every launch would otherwise recompute from the graph (the inputs' and outputs' dtypes),
+    # and per tuning bucket the config triton.autotune chose (`launch_tuned`).
+    _input_dtypes: Optional[tuple] = field(default=None, repr=False, compare=False)
+    _output_dtypes: Optional[tuple] = field(default=None, repr=False, compare=False)
+    _chosen: dict = field(default_factory=dict, repr=False, compare=False)
 
-    @property
-    def name(self) -> str:
+    @cached_property
+    def name(self) -> str:  # cached: a launch at a new tuning bucket asks for it, and it hashes the source
         return source_name(self.template, self.source)
 
     def listing(self, same: Sequence["Kernel"] = ()) -> str:
@@ -139,11 +161,29 @@ class Kernel:
 
         return launcher((self.name, *bucket), make)
 
+    def launch_tuned(self, bucket: tuple, make: Callable[[], Any], grid, args: Sequence, kwargs: dict,
+                     sizes: tuple = ()) -> None:
+        """`fn[grid](*args, **kwargs)` through the tuned launcher of `bucket` (`tuned`) the first
+        time at `bucket` and `sizes`; later calls launch its @triton.jit function with the config
+        it chose directly. The autotuner's key is its key arguments (`sizes`: those of them that
+        vary between this kernel's calls) and every argument's dtype (fixed per kernel by
+        check_dtypes), so its choice cannot change: going around it only skips its per-call
+        Python (dicts of every argument, a dtype string each), microseconds of a launch."""
+        chosen = self._chosen.get((bucket, sizes))
+        if chosen is None:
+            tuned = self.tuned(bucket, make)
+            tuned[grid](*args, **kwargs)
+            # the config this launch ran (Autotuner.run sets it; the autotuner is not thread-safe itself)
+            self._chosen[bucket, sizes] = tuned.fn, tuned.best_config.all_kwargs()
+        else:
+            fn, config = chosen
+            fn[grid](*args, **kwargs, **config)
+
     def shape_nodes(self) -> list[fx.Node]:
         """The values whose run-time shapes the launcher needs: the outputs (a template may add)."""
         return [n for n, _ in self.outputs]
 
-    def output_shapes(self, values: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
+    def output_shapes(self, values: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], ...]:
         """The shapes of `shape_nodes()` for this call's inputs."""
         if self._shapes is None:
             self._shapes = Shapes([n for n, _ in self.inputs], self.shape_nodes())
@@ -152,14 +192,17 @@ class Kernel:
     def check_dtypes(self, values: Sequence[torch.Tensor]) -> None:
         """The source reads each input in the dtype its graph value had (codegen/dtypes.py): a
         tensor of another dtype would be read as the wrong format, so it is refused by name."""
-        for value, (node, role) in zip(values, self.inputs):
-            want = tensor_val(node)
-            if want is not None and value.dtype != want.dtype:
+        if self._input_dtypes is None:
+            self._input_dtypes = tuple(None if tensor_val(n) is None else tensor_val(n).dtype for n, _ in self.inputs)
+        for value, want, (node, role) in zip(values, self._input_dtypes, self.inputs):
+            if want is not None and value.dtype != want:
                 raise TypeError(f"kernel {self.name}: its {role} input {node.name} is {value.dtype}, the kernel "
-                                f"was generated for {want.dtype}; compile the model again in the dtype it runs in")
+                                f"was generated for {want}; compile the model again in the dtype it runs in")
 
-    def output_dtypes(self) -> list[torch.dtype]:
-        return [tensor_val(n).dtype for n, _ in self.outputs]
+    def output_dtypes(self) -> tuple[torch.dtype, ...]:
+        if self._output_dtypes is None:
+            self._output_dtypes = tuple(tensor_val(n).dtype for n, _ in self.outputs)
+        return self._output_dtypes
 
     def launch(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} defines no launcher")

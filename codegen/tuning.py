@@ -1,7 +1,9 @@
 """Autotuning of the generated kernels: the candidate launch configurations of each template, and
 the launcher that times them once per shape bucket and keeps the fastest.
 
-- **When.** On a GPU every launch goes through `triton.autotune` over the template's configs.
+- **When.** On a GPU launches are tuned by `triton.autotune` over the template's configs: a
+  kernel's first launch at each bucket goes through it, later ones launch its choice directly
+  (codegen/kernel.py `Kernel.launch_tuned`).
   Under Triton's interpreter (no GPU) a launch uses the template's fixed first choice: the
   interpreter has no driver to time on, and numpy's speed says nothing about a GPU's.
   `SLIMFX_AUTOTUNE=0` turns tuning off on a GPU too (the fixed choice, no timing runs);

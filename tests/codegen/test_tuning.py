@@ -167,3 +167,42 @@ def test_a_lora_gemv_keeps_its_rank_products_in_registers():
     spilled_at_64 = {(8, 128, 4), (8, 256, 4), (8, 256, 8), (16, 128, 4)}  # 4-row bucket, 0.7-1.4 KB a thread
     assert not gemv(4, 64) & spilled_at_64 and gemv(4, 64) == {(8, 128, 8), (16, 128, 8), (32, 64, 4), (32, 64, 8)}
     assert gemv(1, 64) and [c for c in gemm_configs(4, 256) if not c["kwargs"]["GEMV"]]  # tl.dot tiles stay
+
+
+def test_after_its_first_launch_at_a_bucket_a_kernel_launches_the_tuners_choice_without_it(monkeypatch, fresh_tuners):
+    """The autotuner's per-call Python (a dict of every argument, a dtype string each) is
+    microseconds of a GPU launch: it runs at a bucket's first launch only, the later ones launch
+    the config it chose directly — and compute what it would have."""
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.setenv("SLIMFX_AUTOTUNE", "1")
+    runs, original_run = [], Autotuner.run
+
+    def counting_run(self, *args, **kwargs):
+        runs.append(self)
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", counting_run)
+    model = QuantLinear(40, 24, 4, 16, False, True, "silu")
+    kernel = _gemm(model, torch.randn(2, 40))
+    for m, through_tuner in ((3, 1), (4, 0), (2, 0), (9, 1), (5, 0)):
+        x = torch.randn(m, 40)
+        before = len(runs)
+        (got,) = kernel.launch([x, model.qweight, model.scales, model.zeros, model.bias])
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-4)
+        assert len(runs) - before == through_tuner, m
+    for (bucket, _), (fn, config) in kernel._chosen.items():
+        assert {k: config[k] for k in ("BM", "BN", "BK", "GEMV")} == tuning._TUNED[(kernel.name, *bucket)].best_config.kwargs
+
+
+def test_output_shapes_are_worked_out_once_per_binding_of_the_symbolic_sizes(monkeypatch):
+    from slimfx.codegen.kernel import Shapes
+
+    evaluated, original = [], Shapes.evaluate
+    monkeypatch.setattr(Shapes, "evaluate", lambda self, sizes: evaluated.append(sizes) or original(self, sizes))
+    model = QuantLinear(40, 24, 4, 16, False, True, "silu")
+    kernel = _gemm(model, torch.randn(2, 40))
+    for m in (3, 3, 7, 3, 7):
+        assert kernel.output_shapes([torch.randn(m, 40)]) == ((m, 24),)
+    assert len(evaluated) == 2
