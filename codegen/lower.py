@@ -24,7 +24,7 @@ from .emit import emit_all
 from .kernel import Kernel
 from .partition import Group, check_acyclic, partition
 
-__all__ = ["CodegenSummary", "lower_graph", "launcher"]
+__all__ = ["CodegenSummary", "lower_graph", "launcher", "drop_metadata_asserts"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ def lower_graph(graph: fx.Graph) -> tuple[fx.Graph, CodegenSummary]:
     new._codegen = graph._codegen  # export's pytree calling convention (flat inputs in, structure out)
     remap: dict[fx.Node, fx.Node] = {}
     new.output(new.graph_copy(graph, remap))
+    drop_metadata_asserts(new)
     groups = partition(new)
     emitted = emit_all(groups)
     check_acyclic(new, [_as_group(k) for k in emitted.kernels])
@@ -88,6 +89,23 @@ def lower_graph(graph: fx.Graph) -> tuple[fx.Graph, CodegenSummary]:
     reasons = collections.Counter(why for _, why in emitted.eager)
     return new, CodegenSummary(tuple(sorted(templates.items())), tuple(reasons.most_common()),
                                _listings(emitted.kernels))
+
+
+def drop_metadata_asserts(graph: fx.Graph) -> None:
+    """Erase export's `aten._assert_tensor_metadata` checks (one beside each `.to()` of the
+    model). Each reads a value that is usually inside a fusion group — in a Llama, the float32
+    hidden state an RMSNorm casts — and a value read outside its group is written out: every
+    norm's kernel wrote a second [rows, D] float32 tensor that only the check read, twice the
+    norm's useful traffic in bfloat16. The checks assert dtypes and shapes the capture already
+    fixed; a kernel refuses an input of another dtype at launch (Kernel.check_dtypes), and the
+    reference graph that eager runs and save() keeps is left with them. The traffic model
+    (traffic.py) partitions the graph without them too, as the kernels run."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is _METADATA_ASSERT and not node.users:
+            graph.erase_node(node)
+
+
+_METADATA_ASSERT = torch.ops.aten._assert_tensor_metadata.default
 
 
 def _listings(kernels: list[Kernel]) -> tuple[tuple[str, str], ...]:

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .lower import drop_metadata_asserts
 from .ops import kind_of
 from .partition import Group, partition
 
@@ -37,7 +38,10 @@ def measure(gm: fx.GraphModule, inputs: list[Any]) -> tuple[Traffic, Traffic, li
     """(unfused, fused, groups) for one run of `gm` on `inputs` (positional, in placeholder order)."""
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
-    groups = partition(gm)
+    graph = fx.Graph()  # partitioned as lowering does: without export's metadata checks (lower.py)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    drop_metadata_asserts(graph)
+    groups = partition(graph)
     return unfused_traffic(gm), fused_traffic(groups), groups
 
 

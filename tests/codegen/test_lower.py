@@ -111,6 +111,23 @@ def test_models_that_flatten_rows_run_on_the_triton_backend(arch):
             torch.testing.assert_close(_logits(cm(**inputs)), _logits(eager(**inputs)), atol=2e-5, rtol=2e-5)
 
 
+def test_no_kernel_writes_a_value_only_exports_metadata_checks_read():
+    """export puts an aten._assert_tensor_metadata beside each .to() of the model; a check that
+    reads a value inside a group made the group write it out, so every Llama RMSNorm kernel wrote
+    a second [rows, D] float32 tensor nobody used. The lowered graph drops the checks; the
+    reference graph (eager, save) keeps them."""
+    check = torch.ops.aten._assert_tensor_metadata.default
+    lm = tiny("llama")
+    cm = slimfx.compile(lm.model, "", example_inputs=lm.example_inputs, backend="triton")
+    calls = [n for n in cm.program.graph.nodes if hasattr(n.target, "kernel")]
+    assert not [n for n in cm.program.graph.nodes if n.target is check]
+    rows = [n.target.kernel for n in calls if n.target.kernel.template == "rows"]
+    assert len(rows) >= 5 and all(len(k.outputs) == 1 for k in rows), [len(k.outputs) for k in rows]
+    assert all(g.users for n in calls for g in n.users)  # every output written is read
+    cm.set_backend("eager")
+    assert [n for n in cm.program.graph.nodes if n.target is check]
+
+
 def test_save_and_load_regenerate_the_kernels_and_switching_backends(tmp_path):
     lm = tiny("llama", layers=1)
     cm = slimfx.compile(lm.model, POLICIES["llama"], example_inputs=lm.example_inputs, backend="triton")

@@ -1,6 +1,8 @@
 """The traffic model (codegen/traffic.py) on a graph whose bytes are counted by hand."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 import slimfx
@@ -31,3 +33,20 @@ def test_tiny_llama_int4_moves_fewer_bytes_in_fewer_kernels():
     assert fused.weight_bytes == unfused.weight_bytes  # every weight is read once either way
     assert fused.kernels < 0.6 * unfused.kernels
     assert fused.activation_bytes < 0.7 * unfused.activation_bytes
+
+
+def test_exports_metadata_checks_add_no_traffic():
+    """As the lowered graph runs (codegen/lower.py drops the checks): a check that read a value
+    inside a group made it a group output, counted as written — a Llama's RMSNorm group wrote
+    the float32 value its .to() check read besides its output."""
+    check = torch.ops.aten._assert_tensor_metadata.default
+    lm = tiny("llama", layers=2)
+    cm = slimfx.compile(lm.model, "", example_inputs=lm.example_inputs, backend="eager")
+    inputs = [lm.example_inputs[n] for n in cm.input_names]
+    unchecked = copy.deepcopy(cm.program)
+    checks = [n for n in unchecked.graph.nodes if n.target is check]
+    assert checks  # the graph has them
+    for n in checks:
+        unchecked.graph.erase_node(n)
+    unchecked.recompile()
+    assert measure(cm.program, inputs)[1] == measure(unchecked, inputs)[1]
