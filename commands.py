@@ -62,6 +62,9 @@ def add_model_commands(sub) -> None:
     ev.set_defaults(run=_guarded(_eval))
 
 
+TRACEBACK_ENV = "SLIMFX_TRACEBACK"
+
+
 class UsageError(ValueError):
     """A command-line argument that cannot work (an --out that is a file, an unreadable --calib)."""
 
@@ -79,6 +82,11 @@ def _guarded(fn):
             print(str(e), file=sys.stderr)
         except (ModelNotFound, ArtifactError, UsageError) as e:
             print(f"error: {e}", file=sys.stderr)
+        except Exception as e:  # anything else still prints as one message; the traceback on request
+            if os.environ.get(TRACEBACK_ENV) == "1":
+                raise
+            print(f"error: {type(e).__name__}: {e}\n(set {TRACEBACK_ENV}=1 to see where it was raised; if the "
+                  "input looks right, that traceback is a slimfx bug to report)", file=sys.stderr)
         return 1
 
     return run
@@ -112,6 +120,8 @@ def _compile(args) -> int:
     from . import api
 
     _check_out(args.out)  # before minutes of compiling, not after
+    if args.emit_kernels:
+        _check_folder("--emit-kernels", args.emit_kernels)
     calib = _read_calib(args.calib) if args.calib else None
     loaded = _load_model(args.model)
     if args.calib_tokens is not None:
@@ -120,10 +130,10 @@ def _compile(args) -> int:
     _console().print(cm.report.table())
     if args.stats:
         print(_group_stats(cm, loaded))
+    cm.save(args.out)  # first: the compile is kept whatever happens to the listings
+    print(f"saved to {args.out}", file=sys.stderr)
     if args.emit_kernels:
         print(_emit_kernels(cm, args.emit_kernels), file=sys.stderr)
-    cm.save(args.out)
-    print(f"saved to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -152,9 +162,20 @@ def _check_out(out: str) -> None:
     from .runtime.artifact import check_target
 
     check_target(Path(out))
-    parent = next(p for p in Path(out).absolute().parents if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write --out {out}: {parent} is not writable")
+    _check_folder("--out", out)
+
+
+def _check_folder(option: str, path: str) -> None:
+    """A directory `option` is to write: not a file, under directories only, in a writable place."""
+    from pathlib import Path
+
+    if Path(path).is_file():
+        raise UsageError(f"{option} {path} is a file; pass a directory path")
+    above = next(p for p in Path(path).absolute().parents if p.exists())
+    if not above.is_dir():
+        raise UsageError(f"cannot write {option} {path}: {above} is a file, not a directory")
+    if not os.access(above, os.W_OK):
+        raise UsageError(f"cannot write {option} {path}: {above} is not writable")
 
 
 def _read_calib(path: str) -> list[str]:
@@ -189,6 +210,7 @@ def _train(args) -> int:
         raise UsageError(f"{args.compiled} has no adapters to train: compile it with an `adapt` rule, "
                          "e.g. `adapt blocks.*.attn.{q,v} lora rank=16 alpha=32`")
     loaded = _load_model(args.model)
+    _check_same_model(cm, loaded, args)
     batch = _training_batch(loaded, args.batch, args.seq)
     loss = args.loss or ("lm" if loaded.kind == "causal-lm" else "distill")
     print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {args.steps} steps "
@@ -197,20 +219,29 @@ def _train(args) -> int:
     torch.manual_seed(args.seed)
     result = train(cm, [batch], steps=args.steps, lr=args.lr, loss=loss, schedule=args.schedule,
                    teacher=loaded.model if loss == "distill" else None, progress=True)
-    for i, value in enumerate(result.losses, 1):
-        print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {value:.4f}")
-    print(f"loss {result.first:.4f} -> {result.last:.4f} in {result.seconds:.1f}s")
+    for i, value in enumerate(result.losses, 1):  # .4g: a distill loss of 2e-5 is not "0.0000"
+        print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {value:.4g}")
+    print(f"loss {result.first:.4g} -> {result.last:.4g} in {result.seconds:.1f}s")
     cm.save(out)
     print(f"saved to {out}", file=sys.stderr)
     return 0
+
+
+def _check_same_model(cm, loaded, args) -> None:
+    """--model must be the model --compiled was compiled from (its class, as the artifact records
+    it): another one would be scored or distilled against as if it were the original."""
+    mine = type(loaded.model).__name__
+    if cm.graph.model_class != mine:
+        raise UsageError(f"{args.compiled} was compiled from a {cm.graph.model_class}, --model {args.model} is a "
+                         f"{mine}; pass the model it was compiled from")
 
 
 def _check_train_args(args) -> None:
     for name in ("steps", "batch", "seq"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if not 0 < args.lr < float("inf"):
+        raise UsageError(f"--lr must be a positive finite number, got {args.lr}")
 
 
 def _training_batch(loaded, batch: int, seq: int) -> dict:
@@ -240,11 +271,14 @@ def _count_params(cm) -> str:
 def _eval(args) -> int:
     from .evaluation import eval_table
 
+    if args.max_tokens < 2:  # the first token has nothing before it to be predicted from
+        raise UsageError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     loaded = _load_model(args.model)
     compiled = None
     if args.compiled:
         from . import api
 
         compiled = api.load(args.compiled)
+        _check_same_model(compiled, loaded, args)
     _console().print(eval_table(loaded, compiled, max_tokens=args.max_tokens))
     return 0

@@ -63,6 +63,9 @@ def check_target(target: Path) -> None:
     that is not an artifact (`slimfx compile --out` checks it before compiling)."""
     if target.is_file():
         raise ArtifactError(f"cannot save to {target}: it is a file; pass a directory path")
+    above = next((p for p in target.absolute().parents if p.exists() and not p.is_dir()), None)
+    if above is not None:  # mkdir would fail at the end of a compile, and the compile be lost
+        raise ArtifactError(f"cannot save to {target}: {above} is a file, not a directory; choose another path")
     if target.is_dir() and any(target.iterdir()) and not (target / META).is_file():
         raise ArtifactError(f"refusing to replace {target}: it is a non-empty directory that is "
                             "not a slimfx artifact; choose a new path or empty it first")

@@ -75,6 +75,8 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     params = _check(cm, steps, loss, teacher)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; train() knows {', '.join(map(repr, SCHEDULES))}")
+    if optimizer is None and not 0 < lr < float("inf"):
+        raise ValueError(f"lr must be a positive finite number, got {lr}")
     batches = _batches(batches)
     teacher = _unwrap(teacher)
     opt = optimizer if optimizer is not None else torch.optim.AdamW(params, lr=lr)
@@ -90,7 +92,15 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
             scale(lr_factor(schedule, i, steps))
             value = _step(cm, batch, opt, loss, teacher, i)
             losses.append(value)
-            step(note=f"loss {value:.4f}")
+            step(note=f"loss {value:.4g}")
+        # A step's loss is checked before its update; the last update has no step after it, so
+        # one more forward (no gradient) checks what it left: an lr of 1e30 left finite adapters
+        # whose outputs were nan.
+        with torch.no_grad():
+            after = _loss(cm, batch, loss, teacher)
+        if not torch.isfinite(after):
+            raise FloatingPointError(f"after step {len(losses)}'s update the {loss} loss is {after.item()}; "
+                                     "the adapters are broken: try a lower lr, and compile or load the model again")
     return TrainResult(losses, time.perf_counter() - start, loss)
 
 
@@ -216,9 +226,7 @@ def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
     # caller's `with torch.autocast` ends; without this, every step would reuse step 1's copy.
     torch.clear_autocast_cache()
     opt.zero_grad(set_to_none=True)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = cm(**inputs)
-    value = lm_loss(out, batch) if loss == "lm" else _distill_loss(out, teacher, inputs)
+    value = _loss(cm, batch, loss, teacher)
     if not torch.isfinite(value):
         raise FloatingPointError(f"the {loss} loss is {value.item()} at step {i + 1}; the adapters were "
                                  "not updated by it (try a lower lr)")
@@ -228,6 +236,12 @@ def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
 
 
 # ---------------------------------------------------------------- losses
+
+def _loss(cm, batch: dict, loss: str, teacher) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = cm(**inputs)
+    return lm_loss(out, batch) if loss == "lm" else _distill_loss(out, teacher, inputs)
+
 
 def lm_loss(out, batch: dict) -> torch.Tensor:
     """Mean next-token cross entropy over the scored tokens (float32, whatever autocast did)."""

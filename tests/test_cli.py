@@ -156,6 +156,50 @@ def test_compile_checks_out_before_compiling_and_reads_calib_files(tmp_path, cap
     assert (tmp_path / "o" / "meta.json").exists()
 
 
+def test_compile_refuses_out_and_emit_kernels_paths_under_a_file_before_loading(tmp_path, capsys):
+    """mkdir fails under a file: found at save, the whole compile was lost to a FileExistsError."""
+    spec = write(tmp_path, "policy p {\n    keep head\n}\n")
+    a_file = write(tmp_path, "x", name="a-file")
+    for extra in (["--out", str(a_file / "sub")], ["--out", str(tmp_path / "o"), "--emit-kernels", str(a_file)],
+                  ["--out", str(tmp_path / "o"), "--emit-kernels", str(a_file / "k")]):
+        assert main(["compile", str(spec), "--model", "tiny:llama", *extra]) == 1
+        err = capsys.readouterr().err
+        assert "a-file" in err and ("is a file" in err) and "loading" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unforeseen_error_is_one_message_and_the_traceback_is_there_on_request(tmp_path, capsys, monkeypatch):
+    from slimfx import commands
+
+    def broken(args):
+        raise RuntimeError("something no check foresaw")
+
+    monkeypatch.setattr(commands, "_load_model", broken)
+    argv = ["eval", "--model", "tiny:llama"]
+    monkeypatch.delenv("SLIMFX_TRACEBACK", raising=False)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: RuntimeError: something no check foresaw" in err and "SLIMFX_TRACEBACK=1" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("SLIMFX_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="no check foresaw"):
+        main(argv)
+
+
+def test_eval_refuses_too_few_tokens_and_another_model_than_the_compiled_one(tmp_path, capsys):
+    for n in ("1", "-5"):  # -5 scored all but the last five tokens
+        assert main(["eval", "--model", "tiny:llama", "--max-tokens", n]) == 1
+        assert "--max-tokens must be at least 2" in capsys.readouterr().err
+    out = tmp_path / "artifact"
+    assert main(["compile", str(write(tmp_path, "policy p {\n    keep head\n}\n")), "--model", "tiny:llama",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", "tiny:qwen2", "--compiled", str(out), "--max-tokens", "64"]) == 1
+    captured = capsys.readouterr()
+    assert "was compiled from a LlamaForCausalLM, --model tiny:qwen2 is a Qwen2ForCausalLM" in captured.err
+    assert "perplexity" not in captured.out
+
+
 def test_compile_calibrates_on_a_number_of_built_in_tokens(tmp_path, capsys, monkeypatch):
     from slimfx import api
     from slimfx.calibration import calibration_batches

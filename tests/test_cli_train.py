@@ -70,8 +70,18 @@ def test_train_refuses_before_loading_anything(tmp_path, capsys):
     assert "it is a file" in err and "loading" not in err
     assert main([*argv, "0"]) == 1
     assert "--steps must be at least 1" in capsys.readouterr().err
-    assert main([*argv, "1", "--lr", "0"]) == 1
-    assert "--lr must be positive" in capsys.readouterr().err
+    for lr in ("0", "inf", "nan"):  # inf trained one step and saved nan adapters, exit 0
+        assert main([*argv, "1", "--lr", lr]) == 1
+        assert "--lr must be a positive finite number" in capsys.readouterr().err
+
+
+def test_train_refuses_a_model_that_is_not_the_one_compiled(artifact, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["train", "--model", "tiny:gpt2", "--compiled", str(artifact), "--steps", "1",
+                 "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert f"{artifact} was compiled from a LlamaForCausalLM, --model tiny:gpt2 is a GPT2LMHeadModel" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_an_artifact_without_adapters_is_a_message_not_a_traceback(tmp_path, capsys):

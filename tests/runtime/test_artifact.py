@@ -108,6 +108,8 @@ def test_save_refuses_to_replace_other_directories(tmp_path):
         compiled("llama").cm.save(tmp_path)
     with pytest.raises(ArtifactError, match="is a file"):
         compiled("llama").cm.save(tmp_path / "notes.txt")
+    with pytest.raises(ArtifactError, match=r"notes.txt is a file, not a directory"):  # was FileExistsError
+        compiled("llama").cm.save(tmp_path / "notes.txt" / "sub" / "dir")
     assert (tmp_path / "notes.txt").read_text() == "precious"
 
 

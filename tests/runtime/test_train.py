@@ -179,11 +179,22 @@ def test_train_steps_with_the_scheduled_lr_and_gives_the_optimizer_its_lr_back()
     (dict(steps=2, loss="mse"), ValueError, "unknown loss 'mse'"),
     (dict(steps=2, loss="distill"), ValueError, "needs a teacher"),
     (dict(steps=2, schedule="linear"), ValueError, "unknown schedule 'linear'"),
+    (dict(steps=1, lr=float("inf")), ValueError, "lr must be a positive finite number, got inf"),
+    (dict(steps=1, lr=0.0), ValueError, "lr must be a positive finite number, got 0.0"),
 ])
 def test_argument_errors(kwargs, error, match):
     lm, cm = fresh("llama", *MIXED)
     with pytest.raises(error, match=match):
         slimfx.train(cm, [tokens(1, 4, pad=False)], **kwargs)
+
+
+def test_a_last_update_that_leaves_the_adapters_not_finite_raises():
+    """Every step's loss is checked before its update; the last update has no step after it, so
+    an lr of 1e30 once returned normally with adapters whose outputs were nan (and `slimfx train`
+    saved them)."""
+    lm, cm = fresh("llama", *MIXED)
+    with pytest.raises(FloatingPointError, match=r"after step 1's update the lm loss is nan; the adapters are broken"):
+        slimfx.train(cm, [tokens(1, 4, pad=False)], steps=1, lr=1e30)
 
 
 def test_a_model_without_adapters_is_refused():
