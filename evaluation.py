@@ -22,7 +22,7 @@ from torch import nn
 from .runtime.sizes import param_bytes
 
 __all__ = [
-    "default_text", "eval_text", "calibration_texts", "perplexity", "embed", "embedding_cosine", "param_bytes", "latency_ms",
+    "default_text", "eval_text", "context_length", "calibration_texts", "perplexity", "embed", "embedding_cosine", "param_bytes", "latency_ms",
     "eval_rows", "eval_table", "eval_paragraphs",
 ]
 
@@ -170,9 +170,10 @@ def _device_of(model: Callable) -> torch.device:
 
 # ---------------------------------------------------------------- encoders
 
-def embed(model: Callable, tokenizer: Any, texts: Iterable[str]) -> torch.Tensor:
-    """Attention-mask-weighted mean of the last hidden states: one row per text, float32."""
-    enc = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+def embed(model: Callable, tokenizer: Any, texts: Iterable[str], *, max_length: int | None = None) -> torch.Tensor:
+    """Attention-mask-weighted mean of the last hidden states: one row per text, float32; texts
+    cut at `max_length` tokens (default: the tokenizer's own limit)."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     device = _device_of(model)
     inputs = {k: v.to(device) for k, v in _accepted(model, dict(enc)).items()}
     with torch.inference_mode():
@@ -182,12 +183,12 @@ def embed(model: Callable, tokenizer: Any, texts: Iterable[str]) -> torch.Tensor
 
 
 def embedding_cosine(model_a: Callable, model_b: Callable, tokenizer: Any,
-                     texts: Iterable[str]) -> float:
+                     texts: Iterable[str], *, max_length: int | None = None) -> float:
     """Mean over texts of cos(embed_a(text), embed_b(text)); 1.0 means same embeddings."""
     texts = list(texts)
     if not texts:
         raise ValueError("embedding_cosine needs at least one text")
-    a, b = embed(model_a, tokenizer, texts), embed(model_b, tokenizer, texts)
+    a, b = embed(model_a, tokenizer, texts, max_length=max_length), embed(model_b, tokenizer, texts, max_length=max_length)
     return float(F.cosine_similarity(a.double(), b.double().to(a.device), dim=-1).mean())
 
 
@@ -246,6 +247,20 @@ def eval_paragraphs(count: int = 16, min_words: int = 40) -> list[str]:
     return [p for p in eval_text().split("\n\n") if len(p.split()) >= min_words][:count]
 
 
+def context_length(model: Any) -> int | None:
+    """The most tokens one sequence of `model` may hold, as its config says (None when it says
+    nothing): `slimfx eval` cuts its windows and texts there — a tiny GPT-2 of 128 positions
+    raised an index error at the default 256. RoBERTa's positions start after its padding index."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        n = getattr(config, name, None)
+        if isinstance(n, int) and n > 0:
+            if "roberta" in str(getattr(config, "model_type", "")) or getattr(config, "model_type", "") == "camembert":
+                n -= (getattr(config, "pad_token_id", None) or 0) + 1
+            return n
+    return None
+
+
 def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str, Any]]:
     """One row per model (original, then compiled): quality metric, stored weight bytes, bytes
     held while running (a compiled model's CPU kernels keep converted copies of packed weights),
@@ -256,8 +271,10 @@ def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str
     models = [("original", loaded.model)] + ([("compiled", compiled)] if compiled is not None else [])
     timed = loaded.example_inputs
     texts = (*EVAL_SENTENCES, *eval_paragraphs())
+    longest = context_length(loaded.model)
     if loaded.kind == "encoder" and loaded.tokenizer is not None:
-        batch = loaded.tokenizer(eval_paragraphs(), padding=True, truncation=True, return_tensors="pt")
+        batch = loaded.tokenizer(eval_paragraphs(), padding=True, truncation=True, max_length=longest,
+                                 return_tensors="pt")
         timed = _accepted(loaded.model, dict(batch))
     rows = []
     for label, model in models:
@@ -265,9 +282,10 @@ def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str
         row = {"model": label, "bytes": stored, "running_bytes": param_bytes(model),
                "latency_ms": latency_ms(model, timed, repeats=10, warmup=2)}
         if loaded.kind == "causal-lm":
-            row["perplexity"] = perplexity(model, loaded.tokenizer, eval_text(), max_tokens=max_tokens)
+            row["perplexity"] = perplexity(model, loaded.tokenizer, eval_text(), max_tokens=max_tokens,
+                                           window=min(256, longest or 256))
         elif loaded.tokenizer is not None:
-            row["cosine"] = embedding_cosine(loaded.model, model, loaded.tokenizer, texts)
+            row["cosine"] = embedding_cosine(loaded.model, model, loaded.tokenizer, texts, max_length=longest)
         rows.append(row)
     return rows
 

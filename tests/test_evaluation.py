@@ -7,7 +7,7 @@ from torch import nn
 
 from slimfx import evaluation as ev
 from slimfx import models
-from slimfx.models import ByteTokenizer
+from slimfx.models import ByteTokenizer, tiny
 
 
 class UniformLM(nn.Module):
@@ -160,3 +160,17 @@ def test_minilm_embedding_cosine():
     near = torch.cosine_similarity(cat, paraphrase, dim=0)
     far = torch.cosine_similarity(cat, stocks, dim=0)
     assert far < near < 1
+
+
+@pytest.mark.parametrize("arch, longest", [("gpt2", 128), ("opt", 128), ("bert", 128), ("roberta", 128),
+                                           ("distilbert", 128)])
+def test_eval_keeps_to_the_positions_a_model_has(arch, longest):
+    """Windows of 256 tokens and paragraphs of 666 raised index errors on these tiny models of
+    128 positions (`slimfx eval --model tiny:gpt2` failed with no --compiled at all). RoBERTa's
+    positions start after its padding index (0 here: 129 - 0 - 1; 514 - 1 - 1 = 512 in roberta-base)."""
+    from slimfx.evaluation import context_length, eval_rows
+
+    lm = tiny(arch)
+    assert context_length(lm.model) == longest
+    (row,) = eval_rows(lm, max_tokens=300)
+    assert math.isfinite(row.get("perplexity", row.get("cosine")))
