@@ -227,6 +227,14 @@ class _Binder:
         if tied and not isinstance(rule, A.Adapt):
             warnings.append(f"{', '.join(tied[0].tied)} is tied to another module's weight: that module keeps "
                             "the original, so its memory is not freed")
+        packed = [t for t in targets if not t.params]
+        if packed:  # a CompiledModel compiled again: its quantized linears hold packed codes, no weight
+            more = f" and {len(packed) - 1} more" if len(packed) > 1 else ""
+            self._error(rule.selector.span, "unsupported", f"`{rule.kind}` cannot rewrite {packed[0].path}{more}: "
+                        "an earlier compile quantized it, and its packed weight is not a linear's weight",
+                        "write this rule into the policy that quantized it (QLoRA: `quantize …` then `adapt …` "
+                        "in one policy), or select linears that are not quantized")
+            return BoundRule(rule, targets=(), warnings=tuple(warnings))
         if isinstance(rule, A.Adapt) and not rule.get("from"):
             self._check_rank(rule, targets)
         if found and not targets:

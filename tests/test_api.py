@@ -112,6 +112,18 @@ def test_a_compiled_model_compiles_again_and_is_not_changed():
         slimfx.compile(first, "keep head", example_inputs=loaded.example_inputs)
 
 
+@pytest.mark.parametrize("rule", ["adapt blocks.*.attn.q lora rank=2", "quantize blocks.*.attn.q int8"])
+def test_a_linear_an_earlier_compile_quantized_is_refused_at_the_rule(rule):
+    """Its packed weight is no linear's weight: binding it raised an IndexError from the estimate."""
+    first = slimfx.compile(tiny("llama"), "quantize blocks.*.** : Linear int4 group=32")
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(first, rule)
+    assert e.value.kind == "unsupported" and e.value.line == 1
+    assert "model.layers.0.self_attn.q_proj and 1 more: an earlier compile quantized it" in str(e.value)
+    assert "QLoRA: `quantize …` then `adapt …` in one policy" in str(e.value)
+    assert [r.kind for r in slimfx.compile(first, "drop blocks[0]").report.rules] == ["drop"]
+
+
 def test_keep_only_policy_compiles_and_reports():
     loaded = tiny("llama")
     cm = slimfx.compile(loaded, "policy p {\n    keep head\n}\n")
