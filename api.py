@@ -105,7 +105,7 @@ def _read_spec(policy) -> A.Spec:
     looks_like_path = "\n" not in policy and "{" not in policy and policy.strip() != ""
     if looks_like_path and Path(policy).exists():
         return parse_file(policy)
-    if _bare_rules(policy):
+    if _bare_rules(policy) or (looks_like_path and _one_line_of_text(policy)):
         # Rules without a `policy name { }` around them: one anonymous policy. The opening brace
         # shares the first line, so every line number the user sees is their own.
         return parse(f"policy {INLINE_POLICY} {{ {policy}\n}}")
@@ -117,6 +117,15 @@ def _read_spec(policy) -> A.Spec:
 
 INLINE_POLICY = "inline"
 _RULE_WORDS = ("collapse", "drop", "heal", "adapt", "quantize", "precision", "tokens", "keep")
+
+
+def _one_line_of_text(text: str) -> bool:
+    """A line that is no file name: only a comment, or words and `=` outside a `.slim` name —
+    `quantise head int8` gets the parser's unknown-keyword and did-you-mean, not "no policy file"."""
+    line = text.strip()
+    if line.startswith("#"):
+        return True
+    return (" " in line or "=" in line) and not line.endswith(".slim") and "/" not in line and os.sep not in line
 
 
 def _bare_rules(text: str) -> bool:

@@ -99,6 +99,19 @@ def test_bare_rules_are_one_inline_policy_with_the_users_line_numbers():
     assert e.value.kind == "no-file"
 
 
+def test_one_line_of_policy_text_is_parsed_as_rules_not_looked_up_as_a_file():
+    """`quantise head int8` was reported as "no policy file 'quantise head int8'"."""
+    loaded = tiny("llama")
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(loaded, "quantise head int8")
+    assert e.value.kind == "unknown-keyword" and "did you mean `quantize`?" in str(e.value)
+    assert slimfx.compile(loaded, "# nothing yet").report.rules == ()
+    for name in ("gone.slim", "my policy.slim", "specs/gone"):
+        with pytest.raises(SpecError) as e:
+            slimfx.compile(loaded, name)
+        assert e.value.kind == "no-file", name
+
+
 def test_a_compiled_model_compiles_again_and_is_not_changed():
     loaded = tiny("llama")
     first = slimfx.compile(loaded, "adapt blocks.*.attn.q lora rank=4")
