@@ -14,13 +14,13 @@ MODEL_HELP = "smollm2-135m, minilm-l6, tiny:<arch>, or a local Hugging Face mode
 
 def add_model_commands(sub) -> None:
     plan = sub.add_parser("plan", help="show what a policy would do to a model, touching nothing")
-    plan.add_argument("spec", help="policy file")
+    plan.add_argument("spec", help="policy file (`-` for standard input)")
     plan.add_argument("--model", required=True, help=MODEL_HELP)
     plan.add_argument("--policy", help="which policy of the file (when it holds several)")
     plan.set_defaults(run=_guarded(_plan))
 
     comp = sub.add_parser("compile", help="compile a model with a policy and save the artifact")
-    comp.add_argument("spec", help="policy file")
+    comp.add_argument("spec", help="policy file (`-` for standard input)")
     comp.add_argument("--model", required=True, help=MODEL_HELP)
     comp.add_argument("--policy", help="which policy of the file (when it holds several)")
     comp.add_argument("--out", required=True, help="artifact directory to write")
@@ -110,8 +110,9 @@ def _plan(args) -> int:
     from . import api
     from .plan_table import plan_table
 
+    spec = _spec(args.spec)
     loaded = _load_model(args.model)
-    plan = api.plan(loaded, args.spec, name=args.policy)
+    plan = api.plan(loaded, spec, name=args.policy)
     _console().print(plan_table(plan, args.spec))
     return 0
 
@@ -120,13 +121,14 @@ def _compile(args) -> int:
     from . import api
 
     _check_out(args.out)  # before minutes of compiling, not after
+    spec = _spec(args.spec)
     if args.emit_kernels:
         _check_folder("--emit-kernels", args.emit_kernels)
     calib = _read_calib(args.calib) if args.calib else None
     loaded = _load_model(args.model)
     if args.calib_tokens is not None:
         calib = _builtin_calib(loaded, args.calib_tokens)
-    cm = api.compile(loaded, args.spec, name=args.policy, calib=calib, progress=True)
+    cm = api.compile(loaded, spec, name=args.policy, calib=calib, progress=True)
     _console().print(cm.report.table())
     if args.stats:
         print(_group_stats(cm, loaded))
@@ -135,6 +137,16 @@ def _compile(args) -> int:
     if args.emit_kernels:
         print(_emit_kernels(cm, args.emit_kernels), file=sys.stderr)
     return 0
+
+
+def _spec(name: str):
+    """The policy file's name, or for `-` the policy read from standard input, parsed (errors
+    name `<stdin>`)."""
+    if name != "-":
+        return name
+    from .dsl import parse
+
+    return parse(sys.stdin.buffer.read(), filename="<stdin>")
 
 
 def _group_stats(cm, loaded) -> str:

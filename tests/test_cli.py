@@ -231,3 +231,21 @@ def test_fmt_write_keeps_the_files_permissions(tmp_path):
     f.chmod(0o644)
     assert main(["fmt", "--write", str(f)]) == 0
     assert f.read_text() == "policy p {\n    keep head\n}\n" and (f.stat().st_mode & 0o777) == 0o644
+
+
+def test_plan_and_compile_read_the_policy_from_standard_input(tmp_path, capsys, monkeypatch):
+    import io
+
+    def stdin(text):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+
+    stdin("policy p {\n    keep head\n}\n")
+    assert main(["plan", "-", "--model", "tiny:llama"]) == 0
+    assert "keep head" in capsys.readouterr().out
+    stdin("policy p {\n    quantise head int8\n}\n")
+    assert main(["compile", "-", "--model", "tiny:llama", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "<stdin>:2:5: error[unknown-keyword]" in err and "loading" not in err  # before the model loads
+    stdin("policy p {\n    keep head\n}\n")
+    assert main(["compile", "-", "--model", "tiny:llama", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "meta.json").exists()
