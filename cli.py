@@ -112,6 +112,7 @@ def _fmt(args) -> int:
 def _write_atomically(path: Path, text: str) -> None:
     # A crash mid-write must never leave half a policy behind.
     # mkstemp makes the file 0600; the rewritten policy keeps the original's permissions.
+    path = path.resolve()  # through a symlink: the file it names is rewritten, the link stays a link
     mode = path.stat().st_mode & 0o7777
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

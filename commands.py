@@ -126,6 +126,9 @@ def _compile(args) -> int:
         _check_folder("--emit-kernels", args.emit_kernels)
     calib = _read_calib(args.calib) if args.calib else None
     loaded = _load_model(args.model)
+    if calib is not None and loaded.tokenizer is None:
+        raise UsageError(f"--calib reads text, and {args.model} has no tokenizer to read it with; calibrate "
+                         "from Python with compile(..., calib=[batch, ...]) of the model's own inputs")
     if args.calib_tokens is not None:
         calib = _builtin_calib(loaded, args.calib_tokens)
     cm = api.compile(loaded, spec, name=args.policy, calib=calib, progress=True)

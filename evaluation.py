@@ -281,7 +281,7 @@ def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str
         stored = model.weight_bytes() if hasattr(model, "weight_bytes") else param_bytes(model)
         row = {"model": label, "bytes": stored, "running_bytes": param_bytes(model),
                "latency_ms": latency_ms(model, timed, repeats=10, warmup=2)}
-        if loaded.kind == "causal-lm":
+        if loaded.kind == "causal-lm" and loaded.tokenizer is not None:  # no tokenizer: no text to score
             row["perplexity"] = perplexity(model, loaded.tokenizer, eval_text(), max_tokens=max_tokens,
                                            window=min(256, longest or 256))
         elif loaded.tokenizer is not None:

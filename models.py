@@ -227,7 +227,18 @@ def _wheel_folder(module: str, wheel: str) -> Path:
 
 
 def _load_folder(folder: Path, *, name: str) -> LoadedModel:
-    """Load a local Hugging Face folder; the model class follows config.architectures."""
+    """Load a local Hugging Face folder; the model class follows config.architectures. A folder
+    transformers cannot read (a broken config.json, no weights, a model type it does not know)
+    is a ModelNotFound that names the folder, not transformers' traceback."""
+    try:
+        return _read_folder(folder, name=name)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFound(f"cannot load the Hugging Face model folder {str(folder)!r}: {first} (it needs "
+                            "config.json and the weights save_pretrained writes)") from e
+
+
+def _read_folder(folder: Path, *, name: str) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)

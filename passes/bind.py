@@ -222,7 +222,7 @@ class _Binder:
             warnings.append(f"skipped {len(candidates) - len(linears)} non-linear targets ({', '.join(others)}): "
                             f"`{rule.kind}` applies to linears; add `: Linear` to say so")
         if kept:
-            warnings.append(f"{len(kept)} targets protected by `keep`")
+            warnings.append(f"{len(kept)} target{'s' * (len(kept) != 1)} protected by `keep`")
         tied = [t for t in targets if t.tied]
         if tied and not isinstance(rule, A.Adapt):
             warnings.append(f"{', '.join(tied[0].tied)} is tied to another module's weight: that module keeps "

@@ -99,7 +99,7 @@ def _keep_report(bound: BoundRule) -> RuleReport:
     e = bound.estimate
     return RuleReport(bound.line, bound.text, "keep", tuple(t.path for t in bound.targets),
                       e.params_before, e.params_after, e.bytes_before, e.bytes_after,
-                      notes=(f"{len(bound.targets)} targets protected from every other rule",))
+                      notes=(f"{len(bound.targets)} target{'s' * (len(bound.targets) != 1)} protected from every other rule",))
 
 
 def _dump(graph: ModelGraph, ctx: Context, i: int, bound: BoundRule) -> None:

@@ -249,3 +249,18 @@ def test_plan_and_compile_read_the_policy_from_standard_input(tmp_path, capsys, 
     stdin("policy p {\n    keep head\n}\n")
     assert main(["compile", "-", "--model", "tiny:llama", "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "meta.json").exists()
+
+
+def test_fmt_write_through_a_symlink_rewrites_the_file_it_names(tmp_path):
+    real = write(tmp_path, "policy p {\n  keep   head\n}\n", "real.slim")
+    link = tmp_path / "link.slim"
+    link.symlink_to(real)
+    assert main(["fmt", "--write", str(link)]) == 0
+    assert link.is_symlink() and real.read_text() == "policy p {\n    keep head\n}\n"
+
+
+def test_compile_calib_text_for_a_model_without_a_tokenizer_is_refused(tmp_path, capsys):
+    spec = write(tmp_path, "policy p {\n    keep head\n}\n")
+    calib = write(tmp_path, "some text to calibrate on", "c.txt")
+    assert main(["compile", str(spec), "--model", "tiny:vit", "--out", str(tmp_path / "o"), "--calib", str(calib)]) == 1
+    assert "--calib reads text, and tiny:vit has no tokenizer" in capsys.readouterr().err

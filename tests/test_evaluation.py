@@ -174,3 +174,13 @@ def test_eval_keeps_to_the_positions_a_model_has(arch, longest):
     assert context_length(lm.model) == longest
     (row,) = eval_rows(lm, max_tokens=300)
     assert math.isfinite(row.get("perplexity", row.get("cosine")))
+
+
+def test_eval_of_a_causal_lm_without_a_tokenizer_has_no_text_metric_and_no_error():
+    """A local save_pretrained folder holds no tokenizer: eval raised "'NoneType' object is not callable"."""
+    import dataclasses
+
+    from slimfx.evaluation import eval_rows
+
+    (row,) = eval_rows(dataclasses.replace(tiny("llama"), tokenizer=None))
+    assert "perplexity" not in row and row["bytes"] > 0

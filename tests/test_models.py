@@ -124,6 +124,19 @@ def test_folder_without_config_is_explained(tmp_path):
         models.load(tmp_path)
 
 
+def test_a_folder_transformers_cannot_read_is_explained(tmp_path):
+    """Each raised transformers' own OSError or ValueError, as a traceback from the CLI."""
+    src = models.tiny("gpt2", seed=1)
+    broken, empty, unknown = tmp_path / "broken", tmp_path / "no-weights", tmp_path / "unknown"
+    for folder in (broken, empty, unknown):
+        src.model.config.save_pretrained(folder)
+    (broken / "config.json").write_text("{ not json")
+    (unknown / "config.json").write_text((unknown / "config.json").read_text().replace('"gpt2"', '"no-such-arch"'))
+    for folder in (broken, empty, unknown):
+        with pytest.raises(ModelNotFound, match=f"cannot load the Hugging Face model folder '{folder}': "):
+            models.load(folder)
+
+
 def test_available_and_tiny_archs():
     assert len(TINY_ARCHS) == 13
     assert {"smollm2-135m", "minilm-l6", "tiny:llama", "tiny:vit"} <= set(models.available())
