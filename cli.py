@@ -102,7 +102,12 @@ def _fmt(args) -> int:
                 status = 1
         elif args.write and name != "-":
             if text.encode() != data:
-                _write_atomically(Path(name), text)
+                try:
+                    _write_atomically(Path(name), text)
+                except OSError as e:  # a read-only folder or disk: this file is left as it was
+                    _error(f"{name}: cannot rewrite it: {e.strerror or e}; it is left as it was")
+                    status = 1
+                    continue
                 _info(f"{name}: reformatted")
         else:
             sys.stdout.write(text)

@@ -264,3 +264,18 @@ def test_compile_calib_text_for_a_model_without_a_tokenizer_is_refused(tmp_path,
     calib = write(tmp_path, "some text to calibrate on", "c.txt")
     assert main(["compile", str(spec), "--model", "tiny:vit", "--out", str(tmp_path / "o"), "--calib", str(calib)]) == 1
     assert "--calib reads text, and tiny:vit has no tokenizer" in capsys.readouterr().err
+
+
+def test_fmt_write_that_cannot_write_says_so_and_leaves_the_file(tmp_path, capsys, monkeypatch):
+    from slimfx import cli
+
+    original = "policy p {\n  keep   head\n}\n"
+    f = write(tmp_path, original)
+
+    def refused(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "mkstemp", refused)
+    assert main(["fmt", "--write", str(f)]) == 1
+    assert f"{f}: cannot rewrite it: Permission denied; it is left as it was" in capsys.readouterr().err
+    assert f.read_text() == original
