@@ -28,7 +28,14 @@ ACCEPTED = ("a tensor of token ids ([batch, seq] or [seq]), a dict of tensors (o
 
 
 def calibration_batches(model, calib) -> list[dict[str, Any]]:
-    """The batches `calib` stands for (see the module docstring); [] when there are none."""
+    """The batches `calib` stands for (see the module docstring); [] when there are none. Token
+    ids outside the model's vocabulary, and batches of no tokens, are refused by batch."""
+    batches = _forms(model, calib)
+    _check_ids(model, batches)
+    return batches
+
+
+def _forms(model, calib) -> list[dict[str, Any]]:
     if calib is None:
         return _default(model)
     if isinstance(calib, int) and not isinstance(calib, bool):
@@ -90,6 +97,9 @@ def _texts(model, texts: list[str], max_tokens: int | None = None) -> list[dict[
     encode = _encoder(model, "texts")
     if not texts:
         return []
+    if not any(t.strip() for t in texts):  # the tokenizer makes no row of them; torch would say less
+        raise ValueError(f"calib holds {len(texts)} text(s), all empty or whitespace: give texts to calibrate on")
+    texts = [t for t in texts if t.strip()]  # an empty one has no token to lose
     return _batches(encode(texts, max_length=MAX_TOKENS, overflow=True), max_tokens)
 
 
@@ -141,6 +151,23 @@ def _builtin(model, tokens: int) -> list[dict[str, Any]]:
                          f"ask for {MAX_TOKENS} to {available} (for more, pass your own text: a list "
                          "of texts or a file)")
     return _batches(rows, max_tokens=tokens)
+
+
+def _check_ids(model, batches: list[dict[str, Any]]) -> None:
+    config = getattr(getattr(model, "model", model), "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    for i, batch in enumerate(batches):
+        ids = batch.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+            continue
+        if ids.numel() == 0:
+            raise ValueError(f"calib batch {i} has input_ids of shape {tuple(ids.shape)}: no tokens to run")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (isinstance(vocab, int) and high >= vocab):
+            bad = low if low < 0 else high
+            raise ValueError(f"calib batch {i} holds token id {bad}, outside the model's vocabulary "
+                             f"(0..{vocab - 1 if isinstance(vocab, int) else '…'}): were these ids made by another "
+                             "model's tokenizer?")
 
 
 def _encoder(model, what: str):

@@ -53,6 +53,25 @@ def test_a_tensor_or_a_mask_less_batch_calibrates_a_compile(llama):
     assert a.report.rules[0].details["calib_rows"] == 18 == b.report.rules[0].details["calib_rows"]
 
 
+@pytest.mark.parametrize("calib, says", [
+    ([""], "all empty or whitespace"),
+    (["  ", "\n"], "calib holds 2 text(s), all empty"),
+    (torch.full((1, 8), 100000), "calib batch 0 holds token id 100000, outside the model's vocabulary (0..255)"),
+    ([ids(1, 4), torch.full((1, 3), -1)], "calib batch 1 holds token id -1"),
+    (torch.zeros(1, 0, dtype=torch.long), "calib batch 0 has input_ids of shape (1, 0): no tokens"),
+])
+def test_calibration_that_cannot_run_is_refused_by_batch(llama, calib, says):
+    """Each reached torch: "cannot reshape tensor of 0 elements", "index out of range in self"."""
+    with pytest.raises(ValueError) as e:
+        calibration_batches(llama, calib)
+    assert says in str(e.value)
+
+
+def test_an_empty_text_among_others_is_left_out(llama):
+    assert [b["input_ids"].tolist() for b in calibration_batches(llama, ["", "some text", " "])] == \
+        [b["input_ids"].tolist() for b in calibration_batches(llama, ["some text"])]
+
+
 def test_texts_need_a_model_that_knows_its_tokenizer(llama):
     with pytest.raises(TypeError, match="slimfx.models.load"):
         slimfx.compile(llama.model, GPTQ, example_inputs=llama.example_inputs, calib=["some text"])
