@@ -94,6 +94,7 @@ class CompiledModel(nn.Module):
         bound = dict(zip(names, args))
         twice = [n for n in kwargs if n in bound]
         bound.update(kwargs)
+        self._check_ranks(bound)
         bound = complete_inputs(bound, self.graph.inputs)  # e.g. attention_mask omitted: all ones
         missing = [n for n in names if n not in bound]
         extra = [n for n in bound if n not in names]
@@ -106,6 +107,17 @@ class CompiledModel(nn.Module):
                 + ". The compiled graph was captured with exactly these tensor inputs: "
                   "recompile with other example_inputs to change them")
         return [bound[n] for n in names]
+
+    def _check_ranks(self, given: dict) -> None:
+        """A tensor of another rank than its graph input is refused by name: 1-D input_ids were
+        reported as a missing attention_mask (none could be sized from them)."""
+        for info in self.graph.inputs:
+            value = given.get(info.name)
+            if isinstance(value, torch.Tensor) and value.dim() != len(info.shape):
+                dims = ", ".join(info.dims.get(d, str(n)) for d, n in enumerate(info.shape))
+                hint = f"; add the batch dimension, e.g. {info.name}.unsqueeze(0)" if value.dim() + 1 == len(info.shape) else ""
+                raise TypeError(f"{self._what()}: {info.name} is {value.dim()}-D {list(value.shape)}, the graph "
+                                f"takes it {len(info.shape)}-D [{dims}]{hint}")
 
     def _what(self) -> str:
         return f"compiled {self.graph.model_class}"

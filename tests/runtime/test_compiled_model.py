@@ -34,6 +34,19 @@ def test_wrong_inputs_name_the_expected_ones(call, words):
         assert w in message
 
 
+def test_an_input_of_another_rank_is_named_with_its_shape():
+    """1-D input_ids were reported as "missing ['attention_mask']" (nothing to size a mask by)."""
+    case = compiled("llama")
+    ids = case.loaded.example_inputs["input_ids"]
+    with pytest.raises(TypeError) as e:
+        case.cm(input_ids=ids[0])
+    assert (f"input_ids is 1-D [{ids.shape[1]}], the graph takes it 2-D [batch, seq]; add the batch dimension, "
+            "e.g. input_ids.unsqueeze(0)") in str(e.value)
+    with pytest.raises(TypeError, match=r"attention_mask is 3-D \[1, 2, \d+\], the graph takes it 2-D"):
+        case.cm(input_ids=ids, attention_mask=torch.ones(1, *ids.shape))
+    assert_identical(case.cm(input_ids=ids[:1]), case.cm(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1])))
+
+
 def test_weights_are_the_graphs():
     """parameters()/state_dict() are the graph module's own tensors, under `program.`."""
     cm = compiled("gpt2").cm
