@@ -319,6 +319,9 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     """
     from . import api
 
+    for label, n in (("max_examples", max_examples), ("max_batch", max_batch), ("max_seq", max_seq)):
+        if not isinstance(n, int) or n < 1:  # before the compile, not as hypothesis' InvalidArgument after it
+            raise ValueError(f"check_policy: {label} must be a whole number of at least 1, got {n!r}")
     module, example = api.unwrap(model, example_inputs)
     compiled = api.compile(model, policy, example_inputs=example_inputs, calib=calib, name=name)
     tensors, consts = _split_example(module, example, compiled.input_names)
@@ -386,7 +389,12 @@ def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results)
         results.append(DrawResult(d, False, math.inf))
         return problem, math.inf
     if metric is not None:
-        problem, value = metric_result(metric, orig, comp, mask, atol)
+        try:
+            problem, value = metric_result(metric, orig, comp, mask, atol)
+        except Exception as e:  # the user's metric, not the policy: said as such, with the input
+            raise TypeError(f"metric {callable_name(metric)} raised {type(e).__name__}: {_first_line(e)} on "
+                            f"{d.describe()}; a metric takes (original, compiled) outputs and returns True/False "
+                            "or a float") from e
     else:
         problem, value = tolerance_problem(orig, comp, mask, rtol, atol)
     results.append(DrawResult(d, problem is None, value))

@@ -116,6 +116,23 @@ def test_metric_bool_and_float(llama):
         check_policy(llama, quantize("int2 group=16"), metric=cosine_gap, atol=1e-3, max_examples=FEW)
 
 
+def test_a_metric_that_raises_or_returns_no_number_is_named_with_the_input(llama):
+    def divides(orig, comp):
+        return 1 / 0
+
+    with pytest.raises(TypeError, match=r"metric divides raised ZeroDivisionError: division by zero on batch=1, "
+                                        r"seq=1, .*returns True/False or a float"):
+        check_policy(llama, quantize("int8"), metric=divides, max_examples=FEW)
+    with pytest.raises(TypeError, match=r"metric <lambda> raised ValueError: could not convert string to float"):
+        check_policy(llama, quantize("int8"), metric=lambda o, c: "close", max_examples=FEW)
+
+
+@pytest.mark.parametrize("bad", [dict(max_examples=0), dict(max_batch=0), dict(max_seq=-1), dict(max_examples=2.5)])
+def test_counts_below_one_are_refused_before_compiling(llama, bad):
+    with pytest.raises(ValueError, match=f"check_policy: {next(iter(bad))} must be a whole number of at least 1"):
+        check_policy(llama, "quantize blocks.*.** : Linear int8 nonsense=1", **bad)  # the policy is never read
+
+
 # ---- failing -------------------------------------------------------------------------------
 
 
