@@ -141,8 +141,12 @@ def _register_slimfx_ops() -> None:
 
 
 def _read_meta(root: Path) -> dict[str, Any]:
+    if not root.exists():
+        raise ArtifactError(f"no artifact at {root}: nothing is there (an artifact is the directory cm.save(path) "
+                            "or `slimfx compile --out` writes)")
     if not root.is_dir():
-        raise ArtifactError(f"no artifact at {root}: not a directory (save one with cm.save(path))")
+        raise ArtifactError(f"no artifact at {root}: it is a file, not a directory (an artifact is the directory "
+                            "cm.save(path) or `slimfx compile --out` writes)")
     if not (root / META).is_file():
         raise ArtifactError(f"{root} is not a slimfx artifact: it has no {META}; {RESAVE}")
     meta = _read_json(root / META)

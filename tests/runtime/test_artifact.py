@@ -145,7 +145,9 @@ def test_missing_file(llama_dir, name):
 
 
 def test_not_an_artifact(tmp_path, llama_dir):
-    refused(tmp_path / "nowhere", "no artifact at", "not a directory")
+    refused(tmp_path / "nowhere", "no artifact at", "nothing is there")
+    (tmp_path / "a-file").write_text("x")
+    refused(tmp_path / "a-file", "no artifact at", "it is a file, not a directory")
     (llama_dir / "meta.json").unlink()
     refused(llama_dir, "is not a slimfx artifact", "no meta.json")
 
