@@ -123,7 +123,7 @@ def _compile(args) -> int:
     _check_out(args.out)  # before minutes of compiling, not after
     spec = _spec(args.spec)
     if args.emit_kernels:
-        _check_folder("--emit-kernels", args.emit_kernels)
+        _check_listing_folder(args.emit_kernels)
     calib = _read_calib(args.calib) if args.calib else None
     loaded = _load_model(args.model)
     if calib is not None and loaded.tokenizer is None:
@@ -178,6 +178,19 @@ def _check_out(out: str) -> None:
 
     check_target(Path(out))
     _check_folder("--out", out)
+
+
+def _check_listing_folder(path: str) -> None:
+    """--emit-kernels: a new or empty folder, or one an earlier listing wrote (codegen/listing.py)."""
+    from pathlib import Path
+
+    from .codegen.listing import INDEX
+
+    _check_folder("--emit-kernels", path)
+    folder = Path(path)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / INDEX).is_file():
+        raise UsageError(f"--emit-kernels {path} is a non-empty folder that no kernel listing wrote; "
+                         "choose a new or empty one")
 
 
 def _check_folder(option: str, path: str) -> None:

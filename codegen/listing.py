@@ -10,11 +10,22 @@ from torch import fx
 
 from .lower import CodegenSummary, lower_graph
 
-__all__ = ["write_kernels"]
+__all__ = ["write_kernels", "INDEX"]
+
+INDEX = "index.txt"
 
 
 def write_kernels(graph: fx.Graph, out: str | Path) -> CodegenSummary:
+    """Write the listings into `out` (created if missing). A folder an earlier listing wrote
+    loses that listing's files first, so no stale kernel stays beside the new ones; any other
+    non-empty folder is refused."""
     folder = Path(out)
+    if folder.is_dir() and any(folder.iterdir()):
+        if not (folder / INDEX).is_file():
+            raise FileExistsError(f"{folder} is a non-empty folder that no kernel listing wrote; choose a new or empty one")
+        for line in (folder / INDEX).read_text().splitlines():
+            if line.startswith("  ") and line.endswith(".py"):
+                (folder / line.strip()).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     _, summary = lower_graph(graph)
     for name, text in summary.listings:
@@ -23,5 +34,5 @@ def write_kernels(graph: fx.Graph, out: str | Path) -> CodegenSummary:
     lines += [f"  {name}.py" for name, _ in summary.listings]
     if summary.eager:
         lines += ["", "groups left to eager ops:", summary.eager_reasons()]
-    (folder / "index.txt").write_text("\n".join(lines) + "\n")
+    (folder / INDEX).write_text("\n".join(lines) + "\n")
     return summary

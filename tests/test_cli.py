@@ -279,3 +279,22 @@ def test_fmt_write_that_cannot_write_says_so_and_leaves_the_file(tmp_path, capsy
     assert main(["fmt", "--write", str(f)]) == 1
     assert f"{f}: cannot rewrite it: Permission denied; it is left as it was" in capsys.readouterr().err
     assert f.read_text() == original
+
+
+def test_emit_kernels_again_into_its_folder_leaves_no_stale_listing_and_refuses_other_folders(tmp_path, capsys):
+    kernels = tmp_path / "kernels"
+    for rules, out in (("quantize blocks.*.** : Linear int4 group=32", "a"), ("keep head", "b")):
+        spec = write(tmp_path, f"policy p {{\n    {rules}\n}}\n")
+        assert main(["compile", str(spec), "--model", "tiny:llama", "--out", str(tmp_path / out),
+                     "--emit-kernels", str(kernels)]) == 0
+        listed = {line.strip() for line in (kernels / "index.txt").read_text().splitlines() if line.endswith(".py")}
+        assert {f.name for f in kernels.glob("*.py")} == listed  # the int4 GEMMs' files went with their listing
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["compile", str(spec), "--model", "tiny:llama", "--out", str(tmp_path / "c"),
+                 "--emit-kernels", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert "non-empty folder that no kernel listing wrote" in err and "loading" not in err
+    assert (other / "keep.txt").read_text() == "mine"
