@@ -126,9 +126,10 @@ def _compile(args) -> int:
         _check_listing_folder(args.emit_kernels)
     calib = _read_calib(args.calib) if args.calib else None
     loaded = _load_model(args.model)
-    if calib is not None and loaded.tokenizer is None:
-        raise UsageError(f"--calib reads text, and {args.model} has no tokenizer to read it with; calibrate "
-                         "from Python with compile(..., calib=[batch, ...]) of the model's own inputs")
+    if (calib is not None or args.calib_tokens is not None) and loaded.tokenizer is None:
+        option = "--calib" if calib is not None else "--calib-tokens"
+        raise UsageError(f"{option} calibrates on text, and {args.model} has no tokenizer to read it with; "
+                         "calibrate from Python with compile(..., calib=[batch, ...]) of the model's own inputs")
     if args.calib_tokens is not None:
         calib = _builtin_calib(loaded, args.calib_tokens)
     cm = api.compile(loaded, spec, name=args.policy, calib=calib, progress=True)

@@ -262,8 +262,9 @@ def test_fmt_write_through_a_symlink_rewrites_the_file_it_names(tmp_path):
 def test_compile_calib_text_for_a_model_without_a_tokenizer_is_refused(tmp_path, capsys):
     spec = write(tmp_path, "policy p {\n    keep head\n}\n")
     calib = write(tmp_path, "some text to calibrate on", "c.txt")
-    assert main(["compile", str(spec), "--model", "tiny:vit", "--out", str(tmp_path / "o"), "--calib", str(calib)]) == 1
-    assert "--calib reads text, and tiny:vit has no tokenizer" in capsys.readouterr().err
+    for option in (["--calib", str(calib)], ["--calib-tokens", "100"]):
+        assert main(["compile", str(spec), "--model", "tiny:vit", "--out", str(tmp_path / "o"), *option]) == 1
+        assert f"{option[0]} calibrates on text, and tiny:vit has no tokenizer" in capsys.readouterr().err
 
 
 def test_fmt_write_that_cannot_write_says_so_and_leaves_the_file(tmp_path, capsys, monkeypatch):
