@@ -110,7 +110,7 @@ def _plan(args) -> int:
     from . import api
     from .plan_table import plan_table
 
-    spec = _spec(args.spec)
+    spec = _spec(args.spec, args.policy)
     loaded = _load_model(args.model)
     plan = api.plan(loaded, spec, name=args.policy)
     _console().print(plan_table(plan, args.spec))
@@ -121,7 +121,7 @@ def _compile(args) -> int:
     from . import api
 
     _check_out(args.out)  # before minutes of compiling, not after
-    spec = _spec(args.spec)
+    spec = _spec(args.spec, args.policy)
     if args.emit_kernels:
         _check_listing_folder(args.emit_kernels)
     calib = _read_calib(args.calib) if args.calib else None
@@ -143,14 +143,14 @@ def _compile(args) -> int:
     return 0
 
 
-def _spec(name: str):
-    """The policy file's name, or for `-` the policy read from standard input, parsed (errors
-    name `<stdin>`)."""
-    if name != "-":
-        return name
+def _spec(name: str, policy: str | None):
+    """The policy file (for `-`, standard input: errors name `<stdin>`) parsed and checked, and
+    the --policy it names found, before the model loads: a typo costs no loading."""
+    from . import api
     from .dsl import parse
 
-    return parse(sys.stdin.buffer.read(), filename="<stdin>")
+    _, spec = api.resolve_policy(parse(sys.stdin.buffer.read(), filename="<stdin>") if name == "-" else name, policy)
+    return spec
 
 
 def _group_stats(cm, loaded) -> str:

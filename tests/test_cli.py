@@ -97,6 +97,19 @@ def test_plan_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "tiny:llama" in capsys.readouterr().err
 
 
+def test_policy_problems_are_found_before_the_model_loads(tmp_path, capsys):
+    """A typo, a missing file or an unknown --policy cost loading the model first (SmolLM2: seconds)."""
+    typo = write(tmp_path, TYPO)
+    two = write(tmp_path, "policy a {\n    keep head\n}\npolicy b {\n    keep head\n}\n", "two.slim")
+    for command in (["plan"], ["compile", "--out", str(tmp_path / "o")]):
+        for spec, extra, says in ((typo, [], "error[unknown-keyword]"), (tmp_path / "gone.slim", [], "error[no-file]"),
+                                  (two, ["--policy", "c"], "error[unknown-policy]")):
+            assert main([command[0], str(spec), "--model", "tiny:llama", *command[1:], *extra]) == 1
+            err = capsys.readouterr().err
+            assert says in err and "loading" not in err, (command, err)
+    assert main(["plan", str(two), "--model", "tiny:llama", "--policy", "b"]) == 0
+
+
 def test_eval_of_a_tiny_model_prints_perplexity(capsys):
     assert main(["eval", "--model", "tiny:llama", "--max-tokens", "64"]) == 0
     assert "perplexity" in capsys.readouterr().out
