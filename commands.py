@@ -242,6 +242,9 @@ def _train(args) -> int:
     _check_same_model(cm, loaded, args)
     batch = _training_batch(loaded, args.batch, args.seq)
     loss = args.loss or ("lm" if loaded.kind == "causal-lm" else "distill")
+    if loss == "lm" and loaded.kind != "causal-lm":
+        raise UsageError(f"--loss lm is next-token cross entropy, and {args.model} is not a causal LM (it is "
+                         f"{loaded.kind}); use --loss distill (match the original model's outputs)")
     print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {args.steps} steps "
           f"on {args.batch}×{args.seq} calibration tokens, {loss} loss, lr {args.lr:g}"
           + (" with a cosine schedule" if args.schedule == "cosine" else ""), file=sys.stderr)

@@ -92,3 +92,13 @@ def test_an_artifact_without_adapters_is_a_message_not_a_traceback(tmp_path, cap
     assert main(["train", "--model", "tiny:llama", "--compiled", str(plain), "--steps", "1"]) == 1
     err = capsys.readouterr().err
     assert "no adapters to train" in err and "`adapt` rule" in err and "Traceback" not in err
+
+
+def test_lm_loss_on_an_encoder_is_refused_with_what_to_use(tmp_path, capsys):
+    out = tmp_path / "bert"
+    spec = write(tmp_path, "policy p {\n    adapt blocks.*.** : Linear lora rank=2\n}\n")
+    assert main(["compile", str(spec), "--model", "tiny:bert", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", "tiny:bert", "--compiled", str(out), "--steps", "1", "--loss", "lm",
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "--loss lm is next-token cross entropy, and tiny:bert is not a causal LM (it is encoder)" in capsys.readouterr().err
