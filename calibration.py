@@ -53,17 +53,18 @@ def _forms(model, calib) -> list[dict[str, Any]]:
     raise TypeError(f"calib must be {ACCEPTED}; got {type(calib).__name__}")
 
 
-def read_paragraphs(path: str | os.PathLike) -> list[str]:
-    """Paragraphs of a UTF-8 text file (blank-line separated), empty ones dropped."""
+def read_paragraphs(path: str | os.PathLike, what: str = "calibration text") -> list[str]:
+    """Paragraphs of a UTF-8 text file (blank-line separated, whitespace runs made one space),
+    empty ones dropped; `what` names the file in errors (benchmarks read eval texts with it)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read calibration text {str(path)!r}: {e} (one string is read as a file "
-                         "path; pass texts as a list of strings)") from e
+        hint = " (one string is read as a file path; pass texts as a list of strings)" if what == "calibration text" else ""
+        raise ValueError(f"cannot read {what} {str(path)!r}: {e}{hint}") from e
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
     paragraphs = [p for p in paragraphs if p]
     if not paragraphs:
-        raise ValueError(f"calibration text {str(path)!r} is empty")
+        raise ValueError(f"{what} {str(path)!r} is empty")
     return paragraphs
 
 

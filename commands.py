@@ -177,8 +177,8 @@ def _check_out(out: str) -> None:
 
     from .runtime.artifact import check_target
 
-    check_target(Path(out))
-    _check_folder("--out", out)
+    check_target(Path(out))  # a file, a file above it, a foreign non-empty folder
+    _check_writable("--out", out)
 
 
 def _check_listing_folder(path: str) -> None:
@@ -203,6 +203,14 @@ def _check_folder(option: str, path: str) -> None:
     above = next(p for p in Path(path).absolute().parents if p.exists())
     if not above.is_dir():
         raise UsageError(f"cannot write {option} {path}: {above} is a file, not a directory")
+    _check_writable(option, path)
+
+
+def _check_writable(option: str, path: str) -> None:
+    """The nearest existing directory above `path` can be written (mkdir there must work)."""
+    from pathlib import Path
+
+    above = next(p for p in Path(path).absolute().parents if p.exists())
     if not os.access(above, os.W_OK):
         raise UsageError(f"cannot write {option} {path}: {above} is not writable")
 

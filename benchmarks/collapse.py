@@ -31,7 +31,6 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirn
 import argparse
 import platform
 import time
-from pathlib import Path
 
 import torch
 
@@ -87,13 +86,7 @@ def table(rows: list[dict], base: dict) -> str:
 
 def _eval_text(path: str) -> str:
     """The text of an eval file, its paragraphs' whitespace normalized as calibration reads them."""
-    try:
-        paragraphs = [" ".join(p.split()) for p in Path(path).read_text(encoding="utf-8").split("\n\n")]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {path!r} as an eval text: {e}") from e
-    if not any(paragraphs):
-        raise ValueError(f"eval text {path!r} is empty")
-    return "\n\n".join(p for p in paragraphs if p)
+    return "\n\n".join(read_paragraphs(path, what="eval text"))
 
 
 def main() -> int:

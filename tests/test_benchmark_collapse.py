@@ -46,7 +46,7 @@ def test_an_eval_or_calibration_text_that_cannot_be_read_is_refused_before_the_m
     done = subprocess.run([sys.executable, str(SCRIPT), "--eval-text", str(missing)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert f"cannot read {str(missing)!r} as an eval text" in done.stderr
+    assert f"cannot read eval text {str(missing)!r}" in done.stderr
     (tmp_path / "empty.txt").write_text("\n\n")
     done = subprocess.run([sys.executable, str(SCRIPT), "--calib-text", str(tmp_path / "empty.txt")],
                           capture_output=True, text=True, timeout=120)

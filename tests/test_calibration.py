@@ -37,6 +37,20 @@ def test_every_accepted_form_becomes_named_batches(llama, tmp_path):
         [b["input_ids"].tolist() for b in batches]
 
 
+def test_a_text_file_is_named_by_what_it_is_for_and_its_whitespace_normalized(tmp_path):
+    f = tmp_path / "news.txt"
+    f.write_text("one\n  two\tthree\n\n\n\nfour   five\n")
+    assert read_paragraphs(f, what="eval text") == ["one two three", "four five"]
+    with pytest.raises(ValueError, match=r"^cannot read eval text .*missing.txt.*No such file") as e:
+        read_paragraphs(tmp_path / "missing.txt", what="eval text")
+    assert "list of strings" not in str(e.value)  # that hint is for calib= only
+    with pytest.raises(ValueError, match="list of strings"):
+        read_paragraphs(tmp_path / "missing.txt")
+    (tmp_path / "blank.txt").write_text("\n \n\n")
+    with pytest.raises(ValueError, match=r"^eval text .*blank.txt' is empty"):
+        read_paragraphs(tmp_path / "blank.txt", what="eval text")
+
+
 @pytest.mark.parametrize("bad, says", [(3.0, "got float"), (True, "got bool"), ([3], "calib[0] is a int"),
                                        (torch.randn(2, 4), "token ids"), ({"input_ids": [1, 2]}, "not tensors")])
 def test_anything_else_is_a_type_error_that_lists_the_accepted_forms(llama, bad, says):
