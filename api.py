@@ -106,16 +106,15 @@ def _read_spec(policy) -> A.Spec:
     if looks_like_path and Path(policy).exists():
         return parse_file(policy)
     if _bare_rules(policy) or (looks_like_path and _one_line_of_text(policy)):
-        # Rules without a `policy name { }` around them: one anonymous policy. The opening brace
-        # shares the first line, so every line number the user sees is their own.
-        return parse(f"policy {INLINE_POLICY} {{ {policy}\n}}")
+        # Rules without a `policy name { }` around them: one policy named `inline`, every line
+        # and column in an error the user's own.
+        return parse(policy, bare=True)
     if looks_like_path:
         raise SpecError.at("no-file", f"no policy file {policy!r}", filename=policy,
                            hint="pass an existing .slim path, or the policy text itself")
     return parse(policy)
 
 
-INLINE_POLICY = "inline"
 _RULE_WORDS = ("collapse", "drop", "heal", "adapt", "quantize", "precision", "tokens", "keep")
 
 

@@ -20,7 +20,10 @@ from .syntax_errors import syntax_error
 from .trivia import attach_trivia
 from .validate import validate_spec
 
-__all__ = ["parse", "parse_file", "grammar_text", "lark_parser"]
+__all__ = ["parse", "parse_file", "grammar_text", "lark_parser", "INLINE_POLICY"]
+
+# The name of the one policy that rules parsed with bare=True make.
+INLINE_POLICY = "inline"
 
 # Deeper alternatives than this are never meant, and would only exhaust Python's stack.
 MAX_NESTING = 32
@@ -31,8 +34,9 @@ def grammar_text() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def lark_parser() -> Lark:
-    return Lark(grammar_text(), parser="lalr", lexer="contextual", propagate_positions=True,
+def lark_parser(start: str = "start") -> Lark:
+    """The policy parser; start="bare_rules" parses rules with no `policy NAME { }` around them."""
+    return Lark(grammar_text(), parser="lalr", lexer="contextual", propagate_positions=True, start=start,
                 maybe_placeholders=True, lexer_callbacks={"COMMENT": _collect_comment})
 
 
@@ -48,16 +52,19 @@ def _collect_comment(token: Token) -> Token:
     return token
 
 
-def parse(text: str | bytes, *, filename: str = "<policy>", check: bool = True) -> A.Spec:
-    """Parse policy text into a Spec.
+def parse(text: str | bytes, *, filename: str = "<policy>", check: bool = True, bare: bool = False) -> A.Spec:
+    """Parse policy text into a Spec. With bare=True the text is rules alone, with no
+    `policy NAME { }` around them: one policy named `inline`, every position the text's own.
 
     >>> spec = parse("policy p {\\n  quantize head int8\\n}")
     >>> spec.policy("p").rules[0].format
     'int8'
+    >>> parse("quantize head int8", bare=True).policies[0].name
+    'inline'
     """
     source = _decode(text, filename)
     try:
-        return _parse_source(source, filename, check)
+        return _parse_source(source, filename, check, "bare_rules" if bare else "start")
     except SpecError:
         raise
     except Exception as e:  # a bug of ours: still a SpecError, but one that says so
@@ -65,9 +72,9 @@ def parse(text: str | bytes, *, filename: str = "<policy>", check: bool = True) 
                            "please report it with the policy text", source=source, filename=filename) from e
 
 
-def _parse_source(source: str, filename: str, check: bool) -> A.Spec:
-    tree, comments = _parse_tree(source, filename)
-    spec = _to_ast(tree, source, filename)
+def _parse_source(source: str, filename: str, check: bool, start: str) -> A.Spec:
+    tree, comments = _parse_tree(source, filename, start)
+    spec = _to_ast(tree, source, filename, start)
     spec = validate_spec(spec)
     spec = attach_trivia(spec, comments)
     if check:
@@ -103,8 +110,8 @@ def _decode(text: str | bytes, filename: str) -> str:
                            line=line, column=column, filename=filename) from None
 
 
-def _parse_tree(source: str, filename: str):
-    parser = lark_parser()
+def _parse_tree(source: str, filename: str, start: str):
+    parser = lark_parser(start)
     _seen.comments = comments = []
     try:
         tree = parser.parse(source)
@@ -115,7 +122,7 @@ def _parse_tree(source: str, filename: str):
     return tree, comments
 
 
-def _to_ast(tree, source: str, filename: str) -> A.Spec:
+def _to_ast(tree, source: str, filename: str, start: str) -> A.Spec:
     try:
         policies = _AstBuilder().transform(tree)
     except VisitError as e:
@@ -123,25 +130,26 @@ def _to_ast(tree, source: str, filename: str) -> A.Spec:
             raise SpecError(e.orig_exc.diagnostics, source, filename) from None
         if not isinstance(e.orig_exc, RecursionError):
             raise
-        raise _too_deep(source, filename) from None
+        raise _too_deep(source, filename, start) from None
     except RecursionError:
-        raise _too_deep(source, filename) from None
+        raise _too_deep(source, filename, start) from None
     return A.Spec(tuple(policies), source=source, filename=filename)
 
 
-def _too_deep(source: str, filename: str) -> SpecError:
-    line, column = _deep_brace(source)
+def _too_deep(source: str, filename: str, start: str) -> SpecError:
+    line, column = _deep_brace(source, policy_brace=start == "start")
     return SpecError.at("too-deep", f"selector alternatives nested deeper than {MAX_NESTING} levels",
                         line=line, column=column, source=source, filename=filename)
 
 
-def _deep_brace(source: str) -> tuple[int, int]:
-    """Line and column of the first `{` nested past MAX_NESTING (the policy's own brace counts)."""
+def _deep_brace(source: str, policy_brace: bool) -> tuple[int, int]:
+    """Line and column of the first `{` nested past MAX_NESTING (the policy's own brace counts,
+    where there is one)."""
     depth = 0
     for line_no, text in enumerate(source_lines(source), 1):
         for col, char in enumerate(text, 1):
             depth += (char == "{") - (char == "}")
-            if depth > MAX_NESTING + 1:
+            if depth > MAX_NESTING + policy_brace:
                 return line_no, col
     return 0, 0
 
@@ -164,6 +172,9 @@ class _AstBuilder(Transformer):
     def policy(self, meta, children):
         name, *rules = children
         return A.Policy(str(name), tuple(rules), span=_span(meta))
+
+    def bare_rules(self, meta, children):
+        return [A.Policy(INLINE_POLICY, tuple(children), span=A.NO_SPAN if meta.empty else _span(meta))]
 
     # ---- rules
     def collapse(self, meta, children):

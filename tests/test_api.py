@@ -99,6 +99,21 @@ def test_bare_rules_are_one_inline_policy_with_the_users_line_numbers():
     assert e.value.kind == "no-file"
 
 
+def test_errors_in_bare_rules_point_at_the_users_own_columns_on_every_line():
+    """The first line's columns were off by 16: the rules were wrapped in `policy inline { `."""
+    loaded = tiny("llama")
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(loaded, "quantize blocks.*.atn.* int8")
+    assert (e.value.line, e.value.column) == (1, 10) and e.value.source_line == "quantize blocks.*.atn.* int8"
+    assert "\n             ^^^^^^^^^^^^^^\n" in str(e.value)  # the caret under the selector, not 16 further on
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(loaded, "quantize head int9")
+    assert (e.value.kind, e.value.line, e.value.column) == ("unknown-keyword", 1, 15)
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(loaded, "keep head\nquantize blocks[99] int8")
+    assert (e.value.line, e.value.column) == (2, 10)
+
+
 def test_one_line_of_policy_text_is_parsed_as_rules_not_looked_up_as_a_file():
     """`quantise head int8` was reported as "no policy file 'quantise head int8'"."""
     loaded = tiny("llama")
