@@ -21,7 +21,9 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, unknown = _parser().parse_known_args(argv)
+    if unknown:  # the command's own usage, not the top level's "slimfx [-h] COMMAND ..."
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -47,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     from .commands import add_model_commands  # torch-free until one of them runs
 
     add_model_commands(sub)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)
     return parser
 
 

@@ -62,6 +62,17 @@ def test_usage_errors_exit_2(capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv", [["check", "x.slim", "--bogus"], ["check", "--bogus", "x.slim"],
+                                  ["compile", "--model", "tiny:llama", "--out", "o", "--bogus", "keep head"]])
+def test_an_unknown_option_is_named_under_its_commands_own_usage(argv, capsys):
+    """It was reported under the top level's `usage: slimfx [-h] COMMAND ...`."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"usage: slimfx {argv[0]}" in err
+    assert f"slimfx {argv[0]}: error: unrecognized arguments: --bogus" in err
+
+
 def test_the_installed_command_reads_stdin_and_never_imports_torch():
     code = ("import sys; from slimfx.cli import main; rc = main(['check', '-']); "
             "assert 'torch' not in sys.modules, 'check imported torch'; sys.exit(rc)")
