@@ -5,7 +5,8 @@ __all__ = ["ArtifactError", "META", "PROGRAM", "WEIGHTS", "FILES", "RESAVE"]
 
 META, PROGRAM, WEIGHTS = "meta.json", "program.json", "weights.safetensors"
 FILES = (META, PROGRAM, WEIGHTS)
-RESAVE = "re-save the model with cm.save(path)"
+# A damaged artifact cannot save itself again: say where a good one comes from.
+RESAVE = "save it again from the CompiledModel (cm.save(path)), or compile the original model with its policy again"
 
 
 class ArtifactError(ValueError):

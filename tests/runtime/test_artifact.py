@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 import slimfx.runtime.artifact as artifact
 from runtime_tiny import assert_identical, compiled, refused, rehash
 from slimfx.runtime.artifact import FILES, FORMAT_VERSION, ArtifactError, load
-
-RESAVE = "re-save the model with cm.save(path)"
+from slimfx.runtime.artifact_errors import RESAVE
 
 
 def _edit_json(path: Path, edit) -> None:

@@ -18,11 +18,11 @@ from torch import fx
 from runtime_tiny import assert_identical, compiled, other_inputs, refused, rehash
 from slimfx.passes.capture import capture
 from slimfx.runtime.artifact import ArtifactError, load
+from slimfx.runtime.artifact_errors import RESAVE
 from slimfx.runtime.compiled import CompiledModel
 from slimfx.runtime.graph_io import decode_graph, encode_graph
 from slimfx.runtime.report import Report
 
-RESAVE = "re-save the model with cm.save(path)"
 aten = torch.ops.aten
 
 
