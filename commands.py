@@ -268,12 +268,24 @@ def _train(args) -> int:
 
 
 def _check_same_model(cm, loaded, args) -> None:
-    """--model must be the model --compiled was compiled from (its class, as the artifact records
-    it): another one would be scored or distilled against as if it were the original."""
+    """--model must be the model --compiled was compiled from: another one would be scored or
+    distilled against as if it were the original. The artifact records the class, and the name,
+    shape and dtype of every tensor it kept; the tensors both have under one name and dtype must
+    agree in shape (quantized, low-rank and removed ones are not compared)."""
     mine = type(loaded.model).__name__
     if cm.graph.model_class != mine:
         raise UsageError(f"{args.compiled} was compiled from a {cm.graph.model_class}, --model {args.model} is a "
                          f"{mine}; pass the model it was compiled from")
+    kept = {p.name: p for info in cm.graph.modules.values() for p in info.params}
+    common = [(name, tuple(t.shape), tuple(p.shape)) for name, t in loaded.model.state_dict().items()
+              if (p := kept.get(name)) is not None and p.dtype == str(t.dtype).removeprefix("torch.")]
+    if not common:
+        raise UsageError(f"{args.compiled} shares no tensor with --model {args.model} (no name with the same "
+                         "dtype): it was compiled from another model; pass the model it was compiled from")
+    for name, shape, was in common:
+        if shape != was:
+            raise UsageError(f"{args.compiled} was compiled from another {mine}: its {name} is {list(was)}, "
+                             f"--model {args.model}'s is {list(shape)}; pass the model it was compiled from")
 
 
 def _check_train_args(args) -> None:

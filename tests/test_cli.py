@@ -224,6 +224,24 @@ def test_eval_refuses_too_few_tokens_and_another_model_than_the_compiled_one(tmp
     assert "perplexity" not in captured.out
 
 
+def test_eval_refuses_a_model_of_the_same_class_with_other_shapes(tmp_path, capsys, monkeypatch):
+    """Only the class was compared: a SmolLM2 artifact passed against tiny:llama."""
+    from slimfx import models
+
+    out = tmp_path / "artifact"
+    policy = str(write(tmp_path, "policy p {\n    drop blocks[1]\n    quantize blocks.*.mlp.* : Linear int8\n}\n"))
+    assert main(["compile", policy, "--model", "tiny:llama", "--out", str(out)]) == 0
+    assert main(["eval", "--model", "tiny:llama", "--compiled", str(out), "--max-tokens", "64"]) == 0  # the same
+    capsys.readouterr()
+    native = models._tiny_config_kwargs
+    monkeypatch.setattr(models, "_tiny_config_kwargs", lambda arch, layers: {**native(arch, layers), "hidden_size": 32})
+    assert main(["eval", "--model", "tiny:llama", "--compiled", str(out), "--max-tokens", "64"]) == 1
+    captured = capsys.readouterr()
+    assert (f"{out} was compiled from another LlamaForCausalLM: its model.embed_tokens.weight is [256, 64], "
+            "--model tiny:llama's is [256, 32]") in captured.err
+    assert "perplexity" not in captured.out
+
+
 def test_compile_calibrates_on_a_number_of_built_in_tokens(tmp_path, capsys, monkeypatch):
     from slimfx import api
     from slimfx.calibration import calibration_batches
