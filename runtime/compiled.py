@@ -95,6 +95,7 @@ class CompiledModel(nn.Module):
         twice = [n for n in kwargs if n in bound]
         bound.update(kwargs)
         self._check_ranks(bound)
+        bound = self._cast_inputs(bound)
         bound = complete_inputs(bound, self.graph.inputs)  # e.g. attention_mask omitted: all ones
         missing = [n for n in names if n not in bound]
         extra = [n for n in bound if n not in names]
@@ -119,8 +120,56 @@ class CompiledModel(nn.Module):
                 raise TypeError(f"{self._what()}: {info.name} is {value.dim()}-D {list(value.shape)}, the graph "
                                 f"takes it {len(info.shape)}-D [{dims}]{hint}")
 
+    def _cast_inputs(self, given: dict) -> dict:
+        """Inputs of another dtype than the graph's, as the original model takes them: a bool,
+        int32 or 0/1 float attention_mask, int32 input_ids (export baked in the example's dtype, and
+        the graph's own dtype check raised a bare "Tensor dtype mismatch"). Integer values go to
+        integer inputs only when they are whole numbers; floats go to float inputs."""
+        out = dict(given)
+        for info in self.graph.inputs:
+            value = given.get(info.name)
+            if not isinstance(value, torch.Tensor) or value.dtype == info.dtype:
+                continue
+            to_float = info.dtype.is_floating_point
+            if not to_float and value.is_floating_point() and not torch.equal(value, value.round()):
+                raise TypeError(f"{self._what()}: {info.name} is {value.dtype} with values that are not whole "
+                                f"numbers; the graph takes {info.dtype} (a mask of 0 and 1, or token ids)")
+            if to_float and value.is_complex():
+                raise TypeError(f"{self._what()}: {info.name} is {value.dtype}; the graph takes {info.dtype}")
+            out[info.name] = value.to(info.dtype)
+        return out
+
     def _what(self) -> str:
         return f"compiled {self.graph.model_class}"
+
+    # ---- dtype: fixed at compile time ----
+    # The graph was captured in the model's dtype, and packed weights keep their own (fp16
+    # scales beside uint8 codes): nn.Module's casts would turn those into something no op reads.
+    def to(self, *args: Any, **kwargs: Any) -> "CompiledModel":
+        """Move to a device (`.to("cuda")`); a dtype is refused (see `half()`)."""
+        _device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            self._refuse_cast(f".to({dtype})")
+        return super().to(*args, **kwargs)
+
+    def half(self) -> "CompiledModel":
+        self._refuse_cast(".half()")
+
+    def bfloat16(self) -> "CompiledModel":
+        self._refuse_cast(".bfloat16()")
+
+    def float(self) -> "CompiledModel":
+        self._refuse_cast(".float()")
+
+    def double(self) -> "CompiledModel":
+        self._refuse_cast(".double()")
+
+    def type(self, dst_type) -> "CompiledModel":
+        self._refuse_cast(f".type({dst_type})")
+
+    def _refuse_cast(self, call: str):
+        raise TypeError(f"{self._what()}{call}: a compiled model keeps the dtypes it was compiled in; cast the "
+                        "original model (e.g. model.to(torch.bfloat16)) and compile that")
 
     def train(self, mode: bool = True) -> "CompiledModel":
         """Training mode switches the adapters' dropout on; the rest of the graph was captured in

@@ -96,3 +96,31 @@ def test_weights_are_frozen_and_grad_flows_once_unfrozen():
     case.cm.zero_grad(set_to_none=True)
     case.cm.requires_grad_(False)
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_a_mask_or_ids_of_another_dtype_are_taken_as_the_original_model_takes_them(arch):
+    """A bool, int32 or float mask raised export's bare "Tensor dtype mismatch! Expected: Long"."""
+    case = compiled(arch)
+    x = case.loaded.example_inputs
+    mask = x["attention_mask"].clone()
+    mask[0, -3:] = 0  # padding, so that the mask's values matter
+    want = case.cm(input_ids=x["input_ids"], attention_mask=mask)
+    for other in (mask.bool(), mask.int(), mask.float()):
+        assert_identical(case.cm(input_ids=x["input_ids"], attention_mask=other), want)
+    assert_identical(case.cm(input_ids=x["input_ids"].int(), attention_mask=mask), want)
+    with pytest.raises(TypeError, match="attention_mask is torch.float32 with values that are not whole numbers"):
+        case.cm(input_ids=x["input_ids"], attention_mask=mask.float() * 0.5)
+
+
+@pytest.mark.parametrize("cast", [lambda cm: cm.half(), lambda cm: cm.bfloat16(), lambda cm: cm.float(),
+                                  lambda cm: cm.double(), lambda cm: cm.to(torch.float16),
+                                  lambda cm: cm.to("cpu", torch.bfloat16), lambda cm: cm.type(torch.float16)])
+def test_a_dtype_cast_is_refused_and_says_to_cast_the_original(cast):
+    """cm.half() returned a model that failed on every call; int4 scales are fp16 beside uint8 codes."""
+    case = compiled("llama")
+    before = {n: t.dtype for n, t in case.cm.state_dict().items()}
+    with pytest.raises(TypeError, match="keeps the dtypes it was compiled in; cast the original model"):
+        cast(case.cm)
+    assert {n: t.dtype for n, t in case.cm.state_dict().items()} == before
+    assert case.cm.to("cpu") is case.cm  # a device alone is a move
