@@ -339,9 +339,31 @@ def graph_bytes(graph: ModelGraph) -> int:
 
 
 def graph_params(graph: ModelGraph) -> int:
+    """The model's weights, each counted once (tied ones): its parameters, and the weights the
+    precision pass stores as buffers — a packed `qweight` as the out × in weights it holds, an
+    fp16/bf16 `weight_fp16`/`weight_bf16` as its elements. Scales and zero points are not weights.
+    (Counting parameters alone made a quantized model's "params after" drop by its linears.)"""
     seen, total = set(), 0
     for p in graph.module.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    return total
+    return total + _stored_weights(graph)
+
+
+def _stored_weights(graph: ModelGraph) -> int:
+    import functools
+
+    import torch
+
+    ops = {torch.ops.slimfx.quant_linear.default: 1, torch.ops.slimfx.dequantize.default: 0}
+    counted: dict[str, int] = {}
+    for node in graph.module.graph.nodes:
+        if node.op == "call_function" and node.target in ops:
+            qweight = node.args[ops[node.target]]  # a get_attr; its rows are the weight's rows
+            rows = functools.reduce(getattr, qweight.target.split("."), graph.module).shape[0]
+            counted[qweight.target] = rows * int(node.args[-1])  # in_features, the op's last argument
+    for name, buffer in graph.module.named_buffers():
+        if name.endswith((".weight_fp16", ".weight_bf16")):
+            counted[name] = buffer.numel()
+    return sum(counted.values())

@@ -195,3 +195,20 @@ def test_adapt_from_a_directory_is_sized_at_compile(llama):
     (bound,) = plan_of(llama, 'adapt blocks.*.attn.q lora from="adapters/x" merge=true').rules
     assert bound.estimate.params_after == bound.estimate.params_before
     assert bound.estimate.note == "loaded from adapters/x at compile; merged into the base weights"
+
+
+def test_the_report_counts_stored_weights_as_parameters_however_they_are_stored():
+    """A quantized linear's packed weight is a buffer: "params after" fell by every quantized
+    linear, and an adapter's trainable share came out about three times too large."""
+    import slimfx
+
+    lm = tiny("llama")
+    original = sum(p.numel() for p in lm.model.parameters())  # no tied weights in tiny llama
+    cm = slimfx.compile(lm, "quantize blocks.*.mlp.* : Linear int4 group=32\nquantize blocks.*.attn.o fp16\n"
+                            "quantize blocks.*.attn.k int8\nadapt blocks.*.attn.{q,v} lora rank=4")
+    adapted = sum(p.numel() for p in cm.adapter_parameters())
+    assert cm.report.params_before == original and cm.report.params_after == original + adapted
+    adapt = cm.report.rules[-1]
+    assert adapt.details["trainable_share"] == pytest.approx(adapted / (original + adapted))
+    for rule in cm.report.rules[:-1]:
+        assert rule.params_after == rule.params_before
