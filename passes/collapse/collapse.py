@@ -59,7 +59,9 @@ def _auto(graph, bound, ctx, before: Before) -> RuleReport:
                          interval=auto.get("interval"), threshold=auto.get("threshold"), protected=protected,
                          accept=accept, progress=ctx.progress)
     notes = ["LaCo trials: " + "; ".join(f"{t.into} +{len(t.merged)} cos {t.similarity:.4f} "
-                                          f"{'kept' if t.accepted else 'rejected'}" for t in trials)]
+                                          f"{'kept' if t.accepted else 'rejected'}" for t in trials)
+             if trials else "no LaCo trial could run: no run of blocks within the ones this rule may merge "
+                            "(its selector, less `keep`) is left"]
     removed = n_before - len(graph.blocks)
     if removed < count:
         notes.append(f"stopped at {removed} of {count} blocks: no further merge kept cos ≥ "

@@ -75,10 +75,14 @@ def laco_trials(graph: ModelGraph, batches, reference: list[torch.Tensor], *, co
     (the trial already put the merged weights in the block; it removes the merged blocks)."""
     trials: list[Trial] = []
     removed = 0
-    l = len(graph.blocks) - span
+    # A model of fewer blocks than `span` starts at its first block (l went negative, and the
+    # search ran no trial at all).
+    l = max(len(graph.blocks) - span, 0)
     with progress.task(f"LaCo search ({count} blocks to merge away)", total=count) as step:
         while removed < count and l >= 0:
-            c = min(span, count - removed + 1)  # never merge away more than asked
+            c = min(span, count - removed + 1, len(graph.blocks))  # never merge away more than asked
+            if c < 2:
+                break
             l = min(l, len(graph.blocks) - c)
             run = list(graph.blocks[l:l + c])
             if any(b.path in protected for b in run):

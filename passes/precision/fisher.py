@@ -44,8 +44,8 @@ def output_fisher(graph: ModelGraph, outputs: dict[str, list[fx.Node]], batches:
             flat = _Keeper(graph.module, watched, values).run(*(batch[n] for n in names))
             try:
                 loss = lm_loss(graph.restructure(flat), batch)
-            except ValueError as e:
-                raise FisherUnavailable(str(e)) from None
+            except ValueError as e:  # less train()'s advice (loss='distill'): no precision rule takes it
+                raise FisherUnavailable(str(e).partition(": use loss=")[0]) from None
             nodes = list(values)
             grads = torch.autograd.grad(loss, [values[n] for n in nodes], allow_unused=True)
             keep = kept_rows(batch)

@@ -83,3 +83,20 @@ def test_keep_protected_blocks_are_never_merged(lm6):
                         calib=[lm.example_inputs])
     tried = {p for t in cm.report.rules[1].details["trials"] for p in (t["into"], *t["merged"])}
     assert "model.layers.3" not in tried and len(cm.graph.blocks) == 5
+
+
+def test_auto_search_on_fewer_blocks_than_its_span_starts_at_the_first_block():
+    """span=4 (the default) on 2 blocks ran no trial and blamed the threshold."""
+    lm = _lm(2, 3)
+    cm = slimfx.compile(lm, "collapse blocks auto(count=1, threshold=0.01)", calib=[lm.example_inputs])
+    (trial,) = cm.report.rules[0].details["trials"]
+    assert (trial["into"], trial["merged"]) == ("model.layers.0", ("model.layers.1",))
+    assert abs(trial["similarity"] - _similarity_by_hand(lm.model, 0, [1], lm.example_inputs)) < 1e-5
+    assert len(cm.graph.blocks) == 1
+
+
+def test_a_search_that_can_try_nothing_says_why(lm6):
+    lm = lm6
+    cm = slimfx.compile(lm, "keep blocks[2]\ncollapse blocks[1:4] auto(count=1, span=2)", calib=[lm.example_inputs])
+    notes = " ".join(cm.report.rules[1].notes)
+    assert "no LaCo trial could run" in notes and len(cm.graph.blocks) == 6

@@ -98,3 +98,4 @@ def test_by_fisher_is_refused_on_a_model_without_logits():
     with pytest.raises(SpecError) as e:
         slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, calib=calib, backend="eager")
     assert e.value.kind == "unsupported" and "by output_mse" in e.value.hint and e.value.line == 2
+    assert "this one has none" in e.value.message and "distill" not in e.value.message  # train()'s advice
