@@ -204,9 +204,13 @@ class _Binder:
                         f"`{_sel(rule)}` selects {what}", "write e.g. `tokens after blocks[3]`")
         last = self.graph.blocks[-1] if self.graph.blocks else None
         if last is not None and last in blocks:
+            first = min(b.index for b in blocks)
+            # A slice only where it is not empty and the action takes several blocks.
+            hint = (f"select blocks before the last, e.g. `blocks[{first}:-1]`" if several and first < last.index
+                    else f"select the block before it, `blocks[{last.index - 1}]`, or an earlier one" if last.index
+                    else "this model has one block: no place is left for it")
             self._error(rule.selector.span, "out-of-range", f"`tokens after {_sel(rule)}` includes the last block "
-                        f"({last.path}): a {rule.action} there saves no work and only changes output tokens",
-                        f"select blocks before the last, e.g. `blocks[{min(b.index for b in blocks)}:-1]`")
+                        f"({last.path}): a {rule.action} there saves no work and only changes output tokens", hint)
         return BoundRule(rule, blocks=blocks, estimate=estimate(rule, (), blocks, self.graph))
 
     def _bind_linears(self, rule, found, protected: set[str]) -> BoundRule:

@@ -212,3 +212,16 @@ def test_the_report_counts_stored_weights_as_parameters_however_they_are_stored(
     assert adapt.details["trainable_share"] == pytest.approx(adapted / (original + adapted))
     for rule in cm.report.rules[:-1]:
         assert rule.params_after == rule.params_before
+
+
+@pytest.mark.parametrize("layers, rule, hint", [
+    (4, "tokens after blocks[3] prune keep=0.5", "select the block before it, `blocks[2]`, or an earlier one"),
+    (4, "tokens after blocks[1:] merge ratio=0.3", "e.g. `blocks[1:-1]`"),
+    (4, "tokens after blocks[3] merge ratio=0.3", "select the block before it, `blocks[2]`"),
+    (1, "tokens after blocks[0] prune keep=0.5", "this model has one block"),
+])
+def test_a_token_rule_after_the_last_block_suggests_a_selector_that_works(layers, rule, hint):
+    """`tokens after blocks[3] prune` was told `blocks[3:-1]`: an empty slice, and prune takes one block."""
+    bert = tiny("bert", layers=layers)
+    e = error_of(capture(bert.model, bert.example_inputs), rule)
+    assert e.kind == "out-of-range" and hint in e.hint
