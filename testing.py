@@ -313,9 +313,15 @@ def tiny_models(archs=None, *, max_layers: int = 3) -> st.SearchStrategy:
     """
     from .models import TINY_ARCHS, tiny
 
-    choices = tuple(archs) if archs is not None else TINY_ARCHS
+    choices = (archs,) if isinstance(archs, str) else tuple(archs) if archs is not None else TINY_ARCHS
     unknown = sorted(set(choices) - set(TINY_ARCHS))
     if unknown:
         raise ValueError(f"unknown architectures {unknown}; known: {', '.join(TINY_ARCHS)}")
+    if not choices:
+        raise ValueError(f"tiny_models(archs=[]) has nothing to draw; name some of {', '.join(TINY_ARCHS)}, "
+                         "or leave archs out for all")
+    if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 1:
+        raise ValueError(f"max_layers must be a whole number of at least 1, got {max_layers!r}")
+    # Two layers or more unless asked for fewer: one block is a corner of its own.
     return st.builds(lambda arch, layers, seed: tiny(arch, layers=layers, seed=seed),
-                     st.sampled_from(choices), st.integers(2, max_layers), st.integers(0, 2**16))
+                     st.sampled_from(choices), st.integers(min(2, max_layers), max_layers), st.integers(0, 2**16))

@@ -135,6 +135,24 @@ def test_tiny_models_refuses_unknown_archs():
         tiny_models(archs=("lama",))
 
 
+def test_tiny_models_takes_one_name_and_refuses_what_it_cannot_draw():
+    """"llama" was read as the architectures ['a', 'l', 'm']; max_layers=1 gave hypothesis's
+    "max_value=1 < min_value=2"; archs=[] "Cannot sample from a length-zero sequence"."""
+    import pytest
+
+    with pytest.raises(ValueError, match=r"archs=\[\]\) has nothing to draw"):
+        tiny_models(archs=[])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_layers must be a whole number of at least 1"):
+            tiny_models(max_layers=bad)
+
+
+@settings(max_examples=2, deadline=None)
+@given(tiny_models("llama", max_layers=1))
+def test_tiny_models_of_one_name_and_one_layer(drawn):
+    assert drawn.arch == "llama" and drawn.model.config.num_hidden_layers == 1
+
+
 def test_check_policy_is_exported_and_loads_torch_only_on_use():
     """`from slimfx.testing import policies` stays torch-free; check_policy comes on first use
     (the checker lives in slimfx/policy_check.py; tests/test_policy_check.py tests it)."""
