@@ -358,9 +358,9 @@ def graph_params(graph: ModelGraph) -> int:
 def _stored_weights(graph: ModelGraph) -> int:
     import functools
 
-    import torch
+    from ..runtime.ops import dequantize_op, quant_linear  # imported, the slimfx ops exist (plan() runs first)
 
-    ops = {torch.ops.slimfx.quant_linear.default: 1, torch.ops.slimfx.dequantize.default: 0}
+    ops = {quant_linear.default: 1, dequantize_op.default: 0}
     counted: dict[str, int] = {}
     for node in graph.module.graph.nodes:
         if node.op == "call_function" and node.target in ops:

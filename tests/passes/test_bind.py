@@ -225,3 +225,15 @@ def test_a_token_rule_after_the_last_block_suggests_a_selector_that_works(layers
     bert = tiny("bert", layers=layers)
     e = error_of(capture(bert.model, bert.example_inputs), rule)
     assert e.kind == "out-of-range" and hint in e.hint
+
+
+def test_plan_in_a_fresh_process_counts_parameters_before_any_slimfx_op_exists():
+    """Counting packed weights looked the slimfx ops up before anything had registered them."""
+    import subprocess
+    import sys
+
+    code = ("import slimfx; from slimfx.models import tiny; "
+            "print(slimfx.plan(tiny('llama'), 'quantize head int8').params_total)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == sum(p.numel() for p in tiny("llama").model.parameters())
