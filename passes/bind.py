@@ -25,6 +25,7 @@ __all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params"]
 
 _LINEAR_RULES = (A.Adapt, A.Quantize, A.Precision)
 _BLOCK_RULES = (A.Collapse, A.Drop)
+_STREAM_RULES = (A.Collapse, A.Drop, A.Heal, A.Tokens, A.Unpad)  # they read or rewire Block.input/output
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def rebind(graph: ModelGraph, plan: Plan, start: int, *, source: str = "", filen
 class _Binder:
     def __init__(self, graph: ModelGraph, source: str, filename: str):
         self.graph, self.source, self.filename = graph, source, filename
+        self.chain_break = getattr(graph, "chain_break", None)  # of the whole model, before any view
         self.problems: list[Diagnostic] = []
         self.protected: set[str] = set()
 
@@ -141,6 +143,13 @@ class _Binder:
         return paths
 
     def _bind(self, rule: A.Rule, protected: set[str]) -> BoundRule:
+        if self.chain_break is not None and isinstance(rule, _STREAM_RULES):
+            word = "tokens" if isinstance(rule, A.Unpad) else rule.kind
+            self._error(A.Span(rule.span.line, rule.span.column, rule.span.line, rule.span.column + len(word)),
+                        "unsupported", f"`{word}` rewires the residual stream that passes from block to block, "
+                        f"and {self.graph.model_class}'s blocks do not pass it on: {self.chain_break} (the residual "
+                        "add is outside the blocks)", "rules on linears (quantize, adapt, precision) work on this "
+                        "model; for this one, add the residual inside each block's forward")
         if isinstance(rule, A.Keep):
             return self._bind_keep(rule)
         if isinstance(rule, (A.Heal, A.Unpad)):  # no selector: they act on the whole model

@@ -81,6 +81,11 @@ class ModelGraph(Program):
         super().__init__(module, modules, inputs, outputs, model_class)
         self.lent: Lent | None = None  # set by capture(lend=True): tensors shared with the model
         self.reindex()
+        # Does each block read the previous one's output (the residual stream passes through the
+        # blocks)? Not where the model adds the residual outside them (`x = x + layer(x)` in the
+        # parent's loop): rules that rewire the stream are refused there (bind.py), and lint
+        # checks the chain only on a graph that had it.
+        self.chain_break: str | None = chain_break(self.blocks)
 
     @classmethod
     def of(cls, program: Program) -> "ModelGraph":
@@ -331,14 +336,21 @@ def _lint_index(g: "ModelGraph") -> list[str]:
         problems.append("target index is stale: call graph.reindex() after rewriting")
     if [b.index for b in g.blocks] != list(range(len(g.blocks))):
         problems.append(f"block indices are not 0..{len(g.blocks) - 1}")
-    for a, b in zip(g.blocks, g.blocks[1:]):
-        if b.input is not a.output:
-            problems.append(f"block {b.index} ({b.path}) reads {b.input} as its residual input, "
-                            f"not block {a.index}'s output {a.output}")
+    if getattr(g, "chain_break", None) is None and (broken := chain_break(g.blocks)) is not None:
+        problems.append(broken)
     for t in g.targets.values():
         problems += [f"target {t.path}: parameter {p!r} missing from the graph module"
                      for p in t.params if not _has_attr(g.module, p)]
     return problems
+
+
+def chain_break(blocks) -> str | None:
+    """The first block that does not read the previous block's output as its residual input."""
+    for a, b in zip(blocks, blocks[1:]):
+        if b.input is not a.output:
+            return (f"block {b.index} ({b.path}) reads {b.input} as its residual input, "
+                    f"not block {a.index}'s output {a.output}")
+    return None
 
 
 def _get_attr(module: torch.nn.Module, target: str) -> Any:

@@ -1,5 +1,6 @@
 """bind(): rules -> concrete targets, `keep`, rule/model mismatches, size estimates, plan table."""
 import pytest
+import torch
 
 from slimfx import SpecError, parse
 from slimfx.models import tiny
@@ -237,3 +238,36 @@ def test_plan_in_a_fresh_process_counts_parameters_before_any_slimfx_op_exists()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.split()[-1]) == sum(p.numel() for p in tiny("llama").model.parameters())
+
+
+class _OutsideResidual(torch.nn.Module):
+    """The residual add in the parent's loop, as many research models write it."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU())
+                                           for _ in range(3)])
+        self.head = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x)
+
+
+def test_a_model_that_adds_the_residual_outside_its_blocks_takes_linear_rules_and_refuses_stream_ones():
+    """Every non-empty policy raised the graph's internal LintError (the blocks do not chain)."""
+    import slimfx
+
+    torch.manual_seed(0)
+    model, x = _OutsideResidual().eval(), {"x": torch.randn(2, 5, 32)}
+    cm = slimfx.compile(model, "adapt blocks.*.** : Linear lora rank=2", example_inputs=x)
+    assert torch.equal(cm(**x), model(**x))  # the adapters start at zero
+    cm = slimfx.compile(model, "quantize blocks.*.** : Linear int8\nquantize head int8", example_inputs=x)
+    error = (cm(**x) - model(**x)).norm() / model(**x).norm()
+    assert 0 < error < 0.02 and cm.lowering.lowered == 4  # every linear quantized, int8-close
+    for rule, word in [("drop blocks[1]", "drop"), ("collapse blocks[0:2]", "collapse")]:
+        with pytest.raises(SpecError) as e:
+            slimfx.compile(model, rule, example_inputs=x)
+        assert e.value.kind == "unsupported" and e.value.column == 1
+        assert f"`{word}` rewires the residual stream" in e.value.message and "outside the blocks" in e.value.message

@@ -151,6 +151,17 @@ def test_lint_reports_a_stale_index():
     assert "stale" not in str(info.value) and "dangling" in str(info.value)
 
 
+def test_lint_reports_a_block_that_no_longer_reads_the_one_before():
+    g = _fresh("llama")
+    assert g.chain_break is None
+    first, second = g.blocks[0], g.blocks[1]
+    # Block 1 reads what entered block 0: a rewrite that lost block 0's contribution.
+    second.input.replace_all_uses_with(first.input, delete_user_cb=lambda u: u in second.nodes)
+    g.reindex()
+    with pytest.raises(LintError, match=r"block 1 \(model.layers.1\) reads .* as its residual input, not block 0's"):
+        g.lint()
+
+
 def test_lint_reports_missing_meta_val():
     g = _fresh("gpt2")
     node = next(n for n in g.module.graph.nodes if n.op == "call_function")
