@@ -17,7 +17,7 @@ from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
 from .blocks_view import without_blocks
-from .estimate import Estimate, estimate
+from .estimate import Estimate, estimate, stored_after
 from .graph import Block, ModelGraph, Target
 from .select import resolve
 
@@ -85,6 +85,7 @@ class _Binder:
     def __init__(self, graph: ModelGraph, source: str, filename: str):
         self.graph, self.source, self.filename = graph, source, filename
         self.chain_break = getattr(graph, "chain_break", None)  # of the whole model, before any view
+        self.stored: dict[str, int] = {}  # target path -> bytes, as the quantize/precision rules bound so far leave it
         self.problems: list[Diagnostic] = []
         self.protected: set[str] = set()
 
@@ -115,12 +116,19 @@ class _Binder:
                 continue
             if rule.auto is not None:
                 deferred_by = deferred_by or rule.span.line
-                continue
+                if isinstance(rule, A.Collapse):  # its count is an upper bound: the search may keep fewer
+                    continue
             try:  # a selector that fails is reported when the rule itself is bound
                 found = resolve(view, rule.selector, source=self.source, filename=self.filename)
             except SpecError:
                 continue
             blocks = [f for f in found if isinstance(f, Block)]
+            if rule.auto is not None:
+                # An auto drop removes exactly its count, which blocks decided at compile: later rules
+                # bind to a stand-in with that many fewer (the last selected), so that an index past
+                # the end is an error in `plan` too, not only at compile.
+                count = rule.auto.get("count") or round(rule.auto.get("ratio") * len(view.blocks))  # as auto_count
+                blocks = blocks[len(blocks) - count:] if 0 < count < len(blocks) else []
             gone = blocks[1:] if isinstance(rule, A.Collapse) else blocks
             if len(gone) < len(view.blocks):
                 view = without_blocks(view, {b.path for b in gone})
@@ -254,8 +262,10 @@ class _Binder:
             why = "all are protected by `keep`" if kept else f"it selects only {', '.join(others) or 'blocks'}"
             self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on linear layers, and `{_sel(rule)}` "
                         f"leaves none: {why}", "select linears, e.g. `blocks.*.** : Linear` or `blocks.*.attn.q`")
-        return BoundRule(rule, targets=targets, protected=tuple(t.path for t in kept),
-                         estimate=estimate(rule, targets, (), self.graph), warnings=tuple(warnings))
+        bound = BoundRule(rule, targets=targets, protected=tuple(t.path for t in kept),
+                          estimate=estimate(rule, targets, (), self.graph, self.stored), warnings=tuple(warnings))
+        self.stored.update(stored_after(rule, targets))
+        return bound
 
     def _check_rank(self, rule: A.Adapt, targets: tuple[Target, ...]) -> None:
         """An adapter's B·A cannot have a larger rank than the layer's smaller dimension."""

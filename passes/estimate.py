@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..dsl import ast as A
 from ..dsl.schema import FORMAT_BITS
 
-__all__ = ["Estimate", "estimate", "quantized_bytes"]
+__all__ = ["Estimate", "estimate", "quantized_bytes", "stored_after"]
 
 SCALE_BYTES = 2  # fp16 scales and float zero points
 
@@ -25,13 +25,15 @@ class Estimate:
     note: str = ""
 
 
-def estimate(rule: A.Rule, targets, blocks, graph) -> Estimate:
+def estimate(rule: A.Rule, targets, blocks, graph, stored: dict[str, int] | None = None) -> Estimate:
+    """`stored`: bytes of targets as the rules above this one leave them (an adapter over an int4
+    linear sits beside its packed weight, not the fp32 one)."""
     if isinstance(rule, A.Quantize):
         return _quantize(rule, targets)
     if isinstance(rule, A.Precision):
         return _precision(rule, targets)
     if isinstance(rule, A.Adapt):
-        return _adapt(rule, targets)
+        return _adapt(rule, targets, stored or {})
     if isinstance(rule, (A.Collapse, A.Drop)):
         return _remove_blocks(rule, blocks, graph)
     if isinstance(rule, A.Tokens):
@@ -95,11 +97,26 @@ def _bias_bytes(target) -> int:
     return sum(math.prod(s) * 4 for s in target.shapes[1:])
 
 
+def stored_after(rule: A.Rule, targets) -> dict[str, int]:
+    """Per target, the bytes a quantize or precision rule leaves it (precision: its budget spread
+    over the weights evenly); {} for other rules."""
+    if isinstance(rule, A.Quantize):
+        return {t.path: _quantized(rule, t) for t in targets}
+    if isinstance(rule, A.Precision):
+        total = _precision(rule, targets)
+        share = total.bytes_after / total.bytes_before if total.bytes_before else 1.0
+        return {t.path: int(t.nbytes * share) for t in targets}
+    return {}
+
+
+def _quantized(rule: A.Quantize, t) -> int:
+    return (quantized_bytes(*_weight_shape(t), rule.format, rule.get("group"), rule.get("sym"), rule.get("zero"))
+            + _bias_bytes(t) + _still_held(t))
+
+
 def _quantize(rule: A.Quantize, targets) -> Estimate:
     before = sum(t.nbytes for t in targets)
-    after = sum(quantized_bytes(*_weight_shape(t), rule.format, rule.get("group"), rule.get("sym"),
-                                rule.get("zero"))
-                + _bias_bytes(t) + _still_held(t) for t in targets)
+    after = sum(_quantized(rule, t) for t in targets)
     params = sum(_numel(t) for t in targets)
     weights = sum(math.prod(_weight_shape(t)) for t in targets) or 1
     bits = 8 * (after - sum(_bias_bytes(t) + _still_held(t) for t in targets)) / weights
@@ -118,10 +135,10 @@ def _precision(rule: A.Precision, targets) -> Estimate:
                     f"{'bits/weight' if rule.budget.metric == 'avg_bits' else ''}".strip())
 
 
-def _adapt(rule: A.Adapt, targets) -> Estimate:
+def _adapt(rule: A.Adapt, targets, stored: dict[str, int]) -> Estimate:
+    before = sum(stored.get(t.path, t.nbytes) for t in targets)
     if rule.get("from"):  # rank and method come from the adapter's config, read at compile
         params = sum(_numel(t) for t in targets)
-        before = sum(t.nbytes for t in targets)
         return Estimate(params, params, before, before, f"loaded from {rule.get('from')} at compile"
                         + ("; merged into the base weights" if rule.get("merge") else ""))
     # Bytes per element of A and B (`adapt … dtype=`): fp16/bf16 as the formats table says, fp32 4.
@@ -130,7 +147,6 @@ def _adapt(rule: A.Adapt, targets) -> Estimate:
     magnitude = sum(_weight_shape(t)[0] for t in targets) if rule.method == "dora" else 0  # fp32 always
     added = low_rank + magnitude
     params = sum(_numel(t) for t in targets)
-    before = sum(t.nbytes for t in targets)
     if rule.get("merge"):
         return Estimate(params, params, before, before, "merged into the base weights")
     return Estimate(params, params + added, before, before + size * low_rank + 4 * magnitude,

@@ -138,6 +138,17 @@ def test_rules_after_an_auto_drop_are_bound_again_at_compile(lm8):
     assert cm.report.rules[1].targets == tuple(f"{p}.self_attn.q_proj" for p in kept) and len(kept) == 6
 
 
+@pytest.mark.parametrize("auto", ["count=2", "ratio=0.25"])
+def test_plan_binds_rules_after_an_auto_drop_to_that_many_fewer_blocks(lm8, auto):
+    """`plan` bound them to all 8 blocks: `blocks[6]` was "ready", and compile refused it."""
+    plan = slimfx.plan(lm8, f"drop blocks auto({auto})\nquantize blocks.*.attn.q int8")
+    assert len(plan.rules[1].targets) == 6
+    with pytest.raises(SpecError) as e:
+        slimfx.plan(lm8, f"drop blocks auto({auto})\nquantize blocks[6].** : Linear int8")
+    assert e.value.line == 2 and "index 6 is out of range: `blocks` has 6 items" in str(e.value)
+    assert slimfx.plan(lm8, "collapse blocks auto(count=2)\nquantize blocks[6].** : Linear int8")  # may keep fewer
+
+
 @pytest.mark.parametrize("rules, kind, words", [
     ("drop blocks[9]", "selector", "out of range"),
     ("drop blocks[0:8]", "out-of-range", "removes all 8 blocks"),
