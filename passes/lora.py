@@ -12,7 +12,9 @@ not in a pass folder. The base call stays its own node — `aten.linear`, GPT-2 
 which are PEFT's (peft/tuners/lora/layer.py and dora.py), so weights move between the two as they
 are. With dropout > 0, DoRA's base term uses the dropped-out input, `w @ dropout(x)`, as PEFT does
 in training. A and B stored in half precision (`adapt … dtype=fp16|bf16`) are read through one
-`aten._to_copy` each up to the activations' dtype. A later `quantize` of the target swaps the base
+`aten._to_copy` each up to the activations' dtype. On a half model DoRA's norm, k and term are
+float32 (as PEFT's fp32 adapter computes them) and the term is cast to y's dtype before the add.
+A later `quantize` of the target swaps the base
 call and, through `swap_adapter_weight`, the weight DoRA reads; the adapter itself stays as stored.
 """
 from __future__ import annotations
@@ -115,7 +117,7 @@ def _read_as(gm: fx.GraphModule, attrs: dict[str, fx.Node], dtype: torch.dtype, 
     """The node each computation reads a tensor from: A and B stored in another dtype than the
     activations' (`adapt … dtype=fp16|bf16`) are read through one cast up each, tagged part
     "cast", so the adapter computes as an fp32 one whose values were rounded; DoRA's magnitude is
-    read as stored (elementwise ops promote it)."""
+    read as stored (on a half model its k is computed in float32 and the term cast: _dora_term)."""
     values = dict(attrs)
     for name in ("lora_A", "lora_B"):
         attr = attrs[name]
@@ -168,18 +170,39 @@ def _build(gm: fx.GraphModule, site: BaseSite, adapter: Adapter, values: dict[st
     if adapter.method == "lora":
         out = b("out", aten.add.Tensor, y, b("scale", aten.mul.Tensor, lora, s))
     else:
-        w = _weight_value(b, site)
-        delta = b("norm", aten.mul.Tensor, b("norm", aten.mm.default, values["lora_B"], values["lora_A"]), s)
-        norm = b("norm", aten.linalg_vector_norm.default, b("norm", aten.add.Tensor, w, delta), 2, [1])
-        k = b("norm", aten.div.Tensor, values["lora_magnitude"], b("norm", aten.detach.default, norm))
-        if adapter.dropout > 0:
-            base = b("dora", aten.linear.default, h, w)
-        else:
-            base = b("dora", aten.sub.Tensor, y, site.bias) if site.bias is not None else y
-        term = b("dora", aten.mul.Tensor, b("dora", aten.sub.Tensor, k, 1), base)
-        term = b("dora", aten.add.Tensor, term, b("dora", aten.mul.Tensor, b("dora", aten.mul.Tensor, lora, k), s))
-        out = b("out", aten.add.Tensor, y, term)
+        out = b("out", aten.add.Tensor, y, _dora_term(b, site, adapter, values, h, lora))
     y.replace_all_uses_with(out, delete_user_cb=lambda u: tag_of(u) is None)
+
+
+def _dora_term(b: _Builder, site: BaseSite, adapter: Adapter, values: dict[str, fx.Node], h: fx.Node,
+               lora: fx.Node) -> fx.Node:
+    """DoRA's addition to y, in y's dtype. On a half model the norm, k and the term are computed
+    in float32, as PEFT does (its fp32 adapter upcasts x and the weight), and the term is rounded
+    once: the fp32 magnitude would otherwise promote the output to fp32 (unlike the base's: sdpa
+    then refused q·k), and a norm rounded to half would not equal the magnitude a fresh adapter
+    starts with (‖W‖ in fp32), so a fresh DoRA would move outputs."""
+    y, s = site.node, adapter.scale
+    dtype = y.meta["val"].dtype
+    wide = torch.promote_types(dtype, torch.float32)
+    w = _weight_value(b, site)
+    delta = b("norm", aten.mul.Tensor, b("norm", aten.mm.default, values["lora_B"], values["lora_A"]), s)
+    v = b("norm", aten.add.Tensor, _cast(b, "norm", w, wide), _cast(b, "norm", delta, wide))
+    norm = b("norm", aten.linalg_vector_norm.default, v, 2, [1])
+    k = b("norm", aten.div.Tensor, values["lora_magnitude"], b("norm", aten.detach.default, norm))
+    if adapter.dropout > 0:
+        base = b("dora", aten.linear.default, h, _cast(b, "dora", w, dtype))
+    else:
+        base = b("dora", aten.sub.Tensor, y, site.bias) if site.bias is not None else y
+    term = b("dora", aten.mul.Tensor, b("dora", aten.sub.Tensor, k, 1), base)
+    term = b("dora", aten.add.Tensor, term, b("dora", aten.mul.Tensor, b("dora", aten.mul.Tensor, lora, k), s))
+    return _cast(b, "dora", term, dtype)
+
+
+def _cast(b: _Builder, part: str, node: fx.Node, dtype: torch.dtype) -> fx.Node:
+    """`node` in `dtype`: itself when it already is, else through one tagged cast."""
+    if node.meta["val"].dtype == dtype:
+        return node
+    return b(part, aten._to_copy.default, node, dtype=dtype)
 
 
 def _weight_value(b: _Builder, site: BaseSite) -> fx.Node:
@@ -204,13 +227,20 @@ def adapter_weight_nodes(graph: ModelGraph, target: Target) -> list[fx.Node]:
 def swap_adapter_weight(graph: ModelGraph, target: Target, build: Callable[[], fx.Node]) -> None:
     """After the base weight was re-stored (quantized, halved): give the target's DoRA adapter
     the new weight. `build()` makes the nodes computing it as float [out, in] (inserted where the
-    old value was); the old nodes are erased, so the original weight is no longer read."""
+    old value was); the old nodes are erased, so the original weight is no longer read. The new
+    weight is cast to the old one's dtype: on a half model the adapter was built for a half
+    weight (DoRA's dropout path multiplies it with half activations; a float32 one was refused)."""
     gm = graph.module
     for old in adapter_weight_nodes(graph, target):
         adapter = tag_of(old)
         before = set(gm.graph.nodes)
         with gm.graph.inserting_before(old):
             new = build()
+            dtype = old.meta["val"].dtype
+            if new.meta["val"].dtype != dtype:
+                cast = gm.graph.call_function(aten._to_copy.default, (new,), {"dtype": dtype})
+                set_meta(cast, old, aten._to_copy.default, (new,), {"dtype": dtype})
+                new = cast
         for n in set(gm.graph.nodes) - before:
             if "nn_module_stack" in old.meta:
                 n.meta.setdefault("nn_module_stack", old.meta["nn_module_stack"])

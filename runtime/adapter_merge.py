@@ -2,9 +2,11 @@
 `W ← m/‖W + s·B@A‖ · (W + s·B@A)` per output row (DoRA), then the adapter's nodes and parameters
 leave the graph. Used by `CompiledModel.merge_adapters()` (on a copy) and by `adapt … merge=true`.
 
-Only a full-precision base can take the fold: a quantized or half-precision weight would have to
-be re-encoded, which is the precision pass's job, and a weight tied to another module would
-change that module too. Both are refused before anything is changed (never a partial merge).
+A float weight of any width takes the fold, computed in float32 and rounded once to the weight's
+own dtype (as PEFT's merge_and_unload does on a half model). A packed (quantized) weight, or one a
+precision rule stored apart and casts on read, would have to be re-encoded, which is the precision
+pass's job, and a weight tied to another module would change that module too. Those are refused
+before anything is changed (never a partial merge).
 """
 from __future__ import annotations
 
@@ -32,11 +34,13 @@ class MergeError(ValueError):
 
 def merged_weight(w: torch.Tensor, adapter: Adapter, a: torch.Tensor, b: torch.Tensor,
                   magnitude: torch.Tensor | None) -> torch.Tensor:
-    """The folded weight, in `w`'s layout and dtype ([in, out] when the adapter is transposed)."""
-    base = (w.T if adapter.transposed else w).float()
-    new = base + adapter.scale * (b.float() @ a.float())
+    """The folded weight, in `w`'s layout and dtype ([in, out] when the adapter is transposed):
+    computed in float32 (or w's wider dtype) and rounded once."""
+    wide = torch.promote_types(w.dtype, torch.float32)
+    base = (w.T if adapter.transposed else w).to(wide)
+    new = base + adapter.scale * (b.to(wide) @ a.to(wide))
     if adapter.method == "dora":
-        new = (magnitude.float() / torch.linalg.norm(new, dim=1)).unsqueeze(1) * new
+        new = (magnitude.to(wide) / torch.linalg.norm(new, dim=1)).unsqueeze(1) * new
     return (new.T if adapter.transposed else new).to(w.dtype).contiguous()
 
 
@@ -80,7 +84,8 @@ def _weight_of(gm: fx.GraphModule, path: str) -> tuple[nn.Module, str]:
         raise MergeError(f"cannot merge the adapter of {path}: its weight {name} is tied to "
                          f"{', '.join(a for a in aliases if a != name)}, which would change too. Keep the "
                          "adapter unmerged (merge=false), or adapt a weight that is not tied")
-    if not tensor.is_floating_point() or tensor.dtype not in (torch.float32, torch.float64):
+    # half weights (a model cast to fp16/bf16) fold too: merged_weight computes in float32
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise MergeError(f"cannot merge the adapter of {path}: its weight is {tensor.dtype}. " + QUANTIZED_HINT)
     return owner, attr
 

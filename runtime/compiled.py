@@ -196,9 +196,10 @@ class CompiledModel(nn.Module):
         return [p for n, p in self.program.named_parameters() if is_adapter_param(n)]
 
     def merge_adapters(self) -> "CompiledModel":
-        """A new CompiledModel with every adapter folded into its full-precision base weight (no
-        adapter ops left); this one is unchanged. Refused (MergeError, before any change) for an
-        adapter over a quantized or tied weight."""
+        """A new CompiledModel with every adapter folded into its float base weight (fp32, or the
+        fp16/bf16 weight of a half model: folded in float32, rounded once; no adapter ops left);
+        this one is unchanged. Refused (MergeError, before any change) for an adapter over a
+        quantized, precision-rule-stored or tied weight."""
         from .adapter_merge import merge_adapters
         from .program_copy import copy_program
 

@@ -122,9 +122,12 @@ def _apply_map(graph: ModelGraph, cut: Cut, t: torch.Tensor, name: str) -> fx.No
 
     The map is a buffer of the blocks' container (a block's own tensors would make it unlike the
     other blocks); its node belongs to the block after the cut (its first op, so that block still
-    reads the previous block's output) or, after the last block, to the container."""
+    reads the previous block's output) or, after the last block, to the container. T (fitted in
+    float64, returned float32) is stored in the stream's dtype: a half model's linear refuses a
+    float32 weight beside half activations."""
     gm, stream, path = graph.module, cut.stream, graph.blocks_path
     first_user = min(stream.users, key=graph.node_order.__getitem__)
+    t = t.to(stream.meta["val"].dtype)
     weight = register_tensors(graph, path, {name: t.T.contiguous()}, first_user)[name]
     with gm.graph.inserting_before(first_user):
         new = gm.graph.call_function(aten.linear.default, (stream, weight))
@@ -135,7 +138,8 @@ def _apply_map(graph: ModelGraph, cut: Cut, t: torch.Tensor, name: str) -> fx.No
     stream.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
     info = graph.modules[path]
     graph.modules[path] = replace(info, params=info.params + (ParamInfo(
-        f"{path}.{name}", tuple(t.shape), "float32", t.numel() * 4, _new_storage(graph), is_buffer=True),))
+        f"{path}.{name}", tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel() * t.element_size(),
+        _new_storage(graph), is_buffer=True),))
     recompile(gm)
     graph.reindex()
     return new
@@ -210,12 +214,14 @@ def _through(arg, node: fx.Node) -> bool:
 def _fold_into(graph: ModelGraph, site, t: torch.Tensor) -> None:
     gm = graph.module
     w = _fetch(gm, site.weight)
-    # new tensors, never written in place: the old ones may be the user's own storage (lent.py)
+    # new tensors, never written in place: the old ones may be the user's own storage (lent.py);
+    # a half weight is folded in float32 and rounded once back to its own dtype
     with torch.no_grad():
-        replace_tensor(gm, w, w @ t if site.transposed else t.T @ w)
+        folded = w.float() @ t if site.transposed else t.T @ w.float()
+        replace_tensor(gm, w, folded.to(w.dtype))
         if site.bias is not None:
             b = _fetch(gm, site.bias)
-            replace_tensor(gm, b, b @ t)
+            replace_tensor(gm, b, (b.float() @ t).to(b.dtype))
 
 
 def _fetch(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:

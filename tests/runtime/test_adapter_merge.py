@@ -91,3 +91,84 @@ def test_merge_then_quantize_by_a_second_compile():
     assert 0 < err_merged < 0.05, "int8 of the merged weights: close to the merged model, not equal"
     assert not torch.equal(_out(quantized, lm), _out(direct, lm)), "the merged weights were the ones quantized"
     assert quantized.report.policy == "inline" and len(merged.adapters) == 0
+
+
+# ---- a half-precision base ---------------------------------------------------------------------
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _half(dtype: str):
+    lm = tiny("llama")
+    lm.model.to(HALF[dtype])
+    return lm
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_merge_into_a_half_base_folds_in_float32_and_keeps_its_dtype(dtype, method):
+    """A half model (no quantize rule) merges as PEFT does: the fold in float32, rounded once to
+    the weight's dtype. It was refused as if the weight were quantized."""
+    lm = _half(dtype)
+    cm = _trained(lm, f"adapt blocks.*.attn.{{q,v}} {method} rank=4 alpha=8")
+    merged = cm.merge_adapters()
+    path = "model.layers.0.self_attn.v_proj"
+    module = cm.program.get_submodule(path)
+    w = module.weight.detach().float()
+    expected = w + 2.0 * (module.lora_B.detach() @ module.lora_A.detach())
+    if method == "dora":
+        expected = module.lora_magnitude.detach()[:, None] * expected / expected.norm(dim=1, keepdim=True)
+    got = merged.program.get_submodule(path).weight
+    assert got.dtype == HALF[dtype] and merged.adapters == {}
+    assert torch.equal(got, expected.to(HALF[dtype])), "one rounding of the float32 fold"
+    unmerged, folded = _out(cm, lm), _out(merged, lm)
+    assert folded.dtype == HALF[dtype]
+    # the merged model rounds the weight where the unmerged one rounds activations: half rounding apart
+    bound = 3e-3 if dtype == "fp16" else 3e-2
+    assert (unmerged.float() - folded.float()).abs().max() < bound
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merge_into_a_bf16_base_matches_peft_merge_and_unload(method):
+    peft = pytest.importorskip("peft")
+    import copy
+
+    lm = _half("bf16")
+    cm = _trained(lm, f"adapt blocks.*.attn.{{q,v}} {method} rank=4 alpha=8")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=method == "dora")
+    pm = peft.get_peft_model(copy.deepcopy(lm.model), config).eval()
+    ours = dict(cm.program.named_parameters())
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                path, _, kind = name.removeprefix("base_model.model.").partition(".lora_")
+                p.copy_(ours[f"{path}.lora_{kind.split('.')[0].removesuffix('_vector')}"])
+    reference = pm.merge_and_unload()
+    merged = cm.merge_adapters()
+    for path in cm.adapters:
+        want = reference.get_submodule(path).weight
+        got = merged.program.get_submodule(path).weight
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-6)  # one bf16 ulp
+    with torch.no_grad():
+        want = reference(**lm.example_inputs).logits
+    assert (_out(merged, lm).float() - want.float()).abs().max() < 2e-2
+
+
+def test_merge_true_rule_on_a_bf16_model():
+    lm = _half("bf16")
+    cm = _compile(lm, "adapt blocks.*.attn.{q,v} lora rank=4 merge=true")
+    assert cm.adapters == {} and cm.report.rules[0].details["merged"]
+    with torch.no_grad():
+        expected = lm.model(**lm.example_inputs).logits
+    assert torch.equal(_out(cm, lm), expected), "a fresh adapter (B = 0) merges to the same weights"
+    assert {p.dtype for p in cm.program.parameters()} == {torch.bfloat16}
+
+
+def test_merge_still_refused_into_a_weight_stored_in_reduced_precision_by_a_rule():
+    """A `quantize … bf16` rule's storage is the precision pass's to re-encode: still refused, with
+    the order that works."""
+    lm = tiny("llama")
+    cm = _trained(lm, "quantize blocks.*.attn.* : Linear bf16\nadapt blocks.*.attn.q lora rank=2")
+    with pytest.raises(MergeError, match=r"reduced precision.*then quantize"):
+        cm.merge_adapters()
