@@ -19,11 +19,18 @@ from torch import fx
 from ..runtime.progress import Progress
 from .graph import ModelGraph
 
-__all__ = ["observe", "Observer", "kept_rows", "real_rows", "forward_ms", "HessianAccumulator", "DiagonalAccumulator", "damped",
+__all__ = ["observe", "Observer", "CALIB_HINT", "kept_rows", "real_rows", "forward_ms", "HessianAccumulator", "DiagonalAccumulator", "damped",
            "paired_moment",
            "output_error"]
 
 Observer = Callable[[torch.Tensor], None]
+
+# What to do when a rule needs calibration and compile() got none (a model of the user's own, or
+# a vision model: `slimfx compile` calibrates text models on built-in text by itself).
+CALIB_HINT = ("pass calib= to compile(): batches of inputs, or texts with a model from slimfx.models.load "
+              "(which calibrates on built-in text when calib= is left out); `slimfx compile` does that for a "
+              "text model (--calib FILE, --calib-tokens N), and a vision model is calibrated only through "
+              'compile(model, policy, calib=[{"pixel_values": …}, …])')
 
 
 def observe(graph: ModelGraph, watch: dict[fx.Node, list[Observer]], batches: list[dict[str, Any]],

@@ -10,7 +10,7 @@ from ...dsl.errors import SpecError
 from ...runtime.inputs import complete_inputs
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
-from ..calibrate import forward_ms
+from ..calibrate import CALIB_HINT, forward_ms
 from ..context import Context
 from ..graph import Block, ModelGraph
 from .cut import Cut, remove_run
@@ -30,8 +30,7 @@ def rule_error(bound: BoundRule, ctx: Context, kind: str, message: str, hint: st
 def need_calibration(bound: BoundRule, ctx: Context, why: str) -> None:
     if not ctx.calib:
         raise rule_error(bound, ctx, "missing-value", f"`{bound.rule.kind}` {why}, and there are no "
-                         "calibration batches", "pass calib= to compile() (texts, or input dicts), or "
-                         "--calib on the command line; a slimfx.models model brings its own")
+                         "calibration batches", CALIB_HINT)
 
 
 def current(graph: ModelGraph, blocks) -> list[Block]:

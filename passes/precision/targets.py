@@ -11,7 +11,7 @@ from ...dsl.errors import Diagnostic, SpecError
 from ...runtime.formats import QuantizedWeight
 from ...runtime.report import RuleReport
 from ..bind import BoundRule
-from ..calibrate import DiagonalAccumulator, observe
+from ..calibrate import CALIB_HINT, DiagonalAccumulator, observe
 from ..context import Context
 from ..graph import ModelGraph, Target
 from ..rewrite import LinearSite, find_sites, weight_name, weight_still_held
@@ -76,8 +76,7 @@ def require_calib(ctx: Context, bound: BoundRule, who: str) -> None:
     if not ctx.calib:
         raise SpecError(Diagnostic("missing-value", f"{who} needs calibration inputs, and none were given",
                                    bound.line, bound.rule.span.column, len(bound.rule.kind),
-                                   "pass compile(..., calib=[batch, ...]) or calib=[text, ...] (with a "
-                                   "model from slimfx.models.load), or use method=rtn"), ctx.source, ctx.filename)
+                                   f"{CALIB_HINT}; or use method=rtn"), ctx.source, ctx.filename)
 
 
 def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[str, tuple[Candidate, Encoded]],

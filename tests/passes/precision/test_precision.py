@@ -245,6 +245,8 @@ def test_gptq_without_calibration_is_a_spec_error(llama):
     with pytest.raises(SpecError) as e:
         compile_(model, inputs, f"quantize {LINEARS} int4 method=gptq")
     assert e.value.kind == "missing-value" and "calibration" in e.value.message and e.value.line == 2
+    # a vision model cannot be calibrated from the command line: the hint says where it can
+    assert "--calib-tokens" in e.value.hint and 'calib=[{"pixel_values"' in e.value.hint and "method=rtn" in e.value.hint
 
 
 # ---- the budget solver -----------------------------------------------------------------------
