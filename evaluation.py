@@ -128,7 +128,8 @@ def perplexity(model: Callable, tokenizer: Any, text: str, *, window: int = 256,
     """exp(token-weighted mean NLL) over non-overlapping `window`-token chunks of `text`.
 
     Only the first `max_tokens` tokens are scored; each chunk predicts its tokens 2..n from
-    the ones before, so no token is scored twice and no context crosses a chunk border.
+    the ones before, so no token is scored twice and no context crosses a chunk border. A model
+    that returns fewer positions than it is given (`tokens after … restore=false`) is refused.
     """
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
@@ -153,6 +154,15 @@ def _chunk_nll(model: Callable, chunk: torch.Tensor) -> tuple[float, int]:
     input_ids = chunk.unsqueeze(0).to(device)
     mask = torch.ones_like(input_ids)
     logits = _field(model(input_ids=input_ids, attention_mask=mask), "logits")
+    if logits.shape[1] != input_ids.shape[1]:
+        # `tokens after … prune` with restore=false returns the kept positions only: the dropped ones
+        # have no next-token prediction, and scoring the kept ones alone would compare positions the
+        # model chose against the original's every position.
+        raise ValueError(
+            f"the model returned logits for {logits.shape[1]} of the {input_ids.shape[1]} positions it was "
+            "given (a token rule with restore=false keeps only the remaining tokens), so perplexity over "
+            "the text is not defined; compile the same policy with restore=true on its `tokens after` "
+            "rules to score it, and keep restore=false for generation")
     # Position t predicts token t+1; sum in float32 even if the model ran in lower precision.
     pred = logits[0, :-1].float()
     nll = F.cross_entropy(pred, input_ids[0, 1:], reduction="sum")
@@ -172,14 +182,32 @@ def _device_of(model: Callable) -> torch.device:
 
 def embed(model: Callable, tokenizer: Any, texts: Iterable[str], *, max_length: int | None = None) -> torch.Tensor:
     """Attention-mask-weighted mean of the last hidden states: one row per text, float32; texts
-    cut at `max_length` tokens (default: the tokenizer's own limit)."""
+    cut at `max_length` tokens (default: the tokenizer's own limit). A model compiled with
+    `tokens after … restore=false` returns only its remaining tokens [B, L′, D]: those are weighted
+    by how many input tokens each holds (its `kept_tokens` "sizes"): after merging, the mean pooling
+    of the restore=true output; after pruning, the mean of the tokens kept."""
     enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     device = _device_of(model)
     inputs = {k: v.to(device) for k, v in _accepted(model, dict(enc)).items()}
+    earlier = getattr(model, "kept_tokens", None)
     with torch.inference_mode():
         hidden = _field(model(**inputs), "last_hidden_state").float()
-    mask = enc["attention_mask"].to(hidden.device, hidden.dtype).unsqueeze(-1)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    weights = _kept_sizes(model, earlier)
+    if weights is None:
+        weights = enc["attention_mask"]
+    weights = weights.to(hidden.device, hidden.dtype).unsqueeze(-1)
+    if weights.shape[1] != hidden.shape[1]:
+        raise ValueError(f"the model returned {hidden.shape[1]} tokens for inputs of {weights.shape[1]} "
+                         "and did not say which (a CompiledModel's kept_tokens)")
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def _kept_sizes(model: Callable, earlier: Any) -> torch.Tensor | None:
+    """The input tokens each output slot holds, when the call just made returned the shorter
+    sequences of `restore=false` (CompiledModel.kept_tokens, a new dict per call; `earlier` is the
+    one from before the call, so a stale one from another batch is never used)."""
+    kept = getattr(model, "kept_tokens", None)
+    return kept["sizes"] if kept is not None and kept is not earlier else None
 
 
 def embedding_cosine(model_a: Callable, model_b: Callable, tokenizer: Any,

@@ -184,3 +184,67 @@ def test_eval_of_a_causal_lm_without_a_tokenizer_has_no_text_metric_and_no_error
 
     (row,) = eval_rows(dataclasses.replace(tiny("llama"), tokenizer=None))
     assert "perplexity" not in row and row["bytes"] > 0
+
+
+# ---------------------------------------------------------------- token rules with restore=false
+
+def _padded(texts):
+    return dict(ByteTokenizer()(texts, padding=True, return_tensors="pt"))
+
+
+def test_embed_pools_a_shortened_output_by_the_sizes_of_its_kept_tokens():
+    """restore=false returns [B, L', D] (merged tokens): pooling them with the input's [B, S] mask
+    raised a size mismatch. Mean pooling weighted by kept_tokens' sizes equals mean pooling of the
+    restore=true output (each position the final value of the token it merged into)."""
+    import slimfx
+
+    lm = tiny("bert", layers=3)
+    texts = ["a considerably longer sentence", "short", "twelve chars"]
+    example = _padded(texts)
+    rule = "tokens after blocks[0:2] merge ratio=0.5 restore={}"
+    short, full = (slimfx.compile(lm.model, rule.format(r), example_inputs=example, calib=[example])
+                   for r in ("false", "true"))
+    got = ev.embed(short, lm.tokenizer, texts)
+    torch.testing.assert_close(got, ev.embed(full, lm.tokenizer, texts), atol=1e-5, rtol=1e-5)
+    # ... and against the kept tokens directly
+    with torch.no_grad():
+        hidden = short(**example).last_hidden_state
+    sizes = short.kept_tokens["sizes"]
+    assert hidden.shape[1] < example["input_ids"].shape[1]
+    torch.testing.assert_close(got, (hidden * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True))
+    assert ev.embedding_cosine(lm.model, short, lm.tokenizer, texts) < 0.9999  # it did merge
+
+
+def test_merging_exact_twins_with_proportional_attention_loses_nothing_in_the_embedding():
+    """Without position embeddings a BERT is permutation-equivariant: two equal input bytes stay
+    equal in every block. Texts of byte pairs ("aabb…") with ratio=0.5 merge each byte into its twin
+    (A = even slots, B = odd ones), and prop_attn makes the merged key attend like its two copies,
+    so the size-weighted pooling of the shorter output equals the original's mean pooling."""
+    import slimfx
+
+    lm = tiny("bert", layers=3)
+    with torch.no_grad():
+        lm.model.embeddings.position_embeddings.weight.zero_()
+    texts = ["aabbccdd", "eeff", "gghhiijjkkll"]
+    example = _padded(texts)
+    cm = slimfx.compile(lm.model, "tokens after blocks[0] merge ratio=0.5 prop_attn=true protect=none",
+                        example_inputs=example, calib=[example])
+    got = ev.embed(cm, lm.tokenizer, texts)
+    assert cm.kept_tokens["sizes"].max() == 2 and cm.kept_tokens["sizes"].shape[1] == 6  # 12 → 6
+    torch.testing.assert_close(got, ev.embed(lm.model, lm.tokenizer, texts), atol=1e-5, rtol=1e-5)
+
+
+def test_perplexity_of_a_decoder_that_returns_fewer_positions_is_refused_with_the_way_out():
+    """A pruned decoder with restore=false returns logits of the kept positions only: scoring them
+    against every next token raised a batch-size mismatch, and scoring the kept ones alone would
+    compare a subset the model chose with the original's every position. Refused, saying so."""
+    import slimfx
+
+    lm = tiny("llama", layers=2)
+    example = {"input_ids": torch.randint(3, 200, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    rule = "tokens after blocks[0] prune keep=0.5 restore={}"
+    short, full = (slimfx.compile(lm.model, rule.format(r), example_inputs=example, calib=[example])
+                   for r in ("false", "true"))
+    with pytest.raises(ValueError, match="restore=true"):
+        ev.perplexity(short, lm.tokenizer, ev.default_text(), window=32, max_tokens=64)
+    assert math.isfinite(ev.perplexity(full, lm.tokenizer, ev.default_text(), window=32, max_tokens=64))

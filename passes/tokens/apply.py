@@ -56,8 +56,9 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
         details.update(token_counts(graph, probe, inserted))
         after = forward_ms(graph, probe)
         details.update(latency_ms_before=round(before, 2), latency_ms_after=round(after, 2))
+        # ×after/before like every report row (a slowdown reads ×>1)
         notes.append(f"first calibration batch: tokens {' then '.join(details['tokens'])}; one forward "
-                     f"{before:.1f} → {after:.1f} ms (×{before / after:.2f})")
+                     f"{before:.1f} → {after:.1f} ms (×{after / before:.2f})")
         if flops_before:
             notes.append(flops_note(details, flops_before, graph, probe))
     params_now, nbytes = graph_params(graph), graph_bytes(graph)

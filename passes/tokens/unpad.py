@@ -52,8 +52,9 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
         after = forward_ms(graph, probe)
         details.update(tokens_padded=padded, tokens_real=real, latency_ms_before=round(before, 2),
                        latency_ms_after=round(after, 2))
+        # ×after/before like every report row (a slowdown reads ×>1)
         notes.append(f"first calibration batch {tuple(mask_t.shape)}: {real} of {padded} tokens are real "
-                     f"({real / padded:.0%}); one forward {before:.1f} → {after:.1f} ms (×{before / after:.2f})")
+                     f"({real / padded:.0%}); one forward {before:.1f} → {after:.1f} ms (×{after / before:.2f})")
         if flops_before:
             notes.append(flops_note(details, flops_before, graph, probe))
     params, nbytes = graph_params(graph), graph_bytes(graph)

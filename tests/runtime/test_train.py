@@ -230,6 +230,24 @@ def test_a_model_with_token_rules_is_refused_with_what_to_do():
         slimfx.train(cm, [example], steps=1)
 
 
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_the_route_the_token_refusal_names_works(arch):
+    """Train without the token rules, merge, compile the token rules onto the result: that call
+    failed on every model ("the residual stream … has no batch and sequence dims")."""
+    lm = models.tiny(arch, layers=2)
+    example = tokens(2, 6, pad=True)
+    cm = slimfx.compile(lm.model, "adapt blocks.*.** : Linear lora rank=4 alpha=8", example_inputs=example,
+                        calib=[example])
+    slimfx.train(cm, [example], steps=2, lr=1e-2, loss="distill", teacher=lm.model)
+    merged = cm.merge_adapters()
+    unpadded = slimfx.compile(merged, "tokens unpad", calib=[example])
+    batch = tokens(3, 7, pad=True, seed=1)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        want, got = (m(**batch)[0] for m in (merged, unpadded))
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+
+
 def test_float32_masters_hold_half_parameters_as_float32_inside_and_round_them_back_after():
     from slimfx.runtime.train import float32_masters
 
