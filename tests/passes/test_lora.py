@@ -202,20 +202,14 @@ def test_dora_on_a_half_llama_matches_peft(dtype, bound):
     agree to half rounding (measured 6e-4 in fp16, 6e-3 in bf16, about LoRA's own distance from
     PEFT; the adapters move the logits by about 0.7)."""
     peft = pytest.importorskip("peft")
-    import copy
+    from peft_twin import peft_twin
 
     lm = tiny("llama")
     lm.model.to(HALF[dtype])
     cm = slimfx.compile(lm, _policy("adapt blocks.*.attn.{q,v} dora rank=4 alpha=8"))
     _randomize(cm)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
-    pm = peft.get_peft_model(copy.deepcopy(lm.model), config).eval()
-    ours = dict(cm.program.named_parameters())
+    pm = peft_twin(peft, lm.model, cm, rank=4, alpha=8, targets=["q_proj", "v_proj"], dora=True)
     with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                path, _, kind = name.removeprefix("base_model.model.").partition(".lora_")
-                p.copy_(ours[f"{path}.lora_{kind.split('.')[0].removesuffix('_vector')}"])
         want = _out(pm(**lm.example_inputs))
         plain = _out(lm.model(**lm.example_inputs))
     got = _run(cm, lm)

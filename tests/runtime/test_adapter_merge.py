@@ -131,18 +131,11 @@ def test_merge_into_a_half_base_folds_in_float32_and_keeps_its_dtype(dtype, meth
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_merge_into_a_bf16_base_matches_peft_merge_and_unload(method):
     peft = pytest.importorskip("peft")
-    import copy
+    from peft_twin import peft_twin
 
     lm = _half("bf16")
     cm = _trained(lm, f"adapt blocks.*.attn.{{q,v}} {method} rank=4 alpha=8")
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=method == "dora")
-    pm = peft.get_peft_model(copy.deepcopy(lm.model), config).eval()
-    ours = dict(cm.program.named_parameters())
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                path, _, kind = name.removeprefix("base_model.model.").partition(".lora_")
-                p.copy_(ours[f"{path}.lora_{kind.split('.')[0].removesuffix('_vector')}"])
+    pm = peft_twin(peft, lm.model, cm, rank=4, alpha=8, targets=["q_proj", "v_proj"], dora=method == "dora")
     reference = pm.merge_and_unload()
     merged = cm.merge_adapters()
     for path in cm.adapters:
