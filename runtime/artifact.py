@@ -26,7 +26,7 @@ from .artifact_errors import FILES, META, PROGRAM, RESAVE, WEIGHTS, ArtifactErro
 from .artifact_files import first_line as _first_line, json_bytes as _json_bytes
 from .artifact_files import read_json as _read_json, read_weights as _read_weights
 from .artifact_files import sha256 as _sha256, sha256_file as _sha256_file
-from .artifact_files import write_atomic as _write_atomic
+from .artifact_files import foreign_entries, write_atomic as _write_atomic
 from .artifact_files import write_bytes as _write_bytes, write_weights as _write_weights
 from .graph_io import decode_graph, encode_graph
 from .report import Report
@@ -69,6 +69,11 @@ def check_target(target: Path) -> None:
     if target.is_dir() and any(target.iterdir()) and not (target / META).is_file():
         raise ArtifactError(f"refusing to replace {target}: it is a non-empty directory that is "
                             "not a slimfx artifact; choose a new path or empty it first")
+    others = foreign_entries(target, FILES)
+    if others:  # saving replaces the whole directory: they would be lost
+        raise ArtifactError(f"refusing to replace {target}: besides an artifact's files it holds "
+                            f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}, which saving would delete "
+                            "(it replaces the whole directory); move them out, or choose a new path")
 
 
 def _meta(cm: CompiledModel, aliases: dict[str, str]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 
 from .artifact_errors import RESAVE, WEIGHTS, ArtifactError
 
-__all__ = ["json_bytes", "write_bytes", "write_weights", "write_atomic", "sha256", "sha256_file",
+__all__ = ["json_bytes", "write_bytes", "write_weights", "write_atomic", "foreign_entries", "sha256", "sha256_file",
            "read_json", "read_weights", "first_line", "file_mode"]
 
 
@@ -60,6 +60,14 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any
         os.fsync(f.fileno())
     os.chmod(path, file_mode())  # the writer may create it private
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def foreign_entries(target: Path, own: tuple[str, ...]) -> list[str]:
+    """What a directory holds besides the files a save writes (`own`): write_atomic replaces the
+    whole directory, so a save over it is refused while there are any."""
+    if not target.is_dir():
+        return []
+    return sorted(e.name + ("/" if e.is_dir() else "") for e in target.iterdir() if e.name not in own)
 
 
 def write_atomic(target: Path, write: Callable[[Path], None]) -> None:

@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 
 from .adapters import Adapter, adapters_of
-from .artifact_files import json_bytes, write_atomic, write_bytes, write_weights
+from .artifact_files import foreign_entries, json_bytes, write_atomic, write_bytes, write_weights
 
 __all__ = ["PeftFormatError", "save_adapters", "peft_config", "tensor_key", "split_key", "pattern_value",
            "CONFIG", "WEIGHTS", "PICKLED", "PREFIX", "KEYS"]
@@ -125,6 +125,11 @@ def _check_target(target: Path) -> None:
     if target.is_dir() and any(target.iterdir()) and not (target / CONFIG).is_file():
         raise PeftFormatError(f"refusing to replace {target}: it is a non-empty directory without an "
                               f"{CONFIG} (not a PEFT adapter); choose a new path or empty it first")
+    others = foreign_entries(target, (CONFIG, WEIGHTS))
+    if others:  # saving replaces the whole directory (PEFT's README.md, a tokenizer, checkpoints…)
+        raise PeftFormatError(f"refusing to replace {target}: besides the adapter's files it holds "
+                              f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}, which saving would "
+                              "delete (it replaces the whole directory); move them out, or choose a new path")
 
 
 def _number(x: float) -> int | float:

@@ -95,10 +95,25 @@ def test_failed_overwrite_keeps_the_old_artifact(llama_dir, monkeypatch):
 
 
 def test_overwrite_replaces(llama_dir):
-    (llama_dir / "stale.txt").write_text("from an older save")
     compiled("llama").cm.save(llama_dir)
     assert sorted(p.name for p in llama_dir.iterdir()) == sorted(FILES)
     assert [p.name for p in llama_dir.parent.iterdir()] == [llama_dir.name]
+
+
+def test_overwrite_refuses_an_artifact_that_holds_other_files(llama_dir, tmp_path):
+    """A save replaces the whole directory: the user's notes and data beside an artifact, or in a
+    folder with a meta.json of its own, were deleted without a word."""
+    (llama_dir / "README.txt").write_text("how this was made")
+    (llama_dir / "eval").mkdir()
+    with pytest.raises(ArtifactError, match=r"besides an artifact's files it holds README.txt, eval/, which saving"):
+        compiled("llama").cm.save(llama_dir)
+    assert (llama_dir / "README.txt").read_text() == "how this was made" and (llama_dir / "eval").is_dir()
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "meta.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="data/"):
+        compiled("llama").cm.save(project)
+    assert sorted(p.name for p in project.iterdir()) == ["data", "meta.json"]
 
 
 def test_save_refuses_to_replace_other_directories(tmp_path):

@@ -129,3 +129,7 @@ def test_directory_rules(tmp_path):
     cm.save_adapters(tmp_path / "a")
     cm.save_adapters(tmp_path / "a")  # an adapter directory is replaced
     assert sorted(f.name for f in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    (tmp_path / "a" / "README.md").write_text("PEFT writes one")  # it was deleted without a word
+    with pytest.raises(PeftFormatError, match="besides the adapter's files it holds README.md, which saving"):
+        cm.save_adapters(tmp_path / "a")
+    assert (tmp_path / "a" / "README.md").read_text() == "PEFT writes one"
