@@ -86,7 +86,9 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     # Generated Triton kernels have no backward: a model on that backend trains on its reference
     # graph (the same weights), and its kernels are back afterwards.
     reference = unlowered(cm.program) if getattr(cm, "backend", None) == "triton" else contextlib.nullcontext()
-    with reference, float32_masters(params), module_mode(cm, True), module_mode(teacher, False), \
+    # enable_grad: a caller's `with torch.no_grad():` (compile() inside one runs `heal method=lora`
+    # here) left no graph to backpropagate, and autograd's own error named no cause.
+    with torch.enable_grad(), reference, float32_masters(params), module_mode(cm, True), module_mode(teacher, False), \
             scaled_lr(opt) as scale, bars.task(f"training adapters ({loss})", total=steps) as step:
         for i, batch in zip(range(steps), itertools.cycle(batches)):
             scale(lr_factor(schedule, i, steps))

@@ -2,6 +2,8 @@
 4-bit bases, with and without bf16 autocast; distillation; every refusal is a clear message."""
 from __future__ import annotations
 
+import contextlib
+
 import functools
 
 import pytest
@@ -76,6 +78,24 @@ def test_training_lowers_the_loss_and_moves_only_adapters(arch, batch, seq, pad)
     assert_unchanged(cm, before)
     assert_only_adapters_got_gradients(cm)
     assert cm.training is False  # the previous mode is back
+
+
+def test_training_inside_no_grad_trains_as_outside_it():
+    """Inside `with torch.no_grad():` (a compile with `heal method=lora` there too) autograd raised
+    "element 0 of tensors does not require grad"."""
+    batch = tokens(2, 8, pad=False)
+    runs = []
+    for context in (torch.no_grad, contextlib.nullcontext):
+        torch.manual_seed(0)
+        lm, cm = fresh("llama", *MIXED)
+        with context():
+            runs.append(slimfx.train(cm, [batch], steps=3, lr=1e-2).losses)
+        assert torch.is_grad_enabled()
+    assert runs[0] == runs[1] and runs[0][-1] < runs[0][0]
+    lm = models.tiny("llama", layers=3)
+    with torch.no_grad():
+        cm = slimfx.compile(lm, "drop blocks[1]\nheal method=lora steps=2 lr=0.01 distill=true", calib=[batch])
+    assert cm.report.rules[1].details
 
 
 def test_lora_over_a_4_bit_base_trains_and_leaves_the_packed_weights_alone():
