@@ -123,6 +123,7 @@ def _compile(args) -> int:
     _check_out(args.out)  # before minutes of compiling, not after
     spec = _spec(args.spec, args.policy)
     if args.emit_kernels:
+        _check_apart(args.out, args.emit_kernels)
         _check_listing_folder(args.emit_kernels)
     calib = _read_calib(args.calib) if args.calib else None
     loaded = _load_model(args.model)
@@ -179,6 +180,17 @@ def _check_out(out: str) -> None:
 
     check_target(Path(out))  # a file, a file above it, a foreign non-empty folder
     _check_writable("--out", out)
+
+
+def _check_apart(out: str, listing: str) -> None:
+    """--out and --emit-kernels in one folder, or one inside the other: each replaces or empties
+    its folder, so the second would fail after the compile (or delete the first)."""
+    from pathlib import Path
+
+    a, b = Path(out).resolve(), Path(listing).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise UsageError(f"--out {out} and --emit-kernels {listing} overlap; write them to separate folders, "
+                         f"e.g. --emit-kernels {Path(out).name}-kernels")
 
 
 def _check_listing_folder(path: str) -> None:

@@ -192,6 +192,17 @@ def test_compile_refuses_out_and_emit_kernels_paths_under_a_file_before_loading(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("listing", ["o", "o/kernels", "."])
+def test_compile_refuses_out_and_emit_kernels_that_overlap_before_loading(tmp_path, capsys, listing, monkeypatch):
+    """--emit-kernels into the --out folder failed after the compile and save, as a slimfx bug."""
+    monkeypatch.chdir(tmp_path)
+    spec = write(tmp_path, "policy p {\n    keep head\n}\n")
+    assert main(["compile", str(spec), "--model", "tiny:llama", "--out", "o", "--emit-kernels", listing]) == 1
+    err = capsys.readouterr().err
+    assert f"--out o and --emit-kernels {listing} overlap" in err and "loading" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_unforeseen_error_is_one_message_and_the_traceback_is_there_on_request(tmp_path, capsys, monkeypatch):
     from slimfx import commands
 
