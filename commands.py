@@ -256,15 +256,21 @@ def _train(args) -> int:
     _check_out(out)  # before loading and training, not after
     cm = api.load(args.compiled)
     if not cm.adapter_parameters():
+        merged = [r for r in cm.report.rules if r.details.get("merged")]
+        if merged:  # "compile it with an `adapt` rule" told them to do what they had done
+            raise UsageError(f"{args.compiled} has no adapters to train: line {merged[0].line}'s `{merged[0].kind}` "
+                             "merged them into the weights at compile; compile with merge=false on it to train them")
         raise UsageError(f"{args.compiled} has no adapters to train: compile it with an `adapt` rule, "
                          "e.g. `adapt blocks.*.attn.{q,v} lora rank=16 alpha=32`")
     loaded = _load_model(args.model)
     _check_same_model(cm, loaded, args)
-    batch = _training_batch(loaded, args.batch, args.seq)
     loss = args.loss or ("lm" if loaded.kind == "causal-lm" else "distill")
     if loss == "lm" and loaded.kind != "causal-lm":
         raise UsageError(f"--loss lm is next-token cross entropy, and {args.model} is not a causal LM (it is "
                          f"{loaded.kind}); use --loss distill (match the original model's outputs)")
+    if loss == "lm" and args.seq < 2:
+        raise UsageError(f"--seq {args.seq} leaves no next token to predict: the lm loss needs --seq 2 or more")
+    batch = _training_batch(loaded, args.batch, args.seq)
     print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {args.steps} steps "
           f"on {args.batch}×{args.seq} calibration tokens, {loss} loss, lr {args.lr:g}"
           + (" with a cosine schedule" if args.schedule == "cosine" else ""), file=sys.stderr)
@@ -313,11 +319,15 @@ def _training_batch(loaded, batch: int, seq: int) -> dict:
     packed into rows with no padding."""
     import torch
 
-    from .evaluation import calibration_texts
+    from .evaluation import calibration_texts, context_length
 
     if loaded.tokenizer is None:
         raise UsageError(f"{loaded.name} has no tokenizer; `slimfx train` trains on text "
                          "(use slimfx.train() from Python with your own batches)")
+    limit = context_length(loaded.model)
+    if limit is not None and seq > limit:  # an index error deep in the position embedding otherwise
+        raise UsageError(f"--seq {seq} is longer than {loaded.name} takes ({limit} positions); "
+                         f"use --seq {limit} or less")
     ids = torch.as_tensor(loaded.tokenizer("\n\n".join(calibration_texts()), return_tensors="pt")["input_ids"])
     ids = ids.reshape(-1)
     if ids.numel() < batch * seq:

@@ -40,8 +40,8 @@ def test_train_prints_the_loss_per_step_and_saves_beside_the_artifact(artifact, 
     assert main(["eval", "--model", "tiny:llama", "--compiled", str(trained), "--max-tokens", "64"]) == 0
     assert "compiled / original" in capsys.readouterr().out
     assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "1",
-                 "--batch", "1000", "--seq", "1000", "--out", str(tmp_path / "o")]) == 1
-    assert "needs 1000000 tokens" in capsys.readouterr().err
+                 "--batch", "100000", "--seq", "100", "--out", str(tmp_path / "o")]) == 1
+    assert "needs 10000000 tokens" in capsys.readouterr().err
 
 
 def test_train_schedule_is_passed_on_and_said(artifact, tmp_path, capsys):
@@ -102,3 +102,27 @@ def test_lm_loss_on_an_encoder_is_refused_with_what_to_use(tmp_path, capsys):
     assert main(["train", "--model", "tiny:bert", "--compiled", str(out), "--steps", "1", "--loss", "lm",
                  "--out", str(tmp_path / "o")]) == 1
     assert "--loss lm is next-token cross entropy, and tiny:bert is not a causal LM (it is encoder)" in capsys.readouterr().err
+
+
+def test_merged_adapters_are_named_as_merged_not_as_missing(tmp_path, capsys):
+    """`adapt … merge=true` was told to "compile it with an `adapt` rule", which it had."""
+    merged = tmp_path / "merged"
+    spec = write(tmp_path, "policy p {\n    adapt blocks.*.attn.q lora rank=2 merge=true\n}\n")
+    assert main(["compile", str(spec), "--model", "tiny:llama", "--out", str(merged)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", "tiny:llama", "--compiled", str(merged), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "line 2's `adapt` merged them into the weights at compile; compile with merge=false" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--seq", "256"], "--seq 256 is longer than tiny:llama takes (128 positions); use --seq 128 or less"),
+    (["--seq", "1"], "--seq 1 leaves no next token to predict: the lm loss needs --seq 2 or more"),
+])
+def test_a_sequence_the_model_cannot_take_is_refused_before_training(artifact, tmp_path, capsys, argv, says):
+    """--seq past the position table raised an IndexError in the embedding, --seq 1 a ValueError."""
+    capsys.readouterr()
+    assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "1", *argv,
+                 "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert says in err and "training" not in err and not (tmp_path / "o").exists()
