@@ -7,8 +7,9 @@ the graph) together with a `CodegenSummary`. In the new graph each emitted group
 `call_function` node whose target is the kernel's launcher, followed by one `getitem` per output;
 its nodes are gone. Groups no template expresses stay eager ops, counted with their reasons.
 
-The launchers run inference only: generated kernels have no backward, so a call that needs a
-gradient raises, saying to switch to `backend="eager"` for training.
+The launchers run inference only: generated kernels have no backward. A CompiledModel call that
+needs a gradient runs its reference graph instead (runtime/compiled.py); a launcher reached with
+one anyway (the lowered graph called directly) raises, saying to use `backend="eager"`.
 """
 from __future__ import annotations
 

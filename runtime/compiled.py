@@ -72,11 +72,26 @@ class CompiledModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the graph on the original model's inputs; return the original output structure."""
         flat = self._bind(args, kwargs)
-        out = tuple(self.program(*flat))
+        if self._needs_backward(flat):
+            # Generated Triton kernels have no backward: a call that builds an autograd graph (a
+            # plain call outside no_grad, adapters being trainable) runs the reference graph, as
+            # the CPU kernels step aside for their reference op; the kernels stay installed.
+            from .lower import unlowered
+
+            with unlowered(self.program):
+                out = tuple(self.program(*flat))
+        else:
+            out = tuple(self.program(*flat))
         own = sum(c is None for c in self.graph.outputs.constants)
         if len(out) > own:  # token rules with restore=false add (positions, sizes) after the model's own
             self._kept_tokens = {"positions": out[own], "sizes": out[own + 1]}
         return self.graph.restructure(out[:own])
+
+    def _needs_backward(self, flat: list) -> bool:
+        if getattr(self.program, "_slimfx_triton", None) is None or not torch.is_grad_enabled():
+            return False
+        return any(p.requires_grad for p in self.program.parameters()) or \
+            any(isinstance(v, torch.Tensor) and v.requires_grad for v in flat)
 
     @property
     def kept_tokens(self) -> dict[str, torch.Tensor] | None:

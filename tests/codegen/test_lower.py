@@ -152,9 +152,17 @@ def test_training_on_the_triton_backend_trains_the_reference_graph_and_keeps_the
     lm = tiny("llama", layers=1)
     cm = slimfx.compile(lm.model, POLICIES["llama"], example_inputs=lm.example_inputs, backend="triton")
     calls = len(_calls(cm.program.graph))
-    # A call that needs gradients cannot run the kernels (no backward) and says what to do.
-    with pytest.raises(RuntimeError, match='no backward; train with backend="eager"'):
-        cm(**lm.example_inputs)
+    # A call that builds an autograd graph (outside no_grad: the adapters are trainable) runs the
+    # reference graph, which has a backward (it raised "no backward" before, on a plain inference
+    # call too); the kernels stay installed, and under no_grad they run.
+    with torch.no_grad():
+        kernels = _logits(cm(**lm.example_inputs))
+    plain = _logits(cm(**lm.example_inputs))
+    assert plain.requires_grad and len(_calls(cm.program.graph)) == calls
+    torch.testing.assert_close(plain.detach(), kernels, atol=2e-5, rtol=2e-5)
+    plain.sum().backward()
+    assert all(p.grad is not None for p in cm.adapter_parameters())
+    cm.zero_grad()
     result = slimfx.train(cm, [lm.example_inputs], steps=2, lr=1e-2)
     assert len(result.losses) == 2
     assert len(_calls(cm.program.graph)) == calls  # the kernels are back after training
