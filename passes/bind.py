@@ -262,8 +262,12 @@ class _Binder:
             why = "all are protected by `keep`" if kept else f"it selects only {', '.join(others) or 'blocks'}"
             self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on linear layers, and `{_sel(rule)}` "
                         f"leaves none: {why}", "select linears, e.g. `blocks.*.** : Linear` or `blocks.*.attn.q`")
+        guess = estimate(rule, targets, (), self.graph, self.stored)
+        if guess.infeasible:  # as compile would find it, before any weight is read
+            self._error(rule.budget.span, "out-of-range", f"the budget {guess.note}",
+                        "raise the limit or offer smaller formats")
         bound = BoundRule(rule, targets=targets, protected=tuple(t.path for t in kept),
-                          estimate=estimate(rule, targets, (), self.graph, self.stored), warnings=tuple(warnings))
+                          estimate=guess, warnings=tuple(warnings))
         self.stored.update(stored_after(rule, targets))
         return bound
 

@@ -23,6 +23,7 @@ class Estimate:
     bytes_before: int = 0
     bytes_after: int = 0
     note: str = ""
+    infeasible: bool = False  # the rule cannot do what it says (bind.py makes it a SpecError)
 
 
 def estimate(rule: A.Rule, targets, blocks, graph, stored: dict[str, int] | None = None) -> Estimate:
@@ -124,15 +125,32 @@ def _quantize(rule: A.Quantize, targets) -> Estimate:
 
 
 def _precision(rule: A.Precision, targets) -> Estimate:
+    """The budget, held between what the candidates can reach: every target at its smallest
+    format and at its largest (compile picks among them; a looser budget stops at the largest)."""
     before = sum(t.nbytes for t in targets)
     weights = sum(math.prod(_weight_shape(t)) for t in targets)
     params = sum(_numel(t) for t in targets)
-    if rule.budget.metric == "avg_bits":
-        after = int(weights * rule.budget.limit_value / 8) + sum(_bias_bytes(t) for t in targets)
-    else:
-        after = min(before, int(rule.budget.limit_value))
+    bias = sum(_bias_bytes(t) for t in targets)
+    options = [[_choice_bytes(c, t) for c in rule.choices] for t in targets]
+    smallest, largest = sum(min(o) for o in options), sum(max(o) for o in options)
+    if rule.budget.metric == "avg_bits":  # on the weights alone (codes and scales), as compile counts
+        limit, floor, unit, extra = rule.budget.limit_value * weights / 8, 8 * smallest / max(weights, 1), \
+            " bits/weight", bias
+    else:  # on everything stored, biases too
+        smallest, largest = smallest + bias, largest + bias
+        limit, floor, unit, extra = rule.budget.limit_value, smallest, " bytes", 0
+    if targets and limit < smallest * (1 - 1e-9):
+        reach = f"{floor:,.0f}{unit}" if unit == " bytes" else f"{floor:.4g}{unit}"
+        return Estimate(params, params, before, smallest + extra, f"cannot be met: the smallest achievable is "
+                        f"{reach} (every target at its smallest format)", infeasible=True)
+    after = int(min(limit, largest)) + extra
     return Estimate(params, params, before, after, f"at most {rule.budget.limit}{rule.budget.unit or ''} "
                     f"{'bits/weight' if rule.budget.metric == 'avg_bits' else ''}".strip())
+
+
+def _choice_bytes(choice: A.FormatChoice, t) -> int:
+    """Bytes of a target's weight in one candidate format (its bias apart)."""
+    return quantized_bytes(*_weight_shape(t), choice.format, choice.get("group"), choice.get("sym"), choice.get("zero"))
 
 
 def _adapt(rule: A.Adapt, targets, stored: dict[str, int]) -> Estimate:

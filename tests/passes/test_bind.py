@@ -285,3 +285,28 @@ def test_an_adapter_after_a_quantize_is_estimated_beside_the_packed_weight():
         measured = slimfx.compile(lm, policy, calib=[lm.example_inputs]).report.rules[1]
         assert planned.bytes_after - planned.bytes_before == measured.bytes_after - measured.bytes_before
         assert abs(planned.bytes_before - measured.bytes_before) <= 0.1 * measured.bytes_before, quantize
+
+
+@pytest.mark.parametrize("choices, budget, smallest", [
+    ("{int8, int4 group=32}", "bytes<=1KiB", "41,472 bytes"),  # every target int4 with its scales
+    ("{int8, int4 group=32}", "avg_bits<=4.2", "4.5 bits/weight"),  # 4 bits + fp16 scale per 32
+    ("{int2 group=16 sym=false, int4}", "avg_bits<=2.1", "3.125 bits/weight"),
+])
+def test_plan_refuses_a_budget_no_choice_can_meet_as_compile_does(choices, budget, smallest):
+    """plan said "ready" and ≈1.0 KiB; compile then refused with the smallest achievable."""
+    import slimfx
+
+    with pytest.raises(SpecError) as e:
+        slimfx.plan(tiny("llama"), f"precision blocks.*.** : Linear choose {choices} budget {budget} by output_mse")
+    assert e.value.kind == "out-of-range" and f"the smallest achievable is {smallest}" in e.value.message
+
+
+def test_plan_estimates_a_loose_budget_at_the_largest_choice_as_compile_reaches_it():
+    """avg_bits<=16 over {int8, int4} was estimated at 16 bits (≈144 KiB); compile gives all int8."""
+    import slimfx
+
+    lm = tiny("llama")
+    policy = "precision blocks.*.** : Linear choose {int8, int4 group=32} budget avg_bits<=16 by output_mse"
+    planned = slimfx.plan(lm, policy).rules[0].estimate
+    measured = slimfx.compile(lm, policy, calib=[lm.example_inputs]).report.rules[0]
+    assert planned.bytes_after == measured.bytes_after
