@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from .program import InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program
 from .compiled import CompiledModel
-from .lower import unlowered
+from .lower import BackendUnavailable, unlowered
 from .artifact_errors import FILES, META, PROGRAM, RESAVE, WEIGHTS, ArtifactError
 from .artifact_files import first_line as _first_line, json_bytes as _json_bytes
 from .artifact_files import read_json as _read_json, read_weights as _read_weights
@@ -114,7 +114,7 @@ def load(path: str | os.PathLike, *, backend: str = "auto") -> CompiledModel:
     _read_checked(root, meta, WEIGHTS, keep=False)  # safetensors maps the file itself
     try:
         return _restore(root, meta, program, backend)
-    except ArtifactError:
+    except (ArtifactError, BackendUnavailable):  # the artifact is fine: the backend cannot run here
         raise
     except Exception as e:  # files that hash right but do not fit together: another version?
         raise ArtifactError(

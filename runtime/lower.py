@@ -41,7 +41,11 @@ from .sizes import tensor_bytes
 from .forward_parts import recompile
 
 __all__ = ["BACKENDS", "Lowering", "lower", "unlower", "unlowered", "summary", "lowered_tensors",
-           "register_graph_lowering"]
+           "register_graph_lowering", "BackendUnavailable"]
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run here (backend="triton" with no GPU and no interpreter)."""
 
 BACKENDS = ("auto", "eager", "triton")
 _TRITON = "__triton__"  # key of the lowered graph among the plans _strip returns
@@ -248,9 +252,10 @@ def _check_triton_runs(gm: nn.Module) -> None:
     if _on_gpu(gm) or os.environ.get("TRITON_INTERPRET") == "1":
         return
     why = "no CUDA GPU is available" if not torch.cuda.is_available() else "the weights are on the CPU"
-    raise RuntimeError(
-        f"backend=\"triton\" runs generated kernels on a CUDA GPU, and {why}: move the model with "
-        "`.to(\"cuda\")` first (or compile it there), use backend=\"auto\" (the CPU kernels) or \"eager\", "
+    raise BackendUnavailable(
+        f"backend=\"triton\" runs generated kernels on a CUDA GPU, and {why}: compile or load with "
+        "backend=\"auto\" (the CPU kernels there), move the model with `.to(\"cuda\")` and then "
+        "`set_backend(\"triton\")`; or use \"eager\", "
         "or set TRITON_INTERPRET=1 before triton is imported to run the kernels through Triton's interpreter "
         "(slow; for tests and small models)")
 

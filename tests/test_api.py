@@ -176,6 +176,21 @@ def test_bad_backend_and_triton_without_a_gpu(monkeypatch):
         slimfx.compile(loaded, "", backend="triton")
 
 
+def test_loading_for_triton_without_a_gpu_says_so_not_that_the_artifact_is_from_another_version(tmp_path,
+                                                                                               monkeypatch):
+    """It was wrapped as "cannot be restored (RuntimeError: … interpreter (sl); it was saved by …
+    torch 2.13.0+cpu, this is torch 2.13.0+cpu: load it there or …"."""
+    from slimfx.runtime.lower import BackendUnavailable
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the Triton backend runs (tests/codegen/test_lower.py)")
+    slimfx.compile(tiny("llama"), "quantize blocks.*.** : Linear int8").save(tmp_path / "a")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailable) as e:
+        slimfx.load(tmp_path / "a", backend="triton")
+    assert 'load with backend="auto"' in str(e.value) and "saved by" not in str(e.value)
+
+
 def test_second_compile_of_the_same_model_reuses_the_capture():
     from slimfx.passes.capture import cache_info
 
