@@ -72,11 +72,21 @@ def hessians_of(graph: ModelGraph, items: list[Item], ctx: Context, bound: Bound
     return out
 
 
+# What each calibrated step can do without calibration instead (the hint's last clause): the
+# rule's other choices, never the one the user already wrote.
+INSTEAD = {"GPTQ": "use method=rtn", "clip=output": "use clip=mse (the weights' own rounding error)",
+           "the budget solver": "use a `quantize` rule with one format (no budget to solve)"}
+
+
 def require_calib(ctx: Context, bound: BoundRule, who: str) -> None:
     if not ctx.calib:
         raise SpecError(Diagnostic("missing-value", f"{who} needs calibration inputs, and none were given",
                                    bound.line, bound.rule.span.column, len(bound.rule.kind),
-                                   f"{CALIB_HINT}; or use method=rtn"), ctx.source, ctx.filename)
+                                   f"{CALIB_HINT}; or {_instead(who)}"), ctx.source, ctx.filename)
+
+
+def _instead(who: str) -> str:
+    return next((v for k, v in INSTEAD.items() if who.startswith(k) or k in who), INSTEAD["the budget solver"])
 
 
 def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[str, tuple[Candidate, Encoded]],

@@ -240,6 +240,20 @@ def test_gptq_output_error_not_above_rtn_on_calibration_inputs(llama):
     assert gq.report.rules[0].details["calib_rows"] == sum(int(b["attention_mask"].sum()) for b in data)
 
 
+@pytest.mark.parametrize("rule, instead", [
+    ("quantize {L} int4 group=16 clip=output", "or use clip=mse"),
+    ("precision {L} choose {{int8, int4 group=16}} budget avg_bits<=6 by output_mse method=rtn",
+     "or use a `quantize` rule with one format"),
+])
+def test_without_calibration_the_hint_offers_what_works_without_it(llama, rule, instead):
+    """Both were told "or use method=rtn": one already was RTN, the other came back the same."""
+    model, inputs = llama
+    with pytest.raises(SpecError) as e:
+        compile_(model, inputs, rule.format(L=LINEARS))
+    assert e.value.kind == "missing-value" and f"; {instead}" in e.value.hint
+    assert "method=rtn" not in e.value.hint
+
+
 def test_gptq_without_calibration_is_a_spec_error(llama):
     model, inputs = llama
     with pytest.raises(SpecError) as e:
