@@ -324,7 +324,10 @@ def eval_table(loaded, compiled=None, *, max_tokens: int = 2048):
 
     rows = eval_rows(loaded, compiled, max_tokens=max_tokens)
     metric = "perplexity" if "perplexity" in rows[0] else "cosine" if "cosine" in rows[0] else None
-    table = Table(title=f"slimfx eval: {loaded.name} ({loaded.kind})")
+    # No quality column is said, not left out silently: a model without a tokenizer has no text to score.
+    caption = None if metric or loaded.kind == "vision" else \
+        f"no {'perplexity' if loaded.kind == 'causal-lm' else 'embedding cosine'}: {loaded.name} has no tokenizer"
+    table = Table(title=f"slimfx eval: {loaded.name} ({loaded.kind})", caption=caption)
     for col in ("model", *([metric] if metric else []), "weight bytes", "bytes while running", "CPU latency (ms)"):
         table.add_column(col, justify="right")
     for row in rows:

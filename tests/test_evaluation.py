@@ -248,3 +248,14 @@ def test_perplexity_of_a_decoder_that_returns_fewer_positions_is_refused_with_th
     with pytest.raises(ValueError, match="restore=true"):
         ev.perplexity(short, lm.tokenizer, ev.default_text(), window=32, max_tokens=64)
     assert math.isfinite(ev.perplexity(full, lm.tokenizer, ev.default_text(), window=32, max_tokens=64))
+
+
+def test_the_eval_table_says_why_it_has_no_quality_column():
+    """A local model folder without tokenizer files lost its perplexity column without a word."""
+    import dataclasses
+
+    bare = dataclasses.replace(tiny("llama"), tokenizer=None)
+    table = ev.eval_table(bare, max_tokens=32)
+    assert table.caption == f"no perplexity: {bare.name} has no tokenizer"
+    assert [c.header for c in table.columns][:2] == ["model", "weight bytes"]
+    assert ev.eval_table(tiny("llama"), max_tokens=32).caption is None
