@@ -262,6 +262,11 @@ def _train(args) -> int:
                              "merged them into the weights at compile; compile with merge=false on it to train them")
         raise UsageError(f"{args.compiled} has no adapters to train: compile it with an `adapt` rule, "
                          "e.g. `adapt blocks.*.attn.{q,v} lora rank=16 alpha=32`")
+    tokens = [r for r in cm.report.rules if r.kind == "tokens"]
+    if tokens:  # train() refuses them too, but as a ValueError the CLI would print as a slimfx bug
+        raise UsageError(f"{args.compiled} was compiled with token rules (line {tokens[0].line}), whose ops have no "
+                         "gradients: compile the policy without them, train that, and put the token rules in a "
+                         "second compile of the result (Python: slimfx.compile(cm.merge_adapters(), \"tokens unpad\"))")
     loaded = _load_model(args.model)
     _check_same_model(cm, loaded, args)
     loss = args.loss or ("lm" if loaded.kind == "causal-lm" else "distill")

@@ -126,3 +126,14 @@ def test_a_sequence_the_model_cannot_take_is_refused_before_training(artifact, t
                  "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert says in err and "training" not in err and not (tmp_path / "o").exists()
+
+
+def test_an_artifact_with_token_rules_is_refused_as_a_usage_error(tmp_path, capsys):
+    """It printed train()'s ValueError with the "this is a slimfx bug" suffix."""
+    out = tmp_path / "tok"
+    spec = write(tmp_path, "policy p {\n    adapt blocks.*.attn.q lora rank=2\n    tokens unpad\n}\n")
+    assert main(["compile", str(spec), "--model", "tiny:bert", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", "tiny:bert", "--compiled", str(out), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "was compiled with token rules (line 3), whose ops have no gradients" in err and "bug" not in err

@@ -310,3 +310,15 @@ def test_plan_estimates_a_loose_budget_at_the_largest_choice_as_compile_reaches_
     planned = slimfx.plan(lm, policy).rules[0].estimate
     measured = slimfx.compile(lm, policy, calib=[lm.example_inputs]).report.rules[0]
     assert planned.bytes_after == measured.bytes_after
+
+
+@pytest.mark.parametrize("layers, rule, hint", [
+    (2, "collapse blocks[0:2]", "a model of 2 blocks has no `collapse` that leaves more than one"),
+    (3, "collapse blocks[0:3]", "e.g. `blocks[0:2]`"),
+    (2, "drop blocks[0:2]", "e.g. `blocks[0:1]`"),
+])
+def test_removing_every_block_suggests_a_range_the_model_has(layers, rule, hint):
+    """The hint was `blocks[-5:-1]` whatever the model's depth."""
+    bert = tiny("bert", layers=layers)
+    e = error_of(capture(bert.model, bert.example_inputs), rule)
+    assert e.kind == "out-of-range" and hint in e.hint
