@@ -104,17 +104,6 @@ def test_lm_loss_on_an_encoder_is_refused_with_what_to_use(tmp_path, capsys):
     assert "--loss lm is next-token cross entropy, and tiny:bert is not a causal LM (it is encoder)" in capsys.readouterr().err
 
 
-def test_merged_adapters_are_named_as_merged_not_as_missing(tmp_path, capsys):
-    """`adapt … merge=true` was told to "compile it with an `adapt` rule", which it had."""
-    merged = tmp_path / "merged"
-    spec = write(tmp_path, "policy p {\n    adapt blocks.*.attn.q lora rank=2 merge=true\n}\n")
-    assert main(["compile", str(spec), "--model", "tiny:llama", "--out", str(merged)]) == 0
-    capsys.readouterr()
-    assert main(["train", "--model", "tiny:llama", "--compiled", str(merged), "--steps", "1"]) == 1
-    err = capsys.readouterr().err
-    assert "line 2's `adapt` merged them into the weights at compile; compile with merge=false" in err
-
-
 @pytest.mark.parametrize("argv, says", [
     (["--seq", "256"], "--seq 256 is longer than tiny:llama takes (128 positions); use --seq 128 or less"),
     (["--seq", "1"], "--seq 1 leaves no next token to predict: the lm loss needs --seq 2 or more"),
@@ -128,12 +117,19 @@ def test_a_sequence_the_model_cannot_take_is_refused_before_training(artifact, t
     assert says in err and "training" not in err and not (tmp_path / "o").exists()
 
 
-def test_an_artifact_with_token_rules_is_refused_as_a_usage_error(tmp_path, capsys):
-    """It printed train()'s ValueError with the "this is a slimfx bug" suffix."""
-    out = tmp_path / "tok"
-    spec = write(tmp_path, "policy p {\n    adapt blocks.*.attn.q lora rank=2\n    tokens unpad\n}\n")
-    assert main(["compile", str(spec), "--model", "tiny:bert", "--out", str(out)]) == 0
+@pytest.mark.parametrize("arch, rules, says", [
+    # was told "compile it with an `adapt` rule", which it had
+    ("llama", "adapt blocks.*.attn.q lora rank=2 merge=true",
+     "line 2's `adapt` merged them into the weights at compile; compile with merge=false"),
+    # was train()'s ValueError with the "this is a slimfx bug" suffix
+    ("bert", "adapt blocks.*.attn.q lora rank=2\n    tokens unpad",
+     "was compiled with token rules (line 3), whose ops have no gradients"),
+])
+def test_an_artifact_train_cannot_train_is_refused_with_why(tmp_path, capsys, arch, rules, says):
+    out = tmp_path / "artifact"
+    assert main(["compile", str(write(tmp_path, f"policy p {{\n    {rules}\n}}\n")), "--model", f"tiny:{arch}",
+                 "--out", str(out)]) == 0
     capsys.readouterr()
-    assert main(["train", "--model", "tiny:bert", "--compiled", str(out), "--steps", "1"]) == 1
+    assert main(["train", "--model", f"tiny:{arch}", "--compiled", str(out), "--steps", "1"]) == 1
     err = capsys.readouterr().err
-    assert "was compiled with token rules (line 3), whose ops have no gradients" in err and "bug" not in err
+    assert says in err and "bug" not in err

@@ -215,19 +215,6 @@ def test_the_report_counts_stored_weights_as_parameters_however_they_are_stored(
         assert rule.params_after == rule.params_before
 
 
-@pytest.mark.parametrize("layers, rule, hint", [
-    (4, "tokens after blocks[3] prune keep=0.5", "select the block before it, `blocks[2]`, or an earlier one"),
-    (4, "tokens after blocks[1:] merge ratio=0.3", "e.g. `blocks[1:-1]`"),
-    (4, "tokens after blocks[3] merge ratio=0.3", "select the block before it, `blocks[2]`"),
-    (1, "tokens after blocks[0] prune keep=0.5", "this model has one block"),
-])
-def test_a_token_rule_after_the_last_block_suggests_a_selector_that_works(layers, rule, hint):
-    """`tokens after blocks[3] prune` was told `blocks[3:-1]`: an empty slice, and prune takes one block."""
-    bert = tiny("bert", layers=layers)
-    e = error_of(capture(bert.model, bert.example_inputs), rule)
-    assert e.kind == "out-of-range" and hint in e.hint
-
-
 def test_plan_in_a_fresh_process_counts_parameters_before_any_slimfx_op_exists():
     """Counting packed weights looked the slimfx ops up before anything had registered them."""
     import subprocess
@@ -313,12 +300,17 @@ def test_plan_estimates_a_loose_budget_at_the_largest_choice_as_compile_reaches_
 
 
 @pytest.mark.parametrize("layers, rule, hint", [
+    # after the last block: was `blocks[3:-1]`, an empty slice, and prune takes one block
+    (4, "tokens after blocks[3] prune keep=0.5", "select the block before it, `blocks[2]`, or an earlier one"),
+    (4, "tokens after blocks[1:] merge ratio=0.3", "e.g. `blocks[1:-1]`"),
+    (4, "tokens after blocks[3] merge ratio=0.3", "select the block before it, `blocks[2]`"),
+    (1, "tokens after blocks[0] prune keep=0.5", "this model has one block"),
+    # every block removed: was `blocks[-5:-1]` whatever the model's depth
     (2, "collapse blocks[0:2]", "a model of 2 blocks has no `collapse` that leaves more than one"),
     (3, "collapse blocks[0:3]", "e.g. `blocks[0:2]`"),
     (2, "drop blocks[0:2]", "e.g. `blocks[0:1]`"),
 ])
-def test_removing_every_block_suggests_a_range_the_model_has(layers, rule, hint):
-    """The hint was `blocks[-5:-1]` whatever the model's depth."""
+def test_a_refused_block_rule_suggests_a_selector_the_model_has(layers, rule, hint):
     bert = tiny("bert", layers=layers)
     e = error_of(capture(bert.model, bert.example_inputs), rule)
     assert e.kind == "out-of-range" and hint in e.hint
