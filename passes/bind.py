@@ -270,7 +270,7 @@ class _Binder:
                         "raise the limit or offer smaller formats")
         bound = BoundRule(rule, targets=targets, protected=tuple(t.path for t in kept),
                           estimate=guess, warnings=tuple(warnings))
-        self.stored.update(stored_after(rule, targets))
+        self.stored.update(stored_after(rule, targets, guess))
         return bound
 
     def _check_rank(self, rule: A.Adapt, targets: tuple[Target, ...]) -> None:

@@ -98,13 +98,12 @@ def _bias_bytes(target) -> int:
     return sum(math.prod(s) * 4 for s in target.shapes[1:])
 
 
-def stored_after(rule: A.Rule, targets) -> dict[str, int]:
-    """Per target, the bytes a quantize or precision rule leaves it (precision: its budget spread
-    over the weights evenly); {} for other rules."""
+def stored_after(rule: A.Rule, targets, total: Estimate) -> dict[str, int]:
+    """Per target, the bytes a quantize or precision rule leaves it (precision: its estimate
+    `total` spread over the weights evenly); {} for other rules."""
     if isinstance(rule, A.Quantize):
         return {t.path: _quantized(rule, t) for t in targets}
     if isinstance(rule, A.Precision):
-        total = _precision(rule, targets)
         share = total.bytes_after / total.bytes_before if total.bytes_before else 1.0
         return {t.path: int(t.nbytes * share) for t in targets}
     return {}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .program import InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program
+from .program import InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program, input_shape
 from .compiled import CompiledModel
 from .lower import BackendUnavailable, unlowered
 from .artifact_errors import FILES, META, PROGRAM, RESAVE, WEIGHTS, ArtifactError
@@ -219,8 +219,7 @@ def _inputs(meta, module: torch.fx.GraphModule) -> tuple[InputInfo, ...]:
         if str(val.dtype).removeprefix("torch.") != rec["dtype"]:
             raise ArtifactError(f"input {rec['name']!r} is {rec['dtype']} in meta.json but "
                                 f"{val.dtype} in the program; {RESAVE}")
-        shape = tuple(s if isinstance(s, int) else str(s) for s in val.shape)
-        infos.append(InputInfo(rec["name"], shape, val.dtype,
+        infos.append(InputInfo(rec["name"], input_shape(val), val.dtype,
                                {int(d): r for d, r in rec["dims"].items()}))
     return tuple(infos)
 

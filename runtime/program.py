@@ -52,6 +52,11 @@ class InputInfo:
     dims: dict[int, str] = field(compare=False)  # {0: "batch", 1: "seq"}
 
 
+def input_shape(value) -> tuple[int | str, ...]:
+    """An InputInfo's shape from a placeholder's value: ints, and symbol names for dynamic dims."""
+    return tuple(d if isinstance(d, int) else str(d) for d in value.shape)
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     """How to rebuild the model's output (a ModelOutput, tuple, dict …) from the flat tensors."""

@@ -13,7 +13,7 @@ import torch
 
 from .graph_io import decode_graph, encode_graph
 from .lower import unlowered
-from .program import InputInfo, Program
+from .program import InputInfo, Program, input_shape
 
 __all__ = ["copy_program"]
 
@@ -32,5 +32,5 @@ def _inputs_of(module, inputs: tuple[InputInfo, ...]) -> tuple[InputInfo, ...]:
     (s45 where the capture had s72), and the passes find the batch and sequence dims by these
     names (a token rule compiled onto a CompiledModel found none). As artifact.py's load does."""
     values = {n.target: n.meta.get("val") for n in module.graph.nodes if n.op == "placeholder"}
-    return tuple(replace(i, shape=tuple(s if isinstance(s, int) else str(s) for s in values[i.name].shape))
-                 if isinstance(values.get(i.name), torch.Tensor) else i for i in inputs)
+    return tuple(replace(i, shape=input_shape(values[i.name])) if isinstance(values.get(i.name), torch.Tensor) else i
+                 for i in inputs)

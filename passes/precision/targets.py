@@ -86,7 +86,7 @@ def require_calib(ctx: Context, bound: BoundRule, who: str) -> None:
 
 
 def _instead(who: str) -> str:
-    return next((v for k, v in INSTEAD.items() if who.startswith(k) or k in who), INSTEAD["the budget solver"])
+    return next((v for k, v in INSTEAD.items() if k in who), INSTEAD["the budget solver"])
 
 
 def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[str, tuple[Candidate, Encoded]],
