@@ -275,12 +275,13 @@ def _train(args) -> int:
                          f"{loaded.kind}); use --loss distill (match the original model's outputs)")
     if loss == "lm" and args.seq < 2:
         raise UsageError(f"--seq {args.seq} leaves no next token to predict: the lm loss needs --seq 2 or more")
-    batch = _training_batch(loaded, args.batch, args.seq)
+    batches = _training_batches(loaded, args.batch, args.seq, args.steps)
+    cycled = f", {args.steps / len(batches):.1f} passes over them" if len(batches) < args.steps else ""
     print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {args.steps} steps "
-          f"on {args.batch}×{args.seq} calibration tokens, {loss} loss, lr {args.lr:g}"
-          + (" with a cosine schedule" if args.schedule == "cosine" else ""), file=sys.stderr)
+          f"on {len(batches)} batches of {args.batch}×{args.seq} tokens of calibration text{cycled}, {loss} loss, "
+          f"lr {args.lr:g}" + (" with a cosine schedule" if args.schedule == "cosine" else ""), file=sys.stderr)
     torch.manual_seed(args.seed)
-    result = train(cm, [batch], steps=args.steps, lr=args.lr, loss=loss, schedule=args.schedule,
+    result = train(cm, batches, steps=args.steps, lr=args.lr, loss=loss, schedule=args.schedule,
                    teacher=loaded.model if loss == "distill" else None, progress=True)
     for i, value in enumerate(result.losses, 1):  # .4g: a distill loss of 2e-5 is not "0.0000"
         print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {value:.4g}")
@@ -319,12 +320,15 @@ def _check_train_args(args) -> None:
         raise UsageError(f"--lr must be a positive finite number, got {args.lr}")
 
 
-def _training_batch(loaded, batch: int, seq: int) -> dict:
-    """The first batch×seq tokens of the calibration text (the part `slimfx eval` never scores),
-    packed into rows with no padding."""
+def _training_batches(loaded, batch: int, seq: int, steps: int) -> list[dict]:
+    """One batch×seq batch per step, each the next tokens of the calibration text (the part `slimfx
+    eval` never scores; then standard-library docstrings, which it never scores either, when the
+    steps need more), packed into rows with no padding; when even that runs out, train() goes
+    round the batches again. One fixed batch for every step would fit that batch, not the text."""
     import torch
 
     from .evaluation import calibration_texts, context_length
+    from .more_text import more_texts
 
     if loaded.tokenizer is None:
         raise UsageError(f"{loaded.name} has no tokenizer; `slimfx train` trains on text "
@@ -333,13 +337,22 @@ def _training_batch(loaded, batch: int, seq: int) -> dict:
     if limit is not None and seq > limit:  # an index error deep in the position embedding otherwise
         raise UsageError(f"--seq {seq} is longer than {loaded.name} takes ({limit} positions); "
                          f"use --seq {limit} or less")
-    ids = torch.as_tensor(loaded.tokenizer("\n\n".join(calibration_texts()), return_tensors="pt")["input_ids"])
-    ids = ids.reshape(-1)
-    if ids.numel() < batch * seq:
-        raise UsageError(f"--batch {batch} × --seq {seq} needs {batch * seq} tokens; the calibration "
+    size = batch * seq
+    ids = _token_ids(loaded, calibration_texts())
+    if ids.numel() < size * steps:
+        ids = _token_ids(loaded, [*calibration_texts(), *more_texts()])
+    if ids.numel() < size:
+        raise UsageError(f"--batch {batch} × --seq {seq} needs {size} tokens; the calibration "
                          f"text has {ids.numel()}")
-    rows = ids[:batch * seq].reshape(batch, seq)
-    return {"input_ids": rows, "attention_mask": torch.ones_like(rows)}
+    count = min(steps, ids.numel() // size)
+    rows = ids[:count * size].reshape(count, batch, seq)
+    return [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows]
+
+
+def _token_ids(loaded, texts: list[str]):
+    import torch
+
+    return torch.as_tensor(loaded.tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"]).reshape(-1)
 
 
 def _count_params(cm) -> str:

@@ -29,9 +29,7 @@ def test_train_prints_the_loss_per_step_and_saves_beside_the_artifact(artifact, 
     assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "4",
                  "--batch", "2", "--seq", "32", "--lr", "1e-2"]) == 0
     out, err = capsys.readouterr()
-    assert "step 1/4  loss" in out and "step 4/4  loss" in out
-    first, last = (float(x) for x in out.split("\nloss ")[1].split(" in ")[0].split(" -> "))
-    assert last < first
+    assert "step 1/4  loss" in out and "step 4/4  loss" in out and "on 4 batches of 2×32 tokens" in err
     trained = artifact.parent / "qlora-trained"
     assert f"saved to {trained}" in err
     before, after = adapters(artifact), adapters(trained)
@@ -42,6 +40,32 @@ def test_train_prints_the_loss_per_step_and_saves_beside_the_artifact(artifact, 
     assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "1",
                  "--batch", "100000", "--seq", "100", "--out", str(tmp_path / "o")]) == 1
     assert "needs 10000000 tokens" in capsys.readouterr().err
+
+
+def test_each_step_trains_on_the_next_tokens_of_the_text(artifact, tmp_path, capsys, monkeypatch):
+    """Step k sees tokens [k·B·L, (k+1)·B·L) of the calibration text; steps beyond the text go round
+    it again. One fixed batch for every step (as before) fits that batch, not the text."""
+    import slimfx.runtime.train as training
+    from slimfx.evaluation import calibration_texts
+    from slimfx.models import load as load_model
+
+    seen = []
+    real = training.train
+    monkeypatch.setattr(training, "train", lambda cm, batches, **kw: seen.append(batches) or real(cm, batches, **kw))
+    assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "3", "--batch", "2",
+                 "--seq", "16", "--out", str(tmp_path / "o")]) == 0
+    tokenizer = load_model("tiny:llama").tokenizer
+    ids = torch.as_tensor(tokenizer("\n\n".join(calibration_texts()), return_tensors="pt")["input_ids"]).reshape(-1)
+    (batches,) = seen
+    assert [b["input_ids"].tolist() for b in batches] == ids[:3 * 32].reshape(3, 2, 16).tolist()
+    assert all(bool(b["attention_mask"].all()) for b in batches)
+    seen.clear()
+    size = ids.numel() // (32 * 128)  # more steps than the calibration text has batches: docstrings follow it
+    assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", str(size + 1),
+                 "--batch", "32", "--seq", "128", "--out", str(tmp_path / "p")]) == 0
+    (more,) = seen
+    assert len(more) == size + 1 and more[0]["input_ids"].reshape(-1)[:96].equal(ids[:96])
+    assert len({tuple(b["input_ids"].reshape(-1).tolist()) for b in more}) == size + 1
 
 
 def test_train_schedule_is_passed_on_and_said(artifact, tmp_path, capsys):
