@@ -21,7 +21,15 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, unknown = _parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    if not argv:  # "the following arguments are required: COMMAND" names none of them
+        parser.print_help(sys.stderr)
+        return 2
+    if argv[0].startswith("-") and argv[0] not in ("-h", "--help"):  # it would say COMMAND is missing
+        parser.error(f"unrecognized option {argv[0]}: the command comes first "
+                     "(`slimfx COMMAND --help` lists a command's options)")
+    args, unknown = parser.parse_known_args(argv)
     if unknown:  # the command's own usage, not the top level's "slimfx [-h] COMMAND ..."
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:

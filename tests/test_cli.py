@@ -73,6 +73,17 @@ def test_an_unknown_option_is_named_under_its_commands_own_usage(argv, capsys):
     assert f"slimfx {argv[0]}: error: unrecognized arguments: --bogus" in err
 
 
+def test_no_command_lists_the_commands_and_an_option_first_says_the_command_comes_first(capsys):
+    """Both said only "the following arguments are required: COMMAND"."""
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in ("check", "fmt", "plan", "compile", "train", "eval"))
+    with pytest.raises(SystemExit) as e:
+        main(["--bogus", "check", "x.slim"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized option --bogus: the command comes first" in err
+
+
 def test_the_installed_command_reads_stdin_and_never_imports_torch():
     code = ("import sys; from slimfx.cli import main; rc = main(['check', '-']); "
             "assert 'torch' not in sys.modules, 'check imported torch'; sys.exit(rc)")
