@@ -305,7 +305,9 @@ def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str
                                  return_tensors="pt")
         timed = _accepted(loaded.model, dict(batch))
     rows = []
-    for label, model in models:
+    # The compiled model first: a decoder that cannot be scored (`restore=false`) is refused before
+    # the original's perplexity is paid for. The table still lists the original first.
+    for label, model in reversed(models):
         stored = model.weight_bytes() if hasattr(model, "weight_bytes") else param_bytes(model)
         row = {"model": label, "bytes": stored, "running_bytes": param_bytes(model),
                "latency_ms": latency_ms(model, timed, repeats=10, warmup=2)}
@@ -314,7 +316,7 @@ def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str
                                            window=min(256, longest or 256))
         elif loaded.tokenizer is not None:
             row["cosine"] = embedding_cosine(loaded.model, model, loaded.tokenizer, texts, max_length=longest)
-        rows.append(row)
+        rows.insert(0, row)
     return rows
 
 

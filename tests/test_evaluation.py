@@ -248,6 +248,14 @@ def test_perplexity_of_a_decoder_that_returns_fewer_positions_is_refused_with_th
     with pytest.raises(ValueError, match="restore=true"):
         ev.perplexity(short, lm.tokenizer, ev.default_text(), window=32, max_tokens=64)
     assert math.isfinite(ev.perplexity(full, lm.tokenizer, ev.default_text(), window=32, max_tokens=64))
+    scored = []  # the eval table refuses it before it scores the original, not after
+    real = ev.perplexity
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ev, "perplexity", lambda model, *a, **k: scored.append(model) or real(model, *a, **k))
+        with pytest.raises(ValueError, match="restore=true"):
+            ev.eval_rows(lm, short, max_tokens=64)
+    assert scored == [short]
+    assert [r["model"] for r in ev.eval_rows(lm, full, max_tokens=64)] == ["original", "compiled"]
 
 
 def test_the_eval_table_says_why_it_has_no_quality_column():
