@@ -48,12 +48,16 @@ def emit_all(groups: list[Group]) -> Emitted:
 
 
 def _reason(group: Group, why: Exception) -> str:
-    """The refusal without the node's name it starts with, so equal reasons count together."""
+    """The refusal without the name of the node (of the group, or one it reads) it starts with, so
+    equal reasons count together; where the name was the sentence's subject, a noun takes its
+    place ("a value is torch.int64: …", "an op (aten.view) reorders …")."""
     text = str(why)
-    for node in group.nodes:
-        for sep in (" ", ": "):
-            if text.startswith(node.name + sep):
-                return text[len(node.name) + len(sep):]
+    names = {n.name for n in group.nodes} | {i.name for n in group.nodes for i in n.all_input_nodes}
+    head, sep, rest = text.partition(" ")
+    if head.endswith(":") and head[:-1] in names:
+        return rest
+    if sep and head in names:
+        return ("an op " if rest.startswith("(aten.") else "a value ") + rest
     return text
 
 

@@ -174,7 +174,7 @@ def test_an_epilogue_through_a_transpose_is_refused_by_name():
     done = emit_all([group])
     assert [k.template for k in done.kernels] == ["gemm"] and len(done.kernels[0].nodes) == 1
     (why,) = [why for _, why in done.eager]
-    assert re.fullmatch(r"epilogue not fused: \(s\d+, 4, 4\) does not line up with the GEMM's \[M=s\d+, N=16\]", why)
+    assert re.fullmatch(r"epilogue not fused: a value \(s\d+, 4, 4\) does not line up with the GEMM's \[M=s\d+, N=16\]", why)
 
 
 # float16 under the interpreter is IEEE half (numpy): the kernel's products go into tl.dot as
