@@ -68,12 +68,11 @@ def bind_inputs(model: nn.Module, example: Mapping[str, Any] | tuple):
     if isinstance(example, Mapping):
         items = list(example.items())
     else:
-        params = [p for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = positional_names(model)
         if len(params) < len(example):
             raise TypeError(f"{type(model).__name__}.forward takes {len(params)} positional "
                             f"inputs; {len(example)} were given: pass a dict of named inputs")
-        items = [(p.name, v) for p, v in zip(params, example)]
+        items = list(zip(params, example))
     tensors = [(n, v) for n, v in items if isinstance(v, torch.Tensor)]
     consts = {n: v for n, v in items if not isinstance(v, torch.Tensor)}
     if not tensors:
@@ -81,6 +80,16 @@ def bind_inputs(model: nn.Module, example: Mapping[str, Any] | tuple):
     if "use_cache" in inspect.signature(model.forward).parameters:
         consts.setdefault("use_cache", False)  # a KV cache output would not be a flat tensor
     return [n for n, _ in tensors], [v for _, v in tensors], consts
+
+
+def positional_names(model: nn.Module) -> tuple[str, ...]:
+    """forward's parameters that can be passed by position, in order (up to a *args)."""
+    names = []
+    for p in inspect.signature(model.forward).parameters.values():
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name)
+    return tuple(names)
 
 
 def _default_dims(name: str, value: torch.Tensor) -> dict[int, str]:
@@ -117,6 +126,7 @@ class _Entry:
     inputs: tuple[InputInfo, ...]
     outputs: OutputSpec
     model_class: str
+    positional: tuple[str, ...]
 
 
 def _signature_key(names, args, consts, dims) -> tuple:
@@ -197,7 +207,7 @@ def _export(model, names, args, consts, dims) -> _Entry:
         raise _unsupported(model, e) from e
     spec, consts_out = sink[-1]
     return _Entry(program, _module_table(model), _input_infos(program, names, dims),
-                  OutputSpec(spec, tuple(consts_out)), type(model).__name__)
+                  OutputSpec(spec, tuple(consts_out)), type(model).__name__, positional_names(model))
 
 
 def _with_signature(bound, sig: inspect.Signature):
@@ -274,6 +284,7 @@ def _graph_from(entry: _Entry, lend: bool) -> ModelGraph:
     if not lend:
         own_copies(gm)
     # The module table is copied too: a pass may edit its graph's table, never the cache's.
-    graph = ModelGraph(gm, dict(entry.modules), entry.inputs, entry.outputs, entry.model_class)
+    graph = ModelGraph(gm, dict(entry.modules), entry.inputs, entry.outputs, entry.model_class,
+                       entry.positional)
     graph.lent = lent
     return graph

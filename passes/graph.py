@@ -77,8 +77,9 @@ class ModelGraph(Program):
     """
 
     def __init__(self, module: fx.GraphModule, modules: dict[str, ModuleInfo],
-                 inputs: tuple[InputInfo, ...], outputs: OutputSpec, model_class: str):
-        super().__init__(module, modules, inputs, outputs, model_class)
+                 inputs: tuple[InputInfo, ...], outputs: OutputSpec, model_class: str,
+                 positional: tuple[str, ...] = ()):
+        super().__init__(module, modules, inputs, outputs, model_class, positional)
         self.lent: Lent | None = None  # set by capture(lend=True): tensors shared with the model
         self.reindex()
         # Does each block read the previous one's output (the residual stream passes through the
@@ -91,7 +92,7 @@ class ModelGraph(Program):
     def of(cls, program: Program) -> "ModelGraph":
         """The index over a Program (e.g. one loaded from an artifact); shares its module."""
         return cls(program.module, dict(program.modules), program.inputs, program.outputs,
-                   program.model_class)
+                   program.model_class, program.positional)
 
     # ---- the index ----
     def reindex(self) -> None:

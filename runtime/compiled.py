@@ -46,6 +46,7 @@ class CompiledModel(nn.Module):
         for p in self.adapter_parameters():
             p.requires_grad_(True)
         self.set_backend(backend)
+        self.register_load_state_dict_post_hook(_reconvert)
 
     # ---- lowering (runtime/lower.py) ----
     def set_backend(self, backend: str = "auto") -> "CompiledModel":
@@ -103,10 +104,7 @@ class CompiledModel(nn.Module):
 
     def _bind(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         names = self.input_names
-        if len(args) > len(names):
-            raise TypeError(f"{self._what()} takes {len(names)} inputs {list(names)}; "
-                            f"{len(args)} were given by position")
-        bound = dict(zip(names, args))
+        bound = self._by_position(args)
         twice = [n for n in kwargs if n in bound]
         bound.update(kwargs)
         self._check_ranks(bound)
@@ -123,6 +121,25 @@ class CompiledModel(nn.Module):
                 + ". The compiled graph was captured with exactly these tensor inputs: "
                   "recompile with other example_inputs to change them")
         return [bound[n] for n in names]
+
+    def _by_position(self, args: tuple) -> dict:
+        """Inputs given by position, named as the original forward names its parameters: the
+        graph's inputs are in the example's order (a BERT example of ids, token_type_ids, mask
+        made `cm(ids, mask)` pass the mask as token_type_ids). A position the graph has no input
+        for may be None, as the original model allows; a tensor there is refused by name."""
+        order = self.graph.positional or self.input_names  # () from artifacts of before 2026-12-05
+        if len(args) > len(order):
+            raise TypeError(f"{self._what()} takes {len(order)} inputs by position {list(order)}; "
+                            f"{len(args)} were given")
+        bound = {}
+        for i, (name, value) in enumerate(zip(order, args)):
+            if name in self.input_names:
+                bound[name] = value
+            elif value is not None:
+                raise TypeError(f"{self._what()}: position {i} is the original forward's `{name}`, which the "
+                                f"graph was not captured with (its inputs: {list(self.input_names)}); pass "
+                                "inputs by name, or recompile with it in example_inputs")
+        return bound
 
     def _check_ranks(self, given: dict) -> None:
         """A tensor of another rank than its graph input is refused by name: 1-D input_ids were
@@ -258,6 +275,18 @@ class CompiledModel(nn.Module):
         kernels = f", {lowering}" if lowering.lowered else ""
         return (f"CompiledModel({self.graph.model_class}, policy {policy}, "
                 f"inputs {list(self.input_names)}, {_mib(self.weight_bytes())} of weights{kernels})")
+
+
+def _reconvert(cm: "CompiledModel", _incompatible) -> None:
+    """After load_state_dict: it copies into the packed weights in place, and the CPU kernels'
+    converted copies of them (runtime/lower.py, not in the state dict) were made from the old
+    ones — the model ran the old weights' kernels beside the new ones' reference values. Lowered
+    again from the reference graph, they are converted from what was loaded."""
+    from .lower import lower, lowered_tensors
+
+    if lowered_tensors(cm.program):
+        lower(cm.program, "eager")
+        lower(cm.program, cm.backend)
 
 
 def _tensors(module: nn.Module):

@@ -72,12 +72,17 @@ class Program:
     """
 
     def __init__(self, module: fx.GraphModule, modules: dict[str, ModuleInfo],
-                 inputs: tuple[InputInfo, ...], outputs: OutputSpec, model_class: str):
+                 inputs: tuple[InputInfo, ...], outputs: OutputSpec, model_class: str,
+                 positional: tuple[str, ...] = ()):
         self.module = module
         self.modules = modules
         self.inputs = inputs
         self.outputs = outputs
         self.model_class = model_class
+        # The original forward's parameters that can be given by position, in its order (HF
+        # BERT: input_ids, attention_mask, token_type_ids, …): a call by position binds by these,
+        # not by the graph's input order (the example dict's). () when unknown (older artifacts).
+        self.positional = positional
 
     # ---- running ----
     def __call__(self, *args, **kwargs) -> Any:

@@ -344,3 +344,21 @@ def test_a_plain_call_outside_no_grad_takes_the_kernels_and_load_honours_backend
     cm.set_backend("auto").save(tmp_path / "a")
     assert slimfx.load(tmp_path / "a", backend="eager").lowering.lowered == 0
     assert slimfx.load(tmp_path / "a").lowering.lowered == cm.lowering.lowered
+
+
+@pytest.mark.parametrize("fmt", ["int4 group=32", "int8"])
+def test_load_state_dict_converts_the_cpu_kernels_weights_again(fmt):
+    """load_state_dict copies into qweight/scales in place; the kernels' converted copies (not in
+    the state dict) were left from the old weights, so the model ran neither set: wrong logits,
+    no error."""
+    policy = f"quantize blocks.*.** : Linear {fmt}"
+    a, b = (models.tiny("llama", seed=s) for s in (0, 1))
+    ca, cb = (slimfx.compile(m.model, policy, example_inputs=m.example_inputs) for m in (a, b))
+    assert summary(cb.program).lowered  # the CPU kernels run here, with converted weights
+    ids = a.example_inputs["input_ids"]
+    with torch.no_grad():
+        want = ca(ids).logits
+        assert not torch.equal(cb(ids).logits, want)
+        cb.load_state_dict(ca.state_dict())
+        assert torch.equal(cb(ids).logits, want)
+    assert summary(cb.program).lowered == summary(ca.program).lowered
