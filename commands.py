@@ -300,6 +300,7 @@ def _check_same_model(cm, loaded, args) -> None:
     if cm.graph.model_class != mine:
         raise UsageError(f"{args.compiled} was compiled from a {cm.graph.model_class}, --model {args.model} is a "
                          f"{mine}; pass the model it was compiled from")
+    _check_same_modules(cm, loaded, args)
     kept = {p.name: p for info in cm.graph.modules.values() for p in info.params}
     common = [(name, tuple(t.shape), tuple(p.shape)) for name, t in loaded.model.state_dict().items()
               if (p := kept.get(name)) is not None and p.dtype == str(t.dtype).removeprefix("torch.")]
@@ -310,6 +311,26 @@ def _check_same_model(cm, loaded, args) -> None:
         if shape != was:
             raise UsageError(f"{args.compiled} was compiled from another {mine}: its {name} is {list(was)}, "
                              f"--model {args.model}'s is {list(shape)}; pass the model it was compiled from")
+
+
+def _check_same_modules(cm, loaded, args) -> None:
+    """The artifact's module table is the compiled model's, less the blocks its `drop`/`collapse`
+    rules removed: a module it has that --model lacks, or one --model has outside what was removed,
+    is another model (a 3-block artifact was scored against a 2-block model, as ×0.577 bytes)."""
+    mine = dict(loaded.model.named_modules())
+    for path, info in cm.graph.modules.items():
+        if path not in mine or type(mine[path]).__name__ != info.cls:
+            has = "lacks it" if path not in mine else f"has a {type(mine[path]).__name__} there"
+            raise UsageError(f"{args.compiled} was compiled from another {cm.graph.model_class}: it has "
+                             f"{path or 'the root'} ({info.cls}), --model {args.model} {has}; pass the model it "
+                             "was compiled from")
+    removed = [p for r in cm.report.rules if r.kind in ("drop", "collapse") for p in r.targets]
+    extra = [p for p in mine if p not in cm.graph.modules
+             and not any(p == r or p.startswith(r + ".") for r in removed)]
+    if extra:
+        raise UsageError(f"{args.compiled} was compiled from another {cm.graph.model_class}: --model {args.model} "
+                         f"has {extra[0]}, which the artifact neither has nor removed; pass the model it was "
+                         "compiled from")
 
 
 def _check_train_args(args) -> None:

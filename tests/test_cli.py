@@ -264,6 +264,27 @@ def test_eval_refuses_a_model_of_the_same_class_with_other_shapes(tmp_path, caps
     assert "perplexity" not in captured.out
 
 
+def test_eval_refuses_a_model_of_another_depth(tmp_path, capsys, monkeypatch):
+    """Tensors were compared by the names both had: a 3-block artifact passed against a 2-block
+    model (and scored ×0.577 of its bytes), and the other way round."""
+    from slimfx import models
+
+    native = models._tiny_config_kwargs
+    policy = str(write(tmp_path, "policy p {\n    quantize blocks.*.mlp.* : Linear int8\n}\n"))
+    deep, shallow = tmp_path / "deep", tmp_path / "shallow"
+    assert main(["compile", policy, "--model", "tiny:llama", "--out", str(shallow)]) == 0
+    with monkeypatch.context() as m:
+        m.setattr(models, "_tiny_config_kwargs", lambda arch, layers: {**native(arch, layers), "num_hidden_layers": 3})
+        assert main(["compile", policy, "--model", "tiny:llama", "--out", str(deep)]) == 0
+        capsys.readouterr()
+        assert main(["eval", "--model", "tiny:llama", "--compiled", str(shallow), "--max-tokens", "64"]) == 1
+        assert (f"{shallow} was compiled from another LlamaForCausalLM: --model tiny:llama has model.layers.2, "
+                "which the artifact neither has nor removed") in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny:llama", "--compiled", str(deep), "--max-tokens", "64"]) == 1
+    assert (f"{deep} was compiled from another LlamaForCausalLM: it has model.layers.2 (LlamaDecoderLayer), "
+            "--model tiny:llama lacks it") in capsys.readouterr().err
+
+
 def test_compile_calibrates_on_a_number_of_built_in_tokens(tmp_path, capsys, monkeypatch):
     from slimfx import api
     from slimfx.calibration import calibration_batches
