@@ -275,7 +275,9 @@ def _train(args) -> int:
                          f"{loaded.kind}); use --loss distill (match the original model's outputs)")
     if loss == "lm" and args.seq < 2:
         raise UsageError(f"--seq {args.seq} leaves no next token to predict: the lm loss needs --seq 2 or more")
-    batches = _training_batches(loaded, args.batch, args.seq, args.steps)
+    _check_text_inputs(cm, args, "train")
+    batches = [{k: v for k, v in b.items() if k in cm.input_names}  # a graph captured from bare ids takes no mask
+               for b in _training_batches(loaded, args.batch, args.seq, args.steps)]
     cycled = f", {args.steps / len(batches):.1f} passes over them" if len(batches) < args.steps else ""
     print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {args.steps} steps "
           f"on {len(batches)} batches of {args.batch}×{args.seq} tokens of calibration text{cycled}, {loss} loss, "
@@ -331,6 +333,19 @@ def _check_same_modules(cm, loaded, args) -> None:
         raise UsageError(f"{args.compiled} was compiled from another {cm.graph.model_class}: --model {args.model} "
                          f"has {extra[0]}, which the artifact neither has nor removed; pass the model it was "
                          "compiled from")
+
+
+def _check_text_inputs(cm, args, command: str) -> None:
+    """eval and train call the model with token ids and what a tokenizer gives with them (a mask, token
+    types), which a graph fills in when it was captured without them; an input beyond those (a
+    graph captured with `labels`) has nothing to come from."""
+    from .runtime.inputs import FILLABLE
+
+    other = [n for n in cm.input_names if n != "input_ids" and n not in FILLABLE]
+    if other:
+        raise UsageError(f"{args.compiled} was compiled with the inputs {list(cm.input_names)}; slimfx {command} gives "
+                         f"token ids and a mask, nothing for {other}: compile it with the model's own example "
+                         "inputs (as `slimfx compile --model` does), without " + ", ".join(other))
 
 
 def _check_train_args(args) -> None:
@@ -393,5 +408,6 @@ def _eval(args) -> int:
 
         compiled = api.load(args.compiled)
         _check_same_model(compiled, loaded, args)
+        _check_text_inputs(compiled, args, "eval")
     _console().print(eval_table(loaded, compiled, max_tokens=args.max_tokens))
     return 0

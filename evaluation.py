@@ -110,7 +110,11 @@ def _field(out: Any, name: str) -> torch.Tensor:
 
 
 def _accepted(model: Callable, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop tokenizer outputs the model's forward does not take (e.g. token_type_ids)."""
+    """Drop tokenizer outputs the model's forward does not take (e.g. token_type_ids), or that a
+    compiled model's graph was not captured with (an artifact compiled from bare input_ids)."""
+    names = getattr(model, "input_names", None)
+    if names is not None:
+        return {k: v for k, v in inputs.items() if k in names}
     fn = model.forward if isinstance(model, nn.Module) else model
     try:
         params = inspect.signature(fn).parameters
@@ -153,7 +157,7 @@ def _chunk_nll(model: Callable, chunk: torch.Tensor) -> tuple[float, int]:
     device = _device_of(model)
     input_ids = chunk.unsqueeze(0).to(device)
     mask = torch.ones_like(input_ids)
-    logits = _field(model(input_ids=input_ids, attention_mask=mask), "logits")
+    logits = _field(model(**_accepted(model, {"input_ids": input_ids, "attention_mask": mask})), "logits")
     if logits.shape[1] != input_ids.shape[1]:
         # `tokens after … prune` with restore=false returns the kept positions only: the dropped ones
         # have no next-token prediction, and scoring the kept ones alone would compare positions the
@@ -310,7 +314,8 @@ def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str
     for label, model in reversed(models):
         stored = model.weight_bytes() if hasattr(model, "weight_bytes") else param_bytes(model)
         row = {"model": label, "bytes": stored, "running_bytes": param_bytes(model),
-               "latency_ms": latency_ms(model, timed, repeats=10, warmup=2)}
+               "latency_ms": latency_ms(model, _accepted(model, timed) if isinstance(timed, dict) else timed,
+                                        repeats=10, warmup=2)}
         if loaded.kind == "causal-lm" and loaded.tokenizer is not None:  # no tokenizer: no text to score
             row["perplexity"] = perplexity(model, loaded.tokenizer, eval_text(), max_tokens=max_tokens,
                                            window=min(256, longest or 256))

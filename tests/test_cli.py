@@ -384,3 +384,21 @@ def test_emit_kernels_again_into_its_folder_leaves_no_stale_listing_and_refuses_
     err = capsys.readouterr().err
     assert "non-empty folder that no kernel listing wrote" in err and "loading" not in err
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_eval_gives_a_compiled_model_only_the_inputs_its_graph_takes(tmp_path, capsys):
+    """An artifact compiled from bare input_ids (a documented form) was called with a mask, and one
+    compiled with `labels` was called without them: both a TypeError printed as a slimfx bug."""
+    import slimfx
+    from slimfx.models import tiny
+
+    lm = tiny("llama")
+    ids = lm.example_inputs["input_ids"]
+    for name, example in (("bare", ids), ("labels", dict(lm.example_inputs, labels=ids))):
+        slimfx.compile(lm.model, "quantize blocks.*.mlp.* : Linear int8", example_inputs=example).save(tmp_path / name)
+    capsys.readouterr()
+    assert main(["eval", "--model", "tiny:llama", "--compiled", str(tmp_path / "bare"), "--max-tokens", "64"]) == 0
+    assert "compiled / original" in capsys.readouterr().out
+    assert main(["eval", "--model", "tiny:llama", "--compiled", str(tmp_path / "labels"), "--max-tokens", "64"]) == 1
+    assert (f"{tmp_path / 'labels'} was compiled with the inputs ['input_ids', 'attention_mask', 'labels']; slimfx "
+            "eval gives token ids and a mask, nothing for ['labels']") in capsys.readouterr().err

@@ -157,3 +157,13 @@ def test_an_artifact_train_cannot_train_is_refused_with_why(tmp_path, capsys, ar
     assert main(["train", "--model", f"tiny:{arch}", "--compiled", str(out), "--steps", "1"]) == 1
     err = capsys.readouterr().err
     assert says in err and "bug" not in err
+
+
+def test_an_artifact_compiled_from_bare_ids_trains_on_ids_alone(tmp_path, capsys):
+    """It was handed the batch's attention_mask too, which its graph does not take: a TypeError."""
+    lm = slimfx.models.tiny("llama")
+    cm = slimfx.compile(lm.model, "adapt blocks.*.attn.q lora rank=2", example_inputs=lm.example_inputs["input_ids"])
+    cm.save(tmp_path / "bare")
+    assert main(["train", "--model", "tiny:llama", "--compiled", str(tmp_path / "bare"), "--steps", "2",
+                 "--batch", "2", "--seq", "16"]) == 0
+    assert "step 2/2  loss" in capsys.readouterr().out
