@@ -174,6 +174,22 @@ class CompiledModel(nn.Module):
     def _what(self) -> str:
         return f"compiled {self.graph.model_class}"
 
+    # ---- copies ----
+    def __deepcopy__(self, memo) -> "CompiledModel":
+        """An independent copy (its own tensors; the same backend and mode): nn.Module's deepcopy
+        reached export's fake tensors and failed."""
+        from .program_copy import copy_program
+
+        copy = CompiledModel(copy_program(self.graph), report=self.report, policy_text=self.policy_text,
+                             policy_name=self.policy_name, backend=self.backend)
+        memo[id(self)] = copy
+        return copy.train(self.training)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"{self._what()} is not pickled (torch.save(cm) or pickle): save it with cm.save(dir), "
+                        "which writes JSON and safetensors only, and read it back with slimfx.load(dir); "
+                        "copy.deepcopy(cm) copies it in memory")
+
     # ---- dtype: fixed at compile time ----
     # The graph was captured in the model's dtype, and packed weights keep their own (fp16
     # scales beside uint8 codes): nn.Module's casts would turn those into something no op reads.

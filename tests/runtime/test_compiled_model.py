@@ -149,3 +149,32 @@ def test_a_dtype_cast_is_refused_and_says_to_cast_the_original(cast):
         cast(case.cm)
     assert {n: t.dtype for n, t in case.cm.state_dict().items()} == before
     assert case.cm.to("cpu") is case.cm  # a device alone is a move
+
+
+def test_deepcopy_is_independent_and_pickling_says_to_save(tmp_path):
+    """deepcopy reached export's fake tensors ("Cannot access data pointer"); pickle and
+    torch.save(cm) failed on a local lambda, or on a loaded model with an fx TraceError."""
+    import copy
+    import io
+    import pickle
+
+    import slimfx
+    from slimfx.models import tiny
+
+    lm = tiny("llama")
+    x = lm.example_inputs
+    cm = slimfx.compile(lm.model, "quantize blocks.*.mlp.* : Linear int4 group=16\nadapt blocks.*.attn.q lora rank=2",
+                        example_inputs=x).train()
+    cm.save(tmp_path / "a")
+    for model in (cm, slimfx.load(tmp_path / "a")):
+        twin = copy.deepcopy(model)
+        assert twin.training == model.training and twin.backend == model.backend
+        assert [p.requires_grad for p in twin.parameters()] == [p.requires_grad for p in model.parameters()]
+        model.eval(), twin.eval()
+        with torch.no_grad():
+            assert torch.equal(twin(**x).logits, model(**x).logits)
+            next(p for n, p in twin.named_parameters() if n.endswith("lora_B")).add_(1.0)  # its own tensors
+            assert not torch.equal(twin(**x).logits, model(**x).logits)
+        for dump in (pickle.dumps, lambda m: torch.save(m, io.BytesIO())):
+            with pytest.raises(TypeError, match=r"is not pickled .* save it with cm.save\(dir\)"):
+                dump(model)
