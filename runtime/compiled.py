@@ -194,28 +194,44 @@ class CompiledModel(nn.Module):
     # The graph was captured in the model's dtype, and packed weights keep their own (fp16
     # scales beside uint8 codes): nn.Module's casts would turn those into something no op reads.
     def to(self, *args: Any, **kwargs: Any) -> "CompiledModel":
-        """Move to a device (`.to("cuda")`); a dtype is refused (see `half()`)."""
-        _device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
+        """Move to a device (`.to("cuda")`); a dtype other than the model's own is refused (see
+        `half()`); its own (`model.to(device, torch.float32)` on a float32 model) changes nothing."""
+        device, dtype, non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is not None:
-            self._refuse_cast(f".to({dtype})")
+            self._refuse_cast(f".to({dtype})", dtype)
+            return super().to(device, non_blocking=non_blocking) if device is not None else self
         return super().to(*args, **kwargs)
 
     def half(self) -> "CompiledModel":
-        self._refuse_cast(".half()")
+        return self._refuse_cast(".half()", torch.float16)
 
     def bfloat16(self) -> "CompiledModel":
-        self._refuse_cast(".bfloat16()")
+        return self._refuse_cast(".bfloat16()", torch.bfloat16)
 
     def float(self) -> "CompiledModel":
-        self._refuse_cast(".float()")
+        return self._refuse_cast(".float()", torch.float32)
 
     def double(self) -> "CompiledModel":
-        self._refuse_cast(".double()")
+        return self._refuse_cast(".double()", torch.float64)
 
     def type(self, dst_type) -> "CompiledModel":
-        self._refuse_cast(f".type({dst_type})")
+        return self._refuse_cast(f".type({dst_type})", dst_type if isinstance(dst_type, torch.dtype) else None)
 
-    def _refuse_cast(self, call: str):
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype the model computes in: that of its first floating-point output (logits,
+        last_hidden_state), as the graph was captured; None for a graph without one."""
+        out = next(n for n in self.graph.module.graph.nodes if n.op == "output")
+        for node in _flat_nodes(out.args):
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.is_floating_point():
+                return val.dtype
+        return None
+
+    def _refuse_cast(self, call: str, dtype: torch.dtype | None) -> "CompiledModel":
+        """A cast to the model's own dtype is no change; any other is refused."""
+        if dtype is not None and dtype == self.dtype:
+            return self
         raise TypeError(f"{self._what()}{call}: a compiled model keeps the dtypes it was compiled in; cast the "
                         "original model (e.g. model.to(torch.bfloat16)) and compile that")
 
@@ -303,6 +319,13 @@ def _reconvert(cm: "CompiledModel", _incompatible) -> None:
     if lowered_tensors(cm.program):
         lower(cm.program, "eager")
         lower(cm.program, cm.backend)
+
+
+def _flat_nodes(args) -> list:
+    """The fx nodes in a (nested) output argument, in order."""
+    found: list = []
+    torch.fx.node.map_arg(args, found.append)
+    return found
 
 
 def _tensors(module: nn.Module):

@@ -138,8 +138,7 @@ def test_a_mask_or_ids_of_another_dtype_are_taken_as_the_original_model_takes_th
         case.cm(input_ids=x["input_ids"], attention_mask=mask.float() * 0.5)
 
 
-@pytest.mark.parametrize("cast", [lambda cm: cm.half(), lambda cm: cm.bfloat16(), lambda cm: cm.float(),
-                                  lambda cm: cm.double(), lambda cm: cm.to(torch.float16),
+@pytest.mark.parametrize("cast", [lambda cm: cm.half(), lambda cm: cm.bfloat16(), lambda cm: cm.double(), lambda cm: cm.to(torch.float16),
                                   lambda cm: cm.to("cpu", torch.bfloat16), lambda cm: cm.type(torch.float16)])
 def test_a_dtype_cast_is_refused_and_says_to_cast_the_original(cast):
     """cm.half() returned a model that failed on every call; int4 scales are fp16 beside uint8 codes."""
@@ -149,6 +148,23 @@ def test_a_dtype_cast_is_refused_and_says_to_cast_the_original(cast):
         cast(case.cm)
     assert {n: t.dtype for n, t in case.cm.state_dict().items()} == before
     assert case.cm.to("cpu") is case.cm  # a device alone is a move
+
+
+def test_a_cast_to_the_models_own_dtype_changes_nothing():
+    """`model.to(device, torch.float32)` on a float32 model was refused like a real cast."""
+    import slimfx
+    from slimfx.models import tiny
+
+    case = compiled("llama")
+    assert case.cm.dtype == torch.float32
+    for same in (lambda cm: cm.float(), lambda cm: cm.to(torch.float32), lambda cm: cm.to("cpu", torch.float32),
+                 lambda cm: cm.to(device="cpu", dtype=torch.float32), lambda cm: cm.type(torch.float32)):
+        assert same(case.cm) is case.cm
+    lm = tiny("llama")
+    half = slimfx.compile(lm.model.half(), "quantize blocks.*.mlp.* : Linear int8", example_inputs=lm.example_inputs)
+    assert half.dtype == torch.float16 and half.half() is half
+    with pytest.raises(TypeError, match="keeps the dtypes it was compiled in"):
+        half.float()
 
 
 def test_deepcopy_is_independent_and_pickling_says_to_save(tmp_path):
