@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..dsl.errors import SpecError
-from .graph import InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
+from .graph import CallInfo, InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
 from .lent import lend as lend_tensors, own_copies
 
 __all__ = ["capture", "bind_inputs", "clear_cache", "cache_info", "eval_mode", "SEQ_INPUTS"]
@@ -126,7 +126,7 @@ class _Entry:
     inputs: tuple[InputInfo, ...]
     outputs: OutputSpec
     model_class: str
-    positional: tuple[str, ...]
+    call: CallInfo
 
 
 def _signature_key(names, args, consts, dims) -> tuple:
@@ -207,7 +207,8 @@ def _export(model, names, args, consts, dims) -> _Entry:
         raise _unsupported(model, e) from e
     spec, consts_out = sink[-1]
     return _Entry(program, _module_table(model), _input_infos(program, names, dims),
-                  OutputSpec(spec, tuple(consts_out)), type(model).__name__, positional_names(model))
+                  OutputSpec(spec, tuple(consts_out)), type(model).__name__,
+                  CallInfo(positional_names(model), tuple(consts.items())))
 
 
 def _with_signature(bound, sig: inspect.Signature):
@@ -285,6 +286,6 @@ def _graph_from(entry: _Entry, lend: bool) -> ModelGraph:
         own_copies(gm)
     # The module table is copied too: a pass may edit its graph's table, never the cache's.
     graph = ModelGraph(gm, dict(entry.modules), entry.inputs, entry.outputs, entry.model_class,
-                       entry.positional)
+                       entry.call)
     graph.lent = lent
     return graph

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from ..runtime.adapters import is_adapter_param
-from ..runtime.program import InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program
+from ..runtime.program import CallInfo, InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program
 from . import roles
 from .lent import Lent
 
@@ -78,8 +78,8 @@ class ModelGraph(Program):
 
     def __init__(self, module: fx.GraphModule, modules: dict[str, ModuleInfo],
                  inputs: tuple[InputInfo, ...], outputs: OutputSpec, model_class: str,
-                 positional: tuple[str, ...] = ()):
-        super().__init__(module, modules, inputs, outputs, model_class, positional)
+                 call: CallInfo | None = None):
+        super().__init__(module, modules, inputs, outputs, model_class, call)
         self.lent: Lent | None = None  # set by capture(lend=True): tensors shared with the model
         self.reindex()
         # Does each block read the previous one's output (the residual stream passes through the
@@ -92,7 +92,7 @@ class ModelGraph(Program):
     def of(cls, program: Program) -> "ModelGraph":
         """The index over a Program (e.g. one loaded from an artifact); shares its module."""
         return cls(program.module, dict(program.modules), program.inputs, program.outputs,
-                   program.model_class, program.positional)
+                   program.model_class, program.call)
 
     # ---- the index ----
     def reindex(self) -> None:

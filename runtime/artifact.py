@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .program import InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program, input_shape
+from .program import CallInfo, InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program, input_shape
 from .compiled import CompiledModel
 from .lower import BackendUnavailable, unlowered
 from .artifact_errors import FILES, META, PROGRAM, RESAVE, WEIGHTS, ArtifactError
@@ -87,7 +87,7 @@ def _meta(cm: CompiledModel, aliases: dict[str, str]) -> dict[str, Any]:
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "slimfx_version": __version__, "torch_version": torch.__version__,
         "model_class": g.model_class,
-        "positional": list(g.positional),
+        "call": g.call.to_dict(),
         "policy": {"name": cm.policy_name, "text": cm.policy_text},
         "report": cm.report.to_dict(),
         "inputs": [{"name": i.name, "dtype": str(i.dtype).removeprefix("torch."),
@@ -130,7 +130,7 @@ def _restore(root: Path, meta: dict[str, Any], program: bytes, backend: str) -> 
     tensors = _read_weights(root / WEIGHTS)
     module = decode_graph(doc, tensors)
     graph = Program(module, _modules(meta), _inputs(meta, module), _outputs(meta),
-                    meta["model_class"], tuple(meta.get("positional") or ()))
+                    meta["model_class"], CallInfo.from_dict(meta.get("call")))
     policy = meta.get("policy") or {}
     return CompiledModel(graph, report=Report.from_dict(meta["report"]),
                          policy_text=policy.get("text") or "", policy_name=policy.get("name"), backend=backend)

@@ -80,13 +80,23 @@ class CompiledModel(nn.Module):
             from .lower import unlowered
 
             with unlowered(self.program):
-                out = tuple(self.program(*flat))
+                out = self._run(flat)
         else:
-            out = tuple(self.program(*flat))
+            out = self._run(flat)
         own = sum(c is None for c in self.graph.outputs.constants)
         if len(out) > own:  # token rules with restore=false add (positions, sizes) after the model's own
             self._kept_tokens = {"positions": out[own], "sizes": out[own + 1]}
         return self.graph.restructure(out[:own])
+
+    def _run(self, flat: list) -> tuple:
+        try:
+            return tuple(self.program(*flat))
+        except AssertionError as e:  # export's guards on the inputs: sizes the graph does not take
+            if not str(e).startswith("Guard failed"):
+                raise
+            sizes = ", ".join(f"{n} {list(v.shape)}" for n, v in zip(self.input_names, flat) if isinstance(v, torch.Tensor))
+            raise ValueError(f"{self._what()} does not take inputs of these sizes ({sizes}): {e} — the graph keeps "
+                             "the limits of the model it was captured from (e.g. its number of positions)") from None
 
     def _needs_backward(self, flat: list) -> bool:
         if getattr(self.program, "_slimfx_triton", None) is None or not torch.is_grad_enabled():
@@ -105,6 +115,7 @@ class CompiledModel(nn.Module):
     def _bind(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         names = self.input_names
         bound = self._by_position(args)
+        kwargs = self._without_flags(kwargs)
         twice = [n for n in kwargs if n in bound]
         bound.update(kwargs)
         self._check_ranks(bound)
@@ -120,14 +131,37 @@ class CompiledModel(nn.Module):
                              ("given twice", twice)) if items)
                 + ". The compiled graph was captured with exactly these tensor inputs: "
                   "recompile with other example_inputs to change them")
+        self._check_values(bound)
         return [bound[n] for n in names]
+
+    def _check_values(self, bound: dict) -> None:
+        """Each input a tensor, and the token-shaped ones [batch, seq] of one size with at least one
+        token: inside the graph these were an AttributeError on None, a guard's AssertionError or
+        a reshape of 0 elements."""
+        sized = {}
+        for info in self.graph.inputs:
+            value = bound[info.name]
+            if not isinstance(value, torch.Tensor):
+                dims = ", ".join(info.dims.get(d, str(n)) for d, n in enumerate(info.shape))
+                raise TypeError(f"{self._what()}: {info.name} is {type(value).__name__}, the graph takes a tensor "
+                                f"[{dims}] of {info.dtype}")
+            if info.dims.get(0) == "batch" and info.dims.get(1) == "seq" and value.dim() >= 2:
+                sized[info.name] = tuple(value.shape[:2])
+        shapes = set(sized.values())
+        # A batch of 1 may stand for every row (position_ids [1, seq], as Hugging Face takes them).
+        if len({s[1] for s in shapes}) > 1 or len({s[0] for s in shapes} - {1}) > 1:
+            raise ValueError(f"{self._what()}: inputs of [batch, seq] disagree in size: "
+                             + ", ".join(f"{n} {list(s)}" for n, s in sized.items()))
+        if any(0 in s for s in shapes):
+            name, shape = next(iter(sized.items()))
+            raise ValueError(f"{self._what()}: {name} is {list(shape)}, with no tokens (or no rows) to run on")
 
     def _by_position(self, args: tuple) -> dict:
         """Inputs given by position, named as the original forward names its parameters: the
         graph's inputs are in the example's order (a BERT example of ids, token_type_ids, mask
         made `cm(ids, mask)` pass the mask as token_type_ids). A position the graph has no input
         for may be None, as the original model allows; a tensor there is refused by name."""
-        order = self.graph.positional or self.input_names  # () from artifacts of before 2026-12-05
+        order = self.graph.call.positional or self.input_names  # () from artifacts of before 2026-12-05
         if len(args) > len(order):
             raise TypeError(f"{self._what()} takes {len(order)} inputs by position {list(order)}; "
                             f"{len(args)} were given")
@@ -140,6 +174,30 @@ class CompiledModel(nn.Module):
                                 f"graph was not captured with (its inputs: {list(self.input_names)}); pass "
                                 "inputs by name, or recompile with it in example_inputs")
         return bound
+
+    def _without_flags(self, kwargs: dict) -> dict:
+        """Non-tensor keyword inputs (use_cache=False, return_dict=True) are part of the graph: one
+        it was captured with may be repeated; another value, or one it was not captured with, is
+        refused with how to get a graph for it (recompiling with other tensors does not)."""
+        fixed = dict(self.graph.call.flags)
+        out = {}
+        for name, value in kwargs.items():
+            if name in self.input_names or isinstance(value, torch.Tensor):
+                out[name] = value
+            elif name in fixed and _same_flag(fixed[name], value):
+                continue
+            elif name == "use_cache":
+                raise TypeError(f"{self._what()} runs without a KV cache: use_cache={value!r} is not supported "
+                                "(leave it out, or pass use_cache=False; a generation loop feeds the whole sequence)")
+            elif name in fixed:
+                raise TypeError(f"{self._what()} was captured with {name}={fixed[name]!r}, which the graph has fixed; "
+                                f"{name}={value!r} needs another graph: compile with example_inputs that "
+                                f"include {name}={value!r}")
+            else:
+                raise TypeError(f"{self._what()} was captured without {name} (the model's default), which the "
+                                f"graph has fixed; to call it with {name}={value!r}, compile with example_inputs "
+                                f"that include {name}={value!r}")
+        return out
 
     def _check_ranks(self, given: dict) -> None:
         """A tensor of another rank than its graph input is refused by name: 1-D input_ids were
@@ -319,6 +377,13 @@ def _reconvert(cm: "CompiledModel", _incompatible) -> None:
     if lowered_tensors(cm.program):
         lower(cm.program, "eager")
         lower(cm.program, cm.backend)
+
+
+def _same_flag(fixed: Any, given: Any) -> bool:
+    try:
+        return type(fixed) is type(given) and bool(fixed == given)
+    except Exception:  # a value whose == raises or is not a bool
+        return False
 
 
 def _flat_nodes(args) -> list:

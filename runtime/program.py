@@ -12,7 +12,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["Program", "ModuleInfo", "ParamInfo", "InputInfo", "OutputSpec"]
+__all__ = ["Program", "ModuleInfo", "ParamInfo", "InputInfo", "OutputSpec", "CallInfo"]
 
 
 # ---- records ---------------------------------------------------------------------------------
@@ -65,6 +65,29 @@ class OutputSpec:
     constants: tuple[Any, ...]  # per leaf: None for a tensor, else the constant leaf value
 
 
+@dataclass(frozen=True)
+class CallInfo:
+    """How the original model was called at capture, beyond the graph's tensor inputs."""
+
+    # forward's parameters that can be given by position, in its order (HF BERT: input_ids,
+    # attention_mask, token_type_ids, …): a call by position binds by these, not by the graph's
+    # input order (the example dict's). () when unknown (artifacts of before 2026-12-05).
+    positional: tuple[str, ...] = ()
+    # The non-tensor keyword inputs the graph was captured with (use_cache=False,
+    # output_hidden_states=True): a call may repeat them; another value is another graph.
+    flags: tuple[tuple[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON for meta.json: flags of JSON scalar values only (others are not repeatable)."""
+        return {"positional": list(self.positional),
+                "flags": {k: v for k, v in self.flags if v is None or isinstance(v, (bool, int, float, str))}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "CallInfo":
+        d = d or {}
+        return cls(tuple(d.get("positional") or ()), tuple((d.get("flags") or {}).items()))
+
+
 class Program:
     """A runnable graph: `module` (an fx GraphModule over aten and slimfx ops) called with the
     inputs in `inputs` order, returning a flat tuple that `restructure` turns back into the
@@ -73,16 +96,13 @@ class Program:
 
     def __init__(self, module: fx.GraphModule, modules: dict[str, ModuleInfo],
                  inputs: tuple[InputInfo, ...], outputs: OutputSpec, model_class: str,
-                 positional: tuple[str, ...] = ()):
+                 call: "CallInfo | None" = None):
         self.module = module
         self.modules = modules
         self.inputs = inputs
         self.outputs = outputs
         self.model_class = model_class
-        # The original forward's parameters that can be given by position, in its order (HF
-        # BERT: input_ids, attention_mask, token_type_ids, …): a call by position binds by these,
-        # not by the graph's input order (the example dict's). () when unknown (older artifacts).
-        self.positional = positional
+        self.call = call or CallInfo()
 
     # ---- running ----
     def __call__(self, *args, **kwargs) -> Any:

@@ -24,7 +24,7 @@ def copy_program(program: Program) -> Program:
     doc = json.loads(json.dumps(doc))  # exactly what a load reads: no shared Python objects either
     module = decode_graph(doc, {k: v.detach().clone() for k, v in tensors.items()})
     return Program(module, dict(program.modules), _inputs_of(module, program.inputs), program.outputs,
-                   program.model_class, program.positional)
+                   program.model_class, program.call)
 
 
 def _inputs_of(module, inputs: tuple[InputInfo, ...]) -> tuple[InputInfo, ...]:

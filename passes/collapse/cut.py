@@ -56,12 +56,18 @@ def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:
     if first.input is None or last.output is None:
         raise PassError(f"{first.path}: the residual stream through the block is not known")
     members = frozenset().union(*(b.nodes for b in run))
-    leaks = [n for n in members if n is not last.output and any(u not in members for u in n.users)]
+    # The residual stream between the run's blocks, read after the run: each block's hidden state
+    # when captured with output_hidden_states=True (the output tuple reads every block's output,
+    # and the stream entering it through a no-op `.to(float32)`). Where a removed block was, the
+    # hidden state is the stream that enters the run.
+    between = {b.output for b in run} | {n for b in run for n in b.nodes if _same_value(n, b.input)}
+    leaks = [n for n in members if n not in between and any(u not in members for u in n.users)]
     if leaks:
         raise PassError(f"{leaks[0].name} is computed inside {first.path} and read after it (e.g. a shared "
                         "position bias): this model's blocks cannot be removed by slimfx yet")
     gm, stream = graph.module, first.input
-    last.output.replace_all_uses_with(stream)
+    for n in between:
+        n.replace_all_uses_with(stream, delete_user_cb=lambda u: u not in members)
     for n in sorted(members, key=graph.node_order.__getitem__, reverse=True):
         gm.graph.erase_node(n)
     prefixes = tuple(b.path + "." for b in run)
@@ -72,6 +78,22 @@ def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:
     recompile(gm)
     graph.reindex()
     return stream
+
+
+_NO_OPS = (torch.ops.aten.to.dtype, torch.ops.aten.alias.default)
+
+
+def _same_value(node: fx.Node, value: fx.Node | None) -> bool:
+    """`node` is `value` itself through ops that change nothing (a cast to its own dtype)."""
+    while value is not None and node is not value:
+        if node.op != "call_function" or node.target not in _NO_OPS or not node.args:
+            return False
+        src = node.args[0]
+        before, after = (n.meta.get("val") if isinstance(n, fx.Node) else None for n in (src, node))
+        if not isinstance(src, fx.Node) or getattr(before, "dtype", None) != getattr(after, "dtype", 0):
+            return False
+        node = src
+    return value is not None
 
 
 def _forget_modules(graph: ModelGraph, paths: list[str]) -> None:

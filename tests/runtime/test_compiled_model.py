@@ -194,3 +194,44 @@ def test_deepcopy_is_independent_and_pickling_says_to_save(tmp_path):
         for dump in (pickle.dumps, lambda m: torch.save(m, io.BytesIO())):
             with pytest.raises(TypeError, match=r"is not pickled .* save it with cm.save\(dir\)"):
                 dump(model)
+
+
+def test_a_flag_the_graph_was_captured_with_may_be_repeated_and_another_is_refused_with_how(tmp_path):
+    """use_cache=False (which capture sets itself) was refused as an unexpected input, with advice
+    to recompile with other tensors, which could not help."""
+    import slimfx
+    from slimfx.models import tiny
+
+    lm = tiny("llama")
+    ids = lm.example_inputs["input_ids"]
+    cm = slimfx.compile(lm.model, "keep head", example_inputs=dict(lm.example_inputs, output_hidden_states=True))
+    cm.save(tmp_path / "a")
+    for model in (cm, slimfx.load(tmp_path / "a")):
+        want = model(ids).logits
+        assert torch.equal(model(ids, use_cache=False, output_hidden_states=True).logits, want)
+        with pytest.raises(TypeError, match="captured with output_hidden_states=True, which the graph has fixed; "
+                                            "output_hidden_states=False needs another graph: compile with"):
+            model(ids, output_hidden_states=False)
+        with pytest.raises(TypeError, match="captured without return_dict .* compile with example_inputs that "
+                                            "include return_dict=False"):
+            model(ids, return_dict=False)
+        with pytest.raises(TypeError, match="runs without a KV cache"):
+            model(ids, use_cache=True)
+
+
+def test_inputs_the_graph_cannot_run_are_named_not_raised_from_inside_it():
+    """None ids (AttributeError in the graph), a mask of another length (a guard's AssertionError),
+    no tokens (a reshape of 0 elements), more positions than the model has (a guard again)."""
+    case = compiled("bert")
+    ids = case.loaded.example_inputs["input_ids"]
+    mask = torch.ones_like(ids)
+    with pytest.raises(TypeError, match=r"input_ids is NoneType, the graph takes a tensor \[batch, seq\] of torch.int64"):
+        case.cm(input_ids=None, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"disagree in size: input_ids \[2, \d+\], attention_mask \[2, \d+\]"):
+        case.cm(ids, mask[:, :-1])
+    with pytest.raises(ValueError, match=r"input_ids is \[2, 0\], with no tokens"):
+        case.cm(ids[:, :0])
+    longest = case.loaded.model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"does not take inputs of these sizes \(input_ids \[1, {longest + 1}\].*"
+                                         rf"<= {longest} — the graph keeps the limits"):
+        case.cm(torch.ones(1, longest + 1, dtype=torch.long))

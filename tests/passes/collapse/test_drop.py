@@ -44,6 +44,29 @@ def test_drop_matches_the_model_with_the_layer_deleted(arch):
     assert len(cm.report.rules[0].targets) == 1 and cm.report.rules[0].targets[0] == f"{path}.1"
 
 
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_drop_on_a_model_captured_with_output_hidden_states(arch):
+    """Every block's hidden state is an output then: a PassError ("to_11 is computed inside
+    model.layers.1 and read after it"). The tuple keeps its length; where a removed block was, the
+    hidden state is the stream entering the run (a repeat of the one before)."""
+    from slimfx.models import tiny
+
+    model = tiny(arch, layers=5, seed=1, attn_implementation="eager").model
+    inputs = dict(example_inputs(arch), output_hidden_states=True)
+    path = capture(model, inputs).blocks_path
+    cm = _compile(model, inputs, "drop blocks[1:3]\ndrop blocks[2]")  # blocks 1, 2 and 4 of 5
+    reference = without_layers(model, path, {1, 2, 4})
+    got, want = cm(**inputs).hidden_states, reference(**inputs).hidden_states
+    assert len(got) == len(model(**inputs).hidden_states)
+    # Llama lists the stream entering each block, then the normed output; BERT each block's output.
+    # Either way the HF model's hidden states come in order among ours, and ours add only repeats
+    # and, for Llama, the stream entering removed block 4 (which the HF model only shows normed).
+    rest = iter(got)
+    assert all(any(max_diff(g, w) < 1e-5 for g in rest) for w in want)
+    assert torch.equal(got[2], got[1])  # block 1 removed: the state after it is the one entering it
+    assert max_diff(outputs(cm, inputs), outputs(reference, inputs)) < 1e-5
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "vit"])
 def test_dropping_a_block_that_adds_nothing_is_bit_identical(arch):
     """A pre-norm block whose output projections are zero returns its input exactly (x + 0 + 0):
