@@ -41,7 +41,7 @@ def _forms(model, calib) -> list[dict[str, Any]]:
     if isinstance(calib, int) and not isinstance(calib, bool):
         return _builtin(model, calib)
     if isinstance(calib, (str, os.PathLike)):  # one string is a file name; texts come as a list
-        return _texts(model, read_paragraphs(calib))
+        return _texts(model, read_paragraphs(calib, hint=TEXTS_HINT))
     if isinstance(calib, torch.Tensor):
         return [_ids_batch(calib)]
     if isinstance(calib, Mapping):
@@ -53,13 +53,18 @@ def _forms(model, calib) -> list[dict[str, Any]]:
     raise TypeError(f"calib must be {ACCEPTED}; got {type(calib).__name__}")
 
 
-def read_paragraphs(path: str | os.PathLike, what: str = "calibration text") -> list[str]:
+# compile(calib="some text") reads a file of that name: what to do when none is there. Not for the
+# command line's --calib FILE, which has no list to pass.
+TEXTS_HINT = " (one string is read as a file path; pass texts as a list of strings)"
+
+
+def read_paragraphs(path: str | os.PathLike, what: str = "calibration text", hint: str = "") -> list[str]:
     """Paragraphs of a UTF-8 text file (blank-line separated, whitespace runs made one space),
-    empty ones dropped; `what` names the file in errors (benchmarks read eval texts with it)."""
+    empty ones dropped; `what` names the file in errors (benchmarks read eval texts with it),
+    `hint` follows a file that cannot be read."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        hint = " (one string is read as a file path; pass texts as a list of strings)" if what == "calibration text" else ""
         raise ValueError(f"cannot read {what} {str(path)!r}: {e}{hint}") from e
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
     paragraphs = [p for p in paragraphs if p]

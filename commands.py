@@ -190,7 +190,7 @@ def _check_apart(out: str, listing: str) -> None:
     a, b = Path(out).resolve(), Path(listing).resolve()
     if a == b or a in b.parents or b in a.parents:
         raise UsageError(f"--out {out} and --emit-kernels {listing} overlap; write them to separate folders, "
-                         f"e.g. --emit-kernels {Path(out).name}-kernels")
+                         f"e.g. --emit-kernels {out.rstrip('/')}-kernels (beside --out)")
 
 
 def _check_listing_folder(path: str) -> None:

@@ -43,9 +43,9 @@ def test_a_text_file_is_named_by_what_it_is_for_and_its_whitespace_normalized(tm
     assert read_paragraphs(f, what="eval text") == ["one two three", "four five"]
     with pytest.raises(ValueError, match=r"^cannot read eval text .*missing.txt.*No such file") as e:
         read_paragraphs(tmp_path / "missing.txt", what="eval text")
-    assert "list of strings" not in str(e.value)  # that hint is for calib= only
+    assert "list of strings" not in str(e.value)  # that hint is for compile(calib="…") only
     with pytest.raises(ValueError, match="list of strings"):
-        read_paragraphs(tmp_path / "missing.txt")
+        calibration_batches(tiny("llama"), str(tmp_path / "missing.txt"))
     (tmp_path / "blank.txt").write_text("\n \n\n")
     with pytest.raises(ValueError, match=r"^eval text .*blank.txt' is empty"):
         read_paragraphs(tmp_path / "blank.txt", what="eval text")

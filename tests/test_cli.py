@@ -184,7 +184,8 @@ def test_compile_checks_out_before_compiling_and_reads_calib_files(tmp_path, cap
     assert "it is a file" in err and "loading" not in err  # refused before the model was loaded
     assert main(["compile", str(spec), "--model", "tiny:llama", "--out", str(tmp_path / "o"),
                  "--calib", str(tmp_path / "nope.txt")]) == 1
-    assert "--calib" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--calib: cannot read calibration text" in err and "list of strings" not in err  # Python's advice
     calib = write(tmp_path, "\n\n".join(f"calibration paragraph {i} with a few words" for i in range(5)), "c.txt")
     assert main(["compile", str(spec), "--model", "tiny:llama", "--out", str(tmp_path / "o"),
                  "--calib", str(calib)]) == 0
@@ -212,6 +213,8 @@ def test_compile_refuses_out_and_emit_kernels_that_overlap_before_loading(tmp_pa
     err = capsys.readouterr().err
     assert f"--out o and --emit-kernels {listing} overlap" in err and "loading" not in err, err
     assert not (tmp_path / "o").exists()
+    assert main(["compile", str(spec), "--model", "tiny:llama", "--out", "sub/o", "--emit-kernels", "sub/o/k"]) == 1
+    assert "e.g. --emit-kernels sub/o-kernels (beside --out)" in capsys.readouterr().err  # not ./o-kernels
 
 
 def test_an_unforeseen_error_is_one_message_and_the_traceback_is_there_on_request(tmp_path, capsys, monkeypatch):
