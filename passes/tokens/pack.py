@@ -155,8 +155,11 @@ class _Packer:
         """The packed form of `value` (inserted at the current insertion point), memoized."""
         key = (value, layout)
         if key not in self.packs:
+            # The pack (and an unpack, below) belongs where its value was made: with no module of its
+            # own it sat outside every block, so a block's own value (a rotary model's cos.unsqueeze(1)) was read "after" the
+            # block, and drop/collapse refused to remove it. Shared by several blocks, it stays outside.
             node = self._call(token_ops.pack_tokens, (value, self.bi, self.si, self.seq, layout.batch, layout.seq),
-                              None)
+                              value)
             node.meta["val"] = value.meta["val"]
             if layout.batch != NO_BATCH:
                 self.packed[node] = layout
@@ -169,7 +172,7 @@ class _Packer:
             layout = self.packed[value]
             with self.g.inserting_before(before):
                 node = self._call(token_ops.unpack_tokens, (value, self.bi, self.si, self.batch, self.seq,
-                                                            layout.batch, layout.seq), None)
+                                                            layout.batch, layout.seq), value)  # as _pack_node
             node.meta["val"] = value.meta["val"]
             self.unpacks[value] = node
         return self.unpacks[value]

@@ -152,6 +152,22 @@ def test_unpad_then_int8_matches_int8_alone_at_real_positions():
                                    atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "bert"])
+def test_blocks_can_be_removed_after_unpad(arch):
+    """Rotary models raised "unsqueeze_18 is computed inside model.layers.1 and read after it": the
+    packed cos/sin of a block sat outside every block. Each removal equals the same rule without
+    unpad at real positions."""
+    lm = tiny(arch, layers=3)
+    example = _inputs(3, 7, [7, 4, 2], left=True)
+    real = example["attention_mask"].bool()
+    for rules in ("drop blocks[1]", "drop blocks[0]", "collapse blocks[0:2]"):
+        both = slimfx.compile(lm.model, "tokens unpad\n" + rules, example_inputs=example, calib=[example])
+        alone = slimfx.compile(lm.model, rules, example_inputs=example, calib=[example])
+        with torch.no_grad():
+            torch.testing.assert_close(main_output(both(**example))[real], main_output(alone(**example))[real],
+                                       atol=2e-5, rtol=1e-4)
+
+
 def test_unpad_after_rules_that_rewrote_only_some_blocks():
     """A quantized or adapted linear in one block holds other tensors than the same linear in the
     next; the blocks are still the blocks, so a token rule after such rules finds them (it was
