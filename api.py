@@ -128,11 +128,15 @@ def _one_line_of_text(text: str) -> bool:
 
 
 def _bare_rules(text: str) -> bool:
-    """Does the text start (after comments) with a rule keyword rather than `policy`?"""
+    """Does the text start (after comments) with a rule rather than a `policy NAME {` header? A
+    misspelt rule keyword on the first of several lines counts as a rule, so that `quantise head
+    int8` there gets the parser's did-you-mean, not "expected `policy`"."""
     for line in text.splitlines():
-        words = line.split("#", 1)[0].split()
+        code = line.split("#", 1)[0]
+        words = code.split()
         if words:
-            return words[0] in _RULE_WORDS
+            several = "\n" in text.strip()  # one line may be a file name: _read_spec decides that
+            return words[0] in _RULE_WORDS or (several and words[0] != "policy" and not code.rstrip().endswith("{"))
     return False
 
 

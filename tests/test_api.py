@@ -112,6 +112,11 @@ def test_errors_in_bare_rules_point_at_the_users_own_columns_on_every_line():
     with pytest.raises(SpecError) as e:
         slimfx.compile(loaded, "keep head\nquantize blocks[99] int8")
     assert (e.value.line, e.value.column) == (2, 10)
+    with pytest.raises(SpecError, match="did you mean `quantize`") as e:  # it said "expected `policy`"
+        slimfx.compile(loaded, "quantise head int8\nkeep embed")
+    assert (e.value.kind, e.value.line, e.value.column) == ("unknown-keyword", 1, 1)
+    with pytest.raises(SpecError, match="did you mean `policy`"):  # a misspelt header is still a header
+        slimfx.compile(loaded, "polcy p {\n    keep head\n}\n")
 
 
 def test_one_line_of_policy_text_is_parsed_as_rules_not_looked_up_as_a_file():
