@@ -48,6 +48,12 @@ class _Errors:
         self.bound, self.ctx, self.directory = bound, ctx, directory
 
     def __call__(self, kind: str, message: str, hint: str | None = None) -> SpecError:
+        # Under `from="…"`, what every one of these errors is about, when the parser gave it a span.
+        span = next((p.span for p in self.bound.rule.params if p.name == "from"), None)
+        if span is not None and span.line and span.line == span.end_line:
+            return SpecError.at(kind, message, line=span.line, column=span.column,
+                                width=max(span.end_column - span.column, 1), source=self.ctx.source,
+                                filename=self.ctx.filename, hint=hint)
         return SpecError.at(kind, message, line=self.bound.line, column=self.bound.rule.span.column,
                             source=self.ctx.source, filename=self.ctx.filename, hint=hint)
 

@@ -130,6 +130,8 @@ def _refused(source, kind: str, *words: str, rule: str = "adapt blocks.*.attn.{q
         slimfx.compile(_base("llama"), _policy(f'{rule} from="{source}"'))
     e = info.value
     assert (e.kind, e.line) == (kind, 2), e.render()
+    # under `from="…"`, not the rule's first column
+    assert e.source_line[e.column - 1:].startswith(f'from="{source}"') and e.first.width == len(f'from="{source}"'), e.render()
     for word in words:
         assert word in e.message + (e.hint or ""), e.render()
     return e
