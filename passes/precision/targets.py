@@ -116,7 +116,21 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
     details = {**details, "bits_per_weight": 8 * packed / weights, "weights": weights}
     params = sum(it.w.numel() + it.bias_numel for it in items)
     return RuleReport(bound.line, bound.text, bound.rule.kind, tuple(it.path for it in items),
-                      params, params, before, after, details, _notes(bound, kept, tied) + notes)
+                      params, params, before, after, details,
+                      _notes(bound, kept, tied) + _wide_groups(items, chosen) + notes)
+
+
+def _wide_groups(items, chosen) -> tuple[str, ...]:
+    """A group wider than a linear's inputs is one group per row there (per-channel): said, not
+    clamped without a word (`group=1048576` on 64 inputs)."""
+    wide = [it for it in items if chosen[it.path][1] is not None and chosen[it.path][0].group is not None
+            and chosen[it.path][0].group > it.w.shape[1]]
+    if not wide:
+        return ()
+    group, narrowest = chosen[wide[0].path][0].group, min(it.w.shape[1] for it in wide)
+    return (f"group={group} is wider than the inputs of {len(wide)} target{'s' if len(wide) != 1 else ''} "
+            f"(e.g. {wide[0].path}: {wide[0].w.shape[1]}; narrowest {narrowest}): one group per row there, "
+            "as per-channel",)
 
 
 def _notes(bound: BoundRule, kept: list[str], tied: list[str]) -> tuple[str, ...]:

@@ -412,3 +412,15 @@ def test_padding_rows_stay_out_of_the_precision_pass_hessians(llama, monkeypatch
         assert with_pad[path].count == without[path].count == 40, path
         assert _max_rel_diff(with_pad[path].H, without[path].H) < 1e-5, path
     assert reports[0].details["calib_rows"] == reports[1].details["calib_rows"] == 40
+
+
+def test_a_group_wider_than_a_linears_inputs_is_said_not_clamped_silently():
+    """`group=1048576` on 64 inputs was stored per-channel without a word in the report."""
+    from slimfx.models import tiny
+
+    lm = tiny("llama")
+    cm = slimfx.compile(lm, "quantize head int4 group=1048576\nquantize blocks.*.attn.* : Linear int4 group=32")
+    wide, fits = cm.report.rules
+    assert wide.notes == ("group=1048576 is wider than the inputs of 1 target (e.g. lm_head: 64; narrowest 64): "
+                          "one group per row there, as per-channel",)
+    assert not fits.notes
