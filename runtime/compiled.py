@@ -186,6 +186,8 @@ class CompiledModel(nn.Module):
                 out[name] = value
             elif name in fixed and _same_flag(fixed[name], value):
                 continue
+            elif name not in fixed and value is None:  # the model's default, as HF callers pass it
+                continue
             elif name == "use_cache":
                 raise TypeError(f"{self._what()} runs without a KV cache: use_cache={value!r} is not supported "
                                 "(leave it out, or pass use_cache=False; a generation loop feeds the whole sequence)")

@@ -209,6 +209,7 @@ def test_a_flag_the_graph_was_captured_with_may_be_repeated_and_another_is_refus
     for model in (cm, slimfx.load(tmp_path / "a")):
         want = model(ids).logits
         assert torch.equal(model(ids, use_cache=False, output_hidden_states=True).logits, want)
+        assert torch.equal(model(ids, output_attentions=None).logits, want)  # None: the default it was captured with
         with pytest.raises(TypeError, match="captured with output_hidden_states=True, which the graph has fixed; "
                                             "output_hidden_states=False needs another graph: compile with"):
             model(ids, output_hidden_states=False)
