@@ -24,7 +24,7 @@ from hypothesis.control import current_build_context, currently_in_test_context
 from torch import nn
 
 from .passes.capture import bind_inputs, eval_mode
-from .policy_compare import callable_name, metric_result, structure_problem, tolerance_problem
+from .policy_compare import MetricReturnError, callable_name, metric_result, structure_problem, tolerance_problem
 
 __all__ = ["check_policy", "PolicyCheckError", "PolicyCheckResult", "Draw", "DrawResult"]
 
@@ -391,6 +391,9 @@ def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results)
     if metric is not None:
         try:
             problem, value = metric_result(metric, orig, comp, mask, atol)
+        except MetricReturnError as e:  # it returned, and not a bool or a number: not "raised"
+            raise TypeError(f"{e} on {d.describe()}; a metric takes (original, compiled) outputs and must return "
+                            "True/False or a number (a float <= atol passes)") from None
         except Exception as e:  # the user's metric, not the policy: said as such, with the input
             raise TypeError(f"metric {callable_name(metric)} raised {type(e).__name__}: {_first_line(e)} on "
                             f"{d.describe()}; a metric takes (original, compiled) outputs and returns True/False "

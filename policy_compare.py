@@ -4,12 +4,13 @@ user metric. Padded positions of [batch, seq, …] outputs are never compared.""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["structure_problem", "tolerance_problem", "metric_result", "callable_name"]
+__all__ = ["structure_problem", "tolerance_problem", "metric_result", "callable_name", "MetricReturnError"]
 
 
 
@@ -117,13 +118,23 @@ def _zero_padding(out, mask):
     return pytree.tree_map(zero, out)
 
 
+class MetricReturnError(TypeError):
+    """A metric returned something that is neither a bool nor a number (README: a TypeError, the
+    user's metric at fault, not a policy failure). check_policy adds the input it ran on."""
+
+
 def metric_result(metric, orig, comp, mask, atol: float) -> tuple[str | None, float]:
     value = metric(_zero_padding(orig, mask), _zero_padding(comp, mask))
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if value is None or type(value).__name__ in ("bool", "bool_"):  # numpy's bool too
+    if type(value).__name__ in ("bool", "bool_"):  # numpy's bool too
         ok = bool(value)
         return (None if ok else f"metric {callable_name(metric)} returned {value}"), (0.0 if ok else 1.0)
+    if not isinstance(value, numbers.Real):
+        # None used to read as False (a policy failure) and a string went to float() (a "raised"
+        # message): either way the metric, not the policy, is wrong, and is said to be.
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise MetricReturnError(f"metric {callable_name(metric)} returned {type(value).__name__} ({shown})")
     value = float(value)
     if value <= atol:  # NaN fails
         return None, value

@@ -21,7 +21,7 @@ from .estimate import Estimate, estimate, stored_after
 from .graph import Block, ModelGraph, Target
 from .select import resolve
 
-__all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params"]
+__all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params", "collapse_range_problem"]
 
 _LINEAR_RULES = (A.Adapt, A.Quantize, A.Precision)
 _BLOCK_RULES = (A.Collapse, A.Drop)
@@ -88,6 +88,9 @@ class _Binder:
         self.stored: dict[str, int] = {}  # target path -> bytes, as the quantize/precision rules bound so far leave it
         self.problems: list[Diagnostic] = []
         self.protected: set[str] = set()
+        # What each `keep` selector found (by id of the rule) when `_protected` resolved it, so that
+        # `_bind_keep` does not resolve it again and report its selector problems a second time.
+        self.keep_found: dict[int, list[Target | Block]] = {}
 
     def bind_all(self, rules: tuple[A.Rule, ...], protected: set[str] | None = None) -> tuple[BoundRule, ...]:
         views = self._views(rules)
@@ -146,7 +149,8 @@ class _Binder:
         for rule, (view, _) in zip(rules, views):
             if isinstance(rule, A.Keep):
                 self.graph = view
-                for found in self._resolve(rule.selector):
+                self.keep_found[id(rule)] = self._resolve(rule.selector)
+                for found in self.keep_found[id(rule)]:
                     paths |= _paths_of(found, self.graph)
         return paths
 
@@ -170,7 +174,8 @@ class _Binder:
         return self._bind_linears(rule, found, protected)
 
     def _bind_keep(self, rule: A.Keep) -> BoundRule:
-        found = self._resolve(rule.selector)
+        # Resolved already when `_protected` ran in this binder (not in `rebind`, which is given them).
+        found = self.keep_found[id(rule)] if id(rule) in self.keep_found else self._resolve(rule.selector)
         targets = tuple(t for f in found for t in _targets_of(f, self.graph))
         return BoundRule(rule, targets=targets, estimate=estimate(rule, targets, (), self.graph))
 
@@ -184,6 +189,11 @@ class _Binder:
         if isinstance(rule, A.Collapse) and rule.auto is None and 0 < len(blocks) < 2:
             self._error(rule.selector.span, "invalid-combination", "an explicit `collapse` needs at least "
                         "two blocks to merge", "e.g. `collapse blocks[24:28]`, or `collapse blocks auto(...)`")
+        elif isinstance(rule, A.Collapse) and rule.auto is None and blocks:
+            # The same check the collapse pass makes at compile, so that `plan` refuses what compile would.
+            problem = collapse_range_problem(blocks)
+            if problem is not None:
+                self._error(rule.selector.span, "selector", *problem)
         if rule.auto is None and blocks and len(blocks) == n:
             what = "merges every block of the model into one" if isinstance(rule, A.Collapse) else \
                 f"removes all {n} blocks of the model"
@@ -360,6 +370,17 @@ def _paths_of(found: Target | Block, graph: ModelGraph) -> set[str]:
     return {found.path} | {t.path for t in _targets_of(found, graph)}
 
 
+def collapse_range_problem(blocks) -> tuple[str, str] | None:
+    """(message, hint) when an explicit `collapse`'s blocks are not one contiguous range (LaCo merges
+    a run into its first block), else None. Shared by bind (`plan`) and the collapse pass (compile)."""
+    indices = sorted(b.index for b in blocks)
+    ranges = (1 if indices else 0) + sum(b != a + 1 for a, b in zip(indices, indices[1:]))
+    if ranges == 1:
+        return None
+    return (f"`collapse` merges one contiguous range of blocks, and the selector gives {ranges} ranges",
+            "write one range, e.g. `collapse blocks[20:24]`")
+
+
 def graph_bytes(graph: ModelGraph) -> int:
     """Bytes of the graph's parameters and buffers, each storage counted once (tied weights)."""
     from ..runtime.sizes import param_bytes
@@ -370,8 +391,10 @@ def graph_bytes(graph: ModelGraph) -> int:
 def graph_params(graph: ModelGraph) -> int:
     """The model's weights, each counted once (tied ones): its parameters, and the weights the
     precision pass stores as buffers — a packed `qweight` as the out × in weights it holds, an
-    fp16/bf16 `weight_fp16`/`weight_bf16` as its elements. Scales and zero points are not weights.
-    (Counting parameters alone made a quantized model's "params after" drop by its linears.)"""
+    fp16/bf16 `weight_fp16`/`weight_bf16` as its elements, and the d × d map `heal method=linear`
+    stores as a `heal_map…` buffer. Scales and zero points are not weights.
+    (Counting parameters alone made a quantized model's "params after" drop by its linears, and a
+    healed model's count leave out the map its bytes include.)"""
     seen, total = set(), 0
     for p in graph.module.parameters():
         if id(p) not in seen:
@@ -394,5 +417,7 @@ def _stored_weights(graph: ModelGraph) -> int:
             counted[qweight.target] = rows * int(node.args[-1])  # in_features, the op's last argument
     for name, buffer in graph.module.named_buffers():
         if name.endswith((".weight_fp16", ".weight_bf16")):
+            counted[name] = buffer.numel()
+        elif name.rpartition(".")[2].startswith("heal_map"):  # heal.py's fitted map: learned weights
             counted[name] = buffer.numel()
     return sum(counted.values())

@@ -184,7 +184,8 @@ class _Resolver:
         raise self._error(
             f"`{self._text()}` matches {len(found)} module(s), but none is a `{cls}`; "
             f"their classes: {', '.join(classes[:8])}",
-            hint=did_you_mean(cls, classes + ["Linear"]) or "the filter matches a class name "
+            # `Linear` is usually among the classes already: listed twice, the hint said "`Linear` or `Linear`".
+            hint=did_you_mean(cls, list(dict.fromkeys(classes + ["Linear"]))) or "the filter matches a class name "
                  "or any base class (`Linear` also matches GPT-2's Conv1D)")
 
     def _is_a(self, r: Target | Block, cls: str) -> bool:

@@ -123,8 +123,14 @@ def test_a_metric_that_raises_or_returns_no_number_is_named_with_the_input(llama
     with pytest.raises(TypeError, match=r"metric divides raised ZeroDivisionError: division by zero on batch=1, "
                                         r"seq=1, .*returns True/False or a float"):
         check_policy(llama, quantize("int8"), metric=divides, max_examples=FEW)
-    with pytest.raises(TypeError, match=r"metric <lambda> raised ValueError: could not convert string to float"):
-        check_policy(llama, quantize("int8"), metric=lambda o, c: "close", max_examples=FEW)
+    # Returning (not raising) something that is neither a bool nor a number: said as such. None used to
+    # read as False (a policy failure) and a string as "raised ValueError" from float().
+    for returned, shown in [(None, r"NoneType \(None\)"), ("close", r"str \('close'\)"),
+                            (torch.ones(3), r"Tensor \(tensor")]:
+        with pytest.raises(TypeError, match=rf"metric <lambda> returned {shown}.* on batch=1, seq=1, .*must return "
+                                            r"True/False or a number") as info:
+            check_policy(llama, quantize("int8"), metric=lambda o, c: returned, max_examples=FEW)
+        assert not isinstance(info.value, PolicyCheckError) and "raised" not in str(info.value)
 
 
 @pytest.mark.parametrize("bad", [dict(max_examples=0), dict(max_batch=0), dict(max_seq=-1), dict(max_examples=2.5)])

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from ...dsl import ast as A
 from ...runtime.report import RuleReport
-from ..bind import BoundRule
+from ..bind import BoundRule, collapse_range_problem
 from ..context import Context
 from ..graph import ModelGraph
 from .apply import (Before, auto_count, before_rule, block_report, candidates, current, need_calibration,
                     remove_runs, rule_error, run_targets)
-from .cut import laco_merge, runs_of
+from .cut import laco_merge
 from .search import laco_trials
 from .streams import collect
 
@@ -29,10 +29,9 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
 
 def _explicit(graph, bound, ctx, before: Before) -> RuleReport:
     blocks = current(graph, bound.blocks)
-    runs = runs_of(blocks)
-    if len(runs) != 1:
-        raise rule_error(bound, ctx, "selector", "`collapse` merges one contiguous range of blocks, and the "
-                         f"selector gives {len(runs)} ranges", "write one range, e.g. `collapse blocks[20:24]`")
+    problem = collapse_range_problem(blocks)  # bind checks it too: `plan` refuses what compile would
+    if problem is not None:
+        raise rule_error(bound, ctx, "selector", *problem)
     keep, merged = blocks[0], blocks[1:]
     targets = run_targets(graph, [merged], ctx)  # what the run output before the merge, for `heal`
     changed = laco_merge(graph, keep, merged)

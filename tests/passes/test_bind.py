@@ -314,3 +314,39 @@ def test_a_refused_block_rule_suggests_a_selector_the_model_has(layers, rule, hi
     bert = tiny("bert", layers=layers)
     e = error_of(capture(bert.model, bert.example_inputs), rule)
     assert e.kind == "out-of-range" and hint in e.hint
+
+
+def test_plan_refuses_a_collapse_of_several_ranges_as_compile_does(llama):
+    """`plan` said "ready; 2 of 6 blocks removed" for `collapse blocks[::2]`, which compile refuses
+    (LaCo merges one run into its first block)."""
+    err = error_of(llama, "collapse blocks[::2]")
+    assert len(err.diagnostics) == 1, "plan must refuse a collapse of several ranges, as compile does"
+    (d,) = err.diagnostics
+    assert d.kind == "selector" and "one contiguous range of blocks, and the selector gives 2 ranges" in d.message
+    assert d.hint == "write one range, e.g. `collapse blocks[20:24]`"
+    # Contiguous in the model as the rule sees it: after `drop blocks[1]`, blocks 0 and 1 are next to each other.
+    _, collapse = plan_of(llama, "drop blocks[1]", "collapse blocks[0:2]").rules
+    assert [b.path for b in collapse.blocks] == ["model.layers.0", "model.layers.2"]
+
+
+@pytest.mark.parametrize("selector", ["blocks[9]", "nothing_here", "blocks[0].attn.q : Conv2d"])
+def test_a_keep_selector_problem_is_reported_once(llama, selector):
+    """`keep` is resolved for what it protects and again when bound: each added the same problem."""
+    err = error_of(llama, f"keep {selector}")
+    assert len(err.diagnostics) == 1, f"reported {len(err.diagnostics)} times: {err.diagnostics}"
+    both = error_of(llama, f"keep {selector}", "quantize blocks[9].attn.q int8")  # other rules' problems stay
+    assert [d.line for d in both.diagnostics] == [2, 3]
+
+
+def test_the_report_counts_a_heal_map_as_parameters_as_it_counts_its_bytes():
+    """`heal method=linear` stores a d × d buffer (`heal_map_*`): its bytes were counted, its
+    parameters not (params 106,816 → 106,816, bytes 427,328 → 443,712)."""
+    import slimfx
+
+    cm = slimfx.compile(tiny("llama", layers=3), "drop blocks[1]\nheal method=linear")
+    heal = cm.report.rules[1]
+    d = 64  # tiny llama's hidden size: the map is d × d, fp32
+    assert heal.bytes_after - heal.bytes_before == d * d * 4
+    assert heal.params_after - heal.params_before == d * d, "the heal map is weights: count it in params"
+    assert (heal.params_before, heal.params_after) == (106_816, 110_912)
+    assert cm.report.params_after == heal.params_after == 110_912

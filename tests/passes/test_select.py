@@ -251,3 +251,10 @@ def test_star_under_a_leaf(llama):
 def test_alternative_option_matching_nothing_is_an_error(llama):
     with pytest.raises(SpecError, match="no `x`"):
         resolve(llama, sel("blocks", "0", alt("attn.q", "x")))
+
+
+def test_class_filter_hint_names_each_class_once(llama):
+    """`Linear` is among the classes and was added again for the hint: "did you mean `Linear` or `Linear`?"."""
+    with pytest.raises(SpecError) as info:
+        resolve(llama, sel("blocks", "*", "**", cls="linear"))
+    assert info.value.hint == "did you mean `Linear`?"

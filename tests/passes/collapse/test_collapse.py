@@ -100,3 +100,15 @@ def test_a_search_that_can_try_nothing_says_why(lm6):
     cm = slimfx.compile(lm, "keep blocks[2]\ncollapse blocks[1:4] auto(count=1, span=2)", calib=[lm.example_inputs])
     notes = " ".join(cm.report.rules[1].notes)
     assert "no LaCo trial could run" in notes and len(cm.graph.blocks) == 6
+
+
+def test_plan_and_compile_refuse_a_collapse_of_several_ranges_alike():
+    """`plan` said "ready; 2 of 6 blocks removed" for what compile refuses: one check serves both."""
+    lm = tiny("llama", layers=6)
+    with pytest.raises(slimfx.SpecError) as planned:
+        slimfx.plan(lm, "collapse blocks[::2]")
+    with pytest.raises(slimfx.SpecError) as compiled:
+        slimfx.compile(lm, "collapse blocks[::2]")
+    for err in (planned.value, compiled.value):
+        assert [d.kind for d in err.diagnostics] == ["selector"]
+        assert "one contiguous range of blocks, and the selector gives 3 ranges" in err.diagnostics[0].message
