@@ -143,7 +143,8 @@ def block_report(graph: ModelGraph, bound: BoundRule, before: Before, details: d
     now = {b.path for b in graph.blocks}
     removed = [p for p in before.paths if p not in now]
     n_before = len(before.paths)
-    notes = [f"{len(removed)} of {n_before} blocks removed: {_short(removed)}", *notes, *bound.warnings]
+    said = f"{len(removed)} of {n_before} blocks removed" + (f": {_short(removed)}" if removed else "")
+    notes = [said, *notes, *bound.warnings]
     after = latency_ms(graph, ctx) if ms_before is not None else None
     if after is not None:
         (was, tokens), (now, _) = ms_before, after

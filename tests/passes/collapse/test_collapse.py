@@ -75,6 +75,7 @@ def test_auto_search_rejects_below_the_threshold_and_says_where_it_stopped(lm6):
     rule = cm.report.rules[0]
     assert rule.details["trials"] and not any(t["accepted"] for t in rule.details["trials"])
     assert len(cm.graph.blocks) == 6 and "stopped at 0 of 2" in " ".join(rule.notes)
+    assert rule.notes[0] == "0 of 6 blocks removed"  # it said "0 of 6 blocks removed: " (an empty list)
 
 
 def test_keep_protected_blocks_are_never_merged(lm6):
