@@ -111,9 +111,15 @@ def _pair_problem(earlier: A.Rule, later: A.Rule) -> Diagnostic | None:
         return _at(later.span, "duplicate", f"`{sel}` is given a precision twice: here and by `{earlier.kind}` "
                    f"on line {line}", "keep one of the two rules")
     # Not two removals: the later one's `blocks[0]` is the first block left after the earlier one.
-    if type(later) is type(earlier) and isinstance(later, (A.Adapt, A.Tokens, A.Keep)):
+    # An adapter merged into the weights (`merge=true`) leaves the linear free for another one:
+    # what the model-level check advises for two adapters on one linear.
+    merged_first = isinstance(earlier, A.Adapt) and bool(earlier.get("merge"))
+    if type(later) is type(earlier) and isinstance(later, (A.Adapt, A.Tokens, A.Keep)) and not merged_first:
         return _at(later.span, "duplicate", f"a second `{later.kind}` rule on `{sel}` (the first is on line {line})",
                    "merge the two rules into one")
+    if isinstance(earlier, A.Keep) is isinstance(later, A.Keep) or isinstance(earlier, A.Tokens) \
+            or isinstance(later, A.Tokens):  # keep protects weights; a token step has none to protect
+        return None
     if isinstance(earlier, A.Keep) or isinstance(later, A.Keep):
         other = later if isinstance(earlier, A.Keep) else earlier
         keep = earlier if isinstance(earlier, A.Keep) else later

@@ -43,6 +43,14 @@ def test_keep_that_cancels_a_rule_is_an_error_not_a_silent_no_op():
     err = error_of("keep head", "quantize head int8")
     assert err.kind == "invalid-combination" and "would do nothing" in err.message
     ok("keep head", "quantize blocks.*.** int8")
+    ok("keep blocks[1]", "tokens after blocks[1] merge")  # keep protects weights; a token step has none
+
+
+def test_an_adapter_merged_first_leaves_the_linear_free_for_another():
+    """What the model check advises for two adapters on one linear ("give the earlier rule
+    merge=true") was refused here as a duplicate rule."""
+    ok('adapt blocks.*.attn.q lora from="trained" merge=true', "adapt blocks.*.attn.q lora rank=4")
+    assert error_of("adapt blocks.*.attn.q lora rank=4", "adapt blocks.*.attn.q lora rank=8").kind == "duplicate"
 
 
 def test_duplicate_rules_and_policies():
