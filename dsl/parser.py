@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast as pyast
 import functools
 import threading
+import unicodedata
 from importlib import resources
 
 from lark import Lark, Token, Transformer, v_args
@@ -245,7 +246,22 @@ class _AstBuilder(Transformer):
         return str(children[0])
 
     def string(self, meta, children):
-        return pyast.literal_eval(str(children[0]))
+        tok = children[0]
+        value = None
+        bad = _unwritable(str(tok))  # a raw NUL stops literal_eval with a message about Python source
+        if bad is None:
+            try:
+                value = pyast.literal_eval(str(tok))
+            except SyntaxError as e:  # `\xZZ`, `\N{nonsense}`: an escape Python refuses
+                detail = e.msg.rsplit(": ", 1)[-1]  # not "(unicode error) 'unicodeescape' codec can't …"
+                raise SpecError(Diagnostic("syntax", f"a string with a bad escape ({detail})", tok.line, tok.column,
+                                           len(tok), "write `\\\\` for a backslash")) from None
+            bad = _unwritable(value)
+        if bad is not None:
+            what = "a surrogate" if unicodedata.category(bad) == "Cs" else "a control character"
+            raise SpecError(Diagnostic("syntax", f"a string holding {what} ({ascii(bad)[1:-1]})", tok.line,
+                                       tok.column, len(tok), "remove it: a string value is printable text"))
+        return value
 
     # ---- selectors
     def selector(self, meta, children):
@@ -293,6 +309,14 @@ def _number(tok: Token) -> int | float:
     if any(c in text for c in ".eE"):
         return float(text)
     return int(text)
+
+
+def _unwritable(text: str) -> str | None:
+    """The first character `fmt` could not write back, if any: a surrogate cannot be encoded as
+    UTF-8, and of the control characters the printer escapes only `\\n` and `\\r` (a tab prints as
+    itself and re-parses). A path or name never needs the others."""
+    return next((c for c in text if unicodedata.category(c) == "Cs"
+                 or (unicodedata.category(c) == "Cc" and c not in "\t\n\r")), None)
 
 
 def _depth(paths) -> int:

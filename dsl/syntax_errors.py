@@ -131,8 +131,11 @@ def _explain(e, got, expected, words, source, line, column):
         if suggestion or got not in keyword_words:
             message = f"expected {_phrase(expected, words)}{context}, got `{got}`"
             return ("unknown-keyword" if suggestion else "syntax", message, suggestion)
-    if got.isdigit() and _char_before(source, line, column) == ".":
-        return ("syntax", "a number after `.` in a selector", f"index with brackets: `name[{got}]`")
+    # `layers.3.mlp` lexes `3.` as one NUMBER, so `got` is not always all digits
+    index = re.match(r"[0-9]+", got)
+    if index and _char_before(source, line, column) == ".":
+        return ("syntax", "a number after `.` in a selector",
+                f"index with brackets: `{_bracketed(source, line, column) or f'name[{index.group()}]'}`")
     shown = f"`{got}`" if got and got.isprintable() and not got.isspace() else _describe_char(got)
     return ("syntax", f"expected {_phrase(expected, words)}{context}, got {shown}", None)
 
@@ -217,6 +220,27 @@ def _char_before(source: str, line: int, column: int) -> str:
     if not 0 < line <= len(lines) or column < 2:
         return ""
     return lines[line - 1][column - 2: column - 1]
+
+
+_SELECTOR_TEXT = re.compile(r"[A-Za-z0-9_.*\[\]{},]*")
+_DOT_INDEX = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\.([0-9]+)(?![A-Za-z0-9_\[])")
+
+
+def _bracketed(source: str, line: int, column: int) -> str | None:
+    """The selector around the error with `.3` written `[3]` (`model.layers[3].mlp`), or None
+    when that still would not parse (`blocks.3.5`)."""
+    lines = source_lines(source)
+    if not 0 < line <= len(lines):
+        return None
+    text = lines[line - 1]
+    start = column - 1
+    while start > 0 and _SELECTOR_TEXT.fullmatch(text[start - 1]):
+        start -= 1
+    selector = _SELECTOR_TEXT.match(text, start).group()
+    fixed = _DOT_INDEX.sub(r"\1[\2]", selector)
+    if re.search(r"(^|[.\]])[0-9]", fixed) or fixed.count("{") != fixed.count("}"):  # `{q, v}`: cut at the space
+        return None
+    return fixed
 
 
 def _previous_word(source: str, line: int, column: int) -> str | None:

@@ -7,10 +7,12 @@ writing one rule give equal ASTs. All problems of the file are reported together
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Iterable
 
 from . import ast as A
-from .errors import Diagnostic, SpecError, did_you_mean
+from .errors import Diagnostic, SpecError, did_you_mean, source_lines
 from .schema import (FORMAT_BITS, HEAL_METHOD_PARAMS, INT_FORMATS, INT_ONLY_PARAMS, METRICS, SCHEMAS, ParamSpec,
                      schema_key)
 
@@ -22,13 +24,17 @@ _RULE_WORDS = {"tokens.prune": "tokens … prune", "tokens.merge": "tokens … m
 
 
 class _Problems(list):
+    def __init__(self, source: str = ""):
+        super().__init__()
+        self.source = source  # for the few parts the AST keeps no span of (a `precision` metric)
+
     def add(self, kind: str, message: str, span: A.Span, hint: str | None = None, width: int | None = None):
         w = width if width is not None else max(1, span.end_column - span.column if span.end_line == span.line else 1)
         self.append(Diagnostic(kind, message, span.line, span.column, w, hint))
 
 
 def validate_spec(spec: A.Spec) -> A.Spec:
-    problems = _Problems()
+    problems = _Problems(spec.source)
     policies = tuple(_validate_policy(p, problems) for p in spec.policies)
     if problems:
         raise SpecError(problems, spec.source, spec.filename)
@@ -191,13 +197,37 @@ def _check_precision(rule: A.Precision, choices: tuple[A.FormatChoice, ...], pro
                      "is in (0, 32]", budget.span, "e.g. `budget avg_bits<=4.5`")
     if budget.metric == "bytes" and not budget.limit_value >= 1:
         problems.add("out-of-range", "a byte budget must be at least 1 byte", budget.span, "e.g. `budget bytes<=64MiB`")
+    elif budget.metric == "bytes" and not math.isfinite(budget.limit_value):
+        # `1e400` reads as inf, which `fmt` would print as `inf`: no number, so no policy
+        problems.add("out-of-range", "a byte budget must be a finite size", budget.span, "e.g. `budget bytes<=64GiB`")
     if budget.metric == "avg_bits" and budget.limit < min(FORMAT_BITS[c.format] for c in choices):
         smallest = min(FORMAT_BITS[c.format] for c in choices)
         problems.add("out-of-range", f"`avg_bits<={budget.limit}` is below the smallest format offered "
                      f"({smallest} bits)", budget.span, "raise the budget or offer a smaller format")
     if rule.metric not in METRICS:
+        # `mse` is too short for did_you_mean's cutoff, but plainly means `output_mse`
+        near = [m for m in METRICS if rule.metric.lower() in m or m in rule.metric.lower()]
+        hint = did_you_mean(rule.metric, METRICS) or (
+            "did you mean " + " or ".join(f"`{m}`" for m in near) + "?" if near else None)
         problems.add("unknown-keyword", f"unknown sensitivity metric `{rule.metric}` (known: "
-                     + ", ".join(METRICS) + ")", rule.span, did_you_mean(rule.metric, METRICS))
+                     + ", ".join(METRICS) + ")", _metric_span(rule, problems.source), hint)
+
+
+# `… budget avg_bits<=6 by output_mse`: a rule is on one line, and the metric follows the budget.
+_BY_METRIC = re.compile(r"[\t \f]*by[\t \f]+([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _metric_span(rule: A.Precision, source: str) -> A.Span:
+    """Where the metric is written; the AST keeps no span of it, so it is found after the budget's
+    (the whole rule's span where that fails, as for a Spec built in code)."""
+    end = rule.budget.span
+    lines = source_lines(source)
+    if not 0 < end.end_line <= len(lines):
+        return rule.span
+    m = _BY_METRIC.match(lines[end.end_line - 1], end.end_column - 1)
+    if m is None or m.group(1) != rule.metric:
+        return rule.span
+    return A.Span(end.end_line, m.start(1) + 1, end.end_line, m.end(1) + 1)
 
 
 def _check_adapt(params: tuple[A.Param, ...], problems: _Problems):

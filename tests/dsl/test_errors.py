@@ -30,7 +30,11 @@ CASES = [
     ("quantize head int8\n", "syntax", 1, 1, ["rule outside a policy"], "policy NAME {"),
     (body("quantize head int8 keep embed"), "syntax", 2, 29, ["follows `keep` on the same line"], "one rule per line"),
     ("policy p {\n    keep head\n", "syntax", 2, 14, ["ends inside policy `p`"], "close the block with `}`"),
-    (body("keep model.layers.3"), "syntax", 2, 23, ["a number after `.`"], "`name[3]`"),
+    (body("keep model.layers.3"), "syntax", 2, 23, ["a number after `.`"], "`model.layers[3]`"),
+    # `3.` lexes as one number: the hint once fired only with the number last
+    (body("quantize model.layers.3.mlp.down_proj int4"), "syntax", 2, 27, ["a number after `.`"],
+     "index with brackets: `model.layers[3].mlp.down_proj`"),
+    (body("adapt blocks.3.5 lora"), "syntax", 2, 18, ["a number after `.`"], "`name[3]`"),  # no one fix to show
     (body("quantize head @ int8"), "syntax", 2, 19, ["got `@`"], None),
     (body("keep head\x00"), "syntax", 2, 14, ["U+0000"], None),
     # schema
@@ -110,8 +114,22 @@ CASES = [
      ["listed twice"], None),
     (body("precision blocks choose {int8, int4} budget avg_bits<=2 by output_mse"), "out-of-range", 2, 42,
      ["below the smallest format offered (4 bits)"], None),
-    (body("precision blocks choose {int8} budget avg_bits<=8 by output_mae"), "unknown-keyword", 2, 5,
+    (body("precision blocks choose {int8} budget avg_bits<=8 by output_mae"), "unknown-keyword", 2, 58,
      ["metric `output_mae`"], "did you mean `output_mse`?"),
+    (body("precision head choose {int8, int4} budget avg_bits<=5  by\tmse"), "unknown-keyword", 2, 63,
+     ["metric `mse`", "(known: output_mse, fisher)"], "did you mean `output_mse`?"),
+    (body("precision head choose {int8, int4} budget bytes<=1e400 by output_mse"), "out-of-range", 2, 40,
+     ["a byte budget must be a finite size"], "`budget bytes<=64GiB`"),
+    (body("precision head choose {int8, int4} budget bytes<=1e308GiB by output_mse"), "out-of-range", 2, 40,
+     ["finite size"], None),
+    # strings `fmt` could not write back (a raw NUL, a surrogate escape) are refused at the string
+    (body('adapt head lora from="\\x00"'), "syntax", 2, 26, ["a string holding a control character (\\x00)"],
+     "remove it"),
+    (body('adapt head lora from="a\x1bb"'), "syntax", 2, 26, ["a control character (\\x1b)"], None),
+    (body('adapt head lora from="\\ud800"'), "syntax", 2, 26, ["a string holding a surrogate (\\ud800)"], None),
+    (body('adapt head lora from="a\x00"'), "syntax", 2, 26, ["a control character (\\x00)"], None),
+    (body('adapt head lora from="C:\\xdir"'), "syntax", 2, 26, ["a string with a bad escape", "\\xXX"],
+     "`\\\\` for a backslash"),
     (body("keep " + "{" * 40 + "a" + "}" * 40), "too-deep", 2, 0, ["nested deeper than 32"], None),
     (body("keep " + "{" * 600 + "a" + "}" * 600), "too-deep", 2, 42, ["nested deeper than 32"], None),
 ]

@@ -112,3 +112,14 @@ def test_round_trip_text_ast_canonical_ast(text):
     assert format_spec(again) == canonical  # idempotent
     # no comment is lost
     assert canonical.count("#") == sum(line.count("#") for line in text.splitlines() if "#" in line)
+
+
+def test_every_string_parse_accepts_prints_back_as_itself():
+    """`from="\\ud800"` and `from="\\x00"` were accepted, and then `fmt` crashed or printed a raw NUL
+    that did not re-parse; now parse refuses them (tests/dsl/test_errors.py), and what it accepts
+    (escaped quotes and backslashes, a tab, non-ASCII) survives the printer."""
+    for written in [r'"a\"b\\c"', '"tab\there"', r'"tab\there"', r'"caf\u00e9/é/😀"', r'"\\\\server\\dir"']:
+        spec = parse(f"policy p {{\n    adapt head lora from={written}\n}}\n")
+        text = format_spec(spec)
+        text.encode("utf-8")  # no surrogate left for `fmt` to fail on
+        assert parse(text) == spec, text
