@@ -131,11 +131,11 @@ def _bare_rules(text: str) -> bool:
     """Does the text start (after comments) with a rule rather than a `policy NAME {` header? A
     misspelt rule keyword on the first of several lines counts as a rule, so that `quantise head
     int8` there gets the parser's did-you-mean, not "expected `policy`"."""
+    several = "\n" in text.strip()  # one line may be a file name: _read_spec decides that
     for line in text.splitlines():
         code = line.split("#", 1)[0]
         words = code.split()
         if words:
-            several = "\n" in text.strip()  # one line may be a file name: _read_spec decides that
             return words[0] in _RULE_WORDS or (several and words[0] != "policy" and not code.rstrip().endswith("{"))
     return False
 

@@ -117,17 +117,15 @@ def _pair_problem(earlier: A.Rule, later: A.Rule) -> Diagnostic | None:
     if type(later) is type(earlier) and isinstance(later, (A.Adapt, A.Tokens, A.Keep)) and not merged_first:
         return _at(later.span, "duplicate", f"a second `{later.kind}` rule on `{sel}` (the first is on line {line})",
                    "merge the two rules into one")
+    # What is left: exactly one of the two is a `keep`. It protects weights; a token step has none.
     if isinstance(earlier, A.Keep) is isinstance(later, A.Keep) or isinstance(earlier, A.Tokens) \
-            or isinstance(later, A.Tokens):  # keep protects weights; a token step has none to protect
+            or isinstance(later, A.Tokens):
         return None
-    if isinstance(earlier, A.Keep) or isinstance(later, A.Keep):
-        other = later if isinstance(earlier, A.Keep) else earlier
-        keep = earlier if isinstance(earlier, A.Keep) else later
-        return _at(other.span if other is later else later.span, "invalid-combination",
-                   f"`keep {sel}` (line {keep.span.line}) protects exactly what `{other.kind}` "
-                   f"(line {other.span.line}) selects, so that rule would do nothing",
-                   "remove one of the two rules, or narrow one selector")
-    return None
+    keep, other = (earlier, later) if isinstance(earlier, A.Keep) else (later, earlier)
+    return _at(later.span, "invalid-combination",
+               f"`keep {sel}` (line {keep.span.line}) protects exactly what `{other.kind}` "
+               f"(line {other.span.line}) selects, so that rule would do nothing",
+               "remove one of the two rules, or narrow one selector")
 
 
 def _at(span: A.Span, kind: str, message: str, hint: str | None = None, width: int | None = None) -> Diagnostic:

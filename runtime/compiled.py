@@ -281,7 +281,7 @@ class CompiledModel(nn.Module):
     def dtype(self) -> torch.dtype | None:
         """The dtype the model computes in: that of its first floating-point output (logits,
         last_hidden_state), as the graph was captured; None for a graph without one."""
-        out = next(n for n in self.graph.module.graph.nodes if n.op == "output")
+        out = next(n for n in reversed(self.graph.module.graph.nodes) if n.op == "output")  # the last node
         for node in _flat_nodes(out.args):
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor) and val.is_floating_point():

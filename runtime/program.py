@@ -96,7 +96,7 @@ class Program:
 
     def __init__(self, module: fx.GraphModule, modules: dict[str, ModuleInfo],
                  inputs: tuple[InputInfo, ...], outputs: OutputSpec, model_class: str,
-                 call: "CallInfo | None" = None):
+                 call: CallInfo | None = None):
         self.module = module
         self.modules = modules
         self.inputs = inputs

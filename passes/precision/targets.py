@@ -123,13 +123,13 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
 def _wide_groups(items, chosen) -> tuple[str, ...]:
     """A group wider than a linear's inputs is one group per row there (per-channel): said, not
     clamped without a word (`group=1048576` on 64 inputs)."""
-    wide = [it for it in items if chosen[it.path][1] is not None and chosen[it.path][0].group is not None
-            and chosen[it.path][0].group > it.w.shape[1]]
+    wide = [(it, cand.group) for it in items for cand, enc in [chosen[it.path]]
+            if enc is not None and cand.group is not None and cand.group > it.w.shape[1]]
     if not wide:
         return ()
-    group, narrowest = chosen[wide[0].path][0].group, min(it.w.shape[1] for it in wide)
+    (first, group), narrowest = wide[0], min(it.w.shape[1] for it, _ in wide)
     return (f"group={group} is wider than the inputs of {len(wide)} target{'s' if len(wide) != 1 else ''} "
-            f"(e.g. {wide[0].path}: {wide[0].w.shape[1]}; narrowest {narrowest}): one group per row there, "
+            f"(e.g. {first.path}: {first.w.shape[1]}; narrowest {narrowest}): one group per row there, "
             "as per-channel",)
 
 
