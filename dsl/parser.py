@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ast as pyast
 import functools
+import re
 import threading
 import unicodedata
 from importlib import resources
 
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedInput, VisitError
+from lark.exceptions import UnexpectedInput, UnexpectedToken, VisitError
 
 from . import ast as A
 from .errors import Diagnostic, SpecError, source_lines
@@ -115,12 +116,32 @@ def _parse_tree(source: str, filename: str, start: str):
     parser = lark_parser(start)
     _seen.comments = comments = []
     try:
-        tree = parser.parse(source)
+        tree = _parse_whole_words(parser, source)
     except UnexpectedInput as e:
         raise syntax_error(e, source, filename, parser) from None
     finally:
         _seen.comments = None
     return tree, comments
+
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_WORD_CHAR = re.compile(r"[A-Za-z0-9_]")
+
+
+def _parse_whole_words(parser: Lark, source: str):
+    """parser.parse(source), except that no word is split in two. Where no name may stand, Lark's
+    contextual lexer matches a keyword at the start of a longer word: `quantize head int8group=64`
+    read as `int8 group=64`, `policyp {` as `policy p {`. Such a word is reported whole, as the
+    name it is, against what the parser expected there."""
+    interactive = parser.parse_interactive(source)
+    last = None
+    for token in interactive.iter_parse():  # each token is yielded before it is fed
+        if token.type != "NAME" and _WORD_CHAR.match(source, token.end_pos or 0) and _WORD.fullmatch(token):
+            name = Token.new_borrow_pos("NAME", _WORD.match(source, token.start_pos).group(), token)
+            interactive.copy().feed_token(name)  # raises UnexpectedToken as if the lexer had read a name
+            raise UnexpectedToken(name, {t for t in interactive.choices() if t.isupper()})
+        last = token
+    return interactive.feed_eof(last)
 
 
 def _to_ast(tree, source: str, filename: str, start: str) -> A.Spec:

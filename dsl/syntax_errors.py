@@ -57,8 +57,6 @@ def _earlier_cause(expected, words, source, line, column):
     first = _WORD.match(text, len(text) - len(text.lstrip()))
     if not first or column <= first.end():
         return None
-    if first.group() not in RULE_KEYWORDS and first.group().startswith(RULE_KEYWORDS):
-        return _glued_keyword(first, words)
     second = _WORD.search(text, first.end())
     if (first.group() == "heal" and expected == {"EQUAL"} and second and second.group() not in SCHEMAS["heal"]
             and len(_WORD.findall(text[: column - 1])) == 2):  # `heal blocks[3] …`
@@ -71,13 +69,8 @@ def _earlier_cause(expected, words, source, line, column):
 
 
 def _after_tokens(text: str, second: re.Match, column: int):
-    """`tokens unpadd` (lexed as `unpad` + `d`, as with `heall`) and `tokens unpad <selector>`."""
+    """`tokens unpad <selector>`."""
     word = second.group()
-    if word not in _TOKENS_FORMS and word.startswith(_TOKENS_FORMS):
-        suggestion = did_you_mean(word, _TOKENS_FORMS)
-        return ("unknown-keyword" if suggestion else "syntax", f"expected `after` or `unpad` after `tokens`, "
-                f"got `{word}`", suggestion or "write `tokens after <block> prune …` or `tokens unpad`",
-                word, second.start() + 1)
     start = _SELECTOR_START.match(text, second.end())
     if word == "unpad" and start and not _PARAM_START.match(text, start.start(1)) and column > start.start(1):
         selector = _WORD.match(text, start.start(1))
@@ -86,14 +79,6 @@ def _after_tokens(text: str, second: re.Match, column: int):
                 selector.group() if selector else start.group(1),
                 start.start(1) + 1)
     return None
-
-
-def _glued_keyword(first: re.Match, words):
-    """`heall …` lexes as `heal` + `l` (string terminals match prefixes): blame the whole word."""
-    rules = {t for t, w in words.items() if w and w[0] in RULE_KEYWORDS} | {"RBRACE"}
-    suggestion = did_you_mean(first.group(), RULE_KEYWORDS)
-    return ("unknown-keyword" if suggestion else "syntax", f"expected {_phrase(rules, words)}, got `{first.group()}`",
-            suggestion or "a rule starts with its keyword and a space", first.group(), first.start() + 1)
 
 
 def _got(e: UnexpectedInput) -> str:
@@ -186,6 +171,8 @@ def _rule_context(source: str, line: int, column: int) -> str:
     start = len(text) - len(text.lstrip())
     if keyword == "tokens":  # `tokens after <selector>`: the selector comes after the second word
         second = _WORD.search(text, start + len(keyword))
+        if second and second.group() != "after" and column == second.start() + 1:  # `tokens unpadd`
+            return " after `tokens`"
         if not second or second.group() != "after":
             return ""
         keyword, start = "tokens after", second.start() - len("tokens ")
