@@ -27,7 +27,9 @@ def attach_trivia(spec: A.Spec, comments: list[Token]) -> A.Spec:
 
 
 def _attach_policy(policy: A.Policy, cursor: "_Cursor") -> A.Policy:
-    trivia = cursor.trivia_before(policy.span.line, at_line=policy.span.line)
+    # `policy a { quantize head int8  # why`: the comment follows the rule, so the rule keeps it
+    first_rule_here = bool(policy.rules) and policy.rules[0].span.line == policy.span.line
+    trivia = cursor.trivia_before(policy.span.line, at_line=policy.span.line, inline=not first_rule_here)
     rules = tuple(dataclasses.replace(r, trivia=cursor.trivia_before(r.span.line, at_line=r.span.line))
                   for r in policy.rules)
     closing_line = policy.span.end_line
@@ -42,12 +44,12 @@ class _Cursor:
         self.own, self.inline, self.lines = own, inline, lines
         self.line = 0  # last line already handed out
 
-    def trivia_before(self, line: int, *, at_line: int | None) -> A.Trivia:
+    def trivia_before(self, line: int, *, at_line: int | None, inline: bool = True) -> A.Trivia:
         above = range(self.line + 1, line)
         leading = tuple(self.own[n] for n in above if n in self.own)
         if at_line is None:  # end of file: blank lines after the last comment mean nothing
             above = range(above.start, max((n for n in above if n in self.own), default=above.start) + 1)
         blank = self.line > 0 and any(not self.lines[n - 1].strip() for n in above if n <= len(self.lines))
-        comment = self.inline.pop(at_line, None) if at_line is not None else None
+        comment = self.inline.pop(at_line, None) if at_line is not None and inline else None
         self.line = max(self.line, line if at_line is not None else line - 1)
         return A.Trivia(leading, comment, blank)

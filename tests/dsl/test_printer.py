@@ -49,6 +49,13 @@ def test_golden_canonical_form_keeps_every_comment():
     assert format_spec(parse(CANONICAL)) == CANONICAL
 
 
+def test_a_comment_after_a_rule_on_the_policy_line_stays_with_the_rule():
+    # The header took it, and fmt printed it on `policy a {`, away from the rule it explained.
+    out = format_spec(parse("policy a { quantize head int8  # why\n  keep blocks  # k\n}\n"))
+    assert out == "policy a {\n    quantize head int8  # why\n    keep blocks  # k\n}\n"
+    assert format_spec(parse("policy a {  # head\n  keep head\n}\n")) == "policy a {  # head\n    keep head\n}\n"
+
+
 def test_heal_prints_its_params_in_schema_order_and_round_trips():
     text = "policy p {\n  drop blocks auto( count=2 )\n  heal   distill=true method=lora steps=200 # why\n  heal method=linear\n}"
     out = format_spec(parse(text))
