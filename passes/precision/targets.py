@@ -99,14 +99,17 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
     kept, tied = [], []
     for it in items:
         cand, enc = chosen[it.path]
+        # Found again: a target rewritten before this one may have been its input (ELECTRA's
+        # embeddings_project feeds the first query), and its old node is gone.
+        sites = find_sites(graph, it.target) if enc is not None else it.sites
         if it.path in ctx.keep_originals:
             ctx.originals.setdefault(it.path, it.w)  # no pass writes a weight in place (lent.py)
         if enc is None:
             kept.append(it.path)
         elif isinstance(enc, QuantizedWeight):
-            to_quant_linear(graph, it.target, it.sites, enc)
+            to_quant_linear(graph, it.target, sites, enc)
         else:
-            to_half(graph, it.target, it.sites, enc.dtype)
+            to_half(graph, it.target, sites, enc.dtype)
         held = enc is not None and weight_still_held(graph, it.target)
         tied += [it.path] if held else []
         after += encoded_bytes(enc, it.w) + it.bias_bytes + (it.target.nbytes - it.bias_bytes if held else 0)

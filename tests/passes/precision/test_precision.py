@@ -123,6 +123,27 @@ def test_ragged_groups_and_asymmetric_on_a_plain_module():
     assert torch.equal(cm(x), capture(ref, {"x": x}).module(x)[0])
 
 
+@pytest.mark.parametrize("rules", [("quantize * int8",), ("quantize * int4 group=16",), ("quantize * fp16",),
+                                   ("precision * choose {int8, int4 group=16} budget avg_bits<=6 by output_mse",)])
+def test_one_rule_over_a_linear_and_the_linear_that_reads_it(rules):
+    # ELECTRA's embeddings_project feeds the first query directly: rewriting the first erased the
+    # node the second's site still read as its input (an internal LintError). Each is checked
+    # against its own weight decoded into a plain copy of the model.
+    torch.manual_seed(0)
+    m, x = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8)), torch.randn(3, 16)
+    cm = compile_(m, {"input": x}, *rules, calib=[{"input": torch.randn(4, 16)} for _ in range(4)])
+    ref = copy.deepcopy(m)
+    with torch.no_grad():
+        for i in ("0", "1"):
+            mod = cm.program.get_submodule(i)
+            if hasattr(mod, "qweight"):
+                ref.get_submodule(i).weight.copy_(dequantize(packed(cm, i)))
+            else:
+                ref.get_submodule(i).weight.copy_(mod.weight_fp16.float())
+    assert torch.equal(cm(x), ref(x))
+    assert not torch.equal(cm(x), m(x))
+
+
 def test_every_architecture(arch):
     c = captured(arch)
     model, inputs = c.model, c.inputs
