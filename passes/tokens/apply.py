@@ -8,17 +8,13 @@ from ..calibrate import forward_ms
 from ..context import Context
 from ..graph import ModelGraph
 from .reindex import insert_after, selected_blocks, token_counts
+from .causal import is_causal
 from .flops import attention_lengths, block_flops
 from .shorten import shorten_outputs
 from .unpad import flops_note, pack_from, probe_batch
 from ...runtime.forward_parts import recompile
 
-__all__ = ["apply_token_op", "is_decoder"]
-
-
-def is_decoder(graph: ModelGraph) -> bool:
-    """A causal LM: Hugging Face's generating models all derive from GenerationMixin."""
-    return "GenerationMixin" in graph.modules[""].classes
+__all__ = ["apply_token_op"]
 
 
 def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params: tuple, what: str,
@@ -43,7 +39,7 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
         inserted.append(insert_after(graph, graph.blocks[block.index], op, params, bound, ctx,
                                      proportional, per_token))
     if not restore:
-        changed = shorten_outputs(graph, bound, ctx, right=is_decoder(graph))
+        changed = shorten_outputs(graph, bound, ctx, right=is_causal(graph))
         notes.append(f"restore=false: {changed} output{'s' if changed != 1 else ''} return the remaining tokens "
                      "(CompiledModel.kept_tokens: their positions and sizes)" if changed else
                      "restore=false changes nothing here: no output carries the sequence")

@@ -21,7 +21,8 @@ from ...runtime.report import RuleReport
 from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
-from .apply import apply_token_op, is_decoder
+from .apply import apply_token_op
+from .causal import is_causal
 
 __all__ = ["run"]
 
@@ -29,7 +30,7 @@ __all__ = ["run"]
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Tokens = bound.rule
     keep = float(rule.get("keep"))
-    decoder = is_decoder(graph)
+    decoder = is_causal(graph)
     by_attention = rule.get("score") == "attention"
     what = ("the mean attention they receive" if decoder else "the attention the first token pays them") \
         if by_attention else "their hidden-state norm"

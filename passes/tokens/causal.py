@@ -1,0 +1,78 @@
+"""Is the captured model causal? The token rules must know: `merge` is refused on a causal model (a
+merged token would see positions after its own), and `prune` keeps and scores tokens differently.
+
+Hugging Face's generating models derive from GenerationMixin, but a causal model need not: a bare
+Qwen2Model, CLIP's text model. So the graph is also asked directly: its first block runs on a batch
+of made-up token ids and again with the last token changed; the model is causal when no earlier
+position's output moved. Decided once per graph, before a token rule changes it.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ...runtime.inputs import FILLABLE, complete_inputs
+from ..calibrate import observe
+from ..graph import ModelGraph
+
+__all__ = ["is_causal"]
+
+aten = torch.ops.aten
+
+_DECIDED: "weakref.WeakKeyDictionary[ModelGraph, bool]" = weakref.WeakKeyDictionary()
+
+# The probe's size where the graph leaves it free: two rows, so that a batch of one is never the
+# size it was specialized to, and positions enough to see attention reach ahead.
+_BATCH, _SEQ = 2, 8
+
+
+def is_causal(graph: ModelGraph) -> bool:
+    if "GenerationMixin" in graph.modules[""].classes:
+        return True
+    if graph not in _DECIDED:
+        _DECIDED[graph] = _earlier_positions_ignore_later_tokens(graph)
+    return _DECIDED[graph]
+
+
+def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool:
+    ids_info = next((i for i in graph.inputs if i.name == "input_ids"), None)
+    others = [i.name for i in graph.inputs if i.name != "input_ids" and i.name not in FILLABLE]
+    embedding = _embedding_of(graph)
+    if ids_info is None or others or embedding is None or not graph.blocks or graph.blocks[0].output is None:
+        return False  # no token ids to probe with (a ViT's pixels): not a causal language model
+    vocab, device = embedding.shape[0], embedding.device
+    batch, seq = (s if isinstance(s, int) else d for s, d in zip(ids_info.shape, (_BATCH, _SEQ)))
+    if seq < 2:
+        return False
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(ids_info.dtype)
+    changed = ids.clone()
+    changed[:, -1] = (ids[:, -1] + 1) % vocab
+    rows: list[torch.Tensor] = []
+    batches = [complete_inputs({"input_ids": x.to(device)}, graph.inputs) for x in (ids, changed)]
+    observe(graph, {graph.blocks[0].output: [lambda r: rows.append(r.float())]}, batches)
+    earlier = torch.ones(batch, seq, dtype=torch.bool)
+    earlier[:, -1] = False
+    a, b = (r[earlier.reshape(-1).to(r.device)] for r in rows)
+    # Exact on the models tried; a margin for kernels that sum masked-out zeros in another order.
+    return bool((a - b).abs().max() <= 1e-5 * a.abs().max().clamp_min(1e-30))
+
+
+def _embedding_of(graph: ModelGraph):
+    """The fake value of the table the input ids index (its rows: the vocabulary), or None."""
+    for n in graph.module.graph.nodes:
+        if n.op == "call_function" and n.target is aten.embedding.default and len(n.args) > 1 \
+                and _from_ids(n.args[1]):
+            return n.args[0].meta.get("val")
+    return None
+
+
+def _from_ids(node, depth: int = 4) -> bool:
+    """Is `node` the input ids, or a reshape of them (CLIP views them first)?"""
+    for _ in range(depth):
+        if getattr(node, "op", None) == "placeholder":
+            return node.name == "input_ids"
+        if getattr(node, "op", None) != "call_function" or not node.args:
+            return False
+        node = node.args[0]
+    return False
