@@ -290,8 +290,8 @@ class _Packer:
                 return False  # a size computed some other way: cannot say what it is packed
             sizes.append(1 if role == "batch" else self.n if role in ("seq", "flat") else s)
         layout = self.sym.layout(node.meta.get("val"))
-        if layout is None:
-            return False
+        if layout is None or layout.batch == NO_BATCH:  # before the sizes change: the node stays padded
+            return False  # (DeBERTa folds heads into the batch: [B·H, S, d] kept its packed N)
         node.args = (node.args[0], sizes, *node.args[2:])
         return self._mark(node, layout)
 

@@ -93,6 +93,25 @@ def test_hand_written_attention_runs_padded_and_stays_exact():
     assert any("padded layout" in n for n in rule.notes)
 
 
+def test_heads_folded_into_the_batch_run_padded_and_stay_exact():
+    """DeBERTa-v2 reshapes q/k/v to [B·H, S, d] (heads in the batch dim): that view cannot take
+    packed tokens, and was left with the packed count N for S when it fell back to the padded
+    layout (every call failed: "shape '[-1, 15, 16]' is invalid")."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.DebertaV2Config(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=64, type_vocab_size=0)
+    model = transformers.DebertaV2Model(cfg).eval()
+    cm = slimfx.compile(model, POLICY, example_inputs=_inputs(2, 9, [9, 6], left=False))
+    for batch in (_inputs(3, 7, [7, 4, 2], left=False, seed=1), _inputs(2, 5, [5, 5], left=False, seed=2)):
+        real = batch["attention_mask"].bool()
+        with torch.no_grad():
+            want, got = model(**batch).last_hidden_state, cm(**batch).last_hidden_state
+        torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+    assert cm.report.rules[0].details["padded_layout_nodes"] > 0
+
+
 def test_save_load_is_bit_identical_with_other_shapes(tmp_path):
     lm, cm = _compiled("bert")
     cm.save(tmp_path / "m")
