@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from ..dsl.errors import SpecError
 from .graph import CallInfo, InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
 from .lent import lend as lend_tensors, own_copies
+from .linear_form import matmuls_as_linears
 
 __all__ = ["capture", "bind_inputs", "clear_cache", "cache_info", "eval_mode", "SEQ_INPUTS"]
 
@@ -281,6 +282,7 @@ def _graph_from(entry: _Entry, lend: bool) -> ModelGraph:
     """A fresh GraphModule per call, with its own copies of the weights (tying preserved), or
     lent ones."""
     gm = entry.program.module()
+    matmuls_as_linears(gm)
     lent = lend_tensors(gm) if lend else None
     if not lend:
         own_copies(gm)
