@@ -97,6 +97,13 @@ class CompiledModel(nn.Module):
             sizes = ", ".join(f"{n} {list(v.shape)}" for n, v in zip(self.input_names, flat) if isinstance(v, torch.Tensor))
             raise ValueError(f"{self._what()} does not take inputs of these sizes ({sizes}): {e} — the graph keeps "
                              "the limits of the model it was captured from (e.g. its number of positions)") from None
+        except IndexError as e:  # an embedding lookup past its table: GPT-2's positions, any model's vocabulary
+            if "out of range" not in str(e):
+                raise
+            sizes = ", ".join(f"{n} {list(v.shape)}" for n, v in zip(self.input_names, flat) if isinstance(v, torch.Tensor))
+            raise ValueError(f"{self._what()}: an index is past the end of one of its embedding tables "
+                             f"({_tables(self.program)}) with inputs {sizes}: give no more tokens than the model "
+                             "has positions, and token ids below its vocabulary size") from None
 
     def _needs_backward(self, flat: list) -> bool:
         if getattr(self.program, "_slimfx_triton", None) is None or not torch.is_grad_enabled():
@@ -405,3 +412,16 @@ def _tensors(module: nn.Module):
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+def _tables(module: torch.nn.Module) -> str:
+    """`transformer.wpe` 128 rows, … : the tables the graph's embedding lookups read."""
+    names = [n.args[0].target for n in module.graph.nodes
+             if n.op == "call_function" and n.target is torch.ops.aten.embedding.default
+             and getattr(n.args[0], "op", None) == "get_attr"]
+    rows = []
+    for name in dict.fromkeys(names):
+        owner, _, attr = name.rpartition(".")
+        table = getattr(module.get_submodule(owner), attr)
+        rows.append(f"{name.removesuffix('.weight')} holds {table.shape[0]:,} rows")
+    return "; ".join(rows) or "none found"

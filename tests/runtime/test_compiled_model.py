@@ -236,3 +236,18 @@ def test_inputs_the_graph_cannot_run_are_named_not_raised_from_inside_it():
     with pytest.raises(ValueError, match=rf"does not take inputs of these sizes \(input_ids \[1, {longest + 1}\].*"
                                          rf"<= {longest} — the graph keeps the limits"):
         case.cm(torch.ones(1, longest + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch, table", [("gpt2", "transformer.wpe holds 128 rows"),
+                                         ("opt", "model.decoder.embed_positions holds 130 rows")])
+def test_more_positions_or_ids_than_the_tables_hold_are_named(arch, table):
+    """GPT-2 and OPT index their position table with no guard before it: an IndexError ("index
+    out of range in self") from inside the graph; so do token ids past the vocabulary."""
+    case = compiled(arch)
+    longest = case.loaded.model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"past the end of one of its embedding tables \(.*{table}.*\) with inputs "
+                                         rf"input_ids \[1, {longest + 1}\]"):
+        case.cm(torch.ones(1, longest + 1, dtype=torch.long))
+    vocab = case.loaded.model.config.vocab_size
+    with pytest.raises(ValueError, match="token ids below its vocabulary size"):
+        case.cm(torch.full((1, 4), vocab, dtype=torch.long))
