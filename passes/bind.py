@@ -17,6 +17,7 @@ from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
 from .blocks_view import without_blocks
+from .causal import merge_refusal
 from .estimate import Estimate, estimate, stored_after
 from .graph import Block, ModelGraph, Target
 from .select import resolve
@@ -85,6 +86,7 @@ class _Binder:
     def __init__(self, graph: ModelGraph, source: str, filename: str):
         self.graph, self.source, self.filename = graph, source, filename
         self.chain_break = getattr(graph, "chain_break", None)  # of the whole model, before any view
+        self.captured = graph  # the whole graph, where self.graph is a view after removed blocks
         self.stored: dict[str, int] = {}  # target path -> bytes, as the quantize/precision rules bound so far leave it
         self.problems: list[Diagnostic] = []
         self.protected: set[str] = set()
@@ -231,6 +233,9 @@ class _Binder:
             need = "blocks" if several else "exactly one block"
             self._error(rule.selector.span, "selector", f"`tokens after … {rule.action}` needs {need}, and "
                         f"`{_sel(rule)}` selects {what}", "write e.g. `tokens after blocks[3]`")
+        refusal = merge_refusal(self.captured) if rule.action == "merge" else None
+        if refusal:
+            self._error(rule.span, "unsupported", *refusal)
         last = self.graph.blocks[-1] if self.graph.blocks else None
         if last is not None and last in blocks:
             first = min(b.index for b in blocks)

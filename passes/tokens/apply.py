@@ -8,7 +8,7 @@ from ..calibrate import forward_ms
 from ..context import Context
 from ..graph import ModelGraph
 from .reindex import insert_after, selected_blocks, token_counts
-from .causal import is_causal
+from ..causal import is_causal
 from .flops import attention_lengths, block_flops
 from .shorten import shorten_outputs
 from .unpad import flops_note, pack_from, probe_batch

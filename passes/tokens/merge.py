@@ -22,7 +22,7 @@ from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
 from .apply import apply_token_op
-from .causal import is_causal
+from ..causal import merge_refusal
 from .unpad import rule_error
 
 __all__ = ["run"]
@@ -30,10 +30,9 @@ __all__ = ["run"]
 
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Tokens = bound.rule
-    if is_causal(graph):
-        raise rule_error(bound, ctx, "unsupported", f"`tokens … merge` averages tokens, and {graph.model_class} is causal "
-                         "(each position sees only those before it): a merged token would see positions after its own",
-                         "merge tokens of encoders (and ViTs); on decoders, `prune`")
+    refusal = merge_refusal(graph)
+    if refusal:
+        raise rule_error(bound, ctx, "unsupported", *refusal)
     ratio = float(rule.get("ratio"))
     prop = bool(rule.get("prop_attn"))
     keys = rule.get("by") == "keys"

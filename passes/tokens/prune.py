@@ -22,7 +22,7 @@ from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
 from .apply import apply_token_op
-from .causal import is_causal
+from ..causal import is_causal
 
 __all__ = ["run"]
 

@@ -120,22 +120,37 @@ def test_overlapping_precisions_are_caught_on_the_model(llama):
     assert err.kind == "illegal-order"
 
 
-def test_overlapping_token_steps_are_caught_on_the_model(llama):
+@pytest.fixture(scope="module")
+def bert():
+    loaded = tiny("bert", layers=4)
+    return capture(loaded.model, loaded.example_inputs)
+
+
+def test_overlapping_token_steps_are_caught_on_the_model(bert):
     """Two steps after one block broke the graph (a merge read a value defined after it); the text
     check sees only equal selectors. Blocks are compared as the model is when each rule runs."""
-    err = error_of(llama, "tokens after blocks[0] merge", "tokens after {blocks[0], blocks[2]} merge")
-    assert err.kind == "duplicate" and "model.layers.0" in err.message and "line 2" in err.message
-    err = error_of(llama, "drop blocks[1]", "tokens after blocks[1] prune", "tokens after blocks[0:2] merge")
-    assert err.kind == "duplicate" and "model.layers.2" in err.message  # blocks[1] once block 1 is gone
-    assert len(plan_of(llama, "tokens after blocks[0] merge", "tokens after blocks[1:3] merge").rules) == 2
+    err = error_of(bert, "tokens after blocks[0] merge", "tokens after {blocks[0], blocks[2]} merge")
+    assert err.kind == "duplicate" and "encoder.layer.0" in err.message and "line 2" in err.message
+    err = error_of(bert, "drop blocks[1]", "tokens after blocks[1] prune", "tokens after blocks[0:2] merge")
+    assert err.kind == "duplicate" and "encoder.layer.2" in err.message  # blocks[1] once block 1 is gone
+    assert len(plan_of(bert, "tokens after blocks[0] merge", "tokens after blocks[1:3] merge").rules) == 2
 
 
-def test_token_steps_written_out_of_block_order_are_refused(llama):
+def test_token_steps_written_out_of_block_order_are_refused(bert):
     """A step above steps already made read token indices that no longer held: the compiled graph
     failed at run time (index out of bounds), found by tests/test_compile_fuzz.py."""
-    err = error_of(llama, "tokens after blocks[1:3] merge", "tokens after blocks[0] merge")
-    assert err.kind == "illegal-order" and err.line == 3 and "model.layers.2" in err.message
+    err = error_of(bert, "tokens after blocks[1:3] merge", "tokens after blocks[0] merge")
+    assert err.kind == "illegal-order" and err.line == 3 and "encoder.layer.2" in err.message
     assert "move this rule above line 2" in err.hint
+
+
+def test_a_merge_on_a_causal_model_is_refused_by_plan_not_after_the_rules_above_it(llama):
+    """`plan` said "ready" and compile refused it only when the merge pass ran, after every rule
+    above it (minutes of GPTQ on SmolLM2)."""
+    err = error_of(llama, "quantize blocks.*.** : Linear int4", "tokens after blocks[1] merge")
+    (d,) = err.diagnostics
+    assert d.kind == "unsupported" and d.line == 3 and "LlamaForCausalLM is causal" in d.message
+    assert "`prune`" in d.hint
 
 
 def test_selector_errors_keep_their_place_and_all_come_together(gpt2):

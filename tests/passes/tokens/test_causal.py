@@ -11,7 +11,7 @@ import slimfx
 from slimfx.dsl.errors import SpecError
 from slimfx.models import tiny
 from slimfx.passes.capture import capture
-from slimfx.passes.tokens.causal import is_causal
+from slimfx.passes.causal import is_causal
 
 
 def _ids(seq: int = 9, seed: int = 0) -> dict:

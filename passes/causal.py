@@ -12,11 +12,11 @@ import weakref
 
 import torch
 
-from ...runtime.inputs import FILLABLE, complete_inputs
-from ..calibrate import observe
-from ..graph import ModelGraph
+from ..runtime.inputs import FILLABLE, complete_inputs
+from .calibrate import observe
+from .graph import ModelGraph
 
-__all__ = ["is_causal"]
+__all__ = ["is_causal", "merge_refusal"]
 
 aten = torch.ops.aten
 
@@ -76,3 +76,13 @@ def _from_ids(node, depth: int = 4) -> bool:
             return False
         node = node.args[0]
     return False
+
+
+def merge_refusal(graph: ModelGraph) -> tuple[str, str] | None:
+    """(message, hint) when `tokens … merge` cannot apply: the model is causal. Said by bind (so
+    `plan` says it, and compile before any pass runs) and by the merge pass itself."""
+    if not is_causal(graph):
+        return None
+    return (f"`tokens … merge` averages tokens, and {graph.model_class} is causal (each position sees only "
+            "those before it): a merged token would see positions after its own",
+            "merge tokens of encoders (and ViTs); on decoders, `prune`")
