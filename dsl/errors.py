@@ -16,7 +16,8 @@ ERROR_KINDS: dict[str, str] = {
     "syntax": "the text does not follow the grammar (a missing `}`, a stray character, …)",
     "unknown-keyword": "a misspelt rule keyword, adapter, action or bit format",
     "unknown-parameter": "a parameter the rule does not take",
-    "missing-value": "a parameter without `=value`, or a rule without its required part",
+    "missing-value": "a parameter without `=value` (`rank`), a rule without its required part (`quantize head`), "
+                     "or data a rule needs (calibration for GPTQ)",
     "wrong-type": "a value of the wrong type (`rank=1.5`, `merge=yes`)",
     "out-of-range": "a value outside its range (`rank=0`, `keep=1.5`, `group=48`)",
     "invalid-combination": "parameters that cannot go together (`group` on fp16, `ratio` and `count`)",

@@ -42,7 +42,8 @@ def syntax_error(e: UnexpectedInput, source: str, filename: str, parser: Lark) -
     expected = set(getattr(e, "expected", None) or getattr(e, "allowed", None) or ())
     got = _got(e)
     line, column = max(1, getattr(e, "line", 1) or 1), max(1, getattr(e, "column", 1) or 1)
-    earlier = _earlier_cause(expected, words, source, line, column)
+    earlier = _earlier_cause(expected, words, source, line, column) or \
+        _missing_part(e, expected, words, source, line, column)
     if earlier:
         kind, message, hint, got, column = earlier
     else:
@@ -123,6 +124,25 @@ def _explain(e, got, expected, words, source, line, column):
                 f"index with brackets: `{_bracketed(source, line, column) or f'name[{index.group()}]'}`")
     shown = f"`{got}`" if got and got.isprintable() and not got.isspace() else _describe_char(got)
     return ("syntax", f"expected {_phrase(expected, words)}{context}, got {shown}", None)
+
+
+def _missing_part(e, expected, words, source, line, column):
+    """(kind, message, hint, word, column) when a rule's line (or the file) ends where the rule
+    needs more: a parameter without its value, `quantize head` without a format; else None."""
+    if not (isinstance(e, UnexpectedToken) and e.token.type in ("_NL", "$END")) or "_NL" in expected:
+        return None
+    keyword = _first_word(source, line)
+    wanted = _relevant(expected, words, source, line) - {"$END", "RBRACE"}
+    if keyword not in RULE_KEYWORDS or not wanted:
+        return None
+    text = source_lines(source)[line - 1]
+    if e.token.type == "$END":  # lark places the file's end at the last token's start
+        column = len(text.rstrip()) + 1
+    before = _previous_word(source, line, column)
+    if before and (wanted == {"EQUAL"} or text[: column - 1].rstrip().endswith("=")):
+        return ("missing-value", f"`{before}` has no value", f"write `{before}=<value>`", "", column)
+    return ("missing-value", f"the `{keyword}` rule ends before its required part: expected "
+            f"{_phrase(wanted, words)}{_rule_context(source, line, column)}", None, "", column)
 
 
 def _unexpected_end(source, expected, words):

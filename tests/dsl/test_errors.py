@@ -116,7 +116,15 @@ CASES = [
     (body("tokens unpad x=1"), "unknown-parameter", 2, 18,
      ["`tokens unpad` takes no parameter `x`", "(it takes no parameters)"], None),
     (body("tokens unpad keep=0.5"), "unknown-parameter", 2, 18, ["takes no parameter `keep`"], "tokens … prune"),
-    (body("tokens unpad x="), "syntax", 2, 20, ["expected a name, a number or a quoted string, got"], None),
+    (body("tokens unpad x="), "missing-value", 2, 20, ["`x` has no value"], "write `x=<value>`"),
+    # a rule's line that ends where the rule needs more
+    (body("quantize head"), "missing-value", 2, 18,
+     ["the `quantize` rule ends before its required part: expected a bit format"], None),
+    (body("adapt head lora rank"), "missing-value", 2, 25, ["`rank` has no value"], "write `rank=<value>`"),
+    (body("precision head choose {int8, int4}"), "missing-value", 2, 39, ["expected `budget`"], None),
+    (body("tokens after blocks[1]"), "missing-value", 2, 27, ["expected a token action"], None),
+    ("policy p {\n    adapt head lora rank", "missing-value", 2, 25, ["`rank` has no value"], None),  # the file's end
+    ("policy p {\n    quantize head int8 group=", "missing-value", 2, 30, ["`group` has no value"], None),
     (body("tokens unpadd"), "unknown-keyword", 2, 12, ["expected `after` or `unpad` after `tokens`", "got `unpadd`"],
      "did you mean `unpad`?"),
     (body("tokens afterr blocks[1] prune"), "unknown-keyword", 2, 12, ["got `afterr`"], "did you mean `after`?"),
