@@ -211,9 +211,19 @@ class _Resolver:
             hint=did_you_mean(name, names))
 
     def _fused(self, scopes: list[_Scope], name: str) -> SpecError | None:
-        """`attn.q` on a model whose q, k, v are one linear: say so and name `attn.qkv`."""
+        """`attn.q` on a model whose q, k, v are one linear: say so and name `attn.qkv`; and the
+        other way round, `attn.qkv` on one whose q, k, v are separate: name `attn.{q,k,v}`."""
         for s in scopes:
             role = f"{s.key}.{name}"
+            parts = [p for p, (f, _) in roles.FUSED_ROLES.items() if f == role]
+            split = [t for p in parts for t in self.g.by_role(p) if t.block == s.block] if s.kind == "role" else []
+            if split:
+                what = roles.FUSED_ROLES[parts[0]][1]
+                written = f"{s.key}.{{{','.join(p.rpartition('.')[2] for p in parts)}}}"
+                return self._error(
+                    f"`{self._text()}`: {self.g.model_class} has no fused `{role}`: its {what} are separate "
+                    f"linears ({', '.join(f'`{t.path}`' for t in split)})",
+                    hint=f"select `{written}` for all of them")
             if s.kind != "role" or role not in roles.FUSED_ROLES:
                 continue
             fused, what = roles.FUSED_ROLES[role]

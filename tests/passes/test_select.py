@@ -217,6 +217,23 @@ def test_index_out_of_range_names_valid_range(llama):
     assert "out of range" in info.value.message and "-2..1" in info.value.message
 
 
+@pytest.mark.parametrize("fused, written, separate", [
+    ("qkv", "attn.{q,k,v}", ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                             "model.layers.0.self_attn.v_proj"]),
+    ("gate_up", "mlp.{gate,up}", ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]),
+])
+def test_a_fused_role_on_separate_projections_names_them(llama, fused, written, separate):
+    """`attn.qkv` on Llama said only "closest: `v`, `q`, `k`"; the other way round (`attn.q` on
+    GPT-2) already named the fused linear."""
+    with pytest.raises(SpecError) as info:
+        resolve(llama, sel("blocks", "*", "attn" if fused == "qkv" else "mlp", fused))
+    assert f"has no fused `{'attn' if fused == 'qkv' else 'mlp'}.{fused}`" in info.value.message
+    assert all(f"`{p}`" in info.value.message for p in separate)
+    assert info.value.hint == f"select `{written}` for all of them"
+    part = written[written.index("{") + 1:].split(",")[0]
+    assert paths(llama, sel("blocks", "0", written.split(".")[0], part))  # which the hint's selector reaches
+
+
 def test_empty_slice_is_an_error(llama):
     with pytest.raises(SpecError, match=r"slice \[5:\] of `blocks` is empty.*2 items"):
         resolve(llama, sel(Name("blocks", Slice(5, None))))
