@@ -20,12 +20,14 @@ BACKENDS = ("auto", "eager", "triton")
 
 def plan(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *, example_inputs: Mapping[str, Any] | None = None,
          name: str | None = None):
-    """Bind every rule to its targets without touching a weight. Returns a Plan (`slimfx plan`)."""
+    """Bind every rule to its targets without touching a weight. Returns a Plan (`slimfx plan`);
+    print() it for the table `slimfx plan` prints."""
     from .passes.bind import bind
+    from .plan_table import ShownPlan
 
     policy_ast, spec = resolve_policy(policy, name)
     graph = _capture(model, example_inputs)
-    return bind(graph, policy_ast, source=spec.source, filename=spec.filename)
+    return ShownPlan.of(bind(graph, policy_ast, source=spec.source, filename=spec.filename))
 
 
 def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noqa: A001 - the public name

@@ -2,13 +2,15 @@
 is touched. UI, so it lives with the CLI, not in passes/."""
 from __future__ import annotations
 
+import dataclasses
+
 from rich.table import Table
 
 from .passes.bind import Plan
 from .passes.pipeline import is_implemented
 from .runtime.report import format_bytes
 
-__all__ = ["plan_table", "plan_text"]
+__all__ = ["plan_table", "plan_text", "ShownPlan"]
 
 
 def plan_table(plan: Plan, filename: str = "") -> Table:
@@ -40,6 +42,23 @@ def plan_text(plan: Plan, filename: str = "", width: int = 160) -> str:
     console = Console(width=width, file=StringIO(), color_system=None, record=True)
     console.print(plan_table(plan, filename))
     return console.export_text()
+
+
+class ShownPlan(Plan):
+    """The Plan slimfx.plan() returns: print() gives the table `slimfx plan` prints (the dataclass
+    repr of every bound rule ran to tens of kilobytes)."""
+
+    def __str__(self) -> str:
+        return plan_text(self)
+
+    def __repr__(self) -> str:
+        name = self.policy.name if self.policy else "(empty)"
+        return (f"<Plan: policy {name} on {self.model_class}, {len(self.rules)} rule"
+                f"{'s' * (len(self.rules) != 1)}; print() it for the table>")
+
+    @classmethod
+    def of(cls, plan: Plan) -> "ShownPlan":
+        return cls(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)})
 
 
 def _arrow(before, after, fmt) -> str:

@@ -227,3 +227,12 @@ def test_a_bare_tensor_of_example_inputs_is_the_first_input_not_rows():
     assert cm.input_names == ("input_ids",)
     with torch.no_grad():
         assert torch.equal(cm(ids).logits, loaded.model(ids).logits)
+
+
+def test_a_plan_prints_as_the_table_slimfx_plan_prints():
+    """print(slimfx.plan(...)) gave the dataclass repr of every bound rule (64 KB on SmolLM2)."""
+    plan = slimfx.plan(tiny("llama"), "quantize blocks.*.attn.q int8")
+    shown = str(plan)
+    assert "slimfx plan: policy inline on LlamaForCausalLM" in shown and "ready; ≈8.25 bits/weight" in shown
+    assert repr(plan) == "<Plan: policy inline on LlamaForCausalLM, 1 rule; print() it for the table>"
+    assert len(plan.rules) == 1 and plan.rules[0].targets  # still the Plan, every field
