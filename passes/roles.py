@@ -40,16 +40,16 @@ def module_kind(mro: Iterable[str]) -> str | None:
 # ---- roles inside a block: (regex on the path relative to the block, role) --------------------
 # First match wins; patterns fullmatch the relative path. Attention containers differ per family:
 # self_attn (Llama…), attn (GPT-2), attention (NeoX, DistilBERT, ViT), attention.self (BERT),
-# attention.attention (ViT before transformers 5).
-_ATTN = r"(?:self_attn|self_attention|attn|attention)(?:\.(?:self|attention))?"
+# attention.attention (ViT before transformers 5), attention.attn (MPNet).
+_ATTN = r"(?:self_attn|self_attention|attn|attention)(?:\.(?:self|attention|attn))?"
 _MLP = r"(?:mlp|feed_forward|ffn)"
 
 pm_block_roles: list[tuple[str, str]] = [
-    (rf"{_ATTN}\.(?:q_proj|query|q_lin|q)", "attn.q"),
-    (rf"{_ATTN}\.(?:k_proj|key|k_lin|k)", "attn.k"),
-    (rf"{_ATTN}\.(?:v_proj|value|v_lin|v)", "attn.v"),
+    (rf"{_ATTN}\.(?:q_proj|query|query_proj|q_lin|q)", "attn.q"),  # query_proj: DeBERTa-v2
+    (rf"{_ATTN}\.(?:k_proj|key|key_proj|k_lin|k)", "attn.k"),
+    (rf"{_ATTN}\.(?:v_proj|value|value_proj|v_lin|v)", "attn.v"),
     (rf"{_ATTN}\.(?:qkv_proj|c_attn|query_key_value|Wqkv|qkv)", "attn.qkv"),
-    (rf"{_ATTN}\.(?:o_proj|out_proj|out_lin|c_proj|dense)", "attn.o"),
+    (rf"{_ATTN}\.(?:o_proj|out_proj|out_lin|c_proj|dense|o)", "attn.o"),  # o: MPNet
     (r"(?:attention|attn)\.output\.dense", "attn.o"),  # BERT, ViT (transformers 4)
     (rf"{_ATTN}\.q_norm", "attn.q_norm"),  # Qwen3, Gemma3
     (rf"{_ATTN}\.k_norm", "attn.k_norm"),

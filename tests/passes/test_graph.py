@@ -176,3 +176,28 @@ def test_lint_reports_dangling_param():
     g.module.register_parameter("stray", torch.nn.Parameter(torch.zeros(3)))
     with pytest.raises(LintError, match="'stray'.*dangling"):
         g.lint()
+
+
+@pytest.mark.parametrize("name, attention", [("mpnet", "attention.attn.{q,k,v,o}"),
+                                             ("deberta_v2", "attention.self.{query,key,value}_proj")])
+def test_attention_roles_of_models_slimfx_does_not_ship(name, attention):
+    """MPNet keeps q, k, v, o in `attention.attn`, DeBERTa-v2 names them `query_proj` …: they had
+    no role, so `attn.{q,v}` matched nothing and its hint led to paths that did not work either."""
+    import transformers
+
+    from slimfx.passes.capture import capture
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64)
+    model = (transformers.MPNetModel(transformers.MPNetConfig(**small)) if name == "mpnet" else
+             transformers.DebertaV2Model(transformers.DebertaV2Config(**small, type_vocab_size=0))).eval()
+    ids = torch.randint(3, 200, (2, 9))
+    g = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    roles = {g.targets[p].role: p for p in g.blocks[0].targets}
+    expected = ({"attn.q": "attention.attn.q", "attn.k": "attention.attn.k", "attn.v": "attention.attn.v",
+                 "attn.o": "attention.attn.o"} if name == "mpnet" else
+                {"attn.q": "attention.self.query_proj", "attn.k": "attention.self.key_proj",
+                 "attn.v": "attention.self.value_proj", "attn.o": "attention.output.dense"})
+    for role, path in expected.items():
+        assert roles.get(role) == f"encoder.layer.0.{path}", (role, roles)
