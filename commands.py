@@ -73,6 +73,7 @@ def _guarded(fn):
     """Policy, model, artifact and argument problems print as messages, not tracebacks."""
 
     def run(args) -> int:
+        from .evaluation import NotScorable
         from .models import ModelNotFound
         from .runtime.artifact_errors import ArtifactError
 
@@ -80,7 +81,7 @@ def _guarded(fn):
             return fn(args)
         except SpecError as e:
             print(str(e), file=sys.stderr)
-        except (ModelNotFound, ArtifactError, UsageError) as e:
+        except (ModelNotFound, ArtifactError, UsageError, NotScorable) as e:
             print(f"error: {e}", file=sys.stderr)
         except Exception as e:  # anything else still prints as one message; the traceback on request
             if os.environ.get(TRACEBACK_ENV) == "1":
@@ -102,8 +103,7 @@ def _console():
 def _load_model(name: str):
     from .models import load
 
-    print(f"loading {name} …", file=sys.stderr)
-    return load(name)
+    return load(name, announce=lambda: print(f"loading {name} …", file=sys.stderr))
 
 
 def _plan(args) -> int:
@@ -113,7 +113,7 @@ def _plan(args) -> int:
     spec = _spec(args.spec, args.policy)
     loaded = _load_model(args.model)
     plan = api.plan(loaded, spec, name=args.policy)
-    _console().print(plan_table(plan, args.spec))
+    _console().print(plan_table(plan, "<stdin>" if args.spec == "-" else args.spec))
     return 0
 
 
@@ -279,8 +279,8 @@ def _train(args) -> int:
     batches = [{k: v for k, v in b.items() if k in cm.input_names}  # a graph captured from bare ids takes no mask
                for b in _training_batches(loaded, args.batch, args.seq, args.steps)]
     cycled = f", {args.steps / len(batches):.1f} passes over them" if len(batches) < args.steps else ""
-    print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {args.steps} steps "
-          f"on {len(batches)} batches of {args.batch}×{args.seq} tokens of calibration text{cycled}, {loss} loss, "
+    print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {_counted(args.steps, 'step')} "
+          f"on {_counted(len(batches), 'batch')} of {args.batch}×{args.seq} tokens of calibration text{cycled}, {loss} loss, "
           f"lr {args.lr:g}" + (" with a cosine schedule" if args.schedule == "cosine" else ""), file=sys.stderr)
     torch.manual_seed(args.seed)
     result = train(cm, batches, steps=args.steps, lr=args.lr, loss=loss, schedule=args.schedule,
@@ -389,6 +389,10 @@ def _token_ids(loaded, texts: list[str]):
     import torch
 
     return torch.as_tensor(loaded.tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"]).reshape(-1)
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
 
 
 def _count_params(cm) -> str:

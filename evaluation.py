@@ -23,8 +23,13 @@ from .runtime.sizes import param_bytes
 
 __all__ = [
     "default_text", "eval_text", "context_length", "calibration_texts", "perplexity", "embed", "embedding_cosine", "param_bytes", "latency_ms",
-    "eval_rows", "eval_table", "eval_paragraphs",
+    "eval_rows", "eval_table", "eval_paragraphs", "NotScorable",
 ]
+
+
+class NotScorable(ValueError):
+    """The model cannot be scored as asked (a decoder compiled with `restore=false` returns fewer
+    positions than it was given): a refusal with what to do, not a bug."""
 
 # Mostly prose docstrings that have stayed put across CPython releases; order is fixed so the
 # text (and every perplexity computed on it) is the same run to run on one Python version.
@@ -162,7 +167,7 @@ def _chunk_nll(model: Callable, chunk: torch.Tensor) -> tuple[float, int]:
         # `tokens after … prune` with restore=false returns the kept positions only: the dropped ones
         # have no next-token prediction, and scoring the kept ones alone would compare positions the
         # model chose against the original's every position.
-        raise ValueError(
+        raise NotScorable(
             f"the model returned logits for {logits.shape[1]} of the {input_ids.shape[1]} positions it was "
             "given (a token rule with restore=false keeps only the remaining tokens), so perplexity over "
             "the text is not defined; compile the same policy with restore=true on its `tokens after` "

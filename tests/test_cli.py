@@ -116,7 +116,17 @@ def test_plan_errors_are_messages_not_tracebacks(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{f}:2:14: error[selector]" in err and "did you mean `attn`?" in err
     assert main(["plan", str(f), "--model", "tiny:lama"]) == 1
-    assert "tiny:llama" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "tiny:llama" in err and "loading" not in err  # "loading tiny:lama …" came before the refusal
+
+
+def test_plan_from_standard_input_is_titled_as_its_errors_name_it(tmp_path, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"policy p {\n    keep head\n}\n")))
+    assert main(["plan", "-", "--model", "tiny:llama"]) == 0
+    out = capsys.readouterr().out
+    assert "(<stdin>)" in out and "(-)" not in out
 
 
 def test_policy_problems_are_found_before_the_model_loads(tmp_path, capsys):
@@ -247,6 +257,18 @@ def test_eval_refuses_too_few_tokens_and_another_model_than_the_compiled_one(tmp
     captured = capsys.readouterr()
     assert "was compiled from a LlamaForCausalLM, --model tiny:qwen2 is a Qwen2ForCausalLM" in captured.err
     assert "perplexity" not in captured.out
+
+
+def test_eval_of_a_decoder_compiled_with_restore_false_is_a_refusal_not_a_bug(tmp_path, capsys):
+    # It printed as "error: ValueError: …" with "that traceback is a slimfx bug to report".
+    out = tmp_path / "artifact"
+    policy = write(tmp_path, "policy p {\n    tokens after blocks[0] prune keep=0.5\n}\n")
+    assert main(["compile", str(policy), "--model", "tiny:llama", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", "tiny:llama", "--compiled", str(out), "--max-tokens", "64"]) == 1
+    err = capsys.readouterr().err
+    assert "\nerror: the model returned logits for" in err and "compile the same policy with restore=true" in err
+    assert "slimfx bug" not in err and "ValueError" not in err
 
 
 def test_eval_refuses_a_model_of_the_same_class_with_other_shapes(tmp_path, capsys, monkeypatch):
