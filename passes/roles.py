@@ -41,22 +41,22 @@ def module_kind(mro: Iterable[str]) -> str | None:
 # First match wins; patterns fullmatch the relative path. Attention containers differ per family:
 # self_attn (Llama…), attn (GPT-2), attention (NeoX, DistilBERT, ViT), attention.self (BERT),
 # attention.attention (ViT before transformers 5), attention.attn (MPNet).
-_ATTN = r"(?:self_attn|self_attention|attn|attention)(?:\.(?:self|attention|attn))?"
-_MLP = r"(?:mlp|feed_forward|ffn)"
+_ATTN = r"(?:(?:self_attn|self_attention|attn|attention)(?:\.(?:self|attention|attn))?|layer\.0\.SelfAttention)"
+_MLP = r"(?:mlp|feed_forward|ffn|layer\.1\.DenseReluDense)"  # layer.N.…: T5
 
 pm_block_roles: list[tuple[str, str]] = [
     (rf"{_ATTN}\.(?:q_proj|query|query_proj|q_lin|q)", "attn.q"),  # query_proj: DeBERTa-v2
     (rf"{_ATTN}\.(?:k_proj|key|key_proj|k_lin|k)", "attn.k"),
     (rf"{_ATTN}\.(?:v_proj|value|value_proj|v_lin|v)", "attn.v"),
     (rf"{_ATTN}\.(?:qkv_proj|c_attn|query_key_value|Wqkv|qkv)", "attn.qkv"),
-    (rf"{_ATTN}\.(?:o_proj|out_proj|out_lin|c_proj|dense|o)", "attn.o"),  # o: MPNet
+    (rf"{_ATTN}\.(?:o_proj|out_proj|out_lin|c_proj|dense|o|Wo)", "attn.o"),  # o: MPNet, T5; Wo: ModernBERT
     (r"(?:attention|attn)\.output\.dense", "attn.o"),  # BERT, ViT (transformers 4)
     (rf"{_ATTN}\.q_norm", "attn.q_norm"),  # Qwen3, Gemma3
     (rf"{_ATTN}\.k_norm", "attn.k_norm"),
-    (rf"{_MLP}\.gate_up_proj", "mlp.gate_up"),  # Phi-3
-    (rf"{_MLP}\.(?:gate_proj|w1)", "mlp.gate"),
-    (rf"{_MLP}\.(?:up_proj|c_fc|dense_h_to_4h|fc1|lin1|w3)", "mlp.up"),
-    (rf"{_MLP}\.(?:down_proj|c_proj|dense_4h_to_h|fc2|lin2|w2)", "mlp.down"),
+    (rf"{_MLP}\.(?:gate_up_proj|Wi)", "mlp.gate_up"),  # Phi-3, ModernBERT
+    (rf"{_MLP}\.(?:gate_proj|w1|wi_0)", "mlp.gate"),
+    (rf"{_MLP}\.(?:up_proj|c_fc|dense_h_to_4h|fc1|lin1|w3|wi|wi_1)", "mlp.up"),
+    (rf"{_MLP}\.(?:down_proj|c_proj|dense_4h_to_h|fc2|lin2|w2|wo|Wo)", "mlp.down"),
     (r"fc1|intermediate\.dense", "mlp.up"),  # OPT keeps fc1/fc2 in the layer; BERT, ViT (tf 4)
     (r"fc2|output\.dense", "mlp.down"),
     # Every other norm directly in the block: input_layernorm, post_attention_layernorm,
@@ -127,13 +127,25 @@ def find_blocks(modules: Mapping[str, Any], compute: Mapping[str, int]) -> str |
         if not info.is_list or not info.children:
             continue
         kids = [f"{path}.{c}" if path else c for c in info.children]
-        if len({_structure(k, modules) for k in kids}) != 1:
+        if not _repeated([_structure(k, modules) for k in kids]):
             continue
         total = sum(compute.get(k, 0) for k in kids)
         key = (total, -path.count("."))
         if total and (best_key is None or key > best_key):
             best, best_key = path, key
     return best
+
+
+def _repeated(structures: list[tuple]) -> bool:
+    """The same block, over and over. The first may differ, as models build it: T5's first block
+    alone holds the relative position table (an extra module the later blocks read), ModernBERT's
+    first layer has an Identity for its attention norm (the embeddings' norm comes just before)."""
+    if len(set(structures)) == 1:
+        return True
+    first, rest = dict(structures[0]), structures[1:]
+    if len(set(rest)) != 1 or first.get("") != dict(rest[0]).get(""):
+        return False
+    return all(p in first and (first[p] == cls or "Identity" in (first[p], cls)) for p, cls in rest[0])
 
 
 def _structure(path: str, modules) -> tuple:
