@@ -81,3 +81,21 @@ def test_a_fixed_length_equal_to_a_feature_size_is_refused():
     with pytest.raises(slimfx.SpecError, match="fixed sequence length 17, which is also"):
         slimfx.compile(model, "tokens after blocks[1] merge ratio=0.3 restore=true", example_inputs=images,
                        calib=[images])
+
+
+def test_a_fixed_length_that_is_the_position_table_says_how_to_capture_another():
+    """CLIP's vision tower at its own image size: 17 tokens and a 17-row position table. "Capture
+    with another input size" alone failed in Hugging Face ("Input image size (40*40) doesn't match
+    model"): it needs interpolate_pos_encoding=True, which the hint now says (and which works)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=32, patch_size=8)).eval()
+    rule = "tokens after blocks[0] merge ratio=0.25 restore=true"
+    with pytest.raises(slimfx.SpecError) as e:
+        slimfx.compile(model, rule, example_inputs={"pixel_values": torch.randn(2, 3, 32, 32)})
+    assert "embeddings.position_embedding holds exactly 17 positions" in e.value.hint
+    assert "interpolate_pos_encoding=True" in e.value.hint
+    slimfx.compile(model, rule, example_inputs={"pixel_values": torch.randn(2, 3, 40, 40),
+                                                "interpolate_pos_encoding": True})
