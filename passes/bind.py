@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
+from .block_reads import removal_problem
 from .blocks_view import without_blocks
 from .causal import merge_refusal
 from .estimate import Estimate, estimate, stored_after
@@ -196,6 +197,10 @@ class _Binder:
             problem = collapse_range_problem(blocks)
             if problem is not None:
                 self._error(rule.selector.span, "selector", *problem)
+        removed = blocks[1:] if isinstance(rule, A.Collapse) else blocks  # LaCo merges into the first
+        problem = removal_problem(list(removed)) if rule.auto is None and removed else None
+        if problem is not None:
+            self._error(rule.selector.span, "unsupported", *problem)
         if rule.auto is None and blocks and len(blocks) == n:
             what = "merges every block of the model into one" if isinstance(rule, A.Collapse) else \
                 f"removes all {n} blocks of the model"

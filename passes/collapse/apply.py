@@ -13,7 +13,8 @@ from ..bind import BoundRule, graph_bytes, graph_params
 from ..calibrate import CALIB_HINT, forward_ms
 from ..context import Context
 from ..graph import Block, ModelGraph
-from .cut import Cut, read_after, remove_run
+from ..block_reads import read_after, removal_problem
+from .cut import Cut, remove_run
 from .streams import collect
 
 __all__ = ["auto_count", "candidates", "remove_runs", "block_report", "current", "rule_error", "need_calibration",
@@ -74,13 +75,9 @@ def remove_runs(graph: ModelGraph, runs: list[list[Block]], bound: BoundRule, ct
                 targets: list[list] | None = None) -> list[Cut]:
     """Remove each run (given in model order; removed last to first so indices stay valid) and
     record a Cut per run for `heal`, with `targets` (run_targets) or, if None, measured now."""
-    for run in runs:
-        leak = read_after(run)
-        if leak is not None:
-            owner = next(b for b in run if leak in b.nodes)
-            raise rule_error(bound, ctx, "unsupported", f"{owner.path} computes a value the blocks after it read "
-                             f"({leak.name}, e.g. T5's position bias, made in the first block only): removing it would "
-                             "leave them without it", f"remove other blocks; an auto search never picks {owner.path}")
+    problem = removal_problem([b for run in runs for b in run])
+    if problem is not None:  # bind refuses explicit selections already; this guards what a search chose
+        raise rule_error(bound, ctx, "unsupported", *problem)
     targets = run_targets(graph, runs, ctx) if targets is None else targets
     cuts = []
     for run, target in sorted(zip(runs, targets), key=lambda r: -r[0][0].index):

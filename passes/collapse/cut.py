@@ -12,12 +12,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import fx
 
+from ..block_reads import read_after, stream_between
 from ..graph import Block, ModelGraph
 from ..lent import replace_tensor
 from ..rewrite import PassError
 from ...runtime.forward_parts import recompile
 
-__all__ = ["read_after", "Cut", "remove_run", "laco_merge", "runs_of"]
+__all__ = ["Cut", "remove_run", "laco_merge", "runs_of"]
 
 
 @dataclass
@@ -44,22 +45,6 @@ def runs_of(blocks: list[Block]) -> list[list[Block]]:
     return runs
 
 
-def _between(run: list[Block]) -> set[fx.Node]:
-    """The residual stream between the run's blocks, read after the run: each block's hidden state
-    when captured with output_hidden_states=True (the output tuple reads every block's output, and
-    the stream entering it through a no-op `.to(float32)`). Where a removed block was, the hidden
-    state is the stream that enters the run."""
-    return {b.output for b in run} | {n for b in run for n in b.nodes if _same_value(n, b.input)}
-
-
-def read_after(run: list[Block]) -> fx.Node | None:
-    """A value computed inside the run that later nodes read, other than the residual stream (T5's
-    first block computes the position bias every later block adds): such a run cannot go."""
-    members = frozenset().union(*(b.nodes for b in run))
-    between = _between(run)
-    return next((n for n in members if n not in between and any(u not in members for u in n.users)), None)
-
-
 def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:
     """Remove a contiguous run of blocks; return the residual node that now flows past the gap.
 
@@ -72,7 +57,7 @@ def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:
     if first.input is None or last.output is None:
         raise PassError(f"{first.path}: the residual stream through the block is not known")
     members = frozenset().union(*(b.nodes for b in run))
-    between = _between(run)
+    between = stream_between(run)
     leak = read_after(run)
     if leak is not None:  # apply.py refuses such a run at its rule first
         raise PassError(f"{leak.name} is computed inside {first.path} and read after it (e.g. a shared "
@@ -90,22 +75,6 @@ def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:
     recompile(gm)
     graph.reindex()
     return stream
-
-
-_NO_OPS = (torch.ops.aten.to.dtype, torch.ops.aten.alias.default)
-
-
-def _same_value(node: fx.Node, value: fx.Node | None) -> bool:
-    """`node` is `value` itself through ops that change nothing (a cast to its own dtype)."""
-    while value is not None and node is not value:
-        if node.op != "call_function" or node.target not in _NO_OPS or not node.args:
-            return False
-        src = node.args[0]
-        before, after = (n.meta.get("val") if isinstance(n, fx.Node) else None for n in (src, node))
-        if not isinstance(src, fx.Node) or getattr(before, "dtype", None) != getattr(after, "dtype", 0):
-            return False
-        node = src
-    return value is not None
 
 
 def _forget_modules(graph: ModelGraph, paths: list[str]) -> None:

@@ -1,0 +1,62 @@
+"""What a run of blocks hands on besides the residual stream: a run whose own values later nodes
+read (T5's first block computes the position bias every later block adds) cannot be removed.
+Core, because both bind (so `plan` refuses such a `drop`) and the collapse pass ask.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .graph import Block
+
+__all__ = ["read_after", "stream_between", "removal_problem"]
+
+
+def stream_between(run: list[Block]) -> set[fx.Node]:
+    """The residual stream between the run's blocks, read after the run: each block's hidden state
+    when captured with output_hidden_states=True (the output tuple reads every block's output, and
+    the stream entering it through a no-op `.to(float32)`). Where a removed block was, the hidden
+    state is the stream that enters the run."""
+    return {b.output for b in run} | {n for b in run for n in b.nodes if _same_value(n, b.input)}
+
+
+def read_after(run: list[Block]) -> fx.Node | None:
+    """A value computed inside the run that later nodes read, other than the residual stream."""
+    members = frozenset().union(*(b.nodes for b in run))
+    between = stream_between(run)
+    return next((n for n in members if n not in between and any(u not in members for u in n.users)), None)
+
+
+def removal_problem(blocks: list[Block]) -> tuple[str, str] | None:
+    """(message, hint) when removing `blocks` (each contiguous run of them) would take away a value
+    later blocks read; else None."""
+    runs: list[list[Block]] = []
+    for b in sorted(blocks, key=lambda b: b.index):
+        if runs and runs[-1][-1].index + 1 == b.index:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    for run in runs:
+        leak = read_after(run)
+        if leak is not None:
+            owner = next(b for b in run if leak in b.nodes)
+            return (f"{owner.path} computes a value the blocks after it read ({leak.name}, e.g. T5's position "
+                    "bias, made in the first block only): removing it would leave them without it",
+                    f"remove other blocks; an auto search never picks {owner.path}")
+    return None
+
+
+_NO_OPS = (torch.ops.aten.to.dtype, torch.ops.aten.alias.default)
+
+
+def _same_value(node: fx.Node, value: fx.Node | None) -> bool:
+    """`node` is `value` itself through ops that change nothing (a cast to its own dtype)."""
+    while value is not None and node is not value:
+        if node.op != "call_function" or node.target not in _NO_OPS or not node.args:
+            return False
+        src = node.args[0]
+        before, after = (n.meta.get("val") if isinstance(n, fx.Node) else None for n in (src, node))
+        if not isinstance(src, fx.Node) or getattr(before, "dtype", None) != getattr(after, "dtype", 0):
+            return False
+        node = src
+    return value is not None
