@@ -9,7 +9,7 @@ from torch import fx
 
 from .graph import Block
 
-__all__ = ["read_after", "stream_between", "removal_problem"]
+__all__ = ["read_after", "stream_between", "removal_problem", "runs_of"]
 
 
 def stream_between(run: list[Block]) -> set[fx.Node]:
@@ -27,16 +27,21 @@ def read_after(run: list[Block]) -> fx.Node | None:
     return next((n for n in members if n not in between and any(u not in members for u in n.users)), None)
 
 
-def removal_problem(blocks: list[Block]) -> tuple[str, str] | None:
-    """(message, hint) when removing `blocks` (each contiguous run of them) would take away a value
-    later blocks read; else None."""
+def runs_of(blocks: list[Block]) -> list[list[Block]]:
+    """Blocks grouped into contiguous runs, in model order."""
     runs: list[list[Block]] = []
     for b in sorted(blocks, key=lambda b: b.index):
         if runs and runs[-1][-1].index + 1 == b.index:
             runs[-1].append(b)
         else:
             runs.append([b])
-    for run in runs:
+    return runs
+
+
+def removal_problem(blocks: list[Block]) -> tuple[str, str] | None:
+    """(message, hint) when removing `blocks` (each contiguous run of them) would take away a value
+    later blocks read; else None."""
+    for run in runs_of(blocks):
         leak = read_after(run)
         if leak is not None:
             owner = next(b for b in run if leak in b.nodes)

@@ -18,7 +18,7 @@ from ..lent import replace_tensor
 from ..rewrite import PassError
 from ...runtime.forward_parts import recompile
 
-__all__ = ["Cut", "remove_run", "laco_merge", "runs_of"]
+__all__ = ["Cut", "remove_run", "laco_merge"]
 
 
 @dataclass
@@ -32,17 +32,6 @@ class Cut:
     after: str | None  # path of the block just after it (None: the gap ends at the last block)
     target: list[torch.Tensor] = field(default_factory=list, repr=False)  # per calibration batch:
     # what left the run before it was removed, rows of real tokens [tokens, hidden]
-
-
-def runs_of(blocks: list[Block]) -> list[list[Block]]:
-    """Blocks grouped into contiguous runs, in model order."""
-    runs: list[list[Block]] = []
-    for b in sorted(blocks, key=lambda b: b.index):
-        if runs and runs[-1][-1].index + 1 == b.index:
-            runs[-1].append(b)
-        else:
-            runs.append([b])
-    return runs
 
 
 def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:

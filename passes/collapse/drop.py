@@ -14,7 +14,7 @@ from ..context import Context
 from ..graph import ModelGraph
 from .apply import (auto_count, before_rule, block_report, candidates, current, need_calibration, remove_runs,
                     rule_error)
-from .cut import runs_of
+from ..block_reads import runs_of
 from .search import NotEnoughBlocks, by_angular, by_influence
 from .streams import angular, similarities
 
