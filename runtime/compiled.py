@@ -94,16 +94,17 @@ class CompiledModel(nn.Module):
         except AssertionError as e:  # export's guards on the inputs: sizes the graph does not take
             if not str(e).startswith("Guard failed"):
                 raise
-            sizes = ", ".join(f"{n} {list(v.shape)}" for n, v in zip(self.input_names, flat) if isinstance(v, torch.Tensor))
-            raise ValueError(f"{self._what()} does not take inputs of these sizes ({sizes}): {e} — the graph keeps "
+            raise ValueError(f"{self._what()} does not take inputs of these sizes ({self._sizes(flat)}): {e} — the graph keeps "
                              "the limits of the model it was captured from (e.g. its number of positions)") from None
         except IndexError as e:  # an embedding lookup past its table: GPT-2's positions, any model's vocabulary
             if "out of range" not in str(e):
                 raise
-            sizes = ", ".join(f"{n} {list(v.shape)}" for n, v in zip(self.input_names, flat) if isinstance(v, torch.Tensor))
             raise ValueError(f"{self._what()}: an index is past the end of one of its embedding tables "
-                             f"({_tables(self.program)}) with inputs {sizes}: give no more tokens than the model "
+                             f"({_tables(self.program)}) with inputs {self._sizes(flat)}: give no more tokens than the model "
                              "has positions, and token ids below its vocabulary size") from None
+
+    def _sizes(self, flat: list) -> str:
+        return ", ".join(f"{n} {list(v.shape)}" for n, v in zip(self.input_names, flat) if isinstance(v, torch.Tensor))
 
     def _needs_backward(self, flat: list) -> bool:
         if getattr(self.program, "_slimfx_triton", None) is None or not torch.is_grad_enabled():

@@ -91,12 +91,13 @@ def _symbols(graph: ModelGraph, start, bound: BoundRule, ctx: Context) -> Symbol
             features |= {("the attention heads", q.shape[1]), ("the attention head dim", q.shape[-1])}
     clash = sorted(what for what, size in features if isinstance(size, int) and size == length)
     if clash:
+        hint = "capture with another input size"
         table = next((what for what in clash if "position" in what), None)
-        owner = (table or "").removesuffix("'s weight")
-        hint = ("capture with another input size" if table is None else
-                f"capture with another input size; {owner} holds exactly {length} positions, "
-                "so the model takes another size only by interpolating it (Hugging Face vision models: add "
-                "interpolate_pos_encoding=True to example_inputs)")
+        if table is not None:
+            owner = table.removesuffix("'s weight")
+            hint += (f"; {owner} holds exactly {length} positions, so the model "
+                     "takes another size only by interpolating it (Hugging Face vision models: add "
+                     "interpolate_pos_encoding=True to example_inputs)")
         raise rule_error(bound, ctx, "unsupported", f"{graph.model_class} was captured with a fixed sequence "
                          f"length {length}, which is also {clash[0]}: the pass could not tell them apart", hint)
     return Symbols(symbols.batch, symbols.seq, length)
