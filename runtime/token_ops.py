@@ -134,11 +134,22 @@ def _packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
 
 
 def _mask_of(mask: Optional[torch.Tensor], b: int, pos: torch.Tensor) -> Optional[torch.Tensor]:
-    """Sequence b's rows and columns of the original attention mask, at its positions `pos`."""
+    """Sequence b's rows and columns of the original attention mask, at its positions `pos`, as
+    [1, heads | 1, n | 1, n | 1]. The mask broadcasts as scaled_dot_product_attention's does: a
+    size-1 dim is left as it is (a [B, 1, 1, S] padding mask has one query row for every query),
+    and a mask of fewer than 4 dims has no batch dim."""
     if mask is None:
         return None
-    m = mask[b if mask.shape[0] > 1 else 0]
-    return m.index_select(-2, pos).index_select(-1, pos).unsqueeze(0)
+    m = mask
+    if m.dim() == 4:
+        m = m[b if m.shape[0] > 1 else 0]
+    if m.shape[-2] > 1:
+        m = m.index_select(-2, pos)
+    if m.shape[-1] > 1:
+        m = m.index_select(-1, pos)
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    return m
 
 
 def _attention_score(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], bi: torch.Tensor,

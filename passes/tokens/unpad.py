@@ -128,8 +128,22 @@ def _mask_placeholder(graph: ModelGraph, bound: BoundRule, ctx: Context, require
     if not required:
         return None
     raise rule_error(bound, ctx, "unsupported", f"`tokens unpad` finds the real tokens from the attention mask, and "
-                 f"{graph.model_class} was captured without an `{MASK_INPUT}` input",
-                 f"pass `{MASK_INPUT}` among the example inputs (a tokenizer's padded batch has it)")
+                 f"{graph.model_class} was captured without an `{MASK_INPUT}` input", _no_mask_hint(graph))
+
+
+def _no_mask_hint(graph: ModelGraph) -> str:
+    """What to do depends on whether the model takes a mask at all, and under which name: the real
+    tokens are read from the input named `attention_mask` (Hugging Face's name for it)."""
+    others = [i.name for i in graph.inputs if "mask" in i.name]
+    if others:
+        return (f"the real tokens are read from the input named `{MASK_INPUT}`, and this model's mask is "
+                f"`{others[0]}`: name that argument of forward `{MASK_INPUT}` (or wrap the model in a module "
+                "whose forward does)")
+    if not any(not i.dtype.is_floating_point and i.dims.get(1) == "seq" for i in graph.inputs):
+        # pixels or features, not token ids: a ViT's forward may take a mask, yet no patch is padding
+        return (f"{graph.model_class} takes no token ids, so its inputs have no padding to remove: leave "
+                "`tokens unpad` out (`tokens … prune`/`merge` shorten its sequences without a mask)")
+    return f"pass `{MASK_INPUT}` among the example inputs (a tokenizer's padded batch has it)"
 
 
 def rule_error(bound: BoundRule, ctx: Context, kind: str, message: str, hint: str | None = None) -> SpecError:

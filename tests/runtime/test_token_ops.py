@@ -235,3 +235,30 @@ def test_every_token_op_makes_its_tensors_on_its_inputs_device():
     for g_, w in zip(got, want):
         assert g_.device.type == "cpu"
         torch.testing.assert_close(g_, w)
+
+
+@settings(max_examples=30, deadline=None)
+@given(padded_masks(), st.sampled_from(["bool", "additive"]), st.integers(0, 2**16))
+def test_packed_attention_takes_a_padding_mask_that_broadcasts_over_queries(mask, kind, seed):
+    """A [B, 1, 1, S] mask (one row of key padding for every query, as hand-written models build
+    it) is sliced at its keys only: it has no query rows to select."""
+    gen = torch.Generator().manual_seed(seed)
+    B, S = mask.shape
+    q, k, v = (torch.randn(B, 2, S, 4, generator=gen) for _ in range(3))
+    keep = mask.bool()
+    allowed = keep[:, None, None, :]
+    attn_mask = allowed if kind == "bool" else torch.zeros(B, 1, 1, S).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    bi, si = T.token_index(mask)
+    pack = [T.pack_tokens(t, bi, si, S, 0, 2) for t in (q, k, v)]
+    got = T.unpack_tokens(T.packed_attention(*pack, attn_mask, bi, si, B, None, False, False), bi, si, B, S, 0, 2)
+    real = keep[:, None, :, None].expand_as(ref)
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_a_mask_without_batch_dim_is_shared_by_every_sequence():
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()  # [S, S]: no batch, no heads
+    sub = T._mask_of(causal, 1, torch.tensor([0, 1]))
+    assert sub.shape == (1, 1, 2, 2) and torch.equal(sub[0, 0], causal[:2, :2])
+    assert T._mask_of(mask[:, None, None, :].bool(), 1, torch.tensor([0, 1])).shape == (1, 1, 1, 2)

@@ -112,6 +112,48 @@ def test_heads_folded_into_the_batch_run_padded_and_stay_exact():
     assert cm.report.rules[0].details["padded_layout_nodes"] > 0
 
 
+class _KeyPaddingAttention(torch.nn.Module):
+    """Hand-written attention whose mask is [B, 1, 1, S]: one row of key padding for every query."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+    def forward(self, x, mask):
+        B, S, D = x.shape
+        q, k, v = (t.view(B, S, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return x + self.out(y.transpose(1, 2).reshape(B, S, D))
+
+
+class _KeyPaddingEncoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(200, 16)
+        self.layers = torch.nn.ModuleList(_KeyPaddingAttention() for _ in range(2))
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, attention_mask)
+        return x
+
+
+def test_a_key_padding_mask_that_broadcasts_over_queries_stays_exact():
+    """A [B, 1, 1, S] mask has no query rows to select per sequence: every call raised "INDICES
+    element is out of DATA bounds" (token_ops._mask_of)."""
+    torch.manual_seed(0)
+    model = _KeyPaddingEncoder().eval()
+    cm = slimfx.compile(model, POLICY, example_inputs=_inputs(2, 8, [8, 5], left=False))
+    for batch in (_inputs(3, 7, [7, 4, 2], left=False, seed=1), _inputs(2, 6, [3, 6], left=True, seed=2)):
+        real = batch["attention_mask"].bool()
+        with torch.no_grad():
+            want, got = model(**batch), cm(**batch)
+        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+        assert got[~real].abs().sum() == 0
+
+
 def test_save_load_is_bit_identical_with_other_shapes(tmp_path):
     lm, cm = _compiled("bert")
     cm.save(tmp_path / "m")
@@ -151,12 +193,27 @@ def test_a_model_captured_without_a_mask_is_refused():
     with pytest.raises(slimfx.SpecError, match="attention_mask") as e:
         slimfx.compile(lm.model, POLICY, example_inputs={"input_ids": torch.randint(3, 200, (2, 5))})
     assert "line 2" in str(e.value) or "2:" in str(e.value)
+    assert "pass `attention_mask` among the example inputs" in e.value.hint
 
 
 def test_a_model_without_a_sequence_is_refused():
+    """A ViT takes no mask: the hint used to say to pass one, which its forward cannot take."""
     lm = tiny("vit", layers=1)
-    with pytest.raises(slimfx.SpecError, match="attention_mask"):
+    with pytest.raises(slimfx.SpecError, match="attention_mask") as e:
         slimfx.compile(lm.model, POLICY, example_inputs=lm.example_inputs)
+    assert "takes no token ids, so its inputs have no padding to remove" in e.value.hint
+
+
+def test_a_mask_under_another_name_is_refused_saying_which_name_is_read():
+    class MaskNamedMask(_KeyPaddingEncoder):
+        def forward(self, input_ids, mask):
+            return super().forward(input_ids, mask)
+
+    example = _inputs(2, 5, [5, 3], left=False)
+    with pytest.raises(slimfx.SpecError) as e:
+        slimfx.compile(MaskNamedMask().eval(), POLICY,
+                       example_inputs={"input_ids": example["input_ids"], "mask": example["attention_mask"]})
+    assert "this model's mask is `mask`" in e.value.hint and "name that argument of forward" in e.value.hint
 
 
 def test_unpad_then_int8_matches_int8_alone_at_real_positions():
