@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import random
 from typing import Any, Callable, Mapping
 
 import torch
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, seed as hypothesis_seed, settings, strategies as st
 from hypothesis.control import current_build_context, currently_in_test_context
-from torch import nn
+from torch import fx, nn
 
 from .passes.capture import bind_inputs, eval_mode
 from .policy_compare import MetricReturnError, callable_name, metric_result, structure_problem, tolerance_problem
@@ -29,6 +31,7 @@ from .policy_compare import MetricReturnError, callable_name, metric_result, str
 __all__ = ["check_policy", "PolicyCheckError", "PolicyCheckResult", "Draw", "DrawResult"]
 
 PADDINGS = ("none", "right", "left")  # "none" first: hypothesis shrinks towards it
+IGNORE_INDEX = -100  # the label of a position the loss skips (torch's cross_entropy, Hugging Face)
 _MAX_SEED = 2**31 - 1
 
 
@@ -38,20 +41,24 @@ _MAX_SEED = 2**31 - 1
 @dataclasses.dataclass(frozen=True)
 class Draw:
     """One drawn input: batch, sequence length (None when no input has one), padding side and the
-    number of padded (mask = 0) positions per row, and the seed of the token ids / float values."""
+    number of padded (mask = 0) positions per row, the seed of the token ids / float values, and
+    the name of the mask input padding is written into (None: the model takes none)."""
 
     batch: int
     seq: int | None
     padding: str  # "none" | "left" | "right"
     pads: tuple[int, ...]
     seed: int
+    mask: str | None = "attention_mask"
 
     def describe(self) -> str:
         parts = [f"batch={self.batch}"]
         if self.seq is not None:
             parts.append(f"seq={self.seq}")
-            if self.padding == "none":
-                parts.append("padding=none (attention_mask all ones)")
+            if self.mask is None:
+                pass  # nothing to pad: no word about a mask the model does not take
+            elif self.padding == "none":
+                parts.append(f"padding=none ({self.mask} all ones)")
             else:
                 parts.append(f"padding={self.padding} (masked positions per row: {list(self.pads)})")
         parts.append(f"seed={self.seed}")
@@ -84,11 +91,14 @@ class PolicyCheckResult:
 
 class PolicyCheckError(AssertionError):
     """check_policy found an input on which the compiled model departs from the original.
-    `.draw` is the smallest such input hypothesis found, `.value` its error or metric value."""
+    `.draw` is the smallest such input hypothesis found, `.value` its error or metric value,
+    `.inputs` the tensors of that input (call both models with them to look closer), `.seed` the
+    seed that replays the run (`check_policy(..., seed=...)`; None inside an outer @given)."""
 
-    def __init__(self, message: str, draw: Draw | None = None, value: float | None = None):
+    def __init__(self, message: str, draw: Draw | None = None, value: float | None = None,
+                 inputs: dict[str, torch.Tensor] | None = None, seed: int | None = None):
         super().__init__(message)
-        self.draw, self.value = draw, value
+        self.draw, self.value, self.inputs, self.seed = draw, value, inputs, seed
 
 
 class _Failure(AssertionError):
@@ -122,27 +132,38 @@ class _Space:
     pad_id: int | None
 
     @property
-    def has_mask(self) -> bool:
-        return any(i.kind == "mask" and i.dims.get(1) == "seq" for i in self.inputs)
+    def mask_name(self) -> str | None:
+        return next((i.name for i in self.inputs if i.kind == "mask" and i.dims.get(1) == "seq"), None)
+
+
+def _pick(space: _Space, integer: Callable[[int, int], int], choose: Callable[[tuple], Any]) -> Draw:
+    """One draw, its choices made by `integer(lo, hi)` (inclusive) and `choose(options)`: hypothesis'
+    strategies in a test, a seeded Random where hypothesis cannot draw (an outer @example)."""
+    batch = integer(*space.batch)
+    seq = integer(*space.seq) if space.seq else None
+    padding, pads = "none", (0,) * batch
+    if space.mask_name and seq is not None and seq > 1:
+        padding = choose(PADDINGS)
+        if padding != "none":
+            # The first row is always padded, so a drawn side is a real padding pattern;
+            # every row keeps at least one real token.
+            pads = (integer(1, seq - 1), *(integer(0, seq - 1) for _ in range(batch - 1)))
+    return Draw(batch, seq, padding, pads, integer(0, _MAX_SEED), space.mask_name)
 
 
 def _draws(space: _Space) -> st.SearchStrategy[Draw]:
     @st.composite
     def draw_one(draw) -> Draw:
-        batch = draw(st.integers(*space.batch))
-        seq = draw(st.integers(*space.seq)) if space.seq else None
-        padding, pads = "none", (0,) * batch
-        if space.has_mask and seq is not None and seq > 1:
-            padding = draw(st.sampled_from(PADDINGS))
-            if padding != "none":
-                # The first row is always padded, so a drawn side is a real padding pattern;
-                # every row keeps at least one real token.
-                first = draw(st.integers(1, seq - 1))
-                rest = draw(st.lists(st.integers(0, seq - 1), min_size=batch - 1, max_size=batch - 1))
-                pads = (first, *rest)
-        return Draw(batch, seq, padding, pads, draw(st.integers(0, _MAX_SEED)))
+        return _pick(space, lambda lo, hi: draw(st.integers(lo, hi)), lambda xs: draw(st.sampled_from(xs)))
 
     return draw_one()
+
+
+def _fixed_draws(space: _Space, n: int) -> list[Draw]:
+    """n draws without hypothesis: the simplest input (what shrinking ends at), then seeded ones."""
+    rng = random.Random(0)
+    return [_pick(space, lambda lo, hi: lo, lambda xs: xs[0])] + [
+        _pick(space, rng.randint, rng.choice) for _ in range(n - 1)]
 
 
 def _mask(d: Draw) -> torch.Tensor | None:
@@ -170,9 +191,11 @@ def _build(space: _Space, d: Draw) -> dict[str, torch.Tensor]:
             value = mask if token_shaped else torch.ones(shape, dtype=torch.long)
         elif spec.kind == "positions" and token_shaped:
             value = torch.arange(d.seq).expand(d.batch, d.seq).clone()
-        elif spec.kind in ("ids", "int", "positions"):
+        elif spec.kind in ("ids", "labels", "int", "positions"):
             value = torch.randint(int(spec.low), int(spec.high), shape, generator=gen)
-            if spec.kind == "ids" and token_shaped and space.pad_id is not None:
+            if spec.kind == "labels" and token_shaped:
+                value[mask == 0] = IGNORE_INDEX  # a padded position has no label: the loss skips it
+            elif spec.kind == "ids" and token_shaped and space.pad_id is not None:
                 value[mask == 0] = space.pad_id
         elif spec.kind == "bool":
             value = torch.randint(0, 2, shape, generator=gen).bool()
@@ -266,7 +289,7 @@ def _describe_input(info, value: torch.Tensor, vocab: int | None, config) -> _In
         return _Input(kind="positions", low=0, high=max(int(value.max()) + 1, 1), **common)
     if name.endswith("input_ids") or name == "labels":
         high = vocab if vocab else int(value.max()) + 1
-        return _Input(kind="ids", low=0, high=max(high, 1), **common)
+        return _Input(kind="labels" if name == "labels" else "ids", low=0, high=max(high, 1), **common)
     if name == "token_type_ids" and isinstance(getattr(config, "type_vocab_size", None), int):
         return _Input(kind="int", low=0, high=max(config.type_vocab_size, 1), **common)
     return _Input(kind="int", low=int(value.min()), high=int(value.max()) + 1, **common)
@@ -279,7 +302,7 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
                  rtol: float = 1e-2, atol: float = 1e-2,
                  metric: Callable[[Any, Any], bool | float] | None = None,
                  max_examples: int = 20, max_batch: int = 4, max_seq: int = 32,
-                 name: str | None = None) -> PolicyCheckResult:
+                 name: str | None = None, seed: int | None = None) -> PolicyCheckResult:
     """Compile `model` with `policy` once, then compare it with the original on drawn inputs.
 
         from slimfx.models import tiny
@@ -291,66 +314,106 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
                          rtol=0, atol=0.02)
 
     `model`, `policy`, `example_inputs`, `calib` and `name` are what `slimfx.compile` takes (a
-    `slimfx.models` LoadedModel carries its example inputs). Hypothesis draws batch sizes (1 to
-    `max_batch`), sequence lengths (1 to `max_seq`, within what the compiled graph and the model's
-    position table allow) and padding — attention masks all ones, or with zeros at the left or the
+    `slimfx.models` LoadedModel carries its example inputs; a CompiledModel — compiled again, as
+    compile() does — needs `example_inputs` here to draw inputs like them, since its graph keeps
+    only their shapes). Hypothesis draws batch sizes (1 to `max_batch`), sequence lengths (1 to
+    `max_seq`, within what the compiled graph and the original model take: a length the original
+    refuses, past its position table, is never drawn) and padding — attention masks all ones, or with zeros at the left or the
     right end of rows — and builds every input the example inputs have, with their names and
-    dtypes (token ids within the vocabulary, pad id at padded positions; float inputs such as
+    dtypes (token ids within the vocabulary, pad id at padded positions, `labels` -100 there, the
+    index a loss skips; float inputs such as
     ViT pixel_values drawn with the example's mean and spread, only the dynamic dims changing).
 
     On each draw both models run (the original in eval mode, without gradients) and:
     - the outputs must have the same structure: type, keys, leaf shapes;
-    - every element at a real token (padded positions of [batch, seq, …] outputs are skipped)
-      must satisfy |compiled - original| <= atol + rtol * |original| (torch.allclose's rule), or,
+    - every element at a real token (padded positions of outputs shaped [batch, seq, …] in the
+      compiled graph are skipped) must satisfy |compiled - original| <= atol + rtol * |original|
+      (torch.allclose's rule: an inf or NaN matches only itself), or,
       with `metric`, `metric(original, compiled)` must return True or a float <= atol (padded
       positions are zeroed in both outputs first).
     The default tolerance (rtol = atol = 1e-2) suits outputs of order 1 under fp16/bf16/int8
     weights; int4/int2 policies need a bound chosen from their format (see the README).
 
     A failure raises PolicyCheckError (an AssertionError) naming the smallest failing input
-    hypothesis shrank to (batch, seq, padding) and the error there. On success it returns a
+    hypothesis shrank to (batch, seq, padding) and the error there, with that input's tensors
+    (`.inputs`) and the seed that replays the run (`.seed`). On success it returns a
     PolicyCheckResult with the compiled model and every draw.
 
     In a plain test it runs a hypothesis test of its own (`max_examples` draws, no deadline, no
-    database; derandomization follows the loaded hypothesis profile). Inside an outer @given it
-    does not nest one (hypothesis refuses nested @given): it draws up to `max_examples` inputs
-    from the outer test's data, so the outer test shrinks them with its own arguments (each
-    outer example compiles again: keep both example counts small there).
+    database) from `seed`, or a fresh random seed that a failure reports (a derandomized
+    hypothesis profile fixes the draws instead). Inside an outer @given it does not nest one
+    (hypothesis refuses nested @given): it draws up to `max_examples` inputs from the outer test's
+    data, so the outer test shrinks them with its own arguments (each outer example compiles
+    again: keep both example counts small there, and give the outer test `deadline=None`); in an
+    outer @example, which has no data to draw from, it runs the simplest input and seeded ones.
     """
     from . import api
 
-    for label, n in (("max_examples", max_examples), ("max_batch", max_batch), ("max_seq", max_seq)):
-        if not isinstance(n, int) or n < 1:  # before the compile, not as hypothesis' InvalidArgument after it
-            raise ValueError(f"check_policy: {label} must be a whole number of at least 1, got {n!r}")
+    _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed)
+    from .runtime.compiled import CompiledModel
+
     module, example = api.unwrap(model, example_inputs)
-    compiled = api.compile(model, policy, example_inputs=example_inputs, calib=calib, name=name)
+    if example is None:  # before the compile, not after it
+        raise TypeError("check_policy needs example_inputs to draw inputs like them" + (
+            ": a CompiledModel's graph keeps only their shapes (pass the inputs it was compiled with)"
+            if isinstance(module, CompiledModel) else " (or a slimfx.models LoadedModel, which carries them)"))
+    # A CompiledModel is compiled again from its own graph (compile() refuses inputs with it).
+    compiled = api.compile(model, policy, example_inputs=None if isinstance(module, CompiledModel) else example_inputs,
+                           calib=calib, name=name)
     tensors, consts = _split_example(module, example, compiled.input_names)
-    space = _space(compiled, module, tensors, max_batch, max_seq)
+    space = _within_the_model(_space(compiled, module, tensors, max_batch, max_seq), module, consts)
+    token_leaves = _token_leaves(compiled.graph)
     results: list[DrawResult] = []
 
     def run_one(d: Draw) -> None:
-        failure = _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results)
+        failure = _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results, token_leaves)
         if failure is not None:
             raise _Failure(d, *failure)
 
+    nested = currently_in_test_context()
+    used_seed = None if nested else _own_seed(seed)
     try:
-        if currently_in_test_context():
+        if nested:
             _run_in_outer_test(space, run_one, max_examples)
         else:
-            _run_own_test(space, run_one, max_examples)
+            _run_own_test(space, run_one, max_examples, used_seed)
     except _Failure as f:
-        raise PolicyCheckError(_message(compiled, f, len(results), rtol, atol, metric), f.draw, f.value) from None
+        raise PolicyCheckError(_message(compiled, f, len(results), rtol, atol, metric, used_seed), f.draw, f.value,
+                               _build(space, f.draw), used_seed) from None
     return PolicyCheckResult(compiled, results)
 
 
-def _run_own_test(space: _Space, run_one, max_examples: int) -> None:
+def _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed) -> None:
+    """Refused before the compile, not as hypothesis' InvalidArgument (or a NaN bound that passes
+    everything) after it."""
+    for label, n in (("max_examples", max_examples), ("max_batch", max_batch), ("max_seq", max_seq)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"check_policy: {label} must be a whole number of at least 1, got {n!r}")
+    for label, x in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(x, numbers.Real) or isinstance(x, bool) or not math.isfinite(x) or x < 0:
+            raise ValueError(f"check_policy: {label} must be a finite number >= 0, got {x!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"check_policy: seed must be a whole number >= 0 (or None), got {seed!r}")
+
+
+def _own_seed(seed: int | None) -> int | None:
+    """The seed check_policy's own test runs from: the user's, else a fresh one (reported on a
+    failure, so that the run can be replayed), or None under a derandomized hypothesis profile."""
+    if seed is None and not getattr(settings.default, "derandomize", False):
+        seed = random.SystemRandom().randrange(2**32)
+    return seed
+
+
+def _run_own_test(space: _Space, run_one, max_examples: int, seed: int | None) -> None:
     """A hypothesis test of its own: draws, and on failure shrinks to the smallest failing draw."""
     test = given(_draws(space))(run_one)
     test = settings(
         max_examples=max_examples, deadline=None, database=None, print_blob=False,
-        derandomize=getattr(settings.default, "derandomize", False), report_multiple_bugs=False,
+        derandomize=seed is None, report_multiple_bugs=False,
         suppress_health_check=list(HealthCheck), phases=(Phase.explicit, Phase.generate, Phase.shrink),
     )(test)
+    if seed is not None:
+        test = hypothesis_seed(seed)(test)
     test()
 
 
@@ -358,14 +421,81 @@ def _run_in_outer_test(space: _Space, run_one, max_examples: int) -> None:
     """Inside an outer @given, a nested @given fails hypothesis' nested_given health check, and
     would shrink quadratically. Draw from the outer test's data instead (what st.data() does): the
     outer test then shrinks these draws together with its own, and its falsifying example lists
-    them. Stops at the first failing draw."""
-    data = current_build_context().data.draw(st.data())
+    them. Stops at the first failing draw.
+
+    An outer @example runs on data with no choices at all (drawing from it stops the test with
+    hypothesis' StopTest): there the draws are the simplest input and seeded ones."""
+    data = current_build_context().data
+    if getattr(data, "max_choices", None) == 0:
+        for d in _fixed_draws(space, max_examples):
+            run_one(d)
+        return
+    drawn = data.draw(st.data())
     strategy = _draws(space)
     for _ in range(max_examples):
-        run_one(data.draw(strategy, label="check_policy input"))
+        run_one(drawn.draw(strategy, label="check_policy input"))
 
 
-def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results):
+def _within_the_model(space: _Space, module, consts) -> _Space:
+    """The space with its longest sequence one the original model takes. A position table can be
+    shorter than any config field says (RoBERTa's positions start after its padding index; a
+    hand-written model has no config): the original runs the longest unpadded sequence, and on an
+    error the longest it takes is searched for. The compiled model is not asked: a length it
+    refuses where the original runs is what check_policy reports."""
+    if space.seq is None:
+        return space
+    lo, hi = space.seq
+
+    def runs(n: int) -> Exception | None:
+        d = Draw(1, n, "none", (0,), 0, space.mask_name)
+        try:
+            with torch.no_grad(), eval_mode(module):
+                module(**_build(space, d), **consts)
+        except Exception as e:  # noqa: BLE001 - said below when no length runs
+            return e
+        return None
+
+    if runs(hi) is None:
+        return space
+    first = runs(lo)
+    if first is not None:
+        simplest = Draw(1, lo, "none", (0,), 0, space.mask_name)
+        raise ValueError(f"check_policy: the original model raised {type(first).__name__}: {_first_line(first)} "
+                         f"on the simplest input drawn like the example inputs ({simplest.describe()}): check "
+                         "example_inputs, or call the model with them yourself to see why")
+    while lo < hi - 1:  # runs(lo), not runs(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if runs(mid) is None else (lo, mid)
+    return dataclasses.replace(space, seq=(space.seq[0], lo))
+
+
+def _token_leaves(graph) -> tuple[bool, ...] | None:
+    """Per output leaf: is it shaped [batch, seq, …] in the compiled graph's symbols (a per-token
+    output, whose padded positions are not compared)? Shapes alone cannot say: [batch, classes]
+    logits look per-token on a draw whose length equals the class count. None when a graph
+    output has no recorded shape (the comparison then goes by shapes)."""
+    batch = {str(i.shape[d]) for i in graph.inputs for d, role in i.dims.items() if role == "batch"}
+    seq = {str(i.shape[d]) for i in graph.inputs for d, role in i.dims.items() if role == "seq"}
+    out = next(n for n in reversed(graph.module.graph.nodes) if n.op == "output")
+    tensors = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    constants = graph.outputs.constants
+    if sum(c is None for c in constants) != len(tensors):
+        return None
+    flags, nodes = [], iter(tensors)
+    for const in constants:
+        if const is not None:
+            flags.append(False)
+            continue
+        node = next(nodes)
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            return None
+        shape = [str(s) for s in val.shape]
+        flags.append(len(shape) >= 2 and shape[0] in batch and shape[1] in seq)
+    return tuple(flags)
+
+
+def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results, token_leaves):
     """None, or (detail, value) for a draw on which the compiled model fails."""
     inputs = _build(space, d)
     mask = _mask(d) if d.padding != "none" else None
@@ -390,7 +520,7 @@ def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results)
         return problem, math.inf
     if metric is not None:
         try:
-            problem, value = metric_result(metric, orig, comp, mask, atol)
+            problem, value = metric_result(metric, orig, comp, mask, atol, token_leaves)
         except MetricReturnError as e:  # it returned, and not a bool or a number: not "raised"
             raise TypeError(f"{e} on {d.describe()}; a metric takes (original, compiled) outputs and must return "
                             "True/False or a number (a float <= atol passes)") from None
@@ -399,12 +529,12 @@ def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results)
                             f"{d.describe()}; a metric takes (original, compiled) outputs and returns True/False "
                             "or a float") from e
     else:
-        problem, value = tolerance_problem(orig, comp, mask, rtol, atol)
+        problem, value = tolerance_problem(orig, comp, mask, rtol, atol, token_leaves)
     results.append(DrawResult(d, problem is None, value))
     return None if problem is None else (problem, value)
 
 
-def _message(compiled, f: _Failure, tried: int, rtol, atol, metric) -> str:
+def _message(compiled, f: _Failure, tried: int, rtol, atol, metric, seed: int | None) -> str:
     policy = f"policy `{compiled.policy_name}`" if compiled.policy_name else "the empty policy"
     rule = (f"metric {callable_name(metric)}(original, compiled) is True or <= {atol:g}" if metric is not None else
             f"|compiled - original| <= atol + rtol * |original|, rtol={rtol:g}, atol={atol:g}, real tokens only")
@@ -413,7 +543,8 @@ def _message(compiled, f: _Failure, tried: int, rtol, atol, metric) -> str:
             f"  smallest failing input: {f.draw.describe()}\n"
             f"  {f.detail}\n"
             + (f"  required: {rule}\n" if numeric else "")
-            + f"  ({tried} inputs run, shrinking included)")
+            + f"  ({tried} inputs run, shrinking included"
+            + (f"; check_policy(..., seed={seed}) replays this run)" if seed is not None else ")"))
 
 
 def _first_line(e: Exception) -> str:
@@ -423,8 +554,6 @@ def _first_line(e: Exception) -> str:
 def _split_example(module: nn.Module, example, names: tuple[str, ...]):
     """({name: example tensor} for the compiled model's inputs, non-tensor keyword constants for
     the original — the ones capture passed it, use_cache=False included)."""
-    if example is None:
-        raise TypeError("check_policy needs example_inputs (or a slimfx.models LoadedModel)")
     tensor_names, values, consts = bind_inputs(module, example)  # as capture bound them
     tensors = dict(zip(tensor_names, values))
     missing = [n for n in names if n not in tensors]

@@ -1,6 +1,8 @@
 """How check_policy compares a compiled model's output with the original's: the same structure
 (type, keys, leaf shapes), then every real-token element within `atol + rtol·|original|`, or a
-user metric. Padded positions of [batch, seq, …] outputs are never compared."""
+user metric. Padded positions of [batch, seq, …] outputs are never compared: which outputs are
+per-token is said by `token_leaves` (one flag per output leaf, from the compiled graph's symbolic
+shapes), or, where it is None, by shape alone."""
 from __future__ import annotations
 
 import math
@@ -62,20 +64,28 @@ def _leaf_list(leaves) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in leaves) + "}"
 
 
-def _real(leaf: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Bool tensor shaped like `leaf`, False at padded positions, for leaves shaped [batch, seq, …];
-    None when every element counts."""
+def _real(leaf: torch.Tensor, mask: torch.Tensor | None, per_token: bool | None = None) -> torch.Tensor | None:
+    """Bool tensor shaped like `leaf`, False at padded positions, for leaves shaped [batch, seq, …]
+    (and per-token when `per_token` says); None when every element counts."""
     if mask is None or bool(mask.all()) or leaf.dim() < 2 or tuple(leaf.shape[:2]) != tuple(mask.shape):
+        return None
+    if per_token is False:  # [batch, classes] with classes == seq on this draw, attentions [B, H, S, S]
         return None
     keep = mask.to(device=leaf.device, dtype=torch.bool)
     return keep.view(*keep.shape, *([1] * (leaf.dim() - 2))).expand(leaf.shape)
 
 
-def tolerance_problem(orig, comp, mask, rtol: float, atol: float) -> tuple[str | None, float]:
+def _flags(token_leaves, n: int) -> list[bool | None]:
+    return list(token_leaves) if token_leaves is not None and len(token_leaves) == n else [None] * n
+
+
+def tolerance_problem(orig, comp, mask, rtol: float, atol: float,
+                      token_leaves: tuple[bool, ...] | None = None) -> tuple[str | None, float]:
     """(a description of the worst leaf if any element is out of tolerance, max abs error)."""
     worst_err, report = 0.0, None
     worst_bad = -1.0
-    for (path, o), (_, c) in zip(_leaves(orig), _leaves(comp)):
+    leaves = _leaves(orig)
+    for (path, o), (_, c), per_token in zip(leaves, _leaves(comp), _flags(token_leaves, len(leaves))):
         if not isinstance(o, torch.Tensor):
             if o != c:
                 return f"{path}: {c!r}, original {o!r}", math.inf
@@ -83,9 +93,11 @@ def tolerance_problem(orig, comp, mask, rtol: float, atol: float) -> tuple[str |
         o64, c64 = o.detach().double().cpu(), c.detach().double().cpu()
         diff = (c64 - o64).abs()
         same = (torch.isnan(o64) & torch.isnan(c64)) | (o64 == c64)  # NaN==NaN, inf==inf
-        diff = torch.where(same, torch.zeros_like(diff), torch.nan_to_num(diff, nan=math.inf))
-        allowed = atol + rtol * o64.abs().nan_to_num(nan=0.0, posinf=math.inf)
-        keep = _real(o, mask)
+        # Anything else against a NaN or an inf is infinitely far (nan_to_num's default would turn
+        # an inf difference into the largest float, and rtol·inf would allow it).
+        diff = torch.where(same, torch.zeros_like(diff), torch.nan_to_num(diff, nan=math.inf, posinf=math.inf))
+        allowed = atol + rtol * torch.where(torch.isfinite(o64), o64.abs(), torch.zeros_like(o64))
+        keep = _real(o, mask, per_token)
         keep = keep.cpu() if keep is not None else torch.ones_like(diff, dtype=torch.bool)
         diff = torch.where(keep, diff, torch.zeros_like(diff))
         bad = (diff > allowed) & keep
@@ -108,14 +120,13 @@ def tolerance_problem(orig, comp, mask, rtol: float, atol: float) -> tuple[str |
     return report, worst_err
 
 
-def _zero_padding(out, mask):
-    def zero(leaf):
-        if not isinstance(leaf, torch.Tensor):
-            return leaf
-        keep = _real(leaf, mask)
-        return leaf if keep is None else torch.where(keep, leaf, torch.zeros_like(leaf))
-
-    return pytree.tree_map(zero, out)
+def _zero_padding(out, mask, token_leaves=None):
+    flat, spec = pytree.tree_flatten(out)
+    zeroed = []
+    for leaf, per_token in zip(flat, _flags(token_leaves, len(flat))):
+        keep = _real(leaf, mask, per_token) if isinstance(leaf, torch.Tensor) else None
+        zeroed.append(leaf if keep is None else torch.where(keep, leaf, torch.zeros_like(leaf)))
+    return pytree.tree_unflatten(zeroed, spec)
 
 
 class MetricReturnError(TypeError):
@@ -123,8 +134,9 @@ class MetricReturnError(TypeError):
     user's metric at fault, not a policy failure). check_policy adds the input it ran on."""
 
 
-def metric_result(metric, orig, comp, mask, atol: float) -> tuple[str | None, float]:
-    value = metric(_zero_padding(orig, mask), _zero_padding(comp, mask))
+def metric_result(metric, orig, comp, mask, atol: float,
+                  token_leaves: tuple[bool, ...] | None = None) -> tuple[str | None, float]:
+    value = metric(_zero_padding(orig, mask, token_leaves), _zero_padding(comp, mask, token_leaves))
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if type(value).__name__ in ("bool", "bool_"):  # numpy's bool too

@@ -98,18 +98,23 @@ def grammar_text_strategy() -> st.SearchStrategy[str]:
 
 
 def param_values(spec: ParamSpec) -> st.SearchStrategy:
-    """Values `spec` accepts."""
+    """Values `spec` accepts, its default among them (`generate=0`, `dropout=0.0`)."""
     if spec.choices:
         return st.sampled_from(spec.choices)
     if spec.type is bool:
         return st.booleans()
     if spec.name == "group":
         return st.sampled_from([16, 32, 64, 128, 256])
+    default = [st.just(spec.default)] if spec.default is not None and spec.valid(spec.default) else []
     if spec.type is int:
-        return st.integers(1, 64).filter(spec.valid)
+        return st.one_of(*default, st.integers(1, 64).filter(spec.valid))
     if spec.type is float:
-        # Most float parameters are fractions: drawing from [0, 1] as often keeps the filter cheap.
-        return st.one_of(st.floats(0.0, 1.0), st.floats(0.0, 64.0, allow_nan=False)).filter(spec.valid)
+        # Most float parameters are fractions of some range ((0, 0.5], (0, 1], [0, 1)): a value
+        # out of range is scaled into it rather than thrown away (a filter discarded about a
+        # third of the draws).
+        scaled = st.floats(0.0, 64.0, exclude_min=True).map(
+            lambda v: next((c for c in (v, v / 64, v / 128) if spec.valid(c)), None))
+        return st.one_of(*default, scaled.filter(lambda v: v is not None))
     return st.text(string.ascii_letters, min_size=1, max_size=8)
 
 
@@ -135,10 +140,13 @@ def _compatible(draw, key: str, values: dict) -> dict:
         drop_one_of("from", "init")  # a loaded adapter has no init
         if values.get("init") == "error" and values.get("merge") is True:
             del values[draw(st.sampled_from(["init", "merge"]))]  # packed weights take no merge
-    if values.get("true_sequential") is True and (values.get("method") != "gptq" or values.get("sequential") is False):
-        del values["true_sequential"]  # it refines GPTQ's block-by-block calibration only
-    if values.get("refit") is True and values.get("method") != "gptq":
-        del values["refit"]  # it refits the grid to GPTQ's codes
+    for option in ("true_sequential", "refit"):  # GPTQ's options: taken out, or GPTQ chosen for them
+        if values.get(option) is True and (values.get("method") != "gptq" or values.get("sequential") is False):
+            if draw(st.booleans()):
+                del values[option]
+            else:
+                values["method"] = "gptq"
+                values.pop("sequential", None)  # true_sequential refines sequential calibration
     if key in ("quantize", "choice") and values.get("zero") == "float":
         values["sym"] = False  # a float zero point is asymmetric
     if key == "heal":  # method is required, and picks which other parameters apply
@@ -213,6 +221,11 @@ def _replace_params(draw, params: list[Tree], key: str, rule: Tree) -> list[tupl
     if not params and key == "heal":  # `heal` needs its method: write it after the keyword
         end = _offsets(rule)[1]
         return [(end, end, f" {draw(_params_text(key, 0))} ")]
+    if not params and key in ("quantize", "adapt") and (count := draw(st.integers(0, 3))):
+        # The grammar seldom draws parameters, so options such as refit=true (needing method=gptq
+        # beside it) or init=error were all but never drawn: give a bare rule some of its own.
+        end = _offsets(rule)[1]
+        return [(end, end, f" {draw(_params_text(key, count))} ")]
     if not params:
         return []
     start, end = _offsets(params[0])[0], _offsets(params[-1])[1]

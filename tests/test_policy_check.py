@@ -2,11 +2,12 @@
 a shrunk, readable report where it is not, and covers every policy in specs/."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import Phase, given, settings, strategies as st
+from hypothesis import Phase, example, given, settings, strategies as st
 
 from slimfx import api
 from slimfx.dsl.errors import SpecError
@@ -199,6 +200,151 @@ def test_shape_mismatch_is_reported(llama, tamper):
         check_policy(llama, "", max_examples=FEW)
 
 
+class _Ratio(torch.nn.Module):
+    """1 / (a(x) - b(x)) with a and b the same weights: the original's output is ±inf everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 4, bias=False), torch.nn.Linear(16, 4, bias=False)
+        self.b.weight.data.copy_(self.a.weight.data)
+
+    def forward(self, x):
+        return 1.0 / (self.a(x) - self.b(x))
+
+
+@pytest.mark.parametrize("rtol", [0.0, 1e-2])
+def test_an_infinite_original_output_matches_only_the_same_infinity(rtol):
+    """nan_to_num turned the inf difference into the largest float and rtol·inf allowed it (or
+    0·inf = NaN did): any compiled value passed, even at rtol = atol = 0."""
+    torch.manual_seed(0)
+    with pytest.raises(PolicyCheckError, match=r"output: max \|compiled - original\| = inf"):
+        check_policy(_Ratio().eval(), "quantize a int4 group=16", example_inputs={"x": torch.randn(2, 16)},
+                     rtol=rtol, atol=0, max_examples=3)
+    result = check_policy(_Ratio().eval(), "", example_inputs={"x": torch.randn(2, 16)}, rtol=0, atol=0, max_examples=3)
+    assert result.max_value == 0.0  # the empty policy gives the same infinities
+
+
+@pytest.mark.parametrize("bad", [dict(atol=math.nan), dict(rtol=math.nan), dict(atol=-1.0), dict(rtol=math.inf),
+                                 dict(atol=None), dict(rtol="0.1"), dict(atol=True), dict(seed=-1), dict(seed=1.5)])
+def test_tolerances_and_seed_are_checked_before_compiling(llama, bad):
+    """A NaN bound passed int2; None or a string raised a raw TypeError after the compile."""
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"check_policy: {name} must be"):
+        check_policy(llama, "quantize blocks.*.** : Linear int8 nonsense=1", **bad)  # the policy is never read
+
+
+class _Classifier(torch.nn.Module):
+    """Mean-pooled class logits [batch, classes]: not per token, whatever the drawn length."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.embed, self.cls = torch.nn.Embedding(50, 16), torch.nn.Linear(16, classes)
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.unsqueeze(-1).float()
+        return self.cls((self.embed(input_ids) * m).sum(1) / m.sum(1))
+
+
+def test_an_output_that_is_not_per_token_is_compared_whole_when_its_width_equals_the_length():
+    """[batch, 2] logits on a padded draw of length 2 looked like [batch, seq]: the metric got them
+    with the padded 'positions' zeroed, and the default comparison skipped them."""
+    torch.manual_seed(0)
+    seen = []
+
+    def record(orig, comp):
+        seen.append(bool((orig == 0).any()) or bool((comp == 0).any()))
+        return True
+
+    example = {"input_ids": torch.randint(0, 50, (2, 2)), "attention_mask": torch.ones(2, 2, dtype=torch.long)}
+    result = check_policy(_Classifier(2).eval(), "", example_inputs=example, metric=record, max_seq=2,
+                          max_examples=30, seed=1)
+    assert any(d.seq == 2 and d.padding != "none" for d in result.draws)
+    assert not any(seen)
+
+
+def test_labels_are_ignored_at_padded_positions(llama):
+    """labels got the pad id at padding, so the loss counted padded positions that `tokens unpad`
+    (exact at real tokens) computes differently."""
+    example = dict(llama.example_inputs, labels=llama.example_inputs["input_ids"].clone())
+    result = check_policy(llama.model, "tokens unpad", example_inputs=example, rtol=1e-4, atol=1e-4,
+                          max_examples=20, seed=3)
+    assert any(d.padding != "none" for d in result.draws)
+
+
+def test_lengths_past_the_position_table_are_never_drawn():
+    """RoBERTa's positions start after its padding index: the config's max_position_embeddings
+    allowed lengths the original refuses, and the empty policy 'departed' there."""
+    roberta = tiny("roberta")
+    limit = roberta.model.config.max_position_embeddings - roberta.model.config.pad_token_id - 1
+    result = check_policy(roberta, "", rtol=0, atol=0, max_seq=limit + 50, max_examples=30, seed=0)
+    assert max(d.seq for d in result.draws) <= limit
+
+
+def test_an_original_that_takes_no_drawn_input_is_said_before_drawing():
+    class BrokenWhenCalled(torch.nn.Module):  # captures (export traces it), fails when called
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+
+        def forward(self, input_ids, attention_mask):
+            if not torch.compiler.is_exporting():
+                raise ValueError("broken outside export")
+            return self.embed(input_ids)
+
+    example = {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"the original model raised ValueError: broken outside export on the "
+                                         r"simplest input drawn like the example inputs \(batch=1, seq=1, "):
+        check_policy(BrokenWhenCalled(), "", example_inputs=example)
+
+
+def test_a_failure_carries_its_inputs_and_the_seed_that_replays_it(llama):
+    with pytest.raises(PolicyCheckError) as info:
+        check_policy(llama, quantize("int2 group=16"), rtol=0, atol=1e-3, max_examples=FEW, seed=7)
+    err = info.value
+    assert err.seed == 7 and "check_policy(..., seed=7) replays this run" in str(err)
+    assert set(err.inputs) == {"input_ids", "attention_mask"} and err.inputs["input_ids"].shape == (1, 1)
+    compiled = api.compile(llama, quantize("int2 group=16"))
+    with torch.no_grad():  # the inputs reproduce the failure outside check_policy
+        gap = compiled(**err.inputs).logits - llama.model(**err.inputs).logits
+    assert float(gap.abs().max()) == pytest.approx(err.value)
+
+
+def test_a_seed_replays_the_same_draws(llama):
+    runs = [check_policy(llama, quantize("int8"), rtol=0, atol=0.02, max_examples=FEW, seed=s).draws
+            for s in (11, 11, 12)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_a_model_without_a_mask_is_not_described_with_one():
+    class TokenMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50)
+
+        def forward(self, input_ids):
+            return self.fc(self.embed(input_ids))
+
+    torch.manual_seed(0)
+    with pytest.raises(PolicyCheckError) as info:
+        check_policy(TokenMLP().eval(), "quantize fc int2 group=16", rtol=0, atol=1e-3, max_examples=5,
+                     example_inputs={"input_ids": torch.randint(0, 50, (2, 8))})
+    assert "smallest failing input: batch=1, seq=1, seed=0" in str(info.value)
+    assert "attention_mask" not in str(info.value) and info.value.draw.mask is None
+
+
+def test_a_compiled_model_is_checked_with_the_inputs_it_was_compiled_with(llama):
+    """check_policy(cm.merge_adapters(), …) refused example_inputs (compile does for a CompiledModel)
+    and, without them, said to pass them — after a whole compile."""
+    import slimfx
+
+    merged = slimfx.compile(llama, "adapt blocks.*.attn.{q,v} lora").merge_adapters()
+    result = check_policy(merged, quantize("int8"), example_inputs=llama.example_inputs, rtol=0, atol=0.02,
+                          max_examples=FEW)
+    assert 0 < result.max_value < 0.02
+    with pytest.raises(TypeError, match="a CompiledModel's graph keeps only their shapes"):
+        check_policy(merged, "quantize blocks.*.** : Linear int8 nonsense=1")  # refused before the compile
+
+
 # ---- inside an outer @given ----------------------------------------------------------------
 
 
@@ -212,6 +358,22 @@ def test_runs_inside_an_outer_given(llama):
 
     outer()
     assert seen and all(n == 3 for n in seen)
+
+
+def test_runs_in_an_explicit_example_of_the_outer_test(llama):
+    """An @example runs on data with no choices: drawing from it stopped the test (StopTest, then
+    hypothesis' Frozen)."""
+    seen = []
+
+    @settings(max_examples=1, deadline=None, database=None)
+    @given(st.sampled_from(["int8", "fp16"]))
+    @example("int8")
+    def outer(fmt):
+        seen.append(check_policy(llama, quantize(fmt), rtol=0, atol=0.02, max_examples=3).draws)
+
+    outer()
+    assert len(seen) == 2 and len(seen[0]) == 3
+    assert seen[0][0] == Draw(batch=1, seq=1, padding="none", pads=(0,), seed=0)  # the simplest input first
 
 
 def test_failure_inside_an_outer_given_is_shrunk_by_it(llama):
