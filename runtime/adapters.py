@@ -97,9 +97,13 @@ def output_node(gm: fx.GraphModule, target: str) -> list[fx.Node]:
 
 
 def _dropouts(gm: fx.GraphModule) -> Iterator[fx.Node]:
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is _DROPOUT and tag_of(n) is not None:
-            yield n
+    """Adapter dropout nodes of the graph that runs and, while generated Triton kernels are
+    installed, of the reference graph kept beside it (the one calls that train run)."""
+    triton = getattr(gm, "_slimfx_triton", None)
+    for graph in (gm.graph,) + ((triton[0],) if triton is not None else ()):
+        for n in graph.nodes:
+            if n.op == "call_function" and n.target is _DROPOUT and tag_of(n) is not None:
+                yield n
 
 
 def set_dropout(gm: fx.GraphModule, training: bool) -> bool:
@@ -115,3 +119,9 @@ def set_dropout(gm: fx.GraphModule, training: bool) -> bool:
     if changed:
         recompile(gm)
     return changed
+
+
+def dropout_active(gm: fx.GraphModule) -> bool:
+    """Is some adapter dropout on (training mode) with p > 0? Generated Triton kernels compute
+    the adapter without it, so such calls run the reference graph."""
+    return any(n.args[2] is True and float(n.args[1]) > 0 for n in _dropouts(gm))

@@ -73,10 +73,11 @@ class CompiledModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the graph on the original model's inputs; return the original output structure."""
         flat = self._bind(args, kwargs)
-        if self._needs_backward(flat):
-            # Generated Triton kernels have no backward: a call that builds an autograd graph (a
-            # plain call outside no_grad, adapters being trainable) runs the reference graph, as
-            # the CPU kernels step aside for their reference op; the kernels stay installed.
+        if self._needs_reference(flat):
+            # Generated Triton kernels have no backward and no dropout: a call that builds an
+            # autograd graph (a plain call outside no_grad, adapters being trainable) or that
+            # drops adapter inputs (train mode) runs the reference graph, as the CPU kernels step
+            # aside for their reference op; the kernels stay installed.
             from .lower import unlowered
 
             with unlowered(self.program):
@@ -106,8 +107,15 @@ class CompiledModel(nn.Module):
     def _sizes(self, flat: list) -> str:
         return ", ".join(f"{n} {list(v.shape)}" for n, v in zip(self.input_names, flat) if isinstance(v, torch.Tensor))
 
-    def _needs_backward(self, flat: list) -> bool:
-        if getattr(self.program, "_slimfx_triton", None) is None or not torch.is_grad_enabled():
+    def _needs_reference(self, flat: list) -> bool:
+        if getattr(self.program, "_slimfx_triton", None) is None:
+            return False
+        if self.training:
+            from .adapters import dropout_active
+
+            if dropout_active(self.program):
+                return True
+        if not torch.is_grad_enabled():
             return False
         return any(p.requires_grad for p in self.program.parameters()) or \
             any(isinstance(v, torch.Tensor) and v.requires_grad for v in flat)

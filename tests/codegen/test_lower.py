@@ -172,6 +172,32 @@ def test_training_on_the_triton_backend_trains_the_reference_graph_and_keeps_the
         torch.testing.assert_close(trained, _logits(cm(**lm.example_inputs)), atol=2e-5, rtol=2e-5)
 
 
+def test_train_mode_drops_adapter_inputs_on_the_triton_backend_as_on_eager():
+    """cm.train() switched dropout on in the installed (lowered) graph only: the kernels compute
+    adapters without dropout, and the reference graph that gradient calls run kept it off, so a
+    hand-written training loop trained with `dropout=` ignored."""
+    lm = tiny("llama", layers=1)
+    policy = "quantize blocks.*.** : Linear int4 group=16\nadapt blocks.*.attn.{q,v} lora rank=4 alpha=8 dropout=0.5"
+    cm = slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, backend="triton")
+    calls = len(_calls(cm.program.graph))
+    with torch.no_grad():
+        for p in cm.adapter_parameters():
+            p.fill_(0.1)  # B = 0 would hide the adapter path
+        evaluated = _logits(cm(**lm.example_inputs))
+    cm.train()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            torch.manual_seed(0)
+            a = _logits(cm(**lm.example_inputs))
+            torch.manual_seed(1)
+            b = _logits(cm(**lm.example_inputs))
+        assert not torch.equal(a, b), f"a new dropout mask per call (grad enabled: {grad})"
+    assert len(_calls(cm.program.graph)) == calls  # the kernels stay installed
+    cm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(cm(**lm.example_inputs)), evaluated, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_lora_paths_are_fused_into_their_base_gemm(dtype):
     # Nonzero A and B (a fresh adapter's B is zero, which would hide a wrong rank path); rank 4
