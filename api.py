@@ -43,6 +43,7 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     """
     from .passes.bind import bind
     from .passes.pipeline import Context, run_pipeline
+    from .runtime.adapters import adapters_of
     from .runtime.compiled import CompiledModel
     from .runtime.heap import return_freed_heap
     from .runtime.progress import Progress
@@ -54,7 +55,8 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
         graph = _capture(model, example_inputs)
     bound = bind(graph, policy_ast, source=spec.source, filename=spec.filename)
     ctx = Context(calib=_calibration(model, calib, graph), source=spec.source, filename=spec.filename,
-                  progress=bars, reference=unwrap(model, None)[0])
+                  progress=bars, reference=unwrap(model, None)[0],
+                  inherited_adapters=frozenset(adapters_of(graph.module)))
     try:
         report = run_pipeline(graph, bound, ctx)
     finally:

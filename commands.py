@@ -249,7 +249,7 @@ def _train(args) -> int:
     import torch
 
     from . import api
-    from .runtime.train import train
+    from .runtime.train import NothingToDistil, train
 
     _check_train_args(args)
     out = args.out or f"{args.compiled.rstrip('/')}-trained"
@@ -283,8 +283,14 @@ def _train(args) -> int:
           f"on {_counted(len(batches), 'batch')} of {args.batch}×{args.seq} tokens of calibration text{cycled}, {loss} loss, "
           f"lr {args.lr:g}" + (" with a cosine schedule" if args.schedule == "cosine" else ""), file=sys.stderr)
     torch.manual_seed(args.seed)
-    result = train(cm, batches, steps=args.steps, lr=args.lr, loss=loss, schedule=args.schedule,
-                   teacher=loaded.model if loss == "distill" else None, progress=True)
+    try:
+        result = train(cm, batches, steps=args.steps, lr=args.lr, loss=loss, schedule=args.schedule,
+                       teacher=loaded.model if loss == "distill" else None, progress=True)
+    except NothingToDistil:
+        lm_too = ", or train with --loss lm" if loaded.kind == "causal-lm" else ""
+        raise UsageError(f"{args.compiled} computes what {args.model} does (distill loss 0 on the first batch): its "
+                         "adapters start at zero and no other rule changed the model, so there is nothing to distil; "
+                         f"compile a policy that also changes the model (quantize, drop/collapse){lm_too}") from None
     for i, value in enumerate(result.losses, 1):  # .4g: a distill loss of 2e-5 is not "0.0000"
         print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {value:.4g}")
     print(f"loss {result.first:.4g} -> {result.last:.4g} in {result.seconds:.1f}s")

@@ -25,6 +25,8 @@ class Context:
     # Cuts made by `collapse`/`drop` since the last `heal` (passes/collapse/cut.py's Cut records);
     # a `heal` repairs them and empties the list.
     cuts: list[Any] = field(default_factory=list)
+    # Linears that carried adapters before any rule ran (compiling a CompiledModel that has some).
+    inherited_adapters: frozenset[str] = frozenset()
     # Targets a later `adapt … init=error` names (the pipeline sets it before each rule): a
     # precision rule keeps their float32 [out, in] weights from before it encoded them in
     # `originals` (path -> tensor), and the adapt rule takes them out. Nothing is kept otherwise.

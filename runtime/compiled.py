@@ -134,6 +134,10 @@ class CompiledModel(nn.Module):
         kwargs = self._without_flags(kwargs)
         twice = [n for n in kwargs if n in bound]
         bound.update(kwargs)
+        infos = {i.name: i for i in self.graph.inputs}
+        for name, value in bound.items():  # before filling omitted inputs, which sizes them from these
+            if name in infos and value is not None and not isinstance(value, torch.Tensor):
+                raise self._not_a_tensor(infos[name], value)
         self._check_ranks(bound)
         bound = self._cast_inputs(bound)
         bound = complete_inputs(bound, self.graph.inputs)  # e.g. attention_mask omitted: all ones
@@ -158,9 +162,7 @@ class CompiledModel(nn.Module):
         for info in self.graph.inputs:
             value = bound[info.name]
             if not isinstance(value, torch.Tensor):
-                dims = ", ".join(info.dims.get(d, str(n)) for d, n in enumerate(info.shape))
-                raise TypeError(f"{self._what()}: {info.name} is {type(value).__name__}, the graph takes a tensor "
-                                f"[{dims}] of {info.dtype}")
+                raise self._not_a_tensor(info, value)
             if info.dims.get(0) == "batch" and info.dims.get(1) == "seq" and value.dim() >= 2:
                 sized[info.name] = tuple(value.shape[:2])
         shapes = set(sized.values())
@@ -171,6 +173,12 @@ class CompiledModel(nn.Module):
         if any(0 in s for s in shapes):
             name, shape = next(iter(sized.items()))
             raise ValueError(f"{self._what()}: {name} is {list(shape)}, with no tokens (or no rows) to run on")
+
+    def _not_a_tensor(self, info, value) -> TypeError:
+        dims = ", ".join(info.dims.get(d, str(n)) for d, n in enumerate(info.shape))
+        hint = " (torch.as_tensor(...) makes one)" if hasattr(value, "__array__") or isinstance(value, (list, tuple)) else ""
+        return TypeError(f"{self._what()}: {info.name} is {type(value).__name__}, the graph takes a tensor "
+                         f"[{dims}] of {info.dtype}{hint}")
 
     def _by_position(self, args: tuple) -> dict:
         """Inputs given by position, named as the original forward names its parameters: the

@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +90,7 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     # here) left no graph to backpropagate, and autograd's own error named no cause.
     with torch.enable_grad(), reference, float32_masters(params), module_mode(cm, True), module_mode(teacher, False), \
             scaled_lr(opt) as scale, bars.task(f"training adapters ({loss})", total=steps) as step:
-        for i, batch in zip(range(steps), itertools.cycle(batches)):
+        for i, batch in zip(range(steps), batches):
             scale(lr_factor(schedule, i, steps))
             value = _step(cm, batch, opt, loss, teacher, i)
             losses.append(value)
@@ -161,6 +161,10 @@ def _check(cm, steps: int, loss: str, teacher) -> list[nn.Parameter]:
         raise ValueError(f"unknown loss {loss!r}; train() knows {', '.join(map(repr, LOSSES))}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a whole number of at least 1, got {steps!r}")
+    if torch.is_inference_mode_enabled():  # enable_grad() does not lift it: autograd's error named no cause
+        raise RuntimeError("slimfx.train runs backward passes, and torch.inference_mode() is on: call it outside "
+                           "`with torch.inference_mode():` (inside torch.no_grad() is fine: training turns "
+                           "gradients on)")
     if loss == "distill" and teacher is None:
         raise ValueError("loss='distill' needs a teacher: the original model (or another "
                          "CompiledModel) whose outputs the student learns to match")
@@ -188,18 +192,58 @@ def _token_op_nodes(cm) -> list[str]:
             for n in m.graph.nodes if n.target in ops]
 
 
-def _batches(batches) -> list[dict[str, Any]]:
-    """The batches as a list (an iterator is read once); one dict is one batch."""
-    items = [batches] if isinstance(batches, Mapping) else list(batches) if isinstance(batches, Iterable) else None
-    if items is None:
-        raise TypeError(f"batches must be a list of input dicts; got {type(batches).__name__}")
-    if not items:
-        raise ValueError("batches is empty; pass at least one input dict, e.g. [lm.encode(texts)]")
-    for i, b in enumerate(items):
-        if not isinstance(b, Mapping):
-            raise TypeError(f"batches[{i}] is a {type(b).__name__}; each batch is a dict of input tensors "
-                            "(e.g. {'input_ids': ..., 'attention_mask': ...})")
-    return [dict(b) for b in items]
+class NothingToDistil(ValueError):
+    """loss='distill' on a student that is its teacher: the first loss is 0 and no step would move."""
+
+
+_NOTHING_TO_DISTIL = (
+    "loss='distill': the student's outputs equal the teacher's on the first batch (loss 0), so there is "
+    "nothing to distil: fresh adapters add nothing (B = 0) and the model is otherwise the teacher. Distil "
+    "after rules that change the model (quantize, drop/collapse), or train with loss='lm' on text")
+_EMPTY = "batches is empty; pass at least one input dict, e.g. [lm.encode(texts)]"
+
+
+def _batches(batches) -> Iterator[dict[str, Any]]:
+    """Batches, cycled for as many steps as asked. One dict is one batch; a list or tuple is checked
+    up front; any other iterable is read as the steps need it (a stream need not end): one that
+    can be iterated again (a DataLoader) starts a new pass when it ends, reshuffled if it
+    shuffles; an iterator's (a generator's) batches are kept and repeated once it runs out."""
+    if isinstance(batches, Mapping):
+        batches = [batches]
+    if isinstance(batches, (list, tuple)):
+        items = [_checked(b, i) for i, b in enumerate(batches)]
+        if not items:
+            raise ValueError(_EMPTY)
+        return itertools.cycle(items)
+    if not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be a list of input dicts (or an iterable of them); got {type(batches).__name__}")
+    if isinstance(batches, Iterator):
+        return itertools.cycle(_read_once(batches))
+    return _passes(batches)
+
+
+def _read_once(batches: Iterator) -> Iterator[dict[str, Any]]:
+    i = -1
+    for i, b in enumerate(batches):
+        yield _checked(b, i)
+    if i < 0:
+        raise ValueError(_EMPTY)
+
+
+def _passes(batches: Iterable) -> Iterator[dict[str, Any]]:
+    while True:
+        i = -1
+        for i, b in enumerate(batches):
+            yield _checked(b, i)
+        if i < 0:
+            raise ValueError(_EMPTY)
+
+
+def _checked(b, i: int) -> dict[str, Any]:
+    if not isinstance(b, Mapping):
+        raise TypeError(f"batches[{i}] is a {type(b).__name__}; each batch is a dict of input tensors "
+                        "(e.g. {'input_ids': ..., 'attention_mask': ...})")
+    return dict(b)
 
 
 def _unwrap(teacher):
@@ -232,6 +276,8 @@ def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
     if not torch.isfinite(value):
         raise FloatingPointError(f"the {loss} loss is {value.item()} at step {i + 1}; the adapters were "
                                  "not updated by it (try a lower lr)")
+    if i == 0 and loss == "distill" and value.item() == 0.0:  # before any update: the adapters stay as they are
+        raise NothingToDistil(_NOTHING_TO_DISTIL)
     value.backward()
     opt.step()
     return value.item()
@@ -263,11 +309,12 @@ def lm_loss(out, batch: dict) -> torch.Tensor:
 
 def _labels(batch: dict) -> torch.Tensor:
     """Token ids to predict, -100 where attention_mask is 0 (padding)."""
+    # int64 whatever the ids are: cross_entropy takes no int32 targets, and the model takes int32 ids
     if "labels" in batch:
-        return batch["labels"]
+        return batch["labels"].long()
     if "input_ids" not in batch:
         raise ValueError(f"loss='lm' scores input_ids (or labels); the batch has {sorted(batch)}")
-    labels = batch["input_ids"].clone()
+    labels = batch["input_ids"].to(torch.long, copy=True)
     mask = batch.get("attention_mask")
     if mask is not None:
         labels[mask == 0] = -100

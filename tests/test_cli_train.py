@@ -170,3 +170,17 @@ def test_an_artifact_compiled_from_bare_ids_trains_on_ids_alone(tmp_path, capsys
     assert main(["train", "--model", "tiny:llama", "--compiled", str(tmp_path / "bare"), "--steps", "2",
                  "--batch", "2", "--seq", "16"]) == 0
     assert "step 2/2  loss" in capsys.readouterr().out
+
+
+def test_distilling_adapters_on_an_unchanged_encoder_is_refused_as_a_message(tmp_path, capsys):
+    """The encoder default (distill) on an adapter-only policy trained nothing ("loss 0 -> 0") and
+    saved the model unchanged."""
+    out = tmp_path / "bert"
+    spec = write(tmp_path, "policy p {\n    adapt blocks.*.** : Linear lora rank=2\n}\n")
+    assert main(["compile", str(spec), "--model", "tiny:bert", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", "tiny:bert", "--compiled", str(out), "--steps", "2",
+                 "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "computes what tiny:bert does (distill loss 0 on the first batch)" in err and "Traceback" not in err
+    assert "slimfx bug" not in err and not (tmp_path / "o").exists()

@@ -105,6 +105,12 @@ def _current(graph: ModelGraph, t: Target, bound: BoundRule, ctx: Context) -> Ta
         raise SpecError.at("unsupported", f"{t.path} is no longer in the graph (an earlier rule removed it), "
                            f"so `{bound.text}` cannot adapt it", line=bound.line, column=bound.rule.span.column,
                            source=ctx.source, filename=ctx.filename, hint="narrow the selector")
+    if t.path in ctx.inherited_adapters:
+        raise SpecError.at("unsupported", f"{t.path} already carries an adapter: the CompiledModel this policy "
+                           f"compiles came with it, so `{bound.text}` cannot add another", line=bound.line,
+                           column=bound.rule.span.column, source=ctx.source, filename=ctx.filename,
+                           hint="merge its adapters first (`slimfx.compile(cm.merge_adapters(), …)`), or narrow "
+                           "the selector to leave the adapted linears out")
     if has_adapter(graph, t.path):  # only a rule run before this one can have put it there
         raise SpecError.at("unsupported", f"{t.path} already carries an adapter from an earlier rule (a `heal "
                            "method=lora merge=false` keeps its adapters on the linears beside the cuts), so "

@@ -228,6 +228,12 @@ def test_inputs_the_graph_cannot_run_are_named_not_raised_from_inside_it():
     mask = torch.ones_like(ids)
     with pytest.raises(TypeError, match=r"input_ids is NoneType, the graph takes a tensor \[batch, seq\] of torch.int64"):
         case.cm(input_ids=None, attention_mask=mask)
+    # Without the mask, which is filled from the ids: a numpy array or a list was reported as a
+    # missing attention_mask (the fill could not size one from it).
+    for value, kind in ((ids.numpy(), "ndarray"), (ids.tolist(), "list")):
+        with pytest.raises(TypeError, match=rf"input_ids is {kind}, the graph takes a tensor \[batch, seq\] of "
+                                            r"torch.int64 \(torch.as_tensor\(...\) makes one\)"):
+            case.cm(input_ids=value)
     with pytest.raises(ValueError, match=r"disagree in size: input_ids \[2, \d+\], attention_mask \[2, \d+\]"):
         case.cm(ids, mask[:, :-1])
     with pytest.raises(ValueError, match=r"input_ids is \[2, 0\], with no tokens"):

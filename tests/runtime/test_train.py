@@ -258,6 +258,9 @@ def test_the_route_the_token_refusal_names_works(arch):
     example = tokens(2, 6, pad=True)
     cm = slimfx.compile(lm.model, "adapt blocks.*.** : Linear lora rank=4 alpha=8", example_inputs=example,
                         calib=[example])
+    with torch.no_grad():  # fresh adapters (B = 0) leave nothing to distil: give them a start
+        for p in cm.adapter_parameters():
+            p.add_(0.05)
     slimfx.train(cm, [example], steps=2, lr=1e-2, loss="distill", teacher=lm.model)
     merged = cm.merge_adapters()
     unpadded = slimfx.compile(merged, "tokens unpad", calib=[example])
@@ -282,3 +285,79 @@ def test_float32_masters_hold_half_parameters_as_float32_inside_and_round_them_b
         raise RuntimeError("stop")  # rounded back on an exception too
     assert half.dtype == torch.float16 and half.grad is None and half.tolist() == [1.0 + 2.0 ** -10, 2.0 ** -12]
     assert full.dtype == torch.float32
+
+
+def test_a_stream_of_batches_is_read_as_the_steps_need_it():
+    """train() read the whole iterable before step 1: an endless stream never returned."""
+    lm, cm = fresh("llama", *QLORA)
+    pulled = []
+
+    def stream():
+        for i in range(10**6):
+            pulled.append(i)
+            yield tokens(2, 6, pad=True, seed=i)
+
+    result = slimfx.train(cm, stream(), steps=3, lr=1e-3)
+    assert len(result.losses) == 3 and len(pulled) == 3
+
+
+def test_an_iterable_starts_a_new_pass_and_an_iterator_repeats_what_it_gave():
+    class Epochs:  # a DataLoader-like iterable: each pass a fresh iterator
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter([tokens(1, 5, pad=False, seed=0), tokens(1, 5, pad=False, seed=1)])
+
+    lm, cm = fresh("llama", *QLORA)
+    epochs = Epochs()
+    slimfx.train(cm, epochs, steps=5, lr=1e-3)
+    assert epochs.passes == 3
+    from slimfx.runtime import train as T
+
+    batches = T._batches(iter([{"input_ids": torch.ones(1, 2)}, {"input_ids": torch.zeros(1, 2)}]))
+    assert [float(next(batches)["input_ids"].sum()) for _ in range(5)] == [2.0, 0.0, 2.0, 0.0, 2.0]
+
+    class Empty:
+        def __iter__(self):
+            return iter([])
+
+    for empty in ([], iter([]), Empty()):
+        with pytest.raises(ValueError, match="batches is empty"):
+            slimfx.train(cm, empty, steps=1)
+    with pytest.raises(TypeError, match=r"batches\[1\] is a str"):
+        slimfx.train(cm, iter([tokens(1, 5, pad=False), "text"]), steps=2)
+
+
+def test_int32_token_ids_train_with_the_lm_loss():
+    """The model takes int32 ids; cross_entropy took no int32 targets ("expected target dtype to
+    be Long or Byte, but got Int"), from input_ids or from labels."""
+    lm, cm = fresh("llama", *QLORA)
+    batch = tokens(2, 8, pad=True)
+    ids = batch["input_ids"].int()
+    as_long = slimfx.train(cm, [batch], steps=1, lr=1e-3).losses
+    lm, cm = fresh("llama", *QLORA)
+    assert slimfx.train(cm, [dict(batch, input_ids=ids)], steps=1, lr=1e-3).losses == as_long
+    lm, cm = fresh("llama", *QLORA)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100).int()
+    assert slimfx.train(cm, [dict(batch, labels=labels)], steps=1, lr=1e-3).losses == pytest.approx(as_long)
+
+
+def test_inference_mode_is_refused_with_what_to_do():
+    lm, cm = fresh("llama", *QLORA)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"torch.inference_mode\(\) is on: call it outside"):
+        slimfx.train(cm, [tokens(1, 5, pad=False)], steps=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_distilling_a_model_that_is_its_teacher_is_refused_before_any_update(arch):
+    """Fresh adapters on an otherwise unchanged model: the loss is 0, so BERT's adapters never
+    moved and Llama's trained on round-off noise, with nothing said."""
+    from slimfx.runtime.train import NothingToDistil
+
+    lm, cm = fresh(arch, "adapt blocks.*.attn.* : Linear lora rank=4 alpha=8")
+    before = {n: p.detach().clone() for n, p in cm.named_parameters() if p.requires_grad}
+    with pytest.raises(NothingToDistil, match="nothing to distil"):
+        slimfx.train(cm, [tokens(2, 6, pad=True)], steps=3, lr=1e-2, loss="distill", teacher=lm.model)
+    assert all(torch.equal(p, before[n]) for n, p in cm.named_parameters() if p.requires_grad)

@@ -105,3 +105,15 @@ def test_two_adapters_on_one_linear_are_refused():
     e = _error(tiny("llama"), "adapt blocks.*.attn.q lora\nadapt blocks.*.attn.* dora")
     assert e.diagnostics[0].kind == "duplicate" and e.diagnostics[0].line == 3
     assert "already has an adapter from line 2" in str(e)
+
+
+def test_adapting_a_linear_whose_compiled_model_came_with_an_adapter_says_so():
+    """The message blamed an earlier rule (a `heal … merge=false`) that did not exist."""
+    lm = tiny("llama")
+    cm = slimfx.compile(lm, "adapt blocks.*.attn.{q,v} lora rank=4 alpha=8")
+    with pytest.raises(slimfx.SpecError) as e:
+        slimfx.compile(cm, "adapt blocks.*.attn.q lora rank=2")
+    assert "already carries an adapter: the CompiledModel this policy compiles came with it" in str(e.value)
+    assert "cm.merge_adapters()" in e.value.hint and "heal" not in str(e.value)
+    assert slimfx.compile(cm, "adapt blocks.*.attn.k lora rank=2").adapters.keys() >= {  # other linears are free
+        "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"}
