@@ -10,9 +10,10 @@ import numbers
 from typing import Any
 
 import torch
+from torch import fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["structure_problem", "tolerance_problem", "metric_result", "callable_name", "MetricReturnError"]
+__all__ = ["structure_problem", "tolerance_problem", "token_leaves", "metric_result", "callable_name", "MetricReturnError"]
 
 
 
@@ -155,3 +156,29 @@ def metric_result(metric, orig, comp, mask, atol: float,
 
 def callable_name(fn) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def token_leaves(graph) -> tuple[bool, ...] | None:
+    """Per output leaf: is it shaped [batch, seq, …] in the compiled graph's symbols (a per-token
+    output, whose padded positions are not compared)? Shapes alone cannot say: [batch, classes]
+    logits look per-token on a draw whose length equals the class count. None when a graph
+    output has no recorded shape (the comparison then goes by shapes)."""
+    batch = {str(i.shape[d]) for i in graph.inputs for d, role in i.dims.items() if role == "batch"}
+    seq = {str(i.shape[d]) for i in graph.inputs for d, role in i.dims.items() if role == "seq"}
+    out = next(n for n in reversed(graph.module.graph.nodes) if n.op == "output")
+    tensors = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    constants = graph.outputs.constants
+    if sum(c is None for c in constants) != len(tensors):
+        return None
+    flags, nodes = [], iter(tensors)
+    for const in constants:
+        if const is not None:
+            flags.append(False)
+            continue
+        node = next(nodes)
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            return None
+        shape = [str(s) for s in val.shape]
+        flags.append(len(shape) >= 2 and shape[0] in batch and shape[1] in seq)
+    return tuple(flags)

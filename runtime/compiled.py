@@ -134,10 +134,10 @@ class CompiledModel(nn.Module):
         kwargs = self._without_flags(kwargs)
         twice = [n for n in kwargs if n in bound]
         bound.update(kwargs)
-        infos = {i.name: i for i in self.graph.inputs}
-        for name, value in bound.items():  # before filling omitted inputs, which sizes them from these
-            if name in infos and value is not None and not isinstance(value, torch.Tensor):
-                raise self._not_a_tensor(infos[name], value)
+        for info in self.graph.inputs:  # before filling omitted inputs, which sizes them from these
+            value = bound.get(info.name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise self._not_a_tensor(info, value)
         self._check_ranks(bound)
         bound = self._cast_inputs(bound)
         bound = complete_inputs(bound, self.graph.inputs)  # e.g. attention_mask omitted: all ones

@@ -218,25 +218,16 @@ def _batches(batches) -> Iterator[dict[str, Any]]:
     if not isinstance(batches, Iterable):
         raise TypeError(f"batches must be a list of input dicts (or an iterable of them); got {type(batches).__name__}")
     if isinstance(batches, Iterator):
-        return itertools.cycle(_read_once(batches))
-    return _passes(batches)
+        return itertools.cycle(_one_pass(batches))
+    return itertools.chain.from_iterable(_one_pass(batches) for _ in itertools.count())
 
 
-def _read_once(batches: Iterator) -> Iterator[dict[str, Any]]:
+def _one_pass(batches: Iterable) -> Iterator[dict[str, Any]]:
     i = -1
     for i, b in enumerate(batches):
         yield _checked(b, i)
     if i < 0:
         raise ValueError(_EMPTY)
-
-
-def _passes(batches: Iterable) -> Iterator[dict[str, Any]]:
-    while True:
-        i = -1
-        for i, b in enumerate(batches):
-            yield _checked(b, i)
-        if i < 0:
-            raise ValueError(_EMPTY)
 
 
 def _checked(b, i: int) -> dict[str, Any]:
