@@ -3,7 +3,8 @@
 load() builds the fx graph itself (runtime/graph_io.py) from names alone, so this is the whole
 attack surface: every call target is an operator registered in this process under the aten,
 prims or slimfx namespace, or one of a fixed set of Python functions on sizes (getitem, sym_max,
-…); every node name a Python identifier (fx pastes names into forward()'s source); every
+…); no operator that reaches outside the process's tensors (a file name, a storage, free text:
+`aten.from_file(shared=True)` then `fill_` would write any file the user can); every node name a Python identifier (fx pastes names into forward()'s source); every
 attribute path dotted identifiers. Nothing is imported, evaluated or unpickled.
 """
 from __future__ import annotations
@@ -24,6 +25,13 @@ OP_NAMESPACES = ("aten", "prims", "slimfx")
 REFUSED = "slimfx never runs code from an artifact"
 _PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PATH_PART = re.compile(r"[A-Za-z0-9_]+")  # ModuleList children are digits
+# The string arguments a model's graph passes: fixed option words (gelu's approximate="tanh",
+# div's rounding_mode, a conv's padding="same", an assert's message). Any other string argument
+# (from_file's filename, save's, _print's text) or a Storage marks an operator load() refuses.
+_OPTION_WORDS = frozenset({
+    "approximate", "rounding_mode", "side", "reduce", "reduction", "padding_mode", "mode",
+    "pad_mode", "padding", "padding_side", "equation", "interpolation", "indexing", "UPLO",
+    "driver", "ord", "norm", "compute_mode", "activation", "msg", "assert_msg", "api_name"})
 
 
 def _functions() -> dict[str, Callable]:
@@ -78,7 +86,21 @@ def resolve_target(name: Any) -> Callable:
         raise ArtifactError(f"{PROGRAM} uses operator {name!r}, which this torch "
                             f"{torch.__version__} does not have: load it with the torch that "
                             f"saved it or {RESAVE} under this one")
+    outside = _reaches_outside(target._schema)
+    if outside:
+        raise refused(f"operator {name!r} {outside}; a model's graph never does")
     return target
+
+
+def _reaches_outside(schema) -> str | None:
+    """Why an operator can touch something beyond tensors (a file, a storage), or None."""
+    for arg in schema.arguments:
+        kind = str(arg.type)
+        if "Storage" in kind:
+            return f"takes a storage ({arg.name})"
+        if "str" in kind and arg.name not in _OPTION_WORDS:
+            return f"takes a free string ({arg.name}: {kind})"
+    return None
 
 
 def check_name(name: Any, what: str = "node name") -> str:
