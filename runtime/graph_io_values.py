@@ -37,6 +37,8 @@ def _size_functions() -> dict[str, type]:
 
 
 _FUNCTIONS = _size_functions()
+_RAISING = ("Pow", "PowByNatural", "LShift")  # grow with their second argument's value
+_LARGEST = 2**63
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values()
            if isinstance(d, torch.dtype)}
 
@@ -155,7 +157,7 @@ class ValueDecoder:
                                     f"not a plain name; {RESAVE}")
             if hint is None:
                 sym = self.env.create_unbacked_symint().node.expr
-            elif isinstance(hint, int) and not isinstance(hint, bool) and hint >= 0:
+            elif isinstance(hint, int) and not isinstance(hint, bool) and 0 <= hint <= _LARGEST:
                 sym = self.env.create_symbol(hint, ConstantSource(f"slimfx_{name}"),
                                              dynamic_dim=DimDynamic.DYNAMIC)
                 self.hints[sym] = hint
@@ -216,6 +218,8 @@ class ValueDecoder:
         if depth > 32:
             raise ValueError("a size expression nested deeper than 32")
         if type(doc) is int:
+            if abs(doc) > _LARGEST:
+                raise ValueError(f"a size literal {str(doc)[:40]} is beyond int64")
             return sympy.Integer(doc)
         if isinstance(doc, str):
             if doc not in self.symbols:
@@ -231,5 +235,14 @@ class ValueDecoder:
                 if type(p) is not int or type(q) is not int or q == 0:
                     raise ValueError("a Rational of non-integers")
                 return sympy.Rational(p, q)
-            return fn(*(self._expr(a, depth + 1) for a in doc[1:]))
+            args = [self._expr(a, depth + 1) for a in doc[1:]]
+            if doc[0] in _RAISING and not (len(args) == 2 and isinstance(args[1], sympy.Integer)
+                                           and abs(int(args[1])) <= 64):
+                # sympy works out 10**(10**12) exactly: a crafted file would hang load()
+                raise ValueError(f"a size {doc[0]} by {str(args[1:])[:40]}, not a literal "
+                                 "of at most 64")
+            out = fn(*args)
+            if isinstance(out, sympy.Integer) and abs(int(out)) > _LARGEST:
+                raise ValueError(f"a size expression {str(doc)[:40]} is beyond int64")
+            return out
         raise ValueError(f"a size expression is {str(doc)[:60]}")

@@ -315,6 +315,25 @@ def test_refuses_code_in_size_expressions(llama_dir, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("size", [["Pow", 10, ["Pow", 10, 12]], ["LShift", 1, 10**12],
+                                  ["Pow", 2, "s0"], 10**30, ["Mul", 2**62, 2**62]])
+def test_refuses_sizes_that_would_hang_load(llama_dir, size):
+    """sympy works a literal power out exactly: 10**(10**12) would hang load(), not fail."""
+    def edit(doc):
+        node = _symbolic_node(doc)
+        size_ = size if size != ["Pow", 2, "s0"] else ["Pow", 2, node["val"]["tensor"][1][0]]
+        node["val"]["tensor"][1][0] = size_
+    _tamper_program(llama_dir, edit)
+    refused(llama_dir, "program.json is malformed", RESAVE)
+
+
+def test_refuses_a_huge_size_hint(llama_dir):
+    def edit(doc):
+        doc["symbols"] = {k: 10**30 for k in doc["symbols"]}
+    _tamper_program(llama_dir, edit)
+    refused(llama_dir, "has hint 1000000000000000000000000000000, not a size")
+
+
 def test_refuses_code_in_names(llama_dir):
     def edit(doc):
         _nodes(doc)[5]["name"] = "x = __import__('os')"
