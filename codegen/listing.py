@@ -4,6 +4,7 @@ graph nodes it replaces) and `index.txt` (the counts, and the groups left to eag
 Nothing here launches or imports a kernel, so it runs without a GPU."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from torch import fx
@@ -13,6 +14,7 @@ from .lower import CodegenSummary, lower_graph
 __all__ = ["write_kernels", "INDEX"]
 
 INDEX = "index.txt"
+_LISTED = re.compile(r"[A-Za-z0-9_]+\.py")  # what this module names its files: nothing else is removed
 
 
 def write_kernels(graph: fx.Graph, out: str | Path) -> CodegenSummary:
@@ -24,7 +26,9 @@ def write_kernels(graph: fx.Graph, out: str | Path) -> CodegenSummary:
         if not (folder / INDEX).is_file():
             raise FileExistsError(f"{folder} is a non-empty folder that no kernel listing wrote; choose a new or empty one")
         for line in (folder / INDEX).read_text().splitlines():
-            if line.startswith("  ") and line.endswith(".py"):
+            # an index.txt edited by hand (or by someone else) may name ../x.py or /home/…:
+            # only a plain kernel file name inside this folder is ours to remove
+            if line.startswith("  ") and _LISTED.fullmatch(line.strip()):
                 (folder / line.strip()).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     _, summary = lower_graph(graph)
