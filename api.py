@@ -106,9 +106,9 @@ def _read_spec(policy) -> A.Spec:
         return parse_file(policy)
     if not isinstance(policy, str):
         raise TypeError(f"policy must be a path, policy text, Spec or Policy, not {type(policy).__name__}")
-    looks_like_path = "\n" not in policy and "{" not in policy and policy.strip() != ""
-    if looks_like_path and Path(policy).exists():
+    if "\n" not in policy and policy.strip() and _is_file(policy):  # `v{2}.slim` is a file too
         return parse_file(policy)
+    looks_like_path = "\n" not in policy and "{" not in policy and policy.strip() != ""
     if _bare_rules(policy) or (looks_like_path and _one_line_of_text(policy)):
         # Rules without a `policy name { }` around them: one policy named `inline`, every line
         # and column in an error the user's own.
@@ -117,6 +117,13 @@ def _read_spec(policy) -> A.Spec:
         raise SpecError.at("no-file", f"no policy file {policy!r}", filename=policy,
                            hint="pass an existing .slim path, or the policy text itself")
     return parse(policy)
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a line of rules longer than a file name may be, a NUL in it
+        return False
 
 
 _RULE_WORDS = ("collapse", "drop", "heal", "adapt", "quantize", "precision", "tokens", "keep")

@@ -37,6 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`slimfx … | head -1`): nothing more to say
+        _silence_stdout()
+        return 1
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout at exit and would report the closed pipe once more.
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stand-in stdout has no file descriptor
+        pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +101,10 @@ def _check(args) -> int:
             failed += 1
             continue
         spec = loaded[1]
+        if not spec.policies:  # valid syntax, but compile would change nothing: not "ok"
+            _error(f"{spec.filename}: holds no policy (it is empty or only comments)")
+            failed += 1
+            continue
         rules = sum(len(p.rules) for p in spec.policies)
         _info(f"{spec.filename}: ok ({_count(len(spec.policies), 'policy', 'policies')}, {_count(rules, 'rule', 'rules')})")
     return 1 if failed else 0

@@ -2,9 +2,12 @@
 when one of them runs, so `slimfx check` stays fast."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
+from .command_checks import (UsageError, check_apart, check_listing_folder, check_out, check_same_model,
+                             check_text_inputs, check_train_args)
 from .dsl.errors import SpecError
 
 __all__ = ["add_model_commands"]
@@ -65,9 +68,6 @@ def add_model_commands(sub) -> None:
 TRACEBACK_ENV = "SLIMFX_TRACEBACK"
 
 
-class UsageError(ValueError):
-    """A command-line argument that cannot work (an --out that is a file, an unreadable --calib)."""
-
 
 def _guarded(fn):
     """Policy, model, artifact and argument problems print as messages, not tracebacks."""
@@ -83,14 +83,34 @@ def _guarded(fn):
             print(str(e), file=sys.stderr)
         except (ModelNotFound, ArtifactError, UsageError, NotScorable) as e:
             print(f"error: {e}", file=sys.stderr)
+        except BrokenPipeError:  # `slimfx … | head`: cli.main ends quietly; whatever was saved stays
+            raise
+        except OSError as e:
+            if e.errno not in _PLACE_ERRORS:
+                return _bug(e)
+            where = f"{e.filename}: " if e.filename else ""
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                print(f"error: {where}{e.strerror}; what was being written is not kept (a save is whole "
+                      "or nothing): free some space, or choose another place, and run it again", file=sys.stderr)
+            else:
+                print(f"error: {where}{e.strerror}; choose a place this user can use", file=sys.stderr)
         except Exception as e:  # anything else still prints as one message; the traceback on request
-            if os.environ.get(TRACEBACK_ENV) == "1":
-                raise
-            print(f"error: {type(e).__name__}: {e}\n(set {TRACEBACK_ENV}=1 to see where it was raised; if the "
-                  "input looks right, that traceback is a slimfx bug to report)", file=sys.stderr)
+            return _bug(e)
         return 1
 
     return run
+
+
+# A full disk, a quota, a read-only or forbidden place: the machine's state, not a slimfx bug.
+_PLACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _bug(e: Exception) -> int:
+    if os.environ.get(TRACEBACK_ENV) == "1":
+        raise e
+    print(f"error: {type(e).__name__}: {e}\n(set {TRACEBACK_ENV}=1 to see where it was raised; if the "
+          "input looks right, that traceback is a slimfx bug to report)", file=sys.stderr)
+    return 1
 
 
 def _console():
@@ -120,11 +140,11 @@ def _plan(args) -> int:
 def _compile(args) -> int:
     from . import api
 
-    _check_out(args.out)  # before minutes of compiling, not after
+    check_out(args.out)  # before minutes of compiling, not after
     spec = _spec(args.spec, args.policy)
     if args.emit_kernels:
-        _check_apart(args.out, args.emit_kernels)
-        _check_listing_folder(args.emit_kernels)
+        check_apart(args.out, args.emit_kernels)
+        check_listing_folder(args.emit_kernels)
     calib = _read_calib(args.calib) if args.calib else None
     loaded = _load_model(args.model)
     if (calib is not None or args.calib_tokens is not None) and loaded.tokenizer is None:
@@ -134,10 +154,10 @@ def _compile(args) -> int:
     if args.calib_tokens is not None:
         calib = _builtin_calib(loaded, args.calib_tokens)
     cm = api.compile(loaded, spec, name=args.policy, calib=calib, progress=True)
+    cm.save(args.out)  # first: the compile is kept whatever happens to what is printed (`| head`)
     _console().print(cm.report.table())
     if args.stats:
         print(_group_stats(cm, loaded))
-    cm.save(args.out)  # first: the compile is kept whatever happens to the listings
     print(f"saved to {args.out}", file=sys.stderr)
     if args.emit_kernels:
         print(_emit_kernels(cm, args.emit_kernels), file=sys.stderr)
@@ -150,7 +170,14 @@ def _spec(name: str, policy: str | None):
     from . import api
     from .dsl import parse
 
-    _, spec = api.resolve_policy(parse(sys.stdin.buffer.read(), filename="<stdin>") if name == "-" else name, policy)
+    from pathlib import Path
+
+    # a Path: the argument names a file, always (a name such as `v{2}.slim` was read as policy text)
+    source = parse(sys.stdin.buffer.read(), filename="<stdin>") if name == "-" else Path(name)
+    _, spec = api.resolve_policy(source, policy)
+    if not spec.policies:  # the model would be compiled (or planned) unchanged, and exit 0 say it worked
+        raise UsageError(f"{spec.filename} holds no policy (it is empty or only comments): write one, e.g. "
+                         "`policy small { quantize blocks.*.** : Linear int8 }` (`slimfx check` validates it)")
     return spec
 
 
@@ -173,58 +200,9 @@ def _emit_kernels(cm, folder: str) -> str:
     return f"kernels written to {folder}: {summary}"
 
 
-def _check_out(out: str) -> None:
-    from pathlib import Path
-
-    from .runtime.artifact import check_target
-
-    check_target(Path(out))  # a file, a file above it, a foreign non-empty folder
-    _check_writable("--out", out)
 
 
-def _check_apart(out: str, listing: str) -> None:
-    """--out and --emit-kernels in one folder, or one inside the other: each replaces or empties
-    its folder, so the second would fail after the compile (or delete the first)."""
-    from pathlib import Path
 
-    a, b = Path(out).resolve(), Path(listing).resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise UsageError(f"--out {out} and --emit-kernels {listing} overlap; write them to separate folders, "
-                         f"e.g. --emit-kernels {out.rstrip('/')}-kernels (beside --out)")
-
-
-def _check_listing_folder(path: str) -> None:
-    """--emit-kernels: a new or empty folder, or one an earlier listing wrote (codegen/listing.py)."""
-    from pathlib import Path
-
-    from .codegen.listing import INDEX
-
-    _check_folder("--emit-kernels", path)
-    folder = Path(path)
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / INDEX).is_file():
-        raise UsageError(f"--emit-kernels {path} is a non-empty folder that no kernel listing wrote; "
-                         "choose a new or empty one")
-
-
-def _check_folder(option: str, path: str) -> None:
-    """A directory `option` is to write: not a file, under directories only, in a writable place."""
-    from pathlib import Path
-
-    if Path(path).is_file():
-        raise UsageError(f"{option} {path} is a file; pass a directory path")
-    above = next(p for p in Path(path).absolute().parents if p.exists())
-    if not above.is_dir():
-        raise UsageError(f"cannot write {option} {path}: {above} is a file, not a directory")
-    _check_writable(option, path)
-
-
-def _check_writable(option: str, path: str) -> None:
-    """The nearest existing directory above `path` can be written (mkdir there must work)."""
-    from pathlib import Path
-
-    above = next(p for p in Path(path).absolute().parents if p.exists())
-    if not os.access(above, os.W_OK):
-        raise UsageError(f"cannot write {option} {path}: {above} is not writable")
 
 
 def _read_calib(path: str) -> list[str]:
@@ -251,9 +229,9 @@ def _train(args) -> int:
     from . import api
     from .runtime.train import NothingToDistil, train
 
-    _check_train_args(args)
-    out = args.out or f"{args.compiled.rstrip('/')}-trained"
-    _check_out(out)  # before loading and training, not after
+    check_train_args(args)
+    out = args.out or _trained_beside(args.compiled)
+    check_out(out)  # before loading and training, not after
     cm = api.load(args.compiled)
     if not cm.adapter_parameters():
         merged = [r for r in cm.report.rules if r.details.get("merged")]
@@ -268,14 +246,14 @@ def _train(args) -> int:
                          "gradients: compile the policy without them, train that, and put the token rules in a "
                          "second compile of the result (Python: slimfx.compile(cm.merge_adapters(), \"tokens unpad\"))")
     loaded = _load_model(args.model)
-    _check_same_model(cm, loaded, args)
+    check_same_model(cm, loaded, args)
     loss = args.loss or ("lm" if loaded.kind == "causal-lm" else "distill")
     if loss == "lm" and loaded.kind != "causal-lm":
         raise UsageError(f"--loss lm is next-token cross entropy, and {args.model} is not a causal LM (it is "
                          f"{loaded.kind}); use --loss distill (match the original model's outputs)")
     if loss == "lm" and args.seq < 2:
         raise UsageError(f"--seq {args.seq} leaves no next token to predict: the lm loss needs --seq 2 or more")
-    _check_text_inputs(cm, args, "train")
+    check_text_inputs(cm, args, "train")
     batches = [{k: v for k, v in b.items() if k in cm.input_names}  # a graph captured from bare ids takes no mask
                for b in _training_batches(loaded, args.batch, args.seq, args.steps)]
     cycled = f", {args.steps / len(batches):.1f} passes over them" if len(batches) < args.steps else ""
@@ -291,75 +269,27 @@ def _train(args) -> int:
         raise UsageError(f"{args.compiled} computes what {args.model} does (distill loss 0 on the first batch): its "
                          "adapters start at zero and no other rule changed the model, so there is nothing to distil; "
                          f"compile a policy that also changes the model (quantize, drop/collapse){lm_too}") from None
+    cm.save(out)  # before printing: a closed pipe (`| head`) must not lose the training
     for i, value in enumerate(result.losses, 1):  # .4g: a distill loss of 2e-5 is not "0.0000"
         print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {value:.4g}")
     print(f"loss {result.first:.4g} -> {result.last:.4g} in {result.seconds:.1f}s")
-    cm.save(out)
     print(f"saved to {out}", file=sys.stderr)
     return 0
 
 
-def _check_same_model(cm, loaded, args) -> None:
-    """--model must be the model --compiled was compiled from: another one would be scored or
-    distilled against as if it were the original. The artifact records the class, and the name,
-    shape and dtype of every tensor it kept; the tensors both have under one name and dtype must
-    agree in shape (quantized, low-rank and removed ones are not compared)."""
-    mine = type(loaded.model).__name__
-    if cm.graph.model_class != mine:
-        raise UsageError(f"{args.compiled} was compiled from a {cm.graph.model_class}, --model {args.model} is a "
-                         f"{mine}; pass the model it was compiled from")
-    _check_same_modules(cm, loaded, args)
-    kept = {p.name: p for info in cm.graph.modules.values() for p in info.params}
-    common = [(name, tuple(t.shape), tuple(p.shape)) for name, t in loaded.model.state_dict().items()
-              if (p := kept.get(name)) is not None and p.dtype == str(t.dtype).removeprefix("torch.")]
-    if not common:
-        raise UsageError(f"{args.compiled} shares no tensor with --model {args.model} (no name with the same "
-                         "dtype): it was compiled from another model; pass the model it was compiled from")
-    for name, shape, was in common:
-        if shape != was:
-            raise UsageError(f"{args.compiled} was compiled from another {mine}: its {name} is {list(was)}, "
-                             f"--model {args.model}'s is {list(shape)}; pass the model it was compiled from")
 
 
-def _check_same_modules(cm, loaded, args) -> None:
-    """The artifact's module table is the compiled model's, less the blocks its `drop`/`collapse`
-    rules removed: a module it has that --model lacks, or one --model has outside what was removed,
-    is another model (a 3-block artifact was scored against a 2-block model, as ×0.577 bytes)."""
-    mine = dict(loaded.model.named_modules())
-    for path, info in cm.graph.modules.items():
-        if path not in mine or type(mine[path]).__name__ != info.cls:
-            has = "lacks it" if path not in mine else f"has a {type(mine[path]).__name__} there"
-            raise UsageError(f"{args.compiled} was compiled from another {cm.graph.model_class}: it has "
-                             f"{path or 'the root'} ({info.cls}), --model {args.model} {has}; pass the model it "
-                             "was compiled from")
-    removed = [p for r in cm.report.rules if r.kind in ("drop", "collapse") for p in r.targets]
-    extra = [p for p in mine if p not in cm.graph.modules
-             and not any(p == r or p.startswith(r + ".") for r in removed)]
-    if extra:
-        raise UsageError(f"{args.compiled} was compiled from another {cm.graph.model_class}: --model {args.model} "
-                         f"has {extra[0]}, which the artifact neither has nor removed; pass the model it was "
-                         "compiled from")
 
 
-def _check_text_inputs(cm, args, command: str) -> None:
-    """eval and train call the model with token ids and what a tokenizer gives with them (a mask, token
-    types), which a graph fills in when it was captured without them; an input beyond those (a
-    graph captured with `labels`) has nothing to come from."""
-    from .runtime.inputs import FILLABLE
+def _trained_beside(compiled: str) -> str:
+    """The default --out of train: DIR-trained beside DIR. For `.` or `..` that is named from the
+    directory's own name (`.-trained` was written inside the artifact being trained)."""
+    from pathlib import Path
 
-    other = [n for n in cm.input_names if n != "input_ids" and n not in FILLABLE]
-    if other:
-        raise UsageError(f"{args.compiled} was compiled with the inputs {list(cm.input_names)}; slimfx {command} gives "
-                         f"token ids and a mask, nothing for {other}: compile it with the model's own example "
-                         "inputs (as `slimfx compile --model` does), without " + ", ".join(other))
-
-
-def _check_train_args(args) -> None:
-    for name in ("steps", "batch", "seq"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if not 0 < args.lr < float("inf"):
-        raise UsageError(f"--lr must be a positive finite number, got {args.lr}")
+    path = Path(compiled)
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
+    return str(path.with_name(path.name + "-trained"))
 
 
 def _training_batches(loaded, batch: int, seq: int, steps: int) -> list[dict]:
@@ -417,7 +347,7 @@ def _eval(args) -> int:
         from . import api
 
         compiled = api.load(args.compiled)
-        _check_same_model(compiled, loaded, args)
-        _check_text_inputs(compiled, args, "eval")
+        check_same_model(compiled, loaded, args)
+        check_text_inputs(compiled, args, "eval")
     _console().print(eval_table(loaded, compiled, max_tokens=args.max_tokens))
     return 0

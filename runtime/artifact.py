@@ -61,6 +61,15 @@ def save(cm: CompiledModel, path: str | os.PathLike) -> None:
 def check_target(target: Path) -> None:
     """Refuse, before any work, a path save() could not write: a file, or a non-empty directory
     that is not an artifact (`slimfx compile --out` checks it before compiling)."""
+    if target.is_symlink() and not target.exists():
+        raise ArtifactError(f"cannot save to {target}: it is a symbolic link to {os.readlink(target)}, which "
+                            "does not exist; create that directory, or choose another path")
+    real = target.resolve()
+    if real == real.parent or real in (cwd := Path.cwd().resolve(), *cwd.parents):
+        # saving replaces the whole directory: the one the process (and the user's shell) is in
+        raise ArtifactError(f"cannot save to {target}: it is {'the' if real == cwd else 'above the'} current "
+                            f"directory, which saving would replace; save from outside it (e.g. cd .. and "
+                            f"save to {real.name or 'a new folder'})")
     if target.is_file():
         raise ArtifactError(f"cannot save to {target}: it is a file; pass a directory path")
     above = next((p for p in target.absolute().parents if p.exists() and not p.is_dir()), None)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,7 +74,9 @@ def foreign_entries(target: Path, own: tuple[str, ...]) -> list[str]:
 def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
     """Everything goes to a temporary directory next to `target`, is fsynced, then renamed
     into place; an existing artifact there is replaced only once the new one is complete, and
-    a failed save leaves no partial directory behind."""
+    a failed save leaves no partial directory behind. A symbolic link is saved through: the
+    directory it names is replaced, the link stays."""
+    target = target.resolve()  # `.`/`..` in it, and a link, name the directory that is replaced
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -102,6 +105,9 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         os.rename(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+    if old.exists():  # a file in it that cannot be deleted (another user's, a busy mount)
+        warnings.warn(f"the previous {target.name} is left at {old}: it could not be deleted all the way; "
+                      "delete it yourself", stacklevel=4)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -100,6 +100,41 @@ def test_overwrite_replaces(llama_dir):
     assert [p.name for p in llama_dir.parent.iterdir()] == [llama_dir.name]
 
 
+def test_save_through_a_symlink_replaces_the_directory_it_names(llama_dir, tmp_path):
+    """The link was replaced by a directory, its target left stale, a `.link.old-*` left beside."""
+    link = tmp_path / "current"
+    link.symlink_to(llama_dir, target_is_directory=True)
+    (llama_dir / "weights.safetensors").write_bytes(b"stale")
+    compiled("llama").cm.save(link)
+    assert link.is_symlink() and sorted(p.name for p in llama_dir.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "llama"]
+    load(llama_dir)  # the hashes agree: the new artifact is where the link points
+
+
+def test_save_refuses_a_dangling_link_and_the_current_directory(tmp_path, monkeypatch):
+    """Both failed after the compile, with a raw OSError (and `.` tried to rename the cwd)."""
+    dangling = tmp_path / "gone"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ArtifactError, match="symbolic link to .*nowhere, which does not exist"):
+        artifact.check_target(dangling)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for path, says in ((".", "it is the current directory"), (str(work), "it is the current directory"),
+                       ("..", "it is above the current directory")):
+        with pytest.raises(ArtifactError, match=says):
+            compiled("llama").cm.save(path)
+    assert list(work.iterdir()) == []
+
+
+def test_an_old_artifact_that_cannot_be_deleted_is_named(llama_dir, monkeypatch):
+    import slimfx.runtime.artifact_files as files
+
+    monkeypatch.setattr(files.shutil, "rmtree", lambda *a, **k: None)
+    with pytest.warns(UserWarning, match=r"the previous llama is left at .*\.llama\.old-.*delete it yourself"):
+        compiled("llama").cm.save(llama_dir)
+
+
 def test_overwrite_refuses_an_artifact_that_holds_other_files(llama_dir, tmp_path):
     """A save replaces the whole directory: the user's notes and data beside an artifact, or in a
     folder with a meta.json of its own, were deleted without a word."""

@@ -1,0 +1,131 @@
+"""The `slimfx` commands' checks of their arguments, made before a model loads or a compile
+starts: an --out that cannot be written, folders that overlap, a --model that is not the one an
+artifact was compiled from, training options that cannot work. Each failure is a UsageError, which
+the command prints as a message."""
+from __future__ import annotations
+
+import os
+
+__all__ = ["UsageError", "check_out", "check_apart", "check_listing_folder", "check_same_model",
+           "check_text_inputs", "check_train_args"]
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work (an --out that is a file, an unreadable --calib)."""
+
+
+def check_out(out: str) -> None:
+    from pathlib import Path
+
+    from .runtime.artifact import check_target
+
+    check_target(Path(out))  # a file, a file above it, a foreign non-empty folder
+    check_writable("--out", out)
+
+
+def check_apart(out: str, listing: str) -> None:
+    """--out and --emit-kernels in one folder, or one inside the other: each replaces or empties
+    its folder, so the second would fail after the compile (or delete the first)."""
+    from pathlib import Path
+
+    a, b = Path(out).resolve(), Path(listing).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise UsageError(f"--out {out} and --emit-kernels {listing} overlap; write them to separate folders, "
+                         f"e.g. --emit-kernels {out.rstrip('/')}-kernels (beside --out)")
+
+
+def check_listing_folder(path: str) -> None:
+    """--emit-kernels: a new or empty folder, or one an earlier listing wrote (codegen/listing.py)."""
+    from pathlib import Path
+
+    from .codegen.listing import INDEX
+
+    check_folder("--emit-kernels", path)
+    folder = Path(path)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / INDEX).is_file():
+        raise UsageError(f"--emit-kernels {path} is a non-empty folder that no kernel listing wrote; "
+                         "choose a new or empty one")
+
+
+def check_folder(option: str, path: str) -> None:
+    """A directory `option` is to write: not a file, under directories only, in a writable place."""
+    from pathlib import Path
+
+    if Path(path).is_file():
+        raise UsageError(f"{option} {path} is a file; pass a directory path")
+    above = next(p for p in Path(path).absolute().parents if p.exists())
+    if not above.is_dir():
+        raise UsageError(f"cannot write {option} {path}: {above} is a file, not a directory")
+    check_writable(option, path)
+
+
+def check_writable(option: str, path: str) -> None:
+    """The nearest existing directory above `path` can be written (mkdir there must work)."""
+    from pathlib import Path
+
+    above = next(p for p in Path(path).absolute().parents if p.exists())
+    if not os.access(above, os.W_OK):
+        raise UsageError(f"cannot write {option} {path}: {above} is not writable")
+
+
+def check_same_model(cm, loaded, args) -> None:
+    """--model must be the model --compiled was compiled from: another one would be scored or
+    distilled against as if it were the original. The artifact records the class, and the name,
+    shape and dtype of every tensor it kept; the tensors both have under one name and dtype must
+    agree in shape (quantized, low-rank and removed ones are not compared)."""
+    mine = type(loaded.model).__name__
+    if cm.graph.model_class != mine:
+        raise UsageError(f"{args.compiled} was compiled from a {cm.graph.model_class}, --model {args.model} is a "
+                         f"{mine}; pass the model it was compiled from")
+    check_same_modules(cm, loaded, args)
+    kept = {p.name: p for info in cm.graph.modules.values() for p in info.params}
+    common = [(name, tuple(t.shape), tuple(p.shape)) for name, t in loaded.model.state_dict().items()
+              if (p := kept.get(name)) is not None and p.dtype == str(t.dtype).removeprefix("torch.")]
+    if not common:
+        raise UsageError(f"{args.compiled} shares no tensor with --model {args.model} (no name with the same "
+                         "dtype): it was compiled from another model; pass the model it was compiled from")
+    for name, shape, was in common:
+        if shape != was:
+            raise UsageError(f"{args.compiled} was compiled from another {mine}: its {name} is {list(was)}, "
+                             f"--model {args.model}'s is {list(shape)}; pass the model it was compiled from")
+
+
+def check_same_modules(cm, loaded, args) -> None:
+    """The artifact's module table is the compiled model's, less the blocks its `drop`/`collapse`
+    rules removed: a module it has that --model lacks, or one --model has outside what was removed,
+    is another model (a 3-block artifact was scored against a 2-block model, as ×0.577 bytes)."""
+    mine = dict(loaded.model.named_modules())
+    for path, info in cm.graph.modules.items():
+        if path not in mine or type(mine[path]).__name__ != info.cls:
+            has = "lacks it" if path not in mine else f"has a {type(mine[path]).__name__} there"
+            raise UsageError(f"{args.compiled} was compiled from another {cm.graph.model_class}: it has "
+                             f"{path or 'the root'} ({info.cls}), --model {args.model} {has}; pass the model it "
+                             "was compiled from")
+    removed = [p for r in cm.report.rules if r.kind in ("drop", "collapse") for p in r.targets]
+    extra = [p for p in mine if p not in cm.graph.modules
+             and not any(p == r or p.startswith(r + ".") for r in removed)]
+    if extra:
+        raise UsageError(f"{args.compiled} was compiled from another {cm.graph.model_class}: --model {args.model} "
+                         f"has {extra[0]}, which the artifact neither has nor removed; pass the model it was "
+                         "compiled from")
+
+
+def check_text_inputs(cm, args, command: str) -> None:
+    """eval and train call the model with token ids and what a tokenizer gives with them (a mask, token
+    types), which a graph fills in when it was captured without them; an input beyond those (a
+    graph captured with `labels`) has nothing to come from."""
+    from .runtime.inputs import FILLABLE
+
+    other = [n for n in cm.input_names if n != "input_ids" and n not in FILLABLE]
+    if other:
+        raise UsageError(f"{args.compiled} was compiled with the inputs {list(cm.input_names)}; slimfx {command} gives "
+                         f"token ids and a mask, nothing for {other}: compile it with the model's own example "
+                         "inputs (as `slimfx compile --model` does), without " + ", ".join(other))
+
+
+def check_train_args(args) -> None:
+    for name in ("steps", "batch", "seq"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.lr < float("inf"):
+        raise UsageError(f"--lr must be a positive finite number, got {args.lr}")

@@ -1,0 +1,136 @@
+"""The `slimfx` commands and the files around them: the policy argument is a file, a policy file
+with no policy is refused, --out places that cannot work are refused before loading, a closed pipe
+or a full disk loses no work and is not called a slimfx bug."""
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+import slimfx
+from slimfx.cli import main
+from slimfx.models import tiny
+from test_cli import write
+from test_cli_train import QLORA
+
+KEEP = "policy p {\n    keep head\n}\n"
+INT8 = "policy p {\n    quantize blocks.*.mlp.* : Linear int8\n}\n"
+
+
+@pytest.mark.parametrize("name", ["v{2}.slim", "my policy", "int8"])
+def test_a_policy_argument_is_read_as_a_file_whatever_its_name(tmp_path, capsys, name):
+    """`plan 'v{2}.slim'` and `plan 'my policy'` were parsed as policy text."""
+    spec = write(tmp_path, INT8, name)
+    assert main(["plan", str(spec), "--model", "tiny:llama"]) == 0, capsys.readouterr().err
+    assert "quantize" in capsys.readouterr().out
+    assert slimfx.plan(tiny("llama"), str(spec)).rules[0].text.startswith("quantize")
+
+
+def test_a_missing_policy_file_with_a_space_is_named_as_missing(tmp_path, capsys):
+    assert main(["plan", str(tmp_path / "my polcy"), "--model", "tiny:llama"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "my polcy" in err and "loading" not in err
+
+
+def test_a_line_of_rules_longer_than_a_file_name_is_policy_text():
+    """Path(text).exists() raised 'File name too long' for a one-line policy past 255 bytes."""
+    rules = "quantize blocks.*.mlp.gate_proj int8  # " + "why this layer and not the others " * 10
+    plan = slimfx.plan(tiny("llama"), rules)
+    assert plan.rules[0].text.startswith("quantize") and len(plan.rules[0].targets) == 2
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_a_file_without_a_policy_is_refused_by_compile_plan_and_check(tmp_path, capsys, text):
+    """It compiled the model unchanged with exit 0; `check` said `ok (0 policies)`."""
+    spec = write(tmp_path, text)
+    for argv in (["compile", str(spec), "--model", "tiny:llama", "--out", str(tmp_path / "o")],
+                 ["plan", str(spec), "--model", "tiny:llama"], ["check", str(spec)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "holds no policy (it is empty or only comments)" in err and "loading" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_as_the_current_directory_or_a_dangling_link_is_refused_before_loading(tmp_path, capsys,
+                                                                                   monkeypatch):
+    spec = write(tmp_path, KEEP)
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out, says in ((".", "it is the current directory"), (str(tmp_path / "gone"), "which does not exist")):
+        assert main(["compile", str(spec), "--model", "tiny:llama", "--out", out]) == 1
+        err = capsys.readouterr().err
+        assert says in err and "loading" not in err, err
+    assert list(work.iterdir()) == [] and not (tmp_path / "nowhere").exists()
+
+
+def _closed_pipe():
+    """A stdout whose reader went away (`slimfx … | head -1` after the first line)."""
+    read, write_end = os.pipe()
+    os.close(read)
+    return open(write_end, "w", buffering=1)
+
+
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # rich meets the closed pipe itself: stdout to /dev/null, exit 1
+        return e.code
+
+
+def test_a_closed_pipe_after_compile_keeps_the_artifact_and_says_nothing_of_a_bug(tmp_path, capsys, monkeypatch):
+    """`compile --stats | head -1` lost the compile: the report was printed before saving."""
+    spec, out = write(tmp_path, INT8), tmp_path / "o"
+    monkeypatch.setattr(sys, "stdout", _closed_pipe())
+    assert _exit_code(["compile", str(spec), "--model", "tiny:llama", "--out", str(out), "--stats"]) == 1
+    monkeypatch.undo()
+    assert "slimfx bug" not in capsys.readouterr().err
+    slimfx.load(out)
+
+
+def test_a_closed_pipe_after_train_keeps_the_trained_artifact(tmp_path, capsys, monkeypatch):
+    art = tmp_path / "qlora"
+    assert main(["compile", str(write(tmp_path, QLORA)), "--model", "tiny:llama", "--out", str(art)]) == 0
+    monkeypatch.setattr(sys, "stdout", _closed_pipe())
+    assert _exit_code(["train", "--model", "tiny:llama", "--compiled", str(art), "--steps", "2", "--batch", "1",
+                       "--seq", "16"]) == 1
+    monkeypatch.undo()
+    assert "slimfx bug" not in capsys.readouterr().err
+    slimfx.load(tmp_path / "qlora-trained")
+
+
+def test_a_real_pipe_closed_early_ends_quietly(tmp_path):
+    spec, out = write(tmp_path, INT8), tmp_path / "o"
+    run = subprocess.run(f"{sys.executable} -m slimfx compile {spec} --model tiny:llama --out {out} --stats "
+                         "| head -c 1", shell=True, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert "Traceback" not in run.stderr and "slimfx bug" not in run.stderr and "Exception ignored" not in run.stderr
+    slimfx.load(out)
+
+
+def test_train_of_the_current_directory_saves_beside_it(tmp_path, capsys, monkeypatch):
+    """`train --compiled .` wrote `.-trained` inside the artifact it trained."""
+    art = tmp_path / "qlora"
+    assert main(["compile", str(write(tmp_path, QLORA)), "--model", "tiny:llama", "--out", str(art)]) == 0
+    monkeypatch.chdir(art)
+    assert main(["train", "--model", "tiny:llama", "--compiled", ".", "--steps", "1", "--batch", "1",
+                 "--seq", "16"]) == 0
+    assert f"saved to {tmp_path / 'qlora-trained'}" in capsys.readouterr().err
+    assert not (art / ".-trained").exists()
+    slimfx.load(tmp_path / "qlora-trained")
+
+
+def test_a_full_disk_is_a_message_not_a_slimfx_bug(tmp_path, capsys, monkeypatch):
+    import slimfx.runtime.artifact_files as files
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(files, "write_bytes", full)
+    monkeypatch.setattr("slimfx.runtime.artifact._write_bytes", full)
+    out = tmp_path / "o"
+    assert main(["compile", str(write(tmp_path, KEEP)), "--model", "tiny:llama", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "free some space" in err and "slimfx bug" not in err, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["p.slim"]
