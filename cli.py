@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:  # "the following arguments are required: COMMAND" names none of them
         parser.print_help(sys.stderr)
         return 2
-    if argv[0].startswith("-") and argv[0] not in ("-h", "--help"):  # it would say COMMAND is missing
+    if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):  # it would say COMMAND is missing
         parser.error(f"unrecognized option {argv[0]}: the command comes first "
                      "(`slimfx COMMAND --help` lists a command's options)")
     args, unknown = parser.parse_known_args(argv)
@@ -51,7 +51,10 @@ def _silence_stdout() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .runtime.version import __version__
+
     parser = argparse.ArgumentParser(prog="slimfx", description="Compress PyTorch models from a policy file.")
+    parser.add_argument("--version", action="version", version=f"slimfx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser("check", help="validate policy files")

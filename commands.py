@@ -12,6 +12,7 @@ from .dsl.errors import SpecError
 
 __all__ = ["add_model_commands"]
 
+EVAL_TOKENS = 2048
 MODEL_HELP = "smollm2-135m, minilm-l6, tiny:<arch>, or a local Hugging Face model directory"
 
 
@@ -61,7 +62,8 @@ def add_model_commands(sub) -> None:
     ev = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders), bytes, latency")
     ev.add_argument("--model", required=True, help=MODEL_HELP)
     ev.add_argument("--compiled", help="artifact directory from `slimfx compile`, evaluated side by side")
-    ev.add_argument("--max-tokens", type=int, default=2048, help="tokens of the default text to score")
+    ev.add_argument("--max-tokens", type=int, help="causal LMs: score the first N tokens of the eval text "
+                    f"(default {EVAL_TOKENS}; all of it when N is larger, which it then says)")
     ev.set_defaults(run=_guarded(_eval))
 
 
@@ -339,9 +341,10 @@ def _count_params(cm) -> str:
 def _eval(args) -> int:
     from .evaluation import eval_table
 
-    if args.max_tokens < 2:  # the first token has nothing before it to be predicted from
+    if args.max_tokens is not None and args.max_tokens < 2:  # the first token has nothing to be predicted from
         raise UsageError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     loaded = _load_model(args.model)
+    max_tokens = _eval_tokens(loaded, args.max_tokens)
     compiled = None
     if args.compiled:
         from . import api
@@ -349,5 +352,23 @@ def _eval(args) -> int:
         compiled = api.load(args.compiled)
         check_same_model(compiled, loaded, args)
         check_text_inputs(compiled, args, "eval")
-    _console().print(eval_table(loaded, compiled, max_tokens=args.max_tokens))
+    _console().print(eval_table(loaded, compiled, max_tokens=max_tokens))
     return 0
+
+
+def _eval_tokens(loaded, asked: int | None) -> int:
+    """How many tokens the perplexity scores, said when it is not what --max-tokens asked for."""
+    from .evaluation import eval_text
+
+    if loaded.kind != "causal-lm" or loaded.tokenizer is None:
+        if asked is not None:
+            print(f"note: --max-tokens is not used: it counts the tokens a perplexity scores, and {loaded.name} "
+                  f"is {'a causal LM without a tokenizer' if loaded.kind == 'causal-lm' else loaded.kind}",
+                  file=sys.stderr)
+        return EVAL_TOKENS
+    available = _token_ids(loaded, [eval_text()]).numel()
+    wanted = EVAL_TOKENS if asked is None else asked
+    if wanted > available:
+        print(f"note: the eval text is {available:,} tokens of {loaded.name}; all of them are scored "
+              f"(--max-tokens {wanted:,} asked for more)", file=sys.stderr)
+    return min(wanted, available)

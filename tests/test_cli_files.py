@@ -1,6 +1,7 @@
 """The `slimfx` commands and the files around them: the policy argument is a file, a policy file
 with no policy is refused, --out places that cannot work are refused before loading, a closed pipe
-or a full disk loses no work and is not called a slimfx bug."""
+or a full disk loses no work and is not called a slimfx bug; --version; eval says what --max-tokens
+could not do."""
 import errno
 import os
 import subprocess
@@ -134,3 +135,21 @@ def test_a_full_disk_is_a_message_not_a_slimfx_bug(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "No space left on device" in err and "free some space" in err and "slimfx bug" not in err, err
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["p.slim"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"slimfx {slimfx.__version__}\n"
+
+
+def test_eval_says_when_max_tokens_is_more_than_the_text_or_unused(capsys):
+    """--max-tokens was capped to the text's length, and ignored on encoders, without a word."""
+    assert main(["eval", "--model", "tiny:llama", "--max-tokens", "10000000"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the eval text is" in err and "all of them are scored (--max-tokens 10,000,000 asked" in err
+    assert main(["eval", "--model", "tiny:llama", "--max-tokens", "64"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny:bert", "--max-tokens", "64"]) == 0
+    assert "note: --max-tokens is not used: it counts the tokens a perplexity scores, and tiny:bert is encoder" \
+        in capsys.readouterr().err
