@@ -84,8 +84,10 @@ def load(path: str | os.PathLike, *, backend: str = "auto"):
     return load_artifact(path, backend=backend)
 
 
-def resolve_policy(policy, name: str | None = None) -> tuple[A.Policy | None, A.Spec]:
-    """(the one policy to apply or None for an empty spec, the Spec it came from)."""
+def resolve_policy(policy, name: str | None = None, *,
+                   choose: str = "pass name=… (or --policy NAME) to choose one") -> tuple[A.Policy | None, A.Spec]:
+    """(the one policy to apply or None for an empty spec, the Spec it came from). `choose`: the
+    hint when the spec holds several policies and `name` picks none (the CLI's names its option)."""
     if isinstance(policy, A.Policy):
         return policy, A.Spec((policy,))
     spec = policy if isinstance(policy, A.Spec) else _read_spec(policy)
@@ -98,7 +100,7 @@ def resolve_policy(policy, name: str | None = None) -> tuple[A.Policy | None, A.
         return spec.policy(name), spec
     except (KeyError, ValueError) as e:
         raise SpecError.at("unknown-policy", str(e).strip("'\""), source=spec.source, filename=spec.filename,
-                           hint="pass name=… (or --policy NAME) to choose one") from None
+                           hint=choose) from None
 
 
 def _read_spec(policy) -> A.Spec:

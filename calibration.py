@@ -146,6 +146,15 @@ def _default(model) -> list[dict[str, Any]]:
     return _texts(model, ["\n\n".join(calibration_texts(min_words=0))], max_tokens=DEFAULT_TOKENS)
 
 
+class CalibrationSize(ValueError):
+    """calib=N asks for fewer tokens than one row or more than the built-in text has."""
+
+    def __init__(self, asked: int, available: int):
+        self.asked, self.available, self.least = asked, available, MAX_TOKENS
+        super().__init__(f"calib={asked}: the built-in text has {available:,} tokens for this tokenizer; ask "
+                         f"for {MAX_TOKENS} to {available} (for more, pass your own text: a list of texts or a file)")
+
+
 def _builtin(model, tokens: int) -> list[dict[str, Any]]:
     """Rows of the default calibration text and then more_text.py's, up to `tokens` real tokens;
     `tokens` = DEFAULT_TOKENS gives exactly the default's rows."""
@@ -153,9 +162,7 @@ def _builtin(model, tokens: int) -> list[dict[str, Any]]:
     rows = _builtin_rows(model)  # once: ~226k tokens of SmolLM2's
     available = _token_count(rows)
     if not MAX_TOKENS <= tokens <= available:
-        raise ValueError(f"calib={tokens}: the built-in text has {available:,} tokens for this tokenizer; "
-                         f"ask for {MAX_TOKENS} to {available} (for more, pass your own text: a list "
-                         "of texts or a file)")
+        raise CalibrationSize(tokens, available)
     return _batches(rows, max_tokens=tokens)
 
 

@@ -157,6 +157,9 @@ def _compile(args) -> int:
         calib = _builtin_calib(loaded, args.calib_tokens)
     cm = api.compile(loaded, spec, name=args.policy, calib=calib, progress=True)
     cm.save(args.out)  # first: the compile is kept whatever happens to what is printed (`| head`)
+    if (args.calib or args.calib_tokens is not None) and not cm.report.calibration:
+        print(f"note: {'--calib' if args.calib else '--calib-tokens'} was not used: no rule of this policy "
+              "calibrates (round-to-nearest quantization, explicit cuts and adapters need none)", file=sys.stderr)
     _console().print(cm.report.table())
     if args.stats:
         print(_group_stats(cm, loaded))
@@ -176,7 +179,7 @@ def _spec(name: str, policy: str | None):
 
     # a Path: the argument names a file, always (a name such as `v{2}.slim` was read as policy text)
     source = parse(sys.stdin.buffer.read(), filename="<stdin>") if name == "-" else Path(name)
-    _, spec = api.resolve_policy(source, policy)
+    _, spec = api.resolve_policy(source, policy, choose="pass --policy NAME to choose one")
     if not spec.policies:  # the model would be compiled (or planned) unchanged, and exit 0 say it worked
         raise UsageError(f"{spec.filename} holds no policy (it is empty or only comments): write one, e.g. "
                          "`policy small { quantize blocks.*.** : Linear int8 }` (`slimfx check` validates it)")
@@ -217,10 +220,14 @@ def _read_calib(path: str) -> list[str]:
 
 
 def _builtin_calib(loaded, tokens: int) -> list[dict]:
-    from .calibration import calibration_batches
+    from .calibration import CalibrationSize, calibration_batches
 
     try:
         return calibration_batches(loaded, tokens)
+    except CalibrationSize as e:  # its own words are compile()'s (calib=N, a list of texts)
+        raise UsageError(f"--calib-tokens {tokens}: the built-in text has {e.available:,} tokens of {loaded.name}; "
+                         f"ask for {e.least} to {e.available:,} (for more, calibrate on your own text with --calib "
+                         "FILE)") from None
     except (TypeError, ValueError) as e:
         raise UsageError(f"--calib-tokens: {e}") from None
 

@@ -9,7 +9,35 @@ from typing import Any, Callable
 
 from ..runtime.progress import Progress
 
-__all__ = ["Context"]
+__all__ = ["Context", "CalibrationBatches"]
+
+
+class CalibrationBatches(list):
+    """`ctx.calib`: a list that notes whether a pass read a batch (len() and truth do not count),
+    so the report can say what the model was calibrated on — or that no rule calibrated, and a
+    `--calib` the user gave went unused."""
+
+    read = False
+
+    def __iter__(self):
+        self.read = True
+        return super().__iter__()
+
+    def __getitem__(self, i):
+        self.read = True
+        return super().__getitem__(i)
+
+    def __add__(self, other):
+        return [*self, *other]
+
+    def described(self) -> str:
+        """"3,072 tokens in 24 rows" (token ids), else "24 rows in 6 batches"."""
+        rows = sum(next(iter(b.values())).shape[0] for b in super().__iter__() if b)
+        if all("input_ids" in b for b in super().__iter__()):
+            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                         for b in super().__iter__())
+            return f"{tokens:,} tokens in {rows:,} rows"
+        return f"{rows:,} rows in {len(self):,} batches"
 
 
 @dataclass
@@ -38,3 +66,6 @@ class Context:
     # them, and leaves them in `error_fits` (path -> ErrorFit) for the adapt rule to put in.
     error_plans: dict[str, Any] = field(default_factory=dict)
     error_fits: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.calib = CalibrationBatches(self.calib)

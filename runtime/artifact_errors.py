@@ -6,7 +6,8 @@ __all__ = ["ArtifactError", "META", "PROGRAM", "WEIGHTS", "FILES", "RESAVE"]
 META, PROGRAM, WEIGHTS = "meta.json", "program.json", "weights.safetensors"
 FILES = (META, PROGRAM, WEIGHTS)
 # A damaged artifact cannot save itself again: say where a good one comes from.
-RESAVE = "save it again from the CompiledModel (cm.save(path)), or compile the original model with its policy again"
+RESAVE = ("save it again from the CompiledModel (cm.save(path)), or compile the original model with its policy again "
+          "(`slimfx compile … --out`)")
 
 
 class ArtifactError(ValueError):

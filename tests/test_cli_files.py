@@ -153,3 +153,16 @@ def test_eval_says_when_max_tokens_is_more_than_the_text_or_unused(capsys):
     assert main(["eval", "--model", "tiny:bert", "--max-tokens", "64"]) == 0
     assert "note: --max-tokens is not used: it counts the tokens a perplexity scores, and tiny:bert is encoder" \
         in capsys.readouterr().err
+
+
+def test_calibration_a_policy_never_uses_is_said(tmp_path, capsys):
+    """--calib-tokens on a round-to-nearest policy was accepted and ignored without a word."""
+    rtn, gptq = write(tmp_path, INT8, "rtn.slim"), write(tmp_path, INT8.replace("int8", "int4 method=gptq"), "g.slim")
+    assert main(["compile", str(rtn), "--model", "tiny:llama", "--out", str(tmp_path / "a"),
+                 "--calib-tokens", "256"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: --calib-tokens was not used: no rule of this policy calibrates" in err and "calibrated on" not in out
+    assert main(["compile", str(gptq), "--model", "tiny:llama", "--out", str(tmp_path / "b"),
+                 "--calib-tokens", "256"]) == 0
+    out, err = capsys.readouterr()
+    assert "note:" not in err and "calibrated on 256 tokens in 2 rows" in out
