@@ -32,7 +32,8 @@ class CalibrationBatches(list):
 
     def described(self) -> str:
         """"3,072 tokens in 24 rows" (token ids), else "24 rows in 6 batches"."""
-        rows = sum(next(iter(b.values())).shape[0] for b in super().__iter__() if b)
+        rows = sum(next((v.shape[0] for v in b.values() if getattr(v, "ndim", 0)), 0)
+                   for b in super().__iter__())
         if all("input_ids" in b for b in super().__iter__()):
             tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                          for b in super().__iter__())
