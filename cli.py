@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # the command's own usage, not the top level's "slimfx [-h] COMMAND ..."
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe met then is "Exception ignored", exit 120
+        return status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

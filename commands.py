@@ -70,7 +70,6 @@ def add_model_commands(sub) -> None:
 TRACEBACK_ENV = "SLIMFX_TRACEBACK"
 
 
-
 def _guarded(fn):
     """Policy, model, artifact and argument problems print as messages, not tracebacks."""
 
@@ -157,15 +156,16 @@ def _compile(args) -> int:
         calib = _builtin_calib(loaded, args.calib_tokens)
     cm = api.compile(loaded, spec, name=args.policy, calib=calib, progress=True)
     cm.save(args.out)  # first: the compile is kept whatever happens to what is printed (`| head`)
+    listing = _emit_kernels(cm, args.emit_kernels) if args.emit_kernels else None
     if (args.calib or args.calib_tokens is not None) and not cm.report.calibration:
         print(f"note: {'--calib' if args.calib else '--calib-tokens'} was not used: no rule of this policy "
-              "calibrates (round-to-nearest quantization, explicit cuts and adapters need none)", file=sys.stderr)
+              "calibrates (round-to-nearest quantization, adapters and token rules need none)", file=sys.stderr)
     _console().print(cm.report.table())
     if args.stats:
         print(_group_stats(cm, loaded))
     print(f"saved to {args.out}", file=sys.stderr)
-    if args.emit_kernels:
-        print(_emit_kernels(cm, args.emit_kernels), file=sys.stderr)
+    if listing:
+        print(listing, file=sys.stderr)
     return 0
 
 
@@ -203,11 +203,6 @@ def _emit_kernels(cm, folder: str) -> str:
     with unlowered(cm.program):
         summary = write_kernels(cm.program.graph, folder)
     return f"kernels written to {folder}: {summary}"
-
-
-
-
-
 
 
 def _read_calib(path: str) -> list[str]:
@@ -286,10 +281,6 @@ def _train(args) -> int:
     return 0
 
 
-
-
-
-
 def _trained_beside(compiled: str) -> str:
     """The default --out of train: DIR-trained beside DIR. For `.` or `..` that is named from the
     directory's own name (`.-trained` was written inside the artifact being trained)."""
@@ -363,6 +354,10 @@ def _eval(args) -> int:
     return 0
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
 def _eval_tokens(loaded, asked: int | None) -> int:
     """How many tokens the perplexity scores, said when it is not what --max-tokens asked for."""
     from .evaluation import eval_text
@@ -370,7 +365,7 @@ def _eval_tokens(loaded, asked: int | None) -> int:
     if loaded.kind != "causal-lm" or loaded.tokenizer is None:
         if asked is not None:
             print(f"note: --max-tokens is not used: it counts the tokens a perplexity scores, and {loaded.name} "
-                  f"is {'a causal LM without a tokenizer' if loaded.kind == 'causal-lm' else loaded.kind}",
+                  f"is {'a causal LM without a tokenizer' if loaded.kind == 'causal-lm' else _a(loaded.kind)}",
                   file=sys.stderr)
         return EVAL_TOKENS
     available = _token_ids(loaded, [eval_text()]).numel()

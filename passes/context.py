@@ -30,6 +30,11 @@ class CalibrationBatches(list):
     def __add__(self, other):
         return [*self, *other]
 
+    def unread(self) -> list:
+        """The batches for a measurement (a latency, the report's figures on one batch), which
+        is not calibrating: the report and `--calib`'s unused note must not count it."""
+        return list(super().__iter__())
+
     def described(self) -> str:
         """"3,072 tokens in 24 rows" (token ids), else "24 rows in 6 batches"."""
         rows = sum(next((v.shape[0] for v in b.values() if getattr(v, "ndim", 0)), 0)

@@ -66,7 +66,7 @@ def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
             plan = rebind(graph, plan, i + 1, source=ctx.source, filename=ctx.filename)
     return Report(plan.policy.name if plan.policy else None, plan.model_class, tuple(rules),
                   plan.params_total, graph_params(graph), plan.bytes_total, graph_bytes(graph),
-                  time.perf_counter() - start, ctx.calib.described() if ctx.calib.read else "")
+                  time.perf_counter() - start, ctx.calib.described() if ctx.calib.read and ctx.calib else "")
 
 
 def _error_init_targets(later: tuple[BoundRule, ...]) -> frozenset[str]:

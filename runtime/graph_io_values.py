@@ -38,7 +38,7 @@ def _size_functions() -> dict[str, type]:
 
 _FUNCTIONS = _size_functions()
 _RAISING = ("Pow", "PowByNatural", "LShift")  # grow with their second argument's value
-_LARGEST = 2**63
+_LARGEST = 2**63 - 1
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values()
            if isinstance(d, torch.dtype)}
 
@@ -209,10 +209,35 @@ class ValueDecoder:
             if isinstance(expr, sympy.Integer):
                 self._symints[key] = int(expr)
             else:
+                if self._bound(doc) > _LARGEST:  # xreplace would work 2**(64**6) out exactly
+                    raise ValueError(f"a size expression {str(doc)[:40]} is beyond int64 at its hints")
                 hint = expr.xreplace(self.hints)
                 hint = int(hint) if isinstance(hint, sympy.Integer) else None
                 self._symints[key] = self.env.create_symintnode(expr, hint=hint)
         return self._symints[key]
+
+    def _bound(self, doc: Any) -> float:
+        """An upper bound of |value| at the symbols' hints, in floats (inf past their range):
+        sums and products as such, powers and shifts by their exponent, anything else (division,
+        modulo, min/max, rounding) by its largest argument plus one. `doc` has passed _expr."""
+        if type(doc) is int:
+            return float(abs(doc))
+        if isinstance(doc, str):
+            hint = self.hints.get(self.symbols[doc])
+            return float(_LARGEST if hint is None else hint)
+        name, args = doc[0], [self._bound(a) for a in doc[1:]]
+        try:
+            if name == "Add":
+                return float(sum(args))
+            if name == "Mul":
+                return math.prod(args)
+            if name in ("Pow", "PowByNatural"):
+                return max(1.0, args[0]) ** args[1]  # |b**e| <= max(1, |b|)**|e|
+            if name == "LShift":
+                return args[0] * 2.0 ** args[1]
+        except OverflowError:
+            return math.inf
+        return max(args, default=0.0) + 1.0
 
     def _expr(self, doc: Any, depth: int) -> sympy.Expr:
         if depth > 32:

@@ -105,7 +105,8 @@ def test_a_closed_pipe_after_train_keeps_the_trained_artifact(tmp_path, capsys, 
 def test_a_real_pipe_closed_early_ends_quietly(tmp_path):
     spec, out = write(tmp_path, INT8), tmp_path / "o"
     run = subprocess.run(f"{sys.executable} -m slimfx compile {spec} --model tiny:llama --out {out} --stats "
-                         "| head -c 1", shell=True, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                         "| head -c 1", shell=True, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})  # buffered, as users run it
     assert "Traceback" not in run.stderr and "slimfx bug" not in run.stderr and "Exception ignored" not in run.stderr
     slimfx.load(out)
 
@@ -151,7 +152,7 @@ def test_eval_says_when_max_tokens_is_more_than_the_text_or_unused(capsys):
     assert main(["eval", "--model", "tiny:llama", "--max-tokens", "64"]) == 0
     assert "note:" not in capsys.readouterr().err
     assert main(["eval", "--model", "tiny:bert", "--max-tokens", "64"]) == 0
-    assert "note: --max-tokens is not used: it counts the tokens a perplexity scores, and tiny:bert is encoder" \
+    assert "note: --max-tokens is not used: it counts the tokens a perplexity scores, and tiny:bert is an encoder" \
         in capsys.readouterr().err
 
 

@@ -110,7 +110,7 @@ def latency_ms(graph: ModelGraph, ctx: Context, repeats: int = 3) -> tuple[float
     positions; None without calibration. For the report's before → after."""
     if not ctx.calib:
         return None
-    batch = ctx.calib[0]
+    batch = ctx.calib.unread()[0]  # a measurement, not calibration
     if "input_ids" not in batch:
         return forward_ms(graph, {k: v[:1] for k, v in batch.items()}, repeats), 0
     ids = batch["input_ids"].reshape(-1)

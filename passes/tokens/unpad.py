@@ -153,7 +153,7 @@ def rule_error(bound: BoundRule, ctx: Context, kind: str, message: str, hint: st
 
 def padded_batch(ctx: Context) -> dict | None:
     """The first calibration batch that has an attention mask (its padding shows the gain)."""
-    for batch in ctx.calib:
+    for batch in ctx.calib.unread():
         if MASK_INPUT in batch:
             return batch
     return None
@@ -161,4 +161,4 @@ def padded_batch(ctx: Context) -> dict | None:
 
 def probe_batch(ctx: Context) -> dict | None:
     """What the report measures on: a padded batch where there is one, else the first batch."""
-    return padded_batch(ctx) or next(iter(ctx.calib), None)
+    return padded_batch(ctx) or next(iter(ctx.calib.unread()), None)

@@ -39,3 +39,14 @@ def test_the_report_says_what_a_calibrating_rule_ran_on_and_nothing_otherwise():
     rtn = slimfx.compile(model, "quantize blocks.*.mlp.* : Linear int4",
                          example_inputs=example_inputs("llama"), calib=batches)
     assert rtn.report.calibration == "" and "calibrated" not in str(rtn.report)
+
+
+def test_measuring_on_a_batch_is_not_calibrating():
+    """Unpad's report figures read a calibration batch: the caption said `calibrated on 3,072
+    tokens` and compile never noted an unused --calib. (A drop does run the calibration batches:
+    it records what left the removed blocks, for its report and a later heal.)"""
+    model, batches = tiny_model("llama"), token_batches(n=2, rows=2, length=12)
+    cm = slimfx.compile(model, "tokens unpad", example_inputs=example_inputs("llama"), calib=batches)
+    assert cm.report.calibration == ""
+    cm = slimfx.compile(model, "drop blocks[1]", example_inputs=example_inputs("llama"), calib=batches)
+    assert cm.report.calibration == "48 tokens in 4 rows"

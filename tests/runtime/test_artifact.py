@@ -350,13 +350,21 @@ def test_refuses_code_in_size_expressions(llama_dir, tmp_path):
     assert not marker.exists()
 
 
+def _tower(size, levels=6):
+    for _ in range(levels):
+        size = ["Pow", size, 64]
+    return size
+
+
 @pytest.mark.parametrize("size", [["Pow", 10, ["Pow", 10, 12]], ["LShift", 1, 10**12],
-                                  ["Pow", 2, "s0"], 10**30, ["Mul", 2**62, 2**62]])
+                                  ["Pow", 2, "s0"], 10**30, ["Mul", 2**62, 2**62], 2**63, "tower"])
 def test_refuses_sizes_that_would_hang_load(llama_dir, size):
     """sympy works a literal power out exactly: 10**(10**12) would hang load(), not fail."""
     def edit(doc):
         node = _symbolic_node(doc)
-        size_ = size if size != ["Pow", 2, "s0"] else ["Pow", 2, node["val"]["tensor"][1][0]]
+        symbol = node["val"]["tensor"][1][0]
+        size_ = {"tower": _tower(symbol)}.get(size, size) if not isinstance(size, list) else size
+        size_ = ["Pow", 2, symbol] if size == ["Pow", 2, "s0"] else size_
         node["val"]["tensor"][1][0] = size_
     _tamper_program(llama_dir, edit)
     refused(llama_dir, "program.json is malformed", RESAVE)
