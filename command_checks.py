@@ -20,7 +20,7 @@ def check_out(out: str) -> None:
     from .runtime.artifact import check_target
 
     check_target(Path(out))  # a file, a file above it, a foreign non-empty folder
-    check_writable("--out", out)
+    check_writable("--out", str(Path(out).resolve()))  # a link is saved through: where it points
 
 
 def check_apart(out: str, listing: str) -> None:

@@ -26,7 +26,7 @@ from .artifact_errors import FILES, META, PROGRAM, RESAVE, WEIGHTS, ArtifactErro
 from .artifact_files import first_line as _first_line, json_bytes as _json_bytes
 from .artifact_files import read_json as _read_json, read_weights as _read_weights
 from .artifact_files import sha256 as _sha256, sha256_file as _sha256_file
-from .artifact_files import foreign_entries, write_atomic as _write_atomic
+from .artifact_files import foreign_entries, unplaceable, write_atomic as _write_atomic
 from .artifact_files import write_bytes as _write_bytes, write_weights as _write_weights
 from .graph_io import decode_graph, encode_graph
 from .report import Report
@@ -61,15 +61,9 @@ def save(cm: CompiledModel, path: str | os.PathLike) -> None:
 def check_target(target: Path) -> None:
     """Refuse, before any work, a path save() could not write: a file, or a non-empty directory
     that is not an artifact (`slimfx compile --out` checks it before compiling)."""
-    if target.is_symlink() and not target.exists():
-        raise ArtifactError(f"cannot save to {target}: it is a symbolic link to {os.readlink(target)}, which "
-                            "does not exist; create that directory, or choose another path")
-    real = target.resolve()
-    if real == real.parent or real in (cwd := Path.cwd().resolve(), *cwd.parents):
-        # saving replaces the whole directory: the one the process (and the user's shell) is in
-        raise ArtifactError(f"cannot save to {target}: it is {'the' if real == cwd else 'above the'} current "
-                            f"directory, which saving would replace; save from outside it (e.g. cd .. and "
-                            f"save to {real.name or 'a new folder'})")
+    problem = unplaceable(target)
+    if problem:
+        raise ArtifactError(f"cannot save to {target}: {problem}")
     if target.is_file():
         raise ArtifactError(f"cannot save to {target}: it is a file; pass a directory path")
     above = next((p for p in target.absolute().parents if p.exists() and not p.is_dir()), None)

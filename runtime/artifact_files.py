@@ -71,6 +71,22 @@ def foreign_entries(target: Path, own: tuple[str, ...]) -> list[str]:
     return sorted(e.name + ("/" if e.is_dir() else "") for e in target.iterdir() if e.name not in own)
 
 
+def unplaceable(target: Path) -> str | None:
+    """Why write_atomic cannot replace `target`, or None: a symbolic link to nothing, or the
+    current directory or one above it (the process and the user's shell would be left in a
+    deleted directory)."""
+    if target.is_symlink() and not target.exists():
+        return (f"it is a symbolic link to {os.readlink(target)}, which does not exist; create that directory, "
+                "or choose another path")
+    real = target.resolve()
+    cwd = Path.cwd().resolve()
+    if real == real.parent or real in (cwd, *cwd.parents):
+        where = "the current directory" if real == cwd else "above the current directory"
+        return (f"it is {where}, which saving would replace (it replaces the whole directory); save from "
+                "outside it, to a path that does not contain the current directory")
+    return None
+
+
 def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
     """Everything goes to a temporary directory next to `target`, is fsynced, then renamed
     into place; an existing artifact there is replaced only once the new one is complete, and

@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 
 from .adapters import Adapter, adapters_of
-from .artifact_files import foreign_entries, json_bytes, write_atomic, write_bytes, write_weights
+from .artifact_files import foreign_entries, json_bytes, unplaceable, write_atomic, write_bytes, write_weights
 
 __all__ = ["PeftFormatError", "save_adapters", "peft_config", "tensor_key", "split_key", "pattern_value",
            "CONFIG", "WEIGHTS", "PICKLED", "PREFIX", "KEYS"]
@@ -120,6 +120,9 @@ def _tensors(gm: torch.nn.Module, adapter: Adapter) -> dict[str, torch.Tensor]:
 
 
 def _check_target(target: Path) -> None:
+    problem = unplaceable(target)
+    if problem:
+        raise PeftFormatError(f"cannot save adapters to {target}: {problem}")
     if target.is_file():
         raise PeftFormatError(f"cannot save adapters to {target}: it is a file; pass a directory path")
     if target.is_dir() and any(target.iterdir()) and not (target / CONFIG).is_file():

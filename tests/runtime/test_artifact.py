@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import slimfx
 import slimfx.runtime.artifact as artifact
 from runtime_tiny import assert_identical, compiled, refused, rehash
 from slimfx.runtime.artifact import FILES, FORMAT_VERSION, ArtifactError, load
@@ -125,6 +126,12 @@ def test_save_refuses_a_dangling_link_and_the_current_directory(tmp_path, monkey
         with pytest.raises(ArtifactError, match=says):
             compiled("llama").cm.save(path)
     assert list(work.iterdir()) == []
+    from slimfx.runtime.peft_format import PeftFormatError
+    adapted = slimfx.compile(compiled("llama").loaded, "adapt blocks.*.attn.q lora rank=2")
+    for path in (".", str(dangling)):  # save_adapters writes its folder the same way
+        with pytest.raises(PeftFormatError, match="cannot save adapters to"):
+            adapted.save_adapters(path)
+    assert list(work.iterdir()) == [] and work.exists()
 
 
 def test_an_old_artifact_that_cannot_be_deleted_is_named(llama_dir, monkeypatch):
