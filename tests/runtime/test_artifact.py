@@ -295,45 +295,6 @@ def test_refuses_non_operator_targets(llama_dir, target):
     refused(llama_dir, f"node target {target!r} is not an allowed operator", "never runs code")
 
 
-def test_refuses_operators_that_reach_files(llama_dir, tmp_path):
-    """Allowed namespaces are not enough: aten.from_file(shared=True) then fill_ would overwrite
-    any file the user can write when the loaded model runs."""
-    victim = tmp_path / "victim.txt"
-    victim.write_bytes(b"keep me " * 4)
-
-    def edit(doc):
-        out = _nodes(doc).pop()
-        _nodes(doc).extend([
-            {"op": "call_function", "name": "evil_map", "target": "aten.from_file.default",
-             "args": [str(victim)],
-             "kwargs": {"shared": True, "size": 16, "dtype": {"dtype": "uint8"}}},
-            {"op": "call_function", "name": "evil_fill", "target": "aten.fill_.Scalar",
-             "args": [{"node": "evil_map"}, 88], "kwargs": {}},
-            out])
-    _tamper_program(llama_dir, edit)
-    refused(llama_dir, "operator 'aten.from_file.default' takes a free string (filename",
-            "never runs code")
-    assert victim.read_bytes() == b"keep me " * 4
-
-
-@pytest.mark.parametrize("target", ["aten.save.default", "aten._print.default",
-                                    "aten.set_.source_Storage"])
-def test_refuses_file_text_and_storage_operators(target):
-    from slimfx.runtime.program_check import resolve_target
-    from slimfx.runtime.artifact_errors import ArtifactError
-    with pytest.raises(ArtifactError, match="a model's graph never does"):
-        resolve_target(target)
-
-
-@pytest.mark.parametrize("target", ["aten.gelu.default", "aten.div.Tensor_mode",
-                                    "aten._assert_scalar.default", "aten.convolution.default",
-                                    "aten.einsum.default", "aten.pad.default"])
-def test_operators_with_option_words_stay_allowed(target):
-    from slimfx.runtime.program_check import resolve_target
-    from slimfx.runtime.program_check import op_name
-    assert op_name(resolve_target(target)) == target
-
-
 def _symbolic_node(doc) -> dict:
     """A node whose value's first size is a symbol (the batch)."""
     return next(n for n in _nodes(doc) if "tensor" in (n.get("val") or {})
