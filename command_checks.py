@@ -19,8 +19,8 @@ def check_out(out: str) -> None:
 
     from .runtime.artifact import check_target
 
-    check_target(Path(out))  # a file, a file above it, a foreign non-empty folder
-    check_writable("--out", str(Path(out).resolve()))  # a link is saved through: where it points
+    check_target(Path(out))  # a file, a file above it, a foreign non-empty folder, a link loop
+    check_writable("--out", str(_resolved("--out", out)))  # a link is saved through: where it points
 
 
 def check_apart(out: str, listing: str) -> None:
@@ -28,7 +28,7 @@ def check_apart(out: str, listing: str) -> None:
     its folder, so the second would fail after the compile (or delete the first)."""
     from pathlib import Path
 
-    a, b = Path(out).resolve(), Path(listing).resolve()
+    a, b = _resolved("--out", out), _resolved("--emit-kernels", listing)
     if a == b or a in b.parents or b in a.parents:
         raise UsageError(f"--out {out} and --emit-kernels {listing} overlap; write them to separate folders, "
                          f"e.g. --emit-kernels {out.rstrip('/')}-kernels (beside --out)")
@@ -51,9 +51,12 @@ def check_folder(option: str, path: str) -> None:
     """A directory `option` is to write: not a file, under directories only, in a writable place."""
     from pathlib import Path
 
+    from .runtime.artifact_files import nearest_existing
+
     if Path(path).is_file():
         raise UsageError(f"{option} {path} is a file; pass a directory path")
-    above = next(p for p in Path(path).absolute().parents if p.exists())
+    _resolved(option, path)
+    above = nearest_existing(Path(path))
     if not above.is_dir():
         raise UsageError(f"cannot write {option} {path}: {above} is a file, not a directory")
     check_writable(option, path)
@@ -63,9 +66,23 @@ def check_writable(option: str, path: str) -> None:
     """The nearest existing directory above `path` can be written (mkdir there must work)."""
     from pathlib import Path
 
-    above = next(p for p in Path(path).absolute().parents if p.exists())
+    from .runtime.artifact_files import nearest_existing
+
+    above = nearest_existing(Path(path))
     if not os.access(above, os.W_OK):
         raise UsageError(f"cannot write {option} {path}: {above} is not writable")
+
+
+def _resolved(option: str, path: str):
+    """`path` with its links followed; a UsageError where they loop."""
+    from pathlib import Path
+
+    from .runtime.artifact_files import LOOP, resolved_or_none
+
+    real = resolved_or_none(Path(path))
+    if real is None:
+        raise UsageError(f"cannot write {option} {path}: {LOOP}")
+    return real
 
 
 def check_same_model(cm, loaded, args) -> None:

@@ -77,6 +77,7 @@ def _guarded(fn):
         from .evaluation import NotScorable
         from .models import ModelNotFound
         from .runtime.artifact_errors import ArtifactError
+        from .runtime.artifact_files import PLACE_ERRORS  # a full disk: the machine's state, not a bug
 
         try:
             return fn(args)
@@ -87,7 +88,7 @@ def _guarded(fn):
         except BrokenPipeError:  # `slimfx … | head`: cli.main ends quietly; whatever was saved stays
             raise
         except OSError as e:
-            if e.errno not in _PLACE_ERRORS:
+            if e.errno not in PLACE_ERRORS:
                 return _bug(e)
             where = f"{e.filename}: " if e.filename else ""
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -100,10 +101,6 @@ def _guarded(fn):
         return 1
 
     return run
-
-
-# A full disk, a quota, a read-only or forbidden place: the machine's state, not a slimfx bug.
-_PLACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _bug(e: Exception) -> int:
@@ -289,6 +286,8 @@ def _trained_beside(compiled: str) -> str:
     path = Path(compiled)
     if path.name in ("", ".", ".."):
         path = path.resolve()
+    if not path.name:  # the root directory: nothing to name a folder beside it after
+        raise UsageError(f"--compiled {compiled} has no name to write the trained artifact beside; pass --out")
     return str(path.with_name(path.name + "-trained"))
 
 

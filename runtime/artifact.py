@@ -26,7 +26,7 @@ from .artifact_errors import FILES, META, PROGRAM, RESAVE, WEIGHTS, ArtifactErro
 from .artifact_files import first_line as _first_line, json_bytes as _json_bytes
 from .artifact_files import read_json as _read_json, read_weights as _read_weights
 from .artifact_files import sha256 as _sha256, sha256_file as _sha256_file
-from .artifact_files import foreign_entries, unplaceable, write_atomic as _write_atomic
+from .artifact_files import foreign_entries, nearest_existing, unplaceable, write_atomic as _write_atomic
 from .artifact_files import write_bytes as _write_bytes, write_weights as _write_weights
 from .graph_io import decode_graph, encode_graph
 from .report import Report
@@ -66,8 +66,8 @@ def check_target(target: Path) -> None:
         raise ArtifactError(f"cannot save to {target}: {problem}")
     if target.is_file():
         raise ArtifactError(f"cannot save to {target}: it is a file; pass a directory path")
-    above = next((p for p in target.absolute().parents if p.exists() and not p.is_dir()), None)
-    if above is not None:  # mkdir would fail at the end of a compile, and the compile be lost
+    above = nearest_existing(target)
+    if not above.is_dir():  # mkdir would fail at the end of a compile, and the compile be lost
         raise ArtifactError(f"cannot save to {target}: {above} is a file, not a directory; choose another path")
     if target.is_dir() and any(target.iterdir()) and not (target / META).is_file():
         raise ArtifactError(f"refusing to replace {target}: it is a non-empty directory that is "

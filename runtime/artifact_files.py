@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import errno
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -19,7 +21,8 @@ import torch
 from .artifact_errors import RESAVE, WEIGHTS, ArtifactError
 
 __all__ = ["json_bytes", "write_bytes", "write_weights", "write_atomic", "foreign_entries", "sha256", "sha256_file",
-           "read_json", "read_weights", "first_line", "file_mode"]
+           "read_json", "read_weights", "first_line", "file_mode", "unplaceable", "nearest_existing",
+           "resolved_or_none", "PLACE_ERRORS", "LOOP"]
 
 
 def file_mode(directory: bool = False) -> int:
@@ -56,11 +59,27 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any
     try:
         save_file(tensors, str(path), metadata={"format": "pt", "writer": "slimfx"})
     except Exception as e:
+        code = _os_error_code(e)
+        if code is not None:  # a full disk is the machine's state: the OSError the callers explain
+            raise OSError(code, os.strerror(code), str(path)) from e
         raise ArtifactError(f"cannot write {WEIGHTS}: {first_line(e)}") from e
     with open(path, "rb") as f:
         os.fsync(f.fileno())
     os.chmod(path, file_mode())  # the writer may create it private
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+# The Rust writer reports an I/O failure as text: "I/O error: No space left on device (os error 28)".
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# A full disk, a quota, a read-only or forbidden place: the machine's state, not a slimfx bug.
+PLACE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _os_error_code(e: Exception) -> int | None:
+    """The errno of a full disk, a quota or a forbidden place in the safetensors writer's error."""
+    found = _OS_ERROR.search(str(e))
+    code = int(found.group(1)) if found else None
+    return code if code in PLACE_ERRORS else None
 
 
 def foreign_entries(target: Path, own: tuple[str, ...]) -> list[str]:
@@ -78,13 +97,34 @@ def unplaceable(target: Path) -> str | None:
     if target.is_symlink() and not target.exists():
         return (f"it is a symbolic link to {os.readlink(target)}, which does not exist; create that directory, "
                 "or choose another path")
-    real = target.resolve()
+    real = resolved_or_none(target)
+    if real is None:
+        return LOOP
     cwd = Path.cwd().resolve()
     if real == real.parent or real in (cwd, *cwd.parents):
         where = "the current directory" if real == cwd else "above the current directory"
         return (f"it is {where}, which saving would replace (it replaces the whole directory); save from "
                 "outside it, to a path that does not contain the current directory")
     return None
+
+
+LOOP = ("a symbolic link on the way to it leads back to itself (a loop); mend the link, or choose "
+        "another path")
+
+
+def resolved_or_none(path: Path) -> Path | None:
+    """`path` made absolute with every link followed, or None where links form a loop (pathlib
+    raises RuntimeError for one in Python 3.11, OSError in later versions)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return None
+
+
+def nearest_existing(path: Path) -> Path:
+    """The nearest path above `path` that exists: where a mkdir of `path` starts, or a file in
+    the way of it."""
+    return next(p for p in path.absolute().parents if p.exists())
 
 
 def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
@@ -123,7 +163,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if old.exists():  # a file in it that cannot be deleted (another user's, a busy mount)
         warnings.warn(f"the previous {target.name} is left at {old}: it could not be deleted all the way; "
-                      "delete it yourself", stacklevel=4)
+                      "delete it yourself", stacklevel=5)  # the user's cm.save(…) / cm.save_adapters(…)
 
 
 def _fsync_dir(path: Path) -> None:

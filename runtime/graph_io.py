@@ -27,7 +27,7 @@ from torch import fx, nn
 from .artifact_errors import PROGRAM, RESAVE, WEIGHTS, ArtifactError
 from .graph_io_values import NOT_STORED, ValueDecoder, device_named, dtype_named, encode_val
 from .graph_io_values import symbol_table
-from .program_check import check_name, check_path, op_name, refused, resolve_target
+from .program_check import check_name, check_path, load_refuses, op_name, refused, resolve_target
 
 __all__ = ["encode_graph", "decode_graph", "GRAPH_FORMAT"]
 
@@ -87,6 +87,13 @@ def _encode_node(n: fx.Node, what: str) -> dict:
                 "not an aten, prims or slimfx operator; an artifact stores only operators that "
                 "load() can look up by name (register the function as a torch custom op under "
                 "the slimfx namespace, or lower it to aten first)")
+        outside = load_refuses(n.target)
+        if outside:
+            raise ArtifactError(
+                f"cannot save {what}: node {n.name} calls {name}, which {outside}; load() refuses such "
+                "operators (an artifact must not reach files or storages), so the artifact could not be "
+                "loaded: write the model without that call (a numeric argument where it takes text), or "
+                "keep the compiled model in memory")
         rec["target"] = name
     elif n.op in ("placeholder", "get_attr"):
         rec["target"] = n.target

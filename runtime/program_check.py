@@ -19,7 +19,7 @@ import torch
 
 from .artifact_errors import PROGRAM, RESAVE, ArtifactError
 
-__all__ = ["op_name", "resolve_target", "check_name", "check_path", "refused"]
+__all__ = ["op_name", "resolve_target", "check_name", "check_path", "refused", "load_refuses"]
 
 OP_NAMESPACES = ("aten", "prims", "slimfx")
 REFUSED = "slimfx never runs code from an artifact"
@@ -90,6 +90,12 @@ def resolve_target(name: Any) -> Callable:
     if outside:
         raise refused(f"operator {name!r} {outside}; a model's graph never does")
     return target
+
+
+def load_refuses(target: Any) -> str | None:
+    """Why load() would refuse the operator `target` although its namespace is allowed, or None:
+    save() asks first, so that a model is not saved as an artifact nobody can load."""
+    return _reaches_outside(target._schema) if isinstance(target, torch._ops.OpOverload) else None
 
 
 def _reaches_outside(schema) -> str | None:

@@ -1,7 +1,7 @@
 """The `slimfx` commands and the files around them: the policy argument is a file, a policy file
 with no policy is refused, --out places that cannot work are refused before loading, a closed pipe
-or a full disk loses no work and is not called a slimfx bug; --version; eval says what --max-tokens
-could not do."""
+or a full disk loses no work and is not called a slimfx bug, nor is a link loop; --version; eval
+says what --max-tokens could not do."""
 import errno
 import os
 import subprocess
@@ -65,6 +65,25 @@ def test_out_as_the_current_directory_or_a_dangling_link_is_refused_before_loadi
         err = capsys.readouterr().err
         assert says in err and "loading" not in err, err
     assert list(work.iterdir()) == [] and not (tmp_path / "nowhere").exists()
+
+
+def test_a_link_loop_on_the_way_to_out_or_the_listing_is_a_message(tmp_path, capsys):
+    """pathlib's RuntimeError('Symlink loop …') was printed as a slimfx bug."""
+    spec = write(tmp_path, KEEP)
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    loop = str(tmp_path / "a" / "x")
+    for extra in (["--out", loop], ["--out", str(tmp_path / "o"), "--emit-kernels", loop]):
+        assert main(["compile", str(spec), "--model", "tiny:llama", *extra]) == 1
+        err = capsys.readouterr().err
+        assert "leads back to itself" in err and "slimfx bug" not in err and "loading" not in err, err
+
+
+def test_train_of_the_root_directory_asks_for_out(capsys):
+    """Its default --out (DIR-trained beside DIR) raised ValueError("'/' has an empty name")."""
+    assert main(["train", "--model", "tiny:llama", "--compiled", "/", "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "pass --out" in err and "slimfx bug" not in err, err
 
 
 def _closed_pipe():
@@ -131,6 +150,20 @@ def test_a_full_disk_is_a_message_not_a_slimfx_bug(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(files, "write_bytes", full)
     monkeypatch.setattr("slimfx.runtime.artifact._write_bytes", full)
+    out = tmp_path / "o"
+    assert main(["compile", str(write(tmp_path, KEEP)), "--model", "tiny:llama", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "free some space" in err and "slimfx bug" not in err, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["p.slim"]
+
+
+def test_a_full_disk_under_the_weights_writer_gets_the_same_advice(tmp_path, capsys, monkeypatch):
+    """The safetensors writer reports ENOSPC as text: it read 'cannot write weights.safetensors: …'
+    without the advice, as an ArtifactError."""
+    def full(tensors, path, metadata=None):
+        raise Exception(f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"')
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
     out = tmp_path / "o"
     assert main(["compile", str(write(tmp_path, KEEP)), "--model", "tiny:llama", "--out", str(out)]) == 1
     err = capsys.readouterr().err

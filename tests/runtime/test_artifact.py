@@ -134,14 +134,6 @@ def test_save_refuses_a_dangling_link_and_the_current_directory(tmp_path, monkey
     assert list(work.iterdir()) == [] and work.exists()
 
 
-def test_an_old_artifact_that_cannot_be_deleted_is_named(llama_dir, monkeypatch):
-    import slimfx.runtime.artifact_files as files
-
-    monkeypatch.setattr(files.shutil, "rmtree", lambda *a, **k: None)
-    with pytest.warns(UserWarning, match=r"the previous llama is left at .*\.llama\.old-.*delete it yourself"):
-        compiled("llama").cm.save(llama_dir)
-
-
 def test_overwrite_refuses_an_artifact_that_holds_other_files(llama_dir, tmp_path):
     """A save replaces the whole directory: the user's notes and data beside an artifact, or in a
     folder with a meta.json of its own, were deleted without a word."""

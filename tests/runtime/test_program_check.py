@@ -1,6 +1,7 @@
 """runtime/program_check.py: load() resolves operators only from aten/prims/slimfx, and of
 those refuses the ones that reach past tensors (a file name, a storage, free text); the option
-words real graphs pass (gelu's approximate, div's rounding_mode, conv's padding) stay allowed."""
+words real graphs pass (gelu's approximate, div's rounding_mode, conv's padding) stay allowed;
+save() refuses what load() would."""
 from __future__ import annotations
 
 import pytest
@@ -46,3 +47,24 @@ def test_operators_with_option_words_stay_allowed(target):
     from slimfx.runtime.program_check import resolve_target
     from slimfx.runtime.program_check import op_name
     assert op_name(resolve_target(target)) == target
+
+
+def test_save_refuses_an_operator_load_would_refuse():
+    """linalg.cond with p='fro' takes a string load() does not know as an option word: the model
+    saved, and its artifact was refused at load."""
+    import torch
+    from torch import fx
+
+    from slimfx.runtime.artifact_errors import ArtifactError
+    from slimfx.runtime.graph_io import encode_graph
+    from slimfx.runtime.program_check import resolve_target
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.ops.aten.linalg_cond.p_str, (x, "fro")))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    with pytest.raises(ArtifactError, match=r"cannot save the model: node linalg_cond_p_str calls "
+                                            r"aten.linalg_cond.p_str, which takes a free string \(p"):
+        encode_graph(gm, "the model")
+    with pytest.raises(ArtifactError, match="a model's graph never does"):
+        resolve_target("aten.linalg_cond.p_str")

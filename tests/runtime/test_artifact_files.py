@@ -1,0 +1,74 @@
+"""runtime/artifact_files.py: the places a save cannot use are named before any work (a file in
+the way, a link that loops), a full disk under the weights writer is the OSError the callers
+explain (not an ArtifactError without advice), and the warning about an old artifact left behind
+names the user's line."""
+from __future__ import annotations
+
+import errno
+import re
+import warnings
+
+import pytest
+import torch
+
+import slimfx
+import slimfx.runtime.artifact_files as files
+from runtime_tiny import compiled
+from slimfx.runtime.artifact import ArtifactError
+
+
+def test_nearest_existing_is_the_directory_a_mkdir_starts_in_or_the_file_in_the_way(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "f").write_text("x")
+    assert files.nearest_existing(tmp_path / "a" / "b" / "c") == tmp_path / "a"
+    assert files.nearest_existing(tmp_path / "f" / "b") == tmp_path / "f"
+
+
+def test_a_link_loop_above_the_target_is_refused_before_saving(tmp_path):
+    """resolve() raised RuntimeError('Symlink loop …'), which the CLI printed as a slimfx bug."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    target = tmp_path / "a" / "x" / "out"
+    assert files.resolved_or_none(target) is None
+    assert "leads back to itself" in files.unplaceable(target)
+    with pytest.raises(ArtifactError, match="leads back to itself"):
+        compiled("llama").cm.save(target)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EACCES])
+def test_a_full_disk_under_the_weights_writer_is_an_os_error(tmp_path, monkeypatch, code):
+    """The Rust writer reports the errno in its text; it became 'cannot write weights.safetensors'
+    without the free-some-space advice the CLI gives for an OSError."""
+    def full(tensors, path, metadata=None):
+        raise Exception(f'Error while serializing: I/O error: {files.os.strerror(code)} (os error {code}) '
+                        f'at path "{path}"')
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(OSError) as caught:
+        files.write_weights(tmp_path / "w.safetensors", {"a": torch.zeros(2)})
+    assert caught.value.errno == code and caught.value.filename == str(tmp_path / "w.safetensors")
+
+
+def test_other_weight_writer_errors_stay_artifact_errors(tmp_path):
+    """Not a directory (os error 20) is not the machine's state: it stays an ArtifactError."""
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ArtifactError, match="cannot write weights.safetensors: .*os error 20"):
+        files.write_weights(tmp_path / "f" / "w.safetensors", {"a": torch.zeros(2)})
+
+
+def test_the_old_artifact_warning_names_the_users_line(tmp_path, monkeypatch):
+    """An old artifact that cannot be deleted is named; stacklevel=4 pointed the warning at
+    runtime/compiled.py's cm.save wrapper, not the caller."""
+    case = compiled("llama")
+    adapted = slimfx.compile(case.loaded, "adapt blocks.*.attn.q lora rank=2")
+    saves = [(case.cm.save, tmp_path / "llama"), (adapted.save_adapters, tmp_path / "adapters")]
+    for save, target in saves:
+        save(target)
+    monkeypatch.setattr(files.shutil, "rmtree", lambda *a, **k: None)
+    for save, target in saves:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            save(target)
+        left = [w for w in caught if re.search(rf"the previous {target.name} is left at .*/\.{target.name}\.old-.*"
+                                               "delete it yourself", str(w.message))]
+        assert left and left[0].filename == __file__, [(w.filename, str(w.message)) for w in caught]

@@ -1,0 +1,59 @@
+"""command_checks.py, the commands' argument checks, one by one (the commands that call them are
+tested in test_cli*.py): each bad argument is a UsageError that names it and says what to do."""
+from __future__ import annotations
+
+from argparse import Namespace
+
+import pytest
+
+from slimfx.command_checks import (UsageError, check_apart, check_folder, check_listing_folder, check_out,
+                                   check_train_args)
+
+
+def test_out_and_the_listing_must_not_overlap(tmp_path):
+    out = str(tmp_path / "o")
+    for listing in (out, out + "/kernels", str(tmp_path)):
+        with pytest.raises(UsageError, match=r"overlap; write them to separate folders, e.g. --emit-kernels .*/o-kernels"):
+            check_apart(out, listing)
+    check_apart(out, str(tmp_path / "o-kernels"))
+
+
+def test_a_folder_option_needs_directories_on_its_way(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UsageError, match=r"--emit-kernels .*/f is a file; pass a directory path"):
+        check_folder("--emit-kernels", str(tmp_path / "f"))
+    with pytest.raises(UsageError, match=r"cannot write --emit-kernels .*/f/k: .*/f is a file, not a directory"):
+        check_folder("--emit-kernels", str(tmp_path / "f" / "k"))
+    check_folder("--emit-kernels", str(tmp_path / "new" / "k"))  # made when written
+
+
+def test_a_listing_folder_is_new_empty_or_a_listing(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="non-empty folder that no kernel listing wrote"):
+        check_listing_folder(str(tmp_path / "mine"))
+    (tmp_path / "empty").mkdir()
+    check_listing_folder(str(tmp_path / "empty"))
+
+
+def test_a_link_loop_is_named_for_each_option(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(UsageError, match=r"cannot write --emit-kernels .*/a/k: a symbolic link .* loop"):
+        check_folder("--emit-kernels", str(tmp_path / "a" / "k"))
+    with pytest.raises(UsageError, match=r"cannot write --emit-kernels .*: a symbolic link .* loop"):
+        check_apart(str(tmp_path / "o"), str(tmp_path / "a" / "k"))
+    from slimfx.runtime.artifact_errors import ArtifactError
+    with pytest.raises(ArtifactError, match="leads back to itself"):  # check_target's own message
+        check_out(str(tmp_path / "a" / "o"))
+
+
+@pytest.mark.parametrize("change, says", [({"steps": 0}, "--steps must be at least 1, got 0"),
+                                          ({"seq": -1}, "--seq must be at least 1"),
+                                          ({"lr": 0.0}, "--lr must be a positive finite number, got 0.0"),
+                                          ({"lr": float("inf")}, "--lr must be a positive finite number")])
+def test_train_arguments_are_checked(change, says):
+    args = Namespace(**{"steps": 10, "batch": 2, "seq": 64, "lr": 1e-4, **change})
+    with pytest.raises(UsageError, match=says):
+        check_train_args(args)
+    check_train_args(Namespace(steps=10, batch=2, seq=64, lr=1e-4))
