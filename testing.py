@@ -15,7 +15,8 @@ the parts the grammar cannot constrain (parameter names and values, budgets, met
 values the schema accepts, keeping the drawn layout; a `heal` gets a `drop` above it where its
 policy removes no blocks, a policy keeps one `tokens unpad` at most, above its `tokens after`
 rules (and half of those without one get one), and half the draws move removals above the other
-rules. Only text that parse() accepts comes out.
+rules. Only text that parse() accepts comes out. `bare_rules()` draws the rules of one such policy
+with no `policy NAME { }` around them, as `compile(model, "quantize head int8")` takes them.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from .dsl.printer import format_value
 from .dsl.schema import (ADAPTERS, FORMATS, HEAL_METHOD_PARAMS, INT_FORMATS, METRICS, SCHEMAS, SIZE_UNITS,
                          TOKEN_ACTIONS, ParamSpec)
 
-__all__ = ["policies", "policy_asts", "param_values", "grammar_text_strategy", "tiny_models",
+__all__ = ["policies", "policy_asts", "bare_rules", "param_values", "grammar_text_strategy", "tiny_models",
            "check_policy", "PolicyCheckError", "PolicyCheckResult"]
 
 _CHECKER = ("check_policy", "PolicyCheckError", "PolicyCheckResult", "Draw", "DrawResult")
@@ -308,6 +309,20 @@ def policies(draw) -> str:
         # What the schema cannot see rule by rule (e.g. `collapse` after `quantize`) is redrawn.
         assume(False)
     return text
+
+
+@st.composite
+def bare_rules(draw) -> str:
+    """Rules alone, as `compile(model, text)` and `parse(text, bare=True)` take them: what is
+    between the braces of the first policy of a `policies()` draw (its rules in their order, so
+    valid together, with their comments, blank lines and spacing)."""
+    text = draw(policies())
+    policy = next(lark_parser().parse(text).find_data("policy"), None)
+    assume(policy is not None)  # a draw of comments and blank lines only
+    name = policy.children[0]
+    start = text.index("{", name.end_pos) + 1
+    end = text.rindex("}", start, policy.meta.end_pos)
+    return text[start:end].lstrip(" \t")  # the rest of the `policy NAME {` line
 
 
 def policy_asts() -> st.SearchStrategy[A.Spec]:

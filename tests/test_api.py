@@ -2,11 +2,13 @@
 the user's model is never touched, and unimplemented rules are refused, never skipped."""
 import pytest
 import torch
+from hypothesis import assume, given, settings
 
 import slimfx
 from slimfx import SpecError
 from slimfx.models import TINY_ARCHS, tiny
 from slimfx.passes.capture import clear_cache
+from slimfx.testing import bare_rules
 
 SPEC = "policy p {\n    quantize blocks.*.** : Linear int4\n}\n"
 
@@ -97,6 +99,20 @@ def test_bare_rules_are_one_inline_policy_with_the_users_line_numbers():
     with pytest.raises(SpecError) as e:
         slimfx.compile(loaded, "quantize_me.slim")
     assert e.value.kind == "no-file"
+
+
+@settings(max_examples=150, deadline=None)
+@given(bare_rules())
+def test_every_drawn_line_of_rules_is_read_as_rules(text):
+    """compile(model, text) decides whether a string is a file, policy text or bare rules: every
+    drawn list of rules (with comments, blank lines, odd spacing; one line or many) must come out
+    as those rules."""
+    from slimfx.api import _read_spec
+    from slimfx.dsl.parser import parse
+
+    bare = parse(text, bare=True).policies
+    assume(bare[0].rules)  # comments alone are the empty policy either way
+    assert _read_spec(text).policies == bare
 
 
 def test_errors_in_bare_rules_point_at_the_users_own_columns_on_every_line():

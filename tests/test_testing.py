@@ -3,7 +3,8 @@ from hypothesis import Phase, find, given, settings, strategies as st
 
 from slimfx import parse
 from slimfx.dsl import ast as A
-from slimfx.testing import _params_text, grammar_text_strategy, param_values, policies, policy_asts, tiny_models
+from slimfx.testing import (_params_text, bare_rules, grammar_text_strategy, param_values, policies, policy_asts,
+                            tiny_models)
 from slimfx.dsl.schema import SCHEMAS
 
 # Searches for a rare draw: generate only — shrinking the example found took most of the time
@@ -14,6 +15,22 @@ _FIND = settings(max_examples=2000, database=None, derandomize=True, deadline=No
 @given(policies())
 def test_policies_are_valid_text(text):
     assert isinstance(parse(text), A.Spec)
+
+
+@given(bare_rules())
+def test_bare_rules_parse_as_the_one_policy_they_came_from(text):
+    from slimfx.dsl.printer import format_rule
+
+    spec = parse(text, bare=True)
+    assert len(spec.policies) == 1
+    wrapped = parse("policy p {\n" + text + "\n}\n")
+    assert [format_rule(r) for r in spec.policies[0].rules] == [format_rule(r) for r in wrapped.policies[0].rules]
+
+
+def test_bare_rules_are_drawn_with_rules_and_without():
+    """Not only the empty text a policy with no rules gives."""
+    assert find(bare_rules(), lambda t: t.count("\n") >= 3, settings=_FIND)
+    assert find(bare_rules(), lambda t: t == "", settings=_FIND) == ""
 
 
 @given(policy_asts())
