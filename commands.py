@@ -35,7 +35,7 @@ def add_model_commands(sub) -> None:
     calib.add_argument("--calib-tokens", metavar="N", type=int, help="calibrate on N tokens of built-in text "
                        "(the default's 3,072, then standard-library docstrings `slimfx eval` never scores and the "
                        "Language Reference's topics): `heal method=linear` fits better on 25000, the LoRA heal "
-                       "of 8 removed blocks best on all of it (README, collapse section)")
+                       "of 8 removed blocks best on all of it (benchmarks/README.md, collapse section)")
     comp.add_argument("--stats", action="store_true", help="also print the code generator's fusion groups and "
                       "their memory traffic (unfused vs fused) for one run on the model's example inputs")
     comp.add_argument("--emit-kernels", metavar="DIR", help="also write the Triton source of every kernel the "

@@ -6,10 +6,11 @@ Why: `heal method=linear` fits a 576×576 map (for SmolLM2) from the calibration
 tokens (the default calibration) are too few for it — fitted on the eval text itself the map
 reaches ×1.03 of fp32 perplexity, on the default calibration ×1.278 (4 blocks removed). With
 this text after the default (`compile(..., calib=25_000)`) it reaches ×1.235, and ×1.635 instead
-of ×1.871 with 8 blocks removed (benchmarks/collapse.py --calib-tokens 25000, 2026-12-04; README,
-collapse section). The LoRA heal gains from more text still: 8 blocks removed, 600 steps, ×1.346
-of fp32 on 75,000 tokens (the default's and the 48 modules of MORE_SOURCES), ×1.310 on all of it
-(≈226k: FURTHER_SOURCES and the topics added; README, collapse section).
+of ×1.871 with 8 blocks removed (benchmarks/collapse.py --calib-tokens 25000, 2026-12-04;
+benchmarks/README.md, collapse section). The LoRA heal gains from more text still: 8 blocks
+removed, 600 steps, ×1.346 of fp32 on 75,000 tokens (the default's and the 48 modules of
+MORE_SOURCES), ×1.310 on all of it (≈226k: FURTHER_SOURCES and the topics added;
+benchmarks/README.md, collapse section).
 
 Like the default text it needs no download, and it is the same run to run on one Python version;
 a module a Python build lacks (ssl without OpenSSL; those 3.12 and 3.13 removed) is skipped. The

@@ -13,7 +13,7 @@ against the fp32 model measured in the same run. Prints a markdown table, then t
 --eval-text FILE and --calib-text FILE score and calibrate on your own text instead (paragraphs
 separated by blank lines, as `slimfx compile --calib` reads them): the issue's prototype figures
 were measured on other text than the built-in docstrings, and how much a cut costs depends on the
-text (README, collapse section: news text).
+text (benchmarks/README.md, collapse section: news text).
 
     .venv/bin/python benchmarks/collapse.py [--sizes 4,8] [--max-tokens 2048] [--lora-steps 40]
         [--lora-reach 1] [--lora-schedule cosine] [--methods rear,influence,angular,laco]

@@ -100,8 +100,8 @@ def _linear(graph: ModelGraph, bound: BoundRule, ctx: Context):
 
 # The map has d² unknowns and each calibration token gives d equations; on SmolLM2 (d = 576)
 # the default's 3k tokens gave ×1.278; with 6k, 12k, 25k, 108k tokens of docstrings added ×1.228,
-# ×1.223, ×1.218, ×1.224 (a prototype; README, collapse section): below about 10·d tokens the
-# map fits the calibration text, not the model.
+# ×1.223, ×1.218, ×1.224 (a prototype; benchmarks/README.md, collapse section): below about 10·d
+# tokens the map fits the calibration text, not the model.
 FEW_ROWS = 10
 
 

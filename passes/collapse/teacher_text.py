@@ -1,15 +1,15 @@
 """`heal method=lora … generate=N`: text the uncompressed model writes itself, to train the heal on.
 
 The heal learns from what it is shown, and a compile's calibration text is short (3,072 tokens by
-default): measured on SmolLM2-135M (README, collapse section), 100 steps on it alone fit those
-tokens and lose on the eval text, while the model's own sampled continuations — as many as asked
-for, on its own distribution — keep helping with more steps. Each continuation starts from the
+default): measured on SmolLM2-135M (benchmarks/README.md, collapse section), 100 steps on it alone
+fit those tokens and lose on the eval text, while the model's own sampled continuations — as many as
+asked for, on its own distribution — keep helping with more steps. Each continuation starts from the
 first PROMPT real tokens of a calibration row (cycled), samples NEW tokens (fewer when the model
 reads fewer positions; temperature 1, top-p 0.95, no top-k, end-of-text suppressed so every row is
-whole, none of the model's own generation settings such as a repetition penalty), on the model's
-own `generate` (KV cache): rows of PROMPT + NEW tokens, BATCH_SIZE to a batch as calibration
-batches are. Seeded, so a policy heals the same way each time; the caller's random state (CPU and
-the model's GPU) is left as it was.
+whole, none of the model's own generation settings such as a repetition penalty), on the model's own
+`generate` (KV cache): rows of PROMPT + NEW tokens, BATCH_SIZE to a batch as calibration batches
+are. Seeded, so a policy heals the same way each time; the caller's random state (CPU and the
+model's GPU) is left as it was.
 """
 from __future__ import annotations
 
