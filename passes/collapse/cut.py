@@ -16,6 +16,7 @@ from ..block_reads import read_after, stream_between
 from ..graph import Block, ModelGraph
 from ..lent import replace_tensor
 from ..rewrite import PassError
+from ...runtime import token_ops
 from ...runtime.forward_parts import recompile
 
 __all__ = ["Cut", "remove_run", "laco_merge"]
@@ -37,9 +38,10 @@ class Cut:
 def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:
     """Remove a contiguous run of blocks; return the residual node that now flows past the gap.
 
-    The run's last output is replaced, in every use, by the first block's residual input; then the
-    run's nodes, the get_attr nodes of its tensors, its submodules and its rows of the module table
-    go. The graph is re-indexed (later blocks renumbered) before this returns."""
+    The run's last output is replaced, in every use, by the first block's residual input (where a
+    `tokens` rule packed it, the pack now packs that input); then the run's nodes, the get_attr
+    nodes of its tensors, its submodules and its rows of the module table go. The graph is
+    re-indexed (later blocks renumbered) before this returns."""
     first, last = run[0], run[-1]
     if [b.index for b in run] != list(range(first.index, last.index + 1)):
         raise PassError(f"remove_run needs contiguous blocks, got {[b.index for b in run]}")
@@ -52,8 +54,15 @@ def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:
         raise PassError(f"{leak.name} is computed inside {first.path} and read after it (e.g. a shared "
                         "position bias): this model's blocks cannot be removed by slimfx yet")
     gm, stream = graph.module, first.input
+    carried = _token_pack(last)
+    if carried is not None:  # the tokens packed on leaving the run are packed on entering it
+        carried.replace_input_with(carried.args[0], first.input)
+        carried.meta.pop("nn_module_stack", None)
+        if "nn_module_stack" in first.input.meta:  # it stays the output of what made its input
+            carried.meta["nn_module_stack"] = first.input.meta["nn_module_stack"]
+        members, between, stream = members - {carried}, between - {carried}, carried
     for n in between:
-        n.replace_all_uses_with(stream, delete_user_cb=lambda u: u not in members)
+        n.replace_all_uses_with(first.input, delete_user_cb=lambda u: u not in members)
     for n in sorted(members, key=graph.node_order.__getitem__, reverse=True):
         gm.graph.erase_node(n)
     prefixes = tuple(b.path + "." for b in run)
@@ -64,6 +73,16 @@ def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:
     recompile(gm)
     graph.reindex()
     return stream
+
+
+def _token_pack(last: Block) -> fx.Node | None:
+    """The run's output when it is a `tokens` rule's pack of the stream (slimfx::pack_tokens: a
+    `tokens after` with no `tokens unpad` above packs the stream entering its block, and the pack
+    belongs to the block before, as its output): removing that block must keep the pack."""
+    out = last.output
+    if out is not None and out.target is token_ops.pack_tokens and out.args[0] in last.nodes:
+        return out
+    return None
 
 
 def _forget_modules(graph: ModelGraph, paths: list[str]) -> None:

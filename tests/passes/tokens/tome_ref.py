@@ -3,6 +3,9 @@ slimfx's op with plain loops, and a tiny BERT run one sequence at a time with me
 blocks (and a ViT, one image at a time): the outside reference for `tokens after … merge|prune`."""
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +17,7 @@ def merge_tokens(x: torch.Tensor, sizes: torch.Tensor, ratio: float, protect_fir
     length = x.shape[0]
     a = list(range(0, length, 2))
     b = list(range(1, length, 2))
-    r = min(int(ratio * length), len(a) - (1 if protect_first else 0), len(b))
+    r = min(math.floor(Fraction(str(ratio)) * length), len(a) - (1 if protect_first else 0), len(b))  # exact ⌊r·L⌋
     if r <= 0:
         return x, sizes, torch.arange(length)
     best, match = [], []

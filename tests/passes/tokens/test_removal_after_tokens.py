@@ -1,0 +1,55 @@
+"""A `drop`/`collapse` below a `tokens after` rule: with no `tokens unpad` above, the token rule
+packs the stream entering its block, and the pack was the output of the block before it — removing
+that block removed the pack, and every call failed (a size mismatch). The pack now packs what
+enters the gap. Checked against the direct ToMe run on the model with the block taken out
+(tome_ref.py), and against the same removal written above the token rule."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import slimfx
+from slimfx.models import tiny
+
+from test_merge import _batch
+from tome_ref import bert_with_token_ops, merge_tokens
+
+MERGE = "merge ratio=0.3 protect=cls restore=true"
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+@pytest.mark.parametrize("after, removed", [(1, 0), (2, 1), (2, 0)])
+def test_a_drop_below_a_merge_equals_tome_on_the_model_without_the_block(bert, after, removed, unpad):
+    rules = f"tokens after blocks[{after}] {MERGE}\ndrop blocks[{removed}]"
+    example = _batch([12, 8, 5], 12, 0)
+    cm = slimfx.compile(bert.model, ("tokens unpad\n" if unpad else "") + rules, example_inputs=example)
+    smaller = copy.deepcopy(bert.model)
+    smaller.encoder.layer = nn.ModuleList(l for i, l in enumerate(bert.model.encoder.layer) if i != removed)
+    op = lambda x, s, _: merge_tokens(x, s, 0.3, True)  # noqa: E731
+    batch = _batch([11, 4, 7], 11, 3)  # right padding
+    with torch.no_grad():
+        got = cm(**batch).last_hidden_state
+    for row, n in enumerate([11, 4, 7]):
+        want = bert_with_token_ops(smaller, batch["input_ids"][row, :n], {after - (removed < after): op})
+        torch.testing.assert_close(got[row, :n], want, atol=1e-5, rtol=1e-4)
+        assert got[row, n:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("arch, below, above", [
+    ("bert", "tokens after blocks[2] merge ratio=0.3\ncollapse blocks[0:2]",
+     "collapse blocks[0:2]\ntokens after blocks[1] merge ratio=0.3"),
+    ("bert", "tokens after blocks[1] prune keep=0.5\ndrop blocks[0]", "drop blocks[0]\ntokens after blocks[0] prune keep=0.5"),
+    ("llama", "tokens after blocks[1] prune keep=0.5\ndrop blocks[0]", "drop blocks[0]\ntokens after blocks[0] prune keep=0.5"),
+])
+def test_a_removal_below_a_token_rule_equals_it_written_above(arch, below, above):
+    lm = tiny(arch, layers=4)
+    a = slimfx.compile(lm.model, below, example_inputs=lm.example_inputs)
+    b = slimfx.compile(lm.model, above, example_inputs=lm.example_inputs)
+    batch = _batch([9, 3], 9, 1)
+    key = "last_hidden_state" if arch == "bert" else "logits"
+    with torch.no_grad():
+        torch.testing.assert_close(getattr(a(**batch), key), getattr(b(**batch), key), atol=0, rtol=0)
+    assert [r.kind for r in a.report.rules] == [r.kind for r in reversed(b.report.rules)]
