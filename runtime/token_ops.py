@@ -213,7 +213,8 @@ def _merge_sequence(x: torch.Tensor, sizes: torch.Tensor, metric: Optional[torch
     a_idx = torch.arange(0, length, 2, device=x.device)
     b_idx = torch.arange(1, length, 2, device=x.device)
     candidates = a_idx.numel() - (1 if protect_first else 0)
-    r = min(int(ratio * length), candidates, b_idx.numel())
+    # ⌊ratio·L⌋ of the decimal the policy wrote: int(0.29 * 100) is 28 in floats (as prune's ⌈keep·L⌉)
+    r = min(math.floor(ratio * length + 1e-9), candidates, b_idx.numel())
     if r <= 0:
         keep = torch.arange(length, device=x.device)
         return x, sizes, keep, keep.clone()

@@ -4,12 +4,12 @@ each sequence's tokens after each selected block.
 `slimfx::token_prune` ranks a sequence's tokens by the norm of their hidden state (`score=norm`)
 or by attention (`score=attention`: what the first token pays each token on encoders, the mean
 attention each receives on decoders, recomputed from the block's own queries and keys by
-`slimfx::attention_score`), and keeps the top ⌈K·L⌉ in their order (the first token with `protect=cls`; on a causal decoder always the last
-position, whose logits are the next token's). A pruned position's output is the final value of
-its nearest kept token by cosine at the prune point (`restore=true`), which the measurements
-behind this pass found far better than its stale state. On packed tokens, like merging (apply.py,
-reindex.py). `restore=false` is not implemented in this version (after.missing: compile refuses
-it before any pass runs).
+`slimfx::attention_score`), and keeps the top ⌈K·L⌉ in their order (the first token with
+`protect=cls`; on a causal decoder always the last position, whose logits are the next token's).
+A pruned position's output is the final value of its nearest kept token by cosine at the prune
+point (`restore=true`), which the measurements behind this pass found far better than its stale
+state; with `restore=false` the model returns the kept tokens only (shorten.py). On packed
+tokens, like merging (apply.py, reindex.py).
 """
 from __future__ import annotations
 

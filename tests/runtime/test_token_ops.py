@@ -104,6 +104,15 @@ def test_merge_keeps_the_protected_first_token_of_every_sequence_and_tracks_size
     assert (si2[1:5].diff() > 0).all()  # positions stay in order within a sequence
 
 
+def test_merge_takes_the_floor_of_the_decimal_ratio_times_the_length():
+    """int(0.29 * 100) is 28 in floats: the documented ⌊0.29·100⌋ is 29 (0.35 of 180: 63, not 62)."""
+    for ratio, length, merged in ((0.29, 100, 29), (0.35, 180, 63), (0.3, 10, 3)):
+        bi, si = T.token_index(torch.ones(1, length, dtype=torch.long))
+        x = torch.randn(1, length, 8, generator=torch.Generator().manual_seed(0))
+        out = T.token_merge(x, None, bi, si, 1, ratio, False)[0]
+        assert length - out.shape[1] == merged, (ratio, length)
+
+
 def test_prune_keeps_the_largest_norms_and_the_protected_last_position():
     mask = torch.ones(1, 6, dtype=torch.long)
     bi, si = T.token_index(mask)
