@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -54,7 +55,8 @@ def capture(model: nn.Module, example_inputs: Mapping[str, Any] | tuple,
     entry = _lookup(model, key)
     if entry is None:
         entry = _export(model, names, args, consts, dims)
-        _store(model, key, entry)
+        # keyed by the state after tracing: transformers installs its output-recording hooks then
+        _store(model, (key[0], _state_key(model)), entry)
     return _graph_from(entry, lend)
 
 
@@ -114,7 +116,8 @@ def _widen(value: torch.Tensor, dims: Mapping[int, str]) -> torch.Tensor:
 
 # ---- the in-process cache --------------------------------------------------------------------
 # model -> {key: _Entry}. Weak on the model; the entry holds the model's tensors (not copies), so
-# the cache costs no memory beyond the graph. A weight edit changes _state_key and misses.
+# the cache costs no memory beyond the graph. A weight edit, a swapped module or attribute, a
+# config change or a new hook changes _state_key and misses.
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _STATS = {"hits": 0, "misses": 0}
@@ -138,10 +141,58 @@ def _signature_key(names, args, consts, dims) -> tuple:
 
 def _state_key(model: nn.Module) -> tuple:
     """Identity and version of every tensor: in-place edits bump `_version`, `.data =` moves the
-    pointer, `module.weight = new` changes the id."""
+    pointer, `module.weight = new` changes the id. And what else the traced forward depends on
+    (_structure_key): a swapped activation, a changed attention scaling or config, a new hook."""
     state = list(model.named_parameters(remove_duplicate=False))
     state += list(model.named_buffers(remove_duplicate=False))
-    return tuple((n, id(t), t._version, t.data_ptr()) for n, t in state)
+    return tuple((n, id(t), t._version, t.data_ptr()) for n, t in state), _structure_key(model)
+
+
+def _structure_key(model: nn.Module) -> tuple:
+    """Each module's identity, class, public attributes and hooks, and the config's values: a
+    change to any of them (`layer.mlp.act_fn = nn.ReLU()`, `attn.scaling = 0.01`,
+    `config.output_hidden_states = True`) changes what export traces, so it must miss."""
+    parts = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        attrs = tuple((k, _attr_key(v)) for k, v in sorted(vars(m).items()) if not k.startswith("_")
+                      and k != "training")  # capture traces in eval mode whatever the flag
+        hooks = tuple(_hook_key(h) for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
+        parts.append((name, id(m), type(m), attrs, hooks))
+    return tuple(parts), _config_key(getattr(model, "config", None))
+
+
+def _attr_key(value: Any, depth: int = 0) -> Any:
+    """Plain values and containers of them by value (transformers rebuilds some dicts on every
+    call, e.g. `all_tied_weights_keys`), anything else by identity."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if isinstance(value, torch.Tensor):  # a plain tensor attribute (not a buffer): edits bump its version
+        return id(value), value._version
+    if depth < 3 and isinstance(value, (tuple, list, set, frozenset)):
+        items = tuple(_attr_key(v, depth + 1) for v in value)
+        return type(value).__name__, tuple(sorted(items, key=repr)) if isinstance(value, (set, frozenset)) else items
+    if depth < 3 and isinstance(value, dict):
+        return "dict", tuple(sorted(((repr(k), _attr_key(v, depth + 1)) for k, v in value.items()), key=repr))
+    return id(value)  # a module, function or object: its identity (its own fields are keyed apart)
+
+
+def _hook_key(hook: Any) -> Any:
+    """A hook by its code, not its identity: transformers installs fresh closures of the same code
+    when it records hidden states, at every capture."""
+    fn = getattr(hook, "func", hook)  # functools.partial
+    code = getattr(fn, "__code__", None)
+    return (getattr(fn, "__qualname__", type(fn).__name__), id(code)) if code is not None else id(hook)
+
+
+def _config_key(config: Any) -> str | None:
+    """A Hugging Face config's values (`config.output_hidden_states = True` changes the outputs)."""
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        return None
+    try:
+        return json.dumps(to_dict(), sort_keys=True, default=repr)
+    except (TypeError, ValueError):  # a config that cannot say its values: key it by identity
+        return repr(id(config))
 
 
 def _lookup(model: nn.Module, key: tuple) -> _Entry | None:

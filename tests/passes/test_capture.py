@@ -10,6 +10,7 @@ from torch import nn
 
 from passes_tiny import DECODERS, captured, example_inputs, state_bytes, tiny_model
 from slimfx.dsl.errors import SpecError
+from slimfx.models import tiny
 from slimfx.passes.capture import cache_info, capture
 
 
@@ -194,3 +195,31 @@ def test_uncapturable_model_raises_spec_error():
     assert err.kind == "unsupported"
     assert "DataDependent" in err.message and "torch.export" in err.message
     assert err.__cause__ is not None
+
+
+@pytest.mark.parametrize("edit", ["activation", "scaling", "config", "hook"])
+def test_a_change_that_touches_no_tensor_misses_the_cache(edit):
+    """A second compile after such a change reused the first capture: the compiled model computed
+    the old model (0.10 off after swapping the activation), silently."""
+    lm = tiny("llama")
+    model, inputs = lm.model, lm.example_inputs
+    capture(model, inputs)
+    if edit == "activation":
+        for layer in model.model.layers:
+            layer.mlp.act_fn = nn.ReLU()
+    elif edit == "scaling":
+        model.model.layers[0].self_attn.scaling = 0.01
+    elif edit == "config":
+        model.config.output_hidden_states = True
+    else:
+        model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: out * 2)
+    misses = cache_info()["misses"]
+    graph = capture(model, inputs)
+    assert cache_info()["misses"] == misses + 1
+    with torch.no_grad():
+        want, got = model(**inputs, use_cache=False), graph(**inputs)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    assert ("hidden_states" in got) == (edit == "config")
+    hits = cache_info()["hits"]
+    capture(model, inputs)  # and the changed model is cached in turn
+    assert cache_info()["hits"] == hits + 1
