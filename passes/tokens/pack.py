@@ -289,11 +289,25 @@ class _Packer:
             if isinstance(s, fx.Node) and role is None:
                 return False  # a size computed some other way: cannot say what it is packed
             sizes.append(1 if role == "batch" else self.n if role in ("seq", "flat") else s)
-        layout = self.sym.layout(node.meta.get("val"))
+        val = node.meta.get("val")
+        layout = self.sym.layout(val)
         if layout is None or layout.batch == NO_BATCH:  # before the sizes change: the node stays padded
             return False  # (DeBERTa folds heads into the batch: [B·H, S, d] kept its packed N)
+        # A -1 becomes the size it stands for: with no real token in the batch (N = 0) a view of
+        # 0 elements cannot infer it ([1, 0, -1, 16] is ambiguous).
+        sizes = [self._inferred(val.shape[i]) if isinstance(s, int) and s == -1 else s for i, s in enumerate(sizes)]
         node.args = (node.args[0], sizes, *node.args[2:])
         return self._mark(node, layout)
+
+    def _inferred(self, size) -> Any:
+        """A dim of a logical value as a packed view's size: N for the sequence (or flat tokens),
+        1 for the batch, the number itself for a feature dim; else -1 as it was."""
+        role = self.sym.role(size)
+        if role in ("seq", "flat"):
+            return self.n
+        if role == "batch":
+            return 1
+        return size if isinstance(size, int) else -1
 
     def _sym_size(self, node: fx.Node) -> bool:
         x, dim = node.args

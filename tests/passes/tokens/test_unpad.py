@@ -41,7 +41,7 @@ def _compiled(arch: str):
 @st.composite
 def padded_batches(draw):
     batch, seq = draw(st.integers(1, 4)), draw(st.integers(2, 12))
-    lengths = draw(st.lists(st.integers(1, seq), min_size=batch, max_size=batch))
+    lengths = draw(st.lists(st.integers(0, seq), min_size=batch, max_size=batch))  # 0: a row of padding
     return _inputs(batch, seq, lengths, draw(st.booleans()), draw(st.integers(0, 1000)))
 
 
@@ -56,6 +56,17 @@ def test_unpad_is_exact_at_real_positions_and_zero_at_padding(arch, batch):
     assert got.shape == want.shape
     torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
     assert got[~real].abs().sum() == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_batch_of_padding_only_gives_zeros(arch):
+    """No real token at all: a packed view [1, 0, -1, 16] could not infer its -1 (a raw
+    RuntimeError on every architecture)."""
+    lm, cm = _compiled(arch)
+    batch = _inputs(2, 6, [0, 0], left=False)
+    with torch.no_grad():
+        want, got = main_output(lm.model(**batch)), main_output(cm(**batch))
+    assert got.shape == want.shape and got.abs().sum() == 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
