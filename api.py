@@ -190,12 +190,19 @@ def unwrap(model, example_inputs):
 
 
 def _calibration(model, calib, graph) -> list[dict[str, Any]]:
-    """Calibration batches with every graph input present (runtime/inputs.py fills an omitted
-    attention_mask etc. as the model itself would)."""
+    """Calibration batches bound as a call of the compiled model binds its inputs
+    (runtime/call_inputs.py): an omitted attention_mask etc. filled, a bool or int32 mask cast,
+    and a missing, misshapen or surplus input refused by name, not raised from inside a pass. A
+    mask or token types the graph takes no input for (text batches for a model captured without
+    them) is left out, as the model itself would ignore it."""
     from .calibration import calibration_batches
-    from .runtime.inputs import complete_inputs
+    from .runtime.call_inputs import CallInputs
+    from .runtime.inputs import FILLABLE
 
-    return [complete_inputs(b, graph.inputs) for b in calibration_batches(model, calib)]
+    names = {i.name for i in graph.inputs}
+    batches = calibration_batches(model, calib)
+    return [CallInputs(graph, f"compiled {graph.model_class} (calibration batch {i} of {len(batches)})").bind(
+        (), {k: v for k, v in b.items() if k in names or k not in FILLABLE}) for i, b in enumerate(batches)]
 
 
 def _check_backend(backend: str) -> None:

@@ -191,3 +191,23 @@ def test_a_tokenizer_that_cannot_go_on_in_further_rows_is_refused(llama):
     slow = dataclasses.replace(llama, tokenizer=Slow())
     with pytest.raises(ValueError, match="cannot go on with a long text in further rows; pass texts of at most 128"):
         calibration_batches(slow, ["x" * 300])
+
+
+def test_calibration_batches_are_cast_and_checked_as_a_call_is(llama):
+    """A bool or int32 mask, or int32 ids, are cast as the compiled model's call casts them (a
+    GPTQ rule raised 'Tensor dtype mismatch' from inside the graph); a missing, misshapen or
+    surplus input is refused by name (a KeyError or a guard's AssertionError before)."""
+    t = ids(2, 7)
+    cast = [{"input_ids": t, "attention_mask": torch.ones_like(t, dtype=torch.bool)}, {"input_ids": t.int()}]
+    plain = [{"input_ids": t, "attention_mask": torch.ones_like(t)}] * 2
+    a = slimfx.compile(llama, GPTQ, calib=cast)
+    b = slimfx.compile(llama, GPTQ, calib=plain)
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=t).logits, b(input_ids=t).logits)
+    for batch, says in (({"attention_mask": torch.ones_like(t)}, r"\(calibration batch 0 of 1\) takes inputs .*missing \['input_ids'\]"),
+                        ({"input_ids": t[0]}, r"calibration batch 0 of 1\): input_ids is 1-D \[7\].*unsqueeze"),
+                        ({"input_ids": t, "attention_mask": torch.ones(2, 6, dtype=torch.long)},
+                         r"inputs of \[batch, seq\] disagree in size: input_ids \[2, 7\], attention_mask \[2, 6\]"),
+                        ({"input_ids": t, "pixel_values": torch.ones(1)}, r"unexpected \['pixel_values'\]")):
+        with pytest.raises((TypeError, ValueError), match=says):
+            slimfx.compile(llama, GPTQ, calib=[batch])

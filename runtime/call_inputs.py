@@ -1,0 +1,159 @@
+"""How a graph takes a call of the original model: inputs by position (named as the original
+forward names them) or by name, flags it was captured with, ranks, dtypes cast as the model takes
+them (a bool or int32 mask), omitted inputs filled, and [batch, seq] inputs that agree in size.
+A compiled model's call and compile's calibration batches both go through it, so each bad input
+is the same message in both places, never an error from inside the graph."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .inputs import complete_inputs
+from .program import Program
+
+__all__ = ["CallInputs"]
+
+
+class CallInputs:
+    """`CallInputs(program, "compiled LlamaForCausalLM").bind(args, kwargs)`: the inputs by name;
+    `what` begins every error message."""
+
+    def __init__(self, graph: Program, what: str):
+        self.graph, self.what = graph, what
+        self.names = tuple(i.name for i in graph.inputs)
+
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """The graph's inputs by name, in its order, from a call of the original model."""
+        names = self.names
+        bound = self._by_position(args)
+        kwargs = self._without_flags(kwargs)
+        twice = [n for n in kwargs if n in bound]
+        bound.update(kwargs)
+        for info in self.graph.inputs:  # before filling omitted inputs, which sizes them from these
+            value = bound.get(info.name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise self._not_a_tensor(info, value)
+        self._check_ranks(bound)
+        bound = self._cast_inputs(bound)
+        bound = complete_inputs(bound, self.graph.inputs)  # e.g. attention_mask omitted: all ones
+        missing = [n for n in names if n not in bound]
+        extra = [n for n in bound if n not in names]
+        if missing or extra or twice:
+            raise TypeError(
+                f"{self.what} takes inputs {list(names)} (by position or name); "
+                + "; ".join(f"{label} {items}" for label, items in
+                            (("missing", missing), ("unexpected", extra),
+                             ("given twice", twice)) if items)
+                + ". The compiled graph was captured with exactly these tensor inputs: "
+                  "recompile with other example_inputs to change them")
+        self._check_values(bound)
+        return {n: bound[n] for n in names}
+
+    def _check_values(self, bound: dict) -> None:
+        """Each input a tensor, and the token-shaped ones [batch, seq] of one size with at least one
+        token: inside the graph these were an AttributeError on None, a guard's AssertionError or
+        a reshape of 0 elements."""
+        sized = {}
+        for info in self.graph.inputs:
+            value = bound[info.name]
+            if not isinstance(value, torch.Tensor):
+                raise self._not_a_tensor(info, value)
+            if info.dims.get(0) == "batch" and info.dims.get(1) == "seq" and value.dim() >= 2:
+                sized[info.name] = tuple(value.shape[:2])
+        shapes = set(sized.values())
+        # A batch of 1 may stand for every row (position_ids [1, seq], as Hugging Face takes them).
+        if len({s[1] for s in shapes}) > 1 or len({s[0] for s in shapes} - {1}) > 1:
+            raise ValueError(f"{self.what}: inputs of [batch, seq] disagree in size: "
+                             + ", ".join(f"{n} {list(s)}" for n, s in sized.items()))
+        if any(0 in s for s in shapes):
+            name, shape = next(iter(sized.items()))
+            raise ValueError(f"{self.what}: {name} is {list(shape)}, with no tokens (or no rows) to run on")
+
+    def _not_a_tensor(self, info, value) -> TypeError:
+        dims = ", ".join(info.dims.get(d, str(n)) for d, n in enumerate(info.shape))
+        hint = " (torch.as_tensor(...) makes one)" if hasattr(value, "__array__") or isinstance(value, (list, tuple)) else ""
+        return TypeError(f"{self.what}: {info.name} is {type(value).__name__}, the graph takes a tensor "
+                         f"[{dims}] of {info.dtype}{hint}")
+
+    def _by_position(self, args: tuple) -> dict:
+        """Inputs given by position, named as the original forward names its parameters: the
+        graph's inputs are in the example's order (a BERT example of ids, token_type_ids, mask
+        made `cm(ids, mask)` pass the mask as token_type_ids). A position the graph has no input
+        for may be None, as the original model allows; a tensor there is refused by name."""
+        order = self.graph.call.positional or self.names  # () from artifacts of before 2026-12-05
+        if len(args) > len(order):
+            raise TypeError(f"{self.what} takes {len(order)} inputs by position {list(order)}; "
+                            f"{len(args)} were given")
+        bound = {}
+        for i, (name, value) in enumerate(zip(order, args)):
+            if name in self.names:
+                bound[name] = value
+            elif value is not None:
+                raise TypeError(f"{self.what}: position {i} is the original forward's `{name}`, which the "
+                                f"graph was not captured with (its inputs: {list(self.names)}); pass "
+                                "inputs by name, or recompile with it in example_inputs")
+        return bound
+
+    def _without_flags(self, kwargs: dict) -> dict:
+        """Non-tensor keyword inputs (use_cache=False, return_dict=True) are part of the graph: one
+        it was captured with may be repeated; another value, or one it was not captured with, is
+        refused with how to get a graph for it (recompiling with other tensors does not)."""
+        fixed = dict(self.graph.call.flags)
+        out = {}
+        for name, value in kwargs.items():
+            if name in self.names or isinstance(value, torch.Tensor):
+                out[name] = value
+            elif name in fixed and _same_flag(fixed[name], value):
+                continue
+            elif name not in fixed and value is None:  # the model's default, as HF callers pass it
+                continue
+            elif name == "use_cache":
+                raise TypeError(f"{self.what} runs without a KV cache: use_cache={value!r} is not supported "
+                                "(leave it out, or pass use_cache=False; a generation loop feeds the whole sequence)")
+            elif name in fixed:
+                raise TypeError(f"{self.what} was captured with {name}={fixed[name]!r}, which the graph has fixed; "
+                                f"{name}={value!r} needs another graph: compile with example_inputs that "
+                                f"include {name}={value!r}")
+            else:
+                raise TypeError(f"{self.what} was captured without {name} (the model's default), which the "
+                                f"graph has fixed; to call it with {name}={value!r}, compile with example_inputs "
+                                f"that include {name}={value!r}")
+        return out
+
+    def _check_ranks(self, given: dict) -> None:
+        """A tensor of another rank than its graph input is refused by name: 1-D input_ids were
+        reported as a missing attention_mask (none could be sized from them)."""
+        for info in self.graph.inputs:
+            value = given.get(info.name)
+            if isinstance(value, torch.Tensor) and value.dim() != len(info.shape):
+                dims = ", ".join(info.dims.get(d, str(n)) for d, n in enumerate(info.shape))
+                hint = f"; add the batch dimension, e.g. {info.name}.unsqueeze(0)" if value.dim() + 1 == len(info.shape) else ""
+                raise TypeError(f"{self.what}: {info.name} is {value.dim()}-D {list(value.shape)}, the graph "
+                                f"takes it {len(info.shape)}-D [{dims}]{hint}")
+
+    def _cast_inputs(self, given: dict) -> dict:
+        """Inputs of another dtype than the graph's, as the original model takes them: a bool,
+        int32 or 0/1 float attention_mask, int32 input_ids (export baked in the example's dtype, and
+        the graph's own dtype check raised a bare "Tensor dtype mismatch"). Integer values go to
+        integer inputs only when they are whole numbers; floats go to float inputs."""
+        out = dict(given)
+        for info in self.graph.inputs:
+            value = given.get(info.name)
+            if not isinstance(value, torch.Tensor) or value.dtype == info.dtype:
+                continue
+            to_float = info.dtype.is_floating_point
+            if not to_float and value.is_floating_point() and not torch.equal(value, value.round()):
+                raise TypeError(f"{self.what}: {info.name} is {value.dtype} with values that are not whole "
+                                f"numbers; the graph takes {info.dtype} (a mask of 0 and 1, or token ids)")
+            if to_float and value.is_complex():
+                raise TypeError(f"{self.what}: {info.name} is {value.dtype}; the graph takes {info.dtype}")
+            out[info.name] = value.to(info.dtype)
+        return out
+
+
+def _same_flag(fixed: Any, given: Any) -> bool:
+    try:
+        return type(fixed) is type(given) and bool(fixed == given)
+    except Exception:  # a value whose == raises or is not a bool
+        return False
