@@ -83,8 +83,8 @@ def _guarded(fn):
             return fn(args)
         except SpecError as e:
             print(str(e), file=sys.stderr)
-        except (ModelNotFound, ArtifactError, UsageError, NotScorable) as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (ModelNotFound, ArtifactError, UsageError, NotScorable, FloatingPointError) as e:
+            print(f"error: {e}", file=sys.stderr)  # FloatingPointError: training diverged (train.py)
         except BrokenPipeError:  # `slimfx … | head`: cli.main ends quietly; whatever was saved stays
             raise
         except OSError as e:

@@ -86,23 +86,33 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     # Generated Triton kernels have no backward: a model on that backend trains on its reference
     # graph (the same weights), and its kernels are back afterwards.
     reference = unlowered(cm.program) if getattr(cm, "backend", None) == "triton" else contextlib.nullcontext()
-    # enable_grad: a caller's `with torch.no_grad():` (compile() inside one runs `heal method=lora`
-    # here) left no graph to backpropagate, and autograd's own error named no cause.
-    with torch.enable_grad(), reference, float32_masters(params), module_mode(cm, True), module_mode(teacher, False), \
-            scaled_lr(opt) as scale, bars.task(f"training adapters ({loss})", total=steps) as step:
-        for i, batch in zip(range(steps), batches):
-            scale(lr_factor(schedule, i, steps))
-            value = _step(cm, batch, opt, loss, teacher, i)
-            losses.append(value)
-            step(note=f"loss {value:.4g}")
-        # A step's loss is checked before its update; the last update has no step after it, so
-        # one more forward (no gradient) checks what it left: an lr of 1e30 left finite adapters
-        # whose outputs were nan.
+    # A loss that is not finite comes from the updates before it (an lr of 1e30 wrecks the adapters
+    # at step 1, and step 2's loss is nan): the adapters go back to what they were at the start.
+    before = [p.detach().clone() for p in params]
+    try:
+        # enable_grad: a caller's `with torch.no_grad():` (compile() inside one runs `heal method=lora`
+        # here) left no graph to backpropagate, and autograd's own error named no cause.
+        with torch.enable_grad(), reference, float32_masters(params), module_mode(cm, True), \
+                module_mode(teacher, False), scaled_lr(opt) as scale, \
+                bars.task(f"training adapters ({loss})", total=steps) as step:
+            for i, batch in zip(range(steps), batches):
+                scale(lr_factor(schedule, i, steps))
+                value = _step(cm, batch, opt, loss, teacher, i)
+                losses.append(value)
+                step(note=f"loss {value:.4g}")
+            # A step's loss is checked before its update; the last update has no step after it, so
+            # one more forward (no gradient) checks what it left: an lr of 1e30 left finite adapters
+            # whose outputs were nan.
+            with torch.no_grad():
+                after = _loss(cm, batch, loss, teacher)
+            if not torch.isfinite(after):
+                raise FloatingPointError(f"after step {len(losses)}'s update the {loss} loss is {after.item()}")
+    except FloatingPointError as e:
         with torch.no_grad():
-            after = _loss(cm, batch, loss, teacher)
-        if not torch.isfinite(after):
-            raise FloatingPointError(f"after step {len(losses)}'s update the {loss} loss is {after.item()}; "
-                                     "the adapters are broken: try a lower lr, and compile or load the model again")
+            for p, value in zip(params, before):
+                p.copy_(value)
+        raise FloatingPointError(f"{e}: training diverged (try a lower lr); the adapters are restored to what they "
+                                 "were before this train() call") from None
     return TrainResult(losses, time.perf_counter() - start, loss)
 
 
@@ -265,8 +275,7 @@ def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
     opt.zero_grad(set_to_none=True)
     value = _loss(cm, batch, loss, teacher)
     if not torch.isfinite(value):
-        raise FloatingPointError(f"the {loss} loss is {value.item()} at step {i + 1}; the adapters were "
-                                 "not updated by it (try a lower lr)")
+        raise FloatingPointError(f"the {loss} loss is {value.item()} at step {i + 1}")
     if i == 0 and loss == "distill" and value.item() == 0.0:  # before any update: the adapters stay as they are
         raise NothingToDistil(_NOTHING_TO_DISTIL)
     value.backward()

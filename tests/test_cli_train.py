@@ -89,6 +89,16 @@ def test_train_schedule_is_passed_on_and_said(artifact, tmp_path, capsys):
     assert e.value.code == 2 and "choose from 'constant', 'cosine'" in capsys.readouterr().err
 
 
+def test_training_that_diverges_is_a_message(artifact, tmp_path, capsys):
+    """A FloatingPointError from train() was printed as a slimfx bug."""
+    capsys.readouterr()
+    assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "2", "--batch", "1",
+                 "--seq", "16", "--lr", "1e30", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "training diverged (try a lower lr)" in err and "slimfx bug" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_refuses_before_loading_anything(tmp_path, capsys):
     a_file = write(tmp_path, "x", name="not-a-dir")
     argv = ["train", "--model", "tiny:llama", "--compiled", str(tmp_path / "never-read"), "--steps"]

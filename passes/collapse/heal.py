@@ -296,6 +296,9 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     except ValueError as e:
         raise rule_error(bound, ctx, "unsupported", f"`heal method=lora` cannot train here: {e}",
                          "write distill=true to learn the original model's outputs") from None
+    except FloatingPointError as e:
+        raise rule_error(bound, ctx, "out-of-range", f"`heal method=lora` training diverged: {e}",
+                         f"write a lower lr= (this one is {rule.get('lr'):g})") from None
     recompile(graph.module)
     if rule.get("merge"):
         try:

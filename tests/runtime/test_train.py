@@ -213,8 +213,26 @@ def test_a_last_update_that_leaves_the_adapters_not_finite_raises():
     an lr of 1e30 once returned normally with adapters whose outputs were nan (and `slimfx train`
     saved them)."""
     lm, cm = fresh("llama", *MIXED)
-    with pytest.raises(FloatingPointError, match=r"after step 1's update the lm loss is nan; the adapters are broken"):
+    with pytest.raises(FloatingPointError, match=r"after step 1's update the lm loss is nan: training diverged"):
         slimfx.train(cm, [tokens(1, 4, pad=False)], steps=1, lr=1e30)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_training_that_diverges_restores_the_adapters(steps):
+    """Step 1's update wrecked the adapters and step 2's loss was nan: the message said the adapters
+    were not updated, and every later call, save and train gave nan."""
+    lm, cm = fresh("llama", *MIXED)
+    batch = tokens(1, 4, pad=False)
+    before = {n: p.detach().clone() for n, p in cm.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        want = cm(**batch).logits
+    with pytest.raises(FloatingPointError, match=r"(at step 2|after step 1's update).*training diverged \(try a "
+                                                 r"lower lr\); the adapters are restored"):
+        slimfx.train(cm, [batch], steps=steps, lr=1e30)
+    assert all(torch.equal(p, before[n]) for n, p in cm.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        assert torch.equal(cm(**batch).logits, want)
+    slimfx.train(cm, [batch], steps=2, lr=1e-4)  # and it trains again
 
 
 def test_a_model_without_adapters_is_refused():

@@ -226,6 +226,14 @@ def test_heal_offers_the_schedules_train_knows():
     assert spec.choices == SCHEDULES and spec.default == "constant"
 
 
+def test_a_lora_heal_that_diverges_is_an_error_at_its_line():
+    """train()'s FloatingPointError came out of compile() raw."""
+    lm = _shared()
+    with pytest.raises(SpecError, match=r"(?s)`heal method=lora` training diverged: .*lower lr.*this one is 1e\+30") as e:
+        slimfx.compile(lm, "drop blocks[2]\nheal method=lora steps=3 lr=1e30 rank=4", calib=[lm.example_inputs])
+    assert e.value.line == 2
+
+
 def test_heal_first_is_an_illegal_order():
     with pytest.raises(SpecError) as e:
         slimfx.compile(_shared(), "heal method=linear\ndrop blocks[1]")
