@@ -90,6 +90,11 @@ def _pair_problem(earlier: A.Rule, later: A.Rule) -> Diagnostic | None:
                    f"{str(bool(earlier.get('restore'))).lower()}` on line {line}: the model's outputs are either "
                    "the original length or the shorter one", "say the same `restore=` on every `tokens after` rule",
                    width=len("tokens"))
+    if isinstance(later, _STRUCTURAL) and later.auto is not None and isinstance(earlier, A.Tokens):
+        return _at(later.span, "illegal-order", f"`{later.kind} … auto(…)` after `tokens after` (line {line}): the "
+                   "search compares each block's residual stream on every token, and the token rule leaves fewer "
+                   "tokens after its block", f"move this `{later.kind}` rule above line {line} (the token rule's "
+                   "blocks are then counted among the blocks that remain)")
     if isinstance(later, _STRUCTURAL) and isinstance(earlier, _WEIGHT_CHANGING):
         why = ("`heal` repairs the blocks removed before it, so blocks are merged or removed first"
                if isinstance(earlier, A.Heal) else

@@ -45,9 +45,29 @@ def removal_problem(blocks: list[Block]) -> tuple[str, str] | None:
         leak = read_after(run)
         if leak is not None:
             owner = next(b for b in run if leak in b.nodes)
+            step = _token_step(frozenset().union(*(b.nodes for b in run)))
+            if step is not None:
+                return (f"{owner.path} is where a `tokens after` rule above prunes or merges the tokens ({step}): "
+                        "removing it would take that step away from the blocks after it",
+                        f"remove {owner.path} in a rule above the `tokens` rule (blocks are renumbered after it), "
+                        "or remove other blocks")
             return (f"{owner.path} computes a value the blocks after it read ({leak.name}, e.g. T5's position "
                     "bias, made in the first block only): removing it would leave them without it",
                     f"remove other blocks; an auto search never picks {owner.path}")
+    return None
+
+
+# The ops a `tokens after` rule puts at the end of its block (runtime/token_ops.py).
+_TOKEN_STEPS = ("slimfx::token_merge", "slimfx::token_prune")
+
+
+def _token_step(members: frozenset) -> str | None:
+    """The `tokens after` step inside a run (slimfx.token_merge / token_prune), by name: what later
+    blocks read from the run is then the shorter token list, whichever of its values is found."""
+    for node in members:
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.name in _TOKEN_STEPS:
+            return schema.name.replace("::", ".")
     return None
 
 

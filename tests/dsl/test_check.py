@@ -131,3 +131,13 @@ def test_error_init_needs_a_precision_rule_before_it():
     ok("precision blocks.*.** choose {int4, int8} budget avg_bits<=6 by output_mse", "adapt blocks.*.** dora init=error")
     spec = ok("quantize blocks.*.attn.q int2", "adapt blocks.*.attn.q lora init=error")
     assert spec.policy("p").rules[1].get("init") == "error"
+
+
+def test_an_auto_removal_after_a_token_rule_is_rejected_with_the_fix():
+    """Its search compared streams of different token counts: a raw size-mismatch RuntimeError."""
+    for removal in ("drop blocks auto(count=1)", "collapse blocks auto(count=1)"):
+        err = error_of("tokens after blocks[1] prune keep=0.5", removal)
+        assert err.kind == "illegal-order" and err.line == 3 and "move this" in err.hint and "above line 2" in err.hint
+    ok("drop blocks auto(count=1)", "tokens after blocks[1] prune keep=0.5")
+    ok("tokens after blocks[1] prune keep=0.5", "drop blocks[5]")  # an explicit removal binds after it
+    ok("tokens unpad", "drop blocks auto(count=1)")  # unpad leaves every real token

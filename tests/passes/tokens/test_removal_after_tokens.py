@@ -53,3 +53,14 @@ def test_a_removal_below_a_token_rule_equals_it_written_above(arch, below, above
     with torch.no_grad():
         torch.testing.assert_close(getattr(a(**batch), key), getattr(b(**batch), key), atol=0, rtol=0)
     assert [r.kind for r in a.report.rules] == [r.kind for r in reversed(b.report.rules)]
+
+
+@pytest.mark.parametrize("arch, rules, op", [("llama", "tokens after blocks[1] prune keep=0.5\ndrop blocks[1]", "token_prune"),
+                                             ("bert", "tokens unpad\ntokens after blocks[1] merge ratio=0.3\ndrop blocks[1]",
+                                              "token_merge")])
+def test_removing_the_block_of_a_token_step_names_the_step(arch, rules, op):
+    """It was refused as a value 'e.g. T5's position bias' that later blocks read."""
+    lm = tiny(arch, layers=4)
+    with pytest.raises(slimfx.SpecError, match=rf"(?s)layers?\.1 is where a `tokens after` rule above prunes or "
+                                               rf"merges the tokens \(slimfx\.{op}\).*in a rule above the `tokens` rule"):
+        slimfx.compile(lm, rules)
