@@ -48,7 +48,17 @@ class CallInputs:
                 + ". The compiled graph was captured with exactly these tensor inputs: "
                   "recompile with other example_inputs to change them")
         self._check_values(bound)
-        return {n: bound[n] for n in names}
+        return self._rows_for_every_row({n: bound[n] for n in names})
+
+    def _rows_for_every_row(self, bound: dict) -> dict:
+        """A [1, seq] input beside [batch, seq] ones stands for every row, as the original model
+        broadcasts it (a mask or position_ids of one row): the graph takes one row per row (it
+        indexed past the single row, an IndexError)."""
+        token_shaped = [i.name for i in self.graph.inputs if i.dims.get(0) == "batch" and i.dims.get(1) == "seq"
+                        and bound[i.name].dim() >= 2]
+        rows = max((bound[n].shape[0] for n in token_shaped), default=1)
+        return {n: v.expand(rows, *v.shape[1:]) if n in token_shaped and v.shape[0] == 1 and rows > 1 else v
+                for n, v in bound.items()}
 
     def _check_values(self, bound: dict) -> None:
         """Each input a tensor, and the token-shaped ones [batch, seq] of one size with at least one

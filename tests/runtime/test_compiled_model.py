@@ -257,3 +257,15 @@ def test_more_positions_or_ids_than_the_tables_hold_are_named(arch, table):
     vocab = case.loaded.model.config.vocab_size
     with pytest.raises(ValueError, match="token ids below its vocabulary size"):
         case.cm(torch.full((1, 4), vocab, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
+def test_a_mask_of_one_row_stands_for_every_row_as_the_original_takes_it(arch):
+    """A [1, seq] attention_mask beside [batch, seq] ids: the original model broadcasts it, the
+    compiled graph indexed past its one row (an IndexError)."""
+    case = compiled(arch)
+    ids = torch.randint(3, 200, (3, 6))
+    mask = torch.ones(1, 6, dtype=torch.long)
+    with torch.no_grad():
+        want, got = case.loaded.model(input_ids=ids, attention_mask=mask)[0], case.cm(input_ids=ids, attention_mask=mask)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
