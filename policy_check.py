@@ -241,7 +241,7 @@ def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results,
     except Exception as e:  # noqa: BLE001
         results.append(DrawResult(d, False, math.inf))
         return f"the compiled model raised {type(e).__name__}: {first_line(e)}", math.inf
-    problem = structure_problem(orig, comp)
+    problem = structure_problem(orig, comp, shapes=metric is None)  # a metric decides on sizes
     if problem is not None:
         results.append(DrawResult(d, False, math.inf))
         return problem, math.inf

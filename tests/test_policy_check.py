@@ -86,6 +86,22 @@ def test_metric_bool_and_float(llama):
         check_policy(llama, quantize("int2 group=16"), metric=cosine_gap, atol=1e-3, max_examples=FEW)
 
 
+def test_a_metric_checks_a_policy_whose_outputs_are_shorter(bert):
+    """restore=false returns fewer tokens: the README says a metric is what such a policy needs, and
+    the shape check refused every draw before the metric ran. Names and types must still agree."""
+    policy = "tokens unpad\ntokens after blocks[0] merge ratio=0.3 protect=cls"
+    seen = []
+
+    def pooled_gap(orig, comp):
+        seen.append((orig.last_hidden_state.shape[1], comp.last_hidden_state.shape[1]))
+        return float((orig.last_hidden_state[:, 0] - comp.last_hidden_state[:, 0]).abs().max())
+
+    check_policy(bert, policy, metric=pooled_gap, atol=10.0, max_examples=FEW)
+    assert any(c < o for o, c in seen)  # it did see shorter outputs
+    with pytest.raises(PolicyCheckError, match=r"last_hidden_state is tensor\[\d+, \d+, \d+\], original"):
+        check_policy(bert, policy, atol=10.0, max_examples=FEW)  # no metric: sizes must agree
+
+
 def test_a_metric_that_raises_or_returns_no_number_is_named_with_the_input(llama):
     def divides(orig, comp):
         return 1 / 0
