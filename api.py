@@ -47,8 +47,13 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     from .runtime.compiled import CompiledModel
     from .runtime.heap import return_freed_heap
     from .runtime.progress import Progress
+    from torch import nn
 
     _check_backend(backend)
+    if backend == "triton" and isinstance(unwrap(model, None)[0], nn.Module):
+        from .runtime.lower import check_triton_runs
+
+        check_triton_runs(unwrap(model, None)[0])  # before minutes of passes, not after them
     bars = Progress.for_terminal(progress)
     policy_ast, spec = resolve_policy(policy, name)
     with bars.task(f"capturing {type(unwrap(model, None)[0]).__name__} with torch.export"):

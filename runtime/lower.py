@@ -41,7 +41,7 @@ from .sizes import tensor_bytes
 from .forward_parts import recompile
 
 __all__ = ["BACKENDS", "Lowering", "lower", "unlower", "unlowered", "summary", "lowered_tensors",
-           "register_graph_lowering", "BackendUnavailable"]
+           "register_graph_lowering", "BackendUnavailable", "check_triton_runs"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -201,6 +201,8 @@ def lower(gm: fx.GraphModule, backend: str = "auto", *,
     reference ops only). Idempotent; switching backends re-lowers from the reference graph."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "triton" and getattr(gm, "_slimfx_triton", None) is None:
+        check_triton_runs(gm)  # before the current lowering goes: a refusal leaves the model as it was
     converted = dict(_converted or {})
     if getattr(gm, "_slimfx_triton", None) is not None or any(n.target in _LOWERED for n in _quant_nodes(gm)):
         converted.update(_strip(gm))
@@ -237,7 +239,7 @@ def _on_gpu(gm: nn.Module) -> bool:
 def _lower_triton(gm: fx.GraphModule, kept: Optional[tuple]) -> None:
     """Swap in the graph whose groups call generated kernels (`kept`: one lowered before)."""
     if kept is None:
-        _check_triton_runs(gm)
+        check_triton_runs(gm)
         if "triton" not in _GRAPH_LOWERINGS:
             raise RuntimeError("the Triton backend needs slimfx's code generator: get the model from "
                                "slimfx.compile(...) or slimfx.load(...), which register it")
@@ -248,7 +250,9 @@ def _lower_triton(gm: fx.GraphModule, kept: Optional[tuple]) -> None:
     gm._slimfx_triton = (reference, kept[1])  # the lowered graph is gm.graph while it is installed
 
 
-def _check_triton_runs(gm: nn.Module) -> None:
+def check_triton_runs(gm: nn.Module) -> None:
+    """BackendUnavailable unless generated kernels can run for `gm` (its tensors on a GPU, or
+    Triton's interpreter on): compile() asks before any work, lower() before unlowering."""
     if _on_gpu(gm) or os.environ.get("TRITON_INTERPRET") == "1":
         return
     why = "no CUDA GPU is available" if not torch.cuda.is_available() else "the weights are on the CPU"

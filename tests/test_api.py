@@ -212,6 +212,32 @@ def test_loading_for_triton_without_a_gpu_says_so_not_that_the_artifact_is_from_
     assert 'load with backend="auto"' in str(e.value) and "saved by" not in str(e.value)
 
 
+def test_triton_without_a_gpu_is_refused_before_any_work_and_leaves_a_model_as_it_was(monkeypatch):
+    """compile() refused it after the whole pipeline (GPTQ and calibration lost); a failed
+    set_backend("triton") had already taken the CPU kernels away (backend still said "auto")."""
+    from slimfx.runtime.lower import BackendUnavailable
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the Triton backend runs (tests/codegen/test_lower.py)")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    lm = tiny("llama")
+    import slimfx.api as api_module
+    monkeypatch.setattr(api_module, "_capture", lambda *a: pytest.fail("captured before refusing"))
+    with pytest.raises(BackendUnavailable):
+        slimfx.compile(lm, "quantize blocks.*.** : Linear int4 group=32", backend="triton")
+    monkeypatch.undo()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cm = slimfx.compile(lm, "quantize blocks.*.** : Linear int4 group=32")
+    before = str(cm.lowering)
+    with torch.no_grad():
+        want = cm(**lm.example_inputs).logits
+    with pytest.raises(BackendUnavailable):
+        cm.set_backend("triton")
+    assert cm.backend == "auto" and str(cm.lowering) == before and "int4pack" in before
+    with torch.no_grad():
+        assert torch.equal(cm(**lm.example_inputs).logits, want)
+
+
 def test_second_compile_of_the_same_model_reuses_the_capture():
     from slimfx.passes.capture import cache_info
 
