@@ -271,6 +271,13 @@ class _Binder:
             warnings.append(f"{', '.join(tied[0].tied)} is tied to another module's weight: that module keeps "
                             "the original, so its memory is not freed")
         packed = [t for t in targets if not t.params]
+        peft = [t for t in packed if "base_layer" in self.graph.modules[t.path].children]
+        if peft:  # a PeftModel: the selected module is PEFT's wrapper, its weight is base_layer's
+            self._error(rule.selector.span, "unsupported", f"`{rule.kind}` cannot rewrite {peft[0].path}: it is a "
+                        f"PEFT adapter layer (its weight is {peft[0].path}.base_layer's)",
+                        "merge the adapters into the model first (`peft_model.merge_and_unload()`), or compile the "
+                        "base model and bring the adapters in with `adapt … from=DIR`")
+            return BoundRule(rule, targets=(), warnings=tuple(warnings))
         if packed:  # a CompiledModel compiled again: its quantized linears hold packed codes, no weight
             more = f" and {len(packed) - 1} more" if len(packed) > 1 else ""
             self._error(rule.selector.span, "unsupported", f"`{rule.kind}` cannot rewrite {packed[0].path}{more}: "

@@ -232,3 +232,13 @@ def test_dora_with_dropout_beside_a_quantized_half_base_runs_in_training(order):
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert all(p.grad is not None for p in cm.adapter_parameters())
+
+
+def test_a_rule_on_a_peft_models_adapter_layer_says_so():
+    """It was refused as 'an earlier compile quantized it' (no compile had): the selected module
+    is PEFT's wrapper, whose weight is its base_layer's."""
+    peft = pytest.importorskip("peft")
+    lm = tiny("llama")
+    model = peft.get_peft_model(lm.model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    with pytest.raises(slimfx.SpecError, match=r"(?s)q_proj: it is a PEFT adapter layer.*merge_and_unload\(\)"):
+        slimfx.compile(model, "quantize blocks.*.attn.q int8", example_inputs=lm.example_inputs)
