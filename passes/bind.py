@@ -23,7 +23,18 @@ from .estimate import Estimate, estimate, stored_after
 from .graph import Block, ModelGraph, Target
 from .select import resolve
 
-__all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params", "collapse_range_problem"]
+__all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params", "collapse_range_problem", "TIED_NOTE"]
+
+# A rule on a linear whose weight another, unselected module shares (a tied head and embedding).
+TIED_NOTE = "is tied to another module's weight: that module keeps the original, so its memory is not freed"
+
+
+def _shared_outside(graph: ModelGraph, target: Target, paths: set[str]) -> bool:
+    """Does a module outside `paths` share one of `target`'s tied tensors? (When every sharer is
+    selected, the rule rewrites them all and the original goes.)"""
+    storages = {p.storage for p in graph.modules[target.path].params if p.name in target.tied}
+    return any(p.storage in storages for path, info in graph.modules.items() if path not in paths
+               for p in info.params)
 
 _LINEAR_RULES = (A.Adapt, A.Quantize, A.Precision)
 _BLOCK_RULES = (A.Collapse, A.Drop)
@@ -266,10 +277,10 @@ class _Binder:
                             f"`{rule.kind}` applies to linears; add `: Linear` to say so")
         if kept:
             warnings.append(f"{len(kept)} target{'s' * (len(kept) != 1)} protected by `keep`")
-        tied = [t for t in targets if t.tied]
+        paths = {t.path for t in targets}
+        tied = [t for t in targets if t.tied and _shared_outside(self.graph, t, paths)]
         if tied and not isinstance(rule, A.Adapt):
-            warnings.append(f"{', '.join(tied[0].tied)} is tied to another module's weight: that module keeps "
-                            "the original, so its memory is not freed")
+            warnings.append(f"{', '.join(tied[0].tied)} {TIED_NOTE}")
         packed = [t for t in targets if not t.params]
         peft = [t for t in packed if "base_layer" in self.graph.modules[t.path].children]
         if peft:  # a PeftModel: the selected module is PEFT's wrapper, its weight is base_layer's

@@ -212,3 +212,25 @@ def weight_still_held(graph: ModelGraph, target: Target) -> bool:
     """After a rewrite: is the original weight still on the module (tied to another reader)?"""
     info = graph.modules[target.path]
     return any(p.name == weight_name(target) for p in info.params)
+
+
+def release_unread_weight(graph: ModelGraph, target: Target) -> bool:
+    """After every target of a rule is rewritten: a tied weight that drop_weight kept because a
+    module sharing it still read it, and that nothing reads now (each sharer was rewritten too),
+    leaves the graph and the module table (it stayed as dead fp32 bytes, saved in the artifact).
+    True while some node still reads it."""
+    if not weight_still_held(graph, target):
+        return False
+    name, gm = weight_name(target), graph.module
+    tensor = _attr(gm, name)
+    readers = [n for n in gm.graph.nodes if reads(graph, n, tensor)]
+    if any(n.users for n in readers):
+        return True
+    for node in readers:
+        gm.graph.erase_node(node)
+    owner, _, attr = name.rpartition(".")
+    if hasattr(gm.get_submodule(owner), attr):
+        delattr(gm.get_submodule(owner), attr)
+    info = graph.modules[target.path]
+    graph.modules[target.path] = replace(info, params=tuple(p for p in info.params if p.name != name))
+    return False

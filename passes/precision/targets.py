@@ -10,11 +10,11 @@ import torch
 from ...dsl.errors import Diagnostic, SpecError
 from ...runtime.formats import QuantizedWeight
 from ...runtime.report import RuleReport
-from ..bind import BoundRule
+from ..bind import TIED_NOTE, BoundRule
 from ..calibrate import CALIB_HINT, DiagonalAccumulator, observe
 from ..context import Context
 from ..graph import ModelGraph, Target
-from ..rewrite import LinearSite, find_sites, weight_name, weight_still_held
+from ..rewrite import LinearSite, find_sites, release_unread_weight, weight_name
 from .encode import Candidate, Encoded, encoded_bytes
 from .gptq import HessianAccumulator
 from .rewrite import to_half, to_quant_linear
@@ -110,7 +110,9 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
             to_quant_linear(graph, it.target, sites, enc)
         else:
             to_half(graph, it.target, sites, enc.dtype)
-        held = enc is not None and weight_still_held(graph, it.target)
+    for it in items:  # once every target is rewritten: a weight tied among them is read by none now
+        _, enc = chosen[it.path]
+        held = enc is not None and release_unread_weight(graph, it.target)
         tied += [it.path] if held else []
         after += encoded_bytes(enc, it.w) + it.bias_bytes + (it.target.nbytes - it.bias_bytes if held else 0)
         weights += it.w.numel()
@@ -140,6 +142,6 @@ def _notes(bound: BoundRule, kept: list[str], tied: list[str]) -> tuple[str, ...
     notes = list(bound.warnings)
     if kept:
         notes.append(f"{len(kept)} target{'s' if len(kept) != 1 else ''} kept in full precision (`keep`)")
-    if tied:
+    if tied and not any(TIED_NOTE in w for w in bound.warnings):  # bind said it already
         notes.append(f"{', '.join(tied)}: weight tied to another module, which keeps the original (not freed)")
     return tuple(notes)

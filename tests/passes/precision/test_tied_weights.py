@@ -1,0 +1,58 @@
+"""A weight two linears share (tied): quantizing both leaves no fp32 original behind (it stayed as
+dead bytes, counted and saved, with a note saying the opposite); quantizing one keeps it for the
+other and says so once (it was said twice)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import slimfx
+from slimfx.runtime.formats import QuantFormat, dequantize, quantize_rtn
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.c, self.c2 = nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(64, 32)
+        self.c2.weight = self.c.weight
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        return self.c(h) + self.c2(h)
+
+
+def _rounded(model: nn.Module, names) -> nn.Module:
+    """The model with each named linear's weight replaced by its int8 RTN round trip."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in names:
+            w = getattr(ref, name).weight
+            w.copy_(dequantize(quantize_rtn(w.detach(), QuantFormat(8))).to(w.dtype))
+    return ref
+
+
+def test_quantizing_every_sharer_frees_the_original(tmp_path):
+    model, x = Shared().eval(), torch.randn(4, 64)
+    cm = slimfx.compile(model, "quantize ** : Linear int8", example_inputs={"x": x}, backend="eager")
+    assert [n for n, _ in cm.program.named_parameters()] == ["up.bias", "c.bias", "c2.bias"]
+    assert not any("tied" in n for r in cm.report.rules for n in r.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), _rounded(model, ["up", "c"])(x), atol=1e-5, rtol=1e-5)
+    cm.save(tmp_path / "a")
+    assert [n for n, _ in slimfx.load(tmp_path / "a").program.named_parameters()] == ["up.bias", "c.bias", "c2.bias"]
+
+
+def test_quantizing_one_sharer_keeps_the_original_for_the_other_and_says_so_once():
+    model, x = Shared().eval(), torch.randn(4, 64)
+    cm = slimfx.compile(model, "quantize c : Linear int8", example_inputs={"x": x}, backend="eager")
+    notes = [n for n in cm.report.rules[0].notes if "tied" in n]
+    assert len(notes) == 1 and "not freed" in notes[0]
+    assert "c.weight" in dict(cm.program.named_parameters())
+    ref = _rounded(model, [])
+    with torch.no_grad():  # c reads the rounded weight, c2 the original
+        h = torch.relu(ref.up(x))
+        w = dequantize(quantize_rtn(ref.c.weight.detach(), QuantFormat(8)))
+        torch.testing.assert_close(cm(x), h @ w.T + ref.c.bias + ref.c2(h), atol=1e-5, rtol=1e-5)
