@@ -159,12 +159,19 @@ def _bare_rules(text: str) -> bool:
 
 
 def _capture(model, example_inputs):
+    import torch
+
     from .passes.capture import capture
     from .runtime.compiled import CompiledModel
 
     if isinstance(model, CompiledModel):  # compile again: its graph, copied, is the starting point
         return _recompile_source(model, example_inputs)
     model, example_inputs = unwrap(model, example_inputs)
+    if not isinstance(model, torch.nn.Module):
+        named = f" {model!r}" if isinstance(model, (str, os.PathLike)) else ""
+        raise TypeError(f"slimfx compiles a torch.nn.Module (or a slimfx.models.load(...) result, or a "
+                        f"CompiledModel), not the {type(model).__name__}{named}"
+                        + (f": load it first, e.g. slimfx.models.load({str(model)!r})" if named else ""))
     if example_inputs is None:
         raise TypeError("slimfx needs example_inputs: the keyword inputs the model is called with, e.g. "
                         "example_inputs=tokenizer(['hello'], return_tensors='pt') (or pass a slimfx.models.load(...) "

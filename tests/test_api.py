@@ -238,6 +238,14 @@ def test_triton_without_a_gpu_is_refused_before_any_work_and_leaves_a_model_as_i
         assert torch.equal(cm(**lm.example_inputs).logits, want)
 
 
+def test_a_model_that_is_not_a_module_is_named():
+    """compile("llama", …, example_inputs=…) was an AttributeError: 'str' object has no attribute 'forward'."""
+    with pytest.raises(TypeError, match=r"not the str 'llama': load it first, e.g. slimfx.models.load\('llama'\)"):
+        slimfx.compile("llama", "", example_inputs=tiny("llama").example_inputs)
+    with pytest.raises(TypeError, match="compiles a torch.nn.Module .* not the NoneType"):
+        slimfx.plan(None, "")
+
+
 def test_second_compile_of_the_same_model_reuses_the_capture():
     from slimfx.passes.capture import cache_info
 
