@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -49,6 +50,7 @@ def save_adapters(cm, path: str | os.PathLike, targets: Iterable[str] | None = N
     weights (QLoRA) reproduce the compiled model only up to that quantization."""
     target = Path(path)
     adapters = _chosen(adapters_of(cm.program), targets)
+    _warn_beside_quantized(cm, adapters)
     config = peft_config(adapters)
     tensors = {tensor_key(a.target, name): t for a in adapters for name, t in _tensors(cm.program, a).items()}
     _check_target(target)
@@ -117,6 +119,18 @@ def _tensors(gm: torch.nn.Module, adapter: Adapter) -> dict[str, torch.Tensor]:
     names = ("lora_A", "lora_B") + (("lora_magnitude",) if adapter.method == "dora" else ())
     return {n: gm.get_parameter(f"{adapter.target}.{n}").detach().to("cpu", torch.float32).contiguous()
             for n in names}
+
+
+def _warn_beside_quantized(cm, adapters) -> None:
+    """PEFT loads the adapters over the original float weights: where a policy put them beside
+    quantized (or half) weights, as QLoRA and `init=error` do, the PeftModel matches the compiled
+    model only up to that quantization. Said, not refused: it is how QLoRA adapters are shared."""
+    beside = [a.target for a in adapters if not hasattr(cm.program.get_submodule(a.target), "weight")]
+    if beside:
+        warnings.warn(f"{len(beside)} of the {len(adapters)} adapters sit beside weights the policy quantized "
+                      f"({beside[0]}{' …' if len(beside) > 1 else ''}): PeftModel.from_pretrained(original_model, "
+                      "dir) puts them over the original float weights, so it gives the compiled model's outputs "
+                      "only up to that quantization", stacklevel=4)  # the user's cm.save_adapters(…)
 
 
 def _check_target(target: Path) -> None:
