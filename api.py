@@ -94,6 +94,9 @@ def resolve_policy(policy, name: str | None = None, *,
     """(the one policy to apply or None for an empty spec, the Spec it came from). `choose`: the
     hint when the spec holds several policies and `name` picks none (the CLI's names its option)."""
     if isinstance(policy, A.Policy):
+        if name is not None and name != policy.name:  # it was ignored: the policy given ran
+            raise SpecError.at("unknown-policy", f"no policy `{name}`: the Policy given is `{policy.name}`",
+                               hint="leave name= out, or pass the Spec that holds the policy you mean")
         return policy, A.Spec((policy,))
     spec = policy if isinstance(policy, A.Spec) else _read_spec(policy)
     if not spec.policies:

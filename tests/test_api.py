@@ -238,6 +238,14 @@ def test_triton_without_a_gpu_is_refused_before_any_work_and_leaves_a_model_as_i
         assert torch.equal(cm(**lm.example_inputs).logits, want)
 
 
+def test_a_policy_object_with_another_name_is_refused():
+    """name= was ignored when the policy was a Policy: the one given ran, whatever name said."""
+    policy = slimfx.parse("policy a {\n    quantize head int8\n}\n").policies[0]
+    with pytest.raises(SpecError, match="no policy `b`: the Policy given is `a`"):
+        slimfx.plan(tiny("llama"), policy, name="b")
+    assert slimfx.plan(tiny("llama"), policy, name="a").policy.name == "a"
+
+
 def test_a_model_that_is_not_a_module_is_named():
     """compile("llama", …, example_inputs=…) was an AttributeError: 'str' object has no attribute 'forward'."""
     with pytest.raises(TypeError, match=r"not the str 'llama': load it first, e.g. slimfx.models.load\('llama'\)"):
