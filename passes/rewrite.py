@@ -214,23 +214,29 @@ def weight_still_held(graph: ModelGraph, target: Target) -> bool:
     return any(p.name == weight_name(target) for p in info.params)
 
 
-def release_unread_weight(graph: ModelGraph, target: Target) -> bool:
-    """After every target of a rule is rewritten: a tied weight that drop_weight kept because a
-    module sharing it still read it, and that nothing reads now (each sharer was rewritten too),
-    leaves the graph and the module table (it stayed as dead fp32 bytes, saved in the artifact).
-    True while some node still reads it."""
-    if not weight_still_held(graph, target):
-        return False
-    name, gm = weight_name(target), graph.module
-    tensor = _attr(gm, name)
-    readers = [n for n in gm.graph.nodes if reads(graph, n, tensor)]
-    if any(n.users for n in readers):
-        return True
-    for node in readers:
-        gm.graph.erase_node(node)
-    owner, _, attr = name.rpartition(".")
-    if hasattr(gm.get_submodule(owner), attr):
-        delattr(gm.get_submodule(owner), attr)
-    info = graph.modules[target.path]
-    graph.modules[target.path] = replace(info, params=tuple(p for p in info.params if p.name != name))
-    return False
+def tied_storages(graph: ModelGraph, targets) -> set[int]:
+    """The storages of the tied weights among `targets` (one tensor several modules read)."""
+    return {p.storage for t in targets for p in graph.modules[t.path].params if p.name in t.tied}
+
+
+def release_unread(graph: ModelGraph, storages: set[int]) -> None:
+    """After a precision rule rewrote its targets: a tied weight that drop_weight kept because a
+    module sharing it still read it, and that no node reads any longer (each sharer has been
+    rewritten, by this rule or an earlier one), leaves the graph and the module table under
+    every name it had (it stayed as dead fp32 bytes, counted and saved)."""
+    gm = graph.module
+    for storage in storages:
+        rows = [(path, p.name) for path, info in graph.modules.items() for p in info.params if p.storage == storage]
+        tensors = {id(t): t for _, name in rows if isinstance(t := _attr(gm, name), torch.Tensor)}
+        readers = [n for n in gm.graph.nodes if n.op == "get_attr" and id(_attr(gm, n.target)) in tensors
+                   and _attr(gm, n.target) is tensors[id(_attr(gm, n.target))]]
+        if not rows or any(n.users for n in readers):
+            continue
+        for node in readers:
+            gm.graph.erase_node(node)
+        for path, name in rows:
+            owner, _, attr = name.rpartition(".")
+            if hasattr(gm.get_submodule(owner), attr):
+                delattr(gm.get_submodule(owner), attr)
+            info = graph.modules[path]
+            graph.modules[path] = replace(info, params=tuple(p for p in info.params if p.name != name))

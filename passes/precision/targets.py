@@ -14,7 +14,7 @@ from ..bind import TIED_NOTE, BoundRule
 from ..calibrate import CALIB_HINT, DiagonalAccumulator, observe
 from ..context import Context
 from ..graph import ModelGraph, Target
-from ..rewrite import LinearSite, find_sites, release_unread_weight, weight_name
+from ..rewrite import LinearSite, find_sites, release_unread, tied_storages, weight_name, weight_still_held
 from .encode import Candidate, Encoded, encoded_bytes
 from .gptq import HessianAccumulator
 from .rewrite import to_half, to_quant_linear
@@ -97,6 +97,7 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
     before = sum(it.target.nbytes for it in items)
     after, weights, packed = 0, 0, 0
     kept, tied = [], []
+    shared = tied_storages(graph, [it.target for it in items])
     for it in items:
         cand, enc = chosen[it.path]
         # Found again: a target rewritten before this one may have been its input (ELECTRA's
@@ -110,9 +111,10 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
             to_quant_linear(graph, it.target, sites, enc)
         else:
             to_half(graph, it.target, sites, enc.dtype)
-    for it in items:  # once every target is rewritten: a weight tied among them is read by none now
+    release_unread(graph, shared)  # a weight tied among rewritten targets is read by none now
+    for it in items:
         _, enc = chosen[it.path]
-        held = enc is not None and release_unread_weight(graph, it.target)
+        held = enc is not None and weight_still_held(graph, it.target)
         tied += [it.path] if held else []
         after += encoded_bytes(enc, it.w) + it.bias_bytes + (it.target.nbytes - it.bias_bytes if held else 0)
         weights += it.w.numel()
@@ -139,7 +141,9 @@ def _wide_groups(items, chosen) -> tuple[str, ...]:
 
 
 def _notes(bound: BoundRule, kept: list[str], tied: list[str]) -> tuple[str, ...]:
-    notes = list(bound.warnings)
+    # bind's tied warning is a guess made before the rewrite (a sharer rewritten by an earlier
+    # rule still held the weight then); after it, `tied` says whether the original stayed.
+    notes = [w for w in bound.warnings if tied or TIED_NOTE not in w]
     if kept:
         notes.append(f"{len(kept)} target{'s' if len(kept) != 1 else ''} kept in full precision (`keep`)")
     if tied and not any(TIED_NOTE in w for w in bound.warnings):  # bind said it already

@@ -56,3 +56,19 @@ def test_quantizing_one_sharer_keeps_the_original_for_the_other_and_says_so_once
         h = torch.relu(ref.up(x))
         w = dequantize(quantize_rtn(ref.c.weight.detach(), QuantFormat(8)))
         torch.testing.assert_close(cm(x), h @ w.T + ref.c.bias + ref.c2(h), atol=1e-5, rtol=1e-5)
+
+
+def test_sharers_rewritten_by_two_rules_free_the_original_after_the_second(tmp_path):
+    """The first rule keeps the weight for the other sharer; the second frees it under both names
+    (freeing one name left the other dangling: a LintError)."""
+    model, x = Shared().eval(), torch.randn(4, 64)
+    for rules in ("quantize c : Linear int8\nquantize c2 : Linear int8", "quantize c2 : Linear int8\nquantize c : Linear int8"):
+        cm = slimfx.compile(model, rules, example_inputs={"x": x}, backend="eager")
+        assert [n for n, _ in cm.program.named_parameters() if n.endswith(".weight")] == ["up.weight"]
+        first, second = cm.report.rules
+        assert any("not freed" in n for n in first.notes) and not any("tied" in n for n in second.notes)
+        with torch.no_grad():
+            torch.testing.assert_close(cm(x), _rounded(model, ["c"])(x), atol=1e-5, rtol=1e-5)
+        cm.save(tmp_path / "a")
+        with torch.no_grad():
+            assert torch.equal(slimfx.load(tmp_path / "a", backend="eager")(x), cm(x))
