@@ -204,20 +204,29 @@ def unwrap(model, example_inputs):
     return model, example_inputs
 
 
-def _calibration(model, calib, graph) -> list[dict[str, Any]]:
-    """Calibration batches bound as a call of the compiled model binds its inputs
-    (runtime/call_inputs.py): an omitted attention_mask etc. filled, a bool or int32 mask cast,
-    and a missing, misshapen or surplus input refused by name, not raised from inside a pass. A
-    mask or token types the graph takes no input for (text batches for a model captured without
-    them) is left out, as the model itself would ignore it."""
+def _calibration(model, calib, graph):
+    """Calibration batches, each bound as a call of the compiled model binds its inputs
+    (runtime/call_inputs.py): an omitted attention_mask etc. filled, a bool or int32 mask cast.
+    Keys the graph takes no input for ride along untouched (`labels` for the LoRA heal's loss, a
+    mask the statistics skip padding by). A batch that does not fit (an input missing, 1-D or
+    misshapen) is refused by name when a pass reads the batches, not before: a policy that never
+    calibrates is not refused for it."""
     from .calibration import calibration_batches
+    from .passes.context import CalibrationBatches
     from .runtime.call_inputs import CallInputs
-    from .runtime.inputs import FILLABLE
 
     names = {i.name for i in graph.inputs}
     batches = calibration_batches(model, calib)
-    return [CallInputs(graph, f"compiled {graph.model_class} (calibration batch {i} of {len(batches)})").bind(
-        (), {k: v for k, v in b.items() if k in names or k not in FILLABLE}) for i, b in enumerate(batches)]
+    out, problem = [], None
+    for i, batch in enumerate(batches):
+        binder = CallInputs(graph, f"compiled {graph.model_class} (calibration batch {i} of {len(batches)})",
+                            fix="give each calibration batch those inputs")
+        try:
+            bound = binder.bind((), {k: v for k, v in batch.items() if k in names})
+        except (TypeError, ValueError) as e:
+            problem, bound = problem or e, {k: v for k, v in batch.items() if k in names}
+        out.append({**bound, **{k: v for k, v in batch.items() if k not in names}})
+    return CalibrationBatches(out, problem)
 
 
 def _check_backend(backend: str) -> None:

@@ -19,20 +19,34 @@ class CalibrationBatches(list):
 
     read = False
 
+    def __init__(self, batches=(), problem: Exception | None = None):
+        super().__init__(batches)
+        # Why a batch does not fit the graph (api._calibration binds them as a call): raised when
+        # a pass reads them, not at compile's start, so a policy that never calibrates is not
+        # refused for calibration it does not use.
+        self.problem = problem
+
     def __iter__(self):
+        self._check()
         self.read = True
         return super().__iter__()
 
     def __getitem__(self, i):
+        self._check()
         self.read = True
         return super().__getitem__(i)
 
     def __add__(self, other):
         return [*self, *other]
 
+    def _check(self) -> None:
+        if self.problem is not None:
+            raise self.problem
+
     def unread(self) -> list:
         """The batches for a measurement (a latency, the report's figures on one batch), which
         is not calibrating: the report and `--calib`'s unused note must not count it."""
+        self._check()
         return list(super().__iter__())
 
     def described(self) -> str:
@@ -74,4 +88,5 @@ class Context:
     error_fits: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.calib = CalibrationBatches(self.calib)
+        if not isinstance(self.calib, CalibrationBatches):
+            self.calib = CalibrationBatches(self.calib)

@@ -19,8 +19,8 @@ class CallInputs:
     """`CallInputs(program, "compiled LlamaForCausalLM").bind(args, kwargs)`: the inputs by name;
     `what` begins every error message."""
 
-    def __init__(self, graph: Program, what: str):
-        self.graph, self.what = graph, what
+    def __init__(self, graph: Program, what: str, fix: str = "recompile with other example_inputs to change them"):
+        self.graph, self.what, self.fix = graph, what, fix  # fix: what to do about missing or extra inputs
         self.names = tuple(i.name for i in graph.inputs)
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
@@ -45,8 +45,7 @@ class CallInputs:
                 + "; ".join(f"{label} {items}" for label, items in
                             (("missing", missing), ("unexpected", extra),
                              ("given twice", twice)) if items)
-                + ". The compiled graph was captured with exactly these tensor inputs: "
-                  "recompile with other example_inputs to change them")
+                + f". The compiled graph was captured with exactly these tensor inputs: {self.fix}")
         self._check_values(bound)
         return self._rows_for_every_row({n: bound[n] for n in names})
 

@@ -195,8 +195,9 @@ def test_a_tokenizer_that_cannot_go_on_in_further_rows_is_refused(llama):
 
 def test_calibration_batches_are_cast_and_checked_as_a_call_is(llama):
     """A bool or int32 mask, or int32 ids, are cast as the compiled model's call casts them (a
-    GPTQ rule raised 'Tensor dtype mismatch' from inside the graph); a missing, misshapen or
-    surplus input is refused by name (a KeyError or a guard's AssertionError before)."""
+    GPTQ rule raised 'Tensor dtype mismatch' from inside the graph); a missing or misshapen input
+    is refused by name when a pass reads the batches (a KeyError or a guard's AssertionError
+    before)."""
     t = ids(2, 7)
     cast = [{"input_ids": t, "attention_mask": torch.ones_like(t, dtype=torch.bool)}, {"input_ids": t.int()}]
     plain = [{"input_ids": t, "attention_mask": torch.ones_like(t)}] * 2
@@ -204,10 +205,32 @@ def test_calibration_batches_are_cast_and_checked_as_a_call_is(llama):
     b = slimfx.compile(llama, GPTQ, calib=plain)
     with torch.no_grad():
         assert torch.equal(a(input_ids=t).logits, b(input_ids=t).logits)
-    for batch, says in (({"attention_mask": torch.ones_like(t)}, r"\(calibration batch 0 of 1\) takes inputs .*missing \['input_ids'\]"),
+    for batch, says in (({"attention_mask": torch.ones_like(t)}, r"\(calibration batch 0 of 1\) takes inputs .*missing "
+                                                                  r"\['input_ids'\].*give each calibration batch those"),
                         ({"input_ids": t[0]}, r"calibration batch 0 of 1\): input_ids is 1-D \[7\].*unsqueeze"),
                         ({"input_ids": t, "attention_mask": torch.ones(2, 6, dtype=torch.long)},
-                         r"inputs of \[batch, seq\] disagree in size: input_ids \[2, 7\], attention_mask \[2, 6\]"),
-                        ({"input_ids": t, "pixel_values": torch.ones(1)}, r"unexpected \['pixel_values'\]")):
+                         r"inputs of \[batch, seq\] disagree in size: input_ids \[2, 7\], attention_mask \[2, 6\]")):
         with pytest.raises((TypeError, ValueError), match=says):
             slimfx.compile(llama, GPTQ, calib=[batch])
+
+
+def test_calibration_that_does_not_fit_is_refused_only_where_a_rule_reads_it(llama):
+    """Binding every batch at compile's start refused a policy that never calibrates (the default
+    text's ids beside a graph captured from inputs_embeds); keys the graph takes no input for ride
+    along (`labels`, which the LoRA heal's loss reads)."""
+    t = ids(2, 7)
+    embeds = llama.model.get_input_embeddings()(t).detach()
+    rtn = "policy p {\n    quantize blocks.*.** : Linear int8\n}\n"
+    slimfx.compile(llama, rtn, example_inputs={"inputs_embeds": embeds, "attention_mask": torch.ones_like(t)})
+    with pytest.raises(TypeError, match=r"calibration batch 0 of \d+\) takes inputs \['inputs_embeds', 'attention_mask'\]"):
+        slimfx.compile(llama, GPTQ, example_inputs={"inputs_embeds": embeds, "attention_mask": torch.ones_like(t)})
+    labelled = [{"input_ids": t, "attention_mask": torch.ones_like(t), "labels": t}]
+    slimfx.compile(llama, GPTQ, calib=labelled)
+    assert api_calibration(llama, labelled)[0].keys() == {"input_ids", "attention_mask", "labels"}
+
+
+def api_calibration(model, calib):
+    from slimfx.api import _calibration
+    from slimfx.passes.capture import capture
+
+    return _calibration(model, calib, capture(model.model, model.example_inputs))
