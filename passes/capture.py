@@ -156,7 +156,8 @@ def _structure_key(model: nn.Module) -> tuple:
     for name, m in model.named_modules(remove_duplicate=False):
         attrs = tuple((k, _attr_key(v)) for k, v in sorted(vars(m).items()) if not k.startswith("_")
                       and k != "training")  # capture traces in eval mode whatever the flag
-        hooks = tuple(_hook_key(h) for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
+        # by identity: a re-registered partial or closure is a new object with other values
+        hooks = tuple(_Same(h) for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
         parts.append((name, id(m), type(m), attrs, hooks))
     return tuple(parts), _config_key(getattr(model, "config", None))
 
@@ -167,21 +168,29 @@ def _attr_key(value: Any, depth: int = 0) -> Any:
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return value
     if isinstance(value, torch.Tensor):  # a plain tensor attribute (not a buffer): edits bump its version
-        return id(value), value._version
+        return _Same(value), value._version
     if depth < 3 and isinstance(value, (tuple, list, set, frozenset)):
         items = tuple(_attr_key(v, depth + 1) for v in value)
         return type(value).__name__, tuple(sorted(items, key=repr)) if isinstance(value, (set, frozenset)) else items
     if depth < 3 and isinstance(value, dict):
         return "dict", tuple(sorted(((repr(k), _attr_key(v, depth + 1)) for k, v in value.items()), key=repr))
-    return id(value)  # a module, function or object: its identity (its own fields are keyed apart)
+    return _Same(value)  # a function or object: its identity (a module's own fields are keyed apart)
 
 
-def _hook_key(hook: Any) -> Any:
-    """A hook by its code, not its identity: transformers installs fresh closures of the same code
-    when it records hidden states, at every capture."""
-    fn = getattr(hook, "func", hook)  # functools.partial
-    code = getattr(fn, "__code__", None)
-    return (getattr(fn, "__qualname__", type(fn).__name__), id(code)) if code is not None else id(hook)
+class _Same:
+    """An object in a cache key by identity, held by the key so that its id cannot be taken by a
+    new object while the key lives (a freed hook's id was reused by the next one, and hit)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and self.obj is other.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
 
 
 def _config_key(config: Any) -> str | None:

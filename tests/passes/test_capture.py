@@ -223,3 +223,30 @@ def test_a_change_that_touches_no_tensor_misses_the_cache(edit):
     hits = cache_info()["hits"]
     capture(model, inputs)  # and the changed model is cached in turn
     assert cache_info()["hits"] == hits + 1
+
+
+def test_a_new_hook_of_the_same_code_misses_the_cache():
+    """Hooks were keyed by id: a removed closure's id went to the next one (same code, another
+    scale), and the old capture was reused."""
+    lm = tiny("llama")
+    model, inputs = lm.model, lm.example_inputs
+
+    def scaled(s):
+        return lambda mod, args, out: out * s
+
+    handle = model.model.layers[0].mlp.register_forward_hook(scaled(2.0))
+    capture(model, inputs)
+    handle.remove()
+    model.model.layers[0].mlp.register_forward_hook(scaled(3.0))
+    graph = capture(model, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(**inputs).logits, model(**inputs, use_cache=False).logits)
+
+
+def test_the_cache_does_not_keep_a_transformers_model_alive():
+    lm = tiny("bert")
+    capture(lm.model, lm.example_inputs)
+    ref = weakref.ref(lm.model)
+    del lm
+    gc.collect()
+    assert ref() is None
