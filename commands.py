@@ -78,13 +78,14 @@ def _guarded(fn):
         from .models import ModelNotFound
         from .runtime.artifact_errors import ArtifactError
         from .runtime.artifact_files import PLACE_ERRORS  # a full disk: the machine's state, not a bug
+        from .runtime.train import Diverged  # a loss that is not finite
 
         try:
             return fn(args)
         except SpecError as e:
             print(str(e), file=sys.stderr)
-        except (ModelNotFound, ArtifactError, UsageError, NotScorable, FloatingPointError) as e:
-            print(f"error: {e}", file=sys.stderr)  # FloatingPointError: training diverged (train.py)
+        except (ModelNotFound, ArtifactError, UsageError, NotScorable, Diverged) as e:
+            print(f"error: {e}", file=sys.stderr)
         except BrokenPipeError:  # `slimfx … | head`: cli.main ends quietly; whatever was saved stays
             raise
         except OSError as e:

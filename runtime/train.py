@@ -25,7 +25,7 @@ from torch import nn
 from .lower import unlowered
 from .progress import Progress
 
-__all__ = ["train", "TrainResult", "LOSSES", "SCHEDULES", "lm_loss", "float32_masters", "module_mode",
+__all__ = ["Diverged", "train", "TrainResult", "LOSSES", "SCHEDULES", "lm_loss", "float32_masters", "module_mode",
            "lr_factor"]
 
 LOSSES = ("lm", "distill")
@@ -111,9 +111,20 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
         with torch.no_grad():
             for p, value in zip(params, before):
                 p.copy_(value)
-        raise FloatingPointError(f"{e}: training diverged (try a lower lr); the adapters are restored to what they "
-                                 "were before this train() call") from None
+        raise Diverged(str(e), updated=bool(losses)) from None
     return TrainResult(losses, time.perf_counter() - start, loss)
+
+
+class Diverged(FloatingPointError):
+    """A loss that is not finite. `what`: which loss, where; `updated`: whether any update came
+    before it (else the model's or the teacher's outputs on the batch are not finite, whatever
+    the lr). The message says so, and that the adapters are back to what they were."""
+
+    def __init__(self, what: str, *, updated: bool):
+        self.what, self.updated = what, updated
+        cause = ("training diverged (try a lower lr)" if updated else
+                 "before any update, so not the lr: the model's (or the teacher's) outputs on this batch are not finite")
+        super().__init__(f"{what}: {cause}; the adapters are restored to what they were before this train() call")
 
 
 def lr_factor(schedule: str, i: int, steps: int) -> float:

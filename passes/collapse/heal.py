@@ -26,7 +26,7 @@ from ...runtime.adapter_merge import MergeError, merge_adapters
 from ...runtime.adapters import Adapter, is_adapter_param
 from ...runtime.program import ParamInfo
 from ...runtime.report import RuleReport
-from ...runtime.train import train
+from ...runtime.train import Diverged, train
 from ..bind import BoundRule, graph_bytes, graph_params
 from ..calibrate import observe
 from ..context import Context
@@ -296,8 +296,11 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     except ValueError as e:
         raise rule_error(bound, ctx, "unsupported", f"`heal method=lora` cannot train here: {e}",
                          "write distill=true to learn the original model's outputs") from None
-    except FloatingPointError as e:
-        raise rule_error(bound, ctx, "out-of-range", f"`heal method=lora` training diverged: {e}",
+    except Diverged as e:
+        if not e.updated:
+            raise rule_error(bound, ctx, "unsupported", f"`heal method=lora` cannot train here: {e.what}, before "
+                             "any update: the model's outputs on the calibration batch are not finite") from None
+        raise rule_error(bound, ctx, "out-of-range", f"`heal method=lora` training diverged: {e.what}",
                          f"write a lower lr= (this one is {rule.get('lr'):g})") from None
     recompile(graph.module)
     if rule.get("merge"):

@@ -379,3 +379,20 @@ def test_distilling_a_model_that_is_its_teacher_is_refused_before_any_update(arc
     with pytest.raises(NothingToDistil, match="nothing to distil"):
         slimfx.train(cm, [tokens(2, 6, pad=True)], steps=3, lr=1e-2, loss="distill", teacher=lm.model)
     assert all(torch.equal(p, before[n]) for n, p in cm.named_parameters() if p.requires_grad)
+
+
+def test_a_loss_that_is_not_finite_before_any_update_does_not_blame_the_lr():
+    """The first loss is not finite: no update came before it, so 'training diverged (try a
+    lower lr)' was false."""
+    lm, cm = fresh("llama", *MIXED)
+    batch = tokens(1, 4, pad=False)
+
+    class NanTeacher(torch.nn.Module):
+        def forward(self, **inputs):
+            out = lm.model(**inputs)
+            out.logits = out.logits * float("nan")
+            return out
+
+    with pytest.raises(FloatingPointError, match=r"the distill loss is nan at step 1: before any update, so not the "
+                                                 r"lr: .*not finite; the adapters are restored"):
+        slimfx.train(cm, [batch], steps=2, loss="distill", teacher=NanTeacher())
