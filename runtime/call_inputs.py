@@ -50,9 +50,10 @@ class CallInputs:
         return self._rows_for_every_row({n: bound[n] for n in names})
 
     def _rows_for_every_row(self, bound: dict) -> dict:
-        """A [1, seq] input beside [batch, seq] ones stands for every row, as the original model
-        broadcasts it (a mask or position_ids of one row): the graph takes one row per row (it
-        indexed past the single row, an IndexError)."""
+        """A [1, seq] input beside [batch, seq] ones stands for every row: the original model
+        broadcasts position_ids of one row, and skips a one-row mask of ones (it refuses a padded
+        one, which here applies to every row). The graph takes one row per row (it indexed past
+        the single row, an IndexError)."""
         token_shaped = [i.name for i in self.graph.inputs if i.dims.get(0) == "batch" and i.dims.get(1) == "seq"
                         and bound[i.name].dim() >= 2]
         rows = max((bound[n].shape[0] for n in token_shaped), default=1)

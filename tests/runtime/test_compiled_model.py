@@ -261,11 +261,14 @@ def test_more_positions_or_ids_than_the_tables_hold_are_named(arch, table):
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
 def test_a_mask_of_one_row_stands_for_every_row_as_the_original_takes_it(arch):
-    """A [1, seq] attention_mask beside [batch, seq] ids: the original model broadcasts it, the
-    compiled graph indexed past its one row (an IndexError)."""
+    """A [1, seq] attention_mask beside [batch, seq] ids: the compiled graph indexed past its one
+    row (an IndexError); it now applies to every row, as the mask expanded to the batch does."""
     case = compiled(arch)
     ids = torch.randint(3, 200, (3, 6))
-    mask = torch.ones(1, 6, dtype=torch.long)
     with torch.no_grad():
-        want, got = case.loaded.model(input_ids=ids, attention_mask=mask)[0], case.cm(input_ids=ids, attention_mask=mask)[0]
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for row in ([1] * 6, [1, 1, 1, 1, 0, 0]):  # the original takes the first (a mask of ones it skips)
+            mask = torch.tensor([row])
+            want = case.loaded.model(input_ids=ids, attention_mask=mask.expand(3, 6))[0]
+            got = case.cm(input_ids=ids, attention_mask=mask)[0]
+            real = mask.expand(3, 6).bool()
+            torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
