@@ -73,6 +73,7 @@ class CompiledModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the graph on the original model's inputs; return the original output structure."""
         flat = self._bind(args, kwargs)
+        self._check_autocast(flat)
         if self._needs_reference(flat):
             # Generated Triton kernels have no backward and no dropout: a call that builds an
             # autograd graph (a plain call outside no_grad, adapters being trainable) or that
@@ -88,6 +89,18 @@ class CompiledModel(nn.Module):
         if len(out) > own:  # token rules with restore=false add (positions, sizes) after the model's own
             self._kept_tokens = {"positions": out[own], "sizes": out[own + 1]}
         return self.graph.restructure(out[:own])
+
+    def _check_autocast(self, flat: list) -> None:
+        """A half model under autocast to the other half dtype: the captured graph checks its
+        values' dtypes (export's metadata asserts), which autocast changes, and raised a bare
+        "Tensor dtype mismatch". An fp32 model, or the model's own dtype, runs under autocast."""
+        device = next((v.device.type for v in flat if isinstance(v, torch.Tensor)), "cpu")
+        if not torch.is_autocast_enabled(device):
+            return
+        mine, theirs = self.dtype, torch.get_autocast_dtype(device)
+        if mine in (torch.float16, torch.bfloat16) and theirs != mine:
+            raise TypeError(f"{self._what()} computes in {mine}, and the call is under torch.autocast to {theirs}: "
+                            f"call it outside autocast (or with dtype={mine}), or compile the model cast to {theirs}")
 
     def _run(self, flat: list) -> tuple:
         try:

@@ -272,3 +272,21 @@ def test_a_mask_of_one_row_stands_for_every_row_as_the_original_takes_it(arch):
             got = case.cm(input_ids=ids, attention_mask=mask)[0]
             real = mask.expand(3, 6).bool()
             torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_a_half_model_under_autocast_to_the_other_half_dtype_is_refused_by_name():
+    """It raised a bare 'Tensor dtype mismatch! Expected: Half, Got: float' from the graph's
+    metadata asserts; its own dtype, and an fp32 model, run under autocast."""
+    import slimfx
+    from slimfx.models import tiny
+
+    for dtype, other in ((torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)):
+        lm = tiny("llama")
+        lm.model.to(dtype)
+        cm = slimfx.compile(lm, "")
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=other), pytest.raises(TypeError, match=rf"computes in {dtype}, and the "
+                                                                                   rf"call is under torch.autocast to {other}"):
+                cm(**lm.example_inputs)
+            with torch.autocast("cpu", dtype=dtype):
+                assert torch.equal(cm(**lm.example_inputs).logits, lm.model(**lm.example_inputs).logits)
