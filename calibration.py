@@ -181,6 +181,11 @@ def _check_ids(model, batches: list[dict[str, Any]]) -> None:
             raise ValueError(f"calib batch {i} holds token id {bad}, outside the model's vocabulary "
                              f"(0..{vocab - 1 if isinstance(vocab, int) else '…'}): were these ids made by another "
                              "model's tokenizer?")
+    masks = [b.get("attention_mask") for b in batches]
+    if masks and all(isinstance(m, torch.Tensor) and not bool(m.bool().any()) for m in masks):
+        # every token is padding: the statistics would be empty ("no calibration rows were added")
+        raise ValueError("every calib batch's attention_mask is all 0: no real token to calibrate on; "
+                         "a mask is 1 at real tokens")
 
 
 def _encoder(model, what: str):

@@ -234,3 +234,13 @@ def api_calibration(model, calib):
     from slimfx.passes.capture import capture
 
     return _calibration(model, calib, capture(model.model, model.example_inputs))
+
+
+def test_calibration_of_padding_only_is_refused_by_name(llama):
+    """An all-zero mask reached the GPTQ accumulator: 'no calibration rows were added; run the model
+    on calibration data first'."""
+    t = ids(2, 7)
+    with pytest.raises(ValueError, match="every calib batch's attention_mask is all 0: no real token"):
+        slimfx.compile(llama, GPTQ, calib=[{"input_ids": t, "attention_mask": torch.zeros_like(t)}])
+    some = [{"input_ids": t, "attention_mask": torch.zeros_like(t)}, {"input_ids": t, "attention_mask": torch.ones_like(t)}]
+    slimfx.compile(llama, GPTQ, calib=some)  # a batch of padding among real ones is fine
