@@ -21,20 +21,10 @@ from .blocks_view import without_blocks
 from .causal import merge_refusal
 from .estimate import Estimate, estimate, stored_after
 from .graph import Block, ModelGraph, Target
+from .rewrite import TIED_NOTE, shared_outside
 from .select import resolve
 
-__all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params", "collapse_range_problem", "TIED_NOTE"]
-
-# A rule on a linear whose weight another, unselected module shares (a tied head and embedding).
-TIED_NOTE = "is tied to another module's weight: that module keeps the original, so its memory is not freed"
-
-
-def _shared_outside(graph: ModelGraph, target: Target, paths: set[str]) -> bool:
-    """Does a module outside `paths` share one of `target`'s tied tensors? (When every sharer is
-    selected, the rule rewrites them all and the original goes.)"""
-    storages = {p.storage for p in graph.modules[target.path].params if p.name in target.tied}
-    return any(p.storage in storages for path, info in graph.modules.items() if path not in paths
-               for p in info.params)
+__all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params", "collapse_range_problem"]
 
 _LINEAR_RULES = (A.Adapt, A.Quantize, A.Precision)
 _BLOCK_RULES = (A.Collapse, A.Drop)
@@ -278,7 +268,7 @@ class _Binder:
         if kept:
             warnings.append(f"{len(kept)} target{'s' * (len(kept) != 1)} protected by `keep`")
         paths = {t.path for t in targets}
-        tied = [t for t in targets if t.tied and _shared_outside(self.graph, t, paths)]
+        tied = [t for t in targets if t.tied and shared_outside(self.graph, t, paths)]
         if tied and not isinstance(rule, A.Adapt):
             warnings.append(f"{', '.join(tied[0].tied)} {TIED_NOTE}")
         packed = [t for t in targets if not t.params]

@@ -24,7 +24,8 @@ from ..runtime.program import ParamInfo
 from .graph import ModelGraph, Target
 
 __all__ = ["LinearSite", "PassError", "pm_linear", "find_sites", "weight_name", "register_tensors",
-           "replace_node", "set_meta", "fake_mode", "drop_weight", "weight_still_held", "reads"]
+           "replace_node", "set_meta", "fake_mode", "drop_weight", "weight_still_held", "reads", "TIED_NOTE",
+           "shared_outside", "tied_storages", "release_unread"]
 
 aten = torch.ops.aten
 
@@ -219,6 +220,18 @@ def tied_storages(graph: ModelGraph, targets) -> set[int]:
     return {p.storage for t in targets for p in graph.modules[t.path].params if p.name in t.tied}
 
 
+# A rule on a linear whose weight another, unselected module shares (a tied head and embedding).
+TIED_NOTE = "is tied to another module's weight: that module keeps the original, so its memory is not freed"
+
+
+def shared_outside(graph: ModelGraph, target: Target, paths: set[str]) -> bool:
+    """Does a module outside `paths` share one of `target`'s tied tensors? (When every sharer is
+    selected, the rule rewrites them all and the original goes.)"""
+    storages = tied_storages(graph, [target])
+    return any(p.storage in storages for path, info in graph.modules.items() if path not in paths
+               for p in info.params)
+
+
 def release_unread(graph: ModelGraph, storages: set[int]) -> None:
     """After a precision rule rewrote its targets: a tied weight that drop_weight kept because a
     module sharing it still read it, and that no node reads any longer (each sharer has been
@@ -227,9 +240,8 @@ def release_unread(graph: ModelGraph, storages: set[int]) -> None:
     gm = graph.module
     for storage in storages:
         rows = [(path, p.name) for path, info in graph.modules.items() for p in info.params if p.storage == storage]
-        tensors = {id(t): t for _, name in rows if isinstance(t := _attr(gm, name), torch.Tensor)}
-        readers = [n for n in gm.graph.nodes if n.op == "get_attr" and id(_attr(gm, n.target)) in tensors
-                   and _attr(gm, n.target) is tensors[id(_attr(gm, n.target))]]
+        tensors = [t for _, name in rows if isinstance(t := _attr(gm, name), torch.Tensor)]
+        readers = [n for n in gm.graph.nodes if any(reads(graph, n, t) for t in tensors)]
         if not rows or any(n.users for n in readers):
             continue
         for node in readers:

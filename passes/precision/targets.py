@@ -10,11 +10,12 @@ import torch
 from ...dsl.errors import Diagnostic, SpecError
 from ...runtime.formats import QuantizedWeight
 from ...runtime.report import RuleReport
-from ..bind import TIED_NOTE, BoundRule
+from ..bind import BoundRule
 from ..calibrate import CALIB_HINT, DiagonalAccumulator, observe
 from ..context import Context
 from ..graph import ModelGraph, Target
-from ..rewrite import LinearSite, find_sites, release_unread, tied_storages, weight_name, weight_still_held
+from ..rewrite import (TIED_NOTE, LinearSite, find_sites, release_unread, tied_storages, weight_name,
+                       weight_still_held)
 from .encode import Candidate, Encoded, encoded_bytes
 from .gptq import HessianAccumulator
 from .rewrite import to_half, to_quant_linear
