@@ -149,16 +149,18 @@ def _state_key(model: nn.Module) -> tuple:
 
 
 def _structure_key(model: nn.Module) -> tuple:
-    """Each module's identity, class, public attributes and hooks, and the config's values: a
-    change to any of them (`layer.mlp.act_fn = nn.ReLU()`, `attn.scaling = 0.01`,
-    `config.output_hidden_states = True`) changes what export traces, so it must miss."""
+    """Each module's identity, class, the forward its class has now, public attributes and hooks,
+    and the config's values: a change to any of them (`layer.mlp.act_fn = nn.ReLU()`,
+    `attn.scaling = 0.01`, `config.output_hidden_states = True`, `LlamaMLP.forward = …`) changes
+    what export traces, so it must miss. A patched module-level function is not seen."""
     parts = []
     for name, m in model.named_modules(remove_duplicate=False):
         attrs = tuple((k, _attr_key(v)) for k, v in sorted(vars(m).items()) if not k.startswith("_")
                       and k != "training")  # capture traces in eval mode whatever the flag
         # by identity: a re-registered partial or closure is a new object with other values
         hooks = tuple(_Same(h) for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
-        parts.append((name, id(m), type(m), attrs, hooks))
+        # a class-level patch (`type(m).forward = f`) keeps the class: key the function it has now
+        parts.append((name, id(m), type(m), _Same(getattr(type(m), "forward", None)), attrs, hooks))
     return tuple(parts), _config_key(getattr(model, "config", None))
 
 

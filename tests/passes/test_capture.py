@@ -197,8 +197,8 @@ def test_uncapturable_model_raises_spec_error():
     assert err.__cause__ is not None
 
 
-@pytest.mark.parametrize("edit", ["activation", "scaling", "config", "hook"])
-def test_a_change_that_touches_no_tensor_misses_the_cache(edit):
+@pytest.mark.parametrize("edit", ["activation", "scaling", "config", "hook", "class forward"])
+def test_a_change_that_touches_no_tensor_misses_the_cache(edit, monkeypatch):
     """A second compile after such a change reused the first capture: the compiled model computed
     the old model (0.10 off after swapping the activation), silently."""
     lm = tiny("llama")
@@ -211,6 +211,10 @@ def test_a_change_that_touches_no_tensor_misses_the_cache(edit):
         model.model.layers[0].self_attn.scaling = 0.01
     elif edit == "config":
         model.config.output_hidden_states = True
+    elif edit == "class forward":  # every LlamaMLP at once; monkeypatch puts it back after
+        mlp_class = type(model.model.layers[0].mlp)
+        old_forward = mlp_class.forward
+        monkeypatch.setattr(mlp_class, "forward", lambda self, x: old_forward(self, x) * 2)
     else:
         model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: out * 2)
     misses = cache_info()["misses"]
