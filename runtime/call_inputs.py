@@ -35,6 +35,7 @@ class CallInputs:
             if value is not None and not isinstance(value, torch.Tensor):
                 raise self._not_a_tensor(info, value)
         self._check_ranks(bound)
+        self._check_fixed_sizes(bound)
         bound = self._cast_inputs(bound)
         bound = complete_inputs(bound, self.graph.inputs)  # e.g. attention_mask omitted: all ones
         missing = [n for n in names if n not in bound]
@@ -141,6 +142,23 @@ class CallInputs:
                 hint = f"; add the batch dimension, e.g. {info.name}.unsqueeze(0)" if value.dim() + 1 == len(info.shape) else ""
                 raise TypeError(f"{self.what}: {info.name} is {value.dim()}-D {list(value.shape)}, the graph "
                                 f"takes it {len(info.shape)}-D [{dims}]{hint}")
+
+    def _check_fixed_sizes(self, given: dict) -> None:
+        """A dim the capture fixed (a ViT's image side, a feature width) must be the traced size:
+        another one was the graph's own guard, a bare AssertionError ("Guard failed:
+        pixel_values.size()[2] == 32"), from a call or from inside a calibrating pass."""
+        for info in self.graph.inputs:
+            value = given.get(info.name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            wrong = [d for d, n in enumerate(info.shape) if isinstance(n, int) and value.shape[d] != n]
+            if wrong:
+                dims = ", ".join(info.dims.get(d, str(n)) for d, n in enumerate(info.shape))
+                raise ValueError(f"{self.what}: {info.name} is {list(value.shape)}, the graph takes "
+                                 f"[{dims}]: {'dim' if len(wrong) == 1 else 'dims'} {', '.join(map(str, wrong))} "
+                                 f"{'was' if len(wrong) == 1 else 'were'} fixed at capture by the example inputs "
+                                 "(only the named dims vary); resize the input, or compile "
+                                 "with example_inputs of this size")
 
     def _cast_inputs(self, given: dict) -> dict:
         """Inputs of another dtype than the graph's, as the original model takes them: a bool,

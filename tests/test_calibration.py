@@ -214,6 +214,17 @@ def test_calibration_batches_are_cast_and_checked_as_a_call_is(llama):
             slimfx.compile(llama, GPTQ, calib=[batch])
 
 
+def test_calibration_images_of_another_size_are_refused_by_batch():
+    """A ViT calibrated on images of another side than the example's failed inside GPTQ at the
+    graph's guard (a bare AssertionError)."""
+    vit = tiny("vit")
+    side = vit.example_inputs["pixel_values"].shape[-1]
+    with pytest.raises(ValueError, match=rf"\(calibration batch 0 of 1\): pixel_values is \[2, 3, {2 * side}, "
+                                         rf"{2 * side}\], the graph takes \[batch, 3, {side}, {side}\]"):
+        slimfx.compile(vit, "quantize blocks.*.mlp.* : Linear int4 method=gptq",
+                       calib=[{"pixel_values": torch.randn(2, 3, 2 * side, 2 * side)}])
+
+
 def test_calibration_that_does_not_fit_is_refused_only_where_a_rule_reads_it(llama):
     """Binding every batch at compile's start refused a policy that never calibrates (the default
     text's ids beside a graph captured from inputs_embeds); keys the graph takes no input for ride

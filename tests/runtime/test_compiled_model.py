@@ -72,6 +72,18 @@ def test_an_input_of_another_rank_is_named_with_its_shape():
     assert_identical(case.cm(input_ids=ids[:1]), case.cm(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1])))
 
 
+def test_a_dim_the_capture_fixed_is_named_with_the_size_it_takes():
+    """A ViT image of another side than the example's was the graph's guard, a bare AssertionError
+    ("Guard failed: pixel_values.size()[2] == 32")."""
+    case = compiled("vit")
+    pixels = case.loaded.example_inputs["pixel_values"]
+    side = pixels.shape[-1]
+    with pytest.raises(ValueError, match=rf"pixel_values is \[1, 3, {2 * side}, {2 * side}\], the graph takes "
+                                         rf"\[batch, 3, {side}, {side}\]: dims 2, 3 were fixed at capture"):
+        case.cm(pixel_values=torch.randn(1, 3, 2 * side, 2 * side))
+    case.cm(pixel_values=torch.randn(5, 3, side, side))  # the batch still varies
+
+
 def test_weights_are_the_graphs():
     """parameters()/state_dict() are the graph module's own tensors, under `program.`."""
     cm = compiled("gpt2").cm
