@@ -270,7 +270,7 @@ class _Binder:
         paths = {t.path for t in targets}
         tied = [t for t in targets if t.tied and shared_outside(self.graph, t, paths)]
         if tied and not isinstance(rule, A.Adapt):
-            warnings.append(f"{', '.join(tied[0].tied)} {TIED_NOTE}")
+            warnings.append(f"{', '.join(n for t in tied for n in t.tied)}: {TIED_NOTE}")
         packed = [t for t in targets if not t.params]
         peft = [t for t in packed if "base_layer" in self.graph.modules[t.path].children]
         if peft:  # a PeftModel: the selected module is PEFT's wrapper, its weight is base_layer's

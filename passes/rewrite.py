@@ -221,7 +221,7 @@ def tied_storages(graph: ModelGraph, targets) -> set[int]:
 
 
 # A rule on a linear whose weight another, unselected module shares (a tied head and embedding).
-TIED_NOTE = "is tied to another module's weight: that module keeps the original, so its memory is not freed"
+TIED_NOTE = "tied to another module's weight, which keeps the original (its memory is not freed)"
 
 
 def shared_outside(graph: ModelGraph, target: Target, paths: set[str]) -> bool:

@@ -148,5 +148,5 @@ def _notes(bound: BoundRule, kept: list[str], tied: list[str]) -> tuple[str, ...
     if kept:
         notes.append(f"{len(kept)} target{'s' if len(kept) != 1 else ''} kept in full precision (`keep`)")
     if tied and not any(TIED_NOTE in w for w in bound.warnings):  # bind said it already
-        notes.append(f"{', '.join(tied)}: weight tied to another module, which keeps the original (not freed)")
+        notes.append(f"{', '.join(tied)}: {TIED_NOTE}")
     return tuple(notes)

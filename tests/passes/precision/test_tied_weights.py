@@ -58,6 +58,25 @@ def test_quantizing_one_sharer_keeps_the_original_for_the_other_and_says_so_once
         torch.testing.assert_close(cm(x), h @ w.T + ref.c.bias + ref.c2(h), atol=1e-5, rtol=1e-5)
 
 
+def test_every_tied_target_a_rule_leaves_shared_is_named():
+    """The note named only the first tied target."""
+    class TwoPairs(Shared):
+        def __init__(self):
+            super().__init__()
+            self.d, self.d2 = nn.Linear(64, 32), nn.Linear(64, 32)
+            self.d2.weight = self.d.weight
+
+        def forward(self, x):
+            h = torch.relu(self.up(x))
+            return self.c(h) + self.c2(h) + self.d(h) + self.d2(h)
+
+    model, x = TwoPairs().eval(), torch.randn(4, 64)
+    cm = slimfx.compile(model, "quantize {c, d} : Linear int8", example_inputs={"x": x}, backend="eager")
+    notes = [n for n in cm.report.rules[0].notes if "tied" in n]
+    assert notes == ["c.weight, d.weight: tied to another module's weight, which keeps the original "
+                     "(its memory is not freed)"]
+
+
 def test_sharers_rewritten_by_two_rules_free_the_original_after_the_second(tmp_path):
     """The first rule keeps the weight for the other sharer; the second frees it under both names
     (freeing one name left the other dangling: a LintError)."""
