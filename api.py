@@ -74,6 +74,8 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     return_freed_heap()
     if graph.lent is not None:  # the graph owns what it still shares with the model from here on
         graph.lent.settle(graph.module)
+    if isinstance(model, CompiledModel):  # compiled again: the report keeps what was done before
+        report = report.after(model.report)
     stage = {"auto": "converting packed weights for the CPU kernels", "triton": "generating Triton kernels"}
     with bars.task(stage.get(backend, "building")):
         return CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),

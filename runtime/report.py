@@ -5,7 +5,7 @@ as a rich table for people.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = ["RuleReport", "Report", "format_bytes"]
@@ -50,22 +50,38 @@ class Report:
     seconds: float = 0.0
     # What the rules calibrated on ("3,072 tokens in 24 rows"); "" when none needed calibration.
     calibration: str = ""
+    # The compiles of a CompiledModel this one started from, oldest first (compile(cm, …) again):
+    # what was done to the model before this policy, kept in its artifact.
+    earlier: tuple["Report", ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["rules"] = [r.to_dict() for r in self.rules]
+        out["earlier"] = [r.to_dict() for r in self.earlier]
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Report":
-        return cls(**{**d, "rules": tuple(RuleReport.from_dict(r) for r in d.get("rules", ()))})
+        return cls(**{**d, "rules": tuple(RuleReport.from_dict(r) for r in d.get("rules", ())),
+                      "earlier": tuple(Report.from_dict(r) for r in d.get("earlier", ()))})
+
+    def after(self, earlier: "Report") -> "Report":
+        """This report as the compile of `earlier`'s compiled model: its history, then it."""
+        return replace(self, earlier=earlier.earlier + (replace(earlier, earlier=()),))
+
+    def _caption(self) -> str | None:
+        lines = [f"compiled before with policy {r.policy or '(empty)'}: " + ("; ".join(x.text for x in r.rules) or "no rules")
+                 for r in self.earlier]
+        if self.calibration:
+            lines.append(f"calibrated on {self.calibration}")
+        return "\n".join(lines) or None
 
     def table(self):
         """A rich Table: one row per rule, then the whole model."""
         from rich.table import Table
 
         table = Table(title=f"slimfx compile: policy {self.policy or '(empty)'} on {self.model_class}",
-                      caption=f"calibrated on {self.calibration}" if self.calibration else None)
+                      caption=self._caption())
         for col in ("line", "rule", "targets", "params before → after", "bytes before → after", "notes"):
             table.add_column(col, overflow="fold")
         for r in self.rules:

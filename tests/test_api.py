@@ -161,6 +161,22 @@ def test_a_compiled_model_compiles_again_and_is_not_changed():
         slimfx.compile(first, "keep head", example_inputs=loaded.example_inputs)
 
 
+def test_a_model_compiled_again_keeps_what_each_compile_did_through_save(tmp_path):
+    """The second compile's report and artifact held only its own policy: an artifact quantized
+    after its adapters were trained no longer said it had adapters from another policy."""
+    first = slimfx.compile(tiny("llama"), "policy lora {\n    adapt blocks.*.attn.q lora rank=4\n}\n")
+    second = slimfx.compile(first, "policy int8 {\n    quantize blocks.*.mlp.* : Linear int8\n}\n")
+    third = slimfx.compile(second, "keep head")
+    assert [(r.policy, [x.kind for x in r.rules]) for r in third.report.earlier] == [
+        ("lora", ["adapt"]), ("int8", ["quantize"])]
+    assert [x.kind for x in third.report.rules] == ["keep"] and first.report.earlier == ()
+    text = str(third.report)
+    assert "compiled before with policy lora: adapt blocks.*.attn.q lora rank=4" in text
+    assert "compiled before with policy int8: quantize blocks.*.mlp.* : Linear int8" in text
+    third.save(tmp_path / "a")
+    assert slimfx.load(tmp_path / "a").report == third.report
+
+
 @pytest.mark.parametrize("rule", ["adapt blocks.*.attn.q lora rank=2", "quantize blocks.*.attn.q int8"])
 def test_a_linear_an_earlier_compile_quantized_is_refused_at_the_rule(rule):
     """Its packed weight is no linear's weight: binding it raised an IndexError from the estimate."""
