@@ -83,3 +83,14 @@ def test_t5s_first_block_is_refused_and_never_picked_by_a_search():
     calib = [_batch(s) for s in range(2)]
     cm = slimfx.compile(model, "drop blocks[0:2] auto(count=1)", example_inputs=_batch(), calib=calib)
     assert cm.report.rules[0].targets == ("encoder.block.1",)
+
+
+def test_t5s_first_block_is_refused_for_its_position_bias_even_where_a_token_rule_prunes():
+    """The first block's refusal names the position bias, whose fix is another block, not the token
+    step (moving the drop above the token rule cannot help there); a later block's is the step's."""
+    torch.manual_seed(0)
+    model, _ = _t5()
+    with pytest.raises(SpecError, match="encoder.block.0 computes a value the blocks after it read"):
+        slimfx.compile(model, "tokens after blocks[0] prune keep=0.5\ndrop blocks[0]", example_inputs=_batch())
+    with pytest.raises(SpecError, match=r"encoder.block.1 is where a `tokens after` rule above prunes"):
+        slimfx.compile(model, "tokens after blocks[1] prune keep=0.5\ndrop blocks[1]", example_inputs=_batch())
