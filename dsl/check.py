@@ -43,8 +43,9 @@ def check_policy(policy: A.Policy) -> list[Diagnostic]:
         if isinstance(rule, A.Adapt) and rule.get("init") == "error" \
                 and not any(isinstance(r, _PRECISION_RULES) for r in policy.rules[:i]):
             problems.append(_error_init_first(rule))
-        for earlier in policy.rules[:i]:
-            problem = _pair_problem(earlier, rule)
+        for j, earlier in enumerate(policy.rules[:i]):
+            # a `drop`/`collapse` at or after `earlier` renumbers the blocks `rule` names
+            problem = _pair_problem(earlier, rule, any(isinstance(r, _STRUCTURAL) for r in policy.rules[j:i]))
             if problem:
                 problems.append(problem)
     return problems
@@ -80,8 +81,9 @@ def _unpad_problems(unpad: A.Unpad, earlier: tuple[A.Rule, ...]) -> list[Diagnos
     return []
 
 
-def _pair_problem(earlier: A.Rule, later: A.Rule) -> Diagnostic | None:
-    """What is wrong with `later` given that `earlier` comes before it, if anything."""
+def _pair_problem(earlier: A.Rule, later: A.Rule, renumbered: bool = False) -> Diagnostic | None:
+    """What is wrong with `later` given that `earlier` comes before it, if anything. `renumbered`:
+    blocks were removed in between, so the same selector text may name other blocks."""
     line = earlier.span.line
     if isinstance(earlier, A.Tokens) and isinstance(later, A.Tokens) \
             and bool(earlier.get("restore")) != bool(later.get("restore")):
@@ -105,7 +107,7 @@ def _pair_problem(earlier: A.Rule, later: A.Rule) -> Diagnostic | None:
         return None
     same = format_selector(earlier.selector) == format_selector(later.selector)
     sel = format_selector(later.selector)
-    if not same:
+    if not same or (renumbered and _may_name_blocks(sel)):  # bind compares what they select then
         return None
     if isinstance(later, A.Adapt) and later.get("merge") and isinstance(earlier, _PRECISION_RULES):
         return _at(later.span, "illegal-order", f"`adapt … merge=true` on `{sel}` after `{earlier.kind}` "
@@ -131,6 +133,11 @@ def _pair_problem(earlier: A.Rule, later: A.Rule) -> Diagnostic | None:
                f"`keep {sel}` (line {keep.span.line}) protects exactly what `{other.kind}` "
                f"(line {other.span.line}) selects, so that rule would do nothing",
                "remove one of the two rules, or narrow one selector")
+
+
+def _may_name_blocks(selector_text: str) -> bool:
+    """`blocks[0].mlp`, `{blocks[1], head}`, `**`: what they select moves when blocks are removed."""
+    return "blocks" in selector_text or selector_text.startswith("*")
 
 
 def _at(span: A.Span, kind: str, message: str, hint: str | None = None, width: int | None = None) -> Diagnostic:

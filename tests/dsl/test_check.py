@@ -58,6 +58,14 @@ def test_duplicate_rules_and_policies():
     # blocks are renumbered after each removal: the same text removes another block
     ok("drop blocks[0]", "drop blocks[0]")
     ok("collapse blocks[0:2]", "collapse blocks[0:2]")
+    # and so does the same text around a removal: `slimfx check` refused these as duplicates or
+    # as a `keep` that cancels the `drop`, while plan and compile bind them to other blocks
+    ok("drop blocks[0]", "keep blocks[0]")
+    ok("keep blocks[1]", "drop blocks[0]", "keep blocks[1]")
+    ok("tokens after blocks[1] prune restore=true", "drop blocks[0]", "tokens after blocks[1] merge restore=true")
+    # a selector no removal moves is still compared
+    assert error_of("keep head", "drop blocks[0]", "keep head").kind == "duplicate"
+    assert error_of("drop blocks[0]", "quantize head int8", "quantize head int4").kind == "duplicate"
     with pytest.raises(SpecError) as e:
         parse("policy a {\n}\npolicy a {\n}\n")
     assert e.value.kind == "duplicate" and e.value.line == 3
