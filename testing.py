@@ -141,13 +141,17 @@ def _compatible(draw, key: str, values: dict) -> dict:
         drop_one_of("from", "init")  # a loaded adapter has no init
         if values.get("init") == "error" and values.get("merge") is True:
             del values[draw(st.sampled_from(["init", "merge"]))]  # packed weights take no merge
-    for option in ("true_sequential", "refit"):  # GPTQ's options: taken out, or GPTQ chosen for them
-        if values.get(option) is True and (values.get("method") != "gptq" or values.get("sequential") is False):
-            if draw(st.booleans()):
-                del values[option]
-            else:
-                values["method"] = "gptq"
-                values.pop("sequential", None)  # true_sequential refines sequential calibration
+    # GPTQ's options: taken out, or GPTQ chosen for them (a false flag asks for nothing)
+    gptq_only = [n for n in ("true_sequential", "refit", "act_order", "damp", "sequential")
+                 if n in values and (values[n] is not False or n == "sequential")]
+    if gptq_only and values.get("method") != "gptq":
+        if draw(st.booleans()):
+            for n in gptq_only:
+                del values[n]
+        else:
+            values["method"] = "gptq"
+    if values.get("true_sequential") is True and values.get("sequential") is False:
+        values.pop("sequential")  # true_sequential refines sequential calibration
     if key in ("quantize", "choice") and values.get("zero") == "float":
         values["sym"] = False  # a float zero point is asymmetric
     if key == "heal":  # method is required, and picks which other parameters apply

@@ -196,8 +196,9 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
 HEAL_METHOD_PARAMS = {"fold": "linear", "steps": "lora", "lr": "lora", "schedule": "lora", "rank": "lora",
                       "reach": "lora", "distill": "lora", "merge": "lora", "generate": "lora"}
 
-# Parameters that only make sense for integer formats.
-INT_ONLY_PARAMS = ("group", "sym", "zero", "method", "damp", "act_order", "refit")
+# Parameters that only make sense for integer formats (a float format takes none).
+INT_ONLY_PARAMS = ("group", "sym", "zero", "method", "damp", "act_order", "clip", "refit", "sequential",
+                   "true_sequential")
 
 
 def schema_key(node) -> str:

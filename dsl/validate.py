@@ -61,8 +61,8 @@ def _validate_rule(rule, problems: _Problems):
     if isinstance(rule, A.Precision):
         changes["choices"] = tuple(_validate_choice(c, problems) for c in rule.choices)
         _check_precision(rule, changes["choices"], problems)
-    if isinstance(rule, (A.Quantize, A.Precision)):
-        _check_gptq_only(changes["params"], problems)
+    if isinstance(rule, A.Precision) or (isinstance(rule, A.Quantize) and rule.format in INT_FORMATS):
+        _check_gptq_only(changes["params"], problems)  # a float format's are refused above
     return dataclasses.replace(rule, **changes)
 
 
@@ -162,14 +162,25 @@ def _check_zero(params: tuple[A.Param, ...], problems: _Problems):
                      zero.span, "add `sym=false`" if "sym" not in names else "write `sym=false`, or remove `zero=float`")
 
 
+# GPTQ's own options, and what each does: on a rule without GPTQ they changed nothing, silently.
+_GPTQ_OPTIONS = {
+    "refit": "fits each group's scale to the codes GPTQ chose",
+    "damp": "damps GPTQ's Hessian",
+    "act_order": "orders GPTQ's columns by their Hessian diagonal",
+    "sequential": "calibrates GPTQ block by block",
+}
+
+
 def _check_gptq_only(params: tuple[A.Param, ...], problems: _Problems):
-    """`true_sequential` and `refit` refine GPTQ: refused on a rule that does not use it."""
+    """GPTQ's options (`refit`, `damp`, `act_order`, `sequential`, `true_sequential`): refused on a
+    rule that does not use it (a `false` that asks for nothing is fine, `sequential` is either)."""
     names = {p.name: p for p in params}
     gptq = names.get("method") is not None and names["method"].value == "gptq"
-    refit = names.get("refit")
-    if refit is not None and refit.value is True and not gptq:
-        problems.add("invalid-combination", "`refit` fits each group's scale to the codes GPTQ chose, and this "
-                     "rule does not use GPTQ", refit.span, "write `method=gptq`, or remove it")
+    for name, does in _GPTQ_OPTIONS.items():
+        given = names.get(name)
+        if given is not None and not gptq and (given.value is not False or name == "sequential"):
+            problems.add("invalid-combination", f"`{name}` {does}, and this rule does not use GPTQ", given.span,
+                         "write `method=gptq`, or remove it")
     ask = names.get("true_sequential")
     if ask is None or ask.value is not True:
         return

@@ -81,7 +81,7 @@ def test_empty_spec_prints_empty():
 
 
 def test_values_print_in_their_canonical_spelling():
-    text = 'policy p {\n    adapt a lora alpha=16.0 dropout=0.05\n    quantize b int8 damp=1e-05\n}\n'
+    text = 'policy p {\n    adapt a lora alpha=16.0 dropout=0.05\n    quantize b int8 method=gptq damp=1e-05\n}\n'
     out = format_spec(parse(text))
     assert "alpha=16 dropout=0.05" in out and "damp=1e-05" in out
     assert parse(out) == parse(text)
