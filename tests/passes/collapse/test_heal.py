@@ -105,6 +105,24 @@ def test_linear_heal_after_the_last_block_maps_into_the_final_norm(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("rules", ["drop {blocks[1], blocks[4]}", "drop blocks[4]\ndrop blocks[1]"])
+def test_cuts_made_by_several_rules_are_healed_in_model_order(rules):
+    """The map at the later cut is fitted on the stream with the earlier cut's map applied, however
+    the rules made them: `drop blocks[4]` then `drop blocks[1]` fitted block 4's cut first, on a
+    stream without block 1's map, which then ran in front of it (0.35 off the one-rule heal)."""
+    lm = _lm(layers=6, seed=26)
+    ids = lm.example_inputs
+    original = layer_streams(lm.model, "model.layers", ids)
+    dropped = without_layers(lm.model, "model.layers", {1, 4})  # layers 0, 2, 3, 5
+    first = fit_map([layer_streams(dropped, "model.layers", ids)[1]], [original[2]])
+    mapped = _mapped(dropped, "model.layers", 1, first.map)
+    second = fit_map([layer_streams(mapped, "model.layers", ids)[3]], [original[5]])
+    reference = _mapped(mapped, "model.layers", 3, second.map)
+    cm = slimfx.compile(lm, rules + "\nheal method=linear", calib=[ids])
+    assert [c["removed"] for c in cm.report.rules[-1].details["cuts"]] == [["model.layers.1"], ["model.layers.4"]]
+    assert max_diff(outputs(cm, ids), outputs(reference, ids)) < 1e-4
+
+
 def test_folded_heal_edits_the_down_projection_before_the_cut():
     lm = _shared()
     ids = lm.example_inputs
