@@ -30,7 +30,7 @@ from ...runtime.train import Diverged, train
 from ..bind import BoundRule, graph_bytes, graph_params
 from ..calibrate import observe
 from ..context import Context
-from ..graph import ModelGraph
+from ..graph import ModelGraph, Target
 from ..lent import replace_tensor
 from ..lora import base_sites, has_adapter, insert_adapter, site_dims
 from ..rewrite import PassError, find_sites, register_tensors, set_meta
@@ -190,8 +190,13 @@ def _down_before(graph: ModelGraph, cut: Cut, bound: BoundRule, ctx: Context):
         where = "the gap starts at the first block" if block is None else f"{cut.before} has no single mlp.down"
         raise rule_error(bound, ctx, "unsupported", f"`heal … fold=true` folds into the down projection of the "
                          f"block before each cut, and {where}", "write fold=false (a map on the stream)")
+    refused = _cannot_fold_into(graph, downs[0], cut)
+    if refused is not None:
+        raise rule_error(bound, ctx, "illegal-order", f"`heal … fold=true` folds the map into {downs[0].path}'s "
+                         f"weight, and {refused}", "put this heal above that rule, or write fold=false "
+                         "(a map on the stream)")
     site = find_sites(graph, downs[0])[0]
-    out = cut.stream
+    out = _residual_sum(cut.stream)
     if out.target not in (aten.add.Tensor,) or not any(_through(a, site.node) for a in out.args):
         raise rule_error(bound, ctx, "unsupported", f"`heal … fold=true` needs {cut.before}'s output to be "
                          "the residual sum h + down(…) (a pre-norm block); this model's is not",
@@ -199,12 +204,38 @@ def _down_before(graph: ModelGraph, cut: Cut, bound: BoundRule, ctx: Context):
     return downs[0], out
 
 
+def _cannot_fold_into(graph: ModelGraph, down: Target, cut: Cut) -> str | None:
+    """Why an earlier rule leaves no float weight of `down` to fold into, or a map already at the
+    cut; None if nothing does (a raw PassError, or a message blaming the block's form, before)."""
+    if not any(p.endswith(".weight") for p in down.params):  # a packed or apart-stored weight
+        return "an earlier rule stored that weight quantized or in another dtype"
+    if has_adapter(graph, down.path):
+        return "an adapter sits on it, which the fold would leave out"
+    weight = cut.stream.args[1] if cut.stream.target is aten.linear.default else None
+    if isinstance(weight, fx.Node) and weight.op == "get_attr" and ".heal_map" in f".{weight.target}":
+        return "a `heal method=linear` above already put a map at this cut"
+    return None
+
+
+# Ops that only view a tensor: GPT-2's Conv1D gives [B·S, D] rows viewed back to [B, S, D], and
+# OPT's block returns its residual sum viewed so; their size operands are not tensors.
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _residual_sum(out: fx.Node) -> fx.Node:
+    """The block output `out` without the views around it."""
+    while out.op == "call_function" and out.target in _VIEWS:
+        out = out.args[0]
+    return out
+
+
 def _through(arg, node: fx.Node) -> bool:
-    """Is `arg` `node`, or reached from it through one-input ops (dropout, casts, clones)?"""
+    """Is `arg` `node`, or reached from it through one-tensor-input ops (dropout, casts, clones,
+    views)?"""
     while isinstance(arg, fx.Node):
         if arg is node:
             return True
-        inputs = arg.all_input_nodes
+        inputs = [n for n in arg.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
         if arg.op != "call_function" or len(inputs) != 1:
             return False
         arg = inputs[0]

@@ -143,6 +143,44 @@ def test_folded_heal_edits_the_down_projection_before_the_cut():
     assert not any("heal_map" in n for n, _ in cm.program.named_buffers())
 
 
+@pytest.mark.parametrize("arch, container, down", [("gpt2", "transformer.h", "mlp.c_proj"),
+                                                    ("opt", "model.decoder.layers", "fc2")])
+def test_folded_heal_on_conv1d_and_viewed_block_outputs(arch, container, down):
+    """GPT-2's Conv1D output is [B·S, D] rows viewed back, OPT's block output its residual sum
+    viewed: both pre-norm, both were refused as 'not a residual sum'. Checked against the fit
+    folded by hand into the weight and bias (Conv1D: W ← W·T)."""
+    lm = tiny(arch, layers=4, seed=5, attn_implementation="eager")
+    ids = lm.example_inputs
+    original = layer_streams(lm.model, container, ids)
+    dropped = without_layers(lm.model, container, {2})
+    proj = layers_of(dropped, container)[1].get_submodule(down)
+    seen = []
+    handle = proj.register_forward_hook(lambda m, a, out: seen.append(out))
+    h = layer_streams(dropped, container, ids)[2]
+    handle.remove()
+    keep = ids["attention_mask"].reshape(-1) != 0
+    m = seen[0].reshape(-1, seen[0].shape[-1])[keep]
+    t = fit_map([m], [original[3] - (h - m)]).map
+    with torch.no_grad():
+        proj.weight.copy_(proj.weight @ t if arch == "gpt2" else t.T @ proj.weight)
+        proj.bias.copy_(proj.bias @ t)
+    cm = slimfx.compile(lm, "drop blocks[2]\nheal method=linear fold=true", calib=[ids])
+    assert max_diff(outputs(cm, ids), outputs(dropped, ids)) < 1e-4
+
+
+@pytest.mark.parametrize("first, says", [("quantize blocks.*.** : Linear int4", "stored that weight quantized"),
+                                         ("adapt blocks.*.mlp.down lora", "an adapter sits on it"),
+                                         ("heal method=linear", "already put a map at this cut")])
+def test_fold_where_an_earlier_rule_took_the_float_weight_or_the_cut_is_refused_at_its_line(first, says):
+    """A quantized down projection was a raw PassError ('has no `weight` parameter'); an adapter on
+    it or a map at the cut were blamed on the block's form ('not a pre-norm block')."""
+    lm = _shared()
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(lm, f"drop blocks[2]\n{first}\nheal method=linear fold=true", calib=[lm.example_inputs])
+    assert e.value.kind == "illegal-order" and e.value.line == 3 and says in str(e.value)
+    assert "put this heal above that rule, or write fold=false" in str(e.value)
+
+
 def test_fold_is_refused_where_the_block_output_is_not_a_residual_sum():
     lm = tiny("bert", layers=4, seed=25, attn_implementation="eager")
     with pytest.raises(SpecError) as e:
