@@ -97,12 +97,17 @@ class _Binder:
         self.keep_found: dict[int, list[Target | Block]] = {}
 
     def bind_all(self, rules: tuple[A.Rule, ...], protected: set[str] | None = None) -> tuple[BoundRule, ...]:
+        """`protected`: what the `keep` rules before `rules` protect (rebind: resolved before)."""
         views = self._views(rules)
-        self.protected = self._protected(rules, views) if protected is None else protected
+        fixed, deferred = self._protected(rules, views)
+        # A `keep` after an auto rule names blocks only the search decides: it protects the rules
+        # after that rule (bound again once it ran), not the search itself, which it steered
+        # while resolved on the stand-in model (and protected other modules than it listed).
+        self.protected = set(protected or ()) | fixed
         bound = []
         for rule, (view, deferred_by) in zip(rules, views):
             self.graph = view
-            b = self._bind(rule, self.protected)
+            b = self._bind(rule, self.protected | deferred if deferred_by is not None else self.protected)
             if deferred_by is not None:
                 b = replace(b, deferred_by=deferred_by, warnings=b.warnings + (
                     f"decided at compile time: the auto rule on line {deferred_by} chooses which blocks "
@@ -148,15 +153,18 @@ class _Binder:
             self.problems += e.diagnostics
             return []
 
-    def _protected(self, rules, views) -> set[str]:
-        paths: set[str] = set()
-        for rule, (view, _) in zip(rules, views):
+    def _protected(self, rules, views) -> tuple[set[str], set[str]]:
+        """What the `keep` rules protect: (those bound on the model as it is, those after an auto
+        rule, resolved on a stand-in until compile binds them again)."""
+        fixed: set[str] = set()
+        deferred: set[str] = set()
+        for rule, (view, deferred_by) in zip(rules, views):
             if isinstance(rule, A.Keep):
                 self.graph = view
                 self.keep_found[id(rule)] = self._resolve(rule.selector)
                 for found in self.keep_found[id(rule)]:
-                    paths |= _paths_of(found, self.graph)
-        return paths
+                    (fixed if deferred_by is None else deferred).update(_paths_of(found, self.graph))
+        return fixed, deferred
 
     def _bind(self, rule: A.Rule, protected: set[str]) -> BoundRule:
         if self.chain_break is not None and isinstance(rule, _STREAM_RULES):
@@ -169,7 +177,8 @@ class _Binder:
         if isinstance(rule, A.Keep):
             return self._bind_keep(rule)
         if isinstance(rule, (A.Heal, A.Unpad)):  # no selector: they act on the whole model
-            return BoundRule(rule, estimate=estimate(rule, (), (), self.graph))
+            kept = tuple(sorted(protected)) if isinstance(rule, A.Heal) else ()  # heal leaves these alone
+            return BoundRule(rule, protected=kept, estimate=estimate(rule, (), (), self.graph))
         found = self._resolve(rule.selector)
         if isinstance(rule, _BLOCK_RULES):
             return self._bind_blocks(rule, found, protected)

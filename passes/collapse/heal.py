@@ -190,6 +190,10 @@ def _down_before(graph: ModelGraph, cut: Cut, bound: BoundRule, ctx: Context):
         where = "the gap starts at the first block" if block is None else f"{cut.before} has no single mlp.down"
         raise rule_error(bound, ctx, "unsupported", f"`heal … fold=true` folds into the down projection of the "
                          f"block before each cut, and {where}", "write fold=false (a map on the stream)")
+    if downs[0].path in bound.protected:
+        raise rule_error(bound, ctx, "invalid-combination", f"`heal … fold=true` folds the map into "
+                         f"{downs[0].path}'s weight, and a `keep` rule protects it",
+                         "narrow the `keep`, or write fold=false (a map on the stream)")
     refused = _cannot_fold_into(graph, downs[0], cut)
     if refused is not None:
         raise rule_error(bound, ctx, "illegal-order", f"`heal … fold=true` folds the map into {downs[0].path}'s "
@@ -289,8 +293,10 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
         _check_generate(bound, ctx, steps, written)
     reach = rule.get("reach")
     paths, blocks, held = _neighbour_linears(graph, ctx.cuts, reach)
+    kept = [p for p in paths if p in bound.protected]  # `keep`: no adapter merged into them
+    paths = [p for p in paths if p not in bound.protected]
     if not paths:
-        raise _no_linear(bound, ctx, blocks, held)
+        raise _no_linear(bound, ctx, blocks, held, len(kept))
     rank = rule.get("rank")
     inserted = []
     seeded = torch.Generator().manual_seed(0)  # the same policy heals the same way; the caller's RNG untouched
@@ -356,11 +362,19 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
              + (f"; on the calibration batches and {details['generated_tokens']:,} tokens the uncompressed "
                 "model wrote" if written else "")
              + ("; merged into the weights" if rule.get("merge") else "; kept as trainable adapters")]
+    if kept:
+        notes.append(f"{len(kept)} linear{'s' * (len(kept) != 1)} near the cuts protected by `keep`, left without "
+                     "adapters")
     return details, notes
 
 
-def _no_linear(bound: BoundRule, ctx: Context, blocks: list[str], held: bool):
+def _no_linear(bound: BoundRule, ctx: Context, blocks: list[str], held: bool, kept: int):
     near = ", ".join(blocks)
+    if kept:
+        return rule_error(bound, ctx, "unsupported", "`heal method=lora` found no linear in the blocks near the cuts "
+                          f"({near}) to put an adapter on: `keep` protects {kept} of them"
+                          + (" and the others carry adapters" if held else ""),
+                          "narrow the `keep`, give this heal a larger reach=, or use `heal method=linear`")
     if held:
         return rule_error(bound, ctx, "unsupported", "`heal method=lora` found no linear without an adapter in the "
                           f"blocks near the cuts ({near}): an earlier `heal method=lora merge=false` keeps its "

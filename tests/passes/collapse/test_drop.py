@@ -161,6 +161,26 @@ def test_rules_after_an_auto_drop_are_bound_again_at_compile(lm8):
     assert cm.report.rules[1].targets == tuple(f"{p}.self_attn.q_proj" for p in kept) and len(kept) == 6
 
 
+def test_a_keep_after_an_auto_drop_protects_the_block_it_names_after_the_search_and_not_from_it():
+    """It was resolved on plan's stand-in (the last blocks gone), for the search too: after a
+    search that removes block 4 of 6, `keep blocks[4].mlp.down` protected layers.4 (steering the
+    search to another block) and the report's rows disagreed with what was quantized."""
+    from slimfx.models import tiny
+    lm = tiny("llama", layers=6, seed=5, attn_implementation="eager")
+    calib = [lm.example_inputs]
+    free = slimfx.compile(lm, "drop blocks auto(count=1)", calib=calib)
+    (gone,) = free.report.rules[0].targets
+    rest = [f"model.layers.{i}" for i in range(6) if f"model.layers.{i}" != gone]
+    assert gone == "model.layers.4"  # not the last: the stand-in differs from what the search does
+    for k in (0, 4):
+        cm = slimfx.compile(lm, f"drop blocks auto(count=1)\nkeep blocks[{k}].mlp.down\n"
+                                "quantize blocks.*.mlp.down int8", calib=calib)
+        drop, keep, quantize = cm.report.rules
+        assert drop.targets == (gone,)  # as without the keep
+        assert keep.targets == (f"{rest[k]}.mlp.down_proj",)
+        assert quantize.targets == tuple(f"{p}.mlp.down_proj" for p in rest if p != rest[k])
+
+
 @pytest.mark.parametrize("auto", ["count=2", "ratio=0.25"])
 def test_plan_binds_rules_after_an_auto_drop_to_that_many_fewer_blocks(lm8, auto):
     """`plan` bound them to all 8 blocks: `blocks[6]` was "ready", and compile refused it."""

@@ -181,6 +181,33 @@ def test_fold_where_an_earlier_rule_took_the_float_weight_or_the_cut_is_refused_
     assert "put this heal above that rule, or write fold=false" in str(e.value)
 
 
+@pytest.mark.parametrize("keep_first", [True, False])
+def test_lora_heal_leaves_what_keep_protects_unchanged(keep_first):
+    """Its adapters were merged into a kept block's linears, whatever `keep` said (above or below
+    the drop): the report said 9 targets protected, and all 7 weights changed."""
+    lm = _lm(layers=4, seed=23)
+    rules = ["keep blocks[0]", "drop blocks[1]"] if keep_first else ["drop blocks[1]", "keep blocks[0]"]
+    cm = slimfx.compile(lm, "\n".join(rules) + "\nheal method=lora steps=2 lr=0.01", calib=[lm.example_inputs])
+    original = lm.model.state_dict()
+    state = cm.program.state_dict()
+    kept = [k for k in state if k.startswith("model.layers.0.")]
+    assert kept and all(torch.equal(state[k], original[k]) for k in kept)
+    healed = [k for k in state if k.startswith("model.layers.2.") and k.endswith("proj.weight")]  # after the cut
+    assert len(healed) == 7 and not any(torch.equal(state[k], original[k]) for k in healed)
+    assert "7 linears near the cuts protected by `keep`, left without adapters" in cm.report.rules[2].notes
+
+
+def test_a_heal_with_every_linear_near_the_cuts_kept_or_a_kept_fold_target_is_refused():
+    lm = _shared()
+    for rules, says in (("keep {blocks[1], blocks[4]}\ndrop blocks[2:4]\nheal method=lora steps=1",
+                         "`keep` protects 14 of them"),
+                        ("keep blocks[1].mlp.down\ndrop blocks[2:4]\nheal method=linear fold=true",
+                         "model.layers.1.mlp.down_proj's weight, and a `keep` rule protects it")):
+        with pytest.raises(SpecError) as e:
+            slimfx.compile(lm, rules, calib=[lm.example_inputs])
+        assert e.value.line == 3 and says in str(e.value)
+
+
 def test_fold_is_refused_where_the_block_output_is_not_a_residual_sum():
     lm = tiny("bert", layers=4, seed=25, attn_implementation="eager")
     with pytest.raises(SpecError) as e:
