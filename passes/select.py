@@ -181,12 +181,16 @@ class _Resolver:
         if kept:
             return kept
         classes = list(dict.fromkeys(self.g.modules[r.path].cls for r in found))
-        raise self._error(
-            f"`{self._text()}` matches {len(found)} module(s), but none is a `{cls}`; "
-            f"their classes: {', '.join(classes[:8])}",
-            # `Linear` is usually among the classes already: listed twice, the hint said "`Linear` or `Linear`".
-            hint=did_you_mean(cls, list(dict.fromkeys(classes + ["Linear"]))) or "the filter matches a class name "
-                 "or any base class (`Linear` also matches GPT-2's Conv1D)")
+        inside = [t for t in self.g.targets.values() if self._is_a(t, cls)
+                  and any(t.path.startswith(r.path + ".") for r in found)]
+        # `blocks[0] : Linear` asks whether the block itself is a Linear: "did you mean `Linear`?"
+        # (the word written) said nothing; the modules inside are what was meant.
+        hint = (f"`: {cls}` filters the matched modules themselves; for the {cls} modules inside them write "
+                f"`{self._text()}.** : {cls}`" if inside else
+                did_you_mean(cls, [c for c in dict.fromkeys(classes + ["Linear"]) if c != cls])
+                or "the filter matches a class name or any base class (`Linear` also matches GPT-2's Conv1D)")
+        raise self._error(f"`{self._text()}` matches {len(found)} module(s), but none is a `{cls}`; "
+                          f"their classes: {', '.join(classes[:8])}", hint=hint)
 
     def _is_a(self, r: Target | Block, cls: str) -> bool:
         if cls == "Linear" and isinstance(r, Target) and r.kind == "linear":

@@ -255,6 +255,14 @@ def test_class_filter_matching_nothing(llama):
     assert "none is a `Linaer`" in info.value.message and "`Linear`" in info.value.hint
 
 
+def test_a_class_filter_on_a_block_points_inside_it(llama):
+    """The hint to `blocks[0] : Linear` was "did you mean `Linear`?", the very word written."""
+    with pytest.raises(SpecError) as info:
+        resolve(llama, sel(Name("blocks", Item(0)), cls="Linear"))
+    assert info.value.hint == ("`: Linear` filters the matched modules themselves; for the Linear modules inside "
+                               "them write `blocks[0].** : Linear`")
+
+
 def test_module_without_targets(llama):
     with pytest.raises(SpecError, match="none of them is a linear"):
         resolve(llama, sel("model", "rotary_emb"))
