@@ -108,8 +108,12 @@ class SpecError(ValueError):
 
 
 def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str | None:
-    """`did you mean `rank`?` for a close candidate, else None."""
-    close = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
+    """`did you mean `rank`?` for a close candidate, else None. Case counts for nothing in the
+    distance (`INT8`, `LoRA` had no suggestion), and one differing only in case comes first."""
+    by_lower: dict[str, str] = {}
+    for c in candidates:
+        by_lower.setdefault(c.lower(), c)
+    close = [by_lower[c] for c in difflib.get_close_matches(word.lower(), list(by_lower), n=n, cutoff=0.6)]
     if not close:
         return None
     return "did you mean " + " or ".join(f"`{c}`" for c in close) + "?"

@@ -11,6 +11,7 @@ import functools
 import re
 import threading
 import unicodedata
+import warnings
 from importlib import resources
 
 from lark import Lark, Token, Transformer, v_args
@@ -116,7 +117,7 @@ def _parse_tree(source: str, filename: str, start: str):
     parser = lark_parser(start)
     _seen.comments = comments = []
     try:
-        tree = _parse_whole_words(parser, source)
+        tree = _parse_whole_words(parser, source, filename)
     except UnexpectedInput as e:
         raise syntax_error(e, source, filename, parser) from None
     finally:
@@ -127,7 +128,7 @@ def _parse_tree(source: str, filename: str, start: str):
 _WORD_CHAR = re.compile(r"[A-Za-z0-9_]")
 
 
-def _parse_whole_words(parser: Lark, source: str):
+def _parse_whole_words(parser: Lark, source: str, filename: str):
     """parser.parse(source), except that no word is split in two. Where no name may stand, Lark's
     contextual lexer matches a keyword at the start of a longer word: `quantize head int8group=64`
     read as `int8 group=64`, `policyp {` as `policy p {`. Such a word is reported whole, as the
@@ -135,12 +136,26 @@ def _parse_whole_words(parser: Lark, source: str):
     interactive = parser.parse_interactive(source)
     last = None
     for token in interactive.iter_parse():  # each token is yielded before it is fed
+        if token.type in ("NUMBER", "INT") and last is not None and last.type == "EQUAL" \
+                and _WORD_CHAR.match(source, token.end_pos or 0):  # a parameter's value
+            _not_a_number(source, filename, token)
         if token.type != "NAME" and _WORD_CHAR.match(source, token.end_pos or 0) and _WORD.fullmatch(token):
             name = Token.new_borrow_pos("NAME", _WORD.match(source, token.start_pos).group(), token)
             interactive.copy().feed_token(name)  # raises UnexpectedToken as if the lexer had read a name
             raise UnexpectedToken(name, {t for t in interactive.choices() if t.isupper()})
         last = token
     return interactive.feed_eof(last)
+
+
+def _not_a_number(source: str, filename: str, token: Token):
+    """A number running into letters (`0x10`, `1_000`, `16abc`): it was read as the number then a
+    name, "`x10` has no value; write `x10=<value>`"."""
+    text = _NUMBERISH.match(source, token.start_pos).group()
+    raise SpecError(Diagnostic("syntax", f"`{text}` is not a number", token.line, token.column, len(text),
+                               "write a decimal number, e.g. `16`, `1000`, `0.5` or `1e-3`"), source, filename)
+
+
+_NUMBERISH = re.compile(r"[+-]?[A-Za-z0-9_.]+")
 
 
 def _to_ast(tree, source: str, filename: str, start: str) -> A.Spec:
@@ -271,11 +286,15 @@ class _AstBuilder(Transformer):
         bad = _unwritable(str(tok))  # a raw NUL stops literal_eval with a message about Python source
         if bad is None:
             try:
-                value = pyast.literal_eval(str(tok))
-            except SyntaxError as e:  # `\xZZ`, `\N{nonsense}`: an escape Python refuses
+                with warnings.catch_warnings():
+                    # `"C:\models"`: Python keeps an unknown escape as it is, with a warning that
+                    # the filter in force printed, hid or raised: the same text read three ways.
+                    warnings.simplefilter("error")
+                    value = pyast.literal_eval(str(tok))
+            except SyntaxError as e:  # `\xZZ`, `\N{nonsense}`, `\m`: an escape Python refuses
                 detail = e.msg.rsplit(": ", 1)[-1]  # not "(unicode error) 'unicodeescape' codec can't …"
                 raise SpecError(Diagnostic("syntax", f"a string with a bad escape ({detail})", tok.line, tok.column,
-                                           len(tok), "write `\\\\` for a backslash")) from None
+                                           len(tok), "write `\\\\` for a backslash, or `/` in a path")) from None
             bad = _unwritable(value)
         if bad is not None:
             what = "a surrogate" if unicodedata.category(bad) == "Cs" else "a control character"

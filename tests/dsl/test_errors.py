@@ -37,6 +37,15 @@ CASES = [
     (body("adapt blocks.3.5 lora"), "syntax", 2, 18, ["a number after `.`"], "`name[3]`"),  # no one fix to show
     (body("quantize head @ int8"), "syntax", 2, 19, ["got `@`"], None),
     (body("keep head\x00"), "syntax", 2, 14, ["U+0000"], None),
+    # a number running into letters was "`x10` has no value; write `x10=<value>`"
+    (body("adapt blocks lora rank=0x10"), "syntax", 2, 28, ["`0x10` is not a number"], "write a decimal number"),
+    (body("adapt blocks lora alpha=1_000"), "syntax", 2, 29, ["`1_000` is not a number"], None),
+    # an unknown escape was kept, printed as a warning or refused, by the warnings filter in force
+    (body('adapt blocks lora from="C:\\models\\lora"'), "syntax", 2, 28, ["a string with a bad escape", "'\\m'"],
+     "or `/` in a path"),
+    # a case-only misspelling had no suggestion
+    (body("quantize head INT8"), "unknown-keyword", 2, 19, ["got `INT8`"], "did you mean `int8`"),
+    (body("adapt blocks LoRA"), "unknown-keyword", 2, 18, ["got `LoRA`"], "did you mean `lora`"),
     # schema
     (body("adapt blocks lora rnak=16"), "unknown-parameter", 2, 23, ["takes no parameter `rnak`", "`rank`, `alpha`"],
      "did you mean `rank`?"),
