@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
-from .block_reads import removal_problem
+from .block_reads import merge_problem, removal_problem
 from .blocks_view import without_blocks
 from .causal import merge_refusal
 from .estimate import Estimate, estimate, stored_after
@@ -24,7 +24,8 @@ from .graph import Block, ModelGraph, Target
 from .rewrite import TIED_NOTE, shared_outside
 from .select import resolve
 
-__all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params", "collapse_range_problem"]
+__all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params", "collapse_range_problem", "auto_room",
+           "room_note"]
 
 _LINEAR_RULES = (A.Adapt, A.Quantize, A.Precision)
 _BLOCK_RULES = (A.Collapse, A.Drop)
@@ -207,6 +208,8 @@ class _Binder:
             problem = collapse_range_problem(blocks)
             if problem is not None:
                 self._error(rule.selector.span, "selector", *problem)
+            elif (unlike := merge_problem(self.graph, blocks[0], list(blocks[1:]))) is not None:
+                self._error(rule.selector.span, "unsupported", *unlike)
         removed = blocks[1:] if isinstance(rule, A.Collapse) else blocks  # LaCo merges into the first
         problem = removal_problem(list(removed)) if rule.auto is None and removed else None
         if problem is not None:
@@ -235,9 +238,9 @@ class _Binder:
         if count < 1:
             self._error(auto.span, "out-of-range", f"ratio={auto.get('ratio')} of {n} blocks removes none",
                         "raise the ratio, or write count=1")
-        elif count > candidates or count >= n:
+        elif count > (room := auto_room(rule, candidates, n)):
             self._error(auto.span, "out-of-range", f"`{rule.kind} … auto` asks for {count} blocks, and only "
-                        f"{min(candidates, n - 1)} of the model's {n} blocks may go",
+                        f"{room} of the model's {n} blocks may go{room_note(rule)}",
                         "lower count/ratio, or widen the selector or the `keep`")
 
     def _bind_tokens(self, rule: A.Tokens, found) -> BoundRule:
@@ -395,6 +398,16 @@ def _targets_of(found: Target | Block, graph: ModelGraph) -> list[Target]:
 
 def _paths_of(found: Target | Block, graph: ModelGraph) -> set[str]:
     return {found.path} | {t.path for t in _targets_of(found, graph)}
+
+
+def auto_room(rule: A.Rule, candidates: int, n_blocks: int) -> int:
+    """How many blocks an auto rule may remove: one block always stays, and a LaCo merge keeps one
+    of the selected blocks to merge into (`count=N` on N blocks searched nothing, silently)."""
+    return max(0, min(candidates - isinstance(rule, A.Collapse), n_blocks - 1))
+
+
+def room_note(rule: A.Rule) -> str:
+    return " (LaCo keeps one selected block to merge the others into)" if isinstance(rule, A.Collapse) else ""
 
 
 def collapse_range_problem(blocks) -> tuple[str, str] | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ...dsl.errors import SpecError
 from ...runtime.inputs import complete_inputs
 from ...runtime.report import RuleReport
-from ..bind import BoundRule, graph_bytes, graph_params
+from ..bind import BoundRule, auto_room, graph_bytes, graph_params, room_note
 from ..calibrate import CALIB_HINT, forward_ms
 from ..context import Context
 from ..graph import Block, ModelGraph
@@ -54,9 +54,9 @@ def auto_count(bound: BoundRule, ctx: Context, n_candidates: int, n_blocks: int)
     if count < 1:
         raise rule_error(bound, ctx, "out-of-range", f"ratio={auto.get('ratio')} of {n_blocks} blocks "
                          "removes none", "raise the ratio, or write count=1")
-    if count > n_candidates or count >= n_blocks:
+    if count > (room := auto_room(bound.rule, n_candidates, n_blocks)):
         raise rule_error(bound, ctx, "out-of-range", f"`{bound.rule.kind}` asks for {count} blocks, and only "
-                         f"{min(n_candidates, n_blocks - 1)} of the model's {n_blocks} may go",
+                         f"{room} of the model's {n_blocks} may go{room_note(bound.rule)}",
                          "lower count/ratio, or widen the selector or the `keep`")
     return count
 

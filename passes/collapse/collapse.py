@@ -8,6 +8,7 @@ from __future__ import annotations
 from ...dsl import ast as A
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, collapse_range_problem
+from ..block_reads import merge_problem
 from ..context import Context
 from ..graph import ModelGraph
 from .apply import (Before, auto_count, before_rule, block_report, candidates, current, need_calibration,
@@ -29,10 +30,13 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
 
 def _explicit(graph, bound, ctx, before: Before) -> RuleReport:
     blocks = current(graph, bound.blocks)
-    problem = collapse_range_problem(blocks)  # bind checks it too: `plan` refuses what compile would
+    problem = collapse_range_problem(blocks)  # bind checks both too: `plan` refuses what compile would
     if problem is not None:
         raise rule_error(bound, ctx, "selector", *problem)
     keep, merged = blocks[0], blocks[1:]
+    unlike = merge_problem(graph, keep, merged)
+    if unlike is not None:
+        raise rule_error(bound, ctx, "unsupported", *unlike)
     targets = run_targets(graph, [merged], ctx)  # what the run output before the merge, for `heal`
     changed = laco_merge(graph, keep, merged)
     remove_runs(graph, [merged], bound, ctx, targets)

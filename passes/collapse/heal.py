@@ -377,9 +377,9 @@ def _no_linear(bound: BoundRule, ctx: Context, blocks: list[str], held: bool, ke
                           "narrow the `keep`, give this heal a larger reach=, or use `heal method=linear`")
     if held:
         return rule_error(bound, ctx, "unsupported", "`heal method=lora` found no linear without an adapter in the "
-                          f"blocks near the cuts ({near}): an earlier `heal method=lora merge=false` keeps its "
-                          "adapters on them", "let the earlier heal merge its adapters (merge=true, the default), "
-                          "give this one a larger reach=, or remove it")
+                          f"blocks near the cuts ({near}): an earlier rule's adapters sit on them (an `adapt` "
+                          "rule, or a `heal method=lora merge=false`)", "let the earlier rule merge its adapters "
+                          "(merge=true), give this heal a larger reach=, or remove it")
     return rule_error(bound, ctx, "unsupported", f"`heal method=lora` found no linear in the blocks near the cuts "
                       f"({near}) to put an adapter on", "use `heal method=linear`")
 

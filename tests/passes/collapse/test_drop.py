@@ -198,6 +198,8 @@ def test_plan_binds_rules_after_an_auto_drop_to_that_many_fewer_blocks(lm8, auto
     ("collapse blocks[0:8]", "out-of-range", "merges every block"),
     ("drop blocks auto(count=8)", "out-of-range", "asks for 8 blocks"),
     ("collapse blocks auto(count=9)", "out-of-range", "asks for 9 blocks"),
+    # LaCo merges into one of the selected blocks: it searched nothing and blamed the threshold
+    ("collapse blocks[2:4] auto(count=2)", "out-of-range", "only 1 of the model's 8 blocks may go (LaCo keeps one"),
     ("keep blocks[1]\ndrop blocks[0:2]", "invalid-combination", "protects"),
 ])
 def test_bad_block_rules_are_spec_errors_at_the_rule(lm8, rules, kind, words):

@@ -94,3 +94,38 @@ def test_t5s_first_block_is_refused_for_its_position_bias_even_where_a_token_rul
         slimfx.compile(model, "tokens after blocks[0] prune keep=0.5\ndrop blocks[0]", example_inputs=_batch())
     with pytest.raises(SpecError, match=r"encoder.block.1 is where a `tokens after` rule above prunes"):
         slimfx.compile(model, "tokens after blocks[1] prune keep=0.5\ndrop blocks[1]", example_inputs=_batch())
+
+
+@pytest.mark.parametrize("name, odd", [("t5", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight "
+                                               "has no counterpart in encoder.block.1"),
+                                       ("modernbert", "layers.1.attn_norm.weight has no counterpart in layers.0")])
+def test_merging_into_a_first_block_built_otherwise_is_refused_and_never_tried_by_a_search(name, odd):
+    """plan said "ready": T5's compile raised a raw PassError, and ModernBERT's merge left out the
+    second layer's attention norm silently. A search skips such a run, and the blocks after the
+    first still merge (checked against LaCo's formula done by hand)."""
+    torch.manual_seed(0)
+    model, container = MODELS[name]()
+    for run in (slimfx.plan, slimfx.compile):
+        with pytest.raises(SpecError) as e:
+            run(model, "collapse blocks[0:2]", example_inputs=_batch())
+        assert e.value.kind == "unsupported" and odd in e.value.message
+    calib = [_batch(s) for s in range(2)]
+    cm = slimfx.compile(model, "collapse blocks[0:3] auto(count=1, span=2, threshold=0.01)", example_inputs=_batch(),
+                        calib=calib)
+    assert [(t["into"], t["merged"], t["accepted"]) for t in cm.report.rules[0].details["trials"]] == [
+        (f"{container}.1", (f"{container}.2",), True)]
+    if name == "modernbert":  # block 0 is no LaCo candidate of T5's: a removal there is refused first
+        only_first = slimfx.compile(model, "collapse blocks[0:2] auto(count=1, span=2, threshold=0.01)",
+                                    example_inputs=_batch(), calib=calib).report.rules[0]
+        assert only_first.details["trials"] == [] and only_first.targets == ()
+    ref = _without(model, container, 2)
+    with torch.no_grad():
+        layers = ref.get_submodule(container)
+        original = dict(model.get_submodule(container)[2].named_parameters())
+        for n, p in layers[1].named_parameters():
+            p.add_(original[n] - p)
+    batch = _batch(1)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(cm(**batch).last_hidden_state[real], ref(**batch).last_hidden_state[real],
+                                   atol=1e-5, rtol=1e-5)
