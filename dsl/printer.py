@@ -9,7 +9,7 @@ import re
 
 from . import ast as A
 
-__all__ = ["format_spec", "format_policy", "format_rule", "format_selector", "format_value"]
+__all__ = ["format_spec", "format_policy", "format_rule", "format_selector", "format_value", "format_choice"]
 
 INDENT = "    "
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -57,7 +57,7 @@ def format_rule(rule: A.Rule) -> str:
     elif isinstance(rule, A.Quantize):
         head = f"quantize {sel} {rule.format}"
     elif isinstance(rule, A.Precision):
-        choices = ", ".join(_join(c.format, c.params) for c in rule.choices)
+        choices = ", ".join(format_choice(c) for c in rule.choices)
         head = f"precision {sel} choose {{{choices}}} {_budget(rule.budget)} by {rule.metric}"
     elif isinstance(rule, A.Tokens):
         head = f"tokens after {sel} {rule.action}"
@@ -112,6 +112,11 @@ def _index(index) -> str:
     bound = lambda v: "" if v is None else str(v)  # noqa: E731
     step = f":{index.step}" if index.step is not None else ""
     return f"[{bound(index.start)}:{bound(index.stop)}{step}]"
+
+
+def format_choice(choice: A.FormatChoice) -> str:
+    """`int4 group=32`: one candidate of `precision … choose {…}`."""
+    return _join(choice.format, choice.params)
 
 
 def _budget(budget: A.Budget) -> str:

@@ -13,7 +13,8 @@ from typing import Iterable
 
 from . import ast as A
 from .errors import Diagnostic, SpecError, did_you_mean, source_lines
-from .schema import (FORMAT_BITS, HEAL_METHOD_PARAMS, INT_FORMATS, INT_ONLY_PARAMS, METRICS, SCHEMAS, ParamSpec,
+from .printer import format_choice
+from .schema import (DEFAULT_GROUP, FORMAT_BITS, HEAL_METHOD_PARAMS, INT_FORMATS, INT_ONLY_PARAMS, METRICS, SCHEMAS, ParamSpec,
                      schema_key)
 
 __all__ = ["validate_spec"]
@@ -198,10 +199,21 @@ def _validate_choice(choice: A.FormatChoice, problems: _Problems) -> A.FormatCho
     return dataclasses.replace(choice, params=params)
 
 
+def _candidate(choice: A.FormatChoice) -> tuple:
+    """A candidate as the solver sees it: its format, with every parameter's default filled in."""
+    given = {p.name: p.value for p in choice.params}
+    group = given.get("group", DEFAULT_GROUP.get(choice.format))
+    return choice.format, group, given.get("sym", True), given.get("zero", "int")
+
+
 def _check_precision(rule: A.Precision, choices: tuple[A.FormatChoice, ...], problems: _Problems):
-    for i, c in enumerate(choices):
-        if c in choices[:i]:
-            problems.add("duplicate", f"format `{c.format}` is listed twice in `choose`", c.span, "list it once")
+    seen = {}
+    for c in choices:
+        same = seen.setdefault(_candidate(c), c)
+        if same is not c:  # `int4` and `int4 group=64` are one candidate: the solver saw it twice
+            written = "" if same == c else f" (as `{format_choice(same)}`, the same format with its defaults)"
+            problems.add("duplicate", f"format `{format_choice(c)}` is listed twice in `choose`{written}", c.span,
+                         "list it once")
     budget = rule.budget
     if budget.metric == "avg_bits" and not 0 < budget.limit <= 32:
         problems.add("out-of-range", f"`avg_bits<={budget.limit}` is out of range: average bits per weight "

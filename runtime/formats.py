@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dsl.schema import DEFAULT_GROUP
+
 __all__ = [
     "QuantFormat", "QuantizedWeight", "from_rule", "pack", "unpack", "group_params", "quantize_codes",
     "dequantize_codes", "quantize_rtn", "dequantize", "dequantize_groups", "per_column", "error_bound", "nbytes",
@@ -48,7 +50,6 @@ __all__ = [
 
 BITS = (2, 4, 8)
 _FORMAT_BITS = {"int8": 8, "int4": 4, "int2": 2}
-_DEFAULT_GROUP = {"int8": None, "int4": 64, "int2": 64}
 _FP16_MAX = torch.finfo(torch.float16).max
 ZEROS = ("int", "float")  # whole zero points (packed) or float offsets (fp16)
 # fp16 holds every number up to 2048 within 1/2: the largest float zero point (module docstring).
@@ -90,7 +91,7 @@ def from_rule(fmt: str, group: int | None = None, sym: bool = True, zero: str = 
     to per-channel."""
     if fmt not in _FORMAT_BITS:
         raise ValueError(f"{fmt!r} is not a packed integer format; use one of {sorted(_FORMAT_BITS)}")
-    return QuantFormat(_FORMAT_BITS[fmt], _DEFAULT_GROUP[fmt] if group is None else group, sym, zero)
+    return QuantFormat(_FORMAT_BITS[fmt], DEFAULT_GROUP[fmt] if group is None else group, sym, zero)
 
 
 @dataclass(frozen=True)

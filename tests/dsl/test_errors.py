@@ -153,6 +153,11 @@ CASES = [
     (body("keep head rank=3"), "unknown-parameter", 2, 15, ["`keep` takes no parameter"], "`adapt`"),
     (body("precision blocks choose {int8, int8} budget avg_bits<=8 by output_mse"), "duplicate", 2, 36,
      ["listed twice"], None),
+    # the same candidate written with a default spelled out: the solver weighed it twice
+    (body("precision blocks choose {int4, int4 group=64} budget avg_bits<=8 by output_mse"), "duplicate", 2, 36,
+     ["`int4 group=64` is listed twice", "(as `int4`, the same format with its defaults)"], None),
+    (body("precision blocks choose {int8 sym=true zero=int, int8} budget avg_bits<=8 by output_mse"), "duplicate",
+     2, 54, ["`int8` is listed twice"], None),
     (body("precision blocks choose {int8, int4} budget avg_bits<=2 by output_mse"), "out-of-range", 2, 42,
      ["below the smallest format offered (4 bits)"], None),
     (body("precision blocks choose {int8} budget avg_bits<=8 by output_mae"), "unknown-keyword", 2, 58,
