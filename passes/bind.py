@@ -216,11 +216,12 @@ class _Binder:
             self._error(rule.selector.span, "unsupported", *problem)
         if rule.auto is None and blocks and len(blocks) == n:
             what = "merges every block of the model into one" if isinstance(rule, A.Collapse) else \
-                f"removes all {n} blocks of the model"
+                f"removes all {n} blocks of the model" if n > 1 else "removes the only block the model has left"
             smallest = 2 if isinstance(rule, A.Drop) else 3  # a collapse of fewer than 2 blocks is refused
             self._error(rule.selector.span, "out-of-range", f"`{rule.kind} {_sel(rule)}` {what}",
                         f"select fewer blocks, e.g. `blocks[0:{n - 1}]`" if n >= smallest else
-                        f"a model of {n} blocks has no `{rule.kind}` that leaves more than one")
+                        f"a model of {n} block{'s' * (n != 1)} has no `{rule.kind}` that leaves "
+                        + ("one" if isinstance(rule, A.Drop) else "more than one"))
         hit = sorted(p for b in blocks for p in _paths_of(b, self.graph) if p in protected)
         if hit and rule.auto is None:
             self._error(rule.span, "invalid-combination", f"`keep` protects {hit[0]}, which this `{rule.kind}` "

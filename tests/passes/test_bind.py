@@ -324,6 +324,7 @@ def test_plan_estimates_a_loose_budget_at_the_largest_choice_as_compile_reaches_
     (2, "collapse blocks[0:2]", "a model of 2 blocks has no `collapse` that leaves more than one"),
     (3, "collapse blocks[0:3]", "e.g. `blocks[0:2]`"),
     (2, "drop blocks[0:2]", "e.g. `blocks[0:1]`"),
+    (1, "drop blocks[0]", "a model of 1 block has no `drop` that leaves one"),  # was "all 1 blocks", "1 blocks"
 ])
 def test_a_refused_block_rule_suggests_a_selector_the_model_has(layers, rule, hint):
     bert = tiny("bert", layers=layers)
