@@ -140,6 +140,8 @@ def _compile(args) -> int:
     from . import api
 
     check_out(args.out)  # before minutes of compiling, not after
+    if args.calib_tokens is not None:
+        _check_calib_tokens(args.calib_tokens)  # and before the model loads
     spec = _spec(args.spec, args.policy)
     if args.emit_kernels:
         check_apart(args.out, args.emit_kernels)
@@ -210,6 +212,15 @@ def _read_calib(path: str) -> list[str]:
         return read_paragraphs(path)
     except ValueError as e:
         raise UsageError(f"--calib: {e}") from None
+
+
+def _check_calib_tokens(tokens: int) -> None:
+    """What the count alone says is wrong (the model's text says how many it has, once loaded)."""
+    from .calibration import MAX_TOKENS
+
+    if tokens < MAX_TOKENS:
+        raise UsageError(f"--calib-tokens {tokens}: ask for at least {MAX_TOKENS} tokens (one calibration row), "
+                         "e.g. --calib-tokens 25000")
 
 
 def _builtin_calib(loaded, tokens: int) -> list[dict]:

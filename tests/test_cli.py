@@ -319,9 +319,16 @@ def test_compile_calibrates_on_a_number_of_built_in_tokens(tmp_path, capsys, mon
     monkeypatch.setattr(api, "compile", lambda *a, **k: seen.append(k["calib"]) or real(*a, **k))
     spec = write(tmp_path, "policy p {\n    quantize blocks.*.** : Linear int4 method=gptq\n}\n")
     out = ["compile", str(spec), "--model", "tiny:llama", "--out", str(tmp_path / "o")]
-    assert main(out + ["--calib-tokens", "10"]) == 1
+    from slimfx import commands
+
+    loads, load = [], commands._load_model
+    monkeypatch.setattr(commands, "_load_model", lambda name: loads.append(name) or load(name))
+    assert main(out + ["--calib-tokens", "10"]) == 1  # refused before the model loads (it was after)
     err = capsys.readouterr().err
-    assert "--calib-tokens 10: the built-in text has" in err and "ask for 128 to" in err and "calib=" not in err
+    assert "--calib-tokens 10: ask for at least 128 tokens (one calibration row)" in err and not loads
+    assert main(out + ["--calib-tokens", "10" + "0" * 9]) == 1
+    err = capsys.readouterr().err
+    assert "the built-in text has" in err and "ask for 128 to" in err and "calib=" not in err and loads
     with pytest.raises(SystemExit):  # argparse: one source of calibration or the other
         main(out + ["--calib-tokens", "512", "--calib", str(spec)])
     assert "not allowed with" in capsys.readouterr().err
@@ -373,7 +380,7 @@ def test_fmt_write_through_a_symlink_rewrites_the_file_it_names(tmp_path):
 def test_compile_calib_text_for_a_model_without_a_tokenizer_is_refused(tmp_path, capsys):
     spec = write(tmp_path, "policy p {\n    keep head\n}\n")
     calib = write(tmp_path, "some text to calibrate on", "c.txt")
-    for option in (["--calib", str(calib)], ["--calib-tokens", "100"]):
+    for option in (["--calib", str(calib)], ["--calib-tokens", "256"]):
         assert main(["compile", str(spec), "--model", "tiny:vit", "--out", str(tmp_path / "o"), *option]) == 1
         assert f"{option[0]} calibrates on text, and tiny:vit has no tokenizer" in capsys.readouterr().err
 
