@@ -17,6 +17,7 @@ from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
 from .block_reads import merge_problem, removal_problem
+from ..runtime.peft_format import adapter_directory
 from .blocks_view import without_blocks
 from .causal import merge_refusal
 from .estimate import Estimate, estimate, stored_after
@@ -301,6 +302,8 @@ class _Binder:
             return BoundRule(rule, targets=(), warnings=tuple(warnings))
         if isinstance(rule, A.Adapt) and not rule.get("from"):
             self._check_rank(rule, targets)
+        elif isinstance(rule, A.Adapt) and (missing := adapter_directory(rule.get("from"))[1]) is not None:
+            self._error(next(p.span for p in rule.params if p.name == "from"), "no-file", *missing)
         if found and not targets:
             why = "all are protected by `keep`" if kept else f"it selects only {', '.join(others) or 'blocks'}"
             self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on linear layers, and `{_sel(rule)}` "

@@ -27,12 +27,27 @@ from .adapters import Adapter, adapters_of
 from .artifact_files import foreign_entries, json_bytes, unplaceable, write_atomic, write_bytes, write_weights
 
 __all__ = ["PeftFormatError", "save_adapters", "peft_config", "tensor_key", "split_key", "pattern_value",
-           "CONFIG", "WEIGHTS", "PICKLED", "PREFIX", "KEYS"]
+           "adapter_directory", "CONFIG", "WEIGHTS", "PICKLED", "PREFIX", "KEYS"]
 
 CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."  # PeftModel.base_model (a LoraModel) .model (the original model)
 KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 _OLD_MAGNITUDE = "lora_magnitude_vector.weight"  # how PEFT < 0.12 named DoRA's magnitude
+
+
+def adapter_directory(source: str) -> tuple[Path | None, tuple[str, str] | None]:
+    """`from="…"` as a directory (a relative path is taken from the current directory), or
+    (None, (message, hint)) saying why it is none. `plan` asks too, so that it refuses what
+    compile would (it said "ready" for a directory that is not there)."""
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else Path.cwd() / path
+    if path.is_dir():
+        return path, None
+    if path.exists():
+        return None, (f'from="{source}" is a file ({path}), not a PEFT adapter directory',
+                      f"pass the directory holding {CONFIG} and {WEIGHTS}")
+    return None, (f'from="{source}": no directory {path} (a relative path is taken from the current directory, '
+                  f"{Path.cwd()})", "pass the directory PEFT's save_pretrained() or cm.save_adapters() wrote")
 
 
 class PeftFormatError(ValueError):

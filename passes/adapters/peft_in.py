@@ -20,7 +20,7 @@ import torch
 
 from ...dsl.errors import SpecError
 from ...runtime.adapters import Adapter
-from ...runtime.peft_format import CONFIG, PICKLED, WEIGHTS, pattern_value, split_key
+from ...runtime.peft_format import CONFIG, PICKLED, WEIGHTS, adapter_directory, pattern_value, split_key
 from ..bind import BoundRule
 from ..context import Context
 from ..graph import Target
@@ -102,16 +102,10 @@ def read(source: str, bound: BoundRule, ctx: Context) -> LoadedAdapter:
 # ---- the directory and its files -----------------------------------------------------------------
 
 def _directory(source: str, errors: _Errors) -> Path:
-    path = Path(source).expanduser()
-    path = path if path.is_absolute() else Path.cwd() / path
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise errors("no-file", f'from="{source}" is a file ({path}), not a PEFT adapter directory',
-                     hint=f"pass the directory holding {CONFIG} and {WEIGHTS}")
-    raise errors("no-file", f'from="{source}": no directory {path} (a relative path is taken from the '
-                 f"current directory, {Path.cwd()})",
-                 hint="pass the directory PEFT's save_pretrained() or cm.save_adapters() wrote")
+    path, problem = adapter_directory(source)
+    if problem is not None:
+        raise errors("no-file", problem[0], hint=problem[1])
+    return path
 
 
 def _config(directory: Path, errors: _Errors) -> dict:

@@ -207,10 +207,19 @@ def test_keep_counts_a_tied_weight_once():
     assert bound.estimate.bytes_before == bound.targets[0].nbytes == bound.targets[1].nbytes
 
 
-def test_adapt_from_a_directory_is_sized_at_compile(llama):
+def test_adapt_from_a_directory_is_sized_at_compile(llama, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapters" / "x").mkdir(parents=True)
     (bound,) = plan_of(llama, 'adapt blocks.*.attn.q lora from="adapters/x" merge=true').rules
     assert bound.estimate.params_after == bound.estimate.params_before
     assert bound.estimate.note == "loaded from adapters/x at compile; merged into the base weights"
+
+
+def test_adapt_from_a_directory_that_is_not_there_is_refused_by_plan_as_by_compile(llama, tmp_path, monkeypatch):
+    """plan said "ready"; compile then refused it at once."""
+    monkeypatch.chdir(tmp_path)
+    e = error_of(llama, 'adapt blocks.*.attn.q lora from="adapters/y"')
+    assert e.kind == "no-file" and e.column == 32 and f"no directory {tmp_path / 'adapters' / 'y'}" in e.message
 
 
 def test_the_report_counts_stored_weights_as_parameters_however_they_are_stored():
