@@ -128,14 +128,15 @@ def _fmt(args) -> int:
             continue
         data, spec = loaded
         text = format_spec(spec)
+        kept = _in_style_of(data, text)
         if args.check:
-            if text.encode() != data:
+            if kept != data:
                 _error(f"{spec.filename}: not in canonical form (run `slimfx fmt --write {name}`)")
                 status = 1
         elif args.write and name != "-":
-            if text.encode() != data:
+            if kept != data:
                 try:
-                    _write_atomically(Path(name), text)
+                    _write_atomically(Path(name), kept)
                 except OSError as e:  # a read-only folder or disk: this file is left as it was
                     _error(f"{name}: cannot rewrite it: {e.strerror or e}; it is left as it was")
                     status = 1
@@ -146,15 +147,23 @@ def _fmt(args) -> int:
     return status
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _in_style_of(data: bytes, text: str) -> bytes:
+    """`text` with the file's line endings (CRLF from a Windows checkout) and byte-order mark: a
+    file fmt --write just wrote failed fmt --check on every checkout that turns LF into CRLF."""
+    crlf = b"\r\n" in data and data.count(b"\r\n") == data.count(b"\n")
+    out = text.replace("\n", "\r\n") if crlf else text
+    return (b"\xef\xbb\xbf" if data.startswith(b"\xef\xbb\xbf") else b"") + out.encode()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
     # A crash mid-write must never leave half a policy behind.
     # mkstemp makes the file 0600; the rewritten policy keeps the original's permissions.
     path = path.resolve()  # through a symlink: the file it names is rewritten, the link stays a link
     mode = path.stat().st_mode & 0o7777
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

@@ -50,6 +50,19 @@ def test_fmt_prints_check_and_write(tmp_path, capsys):
     assert main(["fmt", "--check", str(f)]) == 0
 
 
+@pytest.mark.parametrize("bom, newline", [(b"", b"\r\n"), (b"\xef\xbb\xbf", b"\n"), (b"\xef\xbb\xbf", b"\r\n")])
+def test_fmt_keeps_a_files_line_endings_and_byte_order_mark(tmp_path, capsys, bom, newline):
+    """--write turned them into LF without a mark, so --check failed on every Windows checkout."""
+    f = tmp_path / "p.slim"
+    f.write_bytes(bom + b"policy p{\n  quantize head int8\n}\n".replace(b"\n", newline))
+    assert main(["fmt", "--check", str(f)]) == 1
+    assert main(["fmt", "--write", str(f)]) == 0
+    assert f.read_bytes() == bom + b"policy p {\n    quantize head int8\n}\n".replace(b"\n", newline)
+    assert main(["fmt", "--check", str(f)]) == 0
+    capsys.readouterr()
+    assert main(["fmt", str(f)]) == 0 and capsys.readouterr().out == "policy p {\n    quantize head int8\n}\n"
+
+
 def test_fmt_refuses_an_invalid_file_and_leaves_it_alone(tmp_path, capsys):
     f = write(tmp_path, TYPO)
     assert main(["fmt", "--write", str(f)]) == 1
