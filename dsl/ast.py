@@ -35,9 +35,9 @@ NO_SPAN = Span(0, 0, 0, 0)
 class Trivia:
     """Comments and blank lines around a node, kept so that `slimfx fmt` loses nothing."""
 
-    leading: tuple[str, ...] = ()  # whole-line comments above the node
+    leading: tuple[str, ...] = ()  # whole-line comments above the node ("": a blank line among or below them)
     inline: str | None = None  # a comment after the node on its own line
-    blank_before: bool = False  # at least one blank line above (leading comments included)
+    blank_before: bool = False  # at least one blank line above the first leading comment (or the node)
 
 
 NO_TRIVIA = Trivia()

@@ -132,7 +132,7 @@ def _join(head: str, params: tuple[A.Param, ...]) -> str:
 
 
 def _trivia_lines(trivia: A.Trivia, indent: str) -> list[str]:
-    return [indent + c for c in trivia.leading]
+    return [indent + c if c else "" for c in trivia.leading]  # "": a blank line kept between comments
 
 
 def _inline(trivia: A.Trivia) -> str:

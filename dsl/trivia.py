@@ -45,11 +45,23 @@ class _Cursor:
         self.line = 0  # last line already handed out
 
     def trivia_before(self, line: int, *, at_line: int | None, inline: bool = True) -> A.Trivia:
-        above = range(self.line + 1, line)
-        leading = tuple(self.own[n] for n in above if n in self.own)
-        if at_line is None:  # end of file: blank lines after the last comment mean nothing
-            above = range(above.start, max((n for n in above if n in self.own), default=above.start) + 1)
-        blank = self.line > 0 and any(not self.lines[n - 1].strip() for n in above if n <= len(self.lines))
+        """The comments above `line`, with "" where blank lines stood between them and below the
+        last (a file's header comment kept apart from the first policy), and whether a blank
+        line stands above the first (not at the top of the file)."""
+        leading: list[str] = []
+        blank, gap = False, False
+        for n in range(self.line + 1, min(line, len(self.lines) + 1)):
+            if n in self.own:
+                if gap and leading:
+                    leading.append("")
+                blank, gap = blank or (gap and not leading and self.line > 0), False
+                leading.append(self.own[n])
+            elif not self.lines[n - 1].strip():
+                gap = True
+        if gap and leading and at_line is not None:  # at the end of the file a blank means nothing
+            leading.append("")
+        blank = blank or (gap and not leading and self.line > 0)
+        leading = tuple(leading)
         comment = self.inline.pop(at_line, None) if at_line is not None and inline else None
         self.line = max(self.line, line if at_line is not None else line - 1)
         return A.Trivia(leading, comment, blank)

@@ -49,6 +49,17 @@ def test_golden_canonical_form_keeps_every_comment():
     assert format_spec(parse(CANONICAL)) == CANONICAL
 
 
+def test_blank_lines_between_comments_and_below_them_stay_where_they_are():
+    """`# header` then a blank line then `policy` lost the blank (the header glued to the policy,
+    and `fmt --check` failed on the file `fmt --write` would not leave alone); a blank between two
+    comments moved above both; a comment, a blank, then a rule: the comment joined the rule."""
+    text = ("# header\n\npolicy p {\n    # a\n\n    # b\n    keep head\n\n    # about the next rule\n\n"
+            "    keep embed\n}\n\n# end\n\n# really the end\n")
+    assert format_spec(parse(text)) == text
+    assert format_spec(parse("\n\n# top\n\n\n\npolicy p {\n    keep head\n}\n\n\n")) == \
+        "# top\n\npolicy p {\n    keep head\n}\n"
+
+
 def test_a_comment_after_a_rule_on_the_policy_line_stays_with_the_rule():
     # The header took it, and fmt printed it on `policy a {`, away from the rule it explained.
     out = format_spec(parse("policy a { quantize head int8  # why\n  keep blocks  # k\n}\n"))
