@@ -122,6 +122,9 @@ def _explain(e, got, expected, words, source, line, column):
     if index and _char_before(source, line, column) == ".":
         return ("syntax", "a number after `.` in a selector",
                 f"index with brackets: `{_bracketed(source, line, column) or f'name[{index.group()}]'}`")
+    if isinstance(e, UnexpectedToken) and e.token.type == "_NL":  # it printed the character '\n'
+        return ("syntax", f"expected {_phrase(expected, words)}{context}, got the end of the line",
+                "`policy NAME {` and each rule stay on one line: join this line and the next")
     shown = f"`{got}`" if got and got.isprintable() and not got.isspace() else _describe_char(got)
     return ("syntax", f"expected {_phrase(expected, words)}{context}, got {shown}", None)
 
@@ -141,8 +144,13 @@ def _missing_part(e, expected, words, source, line, column):
     before = _previous_word(source, line, column)
     if before and (wanted == {"EQUAL"} or text[: column - 1].rstrip().endswith("=")):
         return ("missing-value", f"`{before}` has no value", f"write `{before}=<value>`", "", column)
+    lines = source_lines(source)
+    following = _WORD.match(lines[line].lstrip()) if line < len(lines) else None
+    wrapped = following is not None and any(following.group() in words.get(t, ()) for t in wanted)
     return ("missing-value", f"the `{keyword}` rule ends before its required part: expected "
-            f"{_phrase(wanted, words)}{_rule_context(source, line, column)}", None, "", column)
+            f"{_phrase(wanted, words)}{_rule_context(source, line, column)}",
+            f"a rule stays on one line: `{following.group()} …` on line {line + 1} belongs on this one"
+            if wrapped else None, "", column)
 
 
 def _unexpected_end(source, expected, words):

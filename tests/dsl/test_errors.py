@@ -43,6 +43,11 @@ CASES = [
     # an unknown escape was kept, printed as a warning or refused, by the warnings filter in force
     (body('adapt blocks lora from="C:\\models\\lora"'), "syntax", 2, 28, ["a string with a bad escape", "'\\m'"],
      "or `/` in a path"),
+    # a line break inside a rule or before `{`: "got the character '\n' (U+000A)", no hint
+    ("policy p\n{\n    keep head\n}\n", "syntax", 1, 9, ["expected `{`", "got the end of the line"],
+     "stay on one line"),
+    (body("precision blocks choose {int8, int4}\n        budget avg_bits<=5 by output_mse"), "missing-value", 2, 41,
+     ["ends before its required part", "`budget`"], "`budget …` on line 3 belongs on this one"),
     # a case-only misspelling had no suggestion
     (body("quantize head INT8"), "unknown-keyword", 2, 19, ["got `INT8`"], "did you mean `int8`"),
     (body("adapt blocks LoRA"), "unknown-keyword", 2, 18, ["got `LoRA`"], "did you mean `lora`"),
