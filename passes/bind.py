@@ -303,7 +303,7 @@ class _Binder:
         if isinstance(rule, A.Adapt) and not rule.get("from"):
             self._check_rank(rule, targets)
         elif isinstance(rule, A.Adapt) and (missing := adapter_directory(rule.get("from"))[1]) is not None:
-            self._error(next(p.span for p in rule.params if p.name == "from"), "no-file", *missing)
+            self._error(_param_span(rule, "from"), "no-file", *missing)
         if found and not targets:
             why = "all are protected by `keep`" if kept else f"it selects only {', '.join(others) or 'blocks'}"
             self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on linear layers, and `{_sel(rule)}` "
@@ -325,7 +325,7 @@ class _Binder:
         over = [(t, m) for t, m in small if rank > m]
         if over:
             t, m = min(over, key=lambda o: o[1])
-            self._error(rule.span, "out-of-range", f"rank={rank} is larger than {t.path}'s smaller dimension "
+            self._error(_param_span(rule, "rank"), "out-of-range", f"rank={rank} is larger than {t.path}'s smaller dimension "
                         f"({m}){f' and {len(over) - 1} more targets' if len(over) > 1 else ''}: B·A "
                         f"cannot have rank above {m}", f"use rank={m} or less, or narrow the selector")
 
@@ -402,6 +402,11 @@ def _targets_of(found: Target | Block, graph: ModelGraph) -> list[Target]:
 
 def _paths_of(found: Target | Block, graph: ModelGraph) -> set[str]:
     return {found.path} | {t.path for t in _targets_of(found, graph)}
+
+
+def _param_span(rule: A.Rule, name: str) -> A.Span:
+    """Where the rule writes `name=…` (the caret goes there), or the rule when it is a default."""
+    return next((p.span for p in rule.params if p.name == name), rule.span)
 
 
 def auto_room(rule: A.Rule, candidates: int, n_blocks: int) -> int:

@@ -79,6 +79,7 @@ def _error(lm, rules: str) -> SpecError:
 def test_rank_above_the_smaller_dimension_is_refused():
     e = _error(tiny("llama"), "adapt blocks.*.attn.k lora rank=33")
     assert e.diagnostics[0].kind == "out-of-range" and e.diagnostics[0].line == 2
+    assert e.diagnostics[0].column == 28 and e.diagnostics[0].width == len("rank=33")  # at `rank=`, not the rule
     assert "rank=33 is larger than model.layers.0.self_attn.k_proj's smaller dimension (32)" in str(e)
     assert "use rank=32 or less" in str(e)
 
