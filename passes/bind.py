@@ -211,6 +211,8 @@ class _Binder:
                 self._error(rule.selector.span, "selector", *problem)
             elif (unlike := merge_problem(self.graph, blocks[0], list(blocks[1:]))) is not None:
                 self._error(rule.selector.span, "unsupported", *unlike)
+        if isinstance(rule, A.Collapse) and (unmergeable := self._not_full_precision(blocks)) is not None:
+            self._error(rule.selector.span, "illegal-order", *unmergeable)
         removed = blocks[1:] if isinstance(rule, A.Collapse) else blocks  # LaCo merges into the first
         problem = removal_problem(list(removed)) if rule.auto is None and removed else None
         if problem is not None:
@@ -233,6 +235,20 @@ class _Binder:
         warnings = ("auto: `keep`-protected blocks are not candidates",) if hit else ()
         return BoundRule(rule, blocks=blocks, protected=kept, estimate=estimate(rule, (), blocks, self.graph),
                          warnings=warnings)
+
+    def _not_full_precision(self, blocks) -> tuple[str, str] | None:
+        """A LaCo merge adds weights up; over a CompiledModel compiled again, a quantized linear's
+        fp16 scales were summed beside codes left as they were (0.69 off), and adapters' A and B
+        each on their own (B·A is not their sum): refused, as the same order in one policy is."""
+        for t in (t for b in blocks for t in _targets_of(b, self.graph) if t.kind == "linear"):
+            names = {p.name.rpartition(".")[2] for p in self.graph.modules[t.path].params}
+            why = ("an earlier compile quantized it" if "weight" not in names else
+                   "an adapter from an earlier compile sits on it" if "lora_A" in names else None)
+            if why is not None:
+                return (f"`collapse` merges full-precision weights without adapters, and {t.path}: {why}",
+                        "collapse the model before quantizing it or adding adapters (merge them first: "
+                        "cm.merge_adapters()), or remove blocks with `drop`")
+        return None
 
     def _check_auto_count(self, rule, candidates: int, n: int) -> None:
         auto = rule.auto

@@ -113,3 +113,18 @@ def test_plan_and_compile_refuse_a_collapse_of_several_ranges_alike():
     for err in (planned.value, compiled.value):
         assert [d.kind for d in err.diagnostics] == ["selector"]
         assert "one contiguous range of blocks, and the selector gives 3 ranges" in err.diagnostics[0].message
+
+
+@pytest.mark.parametrize("first, why", [("adapt blocks.*.attn.{q,v} lora rank=4", "an adapter from an earlier compile"),
+                                        ("quantize blocks.*.** : Linear int8", "an earlier compile quantized it"),
+                                        ("quantize blocks.*.attn.q fp16", "an earlier compile quantized it")])
+def test_a_collapse_over_an_earlier_compiles_adapters_or_quantized_weights_is_refused(first, why):
+    """In one policy that order is refused; over a CompiledModel compiled again it was merged
+    silently: each adapter's A and B summed on their own (block 0 took block 1's adapter), a
+    quantized linear's scales summed beside its codes (0.69 off the float collapse)."""
+    earlier = slimfx.compile(tiny("llama", layers=3), first)
+    for run in (slimfx.plan, slimfx.compile):
+        with pytest.raises(slimfx.SpecError) as e:
+            run(earlier, "collapse blocks[0:2]")
+        assert e.value.kind == "illegal-order" and why in e.value.message
+    assert slimfx.compile(earlier, "drop blocks[1]").report.rules[0].targets == ("model.layers.1",)
