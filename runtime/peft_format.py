@@ -66,6 +66,7 @@ def save_adapters(cm, path: str | os.PathLike, targets: Iterable[str] | None = N
     target = Path(path)
     adapters = _chosen(adapters_of(cm.program), targets)
     _warn_beside_quantized(cm, adapters)
+    _warn_after_removed_blocks(cm)
     config = peft_config(adapters)
     tensors = {tensor_key(a.target, name): t for a in adapters for name, t in _tensors(cm.program, a).items()}
     _check_target(target)
@@ -146,6 +147,19 @@ def _warn_beside_quantized(cm, adapters) -> None:
                       f"({beside[0]}{' …' if len(beside) > 1 else ''}): PeftModel.from_pretrained(original_model, "
                       "dir) puts them over the original float weights, so it gives the compiled model's outputs "
                       "only up to that quantization", stacklevel=4)  # the user's cm.save_adapters(…)
+
+
+def _warn_after_removed_blocks(cm) -> None:
+    """Adapters of a model whose blocks a `drop`/`collapse` removed (this compile or an earlier
+    one) land on the original's full depth, where PEFT computes another model (0.18 off after one
+    tiny block dropped, 0.83 after a merge): said, as for quantized bases."""
+    reports = (*cm.report.earlier, cm.report)
+    gone = [b for r in reports for rule in r.rules if rule.kind in ("drop", "collapse") for b in rule.targets]
+    if gone:
+        warnings.warn(f"the compiled model has {len(gone)} block{'s' * (len(gone) != 1)} removed or merged "
+                      f"({gone[0]}{' …' if len(gone) > 1 else ''}): PeftModel.from_pretrained(original_model, dir) "
+                      "puts these adapters on the original's every block, which computes another model; "
+                      "cm.save(path) keeps the compiled one", stacklevel=4)  # the user's cm.save_adapters(…)
 
 
 def _check_target(target: Path) -> None:
