@@ -19,6 +19,9 @@ __all__ = ["BudgetInfeasible", "solve_budget", "solve_avg_bits", "fits"]
 
 REL_TOL = 1e-9  # sums of floats are compared to the limit with this much slack
 _MAX_CUTS = 20
+# Costs go to HiGHS scaled so that the largest is this: its absolute optimality gap is 1e-6 (not
+# settable through scipy), which on costs scaled to 1 hid differences under 1e-6 of the largest.
+_COST_SCALE = 1e6
 
 
 class BudgetInfeasible(ValueError):
@@ -49,8 +52,9 @@ def solve_budget(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[floa
     >>> solve_budget([[0, 1], [0, 5]], [[8, 4], [8, 4]], 12)  # shrink the cheaper item
     [1, 0]
 
-    Exact: a binary MILP (one-hot per item) solved by HiGHS with relative gap 0 (its absolute gap
-    is 1e-6 on costs scaled so the largest cost step is 1); "fits" is `fits(total, limit)`, which
+    Exact: a binary MILP (one-hot per item) solved by HiGHS with relative gap 0, over the options a
+    greedy feasible assignment leaves in reach, costs scaled so the largest is 1e6 (HiGHS's
+    absolute gap is 1e-6 of that scale); "fits" is `fits(total, limit)`, which
     allows 1e-9 relative for float rounding, and every answer is checked against it. Ties are
     settled before solving: an option is dropped when another is no worse in cost and size (of two
     equal options the lower index stays), so an item never pays bytes for nothing; ties across
@@ -68,6 +72,7 @@ def solve_budget(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[floa
     cheapest = [min(opts, key=lambda j, c=c: c[j]) for opts, c in zip(options, costs)]
     if fits(_total(sizes, cheapest), limit) or all(len(opts) == 1 for opts in options):
         return cheapest  # the budget does not bind, or leaves no choice
+    options = _within_reach(costs, options, _greedy(costs, sizes, options, limit))
     cuts: list[list[int]] = []
     for _ in range(_MAX_CUTS):
         choice = _solve_milp(costs, sizes, options, room, cuts)
@@ -128,14 +133,45 @@ def _undominated(c: list[float], s: list[float]) -> list[int]:
     return [j for j in range(len(c)) if not any(beats(k, j) for k in range(len(c)) if k != j)]
 
 
+def _greedy(costs, sizes, options, limit) -> list[int]:
+    """A feasible assignment, good enough to bound the optimum: every item at its smallest option,
+    then the upgrade that buys the most cost per byte while it fits, again and again."""
+    choice = [min(opts, key=lambda j, s=s, c=c: (s[j], c[j])) for opts, s, c in zip(options, sizes, costs)]
+    while True:
+        spent = _total(sizes, choice)
+        best, gain = None, 0.0
+        for i, opts in enumerate(options):
+            for j in opts:
+                saved, more = costs[i][choice[i]] - costs[i][j], sizes[i][j] - sizes[i][choice[i]]
+                if saved > 0 and fits(spent + more, limit):
+                    rate = saved / more if more > 0 else math.inf
+                    if rate > gain:
+                        best, gain = (i, j), rate
+        if best is None:
+            return choice
+        choice[best[0]] = best[1]
+
+
+def _within_reach(costs, options, feasible: list[int]) -> list[list[int]]:
+    """Options that an optimal assignment may hold: costs are ≥ 0 above each item's least, so an
+    option costing more above its item's least than the feasible assignment's whole excess can
+    never be in one. Dropping them keeps a huge cost (a layer whose outputs explode at int2) from
+    setting the MILP's scale: costs scaled by the largest, HiGHS's absolute gap of 1e-6 hid
+    every difference under 1e-6 of it, and the solver returned 12× the optimal cost."""
+    least = [min(c[j] for j in opts) for c, opts in zip(costs, options)]
+    excess = math.fsum(c[j] - m for c, j, m in zip(costs, feasible, least))
+    bound = excess * (1 + 1e-9) + 1e-300
+    return [[j for j in opts if c[j] - m <= bound or j == f] for c, opts, m, f in zip(costs, options, least, feasible)]
+
+
 def _total(rows: list[list[float]], choice: list[int]) -> float:
     return math.fsum(row[j] for row, j in zip(rows, choice))
 
 
 def _solve_milp(costs, sizes, options, room, cuts) -> list[int]:
     """One binary MILP over the remaining options, minus the assignments in `cuts`. Costs and sizes
-    are shifted by each item's minimum and scaled to O(1) (sizes by the room above the smallest
-    total), so HiGHS's absolute tolerances mean the same whatever the caller's units."""
+    are shifted by each item's minimum and scaled (costs to _COST_SCALE, sizes by the room above
+    the smallest total), so HiGHS's absolute tolerances mean the same whatever the caller's units."""
     from scipy.optimize import Bounds, LinearConstraint, milp  # scipy stays out of module import
 
     flat = [(i, j) for i, opts in enumerate(options) for j in opts]
@@ -150,7 +186,7 @@ def _solve_milp(costs, sizes, options, room, cuts) -> list[int]:
         row[[column[i, j] for i, j in enumerate(cut)]] = 1
         constraints.append(LinearConstraint(row[None], -np.inf, len(options) - 1))
     with native_stdout_silenced():
-        res = milp(c / max(c.max(), 1e-300), integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
+        res = milp(c * (_COST_SCALE / max(c.max(), 1e-300)), integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
                    constraints=constraints, options={"mip_rel_gap": 0})
     if not res.success:
         raise RuntimeError(f"the budget solver failed: {res.message}")
