@@ -301,7 +301,8 @@ class _Binder:
         tied = [t for t in targets if t.tied and shared_outside(self.graph, t, paths)]
         if tied and not isinstance(rule, A.Adapt):
             warnings.append(f"{', '.join(n for t in tied for n in t.tied)}: {TIED_NOTE}")
-        packed = [t for t in targets if not t.params]
+        # no weight of its own (a bias may stay: the estimate took it for the weight, an IndexError)
+        packed = [t for t in targets if not any(p.rpartition(".")[2] == "weight" for p in t.params)]
         peft = [t for t in packed if "base_layer" in self.graph.modules[t.path].children]
         if peft:  # a PeftModel: the selected module is PEFT's wrapper, its weight is base_layer's
             self._error(rule.selector.span, "unsupported", f"`{rule.kind}` cannot rewrite {peft[0].path}: it is a "

@@ -189,6 +189,17 @@ def test_a_linear_an_earlier_compile_quantized_is_refused_at_the_rule(rule):
     assert [r.kind for r in slimfx.compile(first, "drop blocks[0]").report.rules] == ["drop"]
 
 
+@pytest.mark.parametrize("second", ["quantize ** : Linear int8", "adapt ** : Linear lora rank=4"])
+def test_a_quantized_linear_that_kept_its_bias_is_refused_too(second):
+    """Its bias left it a parameter, so it was not seen as packed: the estimate took the bias for
+    the weight, an IndexError (Qwen2's q/k/v, OPT, GPT-2 and BERT have biases)."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    first = slimfx.compile(model, "quantize ** : Linear int4 group=32", example_inputs={"input": torch.randn(2, 64)})
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(first, second)
+    assert e.value.kind == "unsupported" and "an earlier compile quantized it" in str(e.value)
+
+
 def test_keep_only_policy_compiles_and_reports():
     loaded = tiny("llama")
     cm = slimfx.compile(loaded, "policy p {\n    keep head\n}\n")
