@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from ..runtime.progress import Progress
 
-__all__ = ["Context", "CalibrationBatches"]
+__all__ = ["Context", "CalibrationBatches", "rule_error"]
 
 
 class CalibrationBatches(list):
@@ -90,3 +90,12 @@ class Context:
     def __post_init__(self):
         if not isinstance(self.calib, CalibrationBatches):
             self.calib = CalibrationBatches(self.calib)
+
+
+def rule_error(bound, ctx: Context, kind: str, message: str, hint: str | None = None):
+    """A SpecError at a bound rule's keyword, in the policy's own text: what a pass raises for bad
+    input it finds while running (every pass's refusals read like the checker's)."""
+    from ..dsl.errors import SpecError
+
+    return SpecError.at(kind, message, line=bound.line, column=bound.rule.span.column,
+                        width=len(bound.rule.kind), hint=hint, source=ctx.source, filename=ctx.filename)

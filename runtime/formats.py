@@ -43,7 +43,7 @@ import torch
 from ..dsl.schema import DEFAULT_GROUP
 
 __all__ = [
-    "QuantFormat", "QuantizedWeight", "from_rule", "pack", "unpack", "group_params", "quantize_codes",
+    "OutOfRange", "QuantFormat", "QuantizedWeight", "from_rule", "pack", "unpack", "group_params", "quantize_codes",
     "dequantize_codes", "quantize_rtn", "dequantize", "dequantize_groups", "per_column", "error_bound", "nbytes",
     "bits_per_weight", "group_size", "n_groups", "ZEROS", "FLOAT_ZERO_MAX", "store_zeros", "zero_points",
 ]
@@ -165,11 +165,15 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
 
 # ---- scales and codes ------------------------------------------------------------------------
 
+class OutOfRange(ValueError):
+    """A weight too large for the format: fp16 storage, or a group's fp16 scale."""
+
+
 def _fp16_ceil(scale: torch.Tensor) -> torch.Tensor:
     """Round positive float32 scales up to the next fp16 value, returned as float32, so that
     dividing by the stored scale never pushes a weight past the code range."""
     if bool((scale > _FP16_MAX).any()):
-        raise ValueError(f"a weight group needs a scale above {_FP16_MAX} (fp16's largest); "
+        raise OutOfRange(f"a weight group needs a scale above {_FP16_MAX:g} (fp16's largest); "
                          "this weight is too large to quantize with fp16 scales")
     half = scale.to(torch.float16)
     low = half.float() < scale

@@ -6,12 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from ...dsl.errors import SpecError
 from ...runtime.inputs import complete_inputs
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, auto_room, graph_bytes, graph_params, room_note
 from ..calibrate import CALIB_HINT, forward_ms
-from ..context import Context
+from ..context import Context, rule_error
 from ..graph import Block, ModelGraph
 from ..block_reads import read_after, removal_problem
 from .cut import Cut, remove_run
@@ -21,11 +20,6 @@ __all__ = ["auto_count", "candidates", "remove_runs", "block_report", "current",
            "run_targets", "latency_ms", "Before", "before_rule"]
 
 PROBE_TOKENS = 256  # the report's latency: one forward of 1×256 tokens
-
-
-def rule_error(bound: BoundRule, ctx: Context, kind: str, message: str, hint: str | None = None) -> SpecError:
-    return SpecError.at(kind, message, line=bound.line, column=bound.rule.span.column,
-                        width=len(bound.rule.kind), hint=hint, source=ctx.source, filename=ctx.filename)
 
 
 def need_calibration(bound: BoundRule, ctx: Context, why: str) -> None:

@@ -21,11 +21,11 @@ from ..context import Context
 from ..graph import ModelGraph
 from ..threads import one_thread
 from .budget import BudgetInfeasible, solve_avg_bits, solve_budget
-from .encode import Candidate, decode, encode, encoded_bytes
+from .encode import Candidate, OutOfRange, decode, encode, encoded_bytes
 from .fisher import FisherUnavailable, output_fisher, weighted_error
 from .compensate import error_corrections, few_rows_note, sweep_details
 from .sequential import sequential_encode, sequential_scores
-from .targets import Item, apply, hessians_of, items_of, require_calib
+from .targets import DeadInputs, Item, apply, hessians_of, items_of, out_of_range, require_calib
 
 __all__ = ["run"]
 
@@ -44,7 +44,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Precision = bound.rule
     items = items_of(graph, bound)
     method, clip = rule.get("method"), rule.get("clip")
-    scorer = _Scorer(rule, [Candidate.of(c) for c in rule.choices],
+    scorer = _Scorer(bound, ctx, [Candidate.of(c) for c in rule.choices],
                      _fisher(graph, items, ctx, bound) if rule.metric == "fisher" else {})
     details = {"method": method, "scored_with": method + (f" clip={clip}" if clip != "none" else "")
                + (" refit" if rule.get("refit") else ""),
@@ -57,19 +57,25 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                    sensitivity=sum(costs[i][j] for i, j in enumerate(pick)),
                    weight_bytes=sum(sizes[i][j] for i, j in enumerate(pick)))
     details["achieved_avg_bits"] = 8 * details["weight_bytes"] / weights
-    return apply(graph, bound, items, chosen, details, ctx, tuple(notes))
+    return apply(graph, bound, items, chosen, details, ctx, tuple(notes) + scorer.dead.notes())
 
 
 class _Scorer:
     """Encodes a target in a candidate format with the rule's method, and scores encodings."""
 
-    def __init__(self, rule: A.Precision, cands: list[Candidate], fisher: dict[str, torch.Tensor]):
-        self.rule, self.cands, self.fisher = rule, cands, fisher
+    def __init__(self, bound: BoundRule, ctx: Context, cands: list[Candidate], fisher: dict[str, torch.Tensor]):
+        self.bound, self.ctx, self.rule, self.cands, self.fisher = bound, ctx, bound.rule, cands, fisher
+        self.dead = DeadInputs()
 
     def encode(self, it: Item, cand: Candidate, H: torch.Tensor | None):
         r = self.rule
-        return encode(it.w, cand, r.get("method"), H, r.get("damp"), r.get("act_order"), r.get("clip"),
-                      r.get("refit"))
+        if r.get("method") == "gptq":
+            self.dead.watch(it, H)
+        try:
+            return encode(it.w, cand, r.get("method"), H, r.get("damp"), r.get("act_order"), r.get("clip"),
+                          r.get("refit"))
+        except OutOfRange as e:  # the solver said "costs … must be finite numbers", naming no target
+            raise out_of_range(self.bound, self.ctx, it, cand, e) from None
 
     def __call__(self, it: Item, H: torch.Tensor) -> tuple[list[float], list[int], list]:
         """(cost, bytes, encoding) of every candidate."""

@@ -8,7 +8,7 @@ from typing import Union
 import torch
 
 from ...dsl import ast as A
-from ...runtime.formats import QuantizedWeight, dequantize, from_rule, group_size, nbytes, quantize_rtn
+from ...runtime.formats import OutOfRange, QuantizedWeight, dequantize, from_rule, group_size, nbytes, quantize_rtn
 from .clip import column_weights, rtn_params
 from .gptq import gptq
 
@@ -55,7 +55,11 @@ def encode(w: torch.Tensor, cand: Candidate, method: str = "rtn", H: torch.Tenso
     if cand.format == "keep":
         return None
     if cand.format in HALF:
-        return w.to(HALF[cand.format])
+        half = HALF[cand.format]
+        largest = float(w.abs().max()) if w.numel() else 0.0
+        if largest > torch.finfo(half).max:  # stored as inf, silently, and every output with it
+            raise OutOfRange(f"weights up to {largest:g} exceed {cand.format}'s largest, {torch.finfo(half).max:g}")
+        return w.to(half)
     fmt = from_rule(cand.format, cand.group, cand.sym, cand.zero)
     if method == "gptq":
         return gptq(w, H, fmt, damp=damp, act_order=act_order, clip=clip, refit=refit)

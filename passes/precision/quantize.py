@@ -17,9 +17,9 @@ from ..context import Context
 from ..graph import ModelGraph
 from ..threads import one_thread
 from .compensate import error_corrections, few_rows_note, sweep_details
-from .encode import Candidate, encode
+from .encode import Candidate, OutOfRange, encode
 from .sequential import sequential_encode
-from .targets import apply, hessians_of, items_of, require_calib
+from .targets import DeadInputs, apply, hessians_of, items_of, out_of_range, require_calib
 
 __all__ = ["run"]
 
@@ -34,8 +34,15 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     sequential = method == "gptq" and rule.get("sequential")
     refit = method == "gptq" and rule.get("refit")
 
+    dead = DeadInputs()
+
     def encode_one(it, H):
-        return encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip, refit)
+        if method == "gptq":
+            dead.watch(it, H)
+        try:
+            return encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip, refit)
+        except OutOfRange as e:
+            raise out_of_range(bound, ctx, it, cand, e) from None
 
     details = {"format": str(cand), "method": method, **({"clip": clip} if clip != "none" else {}),
                **({"refit": True} if refit else {})}
@@ -49,7 +56,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
         details.update(sweep_details(rule.get("true_sequential"), corrections), calib_rows=rows,
                        peak_calib_bytes=peak)
         return apply(graph, bound, items, {p: (cand, e) for p, e in encoded.items()}, details, ctx,
-                     few_rows_note(corrections, rows))
+                     few_rows_note(corrections, rows) + dead.notes())
     needs_h = method == "gptq" or clip == "output"
     hessians = hessians_of(graph, items, ctx, bound, "GPTQ" if method == "gptq" else "clip=output",
                            diagonal=method != "gptq") if needs_h else {}
@@ -61,4 +68,4 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
             step()
     if hessians:
         details["calib_rows"] = max(h.count for h in hessians.values())
-    return apply(graph, bound, items, chosen, details, ctx)
+    return apply(graph, bound, items, chosen, details, ctx, dead.notes())

@@ -12,7 +12,7 @@ from ...runtime.formats import QuantizedWeight
 from ...runtime.report import RuleReport
 from ..bind import BoundRule
 from ..calibrate import CALIB_HINT, DiagonalAccumulator, observe
-from ..context import Context
+from ..context import Context, rule_error
 from ..graph import ModelGraph, Target
 from ..rewrite import (TIED_NOTE, LinearSite, find_sites, release_unread, tied_storages, weight_name,
                        weight_still_held)
@@ -77,6 +77,37 @@ def hessians_of(graph: ModelGraph, items: list[Item], ctx: Context, bound: Bound
 # rule's other choices, never the one the user already wrote.
 INSTEAD = {"GPTQ": "use method=rtn", "clip=output": "use clip=mse (the weights' own rounding error)",
            "the budget solver": "use a `quantize` rule with one format (no budget to solve)"}
+
+
+def out_of_range(bound: BoundRule, ctx: Context, it: Item, cand, e: Exception) -> SpecError:
+    """A target the format cannot hold (a weight past fp16's range), named at the rule: it was
+    stored as inf silently, or a ValueError that named no linear."""
+    return rule_error(bound, ctx, "out-of-range", f"{it.path} cannot be stored as {cand}: {e}",
+                      f"leave it out (`keep {it.path}`, or narrow the selector), or offer a format that holds "
+                      "it (bf16, int8 per channel)")
+
+
+class DeadInputs:
+    """Inputs of a GPTQ target that no calibration token activated (a zero on H's diagonal): GPTQ
+    zeroes their weight columns, as the reference does, and the report says so (an all-zero
+    weight from calibration of zeros came with no word)."""
+
+    def __init__(self):
+        self.count: dict[str, tuple[int, int]] = {}
+
+    def watch(self, it: Item, H: torch.Tensor | None) -> None:
+        if H is not None and H.dim() == 2:
+            dead = int((H.diagonal() == 0).sum())
+            if dead:
+                self.count[it.path] = (dead, H.shape[0])
+
+    def notes(self) -> tuple[str, ...]:
+        if not self.count:
+            return ()
+        path, (dead, width) = max(self.count.items(), key=lambda kv: kv[1][0] / kv[1][1])
+        more = f" and {len(self.count) - 1} more linears" if len(self.count) > 1 else ""
+        return (f"GPTQ zeroed the weights of inputs no calibration token activated ({path}: {dead} of {width}{more}): "
+                "calibrate on more, or more varied, text if those inputs matter",)
 
 
 def require_calib(ctx: Context, bound: BoundRule, who: str) -> None:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from ...dsl.errors import SpecError
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
 from ..calibrate import forward_ms
-from ..context import Context
+from ..context import Context, rule_error
 from ..graph import ModelGraph
 from .layout import MASK_INPUT, Symbols
 from .flops import attention_lengths, block_flops
@@ -146,9 +145,6 @@ def _no_mask_hint(graph: ModelGraph) -> str:
     return f"pass `{MASK_INPUT}` among the example inputs (a tokenizer's padded batch has it)"
 
 
-def rule_error(bound: BoundRule, ctx: Context, kind: str, message: str, hint: str | None = None) -> SpecError:
-    return SpecError.at(kind, message, line=bound.line, column=bound.rule.span.column, width=len("tokens"),
-                        hint=hint, source=ctx.source, filename=ctx.filename)
 
 
 def padded_batch(ctx: Context) -> dict | None:

@@ -54,7 +54,7 @@ def test_the_solver_sees_gptq_errors(setup):
         w = modules[path].weight.detach()
         direct += output_error(w, dequantize(gptq(w, H[path], fmts[choice])), H[path])
     assert details["sensitivity"] == pytest.approx(direct, rel=1e-3)
-    rtn = _compile(lm, calib, _precision("sequential=false").replace("method=gptq", "method=rtn"))
+    rtn = _compile(lm, calib, _precision().replace("method=gptq", "method=rtn"))
     assert rtn.report.rules[0].details["scored_with"] == "rtn"
     assert rtn.report.rules[0].details["sensitivity"] > details["sensitivity"]
 

@@ -1,0 +1,40 @@
+"""A weight the chosen format cannot hold is refused at the rule, naming the linear: `fp16` of a
+bf16 weight past 65504 was stored as inf silently (every output inf); a budget offering fp16 said
+"costs … must be finite numbers"; an int4 group whose scale passes fp16's range named no linear."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import slimfx
+
+
+def _model(dtype, big):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)).to(dtype)
+    with torch.no_grad():
+        m[2].weight[0, 0] = big
+    return m, {"input": torch.randn(2, 64, dtype=dtype)}
+
+
+@pytest.mark.parametrize("dtype, big, rule, says", [
+    (torch.bfloat16, 1e5, "quantize ** : Linear fp16", "2 cannot be stored as fp16: weights up to 99840 exceed "
+                                                      "fp16's largest, 65504"),
+    (torch.bfloat16, 1e5, "precision ** : Linear choose {fp16, int8} budget avg_bits<=16 by output_mse",
+     "2 cannot be stored as fp16"),
+    (torch.float32, 1e9, "quantize ** : Linear int4 group=16", "2 cannot be stored as int4 group=16: a weight group "
+                                                             "needs a scale above 65504"),
+])
+def test_a_weight_the_format_cannot_hold_is_refused_naming_its_linear(dtype, big, rule, says):
+    model, inputs = _model(dtype, big)
+    with pytest.raises(slimfx.SpecError) as e:
+        slimfx.compile(model, rule, example_inputs=inputs, calib=[inputs] * 2)
+    assert e.value.kind == "out-of-range" and e.value.line == 1 and says in e.value.message
+    assert "keep 2" in e.value.hint
+
+
+def test_within_range_it_compiles_as_before():
+    model, inputs = _model(torch.bfloat16, 6e4)
+    cm = slimfx.compile(model, "quantize ** : Linear fp16", example_inputs=inputs)
+    assert torch.isfinite(cm(**inputs)).all()
