@@ -36,6 +36,7 @@ import torch
 from torch import fx, nn
 
 from . import cpu_kernels as K
+from .ops import check_quant_linear
 from .report import format_bytes
 from .sizes import tensor_bytes
 from .forward_parts import recompile
@@ -160,6 +161,11 @@ def _plan(gm: fx.GraphModule, node: fx.Node):
     zr = None if zeros is None else _fetch(gm, zeros.target)
     if qw.device.type != "cpu" or qw.dim() != 2:
         return None
+    # What the reference op would refuse, the kernels refuse too (an artifact whose group was
+    # edited ran under `auto`, 0.09 off, and failed under eager): a ValueError load() reports.
+    x_val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    check_quant_linear(x_val if x_val is not None else torch.empty(0, in_features, device="meta"), qw, sc, zr,
+                       bits, group, in_features)
     kernel_group = K.int4_kernel_group(bits, group, in_features, qw.shape[0])
     if kernel_group is not None:
         packed, sz = K.int4pack_weights(qw, sc, zr, bits, group, in_features, kernel_group)

@@ -24,13 +24,14 @@ import torch.nn.functional as F
 
 from .formats import QuantFormat, QuantizedWeight, dequantize, group_size
 
-__all__ = ["quant_linear", "quant_linear_reference", "apply_quant_linear", "quant_linear_args", "dequantize_op"]
+__all__ = ["quant_linear", "quant_linear_reference", "apply_quant_linear", "quant_linear_args", "dequantize_op",
+           "check_quant_linear"]
 
 _SCHEMA = ("(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
            "int bits, int group, int in_features) -> Tensor")
 
 
-def _check(x, qweight, scales, zeros, bits, group, in_features) -> None:
+def check_quant_linear(x, qweight, scales, zeros, bits, group, in_features) -> None:
     """Shape and dtype checks shared by the eager and the fake implementation."""
     if bits not in (2, 4, 8):
         raise ValueError(f"slimfx::quant_linear: bits={bits} is not one of (2, 4, 8)")
@@ -78,13 +79,13 @@ def quant_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch
                            zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int,
                            group: int, in_features: int) -> torch.Tensor:
     """Eager meaning of `slimfx::quant_linear`: dequantize, then `F.linear` in x's dtype."""
-    _check(x, qweight, scales, zeros, bits, group, in_features)
+    check_quant_linear(x, qweight, scales, zeros, bits, group, in_features)
     w = _weight(qweight, scales, zeros, bits, group, in_features).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def _fake(x, qweight, scales, zeros, bias, bits, group, in_features):
-    _check(x, qweight, scales, zeros, bits, group, in_features)
+    check_quant_linear(x, qweight, scales, zeros, bits, group, in_features)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -112,13 +113,13 @@ _DEQUANT_SCHEMA = "(Tensor qweight, Tensor scales, Tensor? zeros, int bits, int 
 def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                          bits: int, group: int, in_features: int) -> torch.Tensor:
     """Eager meaning of `slimfx::dequantize`: the packed weight as float32 [out, in]."""
-    _check(qweight.new_empty((0, in_features), dtype=torch.float32), qweight, scales, zeros, bits, group,
+    check_quant_linear(qweight.new_empty((0, in_features), dtype=torch.float32), qweight, scales, zeros, bits, group,
            in_features)
     return _weight(qweight, scales, zeros, bits, group, in_features)
 
 
 def _dequantize_fake(qweight, scales, zeros, bits, group, in_features):
-    _check(qweight.new_empty((0, in_features), dtype=torch.float32), qweight, scales, zeros, bits, group,
+    check_quant_linear(qweight.new_empty((0, in_features), dtype=torch.float32), qweight, scales, zeros, bits, group,
            in_features)
     return qweight.new_empty((qweight.shape[0], in_features), dtype=torch.float32)
 

@@ -3,12 +3,17 @@ uint8 buffers (the route DESIGN.md describes) comes back bit-identical, and the 
 fp32 weight is neither in the module nor in the artifact."""
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
-from runtime_tiny import assert_identical, compiled, other_inputs
+import slimfx
+from runtime_tiny import assert_identical, compiled, other_inputs, rehash
 from slimfx.passes.capture import capture
-from slimfx.runtime.artifact import load
+from slimfx.runtime.artifact import ArtifactError, load
 from slimfx.runtime.compiled import CompiledModel
 from slimfx.runtime.formats import QuantFormat, quantize_rtn
 from slimfx.runtime.ops import quant_linear_args
@@ -56,3 +61,20 @@ def test_quant_linear_round_trip(tmp_path):
     for x in (case.loaded.example_inputs, other_inputs(case.loaded)):
         assert_identical(back(**x), cm(**x), "int4 llama")
     assert back.weight_bytes() == cm.weight_bytes()
+
+
+def test_a_quant_linear_whose_arguments_the_reference_refuses_is_refused_by_the_kernels_too(tmp_path):
+    """An artifact whose group was edited (32 → 64) failed under eager and ran under `auto`, 0.09
+    off: the CPU kernels' conversion did not check what the reference op checks."""
+    model = nn.Sequential(nn.Linear(64, 32))
+    slimfx.compile(model, "quantize ** : Linear int4 group=32", example_inputs={"input": torch.randn(2, 64)},
+                   ).save(tmp_path / "a")
+    doc = json.loads((tmp_path / "a" / "program.json").read_text())
+    node = next(n for n in doc["nodes"] if n["op"] == "call_function" and "quant_linear" in n["target"])
+    assert node["args"][6] == 32
+    node["args"][6] = 64
+    (tmp_path / "a" / "program.json").write_text(json.dumps(doc))
+    rehash(tmp_path / "a")
+    for backend in ("auto", "eager"):
+        with pytest.raises((ArtifactError, ValueError), match=r"scales is \(32, 2\), expected \(32, 1\)"):
+            slimfx.load(tmp_path / "a", backend=backend)(torch.randn(2, 64))
