@@ -51,10 +51,30 @@ def removal_problem(blocks: list[Block]) -> tuple[str, str] | None:
                         "removing it would take that step away from the blocks after it",
                         f"remove {owner.path} in a rule above the `tokens` rule (blocks are renumbered after it), "
                         "or remove other blocks")
+            if _returned(leak):  # output_attentions=True: every block's attention map is an output
+                return (f"{owner.path} computes a value the model returns ({leak.name}: a per-block output such "
+                        "as output_attentions=True gives): removing the block would take that output away",
+                        "compile with example inputs that leave per-block outputs off (output_attentions=False)")
             return (f"{owner.path} computes a value the blocks after it read ({leak.name}, e.g. T5's position "
                     "bias, made in the first block only): removing it would leave them without it",
                     f"remove other blocks; an auto search never picks {owner.path}")
     return None
+
+
+def _returned(value: fx.Node) -> bool:
+    """Is `value` one of the graph's outputs, directly or through ops that only reshape it?"""
+    seen, todo = set(), [value]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if user.op == "output":
+                return True
+            if user.op == "call_function" and len(user.all_input_nodes) == 1:
+                todo.append(user)
+    return False
 
 
 def merge_problem(graph, keep: Block, merged: list[Block]) -> tuple[str, str] | None:

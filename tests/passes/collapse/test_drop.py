@@ -229,3 +229,14 @@ def test_the_report_gives_bytes_and_the_latency_of_a_1x256_forward(lm8):
     before_ms, after_ms = rule.details["latency_ms"]
     assert rule.details["latency_tokens"] == 256
     assert before_ms > 0 and after_ms > 0 and "CPU latency of a 1×256 forward" in " ".join(rule.notes)
+
+
+def test_a_block_whose_attention_map_the_model_returns_says_so():
+    """With output_attentions=True every block's map is an output: the refusal spoke of "e.g. T5's
+    position bias" and hinted at other blocks, none of which can go either."""
+    from slimfx.models import tiny
+    lm = tiny("llama", layers=3, attn_implementation="eager")
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(lm.model, "drop blocks[1]", example_inputs=dict(lm.example_inputs, output_attentions=True))
+    assert "model.layers.1 computes a value the model returns" in e.value.message
+    assert "output_attentions=False" in e.value.hint
