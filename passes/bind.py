@@ -83,7 +83,8 @@ def rebind(graph: ModelGraph, plan: Plan, start: int, *, source: str = "", filen
     auto collapse/drop chose its blocks); `keep` protects the same modules as before."""
     binder = _Binder(graph, source, filename)
     bound = binder.bind_all(plan.policy.rules[start:], protected=set(plan.protected))
-    return replace(plan, rules=plan.rules[:start] + bound)
+    # and what the `keep` rules bound now protect, for the rebinding after a later auto rule
+    return replace(plan, rules=plan.rules[:start] + bound, protected=frozenset(binder.protected))
 
 
 class _Binder:
@@ -204,6 +205,9 @@ class _Binder:
         if isinstance(rule, A.Collapse) and rule.auto is None and 0 < len(blocks) < 2:
             self._error(rule.selector.span, "invalid-combination", "an explicit `collapse` needs at least "
                         "two blocks to merge", "e.g. `collapse blocks[24:28]`, or `collapse blocks auto(...)`")
+        unmergeable = self._not_full_precision(blocks) if isinstance(rule, A.Collapse) else None
+        if unmergeable is not None:  # first: it also makes the blocks unlike each other
+            self._error(rule.selector.span, "illegal-order", *unmergeable)
         elif isinstance(rule, A.Collapse) and rule.auto is None and blocks:
             # The same check the collapse pass makes at compile, so that `plan` refuses what compile would.
             problem = collapse_range_problem(blocks)
@@ -211,8 +215,6 @@ class _Binder:
                 self._error(rule.selector.span, "selector", *problem)
             elif (unlike := merge_problem(self.graph, blocks[0], list(blocks[1:]))) is not None:
                 self._error(rule.selector.span, "unsupported", *unlike)
-        if isinstance(rule, A.Collapse) and (unmergeable := self._not_full_precision(blocks)) is not None:
-            self._error(rule.selector.span, "illegal-order", *unmergeable)
         removed = blocks[1:] if isinstance(rule, A.Collapse) else blocks  # LaCo merges into the first
         problem = removal_problem(list(removed)) if rule.auto is None and removed else None
         if problem is not None:
@@ -241,7 +243,12 @@ class _Binder:
         fp16 scales were summed beside codes left as they were (0.69 off), and adapters' A and B
         each on their own (B·A is not their sum): refused, as the same order in one policy is."""
         for t in (t for b in blocks for t in _targets_of(b, self.graph) if t.kind == "linear"):
-            names = {p.name.rpartition(".")[2] for p in self.graph.modules[t.path].params}
+            info = self.graph.modules[t.path]
+            names = {p.name.rpartition(".")[2] for p in info.params}
+            if "base_layer" in info.children:
+                return (f"`collapse` merges full-precision weights without adapters, and {t.path} is a PEFT "
+                        "adapter layer", "merge the adapters into the model first "
+                        "(`peft_model.merge_and_unload()`), or remove blocks with `drop`")
             why = ("an earlier compile quantized it" if "weight" not in names else
                    "an adapter from an earlier compile sits on it" if "lora_A" in names else None)
             if why is not None:

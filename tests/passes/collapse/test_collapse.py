@@ -128,3 +128,21 @@ def test_a_collapse_over_an_earlier_compiles_adapters_or_quantized_weights_is_re
             run(earlier, "collapse blocks[0:2]")
         assert e.value.kind == "illegal-order" and why in e.value.message
     assert slimfx.compile(earlier, "drop blocks[1]").report.rules[0].targets == ("model.layers.1",)
+
+
+@pytest.mark.parametrize("first", ["quantize blocks[1].mlp.down int8", "adapt blocks[1].attn.q lora rank=2"])
+def test_a_collapse_over_one_block_an_earlier_compile_changed_names_that_first(first):
+    """The blocks then differ too, and "not built alike … a first block that differs" came first."""
+    earlier = slimfx.compile(tiny("llama", layers=3), first)
+    with pytest.raises(slimfx.SpecError) as e:
+        slimfx.plan(earlier, "collapse blocks[0:2]")
+    assert e.value.kind == "illegal-order" and "model.layers.1." in e.value.message
+
+
+def test_a_collapse_on_a_peft_model_says_to_merge_its_adapters():
+    peft = pytest.importorskip("peft")
+    lm = tiny("llama", layers=3)
+    model = peft.get_peft_model(lm.model, peft.LoraConfig(r=4, target_modules=["q_proj"])).eval()
+    with pytest.raises(slimfx.SpecError) as e:
+        slimfx.plan(model, "collapse blocks[0:2]", example_inputs=lm.example_inputs)
+    assert "is a PEFT adapter layer" in e.value.message and "merge_and_unload()" in e.value.hint

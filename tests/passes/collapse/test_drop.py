@@ -181,6 +181,18 @@ def test_a_keep_after_an_auto_drop_protects_the_block_it_names_after_the_search_
         assert quantize.targets == tuple(f"{p}.mlp.down_proj" for p in rest if p != rest[k])
 
 
+def test_a_keep_between_two_auto_drops_still_protects_after_the_second():
+    """The rebinding after the second search used the plan's keeps of before the first one: the
+    keep between them protected nothing from the rules after the second."""
+    from slimfx.models import tiny
+    lm = tiny("llama", layers=6, seed=5, attn_implementation="eager")
+    cm = slimfx.compile(lm, "drop blocks auto(count=1)\nkeep blocks[0].mlp.down\ndrop blocks auto(count=1)\n"
+                            "quantize blocks.*.mlp.down int8", calib=[lm.example_inputs])
+    kept = cm.report.rules[1].targets
+    assert kept == ("model.layers.0.mlp.down_proj",) and kept[0] not in cm.report.rules[3].targets
+    assert len(cm.report.rules[3].targets) == 3
+
+
 @pytest.mark.parametrize("auto", ["count=2", "ratio=0.25"])
 def test_plan_binds_rules_after_an_auto_drop_to_that_many_fewer_blocks(lm8, auto):
     """`plan` bound them to all 8 blocks: `blocks[6]` was "ready", and compile refused it."""
