@@ -75,6 +75,17 @@ def test_a_huge_cost_beside_small_ones_does_not_hide_them():
     assert solve_avg_bits(costs, [4096] * 3, [8.25, 4.5, 2.5], 5.0) == [1, 1, 1]
 
 
+def test_an_item_left_only_its_large_option_does_not_crowd_the_others_out_of_the_room():
+    """Pruning fixed the huge item at its large option; sizes were still scaled by the room before
+    it, and HiGHS's slack kept returning assignments a byte over the limit (RuntimeError)."""
+    costs = [[1e12, 0], [2000, 0], [.836, .028], [.767, .607], [.722, .445], [.591, .102], [.031, .025]]
+    sizes = [[1, 1e9 + 1], [1, 2], [0, 2], [0, 3], [0, 1], [0, 2], [0, 3]]
+    limit = 1e9 + 3
+    choice = solve_budget(costs, sizes, limit)
+    cost, size = _totals(costs, sizes, choice)
+    assert fits(size, limit) and cost == pytest.approx(_brute_force(costs, sizes, limit), abs=1e-12)
+
+
 def test_the_budget_binds_on_the_cheapest_tradeoff():
     costs = [[0.0, 1.0, 9.0], [0.0, 5.0, 6.0], [0.0, 0.5, 50.0]]
     sizes = [[8.0, 4.0, 2.0]] * 3
