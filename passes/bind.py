@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
-from .block_reads import merge_problem, removal_problem
+from .block_reads import removal_problem
+from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
 from ..runtime.peft_format import adapter_directory
 from .blocks_view import without_blocks
 from .causal import merge_refusal
@@ -25,8 +26,7 @@ from .graph import Block, ModelGraph, Target
 from .rewrite import TIED_NOTE, shared_outside
 from .select import resolve
 
-__all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params", "collapse_range_problem", "auto_room",
-           "room_note"]
+__all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params"]
 
 _LINEAR_RULES = (A.Adapt, A.Quantize, A.Precision)
 _BLOCK_RULES = (A.Collapse, A.Drop)
@@ -205,7 +205,7 @@ class _Binder:
         if isinstance(rule, A.Collapse) and rule.auto is None and 0 < len(blocks) < 2:
             self._error(rule.selector.span, "invalid-combination", "an explicit `collapse` needs at least "
                         "two blocks to merge", "e.g. `collapse blocks[24:28]`, or `collapse blocks auto(...)`")
-        unmergeable = self._not_full_precision(blocks) if isinstance(rule, A.Collapse) else None
+        unmergeable = full_precision_problem(self.graph, blocks) if isinstance(rule, A.Collapse) else None
         if unmergeable is not None:  # first: it also makes the blocks unlike each other
             self._error(rule.selector.span, "illegal-order", *unmergeable)
         elif isinstance(rule, A.Collapse) and rule.auto is None and blocks:
@@ -238,35 +238,10 @@ class _Binder:
         return BoundRule(rule, blocks=blocks, protected=kept, estimate=estimate(rule, (), blocks, self.graph),
                          warnings=warnings)
 
-    def _not_full_precision(self, blocks) -> tuple[str, str] | None:
-        """A LaCo merge adds weights up; over a CompiledModel compiled again, a quantized linear's
-        fp16 scales were summed beside codes left as they were (0.69 off), and adapters' A and B
-        each on their own (B·A is not their sum): refused, as the same order in one policy is."""
-        for t in (t for b in blocks for t in _targets_of(b, self.graph) if t.kind == "linear"):
-            info = self.graph.modules[t.path]
-            names = {p.name.rpartition(".")[2] for p in info.params}
-            if "base_layer" in info.children:
-                return (f"`collapse` merges full-precision weights without adapters, and {t.path} is a PEFT "
-                        "adapter layer", "merge the adapters into the model first "
-                        "(`peft_model.merge_and_unload()`), or remove blocks with `drop`")
-            why = ("an earlier compile quantized it" if "weight" not in names else
-                   "an adapter from an earlier compile sits on it" if "lora_A" in names else None)
-            if why is not None:
-                return (f"`collapse` merges full-precision weights without adapters, and {t.path}: {why}",
-                        "collapse the model before quantizing it or adding adapters (merge them first: "
-                        "cm.merge_adapters()), or remove blocks with `drop`")
-        return None
-
     def _check_auto_count(self, rule, candidates: int, n: int) -> None:
-        auto = rule.auto
-        count = auto.get("count") or round(auto.get("ratio") * n)
-        if count < 1:
-            self._error(auto.span, "out-of-range", f"ratio={auto.get('ratio')} of {n} blocks removes none",
-                        "raise the ratio, or write count=1")
-        elif count > (room := auto_room(rule, candidates, n)):
-            self._error(auto.span, "out-of-range", f"`{rule.kind} … auto` asks for {count} blocks, and only "
-                        f"{room} of the model's {n} blocks may go{room_note(rule)}",
-                        "lower count/ratio, or widen the selector or the `keep`")
+        problem = auto_count(rule, candidates, n)[1]
+        if problem is not None:
+            self._error(rule.auto.span, "out-of-range", *problem)
 
     def _bind_tokens(self, rule: A.Tokens, found) -> BoundRule:
         blocks = tuple(f for f in found if isinstance(f, Block))
@@ -431,27 +406,6 @@ def _paths_of(found: Target | Block, graph: ModelGraph) -> set[str]:
 def _param_span(rule: A.Rule, name: str) -> A.Span:
     """Where the rule writes `name=…` (the caret goes there), or the rule when it is a default."""
     return next((p.span for p in rule.params if p.name == name), rule.span)
-
-
-def auto_room(rule: A.Rule, candidates: int, n_blocks: int) -> int:
-    """How many blocks an auto rule may remove: one block always stays, and a LaCo merge keeps one
-    of the selected blocks to merge into (`count=N` on N blocks searched nothing, silently)."""
-    return max(0, min(candidates - isinstance(rule, A.Collapse), n_blocks - 1))
-
-
-def room_note(rule: A.Rule) -> str:
-    return " (LaCo keeps one selected block to merge the others into)" if isinstance(rule, A.Collapse) else ""
-
-
-def collapse_range_problem(blocks) -> tuple[str, str] | None:
-    """(message, hint) when an explicit `collapse`'s blocks are not one contiguous range (LaCo merges
-    a run into its first block), else None. Shared by bind (`plan`) and the collapse pass (compile)."""
-    indices = sorted(b.index for b in blocks)
-    ranges = (1 if indices else 0) + sum(b != a + 1 for a, b in zip(indices, indices[1:]))
-    if ranges == 1:
-        return None
-    return (f"`collapse` merges one contiguous range of blocks, and the selector gives {ranges} ranges",
-            "write one range, e.g. `collapse blocks[20:24]`")
 
 
 def graph_bytes(graph: ModelGraph) -> int:

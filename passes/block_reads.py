@@ -9,7 +9,7 @@ from torch import fx
 
 from .graph import Block
 
-__all__ = ["read_after", "stream_between", "removal_problem", "runs_of", "merge_problem"]
+__all__ = ["read_after", "stream_between", "removal_problem", "runs_of"]
 
 
 def stream_between(run: list[Block]) -> set[fx.Node]:
@@ -75,38 +75,6 @@ def _returned(value: fx.Node) -> bool:
             if user.op == "call_function" and len(user.all_input_nodes) == 1:
                 todo.append(user)
     return False
-
-
-def merge_problem(graph, keep: Block, merged: list[Block]) -> tuple[str, str] | None:
-    """(message, hint) when LaCo cannot merge `merged` into `keep`: their float parameters differ in
-    name or shape (T5's first block alone holds the position table; ModernBERT's first layer has
-    no attention norm, so merging into it dropped the next layer's silently); else None."""
-    own = _float_params(graph, keep)
-    for b in merged:
-        other = _float_params(graph, b)
-        if other == own:
-            continue
-        name = next(n for n in sorted(own.keys() | other.keys()) if own.get(n) != other.get(n))
-        if name not in other:
-            why = f"{keep.path}{name} has no counterpart in {b.path}"
-        elif name not in own:
-            why = f"{b.path}{name} has no counterpart in {keep.path}"
-        else:
-            why = f"{keep.path}{name} is {list(own[name])} and {b.path}{name} {list(other[name])}"
-        return (f"`collapse` merges blocks built alike, and {why}",
-                "collapse a range of blocks of one form (a model whose first block differs: start after it)")
-    return None
-
-
-def _float_params(graph, block: Block) -> dict[str, tuple[int, ...]]:
-    """A block's floating-point parameters by their name relative to it ('.mlp.up_proj.weight')."""
-    out = {}
-    for path, info in graph.modules.items():
-        if path == block.path or path.startswith(block.path + "."):
-            for p in info.params:
-                if not p.is_buffer and p.dtype.startswith(("float", "bfloat")):
-                    out[p.name[len(block.path):]] = tuple(p.shape)
-    return out
 
 
 # The ops a `tokens after` rule puts at the end of its block (runtime/token_ops.py).

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from ...runtime.inputs import complete_inputs
 from ...runtime.report import RuleReport
-from ..bind import BoundRule, auto_room, graph_bytes, graph_params, room_note
+from ..bind import BoundRule, graph_bytes, graph_params
+from ..block_rules import auto_count as rules_auto_count
 from ..calibrate import CALIB_HINT, forward_ms
 from ..context import Context, rule_error
 from ..graph import Block, ModelGraph
@@ -41,17 +42,11 @@ def candidates(graph: ModelGraph, bound: BoundRule) -> list[int]:
 
 
 def auto_count(bound: BoundRule, ctx: Context, n_candidates: int, n_blocks: int) -> int:
-    """Blocks to remove: `count`, else round(ratio × the model's blocks); refused when the
-    candidates cannot give that many (one block always stays)."""
-    auto = bound.rule.auto
-    count = auto.get("count") or round(auto.get("ratio") * n_blocks)
-    if count < 1:
-        raise rule_error(bound, ctx, "out-of-range", f"ratio={auto.get('ratio')} of {n_blocks} blocks "
-                         "removes none", "raise the ratio, or write count=1")
-    if count > (room := auto_room(bound.rule, n_candidates, n_blocks)):
-        raise rule_error(bound, ctx, "out-of-range", f"`{bound.rule.kind}` asks for {count} blocks, and only "
-                         f"{room} of the model's {n_blocks} may go{room_note(bound.rule)}",
-                         "lower count/ratio, or widen the selector or the `keep`")
+    """Blocks to remove (block_rules.auto_count), refused at the rule when the candidates cannot
+    give that many: bind checks it too, on the model as `plan` sees it."""
+    count, problem = rules_auto_count(bound.rule, n_candidates, n_blocks)
+    if problem is not None:
+        raise rule_error(bound, ctx, "out-of-range", *problem)
     return count
 
 

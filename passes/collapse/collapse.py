@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from ...dsl import ast as A
 from ...runtime.report import RuleReport
-from ..bind import BoundRule, collapse_range_problem
-from ..block_reads import merge_problem
+from ..bind import BoundRule
+from ..block_rules import collapse_range_problem, merge_problem
 from ..context import Context
 from ..graph import ModelGraph
 from .apply import (Before, auto_count, before_rule, block_report, candidates, current, need_calibration,

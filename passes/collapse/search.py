@@ -12,7 +12,7 @@ import torch
 from ...runtime.progress import Progress
 from ..graph import ModelGraph
 from ..lent import put_tensor
-from ..block_reads import merge_problem
+from ..block_rules import merge_problem
 from .cut import laco_merge
 from .streams import StreamSums, angular, final_similarity
 
