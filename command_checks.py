@@ -51,10 +51,10 @@ def check_folder(option: str, path: str) -> None:
     """A directory `option` is to write: not a file, under directories only, in a writable place."""
     from pathlib import Path
 
-    from .runtime.artifact_files import nearest_existing
+    from .runtime.artifact_files import nearest_existing, not_a_directory
 
-    if Path(path).is_file():
-        raise UsageError(f"{option} {path} is a file; pass a directory path")
+    if (problem := not_a_directory(Path(path))) is not None:
+        raise UsageError(f"{option} {path}: {problem}")
     _resolved(option, path)
     above = nearest_existing(Path(path))
     if not above.is_dir():

@@ -64,8 +64,6 @@ def check_target(target: Path) -> None:
     problem = unplaceable(target)
     if problem:
         raise ArtifactError(f"cannot save to {target}: {problem}")
-    if target.is_file():
-        raise ArtifactError(f"cannot save to {target}: it is a file; pass a directory path")
     above = nearest_existing(target)
     if not above.is_dir():  # mkdir would fail at the end of a compile, and the compile be lost
         raise ArtifactError(f"cannot save to {target}: {above} is a file, not a directory; choose another path")

@@ -90,10 +90,23 @@ def foreign_entries(target: Path, own: tuple[str, ...]) -> list[str]:
     return sorted(e.name + ("/" if e.is_dir() else "") for e in target.iterdir() if e.name not in own)
 
 
+def not_a_directory(target: Path) -> str | None:
+    """Why an existing `target` is no directory to write into, or None. A device, pipe or socket
+    was taken for a directory to replace: `--out /dev/null` as root swapped the device for an
+    artifact, and a named pipe hung the save for ever."""
+    if not target.exists() or target.is_dir():
+        return None
+    if target.is_file():
+        return "it is a file; pass a directory path"
+    return "it is not a directory (a device, pipe or socket); pass a directory path"
+
+
 def unplaceable(target: Path) -> str | None:
-    """Why write_atomic cannot replace `target`, or None: a symbolic link to nothing, or the
-    current directory or one above it (the process and the user's shell would be left in a
-    deleted directory)."""
+    """Why write_atomic cannot replace `target`, or None: something that is not a directory, a
+    symbolic link to nothing, or the current directory or one above it (the process and the
+    user's shell would be left in a deleted directory)."""
+    if (problem := not_a_directory(target)) is not None:
+        return problem
     if target.is_symlink() and not target.exists():
         return (f"it is a symbolic link to {os.readlink(target)}, which does not exist; create that directory, "
                 "or choose another path")

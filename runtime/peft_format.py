@@ -166,8 +166,6 @@ def _check_target(target: Path) -> None:
     problem = unplaceable(target)
     if problem:
         raise PeftFormatError(f"cannot save adapters to {target}: {problem}")
-    if target.is_file():
-        raise PeftFormatError(f"cannot save adapters to {target}: it is a file; pass a directory path")
     if target.is_dir() and any(target.iterdir()) and not (target / CONFIG).is_file():
         raise PeftFormatError(f"refusing to replace {target}: it is a non-empty directory without an "
                               f"{CONFIG} (not a PEFT adapter); choose a new path or empty it first")

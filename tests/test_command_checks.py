@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from argparse import Namespace
 
+import os
+
 import pytest
 
 from slimfx.command_checks import (UsageError, check_apart, check_folder, check_listing_folder, check_out,
@@ -20,11 +22,18 @@ def test_out_and_the_listing_must_not_overlap(tmp_path):
 
 def test_a_folder_option_needs_directories_on_its_way(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(UsageError, match=r"--emit-kernels .*/f is a file; pass a directory path"):
+    with pytest.raises(UsageError, match=r"--emit-kernels .*/f: it is a file; pass a directory path"):
         check_folder("--emit-kernels", str(tmp_path / "f"))
     with pytest.raises(UsageError, match=r"cannot write --emit-kernels .*/f/k: .*/f is a file, not a directory"):
         check_folder("--emit-kernels", str(tmp_path / "f" / "k"))
     check_folder("--emit-kernels", str(tmp_path / "new" / "k"))  # made when written
+
+
+def test_a_pipe_is_no_folder_to_write(tmp_path):
+    """It was taken for a directory: the kernels' folder swapped in for it."""
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(UsageError, match=r"--emit-kernels .*/pipe: it is not a directory \(a device, pipe or socket\)"):
+        check_folder("--emit-kernels", str(tmp_path / "pipe"))
 
 
 def test_a_listing_folder_is_new_empty_or_a_listing(tmp_path):

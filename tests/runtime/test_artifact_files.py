@@ -5,7 +5,9 @@ names the user's line."""
 from __future__ import annotations
 
 import errno
+import os
 import re
+import socket
 import warnings
 
 import pytest
@@ -14,7 +16,9 @@ import torch
 import slimfx
 import slimfx.runtime.artifact_files as files
 from runtime_tiny import compiled
+from slimfx.models import tiny
 from slimfx.runtime.artifact import ArtifactError
+from slimfx.runtime.peft_format import PeftFormatError
 
 
 def test_nearest_existing_is_the_directory_a_mkdir_starts_in_or_the_file_in_the_way(tmp_path):
@@ -72,3 +76,15 @@ def test_the_old_artifact_warning_names_the_users_line(tmp_path, monkeypatch):
         left = [w for w in caught if re.search(rf"the previous {target.name} is left at .*/\.{target.name}\.old-.*"
                                                "delete it yourself", str(w.message))]
         assert left and left[0].filename == __file__, [(w.filename, str(w.message)) for w in caught]
+
+
+@pytest.mark.parametrize("save", ["artifact", "adapters"])
+def test_a_pipe_or_device_is_refused_as_a_place_to_save(tmp_path, save):
+    """`slimfx compile --out /dev/null` as root replaced the device with an artifact; a named pipe
+    hung the save for ever (the old entry is opened to be deleted)."""
+    cm = slimfx.compile(tiny("llama"), "adapt blocks.*.attn.q lora rank=2")
+    with socket.socket(socket.AF_UNIX) as sock:  # a socket file: the old code replaced it, without hanging
+        sock.bind(str(tmp_path / "sock"))
+        with pytest.raises((ArtifactError, PeftFormatError), match="it is not a directory .a device, pipe or socket."):
+            (cm.save if save == "artifact" else cm.save_adapters)(tmp_path / "sock")
+    assert (tmp_path / "sock").is_socket()
