@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["UsageError", "check_out", "check_apart", "check_listing_folder", "check_same_model",
+__all__ = ["UsageError", "check_out", "check_apart", "check_listing_folder", "check_not_nested", "check_same_model",
            "check_text_inputs", "check_train_args"]
 
 
@@ -32,6 +32,17 @@ def check_apart(out: str, listing: str) -> None:
     if a == b or a in b.parents or b in a.parents:
         raise UsageError(f"--out {out} and --emit-kernels {listing} overlap; write them to separate folders, "
                          f"e.g. --emit-kernels {out.rstrip('/')}-kernels (beside --out)")
+
+
+def check_not_nested(out: str, compiled: str) -> None:
+    """train's --out inside --compiled (or around it): an artifact inside another, which that one's
+    next save then refused ("besides an artifact's files it holds trained/"). The same folder is
+    fine: the artifact is trained in place."""
+    a, b = _resolved("--out", out), _resolved("--compiled", compiled)
+    if a != b and (a in b.parents or b in a.parents):
+        where = "inside" if b in a.parents else "around"
+        raise UsageError(f"--out {out} is {where} --compiled {compiled}: one artifact would hold the other; "
+                         f"write it beside it, e.g. --out {compiled.rstrip('/')}-trained (the default)")
 
 
 def check_listing_folder(path: str) -> None:

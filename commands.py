@@ -6,8 +6,8 @@ import errno
 import os
 import sys
 
-from .command_checks import (UsageError, check_apart, check_listing_folder, check_out, check_same_model,
-                             check_text_inputs, check_train_args)
+from .command_checks import (UsageError, check_apart, check_listing_folder, check_not_nested, check_out,
+                             check_same_model, check_text_inputs, check_train_args)
 from .dsl.errors import SpecError
 
 __all__ = ["add_model_commands"]
@@ -245,6 +245,7 @@ def _train(args) -> int:
     check_train_args(args)
     out = args.out or _trained_beside(args.compiled)
     check_out(out)  # before loading and training, not after
+    check_not_nested(out, args.compiled)
     cm = api.load(args.compiled)
     if not cm.adapter_parameters():
         merged = [r for r in cm.report.rules if r.details.get("merged")]
@@ -266,6 +267,9 @@ def _train(args) -> int:
                          f"{loaded.kind}); use --loss distill (match the original model's outputs)")
     if loss == "lm" and args.seq < 2:
         raise UsageError(f"--seq {args.seq} leaves no next token to predict: the lm loss needs --seq 2 or more")
+    if loaded.tokenizer is None:  # before the inputs' check, whose advice is for text models
+        raise UsageError(f"{args.model} has no tokenizer; `slimfx train` trains on text: train it from Python, "
+                         "slimfx.train(cm, batches) with batches of the model's own inputs")
     check_text_inputs(cm, args, "train")
     batches = [{k: v for k, v in b.items() if k in cm.input_names}  # a graph captured from bare ids takes no mask
                for b in _training_batches(loaded, args.batch, args.seq, args.steps)]
@@ -313,13 +317,12 @@ def _training_batches(loaded, batch: int, seq: int, steps: int) -> list[dict]:
     from .evaluation import calibration_texts, context_length
     from .more_text import more_texts
 
-    if loaded.tokenizer is None:
-        raise UsageError(f"{loaded.name} has no tokenizer; `slimfx train` trains on text "
-                         "(use slimfx.train() from Python with your own batches)")
     limit = context_length(loaded.model)
     if limit is not None and seq > limit:  # an index error deep in the position embedding otherwise
         raise UsageError(f"--seq {seq} is longer than {loaded.name} takes ({limit} positions); "
                          f"use --seq {limit} or less")
+    if loaded.kind != "causal-lm":
+        return _encoder_batches(loaded, batch, seq, steps)
     size = batch * seq
     ids = _token_ids(loaded, calibration_texts())
     if ids.numel() < size * steps:
@@ -330,6 +333,22 @@ def _training_batches(loaded, batch: int, seq: int, steps: int) -> list[dict]:
     count = min(steps, ids.numel() // size)
     rows = ids[:count * size].reshape(count, batch, seq)
     return [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows]
+
+
+def _encoder_batches(loaded, batch: int, seq: int, steps: int) -> list[dict]:
+    """An encoder's batches: rows of at most `seq` tokens, each with its tokenizer's special tokens
+    ([CLS] … [SEP]), as it is used and as compile calibrates it (the text packed into rows, as for
+    a causal LM, gave one [CLS] in all and no [SEP])."""
+    from .evaluation import calibration_texts
+    from .more_text import more_texts
+
+    rows = loaded.encode(calibration_texts(), max_length=seq, overflow=True)
+    if len(rows["input_ids"]) < batch * steps:
+        rows = loaded.encode([*calibration_texts(), *more_texts()], max_length=seq, overflow=True)
+    count = min(steps, len(rows["input_ids"]) // batch)
+    if count == 0:
+        raise UsageError(f"--batch {batch} needs {batch} rows of calibration text; it makes {len(rows['input_ids'])}")
+    return [{k: v[i * batch:(i + 1) * batch] for k, v in rows.items()} for i in range(count)]
 
 
 def _token_ids(loaded, texts: list[str]):
@@ -352,15 +371,17 @@ def _eval(args) -> int:
 
     if args.max_tokens is not None and args.max_tokens < 2:  # the first token has nothing to be predicted from
         raise UsageError(f"--max-tokens must be at least 2, got {args.max_tokens}")
-    loaded = _load_model(args.model)
-    max_tokens = _eval_tokens(loaded, args.max_tokens)
     compiled = None
-    if args.compiled:
+    if args.compiled:  # a missing or broken artifact is said before the model loads (seconds for SmolLM2)
         from . import api
 
         compiled = api.load(args.compiled)
+    loaded = _load_model(args.model)
+    max_tokens = _eval_tokens(loaded, args.max_tokens)
+    if compiled is not None:
         check_same_model(compiled, loaded, args)
-        check_text_inputs(compiled, args, "eval")
+        if loaded.tokenizer is not None:  # a vision model is compared on its own example inputs
+            check_text_inputs(compiled, args, "eval")
     _console().print(eval_table(loaded, compiled, max_tokens=max_tokens))
     return 0
 
@@ -382,6 +403,6 @@ def _eval_tokens(loaded, asked: int | None) -> int:
     available = _token_ids(loaded, [eval_text()]).numel()
     wanted = EVAL_TOKENS if asked is None else asked
     if wanted > available:
-        print(f"note: the eval text is {available:,} tokens of {loaded.name}; all of them are scored "
+        print(f"note: the eval text is {available:,} tokens of {loaded.name}; the perplexity reads all of them "
               f"(--max-tokens {wanted:,} asked for more)", file=sys.stderr)
     return min(wanted, available)

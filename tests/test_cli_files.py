@@ -182,7 +182,7 @@ def test_eval_says_when_max_tokens_is_more_than_the_text_or_unused(capsys):
     """--max-tokens was capped to the text's length, and ignored on encoders, without a word."""
     assert main(["eval", "--model", "tiny:llama", "--max-tokens", "10000000"]) == 0
     err = capsys.readouterr().err
-    assert "note: the eval text is" in err and "all of them are scored (--max-tokens 10,000,000 asked" in err
+    assert "note: the eval text is" in err and "the perplexity reads all of them (--max-tokens 10,000,000 asked" in err
     assert main(["eval", "--model", "tiny:llama", "--max-tokens", "64"]) == 0
     assert "note:" not in capsys.readouterr().err
     assert main(["eval", "--model", "tiny:bert", "--max-tokens", "64"]) == 0

@@ -194,3 +194,33 @@ def test_distilling_adapters_on_an_unchanged_encoder_is_refused_as_a_message(tmp
     err = capsys.readouterr().err
     assert "computes what tiny:bert does (distill loss 0 on the first batch)" in err and "Traceback" not in err
     assert "slimfx bug" not in err and not (tmp_path / "o").exists()
+
+
+def test_an_encoders_training_rows_each_have_its_special_tokens():
+    """They were cut from one token stream, as a causal LM's are: one [CLS] in all, no [SEP], rows
+    the encoder never sees in use (compile's calibration rows have them)."""
+    from slimfx.commands import _training_batches
+    from slimfx.models import load
+
+    lm = load("minilm-l6")
+    cls, sep = lm.tokenizer.cls_token_id, lm.tokenizer.sep_token_id
+    batches = _training_batches(lm, 4, 32, 3)
+    assert len(batches) == 3 and all(b["input_ids"].shape == (4, 32) for b in batches)
+    for b in batches:
+        for row, mask in zip(b["input_ids"], b["attention_mask"]):
+            real = row[mask.bool()]
+            assert real[0] == cls and real[-1] == sep
+
+
+def test_a_vision_artifact_is_evaluated_and_its_training_refused_for_want_of_text(tmp_path, capsys):
+    """Both said it was compiled with the inputs ['pixel_values'] and to compile it 'without
+    pixel_values', which cannot be done."""
+    out = tmp_path / "vit"
+    spec = write(tmp_path, "policy p {\n    adapt blocks.*.attn.{q,v} lora rank=4\n}\n")
+    assert main(["compile", str(spec), "--model", "tiny:vit", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", "tiny:vit", "--compiled", str(out)]) == 0
+    assert "compiled / original" in capsys.readouterr().out
+    assert main(["train", "--model", "tiny:vit", "--compiled", str(out), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "tiny:vit has no tokenizer; `slimfx train` trains on text" in err and "without pixel_values" not in err

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from slimfx.command_checks import (UsageError, check_apart, check_folder, check_listing_folder, check_out,
-                                   check_train_args)
+from slimfx.command_checks import (UsageError, check_apart, check_folder, check_listing_folder, check_not_nested,
+                                   check_out, check_train_args)
 
 
 def test_out_and_the_listing_must_not_overlap(tmp_path):
@@ -66,3 +66,13 @@ def test_train_arguments_are_checked(change, says):
     with pytest.raises(UsageError, match=says):
         check_train_args(args)
     check_train_args(Namespace(steps=10, batch=2, seq=64, lr=1e-4))
+
+
+def test_train_out_inside_or_around_the_artifact_is_refused(tmp_path):
+    """An artifact inside another: the outer one's next save refused its own folder."""
+    art = str(tmp_path / "art")
+    for out in (art + "/trained", str(tmp_path)):
+        with pytest.raises(UsageError, match=r"--out .* is (inside|around) --compiled .*: one artifact would hold"):
+            check_not_nested(out, art)
+    check_not_nested(art, art)  # trained in place
+    check_not_nested(art + "-trained", art)

@@ -26,6 +26,9 @@ def test_described_counts_real_tokens_and_rows():
     bare = {"input_ids": torch.ones(3, 5, dtype=torch.long)}
     assert CalibrationBatches([masked, bare]).described() == "25 tokens in 5 rows"
     assert CalibrationBatches([{"pixel_values": torch.zeros(4, 3, 8, 8)}] * 2).described() == "8 rows in 2 batches"
+    one = {"input_ids": torch.ones(1, 1, dtype=torch.long)}  # it said "1 tokens in 1 rows"
+    assert CalibrationBatches([one]).described() == "1 token in 1 row"
+    assert CalibrationBatches([{"pixel_values": torch.zeros(1, 3, 8, 8)}]).described() == "1 row in 1 batch"
 
 
 def test_the_report_says_what_a_calibrating_rule_ran_on_and_nothing_otherwise():
