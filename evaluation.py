@@ -190,7 +190,8 @@ def _device_of(model: Callable) -> torch.device:
 # ---------------------------------------------------------------- encoders
 
 def embed(model: Callable, tokenizer: Any, texts: Iterable[str], *, max_length: int | None = None) -> torch.Tensor:
-    """Attention-mask-weighted mean of the last hidden states: one row per text, float32; texts
+    """Attention-mask-weighted mean of the last hidden states (a classifier's logits, where it
+    returns no hidden states): one row per text, float32; texts
     cut at `max_length` tokens (default: the tokenizer's own limit). A model compiled with
     `tokens after … restore=false` returns only its remaining tokens [B, L′, D]: those are weighted
     by how many input tokens each holds (its `kept_tokens` "sizes"): after merging, the mean pooling
@@ -200,7 +201,11 @@ def embed(model: Callable, tokenizer: Any, texts: Iterable[str], *, max_length: 
     inputs = {k: v.to(device) for k, v in _accepted(model, dict(enc)).items()}
     earlier = getattr(model, "kept_tokens", None)
     with torch.inference_mode():
-        hidden = _field(model(**inputs), "last_hidden_state").float()
+        out = model(**inputs)
+    logits = _per_text_logits(out)
+    if logits is not None:  # a classifier returns no hidden states: its logits are its per-text output
+        return logits.float()
+    hidden = _field(out, "last_hidden_state").float()
     weights = _kept_sizes(model, earlier)
     if weights is None:
         weights = enc["attention_mask"]
@@ -209,6 +214,16 @@ def embed(model: Callable, tokenizer: Any, texts: Iterable[str], *, max_length: 
         raise ValueError(f"the model returned {hidden.shape[1]} tokens for inputs of {weights.shape[1]} "
                          "and did not say which (a CompiledModel's kept_tokens)")
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def _per_text_logits(out: Any) -> torch.Tensor | None:
+    """A sequence or image classifier's [texts, classes] logits, when the output has no hidden
+    states (a folder of BertForSequenceClassification: embed raised a TypeError)."""
+    keys = out.keys() if isinstance(out, dict) or hasattr(out, "keys") else ()
+    if "last_hidden_state" in keys or "logits" not in keys:
+        return None
+    logits = out["logits"]
+    return logits if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
 
 
 def _kept_sizes(model: Callable, earlier: Any) -> torch.Tensor | None:

@@ -249,14 +249,19 @@ def _load_folder(folder: Path, *, name: str) -> LoadedModel:
 
 
 def _read_folder(folder: Path, *, name: str) -> LoadedModel:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     archs = config.architectures or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     if causal:
         config.use_cache = False
-    auto = AutoModelForCausalLM if causal else AutoModel
+    # The class config.architectures names (a classifier keeps its head: AutoModel gave a ViT
+    # folder's bare ViTModel, with a pooler initialised at random on every load); Auto* for a
+    # name this transformers does not have.
+    named = next((getattr(transformers, a) for a in archs if isinstance(getattr(transformers, a, None), type)), None)
+    auto = named or (AutoModelForCausalLM if causal else AutoModel)
     with _quiet_transformers():
         model = auto.from_pretrained(folder, config=config, dtype=torch.float32,
                                      local_files_only=True)

@@ -89,7 +89,7 @@ def test_encode_without_tokenizer_says_what_to_do():
 
 # ---------------------------------------------------------------- local folders
 
-@pytest.mark.parametrize("arch", ["gpt2", "distilbert"])
+@pytest.mark.parametrize("arch", ["gpt2", "distilbert", "vit"])
 def test_load_local_folder(tmp_path, arch):
     src = models.tiny(arch, seed=1)
     src.model.save_pretrained(tmp_path)
@@ -100,6 +100,31 @@ def test_load_local_folder(tmp_path, arch):
         want = _out_tensor(src.model(**src.example_inputs))
         got = _out_tensor(lm.model(**src.example_inputs))
     torch.testing.assert_close(got, want)
+
+
+def test_a_classifier_folder_keeps_its_head(tmp_path):
+    """It loaded as the bare encoder (AutoModel): ViT's classifier gone, a pooler the checkpoint
+    lacks initialised at random on every load, `head` bound to it; the eval compares its logits."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from slimfx.evaluation import embed
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     num_labels=3)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    ids = {"input_ids": torch.randint(3, 99, (2, 7))}
+    loads = [models.load(str(tmp_path)).model for _ in range(2)]
+    assert all(type(m) is BertForSequenceClassification for m in loads)
+    with torch.no_grad():
+        assert torch.equal(loads[0](**ids).logits, loads[1](**ids).logits)
+
+    class Ids:  # a tokenizer of fixed ids, for embed()
+        def __call__(self, texts, **kw):
+            return {**ids, "attention_mask": torch.ones_like(ids["input_ids"])}
+
+    with torch.no_grad():
+        assert torch.equal(embed(loads[0], Ids(), ["a", "b"]), loads[0](**ids).logits)
 
 
 # ---------------------------------------------------------------- errors and names
