@@ -21,7 +21,7 @@ FORMATS = ("int8", "int4", "int2", "fp16", "bf16", "keep")
 INT_FORMATS = ("int8", "int4", "int2")
 FORMAT_BITS = {"int8": 8, "int4": 4, "int2": 2, "fp16": 16, "bf16": 16, "keep": 32}
 # An integer format's group when a rule gives none (None: one per output channel); runtime/formats.py
-# builds formats from it.
+# holds the same table (it may not import the compiler; a test ties the two).
 DEFAULT_GROUP = {"int8": None, "int4": 64, "int2": 64}
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 METRICS = ("output_mse", "fisher")

@@ -40,8 +40,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dsl.schema import DEFAULT_GROUP
-
 __all__ = [
     "OutOfRange", "QuantFormat", "QuantizedWeight", "from_rule", "pack", "unpack", "group_params", "quantize_codes",
     "dequantize_codes", "quantize_rtn", "dequantize", "dequantize_groups", "per_column", "error_bound", "nbytes",
@@ -50,6 +48,9 @@ __all__ = [
 
 BITS = (2, 4, 8)
 _FORMAT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+# dsl/schema.py's DEFAULT_GROUP (the checker reads it there, without torch; a saved model loads
+# without the compiler, so this copy is the runtime's own: tests/runtime/test_formats.py ties them)
+DEFAULT_GROUP = {"int8": None, "int4": 64, "int2": 64}
 _FP16_MAX = torch.finfo(torch.float16).max
 ZEROS = ("int", "float")  # whole zero points (packed) or float offsets (fp16)
 # fp16 holds every number up to 2048 within 1/2: the largest float zero point (module docstring).

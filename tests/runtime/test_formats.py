@@ -372,3 +372,11 @@ def test_nbytes_matches_the_plan_estimate(fmt, shape):
     name = {8: "int8", 4: "int4", 2: "int2"}[fmt.bits]
     group = fmt.group if fmt.group is not None else (None if fmt.bits == 8 else shape[1])
     assert nbytes(qw) == quantized_bytes(*shape, name, group, fmt.sym, fmt.zero)
+
+
+def test_the_default_groups_are_the_checkers():
+    """Two copies (the checker imports no torch, the runtime nothing of the compiler): one table."""
+    from slimfx.dsl.schema import DEFAULT_GROUP
+    from slimfx.runtime import formats
+
+    assert formats.DEFAULT_GROUP == DEFAULT_GROUP
