@@ -50,17 +50,18 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
     from torch import nn
 
     _check_backend(backend)
-    if backend == "triton" and isinstance(unwrap(model, None)[0], nn.Module):
+    module = unwrap(model, None)[0]
+    if backend == "triton" and isinstance(module, nn.Module):
         from .runtime.lower import check_triton_runs
 
-        check_triton_runs(unwrap(model, None)[0])  # before minutes of passes, not after them
+        check_triton_runs(module)  # before minutes of passes, not after them
     bars = Progress.for_terminal(progress)
     policy_ast, spec = resolve_policy(policy, name)
-    with bars.task(f"capturing {type(unwrap(model, None)[0]).__name__} with torch.export"):
+    with bars.task(f"capturing {type(module).__name__} with torch.export"):
         graph = _capture(model, example_inputs)
     bound = bind(graph, policy_ast, source=spec.source, filename=spec.filename)
     ctx = Context(calib=_calibration(model, calib, graph), source=spec.source, filename=spec.filename,
-                  progress=bars, reference=unwrap(model, None)[0],
+                  progress=bars, reference=module,
                   inherited_adapters=frozenset(adapters_of(graph.module)))
     try:
         report = run_pipeline(graph, bound, ctx)

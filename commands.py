@@ -240,6 +240,7 @@ def _train(args) -> int:
     import torch
 
     from . import api
+    from .runtime.report import counted
     from .runtime.train import NothingToDistil, train
 
     check_train_args(args)
@@ -274,8 +275,8 @@ def _train(args) -> int:
     batches = [{k: v for k, v in b.items() if k in cm.input_names}  # a graph captured from bare ids takes no mask
                for b in _training_batches(loaded, args.batch, args.seq, args.steps)]
     cycled = f", {args.steps / len(batches):.1f} passes over them" if len(batches) < args.steps else ""
-    print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {_counted(args.steps, 'step')} "
-          f"on {_counted(len(batches), 'batch')} of {args.batch}×{args.seq} tokens of calibration text{cycled}, {loss} loss, "
+    print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {counted(args.steps, 'step')} "
+          f"on {counted(len(batches), 'batch')} of {args.batch}×{args.seq} tokens of calibration text{cycled}, {loss} loss, "
           f"lr {args.lr:g}" + (" with a cosine schedule" if args.schedule == "cosine" else ""), file=sys.stderr)
     torch.manual_seed(args.seed)
     try:
@@ -355,10 +356,6 @@ def _token_ids(loaded, texts: list[str]):
     import torch
 
     return torch.as_tensor(loaded.tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"]).reshape(-1)
-
-
-def _counted(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
 
 
 def _count_params(cm) -> str:

@@ -42,14 +42,17 @@ def _signature(out) -> tuple[str, list[tuple[str, str]]]:
     return type(out).__name__, leaves
 
 
+def _without_shapes(leaves: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, "tensor" if v.startswith("tensor[") else v) for k, v in leaves]
+
+
 def structure_problem(orig, comp, *, shapes: bool = True) -> str | None:
     """How the compiled output's structure departs from the original's, or None. With
     `shapes=False` only the types and leaf names must agree: a metric compares what it needs of
     outputs whose sizes may differ (`tokens after … restore=false` returns fewer tokens)."""
     (ot, ol), (ct, cl) = _signature(orig), _signature(comp)
     if not shapes:
-        ol, cl = [(k, "tensor" if v.startswith("tensor[") else v) for k, v in ol], \
-            [(k, "tensor" if v.startswith("tensor[") else v) for k, v in cl]
+        ol, cl = _without_shapes(ol), _without_shapes(cl)
     problems = []
     if type(orig) is not type(comp):
         problems.append(f"type {ct}, original {ot}")

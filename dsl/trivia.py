@@ -49,18 +49,22 @@ class _Cursor:
         last (a file's header comment kept apart from the first policy), and whether a blank
         line stands above the first (not at the top of the file)."""
         leading: list[str] = []
-        blank, gap = False, False
+        first_gap, gap = None, False  # first_gap: a blank line above the first comment or the node
         for n in range(self.line + 1, min(line, len(self.lines) + 1)):
             if n in self.own:
-                if gap and leading:
+                if first_gap is None:
+                    first_gap = gap
+                elif gap:
                     leading.append("")
-                blank, gap = blank or (gap and not leading and self.line > 0), False
                 leading.append(self.own[n])
+                gap = False
             elif not self.lines[n - 1].strip():
                 gap = True
-        if gap and leading and at_line is not None:  # at the end of the file a blank means nothing
+        if first_gap is None:
+            first_gap = gap
+        elif gap and at_line is not None:  # at the end of the file a blank means nothing
             leading.append("")
-        blank = blank or (gap and not leading and self.line > 0)
+        blank = first_gap and self.line > 0
         leading = tuple(leading)
         comment = self.inline.pop(at_line, None) if at_line is not None and inline else None
         self.line = max(self.line, line if at_line is not None else line - 1)

@@ -14,8 +14,8 @@ from typing import Iterable
 from . import ast as A
 from .errors import Diagnostic, SpecError, did_you_mean, source_lines
 from .printer import format_choice
-from .schema import (DEFAULT_GROUP, FORMAT_BITS, HEAL_METHOD_PARAMS, INT_FORMATS, INT_ONLY_PARAMS, METRICS, SCHEMAS, ParamSpec,
-                     schema_key)
+from .schema import (DEFAULT_GROUP, FORMAT_BITS, HEAL_METHOD_PARAMS, INT_FORMATS, INT_ONLY_PARAMS, METRICS,
+                     SCHEMAS, ParamSpec, schema_key)
 
 __all__ = ["validate_spec"]
 

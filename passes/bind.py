@@ -16,14 +16,14 @@ from dataclasses import dataclass, field, replace
 from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
+from ..runtime.peft_format import adapter_directory
 from .block_reads import removal_problem
 from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
-from ..runtime.peft_format import adapter_directory
 from .blocks_view import without_blocks
 from .causal import merge_refusal
 from .estimate import Estimate, estimate, stored_after
 from .graph import Block, ModelGraph, Target
-from .rewrite import TIED_NOTE, shared_outside
+from .rewrite import TIED_NOTE, has_weight, shared_outside
 from .select import resolve
 
 __all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params"]
@@ -284,7 +284,7 @@ class _Binder:
         if tied and not isinstance(rule, A.Adapt):
             warnings.append(f"{', '.join(n for t in tied for n in t.tied)}: {TIED_NOTE}")
         # no weight of its own (a bias may stay: the estimate took it for the weight, an IndexError)
-        packed = [t for t in targets if not any(p.rpartition(".")[2] == "weight" for p in t.params)]
+        packed = [t for t in targets if not has_weight(t)]
         peft = [t for t in packed if "base_layer" in self.graph.modules[t.path].children]
         if peft:  # a PeftModel: the selected module is PEFT's wrapper, its weight is base_layer's
             self._error(rule.selector.span, "unsupported", f"`{rule.kind}` cannot rewrite {peft[0].path}: it is a "
@@ -324,8 +324,8 @@ class _Binder:
         over = [(t, m) for t, m in small if rank > m]
         if over:
             t, m = min(over, key=lambda o: o[1])
-            self._error(_param_span(rule, "rank"), "out-of-range", f"rank={rank} is larger than {t.path}'s smaller dimension "
-                        f"({m}){f' and {len(over) - 1} more targets' if len(over) > 1 else ''}: B·A "
+            self._error(_param_span(rule, "rank"), "out-of-range", f"rank={rank} is larger than {t.path}'s "
+                        f"smaller dimension ({m}){f' and {len(over) - 1} more targets' if len(over) > 1 else ''}: B·A "
                         f"cannot have rank above {m}", f"use rank={m} or less, or narrow the selector")
 
     def _check_overlaps(self, bound: list[BoundRule]) -> None:

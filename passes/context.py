@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..runtime.progress import Progress
+from ..runtime.report import counted
 
 __all__ = ["Context", "CalibrationBatches", "rule_error"]
 
@@ -56,8 +57,8 @@ class CalibrationBatches(list):
         if all("input_ids" in b for b in super().__iter__()):
             tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                          for b in super().__iter__())
-            return f"{_count(tokens, 'token')} in {_count(rows, 'row')}"
-        return f"{_count(rows, 'row')} in {_count(len(self), 'batch')}"
+            return f"{counted(tokens, 'token')} in {counted(rows, 'row')}"
+        return f"{counted(rows, 'row')} in {counted(len(self), 'batch')}"
 
 
 @dataclass
@@ -90,10 +91,6 @@ class Context:
     def __post_init__(self):
         if not isinstance(self.calib, CalibrationBatches):
             self.calib = CalibrationBatches(self.calib)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
 
 
 def rule_error(bound, ctx: Context, kind: str, message: str, hint: str | None = None):

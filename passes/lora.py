@@ -11,8 +11,8 @@ not in a pass folder. The base call stays its own node — `aten.linear`, GPT-2 
 
 which are PEFT's (peft/tuners/lora/layer.py and dora.py), so weights move between the two as they
 are. With dropout > 0, DoRA's base term uses the dropped-out input, `w @ dropout(x)`, as PEFT does
-in training, written `(y − bias) + w @ (dropout(x) − x)` so that eval gives PEFT's `y − bias`. A and B stored in half precision (`adapt … dtype=fp16|bf16`) are read through one
-`aten._to_copy` each up to the activations' dtype. On a half model DoRA's norm, k and term are
+in training, written `(y − bias) + w @ (dropout(x) − x)` so that eval gives PEFT's `y − bias`. A
+and B stored in half precision (`adapt … dtype=fp16|bf16`) are read through one `aten._to_copy` each up to the activations' dtype. On a half model DoRA's norm, k and term are
 float32 (as PEFT's fp32 adapter computes them) and the term is cast to y's dtype before the add.
 A later `quantize` of the target swaps the base
 call and, through `swap_adapter_weight`, the weight DoRA reads; the adapter itself stays as stored.

@@ -24,7 +24,7 @@ from ..runtime.program import ParamInfo
 from .graph import ModelGraph, Target
 
 __all__ = ["LinearSite", "PassError", "pm_linear", "find_sites", "weight_name", "register_tensors",
-           "replace_node", "set_meta", "fake_mode", "drop_weight", "weight_still_held", "reads", "TIED_NOTE",
+           "replace_node", "set_meta", "fake_mode", "drop_weight", "weight_still_held", "has_weight", "reads", "TIED_NOTE",
            "shared_outside", "tied_storages", "release_unread"]
 
 aten = torch.ops.aten
@@ -92,6 +92,12 @@ def find_sites(graph: ModelGraph, target: Target) -> list[LinearSite]:
     if any(s.transposed != target.transposed for s in sites):
         raise PassError(f"{target.path} ({target.cls}): its weight is used in an unexpected layout")
     return sites
+
+
+def has_weight(target: Target) -> bool:
+    """Does the linear hold a float `weight` of its own? (A packed or apart-stored one does not; a
+    bias may stay beside it.)"""
+    return any(p.rpartition(".")[2] == "weight" for p in target.params)
 
 
 def weight_name(target: Target) -> str:

@@ -82,10 +82,10 @@ class CallInputs:
             raise ValueError(f"{self.what}: {name} is {list(shape)}, with no tokens (or no rows) to run on")
 
     def _not_a_tensor(self, info, value) -> TypeError:
-        dims = ", ".join(info.dims.get(d, str(n)) for d, n in enumerate(info.shape))
-        hint = " (torch.as_tensor(...) makes one)" if hasattr(value, "__array__") or isinstance(value, (list, tuple)) else ""
+        array_like = hasattr(value, "__array__") or isinstance(value, (list, tuple))
+        hint = " (torch.as_tensor(...) makes one)" if array_like else ""
         return TypeError(f"{self.what}: {info.name} is {type(value).__name__}, the graph takes a tensor "
-                         f"[{dims}] of {info.dtype}{hint}")
+                         f"[{_dims(info)}] of {info.dtype}{hint}")
 
     def _by_position(self, args: tuple) -> dict:
         """Inputs given by position, named as the original forward names its parameters: the
@@ -138,10 +138,10 @@ class CallInputs:
         for info in self.graph.inputs:
             value = given.get(info.name)
             if isinstance(value, torch.Tensor) and value.dim() != len(info.shape):
-                dims = ", ".join(info.dims.get(d, str(n)) for d, n in enumerate(info.shape))
-                hint = f"; add the batch dimension, e.g. {info.name}.unsqueeze(0)" if value.dim() + 1 == len(info.shape) else ""
+                hint = (f"; add the batch dimension, e.g. {info.name}.unsqueeze(0)"
+                        if value.dim() + 1 == len(info.shape) else "")
                 raise TypeError(f"{self.what}: {info.name} is {value.dim()}-D {list(value.shape)}, the graph "
-                                f"takes it {len(info.shape)}-D [{dims}]{hint}")
+                                f"takes it {len(info.shape)}-D [{_dims(info)}]{hint}")
 
     def _check_fixed_sizes(self, given: dict) -> None:
         """A dim the capture fixed (a ViT's image side, a feature width) must be the traced size:
@@ -153,9 +153,9 @@ class CallInputs:
                 continue
             wrong = [d for d, n in enumerate(info.shape) if isinstance(n, int) and value.shape[d] != n]
             if wrong:
-                dims = ", ".join(info.dims.get(d, str(n)) for d, n in enumerate(info.shape))
+                which = f"{'dim' if len(wrong) == 1 else 'dims'} {', '.join(map(str, wrong))}"
                 raise ValueError(f"{self.what}: {info.name} is {list(value.shape)}, the graph takes "
-                                 f"[{dims}]: {'dim' if len(wrong) == 1 else 'dims'} {', '.join(map(str, wrong))} "
+                                 f"[{_dims(info)}]: {which} "
                                  f"{'was' if len(wrong) == 1 else 'were'} fixed at capture by the example inputs "
                                  "(only the named dims vary); resize the input, or compile "
                                  "with example_inputs of this size")
@@ -178,6 +178,11 @@ class CallInputs:
                 raise TypeError(f"{self.what}: {info.name} is {value.dtype}; the graph takes {info.dtype}")
             out[info.name] = value.to(info.dtype)
         return out
+
+
+def _dims(info) -> str:
+    """An input's shape as the graph takes it: `batch, seq` for its dynamic dims, numbers else."""
+    return ", ".join(info.dims.get(d, str(n)) for d, n in enumerate(info.shape))
 
 
 def _same_flag(fixed: Any, given: Any) -> bool:

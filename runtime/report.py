@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-__all__ = ["RuleReport", "Report", "format_bytes"]
+__all__ = ["RuleReport", "Report", "format_bytes", "counted"]
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class Report:
         return replace(self, earlier=earlier.earlier + (replace(earlier, earlier=()),))
 
     def _caption(self) -> str | None:
-        lines = [f"compiled before with policy {r.policy or '(empty)'}: " + ("; ".join(x.text for x in r.rules) or "no rules")
-                 for r in self.earlier]
+        lines = [f"compiled before with policy {r.policy or '(empty)'}: "
+                 + ("; ".join(x.text for x in r.rules) or "no rules") for r in self.earlier]
         if self.calibration:
             lines.append(f"calibrated on {self.calibration}")
         return "\n".join(lines) or None
@@ -101,6 +101,11 @@ class Report:
 
 def _arrow(before: int, after: int, fmt=lambda n: f"{n:,}") -> str:
     return fmt(before) if before == after else f"{fmt(before)} → {fmt(after)}"
+
+
+def counted(n: int, noun: str) -> str:
+    """`1 row`, `3,072 tokens`, `6 batches`: a count and its noun, plural when it is not 1."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
 
 
 def format_bytes(n: int | float) -> str:

@@ -33,7 +33,7 @@ from ..context import Context
 from ..graph import ModelGraph, Target
 from ..lent import replace_tensor
 from ..lora import base_sites, has_adapter, insert_adapter, site_dims
-from ..rewrite import PassError, find_sites, register_tensors, set_meta
+from ..rewrite import PassError, find_sites, has_weight, register_tensors, set_meta
 from .apply import need_calibration, rule_error
 from .cut import Cut
 from .fit import fit_map
@@ -211,7 +211,7 @@ def _down_before(graph: ModelGraph, cut: Cut, bound: BoundRule, ctx: Context):
 def _cannot_fold_into(graph: ModelGraph, down: Target, cut: Cut) -> str | None:
     """Why an earlier rule leaves no float weight of `down` to fold into, or a map already at the
     cut; None if nothing does (a raw PassError, or a message blaming the block's form, before)."""
-    if not any(p.endswith(".weight") for p in down.params):  # a packed or apart-stored weight
+    if not has_weight(down):
         return "an earlier rule stored that weight quantized or in another dtype"
     if has_adapter(graph, down.path):
         return "an adapter sits on it, which the fold would leave out"

@@ -172,7 +172,8 @@ def _within_reach(costs, options, feasible: list[int]) -> list[list[int]]:
     least = [min(c[j] for j in opts) for c, opts in zip(costs, options)]
     excess = math.fsum(c[j] - m for c, j, m in zip(costs, feasible, least))
     bound = excess * (1 + 1e-9) + 1e-300
-    return [[j for j in opts if c[j] - m <= bound or j == f] for c, opts, m, f in zip(costs, options, least, feasible)]
+    return [[j for j in opts if c[j] - m <= bound or j == f]
+            for c, opts, m, f in zip(costs, options, least, feasible)]
 
 
 def _total(rows: list[list[float]], choice: list[int]) -> float:
@@ -187,8 +188,10 @@ def _solve_milp(costs, sizes, options, room, cuts) -> list[int]:
 
     flat = [(i, j) for i, opts in enumerate(options) for j in opts]
     column = {ij: k for k, ij in enumerate(flat)}
-    c = np.array([costs[i][j] - min(costs[i][k] for k in options[i]) for i, j in flat])
-    s = np.array([sizes[i][j] - min(sizes[i][k] for k in options[i]) for i, j in flat]) / room
+    least_c = [min(costs[i][k] for k in opts) for i, opts in enumerate(options)]
+    least_s = [min(sizes[i][k] for k in opts) for i, opts in enumerate(options)]
+    c = np.array([costs[i][j] - least_c[i] for i, j in flat])
+    s = np.array([sizes[i][j] - least_s[i] for i, j in flat]) / room
     one_hot = np.zeros((len(options), len(flat)))
     one_hot[[i for i, _ in flat], np.arange(len(flat))] = 1
     constraints = [LinearConstraint(one_hot, 1, 1), LinearConstraint(s[None], -np.inf, 1)]
@@ -197,8 +200,8 @@ def _solve_milp(costs, sizes, options, room, cuts) -> list[int]:
         row[[column[i, j] for i, j in enumerate(cut)]] = 1
         constraints.append(LinearConstraint(row[None], -np.inf, len(options) - 1))
     with native_stdout_silenced():
-        res = milp(c * (_COST_SCALE / max(c.max(), 1e-300)), integrality=np.ones(len(flat)), bounds=Bounds(0, 1),
-                   constraints=constraints, options={"mip_rel_gap": 0})
+        res = milp(c * (_COST_SCALE / max(c.max(), 1e-300)), integrality=np.ones(len(flat)),
+                   bounds=Bounds(0, 1), constraints=constraints, options={"mip_rel_gap": 0})
     if not res.success:
         raise RuntimeError(f"the budget solver failed: {res.message}")
     chosen = [flat[k] for k in np.flatnonzero(np.round(res.x) == 1)]

@@ -21,11 +21,11 @@ from ..context import Context
 from ..graph import ModelGraph
 from ..threads import one_thread
 from .budget import BudgetInfeasible, solve_avg_bits, solve_budget
-from .encode import Candidate, OutOfRange, decode, encode, encoded_bytes
+from .encode import Candidate, decode, encoded_bytes
 from .fisher import FisherUnavailable, output_fisher, weighted_error
 from .compensate import error_corrections, few_rows_note, sweep_details
 from .sequential import sequential_encode, sequential_scores
-from .targets import DeadInputs, Item, apply, hessians_of, items_of, out_of_range, require_calib
+from .targets import DeadInputs, Item, apply, encode_item, hessians_of, items_of, require_calib
 
 __all__ = ["run"]
 
@@ -68,14 +68,10 @@ class _Scorer:
         self.dead = DeadInputs()
 
     def encode(self, it: Item, cand: Candidate, H: torch.Tensor | None):
+        # a weight the format cannot hold is refused here: the solver said "costs … must be finite"
         r = self.rule
-        if r.get("method") == "gptq":
-            self.dead.watch(it, H)
-        try:
-            return encode(it.w, cand, r.get("method"), H, r.get("damp"), r.get("act_order"), r.get("clip"),
-                          r.get("refit"))
-        except OutOfRange as e:  # the solver said "costs … must be finite numbers", naming no target
-            raise out_of_range(self.bound, self.ctx, it, cand, e) from None
+        return encode_item(self.bound, self.ctx, self.dead, it, cand, H, method=r.get("method"), clip=r.get("clip"),
+                           refit=r.get("refit"))
 
     def __call__(self, it: Item, H: torch.Tensor) -> tuple[list[float], list[int], list]:
         """(cost, bytes, encoding) of every candidate."""

@@ -17,9 +17,9 @@ from ..context import Context
 from ..graph import ModelGraph
 from ..threads import one_thread
 from .compensate import error_corrections, few_rows_note, sweep_details
-from .encode import Candidate, OutOfRange, encode
+from .encode import Candidate
 from .sequential import sequential_encode
-from .targets import DeadInputs, apply, hessians_of, items_of, out_of_range, require_calib
+from .targets import DeadInputs, apply, encode_item, hessians_of, items_of, require_calib
 
 __all__ = ["run"]
 
@@ -37,12 +37,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     dead = DeadInputs()
 
     def encode_one(it, H):
-        if method == "gptq":
-            dead.watch(it, H)
-        try:
-            return encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip, refit)
-        except OutOfRange as e:
-            raise out_of_range(bound, ctx, it, cand, e) from None
+        return encode_item(bound, ctx, dead, it, cand, H, method=method, clip=clip, refit=refit)
 
     details = {"format": str(cand), "method": method, **({"clip": clip} if clip != "none" else {}),
                **({"refit": True} if refit else {})}

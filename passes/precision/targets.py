@@ -16,7 +16,7 @@ from ..context import Context, rule_error
 from ..graph import ModelGraph, Target
 from ..rewrite import (TIED_NOTE, LinearSite, find_sites, release_unread, tied_storages, weight_name,
                        weight_still_held)
-from .encode import Candidate, Encoded, encoded_bytes
+from .encode import Candidate, Encoded, OutOfRange, encode, encoded_bytes
 from .gptq import HessianAccumulator
 from .rewrite import to_half, to_quant_linear
 from ...runtime.forward_parts import recompile
@@ -85,6 +85,20 @@ def out_of_range(bound: BoundRule, ctx: Context, it: Item, cand, e: Exception) -
     return rule_error(bound, ctx, "out-of-range", f"{it.path} cannot be stored as {cand}: {e}",
                       f"leave it out (`keep {it.path}`, or narrow the selector), or offer a format that holds "
                       "it (bf16, int8 per channel)")
+
+
+def encode_item(bound: BoundRule, ctx: Context, dead: "DeadInputs", it: Item, cand, H: torch.Tensor | None, *,
+                method: str, clip: str, refit: bool) -> Encoded:
+    """`it` in `cand` (encode.py, with the rule's damp and act_order), its dead inputs noted for
+    GPTQ and a weight the format cannot hold refused at the rule: what `quantize` and `precision`
+    both do per target."""
+    if method == "gptq":
+        dead.watch(it, H)
+    rule = bound.rule
+    try:
+        return encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip, refit)
+    except OutOfRange as e:
+        raise out_of_range(bound, ctx, it, cand, e) from None
 
 
 class DeadInputs:

@@ -145,8 +145,6 @@ def _no_mask_hint(graph: ModelGraph) -> str:
     return f"pass `{MASK_INPUT}` among the example inputs (a tokenizer's padded batch has it)"
 
 
-
-
 def padded_batch(ctx: Context) -> dict | None:
     """The first calibration batch that has an attention mask (its padding shows the gain)."""
     for batch in ctx.calib.unread():
