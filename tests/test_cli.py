@@ -1,4 +1,5 @@
-"""The `slimfx` command: check and fmt, exit codes, caret errors on stderr, no torch import."""
+"""The `slimfx` command: check, exit codes, caret errors on stderr, no torch import; plan, compile and
+eval (fmt: test_cli_fmt.py)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -37,36 +38,6 @@ def test_check_reports_every_file_and_missing_ones(tmp_path, capsys):
     assert main(["check", str(good), str(bad), str(tmp_path / "gone.slim")]) == 1
     err = capsys.readouterr().err
     assert "good.slim: ok" in err and "bad.slim:2:5" in err and "gone.slim: cannot read" in err
-
-
-def test_fmt_prints_check_and_write(tmp_path, capsys):
-    f = write(tmp_path, "policy p{\n  quantize head int8   # keep it\n}")
-    assert main(["fmt", str(f)]) == 0
-    assert capsys.readouterr().out == "policy p {\n    quantize head int8  # keep it\n}\n"
-    assert main(["fmt", "--check", str(f)]) == 1
-    assert "not in canonical form" in capsys.readouterr().err
-    assert main(["fmt", "--write", str(f)]) == 0
-    assert f.read_text() == "policy p {\n    quantize head int8  # keep it\n}\n"
-    assert main(["fmt", "--check", str(f)]) == 0
-
-
-@pytest.mark.parametrize("bom, newline", [(b"", b"\r\n"), (b"\xef\xbb\xbf", b"\n"), (b"\xef\xbb\xbf", b"\r\n")])
-def test_fmt_keeps_a_files_line_endings_and_byte_order_mark(tmp_path, capsys, bom, newline):
-    """--write turned them into LF without a mark, so --check failed on every Windows checkout."""
-    f = tmp_path / "p.slim"
-    f.write_bytes(bom + b"policy p{\n  quantize head int8\n}\n".replace(b"\n", newline))
-    assert main(["fmt", "--check", str(f)]) == 1
-    assert main(["fmt", "--write", str(f)]) == 0
-    assert f.read_bytes() == bom + b"policy p {\n    quantize head int8\n}\n".replace(b"\n", newline)
-    assert main(["fmt", "--check", str(f)]) == 0
-    capsys.readouterr()
-    assert main(["fmt", str(f)]) == 0 and capsys.readouterr().out == "policy p {\n    quantize head int8\n}\n"
-
-
-def test_fmt_refuses_an_invalid_file_and_leaves_it_alone(tmp_path, capsys):
-    f = write(tmp_path, TYPO)
-    assert main(["fmt", "--write", str(f)]) == 1
-    assert f.read_text() == TYPO
 
 
 def test_usage_errors_exit_2(capsys):
@@ -358,13 +329,6 @@ def test_artifact_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert err.startswith("error: ") and "not a slimfx artifact" in err and "Traceback" not in err
 
 
-def test_fmt_write_keeps_the_files_permissions(tmp_path):
-    f = write(tmp_path, "policy p {\n  keep   head\n}\n")
-    f.chmod(0o644)
-    assert main(["fmt", "--write", str(f)]) == 0
-    assert f.read_text() == "policy p {\n    keep head\n}\n" and (f.stat().st_mode & 0o777) == 0o644
-
-
 def test_plan_and_compile_read_the_policy_from_standard_input(tmp_path, capsys, monkeypatch):
     import io
 
@@ -383,35 +347,12 @@ def test_plan_and_compile_read_the_policy_from_standard_input(tmp_path, capsys, 
     assert (tmp_path / "o" / "meta.json").exists()
 
 
-def test_fmt_write_through_a_symlink_rewrites_the_file_it_names(tmp_path):
-    real = write(tmp_path, "policy p {\n  keep   head\n}\n", "real.slim")
-    link = tmp_path / "link.slim"
-    link.symlink_to(real)
-    assert main(["fmt", "--write", str(link)]) == 0
-    assert link.is_symlink() and real.read_text() == "policy p {\n    keep head\n}\n"
-
-
 def test_compile_calib_text_for_a_model_without_a_tokenizer_is_refused(tmp_path, capsys):
     spec = write(tmp_path, "policy p {\n    keep head\n}\n")
     calib = write(tmp_path, "some text to calibrate on", "c.txt")
     for option in (["--calib", str(calib)], ["--calib-tokens", "256"]):
         assert main(["compile", str(spec), "--model", "tiny:vit", "--out", str(tmp_path / "o"), *option]) == 1
         assert f"{option[0]} calibrates on text, and tiny:vit has no tokenizer" in capsys.readouterr().err
-
-
-def test_fmt_write_that_cannot_write_says_so_and_leaves_the_file(tmp_path, capsys, monkeypatch):
-    from slimfx import cli
-
-    original = "policy p {\n  keep   head\n}\n"
-    f = write(tmp_path, original)
-
-    def refused(*a, **k):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(cli.tempfile, "mkstemp", refused)
-    assert main(["fmt", "--write", str(f)]) == 1
-    assert f"{f}: cannot rewrite it: Permission denied; it is left as it was" in capsys.readouterr().err
-    assert f.read_text() == original
 
 
 def test_emit_kernels_again_into_its_folder_leaves_no_stale_listing_and_refuses_other_folders(tmp_path, capsys):
