@@ -11,7 +11,8 @@ not in a pass folder. The base call stays its own node — `aten.linear`, GPT-2 
 
 which are PEFT's (peft/tuners/lora/layer.py and dora.py), so weights move between the two as they
 are. With dropout > 0, DoRA's base term uses the dropped-out input, `w @ dropout(x)`, as PEFT does
-in training, written `(y − bias) + w @ (dropout(x) − x)` so that eval gives PEFT's `y − bias`. A
+in training, written `(y − bias) + w @ (dropout(x) − x)`; that correction is inserted only while
+the model trains (runtime/dora_dropout.py), so eval computes PEFT's `y − bias` and no more. A
 and B stored in half precision (`adapt … dtype=fp16|bf16`) are read through one `aten._to_copy` each up to the activations' dtype. On a half model DoRA's norm, k and term are
 float32 (as PEFT's fp32 adapter computes them) and the term is cast to y's dtype before the add.
 A later `quantize` of the target swaps the base
@@ -27,6 +28,7 @@ from torch import fx
 
 from ..runtime import ops  # noqa: F401 - registers slimfx::quant_linear and slimfx::dequantize
 from ..runtime.adapters import Adapter, tag, tag_of
+from ..runtime.dora_dropout import BASE_PRODUCT
 from ..runtime.program import ParamInfo
 from .graph import ModelGraph, Target
 from .rewrite import PassError, register_tensors, set_meta
@@ -189,14 +191,10 @@ def _dora_term(b: _Builder, site: BaseSite, adapter: Adapter, values: dict[str, 
     v = b("norm", aten.add.Tensor, _cast(b, "norm", w, wide), _cast(b, "norm", delta, wide))
     norm = b("norm", aten.linalg_vector_norm.default, v, 2, [1])
     k = b("norm", aten.div.Tensor, values["lora_magnitude"], b("norm", aten.detach.default, norm))
+    # y − bias, PEFT's base term in eval. With dropout, training uses W·dropout(x) instead:
+    # runtime/dora_dropout.py inserts that correction only while the model trains.
     base = b("dora", aten.sub.Tensor, y, site.bias) if site.bias is not None else y
-    if adapter.dropout > 0:
-        # PEFT's W·dropout(x) in training, as (y − bias) + W·(dropout(x) − x): in eval the dropout
-        # is the identity, the added term exactly 0 and the base PEFT's eval `y − bias` (W·x
-        # recomputed beside a CPU kernel's y was 1.8e-3 off a dropout=0 adapter in eval).
-        moved = b("dora", aten.sub.Tensor, h, site.x)
-        base = b("dora", aten.add.Tensor, base, b("dora", aten.linear.default, moved, _cast(b, "dora", w, dtype)))
-    term = b("dora", aten.mul.Tensor, b("dora", aten.sub.Tensor, k, 1), base)
+    term = b(BASE_PRODUCT, aten.mul.Tensor, b("dora", aten.sub.Tensor, k, 1), base)
     term = b("dora", aten.add.Tensor, term, b("dora", aten.mul.Tensor, b("dora", aten.mul.Tensor, lora, k), s))
     return _cast(b, "dora", term, dtype)
 

@@ -110,12 +110,19 @@ def set_dropout(gm: fx.GraphModule, training: bool) -> bool:
     """Switch every adapter dropout node on (training) or off; recompile if any changed.
 
     The graph was captured in eval mode, so the only dropout in it is the adapters': its third
-    argument (`train`) is the flag, rewritten here rather than read per call."""
+    argument (`train`) is the flag, rewritten here rather than read per call. DoRA's base term
+    under dropout is inserted for training and removed for eval (runtime/dora_dropout.py), in
+    the graph that training calls run: the reference one while generated Triton kernels are
+    installed (they never run with dropout on)."""
+    from .dora_dropout import set_dora_dropout
+
     changed = False
     for n in _dropouts(gm):
         if n.args[2] is not training:
             n.args = (n.args[0], n.args[1], training)
             changed = True
+    triton = getattr(gm, "_slimfx_triton", None)
+    changed = set_dora_dropout(gm.graph if triton is None else triton[0], training) or changed
     if changed:
         recompile(gm)
     return changed

@@ -7,9 +7,10 @@ import copy
 import torch
 
 
-def peft_twin(peft, model: torch.nn.Module, cm, *, rank: int, alpha: float, targets: list[str], dora: bool):
+def peft_twin(peft, model: torch.nn.Module, cm, *, rank: int, alpha: float, targets: list[str], dora: bool,
+              dropout: float = 0.0):
     """get_peft_model over a copy of `model`, its lora_A/lora_B (and DoRA magnitudes) set to cm's."""
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_dora=dora)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_dora=dora, lora_dropout=dropout)
     twin = peft.get_peft_model(copy.deepcopy(model), config).eval()
     ours = dict(cm.program.named_parameters())
     with torch.no_grad():

@@ -2,6 +2,7 @@
 training mode, artifacts that keep adapters bit-identical and trainable."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import slimfx
@@ -77,3 +78,54 @@ def test_artifact_keeps_adapters_bit_identical_and_trainable(tmp_path):
     loss = loaded(**lm.example_inputs).logits.square().mean()
     loss.backward()
     assert all(p.grad is not None for p in loaded.adapter_parameters())
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_training_with_dropout_matches_peft_mask_for_mask(method):
+    """In training both draw the same masks from the same seed (one dropout per adapted linear, in
+    call order), so the outputs must agree: DoRA's base term then uses the dropped-out input, W·dropout(x),
+    as PEFT's does — and in eval neither computes it (PEFT's `y − bias`)."""
+    peft = pytest.importorskip("peft")
+    from peft_twin import peft_twin
+
+    lm = tiny("llama")
+    cm = _compile(lm, f"adapt blocks.*.attn.{{q,v}} {method} rank=4 alpha=8 dropout=0.5")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in cm.adapter_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    twin = peft_twin(peft, lm.model, cm, rank=4, alpha=8, targets=["q_proj", "v_proj"], dora=method == "dora",
+                     dropout=0.5)
+    for m in twin.modules():  # the adapted layers train; the model's own stay in eval, as compile captured them
+        if isinstance(m, peft.tuners.lora.LoraLayer):
+            m.train()
+    cm.train()
+    runs = []
+    for model in (twin, cm):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            runs.append(model(**lm.example_inputs).logits)
+    twin.eval(), cm.eval()
+    with torch.no_grad():
+        eval_twin, eval_cm = twin(**lm.example_inputs).logits, cm(**lm.example_inputs).logits
+    assert (runs[0] - eval_twin).abs().max() > 1e-3, "dropout must move the training outputs"
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eval_cm, eval_twin, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_with_dropout_multiplies_by_the_weight_again_only_in_training():
+    """Eval computed W·(dropout(x) − x) = W·0 beside every adapted linear (one matmul each, which
+    PEFT skips in eval); the term is now in the graph only while the model trains."""
+    lm = tiny("llama")
+    rules = "adapt blocks.*.attn.{q,v} dora rank=4 dropout="
+    plain, dropped = _compile(lm, rules + "0"), _compile(lm, rules + "0.1")
+
+    def matmuls(cm):
+        return sum(n.target is torch.ops.aten.linear.default for n in cm.program.graph.nodes)
+
+    sites = 2 * len(lm.model.model.layers)
+    assert matmuls(dropped) == matmuls(plain)
+    dropped.train()
+    assert matmuls(dropped) == matmuls(plain) + sites
+    dropped.eval()
+    assert matmuls(dropped) == matmuls(plain)
