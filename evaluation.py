@@ -244,6 +244,30 @@ def embedding_cosine(model_a: Callable, model_b: Callable, tokenizer: Any,
     return float(F.cosine_similarity(a.double(), b.double().to(a.device), dim=-1).mean())
 
 
+VISION_IMAGES = 16  # seeded random images: no image set ships with slimfx
+
+
+def vision_images(example: dict[str, torch.Tensor], count: int = VISION_IMAGES, seed: int = 0) -> torch.Tensor:
+    """`count` images of the example's channels and size, drawn from a private generator (the
+    same every run): what `slimfx eval` compares a vision model's logits on."""
+    pixels = example["pixel_values"]
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(count, *pixels.shape[1:], generator=gen).to(pixels.dtype)
+
+
+@torch.inference_mode()
+def logit_cosine(model_a: Callable, model_b: Callable, pixel_values: torch.Tensor) -> float:
+    """Mean over images of cos(logits_a, logits_b) (the classifier's, or the last hidden state's
+    flattened per image where the model has no head); 1.0 means the same outputs."""
+    def flat(model):
+        out = model(pixel_values=pixel_values.to(_device_of(model)))
+        logits = _per_text_logits(out)
+        return (logits if logits is not None else _field(out, "last_hidden_state")).flatten(1).double()
+
+    a, b = flat(model_a), flat(model_b)
+    return float(F.cosine_similarity(a, b.to(a.device), dim=-1).mean())
+
+
 # ---------------------------------------------------------------- cost
 
 def latency_ms(model: Callable, inputs: Any, *, repeats: int = 20, warmup: int = 3) -> float:
@@ -318,7 +342,8 @@ def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str
     held while running (a compiled model's CPU kernels keep converted copies of packed weights),
     latency. Causal LMs get perplexity on eval_text() and latency on the example inputs; encoders
     get the mean embedding cosine to the original model on EVAL_SENTENCES and eval_paragraphs()
-    (1.0 for the original itself) and latency on the padded batch of eval_paragraphs().
+    (1.0 for the original itself) and latency on the padded batch of eval_paragraphs(); vision
+    models the mean logit cosine to the original on vision_images() and latency on their example.
     """
     models = [("original", loaded.model)] + ([("compiled", compiled)] if compiled is not None else [])
     timed = loaded.example_inputs
@@ -341,6 +366,8 @@ def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str
                                            window=min(256, longest or 256))
         elif loaded.tokenizer is not None:
             row["cosine"] = embedding_cosine(loaded.model, model, loaded.tokenizer, texts, max_length=longest)
+        elif loaded.kind == "vision":
+            row["logit cosine"] = logit_cosine(loaded.model, model, vision_images(loaded.example_inputs))
         rows.insert(0, row)
     return rows
 
@@ -350,10 +377,12 @@ def eval_table(loaded, compiled=None, *, max_tokens: int = 2048):
     from rich.table import Table
 
     rows = eval_rows(loaded, compiled, max_tokens=max_tokens)
-    metric = "perplexity" if "perplexity" in rows[0] else "cosine" if "cosine" in rows[0] else None
+    metric = next((m for m in ("perplexity", "cosine", "logit cosine") if m in rows[0]), None)
     # No quality column is said, not left out silently: a model without a tokenizer has no text to score.
-    caption = None if metric or loaded.kind == "vision" else \
+    caption = None if metric else \
         f"no {'perplexity' if loaded.kind == 'causal-lm' else 'embedding cosine'}: {loaded.name} has no tokenizer"
+    if metric == "logit cosine":
+        caption = f"logit cosine to the original on {VISION_IMAGES} seeded random images (no image set ships with slimfx)"
     table = Table(title=f"slimfx eval: {loaded.name} ({loaded.kind})", caption=caption)
     for col in ("model", *([metric] if metric else []), "weight bytes", "bytes while running", "CPU latency (ms)"):
         table.add_column(col, justify="right")

@@ -220,7 +220,9 @@ def test_a_vision_artifact_is_evaluated_and_its_training_refused_for_want_of_tex
     assert main(["compile", str(spec), "--model", "tiny:vit", "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["eval", "--model", "tiny:vit", "--compiled", str(out)]) == 0
-    assert "compiled / original" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "compiled / original" in table and "logit cosine" in table and "16 seeded random images" in table
+    assert "1.0000" in table, "a fresh adapter (B = 0) leaves the logits as they were"
     assert main(["train", "--model", "tiny:vit", "--compiled", str(out), "--steps", "1"]) == 1
     err = capsys.readouterr().err
     assert "tiny:vit has no tokenizer; `slimfx train` trains on text" in err and "without pixel_values" not in err

@@ -267,3 +267,27 @@ def test_the_eval_table_says_why_it_has_no_quality_column():
     assert table.caption == f"no perplexity: {bare.name} has no tokenizer"
     assert [c.header for c in table.columns][:2] == ["model", "weight bytes"]
     assert ev.eval_table(tiny("llama"), max_tokens=32).caption is None
+
+
+# ---------------------------------------------------------------- vision
+
+def test_logit_cosine_is_the_mean_cosine_of_each_images_logits():
+    """Checked against the formula on logits computed here: 1 for the model itself, −1 for the same
+    model with its classifier negated, and a direct per-image mean for a perturbed copy."""
+    import copy
+
+    lm = tiny("vit")
+    images = ev.vision_images(lm.example_inputs)
+    assert images.shape[0] == ev.VISION_IMAGES and images.shape[1:] == lm.example_inputs["pixel_values"].shape[1:]
+    assert torch.equal(images, ev.vision_images(lm.example_inputs)), "seeded: the same images every run"
+    assert ev.logit_cosine(lm.model, lm.model, images) == pytest.approx(1.0)
+    flipped, moved = copy.deepcopy(lm.model), copy.deepcopy(lm.model)
+    with torch.no_grad():
+        flipped.classifier.weight.neg_(), flipped.classifier.bias.neg_()
+        torch.manual_seed(0)
+        for p in moved.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        a, b = lm.model(pixel_values=images).logits.double(), moved(pixel_values=images).logits.double()
+    assert ev.logit_cosine(lm.model, flipped, images) == pytest.approx(-1.0)
+    want = sum(float(x @ y / (x.norm() * y.norm())) for x, y in zip(a, b)) / len(a)
+    assert ev.logit_cosine(lm.model, moved, images) == pytest.approx(want) and want < 0.999
