@@ -116,6 +116,7 @@ def emit_rows(group: Group) -> RowKernel:
             names[node], roles[node] = names[src], role
             continue
         operand = lambda a: names[a] if isinstance(a, fx.Node) else a  # noqa: E731
+        _check_broadcast(node, roles, full)
         if kind_of(node) == "reduction":
             lines += reduction_lines(node, var, operand)
         else:
@@ -175,6 +176,19 @@ def _full_node(group: Group) -> fx.Node:
 
 def _full_shape(group: Group) -> tuple[str, ...]:
     return _shape(_full_node(group))
+
+
+def _check_broadcast(node: fx.Node, roles: dict[fx.Node, str], full: tuple[str, ...]) -> None:
+    """A value shaped like the rows without their last dim ([R] against [R, D]) is read one per
+    row; torch broadcasts it along the last dim instead (as a column, which needs R == D), when
+    an op meets it with a wider value. `sq[:, None] + sq` (pairwise distances) was computed per
+    row: Unsupported, so the group runs eager."""
+    if len(full) < 2:
+        return
+    for a in node.all_input_nodes:
+        if roles.get(a) == "row" and _shape(a) == full[:-1] and _shape(node) != full[:-1]:
+            raise Unsupported(f"{node.name}: {a.name} {list(_shape(a))} meets values of {list(full)}, which "
+                              "broadcasts it along the last dim, not one value per row")
 
 
 def _role(node: fx.Node, full: tuple[str, ...]) -> str:

@@ -71,9 +71,17 @@ def expression(node: fx.Node, operand) -> str:
         return operand(node.args[0])
     if op not in _POINTWISE:
         raise Unsupported(f"{node.name}: no tl expression for {op}")
-    args = [operand(a) for a in node.args]
-    kwargs = {k: v for k, v in node.kwargs.items()}
+    args = [_literal(operand(a)) for a in node.args]
+    kwargs = {k: _literal(v) for k, v in node.kwargs.items()}
     return _POINTWISE[op](*args, **kwargs)
+
+
+def _literal(value):
+    """A Python number as the kernel's source writes it: inf and nan are no names there
+    (`str(float("inf"))` made a kernel that raised NameError at its first call)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"float('{value}')"
+    return value
 
 
 def node_value(node: fx.Node, operand) -> str:

@@ -74,7 +74,7 @@ def kind_of(node: fx.Node) -> str:
         return "prologue"
     if op in _CASTS or torch.Tag.pointwise in getattr(op, "tags", ()):
         return "pointwise" if _tensor_out(node) else "opaque"
-    if op in _NORMS or (op in _ROW_REDUCTIONS and _last_dim_only(node)):
+    if (op in _NORMS and _normalizes_last_dim_only(node)) or (op in _ROW_REDUCTIONS and _last_dim_only(node)):
         return "reduction"
     return "opaque"
 
@@ -93,6 +93,13 @@ def _rank(value) -> int | None:
 
 def _tensor_out(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _normalizes_last_dim_only(node: fx.Node) -> bool:
+    """A norm over the last dim alone (`normalized_shape` of one dim): nn.LayerNorm([4, 16])
+    normalizes two, which the row template's one-row statistics would get wrong."""
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    return isinstance(shape, (list, tuple)) and len(shape) == 1
 
 
 def _last_dim_only(node: fx.Node) -> bool:
