@@ -178,6 +178,9 @@ def _read_checked(root: Path, meta: dict[str, Any], name: str, keep: bool = True
     """The file's bytes (if `keep`), once they match the size and SHA-256 in meta.json."""
     files = meta["files"] if isinstance(meta["files"], dict) else {}
     path, want = root / name, files.get(name) or {}
+    if not isinstance(want, dict):  # a damaged entry: said as one, not an AttributeError below
+        raise ArtifactError(f"{root / META} records {name} as {want!r}, not its size and SHA-256: it is damaged; "
+                            f"{RESAVE}")
     if not path.is_file():
         raise ArtifactError(f"{root} is incomplete: {name} is missing (an interrupted copy?); "
                             f"{RESAVE}")

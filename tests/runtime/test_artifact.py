@@ -392,6 +392,12 @@ def test_meta_without_required_keys(llama_dir):
     refused(llama_dir, "lacks ['modules']", "damaged", RESAVE)
 
 
+def test_meta_with_a_damaged_file_entry(llama_dir):
+    """It was a raw AttributeError ('str' object has no attribute 'get')."""
+    _edit_json(llama_dir / "meta.json", lambda m: m["files"].update({"program.json": "damaged"}))
+    refused(llama_dir, "records program.json as 'damaged', not its size and SHA-256", RESAVE)
+
+
 def test_program_that_is_not_a_program(llama_dir):
     _tamper_program(llama_dir, lambda d: d.pop("format"))
     refused(llama_dir, "program.json is not a slimfx graph", RESAVE)
