@@ -3,7 +3,7 @@ writes in argument order, and a launcher.
 
 - **The source is the cache key.** It names no graph node (variables are numbered), so the 30
   RMSNorm groups of a model are one source, one file and one Triton compilation. `compile()` writes
-  it to `$SLIMFX_KERNEL_CACHE` (default: `<tmp>/slimfx-kernels`) as `<name>.py`, the name ending in
+  it to `$SLIMFX_KERNEL_CACHE` (default: `<tmp>/slimfx-kernels-<uid>`, refused if another user owns it or anyone may write it) as `<name>.py`, the name ending in
   the source's hash, and imports that file — after checking that its text is exactly the source
   (a stale or edited file is rewritten, never imported).
 - **`listing()`** is what `slimfx compile --emit-kernels` writes: a header naming the graph nodes
@@ -35,7 +35,25 @@ __all__ = ["Kernel", "Shapes", "cache_dir", "source_name", "tensor_val"]
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SLIMFX_KERNEL_CACHE") or Path(tempfile.gettempdir()) / "slimfx-kernels")
+    """`$SLIMFX_KERNEL_CACHE`, else a folder of this user's own under the temporary directory:
+    cached files are imported, so a folder others can write must not be one."""
+    return Path(os.environ.get("SLIMFX_KERNEL_CACHE") or Path(tempfile.gettempdir()) / f"slimfx-kernels-{_user()}")
+
+
+def _user() -> str:
+    return str(os.getuid()) if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+
+
+def _check_private(folder: Path) -> None:
+    """Refuse a cache folder another user owns or every user may write: its files are imported
+    as code. (Group write is allowed: umask 002 with a group of one's own is common.)"""
+    if not hasattr(os, "getuid"):
+        return
+    st = folder.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o002:
+        raise PermissionError(f"the kernel cache {folder} is {'owned by another user' if st.st_uid != os.getuid() else 'writable by every user'}"
+                              f" (mode {st.st_mode & 0o777:o}), and slimfx imports the kernels it holds: remove it, "
+                              "or set SLIMFX_KERNEL_CACHE to a folder of your own")
 
 
 def source_name(template: str, source: str) -> str:
@@ -146,12 +164,15 @@ class Kernel:
     def cached_file(self, cache: Optional[Path] = None) -> Path:
         """The cache file of this source, written first if missing or not exactly the source."""
         folder = Path(cache or cache_dir())
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(folder)
         path = folder / f"{self.name}.py"
         if not path.exists() or path.read_text() != self.source:
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(self.source)
-            tmp.replace(path)
+            # A fresh file (O_EXCL), never one a link at a predictable name points to.
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(self.source)
+            os.replace(tmp, path)
         return path
 
     def tuned(self, bucket: tuple, make: Callable[[], Any]):

@@ -1,0 +1,40 @@
+"""The kernel cache (codegen/kernel.py): its files are imported as code, so the default folder is
+the user's own and a folder anyone may write is refused; a cache file is written through a fresh
+temporary file, never through a link planted at a predictable name."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from slimfx.codegen.kernel import Kernel, cache_dir
+
+SOURCE = "import triton\n\n\ndef kernel():\n    return 1\n"
+
+
+def _kernel() -> Kernel:
+    return Kernel("rows", SOURCE, [], [], [])
+
+
+def test_the_default_folder_is_the_users_own(monkeypatch):
+    monkeypatch.delenv("SLIMFX_KERNEL_CACHE", raising=False)
+    assert cache_dir().name == f"slimfx-kernels-{os.getuid()}"
+
+
+def test_a_folder_anyone_may_write_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError, match="writable by every user.*SLIMFX_KERNEL_CACHE"):
+        _kernel().cached_file(shared)
+
+
+def test_a_link_at_the_old_temporary_name_is_not_written_through(tmp_path):
+    cache, victim = tmp_path / "cache", tmp_path / "victim.txt"
+    cache.mkdir(mode=0o700)
+    victim.write_text("keep me")
+    k = _kernel()
+    (cache / f"{k.name}.py.{os.getpid()}.tmp").symlink_to(victim)  # where the old code wrote first
+    path = k.cached_file(cache)
+    assert path.read_text() == SOURCE and victim.read_text() == "keep me"
+    assert sorted(p.name for p in cache.iterdir() if not p.is_symlink()) == [f"{k.name}.py"]
