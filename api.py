@@ -182,8 +182,22 @@ def _capture(model, example_inputs):
         raise TypeError("slimfx needs example_inputs: the keyword inputs the model is called with, e.g. "
                         "example_inputs=tokenizer(['hello'], return_tensors='pt') (or pass a slimfx.models.load(...) "
                         "result, which carries its own)")
+    _refuse_meta(model)
     # The graph reads the model's tensors (no copy) until compile() settles: passes/lent.py.
     return capture(model, example_inputs, lend=True)
+
+
+def _refuse_meta(model) -> None:
+    """Weights on the meta device hold no values to quantize, fit or run: compile() failed deep
+    in a pass (`Tensor.item() cannot be called on meta tensors`), or returned a model whose
+    outputs were meta tensors and which could not be saved."""
+    import itertools
+
+    meta = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if meta:
+        raise TypeError(f"{len(meta)} of the model's tensors are on the meta device (e.g. {meta[0]}): they hold "
+                        "no values to compile. Load the weights first (e.g. from_pretrained without device_map='meta', "
+                        "or model.to_empty(device='cpu') then load_state_dict(...))")
 
 
 def _recompile_source(cm, example_inputs):

@@ -281,6 +281,17 @@ def test_a_model_that_is_not_a_module_is_named():
         slimfx.plan(None, "")
 
 
+def test_a_model_on_the_meta_device_is_refused_before_capture():
+    """quantize failed deep in a pass (Tensor.item() on meta tensors); other policies returned a
+    model whose outputs were meta tensors and which could not be saved."""
+    lm = tiny("llama")
+    with torch.device("meta"):
+        empty = type(lm.model)(lm.model.config)
+    for policy in ("quantize blocks.*.mlp.* : Linear int8", "keep head"):
+        with pytest.raises(TypeError, match=r"tensors are on the meta device \(e\.g\. model\.embed_tokens.*to_empty"):
+            slimfx.compile(empty, policy, example_inputs=lm.example_inputs)
+
+
 def test_second_compile_of_the_same_model_reuses_the_capture():
     from slimfx.passes.capture import cache_info
 
