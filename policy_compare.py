@@ -37,13 +37,14 @@ def _path(path) -> str:
 
 
 def _signature(out) -> tuple[str, list[tuple[str, str]]]:
-    leaves = [(path, f"tensor{list(leaf.shape)}" if isinstance(leaf, torch.Tensor) else repr(leaf))
-              for path, leaf in _leaves(out)]
+    # The dtype is part of a leaf's signature: a compiled fp16 model that returned float64 logits passed.
+    leaves = [(path, f"tensor{list(leaf.shape)} {str(leaf.dtype).removeprefix('torch.')}"
+               if isinstance(leaf, torch.Tensor) else repr(leaf)) for path, leaf in _leaves(out)]
     return type(out).__name__, leaves
 
 
 def _without_shapes(leaves: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(k, "tensor" if v.startswith("tensor[") else v) for k, v in leaves]
+    return [(k, "tensor " + v.rsplit(" ", 1)[1] if v.startswith("tensor[") else v) for k, v in leaves]
 
 
 def structure_problem(orig, comp, *, shapes: bool = True) -> str | None:

@@ -98,7 +98,7 @@ def test_a_metric_checks_a_policy_whose_outputs_are_shorter(bert):
 
     check_policy(bert, policy, metric=pooled_gap, atol=10.0, max_examples=FEW)
     assert any(c < o for o, c in seen)  # it did see shorter outputs
-    with pytest.raises(PolicyCheckError, match=r"last_hidden_state is tensor\[\d+, \d+, \d+\], original"):
+    with pytest.raises(PolicyCheckError, match=r"last_hidden_state is tensor\[\d+, \d+, \d+\] float32, original"):
         check_policy(bert, policy, atol=10.0, max_examples=FEW)  # no metric: sizes must agree
 
 
@@ -175,13 +175,24 @@ def test_structure_mismatch_is_reported(llama, tamper):
         check_policy(llama, "", max_examples=FEW)
     text = str(info.value)
     assert "output structure differs: type tuple, original CausalLMOutputWithPast; missing logits; unexpected [0]" in text
-    assert "original: CausalLMOutputWithPast {logits: tensor[1, 1, 256]}" in text
+    assert "original: CausalLMOutputWithPast {logits: tensor[1, 1, 256] float32}" in text
     assert "required:" not in text  # no tolerance was involved
+
+
+def test_an_output_of_another_dtype_is_a_structure_difference(llama, tamper):
+    """Only type, keys and shapes were compared: logits returned as float64 passed."""
+    def widened(out, inputs):
+        out.logits = out.logits.double()
+        return out
+
+    tamper(widened)
+    with pytest.raises(PolicyCheckError, match=r"logits is tensor\[1, 1, 256\] float64, original tensor\[1, 1, 256\] float32"):
+        check_policy(llama, "", max_examples=FEW)
 
 
 def test_shape_mismatch_is_reported(llama, tamper):
     tamper(lambda out, inputs: type(out)(logits=out.logits[..., :-1]))
-    with pytest.raises(PolicyCheckError, match=r"logits is tensor\[1, 1, 255\], original tensor\[1, 1, 256\]"):
+    with pytest.raises(PolicyCheckError, match=r"logits is tensor\[1, 1, 255\] float32, original tensor\[1, 1, 256\]"):
         check_policy(llama, "", max_examples=FEW)
 
 
