@@ -26,9 +26,9 @@ from hypothesis.control import current_build_context, currently_in_test_context
 from torch import nn
 
 from .passes.capture import bind_inputs, eval_mode
-from .policy_compare import (MetricReturnError, callable_name, metric_result, structure_problem, token_leaves,
-                             tolerance_problem)
-from .policy_inputs import (Draw, Space, build_inputs, draw_mask, draws, first_line, fixed_draws, input_space,
+from .policy_compare import (MetricReturnError, callable_name, left_padding_hint, metric_result, structure_problem,
+                             token_leaves, tolerance_problem)
+from .policy_inputs import (PADDING_CHOICES, Draw, Space, build_inputs, draw_mask, draws, first_line, fixed_draws, input_space,
                             within_the_model)
 
 __all__ = ["check_policy", "PolicyCheckError", "PolicyCheckResult", "Draw", "DrawResult"]
@@ -87,7 +87,7 @@ class _Failure(AssertionError):
 def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = None, calib=None,
                  rtol: float = 1e-2, atol: float = 1e-2,
                  metric: Callable[[Any, Any], bool | float] | None = None,
-                 max_examples: int = 20, max_batch: int = 4, max_seq: int = 32,
+                 max_examples: int = 20, max_batch: int = 4, max_seq: int = 32, padding: str = "both",
                  name: str | None = None, seed: int | None = None) -> PolicyCheckResult:
     """Compile `model` with `policy` once, then compare it with the original on drawn inputs.
 
@@ -105,7 +105,8 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     only their shapes). Hypothesis draws batch sizes (1 to `max_batch`), sequence lengths (1 to
     `max_seq`, within what the compiled graph and the original model take: a length the original
     refuses, past its position table, is never drawn) and padding — attention masks all ones, or with zeros at the left or the
-    right end of rows — and builds every input the example inputs have, with their names and
+    right end of rows (`padding="right"` or `"left"` draws only that side, as your tokenizer pads;
+    `"none"` no padding) — and builds every input the example inputs have, with their names and
     dtypes (token ids within the vocabulary, pad id at padded positions, `labels` -100 there, the
     index a loss skips; float inputs such as
     ViT pixel_values drawn with the example's mean and spread, only the dynamic dims changing).
@@ -136,6 +137,8 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     from . import api
 
     _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed)
+    if padding not in PADDING_CHOICES:
+        raise ValueError(f"check_policy: padding must be one of {', '.join(map(repr, PADDING_CHOICES))}, got {padding!r}")
     from .runtime.compiled import CompiledModel
 
     module, example = api.unwrap(model, example_inputs)
@@ -148,6 +151,7 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
                            calib=calib, name=name)
     tensors, consts = _split_example(module, example, compiled.input_names)
     space = within_the_model(input_space(compiled, module, tensors, max_batch, max_seq), module, consts)
+    space = dataclasses.replace(space, paddings=PADDING_CHOICES[padding])
     per_token = token_leaves(compiled.graph)
     results: list[DrawResult] = []
 
@@ -257,6 +261,8 @@ def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results,
                             "or a float") from e
     else:
         problem, value = tolerance_problem(orig, comp, mask, rtol, atol, per_token)
+        if problem is not None and d.padding == "left":
+            problem += left_padding_hint(orig, per_token, problem)
     results.append(DrawResult(d, problem is None, value))
     return None if problem is None else (problem, value)
 

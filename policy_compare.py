@@ -131,6 +131,19 @@ def tolerance_problem(orig, comp, mask, rtol: float, atol: float,
     return report, worst_err
 
 
+def left_padding_hint(orig, token_leaves, problem: str) -> str:
+    """Said when a left-padded draw fails on an output that is not per token: it is read at a fixed
+    position (BERT's pooler reads position 0), a pad token there, whose value a `tokens unpad`
+    model does not keep. A right-padding tokenizer never feeds the model such an input."""
+    leaves = _leaves(orig)
+    leaf = problem.split(":", 1)[0]
+    if not any(path == leaf and flag is False for (path, _), flag in zip(leaves, _flags(token_leaves, len(leaves)))):
+        return ""
+    return (f"\n  hint: {leaf} is not per token and this input pads on the left: an output read at a fixed position "
+            "(BERT's pooler reads position 0) reads a pad token there. If your tokenizer pads on the right, pass "
+            "padding=\"right\"")
+
+
 def _zero_padding(out, mask, token_leaves=None):
     flat, spec = pytree.tree_flatten(out)
     zeroed = []

@@ -15,10 +15,12 @@ from torch import nn
 
 from .passes.capture import eval_mode
 
-__all__ = ["Draw", "Space", "PADDINGS", "IGNORE_INDEX", "draws", "fixed_draws", "draw_mask", "build_inputs",
+__all__ = ["Draw", "Space", "PADDINGS", "PADDING_CHOICES", "IGNORE_INDEX", "draws", "fixed_draws", "draw_mask", "build_inputs",
            "input_space", "within_the_model", "first_line"]
 
 PADDINGS = ("none", "right", "left")  # "none" first: hypothesis shrinks towards it
+# check_policy's `padding=`: which sides of rows its masks pad.
+PADDING_CHOICES = {"both": PADDINGS, "right": ("none", "right"), "left": ("none", "left"), "none": ("none",)}
 IGNORE_INDEX = -100  # the label of a position the loss skips (torch's cross_entropy, Hugging Face)
 _MAX_SEED = 2**31 - 1
 
@@ -71,6 +73,7 @@ class Space:
     batch: tuple[int, int]
     seq: tuple[int, int] | None
     pad_id: int | None
+    paddings: tuple[str, ...] = PADDINGS  # the sides drawn (check_policy's `padding=`)
 
     @property
     def mask_name(self) -> str | None:
@@ -83,8 +86,8 @@ def _pick(space: Space, integer: Callable[[int, int], int], choose: Callable[[tu
     batch = integer(*space.batch)
     seq = integer(*space.seq) if space.seq else None
     padding, pads = "none", (0,) * batch
-    if space.mask_name and seq is not None and seq > 1:
-        padding = choose(PADDINGS)
+    if space.mask_name and seq is not None and seq > 1 and len(space.paddings) > 1:
+        padding = choose(space.paddings)
         if padding != "none":
             # The first row is always padded, so a drawn side is a real padding pattern;
             # every row keeps at least one real token.

@@ -1,0 +1,40 @@
+"""check_policy's `padding=`: the sides its masks pad, as the user's tokenizer does, and the hint
+a left-padded failure of an output read at a fixed position gets. `tokens unpad` on an encoder
+failed by default: BERT's pooler reads position 0, a pad token in a left-padded row, whose value
+the compiled model does not keep."""
+from __future__ import annotations
+
+import pytest
+
+from slimfx.models import tiny
+from slimfx.testing import PolicyCheckError, check_policy
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny("bert", layers=2)
+
+
+def test_right_padding_only_draws_that_side_and_checks_unpad_exactly(bert):
+    result = check_policy(bert, "tokens unpad", rtol=0, atol=1e-4, seed=1, padding="right")
+    sides = {r.draw.padding for r in result.results}
+    assert sides == {"none", "right"}
+
+
+def test_a_left_padded_failure_of_a_fixed_position_output_says_why(bert):
+    with pytest.raises(PolicyCheckError) as info:
+        check_policy(bert, "tokens unpad", rtol=0, atol=1e-4, seed=1)
+    text = str(info.value)
+    assert "padding=left" in text and "pooler_output: max |compiled - original|" in text
+    assert 'hint: pooler_output is not per token and this input pads on the left' in text
+    assert 'pass padding="right"' in text
+
+
+def test_no_padding_draws_full_masks(bert):
+    result = check_policy(bert, "tokens unpad", rtol=0, atol=1e-4, seed=1, padding="none", max_examples=5)
+    assert {r.draw.padding for r in result.results} == {"none"}
+
+
+def test_an_unknown_padding_is_refused_before_the_compile(bert):
+    with pytest.raises(ValueError, match="padding must be one of 'both', 'right', 'left', 'none', got 'top'"):
+        check_policy(bert, "tokens unpad", padding="top")
