@@ -168,7 +168,7 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
         else:
             _run_own_test(space, run_one, max_examples, used_seed)
     except _Failure as f:
-        raise PolicyCheckError(_message(compiled, f, len(results), rtol, atol, metric, used_seed), f.draw, f.value,
+        raise PolicyCheckError(_message(compiled, f, len(results), rtol, atol, metric, used_seed, nested), f.draw, f.value,
                                build_inputs(space, f.draw), used_seed) from None
     return PolicyCheckResult(compiled, results)
 
@@ -267,7 +267,7 @@ def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results,
     return None if problem is None else (problem, value)
 
 
-def _message(compiled, f: _Failure, tried: int, rtol, atol, metric, seed: int | None) -> str:
+def _message(compiled, f: _Failure, tried: int, rtol, atol, metric, seed: int | None, nested: bool = False) -> str:
     policy = f"policy `{compiled.policy_name}`" if compiled.policy_name else "the empty policy"
     rule = (f"metric {callable_name(metric)}(original, compiled) is True or <= {atol:g}" if metric is not None else
             f"|compiled - original| <= atol + rtol * |original|, rtol={rtol:g}, atol={atol:g}, real tokens only")
@@ -276,8 +276,10 @@ def _message(compiled, f: _Failure, tried: int, rtol, atol, metric, seed: int | 
             f"  smallest failing input: {f.draw.describe()}\n"
             f"  {f.detail}\n"
             + (f"  required: {rule}\n" if numeric else "")
-            + f"  ({tried} inputs run, shrinking included"
-            + (f"; check_policy(..., seed={seed}) replays this run)" if seed is not None else ")"))
+            # Inside an outer @given each outer example is a call of its own: count this call's inputs.
+            + (f"  ({tried} inputs run in this call; the outer test shrinks them with its own arguments)" if nested else
+               f"  ({tried} inputs run, shrinking included"
+               + (f"; check_policy(..., seed={seed}) replays this run)" if seed is not None else ")")))
 
 
 def _split_example(module: nn.Module, example, names: tuple[str, ...]):

@@ -15,7 +15,10 @@ the parts the grammar cannot constrain (parameter names and values, budgets, met
 values the schema accepts, keeping the drawn layout; a `heal` gets a `drop` above it where its
 policy removes no blocks, a policy keeps one `tokens unpad` at most, above its `tokens after`
 rules (and half of those without one get one), and half the draws move removals above the other
-rules. Only text that parse() accepts comes out. `bare_rules()` draws the rules of one such policy
+rules. Only text that parse() accepts comes out. It is language-level text: selectors are random
+names, so on a real model most draws select nothing (compile refuses them by name) — use it to
+test tools that read policies (linters, formatters, diff tools), not a model; `check_policy` with
+your own policy tests a model. `bare_rules()` draws the rules of one such policy
 with no `policy NAME { }` around them, as `compile(model, "quantize head int8")` takes them.
 """
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .dsl import ast as A
 from .dsl.errors import SpecError
 from .dsl.parser import lark_parser, parse
 from .dsl.printer import format_value
-from .dsl.schema import (ADAPTERS, FORMATS, HEAL_METHOD_PARAMS, INT_FORMATS, METRICS, SCHEMAS, SIZE_UNITS,
+from .dsl.schema import (ADAPTERS, FORMAT_BITS, FORMATS, HEAL_METHOD_PARAMS, INT_FORMATS, METRICS, SCHEMAS, SIZE_UNITS,
                          TOKEN_ACTIONS, ParamSpec)
 
 __all__ = ["policies", "policy_asts", "bare_rules", "param_values", "grammar_text_strategy", "tiny_models",
@@ -163,7 +166,7 @@ def _compatible(draw, key: str, values: dict) -> dict:
 @st.composite
 def _budget_text(draw, formats: list[str]) -> str:
     if draw(st.booleans()):
-        smallest = min({"int8": 8, "int4": 4, "int2": 2}.get(f, 16) for f in formats)
+        smallest = min(FORMAT_BITS[f] for f in formats)  # `keep` is 32 bits, not 16: 16–31 were redrawn
         return f" budget avg_bits<={format_value(draw(st.floats(smallest, 32, allow_nan=False)))} "
     unit = draw(st.sampled_from(["", *SIZE_UNITS]))
     return f" budget bytes<={draw(st.integers(1, 10**6))}{unit} "
@@ -188,8 +191,9 @@ def _schema_edits(draw, tree: Tree) -> list[tuple[int, int, str]]:
         key = _key(rule)
         params = [c for c in rule.children if isinstance(c, Tree) and c.data == "param"]
         edits += _replace_params(draw, params, key, rule)
+        formats = draw(_distinct_formats(rule)) if rule.data == "precision" else None
         for child in rule.children:
-            edits += _edit_part(draw, rule, child)
+            edits += _edit_part(draw, rule, child, formats)
     edits += draw(_removal_for_heal(tree))
     for sl in tree.find_data("slice"):
         step = sl.children[2]
@@ -200,14 +204,15 @@ def _schema_edits(draw, tree: Tree) -> list[tuple[int, int, str]]:
 
 @st.composite
 def _removal_for_heal(draw, tree: Tree) -> list[tuple[int, int, str]]:
-    """A `drop` above the first `heal` of each policy that has no `collapse` or `drop`: `heal`
-    repairs what one removed, and random rule lists seldom hold both."""
+    """A `drop` above the first rule of each policy that has a `heal` and no `collapse` or `drop`:
+    `heal` repairs what one removed, and random rule lists seldom hold both. Above the first rule,
+    not the heal: a drop below a `quantize` or `adapt` is an illegal order (such draws were redrawn)."""
     edits = []
     for policy in tree.find_data("policy"):
-        kinds = [c.data for c in policy.children if isinstance(c, Tree)]
+        rules = [c for c in policy.children if isinstance(c, Tree)]
+        kinds = [c.data for c in rules]
         if "heal" in kinds and not {"collapse", "drop"} & set(kinds):
-            heal = next(c for c in policy.children if isinstance(c, Tree) and c.data == "heal")
-            start = _offsets(heal)[0]
+            start = _offsets(rules[0])[0]
             edits.append((start, start, f"drop {draw(_names())}[{draw(st.integers(0, 40))}]\n    "))
     return edits
 
@@ -237,18 +242,34 @@ def _replace_params(draw, params: list[Tree], key: str, rule: Tree) -> list[tupl
     return [(start, end, draw(_params_text(key, len(params))))]
 
 
-def _edit_part(draw, rule: Tree, child) -> list[tuple[int, int, str]]:
+def _choices(rule: Tree) -> list[Tree]:
+    return [c for c in rule.children if isinstance(c, Tree) and c.data == "choice"]
+
+
+@st.composite
+def _distinct_formats(draw, rule: Tree) -> dict[int, str]:
+    """A format per `choose` candidate (by position), no two alike, for the first len(FORMATS)
+    candidates (the rest are removed): the grammar drew repeats ("format `int8` is listed twice"),
+    which were redrawn."""
+    return dict(enumerate(draw(st.permutations(FORMATS))[:len(_choices(rule))]))
+
+
+def _edit_part(draw, rule: Tree, child, formats: dict[int, str] | None = None) -> list[tuple[int, int, str]]:
     if isinstance(child, Tree) and child.data == "auto":
         count = len([c for c in child.children if c is not None])
         inner = draw(_params_text(f"{rule.data}.auto", count, sep=", "))
         return [(*_offsets(child), f" auto({inner}) ")]
     if isinstance(child, Tree) and child.data == "choice":
-        fmt = str(child.children[0])
+        index = next(i for i, c in enumerate(_choices(rule)) if c is child)  # equal trees are not the same one
+        if formats and index >= len(formats):  # more candidates than formats: the rest go, comma and all
+            return [(_offsets(_choices(rule)[index - 1])[1], _offsets(child)[1], "")]
+        fmt = formats[index] if formats else str(child.children[0])
         params = [c for c in child.children[1:] if isinstance(c, Tree)]
-        return _replace_params(draw, params, "choice" if fmt in INT_FORMATS else "keep", rule)
+        edits = _replace_params(draw, params, "choice" if fmt in INT_FORMATS else "keep", rule)
+        return edits + [(*_offsets(child.children[0]), f" {fmt} ")]
     if isinstance(child, Tree) and child.data.startswith("budget"):
-        formats = [str(c.children[0]) for c in rule.children if isinstance(c, Tree) and c.data == "choice"]
-        return [(*_offsets(child), draw(_budget_text(formats)))]
+        used = list(formats.values()) if formats else [str(c.children[0]) for c in _choices(rule)]
+        return [(*_offsets(child), draw(_budget_text(used)))]
     if isinstance(child, Token) and child.type == "NAME" and rule.data == "precision":
         return [(*_offsets(child), f" {draw(st.sampled_from(METRICS))} ")]  # the metric
     return []

@@ -27,7 +27,7 @@ from output_compare import main_output
 REMOVE = ["drop blocks[1]", "drop blocks[1:3]", "drop {blocks[0], blocks[2]}", "drop blocks[-1]",
           "drop blocks auto(count=1)", "drop blocks auto(count=2, score=angular, max_run=2)",
           "drop blocks auto(ratio=0.3)", "collapse blocks[0:2]", "collapse blocks[1:4]",
-          "collapse blocks auto(count=1, span=2, threshold=0.0)"]
+          "collapse blocks auto(count=1, span=2, threshold=0.01)"]  # threshold is in (0, 1]
 HEAL = ["heal method=linear", "heal method=linear fold=true", "heal method=lora steps=2",
         "heal method=lora steps=2 merge=false distill=true", "heal method=lora steps=2 rank=2 reach=2 schedule=cosine"]
 WEIGHT = ["quantize blocks[0].attn.q int8", "quantize blocks.*.mlp.* int4 group=32",

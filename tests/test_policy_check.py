@@ -327,8 +327,10 @@ def test_failure_inside_an_outer_given_is_shrunk_by_it(llama):
     def outer(fmt):
         check_policy(llama, quantize(fmt), rtol=0, atol=1e-3, max_examples=3)
 
-    with pytest.raises(PolicyCheckError, match="smallest failing input: batch=1, seq=1, padding=none"):
+    with pytest.raises(PolicyCheckError, match="smallest failing input: batch=1, seq=1, padding=none") as info:
         outer()
+    # It said "(1 inputs run, shrinking included)": the count is of this call, the shrinking the outer test's.
+    assert "inputs run in this call; the outer test shrinks them with its own arguments" in str(info.value)
 
 
 # ---- every policy in specs/ ----------------------------------------------------------------

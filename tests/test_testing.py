@@ -206,3 +206,23 @@ def test_zero_float_is_drawn_in_quantize_rules_and_choose_formats():
         text = find(_params_text(key, 3), lambda t: "zero=float" in t,
                     settings=_FIND)
         assert "sym=false" in text and parse(_RULE[key].format(text))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_schema_edits_make_repeated_choices_a_keep_budget_and_a_lone_heal_valid(data):
+    """Each was redrawn (about 1 draw in 10 thrown away): candidates listed twice (here one more
+    than there are formats), an avg_bits limit of 16–31 with `keep` (32 bits) offered, and the
+    drop a lone `heal` gets written just above it, below a `quantize` (an illegal order)."""
+    from slimfx.dsl.parser import lark_parser
+    from slimfx.testing import _apply, _schema_edits
+
+    raw = ("policy p {\n  quantize blocks.*.mlp.* int8\n"
+           "  precision blocks.*.attn.* choose {keep, keep, int8, int8, int4, int4, int2} budget avg_bits<=20"
+           " by output_mse\n  heal method=linear\n}\n")
+    text = _apply(raw, data.draw(_schema_edits(lark_parser().parse(raw))))
+    policy = parse(text).policies[0]
+    precision = next(r for r in policy.rules if isinstance(r, A.Precision))
+    formats = [c.format for c in precision.choices]
+    assert len(formats) == len(set(formats)) == 6
+    assert isinstance(policy.rules[0], A.Drop), "the drop goes above every rule"
