@@ -209,10 +209,17 @@ class _Resolver:
         where = f"under `{label}`" if label else f"at the top of {self.g.model_class}"
         listed = close or names[:12]
         kind = "closest" if close else "names there"
+        hint = did_you_mean(name, names)
+        if not label and any(n.isdigit() for n in names):
+            # A top-level nn.Sequential's children are named `0`, `1`, …, which no selector can
+            # start with (a path starts with a name; `net[0]` indexes a named parent).
+            hint = ("children named by numbers (an nn.Sequential's) cannot start a selector: select them with "
+                    "`*` and a class filter (`* : Linear`), or wrap the model in a module that names its child "
+                    "(then `net[0]`)")
         return self._error(
             f"`{self._text()}` matches nothing: no `{name}` {where}; {kind}: "
             + (", ".join(f"`{n}`" for n in listed) or "none"),
-            hint=did_you_mean(name, names))
+            hint=hint)
 
     def _fused(self, scopes: list[_Scope], name: str) -> SpecError | None:
         """`attn.q` on a model whose q, k, v are one linear: say so and name `attn.qkv`; and the

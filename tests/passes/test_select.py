@@ -283,3 +283,16 @@ def test_class_filter_hint_names_each_class_once(llama):
     with pytest.raises(SpecError) as info:
         resolve(llama, sel("blocks", "*", "**", cls="linear"))
     assert info.value.hint == "did you mean `Linear`?"
+
+
+def test_a_top_level_sequential_says_how_to_select_its_numbered_children():
+    """Its names were listed (`0`, `1`, `2`) though no selector can start with one."""
+    import torch
+
+    import slimfx
+
+    seq = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with pytest.raises(slimfx.SpecError, match=r"(?s)names there: `0`, `1`, `2`.*cannot start a selector.*`\* : Linear`"):
+        slimfx.compile(seq, "quantize foo int8", example_inputs={"input": torch.randn(2, 8)})
+    cm = slimfx.compile(seq, "quantize * : Linear int8", example_inputs={"input": torch.randn(2, 8)})
+    assert cm.report.rules[0].targets == ('0', '2')
