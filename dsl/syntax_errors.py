@@ -176,8 +176,12 @@ def _phrase(expected: set[str], words: dict[str, tuple[str, ...]]) -> str:
             parts.append(f"`{words[t][0]}`")
         else:
             parts.append(t.lower())
-    if expected & _SELECTOR_CONTINUATIONS:
-        parts.append("more of the selector (`.`, `[`, `:`)" if parts else "`.`, `[` or `:`")
+    # Only the continuations the parser takes here: after `*` a `[` is not one, and the message
+    # listed it while refusing it (`quantize *[0] int8`).
+    glyphs = [g for t, g in (("DOT", "`.`"), ("LSQB", "`[`"), ("COLON", "`:`")) if t in expected]
+    if glyphs:
+        listed = ", ".join(glyphs[:-1]) + (" or " if len(glyphs) > 1 else "") + glyphs[-1]
+        parts.append(f"more of the selector ({', '.join(glyphs)})" if parts else listed)
     if not parts:
         return "nothing more here"
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]

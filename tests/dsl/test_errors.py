@@ -228,3 +228,11 @@ def test_long_lines_are_cut_around_the_caret():
     shown, caret = str(err).splitlines()[1:3]
     assert len(shown) < 120 and "…" in shown
     assert shown[caret.index("^")] == "@"
+
+
+def test_a_selector_continuation_the_parser_refuses_is_not_listed_as_expected():
+    """`quantize *[0] int8` was refused at `[` by a message that listed `[` among what it expected."""
+    with pytest.raises(SpecError) as info:
+        parse("quantize *[0] int8", bare=True)
+    first = str(info.value).splitlines()[0]
+    assert "more of the selector (`.`, `:`)" in first and first.endswith("got `[`")
