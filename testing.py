@@ -17,8 +17,9 @@ policy removes no blocks, a policy keeps one `tokens unpad` at most, above its `
 rules (and half of those without one get one), and half the draws move removals above the other
 rules. Only text that parse() accepts comes out. It is language-level text: selectors are random
 names, so on a real model most draws select nothing (compile refuses them by name) — use it to
-test tools that read policies (linters, formatters, diff tools), not a model; `check_policy` with
-your own policy tests a model. `bare_rules()` draws the rules of one such policy
+test tools that read policies (linters, formatters, diff tools), not a model: `role_rules()`
+(role_rules.py) draws rules that bind on supported models, and `check_policy` tests a policy of
+yours on a model. `bare_rules()` draws the rules of one such policy
 with no `policy NAME { }` around them, as `compile(model, "quantize head int8")` takes them.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .dsl.schema import (ADAPTERS, FORMAT_BITS, FORMATS, HEAL_METHOD_PARAMS, INT
                          TOKEN_ACTIONS, ParamSpec)
 
 __all__ = ["policies", "policy_asts", "bare_rules", "param_values", "grammar_text_strategy", "tiny_models",
-           "check_policy", "PolicyCheckError", "PolicyCheckResult"]
+           "role_rules", "check_policy", "PolicyCheckError", "PolicyCheckResult"]
 
 _CHECKER = ("check_policy", "PolicyCheckError", "PolicyCheckResult", "Draw", "DrawResult")
 
@@ -48,6 +49,10 @@ def __getattr__(name: str):
         from . import policy_check
 
         return getattr(policy_check, name)
+    if name == "role_rules":  # role_rules.py reads this module's parameter strategies
+        from .role_rules import role_rules
+
+        return role_rules
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _RULES_WITH_PARAMS = {"collapse", "drop", "adapt", "quantize", "precision", "tokens", "unpad", "keep", "heal"}

@@ -1,0 +1,71 @@
+"""slimfx.testing.role_rules: rules that bind on supported models. Every draw parses; on tiny
+models most draws compile (grammar-drawn policies() text compiled about 1 draw in 20) and the
+rest are SpecErrors, never another exception; every rule kind and the options that cost
+nothing to run are drawn."""
+from __future__ import annotations
+
+import collections
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+import slimfx
+from slimfx.models import tiny
+from slimfx.testing import role_rules
+
+_MODELS: dict[str, object] = {}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(role_rules(blocks=4))
+def test_every_draw_parses_as_bare_rules(rules):
+    slimfx.parse(rules, bare=True)
+
+
+@pytest.mark.parametrize("arch, tokens", [("llama", False), ("bert", True)])
+def test_most_draws_compile_and_the_rest_are_spec_errors(arch, tokens):
+    model = _MODELS.setdefault(arch, tiny(arch, layers=4))
+    outcomes = collections.Counter()
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+              derandomize=True)
+    @given(role_rules(blocks=4, tokens=tokens))
+    def run(rules):
+        try:
+            slimfx.compile(model, rules, progress=False)
+            outcomes["compiled"] += 1
+        except slimfx.SpecError:
+            outcomes["refused"] += 1
+
+    run()
+    assert outcomes["compiled"] >= 0.6 * sum(outcomes.values()), outcomes
+
+
+def test_every_rule_kind_and_the_adapter_and_gptq_options_are_drawn():
+    seen = collections.Counter()
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+              derandomize=True)
+    @given(role_rules(blocks=5, max_rules=6))
+    def count(rules):
+        for line in rules.splitlines():
+            seen[line.split()[0] if line.split()[0] != "tokens" else " ".join(line.split()[:2])] += 1
+            seen.update(re.findall(r"(\w+)=", line))
+            seen.update(w for w in ("auto", "dora", "fisher") if w in line)
+
+    count()
+    for kind in ("drop", "collapse", "heal", "quantize", "adapt", "precision", "keep", "tokens unpad", "tokens after"):
+        assert seen[kind], (kind, seen)
+    for option in ("method", "group", "zero", "act_order", "refit", "init", "dtype", "dropout", "fold", "steps",
+                   "distill", "ratio", "keep", "auto", "dora", "fisher"):
+        assert seen[option], (option, seen)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"blocks": 2}, "at least 3 blocks"), ({"blocks": True}, "at least 3 blocks"),
+    ({"max_rules": 0}, "max_rules must be a whole number of at least 1"),
+])
+def test_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        role_rules(**kwargs)
