@@ -8,10 +8,13 @@ position's output moved. Decided once per graph, before a token rule changes it.
 """
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
+from torch import fx
 
+from ..runtime import token_ops
 from ..runtime.inputs import FILLABLE, complete_inputs
 from .calibrate import observe
 from .graph import ModelGraph
@@ -50,12 +53,23 @@ def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool:
     changed[:, -1] = (ids[:, -1] + 1) % vocab
     rows: list[torch.Tensor] = []
     batches = [complete_inputs({"input_ids": x.to(device)}, graph.inputs) for x in (ids, changed)]
-    observe(graph, {graph.blocks[0].output: [lambda r: rows.append(r.float())]}, batches)
+    observe(graph, {_stream_per_position(graph.blocks[0].output): [lambda r: rows.append(r.float())]}, batches)
     earlier = torch.ones(batch, seq, dtype=torch.bool)
     earlier[:, -1] = False
     a, b = (r[earlier.reshape(-1).to(r.device)] for r in rows)
     # Exact on the models tried; a margin for kernels that sum masked-out zeros in another order.
     return bool((a - b).abs().max() <= 1e-5 * a.abs().max().clamp_min(1e-30))
+
+
+def _stream_per_position(out):
+    """The block's output, or what enters the token step that ends the block (a CompiledModel
+    compiled again, merged after block 0): the probe compares positions, and a merge or prune
+    leaves fewer rows than positions. Packed or padded, its rows are then one per position in
+    batch-major order (the probe's tokens are all real)."""
+    step = out.args[0] if out.target is operator.getitem and isinstance(out.args[0], fx.Node) else None
+    if step is not None and step.target in (token_ops.token_merge, token_ops.token_prune):
+        return step.args[0]
+    return out
 
 
 def _embedding_of(graph: ModelGraph):

@@ -154,14 +154,17 @@ def _mask_of(mask: Optional[torch.Tensor], b: int, pos: torch.Tensor) -> Optiona
 
 def _attention_score(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], bi: torch.Tensor,
                      si: torch.Tensor, batch: int, scale: Optional[float], is_causal: bool, enable_gqa: bool,
-                     received: bool) -> torch.Tensor:
+                     received: bool, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """How much attention each packed token gets, from the queries and keys of an attention
     (q/k [1, heads, N, d] and the mask as `packed_attention` takes them), averaged over heads.
 
     `received=False` (encoders): the attention the sequence's first token (CLS) pays it — only that
     softmax row is computed. `received=True` (decoders): the mean of the attention it receives
     over the queries allowed to see it (with a causal mask, the L − j queries at or after it), so
-    late tokens are not ranked low merely for having fewer queries after them. Returns [N] float."""
+    late tokens are not ranked low merely for having fewer queries after them. `sizes`: the
+    attention's own (proportional attention after a `prop_attn` merge), log(size) added to each
+    key's logits as packed_attention adds it, so the score is the softmax the block computed.
+    Returns [N] float."""
     out = q.new_zeros(q.shape[2], dtype=torch.float32)
     for b, start, end in _sequence_bounds(bi, batch):
         qs, ks = q[0, :, start:end].float(), k[0, :, start:end].float()
@@ -171,6 +174,8 @@ def _attention_score(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tens
         if not received:
             qs = qs[:, :1]
         logits = (qs @ ks.transpose(-1, -2)) * (scale if scale is not None else qs.shape[-1] ** -0.5)
+        if sizes is not None:  # rounded as packed_attention rounds its bias
+            logits = logits + sizes[start:end].log().to(q.dtype).float()
         allowed = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device)
         if is_causal:
             allowed = torch.ones(length, length, dtype=torch.bool, device=logits.device).tril()[: logits.shape[-2]]
@@ -192,7 +197,7 @@ def _attention_score(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tens
     return out
 
 
-def _attention_score_fake(q, k, mask, bi, si, batch, scale, is_causal, enable_gqa, received):
+def _attention_score_fake(q, k, mask, bi, si, batch, scale, is_causal, enable_gqa, received, sizes=None):
     return q.new_empty((q.shape[2],), dtype=torch.float32)
 
 
@@ -257,7 +262,9 @@ def _prune_sequence(x: torch.Tensor, sizes: torch.Tensor, score: Optional[torch.
     Same returns as _merge_sequence."""
     length = x.shape[0]
     k = min(length, max(1, math.ceil(keep * length - 1e-9)))
-    score = x.norm(dim=-1) if score is None else score.to(x.dtype)
+    # Ranked in float32 whatever x's dtype: bf16 keeps 8 bits of mantissa, so attention scores or
+    # norms a few parts in a thousand apart would tie and the stable sort would keep the earlier.
+    score = x.float().norm(dim=-1) if score is None else score.float()
     protected = torch.zeros(length, dtype=torch.bool, device=x.device)
     if protect_first:
         protected[0] = True
@@ -377,7 +384,7 @@ _OPS = {
     "kept_tokens": ("(Tensor batch_index, Tensor seq_index, Tensor? sizes, SymInt batch, bool right) -> "
                     "(Tensor, Tensor)", _kept_tokens, _kept_tokens_fake),
     "attention_score": ("(Tensor q, Tensor k, Tensor? mask, Tensor batch_index, Tensor seq_index, SymInt batch, "
-                        "float? scale, bool is_causal, bool enable_gqa, bool received) -> Tensor",
+                        "float? scale, bool is_causal, bool enable_gqa, bool received, Tensor? sizes=None) -> Tensor",
                         _attention_score, _attention_score_fake),
 }
 

@@ -7,6 +7,7 @@ from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
 from . import merge, prune
+from .unpad import refuse_tokens_again
 
 __all__ = ["run", "IMPLEMENTED"]
 
@@ -15,4 +16,5 @@ IMPLEMENTED = {"merge": merge.run, "prune": prune.run}
 
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     rule: A.Tokens = bound.rule
+    refuse_tokens_again(graph, bound, ctx)
     return IMPLEMENTED[rule.action](graph, bound, ctx)

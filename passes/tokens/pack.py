@@ -80,7 +80,7 @@ class _Packer:
         self.result = PackResult()
         self.packed: dict[fx.Node, Layout] = {}
         self.packs: dict[tuple[fx.Node, Layout], fx.Node] = {}
-        self.unpacks: dict[fx.Node, fx.Node] = {}
+        self.unpacks: dict[tuple[fx.Node, tuple], fx.Node] = {}
         self.own: list[fx.Node] = []  # nodes made here that read `start` as it is (the all-real mask)
 
     # ---- the walk ----
@@ -155,9 +155,9 @@ class _Packer:
         """The packed form of `value` (inserted at the current insertion point), memoized."""
         key = (value, layout)
         if key not in self.packs:
-            # The pack (and an unpack, below) belongs where its value was made: with no module of its
-            # own it sat outside every block, so a block's own value (a rotary model's cos.unsqueeze(1)) was read "after" the
-            # block, and drop/collapse refused to remove it. Shared by several blocks, it stays outside.
+            # The pack belongs where its value was made: with no module of its own it sat outside
+            # every block, so a block's own value (a rotary model's cos.unsqueeze(1)) was read "after"
+            # the block, and drop/collapse refused to remove it. Shared by several blocks, it stays outside.
             node = self._call(token_ops.pack_tokens, (value, self.bi, self.si, self.seq, layout.batch, layout.seq),
                               value)
             node.meta["val"] = value.meta["val"]
@@ -168,14 +168,26 @@ class _Packer:
         return self.packs[key]
 
     def _unpacked(self, value: fx.Node, before: fx.Node) -> fx.Node:
-        if value not in self.unpacks:
+        """The padded form of `value` for its reader `before`, memoized per value and owner.
+
+        The unpack lies in the modules that hold both the value and its reader: inside a block for
+        a reader in that block, outside every block for a graph output or a pooler. Had it the
+        value's modules, an output's unpack of a block's stream (output_hidden_states, or the last
+        block's last_hidden_state) would be that block's last value read outside it: the block
+        index would take the unpack for the block's output, the next block would not read it, and
+        drop/collapse of the last block would see its packed stream read "after" it."""
+        stack = _common_stack(value, before)
+        key = (value, tuple(stack or {}))
+        if key not in self.unpacks:
             layout = self.packed[value]
             with self.g.inserting_before(before):
                 node = self._call(token_ops.unpack_tokens, (value, self.bi, self.si, self.batch, self.seq,
-                                                            layout.batch, layout.seq), value)  # as _pack_node
+                                                            layout.batch, layout.seq), None)
+            if stack:
+                node.meta["nn_module_stack"] = stack
             node.meta["val"] = value.meta["val"]
-            self.unpacks[value] = node
-        return self.unpacks[value]
+            self.unpacks[key] = node
+        return self.unpacks[key]
 
     def _to_padded(self, node: fx.Node) -> None:
         self.result.padded.append(str(node.target).replace("torch.ops.", ""))
@@ -348,6 +360,17 @@ class _Packer:
         node.kwargs = {}
         self.result.attention += 1
         return self._mark(node, out)
+
+
+def _common_stack(a: fx.Node, b: fx.Node) -> Optional[dict]:
+    """The outermost entries that `a`'s and `b`'s nn_module_stack share (None: no module)."""
+    sa, sb = a.meta.get("nn_module_stack") or {}, b.meta.get("nn_module_stack") or {}
+    shared = {}
+    for (ka, va), (kb, vb) in zip(sa.items(), sb.items()):
+        if ka != kb or va != vb:
+            break
+        shared[ka] = va
+    return shared or None
 
 
 def _first_layout(sym: Symbols, val: Any) -> Optional[Layout]:

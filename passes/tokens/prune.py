@@ -42,10 +42,13 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
 
 def _attention_score(decoder: bool):
     """`score=attention`: slimfx::attention_score from the block attention's own queries and keys
-    (only the softmax rows needed: the first token's on encoders, all on decoders)."""
+    (only the softmax rows needed: the first token's on encoders, all on decoders), with its sizes
+    when an earlier `prop_attn` merge gave it some: the score is the attention the block paid."""
     def build(g: fx.Graph, attention: fx.Node) -> fx.Node:
         q, k, _, mask, bi, si, batch, scale, causal, gqa = attention.args[:10]
-        node = g.call_function(token_ops.attention_score, (q, k, mask, bi, si, batch, scale, causal, gqa, decoder))
+        sizes = attention.args[10] if len(attention.args) > 10 else attention.kwargs.get("sizes")
+        node = g.call_function(token_ops.attention_score, (q, k, mask, bi, si, batch, scale, causal, gqa, decoder,
+                                                            sizes))
         node.meta["val"] = bi.meta["val"].float()
         return node
     return build

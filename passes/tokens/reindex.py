@@ -22,7 +22,8 @@ from ..graph import ModelGraph
 from .pack import PACKED
 from .unpad import rule_error
 
-__all__ = ["innermost_restore", "selected_blocks", "insert_after", "token_counts", "block_attention", "TOKEN_OPS"]
+__all__ = ["innermost_restore", "descendants", "selected_blocks", "insert_after", "token_counts", "block_attention",
+           "TOKEN_OPS"]
 
 RESTORE = "slimfx_restore"  # meta key of the gathers that give an output its tokens back
 aten = torch.ops.aten
@@ -83,13 +84,36 @@ def insert_after(graph: ModelGraph, block, op, params: tuple, bound: BoundRule,
     if sizes is not None:
         swap[sizes] = sizes2
     for user in later:
-        if user.target is token_ops.unpack_tokens:
-            _restore(g, user, dest)
-            continue
+        if _unpacking(user):
+            continue  # an output's unpack reads its value on that value's own index (below)
         user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda a: swap.get(a, a))
         if proportional and user.target is token_ops.packed_attention:
             user.args = (*user.args[:10], sizes2)  # keys weighted by the tokens each holds
+    # Unpacks sit at the graph's end, yet one may unpack a value from before the merge (a hidden
+    # state of output_hidden_states, the stream h itself): that one is exact as it is. Only what
+    # the merge's tokens computed is restored through `dest`.
+    merged = descendants(merge)
+    for user in later:
+        if user.target is token_ops.unpack_tokens and innermost_restore(user).args[0] in merged:
+            _restore(g, user, dest)
     return merge
+
+
+def _unpacking(node: fx.Node) -> bool:
+    """An unpack or one of its restoring gathers: it reads a packed value with the index (and the
+    `dest` maps) of that value's own tokens, whichever step made them."""
+    return node.target is token_ops.unpack_tokens or bool(node.meta.get(RESTORE))
+
+
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """Every node computed from `node`'s value."""
+    seen, todo = set(), [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
 
 
 def block_attention(graph: ModelGraph, block, bound: BoundRule, ctx: Context) -> fx.Node:
@@ -119,14 +143,16 @@ def _current_index(later):
 
 
 def _check_crossing(graph, h, later, index_nodes, bound, ctx) -> None:
-    """Nothing packed may reach past the merge point except the stream itself and the index."""
+    """Nothing packed may reach past the merge point except the stream itself and the index (and
+    an unpack, which reads it on its own tokens: a hidden state output_hidden_states returns)."""
     later_set = set(later)
     for node in graph.module.graph.nodes:
         if node is h or node in later_set or node in index_nodes:
             continue
         packed = PACKED in node.meta or node.target is token_ops.pack_tokens
-        if packed and any(u in later_set for u in node.users):
-            user = next(u for u in node.users if u in later_set)
+        readers = [u for u in node.users if u in later_set and not _unpacking(u)]
+        if packed and readers:
+            user = readers[0]
             raise rule_error(bound, ctx, "unsupported", f"{node.name} holds one value per token from before the "
                              f"merge and is read after it (by {user.name}); the merge cannot make it follow",
                              "merge after another block")
@@ -141,6 +167,8 @@ def _restore(g: fx.Graph, unpack: fx.Node, dest: fx.Node) -> None:
     with g.inserting_before(inner):
         gather = g.call_function(aten.index_select.default, (x, seq_dim, dest))
     gather.meta["val"] = x.meta["val"]
+    if "nn_module_stack" in unpack.meta:  # where its unpack is: in the block of a padded-layout reader
+        gather.meta["nn_module_stack"] = unpack.meta["nn_module_stack"]
     gather.meta[RESTORE] = True
     gather.meta[PACKED] = x.meta.get(PACKED)
     inner.args = (gather, *inner.args[1:])

@@ -22,7 +22,7 @@ from ...runtime import token_ops
 from ..bind import BoundRule
 from ..context import Context
 from ..graph import ModelGraph
-from .reindex import RESTORE, TOKEN_OPS, innermost_restore
+from .reindex import RESTORE, TOKEN_OPS, descendants, innermost_restore
 from .unpad import rule_error
 
 __all__ = ["shorten_outputs"]
@@ -36,11 +36,17 @@ def shorten_outputs(graph: ModelGraph, bound: BoundRule, ctx: Context, right: bo
     sizes, bi, si = items[1], items[2], items[3]
     out = next(n for n in g.nodes if n.op == "output")
     values = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    after_last = descendants(last)
     changed = 0
     for i, value in enumerate(values):
         if not (isinstance(value, fx.Node) and value.target is token_ops.unpack_tokens):
             continue
         x, batch, bdim, sdim = innermost_restore(value).args[0], value.args[3], value.args[5], value.args[6]
+        if x not in after_last:
+            raise rule_error(bound, ctx, "unsupported", f"`restore=false`: output {value.name} is computed before the "
+                             f"last `tokens after` step ({x.name}: a hidden state output_hidden_states=True returns), "
+                             "on more tokens than remain; its shorter form is not defined",
+                             "use `restore=true`, or capture with output_hidden_states=False")
         if bdim < 0:
             raise rule_error(bound, ctx, "unsupported", f"`restore=false`: output {value.name} flattens batch and "
                              "sequence into one dim; its shorter form is not defined", "use `restore=true`")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ...runtime import token_ops
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
 from ..calibrate import forward_ms
@@ -20,12 +21,14 @@ from ..context import Context, rule_error
 from ..graph import ModelGraph
 from .layout import MASK_INPUT, Symbols
 from .flops import attention_lengths, block_flops
-from .pack import PackResult, pack_graph
+from .pack import PACKED, PackResult, pack_graph
 
-__all__ = ["run", "MASK_INPUT", "padded_batch", "probe_batch", "pack_from", "rule_error", "flops_note"]
+__all__ = ["run", "refuse_tokens_again", "MASK_INPUT", "padded_batch", "probe_batch", "pack_from", "rule_error",
+           "flops_note"]
 
 
 def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
+    refuse_tokens_again(graph, bound, ctx)
     _mask_placeholder(graph, bound, ctx)
     if not graph.blocks:
         raise rule_error(bound, ctx, "unsupported", f"`tokens unpad` packs the tokens entering the first block, and "
@@ -58,6 +61,20 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
             notes.append(flops_note(details, flops_before, graph, probe))
     params, nbytes = graph_params(graph), graph_bytes(graph)
     return RuleReport(bound.line, bound.text, "tokens", (), params, params, nbytes, nbytes, details, tuple(notes))
+
+
+def refuse_tokens_again(graph: ModelGraph, bound: BoundRule, ctx: Context) -> None:
+    """A CompiledModel compiled again (or one loaded) computes on packed tokens already, but its
+    copied graph keeps no record of which values are packed, nor of which gathers restore an output
+    (meta that the saved format does not hold): a second unpad would pack packed values, and a
+    merge would find no packed stream. Rules above this one in the same policy keep that record."""
+    ops = (token_ops.token_index, token_ops.token_merge, token_ops.token_prune)
+    nodes = list(graph.module.graph.nodes)
+    if any(n.target in ops for n in nodes) and not any(PACKED in n.meta for n in nodes):
+        raise rule_error(bound, ctx, "unsupported", f"this {graph.model_class} was compiled before with token rules "
+                         f"(it already computes on packed tokens), and `{bound.text}` cannot be added on top of them",
+                         "compile the original model with all its token rules in one policy (`tokens unpad` and "
+                         "every `tokens after` rule); rules of other kinds (e.g. quantize) compile onto this one")
 
 
 def pack_from(graph: ModelGraph, start, bound: BoundRule, ctx: Context) -> PackResult:

@@ -77,3 +77,15 @@ def test_prune_on_a_bare_decoder_is_the_decoders_prune():
         plain = lm.model(**example).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert (want - plain).abs().max() > 1e-3  # the prune did something
+
+
+@pytest.mark.parametrize("name, rule", [("bare LlamaModel", "tokens after blocks[0] prune keep=0.5 restore=true"),
+                                        ("bert", "tokens after blocks[0] merge ratio=0.5 restore=true")])
+def test_the_probe_of_a_compiled_model_reads_the_stream_before_its_token_step(name, rule):
+    """Compiled again, a model whose first block ends in a prune or merge: the block's output has
+    fewer rows than positions, and the probe indexed it by position (a raw IndexError)."""
+    from slimfx.passes.graph import ModelGraph
+    from slimfx.runtime.program_copy import copy_program
+
+    cm = slimfx.compile(MODELS[name]().eval(), rule, example_inputs=_ids())
+    assert is_causal(ModelGraph.of(copy_program(cm.graph))) == (name != "bert")

@@ -2,6 +2,8 @@
 on a tiny BERT, one sequence at a time; keep=1.0 is the identity; decoders keep their last position."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -146,3 +148,52 @@ def test_a_decoder_prunes_by_received_attention_and_keeps_its_last_position():
     assert logits.shape == lm.model(**example).logits.shape and torch.isfinite(logits).all()
     assert "mean attention they receive" in cm.report.rules[1].notes[0]
     assert cm.report.rules[1].details["tokens"] == ["17→9"]  # ⌈0.5·L⌉ of 7, 4, 6 = 4 + 2 + 3
+
+
+
+def _merged_positions(dest: torch.Tensor) -> list[int]:
+    """The position each merged token keeps (tome_ref.merge_tokens' dest): a group of several holds
+    its B token (odd position) and the A tokens merged into it; a group of one, that token."""
+    groups = [[t for t in range(dest.numel()) if dest[t] == g] for g in range(int(dest.max()) + 1)]
+    return [next(t for t in group if t % 2) if len(group) > 1 else group[0] for group in groups]
+
+
+def _kept_after_proportional_merge(model, ids: torch.Tensor, proportional: bool) -> list[int]:
+    """One sequence: a ToMe merge (ratio 0.5) after block 0, then the positions that keep=0.5
+    protect=cls keeps after block 1, ranked by block 1's CLS attention (post-norm BERT: from the
+    block's input) — with log(size) added to each key's logits, as proportional attention makes
+    the block compute, or without."""
+    with torch.no_grad():
+        h = model.encoder.layer[0](model.embeddings(input_ids=ids[None]))
+        h = h[0] if isinstance(h, tuple) else h
+        x, sizes, dest = merge_tokens(h[0], torch.ones(ids.numel()), 0.5, False)
+        sa, heads = model.encoder.layer[1].attention.self, model.config.num_attention_heads
+        split = lambda t: t.view(t.shape[0], heads, -1).transpose(0, 1)  # noqa: E731
+        q, k = split(sa.query(x)), split(sa.key(x))
+        logits = (q[:, :1] @ k.transpose(-1, -2))[:, 0] / q.shape[-1] ** 0.5
+        score = torch.softmax(logits + (sizes.log() if proportional else 0), dim=-1).mean(0)
+    keep = math.ceil(0.5 * x.shape[0] - 1e-9)
+    ranked = sorted(range(x.shape[0]), key=lambda t: (-(math.inf if t == 0 else float(score[t])), t))
+    positions = _merged_positions(dest)
+    return [positions[t] for t in sorted(ranked[:keep])]
+
+
+def test_attention_score_after_a_proportional_merge_is_the_attention_the_block_paid(bert):
+    """score=attention after `prop_attn=true`: block 1's attention adds log(size) to each merged
+    key, and the score left that out, ranking by an attention no block computed."""
+    example = _batch([12, 8, 5], 12, 0)
+    rules = ("tokens unpad\ntokens after blocks[0] merge ratio=0.5 prop_attn=true\n"
+             "tokens after blocks[1] prune keep=0.5 score=attention protect=cls")
+    cm = slimfx.compile(bert.model, rules, example_inputs=example, calib=[example])
+    lengths = [16, 13, 9, 14]
+    batch = _batch(lengths, 16, 3)
+    with torch.no_grad():
+        cm(**batch)
+    positions = cm.kept_tokens["positions"]
+    differs = 0
+    for row, n in enumerate(lengths):
+        ids = batch["input_ids"][row, :n]
+        want = _kept_after_proportional_merge(bert.model, ids, True)
+        assert positions[row][positions[row] >= 0].tolist() == want, row
+        differs += want != _kept_after_proportional_merge(bert.model, ids, False)
+    assert differs  # the sizes change which tokens are kept here: the test tells the two apart

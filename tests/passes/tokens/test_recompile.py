@@ -31,3 +31,37 @@ def test_token_rules_on_a_compiled_model_equal_them_on_the_original(arch, policy
         assert torch.equal(got[name], want[name]), name
     if direct.kept_tokens is not None:
         assert torch.equal(again.kept_tokens["positions"], direct.kept_tokens["positions"])
+
+
+MERGED = "tokens unpad\ntokens after blocks[1] merge ratio=0.5 restore=true"
+
+
+@pytest.fixture(scope="module")
+def merged():
+    lm = tiny("bert", layers=4)
+    example = _batch([12, 8, 5], 12, 0)
+    return lm, example, slimfx.compile(lm.model, MERGED, example_inputs=example, calib=[example])
+
+
+@pytest.mark.parametrize("policy", ["tokens unpad", "tokens after blocks[2] merge ratio=0.5 restore=true",
+                                    "tokens after blocks[2] prune keep=0.5 restore=true",
+                                    "tokens after blocks[0] merge ratio=0.5 restore=true"])
+def test_token_rules_onto_a_model_that_has_some_are_refused_by_name(merged, policy):
+    """Its copied graph keeps no record of which values are packed: a second unpad packed packed
+    values (a raw RuntimeError on the first call), a merge ran the causal probe on merged rows (a raw
+    IndexError) or was told to put `tokens unpad` above it, which the model already has."""
+    _, example, cm = merged
+    with pytest.raises(slimfx.SpecError, match=r"(?s)compiled before with token rules.*compile the original model "
+                                               r"with all its token rules in one policy"):
+        slimfx.compile(cm, policy, calib=[example])
+
+
+def test_quantize_onto_a_merged_model_equals_it_in_the_same_policy(merged):
+    lm, example, cm = merged
+    rule = "quantize blocks.*.** : Linear int8"
+    again = slimfx.compile(cm, rule, calib=[example])
+    direct = slimfx.compile(lm.model, f"{MERGED}\n{rule}", example_inputs=example, calib=[example])
+    batch = _batch([11, 3, 7], 11, 5)
+    with torch.no_grad():
+        got, want = again(**batch).last_hidden_state, direct(**batch).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -64,3 +64,36 @@ def test_removing_the_block_of_a_token_step_names_the_step(arch, rules, op):
     with pytest.raises(slimfx.SpecError, match=rf"(?s)layers?\.1 is where a `tokens after` rule above prunes or "
                                                rf"merges the tokens \(slimfx\.{op}\).*in a rule above the `tokens` rule"):
         slimfx.compile(lm, rules)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_dropping_the_last_block_below_unpad_equals_the_model_without_it(bert, merge):
+    """The output's unpack of the last block's stream was counted as part of that block, so the
+    stream itself read "after" it (by the pooler) and the drop was refused as if a later block
+    needed it."""
+    rules = "tokens unpad\n" + (f"tokens after blocks[1] {MERGE}\n" if merge else "") + "drop blocks[3]"
+    example = _batch([12, 8, 5], 12, 0)
+    cm = slimfx.compile(bert.model, rules, example_inputs=example)
+    smaller = copy.deepcopy(bert.model)
+    smaller.encoder.layer = nn.ModuleList(list(bert.model.encoder.layer)[:3])
+    op = lambda x, s, _: merge_tokens(x, s, 0.3, True)  # noqa: E731
+    batch = _batch([11, 4, 7], 11, 3)
+    with torch.no_grad():
+        got = cm(**batch)
+    for row, n in enumerate([11, 4, 7]):
+        want = bert_with_token_ops(smaller, batch["input_ids"][row, :n], {1: op} if merge else {})
+        torch.testing.assert_close(got.last_hidden_state[row, :n], want, atol=1e-5, rtol=1e-4)
+        assert got.last_hidden_state[row, n:].abs().sum() == 0
+        # the pooler reads the first position of the new last block's output
+        torch.testing.assert_close(got.pooler_output[row], smaller.pooler(want[None])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_collapsing_into_the_last_blocks_below_unpad_equals_it_without_unpad(bert):
+    example = _batch([12, 8, 5], 12, 0)
+    packed = slimfx.compile(bert.model, "tokens unpad\ncollapse blocks[2:4]", example_inputs=example)
+    padded = slimfx.compile(bert.model, "collapse blocks[2:4]", example_inputs=example)
+    batch = _batch([11, 4, 7], 11, 3)
+    with torch.no_grad():
+        got, want = packed(**batch).last_hidden_state, padded(**batch).last_hidden_state
+    for row, n in enumerate([11, 4, 7]):
+        torch.testing.assert_close(got[row, :n], want[row, :n], atol=1e-5, rtol=1e-4)
