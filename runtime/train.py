@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import numbers
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -75,8 +76,8 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     params = _check(cm, steps, loss, teacher)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; train() knows {', '.join(map(repr, SCHEDULES))}")
-    if optimizer is None and not 0 < lr < float("inf"):
-        raise ValueError(f"lr must be a positive finite number, got {lr}")
+    if optimizer is None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < float("inf")):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     batches = _batches(batches)
     teacher = _unwrap(teacher)
     opt = optimizer if optimizer is not None else torch.optim.AdamW(params, lr=lr)
@@ -108,11 +109,23 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
             if not torch.isfinite(after):
                 raise FloatingPointError(f"after step {len(losses)}'s update the {loss} loss is {after.item()}")
     except FloatingPointError as e:
-        with torch.no_grad():
-            for p, value in zip(params, before):
-                p.copy_(value)
+        _put_back(params, before)
         raise Diverged(str(e), updated=bool(losses)) from None
+    except BaseException as e:
+        # Any other stop (a bad later batch, Ctrl-C) came after some updates: the call trains
+        # fully or leaves the adapters as they were, never half-trained with no result.
+        _put_back(params, before)
+        if losses:
+            e.add_note(f"slimfx.train stopped after {len(losses)} of {steps} steps; the adapters are restored to "
+                       "what they were before this train() call")
+        raise
     return TrainResult(losses, time.perf_counter() - start, loss)
+
+
+def _put_back(params: list[nn.Parameter], before: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, value in zip(params, before):
+            p.copy_(value)
 
 
 class Diverged(FloatingPointError):
@@ -180,7 +193,7 @@ def _check(cm, steps: int, loss: str, teacher) -> list[nn.Parameter]:
                         f"got {type(cm).__name__}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; train() knows {', '.join(map(repr, LOSSES))}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:  # numpy ints too
         raise ValueError(f"steps must be a whole number of at least 1, got {steps!r}")
     if torch.is_inference_mode_enabled():  # enable_grad() does not lift it: autograd's error named no cause
         raise RuntimeError("slimfx.train runs backward passes, and torch.inference_mode() is on: call it outside "
@@ -271,12 +284,16 @@ def module_mode(module: nn.Module | None, training: bool):
     if not isinstance(module, nn.Module):
         yield
         return
-    was = module.training
+    # Each submodule's own flag: train(was) set the top module's on all of them (a teacher with
+    # one block in eval came back with every block training).
+    was = {m: m.training for m in module.modules()}
     module.train(training)
     try:
         yield
     finally:
-        module.train(was)
+        module.train(was[module])  # its own train(): a CompiledModel switches adapter dropout there
+        for m, mode in was.items():
+            m.training = mode
 
 
 def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
