@@ -210,7 +210,13 @@ def _recompile_source(cm, example_inputs):
     if example_inputs is not None:
         raise TypeError("example_inputs cannot be given with a CompiledModel: its graph is already captured "
                         f"(inputs {list(cm.input_names)})")
-    return ModelGraph.of(copy_program(cm.graph))
+    from .runtime.adapters import set_dropout
+
+    program = copy_program(cm.graph)
+    # The copy in eval form whatever mode `cm` is in: adapter dropout off (calibration of later
+    # rules must not draw masks) and DoRA's training-only base term out (runtime/dora_dropout.py).
+    set_dropout(program.module, False)
+    return ModelGraph.of(program)
 
 
 def unwrap(model, example_inputs):

@@ -15,12 +15,15 @@ seldom has).
         ...
 
 Selectors are written in the house's role names (`blocks[i]`, `attn.q`…`attn.o`, `mlp.*`, `head`),
-which every supported architecture binds, each weight rule on another part of the model; parameters are drawn from the schema
+which most supported architectures bind (GPT-2, GPT-NeoX and Phi-3 fuse q, k and v into one
+`attn.qkv`; DistilBERT has no `head`), each weight rule on another part of the model; parameters are drawn from the schema
 (GPTQ's options, zero points, adapter kinds, dtypes and inits), kept cheap where they cost time
 (a LoRA heal trains 1–3 steps, text generation is off). Rules come in the order the language
 wants: removals, then heals, then weight rules, then token rules. A drawn rule may still not
 apply to a given model — `attn.q` on GPT-2's fused `c_attn`, a token merge on a causal model,
-a block index a removal before it took away — and compile() then refuses it with a SpecError at
+a block index a removal before it took away, a LoRA heal without `distill=true` or a budget
+`by fisher` on an encoder, a budget at the smallest format's bits that its group scales put out
+of reach — and compile() then refuses it with a SpecError at
 its line: the property to test is "a working model or a SpecError", never another exception.
 """
 from __future__ import annotations

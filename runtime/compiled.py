@@ -52,9 +52,16 @@ class CompiledModel(nn.Module):
     def set_backend(self, backend: str = "auto") -> "CompiledModel":
         """Lower the graph once for `backend`: "auto" runs each quantized linear a CPU kernel takes
         through it (bf16 activations), "eager" runs the reference ops only. Never per call."""
+        from .adapters import set_dropout
         from .lower import lower
 
-        lower(self.program, backend)
+        # Kernels are generated from the eval graph (no adapter dropout, no DoRA training term):
+        # lowered in training mode, they kept W·(dropout(x) − x) = 0 in every eval call after.
+        set_dropout(self.program, False)
+        try:
+            lower(self.program, backend)
+        finally:
+            set_dropout(self.program, self.training)
         self.backend = backend
         return self
 

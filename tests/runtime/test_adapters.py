@@ -129,3 +129,35 @@ def test_dora_with_dropout_multiplies_by_the_weight_again_only_in_training():
     assert matmuls(dropped) == matmuls(plain) + sites
     dropped.eval()
     assert matmuls(dropped) == matmuls(plain)
+
+
+def test_a_dora_model_in_training_mode_compiles_again_from_its_eval_form():
+    """The copy carried DoRA's training-only base term (nodes without metadata: a LintError) and
+    adapter dropout switched on, which later rules' calibration would have drawn masks from."""
+    lm = tiny("llama")
+    cm = _compile(lm, "adapt blocks.*.attn.{q,v} dora rank=4 dropout=0.1")
+    again_from_eval = slimfx.compile(cm, "quantize blocks.*.mlp.* : Linear int8")
+    cm.train()
+    again = slimfx.compile(cm, "quantize blocks.*.mlp.* : Linear int8")
+    assert cm.training, "the model compiled again is left as it was"
+    with torch.no_grad():
+        assert torch.equal(again(**lm.example_inputs).logits, again_from_eval(**lm.example_inputs).logits)
+    cm.eval()
+
+
+def test_kernels_lowered_in_training_mode_come_from_the_eval_graph():
+    """set_backend("triton") in training mode generated kernels from the training graph: every eval
+    call after kept DoRA's W·(dropout(x) − x) = 0, one matmul per adapted linear."""
+    lm = tiny("llama")
+    cm = _compile(lm, "adapt blocks.*.attn.{q,v} dora rank=4 dropout=0.5")
+    cm.set_backend("triton")
+    lowered_in_eval = sum(n.target is torch.ops.aten.linear.default for n in cm.program.graph.nodes)
+    cm.set_backend("eager")
+    cm.train()
+    cm.set_backend("triton")
+    cm.eval()
+    assert sum(n.target is torch.ops.aten.linear.default for n in cm.program.graph.nodes) == lowered_in_eval
+    with torch.no_grad():
+        got = cm(**lm.example_inputs).logits
+        cm.set_backend("eager")
+        torch.testing.assert_close(got, cm(**lm.example_inputs).logits, rtol=1e-5, atol=1e-5)
