@@ -134,16 +134,22 @@ def _parse_whole_words(parser: Lark, source: str, filename: str):
     name it is, against what the parser expected there."""
     interactive = parser.parse_interactive(source)
     last = None
-    for token in interactive.iter_parse():  # each token is yielded before it is fed
-        if token.type in ("NUMBER", "INT") and last is not None and last.type == "EQUAL" \
-                and _WORD_CHAR.match(source, token.end_pos or 0):  # a parameter's value
-            _not_a_number(source, filename, token)
-        if token.type != "NAME" and _WORD_CHAR.match(source, token.end_pos or 0) and _WORD.fullmatch(token):
-            name = Token.new_borrow_pos("NAME", _WORD.match(source, token.start_pos).group(), token)
-            interactive.copy().feed_token(name)  # raises UnexpectedToken as if the lexer had read a name
-            raise UnexpectedToken(name, {t for t in interactive.choices() if t.isupper()})
-        last = token
-    return interactive.feed_eof(last)
+    try:
+        for token in interactive.iter_parse():  # each token is yielded before it is fed
+            if token.type in ("NUMBER", "INT") and last is not None and last.type == "EQUAL" \
+                    and _WORD_CHAR.match(source, token.end_pos or 0):  # a parameter's value
+                _not_a_number(source, filename, token)
+            if token.type != "NAME" and _WORD_CHAR.match(source, token.end_pos or 0) and _WORD.fullmatch(token):
+                name = Token.new_borrow_pos("NAME", _WORD.match(source, token.start_pos).group(), token)
+                interactive.copy().feed_token(name)  # raises UnexpectedToken as if the lexer had read a name
+                raise UnexpectedToken(name, {t for t in interactive.choices() if t.isupper()})
+            last = token
+        return interactive.feed_eof(last)
+    except UnexpectedToken as e:
+        # iter_parse leaves it unset; syntax_errors asks it which terminals really fit here
+        if getattr(e, "interactive_parser", None) is None:
+            e.interactive_parser = interactive
+        raise
 
 
 def _not_a_number(source: str, filename: str, token: Token):

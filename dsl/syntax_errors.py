@@ -39,7 +39,7 @@ _SELECTOR_CONTINUATIONS = {"DOT", "LSQB", "COLON"}
 
 def syntax_error(e: UnexpectedInput, source: str, filename: str, parser: Lark) -> SpecError:
     words = _terminal_words(parser)
-    expected = set(getattr(e, "expected", None) or getattr(e, "allowed", None) or ())
+    expected = _accepted(e) or set(getattr(e, "expected", None) or getattr(e, "allowed", None) or ())
     got = _got(e)
     line, column = max(1, getattr(e, "line", 1) or 1), max(1, getattr(e, "column", 1) or 1)
     earlier = _earlier_cause(expected, words, source, line, column) or \
@@ -50,6 +50,19 @@ def syntax_error(e: UnexpectedInput, source: str, filename: str, parser: Lark) -
         kind, message, hint = _explain(e, got, expected, words, source, line, column)
     width = len(got) if got and _WORD.fullmatch(got) else 1
     return SpecError(Diagnostic(kind, message, line, column, width, hint), source, filename)
+
+
+def _accepted(e: UnexpectedInput) -> set[str]:
+    """The terminals the parser takes at the error, exactly. LALR merges look-ahead sets, so
+    `e.expected` can list what it refuses one step later: after `quantize *` it listed `,`, `}`,
+    a name and the line's end (a `*` inside `{a, *}` takes them)."""
+    interactive = getattr(e, "interactive_parser", None)
+    if interactive is None:
+        return set()
+    try:
+        return set(interactive.accepts())
+    except Exception:  # lark's own trial feeding failed: fall back to its look-ahead set
+        return set()
 
 
 def _earlier_cause(expected, words, source, line, column):

@@ -123,7 +123,8 @@ CASES = [
     (body("dropout blocks[1]"), "unknown-keyword", 2, 5, ["got `dropout`"], "did you mean `drop`?"),
     # a keyword at the start of a longer word is not split off it: the word is reported whole
     (body("quantize head int8group=64"), "unknown-keyword", 2, 19,
-     ["expected a bit format such as `int8` or `int4` after `quantize <selector>`", "got `int8group`"],
+     ["expected a bit format such as `int8` or `int4` or more of the selector (`.`, `[`, `:`) after "
+      "`quantize <selector>`", "got `int8group`"],
      "did you mean `int8`?"),
     (body("quantize head int8s"), "unknown-keyword", 2, 19, ["got `int8s`"], "`int8`"),
     (body("adapt head lorax"), "unknown-keyword", 2, 16, ["an adapter kind", "got `lorax`"], "did you mean `lora`"),
@@ -236,3 +237,16 @@ def test_a_selector_continuation_the_parser_refuses_is_not_listed_as_expected():
         parse("quantize *[0] int8", bare=True)
     first = str(info.value).splitlines()[0]
     assert "more of the selector (`.`, `:`)" in first and first.endswith("got `[`")
+
+
+@pytest.mark.parametrize("rule, listed", [
+    ("quantize * ,", "a bit format such as `int8` or `int4` or more of the selector (`:`)"),
+    ("quantize {blocks[1], } int4", "`{`, a name, `*` or `**`"),
+])
+def test_only_what_the_parser_takes_next_is_listed(rule, listed):
+    """LALR's merged look-ahead sets listed, after `quantize *`, a name, `}` and the end of the line
+    (which a `*` inside a `{…}` set takes), each refused if written there."""
+    with pytest.raises(SpecError) as info:
+        parse(rule, bare=True)
+    first = str(info.value).splitlines()[0]
+    assert f"expected {listed} after `quantize <selector>`" in first, first
