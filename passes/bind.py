@@ -25,6 +25,7 @@ from .estimate import Estimate, estimate, stored_after
 from .graph import Block, ModelGraph, Target
 from .rewrite import TIED_NOTE, has_weight, shared_outside
 from .select import resolve
+from .token_history import tokens_again_refusal
 
 __all__ = ["BoundRule", "Plan", "bind", "rebind", "graph_bytes", "graph_params"]
 
@@ -177,6 +178,9 @@ class _Binder:
                         f"and {self.graph.model_class}'s blocks do not pass it on: {self.chain_break} (the residual "
                         "add is outside the blocks)", "rules on linears (quantize, adapt, precision) work on this "
                         "model; for this one, add the residual inside each block's forward")
+        again = tokens_again_refusal(self.captured, format_rule(rule)) if isinstance(rule, (A.Tokens, A.Unpad)) else None
+        if again:
+            self._error(rule.span, "unsupported", *again)
         if isinstance(rule, A.Keep):
             return self._bind_keep(rule)
         if isinstance(rule, (A.Heal, A.Unpad)):  # no selector: they act on the whole model

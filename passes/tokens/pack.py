@@ -25,10 +25,10 @@ from ...runtime import ops as _quant_ops  # noqa: F401 - registers slimfx::quant
 from ...runtime import token_ops
 from .layout import FLAT, NO_BATCH, Layout, Symbols
 from ...runtime.forward_parts import recompile
+from ..token_history import PACKED
 
 __all__ = ["pack_graph", "PackResult", "PACKED"]
 
-PACKED = "slimfx_packed"
 aten = torch.ops.aten
 _BIG = 2 ** 62
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from ...runtime import token_ops
 from ...runtime.report import RuleReport
 from ..bind import BoundRule, graph_bytes, graph_params
 from ..calibrate import forward_ms
@@ -21,7 +20,8 @@ from ..context import Context, rule_error
 from ..graph import ModelGraph
 from .layout import MASK_INPUT, Symbols
 from .flops import attention_lengths, block_flops
-from .pack import PACKED, PackResult, pack_graph
+from ..token_history import tokens_again_refusal
+from .pack import PackResult, pack_graph
 
 __all__ = ["run", "refuse_tokens_again", "MASK_INPUT", "padded_batch", "probe_batch", "pack_from", "rule_error",
            "flops_note"]
@@ -64,17 +64,11 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
 
 
 def refuse_tokens_again(graph: ModelGraph, bound: BoundRule, ctx: Context) -> None:
-    """A CompiledModel compiled again (or one loaded) computes on packed tokens already, but its
-    copied graph keeps no record of which values are packed, nor of which gathers restore an output
-    (meta that the saved format does not hold): a second unpad would pack packed values, and a
-    merge would find no packed stream. Rules above this one in the same policy keep that record."""
-    ops = (token_ops.token_index, token_ops.token_merge, token_ops.token_prune)
-    nodes = list(graph.module.graph.nodes)
-    if any(n.target in ops for n in nodes) and not any(PACKED in n.meta for n in nodes):
-        raise rule_error(bound, ctx, "unsupported", f"this {graph.model_class} was compiled before with token rules "
-                         f"(it already computes on packed tokens), and `{bound.text}` cannot be added on top of them",
-                         "compile the original model with all its token rules in one policy (`tokens unpad` and "
-                         "every `tokens after` rule); rules of other kinds (e.g. quantize) compile onto this one")
+    """Token rules on top of an earlier compile's (passes/token_history.py). Bind refuses them
+    first; this holds for a graph that reached the pass another way."""
+    refusal = tokens_again_refusal(graph, bound.text)
+    if refusal:
+        raise rule_error(bound, ctx, "unsupported", *refusal)
 
 
 def pack_from(graph: ModelGraph, start, bound: BoundRule, ctx: Context) -> PackResult:

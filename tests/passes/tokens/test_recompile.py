@@ -65,3 +65,10 @@ def test_quantize_onto_a_merged_model_equals_it_in_the_same_policy(merged):
     with torch.no_grad():
         got, want = again(**batch).last_hidden_state, direct(**batch).last_hidden_state
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_plan_says_token_rules_onto_a_model_that_has_some_are_refused(merged):
+    """`slimfx plan` bound such a rule without a word; only compile refused it."""
+    _, _, cm = merged
+    with pytest.raises(slimfx.SpecError, match=r"<policy>:2:1: .*compiled before with token rules"):
+        slimfx.plan(cm, "quantize blocks.*.** : Linear int8\ntokens after blocks[2] prune keep=0.5")
