@@ -89,13 +89,26 @@ def _weight_shape(target) -> tuple[int, int]:
     return out_f, in_f
 
 
+def _element_bytes(target) -> float:
+    """Bytes per stored number of the target: 2 on a bf16 model (every size here was fp32's 4)."""
+    numel = _numel(target)
+    return target.nbytes / numel if numel else 4.0
+
+
 def _still_held(target) -> int:
     """A tied weight stays in memory for the module it is shared with."""
-    return math.prod(target.shapes[0]) * 4 if target.tied else 0
+    return round(math.prod(target.shapes[0]) * _element_bytes(target)) if target.tied else 0
 
 
 def _bias_bytes(target) -> int:
-    return sum(math.prod(s) * 4 for s in target.shapes[1:])
+    return round(sum(math.prod(s) for s in target.shapes[1:]) * _element_bytes(target))
+
+
+def _weight_bytes(t, fmt: str, group: int | None, sym: bool, zero: str = "int") -> int:
+    """Bytes of t's weight in `fmt`; `keep` stores it as the model holds it."""
+    if fmt == "keep":
+        return round(math.prod(_weight_shape(t)) * _element_bytes(t))
+    return quantized_bytes(*_weight_shape(t), fmt, group, sym, zero)
 
 
 def stored_after(rule: A.Rule, targets, total: Estimate) -> dict[str, int]:
@@ -110,7 +123,7 @@ def stored_after(rule: A.Rule, targets, total: Estimate) -> dict[str, int]:
 
 
 def _quantized(rule: A.Quantize, t) -> int:
-    return (quantized_bytes(*_weight_shape(t), rule.format, rule.get("group"), rule.get("sym"), rule.get("zero"))
+    return (_weight_bytes(t, rule.format, rule.get("group"), rule.get("sym"), rule.get("zero"))
             + _bias_bytes(t) + _still_held(t))
 
 
@@ -149,7 +162,7 @@ def _precision(rule: A.Precision, targets) -> Estimate:
 
 def _choice_bytes(choice: A.FormatChoice, t) -> int:
     """Bytes of a target's weight in one candidate format (its bias apart)."""
-    return quantized_bytes(*_weight_shape(t), choice.format, choice.get("group"), choice.get("sym"), choice.get("zero"))
+    return _weight_bytes(t, choice.format, choice.get("group"), choice.get("sym"), choice.get("zero"))
 
 
 def _adapt(rule: A.Adapt, targets, stored: dict[str, int]) -> Estimate:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "OutOfRange", "QuantFormat", "QuantizedWeight", "from_rule", "pack", "unpack", "group_params", "quantize_codes",
+    "OutOfRange", "NotFinite", "QuantFormat", "QuantizedWeight", "from_rule", "pack", "unpack", "group_params", "quantize_codes",
     "dequantize_codes", "quantize_rtn", "dequantize", "dequantize_groups", "per_column", "error_bound", "nbytes",
     "bits_per_weight", "group_size", "n_groups", "ZEROS", "FLOAT_ZERO_MAX", "store_zeros", "zero_points",
 ]
@@ -170,6 +170,10 @@ class OutOfRange(ValueError):
     """A weight too large for the format: fp16 storage, or a group's fp16 scale."""
 
 
+class NotFinite(ValueError):
+    """A NaN or inf in a weight, or in the calibration statistics of its inputs."""
+
+
 def _fp16_ceil(scale: torch.Tensor) -> torch.Tensor:
     """Round positive float32 scales up to the next fp16 value, returned as float32, so that
     dividing by the stored scale never pushes a weight past the code range."""
@@ -255,7 +259,7 @@ def _check_weight(w: torch.Tensor) -> None:
     if w.numel() == 0:
         raise ValueError(f"weight of shape {tuple(w.shape)} is empty; nothing to quantize")
     if not bool(torch.isfinite(w).all()):
-        raise ValueError("weight holds NaN or inf; fix the model's weights before quantizing")
+        raise NotFinite("its weight holds NaN or inf; fix the model's weights before quantizing")
 
 
 def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:

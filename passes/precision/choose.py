@@ -81,7 +81,7 @@ class _Scorer:
                      for e in encs]
         else:
             costs = [_sensitivity(it.w, decode(e, it.w), H.float()) for e in encs]
-        return costs, [encoded_bytes(e, it.w) for e in encs], encs
+        return costs, [encoded_bytes(e, it) for e in encs], encs
 
 
 def _by_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[Item], scorer: _Scorer,

@@ -8,11 +8,11 @@ from typing import Union
 import torch
 
 from ...dsl import ast as A
-from ...runtime.formats import OutOfRange, QuantizedWeight, dequantize, from_rule, group_size, nbytes, quantize_rtn
+from ...runtime.formats import NotFinite, OutOfRange, QuantizedWeight, dequantize, from_rule, group_size, nbytes, quantize_rtn
 from .clip import column_weights, rtn_params
 from .gptq import gptq
 
-__all__ = ["Candidate", "Encoded", "encode", "decode", "encoded_bytes", "HALF"]
+__all__ = ["Candidate", "Encoded", "encode", "decode", "encoded_bytes", "HALF", "NotFinite", "OutOfRange"]
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # An encoded weight: packed codes, a half-precision copy, or None for "left as it is".
@@ -78,9 +78,12 @@ def decode(enc: Encoded, w: torch.Tensor) -> torch.Tensor:
     return enc.float()
 
 
-def encoded_bytes(enc: Encoded, w: torch.Tensor) -> int:
-    """Stored bytes of the weight alone (packed codes + scales + zeros, or the tensor)."""
+def encoded_bytes(enc: Encoded, item) -> int:
+    """Stored bytes of `item`'s weight alone (packed codes + scales + zeros, or the tensor). For
+    `keep` the weight as the model holds it: a bf16 model's was counted at 32 bits from the fp32
+    copy the encoders read, and the budget solver quantized more than its budget needed."""
     if isinstance(enc, QuantizedWeight):
         return nbytes(enc)
-    t = w if enc is None else enc
-    return t.numel() * t.element_size()
+    if enc is None:
+        return item.w.numel() * item.stored.itemsize
+    return enc.numel() * enc.element_size()

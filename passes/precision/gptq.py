@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ...runtime.formats import (QuantFormat, QuantizedWeight, dequantize_codes, group_params, group_size,
+from ...runtime.formats import (NotFinite, QuantFormat, QuantizedWeight, dequantize_codes, group_params, group_size,
                                pack, quantize_codes, store_zeros)
 from ..calibrate import HessianAccumulator, damped, output_error  # calibration statistics are core: the adapter pass reads them too
 from .clip import column_weights, searched_params
@@ -56,8 +56,10 @@ def _prepare(w: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     if H.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"H is {tuple(H.shape)} but the weight has {w.shape[1]} inputs; "
                          "accumulate H from this Linear's inputs")
-    if not bool(torch.isfinite(w).all()) or not bool(torch.isfinite(H).all()):
-        raise ValueError("weight or Hessian holds NaN or inf")
+    if not bool(torch.isfinite(w).all()):
+        raise NotFinite("its weight holds NaN or inf; fix the model's weights before quantizing")
+    if not bool(torch.isfinite(H).all()):
+        raise NotFinite("its inputs on the calibration batches hold NaN or inf (the model computes them there)")
     w, H = w.detach().float().clone(), H.detach().double()
     dead = H.diagonal() == 0
     if bool(dead.any()):  # H is copied only then: it is the caller's (shared by q/k/v), 19 MiB at 1536 wide

@@ -34,13 +34,14 @@ def to_quant_linear(graph: ModelGraph, target: Target, sites: list[LinearSite], 
     drop_weight(graph, target, sites, added=tensors)
 
 
-def to_half(graph: ModelGraph, target: Target, sites: list[LinearSite], dtype: torch.dtype) -> None:
-    """Store the weight as `<path>.weight_fp16` / `weight_bf16` and cast it back to the input's
-    dtype right before the linear (`aten._to_copy`): half the bytes, same ops."""
+def to_half(graph: ModelGraph, target: Target, sites: list[LinearSite], enc: torch.Tensor) -> None:
+    """Store `enc` (the encoded [out, in] weight, fp16 or bf16) as `<path>.weight_fp16` /
+    `weight_bf16` and cast it back to the input's dtype right before the linear (`aten._to_copy`):
+    half the bytes, same ops. `enc`, not the graph's weight: GPTQ's sweep may have encoded the
+    weight toward its drift target, which the layers after it were calibrated on."""
     gm = graph.module
-    w = graph.param(weight_name(target)).detach()
-    name = "weight_fp16" if dtype == torch.float16 else "weight_bf16"
-    stored = {name: w.to(dtype)}
+    name = "weight_fp16" if enc.dtype == torch.float16 else "weight_bf16"
+    stored = {name: (enc.T if target.transposed else enc).contiguous()}
     half = register_tensors(graph, target.path, stored, _first(graph, sites))[name]
     for site in sites:
         x_dtype = site.x.meta["val"].dtype

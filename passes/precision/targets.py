@@ -16,7 +16,7 @@ from ..context import Context, rule_error
 from ..graph import ModelGraph, Target
 from ..rewrite import (TIED_NOTE, LinearSite, find_sites, release_unread, tied_storages, weight_name,
                        weight_still_held)
-from .encode import Candidate, Encoded, OutOfRange, encode, encoded_bytes
+from .encode import Candidate, Encoded, NotFinite, OutOfRange, encode, encoded_bytes
 from .gptq import HessianAccumulator
 from .rewrite import to_half, to_quant_linear
 from ...runtime.forward_parts import recompile
@@ -33,6 +33,7 @@ class Item:
     w: torch.Tensor
     bias_numel: int
     bias_bytes: int
+    stored: torch.dtype  # the weight's own dtype: what `keep` stores (w is an fp32 copy)
 
     @property
     def path(self) -> str:
@@ -48,11 +49,11 @@ def items_of(graph: ModelGraph, bound: BoundRule) -> list[Item]:
             raise SpecError.at("unsupported", f"{t.path} is no longer in the graph (an earlier rule removed it), "
                                f"so `{bound.text}` cannot quantize it", line=bound.line,
                                column=bound.rule.span.column, hint="narrow the selector")
-        w = graph.param(weight_name(target)).detach()
-        w = (w.T if target.transposed else w).float()
+        stored = graph.param(weight_name(target)).detach()
+        w = (stored.T if target.transposed else stored).float()
         bias = [graph.param(p) for p in target.params if p != weight_name(target)]
         items.append(Item(target, find_sites(graph, target), w, sum(b.numel() for b in bias),
-                          sum(b.numel() * b.element_size() for b in bias)))
+                          sum(b.numel() * b.element_size() for b in bias), stored.dtype))
     return items
 
 
@@ -99,6 +100,9 @@ def encode_item(bound: BoundRule, ctx: Context, dead: "DeadInputs", it: Item, ca
         return encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip, refit)
     except OutOfRange as e:
         raise out_of_range(bound, ctx, it, cand, e) from None
+    except NotFinite as e:  # a raw ValueError that named neither the linear nor the rule
+        raise rule_error(bound, ctx, "unsupported", f"{it.path} cannot be quantized: {e}",
+                         f"leave it out (`keep {it.path}`, or narrow the selector) until it is fixed") from None
 
 
 class DeadInputs:
@@ -156,15 +160,15 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
         elif isinstance(enc, QuantizedWeight):
             to_quant_linear(graph, it.target, sites, enc)
         else:
-            to_half(graph, it.target, sites, enc.dtype)
+            to_half(graph, it.target, sites, enc)
     release_unread(graph, shared)  # a weight tied among rewritten targets is read by none now
     for it in items:
         _, enc = chosen[it.path]
         held = enc is not None and weight_still_held(graph, it.target)
         tied += [it.path] if held else []
-        after += encoded_bytes(enc, it.w) + it.bias_bytes + (it.target.nbytes - it.bias_bytes if held else 0)
+        after += encoded_bytes(enc, it) + it.bias_bytes + (it.target.nbytes - it.bias_bytes if held else 0)
         weights += it.w.numel()
-        packed += encoded_bytes(enc, it.w)
+        packed += encoded_bytes(enc, it)
     recompile(graph.module)  # the module's generated forward still reads the old weights
     details = {**details, "bits_per_weight": 8 * packed / weights, "weights": weights}
     params = sum(it.w.numel() + it.bias_numel for it in items)

@@ -164,3 +164,36 @@ def test_a_note_asks_for_more_calibration_below_four_rows_per_input_feature():
     assert few_rows_note(fits, 4 * 100) == ()
     (note,) = few_rows_note(fits, 4 * 100 - 1)
     assert "399 calibration rows, for inputs up to 100 wide" in note and "more calibration" in note
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_target_given_a_half_format_stores_the_weight_it_was_aimed_at():
+    """`a` goes to int2 and `b` to fp16 (its outlier column makes int2 costly there): b is encoded
+    toward its drift target, which the sweep calibrated on, but fp16 stored b's own weight."""
+    torch.manual_seed(0)
+    model = _TwoLinears().eval()
+    with torch.no_grad():
+        model.b.weight.mul_(8)
+        model.b.weight[:, 0] = 40.0
+    calib = [{"x": torch.randn(256, 32)} for _ in range(2)]
+    policy = ("precision {a,b} choose {fp16, int2 group=16} budget avg_bits<=9.5 by output_mse method=gptq\n"
+              "adapt {a,b} lora rank=2 init=error")
+    cm = slimfx.compile(model, policy, example_inputs={"x": torch.randn(4, 32)}, calib=calib)
+    assert cm.report.rules[0].details["choices"] == {"a": "int2 group=16", "b": "fp16"}
+    stored = cm.program.get_submodule("b").weight_fp16
+    assert not torch.equal(stored, model.b.weight.detach().half())
+    x = torch.randn(512, 32)
+    with torch.no_grad():
+        want = model(x)
+        aimed = (cm(x=x) - want).norm()
+        cm.program.get_submodule("b").weight_fp16 = model.b.weight.detach().half()  # b's own weight
+        own = (cm(x=x) - want).norm()
+    assert aimed < 0.99 * own

@@ -38,3 +38,15 @@ def test_within_range_it_compiles_as_before():
     model, inputs = _model(torch.bfloat16, 6e4)
     cm = slimfx.compile(model, "quantize ** : Linear fp16", example_inputs=inputs)
     assert torch.isfinite(cm(**inputs)).all()
+
+
+@pytest.mark.parametrize("rule", ["quantize ** : Linear int4 group=16",
+                                  "quantize ** : Linear int4 group=16 method=gptq",
+                                  "precision ** : Linear choose {int8, int4} budget avg_bits<=6 by output_mse"])
+def test_a_nan_weight_is_refused_naming_its_linear(rule):
+    """A raw ValueError ("weight holds NaN or inf") that named neither the linear nor the rule."""
+    model, inputs = _model(torch.float32, float("nan"))
+    with pytest.raises(slimfx.SpecError) as e:
+        slimfx.compile(model, rule, example_inputs=inputs, calib=[inputs] * 2)
+    assert e.value.line == 1 and "2 cannot be quantized: its weight holds NaN or inf" in e.value.message
+    assert "keep 2" in e.value.hint
