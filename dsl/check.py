@@ -34,21 +34,69 @@ def check_spec(spec: A.Spec) -> None:
 
 
 def check_policy(policy: A.Policy) -> list[Diagnostic]:
+    rules = policy.rules
     problems: list[Diagnostic] = []
-    for i, rule in enumerate(policy.rules):
-        if isinstance(rule, A.Heal) and not any(isinstance(r, _STRUCTURAL) for r in policy.rules[:i]):
+    last_removal = _last_removal_before(rules)
+    texts = [format_selector(r.selector) if r.selector is not None else None for r in rules]
+    earlier_by = _EarlierRules()
+    for i, rule in enumerate(rules):
+        if isinstance(rule, A.Heal) and last_removal[i] < 0:
             problems.append(_heal_first(rule))
         if isinstance(rule, A.Unpad):
-            problems += _unpad_problems(rule, policy.rules[:i])
-        if isinstance(rule, A.Adapt) and rule.get("init") == "error" \
-                and not any(isinstance(r, _PRECISION_RULES) for r in policy.rules[:i]):
+            problems += _unpad_problems(rule, rules[:i])
+        if isinstance(rule, A.Adapt) and rule.get("init") == "error" and not earlier_by.precision:
             problems.append(_error_init_first(rule))
-        for j, earlier in enumerate(policy.rules[:i]):
+        for j in earlier_by.may_clash_with(rule, texts[i]):
             # a `drop`/`collapse` at or after `earlier` renumbers the blocks `rule` names
-            problem = _pair_problem(earlier, rule, any(isinstance(r, _STRUCTURAL) for r in policy.rules[j:i]))
+            problem = _pair_problem(rules[j], rule, last_removal[i] >= j, texts[j], texts[i])
             if problem:
                 problems.append(problem)
+        earlier_by.add(i, rule, texts[i])
     return problems
+
+
+def _last_removal_before(rules: tuple[A.Rule, ...]) -> list[int]:
+    """For each rule index, the index of the last `collapse`/`drop` above it (-1 for none): a
+    removal at or after rule j renumbers what rule i names exactly when this is >= j."""
+    out, last = [], -1
+    for i, rule in enumerate(rules):
+        out.append(last)
+        if isinstance(rule, _STRUCTURAL):
+            last = i
+    return out
+
+
+class _EarlierRules:
+    """The rules seen so far, indexed by what can make them clash with a later one, so that a
+    policy of many rules on distinct selectors compares no pairs (comparing every pair made
+    `slimfx check` of 1000 rules take half a minute)."""
+
+    def __init__(self):
+        self.by_selector: dict[str, list[int]] = {}
+        self.tokens_by_restore: dict[bool, list[int]] = {True: [], False: []}
+        self.weight_changing: list[int] = []
+        self.precision = False  # a `quantize` or `precision` rule seen
+
+    def add(self, i: int, rule: A.Rule, text: str | None):
+        if text is not None:
+            self.by_selector.setdefault(text, []).append(i)
+        if isinstance(rule, A.Tokens):
+            self.tokens_by_restore[bool(rule.get("restore"))].append(i)
+        if isinstance(rule, _WEIGHT_CHANGING):
+            self.weight_changing.append(i)
+        self.precision = self.precision or isinstance(rule, _PRECISION_RULES)
+
+    def may_clash_with(self, rule: A.Rule, text: str | None) -> list[int]:
+        """The earlier indexes, ascending, for which _pair_problem can find something: the
+        first three of its checks look at rule kinds, the rest need equal selector text."""
+        found = set(self.by_selector.get(text, ())) if text is not None else set()
+        if isinstance(rule, A.Tokens):  # a `restore=` that differs
+            found.update(self.tokens_by_restore[not bool(rule.get("restore"))])
+        if isinstance(rule, _STRUCTURAL):
+            found.update(self.weight_changing)
+            if rule.auto is not None:
+                found.update(self.tokens_by_restore[True] + self.tokens_by_restore[False])
+        return sorted(found)
 
 
 def _heal_first(heal: A.Heal) -> Diagnostic:
@@ -81,9 +129,11 @@ def _unpad_problems(unpad: A.Unpad, earlier: tuple[A.Rule, ...]) -> list[Diagnos
     return []
 
 
-def _pair_problem(earlier: A.Rule, later: A.Rule, renumbered: bool = False) -> Diagnostic | None:
+def _pair_problem(earlier: A.Rule, later: A.Rule, renumbered: bool, earlier_text: str | None,
+                  later_text: str | None) -> Diagnostic | None:
     """What is wrong with `later` given that `earlier` comes before it, if anything. `renumbered`:
-    blocks were removed in between, so the same selector text may name other blocks."""
+    blocks were removed in between, so the same selector text may name other blocks. The texts
+    are the two selectors as format_selector writes them (None for none)."""
     line = earlier.span.line
     if isinstance(earlier, A.Tokens) and isinstance(later, A.Tokens) \
             and bool(earlier.get("restore")) != bool(later.get("restore")):
@@ -103,11 +153,10 @@ def _pair_problem(earlier: A.Rule, later: A.Rule, renumbered: bool = False) -> D
                "blocks are merged or removed on full-precision weights without adapters")
         return _at(later.span, "illegal-order", f"`{later.kind}` after `{earlier.kind}` (line {line}): {why}",
                    f"move this `{later.kind}` rule above line {line}")
-    if earlier.selector is None or later.selector is None:  # the checks below compare selectors
+    if earlier_text is None or later_text is None:  # the checks below compare selectors
         return None
-    same = format_selector(earlier.selector) == format_selector(later.selector)
-    sel = format_selector(later.selector)
-    if not same or (renumbered and _may_name_blocks(sel)):  # bind compares what they select then
+    sel = later_text
+    if earlier_text != sel or (renumbered and _may_be_renumbered(sel)):  # bind compares what they select then
         return None
     if isinstance(later, A.Adapt) and later.get("merge") and isinstance(earlier, _PRECISION_RULES):
         return _at(later.span, "illegal-order", f"`adapt … merge=true` on `{sel}` after `{earlier.kind}` "
@@ -135,9 +184,11 @@ def _pair_problem(earlier: A.Rule, later: A.Rule, renumbered: bool = False) -> D
                "remove one of the two rules, or narrow one selector")
 
 
-def _may_name_blocks(selector_text: str) -> bool:
-    """`blocks[0].mlp`, `{blocks[1], head}`, `**`: what they select moves when blocks are removed."""
-    return "blocks" in selector_text or selector_text.startswith("*")
+def _may_be_renumbered(selector_text: str) -> bool:
+    """`blocks[0].mlp`, `{blocks[1], head}`, `**`, and raw paths such as `model.layers[0]` or
+    `transformer.h.*`: what they select moves when blocks are removed (bind renumbers a module
+    list's raw indexes too, so any index or wildcard may name other modules after a removal)."""
+    return "blocks" in selector_text or "[" in selector_text or "*" in selector_text
 
 
 def _at(span: A.Span, kind: str, message: str, hint: str | None = None, width: int | None = None) -> Diagnostic:

@@ -344,10 +344,10 @@ class _AstBuilder(Transformer):
         return A.Alternatives(tuple(children))
 
     def item(self, meta, children):
-        return A.Item(int(children[0]))
+        return A.Item(_int(children[0]))
 
     def slice(self, meta, children):
-        start, stop, step = (int(c) if c is not None else None for c in children)
+        start, stop, step = (_int(c) if c is not None else None for c in children)
         return A.Slice(start, stop, step)
 
 
@@ -361,8 +361,21 @@ def _auto_of(auto, rule: str) -> A.Auto | None:
 def _number(tok: Token) -> int | float:
     text = str(tok)
     if any(c in text for c in ".eE"):
-        return float(text)
-    return int(text)
+        return float(text)  # a float of any length reads, as `inf` at the most: validate refuses that
+    return _int(tok)
+
+
+# Python refuses to read an integer of more than 4300 digits (640 where a program lowers the
+# limit), and far fewer make a float overflow. No count, index or size in a policy comes near this.
+MAX_DIGITS = 500
+
+
+def _int(tok: Token) -> int:
+    digits = len(str(tok).lstrip("+-"))
+    if digits > MAX_DIGITS:
+        raise SpecError(Diagnostic("out-of-range", f"a number of {digits} digits is too large (a policy's "
+                                   f"numbers have at most {MAX_DIGITS})", tok.line, tok.column, len(tok)))
+    return int(str(tok))
 
 
 def _unwritable(text: str) -> str | None:

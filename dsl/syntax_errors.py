@@ -67,13 +67,14 @@ def _accepted(e: UnexpectedInput) -> set[str]:
 
 def _earlier_cause(expected, words, source, line, column):
     """(kind, message, hint, word, column) for errors the parser notices only after their cause."""
-    text = source_lines(source)[line - 1] if 0 < line <= len(source_lines(source)) else ""
-    first = _WORD.match(text, len(text) - len(text.lstrip()))
+    text = _line(source, line)
+    start = _rule_start(text, column)
+    first = _WORD.match(text, start)
     if not first or column <= first.end():
         return None
     second = _WORD.search(text, first.end())
     if (first.group() == "heal" and expected == {"EQUAL"} and second and second.group() not in SCHEMAS["heal"]
-            and len(_WORD.findall(text[: column - 1])) == 2):  # `heal blocks[3] …`
+            and len(_WORD.findall(text[start: column - 1])) == 2):  # `heal blocks[3] …`
         return ("syntax", "`heal` takes no selector, only `name=value` parameters",
                 "write e.g. `heal method=linear`: it repairs what the `collapse` or `drop` rules above it removed",
                 second.group(), second.start() + 1)
@@ -115,7 +116,7 @@ def _terminal_words(parser: Lark) -> dict[str, tuple[str, ...]]:
 def _explain(e, got, expected, words, source, line, column):
     """(kind, message, hint) for one syntax error."""
     context = _rule_context(source, line, column)
-    expected = _relevant(expected, words, source, line)
+    expected = _relevant(expected, words, source, line, column)
     keyword_words = sorted({w for t in expected for w in words.get(t, ()) if _WORD.fullmatch(w)})
     if isinstance(e, UnexpectedToken) and e.token.type == "$END":
         return _unexpected_end(source, expected, words)
@@ -143,22 +144,30 @@ def _explain(e, got, expected, words, source, line, column):
 
 
 def _missing_part(e, expected, words, source, line, column):
-    """(kind, message, hint, word, column) when a rule's line (or the file) ends where the rule
-    needs more: a parameter without its value, `quantize head` without a format; else None."""
-    if not (isinstance(e, UnexpectedToken) and e.token.type in ("_NL", "$END")) or "_NL" in expected:
+    """(kind, message, hint, word, column) when a rule's line (or the file, or a one-line
+    policy's `}`) ends where the rule needs more: a parameter without its value, `quantize head`
+    without a format; else None."""
+    if not isinstance(e, UnexpectedToken) or "_NL" in expected:
         return None
-    keyword = _first_word(source, line)
-    wanted = _relevant(expected, words, source, line) - {"$END", "RBRACE"}
-    if keyword not in RULE_KEYWORDS or not wanted:
-        return None
-    text = source_lines(source)[line - 1]
+    text = _line(source, line)
     if e.token.type == "$END":  # lark places the file's end at the last token's start
         column = len(text.rstrip()) + 1
+    start = _rule_start(text, column)
+    closes_policy = e.token.type == "RBRACE" and not _open_braces(text[start: column - 1])
+    if e.token.type not in ("_NL", "$END") and not closes_policy:
+        return None
+    keyword = _rule_keyword(text, column)
+    # `}` is what the rule lacks when it would close a `{…}` set left open on this line
+    wanted = _relevant(expected, words, source, line, column) - {"$END"}
+    if not _open_braces(text[start: column - 1]):
+        wanted.discard("RBRACE")
+    if keyword not in RULE_KEYWORDS or not wanted:
+        return None
     before = _previous_word(source, line, column)
     if before and (wanted == {"EQUAL"} or text[: column - 1].rstrip().endswith("=")):
         return ("missing-value", f"`{before}` has no value", f"write `{before}=<value>`", "", column)
     lines = source_lines(source)
-    following = _WORD.match(lines[line].lstrip()) if line < len(lines) else None
+    following = _WORD.match(lines[line].lstrip()) if line < len(lines) and not closes_policy else None
     wrapped = following is not None and any(following.group() in words.get(t, ()) for t in wanted)
     return ("missing-value", f"the `{keyword}` rule ends before its required part: expected "
             f"{_phrase(wanted, words)}{_rule_context(source, line, column)}",
@@ -208,12 +217,12 @@ def _order(terminal: str) -> tuple[int, str]:
 
 def _rule_context(source: str, line: int, column: int) -> str:
     """" after `quantize <selector>`" when the error sits after a rule's selector."""
-    text = source_lines(source)[line - 1] if 0 < line <= len(source_lines(source)) else ""
-    first = _WORD.match(text.lstrip())
+    text = _line(source, line)
+    start = _rule_start(text, column)
+    first = _WORD.match(text, start)
     if not first or first.group() not in RULE_KEYWORDS or first.group() in ("keep", "heal"):
         return ""
     keyword = first.group()
-    start = len(text) - len(text.lstrip())
     if keyword == "tokens":  # `tokens after <selector>`: the selector comes after the second word
         second = _WORD.search(text, start + len(keyword))
         if second and second.group() != "after" and column == second.start() + 1:  # `tokens unpadd`
@@ -226,25 +235,47 @@ def _rule_context(source: str, line: int, column: int) -> str:
     return f" after `{keyword} <selector>`"
 
 
-def _relevant(expected: set[str], words, source: str, line: int) -> set[str]:
+def _relevant(expected: set[str], words, source: str, line: int, column: int) -> set[str]:
     """Drop what LALR's merged look-ahead sets add but this spot cannot take: `policy` where a
     rule may start, and the word classes of other rules (no `lora` after `quantize <selector>`)."""
     out = set(expected)
     if any((words.get(t) or ("",))[0] in RULE_KEYWORDS for t in out):
         out.discard("POLICY")
-    keyword = _first_word(source, line)
+    keyword = _rule_keyword(_line(source, line), column)
     own = {"quantize": "FORMAT", "adapt": "ADAPTER", "tokens": "ACTION"}.get(keyword)
     if keyword in RULE_KEYWORDS:
         out -= {t for t in ("FORMAT", "ADAPTER", "ACTION") if t != own}
     return out or set(expected)
 
 
-def _first_word(source: str, line: int) -> str | None:
+def _line(source: str, line: int) -> str:
     lines = source_lines(source)
-    if not 0 < line <= len(lines):
-        return None
-    m = _WORD.match(lines[line - 1].lstrip())
+    return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+# A one-line policy (`policy small { quantize blocks.*.** : Linear int8 }`): its rule starts after
+# the header's brace, and a `{` of a selector or a `choose` set starts no rule.
+_POLICY_HEADER = re.compile(r"\bpolicy[\t \f]+[A-Za-z_][A-Za-z0-9_]*[\t \f]*\{")
+
+
+def _rule_start(text: str, column: int) -> int:
+    """Where the rule holding `column` starts in its line (its first word): after the last
+    `policy NAME {` header before the column, else at the line's first word."""
+    start = 0
+    for header in _POLICY_HEADER.finditer(text, 0, max(0, column - 1)):
+        start = header.end()
+    return start + len(text[start:]) - len(text[start:].lstrip())
+
+
+def _rule_keyword(text: str, column: int) -> str | None:
+    """The first word of the rule holding `column` (`quantize`), not of its line (`policy`)."""
+    m = _WORD.match(text, _rule_start(text, column))
     return m.group() if m else None
+
+
+def _open_braces(rule_text: str) -> bool:
+    """A `{` in this part of a rule that no `}` closes yet (`keep blocks.{q,v`)."""
+    return rule_text.count("{") > rule_text.count("}")
 
 
 def _char_before(source: str, line: int, column: int) -> str:

@@ -13,7 +13,7 @@ from typing import Iterable
 
 from . import ast as A
 from .errors import Diagnostic, SpecError, did_you_mean, source_lines
-from .printer import format_choice
+from .printer import format_choice, format_value
 from .schema import (DEFAULT_GROUP, FORMAT_BITS, HEAL_METHOD_PARAMS, INT_FORMATS, INT_ONLY_PARAMS, METRICS,
                      SCHEMAS, ParamSpec, schema_key)
 
@@ -107,10 +107,17 @@ def _elsewhere(name: str, key: str) -> str | None:
 def _coerce(spec: ParamSpec, p: A.Param, key: str, problems: _Problems):
     value = p.value
     if spec.type is float and type(value) is int:
-        value = float(value)
+        value = _as_float(value)
+        if value is None:  # more than 308 digits: OverflowError, once "a bug in slimfx"
+            problems.add("out-of-range", f"`{p.name}` is too large: a number is at most about 1.8e308 in size "
+                         f"(`{p.name}` is {spec.expectation})", p.span,
+                         f"write e.g. `{p.name}={_example(spec)}`")
+            return None
     if type(value) is not spec.type:
+        unquoted = _unquoted(spec, value)
         problems.add("wrong-type", f"`{p.name}` takes {_TYPE_WORDS[spec.type]}, not {_show(p.value)}",
-                     p.span, f"write e.g. `{p.name}={_example(spec)}`")
+                     p.span, f"remove the quotes: `{p.name}={unquoted}`" if unquoted else
+                     f"write e.g. `{p.name}={_example(spec)}`")
         return None
     if not spec.valid(value):
         hint = did_you_mean(value, spec.choices) if spec.choices and isinstance(value, str) else None
@@ -125,11 +132,40 @@ _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str:
 
 
 def _show(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
+    """The value as it was written: a string in quotes where it needs them (`rank="8"` said
+    "takes an integer, not 8"), a float with its point (`rank=32.0`, not 32)."""
+    if isinstance(value, (bool, str)):
+        return format_value(value)
     return repr(value)
+
+
+def _as_float(value: int) -> float | None:
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]{1,30}")
+_DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _unquoted(spec: ParamSpec, value) -> str | None:
+    """The text inside a quoted string when, unquoted, it is a valid value (`rank="8"`), else None."""
+    if not isinstance(value, str) or spec.type is str:
+        return None
+    text = value.strip()
+    read = _read_as(spec.type, text)
+    return text if read is not None and spec.valid(read) else None
+
+
+def _read_as(kind: type, text: str):
+    """`text` read as a bool, int or float the way the parser reads it unquoted; None if it isn't one."""
+    if kind is bool:
+        return {"true": True, "false": False}.get(text)
+    if kind is int:
+        return int(text) if _INTEGER.fullmatch(text) else None
+    return float(text) if _DECIMAL.fullmatch(text) else None
 
 
 def _example(spec: ParamSpec) -> str:
@@ -220,9 +256,11 @@ def _check_precision(rule: A.Precision, choices: tuple[A.FormatChoice, ...], pro
                      "is in (0, 32]", budget.span, "e.g. `budget avg_bits<=4.5`")
     if budget.metric == "bytes" and not budget.limit_value >= 1:
         problems.add("out-of-range", "a byte budget must be at least 1 byte", budget.span, "e.g. `budget bytes<=64MiB`")
-    elif budget.metric == "bytes" and not math.isfinite(budget.limit_value):
-        # `1e400` reads as inf, which `fmt` would print as `inf`: no number, so no policy
-        problems.add("out-of-range", "a byte budget must be a finite size", budget.span, "e.g. `budget bytes<=64GiB`")
+    elif budget.metric == "bytes" and not _finite(budget.limit_value):
+        # `1e400` reads as inf, which `fmt` would print as `inf`: no number, so no policy; an
+        # integer past a float's range could not be compared with sizes (OverflowError)
+        problems.add("out-of-range", "a byte budget must be a finite size, and this one is too large", budget.span,
+                     "e.g. `budget bytes<=64GiB`")
     if budget.metric == "avg_bits" and budget.limit < min(FORMAT_BITS[c.format] for c in choices):
         smallest = min(FORMAT_BITS[c.format] for c in choices)
         problems.add("out-of-range", f"`avg_bits<={budget.limit}` is below the smallest format offered "
@@ -234,6 +272,11 @@ def _check_precision(rule: A.Precision, choices: tuple[A.FormatChoice, ...], pro
             "did you mean " + " or ".join(f"`{m}`" for m in near) + "?" if near else None)
         problems.add("unknown-keyword", f"unknown sensitivity metric `{rule.metric}` (known: "
                      + ", ".join(METRICS) + ")", _metric_span(rule, problems.source), hint)
+
+
+def _finite(number) -> bool:
+    value = _as_float(number) if isinstance(number, int) else number
+    return value is not None and math.isfinite(value)
 
 
 # `… budget avg_bits<=6 by output_mse`: a rule is on one line, and the metric follows the budget.

@@ -192,3 +192,15 @@ def test_parse_file_reads_and_reports_unreadable(tmp_path):
     assert parse_file(f).filename == str(f)
     with pytest.raises(SpecError, match="cannot read"):
         parse_file(tmp_path / "missing.slim")
+
+
+@pytest.mark.parametrize("rule, column", [
+    ("adapt head lora rank={n}", 26), ("keep blocks[{n}]", 17), ("keep blocks[{n}:]", 17), ("keep blocks[::{n}]", 19),
+    ("precision head choose {{int8, int4}} budget avg_bits<={n} by output_mse", 57),
+])
+def test_an_integer_of_thousands_of_digits_is_out_of_range_at_its_token(rule, column):
+    """Python reads no integer of more than 4300 digits: a ValueError inside lark, "a bug in slimfx"."""
+    with pytest.raises(SpecError) as e:
+        parse("policy p {\n    " + rule.format(n="1" * 5000) + "\n}\n")
+    assert e.value.kind == "out-of-range" and (e.value.line, e.value.column) == (2, column)
+    assert "a number of 5000 digits is too large" in e.value.message and e.value.diagnostics[0].width == 5000

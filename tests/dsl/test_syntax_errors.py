@@ -1,0 +1,57 @@
+"""Syntax errors (dsl/syntax_errors.py) in one-line policies and in an unclosed `{…}` set: the
+same targeted message as on a rule's own line."""
+import pytest
+
+from slimfx import SpecError, parse
+
+
+def error_of(text: str, bare: bool = False) -> SpecError:
+    with pytest.raises(SpecError) as e:
+        parse(text, bare=bare)
+    return e.value
+
+
+@pytest.mark.parametrize("rule, listed", [
+    ("keep blocks.{q,v", "expected `,` or `}`"),
+    ("precision head choose {int8, int4", "expected `,`, a name or `}` after `precision <selector>`"),
+])
+def test_a_set_left_open_at_the_lines_end_asks_for_its_closing_brace(rule, listed):
+    """The line's end was answered "expected `,`": the `}` that closes the set was dropped as if
+    it could only close the policy."""
+    for text in ("policy p {\n    " + rule + "\n}\n", "policy p { " + rule + "\n}\n"):
+        err = error_of(text)
+        assert err.kind == "missing-value" and listed in err.message
+    assert "`}`" not in error_of("policy p {\n    quantize head\n}\n").message  # no set open: `}` closes the policy
+
+
+@pytest.mark.parametrize("rule, message, column", [
+    ("heal blocks[0] method=linear", "`heal` takes no selector, only `name=value` parameters", 17),
+    ("tokens unpad blocks[0]", "`tokens unpad` takes no selector (and no parameters)", 25),
+])
+def test_a_one_line_policy_gets_the_rules_own_message(rule, message, column):
+    """The rule's keyword was taken from the line's first word, `policy`: "expected `=`, got `[`"."""
+    err = error_of("policy p { " + rule + " }\n")
+    assert err.message == message and (err.line, err.column) == (1, column)
+    assert error_of("policy p {\n" + rule + "\n}\n").message == message
+
+
+@pytest.mark.parametrize("text, message", [
+    ("policy p { quantize head }", "the `quantize` rule ends before its required part: expected a bit format such "
+                                   "as `int8` or `int4` after `quantize <selector>`"),
+    ("policy p {quantize head}", "the `quantize` rule ends before its required part"),
+    ("policy p { tokens after blocks[0] }", "expected a token action, `prune` or `merge` after "
+                                            "`tokens after <selector>`"),
+    ("policy p { precision head choose {int8, int4} }", "expected `budget` after `precision <selector>`"),
+    ("policy p { adapt head lora rank= }", "`rank` has no value"),
+    ("policy p { adapt head int8 }", "expected an adapter kind, `lora` or `dora` after `adapt <selector>`, got `int8`"),
+])
+def test_a_rule_cut_short_by_a_one_line_policys_brace_says_what_it_lacks(text, message):
+    err = error_of(text)
+    assert message in err.message and err.kind == ("syntax" if "got" in message else "missing-value")
+
+
+def test_a_brace_inside_the_rule_starts_no_rule():
+    """Only a `policy NAME {` header starts a rule on the line; a selector's `{` does not."""
+    err = error_of("policy p { quantize blocks.{q int8 }")
+    assert err.message == "expected `,` or `}` after `quantize <selector>`, got `int8`"
+    assert error_of("keep blocks.{q,v", bare=True).message.endswith("expected `,` or `}`")

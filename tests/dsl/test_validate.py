@@ -1,0 +1,47 @@
+"""Schema checks of single rules (dsl/validate.py): how a wrong value is shown, and values too
+large for a number."""
+import pytest
+
+from slimfx import SpecError, parse
+
+
+def error_of(rule: str) -> SpecError:
+    with pytest.raises(SpecError) as e:
+        parse("policy p {\n    " + rule + "\n}\n")
+    return e.value
+
+
+@pytest.mark.parametrize("param, written, unquoted", [
+    ("rank", '"8"', "8"), ("merge", '"true"', "true"), ("alpha", '"32"', "32"), ("dropout", '"0.1"', "0.1"),
+])
+def test_a_quoted_value_is_shown_quoted_and_the_hint_removes_the_quotes(param, written, unquoted):
+    """`rank="8"` said "`rank` takes an integer, not 8", and hinted `rank=8`: what was written."""
+    err = error_of(f"adapt head lora {param}={written}")
+    assert err.kind == "wrong-type" and err.message.endswith(f", not {written}")
+    assert err.hint == f"remove the quotes: `{param}={unquoted}`"
+
+
+def test_a_quoted_string_that_is_no_valid_value_unquoted_gets_an_example():
+    err = error_of('adapt head lora rank="eight bits"')
+    assert err.message == '`rank` takes an integer, not "eight bits"' and err.hint == "write e.g. `rank=8`"
+    assert error_of('adapt head lora rank="0"').hint == "write e.g. `rank=8`"  # 0 is out of range unquoted too
+    assert error_of("adapt head lora merge=yes").message == "`merge` takes true or false, not yes"  # a name: bare
+    assert error_of("adapt head lora rank=2.5").message == "`rank` takes an integer, not 2.5"
+
+
+@pytest.mark.parametrize("rule, param", [
+    ("adapt head lora alpha=1{zeros}", "alpha"),
+    ("adapt head lora dropout=-1{zeros}", "dropout"),
+    ("drop blocks[0]\n    heal method=lora lr=1{zeros}", "lr"),
+])
+def test_an_integer_past_a_floats_range_is_out_of_range_not_an_internal_error(rule, param):
+    """float() of a 400-digit integer raised OverflowError: "a bug in slimfx"."""
+    err = error_of(rule.format(zeros="0" * 400))
+    assert err.kind == "out-of-range" and err.message.startswith(f"`{param}` is too large")
+    assert err.line == rule.count("\n") + 2
+
+
+def test_a_byte_budget_past_a_floats_range_is_out_of_range():
+    err = error_of("precision head choose {int8, int4} budget bytes<=1" + "0" * 400 + "GiB by output_mse")
+    assert err.kind == "out-of-range" and "too large" in err.message and (err.line, err.column) == (2, 40)
+    assert error_of("precision head choose {int8, int4} budget bytes<=1e400 by output_mse").kind == "out-of-range"
