@@ -119,11 +119,14 @@ def _read_as(gm: fx.GraphModule, attrs: dict[str, fx.Node], dtype: torch.dtype, 
     """The node each computation reads a tensor from: A and B stored in another dtype than the
     activations' (`adapt … dtype=fp16|bf16`) are read through one cast up each, tagged part
     "cast", so the adapter computes as an fp32 one whose values were rounded; DoRA's magnitude is
-    read as stored (on a half model its k is computed in float32 and the term cast: _dora_term)."""
+    read as stored (on a half model its k is computed in float32 and the term cast: _dora_term).
+    Half A and B are read through a cast even in the activations' own dtype: training swaps them
+    for float32 masters (runtime/train.py), which a linear on bf16 activations refused."""
     values = dict(attrs)
     for name in ("lora_A", "lora_B"):
         attr = attrs[name]
-        if attr.meta["val"].dtype == dtype:
+        stored = attr.meta["val"].dtype
+        if stored == dtype and stored not in (torch.float16, torch.bfloat16):
             continue
         kwargs = {"dtype": dtype}
         with gm.graph.inserting_after(attr):

@@ -120,6 +120,25 @@ def test_bf16_autocast_around_training(rules):
     assert_unchanged(cm, before)
 
 
+@pytest.mark.parametrize("model_dtype, method", [(torch.bfloat16, "lora"), (torch.float16, "dora")])
+def test_half_adapters_on_a_model_of_their_own_dtype_train(model_dtype, method):
+    """Stored in the activations' dtype, A and B were read directly; training swaps them for
+    float32 masters, and the linear on half activations raised a raw dtype mismatch."""
+    lm = models.tiny("llama")
+    lm.model.to(model_dtype)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[model_dtype]
+    cm = slimfx.compile(lm, f"adapt blocks.*.attn.{{q,v}} {method} rank=4 alpha=8 dtype={name}")
+    stored = [p.dtype for p in cm.adapter_parameters()]
+    assert model_dtype in stored  # A and B (DoRA's magnitude is float32)
+    with torch.no_grad():
+        before = cm(**tokens(2, 8, pad=True)).logits
+    result = slimfx.train(cm, [tokens(2, 8, pad=True)], steps=3, lr=1e-2)
+    assert result.last < result.first
+    assert [p.dtype for p in cm.adapter_parameters()] == stored
+    with torch.no_grad():
+        assert not torch.equal(cm(**tokens(2, 8, pad=True)).logits, before)
+
+
 def test_distill_against_the_original_lowers_the_kl():
     lm, cm = fresh("llama", *QLORA)
     # The 4-bit error is small: a gentle lr, or the first step overshoots it.
