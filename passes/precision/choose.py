@@ -57,7 +57,21 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                    sensitivity=sum(costs[i][j] for i, j in enumerate(pick)),
                    weight_bytes=sum(sizes[i][j] for i, j in enumerate(pick)))
     details["achieved_avg_bits"] = 8 * details["weight_bytes"] / weights
+    notes.insert(0, choice_note(details["choices"], details["achieved_avg_bits"], rule))
     return apply(graph, bound, items, chosen, details, ctx, tuple(notes) + scorer.dead.notes())
+
+
+def choice_note(choices: dict[str, str], bits: float, rule: A.Precision) -> str:
+    """What the solver chose, for the report's notes (it was only in meta.json): "chose int4
+    group=64 for 198 linears, int8 for 12; 4.96 bits/weight (budget avg_bits<=5)"."""
+    counts: dict[str, int] = {}
+    for fmt in choices.values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    parts = [f"{fmt} for {n} linear{'s' if n != 1 else ''}" if i == 0 else f"{fmt} for {n}"
+             for i, (fmt, n) in enumerate(ranked)]
+    return (f"chose {', '.join(parts)}; {bits:.2f} bits/weight "
+            f"(budget {rule.budget.metric}<={rule.budget.limit}{rule.budget.unit or ''})")
 
 
 class _Scorer:

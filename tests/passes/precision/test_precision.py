@@ -296,6 +296,11 @@ def test_budget_solver_meets_the_budget(llama):
     stored = sum(sum(t.numel() * t.element_size() for t in (q.qweight, q.scales))
                  for q in (packed(cm, p) for p in d["choices"]))
     assert 8 * stored / d["weights"] == pytest.approx(d["achieved_avg_bits"]) and d["achieved_avg_bits"] <= 6
+    # the report says what was chosen (it was only in meta.json)
+    counts = {fmt: list(d["choices"].values()).count(fmt) for fmt in chosen}
+    (most, n_most), (other, n_other) = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    assert cm.report.rules[0].notes[0] == (f"chose {most} for {n_most} linears, {other} for {n_other}; "
+                                           f"{d['achieved_avg_bits']:.2f} bits/weight (budget avg_bits<=6)")
 
 
 def test_candidates_carry_their_zero_point_kind():
