@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .dsl import ast as A
-from .dsl.errors import SpecError
+from .dsl.errors import SpecError, did_you_mean
 from .dsl.parser import parse, parse_file
 
 __all__ = ["compile", "plan", "load", "resolve_policy", "unwrap"]
@@ -110,8 +110,9 @@ def resolve_policy(policy, name: str | None = None, *,
     try:
         return spec.policy(name), spec
     except (KeyError, ValueError) as e:
+        close = did_you_mean(name, [p.name for p in spec.policies]) if name is not None else None
         raise SpecError.at("unknown-policy", str(e).strip("'\""), source=spec.source, filename=spec.filename,
-                           hint=choose) from None
+                           hint=close or choose) from None
 
 
 def _read_spec(policy) -> A.Spec:

@@ -89,7 +89,9 @@ def _load(name: str):
     try:
         data, label = _read(name)
     except OSError as e:
-        _error(f"{name}: cannot read: {e.strerror or e}")
+        # as plan and compile say it: a kind and what to do
+        _error(str(SpecError.at("no-file", f"cannot read {name}: {e.strerror or e}", filename=name,
+                                hint="pass the path of an existing .slim file")))
         return None
     try:
         return data, parse(data, filename=label)

@@ -150,11 +150,17 @@ def _loader(text: str) -> Callable[[], LoadedModel] | None:
 
 
 def _not_found_message(name: str) -> str:
-    close = difflib.get_close_matches(name, available(), n=1, cutoff=0.5)
+    path = Path(name).expanduser()
+    looks_like_path = os.sep in name or name.startswith((".", "~"))
+    close = [] if looks_like_path else difflib.get_close_matches(name, available(), n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     where = ""
-    if Path(name).expanduser().exists():
+    if path.is_file() and path.suffix == ".slim":
+        where = f" {name!r} is a policy file: give it before --model, and --model the model it applies to."
+    elif path.exists():
         where = f" The path {name!r} exists but holds no config.json."
+    elif looks_like_path:
+        where = f" No file or folder {name!r} exists."
     return (f"unknown model {name!r}.{hint}{where} Accepted: {', '.join(available())}, "
             "or a local Hugging Face model folder (with config.json).")
 

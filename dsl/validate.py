@@ -122,7 +122,8 @@ def _coerce(spec: ParamSpec, p: A.Param, key: str, problems: _Problems):
     if not spec.valid(value):
         hint = did_you_mean(value, spec.choices) if spec.choices and isinstance(value, str) else None
         kind = "unknown-keyword" if hint else "out-of-range"
-        problems.add(kind, f"`{p.name}={_show(p.value)}` is out of range: `{p.name}` is {spec.expectation}",
+        wrong = "is not one of its choices" if spec.choices and isinstance(value, str) else "is out of range"
+        problems.add(kind, f"`{p.name}={_show(p.value)}` {wrong}: `{p.name}` is {spec.expectation}",
                      p.span, hint or f"{spec.doc}")
         return None
     return value

@@ -314,6 +314,15 @@ def test_policy_file_and_name_errors_have_kinds_of_their_own(tmp_path):
         with pytest.raises(SpecError) as e:
             slimfx.compile(loaded, str(two), name=name)
         assert e.value.kind == "unknown-policy" and "a, b" in e.value.message
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(loaded, str(_near(tmp_path)), name="fast_polcy")
+    assert e.value.hint == "did you mean `fast_policy`?"
+
+
+def _near(tmp_path):
+    near = tmp_path / "near.slim"
+    near.write_text("policy fast_policy {\n    keep head\n}\npolicy slow {\n    keep embed\n}\n")
+    return near
 
 
 def test_a_bare_tensor_of_example_inputs_is_the_first_input_not_rows():

@@ -37,7 +37,10 @@ def test_check_reports_every_file_and_missing_ones(tmp_path, capsys):
     good, bad = write(tmp_path, "policy p {\n}\n", "good.slim"), write(tmp_path, TYPO, "bad.slim")
     assert main(["check", str(good), str(bad), str(tmp_path / "gone.slim")]) == 1
     err = capsys.readouterr().err
-    assert "good.slim: ok" in err and "bad.slim:2:5" in err and "gone.slim: cannot read" in err
+    assert "good.slim: ok" in err and "bad.slim:2:5" in err
+    # as plan and compile say it: with its kind and what to do (it had neither)
+    assert f"gone.slim: error[no-file]: cannot read {tmp_path / 'gone.slim'}: No such file" in err
+    assert "= pass the path of an existing .slim file" in err
 
 
 def test_usage_errors_exit_2(capsys):

@@ -149,6 +149,18 @@ def test_folder_without_config_is_explained(tmp_path):
         models.load(tmp_path)
 
 
+def test_a_missing_path_and_a_policy_file_are_named_as_such(tmp_path):
+    """A missing folder got only "unknown model" (and a did-you-mean of a built-in name), and a
+    policy file given as the model "Did you mean 'minilm-l6'?"."""
+    with pytest.raises(ModelNotFound) as info:
+        models.load("./models/llama")
+    assert "No file or folder './models/llama' exists" in str(info.value) and "Did you mean" not in str(info.value)
+    policy = tmp_path / "minilm-embed.slim"
+    policy.write_text("policy p {\n}\n")
+    with pytest.raises(ModelNotFound, match="is a policy file: give it before --model"):
+        models.load(str(policy))
+
+
 def test_a_folder_transformers_cannot_read_is_explained(tmp_path):
     """Each raised transformers' own OSError or ValueError, as a traceback from the CLI."""
     src = models.tiny("gpt2", seed=1)

@@ -45,3 +45,14 @@ def test_a_byte_budget_past_a_floats_range_is_out_of_range():
     err = error_of("precision head choose {int8, int4} budget bytes<=1" + "0" * 400 + "GiB by output_mse")
     assert err.kind == "out-of-range" and "too large" in err.message and (err.line, err.column) == (2, 40)
     assert error_of("precision head choose {int8, int4} budget bytes<=1e400 by output_mse").kind == "out-of-range"
+
+
+def test_a_misspelt_choice_is_not_called_out_of_range():
+    """`method=gtpq` was "out of range" under the kind unknown-keyword; a number stays out of range."""
+    with pytest.raises(SpecError) as info:
+        parse("quantize head int4 method=gtpq", bare=True)
+    assert info.value.kind == "unknown-keyword"
+    assert "`method=gtpq` is not one of its choices: `method` is one of rtn, gptq" in info.value.message
+    with pytest.raises(SpecError) as info:
+        parse("adapt head lora rank=0", bare=True)
+    assert "`rank=0` is out of range" in info.value.message
