@@ -51,9 +51,13 @@ def _check_private(folder: Path) -> None:
         return
     st = folder.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o002:
+        # "remove it" only for the default folder, which slimfx made: a SLIMFX_KERNEL_CACHE=/tmp
+        # was told to remove /tmp
+        ours = "SLIMFX_KERNEL_CACHE" not in os.environ
+        what = "remove it, or set" if ours else "set"
         raise PermissionError(f"the kernel cache {folder} is {'owned by another user' if st.st_uid != os.getuid() else 'writable by every user'}"
-                              f" (mode {st.st_mode & 0o777:o}), and slimfx imports the kernels it holds: remove it, "
-                              "or set SLIMFX_KERNEL_CACHE to a folder of your own")
+                              f" (mode {st.st_mode & 0o7777:o}), and slimfx imports the kernels it holds: {what} "
+                              "SLIMFX_KERNEL_CACHE to a folder of your own (e.g. ~/.cache/slimfx-kernels)")
 
 
 def source_name(template: str, source: str) -> str:

@@ -29,6 +29,20 @@ def test_a_folder_anyone_may_write_is_refused(tmp_path):
         _kernel().cached_file(shared)
 
 
+def test_a_shared_folder_the_user_named_is_not_to_be_removed(tmp_path, monkeypatch):
+    """SLIMFX_KERNEL_CACHE=/tmp was told "mode 777 … remove it": /tmp is 1777 and not slimfx's."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    monkeypatch.setenv("SLIMFX_KERNEL_CACHE", str(shared))
+    with pytest.raises(PermissionError) as info:
+        _kernel().cached_file(shared)
+    assert "(mode 1777)" in str(info.value) and "remove it" not in str(info.value)
+    monkeypatch.delenv("SLIMFX_KERNEL_CACHE")
+    with pytest.raises(PermissionError, match="remove it, or set SLIMFX_KERNEL_CACHE"):
+        _kernel().cached_file(shared)
+
+
 def test_a_link_at_the_old_temporary_name_is_not_written_through(tmp_path):
     cache, victim = tmp_path / "cache", tmp_path / "victim.txt"
     cache.mkdir(mode=0o700)
