@@ -202,9 +202,10 @@ class _Binder:
     def _bind_blocks(self, rule, found, protected: set[str]) -> BoundRule:
         blocks = tuple(f for f in found if isinstance(f, Block))
         n = len(self.graph.blocks)
-        if found and not blocks:
+        other = next((f for f in found if not isinstance(f, Block)), None)  # never dropped silently
+        if other is not None:
             self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on blocks, and `"
-                        f"{_sel(rule)}` selects {found[0].path} (a {found[0].kind})",
+                        f"{_sel(rule)}` selects {other.path} (a {other.kind})",
                         "select blocks, e.g. `blocks[20:28]` or `blocks` with auto(...)")
         if isinstance(rule, A.Collapse) and rule.auto is None and 0 < len(blocks) < 2:
             self._error(rule.selector.span, "invalid-combination", "an explicit `collapse` needs at least "

@@ -9,7 +9,7 @@ from torch import fx
 
 from .graph import Block
 
-__all__ = ["read_after", "stream_between", "removal_problem", "runs_of"]
+__all__ = ["read_after", "stream_between", "removal_problem", "runs_of", "shared_read"]
 
 
 def stream_between(run: list[Block]) -> set[fx.Node]:
@@ -42,6 +42,14 @@ def removal_problem(blocks: list[Block]) -> tuple[str, str] | None:
     """(message, hint) when removing `blocks` (each contiguous run of them) would take away a value
     later blocks read; else None."""
     for run in runs_of(blocks):
+        shared = shared_read(run)
+        if shared is not None:
+            tensor, reader = shared
+            return (f"{tensor.target} is one tensor shared by several blocks (a tied weight), held by a block "
+                    f"this rule removes and read outside it too ({_module_of(reader)}): removing the block "
+                    "would take that tensor away", "give each block its own copy of the weight before "
+                    "compiling (e.g. `layer.mlp.down_proj.weight = nn.Parameter(w.clone())`), or remove "
+                    "other blocks")
         leak = read_after(run)
         if leak is not None:
             owner = next(b for b in run if leak in b.nodes)
@@ -59,6 +67,31 @@ def removal_problem(blocks: list[Block]) -> tuple[str, str] | None:
                     "bias, made in the first block only): removing it would leave them without it",
                     f"remove other blocks; an auto search never picks {owner.path}")
     return None
+
+
+def shared_read(run: list[Block]) -> tuple[fx.Node, fx.Node] | None:
+    """(the read of a tensor a block of the run holds, a node outside the run that uses it): a
+    weight tied across blocks is read under the name of one of them (export names it once), so
+    removing that block took the tensor from the others; None if no such read."""
+    members = frozenset().union(*(b.nodes for b in run))
+    prefixes = tuple(b.path + "." for b in run)
+    graph = next(iter(members)).graph
+    for node in graph.nodes:
+        if node.op == "get_attr" and str(node.target).startswith(prefixes):
+            reader = next((u for u in node.users if u not in members), None)
+            if reader is not None:
+                return node, reader
+    return None
+
+
+def _module_of(node: fx.Node) -> str:
+    """The innermost module a node was captured in, by path ('model.layers.1.mlp.down_proj')."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    entry = list(stack.values())[-1]
+    path = entry[0] if isinstance(entry, tuple) else str(entry)
+    return path.replace("L['self'].", "").replace("[", ".").replace("]", "")
 
 
 def _returned(value: fx.Node) -> bool:

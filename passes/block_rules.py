@@ -41,6 +41,12 @@ def merge_problem(graph, keep: Block, merged: list[Block]) -> tuple[str, str] | 
     """(message, hint) when LaCo cannot merge `merged` into `keep`: their float parameters differ in
     name or shape (T5's first block alone holds the position table; ModernBERT's first layer has
     no attention norm, so merging into it dropped the next layer's silently); else None."""
+    tied = _tied_outside(graph, keep, merged)
+    if tied is not None:
+        return (f"`collapse` writes the merged weights into {keep.path}, and {tied[0]} is one tensor with "
+                f"{tied[1]} (a weight tied across blocks): the merge would change that block too",
+                "give each block its own copy of the weight before compiling (e.g. `layer.mlp.down_proj.weight "
+                "= nn.Parameter(w.clone())`), or collapse other blocks")
     own = _float_params(graph, keep)
     for b in merged:
         other = _float_params(graph, b)
@@ -56,6 +62,19 @@ def merge_problem(graph, keep: Block, merged: list[Block]) -> tuple[str, str] | 
         return (f"`collapse` merges blocks built alike, and {why}",
                 "collapse a range of blocks of one form (a model whose first block differs: start after it)")
     return None
+
+
+def _tied_outside(graph, keep: Block, merged: list[Block]) -> tuple[str, str] | None:
+    """(a parameter of `keep`, the same tensor's name in a module outside the merged run): LaCo
+    puts a new tensor wherever the old one was, and the graph reads a tied tensor under one name
+    only, so a block sharing it would take the merge too (neither can keep the original)."""
+    def under(path: str, blocks) -> bool:
+        return any(path == b.path or path.startswith(b.path + ".") for b in blocks)
+
+    own = {p.storage: p.name for path, info in graph.modules.items() if under(path, [keep])
+           for p in info.params if not p.is_buffer}  # buffers are not merged
+    return next(((own[p.storage], p.name) for path, info in graph.modules.items()
+                 if not under(path, [keep, *merged]) for p in info.params if p.storage in own), None)
 
 
 def _float_params(graph, block: Block) -> dict[str, tuple[int, ...]]:

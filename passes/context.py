@@ -74,6 +74,10 @@ class Context:
     # Cuts made by `collapse`/`drop` since the last `heal` (passes/collapse/cut.py's Cut records);
     # a `heal` repairs them and empties the list.
     cuts: list[Any] = field(default_factory=list)
+    # Whether a `collapse`/`drop` follows this rule before the next `heal` (the pipeline sets it
+    # before each rule): only then does a removal keep what every later block output, for that
+    # rule's cuts to be fitted to the model before both (passes/collapse/apply.block_record).
+    removals_follow: bool = True
     # Linears that carried adapters before any rule ran (compiling a CompiledModel that has some).
     inherited_adapters: frozenset[str] = frozenset()
     # Targets a later `adapt … init=error` names (the pipeline sets it before each rule): a

@@ -56,6 +56,7 @@ def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
             continue
         ctx.keep_originals = _error_init_targets(plan.rules[i + 1:])
         ctx.error_plans = _error_plans(plan.rules[i + 1:])
+        ctx.removals_follow = _removals_follow(plan.rules[i + 1:])
         report = PASSES[type(bound.rule)](graph, bound, ctx)
         graph.reindex()
         graph.lint()
@@ -73,6 +74,16 @@ def _error_init_targets(later: tuple[BoundRule, ...]) -> frozenset[str]:
     """Paths whose pre-quantization weights a later `adapt … init=error` reads."""
     return frozenset(t.path for b in later if isinstance(b.rule, A.Adapt) and b.rule.get("init") == "error"
                      for t in b.targets)
+
+
+def _removals_follow(later: tuple[BoundRule, ...]) -> bool:
+    """A `collapse`/`drop` among the later rules, before the next `heal`."""
+    for b in later:
+        if isinstance(b.rule, A.Heal):
+            return False
+        if isinstance(b.rule, (A.Collapse, A.Drop)):
+            return True
+    return False
 
 
 def _error_plans(later: tuple[BoundRule, ...]) -> dict[str, ErrorPlan]:

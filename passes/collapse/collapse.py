@@ -12,7 +12,7 @@ from ..block_rules import collapse_range_problem, merge_problem
 from ..context import Context
 from ..graph import ModelGraph
 from .apply import (Before, auto_count, before_rule, block_report, candidates, current, need_calibration,
-                    remove_runs, rule_error, run_targets)
+                    remove_runs, rule_error, block_record)
 from .cut import laco_merge
 from .search import laco_trials
 from .streams import collect
@@ -37,9 +37,9 @@ def _explicit(graph, bound, ctx, before: Before) -> RuleReport:
     unlike = merge_problem(graph, keep, merged)
     if unlike is not None:
         raise rule_error(bound, ctx, "unsupported", *unlike)
-    targets = run_targets(graph, [merged], ctx)  # what the run output before the merge, for `heal`
+    record = block_record(graph, ctx, keep.index, ends={merged[-1].path})  # before the merge changes `keep`'s output
     changed = laco_merge(graph, keep, merged)
-    remove_runs(graph, [merged], bound, ctx, targets)
+    remove_runs(graph, [merged], bound, ctx, record)
     return block_report(graph, bound, before, {"into": keep.path, "tensors_merged": changed},
                         [f"merged into {keep.path} ({changed} tensors)"], ctx)
 
@@ -50,13 +50,13 @@ def _auto(graph, bound, ctx, before: Before) -> RuleReport:
     count = auto_count(bound, ctx, len(candidates(graph, bound)), n_before)
     allowed = {graph.blocks[i].path for i in candidates(graph, bound)}
     protected = {b.path for b in graph.blocks if b.path not in allowed}
-    # Every stream of the model before the search: the last is LaCo's reference, and the one
-    # after a merged run is what `heal` maps the merged block's output back to.
+    # Every stream of the model before the search: the last is LaCo's reference; `record` says
+    # what `heal` maps a merged block's output back to (the output of the run's last block).
     streams = collect(graph, list(range(n_before + 1)), ctx.calib, ctx.progress, "recording the residual stream")
-    original = {b.path: b.index for b in graph.blocks}
+    record = block_record(graph, ctx, 0, streams)
 
     def accept(keep, merged):
-        remove_runs(graph, [merged], bound, ctx, [streams[original[merged[-1].path] + 1]])
+        remove_runs(graph, [merged], bound, ctx, record)
 
     trials = laco_trials(graph, ctx.calib, streams[n_before], count=count, span=auto.get("span"),
                          interval=auto.get("interval"), threshold=auto.get("threshold"), protected=protected,

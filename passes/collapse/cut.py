@@ -3,7 +3,8 @@ the run's output flowed. No model class is assumed: the ModelGraph's index knows
 node set and its residual input and output.
 
 A `Cut` records one removed run for a later `heal`: where the stream now jumps over the gap, and
-what left the run in the model as it was before (on the calibration tokens).
+what left the run in the model as the policy's first collapse/drop found it (on the calibration
+tokens).
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ class Cut:
     before: str | None  # path of the block just before the gap (None: the gap starts at block 0)
     after: str | None  # path of the block just after it (None: the gap ends at the last block)
     target: list[torch.Tensor] = field(default_factory=list, repr=False)  # per calibration batch:
-    # what left the run before it was removed, rows of real tokens [tokens, hidden]
+    # what left the run in the model as the policy's first collapse/drop found it, rows of real
+    # tokens [tokens, hidden]
+    record: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)  # the same for
+    # every block from the rule's first change on, by path: a later rule's cut there is fitted to
+    # it (apply.block_record); `heal` empties it (no collapse/drop may follow a heal)
 
 
 def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:

@@ -33,7 +33,7 @@ from ..context import Context
 from ..graph import ModelGraph, Target
 from ..lent import replace_tensor
 from ..lora import base_sites, has_adapter, insert_adapter, site_dims
-from ..rewrite import PassError, find_sites, has_weight, register_tensors, set_meta
+from ..rewrite import PassError, find_sites, has_weight, register_tensors, set_meta, shared_outside
 from .apply import need_calibration, rule_error
 from .cut import Cut
 from .fit import fit_map
@@ -56,6 +56,8 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     if any(not c.target for c in ctx.cuts):
         raise rule_error(bound, ctx, "missing-value", "`heal` needs what the removed blocks output on the "
                          "calibration tokens, and none was recorded when they were removed")
+    for cut in ctx.cuts:  # the records served later collapse/drop rules, and none may follow a heal
+        cut.record = {}
     before = graph_params(graph), graph_bytes(graph)
     if rule.get("method") == "linear":
         details, notes = (_fold if rule.get("fold") else _linear)(graph, bound, ctx)
@@ -194,6 +196,10 @@ def _down_before(graph: ModelGraph, cut: Cut, bound: BoundRule, ctx: Context):
         raise rule_error(bound, ctx, "invalid-combination", f"`heal … fold=true` folds the map into "
                          f"{downs[0].path}'s weight, and a `keep` rule protects it",
                          "narrow the `keep`, or write fold=false (a map on the stream)")
+    if shared_outside(graph, downs[0], {downs[0].path}):  # the graph reads a tied tensor under one name
+        raise rule_error(bound, ctx, "unsupported", f"`heal … fold=true` folds the map into {downs[0].path}'s "
+                         "weight, and another module shares that tensor (a tied weight): it would change there too",
+                         "give each block its own copy of the weight before compiling, or write fold=false")
     refused = _cannot_fold_into(graph, downs[0], cut)
     if refused is not None:
         raise rule_error(bound, ctx, "illegal-order", f"`heal … fold=true` folds the map into {downs[0].path}'s "

@@ -12,6 +12,7 @@ import torch
 from ...runtime.progress import Progress
 from ..graph import ModelGraph
 from ..lent import put_tensor
+from ..block_reads import removal_problem
 from ..block_rules import merge_problem
 from .cut import laco_merge
 from .streams import StreamSums, angular, final_similarity
@@ -76,9 +77,10 @@ def laco_trials(graph: ModelGraph, batches, reference: list[torch.Tensor], *, co
     (the trial already put the merged weights in the block; it removes the merged blocks)."""
     trials: list[Trial] = []
     removed = 0
-    # A model of fewer blocks than `span` starts at its first block (l went negative, and the
-    # search ran no trial at all).
-    l = max(len(graph.blocks) - span, 0)
+    # LaCo starts at L − C for the merge size C it uses: capped by `count`, C is count + 1 at most
+    # (from L − span, count=1 never tried the top two blocks). A model of fewer blocks than C
+    # starts at its first block (l went negative, and the search ran no trial at all).
+    l = max(len(graph.blocks) - min(span, count + 1), 0)
     with progress.task(f"LaCo search ({count} blocks to merge away)", total=count) as step:
         while removed < count and l >= 0:
             c = min(span, count - removed + 1, len(graph.blocks))  # never merge away more than asked
@@ -86,8 +88,11 @@ def laco_trials(graph: ModelGraph, batches, reference: list[torch.Tensor], *, co
                 break
             l = min(l, len(graph.blocks) - c)
             run = list(graph.blocks[l:l + c])
-            if any(b.path in protected for b in run) or merge_problem(graph, run[0], run[1:]) is not None:
-                l -= 1  # kept, or not built alike (ModernBERT's first layer lacks the attention norm)
+            if (any(b.path in protected for b in run) or merge_problem(graph, run[0], run[1:]) is not None
+                    or removal_problem(run[1:]) is not None):
+                # kept, not built alike (ModernBERT's first layer lacks the attention norm), or a
+                # weight tied to a block outside the run (the merge or the removal would reach it)
+                l -= 1
                 continue
             saved = dict(graph.module.get_submodule(run[0].path).named_parameters())
             laco_merge(graph, run[0], run[1:])

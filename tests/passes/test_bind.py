@@ -106,6 +106,15 @@ def test_block_rules_need_blocks(llama):
     assert "2 of 4 blocks removed" in bound.estimate.note
 
 
+@pytest.mark.parametrize("rule", ["drop {blocks[1], blocks[3].mlp.down}", "collapse {blocks[1:3], blocks[3].attn.q}"])
+def test_a_block_rule_refuses_a_selector_that_also_names_what_is_not_a_block(llama, rule):
+    """It kept the blocks among the matches and dropped the rest silently: block 1 went, and
+    blocks[3].mlp.down was never mentioned (while `drop blocks[1].mlp` alone is refused)."""
+    e = error_of(llama, rule)
+    assert e.kind == "selector"
+    assert "model.layers.3." in e.message and "acts on blocks" in e.message
+
+
 def test_tokens_after_needs_exactly_one_block(llama):
     (bound,) = plan_of(llama, "tokens after blocks[1] prune keep=0.5").rules
     assert [b.index for b in bound.blocks] == [1]

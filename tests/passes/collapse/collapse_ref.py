@@ -34,6 +34,14 @@ def laco_merged(model: nn.Module, path: str, keep: int, merged: list[int]) -> nn
     return without_layers(out, path, set(merged))
 
 
+def tie_down_projections(model: nn.Module, a: int, b: int) -> nn.Module:
+    """`model` (changed in place) with layer b's MLP down projection holding layer a's weight: one
+    tensor two blocks read (export names it after one of them)."""
+    layers = layers_of(model, "model.layers")
+    layers[b].mlp.down_proj.weight = layers[a].mlp.down_proj.weight
+    return model
+
+
 def layer_streams(model: nn.Module, path: str, inputs: dict) -> list[torch.Tensor]:
     """Residual stream k = input of layer k (k = L: output of the last layer), real tokens only."""
     layers = layers_of(model, path)

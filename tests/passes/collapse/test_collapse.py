@@ -10,7 +10,7 @@ import torch
 import slimfx
 from slimfx.models import tiny
 
-from collapse_ref import laco_merged, layer_streams, mean_cos
+from collapse_ref import laco_merged, layer_streams, mean_cos, tie_down_projections
 from output_compare import max_diff, outputs
 
 
@@ -67,6 +67,36 @@ def test_auto_search_trials_match_a_direct_computation(lm6):
     step2 = layer_streams(laco_merged(step1, "model.layers", 2, [3]), "model.layers", ids)[-1]
     assert abs(trials[1]["similarity"] - mean_cos(step2, original)) < 1e-5
     assert len(cm.graph.blocks) == 4
+
+
+def _laco_by_hand(model, ids, count: int, span: int, threshold: float) -> list[tuple]:
+    """LaCo's Algorithm 1 on the Hugging Face modules (interval 1): l starts at L − C for the merge
+    size C = min(span, count + 1) and moves down; C shrinks to what is left to remove."""
+    original = layer_streams(model, "model.layers", ids)[-1]
+    names = list(range(len(model.model.layers)))  # the original index of each layer left
+    trials, removed, l = [], 0, len(names) - min(span, count + 1)
+    while removed < count and l >= 0:
+        c = min(span, count - removed + 1)
+        l = min(l, len(names) - c)
+        merged = laco_merged(model, "model.layers", l, list(range(l + 1, l + c)))
+        sim = mean_cos(layer_streams(merged, "model.layers", ids)[-1], original)
+        trials.append((names[l], tuple(names[l + 1:l + c]), sim >= threshold))
+        if sim >= threshold:
+            model, names, removed = merged, names[:l + 1] + names[l + c:], removed + c - 1
+        l -= 1
+    return trials
+
+
+@pytest.mark.parametrize("count, threshold", [(1, 0.01), (2, 0.01), (2, 0.999)])
+def test_auto_search_starts_at_the_top_for_the_merge_size_it_uses(count, threshold):
+    """With span=4 (the default) and count=1 the search started at L − 4 and merged block 5 into 4:
+    the top two blocks, which LaCo (starting at L − C for its merge size C = 2) tries first, never."""
+    lm = _lm(8, 5)
+    ids = lm.example_inputs
+    cm = slimfx.compile(lm, f"collapse blocks auto(count={count}, threshold={threshold})", calib=[ids])
+    trials = [(int(t["into"].rpartition(".")[2]), tuple(int(m.rpartition(".")[2]) for m in t["merged"]),
+               t["accepted"]) for t in cm.report.rules[0].details["trials"]]
+    assert trials == _laco_by_hand(lm.model, ids, count, 4, threshold)
 
 
 def test_auto_search_rejects_below_the_threshold_and_says_where_it_stopped(lm6):
@@ -146,3 +176,21 @@ def test_a_collapse_on_a_peft_model_says_to_merge_its_adapters():
     with pytest.raises(slimfx.SpecError) as e:
         slimfx.plan(model, "collapse blocks[0:2]", example_inputs=lm.example_inputs)
     assert "is a PEFT adapter layer" in e.value.message and "merge_and_unload()" in e.value.hint
+
+
+def test_a_collapse_into_a_block_whose_weight_another_block_shares_is_refused():
+    """Blocks 1 and 3 share a down projection: `collapse blocks[1:3]` put the merged weight in
+    every slot holding it, block 3's too, silently (0.08 off the merge with block 3 untouched);
+    plan and compile now refuse it naming both, and the auto search never tries a merge into 1."""
+    lm = _lm(5, 4)
+    model = tie_down_projections(lm.model, 1, 3)
+    for run in (lambda p: slimfx.plan(model, p, example_inputs=lm.example_inputs),
+                lambda p: slimfx.compile(model, p, example_inputs=lm.example_inputs, calib=[lm.example_inputs])):
+        with pytest.raises(slimfx.SpecError) as e:
+            run("collapse blocks[1:3]")
+        assert e.value.kind == "unsupported" and "tied" in e.value.message
+        assert {"model.layers.1.mlp.down_proj.weight", "model.layers.3.mlp.down_proj.weight"} <= \
+            set(e.value.message.replace(",", " ").split())
+    cm = slimfx.compile(model, "collapse blocks[0:3] auto(count=1, span=2, threshold=0.01)",
+                        example_inputs=lm.example_inputs, calib=[lm.example_inputs])
+    assert [t["into"] for t in cm.report.rules[0].details["trials"]] == ["model.layers.0"]

@@ -13,7 +13,7 @@ from slimfx import SpecError
 from slimfx.passes.capture import capture
 from slimfx.runtime.sizes import param_bytes
 
-from collapse_ref import layer_streams, mean_cos, without_layers
+from collapse_ref import layer_streams, mean_cos, tie_down_projections, without_layers
 from passes_tiny import example_inputs, tiny_model
 from output_compare import max_diff, outputs
 
@@ -252,3 +252,27 @@ def test_a_block_whose_attention_map_the_model_returns_says_so():
         slimfx.compile(lm.model, "drop blocks[1]", example_inputs=dict(lm.example_inputs, output_attentions=True))
     assert "model.layers.1 computes a value the model returns" in e.value.message
     assert "output_attentions=False" in e.value.hint
+
+
+def test_a_block_holding_a_weight_another_block_reads_is_refused_at_the_rule():
+    """Blocks 1 and 2 share a down projection, which the graph reads under block 2's name:
+    `drop blocks[2]` deleted it from under block 1 (a raw LintError, "references nonexistent
+    attribute"); plan and compile now refuse it naming the tensor and its other reader, and an
+    auto search leaves block 2 out. Block 1 goes (block 2 keeps the tensor)."""
+    from slimfx.models import tiny
+
+    lm = tiny("llama", layers=5, seed=4, attn_implementation="eager")
+    model = tie_down_projections(lm.model, 1, 2)
+    for run in (lambda p: slimfx.plan(model, p, example_inputs=lm.example_inputs),
+                lambda p: slimfx.compile(model, p, example_inputs=lm.example_inputs, calib=[lm.example_inputs])):
+        with pytest.raises(SpecError) as e:
+            run("drop blocks[2]")
+        assert e.value.kind == "unsupported"
+        assert "model.layers.2.mlp.down_proj.weight" in e.value.message and \
+            "model.layers.1.mlp.down_proj" in e.value.message
+    cm = slimfx.compile(model, "drop blocks[1]", example_inputs=lm.example_inputs)
+    reference = without_layers(model, "model.layers", {1})
+    assert max_diff(outputs(cm, lm.example_inputs), outputs(reference, lm.example_inputs)) < 1e-5
+    cm = slimfx.compile(model, "drop blocks[1:3] auto(count=1)", example_inputs=lm.example_inputs,
+                        calib=[lm.example_inputs])
+    assert cm.report.rules[0].details["removed"] == ["model.layers.1"]
