@@ -39,9 +39,17 @@ def check_policy(policy: A.Policy) -> list[Diagnostic]:
     last_removal = _last_removal_before(rules)
     texts = [format_selector(r.selector) if r.selector is not None else None for r in rules]
     earlier_by = _EarlierRules()
+    unhealed, token_step = False, None  # a removal since the last heal; a token step since it
     for i, rule in enumerate(rules):
         if isinstance(rule, A.Heal) and last_removal[i] < 0:
             problems.append(_heal_first(rule))
+        if isinstance(rule, A.Heal) and token_step is not None:
+            problems.append(_token_step_before_heal(rule, token_step))
+        if isinstance(rule, A.Heal):
+            unhealed, token_step = False, None
+        unhealed = unhealed or isinstance(rule, _STRUCTURAL)
+        if unhealed and token_step is None and isinstance(rule, A.Tokens):
+            token_step = rule
         if isinstance(rule, A.Unpad):
             problems += _unpad_problems(rule, rules[:i])
         if isinstance(rule, A.Adapt) and rule.get("init") == "error" and not earlier_by.precision:
@@ -103,6 +111,14 @@ def _heal_first(heal: A.Heal) -> Diagnostic:
     return _at(heal.span, "illegal-order", "`heal` repairs what a `collapse` or `drop` before it removed, and "
                f"nothing before line {heal.span.line} removes blocks",
                "put `heal` after a `collapse` or `drop` rule, or remove it", width=len("heal"))
+
+
+def _token_step_before_heal(heal: A.Heal, step: A.Tokens) -> Diagnostic:
+    """What a removal recorded for its heal is rows of the tokens it saw; a merge or prune after
+    it leaves fewer (a raw size mismatch in the fit)."""
+    return _at(heal.span, "illegal-order", f"`heal` fits its maps on the tokens the `collapse`/`drop` rules above "
+               f"it saw, and `tokens after … {step.action}` on line {step.span.line} changes them in between",
+               f"move line {step.span.line} below this `heal`", width=len("heal"))
 
 
 def _error_init_first(adapt: A.Adapt) -> Diagnostic:

@@ -93,6 +93,20 @@ def test_blocks_are_removed_before_heal_not_after():
     assert error_of("collapse blocks[0:2]", "heal method=lora", "collapse blocks[4:6]").kind == "illegal-order"
 
 
+def test_a_token_step_between_a_removal_and_its_heal_is_refused():
+    """The removal recorded rows of the tokens it saw for the heal; a merge after it left fewer (a raw
+    "size of tensor a (12) must match … (16)" in the fit)."""
+    err = error_of("drop blocks[4]", "tokens after blocks[1] merge ratio=0.25", "heal method=linear")
+    assert err.kind == "illegal-order" and err.line == 4
+    assert "`tokens after … merge` on line 3 changes them in between" in err.message and err.hint == \
+        "move line 3 below this `heal`"
+    assert error_of("drop blocks[4]", "tokens after blocks[1] prune", "drop blocks[3]",
+                    "heal method=linear").kind == "illegal-order"
+    ok("tokens after blocks[1] merge ratio=0.25", "drop blocks[3]", "heal method=linear")
+    ok("drop blocks[4]", "heal method=linear", "tokens after blocks[1] merge ratio=0.25")
+    ok("drop blocks[4]", "tokens unpad", "heal method=linear")
+
+
 def test_several_heals_in_a_row_are_fine_and_rules_without_selectors_never_clash():
     spec = ok("drop blocks auto(ratio=0.25)", "heal method=linear", "heal method=linear",
               "heal method=lora", "keep head", "adapt blocks lora", "quantize blocks.*.** int4")
