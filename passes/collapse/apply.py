@@ -172,7 +172,7 @@ def block_report(graph: ModelGraph, bound: BoundRule, before: Before, details: d
     if after is not None:
         (was, tokens), (now, _) = ms_before, after
         details = {**details, "latency_ms": [round(was, 2), round(now, 2)], "latency_tokens": tokens}
-        notes.append(f"CPU latency of a 1×{tokens} forward ×{now / was:.2f} ({was:.0f} → {now:.0f} ms)")
+        notes.append(f"CPU latency of a 1×{tokens} forward ×{now / was:.2f} ({_ms(was)} → {_ms(now)} ms)")
     return RuleReport(bound.line, bound.text, bound.rule.kind, tuple(removed), params, graph_params(graph),
                       nbytes, graph_bytes(graph), {"removed": list(removed), "blocks_before": n_before,
                                                    "blocks_after": len(graph.blocks), **details}, tuple(notes))
@@ -184,3 +184,8 @@ def _short(paths: list[str]) -> str:
     if len(parents) == 1:
         return f"{parents.pop()}.{{{','.join(p.rpartition('.')[2] for p in paths)}}}"
     return ", ".join(paths)
+
+
+def _ms(ms: float) -> str:
+    """Whole ms from 100 on, tenths below: a tiny model's "×0.57 (4 → 2 ms)" disagreed with itself."""
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}"

@@ -241,6 +241,9 @@ def test_the_report_gives_bytes_and_the_latency_of_a_1x256_forward(lm8):
     before_ms, after_ms = rule.details["latency_ms"]
     assert rule.details["latency_tokens"] == 256
     assert before_ms > 0 and after_ms > 0 and "CPU latency of a 1×256 forward" in " ".join(rule.notes)
+    # tenths below 100 ms: whole ms gave "×0.57 (4 → 2 ms)" on a tiny model
+    shown = [f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" for ms in (before_ms, after_ms)]
+    assert f"×{after_ms / before_ms:.2f} ({shown[0]} → {shown[1]} ms)" in " ".join(rule.notes)
 
 
 def test_a_block_whose_attention_map_the_model_returns_says_so():
