@@ -197,9 +197,11 @@ class _Index:
 
 
 def _block_of(path: str, blocks_path: str | None, blocks) -> Block | None:
-    if blocks_path is None or not path.startswith(blocks_path + "."):
+    # blocks_path "" is a model that is its block list (a top-level nn.Sequential of blocks)
+    prefix = f"{blocks_path}." if blocks_path else ""
+    if blocks_path is None or not path.startswith(prefix):
         return None
-    child = _join(blocks_path, path[len(blocks_path) + 1:].split(".")[0])
+    child = _join(blocks_path, path[len(prefix):].split(".")[0])
     return next((b for b in blocks if b.path == child), None)
 
 

@@ -73,11 +73,13 @@ pm_top_roles: list[tuple[str, str]] = [
     (r"(?:\w+\.)*(?:wpe|embed_positions|position_embeddings)", "embed.pos"),
     (r"(?:\w+\.)*token_type_embeddings", "embed.type"),
     (r"(?:\w+\.)*embeddings\.(?:LayerNorm|layer_norm|norm)", "embed.norm"),
-    (r"(?:\w+\.)?(?:norm|ln_f|final_layer_norm|final_layernorm|layernorm|decoder\.final_layer_norm"
+    # Any prefix, as for the embeddings: a PeftModel (`base_model.model.lm_head`) or a user's
+    # wrapper module nests them deeper, and `keep head` was told the model had no head.
+    (r"(?:\w+\.)*(?:norm|ln_f|final_layer_norm|final_layernorm|layernorm|decoder\.final_layer_norm"
      r"|decoder\.norm)", "final_norm"),
-    (r"lm_head|embed_out|score|qa_outputs|vocab_projector|classifier(?:\.out_proj)?"
-     r"|cls\.predictions\.decoder", "head"),
-    (r"(?:\w+\.)?pooler\.dense", "pooler"),  # becomes `head` when the model has no other head
+    (r"(?:\w+\.)*(?:lm_head|embed_out|score|qa_outputs|vocab_projector|classifier(?:\.out_proj)?"
+     r"|cls\.predictions\.decoder)", "head"),
+    (r"(?:\w+\.)*pooler\.dense", "pooler"),  # becomes `head` when the model has no other head
 ]
 
 # A role that does not exist because the model fuses it into another: role -> (fused, what).

@@ -201,3 +201,43 @@ def test_attention_roles_of_models_slimfx_does_not_ship(name, attention):
                  "attn.v": "attention.self.value_proj", "attn.o": "attention.output.dense"})
     for role, path in expected.items():
         assert roles.get(role) == f"encoder.layer.0.{path}", (role, roles)
+
+
+def test_a_wrapped_model_keeps_its_head_and_final_norm():
+    """Under a PeftModel (`base_model.model.lm_head`) the head and final norm had no role, and
+    `keep head` said the model had none."""
+    import peft
+
+    from slimfx.models import tiny
+    from slimfx.passes.capture import capture
+
+    lm = tiny("llama")
+    wrapped = peft.get_peft_model(lm.model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    roles = {t.path: t.role for t in capture(wrapped, lm.example_inputs).targets.values()}
+    assert roles["base_model.model.lm_head"] == "head"
+    assert roles["base_model.model.model.norm"] == "final_norm"
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = torch.nn.LayerNorm(d), torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+def test_a_model_that_is_its_block_list_indexes_its_blocks():
+    """A top-level nn.Sequential of blocks: its targets had no block (each block's norm was the
+    final norm), and `drop blocks[1]` was refused as selecting "1.norm (a norm)"."""
+    import slimfx
+    from slimfx.passes.capture import capture
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(_Block(8), _Block(8), _Block(8)).eval(), torch.randn(2, 5, 8)
+    graph = capture(model, {"input": x})
+    assert [(t.path, t.role, t.block) for t in graph.targets.values()][:3] == [
+        ("0.norm", "norm", 0), ("0.fc1", "mlp.up", 0), ("0.fc2", "mlp.down", 0)]
+    cm = slimfx.compile(model, "drop blocks[1]", example_inputs={"input": x})
+    with torch.no_grad():
+        assert torch.equal(cm(x), model[2](model[0](x)))
