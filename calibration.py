@@ -14,6 +14,7 @@ on in further rows, so none of it is dropped.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -63,10 +64,11 @@ def read_paragraphs(path: str | os.PathLike, what: str = "calibration text", hin
     empty ones dropped; `what` names the file in errors (benchmarks read eval texts with it),
     `hint` follows a file that cannot be read."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # an editor's byte-order mark is no text
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {what} {str(path)!r}: {e}{hint}") from e
-    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+    # a line of only spaces separates paragraphs too (it looks blank)
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n[ \t\r\f\v]*\n", text)]
     paragraphs = [p for p in paragraphs if p]
     if not paragraphs:
         raise ValueError(f"{what} {str(path)!r} is empty")

@@ -394,7 +394,7 @@ def _eval_tokens(loaded, asked: int | None) -> int:
     if loaded.kind != "causal-lm" or loaded.tokenizer is None:
         if asked is not None:
             print(f"note: --max-tokens is not used: it counts the tokens a perplexity scores, and {loaded.name} "
-                  f"is {'a causal LM without a tokenizer' if loaded.kind == 'causal-lm' else _a(loaded.kind)}",
+                  f"is {'a causal LM without a tokenizer' if loaded.kind == 'causal-lm' else _a(loaded.kind) + ' model'}",
                   file=sys.stderr)
         return EVAL_TOKENS
     available = _token_ids(loaded, [eval_text()]).numel()

@@ -190,22 +190,28 @@ def _device_of(model: Callable) -> torch.device:
 # ---------------------------------------------------------------- encoders
 
 def embed(model: Callable, tokenizer: Any, texts: Iterable[str], *, max_length: int | None = None) -> torch.Tensor:
-    """Attention-mask-weighted mean of the last hidden states (a classifier's logits, where it
-    returns no hidden states): one row per text, float32; texts
+    """Attention-mask-weighted mean of the last hidden states (of the per-token logits where it
+    returns none, a masked LM's; a classifier's logits): one row per text, float32; texts
     cut at `max_length` tokens (default: the tokenizer's own limit). A model compiled with
     `tokens after … restore=false` returns only its remaining tokens [B, L′, D]: those are weighted
     by how many input tokens each holds (its `kept_tokens` "sizes"): after merging, the mean pooling
     of the restore=true output; after pruning, the mean of the tokens kept."""
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    texts = list(texts)
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     device = _device_of(model)
     inputs = {k: v.to(device) for k, v in _accepted(model, dict(enc)).items()}
+    if len(texts) > 1 and "attention_mask" in enc and "attention_mask" not in inputs \
+            and not bool(enc["attention_mask"].all()):
+        # A model (an artifact) captured without a mask would read the pads as tokens: cosine 0.82
+        # for the empty policy on MiniLM. Each text alone has no pads.
+        return torch.cat([embed(model, tokenizer, [t], max_length=max_length) for t in texts])
     earlier = getattr(model, "kept_tokens", None)
     with torch.inference_mode():
         out = model(**inputs)
     logits = _per_text_logits(out)
     if logits is not None:  # a classifier returns no hidden states: its logits are its per-text output
         return logits.float()
-    hidden = _field(out, "last_hidden_state").float()
+    hidden = _per_token_output(out).float()
     weights = _kept_sizes(model, earlier)
     if weights is None:
         weights = enc["attention_mask"]
@@ -214,6 +220,15 @@ def embed(model: Callable, tokenizer: Any, texts: Iterable[str], *, max_length: 
         raise ValueError(f"the model returned {hidden.shape[1]} tokens for inputs of {weights.shape[1]} "
                          "and did not say which (a CompiledModel's kept_tokens)")
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def _per_token_output(out: Any) -> torch.Tensor:
+    """The last hidden states, or where the output has none, its per-token logits [B, S, V] (a
+    folder of BertForMaskedLM or …ForTokenClassification: eval raised a TypeError)."""
+    keys = out.keys() if isinstance(out, dict) or hasattr(out, "keys") else ()
+    if "last_hidden_state" not in keys and "logits" in keys and getattr(out["logits"], "dim", lambda: 0)() == 3:
+        return out["logits"]
+    return _field(out, "last_hidden_state")
 
 
 def _per_text_logits(out: Any) -> torch.Tensor | None:

@@ -37,6 +37,13 @@ def test_every_accepted_form_becomes_named_batches(llama, tmp_path):
         [b["input_ids"].tolist() for b in batches]
 
 
+def test_a_byte_order_mark_is_no_text_and_a_line_of_spaces_separates_paragraphs(tmp_path):
+    """The mark stayed as a character of the first paragraph, and `a\\n \\nb` was one paragraph."""
+    f = tmp_path / "calib.txt"
+    f.write_bytes("\ufeffFirst paragraph\n \t\nsecond one\r\n\r\nthird".encode("utf-8"))
+    assert read_paragraphs(f) == ["First paragraph", "second one", "third"]
+
+
 def test_a_text_file_is_named_by_what_it_is_for_and_its_whitespace_normalized(tmp_path):
     f = tmp_path / "news.txt"
     f.write_text("one\n  two\tthree\n\n\n\nfour   five\n")

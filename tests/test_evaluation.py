@@ -91,6 +91,36 @@ def test_embedding_cosine_self_and_other():
     assert ev.embedding_cosine(a.model, b.model, a.tokenizer, texts) < 0.999
 
 
+def test_a_model_that_takes_no_mask_embeds_each_text_alone():
+    """An artifact captured from input_ids alone read the pads of a padded batch as tokens: the
+    empty policy's embedding cosine to the original was 0.82 on MiniLM."""
+    import slimfx
+
+    lm = models.tiny("bert")
+    cm = slimfx.compile(lm.model, "", example_inputs={"input_ids": lm.example_inputs["input_ids"]})
+    assert cm.input_names == ("input_ids",)
+    texts = ["one", "two longer words here", "three"]
+    assert ev.embedding_cosine(lm.model, cm, lm.tokenizer, texts) == pytest.approx(1, abs=1e-6)
+
+
+def test_a_masked_lm_is_embedded_by_its_pooled_per_token_logits():
+    """A folder of BertForMaskedLM (what bert-base-uncased names) raised "cannot find
+    'last_hidden_state' in a model output of type MaskedLMOutput"."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, max_position_embeddings=64)).eval()
+    tok = ByteTokenizer()
+    texts = ["short", "a considerably longer text"]
+    pooled = ev.embed(model, tok, texts)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    torch.testing.assert_close(pooled, (logits * mask).sum(1) / mask.sum(1))
+
+
 def test_embed_drops_inputs_the_model_does_not_take():
     lm = models.tiny("distilbert")  # forward has no token_type_ids
 
