@@ -190,12 +190,12 @@ def token_leaves(graph) -> tuple[bool, ...] | None:
     seq = {str(i.shape[d]) for i in graph.inputs for d, role in i.dims.items() if role == "seq"}
     out = next(n for n in reversed(graph.module.graph.nodes) if n.op == "output")
     tensors = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
-    constants = graph.outputs.constants
-    if sum(c is None for c in constants) != len(tensors):
+    leaves = graph.outputs.tensor_leaves  # a None the model returns is no tensor
+    if sum(leaves) != len(tensors):
         return None
     flags, nodes = [], iter(tensors)
-    for const in constants:
-        if const is not None:
+    for is_tensor in leaves:
+        if not is_tensor:
             flags.append(False)
             continue
         node = next(nodes)

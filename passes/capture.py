@@ -7,6 +7,7 @@ graph; the graph gets its own copy of every weight, so no later pass can touch t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import weakref
@@ -176,6 +177,10 @@ def _attr_key(value: Any, depth: int = 0) -> Any:
         return type(value).__name__, tuple(sorted(items, key=repr)) if isinstance(value, (set, frozenset)) else items
     if depth < 3 and isinstance(value, dict):
         return "dict", tuple(sorted(((repr(k), _attr_key(v, depth + 1)) for k, v in value.items()), key=repr))
+    if depth < 3 and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # by its fields: `config.scale = 3.0` on a dataclass config changes what is traced
+        return _Same(type(value)), tuple((f.name, _attr_key(getattr(value, f.name), depth + 1))
+                                         for f in dataclasses.fields(value))
     return _Same(value)  # a function or object: its identity (a module's own fields are keyed apart)
 
 
@@ -195,15 +200,18 @@ class _Same:
         return id(self.obj)
 
 
-def _config_key(config: Any) -> str | None:
-    """A Hugging Face config's values (`config.output_hidden_states = True` changes the outputs)."""
+def _config_key(config: Any) -> Any:
+    """A Hugging Face config's values (`config.output_hidden_states = True` changes the outputs),
+    with its attention implementation, which to_dict() leaves out (`set_attn_implementation`);
+    any other config (a dataclass) as an attribute is keyed."""
     to_dict = getattr(config, "to_dict", None)
     if not callable(to_dict):
-        return None
+        return None if config is None else _attr_key(config)
+    attn = getattr(config, "_attn_implementation", None)
     try:
-        return json.dumps(to_dict(), sort_keys=True, default=repr)
+        return json.dumps(to_dict(), sort_keys=True, default=repr), repr(attn)
     except (TypeError, ValueError):  # a config that cannot say its values: key it by identity
-        return repr(id(config))
+        return _Same(config), repr(attn)
 
 
 def _lookup(model: nn.Module, key: tuple) -> _Entry | None:
@@ -250,7 +258,8 @@ class _FlatCall(nn.Module):
         out = self._target(**dict(zip(self._names, args)), **self._consts)
         leaves, spec = pytree.tree_flatten(out)
         # Export restores attributes set during tracing, so the spec leaves through a list.
-        self._sink.append((spec, [None if isinstance(x, torch.Tensor) else x for x in leaves]))
+        self._sink.append((spec, [None if isinstance(x, torch.Tensor) else x for x in leaves],
+                           [isinstance(x, torch.Tensor) for x in leaves]))
         return tuple(x for x in leaves if isinstance(x, torch.Tensor))
 
 
@@ -262,16 +271,57 @@ def _export(model, names, args, consts, dims) -> _Entry:
     sig = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in names])
     wrapper.forward = _with_signature(wrapper.forward, sig)
     shapes = {n: {d: torch.export.Dim.AUTO for d in dims[n]} or None for n in names}
-    traced = tuple(_widen(a, dims[n]) for n, a in zip(names, args))
+    traced = tuple(_widen(a, dims[n]) for n, a in zip(names, _unaliased(args)))
     try:
         with torch.no_grad(), eval_mode(model):
             program = torch.export.export(wrapper, traced, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # export raises many types; the user needs one, with the cause
         raise _unsupported(model, e) from e
-    spec, consts_out = sink[-1]
+    spec, consts_out, tensor_leaves = sink[-1]
     return _Entry(program, _module_table(model), _input_infos(program, names, dims),
-                  OutputSpec(spec, tuple(consts_out)), type(model).__name__,
-                  CallInfo(positional_names(model), tuple(consts.items())))
+                  OutputSpec(spec, tuple(consts_out), tuple(tensor_leaves)), type(model).__name__,
+                  CallInfo(positional_names(model), tuple(consts.items()), _flag_defaults(model, names, consts)))
+
+
+# Hugging Face flags a forward takes through **kwargs (or as None): None means the config's value.
+_HF_FLAGS = ("return_dict", "output_hidden_states", "output_attentions")
+
+
+def _flag_defaults(model: nn.Module, names, consts) -> tuple[tuple[str, Any], ...]:
+    """The value each keyword flag the example left out had in the capture: its default in
+    forward's signature, or for HF's flags the config's. A call repeating it gets the graph's
+    own output (`return_dict=True` on a model that returns a ModelOutput was refused)."""
+    config = getattr(model, "config", None)
+    out = {}
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward without a signature: no defaults to repeat
+        params = ()
+    for p in params:
+        if p.default is not p.empty and p.default is not None and _is_scalar(p.default):
+            out[p.name] = p.default
+    for name in _HF_FLAGS:
+        value = getattr(config, name, None) if config is not None else None
+        if isinstance(value, bool):
+            out[name] = value
+    return tuple((k, v) for k, v in out.items() if k not in names and k not in consts)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
+def _unaliased(args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each example input on its own storage. torch.export merges inputs that are one tensor
+    (`{**x, "labels": x["input_ids"]}`, the usual HF idiom) into one placeholder: the graph's
+    embedding then read `labels`, and every call computed its logits from the labels given."""
+    seen: set[int] = set()
+    out = []
+    for a in args:
+        ptr = a.untyped_storage().data_ptr()
+        out.append(a.clone() if ptr in seen and a.numel() else a)
+        seen.add(ptr)
+    return out
 
 
 def _with_signature(bound, sig: inspect.Signature):
@@ -311,7 +361,10 @@ def _module_table(model: nn.Module) -> dict[str, ModuleInfo]:
     """Structure, classes and parameter shapes of every module: metadata only, no tensors."""
     storage: dict[int, int] = {}
     table = {}
-    for path, mod in model.named_modules():
+    # Every path of a module used twice (`layers = ModuleList([blk, blk, …])`): export names its
+    # calls by path, and a de-duplicated table lacked `layers.1` (a KeyError in select) or
+    # shifted indices. Storage numbers tie the paths' weights together.
+    for path, mod in model.named_modules(remove_duplicate=False):
         own = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
         params = tuple(
             ParamInfo(_join(path, n), tuple(t.shape), str(t.dtype).replace("torch.", ""),
@@ -321,7 +374,7 @@ def _module_table(model: nn.Module) -> dict[str, ModuleInfo]:
         table[path] = ModuleInfo(
             path=path, cls=type(mod).__name__,
             classes=tuple(c.__name__ for c in type(mod).__mro__),
-            children=tuple(n for n, _ in mod.named_children()),
+            children=tuple(n for n, m in mod._modules.items() if m is not None),
             is_list=isinstance(mod, (nn.ModuleList, nn.Sequential)), params=params)
     return table
 

@@ -94,7 +94,8 @@ def _meta(cm: CompiledModel, aliases: dict[str, str]) -> dict[str, Any]:
         "inputs": [{"name": i.name, "dtype": str(i.dtype).removeprefix("torch."),
                     "shape": list(i.shape), "dims": {str(d): r for d, r in i.dims.items()}}
                    for i in g.inputs],
-        "outputs": {"spec": spec, "constants": list(g.outputs.constants)},
+        "outputs": {"spec": spec, "constants": list(g.outputs.constants),
+                    "tensors": list(g.outputs.tensor_leaves)},
         "modules": [asdict(m) for m in g.modules.values()],
         "weights": {"aliases": aliases},  # tied names, for people; program.json says the rest
     }
@@ -233,7 +234,10 @@ def _outputs(meta) -> OutputSpec:
     out = meta["outputs"]
     _import_output_types(out["spec"])
     spec = pytree.treespec_loads(json.dumps(out["spec"]))
-    return OutputSpec(spec, tuple(out["constants"]))
+    tensors = out.get("tensors")  # absent before 2026-12-06: a None constant then means a tensor
+    if tensors is not None and (not isinstance(tensors, list) or len(tensors) != len(out["constants"])):
+        raise ArtifactError(f"meta.json's output tensors {tensors!r} do not match its constants: it is damaged; {RESAVE}")
+    return OutputSpec(spec, tuple(out["constants"]), None if tensors is None else tuple(map(bool, tensors)))
 
 
 _TRANSFORMERS_CLASS = re.compile(r"transformers(\.[A-Za-z_][A-Za-z0-9_]*)+")

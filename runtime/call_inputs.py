@@ -65,16 +65,17 @@ class CallInputs:
         """Each input a tensor, and the token-shaped ones [batch, seq] of one size with at least one
         token: inside the graph these were an AttributeError on None, a guard's AssertionError or
         a reshape of 0 elements."""
-        sized = {}
+        sized, seq_symbol = {}, {}
         for info in self.graph.inputs:
             value = bound[info.name]
             if not isinstance(value, torch.Tensor):
                 raise self._not_a_tensor(info, value)
             if info.dims.get(0) == "batch" and info.dims.get(1) == "seq" and value.dim() >= 2:
                 sized[info.name] = tuple(value.shape[:2])
+                seq_symbol[info.name] = str(info.shape[1])
         shapes = set(sized.values())
         # A batch of 1 may stand for every row (position_ids [1, seq], as Hugging Face takes them).
-        if len({s[1] for s in shapes}) > 1 or len({s[0] for s in shapes} - {1}) > 1:
+        if _seq_lengths_disagree(sized, seq_symbol) or len({s[0] for s in shapes} - {1}) > 1:
             raise ValueError(f"{self.what}: inputs of [batch, seq] disagree in size: "
                              + ", ".join(f"{n} {list(s)}" for n, s in sized.items()))
         if any(0 in s for s in shapes):
@@ -111,6 +112,7 @@ class CallInputs:
         it was captured with may be repeated; another value, or one it was not captured with, is
         refused with how to get a graph for it (recompiling with other tensors does not)."""
         fixed = dict(self.graph.call.flags)
+        defaults = dict(self.graph.call.defaults)  # what the graph did for flags left out
         out = {}
         for name, value in kwargs.items():
             if name in self.names or isinstance(value, torch.Tensor):
@@ -118,6 +120,8 @@ class CallInputs:
             elif name in fixed and _same_flag(fixed[name], value):
                 continue
             elif name not in fixed and value is None:  # the model's default, as HF callers pass it
+                continue
+            elif name not in fixed and name in defaults and _same_flag(defaults[name], value):
                 continue
             elif name == "use_cache":
                 raise TypeError(f"{self.what} runs without a KV cache: use_cache={value!r} is not supported "
@@ -127,7 +131,8 @@ class CallInputs:
                                 f"{name}={value!r} needs another graph: compile with example_inputs that "
                                 f"include {name}={value!r}")
             else:
-                raise TypeError(f"{self.what} was captured without {name} (the model's default), which the "
+                was = f"with {name}={defaults[name]!r}" if name in defaults else f"without {name}"
+                raise TypeError(f"{self.what} was captured {was} (the model's default), which the "
                                 f"graph has fixed; to call it with {name}={value!r}, compile with example_inputs "
                                 f"that include {name}={value!r}")
         return out
@@ -178,6 +183,17 @@ class CallInputs:
                 raise TypeError(f"{self.what}: {info.name} is {value.dtype}; the graph takes {info.dtype}")
             out[info.name] = value.to(info.dtype)
         return out
+
+
+def _seq_lengths_disagree(sized: dict, seq_symbol: dict) -> bool:
+    """Do inputs that share a traced sequence dim differ in length? Only those the graph traced
+    with one symbol must agree: T5's decoder_input_ids or a second id input (`cats` [B, 3]
+    beside input_ids [B, 8]) has a length of its own, and comparing all of them refused every
+    call of such a graph, the example's included."""
+    lengths: dict[str, set] = {}
+    for name, (_, length) in sized.items():
+        lengths.setdefault(seq_symbol[name], set()).add(length)
+    return any(len(v) > 1 for v in lengths.values())
 
 
 def _dims(info) -> str:

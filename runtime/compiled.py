@@ -92,7 +92,7 @@ class CompiledModel(nn.Module):
                 out = self._run(flat)
         else:
             out = self._run(flat)
-        own = sum(c is None for c in self.graph.outputs.constants)
+        own = sum(self.graph.outputs.tensor_leaves)
         if len(out) > own:  # token rules with restore=false add (positions, sizes) after the model's own
             self._kept_tokens = {"positions": out[own], "sizes": out[own + 1]}
         return self.graph.restructure(out[:own])

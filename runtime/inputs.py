@@ -43,12 +43,12 @@ def complete_inputs(given: dict[str, Any], inputs: tuple[InputInfo, ...]) -> dic
     missing = [i for i in inputs if i.name not in given and i.name in FILLABLE and _is_token_shaped(i)]
     if not missing:
         return given
-    size = _batch_seq(given, inputs)
-    if size is None:
-        return given  # nothing to size them by: the caller's missing-input error says what to pass
-    (batch, seq), device = size
     out = dict(given)
     for info in missing:
+        size = _batch_seq(given, inputs, info)
+        if size is None:
+            return given  # nothing to size them by: the caller's missing-input error says what to pass
+        (batch, seq), device = size
         out[info.name] = FILLABLE[info.name](batch, seq, info.dtype, device)
     return out
 
@@ -57,9 +57,12 @@ def _is_token_shaped(info: InputInfo) -> bool:
     return len(info.shape) == 2 and info.dims.get(0) == "batch" and info.dims.get(1) == "seq"
 
 
-def _batch_seq(given: dict[str, Any], inputs: tuple[InputInfo, ...]):
-    for info in inputs:
-        value = given.get(info.name)
-        if isinstance(value, torch.Tensor) and _is_token_shaped(info) and value.dim() == 2:
-            return tuple(value.shape), value.device
+def _batch_seq(given: dict[str, Any], inputs: tuple[InputInfo, ...], missing: InputInfo):
+    """[batch, seq] and device for `missing`, from a given input traced with its sequence symbol
+    (T5's attention_mask goes with input_ids, not decoder_input_ids); else from any one."""
+    sized = [(info, given.get(info.name)) for info in inputs if _is_token_shaped(info)]
+    sized = [(info, v) for info, v in sized if isinstance(v, torch.Tensor) and v.dim() == 2]
+    same = [v for info, v in sized if str(info.shape[1]) == str(missing.shape[1])]
+    for value in same or [v for _, v in sized]:
+        return tuple(value.shape), value.device
     return None

@@ -62,7 +62,18 @@ class OutputSpec:
     """How to rebuild the model's output (a ModelOutput, tuple, dict …) from the flat tensors."""
 
     spec: Any  # a pytree TreeSpec
-    constants: tuple[Any, ...]  # per leaf: None for a tensor, else the constant leaf value
+    constants: tuple[Any, ...]  # per leaf: the constant leaf value; None where a tensor goes
+    # Per leaf: is it one of the graph's output tensors? A model may return None itself (`return
+    # h, None`): counted as a tensor, it took one too many and the call died of StopIteration.
+    # None (artifacts of before 2026-12-06): every None constant is a tensor, as they meant.
+    tensors: tuple[bool, ...] | None = None
+
+    @property
+    def tensor_leaves(self) -> tuple[bool, ...]:
+        """Per leaf: True where a graph output tensor goes, False for a constant (None included)."""
+        if self.tensors is not None:
+            return self.tensors
+        return tuple(c is None for c in self.constants)
 
 
 @dataclass(frozen=True)
@@ -76,16 +87,24 @@ class CallInfo:
     # The non-tensor keyword inputs the graph was captured with (use_cache=False,
     # output_hidden_states=True): a call may repeat them; another value is another graph.
     flags: tuple[tuple[str, Any], ...] = ()
+    # The value each flag the example left out had in the capture (forward's default, HF's
+    # config.return_dict …): a call may repeat it. () from artifacts of before 2026-12-06.
+    defaults: tuple[tuple[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON for meta.json: flags of JSON scalar values only (others are not repeatable)."""
-        return {"positional": list(self.positional),
-                "flags": {k: v for k, v in self.flags if v is None or isinstance(v, (bool, int, float, str))}}
+        return {"positional": list(self.positional), "flags": _scalars(self.flags),
+                "defaults": _scalars(self.defaults)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "CallInfo":
         d = d or {}
-        return cls(tuple(d.get("positional") or ()), tuple((d.get("flags") or {}).items()))
+        return cls(tuple(d.get("positional") or ()), tuple((d.get("flags") or {}).items()),
+                   tuple((d.get("defaults") or {}).items()))
+
+
+def _scalars(pairs) -> dict[str, Any]:
+    return {k: v for k, v in pairs if v is None or isinstance(v, (bool, int, float, str))}
 
 
 class Program:
@@ -122,7 +141,8 @@ class Program:
     def restructure(self, flat) -> Any:
         """The flat output tuple back in the model's own output structure."""
         tensors = iter(flat)
-        leaves = [next(tensors) if c is None else c for c in self.outputs.constants]
+        leaves = [next(tensors) if is_tensor else c
+                  for is_tensor, c in zip(self.outputs.tensor_leaves, self.outputs.constants)]
         return pytree.tree_unflatten(leaves, self.outputs.spec)
 
     def param(self, name: str) -> torch.Tensor:

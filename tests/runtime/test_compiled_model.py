@@ -225,7 +225,7 @@ def test_a_flag_the_graph_was_captured_with_may_be_repeated_and_another_is_refus
         with pytest.raises(TypeError, match="captured with output_hidden_states=True, which the graph has fixed; "
                                             "output_hidden_states=False needs another graph: compile with"):
             model(ids, output_hidden_states=False)
-        with pytest.raises(TypeError, match="captured without return_dict .* compile with example_inputs that "
+        with pytest.raises(TypeError, match=r"captured with return_dict=True \(the model's default\).* compile with example_inputs that "
                                             "include return_dict=False"):
             model(ids, return_dict=False)
         with pytest.raises(TypeError, match="runs without a KV cache"):

@@ -1,0 +1,48 @@
+"""The capture cache misses after changes its key once missed: a Hugging Face model's attention
+implementation (config.to_dict() leaves `_attn_implementation` out) and a dataclass config's
+fields (keyed by identity, so an edited config reused the old trace)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+import slimfx
+from slimfx.models import tiny
+from slimfx.passes.capture import cache_info, capture, clear_cache
+
+
+def test_set_attn_implementation_misses_the_cache():
+    lm = tiny("llama", layers=1)
+    clear_cache()
+    capture(lm.model, lm.example_inputs)
+    lm.model.set_attn_implementation("eager" if lm.model.config._attn_implementation != "eager" else "sdpa")
+    capture(lm.model, lm.example_inputs)
+    assert cache_info()["hits"] == 0 and cache_info()["misses"] == 2
+
+
+@dataclasses.dataclass
+class Cfg:
+    scale: float = 1.0
+    act: str = "relu"
+
+
+class Configured(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config, self.l = Cfg(), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.l(x) * self.config.scale
+        return torch.relu(h) if self.config.act == "relu" else torch.tanh(h)
+
+
+def test_an_edited_dataclass_config_is_traced_again():
+    torch.manual_seed(0)
+    m, x = Configured().eval(), torch.randn(2, 4)
+    slimfx.compile(m, "", example_inputs=x)
+    m.config.scale, m.config.act = 3.0, "tanh"
+    cm = slimfx.compile(m, "", example_inputs=x)
+    with torch.no_grad():
+        assert torch.equal(cm(x), m(x))

@@ -1,0 +1,45 @@
+"""A call may repeat the value a keyword flag had in the capture even when the example left it
+out: `cm(**x, return_dict=True)` on a graph that returns a ModelOutput was refused with
+"compile with example_inputs that include return_dict=True", which gives the same graph."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import slimfx
+from slimfx.models import tiny
+
+
+def test_hf_flags_equal_to_what_the_graph_does_are_accepted(tmp_path):
+    lm = tiny("llama", layers=1)
+    x = lm.example_inputs
+    cm = slimfx.compile(lm.model, "", example_inputs=x)
+    cm.save(tmp_path / "a")
+    with torch.no_grad():
+        want = lm.model(**x).logits
+        for model in (cm, slimfx.load(tmp_path / "a")):
+            for flag in ({"return_dict": True}, {"output_hidden_states": False}, {"output_attentions": False}):
+                out = model(**x, **flag)
+                assert torch.equal(out.logits, want) and out.hidden_states is None
+            with pytest.raises(TypeError, match="output_hidden_states=True, compile with example_inputs"):
+                model(**x, output_hidden_states=True)  # another graph's output
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x, scale: float = 1.0):
+        return self.l(x) * scale
+
+
+def test_a_signature_default_may_be_repeated_and_another_value_is_refused():
+    torch.manual_seed(0)
+    m, x = Scaled().eval(), torch.randn(2, 4)
+    cm = slimfx.compile(m, "", example_inputs={"x": x})
+    with torch.no_grad():
+        assert torch.equal(cm(x, scale=1.0), m(x))
+    with pytest.raises(TypeError, match=r"captured with scale=1.0 \(the model's default\)"):
+        cm(x, scale=2.0)
