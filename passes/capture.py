@@ -289,18 +289,26 @@ _HF_FLAGS = ("return_dict", "output_hidden_states", "output_attentions")
 
 def _flag_defaults(model: nn.Module, names, consts) -> tuple[tuple[str, Any], ...]:
     """The value each keyword flag the example left out had in the capture: its default in
-    forward's signature, or for HF's flags the config's. A call repeating it gets the graph's
-    own output (`return_dict=True` on a model that returns a ModelOutput was refused)."""
+    forward's signature, or for HF's flags taken as None (or through **kwargs) the config's. A call
+    repeating it gets the graph's own output (`return_dict=True` on a model that returns a
+    ModelOutput was refused). A forward's own default decides over the config's (DPR's encoders
+    declare return_dict=False beside a config that says True)."""
     config = getattr(model, "config", None)
-    out = {}
     try:
-        params = inspect.signature(model.forward).parameters.values()
+        params = dict(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):  # a forward without a signature: no defaults to repeat
-        params = ()
-    for p in params:
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    out = {}
+    for p in params.values():
         if p.default is not p.empty and p.default is not None and _is_scalar(p.default):
             out[p.name] = p.default
     for name in _HF_FLAGS:
+        declared = params.get(name)
+        if declared is None and not takes_any:  # the forward does not take it: a call passing it fails there
+            continue
+        if declared is not None and declared.default is not None:  # its own default (or required)
+            continue
         value = getattr(config, name, None) if config is not None else None
         if isinstance(value, bool):
             out[name] = value

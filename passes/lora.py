@@ -139,7 +139,7 @@ def _read_as(gm: fx.GraphModule, attrs: dict[str, fx.Node], dtype: torch.dtype, 
 def _record_params(graph: ModelGraph, path: str, tensors: dict[str, torch.Tensor]) -> None:
     info = graph.modules[path]
     storage = 1 + max((p.storage for m in graph.modules.values() for p in m.params), default=0)
-    new = tuple(ParamInfo(f"{path}.{k}", tuple(t.shape), str(t.dtype).removeprefix("torch."),
+    new = tuple(ParamInfo(f"{path}.{k}" if path else k, tuple(t.shape), str(t.dtype).removeprefix("torch."),
                           t.numel() * t.element_size(), storage + i) for i, (k, t) in enumerate(tensors.items()))
     graph.modules[path] = replace(info, params=info.params + new)
 

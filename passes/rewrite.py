@@ -143,7 +143,7 @@ def register_tensors(graph: ModelGraph, path: str, tensors: dict[str, torch.Tens
         else:
             owner.register_buffer(name, t)
         with gm.graph.inserting_before(before):
-            node = gm.graph.get_attr(f"{path}.{name}")
+            node = gm.graph.get_attr(f"{path}.{name}" if path else name)  # "": the root (a model that is its block list)
         node.meta["val"] = mode.from_tensor(t, static_shapes=True)
         nodes[name] = node
     return nodes

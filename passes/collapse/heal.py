@@ -140,7 +140,7 @@ def _apply_map(graph: ModelGraph, cut: Cut, t: torch.Tensor, name: str) -> fx.No
     stream.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
     info = graph.modules[path]
     graph.modules[path] = replace(info, params=info.params + (ParamInfo(
-        f"{path}.{name}", tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel() * t.element_size(),
+        f"{path}.{name}" if path else name, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel() * t.element_size(),
         _new_storage(graph), is_buffer=True),))
     recompile(gm)
     graph.reindex()

@@ -241,3 +241,14 @@ def test_a_model_that_is_its_block_list_indexes_its_blocks():
     cm = slimfx.compile(model, "drop blocks[1]", example_inputs={"input": x})
     with torch.no_grad():
         assert torch.equal(cm(x), model[2](model[0](x)))
+
+    # a heal's map is a tensor of the blocks' container, here the root ("" + ".heal_map": LintError)
+    from slimfx.passes.collapse.fit import fit_map
+
+    calib = torch.randn(4, 5, 8)
+    cm = slimfx.compile(model, "drop blocks[1]\nheal method=linear", example_inputs={"input": x},
+                        calib=[{"input": calib}])
+    with torch.no_grad():
+        entering = model[0](calib).reshape(-1, 8)
+        t = fit_map([entering], [model[1](model[0](calib)).reshape(-1, 8)]).map
+        torch.testing.assert_close(cm(x), model[2](model[0](x) @ t), atol=1e-5, rtol=1e-5)

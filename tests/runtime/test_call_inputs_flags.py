@@ -43,3 +43,20 @@ def test_a_signature_default_may_be_repeated_and_another_value_is_refused():
         assert torch.equal(cm(x, scale=1.0), m(x))
     with pytest.raises(TypeError, match=r"captured with scale=1.0 \(the model's default\)"):
         cm(x, scale=2.0)
+
+
+def test_a_forwards_own_flag_default_decides_over_the_config():
+    """DPR's encoder declares return_dict=False beside a config that says True: the config's True
+    was recorded, so `return_dict=True` was accepted and returned a tuple, and False refused."""
+    from transformers import DPRConfig
+    from transformers.models.dpr.modeling_dpr import DPREncoder
+
+    torch.manual_seed(0)
+    model = DPREncoder(DPRConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64)).eval()
+    ids = torch.randint(3, 100, (2, 8))
+    cm = slimfx.compile(model, "", example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert dict(cm.graph.call.defaults)["return_dict"] is False
+    assert isinstance(cm(ids, attention_mask=torch.ones_like(ids), return_dict=False), tuple)
+    with pytest.raises(TypeError, match="captured with return_dict=False"):
+        cm(ids, attention_mask=torch.ones_like(ids), return_dict=True)
