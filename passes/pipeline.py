@@ -11,7 +11,8 @@ from typing import Callable
 from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..runtime.report import Report, RuleReport
-from .bind import BoundRule, Plan, graph_bytes, graph_params, rebind
+from .bind import BoundRule, Plan, rebind
+from .graph_sizes import graph_bytes, graph_params
 from .context import Context
 from .graph import ModelGraph
 from .lowrank import ErrorPlan

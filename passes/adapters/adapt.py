@@ -26,7 +26,8 @@ from ...dsl.errors import SpecError
 from ...runtime.adapter_merge import MergeError, merge_adapters
 from ...runtime.adapters import Adapter, is_adapter_param
 from ...runtime.report import RuleReport
-from ..bind import BoundRule, graph_params
+from ..bind import BoundRule
+from ..graph_sizes import graph_params
 from ..context import Context
 from ..graph import ModelGraph, Target
 from ..lora import BaseSite, base_sites, base_weight, has_adapter, insert_adapter, site_dims

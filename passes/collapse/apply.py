@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from ...runtime.inputs import complete_inputs
 from ...runtime.report import RuleReport
-from ..bind import BoundRule, graph_bytes, graph_params
+from ..bind import BoundRule
+from ..graph_sizes import graph_bytes, graph_params
 from ..block_rules import auto_count as rules_auto_count
 from ..calibrate import CALIB_HINT, forward_ms
 from ..context import Context, rule_error

@@ -27,7 +27,8 @@ from ...runtime.adapters import Adapter, is_adapter_param
 from ...runtime.program import ParamInfo
 from ...runtime.report import RuleReport
 from ...runtime.train import Diverged, train
-from ..bind import BoundRule, graph_bytes, graph_params
+from ..bind import BoundRule
+from ..graph_sizes import graph_bytes, graph_params
 from ..calibrate import observe
 from ..context import Context
 from ..graph import ModelGraph, Target

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ...runtime import token_ops
 from ...runtime.report import RuleReport
-from ..bind import BoundRule, graph_bytes, graph_params
+from ..bind import BoundRule
+from ..graph_sizes import graph_bytes, graph_params
 from ..calibrate import forward_ms
 from ..context import Context
 from ..graph import ModelGraph

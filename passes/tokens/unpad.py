@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from ...runtime.report import RuleReport
-from ..bind import BoundRule, graph_bytes, graph_params
+from ..bind import BoundRule
+from ..graph_sizes import graph_bytes, graph_params
 from ..calibrate import forward_ms
 from ..context import Context, rule_error
 from ..graph import ModelGraph
