@@ -69,3 +69,19 @@ def _first(args, kwargs) -> torch.Tensor:
 
 def mean_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+
+
+def eager_tiny(arch="llama", layers=5, seed=21):
+    """A tiny model with eager attention (the references hook its layers' inputs)."""
+    from slimfx.models import tiny
+
+    return tiny(arch, layers=layers, seed=seed, attn_implementation="eager")
+
+
+def mapped_at(model, path: str, before_layer: int | None, t: torch.Tensor, final_norm: str | None = None):
+    """`model` with h ← h @ T applied to what enters layer `before_layer` (or the final norm)."""
+    hook = lambda m, args, kwargs: ((args[0] @ t,) + tuple(args[1:]), kwargs) if args else \
+        (args, {**kwargs, "hidden_states": kwargs["hidden_states"] @ t})
+    module = layers_of(model, path)[before_layer] if before_layer is not None else model.get_submodule(final_norm)
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+    return model

@@ -11,12 +11,8 @@ from slimfx import SpecError
 from slimfx.models import tiny
 from slimfx.passes.collapse.fit import fit_map
 
-from collapse_ref import laco_merged, layer_streams, layers_of, tie_down_projections, without_layers
+from collapse_ref import eager_tiny, layer_streams, layers_of, mapped_at, tie_down_projections, without_layers
 from output_compare import max_diff, outputs
-
-
-def _lm(arch="llama", layers=5, seed=21):
-    return tiny(arch, layers=layers, seed=seed, attn_implementation="eager")
 
 
 _SHARED = {}
@@ -25,17 +21,8 @@ _SHARED = {}
 def _shared():
     """One tiny Llama for the tests that leave it unchanged: captured once (capture cache)."""
     if "lm" not in _SHARED:
-        _SHARED["lm"] = _lm(seed=22)
+        _SHARED["lm"] = eager_tiny(seed=22)
     return _SHARED["lm"]
-
-
-def _mapped(model, path: str, before_layer: int | None, t: torch.Tensor, final_norm: str | None = None):
-    """`model` with h ← h @ T applied to what enters layer `before_layer` (or the final norm)."""
-    hook = lambda m, args, kwargs: ((args[0] @ t,) + tuple(args[1:]), kwargs) if args else \
-        (args, {**kwargs, "hidden_states": kwargs["hidden_states"] @ t})
-    module = layers_of(model, path)[before_layer] if before_layer is not None else model.get_submodule(final_norm)
-    module.register_forward_pre_hook(hook, with_kwargs=True)
-    return model
 
 
 def test_linear_heal_is_the_fit_applied_at_the_cut():
@@ -45,97 +32,13 @@ def test_linear_heal_is_the_fit_applied_at_the_cut():
     dropped = without_layers(lm.model, "model.layers", {2, 3})
     x = layer_streams(dropped, "model.layers", ids)[2]  # what enters the gap (= layer 4's input now)
     fit = fit_map([x], [original[4]])
-    reference = _mapped(dropped, "model.layers", 2, fit.map)
+    reference = mapped_at(dropped, "model.layers", 2, fit.map)
     cm = slimfx.compile(lm, "drop blocks[2:4]\nheal method=linear", calib=[ids])
     assert max_diff(outputs(cm, ids), outputs(reference, ids)) < 1e-4
     cut = cm.report.rules[1].details["cuts"][0]
     assert cut["residual_after"] < cut["residual_before"]
     assert cm.report.rules[1].notes[0].startswith(f"a {fit.map.shape[0]}×{fit.map.shape[0]} map at the cut; ")
     assert hasattr(cm.program.get_submodule("model.layers"), "heal_map_4")
-
-
-def test_a_drop_spanning_an_earlier_gap_makes_one_cut_healed_as_one():
-    """`drop blocks[2:4]` then `drop blocks[1:3]` (the renumbered blocks 1 and 4, on both sides of
-    the first gap): one gap of blocks 1–4, in model order, between 0 and 5. What enters it is
-    block 0's output; what left it is block 4's output in the model as the first rule found it
-    (it was taken from the model without 2–3). It raised ValueError (block 1, gone, was still the
-    first gap's neighbour)."""
-    lm = _lm(layers=6, seed=25)
-    ids = lm.example_inputs
-    cm = slimfx.compile(lm, "drop blocks[2:4]\ndrop blocks[1:3]\nheal method=linear", calib=[ids])
-    (cut,) = cm.report.rules[2].details["cuts"]
-    assert cut["removed"] == [f"model.layers.{i}" for i in (1, 2, 3, 4)]
-    target = layer_streams(lm.model, "model.layers", ids)[5]
-    dropped = without_layers(lm.model, "model.layers", {1, 2, 3, 4})
-    fit = fit_map([layer_streams(dropped, "model.layers", ids)[1]], [target])
-    reference = _mapped(dropped, "model.layers", 1, fit.map)
-    assert max_diff(outputs(cm, ids), outputs(reference, ids)) < 1e-4
-    lora = slimfx.compile(lm, "drop blocks[2:4]\ndrop blocks[1:3]\nheal method=lora steps=1 merge=false",
-                          calib=[ids])
-    assert lora.report.rules[2].details["blocks"] == ["model.layers.0", "model.layers.5"]
-
-
-@pytest.mark.parametrize("one_rule, two_rules", [
-    ("drop blocks[3:5]", "drop blocks[3]\ndrop blocks[3]"),  # one gap, made by two rules
-    ("drop {blocks[2], blocks[5]}", "drop blocks[2]\ndrop blocks[4]"),  # the later gap after the earlier
-    ("drop {blocks[2], blocks[5]}", "drop blocks[5]\ndrop blocks[2]"),
-])
-def test_a_heal_maps_to_the_same_targets_however_many_rules_made_the_cuts(one_rule, two_rules):
-    """Each map sends the stream entering its gap to what left the gap in the model as the first
-    `drop` found it: the second rule's target was measured on the model the first had cut already
-    (KL to the original 0.0068 for `drop blocks[3]` twice against 0.0032 for `drop blocks[3:5]`)."""
-    lm = _lm(layers=8, seed=27)
-    ids = lm.example_inputs
-    one = slimfx.compile(lm, f"{one_rule}\nheal method=linear", calib=[ids])
-    two = slimfx.compile(lm, f"{two_rules}\nheal method=linear", calib=[ids])
-    assert one.report.rules[-1].details["cuts"] == two.report.rules[-1].details["cuts"]
-    assert max_diff(outputs(one, ids), outputs(two, ids)) < 1e-4
-
-
-@pytest.mark.parametrize("policy, recorded", [
-    ("drop blocks[1]", {"model.layers.1"}),  # only the gap's end: no removal follows
-    ("drop blocks[1]\nheal method=linear\nquantize blocks[0].** : Linear int8", {"model.layers.1"}),
-    ("drop blocks[1]\ndrop blocks[3]", {f"model.layers.{i}" for i in range(1, 6)}),  # each block after
-])
-def test_a_removal_keeps_every_later_blocks_output_only_when_another_removal_follows(policy, recorded):
-    """Kept for every block after the cut, SmolLM2's 18 streams at 25k calibration tokens are 1.2 GB.
-    What the cuts hold is read when the pipeline ends, or when a heal comes (which empties them)."""
-    from slimfx.dsl.parser import parse
-    from slimfx.passes import pipeline
-    from slimfx.passes.bind import bind
-    from slimfx.passes.capture import capture
-    from slimfx.passes.context import Context
-
-    lm = _lm(layers=6, seed=27)
-    graph = capture(lm.model, lm.example_inputs)
-    ctx, held = Context(calib=[lm.example_inputs]), []
-    heal = pipeline.PASSES[slimfx.dsl.ast.Heal]
-
-    def spy(graph, bound, ctx):
-        held.append({path for cut in ctx.cuts for path in cut.record})
-        return heal(graph, bound, ctx)
-
-    pipeline.PASSES[slimfx.dsl.ast.Heal] = spy
-    try:
-        pipeline.run_pipeline(graph, bind(graph, parse(f"policy p {{\n{policy}\n}}\n").policy()), ctx)
-    finally:
-        pipeline.PASSES[slimfx.dsl.ast.Heal] = heal
-    assert (held[0] if held else {path for cut in ctx.cuts for path in cut.record}) == recorded
-
-
-def test_a_drop_after_a_collapse_maps_to_the_model_before_the_merge():
-    """`collapse blocks[1:3]` then `drop blocks[2]` (block 3, after the merged block 1): the map at
-    the second gap sends what enters it to block 3's output in the original model, not in the
-    merged one."""
-    lm = _lm(layers=6, seed=28)
-    ids = lm.example_inputs
-    original = layer_streams(lm.model, "model.layers", ids)
-    merged = without_layers(laco_merged(lm.model, "model.layers", 1, [2]), "model.layers", {2})  # 0, 1*, 4, 5
-    fit = fit_map([layer_streams(merged, "model.layers", ids)[2]], [original[4]])
-    reference = _mapped(merged, "model.layers", 2, fit.map)
-    cm = slimfx.compile(lm, "collapse blocks[1:3]\ndrop blocks[2]\nheal method=linear", calib=[ids])
-    assert [c["removed"] for c in cm.report.rules[-1].details["cuts"]] == [["model.layers.2", "model.layers.3"]]
-    assert max_diff(outputs(cm, ids), outputs(reference, ids)) < 1e-4
 
 
 def test_a_map_fitted_on_few_tokens_says_more_text_helps():
@@ -160,7 +63,7 @@ def test_linear_heal_after_the_last_block_maps_into_the_final_norm(tmp_path):
     dropped = without_layers(lm.model, "model.layers", {3, 4})
     x = layer_streams(dropped, "model.layers", ids)[3]
     fit = fit_map([x], [original[5]])
-    reference = _mapped(dropped, "model.layers", None, fit.map, final_norm="model.norm")
+    reference = mapped_at(dropped, "model.layers", None, fit.map, final_norm="model.norm")
     cm = slimfx.compile(lm, "drop blocks[3:5]\nheal method=linear", calib=[ids])
     assert max_diff(outputs(cm, ids), outputs(reference, ids)) < 1e-4
     cm.save(tmp_path / "healed")
@@ -174,14 +77,14 @@ def test_cuts_made_by_several_rules_are_healed_in_model_order(rules):
     """The map at the later cut is fitted on the stream with the earlier cut's map applied, however
     the rules made them: `drop blocks[4]` then `drop blocks[1]` fitted block 4's cut first, on a
     stream without block 1's map, which then ran in front of it (0.35 off the one-rule heal)."""
-    lm = _lm(layers=6, seed=26)
+    lm = eager_tiny(layers=6, seed=26)
     ids = lm.example_inputs
     original = layer_streams(lm.model, "model.layers", ids)
     dropped = without_layers(lm.model, "model.layers", {1, 4})  # layers 0, 2, 3, 5
     first = fit_map([layer_streams(dropped, "model.layers", ids)[1]], [original[2]])
-    mapped = _mapped(dropped, "model.layers", 1, first.map)
+    mapped = mapped_at(dropped, "model.layers", 1, first.map)
     second = fit_map([layer_streams(mapped, "model.layers", ids)[3]], [original[5]])
-    reference = _mapped(mapped, "model.layers", 3, second.map)
+    reference = mapped_at(mapped, "model.layers", 3, second.map)
     cm = slimfx.compile(lm, rules + "\nheal method=linear", calib=[ids])
     assert [c["removed"] for c in cm.report.rules[-1].details["cuts"]] == [["model.layers.1"], ["model.layers.4"]]
     assert max_diff(outputs(cm, ids), outputs(reference, ids)) < 1e-4
@@ -249,7 +152,7 @@ def test_fold_where_an_earlier_rule_took_the_float_weight_or_the_cut_is_refused_
 def test_lora_heal_leaves_what_keep_protects_unchanged(keep_first):
     """Its adapters were merged into a kept block's linears, whatever `keep` said (above or below
     the drop): the report said 9 targets protected, and all 7 weights changed."""
-    lm = _lm(layers=4, seed=23)
+    lm = eager_tiny(layers=4, seed=23)
     rules = ["keep blocks[0]", "drop blocks[1]"] if keep_first else ["drop blocks[1]", "keep blocks[0]"]
     cm = slimfx.compile(lm, "\n".join(rules) + "\nheal method=lora steps=2 lr=0.01", calib=[lm.example_inputs])
     original = lm.model.state_dict()
@@ -339,7 +242,7 @@ def test_a_second_lora_heal_where_an_unmerged_one_left_no_free_linear_is_refused
     ("{blocks[2], blocks[5]}", "", {1, 3, 4, 6}),  # the default, reach=1
 ])
 def test_lora_heal_reach_puts_adapters_on_the_blocks_near_each_cut(drop, reach, near):
-    lm = _lm(layers=7, seed=23)
+    lm = eager_tiny(layers=7, seed=23)
     cm = slimfx.compile(lm, f"drop {drop}\nheal method=lora steps=1 merge=false{reach}", calib=[lm.example_inputs])
     assert {int(p.split(".")[2]) for p in cm.adapters} == near  # paths keep the original block numbers
     d, note = cm.report.rules[1].details, cm.report.rules[1].notes[0]
@@ -350,7 +253,7 @@ def test_lora_heal_reach_puts_adapters_on_the_blocks_near_each_cut(drop, reach, 
 def test_lora_heal_schedule_reaches_the_training():
     """One step is the same under both schedules (its factor is 1); four are not (the cosine
     decays the last two), and the report says which schedule ran."""
-    lm = _lm(layers=4, seed=24)
+    lm = eager_tiny(layers=4, seed=24)
     calib = [lm.example_inputs]
 
     def healed(steps, schedule):
@@ -410,11 +313,11 @@ def test_linear_heal_on_a_half_model_stays_in_its_dtype(dtype, fold):
     back into the half down projection; a float32 map beside half activations made every forward
     fail. The healed half model is as close to the healed float32 model as the unhealed half model
     is to float32 (measured 1.0–1.1×), and far closer than what the heal changes (≈0.43)."""
-    full = _lm(seed=22)
+    full = eager_tiny(seed=22)
     ids = full.example_inputs
     policy = f"drop blocks[2:4]\nheal method=linear fold={fold}"
     healed_full = outputs(slimfx.compile(full, policy, calib=[ids]), ids)
-    half = _lm(seed=22)
+    half = eager_tiny(seed=22)
     half.model.to(dtype)
     cm = slimfx.compile(half, policy, calib=[ids])
     got = outputs(cm, ids)
@@ -434,7 +337,7 @@ def test_lora_heal_on_a_bf16_model_merges_into_its_half_weights():
     """`heal method=lora` merges by default; on a bf16 model (no quantize rule) the merge was
     refused as if the weights were quantized. Merged, it computes what the unmerged heal does, to
     bf16 rounding, with every weight still bf16."""
-    lm = _lm(seed=22)
+    lm = eager_tiny(seed=22)
     lm.model.to(torch.bfloat16)
     ids = lm.example_inputs
     rules = "drop blocks[2]\nheal method=lora steps=4 lr=0.01 rank=4"
@@ -452,7 +355,7 @@ def test_lora_heal_on_a_bf16_model_merges_into_its_half_weights():
 def test_a_fold_into_a_down_projection_another_block_shares_is_refused():
     """Blocks 1 and 3 share a down projection: `drop blocks[2]` then a folded heal folded T into
     block 3's weight too, silently; now a SpecError at the heal says so."""
-    lm = _lm(layers=5, seed=4)
+    lm = eager_tiny(layers=5, seed=4)
     model = tie_down_projections(lm.model, 1, 3)
     with pytest.raises(SpecError) as e:
         slimfx.compile(model, "drop blocks[2]\nheal method=linear fold=true", example_inputs=lm.example_inputs,
