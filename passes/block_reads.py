@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .graph import Block
+from .graph import Block, innermost_module
 
 __all__ = ["read_after", "stream_between", "removal_problem", "runs_of", "shared_read"]
 
@@ -46,7 +46,7 @@ def removal_problem(blocks: list[Block]) -> tuple[str, str] | None:
         if shared is not None:
             tensor, reader = shared
             return (f"{tensor.target} is one tensor shared by several blocks (a tied weight), held by a block "
-                    f"this rule removes and read outside it too ({_module_of(reader)}): removing the block "
+                    f"this rule removes and read outside it too ({innermost_module(reader) or reader.name}): removing the block "
                     "would take that tensor away", "give each block its own copy of the weight before "
                     "compiling (e.g. `layer.mlp.down_proj.weight = nn.Parameter(w.clone())`), or remove "
                     "other blocks")
@@ -82,16 +82,6 @@ def shared_read(run: list[Block]) -> tuple[fx.Node, fx.Node] | None:
             if reader is not None:
                 return node, reader
     return None
-
-
-def _module_of(node: fx.Node) -> str:
-    """The innermost module a node was captured in, by path ('model.layers.1.mlp.down_proj')."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return node.name
-    entry = list(stack.values())[-1]
-    path = entry[0] if isinstance(entry, tuple) else str(entry)
-    return path.replace("L['self'].", "").replace("[", ".").replace("]", "")
 
 
 def _returned(value: fx.Node) -> bool:

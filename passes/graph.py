@@ -20,7 +20,7 @@ from .lent import Lent
 
 __all__ = [
     "ModelGraph", "Target", "Block", "ModuleInfo", "ParamInfo", "InputInfo", "OutputSpec",
-    "LintError",
+    "LintError", "innermost_module",
 ]
 
 
@@ -131,7 +131,7 @@ class ModelGraph(Program):
         block_index = {n: b.index for b in self.blocks for n in b.nodes}
         for n in self.module.graph.nodes:
             g.add_node(n.name, op=n.op, target=n.target, node=n,
-                       module=_innermost(n, self.modules), block=block_index.get(n))
+                       module=innermost_module(n, self.modules), block=block_index.get(n))
             g.add_edges_from((a.name, n.name) for a in n.all_input_nodes)
         return g
 
@@ -212,20 +212,22 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _stack_paths(node: fx.Node, modules: dict[str, ModuleInfo]) -> list[str]:
+def _stack_paths(node: fx.Node, modules: dict[str, ModuleInfo] | None) -> list[str]:
     """Module paths on the node's nn_module_stack, outermost first, normalized to dotted form
-    (`layers[0]` -> `layers.0`) and filtered to real modules (export adds placeholder entries)."""
+    (`layers[0]` -> `layers.0`) and filtered to real modules (export adds placeholder entries;
+    None: unfiltered)."""
     stack = node.meta.get("nn_module_stack") or {}
     paths = []
     for entry in stack.values():
         path = entry[0] if isinstance(entry, tuple) else entry
         path = path.replace("[", ".").replace("]", "") if isinstance(path, str) else None
-        if path and path in modules:
+        if path and (modules is None or path in modules):
             paths.append(path)
     return paths
 
 
-def _innermost(node: fx.Node, modules: dict[str, ModuleInfo]) -> str | None:
+def innermost_module(node: fx.Node, modules: dict[str, ModuleInfo] | None = None) -> str | None:
+    """The path of the innermost module `node` was captured in ('model.layers.1.mlp.down_proj')."""
     paths = _stack_paths(node, modules)
     return paths[-1] if paths else None
 

@@ -10,6 +10,7 @@ budget solver (budget.py, an exact multiple-choice knapsack) picks the least tot
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 
@@ -64,10 +65,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
 def choice_note(choices: dict[str, str], bits: float, rule: A.Precision) -> str:
     """What the solver chose, for the report's notes (it was only in meta.json): "chose int4
     group=64 for 198 linears, int8 for 12; 4.96 bits/weight (budget avg_bits<=5)"."""
-    counts: dict[str, int] = {}
-    for fmt in choices.values():
-        counts[fmt] = counts.get(fmt, 0) + 1
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    ranked = sorted(Counter(choices.values()).items(), key=lambda kv: (-kv[1], kv[0]))
     parts = [f"{fmt} for {n} linear{'s' if n != 1 else ''}" if i == 0 else f"{fmt} for {n}"
              for i, (fmt, n) in enumerate(ranked)]
     return (f"chose {', '.join(parts)}; {bits:.2f} bits/weight "
