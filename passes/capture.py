@@ -181,7 +181,19 @@ def _attr_key(value: Any, depth: int = 0) -> Any:
         # by its fields: `config.scale = 3.0` on a dataclass config changes what is traced
         return _Same(type(value)), tuple((f.name, _attr_key(getattr(value, f.name), depth + 1))
                                          for f in dataclasses.fields(value))
+    if depth < 3 and _plain_object(value):
+        # a SimpleNamespace or hand-written config object: by its fields, as a dataclass
+        return _Same(type(value)), tuple((k, _attr_key(v, depth + 1)) for k, v in sorted(vars(value).items()))
     return _Same(value)  # a function or object: its identity (a module's own fields are keyed apart)
+
+
+def _plain_object(value: Any) -> bool:
+    """An object that holds values and does nothing: not callable (functions, partials and
+    modules stay keyed by identity), with a small __dict__ (a tokenizer's vocabulary is not
+    walked on every capture)."""
+    fields = getattr(value, "__dict__", None)
+    return (isinstance(fields, dict) and len(fields) <= 256 and not callable(value)
+            and not isinstance(value, (type, nn.Module, torch.Tensor)))
 
 
 class _Same:
@@ -203,7 +215,7 @@ class _Same:
 def _config_key(config: Any) -> Any:
     """A Hugging Face config's values (`config.output_hidden_states = True` changes the outputs),
     with its attention implementation, which to_dict() leaves out (`set_attn_implementation`);
-    any other config (a dataclass) as an attribute is keyed."""
+    any other config (a dataclass or plain object) as an attribute is keyed."""
     to_dict = getattr(config, "to_dict", None)
     if not callable(to_dict):
         return None if config is None else _attr_key(config)

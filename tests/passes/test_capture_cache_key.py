@@ -1,9 +1,10 @@
 """The capture cache misses after changes its key once missed: a Hugging Face model's attention
 implementation (config.to_dict() leaves `_attn_implementation` out) and a dataclass config's
-fields (keyed by identity, so an edited config reused the old trace)."""
+fields (keyed by identity, so an edited config reused the old trace), and a plain config object's."""
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import torch
 from torch import nn
@@ -46,3 +47,30 @@ def test_an_edited_dataclass_config_is_traced_again():
     cm = slimfx.compile(m, "", example_inputs=x)
     with torch.no_grad():
         assert torch.equal(cm(x), m(x))
+
+
+class PlainCfg:  # a hand-written config class, neither a dataclass nor a Hugging Face config
+    def __init__(self):
+        self.scale, self.act = 1.0, "relu"
+
+
+def test_an_edited_plain_object_config_is_traced_again():
+    torch.manual_seed(0)
+    for cfg in (PlainCfg(), types.SimpleNamespace(scale=1.0, act="relu")):
+        m, x = Configured().eval(), torch.randn(2, 4)
+        m.config = cfg
+        slimfx.compile(m, "", example_inputs=x)
+        m.config.scale, m.config.act = 3.0, "tanh"
+        cm = slimfx.compile(m, "", example_inputs=x)
+        with torch.no_grad():
+            assert torch.equal(cm(x), m(x))
+
+
+def test_an_unchanged_plain_object_config_hits_the_cache():
+    torch.manual_seed(0)
+    m, x = Configured().eval(), torch.randn(2, 4)
+    m.config = PlainCfg()
+    clear_cache()
+    capture(m, x)
+    capture(m, x)
+    assert cache_info()["hits"] == 1
