@@ -56,6 +56,14 @@ class _Resolver:
         scopes = self._walk([_ROOT], self.sel.path.segments, "")
         found = _dedupe(r for s in scopes for r in self._results(s))
         if not found:
+            aliases = self._aliases(scopes)
+            if aliases:
+                named = ", ".join(f"`{a}` is `{t}`" for a, t in aliases[:3])
+                more = f" and {len(aliases) - 3} more" if len(aliases) > 3 else ""
+                raise self._error(f"`{self._text()}` names modules that the forward calls under "
+                                  f"other paths ({named}{more}): a module reached by several "
+                                  "paths is captured under the one its forward uses",
+                                  hint="select them by the path the forward uses")
             raise self._error(f"`{self._text()}` names modules, but none of them is a linear, "
                               "embedding, norm or conv used by the captured forward")
         if self.sel.class_filter:
@@ -174,6 +182,20 @@ class _Resolver:
         if s.key in g.targets:
             return [g.targets[s.key]]
         return [t for t in g.targets.values() if t.path.startswith(s.key + ".")]
+
+    def _aliases(self, scopes: list[_Scope]) -> list[tuple[str, str]]:
+        """(path named, target path) for each module under `scopes` whose weights are a target's
+        under another path (`self.blk = Block()` also listed in `self.layers`)."""
+        by_storage = {tuple(p.storage for p in self.g.modules[t.path].params): t.path
+                      for t in self.g.targets.values() if self.g.modules[t.path].params}
+        keys = [s.key for s in scopes if s.kind == "module"]
+        out = []
+        for path, info in self.g.modules.items():
+            if info.params and any(path == k or path.startswith(k + ".") for k in keys):
+                target = by_storage.get(tuple(p.storage for p in info.params))
+                if target is not None and target != path:
+                    out.append((path, target))
+        return out
 
     # ---- class filter ----
     def _filter(self, found: list, cls: str) -> list:

@@ -3,10 +3,12 @@ or `self.blk` also in `self.layers`): the de-duplicated table lacked the second 
 raised a bare KeyError ('layers.0') or resolved `layers[1]` to `layers.2`."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import slimfx
+from slimfx.dsl.errors import SpecError
 from slimfx.passes.capture import capture
 
 
@@ -78,3 +80,15 @@ def test_an_index_into_a_repeated_list_is_not_shifted():
     assert any("tied" in n for n in rule.notes)  # layers[0] reads the same weight, unquantized
     cm = slimfx.compile(m, "quantize ** : Linear int8", example_inputs={"x": _x()})
     assert "layers.0.fc1" in cm.report.rules[0].targets
+
+
+def test_the_path_the_forward_does_not_use_names_the_one_it_does():
+    torch.manual_seed(0)
+    m = AlsoAnAttribute().eval()
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(m, "quantize blk.fc1 int8", example_inputs={"x": _x()})
+    assert e.value.kind == "selector"
+    assert "`blk.fc1` is `layers.0.fc1`" in str(e.value) and "the path the forward uses" in str(e.value)
+    with pytest.raises(SpecError) as e:  # a whole aliased block: each of its linears
+        slimfx.compile(m, "quantize blk.* int8", example_inputs={"x": _x()})
+    assert "`blk.fc2` is `layers.0.fc2`" in str(e.value)
