@@ -71,7 +71,7 @@ def test_a_tensor_or_a_mask_less_batch_calibrates_a_compile(llama):
     a = slimfx.compile(llama.model, GPTQ, example_inputs=llama.example_inputs, calib=ids(2, 9))
     b = slimfx.compile(llama.model, GPTQ, example_inputs=llama.example_inputs,
                        calib=[{"input_ids": ids(2, 9).fill_(5), "attention_mask": torch.ones(2, 9, dtype=torch.long)}])
-    assert a.report.rules[0].details["calib_rows"] == 18 == b.report.rules[0].details["calib_rows"]
+    assert a.report.rules[0].details["calib_tokens"] == 18 == b.report.rules[0].details["calib_tokens"]
 
 
 @pytest.mark.parametrize("calib, says", [

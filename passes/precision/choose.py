@@ -115,7 +115,7 @@ def _by_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[It
                                                   lambda it, H: scorer.encode(it, cand[it.path], H), step,
                                                   by_layer=rule.get("true_sequential"), compensate=corrections)
     details.update(sweep_details(rule.get("true_sequential"), corrections),
-                   calib_rows=max(rows, rows2), peak_calib_bytes=max(peak, peak2))
+                   calib_tokens=max(rows, rows2), peak_calib_bytes=max(peak, peak2))
     notes.extend(few_rows_note(corrections, rows2))
     return {p: (cand[p], e) for p, e in encoded.items()}, costs, sizes, pick
 
@@ -136,7 +136,7 @@ def _in_one_run(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[I
             options.append(encs)
             step()
     pick = _solve(bound.rule, items, costs, sizes, ctx)
-    details["calib_rows"] = max(h.count for h in hessians.values())
+    details["calib_tokens"] = max(h.count for h in hessians.values())
     return ({it.path: (scorer.cands[j], options[i][j]) for i, (it, j) in enumerate(zip(items, pick))},
             costs, sizes, pick)
 

@@ -48,7 +48,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                                              total=len(items)) as step:
             encoded, rows, peak = sequential_encode(graph, items, ctx.calib, encode_one, step,
                                                     by_layer=rule.get("true_sequential"), compensate=corrections)
-        details.update(sweep_details(rule.get("true_sequential"), corrections), calib_rows=rows,
+        details.update(sweep_details(rule.get("true_sequential"), corrections), calib_tokens=rows,
                        peak_calib_bytes=peak)
         return apply(graph, bound, items, {p: (cand, e) for p, e in encoded.items()}, details, ctx,
                      few_rows_note(corrections, rows) + dead.notes())
@@ -62,5 +62,5 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
             chosen[it.path] = (cand, encode_one(it, hessians[it.path].H if it.path in hessians else None))
             step()
     if hessians:
-        details["calib_rows"] = max(h.count for h in hessians.values())
+        details["calib_tokens"] = max(h.count for h in hessians.values())
     return apply(graph, bound, items, chosen, details, ctx, dead.notes())

@@ -70,7 +70,7 @@ def test_one_candidate_encodes_as_quantize_does(setup):
     for k in packed:
         assert torch.equal(a[k], b[k]), k
     details = cm.report.rules[0].details
-    assert details["sequential"] is True and details["calib_rows"] == 3 * 2 * 12
+    assert details["sequential"] is True and details["calib_tokens"] == 3 * 2 * 12
 
 
 def test_sequential_scores_on_the_uncompressed_stream(setup):

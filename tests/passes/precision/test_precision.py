@@ -258,7 +258,7 @@ def test_gptq_output_error_not_above_rtn_on_calibration_inputs(llama):
     # Measured GPTQ/RTN: 0.13-0.46 per target, 0.41 in total (66 calibration rows for 64-128
     # inputs: GPTQ fits them closely). RTN passed off as GPTQ gives 1.0.
     assert totals[1] < 0.6 * totals[0] and max(ratios.values()) < 0.7, (totals, ratios)
-    assert gq.report.rules[0].details["calib_rows"] == sum(int(b["attention_mask"].sum()) for b in data)
+    assert gq.report.rules[0].details["calib_tokens"] == sum(int(b["attention_mask"].sum()) for b in data)
 
 
 @pytest.mark.parametrize("rule, instead", [
@@ -437,7 +437,7 @@ def test_padding_rows_stay_out_of_the_precision_pass_hessians(llama, monkeypatch
     for path in with_pad:
         assert with_pad[path].count == without[path].count == 40, path
         assert _max_rel_diff(with_pad[path].H, without[path].H) < 1e-5, path
-    assert reports[0].details["calib_rows"] == reports[1].details["calib_rows"] == 40
+    assert reports[0].details["calib_tokens"] == reports[1].details["calib_tokens"] == 40
 
 
 def test_a_group_wider_than_a_linears_inputs_is_said_not_clamped_silently():

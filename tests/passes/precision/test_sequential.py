@@ -123,7 +123,7 @@ def test_padding_stays_out_of_the_sequential_hessians():
                {"input_ids": ids[1:], "attention_mask": mask[1:]}]
     a, b = (slimfx.compile(lm.model, POLICY, example_inputs=lm.example_inputs, calib=c, backend="eager")
             for c in (padded, trimmed))
-    assert a.report.rules[0].details["calib_rows"] == b.report.rules[0].details["calib_rows"] == 20
+    assert a.report.rules[0].details["calib_tokens"] == b.report.rules[0].details["calib_tokens"] == 20
     sa, sb = a.state_dict(), b.state_dict()
     keys = [k for k in sa if k.endswith(".qweight")]
     same = sum(int((sa[k] == sb[k]).sum()) for k in keys)
