@@ -248,6 +248,8 @@ def _load_folder(folder: Path, *, name: str) -> LoadedModel:
     is a ModelNotFound that names the folder, not transformers' traceback."""
     try:
         return _read_folder(folder, name=name)
+    except ModelNotFound:  # it already names the folder and what to do
+        raise
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelNotFound(f"cannot load the Hugging Face model folder {str(folder)!r}: {first} (it needs "
@@ -259,6 +261,13 @@ def _read_folder(folder: Path, *, name: str) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if getattr(config, "is_encoder_decoder", False):
+        # Its forward needs decoder inputs, which the texts this loader encodes do not give:
+        # every later command died of transformers' "specify exactly one of input_ids …".
+        raise ModelNotFound(
+            f"{str(folder)!r} holds an encoder-decoder model ({config.model_type}); `slimfx.models.load` and the "
+            "command line take decoder-only LMs, encoders and vision models. Load it with transformers and "
+            "call slimfx.compile(model, policy, example_inputs={'input_ids': …, 'decoder_input_ids': …}) instead")
     archs = config.architectures or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     if causal:

@@ -174,6 +174,18 @@ def test_a_folder_transformers_cannot_read_is_explained(tmp_path):
             models.load(folder)
 
 
+def test_an_encoder_decoder_folder_is_refused_with_what_to_do(tmp_path):
+    """T5's forward needs decoder inputs the loader's texts do not give: plan, compile and eval
+    each died of transformers' ValueError ("specify exactly one of input_ids or inputs_embeds")."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ModelNotFound, match=r"holds an encoder-decoder model \(t5\).*'decoder_input_ids'") as e:
+        models.load(tmp_path / "t5")
+    assert "cannot load" not in str(e.value)
+
+
 def test_available_and_tiny_archs():
     assert len(TINY_ARCHS) == 13
     assert {"smollm2-135m", "minilm-l6", "tiny:llama", "tiny:vit"} <= set(models.available())
