@@ -95,7 +95,7 @@ def read(source: str, bound: BoundRule, ctx: Context) -> LoadedAdapter:
     for path, ts in tensors.items():
         _check_rank(path, ts, ranks[path], errors)
     written = {p.name for p in bound.rule.params}
-    dropout = bound.rule.get("dropout") if "dropout" in written else float(config.get("lora_dropout") or 0.0)
+    dropout = bound.rule.get("dropout") if "dropout" in written else _dropout(config, errors)
     return LoadedAdapter(directory, method, dropout, ranks, alphas, tensors, errors)
 
 
@@ -117,12 +117,25 @@ def _config(directory: Path, errors: _Errors) -> dict:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise errors("no-file", f"cannot read {file}: {e}", hint="save the adapter again with PEFT") from None
+    except RecursionError:  # JSON nested thousands deep: no config PEFT writes
+        raise errors("no-file", f"cannot read {file}: its JSON is nested too deeply",
+                     hint="save the adapter again with PEFT") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise errors("unsupported", f"{directory} holds a PEFT {kind or 'adapter of unknown type'} adapter "
                      "(peft_type in adapter_config.json); `adapt … from=` reads LoRA and DoRA adapters "
                      "(peft_type LORA) only", hint="train a LoRA or DoRA adapter, or drop from= to start a fresh one")
     return config
+
+
+def _dropout(config: dict, errors: _Errors) -> float:
+    """lora_dropout as the policy's `dropout=` is checked: a probability in [0, 1). Unchecked, 5
+    compiled and every call then died in the graph's aten.dropout, even in eval mode."""
+    value = config.get("lora_dropout") or 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise errors("out-of-range", f"lora_dropout={value!r} in {CONFIG} is not a dropout probability in [0, 1)",
+                     hint="write `dropout=P` on the rule (it overrides the file's), or mend the file")
+    return float(value)
 
 
 def _check_features(config: dict, errors: _Errors) -> None:

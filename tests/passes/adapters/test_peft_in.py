@@ -215,3 +215,15 @@ def test_a_wrapper_prefix_on_one_side_is_named(damaged):
     prefix = "base_model.model."
     save_file({k.replace(prefix, prefix + "outer.", 1): v for k, v in load_file(file).items()}, file)
     _refused(damaged, "invalid-combination", "extra `outer.`", "another class of this model")
+
+
+@pytest.mark.parametrize("dropout", [5, -0.5, 1.0, "0.1", True])
+def test_a_dropout_that_is_no_probability_is_refused(damaged, dropout):
+    """Unchecked, lora_dropout=5 compiled and every call died in aten.dropout, even in eval mode."""
+    _edit_config(damaged, lora_dropout=dropout)
+    _refused(damaged, "out-of-range", "lora_dropout", "[0, 1)", "dropout=P")
+
+
+def test_a_config_nested_too_deeply_is_refused(damaged):
+    (damaged / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    _refused(damaged, "no-file", "nested too deeply")
