@@ -164,8 +164,8 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
         # Bipartite matching merges at most half the tokens in one step (each A token into a B token).
         ParamSpec("ratio", float, 0.25, "fraction of each sequence's tokens merged away in one step (ToMe)",
                   lambda v: 0 < v <= 0.5, "a number in (0, 0.5]"),
-        ParamSpec("by", str, "hidden", "what token similarity is measured on: the hidden states, or the next "
-                  "attention's keys", choices=("hidden", "keys")),
+        ParamSpec("by", str, "hidden", "what token similarity is measured on: the hidden states, or the keys "
+                  "of the block's own attention, averaged over heads (ToMe)", choices=("hidden", "keys")),
         ParamSpec("prop_attn", bool, False, "proportional attention: later attention counts a merged token as "
                   "the tokens it holds (ToMe)"),
         _PROTECT, _RESTORE,
