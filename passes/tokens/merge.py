@@ -38,8 +38,16 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     keys = rule.get("by") == "keys"
     return apply_token_op(graph, bound, ctx, token_ops.token_merge, (ratio, rule.get("protect") == "cls"),
                           f"ToMe merge{' with proportional attention' if prop else ''} of {ratio:.0%} of each "
-                          f"sequence's tokens, matched by {'attention keys' if keys else 'hidden states'}",
+                          f"sequence's tokens, matched by {'attention keys' if keys else 'hidden states'}"
+                          + (_CAP if ratio >= 0.5 else ""),
                           proportional=prop, per_token=_mean_keys if keys else None)
+
+
+# ToMe's bipartite matching pairs each token of one half with one of the other: a merge can take
+# at most half of the tokens it may pair, fewer than `ratio` asks from 0.5 up (4 tokens with
+# protect=cls became 3, not 2).
+_CAP = (", at most ⌊L/2⌋ of L tokens (⌊(L−1)/2⌋ with protect=cls): the matching pairs each token once; "
+        "the `tokens` figures give the counts")
 
 
 def _mean_keys(g: fx.Graph, attention: fx.Node) -> fx.Node:

@@ -69,6 +69,14 @@ def test_merging_changes_the_output_and_the_report_counts_tokens(bert, compiled)
     # 25 real tokens; ⌊0.3·L⌋ per sequence: 3+2+1 = 6 after block 1, then 2+1+1 = 4 after block 2.
     assert rule.details["tokens"] == ["25→19", "19→15"]
     assert rule.details["flops_after"] < rule.details["flops_before"]
+    assert not any("at most" in n for n in rule.notes)
+
+
+def test_a_ratio_the_matching_cannot_reach_says_so(bert, compiled):
+    """ratio=0.5 with protect=none takes ⌊L/2⌋, all it can; ToMe's cap is said from 0.5 up, since
+    with protect=cls it then merges fewer than the ratio asks."""
+    rule = compiled[VARIANTS[1]].report.rules[1]
+    assert any("at most ⌊L/2⌋" in n and "protect=cls" in n for n in rule.notes), rule.notes
 
 
 def test_a_ratio_that_merges_nothing_is_bit_identical_to_unpad_alone(bert):
