@@ -26,7 +26,7 @@ from .artifact_errors import FILES, META, PROGRAM, RESAVE, WEIGHTS, ArtifactErro
 from .artifact_files import first_line as _first_line, json_bytes as _json_bytes
 from .artifact_files import read_json as _read_json, read_weights as _read_weights
 from .artifact_files import sha256 as _sha256, sha256_file as _sha256_file
-from .artifact_files import foreign_entries, nearest_existing, unplaceable, write_atomic as _write_atomic
+from .artifact_files import foreign_entries, holds_json, nearest_existing, unplaceable, write_atomic as _write_atomic
 from .artifact_files import write_bytes as _write_bytes, write_weights as _write_weights
 from .graph_io import decode_graph, encode_graph
 from .report import Report
@@ -67,9 +67,9 @@ def check_target(target: Path) -> None:
     above = nearest_existing(target)
     if not above.is_dir():  # mkdir would fail at the end of a compile, and the compile be lost
         raise ArtifactError(f"cannot save to {target}: {above} is a file, not a directory; choose another path")
-    if target.is_dir() and any(target.iterdir()) and not (target / META).is_file():
+    if target.is_dir() and any(target.iterdir()) and not holds_json(target / META, "format", FORMAT):
         raise ArtifactError(f"refusing to replace {target}: it is a non-empty directory that is "
-                            "not a slimfx artifact; choose a new path or empty it first")
+                            f"not a slimfx artifact (no {META} of one); choose a new path or empty it first")
     others = foreign_entries(target, FILES)
     if others:  # saving replaces the whole directory: they would be lost
         raise ArtifactError(f"refusing to replace {target}: besides an artifact's files it holds "
@@ -119,11 +119,19 @@ def load(path: str | os.PathLike, *, backend: str = "auto") -> CompiledModel:
         return _restore(root, meta, program, backend)
     except (ArtifactError, BackendUnavailable):  # the artifact is fine: the backend cannot run here
         raise
-    except Exception as e:  # files that hash right but do not fit together: another version?
-        raise ArtifactError(
-            f"{root} cannot be restored ({type(e).__name__}: {_first_line(e)}); it was saved by "
-            f"slimfx {meta.get('slimfx_version', '?')} with torch {meta.get('torch_version', '?')}"
-            f", this is torch {torch.__version__}: load it there or {RESAVE}") from e
+    except Exception as e:  # files that hash right but do not fit together
+        raise ArtifactError(f"{root} cannot be restored ({type(e).__name__}: {_first_line(e)}); "
+                            f"{_likely_cause(meta)}") from e
+
+
+def _likely_cause(meta: dict[str, Any]) -> str:
+    """Another torch or slimfx may read the graph otherwise; with the same ones, meta.json (which
+    no hash covers) was edited or damaged — "load it there" would send the user in a circle."""
+    saved = (meta.get("slimfx_version", "?"), meta.get("torch_version", "?"))
+    if saved == (__version__, torch.__version__):
+        return f"{META} was changed or damaged after saving (the same slimfx and torch wrote it); {RESAVE}"
+    return (f"it was saved by slimfx {saved[0]} with torch {saved[1]}, this is slimfx {__version__} with "
+            f"torch {torch.__version__}: load it there, or {RESAVE}")
 
 
 def _restore(root: Path, meta: dict[str, Any], program: bytes, backend: str) -> CompiledModel:
@@ -164,10 +172,12 @@ def _read_meta(root: Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         older = (" (version 1 stored the graph in torch.export's format, which took seconds "
                  "to load)" if version == 1 else "")
+        newer = (f" (slimfx {meta.get('slimfx_version', '?')} wrote it: upgrade to read it)"
+                 if isinstance(version, int) and version > FORMAT_VERSION else "")
         raise ArtifactError(
             f"{root} has artifact format version {version!r}{older}; this slimfx reads version "
-            f"{FORMAT_VERSION}: load it with the slimfx that wrote it "
-            f"({meta.get('slimfx_version', '?')}) and {RESAVE} under this one, or recompile")
+            f"{FORMAT_VERSION}{newer}: compile the original model with its policy again under this slimfx "
+            f"(`slimfx compile … --out`; the policy is in its {META})")
     missing = [k for k in ("files", "inputs", "outputs", "modules", "weights", "model_class")
                if k not in meta]
     if missing:

@@ -20,7 +20,7 @@ import torch
 
 from .artifact_errors import RESAVE, WEIGHTS, ArtifactError
 
-__all__ = ["json_bytes", "write_bytes", "write_weights", "write_atomic", "foreign_entries", "sha256", "sha256_file",
+__all__ = ["json_bytes", "write_bytes", "write_weights", "write_atomic", "foreign_entries", "holds_json", "sha256", "sha256_file",
            "read_json", "read_weights", "first_line", "file_mode", "unplaceable", "nearest_existing",
            "resolved_or_none", "PLACE_ERRORS", "LOOP"]
 
@@ -83,11 +83,24 @@ def _os_error_code(e: Exception) -> int | None:
 
 
 def foreign_entries(target: Path, own: tuple[str, ...]) -> list[str]:
-    """What a directory holds besides the files a save writes (`own`): write_atomic replaces the
-    whole directory, so a save over it is refused while there are any."""
+    """What a directory holds besides the files a save writes (`own`), a folder under one of
+    their names included: write_atomic replaces the whole directory, so a save over it is
+    refused while there are any."""
     if not target.is_dir():
         return []
-    return sorted(e.name + ("/" if e.is_dir() else "") for e in target.iterdir() if e.name not in own)
+    return sorted(e.name + ("/" if e.is_dir() else "") for e in target.iterdir()
+                  if e.name not in own or not e.is_file())
+
+
+def holds_json(file: Path, key: str, value: Any = None) -> bool:
+    """Whether `file` is a JSON object with `key` (equal to `value` when one is given): what
+    makes a folder one a save may replace. A file merely named meta.json was enough, and another
+    tool's folder was replaced, its files lost."""
+    try:
+        doc = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and key in doc and (value is None or doc[key] == value)
 
 
 def not_a_directory(target: Path) -> str | None:
@@ -207,6 +220,8 @@ def read_json(path: Path, data: bytes | None = None) -> Any:
         return json.loads((path.read_bytes() if data is None else data).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); {RESAVE}") from e
+    except RecursionError:  # nested thousands deep: no file a save writes
+        raise ArtifactError(f"{path} is not an artifact's JSON: it is nested too deeply; {RESAVE}") from None
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

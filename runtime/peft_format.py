@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 
 from .adapters import Adapter, adapters_of
-from .artifact_files import foreign_entries, json_bytes, unplaceable, write_atomic, write_bytes, write_weights
+from .artifact_files import foreign_entries, holds_json, json_bytes, unplaceable, write_atomic, write_bytes, write_weights
 
 __all__ = ["PeftFormatError", "save_adapters", "peft_config", "tensor_key", "split_key", "pattern_value",
            "adapter_directory", "CONFIG", "WEIGHTS", "PICKLED", "PREFIX", "KEYS"]
@@ -166,9 +166,9 @@ def _check_target(target: Path) -> None:
     problem = unplaceable(target)
     if problem:
         raise PeftFormatError(f"cannot save adapters to {target}: {problem}")
-    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG).is_file():
-        raise PeftFormatError(f"refusing to replace {target}: it is a non-empty directory without an "
-                              f"{CONFIG} (not a PEFT adapter); choose a new path or empty it first")
+    if target.is_dir() and any(target.iterdir()) and not holds_json(target / CONFIG, "peft_type"):
+        raise PeftFormatError(f"refusing to replace {target}: it is a non-empty directory without the "
+                              f"{CONFIG} of a PEFT adapter; choose a new path or empty it first")
     others = foreign_entries(target, (CONFIG, WEIGHTS))
     if others:  # saving replaces the whole directory (PEFT's README.md, a tokenizer, checkpoints…)
         raise PeftFormatError(f"refusing to replace {target}: besides the adapter's files it holds "

@@ -145,9 +145,31 @@ def test_overwrite_refuses_an_artifact_that_holds_other_files(llama_dir, tmp_pat
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)
     (project / "meta.json").write_text("{}")
-    with pytest.raises(ArtifactError, match="data/"):
+    with pytest.raises(ArtifactError, match="not a slimfx artifact"):
         compiled("llama").cm.save(project)
     assert sorted(p.name for p in project.iterdir()) == ["data", "meta.json"]
+
+
+@pytest.mark.parametrize("meta", ['{"experiment": "my run"}', '{"format": "other-tool"}', "not json", "[[["])
+def test_a_folder_with_another_tools_meta_json_is_not_replaced(tmp_path, meta):
+    """Only the names were compared: another tool's meta.json and weights.safetensors made the
+    folder an artifact, and the save replaced it, their contents lost."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "meta.json").write_text(meta)
+    (run / "weights.safetensors").write_bytes(b"mine")
+    with pytest.raises(ArtifactError, match=r"not a slimfx artifact \(no meta.json of one\)"):
+        compiled("llama").cm.save(run)
+    assert (run / "meta.json").read_text() == meta and (run / "weights.safetensors").read_bytes() == b"mine"
+
+
+def test_a_folder_under_an_artifact_files_name_is_not_replaced(llama_dir):
+    (llama_dir / "program.json").unlink()
+    (llama_dir / "program.json").mkdir()
+    (llama_dir / "program.json" / "data.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match=r"it holds program.json/, which saving"):
+        compiled("llama").cm.save(llama_dir)
+    assert (llama_dir / "program.json" / "data.txt").read_text() == "mine"
 
 
 def test_save_refuses_to_replace_other_directories(tmp_path):
@@ -406,10 +428,26 @@ def test_program_that_is_not_a_program(llama_dir):
 def test_format_version_1(llama_dir):
     """Version 1 stored torch.export's schema; it is refused before anything is parsed."""
     _edit_json(llama_dir / "meta.json", lambda m: m.update(format_version=1))
-    refused(llama_dir, "format version 1 (version 1 stored the graph in torch.export's format",
-             f"reads version {FORMAT_VERSION}", "load it with the slimfx that wrote it")
+    e = refused(llama_dir, "format version 1 (version 1 stored the graph in torch.export's format",
+                f"reads version {FORMAT_VERSION}: compile the original model with its policy again")
+    # it sent the user to "the slimfx that wrote it (0.1.0)": the one they were running
+    assert "that wrote it" not in str(e) and "under this one, or recompile" not in str(e)
+
+
+def test_a_newer_format_says_to_upgrade(llama_dir):
+    _edit_json(llama_dir / "meta.json", lambda m: m.update(format_version=FORMAT_VERSION + 1, slimfx_version="9.0"))
+    refused(llama_dir, f"format version {FORMAT_VERSION + 1}", "slimfx 9.0 wrote it: upgrade")
 
 
 def test_inconsistent_meta_is_an_artifact_error(llama_dir):
+    """Written by this slimfx and torch: damaged, not another version to load it with."""
     _edit_json(llama_dir / "meta.json", lambda m: m["modules"][0].pop("children"))
-    refused(llama_dir, "cannot be restored (KeyError", "saved by slimfx", RESAVE)
+    e = refused(llama_dir, "cannot be restored (KeyError", "meta.json was changed or damaged after saving", RESAVE)
+    assert "load it there" not in str(e)
+    _edit_json(llama_dir / "meta.json", lambda m: m.update(torch_version="1.0"))
+    refused(llama_dir, "cannot be restored (KeyError", "saved by slimfx 0.1.0 with torch 1.0", "load it there")
+
+
+def test_meta_nested_too_deeply_is_an_artifact_error(llama_dir):
+    (llama_dir / "meta.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(llama_dir, "nested too deeply", RESAVE)

@@ -125,6 +125,11 @@ def test_directory_rules(tmp_path):
     with pytest.raises(PeftFormatError, match="refusing to replace .*notes"):
         cm.save_adapters(other)
     assert (other / "keep.txt").read_text() == "mine"
+    (other / "keep.txt").unlink()
+    (other / "adapter_config.json").write_text('{"my": "settings"}')  # not PEFT's: it was replaced
+    with pytest.raises(PeftFormatError, match="without the adapter_config.json of a PEFT adapter"):
+        cm.save_adapters(other)
+    assert (other / "adapter_config.json").read_text() == '{"my": "settings"}'
     with pytest.raises(PeftFormatError, match="no adapter on encoder.nothing"):
         save_adapters(cm, tmp_path / "x", targets=["encoder.nothing"])
     cm.save_adapters(tmp_path / "a")
