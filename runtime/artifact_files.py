@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 import tempfile
 import warnings
 from pathlib import Path
@@ -160,7 +161,8 @@ def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
     directory it names is replaced, the link stays."""
     target = target.resolve()  # `.`/`..` in it, and a link, name the directory that is replaced
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _sweep_killed_saves(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner()}-", dir=target.parent))
     try:
         os.chmod(tmp, file_mode(directory=True))  # mkdtemp makes it private
         write(tmp)
@@ -170,6 +172,38 @@ def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(target.parent)
+
+
+# Who is writing a temporary directory: a save killed outright (kill -9, power loss) cannot
+# delete its own, and a later save sweeps it only when that process is gone from this machine.
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+
+
+def _owner() -> str:
+    return f"{_HOST}-{os.getpid()}"  # at each save: a forked process has a pid of its own
+
+
+def _sweep_killed_saves(target: Path) -> None:
+    """Delete the `.NAME.tmp-HOST-PID-*` directories that saves to `target` by processes no longer
+    running on this machine left behind (each holds a whole model's weights). Never a `.old-`
+    one: after a kill between the two renames it is the only copy of the previous artifact."""
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-{re.escape(_HOST)}-(\d+)-[a-z0-9_]+")
+    for entry in target.parent.iterdir():
+        found = pattern.fullmatch(entry.name)
+        if found and not entry.is_symlink() and entry.is_dir() and not _running(int(found.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: running
+        return True
+    return True
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

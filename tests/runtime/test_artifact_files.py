@@ -88,3 +88,26 @@ def test_a_pipe_or_device_is_refused_as_a_place_to_save(tmp_path, save):
         with pytest.raises((ArtifactError, PeftFormatError), match="it is not a directory .a device, pipe or socket."):
             (cm.save if save == "artifact" else cm.save_adapters)(tmp_path / "sock")
     assert (tmp_path / "sock").is_socket()
+
+
+def test_a_save_killed_outright_is_swept_by_the_next(tmp_path):
+    """kill -9 mid-save left `.out.tmp-*` with a whole model's weights in it for ever. The next
+    save to the same place deletes the ones whose process is gone, and only those."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from pathlib import Path; import slimfx.runtime.artifact_files as f\n"
+        "f.write_atomic(Path(sys.argv[1]), lambda tmp: ((tmp / 'w').write_bytes(b'x' * 1000), os._exit(3)))"),
+        str(target)], cwd=tmp_path)
+    assert killed.returncode == 3
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(left) == 1  # what the kill leaves
+    running = tmp_path / f".out.tmp-{files._HOST}-{os.getpid()}-abc"  # a save in progress
+    elsewhere = tmp_path / ".out.tmp-otherhost-1-abc"  # another machine's, on a shared disk
+    for d in (running, elsewhere):
+        d.mkdir()
+    files.write_atomic(target, lambda tmp: (tmp / "w").write_bytes(b"y"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name, elsewhere.name])
+    assert (target / "w").read_bytes() == b"y"
