@@ -206,6 +206,21 @@ def test_a_tied_weight_is_flagged_and_not_counted_as_freed(gpt2):
     assert bound.estimate.bytes_after > bound.estimate.bytes_before  # the fp32 original stays
 
 
+def test_a_precision_rule_on_a_tied_weight_counts_the_original_it_keeps():
+    """plan said 65,536 → 12,288 bytes for GPT-2's tied head at 6 bits; compile gave 74,240, the
+    embedding's weight staying beside the chosen int4 (as `quantize head int4` was planned)."""
+    from slimfx.models import tiny
+    import slimfx
+
+    m = tiny("gpt2")
+    policy = "precision head choose {int8, int4} budget avg_bits<=6 by output_mse"
+    planned = slimfx.plan(m, policy).rules[0].estimate
+    measured = slimfx.compile(m, policy).report.rules[0]
+    assert measured.bytes_after > measured.bytes_before  # the tie keeps the fp32 original
+    assert measured.bytes_after <= planned.bytes_after < measured.bytes_after + 65536 // 8  # at most 6 bits, not 4.25
+    assert "tied weights kept" in planned.note
+
+
 def test_keep_counts_a_tied_weight_once():
     from slimfx.models import tiny
     import slimfx
