@@ -25,6 +25,7 @@ with no `policy NAME { }` around them, as `compile(model, "quantize head int8")`
 from __future__ import annotations
 
 import functools
+import re
 import string
 
 from hypothesis import assume, strategies as st
@@ -324,13 +325,30 @@ def _one_unpad_first(draw, text: str) -> str:
     return _apply(text, edits)
 
 
+def _quantize_for_error_init(text: str) -> str:
+    """`quantize <its selector> int4` above each `adapt … init=error` that no `quantize` or
+    `precision` precedes: it starts from the error a quantize left, and check.py refuses it
+    alone, so every draft that drew it was redrawn and init=error never came up."""
+    edits = []
+    for policy in lark_parser().parse(text).find_data("policy"):
+        quantized = False
+        for rule in (c for c in policy.children if isinstance(c, Tree)):
+            quantized = quantized or rule.data in ("quantize", "precision")
+            params = [c for c in rule.children if isinstance(c, Tree) and c.data == "param"]
+            if rule.data == "adapt" and not quantized and any(
+                    re.fullmatch(r"init\s*=\s*error", text[slice(*_offsets(p))]) for p in params):
+                start = _offsets(rule)[0]
+                edits.append((start, start, f"quantize {text[slice(*_offsets(rule.children[0]))]} int4\n    "))
+    return _apply(text, edits)
+
+
 @st.composite
 def policies(draw) -> str:
     """Valid policy text, drawn from the grammar. Layout, comments and blank lines vary."""
     raw = draw(grammar_text_strategy())
     tree = lark_parser().parse(raw)
     text = _apply(raw, draw(_schema_edits(tree)) + _unique_policy_names(raw, tree))
-    text = draw(_one_unpad_first(text))
+    text = _quantize_for_error_init(draw(_one_unpad_first(text)))
     if draw(st.booleans()):  # else the drawn order stands, e.g. `keep` or `tokens` above `collapse`
         text = _removals_first(text)
     try:

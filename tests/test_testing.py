@@ -226,3 +226,14 @@ def test_schema_edits_make_repeated_choices_a_keep_budget_and_a_lone_heal_valid(
     formats = [c.format for c in precision.choices]
     assert len(formats) == len(set(formats)) == 6
     assert isinstance(policy.rules[0], A.Drop), "the drop goes above every rule"
+
+
+def test_adapt_init_error_is_drawn_with_a_quantize_above_it():
+    """check.py refuses `adapt … init=error` with no `quantize` or `precision` above it, and the
+    strategy gave it none: all 1,500 draws of an audit lacked it (every draft with it was redrawn)."""
+    spec = find(policy_asts(), lambda s: any(isinstance(r, A.Adapt) and r.get("init") == "error"
+                                             for p in s.policies for r in p.rules), settings=_FIND)
+    for p in spec.policies:
+        for i, r in enumerate(p.rules):
+            if isinstance(r, A.Adapt) and r.get("init") == "error":
+                assert any(isinstance(q, (A.Quantize, A.Precision)) for q in p.rules[:i])
