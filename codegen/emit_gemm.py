@@ -25,8 +25,11 @@ activations; codegen/dtypes.py says how each is read, multiplied and rounded).
   anchors of one width are computed together, one accumulator each over the same loaded input
   tile, and their epilogue may mix them (gate and up with the SwiGLU product: one store);
   anchors of different widths (q/k/v under GQA) are segments, each program's column tile
-  choosing its segment, each with its own epilogue. A merged group the template refuses is split
-  back into one kernel per anchor by codegen/emit.py.
+  choosing its segment, each with its own epilogue — anchors of one width whose epilogue mixes
+  them (gate and up beside q/k/v: Cohere's parallel block) one segment. An epilogue that reads
+  another segment's value (`up(x) * gate(x)`, gate [M, 1]) is refused: that value is not in
+  memory while the kernel runs. A merged group the template refuses is split back into one
+  kernel per anchor by codegen/emit.py.
 """
 from __future__ import annotations
 
@@ -147,7 +150,9 @@ def emit_gemm(group: Group) -> GemmKernel:
     """Triton source for a GEMM group: one anchor, or several reading one input (module doc)."""
     if group.kind != "gemm" or not group.anchors:
         raise Unsupported("the GEMM template takes a GEMM group")
-    return _GemmSource(group).build()
+    kernel = _GemmSource(group).build()
+    kernel.check_shapes()
+    return kernel
 
 
 class _GemmSource:
@@ -194,9 +199,7 @@ class _GemmSource:
                 self.inputs += [(a_w, "lora_a"), (b_w, "lora_b")]
                 weight_args += [f"la{j}_ptr", f"lb{j}_ptr"]
                 self.ranks[j] = _static(tensor_val(a_w).shape[0], a_w)
-        # Anchors of one width are computed together (their epilogue may mix them: SwiGLU);
-        # otherwise each anchor is a segment of its own, chosen by the program's column tile.
-        segments = [tuple(range(len(ns)))] if len(set(ns)) == 1 else [(j,) for j in range(len(ns))]
+        segments = self._segments(ns)
         outputs = [(nd, "full") for nd in self.group.outputs]
         self.out_index = {nd: i for i, (nd, _) in enumerate(outputs)}
         body = []
@@ -220,6 +223,34 @@ class _GemmSource:
         return GemmKernel("gemm", source, self.inputs, outputs, list(self.group.nodes), k=self.k, ns=tuple(ns),
                           segments=tuple(segments), weight_layouts=tuple(p[3] for p in parts),
                           lora_width=max((_padded(r) for r in self.ranks.values()), default=0))
+
+    def _segments(self, ns: list[int]) -> list[tuple[int, ...]]:
+        """Anchors computed together (indexes into self.anchors). Anchors of one width are one
+        segment (their epilogue may mix them: SwiGLU). Of different widths, each program's column
+        tile chooses its segment: an anchor is a segment of its own, unless an epilogue node of one
+        anchor reads a value of another anchor of its width (gate and up beside q/k/v of other
+        widths, Cohere's parallel block): those two are one segment. A read across widths is
+        refused in `_load`."""
+        if len(set(ns)) == 1:
+            return [tuple(range(len(ns)))]
+        index = {a: j for j, a in enumerate(self.anchors)}
+        root = list(range(len(ns)))
+
+        def find(j: int) -> int:
+            while root[j] != j:
+                j = root[j]
+            return j
+
+        for node in self.group.nodes:
+            mine = index[self.owner[node]]
+            for a in node.all_input_nodes:
+                theirs = index.get(self.owner.get(a))
+                if theirs is not None and ns[theirs] == ns[mine]:
+                    root[find(theirs)] = find(mine)
+        together: dict[int, list[int]] = {}
+        for j in range(len(ns)):
+            together.setdefault(find(j), []).append(j)
+        return [tuple(seg) for seg in sorted(together.values())]
 
     def _packed_sizes(self, packed_zeros: bool) -> str:
         """The packed layout's row sizes as constants of the source (K is the group's own): a
@@ -338,7 +369,12 @@ class _GemmSource:
             raise Unsupported(f"{weight.name}: a {dtype} weight for a {self.dtype} input")
 
     def _load(self, value: fx.Node, n: int, width: str) -> list[str]:
-        """Read an epilogue operand from outside the group (once per segment that needs it)."""
+        """Read an epilogue operand from outside the group (once per segment that needs it). A
+        value of the group another segment computes (`u * gate` with gate [M, 1] beside u [M, N])
+        is not in memory when this segment runs: Unsupported, and the group is split."""
+        if value in self.group.nodes:
+            raise Unsupported(f"{value.name}: an epilogue operand another GEMM of the merged group "
+                              "computes, of another width")
         role = _role(value, n, self.m_expr)
         # The input x or a weight may also be an epilogue operand: it is then passed twice.
         index = next((i for i, (v, r) in enumerate(self.inputs) if v is value and r in _OPERAND_ROLES), None)

@@ -136,7 +136,9 @@ def emit_rows(group: Group) -> RowKernel:
               f"def kernel({params}, BLOCK: tl.constexpr):\n"
               "    row = tl.program_id(0)\n    cols = tl.arange(0, BLOCK)\n    m = cols < D\n"
               f"{body}\n")
-    return RowKernel("rows", source, inputs, outputs, list(group.nodes), full=_full_node(group))
+    kernel = RowKernel("rows", source, inputs, outputs, list(group.nodes), full=_full_node(group))
+    kernel.check_shapes()  # an output size no input determines: Unsupported now, not at each call
+    return kernel
 
 
 def _load(var: str, role: str, lead: int, dtype: torch.dtype) -> str:
@@ -182,13 +184,18 @@ def _check_broadcast(node: fx.Node, roles: dict[fx.Node, str], full: tuple[str, 
     """A value shaped like the rows without their last dim ([R] against [R, D]) is read one per
     row; torch broadcasts it along the last dim instead (as a column, which needs R == D), when
     an op meets it with a wider value. `sq[:, None] + sq` (pairwise distances) was computed per
-    row: Unsupported, so the group runs eager."""
+    row: Unsupported, so the group runs eager. Likewise a column ([D], or any shape broadcast
+    along the rows) meeting such an [R] value into an [R] result: torch lines it up with R, not
+    with D (`exp(x).sum(-1) * w`, x [B, 4, 4], w [4])."""
     if len(full) < 2:
         return
     for a in node.all_input_nodes:
         if roles.get(a) == "row" and _shape(a) == full[:-1] and _shape(node) != full[:-1]:
             raise Unsupported(f"{node.name}: {a.name} {list(_shape(a))} meets values of {list(full)}, which "
                               "broadcasts it along the last dim, not one value per row")
+        if roles.get(a) in ("col", "bcast") and _shape(node) == full[:-1]:
+            raise Unsupported(f"{node.name}: {a.name} {list(_shape(a))} meets a value of the rows' shape "
+                              f"{list(full[:-1])}, which lines it up with the rows, not the columns")
 
 
 def _role(node: fx.Node, full: tuple[str, ...]) -> str:

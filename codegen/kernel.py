@@ -210,9 +210,16 @@ class Kernel:
 
     def output_shapes(self, values: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], ...]:
         """The shapes of `shape_nodes()` for this call's inputs."""
+        return self.check_shapes()(values)
+
+    def check_shapes(self) -> Shapes:
+        """The `Shapes` of the outputs. The templates build it as they emit: an output whose
+        size no input's dims determine (a GEMM's [B·S, N] rows viewed as [B, S, N] in its
+        epilogue) raises Unsupported while lowering — the group is split or left to eager ops —
+        instead of at every call."""
         if self._shapes is None:
             self._shapes = Shapes([n for n, _ in self.inputs], self.shape_nodes())
-        return self._shapes(values)
+        return self._shapes
 
     def check_dtypes(self, values: Sequence[torch.Tensor]) -> None:
         """The source reads each input in the dtype its graph value had (codegen/dtypes.py): a
