@@ -22,8 +22,7 @@ which most supported architectures bind (GPT-2, GPT-NeoX and Phi-3 fuse q, k and
 wants: removals, then heals, then weight rules, then token rules. A drawn rule may still not
 apply to a given model — `attn.q` on GPT-2's fused `c_attn`, a token merge on a causal model,
 a block index a removal before it took away, a LoRA heal without `distill=true` or a budget
-`by fisher` on an encoder, a budget at the smallest format's bits that its group scales put out
-of reach — and compile() then refuses it with a SpecError at
+`by fisher` on an encoder — and compile() then refuses it with a SpecError at
 its line: the property to test is "a working model or a SpecError", never another exception.
 """
 from __future__ import annotations
@@ -71,7 +70,9 @@ def _rules(draw, blocks: int, max_rules: int, tokens: bool) -> str:
         removal, removed = draw(_removal(blocks))
         rules.append(removal)
         if draw(st.booleans()):
-            rules.append(draw(_heal()))
+            # fold=true folds the map into the block before the gap: none before blocks[0], and
+            # an auto search may remove that one
+            rules.append(draw(_heal(fold=not removal.endswith(("[0]", "[0:2]")) and "auto" not in removal)))
     room = max_rules - len(rules)
     parts = draw(st.lists(st.sampled_from(sorted(SELECTORS)), max_size=max(0, room), unique=True))
     rules += [draw(_weight_rule(draw(st.sampled_from(SELECTORS[part])))) for part in parts]
@@ -95,9 +96,9 @@ def _removal(draw, blocks: int) -> tuple[str, int]:
 
 
 @st.composite
-def _heal(draw) -> str:
+def _heal(draw, fold: bool) -> str:
     if draw(st.booleans()):
-        return "heal method=linear" + draw(st.sampled_from(["", " fold=true"]))
+        return "heal method=linear" + draw(st.sampled_from(["", " fold=true"] if fold else [""]))
     extra = draw(st.lists(st.sampled_from(["distill=true", "merge=false", "schedule=cosine", "rank=2"]),
                           unique=True, max_size=2))
     return " ".join([f"heal method=lora steps={draw(st.integers(1, 3))}", *extra])
@@ -130,9 +131,16 @@ def _weight_rule(draw, sel: str) -> str:
     formats = draw(st.lists(st.sampled_from(FORMATS), min_size=2, max_size=3, unique=True))
     choices = ", ".join(f + (_params(draw, "choice", ("group", "sym", "zero")) if f in INT_FORMATS else "")
                         for f in formats)
-    limit = draw(st.floats(min(FORMAT_BITS[f] for f in formats), 32, allow_nan=False))
+    limit = draw(st.floats(min(_most_bits(f) for f in formats), 32, allow_nan=False))
     metric = draw(st.sampled_from(METRICS))
     return f"precision {sel} choose {{{choices}}} budget avg_bits<={format_value(round(limit, 2))} by {metric}"
+
+
+def _most_bits(fmt: str) -> float:
+    """The most bits per weight `fmt` can take with its scales: an integer format's fp16 scale and
+    zero point (16 + 16 bits at most) per group of 16 (the smallest) add 2. A budget at the
+    nominal bits (`avg_bits<=4` over int4) was out of reach and refused: 5 draws in 60."""
+    return FORMAT_BITS[fmt] + (2 if fmt in INT_FORMATS else 0)
 
 
 @st.composite
