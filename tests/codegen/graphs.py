@@ -137,3 +137,20 @@ class SharedInput(torch.nn.Module):
         if self.swiglu:
             return F.silu(ys[0]) * ys[1]
         return tuple(y + 1.0 for y in ys)
+
+
+def lowered_matches_eager(model: torch.nn.Module, x: torch.Tensor, *others: torch.Tensor):
+    """`model` exported with a dynamic first dim, lowered (codegen/lower.py), and checked against
+    the exported graph run eagerly on x and each of `others`; the lowering's summary."""
+    from torch import fx
+
+    from slimfx.codegen.lower import lower_graph
+
+    ep = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("n")},))
+    gm = ep.module()
+    new, summary = lower_graph(gm.graph)
+    lowered = fx.GraphModule(gm, new)
+    with torch.no_grad():
+        for inp in (x, *others):
+            torch.testing.assert_close(lowered(inp), gm(inp), atol=1e-5, rtol=1e-5)
+    return summary

@@ -10,18 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from graphs import lowered_matches_eager
 from slimfx.codegen.lower import lower_graph
-
-
-def _lowered_matches_eager(model: nn.Module, x: torch.Tensor, *others: torch.Tensor):
-    ep = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("n")},))
-    gm = ep.module()
-    new, summary = lower_graph(gm.graph)
-    lowered = fx.GraphModule(gm, new)
-    with torch.no_grad():
-        for inp in (x, *others):
-            torch.testing.assert_close(lowered(inp), gm(inp), atol=1e-5, rtol=1e-5)
-    return summary
 
 
 class PairwiseDistances(nn.Module):
@@ -37,7 +27,7 @@ class PairwiseDistances(nn.Module):
 
 def test_a_vector_shaped_like_the_rows_broadcasts_along_them_as_torch_does():
     torch.manual_seed(0)
-    summary = _lowered_matches_eager(PairwiseDistances(), torch.randn(6, 8), torch.randn(9, 8))
+    summary = lowered_matches_eager(PairwiseDistances(), torch.randn(6, 8), torch.randn(9, 8))
     assert any("broadcasts it along the last dim" in why for why, _ in summary.eager)
 
 
@@ -55,7 +45,7 @@ def test_a_layer_norm_over_two_dims_is_not_fused_as_a_row_norm():
     with torch.no_grad():
         model = TwoDimNorm()
         model.norm.weight.uniform_(0.5, 1.5), model.norm.bias.uniform_(-1, 1)
-    _lowered_matches_eager(model, torch.randn(2, 4, 16), torch.randn(3, 4, 16))
+    lowered_matches_eager(model, torch.randn(2, 4, 16), torch.randn(3, 4, 16))
 
 
 class InfLiteral(nn.Module):
@@ -85,7 +75,7 @@ class SequenceWeighted(nn.Module):
 
 def test_a_column_meeting_a_reduced_row_lines_up_with_the_rows_as_torch_does():
     torch.manual_seed(0)
-    summary = _lowered_matches_eager(SequenceWeighted(), torch.randn(2, 4, 4), torch.randn(1, 4, 4))
+    summary = lowered_matches_eager(SequenceWeighted(), torch.randn(2, 4, 4), torch.randn(1, 4, 4))
     assert any("lines it up with the rows" in why for why, _ in summary.eager)
 
 

@@ -7,22 +7,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 import slimfx
-from slimfx.codegen.lower import lower_graph
-
-
-def _lowered(model: nn.Module, x: torch.Tensor, *others: torch.Tensor):
-    """`model` exported with a dynamic first dim, lowered, checked against eager on x and `others`."""
-    ep = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("n")},))
-    gm = ep.module()
-    new, summary = lower_graph(gm.graph)
-    lowered = fx.GraphModule(gm, new)
-    with torch.no_grad():
-        for inp in (x, *others):
-            torch.testing.assert_close(lowered(inp), model(inp), atol=1e-5, rtol=1e-5)
-    return summary
+from graphs import lowered_matches_eager
 
 
 class ScalarGate(nn.Module):
@@ -44,7 +32,7 @@ class ScalarGate(nn.Module):
 def test_a_scalar_gate_beside_its_branch_splits_the_merged_gemm():
     torch.manual_seed(0)
     for up_first in (False, True):
-        summary = _lowered(ScalarGate(up_first), torch.randn(3, 16), torch.randn(1, 16), torch.randn(5, 16))
+        summary = lowered_matches_eager(ScalarGate(up_first), torch.randn(3, 16), torch.randn(1, 16), torch.randn(5, 16))
         assert dict(summary.by_template)["gemm"] == 2  # one kernel per width: the gate is read from memory
 
 
@@ -66,7 +54,7 @@ class ParallelBlock(nn.Module):
 
 def test_gate_and_up_are_one_segment_beside_projections_of_other_widths():
     torch.manual_seed(0)
-    summary = _lowered(ParallelBlock(), torch.randn(3, 16), torch.randn(1, 16), torch.randn(7, 16))
+    summary = lowered_matches_eager(ParallelBlock(), torch.randn(3, 16), torch.randn(1, 16), torch.randn(7, 16))
     # q/k/v/gate/up one kernel (gate and up computed together, the SwiGLU product in their
     # epilogue), then down with the residual adds.
     assert dict(summary.by_template)["gemm"] == 2 and summary.eager == ()
