@@ -91,7 +91,10 @@ class CompiledModel(nn.Module):
             with unlowered(self.program):
                 out = self._run(flat)
         else:
-            out = self._run(flat)
+            from .graph_access import reading
+
+            with reading(self.program):  # a save or copy in another thread waits for this call
+                out = self._run(flat)
         own = sum(self.graph.outputs.tensor_leaves)
         if len(out) > own:  # token rules with restore=false add (positions, sizes) after the model's own
             self._kept_tokens = {"positions": out[own], "sizes": out[own + 1]}
@@ -182,6 +185,24 @@ class CompiledModel(nn.Module):
             self._refuse_cast(f".to({dtype})", dtype)
             return super().to(device, non_blocking=non_blocking) if device is not None else self
         return super().to(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Every cast and move of nn.Module ends here, a parent module's too (`nn.Sequential(cm)
+        .half()` went past the overrides above: the fp16 scales and fp32 weights were cast, every
+        call then failed, and casting back left the scales in fp32). A cast to another dtype than
+        the model's own is refused before any tensor changes; a move, or a cast to its own dtype,
+        keeps each tensor's dtype (packed fp16 scales stay fp16 under a parent's `.float()`)."""
+        mine = self.dtype
+        if mine is not None:
+            probe = fn(torch.empty(0, dtype=mine))
+            if isinstance(probe, torch.Tensor) and probe.dtype != mine:
+                self._refuse_cast(f": a cast to {probe.dtype} (by a module that holds it)", probe.dtype)
+
+        def keeping_dtype(t):
+            out = fn(t)
+            return out.to(t.dtype) if isinstance(out, torch.Tensor) and out.dtype != t.dtype else out
+
+        return super()._apply(keeping_dtype, recurse)
 
     def half(self) -> "CompiledModel":
         return self._refuse_cast(".half()", torch.float16)

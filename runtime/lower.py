@@ -40,6 +40,7 @@ from .ops import check_quant_linear
 from .report import format_bytes
 from .sizes import tensor_bytes
 from .forward_parts import recompile
+from .graph_access import writing
 
 __all__ = ["BACKENDS", "Lowering", "lower", "unlower", "unlowered", "summary", "lowered_tensors",
            "register_graph_lowering", "BackendUnavailable", "check_triton_runs"]
@@ -204,7 +205,13 @@ def _register(gm: fx.GraphModule, anchor: fx.Node, tensors: dict[str, Optional[t
 def lower(gm: fx.GraphModule, backend: str = "auto", *,
           _converted: Optional[dict] = None) -> Lowering:
     """Lower `gm` in place for `backend` ("auto": the fastest route per linear; "eager": the
-    reference ops only). Idempotent; switching backends re-lowers from the reference graph."""
+    reference ops only). Idempotent; switching backends re-lowers from the reference graph.
+    Calls of other threads wait while it runs (runtime/graph_access.py)."""
+    with writing(gm):
+        return _lower(gm, backend, _converted)
+
+
+def _lower(gm: fx.GraphModule, backend: str, _converted: Optional[dict]) -> Lowering:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "triton" and getattr(gm, "_slimfx_triton", None) is None:
@@ -318,10 +325,12 @@ def unlower(gm: fx.GraphModule) -> Lowering:
 @contextmanager
 def unlowered(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
     """Within the block `gm` is the reference graph with no converted buffers; after it, the
-    same lowering is back (without converting again)."""
-    plans = _strip(gm)
-    try:
-        yield gm
-    finally:
-        if plans:
-            lower(gm, "triton" if _TRITON in plans else "auto", _converted=plans)
+    same lowering is back (without converting again). Calls of other threads wait meanwhile:
+    they would find the kernels' buffers gone (runtime/graph_access.py)."""
+    with writing(gm):
+        plans = _strip(gm)
+        try:
+            yield gm
+        finally:
+            if plans:
+                lower(gm, "triton" if _TRITON in plans else "auto", _converted=plans)

@@ -162,6 +162,35 @@ def test_a_dtype_cast_is_refused_and_says_to_cast_the_original(cast):
     assert case.cm.to("cpu") is case.cm  # a device alone is a move
 
 
+@pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double()])
+def test_a_cast_of_a_module_that_holds_it_is_refused_too(cast):
+    """nn.Sequential(cm).half() went past cm.half(): its fp16 scales and fp32 weights were cast,
+    every call then failed, and casting back left it computing other numbers."""
+    case = compiled("llama")
+    before = {n: t.clone() for n, t in case.cm.state_dict().items()}
+    with pytest.raises(TypeError, match="by a module that holds it.*keeps the dtypes it was compiled in"):
+        cast(torch.nn.Sequential(case.cm))
+    after = case.cm.state_dict()
+    assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in before.items())
+
+
+def test_a_parents_cast_to_its_own_dtype_keeps_every_tensors_dtype():
+    """A parent's `.float()` on a float32 model: its fp16 scales stay fp16, the outputs the same."""
+    import slimfx
+    from slimfx.models import tiny
+
+    lm = tiny("llama")
+    cm = slimfx.compile(lm.model, "quantize blocks.*.mlp.* int4", example_inputs=lm.example_inputs)
+    with torch.no_grad():
+        want = cm(**lm.example_inputs).logits
+    dtypes = {n: t.dtype for n, t in cm.state_dict().items()}
+    assert torch.float16 in dtypes.values()  # the int4 scales
+    torch.nn.Sequential(cm).float().to("cpu")
+    assert {n: t.dtype for n, t in cm.state_dict().items()} == dtypes
+    with torch.no_grad():
+        assert torch.equal(cm(**lm.example_inputs).logits, want)
+
+
 def test_a_cast_to_the_models_own_dtype_changes_nothing():
     """`model.to(device, torch.float32)` on a float32 model was refused like a real cast."""
     import slimfx
