@@ -18,6 +18,24 @@ __all__ = ["compile", "plan", "load", "resolve_policy", "unwrap"]
 BACKENDS = ("auto", "eager", "triton")
 
 
+def _outside_inference_mode(fn):
+    """Build the model outside torch.inference_mode, whatever the caller's mode: within it every
+    tensor made is an inference tensor, and a model compiled or loaded in a serving process's
+    inference scope could then not train its adapters nor load a state dict (raw torch errors,
+    far from the compile)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        if not torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():  # no autograd graph: as the caller asked
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 def plan(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *, example_inputs: Mapping[str, Any] | None = None,
          name: str | None = None):
     """Bind every rule to its targets without touching a weight. Returns a Plan (`slimfx plan`);
@@ -30,6 +48,7 @@ def plan(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *, example_i
     return ShownPlan.of(bind(graph, policy_ast, source=spec.source, filename=spec.filename))
 
 
+@_outside_inference_mode
 def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noqa: A001 - the public name
             example_inputs: Mapping[str, Any] | None = None, calib=None, backend: str = "auto",
             name: str | None = None, progress: bool = False):
@@ -83,6 +102,7 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
                              policy_name=policy_ast.name if policy_ast else None, backend=backend)
 
 
+@_outside_inference_mode
 def load(path: str | os.PathLike, *, backend: str = "auto"):
     """A CompiledModel saved with `cm.save(path)`. Never unpickles, never runs stored code.
     `backend` as in compile(): "auto" lowers quantized linears to the CPU kernels once, here."""

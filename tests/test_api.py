@@ -341,3 +341,21 @@ def test_a_plan_prints_as_the_table_slimfx_plan_prints():
     assert "slimfx plan: policy inline on LlamaForCausalLM" in shown and "ready; ≈8.25 bits/weight" in shown
     assert repr(plan) == "<Plan: policy inline on LlamaForCausalLM, 1 rule; print() it for the table>"
     assert len(plan.rules) == 1 and plan.rules[0].targets  # still the Plan, every field
+
+
+def test_a_model_compiled_or_loaded_under_inference_mode_trains_and_loads_state(tmp_path):
+    """Under torch.inference_mode every tensor made is an inference tensor: the adapters of a
+    model compiled or loaded in a serving process's inference scope could not train (raw torch
+    errors at the first step) nor load a state dict."""
+    lm = tiny("llama", layers=1)
+    batch = lm.encode(["a few words to train on", "and a few more"])
+    with torch.inference_mode():
+        cm = slimfx.compile(lm, "adapt blocks.*.attn.{q,v} lora rank=4")
+    assert not any(t.is_inference() for t in cm.state_dict().values())
+    assert all(p.requires_grad for p in cm.adapter_parameters())
+    cm.save(tmp_path / "a")
+    with torch.inference_mode():
+        back = slimfx.load(tmp_path / "a")
+    for model in (cm, back):
+        model.load_state_dict(model.state_dict())
+        slimfx.train(model, [batch], steps=1)
