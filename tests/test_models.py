@@ -206,12 +206,19 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert models.cache_dir() == tmp_path
 
 
+def _cache_files(folder, tag: str) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    for name in models._CACHE_FILES:
+        (folder / name).write_text(tag)
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"), metadata={"tag": tag})
+
+
 def test_publish_keeps_the_winner(tmp_path):
     target, tmp = tmp_path / "m", tmp_path / "tmp"
     for folder, tag in ((target, "first"), (tmp, "second")):
-        folder.mkdir()
-        for name in models._CACHE_FILES:
-            (folder / name).write_text(tag)
+        _cache_files(folder, tag)
     models._publish(tmp, target)  # loses the race: the published copy stays
     assert (target / "config.json").read_text() == "first"
 
@@ -220,11 +227,26 @@ def test_publish_replaces_a_broken_cache(tmp_path):
     target, tmp = tmp_path / "m", tmp_path / "tmp"
     target.mkdir()
     (target / "config.json").write_text("half")
-    tmp.mkdir()
-    for name in models._CACHE_FILES:
-        (tmp / name).write_text("whole")
+    _cache_files(tmp, "whole")
     models._publish(tmp, target)
-    assert all((target / n).read_text() == "whole" for n in models._CACHE_FILES)
+    assert (target / "config.json").read_text() == "whole"
+
+
+def test_a_cache_with_damaged_weights_is_converted_again(tmp_path):
+    """A truncated model.safetensors gave a bare SafetensorError on every load, never reconverted."""
+    _cache_files(tmp_path / "m", "whole")
+    assert models._cache_valid(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+    assert not models._cache_valid(tmp_path / "m")
+
+
+def test_a_file_where_the_model_cache_should_be_is_named(tmp_path, monkeypatch):
+    """It was 'NotADirectoryError: …/afile/models' with the hint that it is a slimfx bug."""
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("SLIMFX_CACHE", str(tmp_path / "afile"))
+    with pytest.raises(ModelNotFound, match="model cache .*afile is not a folder.*SLIMFX_CACHE"):
+        models.load("smollm2-135m")
 
 
 # ---------------------------------------------------------------- pretrained fixtures

@@ -52,3 +52,22 @@ def test_a_link_at_the_old_temporary_name_is_not_written_through(tmp_path):
     path = k.cached_file(cache)
     assert path.read_text() == SOURCE and victim.read_text() == "keep me"
     assert sorted(p.name for p in cache.iterdir() if not p.is_symlink()) == [f"{k.name}.py"]
+
+
+def test_a_damaged_cache_file_is_written_again(tmp_path):
+    """A file that was not UTF-8 failed every Triton compile with UnicodeDecodeError: a cached file
+    is used only when it is exactly the source, and any other is rewritten."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    k = _kernel()
+    (cache / f"{k.name}.py").write_bytes(b"\xff\xfe damaged")
+    assert k.cached_file(cache).read_text() == SOURCE
+
+
+def test_a_file_where_the_cache_folder_should_be_is_named(tmp_path):
+    """A bare FileExistsError ('File exists: afile') named neither the cache nor the variable."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="kernel cache .*afile is not a folder.*SLIMFX_KERNEL_CACHE"):
+        _kernel().cached_file(tmp_path / "afile")
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        _kernel().cached_file(tmp_path / "afile" / "below")
