@@ -10,6 +10,7 @@ them, beside frozen (possibly 4-bit) base weights: QLoRA.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 import numbers
@@ -90,6 +91,9 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     # A loss that is not finite comes from the updates before it (an lr of 1e30 wrecks the adapters
     # at step 1, and step 2's loss is nan): the adapters go back to what they were at the start.
     before = [p.detach().clone() for p in params]
+    # A caller's optimizer goes back too: its moments and step counts would count the undone
+    # updates (the next call then stepped from state of adapters that no longer exist).
+    opt_before = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
     try:
         # enable_grad: a caller's `with torch.no_grad():` (compile() inside one runs `heal method=lora`
         # here) left no graph to backpropagate, and autograd's own error named no cause.
@@ -109,12 +113,12 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
             if not torch.isfinite(after):
                 raise FloatingPointError(f"after step {len(losses)}'s update the {loss} loss is {after.item()}")
     except FloatingPointError as e:
-        _put_back(params, before)
+        _put_back(params, before, optimizer, opt_before)
         raise Diverged(str(e), updated=bool(losses)) from None
     except BaseException as e:
         # Any other stop (a bad later batch, Ctrl-C) came after some updates: the call trains
         # fully or leaves the adapters as they were, never half-trained with no result.
-        _put_back(params, before)
+        _put_back(params, before, optimizer, opt_before)
         if losses:
             e.add_note(f"slimfx.train stopped after {len(losses)} of {steps} steps; the adapters are restored to "
                        "what they were before this train() call")
@@ -122,10 +126,12 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     return TrainResult(losses, time.perf_counter() - start, loss)
 
 
-def _put_back(params: list[nn.Parameter], before: list[torch.Tensor]) -> None:
+def _put_back(params: list[nn.Parameter], before: list[torch.Tensor], optimizer=None, opt_before=None) -> None:
     with torch.no_grad():
         for p, value in zip(params, before):
             p.copy_(value)
+    if optimizer is not None:
+        optimizer.load_state_dict(opt_before)
 
 
 class Diverged(FloatingPointError):

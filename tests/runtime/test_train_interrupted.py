@@ -55,6 +55,33 @@ def test_an_interrupt_restores_the_adapters(monkeypatch):
     assert all(torch.equal(p, b) for p, b in zip(cm.adapter_parameters(), before))
 
 
+def test_a_callers_optimizer_goes_back_with_the_adapters(monkeypatch):
+    """Its AdamW moments and step counts kept the undone updates (`step` 2.0 after a stop at step
+    3), and the next call stepped on from them."""
+    lm, cm = _cm()
+    opt = torch.optim.AdamW(cm.adapter_parameters(), lr=1e-2)
+    slimfx.train(cm, [_batch()], steps=1, optimizer=opt)
+    state = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in opt.state_dict()["state"].items()}
+    from slimfx.runtime import train as train_module
+
+    real, calls = train_module._step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        slimfx.train(cm, [_batch()], steps=3, optimizer=opt)
+    after = opt.state_dict()["state"]
+    assert after.keys() == state.keys()
+    for k, s in state.items():
+        assert float(after[k]["step"]) == float(s["step"]) == 1.0
+        assert torch.equal(after[k]["exp_avg"], s["exp_avg"]) and torch.equal(after[k]["exp_avg_sq"], s["exp_avg_sq"])
+
+
 def test_the_teachers_modes_come_back_per_submodule():
     lm, cm = _cm()
     teacher = lm.model.train()
