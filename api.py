@@ -98,8 +98,12 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
         report = report.after(model.report)
     stage = {"auto": "converting packed weights for the CPU kernels", "triton": "generating Triton kernels"}
     with bars.task(stage.get(backend, "building")):
-        return CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
-                             policy_name=policy_ast.name if policy_ast else None, backend=backend)
+        cm = CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
+                           policy_name=policy_ast.name if policy_ast else None, backend=backend)
+    # The CPU kernels' conversion frees its temporaries (int32 codes, 4 bytes a weight) into a
+    # heap glibc keeps: SmolLM2 with int4 MLPs ended compile at 1,030 MiB RSS, 653 after the trim.
+    return_freed_heap()
+    return cm
 
 
 @_outside_inference_mode
@@ -108,8 +112,12 @@ def load(path: str | os.PathLike, *, backend: str = "auto"):
     `backend` as in compile(): "auto" lowers quantized linears to the CPU kernels once, here."""
     from .runtime.artifact import load as load_artifact
 
+    from .runtime.heap import return_freed_heap
+
     _check_backend(backend)
-    return load_artifact(path, backend=backend)
+    cm = load_artifact(path, backend=backend)
+    return_freed_heap()  # as after compile(): the kernels' conversion temporaries
+    return cm
 
 
 def resolve_policy(policy, name: str | None = None, *,

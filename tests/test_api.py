@@ -359,3 +359,22 @@ def test_a_model_compiled_or_loaded_under_inference_mode_trains_and_loads_state(
     for model in (cm, back):
         model.load_state_dict(model.state_dict())
         slimfx.train(model, [batch], steps=1)
+
+
+def test_the_heap_is_handed_back_after_the_kernels_conversion(monkeypatch, tmp_path):
+    """Converting packed weights for the CPU kernels frees int32 temporaries into glibc's heap:
+    SmolLM2 with int4 MLPs ended compile() at 1,030 MiB RSS, 653 MiB once handed back."""
+    from slimfx.runtime import compiled, heap
+
+    events = []
+    real_init, real_trim = compiled.CompiledModel.__init__, heap.return_freed_heap
+    monkeypatch.setattr(compiled.CompiledModel, "__init__",
+                        lambda self, *a, **k: (real_init(self, *a, **k), events.append("built"))[0])
+    monkeypatch.setattr(heap, "return_freed_heap", lambda: (real_trim(), events.append("trimmed"))[0])
+    lm = tiny("llama", layers=1)
+    cm = slimfx.compile(lm, "quantize blocks.*.mlp.* int4")
+    assert events[-2:] == ["built", "trimmed"]
+    cm.save(tmp_path / "a")
+    events.clear()
+    slimfx.load(tmp_path / "a")
+    assert events[-2:] == ["built", "trimmed"]
