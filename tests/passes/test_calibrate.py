@@ -43,3 +43,26 @@ def test_damped_is_a_float64_copy_with_the_ridge_on_its_diagonal(dtype, permuted
 def test_damped_keeps_an_all_zero_hessian_positive():
     got = damped(torch.zeros(3, 3, dtype=torch.float64), 0.01)
     assert (got.diagonal() > 0).all() and torch.linalg.cholesky_ex(got).info == 0
+
+
+def test_observe_stops_after_the_last_watched_node(monkeypatch):
+    """Every observe ran the whole graph, the LM head too, for rows from its middle (a heal's cut,
+    a Hessian of block 0): the run now stops once the last watched node is seen, with the rows
+    it would have given."""
+    from torch import fx
+
+    from slimfx.models import tiny
+    from slimfx.passes.calibrate import observe
+    from slimfx.passes.capture import capture
+
+    lm = tiny("llama", layers=4)
+    graph = capture(lm.model, lm.example_inputs)
+    ran, real = [], fx.Interpreter.run_node
+    monkeypatch.setattr(fx.Interpreter, "run_node", lambda self, n: (ran.append(n), real(self, n))[1])
+    early, late = [], []
+    observe(graph, {graph.blocks[0].output: [early.append]}, [lm.example_inputs])
+    stopped = len(ran)
+    observe(graph, {graph.blocks[0].output: [late.append], graph.blocks[3].output: [lambda r: None]},
+            [lm.example_inputs])
+    assert stopped < len(ran) - stopped < len(graph.module.graph.nodes)
+    assert ran[stopped - 1] is graph.blocks[0].output and torch.equal(early[0], late[0])
