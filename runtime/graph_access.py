@@ -11,12 +11,13 @@ reads, and a change inside a change (lower() in unlowered's `finally`) goes thro
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
 __all__ = ["reading", "writing"]
 
-_MADE = threading.Lock()  # creating a graph's lock
+_MADE = threading.Lock()  # finding or creating a graph's lock
 
 
 class _ReadWrite:
@@ -59,11 +60,16 @@ class _ReadWrite:
                     self.cond.notify_all()
 
 
+# Beside the modules, not on them: a lock cannot be deep-copied, and `copy.deepcopy(cm.program)`
+# failed with one in the GraphModule's __dict__.
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _lock(gm) -> _ReadWrite:
-    lock = gm.__dict__.get("_slimfx_access")
-    if lock is None:
-        with _MADE:
-            lock = gm.__dict__.setdefault("_slimfx_access", _ReadWrite())
+    with _MADE:
+        lock = _LOCKS.get(gm)
+        if lock is None:
+            lock = _LOCKS[gm] = _ReadWrite()
     return lock
 
 

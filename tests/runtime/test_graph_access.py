@@ -56,3 +56,15 @@ def test_the_lock_is_reentrant_within_a_thread_and_holds_other_threads_back():
         assert other.is_alive() and order == ["inner"]  # the other thread's call waits
     other.join(timeout=5)
     assert order == ["inner", "other"]
+
+
+def test_a_program_with_its_lock_deep_copies():
+    """The lock sat in the GraphModule's __dict__: copy.deepcopy(cm.program) raised 'cannot pickle
+    _thread.RLock' (the traffic test copies one)."""
+    lm = tiny("llama", layers=1)
+    cm = slimfx.compile(lm.model, "quantize blocks.*.mlp.* int8", example_inputs=lm.example_inputs)
+    with reading(cm.program):
+        pass
+    program = copy.deepcopy(cm.program)
+    with torch.no_grad():
+        assert program is not cm.program and len(program.graph.nodes) == len(cm.program.graph.nodes)
