@@ -93,7 +93,7 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     before = [p.detach().clone() for p in params]
     # A caller's optimizer goes back too: its moments and step counts would count the undone
     # updates (the next call then stepped from state of adapters that no longer exist).
-    opt_before = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    opt_before = _optimizer_state(optimizer) if optimizer is not None else None
     try:
         # enable_grad: a caller's `with torch.no_grad():` (compile() inside one runs `heal method=lora`
         # here) left no graph to backpropagate, and autograd's own error named no cause.
@@ -131,7 +131,19 @@ def _put_back(params: list[nn.Parameter], before: list[torch.Tensor], optimizer=
         for p, value in zip(params, before):
             p.copy_(value)
     if optimizer is not None:
-        optimizer.load_state_dict(opt_before)
+        state, groups = opt_before
+        optimizer.state.clear()
+        optimizer.state.update(state)
+        for group, saved in zip(optimizer.param_groups, groups):
+            group.update(saved)
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict]]:
+    """Per parameter its state (moments, step) as it is, and each group's settings. Not
+    state_dict()/load_state_dict(): loading casts the moments to the parameters' dtype, fp16 for
+    half adapters once float32_masters has rounded them back, and the next call's AdamW failed."""
+    return ({p: copy.deepcopy(s) for p, s in optimizer.state.items()},
+            [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups])
 
 
 class Diverged(FloatingPointError):

@@ -82,6 +82,19 @@ def test_a_callers_optimizer_goes_back_with_the_adapters(monkeypatch):
         assert torch.equal(after[k]["exp_avg"], s["exp_avg"]) and torch.equal(after[k]["exp_avg_sq"], s["exp_avg_sq"])
 
 
+def test_a_callers_optimizer_over_half_adapters_trains_on_after_a_stop():
+    """Put back through load_state_dict, its moments were cast to the half adapters' fp16 (they
+    train as float32 masters): the next call's AdamW failed on a dtype mismatch."""
+    lm = tiny("llama")
+    cm = slimfx.compile(lm, "adapt blocks.*.mlp.* lora rank=2 dtype=fp16", progress=False)
+    opt = torch.optim.AdamW(cm.adapter_parameters(), lr=1e-3)
+    slimfx.train(cm, [_batch()], steps=2, optimizer=opt)
+    with pytest.raises(ValueError):
+        slimfx.train(cm, [_batch(), _batch(pad=True)], steps=2, optimizer=opt)
+    assert {v.dtype for s in opt.state.values() for k, v in s.items() if k != "step"} == {torch.float32}
+    assert len(slimfx.train(cm, [_batch()], steps=2, optimizer=opt).losses) == 2
+
+
 def test_the_teachers_modes_come_back_per_submodule():
     lm, cm = _cm()
     teacher = lm.model.train()
