@@ -176,7 +176,17 @@ def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
 
 # Who is writing a temporary directory: a save killed outright (kill -9, power loss) cannot
 # delete its own, and a later save sweeps it only when that process is gone from this machine.
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+def _host() -> str:
+    """This machine and pid namespace: containers that share a hostname (`--uts=host`) and a disk
+    have pids of their own, and one must not sweep the other's save in progress."""
+    try:
+        space = f".{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        space = ""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) + space
+
+
+_HOST = _host()
 
 
 def _owner() -> str:
