@@ -66,10 +66,12 @@ _LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _lock(gm) -> _ReadWrite:
-    with _MADE:
-        lock = _LOCKS.get(gm)
-        if lock is None:
-            lock = _LOCKS[gm] = _ReadWrite()
+    lock = _LOCKS.get(gm)  # every call comes here: the module-wide lock only to make one
+    if lock is None:
+        with _MADE:
+            lock = _LOCKS.get(gm)
+            if lock is None:
+                lock = _LOCKS[gm] = _ReadWrite()
     return lock
 
 

@@ -24,6 +24,21 @@ def _batch(pad: bool = False) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def _interrupt_at_step(monkeypatch, step: int) -> None:
+    """Ctrl-C as train() starts its `step`-th step (1-based), the steps before it taken."""
+    from slimfx.runtime import train as train_module
+
+    real, calls = train_module._step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_step", interrupted)
+
+
 def test_a_bad_later_batch_restores_the_adapters_and_says_so():
     lm, cm = _cm()
     before = [p.detach().clone() for p in cm.adapter_parameters()]
@@ -39,17 +54,7 @@ def test_a_bad_later_batch_restores_the_adapters_and_says_so():
 def test_an_interrupt_restores_the_adapters(monkeypatch):
     lm, cm = _cm()
     before = [p.detach().clone() for p in cm.adapter_parameters()]
-    from slimfx.runtime import train as train_module
-
-    real, calls = train_module._step, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_step", interrupted)
+    _interrupt_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         slimfx.train(cm, [_batch()], steps=3, lr=1e-2)
     assert all(torch.equal(p, b) for p, b in zip(cm.adapter_parameters(), before))
@@ -62,17 +67,7 @@ def test_a_callers_optimizer_goes_back_with_the_adapters(monkeypatch):
     opt = torch.optim.AdamW(cm.adapter_parameters(), lr=1e-2)
     slimfx.train(cm, [_batch()], steps=1, optimizer=opt)
     state = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in opt.state_dict()["state"].items()}
-    from slimfx.runtime import train as train_module
-
-    real, calls = train_module._step, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_step", interrupted)
+    _interrupt_at_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         slimfx.train(cm, [_batch()], steps=3, optimizer=opt)
     after = opt.state_dict()["state"]
