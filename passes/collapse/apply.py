@@ -171,8 +171,11 @@ def block_report(graph: ModelGraph, bound: BoundRule, before: Before, details: d
     notes = [said, *notes, *bound.warnings]
     after = latency_ms(graph, ctx) if ms_before is not None else None
     if after is not None:
+        # the note is formatted from the stored, rounded figures: formatting the raw ones rounded
+        # twice, and the note said "11.0 → 5.7 ms" where the details held 10.95 → 5.75
         (was, tokens), (now, _) = ms_before, after
-        details = {**details, "latency_ms": [round(was, 2), round(now, 2)], "latency_tokens": tokens}
+        was, now = round(was, 2), round(now, 2)
+        details = {**details, "latency_ms": [was, now], "latency_tokens": tokens}
         notes.append(f"CPU latency of a 1×{tokens} forward ×{now / was:.2f} ({_ms(was)} → {_ms(now)} ms)")
     return RuleReport(bound.line, bound.text, bound.rule.kind, tuple(removed), params, graph_params(graph),
                       nbytes, graph_bytes(graph), {"removed": list(removed), "blocks_before": n_before,

@@ -246,6 +246,17 @@ def test_the_report_gives_bytes_and_the_latency_of_a_1x256_forward(lm8):
     assert f"×{after_ms / before_ms:.2f} ({shown[0]} → {shown[1]} ms)" in " ".join(rule.notes)
 
 
+def test_the_latency_note_and_details_are_one_rounding(lm8, monkeypatch):
+    """10.954 ms rounded to 10.95 for the details, and formatted raw to "11.0" for the note, made
+    the note say 11.0 → 5.7 ms while the details held 10.95 → 5.75 (a test failed by chance)."""
+    from slimfx.passes.collapse import apply
+    timings = iter([(10.954, 256), (5.746, 256)])
+    monkeypatch.setattr(apply, "latency_ms", lambda graph, ctx, repeats=3: next(timings))
+    rule = slimfx.compile(lm8, "drop blocks[2:6]", calib=[lm8.example_inputs]).report.rules[0]
+    assert rule.details["latency_ms"] == [10.95, 5.75]
+    assert "×0.53 (10.9 → 5.8 ms)" in " ".join(rule.notes)
+
+
 def test_a_block_whose_attention_map_the_model_returns_says_so():
     """With output_attentions=True every block's map is an output: the refusal spoke of "e.g. T5's
     position bias" and hinted at other blocks, none of which can go either."""
