@@ -51,8 +51,9 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
     notes.insert(0, f"{what} after {', '.join(paths)}")
     if probe:
         details.update(token_counts(graph, probe, inserted))
-        after = forward_ms(graph, probe)
-        details.update(latency_ms_before=round(before, 2), latency_ms_after=round(after, 2))
+        # one rounding for details and note (the collapse report's note once disagreed with its details)
+        before, after = round(before, 2), round(forward_ms(graph, probe), 2)
+        details.update(latency_ms_before=before, latency_ms_after=after)
         # ×after/before like every report row (a slowdown reads ×>1)
         notes.append(f"first calibration batch: tokens {' then '.join(details['tokens'])}; one forward "
                      f"{before:.1f} → {after:.1f} ms (×{after / before:.2f})")

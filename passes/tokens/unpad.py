@@ -52,9 +52,9 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     if probe:
         mask_t = probe[MASK_INPUT]
         real, padded = int((mask_t != 0).sum()), mask_t.numel()
-        after = forward_ms(graph, probe)
-        details.update(tokens_padded=padded, tokens_real=real, latency_ms_before=round(before, 2),
-                       latency_ms_after=round(after, 2))
+        # one rounding for details and note (the collapse report's note once disagreed with its details)
+        before, after = round(before, 2), round(forward_ms(graph, probe), 2)
+        details.update(tokens_padded=padded, tokens_real=real, latency_ms_before=before, latency_ms_after=after)
         # ×after/before like every report row (a slowdown reads ×>1)
         notes.append(f"first calibration batch {tuple(mask_t.shape)}: {real} of {padded} tokens are real "
                      f"({real / padded:.0%}); one forward {before:.1f} → {after:.1f} ms (×{after / before:.2f})")
