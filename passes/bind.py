@@ -94,6 +94,7 @@ class _Binder:
         self.graph, self.source, self.filename = graph, source, filename
         self.chain_break = getattr(graph, "chain_break", None)  # of the whole model, before any view
         self.captured = graph  # the whole graph, where self.graph is a view after removed blocks
+        self.deferred = False  # the rule being bound follows an auto rule (its view is a stand-in)
         self.stored: dict[str, int] = {}  # target path -> bytes, as the quantize/precision rules bound so far leave it
         self.problems: list[Diagnostic] = []
         self.protected: set[str] = set()
@@ -111,7 +112,7 @@ class _Binder:
         self.protected = set(protected or ()) | fixed
         bound = []
         for rule, (view, deferred_by) in zip(rules, views):
-            self.graph = view
+            self.graph, self.deferred = view, deferred_by is not None
             b = self._bind(rule, self.protected | deferred if deferred_by is not None else self.protected)
             if deferred_by is not None:
                 b = replace(b, deferred_by=deferred_by, warnings=b.warnings + (
@@ -186,7 +187,8 @@ class _Binder:
             return self._bind_keep(rule)
         if isinstance(rule, (A.Heal, A.Unpad)):  # no selector: they act on the whole model
             kept = tuple(sorted(protected)) if isinstance(rule, A.Heal) else ()  # heal leaves these alone
-            return BoundRule(rule, protected=kept, estimate=estimate(rule, (), (), self.graph))
+            cuts = None if self.deferred else _gaps(self.captured, self.graph)
+            return BoundRule(rule, protected=kept, estimate=estimate(rule, (), (), self.graph, cuts=cuts))
         found = self._resolve(rule.selector)
         if isinstance(rule, _BLOCK_RULES):
             return self._bind_blocks(rule, found, protected)
@@ -412,3 +414,11 @@ def _paths_of(found: Target | Block, graph: ModelGraph) -> set[str]:
 def _param_span(rule: A.Rule, name: str) -> A.Span:
     """Where the rule writes `name=…` (the caret goes there), or the rule when it is a default."""
     return next((p.span for p in rule.params if p.name == name), rule.span)
+
+
+def _gaps(whole: ModelGraph, view) -> int:
+    """How many contiguous runs of `whole`'s blocks the view lacks: the cuts a `heal` repairs (a
+    drop on both sides of an earlier gap makes one gap with it, as compile does)."""
+    left = {b.path for b in view.blocks}
+    present = [b.path in left for b in whole.blocks]
+    return sum(1 for i, here in enumerate(present) if not here and (i == 0 or present[i - 1]))

@@ -26,9 +26,11 @@ class Estimate:
     infeasible: bool = False  # the rule cannot do what it says (bind.py makes it a SpecError)
 
 
-def estimate(rule: A.Rule, targets, blocks, graph, stored: dict[str, int] | None = None) -> Estimate:
+def estimate(rule: A.Rule, targets, blocks, graph, stored: dict[str, int] | None = None,
+             cuts: int | None = None) -> Estimate:
     """`stored`: bytes of targets as the rules above this one leave them (an adapter over an int4
-    linear sits beside its packed weight, not the fp32 one)."""
+    linear sits beside its packed weight, not the fp32 one). `cuts`: how many gaps the rules
+    before a `heal` leave (None where an auto rule decides them at compile)."""
     if isinstance(rule, A.Quantize):
         return _quantize(rule, targets)
     if isinstance(rule, A.Precision):
@@ -42,7 +44,7 @@ def estimate(rule: A.Rule, targets, blocks, graph, stored: dict[str, int] | None
     if isinstance(rule, A.Unpad):
         return Estimate(note="computes on the real tokens of a padded batch; attention per sequence")
     if isinstance(rule, A.Heal):
-        return _heal(rule, graph)
+        return _heal(rule, graph, cuts)
     params, nbytes = _distinct(targets, graph)
     return Estimate(params, params, nbytes, nbytes,
                     f"{len(targets)} target{'s' if len(targets) != 1 else ''} left as {'they are' if len(targets) != 1 else 'it is'}")
@@ -201,23 +203,31 @@ def _remove_blocks(rule, blocks, graph) -> Estimate:
     return Estimate(params, params - int(removed * mean_params), before, before - int(removed * mean), note)
 
 
-def _heal(rule, graph) -> Estimate:
-    """A linear heal adds a d×d map per cut (none folded); a LoRA heal adds nothing once merged."""
+def _heal(rule, graph, cuts: int | None) -> Estimate:
+    """A linear heal adds a d×d map per cut (none folded), in the stream's dtype; a LoRA heal adds
+    nothing once merged."""
     if rule.get("method") == "linear":
-        hidden = _hidden(graph)
-        return Estimate(note="a least-squares map at each cut" + (", folded into the down projection before it"
-                             if rule.get("fold") else f" (+{hidden * hidden:,} params per cut)" if hidden else ""))
+        q = _stream_reader(graph)
+        if rule.get("fold") or q is None:
+            return Estimate(note="a least-squares map at each cut" + (", folded into the down projection before it"
+                                                                      if rule.get("fold") else ""))
+        hidden = _weight_shape(q)[1]
+        if not cuts:  # an auto rule before it chooses the cuts at compile
+            return Estimate(note=f"a least-squares map at each cut (+{hidden * hidden:,} params per cut)")
+        added = cuts * hidden * hidden
+        return Estimate(0, added, 0, round(added * _element_bytes(q)),
+                        f"a {hidden}×{hidden} least-squares map at {'the cut' if cuts == 1 else f'each of {cuts} cuts'}")
     merged = "merged afterwards" if rule.get("merge") else "kept as adapters"
     written = f", on {rule.get('generate'):,}+ tokens the original writes first" if rule.get("generate") else ""
     return Estimate(note=f"LoRA r={rule.get('rank')} beside each cut, {rule.get('steps')} steps"
                          f"{' distilled from the original' if rule.get('distill') else ''}{written}, {merged}")
 
 
-def _hidden(graph) -> int | None:
-    """The residual stream's width: the input width of a block's first linear."""
+def _stream_reader(graph):
+    """A block's query linear: its input width is the residual stream's, its dtype the stream's."""
     for t in graph.targets.values():
         if t.block is not None and t.kind == "linear" and t.role in ("attn.q", "attn.qkv"):
-            return _weight_shape(t)[1]
+            return t
     return None
 
 

@@ -92,7 +92,7 @@ def test_collapse_keeps_its_first_block_for_later_rules(llama):
 
 def test_heal_binds_without_a_selector(llama):
     _, heal = plan_of(llama, "drop blocks[2]", "heal method=linear").rules
-    assert heal.targets == () and heal.blocks == () and "map at each cut" in heal.estimate.note
+    assert heal.targets == () and heal.blocks == () and "map at the cut" in heal.estimate.note
     _, lora = plan_of(llama, "drop blocks[2]", "heal method=lora steps=200 generate=4096").rules
     assert lora.estimate.note == "LoRA r=8 beside each cut, 200 steps, on 4,096+ tokens the original writes first, " \
                                  "merged afterwards"

@@ -90,6 +90,31 @@ def test_cuts_made_by_several_rules_are_healed_in_model_order(rules):
     assert max_diff(outputs(cm, ids), outputs(reference, ids)) < 1e-4
 
 
+@pytest.mark.parametrize("rules, cuts", [
+    ("drop blocks[2]", 1),
+    ("drop {blocks[1], blocks[4]}", 2),
+    ("drop blocks[4]\ndrop blocks[1]", 2),
+    ("drop blocks[2]\ndrop blocks[1:3]", 1),  # blocks 1 and 3 of the model sit on both sides of the first gap
+])
+def test_plan_counts_the_maps_a_linear_heal_adds_as_compile_does(rules, cuts):
+    """`slimfx plan` showed "0" params and "0 B" for `heal method=linear`, which adds a d×d map
+    at each cut: it now counts the cuts the rules before it leave, as compile's report measures."""
+    lm = eager_tiny(layers=6, seed=26)
+    policy = rules + "\nheal method=linear"
+    heal = slimfx.plan(lm, policy).rules[-1].estimate
+    report = slimfx.compile(lm, policy, calib=[lm.example_inputs]).report.rules[-1]
+    assert len(report.details["cuts"]) == cuts
+    assert (heal.params_before, heal.params_after) == (0, report.params_after - report.params_before)
+    assert (heal.bytes_before, heal.bytes_after) == (0, report.bytes_after - report.bytes_before)
+    assert heal.params_after == cuts * 64 * 64
+
+
+def test_plan_after_an_auto_drop_gives_a_linear_heal_per_cut():
+    heal = slimfx.plan(eager_tiny(layers=6, seed=26), "drop blocks auto(count=2)\nheal method=linear").rules[-1]
+    assert (heal.estimate.params_before, heal.estimate.params_after) == (0, 0)
+    assert "(+4,096 params per cut)" in heal.estimate.note and heal.deferred_by == 1
+
+
 def test_folded_heal_edits_the_down_projection_before_the_cut():
     lm = _shared()
     ids = lm.example_inputs
