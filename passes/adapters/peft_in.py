@@ -265,6 +265,16 @@ def _ranks_alphas(config: dict, paths: list[str], errors: _Errors) -> tuple[dict
     except Exception as e:  # a malformed pattern, or a rank that is not a number
         raise errors("unsupported", f"cannot read r/lora_alpha/rank_pattern/alpha_pattern of "
                      f"{errors.directory / CONFIG}: {e}", hint="save the adapter again with PEFT") from None
+    # as the policy's rank=/alpha= are checked: int() cut "r": 4.5 to 4, and lora_alpha NaN compiled
+    # a model whose every output was NaN
+    for path in paths:
+        r_p, a_p = pattern_value(ranks_p, path, r), pattern_value(alphas_p, path, alpha)
+        if isinstance(r_p, bool) or float(r_p) != ranks[path] or ranks[path] < 1:
+            raise errors("out-of-range", f"r={r_p!r} for {path} in {errors.directory / CONFIG} is not an integer ≥ 1",
+                         hint="mend r / rank_pattern in the file, or save the adapter again with PEFT")
+        if isinstance(a_p, bool) or not math.isfinite(alphas[path]) or alphas[path] <= 0:
+            raise errors("out-of-range", f"lora_alpha={a_p!r} for {path} in {errors.directory / CONFIG} is not a "
+                         "finite number > 0", hint="mend lora_alpha / alpha_pattern in the file")
     return ranks, alphas
 
 

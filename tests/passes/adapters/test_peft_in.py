@@ -224,6 +224,20 @@ def test_a_dropout_that_is_no_probability_is_refused(damaged, dropout):
     _refused(damaged, "out-of-range", "lora_dropout", "[0, 1)", "dropout=P")
 
 
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 0, -8, True])
+def test_a_lora_alpha_the_policy_would_refuse_is_refused(damaged, alpha):
+    """Unchecked, lora_alpha NaN compiled and every output of the model was NaN."""
+    _edit_config(damaged, lora_alpha=alpha)
+    _refused(damaged, "out-of-range", "lora_alpha=", "not a finite number > 0", "mend lora_alpha")
+
+
+@pytest.mark.parametrize("changes", [{"r": 4.5}, {"rank_pattern": {"v_proj": 0}}])
+def test_a_rank_that_is_no_whole_number_is_refused(damaged, changes):
+    """int() cut "r": 4.5 to 4, silently."""
+    _edit_config(damaged, **changes)
+    _refused(damaged, "out-of-range", "is not an integer ≥ 1", "mend r / rank_pattern")
+
+
 def test_a_config_nested_too_deeply_is_refused(damaged):
     (damaged / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
     _refused(damaged, "no-file", "nested too deeply")
