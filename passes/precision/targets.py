@@ -97,6 +97,10 @@ def encode_item(bound: BoundRule, ctx: Context, dead: "DeadInputs", it: Item, ca
         dead.watch(it, H)
     rule = bound.rule
     try:
+        # every method that reads H, not GPTQ alone: RTN's scoring handed NaN costs to the budget
+        # solver (a raw ValueError), and clip=output kept every group's full range, silently
+        if H is not None and not bool(torch.isfinite(H).all()):
+            raise NotFinite("its inputs on the calibration batches hold NaN or inf (the model computes them there)")
         return encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip, refit)
     except OutOfRange as e:
         raise out_of_range(bound, ctx, it, cand, e) from None

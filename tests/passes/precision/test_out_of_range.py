@@ -50,3 +50,32 @@ def test_a_nan_weight_is_refused_naming_its_linear(rule):
         slimfx.compile(model, rule, example_inputs=inputs, calib=[inputs] * 2)
     assert e.value.line == 1 and "2 cannot be quantized: its weight holds NaN or inf" in e.value.message
     assert "keep 2" in e.value.hint
+
+
+@pytest.mark.parametrize("rule", ["precision ** : Linear choose {int8, int4} budget avg_bits<=6 by output_mse",
+                                  "quantize ** : Linear int4 group=16 clip=output",
+                                  "quantize ** : Linear int4 group=16 method=gptq"])
+def test_calibration_inputs_of_nan_or_inf_are_refused_by_every_method_that_reads_them(rule):
+    """Only GPTQ checked: RTN scoring gave the budget solver NaN costs (a raw ValueError naming no
+    linear), and clip=output kept every group's full range without a word."""
+    model, inputs = _model(torch.float32, 1.0)
+    bad = {"input": inputs["input"].clone()}
+    bad["input"][0, 3] = float("inf")
+    with pytest.raises(slimfx.SpecError) as e:
+        slimfx.compile(model, rule, example_inputs=inputs, calib=[bad])
+    assert e.value.line == 1 and "0 cannot be quantized: its inputs on the calibration batches hold NaN or inf" \
+        in e.value.message
+
+
+def test_fisher_scoring_on_inputs_of_inf_is_refused_at_the_rule():
+    """An fp16 model overflowing on some text: `by fisher` gave the solver NaN costs too."""
+    from slimfx.models import tiny
+    lm = tiny("llama", layers=1)
+    with torch.no_grad():
+        lm.model.model.embed_tokens.weight[5] = float("inf")
+    batch = {k: v.clone() for k, v in lm.example_inputs.items()}
+    batch["input_ids"][0, 2] = 5
+    with pytest.raises(slimfx.SpecError) as e:
+        slimfx.compile(lm, "precision blocks.*.** : Linear choose {int8, int4} budget avg_bits<=6 by fisher",
+                       calib=[batch])
+    assert e.value.line == 1 and "its inputs on the calibration batches hold NaN or inf" in e.value.message
