@@ -106,10 +106,16 @@ def _decode(text: str | bytes, filename: str) -> str:
     try:
         return bytes(text).decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError as e:
-        line = text.count(b"\n", 0, e.start) + 1
-        column = e.start - (text.rfind(b"\n", 0, e.start) + 1) + 1
-        raise SpecError.at("encoding", f"byte 0x{text[e.start]:02x} is not UTF-8; save the file as UTF-8",
-                           line=line, column=column, filename=filename) from None
+        # In characters, after the BOM, with the line shown (the bad byte as U+FFFD): a byte
+        # column counted the BOM and each byte of "é", under an empty line
+        data = bytes(text)
+        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        line = data.count(b"\n", 0, e.start) + 1
+        start = max(data.rfind(b"\n", 0, e.start) + 1, bom)
+        column = len(data[start:e.start].decode("utf-8", "replace")) + 1
+        raise SpecError.at("encoding", f"byte 0x{data[e.start]:02x} is not UTF-8; save the file as UTF-8",
+                           line=line, column=column, filename=filename,
+                           source=data[bom:].decode("utf-8", "replace")) from None
 
 
 def _parse_tree(source: str, filename: str, start: str):
@@ -166,14 +172,19 @@ _NUMBERISH = re.compile(r"[+-]?[A-Za-z0-9_.]+")
 # Python's string escapes. Another (`"C:\models"`) Python keeps as it is, with a warning that the
 # filter in force prints, hides or raises: the same text read three ways. Checked here, not by
 # changing the warnings filter, which is the whole process's (the parser serves threads).
-_ESCAPE = re.compile(r"\\(.)", re.S)
-_KNOWN_ESCAPES = set("\n\\'\"abfnrtvxNuU01234567")
+# An octal escape is up to three digits; past \377 Python warns too (`"\777"`).
+_ESCAPE = re.compile(r"\\([0-7]{1,3}|.)", re.S)
+_KNOWN_ESCAPES = set("\n\\'\"abfnrtvxNuU")
 
 
 def _check_escapes(literal: str) -> None:
     for m in _ESCAPE.finditer(literal):
-        if m.group(1) not in _KNOWN_ESCAPES:
-            raise SyntaxError(f"invalid escape sequence '\\{m.group(1)}'")
+        escape = m.group(1)
+        if escape[0] in "01234567":
+            if int(escape, 8) > 0o377:
+                raise SyntaxError(f"invalid octal escape sequence '\\{escape}'")
+        elif escape not in _KNOWN_ESCAPES:
+            raise SyntaxError(f"invalid escape sequence '\\{escape}'")
 
 
 def _to_ast(tree, source: str, filename: str, start: str) -> A.Spec:
@@ -228,7 +239,13 @@ class _AstBuilder(Transformer):
         return A.Policy(str(name), tuple(rules), span=_span(meta))
 
     def bare_rules(self, meta, children):
-        return [A.Policy(INLINE_POLICY, tuple(children), span=A.NO_SPAN if meta.empty else _span(meta))]
+        # The rules' own span: Lark's reached over the newlines around them, and the printer then
+        # had no place for a comment on the first line or after the last rule (fmt lost it)
+        if not children:
+            return [A.Policy(INLINE_POLICY, (), span=A.NO_SPAN)]
+        first, last = children[0].span, children[-1].span
+        return [A.Policy(INLINE_POLICY, tuple(children),
+                         span=A.Span(first.line, first.column, last.end_line, last.end_column))]
 
     # ---- rules
     def collapse(self, meta, children):

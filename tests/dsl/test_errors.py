@@ -49,6 +49,9 @@ CASES = [
     (body("precision blocks choose {int8, int4}\n        budget avg_bits<=5 by output_mse"), "missing-value", 2, 41,
      ["ends before its required part", "`budget`"], "`budget …` on line 3 belongs on this one"),
     (body('adapt blocks lora from="a\\9"'), "syntax", 2, 28, ["a string with a bad escape", "'\\9'"], None),
+    # an octal escape past \377 was read as 'ǿ' or refused, by the warnings filter in force
+    (body('adapt blocks lora from="a\\777"'), "syntax", 2, 28, ["a string with a bad escape", "octal", "'\\777'"],
+     None),
     # a case-only misspelling had no suggestion
     (body("quantize head INT8"), "unknown-keyword", 2, 19, ["got `INT8`"], "did you mean `int8`"),
     (body("adapt blocks LoRA"), "unknown-keyword", 2, 18, ["got `LoRA`"], "did you mean `lora`"),

@@ -173,6 +173,17 @@ def test_string_values_and_bytes_input_and_bom():
     assert e.value.kind == "encoding" and (e.value.line, e.value.column) == (2, 12)
 
 
+@pytest.mark.parametrize("data, column, shown", [
+    (b"\xef\xbb\xbfkeep \xff", 6, "keep \ufffd"),  # the BOM is no column
+    ("keep é".encode() + b"\xff", 7, "keep é\ufffd"),  # "é" is one column, not two bytes
+])
+def test_a_byte_that_is_not_utf8_is_shown_at_its_character_column(data, column, shown):
+    """The column counted bytes (the BOM's and each of "é"'s) and the line above the caret was empty."""
+    with pytest.raises(SpecError) as e:
+        parse(data)
+    assert (e.value.line, e.value.column) == (1, column) and e.value.source_line == shown
+
+
 def test_only_text_or_bytes():
     with pytest.raises(SpecError, match="text or bytes"):
         parse(42)

@@ -1,6 +1,7 @@
 """Canonical printing: golden output, comments kept, parse(format(p)) == p for every policy."""
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 
 from slimfx import format_spec, parse
@@ -73,6 +74,18 @@ def test_heal_prints_its_params_in_schema_order_and_round_trips():
     assert out == ("policy p {\n    drop blocks auto(count=2)\n    heal method=lora steps=200 distill=true  # why\n"
                    "    heal method=linear\n}\n")
     assert parse(out) == parse(text)
+
+
+@pytest.mark.parametrize("text, comments", [
+    ("# c\nkeep a", ["# c"]), ("keep a\n# c", ["# c"]), ("# c\n", ["# c"]),
+    ("keep a\n\n# c\n\nkeep b\n# d", ["# c", "# d"]), ("# why\n  keep a  # tail\n", ["# why", "# tail"]),
+])
+def test_rules_parsed_bare_keep_every_comment_in_print(text, comments):
+    """A comment on the first line or after the last rule of bare rules was lost: the inline
+    policy's span reached over the newlines around its rules."""
+    out = format_spec(parse(text, bare=True))
+    assert [line.strip().split("  ")[-1] for line in out.splitlines() if "#" in line] == comments
+    assert parse(out).policies[0].rules == parse(text, bare=True).policies[0].rules
 
 
 def test_tokens_unpad_prints_alone_with_its_comment_and_round_trips():
