@@ -162,11 +162,19 @@ def _not_a_number(source: str, filename: str, token: Token):
     """A number running into letters (`0x10`, `1_000`, `16abc`): it was read as the number then a
     name, "`x10` has no value; write `x10=<value>`"."""
     text = _NUMBERISH.match(source, token.start_pos).group()
-    raise SpecError(Diagnostic("syntax", f"`{text}` is not a number", token.line, token.column, len(text),
-                               "write a decimal number, e.g. `16`, `1000`, `0.5` or `1e-3`"), source, filename)
+    hint = "write a decimal number, e.g. `16`, `1000`, `0.5` or `1e-3`"
+    number = _DECIMAL.match(text)
+    rest = text[number.end():] if number else ""
+    if rest and _WORD.fullmatch(rest) and source.startswith("=", token.start_pos + len(text)):
+        # `lr=1e-3steps=3` said "`1e` is not a number": the next parameter runs into the value
+        hint = f"put a space between `{number.group()}` and `{rest}=`"
+    raise SpecError(Diagnostic("syntax", f"`{text}` is not a number", token.line, token.column, len(text), hint),
+                    source, filename)
 
 
-_NUMBERISH = re.compile(r"[+-]?[A-Za-z0-9_.]+")
+# A word that starts as a number; an exponent's sign stays in it (`1e-3steps`, not `1e`).
+_NUMBERISH = re.compile(r"[+-]?(?:[eE][+-](?=[0-9])|[A-Za-z0-9_.])+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 # Python's string escapes. Another (`"C:\models"`) Python keeps as it is, with a warning that the

@@ -40,6 +40,9 @@ CASES = [
     # a number running into letters was "`x10` has no value; write `x10=<value>`"
     (body("adapt blocks lora rank=0x10"), "syntax", 2, 28, ["`0x10` is not a number"], "write a decimal number"),
     (body("adapt blocks lora alpha=1_000"), "syntax", 2, 29, ["`1_000` is not a number"], None),
+    # the next parameter running into a value: "`1e` is not a number"
+    (body("adapt blocks lora alpha=1e-3rank=4"), "syntax", 2, 29, ["`1e-3rank` is not a number"],
+     "put a space between `1e-3` and `rank=`"),
     # an unknown escape was kept, printed as a warning or refused, by the warnings filter in force
     (body('adapt blocks lora from="C:\\models\\lora"'), "syntax", 2, 28, ["a string with a bad escape", "'\\m'"],
      "or `/` in a path"),
