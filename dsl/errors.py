@@ -6,6 +6,7 @@ to do. Several problems found in one pass travel together in `.diagnostics`.
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -57,10 +58,17 @@ class Diagnostic:
         if 0 < self.line <= len(lines):
             text, column = _window(lines[self.line - 1].expandtabs(1), self.column)
             out.append(f"    {text}")
-            out.append("    " + " " * (column - 1) + "^" * max(1, min(self.width, len(text) - column + 1)))
+            # in terminal cells: a wide character ("漢") takes two, and the caret sat left of its place
+            under = text[column - 1:column - 1 + max(1, min(self.width, len(text) - column + 1))]
+            out.append("    " + " " * _cells(text[:column - 1]) + "^" * max(1, _cells(under)))
         if self.hint:
             out.append(f"  = {self.hint}")
         return "\n".join(out)
+
+
+def _cells(text: str) -> int:
+    """Terminal cells `text` takes: two for East Asian wide and full-width characters."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def _window(text: str, column: int, width: int = 100) -> tuple[str, int]:

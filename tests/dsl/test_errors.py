@@ -256,3 +256,15 @@ def test_only_what_the_parser_takes_next_is_listed(rule, listed):
         parse(rule, bare=True)
     first = str(info.value).splitlines()[0]
     assert f"expected {listed} after `quantize <selector>`" in first, first
+
+
+def test_the_caret_stands_under_its_place_after_wide_characters():
+    """A wide character takes two terminal cells: the caret sat 4 cells left of `rank=0`."""
+    with pytest.raises(SpecError) as e:
+        parse('adapt x lora from="漢字漢字" rank=0', bare=True)
+    text, caret = str(e.value).splitlines()[1:3]
+    assert caret.index("^") == text.index("rank") + 4 and caret.count("^") == len("rank=0")
+    with pytest.raises(SpecError) as e:
+        parse('adapt 漢字 lora rank=0', bare=True)
+    text, caret = str(e.value).splitlines()[1:3]
+    assert caret == " " * text.index("漢") + "^^"  # one wide character: two cells
