@@ -220,7 +220,14 @@ def _deep_brace(source: str, policy_brace: bool) -> tuple[int, int]:
     where there is one)."""
     depth = 0
     for line_no, text in enumerate(source_lines(source), 1):
+        quoted, escaped = False, False  # braces in a "string" or a # comment are no nesting
         for col, char in enumerate(text, 1):
+            if quoted:
+                quoted, escaped = (escaped or char != '"'), (not escaped and char == "\\")
+                continue
+            if char == "#":
+                break
+            quoted = char == '"'
             depth += (char == "{") - (char == "}")
             if depth > MAX_NESTING + policy_brace:
                 return line_no, col

@@ -191,6 +191,11 @@ CASES = [
      "`\\\\` for a backslash"),
     (body("keep " + "{" * 40 + "a" + "}" * 40), "too-deep", 2, 0, ["nested deeper than 32"], None),
     (body("keep " + "{" * 600 + "a" + "}" * 600), "too-deep", 2, 42, ["nested deeper than 32"], None),
+    # braces in a comment or a string above it were counted: the error pointed into them
+    ("# " + "{" * 40 + "\n" + body("keep " + "{" * 600 + "a" + "}" * 600), "too-deep", 3, 42,
+     ["nested deeper than 32"], None),
+    (body('adapt x lora from="' + "{" * 40 + '\\"{"\n    keep ' + "{" * 600 + "a" + "}" * 600), "too-deep", 3, 42,
+     ["nested deeper than 32"], None),
 ]
 
 
