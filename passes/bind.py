@@ -241,12 +241,12 @@ class _Binder:
                         "removes", "narrow the `keep` or the block range")
         kept = tuple(b.path for b in blocks if _paths_of(b, self.graph) & protected)
         if rule.auto is not None and blocks:
-            self._check_auto_count(rule, len(blocks) - len(kept), n)
+            self._check_auto_count(rule, [b.index for b in blocks if b.path not in kept], n)
         warnings = ("auto: `keep`-protected blocks are not candidates",) if hit else ()
         return BoundRule(rule, blocks=blocks, protected=kept, estimate=estimate(rule, (), blocks, self.graph),
                          warnings=warnings)
 
-    def _check_auto_count(self, rule, candidates: int, n: int) -> None:
+    def _check_auto_count(self, rule, candidates: list[int], n: int) -> None:
         problem = auto_count(rule, candidates, n)[1]
         if problem is not None:
             self._error(rule.auto.span, "out-of-range", *problem)

@@ -8,22 +8,41 @@ from .graph import Block
 __all__ = ["auto_count", "collapse_range_problem", "merge_problem", "full_precision_problem"]
 
 
-def auto_count(rule: A.Rule, candidates: int, n_blocks: int) -> tuple[int, tuple[str, str] | None]:
+def auto_count(rule: A.Rule, candidates: list[int], n_blocks: int) -> tuple[int, tuple[str, str] | None]:
     """(blocks an auto rule removes: `count`, else round(ratio × the model's blocks); (message,
-    hint) when the candidates cannot give that many, else None). One block always stays, and a
-    LaCo merge keeps one of the selected blocks to merge into (`count=N` on N blocks searched
-    nothing, silently)."""
+    hint) when the candidates (block indices) cannot give that many, else None). One block always
+    stays, and a LaCo merge keeps one of the selected blocks to merge into (`count=N` on N blocks
+    searched nothing, silently). An angular drop never takes the last block and its runs never
+    touch: `plan` said "ready" for `drop blocks[-1:] auto(count=1, score=angular)`, which compile
+    refused after scoring every block."""
     auto = rule.auto
     count = auto.get("count") or round(auto.get("ratio") * n_blocks)
     if count < 1:
         return count, (f"ratio={auto.get('ratio')} of {n_blocks} blocks removes none",
                        "raise the ratio, or write count=1")
-    room = max(0, min(candidates - isinstance(rule, A.Collapse), n_blocks - 1))
+    angular = isinstance(rule, A.Drop) and auto.get("score") == "angular"
+    most = _angular_room(candidates, n_blocks, auto.get("max_run")) if angular else len(candidates)
+    room = max(0, min(most - isinstance(rule, A.Collapse), n_blocks - 1))
     if count > room:
-        merge = " (LaCo keeps one selected block to merge the others into)" if isinstance(rule, A.Collapse) else ""
-        return count, (f"`{rule.kind} … auto` asks for {count} blocks, and only {room} of the model's {n_blocks} "
-                       f"blocks may go{merge}", "lower count/ratio, or widen the selector or the `keep`")
+        why = (" (LaCo keeps one selected block to merge the others into)" if isinstance(rule, A.Collapse) else
+               f" (angular runs never include the last block, and runs of at most max_run={auto.get('max_run')} "
+               "never touch each other)" if angular else "")
+        return count, (f"`{rule.kind} … auto` asks for {count} block{'s' * (count != 1)}, and only {room} of the "
+                       f"model's {n_blocks} blocks may go{why}", "lower count/ratio, or widen the selector or the `keep`"
+                       + (", or raise max_run" if angular else ""))
     return count, None
+
+
+def _angular_room(candidates: list[int], n_blocks: int, max_run: int) -> int:
+    """The most blocks runs of at most `max_run` candidates, never touching each other and never
+    the last block, can hold: a stretch of L contiguous candidates holds L − ⌊L/(max_run+1)⌋."""
+    allowed = sorted(set(candidates) - {n_blocks - 1})
+    room, length = 0, 0
+    for k, i in enumerate(allowed):
+        length = length + 1 if k and i == allowed[k - 1] + 1 else 1
+        if k + 1 == len(allowed) or allowed[k + 1] != i + 1:
+            room += length - length // (max_run + 1)
+    return room
 
 
 def collapse_range_problem(blocks) -> tuple[str, str] | None:

@@ -6,7 +6,7 @@ fails with its line and column before the model is touched.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from ..dsl.ast import Alternatives, GlobStar, Item, Name, Path, Segment, Selector, Slice, Star
@@ -127,6 +127,14 @@ class _Resolver:
             return [items[index.index]]
         if index.step == 0:
             raise self._error(f"slice step of `{label}` cannot be zero")
+        outside = _outside(index, n)
+        if outside is not None:
+            # Python would clamp it: `drop blocks[20:28]` written for a deeper model removed fewer
+            # blocks than it says, silently
+            whole = f"{label}[{_slice_text(replace(index, **{outside[0]: None}))}]"
+            raise self._error(f"slice [{_slice_text(index)}] of `{label}` reaches outside it: its {outside[0]} "
+                              f"{outside[1]} is past the {n} items `{label}` has (bounds {outside[2]}); a slice "
+                              "is not cut short to fit", hint=f"write the bound that exists, e.g. `{whole}`")
         picked = items[index.start:index.stop:index.step]
         if not picked:
             raise self._error(f"slice [{_slice_text(index)}] of `{label}` is empty: it has {n} "
@@ -309,6 +317,17 @@ def _seg_text(seg: Segment) -> str:
     if isinstance(seg.index, Slice):
         return f"{seg.name}[{_slice_text(seg.index)}]"
     return seg.name
+
+
+def _outside(s: Slice, n: int) -> tuple[str, int, str] | None:
+    """(which bound, its value, the valid range) of a bound beyond `n` items, else None. Stepping
+    backwards, stop -n-1 reaches index 0 (`[2:-7:-1]` on 6 items)."""
+    back = s.step is not None and s.step < 0
+    for which, value, low, high in (("start", s.start, -n, n - 1 if back else n),
+                                    ("stop", s.stop, -n - 1 if back else -n, n - 1 if back else n)):
+        if value is not None and not low <= value <= high:
+            return which, value, f"{low}..{high}"
+    return None
 
 
 def _slice_text(s: Slice) -> str:

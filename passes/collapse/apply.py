@@ -42,10 +42,10 @@ def candidates(graph: ModelGraph, bound: BoundRule) -> list[int]:
     return [b.index for b in current(graph, bound.blocks) if b.path not in protected and removal_problem([b]) is None]
 
 
-def auto_count(bound: BoundRule, ctx: Context, n_candidates: int, n_blocks: int) -> int:
-    """Blocks to remove (block_rules.auto_count), refused at the rule when the candidates cannot
-    give that many: bind checks it too, on the model as `plan` sees it."""
-    count, problem = rules_auto_count(bound.rule, n_candidates, n_blocks)
+def auto_count(bound: BoundRule, ctx: Context, pool: list[int], n_blocks: int) -> int:
+    """Blocks to remove (block_rules.auto_count), refused at the rule when the candidates (block
+    indices) cannot give that many: bind checks it too, on the model as `plan` sees it."""
+    count, problem = rules_auto_count(bound.rule, pool, n_blocks)
     if problem is not None:
         raise rule_error(bound, ctx, "out-of-range", *problem)
     return count

@@ -47,7 +47,7 @@ def _explicit(graph, bound, ctx, before: Before) -> RuleReport:
 def _auto(graph, bound, ctx, before: Before) -> RuleReport:
     auto, n_before = bound.rule.auto, len(before.paths)
     need_calibration(bound, ctx, "with auto(…) compares merged models on calibration tokens")
-    count = auto_count(bound, ctx, len(candidates(graph, bound)), n_before)
+    count = auto_count(bound, ctx, candidates(graph, bound), n_before)
     allowed = {graph.blocks[i].path for i in candidates(graph, bound)}
     protected = {b.path for b in graph.blocks if b.path not in allowed}
     # Every stream of the model before the search: the last is LaCo's reference; `record` says

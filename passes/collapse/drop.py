@@ -44,7 +44,7 @@ def _search(graph: ModelGraph, bound: BoundRule, ctx: Context):
     need_calibration(bound, ctx, "with auto(…) scores blocks on calibration tokens")
     pool = candidates(graph, bound)
     n = len(graph.blocks)
-    count = auto_count(bound, ctx, len(pool), n)
+    count = auto_count(bound, ctx, pool, n)
     score = auto.get("score")
     max_run = auto.get("max_run") if score == "angular" else 1
     sims = similarities(graph, ctx.calib, max_run, ctx.progress)
@@ -55,7 +55,7 @@ def _search(graph: ModelGraph, bound: BoundRule, ctx: Context):
             chosen = [[i] for i in by_influence(sims, count, pool)]
     except NotEnoughBlocks as e:
         raise rule_error(bound, ctx, "out-of-range", f"`drop … auto(score={score})` cannot remove {count} "
-                         f"blocks: {e}", "lower count/ratio, or raise max_run") from None
+                         f"block{'s' * (count != 1)}: {e}", "lower count/ratio, or raise max_run") from None
     runs = runs_of([graph.blocks[i] for run in chosen for i in run])
     if score == "angular":
         scores = {graph.blocks[r[0]].path: round(angular(sims[r[0], r[-1] + 1]), 5) for r in chosen}

@@ -121,7 +121,7 @@ def test_alternatives_with_sub_paths(llama):
 
 
 def test_blocks_slice_with_roles(llama):
-    got = paths(llama, sel(Name("blocks", Slice(0, 4)), "attn", alt("q", "v")))
+    got = paths(llama, sel(Name("blocks", Slice(0, 2)), "attn", alt("q", "v")))
     assert got == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
                    "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
 
@@ -129,7 +129,7 @@ def test_blocks_slice_with_roles(llama):
 @pytest.mark.parametrize("index, want", [
     (Item(0), [0]), (Item(-1), [1]), (Item(-2), [0]), (Slice(None, None), [0, 1]),
     (Slice(-1, None), [1]), (Slice(None, None, -1), [0, 1]), (Slice(1, None), [1]),
-    (Slice(0, 100), [0, 1]), (Slice(None, None, 2), [0]),
+    (Slice(0, 2), [0, 1]), (Slice(None, None, 2), [0]),  # Slice(0, 100) is refused: not cut short
 ])
 def test_block_index_and_slice_semantics(llama, index, want):
     got = resolve(llama, sel(Name("blocks", index)))
@@ -235,8 +235,30 @@ def test_a_fused_role_on_separate_projections_names_them(llama, fused, written, 
 
 
 def test_empty_slice_is_an_error(llama):
-    with pytest.raises(SpecError, match=r"slice \[5:\] of `blocks` is empty.*2 items"):
-        resolve(llama, sel(Name("blocks", Slice(5, None))))
+    with pytest.raises(SpecError, match=r"slice \[2:\] of `blocks` is empty.*2 items"):
+        resolve(llama, sel(Name("blocks", Slice(2, None))))
+
+
+@pytest.mark.parametrize("written, bound, shorter", [
+    (Slice(1, 5), "its stop 5 is past the 2 items `blocks` has (bounds -2..2)", "blocks[1:]"),
+    (Slice(-4, -1), "its start -4 is past the 2 items `blocks` has (bounds -2..2)", "blocks[:-1]"),
+    (Slice(5, None), "its start 5 is past the 2 items `blocks` has (bounds -2..2)", "blocks[:]"),
+    (Slice(1, -4, -1), "its stop -4 is past the 2 items `blocks` has (bounds -3..1)", "blocks[1::-1]"),
+])
+def test_a_slice_reaching_past_the_blocks_is_an_error_not_cut_short(llama, written, bound, shorter):
+    """Python's slices clamp: `drop blocks[20:28]` written for a deeper model removed what exists
+    of the range, silently."""
+    with pytest.raises(SpecError) as info:
+        resolve(llama, sel(Name("blocks", written)))
+    assert bound in info.value.message and f"`{shorter}`" in info.value.hint
+
+
+@pytest.mark.parametrize("written, indices", [(Slice(-2, 2), [0, 1]), (Slice(1, -3, -1), [0, 1]),
+                                              (Slice(1, -2, -1), [1]), (Slice(0, 2, 2), [0])])
+def test_slices_within_the_blocks_keep_python_meaning(llama, written, indices):
+    """Bounds up to the ends, stepping backwards too (-3 on 2 items reaches past index 0); the
+    selection comes in model order."""
+    assert paths(llama, sel(Name("blocks", written))) == [f"model.layers.{i}" for i in indices]
 
 
 def test_zero_step_is_an_error(llama):

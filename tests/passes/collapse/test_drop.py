@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import slimfx
 from slimfx import SpecError
@@ -218,6 +220,44 @@ def test_bad_block_rules_are_spec_errors_at_the_rule(lm8, rules, kind, words):
     with pytest.raises(SpecError) as e:
         slimfx.compile(lm8, rules)
     assert e.value.diagnostics[0].kind == kind and words in str(e.value)
+
+
+@pytest.mark.parametrize("rule, room", [
+    ("drop blocks[-1:] auto(count=1, score=angular)", 0),  # the last block only
+    ("drop blocks[5:] auto(count=3, score=angular)", 2),  # 5, 6 and never 7
+    ("drop blocks[4:] auto(count=3, score=angular, max_run=1)", 2),  # 4 and 6: runs never touch
+])
+def test_plan_and_compile_refuse_an_angular_drop_the_last_block_or_its_runs_cannot_give(lm8, rule, room):
+    """`plan` said "ready" (it counted the last block, which an angular drop never takes) and
+    compile refused only after scoring every block on calibration."""
+    for call in (lambda: slimfx.plan(lm8, rule), lambda: slimfx.compile(lm8, rule, calib=[lm8.example_inputs])):
+        with pytest.raises(SpecError) as e:
+            call()
+        assert e.value.diagnostics[0].kind == "out-of-range"
+        assert f"only {room} of the model's 8 blocks may go (angular runs never include the last block" in str(e.value)
+    assert slimfx.plan(lm8, "drop blocks[4:] auto(count=2, score=angular, max_run=1)")  # 4 and 6
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 9).flatmap(lambda n: st.tuples(st.just(n), st.sets(st.integers(0, n - 1)), st.integers(1, 4))))
+def test_angular_room_is_the_largest_set_of_short_runs_short_of_the_last_block(case):
+    """Against every subset: the largest set of candidates, the last block left out, whose
+    contiguous runs are at most max_run long."""
+    from itertools import combinations
+
+    from slimfx.passes.block_rules import _angular_room
+    n, candidates, max_run = case
+    allowed = sorted(candidates - {n - 1})
+
+    def runs_ok(chosen):
+        run = 0
+        for k, i in enumerate(chosen):
+            run = run + 1 if k and i == chosen[k - 1] + 1 else 1
+            if run > max_run:
+                return False
+        return True
+    best = max(size for size in range(len(allowed) + 1) if any(runs_ok(c) for c in combinations(allowed, size)))
+    assert _angular_room(sorted(candidates), n, max_run) == best
 
 
 def test_a_model_without_blocks_is_a_spec_error():
