@@ -97,14 +97,18 @@ class ByteTokenizer:
             ids = [r + [self.pad_token_id] * (width - len(r)) for r in ids]
         else:
             mask = [[1] * len(r) for r in ids]
-        if isinstance(texts, str):
+        # As Hugging Face's tokenizers: one text gives flat lists, or a batch of one with "pt"; the
+        # result reads by attribute too (`tok("hi", return_tensors="pt").input_ids`, the README's
+        # snippet, failed on a tiny model: a dict, and 1-D)
+        from transformers import BatchEncoding
+        if isinstance(texts, str) and return_tensors != "pt":
             ids, mask = ids[0], mask[0]
         if return_tensors == "pt":
             ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
         out = {"input_ids": ids, "attention_mask": mask}
         if return_overflowing_tokens:  # which text each row came from, as HF's fast tokenizers say
             out["overflow_to_sample_mapping"] = torch.tensor(sample) if return_tensors == "pt" else sample
-        return out
+        return BatchEncoding(out)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)

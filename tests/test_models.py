@@ -80,6 +80,16 @@ def test_byte_tokenizer_and_encode():
         lm.model(**enc)
 
 
+def test_byte_tokenizer_gives_what_a_hugging_face_tokenizer_gives_for_one_text():
+    """The README's `tok("Hello there", return_tensors="pt").input_ids` failed on a tiny model:
+    a plain dict (no attribute), and 1-D ids where Hugging Face gives a batch of one."""
+    tok = models.ByteTokenizer()
+    enc = tok("hé", return_tensors="pt")
+    assert enc.input_ids.tolist() == [[104, 195, 169]] and enc.attention_mask.tolist() == [[1, 1, 1]]
+    assert tok("hé")["input_ids"] == [104, 195, 169]  # flat lists without "pt", as Hugging Face
+    assert tok(["a", "bc"], return_tensors="pt").input_ids.tolist() == [[97, 0], [98, 99]]
+
+
 def test_encode_without_tokenizer_says_what_to_do():
     lm = models.tiny("vit")
     assert lm.tokenizer is None
