@@ -45,7 +45,6 @@ class BaseSite:
     """One call of a target's base linear, whatever the precision pass made of it."""
 
     node: fx.Node  # y
-    x: fx.Node
     bias: fx.Node | None
     kind: str  # "linear" | "addmm" | "mm" (Conv1D) | "quant" (slimfx::quant_linear)
     weight: fx.Node | None  # the weight argument of an fp/half base (a get_attr, or a cast of one)
@@ -53,6 +52,12 @@ class BaseSite:
     @property
     def transposed(self) -> bool:
         return self.kind in ("addmm", "mm")
+
+    @property
+    def x(self) -> fx.Node:
+        """Read from the node now (as rewrite.LinearSite.x): a linear called twice in a chain got
+        its second adapter on the first call's base output, not on what the first adapter made."""
+        return self.node.args[1 if self.kind == "addmm" else 0]
 
 
 def base_sites(graph: ModelGraph, target: Target) -> list[BaseSite]:
@@ -63,19 +68,19 @@ def base_sites(graph: ModelGraph, target: Target) -> list[BaseSite]:
         if n.op != "call_function" or tag_of(n) is not None:
             continue
         if n.target is quant:
-            sites.append(BaseSite(n, n.args[0], n.args[4], "quant", None))
+            sites.append(BaseSite(n, n.args[4], "quant", None))
             continue
         kind = _BASE_OPS.get(n.target)
         if kind == "linear":
-            x, w, b = (list(n.args) + [None])[:3]
+            _, w, b = (list(n.args) + [None])[:3]
         elif kind == "addmm":
-            b, x, w = n.args[:3]
+            b, _, w = n.args[:3]
         elif kind == "mm":
-            (x, w), b = n.args[:2], None
+            w, b = n.args[1], None
         else:
             continue
         if _attr_source(w) is not None:
-            sites.append(BaseSite(n, x, b, kind, w))
+            sites.append(BaseSite(n, b, kind, w))
     if not sites:
         ops = sorted({str(n.target) for n in target.nodes if n.op == "call_function"})
         raise PassError(f"{target.path}: no linear call found among its nodes ({', '.join(ops)}) to put an "

@@ -39,27 +39,34 @@ class LinearSite:
     """One call of a target's linear: `y = x @ Wᵀ + b` (`x @ W + b` when `transposed`)."""
 
     node: fx.Node  # the op computing y
-    x: fx.Node
+    x_arg: int  # where x is among node.args
     weight: fx.Node  # a get_attr
     bias: fx.Node | None
     transposed: bool  # weight stored [in, out] (Conv1D)
 
+    @property
+    def x(self) -> fx.Node:
+        """Read from the node now, not when the site was found: where one linear is called twice
+        in a chain, rewriting the first call changes the second's input (a stored x made the
+        second quant_linear read an erased node, and the second adapter the first's base output)."""
+        return self.node.args[self.x_arg]
+
 
 def _match_linear(n: fx.Node) -> LinearSite | None:
-    x, w, b = (list(n.args) + [None])[:3]
-    return LinearSite(n, x, w, b, False)
+    _, w, b = (list(n.args) + [None])[:3]
+    return LinearSite(n, 0, w, b, False)
 
 
 def _match_addmm(n: fx.Node) -> LinearSite | None:
     if n.kwargs.get("beta", 1) != 1 or n.kwargs.get("alpha", 1) != 1:
         return None
-    b, x, w = n.args[:3]
-    return LinearSite(n, x, w, b, True)
+    b, _, w = n.args[:3]
+    return LinearSite(n, 1, w, b, True)
 
 
 def _match_mm(n: fx.Node) -> LinearSite | None:
-    x, w = n.args[:2]
-    return LinearSite(n, x, w, None, True)
+    w = n.args[1]
+    return LinearSite(n, 0, w, None, True)
 
 
 # (aten op, matcher): a matcher returns the site, or None for "not this pattern".
