@@ -16,7 +16,7 @@ from ..context import Context, rule_error
 from ..graph import ModelGraph, Target
 from ..rewrite import (TIED_NOTE, LinearSite, find_sites, release_unread, tied_storages, weight_name,
                        weight_still_held)
-from .encode import Candidate, Encoded, NotFinite, OutOfRange, encode, encoded_bytes
+from .encode import HALF, Candidate, Encoded, NotFinite, OutOfRange, encode, encoded_bytes
 from .gptq import HessianAccumulator
 from .rewrite import to_half, to_quant_linear
 from ...runtime.forward_parts import recompile
@@ -93,6 +93,8 @@ def encode_item(bound: BoundRule, ctx: Context, dead: "DeadInputs", it: Item, ca
     """`it` in `cand` (encode.py, with the rule's damp and act_order), its dead inputs noted for
     GPTQ and a weight the format cannot hold refused at the rule: what `quantize` and `precision`
     both do per target."""
+    if cand.format in HALF and it.stored == HALF[cand.format]:
+        return None  # already in it: re-stored as it was, it only cost a copy before each call
     if method == "gptq":
         dead.watch(it, H)
     rule = bound.rule
@@ -160,7 +162,7 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
         if it.path in ctx.keep_originals:
             ctx.originals.setdefault(it.path, it.w)  # no pass writes a weight in place (lent.py)
         if enc is None:
-            kept.append(it.path)
+            kept.append((it.path, cand.format))
         elif isinstance(enc, QuantizedWeight):
             to_quant_linear(graph, it.target, sites, enc)
         else:
@@ -194,12 +196,14 @@ def _wide_groups(items, chosen) -> tuple[str, ...]:
             "as per-channel",)
 
 
-def _notes(bound: BoundRule, kept: list[str], tied: list[str]) -> tuple[str, ...]:
+def _notes(bound: BoundRule, kept: list[tuple[str, str]], tied: list[str]) -> tuple[str, ...]:
     # bind's tied warning is a guess made before the rewrite (a sharer rewritten by an earlier
     # rule still held the weight then); after it, `tied` says whether the original stayed.
     notes = [w for w in bound.warnings if tied or TIED_NOTE not in w]
-    if kept:
-        notes.append(f"{len(kept)} target{'s' if len(kept) != 1 else ''} kept in full precision (`keep`)")
+    for fmt in dict.fromkeys(f for _, f in kept):
+        n = sum(f == fmt for _, f in kept)
+        notes.append(f"{n} target{'s' if n != 1 else ''} kept in full precision (`keep`)" if fmt == "keep" else
+                     f"{n} target{'s' if n != 1 else ''} already {fmt}: left as {'they are' if n != 1 else 'it is'}")
     if tied and not any(TIED_NOTE in w for w in bound.warnings):  # bind said it already
         notes.append(f"{', '.join(tied)}: {TIED_NOTE}")
     return tuple(notes)

@@ -55,3 +55,17 @@ def test_plan_counts_bf16_biases_and_kept_weights_at_two_bytes():
     assert report.bytes_after == weights_int4 + biases
     keep = slimfx.plan(model, "quantize {a,b} keep", example_inputs=example).rules[0].estimate
     assert keep.bytes_after == keep.bytes_before == 2 * (37 * 19 + 19 + 19 * 5 + 5)
+
+
+def test_quantize_to_the_dtype_a_weight_already_has_leaves_it_and_says_so():
+    """`quantize … bf16` on a bf16 model re-stored every weight as it was, with no word, and the
+    graph copied each one bf16 → bf16 before every call."""
+    model, example = _bf16()
+    cm = slimfx.compile(model, "quantize {a,b} bf16", example_inputs=example)
+    (rule,) = cm.report.rules
+    assert rule.notes == ("2 targets already bf16: left as they are",) and rule.bytes_after == rule.bytes_before
+    assert not [n for n in cm.program.graph.nodes if n.op == "call_function" and "to_copy" in str(n.target)]
+    with torch.no_grad():
+        assert torch.equal(cm(**example), model(**example))
+    fp16 = slimfx.compile(model, "quantize {a,b} fp16", example_inputs=example).report.rules[0]
+    assert fp16.notes == () and fp16.details["bits_per_weight"] == 16.0  # another dtype: converted
