@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..dsl.errors import SpecError
@@ -413,13 +413,32 @@ def _input_infos(program, names, dims) -> tuple[InputInfo, ...]:
     return tuple(infos)
 
 
+def _written_attrs(gm: fx.GraphModule) -> list[str]:
+    """Targets of the get_attr nodes an op writes in place (`aten.copy_` onto a buffer: the
+    unlifted program's form of `self.n += 1`)."""
+    out = []
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        for arg, spec in zip(node.args, schema.arguments):
+            if isinstance(arg, fx.Node) and arg.op == "get_attr" and spec.alias_info is not None \
+                    and spec.alias_info.is_write:
+                out.append(arg.target)
+    return list(dict.fromkeys(out))
+
+
 def _graph_from(entry: _Entry, lend: bool) -> ModelGraph:
     """A fresh GraphModule per call, with its own copies of the weights (tying preserved), or
     lent ones."""
     gm = entry.program.module()
     matmuls_as_linears(gm)
     lent = lend_tensors(gm) if lend else None
-    if not lend:
+    if lend:
+        # A buffer the forward writes (a call counter, running statistics) is the graph's own from
+        # the start: lent, the first calibration forward wrote into the user's model
+        lent.own_written(gm, _written_attrs(gm))
+    else:
         own_copies(gm)
     # The module table is copied too: a pass may edit its graph's table, never the cache's.
     graph = ModelGraph(gm, dict(entry.modules), entry.inputs, entry.outputs, entry.model_class,

@@ -28,6 +28,17 @@ class Lent:
     """What `lend` handed the graph: each lent alias (name, tensor, the version it had)."""
 
     versions: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)
+    # Buffers the forward writes (a call counter, running statistics), by name: the graph's own
+    # copies from capture on, with the values they had then, put back at `settle` so that the
+    # compiled model starts as the user's model is, not as compile's calibration forwards left it.
+    written: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def own_written(self, gm: nn.Module, names: list[str]) -> None:
+        """Give `gm` its own copy of each named tensor the forward writes, remembering its value."""
+        for name in names:
+            tensor = _tensor_at(gm, name)
+            self.written[name] = tensor.detach().clone()
+            replace_tensor(gm, tensor, tensor.detach().clone())
 
     def check(self) -> None:
         """Raise if any lent tensor was written in place (its shared version counter moved)."""
@@ -44,6 +55,12 @@ class Lent:
         lent = {_storage(t) for _, t, _ in self.versions}
         copied = _replace_all(gm, lambda t: _storage(t) in lent, lambda t: t.detach().clone())
         self.versions.clear()
+        with torch.no_grad():
+            for name, start in self.written.items():
+                tensor = _tensor_at(gm, name, missing_ok=True)  # gone with a removed block
+                if tensor is not None and tensor.shape == start.shape:
+                    tensor.copy_(start)
+        self.written.clear()
         return copied
 
 
@@ -84,6 +101,17 @@ def put_tensor(gm: nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+
+
+def _tensor_at(gm: nn.Module, name: str, missing_ok: bool = False) -> torch.Tensor | None:
+    owner, _, attr = name.rpartition(".")
+    try:
+        tensor = getattr(gm.get_submodule(owner), attr)
+    except AttributeError:
+        if missing_ok:
+            return None
+        raise
+    return tensor if isinstance(tensor, torch.Tensor) else None
 
 
 def _storage(t: torch.Tensor) -> int:
