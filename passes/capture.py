@@ -290,9 +290,25 @@ def _export(model, names, args, consts, dims) -> _Entry:
     except Exception as e:  # export raises many types; the user needs one, with the cause
         raise _unsupported(model, e) from e
     spec, consts_out, tensor_leaves = sink[-1]
+    opaque = next((c for c in consts_out if _holds_tensors(c)), None)
+    if opaque is not None:  # kept as a constant, it came back with the tracer's fake tensors on every call
+        name = type(opaque).__name__
+        raise SpecError.at("unsupported", f"{type(model).__name__} returns a `{name}` holding tensors, which slimfx "
+                           "cannot take apart: its tensors would come back as the ones seen while tracing",
+                           hint=f"register the class with torch.export.register_dataclass({name}) before "
+                                "compiling, or return a dict, a tuple or a transformers ModelOutput")
     return _Entry(program, _module_table(model), _input_infos(program, names, dims),
                   OutputSpec(spec, tuple(consts_out), tuple(tensor_leaves)), type(model).__name__,
                   CallInfo(positional_names(model), tuple(consts.items()), _flag_defaults(model, names, consts)))
+
+
+def _holds_tensors(value) -> bool:
+    """An output leaf pytree did not open (an unregistered dataclass or object) with tensors in it."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = [getattr(value, f.name, None) for f in dataclasses.fields(value)]
+    else:
+        fields = list(getattr(value, "__dict__", {}).values())
+    return any(isinstance(f, torch.Tensor) for f in fields)
 
 
 # Hugging Face flags a forward takes through **kwargs (or as None): None means the config's value.

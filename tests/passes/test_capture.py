@@ -254,3 +254,40 @@ def test_the_cache_does_not_keep_a_transformers_model_alive():
     del lm
     gc.collect()
     assert ref() is None
+
+
+def test_an_output_class_pytree_cannot_open_is_refused_and_works_once_registered():
+    """An unregistered dataclass output was kept as a constant: every call returned the object
+    seen while tracing, its fields fake tensors of symbolic size."""
+    import dataclasses
+
+    import slimfx
+
+    @dataclasses.dataclass
+    class Pair:
+        logits: torch.Tensor
+        hidden: torch.Tensor
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.a(x)
+            return Pair(self.b(h), h)
+
+    model = Two().eval()
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(model, "", example_inputs={"x": torch.randn(2, 8)})
+    assert "returns a `Pair` holding tensors" in e.value.message
+    assert "torch.export.register_dataclass(Pair)" in e.value.hint
+    torch.export.register_dataclass(Pair)
+    try:
+        cm = slimfx.compile(model, "", example_inputs={"x": torch.randn(2, 8)})
+        x = torch.randn(5, 8)
+        with torch.no_grad():
+            out, want = cm(x=x), model(x)
+        assert type(out) is Pair and torch.equal(out.logits, want.logits) and torch.equal(out.hidden, want.hidden)
+    finally:
+        torch.utils._pytree._deregister_pytree_node(Pair)
