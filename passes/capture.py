@@ -299,7 +299,8 @@ def _export(model, names, args, consts, dims) -> _Entry:
                                 "compiling, or return a dict, a tuple or a transformers ModelOutput")
     return _Entry(program, _module_table(model), _input_infos(program, names, dims),
                   OutputSpec(spec, tuple(consts_out), tuple(tensor_leaves)), type(model).__name__,
-                  CallInfo(positional_names(model), tuple(consts.items()), _flag_defaults(model, names, consts)))
+                  CallInfo(positional_names(model), tuple(consts.items()), _flag_defaults(model, names, consts),
+                           _declared_defaults(model, consts)))
 
 
 def _holds_tensors(value) -> bool:
@@ -341,6 +342,19 @@ def _flag_defaults(model: nn.Module, names, consts) -> tuple[tuple[str, Any], ..
         if isinstance(value, bool):
             out[name] = value
     return tuple((k, v) for k, v in out.items() if k not in names and k not in consts)
+
+
+def _declared_defaults(model: nn.Module, consts) -> tuple[tuple[str, Any], ...]:
+    """forward's own scalar default of each flag the example set to another value (not
+    use_cache, which capture sets itself, nor HF's None-for-the-config flags)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return ()
+    return tuple((name, params[name].default) for name, value in consts.items()
+                 if name != "use_cache" and name in params and params[name].default is not params[name].empty
+                 and params[name].default is not None and _is_scalar(params[name].default)
+                 and _is_scalar(value) and (type(value), value) != (type(params[name].default), params[name].default))
 
 
 def _is_scalar(value: Any) -> bool:

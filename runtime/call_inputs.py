@@ -26,7 +26,8 @@ class CallInputs:
     def bind(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         """The graph's inputs by name, in its order, from a call of the original model."""
         names = self.names
-        bound = self._by_position(args)
+        bound, flags_given = self._by_position(args)
+        self._no_flag_left_out({*kwargs, *flags_given})
         kwargs = self._without_flags(kwargs)
         twice = [n for n in kwargs if n in bound]
         bound.update(kwargs)
@@ -88,7 +89,7 @@ class CallInputs:
         return TypeError(f"{self.what}: {info.name} is {type(value).__name__}, the graph takes a tensor "
                          f"[{_dims(info)}] of {info.dtype}{hint}")
 
-    def _by_position(self, args: tuple) -> dict:
+    def _by_position(self, args: tuple) -> tuple[dict, list[str]]:
         """Inputs given by position, named as the original forward names its parameters: the
         graph's inputs are in the example's order (a BERT example of ids, token_type_ids, mask
         made `cm(ids, mask)` pass the mask as token_type_ids). A position the graph has no input
@@ -97,15 +98,30 @@ class CallInputs:
         if len(args) > len(order):
             raise TypeError(f"{self.what} takes {len(order)} inputs by position {list(order)}; "
                             f"{len(args)} were given")
-        bound = {}
+        bound, flags = {}, dict(self.graph.call.flags)
+        given = []  # flags repeated by position as the example gave them (`cm(x, 3, True)`)
         for i, (name, value) in enumerate(zip(order, args)):
             if name in self.names:
                 bound[name] = value
+            elif name in flags and not isinstance(value, torch.Tensor) and _same_flag(flags[name], value):
+                given.append(name)
             elif value is not None:
                 raise TypeError(f"{self.what}: position {i} is the original forward's `{name}`, which the "
                                 f"graph was not captured with (its inputs: {list(self.names)}); pass "
                                 "inputs by name, or recompile with it in example_inputs")
-        return bound
+        return bound, given
+
+    def _no_flag_left_out(self, given) -> None:
+        """A flag the example set away from forward's own default, left out of a call, means the
+        default there, which the graph does not compute: `cm(x)` after example (x, 3, True) ran
+        with k=3, flag=True, silently, where the model's own call used k=1, flag=False."""
+        flags = dict(self.graph.call.flags)
+        for name, default in self.graph.call.declared:
+            if name not in given:
+                raise TypeError(f"{self.what} was captured with {name}={flags[name]!r}, and a call that leaves "
+                                f"{name} out means the forward's default {name}={default!r}, which the graph "
+                                f"does not compute: pass {name}={flags[name]!r}, or compile with example_inputs "
+                                f"that leave {name} out")
 
     def _without_flags(self, kwargs: dict) -> dict:
         """Non-tensor keyword inputs (use_cache=False, return_dict=True) are part of the graph: one

@@ -90,17 +90,21 @@ class CallInfo:
     # The value each flag the example left out had in the capture (forward's default, HF's
     # config.return_dict …): a call may repeat it. () from artifacts of before 2026-12-06.
     defaults: tuple[tuple[str, Any], ...] = ()
+    # forward's own default of each flag the example gave another value (k=3 where forward says
+    # k=1): a call leaving it out means the default, which the graph does not compute. () from
+    # artifacts of before 2026-12-06 (such a call then gets the captured value, as it did).
+    declared: tuple[tuple[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON for meta.json: flags of JSON scalar values only (others are not repeatable)."""
         return {"positional": list(self.positional), "flags": _scalars(self.flags),
-                "defaults": _scalars(self.defaults)}
+                "defaults": _scalars(self.defaults), "declared": _scalars(self.declared)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "CallInfo":
         d = d or {}
         return cls(tuple(d.get("positional") or ()), tuple((d.get("flags") or {}).items()),
-                   tuple((d.get("defaults") or {}).items()))
+                   tuple((d.get("defaults") or {}).items()), tuple((d.get("declared") or {}).items()))
 
 
 def _scalars(pairs) -> dict[str, Any]:

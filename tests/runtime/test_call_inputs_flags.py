@@ -60,3 +60,33 @@ def test_a_forwards_own_flag_default_decides_over_the_config():
     assert isinstance(cm(ids, attention_mask=torch.ones_like(ids), return_dict=False), tuple)
     with pytest.raises(TypeError, match="captured with return_dict=False"):
         cm(ids, attention_mask=torch.ones_like(ids), return_dict=True)
+
+
+class Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x, k: int = 1, flip: bool = False):
+        y = self.l(x) * k
+        return -y if flip else y
+
+
+def test_a_call_leaving_out_a_flag_the_example_set_away_from_its_default_is_refused(tmp_path):
+    """`cm(x)` after example (x, 3, True) ran with k=3, flip=True, silently, where the model's own
+    `m(x)` uses k=1, flip=False; and `cm(x, 3, True)`, the example's own call, was refused."""
+    torch.manual_seed(0)
+    m, x = Flagged().eval(), torch.randn(2, 4)
+    cm = slimfx.compile(m, "", example_inputs=(x, 3, True))
+    cm.save(tmp_path / "a")
+    with torch.no_grad():
+        want = m(x, 3, True)
+        for model in (cm, slimfx.load(tmp_path / "a")):
+            with pytest.raises(TypeError, match="leaves k out means the forward's default k=1"):
+                model(x)
+            with pytest.raises(TypeError, match="leaves flip out means the forward's default flip=False"):
+                model(x, 3)
+            for call in (lambda: model(x, 3, True), lambda: model(x, k=3, flip=True), lambda: model(x, 3, flip=True)):
+                assert torch.equal(call(), want)
+        same = slimfx.compile(m, "", example_inputs=(x, 1, False))  # the defaults: nothing to leave out
+        assert torch.equal(same(x), m(x))
