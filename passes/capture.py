@@ -290,6 +290,8 @@ def _export(model, names, args, consts, dims) -> _Entry:
     except Exception as e:  # export raises many types; the user needs one, with the cause
         raise _unsupported(model, e) from e
     spec, consts_out, tensor_leaves = sink[-1]
+    if any(t.shape != a.shape for t, a in zip(traced, args)):
+        _check_at_example_sizes(model, program, names, args, consts)
     opaque = next((c for c in consts_out if _holds_tensors(c)), None)
     if opaque is not None:  # kept as a constant, it came back with the tracer's fake tensors on every call
         name = type(opaque).__name__
@@ -301,6 +303,28 @@ def _export(model, names, args, consts, dims) -> _Entry:
                   OutputSpec(spec, tuple(consts_out), tuple(tensor_leaves)), type(model).__name__,
                   CallInfo(positional_names(model), tuple(consts.items()), _flag_defaults(model, names, consts),
                            _declared_defaults(model, consts)))
+
+
+def _check_at_example_sizes(model: nn.Module, program, names, args, consts) -> None:
+    """The example had a size of 1 that was traced at 2 (export fixes sizes 0 and 1 as
+    constants): where the model computes otherwise at size 1 (`if ids.shape[1] == 1`) the graph
+    has only the other branch, with no guard, and its outputs were wrong on the example itself.
+    Compared here on the example, against the model; skipped where the forward writes its own
+    buffers (running it would change the user's model)."""
+    gm = program.module()
+    if _written_attrs(gm):
+        return
+    with torch.no_grad(), eval_mode(model):
+        want = [t for t in pytree.tree_leaves(model(**dict(zip(names, args)), **consts)) if isinstance(t, torch.Tensor)]
+        got = list(gm(*args))
+    for w, g in zip(want, got):
+        if w.shape != g.shape or not bool(((g.float() - w.float()).norm() <= 1e-3 * w.float().norm() + 1e-5)):
+            sizes = ", ".join(f"{n} {list(a.shape)}" for n, a in zip(names, args))
+            raise SpecError.at("unsupported", f"{type(model).__name__} computes otherwise at the example's sizes "
+                               f"({sizes}) than the graph traced at size 2 in their place (torch.export fixes "
+                               "sizes 0 and 1): a branch on a size of 1 in its forward",
+                               hint="give example_inputs of at least 2 rows and 2 positions; calls of size 1 "
+                                    "then take the graph's branch as well, so compare them with the model once")
 
 
 def _holds_tensors(value) -> bool:

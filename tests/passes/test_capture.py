@@ -291,3 +291,35 @@ def test_an_output_class_pytree_cannot_open_is_refused_and_works_once_registered
         assert type(out) is Pair and torch.equal(out.logits, want.logits) and torch.equal(out.hidden, want.hidden)
     finally:
         torch.utils._pytree._deregister_pytree_node(Pair)
+
+
+class _BranchOnOnePosition(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.a = nn.Embedding(50, 16), nn.Linear(16, 4)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        if input_ids.shape[1] == 1:  # a decode-step path
+            h = h * 0
+        return self.a(h)
+
+
+def test_an_example_of_size_one_the_model_branches_on_is_refused():
+    """Traced at size 2 in its place, the graph held only the other branch: 0.77 off on the example
+    itself, silently."""
+    import slimfx
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(_BranchOnOnePosition().eval(), "", example_inputs={"input_ids": torch.randint(0, 50, (2, 1))})
+    assert "computes otherwise at the example's sizes (input_ids [2, 1])" in e.value.message
+    assert "at least 2 rows and 2 positions" in e.value.hint
+    ids = torch.randint(0, 50, (2, 3))
+    cm = slimfx.compile(_BranchOnOnePosition().eval(), "", example_inputs={"input_ids": ids})
+    with torch.no_grad():
+        assert torch.equal(cm(input_ids=ids), _BranchOnOnePosition().eval()(ids))
+    lm = tiny("llama", layers=1)  # a model without such a branch compiles from a 1×1 example as before
+    one = {k: v[:1, :1] for k, v in lm.example_inputs.items()}
+    with torch.no_grad():
+        assert torch.allclose(slimfx.compile(lm.model, "", example_inputs=one)(**one).logits,
+                              lm.model(**one).logits, atol=1e-5)
