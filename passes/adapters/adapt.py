@@ -54,6 +54,9 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     if rule.get("init") == "error":
         fits = _error_fits(graph, bound, ctx, dtype, put)
     else:
+        # The same policy draws the same adapters, and the caller's RNG is left alone (two compiles
+        # gave different lora_A, and each advanced the user's torch.manual_seed stream)
+        seeded = torch.Generator().manual_seed(bound.line)
         with ctx.progress.task(f"adding {rule.method} adapters (line {bound.line})",
                                total=len(bound.targets)) as step:
             for t in bound.targets:
@@ -64,7 +67,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                     tensors = store_as(tensors, dtype)
                 else:
                     adapter = _new_adapter(target, sites[0], bound, ctx)
-                    tensors = store_as(fresh_tensors(graph, sites[0], adapter, rule.get("init")), dtype)
+                    tensors = store_as(fresh_tensors(graph, sites[0], adapter, rule.get("init"), seeded), dtype)
                 put(target, adapter, tensors)
                 step(note=target.path)
     inserted = [adapters[t.path] for t in bound.targets]  # rule order (init=error inserts in graph order)
@@ -132,14 +135,15 @@ def _check_rank(adapter: Adapter, site: BaseSite, bound: BoundRule, ctx: Context
                            hint=f"use rank={min(out_features, in_features)} or less, or narrow the selector")
 
 
-def fresh_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, init: str) -> dict[str, torch.Tensor]:
+def fresh_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, init: str,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """A new adapter as PEFT initialises one (`init_lora_weights=True` or "gaussian")."""
     out_features, in_features = site_dims(site)
     a = torch.empty(adapter.rank, in_features)
     if init == "gaussian":
-        nn.init.normal_(a, std=1 / adapter.rank)
+        nn.init.normal_(a, std=1 / adapter.rank, generator=generator)
     else:
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
     tensors = {"lora_A": a, "lora_B": torch.zeros(out_features, adapter.rank)}
     if adapter.method == "dora":  # ‖W + s·B·A‖ per output row, with B = 0
         tensors["lora_magnitude"] = torch.linalg.norm(base_weight(graph, site), dim=1)

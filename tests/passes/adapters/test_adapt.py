@@ -118,3 +118,17 @@ def test_adapting_a_linear_whose_compiled_model_came_with_an_adapter_says_so():
     assert "cm.merge_adapters()" in e.value.hint and "heal" not in str(e.value)
     assert slimfx.compile(cm, "adapt blocks.*.attn.k lora rank=2").adapters.keys() >= {  # other linears are free
         "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"}
+
+
+def test_fresh_adapters_are_the_same_each_compile_and_leave_the_callers_rng_alone():
+    """lora_A came from the global RNG: two compiles of one policy differed, and each advanced the
+    caller's torch.manual_seed stream."""
+    model, x = Wide(), {"x": torch.randn(2, 256)}
+
+    def lora_a(rules):
+        return slimfx.compile(model, rules, example_inputs=x).program.get_submodule("proj").lora_A.detach()
+    for rules in ("adapt proj lora rank=4", "adapt proj lora rank=4 init=gaussian"):
+        state = torch.get_rng_state()
+        first = lora_a(rules)
+        assert torch.equal(torch.get_rng_state(), state)
+        assert torch.equal(first, lora_a(rules))
