@@ -79,6 +79,12 @@ def bind_inputs(model: nn.Module, example: Mapping[str, Any] | tuple):
         items = list(zip(params, example))
     tensors = [(n, v) for n, v in items if isinstance(v, torch.Tensor)]
     consts = {n: v for n, v in items if not isinstance(v, torch.Tensor)}
+    nested = next((n for n, v in consts.items()
+                   if any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))), None)
+    if nested is not None:  # it would be a constant of the graph (or "no tensor among the inputs")
+        raise TypeError(f"{type(model).__name__}'s example input {nested} is a {type(consts[nested]).__name__} "
+                        "holding tensors: the graph takes tensors one by one (a model whose forward takes a "
+                        "list or dict of tensors needs a wrapper whose forward takes them as separate inputs)")
     if not tensors:
         raise TypeError(f"no tensor among the example inputs of {type(model).__name__}")
     if "use_cache" in inspect.signature(model.forward).parameters:

@@ -323,3 +323,19 @@ def test_an_example_of_size_one_the_model_branches_on_is_refused():
     with torch.no_grad():
         assert torch.allclose(slimfx.compile(lm.model, "", example_inputs=one)(**one).logits,
                               lm.model(**one).logits, atol=1e-5)
+
+
+def test_an_example_input_of_a_list_of_tensors_is_refused_by_name():
+    """It became a constant of the graph, or (alone) "no tensor among the example inputs"."""
+    class Pairwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, xs, scale=1.0):
+            return self.a(xs[0] + xs[1]) * scale
+
+    pair = [torch.randn(2, 4), torch.randn(2, 4)]
+    for example in ({"xs": pair}, (pair,), {"xs": {"a": pair[0]}, "scale": 2.0}):
+        with pytest.raises(TypeError, match="example input xs is a (list|dict) holding tensors: the graph takes"):
+            capture(Pairwise(), example)
