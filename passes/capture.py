@@ -77,6 +77,7 @@ def bind_inputs(model: nn.Module, example: Mapping[str, Any] | tuple):
             raise TypeError(f"{type(model).__name__}.forward takes {len(params)} positional "
                             f"inputs; {len(example)} were given: pass a dict of named inputs")
         items = list(zip(params, example))
+    _check_names(model, [n for n, _ in items])
     tensors = [(n, v) for n, v in items if isinstance(v, torch.Tensor)]
     consts = {n: v for n, v in items if not isinstance(v, torch.Tensor)}
     nested = next((n for n, v in consts.items()
@@ -90,6 +91,25 @@ def bind_inputs(model: nn.Module, example: Mapping[str, Any] | tuple):
     if "use_cache" in inspect.signature(model.forward).parameters:
         consts.setdefault("use_cache", False)  # a KV cache output would not be a flat tensor
     return [n for n, _ in tensors], [v for _, v in tensors], consts
+
+
+def _check_names(model: nn.Module, given: list[str]) -> None:
+    """Example names forward does not take, or forward's required inputs the example leaves out:
+    said before tracing (torch.export's TypeError came with "needs a model that torch.export can
+    trace")."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    kinds = {p.kind for p in params.values()}
+    unknown = [n for n in given if n not in params] if inspect.Parameter.VAR_KEYWORD not in kinds else []
+    missing = [p.name for p in params.values() if p.default is p.empty and p.name not in given
+               and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if unknown or missing:
+        said = "; ".join(f"{label} {names}" for label, names in (("it does not take", unknown),
+                                                                  ("it needs", missing)) if names)
+        raise TypeError(f"{type(model).__name__}.forward{inspect.signature(model.forward)} and the example inputs "
+                        f"{given} disagree: {said}; name the example's inputs as forward's parameters")
 
 
 def positional_names(model: nn.Module) -> tuple[str, ...]:

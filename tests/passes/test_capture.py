@@ -339,3 +339,21 @@ def test_an_example_input_of_a_list_of_tensors_is_refused_by_name():
     for example in ({"xs": pair}, (pair,), {"xs": {"a": pair[0]}, "scale": 2.0}):
         with pytest.raises(TypeError, match="example input xs is a (list|dict) holding tensors: the graph takes"):
             capture(Pairwise(), example)
+
+
+def test_example_names_forward_does_not_take_or_needs_are_said_before_tracing():
+    """torch.export's TypeError came with a hint to make the model traceable."""
+    class Sum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x, y):
+            return self.a(x + y)
+
+    t = torch.randn(2, 4)
+    with pytest.raises(TypeError, match=r"Sum.forward\(x, y\) and the example inputs \['x', 'z'\] disagree: "
+                                        r"it does not take \['z'\]; it needs \['y'\]"):
+        capture(Sum(), {"x": t, "z": t})
+    with pytest.raises(TypeError, match=r"disagree: it needs \['y'\]"):
+        capture(Sum(), {"x": t})
