@@ -274,7 +274,9 @@ def _calibration(model, calib, graph):
         binder = CallInputs(graph, f"compiled {graph.model_class} (calibration batch {i} of {len(batches)})",
                             fix="give each calibration batch those inputs")
         try:
-            bound = binder.bind((), {k: v for k, v in batch.items() if k in names})
+            # with the flags the graph was captured with: a batch gives tensors only, and a flag
+            # the example set away from its default would count as left out
+            bound = binder.bind((), {**dict(graph.call.flags), **{k: v for k, v in batch.items() if k in names}})
         except (TypeError, ValueError) as e:
             problem, bound = problem or e, {k: v for k, v in batch.items() if k in names}
         out.append({**bound, **{k: v for k, v in batch.items() if k not in names}})

@@ -26,8 +26,12 @@ class CallInputs:
     def bind(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         """The graph's inputs by name, in its order, from a call of the original model."""
         names = self.names
-        bound, flags_given = self._by_position(args)
-        self._no_flag_left_out({*kwargs, *flags_given})
+        bound, by_position = self._by_position(args)
+        twice_flags = [n for n in by_position if n in kwargs]
+        if twice_flags:
+            raise TypeError(f"{self.what}: {twice_flags[0]} is given by position and by name")
+        kwargs = {**kwargs, **by_position}  # flags by position are checked as by name
+        self._no_flag_left_out(kwargs)
         kwargs = self._without_flags(kwargs)
         twice = [n for n in kwargs if n in bound]
         bound.update(kwargs)
@@ -98,18 +102,17 @@ class CallInputs:
         if len(args) > len(order):
             raise TypeError(f"{self.what} takes {len(order)} inputs by position {list(order)}; "
                             f"{len(args)} were given")
-        bound, flags = {}, dict(self.graph.call.flags)
-        given = []  # flags repeated by position as the example gave them (`cm(x, 3, True)`)
+        bound, flags = {}, {}  # flags: non-tensor values by position (`cm(x, 3, True)`), checked by name
         for i, (name, value) in enumerate(zip(order, args)):
             if name in self.names:
                 bound[name] = value
-            elif name in flags and not isinstance(value, torch.Tensor) and _same_flag(flags[name], value):
-                given.append(name)
+            elif value is not None and not isinstance(value, torch.Tensor):
+                flags[name] = value
             elif value is not None:
                 raise TypeError(f"{self.what}: position {i} is the original forward's `{name}`, which the "
                                 f"graph was not captured with (its inputs: {list(self.names)}); pass "
                                 "inputs by name, or recompile with it in example_inputs")
-        return bound, given
+        return bound, flags
 
     def _no_flag_left_out(self, given) -> None:
         """A flag the example set away from forward's own default, left out of a call, means the

@@ -333,7 +333,9 @@ def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
 
 def _loss(cm, batch: dict, loss: str, teacher) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = cm(**inputs)
+    # with the non-tensor flags the graph was captured with (batches hold tensors; one set away
+    # from forward's own default may not be left out of a call)
+    out = cm(**{**dict(cm.graph.call.flags), **inputs})
     return lm_loss(out, batch) if loss == "lm" else _distill_loss(out, teacher, inputs)
 
 

@@ -90,3 +90,37 @@ def test_a_call_leaving_out_a_flag_the_example_set_away_from_its_default_is_refu
                 assert torch.equal(call(), want)
         same = slimfx.compile(m, "", example_inputs=(x, 1, False))  # the defaults: nothing to leave out
         assert torch.equal(same(x), m(x))
+
+
+def test_a_model_captured_with_a_non_default_flag_calibrates_and_trains():
+    """Calibration batches (tensors only) counted the flag as left out: every calibrating rule
+    failed on such a model."""
+    torch.manual_seed(0)
+    m, x = Flagged().eval(), torch.randn(2, 4)
+    calib = [{"x": torch.randn(8, 4)}] * 2
+    cm = slimfx.compile(m, "quantize l int8 method=gptq", example_inputs={"x": x, "k": 3}, calib=calib)
+    with torch.no_grad():
+        assert torch.allclose(cm(x, k=3), m(x, k=3), atol=0.05)
+    adapted = slimfx.compile(m, "adapt l lora rank=2", example_inputs={"x": x, "k": 3})
+    with pytest.raises(slimfx.runtime.train.NothingToDistil):  # the student ran with k=3, as the teacher
+        slimfx.train(adapted, [{"x": torch.randn(4, 4)}] * 2, steps=2, loss="distill",
+                     teacher=lambda **inputs: m(**inputs, k=3))
+    assert len(slimfx.train(adapted, [{"x": torch.randn(4, 4)}] * 2, steps=2, loss="distill",
+                            teacher=lambda **inputs: m(**inputs, k=2)).losses) == 2
+
+
+def test_flags_by_position_are_checked_as_by_name():
+    """`cm(x, 1)` (forward's own default, by position) was refused as "not captured with", and
+    `cm(x, 5, True)` on a graph captured with k=3 named the wrong reason."""
+    torch.manual_seed(0)
+    m, x = Flagged().eval(), torch.randn(2, 4)
+    plain = slimfx.compile(m, "", example_inputs={"x": x})
+    with torch.no_grad():
+        assert torch.equal(plain(x, 1), m(x)) and torch.equal(plain(x, 1, False), m(x))
+    with pytest.raises(TypeError, match="captured with k=1 \\(the model's default\\)"):
+        plain(x, 2)
+    three = slimfx.compile(m, "", example_inputs=(x, 3, True))
+    with pytest.raises(TypeError, match="captured with k=3, which the graph has fixed; k=5 needs another graph"):
+        three(x, 5, True)
+    with pytest.raises(TypeError, match="flip is given by position and by name"):
+        three(x, 3, True, flip=True)
