@@ -344,13 +344,27 @@ def _check_at_example_sizes(model: nn.Module, program, names, args, consts) -> N
         want = [t for t in pytree.tree_leaves(model(**dict(zip(names, args)), **consts)) if isinstance(t, torch.Tensor)]
         got = list(gm(*args))
     for w, g in zip(want, got):
-        if w.shape != g.shape or not bool(((g.float() - w.float()).norm() <= 1e-3 * w.float().norm() + 1e-5)):
+        if not _close(w, g):
             sizes = ", ".join(f"{n} {list(a.shape)}" for n, a in zip(names, args))
             raise SpecError.at("unsupported", f"{type(model).__name__} computes otherwise at the example's sizes "
                                f"({sizes}) than the graph traced at size 2 in their place (torch.export fixes "
                                "sizes 0 and 1): a branch on a size of 1 in its forward",
                                hint="give example_inputs of at least 2 rows and 2 positions; calls of size 1 "
                                     "then take the graph's branch as well, so compare them with the model once")
+
+
+def _close(want: torch.Tensor, got: torch.Tensor) -> bool:
+    """Same shape, the same inf/NaN in the same places (a masked score of -inf), and the finite
+    values within 1e-3 of want's norm (a NaN difference refused a model that outputs -inf)."""
+    if want.shape != got.shape:
+        return False
+    if not want.is_floating_point():
+        return torch.equal(want, got)
+    w, g = want.float(), got.float()
+    finite = w.isfinite()
+    if not torch.equal(finite, g.isfinite()) or not torch.equal(w[~finite].nan_to_num(), g[~finite].nan_to_num()):
+        return False
+    return bool((g[finite] - w[finite]).norm() <= 1e-3 * w[finite].norm() + 1e-5)
 
 
 def _holds_tensors(value) -> bool:

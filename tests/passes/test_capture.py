@@ -357,3 +357,22 @@ def test_example_names_forward_does_not_take_or_needs_are_said_before_tracing():
         capture(Sum(), {"x": t, "z": t})
     with pytest.raises(TypeError, match=r"disagree: it needs \['y'\]"):
         capture(Sum(), {"x": t})
+
+
+def test_an_example_of_size_one_whose_outputs_hold_inf_is_compared_as_the_model_computes_them():
+    """A masked -inf in the same place in both made the difference NaN, and the model was refused
+    as branching on a size of 1."""
+    import slimfx
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.a(x)
+            return y.masked_fill(y < 0, float("-inf"))
+
+    model, x = Masked().eval(), torch.randn(1, 16)
+    with torch.no_grad():
+        assert torch.equal(slimfx.compile(model, "", example_inputs={"x": x})(x=x), model(x))
