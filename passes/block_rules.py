@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..dsl import ast as A
 from .graph import Block
 
-__all__ = ["auto_count", "collapse_range_problem", "merge_problem", "full_precision_problem"]
+__all__ = ["auto_count", "angular_room", "collapse_range_problem", "merge_problem", "full_precision_problem"]
 
 
 def auto_count(rule: A.Rule, candidates: list[int], n_blocks: int) -> tuple[int, tuple[str, str] | None]:
@@ -21,7 +21,7 @@ def auto_count(rule: A.Rule, candidates: list[int], n_blocks: int) -> tuple[int,
         return count, (f"ratio={auto.get('ratio')} of {n_blocks} blocks removes none",
                        "raise the ratio, or write count=1")
     angular = isinstance(rule, A.Drop) and auto.get("score") == "angular"
-    most = _angular_room(candidates, n_blocks, auto.get("max_run")) if angular else len(candidates)
+    most = angular_room(candidates, n_blocks, auto.get("max_run")) if angular else len(candidates)
     room = max(0, min(most - isinstance(rule, A.Collapse), n_blocks - 1))
     if count > room:
         why = (" (LaCo keeps one selected block to merge the others into)" if isinstance(rule, A.Collapse) else
@@ -33,7 +33,7 @@ def auto_count(rule: A.Rule, candidates: list[int], n_blocks: int) -> tuple[int,
     return count, None
 
 
-def _angular_room(candidates: list[int], n_blocks: int, max_run: int) -> int:
+def angular_room(candidates: list[int], n_blocks: int, max_run: int) -> int:
     """The most blocks runs of at most `max_run` candidates, never touching each other and never
     the last block, can hold: a stretch of L contiguous candidates holds L − ⌊L/(max_run+1)⌋."""
     allowed = sorted(set(candidates) - {n_blocks - 1})

@@ -333,10 +333,18 @@ def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
 
 def _loss(cm, batch: dict, loss: str, teacher) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    # with the non-tensor flags the graph was captured with (batches hold tensors; one set away
-    # from forward's own default may not be left out of a call)
-    out = cm(**{**dict(cm.graph.call.flags), **inputs})
+    out = cm(**{**_flags_set_away(cm), **inputs})
     return lm_loss(out, batch) if loss == "lm" else _distill_loss(out, teacher, inputs)
+
+
+def _flags_set_away(cm) -> dict:
+    """The non-tensor flags the graph was captured with away from forward's own default (batches
+    hold tensors, and such a flag may not be left out of a call); none for a graph without them."""
+    call = getattr(getattr(cm, "graph", None), "call", None)
+    if call is None:
+        return {}
+    flags = dict(call.flags)
+    return {name: flags[name] for name, _ in getattr(call, "declared", ()) if name in flags}
 
 
 def lm_loss(out, batch: dict) -> torch.Tensor:

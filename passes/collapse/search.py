@@ -13,7 +13,7 @@ from ...runtime.progress import Progress
 from ..graph import ModelGraph
 from ..lent import put_tensor
 from ..block_reads import removal_problem
-from ..block_rules import merge_problem
+from ..block_rules import angular_room, merge_problem
 from .cut import laco_merge
 from .streams import StreamSums, angular, final_similarity
 
@@ -33,27 +33,36 @@ def by_influence(sims: StreamSums, count: int, candidates: list[int]) -> list[in
 
 def by_angular(sims: StreamSums, count: int, max_run: int, candidates: list[int], n_blocks: int) -> list[list[int]]:
     """Runs of at most `max_run` contiguous candidate blocks, `count` blocks in all, chosen greedily
-    by the smallest angular distance between what enters a run and what leaves it. Runs never
-    touch each other (two adjacent runs would be one longer run) and never include the last block."""
+    by the smallest angular distance between what enters a run and what leaves it, the longest
+    runs that leave room for the rest first. Runs never touch each other (two adjacent runs would
+    be one longer run) and never include the last block."""
     allowed = set(candidates) - {n_blocks - 1}
-    taken: set[int] = set()
     runs: list[list[int]] = []
     left = count
     while left > 0:
-        n = min(max_run, left)
         best = None
-        for start in range(0, n_blocks - n):
-            run = list(range(start, start + n))
-            if not set(run) <= allowed or taken & set(range(start - 1, start + n + 1)):
-                continue
-            d = angular(sims[start, start + n])
-            if best is None or d < best[0]:
-                best = (d, run)
+        # The longest runs first, and only one after which the rest can still be taken (block_rules'
+        # room): a greedy pick of the best run of max_run could leave no room ("no run of 2 …
+        # after choosing [[1, 2]]") where `plan` had counted enough, or find no run of max_run at
+        # all in stretches shorter than it (`blocks[::2]`).
+        for n in range(min(max_run, left), 0, -1):
+            for start in range(0, n_blocks - n):
+                run = set(range(start, start + n))
+                if not run <= allowed:
+                    continue
+                rest = allowed - set(range(start - 1, start + n + 1))
+                if angular_room(sorted(rest), n_blocks, max_run) < left - n:
+                    continue
+                d = angular(sims[start, start + n])
+                if best is None or d < best[0]:
+                    best = (d, sorted(run))
+            if best is not None:
+                break
         if best is None:
-            raise NotEnoughBlocks(f"no run of {n} removable blocks is left after choosing {runs}")
+            raise NotEnoughBlocks(f"no run of removable blocks is left after choosing {runs}")
         runs.append(best[1])
-        taken |= set(best[1])
-        left -= n
+        allowed -= set(range(best[1][0] - 1, best[1][-1] + 2))  # a later run may not touch it
+        left -= len(best[1])
     return sorted(runs)
 
 

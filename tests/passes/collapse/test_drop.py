@@ -236,6 +236,9 @@ def test_plan_and_compile_refuse_an_angular_drop_the_last_block_or_its_runs_cann
         assert e.value.diagnostics[0].kind == "out-of-range"
         assert f"only {room} of the model's 8 blocks may go (angular runs never include the last block" in str(e.value)
     assert slimfx.plan(lm8, "drop blocks[4:] auto(count=2, score=angular, max_run=1)")  # 4 and 6
+    # no run of max_run=4 fits between the gaps of every other block: compile took none
+    cm = slimfx.compile(lm8, "drop blocks[::2] auto(count=2, score=angular)", calib=[lm8.example_inputs])
+    assert len(cm.report.rules[0].details["runs"]) == 2
 
 
 @settings(max_examples=200, deadline=None)
@@ -245,7 +248,7 @@ def test_angular_room_is_the_largest_set_of_short_runs_short_of_the_last_block(c
     contiguous runs are at most max_run long."""
     from itertools import combinations
 
-    from slimfx.passes.block_rules import _angular_room
+    from slimfx.passes.block_rules import angular_room
     n, candidates, max_run = case
     allowed = sorted(candidates - {n - 1})
 
@@ -257,7 +260,36 @@ def test_angular_room_is_the_largest_set_of_short_runs_short_of_the_last_block(c
                 return False
         return True
     best = max(size for size in range(len(allowed) + 1) if any(runs_ok(c) for c in combinations(allowed, size)))
-    assert _angular_room(sorted(candidates), n, max_run) == best
+    assert angular_room(sorted(candidates), n, max_run) == best
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 10).flatmap(lambda n: st.tuples(
+    st.just(n), st.sets(st.integers(0, n - 1)), st.integers(1, 4), st.integers(1, 6),
+    st.lists(st.floats(-1, 1), min_size=(n + 1) ** 2, max_size=(n + 1) ** 2))))
+def test_the_angular_search_takes_whatever_count_its_room_allows(case):
+    """Its greedy pick of the best run of max_run could leave no room for the rest ("no run of 2
+    … after choosing [[1, 2]]"), and found none in stretches shorter than max_run, where `plan`
+    had counted enough: whatever the scores, it now takes `count` whenever the room holds it, in
+    runs of at most max_run that never touch and never include the last block."""
+    from slimfx.passes.block_rules import angular_room
+    from slimfx.passes.collapse.search import NotEnoughBlocks, by_angular
+    from slimfx.passes.collapse.streams import StreamSums
+    n, candidates, max_run, count, cosines = case
+    sims = StreamSums()
+    for i in range(n + 1):
+        for j in range(n + 1):
+            sims.sums[i, j], sims.tokens[i, j] = cosines[i * (n + 1) + j], 1
+    room = angular_room(sorted(candidates), n, max_run)
+    if count > room:
+        with pytest.raises(NotEnoughBlocks):
+            by_angular(sims, count, max_run, sorted(candidates), n)
+        return
+    runs = by_angular(sims, count, max_run, sorted(candidates), n)
+    taken = [i for run in runs for i in run]
+    assert len(taken) == count and set(taken) <= candidates - {n - 1}
+    assert all(len(r) <= max_run and r == list(range(r[0], r[-1] + 1)) for r in runs)
+    assert all(b[0] > a[-1] + 1 for a, b in zip(runs, runs[1:]))  # never touching
 
 
 def test_a_model_without_blocks_is_a_spec_error():
