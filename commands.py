@@ -343,6 +343,11 @@ def _encoder_batches(loaded, batch: int, seq: int, steps: int) -> list[dict]:
     from .evaluation import calibration_texts
     from .more_text import more_texts
 
+    tokenizer = loaded.tokenizer
+    special = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+    if seq <= special:  # the tokenizer then ignores the cut: whole paragraphs, or a failure of its own
+        raise UsageError(f"--seq {seq} leaves no room for text: {loaded.name}'s tokenizer adds {special} special "
+                         f"tokens to each row; use --seq {special + 1} or more")
     rows = loaded.encode(calibration_texts(), max_length=seq, overflow=True)
     if len(rows["input_ids"]) < batch * steps:
         rows = loaded.encode([*calibration_texts(), *more_texts()], max_length=seq, overflow=True)

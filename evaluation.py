@@ -142,6 +142,8 @@ def perplexity(model: Callable, tokenizer: Any, text: str, *, window: int = 256,
     """
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
+    if max_tokens < 2:  # a negative one sliced tokens off the end, silently
+        raise ValueError(f"max_tokens must be at least 2 tokens, got {max_tokens}")
     ids = torch.as_tensor(tokenizer(text, return_tensors="pt")["input_ids"]).reshape(-1)
     ids = ids[:max_tokens]
     chunks = [c for c in ids.split(window) if c.numel() >= 2]

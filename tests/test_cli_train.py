@@ -226,3 +226,22 @@ def test_a_vision_artifact_is_evaluated_and_its_training_refused_for_want_of_tex
     assert main(["train", "--model", "tiny:vit", "--compiled", str(out), "--steps", "1"]) == 1
     err = capsys.readouterr().err
     assert "tiny:vit has no tokenizer; `slimfx train` trains on text" in err and "without pixel_values" not in err
+
+
+def test_an_encoder_sequence_no_longer_than_its_special_tokens_is_refused():
+    """A fast tokenizer ignores max_length when it leaves no room past [CLS] … [SEP]: --seq 1
+    trained on whole paragraphs, --seq 2 failed as a slimfx bug."""
+    from types import SimpleNamespace
+
+    from slimfx.command_checks import UsageError
+    from slimfx.commands import _encoder_batches
+
+    class TwoSpecial:
+        def num_special_tokens_to_add(self):
+            return 2
+
+    loaded = SimpleNamespace(name="minilm-l6", tokenizer=TwoSpecial())
+    for seq in (1, 2):
+        with pytest.raises(UsageError, match=f"--seq {seq} leaves no room for text: minilm-l6's tokenizer adds 2 "
+                                             "special tokens to each row; use --seq 3 or more"):
+            _encoder_batches(loaded, batch=2, seq=seq, steps=1)

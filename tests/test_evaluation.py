@@ -321,3 +321,10 @@ def test_logit_cosine_is_the_mean_cosine_of_each_images_logits():
     assert ev.logit_cosine(lm.model, flipped, images) == pytest.approx(-1.0)
     want = sum(float(x @ y / (x.norm() * y.norm())) for x, y in zip(a, b)) / len(a)
     assert ev.logit_cosine(lm.model, moved, images) == pytest.approx(want) and want < 0.999
+
+
+@pytest.mark.parametrize("max_tokens", [-1, 0, 1])
+def test_perplexity_refuses_max_tokens_below_two(max_tokens):
+    """A negative max_tokens sliced tokens off the end of the text, silently."""
+    with pytest.raises(ValueError, match=f"max_tokens must be at least 2 tokens, got {max_tokens}"):
+        ev.perplexity(UniformLM(), ByteTokenizer(), "y" * 100, window=32, max_tokens=max_tokens)
