@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, Phase, given, seed as hypothesis_seed, setti
 from hypothesis.control import current_build_context, currently_in_test_context
 from torch import nn
 
-from .passes.capture import bind_inputs, eval_mode
+from .passes.capture import bind_inputs
+from .passes.eval_mode import eval_mode
 from .policy_compare import (MetricReturnError, callable_name, left_padding_hint, metric_result, structure_problem,
                              token_leaves, tolerance_problem)
 from .policy_inputs import (PADDING_CHOICES, Draw, Space, build_inputs, draw_mask, draws, first_line, fixed_draws, input_space,

@@ -13,7 +13,7 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from .passes.capture import eval_mode
+from .passes.eval_mode import eval_mode
 
 __all__ = ["Draw", "Space", "PADDINGS", "PADDING_CHOICES", "IGNORE_INDEX", "draws", "fixed_draws", "draw_mask", "build_inputs",
            "input_space", "within_the_model", "first_line"]

@@ -6,7 +6,6 @@ graph; the graph gets its own copy of every weight, so no later pass can touch t
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
@@ -15,15 +14,18 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..dsl.errors import SpecError
+from .capture_checks import (check_at_example_sizes, check_names, refuse_nested_tensors,
+                             refuse_opaque_outputs, written_attrs)
+from .eval_mode import eval_mode
 from .graph import CallInfo, InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
 from .lent import lend as lend_tensors, own_copies
 from .linear_form import matmuls_as_linears
 
-__all__ = ["capture", "bind_inputs", "clear_cache", "cache_info", "eval_mode", "SEQ_INPUTS"]
+__all__ = ["capture", "bind_inputs", "clear_cache", "cache_info", "SEQ_INPUTS"]
 
 # Inputs whose dim 1 is the sequence; any other 2-D integer/bool input (a mask) counts too.
 SEQ_INPUTS = frozenset({
@@ -77,39 +79,15 @@ def bind_inputs(model: nn.Module, example: Mapping[str, Any] | tuple):
             raise TypeError(f"{type(model).__name__}.forward takes {len(params)} positional "
                             f"inputs; {len(example)} were given: pass a dict of named inputs")
         items = list(zip(params, example))
-    _check_names(model, [n for n, _ in items])
+    check_names(model, [n for n, _ in items])
     tensors = [(n, v) for n, v in items if isinstance(v, torch.Tensor)]
     consts = {n: v for n, v in items if not isinstance(v, torch.Tensor)}
-    nested = next((n for n, v in consts.items()
-                   if any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))), None)
-    if nested is not None:  # it would be a constant of the graph (or "no tensor among the inputs")
-        raise TypeError(f"{type(model).__name__}'s example input {nested} is a {type(consts[nested]).__name__} "
-                        "holding tensors: the graph takes tensors one by one (a model whose forward takes a "
-                        "list or dict of tensors needs a wrapper whose forward takes them as separate inputs)")
+    refuse_nested_tensors(model, consts)
     if not tensors:
         raise TypeError(f"no tensor among the example inputs of {type(model).__name__}")
     if "use_cache" in inspect.signature(model.forward).parameters:
         consts.setdefault("use_cache", False)  # a KV cache output would not be a flat tensor
     return [n for n, _ in tensors], [v for _, v in tensors], consts
-
-
-def _check_names(model: nn.Module, given: list[str]) -> None:
-    """Example names forward does not take, or forward's required inputs the example leaves out:
-    said before tracing (torch.export's TypeError came with "needs a model that torch.export can
-    trace")."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return
-    kinds = {p.kind for p in params.values()}
-    unknown = [n for n in given if n not in params] if inspect.Parameter.VAR_KEYWORD not in kinds else []
-    missing = [p.name for p in params.values() if p.default is p.empty and p.name not in given
-               and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if unknown or missing:
-        said = "; ".join(f"{label} {names}" for label, names in (("it does not take", unknown),
-                                                                  ("it needs", missing)) if names)
-        raise TypeError(f"{type(model).__name__}.forward{inspect.signature(model.forward)} and the example inputs "
-                        f"{given} disagree: {said}; name the example's inputs as forward's parameters")
 
 
 def positional_names(model: nn.Module) -> tuple[str, ...]:
@@ -317,67 +295,12 @@ def _export(model, names, args, consts, dims) -> _Entry:
         raise _unsupported(model, e) from e
     spec, consts_out, tensor_leaves = sink[-1]
     if any(t.shape != a.shape for t, a in zip(traced, args)):
-        _check_at_example_sizes(model, program, names, args, consts)
-    opaque = next((c for c in consts_out if _holds_tensors(c)), None)
-    if opaque is not None:  # kept as a constant, it came back with the tracer's fake tensors on every call
-        name = type(opaque).__name__
-        raise SpecError.at("unsupported", f"{type(model).__name__} returns a `{name}` holding tensors, which slimfx "
-                           "cannot take apart: its tensors would come back as the ones seen while tracing",
-                           hint=f"register the class with torch.export.register_dataclass({name}) before "
-                                "compiling, or return a dict, a tuple or a transformers ModelOutput")
+        check_at_example_sizes(model, program, names, args, consts)
+    refuse_opaque_outputs(model, consts_out)
     return _Entry(program, _module_table(model), _input_infos(program, names, dims),
                   OutputSpec(spec, tuple(consts_out), tuple(tensor_leaves)), type(model).__name__,
                   CallInfo(positional_names(model), tuple(consts.items()), _flag_defaults(model, names, consts),
                            _declared_defaults(model, consts)))
-
-
-def _check_at_example_sizes(model: nn.Module, program, names, args, consts) -> None:
-    """The example had a size of 1 that was traced at 2 (export fixes sizes 0 and 1 as
-    constants): where the model computes otherwise at size 1 (`if ids.shape[1] == 1`) the graph
-    has only the other branch, with no guard, and its outputs were wrong on the example itself.
-    Compared here on the example, against the model; skipped where the forward writes its own
-    buffers (running it would change the user's model)."""
-    gm = program.module()
-    if _written_attrs(gm):
-        return
-    try:
-        with torch.no_grad(), eval_mode(model):
-            want = [t for t in pytree.tree_leaves(model(**dict(zip(names, args)), **consts))
-                    if isinstance(t, torch.Tensor)]
-            got = list(gm(*args))
-    except Exception:  # noqa: BLE001 - a model that runs only under export: nothing to compare with
-        return  # (check_policy says so by name when it calls the original)
-    for w, g in zip(want, got):
-        if not _close(w, g):
-            sizes = ", ".join(f"{n} {list(a.shape)}" for n, a in zip(names, args))
-            raise SpecError.at("unsupported", f"{type(model).__name__} computes otherwise at the example's sizes "
-                               f"({sizes}) than the graph traced at size 2 in their place (torch.export fixes "
-                               "sizes 0 and 1): a branch on a size of 1 in its forward",
-                               hint="give example_inputs of at least 2 rows and 2 positions; calls of size 1 "
-                                    "then take the graph's branch as well, so compare them with the model once")
-
-
-def _close(want: torch.Tensor, got: torch.Tensor) -> bool:
-    """Same shape, the same inf/NaN in the same places (a masked score of -inf), and the finite
-    values within 1e-3 of want's norm (a NaN difference refused a model that outputs -inf)."""
-    if want.shape != got.shape:
-        return False
-    if not want.is_floating_point():
-        return torch.equal(want, got)
-    w, g = want.float(), got.float()
-    finite = w.isfinite()
-    if not torch.equal(finite, g.isfinite()) or not torch.equal(w[~finite].nan_to_num(), g[~finite].nan_to_num()):
-        return False
-    return bool((g[finite] - w[finite]).norm() <= 1e-3 * w[finite].norm() + 1e-5)
-
-
-def _holds_tensors(value) -> bool:
-    """An output leaf pytree did not open (an unregistered dataclass or object) with tensors in it."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = [getattr(value, f.name, None) for f in dataclasses.fields(value)]
-    else:
-        fields = list(getattr(value, "__dict__", {}).values())
-    return any(isinstance(f, torch.Tensor) for f in fields)
 
 
 # Hugging Face flags a forward takes through **kwargs (or as None): None means the config's value.
@@ -450,18 +373,6 @@ def _with_signature(bound, sig: inspect.Signature):
     return forward
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Trace inference (no dropout), then give every module its training flag back."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _unsupported(model: nn.Module, e: Exception) -> SpecError:
     first = (str(e).strip().splitlines() or [""])[0][:300]
     return SpecError.at(
@@ -511,21 +422,6 @@ def _input_infos(program, names, dims) -> tuple[InputInfo, ...]:
     return tuple(infos)
 
 
-def _written_attrs(gm: fx.GraphModule) -> list[str]:
-    """Targets of the get_attr nodes an op writes in place (`aten.copy_` onto a buffer: the
-    unlifted program's form of `self.n += 1`)."""
-    out = []
-    for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-        if schema is None:
-            continue
-        for arg, spec in zip(node.args, schema.arguments):
-            if isinstance(arg, fx.Node) and arg.op == "get_attr" and spec.alias_info is not None \
-                    and spec.alias_info.is_write:
-                out.append(arg.target)
-    return list(dict.fromkeys(out))
-
-
 def _graph_from(entry: _Entry, lend: bool) -> ModelGraph:
     """A fresh GraphModule per call, with its own copies of the weights (tying preserved), or
     lent ones."""
@@ -535,7 +431,7 @@ def _graph_from(entry: _Entry, lend: bool) -> ModelGraph:
     if lend:
         # A buffer the forward writes (a call counter, running statistics) is the graph's own from
         # the start: lent, the first calibration forward wrote into the user's model
-        lent.own_written(gm, _written_attrs(gm))
+        lent.own_written(gm, written_attrs(gm))
     else:
         own_copies(gm)
     # The module table is copied too: a pass may edit its graph's table, never the cache's.

@@ -1,0 +1,130 @@
+"""Checks on what capture is given and returns (passes/capture_checks.py): names, nested
+inputs, size-1 examples the model branches on, outputs pytree cannot open."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import slimfx
+from slimfx.dsl.errors import SpecError
+from slimfx.models import tiny
+from slimfx.passes.capture import capture
+
+
+def test_an_output_class_pytree_cannot_open_is_refused_and_works_once_registered():
+    """An unregistered dataclass output was kept as a constant: every call returned the object
+    seen while tracing, its fields fake tensors of symbolic size."""
+    @dataclasses.dataclass
+    class Pair:
+        logits: torch.Tensor
+        hidden: torch.Tensor
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.a(x)
+            return Pair(self.b(h), h)
+
+    model = Two().eval()
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(model, "", example_inputs={"x": torch.randn(2, 8)})
+    assert "returns a `Pair` holding tensors" in e.value.message
+    assert "torch.export.register_dataclass(Pair)" in e.value.hint
+    torch.export.register_dataclass(Pair)
+    try:
+        cm = slimfx.compile(model, "", example_inputs={"x": torch.randn(2, 8)})
+        x = torch.randn(5, 8)
+        with torch.no_grad():
+            out, want = cm(x=x), model(x)
+        assert type(out) is Pair and torch.equal(out.logits, want.logits) and torch.equal(out.hidden, want.hidden)
+    finally:
+        torch.utils._pytree._deregister_pytree_node(Pair)
+
+
+class _BranchOnOnePosition(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.a = nn.Embedding(50, 16), nn.Linear(16, 4)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        if input_ids.shape[1] == 1:  # a decode-step path
+            h = h * 0
+        return self.a(h)
+
+
+def test_an_example_of_size_one_the_model_branches_on_is_refused():
+    """Traced at size 2 in its place, the graph held only the other branch: 0.77 off on the example
+    itself, silently."""
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(_BranchOnOnePosition().eval(), "", example_inputs={"input_ids": torch.randint(0, 50, (2, 1))})
+    assert "computes otherwise at the example's sizes (input_ids [2, 1])" in e.value.message
+    assert "at least 2 rows and 2 positions" in e.value.hint
+    ids = torch.randint(0, 50, (2, 3))
+    cm = slimfx.compile(_BranchOnOnePosition().eval(), "", example_inputs={"input_ids": ids})
+    with torch.no_grad():
+        assert torch.equal(cm(input_ids=ids), _BranchOnOnePosition().eval()(ids))
+    lm = tiny("llama", layers=1)  # a model without such a branch compiles from a 1×1 example as before
+    one = {k: v[:1, :1] for k, v in lm.example_inputs.items()}
+    with torch.no_grad():
+        assert torch.allclose(slimfx.compile(lm.model, "", example_inputs=one)(**one).logits,
+                              lm.model(**one).logits, atol=1e-5)
+
+
+def test_an_example_input_of_a_list_of_tensors_is_refused_by_name():
+    """It became a constant of the graph, or (alone) "no tensor among the example inputs"."""
+    class Pairwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, xs, scale=1.0):
+            return self.a(xs[0] + xs[1]) * scale
+
+    pair = [torch.randn(2, 4), torch.randn(2, 4)]
+    for example in ({"xs": pair}, (pair,), {"xs": {"a": pair[0]}, "scale": 2.0}):
+        with pytest.raises(TypeError, match="example input xs is a (list|dict) holding tensors: the graph takes"):
+            capture(Pairwise(), example)
+
+
+def test_example_names_forward_does_not_take_or_needs_are_said_before_tracing():
+    """torch.export's TypeError came with a hint to make the model traceable."""
+    class Sum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x, y):
+            return self.a(x + y)
+
+    t = torch.randn(2, 4)
+    with pytest.raises(TypeError, match=r"Sum.forward\(x, y\) and the example inputs \['x', 'z'\] disagree: "
+                                        r"it does not take \['z'\]; it needs \['y'\]"):
+        capture(Sum(), {"x": t, "z": t})
+    with pytest.raises(TypeError, match=r"disagree: it needs \['y'\]"):
+        capture(Sum(), {"x": t})
+
+
+def test_an_example_of_size_one_whose_outputs_hold_inf_is_compared_as_the_model_computes_them():
+    """A masked -inf in the same place in both made the difference NaN, and the model was refused
+    as branching on a size of 1."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.a(x)
+            return y.masked_fill(y < 0, float("-inf"))
+
+    model, x = Masked().eval(), torch.randn(1, 16)
+    with torch.no_grad():
+        assert torch.equal(slimfx.compile(model, "", example_inputs={"x": x})(x=x), model(x))
