@@ -32,13 +32,30 @@ class Lent:
     # copies from capture on, with the values they had then, put back at `settle` so that the
     # compiled model starts as the user's model is, not as compile's calibration forwards left it.
     written: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The user's own tensor behind each of those (the lent alias, its storage): a pass that calls
+    # the user's model (`heal … distill=true`'s teacher, `generate=`) moves it, and
+    # `give_back_written` puts the value it had at capture back.
+    lender_written: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def own_written(self, gm: nn.Module, names: list[str]) -> None:
         """Give `gm` its own copy of each named tensor the forward writes, remembering its value."""
         for name in names:
             tensor = _tensor_at(gm, name)
             self.written[name] = tensor.detach().clone()
+            self.lender_written[name] = tensor
             replace_tensor(gm, tensor, tensor.detach().clone())
+        # No longer lent: the user's model moving it (called as a teacher) is no pass's write.
+        owned = {id(t) for t in self.lender_written.values()}
+        self.versions = [v for v in self.versions if id(v[1]) not in owned]
+
+    def give_back_written(self) -> None:
+        """Put each buffer the forward writes back into the user's model as it was at capture (a
+        pass that called the user's model moved it: a call counter, running statistics)."""
+        with torch.no_grad():
+            for name, tensor in self.lender_written.items():
+                start = self.written.get(name)
+                if start is not None and not torch.equal(tensor, start):
+                    tensor.copy_(start)
 
     def check(self) -> None:
         """Raise if any lent tensor was written in place (its shared version counter moved)."""

@@ -155,3 +155,19 @@ def test_buffers_the_forward_writes_are_the_compiled_models_own_from_the_users_v
             tol = 0 if rule == "keep head" else 0.05
             assert (cm(x=x) - twin(x)).abs().max() <= tol
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_heal_whose_teacher_is_the_users_model_leaves_its_written_buffers_as_they_were():
+    """`heal … distill=true` calls the user's model as its teacher: a buffer its forward writes
+    moved in the user's model, and compile blamed itself ("slimfx bug: a pass wrote in place")."""
+    lm = tiny("llama", layers=4)
+    model = lm.model
+    model.register_buffer("calls", torch.tensor(3))
+
+    def count(module, args, kwargs):
+        module.calls.add_(1)
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    cm = slimfx.compile(model, "drop blocks[1]\nheal method=lora steps=2 distill=true",
+                        example_inputs=lm.example_inputs, calib=[lm.example_inputs] * 2)
+    assert int(model.calls) == 3  # the teacher's forwards ran, and the count is given back
+    assert int(dict(cm.graph.module.named_buffers())["calls"]) == 3
