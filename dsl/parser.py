@@ -142,9 +142,10 @@ def _parse_whole_words(parser: Lark, source: str, filename: str):
     last = None
     try:
         for token in interactive.iter_parse():  # each token is yielded before it is fed
-            if token.type in ("NUMBER", "INT") and last is not None and last.type == "EQUAL" \
-                    and _WORD_CHAR.match(source, token.end_pos or 0):  # a parameter's value
-                _not_a_number(source, filename, token)
+            if token.type in ("NUMBER", "INT") and last is not None and str(last) in ("=", "<=") \
+                    and _WORD_CHAR.match(source, token.end_pos or 0) \
+                    and not _SIZE_UNIT.match(source, token.end_pos or 0):  # a value; `<=40MB` is one
+                _not_a_number(source, filename, token)  # `avg_bits<=5by` was read as `5 by`
             if token.type != "NAME" and _WORD_CHAR.match(source, token.end_pos or 0) and _WORD.fullmatch(token):
                 name = Token.new_borrow_pos("NAME", _WORD.match(source, token.start_pos).group(), token)
                 interactive.copy().feed_token(name)  # raises UnexpectedToken as if the lexer had read a name
@@ -168,12 +169,16 @@ def _not_a_number(source: str, filename: str, token: Token):
     if rest and _WORD.fullmatch(rest) and source.startswith("=", token.start_pos + len(text)):
         # `lr=1e-3steps=3` said "`1e` is not a number": the next parameter runs into the value
         hint = f"put a space between `{number.group()}` and `{rest}=`"
+    elif rest == "by":  # a budget's bound running into `by`
+        hint = f"put a space between `{number.group()}` and `by`"
     raise SpecError(Diagnostic("syntax", f"`{text}` is not a number", token.line, token.column, len(text), hint),
                     source, filename)
 
 
 # A word that starts as a number; an exponent's sign stays in it (`1e-3steps`, not `1e`).
 _NUMBERISH = re.compile(r"[+-]?(?:[eE][+-](?=[0-9])|[A-Za-z0-9_.])+")
+# A budget's unit written against its number (`bytes<=40MB`; `40MBx` is the unit's own error).
+_SIZE_UNIT = re.compile(r"KiB|MiB|GiB|KB|MB|GB|B")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 

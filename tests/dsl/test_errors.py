@@ -43,6 +43,11 @@ CASES = [
     # the next parameter running into a value: "`1e` is not a number"
     (body("adapt blocks lora alpha=1e-3rank=4"), "syntax", 2, 29, ["`1e-3rank` is not a number"],
      "put a space between `1e-3` and `rank=`"),
+    # a budget's bound running into `by` was read as `5 by`, silently
+    (body("precision head choose {int8, int4} budget avg_bits<=5by fisher"), "syntax", 2, 57,
+     ["`5by` is not a number"], "put a space between `5` and `by`"),
+    (body("precision head choose {int8, int4} budget avg_bits<=4.5x by fisher"), "syntax", 2, 57,
+     ["`4.5x` is not a number"], "write a decimal number"),
     # an unknown escape was kept, printed as a warning or refused, by the warnings filter in force
     (body('adapt blocks lora from="C:\\models\\lora"'), "syntax", 2, 28, ["a string with a bad escape", "'\\m'"],
      "or `/` in a path"),
