@@ -141,9 +141,27 @@ def _restore(root: Path, meta: dict[str, Any], program: bytes, backend: str) -> 
     module = decode_graph(doc, tensors)
     graph = Program(module, _modules(meta), _inputs(meta, module), _outputs(meta),
                     meta["model_class"], CallInfo.from_dict(meta.get("call")))
+    _check_meta_fits(graph, meta)
     policy = meta.get("policy") or {}
     return CompiledModel(graph, report=Report.from_dict(meta["report"]),
                          policy_text=policy.get("text") or "", policy_name=policy.get("name"), backend=backend)
+
+
+def _check_meta_fits(graph: Program, meta: dict[str, Any]) -> None:
+    """meta.json's outputs and flags against the program (no hash covers meta.json): an edited
+    count of output tensors loaded, then every call raised a raw IndexError; a `declared` flag
+    missing from `flags`, a raw KeyError."""
+    output = next(n for n in graph.module.graph.nodes if n.op == "output")
+    results = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    own = sum(graph.outputs.tensor_leaves)
+    if len(results) not in (own, own + 2):  # + (positions, sizes) of token rules with restore=false
+        raise ArtifactError(f"{META} names {own} output tensor(s) and {PROGRAM} returns {len(results)}; "
+                            f"{_likely_cause(meta)}")
+    flags = dict(graph.call.flags)
+    stray = [name for name, _ in graph.call.declared if name not in flags]
+    if stray:
+        raise ArtifactError(f"{META}'s call declares a default for {stray}, a flag its call flags do not "
+                            f"hold; {_likely_cause(meta)}")
 
 
 def _register_slimfx_ops() -> None:
