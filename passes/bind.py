@@ -21,6 +21,7 @@ from .block_reads import removal_problem
 from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
 from .blocks_view import without_blocks
 from .causal import merge_refusal
+from .token_attention import token_attention_problem
 from .estimate import Estimate, estimate, stored_after
 from .graph import Block, ModelGraph, Target
 from .graph_sizes import graph_bytes, graph_params
@@ -262,6 +263,10 @@ class _Binder:
         refusal = merge_refusal(self.captured) if rule.action == "merge" else None
         if refusal:
             self._error(rule.span, "unsupported", *refusal)
+        reads = rule.get("score") == "attention" if rule.action == "prune" else rule.get("by") == "keys"
+        problem = token_attention_problem(self.captured, blocks, rule.action, reads)
+        if problem and not refusal:
+            self._error(rule.span, "unsupported", *problem)
         last = self.graph.blocks[-1] if self.graph.blocks else None
         if last is not None and last in blocks:
             first = min(b.index for b in blocks)

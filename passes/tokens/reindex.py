@@ -122,7 +122,7 @@ def block_attention(graph: ModelGraph, block, bound: BoundRule, ctx: Context) ->
     if len(found) != 1:
         what = f"{len(found)} such ops" if found else "none (attention written out by hand stays padded)"
         raise rule_error(bound, ctx, "unsupported", f"`{bound.text}` reads the attention of {block.path}, which must be one scaled_dot_product_attention "
-                         f"running per sequence; it has {what}", "use the default (`by=hidden`, `score=norm`)")
+                         f"running per sequence; it has {what}", "use `score=norm` (prune) or `by=hidden` (merge), which need no attention of the block")
     return found[0]
 
 
