@@ -58,11 +58,16 @@ def _sub(a, b, alpha=1):
     return f"({a} - {b})" if alpha == 1 else f"({a} - {alpha!r} * {b})"
 
 
+def _relu(a):
+    # tl.maximum drops a NaN by default (relu(nan) came out 0): torch keeps it
+    return f"tl.maximum({a}, 0.0, propagate_nan=tl.PropagateNan.ALL)"
+
+
 _POINTWISE = {
     aten.add.Tensor: _add, aten.add.Scalar: _add, aten.sub.Tensor: _sub, aten.sub.Scalar: _sub,
     aten.mul.Tensor: lambda a, b: f"({a} * {b})", aten.mul.Scalar: lambda a, b: f"({a} * {b})",
     aten.div.Tensor: lambda a, b: f"({a} / {b})", aten.div.Scalar: lambda a, b: f"({a} / {b})",
-    aten.neg.default: lambda a: f"(-{a})", aten.relu.default: lambda a: f"tl.maximum({a}, 0.0)",
+    aten.neg.default: lambda a: f"(-{a})", aten.relu.default: _relu,
     aten.sigmoid.default: lambda a: f"tl.sigmoid({a})", aten.silu.default: lambda a: f"({a} * tl.sigmoid({a}))",
     aten.tanh.default: _tanh, aten.exp.default: lambda a: f"tl.exp({a})",
     aten.cos.default: lambda a: f"tl.cos({a})", aten.sin.default: lambda a: f"tl.sin({a})",
@@ -100,6 +105,22 @@ def node_value(node: fx.Node, operand) -> str:
     return rounded(expression(node, operand), node.meta["val"].dtype)
 
 
+def _operand_in(node: fx.Node, operand) -> str:
+    """The reduced operand, first converted to the dtype the op was asked to reduce in
+    (`x.sum(-1, dtype=torch.float16)`, `softmax(x, -1, dtype=…)`): eager converts, then reduces."""
+    x = operand(node.args[0])
+    dtype = node.kwargs.get("dtype")
+    if node.target is aten.softmax.int and len(node.args) > 2:
+        dtype = node.args[2]
+    source = getattr(node.args[0], "meta", {}).get("val")
+    if dtype is None or dtype == getattr(source, "dtype", None):
+        return x
+    if dtype not in FLOATS:
+        raise Unsupported(f"{node.name}: a reduction in {dtype} (the templates reduce float32, float16 and "
+                          "bfloat16 values)")
+    return rounded(x, dtype)
+
+
 def reduction_lines(node: fx.Node, var: str, operand) -> list[str]:
     """Statements leaving `var` as the row's reduced value (a per-program scalar) or, for
     softmax and layer norm, the row's normalized values — in float32, rounded once at the end to
@@ -110,14 +131,15 @@ def reduction_lines(node: fx.Node, var: str, operand) -> list[str]:
 
 
 def _reduction_lines(node: fx.Node, var: str, operand) -> list[str]:
-    op, x = node.target, operand(node.args[0])
+    op, x = node.target, _operand_in(node, operand)
     total = f"tl.sum(tl.where(m, {x}, 0.0), axis=0)"
     if op is aten.sum.dim_IntList:
         return [f"    {var} = {total}"]
     if op is aten.mean.dim:
         return [f"    {var} = {total} / D"]
-    if op is aten.amax.default:
-        return [f"    {var} = tl.max(tl.where(m, {x}, float('-inf')), axis=0)"]
+    if op is aten.amax.default:  # tl.max drops a NaN, torch.amax returns it
+        return [f"    {var} = tl.max(tl.where(m, {x}, float('-inf')), axis=0)",
+                f"    {var} = tl.where(tl.max(tl.where(m & ({x} != {x}), 1, 0), axis=0) > 0, float('nan'), {var})"]
     if op in (aten._softmax.default, aten.softmax.int):
         return [f"    {var}_max = tl.max(tl.where(m, {x}, float('-inf')), axis=0)",
                 f"    {var}_e = tl.where(m, tl.exp({x} - {var}_max), 0.0)",

@@ -68,8 +68,11 @@ def kind_of(node: fx.Node) -> str:
     if is_free(node):
         return "free"
     op = node.target
-    if op in ANCHORS or (op is aten.matmul.default and _rank(node.args[1]) == 2):
-        return "anchor"  # a matmul by a 2-D weight is a GEMM; a batched one (attention) is opaque
+    if (op in ANCHORS and (op is not aten.linear.default or _rank(node.args[1]) == 2)) \
+            or (op is aten.matmul.default and _rank(node.args[1]) == 2):
+        # a matmul by a 2-D weight is a GEMM; a batched one (attention) is opaque, and so is a
+        # linear by a 1-D weight (`[M, K] · [K] → [M]`: the template read a column stride it lacks)
+        return "anchor"
     if op in PROLOGUES:
         return "prologue"
     if op in _CASTS or torch.Tag.pointwise in getattr(op, "tags", ()):

@@ -123,3 +123,24 @@ def test_tanh_keeps_its_relative_precision_near_zero():
     with torch.no_grad():
         got = fx.GraphModule(ep.module(), new)(x)
     torch.testing.assert_close(got, torch.tanh(x) * 2.0, atol=0, rtol=1e-6)
+
+
+class LinearByVector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):  # [M, 8] · [8] -> [M]
+        return F.linear(x, self.w) * 2.0
+
+
+def test_a_linear_by_a_1d_weight_is_no_gemm():
+    """Taken for a GEMM, its template read the weight's column stride: a raw IndexError at the
+    first call."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    gm = torch.export.export(LinearByVector().eval(), (x,)).module()
+    new, summary = lower_graph(gm.graph)
+    assert "gemm" not in dict(summary.by_template)
+    with torch.no_grad():
+        torch.testing.assert_close(fx.GraphModule(gm, new)(x), gm(x), atol=1e-5, rtol=1e-5)
