@@ -147,7 +147,7 @@ class _Binder:
                 # bind to a stand-in with that many fewer (the last selected), so that an index past
                 # the end is an error in `plan` too, not only at compile.
                 count = rule.auto.get("count") or round(rule.auto.get("ratio") * len(view.blocks))  # as auto_count
-                blocks = blocks[len(blocks) - count:] if 0 < count < len(blocks) else []
+                blocks = blocks[len(blocks) - count:] if 0 < count <= len(blocks) else []
             gone = blocks[1:] if isinstance(rule, A.Collapse) else blocks
             if len(gone) < len(view.blocks):
                 view = without_blocks(view, {b.path for b in gone})
@@ -189,7 +189,11 @@ class _Binder:
         if isinstance(rule, (A.Heal, A.Unpad)):  # no selector: they act on the whole model
             kept = tuple(sorted(protected)) if isinstance(rule, A.Heal) else ()  # heal leaves these alone
             cuts = None if self.deferred else _gaps(self.captured, self.graph)
-            return BoundRule(rule, protected=kept, estimate=estimate(rule, (), (), self.graph, cuts=cuts))
+            adapted = ()  # the linears a LoRA heal keeps adapters on (merged, they add nothing)
+            if isinstance(rule, A.Heal) and rule.get("method") == "lora" and not rule.get("merge") and cuts:
+                adapted = tuple(t for t in _heal_neighbours(self.captured, self.graph, rule.get("reach"))
+                                if t.path not in protected)
+            return BoundRule(rule, protected=kept, estimate=estimate(rule, adapted, (), self.graph, cuts=cuts))
         found = self._resolve(rule.selector)
         if isinstance(rule, _BLOCK_RULES):
             return self._bind_blocks(rule, found, protected)
@@ -419,6 +423,30 @@ def _paths_of(found: Target | Block, graph: ModelGraph) -> set[str]:
 def _param_span(rule: A.Rule, name: str) -> A.Span:
     """Where the rule writes `name=…` (the caret goes there), or the rule when it is a default."""
     return next((p.span for p in rule.params if p.name == name), rule.span)
+
+
+def _heal_neighbours(whole: ModelGraph, view, reach: int) -> list[Target]:
+    """The view's linears in the remaining blocks up to `reach` before and after each gap: where a
+    LoRA heal puts its adapters (collapse/heal.py's _neighbour_linears, on the cuts compile makes)."""
+    left = {b.path for b in view.blocks}
+    present = [b.path for b in whole.blocks if b.path in left]
+    near: set[str] = set()
+    last, in_gap = None, False  # index in `present` of the last remaining block seen
+    for block in whole.blocks:
+        if block.path not in left:
+            in_gap = True
+            continue
+        i = present.index(block.path)
+        if in_gap:
+            near.update(present[i:i + reach])
+            if last is not None:
+                near.update(present[max(0, last - reach + 1):last + 1])
+            in_gap = False
+        last = i
+    if in_gap and last is not None:  # a gap at the end: only blocks before it
+        near.update(present[max(0, last - reach + 1):last + 1])
+    return [t for t in view.targets.values()
+            if t.kind == "linear" and t.block is not None and view.blocks[t.block].path in near]
 
 
 def _gaps(whole: ModelGraph, view) -> int:

@@ -44,7 +44,7 @@ def estimate(rule: A.Rule, targets, blocks, graph, stored: dict[str, int] | None
     if isinstance(rule, A.Unpad):
         return Estimate(note="computes on the real tokens of a padded batch; attention per sequence")
     if isinstance(rule, A.Heal):
-        return _heal(rule, graph, cuts)
+        return _heal(rule, graph, cuts, targets)
     params, nbytes = _distinct(targets, graph)
     return Estimate(params, params, nbytes, nbytes,
                     f"{len(targets)} target{'s' if len(targets) != 1 else ''} left as {'they are' if len(targets) != 1 else 'it is'}")
@@ -203,9 +203,10 @@ def _remove_blocks(rule, blocks, graph) -> Estimate:
     return Estimate(params, params - int(removed * mean_params), before, before - int(removed * mean), note)
 
 
-def _heal(rule, graph, cuts: int | None) -> Estimate:
+def _heal(rule, graph, cuts: int | None, targets=()) -> Estimate:
     """A linear heal adds a d×d map per cut (none folded), in the stream's dtype; a LoRA heal adds
-    nothing once merged."""
+    nothing once merged, and its float32 A and B on `targets` (the linears beside the cuts) when
+    kept (merge=false)."""
     if rule.get("method") == "linear":
         q = _stream_reader(graph)
         if rule.get("fold") or q is None:
@@ -219,8 +220,12 @@ def _heal(rule, graph, cuts: int | None) -> Estimate:
                         f"a {hidden}×{hidden} least-squares map at {'the cut' if cuts == 1 else f'each of {cuts} cuts'}")
     merged = "merged afterwards" if rule.get("merge") else "kept as adapters"
     written = f", on {rule.get('generate'):,}+ tokens the original writes first" if rule.get("generate") else ""
-    return Estimate(note=f"LoRA r={rule.get('rank')} beside each cut, {rule.get('steps')} steps"
-                         f"{' distilled from the original' if rule.get('distill') else ''}{written}, {merged}")
+    note = (f"LoRA r={rule.get('rank')} beside each cut, {rule.get('steps')} steps"
+            f"{' distilled from the original' if rule.get('distill') else ''}{written}, {merged}")
+    if rule.get("merge") or not targets:
+        return Estimate(note=note)
+    added = sum(min(rule.get("rank"), *_weight_shape(t)) * sum(_weight_shape(t)) for t in targets)
+    return Estimate(0, added, 0, 4 * added, f"{note} (+{added:,} trainable on {len(targets)} linears)")
 
 
 def _stream_reader(graph):

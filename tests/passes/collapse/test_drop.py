@@ -206,6 +206,15 @@ def test_plan_binds_rules_after_an_auto_drop_to_that_many_fewer_blocks(lm8, auto
     assert slimfx.plan(lm8, "collapse blocks auto(count=2)\nquantize blocks[6].** : Linear int8")  # may keep fewer
 
 
+def test_plan_binds_rules_after_an_auto_drop_of_its_whole_selection_to_fewer_blocks(lm8):
+    """A count equal to the selected blocks removed none from plan's stand-in: `blocks[6]` was
+    "ready" after `drop blocks[0:2] auto(count=2)`, and compile refused it."""
+    with pytest.raises(SpecError) as e:
+        slimfx.plan(lm8, "drop blocks[0:2] auto(count=2)\nquantize blocks[6].** : Linear int8")
+    assert e.value.line == 2 and "index 6 is out of range: `blocks` has 6 items" in str(e.value)
+    assert slimfx.plan(lm8, "drop blocks[0:2] auto(count=2)\nquantize blocks[5].** : Linear int8")
+
+
 @pytest.mark.parametrize("rules, kind, words", [
     ("drop blocks[9]", "selector", "out of range"),
     ("drop blocks[0:8]", "out-of-range", "removes all 8 blocks"),

@@ -275,6 +275,23 @@ def test_lora_heal_reach_puts_adapters_on_the_blocks_near_each_cut(drop, reach, 
     assert (f"of {len(near)} blocks within {reach[7:]} of the cuts" if reach else "beside the cuts") in note
 
 
+@pytest.mark.parametrize("drop, reach", [("blocks[3]", 1), ("{blocks[1], blocks[5]}", 2), ("blocks[0]", 1),
+                                         ("blocks[6]", 2)])
+def test_plan_counts_the_adapters_an_unmerged_lora_heal_keeps_as_compile_does(drop, reach):
+    """`plan` showed 0 params and 0 B for `heal method=lora merge=false`, which keeps r·(in+out)
+    float32 parameters on every linear near the cuts."""
+    lm = eager_tiny(layers=7, seed=23)
+    policy = f"drop {drop}\nheal method=lora steps=1 merge=false reach={reach}"
+    heal = slimfx.plan(lm, policy).rules[-1].estimate
+    report = slimfx.compile(lm, policy, calib=[lm.example_inputs]).report.rules[-1]
+    assert heal.params_after > 0
+    assert (heal.params_before, heal.params_after) == (0, report.params_after - report.params_before)
+    assert (heal.bytes_before, heal.bytes_after) == (0, report.bytes_after - report.bytes_before)
+    assert f"on {report.details['adapters']} linears" in heal.note
+    merged = slimfx.plan(lm, policy.replace("merge=false", "merge=true")).rules[-1].estimate
+    assert (merged.params_before, merged.params_after) == (0, 0)
+
+
 def test_lora_heal_schedule_reaches_the_training():
     """One step is the same under both schedules (its factor is 1); four are not (the cosine
     decays the last two), and the report says which schedule ran."""
