@@ -267,11 +267,11 @@ class _Binder:
         refusal = merge_refusal(self.captured) if rule.action == "merge" else None
         if refusal:
             self._error(rule.span, "unsupported", *refusal)
+        last = self.graph.blocks[-1] if self.graph.blocks else None
         reads = rule.get("score") == "attention" if rule.action == "prune" else rule.get("by") == "keys"
         problem = token_attention_problem(self.captured, blocks, rule.action, reads)
-        if problem and not refusal:
+        if problem and not refusal and last not in blocks:  # after the last block: said below, as such
             self._error(rule.span, "unsupported", *problem)
-        last = self.graph.blocks[-1] if self.graph.blocks else None
         if last is not None and last in blocks:
             first = min(b.index for b in blocks)
             # A slice only where it is not empty and the action takes several blocks.
