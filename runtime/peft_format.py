@@ -42,6 +42,9 @@ def adapter_directory(source: str) -> tuple[Path | None, tuple[str, str] | None]
     path = Path(source).expanduser()
     path = path if path.is_absolute() else Path.cwd() / path
     if path.is_dir():
+        if not (path / CONFIG).is_file():  # a folder of something else: plan said "ready"
+            return None, (f"{path} is not a PEFT adapter directory: it has no {CONFIG}",
+                          "pass the directory PEFT's save_pretrained() or cm.save_adapters() wrote")
         return path, None
     if path.exists():
         return None, (f'from="{source}" is a file ({path}), not a PEFT adapter directory',

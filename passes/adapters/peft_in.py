@@ -109,10 +109,7 @@ def _directory(source: str, errors: _Errors) -> Path:
 
 
 def _config(directory: Path, errors: _Errors) -> dict:
-    file = directory / CONFIG
-    if not file.is_file():
-        raise errors("no-file", f"{directory} is not a PEFT adapter directory: it has no {CONFIG}",
-                     hint="pass the directory PEFT's save_pretrained() or cm.save_adapters() wrote")
+    file = directory / CONFIG  # there: adapter_directory checked it
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -234,6 +234,7 @@ def test_keep_counts_a_tied_weight_once():
 def test_adapt_from_a_directory_is_sized_at_compile(llama, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adapters" / "x").mkdir(parents=True)
+    (tmp_path / "adapters" / "x" / "adapter_config.json").write_text("{}")  # read at compile
     (bound,) = plan_of(llama, 'adapt blocks.*.attn.q lora from="adapters/x" merge=true').rules
     assert bound.estimate.params_after == bound.estimate.params_before
     assert bound.estimate.note == "loaded from adapters/x at compile; merged into the base weights"
@@ -244,6 +245,20 @@ def test_adapt_from_a_directory_that_is_not_there_is_refused_by_plan_as_by_compi
     monkeypatch.chdir(tmp_path)
     e = error_of(llama, 'adapt blocks.*.attn.q lora from="adapters/y"')
     assert e.kind == "no-file" and e.column == 32 and f"no directory {tmp_path / 'adapters' / 'y'}" in e.message
+
+
+def test_adapt_from_a_directory_without_an_adapter_config_is_refused_by_plan_as_by_compile(llama, tmp_path,
+                                                                                          monkeypatch):
+    """plan said "ready" for a folder of something else."""
+    import slimfx
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapters" / "z").mkdir(parents=True)
+    e = error_of(llama, 'adapt blocks.*.attn.q lora from="adapters/z"')
+    assert e.kind == "no-file" and e.column == 32
+    assert f"{tmp_path / 'adapters' / 'z'} is not a PEFT adapter directory: it has no adapter_config.json" in e.message
+    with pytest.raises(slimfx.SpecError, match="it has no adapter_config.json"):
+        slimfx.compile(tiny("llama", layers=1), 'adapt blocks.*.attn.q lora from="adapters/z"')
 
 
 def test_the_report_counts_stored_weights_as_parameters_however_they_are_stored():
