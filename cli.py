@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the command's own usage, not the top level's "slimfx [-h] COMMAND ..."
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "files", None) and args.files.count("-") > 1:  # the second read was empty: "holds no policy"
+        args.command_parser.error("`-` (standard input) is given more than once; it can be read once, so give it once")
     try:
         status = args.run(args)
         sys.stdout.flush()  # here, not at exit: a closed pipe met then is "Exception ignored", exit 120

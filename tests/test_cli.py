@@ -393,3 +393,15 @@ def test_eval_gives_a_compiled_model_only_the_inputs_its_graph_takes(tmp_path, c
     assert main(["eval", "--model", "tiny:llama", "--compiled", str(tmp_path / "labels"), "--max-tokens", "64"]) == 1
     assert (f"{tmp_path / 'labels'} was compiled with the inputs ['input_ids', 'attention_mask', 'labels']; slimfx "
             "eval gives token ids and a mask, nothing for ['labels']") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["check", "fmt"])
+def test_standard_input_given_twice_is_a_usage_error(command, capsys, monkeypatch):
+    """`check - -` said the policy was ok, then that standard input "holds no policy"."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"policy p {\n    keep head\n}\n")))
+    with pytest.raises(SystemExit) as e:
+        main([command, "-", "-"])
+    assert e.value.code == 2
+    assert "`-` (standard input) is given more than once" in capsys.readouterr().err
