@@ -17,7 +17,7 @@ from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
 from ..runtime.peft_format import adapter_directory
-from .block_reads import removal_problem
+from .block_reads import STEP_LEFT_LAST_HINT, removal_problem, step_left_last
 from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
 from .blocks_view import without_blocks
 from .causal import merge_refusal
@@ -121,6 +121,7 @@ class _Binder:
                     "go first, and blocks are renumbered after it",))
             bound.append(b)
         self._check_overlaps(bound)
+        self._check_steps_left_last(rules, bound, views)
         if self.problems:
             raise SpecError(self.problems, self.source, self.filename)
         return tuple(bound)
@@ -151,6 +152,7 @@ class _Binder:
             gone = blocks[1:] if isinstance(rule, A.Collapse) else blocks
             if len(gone) < len(view.blocks):
                 view = without_blocks(view, {b.path for b in gone})
+        self.final_view = view
         return out
 
     def _resolve(self, selector: A.Selector) -> list[Target | Block]:
@@ -230,6 +232,8 @@ class _Binder:
                 self._error(rule.selector.span, "unsupported", *unlike)
         removed = blocks[1:] if isinstance(rule, A.Collapse) else blocks  # LaCo merges into the first
         problem = removal_problem(list(removed)) if rule.auto is None and removed else None
+        if problem is None and rule.auto is None and removed:  # a step compiled in earlier (compile(cm, …))
+            problem = step_left_last(self.graph.blocks, removed)
         if problem is not None:
             self._error(rule.selector.span, "unsupported", *problem)
         if rule.auto is None and blocks and len(blocks) == n:
@@ -373,6 +377,25 @@ class _Binder:
                     self._error(b.rule.span, "illegal-order", f"`adapt … merge=true` merges into weights that line "
                                 f"{clash.line} already quantized", f"move this rule above line {clash.line}, "
                                 "or use `merge=false` (QLoRA style)")
+
+    def _check_steps_left_last(self, rules, bound: list[BoundRule], views) -> None:
+        """A `drop`/`collapse` below a `tokens after` rule that removes every block after the step's
+        block: the step ends up after the last block (`tokens after` on the last block is refused)."""
+        steps: dict[str, BoundRule] = {}  # block path -> the token rule stepping after it, so far
+        for i, (rule, b) in enumerate(zip(rules, bound)):
+            if isinstance(rule, A.Tokens):
+                steps.update({blk.path: b for blk in b.blocks})
+            if not isinstance(rule, _BLOCK_RULES) or b.deferred_by is not None or not steps:
+                continue
+            before = views[i][0]
+            after = views[i + 1][0] if i + 1 < len(views) else self.final_view
+            if not after.blocks or len(after.blocks) == len(before.blocks):
+                continue
+            last = after.blocks[-1].path
+            if last in steps and last != before.blocks[-1].path:
+                self._error(rule.selector.span, "out-of-range", f"`{rule.kind}` removes every block after {last}, "
+                            f"where line {steps[last].line}'s `{steps[last].text}` prunes or merges tokens: a step "
+                            "after the last block saves no work and only changes the output tokens", STEP_LEFT_LAST_HINT)
 
     def _check_token_steps(self, steps: list[BoundRule]) -> None:
         """One block given two token steps (the text check sees equal selectors only), or a step

@@ -9,7 +9,8 @@ from torch import fx
 
 from .graph import Block, innermost_module
 
-__all__ = ["read_after", "stream_between", "removal_problem", "runs_of", "shared_read"]
+__all__ = ["read_after", "stream_between", "removal_problem", "runs_of", "shared_read", "step_left_last",
+           "STEP_LEFT_LAST_HINT"]
 
 
 def stream_between(run: list[Block]) -> set[fx.Node]:
@@ -67,6 +68,30 @@ def removal_problem(blocks: list[Block]) -> tuple[str, str] | None:
                     "bias, made in the first block only): removing it would leave them without it",
                     f"remove other blocks; an auto search never picks {owner.path}")
     return None
+
+
+STEP_LEFT_LAST_HINT = "remove other blocks, or put the `tokens after` step after an earlier block"
+
+
+def step_left_last(blocks, removed) -> tuple[str, str] | None:
+    """(message, hint) when removing `removed` of the model's `blocks` leaves a `tokens after` step
+    of the graph after the last block that remains: it saves no work there and only changes the
+    output tokens, which `tokens after <last block>` is refused for. Else None."""
+    gone = {b.path for b in removed}
+    remaining = [b for b in blocks if b.path not in gone]
+    if not gone or not remaining or remaining[-1].path == blocks[-1].path or remaining[-1].output is None:
+        return None
+    last = remaining[-1]
+    # From the stream entering it on: a compiled step's output is its block's output already.
+    start = last.input if last.input is not None else last.output
+    order = {n: i for i, n in enumerate(last.output.graph.nodes)}
+    after = frozenset(n for n in last.output.graph.nodes if order[n] > order[start])
+    step = _token_step(after)
+    if step is None:
+        return None
+    return (f"removing {', '.join(sorted(gone))} leaves {last.path} the last block, with the `tokens after` step "
+            f"({step}) after it: a step after the last block saves no work and only changes the output tokens",
+            STEP_LEFT_LAST_HINT)
 
 
 def shared_read(run: list[Block]) -> tuple[fx.Node, fx.Node] | None:

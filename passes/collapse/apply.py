@@ -14,7 +14,7 @@ from ..block_rules import auto_count as rules_auto_count
 from ..calibrate import CALIB_HINT, forward_ms
 from ..context import Context, rule_error
 from ..graph import Block, ModelGraph
-from ..block_reads import removal_problem
+from ..block_reads import removal_problem, step_left_last
 from .cut import Cut, remove_run
 from .streams import collect
 
@@ -89,7 +89,8 @@ def remove_runs(graph: ModelGraph, runs: list[list[Block]], bound: BoundRule, ct
     """Remove each run (given in model order; removed last to first so indices stay valid) and
     record a Cut per run for `heal`, its target the run's last block's output in `record`
     (block_record, read before the rule changed anything) or, if None, read now."""
-    problem = removal_problem([b for run in runs for b in run])
+    removed = [b for run in runs for b in run]
+    problem = removal_problem(removed) or step_left_last(graph.blocks, removed)
     if problem is not None:  # bind refuses explicit selections already; this guards what a search chose
         raise rule_error(bound, ctx, "unsupported", *problem)
     if record is None:

@@ -97,3 +97,27 @@ def test_collapsing_into_the_last_blocks_below_unpad_equals_it_without_unpad(ber
         got, want = packed(**batch).last_hidden_state, padded(**batch).last_hidden_state
     for row, n in enumerate([11, 4, 7]):
         torch.testing.assert_close(got[row, :n], want[row, :n], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rules", ["tokens after blocks[2] merge ratio=0.3\ndrop blocks[3]",
+                                   "tokens after blocks[1] prune keep=0.5 score=norm\ndrop blocks[2:4]",
+                                   "tokens after blocks[1] merge ratio=0.3\ndrop blocks[3]\ndrop blocks[2]"])
+def test_a_drop_that_leaves_a_token_step_after_the_last_block_is_refused_by_plan_and_compile(rules):
+    """Written above the drop, the step was kept after what became the last block (compiled,
+    1.66 off the plain drop), where `tokens after <last block>` itself is refused."""
+    lm = tiny("bert", layers=4)
+    for run in (slimfx.plan, slimfx.compile):
+        with pytest.raises(slimfx.SpecError, match=r"(?s)`drop` removes every block after encoder\.layer\.\d, where line "
+                                                    r"1's `tokens after.*a step after the last block saves no work"):
+            run(lm, rules)
+    assert slimfx.plan(lm, "tokens after blocks[1] merge ratio=0.3\ndrop blocks[3]")  # a block after it stays
+
+
+def test_dropping_the_blocks_after_a_compiled_token_step_is_refused():
+    """compile(cm, "drop …") on a model whose token step is in its graph already."""
+    lm = tiny("bert", layers=4)
+    cm = slimfx.compile(lm, "tokens after blocks[1] prune keep=0.5 score=norm")
+    with pytest.raises(slimfx.SpecError, match=r"removing encoder\.layer\.2, encoder\.layer\.3 leaves encoder\.layer\.1 "
+                                                r"the last block, with the `tokens after` step \(slimfx\.token_prune\)"):
+        slimfx.compile(cm, "drop blocks[2:4]")
+    assert slimfx.compile(cm, "drop blocks[3]")
