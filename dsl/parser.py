@@ -142,10 +142,11 @@ def _parse_whole_words(parser: Lark, source: str, filename: str):
     last = None
     try:
         for token in interactive.iter_parse():  # each token is yielded before it is fed
-            if token.type in ("NUMBER", "INT") and last is not None and str(last) in ("=", "<=") \
-                    and _WORD_CHAR.match(source, token.end_pos or 0) \
-                    and not _SIZE_UNIT.match(source, token.end_pos or 0):  # a value; `<=40MB` is one
-                _not_a_number(source, filename, token)  # `avg_bits<=5by` was read as `5 by`
+            if token.type in ("NUMBER", "INT") and last is not None and _WORD_CHAR.match(source, token.end_pos or 0) \
+                    and (str(last) == "=" or (str(last) == "<=" and _BY.match(source, token.end_pos))):
+                # a parameter's value; a budget's bound running into `by` (`avg_bits<=5by`) was read
+                # as `5 by`, silently (a unit after the bound, `<=40MB`, is the grammar's to check)
+                _not_a_number(source, filename, token)
             if token.type != "NAME" and _WORD_CHAR.match(source, token.end_pos or 0) and _WORD.fullmatch(token):
                 name = Token.new_borrow_pos("NAME", _WORD.match(source, token.start_pos).group(), token)
                 interactive.copy().feed_token(name)  # raises UnexpectedToken as if the lexer had read a name
@@ -177,8 +178,7 @@ def _not_a_number(source: str, filename: str, token: Token):
 
 # A word that starts as a number; an exponent's sign stays in it (`1e-3steps`, not `1e`).
 _NUMBERISH = re.compile(r"[+-]?(?:[eE][+-](?=[0-9])|[A-Za-z0-9_.])+")
-# A budget's unit written against its number (`bytes<=40MB`; `40MBx` is the unit's own error).
-_SIZE_UNIT = re.compile(r"KiB|MiB|GiB|KB|MB|GB|B")
+_BY = re.compile(r"by(?![A-Za-z0-9_])")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 

@@ -46,8 +46,12 @@ CASES = [
     # a budget's bound running into `by` was read as `5 by`, silently
     (body("precision head choose {int8, int4} budget avg_bits<=5by fisher"), "syntax", 2, 57,
      ["`5by` is not a number"], "put a space between `5` and `by`"),
-    (body("precision head choose {int8, int4} budget avg_bits<=4.5x by fisher"), "syntax", 2, 57,
-     ["`4.5x` is not a number"], "write a decimal number"),
+    (body("precision head choose {int8, int4} budget bytes<=40by fisher"), "syntax", 2, 54,
+     ["`40by` is not a number"], "put a space between `40` and `by`"),
+    # a unit after a value of `=` is no unit (it said "`B` has no value"); after `<=` the grammar names the units
+    (body("quantize head int8 group=64B"), "syntax", 2, 30, ["`64B` is not a number"], "write a decimal number"),
+    (body("precision head choose {int8, int4} budget bytes<=40mb by fisher"), "syntax", 2, 56,
+     ["expected a size unit (B, KB, MB, GB, KiB, MiB, GiB) or `by`", "got `mb`"], None),
     # an unknown escape was kept, printed as a warning or refused, by the warnings filter in force
     (body('adapt blocks lora from="C:\\models\\lora"'), "syntax", 2, 28, ["a string with a bad escape", "'\\m'"],
      "or `/` in a path"),
