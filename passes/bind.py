@@ -16,12 +16,15 @@ from dataclasses import dataclass, field, replace
 from ..dsl import ast as A
 from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
+from ..runtime.adapters import adapters_of
 from ..runtime.peft_format import adapter_directory
+from ..runtime.train import lm_loss_problem
 from .block_reads import STEP_LEFT_LAST_HINT, removal_problem, step_left_last
 from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
 from .blocks_view import without_blocks
 from .causal import merge_refusal
-from .token_attention import token_attention_problem
+from .heal_rules import fold_block_problem, fold_sum_problem
+from .token_attention import token_attention_problem, unpad_mask_problem
 from .estimate import Estimate, estimate, stored_after
 from .graph import Block, ModelGraph, Target
 from .graph_sizes import graph_bytes, graph_params
@@ -102,6 +105,9 @@ class _Binder:
         # What each `keep` selector found (by id of the rule) when `_protected` resolved it, so that
         # `_bind_keep` does not resolve it again and report its selector problems a second time.
         self.keep_found: dict[int, list[Target | Block]] = {}
+        # Linears with an unmerged adapter so far (an earlier compile's, then the rules' bound so far):
+        # a LoRA heal leaves them out, so its estimate does too.
+        self.adapted: set[str] = set(adapters_of(graph.module))
 
     def bind_all(self, rules: tuple[A.Rule, ...], protected: set[str] | None = None) -> tuple[BoundRule, ...]:
         """`protected`: what the `keep` rules before `rules` protect (rebind: resolved before)."""
@@ -119,6 +125,8 @@ class _Binder:
                 b = replace(b, deferred_by=deferred_by, warnings=b.warnings + (
                     f"decided at compile time: the auto rule on line {deferred_by} chooses which blocks "
                     "go first, and blocks are renumbered after it",))
+            if isinstance(rule, A.Adapt) and not rule.get("merge"):
+                self.adapted |= {t.path for t in b.targets}
             bound.append(b)
         self._check_overlaps(bound)
         self._check_steps_left_last(rules, bound, views)
@@ -194,7 +202,12 @@ class _Binder:
             adapted = ()  # the linears a LoRA heal keeps adapters on (merged, they add nothing)
             if isinstance(rule, A.Heal) and rule.get("method") == "lora" and not rule.get("merge") and cuts:
                 adapted = tuple(t for t in _heal_neighbours(self.captured, self.graph, rule.get("reach"))
-                                if t.path not in protected)
+                                if t.path not in protected and t.path not in self.adapted)
+                self.adapted |= {t.path for t in adapted}
+            if isinstance(rule, A.Heal):
+                self._check_heal(rule, cuts)
+            elif (problem := unpad_mask_problem(self.captured)) is not None:
+                self._error(rule.span, "unsupported", *problem)
             return BoundRule(rule, protected=kept, estimate=estimate(rule, adapted, (), self.graph, cuts=cuts))
         found = self._resolve(rule.selector)
         if isinstance(rule, _BLOCK_RULES):
@@ -202,6 +215,23 @@ class _Binder:
         if isinstance(rule, A.Tokens):
             return self._bind_tokens(rule, found)
         return self._bind_linears(rule, found, protected)
+
+    def _check_heal(self, rule: A.Heal, cuts: int | None) -> None:
+        """What the model decides before any weight changes (compile refused these only when the
+        heal ran, after every rule above it): a LoRA heal's lm loss on a model without logits, and
+        a fold at a cut with no pre-norm block before it to fold into."""
+        if rule.get("method") == "lora" and not rule.get("distill"):
+            problem = lm_loss_problem(self.captured)
+            if problem is not None:
+                self._error(rule.span, "unsupported", f"`heal method=lora` cannot train here: {problem}",
+                            "write distill=true to learn the original model's outputs")
+        if rule.get("method") == "linear" and rule.get("fold") and cuts:
+            for before, _ in _gap_edges(self.captured, self.graph):
+                problem = fold_block_problem(self.captured, before) or \
+                    fold_sum_problem(self.captured, before, before.output)
+                if problem is not None:
+                    self._error(rule.span, "unsupported", *problem)
+                    return
 
     def _bind_keep(self, rule: A.Keep) -> BoundRule:
         # Resolved already when `_protected` ran in this binder (not in `rebind`, which is given them).
@@ -287,6 +317,9 @@ class _Binder:
         return BoundRule(rule, blocks=blocks, estimate=estimate(rule, (), blocks, self.graph))
 
     def _bind_linears(self, rule, found, protected: set[str]) -> BoundRule:
+        if isinstance(rule, A.Precision) and rule.metric == "fisher" and (problem := lm_loss_problem(self.captured)):
+            self._error(rule.span, "unsupported", "`by fisher` weighs each output by the gradient of a causal LM's "
+                        f"next-token loss, and this model cannot give it: {problem}", "use `by output_mse`")
         # A block and a module inside it can both be selected (`blocks.*.**` on GPT-2 reaches
         # c_attn by its path and by its role): each target counts once, or it is rewritten twice.
         candidates = list({t.path: t for f in found for t in _targets_of(f, self.graph)}.values())
@@ -385,8 +418,8 @@ class _Binder:
         for i, (rule, b) in enumerate(zip(rules, bound)):
             if isinstance(rule, A.Tokens):
                 steps.update({blk.path: b for blk in b.blocks})
-            if not isinstance(rule, _BLOCK_RULES) or b.deferred_by is not None or not steps:
-                continue
+            if not isinstance(rule, _BLOCK_RULES) or not steps:
+                continue  # (after an auto drop too: the stand-in has as many blocks, and this is by position)
             before = views[i][0]
             after = views[i + 1][0] if i + 1 < len(views) else self.final_view
             if not after.blocks or len(after.blocks) == len(before.blocks):
@@ -446,6 +479,24 @@ def _paths_of(found: Target | Block, graph: ModelGraph) -> set[str]:
 def _param_span(rule: A.Rule, name: str) -> A.Span:
     """Where the rule writes `name=…` (the caret goes there), or the rule when it is a default."""
     return next((p.span for p in rule.params if p.name == name), rule.span)
+
+
+def _gap_edges(whole: ModelGraph, view) -> list[tuple[Block | None, Block | None]]:
+    """Per contiguous run of `whole`'s blocks the view lacks: (the remaining block before it, the
+    one after it), `whole`'s own Blocks, None at either end of the model."""
+    left = {b.path for b in view.blocks}
+    edges, before, in_gap = [], None, False
+    for block in whole.blocks:
+        if block.path not in left:
+            in_gap = True
+            continue
+        if in_gap:
+            edges.append((before, block))
+            in_gap = False
+        before = block
+    if in_gap:
+        edges.append((before, None))
+    return edges
 
 
 def _heal_neighbours(whole: ModelGraph, view, reach: int) -> list[Target]:

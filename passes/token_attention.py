@@ -1,7 +1,8 @@
-"""Whether a `tokens after … prune|merge` rule finds the attention it needs: an attention that
-runs per sequence (scaled_dot_product_attention, which `tokens unpad` packs) after each place it
-removes tokens, and, where it scores by attention or merges by keys, one in the block it reads.
-Bind checks it so that `plan` refuses what the token pass would; core, as block_rules.py is."""
+"""Whether a token rule finds what it needs in the model: `tokens unpad` an attention mask among
+its inputs; `tokens after … prune|merge` an attention that runs per sequence
+(scaled_dot_product_attention, which `tokens unpad` packs) after each place it removes tokens,
+and, where it scores by attention or merges by keys, one in the block it reads. Bind checks them
+so that `plan` refuses what the token pass would; core, as block_rules.py is."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +10,9 @@ import torch
 from ..runtime import token_ops
 from .graph import Block, ModelGraph
 
-__all__ = ["token_attention_problem"]
+__all__ = ["token_attention_problem", "unpad_mask_problem", "no_mask_hint", "MASK_INPUT"]
+
+MASK_INPUT = "attention_mask"  # the input whose nonzeros are the real tokens
 
 _ATTENTION = (torch.ops.aten.scaled_dot_product_attention.default, token_ops.packed_attention)
 _HAND_WRITTEN = ("attention written out by hand (eager attention, as Gemma 2's or "
@@ -38,3 +41,26 @@ def token_attention_problem(graph: ModelGraph, blocks: tuple[Block, ...], action
                         f"scaled_dot_product_attention; it has {what}",
                         "use `score=norm` (prune) or `by=hidden` (merge), which need no attention of the block")
     return None
+
+
+def unpad_mask_problem(graph: ModelGraph) -> tuple[str, str] | None:
+    """(message, hint) when the graph has no `attention_mask` input to find the real tokens by."""
+    if any(i.name == MASK_INPUT for i in graph.inputs):
+        return None
+    return (f"`tokens unpad` finds the real tokens from the attention mask, and {graph.model_class} was captured "
+            f"without an `{MASK_INPUT}` input", no_mask_hint(graph))
+
+
+def no_mask_hint(graph: ModelGraph) -> str:
+    """What to do depends on whether the model takes a mask at all, and under which name: the real
+    tokens are read from the input named `attention_mask` (Hugging Face's name for it)."""
+    others = [i.name for i in graph.inputs if "mask" in i.name]
+    if others:
+        return (f"the real tokens are read from the input named `{MASK_INPUT}`, and this model's mask is "
+                f"`{others[0]}`: name that argument of forward `{MASK_INPUT}` (or wrap the model in a module "
+                "whose forward does)")
+    if not any(not i.dtype.is_floating_point and i.dims.get(1) == "seq" for i in graph.inputs):
+        # pixels or features, not token ids: a ViT's forward may take a mask, yet no patch is padding
+        return (f"{graph.model_class} takes no token ids, so its inputs have no padding to remove: leave "
+                "`tokens unpad` out (`tokens … prune`/`merge` shorten its sequences without a mask)")
+    return f"pass `{MASK_INPUT}` among the example inputs (a tokenizer's padded batch has it)"

@@ -27,7 +27,7 @@ from torch import nn
 from .lower import unlowered
 from .progress import Progress
 
-__all__ = ["Diverged", "train", "TrainResult", "LOSSES", "SCHEDULES", "lm_loss", "float32_masters", "module_mode",
+__all__ = ["Diverged", "train", "TrainResult", "LOSSES", "SCHEDULES", "lm_loss", "lm_loss_problem", "float32_masters", "module_mode",
            "lr_factor"]
 
 LOSSES = ("lm", "distill")
@@ -345,6 +345,21 @@ def _flags_set_away(cm) -> dict:
         return {}
     flags = dict(call.flags)
     return {name: flags[name] for name, _ in getattr(call, "declared", ()) if name in flags}
+
+
+def lm_loss_problem(program) -> str | None:
+    """Why loss='lm' cannot score `program`'s outputs, read from its inputs and output structure
+    before any batch runs (`plan` asks: a heal or budget that needs it failed only at compile);
+    None where it can, or where the structure does not say (a registered output class)."""
+    names = sorted(i.name for i in program.inputs)
+    if not {"input_ids", "labels"} & set(names):
+        return f"loss='lm' scores input_ids (or labels), and the model takes {names}"
+    spec = program.outputs.spec
+    keyed = spec.type is dict or any(c.__name__ == "ModelOutput" for c in getattr(spec.type, "__mro__", ()))
+    plain = spec.type in (tuple, list) or spec.is_leaf()
+    if (keyed and "logits" not in list(spec.context or ())) or plain:
+        return "loss='lm' needs a model whose output has logits (a causal LM); this one has none"
+    return None
 
 
 def lm_loss(out, batch: dict) -> torch.Tensor:

@@ -32,6 +32,7 @@ from ..graph_sizes import graph_bytes, graph_params
 from ..calibrate import observe
 from ..context import Context
 from ..graph import ModelGraph, Target
+from ..heal_rules import fold_block_problem, fold_sum_problem, residual_sum
 from ..lent import replace_tensor
 from ..lora import base_sites, has_adapter, insert_adapter, site_dims
 from ..rewrite import PassError, find_sites, has_weight, register_tensors, set_meta, shared_outside
@@ -188,11 +189,10 @@ def _down_before(graph: ModelGraph, cut: Cut, bound: BoundRule, ctx: Context):
     """The down projection of the block before the cut, and that block's output, when the output
     is the residual sum `h + down(…)` (a pre-norm block); else a SpecError saying why not."""
     block = next((b for b in graph.blocks if b.path == cut.before), None)
-    downs = graph.by_role("mlp.down", block.index) if block is not None else []
-    if block is None or len(downs) != 1:
-        where = "the gap starts at the first block" if block is None else f"{cut.before} has no single mlp.down"
-        raise rule_error(bound, ctx, "unsupported", f"`heal … fold=true` folds into the down projection of the "
-                         f"block before each cut, and {where}", "write fold=false (a map on the stream)")
+    problem = fold_block_problem(graph, block)
+    if problem is not None:
+        raise rule_error(bound, ctx, "unsupported", *problem)
+    downs = graph.by_role("mlp.down", block.index)
     if downs[0].path in bound.protected:
         raise rule_error(bound, ctx, "invalid-combination", f"`heal … fold=true` folds the map into "
                          f"{downs[0].path}'s weight, and a `keep` rule protects it",
@@ -206,13 +206,10 @@ def _down_before(graph: ModelGraph, cut: Cut, bound: BoundRule, ctx: Context):
         raise rule_error(bound, ctx, "illegal-order", f"`heal … fold=true` folds the map into {downs[0].path}'s "
                          f"weight, and {refused}", "put this heal above that rule, or write fold=false "
                          "(a map on the stream)")
-    site = find_sites(graph, downs[0])[0]
-    out = _residual_sum(cut.stream)
-    if out.target not in (aten.add.Tensor,) or not any(_through(a, site.node) for a in out.args):
-        raise rule_error(bound, ctx, "unsupported", f"`heal … fold=true` needs {cut.before}'s output to be "
-                         "the residual sum h + down(…) (a pre-norm block); this model's is not",
-                         "write fold=false (a map on the stream)")
-    return downs[0], out
+    problem = fold_sum_problem(graph, block, cut.stream)
+    if problem is not None:
+        raise rule_error(bound, ctx, "unsupported", *problem)
+    return downs[0], residual_sum(cut.stream)
 
 
 def _cannot_fold_into(graph: ModelGraph, down: Target, cut: Cut) -> str | None:
@@ -226,31 +223,6 @@ def _cannot_fold_into(graph: ModelGraph, down: Target, cut: Cut) -> str | None:
     if isinstance(weight, fx.Node) and weight.op == "get_attr" and ".heal_map" in f".{weight.target}":
         return "a `heal method=linear` above already put a map at this cut"
     return None
-
-
-# Ops that only view a tensor: GPT-2's Conv1D gives [B·S, D] rows viewed back to [B, S, D], and
-# OPT's block returns its residual sum viewed so; their size operands are not tensors.
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-
-
-def _residual_sum(out: fx.Node) -> fx.Node:
-    """The block output `out` without the views around it."""
-    while out.op == "call_function" and out.target in _VIEWS:
-        out = out.args[0]
-    return out
-
-
-def _through(arg, node: fx.Node) -> bool:
-    """Is `arg` `node`, or reached from it through one-tensor-input ops (dropout, casts, clones,
-    views)?"""
-    while isinstance(arg, fx.Node):
-        if arg is node:
-            return True
-        inputs = [n for n in arg.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-        if arg.op != "call_function" or len(inputs) != 1:
-            return False
-        arg = inputs[0]
-    return False
 
 
 def _fold_into(graph: ModelGraph, site, t: torch.Tensor) -> None:

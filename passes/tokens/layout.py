@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 
 from ...runtime.token_ops import FLAT, NO_BATCH
+from ..token_attention import MASK_INPUT  # the input whose nonzeros are the real tokens
 
 __all__ = ["Symbols", "Layout", "FLAT", "NO_BATCH", "MASK_INPUT"]
 
-MASK_INPUT = "attention_mask"  # the input whose nonzeros are the real tokens
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from ..graph import ModelGraph
 from .layout import MASK_INPUT, Symbols
 from .flops import attention_lengths, block_flops
 from ..token_history import tokens_again_refusal
+from ..token_attention import unpad_mask_problem
 from .pack import PackResult, pack_graph
 
 __all__ = ["run", "refuse_tokens_again", "MASK_INPUT", "padded_batch", "probe_batch", "pack_from", "rule_error",
@@ -138,23 +139,7 @@ def _mask_placeholder(graph: ModelGraph, bound: BoundRule, ctx: Context, require
             return node
     if not required:
         return None
-    raise rule_error(bound, ctx, "unsupported", f"`tokens unpad` finds the real tokens from the attention mask, and "
-                 f"{graph.model_class} was captured without an `{MASK_INPUT}` input", _no_mask_hint(graph))
-
-
-def _no_mask_hint(graph: ModelGraph) -> str:
-    """What to do depends on whether the model takes a mask at all, and under which name: the real
-    tokens are read from the input named `attention_mask` (Hugging Face's name for it)."""
-    others = [i.name for i in graph.inputs if "mask" in i.name]
-    if others:
-        return (f"the real tokens are read from the input named `{MASK_INPUT}`, and this model's mask is "
-                f"`{others[0]}`: name that argument of forward `{MASK_INPUT}` (or wrap the model in a module "
-                "whose forward does)")
-    if not any(not i.dtype.is_floating_point and i.dims.get(1) == "seq" for i in graph.inputs):
-        # pixels or features, not token ids: a ViT's forward may take a mask, yet no patch is padding
-        return (f"{graph.model_class} takes no token ids, so its inputs have no padding to remove: leave "
-                "`tokens unpad` out (`tokens … prune`/`merge` shorten its sequences without a mask)")
-    return f"pass `{MASK_INPUT}` among the example inputs (a tokenizer's padded batch has it)"
+    raise rule_error(bound, ctx, "unsupported", *unpad_mask_problem(graph))
 
 
 def padded_batch(ctx: Context) -> dict | None:

@@ -292,6 +292,16 @@ def test_plan_counts_the_adapters_an_unmerged_lora_heal_keeps_as_compile_does(dr
     assert (merged.params_before, merged.params_after) == (0, 0)
 
 
+def test_plan_leaves_out_the_linears_an_earlier_adapter_holds_as_the_lora_heal_does():
+    """The heal puts no adapter where one is: plan counted 14 linears, compile adapted 12."""
+    lm = eager_tiny(layers=4, seed=23)
+    policy = "drop blocks[1]\nadapt blocks.*.attn.q lora rank=4 merge=false\nheal method=lora steps=1 merge=false"
+    heal = slimfx.plan(lm, policy).rules[-1].estimate
+    report = slimfx.compile(lm, policy, calib=[lm.example_inputs]).report.rules[-1]
+    assert report.details["adapters"] == 12 and "on 12 linears" in heal.note
+    assert heal.params_after == report.params_after - report.params_before
+
+
 def test_lora_heal_schedule_reaches_the_training():
     """One step is the same under both schedules (its factor is 1); four are not (the cosine
     decays the last two), and the report says which schedule ran."""
