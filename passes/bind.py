@@ -19,7 +19,7 @@ from ..dsl.printer import format_rule
 from ..runtime.adapters import adapters_of
 from ..runtime.peft_format import adapter_directory
 from ..runtime.train import lm_loss_problem
-from .block_reads import STEP_LEFT_LAST_HINT, removal_problem, step_left_last
+from .block_reads import STEP_LEFT_LAST_HINT, auto_drop_problem, removal_problem, step_left_last, token_step_in
 from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
 from .blocks_view import without_blocks
 from .causal import merge_refusal
@@ -415,9 +415,12 @@ class _Binder:
         """A `drop`/`collapse` below a `tokens after` rule that removes every block after the step's
         block: the step ends up after the last block (`tokens after` on the last block is refused)."""
         steps: dict[str, BoundRule] = {}  # block path -> the token rule stepping after it, so far
+        compiled = token_step_in(self.captured)  # a step an earlier compile made
         for i, (rule, b) in enumerate(zip(rules, bound)):
             if isinstance(rule, A.Tokens):
                 steps.update({blk.path: b for blk in b.blocks})
+            if isinstance(rule, A.Drop) and rule.auto is not None and compiled:  # (one in this policy: dsl/check.py)
+                self._error(rule.span, "unsupported", *auto_drop_problem(f"the model's `tokens after` step ({compiled})"))
             if not isinstance(rule, _BLOCK_RULES) or not steps:
                 continue  # (after an auto drop too: the stand-in has as many blocks, and this is by position)
             before = views[i][0]

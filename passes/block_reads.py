@@ -10,7 +10,7 @@ from torch import fx
 from .graph import Block, innermost_module
 
 __all__ = ["read_after", "stream_between", "removal_problem", "runs_of", "shared_read", "step_left_last",
-           "STEP_LEFT_LAST_HINT"]
+           "STEP_LEFT_LAST_HINT", "token_step_in", "auto_drop_problem"]
 
 
 def stream_between(run: list[Block]) -> set[fx.Node]:
@@ -92,6 +92,21 @@ def step_left_last(blocks, removed) -> tuple[str, str] | None:
     return (f"removing {', '.join(sorted(gone))} leaves {last.path} the last block, with the `tokens after` step "
             f"({step}) after it: a step after the last block saves no work and only changes the output tokens",
             STEP_LEFT_LAST_HINT)
+
+
+def token_step_in(graph) -> str | None:
+    """The name of a `tokens after` step (prune or merge) the graph holds, if any."""
+    return _token_step(frozenset(graph.module.graph.nodes))
+
+
+def auto_drop_problem(what: str) -> tuple[str, str]:
+    """(message, hint) for `drop … auto` on a model with a token step (`what` names it): its scores
+    compare the stream entering and leaving each block on the same tokens (a raw size mismatch at
+    the step's block)."""
+    return (f"`drop … auto` scores each block by the residual stream entering and leaving it on the same tokens, "
+            f"and {what} changes how many tokens there are",
+            "drop blocks by index (`drop blocks[…]`), or put the auto drop above the `tokens` rule, compiling the "
+            "original model")
 
 
 def shared_read(run: list[Block]) -> tuple[fx.Node, fx.Node] | None:

@@ -14,7 +14,7 @@ from ..context import Context
 from ..graph import ModelGraph
 from .apply import (auto_count, before_rule, block_report, candidates, current, need_calibration, remove_runs,
                     rule_error)
-from ..block_reads import runs_of
+from ..block_reads import auto_drop_problem, runs_of, token_step_in
 from .search import NotEnoughBlocks, by_angular, by_influence
 from .streams import angular, similarities
 
@@ -47,6 +47,9 @@ def _search(graph: ModelGraph, bound: BoundRule, ctx: Context):
     count = auto_count(bound, ctx, pool, n)
     score = auto.get("score")
     max_run = auto.get("max_run") if score == "angular" else 1
+    step = token_step_in(graph)
+    if step is not None:  # bind says so for a step it can see; a CompiledModel's, here too
+        raise rule_error(bound, ctx, "unsupported", *auto_drop_problem(f"the model's `tokens after` step ({step})"))
     sims = similarities(graph, ctx.calib, max_run, ctx.progress)
     try:
         if score == "angular":

@@ -123,3 +123,15 @@ def test_dropping_the_blocks_after_a_compiled_token_step_is_refused():
                                                 r"the last block, with the `tokens after` step \(slimfx\.token_prune\)"):
         slimfx.compile(cm, "drop blocks[2:4]")
     assert slimfx.compile(cm, "drop blocks[3]")
+
+
+def test_an_auto_drop_on_a_model_compiled_with_a_token_step_is_refused_by_plan_and_compile():
+    """Its scores compare each block's stream in and out on the same tokens: a raw "size of tensor a
+    (16) must match the size of tensor b (12)" from the search (in one policy, the language's order
+    check says so already)."""
+    lm = tiny("bert", layers=5)
+    cm = slimfx.compile(lm, "tokens after blocks[1] merge ratio=0.3")
+    for run in (slimfx.plan, lambda m, p: slimfx.compile(m, p, calib=[lm.example_inputs])):
+        with pytest.raises(slimfx.SpecError, match=r"(?s)`drop … auto` scores each block by the residual stream.*"
+                                                    r"the model's `tokens after` step \(slimfx\.token_merge\) changes"):
+            run(cm, "drop blocks auto(count=2)")
