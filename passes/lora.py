@@ -198,6 +198,11 @@ def _dora_term(b: _Builder, site: BaseSite, adapter: Adapter, values: dict[str, 
     delta = b("norm", aten.mul.Tensor, b("norm", aten.mm.default, values["lora_B"], values["lora_A"]), s)
     v = b("norm", aten.add.Tensor, _cast(b, "norm", w, wide), _cast(b, "norm", delta, wide))
     norm = b("norm", aten.linalg_vector_norm.default, v, 2, [1])
+    # A row of W + s·B·A that is all zeros (OPT's and Gemma 2's padding row of a tied head) has
+    # norm 0, and m/0 = 0/0 made that output NaN: divided by 1 there, k = m (0 for a fresh one),
+    # and its output row stays 0 as W's does. Every other row is divided as PEFT divides it.
+    nonzero = b("norm", aten.ne.Scalar, norm, 0)
+    norm = b("norm", aten.where.ScalarOther, nonzero, norm, 1.0)
     k = b("norm", aten.div.Tensor, values["lora_magnitude"], b("norm", aten.detach.default, norm))
     # y − bias, PEFT's base term in eval. With dropout, training uses W·dropout(x) instead:
     # runtime/dora_dropout.py inserts that correction only while the model trains.

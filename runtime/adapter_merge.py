@@ -40,7 +40,9 @@ def merged_weight(w: torch.Tensor, adapter: Adapter, a: torch.Tensor, b: torch.T
     base = (w.T if adapter.transposed else w).to(wide)
     new = base + adapter.scale * (b.to(wide) @ a.to(wide))
     if adapter.method == "dora":
-        new = (magnitude.to(wide) / torch.linalg.norm(new, dim=1)).unsqueeze(1) * new
+        norm = torch.linalg.norm(new, dim=1)
+        norm = torch.where(norm != 0, norm, 1.0)  # an all-zero row stays zero (0/0 was NaN), as in the graph
+        new = (magnitude.to(wide) / norm).unsqueeze(1) * new
     return (new.T if adapter.transposed else new).to(w.dtype).contiguous()
 
 

@@ -108,6 +108,33 @@ def test_adapter_math_matches_the_papers(conv1d, method):
     assert not torch.equal(got, model(x)), "random adapters must change the output"
 
 
+def test_dora_on_a_weight_with_an_all_zero_row_keeps_that_output_finite_and_zero():
+    """OPT's and Gemma 2's tied head has the padding token's row all zeros: DoRA's m/‖W + s·B·A‖
+    was 0/0 there, and that logit NaN (PEFT's too) from a fresh adapter on, merged or not."""
+    model = _OneLinear(False)
+    with torch.no_grad():
+        model.proj.weight[2] = 0.0
+    x = torch.randn(3, 4, 5)
+    cm = slimfx.compile(model, _policy("adapt proj dora rank=2 alpha=3"), example_inputs={"x": x})
+    with torch.no_grad():
+        assert torch.equal(cm(x), model(x))  # fresh: every output bit as the model's
+    _randomize(cm)
+    owner = cm.program.get_submodule("proj")
+    with torch.no_grad():
+        owner.lora_B[2] = 0.0  # the row of W + s·B·A stays zero; its magnitude is not
+    a, b, m = owner.lora_A.detach(), owner.lora_B.detach(), owner.lora_magnitude.detach()
+    with torch.no_grad():
+        got = cm(x)
+        merged = cm.merge_adapters()(x)
+    bias = model.proj.bias.detach()
+    assert got.isfinite().all() and merged.isfinite().all()
+    assert torch.equal(got[..., 2], bias[2].expand(3, 4))  # the zero row gives the bias alone
+    rows = [i for i in range(6) if i != 2]
+    want = _direct(model, x, cm.adapters["proj"], a, b, m)
+    torch.testing.assert_close(got[..., rows], want[..., rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged, got, rtol=1e-5, atol=1e-5)
+
+
 def test_adapter_params_are_named_where_they_live_and_nodes_tagged():
     lm = tiny("llama")
     cm = slimfx.compile(lm, _policy("adapt blocks.*.attn.{q,v} dora rank=4 alpha=8"))
