@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import slimfx
 from slimfx import SpecError
@@ -108,6 +108,10 @@ def test_compile_gives_a_working_model_or_a_spec_error(rules, arch):
 def test_what_compiles_runs_on_the_triton_backend_as_on_the_reference_ops(rules, arch):
     """The same draws with backend="triton" (Triton's interpreter here): the generated kernels
     give what the reference ops give, to float32 rounding."""
+    # BERT's blocks end in a LayerNorm of weight 1 here: every token's norm is √d, and which tokens
+    # a prune by norm keeps is decided by rounding, which the kernels do in another order than the
+    # reference ops (3.95 apart, every kernel right). Such a draw cannot tell a kernel's error.
+    assume(not (arch == "bert" and "score=norm" in rules))
     lm = _model(arch)
     try:
         cm = slimfx.compile(lm, rules, backend="triton")
