@@ -23,6 +23,7 @@ from .block_reads import STEP_LEFT_LAST_HINT, auto_drop_problem, removal_problem
 from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
 from .blocks_view import without_blocks
 from .causal import merge_refusal
+from .cut_gaps import gap_edges, heal_neighbours
 from .heal_rules import fold_block_problem, fold_sum_problem
 from .token_attention import token_attention_problem, unpad_mask_problem
 from .estimate import Estimate, estimate, stored_after
@@ -198,10 +199,10 @@ class _Binder:
             return self._bind_keep(rule)
         if isinstance(rule, (A.Heal, A.Unpad)):  # no selector: they act on the whole model
             kept = tuple(sorted(protected)) if isinstance(rule, A.Heal) else ()  # heal leaves these alone
-            cuts = None if self.deferred else _gaps(self.captured, self.graph)
+            cuts = None if self.deferred else len(gap_edges(self.captured, self.graph))
             adapted = ()  # the linears a LoRA heal keeps adapters on (merged, they add nothing)
             if isinstance(rule, A.Heal) and rule.get("method") == "lora" and not rule.get("merge") and cuts:
-                adapted = tuple(t for t in _heal_neighbours(self.captured, self.graph, rule.get("reach"))
+                adapted = tuple(t for t in heal_neighbours(self.captured, self.graph, rule.get("reach"))
                                 if t.path not in protected and t.path not in self.adapted)
                 self.adapted |= {t.path for t in adapted}
             if isinstance(rule, A.Heal):
@@ -226,7 +227,7 @@ class _Binder:
                 self._error(rule.span, "unsupported", f"`heal method=lora` cannot train here: {problem}",
                             "write distill=true to learn the original model's outputs")
         if rule.get("method") == "linear" and rule.get("fold") and cuts:
-            for before, _ in _gap_edges(self.captured, self.graph):
+            for before, _ in gap_edges(self.captured, self.graph):
                 problem = fold_block_problem(self.captured, before) or \
                     fold_sum_problem(self.captured, before, before.output)
                 if problem is not None:
@@ -482,53 +483,3 @@ def _paths_of(found: Target | Block, graph: ModelGraph) -> set[str]:
 def _param_span(rule: A.Rule, name: str) -> A.Span:
     """Where the rule writes `name=…` (the caret goes there), or the rule when it is a default."""
     return next((p.span for p in rule.params if p.name == name), rule.span)
-
-
-def _gap_edges(whole: ModelGraph, view) -> list[tuple[Block | None, Block | None]]:
-    """Per contiguous run of `whole`'s blocks the view lacks: (the remaining block before it, the
-    one after it), `whole`'s own Blocks, None at either end of the model."""
-    left = {b.path for b in view.blocks}
-    edges, before, in_gap = [], None, False
-    for block in whole.blocks:
-        if block.path not in left:
-            in_gap = True
-            continue
-        if in_gap:
-            edges.append((before, block))
-            in_gap = False
-        before = block
-    if in_gap:
-        edges.append((before, None))
-    return edges
-
-
-def _heal_neighbours(whole: ModelGraph, view, reach: int) -> list[Target]:
-    """The view's linears in the remaining blocks up to `reach` before and after each gap: where a
-    LoRA heal puts its adapters (collapse/heal.py's _neighbour_linears, on the cuts compile makes)."""
-    left = {b.path for b in view.blocks}
-    present = [b.path for b in whole.blocks if b.path in left]
-    near: set[str] = set()
-    last, in_gap = None, False  # index in `present` of the last remaining block seen
-    for block in whole.blocks:
-        if block.path not in left:
-            in_gap = True
-            continue
-        i = present.index(block.path)
-        if in_gap:
-            near.update(present[i:i + reach])
-            if last is not None:
-                near.update(present[max(0, last - reach + 1):last + 1])
-            in_gap = False
-        last = i
-    if in_gap and last is not None:  # a gap at the end: only blocks before it
-        near.update(present[max(0, last - reach + 1):last + 1])
-    return [t for t in view.targets.values()
-            if t.kind == "linear" and t.block is not None and view.blocks[t.block].path in near]
-
-
-def _gaps(whole: ModelGraph, view) -> int:
-    """How many contiguous runs of `whole`'s blocks the view lacks: the cuts a `heal` repairs (a
-    drop on both sides of an earlier gap makes one gap with it, as compile does)."""
-    left = {b.path for b in view.blocks}
-    present = [b.path in left for b in whole.blocks]
-    return sum(1 for i, here in enumerate(present) if not here and (i == 0 or present[i - 1]))
