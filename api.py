@@ -141,7 +141,7 @@ def resolve_policy(policy, name: str | None = None, *,
     except (KeyError, ValueError) as e:
         close = did_you_mean(name, [p.name for p in spec.policies]) if name is not None else None
         raise SpecError.at("unknown-policy", str(e).strip("'\""), source=spec.source, filename=spec.filename,
-                           hint=close or choose) from None
+                           hint=close or (choose if name is None else "use one of the names it lists")) from None
 
 
 def _read_spec(policy) -> A.Spec:

@@ -135,7 +135,9 @@ def _fmt(args) -> int:
         kept = _in_style_of(data, text)
         if args.check:
             if kept != data:
-                _error(f"{spec.filename}: not in canonical form (run `slimfx fmt --write {name}`)")
+                # stdin has no file to rewrite: `fmt -` prints the canonical form
+                fix = "`slimfx fmt -` to print it" if name == "-" else f"`slimfx fmt --write {name}`"
+                _error(f"{spec.filename}: not in canonical form (run {fix})")
                 status = 1
         elif args.write and name != "-":
             if kept != data:

@@ -14,7 +14,7 @@ import unicodedata
 from importlib import resources
 
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedInput, UnexpectedToken, VisitError
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import ast as A
 from .errors import Diagnostic, SpecError, source_lines
@@ -153,8 +153,9 @@ def _parse_whole_words(parser: Lark, source: str, filename: str):
                 raise UnexpectedToken(name, {t for t in interactive.choices() if t.isupper()})
             last = token
         return interactive.feed_eof(last)
-    except UnexpectedToken as e:
-        # iter_parse leaves it unset; syntax_errors asks it which terminals really fit here
+    except (UnexpectedToken, UnexpectedCharacters) as e:
+        # iter_parse leaves it unset; syntax_errors asks it which terminals really fit here (a
+        # character the lexer cannot read listed every look-ahead of the merged LALR state)
         if getattr(e, "interactive_parser", None) is None:
             e.interactive_parser = interactive
         raise

@@ -123,9 +123,11 @@ def _explain(e, got, expected, words, source, line, column):
     if got in RULE_KEYWORDS and "POLICY" in expected:
         return ("syntax", f"`{got}` rule outside a policy",
                 "rules go inside a block: `policy NAME {` on one line, the rules, then `}`")
-    if expected == {"EQUAL"} and _WORD.fullmatch(got) and _previous_word(source, line, column) in RULE_KEYWORDS:
-        return ("syntax", f"`{got}` follows `{_previous_word(source, line, column)}` on the same line",
-                "write one rule per line")
+    before = _previous_word(source, line, column)
+    if expected == {"EQUAL"} and _WORD.fullmatch(got) and before in RULE_KEYWORDS:
+        if before in _own_params(_line(source, line), column):  # `prune keep score=norm`
+            return ("missing-value", f"`{before}` has no value", f"write `{before}=<value>`")
+        return ("syntax", f"`{got}` follows `{before}` on the same line", "write one rule per line")
     if _WORD.fullmatch(got or "") and keyword_words and "NAME" not in expected:
         suggestion = did_you_mean(got, keyword_words)
         if suggestion or got not in keyword_words:
@@ -152,6 +154,9 @@ def _missing_part(e, expected, words, source, line, column):
     text = _line(source, line)
     if e.token.type == "$END":  # lark places the file's end at the last token's start
         column = len(text.rstrip()) + 1
+    # lark places a line's end after its comment: the rule's text ends before the comment
+    # (`group # the group size` said "`size` has no value", the caret after the comment)
+    column = min(column, len(text[:_code_end(text)].rstrip()) + 1)
     start = _rule_start(text, column)
     closes_policy = e.token.type == "RBRACE" and not _open_braces(text[start: column - 1])
     if e.token.type not in ("_NL", "$END") and not closes_policy:
@@ -173,6 +178,20 @@ def _missing_part(e, expected, words, source, line, column):
             f"{_phrase(wanted, words)}{_rule_context(source, line, column)}",
             f"a rule stays on one line: `{following.group()} …` on line {line + 1} belongs on this one"
             if wrapped else None, "", column)
+
+
+_STRING = re.compile(r'"([^"\\\r\n]|\\[^\r\n])*"')
+
+
+def _code_end(text: str) -> int:
+    """Where the line's comment starts (a `#` outside a quoted string), else its length."""
+    i = 0
+    while i < len(text):
+        if text[i] == "#":
+            return i
+        string = _STRING.match(text, i) if text[i] == '"' else None
+        i = string.end() if string else i + 1
+    return len(text)
 
 
 def _unexpected_end(source, expected, words):
@@ -265,6 +284,19 @@ def _rule_start(text: str, column: int) -> int:
     for header in _POLICY_HEADER.finditer(text, 0, max(0, column - 1)):
         start = header.end()
     return start + len(text[start:]) - len(text[start:].lstrip())
+
+
+def _own_params(text: str, column: int) -> set[str]:
+    """The parameters of the rule holding `column`: `keep` is one of `tokens after … prune`'s
+    as well as a rule of its own."""
+    keyword = _rule_keyword(text, column)
+    words = set(_WORD.findall(text[_rule_start(text, column): column - 1]))
+    names: set[str] = set()
+    for key, schema in SCHEMAS.items():
+        base, _, form = key.partition(".")
+        if base == keyword and (not form or form in words):
+            names |= set(schema)
+    return names
 
 
 def _rule_keyword(text: str, column: int) -> str | None:

@@ -106,13 +106,15 @@ def _elsewhere(name: str, key: str) -> str | None:
 
 def _coerce(spec: ParamSpec, p: A.Param, key: str, problems: _Problems):
     value = p.value
+    too_large = type(value) is float and math.isinf(value)  # `1e400`: once "`alpha=inf` is out of range"
     if spec.type is float and type(value) is int:
         value = _as_float(value)
-        if value is None:  # more than 308 digits: OverflowError, once "a bug in slimfx"
-            problems.add("out-of-range", f"`{p.name}` is too large: a number is at most about 1.8e308 in size "
-                         f"(`{p.name}` is {spec.expectation})", p.span,
-                         f"write e.g. `{p.name}={_example(spec)}`")
-            return None
+        too_large = value is None  # more than 308 digits: OverflowError, once "a bug in slimfx"
+    if too_large:
+        problems.add("out-of-range", f"`{p.name}` is too large: a number is at most about 1.8e308 in size "
+                     f"(`{p.name}` is {spec.expectation})", p.span,
+                     f"write e.g. `{p.name}={_example(spec)}`")
+        return None
     if type(value) is not spec.type:
         unquoted = _unquoted(spec, value)
         problems.add("wrong-type", f"`{p.name}` takes {_TYPE_WORDS[spec.type]}, not {_show(p.value)}",

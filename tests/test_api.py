@@ -314,6 +314,8 @@ def test_policy_file_and_name_errors_have_kinds_of_their_own(tmp_path):
         with pytest.raises(SpecError) as e:
             slimfx.compile(loaded, str(two), name=name)
         assert e.value.kind == "unknown-policy" and "a, b" in e.value.message
+        # a name that was given is not answered "pass name=… to choose one"
+        assert e.value.hint == ("use one of the names it lists" if name else "pass name=… (or --policy NAME) to choose one")
     with pytest.raises(SpecError) as e:
         slimfx.compile(loaded, str(_near(tmp_path)), name="fast_polcy")
     assert e.value.hint == "did you mean `fast_policy`?"

@@ -65,3 +65,12 @@ def test_fmt_write_that_cannot_write_says_so_and_leaves_the_file(tmp_path, capsy
     assert main(["fmt", "--write", str(f)]) == 1
     assert f"{f}: cannot rewrite it: Permission denied; it is left as it was" in capsys.readouterr().err
     assert f.read_text() == original
+
+
+def test_fmt_check_on_stdin_says_how_to_print_the_canonical_form(monkeypatch, capsys):
+    """It said "run `slimfx fmt --write -`", which prints, as `fmt -` does."""
+    import io
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"policy p{\n  quantize head int8\n}\n")))
+    assert main(["fmt", "--check", "-"]) == 1
+    err = capsys.readouterr().err
+    assert "run `slimfx fmt -` to print it" in err and "--write" not in err

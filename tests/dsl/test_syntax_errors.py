@@ -55,3 +55,34 @@ def test_a_brace_inside_the_rule_starts_no_rule():
     err = error_of("policy p { quantize blocks.{q int8 }")
     assert err.message == "expected `,` or `}` after `quantize <selector>`, got `int8`"
     assert error_of("keep blocks.{q,v", bare=True).message.endswith("expected `,` or `}`")
+
+
+@pytest.mark.parametrize("text, listed, bare", [
+    ("policy a {}\n@", "expected `policy`, the end of the file or the end of the line, got `@`", False),
+    ("policy p {\n drop a\n heal method=linear @\n}", "expected a name, `}` or the end of the line, got `@`", False),
+])
+def test_a_character_the_lexer_cannot_read_lists_what_the_parser_takes_there(text, listed, bare):
+    """It listed the merged LALR look-ahead: rules and `}` at the top level, `,` and `)` after a
+    heal's parameter — what the same spot with a character the lexer reads (`,`) did not."""
+    assert error_of(text, bare).message == listed
+
+
+@pytest.mark.parametrize("rule, message, column", [
+    ("quantize head int8 group # the group size", "`group` has no value", 25),
+    ("quantize head int8 group= # why", "`group` has no value", 26),
+    ('quantize head int8 group= # a "quoted" word', "`group` has no value", 26),
+    ("quantize head # int8", "the `quantize` rule ends before its required part", 14),
+])
+def test_a_rule_cut_short_before_a_comment_is_blamed_before_the_comment(rule, message, column):
+    """Lark places the line's end after its comment: the caret sat after it, and the word before
+    it was the comment's (`size` has no value)."""
+    err = error_of("policy p {\n" + rule + "\n}\n")
+    assert message in err.message and (err.line, err.column) == (2, column) and err.kind == "missing-value"
+
+
+def test_keep_without_its_value_in_a_prune_is_a_missing_value_not_a_second_rule():
+    """`keep` is a rule and a parameter of `tokens after … prune`: "`score` follows `keep` on the
+    same line; write one rule per line"."""
+    err = error_of("tokens after blocks[1] prune keep score=norm", bare=True)
+    assert (err.kind, err.message, err.hint) == ("missing-value", "`keep` has no value", "write `keep=<value>`")
+    assert error_of("quantize head int8 keep embed", bare=True).message == "`embed` follows `keep` on the same line"

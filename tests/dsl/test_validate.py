@@ -41,6 +41,14 @@ def test_an_integer_past_a_floats_range_is_out_of_range_not_an_internal_error(ru
     assert err.line == rule.count("\n") + 2
 
 
+@pytest.mark.parametrize("rule, param", [("adapt head lora alpha=1e400", "alpha"), ("adapt head lora rank=1e400", "rank"),
+                                         ("tokens after blocks[1] prune keep=1e400", "keep")])
+def test_a_float_past_a_floats_range_is_too_large_not_inf(rule, param):
+    """`1e400` reads as inf: "`alpha=inf` is out of range: `alpha` is a number > 0", a range inf meets."""
+    err = error_of(rule)
+    assert err.kind == "out-of-range" and err.message.startswith(f"`{param}` is too large") and "inf" not in err.message
+
+
 def test_a_byte_budget_past_a_floats_range_is_out_of_range():
     err = error_of("precision head choose {int8, int4} budget bytes<=1" + "0" * 400 + "GiB by output_mse")
     assert err.kind == "out-of-range" and "too large" in err.message and (err.line, err.column) == (2, 40)
