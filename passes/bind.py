@@ -18,13 +18,13 @@ from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
 from ..runtime.adapters import adapters_of
 from ..runtime.peft_format import adapter_directory
-from ..runtime.train import lm_loss_problem
-from .block_reads import STEP_LEFT_LAST_HINT, auto_drop_problem, removal_problem, step_left_last, token_step_in
+from .block_reads import (STEP_LEFT_LAST_HINT, auto_drop_problem, removal_problem, step_left_last, step_removed,
+                          token_step_in)
 from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
 from .blocks_view import without_blocks
 from .causal import merge_refusal
 from .cut_gaps import gap_edges, heal_neighbours
-from .heal_rules import fold_block_problem, fold_sum_problem
+from .heal_rules import heal_problem
 from .token_attention import token_attention_problem, unpad_mask_problem
 from .estimate import Estimate, estimate, stored_after
 from .graph import Block, ModelGraph, Target
@@ -109,6 +109,10 @@ class _Binder:
         # Linears with an unmerged adapter so far (an earlier compile's, then the rules' bound so far):
         # a LoRA heal leaves them out, so its estimate does too.
         self.adapted: set[str] = set(adapters_of(graph.module))
+        # Linears whose weight is no float tensor of their own once the rules bound so far ran (an
+        # earlier compile's quantized ones, then a quantize's or precision's): no fold or merge into them
+        self.reformatted: set[str] = {t.path for t in graph.targets.values() if t.kind == "linear" and not has_weight(t)}
+        self.mapped = False  # a `heal method=linear` (no fold) bound so far put a map at every cut
 
     def bind_all(self, rules: tuple[A.Rule, ...], protected: set[str] | None = None) -> tuple[BoundRule, ...]:
         """`protected`: what the `keep` rules before `rules` protect (rebind: resolved before)."""
@@ -201,13 +205,15 @@ class _Binder:
             kept = tuple(sorted(protected)) if isinstance(rule, A.Heal) else ()  # heal leaves these alone
             cuts = None if self.deferred else len(gap_edges(self.captured, self.graph))
             adapted = ()  # the linears a LoRA heal keeps adapters on (merged, they add nothing)
+            if isinstance(rule, A.Heal):
+                self._check_heal(rule, cuts, protected)
             if isinstance(rule, A.Heal) and rule.get("method") == "lora" and not rule.get("merge") and cuts:
                 adapted = tuple(t for t in heal_neighbours(self.captured, self.graph, rule.get("reach"))
                                 if t.path not in protected and t.path not in self.adapted)
                 self.adapted |= {t.path for t in adapted}
-            if isinstance(rule, A.Heal):
-                self._check_heal(rule, cuts)
-            elif (problem := unpad_mask_problem(self.captured)) is not None:
+            if isinstance(rule, A.Heal) and rule.get("method") == "linear" and not rule.get("fold"):
+                self.mapped = True
+            elif isinstance(rule, A.Unpad) and (problem := unpad_mask_problem(self.captured)) is not None:
                 self._error(rule.span, "unsupported", *problem)
             return BoundRule(rule, protected=kept, estimate=estimate(rule, adapted, (), self.graph, cuts=cuts))
         found = self._resolve(rule.selector)
@@ -217,22 +223,14 @@ class _Binder:
             return self._bind_tokens(rule, found)
         return self._bind_linears(rule, found, protected)
 
-    def _check_heal(self, rule: A.Heal, cuts: int | None) -> None:
-        """What the model decides before any weight changes (compile refused these only when the
-        heal ran, after every rule above it): a LoRA heal's lm loss on a model without logits, and
-        a fold at a cut with no pre-norm block before it to fold into."""
-        if rule.get("method") == "lora" and not rule.get("distill"):
-            problem = lm_loss_problem(self.captured)
-            if problem is not None:
-                self._error(rule.span, "unsupported", f"`heal method=lora` cannot train here: {problem}",
-                            "write distill=true to learn the original model's outputs")
-        if rule.get("method") == "linear" and rule.get("fold") and cuts:
-            for before, _ in gap_edges(self.captured, self.graph):
-                problem = fold_block_problem(self.captured, before) or \
-                    fold_sum_problem(self.captured, before, before.output)
-                if problem is not None:
-                    self._error(rule.span, "unsupported", *problem)
-                    return
+    def _check_heal(self, rule: A.Heal, cuts: int | None, protected: set[str]) -> None:
+        """What the model and the rules above decide before any weight changes: compile refused
+        these only when the heal ran, after every rule above it (a LoRA heal's merge only after
+        its training)."""
+        problem = heal_problem(rule, self.captured, self.graph if cuts else None, protected,
+                               adapted=self.adapted, reformatted=self.reformatted, mapped=self.mapped)
+        if problem is not None:
+            self._error(rule.span, *problem)
 
     def _bind_keep(self, rule: A.Keep) -> BoundRule:
         # Resolved already when `_protected` ran in this binder (not in `rebind`, which is given them).
@@ -369,6 +367,9 @@ class _Binder:
         bound = BoundRule(rule, targets=targets, protected=tuple(t.path for t in kept),
                           estimate=guess, warnings=tuple(warnings))
         self.stored.update(stored_after(rule, targets, guess))
+        if isinstance(rule, A.Quantize) and rule.format != "keep" or \
+                isinstance(rule, A.Precision) and all(c.format != "keep" for c in rule.choices):
+            self.reformatted |= {t.path for t in targets}
         return bound
 
     def _check_rank(self, rule: A.Adapt, targets: tuple[Target, ...]) -> None:
@@ -413,8 +414,9 @@ class _Binder:
                                 "or use `merge=false` (QLoRA style)")
 
     def _check_steps_left_last(self, rules, bound: list[BoundRule], views) -> None:
-        """A `drop`/`collapse` below a `tokens after` rule that removes every block after the step's
-        block: the step ends up after the last block (`tokens after` on the last block is refused)."""
+        """A `drop`/`collapse` below a `tokens after` rule that removes the step's block (compile's
+        removal_problem sees the step once it is in the graph), or every block after it: the step
+        ends up after the last block (`tokens after` on the last block is refused)."""
         steps: dict[str, BoundRule] = {}  # block path -> the token rule stepping after it, so far
         compiled = token_step_in(self.captured)  # a step an earlier compile made
         for i, (rule, b) in enumerate(zip(rules, bound)):
@@ -427,6 +429,13 @@ class _Binder:
             before = views[i][0]
             after = views[i + 1][0] if i + 1 < len(views) else self.final_view
             if not after.blocks or len(after.blocks) == len(before.blocks):
+                continue
+            gone = {blk.path for blk in before.blocks} - {blk.path for blk in after.blocks}
+            stepped = next((p for p in (blk.path for blk in before.blocks) if p in gone and p in steps), None)
+            if stepped is not None and rule.auto is None:  # the graph has no step yet for removal_problem to see
+                step = steps[stepped]
+                self._error(rule.selector.span, "unsupported", *step_removed(
+                    stepped, f"line {step.line}'s `{step.text}` prunes or merges the tokens"))
                 continue
             last = after.blocks[-1].path
             if last in steps and last != before.blocks[-1].path:

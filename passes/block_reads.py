@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..runtime import token_ops
 from .graph import Block, innermost_module
 
-__all__ = ["read_after", "stream_between", "removal_problem", "runs_of", "shared_read", "step_left_last",
+__all__ = ["read_after", "stream_between", "token_pack", "removal_problem", "heal_map_in", "is_heal_map", "HEAL_MAP",
+           "runs_of", "shared_read", "step_left_last", "step_removed",
            "STEP_LEFT_LAST_HINT", "token_step_in", "auto_drop_problem"]
 
 
@@ -17,8 +19,20 @@ def stream_between(run: list[Block]) -> set[fx.Node]:
     """The residual stream between the run's blocks, read after the run: each block's hidden state
     when captured with output_hidden_states=True (the output tuple reads every block's output, and
     the stream entering it through a no-op `.to(float32)`). Where a removed block was, the hidden
-    state is the stream that enters the run."""
-    return {b.output for b in run} | {n for b in run for n in b.nodes if _same_value(n, b.input)}
+    state is the stream that enters the run. Where the run ends in a `tokens` rule's pack, what the
+    pack reads is the stream too (the pack's token count is read from it, after the run)."""
+    packed = {pack.args[0] for pack in [token_pack(run[-1])] if pack is not None}
+    return {b.output for b in run} | packed | {n for b in run for n in b.nodes if _same_value(n, b.input)}
+
+
+def token_pack(last: Block) -> fx.Node | None:
+    """The block's output when it is a `tokens` rule's pack of the stream (slimfx::pack_tokens: a
+    `tokens after` with no `tokens unpad` above packs the stream entering its block, and the pack
+    belongs to the block before, as its output): removing that block must keep the pack."""
+    out = last.output
+    if out is not None and out.target is token_ops.pack_tokens and out.args[0] in last.nodes:
+        return out
+    return None
 
 
 def read_after(run: list[Block]) -> fx.Node | None:
@@ -51,15 +65,19 @@ def removal_problem(blocks: list[Block]) -> tuple[str, str] | None:
                     "would take that tensor away", "give each block its own copy of the weight before "
                     "compiling (e.g. `layer.mlp.down_proj.weight = nn.Parameter(w.clone())`), or remove "
                     "other blocks")
+        mapped = next(((b, m) for b in run for m in [heal_map_in(b)] if m is not None), None)
+        if mapped is not None:  # its node belongs to the block after the cut and went with it, silently
+            block, weight = mapped
+            return (f"{block.path} begins with the map an earlier `heal method=linear` put at its cut ({weight}): "
+                    "removing the block would take that repair away with it",
+                    f"remove other blocks, or compile the original model with {block.path} removed in the "
+                    "policy that made the cut, above its `heal`")
         leak = read_after(run)
         if leak is not None:
             owner = next(b for b in run if leak in b.nodes)
             step = _token_step(frozenset().union(*(b.nodes for b in run)))
             if step is not None:
-                return (f"{owner.path} is where a `tokens after` rule above prunes or merges the tokens ({step}): "
-                        "removing it would take that step away from the blocks after it",
-                        f"remove {owner.path} in a rule above the `tokens` rule (blocks are renumbered after it), "
-                        "or remove other blocks")
+                return step_removed(owner.path, f"a `tokens after` rule above prunes or merges the tokens ({step})")
             if _returned(leak):  # output_attentions=True: every block's attention map is an output
                 return (f"{owner.path} computes a value the model returns ({leak.name}: a per-block output such "
                         "as output_attentions=True gives): removing the block would take that output away",
@@ -68,6 +86,28 @@ def removal_problem(blocks: list[Block]) -> tuple[str, str] | None:
                     "bias, made in the first block only): removing it would leave them without it",
                     f"remove other blocks; an auto search never picks {owner.path}")
     return None
+
+
+def step_removed(path: str, step: str) -> tuple[str, str]:
+    """(message, hint) for removing the block `path` that a token `step` (in words) follows."""
+    return (f"{path} is where {step}: removing it would take that step away from the blocks after it",
+            f"remove {path} in a rule above the `tokens` rule (blocks are renumbered after it), or remove other blocks")
+
+
+def heal_map_in(block: Block) -> str | None:
+    """The tensor of a `heal method=linear` map whose node is in the block (collapse/heal.py puts
+    it there, the block's first op: the map sits at the cut, in front of the block after it)."""
+    return next((n.args[1].target for n in block.nodes if is_heal_map(n)), None)
+
+
+def is_heal_map(node: fx.Node) -> bool:
+    """`node` is a `heal method=linear` map: h @ T, a linear by a tensor of the blocks' container
+    named heal_map…."""
+    weight = node.args[1] if node.target is torch.ops.aten.linear.default and len(node.args) > 1 else None
+    return isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.rpartition(".")[2].startswith(HEAL_MAP)
+
+
+HEAL_MAP = "heal_map"  # the name of every map's tensor on the blocks' container starts so
 
 
 STEP_LEFT_LAST_HINT = "remove other blocks, or put the `tokens after` step after an earlier block"

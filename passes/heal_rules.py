@@ -1,20 +1,65 @@
-"""What a `heal … fold=true` can do at a cut: checks bind (so that `plan` refuses what compile
-would) and the heal pass share. Core, as block_rules.py is."""
+"""What a `heal` can do at its cuts — fold into a down projection, find linears to adapt, merge
+them: checks and refusals bind (so that `plan` refuses what compile would) and the heal pass
+share. Core, as block_rules.py is. heal_problem is bind's whole check of one heal rule."""
 from __future__ import annotations
 
 import torch
 from torch import fx
 
+from ..dsl import ast as A
+from ..runtime.train import lm_loss_problem
+from .cut_gaps import gap_edges, heal_neighbours
 from .graph import Block, ModelGraph
 from .rewrite import find_sites
 
-__all__ = ["FOLD_HINT", "fold_block_problem", "fold_sum_problem", "residual_sum", "through"]
+__all__ = ["heal_problem", "FOLD_HINT", "fold_block_problem", "fold_sum_problem", "fold_target_problem", "no_linear_problem",
+           "merge_problem_message", "residual_sum", "through", "REFORMATTED", "ADAPTED", "MAPPED"]
 
 aten = torch.ops.aten
 FOLD_HINT = "write fold=false (a map on the stream)"
 # Ops that only view a tensor: GPT-2's Conv1D gives [B·S, D] rows viewed back to [B, S, D], and
 # OPT's block returns its residual sum viewed so; their size operands are not tensors.
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def heal_problem(rule: A.Heal, whole: ModelGraph, view, protected: set[str], *, adapted: set[str],
+                 reformatted: set[str], mapped: bool) -> tuple[str, str, str] | None:
+    """(kind, message, hint) when the heal `rule` cannot run on `view` (the model after the rules
+    above it; None where an auto rule decides its blocks at compile) cut from `whole`: a LoRA
+    heal's lm loss on a model without logits, no linear near the cuts to adapt or one it could
+    not merge into; a fold at a cut with no pre-norm block before it, or into a weight `keep`
+    protects or a rule above reformatted (quantized, half) or adapted, or below a map (`mapped`)."""
+    if rule.get("method") == "lora" and not rule.get("distill") and (problem := lm_loss_problem(whole)) is not None:
+        return ("unsupported", f"`heal method=lora` cannot train here: {problem}",
+                "write distill=true to learn the original model's outputs")
+    if view is None or not gap_edges(whole, view):
+        return None
+    if rule.get("method") == "lora":
+        near = heal_neighbours(whole, view, rule.get("reach"))
+        free = [t for t in near if t.path not in adapted]
+        chosen = [t for t in free if t.path not in protected]
+        if not chosen:
+            blocks = [b.path for b in view.blocks if any(view.blocks[t.block] is b for t in near)]
+            kept = sum(t.path in protected for t in free)
+            return ("unsupported", *no_linear_problem(blocks, len(free) < len(near), kept))
+        stored = [t.path for t in chosen if t.path in reformatted]
+        if rule.get("merge") and stored:
+            more = f" (and {len(stored) - 1} more)" if len(stored) > 1 else ""
+            return ("illegal-order", *merge_problem_message(
+                f"the weight of {stored[0]}{more} is quantized or stored in another dtype by a rule above"))
+        return None
+    if not rule.get("fold"):
+        return None
+    for before, _ in gap_edges(whole, view):
+        problem = fold_block_problem(whole, before) or fold_sum_problem(whole, before, before.output)
+        if problem is not None:
+            return ("unsupported", *problem)
+        down = whole.by_role("mlp.down", before.index)[0].path
+        reason = REFORMATTED if down in reformatted else ADAPTED if down in adapted else MAPPED if mapped else None
+        refused = fold_target_problem(down, down in protected, reason)
+        if refused is not None:
+            return refused
+    return None
 
 
 def fold_block_problem(graph: ModelGraph, before: Block | None) -> tuple[str, str] | None:
@@ -37,6 +82,48 @@ def fold_sum_problem(graph: ModelGraph, before: Block, stream: fx.Node) -> tuple
         return (f"`heal … fold=true` needs {before.path}'s output to be the residual sum h + down(…) (a pre-norm "
                 "block); this model's is not", FOLD_HINT)
     return None
+
+
+# Why the down projection before a cut takes no fold (the rule above it that decided so)
+REFORMATTED = "an earlier rule stored that weight quantized or in another dtype"
+ADAPTED = "an adapter sits on it, which the fold would leave out"
+MAPPED = "a `heal method=linear` above already put a map at this cut"
+
+
+def fold_target_problem(down: str, kept: bool, reason: str | None) -> tuple[str, str, str] | None:
+    """(kind, message, hint) when the down projection `down` cannot take the fold: a `keep`
+    protects it, or `reason` (REFORMATTED, ADAPTED, MAPPED); else None."""
+    if kept:
+        return ("invalid-combination", f"`heal … fold=true` folds the map into {down}'s weight, and a `keep` rule "
+                "protects it", f"narrow the `keep`, or {FOLD_HINT}")
+    if reason is not None:
+        return ("illegal-order", f"`heal … fold=true` folds the map into {down}'s weight, and {reason}",
+                f"put this heal above that rule, or {FOLD_HINT}")
+    return None
+
+
+def no_linear_problem(blocks: list[str], held: bool, kept: int) -> tuple[str, str]:
+    """(message, hint) for a LoRA heal that finds no linear to adapt in the blocks near its cuts:
+    `kept` of them protected by `keep`, `held` some carrying an earlier rule's adapters."""
+    near = ", ".join(blocks)
+    if kept:
+        return ("`heal method=lora` found no linear in the blocks near the cuts "
+                f"({near}) to put an adapter on: `keep` protects {kept} of them"
+                + (" and the others carry adapters" if held else ""),
+                "narrow the `keep`, give this heal a larger reach=, or use `heal method=linear`")
+    if held:
+        return ("`heal method=lora` found no linear without an adapter in the "
+                f"blocks near the cuts ({near}): an earlier rule's adapters sit on them (an `adapt` "
+                "rule, or a `heal method=lora merge=false`)", "let the earlier rule merge its adapters "
+                "(merge=true), give this heal a larger reach=, or remove it")
+    return (f"`heal method=lora` found no linear in the blocks near the cuts ({near}) to put an adapter on",
+            "use `heal method=linear`")
+
+
+def merge_problem_message(why: str) -> tuple[str, str]:
+    """(message, hint) for a LoRA heal whose adapters cannot be merged (`why`: a quantized weight)."""
+    return (f"`heal method=lora` cannot merge its adapters: {why}",
+            "write merge=false to keep them beside the quantized weights, or put the heal above the `quantize`")
 
 
 def residual_sum(out: fx.Node) -> fx.Node:

@@ -10,11 +10,13 @@ import torch
 from ..runtime import token_ops
 from .graph import Block, ModelGraph
 
-__all__ = ["token_attention_problem", "unpad_mask_problem", "no_mask_hint", "MASK_INPUT"]
+__all__ = ["token_attention_problem", "unpad_mask_problem", "no_mask_hint", "MASK_INPUT", "SDPA", "ATTENTION_OPS"]
 
 MASK_INPUT = "attention_mask"  # the input whose nonzeros are the real tokens
 
-_ATTENTION = (torch.ops.aten.scaled_dot_product_attention.default, token_ops.packed_attention)
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+# attention that runs per sequence: SDPA, which `tokens unpad` packs, and the packed form it becomes
+ATTENTION_OPS = (SDPA, token_ops.packed_attention)
 _HAND_WRITTEN = ("attention written out by hand (eager attention, as Gemma 2's or "
                  "attn_implementation=\"eager\") stays padded")
 _HINT = ("load the model with attn_implementation=\"sdpa\" where its architecture has it, or choose "
@@ -29,12 +31,12 @@ def token_attention_problem(graph: ModelGraph, blocks: tuple[Block, ...], action
     nodes = list(graph.module.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     last = max(blocks, key=lambda b: order[b.output])
-    if not any(n.target in _ATTENTION and order[n] > order[last.output] for n in nodes):
+    if not any(n.target in ATTENTION_OPS and order[n] > order[last.output] for n in nodes):
         return (f"`tokens after … {action}` needs an attention that runs per sequence after {last.path}, and "
                 f"the model has none there: {_HAND_WRITTEN}", _HINT)
     if reads_attention:
         for block in blocks:
-            found = sum(n.target in _ATTENTION for n in block.nodes)
+            found = sum(n.target in ATTENTION_OPS for n in block.nodes)
             if found != 1:
                 what = f"{found} such ops" if found else f"none ({_HAND_WRITTEN})"
                 return (f"`tokens after … {action}` reads the attention of {block.path}, which must be one "

@@ -20,7 +20,7 @@ from .adapters import Adapter, adapter_nodes, adapters_of, is_adapter_param, out
 from .program import Program
 from .forward_parts import recompile
 
-__all__ = ["MergeError", "merge_adapters", "merged_weight"]
+__all__ = ["MergeError", "check_mergeable", "merge_adapters", "merged_weight"]
 
 aten = torch.ops.aten
 _FP_BASES = {aten.linear.default: 1, aten.addmm.default: 2, aten.mm.default: 1}  # op -> weight arg
@@ -59,6 +59,12 @@ def merge_adapters(program: Program, paths: Iterable[str] | None = None) -> list
         _fold(program, path, found[path], owner, attr)
     recompile(gm)
     return chosen
+
+
+def check_mergeable(program: Program, paths: Iterable[str]) -> None:
+    """Raise the MergeError merge_adapters would, changing nothing (a heal asks before it trains)."""
+    for path in paths:
+        _weight_of(program.module, path)
 
 
 def _weight_of(gm: fx.GraphModule, path: str) -> tuple[nn.Module, str]:

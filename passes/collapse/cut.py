@@ -13,11 +13,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import fx
 
-from ..block_reads import read_after, stream_between
+from ..block_reads import read_after, stream_between, token_pack
 from ..graph import Block, ModelGraph
 from ..lent import replace_tensor
 from ..rewrite import PassError
-from ...runtime import token_ops
 from ...runtime.forward_parts import recompile
 
 __all__ = ["Cut", "remove_run", "laco_merge"]
@@ -59,7 +58,7 @@ def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:
         raise PassError(f"{leak.name} is computed inside {first.path} and read after it (e.g. a shared "
                         "position bias): this model's blocks cannot be removed by slimfx yet")
     gm, stream = graph.module, first.input
-    carried = _token_pack(last)
+    carried = token_pack(last)
     if carried is not None:  # the tokens packed on leaving the run are packed on entering it
         carried.replace_input_with(carried.args[0], first.input)
         carried.meta.pop("nn_module_stack", None)
@@ -78,16 +77,6 @@ def remove_run(graph: ModelGraph, run: list[Block]) -> fx.Node:
     recompile(gm)
     graph.reindex()
     return stream
-
-
-def _token_pack(last: Block) -> fx.Node | None:
-    """The run's output when it is a `tokens` rule's pack of the stream (slimfx::pack_tokens: a
-    `tokens after` with no `tokens unpad` above packs the stream entering its block, and the pack
-    belongs to the block before, as its output): removing that block must keep the pack."""
-    out = last.output
-    if out is not None and out.target is token_ops.pack_tokens and out.args[0] in last.nodes:
-        return out
-    return None
 
 
 def _forget_modules(graph: ModelGraph, paths: list[str]) -> None:

@@ -22,17 +22,19 @@ import torch
 from torch import fx
 
 from ...dsl import ast as A
-from ...runtime.adapter_merge import MergeError, merge_adapters
+from ...runtime.adapter_merge import MergeError, check_mergeable, merge_adapters
 from ...runtime.adapters import Adapter, is_adapter_param
 from ...runtime.program import ParamInfo
 from ...runtime.report import RuleReport
 from ...runtime.train import Diverged, train
 from ..bind import BoundRule
+from ..block_reads import HEAL_MAP, is_heal_map
 from ..graph_sizes import graph_bytes, graph_params
 from ..calibrate import observe
 from ..context import Context
 from ..graph import ModelGraph, Target
-from ..heal_rules import fold_block_problem, fold_sum_problem, residual_sum
+from ..heal_rules import (ADAPTED, MAPPED, REFORMATTED, fold_block_problem, fold_sum_problem, fold_target_problem,
+                          merge_problem_message, no_linear_problem, residual_sum)
 from ..lent import replace_tensor
 from ..lora import base_sites, has_adapter, insert_adapter, site_dims
 from ..rewrite import PassError, find_sites, has_weight, register_tensors, set_meta, shared_outside
@@ -84,7 +86,7 @@ def _linear(graph: ModelGraph, bound: BoundRule, ctx: Context):
     for k, cut in enumerate(ctx.cuts):
         xs = _observe_rows(graph, cut.stream, ctx, f"fitting the map at cut {k + 1}/{len(ctx.cuts)}")
         fit = fit_map(xs, cut.target)
-        cut.stream = _apply_map(graph, cut, fit.map, f"heal_map{_serial(graph, cut)}")
+        cut.stream = _apply_map(graph, cut, fit.map, f"{HEAL_MAP}{_serial(graph, cut)}")
         fits.append((cut, fit))
     tokens = sum(int(x.shape[0]) for x in xs)  # every cut observes the same calibration rows
     d = fits[0][1].map.shape[0]
@@ -115,7 +117,7 @@ def _serial(graph: ModelGraph, cut: Cut) -> str:
     owner = graph.module.get_submodule(graph.blocks_path)
     base = f"_{cut.after.rpartition('.')[2]}" if cut.after is not None else "_end"
     name, i = base, 0
-    while hasattr(owner, f"heal_map{name}"):
+    while hasattr(owner, f"{HEAL_MAP}{name}"):
         i += 1
         name = f"{base}_{i}"
     return name
@@ -193,19 +195,14 @@ def _down_before(graph: ModelGraph, cut: Cut, bound: BoundRule, ctx: Context):
     if problem is not None:
         raise rule_error(bound, ctx, "unsupported", *problem)
     downs = graph.by_role("mlp.down", block.index)
-    if downs[0].path in bound.protected:
-        raise rule_error(bound, ctx, "invalid-combination", f"`heal … fold=true` folds the map into "
-                         f"{downs[0].path}'s weight, and a `keep` rule protects it",
-                         "narrow the `keep`, or write fold=false (a map on the stream)")
+    down = downs[0].path
+    refused = fold_target_problem(down, down in bound.protected, _cannot_fold_into(graph, downs[0], cut))
+    if refused is not None:
+        raise rule_error(bound, ctx, *refused)
     if shared_outside(graph, downs[0], {downs[0].path}):  # the graph reads a tied tensor under one name
         raise rule_error(bound, ctx, "unsupported", f"`heal … fold=true` folds the map into {downs[0].path}'s "
                          "weight, and another module shares that tensor (a tied weight): it would change there too",
                          "give each block its own copy of the weight before compiling, or write fold=false")
-    refused = _cannot_fold_into(graph, downs[0], cut)
-    if refused is not None:
-        raise rule_error(bound, ctx, "illegal-order", f"`heal … fold=true` folds the map into {downs[0].path}'s "
-                         f"weight, and {refused}", "put this heal above that rule, or write fold=false "
-                         "(a map on the stream)")
     problem = fold_sum_problem(graph, block, cut.stream)
     if problem is not None:
         raise rule_error(bound, ctx, "unsupported", *problem)
@@ -216,12 +213,11 @@ def _cannot_fold_into(graph: ModelGraph, down: Target, cut: Cut) -> str | None:
     """Why an earlier rule leaves no float weight of `down` to fold into, or a map already at the
     cut; None if nothing does (a raw PassError, or a message blaming the block's form, before)."""
     if not has_weight(down):
-        return "an earlier rule stored that weight quantized or in another dtype"
+        return REFORMATTED
     if has_adapter(graph, down.path):
-        return "an adapter sits on it, which the fold would leave out"
-    weight = cut.stream.args[1] if cut.stream.target is aten.linear.default else None
-    if isinstance(weight, fx.Node) and weight.op == "get_attr" and ".heal_map" in f".{weight.target}":
-        return "a `heal method=linear` above already put a map at this cut"
+        return ADAPTED
+    if is_heal_map(cut.stream):
+        return MAPPED
     return None
 
 
@@ -293,6 +289,8 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
             step(note=path)
     recompile(graph.module)
     graph.reindex()
+    if rule.get("merge"):  # refused before the training, not after it
+        _check_merge(graph, inserted, bound, ctx)
     for name, p in graph.module.named_parameters():
         p.requires_grad_(is_adapter_param(name))
     params = [p for n, p in graph.module.named_parameters() if is_adapter_param(n)
@@ -320,12 +318,7 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
                          f"write a lower lr= (this one is {rule.get('lr'):g})") from None
     recompile(graph.module)
     if rule.get("merge"):
-        try:
-            merge_adapters(graph, inserted)
-        except MergeError as e:
-            raise rule_error(bound, ctx, "illegal-order", f"`heal method=lora` cannot merge its adapters: {e}",
-                             "write merge=false to keep them beside the quantized weights, or put the heal "
-                             "above the `quantize`") from None
+        merge_adapters(graph, inserted)
     details = {"adapters": len(inserted), "blocks": blocks, "rank": rank, "steps": steps, "loss": result.loss,
                "schedule": schedule,
                "generated_tokens": sum(b["input_ids"][:, PROMPT:].numel() for b in batches[len(ctx.calib):]),
@@ -348,19 +341,14 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
 
 
 def _no_linear(bound: BoundRule, ctx: Context, blocks: list[str], held: bool, kept: int):
-    near = ", ".join(blocks)
-    if kept:
-        return rule_error(bound, ctx, "unsupported", "`heal method=lora` found no linear in the blocks near the cuts "
-                          f"({near}) to put an adapter on: `keep` protects {kept} of them"
-                          + (" and the others carry adapters" if held else ""),
-                          "narrow the `keep`, give this heal a larger reach=, or use `heal method=linear`")
-    if held:
-        return rule_error(bound, ctx, "unsupported", "`heal method=lora` found no linear without an adapter in the "
-                          f"blocks near the cuts ({near}): an earlier rule's adapters sit on them (an `adapt` "
-                          "rule, or a `heal method=lora merge=false`)", "let the earlier rule merge its adapters "
-                          "(merge=true), give this heal a larger reach=, or remove it")
-    return rule_error(bound, ctx, "unsupported", f"`heal method=lora` found no linear in the blocks near the cuts "
-                      f"({near}) to put an adapter on", "use `heal method=linear`")
+    return rule_error(bound, ctx, "unsupported", *no_linear_problem(blocks, held, kept))
+
+
+def _check_merge(graph: ModelGraph, inserted: list[str], bound: BoundRule, ctx: Context) -> None:
+    try:
+        check_mergeable(graph, inserted)
+    except MergeError as e:
+        raise rule_error(bound, ctx, "illegal-order", *merge_problem_message(str(e))) from None
 
 
 def _check_generate(bound: BoundRule, ctx: Context, steps: int, written: int) -> None:

@@ -13,20 +13,18 @@ from typing import Optional
 import torch
 from torch import fx
 
-from ...runtime import token_ops
 from ..graph import ModelGraph
 from ..lora import base_sites, site_dims
+from ..token_attention import ATTENTION_OPS, SDPA
 
 __all__ = ["attention_lengths", "block_flops"]
-
-_SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 def attention_lengths(graph: ModelGraph, batch: dict) -> Optional[list[list[int]]]:
     """Per block, the token count of each sequence its attention sees (one run of the graph on
     the batch): the padded length for a plain attention, the sequence's own for one running per
     sequence. None when some block's attention is written out by hand."""
-    nodes = [n for n in graph.module.graph.nodes if n.target in (token_ops.packed_attention, _SDPA)]
+    nodes = [n for n in graph.module.graph.nodes if n.target in ATTENTION_OPS]
     if len(nodes) != len(graph.blocks):
         return None
     rec = _Recorder(graph.module, set(nodes))
@@ -57,7 +55,7 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n):
         out = super().run_node(n)
-        if n in self.nodes and n.target is _SDPA:
+        if n in self.nodes and n.target is SDPA:
             q = self.env[n.args[0]]
             self.lengths[n] = [q.shape[-2]] * q.shape[0]
         elif n in self.nodes:

@@ -26,6 +26,7 @@ from ...runtime import token_ops
 from .layout import FLAT, NO_BATCH, Layout, Symbols
 from ...runtime.forward_parts import recompile
 from ..token_history import PACKED
+from ..token_attention import SDPA
 
 __all__ = ["pack_graph", "PackResult", "PACKED"]
 
@@ -56,7 +57,6 @@ _DIM_OPS = {
     aten.squeeze.dims: 1, aten.cumsum.default: 1, aten.norm.ScalarOpt_dim: 2,
 }
 _NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
-_SDPA = aten.scaled_dot_product_attention.default
 _NO_OUTPUT = {aten._assert_tensor_metadata.default}
 
 
@@ -211,7 +211,7 @@ class _Packer:
             return True
         if op is aten.sym_size.int:
             return self._sym_size(node)
-        if op is _SDPA:
+        if op is SDPA:
             return self._attention(node)
         x = node.args[0] if node.args else None
         in_layout = self.packed.get(x) if isinstance(x, fx.Node) else None

@@ -22,7 +22,7 @@ from ..graph import ModelGraph
 from .layout import MASK_INPUT, Symbols
 from .flops import attention_lengths, block_flops
 from ..token_history import tokens_again_refusal
-from ..token_attention import unpad_mask_problem
+from ..token_attention import SDPA, unpad_mask_problem
 from .pack import PackResult, pack_graph
 
 __all__ = ["run", "refuse_tokens_again", "MASK_INPUT", "padded_batch", "probe_batch", "pack_from", "rule_error",
@@ -98,7 +98,7 @@ def _symbols(graph: ModelGraph, start, bound: BoundRule, ctx: Context) -> Symbol
     features = {("the width", val.shape[2])}
     features |= {(f"{t.path}'s weight", d) for t in graph.targets.values() for d in t.shapes[0]}
     for node in graph.module.graph.nodes:
-        if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+        if node.target is SDPA:
             q = node.args[0].meta["val"]
             features |= {("the attention heads", q.shape[1]), ("the attention head dim", q.shape[-1])}
     clash = sorted(what for what, size in features if isinstance(size, int) and size == length)

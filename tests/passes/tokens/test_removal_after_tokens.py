@@ -15,7 +15,7 @@ import slimfx
 from slimfx.models import tiny
 
 from test_merge import _batch
-from tome_ref import bert_with_token_ops, merge_tokens
+from tome_ref import bert_with_token_ops, merge_tokens, vit_with_token_ops
 
 MERGE = "merge ratio=0.3 protect=cls restore=true"
 
@@ -61,9 +61,13 @@ def test_a_removal_below_a_token_rule_equals_it_written_above(arch, below, above
 def test_removing_the_block_of_a_token_step_names_the_step(arch, rules, op):
     """It was refused as a value 'e.g. T5's position bias' that later blocks read."""
     lm = tiny(arch, layers=4)
+    with pytest.raises(slimfx.SpecError, match=r"(?s)layers?\.1 is where line \d's `tokens after blocks\[1\] [^`]*` prunes "
+                                               r"or merges the tokens.*in a rule above the `tokens` rule"):
+        slimfx.compile(lm, rules)
+    cm = slimfx.compile(lm, rules.rpartition("\n")[0])  # the step compiled in: the graph names its op
     with pytest.raises(slimfx.SpecError, match=rf"(?s)layers?\.1 is where a `tokens after` rule above prunes or "
                                                rf"merges the tokens \(slimfx\.{op}\).*in a rule above the `tokens` rule"):
-        slimfx.compile(lm, rules)
+        slimfx.compile(cm, "drop blocks[1]")
 
 
 @pytest.mark.parametrize("merge", [False, True])
@@ -135,3 +139,40 @@ def test_an_auto_drop_on_a_model_compiled_with_a_token_step_is_refused_by_plan_a
         with pytest.raises(slimfx.SpecError, match=r"(?s)`drop … auto` scores each block by the residual stream.*"
                                                     r"the model's `tokens after` step \(slimfx\.token_merge\) changes"):
             run(cm, "drop blocks auto(count=2)")
+
+
+@pytest.mark.parametrize("compiled_first", [False, True])
+def test_dropping_the_block_before_a_vit_merge_equals_tome_on_the_vit_without_it(compiled_first):
+    """A ViT has no mask: the pack at block 0's output reads its token count from the stream it
+    packs, so that stream counted as a value made in block 0 and read after it — refused as 'e.g.
+    T5's position bias' (in one policy and on a compiled model alike)."""
+    vit = tiny("vit", layers=4)
+    images = {"pixel_values": torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    merge = "tokens after blocks[1] merge ratio=0.3 protect=cls restore=true"
+    if compiled_first:
+        cm = slimfx.compile(slimfx.compile(vit.model, merge, example_inputs=images), "drop blocks[0]")
+    else:
+        cm = slimfx.compile(vit.model, f"{merge}\ndrop blocks[0]", example_inputs=images)
+    smaller = copy.deepcopy(vit.model)
+    smaller.vit.layers = nn.ModuleList(list(vit.model.vit.layers)[1:])
+    op = lambda x, s, _: merge_tokens(x, s, 0.3, True)  # noqa: E731
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+    with torch.no_grad():
+        got = cm(**batch).logits
+    for row in range(2):
+        want = vit_with_token_ops(smaller, batch["pixel_values"][row], {0: op})
+        torch.testing.assert_close(got[row], want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rules, block", [("tokens after blocks[2] merge ratio=0.3\ndrop blocks[2]", 2),
+                                          ("tokens after blocks[2] prune keep=0.5\ndrop blocks[2]", 2),
+                                          ("tokens after blocks[2] merge ratio=0.3\ncollapse blocks[1:3]", 2),
+                                          ("tokens after blocks[1:3] merge ratio=0.3\ndrop blocks[2]", 2)])
+def test_removing_the_block_of_a_token_step_in_the_same_policy_is_refused_by_plan_too(rules, block):
+    """Plan said ready: the captured graph has no step yet for the removal check to see."""
+    lm = tiny("bert", layers=6)
+    for run in (slimfx.plan, slimfx.compile):
+        with pytest.raises(slimfx.SpecError, match=rf"encoder\.layer\.{block} is where line 1's `tokens after .*` prunes "
+                                                    r"or merges the tokens: removing it would take that step away"):
+            run(lm, rules)
+    assert slimfx.plan(lm, "tokens after blocks[2] merge ratio=0.3\ndrop blocks[1]")
