@@ -192,9 +192,14 @@ def _tensors(directory: Path, config: dict, errors: _Errors) -> dict[str, dict[s
         else:
             grouped.setdefault(split[0], {})[split[1]] = t
     if other:
+        # PEFT's save_embedding_layers="auto" saves the base weight of an adapted tied head (or an
+        # embedding) beside the adapter: the model's own weight, which the adapter does not need
+        based = all(".base_layer." in k for k in other)
         raise errors("unsupported", f"{file.name} holds tensors that are not LoRA/DoRA weights of linears: "
-                     f"{_few(other)}", hint="slimfx loads adapters of linear layers (lora_A, lora_B, "
-                     "lora_magnitude_vector) only")
+                     f"{_few(other)}" + (" (a base weight PEFT saved beside the adapter)" if based else ""),
+                     hint="save the adapter again with `save_pretrained(dir, save_embedding_layers=False)`: the "
+                     "model already holds that weight" if based else "slimfx loads adapters of linear layers "
+                     "(lora_A, lora_B, lora_magnitude_vector) only")
     _check_complete(grouped, bool(config.get("use_dora")), errors)
     return grouped
 

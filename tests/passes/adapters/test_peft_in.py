@@ -207,7 +207,17 @@ def test_shapes_must_fit_the_linears(damaged):
 def test_tensors_of_other_kinds_are_refused(damaged):
     file = damaged / "adapter_model.safetensors"
     save_file({**load_file(file), "base_model.model.lm_head.weight": torch.zeros(3, 3)}, file)
-    _refused(damaged, "unsupported", "base_model.model.lm_head.weight", "not LoRA/DoRA weights")
+    e = _refused(damaged, "unsupported", "base_model.model.lm_head.weight", "not LoRA/DoRA weights")
+    assert "save_embedding_layers" not in e.hint
+
+
+def test_a_base_weight_peft_saved_beside_the_adapter_says_how_to_save_without_it(damaged):
+    """PEFT's save_embedding_layers="auto" saves an adapted tied head's base weight: the hint said
+    "slimfx loads adapters of linear layers only", which the adapter is."""
+    file = damaged / "adapter_model.safetensors"
+    save_file({**load_file(file), "base_model.model.lm_head.base_layer.weight": torch.zeros(3, 3)}, file)
+    e = _refused(damaged, "unsupported", "base_model.model.lm_head.base_layer.weight", "a base weight PEFT saved")
+    assert "save_pretrained(dir, save_embedding_layers=False)" in e.hint
 
 
 def test_a_wrapper_prefix_on_one_side_is_named(damaged):
