@@ -143,30 +143,37 @@ class _Binder:
         """Per rule: the model as it is when the rule runs (blocks an explicit collapse/drop before
         it removed are gone), and the line of an earlier auto rule if there is one."""
         view, deferred_by, out = self.graph, None, []
+        kept: set[str] = set()  # what the `keep` rules so far protect: no candidate of an auto drop
         for rule in rules:
             out.append((view, deferred_by))
+            if isinstance(rule, A.Keep):
+                kept |= {p for f in self._quiet_resolve(view, rule.selector) for p in _paths_of(f, view)}
             if not isinstance(rule, _BLOCK_RULES):
                 continue
             if rule.auto is not None:
                 deferred_by = deferred_by or rule.span.line
                 if isinstance(rule, A.Collapse):  # its count is an upper bound: the search may keep fewer
                     continue
-            try:  # a selector that fails is reported when the rule itself is bound
-                found = resolve(view, rule.selector, source=self.source, filename=self.filename)
-            except SpecError:
-                continue
-            blocks = [f for f in found if isinstance(f, Block)]
+            blocks = [f for f in self._quiet_resolve(view, rule.selector) if isinstance(f, Block)]
             if rule.auto is not None:
                 # An auto drop removes exactly its count, which blocks decided at compile: later rules
-                # bind to a stand-in with that many fewer (the last selected), so that an index past
-                # the end is an error in `plan` too, not only at compile.
+                # bind to a stand-in with that many fewer (the last selected that no `keep` protects),
+                # so that an index past the end is an error in `plan` too, not only at compile.
                 count = rule.auto.get("count") or round(rule.auto.get("ratio") * len(view.blocks))  # as auto_count
+                blocks = [b for b in blocks if not _paths_of(b, view) & kept]
                 blocks = blocks[len(blocks) - count:] if 0 < count <= len(blocks) else []
             gone = blocks[1:] if isinstance(rule, A.Collapse) else blocks
             if len(gone) < len(view.blocks):
                 view = without_blocks(view, {b.path for b in gone})
         self.final_view = view
         return out
+
+    def _quiet_resolve(self, view, selector: A.Selector) -> list[Target | Block]:
+        """What the selector finds on `view`; nothing where it fails (reported when its rule is bound)."""
+        try:
+            return resolve(view, selector, source=self.source, filename=self.filename)
+        except SpecError:
+            return []
 
     def _resolve(self, selector: A.Selector) -> list[Target | Block]:
         try:
