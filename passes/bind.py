@@ -18,6 +18,7 @@ from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
 from ..runtime.adapters import adapters_of
 from ..runtime.peft_format import adapter_directory
+from ..runtime.train import lm_loss_problem
 from .block_reads import (STEP_LEFT_LAST_HINT, auto_drop_problem, removal_problem, step_left_last, step_removed,
                           token_step_in)
 from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
