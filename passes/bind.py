@@ -368,7 +368,7 @@ class _Binder:
             why = "all are protected by `keep`" if kept else f"it selects only {', '.join(others) or 'blocks'}"
             self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on linear layers, and `{_sel(rule)}` "
                         f"leaves none: {why}", "select linears, e.g. `blocks.*.** : Linear` or `blocks.*.attn.q`")
-        guess = estimate(rule, targets, (), self.graph, self.stored)
+        guess = estimate(rule, targets, (), self.graph, self.stored, rewritten=self.reformatted)
         if guess.infeasible:  # as compile would find it, before any weight is read
             self._error(rule.budget.span, "out-of-range", f"the budget {guess.note}",
                         "raise the limit or offer smaller formats")
@@ -440,7 +440,10 @@ class _Binder:
                 continue
             gone = {blk.path for blk in before.blocks} - {blk.path for blk in after.blocks}
             stepped = next((p for p in (blk.path for blk in before.blocks) if p in gone and p in steps), None)
-            if stepped is not None and rule.auto is None:  # the graph has no step yet for removal_problem to see
+            # the graph has no step yet for removal_problem to see; where it found another reason
+            # (T5's first block holds the position bias), moving the drop above the step cannot help
+            reported = any(d.line == rule.span.line for d in self.problems)
+            if stepped is not None and rule.auto is None and not reported:
                 step = steps[stepped]
                 self._error(rule.selector.span, "unsupported", *step_removed(
                     stepped, f"line {step.line}'s `{step.text}` prunes or merges the tokens"))

@@ -27,14 +27,15 @@ class Estimate:
 
 
 def estimate(rule: A.Rule, targets, blocks, graph, stored: dict[str, int] | None = None,
-             cuts: int | None = None) -> Estimate:
+             cuts: int | None = None, rewritten: frozenset[str] | set[str] = frozenset()) -> Estimate:
     """`stored`: bytes of targets as the rules above this one leave them (an adapter over an int4
     linear sits beside its packed weight, not the fp32 one). `cuts`: how many gaps the rules
-    before a `heal` leave (None where an auto rule decides them at compile)."""
+    before a `heal` leave (None where an auto rule decides them at compile). `rewritten`: the
+    linears whose float weight the rules above replaced (a tied original no longer read by them)."""
     if isinstance(rule, A.Quantize):
-        return _quantize(rule, targets)
+        return _quantize(rule, targets, graph, rewritten)
     if isinstance(rule, A.Precision):
-        return _precision(rule, targets)
+        return _precision(rule, targets, graph, rewritten)
     if isinstance(rule, A.Adapt):
         return _adapt(rule, targets, stored or {})
     if isinstance(rule, (A.Collapse, A.Drop)):
@@ -97,9 +98,36 @@ def _element_bytes(target) -> float:
     return target.nbytes / numel if numel else 4.0
 
 
-def _still_held(target) -> int:
-    """A tied weight stays in memory for the module it is shared with."""
-    return round(math.prod(target.shapes[0]) * _element_bytes(target)) if target.tied else 0
+def _held(targets, graph, rewritten, unchanged) -> int:
+    """Bytes of the tied weights a rule on `targets` leaves in memory beside what it stores: a
+    target's original float weight stays for another module sharing it (GPT-2's embedding, under
+    its tied head) unless every sharer is rewritten, by this rule or one above (compile then frees
+    it: rewrite.release_unread); once per tensor; none where the rule leaves the weight as it is
+    (`unchanged(target, weight)`: `keep`, or the half dtype it already has)."""
+    seen, total = set(), 0
+    paths = {t.path for t in targets} | set(rewritten)
+    for t in targets:
+        weight = _weight_info(t, graph) if t.tied else None
+        if weight is None or weight.storage in seen or unchanged(t, weight):
+            continue
+        seen.add(weight.storage)
+        sharers = {path for path, info in graph.modules.items() for p in info.params if p.storage == weight.storage}
+        if sharers - paths:
+            total += weight.nbytes
+    return total
+
+
+def _weight_info(target, graph):
+    """The module table's row for the target's weight (its storage id says what shares it)."""
+    return next((p for p in graph.modules[target.path].params if p.name == target.params[0]), None)
+
+
+_HALF = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def _leaves_as_is(fmt: str, weight) -> bool:
+    """`keep`, or a half format the weight already has ("already bf16: left as it is")."""
+    return fmt == "keep" or _HALF.get(fmt) == weight.dtype
 
 
 def _bias_bytes(target) -> int:
@@ -125,20 +153,21 @@ def stored_after(rule: A.Rule, targets, total: Estimate) -> dict[str, int]:
 
 
 def _quantized(rule: A.Quantize, t) -> int:
-    return (_weight_bytes(t, rule.format, rule.get("group"), rule.get("sym"), rule.get("zero"))
-            + _bias_bytes(t) + _still_held(t))
+    """The target's own bytes after the rule (a tied original it leaves behind apart: _held)."""
+    return _weight_bytes(t, rule.format, rule.get("group"), rule.get("sym"), rule.get("zero")) + _bias_bytes(t)
 
 
-def _quantize(rule: A.Quantize, targets) -> Estimate:
+def _quantize(rule: A.Quantize, targets, graph, rewritten) -> Estimate:
     before = sum(t.nbytes for t in targets)
-    after = sum(_quantized(rule, t) for t in targets)
+    held = _held(targets, graph, rewritten, lambda t, w: _leaves_as_is(rule.format, w))
+    own = sum(_quantized(rule, t) for t in targets)
     params = sum(_numel(t) for t in targets)
     weights = sum(math.prod(_weight_shape(t)) for t in targets) or 1
-    bits = 8 * (after - sum(_bias_bytes(t) + _still_held(t) for t in targets)) / weights
-    return Estimate(params, params, before, after, f"≈{bits:.2f} bits/weight")
+    bits = 8 * (own - sum(_bias_bytes(t) for t in targets)) / weights
+    return Estimate(params, params, before, own + held, f"≈{bits:.2f} bits/weight")
 
 
-def _precision(rule: A.Precision, targets) -> Estimate:
+def _precision(rule: A.Precision, targets, graph, rewritten) -> Estimate:
     """The budget, held between what the candidates can reach: every target at its smallest
     format and at its largest (compile picks among them; a looser budget stops at the largest)."""
     before = sum(t.nbytes for t in targets)
@@ -158,8 +187,11 @@ def _precision(rule: A.Precision, targets) -> Estimate:
         return Estimate(params, params, before, smallest + extra, f"cannot be met: the smallest achievable is "
                         f"{reach} (every target at its smallest format)", infeasible=True)
     # A tied weight's original stays for the module it is shared with, whatever is chosen: outside
-    # the budget, as compile counts it, but in the bytes (plan showed 12 KiB where compile had 73).
-    held = sum(_still_held(t) for t in targets)
+    # the budget, as compile counts it, but in the bytes (plan showed 12 KiB where compile had 73);
+    # not where a budget the largest formats meet leaves the weight as it is (a `keep` candidate).
+    at_largest = limit >= largest
+    biggest = {t.path: max(rule.choices, key=lambda c: _choice_bytes(c, t)).format for t in targets}
+    held = _held(targets, graph, rewritten, lambda t, w: at_largest and _leaves_as_is(biggest[t.path], w))
     after = int(min(limit, largest)) + extra + held
     kept = f"; +{held:,} bytes of tied weights kept for the modules that share them" if held else ""
     return Estimate(params, params, before, after, f"at most {rule.budget.limit}{rule.budget.unit or ''} "

@@ -221,6 +221,53 @@ def test_a_precision_rule_on_a_tied_weight_counts_the_original_it_keeps():
     assert "tied weights kept" in planned.note
 
 
+class _TiedPair(torch.nn.Module):
+    """Two linears sharing one weight: rewriting both frees it (rewrite.release_unread)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 32, bias=False), torch.nn.Linear(32, 32, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, input):
+        return self.b(torch.relu(self.a(input)))
+
+
+@pytest.mark.parametrize("rule", ["quantize {a, b} int4 group=16", "quantize {a, b} fp16", "quantize {a, b} keep",
+                                  "precision {a, b} choose {int8, int4 group=16} budget avg_bits<=8 by output_mse"])
+def test_plan_counts_a_tied_weight_its_rule_frees_or_keeps_as_compile_does(rule):
+    """Plan added the tied original once per target even where every sharer was rewritten (8 KiB
+    → 9.2 KiB planned, 1.25 KiB compiled), or where nothing was (`keep`: 16 KiB against 8)."""
+    import slimfx
+
+    torch.manual_seed(0)
+    example = {"input": torch.randn(2, 32)}
+    planned = slimfx.plan(_TiedPair(), rule, example_inputs=example).rules[0].estimate
+    measured = slimfx.compile(_TiedPair(), rule, example_inputs=example, calib=[example]).report.rules[0]
+    assert "tied weights kept" not in planned.note
+    if rule.startswith("precision"):  # plan says what the budget allows: 8 bits of 2·32·32 weights
+        assert measured.bytes_after <= planned.bytes_after == 2048
+    else:
+        assert planned.bytes_after == measured.bytes_after
+
+
+@pytest.mark.parametrize("dtype, rule", [(None, "quantize head keep"), (torch.bfloat16, "quantize head bf16"),
+                                         (torch.float16, "quantize head fp16"),
+                                         (None, "precision head choose {keep, int8} budget avg_bits<=32 by output_mse"),
+                                         (None, "quantize head int8")])
+def test_plan_counts_gpt2s_tied_head_as_compile_does(dtype, rule):
+    """A head left as it is (`keep`, or the half dtype it has) kept no second copy of the embedding
+    it shares, and plan counted one (64 KiB → 128 KiB)."""
+    from slimfx.models import tiny
+    import slimfx
+
+    lm = tiny("gpt2")
+    m = lm.model.to(dtype) if dtype is not None else lm.model
+    planned = slimfx.plan(m, rule, example_inputs=lm.example_inputs).rules[0].estimate
+    measured = slimfx.compile(m, rule, example_inputs=lm.example_inputs, calib=[lm.example_inputs]).report.rules[0]
+    assert planned.bytes_after == measured.bytes_after
+
+
 def test_keep_counts_a_tied_weight_once():
     from slimfx.models import tiny
     import slimfx
