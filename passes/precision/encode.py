@@ -56,6 +56,8 @@ def encode(w: torch.Tensor, cand: Candidate, method: str = "rtn", H: torch.Tenso
         return None
     if cand.format in HALF:
         half = HALF[cand.format]
+        if not torch.isfinite(w).all():  # max(|w|) is NaN there, and the range check let 1e6 become inf
+            raise NotFinite("its weight holds NaN or inf; fix the model's weights before quantizing")
         largest = float(w.abs().max()) if w.numel() else 0.0
         if largest > torch.finfo(half).max:  # stored as inf, silently, and every output with it
             raise OutOfRange(f"weights up to {largest:g} exceed {cand.format}'s largest, {torch.finfo(half).max:g}")
