@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...dsl import ast as A
 from ...dsl.errors import Diagnostic, SpecError
 from ...runtime.formats import QuantizedWeight
 from ...runtime.report import RuleReport
@@ -83,9 +84,12 @@ INSTEAD = {"GPTQ": "use method=rtn", "clip=output": "use clip=mse (the weights' 
 def out_of_range(bound: BoundRule, ctx: Context, it: Item, cand, e: Exception) -> SpecError:
     """A target the format cannot hold (a weight past fp16's range), named at the rule: it was
     stored as inf silently, or a ValueError that named no linear."""
+    # a budget scores every offered format on every target: "offer bf16" where bf16 was offered
+    # beside the int4 that cannot hold it did not help
+    instead = f"take {cand} out of the choices" if isinstance(bound.rule, A.Precision) else \
+        "offer a format that holds it (bf16, int8 per channel)"
     return rule_error(bound, ctx, "out-of-range", f"{it.path} cannot be stored as {cand}: {e}",
-                      f"leave it out (`keep {it.path}`, or narrow the selector), or offer a format that holds "
-                      "it (bf16, int8 per channel)")
+                      f"leave it out (`keep {it.path}`, or narrow the selector), or {instead}")
 
 
 def encode_item(bound: BoundRule, ctx: Context, dead: "DeadInputs", it: Item, cand, H: torch.Tensor | None, *,

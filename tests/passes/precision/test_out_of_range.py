@@ -32,6 +32,9 @@ def test_a_weight_the_format_cannot_hold_is_refused_naming_its_linear(dtype, big
         slimfx.compile(model, rule, example_inputs=inputs, calib=[inputs] * 2)
     assert e.value.kind == "out-of-range" and e.value.line == 1 and says in e.value.message
     assert "keep 2" in e.value.hint
+    # a budget offered the other formats already: it said "offer a format that holds it (bf16, …)"
+    offer = "take fp16 out of the choices" if rule.startswith("precision") else "offer a format that holds it"
+    assert offer in e.value.hint
 
 
 def test_within_range_it_compiles_as_before():
