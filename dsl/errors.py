@@ -56,7 +56,7 @@ class Diagnostic:
         out = [f"{where}: error[{self.kind}]: {self.message}"]
         lines = source_lines(source)
         if 0 < self.line <= len(lines):
-            text, column = _window(lines[self.line - 1].expandtabs(1), self.column)
+            text, column = _window(_visible(lines[self.line - 1].expandtabs(1)), self.column)
             out.append(f"    {text}")
             # in terminal cells: a wide character ("漢") takes two, and the caret sat left of its place
             under = text[column - 1:column - 1 + max(1, min(self.width, len(text) - column + 1))]
@@ -64,6 +64,13 @@ class Diagnostic:
         if self.hint:
             out.append(f"  = {self.hint}")
         return "\n".join(out)
+
+
+def _visible(text: str) -> str:
+    """Control characters as their one-cell pictures (ESC as ␛, a stray CR as ␍): echoed raw, an
+    escape sequence in a policy file restyled the terminal and a CR moved the caret's line."""
+    return "".join(chr(0x2400 + ord(c)) if ord(c) < 0x20 else "\u2421" if c == "\x7f" else
+                   "\ufffd" if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def _cells(text: str) -> int:

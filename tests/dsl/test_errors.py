@@ -282,3 +282,16 @@ def test_the_caret_stands_under_its_place_after_wide_characters():
         parse('adapt 漢字 lora rank=0', bare=True)
     text, caret = str(e.value).splitlines()[1:3]
     assert caret == " " * text.index("漢") + "^^"  # one wide character: two cells
+
+
+@pytest.mark.parametrize("text, shown", [("quantize head\x1b[31m int8", "quantize head␛[31m int8"),
+                                         ("quantize\rhead int8", "quantize␍head int8"),
+                                         ("quantize head\x7f int8", "quantize head␡ int8")])
+def test_control_characters_in_the_echoed_line_are_shown_not_sent_to_the_terminal(text, shown):
+    """An escape sequence in a policy file restyled the terminal, and a stray CR moved the rest of
+    the line over its start; each now takes one cell, so the caret stays under its place."""
+    with pytest.raises(SpecError) as e:
+        parse(text, bare=True)
+    line, caret = str(e.value).splitlines()[1:3]
+    assert line == "    " + shown and caret.index("^") == e.value.column + 3
+    assert not any(ord(c) < 0x20 or c == "\x7f" for c in str(e.value).replace("\n", ""))
