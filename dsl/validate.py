@@ -106,7 +106,8 @@ def _elsewhere(name: str, key: str) -> str | None:
 
 def _coerce(spec: ParamSpec, p: A.Param, key: str, problems: _Problems):
     value = p.value
-    too_large = type(value) is float and math.isinf(value)  # `1e400`: once "`alpha=inf` is out of range"
+    # `1e400`: once "`alpha=inf` is out of range" (a name's parameter says it takes no number)
+    too_large = type(value) is float and math.isinf(value) and spec.type in (int, float)
     if spec.type is float and type(value) is int:
         value = _as_float(value)
         too_large = value is None  # more than 308 digits: OverflowError, once "a bug in slimfx"

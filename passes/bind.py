@@ -27,7 +27,7 @@ from .causal import merge_refusal
 from .cut_gaps import gap_edges, heal_neighbours
 from .heal_rules import heal_problem
 from .token_attention import token_attention_problem, unpad_mask_problem
-from .estimate import Estimate, estimate, stored_after
+from .estimate import Estimate, estimate, leaves_as_is, stored_after
 from .graph import Block, ModelGraph, Target
 from .graph_sizes import graph_bytes, graph_params
 from .rewrite import TIED_NOTE, has_weight, shared_outside
@@ -89,15 +89,18 @@ def bind(graph: ModelGraph, policy: A.Policy | None, *, source: str = "", filena
 def rebind(graph: ModelGraph, plan: Plan, start: int, *, source: str = "", filename: str = "<policy>") -> Plan:
     """The plan with its rules from index `start` on bound again to `graph` as it is now (after an
     auto collapse/drop chose its blocks); `keep` protects the same modules as before."""
-    binder = _Binder(graph, source, filename)
+    binder = _Binder(graph, source, filename, rebinding=True)
     bound = binder.bind_all(plan.policy.rules[start:], protected=set(plan.protected))
     # and what the `keep` rules bound now protect, for the rebinding after a later auto rule
     return replace(plan, rules=plan.rules[:start] + bound, protected=frozenset(binder.protected))
 
 
 class _Binder:
-    def __init__(self, graph: ModelGraph, source: str, filename: str):
+    def __init__(self, graph: ModelGraph, source: str, filename: str, rebinding: bool = False):
         self.graph, self.source, self.filename = graph, source, filename
+        # bound again after an auto rule ran: `graph` is already cut there, and the cuts the rules
+        # above made (the search's among them) are not gaps of it
+        self.rebinding = rebinding
         self.chain_break = getattr(graph, "chain_break", None)  # of the whole model, before any view
         self.captured = graph  # the whole graph, where self.graph is a view after removed blocks
         self.deferred = False  # the rule being bound follows an auto rule (its view is a stand-in)
@@ -110,14 +113,15 @@ class _Binder:
         # Linears with an unmerged adapter so far (an earlier compile's, then the rules' bound so far):
         # a LoRA heal leaves them out, so its estimate does too.
         self.adapted: set[str] = set(adapters_of(graph.module))
-        # Linears whose weight is no float tensor of their own once the rules bound so far ran (an
-        # earlier compile's quantized ones, then a quantize's or precision's): no fold or merge into them
-        self.reformatted: set[str] = {t.path for t in graph.targets.values() if t.kind == "linear" and not has_weight(t)}
+        # Linears whose weight is no float tensor of their own: an earlier compile's quantized ones,
+        # and those the quantize/precision rules bound so far rewrite. No fold or merge into them.
+        self.earlier: set[str] = {t.path for t in graph.targets.values() if t.kind == "linear" and not has_weight(t)}
+        self.reformatted: set[str] = set()
         self.mapped = False  # a `heal method=linear` (no fold) bound so far put a map at every cut
 
     def bind_all(self, rules: tuple[A.Rule, ...], protected: set[str] | None = None) -> tuple[BoundRule, ...]:
         """`protected`: what the `keep` rules before `rules` protect (rebind: resolved before)."""
-        views = self._views(rules)
+        views = self._views(rules, set(protected or ()))
         fixed, deferred = self._protected(rules, views)
         # A `keep` after an auto rule names blocks only the search decides: it protects the rules
         # after that rule (bound again once it ran), not the search itself, which it steered
@@ -140,11 +144,11 @@ class _Binder:
             raise SpecError(self.problems, self.source, self.filename)
         return tuple(bound)
 
-    def _views(self, rules) -> list[tuple[object, int | None]]:
+    def _views(self, rules, kept: set[str]) -> list[tuple[object, int | None]]:
         """Per rule: the model as it is when the rule runs (blocks an explicit collapse/drop before
         it removed are gone), and the line of an earlier auto rule if there is one."""
         view, deferred_by, out = self.graph, None, []
-        kept: set[str] = set()  # what the `keep` rules so far protect: no candidate of an auto drop
+        kept = set(kept)  # what the `keep` rules so far protect (rebind: those above): no candidate of an auto drop
         for rule in rules:
             out.append((view, deferred_by))
             if isinstance(rule, A.Keep):
@@ -236,7 +240,8 @@ class _Binder:
         these only when the heal ran, after every rule above it (a LoRA heal's merge only after
         its training)."""
         problem = heal_problem(rule, self.captured, self.graph if cuts else None, protected,
-                               adapted=self.adapted, reformatted=self.reformatted, mapped=self.mapped)
+                               adapted=self.adapted, reformatted=self.reformatted, earlier=self.earlier,
+                               mapped=self.mapped, all_cuts=not self.rebinding)
         if problem is not None:
             self._error(rule.span, *problem)
 
@@ -368,16 +373,18 @@ class _Binder:
             why = "all are protected by `keep`" if kept else f"it selects only {', '.join(others) or 'blocks'}"
             self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on linear layers, and `{_sel(rule)}` "
                         f"leaves none: {why}", "select linears, e.g. `blocks.*.** : Linear` or `blocks.*.attn.q`")
-        guess = estimate(rule, targets, (), self.graph, self.stored, rewritten=self.reformatted)
+        guess = estimate(rule, targets, (), self.graph, self.stored, rewritten=self.reformatted | self.earlier)
         if guess.infeasible:  # as compile would find it, before any weight is read
             self._error(rule.budget.span, "out-of-range", f"the budget {guess.note}",
                         "raise the limit or offer smaller formats")
         bound = BoundRule(rule, targets=targets, protected=tuple(t.path for t in kept),
                           estimate=guess, warnings=tuple(warnings))
         self.stored.update(stored_after(rule, targets, guess))
-        if isinstance(rule, A.Quantize) and rule.format != "keep" or \
-                isinstance(rule, A.Precision) and all(c.format != "keep" for c in rule.choices):
-            self.reformatted |= {t.path for t in targets}
+        formats = [rule.format] if isinstance(rule, A.Quantize) else \
+            [c.format for c in rule.choices] if isinstance(rule, A.Precision) else []
+        # a target some format leaves as it is (`keep`, its own half dtype) may stay a float weight
+        self.reformatted |= {t.path for t in targets if formats
+                             and not any(leaves_as_is(f, t, self.graph) for f in formats)}
         return bound
 
     def _check_rank(self, rule: A.Adapt, targets: tuple[Target, ...]) -> None:

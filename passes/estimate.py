@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..dsl import ast as A
 from ..dsl.schema import FORMAT_BITS
 
-__all__ = ["Estimate", "estimate", "quantized_bytes", "stored_after"]
+__all__ = ["Estimate", "estimate", "quantized_bytes", "stored_after", "leaves_as_is"]
 
 SCALE_BYTES = 2  # fp16 scales and float zero points
 
@@ -128,6 +128,13 @@ _HALF = {"fp16": "float16", "bf16": "bfloat16"}
 def _leaves_as_is(fmt: str, weight) -> bool:
     """`keep`, or a half format the weight already has ("already bf16: left as it is")."""
     return fmt == "keep" or _HALF.get(fmt) == weight.dtype
+
+
+def leaves_as_is(fmt: str, target, graph) -> bool:
+    """A quantize/precision format that leaves the target's float weight as it is: `keep`, or the
+    half dtype it already has (precision/targets.encode_item); a fold or merge still reaches it."""
+    weight = _weight_info(target, graph)
+    return fmt == "keep" or (weight is not None and _leaves_as_is(fmt, weight))
 
 
 def _bias_bytes(target) -> int:

@@ -2,6 +2,7 @@
 ones the passes store as buffers included). The plan's totals and every pass's report use them."""
 from __future__ import annotations
 
+from .block_reads import HEAL_MAP
 from .graph import ModelGraph
 
 __all__ = ["graph_bytes", "graph_params"]
@@ -44,6 +45,6 @@ def _stored_weights(graph: ModelGraph) -> int:
     for name, buffer in graph.module.named_buffers():
         if name.endswith((".weight_fp16", ".weight_bf16")):
             counted[name] = buffer.numel()
-        elif name.rpartition(".")[2].startswith("heal_map"):  # heal.py's fitted map: learned weights
+        elif name.rpartition(".")[2].startswith(HEAL_MAP):  # heal.py's fitted map: learned weights
             counted[name] = buffer.numel()
     return sum(counted.values())

@@ -10,10 +10,10 @@ from ..dsl import ast as A
 from ..runtime.train import lm_loss_problem
 from .cut_gaps import gap_edges, heal_neighbours
 from .graph import Block, ModelGraph
-from .rewrite import find_sites
+from .rewrite import find_sites, shared_outside
 
 __all__ = ["heal_problem", "FOLD_HINT", "fold_block_problem", "fold_sum_problem", "fold_target_problem", "no_linear_problem",
-           "merge_problem_message", "residual_sum", "through", "REFORMATTED", "ADAPTED", "MAPPED"]
+           "merge_problem", "fold_tied_problem", "residual_sum", "through", "REFORMATTED", "EARLIER", "ADAPTED", "MAPPED"]
 
 aten = torch.ops.aten
 FOLD_HINT = "write fold=false (a map on the stream)"
@@ -23,12 +23,16 @@ _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def heal_problem(rule: A.Heal, whole: ModelGraph, view, protected: set[str], *, adapted: set[str],
-                 reformatted: set[str], mapped: bool) -> tuple[str, str, str] | None:
+                 reformatted: set[str], earlier: set[str], mapped: bool, all_cuts: bool = True
+                 ) -> tuple[str, str, str] | None:
     """(kind, message, hint) when the heal `rule` cannot run on `view` (the model after the rules
     above it; None where an auto rule decides its blocks at compile) cut from `whole`: a LoRA
     heal's lm loss on a model without logits, no linear near the cuts to adapt or one it could
     not merge into; a fold at a cut with no pre-norm block before it, or into a weight `keep`
-    protects or a rule above reformatted (quantized, half) or adapted, or below a map (`mapped`)."""
+    protects, a rule above (`reformatted`) or an earlier compile (`earlier`) stored quantized or
+    half, or adapted, or below a map (`mapped`). In the heal pass's order, so with its message.
+    `all_cuts` false (bound again after a search, whose cuts `whole` no longer shows): the cuts
+    seen are some of the heal's, so "no free linear near them" is no refusal."""
     if rule.get("method") == "lora" and not rule.get("distill") and (problem := lm_loss_problem(whole)) is not None:
         return ("unsupported", f"`heal method=lora` cannot train here: {problem}",
                 "write distill=true to learn the original model's outputs")
@@ -38,27 +42,33 @@ def heal_problem(rule: A.Heal, whole: ModelGraph, view, protected: set[str], *, 
         near = heal_neighbours(whole, view, rule.get("reach"))
         free = [t for t in near if t.path not in adapted]
         chosen = [t for t in free if t.path not in protected]
-        if not chosen:
+        if not chosen and all_cuts:
             blocks = [b.path for b in view.blocks if any(view.blocks[t.block] is b for t in near)]
             kept = sum(t.path in protected for t in free)
             return ("unsupported", *no_linear_problem(blocks, len(free) < len(near), kept))
-        stored = [t.path for t in chosen if t.path in reformatted]
-        if rule.get("merge") and stored:
-            more = f" (and {len(stored) - 1} more)" if len(stored) > 1 else ""
-            return ("illegal-order", *merge_problem_message(
-                f"the weight of {stored[0]}{more} is quantized or stored in another dtype by a rule above"))
+        for stored, by_rule in ((reformatted, True), (earlier, False)):
+            hit = [t.path for t in chosen if t.path in stored]
+            if rule.get("merge") and hit:
+                more = f" (and {len(hit) - 1} more)" if len(hit) > 1 else ""
+                return merge_problem(f"the weight of {hit[0]}{more} is quantized or stored in another dtype by "
+                                     + ("a rule above" if by_rule else "an earlier compile"), by_rule)
         return None
     if not rule.get("fold"):
         return None
     for before, _ in gap_edges(whole, view):
-        problem = fold_block_problem(whole, before) or fold_sum_problem(whole, before, before.output)
+        problem = fold_block_problem(whole, before)
         if problem is not None:
             return ("unsupported", *problem)
-        down = whole.by_role("mlp.down", before.index)[0].path
-        reason = REFORMATTED if down in reformatted else ADAPTED if down in adapted else MAPPED if mapped else None
-        refused = fold_target_problem(down, down in protected, reason)
-        if refused is not None:
-            return refused
+        down = whole.by_role("mlp.down", before.index)[0]
+        reason = REFORMATTED if down.path in reformatted else EARLIER if down.path in earlier else \
+            ADAPTED if down.path in adapted else MAPPED if mapped else None
+        problem = fold_target_problem(down.path, down.path in protected, reason) or \
+            (("unsupported", *fold_tied_problem(down.path)) if shared_outside(whole, down, {down.path}) else None)
+        if problem is not None:
+            return problem
+        problem = fold_sum_problem(whole, before, before.output)
+        if problem is not None:
+            return ("unsupported", *problem)
     return None
 
 
@@ -86,6 +96,7 @@ def fold_sum_problem(graph: ModelGraph, before: Block, stream: fx.Node) -> tuple
 
 # Why the down projection before a cut takes no fold (the rule above it that decided so)
 REFORMATTED = "an earlier rule stored that weight quantized or in another dtype"
+EARLIER = "an earlier compile stored that weight quantized or in another dtype"
 ADAPTED = "an adapter sits on it, which the fold would leave out"
 MAPPED = "a `heal method=linear` above already put a map at this cut"
 
@@ -96,10 +107,19 @@ def fold_target_problem(down: str, kept: bool, reason: str | None) -> tuple[str,
     if kept:
         return ("invalid-combination", f"`heal … fold=true` folds the map into {down}'s weight, and a `keep` rule "
                 "protects it", f"narrow the `keep`, or {FOLD_HINT}")
+    if reason == EARLIER:  # no rule of this policy to move
+        return ("unsupported", f"`heal … fold=true` folds the map into {down}'s weight, and {reason}", FOLD_HINT)
     if reason is not None:
         return ("illegal-order", f"`heal … fold=true` folds the map into {down}'s weight, and {reason}",
                 f"put this heal above that rule, or {FOLD_HINT}")
     return None
+
+
+def fold_tied_problem(down: str) -> tuple[str, str]:
+    """(message, hint) for a fold into a down projection another module shares (a tied weight)."""
+    return (f"`heal … fold=true` folds the map into {down}'s weight, and another module shares that tensor "
+            "(a tied weight): it would change there too",
+            f"give each block its own copy of the weight before compiling, or {FOLD_HINT}")
 
 
 def no_linear_problem(blocks: list[str], held: bool, kept: int) -> tuple[str, str]:
@@ -120,10 +140,14 @@ def no_linear_problem(blocks: list[str], held: bool, kept: int) -> tuple[str, st
             "use `heal method=linear`")
 
 
-def merge_problem_message(why: str) -> tuple[str, str]:
-    """(message, hint) for a LoRA heal whose adapters cannot be merged (`why`: a quantized weight)."""
-    return (f"`heal method=lora` cannot merge its adapters: {why}",
-            "write merge=false to keep them beside the quantized weights, or put the heal above the `quantize`")
+def merge_problem(why: str, by_rule: bool = True) -> tuple[str, str, str]:
+    """(kind, message, hint) for a LoRA heal whose adapters cannot be merged (`why`: a quantized
+    weight, stored so by a rule above it, or else by an earlier compile: no rule here to move)."""
+    message = f"`heal method=lora` cannot merge its adapters: {why}"
+    if by_rule:
+        return ("illegal-order", message, "write merge=false to keep them beside the quantized weights, or put "
+                "the heal above the `quantize`")
+    return ("unsupported", message, "write merge=false to keep them beside the quantized weights")
 
 
 def residual_sum(out: fx.Node) -> fx.Node:

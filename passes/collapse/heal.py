@@ -34,7 +34,7 @@ from ..calibrate import observe
 from ..context import Context
 from ..graph import ModelGraph, Target
 from ..heal_rules import (ADAPTED, MAPPED, REFORMATTED, fold_block_problem, fold_sum_problem, fold_target_problem,
-                          merge_problem_message, no_linear_problem, residual_sum)
+                          fold_tied_problem, merge_problem, no_linear_problem, residual_sum)
 from ..lent import replace_tensor
 from ..lora import base_sites, has_adapter, insert_adapter, site_dims
 from ..rewrite import PassError, find_sites, has_weight, register_tensors, set_meta, shared_outside
@@ -199,10 +199,8 @@ def _down_before(graph: ModelGraph, cut: Cut, bound: BoundRule, ctx: Context):
     refused = fold_target_problem(down, down in bound.protected, _cannot_fold_into(graph, downs[0], cut))
     if refused is not None:
         raise rule_error(bound, ctx, *refused)
-    if shared_outside(graph, downs[0], {downs[0].path}):  # the graph reads a tied tensor under one name
-        raise rule_error(bound, ctx, "unsupported", f"`heal … fold=true` folds the map into {downs[0].path}'s "
-                         "weight, and another module shares that tensor (a tied weight): it would change there too",
-                         "give each block its own copy of the weight before compiling, or write fold=false")
+    if shared_outside(graph, downs[0], {down}):  # the graph reads a tied tensor under one name
+        raise rule_error(bound, ctx, "unsupported", *fold_tied_problem(down))
     problem = fold_sum_problem(graph, block, cut.stream)
     if problem is not None:
         raise rule_error(bound, ctx, "unsupported", *problem)
@@ -318,6 +316,7 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
                          f"write a lower lr= (this one is {rule.get('lr'):g})") from None
     recompile(graph.module)
     if rule.get("merge"):
+        _check_merge(graph, inserted, bound, ctx)  # (asked before the training too: nothing changed since)
         merge_adapters(graph, inserted)
     details = {"adapters": len(inserted), "blocks": blocks, "rank": rank, "steps": steps, "loss": result.loss,
                "schedule": schedule,
@@ -348,7 +347,7 @@ def _check_merge(graph: ModelGraph, inserted: list[str], bound: BoundRule, ctx: 
     try:
         check_mergeable(graph, inserted)
     except MergeError as e:
-        raise rule_error(bound, ctx, "illegal-order", *merge_problem_message(str(e))) from None
+        raise rule_error(bound, ctx, *merge_problem(str(e))) from None
 
 
 def _check_generate(bound: BoundRule, ctx: Context, steps: int, written: int) -> None:

@@ -47,6 +47,7 @@ def test_a_float_past_a_floats_range_is_too_large_not_inf(rule, param):
     """`1e400` reads as inf: "`alpha=inf` is out of range: `alpha` is a number > 0", a range inf meets."""
     err = error_of(rule)
     assert err.kind == "out-of-range" and err.message.startswith(f"`{param}` is too large") and "inf" not in err.message
+    assert error_of("quantize head int4 method=1e400").kind == "wrong-type"  # a name's parameter: not a size
 
 
 def test_a_byte_budget_past_a_floats_range_is_out_of_range():

@@ -6,6 +6,7 @@ removed (the map went with it, silently)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import slimfx
 from slimfx import SpecError
@@ -44,19 +45,53 @@ def test_plan_refuses_the_heal_compile_refuses_with_its_message(middle, last, ki
 
 
 def test_a_lora_heal_that_cannot_merge_is_refused_by_compile_before_it_trains(monkeypatch):
-    """A model quantized by an earlier compile: plan knows its weights, and the heal asks merge
-    before the training that used to run in full first."""
+    """A budget with a `keep` candidate may leave the weights float, so plan lets it pass; compile
+    asks merge before the training that used to run in full first."""
     lm = tiny("llama", layers=5)
-    cm = slimfx.compile(lm, "quantize blocks.*.** : Linear int8")
 
     def no_training(*args, **kwargs):
         raise AssertionError("the heal trained before it found it cannot merge")
 
     monkeypatch.setattr(heal, "train", no_training)
-    for run in (slimfx.plan, lambda m, p: slimfx.compile(m, p, calib=[lm.example_inputs])):
-        kind, line, message = _refusal(run, cm, f"drop blocks[2]\n{LORA}")
-        assert (kind, line) == ("illegal-order", 2) and "cannot merge its adapters" in message and "quantized" in message
-    assert slimfx.plan(lm, "drop blocks[2]\nquantize blocks[1:3].** : Linear keep\n" + LORA)  # `keep` leaves the weight
+    rules = ("drop blocks[2]\nprecision blocks[1:3].** : Linear choose {keep, int8} budget avg_bits<=9 by output_mse\n"
+             + LORA)
+    assert slimfx.plan(lm, rules)
+    kind, line, message = _refusal(lambda m, p: slimfx.compile(m, p, calib=[lm.example_inputs]), lm, rules)
+    assert (kind, line) == ("illegal-order", 3) and "cannot merge its adapters" in message and "quantized" in message
+
+
+def test_a_heal_over_weights_an_earlier_compile_quantized_blames_that_compile():
+    """It said "by a rule above", "put the heal above the `quantize`": the policy has no such rule."""
+    lm = tiny("llama", layers=5)
+    cm = slimfx.compile(lm, "quantize blocks.*.** : Linear int8")
+    for rules, says, hint in ((f"drop blocks[2]\n{LORA}", "is quantized or stored in another dtype by an earlier "
+                               "compile", "write merge=false to keep them beside the quantized weights"),
+                              ("drop blocks[2]\nheal method=linear fold=true", "an earlier compile stored that "
+                               "weight quantized", "write fold=false (a map on the stream)")):
+        for run in (slimfx.plan, lambda m, p: slimfx.compile(m, p, calib=[lm.example_inputs])):
+            with pytest.raises(SpecError) as e:
+                run(cm, rules)
+            assert e.value.kind == "unsupported" and says in e.value.message and e.value.hint == hint
+
+
+@pytest.mark.parametrize("last", [LORA, "heal method=linear fold=true"])
+def test_a_heal_over_weights_a_rule_left_in_their_own_half_dtype_is_not_refused(last):
+    """`quantize … bf16` on a bf16 model leaves the weights as they are (float, foldable and
+    mergeable): plan and compile refused the heal as if they were quantized."""
+    lm = tiny("llama", layers=5)
+    model = lm.model.to(torch.bfloat16)
+    rules = f"drop blocks[2]\nquantize blocks.*.** : Linear bf16\n{last}"
+    assert slimfx.plan(model, rules, example_inputs=lm.example_inputs)
+    assert slimfx.compile(model, rules, example_inputs=lm.example_inputs, calib=[lm.example_inputs])
+
+
+def test_a_lora_heal_after_a_search_is_not_refused_for_the_cuts_the_search_made():
+    """Bound again after the search, the graph no longer shows the search's cut: the heal saw only
+    `drop blocks[0]`'s, whose neighbour `keep` protects, and was refused after the search."""
+    lm = tiny("llama", layers=6)
+    cm = slimfx.compile(lm, f"drop blocks[3:6] auto(count=1)\nkeep blocks[1]\ndrop blocks[0]\n{LORA}",
+                        calib=[lm.example_inputs])
+    assert cm.report.rules[3].details["adapters"] == 7  # beside the search's cut
 
 
 def test_a_block_that_holds_an_earlier_heals_map_is_not_removed():
