@@ -129,7 +129,13 @@ def check_same_modules(cm, loaded, args) -> None:
             raise UsageError(f"{args.compiled} was compiled from another {cm.graph.model_class}: it has "
                              f"{path or 'the root'} ({info.cls}), --model {args.model} {has}; pass the model it "
                              "was compiled from")
-    removed = [p for r in cm.report.rules if r.kind in ("drop", "collapse") for p in r.targets]
+    # every compile's removals: one of an earlier compile (`compile(cm, …)`) too
+    reports = (*cm.report.earlier, cm.report)
+    removed = [p for rep in reports for r in rep.rules if r.kind in ("drop", "collapse") for p in r.targets]
+    missing = next((p for p in removed if p not in mine), None)
+    if missing is not None:  # a smaller model passed the check above, as ×1.000 bytes of the artifact
+        raise UsageError(f"{args.compiled} was compiled from another {cm.graph.model_class}: it removed {missing}, "
+                         f"which --model {args.model} lacks; pass the model it was compiled from")
     extra = [p for p in mine if p not in cm.graph.modules
              and not any(p == r or p.startswith(r + ".") for r in removed)]
     if extra:

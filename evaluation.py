@@ -391,6 +391,7 @@ def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str
 
 def eval_table(loaded, compiled=None, *, max_tokens: int = 2048):
     """eval_rows() as a rich Table, with ratios of the compiled model to the original."""
+    from rich.markup import escape
     from rich.table import Table
 
     rows = eval_rows(loaded, compiled, max_tokens=max_tokens)
@@ -400,11 +401,12 @@ def eval_table(loaded, compiled=None, *, max_tokens: int = 2048):
         f"no {'perplexity' if loaded.kind == 'causal-lm' else 'embedding cosine'}: {loaded.name} has no tokenizer"
     if metric == "logit cosine":
         caption = f"logit cosine to the original on {VISION_IMAGES} seeded random images (no image set ships with slimfx)"
-    table = Table(title=f"slimfx eval: {loaded.name} ({loaded.kind})", caption=caption)
+    # rich reads `[…]` as markup: a model folder `runs/[v2]` showed as `runs/`
+    table = Table(title=escape(f"slimfx eval: {loaded.name} ({loaded.kind})"), caption=escape(caption) if caption else None)
     for col in ("model", *([metric] if metric else []), "weight bytes", "bytes while running", "CPU latency (ms)"):
         table.add_column(col, justify="right")
     for row in rows:
-        cells = [row["model"], *([f"{row[metric]:.4f}"] if metric else []), f"{row['bytes']:,}",
+        cells = [escape(row["model"]), *([f"{row[metric]:.4f}"] if metric else []), f"{row['bytes']:,}",
                  f"{row['running_bytes']:,}", f"{row['latency_ms']:.1f}"]
         table.add_row(*cells)
     if len(rows) == 2:

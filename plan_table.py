@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from rich.markup import escape
 from rich.table import Table
 
 from .passes.bind import Plan
@@ -16,8 +17,9 @@ __all__ = ["plan_table", "plan_text", "ShownPlan"]
 def plan_table(plan: Plan, filename: str = "") -> Table:
     name = plan.policy.name if plan.policy else "(empty)"
     where = f" ({filename})" if filename else ""
-    table = Table(title=f"slimfx plan: policy {name}{where} on {plan.model_class}"
-                        f" — {plan.params_total:,} params, {format_bytes(plan.bytes_total)}")
+    # rich reads `[…]` as markup: a path `ad/[exp]` showed as `ad/`, and `[/x]` raised a MarkupError
+    table = Table(title=escape(f"slimfx plan: policy {name}{where} on {plan.model_class}"
+                               f" — {plan.params_total:,} params, {format_bytes(plan.bytes_total)}"))
     for col in ("line", "rule", "targets", "examples", "params before → after", "bytes before → after",
                 "status / warnings"):
         table.add_column(col, overflow="fold")
@@ -27,9 +29,9 @@ def plan_table(plan: Plan, filename: str = "") -> Table:
         examples = ", ".join(names[:3]) + (f", … (+{len(names) - 3})" if len(names) > 3 else "")
         status = "ready" if is_implemented(b.rule) else "[yellow]not implemented yet[/yellow]"
         notes = "; ".join(x for x in (e.note, *b.warnings) if x)
-        table.add_row(str(b.line), b.text, str(len(names)), examples,
+        table.add_row(str(b.line), escape(b.text), str(len(names)), escape(examples),
                       _arrow(e.params_before, e.params_after, lambda n: f"{n:,}"),
-                      _arrow(e.bytes_before, e.bytes_after, format_bytes), f"{status}" + (f"; {notes}" if notes else ""))
+                      _arrow(e.bytes_before, e.bytes_after, format_bytes), status + (f"; {escape(notes)}" if notes else ""))
     return table
 
 

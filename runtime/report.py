@@ -78,15 +78,18 @@ class Report:
 
     def table(self):
         """A rich Table: one row per rule, then the whole model."""
+        from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=f"slimfx compile: policy {self.policy or '(empty)'} on {self.model_class}",
-                      caption=self._caption())
+        # rich reads `[…]` as markup: a path `ad/[exp]` in a rule showed as `ad/`, `[/x]` raised
+        caption = self._caption()
+        table = Table(title=escape(f"slimfx compile: policy {self.policy or '(empty)'} on {self.model_class}"),
+                      caption=escape(caption) if caption else None)
         for col in ("line", "rule", "targets", "params before → after", "bytes before → after", "notes"):
             table.add_column(col, overflow="fold")
         for r in self.rules:
-            table.add_row(str(r.line), r.text, str(len(r.targets)), _arrow(r.params_before, r.params_after),
-                          _arrow(r.bytes_before, r.bytes_after, format_bytes), "; ".join(r.notes))
+            table.add_row(str(r.line), escape(r.text), str(len(r.targets)), _arrow(r.params_before, r.params_after),
+                          _arrow(r.bytes_before, r.bytes_after, format_bytes), escape("; ".join(r.notes)))
         table.add_row("", "[b]whole model[/b]", "", _arrow(self.params_before, self.params_after),
                       _arrow(self.bytes_before, self.bytes_after, format_bytes), f"{self.seconds:.1f} s")
         return table

@@ -297,6 +297,30 @@ def test_eval_refuses_a_model_of_another_depth(tmp_path, capsys, monkeypatch):
             "--model tiny:llama lacks it") in capsys.readouterr().err
 
 
+def test_eval_of_a_drop_refuses_a_model_without_the_removed_block_and_reads_earlier_compiles(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """A 1-block model passed as the original of a 2-block model with block 1 dropped (×1.000
+    bytes, against ×0.654 for the real one); and an artifact compiled twice, the first compile
+    dropping a block, was refused against its real original ("has model.layers.1, which the
+    artifact neither has nor removed": the earlier compile's drop was not read)."""
+    import slimfx
+    from slimfx import models
+
+    native = models._tiny_config_kwargs
+    dropped, twice = tmp_path / "dropped", tmp_path / "twice"
+    assert main(["compile", str(write(tmp_path, "policy d {\n    drop blocks[1]\n}\n")), "--model", "tiny:llama",
+                 "--out", str(dropped)]) == 0
+    slimfx.compile(slimfx.load(dropped), "quantize blocks.*.mlp.* : Linear int8").save(twice)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(models, "_tiny_config_kwargs", lambda arch, layers: {**native(arch, layers), "num_hidden_layers": 1})
+        assert main(["eval", "--model", "tiny:llama", "--compiled", str(dropped), "--max-tokens", "64"]) == 1
+        assert (f"{dropped} was compiled from another LlamaForCausalLM: it removed model.layers.1, which --model "
+                "tiny:llama lacks") in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny:llama", "--compiled", str(twice), "--max-tokens", "64"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
 def test_compile_calibrates_on_a_number_of_built_in_tokens(tmp_path, capsys, monkeypatch):
     from slimfx import api
     from slimfx.calibration import calibration_batches
