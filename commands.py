@@ -329,8 +329,8 @@ def _training_batches(loaded, batch: int, seq: int, steps: int) -> list[dict]:
     if ids.numel() < size * steps:
         ids = _token_ids(loaded, [*calibration_texts(), *more_texts()])
     if ids.numel() < size:
-        raise UsageError(f"--batch {batch} × --seq {seq} needs {size} tokens; the calibration "
-                         f"text has {ids.numel()}")
+        raise UsageError(f"--batch {batch} × --seq {seq} needs {size:,} tokens; the built-in text (calibration "
+                         f"text, then standard-library docstrings) has {ids.numel():,}: give a smaller --batch or --seq")
     count = min(steps, ids.numel() // size)
     rows = ids[:count * size].reshape(count, batch, seq)
     return [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows]

@@ -144,6 +144,9 @@ def test_lm_loss_on_an_encoder_is_refused_with_what_to_use(tmp_path, capsys):
 @pytest.mark.parametrize("argv, says", [
     (["--seq", "256"], "--seq 256 is longer than tiny:llama takes (128 positions); use --seq 128 or less"),
     (["--seq", "1"], "--seq 1 leaves no next token to predict: the lm loss needs --seq 2 or more"),
+    # it said "the calibration text has 904954", uncounted and with the docstrings in the count
+    (["--batch", "100000", "--seq", "128"], "--batch 100000 × --seq 128 needs 12,800,000 tokens; the built-in text "
+                                            "(calibration text, then standard-library docstrings) has "),
 ])
 def test_a_sequence_the_model_cannot_take_is_refused_before_training(artifact, tmp_path, capsys, argv, says):
     """--seq past the position table raised an IndexError in the embedding, --seq 1 a ValueError."""
