@@ -19,14 +19,14 @@ from ..dsl.printer import format_rule
 from ..runtime.adapters import adapters_of
 from ..runtime.peft_format import adapter_directory
 from ..runtime.train import lm_loss_problem
-from .block_reads import (STEP_LEFT_LAST_HINT, auto_drop_problem, removal_problem, step_left_last, step_removed,
-                          token_step_in)
+from .block_reads import removal_problem, step_left_last, token_step_in
 from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
 from .blocks_view import without_blocks
 from .causal import merge_refusal
 from .cut_gaps import gap_edges, heal_neighbours
 from .heal_rules import heal_problem
 from .token_attention import token_attention_problem, unpad_mask_problem
+from .token_step_checks import steps_left_last, token_step_order
 from .estimate import Estimate, estimate, leaves_as_is, stored_after
 from .graph import Block, ModelGraph, Target
 from .graph_sizes import graph_bytes, graph_params
@@ -139,7 +139,9 @@ class _Binder:
                 self.adapted |= {t.path for t in b.targets}
             bound.append(b)
         self._check_overlaps(bound)
-        self._check_steps_left_last(rules, bound, views)
+        reported = {d.line for d in self.problems}
+        for problem in steps_left_last(rules, bound, views, self.final_view, token_step_in(self.captured), reported):
+            self._error(*problem)
         if self.problems:
             raise SpecError(self.problems, self.source, self.filename)
         return tuple(bound)
@@ -401,10 +403,11 @@ class _Binder:
 
     def _check_overlaps(self, bound: list[BoundRule]) -> None:
         """One linear given two precisions, or an adapter merged into already-quantized weights;
-        then the token steps (`_check_token_steps`)."""
+        then the token steps (token_step_checks.token_step_order)."""
         quantized: dict[str, BoundRule] = {}
         adapted: dict[str, BoundRule] = {}  # targets with an unmerged adapter
-        self._check_token_steps([b for b in bound if isinstance(b.rule, A.Tokens) and b.blocks])
+        for problem in token_step_order([b for b in bound if isinstance(b.rule, A.Tokens) and b.blocks]):
+            self._error(*problem)
         for b in bound:
             if isinstance(b.rule, A.Adapt):
                 clash = next((t.path for t in b.targets if t.path in adapted), None)
@@ -427,64 +430,6 @@ class _Binder:
                     self._error(b.rule.span, "illegal-order", f"`adapt … merge=true` merges into weights that line "
                                 f"{clash.line} already quantized", f"move this rule above line {clash.line}, "
                                 "or use `merge=false` (QLoRA style)")
-
-    def _check_steps_left_last(self, rules, bound: list[BoundRule], views) -> None:
-        """A `drop`/`collapse` below a `tokens after` rule that removes the step's block (compile's
-        removal_problem sees the step once it is in the graph), or every block after it: the step
-        ends up after the last block (`tokens after` on the last block is refused)."""
-        steps: dict[str, BoundRule] = {}  # block path -> the token rule stepping after it, so far
-        compiled = token_step_in(self.captured)  # a step an earlier compile made
-        for i, (rule, b) in enumerate(zip(rules, bound)):
-            if isinstance(rule, A.Tokens):
-                steps.update({blk.path: b for blk in b.blocks})
-            if isinstance(rule, A.Drop) and rule.auto is not None and compiled:  # (one in this policy: dsl/check.py)
-                self._error(rule.span, "unsupported", *auto_drop_problem(f"the model's `tokens after` step ({compiled})"))
-            if not isinstance(rule, _BLOCK_RULES) or not steps:
-                continue  # (after an auto drop too: the stand-in has as many blocks, and this is by position)
-            before = views[i][0]
-            after = views[i + 1][0] if i + 1 < len(views) else self.final_view
-            if not after.blocks or len(after.blocks) == len(before.blocks):
-                continue
-            gone = {blk.path for blk in before.blocks} - {blk.path for blk in after.blocks}
-            stepped = next((p for p in (blk.path for blk in before.blocks) if p in gone and p in steps), None)
-            # the graph has no step yet for removal_problem to see; where it found another reason
-            # (T5's first block holds the position bias), moving the drop above the step cannot help
-            reported = any(d.line == rule.span.line for d in self.problems)
-            if stepped is not None and rule.auto is None and not reported:
-                step = steps[stepped]
-                self._error(rule.selector.span, "unsupported", *step_removed(
-                    stepped, f"line {step.line}'s `{step.text}` prunes or merges the tokens"))
-                continue
-            last = after.blocks[-1].path
-            if last in steps and last != before.blocks[-1].path:
-                self._error(rule.selector.span, "out-of-range", f"`{rule.kind}` removes every block after {last}, "
-                            f"where line {steps[last].line}'s `{steps[last].text}` prunes or merges tokens: a step "
-                            "after the last block saves no work and only changes the output tokens", STEP_LEFT_LAST_HINT)
-
-    def _check_token_steps(self, steps: list[BoundRule]) -> None:
-        """One block given two token steps (the text check sees equal selectors only), or a step
-        written below one after a later block."""
-        stepped: dict[str, BoundRule] = {}  # block path -> the rule with a merge/prune after it
-        deepest: Block | None = None  # the latest block stepped so far (its rule: stepped[path])
-        for b in steps:
-            clash = next((blk.path for blk in b.blocks if blk.path in stepped), None)
-            first = min(b.blocks, key=lambda blk: blk.order)
-            if clash is not None:
-                earlier = stepped[clash]
-                self._error(b.rule.selector.span, "duplicate", f"{clash} already has a token step after it from "
-                            f"line {earlier.line} (`{earlier.text}`): one merge or prune after each block",
-                            "narrow one selector, or give the earlier rule a larger ratio=/keep=")
-            elif deepest is not None and first.order < deepest.order:
-                # Each step re-indexes the tokens from its block on; one put in above steps already
-                # made would read indices that no longer hold (a broken graph, not an error).
-                line = stepped[deepest.path].line
-                self._error(b.rule.selector.span, "illegal-order", f"this token step (after {first.path}) is written "
-                            f"below line {line}'s (after {deepest.path}, a later block): `tokens after` rules go "
-                            "in block order", f"move this rule above line {line}")
-            stepped.update({blk.path: b for blk in b.blocks})
-            latest = max(b.blocks, key=lambda blk: blk.order)
-            if deepest is None or latest.order > deepest.order:
-                deepest = latest
 
     def _error(self, span: A.Span, kind: str, message: str, hint: str | None = None) -> None:
         width = max(1, span.end_column - span.column) if span.end_line == span.line else 1
