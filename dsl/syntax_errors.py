@@ -124,6 +124,9 @@ def _explain(e, got, expected, words, source, line, column):
         return ("syntax", f"`{got}` rule outside a policy",
                 "rules go inside a block: `policy NAME {` on one line, the rules, then `}`")
     before = _previous_word(source, line, column)
+    if expected == {"EQUAL"} and got == "(" and before == "auto":  # it said "expected `=`, got `(`"
+        return ("syntax", "a rule takes one `auto(…)`", "put every search parameter in it, e.g. "
+                "`auto(count=2, score=angular)`")
     if expected == {"EQUAL"} and _WORD.fullmatch(got) and before in RULE_KEYWORDS:
         if before in _own_params(_line(source, line), column):  # `prune keep score=norm`
             return ("missing-value", f"`{before}` has no value", f"write `{before}=<value>`")

@@ -29,8 +29,9 @@ Observer = Callable[[torch.Tensor], None]
 # a vision model: `slimfx compile` calibrates text models on built-in text by itself).
 CALIB_HINT = ("pass calib= to compile(): batches of inputs, or texts with a model from slimfx.models.load "
               "(which calibrates on built-in text when calib= is left out); `slimfx compile` does that for a "
-              "text model (--calib FILE, --calib-tokens N), and a vision model is calibrated only through "
-              'compile(model, policy, calib=[{"pixel_values": …}, …])')
+              "text model with a tokenizer (--calib FILE, --calib-tokens N), and a model without one, or a "
+              'vision model, is calibrated only through compile(model, policy, calib=[{"input_ids": …}, …]) '
+              'or calib=[{"pixel_values": …}, …]')
 
 
 def observe(graph: ModelGraph, watch: dict[fx.Node, list[Observer]], batches: list[dict[str, Any]],

@@ -12,8 +12,9 @@ from .cut_gaps import gap_edges, heal_neighbours
 from .graph import Block, ModelGraph
 from .rewrite import find_sites, shared_outside
 
-__all__ = ["heal_problem", "FOLD_HINT", "fold_block_problem", "fold_sum_problem", "fold_target_problem", "no_linear_problem",
-           "merge_problem", "fold_tied_problem", "residual_sum", "through", "REFORMATTED", "EARLIER", "ADAPTED", "MAPPED"]
+__all__ = ["heal_problem", "FOLD_HINT", "fold_block_problem", "fold_sum_problem", "fold_target_problem",
+           "no_linear_problem", "merge_problem", "fold_tied_problem", "residual_sum", "through", "REFORMATTED",
+           "EARLIER", "ADAPTED", "MAPPED"]
 
 aten = torch.ops.aten
 FOLD_HINT = "write fold=false (a map on the stream)"

@@ -86,3 +86,11 @@ def test_keep_without_its_value_in_a_prune_is_a_missing_value_not_a_second_rule(
     err = error_of("tokens after blocks[1] prune keep score=norm", bare=True)
     assert (err.kind, err.message, err.hint) == ("missing-value", "`keep` has no value", "write `keep=<value>`")
     assert error_of("quantize head int8 keep embed", bare=True).message == "`embed` follows `keep` on the same line"
+
+
+@pytest.mark.parametrize("text", ["drop blocks auto(ratio=0.5) auto(count=2)",
+                                  "collapse blocks auto(count=2) auto(count=1) method=laco"])
+def test_a_second_auto_says_one_is_taken(text):
+    """It said "expected `=` after `drop <selector>`, got `(`"."""
+    err = error_of(text, bare=True)
+    assert err.message == "a rule takes one `auto(…)`" and "auto(count=2, score=angular)" in err.hint

@@ -102,9 +102,11 @@ def test_clip_in_a_policy():
                         example_inputs=lm.example_inputs, backend="eager")
     (rule,) = cm.report.rules
     assert rule.details["clip"] == "mse"
-    with pytest.raises(slimfx.SpecError, match="clip=output needs calibration inputs"):
+    with pytest.raises(slimfx.SpecError, match="clip=output needs calibration inputs") as e:
         slimfx.compile(lm.model, "quantize blocks.*.** : Linear int4 clip=output",
                        example_inputs=lm.example_inputs, calib=[], backend="eager")
+    # a model folder without a tokenizer: `slimfx compile` refuses --calib there, so the hint says so
+    assert "a model without one, or a vision model, is calibrated only through compile(" in e.value.hint
     with pytest.raises(slimfx.SpecError) as e:
         slimfx.parse("policy p {\n    quantize blocks.*.** int4 clip=max\n}\n")
     assert "none" in str(e.value) and "output" in str(e.value)
