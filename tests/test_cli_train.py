@@ -39,7 +39,7 @@ def test_train_prints_the_loss_per_step_and_saves_beside_the_artifact(artifact, 
     assert "compiled / original" in capsys.readouterr().out
     assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "1",
                  "--batch", "100000", "--seq", "100", "--out", str(tmp_path / "o")]) == 1
-    assert "needs 10000000 tokens" in capsys.readouterr().err
+    assert "needs 10,000,000 tokens" in capsys.readouterr().err
     assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "1",
                  "--batch", "2", "--seq", "32", "--out", str(tmp_path / "one")]) == 0
     assert "for 1 step on 1 batch of 2×32 tokens" in capsys.readouterr().err  # "1 steps on 1 batches"
