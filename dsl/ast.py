@@ -13,6 +13,7 @@ __all__ = [
     "Span", "Trivia", "Item", "Slice", "Name", "Star", "GlobStar", "Alternatives", "Path",
     "Selector", "Param", "Auto", "FormatChoice", "Budget", "Collapse", "Drop", "Adapt",
     "Quantize", "Precision", "Tokens", "Unpad", "Keep", "Heal", "Rule", "Policy", "Spec", "Value", "RULE_TYPES",
+    "BLOCK_RULES",
 ]
 
 Value = Union[bool, int, float, str]
@@ -302,6 +303,8 @@ class Heal(_HasParams):
 
 Rule = Union[Collapse, Drop, Adapt, Quantize, Precision, Tokens, Unpad, Keep, Heal]
 RULE_TYPES: tuple[type, ...] = (Collapse, Drop, Adapt, Quantize, Precision, Tokens, Unpad, Keep, Heal)
+# The rules that remove blocks: later rules bind to the blocks left, and a `heal` repairs their cuts.
+BLOCK_RULES: tuple[type, ...] = (Collapse, Drop)
 
 
 @dataclass(frozen=True)

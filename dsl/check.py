@@ -12,7 +12,6 @@ from .printer import format_selector
 
 __all__ = ["check_spec", "check_policy"]
 
-_STRUCTURAL = (A.Collapse, A.Drop)
 _WEIGHT_CHANGING = (A.Adapt, A.Quantize, A.Precision, A.Heal)
 _PRECISION_RULES = (A.Quantize, A.Precision)
 
@@ -47,7 +46,7 @@ def check_policy(policy: A.Policy) -> list[Diagnostic]:
             problems.append(_token_step_before_heal(rule, token_step))
         if isinstance(rule, A.Heal):
             unhealed, token_step = False, None
-        unhealed = unhealed or isinstance(rule, _STRUCTURAL)
+        unhealed = unhealed or isinstance(rule, A.BLOCK_RULES)
         if unhealed and token_step is None and isinstance(rule, A.Tokens):
             token_step = rule
         if isinstance(rule, A.Unpad):
@@ -70,7 +69,7 @@ def _last_removal_before(rules: tuple[A.Rule, ...]) -> list[int]:
     out, last = [], -1
     for i, rule in enumerate(rules):
         out.append(last)
-        if isinstance(rule, _STRUCTURAL):
+        if isinstance(rule, A.BLOCK_RULES):
             last = i
     return out
 
@@ -101,7 +100,7 @@ class _EarlierRules:
         found = set(self.by_selector.get(text, ())) if text is not None else set()
         if isinstance(rule, A.Tokens):  # a `restore=` that differs
             found.update(self.tokens_by_restore[not bool(rule.get("restore"))])
-        if isinstance(rule, _STRUCTURAL):
+        if isinstance(rule, A.BLOCK_RULES):
             found.update(self.weight_changing)
             if rule.auto is not None:
                 found.update(self.tokens_by_restore[True] + self.tokens_by_restore[False])
@@ -159,12 +158,12 @@ def _pair_problem(earlier: A.Rule, later: A.Rule, renumbered: bool, earlier_text
                    f"{str(bool(earlier.get('restore'))).lower()}` on line {line}: the model's outputs are either "
                    "the original length or the shorter one", "say the same `restore=` on every `tokens after` rule",
                    width=len("tokens"))
-    if isinstance(later, _STRUCTURAL) and later.auto is not None and isinstance(earlier, A.Tokens):
+    if isinstance(later, A.BLOCK_RULES) and later.auto is not None and isinstance(earlier, A.Tokens):
         return _at(later.span, "illegal-order", f"`{later.kind} … auto(…)` after `tokens after` (line {line}): the "
                    "search compares each block's residual stream on every token, and the token rule leaves fewer "
                    "tokens after its block", f"move this `{later.kind}` rule above line {line} (the token rule's "
                    "blocks are then counted among the blocks that remain)")
-    if isinstance(later, _STRUCTURAL) and isinstance(earlier, _WEIGHT_CHANGING):
+    if isinstance(later, A.BLOCK_RULES) and isinstance(earlier, _WEIGHT_CHANGING):
         why = ("`heal` repairs the blocks removed before it, so blocks are merged or removed first"
                if isinstance(earlier, A.Heal) else
                "blocks are merged or removed on full-precision weights without adapters")

@@ -49,7 +49,7 @@ def format_rule(rule: A.Rule) -> str:
     if isinstance(rule, A.Unpad):
         return _join("tokens unpad", rule.params)
     sel = format_selector(rule.selector)
-    if isinstance(rule, (A.Collapse, A.Drop)):
+    if isinstance(rule, A.BLOCK_RULES):
         auto = f" auto({', '.join(_param(p) for p in rule.auto.params)})" if rule.auto else ""
         head = f"{rule.kind} {sel}{auto}"
     elif isinstance(rule, A.Adapt):

@@ -13,13 +13,15 @@ from typing import Callable
 from .ast import Value
 
 __all__ = [
-    "ParamSpec", "SCHEMAS", "FORMATS", "ADAPTER_DTYPES", "INT_FORMATS", "FORMAT_BITS", "SIZE_UNITS", "METRICS",
+    "ParamSpec", "SCHEMAS", "FORMATS", "ADAPTER_DTYPES", "INT_FORMATS", "FORMAT_BITS", "HALF_DTYPES", "SIZE_UNITS", "METRICS",
     "HEAL_METHOD_PARAMS", "schema_key", "default_for", "is_power_of_two",
 ]
 
 FORMATS = ("int8", "int4", "int2", "fp16", "bf16", "keep")
 INT_FORMATS = ("int8", "int4", "int2")
 FORMAT_BITS = {"int8": 8, "int4": 4, "int2": 2, "fp16": 16, "bf16": 16, "keep": 32}
+# The float formats a weight is cast to, not quantized, by torch dtype name (no torch here).
+HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 # An integer format's group when a rule gives none (None: one per output channel); runtime/formats.py
 # holds the same table (it may not import the compiler; a test ties the two).
 DEFAULT_GROUP = {"int8": None, "int4": 64, "int2": 64}

@@ -37,7 +37,6 @@ from .token_history import tokens_again_refusal
 __all__ = ["BoundRule", "Plan", "bind", "rebind"]
 
 _LINEAR_RULES = (A.Adapt, A.Quantize, A.Precision)
-_BLOCK_RULES = (A.Collapse, A.Drop)
 _STREAM_RULES = (A.Collapse, A.Drop, A.Heal, A.Tokens, A.Unpad)  # they read or rewire Block.input/output
 
 
@@ -155,7 +154,7 @@ class _Binder:
             out.append((view, deferred_by))
             if isinstance(rule, A.Keep):
                 kept |= {p for f in self._quiet_resolve(view, rule.selector) for p in _paths_of(f, view)}
-            if not isinstance(rule, _BLOCK_RULES):
+            if not isinstance(rule, A.BLOCK_RULES):
                 continue
             if rule.auto is not None:
                 deferred_by = deferred_by or rule.span.line
@@ -231,7 +230,7 @@ class _Binder:
                 self._error(rule.span, "unsupported", *problem)
             return BoundRule(rule, protected=kept, estimate=estimate(rule, adapted, (), self.graph, cuts=cuts))
         found = self._resolve(rule.selector)
-        if isinstance(rule, _BLOCK_RULES):
+        if isinstance(rule, A.BLOCK_RULES):
             return self._bind_blocks(rule, found, protected)
         if isinstance(rule, A.Tokens):
             return self._bind_tokens(rule, found)

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from ..dsl import ast as A
-from ..dsl.schema import FORMAT_BITS
+from ..dsl.schema import FORMAT_BITS, HALF_DTYPES
 
 __all__ = ["Estimate", "estimate", "quantized_bytes", "stored_after", "leaves_as_is"]
 
@@ -38,7 +38,7 @@ def estimate(rule: A.Rule, targets, blocks, graph, stored: dict[str, int] | None
         return _precision(rule, targets, graph, rewritten)
     if isinstance(rule, A.Adapt):
         return _adapt(rule, targets, stored or {})
-    if isinstance(rule, (A.Collapse, A.Drop)):
+    if isinstance(rule, A.BLOCK_RULES):
         return _remove_blocks(rule, blocks, graph)
     if isinstance(rule, A.Tokens):
         return _tokens(rule)
@@ -122,12 +122,9 @@ def _weight_info(target, graph):
     return next((p for p in graph.modules[target.path].params if p.name == target.params[0]), None)
 
 
-_HALF = {"fp16": "float16", "bf16": "bfloat16"}
-
-
 def _leaves_as_is(fmt: str, weight) -> bool:
     """`keep`, or a half format the weight already has ("already bf16: left as it is")."""
-    return fmt == "keep" or _HALF.get(fmt) == weight.dtype
+    return fmt == "keep" or HALF_DTYPES.get(fmt) == weight.dtype
 
 
 def leaves_as_is(fmt: str, target, graph) -> bool:

@@ -82,7 +82,7 @@ def _removals_follow(later: tuple[BoundRule, ...]) -> bool:
     for b in later:
         if isinstance(b.rule, A.Heal):
             return False
-        if isinstance(b.rule, (A.Collapse, A.Drop)):
+        if isinstance(b.rule, A.BLOCK_RULES):
             return True
     return False
 

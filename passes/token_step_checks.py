@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 
 __all__ = ["steps_left_last", "token_step_order"]
 
-_BLOCK_RULES = (A.Collapse, A.Drop)
 Problem = tuple[A.Span, str, str, str]
 
 
@@ -32,7 +31,7 @@ def steps_left_last(rules, bound: list["BoundRule"], views, final_view, compiled
             steps.update({blk.path: b for blk in b.blocks})
         if isinstance(rule, A.Drop) and rule.auto is not None and compiled:  # (one in this policy: dsl/check.py)
             yield (rule.span, "unsupported", *auto_drop_problem(f"the model's `tokens after` step ({compiled})"))
-        if not isinstance(rule, _BLOCK_RULES) or not steps:
+        if not isinstance(rule, A.BLOCK_RULES) or not steps:
             continue  # (after an auto drop too: the stand-in has as many blocks, and this is by position)
         before = views[i][0]
         after = views[i + 1][0] if i + 1 < len(views) else final_view

@@ -316,8 +316,10 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
                          f"write a lower lr= (this one is {rule.get('lr'):g})") from None
     recompile(graph.module)
     if rule.get("merge"):
-        _check_merge(graph, inserted, bound, ctx)  # (asked before the training too: nothing changed since)
-        merge_adapters(graph, inserted)
+        try:  # asked before the training (_check_merge): nothing that it reads has changed since
+            merge_adapters(graph, inserted)
+        except MergeError as e:
+            raise _merge_refused(bound, ctx, e) from None
     details = {"adapters": len(inserted), "blocks": blocks, "rank": rank, "steps": steps, "loss": result.loss,
                "schedule": schedule,
                "generated_tokens": sum(b["input_ids"][:, PROMPT:].numel() for b in batches[len(ctx.calib):]),
@@ -347,7 +349,11 @@ def _check_merge(graph: ModelGraph, inserted: list[str], bound: BoundRule, ctx: 
     try:
         check_mergeable(graph, inserted)
     except MergeError as e:
-        raise rule_error(bound, ctx, *merge_problem(str(e))) from None
+        raise _merge_refused(bound, ctx, e) from None
+
+
+def _merge_refused(bound: BoundRule, ctx: Context, e: MergeError):
+    return rule_error(bound, ctx, *merge_problem(str(e)))
 
 
 def _check_generate(bound: BoundRule, ctx: Context, steps: int, written: int) -> None:

@@ -8,13 +8,14 @@ from typing import Union
 import torch
 
 from ...dsl import ast as A
+from ...dsl.schema import HALF_DTYPES
 from ...runtime.formats import NotFinite, OutOfRange, QuantizedWeight, dequantize, from_rule, group_size, nbytes, quantize_rtn
 from .clip import column_weights, rtn_params
 from .gptq import gptq
 
 __all__ = ["Candidate", "Encoded", "encode", "decode", "encoded_bytes", "HALF", "NotFinite", "OutOfRange"]
 
-HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+HALF = {fmt: getattr(torch, dtype) for fmt, dtype in HALF_DTYPES.items()}
 # An encoded weight: packed codes, a half-precision copy, or None for "left as it is".
 Encoded = Union[QuantizedWeight, torch.Tensor, None]
 
