@@ -22,11 +22,11 @@ from ..context import Context
 from ..graph import ModelGraph
 from ..threads import one_thread
 from .budget import BudgetInfeasible, solve_avg_bits, solve_budget
-from .encode import Candidate, decode, encoded_bytes
+from .encode import Candidate, OutOfRange, decode, encoded_bytes
 from .fisher import FisherUnavailable, output_fisher, weighted_error
 from .compensate import error_corrections, few_rows_note, sweep_details
 from .sequential import sequential_encode, sequential_scores
-from .targets import DeadInputs, Item, apply, encode_item, hessians_of, items_of, require_calib
+from .targets import DeadInputs, Item, apply, encode_item, hessians_of, items_of, none_holds, require_calib
 
 __all__ = ["run"]
 
@@ -59,6 +59,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                    weight_bytes=sum(sizes[i][j] for i, j in enumerate(pick)))
     details["achieved_avg_bits"] = 8 * details["weight_bytes"] / weights
     notes.insert(0, choice_note(details["choices"], details["achieved_avg_bits"], rule))
+    notes.extend(scorer.unheld_notes())
     return apply(graph, bound, items, chosen, details, ctx, tuple(notes) + scorer.dead.notes())
 
 
@@ -78,22 +79,41 @@ class _Scorer:
     def __init__(self, bound: BoundRule, ctx: Context, cands: list[Candidate], fisher: dict[str, torch.Tensor]):
         self.bound, self.ctx, self.rule, self.cands, self.fisher = bound, ctx, bound.rule, cands, fisher
         self.dead = DeadInputs()
+        self.unheld: dict[str, list[tuple[Candidate, OutOfRange]]] = {}  # path -> the formats that cannot hold it
 
-    def encode(self, it: Item, cand: Candidate, H: torch.Tensor | None):
+    def encode(self, it: Item, cand: Candidate, H: torch.Tensor | None, refuse_unheld: bool = True):
         # a weight the format cannot hold is refused here: the solver said "costs … must be finite"
         r = self.rule
         return encode_item(self.bound, self.ctx, self.dead, it, cand, H, method=r.get("method"), clip=r.get("clip"),
-                           refit=r.get("refit"))
+                           refit=r.get("refit"), refuse_unheld=refuse_unheld)
 
-    def __call__(self, it: Item, H: torch.Tensor) -> tuple[list[float], list[int], list]:
-        """(cost, bytes, encoding) of every candidate."""
-        encs = [self.encode(it, c, H) for c in self.cands]
-        if self.fisher:
-            costs = [weighted_error(it.w.double() - decode(e, it.w).double(), H.double(), self.fisher[it.path])
-                     for e in encs]
-        else:
-            costs = [_sensitivity(it.w, decode(e, it.w), H.float()) for e in encs]
-        return costs, [encoded_bytes(e, it) for e in encs], encs
+    def __call__(self, it: Item, H: torch.Tensor) -> tuple[list[float | None], list[int | None], list]:
+        """(cost, bytes, encoding) of every candidate; cost and bytes None for a format that cannot
+        hold the weight (an int4 group past fp16 scales): the solver picks among the others, and
+        the report says so. Refused where no offered format holds it."""
+        costs, sizes, encs = [], [], []
+        for cand in self.cands:
+            try:
+                e = self.encode(it, cand, H, refuse_unheld=False)
+            except OutOfRange as err:
+                self.unheld.setdefault(it.path, []).append((cand, err))
+                costs.append(None)
+                sizes.append(None)
+                encs.append(None)
+                continue
+            w_hat = decode(e, it.w)
+            costs.append(weighted_error(it.w.double() - w_hat.double(), H.double(), self.fisher[it.path])
+                         if self.fisher else _sensitivity(it.w, w_hat, H.float()))
+            sizes.append(encoded_bytes(e, it))
+            encs.append(e)
+        if all(c is None for c in costs):
+            raise none_holds(self.bound, self.ctx, it, self.unheld[it.path])
+        return costs, sizes, encs
+
+    def unheld_notes(self) -> list[str]:
+        """One report line per target some offered format could not hold (it was chosen among the rest)."""
+        return [f"{path}: {', '.join(str(c) for c, _ in unheld)} cannot hold its weights ({unheld[0][1]}); "
+                "chosen among the other formats" for path, unheld in self.unheld.items()]
 
 
 def _by_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[Item], scorer: _Scorer,
@@ -168,12 +188,18 @@ def _solve(rule: A.Precision, items: list[Item], costs, sizes, ctx: Context) -> 
 
 
 def _solve_now(rule: A.Precision, items: list[Item], costs, sizes, ctx: Context) -> list[int]:
+    # only the formats that hold each target (a None cost: _Scorer), indices mapped back after
+    held = [[j for j, c in enumerate(row) if c is not None] for row in costs]
+    costs = [[row[j] for j in js] for row, js in zip(costs, held)]
+    sizes = [[row[j] for j in js] for row, js in zip(sizes, held)]
     try:
         if rule.budget.metric == "avg_bits":
             bits = [[8 * s / it.w.numel() for s in row] for it, row in zip(items, sizes)]
-            return solve_avg_bits(costs, [it.w.numel() for it in items], bits, rule.budget.limit_value)
-        bias = [it.bias_bytes for it in items]
-        return solve_budget(costs, [[s + b for s in row] for row, b in zip(sizes, bias)], rule.budget.limit_value)
+            pick = solve_avg_bits(costs, [it.w.numel() for it in items], bits, rule.budget.limit_value)
+        else:
+            bias = [it.bias_bytes for it in items]
+            pick = solve_budget(costs, [[s + b for s in row] for row, b in zip(sizes, bias)], rule.budget.limit_value)
+        return [js[k] for js, k in zip(held, pick)]
     except BudgetInfeasible as e:
         span = rule.budget.span
         if rule.budget.metric == "avg_bits":
@@ -183,5 +209,5 @@ def _solve_now(rule: A.Precision, items: list[Item], costs, sizes, ctx: Context)
         raise SpecError(Diagnostic(
             "out-of-range", f"the budget {rule.budget.metric}<={rule.budget.limit}{rule.budget.unit or ''} cannot "
             f"be met: the smallest achievable is {figure} (every target at its "
-            "smallest candidate)", span.line, span.column, max(1, span.end_column - span.column),
+            f"smallest candidate{' that holds it' if any(len(js) < len(rule.choices) for js in held) else ''})", span.line, span.column, max(1, span.end_column - span.column),
             "raise the limit, or offer a smaller format in `choose {…}`"), ctx.source, ctx.filename) from None

@@ -92,11 +92,23 @@ def out_of_range(bound: BoundRule, ctx: Context, it: Item, cand, e: Exception) -
                       f"leave it out (`keep {it.path}`, or narrow the selector), or {instead}")
 
 
+def none_holds(bound: BoundRule, ctx: Context, it: Item, unheld: list[tuple[object, Exception]]) -> SpecError:
+    """A budget's target that no offered format can hold, each format's reason named once."""
+    by_reason: dict[str, list[str]] = {}
+    for cand, e in unheld:
+        by_reason.setdefault(str(e), []).append(str(cand))
+    reasons = "; ".join(f"{', '.join(cands)}: {why}" for why, cands in by_reason.items())
+    return rule_error(bound, ctx, "out-of-range", f"{it.path} cannot be stored in any offered format ({reasons})",
+                      f"leave it out (`keep {it.path}`, or narrow the selector), or offer bf16 among the choices "
+                      "(it holds weights up to 3.4e38)")
+
+
 def encode_item(bound: BoundRule, ctx: Context, dead: "DeadInputs", it: Item, cand, H: torch.Tensor | None, *,
-                method: str, clip: str, refit: bool) -> Encoded:
+                method: str, clip: str, refit: bool, refuse_unheld: bool = True) -> Encoded:
     """`it` in `cand` (encode.py, with the rule's damp and act_order), its dead inputs noted for
     GPTQ and a weight the format cannot hold refused at the rule: what `quantize` and `precision`
-    both do per target."""
+    both do per target. With `refuse_unheld` false that weight raises OutOfRange instead, for a
+    budget to choose among the formats that hold it."""
     if cand.format in HALF and it.stored == HALF[cand.format]:
         return None  # already in it: re-stored as it was, it only cost a copy before each call
     if method == "gptq":
@@ -109,6 +121,8 @@ def encode_item(bound: BoundRule, ctx: Context, dead: "DeadInputs", it: Item, ca
             raise NotFinite("its inputs on the calibration batches hold NaN or inf (the model computes them there)")
         return encode(it.w, cand, method, H, rule.get("damp"), rule.get("act_order"), clip, refit)
     except OutOfRange as e:
+        if not refuse_unheld:
+            raise
         raise out_of_range(bound, ctx, it, cand, e) from None
     except NotFinite as e:  # a raw ValueError that named neither the linear nor the rule
         raise rule_error(bound, ctx, "unsupported", f"{it.path} cannot be quantized: {e}",
