@@ -200,13 +200,22 @@ def _read_meta(root: Path) -> dict[str, Any]:
                if k not in meta]
     if missing:
         raise ArtifactError(f"{root / META} lacks {missing}: it is damaged; {RESAVE}")
+    # kinds too (no hash covers meta.json): `files: "x"` read as every file truncated, and
+    # `model_class: null` as a model of another class at eval
+    wrong = [k for k, kind in _META_KINDS.items()
+             if not isinstance(meta[k], kind) or (k in ("files", "model_class") and not meta[k])]
+    if wrong:
+        raise ArtifactError(f"{root / META} holds {', '.join(f'{k}: {meta[k]!r}' for k in wrong)}, not "
+                            f"{' / '.join(_META_KINDS[k].__name__ for k in wrong)}: it is damaged; {RESAVE}")
     return meta
+
+
+_META_KINDS = {"files": dict, "inputs": list, "outputs": dict, "modules": list, "weights": dict, "model_class": str}
 
 
 def _read_checked(root: Path, meta: dict[str, Any], name: str, keep: bool = True) -> bytes:
     """The file's bytes (if `keep`), once they match the size and SHA-256 in meta.json."""
-    files = meta["files"] if isinstance(meta["files"], dict) else {}
-    path, want = root / name, files.get(name) or {}
+    path, want = root / name, meta["files"].get(name) or {}
     if not isinstance(want, dict):  # a damaged entry: said as one, not an AttributeError below
         raise ArtifactError(f"{root / META} records {name} as {want!r}, not its size and SHA-256: it is damaged; "
                             f"{RESAVE}")
