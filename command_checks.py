@@ -7,11 +7,31 @@ from __future__ import annotations
 import os
 
 __all__ = ["UsageError", "check_out", "check_apart", "check_listing_folder", "check_not_nested", "check_same_model",
-           "check_text_inputs", "check_train_args"]
+           "check_text_inputs", "check_train_args", "load_compiled"]
 
 
 class UsageError(ValueError):
     """A command-line argument that cannot work (an --out that is a file, an unreadable --calib)."""
+
+
+def load_compiled(compiled: str, model: str):
+    """The artifact at --compiled; where that is a Hugging Face model folder (config.json, no
+    meta.json), the refusal says the two arguments look swapped."""
+    from pathlib import Path
+
+    from . import api
+    from .runtime.artifact_errors import ArtifactError
+
+    try:
+        return api.load(compiled)
+    except ArtifactError as e:
+        folder = Path(compiled)
+        if (folder / "config.json").is_file() and not (folder / "meta.json").exists():
+            swapped = (f" and --model {model} is one: swap the two" if (Path(model) / "meta.json").is_file() else
+                       ": pass it as --model, and as --compiled the directory `slimfx compile --out` wrote")
+            raise UsageError(f"{e}\n--compiled {compiled} holds a Hugging Face model (config.json), not a slimfx "
+                             f"artifact{swapped}") from None
+        raise
 
 
 def check_out(out: str) -> None:
@@ -26,8 +46,6 @@ def check_out(out: str) -> None:
 def check_apart(out: str, listing: str) -> None:
     """--out and --emit-kernels in one folder, or one inside the other: each replaces or empties
     its folder, so the second would fail after the compile (or delete the first)."""
-    from pathlib import Path
-
     a, b = _resolved("--out", out), _resolved("--emit-kernels", listing)
     if a == b or a in b.parents or b in a.parents:
         raise UsageError(f"--out {out} and --emit-kernels {listing} overlap; write them to separate folders, "

@@ -7,7 +7,7 @@ import os
 import sys
 
 from .command_checks import (UsageError, check_apart, check_listing_folder, check_not_nested, check_out,
-                             check_same_model, check_text_inputs, check_train_args)
+                             check_same_model, check_text_inputs, check_train_args, load_compiled)
 from .dsl.errors import SpecError
 
 __all__ = ["add_model_commands"]
@@ -239,7 +239,6 @@ def _builtin_calib(loaded, tokens: int) -> list[dict]:
 def _train(args) -> int:
     import torch
 
-    from . import api
     from .runtime.report import counted
     from .runtime.train import NothingToDistil, train
 
@@ -247,7 +246,7 @@ def _train(args) -> int:
     out = args.out or _trained_beside(args.compiled)
     check_out(out)  # before loading and training, not after
     check_not_nested(out, args.compiled)
-    cm = api.load(args.compiled)
+    cm = load_compiled(args.compiled, args.model)
     if not cm.adapter_parameters():
         merged = [r for r in cm.report.rules if r.details.get("merged")]
         if merged:  # "compile it with an `adapt` rule" told them to do what they had done
@@ -375,9 +374,7 @@ def _eval(args) -> int:
         raise UsageError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     compiled = None
     if args.compiled:  # a missing or broken artifact is said before the model loads (seconds for SmolLM2)
-        from . import api
-
-        compiled = api.load(args.compiled)
+        compiled = load_compiled(args.compiled, args.model)
     loaded = _load_model(args.model)
     max_tokens = _eval_tokens(loaded, args.max_tokens)
     if compiled is not None:

@@ -163,6 +163,9 @@ def _not_found_message(name: str) -> str:
     where = ""
     if path.is_file() and path.suffix == ".slim":
         where = f" {name!r} is a policy file: give it before --model, and --model the model it applies to."
+    elif (path / "meta.json").is_file():  # `slimfx eval --model <artifact>`: the arguments swapped
+        where = (f" {name!r} is a slimfx artifact (it holds meta.json): pass it as --compiled (or load it with "
+                 "slimfx.load), and as --model the model it was compiled from.")
     elif path.exists():
         where = f" The path {name!r} exists but holds no config.json."
     elif looks_like_path:

@@ -1,7 +1,7 @@
 """The `slimfx` commands and the files around them: the policy argument is a file, a policy file
 with no policy is refused, --out places that cannot work are refused before loading, a closed pipe
 or a full disk loses no work and is not called a slimfx bug, nor is a link loop; --version; eval
-says what --max-tokens could not do."""
+says what --max-tokens could not do; --model and --compiled swapped are named so."""
 import errno
 import os
 import subprocess
@@ -201,3 +201,23 @@ def test_calibration_a_policy_never_uses_is_said(tmp_path, capsys):
                  "--calib-tokens", "256"]) == 0
     out, err = capsys.readouterr()
     assert "note:" not in err and "calibrated on 256 tokens in 2 rows" in out
+
+
+def test_eval_and_train_say_when_model_and_compiled_look_swapped(tmp_path, capsys):
+    """`--compiled <a Hugging Face folder>` said only "not a slimfx artifact", and `--model
+    <artifact>` "exists but holds no config.json": neither said the two were swapped."""
+    folder, art = tmp_path / "hf", tmp_path / "art"
+    tiny("llama").model.save_pretrained(folder)
+    assert main(["compile", str(write(tmp_path, KEEP)), "--model", str(folder), "--out", str(art)]) == 0
+    capsys.readouterr()
+    for command in (["eval"], ["train", "--steps", "1"]):
+        assert main(command + ["--model", str(art), "--compiled", str(folder)]) == 1
+        err = capsys.readouterr().err
+        assert (f"--compiled {folder} holds a Hugging Face model (config.json), not a slimfx artifact and --model "
+                f"{art} is one: swap the two") in err, err
+        assert main(command + ["--model", "tiny:llama", "--compiled", str(folder)]) == 1
+        assert "pass it as --model, and as --compiled the directory `slimfx compile --out` wrote" in \
+            capsys.readouterr().err
+    assert main(["plan", str(write(tmp_path, KEEP)), "--model", str(art)]) == 1
+    assert (f"{str(art)!r} is a slimfx artifact (it holds meta.json): pass it as --compiled"
+            in capsys.readouterr().err)
