@@ -271,11 +271,11 @@ def _train(args) -> int:
         raise UsageError(f"{args.model} has no tokenizer; `slimfx train` trains on text: train it from Python, "
                          "slimfx.train(cm, batches) with batches of the model's own inputs")
     check_text_inputs(cm, args, "train")
-    batches = [{k: v for k, v in b.items() if k in cm.input_names}  # a graph captured from bare ids takes no mask
-               for b in _training_batches(loaded, args.batch, args.seq, args.steps)]
+    batches, text = _training_batches(loaded, args.batch, args.seq, args.steps)
+    batches = [{k: v for k, v in b.items() if k in cm.input_names} for b in batches]  # bare ids: no mask
     cycled = f", {args.steps / len(batches):.1f} passes over them" if len(batches) < args.steps else ""
     print(f"training {len(cm.adapters)} adapters ({_count_params(cm)} parameters) for {counted(args.steps, 'step')} "
-          f"on {counted(len(batches), 'batch')} of {args.batch}×{args.seq} tokens of calibration text{cycled}, {loss} loss, "
+          f"on {counted(len(batches), 'batch')} of {args.batch}×{args.seq} tokens of {text}{cycled}, {loss} loss, "
           f"lr {args.lr:g}" + (" with a cosine schedule" if args.schedule == "cosine" else ""), file=sys.stderr)
     torch.manual_seed(args.seed)
     try:
@@ -289,7 +289,9 @@ def _train(args) -> int:
     cm.save(out)  # before printing: a closed pipe (`| head`) must not lose the training
     for i, value in enumerate(result.losses, 1):  # .4g: a distill loss of 2e-5 is not "0.0000"
         print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {value:.4g}")
-    print(f"loss {result.first:.4g} -> {result.last:.4g} in {result.seconds:.1f}s")
+    # the first and last steps read different batches: said so, lest a pair be read as progress
+    each = " (first and last step, each on its own batch)" if len(batches) > 1 else ""
+    print(f"loss {result.first:.4g} → {result.last:.4g}{each} in {result.seconds:.1f}s")
     print(f"saved to {out}", file=sys.stderr)
     return 0
 
@@ -307,11 +309,15 @@ def _trained_beside(compiled: str) -> str:
     return str(path.with_name(path.name + "-trained"))
 
 
-def _training_batches(loaded, batch: int, seq: int, steps: int) -> list[dict]:
+_SPILLED = "calibration text, then standard-library docstrings"
+
+
+def _training_batches(loaded, batch: int, seq: int, steps: int) -> tuple[list[dict], str]:
     """One batch×seq batch per step, each the next tokens of the calibration text (the part `slimfx
     eval` never scores; then standard-library docstrings, which it never scores either, when the
     steps need more), packed into rows with no padding; when even that runs out, train() goes
-    round the batches again. One fixed batch for every step would fit that batch, not the text."""
+    round the batches again. One fixed batch for every step would fit that batch, not the text.
+    With the batches, which of those texts they hold, for the command to say."""
     import torch
 
     from .evaluation import calibration_texts, context_length
@@ -324,7 +330,7 @@ def _training_batches(loaded, batch: int, seq: int, steps: int) -> list[dict]:
     if loaded.kind != "causal-lm":
         return _encoder_batches(loaded, batch, seq, steps)
     size = batch * seq
-    ids = _token_ids(loaded, calibration_texts())
+    ids = own = _token_ids(loaded, calibration_texts())
     if ids.numel() < size * steps:
         ids = _token_ids(loaded, [*calibration_texts(), *more_texts()])
     if ids.numel() < size:
@@ -332,10 +338,11 @@ def _training_batches(loaded, batch: int, seq: int, steps: int) -> list[dict]:
                          f"text, then standard-library docstrings) has {ids.numel():,}: give a smaller --batch or --seq")
     count = min(steps, ids.numel() // size)
     rows = ids[:count * size].reshape(count, batch, seq)
-    return [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows]
+    text = _SPILLED if count * size > own.numel() else "calibration text"
+    return [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows], text
 
 
-def _encoder_batches(loaded, batch: int, seq: int, steps: int) -> list[dict]:
+def _encoder_batches(loaded, batch: int, seq: int, steps: int) -> tuple[list[dict], str]:
     """An encoder's batches: rows of at most `seq` tokens, each with its tokenizer's special tokens
     ([CLS] … [SEP]), as it is used and as compile calibrates it (the text packed into rows, as for
     a causal LM, gave one [CLS] in all and no [SEP])."""
@@ -347,13 +354,14 @@ def _encoder_batches(loaded, batch: int, seq: int, steps: int) -> list[dict]:
     if seq <= special:  # the tokenizer then ignores the cut: whole paragraphs, or a failure of its own
         raise UsageError(f"--seq {seq} leaves no room for text: {loaded.name}'s tokenizer adds {special} special "
                          f"tokens to each row; use --seq {special + 1} or more")
-    rows = loaded.encode(calibration_texts(), max_length=seq, overflow=True)
+    rows = own = loaded.encode(calibration_texts(), max_length=seq, overflow=True)
     if len(rows["input_ids"]) < batch * steps:
         rows = loaded.encode([*calibration_texts(), *more_texts()], max_length=seq, overflow=True)
     count = min(steps, len(rows["input_ids"]) // batch)
     if count == 0:
         raise UsageError(f"--batch {batch} needs {batch} rows of calibration text; it makes {len(rows['input_ids'])}")
-    return [{k: v[i * batch:(i + 1) * batch] for k, v in rows.items()} for i in range(count)]
+    text = _SPILLED if count * batch > len(own["input_ids"]) else "calibration text"
+    return [{k: v[i * batch:(i + 1) * batch] for k, v in rows.items()} for i in range(count)], text
 
 
 def _token_ids(loaded, texts: list[str]):

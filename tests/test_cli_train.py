@@ -207,12 +207,24 @@ def test_an_encoders_training_rows_each_have_its_special_tokens():
 
     lm = load("minilm-l6")
     cls, sep = lm.tokenizer.cls_token_id, lm.tokenizer.sep_token_id
-    batches = _training_batches(lm, 4, 32, 3)
-    assert len(batches) == 3 and all(b["input_ids"].shape == (4, 32) for b in batches)
+    batches, text = _training_batches(lm, 4, 32, 3)
+    assert text == "calibration text" and len(batches) == 3 and all(b["input_ids"].shape == (4, 32) for b in batches)
     for b in batches:
         for row, mask in zip(b["input_ids"], b["attention_mask"]):
             real = row[mask.bool()]
             assert real[0] == cls and real[-1] == sep
+
+
+def test_training_batches_say_when_they_run_past_the_calibration_text():
+    """The command said "of calibration text" while most of the demo's batches were docstrings."""
+    from slimfx.commands import _training_batches
+    from slimfx.models import load
+
+    lm = load("tiny:llama")
+    few, text = _training_batches(lm, 2, 32, 2)
+    assert len(few) == 2 and text == "calibration text"
+    many, text = _training_batches(lm, 8, 128, 200)
+    assert text == "calibration text, then standard-library docstrings" and len(many) == 200
 
 
 def test_a_vision_artifact_is_evaluated_and_its_training_refused_for_want_of_text(tmp_path, capsys):
