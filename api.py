@@ -97,7 +97,10 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
         graph.lent.settle(graph.module)
     if isinstance(model, CompiledModel):  # compiled again: the report keeps what was done before
         report = report.after(model.report)
-    stage = {"auto": "converting packed weights for the CPU kernels", "triton": "generating Triton kernels"}
+    packed = any("quant_linear" in str(n.target) for n in graph.module.graph.nodes)
+    # a stage named for packed weights where there are none read as work done for nothing
+    stage = {"auto": "converting packed weights for the CPU kernels" if packed else "building",
+             "triton": "generating Triton kernels"}
     with bars.task(stage.get(backend, "building")):
         cm = CompiledModel(graph, report=report, policy_text=_policy_text(policy_ast),
                            policy_name=policy_ast.name if policy_ast else None, backend=backend)

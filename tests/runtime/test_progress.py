@@ -62,3 +62,18 @@ def test_gptq_and_the_budget_solver_show_what_they_are_doing():
     for says in ("GPTQ int4 group=64, block by block (line 2)", "model.layers.1.self_attn.q_proj", "scoring 2 formats",
                  "solving the budget (line 3)", "model.layers.1.mlp.down_proj"):
         assert says in out, says
+
+
+def test_the_last_stage_is_named_for_packed_weights_only_where_there_are_some(capsys):
+    """A policy with no quantized linear printed "converting packed weights for the CPU kernels:
+    done in 0.0 s" (the demo's MiniLM token policy)."""
+    m = tiny("llama")
+
+    def stages(policy):
+        slimfx.compile(m.model, policy, example_inputs=m.example_inputs, calib=torch.randint(3, 100, (2, 8)),
+                       progress=True)
+        return capsys.readouterr().err.splitlines()
+
+    plain = stages("keep head")
+    assert "building …" in plain and not any("packed weights" in line for line in plain), plain
+    assert "converting packed weights for the CPU kernels …" in stages("quantize blocks.*.mlp.* : Linear int8")
