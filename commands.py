@@ -116,7 +116,20 @@ def _console():
     """Tables fit the terminal; piped into a file or a log they are not squeezed to 80 columns."""
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=200)
+    return Console() if sys.stdout.isatty() else _Piped(Console(width=200))
+
+
+class _Piped:
+    """A 200-column console whose lines lose the padding rich gives them (a centred title or
+    caption ran on in spaces to column 200 in every log)."""
+
+    def __init__(self, console):
+        self.console = console
+
+    def print(self, *objects) -> None:
+        with self.console.capture() as captured:
+            self.console.print(*objects)
+        sys.stdout.write("\n".join(line.rstrip() for line in captured.get().split("\n")))
 
 
 def _load_model(name: str):

@@ -88,6 +88,8 @@ def test_plan_prints_the_table_for_a_model(tmp_path, capsys, monkeypatch):
     assert main(["plan", str(f), "--model", "tiny:llama"]) == 0
     out = capsys.readouterr().out
     assert "slimfx plan: policy p" in out and "ready" in out and "not implemented" not in out
+    # off a terminal the table is 200 columns wide, and no line runs on in rich's padding to it
+    assert out.endswith("\n") and not any(line.endswith(" ") for line in out.splitlines()), out
     # A rule without a pass (none in this version) is marked, not hidden.
     from slimfx.dsl import ast as A
     from slimfx.passes.pipeline import PASSES

@@ -11,7 +11,7 @@ from ...runtime.report import RuleReport
 from ..bind import BoundRule
 from ..graph_sizes import graph_bytes, graph_params
 from ..block_rules import auto_count as rules_auto_count
-from ..calibrate import CALIB_HINT, forward_ms
+from ..calibrate import CALIB_HINT, FORWARD_REPEATS, forward_ms
 from ..context import Context, rule_error
 from ..graph import Block, ModelGraph
 from ..block_reads import removal_problem, step_left_last
@@ -125,8 +125,8 @@ def remove_runs(graph: ModelGraph, runs: list[list[Block]], bound: BoundRule, ct
     return cuts
 
 
-def latency_ms(graph: ModelGraph, ctx: Context, repeats: int = 3) -> tuple[float, int] | None:
-    """(median ms of one forward, tokens) of the graph on 1×256 tokens taken from the first
+def latency_ms(graph: ModelGraph, ctx: Context, repeats: int = FORWARD_REPEATS) -> tuple[float, int] | None:
+    """(least ms of one forward of `repeats`, tokens) of the graph on 1×256 tokens taken from the first
     calibration batch (repeated to length), or on its first row where the model takes fewer
     positions; None without calibration. For the report's before → after."""
     if not ctx.calib:
@@ -177,7 +177,8 @@ def block_report(graph: ModelGraph, bound: BoundRule, before: Before, details: d
         (was, tokens), (now, _) = ms_before, after
         was, now = round(was, 2), round(now, 2)
         details = {**details, "latency_ms": [was, now], "latency_tokens": tokens}
-        notes.append(f"CPU latency of a 1×{tokens} forward ×{now / was:.2f} ({_ms(was)} → {_ms(now)} ms)")
+        notes.append(f"CPU latency of a 1×{tokens} forward ×{now / was:.2f} ({_ms(was)} → {_ms(now)} ms, best of "
+                     f"{FORWARD_REPEATS})")
     return RuleReport(bound.line, bound.text, bound.rule.kind, tuple(removed), params, graph_params(graph),
                       nbytes, graph_bytes(graph), {"removed": list(removed), "blocks_before": n_before,
                                                    "blocks_after": len(graph.blocks), **details}, tuple(notes))

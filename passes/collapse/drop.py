@@ -62,8 +62,10 @@ def _search(graph: ModelGraph, bound: BoundRule, ctx: Context):
     runs = runs_of([graph.blocks[i] for run in chosen for i in run])
     if score == "angular":
         scores = {graph.blocks[r[0]].path: round(angular(sims[r[0], r[-1] + 1]), 5) for r in chosen}
-        notes = ["angular distance per removed run: " + ", ".join(f"{p} +{len(r) - 1}: {d:.4f}"
-                                                                     for (p, d), r in zip(scores.items(), chosen))]
+        # "model.layers.13–14: 0.0947" (it read "model.layers.13 +1: 0.0947")
+        notes = ["angular distance per removed run: " + ", ".join(
+            f"{p}{'–' + graph.blocks[r[-1]].path.rpartition('.')[2] if len(r) > 1 else ''}: {d:.4f}"
+            for (p, d), r in zip(scores.items(), chosen))]
         return runs, {"score": score, "angular_distance": scores}, notes
     influence = {graph.blocks[i].path: round(1 - sims[i, i + 1], 6) for i in range(n)}
     notes = ["block influence of the removed: " + ", ".join(f"{graph.blocks[i].index}: "

@@ -5,7 +5,7 @@ from ...runtime import token_ops
 from ...runtime.report import RuleReport
 from ..bind import BoundRule
 from ..graph_sizes import graph_bytes, graph_params
-from ..calibrate import forward_ms
+from ..calibrate import FORWARD_REPEATS, forward_ms
 from ..context import Context
 from ..graph import ModelGraph
 from .reindex import insert_after, selected_blocks, token_counts
@@ -56,7 +56,7 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
         details.update(latency_ms_before=before, latency_ms_after=after)
         # ×after/before like every report row (a slowdown reads ×>1)
         notes.append(f"first calibration batch: tokens {' then '.join(details['tokens'])}; one forward "
-                     f"{before:.1f} → {after:.1f} ms (×{after / before:.2f})")
+                     f"{before:.1f} → {after:.1f} ms (×{after / before:.2f}, best of {FORWARD_REPEATS})")
         if flops_before:
             notes.append(flops_note(details, flops_before, graph, probe))
     params_now, nbytes = graph_params(graph), graph_bytes(graph)

@@ -16,7 +16,7 @@ import torch
 from ...runtime.report import RuleReport
 from ..bind import BoundRule
 from ..graph_sizes import graph_bytes, graph_params
-from ..calibrate import forward_ms
+from ..calibrate import FORWARD_REPEATS, forward_ms
 from ..context import Context, rule_error
 from ..graph import ModelGraph
 from .layout import MASK_INPUT, Symbols
@@ -58,7 +58,8 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
         details.update(tokens_padded=padded, tokens_real=real, latency_ms_before=before, latency_ms_after=after)
         # ×after/before like every report row (a slowdown reads ×>1)
         notes.append(f"first calibration batch {tuple(mask_t.shape)}: {real} of {padded} tokens are real "
-                     f"({real / padded:.0%}); one forward {before:.1f} → {after:.1f} ms (×{after / before:.2f})")
+                     f"({real / padded:.0%}); one forward {before:.1f} → {after:.1f} ms (×{after / before:.2f}, "
+                     f"best of {FORWARD_REPEATS})")
         if flops_before:
             notes.append(flops_note(details, flops_before, graph, probe))
     params, nbytes = graph_params(graph), graph_bytes(graph)

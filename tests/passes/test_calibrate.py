@@ -66,3 +66,23 @@ def test_observe_stops_after_the_last_watched_node(monkeypatch):
             [lm.example_inputs])
     assert stopped < len(ran) - stopped < len(graph.module.graph.nodes)
     assert ran[stopped - 1] is graph.blocks[0].output and torch.equal(early[0], late[0])
+
+
+def test_forward_ms_reports_the_least_disturbed_run_after_two_warm_ups(monkeypatch):
+    """The median of 3 let one busy stretch of a shared machine into the report (a drop of 2
+    blocks of 30 read ×0.23); the least of 5 after two warm-ups keeps the run nearest the truth."""
+    from slimfx.passes import calibrate
+
+    durations = iter([9.0, 9.0, 0.4, 0.1, 0.5, 0.3, 0.6])  # seconds: two warm-ups, then five timed
+    clock = [0.0]
+
+    def perf_counter():
+        return clock[0]
+
+    def call(**_):
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(calibrate.time, "perf_counter", perf_counter)
+    assert calibrate.forward_ms(call, {}) == pytest.approx(100.0)
+    with pytest.raises(StopIteration):
+        next(durations)  # exactly two warm-ups and FORWARD_REPEATS timed calls

@@ -127,6 +127,10 @@ def test_auto_angular_removes_the_closest_run_never_the_last_block(lm8):
     cm = slimfx.compile(lm, "drop blocks auto(count=2, score=angular, max_run=2)", calib=[lm.example_inputs])
     assert cm.report.rules[0].targets == (f"model.layers.{best}", f"model.layers.{best + 1}")
     assert "model.layers.7" not in cm.report.rules[0].targets
+    # the run named by its first and last block (it read "model.layers.3 +1: …")
+    said = [n for n in cm.report.rules[0].notes if n.startswith("angular distance per removed run: ")]
+    assert said and said[0].startswith(f"angular distance per removed run: model.layers.{best}–{best + 1}: 0."), said
+    assert float(said[0].rpartition(": ")[2]) == pytest.approx(dist[best], abs=2e-4)
 
 
 def test_auto_angular_splits_into_runs_of_at_most_max_run(lm8):
@@ -335,7 +339,7 @@ def test_the_report_gives_bytes_and_the_latency_of_a_1x256_forward(lm8):
     assert before_ms > 0 and after_ms > 0 and "CPU latency of a 1×256 forward" in " ".join(rule.notes)
     # tenths below 100 ms: whole ms gave "×0.57 (4 → 2 ms)" on a tiny model
     shown = [f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" for ms in (before_ms, after_ms)]
-    assert f"×{after_ms / before_ms:.2f} ({shown[0]} → {shown[1]} ms)" in " ".join(rule.notes)
+    assert f"×{after_ms / before_ms:.2f} ({shown[0]} → {shown[1]} ms, best of 5)" in " ".join(rule.notes)
 
 
 def test_the_latency_note_and_details_are_one_rounding(lm8, monkeypatch):
@@ -343,10 +347,10 @@ def test_the_latency_note_and_details_are_one_rounding(lm8, monkeypatch):
     the note say 11.0 → 5.7 ms while the details held 10.95 → 5.75 (a test failed by chance)."""
     from slimfx.passes.collapse import apply
     timings = iter([(10.954, 256), (5.746, 256)])
-    monkeypatch.setattr(apply, "latency_ms", lambda graph, ctx, repeats=3: next(timings))
+    monkeypatch.setattr(apply, "latency_ms", lambda graph, ctx, repeats=5: next(timings))
     rule = slimfx.compile(lm8, "drop blocks[2:6]", calib=[lm8.example_inputs]).report.rules[0]
     assert rule.details["latency_ms"] == [10.95, 5.75]
-    assert "×0.53 (10.9 → 5.8 ms)" in " ".join(rule.notes)
+    assert "×0.53 (10.9 → 5.8 ms, best of 5)" in " ".join(rule.notes)
 
 
 def test_a_block_whose_attention_map_the_model_returns_says_so():

@@ -19,5 +19,5 @@ def test_a_slower_forward_reads_as_a_slowdown(monkeypatch, policy):
         monkeypatch.setattr(module, "forward_ms", lambda graph, inputs: next(times))
     rule = slimfx.compile(tiny("llama", layers=2), policy).report.rules[-1]
     (note,) = [n for n in rule.notes if "one forward" in n]
-    assert "one forward 2.0 → 4.0 ms (×2.00)" in note
+    assert "one forward 2.0 → 4.0 ms (×2.00, best of 5)" in note
     assert rule.details["latency_ms_before"] == 2.0 and rule.details["latency_ms_after"] == 4.0
