@@ -362,6 +362,11 @@ def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str
     (1.0 for the original itself) and latency on the padded batch of eval_paragraphs(); vision
     models the mean logit cosine to the original on vision_images() and latency on their example.
     """
+    return _eval_rows(loaded, compiled, max_tokens)[0]
+
+
+def _eval_rows(loaded, compiled, max_tokens: int) -> tuple[list[dict[str, Any]], str]:
+    """eval_rows() and a line on what each column measured."""
     models = [("original", loaded.model)] + ([("compiled", compiled)] if compiled is not None else [])
     timed = loaded.example_inputs
     texts = (*EVAL_SENTENCES, *eval_paragraphs())
@@ -386,7 +391,22 @@ def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str
         elif loaded.kind == "vision":
             row["logit cosine"] = logit_cosine(loaded.model, model, vision_images(loaded.example_inputs))
         rows.insert(0, row)
-    return rows
+    return rows, _measured(loaded, timed, len(texts), max_tokens, min(256, longest or 256))
+
+
+def _measured(loaded, timed, texts: int, max_tokens: int, window: int) -> str:
+    """What the table's columns measured: the demo's table gave a latency and a perplexity with
+    no word of the input or the tokens they came from."""
+    shapes = [tuple(v.shape) for v in (timed.values() if isinstance(timed, dict) else [timed])
+              if isinstance(v, torch.Tensor)]
+    on = f"on an input of {'×'.join(map(str, shapes[0]))}" if shapes else "on the example inputs"
+    latency = f"CPU latency: median of 10 calls {on}"
+    if loaded.tokenizer is None:
+        return latency
+    if loaded.kind == "causal-lm":
+        return (f"perplexity: the first {max_tokens:,} tokens of the built-in eval text, in windows of {window}; "
+                + latency)
+    return f"cosine: mean over {texts} texts of the built-in eval text; {latency}"
 
 
 def eval_table(loaded, compiled=None, *, max_tokens: int = 2048):
@@ -394,15 +414,16 @@ def eval_table(loaded, compiled=None, *, max_tokens: int = 2048):
     from rich.markup import escape
     from rich.table import Table
 
-    rows = eval_rows(loaded, compiled, max_tokens=max_tokens)
+    rows, measured = _eval_rows(loaded, compiled, max_tokens)
     metric = next((m for m in ("perplexity", "cosine", "logit cosine") if m in rows[0]), None)
     # No quality column is said, not left out silently: a model without a tokenizer has no text to score.
-    caption = None if metric else \
-        f"no {'perplexity' if loaded.kind == 'causal-lm' else 'embedding cosine'}: {loaded.name} has no tokenizer"
+    caption = measured if metric else \
+        f"no {'perplexity' if loaded.kind == 'causal-lm' else 'embedding cosine'}: {loaded.name} has no tokenizer; {measured}"
     if metric == "logit cosine":
-        caption = f"logit cosine to the original on {VISION_IMAGES} seeded random images (no image set ships with slimfx)"
+        caption = (f"logit cosine to the original on {VISION_IMAGES} seeded random images (no image set ships with "
+                   f"slimfx); {measured}")
     # rich reads `[…]` as markup: a model folder `runs/[v2]` showed as `runs/`
-    table = Table(title=escape(f"slimfx eval: {loaded.name} ({loaded.kind})"), caption=escape(caption) if caption else None)
+    table = Table(title=escape(f"slimfx eval: {loaded.name} ({loaded.kind})"), caption=escape(caption))
     for col in ("model", *([metric] if metric else []), "weight bytes", "bytes while running", "CPU latency (ms)"):
         table.add_column(col, justify="right")
     for row in rows:
