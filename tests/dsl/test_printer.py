@@ -68,6 +68,20 @@ def test_a_comment_after_a_rule_on_the_policy_line_stays_with_the_rule():
     assert format_spec(parse("policy a {  # head\n  keep head\n}\n")) == "policy a {  # head\n    keep head\n}\n"
 
 
+@pytest.mark.parametrize("text, out", [
+    ("policy a {\n    keep x\n} policy b { keep y }  # about b\n",
+     "policy a {\n    keep x\n}\n\npolicy b {\n    keep y  # about b\n}\n"),
+    ("policy a { keep x } policy b {  # hb\n keep y\n}\n",
+     "policy a {\n    keep x\n}\n\npolicy b {  # hb\n    keep y\n}\n"),
+    ("policy a {\n    keep x\n}  # end of a\npolicy b {\n    keep y\n}\n",
+     "policy a {\n    keep x\n}  # end of a\n\npolicy b {\n    keep y\n}\n"),
+])
+def test_a_comment_after_several_nodes_on_one_line_goes_with_the_last(text, out):
+    """`} policy b { keep y }  # about b` gave the comment to policy a's closing brace."""
+    assert format_spec(parse(text)) == out
+    assert format_spec(parse(out)) == out
+
+
 def test_heal_prints_its_params_in_schema_order_and_round_trips():
     text = "policy p {\n  drop blocks auto( count=2 )\n  heal   distill=true method=lora steps=200 # why\n  heal method=linear\n}"
     out = format_spec(parse(text))
