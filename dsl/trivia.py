@@ -46,7 +46,8 @@ def _attach_policy(policy: A.Policy, index: int, cursor: "_Cursor") -> A.Policy:
     asks = iter(range(len(at_rules) + 2))
     trivia = cursor.trivia_before(policy.span.line, at_line=policy.span.line, ask=(index, next(asks)),
                                   inline=header is not None)
-    rules = tuple(dataclasses.replace(r, trivia=cursor.trivia_before(r.span.line, at_line=line, ask=(index, next(asks))))
+    rules = tuple(dataclasses.replace(r, trivia=cursor.trivia_before(r.span.line, at_line=line,
+                                                                     ask=(index, next(asks))))
                   for r, line in zip(policy.rules, at_rules))
     closing = cursor.trivia_before(policy.span.end_line, at_line=at_closing, ask=(index, next(asks)))
     return dataclasses.replace(policy, rules=rules, trivia=trivia, closing=closing)
