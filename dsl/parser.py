@@ -206,6 +206,8 @@ def _to_ast(tree, source: str, filename: str, start: str) -> A.Spec:
         policies = _AstBuilder().transform(tree)
     except VisitError as e:
         if isinstance(e.orig_exc, SpecError):
+            if e.orig_exc.kind == "too-deep":  # at the first brace past the limit, as a RecursionError is:
+                raise _too_deep(source, filename, start) from None  # the innermost too-deep node moved with depth
             raise SpecError(e.orig_exc.diagnostics, source, filename) from None
         if not isinstance(e.orig_exc, RecursionError):
             raise

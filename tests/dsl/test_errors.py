@@ -198,7 +198,9 @@ CASES = [
     (body('adapt head lora from="a\x00"'), "syntax", 2, 26, ["a control character (\\x00)"], None),
     (body('adapt head lora from="C:\\xdir"'), "syntax", 2, 26, ["a string with a bad escape", "\\xXX"],
      "`\\\\` for a backslash"),
-    (body("keep " + "{" * 40 + "a" + "}" * 40), "too-deep", 2, 0, ["nested deeper than 32"], None),
+    # the first brace past the limit at any depth (it was the innermost node too deep, which moved with it)
+    (body("keep " + "{" * 40 + "a" + "}" * 40), "too-deep", 2, 42, ["nested deeper than 32"], None),
+    (body("keep blocks." + "{a," * 100 + "b" + "}" * 100), "too-deep", 2, 113, ["nested deeper than 32"], None),
     (body("keep " + "{" * 600 + "a" + "}" * 600), "too-deep", 2, 42, ["nested deeper than 32"], None),
     # braces in a comment or a string above it were counted: the error pointed into them
     ("# " + "{" * 40 + "\n" + body("keep " + "{" * 600 + "a" + "}" * 600), "too-deep", 3, 42,
