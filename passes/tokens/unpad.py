@@ -59,7 +59,9 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
         # ×after/before like every report row (a slowdown reads ×>1)
         notes.append(f"first calibration batch {tuple(mask_t.shape)}: {real} of {padded} tokens are real "
                      f"({real / padded:.0%}); one forward {before:.1f} → {after:.1f} ms (×{after / before:.2f}, "
-                     f"best of {FORWARD_REPEATS})")
+                     f"best of {FORWARD_REPEATS})" + (
+                         "; with no padding to remove this is the packing's cost alone (the default calibration "
+                         "rows are full: `slimfx eval` times a padded batch)" if real == padded else ""))
         if flops_before:
             notes.append(flops_note(details, flops_before, graph, probe))
     params, nbytes = graph_params(graph), graph_bytes(graph)

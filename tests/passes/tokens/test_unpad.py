@@ -85,6 +85,18 @@ def test_the_report_counts_real_tokens_and_attention_per_sequence():
     assert rule.details["padded_layout_nodes"] == 0
 
 
+def test_the_report_says_when_its_batch_has_no_padding_to_remove():
+    """The demo's note timed a full calibration batch (512 of 512 tokens real) and read as if
+    unpad slowed the model down for nothing."""
+    (padded,) = _compiled("llama")[1].report.rules
+    assert not any("packing's cost alone" in n for n in padded.notes)
+    lm = tiny("llama")
+    full = _inputs(2, 6, [6, 6], left=False)
+    (rule,) = slimfx.compile(lm.model, POLICY, example_inputs=full, calib=[full]).report.rules
+    assert any("12 of 12 tokens are real (100%)" in n and "with no padding to remove this is the packing's cost "
+               "alone" in n for n in rule.notes), rule.notes
+
+
 def test_the_report_estimates_the_blocks_flops_before_and_after():
     """tiny bert: 2 blocks of width 64, linears 4·64·64 + 2·64·128 = 32,768 weights; the example
     batch has 7 + 4 + 2 real tokens in a 3×7 grid. FLOPs per block: 2·tokens·weights + 4·ΣL²·64."""
