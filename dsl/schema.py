@@ -13,8 +13,8 @@ from typing import Callable
 from .ast import Value
 
 __all__ = [
-    "ParamSpec", "SCHEMAS", "FORMATS", "ADAPTER_DTYPES", "INT_FORMATS", "FORMAT_BITS", "HALF_DTYPES", "SIZE_UNITS", "METRICS",
-    "HEAL_METHOD_PARAMS", "schema_key", "default_for", "is_power_of_two",
+    "ParamSpec", "SCHEMAS", "FORMATS", "ADAPTER_DTYPES", "INT_FORMATS", "FORMAT_BITS", "HALF_DTYPES", "SIZE_UNITS",
+    "METRICS", "HEAL_METHOD_PARAMS", "schema_key", "default_for", "is_power_of_two",
 ]
 
 FORMATS = ("int8", "int4", "int2", "fp16", "bf16", "keep")

@@ -202,6 +202,7 @@ def _solve_now(rule: A.Precision, items: list[Item], costs, sizes, ctx: Context)
         return [js[k] for js, k in zip(held, pick)]
     except BudgetInfeasible as e:
         span = rule.budget.span
+        holds = " that holds it" if any(len(js) < len(rule.choices) for js in held) else ""
         if rule.budget.metric == "avg_bits":
             figure = f"{e.smallest_achievable:.4g} bits/weight"
         else:
@@ -209,5 +210,5 @@ def _solve_now(rule: A.Precision, items: list[Item], costs, sizes, ctx: Context)
         raise SpecError(Diagnostic(
             "out-of-range", f"the budget {rule.budget.metric}<={rule.budget.limit}{rule.budget.unit or ''} cannot "
             f"be met: the smallest achievable is {figure} (every target at its "
-            f"smallest candidate{' that holds it' if any(len(js) < len(rule.choices) for js in held) else ''})", span.line, span.column, max(1, span.end_column - span.column),
+            f"smallest candidate{holds})", span.line, span.column, max(1, span.end_column - span.column),
             "raise the limit, or offer a smaller format in `choose {…}`"), ctx.source, ctx.filename) from None
