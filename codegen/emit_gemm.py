@@ -299,7 +299,10 @@ class _GemmSource:
                     lines.append(f"        lora{j} = {rounded(f'lora{j}', self.dtype)}")
         mine = {self.anchors[j] for j in seg}
         lora_nodes = {n for base in mine if base in self.group.lora for n in self._lora_nodes(base)}
-        epilogue: list[str] = []
+        # The output's row offsets in int64, after the K loop (an int64 rm throughout spilled the GEMV
+        # form's registers): rm * N in int32 wraps past 2^31 elements, an LM head's logits (49,152
+        # wide) past 43,690 rows. x's rows (K wide) stay int32.
+        epilogue: list[str] = ["rw = rm.to(tl.int64)[:, None]"]
         for j in seg:
             self.names[self.anchors[j]] = f"acc{j}"
             bias = parts[j][2]
@@ -340,7 +343,7 @@ class _GemmSource:
                 if _role(nd, n, self.m_expr) != "full":
                     raise Unsupported(f"{nd.name}: an output that is not the GEMM's [M, N]")
                 out = narrowed(self.names[nd], float_value(nd, "GEMM").dtype)
-                stores.append(f"tl.store(out{self.out_index[nd]}_ptr + rm[:, None] * N{seg[0]} + rn[None, :], {out}, mask=mo)")
+                stores.append(f"tl.store(out{self.out_index[nd]}_ptr + rw * N{seg[0]} + rn[None, :], {out}, mask=mo)")
                 self.stored.add(nd)
         return lines + [f"        {line}" for line in epilogue + stores]
 
@@ -384,7 +387,7 @@ class _GemmSource:
         var = f"e{index}"
         self.names[value] = var
         load = {
-            "full": f"tl.load({var}_ptr + rm[:, None] * {width} + rn[None, :], mask=mo, other=0.0)",
+            "full": f"tl.load({var}_ptr + rw * {width} + rn[None, :], mask=mo, other=0.0)",
             "col": f"tl.load({var}_ptr + rn[None, :], mask=mn[None, :], other=0.0)",
             "row": f"tl.load({var}_ptr + rm[:, None], mask=mm[:, None], other=0.0)",
             "scalar": f"tl.load({var}_ptr)",

@@ -30,10 +30,12 @@ _FREE = {
 _ORDER_KEEPING = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.alias.default,
-    aten.detach.default, aten.dropout.default, aten.to.dtype, aten._to_copy.default,
+    aten.detach.default, aten.dropout.default, aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout,
+    aten.to.device,
 }
 # Conversions are pointwise (a cast of each element); aten tags them as nothing.
 _CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
+_SAME_VALUE_CASTS = (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default)
 _ROW_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
                    aten.var.correction, aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
                    aten.log_softmax.int}
@@ -48,7 +50,9 @@ def is_free(node: fx.Node) -> bool:
     if node.target in _FREE:
         return True
     # A cast to the dtype the value already has is a no-op (export writes many of them).
-    if node.target in (aten.to.dtype, aten._to_copy.default) and _same_dtype(node):
+    # to.device / to.dtype_layout too (Llama's `inv_freq.to(device)` was left to eager ops as "no tl
+    # expression for aten.to.device", GPT-2's position ids got a copy kernel)
+    if node.target in _SAME_VALUE_CASTS and _same_dtype(node):
         return True
     return False
 
@@ -109,7 +113,7 @@ def _last_dim_only(node: fx.Node) -> bool:
     """The op reduces (or normalizes) the last dim and nothing else: a row reduction."""
     x = node.args[0]
     rank = x.meta["val"].dim() if isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor) else None
-    if rank is None:
+    if not rank:  # a 0-d tensor has no row to reduce (softmax of a scalar: `d % 0` raised)
         return False
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if dims is None:

@@ -266,8 +266,17 @@ def _lower_triton(gm: fx.GraphModule, kept: Optional[tuple]) -> None:
 def check_triton_runs(gm: nn.Module) -> None:
     """BackendUnavailable unless generated kernels can run for `gm` (its tensors on a GPU, or
     Triton's interpreter on): compile() asks before any work, lower() before unlowering."""
-    if _on_gpu(gm) or os.environ.get("TRITON_INTERPRET") == "1":
+    if _on_gpu(gm):
         return
+    interpreted = _interpreter_on()
+    if interpreted:
+        return
+    if interpreted is None:  # the variable says interpret, and the kernels were made without it
+        raise BackendUnavailable(
+            "backend=\"triton\" off a GPU runs Triton's interpreter, and TRITON_INTERPRET was set after triton was "
+            "imported (loading transformers or exporting a model imports it): its kernels would fail at every "
+            "call. Set TRITON_INTERPRET=1 before Python starts (or before anything imports triton), or use "
+            "backend=\"auto\" or \"eager\"")
     why = "no CUDA GPU is available" if not torch.cuda.is_available() else "the weights are on the CPU"
     raise BackendUnavailable(
         f"backend=\"triton\" runs generated kernels on a CUDA GPU, and {why}: compile or load with "
@@ -275,6 +284,20 @@ def check_triton_runs(gm: nn.Module) -> None:
         "`set_backend(\"triton\")`; or use \"eager\", "
         "or set TRITON_INTERPRET=1 before triton is imported to run the kernels through Triton's interpreter "
         "(slow; for tests and small models)")
+
+
+def _interpreter_on() -> bool | None:
+    """True when Triton's interpreter runs jitted kernels; None when TRITON_INTERPRET says it should
+    and triton was imported before it was set (its functions are compiled ones then: every call
+    failed with "Cannot call @triton.jit'd outside of the scope of a kernel"); False otherwise."""
+    if os.environ.get("TRITON_INTERPRET", "").lower() not in ("1", "true", "on", "yes"):
+        return False
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # no triton: the backend's own import says so
+        return True
+    return True if isinstance(getattr(tl.standard, "sigmoid", None), InterpretedFunction) else None
 
 
 def _key(node: fx.Node):

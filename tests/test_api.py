@@ -224,6 +224,24 @@ def test_bad_backend_and_triton_without_a_gpu(monkeypatch):
         slimfx.compile(loaded, "", backend="triton")
 
 
+def test_triton_interpret_set_after_triton_was_imported_is_refused_and_its_other_spellings_are_taken(monkeypatch):
+    """TRITON_INTERPRET=1 set after transformers had imported triton: compile said yes, then every
+    call raised "Cannot call @triton.jit'd outside of the scope of a kernel"; and `true`, which
+    turns Triton's interpreter on, was refused."""
+    import triton.language as tl
+
+    from slimfx.runtime.lower import BackendUnavailable
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the Triton backend runs (tests/codegen/test_lower.py)")
+    lm = tiny("llama", layers=1)
+    monkeypatch.setenv("TRITON_INTERPRET", "true")  # this process imported triton with the interpreter on
+    slimfx.compile(lm, "keep head", backend="triton")
+    monkeypatch.setattr(tl.standard, "sigmoid", tl.standard.sigmoid.fn)  # as if jitted without it
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET was set after triton was imported"):
+        slimfx.compile(lm, "keep head", backend="triton")
+
+
 def test_loading_for_triton_without_a_gpu_says_so_not_that_the_artifact_is_from_another_version(tmp_path,
                                                                                                monkeypatch):
     """It was wrapped as "cannot be restored (RuntimeError: … interpreter (sl); it was saved by …

@@ -87,6 +87,26 @@ def test_operands_that_broadcast_are_read_through_their_strides():
         _check_group(group, env)
 
 
+def test_an_operand_of_last_size_1_that_broadcasts_is_one_value_per_row():
+    """A per-sample temperature [B, 1, 1] against rows [B, S, D] was loaded as a [BLOCK] vector:
+    the row value computed from it could not be stored ('Value argument cannot be block type if
+    pointer argument is not a block'), at every call."""
+    class Tempered(torch.nn.Module):
+        def forward(self, h, t):
+            m = h.amax(-1, keepdim=True) / t
+            return h - m, m, (h * t).sum(-1)
+
+    h, t = torch.randn(2, 3, 5), torch.rand(2, 1, 1) + 0.5
+    batch = torch.export.Dim("batch")
+    gm = torch.export.export(Tempered(), (h, t), dynamic_shapes=({0: batch}, {0: batch})).module()
+    h2, t2 = torch.randn(3, 3, 5), torch.rand(3, 1, 1) + 0.5
+    env = _values(gm, h2, t2)
+    groups = [g for g in partition(gm) if g.kind in ("pointwise", "rows")]
+    assert any(role == "bcast" for g in groups for _, role in emit_rows(g).inputs)
+    for group in groups:
+        _check_group(group, env)
+
+
 def test_a_refusal_left_to_eager_ops_reads_as_a_sentence_and_counts_with_its_equals():
     """index.txt listed "3 × is torch.int64: …": the node's name was cut off and its noun with it,
     and a name of a node the group reads was kept, so equal refusals did not count together."""

@@ -13,6 +13,7 @@ from torch import fx
 
 import slimfx
 from slimfx.codegen.lower import lower_graph
+from slimfx.codegen.ops import kind_of
 from slimfx.models import tiny
 
 from graphs import D, capture, programs
@@ -86,8 +87,12 @@ def test_tiny_models_on_the_triton_backend_equal_the_eager_backend(arch):
     # so at least 4 GEMM kernels per block (2 blocks) —; the norms in row kernels.
     assert dict(codegen.by_template)["gemm"] >= 8 and dict(codegen.by_template)["rows"] >= 4
     assert any("3 GEMMs reading one input" in text for _, text in codegen.listings)
-    assert not [n for n in cm.program.graph.nodes if n.target in GEMMS]
+    # every GEMM the templates take (transformers 5.17's rotary keeps a batched [1, d, 1] @ [1, 1, S]
+    # matmul, opaque and left to eager ops there, as any batched matmul is)
+    assert not [n for n in cm.program.graph.nodes if n.target in GEMMS and kind_of(n) == "anchor"]
     assert "Triton backend:" in str(cm.lowering) and "generated kernel calls" in repr(cm)
+    # a cast to the device and dtype a value has is no op (Llama's `inv_freq.to(device)` kept its group eager)
+    assert not [why for why, _ in codegen.eager if "aten.to." in why], codegen.eager
     with torch.no_grad():
         torch.testing.assert_close(_logits(cm(**lm.example_inputs)), _logits(eager(**lm.example_inputs)),
                                    atol=2e-5, rtol=2e-5)

@@ -1,8 +1,8 @@
 """Graphs whose shapes the templates once read wrongly, lowered and compared with eager: a [R]
 value against [R, R] rows (torch broadcasts it as a column), a LayerNorm over two dims, and a
 Python inf in a pointwise op; a [D] weight against a reduced [B, S] row (S == D); a GEMM epilogue
-behind GPT-2's flattening view; tanh near 0. Each was a silent wrong answer, a raw error at the first
-call, or a lost precision."""
+behind GPT-2's flattening view; tanh near 0; a softmax of a 0-d tensor. Each was a silent wrong
+answer, a raw error at the first call or while partitioning, or a lost precision."""
 from __future__ import annotations
 
 import pytest
@@ -38,6 +38,21 @@ class TwoDimNorm(nn.Module):
 
     def forward(self, x):  # x [B, 4, 16]
         return self.norm(self.proj(x).view(-1, 4, 4, 16).sum(1)) * 2.0
+
+
+class ScalarSoftmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("t", torch.tensor(2.0))
+
+    def forward(self, x):
+        return x * torch.softmax(self.t, -1)  # legal in torch: 1.0
+
+
+def test_a_softmax_of_a_0d_tensor_is_no_row_reduction():
+    """Partitioning took it for one and divided by its rank, 0 (ZeroDivisionError in compile,
+    --stats and --emit-kernels)."""
+    lowered_matches_eager(ScalarSoftmax(), torch.randn(2, 5), torch.randn(3, 5))
 
 
 def test_a_layer_norm_over_two_dims_is_not_fused_as_a_row_norm():
