@@ -204,8 +204,9 @@ def tiny(arch: str, *, layers: int = 2, seed: int = 0,
          attn_implementation: str | None = None) -> LoadedModel:
     """A small random-init model of `arch`; same (arch, layers, seed) gives identical weights.
 
-    attn_implementation=None takes the transformers default: sdpa where the arch supports it
-    (all but gemma2, which falls back to eager); every tiny arch torch.export-s either way.
+    attn_implementation=None takes the transformers default: sdpa where the arch supports it,
+    and eager for gemma2 whatever the version says (transformers 5.17 gave it sdpa, which drops
+    its logit softcapping; 5.25 falls back to eager); every tiny arch torch.export-s either way.
     """
     if arch not in TINY_ARCHS:
         raise ModelNotFound(_not_found_message(f"tiny:{arch}"))
@@ -219,6 +220,8 @@ def tiny(arch: str, *, layers: int = 2, seed: int = 0,
     # fork_rng: seeding must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if attn_implementation is None and arch == "gemma2":
+            attn_implementation = "eager"
         model = auto.from_config(config, attn_implementation=attn_implementation)
     model = model.float().eval()
     kind = "causal-lm" if arch in DECODER_ARCHS else ("vision" if arch == "vit" else "encoder")
