@@ -302,11 +302,18 @@ def _train(args) -> int:
     cm.save(out)  # before printing: a closed pipe (`| head`) must not lose the training
     for i, value in enumerate(result.losses, 1):  # .4g: a distill loss of 2e-5 is not "0.0000"
         print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {value:.4g}")
-    # the first and last steps read different batches: said so, lest a pair be read as progress
-    each = " (first and last step, each on its own batch)" if len(batches) > 1 else ""
-    print(f"loss {result.first:.4g} → {result.last:.4g}{each} in {result.seconds:.1f}s")
+    print(_loss_line(result.first, result.last, result.seconds, args.steps, len(batches)))
     print(f"saved to {out}", file=sys.stderr)
     return 0
+
+
+def _loss_line(first: float, last: float, seconds: float, steps: int, batches: int) -> str:
+    """The loss of the first and last step; which batches they read, lest a pair of different
+    batches be read as progress (steps go round the batches: step k reads batch (k - 1) % batches)."""
+    same = batches == 1 or (steps - 1) % batches == 0
+    each = "" if batches == 1 else " (first and last step on the same batch)" if same else \
+        " (first and last step, each on its own batch)"
+    return f"loss {first:.4g} → {last:.4g}{each} in {seconds:.1f}s"
 
 
 def _trained_beside(compiled: str) -> str:

@@ -391,12 +391,13 @@ def _eval_rows(loaded, compiled, max_tokens: int) -> tuple[list[dict[str, Any]],
         elif loaded.kind == "vision":
             row["logit cosine"] = logit_cosine(loaded.model, model, vision_images(loaded.example_inputs))
         rows.insert(0, row)
-    return rows, _measured(loaded, timed, len(texts), max_tokens, min(256, longest or 256))
+    return rows, _measured(loaded, timed, max_tokens, min(256, longest or 256))
 
 
-def _measured(loaded, timed, texts: int, max_tokens: int, window: int) -> str:
+def _measured(loaded, timed, max_tokens: int, window: int) -> str:
     """What the table's columns measured: the demo's table gave a latency and a perplexity with
-    no word of the input or the tokens they came from."""
+    no word of the input or the tokens they came from. The tokens as perplexity() reads them (the
+    first max_tokens of the text, at most)."""
     shapes = [tuple(v.shape) for v in (timed.values() if isinstance(timed, dict) else [timed])
               if isinstance(v, torch.Tensor)]
     on = f"on an input of {'×'.join(map(str, shapes[0]))}" if shapes else "on the example inputs"
@@ -404,9 +405,12 @@ def _measured(loaded, timed, texts: int, max_tokens: int, window: int) -> str:
     if loaded.tokenizer is None:
         return latency
     if loaded.kind == "causal-lm":
-        return (f"perplexity: the first {max_tokens:,} tokens of the built-in eval text, in windows of {window}; "
-                + latency)
-    return f"cosine: mean over {texts} texts of the built-in eval text; {latency}"
+        ids = loaded.tokenizer(eval_text(), return_tensors="pt")["input_ids"]
+        tokens = min(max_tokens, torch.as_tensor(ids).numel())
+        return (f"perplexity: the first {tokens:,} tokens of the built-in eval text, in windows of "
+                f"{min(window, tokens)}; " + latency)
+    return (f"cosine: mean over {len(EVAL_SENTENCES)} sentences and {len(eval_paragraphs())} paragraphs of the "
+            f"built-in eval text; {latency}")
 
 
 def eval_table(loaded, compiled=None, *, max_tokens: int = 2048):

@@ -164,8 +164,9 @@ def _not_found_message(name: str) -> str:
     if path.is_file() and path.suffix == ".slim":
         where = f" {name!r} is a policy file: give it before --model, and --model the model it applies to."
     elif (path / "meta.json").is_file():  # `slimfx eval --model <artifact>`: the arguments swapped
-        where = (f" {name!r} is a slimfx artifact (it holds meta.json): pass it as --compiled (or load it with "
-                 "slimfx.load), and as --model the model it was compiled from.")
+        where = (f" {name!r} is a slimfx artifact (it holds meta.json), not a model: `slimfx eval` and `train` take "
+                 "it as --compiled, with the model it was compiled from as --model; to compile it further, "
+                 "slimfx.compile(slimfx.load(path), …) in Python.")
     elif path.exists():
         where = f" The path {name!r} exists but holds no config.json."
     elif looks_like_path:

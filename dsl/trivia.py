@@ -37,8 +37,10 @@ def _asking_lines(policy: A.Policy) -> list[int | None]:
     # `policy a { quantize head int8  # why`: the comment follows the rule, so the rule keeps it
     first_rule_here = bool(policy.rules) and policy.rules[0].span.line == policy.span.line
     closing_line = policy.span.end_line
+    # `keep x }  # c` (and bare rules, whose made-up brace is on the last rule's line): the rule's
+    last_rule_here = bool(policy.rules) and policy.rules[-1].span.end_line == closing_line
     return [None if first_rule_here else policy.span.line, *(r.span.line for r in policy.rules),
-            closing_line if closing_line != policy.span.line else None]
+            None if closing_line == policy.span.line or last_rule_here else closing_line]
 
 
 def _attach_policy(policy: A.Policy, index: int, cursor: "_Cursor") -> A.Policy:

@@ -205,8 +205,9 @@ def _read_meta(root: Path) -> dict[str, Any]:
     wrong = [k for k, kind in _META_KINDS.items()
              if not isinstance(meta[k], kind) or (k in ("files", "model_class") and not meta[k])]
     if wrong:
+        wanted = [("a non-empty " if k in ("files", "model_class") else "a ") + _META_KINDS[k].__name__ for k in wrong]
         raise ArtifactError(f"{root / META} holds {', '.join(f'{k}: {meta[k]!r}' for k in wrong)}, not "
-                            f"{' / '.join(_META_KINDS[k].__name__ for k in wrong)}: it is damaged; {RESAVE}")
+                            f"{' / '.join(wanted)}: it is damaged; {RESAVE}")
     return meta
 
 

@@ -290,13 +290,16 @@ def _interpreter_on() -> bool | None:
     """True when Triton's interpreter runs jitted kernels; None when TRITON_INTERPRET says it should
     and triton was imported before it was set (its functions are compiled ones then: every call
     failed with "Cannot call @triton.jit'd outside of the scope of a kernel"); False otherwise."""
-    if os.environ.get("TRITON_INTERPRET", "").lower() not in ("1", "true", "on", "yes"):
+    if not os.environ.get("TRITON_INTERPRET"):
         return False
     try:
         import triton.language as tl
+        from triton import knobs
         from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # no triton: the backend's own import says so
-        return True
+    except ImportError:  # no triton (its own import says so), or one without knobs: the variable decides
+        return os.environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "yes", "y")
+    if not knobs.runtime.interpret:  # the spellings Triton itself takes ("1", "true", "y", …)
+        return False
     return True if isinstance(getattr(tl.standard, "sigmoid", None), InterpretedFunction) else None
 
 

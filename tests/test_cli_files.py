@@ -219,5 +219,5 @@ def test_eval_and_train_say_when_model_and_compiled_look_swapped(tmp_path, capsy
         assert "pass it as --model, and as --compiled the directory `slimfx compile --out` wrote" in \
             capsys.readouterr().err
     assert main(["plan", str(write(tmp_path, KEEP)), "--model", str(art)]) == 1
-    assert (f"{str(art)!r} is a slimfx artifact (it holds meta.json): pass it as --compiled"
-            in capsys.readouterr().err)
+    assert (f"{str(art)!r} is a slimfx artifact (it holds meta.json), not a model: `slimfx eval` and `train` take it "
+            "as --compiled" in capsys.readouterr().err)

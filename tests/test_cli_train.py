@@ -30,6 +30,7 @@ def test_train_prints_the_loss_per_step_and_saves_beside_the_artifact(artifact, 
                  "--batch", "2", "--seq", "32", "--lr", "1e-2"]) == 0
     out, err = capsys.readouterr()
     assert "step 1/4  loss" in out and "step 4/4  loss" in out and "on 4 batches of 2×32 tokens" in err
+    assert "(first and last step, each on its own batch) in" in out
     trained = artifact.parent / "qlora-trained"
     assert f"saved to {trained}" in err
     before, after = adapters(artifact), adapters(trained)
@@ -213,6 +214,16 @@ def test_an_encoders_training_rows_each_have_its_special_tokens():
         for row, mask in zip(b["input_ids"], b["attention_mask"]):
             real = row[mask.bool()]
             assert real[0] == cls and real[-1] == sep
+
+
+def test_the_loss_line_says_which_batches_its_two_steps_read():
+    """Steps go round the batches: 11 steps on 10 batches end on the first step's batch, which the
+    line called "each on its own batch"."""
+    from slimfx.commands import _loss_line
+
+    assert _loss_line(5.6, 5.5, 1.0, 11, 10) == "loss 5.6 → 5.5 (first and last step on the same batch) in 1.0s"
+    assert _loss_line(5.6, 5.5, 1.0, 12, 10).endswith("(first and last step, each on its own batch) in 1.0s")
+    assert _loss_line(5.6, 5.5, 1.0, 3, 1) == "loss 5.6 → 5.5 in 1.0s"
 
 
 def test_training_batches_say_when_they_run_past_the_calibration_text():

@@ -301,13 +301,18 @@ def test_the_eval_table_says_why_it_has_no_quality_column():
 
 def test_the_eval_table_says_what_its_columns_measured():
     """The demo's table gave a perplexity and a latency with no word of the tokens or the input."""
-    assert ev.eval_table(tiny("llama"), max_tokens=32).caption == (
-        "perplexity: the first 32 tokens of the built-in eval text, in windows of 128; CPU latency: median of 10 "
+    assert ev.eval_table(tiny("llama"), max_tokens=300).caption == (
+        "perplexity: the first 300 tokens of the built-in eval text, in windows of 128; CPU latency: median of 10 "
         "calls on an input of 2×8")
-    minilm = tiny("bert")
-    caption = ev.eval_table(minilm).caption
-    assert caption.startswith(f"cosine: mean over {len(ev.EVAL_SENTENCES) + len(ev.eval_paragraphs())} texts of the "
-                              "built-in eval text; CPU latency: median of 10 calls on an input of 16×"), caption
+    # what it read, not what was asked: one window of 32, and no more tokens than the text has
+    assert "the first 32 tokens of the built-in eval text, in windows of 32;" in \
+        ev.eval_table(tiny("llama"), max_tokens=32).caption
+    text = len(tiny("llama").tokenizer(ev.eval_text())["input_ids"])
+    assert f"the first {text:,} tokens" in ev._measured(tiny("llama"), {}, 10**9, 128)
+    caption = ev.eval_table(tiny("bert")).caption
+    assert caption.startswith(f"cosine: mean over {len(ev.EVAL_SENTENCES)} sentences and {len(ev.eval_paragraphs())} "
+                              "paragraphs of the built-in eval text; CPU latency: median of 10 calls on an input of "
+                              "16×"), caption
 
 
 # ---------------------------------------------------------------- vision

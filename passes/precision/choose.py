@@ -112,8 +112,15 @@ class _Scorer:
 
     def unheld_notes(self) -> list[str]:
         """One report line per target some offered format could not hold (it was chosen among the rest)."""
-        return [f"{path}: {', '.join(str(c) for c, _ in unheld)} cannot hold its weights ({unheld[0][1]}); "
-                "chosen among the other formats" for path, unheld in self.unheld.items()]
+        notes = []
+        for path, unheld in self.unheld.items():
+            by_reason: dict[str, list[str]] = {}
+            for cand, e in unheld:
+                by_reason.setdefault(str(e), []).append(str(cand))
+            notes.append(f"{path}: " + "; ".join(f"{', '.join(cands)} cannot hold its weights ({why})"
+                                                 for why, cands in by_reason.items())
+                         + "; chosen among the other formats")
+        return notes
 
 
 def _by_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[Item], scorer: _Scorer,

@@ -75,11 +75,20 @@ def test_a_comment_after_a_rule_on_the_policy_line_stays_with_the_rule():
      "policy a {\n    keep x\n}\n\npolicy b {  # hb\n    keep y\n}\n"),
     ("policy a {\n    keep x\n}  # end of a\npolicy b {\n    keep y\n}\n",
      "policy a {\n    keep x\n}  # end of a\n\npolicy b {\n    keep y\n}\n"),
+    # the brace closing a rule's own line leaves its comment to the rule, as on one line
+    ("policy a {\n    keep x }  # c\n", "policy a {\n    keep x  # c\n}\n"),
+    ("policy a { keep x }  # c\n", "policy a {\n    keep x  # c\n}\n"),
 ])
 def test_a_comment_after_several_nodes_on_one_line_goes_with_the_last(text, out):
     """`} policy b { keep y }  # about b` gave the comment to policy a's closing brace."""
     assert format_spec(parse(text)) == out
     assert format_spec(parse(out)) == out
+
+
+def test_bare_rules_keep_the_last_rules_comment_on_the_rule():
+    """The made-up closing brace of bare rules sits on the last rule's line: it took the comment."""
+    out = format_spec(parse("keep head\nkeep blocks[0].mlp  # the MLP stays float\n", bare=True))
+    assert out.splitlines()[-2:] == ["    keep blocks[0].mlp  # the MLP stays float", "}"]
 
 
 def test_heal_prints_its_params_in_schema_order_and_round_trips():

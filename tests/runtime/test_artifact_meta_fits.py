@@ -30,8 +30,9 @@ def test_a_declared_flag_its_call_does_not_hold_is_refused_at_load(llama_dir):
     refused(llama_dir, "declares a default for ['logits_to_keep']", "meta.json was changed or damaged")
 
 
-@pytest.mark.parametrize("key, value, kind", [("files", "x", "dict"), ("model_class", None, "str"),
-                                              ("model_class", "", "str"), ("modules", {}, "list")])
+@pytest.mark.parametrize("key, value, kind", [("files", "x", "a non-empty dict"),
+                                              ("model_class", None, "a non-empty str"),
+                                              ("model_class", "", "a non-empty str"), ("modules", {}, "a list")])
 def test_a_required_entry_of_the_wrong_kind_is_called_damaged(llama_dir, key, value, kind):
     """`files: "x"` was reported as every file truncated ("records None"), and `model_class: null`
     loaded, to be taken at eval for a model of another class."""

@@ -68,6 +68,16 @@ def test_gptq_scoring_block_by_block_chooses_among_the_formats_that_hold_each_we
     assert torch.isfinite(cm(**inputs)).all()
 
 
+def test_the_report_gives_each_format_left_out_its_own_reason():
+    model, inputs = _model(torch.bfloat16, 1e6)
+    rule = slimfx.compile(model, "precision ** : Linear choose {fp16, int4 group=16, int8} budget avg_bits<=16 "
+                          "by output_mse", example_inputs=inputs, calib=[inputs] * 2).report.rules[0]
+    (note,) = [n for n in rule.notes if n.startswith("2: ")]
+    assert note.startswith("2: fp16 cannot hold its weights (weights up to 999424 exceed fp16's largest, 65504); "
+                           "int4 group=16 cannot hold its weights (a weight group needs a scale above 65504"), note
+    assert rule.details["choices"]["2"] == "int8 per-channel"
+
+
 def test_a_weight_no_offered_format_holds_is_refused_naming_each_format():
     model, inputs = _model(torch.float32, 1e9)
     with pytest.raises(slimfx.SpecError) as e:
