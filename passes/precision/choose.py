@@ -26,7 +26,8 @@ from .encode import Candidate, OutOfRange, decode, encoded_bytes
 from .fisher import FisherUnavailable, output_fisher, weighted_error
 from .compensate import error_corrections, few_rows_note, sweep_details
 from .sequential import sequential_encode, sequential_scores
-from .targets import DeadInputs, Item, apply, encode_item, hessians_of, items_of, none_holds, require_calib
+from .targets import (DeadInputs, Item, apply, encode_item, formats_by_reason, hessians_of, items_of, none_holds,
+                      require_calib)
 
 __all__ = ["run"]
 
@@ -112,15 +113,9 @@ class _Scorer:
 
     def unheld_notes(self) -> list[str]:
         """One report line per target some offered format could not hold (it was chosen among the rest)."""
-        notes = []
-        for path, unheld in self.unheld.items():
-            by_reason: dict[str, list[str]] = {}
-            for cand, e in unheld:
-                by_reason.setdefault(str(e), []).append(str(cand))
-            notes.append(f"{path}: " + "; ".join(f"{', '.join(cands)} cannot hold its weights ({why})"
-                                                 for why, cands in by_reason.items())
-                         + "; chosen among the other formats")
-        return notes
+        return [f"{path}: " + "; ".join(f"{', '.join(cands)} cannot hold its weights ({why})"
+                                        for why, cands in formats_by_reason(unheld).items())
+                + "; chosen among the other formats" for path, unheld in self.unheld.items()]
 
 
 def _by_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[Item], scorer: _Scorer,

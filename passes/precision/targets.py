@@ -92,12 +92,17 @@ def out_of_range(bound: BoundRule, ctx: Context, it: Item, cand, e: Exception) -
                       f"leave it out (`keep {it.path}`, or narrow the selector), or {instead}")
 
 
-def none_holds(bound: BoundRule, ctx: Context, it: Item, unheld: list[tuple[object, Exception]]) -> SpecError:
-    """A budget's target that no offered format can hold, each format's reason named once."""
+def formats_by_reason(unheld: list[tuple[object, Exception]]) -> dict[str, list[str]]:
+    """reason -> the formats that cannot hold a weight for it, in the order offered."""
     by_reason: dict[str, list[str]] = {}
     for cand, e in unheld:
         by_reason.setdefault(str(e), []).append(str(cand))
-    reasons = "; ".join(f"{', '.join(cands)}: {why}" for why, cands in by_reason.items())
+    return by_reason
+
+
+def none_holds(bound: BoundRule, ctx: Context, it: Item, unheld: list[tuple[object, Exception]]) -> SpecError:
+    """A budget's target that no offered format can hold, each format's reason named once."""
+    reasons = "; ".join(f"{', '.join(cands)}: {why}" for why, cands in formats_by_reason(unheld).items())
     return rule_error(bound, ctx, "out-of-range", f"{it.path} cannot be stored in any offered format ({reasons})",
                       f"leave it out (`keep {it.path}`, or narrow the selector), or offer bf16 among the choices "
                       "(it holds weights up to 3.4e38)")
