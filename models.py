@@ -201,13 +201,23 @@ def _tiny_config_kwargs(arch: str, layers: int) -> dict[str, Any]:
     }[arch]
 
 
+# Attention that only the eager path computes right: transformers 5.17 gave gemma2 sdpa, which
+# drops its logit softcapping (5.25 falls back to eager itself).
+EAGER_ONLY_ARCHS = ("gemma2",)
+
+
+def _eager_if_needed(arch: str) -> str | None:
+    """"eager" for an arch whose attention sdpa gets wrong; None (the transformers default) otherwise."""
+    return "eager" if arch in EAGER_ONLY_ARCHS else None
+
+
 def tiny(arch: str, *, layers: int = 2, seed: int = 0,
          attn_implementation: str | None = None) -> LoadedModel:
     """A small random-init model of `arch`; same (arch, layers, seed) gives identical weights.
 
     attn_implementation=None takes the transformers default: sdpa where the arch supports it,
-    and eager for gemma2 whatever the version says (transformers 5.17 gave it sdpa, which drops
-    its logit softcapping; 5.25 falls back to eager); every tiny arch torch.export-s either way.
+    and eager for the EAGER_ONLY_ARCHS whatever the version says; every tiny arch torch.export-s
+    either way.
     """
     if arch not in TINY_ARCHS:
         raise ModelNotFound(_not_found_message(f"tiny:{arch}"))
@@ -221,9 +231,7 @@ def tiny(arch: str, *, layers: int = 2, seed: int = 0,
     # fork_rng: seeding must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if attn_implementation is None and arch == "gemma2":
-            attn_implementation = "eager"
-        model = auto.from_config(config, attn_implementation=attn_implementation)
+        model = auto.from_config(config, attn_implementation=attn_implementation or _eager_if_needed(arch))
     model = model.float().eval()
     kind = "causal-lm" if arch in DECODER_ARCHS else ("vision" if arch == "vit" else "encoder")
     tokenizer = None if kind == "vision" else ByteTokenizer()
@@ -291,8 +299,8 @@ def _read_folder(folder: Path, *, name: str) -> LoadedModel:
     named = next((getattr(transformers, a) for a in archs if isinstance(getattr(transformers, a, None), type)), None)
     auto = named or (AutoModelForCausalLM if causal else AutoModel)
     with _quiet_transformers():
-        model = auto.from_pretrained(folder, config=config, dtype=torch.float32,
-                                     local_files_only=True)
+        model = auto.from_pretrained(folder, config=config, dtype=torch.float32, local_files_only=True,
+                                     attn_implementation=_eager_if_needed(config.model_type))
     model = model.float().eval()
     vision = getattr(model, "main_input_name", "input_ids") == "pixel_values"
     kind = "causal-lm" if causal else ("vision" if vision else "encoder")

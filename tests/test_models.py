@@ -112,6 +112,25 @@ def test_load_local_folder(tmp_path, arch):
     torch.testing.assert_close(got, want)
 
 
+def test_a_gemma2_folder_loads_with_eager_attention(tmp_path):
+    """transformers 5.17 gave a gemma2 folder sdpa attention, which drops its logit softcapping:
+    its logits differed from the model saved."""
+    import copy
+
+    from transformers import Gemma2ForCausalLM
+
+    src = models.tiny("gemma2", seed=2)
+    config = copy.deepcopy(src.model.config)
+    config.attn_logit_softcapping = 0.5  # small enough that dropping it shows in the logits
+    torch.manual_seed(2)
+    model = Gemma2ForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    lm = models.load(str(tmp_path))
+    assert lm.model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(**src.example_inputs).logits, model(**src.example_inputs).logits)
+
+
 def test_a_classifier_folder_keeps_its_head(tmp_path):
     """It loaded as the bare encoder (AutoModel): ViT's classifier gone, a pooler the checkpoint
     lacks initialised at random on every load, `head` bound to it; the eval compares its logits."""
