@@ -334,8 +334,8 @@ _SPILLED = "calibration text, then standard-library docstrings"
 
 def _training_batches(loaded, batch: int, seq: int, steps: int) -> tuple[list[dict], str]:
     """One batch×seq batch per step, each the next tokens of the calibration text (the part `slimfx
-    eval` never scores; then standard-library docstrings, which it never scores either, when the
-    steps need more), packed into rows with no padding; when even that runs out, train() goes
+    eval` never scores, every paragraph of it as compile calibrates on it; then standard-library
+    docstrings, which it never scores either, when the steps need more), packed into rows with no padding; when even that runs out, train() goes
     round the batches again. One fixed batch for every step would fit that batch, not the text.
     With the batches, which of those texts they hold, for the command to say."""
     import torch
@@ -350,9 +350,9 @@ def _training_batches(loaded, batch: int, seq: int, steps: int) -> tuple[list[di
     if loaded.kind != "causal-lm":
         return _encoder_batches(loaded, batch, seq, steps)
     size = batch * seq
-    ids = own = _token_ids(loaded, calibration_texts())
+    ids = own = _token_ids(loaded, calibration_texts(min_words=0))
     if ids.numel() < size * steps:
-        ids = _token_ids(loaded, [*calibration_texts(), *more_texts()])
+        ids = _token_ids(loaded, [*calibration_texts(min_words=0), *more_texts()])
     if ids.numel() < size:
         raise UsageError(f"--batch {batch} × --seq {seq} needs {size:,} tokens; the built-in text (calibration "
                          f"text, then standard-library docstrings) has {ids.numel():,}: give a smaller --batch or --seq")
@@ -374,9 +374,12 @@ def _encoder_batches(loaded, batch: int, seq: int, steps: int) -> tuple[list[dic
     if seq <= special:  # the tokenizer then ignores the cut: whole paragraphs, or a failure of its own
         raise UsageError(f"--seq {seq} leaves no room for text: {loaded.name}'s tokenizer adds {special} special "
                          f"tokens to each row; use --seq {special + 1} or more")
-    rows = own = loaded.encode(calibration_texts(), max_length=seq, overflow=True)
+    # One text cut into rows, as compile's calibration is: a paragraph a row left headings as rows
+    # of a few tokens and the rest padding.
+    rows = own = loaded.encode(["\n\n".join(calibration_texts(min_words=0))], max_length=seq, overflow=True)
     if len(rows["input_ids"]) < batch * steps:
-        rows = loaded.encode([*calibration_texts(), *more_texts()], max_length=seq, overflow=True)
+        rows = loaded.encode(["\n\n".join([*calibration_texts(min_words=0), *more_texts()])], max_length=seq,
+                             overflow=True)
     count = min(steps, len(rows["input_ids"]) // batch)
     if count == 0:
         raise UsageError(f"--batch {batch} needs {batch} rows of calibration text; it makes {len(rows['input_ids'])}")

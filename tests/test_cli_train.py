@@ -47,8 +47,9 @@ def test_train_prints_the_loss_per_step_and_saves_beside_the_artifact(artifact, 
 
 
 def test_each_step_trains_on_the_next_tokens_of_the_text(artifact, tmp_path, capsys, monkeypatch):
-    """Step k sees tokens [k·B·L, (k+1)·B·L) of the calibration text; steps beyond the text go round
-    it again. One fixed batch for every step (as before) fits that batch, not the text."""
+    """Step k sees tokens [k·B·L, (k+1)·B·L) of the calibration text, every paragraph of it as
+    compile calibrates (it read only those of 20+ words); steps beyond the text go round it again.
+    One fixed batch for every step (as before) fits that batch, not the text."""
     import slimfx.runtime.train as training
     from slimfx.evaluation import calibration_texts
     from slimfx.models import load as load_model
@@ -59,7 +60,8 @@ def test_each_step_trains_on_the_next_tokens_of_the_text(artifact, tmp_path, cap
     assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "3", "--batch", "2",
                  "--seq", "16", "--out", str(tmp_path / "o")]) == 0
     tokenizer = load_model("tiny:llama").tokenizer
-    ids = torch.as_tensor(tokenizer("\n\n".join(calibration_texts()), return_tensors="pt")["input_ids"]).reshape(-1)
+    ids = torch.as_tensor(tokenizer("\n\n".join(calibration_texts(min_words=0)),
+                                    return_tensors="pt")["input_ids"]).reshape(-1)
     (batches,) = seen
     assert [b["input_ids"].tolist() for b in batches] == ids[:3 * 32].reshape(3, 2, 16).tolist()
     assert all(bool(b["attention_mask"].all()) for b in batches)
@@ -68,7 +70,8 @@ def test_each_step_trains_on_the_next_tokens_of_the_text(artifact, tmp_path, cap
     assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", str(size + 1),
                  "--batch", "32", "--seq", "128", "--out", str(tmp_path / "p")]) == 0
     (more,) = seen
-    assert len(more) == size + 1 and more[0]["input_ids"].reshape(-1)[:96].equal(ids[:96])
+    assert len(more) == size + 1
+    assert torch.cat([b["input_ids"].reshape(-1) for b in more[:size]]).equal(ids[:size * 32 * 128])
     assert len({tuple(b["input_ids"].reshape(-1).tolist()) for b in more}) == size + 1
 
 
@@ -214,6 +217,9 @@ def test_an_encoders_training_rows_each_have_its_special_tokens():
         for row, mask in zip(b["input_ids"], b["attention_mask"]):
             real = row[mask.bool()]
             assert real[0] == cls and real[-1] == sep
+    # One text cut into rows, as compile calibrates: a paragraph a row made headings rows of a few
+    # tokens and the rest padding.
+    assert all(bool(b["attention_mask"].all()) for b in batches)
 
 
 def test_the_loss_line_says_which_batches_its_two_steps_read():
