@@ -101,8 +101,12 @@ def gemm_configs(bucket: int, lora_width: int = 0) -> list[dict]:
             return dots
         gemv = [(8, 256), (8, 512), (16, 128), (16, 256), (32, 128), (32, 256), (64, 128)] if bucket == 1 else \
             [(8, 128), (8, 256), (16, 128), (32, 64)]
+        # 8 warps only where each thread holds 16 or more of the tile's products: with 8, Triton
+        # 3.6's ptxas (the GPU image's) gave the 1×16×128 LoRA GEMV 32 registers and spilled 8
+        # bytes (3.9's did not); the tile's 4-warp launch stays.
         return dots + [_config(bucket, bn, bk, warps, 3, gemv=True) for bn, bk in gemv for warps in (4, 8)
-                       if bucket * lora_width * max(bn, bk) <= 128 * 32 * warps]
+                       if bucket * lora_width * max(bn, bk) <= 128 * 32 * warps
+                       and (warps == 4 or bucket * bn * bk >= 16 * 32 * warps)]
     if bucket <= 64:
         tiles = [(32, 64, 64), (32, 128, 64), (64, 64, 64), (64, 128, 32), (16, 64, 64)]
     else:

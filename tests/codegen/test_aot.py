@@ -94,7 +94,7 @@ def test_a_wide_lora_path_leaves_no_gemv_candidate_that_spills(no_interpreter):
     assert gemm.lora_width == 64
     configs = [c for c in tuned_configs(gemm) if c["kwargs"]["GEMV"]]
     built = compile_many([(gemm, configs)])[0]
-    assert len(built) == len(configs) >= 16
+    assert len(built) == len(configs) >= 15
     assert all(b.spilled == 0 for b in built), [(b.config["kwargs"], b.config["num_warps"], b.spilled)
                                                   for b in built if b.spilled]
 
