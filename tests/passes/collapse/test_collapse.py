@@ -106,6 +106,12 @@ def test_auto_search_rejects_below_the_threshold_and_says_where_it_stopped(lm6):
     assert rule.details["trials"] and not any(t["accepted"] for t in rule.details["trials"])
     assert len(cm.graph.blocks) == 6 and "stopped at 0 of 2" in " ".join(rule.notes)
     assert rule.notes[0] == "0 of 6 blocks removed"  # it said "0 of 6 blocks removed: " (an empty list)
+    # Each rejected trial is undone: the next one merges on the original weights, and what is
+    # compiled is the original model.
+    for t in rule.details["trials"]:
+        keep, merged = (int(p.rpartition(".")[2]) for p in (t["into"], *t["merged"]))
+        assert abs(t["similarity"] - _similarity_by_hand(lm.model, keep, [merged], lm.example_inputs)) < 1e-5, t
+    assert max_diff(outputs(cm, lm.example_inputs), outputs(lm.model, lm.example_inputs)) == 0
 
 
 def test_keep_protected_blocks_are_never_merged(lm6):

@@ -30,6 +30,9 @@ def test_weighted_ridge_matches_the_closed_form():
                                                                x.T @ (w * (y - x)))
     fit = fit_map([x[:100].float(), x[100:].float()], [y[:100].float(), y[100:].float()])
     assert torch.allclose(fit.map.double(), t, atol=1e-4)
+    # The report's fit residuals: ‖X − Y‖ / ‖Y‖ before the map, ‖X·T − Y‖ / ‖Y‖ after it.
+    assert abs(fit.residual_before - float((x - y).norm() / y.norm())) < 1e-6
+    assert abs(fit.residual_after - float((x.float().double() @ fit.map.double() - y).norm() / y.norm())) < 1e-5
 
 
 def test_the_fit_stays_on_its_activations_device():

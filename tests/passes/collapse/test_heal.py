@@ -143,6 +143,9 @@ def test_folded_heal_on_conv1d_and_viewed_block_outputs(arch, container, down):
     folded by hand into the weight and bias (Conv1D: W ← W·T)."""
     lm = tiny(arch, layers=4, seed=5, attn_implementation="eager")
     ids = lm.example_inputs
+    with torch.no_grad():  # random init leaves them 0, where a fold that forgot the bias looks right
+        for layer in layers_of(lm.model, container):
+            layer.get_submodule(down).bias.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
     original = layer_streams(lm.model, container, ids)
     dropped = without_layers(lm.model, container, {2})
     proj = layers_of(dropped, container)[1].get_submodule(down)
@@ -214,6 +217,12 @@ def test_lora_heal_trains_and_merges():
     d = cm.report.rules[1].details
     assert d["last_loss"] < d["first_loss"] and d["merged"] and d["adapters"] == 14  # 7 linears × 2 blocks
     assert cm.adapter_parameters() == []
+    # Training starts from the cut model (each adapter's B at 0): its first loss is the next-token
+    # cross entropy of the model without block 2, computed here on the Hugging Face modules.
+    with torch.no_grad():
+        logits = without_layers(lm.model, "model.layers", {2})(**ids).logits
+    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids["input_ids"][:, 1:].flatten())
+    assert abs(d["first_loss"] - float(by_hand)) < 1e-5
 
 
 def test_lora_heal_kept_unmerged_is_trainable_and_distills_from_the_original():

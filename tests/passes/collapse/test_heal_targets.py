@@ -35,6 +35,7 @@ def test_a_drop_spanning_an_earlier_gap_makes_one_cut_healed_as_one():
 
 @pytest.mark.parametrize("one_rule, two_rules", [
     ("drop blocks[3:5]", "drop blocks[3]\ndrop blocks[3]"),  # one gap, made by two rules
+    ("drop blocks[2:4]", "drop blocks[3]\ndrop blocks[2]"),  # the second run ends where the first gap starts
     ("drop {blocks[2], blocks[5]}", "drop blocks[2]\ndrop blocks[4]"),  # the later gap after the earlier
     ("drop {blocks[2], blocks[5]}", "drop blocks[5]\ndrop blocks[2]"),
 ])
