@@ -131,6 +131,16 @@ def test_prune_keeps_the_largest_norms_and_the_protected_last_position():
     assert dest[[0, 4, 5]].tolist() == [0, 1, 2]
 
 
+def test_prune_keeps_every_protected_position_when_it_keeps_fewer_tokens_than_they_are():
+    """⌈0.2·4⌉ = 1 token kept, two protected (a decoder's first and last): both stay, and the
+    largest norm (position 1) goes. Keeping one left position 0 alone, and prefill's next-token
+    logits came from it."""
+    bi, si = T.token_index(torch.ones(1, 4, dtype=torch.long))
+    x = torch.tensor([[[0.1, 0.0], [9.0, 1.0], [5.0, 1.0], [0.2, 0.1]]])
+    out, sizes, _, si2, _ = T.token_prune(x, None, bi, si, 1, 0.2, True, True)
+    assert si2.tolist() == [0, 3] and torch.equal(out[0], x[0, [0, 3]]) and sizes.tolist() == [1, 1]
+
+
 def test_proportional_attention_counts_a_merged_key_as_the_tokens_it_holds():
     """Keys (k1, k2) with sizes (1, 2) attend exactly like keys (k1, k2, k2) with sizes 1: the
     meaning of ToMe's proportional attention."""
