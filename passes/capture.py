@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..dsl.errors import SpecError
+from . import autocast_regions
 from .capture_checks import (check_at_example_sizes, check_names, refuse_nested_tensors,
                              refuse_opaque_outputs, written_attrs)
 from .eval_mode import eval_mode
@@ -289,10 +290,11 @@ def _export(model, names, args, consts, dims) -> _Entry:
     shapes = {n: {d: torch.export.Dim.AUTO for d in dims[n]} or None for n in names}
     traced = tuple(_widen(a, dims[n]) for n, a in zip(names, _unaliased(args)))
     try:
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), autocast_regions.recording():
             program = torch.export.export(wrapper, traced, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # export raises many types; the user needs one, with the cause
         raise _unsupported(model, e) from e
+    autocast_regions.inline(program.graph_module)
     spec, consts_out, tensor_leaves = sink[-1]
     if any(t.shape != a.shape for t, a in zip(traced, args)):
         check_at_example_sizes(model, program, names, args, consts)

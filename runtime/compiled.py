@@ -127,15 +127,16 @@ class CompiledModel(nn.Module):
                              f"({_tables(self.program)}) with inputs {self._sizes(flat)}: give no more tokens than the model "
                              "has positions, and token ids below its vocabulary size") from None
         except RuntimeError as e:
-            # A model that turns autocast off around some op (transformers 5.17's rotary matmul) is
-            # captured without that region: under the caller's autocast the op runs in half, and the
-            # graph's dtype checks raised a bare "Tensor dtype mismatch" at every call.
+            # A model that changes autocast around some op in a way capture does not keep (a region
+            # that turns it off around other ops than the matmuls passes/autocast_regions.py keeps):
+            # under the caller's autocast the op runs in half, and the graph's dtype checks raised a
+            # bare "Tensor dtype mismatch" at every call.
             device = next((v.device.type for v in flat if isinstance(v, torch.Tensor)), "cpu")
             if "dtype mismatch" not in str(e) or not torch.is_autocast_enabled(device):
                 raise
             raise TypeError(f"{self._what()} cannot run under torch.autocast: an op of the captured graph computed in "
-                            f"another dtype than at capture ({e}); the model's own code turns autocast off around it, "
-                            "which the graph keeps no record of. Call it outside autocast (its weights and kernels "
+                            f"another dtype than at capture ({e}); the model's own code changes autocast around it in a "
+                            "way the captured graph does not keep. Call it outside autocast (its weights and kernels "
                             "keep the precision compile gave them)") from None
 
     def _sizes(self, flat: list) -> str:

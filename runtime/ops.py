@@ -142,6 +142,7 @@ def _register() -> None:
 _register()
 # One import registers every slimfx:: op (artifact loading imports this module only).
 from . import token_ops  # noqa: E402,F401 - slimfx::token_index, pack_tokens, unpack_tokens, packed_attention
+from . import autocast_ops  # noqa: E402,F401 - slimfx::matmul_without_autocast
 
 quant_linear = torch.ops.slimfx.quant_linear
 dequantize_op = torch.ops.slimfx.dequantize
