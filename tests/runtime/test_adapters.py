@@ -80,22 +80,29 @@ def test_artifact_keeps_adapters_bit_identical_and_trainable(tmp_path):
     assert all(p.grad is not None for p in loaded.adapter_parameters())
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
-def test_training_with_dropout_matches_peft_mask_for_mask(method):
-    """In training both draw the same masks from the same seed (one dropout per adapted linear, in
-    call order), so the outputs must agree: DoRA's base term then uses the dropped-out input, W·dropout(x),
-    as PEFT's does — and in eval neither computes it (PEFT's `y − bias`)."""
+def _moved_adapters_and_peft_twin(method: str, dropout: float):
+    """A tiny Llama adapted on q and v, its adapters moved off their fresh values, and PEFT's
+    model holding the same adapters: (peft, lm, cm, twin)."""
     peft = pytest.importorskip("peft")
     from peft_twin import peft_twin
 
     lm = tiny("llama")
-    cm = _compile(lm, f"adapt blocks.*.attn.{{q,v}} {method} rank=4 alpha=8 dropout=0.5")
+    cm = _compile(lm, f"adapt blocks.*.attn.{{q,v}} {method} rank=4 alpha=8 dropout={dropout}")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in cm.adapter_parameters():
             p.add_(torch.randn_like(p) * 0.1)
     twin = peft_twin(peft, lm.model, cm, rank=4, alpha=8, targets=["q_proj", "v_proj"], dora=method == "dora",
-                     dropout=0.5)
+                     dropout=dropout)
+    return peft, lm, cm, twin
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_training_with_dropout_matches_peft_mask_for_mask(method):
+    """In training both draw the same masks from the same seed (one dropout per adapted linear, in
+    call order), so the outputs must agree: DoRA's base term then uses the dropped-out input, W·dropout(x),
+    as PEFT's does — and in eval neither computes it (PEFT's `y − bias`)."""
+    peft, lm, cm, twin = _moved_adapters_and_peft_twin(method, dropout=0.5)
     for m in twin.modules():  # the adapted layers train; the model's own stay in eval, as compile captured them
         if isinstance(m, peft.tuners.lora.LoraLayer):
             m.train()
@@ -118,16 +125,7 @@ def test_adapter_gradients_match_peft(method):
     """What training follows: one backward of the same loss through both. PEFT detaches DoRA's
     norm ‖W + s·B·A‖ (the paper's memory saving); differentiated through, the gradients differed
     from PEFT's by up to half while every forward agreed."""
-    peft = pytest.importorskip("peft")
-    from peft_twin import peft_twin
-
-    lm = tiny("llama")
-    cm = _compile(lm, f"adapt blocks.*.attn.{{q,v}} {method} rank=4 alpha=8")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in cm.adapter_parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    twin = peft_twin(peft, lm.model, cm, rank=4, alpha=8, targets=["q_proj", "v_proj"], dora=method == "dora")
+    _, lm, cm, twin = _moved_adapters_and_peft_twin(method, dropout=0.0)
     for model in (twin, cm):
         model(**lm.example_inputs).logits.square().mean().backward()
     ours = dict(cm.program.named_parameters())
