@@ -334,10 +334,11 @@ _SPILLED = "calibration text, then standard-library docstrings"
 
 def _training_batches(loaded, batch: int, seq: int, steps: int) -> tuple[list[dict], str]:
     """One batch×seq batch per step, each the next tokens of the calibration text (the part `slimfx
-    eval` never scores, every paragraph of it as compile calibrates on it; then standard-library
-    docstrings, which it never scores either, when the steps need more), packed into rows with no padding; when even that runs out, train() goes
-    round the batches again. One fixed batch for every step would fit that batch, not the text.
-    With the batches, which of those texts they hold, for the command to say."""
+    eval` never scores, every paragraph of it, as compile's calibration reads it; then
+    standard-library docstrings, which it never scores either, when the steps need more), packed
+    into rows with no padding; when even that runs out, train() goes round the batches again. One
+    fixed batch for every step would fit that batch, not the text. With the batches, which of
+    those texts they hold, for the command to say."""
     import torch
 
     from .evaluation import calibration_texts, context_length

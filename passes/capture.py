@@ -292,9 +292,9 @@ def _export(model, names, args, consts, dims) -> _Entry:
     try:
         with torch.no_grad(), eval_mode(model), autocast_regions.recording():
             program = torch.export.export(wrapper, traced, dynamic_shapes=shapes, strict=False)
+        autocast_regions.inline(program.graph_module)
     except Exception as e:  # export raises many types; the user needs one, with the cause
         raise _unsupported(model, e) from e
-    autocast_regions.inline(program.graph_module)
     spec, consts_out, tensor_leaves = sink[-1]
     if any(t.shape != a.shape for t, a in zip(traced, args)):
         check_at_example_sizes(model, program, names, args, consts)

@@ -125,8 +125,13 @@ def test_a_gemma2_folder_loads_with_eager_attention(tmp_path):
     torch.manual_seed(2)
     model = Gemma2ForCausalLM(config).eval()
     model.save_pretrained(tmp_path)
-    lm = models.load(str(tmp_path))
-    assert lm.model.config._attn_implementation == "eager"
+    asked = []
+    real = Gemma2ForCausalLM.from_pretrained.__func__
+    with pytest.MonkeyPatch.context() as mp:  # what the loader asks for, whatever this transformers does with it
+        mp.setattr(Gemma2ForCausalLM, "from_pretrained",
+                   classmethod(lambda cls, *a, **kw: asked.append(kw.get("attn_implementation")) or real(cls, *a, **kw)))
+        lm = models.load(str(tmp_path))
+    assert asked == ["eager"] and lm.model.config._attn_implementation == "eager"
     with torch.no_grad():
         torch.testing.assert_close(lm.model(**src.example_inputs).logits, model(**src.example_inputs).logits)
 

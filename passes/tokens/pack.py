@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from ...runtime import ops as _quant_ops  # noqa: F401 - registers slimfx::quant_linear
+from ...runtime import ops as _quant_ops  # noqa: F401 - registers slimfx::quant_linear, matmul_without_autocast
 from ...runtime import token_ops
 from .layout import FLAT, NO_BATCH, Layout, Symbols
 from ...runtime.forward_parts import recompile
@@ -46,7 +46,7 @@ _SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default
 # A quantized linear (`quantize` above the token rules) is one too: its packed weight has neither.
 _WEIGHT_OPS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default,
                aten.bmm.default, aten.embedding.default, aten.conv1d.default,
-               torch.ops.slimfx.quant_linear.default}
+               torch.ops.slimfx.quant_linear.default, torch.ops.slimfx.matmul_without_autocast.default}
 # (op, position of the dim argument) for ops along one dim or a list of dims.
 _DIM_OPS = {
     aten._softmax.default: 1, aten.softmax.int: 1, aten._log_softmax.default: 1, aten.log_softmax.int: 1,

@@ -83,3 +83,89 @@ def test_a_region_that_turns_autocast_on_is_left_as_it_is():
     program = torch.export.export(On(), (torch.randn(3, 4),), strict=False)
     assert autocast_regions.inline(program.graph_module) == 0
     assert any("wrap_with_autocast" in str(n.target) for n in program.graph_module.graph.nodes)
+
+
+class _Nested(nn.Module):
+    """The rotary product inside the model's own `torch.autocast(enabled=False)` with a product of
+    its own: a region in a region. The inner region's submodule was copied into the graph under
+    the outer body's name (capture failed: "references nonexistent attribute")."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.register_buffer("inv", torch.randn(1, 8, 1))
+
+    def forward(self, x):
+        from transformers.utils.generic import maybe_autocast
+
+        pos = torch.arange(x.shape[1], dtype=torch.float32)[None, None, :].expand(x.shape[0], 1, -1)
+        with torch.autocast("cpu", enabled=False):
+            with maybe_autocast("cpu", enabled=False):
+                freqs = (self.inv.expand(x.shape[0], -1, -1) @ pos).transpose(1, 2)
+            mixed = freqs.cos() @ freqs.sin().transpose(1, 2) @ freqs
+        return self.proj(x) * mixed.to(x.dtype)
+
+
+class _LinearInRegion(nn.Module):
+    """A linear inside the model's own autocast-off region: autocast would change it, and
+    slimfx has no op that keeps it from doing so."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            y = self.proj(x.float())
+        return y.softmax(-1)
+
+
+def _compiled(model_class, seed):
+    pytest.importorskip("transformers.utils.generic").maybe_autocast  # noqa: B018
+    torch.manual_seed(seed)
+    model, x = model_class().eval(), torch.randn(2, 5, 8)
+    return model, x, slimfx.compile(model, "", example_inputs={"x": x}, progress=False)
+
+
+def _calls(cm) -> list:
+    return [n.target for n in cm.program.graph.nodes if n.op == "call_function"]
+
+
+def test_regions_in_regions_are_inlined_whole(tmp_path):
+    model, x, cm = _compiled(_Nested, 1)
+    assert _calls(cm).count(torch.ops.slimfx.matmul_without_autocast.default) == 3
+    assert not any("wrap_with_autocast" in str(t) for t in _calls(cm))
+    cm.save(tmp_path / "n")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x)
+        for compiled in (cm, slimfx.load(tmp_path / "n")):
+            assert torch.equal(compiled(x), want)
+
+
+def test_a_region_holding_another_op_autocast_changes_is_kept_as_a_region(tmp_path):
+    """Inlined, its linear ran in bfloat16 under the caller's autocast where the model's ran in
+    float32: a silent difference. Kept, the graph computes as the model does; saving names it."""
+    from slimfx.runtime.artifact_errors import ArtifactError
+
+    model, x, cm = _compiled(_LinearInRegion, 2)
+    assert any("wrap_with_autocast" in str(t) for t in _calls(cm))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(cm(x), model(x))
+    with pytest.raises(ArtifactError, match="wrap_with_autocast"):
+        cm.save(tmp_path / "l")
+
+
+def test_captures_that_overlap_put_maybe_autocast_back():
+    """The second capture took the first one's patch for the original and kept it."""
+    from transformers.utils import generic
+
+    from slimfx.passes import autocast_regions
+
+    original = generic.maybe_autocast
+    first, second = autocast_regions.recording(), autocast_regions.recording()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert generic.maybe_autocast is not original  # the second still records
+    second.__exit__(None, None, None)
+    assert generic.maybe_autocast is original
