@@ -11,9 +11,9 @@ export records as a `wrap_with_autocast` region. `inline()` then puts each regio
 autocast off back into the graph, its matmuls (matmul, mm, bmm) as
 `slimfx::matmul_without_autocast` (runtime/autocast_ops.py): one graph of aten and slimfx ops, as
 the artifact format, the passes and the code generator take it. Outside autocast nothing changes:
-the same ops in the same dtypes. Other products autocast lowers (addmm, baddbmm, linear, conv)
-inside such a region still follow the caller's autocast: such a call is refused by name
-(runtime/compiled.py).
+the same ops in the same dtypes. A region holding another op autocast changes (addmm, baddbmm,
+linear, conv) is left a region: the graph computes it as the model does, and saving the compiled
+model refuses it by name (runtime/program_check.py).
 """
 from __future__ import annotations
 
