@@ -141,11 +141,9 @@ def _default(model) -> list[dict[str, Any]]:
     (a pass that needs calibration, GPTQ or the budget solver, then says so)."""
     if getattr(model, "tokenizer", None) is None or not hasattr(model, "encode"):
         return []
-    from .evaluation import calibration_texts
-
     # One text of every paragraph (headings and short lines too), cut into rows of MAX_TOKENS:
     # no row is mostly padding, and each still has the tokenizer's special tokens.
-    return _texts(model, ["\n\n".join(calibration_texts(min_words=0))], max_tokens=DEFAULT_TOKENS)
+    return _texts(model, [own_text()], max_tokens=DEFAULT_TOKENS)
 
 
 class CalibrationSize(ValueError):
@@ -205,16 +203,24 @@ def builtin_token_count(model) -> int:
 
 
 def _builtin_rows(model) -> dict[str, Any]:
-    return model.encode([_builtin_text()], max_length=MAX_TOKENS, overflow=True)
+    return model.encode([builtin_text()], max_length=MAX_TOKENS, overflow=True)
 
 
 def _token_count(rows: dict[str, Any]) -> int:
     return int(rows["attention_mask"].sum()) if "attention_mask" in rows else rows["input_ids"].numel()
 
 
-def _builtin_text() -> str:
+def own_text() -> str:
+    """Every paragraph of the calibration part of the built-in text, as one text (headings and
+    short lines too): the default calibration reads it, and `slimfx train` first."""
     from .evaluation import calibration_texts
+
+    return "\n\n".join(calibration_texts(min_words=0))
+
+
+def builtin_text() -> str:
+    """own_text(), then more_text.py's docstrings: calib=N's text, and `slimfx train`'s past the first."""
     from .more_text import more_texts
 
     # One text, so rows are full and the first DEFAULT_TOKENS are the default's rows exactly.
-    return "\n\n".join([*calibration_texts(min_words=0), *more_texts()])
+    return "\n\n".join([own_text(), *more_texts()])

@@ -341,8 +341,8 @@ def _training_batches(loaded, batch: int, seq: int, steps: int) -> tuple[list[di
     those texts they hold, for the command to say."""
     import torch
 
-    from .evaluation import calibration_texts, context_length
-    from .more_text import more_texts
+    from .calibration import builtin_text, own_text
+    from .evaluation import context_length
 
     limit = context_length(loaded.model)
     if limit is not None and seq > limit:  # an index error deep in the position embedding otherwise
@@ -351,9 +351,9 @@ def _training_batches(loaded, batch: int, seq: int, steps: int) -> tuple[list[di
     if loaded.kind != "causal-lm":
         return _encoder_batches(loaded, batch, seq, steps)
     size = batch * seq
-    ids = own = _token_ids(loaded, calibration_texts(min_words=0))
+    ids = own = _token_ids(loaded, own_text())
     if ids.numel() < size * steps:
-        ids = _token_ids(loaded, [*calibration_texts(min_words=0), *more_texts()])
+        ids = _token_ids(loaded, builtin_text())
     if ids.numel() < size:
         raise UsageError(f"--batch {batch} × --seq {seq} needs {size:,} tokens; the built-in text (calibration "
                          f"text, then standard-library docstrings) has {ids.numel():,}: give a smaller --batch or --seq")
@@ -367,8 +367,7 @@ def _encoder_batches(loaded, batch: int, seq: int, steps: int) -> tuple[list[dic
     """An encoder's batches: rows of at most `seq` tokens, each with its tokenizer's special tokens
     ([CLS] … [SEP]), as it is used and as compile calibrates it (the text packed into rows, as for
     a causal LM, gave one [CLS] in all and no [SEP])."""
-    from .evaluation import calibration_texts
-    from .more_text import more_texts
+    from .calibration import builtin_text, own_text
 
     tokenizer = loaded.tokenizer
     special = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 0
@@ -377,10 +376,9 @@ def _encoder_batches(loaded, batch: int, seq: int, steps: int) -> tuple[list[dic
                          f"tokens to each row; use --seq {special + 1} or more")
     # One text cut into rows, as compile's calibration is: a paragraph a row left headings as rows
     # of a few tokens and the rest padding.
-    rows = own = loaded.encode(["\n\n".join(calibration_texts(min_words=0))], max_length=seq, overflow=True)
+    rows = own = loaded.encode([own_text()], max_length=seq, overflow=True)
     if len(rows["input_ids"]) < batch * steps:
-        rows = loaded.encode(["\n\n".join([*calibration_texts(min_words=0), *more_texts()])], max_length=seq,
-                             overflow=True)
+        rows = loaded.encode([builtin_text()], max_length=seq, overflow=True)
     count = min(steps, len(rows["input_ids"]) // batch)
     if count == 0:
         raise UsageError(f"--batch {batch} needs {batch} rows of calibration text; it makes {len(rows['input_ids'])}")
@@ -388,10 +386,10 @@ def _encoder_batches(loaded, batch: int, seq: int, steps: int) -> tuple[list[dic
     return [{k: v[i * batch:(i + 1) * batch] for k, v in rows.items()} for i in range(count)], text
 
 
-def _token_ids(loaded, texts: list[str]):
+def _token_ids(loaded, text: str):
     import torch
 
-    return torch.as_tensor(loaded.tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"]).reshape(-1)
+    return torch.as_tensor(loaded.tokenizer(text, return_tensors="pt")["input_ids"]).reshape(-1)
 
 
 def _count_params(cm) -> str:
@@ -431,7 +429,7 @@ def _eval_tokens(loaded, asked: int | None) -> int:
                   f"is {'a causal LM without a tokenizer' if loaded.kind == 'causal-lm' else _a(loaded.kind) + ' model'}",
                   file=sys.stderr)
         return EVAL_TOKENS
-    available = _token_ids(loaded, [eval_text()]).numel()
+    available = _token_ids(loaded, eval_text()).numel()
     wanted = EVAL_TOKENS if asked is None else asked
     if wanted > available:
         print(f"note: the eval text is {available:,} tokens of {loaded.name}; the perplexity reads all of them "
