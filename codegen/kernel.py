@@ -31,6 +31,8 @@ import sympy
 import torch
 from torch import fx
 
+from . import interpreter_compat
+
 __all__ = ["Kernel", "Shapes", "cache_dir", "source_name", "tensor_val"]
 
 
@@ -159,6 +161,7 @@ class Kernel:
         """The `@triton.jit` function, imported from the cache file of this source."""
         if self._fn is None:
             path = self.cached_file(cache)
+            interpreter_compat.patch()  # before the first launch: Triton ≤ 3.6's interpreter on numpy ≥ 2.4
             spec = importlib.util.spec_from_file_location(f"slimfx_kernels.{self.name}", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
