@@ -213,7 +213,8 @@ def _eager_if_needed(arch: str) -> str | None:
 
 def tiny(arch: str, *, layers: int = 2, seed: int = 0,
          attn_implementation: str | None = None) -> LoadedModel:
-    """A small random-init model of `arch`; same (arch, layers, seed) gives identical weights.
+    """A small random-init model of `arch`; same (arch, layers, seed) gives identical weights on one
+    version of torch (torch 2.11 and 2.13 draw `trunc_normal_` otherwise: ViT's position embeddings).
 
     attn_implementation=None takes the transformers default: sdpa where the arch supports it,
     and eager for the EAGER_ONLY_ARCHS whatever the version says; every tiny arch torch.export-s
