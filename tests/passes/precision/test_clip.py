@@ -96,6 +96,28 @@ def test_the_ragged_groups_padding_weighs_nothing_in_the_search():
         assert torch.equal(qw.scales[:, 3].float(), scale)
 
 
+def test_a_tie_keeps_the_full_range():
+    """Every shrink of this group scores 0 (its only nonzero weight sits on a column of weight 0,
+    a dead input under clip=output): the full range is kept, not the last or smallest shrink,
+    since that column may be live at inference. Random groups never tie: a mutant `<=` passed."""
+    fmt = QuantFormat(4, 8, True)
+    w = torch.tensor([[5.0, 0, 0, 0, 0, 0, 0, 0]])
+    weights = torch.tensor([0.0, 1, 1, 1, 1, 1, 1, 1])
+    scale, _ = searched_params(w, fmt, weights)
+    assert torch.equal(scale, group_params(w, fmt)[0])
+
+
+def test_a_float_zero_points_range_shrinks_about_its_middle_by_hand():
+    """[3, 18] shrunk by 0.8 is [4.5, 16.5]: scale 12/15 rounded up to fp16, offset -lo/scale in
+    fp16 (the search's direct loop reads group_params, so this is the check of the formula)."""
+    fmt = QuantFormat(4, 16, False, "float")
+    scale, zero = group_params((torch.arange(16.0) + 3).unsqueeze(0), fmt, 0.8)
+    want = torch.tensor([12 / 15]).half()
+    want = torch.where(want.float() < 12 / 15, torch.nextafter(want, torch.tensor(float("inf")).half()), want).float()
+    assert torch.equal(scale, want)
+    assert torch.equal(zero, (-4.5 / want.double()).half().float())
+
+
 def test_clip_in_a_policy():
     lm = tiny("llama")
     cm = slimfx.compile(lm.model, "quantize blocks.*.** : Linear int4 group=32 clip=mse",

@@ -16,7 +16,7 @@ from slimfx.passes.precision import gptq as gptq_module
 from slimfx.passes.precision.encode import Candidate, encode
 from slimfx.passes.precision.gptq import gptq, hessian
 from slimfx.passes.precision.refit import fitted_params, row_errors, stored_params
-from slimfx.runtime.formats import QuantFormat, unpack, zero_points
+from slimfx.runtime.formats import QuantFormat, dequantize, quantize_rtn, unpack, zero_points
 
 KINDS = {"sym": (True, "int"), "int": (False, "int"), "float": (False, "float")}
 
@@ -98,6 +98,30 @@ def test_refit_is_never_worse_on_any_row(out, cols, group, bits, kind, act_order
     assert fitted.scales.dtype == torch.float16 and bool((fitted.scales > 0).all())
     if kind == "int":  # whole zero points stay what GPTQ chose
         assert torch.equal(fitted.zeros, plain.zeros)
+
+
+def test_row_errors_is_the_hessian_weighted_error():
+    """The yardstick of the never-worse test, checked apart: (w - ŵ) H (w - ŵ)ᵀ per row, not the
+    unweighted squared error."""
+    fmt = QuantFormat(4, 32, False)
+    w, H = _layer(5, 64, seed=1)
+    qw = quantize_rtn(w, fmt)
+    d = (w - dequantize(qw)).double()
+    got = row_errors(w, unpack(qw.qweight, 4, 64), qw.scales.float(), zero_points(qw.zeros, 4, 2), fmt, H)
+    torch.testing.assert_close(got, ((d @ H) * d).sum(1))
+
+
+def test_a_group_whose_codes_are_all_equal_keeps_its_scale_and_offset():
+    """Equal codes leave a group's scale and float offset on one line of solutions: the ridge's
+    anchor, the group's own (s0, z0), decides, and a grid that fits w exactly stays as it is."""
+    fmt = QuantFormat(4, 32, False, "float")
+    codes = torch.randint(0, 16, (4, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    codes[:, :32] = 5
+    s0, z0 = torch.tensor([[0.01, 0.02]]).repeat(4, 1), torch.tensor([[2.0, 7.0]]).repeat(4, 1)
+    w = (codes.float() - z0.repeat_interleave(32, 1)) * s0.repeat_interleave(32, 1)
+    s, z = fitted_params(w, codes, s0, z0, fmt, torch.eye(64, dtype=torch.float64), 0.01)
+    torch.testing.assert_close(s[:, 0], s0[:, 0], rtol=1e-4, atol=0)
+    torch.testing.assert_close(z[:, 0], z0[:, 0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", [QuantFormat(4, 32, True), QuantFormat(2, 32, False),
