@@ -198,19 +198,13 @@ def _bare_rules(text: str) -> bool:
 
 
 def _capture(model, example_inputs):
-    import torch
-
     from .passes.capture import capture
     from .runtime.compiled import CompiledModel
 
     if isinstance(model, CompiledModel):  # compile again: its graph, copied, is the starting point
         return _recompile_source(model, example_inputs)
     model, example_inputs = unwrap(model, example_inputs)
-    if not isinstance(model, torch.nn.Module):
-        named = f" {model!r}" if isinstance(model, (str, os.PathLike)) else ""
-        raise TypeError(f"slimfx compiles a torch.nn.Module (or a slimfx.models.load(...) result, or a "
-                        f"CompiledModel), not the {type(model).__name__}{named}"
-                        + (f": load it first, e.g. slimfx.models.load({str(model)!r})" if named else ""))
+    check_model(model)
     if example_inputs is None:
         raise TypeError("slimfx needs example_inputs: the keyword inputs the model is called with, e.g. "
                         "example_inputs=tokenizer(['hello'], return_tensors='pt') (or pass a slimfx.models.load(...) "
@@ -218,6 +212,17 @@ def _capture(model, example_inputs):
     _refuse_meta(model)
     # The graph reads the model's tensors (no copy) until compile() settles: passes/lent.py.
     return capture(model, example_inputs, lend=True)
+
+
+def check_model(model) -> None:
+    """TypeError unless `model` (unwrapped) is what compile() takes; a name or path is told how to load it."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):  # a CompiledModel is one
+        named = f" {model!r}" if isinstance(model, (str, os.PathLike)) else ""
+        raise TypeError(f"slimfx compiles a torch.nn.Module (or a slimfx.models.load(...) result, or a "
+                        f"CompiledModel), not the {type(model).__name__}{named}"
+                        + (f": load it first, e.g. slimfx.models.load({str(model)!r})" if named else ""))
 
 
 def _refuse_meta(model) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import random
 from typing import Any, Callable, Mapping
 
@@ -137,22 +138,27 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     """
     from . import api
 
-    _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed)
+    _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed, metric)
     if padding not in PADDING_CHOICES:
         raise ValueError(f"check_policy: padding must be one of {', '.join(map(repr, PADDING_CHOICES))}, got {padding!r}")
     from .runtime.compiled import CompiledModel
 
     module, example = api.unwrap(model, example_inputs)
+    api.check_model(module)  # a name or path: told to load it, not that it lacks example inputs
     if example is None:  # before the compile, not after it
         raise TypeError("check_policy needs example_inputs to draw inputs like them" + (
             ": a CompiledModel's graph keeps only their shapes (pass the inputs it was compiled with)"
             if isinstance(module, CompiledModel) else " (or a slimfx.models LoadedModel, which carries them)"))
+    nested = currently_in_test_context()
+    if nested:
+        _check_no_deadline()
     # A CompiledModel is compiled again from its own graph (compile() refuses inputs with it).
-    compiled = api.compile(model, policy, example_inputs=None if isinstance(module, CompiledModel) else example_inputs,
-                           calib=calib, name=name)
+    compile_args = (model, policy, None if isinstance(module, CompiledModel) else example_inputs, calib, name)
+    compiled = _compile_once_per_outer_test(*compile_args) if nested else _compile(*compile_args)
     tensors, consts = _split_example(module, example, compiled.input_names)
     space = within_the_model(input_space(compiled, module, tensors, max_batch, max_seq), module, consts)
     space = dataclasses.replace(space, paddings=PADDING_CHOICES[padding])
+    _check_padding_drawable(space, padding)
     per_token = token_leaves(compiled.graph)
     results: list[DrawResult] = []
 
@@ -161,7 +167,6 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
         if failure is not None:
             raise _Failure(d, *failure)
 
-    nested = currently_in_test_context()
     used_seed = None if nested else _own_seed(seed)
     try:
         if nested:
@@ -174,9 +179,13 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     return PolicyCheckResult(compiled, results)
 
 
-def _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed) -> None:
+def _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed, metric) -> None:
     """Refused before the compile, not as hypothesis' InvalidArgument (or a NaN bound that passes
-    everything) after it."""
+    everything, or a metric that cannot be called) after it."""
+    if metric is not None and not callable(metric):
+        raise TypeError(f"check_policy: metric must be a function of (original, compiled) outputs returning "
+                        f"True/False or a number, got the {type(metric).__name__} {metric!r} (None compares "
+                        "element by element within rtol/atol)")
     for label, n in (("max_examples", max_examples), ("max_batch", max_batch), ("max_seq", max_seq)):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"check_policy: {label} must be a whole number of at least 1, got {n!r}")
@@ -185,6 +194,73 @@ def _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed) -> None
             raise ValueError(f"check_policy: {label} must be a finite number >= 0, got {x!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise ValueError(f"check_policy: seed must be a whole number >= 0 (or None), got {seed!r}")
+
+
+def _check_padding_drawable(space: Space, padding: str) -> None:
+    """`padding="left"`/`"right"` asked for padded inputs: refused where none can be drawn (the
+    model takes no attention mask, or no sequence of two tokens), rather than passing on unpadded
+    ones alone. The default ("both") pads where it can."""
+    if padding not in ("left", "right") or (space.mask_name and space.seq and space.seq[1] > 1):
+        return
+    why = ("the compiled model takes no attention mask (its example inputs hold none: add an `attention_mask` to "
+           "them)" if not space.mask_name else "no input of two or more tokens can be drawn (raise max_seq)")
+    raise ValueError(f"check_policy: padding={padding!r} asks for padded inputs, and {why}; or pass padding='none'")
+
+
+def _check_no_deadline() -> None:
+    """Inside an outer @given the first example compiles (seconds to minutes) and later ones reuse
+    it: any deadline fails the first, then hypothesis calls the timings unreliable, or shrinks
+    against it."""
+    deadline = settings.default.deadline  # the running test's settings
+    if deadline is not None:
+        raise ValueError(f"check_policy inside a @given test needs the test's deadline off (it is {deadline}): "
+                         "its first example compiles the model; add @settings(deadline=None) to the test")
+
+
+def _compile(model, policy, example_inputs, calib, name):
+    from . import api
+
+    return api.compile(model, policy, example_inputs=example_inputs, calib=calib, name=name)
+
+
+# The last compile inside an outer @given: (its key, the objects the key names by identity, the
+# compiled model). Hypothesis calls the outer test again for every example and every shrink
+# step (a hundred calls to shrink one failure); the same model, unchanged, with the same policy,
+# inputs and options is compiled once. One entry: a test that draws the model compiles each.
+_last_nested_compile: list = []
+
+
+def _compile_once_per_outer_test(model, policy, example_inputs, calib, name):
+    key = _compile_key(model, policy, name)
+    held = (model, example_inputs, calib)
+    if key is not None and _last_nested_compile:
+        last_key, last_held, compiled = _last_nested_compile
+        if last_key == key and all(a is b for a, b in zip(last_held, held)):
+            return compiled
+    compiled = _compile(model, policy, example_inputs, calib, name)
+    _last_nested_compile[:] = [] if key is None else [key, held, compiled]
+    return compiled
+
+
+def _compile_key(model, policy, name):
+    """What decides a compile besides the objects held by identity: the policy (a file's text as
+    it is now), the name, and the version of every weight (an in-place change is a new model);
+    None where the policy is neither text nor a path (compiled every time)."""
+    from . import api
+
+    module, _ = api.unwrap(model, None)
+    if isinstance(policy, os.PathLike) or isinstance(policy, str):
+        try:
+            stat = os.stat(policy)
+            policy_key = (os.fspath(policy), stat.st_mtime_ns, stat.st_size)
+        except (OSError, ValueError):  # text, not a file name
+            policy_key = policy if isinstance(policy, str) else None
+    else:
+        policy_key = None
+    if policy_key is None:
+        return None
+    versions = tuple(t._version for t in (*module.parameters(), *module.buffers()))
+    return policy_key, name, versions
 
 
 def _own_seed(seed: int | None) -> int | None:

@@ -38,3 +38,15 @@ def test_no_padding_draws_full_masks(bert):
 def test_an_unknown_padding_is_refused_before_the_compile(bert):
     with pytest.raises(ValueError, match="padding must be one of 'both', 'right', 'left', 'none', got 'top'"):
         check_policy(bert, "tokens unpad", padding="top")
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_a_side_asked_for_on_a_model_without_a_mask_input_is_refused(padding):
+    """The draws were all unpadded, and the check passed as if it had tried padding."""
+    llama = tiny("llama")
+    ids = llama.example_inputs["input_ids"]
+    with pytest.raises(ValueError, match=rf"padding='{padding}' asks for padded inputs, and the compiled model takes "
+                                         r"no attention mask .* add an `attention_mask`.*or pass padding='none'"):
+        check_policy(llama.model, "keep head", example_inputs={"input_ids": ids}, padding=padding)
+    result = check_policy(llama.model, "keep head", example_inputs={"input_ids": ids}, max_examples=3)
+    assert {r.draw.padding for r in result.results} == {"none"}  # the default pads where it can

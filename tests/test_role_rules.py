@@ -23,6 +23,26 @@ def test_every_draw_parses_as_bare_rules(rules):
     slimfx.parse(rules, bare=True)
 
 
+def test_three_blocks_the_least_the_docstring_allows_draw_only_rules_that_fit():
+    """role_rules(blocks=3) crashed about 1 draw in 50 (InvalidArgument: max_value=-1): `drop
+    blocks[0:2]` left one block, and a token rule after it asked for an index below it."""
+    seen = collections.Counter()
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+              derandomize=True)
+    @given(role_rules(blocks=3))
+    def run(rules):
+        lines = rules.splitlines()
+        removes_two = lines[0].startswith("drop blocks[0:2]")
+        seen["removes two"] += removes_two
+        seen["and a token rule"] += removes_two and any(line.startswith("tokens") for line in lines)
+        after = [int(i) for i in re.findall(r"tokens after blocks\[(\d+)\]", rules)]
+        assert all(i < 3 - 2 * removes_two - 1 for i in after), rules  # never after the last block left
+
+    run()
+    assert seen["and a token rule"], seen  # the case that crashed was drawn
+
+
 @pytest.mark.parametrize("arch, tokens", [("llama", False), ("bert", True)])
 def test_most_draws_compile_and_the_rest_are_spec_errors(arch, tokens):
     model = _MODELS.setdefault(arch, tiny(arch, layers=4))
