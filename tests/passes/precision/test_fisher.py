@@ -13,7 +13,9 @@ from slimfx.models import tiny
 from slimfx.passes.precision.fisher import output_fisher, weighted_error
 from slimfx.passes.rewrite import find_sites
 
-from passes_tiny import captured
+from slimfx.runtime.formats import QuantFormat, dequantize, quantize_rtn
+
+from passes_tiny import captured, linear_input_hessians
 
 
 def _calib(n=2, rows=2, length=10, seed=0, pad=True):
@@ -84,10 +86,22 @@ def test_budget_by_fisher_compiles_and_says_so():
     lm = tiny("llama", layers=2)
     policy = ("policy p {\nprecision blocks.*.** : Linear choose {int8, int4 group=16} budget avg_bits<=6 "
               "by fisher\n}")
-    cm = slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, calib=_calib(pad=False), backend="eager")
+    calib = _calib(pad=False)
+    cm = slimfx.compile(lm.model, policy, example_inputs=lm.example_inputs, calib=calib, backend="eager")
     details = cm.report.rules[0].details
     assert details["metric"] == "fisher" and details["achieved_avg_bits"] <= 6
     assert len(set(details["choices"].values())) == 2
+    # The score the solver minimised, written here: Σ over targets Σ_o F_o (ΔW H ΔWᵀ)_oo of the
+    # chosen RTN encodings, with F and H taken with hooks on the Hugging Face model (a scorer
+    # handing the solver √F, or H alone, chose and compiled as well: only the score showed it).
+    H, fisher = linear_input_hessians(lm.model, calib), _hf_fisher(lm.model, calib)
+    fmts = {"int8 per-channel": QuantFormat(8, None, True), "int4 group=16": QuantFormat(4, 16, True)}
+    direct = 0.0
+    for path, choice in details["choices"].items():
+        w = lm.model.get_submodule(path).weight.detach().double()
+        d = w - dequantize(quantize_rtn(w.float(), fmts[choice])).double()
+        direct += float((((d @ H[path]) * d).sum(1) * fisher[path]).sum())
+    assert details["sensitivity"] == pytest.approx(direct, rel=1e-3)
 
 
 def test_by_fisher_is_refused_on_a_model_without_logits():
