@@ -112,6 +112,28 @@ class HessianAccumulator:
         return self._H
 
 
+def merged(accs: list[HessianAccumulator]) -> HessianAccumulator:
+    """One accumulator of every row of `accs` (their H averaged, weighted by rows), of their kind:
+    a target read at several sites (one linear called twice) is encoded on all its inputs, the
+    output error GPTQ minimises being the sum over its calls. `accs[0]` itself when it is the only one.
+
+    >>> a, b = HessianAccumulator(), HessianAccumulator(); a.add(torch.ones(1, 2)); b.add(3 * torch.ones(3, 2))
+    >>> m = merged([a, b]); m.count, m.H[0, 0].item()
+    (4, 7.0)
+    """
+    if len(accs) == 1:
+        return accs[0]
+    out = type(accs[0]).__new__(type(accs[0]))
+    out._H, out.count, out.dtype = None, 0, accs[0].dtype
+    for acc in accs:
+        if not acc.count:
+            continue
+        total = out.count + acc.count
+        out._H = acc._H.clone() if out._H is None else out._H.mul_(out.count / total).add_(acc._H, alpha=acc.count / total)
+        out.count = total
+    return out
+
+
 class DiagonalAccumulator(HessianAccumulator):
     """Running mean of x² per feature: H's diagonal E[x_j²], all `clip=output` before RTN reads
     (`.H` is [in]). HessianAccumulator's [in, in] for every input at once was 0.8 GiB on SmolLM2,

@@ -130,7 +130,7 @@ def _by_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[It
     costs, sizes = [scored[it.path][0] for it in items], [scored[it.path][1] for it in items]
     pick = _solve(rule, items, costs, sizes, ctx)
     cand = {it.path: scorer.cands[j] for it, j in zip(items, pick)}
-    corrections = error_corrections(ctx, items)
+    corrections = error_corrections(bound, ctx, items)
     with one_thread(), ctx.progress.task(f"GPTQ chosen formats, block by block (line {bound.line})",
                                          total=len(items)) as step:
         encoded, rows2, peak2 = sequential_encode(graph, items, ctx.calib,

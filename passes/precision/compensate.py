@@ -31,7 +31,7 @@ from dataclasses import replace
 
 import torch
 
-from ..context import Context
+from ..context import Context, rule_error
 from ..lowrank import drift_target, error_adapter
 from .encode import Encoded, decode
 from .targets import Item
@@ -85,13 +85,22 @@ def few_rows_note(corrections: ErrorCorrections | None, rows: int) -> tuple[str,
             "more calibration text helps",)
 
 
-def error_corrections(ctx: Context, items: list[Item]) -> ErrorCorrections | None:
+def error_corrections(bound, ctx: Context, items: list[Item]) -> ErrorCorrections | None:
     """The sweep's `compensate` callback, or None when no target has a plan. A target the plan
     cannot fit (a kept weight, a rank above its smaller dimension: the adapt rule reports that)
-    is encoded as without a plan and fitted, or refused, by the adapt rule."""
+    is encoded as without a plan and fitted, or refused, by the adapt rule. A target called at
+    several places on different inputs is refused: the fit pairs one input's rows with the
+    original model's."""
     plans = {it.path: ctx.error_plans[it.path] for it in items if it.path in ctx.error_plans}
     if not plans:
         return None
+    for it in items:
+        inputs = len({id(site.x) for site in it.sites})
+        if it.path in plans and inputs > 1:
+            raise rule_error(bound, ctx, "unsupported",
+                             f"{it.path} is called at {inputs} places on different inputs, and the `adapt … "
+                             f"init=error` on line {plans[it.path].line} fits its adapter to one input's error",
+                             "leave that linear out of the adapt rule's selector, or give it init=gaussian")
     return ErrorCorrections(plans, next(iter(plans.values())).line, ctx)
 
 

@@ -43,7 +43,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
                **({"refit": True} if refit else {})}
     if sequential:
         require_calib(ctx, bound, "GPTQ")
-        corrections = error_corrections(ctx, items)
+        corrections = error_corrections(bound, ctx, items)
         with one_thread(), ctx.progress.task(f"GPTQ {cand}, block by block (line {bound.line})",
                                              total=len(items)) as step:
             encoded, rows, peak = sequential_encode(graph, items, ctx.calib, encode_one, step,

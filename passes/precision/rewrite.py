@@ -13,7 +13,7 @@ from ...runtime.formats import QuantizedWeight
 from ...runtime.ops import quant_linear_args
 from ..graph import ModelGraph, Target
 from ..lora import swap_adapter_weight
-from ..rewrite import LinearSite, drop_weight, register_tensors, replace_node, set_meta, weight_name
+from ..rewrite import LinearSite, drop_weight, register_tensors, replace_node, set_meta
 
 __all__ = ["to_quant_linear", "to_half"]
 

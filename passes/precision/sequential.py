@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import fx
 
-from ..calibrate import paired_moment
+from ..calibrate import merged, paired_moment
 from ..graph import ModelGraph
 from ..lent import put_tensor, replace_tensor
 from ..residual import block_stream, residual_partner
@@ -35,7 +35,7 @@ from ..rewrite import weight_name
 from ..stream import Stream
 from .encode import Encoded, decode
 from .gptq import HessianAccumulator
-from .targets import Item
+from .targets import Item, site_hessians
 
 __all__ = ["sequential_encode", "sequential_scores", "Compensate"]
 
@@ -100,8 +100,7 @@ def _sweep(graph: ModelGraph, items: list[Item], batches: list[dict[str, Any]], 
         peak = max(peak, stream.nbytes() + sum(acc.H.nbytes for acc in accs.values() if acc.count))
         for it in block_items:
             progress_step(0, note=it.path)
-            # A target read at several sites (a tied weight) takes the first site's input.
-            out[it.path] = per_item(it, accs[it.sites[0].x].H)
+            out[it.path] = per_item(it, site_hessians(it, accs).H)  # a linear called twice: both inputs
             progress_step()
         del accs
         if key is not None and compressed:  # the next block reads this block's compressed outputs
@@ -142,15 +141,28 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
     for last, key, block_items in plan:
         residual_values = frozenset() if compensate is None or key is None else block_stream(blocks[key], order)
         groups: dict[fx.Node, list[Item]] = {}
-        for it in block_items:  # a target read at several sites (a tied weight) takes the first
-            groups.setdefault(it.sites[0].x, []).append(it)
+        # A target read at several sites (a linear called twice) is encoded at its last input, on
+        # the rows of all of them, each recorded as the stream computes it (`elsewhere`).
+        elsewhere: dict[str, dict[fx.Node, HessianAccumulator]] = {}
+        observed: set = set()
+        for it in block_items:
+            inputs = list(dict.fromkeys(site.x for site in it.sites))
+            if len(inputs) > 1:  # (one with an error-fitted adapter was refused: compensate.py)
+                elsewhere[it.path] = {x: HessianAccumulator() for x in inputs}
+            groups.setdefault(max(inputs, key=order.__getitem__), []).append(it)
         in_use: dict[str, torch.Tensor] = {}  # path -> the weight the compressed block computes with
         for x in sorted(groups, key=order.__getitem__):
             acc = HessianAccumulator()
             if reference is not None:
                 reference.run_through(x, {})  # before the swaps: float weights
+            watch = {x: [acc.add]}
+            for accs in elsewhere.values():  # the other inputs, at the first run that reaches them
+                for y, other in accs.items():  # (one held from before the block is observed then too)
+                    if order[y] <= order[x] and (id(other), y) not in observed:
+                        watch.setdefault(y, []).append(other.add)
+                        observed.add((id(other), y))
             with _swapped(graph, block_items, in_use):  # the groups before x, encoded
-                stream.run_through(x, {x: [acc.add]})
+                stream.run_through(x, watch)
             rows = max(rows, acc.count)
             # Both streams hold x now (the linears reading it come next): C = E[x_ref xᵀ] pairs
             # their rows batch by batch, with no copy of either kept.
@@ -160,16 +172,17 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
             peak = max(peak, held if C is None else held + reference.nbytes() + C.nbytes)
             for i, it in enumerate(groups[x]):
                 progress_step(0, note=it.path)
+                H = merged(list(elsewhere[it.path].values())).H if it.path in elsewhere else acc.H
                 if compensate is None:
-                    enc, fix = per_item(it, acc.H), None
+                    enc, fix = per_item(it, H), None
                 else:
                     r = residual_partner(it.sites[0], residual_values)
                     D = None if r is None else _stream_drift(stream, reference, r, x_rows)
-                    aim = compensate.aim(it, acc.H, C, D)
+                    aim = compensate.aim(it, H, C, D)
                     del D
                     if i == len(groups[x]) - 1:  # the group's last aim is made: C goes before GPTQ
                         C = x_rows = None
-                    enc, fix = compensate.encode(it, acc.H, aim, per_item)
+                    enc, fix = compensate.encode(it, H, aim, per_item)
                     del aim
                 out[it.path] = enc
                 if enc is not None:

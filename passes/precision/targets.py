@@ -12,7 +12,7 @@ from ...dsl.errors import Diagnostic, SpecError
 from ...runtime.formats import QuantizedWeight
 from ...runtime.report import RuleReport
 from ..bind import BoundRule
-from ..calibrate import CALIB_HINT, DiagonalAccumulator, observe
+from ..calibrate import CALIB_HINT, DiagonalAccumulator, merged, observe
 from ..context import Context, rule_error
 from ..graph import ModelGraph, Target
 from ..rewrite import (TIED_NOTE, LinearSite, find_sites, release_unread, tied_storages, weight_name,
@@ -61,18 +61,23 @@ def items_of(graph: ModelGraph, bound: BoundRule) -> list[Item]:
 def hessians_of(graph: ModelGraph, items: list[Item], ctx: Context, bound: BoundRule,
                 who: str, diagonal: bool = False) -> dict[str, HessianAccumulator | DiagonalAccumulator]:
     """path -> H = E[x xᵀ] of its linear's input over the calibration tokens (only its diagonal
-    with `diagonal`). Targets reading the same value (q/k/v, gate/up) share one accumulator."""
+    with `diagonal`). Targets reading the same value (q/k/v, gate/up) share one accumulator; a
+    target read at several sites (a linear called twice) gets the rows of all of them, and a
+    target sharing one of those values only that value's (it got the other site's rows too)."""
     make = DiagonalAccumulator if diagonal else HessianAccumulator
     require_calib(ctx, bound, who)
     by_input: dict = {}
-    out = {}
     for it in items:
         for site in it.sites:
-            acc = by_input.setdefault(site.x, out.get(it.path) or make())
-            out.setdefault(it.path, acc)
+            by_input.setdefault(site.x, make())
     observe(graph, {x: [acc.add] for x, acc in by_input.items()}, ctx.calib, ctx.progress,
             f"calibrating for `{bound.rule.kind}` (line {bound.line})")
-    return out
+    return {it.path: site_hessians(it, by_input) for it in items}
+
+
+def site_hessians(it: Item, by_input: dict) -> HessianAccumulator:
+    """The accumulator of every row `it` reads: its one input's, or all its sites' merged."""
+    return merged([by_input[x] for x in dict.fromkeys(site.x for site in it.sites)])
 
 
 # What each calibrated step can do without calibration instead (the hint's last clause): the

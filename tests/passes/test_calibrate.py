@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimfx.passes.calibrate import damped, kept_rows, real_rows
+from slimfx.passes.calibrate import DiagonalAccumulator, HessianAccumulator, damped, kept_rows, merged, real_rows
 
 
 def test_rows_of_a_batch_without_padding_are_a_view_not_a_copy():
@@ -86,3 +86,19 @@ def test_forward_ms_reports_the_least_disturbed_run_after_two_warm_ups(monkeypat
     assert calibrate.forward_ms(call, {}) == pytest.approx(100.0)
     with pytest.raises(StopIteration):
         next(durations)  # exactly two warm-ups and FORWARD_REPEATS timed calls
+
+
+@pytest.mark.parametrize("kind", [HessianAccumulator, DiagonalAccumulator])
+def test_merged_is_one_accumulator_fed_every_row(kind):
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 6, generator=gen) for n in (5, 1, 9)]
+    parts, whole = [kind() for _ in batches], kind()
+    for acc, rows in zip(parts, batches):
+        acc.add(rows)
+        whole.add(rows)
+    before = [acc.H.clone() for acc in parts]
+    out = merged([*parts, kind()])  # an empty one adds nothing
+    assert type(out) is kind and out.count == 15
+    torch.testing.assert_close(out.H, whole.H, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(acc.H, h) for acc, h in zip(parts, before))  # the parts are left as they were
+    assert merged(parts[:1]) is parts[0]

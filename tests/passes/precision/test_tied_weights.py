@@ -1,14 +1,18 @@
 """A weight two linears share (tied): quantizing both leaves no fp32 original behind (it stayed as
 dead bytes, counted and saved, with a note saying the opposite); quantizing one keeps it for the
-other and says so once (it was said twice)."""
+other and says so once (it was said twice). A linear called twice on different inputs is encoded
+by GPTQ on both inputs' rows, whichever sweep runs (the block sweeps took the first call's, the
+one-pass calibration both: mutation audit M36), and a linear reading one of them only that one's."""
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 import slimfx
+from slimfx.passes.precision.gptq import gptq
 from slimfx.runtime.formats import QuantFormat, dequantize, quantize_rtn
 
 
@@ -91,3 +95,42 @@ def test_sharers_rewritten_by_two_rules_free_the_original_after_the_second(tmp_p
         cm.save(tmp_path / "a")
         with torch.no_grad():
             assert torch.equal(slimfx.load(tmp_path / "a", backend="eager")(x), cm(x))
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.c, self.d = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        return self.c(h) + self.c(2 * h + 1) + self.d(h)
+
+
+@pytest.mark.parametrize("sweep", ["sequential=false", "sequential=true", "true_sequential=true"])
+def test_a_linear_called_twice_is_encoded_on_both_inputs(sweep):
+    model = CalledTwice().eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [{"x": torch.randn(2, 8, 32, generator=gen)} for _ in range(3)]
+    cm = slimfx.compile(model, f"quantize {{c, d}} : Linear int4 group=16 method=gptq {sweep}",
+                        example_inputs=calib[0], calib=calib, backend="eager")
+    with torch.no_grad():  # the inputs written here: c reads h and 2h + 1, d reads h
+        h = torch.cat([torch.relu(model.up(b["x"])).reshape(-1, 32) for b in calib]).double()
+    both = torch.cat([h, 2 * h + 1])
+    fmt = QuantFormat(4, 16, True)
+    for name, rows in (("c", both), ("d", h)):
+        want = gptq(getattr(model, name).weight.detach(), rows.T @ rows / len(rows), fmt)
+        assert torch.equal(cm.program.get_submodule(name).qweight, want.qweight), name
+
+
+def test_a_linear_called_twice_with_an_error_fitted_adapter_is_refused_at_the_rule():
+    """The fit pairs one input's rows with the original model's: a raw PassError before."""
+    model = CalledTwice().eval()
+    calib = [{"x": torch.randn(2, 8, 32)} for _ in range(2)]
+    with pytest.raises(slimfx.SpecError) as info:
+        slimfx.compile(model, "quantize c : Linear int4 group=16 method=gptq\nadapt c lora rank=2 init=error",
+                       example_inputs=calib[0], calib=calib, backend="eager")
+    e = info.value
+    assert e.kind == "unsupported" and e.line == 1 and "c is called at 2 places" in e.message
+    assert "init=gaussian" in e.hint
