@@ -132,9 +132,11 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     database) from `seed`, or a fresh random seed that a failure reports (a derandomized
     hypothesis profile fixes the draws instead). Inside an outer @given it does not nest one
     (hypothesis refuses nested @given): it draws up to `max_examples` inputs from the outer test's
-    data, so the outer test shrinks them with its own arguments (each outer example compiles
-    again: keep both example counts small there, and give the outer test `deadline=None`); in an
-    outer @example, which has no data to draw from, it runs the simplest input and seeded ones.
+    data, so the outer test shrinks them with its own arguments. The outer test must have
+    `deadline=None` (refused otherwise), and the compiled model is reused while the same model
+    object, unchanged, comes back with the same policy, inputs and options (the last such compile
+    is held until the next nested call); in an outer @example, which has no data to draw from, it
+    runs the simplest input and seeded ones.
     """
     from . import api
 
