@@ -65,3 +65,46 @@ def test_a_misspelt_choice_is_not_called_out_of_range():
     with pytest.raises(SpecError) as info:
         parse("adapt head lora rank=0", bare=True)
     assert "`rank=0` is out of range" in info.value.message
+
+
+# ---- what the mutation audit found untested (each kills a mutant the other tests let by) ----------
+
+
+def _rules(*rules: str):
+    return parse("policy p {\n" + "\n".join("    " + r for r in rules) + "\n}\n").policy("p").rules
+
+
+def test_an_upper_case_exponent_reads_as_a_number():
+    """`1E-3` reached int() on a parser testing for `.e` only: an internal error, not 0.001."""
+    assert _rules("adapt head lora dropout=1E-3")[0].get("dropout") == pytest.approx(1e-3)
+    assert _rules("adapt head lora alpha=2E1")[0].get("alpha") == 20.0
+
+
+@pytest.mark.parametrize("rule", ["drop blocks auto(ratio=0.5, count=2, score=influence)",
+                                  "collapse blocks auto(count=2, ratio=0.5, threshold=0.8)"])
+def test_ratio_and_count_together_are_refused_beside_other_auto_params(rule):
+    err = error_of(rule)
+    assert err.kind == "invalid-combination" and "not both" in err.message
+
+
+def test_a_zero_step_inside_alternatives_is_refused_by_parse():
+    err = error_of("keep {blocks[::0], head}")
+    assert err.kind == "out-of-range" and "step cannot be zero" in err.message
+
+
+@pytest.mark.parametrize("allowed, past", [
+    ("precision head choose {int8} budget avg_bits<=32 by output_mse",
+     "precision head choose {int8} budget avg_bits<=32.5 by output_mse"),
+    ("quantize head int4 group=16", "quantize head int4 group=8"),
+    ("tokens after blocks[1] merge ratio=0.5", "tokens after blocks[1] merge ratio=0.51"),
+    ("adapt head lora dropout=0", "adapt head lora dropout=1"),
+])
+def test_each_bound_is_inclusive_where_the_readme_says_so(allowed, past):
+    _rules(allowed)
+    assert error_of(past).kind == "out-of-range"
+
+
+def test_token_rules_on_different_blocks_must_say_the_same_restore():
+    with pytest.raises(SpecError) as e:
+        _rules("tokens after blocks[1] prune restore=true", "tokens after blocks[2] merge")
+    assert e.value.kind == "invalid-combination" and "restore=" in e.value.message and e.value.line == 3

@@ -244,6 +244,8 @@ def test_empty_slice_is_an_error(llama):
     (Slice(-4, -1), "its start -4 is past the 2 items `blocks` has (bounds -2..2)", "blocks[:-1]"),
     (Slice(5, None), "its start 5 is past the 2 items `blocks` has (bounds -2..2)", "blocks[:]"),
     (Slice(1, -4, -1), "its stop -4 is past the 2 items `blocks` has (bounds -3..1)", "blocks[1::-1]"),
+    # a backward start one past the last item (it was cut to blocks[1::-1] by a mutant no test saw)
+    (Slice(2, None, -1), "its start 2 is past the 2 items `blocks` has (bounds -2..1)", "blocks[::-1]"),
 ])
 def test_a_slice_reaching_past_the_blocks_is_an_error_not_cut_short(llama, written, bound, shorter):
     """Python's slices clamp: `drop blocks[20:28]` written for a deeper model removed what exists
