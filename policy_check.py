@@ -156,7 +156,7 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
         _check_no_deadline()
     # A CompiledModel is compiled again from its own graph (compile() refuses inputs with it).
     compile_args = (model, policy, None if isinstance(module, CompiledModel) else example_inputs, calib, name)
-    compiled = _compile_once_per_outer_test(*compile_args) if nested else _compile(*compile_args)
+    compiled = _compile_once_per_outer_test(module, *compile_args) if nested else _compile(*compile_args)
     tensors, consts = _split_example(module, example, compiled.input_names)
     space = within_the_model(input_space(compiled, module, tensors, max_batch, max_seq), module, consts)
     space = dataclasses.replace(space, paddings=PADDING_CHOICES[padding])
@@ -232,8 +232,8 @@ def _compile(model, policy, example_inputs, calib, name):
 _last_nested_compile: list = []
 
 
-def _compile_once_per_outer_test(model, policy, example_inputs, calib, name):
-    key = _compile_key(model, policy, name)
+def _compile_once_per_outer_test(module, model, policy, example_inputs, calib, name):
+    key = _compile_key(module, policy, name)
     held = (model, example_inputs, calib)
     if key is not None and _last_nested_compile:
         last_key, last_held, compiled = _last_nested_compile
@@ -244,13 +244,10 @@ def _compile_once_per_outer_test(model, policy, example_inputs, calib, name):
     return compiled
 
 
-def _compile_key(model, policy, name):
+def _compile_key(module, policy, name):
     """What decides a compile besides the objects held by identity: the policy (a file's text as
     it is now), the name, and the version of every weight (an in-place change is a new model);
     None where the policy is neither text nor a path (compiled every time)."""
-    from . import api
-
-    module, _ = api.unwrap(model, None)
     if isinstance(policy, os.PathLike) or isinstance(policy, str):
         try:
             stat = os.stat(policy)

@@ -34,7 +34,7 @@ import torch
 from ..context import Context, rule_error
 from ..lowrank import drift_target, error_adapter
 from .encode import Encoded, decode
-from .targets import Item
+from .targets import Item, site_inputs
 
 __all__ = ["ErrorCorrections", "error_corrections", "sweep_details", "few_rows_note", "ROWS_PER_FEATURE"]
 
@@ -95,7 +95,7 @@ def error_corrections(bound, ctx: Context, items: list[Item]) -> ErrorCorrection
     if not plans:
         return None
     for it in items:
-        inputs = len({id(site.x) for site in it.sites})
+        inputs = len(site_inputs(it))
         if it.path in plans and inputs > 1:
             raise rule_error(bound, ctx, "unsupported",
                              f"{it.path} is called at {inputs} places on different inputs, and the `adapt … "

@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import fx
 
-from ..calibrate import merged, paired_moment
+from ..calibrate import paired_moment
 from ..graph import ModelGraph
 from ..lent import put_tensor, replace_tensor
 from ..residual import block_stream, residual_partner
@@ -35,7 +35,7 @@ from ..rewrite import weight_name
 from ..stream import Stream
 from .encode import Encoded, decode
 from .gptq import HessianAccumulator
-from .targets import Item, site_hessians
+from .targets import Item, site_hessians, site_inputs
 
 __all__ = ["sequential_encode", "sequential_scores", "Compensate"]
 
@@ -144,23 +144,23 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
         # A target read at several sites (a linear called twice) is encoded at its last input, on
         # the rows of all of them, each recorded as the stream computes it (`elsewhere`).
         elsewhere: dict[str, dict[fx.Node, HessianAccumulator]] = {}
-        observed: set = set()
         for it in block_items:
-            inputs = list(dict.fromkeys(site.x for site in it.sites))
+            inputs = site_inputs(it)
             if len(inputs) > 1:  # (one with an error-fitted adapter was refused: compensate.py)
                 elsewhere[it.path] = {x: HessianAccumulator() for x in inputs}
             groups.setdefault(max(inputs, key=order.__getitem__), []).append(it)
+        unwatched = [(y, acc) for accs in elsewhere.values() for y, acc in accs.items()]
         in_use: dict[str, torch.Tensor] = {}  # path -> the weight the compressed block computes with
         for x in sorted(groups, key=order.__getitem__):
             acc = HessianAccumulator()
             if reference is not None:
                 reference.run_through(x, {})  # before the swaps: float weights
             watch = {x: [acc.add]}
-            for accs in elsewhere.values():  # the other inputs, at the first run that reaches them
-                for y, other in accs.items():  # (one held from before the block is observed then too)
-                    if order[y] <= order[x] and (id(other), y) not in observed:
-                        watch.setdefault(y, []).append(other.add)
-                        observed.add((id(other), y))
+            # the other inputs, at the first run that reaches them (one held from before the block too)
+            reached = [(y, other) for y, other in unwatched if order[y] <= order[x]]
+            unwatched = [(y, other) for y, other in unwatched if order[y] > order[x]]
+            for y, other in reached:
+                watch.setdefault(y, []).append(other.add)
             with _swapped(graph, block_items, in_use):  # the groups before x, encoded
                 stream.run_through(x, watch)
             rows = max(rows, acc.count)
@@ -172,7 +172,7 @@ def _sweep_by_layer(graph: ModelGraph, items: list[Item], batches: list[dict[str
             peak = max(peak, held if C is None else held + reference.nbytes() + C.nbytes)
             for i, it in enumerate(groups[x]):
                 progress_step(0, note=it.path)
-                H = merged(list(elsewhere[it.path].values())).H if it.path in elsewhere else acc.H
+                H = site_hessians(it, elsewhere[it.path]).H if it.path in elsewhere else acc.H
                 if compensate is None:
                     enc, fix = per_item(it, H), None
                 else:

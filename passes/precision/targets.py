@@ -75,9 +75,14 @@ def hessians_of(graph: ModelGraph, items: list[Item], ctx: Context, bound: Bound
     return {it.path: site_hessians(it, by_input) for it in items}
 
 
+def site_inputs(it: Item) -> list:
+    """The values `it` reads, each once, in site order: one, or several for a linear called twice."""
+    return list(dict.fromkeys(site.x for site in it.sites))
+
+
 def site_hessians(it: Item, by_input: dict) -> HessianAccumulator:
     """The accumulator of every row `it` reads: its one input's, or all its sites' merged."""
-    return merged([by_input[x] for x in dict.fromkeys(site.x for site in it.sites)])
+    return merged([by_input[x] for x in site_inputs(it)])
 
 
 # What each calibrated step can do without calibration instead (the hint's last clause): the
