@@ -37,10 +37,12 @@ def observe(graph: ModelGraph, watch: dict[fx.Node, list[Observer]], batches: li
             progress: Progress | None = None, description: str = "calibrating") -> None:
     """Run every batch through the graph; call `watch[node]`'s observers with node's rows.
 
+    >>> graph = capture(llama, {"input_ids": ids, "attention_mask": mask})
+    >>> site, = find_sites(graph, graph.targets["model.layers.0.self_attn.q_proj"])
     >>> rows = []
-    >>> observe(graph, {site.x: [rows.append]}, [batch])               # doctest: +SKIP
-    >>> rows[0].shape          # [real tokens of the batch, in_features]
-    torch.Size([37, 64])
+    >>> observe(graph, {site.x: [rows.append]}, [{"input_ids": ids, "attention_mask": mask}])
+    >>> rows[0].shape          # [tokens of the batch, in_features]
+    torch.Size([16, 64])
     """
     names = [i.name for i in graph.inputs]
     # Each run stops after the last watched node: the rest computes nothing an observer sees (the

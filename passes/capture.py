@@ -41,9 +41,13 @@ def capture(model: nn.Module, example_inputs: Mapping[str, Any] | tuple,
     `lend=True` new tensor objects over the model's own storage (`graph.lent` says which; see
     lent.py: no pass may then write a weight in place, and `graph.lent.settle` ends the loan).
 
-    >>> g = capture(llama, {"input_ids": ids, "attention_mask": mask})   # doctest: +SKIP
-    >>> g(input_ids=ids2, attention_mask=mask2).logits       # any batch / seq; a ModelOutput
-    >>> g.restructure(g.module(ids2, mask2))                 # the same, from the flat graph
+    >>> g = capture(llama, {"input_ids": ids, "attention_mask": mask})
+    >>> ids2, mask2 = ids[:1, :5], mask[:1, :5]
+    >>> g(input_ids=ids2, attention_mask=mask2).logits.shape       # any batch / seq; a ModelOutput
+    torch.Size([1, 5, 256])
+    >>> torch.equal(g.restructure(g.module(ids2, mask2)).logits,   # the same, from the flat graph
+    ...             g(input_ids=ids2, attention_mask=mask2).logits)
+    True
 
     A second call with the same model, input names/shapes/dtypes and unchanged weights reuses
     the cached export (only the weight copy and the index are redone).

@@ -70,10 +70,11 @@ class LintError(AssertionError):
 class ModelGraph(Program):
     """A captured model: `module` (an fx GraphModule over aten ops) and its index.
 
-    >>> g = capture(model, {"input_ids": ids})                        # doctest: +SKIP
+    >>> g = capture(llama, {"input_ids": ids, "attention_mask": mask})
     >>> g.blocks[0].path, g.by_role("attn.q")[0].path
     ('model.layers.0', 'model.layers.0.self_attn.q_proj')
-    >>> g(input_ids=ids).logits                                       # same output type
+    >>> type(g(input_ids=ids, attention_mask=mask)).__name__          # same output type
+    'CausalLMOutputWithPast'
     """
 
     def __init__(self, module: fx.GraphModule, modules: dict[str, ModuleInfo],

@@ -80,8 +80,9 @@ pm_linear: list[tuple[object, Callable[[fx.Node], LinearSite | None]]] = [
 def find_sites(graph: ModelGraph, target: Target) -> list[LinearSite]:
     """Every node of `target` that computes its linear with its own weight.
 
+    >>> graph = capture(llama, {"input_ids": ids, "attention_mask": mask})
     >>> [s.node.name for s in find_sites(graph, graph.targets["model.layers.0.self_attn.q_proj"])]
-    ['linear']                                                    # doctest: +SKIP
+    ['linear']
     """
     weight = graph.param(weight_name(target))
     table = dict(pm_linear)

@@ -21,8 +21,9 @@ def resolve(graph: ModelGraph, selector: Selector, *, source: str = "",
             filename: str = "<policy>") -> list[Target | Block]:
     """Every Target or Block the selector names, de-duplicated, in model (execution) order.
 
-    >>> resolve(g, Selector(Path((Name("blocks", Slice(0, 2)), Name("attn"), Name("q")))))
-    [Target(path='model.layers.0.self_attn.q_proj', …), Target(path='model.layers.1.…')]
+    >>> g = capture(llama, {"input_ids": ids, "attention_mask": mask})
+    >>> [t.path for t in resolve(g, Selector(Path((Name("blocks", Slice(0, 2)), Name("attn"), Name("q")))))]
+    ['model.layers.0.self_attn.q_proj', 'model.layers.1.self_attn.q_proj']
 
     A selector that matches nothing raises SpecError(kind="selector") at `selector.span`,
     naming the closest real names at the level that failed.

@@ -21,9 +21,13 @@ __all__ = ["CompiledModel"]
 class CompiledModel(nn.Module):
     """A compiled model: call it like the original, read `.report`, `.save(dir)` it.
 
-    >>> cm = CompiledModel(graph, report=Report(None, "LlamaForCausalLM"))   # doctest: +SKIP
-    >>> cm(input_ids=ids, attention_mask=mask).logits       # the model's own output class
-    >>> cm.save("out/llama-int4"); slimfx.load("out/llama-int4")(ids, mask)
+    >>> cm = CompiledModel(capture(llama, {"input_ids": ids, "attention_mask": mask}),
+    ...                    report=Report(None, "LlamaForCausalLM"))
+    >>> type(cm(input_ids=ids, attention_mask=mask)).__name__     # the model's own output class
+    'CausalLMOutputWithPast'
+    >>> cm.save(tmp / "llama")
+    >>> torch.equal(slimfx.load(tmp / "llama")(ids, mask).logits, cm(ids, mask).logits)
+    True
 
     The graph's GraphModule is the child `program`: its weights are this module's weights
     (state-dict keys `program.<original name>`), and `.to(device)` moves them.

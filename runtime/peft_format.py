@@ -61,8 +61,12 @@ def save_adapters(cm, path: str | os.PathLike, targets: Iterable[str] | None = N
     """Write the adapters of `cm` (or of the module paths `targets` only) to the directory `path`
     in PEFT's format, atomically; an existing PEFT adapter directory there is replaced.
 
-    >>> cm.save_adapters("out/support-bot")                      # doctest: +SKIP
-    >>> peft.PeftModel.from_pretrained(original_model, "out/support-bot")   # the same outputs
+    >>> cm = slimfx.compile(llama, "adapt blocks.*.attn.{q, v} lora rank=4",
+    ...                     example_inputs={"input_ids": ids, "attention_mask": mask})
+    >>> cm.save_adapters(tmp / "support-bot")
+    >>> pm = peft.PeftModel.from_pretrained(copy.deepcopy(llama), tmp / "support-bot")
+    >>> torch.equal(pm(input_ids=ids, attention_mask=mask).logits, cm(ids, mask).logits)
+    True
 
     PEFT loads them over the original model's weights: adapters a policy put beside quantized
     weights (QLoRA) reproduce the compiled model only up to that quantization."""
