@@ -28,6 +28,7 @@ from .artifact_files import read_json as _read_json, read_weights as _read_weigh
 from .artifact_files import sha256 as _sha256, sha256_file as _sha256_file
 from .artifact_files import foreign_entries, holds_json, nearest_existing, unplaceable, write_atomic as _write_atomic
 from .artifact_files import write_bytes as _write_bytes, write_weights as _write_weights
+from .atomic_dir import moved_aside
 from .graph_io import decode_graph, encode_graph
 from .report import Report
 from .version import __version__
@@ -55,7 +56,7 @@ def save(cm: CompiledModel, path: str | os.PathLike) -> None:
         files[WEIGHTS] = _write_weights(tmp / WEIGHTS, tensors)
         _write_bytes(tmp / META, _json_bytes({**meta, "files": files}, "meta.json"))
 
-    _write_atomic(target, write)
+    _write_atomic(target, write, last=META)  # filled in place, meta.json (the hashes) goes last
 
 
 def check_target(target: Path) -> None:
@@ -176,6 +177,10 @@ def _register_slimfx_ops() -> None:
 
 def _read_meta(root: Path) -> dict[str, Any]:
     if not root.exists():
+        aside = moved_aside(root)
+        if aside:  # a save killed between its two renames: the previous artifact is there
+            raise ArtifactError(f"no artifact at {root}: a save to it was killed after it had moved the previous "
+                                f"one aside, to {aside[-1]}; rename that back to {root.name} (or save again)")
         raise ArtifactError(f"no artifact at {root}: nothing is there (an artifact is the directory cm.save(path) "
                             "or `slimfx compile --out` writes)")
     if not root.is_dir():

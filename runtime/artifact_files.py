@@ -1,4 +1,5 @@
-"""Writing and reading an artifact's files: atomic directory swap, fsync, SHA-256, permissions.
+"""Writing and reading an artifact's files: fsync, SHA-256, permissions, the places a save refuses
+(atomic_dir.py puts the directory in place).
 
 Files are written readable by group and others like any saved model (0666 less the umask,
 so 0644 under the usual 022), the directory 0777 less the umask.
@@ -10,27 +11,17 @@ import json
 import errno
 import os
 import re
-import shutil
-import socket
-import tempfile
-import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .artifact_errors import RESAVE, WEIGHTS, ArtifactError
+from .atomic_dir import STAGING, file_mode, write_atomic
 
 __all__ = ["json_bytes", "write_bytes", "write_weights", "write_atomic", "foreign_entries", "holds_json", "sha256", "sha256_file",
            "read_json", "read_weights", "first_line", "file_mode", "unplaceable", "nearest_existing",
            "resolved_or_none", "PLACE_ERRORS", "LOOP"]
-
-
-def file_mode(directory: bool = False) -> int:
-    """The mode open()/mkdir() would give under the current umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
 
 
 def json_bytes(doc: Any, what: str, indent: int | None = 1) -> bytes:
@@ -90,7 +81,7 @@ def foreign_entries(target: Path, own: tuple[str, ...]) -> list[str]:
     if not target.is_dir():
         return []
     return sorted(e.name + ("/" if e.is_dir() else "") for e in target.iterdir()
-                  if e.name not in own or not e.is_file())
+                  if (e.name not in own or not e.is_file()) and not e.name.startswith(STAGING))
 
 
 def holds_json(file: Path, key: str, value: Any = None) -> bool:
@@ -152,99 +143,6 @@ def nearest_existing(path: Path) -> Path:
     """The nearest path above `path` that exists: where a mkdir of `path` starts, or a file in
     the way of it."""
     return next(p for p in path.absolute().parents if p.exists())
-
-
-def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
-    """Everything goes to a temporary directory next to `target`, is fsynced, then renamed
-    into place; an existing artifact there is replaced only once the new one is complete, and
-    a failed save leaves no partial directory behind. A symbolic link is saved through: the
-    directory it names is replaced, the link stays."""
-    target = target.resolve()  # `.`/`..` in it, and a link, name the directory that is replaced
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_killed_saves(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner()}-", dir=target.parent))
-    try:
-        os.chmod(tmp, file_mode(directory=True))  # mkdtemp makes it private
-        write(tmp)
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(target.parent)
-
-
-# Who is writing a temporary directory: a save killed outright (kill -9, power loss) cannot
-# delete its own, and a later save sweeps it only when that process is gone from this machine.
-def _host() -> str:
-    """This machine and pid namespace: containers that share a hostname (`--uts=host`) and a disk
-    have pids of their own, and one must not sweep the other's save in progress."""
-    try:
-        space = f".{os.stat('/proc/self/ns/pid').st_ino}"
-    except OSError:
-        space = ""
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) + space
-
-
-_HOST = _host()
-
-
-def _owner() -> str:
-    return f"{_HOST}-{os.getpid()}"  # at each save: a forked process has a pid of its own
-
-
-def _sweep_killed_saves(target: Path) -> None:
-    """Delete the `.NAME.tmp-HOST-PID-*` directories that saves to `target` by processes no longer
-    running on this machine left behind (each holds a whole model's weights). Never a `.old-`
-    one: after a kill between the two renames it is the only copy of the previous artifact."""
-    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
-        return
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-{re.escape(_HOST)}-(\d+)-[a-z0-9_]+")
-    for entry in target.parent.iterdir():
-        found = pattern.fullmatch(entry.name)
-        if found and not entry.is_symlink() and entry.is_dir() and not _running(int(found.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: running
-        return True
-    return True
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """rename(2) cannot replace a non-empty directory: move the old one aside first, and back
-    if the new one cannot take its place."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(old)
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if old.exists():  # a file in it that cannot be deleted (another user's, a busy mount)
-        warnings.warn(f"the previous {target.name} is left at {old}: it could not be deleted all the way; "
-                      "delete it yourself", stacklevel=5)  # the user's cm.save(…) / cm.save_adapters(…)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; its renames are durable enough
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256(data: bytes | memoryview) -> str:

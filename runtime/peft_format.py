@@ -82,7 +82,7 @@ def save_adapters(cm, path: str | os.PathLike, targets: Iterable[str] | None = N
         write_bytes(tmp / CONFIG, json_bytes(config, CONFIG, indent=2))
         write_weights(tmp / WEIGHTS, tensors)
 
-    write_atomic(target, write)
+    write_atomic(target, write, last=CONFIG)  # filled in place, the config goes last
 
 
 def _chosen(found: dict[str, Adapter], targets: Iterable[str] | None) -> list[Adapter]:

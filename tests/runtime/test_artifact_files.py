@@ -15,6 +15,7 @@ import torch
 
 import slimfx
 import slimfx.runtime.artifact_files as files
+import slimfx.runtime.atomic_dir as atomic_dir
 from runtime_tiny import compiled
 from slimfx.models import tiny
 from slimfx.runtime.artifact import ArtifactError
@@ -68,7 +69,7 @@ def test_the_old_artifact_warning_names_the_users_line(tmp_path, monkeypatch):
     saves = [(case.cm.save, tmp_path / "llama"), (adapted.save_adapters, tmp_path / "adapters")]
     for save, target in saves:
         save(target)
-    monkeypatch.setattr(files.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(atomic_dir.shutil, "rmtree", lambda *a, **k: None)
     for save, target in saves:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -98,16 +99,16 @@ def test_a_save_killed_outright_is_swept_by_the_next(tmp_path):
 
     target = tmp_path / "out"
     killed = subprocess.run([sys.executable, "-c", (
-        "import os, sys; from pathlib import Path; import slimfx.runtime.artifact_files as f\n"
+        "import os, sys; from pathlib import Path; import slimfx.runtime.atomic_dir as f\n"
         "f.write_atomic(Path(sys.argv[1]), lambda tmp: ((tmp / 'w').write_bytes(b'x' * 1000), os._exit(3)))"),
         str(target)], cwd=tmp_path)
     assert killed.returncode == 3
     left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
     assert len(left) == 1  # what the kill leaves
-    running = tmp_path / f".out.tmp-{files._HOST}-{os.getpid()}-abc"  # a save in progress
+    running = tmp_path / f".out.tmp-{atomic_dir._HOST}-{os.getpid()}-abc"  # a save in progress
     elsewhere = tmp_path / ".out.tmp-otherhost-1-abc"  # another machine's, on a shared disk
     for d in (running, elsewhere):
         d.mkdir()
-    files.write_atomic(target, lambda tmp: (tmp / "w").write_bytes(b"y"))
+    atomic_dir.write_atomic(target, lambda tmp: (tmp / "w").write_bytes(b"y"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name, elsewhere.name])
     assert (target / "w").read_bytes() == b"y"
