@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The code generator's device checks (issue 10) as one script for a lent NVIDIA GPU: versions and
 # the device, the GPU tests (generated kernels in float32, float16 and bfloat16 against the eager
-# backend on a tiny Llama with int4 and LoRA), then benchmarks/kernels.py — bfloat16 on SmolLM2's
+# backend on a tiny Llama with int4 and LoRA; an artifact compiled on the GPU saved and loaded
+# there), then benchmarks/kernels.py — bfloat16 on SmolLM2's
 # and Llama-8B's shapes (SmolLM2's alone with GPU_CHECK_QUICK=1), then float32 on SmolLM2's — each
 # step under its own time limit, so what finished comes back even if a later step runs out. Meant
 # for the workplace's device tool:
@@ -45,9 +46,9 @@ step() {
     echo "== rc $rc after $((SECONDS - start)) s"
     [ "$rc" -eq 0 ] || status=1
 }
-step 120 python3 -m pytest -q -p no:cacheprovider tests/codegen/test_dtypes.py -k on_a_gpu
+step 150 python3 -m pytest -q -p no:cacheprovider tests/codegen/test_dtypes.py tests/runtime/test_device.py -k on_a_gpu
 if [ -z "${GPU_CHECK_QUICK:-}" ]; then
-    step 300 python3 benchmarks/kernels.py --dtype bfloat16
+    step 270 python3 benchmarks/kernels.py --dtype bfloat16
 else
     step 150 python3 benchmarks/kernels.py --quick --dtype bfloat16
 fi

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .program import CallInfo, InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program, input_shape
+from .program import CallInfo, InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program, devices_named, input_shape
 from .compiled import CompiledModel
 from .lower import BackendUnavailable, unlowered
 from .artifact_errors import FILES, META, PROGRAM, RESAVE, WEIGHTS, ArtifactError
@@ -140,12 +140,25 @@ def _restore(root: Path, meta: dict[str, Any], program: bytes, backend: str) -> 
     doc = _read_json(root / PROGRAM, program)
     tensors = _read_weights(root / WEIGHTS)
     module = decode_graph(doc, tensors)
+    _to_named_device(module)
     graph = Program(module, _modules(meta), _inputs(meta, module), _outputs(meta),
                     meta["model_class"], CallInfo.from_dict(meta.get("call")))
     _check_meta_fits(graph, meta)
     policy = meta.get("policy") or {}
     return CompiledModel(graph, report=Report.from_dict(meta["report"]),
                          policy_text=policy.get("text") or "", policy_name=policy.get("name"), backend=backend)
+
+
+def _to_named_device(module: torch.fx.GraphModule) -> None:
+    """Weights come off the file on the CPU; a graph compiled on a GPU makes and checks its
+    tensors there (load has refused one naming a device this machine lacks): its weights go
+    there too, or every call failed mixing devices."""
+    named = {d for d in devices_named(module) if d.type != "cpu"}
+    if len(named) == 1:
+        module.to(named.pop())
+    elif named:
+        raise ArtifactError(f"{PROGRAM} names several devices ({', '.join(sorted(map(str, named)))}); slimfx "
+                            f"compiles for one: {RESAVE}")
 
 
 def _check_meta_fits(graph: Program, meta: dict[str, Any]) -> None:

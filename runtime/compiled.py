@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .call_inputs import CallInputs
-from .program import Program
+from .program import Program, devices_named
 from .report import Report
 
 __all__ = ["CompiledModel"]
@@ -209,10 +209,11 @@ class CompiledModel(nn.Module):
         the model's own is refused before any tensor changes; a move, or a cast to its own dtype,
         keeps each tensor's dtype (packed fp16 scales stay fp16 under a parent's `.float()`)."""
         mine = self.dtype
-        if mine is not None:
-            probe = fn(torch.empty(0, dtype=mine))
-            if isinstance(probe, torch.Tensor) and probe.dtype != mine:
-                self._refuse_cast(f": a cast to {probe.dtype} (by a module that holds it)", probe.dtype)
+        probe = fn(torch.empty(0, dtype=mine or torch.float32))
+        if mine is not None and isinstance(probe, torch.Tensor) and probe.dtype != mine:
+            self._refuse_cast(f": a cast to {probe.dtype} (by a module that holds it)", probe.dtype)
+        if isinstance(probe, torch.Tensor):
+            self._refuse_move(probe.device)
 
         def keeping_dtype(t):
             out = fn(t)
@@ -245,6 +246,18 @@ class CompiledModel(nn.Module):
             if isinstance(val, torch.Tensor) and val.is_floating_point():
                 return val.dtype
         return None
+
+    def _refuse_move(self, device: torch.device) -> None:
+        """The captured graph names its device (aten.arange(device=cpu), the dtype/device checks
+        export writes): moved elsewhere, every call failed inside the generated code. A graph
+        that names none moves freely."""
+        named = devices_named(self.program)
+        other = sorted({str(d) for d in named if d.type != device.type
+                        or None not in (d.index, device.index) and d.index != device.index})
+        if other:
+            raise RuntimeError(f"{self._what()} was compiled on {', '.join(other)}, and its graph makes and checks "
+                               f"tensors there: it cannot move to {device}. Move the original model there "
+                               f"(model.to({str(device)!r})) and compile that")
 
     def _refuse_cast(self, call: str, dtype: torch.dtype | None) -> "CompiledModel":
         """A cast to the model's own dtype is no change; any other is refused."""
@@ -369,3 +382,4 @@ def _tables(module: torch.nn.Module) -> str:
         table = getattr(module.get_submodule(owner), attr)
         rows.append(f"{name.removesuffix('.weight')} holds {table.shape[0]:,} rows")
     return "; ".join(rows) or "none found"
+

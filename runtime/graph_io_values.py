@@ -53,9 +53,25 @@ def device_named(name: Any) -> torch.device:
     if not isinstance(name, str) or len(name) > 40:
         raise ArtifactError(f"{PROGRAM} names a device {str(name)[:40]!r}; {RESAVE}")
     try:
-        return torch.device(name)  # parsed by torch's C++ device parser: no eval
+        device = torch.device(name)  # parsed by torch's C++ device parser: no eval
     except RuntimeError as e:
         raise ArtifactError(f"{PROGRAM} names an unknown device {name!r}; {RESAVE}") from e
+    if not device_available(device):  # it loaded, and every call failed in the generated code
+        raise ArtifactError(f"{PROGRAM} was compiled for {device}, which this machine does not have (its graph "
+                            f"makes and checks tensors there): load it on a machine with {device.type}, or compile "
+                            "the original model with its policy again here (the policy is in meta.json)")
+    return device
+
+
+def device_available(device: torch.device) -> bool:
+    """Whether this process can put tensors on `device` (cuda:1 on a one-GPU machine cannot)."""
+    if device.type in ("cpu", "meta"):
+        return True
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, torch.mps
+    available, count = getattr(backend, "is_available", None), getattr(backend, "device_count", None)
+    if not callable(available) or not available():
+        return False
+    return device.index is None or not callable(count) or device.index < count()
 
 
 # ---- save -----------------------------------------------------------------------------------

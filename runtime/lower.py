@@ -280,8 +280,8 @@ def check_triton_runs(gm: nn.Module) -> None:
     why = "no CUDA GPU is available" if not torch.cuda.is_available() else "the weights are on the CPU"
     raise BackendUnavailable(
         f"backend=\"triton\" runs generated kernels on a CUDA GPU, and {why}: compile or load with "
-        "backend=\"auto\" (the CPU kernels there), move the model with `.to(\"cuda\")` and then "
-        "`set_backend(\"triton\")`; or use \"eager\", "
+        "backend=\"auto\" (the CPU kernels there) or \"eager\"; for the GPU, move the original model there "
+        "(`model.to(\"cuda\")`) and compile that (a compiled graph names the device it was compiled on), "
         "or set TRITON_INTERPRET=1 before triton is imported to run the kernels through Triton's interpreter "
         "(slow; for tests and small models)")
 

@@ -12,7 +12,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["Program", "ModuleInfo", "ParamInfo", "InputInfo", "OutputSpec", "CallInfo"]
+__all__ = ["Program", "ModuleInfo", "ParamInfo", "InputInfo", "OutputSpec", "CallInfo", "devices_named"]
 
 
 # ---- records ---------------------------------------------------------------------------------
@@ -156,3 +156,23 @@ class Program:
 
     def __repr__(self) -> str:
         return f"Program({self.model_class}, {len(self.module.graph.nodes)} nodes)"
+
+
+def devices_named(gm: torch.fx.GraphModule) -> set[torch.device]:
+    """The devices a graph's nodes name (aten.arange(device=…), export's dtype/device checks):
+    where it was captured, and where its tensors must be."""
+    found: set[torch.device] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.device):
+            found.add(value)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+
+    for node in gm.graph.nodes:
+        walk((node.args, node.kwargs))
+    return found
