@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "files", None) and args.files.count("-") > 1:  # the second read was empty: "holds no policy"
         args.command_parser.error("`-` (standard input) is given more than once; it can be read once, so give it once")
+    _tolerate_narrow_encodings()
     try:
         status = args.run(args)
         sys.stdout.flush()  # here, not at exit: a closed pipe met then is "Exception ignored", exit 120
@@ -44,6 +45,34 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`slimfx … | head -1`): nothing more to say
         _silence_stdout()
         return 1
+
+
+def _tolerate_narrow_encodings() -> None:
+    """A stream that cannot encode every character (cp1252 when Windows redirects to a file, a
+    Latin-1 locale) prints what it cannot hold as `?`: the tables' `→` and box lines raised
+    UnicodeEncodeError after the work was done, and the command said it failed."""
+    for stream in (sys.stdout, sys.stderr):
+        if not _utf8(stream) and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="replace")
+            except (ValueError, OSError):  # a stream that cannot be reconfigured keeps its errors
+                pass
+
+
+def _utf8(stream) -> bool:
+    return (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig")
+
+
+def _write_policy(text: str) -> None:
+    """`fmt`'s output is a policy file: UTF-8 like every policy file, whatever the locale (a
+    non-ASCII comment or name raised a raw UnicodeEncodeError on a cp1252 stdout)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None or _utf8(sys.stdout):
+        sys.stdout.write(text)
+        return
+    sys.stdout.flush()
+    buffer.write(text.encode("utf-8"))
+    buffer.flush()
 
 
 def _silence_stdout() -> None:
@@ -116,6 +145,11 @@ def _check(args) -> int:
             continue
         rules = sum(len(p.rules) for p in spec.policies)
         _info(f"{spec.filename}: ok ({_count(len(spec.policies), 'policy', 'policies')}, {_count(rules, 'rule', 'rules')})")
+        empty = [p.name for p in spec.policies if not p.rules]
+        if empty:  # valid, and `plan`/`compile` refuse it: said here rather than there
+            _info(f"{spec.filename}: note: {', '.join(f'`{n}`' for n in empty)} "
+                  f"{'has' if len(empty) == 1 else 'have'} no rules; plan and compile refuse "
+                  f"{'it' if len(empty) == 1 else 'them'} (the model would be left unchanged)")
     return 1 if failed else 0
 
 
@@ -149,7 +183,7 @@ def _fmt(args) -> int:
                     continue
                 _info(f"{name}: reformatted")
         else:
-            sys.stdout.write(text)
+            _write_policy(text)
     return status
 
 

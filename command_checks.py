@@ -7,11 +7,21 @@ from __future__ import annotations
 import os
 
 __all__ = ["UsageError", "check_out", "check_apart", "check_listing_folder", "check_not_nested", "check_same_model",
-           "check_text_inputs", "check_train_args", "load_compiled"]
+           "check_text_inputs", "check_train_args", "load_compiled", "non_empty"]
 
 
 class UsageError(ValueError):
     """A command-line argument that cannot work (an --out that is a file, an unreadable --calib)."""
+
+
+def non_empty(value: str) -> str:
+    """argparse's type for a path or name: an empty one (`--compiled "$ART"` with ART unset) was
+    taken as not given — eval scored the original alone and exited 0, train wrote to the default."""
+    if not value:
+        import argparse
+
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?): pass a path or name")
+    return value
 
 
 def load_compiled(compiled: str, model: str):

@@ -7,7 +7,7 @@ import os
 import sys
 
 from .command_checks import (UsageError, check_apart, check_listing_folder, check_not_nested, check_out,
-                             check_same_model, check_text_inputs, check_train_args, load_compiled)
+                             check_same_model, check_text_inputs, check_train_args, load_compiled, non_empty)
 from .dsl.errors import SpecError
 
 __all__ = ["add_model_commands"]
@@ -18,18 +18,18 @@ MODEL_HELP = "smollm2-135m, minilm-l6, tiny:<arch>, or a local Hugging Face mode
 
 def add_model_commands(sub) -> None:
     plan = sub.add_parser("plan", help="show what a policy would do to a model, touching nothing")
-    plan.add_argument("spec", help="policy file (`-` for standard input)")
-    plan.add_argument("--model", required=True, help=MODEL_HELP)
+    plan.add_argument("spec", type=non_empty, help="policy file (`-` for standard input)")
+    plan.add_argument("--model", required=True, type=non_empty, help=MODEL_HELP)
     plan.add_argument("--policy", help="which policy of the file (when it holds several)")
     plan.set_defaults(run=_guarded(_plan))
 
     comp = sub.add_parser("compile", help="compile a model with a policy and save the artifact")
-    comp.add_argument("spec", help="policy file (`-` for standard input)")
-    comp.add_argument("--model", required=True, help=MODEL_HELP)
+    comp.add_argument("spec", type=non_empty, help="policy file (`-` for standard input)")
+    comp.add_argument("--model", required=True, type=non_empty, help=MODEL_HELP)
     comp.add_argument("--policy", help="which policy of the file (when it holds several)")
-    comp.add_argument("--out", required=True, help="artifact directory to write")
+    comp.add_argument("--out", required=True, type=non_empty, help="artifact directory to write")
     calib = comp.add_mutually_exclusive_group()
-    calib.add_argument("--calib", metavar="FILE", help="calibration text (UTF-8; paragraphs become calibration "
+    calib.add_argument("--calib", metavar="FILE", type=non_empty, help="calibration text (UTF-8; paragraphs become calibration "
                        "texts, in rows of at most 128 tokens, none dropped); default: 3,072 tokens of the part "
                        "of the built-in text that `slimfx eval` never scores")
     calib.add_argument("--calib-tokens", metavar="N", type=int, help="calibrate on N tokens of built-in text "
@@ -38,14 +38,14 @@ def add_model_commands(sub) -> None:
                        "of 8 removed blocks best on all of it (benchmarks/README.md, collapse section)")
     comp.add_argument("--stats", action="store_true", help="also print the code generator's fusion groups and "
                       "their memory traffic (unfused vs fused) for one run on the model's example inputs")
-    comp.add_argument("--emit-kernels", metavar="DIR", help="also write the Triton source of every kernel the "
+    comp.add_argument("--emit-kernels", metavar="DIR", type=non_empty, help="also write the Triton source of every kernel the "
                       "Triton backend generates for this model (a header names the graph nodes each replaces; "
                       "DIR/index.txt lists them and the groups left to eager ops)")
     comp.set_defaults(run=_guarded(_compile))
 
     tr = sub.add_parser("train", help="train a compiled model's adapters (LoRA/DoRA, QLoRA) and save it")
-    tr.add_argument("--model", required=True, help=MODEL_HELP + " (the model that was compiled)")
-    tr.add_argument("--compiled", required=True, help="artifact directory from `slimfx compile`, with adapters")
+    tr.add_argument("--model", required=True, type=non_empty, help=MODEL_HELP + " (the model that was compiled)")
+    tr.add_argument("--compiled", required=True, type=non_empty, help="artifact directory from `slimfx compile`, with adapters")
     tr.add_argument("--steps", type=int, required=True, help="optimizer steps (AdamW over the adapters)")
     tr.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
     tr.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
@@ -56,12 +56,12 @@ def add_model_commands(sub) -> None:
     tr.add_argument("--loss", choices=("lm", "distill"), help="lm: next-token cross entropy; distill: match the "
                     "original model's outputs; default: lm for causal LMs, distill otherwise")
     tr.add_argument("--seed", type=int, default=0, help="seed of the adapters' dropout (default 0: runs repeat)")
-    tr.add_argument("--out", help="artifact directory to write (default: <compiled>-trained)")
+    tr.add_argument("--out", type=non_empty, help="artifact directory to write (default: <compiled>-trained)")
     tr.set_defaults(run=_guarded(_train))
 
     ev = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders), bytes, latency")
-    ev.add_argument("--model", required=True, help=MODEL_HELP)
-    ev.add_argument("--compiled", help="artifact directory from `slimfx compile`, evaluated side by side")
+    ev.add_argument("--model", required=True, type=non_empty, help=MODEL_HELP)
+    ev.add_argument("--compiled", type=non_empty, help="artifact directory from `slimfx compile`, evaluated side by side")
     ev.add_argument("--max-tokens", type=int, help="causal LMs: score the first N tokens of the eval text "
                     f"(default {EVAL_TOKENS}; all of it when N is larger, which it then says)")
     ev.set_defaults(run=_guarded(_eval))
@@ -192,10 +192,13 @@ def _spec(name: str, policy: str | None):
 
     # a Path: the argument names a file, always (a name such as `v{2}.slim` was read as policy text)
     source = parse(sys.stdin.buffer.read(), filename="<stdin>") if name == "-" else Path(name)
-    _, spec = api.resolve_policy(source, policy, choose="pass --policy NAME to choose one")
+    chosen, spec = api.resolve_policy(source, policy, choose="pass --policy NAME to choose one")
     if not spec.policies:  # the model would be compiled (or planned) unchanged, and exit 0 say it worked
         raise UsageError(f"{spec.filename} holds no policy (it is empty or only comments): write one, e.g. "
                          "`policy small { quantize blocks.*.** : Linear int8 }` (`slimfx check` validates it)")
+    if not chosen.rules:  # the same, for `policy p {}`
+        raise UsageError(f"policy `{chosen.name}` in {spec.filename} has no rules, so it would leave the model "
+                         "unchanged: add one, e.g. `quantize blocks.*.** : Linear int8`")
     return spec
 
 
