@@ -44,7 +44,7 @@ def save(cm: CompiledModel, path: str | os.PathLike) -> None:
     """Write `cm` to the directory `path`, atomically (runtime/artifact_files.py): an existing
     artifact there is replaced only once the new one is complete, and a failed save leaves no
     partial directory behind. Files are 0644 under the usual umask."""
-    target = Path(path)
+    target = Path(path).expanduser()  # "~/out" is the home folder's, as adapt … from= reads it
     check_target(target)
     with unlowered(cm.program):  # the artifact holds the reference graph, never kernel layouts
         doc, tensors, aliases = encode_graph(cm.graph.module, cm.graph.model_class)
@@ -83,8 +83,9 @@ def _meta(cm: CompiledModel, aliases: dict[str, str]) -> dict[str, Any]:
     try:
         spec = json.loads(pytree.treespec_dumps(g.outputs.spec))
     except Exception as e:  # a pytree node type registered without a serialized name
-        raise ArtifactError(f"cannot save the output structure of {g.model_class}: "
-                            f"{_first_line(e)}") from e
+        raise ArtifactError(f"cannot save the output structure of {g.model_class}: {_first_line(e)}; give its "
+                            f"type a serialized name ({_REGISTER}) in the process that saves and in the one that "
+                            "loads, or return a dict or tuple") from e
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "slimfx_version": __version__, "torch_version": torch.__version__,
@@ -112,7 +113,7 @@ def load(path: str | os.PathLike, *, backend: str = "auto") -> CompiledModel:
     meta.json (program.json: the very bytes it then parses), and resolves every operator via the
     allow-list in runtime/program_check.py. Whatever goes wrong is an ArtifactError that says
     what to do."""
-    root = Path(path)
+    root = Path(path).expanduser()
     meta = _read_meta(root)
     program = _read_checked(root, meta, PROGRAM)
     _read_checked(root, meta, WEIGHTS, keep=False)  # safetensors maps the file itself
@@ -200,7 +201,7 @@ def _read_meta(root: Path) -> dict[str, Any]:
         raise ArtifactError(f"no artifact at {root}: it is a file, not a directory (an artifact is the directory "
                             "cm.save(path) or `slimfx compile --out` writes)")
     if not (root / META).is_file():
-        raise ArtifactError(f"{root} is not a slimfx artifact: it has no {META}; {RESAVE}")
+        raise ArtifactError(f"{root} is not a slimfx artifact: it has no {META}; {_what_else(root)}")
     meta = _read_json(root / META)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ArtifactError(f"{root / META} does not describe a slimfx artifact; {RESAVE}")
@@ -227,6 +228,16 @@ def _read_meta(root: Path) -> dict[str, Any]:
         raise ArtifactError(f"{root / META} holds {', '.join(f'{k}: {meta[k]!r}' for k in wrong)}, not "
                             f"{' / '.join(wanted)}: it is damaged; {RESAVE}")
     return meta
+
+
+def _what_else(root: Path) -> str:
+    """What to do with a folder that is no artifact, by what it holds."""
+    if (root / "adapter_config.json").is_file():
+        return f'it is a PEFT adapter directory: a policy loads it with `adapt … from="{root}"`'
+    if (root / "config.json").is_file():
+        return (f"it looks like a Hugging Face model folder: compile it (`slimfx compile SPEC --model {root} "
+                "--out DIR`, or slimfx.compile), then load what that saves")
+    return RESAVE
 
 
 _META_KINDS = {"files": dict, "inputs": list, "outputs": dict, "modules": list, "weights": dict, "model_class": str}
@@ -305,10 +316,10 @@ def _import_output_types(spec: Any) -> None:
     for name in _spec_types(spec):
         if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
             continue
-        if not _TRANSFORMERS_CLASS.fullmatch(name):
-            raise ArtifactError(f"the saved output type {name!r} is not a registered pytree "
-                                "type nor a transformers ModelOutput; slimfx imports no other "
-                                f"names from an artifact; {RESAVE}")
+        if not _TRANSFORMERS_CLASS.fullmatch(name):  # the artifact is fine: the type is not known here
+            raise ArtifactError(f"the saved output type {name!r} is not registered in this process, nor a "
+                                "transformers ModelOutput (slimfx imports no other names from an artifact): "
+                                f"register it under that name ({_REGISTER}) before slimfx.load")
         from transformers.utils import ModelOutput
 
         module, _, cls_name = name.rpartition(".")
@@ -321,11 +332,20 @@ def _import_output_types(spec: Any) -> None:
             raise ArtifactError(f"the saved output type {name} is not a ModelOutput; {RESAVE}")
 
 
+_REGISTER = ("torch.utils._pytree._register_namedtuple(cls, serialized_type_name=…) for a namedtuple, "
+             "register_pytree_node(…, serialized_type_name=…) for another class")
+
+
 def _spec_types(node: Any):
+    """The type names a saved TreeSpec needs; for a namedtuple, its own serialized name (its
+    node's type is collections.namedtuple, registered everywhere: an unregistered one was
+    blamed on a damaged meta.json)."""
     if isinstance(node, list):  # [protocol, tree] at the top, children lists below
         for child in node:
             yield from _spec_types(child)
     elif isinstance(node, dict):
         if isinstance(node.get("type"), str):
             yield node["type"]
+        if node.get("type") == "collections.namedtuple" and isinstance(node.get("context"), str):
+            yield node["context"]
         yield from _spec_types(node.get("children_spec", []))

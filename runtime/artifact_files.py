@@ -49,7 +49,9 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any
     from safetensors.torch import save_file
 
     try:
-        save_file(tensors, str(path), metadata={"format": "pt", "writer": "slimfx"})
+        # One key: the writer keeps metadata in a hash map whose order changes from one call to the
+        # next, and two saves of one model differed in their bytes (meta.json names the writer).
+        save_file(tensors, str(path), metadata={"format": "pt"})
     except Exception as e:
         code = _os_error_code(e)
         if code is not None:  # a full disk is the machine's state: the OSError the callers explain

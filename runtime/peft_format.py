@@ -70,7 +70,7 @@ def save_adapters(cm, path: str | os.PathLike, targets: Iterable[str] | None = N
 
     PEFT loads them over the original model's weights: adapters a policy put beside quantized
     weights (QLoRA) reproduce the compiled model only up to that quantization."""
-    target = Path(path)
+    target = Path(path).expanduser()
     adapters = _chosen(adapters_of(cm.program), targets)
     _warn_beside_quantized(cm, adapters)
     _warn_after_removed_blocks(cm)

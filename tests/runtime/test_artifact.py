@@ -377,7 +377,7 @@ def test_refuses_foreign_output_types(llama_dir):
     def edit(meta):
         meta["outputs"]["spec"][1]["type"] = "os.system"
     _edit_json(llama_dir / "meta.json", edit)
-    refused(llama_dir, "'os.system' is not a registered pytree type", "imports no other names")
+    refused(llama_dir, "'os.system' is not registered in this process", "imports no other names")
 
 
 def test_refuses_renamed_inputs(llama_dir):

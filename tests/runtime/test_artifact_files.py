@@ -112,3 +112,37 @@ def test_a_save_killed_outright_is_swept_by_the_next(tmp_path):
     atomic_dir.write_atomic(target, lambda tmp: (tmp / "w").write_bytes(b"y"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name, elsewhere.name])
     assert (target / "w").read_bytes() == b"y"
+
+
+def test_the_weights_file_has_the_same_bytes_at_every_save(tmp_path):
+    """Its header's metadata came out in a hash map's order, which changes from call to call: two
+    saves of one model differed (content-addressed stores and caches saw a change)."""
+    import hashlib
+
+    tensors = {"a": torch.zeros(2), "b": torch.ones(3)}
+    for i in range(12):
+        files.write_weights(tmp_path / f"w{i}.safetensors", tensors)
+    assert len({hashlib.sha256((tmp_path / f"w{i}.safetensors").read_bytes()).hexdigest() for i in range(12)}) == 1
+
+
+def test_a_path_from_the_home_folder_is_expanded(tmp_path, monkeypatch):
+    """cm.save("~/m") made a folder named `~` in the current directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    case = compiled("llama")
+    case.cm.save("~/m")
+    assert (tmp_path / "home" / "m" / "meta.json").is_file() and not (tmp_path / "~").exists()
+    assert torch.equal(slimfx.load("~/m")(**case.loaded.example_inputs).logits,
+                       case.cm(**case.loaded.example_inputs).logits)
+
+
+def test_a_peft_or_hugging_face_folder_given_to_load_is_told_what_it_is(tmp_path):
+    """It was told to 'save it again from the CompiledModel', which it never was."""
+    peft_dir, hf_dir = tmp_path / "bot", tmp_path / "hf"
+    for folder, name in ((peft_dir, "adapter_config.json"), (hf_dir, "config.json")):
+        folder.mkdir()
+        (folder / name).write_text("{}")
+    with pytest.raises(ArtifactError, match=r'PEFT adapter directory: a policy loads it with `adapt … from=".*bot"`'):
+        slimfx.load(peft_dir)
+    with pytest.raises(ArtifactError, match=r"Hugging Face model folder: compile it \(`slimfx compile SPEC --model"):
+        slimfx.load(hf_dir)
