@@ -187,6 +187,7 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
     after, weights, packed = 0, 0, 0
     kept, tied = [], []
     shared = tied_storages(graph, [it.target for it in items])
+    sharing = _sharing_a_weight(graph, items)  # read before the rewrite retires the weights
     for it in items:
         cand, enc = chosen[it.path]
         # Found again: a target rewritten before this one may have been its input (ELECTRA's
@@ -213,7 +214,31 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
     params = sum(it.w.numel() + it.bias_numel for it in items)
     return RuleReport(bound.line, bound.text, bound.rule.kind, tuple(it.path for it in items),
                       params, params, before, after, details,
-                      _notes(bound, kept, tied) + _wide_groups(items, chosen) + notes)
+                      _notes(bound, kept, tied) + _wide_groups(items, chosen) + _packed_copies(sharing, chosen)
+                      + notes)
+
+
+def _sharing_a_weight(graph: ModelGraph, items) -> list[list[str]]:
+    """The groups (two or more) of this rule's targets that read one tied weight."""
+    by_weight: dict[int, list[str]] = {}
+    for it in items:
+        name = weight_name(it.target)
+        if name in it.target.tied:
+            storage = next(p.storage for p in graph.modules[it.path].params if p.name == name)
+            by_weight.setdefault(storage, []).append(it.path)
+    return [paths for paths in by_weight.values() if len(paths) > 1]
+
+
+def _packed_copies(sharing: list[list[str]], chosen) -> tuple[str, ...]:
+    """Linears of one rule that share a tied weight are each encoded and stored on their own (the
+    fp32 original goes): said, not left for the user to find in the bytes."""
+    notes = []
+    for group in sharing:
+        paths = [path for path in group if chosen[path][1] is not None]
+        if len(paths) > 1:
+            notes.append(f"{', '.join(paths)} share one weight (tied): it is stored as {len(paths)} packed copies, "
+                         "one per linear, each encoded for that linear")
+    return tuple(notes)
 
 
 def _wide_groups(items, chosen) -> tuple[str, ...]:

@@ -42,7 +42,10 @@ def test_quantizing_every_sharer_frees_the_original(tmp_path):
     model, x = Shared().eval(), torch.randn(4, 64)
     cm = slimfx.compile(model, "quantize ** : Linear int8", example_inputs={"x": x}, backend="eager")
     assert [n for n, _ in cm.program.named_parameters()] == ["up.bias", "c.bias", "c2.bias"]
-    assert not any("tied" in n for r in cm.report.rules for n in r.notes)
+    # no "not freed" note; the two packed copies are said (they were stored without a word)
+    assert [n for r in cm.report.rules for n in r.notes if "tied" in n] == [
+        "c, c2 share one weight (tied): it is stored as 2 packed copies, one per linear, each encoded for that linear"]
+    assert {n for n, _ in cm.program.named_buffers()} >= {"c.qweight", "c2.qweight"}
     with torch.no_grad():
         torch.testing.assert_close(cm(x), _rounded(model, ["up", "c"])(x), atol=1e-5, rtol=1e-5)
     cm.save(tmp_path / "a")
