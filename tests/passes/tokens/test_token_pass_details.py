@@ -139,30 +139,43 @@ def test_a_decoder_prunes_the_tokens_that_receive_the_most_attention():
 # ---- a per-token value from before the merge read after it is refused by name ---------------
 
 class _Block(nn.Module):
-    def __init__(self):
+    """Attention over the mask (or causal by `is_causal=True` alone), plus `emb` added back."""
+
+    def __init__(self, causal: bool = False):
         super().__init__()
+        self.causal = causal
         self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
 
     def forward(self, h, mask, emb):
         B, S, D = h.shape
         q, k, v = (f(h).view(B, S, 2, 8).transpose(1, 2) for f in (self.q, self.k, self.v))
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :].bool())
-        return h + self.o(a.transpose(1, 2).reshape(B, S, D)) + 0.1 * emb  # every block re-reads the embedding
+        if self.causal:  # no mask: the causal flag only
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :].bool())
+        return h + self.o(a.transpose(1, 2).reshape(B, S, D)) + 0.1 * emb
 
 
-class _EmbeddingEveryBlock(nn.Module):
-    def __init__(self):
+class _Stack(nn.Module):
+    """An embedding and blocks; `reread`: every block adds the embedding again (a per-token value
+    from before any merge), `flat`: returns [B·S, D], `masked`: zeroes padding at the output."""
+
+    def __init__(self, blocks: int = 3, causal: bool = False, reread: bool = False, flat: bool = False,
+                 masked: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.emb = nn.Embedding(50, 16)
-        self.layers = nn.ModuleList([_Block() for _ in range(3)])
+        self.layers = nn.ModuleList([_Block(causal) for _ in range(blocks)])
+        self.reread, self.flat, self.masked = reread, flat, masked
 
     def forward(self, input_ids, attention_mask):
         e = self.emb(input_ids)
         h = e
         for layer in self.layers:
-            h = layer(h, attention_mask, e)
-        return h
+            h = layer(h, attention_mask, e if self.reread else torch.zeros_like(e[:1, :1]))
+        if self.masked:
+            h = h * attention_mask[..., None]
+        return h.reshape(-1, h.shape[-1]) if self.flat else h
 
 
 def test_a_per_token_value_from_before_the_merge_read_after_it_is_refused():
@@ -171,31 +184,14 @@ def test_a_per_token_value_from_before_the_merge_read_after_it_is_refused():
     example = {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0)),
                "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     with pytest.raises(slimfx.SpecError, match="holds one value per token from before the merge"):
-        slimfx.compile(_EmbeddingEveryBlock().eval(), "tokens unpad\ntokens after blocks[0] merge ratio=0.3",
+        slimfx.compile(_Stack(reread=True).eval(), "tokens unpad\ntokens after blocks[0] merge ratio=0.3",
                        example_inputs=example, calib=[example])
-
-
-class _FlatOutput(nn.Module):
-    """Blocks as above (without re-reading the embedding), returning [B·S, D]: batch and sequence
-    flattened into one dim, as GPT-2-style [B·S, D] values are."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(50, 16)
-        self.layers = nn.ModuleList([_Block() for _ in range(3)])
-
-    def forward(self, input_ids, attention_mask):
-        h = self.emb(input_ids)
-        for layer in self.layers:
-            h = layer(h, attention_mask, torch.zeros_like(h[:1, :1]))
-        return h.reshape(-1, h.shape[-1])
 
 
 def test_restore_false_refuses_an_output_that_flattens_batch_and_sequence():
     example = {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0)),
                "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2])}
-    model = _FlatOutput().eval()
+    model = _Stack(flat=True).eval()
     with pytest.raises(slimfx.SpecError, match="flattens batch and sequence into one dim"):
         slimfx.compile(model, "tokens unpad\ntokens after blocks[0] merge ratio=0.3 restore=false",
                        example_inputs=example, calib=[example])
@@ -223,37 +219,11 @@ def test_protect_none_lets_the_first_token_merge_and_protect_cls_keeps_it(bert):
         assert len(cls) == n // 2 + 1 and cls[0] == 0, cls
 
 
-class _CausalBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 16)
-
-    def forward(self, h):
-        B, S, D = h.shape
-        q, k, v = (t.view(B, S, 2, 8).transpose(1, 2) for t in self.qkv(h).chunk(3, dim=-1))
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # no mask: causal flag only
-        return h + self.o(a.transpose(1, 2).reshape(B, S, D))
-
-
-class _CausalFlagDecoder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(50, 16)
-        self.layers = nn.ModuleList([_CausalBlock() for _ in range(2)])
-
-    def forward(self, input_ids, attention_mask):
-        h = self.emb(input_ids)
-        for layer in self.layers:
-            h = layer(h)
-        return h * attention_mask[..., None]
-
-
 def test_unpad_keeps_an_attentions_is_causal_flag():
     """Attention causal by `is_causal=True` alone (no mask): each sequence's packed attention
     stays causal. Right padding: a real token never sees the padding after it, so the padded
     model is exact at real positions."""
-    model = _CausalFlagDecoder().eval()
+    model = _Stack(blocks=2, causal=True, masked=True).eval()
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0]])
     example = {"input_ids": torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1)),
                "attention_mask": mask}
