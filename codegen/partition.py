@@ -95,7 +95,13 @@ class _Partitioner:
                 self._gemm(node)
             elif kind in ("pointwise", "reduction"):
                 self._rows(node)
-            elif kind in ("opaque", "prologue"):
+            elif kind == "opaque":
+                self._add(Group("opaque", [node]))
+        # A prologue (dequantize) comes before the GEMM that reads it, so it is left for that
+        # GEMM to take (taken here first, it was always an eager op: the fused path was dead);
+        # one no GEMM took (several readers) runs on its own.
+        for node in self.graph.nodes:
+            if kind_of(node) == "prologue" and node not in self.group_of:
                 self._add(Group("opaque", [node]))
         self._horizontal()
         return sorted(self.groups, key=lambda g: self.order[g.nodes[0]])
@@ -324,7 +330,10 @@ def _anchor_key(anchor: fx.Node) -> tuple:
     bits and group), so one kernel can compute them over concatenated weights."""
     target = anchor.target
     fmt = tuple(anchor.args[5:7]) if len(anchor.args) > 6 else ()
-    return (anchor.args[0], target, fmt)
+    # addmm(bias, x, w): its activation is the second argument (keyed by the bias, two addmms
+    # reading one x were never merged, and two sharing a bias were grouped, then split by emit)
+    x = anchor.args[1] if target is torch.ops.aten.addmm.default else anchor.args[0]
+    return (x, target, fmt)
 
 
 def _shape(node) -> Optional[tuple[str, ...]]:
