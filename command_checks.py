@@ -102,12 +102,14 @@ def check_folder(option: str, path: str) -> None:
 
 
 def check_writable(option: str, path: str) -> None:
-    """The nearest existing directory above `path` can be written (mkdir there must work)."""
+    """The nearest existing directory above `path` can be written (mkdir there must work), or
+    `path` itself where it is a directory already (a save fills it in place when its parent is
+    not writable: runtime/atomic_dir.py)."""
     from pathlib import Path
 
     from .runtime.artifact_files import nearest_existing
 
-    above = nearest_existing(Path(path))
+    above = Path(path) if Path(path).is_dir() else nearest_existing(Path(path))
     if not os.access(above, os.W_OK):
         raise UsageError(f"cannot write {option} {path}: {above} is not writable")
 

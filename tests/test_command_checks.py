@@ -76,3 +76,19 @@ def test_train_out_inside_or_around_the_artifact_is_refused(tmp_path):
             check_not_nested(out, art)
     check_not_nested(art, art)  # trained in place
     check_not_nested(art + "-trained", art)
+
+
+def test_out_may_be_a_writable_folder_in_a_parent_that_is_not(tmp_path, monkeypatch):
+    """The save fills such a folder in place (runtime/atomic_dir.py); the check asked the parent
+    and refused. A folder that cannot be written itself is still refused."""
+    parent, out = tmp_path / "shared", tmp_path / "shared" / "mine"
+    out.mkdir(parents=True)
+    real = os.access
+    denied = {str(parent.resolve())}
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.realpath(p) in denied else real(p, mode, **kw))
+    check_out(str(out))
+    with pytest.raises(UsageError, match="shared/new is not writable|shared is not writable"):
+        check_out(str(parent / "new"))
+    denied.add(str(out.resolve()))
+    with pytest.raises(UsageError, match="mine is not writable"):
+        check_out(str(out))

@@ -132,3 +132,34 @@ def test_the_umask_is_read_without_setting_it(monkeypatch):
     finally:
         monkeypatch.undo()
         os.umask(old)
+
+
+def _unwritable(monkeypatch, *folders):
+    real = os.access
+    denied = {str(f.resolve()) for f in folders}
+    monkeypatch.setattr(atomic_dir.os, "access",
+                        lambda p, mode, **kw: False if str(os.path.realpath(p)) in denied and mode & os.W_OK
+                        else real(p, mode, **kw))
+
+
+def test_a_folder_in_a_parent_this_user_cannot_write_is_filled_in_place(tmp_path, monkeypatch):
+    """The temporary directory beside it could not be made: 'Permission denied' for a target the
+    user can write."""
+    case = compiled("llama")
+    target = tmp_path / "shared" / "mine"
+    target.mkdir(parents=True)
+    _unwritable(monkeypatch, tmp_path / "shared")
+    monkeypatch.setattr(atomic_dir.tempfile, "mkdtemp", _mkdtemp_refused_in(tmp_path / "shared"))
+    case.cm.save(target)
+    assert _outputs_equal(slimfx.load(target), case.cm, case.loaded.example_inputs)
+
+
+def _mkdtemp_refused_in(folder):
+    real = atomic_dir.tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        if dir is not None and os.path.realpath(dir) == str(folder.resolve()):
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    return mkdtemp
