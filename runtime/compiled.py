@@ -382,4 +382,3 @@ def _tables(module: torch.nn.Module) -> str:
         table = getattr(module.get_submodule(owner), attr)
         rows.append(f"{name.removesuffix('.weight')} holds {table.shape[0]:,} rows")
     return "; ".join(rows) or "none found"
-
