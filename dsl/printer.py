@@ -83,8 +83,16 @@ def format_value(value: A.Value) -> str:
         return repr(value)
     if _IDENT.match(value) and value not in ("true", "false"):
         return value
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    return f'"{escaped}"'
+    return f'"{_escaped(value)}"'
+
+
+def _escaped(text: str) -> str:
+    """A string's characters as a policy file writes them: a quote and a backslash escaped, and
+    every character that prints as nothing or as a line break (a tab, U+2028, a no-break space)
+    as its Python escape, which the parser reads back (printed raw, a tab or U+2028 was invisible
+    in the file, and U+2028 broke its lines for editors)."""
+    return "".join("\\" + ch if ch in '\\"' else ch if ch.isprintable() or ch == " "
+                   else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 # ---- helpers -------------------------------------------------------------------------------

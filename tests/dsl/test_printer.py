@@ -177,3 +177,12 @@ def test_every_string_parse_accepts_prints_back_as_itself():
         text = format_spec(spec)
         text.encode("utf-8")  # no surrogate left for `fmt` to fail on
         assert parse(text) == spec, text
+
+
+def test_characters_that_print_as_nothing_or_a_line_break_are_written_as_escapes():
+    """A tab, U+2028 and a no-break space were printed raw: invisible in the file, and U+2028 a
+    line break to editors (str.splitlines split the rule there)."""
+    spec = parse('policy p {\n    adapt head lora from="a\\tb\\u2028c\\u00a0d é"\n}\n')
+    text = format_spec(spec)
+    assert 'from="a\\tb\\u2028c\\xa0d é"' in text and len(text.splitlines()) == 3, text
+    assert parse(text) == spec
