@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .dsl import SpecError, format_spec, parse
+from .dsl.parser import unreadable
 
 __all__ = ["main"]
 
@@ -120,9 +121,7 @@ def _load(name: str):
     try:
         data, label = _read(name)
     except OSError as e:
-        # as plan and compile say it: a kind and what to do
-        _error(str(SpecError.at("no-file", f"cannot read {name}: {e.strerror or e}", filename=name,
-                                hint="pass the path of an existing .slim file")))
+        _error(str(unreadable(name, e)))  # as plan and compile say it: a kind and what to do
         return None
     try:
         return data, parse(data, filename=label)

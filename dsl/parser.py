@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast as pyast
 import functools
+import os
 import re
 import threading
 import unicodedata
@@ -22,7 +23,7 @@ from .syntax_errors import _WORD, syntax_error
 from .trivia import attach_trivia
 from .validate import validate_spec
 
-__all__ = ["parse", "parse_file", "grammar_text", "lark_parser", "INLINE_POLICY"]
+__all__ = ["parse", "parse_file", "unreadable", "grammar_text", "lark_parser", "INLINE_POLICY"]
 
 # The name of the one policy that rules parsed with bare=True make.
 INLINE_POLICY = "inline"
@@ -92,9 +93,18 @@ def parse_file(path, *, check: bool = True) -> A.Spec:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise SpecError.at("no-file", f"cannot read {path}: {e.strerror or e}", filename=str(path),
-                           hint="pass the path of an existing .slim file") from e
+        raise unreadable(path, e) from e
     return parse(data, filename=str(path), check=check)
+
+
+def unreadable(path, error: OSError) -> SpecError:
+    """The no-file error for a policy path that cannot be read; a compiled artifact's folder
+    given for the policy is named as one ("Is a directory" said nothing of it)."""
+    hint = "pass the path of an existing .slim file"
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        hint = ("it is a saved compiled model (an artifact), not a policy file: its policy is in its meta.json "
+                "(slimfx.load(dir).policy_text); pass a .slim file")
+    return SpecError.at("no-file", f"cannot read {path}: {error.strerror or error}", filename=str(path), hint=hint)
 
 
 def _decode(text: str | bytes, filename: str) -> str:

@@ -72,3 +72,14 @@ def test_plan_to_a_cp1252_stdout_prints_its_table_with_what_it_cannot_encode_as_
     out.flush()
     table = out.buffer.getvalue().decode("cp1252")
     assert "model.layers.0.mlp.up_proj" in table or "blocks" in table, table
+
+
+def test_an_artifact_folder_given_for_the_policy_is_named_as_one(tmp_path, capsys):
+    """It said only "cannot read art: Is a directory"."""
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "meta.json").write_text("{}")
+    for argv in (["check", str(art)], ["plan", str(art), "--model", "tiny:llama"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "cannot read" in err and "it is a saved compiled model (an artifact), not a policy file" in err, err
