@@ -173,10 +173,18 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as e:  # SafetensorError, or OSError for unreadable headers
         raise ArtifactError(f"{path} is not a readable safetensors file ({first_line(e)}); "
                             f"{RESAVE}") from e
+    # The tensors lie in the file's mapping wherever the header's length puts them; a matmul over
+    # a weight that is not 64-byte aligned takes another kernel path and rounds otherwise (a BERT
+    # pooler loaded 5e-8 off the saved model once the header was 11 bytes shorter). Where torch
+    # itself would allocate them, 64-byte aligned, the loaded model computes bit for bit alike.
+    return {name: t if t.data_ptr() % _ALIGNED == 0 else t.clone() for name, t in tensors.items()}
+
+
+_ALIGNED = 64  # bytes: what torch's CPU allocator guarantees
 
 
 def first_line(e: BaseException) -> str:
