@@ -95,14 +95,11 @@ def _write_inside(target: Path, write: Callable[[Path], None], last: str | None)
 def _move_inside(done: Path, target: Path, last: str | None) -> None:
     """A complete set written beside a target that would not move: into a staging directory
     inside it (a copy where it is another file system), then in place file by file."""
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING}{_owner()}-", dir=target))
-    try:
+    def move(stage: Path) -> None:
         for f in done.iterdir():
             shutil.move(str(f), str(stage / f.name))
-        _fsync_dir(stage)
-        _replace_files(stage, target, last)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+
+    _write_inside(target, move, last)
 
 
 def _replace_files(stage: Path, target: Path, last: str | None) -> None:
