@@ -126,7 +126,7 @@ def copy_init(src: Trainee, dst: Trainee) -> None:
 def insertion_seconds(loaded, repeats: int, names: list[str]) -> tuple[dict[str, float], dict[str, float]]:
     """(name -> median seconds to insert the adapters, after one untimed warm-up each;
     name -> seconds of one slimfx compile whose capture comes from the in-process cache)."""
-    from slimfx.passes.capture import clear_cache
+    from slimfx.passes.capture_cache import clear_cache
 
     def timed(name: str, cached: bool = False) -> float:
         if not cached:
@@ -160,7 +160,7 @@ def rss_kib(field: str) -> int:
 def memory_child(name: str) -> None:
     """Runs in a fresh process: prints {"base": MiB, "peak": MiB} of MEMORY_STEPS training steps."""
     from slimfx.models import load
-    from slimfx.passes.capture import clear_cache
+    from slimfx.passes.capture_cache import clear_cache
 
     loaded = load("smollm2-135m")
     batch = text_batch(loaded)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
-import weakref
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -19,6 +16,8 @@ from torch.utils import _pytree as pytree
 
 from ..dsl.errors import SpecError
 from . import autocast_regions
+from .capture_cache import (CachedTrace, lookup, portable_key, remember, shared, signature_key, state_key,
+                            store)
 from .capture_checks import (check_at_example_sizes, check_names, refuse_nested_tensors,
                              refuse_opaque_outputs, written_attrs)
 from .eval_mode import eval_mode
@@ -26,7 +25,7 @@ from .graph import CallInfo, InputInfo, ModelGraph, ModuleInfo, OutputSpec, Para
 from .lent import lend as lend_tensors, own_copies
 from .linear_form import matmuls_as_linears
 
-__all__ = ["capture", "bind_inputs", "clear_cache", "cache_info", "SEQ_INPUTS"]
+__all__ = ["capture", "bind_inputs", "SEQ_INPUTS"]
 
 # Inputs whose dim 1 is the sequence; any other 2-D integer/bool input (a mask) counts too.
 SEQ_INPUTS = frozenset({
@@ -50,7 +49,9 @@ def capture(model: nn.Module, example_inputs: Mapping[str, Any] | tuple,
     True
 
     A second call with the same model, input names/shapes/dtypes and unchanged weights reuses
-    the cached export (only the weight copy and the index are redone).
+    the cached export (only the weight copy and the index are redone); a model built like one
+    traced before (same code, config, shapes and tying; any weights) reuses that trace over its
+    own tensors (capture_cache.py).
 
     `dynamic` overrides which dims are symbolic: {"input_ids": {0: "batch", 1: "seq"}}.
     Sizes 0/1 in the example are widened to 2 for tracing (export would specialize them).
@@ -59,12 +60,19 @@ def capture(model: nn.Module, example_inputs: Mapping[str, Any] | tuple,
     names, args, consts = bind_inputs(model, example_inputs)
     dims = {n: dict(dynamic[n]) if dynamic and n in dynamic else _default_dims(n, a)
             for n, a in zip(names, args)}
-    key = (_signature_key(names, args, consts, dims), _state_key(model))
-    entry = _lookup(model, key)
+    signature = signature_key(names, args, consts, dims)
+    entry = lookup(model, (signature, state_key(model)))
     if entry is None:
-        entry = _export(model, names, args, consts, dims)
+        portable = portable_key(model, signature)
+        entry = shared(portable, model)
+        if entry is not None:  # the trace of a model built like this one, over this one's tensors
+            entry = dataclasses.replace(entry, modules=_module_table(model), model_class=type(model).__name__,
+                                        call=_call_info(model, names, consts))
+        else:
+            entry = _export(model, names, args, consts, dims)
+            remember(portable, entry, model)
         # keyed by the state after tracing: transformers installs its output-recording hooks then
-        _store(model, (key[0], _state_key(model)), entry)
+        store(model, (signature, state_key(model)), entry)
     return _graph_from(entry, lend)
 
 
@@ -124,140 +132,6 @@ def _widen(value: torch.Tensor, dims: Mapping[int, str]) -> torch.Tensor:
     return value
 
 
-# ---- the in-process cache --------------------------------------------------------------------
-# model -> {key: _Entry}. Weak on the model; the entry holds the model's tensors (not copies), so
-# the cache costs no memory beyond the graph. A weight edit, a swapped module or attribute, a
-# config change or a new hook changes _state_key and misses.
-
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-_STATS = {"hits": 0, "misses": 0}
-
-
-@dataclass
-class _Entry:
-    program: Any  # torch.export.ExportedProgram, sharing storage with the model
-    modules: dict[str, ModuleInfo]
-    inputs: tuple[InputInfo, ...]
-    outputs: OutputSpec
-    model_class: str
-    call: CallInfo
-
-
-def _signature_key(names, args, consts, dims) -> tuple:
-    tensors = tuple((n, tuple(a.shape), a.dtype, a.device.type) for n, a in zip(names, args))
-    frozen_dims = tuple((n, tuple(sorted(d.items()))) for n, d in dims.items())
-    return tensors, repr(sorted(consts.items())), frozen_dims
-
-
-def _state_key(model: nn.Module) -> tuple:
-    """Identity and version of every tensor: in-place edits bump `_version`, `.data =` moves the
-    pointer, `module.weight = new` changes the id. And what else the traced forward depends on
-    (_structure_key): a swapped activation, a changed attention scaling or config, a new hook."""
-    state = list(model.named_parameters(remove_duplicate=False))
-    state += list(model.named_buffers(remove_duplicate=False))
-    return tuple((n, id(t), t._version, t.data_ptr()) for n, t in state), _structure_key(model)
-
-
-def _structure_key(model: nn.Module) -> tuple:
-    """Each module's identity, class, the forward its class has now, public attributes and hooks,
-    and the config's values: a change to any of them (`layer.mlp.act_fn = nn.ReLU()`,
-    `attn.scaling = 0.01`, `config.output_hidden_states = True`, `LlamaMLP.forward = …`) changes
-    what export traces, so it must miss. A patched module-level function is not seen."""
-    parts = []
-    for name, m in model.named_modules(remove_duplicate=False):
-        attrs = tuple((k, _attr_key(v)) for k, v in sorted(vars(m).items()) if not k.startswith("_")
-                      and k != "training")  # capture traces in eval mode whatever the flag
-        # by identity: a re-registered partial or closure is a new object with other values
-        hooks = tuple(_Same(h) for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
-        # a class-level patch (`type(m).forward = f`) keeps the class: key the function it has now
-        parts.append((name, id(m), type(m), _Same(getattr(type(m), "forward", None)), attrs, hooks))
-    return tuple(parts), _config_key(getattr(model, "config", None))
-
-
-def _attr_key(value: Any, depth: int = 0) -> Any:
-    """Plain values and containers of them by value (transformers rebuilds some dicts on every
-    call, e.g. `all_tied_weights_keys`), anything else by identity."""
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        return value
-    if isinstance(value, torch.Tensor):  # a plain tensor attribute (not a buffer): edits bump its version
-        return _Same(value), value._version
-    if depth < 3 and isinstance(value, (tuple, list, set, frozenset)):
-        items = tuple(_attr_key(v, depth + 1) for v in value)
-        return type(value).__name__, tuple(sorted(items, key=repr)) if isinstance(value, (set, frozenset)) else items
-    if depth < 3 and isinstance(value, dict):
-        return "dict", tuple(sorted(((repr(k), _attr_key(v, depth + 1)) for k, v in value.items()), key=repr))
-    if depth < 3 and dataclasses.is_dataclass(value) and not isinstance(value, type):
-        # by its fields: `config.scale = 3.0` on a dataclass config changes what is traced
-        return _Same(type(value)), tuple((f.name, _attr_key(getattr(value, f.name), depth + 1))
-                                         for f in dataclasses.fields(value))
-    if depth < 3 and _plain_object(value):
-        # a SimpleNamespace or hand-written config object: by its fields, as a dataclass
-        return _Same(type(value)), tuple((k, _attr_key(v, depth + 1)) for k, v in sorted(vars(value).items()))
-    return _Same(value)  # a function or object: its identity (a module's own fields are keyed apart)
-
-
-def _plain_object(value: Any) -> bool:
-    """An object that holds values and does nothing: not callable (functions, partials and
-    modules stay keyed by identity), with a small __dict__ (a tokenizer's vocabulary is not
-    walked on every capture)."""
-    fields = getattr(value, "__dict__", None)
-    return (isinstance(fields, dict) and len(fields) <= 256 and not callable(value)
-            and not isinstance(value, (type, nn.Module, torch.Tensor)))
-
-
-class _Same:
-    """An object in a cache key by identity, held by the key so that its id cannot be taken by a
-    new object while the key lives (a freed hook's id was reused by the next one, and hit)."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Same) and self.obj is other.obj
-
-    def __hash__(self) -> int:
-        return id(self.obj)
-
-
-def _config_key(config: Any) -> Any:
-    """A Hugging Face config's values (`config.output_hidden_states = True` changes the outputs),
-    with its attention implementation, which to_dict() leaves out (`set_attn_implementation`);
-    any other config (a dataclass or plain object) as an attribute is keyed."""
-    to_dict = getattr(config, "to_dict", None)
-    if not callable(to_dict):
-        return None if config is None else _attr_key(config)
-    attn = getattr(config, "_attn_implementation", None)
-    try:
-        return json.dumps(to_dict(), sort_keys=True, default=repr), repr(attn)
-    except (TypeError, ValueError):  # a config that cannot say its values: key it by identity
-        return _Same(config), repr(attn)
-
-
-def _lookup(model: nn.Module, key: tuple) -> _Entry | None:
-    entry = _CACHE.get(model, {}).get(key)
-    _STATS["hits" if entry else "misses"] += 1
-    return entry
-
-
-def _store(model: nn.Module, key: tuple, entry: _Entry) -> None:
-    # Entries for an older state hold tensors the model no longer has: drop them.
-    kept = {k: e for k, e in _CACHE.get(model, {}).items() if k[1] == key[1]}
-    kept[key] = entry
-    _CACHE[model] = kept
-
-
-def clear_cache() -> None:
-    _CACHE.clear()
-    _STATS.update(hits=0, misses=0)
-
-
-def cache_info() -> dict[str, int]:
-    """{"hits": …, "misses": …, "models": …} since the last clear_cache()."""
-    return dict(_STATS, models=len(_CACHE))
-
-
 # ---- export --------------------------------------------------------------------------------
 
 
@@ -284,7 +158,7 @@ class _FlatCall(nn.Module):
         return tuple(x for x in leaves if isinstance(x, torch.Tensor))
 
 
-def _export(model, names, args, consts, dims) -> _Entry:
+def _export(model, names, args, consts, dims) -> CachedTrace:
     sink: list = []
     wrapper = _FlatCall(model, names, consts, sink)
     # torch.export names the placeholders after forward's parameters.
@@ -303,10 +177,14 @@ def _export(model, names, args, consts, dims) -> _Entry:
     if any(t.shape != a.shape for t, a in zip(traced, args)):
         check_at_example_sizes(model, program, names, args, consts)
     refuse_opaque_outputs(model, consts_out)
-    return _Entry(program, _module_table(model), _input_infos(program, names, dims),
+    return CachedTrace(program, _module_table(model), _input_infos(program, names, dims),
                   OutputSpec(spec, tuple(consts_out), tuple(tensor_leaves)), type(model).__name__,
-                  CallInfo(positional_names(model), tuple(consts.items()), _flag_defaults(model, names, consts),
-                           _declared_defaults(model, consts)))
+                  _call_info(model, names, consts))
+
+
+def _call_info(model: nn.Module, names, consts) -> CallInfo:
+    return CallInfo(positional_names(model), tuple(consts.items()), _flag_defaults(model, names, consts),
+                    _declared_defaults(model, consts))
 
 
 # Hugging Face flags a forward takes through **kwargs (or as None): None means the config's value.
@@ -428,7 +306,7 @@ def _input_infos(program, names, dims) -> tuple[InputInfo, ...]:
     return tuple(infos)
 
 
-def _graph_from(entry: _Entry, lend: bool) -> ModelGraph:
+def _graph_from(entry: CachedTrace, lend: bool) -> ModelGraph:
     """A fresh GraphModule per call, with its own copies of the weights (tying preserved), or
     lent ones."""
     gm = entry.program.module()

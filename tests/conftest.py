@@ -1,7 +1,9 @@
 """Suite-wide settings. Hypothesis runs a fixed, smaller budget in CI so the suite stays fast
 and reproducible; locally it explores with fresh randomness."""
+import gc
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # Generated Triton kernels run through Triton's interpreter on a machine without a GPU; the
@@ -25,3 +27,39 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
+
+# compile() ends with a full garbage collection (runtime/heap.py: the freed heap goes back to the
+# system, so RSS shows what the model holds). Its cost grows with every object the process holds:
+# in a test process, with torch, transformers, hypothesis and earlier tests' modules imported,
+# 0.35 s a compile, 40% of tests/test_api.py's time (measured). Objects that live across tests
+# are moved out of the collector's sight (gc.freeze): what collecting the tests and a first
+# capture imported, then at
+# each test module's end what is left after a full collection, so a compile's collection looks
+# only at what its module made; that full collection frees what the module left in cycles.
+@pytest.fixture(autouse=True, scope="session")
+def _out_of_sight_what_collection_imported():
+    # torch.export imports most of its machinery (dynamo, functorch, sympy) on its first call:
+    # one capture here puts those objects out of sight too
+    from slimfx.models import tiny
+    from slimfx.passes.capture import capture
+    from slimfx.passes.capture_cache import clear_cache
+
+    warm = tiny("llama", layers=1)
+    capture(warm.model, warm.example_inputs)
+    del warm
+    clear_cache()
+    gc.collect()
+    gc.freeze()
+    yield
+    # frozen objects are never collected, at exit neither: triton's bindings then report leaks
+    gc.unfreeze()
+    gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_what_each_module_leaves(_out_of_sight_what_collection_imported):
+    yield
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

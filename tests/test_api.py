@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings
 import slimfx
 from slimfx import SpecError
 from slimfx.models import TINY_ARCHS, tiny
-from slimfx.passes.capture import clear_cache
+from slimfx.passes.capture_cache import clear_cache
 from slimfx.testing import bare_rules
 
 SPEC = "policy p {\n    quantize blocks.*.** : Linear int4\n}\n"
@@ -311,7 +311,7 @@ def test_a_model_on_the_meta_device_is_refused_before_capture():
 
 
 def test_second_compile_of_the_same_model_reuses_the_capture():
-    from slimfx.passes.capture import cache_info
+    from slimfx.passes.capture_cache import cache_info
 
     clear_cache()
     loaded = tiny("gpt2")

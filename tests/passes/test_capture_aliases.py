@@ -6,7 +6,7 @@ import torch
 
 import slimfx
 from slimfx.models import tiny
-from slimfx.passes.capture import clear_cache
+from slimfx.passes.capture_cache import clear_cache
 
 
 def _other_ids(ids: torch.Tensor) -> torch.Tensor:

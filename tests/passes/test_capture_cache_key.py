@@ -11,7 +11,8 @@ from torch import nn
 
 import slimfx
 from slimfx.models import tiny
-from slimfx.passes.capture import cache_info, capture, clear_cache
+from slimfx.passes.capture import capture
+from slimfx.passes.capture_cache import cache_info, clear_cache
 
 
 def test_set_attn_implementation_misses_the_cache():

@@ -1,0 +1,310 @@
+"""The in-process cache of capture's traces: torch.export takes seconds, and a second compile of
+the same model (a policy tried again, a test) needs the same trace.
+
+Two levels:
+- per model (weak on the model): the model's own trace, reused while its state is unchanged
+  (`_state_key`: the identity and version of every tensor, the modules, their attributes, hooks and
+  the config). The entry holds the model's tensors (not copies), so it costs nothing beyond the graph.
+- across models: a trace does not depend on the weights' values (export traces on fake tensors),
+  only on their shapes, dtypes, tying and on the code, attributes and config. A model built like
+  one traced before (another seed, a second `from_config`, a weight edit) gets that trace re-bound
+  to its own tensors (`portable_key`, `rebind`). The trace is kept without any tensor of the model
+  it came from, in a list bounded by graph nodes (SHARED_NODES), least recently used first out.
+  A model holding anything only it has in its key (a tensor attribute, a per-object hook or
+  function) is never shared: it is traced, as before.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import functools
+import json
+import sys
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .graph import CallInfo, InputInfo, ModuleInfo, OutputSpec
+
+# model -> {key: CachedTrace}. A weight edit, a swapped module or attribute, a config change or a new
+# hook changes _state_key and misses.
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# portable key -> CachedTrace whose program holds meta tensors in place of the model's.
+_SHARED: "collections.OrderedDict[tuple, CachedTrace]" = collections.OrderedDict()
+# The traces kept across models, in graph nodes: a tiny model's graph has a few hundred, a 30-layer
+# 135M model's a few thousand (some MB of node metadata each).
+SHARED_NODES = 200_000
+_STATS = {"hits": 0, "reused": 0, "misses": 0}
+
+
+@dataclass
+class CachedTrace:
+    program: Any  # torch.export.ExportedProgram, sharing storage with the model
+    modules: dict[str, ModuleInfo]
+    inputs: tuple[InputInfo, ...]
+    outputs: OutputSpec
+    model_class: str
+    call: CallInfo
+
+
+def signature_key(names, args, consts, dims) -> tuple:
+    tensors = tuple((n, tuple(a.shape), a.dtype, a.device.type) for n, a in zip(names, args))
+    frozen_dims = tuple((n, tuple(sorted(d.items()))) for n, d in dims.items())
+    return tensors, repr(sorted(consts.items())), frozen_dims
+
+
+def state_key(model: nn.Module) -> tuple:
+    """Identity and version of every tensor: in-place edits bump `_version`, `.data =` moves the
+    pointer, `module.weight = new` changes the id. And what else the traced forward depends on
+    (_structure_key): a swapped activation, a changed attention scaling or config, a new hook."""
+    return tuple((n, id(t), t._version, t.data_ptr()) for n, t in _tensors(model)), _structure_key(model)
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def _structure_key(model: nn.Module) -> tuple:
+    """Each module's identity, class, the forward its class has now, public attributes and hooks,
+    and the config's values: a change to any of them (`layer.mlp.act_fn = nn.ReLU()`,
+    `attn.scaling = 0.01`, `config.output_hidden_states = True`, `LlamaMLP.forward = …`) changes
+    what export traces, so it must miss. A patched module-level function is not seen."""
+    parts = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        attrs = tuple((k, _attr_key(v)) for k, v in sorted(vars(m).items()) if not k.startswith("_")
+                      and k != "training")  # capture traces in eval mode whatever the flag
+        # by identity: a re-registered partial or closure is a new object with other values
+        hooks = tuple(_Same(h) for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
+        # a class-level patch (`type(m).forward = f`) keeps the class: key the function it has now
+        parts.append((name, id(m), type(m), _Same(getattr(type(m), "forward", None)), attrs, hooks))
+    return tuple(parts), _config_key(getattr(model, "config", None))
+
+
+def _attr_key(value: Any, depth: int = 0) -> Any:
+    """Plain values and containers of them by value (transformers rebuilds some dicts on every
+    call, e.g. `all_tied_weights_keys`), anything else by identity."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if isinstance(value, torch.Tensor):  # a plain tensor attribute (not a buffer): edits bump its version
+        return _Same(value), value._version
+    if depth < 3 and isinstance(value, functools.partial):
+        # by what it calls with what (gemma2 makes a new `partial(gelu, approximate="tanh")` per
+        # module): the same function and arguments compute the same
+        return ("partial", _attr_key(value.func, depth + 1), _attr_key(value.args, depth + 1),
+                _attr_key(value.keywords, depth + 1))
+    if depth < 3 and isinstance(value, (tuple, list, set, frozenset)):
+        items = tuple(_attr_key(v, depth + 1) for v in value)
+        return type(value).__name__, tuple(sorted(items, key=repr)) if isinstance(value, (set, frozenset)) else items
+    if depth < 3 and isinstance(value, dict):
+        return "dict", tuple(sorted(((repr(k), _attr_key(v, depth + 1)) for k, v in value.items()), key=repr))
+    if depth < 3 and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # by its fields: `config.scale = 3.0` on a dataclass config changes what is traced
+        return _Same(type(value)), tuple((f.name, _attr_key(getattr(value, f.name), depth + 1))
+                                         for f in dataclasses.fields(value))
+    if depth < 3 and _plain_object(value):
+        # a SimpleNamespace or hand-written config object: by its fields, as a dataclass
+        return _Same(type(value)), tuple((k, _attr_key(v, depth + 1)) for k, v in sorted(vars(value).items()))
+    return _Same(value)  # a function or object: its identity (a module's own fields are keyed apart)
+
+
+def _plain_object(value: Any) -> bool:
+    """An object that holds values and does nothing: not callable (functions, partials and
+    modules stay keyed by identity), with a small __dict__ (a tokenizer's vocabulary is not
+    walked on every capture)."""
+    fields = getattr(value, "__dict__", None)
+    return (isinstance(fields, dict) and len(fields) <= 256 and not callable(value)
+            and not isinstance(value, (type, nn.Module, torch.Tensor)))
+
+
+class _Same:
+    """An object in a cache key by identity. Held weakly where it can be: a hook that closes over
+    its model, held by the model's own key, kept the model alive for good (the weak cache's
+    value held its key). A freed object never matches again, so a new object that takes its id
+    does not hit (a freed hook's id was reused by the next one, and hit)."""
+
+    __slots__ = ("_ref", "_id")
+
+    def __init__(self, obj: Any):
+        try:
+            self._ref = weakref.ref(obj)
+        except TypeError:  # None, a builtin: held as it is (such objects are not the model's own)
+            self._ref = lambda: obj
+        self._id = id(obj)
+
+    @property
+    def obj(self) -> Any:
+        return self._ref()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Same) or self._id != other._id:
+            return False
+        mine = self._ref()
+        return mine is not None and mine is other._ref()
+
+    def __hash__(self) -> int:
+        return self._id
+
+
+def _config_key(config: Any) -> Any:
+    """A Hugging Face config's values (`config.output_hidden_states = True` changes the outputs),
+    with its attention implementation, which to_dict() leaves out (`set_attn_implementation`);
+    any other config (a dataclass or plain object) as an attribute is keyed."""
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        return None if config is None else _attr_key(config)
+    attn = getattr(config, "_attn_implementation", None)
+    try:
+        return json.dumps(to_dict(), sort_keys=True, default=repr), repr(attn)
+    except (TypeError, ValueError):  # a config that cannot say its values: key it by identity
+        return _Same(config), repr(attn)
+
+
+# ---- per model ------------------------------------------------------------------------------
+
+
+def lookup(model: nn.Module, key: tuple) -> CachedTrace | None:
+    entry = _CACHE.get(model, {}).get(key)
+    if entry is not None:
+        _STATS["hits"] += 1
+    return entry
+
+
+def store(model: nn.Module, key: tuple, entry: CachedTrace) -> None:
+    # Entries for an older state hold tensors the model no longer has: drop them.
+    kept = {k: e for k, e in _CACHE.get(model, {}).items() if k[1] == key[1]}
+    kept[key] = entry
+    _CACHE[model] = kept
+
+
+# ---- across models --------------------------------------------------------------------------
+
+
+class _NotPortable(Exception):
+    """The model's key holds an object only this model has: its trace is not shared."""
+
+
+def portable_key(model: nn.Module, signature: tuple) -> tuple | None:
+    """What a trace of `model` on inputs of `signature` depends on, with nothing that names this
+    model object: each tensor's kind, shape, strides, dtype, device and which others it is tied to
+    (by object and by storage); each module's path, class, forward, attributes and hooks, a module
+    used under two paths by its first path's number; the config's values. None when the model has
+    an object in its key that is its own (a tensor attribute, a closure as hook or attribute)."""
+    objects: dict[int, int] = {}
+    storages: dict[int, int] = {}
+    tensors = []
+    for name, t in _tensors(model):
+        if type(t) not in (torch.Tensor, nn.Parameter):  # a tensor subclass: export may read its insides
+            return None
+        tensors.append((name, isinstance(t, nn.Parameter), t.requires_grad, tuple(t.shape), t.stride(),
+                        t.storage_offset(), t.dtype, str(t.device), objects.setdefault(id(t), len(objects)),
+                        storages.setdefault(t.untyped_storage().data_ptr(), len(storages))))
+    modules: dict[int, int] = {}
+    parts, config = _structure_key(model)
+    try:
+        portable = tuple((name, modules.setdefault(ident, len(modules)), *map(_shared_only, rest))
+                         for name, ident, *rest in parts)
+        return signature, tuple(tensors), portable, _shared_only(config)
+    except _NotPortable:
+        return None
+
+
+def _shared_only(part: Any) -> Any:
+    """`part` as it is, after checking that every object it holds by identity is one any model
+    would hold: a class, a module-level function or None. Raises _NotPortable otherwise."""
+    if isinstance(part, _Same):
+        if not _module_level(part.obj):
+            raise _NotPortable
+    elif isinstance(part, tuple):
+        for p in part:
+            _shared_only(p)
+    return part
+
+
+def _module_level(obj: Any) -> bool:
+    if obj is None or isinstance(obj, type):
+        return True
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    qualname = getattr(obj, "__qualname__", None)
+    if module is None or not isinstance(qualname, str) or "<locals>" in qualname:
+        return False
+    found: Any = module
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found is obj
+
+
+def shared(key: tuple | None, model: nn.Module) -> CachedTrace | None:
+    """The trace kept for a model built like `model`, re-bound to `model`'s tensors (its module
+    table and call are the caller's to fill in), or None."""
+    entry = _SHARED.get(key) if key is not None else None
+    program = _rebound(entry.program, model) if entry is not None else None
+    if program is None:
+        return None
+    _SHARED.move_to_end(key)
+    _STATS["reused"] += 1
+    return dataclasses.replace(entry, program=program)
+
+
+def remember(key: tuple | None, entry: CachedTrace, model: nn.Module) -> None:
+    """A fresh trace of `model`: count it, and keep it for models built like `model`, without
+    `model`'s tensors."""
+    _STATS["misses"] += 1
+    if key is None or not _rebindable(entry.program):
+        return
+    own = {id(t) for _, t in _tensors(model)}
+    meta = {k: _on_meta(v) if id(v) in own else v for k, v in _program_tensors(entry.program).items()}
+    _SHARED[key] = dataclasses.replace(entry, program=_with_tensors(entry.program, meta))
+    _SHARED.move_to_end(key)
+    while len(_SHARED) > 1 and sum(len(e.program.graph.nodes) for e in _SHARED.values()) > SHARED_NODES:
+        _SHARED.popitem(last=False)
+
+
+def _rebound(program: Any, model: nn.Module) -> Any:
+    """A copy of a kept program whose parameters and buffers are `model`'s own, by name (the
+    trace's lifted constants, made by the forward itself, are the kept ones). None where a kept
+    tensor has no namesake in `model` (the keys matched, so it should not happen: trace instead)."""
+    own = dict(_tensors(model))
+    tensors = {k: own.get(k, v) for k, v in _program_tensors(program).items()}
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors.values()):
+        return None
+    return _with_tensors(program, tensors)
+
+
+def _rebindable(program: Any) -> bool:
+    # ExportedProgram keeps its tensors in these two dicts in every torch this runs on (2.5-2.13);
+    # a torch that does not is traced every time rather than re-bound wrongly.
+    return isinstance(getattr(program, "_state_dict", None), dict) and isinstance(
+        getattr(program, "_constants", None), dict)
+
+
+def _program_tensors(program: Any) -> dict[str, Any]:
+    return {**program._constants, **program._state_dict}
+
+
+def _with_tensors(program: Any, tensors: dict[str, Any]) -> Any:
+    out = copy.copy(program)
+    out._state_dict = {k: tensors[k] for k in program._state_dict}
+    out._constants = {k: tensors[k] for k in program._constants}
+    return out
+
+
+def _on_meta(t: torch.Tensor) -> torch.Tensor:
+    empty = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    return nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+    _SHARED.clear()
+    _STATS.update(hits=0, reused=0, misses=0)
+
+
+def cache_info() -> dict[str, int]:
+    """Since the last clear_cache(): {"hits": the model's own trace reused, "reused": the trace
+    of a model built like it re-bound to its tensors, "misses": traced by torch.export,
+    "models": models with a trace kept, "shared": traces kept across models}."""
+    return dict(_STATS, models=len(_CACHE), shared=len(_SHARED))
