@@ -3,15 +3,16 @@ the same model (a policy tried again, a test) needs the same trace.
 
 Two levels:
 - per model (weak on the model): the model's own trace, reused while its state is unchanged
-  (`_state_key`: the identity and version of every tensor, the modules, their attributes, hooks and
+  (`state_key`: the identity and version of every tensor, the modules, their attributes, hooks and
   the config). The entry holds the model's tensors (not copies), so it costs nothing beyond the graph.
-- across models: a trace does not depend on the weights' values (export traces on fake tensors),
-  only on their shapes, dtypes, tying and on the code, attributes and config. A model built like
-  one traced before (another seed, a second `from_config`, a weight edit) gets that trace re-bound
-  to its own tensors (`portable_key`, `rebind`). The trace is kept without any tensor of the model
+- across models, where asked for (share_traces(); off by default): a trace does not depend on
+  the weights' values (export traces on fake tensors), only on their shapes, dtypes and tying and
+  on the code, attributes, class values and config. A model built like one traced before (another
+  seed, another checkpoint of the architecture, a weight edit) gets that trace re-bound to its own
+  tensors (`portable_key`, `shared`). The trace is kept without any tensor or input of the model
   it came from, in a list bounded by graph nodes (SHARED_NODES), least recently used first out.
   A model holding anything only it has in its key (a tensor attribute, a per-object hook or
-  function) is never shared: it is traced, as before.
+  function, a parametrized module) is never shared: it is traced.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils import _pytree as pytree
 
 from .graph import CallInfo, InputInfo, ModuleInfo, OutputSpec
 
@@ -75,22 +78,52 @@ def _structure_key(model: nn.Module) -> tuple:
     what export traces, so it must miss. A patched module-level function is not seen."""
     parts = []
     for name, m in model.named_modules(remove_duplicate=False):
-        attrs = tuple((k, _attr_key(v)) for k, v in sorted(vars(m).items()) if not k.startswith("_")
-                      and k != "training")  # capture traces in eval mode whatever the flag
         # by identity: a re-registered partial or closure is a new object with other values
         hooks = tuple(_Same(h) for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
         # a class-level patch (`type(m).forward = f`) keeps the class: key the function it has now
-        parts.append((name, id(m), type(m), _Same(getattr(type(m), "forward", None)), attrs, hooks))
-    return tuple(parts), _config_key(getattr(model, "config", None))
+        parts.append((name, id(m), _Same(type(m)), _OfClass(getattr(type(m), "forward", None)), _own_attrs(m), hooks))
+    classes = {type(m) for m in model.modules()}
+    return tuple(parts), _config_key(getattr(model, "config", None)), _class_values(classes)
+
+
+# What nn.Module keeps for itself (its tensors, children and hooks are keyed apart); `training`
+# too: capture traces in eval mode whatever the flag.
+_MODULE_SLOTS = frozenset(vars(nn.Module())) | {"training"}
+
+
+def _own_attrs(m: nn.Module) -> tuple:
+    """A module's attributes, private ones too (a value a forward caches in `self._scale`)."""
+    return tuple((k, _attr_key(v)) for k, v in sorted(vars(m).items()) if k not in _MODULE_SLOTS)
+
+
+def _class_values(classes) -> tuple:
+    """Plain values set on the classes (`LlamaAttention.scale = 3.0` changes what a forward
+    computes), below nn.Module; functions and descriptors are keyed as the modules' forward is."""
+    out = []
+    for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__, id(c))):
+        for base in cls.__mro__:
+            if base in (nn.Module, object):
+                break
+            out.extend((base.__qualname__, k, _attr_key(v)) for k, v in vars(base).items()
+                       if not k.startswith("__") and (v is None or isinstance(v, (bool, int, float, str))))
+    return tuple(out)
 
 
 def _attr_key(value: Any, depth: int = 0) -> Any:
     """Plain values and containers of them by value (transformers rebuilds some dicts on every
     call, e.g. `all_tied_weights_keys`), anything else by identity."""
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+    if value is None or isinstance(value, (str, bytes)):
         return value
+    if isinstance(value, (bool, int, float)):  # by type too: 1 == 1.0 == True, and torch.full tells them apart
+        return type(value).__name__, value
     if isinstance(value, torch.Tensor):  # a plain tensor attribute (not a buffer): edits bump its version
         return _Same(value), value._version
+    if depth < 3 and isinstance(value, nn.Module) and not _holds_tensors(value):
+        # an unregistered module without tensors (transformers keeps a kernel wrapper per attention
+        # in `_kernel_funcs`): by its class, attributes and hooks, as a registered one
+        hooks = tuple(_Same(h) for d in (value._forward_hooks, value._forward_pre_hooks) for h in d.values())
+        return "module", _Same(type(value)), _OfClass(getattr(type(value), "forward", None)), tuple(
+            (k, _attr_key(v, depth + 1)) for k, v in sorted(vars(value).items()) if k not in _MODULE_SLOTS), hooks
     if depth < 3 and isinstance(value, functools.partial):
         # by what it calls with what (gemma2 makes a new `partial(gelu, approximate="tanh")` per
         # module): the same function and arguments compute the same
@@ -109,6 +142,10 @@ def _attr_key(value: Any, depth: int = 0) -> Any:
         # a SimpleNamespace or hand-written config object: by its fields, as a dataclass
         return _Same(type(value)), tuple((k, _attr_key(v, depth + 1)) for k, v in sorted(vars(value).items()))
     return _Same(value)  # a function or object: its identity (a module's own fields are keyed apart)
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def _plain_object(value: Any) -> bool:
@@ -149,6 +186,12 @@ class _Same:
         return self._id
 
 
+class _OfClass(_Same):
+    """A class's own function (its forward): shared by every model that has the class."""
+
+    __slots__ = ()
+
+
 def _config_key(config: Any) -> Any:
     """A Hugging Face config's values (`config.output_hidden_states = True` changes the outputs),
     with its attention implementation, which to_dict() leaves out (`set_attn_implementation`);
@@ -158,7 +201,9 @@ def _config_key(config: Any) -> Any:
         return None if config is None else _attr_key(config)
     attn = getattr(config, "_attn_implementation", None)
     try:
-        return json.dumps(to_dict(), sort_keys=True, default=repr), repr(attn)
+        values = dict(to_dict())
+        values.pop("_name_or_path", None)  # where it was loaded from: another checkpoint computes alike
+        return json.dumps(values, sort_keys=True, default=repr), repr(attn)
     except (TypeError, ValueError):  # a config that cannot say its values: key it by identity
         return _Same(config), repr(attn)
 
@@ -187,12 +232,31 @@ class _NotPortable(Exception):
     """The model's key holds an object only this model has: its trace is not shared."""
 
 
+def share_traces(on: bool = True) -> bool:
+    """Reuse a trace across models built alike (off by default); returns the previous setting.
+    Worth it where one process compiles many fresh models of one architecture (a sweep over
+    checkpoints, a test suite): each skips torch.export's seconds. The one thing a shared trace
+    does not see, as this model's own cached trace does not either, is a patched module-level
+    function (`modeling_llama.apply_rotary_pos_emb = …`) after the first trace: clear_cache() then."""
+    global _SHARING
+    before, _SHARING = _SHARING, bool(on)
+    if not on:
+        _SHARED.clear()
+    return before
+
+
+_SHARING = False
+
+
 def portable_key(model: nn.Module, signature: tuple) -> tuple | None:
     """What a trace of `model` on inputs of `signature` depends on, with nothing that names this
     model object: each tensor's kind, shape, strides, dtype, device and which others it is tied to
     (by object and by storage); each module's path, class, forward, attributes and hooks, a module
     used under two paths by its first path's number; the config's values. None when the model has
-    an object in its key that is its own (a tensor attribute, a closure as hook or attribute)."""
+    an object in its key that is its own (a tensor attribute, a closure as hook or attribute), a
+    parametrized module (its class is its own: parametrize makes one per module), or sharing is off."""
+    if not _SHARING or any(parametrize.is_parametrized(m) for m in model.modules()):
+        return None
     objects: dict[int, int] = {}
     storages: dict[int, int] = {}
     tensors = []
@@ -203,20 +267,21 @@ def portable_key(model: nn.Module, signature: tuple) -> tuple | None:
                         t.storage_offset(), t.dtype, str(t.device), objects.setdefault(id(t), len(objects)),
                         storages.setdefault(t.untyped_storage().data_ptr(), len(storages))))
     modules: dict[int, int] = {}
-    parts, config = _structure_key(model)
+    parts, config, class_values = _structure_key(model)
     try:
         portable = tuple((name, modules.setdefault(ident, len(modules)), *map(_shared_only, rest))
                          for name, ident, *rest in parts)
-        return signature, tuple(tensors), portable, _shared_only(config)
+        return signature, tuple(tensors), portable, _shared_only(config), _shared_only(class_values)
     except _NotPortable:
         return None
 
 
 def _shared_only(part: Any) -> Any:
     """`part` as it is, after checking that every object it holds by identity is one any model
-    would hold: a class, a module-level function or None. Raises _NotPortable otherwise."""
+    would hold: a class or its forward, a module-level function or None. Raises _NotPortable
+    otherwise."""
     if isinstance(part, _Same):
-        if not _module_level(part.obj):
+        if not isinstance(part, _OfClass) and not isinstance(part.obj, type) and not _module_level(part.obj):
             raise _NotPortable
     elif isinstance(part, tuple):
         for p in part:
@@ -225,7 +290,7 @@ def _shared_only(part: Any) -> Any:
 
 
 def _module_level(obj: Any) -> bool:
-    if obj is None or isinstance(obj, type):
+    if obj is None:
         return True
     module = sys.modules.get(getattr(obj, "__module__", None) or "")
     qualname = getattr(obj, "__qualname__", None)
@@ -257,7 +322,10 @@ def remember(key: tuple | None, entry: CachedTrace, model: nn.Module) -> None:
         return
     own = {id(t) for _, t in _tensors(model)}
     meta = {k: _on_meta(v) if id(v) in own else v for k, v in _program_tensors(entry.program).items()}
-    _SHARED[key] = dataclasses.replace(entry, program=_with_tensors(entry.program, meta))
+    kept = _with_tensors(entry.program, meta)
+    # the example inputs give the graph's input structure only: not the user's tensors themselves
+    kept._example_inputs = pytree.tree_map_only(torch.Tensor, _on_meta, kept._example_inputs)
+    _SHARED[key] = dataclasses.replace(entry, program=kept)
     _SHARED.move_to_end(key)
     while len(_SHARED) > 1 and sum(len(e.program.graph.nodes) for e in _SHARED.values()) > SHARED_NODES:
         _SHARED.popitem(last=False)
@@ -275,10 +343,10 @@ def _rebound(program: Any, model: nn.Module) -> Any:
 
 
 def _rebindable(program: Any) -> bool:
-    # ExportedProgram keeps its tensors in these two dicts in every torch this runs on (2.5-2.13);
-    # a torch that does not is traced every time rather than re-bound wrongly.
-    return isinstance(getattr(program, "_state_dict", None), dict) and isinstance(
-        getattr(program, "_constants", None), dict)
+    # ExportedProgram keeps its tensors in these two dicts and its example inputs in the third in
+    # every torch this runs on (2.5-2.13); a torch that does not is traced every time instead.
+    return (isinstance(getattr(program, "_state_dict", None), dict)
+            and isinstance(getattr(program, "_constants", None), dict) and hasattr(program, "_example_inputs"))
 
 
 def _program_tensors(program: Any) -> dict[str, Any]:
@@ -298,6 +366,7 @@ def _on_meta(t: torch.Tensor) -> torch.Tensor:
 
 
 def clear_cache() -> None:
+    """Forget every trace (not the share_traces setting)."""
     _CACHE.clear()
     _SHARED.clear()
     _STATS.update(hits=0, reused=0, misses=0)

@@ -29,14 +29,24 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 
+# Most tests compile a fresh tiny model whose trace another test's model of the same build
+# already has: re-bound instead of traced again (capture_cache.share_traces; users opt in the
+# same way), the suite takes 15 minutes instead of 40. tests/passes/test_capture_cache.py checks
+# that a re-bound trace computes as a fresh one, and what is never shared. (Imported here, after
+# TRITON_INTERPRET is set above.)
+from slimfx.passes.capture_cache import share_traces  # noqa: E402
+
+share_traces(True)
+
+
 # compile() ends with a full garbage collection (runtime/heap.py: the freed heap goes back to the
 # system, so RSS shows what the model holds). Its cost grows with every object the process holds:
 # in a test process, with torch, transformers, hypothesis and earlier tests' modules imported,
 # 0.35 s a compile, 40% of tests/test_api.py's time (measured). Objects that live across tests
 # are moved out of the collector's sight (gc.freeze): what collecting the tests and a first
-# capture imported, then at
-# each test module's end what is left after a full collection, so a compile's collection looks
-# only at what its module made; that full collection frees what the module left in cycles.
+# capture imported, then at each test module's end what is left after a full collection, so a
+# compile's collection looks only at what its module made; that full collection frees what the
+# module left in cycles.
 @pytest.fixture(autouse=True, scope="session")
 def _out_of_sight_what_collection_imported():
     # torch.export imports most of its machinery (dynamo, functorch, sympy) on its first call:

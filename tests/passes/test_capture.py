@@ -12,7 +12,7 @@ from passes_tiny import DECODERS, captured, example_inputs, state_bytes, tiny_mo
 from slimfx.dsl.errors import SpecError
 from slimfx.models import tiny
 from slimfx.passes.capture import capture
-from slimfx.passes.capture_cache import cache_info
+from slimfx.passes.capture_cache import cache_info, share_traces
 
 
 def _leaves(out):
@@ -87,24 +87,27 @@ class Small(nn.Module):
         return self.norm(x + self.down(self.drop(torch.relu(self.up(x)))))
 
 
-def test_weight_edit_invalidates_the_cache():
-    """An edited weight is not this model's cached trace any more; the trace itself does not
-    depend on the values, so it is re-bound to the model's tensors as they are now (not traced)."""
+@pytest.fixture
+def own_traces_only():
+    """The user's default: no trace shared across models (the suite shares them, conftest.py)."""
+    before = share_traces(False)
+    yield
+    share_traces(before)
+
+
+def test_weight_edit_invalidates_the_cache(own_traces_only):
     model, x = Small(), torch.randn(2, 8)
     first = capture(model, (x,))
     with torch.no_grad():
         model.up.weight.mul_(2.0)  # bumps _version
-    before = cache_info()
+    misses = cache_info()["misses"]
     second = capture(model, (x,))
-    assert cache_info()["hits"] == before["hits"] and cache_info()["reused"] == before["reused"] + 1
-    assert cache_info()["misses"] == before["misses"]
+    assert cache_info()["misses"] == misses + 1
     assert torch.equal(second.param("up.weight"), model.up.weight)
     assert not torch.equal(first.param("up.weight"), model.up.weight)
     model.up.weight = nn.Parameter(torch.zeros(16, 8))  # a new tensor: a new identity
     assert torch.equal(capture(model, (x,)).param("up.weight"), torch.zeros(16, 8))
-    assert cache_info()["reused"] == before["reused"] + 2
-    with torch.no_grad():
-        assert torch.equal(capture(model, (x,))(x), model.eval()(x))
+    assert cache_info()["misses"] == misses + 2
 
 
 def test_cache_does_not_keep_the_model_alive():

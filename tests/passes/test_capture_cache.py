@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -11,7 +13,14 @@ from torch import nn
 from slimfx.models import tiny
 from slimfx.passes import capture_cache
 from slimfx.passes.capture import capture
-from slimfx.passes.capture_cache import cache_info, clear_cache
+from slimfx.passes.capture_cache import cache_info, clear_cache, share_traces
+
+
+@pytest.fixture(autouse=True)
+def sharing():
+    before = share_traces(True)
+    yield
+    share_traces(before)
 
 
 def _outputs(graph, inputs):
@@ -124,3 +133,101 @@ def test_traces_kept_across_models_are_bounded_by_their_nodes(monkeypatch):
     again = tiny("llama", layers=1, seed=7)
     capture(again.model, again.example_inputs)
     assert cache_info()["misses"] == 3
+
+
+def test_sharing_is_off_unless_asked_for():
+    """A user's process traces every model (a patched module-level function is then seen by the
+    next fresh model); the test suite turns sharing on in conftest.py."""
+    code = ("from slimfx.passes import capture_cache as c; from slimfx.models import tiny; "
+            "from slimfx.passes.capture import capture\n"
+            "for seed in (1, 2):\n    lm = tiny('llama', layers=1, seed=seed); capture(lm.model, lm.example_inputs)\n"
+            "print(c.cache_info())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'reused': 0, 'misses': 2" in out, out
+    share_traces(False)
+    clear_cache()
+    for seed in (1, 2):
+        lm = tiny("llama", layers=1, seed=seed)
+        capture(lm.model, lm.example_inputs)
+    assert cache_info()["misses"] == 2 and cache_info()["shared"] == 0
+
+
+def test_a_weight_edit_reuses_the_models_trace_over_the_edited_weights():
+    model, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).eval(), torch.randn(2, 8)
+    clear_cache()
+    first = capture(model, (x,))
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # bumps _version: not this model's cached trace any more
+    second = capture(model, (x,))
+    model[2].weight = nn.Parameter(torch.zeros(8, 16))  # a new tensor object
+    third = capture(model, (x,))
+    assert cache_info()["misses"] == 1 and cache_info()["reused"] == 2
+    with torch.no_grad():
+        assert not torch.equal(first(x), model(x))
+        assert torch.equal(third(x), model(x))
+    assert torch.equal(second.param("0.weight"), model[0].weight)
+    assert torch.equal(third.param("2.weight"), torch.zeros(8, 16))
+
+
+class Private(nn.Module):
+    """What a forward reads from private attributes, a class value, or a number's type."""
+    shift = 0.0
+
+    def __init__(self, scale=1.0, value=1.0, tensor: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+        self._scale = torch.full((4,), float(scale)) if tensor else scale
+        self.value = value
+
+    def forward(self, x):
+        return self.lin(x) * self._scale + self.shift, torch.full((x.shape[0],), self.value)
+
+
+def _matches_the_model(model, x):
+    graph = capture(model, (x,))
+    with torch.no_grad():
+        got, want = graph(x), model(x)
+    return all(g.dtype == w.dtype and torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("first, second", [
+    (lambda: Private(1.0), lambda: Private(3.0)),                            # a private number
+    (lambda: Private(1.0, tensor=True), lambda: Private(3.0, tensor=True)),  # a private tensor
+    (lambda: Private(value=1), lambda: Private(value=1.0)),                  # 1 == 1.0, other dtype
+    (lambda: Private(value=True), lambda: Private(value=1)),
+], ids=["private value", "private tensor", "int then float", "bool then int"])
+def test_what_the_forward_reads_from_the_model_tells_models_apart(first, second):
+    x = torch.randn(2, 4)
+    clear_cache()
+    assert _matches_the_model(first().eval(), x)
+    assert _matches_the_model(second().eval(), x)
+    assert cache_info()["reused"] == 0
+
+
+def test_a_class_value_changed_between_two_models_is_traced_again(monkeypatch):
+    x = torch.randn(2, 4)
+    clear_cache()
+    assert _matches_the_model(Private(1.0).eval(), x)
+    monkeypatch.setattr(Private, "shift", 5.0)
+    assert _matches_the_model(Private(1.0).eval(), x)
+    assert cache_info()["reused"] == 0
+
+
+def test_neither_a_parametrized_model_nor_the_example_inputs_are_kept_alive():
+    """parametrize makes a class per module whose property closes over the module; a kept trace
+    (its key, its node metadata) held that class. And a kept program held the inputs it was made on."""
+    clear_cache()
+    lin = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+    model, x = nn.Sequential(lin).eval(), torch.randn(2, 4)
+    weight = weakref.ref(lin.parametrizations.weight.original1)
+    inputs = weakref.ref(x)
+    capture(model, (x,))
+    assert cache_info()["shared"] == 0
+    lm = tiny("llama", layers=1, seed=9)
+    ids = weakref.ref(lm.example_inputs["input_ids"])
+    capture(lm.model, lm.example_inputs)
+    assert cache_info()["shared"] == 1
+    del lin, model, x, lm
+    gc.collect()
+    assert weight() is None and inputs() is None and ids() is None
