@@ -85,7 +85,8 @@ def _one(item, i: int) -> dict[str, Any]:
 
 
 def _ids_batch(ids: torch.Tensor) -> dict[str, Any]:
-    if ids.is_floating_point() or ids.dim() not in (1, 2):
+    # bool (a mask passed in their place) and complex are no ids either: all-True compiled as id 1
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() not in (1, 2):
         raise TypeError(f"a calibration tensor is token ids, [batch, seq] or [seq] integers; got "
                         f"{ids.dtype} {tuple(ids.shape)} (pass a dict to name other inputs)")
     return {"input_ids": ids.reshape(1, -1) if ids.dim() == 1 else ids}

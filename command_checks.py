@@ -193,3 +193,6 @@ def check_train_args(args) -> None:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0 < args.lr < float("inf"):
         raise UsageError(f"--lr must be a positive finite number, got {args.lr}")
+    # torch.manual_seed takes 64 bits, signed or not; beyond, it failed after the model had loaded
+    if not -2**63 <= args.seed < 2**64:
+        raise UsageError(f"--seed must be a whole number from -2^63 to 2^64-1, got {args.seed}")

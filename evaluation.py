@@ -132,14 +132,21 @@ def _accepted(model: Callable, inputs: dict[str, torch.Tensor]) -> dict[str, tor
 
 # ---------------------------------------------------------------- causal LMs
 
-def perplexity(model: Callable, tokenizer: Any, text: str, *, window: int = 256,
+def perplexity(model: Callable, tokenizer: Any, text: str, *, window: int | None = None,
                max_tokens: int = 2048, progress: bool = False) -> float:
     """exp(token-weighted mean NLL) over non-overlapping `window`-token chunks of `text`.
 
     Only the first `max_tokens` tokens are scored; each chunk predicts its tokens 2..n from
     the ones before, so no token is scored twice and no context crosses a chunk border. A model
     that returns fewer positions than it is given (`tokens after … restore=false`) is refused.
+    `window` defaults to 256 tokens, or the model's context where its config says less.
     """
+    longest = context_length(model)
+    if window is None:
+        window = min(256, longest or 256)
+    elif longest is not None and window > longest:  # the embedding lookup failed with an IndexError
+        raise ValueError(f"window={window} is longer than the {longest} positions {type(model).__name__} "
+                         f"takes (its config); pass window={longest} or less")
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
     if max_tokens < 2:  # a negative one sliced tokens off the end, silently
@@ -407,6 +414,8 @@ def _measured(loaded, timed, max_tokens: int, window: int) -> str:
     if loaded.kind == "causal-lm":
         ids = loaded.tokenizer(eval_text(), return_tensors="pt")["input_ids"]
         tokens = min(max_tokens, torch.as_tensor(ids).numel())
+        if tokens > window and tokens % window == 1:  # a last chunk of one token predicts nothing: not read
+            tokens -= 1
         return (f"perplexity: the first {tokens:,} tokens of the built-in eval text, in windows of "
                 f"{min(window, tokens)}; " + latency)
     return (f"cosine: mean over {len(EVAL_SENTENCES)} sentences and {len(eval_paragraphs())} paragraphs of the "

@@ -54,11 +54,14 @@ class TrainResult:
         return self.losses[-1]
 
     def __str__(self) -> str:
-        return (f"{len(self.losses)} steps of {self.loss} loss in {self.seconds:.1f}s: "
+        return (f"{len(self.losses)} step{'' if len(self.losses) == 1 else 's'} of {self.loss} loss in {self.seconds:.1f}s: "
                 f"{self.first:.4f} -> {self.last:.4f}")
 
 
-def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teacher=None,
+DEFAULT_LR = 3e-4
+
+
+def train(cm, batches, *, steps: int, lr: float | None = None, loss: str = "lm", teacher=None,
           progress: bool | Progress = False, optimizer: torch.optim.Optimizer | None = None,
           schedule: str = "constant") -> TrainResult:
     """Train `cm`'s adapters for `steps` optimizer steps over `batches` (input dicts, cycled).
@@ -67,9 +70,10 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     -100 ignored; a batch may carry `labels` (Hugging Face's convention) instead of scoring its
     input_ids. loss="distill": KL(teacher ‖ student) on the logits, or the MSE of the first output
     tensor (e.g. last_hidden_state) for a model without logits; `teacher` (the original module or
-    another CompiledModel) runs in eval mode under no_grad. AdamW over `cm.adapter_parameters()`
-    unless `optimizer` is given. `schedule` scales every step's lr (SCHEDULES; "cosine": warm-up,
-    then decay towards 0; the optimizer's own lr is restored afterwards). `cm` is in training mode
+    another CompiledModel, for this loss only) runs in eval mode under no_grad. AdamW with `lr`
+    (default 3e-4) over `cm.adapter_parameters()`, unless `optimizer` is given (with its own lr).
+    `schedule` scales every step's lr (SCHEDULES; "cosine": warm-up, then decay towards 0; the
+    optimizer's own lr is restored afterwards). `cm` is in training mode
     (adapter dropout on) only while this runs.
     Adapters stored in fp16/bf16 (`adapt … dtype=`) train as float32 and are rounded back at the
     end (`float32_masters`).
@@ -77,6 +81,10 @@ def train(cm, batches, *, steps: int, lr: float = 3e-4, loss: str = "lm", teache
     params = _check(cm, steps, loss, teacher)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; train() knows {', '.join(map(repr, SCHEDULES))}")
+    if optimizer is not None and lr is not None:  # the optimizer stepped with its own lr, silently
+        raise ValueError(f"lr={lr!r} and optimizer= were both given, and the optimizer steps with its own "
+                         "lr: set it there, or leave optimizer out")
+    lr = DEFAULT_LR if lr is None else lr
     if optimizer is None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < float("inf")):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     batches = _batches(batches)
@@ -217,6 +225,9 @@ def _check(cm, steps: int, loss: str, teacher) -> list[nn.Parameter]:
         raise RuntimeError("slimfx.train runs backward passes, and torch.inference_mode() is on: call it outside "
                            "`with torch.inference_mode():` (inside torch.no_grad() is fine: training turns "
                            "gradients on)")
+    if loss == "lm" and teacher is not None:  # it ran with no teacher, and no word of it
+        raise ValueError("teacher= is for loss='distill'; loss='lm' learns the batches' own tokens: "
+                         "pass loss='distill' to learn the teacher's outputs, or leave teacher out")
     if loss == "distill" and teacher is None:
         raise ValueError("loss='distill' needs a teacher: the original model (or another "
                          "CompiledModel) whose outputs the student learns to match")
@@ -379,15 +390,14 @@ def lm_loss(out, batch: dict) -> torch.Tensor:
 
 
 def _labels(batch: dict) -> torch.Tensor:
-    """Token ids to predict, -100 where attention_mask is 0 (padding)."""
-    # int64 whatever the ids are: cross_entropy takes no int32 targets, and the model takes int32 ids
-    if "labels" in batch:
-        return batch["labels"].long()
-    if "input_ids" not in batch:
+    """Token ids to predict (`labels`, else input_ids), -100 where attention_mask is 0 (padding):
+    `labels` copied from padded input_ids, the usual way to write them, scored the pads."""
+    if "labels" not in batch and "input_ids" not in batch:
         raise ValueError(f"loss='lm' scores input_ids (or labels); the batch has {sorted(batch)}")
-    labels = batch["input_ids"].to(torch.long, copy=True)
+    # int64 whatever the ids are: cross_entropy takes no int32 targets, and the model takes int32 ids
+    labels = batch["labels" if "labels" in batch else "input_ids"].to(torch.long, copy=True)
     mask = batch.get("attention_mask")
-    if mask is not None:
+    if mask is not None and mask.shape == labels.shape:
         labels[mask == 0] = -100
     return labels
 

@@ -59,7 +59,9 @@ def test_a_text_file_is_named_by_what_it_is_for_and_its_whitespace_normalized(tm
 
 
 @pytest.mark.parametrize("bad, says", [(3.0, "got float"), (True, "got bool"), ([3], "calib[0] is a int"),
-                                       (torch.randn(2, 4), "token ids"), ({"input_ids": [1, 2]}, "not tensors")])
+                                       (torch.randn(2, 4), "token ids"), ({"input_ids": [1, 2]}, "not tensors"),
+                                       # a mask in the ids' place compiled on ids that were all 1
+                                       (torch.ones(2, 4, dtype=torch.bool), "token ids")])
 def test_anything_else_is_a_type_error_that_lists_the_accepted_forms(llama, bad, says):
     with pytest.raises(TypeError) as e:
         calibration_batches(llama, bad)

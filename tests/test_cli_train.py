@@ -114,6 +114,10 @@ def test_train_refuses_before_loading_anything(tmp_path, capsys):
     for lr in ("0", "inf", "nan"):  # inf trained one step and saved nan adapters, exit 0
         assert main([*argv, "1", "--lr", lr]) == 1
         assert "--lr must be a positive finite number" in capsys.readouterr().err
+    for seed in (str(2**64), str(-2**63 - 1)):  # reported as a slimfx bug once the model had loaded
+        assert main([*argv, "1", f"--seed={seed}"]) == 1
+        err = capsys.readouterr().err
+        assert "--seed must be a whole number from -2^63 to 2^64-1" in err and "bug" not in err
 
 
 def test_train_refuses_a_model_that_is_not_the_one_compiled(artifact, tmp_path, capsys):

@@ -206,6 +206,20 @@ def test_eval_keeps_to_the_positions_a_model_has(arch, longest):
     assert math.isfinite(row.get("perplexity", row.get("cosine")))
 
 
+def test_perplexity_takes_windows_the_model_has_positions_for():
+    """perplexity(tiny gpt2) raised an IndexError from the embedding lookup: its default window of
+    256 tokens is longer than the 128 positions. The default fits the model now; a window asked
+    for beyond them is refused by name."""
+    from slimfx.evaluation import perplexity
+
+    lm = tiny("gpt2")
+    text = ev.default_text()
+    assert perplexity(lm.model, lm.tokenizer, text, max_tokens=300) == perplexity(
+        lm.model, lm.tokenizer, text, window=128, max_tokens=300)
+    with pytest.raises(ValueError, match=r"window=256 is longer than the 128 positions GPT2LMHeadModel takes.*window=128"):
+        perplexity(lm.model, lm.tokenizer, text, window=256, max_tokens=300)
+
+
 def test_eval_of_a_causal_lm_without_a_tokenizer_has_no_text_metric_and_no_error():
     """A local save_pretrained folder holds no tokenizer: eval raised "'NoneType' object is not callable"."""
     import dataclasses
@@ -307,6 +321,9 @@ def test_the_eval_table_says_what_its_columns_measured():
     # what it read, not what was asked: one window of 32, and no more tokens than the text has
     assert "the first 32 tokens of the built-in eval text, in windows of 32;" in \
         ev.eval_table(tiny("llama"), max_tokens=32).caption
+    # 129 tokens in windows of 128 is one window: a last chunk of one token predicts nothing
+    assert "the first 128 tokens of the built-in eval text, in windows of 128;" in \
+        ev.eval_table(tiny("llama"), max_tokens=129).caption
     text = len(tiny("llama").tokenizer(ev.eval_text())["input_ids"])
     assert f"the first {text:,} tokens" in ev._measured(tiny("llama"), {}, 10**9, 128)
     caption = ev.eval_table(tiny("bert")).caption
