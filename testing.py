@@ -385,7 +385,9 @@ def tiny_models(archs=None, *, max_layers: int = 3) -> st.SearchStrategy:
     """Small random-init transformers models (slimfx.models.LoadedModel) with example inputs.
 
     Covers every architecture slimfx supports (decoders and encoders) unless `archs` narrows it;
-    layer count and seed vary. Each draw builds a fresh model (a few hundred ms).
+    layer count and seed vary. Each draw builds a fresh model (a few hundred ms), and compiling it
+    traces it again (a second or two): `slimfx.passes.capture_cache.share_traces()` before the
+    test reuses one trace per architecture and depth over each draw's weights.
     """
     from .models import TINY_ARCHS, tiny
 
