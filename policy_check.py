@@ -15,6 +15,7 @@ still fails and reported with its error.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 import os
@@ -24,9 +25,11 @@ from typing import Any, Callable, Mapping
 import torch
 from hypothesis import HealthCheck, Phase, given, seed as hypothesis_seed, settings, strategies as st
 from hypothesis.control import current_build_context, currently_in_test_context
+from hypothesis.errors import Flaky
 from torch import nn
 
 from .passes.capture import bind_inputs
+from .passes.capture_cache import state_key
 from .passes.eval_mode import eval_mode
 from .policy_compare import (MetricReturnError, callable_name, left_padding_hint, metric_result, structure_problem,
                              token_leaves, tolerance_problem)
@@ -140,8 +143,8 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     """
     from . import api
 
-    _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed, metric)
-    if padding not in PADDING_CHOICES:
+    max_examples, max_batch, max_seq, seed = _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed, metric)
+    if not isinstance(padding, str) or padding not in PADDING_CHOICES:  # a list raised "unhashable type"
         raise ValueError(f"check_policy: padding must be one of {', '.join(map(repr, PADDING_CHOICES))}, got {padding!r}")
     from .runtime.compiled import CompiledModel
 
@@ -178,24 +181,67 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     except _Failure as f:
         raise PolicyCheckError(_message(compiled, f, len(results), rtol, atol, metric, used_seed, nested), f.draw, f.value,
                                build_inputs(space, f.draw), used_seed) from None
+    except Flaky as e:  # hypothesis' own FlakyFailure (an ExceptionGroup) named none of this
+        f = _first_failure(e)
+        if f is None:
+            raise
+        raise PolicyCheckError(_message(compiled, f, len(results), rtol, atol, metric, used_seed, nested) + (
+            "\n  the same input then passed: the compiled model (or the original) does not compute the same on "
+            "every call (nondeterministic kernels? dropout left on?)"), f.draw, f.value,
+            build_inputs(space, f.draw), used_seed) from None
     return PolicyCheckResult(compiled, results)
 
 
-def _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed, metric) -> None:
+def _first_failure(e: BaseException) -> _Failure | None:
+    """The draw's failure inside hypothesis' report that it did not repeat."""
+    if isinstance(e, _Failure):
+        return e
+    for inner in (*getattr(e, "exceptions", ()), e.__cause__, e.__context__):
+        found = _first_failure(inner) if inner is not None and inner is not e else None
+        if found is not None:
+            return found
+    return None
+
+
+def _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed, metric) -> tuple:
     """Refused before the compile, not as hypothesis' InvalidArgument (or a NaN bound that passes
-    everything, or a metric that cannot be called) after it."""
+    everything, or a metric that cannot be called) after it. Returns the counts and seed as ints
+    (numpy's integers are whole numbers too)."""
     if metric is not None and not callable(metric):
         raise TypeError(f"check_policy: metric must be a function of (original, compiled) outputs returning "
                         f"True/False or a number, got the {type(metric).__name__} {metric!r} (None compares "
                         "element by element within rtol/atol)")
+    if metric is not None:
+        _check_takes_two(metric)
+    counts = []
     for label, n in (("max_examples", max_examples), ("max_batch", max_batch), ("max_seq", max_seq)):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not _whole(n) or n < 1:
             raise ValueError(f"check_policy: {label} must be a whole number of at least 1, got {n!r}")
+        counts.append(int(n))
     for label, x in (("rtol", rtol), ("atol", atol)):
         if not isinstance(x, numbers.Real) or isinstance(x, bool) or not math.isfinite(x) or x < 0:
             raise ValueError(f"check_policy: {label} must be a finite number >= 0, got {x!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+    if seed is not None and (not _whole(seed) or seed < 0):
         raise ValueError(f"check_policy: seed must be a whole number >= 0 (or None), got {seed!r}")
+    return (*counts, None if seed is None else int(seed))
+
+
+def _whole(n) -> bool:
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+
+def _check_takes_two(metric) -> None:
+    """A metric called with (original, compiled) outputs: one that cannot take two arguments
+    failed only after the compile, as "metric raised TypeError"."""
+    try:
+        signature = inspect.signature(metric)
+    except (TypeError, ValueError):  # a builtin without a signature: called as it is
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise TypeError(f"check_policy: metric {callable_name(metric)}{signature} cannot be called with the "
+                        "(original, compiled) outputs: it must take two arguments") from None
 
 
 def _check_padding_drawable(space: Space, padding: str) -> None:
@@ -246,7 +292,9 @@ def _compile_once_per_outer_test(module, model, policy, example_inputs, calib, n
 
 def _compile_key(module, policy, name):
     """What decides a compile besides the objects held by identity: the policy (a file's text as
-    it is now), the name, and the version of every weight (an in-place change is a new model);
+    it is now), the name, and the model's state as capture's cache keys it (each tensor's identity,
+    version and storage, the modules, attributes, hooks and config: `weight.data = …` or a new
+    submodule per example kept the version numbers and reused the compile of the old weights);
     None where the policy is neither text nor a path (compiled every time)."""
     if isinstance(policy, os.PathLike) or isinstance(policy, str):
         try:
@@ -258,8 +306,7 @@ def _compile_key(module, policy, name):
         policy_key = None
     if policy_key is None:
         return None
-    versions = tuple(t._version for t in (*module.parameters(), *module.buffers()))
-    return policy_key, name, versions
+    return policy_key, name, state_key(module)
 
 
 def _own_seed(seed: int | None) -> int | None:
@@ -332,6 +379,11 @@ def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results,
             raise TypeError(f"{e} on {d.describe()}; a metric takes (original, compiled) outputs and must return "
                             "True/False or a number (a float <= atol passes)") from None
         except Exception as e:  # the user's metric, not the policy: said as such, with the input
+            shaped = structure_problem(orig, comp)
+            if shaped is not None:  # unless the outputs' sizes differ too: then the compiled model is the cause
+                results.append(DrawResult(d, False, math.inf))
+                return (f"{shaped}\n    (metric {callable_name(metric)} raised {type(e).__name__} on them: "
+                        f"{first_line(e)})"), math.inf
             raise TypeError(f"metric {callable_name(metric)} raised {type(e).__name__}: {first_line(e)} on "
                             f"{d.describe()}; a metric takes (original, compiled) outputs and returns True/False "
                             "or a float") from e

@@ -157,9 +157,13 @@ def input_space(compiled, module: nn.Module, example: Mapping[str, torch.Tensor]
     inputs, batch, seq = [], [1, max_batch], None
     for info in compiled.graph.inputs:
         value = example[info.name]
-        inputs.append(_describe_input(info, value, vocab, config))
+        inputs.append(_describe_input(info, value, vocab, config, type(module).__name__))
         for dim, role in info.dims.items():
-            lo, hi = bounds.get(str(info.shape[dim]), (1, None))
+            size = info.shape[dim]
+            # a size the graph fixed (a forward that flattens its 8 tokens): only it runs; drawing
+            # others failed in the original and blamed the example inputs
+            fixed = int(size) if isinstance(size, int) or str(size).isdigit() else None
+            lo, hi = (fixed, fixed) if fixed is not None else bounds.get(str(size), (1, None))
             if role == "batch":
                 batch = [max(batch[0], lo), min(batch[1], hi) if hi else batch[1]]
             elif role == "seq":
@@ -216,7 +220,7 @@ def _max_positions(config) -> int | None:
     return None
 
 
-def _describe_input(info, value: torch.Tensor, vocab: int | None, config) -> _Input:
+def _describe_input(info, value: torch.Tensor, vocab: int | None, config, model_class: str = "") -> _Input:
     name, dtype = info.name, value.dtype
     common = dict(name=name, dtype=dtype, device=value.device, shape=tuple(value.shape), dims=dict(info.dims))
     if dtype.is_floating_point or dtype.is_complex:
@@ -231,6 +235,12 @@ def _describe_input(info, value: torch.Tensor, vocab: int | None, config) -> _In
         return _Input(kind="mask", **common)
     if name == "position_ids":
         return _Input(kind="positions", low=0, high=max(int(value.max()) + 1, 1), **common)
+    if name == "labels" and (value.dim() == 1 or model_class.endswith("ForTokenClassification")):
+        # class ids (one per sequence, or per token), not token ids: drawn from the vocabulary, a
+        # classifier's loss failed on its first draw ("Target 39 is out of bounds")
+        classes = getattr(config, "num_labels", None)
+        high = classes if isinstance(classes, int) and classes > 0 else int(value.max()) + 1
+        return _Input(kind="labels", low=0, high=max(high, 1), **common)
     if name.endswith("input_ids") or name == "labels":
         high = vocab if vocab else int(value.max()) + 1
         return _Input(kind="labels" if name == "labels" else "ids", low=0, high=max(high, 1), **common)

@@ -391,6 +391,11 @@ def tiny_models(archs=None, *, max_layers: int = 3) -> st.SearchStrategy:
     """
     from .models import TINY_ARCHS, tiny
 
+    if archs is not None and not isinstance(archs, str) and not isinstance(archs, (list, tuple, set, frozenset)):
+        raise TypeError(f"tiny_models(archs=...) takes an architecture name or a list of them, got the "
+                        f"{type(archs).__name__} {archs!r}; known: {', '.join(TINY_ARCHS)}")
+    if isinstance(archs, (set, frozenset)):  # in a fixed order: a seeded run draws the same models
+        archs = sorted(archs)
     choices = (archs,) if isinstance(archs, str) else tuple(archs) if archs is not None else TINY_ARCHS
     unknown = sorted(set(choices) - set(TINY_ARCHS))
     if unknown:

@@ -168,6 +168,43 @@ def test_compiled_model_errors_are_reported_with_the_smallest_batch(llama, tampe
     assert "the compiled model raised RuntimeError: batch too large for this kernel" in text
 
 
+def test_a_compiled_model_that_fails_once_and_then_passes_is_a_policy_check_error(llama, tamper):
+    """hypothesis replays a failure before it reports it; one that did not repeat came out as its
+    FlakyFailure (an ExceptionGroup naming an internal function), not as check_policy's error."""
+    calls = [0]
+
+    def first_call_off(out, inputs):
+        calls[0] += 1
+        if calls[0] == 1:
+            out.logits += 1.0
+        return out
+
+    tamper(first_call_off)
+    with pytest.raises(PolicyCheckError) as info:
+        check_policy(llama, "", max_examples=10, seed=0)
+    text = str(info.value)
+    assert "departs from the original model" in text and "max |compiled - original|" in text
+    assert "the same input then passed: the compiled model (or the original) does not compute the same" in text
+    assert info.value.draw is not None and info.value.inputs
+
+
+def test_a_metric_that_fails_on_outputs_of_other_sizes_blames_the_compiled_model(llama, tamper):
+    """A metric sees outputs of any size (restore=false shortens them): one that raised on a
+    compiled model returning one row of two was reported as the user's metric's TypeError."""
+    def first_row_only(out, inputs):
+        out.logits = out.logits[:1]
+        return out
+
+    def cosine_gap(original, compiled):
+        return float(1 - torch.cosine_similarity(original.logits.flatten(), compiled.logits.flatten(), dim=0))
+
+    tamper(first_row_only)
+    with pytest.raises(PolicyCheckError) as info:
+        check_policy(llama, "", metric=cosine_gap, max_examples=10, seed=0)
+    text = str(info.value)
+    assert "output structure differs: logits is" in text and "(metric cosine_gap raised RuntimeError on them:" in text
+
+
 def test_structure_mismatch_is_reported(llama, tamper):
     tamper(lambda out, inputs: (out.logits,))
     with pytest.raises(PolicyCheckError) as info:
@@ -229,10 +266,28 @@ def test_tolerances_and_seed_are_checked_before_compiling(llama, bad):
 
 
 def test_a_metric_that_cannot_be_called_is_refused_before_compiling(llama):
-    """metric="cosine" compiled first (minutes on SmolLM2), then said "'str' object is not callable"."""
+    """metric="cosine" compiled first (minutes on SmolLM2), then said "'str' object is not callable";
+    a function of one argument compiled, then said "metric raised TypeError"."""
     with pytest.raises(TypeError, match=r"check_policy: metric must be a function of \(original, compiled\) "
                                         r"outputs .* got the str 'cosine'"):
         check_policy(llama, "quantize blocks.*.** : Linear int8 nonsense=1", metric="cosine")  # never read
+
+    def gap(out):
+        return 0.0
+
+    with pytest.raises(TypeError, match=r"check_policy: metric gap\(out\) cannot be called with the \(original, "
+                                        r"compiled\) outputs: it must take two arguments"):
+        check_policy(llama, "quantize blocks.*.** : Linear int8 nonsense=1", metric=gap)  # never read
+
+
+def test_a_padding_that_is_not_a_name_and_numpy_counts_are_taken_as_meant(llama):
+    """padding=["left"] raised "unhashable type: 'list'"; np.int64(3) was "not a whole number"."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"check_policy: padding must be one of .* got \['left'\]"):
+        check_policy(llama, "quantize blocks.*.** : Linear int8 nonsense=1", padding=["left"])  # never read
+    result = check_policy(llama, "", max_examples=np.int64(3), seed=np.int64(3))
+    assert len(result.draws) == 3
 
 
 @pytest.mark.parametrize("model", ["tiny:llama", Path("models/smollm2")])

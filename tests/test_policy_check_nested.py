@@ -103,6 +103,14 @@ def test_a_changed_model_or_policy_is_compiled_again(compiles):
         # passes only against a compile of the changed model: the stale one's logits are 1.5x off
         check_policy(model, quantize("fp16"), rtol=0, atol=0.02, max_examples=2)
         assert compiles[0] == 3
+        # `.data =` and a new submodule keep every version number: compiled again all the same
+        head = model.model.lm_head
+        head.weight.data = head.weight.detach() * 2
+        check_policy(model, quantize("fp16"), rtol=0, atol=0.02, max_examples=2)
+        assert compiles[0] == 4
+        model.model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+        check_policy(model, quantize("fp16"), rtol=0, atol=0.02, max_examples=2)
+        assert compiles[0] == 5
 
     outer()
 

@@ -79,3 +79,39 @@ def test_a_model_without_a_mask_is_not_described_with_one():
                      example_inputs={"input_ids": torch.randint(0, 50, (2, 8))})
     assert "smallest failing input: batch=1, seq=1, seed=0" in str(info.value)
     assert "attention_mask" not in str(info.value) and info.value.draw.mask is None
+
+
+class FixedLength(torch.nn.Module):
+    """A classifier over exactly 8 tokens (flatten, then one linear): its graph fixes the length."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = torch.nn.Embedding(50, 16), torch.nn.Linear(8 * 16, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask[..., None]
+        return self.head(h.reshape(h.shape[0], 8 * 16))
+
+
+def test_a_length_the_graph_fixed_is_the_only_one_drawn():
+    """Lengths 1..32 were drawn and the original's error at length 1 blamed the example inputs."""
+    example = {"input_ids": torch.randint(0, 50, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    result = check_policy(FixedLength().eval(), "", example_inputs=example, rtol=0, atol=0, max_examples=FEW, seed=0)
+    assert {d.seq for d in result.draws} == {8} and len({d.batch for d in result.draws}) > 1
+    with pytest.raises(ValueError, match=r"no seq size to draw.*allows seq >= 8, the limit is 4 \(raise max_seq\)"):
+        check_policy(FixedLength().eval(), "", example_inputs=example, max_seq=4, max_examples=FEW, seed=0)
+
+
+def test_a_classifiers_labels_are_drawn_from_its_classes():
+    """labels were drawn from the vocabulary: "Target 39 is out of bounds" on the first draw."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).eval()
+    example = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+               "labels": torch.tensor([0, 2])}
+    result = check_policy(model, quantize("int8"), example_inputs=example, rtol=0, atol=0.05, max_examples=FEW, seed=0)
+    assert len(result.draws) == FEW

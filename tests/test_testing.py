@@ -150,6 +150,9 @@ def test_tiny_models_refuses_unknown_archs():
 
     with pytest.raises(ValueError, match="unknown architectures"):
         tiny_models(archs=("lama",))
+    with pytest.raises(TypeError, match=r"tiny_models\(archs=...\) takes an architecture name or a list of them, "
+                                        r"got the int 5; known: llama"):
+        tiny_models(archs=5)  # raised "'int' object is not iterable"
 
 
 def test_tiny_models_takes_one_name_and_refuses_what_it_cannot_draw():
