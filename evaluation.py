@@ -439,13 +439,15 @@ def eval_table(loaded, compiled=None, *, max_tokens: int = 2048):
     table = Table(title=escape(f"slimfx eval: {loaded.name} ({loaded.kind})"), caption=escape(caption))
     for col in ("model", *([metric] if metric else []), "weight bytes", "bytes while running", "CPU latency (ms)"):
         table.add_column(col, justify="right")
+    # a cosine near 1 to six places: 0.99998 and 0.99995 both showed as 1.0000 (×1.000)
+    places = 6 if metric and "cosine" in metric else 4
     for row in rows:
-        cells = [escape(row["model"]), *([f"{row[metric]:.4f}"] if metric else []), f"{row['bytes']:,}",
+        cells = [escape(row["model"]), *([f"{row[metric]:.{places}f}"] if metric else []), f"{row['bytes']:,}",
                  f"{row['running_bytes']:,}", f"{row['latency_ms']:.1f}"]
         table.add_row(*cells)
     if len(rows) == 2:
         a, b = rows
-        ratio = [f"×{b[metric] / a[metric]:.3f}"] if metric else []
+        ratio = [f"×{b[metric] / a[metric]:.{places - 1}f}"] if metric else []
         table.add_row("compiled / original", *ratio, f"×{b['bytes'] / a['bytes']:.3f}",
                       f"×{b['running_bytes'] / a['running_bytes']:.3f}", f"×{b['latency_ms'] / a['latency_ms']:.2f}")
     return table

@@ -361,3 +361,16 @@ def test_perplexity_refuses_max_tokens_below_two(max_tokens):
     """A negative max_tokens sliced tokens off the end of the text, silently."""
     with pytest.raises(ValueError, match=f"max_tokens must be at least 2 tokens, got {max_tokens}"):
         ev.perplexity(UniformLM(), ByteTokenizer(), "y" * 100, window=32, max_tokens=max_tokens)
+
+
+def test_a_cosine_near_one_is_shown_to_six_places(monkeypatch):
+    """The table showed 0.99998 (compiled) and 0.99995 (trained) both as 1.0000, ratio ×1.000."""
+    from rich.console import Console
+
+    rows = [{"model": "original", "cosine": 1.0, "bytes": 10, "running_bytes": 10, "latency_ms": 1.0},
+            {"model": "compiled", "cosine": 0.99995, "bytes": 5, "running_bytes": 5, "latency_ms": 1.0}]
+    monkeypatch.setattr(ev, "_eval_rows", lambda *a, **k: (rows, "measured"))
+    console = Console(width=200, record=True)
+    console.print(ev.eval_table(tiny("bert")))
+    text = console.export_text()
+    assert "0.999950" in text and "1.000000" in text and "×0.99995" in text
