@@ -49,9 +49,9 @@ def capture(model: nn.Module, example_inputs: Mapping[str, Any] | tuple,
     True
 
     A second call with the same model, input names/shapes/dtypes and unchanged weights reuses
-    the cached export (only the weight copy and the index are redone); a model built like one
-    traced before (same code, config, shapes and tying; any weights) reuses that trace over its
-    own tensors (capture_cache.py).
+    the cached export (only the weight copy and the index are redone); after
+    `capture_cache.share_traces()`, a model built like one traced before (same code, attributes,
+    config, shapes and tying; any weights) reuses that trace over its own tensors.
 
     `dynamic` overrides which dims are symbolic: {"input_ids": {0: "batch", 1: "seq"}}.
     Sizes 0/1 in the example are widened to 2 for tracing (export would specialize them).
