@@ -60,12 +60,15 @@ def test_a_link_loop_is_named_for_each_option(tmp_path):
 @pytest.mark.parametrize("change, says", [({"steps": 0}, "--steps must be at least 1, got 0"),
                                           ({"seq": -1}, "--seq must be at least 1"),
                                           ({"lr": 0.0}, "--lr must be a positive finite number, got 0.0"),
-                                          ({"lr": float("inf")}, "--lr must be a positive finite number")])
+                                          ({"lr": float("inf")}, "--lr must be a positive finite number"),
+                                          ({"seed": 2**64}, r"--seed must be a whole number from -2\^63 to 2\^64-1"),
+                                          ({"seed": -2**63 - 1}, "--seed must be a whole number")])
 def test_train_arguments_are_checked(change, says):
-    args = Namespace(**{"steps": 10, "batch": 2, "seq": 64, "lr": 1e-4, **change})
+    args = Namespace(**{"steps": 10, "batch": 2, "seq": 64, "lr": 1e-4, "seed": 0, **change})
     with pytest.raises(UsageError, match=says):
         check_train_args(args)
-    check_train_args(Namespace(steps=10, batch=2, seq=64, lr=1e-4))
+    for seed in (0, 2**64 - 1, -2**63):  # what torch.manual_seed takes
+        check_train_args(Namespace(steps=10, batch=2, seq=64, lr=1e-4, seed=seed))
 
 
 def test_train_out_inside_or_around_the_artifact_is_refused(tmp_path):
