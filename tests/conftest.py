@@ -31,7 +31,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Most tests compile a fresh tiny model whose trace another test's model of the same build
 # already has: re-bound instead of traced again (capture_cache.share_traces; users opt in the
-# same way), the suite takes 15 minutes instead of 40. tests/passes/test_capture_cache.py checks
+# same way), the suite takes 10-14 minutes instead of 40. tests/passes/test_capture_cache.py checks
 # that a re-bound trace computes as a fresh one, and what is never shared. (Imported here, after
 # TRITON_INTERPRET is set above.)
 from slimfx.passes.capture_cache import share_traces  # noqa: E402
