@@ -280,6 +280,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table per model")
     ap.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if min(args.rounds, args.repeats, args.compiles) < 1 or args.warmup < 0:  # a median of nothing, later
+        ap.error("--rounds, --repeats and --compiles must be at least 1, --warmup at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_of:

@@ -113,7 +113,12 @@ def main() -> int:
         calib = read_paragraphs(args.calib_text) if args.calib_text else args.calib_tokens
     except ValueError as e:
         ap.error(str(e))
-    chosen = [m for m in METHODS if SHORT[m] in args.methods.split(",")]
+    asked = [m for m in args.methods.split(",") if m]
+    if unknown := [m for m in asked if m not in SHORT.values()]:
+        ap.error(f"unknown --methods {unknown}; known: {', '.join(SHORT.values())}")
+    chosen = [m for m in METHODS if SHORT[m] in asked]
+    if all(m == "rear drop" for m in chosen):  # the LoRA row heals the best linear-healed row: there was none
+        ap.error("--methods needs one method besides rear (rear drop is not healed)")
     torch.manual_seed(0)
     started = time.perf_counter()
     lm = load("smollm2-135m")
