@@ -139,11 +139,11 @@ def perplexity(model: Callable, tokenizer: Any, text: str, *, window: int | None
     Only the first `max_tokens` tokens are scored; each chunk predicts its tokens 2..n from
     the ones before, so no token is scored twice and no context crosses a chunk border. A model
     that returns fewer positions than it is given (`tokens after … restore=false`) is refused.
-    `window` defaults to 256 tokens, or the model's context where its config says less.
+    `window` defaults to default_window(model).
     """
     longest = context_length(model)
     if window is None:
-        window = min(256, longest or 256)
+        window = default_window(model)
     elif longest is not None and window > longest:  # the embedding lookup failed with an IndexError
         raise ValueError(f"window={window} is longer than the {longest} positions {type(model).__name__} "
                          f"takes (its config); pass window={longest} or less")
@@ -153,7 +153,7 @@ def perplexity(model: Callable, tokenizer: Any, text: str, *, window: int | None
         raise ValueError(f"max_tokens must be at least 2 tokens, got {max_tokens}")
     ids = torch.as_tensor(tokenizer(text, return_tensors="pt")["input_ids"]).reshape(-1)
     ids = ids[:max_tokens]
-    chunks = [c for c in ids.split(window) if c.numel() >= 2]
+    chunks = _scored_chunks(ids, window)
     if not chunks:
         raise ValueError(f"text is {ids.numel()} token(s) long; perplexity needs at least 2.")
     total_nll, total_tokens = 0.0, 0
@@ -165,6 +165,16 @@ def perplexity(model: Callable, tokenizer: Any, text: str, *, window: int | None
                 print(f"perplexity: chunk {i + 1}/{len(chunks)} "
                       f"running ppl {math.exp(total_nll / total_tokens):.3f}", file=sys.stderr)
     return math.exp(total_nll / total_tokens)
+
+
+def _scored_chunks(ids: torch.Tensor, window: int) -> list[torch.Tensor]:
+    """`window`-token chunks of the 1-D `ids`; a last chunk of one token predicts nothing: left out."""
+    return [c for c in ids.split(window) if c.numel() >= 2]
+
+
+def default_window(model) -> int:
+    """perplexity()'s window: 256 tokens, or the model's context where its config says less."""
+    return min(256, context_length(model) or 256)
 
 
 def _chunk_nll(model: Callable, chunk: torch.Tensor) -> tuple[float, int]:
@@ -392,13 +402,13 @@ def _eval_rows(loaded, compiled, max_tokens: int) -> tuple[list[dict[str, Any]],
                                         repeats=10, warmup=2)}
         if loaded.kind == "causal-lm" and loaded.tokenizer is not None:  # no tokenizer: no text to score
             row["perplexity"] = perplexity(model, loaded.tokenizer, eval_text(), max_tokens=max_tokens,
-                                           window=min(256, longest or 256))
+                                           window=default_window(loaded.model))
         elif loaded.tokenizer is not None:
             row["cosine"] = embedding_cosine(loaded.model, model, loaded.tokenizer, texts, max_length=longest)
         elif loaded.kind == "vision":
             row["logit cosine"] = logit_cosine(loaded.model, model, vision_images(loaded.example_inputs))
         rows.insert(0, row)
-    return rows, _measured(loaded, timed, max_tokens, min(256, longest or 256))
+    return rows, _measured(loaded, timed, max_tokens, default_window(loaded.model))
 
 
 def _measured(loaded, timed, max_tokens: int, window: int) -> str:
@@ -412,10 +422,8 @@ def _measured(loaded, timed, max_tokens: int, window: int) -> str:
     if loaded.tokenizer is None:
         return latency
     if loaded.kind == "causal-lm":
-        ids = loaded.tokenizer(eval_text(), return_tensors="pt")["input_ids"]
-        tokens = min(max_tokens, torch.as_tensor(ids).numel())
-        if tokens > window and tokens % window == 1:  # a last chunk of one token predicts nothing: not read
-            tokens -= 1
+        ids = torch.as_tensor(loaded.tokenizer(eval_text(), return_tensors="pt")["input_ids"]).reshape(-1)
+        tokens = sum(c.numel() for c in _scored_chunks(ids[:max_tokens], window))  # as perplexity() reads them
         return (f"perplexity: the first {tokens:,} tokens of the built-in eval text, in windows of "
                 f"{min(window, tokens)}; " + latency)
     return (f"cosine: mean over {len(EVAL_SENTENCES)} sentences and {len(eval_paragraphs())} paragraphs of the "

@@ -178,17 +178,15 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
             _run_in_outer_test(space, run_one, max_examples)
         else:
             _run_own_test(space, run_one, max_examples, used_seed)
-    except _Failure as f:
-        raise PolicyCheckError(_message(compiled, f, len(results), rtol, atol, metric, used_seed, nested), f.draw, f.value,
-                               build_inputs(space, f.draw), used_seed) from None
-    except Flaky as e:  # hypothesis' own FlakyFailure (an ExceptionGroup) named none of this
+    except (_Failure, Flaky) as e:  # hypothesis' own FlakyFailure (an ExceptionGroup) named none of this
         f = _first_failure(e)
         if f is None:
             raise
-        raise PolicyCheckError(_message(compiled, f, len(results), rtol, atol, metric, used_seed, nested) + (
+        did_not_repeat = "" if f is e else (
             "\n  the same input then passed: the compiled model (or the original) does not compute the same on "
-            "every call (nondeterministic kernels? dropout left on?)"), f.draw, f.value,
-            build_inputs(space, f.draw), used_seed) from None
+            "every call (nondeterministic kernels? dropout left on?)")
+        raise PolicyCheckError(_message(compiled, f, len(results), rtol, atol, metric, used_seed, nested)
+                               + did_not_repeat, f.draw, f.value, build_inputs(space, f.draw), used_seed) from None
     return PolicyCheckResult(compiled, results)
 
 

@@ -60,10 +60,10 @@ def capture(model: nn.Module, example_inputs: Mapping[str, Any] | tuple,
     names, args, consts = bind_inputs(model, example_inputs)
     dims = {n: dict(dynamic[n]) if dynamic and n in dynamic else _default_dims(n, a)
             for n, a in zip(names, args)}
-    signature = signature_key(names, args, consts, dims)
-    entry = lookup(model, (signature, state_key(model)))
+    signature, state = signature_key(names, args, consts, dims), state_key(model)
+    entry = lookup(model, (signature, state))
     if entry is None:
-        portable = portable_key(model, signature)
+        portable = portable_key(model, signature, state)
         entry = shared(portable, model)
         if entry is not None:  # the trace of a model built like this one, over this one's tensors
             entry = dataclasses.replace(entry, modules=_module_table(model), model_class=type(model).__name__,
@@ -71,8 +71,9 @@ def capture(model: nn.Module, example_inputs: Mapping[str, Any] | tuple,
         else:
             entry = _export(model, names, args, consts, dims)
             remember(portable, entry, model)
-        # keyed by the state after tracing: transformers installs its output-recording hooks then
-        store(model, (signature, state_key(model)), entry)
+            # keyed by the state after tracing: transformers installs its output-recording hooks then
+            state = state_key(model)
+        store(model, (signature, state), entry)
     return _graph_from(entry, lend)
 
 

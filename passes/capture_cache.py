@@ -78,12 +78,16 @@ def _structure_key(model: nn.Module) -> tuple:
     what export traces, so it must miss. A patched module-level function is not seen."""
     parts = []
     for name, m in model.named_modules(remove_duplicate=False):
-        # by identity: a re-registered partial or closure is a new object with other values
-        hooks = tuple(_Same(h) for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
+        hooks = _hooks(m)
         # a class-level patch (`type(m).forward = f`) keeps the class: key the function it has now
         parts.append((name, id(m), _Same(type(m)), _OfClass(getattr(type(m), "forward", None)), _own_attrs(m), hooks))
     classes = {type(m) for m in model.modules()}
     return tuple(parts), _config_key(getattr(model, "config", None)), _class_values(classes)
+
+
+def _hooks(m: nn.Module) -> tuple:
+    # by identity: a re-registered partial or closure is a new object with other values
+    return tuple(_Same(h) for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
 
 
 # What nn.Module keeps for itself (its tensors, children and hooks are keyed apart); `training`
@@ -121,9 +125,8 @@ def _attr_key(value: Any, depth: int = 0) -> Any:
     if depth < 3 and isinstance(value, nn.Module) and not _holds_tensors(value):
         # an unregistered module without tensors (transformers keeps a kernel wrapper per attention
         # in `_kernel_funcs`): by its class, attributes and hooks, as a registered one
-        hooks = tuple(_Same(h) for d in (value._forward_hooks, value._forward_pre_hooks) for h in d.values())
         return "module", _Same(type(value)), _OfClass(getattr(type(value), "forward", None)), tuple(
-            (k, _attr_key(v, depth + 1)) for k, v in sorted(vars(value).items()) if k not in _MODULE_SLOTS), hooks
+            (k, _attr_key(v, depth + 1)) for k, v in sorted(vars(value).items()) if k not in _MODULE_SLOTS), _hooks(value)
     if depth < 3 and isinstance(value, functools.partial):
         # by what it calls with what (gemma2 makes a new `partial(gelu, approximate="tanh")` per
         # module): the same function and arguments compute the same
@@ -248,9 +251,9 @@ def share_traces(on: bool = True) -> bool:
 _SHARING = False
 
 
-def portable_key(model: nn.Module, signature: tuple) -> tuple | None:
-    """What a trace of `model` on inputs of `signature` depends on, with nothing that names this
-    model object: each tensor's kind, shape, strides, dtype, device and which others it is tied to
+def portable_key(model: nn.Module, signature: tuple, state: tuple) -> tuple | None:
+    """What a trace of `model` (whose state_key is `state`) on inputs of `signature` depends on,
+    with nothing that names this model object: each tensor's kind, shape, strides, dtype, device and which others it is tied to
     (by object and by storage); each module's path, class, forward, attributes and hooks, a module
     used under two paths by its first path's number; the config's values. None when the model has
     an object in its key that is its own (a tensor attribute, a closure as hook or attribute), a
@@ -267,7 +270,7 @@ def portable_key(model: nn.Module, signature: tuple) -> tuple | None:
                         t.storage_offset(), t.dtype, str(t.device), objects.setdefault(id(t), len(objects)),
                         storages.setdefault(t.untyped_storage().data_ptr(), len(storages))))
     modules: dict[int, int] = {}
-    parts, config, class_values = _structure_key(model)
+    parts, config, class_values = state[1]  # state_key(model)'s structure, made once by the caller
     try:
         portable = tuple((name, modules.setdefault(ident, len(modules)), *map(_shared_only, rest))
                          for name, ident, *rest in parts)
