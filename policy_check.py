@@ -15,15 +15,18 @@ still fails and reported with its error.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import math
 import numbers
 import os
 import random
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
 from hypothesis import HealthCheck, Phase, given, seed as hypothesis_seed, settings, strategies as st
+from hypothesis import core as hypothesis_core
 from hypothesis.control import current_build_context, currently_in_test_context
 from hypothesis.errors import Flaky
 from torch import nn
@@ -33,8 +36,8 @@ from .passes.capture_cache import state_key
 from .passes.eval_mode import eval_mode
 from .policy_compare import (MetricReturnError, callable_name, left_padding_hint, metric_result, structure_problem,
                              token_leaves, tolerance_problem)
-from .policy_inputs import (PADDING_CHOICES, Draw, Space, build_inputs, draw_mask, draws, first_line, fixed_draws, input_space,
-                            within_the_model)
+from .policy_inputs import (PADDING_CHOICES, Draw, Space, build_inputs, default_max_seq, draw_mask, draws, first_line,
+                            fixed_draws, input_space, within_the_model)
 
 __all__ = ["check_policy", "PolicyCheckError", "PolicyCheckResult", "Draw", "DrawResult"]
 
@@ -86,13 +89,16 @@ class _Failure(AssertionError):
         self.draw, self.detail, self.value = draw, detail, value
 
 
+DEFAULT_RTOL = 1e-2  # with atol's 1e-2: outputs of order 1 under fp16/bf16/int8 weights
+
+
 # ---- the check -----------------------------------------------------------------------------
 
 
 def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = None, calib=None,
-                 rtol: float = 1e-2, atol: float = 1e-2,
+                 rtol: float | None = None, atol: float = 1e-2,
                  metric: Callable[[Any, Any], bool | float] | None = None,
-                 max_examples: int = 20, max_batch: int = 4, max_seq: int = 32, padding: str = "both",
+                 max_examples: int = 20, max_batch: int = 4, max_seq: int | None = None, padding: str = "both",
                  name: str | None = None, seed: int | None = None) -> PolicyCheckResult:
     """Compile `model` with `policy` once, then compare it with the original on drawn inputs.
 
@@ -109,11 +115,13 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     compile() does — needs `example_inputs` here to draw inputs like them, since its graph keeps
     only their shapes). Hypothesis draws batch sizes (1 to `max_batch`), sequence lengths (1 to
     `max_seq`, within what the compiled graph and the original model take: a length the original
-    refuses, past its position table, is never drawn) and padding — attention masks all ones, or with zeros at the left or the
-    right end of rows (`padding="right"` or `"left"` draws only that side, as your tokenizer pads;
-    `"none"` no padding) — and builds every input the example inputs have, with their names and
-    dtypes (token ids within the vocabulary, pad id at padded positions, `labels` -100 there, the
-    index a loss skips; float inputs such as
+    refuses, past its position table, is never drawn; by default 32, or 8 past the model's sliding
+    window where that is at most 248 tokens — a longer window is warned about, since 32 never
+    reaches it) and padding — attention masks all ones (a `key_padding_mask`, PyTorch's True =
+    padding, all False), or with zeros at the left or the right end of rows (`padding="right"` or
+    `"left"` draws only that side, as your tokenizer pads; `"none"` no padding) — and builds every
+    input the example inputs have, with their names and dtypes (token ids within the vocabulary,
+    pad id at padded positions, `labels` -100 there, the index a loss skips; float inputs such as
     ViT pixel_values drawn with the example's mean and spread, only the dynamic dims changing).
 
     On each draw both models run (the original in eval mode, without gradients) and:
@@ -122,7 +130,7 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
       compiled graph are skipped) must satisfy |compiled - original| <= atol + rtol * |original|
       (torch.allclose's rule: an inf or NaN matches only itself), or,
       with `metric`, `metric(original, compiled)` must return True or a float <= atol (padded
-      positions are zeroed in both outputs first).
+      positions are zeroed in both outputs first; rtol is refused with a metric).
     The default tolerance (rtol = atol = 1e-2) suits outputs of order 1 under fp16/bf16/int8
     weights; int4/int2 policies need a bound chosen from their format (see the README).
 
@@ -132,24 +140,29 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     PolicyCheckResult with the compiled model and every draw.
 
     In a plain test it runs a hypothesis test of its own (`max_examples` draws, no deadline, no
-    database) from `seed`, or a fresh random seed that a failure reports (a derandomized
-    hypothesis profile fixes the draws instead). Inside an outer @given it does not nest one
-    (hypothesis refuses nested @given): it draws up to `max_examples` inputs from the outer test's
-    data, so the outer test shrinks them with its own arguments. The outer test must have
-    `deadline=None` (refused otherwise), and the compiled model is reused while the same model
-    object, unchanged, comes back with the same policy, inputs and options (the last such compile
+    database) from `seed`, else pytest's `--hypothesis-seed`, else a fresh random seed that a
+    failure reports (a derandomized hypothesis profile fixes the draws instead). Inside an outer
+    @given it does not nest one (hypothesis refuses nested @given): it draws up to `max_examples`
+    inputs from the outer test's data, so the outer test shrinks them with its own arguments. The
+    outer test must have `deadline=None` (refused otherwise), and the compiled model is reused
+    while the same model object, unchanged, comes back with the same policy, inputs and options (the last such compile
     is held until the next nested call); in an outer @example, which has no data to draw from, it
     runs the simplest input and seeded ones.
     """
     from . import api
 
-    max_examples, max_batch, max_seq, seed = _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed, metric)
+    max_examples, max_batch, max_seq, seed, rtol = _check_arguments(max_examples, max_batch, max_seq, rtol, atol,
+                                                                     seed, metric)
     if not isinstance(padding, str) or padding not in PADDING_CHOICES:  # a list raised "unhashable type"
         raise ValueError(f"check_policy: padding must be one of {', '.join(map(repr, PADDING_CHOICES))}, got {padding!r}")
     from .runtime.compiled import CompiledModel
 
     module, example = api.unwrap(model, example_inputs)
     api.check_model(module)  # a name or path: told to load it, not that it lacks example inputs
+    if max_seq is None:
+        max_seq, unreached = default_max_seq(module)
+        if unreached:
+            warnings.warn(unreached, stacklevel=2)
     if example is None:  # before the compile, not after it
         raise TypeError("check_policy needs example_inputs to draw inputs like them" + (
             ": a CompiledModel's graph keeps only their shapes (pass the inputs it was compiled with)"
@@ -213,15 +226,21 @@ def _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed, metric)
         _check_takes_two(metric)
     counts = []
     for label, n in (("max_examples", max_examples), ("max_batch", max_batch), ("max_seq", max_seq)):
+        if n is None and label == "max_seq":  # chosen from the model (default_max_seq)
+            counts.append(None)
+            continue
         if not _whole(n) or n < 1:
             raise ValueError(f"check_policy: {label} must be a whole number of at least 1, got {n!r}")
         counts.append(int(n))
-    for label, x in (("rtol", rtol), ("atol", atol)):
+    if metric is not None and rtol is not None:  # ignored before: only atol bounds a metric's float
+        raise ValueError(f"check_policy: rtol={rtol!r} has no meaning with a metric (a float it returns passes when "
+                         "<= atol): drop rtol, or scale inside the metric")
+    for label, x in (("rtol", DEFAULT_RTOL if rtol is None else rtol), ("atol", atol)):
         if not isinstance(x, numbers.Real) or isinstance(x, bool) or not math.isfinite(x) or x < 0:
             raise ValueError(f"check_policy: {label} must be a finite number >= 0, got {x!r}")
     if seed is not None and (not _whole(seed) or seed < 0):
         raise ValueError(f"check_policy: seed must be a whole number >= 0 (or None), got {seed!r}")
-    return (*counts, None if seed is None else int(seed))
+    return (*counts, None if seed is None else int(seed), DEFAULT_RTOL if rtol is None else rtol)
 
 
 def _whole(n) -> bool:
@@ -308,11 +327,23 @@ def _compile_key(module, policy, name):
 
 
 def _own_seed(seed: int | None) -> int | None:
-    """The seed check_policy's own test runs from: the user's, else a fresh one (reported on a
-    failure, so that the run can be replayed), or None under a derandomized hypothesis profile."""
-    if seed is None and not getattr(settings.default, "derandomize", False):
-        seed = random.SystemRandom().randrange(2**32)
-    return seed
+    """The seed check_policy's own test runs from: the user's, else pytest's --hypothesis-seed
+    (which hypothesis applies only to @given tests), else a fresh one (reported on a failure, so
+    that the run can be replayed), or None under a derandomized hypothesis profile."""
+    if seed is not None:
+        return seed
+    forced = hypothesis_core.global_force_seed
+    if forced is not None:  # an int, or any other text given on the command line
+        return forced if _whole(forced) and 0 <= forced < 2**32 else _seed_of_text(str(forced))
+    if not getattr(settings.default, "derandomize", False):
+        return random.SystemRandom().randrange(2**32)
+    return None
+
+
+def _seed_of_text(text: str) -> int:
+    """A whole-number seed for --hypothesis-seed=<text>, the same on every run (check_policy's
+    `seed=` takes whole numbers)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 
 def _run_own_test(space: Space, run_one, max_examples: int, seed: int | None) -> None:

@@ -16,13 +16,17 @@ from torch import nn
 from .passes.eval_mode import eval_mode
 
 __all__ = ["Draw", "Space", "PADDINGS", "PADDING_CHOICES", "IGNORE_INDEX", "draws", "fixed_draws", "draw_mask", "build_inputs",
-           "input_space", "within_the_model", "first_line"]
+           "input_space", "within_the_model", "first_line", "default_max_seq", "sliding_window"]
 
 PADDINGS = ("none", "right", "left")  # "none" first: hypothesis shrinks towards it
 # check_policy's `padding=`: which sides of rows its masks pad.
 PADDING_CHOICES = {"both": PADDINGS, "right": ("none", "right"), "left": ("none", "left"), "none": ("none",)}
 IGNORE_INDEX = -100  # the label of a position the loss skips (torch's cross_entropy, Hugging Face)
 _MAX_SEED = 2**31 - 1
+DEFAULT_MAX_SEQ = 32  # check_policy's longest sequence when the model asks for no more
+# A sliding window up to this long is reached by default (check_policy draws just past it); a
+# longer one (4,096 in real Mistral/Gemma configs) costs too much per draw on a CPU, so it is said.
+WINDOW_REACH = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +49,7 @@ class Draw:
             if self.mask is None:
                 pass  # nothing to pad: no word about a mask the model does not take
             elif self.padding == "none":
-                parts.append(f"padding=none ({self.mask} all ones)")
+                parts.append(f"padding=none ({self.mask} masks nothing)")
             else:
                 parts.append(f"padding={self.padding} (masked positions per row: {list(self.pads)})")
         parts.append(f"seed={self.seed}")
@@ -65,6 +69,7 @@ class _Input:
     dims: Mapping[int, str]  # {0: "batch", 1: "seq"}
     low: float = 0.0  # ints: values in [low, high); floats: mean
     high: float = 1.0  # floats: std
+    pads_are_true: bool = False  # a mask whose nonzero entries are the padding (PyTorch's key_padding_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +138,8 @@ def build_inputs(space: Space, d: Draw) -> dict[str, torch.Tensor]:
         token_shaped = mask is not None and len(shape) == 2 and spec.dims.get(1) == "seq"
         if spec.kind == "mask":
             value = mask if token_shaped else torch.ones(shape, dtype=torch.long)
+            if spec.pads_are_true:
+                value = value == 0
         elif spec.kind == "positions" and token_shaped:
             value = torch.arange(d.seq).expand(d.batch, d.seq).clone()
         elif spec.kind in ("ids", "labels", "int", "positions"):
@@ -212,6 +219,34 @@ def _vocab_size(module: nn.Module, config) -> int | None:
     return emb.num_embeddings if isinstance(emb, nn.Embedding) else None
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of a model with one in force below its position table (gemma2's
+    alternate layers, Mistral's), else None: beyond it the attention mask differs from a causal one."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2's switch
+        return None
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, (list, tuple)) and "sliding_attention" not in types:
+        return None
+    positions = _max_positions(config)
+    return None if positions is not None and window >= positions else window
+
+
+def default_max_seq(module: nn.Module) -> tuple[int, str | None]:
+    """check_policy's longest sequence when none is given, and a note when that misses part of the
+    model: 32 tokens, or a few past the model's sliding window when it is short enough to run (a
+    policy that broke the windowed mask showed only beyond it; tiny gemma2's window is 64)."""
+    window = sliding_window(getattr(module, "config", None))
+    if window is None or window < DEFAULT_MAX_SEQ:
+        return DEFAULT_MAX_SEQ, None
+    if window + 8 <= WINDOW_REACH:
+        return window + 8, None
+    return DEFAULT_MAX_SEQ, (f"check_policy: inputs of up to {DEFAULT_MAX_SEQ} tokens never reach the model's "
+                             f"{window}-token sliding window; pass max_seq={window + 8} to check past it")
+
+
 def _max_positions(config) -> int | None:
     for field in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(config, field, None)
@@ -229,6 +264,8 @@ def _describe_input(info, value: torch.Tensor, vocab: int | None, config, model_
         std = float(value.double().std()) if value.numel() > 1 else 1.0
         return _Input(kind="float", low=float(value.double().mean()),
                       high=std if math.isfinite(std) and std > 0 else 1.0, **common)
+    if "key_padding_mask" in name:  # PyTorch's nn.Transformer/MultiheadAttention: True = padding
+        return _Input(kind="mask", pads_are_true=True, **common)
     if dtype == torch.bool:
         return _Input(kind="mask" if "mask" in name else "bool", **common)
     if "mask" in name:

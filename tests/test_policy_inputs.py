@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from slimfx.models import tiny
 from slimfx.testing import PolicyCheckError, check_policy
@@ -115,3 +116,25 @@ def test_a_classifiers_labels_are_drawn_from_its_classes():
                "labels": torch.tensor([0, 2])}
     result = check_policy(model, quantize("int8"), example_inputs=example, rtol=0, atol=0.05, max_examples=FEW, seed=0)
     assert len(result.draws) == FEW
+
+
+class _KeyPadding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.attn = nn.Embedding(50, 16), nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, input_ids, key_padding_mask):
+        x = self.emb(input_ids)
+        return self.attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+
+
+def test_a_key_padding_mask_is_true_at_padding():
+    """PyTorch's key_padding_mask is True at padding: it was built like an attention mask, all
+    True where nothing is padded, so every key was masked and both models gave NaN (which matches
+    NaN: the check passed on nothing)."""
+    torch.manual_seed(0)
+    example = {"input_ids": torch.randint(0, 50, (2, 8)), "key_padding_mask": torch.zeros(2, 8, dtype=torch.bool)}
+    result = check_policy(_KeyPadding().eval(), "", example_inputs=example, max_examples=10, seed=1,
+                          metric=lambda original, compiled: bool(torch.isfinite(original).all()))
+    assert any(any(d.pads) for d in result.draws)
+    assert "key_padding_mask masks nothing" in result.draws[0].describe()
