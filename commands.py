@@ -401,7 +401,7 @@ def _count_params(cm) -> str:
 
 
 def _eval(args) -> int:
-    from .evaluation import eval_table
+    from .eval_table import eval_table
 
     if args.max_tokens is not None and args.max_tokens < 2:  # the first token has nothing to be predicted from
         raise UsageError(f"--max-tokens must be at least 2, got {args.max_tokens}")

@@ -23,7 +23,7 @@ from .runtime.sizes import param_bytes
 
 __all__ = [
     "default_text", "eval_text", "context_length", "calibration_texts", "perplexity", "embed", "embedding_cosine", "param_bytes", "latency_ms",
-    "eval_rows", "eval_table", "eval_paragraphs", "NotScorable",
+    "NotScorable",
 ]
 
 
@@ -114,7 +114,7 @@ def _field(out: Any, name: str) -> torch.Tensor:
                     f"return a ModelOutput, a dict with {name!r}, or a tuple with it first.")
 
 
-def _accepted(model: Callable, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def accepted_inputs(model: Callable, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop tokenizer outputs the model's forward does not take (e.g. token_type_ids), or that a
     compiled model's graph was not captured with (an artifact compiled from bare input_ids)."""
     names = getattr(model, "input_names", None)
@@ -153,7 +153,7 @@ def perplexity(model: Callable, tokenizer: Any, text: str, *, window: int | None
         raise ValueError(f"max_tokens must be at least 2 tokens, got {max_tokens}")
     ids = torch.as_tensor(tokenizer(text, return_tensors="pt")["input_ids"]).reshape(-1)
     ids = ids[:max_tokens]
-    chunks = _scored_chunks(ids, window)
+    chunks = scored_chunks(ids, window)
     if not chunks:
         raise ValueError(f"text is {ids.numel()} token(s) long; perplexity needs at least 2.")
     total_nll, total_tokens = 0.0, 0
@@ -167,7 +167,7 @@ def perplexity(model: Callable, tokenizer: Any, text: str, *, window: int | None
     return math.exp(total_nll / total_tokens)
 
 
-def _scored_chunks(ids: torch.Tensor, window: int) -> list[torch.Tensor]:
+def scored_chunks(ids: torch.Tensor, window: int) -> list[torch.Tensor]:
     """`window`-token chunks of the 1-D `ids`; a last chunk of one token predicts nothing: left out."""
     return [c for c in ids.split(window) if c.numel() >= 2]
 
@@ -181,7 +181,7 @@ def _chunk_nll(model: Callable, chunk: torch.Tensor) -> tuple[float, int]:
     device = _device_of(model)
     input_ids = chunk.unsqueeze(0).to(device)
     mask = torch.ones_like(input_ids)
-    logits = _field(model(**_accepted(model, {"input_ids": input_ids, "attention_mask": mask})), "logits")
+    logits = _field(model(**accepted_inputs(model, {"input_ids": input_ids, "attention_mask": mask})), "logits")
     if logits.shape[1] != input_ids.shape[1]:
         # `tokens after … prune` with restore=false returns the kept positions only: the dropped ones
         # have no next-token prediction, and scoring the kept ones alone would compare positions the
@@ -218,7 +218,7 @@ def embed(model: Callable, tokenizer: Any, texts: Iterable[str], *, max_length: 
     texts = list(texts)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     device = _device_of(model)
-    inputs = {k: v.to(device) for k, v in _accepted(model, dict(enc)).items()}
+    inputs = {k: v.to(device) for k, v in accepted_inputs(model, dict(enc)).items()}
     if len(texts) > 1 and "attention_mask" in enc and "attention_mask" not in inputs \
             and not bool(enc["attention_mask"].all()):
         # A model (an artifact) captured without a mask would read the pads as tokens: cosine 0.82
@@ -341,22 +341,6 @@ def _synchronizer(inputs: Any) -> Callable[[], None]:
     return lambda: None
 
 
-# ---------------------------------------------------------------- `slimfx eval`
-
-EVAL_SENTENCES = (
-    "The quick brown fox jumps over the lazy dog.",
-    "A compiler rewrites programs into faster programs that mean the same thing.",
-    "Weights stored in four bits take an eighth of the memory of thirty-two-bit floats.",
-    "The weather in the mountains changed quickly in the afternoon.",
-)
-
-
-def eval_paragraphs(count: int = 16, min_words: int = 40) -> list[str]:
-    """The first `count` paragraphs of eval_text() with at least `min_words` words: a padded batch
-    of real paragraphs of uneven length, as sentence-embedding services see them."""
-    return [p for p in eval_text().split("\n\n") if len(p.split()) >= min_words][:count]
-
-
 def context_length(model: Any) -> int | None:
     """The most tokens one sequence of `model` may hold, as its config says (None when it says
     nothing): `slimfx eval` cuts its windows and texts there — a tiny GPT-2 of 128 positions
@@ -369,93 +353,3 @@ def context_length(model: Any) -> int | None:
                 n -= (getattr(config, "pad_token_id", None) or 0) + 1
             return n
     return None
-
-
-def eval_rows(loaded, compiled=None, *, max_tokens: int = 2048) -> list[dict[str, Any]]:
-    """One row per model (original, then compiled): quality metric, stored weight bytes, bytes
-    held while running (a compiled model's CPU kernels keep converted copies of packed weights),
-    latency. Causal LMs get perplexity on eval_text() and latency on the example inputs; encoders
-    get the mean embedding cosine to the original model on EVAL_SENTENCES and eval_paragraphs()
-    (1.0 for the original itself) and latency on the padded batch of eval_paragraphs(); vision
-    models the mean logit cosine to the original on vision_images() and latency on their example.
-    """
-    return _eval_rows(loaded, compiled, max_tokens)[0]
-
-
-def _eval_rows(loaded, compiled, max_tokens: int) -> tuple[list[dict[str, Any]], str]:
-    """eval_rows() and a line on what each column measured."""
-    models = [("original", loaded.model)] + ([("compiled", compiled)] if compiled is not None else [])
-    timed = loaded.example_inputs
-    texts = (*EVAL_SENTENCES, *eval_paragraphs())
-    longest = context_length(loaded.model)
-    if loaded.kind == "encoder" and loaded.tokenizer is not None:
-        batch = loaded.tokenizer(eval_paragraphs(), padding=True, truncation=True, max_length=longest,
-                                 return_tensors="pt")
-        timed = _accepted(loaded.model, dict(batch))
-    rows = []
-    # The compiled model first: a decoder that cannot be scored (`restore=false`) is refused before
-    # the original's perplexity is paid for. The table still lists the original first.
-    for label, model in reversed(models):
-        stored = model.weight_bytes() if hasattr(model, "weight_bytes") else param_bytes(model)
-        row = {"model": label, "bytes": stored, "running_bytes": param_bytes(model),
-               "latency_ms": latency_ms(model, _accepted(model, timed) if isinstance(timed, dict) else timed,
-                                        repeats=10, warmup=2)}
-        if loaded.kind == "causal-lm" and loaded.tokenizer is not None:  # no tokenizer: no text to score
-            row["perplexity"] = perplexity(model, loaded.tokenizer, eval_text(), max_tokens=max_tokens,
-                                           window=default_window(loaded.model))
-        elif loaded.tokenizer is not None:
-            row["cosine"] = embedding_cosine(loaded.model, model, loaded.tokenizer, texts, max_length=longest)
-        elif loaded.kind == "vision":
-            row["logit cosine"] = logit_cosine(loaded.model, model, vision_images(loaded.example_inputs))
-        rows.insert(0, row)
-    return rows, _measured(loaded, timed, max_tokens, default_window(loaded.model))
-
-
-def _measured(loaded, timed, max_tokens: int, window: int) -> str:
-    """What the table's columns measured: the demo's table gave a latency and a perplexity with
-    no word of the input or the tokens they came from. The tokens as perplexity() reads them (the
-    first max_tokens of the text, at most)."""
-    shapes = [tuple(v.shape) for v in (timed.values() if isinstance(timed, dict) else [timed])
-              if isinstance(v, torch.Tensor)]
-    on = f"on an input of {'×'.join(map(str, shapes[0]))}" if shapes else "on the example inputs"
-    latency = f"CPU latency: median of 10 calls {on}"
-    if loaded.tokenizer is None:
-        return latency
-    if loaded.kind == "causal-lm":
-        ids = torch.as_tensor(loaded.tokenizer(eval_text(), return_tensors="pt")["input_ids"]).reshape(-1)
-        tokens = sum(c.numel() for c in _scored_chunks(ids[:max_tokens], window))  # as perplexity() reads them
-        return (f"perplexity: the first {tokens:,} tokens of the built-in eval text, in windows of "
-                f"{min(window, tokens)}; " + latency)
-    return (f"cosine: mean over {len(EVAL_SENTENCES)} sentences and {len(eval_paragraphs())} paragraphs of the "
-            f"built-in eval text; {latency}")
-
-
-def eval_table(loaded, compiled=None, *, max_tokens: int = 2048):
-    """eval_rows() as a rich Table, with ratios of the compiled model to the original."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    rows, measured = _eval_rows(loaded, compiled, max_tokens)
-    metric = next((m for m in ("perplexity", "cosine", "logit cosine") if m in rows[0]), None)
-    # No quality column is said, not left out silently: a model without a tokenizer has no text to score.
-    caption = measured if metric else \
-        f"no {'perplexity' if loaded.kind == 'causal-lm' else 'embedding cosine'}: {loaded.name} has no tokenizer; {measured}"
-    if metric == "logit cosine":
-        caption = (f"logit cosine to the original on {VISION_IMAGES} seeded random images (no image set ships with "
-                   f"slimfx); {measured}")
-    # rich reads `[…]` as markup: a model folder `runs/[v2]` showed as `runs/`
-    table = Table(title=escape(f"slimfx eval: {loaded.name} ({loaded.kind})"), caption=escape(caption))
-    for col in ("model", *([metric] if metric else []), "weight bytes", "bytes while running", "CPU latency (ms)"):
-        table.add_column(col, justify="right")
-    # a cosine near 1 to six places: 0.99998 and 0.99995 both showed as 1.0000 (×1.000)
-    places = 6 if metric and "cosine" in metric else 4
-    for row in rows:
-        cells = [escape(row["model"]), *([f"{row[metric]:.{places}f}"] if metric else []), f"{row['bytes']:,}",
-                 f"{row['running_bytes']:,}", f"{row['latency_ms']:.1f}"]
-        table.add_row(*cells)
-    if len(rows) == 2:
-        a, b = rows
-        ratio = [f"×{b[metric] / a[metric]:.{places - 1}f}"] if metric else []
-        table.add_row("compiled / original", *ratio, f"×{b['bytes'] / a['bytes']:.3f}",
-                      f"×{b['running_bytes'] / a['running_bytes']:.3f}", f"×{b['latency_ms'] / a['latency_ms']:.2f}")
-    return table

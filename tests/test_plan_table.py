@@ -9,7 +9,7 @@ import io
 from rich.console import Console
 
 import slimfx
-from slimfx.evaluation import eval_table
+from slimfx.eval_table import eval_table
 from slimfx.models import tiny
 from slimfx.plan_table import plan_text
 
