@@ -49,7 +49,7 @@ def save(cm: CompiledModel, path: str | os.PathLike) -> None:
     with unlowered(cm.program):  # the artifact holds the reference graph, never kernel layouts
         doc, tensors, aliases = encode_graph(cm.graph.module, cm.graph.model_class)
     program = _json_bytes(doc, PROGRAM, indent=None)  # read by machines; meta.json by people
-    meta = _meta(cm, aliases)
+    meta = _meta(cm, aliases, _input_sizes(doc))
 
     def write(tmp: Path) -> None:
         files = {PROGRAM: _write_bytes(tmp / PROGRAM, program)}
@@ -78,7 +78,14 @@ def check_target(target: Path) -> None:
                             "(it replaces the whole directory); move them out, or choose a new path")
 
 
-def _meta(cm: CompiledModel, aliases: dict[str, str]) -> dict[str, Any]:
+def _input_sizes(doc: dict[str, Any]) -> dict[str, list]:
+    """Each input's sizes as program.json writes them: its symbols' names are program.json's
+    (runtime/graph_io_values.py SymbolNames), not the ones capture or the last load gave them."""
+    return {n["name"]: n["val"]["tensor"][1] for n in doc["nodes"]
+            if n["op"] == "placeholder" and isinstance(n.get("val"), dict) and "tensor" in n["val"]}
+
+
+def _meta(cm: CompiledModel, aliases: dict[str, str], sizes: dict[str, list]) -> dict[str, Any]:
     g = cm.graph
     try:
         spec = json.loads(pytree.treespec_dumps(g.outputs.spec))
@@ -94,7 +101,7 @@ def _meta(cm: CompiledModel, aliases: dict[str, str]) -> dict[str, Any]:
         "policy": {"name": cm.policy_name, "text": cm.policy_text},
         "report": cm.report.to_dict(),
         "inputs": [{"name": i.name, "dtype": str(i.dtype).removeprefix("torch."),
-                    "shape": list(i.shape), "dims": {str(d): r for d, r in i.dims.items()}}
+                    "shape": sizes.get(i.name, list(i.shape)), "dims": {str(d): r for d, r in i.dims.items()}}
                    for i in g.inputs],
         "outputs": {"spec": spec, "constants": list(g.outputs.constants),
                     "tensors": list(g.outputs.tensor_leaves)},

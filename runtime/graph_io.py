@@ -1,6 +1,6 @@
 """A compiled GraphModule as slimfx's own JSON graph (program.json) and back, no torch.export.
 
-    {"format": "slimfx-graph", "symbols": {"s53": 2, ...},
+    {"format": "slimfx-graph", "symbols": {"s0": 2, "s1": 8, ...},   # size symbols: hints
      "modules": ["model", "model.layers", ...],                       # submodules, in order
      "tensors": [{"path": "model.norm.weight", "kind": "parameter",   # or buffer / constant
                   "data": "model.norm.weight", "requires_grad": true}, ...],
@@ -25,8 +25,7 @@ import torch
 from torch import fx, nn
 
 from .artifact_errors import PROGRAM, RESAVE, WEIGHTS, ArtifactError
-from .graph_io_values import NOT_STORED, ValueDecoder, device_named, dtype_named, encode_val
-from .graph_io_values import symbol_table
+from .graph_io_values import NOT_STORED, SymbolNames, ValueDecoder, device_named, dtype_named, encode_val
 from .program_check import check_name, check_path, load_refuses, op_name, refused, resolve_target
 
 __all__ = ["encode_graph", "decode_graph", "GRAPH_FORMAT"]
@@ -64,20 +63,18 @@ def encode_graph(gm: fx.GraphModule, what: str) -> tuple[dict, dict[str, torch.T
 
 
 def _encode_graph(gm: fx.GraphModule, what: str):
-    nodes, vals = [], []
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and n.target in _DROPPED_MODULES and not n.users:
-            continue
-        nodes.append(_encode_node(n, what))
-        vals.append(n.meta.get("val"))
+    kept = [n for n in gm.graph.nodes
+            if not (n.op == "call_module" and n.target in _DROPPED_MODULES and not n.users)]
+    names = SymbolNames([n.meta.get("val") for n in kept])
+    nodes = [_encode_node(n, what, names) for n in kept]
     tensors, aliases, records = _encode_tensors(gm, what)
     modules = [p for p, _ in gm.named_modules() if p and p.split(".")[0] not in _DROPPED_MODULES]
-    doc = {"format": GRAPH_FORMAT, "symbols": symbol_table(vals), "modules": modules,
+    doc = {"format": GRAPH_FORMAT, "symbols": names.table, "modules": modules,
            "tensors": records, "nodes": nodes}
     return doc, tensors, aliases
 
 
-def _encode_node(n: fx.Node, what: str) -> dict:
+def _encode_node(n: fx.Node, what: str, names: SymbolNames) -> dict:
     rec: dict[str, Any] = {"op": n.op, "name": n.name}
     if n.op == "call_function":
         name = op_name(n.target)
@@ -103,7 +100,7 @@ def _encode_node(n: fx.Node, what: str) -> dict:
     rec["args"] = _arg(n.args, n, what)
     rec["kwargs"] = {k: _arg(v, n, what) for k, v in n.kwargs.items()}
     if "val" in n.meta:
-        val = encode_val(n.meta["val"])
+        val = encode_val(n.meta["val"], names)
         if val is not NOT_STORED:
             rec["val"] = val
     meta = {k: _plain(n.meta[k]) for k in _KEPT_META if k in n.meta}

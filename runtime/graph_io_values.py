@@ -1,9 +1,11 @@
 """meta["val"] of a saved graph node: fake tensors with symbolic sizes, as JSON and back.
 
 Saving writes each value's dtype, sizes, strides and device, with symbolic sizes as expression
-trees (`["Mul", 64, "s70"]`: an int, a symbol name, or [function, *args]). Loading rebuilds them
-in one new ShapeEnv and FakeTensorMode, with no parsing of expression text: each function name
-is looked up in a fixed table of sympy / torch size functions and called on the rebuilt args.
+trees (`["Mul", 64, "s1"]`: an int, a symbol name, or [function, *args]; symbols are named s0,
+s1, … in order of first appearance, so saving a graph, loading it and saving it again writes the
+same file). Loading rebuilds them in one new ShapeEnv and FakeTensorMode, with no parsing of
+expression text: each function name is looked up in a fixed table of sympy / torch size
+functions and called on the rebuilt args.
 Tensors of the same layout share one meta tensor, so rebuilding thousands costs milliseconds.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from .artifact_errors import PROGRAM, RESAVE, ArtifactError
 
-__all__ = ["encode_val", "ValueDecoder", "symbol_table", "NOT_STORED"]
+__all__ = ["encode_val", "ValueDecoder", "SymbolNames", "NOT_STORED"]
 
 NOT_STORED = object()  # a value encode_val cannot write: the node is saved without meta["val"]
 
@@ -90,29 +92,30 @@ def _expr(e: sympy.Basic) -> Any:
     return [name, *(_expr(a) for a in e.args)]
 
 
-def _size(s: Any) -> Any:
+def _size(s: Any, names: SymbolNames) -> Any:
     if isinstance(s, torch.SymInt):
-        return _expr(s.node.expr)
+        return _expr(names.expr(s.node.expr))
     return int(s)
 
 
-def encode_val(val: Any) -> Any:
-    """JSON for a node's meta["val"], or NOT_STORED for a kind of value artifacts do not keep."""
+def encode_val(val: Any, names: SymbolNames) -> Any:
+    """JSON for a node's meta["val"], or NOT_STORED for a kind of value artifacts do not keep.
+    Its size symbols are written under `names`."""
     if val is None or isinstance(val, bool):
         return val
     if isinstance(val, torch.Tensor):
         if val.layout != torch.strided or val.is_quantized:
             return NOT_STORED
         try:
-            sizes = [_size(s) for s in val.shape]
-            strides = [_size(s) for s in val.stride()]
+            sizes = [_size(s, names) for s in val.shape]
+            strides = [_size(s, names) for s in val.stride()]
         except ValueError:
             return NOT_STORED
         return {"tensor": [str(val.dtype).removeprefix("torch."), sizes, strides,
                            str(val.device), bool(val.requires_grad)]}
     if isinstance(val, torch.SymInt):
         try:
-            return {"symint": _expr(val.node.expr)}
+            return {"symint": _expr(names.expr(val.node.expr))}
         except ValueError:
             return NOT_STORED
     if isinstance(val, int):
@@ -120,34 +123,47 @@ def encode_val(val: Any) -> Any:
     if isinstance(val, float) and math.isfinite(val):
         return {"float": val}
     if isinstance(val, (list, tuple)):
-        items = [encode_val(v) for v in val]
+        items = [encode_val(v, names) for v in val]
         if any(i is NOT_STORED for i in items):
             return NOT_STORED
         return {"list" if isinstance(val, list) else "tuple": items}
     return NOT_STORED
 
 
-def symbol_table(vals: list[Any]) -> dict[str, int | None]:
-    """name -> hint (None for unbacked symbols) of every size symbol in `vals`."""
-    out: dict[str, int | None] = {}
+class SymbolNames:
+    """Every size symbol of a graph's values, renamed s0, s1, … (u0, u1, … unbacked) in order of
+    first appearance, with its hint (None when unbacked): `.table` is program.json's symbol table.
+    Export and the ShapeEnv a load builds number symbols by their own counters (s72 and s53 in one
+    save, s45 and s70 in the next), so a model saved, loaded and saved again wrote other files."""
 
-    def visit(v):
+    def __init__(self, vals: list[Any]):
+        self.table: dict[str, int | None] = {}
+        self._to: dict[sympy.Symbol, sympy.Symbol] = {}
+        for v in vals:
+            self._visit(v)
+
+    def expr(self, e: sympy.Basic) -> sympy.Basic:
+        """`e` over the new names (sympy orders the arguments by them, so the written tree is
+        the same whatever the symbols were called before)."""
+        return e.xreplace(self._to) if self._to else e
+
+    def _visit(self, v: Any) -> None:
         if isinstance(v, torch.Tensor):
             for s in (*v.shape, *v.stride()):
-                visit(s)
+                self._visit(s)
         elif isinstance(v, torch.SymInt):
             env = v.node.shape_env
             known = getattr(env, "backed_var_to_val", None) or env.var_to_val
-            for sym in v.node.expr.free_symbols:
+            # several new symbols in one expression (rare: a size is first seen alone) go by name
+            for sym in sorted((s for s in v.node.expr.free_symbols if s not in self._to), key=str):
                 hint = known.get(sym)
-                out.setdefault(sym.name, None if hint is None else int(hint))
+                prefix = "u" if hint is None else "s"
+                name = f"{prefix}{sum(1 for n in self.table if n[0] == prefix)}"
+                self._to[sym] = sympy.Symbol(name, **sym.assumptions0)
+                self.table[name] = None if hint is None else int(hint)
         elif isinstance(v, (list, tuple)):
             for x in v:
-                visit(x)
-
-    for v in vals:
-        visit(v)
-    return out
+                self._visit(x)
 
 
 # ---- load -----------------------------------------------------------------------------------

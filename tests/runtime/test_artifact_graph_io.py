@@ -77,6 +77,16 @@ def test_loaded_model_resaves(llama_dir, tmp_path):
     again = load(tmp_path / "again")
     for x in (case.loaded.example_inputs, other_inputs(case.loaded, batch=2, seq=9)):
         assert_identical(again(**x), case.cm(**x), "re-saved llama")
+    # the same files: export and each load's ShapeEnv number size symbols by their own counters
+    # (s72 and s53, then s45 and s70), which program.json and meta.json wrote as they were
+    again.save(tmp_path / "third")
+    for name in ("program.json", "meta.json", "weights.safetensors"):
+        first = (llama_dir / name).read_bytes()
+        assert (tmp_path / "again" / name).read_bytes() == first == (tmp_path / "third" / name).read_bytes(), name
+    doc = json.loads((llama_dir / "program.json").read_text())
+    assert list(doc["symbols"]) == [f"s{i}" for i in range(len(doc["symbols"]))]
+    sizes = [i["shape"] for i in json.loads((llama_dir / "meta.json").read_text())["inputs"]]
+    assert sizes == [n["val"]["tensor"][1] for n in doc["nodes"] if n["op"] == "placeholder"]
 
 
 def test_loaded_values_are_symbolic_fakes(llama_dir):
