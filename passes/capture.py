@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..dsl.errors import SpecError
+from ..runtime.program import NOT_JSON, flag_json
 from . import autocast_regions
 from .capture_cache import (CachedTrace, lookup, portable_key, remember, shared, signature_key, state_key,
                             store)
@@ -234,7 +235,9 @@ def _declared_defaults(model: nn.Module, consts) -> tuple[tuple[str, Any], ...]:
 
 
 def _is_scalar(value: Any) -> bool:
-    return isinstance(value, (bool, int, float, str))
+    """A flag value a call can repeat and an artifact can store: a number or text, or a tuple or
+    list of them (`dims=(0, 1)`; a call leaving such a flag out ran the captured value silently)."""
+    return value is not None and flag_json(value) is not NOT_JSON
 
 
 def _unaliased(args: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -21,15 +21,15 @@ from torch.utils import _pytree as pytree
 
 from .program import CallInfo, InputInfo, ModuleInfo, OutputSpec, ParamInfo, Program, devices_named, input_shape
 from .compiled import CompiledModel
-from .lower import BackendUnavailable, unlowered
+from .lower import unlowered
 from .artifact_errors import FILES, META, PROGRAM, RESAVE, WEIGHTS, ArtifactError
 from .artifact_files import first_line as _first_line, json_bytes as _json_bytes
 from .artifact_files import read_json as _read_json, read_weights as _read_weights
 from .artifact_files import sha256 as _sha256, sha256_file as _sha256_file
 from .artifact_files import foreign_entries, holds_json, nearest_existing, unplaceable, write_atomic as _write_atomic
 from .artifact_files import write_bytes as _write_bytes, write_weights as _write_weights
-from .atomic_dir import moved_aside
-from .graph_io import decode_graph, encode_graph
+from .atomic_dir import STAGING, moved_aside
+from .graph_io import GRAPH_FORMAT, decode_graph, encode_graph
 from .report import Report
 from .version import __version__
 
@@ -68,7 +68,8 @@ def check_target(target: Path) -> None:
     above = nearest_existing(target)
     if not above.is_dir():  # mkdir would fail at the end of a compile, and the compile be lost
         raise ArtifactError(f"cannot save to {target}: {above} is a file, not a directory; choose another path")
-    if target.is_dir() and any(target.iterdir()) and not holds_json(target / META, "format", FORMAT):
+    if target.is_dir() and any(target.iterdir()) and not holds_json(target / META, "format", FORMAT) \
+            and not _leftovers_of_a_save(target):
         raise ArtifactError(f"refusing to replace {target}: it is a non-empty directory that is "
                             f"not a slimfx artifact (no {META} of one); choose a new path or empty it first")
     others = foreign_entries(target, FILES)
@@ -76,6 +77,17 @@ def check_target(target: Path) -> None:
         raise ArtifactError(f"refusing to replace {target}: besides an artifact's files it holds "
                             f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}, which saving would delete "
                             "(it replaces the whole directory); move them out, or choose a new path")
+
+
+def _leftovers_of_a_save(target: Path) -> bool:
+    """A folder holding only what a slimfx save writes, one of them recognisably its own (a
+    staging folder, a program.json of slimfx's graph format), without a meta.json of an artifact:
+    a save killed while filling a mount point in place, or an artifact whose meta.json was
+    damaged. load() says to save it again, and that save was refused as "not a slimfx artifact"."""
+    entries = list(target.iterdir())
+    ours = [e for e in entries if e.name.startswith(STAGING) and e.is_dir() and not e.is_symlink()]
+    return all(e in ours or (e.name in FILES and e.is_file()) for e in entries) and bool(
+        ours or holds_json(target / PROGRAM, "format", GRAPH_FORMAT))
 
 
 def _input_sizes(doc: dict[str, Any]) -> dict[str, list]:
@@ -87,6 +99,13 @@ def _input_sizes(doc: dict[str, Any]) -> dict[str, list]:
 
 def _meta(cm: CompiledModel, aliases: dict[str, str], sizes: dict[str, list]) -> dict[str, Any]:
     g = cm.graph
+    if g.call.unstorable:  # left out, the loaded model refused the very value the graph was made for
+        name = g.call.unstorable[0]
+        value = dict(g.call.flags)[name]
+        raise ArtifactError(f"cannot save {g.model_class}: it was captured with {name}={value!r} (a "
+                            f"{type(value).__name__}), which an artifact cannot store (numbers, text, None, and "
+                            f"tuples or lists of them); compile with example_inputs that leave {name} out or give "
+                            "it as one of those, or keep the compiled model in memory")
     try:
         spec = json.loads(pytree.treespec_dumps(g.outputs.spec))
     except Exception as e:  # a pytree node type registered without a serialized name
@@ -121,16 +140,23 @@ def load(path: str | os.PathLike, *, backend: str = "auto") -> CompiledModel:
     allow-list in runtime/program_check.py. Whatever goes wrong is an ArtifactError that says
     what to do."""
     root = Path(path).expanduser()
-    meta = _read_meta(root)
-    program = _read_checked(root, meta, PROGRAM)
-    _read_checked(root, meta, WEIGHTS, keep=False)  # safetensors maps the file itself
     try:
-        return _restore(root, meta, program, backend)
-    except (ArtifactError, BackendUnavailable):  # the artifact is fine: the backend cannot run here
+        meta = _read_meta(root)
+        program = _read_checked(root, meta, PROGRAM)
+        _read_checked(root, meta, WEIGHTS, keep=False)  # safetensors maps the file itself
+    except OSError as e:  # another user's file of mode 0600: a raw PermissionError
+        raise ArtifactError(f"cannot read {e.filename or root} ({e.strerror or _first_line(e)}): check that this "
+                            "user may read the artifact's folder and files") from e
+    try:
+        graph, parts = _restore(root, meta, program)
+    except ArtifactError:
         raise
     except Exception as e:  # files that hash right but do not fit together
         raise ArtifactError(f"{root} cannot be restored ({type(e).__name__}: {_first_line(e)}); "
                             f"{_likely_cause(meta)}") from e
+    # Outside the blame on the files: the backend's own failures (no triton here, a kernel that
+    # cannot lower) were reported as a meta.json changed after saving.
+    return CompiledModel(graph, **parts, backend=backend)
 
 
 def _likely_cause(meta: dict[str, Any]) -> str:
@@ -143,7 +169,9 @@ def _likely_cause(meta: dict[str, Any]) -> str:
             f"torch {torch.__version__}: load it there, or {RESAVE}")
 
 
-def _restore(root: Path, meta: dict[str, Any], program: bytes, backend: str) -> CompiledModel:
+def _restore(root: Path, meta: dict[str, Any], program: bytes) -> tuple[Program, dict[str, Any]]:
+    """The saved program, and its report and policy (CompiledModel's keywords), from files
+    already checked against their hashes."""
     _register_slimfx_ops()
     doc = _read_json(root / PROGRAM, program)
     tensors = _read_weights(root / WEIGHTS)
@@ -153,15 +181,19 @@ def _restore(root: Path, meta: dict[str, Any], program: bytes, backend: str) -> 
                     meta["model_class"], CallInfo.from_dict(meta.get("call")))
     _check_meta_fits(graph, meta)
     policy = meta.get("policy") or {}
-    return CompiledModel(graph, report=Report.from_dict(meta["report"]),
-                         policy_text=policy.get("text") or "", policy_name=policy.get("name"), backend=backend)
+    return graph, {"report": Report.from_dict(meta["report"]), "policy_text": policy.get("text") or "",
+                   "policy_name": policy.get("name")}
 
 
 def _to_named_device(module: torch.fx.GraphModule) -> None:
     """Weights come off the file on the CPU; a graph compiled on a GPU makes and checks its
     tensors there (load has refused one naming a device this machine lacks): its weights go
     there too, or every call failed mixing devices."""
+    # "cuda" beside "cuda:0" (a forward's literal device beside export's checks) is one device
     named = {d for d in devices_named(module) if d.type != "cpu"}
+    indexed = {d for d in named if d.index is not None}
+    if len(indexed) == 1 and {d.type for d in named} == {next(iter(indexed)).type}:
+        named = indexed
     if len(named) == 1:
         module.to(named.pop())
     elif named:
@@ -259,6 +291,9 @@ def _read_checked(root: Path, meta: dict[str, Any], name: str, keep: bool = True
     if not path.is_file():
         raise ArtifactError(f"{root} is incomplete: {name} is missing (an interrupted copy?); "
                             f"{RESAVE}")
+    if not isinstance(want.get("bytes"), int) or isinstance(want.get("bytes"), bool):  # "150900" read as a mismatch
+        raise ArtifactError(f"{root / META} records {name}'s size as {want.get('bytes')!r}, not a number of bytes: "
+                            f"it is damaged; {RESAVE}")
     size = path.stat().st_size
     if size != want.get("bytes"):
         raise ArtifactError(f"{path} is {size} bytes but meta.json records "
@@ -308,6 +343,9 @@ def _outputs(meta) -> OutputSpec:
     out = meta["outputs"]
     _import_output_types(out["spec"])
     spec = pytree.treespec_loads(json.dumps(out["spec"]))
+    if spec.num_leaves != len(out["constants"]):  # loaded, then every call failed in treespec.unflatten
+        raise ArtifactError(f"meta.json's output structure has {spec.num_leaves} leaves and its constants "
+                            f"{len(out['constants'])}: it is damaged; {RESAVE}")
     tensors = out.get("tensors")  # absent before 2026-12-06: a None constant then means a tensor
     if tensors is not None and (not isinstance(tensors, list) or len(tensors) != len(out["constants"])):
         raise ArtifactError(f"meta.json's output tensors {tensors!r} do not match its constants: it is damaged; {RESAVE}")

@@ -112,6 +112,8 @@ def unplaceable(target: Path) -> str | None:
     """Why write_atomic cannot replace `target`, or None: something that is not a directory, a
     symbolic link to nothing, or the current directory or one above it (the process and the
     user's shell would be left in a deleted directory)."""
+    if len(os.fsencode(target.name)) > 255:  # the usual file system limit (stat raises on it)
+        return f"its name is {len(os.fsencode(target.name))} bytes long, past the 255 a file name may have"
     if (problem := not_a_directory(target)) is not None:
         return problem
     if target.is_symlink() and not target.exists():

@@ -10,6 +10,7 @@ artifact's meta.json holds the other files' hashes), never one it takes for the 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -60,8 +61,8 @@ def write_atomic(target: Path, write: Callable[[Path], None], last: str | None =
     if _fill_in_place(target):
         _write_inside(target, write, last)
         return
-    _sweep_killed_saves(target.parent, f".{target.name}.tmp-")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner()}-", dir=target.parent))
+    _sweep_killed_saves(target.parent, f".{_short(target.name)}.tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_short(target.name)}.tmp-{_owner()}-", dir=target.parent))
     try:
         os.chmod(tmp, file_mode(directory=True))  # mkdtemp makes it private
         write(tmp)
@@ -72,6 +73,21 @@ def write_atomic(target: Path, write: Callable[[Path], None], last: str | None =
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when the swap took it
     _fsync_dir(target.parent)
     _warn_moved_aside(target)
+
+
+# Of the 255 bytes a file name may have, what a target's name takes in the names of the folders
+# beside it (`.NAME.tmp-HOST.PIDNS-PID-XXXXXXXX` holds some 100 bytes more): a 230-byte name that
+# mkdir takes failed with "File name too long", after the compile or the training.
+_NAME_BYTES = 100
+
+
+def _short(name: str) -> str:
+    """`name`, or a prefix of it and a digest of the whole where it is longer than _NAME_BYTES."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= _NAME_BYTES:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    return raw[:_NAME_BYTES - 13].decode("utf-8", "ignore") + "~" + digest
 
 
 def _fill_in_place(target: Path) -> bool:
@@ -159,7 +175,7 @@ def _swap_into_place(tmp: Path, target: Path) -> bool:
         os.rename(tmp, target)
         return True
     _keep_folder_attributes(target, tmp)
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{_short(target.name)}.old-", dir=target.parent))
     os.rmdir(old)
     try:
         os.rename(target, old)
@@ -197,7 +213,7 @@ def moved_aside(target: Path) -> list[Path]:
     parent = target.absolute().parent
     if not parent.is_dir():
         return []
-    prefix = f".{target.name}.old-"
+    prefix = f".{_short(target.name)}.old-"
     return sorted(p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink())
 
 

@@ -26,6 +26,7 @@ from its stored graph) always has it.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 from contextlib import contextmanager
@@ -266,6 +267,9 @@ def _lower_triton(gm: fx.GraphModule, kept: Optional[tuple]) -> None:
 def check_triton_runs(gm: nn.Module) -> None:
     """BackendUnavailable unless generated kernels can run for `gm` (its tensors on a GPU, or
     Triton's interpreter on): compile() asks before any work, lower() before unlowering."""
+    if importlib.util.find_spec("triton") is None:  # TRITON_INTERPRET=1 without it loaded, then every call failed
+        raise BackendUnavailable("backend=\"triton\" runs kernels written in Triton, and the triton package is not "
+                                 "installed here: `pip install triton`, or use backend=\"auto\" or \"eager\"")
     if _on_gpu(gm):
         return
     interpreted = _interpreter_on()

@@ -5,6 +5,7 @@ it, so a saved model needs nothing of the compiler to load and run.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,8 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["Program", "ModuleInfo", "ParamInfo", "InputInfo", "OutputSpec", "CallInfo", "devices_named"]
+__all__ = ["Program", "ModuleInfo", "ParamInfo", "InputInfo", "OutputSpec", "CallInfo", "devices_named", "flag_json",
+           "NOT_JSON"]
 
 
 # ---- records ---------------------------------------------------------------------------------
@@ -96,19 +98,53 @@ class CallInfo:
     declared: tuple[tuple[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON for meta.json: flags of JSON scalar values only (others are not repeatable)."""
-        return {"positional": list(self.positional), "flags": _scalars(self.flags),
-                "defaults": _scalars(self.defaults), "declared": _scalars(self.declared)}
+        """JSON for meta.json: values flag_json can write (the others are in `unstorable`)."""
+        return {"positional": list(self.positional), "flags": _storable(self.flags),
+                "defaults": _storable(self.defaults), "declared": _storable(self.declared)}
+
+    @property
+    def unstorable(self) -> list[str]:
+        """The flags the graph was captured with whose values meta.json cannot hold: a model loaded
+        without them refused those very values ("captured without dims")."""
+        return [k for k, v in self.flags if flag_json(v) is NOT_JSON]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "CallInfo":
         d = d or {}
-        return cls(tuple(d.get("positional") or ()), tuple((d.get("flags") or {}).items()),
-                   tuple((d.get("defaults") or {}).items()), tuple((d.get("declared") or {}).items()))
+        parts = [tuple((k, _flag_value(v)) for k, v in (d.get(part) or {}).items())
+                 for part in ("flags", "defaults", "declared")]
+        return cls(tuple(d.get("positional") or ()), *parts)
 
 
-def _scalars(pairs) -> dict[str, Any]:
-    return {k: v for k, v in pairs if v is None or isinstance(v, (bool, int, float, str))}
+NOT_JSON = object()  # what flag_json gives for a value it cannot write
+
+
+def flag_json(value: Any, depth: int = 0) -> Any:
+    """A flag's value as JSON: None, bools, ints, finite floats and text as they are; tuples and
+    lists of them tagged ({"tuple": [...]}), so that a loaded model tells (1,) from [1] as the
+    capture did (`dims=(1,)` was dropped from meta.json, and the loaded model refused it);
+    NOT_JSON for anything else."""
+    if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    if isinstance(value, (tuple, list)) and depth < 8:
+        items = [flag_json(v, depth + 1) for v in value]
+        if all(i is not NOT_JSON for i in items):
+            return {"tuple" if isinstance(value, tuple) else "list": items}
+    return NOT_JSON
+
+
+def _flag_value(doc: Any) -> Any:
+    """flag_json's value back (a plain JSON value from artifacts before the tags, as it is)."""
+    if isinstance(doc, dict) and len(doc) == 1:
+        ((kind, items),) = doc.items()
+        if kind in ("tuple", "list") and isinstance(items, list):
+            values = [_flag_value(v) for v in items]
+            return tuple(values) if kind == "tuple" else values
+    return doc
+
+
+def _storable(pairs) -> dict[str, Any]:
+    return {k: j for k, v in pairs if (j := flag_json(v)) is not NOT_JSON}
 
 
 class Program:

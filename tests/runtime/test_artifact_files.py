@@ -158,3 +158,42 @@ def test_loaded_weights_are_aligned_as_torch_allocates_them_whatever_the_header(
     save_file(tensors, str(tmp_path / "w.safetensors"), metadata={"format": "pt", "pad": header})
     back = files.read_weights(tmp_path / "w.safetensors")
     assert all(t.data_ptr() % 64 == 0 and torch.equal(t, tensors[k]) for k, t in back.items())
+
+
+def test_what_a_killed_save_left_in_place_is_replaced_by_the_next(tmp_path, saved):
+    """A save filling a mount point in place and killed midway leaves its staging folder (and
+    maybe some files): the next save refused the folder as "not a slimfx artifact". So did the
+    save load() asks for after an artifact's meta.json was damaged."""
+    cm = compiled("llama").cm
+    staged = tmp_path / "staged"
+    (staged / f"{atomic_dir.STAGING}{atomic_dir._HOST}-1-abc").mkdir(parents=True)
+    (staged / "program.json").write_bytes((saved("llama") / "program.json").read_bytes())
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("program.json", "weights.safetensors"):
+        (damaged / name).write_bytes((saved("llama") / name).read_bytes())
+    (damaged / "meta.json").write_text('{"format": ')
+    with pytest.raises(ArtifactError, match="meta.json is not valid JSON"):
+        slimfx.load(damaged)
+    for target in (staged, damaged):
+        cm.save(target)
+        assert sorted(p.name for p in target.iterdir()) == ["meta.json", "program.json", "weights.safetensors"]
+        slimfx.load(target)
+    # another tool's file under one of the names is still not taken for a save's leftovers
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "program.json").write_text('{"format": "something else"}')
+    with pytest.raises(ArtifactError, match="not a slimfx artifact"):
+        cm.save(other)
+
+
+def test_a_long_folder_name_is_saved_and_one_past_the_limit_refused_before_work(tmp_path):
+    """The folder beside the target (`.NAME.tmp-HOST.PIDNS-PID-XXXXXXXX`) went past the 255-byte
+    name limit once NAME had some 215: "File name too long" after the compile or the training."""
+    cm = compiled("llama").cm
+    for name in ("a" * 230, "é" * 120):  # 230 and 240 bytes: mkdir takes them
+        cm.save(tmp_path / name)
+        cm.save(tmp_path / name)  # over an existing one: the folder moved aside is named short too
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(ArtifactError, match="its name is 256 bytes long, past the 255"):
+        cm.save(tmp_path / ("b" * 256))

@@ -124,3 +124,41 @@ def test_flags_by_position_are_checked_as_by_name():
         three(x, 5, True)
     with pytest.raises(TypeError, match="flip is given by position and by name"):
         three(x, 3, True, flip=True)
+
+
+class Summed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x, dims=(0, 1), scale=2):
+        return self.proj(x).sum(dim=dims) * (scale if isinstance(scale, int) else 1)
+
+
+def test_a_tuple_flag_is_saved_and_a_call_leaving_it_out_is_refused(tmp_path):
+    """dims=(1,) was dropped from meta.json (scalars only), so the loaded model refused dims=(1,)
+    itself ("captured without dims"); and a call leaving dims out ran dims=(1,) silently where the
+    model's own call sums over (0, 1)."""
+    torch.manual_seed(0)
+    model, x = Summed().eval(), torch.randn(2, 8, 4)
+    cm = slimfx.compile(model, "", example_inputs={"x": x, "dims": (1,)})
+    cm.save(tmp_path / "a")
+    back = slimfx.load(tmp_path / "a")
+    assert back.graph.call == cm.graph.call
+    with torch.no_grad():
+        want = model(x, dims=(1,))
+    for m in (cm, back):
+        assert torch.equal(m(x=x, dims=(1,)), want)
+        with pytest.raises(TypeError, match=r"captured with dims=\(1,\), and a call that leaves dims out means "
+                                            r"the forward's default dims=\(0, 1\)"):
+            m(x=x)
+        with pytest.raises(TypeError, match=r"dims=\[1\] needs another graph"):  # a list is not the tuple
+            m(x=x, dims=[1])
+
+
+def test_a_flag_an_artifact_cannot_store_is_refused_at_save(tmp_path):
+    cm = slimfx.compile(Summed().eval(), "", example_inputs={"x": torch.randn(2, 8, 4), "scale": torch.float16})
+    with pytest.raises(slimfx.runtime.artifact.ArtifactError,
+                       match=r"captured with scale=torch.float16 \(a dtype\), which an artifact cannot store"):
+        cm.save(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
