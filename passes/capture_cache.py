@@ -72,8 +72,8 @@ def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _structure_key(model: nn.Module) -> tuple:
-    """Each module's identity, class, the forward its class has now, public attributes and hooks,
-    and the config's values: a change to any of them (`layer.mlp.act_fn = nn.ReLU()`,
+    """Each module's identity, class, the forward its class has now, attributes and hooks, the
+    hooks registered for every module, and the config's values: a change to any of them (`layer.mlp.act_fn = nn.ReLU()`,
     `attn.scaling = 0.01`, `config.output_hidden_states = True`, `LlamaMLP.forward = …`) changes
     what export traces, so it must miss. A patched module-level function is not seen."""
     parts = []
@@ -82,12 +82,21 @@ def _structure_key(model: nn.Module) -> tuple:
         # a class-level patch (`type(m).forward = f`) keeps the class: key the function it has now
         parts.append((name, id(m), _Same(type(m)), _OfClass(getattr(type(m), "forward", None)), _own_attrs(m), hooks))
     classes = {type(m) for m in model.modules()}
-    return tuple(parts), _config_key(getattr(model, "config", None)), _class_values(classes)
+    return tuple(parts), _config_key(getattr(model, "config", None)), _class_values(classes), _global_hooks()
 
 
 def _hooks(m: nn.Module) -> tuple:
     # by identity: a re-registered partial or closure is a new object with other values
     return tuple(_Same(h) for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
+
+
+def _global_hooks() -> tuple:
+    """Hooks registered for every module (`register_module_forward_hook`): export traces them
+    into every forward, and one registered after a trace was missed by it."""
+    from torch.nn.modules import module as torch_module
+
+    return tuple(_Same(h) for d in (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
+                 for h in d.values())
 
 
 # What nn.Module keeps for itself (its tensors, children and hooks are keyed apart); `training`
@@ -113,38 +122,53 @@ def _class_values(classes) -> tuple:
     return tuple(out)
 
 
+# How deep _attr_key walks containers and plain objects; one deeper is never equal (_Never).
+_DEPTH = 3
+
+
 def _attr_key(value: Any, depth: int = 0) -> Any:
     """Plain values and containers of them by value (transformers rebuilds some dicts on every
-    call, e.g. `all_tied_weights_keys`), anything else by identity."""
+    call, e.g. `all_tied_weights_keys`), anything else by identity. A container nested deeper
+    than _DEPTH is never equal: by identity, an edit inside it (`opts["a"]["b"]["c"][0] = 3.0`)
+    kept serving the old trace, so such a model is traced every time."""
+    if depth >= _DEPTH and _walked(value):
+        return _Never()  # a new one each time: tuples and dicts take an object as equal to itself
     if value is None or isinstance(value, (str, bytes)):
         return value
     if isinstance(value, (bool, int, float)):  # by type too: 1 == 1.0 == True, and torch.full tells them apart
         return type(value).__name__, value
     if isinstance(value, torch.Tensor):  # a plain tensor attribute (not a buffer): edits bump its version
         return _Same(value), value._version
-    if depth < 3 and isinstance(value, nn.Module) and not _holds_tensors(value):
+    if isinstance(value, nn.Module) and not _holds_tensors(value):
         # an unregistered module without tensors (transformers keeps a kernel wrapper per attention
         # in `_kernel_funcs`): by its class, attributes and hooks, as a registered one
         return "module", _Same(type(value)), _OfClass(getattr(type(value), "forward", None)), tuple(
             (k, _attr_key(v, depth + 1)) for k, v in sorted(vars(value).items()) if k not in _MODULE_SLOTS), _hooks(value)
-    if depth < 3 and isinstance(value, functools.partial):
+    if isinstance(value, functools.partial):
         # by what it calls with what (gemma2 makes a new `partial(gelu, approximate="tanh")` per
         # module): the same function and arguments compute the same
         return ("partial", _attr_key(value.func, depth + 1), _attr_key(value.args, depth + 1),
                 _attr_key(value.keywords, depth + 1))
-    if depth < 3 and isinstance(value, (tuple, list, set, frozenset)):
+    if isinstance(value, (tuple, list, set, frozenset)):
         items = tuple(_attr_key(v, depth + 1) for v in value)
         return type(value).__name__, tuple(sorted(items, key=repr)) if isinstance(value, (set, frozenset)) else items
-    if depth < 3 and isinstance(value, dict):
+    if isinstance(value, dict):
         return "dict", tuple(sorted(((repr(k), _attr_key(v, depth + 1)) for k, v in value.items()), key=repr))
-    if depth < 3 and dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # by its fields: `config.scale = 3.0` on a dataclass config changes what is traced
         return _Same(type(value)), tuple((f.name, _attr_key(getattr(value, f.name), depth + 1))
                                          for f in dataclasses.fields(value))
-    if depth < 3 and _plain_object(value):
+    if _plain_object(value):
         # a SimpleNamespace or hand-written config object: by its fields, as a dataclass
         return _Same(type(value)), tuple((k, _attr_key(v, depth + 1)) for k, v in sorted(vars(value).items()))
     return _Same(value)  # a function or object: its identity (a module's own fields are keyed apart)
+
+
+def _walked(value: Any) -> bool:
+    """Whether _attr_key keys `value` by what it holds (at a depth it may walk)."""
+    return (isinstance(value, (tuple, list, set, frozenset, dict, functools.partial))
+            or (isinstance(value, nn.Module) and not _holds_tensors(value))
+            or (dataclasses.is_dataclass(value) and not isinstance(value, type)) or _plain_object(value))
 
 
 def _holds_tensors(module: nn.Module) -> bool:
@@ -187,6 +211,19 @@ class _Same:
 
     def __hash__(self) -> int:
         return self._id
+
+
+class _Never:
+    """In a key, equal to nothing (itself included): what cannot be compared safely misses."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    def __hash__(self) -> int:
+        return 0
+
 
 
 class _OfClass(_Same):
@@ -270,11 +307,12 @@ def portable_key(model: nn.Module, signature: tuple, state: tuple) -> tuple | No
                         t.storage_offset(), t.dtype, str(t.device), objects.setdefault(id(t), len(objects)),
                         storages.setdefault(t.untyped_storage().data_ptr(), len(storages))))
     modules: dict[int, int] = {}
-    parts, config, class_values = state[1]  # state_key(model)'s structure, made once by the caller
+    parts, config, class_values, global_hooks = state[1]  # state_key(model)'s structure, made once by the caller
     try:
         portable = tuple((name, modules.setdefault(ident, len(modules)), *map(_shared_only, rest))
                          for name, ident, *rest in parts)
-        return signature, tuple(tensors), portable, _shared_only(config), _shared_only(class_values)
+        return (signature, tuple(tensors), portable, _shared_only(config), _shared_only(class_values),
+                _shared_only(global_hooks))
     except _NotPortable:
         return None
 
@@ -283,6 +321,8 @@ def _shared_only(part: Any) -> Any:
     """`part` as it is, after checking that every object it holds by identity is one any model
     would hold: a class or its forward, a module-level function or None. Raises _NotPortable
     otherwise."""
+    if isinstance(part, _Never):  # never equal: kept, it would only fill the list
+        raise _NotPortable
     if isinstance(part, _Same):
         if not isinstance(part, _OfClass) and not isinstance(part.obj, type) and not _module_level(part.obj):
             raise _NotPortable
