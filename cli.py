@@ -5,7 +5,7 @@
     slimfx plan SPEC --model M [--policy NAME]     what each rule would touch, before any change
     slimfx compile SPEC --model M --out DIR        compile and save an artifact
     slimfx train --model M --compiled DIR          train its adapters (--steps N), save DIR-trained
-    slimfx eval --model M [--compiled DIR]         perplexity / embedding cosine, bytes, latency
+    slimfx eval --model M [--compiled DIR]         perplexity / embedding or logit cosine, bytes, latency
 """
 from __future__ import annotations
 

@@ -59,7 +59,8 @@ def add_model_commands(sub) -> None:
     tr.add_argument("--out", type=non_empty, help="artifact directory to write (default: <compiled>-trained)")
     tr.set_defaults(run=_guarded(_train))
 
-    ev = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders), bytes, latency")
+    ev = sub.add_parser("eval", help="perplexity (causal LMs), embedding cosine (encoders) or logit cosine "
+                                     "(vision), bytes, latency")
     ev.add_argument("--model", required=True, type=non_empty, help=MODEL_HELP)
     ev.add_argument("--compiled", type=non_empty, help="artifact directory from `slimfx compile`, evaluated side by side")
     ev.add_argument("--max-tokens", type=int, help="causal LMs: score the first N tokens of the eval text "
@@ -304,7 +305,7 @@ def _train(args) -> int:
                          f"compile a policy that also changes the model (quantize, drop/collapse){lm_too}") from None
     cm.save(out)  # before printing: a closed pipe (`| head`) must not lose the training
     for i, value in enumerate(result.losses, 1):  # .4g: a distill loss of 2e-5 is not "0.0000"
-        print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {value:.4g}")
+        print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {value:#.4g}")  # 3.520 beside 3.718, not 3.52
     print(_loss_line(result.first, result.last, result.seconds, args.steps, len(batches)))
     print(f"saved to {out}", file=sys.stderr)
     return 0

@@ -124,10 +124,13 @@ class SpecError(ValueError):
 
 def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str | None:
     """`did you mean `rank`?` for a close candidate, else None. Case counts for nothing in the
-    distance (`INT8`, `LoRA` had no suggestion), and one differing only in case comes first."""
+    distance (`INT8`, `LoRA` had no suggestion), and one differing only in case is the only one
+    (`INT8` got "`int8` or `int4` or `int2`")."""
     by_lower: dict[str, str] = {}
     for c in candidates:
         by_lower.setdefault(c.lower(), c)
+    if word.lower() in by_lower:
+        return f"did you mean `{by_lower[word.lower()]}`?"
     close = [by_lower[c] for c in difflib.get_close_matches(word.lower(), list(by_lower), n=n, cutoff=0.6)]
     if not close:
         return None

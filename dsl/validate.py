@@ -127,9 +127,20 @@ def _coerce(spec: ParamSpec, p: A.Param, key: str, problems: _Problems):
         kind = "unknown-keyword" if hint else "out-of-range"
         wrong = "is not one of its choices" if spec.choices and isinstance(value, str) else "is out of range"
         problems.add(kind, f"`{p.name}={_show(p.value)}` {wrong}: `{p.name}` is {spec.expectation}",
-                     p.span, hint or f"{spec.doc}")
+                     p.span, hint or _nearest_valid(spec, p.name, value) or f"{spec.doc}")
         return None
     return value
+
+
+def _nearest_valid(spec: ParamSpec, name: str, value) -> str | None:
+    """`write `group=32` or `group=64`` for an integer out of range: the valid values nearest it
+    either side (a hint that described the parameter left the user to work them out)."""
+    if spec.type is not int or spec.choices or type(value) is not int:
+        return None
+    below = next((v for v in range(value - 1, value - 4097, -1) if spec.valid(v)), None)
+    above = next((v for v in range(value + 1, value + 4097) if spec.valid(v)), None)
+    near = [f"`{name}={v}`" for v in (below, above) if v is not None]
+    return "write " + " or ".join(near) if near else None
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a name or a quoted string"}

@@ -112,7 +112,7 @@ def train(cm, batches, *, steps: int, lr: float | None = None, loss: str = "lm",
                 scale(lr_factor(schedule, i, steps))
                 value = _step(cm, batch, opt, loss, teacher, i)
                 losses.append(value)
-                step(note=f"loss {value:.4g}")
+                step(note=f"loss {value:#.4g}")
             # A step's loss is checked before its update; the last update has no step after it, so
             # one more forward (no gradient) checks what it left: an lr of 1e30 left finite adapters
             # whose outputs were nan.

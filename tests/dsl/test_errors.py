@@ -65,18 +65,22 @@ CASES = [
     (body('adapt blocks lora from="a\\777"'), "syntax", 2, 28, ["a string with a bad escape", "octal", "'\\777'"],
      None),
     # a case-only misspelling had no suggestion
-    (body("quantize head INT8"), "unknown-keyword", 2, 19, ["got `INT8`"], "did you mean `int8`"),
-    (body("adapt blocks LoRA"), "unknown-keyword", 2, 18, ["got `LoRA`"], "did you mean `lora`"),
+    # a keyword differing only in case is the one suggestion ("`int8` or `int4` or `int2`" before)
+    (body("quantize head INT8"), "unknown-keyword", 2, 19, ["got `INT8`"], "did you mean `int8`?"),
+    (body("adapt blocks LoRA"), "unknown-keyword", 2, 18, ["got `LoRA`"], "did you mean `lora`?"),
     # schema
     (body("adapt blocks lora rnak=16"), "unknown-parameter", 2, 23, ["takes no parameter `rnak`", "`rank`, `alpha`"],
      "did you mean `rank`?"),
     (body("tokens after blocks[1] prune ratio=0.5"), "unknown-parameter", 2, 34, ["`ratio`"], "tokens … merge"),
-    (body("adapt blocks lora rank=0"), "out-of-range", 2, 23, ["`rank=0` is out of range", "an integer ≥ 1"], None),
+    (body("adapt blocks lora rank=0"), "out-of-range", 2, 23, ["`rank=0` is out of range", "an integer ≥ 1"],
+     "write `rank=1`"),
     (body("adapt blocks lora rank=2.5"), "wrong-type", 2, 23, ["`rank` takes an integer, not 2.5"], "`rank=8`"),
     (body("adapt blocks lora merge=yes"), "wrong-type", 2, 23, ["`merge` takes true or false"], None),
     (body("tokens after blocks[1] prune keep=1.5"), "out-of-range", 2, 34, ["a number in (0, 1]"], None),
-    (body("quantize head int4 group=48"), "out-of-range", 2, 24, ["a power of two, at least 16"], None),
-    (body("quantize head int4 group=8"), "out-of-range", 2, 24, ["a power of two, at least 16"], None),
+    # the valid values nearest an integer out of range are the hint (it described the parameter)
+    (body("quantize head int4 group=48"), "out-of-range", 2, 24, ["a power of two, at least 16"],
+     "write `group=32` or `group=64`"),
+    (body("quantize head int4 group=8"), "out-of-range", 2, 24, ["a power of two, at least 16"], "write `group=16`"),
     (body("quantize head int8 method=gtpq"), "unknown-keyword", 2, 24, ["one of rtn, gptq"], "did you mean `gptq`?"),
     (body("quantize head fp16 group=64"), "invalid-combination", 2, 24, ["integer formats only"], None),
     (body("quantize head bf16 zero=float"), "invalid-combination", 2, 24, ["`zero` applies to integer formats only"],
