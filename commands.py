@@ -305,10 +305,15 @@ def _train(args) -> int:
                          f"compile a policy that also changes the model (quantize, drop/collapse){lm_too}") from None
     cm.save(out)  # before printing: a closed pipe (`| head`) must not lose the training
     for i, value in enumerate(result.losses, 1):  # .4g: a distill loss of 2e-5 is not "0.0000"
-        print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {value:#.4g}")  # 3.520 beside 3.718, not 3.52
+        print(f"step {i:>{len(str(args.steps))}}/{args.steps}  loss {_loss(value)}")
     print(_loss_line(result.first, result.last, result.seconds, args.steps, len(batches)))
     print(f"saved to {out}", file=sys.stderr)
     return 0
+
+
+def _loss(value: float) -> str:
+    """Four significant digits, trailing zeros kept: "3.52" beside "3.718" read as less precise."""
+    return f"{value:#.4g}"
 
 
 def _loss_line(first: float, last: float, seconds: float, steps: int, batches: int) -> str:

@@ -281,3 +281,10 @@ def test_an_encoder_sequence_no_longer_than_its_special_tokens_is_refused():
         with pytest.raises(UsageError, match=f"--seq {seq} leaves no room for text: minilm-l6's tokenizer adds 2 "
                                              "special tokens to each row; use --seq 3 or more"):
             _encoder_batches(loaded, batch=2, seq=seq, steps=1)
+
+
+def test_each_steps_loss_keeps_four_significant_digits():
+    """"step 1/8  loss 3.52" beside "loss 3.718": trailing zeros were dropped."""
+    from slimfx.commands import _loss
+
+    assert [_loss(v) for v in (3.52, 3.718, 0.04, 12.0)] == ["3.520", "3.718", "0.04000", "12.00"]
