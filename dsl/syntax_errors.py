@@ -12,7 +12,7 @@ from lark import Lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from .errors import Diagnostic, SpecError, did_you_mean, source_lines
-from .schema import ADAPTERS, FORMATS, SCHEMAS, TOKEN_ACTIONS
+from .schema import ADAPTERS, FORMATS, SCHEMAS, SIZE_UNITS, TOKEN_ACTIONS
 
 __all__ = ["syntax_error", "RULE_KEYWORDS"]
 
@@ -27,7 +27,7 @@ _WORD_CLASSES = {
     "FORMAT": ("a bit format such as `int8` or `int4`", FORMATS),
     "ADAPTER": ("an adapter kind, `lora` or `dora`", ADAPTERS),
     "ACTION": ("a token action, `prune` or `merge`", TOKEN_ACTIONS),
-    "SIZE_UNIT": ("a size unit (B, KB, MB, GB, KiB, MiB, GiB)", ()),
+    "SIZE_UNIT": ("a size unit (B, KB, MB, GB, KiB, MiB, GiB)", tuple(SIZE_UNITS)),  # `10kb`: `KB`
 }
 _DESCRIPTIONS = {
     "NAME": "a name", "INT": "an integer", "NUMBER": "a number", "STRING": "a quoted string",

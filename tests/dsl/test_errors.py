@@ -50,8 +50,9 @@ CASES = [
      ["`40by` is not a number"], "put a space between `40` and `by`"),
     # a unit after a value of `=` is no unit (it said "`B` has no value"); after `<=` the grammar names the units
     (body("quantize head int8 group=64B"), "syntax", 2, 30, ["`64B` is not a number"], "write a decimal number"),
-    (body("precision head choose {int8, int4} budget bytes<=40mb by fisher"), "syntax", 2, 56,
-     ["expected a size unit (B, KB, MB, GB, KiB, MiB, GiB) or `by`", "got `mb`"], None),
+    # a unit misspelt in case is suggested (it got none)
+    (body("precision head choose {int8, int4} budget bytes<=40mb by fisher"), "unknown-keyword", 2, 56,
+     ["expected a size unit (B, KB, MB, GB, KiB, MiB, GiB) or `by`", "got `mb`"], "did you mean `MB`?"),
     # an unknown escape was kept, printed as a warning or refused, by the warnings filter in force
     (body('adapt blocks lora from="C:\\models\\lora"'), "syntax", 2, 28, ["a string with a bad escape", "'\\m'"],
      "or `/` in a path"),
@@ -151,8 +152,8 @@ CASES = [
      "did you mean `prune`?"),
     (body("precision head choose {int8x, int4} budget avg_bits<=5 by fisher"), "unknown-keyword", 2, 28,
      ["got `int8x`"], "`int8`"),
-    (body("precision head choose {int8, int4} budget bytes<=40MBx by fisher"), "syntax", 2, 56,
-     ["a size unit", "got `MBx`"], None),
+    (body("precision head choose {int8, int4} budget bytes<=40MBx by fisher"), "unknown-keyword", 2, 56,
+     ["a size unit", "got `MBx`"], "`MB`"),
     ("policyp {\n}\n", "unknown-keyword", 1, 1, ["expected `policy`", "got `policyp`"], "did you mean `policy`?"),
     # tokens unpad
     (body("tokens unpad blocks[1]"), "syntax", 2, 18, ["`tokens unpad` takes no selector"],
