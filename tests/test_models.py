@@ -319,3 +319,14 @@ def test_minilm_loads():
     with torch.no_grad():
         hidden = lm.model(**lm.example_inputs).last_hidden_state
     assert hidden.shape[-1] == 384
+
+
+def test_a_tiny_model_of_other_depth_is_named_by_its_layers():
+    """specs/vit-tome.slim merges after block 4: `--model tiny:vit` (2 blocks) could not plan it
+    from the command line, which had no way to ask for more layers."""
+    lm = models.load("tiny:vit:8")
+    assert lm.name == "tiny:vit:8" and lm.model.config.num_hidden_layers == 8
+    assert models.load("tiny:llama").name == "tiny:llama" == models.tiny("llama", layers=2).name
+    for bad in ("tiny:vit:0", "tiny:vit:49"):
+        with pytest.raises(models.ModelNotFound, match=r"a tiny model has 1 to 48 layers \(tiny:vit:8; tiny:vit has 2\)"):
+            models.load(bad)

@@ -26,8 +26,8 @@ from .encode import Candidate, OutOfRange, decode, encoded_bytes
 from .fisher import FisherUnavailable, output_fisher, weighted_error
 from .compensate import error_corrections, few_rows_note, sweep_details
 from .sequential import sequential_encode, sequential_scores
-from .targets import (DeadInputs, Item, apply, encode_item, formats_by_reason, hessians_of, items_of, none_holds,
-                      require_calib)
+from .targets import (DeadInputs, Item, apply, encode_item, few_tokens_note, formats_by_reason, hessians_of, items_of,
+                      none_holds, require_calib)
 
 __all__ = ["run"]
 
@@ -61,6 +61,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     details["achieved_avg_bits"] = 8 * details["weight_bytes"] / weights
     notes.insert(0, choice_note(details["choices"], details["achieved_avg_bits"], rule))
     notes.extend(scorer.unheld_notes())
+    notes.extend(few_tokens_note("the budget's scoring", details.get("calib_tokens"), items))
     return apply(graph, bound, items, chosen, details, ctx, tuple(notes) + scorer.dead.notes())
 
 

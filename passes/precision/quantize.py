@@ -19,7 +19,7 @@ from ..threads import one_thread
 from .compensate import error_corrections, few_rows_note, sweep_details
 from .encode import Candidate
 from .sequential import sequential_encode
-from .targets import DeadInputs, apply, encode_item, hessians_of, items_of, require_calib
+from .targets import DeadInputs, apply, encode_item, few_tokens_note, hessians_of, items_of, require_calib
 
 __all__ = ["run"]
 
@@ -51,7 +51,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
         details.update(sweep_details(rule.get("true_sequential"), corrections), calib_tokens=rows,
                        peak_calib_bytes=peak)
         return apply(graph, bound, items, {p: (cand, e) for p, e in encoded.items()}, details, ctx,
-                     few_rows_note(corrections, rows) + dead.notes())
+                     few_rows_note(corrections, rows) + few_tokens_note("GPTQ", rows, items) + dead.notes())
     needs_h = method == "gptq" or clip == "output"
     hessians = hessians_of(graph, items, ctx, bound, "GPTQ" if method == "gptq" else "clip=output",
                            diagonal=method != "gptq") if needs_h else {}
@@ -61,6 +61,8 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
             step(0, note=it.path)
             chosen[it.path] = (cand, encode_one(it, hessians[it.path].H if it.path in hessians else None))
             step()
+    few = ()
     if hessians:
         details["calib_tokens"] = max(h.count for h in hessians.values())
-    return apply(graph, bound, items, chosen, details, ctx, dead.notes())
+        few = few_tokens_note("GPTQ" if method == "gptq" else "clip=output", details["calib_tokens"], items)
+    return apply(graph, bound, items, chosen, details, ctx, few + dead.notes())

@@ -22,7 +22,7 @@ from .gptq import HessianAccumulator
 from .rewrite import to_half, to_quant_linear
 from ...runtime.forward_parts import recompile
 
-__all__ = ["Item", "items_of", "hessians_of", "require_calib", "apply"]
+__all__ = ["Item", "items_of", "hessians_of", "require_calib", "apply", "few_tokens_note"]
 
 
 @dataclass
@@ -265,3 +265,15 @@ def _notes(bound: BoundRule, kept: list[tuple[str, str]], tied: list[str]) -> tu
     if tied and not any(TIED_NOTE in w for w in bound.warnings):  # bind said it already
         notes.append(f"{', '.join(tied)}: {TIED_NOTE}")
     return tuple(notes)
+
+
+def few_tokens_note(what: str, tokens: int | None, items: list[Item]) -> tuple[str, ...]:
+    """A note when `what` (GPTQ, the budget's scores) read fewer calibration tokens than its widest
+    target has inputs: every XᵀX is then rank-deficient, and the result fits those tokens, not the
+    model's text. Two short texts (`calib=["a text", "another"]`, 4 tokens) compiled without a word."""
+    widest = max((it.w.shape[1] for it in items), default=0)
+    if tokens is None or tokens >= widest:
+        return ()
+    return (f"{what} read {tokens:,} calibration tokens, fewer than the {widest} inputs of its widest target: "
+            "its statistics cannot pin the weights down and fit those tokens, not the model's text; calibrate on "
+            "more (the default is 3,072 tokens of built-in text; calib=N takes N)",)
