@@ -16,13 +16,13 @@ seldom has).
 
 Selectors are written in the house's role names (`blocks[i]`, `attn.q`…`attn.o`, `mlp.*`, `head`),
 which most supported architectures bind (GPT-2, GPT-NeoX and Phi-3 fuse q, k and v into one
-`attn.qkv`; DistilBERT has no `head`), each weight rule on another part of the model; parameters are drawn from the schema
+`attn.qkv`: `fused_qkv=True`; DistilBERT has no `head`), each weight rule on another part of the model; parameters are drawn from the schema
 (GPTQ's options, zero points, adapter kinds, dtypes and inits), kept cheap where they cost time
 (a LoRA heal trains 1–3 steps, text generation is off). Rules come in the order the language
 wants: removals, then heals, then weight rules, then token rules. A drawn rule may still not
 apply to a given model — `attn.q` on GPT-2's fused `c_attn`, a token merge on a causal model,
-a block index a removal before it took away, a LoRA heal without `distill=true` or a budget
-`by fisher` on an encoder — and compile() then refuses it with a SpecError at
+a block index a removal before it took away, a `keep` of a linear a collapse removed, a LoRA heal
+without `distill=true` or a budget `by fisher` on an encoder — and compile() then refuses it with a SpecError at
 its line: the property to test is "a working model or a SpecError", never another exception.
 """
 from __future__ import annotations
@@ -42,28 +42,35 @@ SELECTORS = {
     "mlp": ("blocks.*.mlp.*", "blocks[-1].mlp.down", "blocks[1].mlp.*"),
     "head": ("head",),
 }
+FUSED_QKV = ("blocks.*.attn.qkv", "blocks[0].attn.qkv", "blocks[1:].attn.qkv")
 # Parameters drawn for each rule kind: the rest stay at their defaults (`from=` needs a directory
 # of adapter weights; `generate=`, `steps=` and `reach=` cost minutes at their far ends).
 _QUANTIZE_PARAMS = ("group", "sym", "zero", "method", "damp", "act_order", "clip", "refit", "sequential",
                     "true_sequential")
-_ADAPT_PARAMS = ("rank", "alpha", "dropout", "init", "dtype", "merge")
+_ADAPT_PARAMS = ("alpha", "dropout", "init", "dtype", "merge")
+# A LoRA rank each part's linears can take on the tiny models (a rank above a linear's smaller
+# dimension is refused): ViT's classifier has 3 outputs, a GQA key projection 32.
+_RANKS = {"head": (1, 2), "other": (1, 2, 4, 8, 16)}
 
 
-def role_rules(blocks: int = 4, *, max_rules: int = 4, tokens: bool = True) -> st.SearchStrategy[str]:
+def role_rules(blocks: int = 4, *, max_rules: int = 4, tokens: bool = True,
+               fused_qkv: bool = False) -> st.SearchStrategy[str]:
     """Rules (bare, one per line, as compile() takes them) for a model of `blocks` blocks (at
-    least 3): a removal (and a heal), weight rules on up to `max_rules` parts of the model (an
-    adapter on quantized linears counts as one), token rules; `tokens=False` leaves token rules
-    out (a causal model refuses merge and prune)."""
+    least 3): a removal (and a heal), weight rules on parts of the model, token rules — at most
+    `max_rules` in all, the removal and its heal counted, a quantize with the adapter on it as
+    one; `tokens=False` leaves token rules out (a causal model refuses merge and prune), and
+    `fused_qkv=True` names the attention's input projection `attn.qkv`, as GPT-2, GPT-NeoX and
+    Phi-3 have it (their `attn.q` is refused)."""
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 3:
         raise ValueError(f"role_rules needs a model of at least 3 blocks (one to remove, one to merge into, "
                          f"one to keep), got blocks={blocks!r}")
     if isinstance(max_rules, bool) or not isinstance(max_rules, int) or max_rules < 1:
         raise ValueError(f"max_rules must be a whole number of at least 1, got {max_rules!r}")
-    return _rules(blocks, max_rules, tokens)
+    return _rules(blocks, max_rules, tokens, fused_qkv)
 
 
 @st.composite
-def _rules(draw, blocks: int, max_rules: int, tokens: bool) -> str:
+def _rules(draw, blocks: int, max_rules: int, tokens: bool, fused_qkv: bool) -> str:
     rules: list[str] = []
     removed = 0
     if draw(st.booleans()):
@@ -74,8 +81,12 @@ def _rules(draw, blocks: int, max_rules: int, tokens: bool) -> str:
             # an auto search may remove that one
             rules.append(draw(_heal(fold=not removal.endswith(("[0]", "[0:2]")) and "auto" not in removal)))
     room = max_rules - len(rules)
-    parts = draw(st.lists(st.sampled_from(sorted(SELECTORS)), max_size=max(0, room), unique=True))
-    rules += [draw(_weight_rule(draw(st.sampled_from(SELECTORS[part])))) for part in parts]
+    selectors = {**SELECTORS, "attn.qkv": FUSED_QKV} if fused_qkv else SELECTORS
+    # each part drawn with its rule: drawn apart, a shrink that dropped a part shifted every later
+    # rule's draws, and failures kept rules they did not need
+    with_rules = st.sampled_from(sorted(selectors)).flatmap(
+        lambda part: st.tuples(st.just(part), st.sampled_from(selectors[part]).flatmap(_weight_rule)))
+    rules += [rule for _, rule in draw(st.lists(with_rules, max_size=max(0, room), unique_by=lambda t: t[0]))]
     if tokens and len(rules) < max_rules and draw(st.booleans()):
         rules += draw(_token_rules(blocks - removed))
     return "\n".join(rules[:max_rules]) or "keep head"
@@ -120,12 +131,13 @@ def _weight_rule(draw, sel: str) -> str:
         return f"keep {sel}"
     if kind == "adapt":  # `init=error` needs a quantize of the same linears above it: "qlora"
         params = _params(draw, "adapt", _ADAPT_PARAMS).replace("init=error", "init=gaussian")
-        return f"adapt {sel} {draw(st.sampled_from(['lora', 'dora']))}" + params
+        rank = draw(st.sampled_from(_RANKS["head" if sel == "head" else "other"]))
+        return f"adapt {sel} {draw(st.sampled_from(['lora', 'dora']))} rank={rank}" + params
     if kind in ("quantize", "qlora"):
         fmt = draw(st.sampled_from(INT_FORMATS if kind == "qlora" else FORMATS))
         rule = f"quantize {sel} {fmt}" + (_params(draw, "quantize", _QUANTIZE_PARAMS) if fmt in INT_FORMATS else "")
         if kind == "qlora":  # an adapter on the quantized linears, started from their error or not
-            rule += f"\nadapt {sel} lora rank={draw(st.sampled_from([2, 4]))}" + draw(
+            rule += f"\nadapt {sel} lora rank={draw(st.sampled_from([1, 2] if sel == 'head' else [2, 4]))}" + draw(
                 st.sampled_from(["", " init=error", " dtype=bf16"]))
         return rule
     formats = draw(st.lists(st.sampled_from(FORMATS), min_size=2, max_size=3, unique=True))
