@@ -205,12 +205,17 @@ def test_what_the_forward_reads_from_the_model_tells_models_apart(first, second)
     assert cache_info()["reused"] == 0
 
 
-def test_a_class_value_changed_between_two_models_is_traced_again(monkeypatch):
+class Shifted(Private):
+    """Its class value is its base's."""
+
+
+@pytest.mark.parametrize("cls", [Private, Shifted], ids=["its class", "a base class"])
+def test_a_class_value_changed_between_two_models_is_traced_again(monkeypatch, cls):
     x = torch.randn(2, 4)
     clear_cache()
-    assert _matches_the_model(Private(1.0).eval(), x)
+    assert _matches_the_model(cls(1.0).eval(), x)
     monkeypatch.setattr(Private, "shift", 5.0)
-    assert _matches_the_model(Private(1.0).eval(), x)
+    assert _matches_the_model(cls(1.0).eval(), x)
     assert cache_info()["reused"] == 0
 
 
