@@ -322,7 +322,7 @@ def _loss_line(first: float, last: float, seconds: float, steps: int, batches: i
     same = batches == 1 or (steps - 1) % batches == 0
     each = "" if batches == 1 else " (first and last step on the same batch)" if same else \
         " (first and last step, each on its own batch)"
-    return f"loss {first:.4g} → {last:.4g}{each} in {seconds:.1f}s"
+    return f"loss {_loss(first)} → {_loss(last)}{each} in {seconds:.1f}s"
 
 
 def _trained_beside(compiled: str) -> str:

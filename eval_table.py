@@ -8,9 +8,11 @@ from typing import Any
 import torch
 
 from .evaluation import (VISION_IMAGES, accepted_inputs, context_length, default_window, embedding_cosine, eval_text,
-                         latency_ms, logit_cosine, param_bytes, perplexity, scored_chunks, vision_images)
+                         logit_cosine, paired_latency_ms, param_bytes, perplexity, scored_chunks, vision_images)
 
 __all__ = ["EVAL_SENTENCES", "eval_paragraphs", "eval_rows", "eval_table"]
+
+LATENCY_CALLS = 10  # timed calls of each model (after 2 untimed)
 
 EVAL_SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -52,9 +54,7 @@ def _eval_rows(loaded, compiled, max_tokens: int) -> tuple[list[dict[str, Any]],
     # the original's perplexity is paid for. The table still lists the original first.
     for label, model in reversed(models):
         stored = model.weight_bytes() if hasattr(model, "weight_bytes") else param_bytes(model)
-        row = {"model": label, "bytes": stored, "running_bytes": param_bytes(model),
-               "latency_ms": latency_ms(model, accepted_inputs(model, timed) if isinstance(timed, dict) else timed,
-                                        repeats=10, warmup=2)}
+        row = {"model": label, "bytes": stored, "running_bytes": param_bytes(model)}
         if loaded.kind == "causal-lm" and loaded.tokenizer is not None:  # no tokenizer: no text to score
             row["perplexity"] = perplexity(model, loaded.tokenizer, eval_text(), max_tokens=max_tokens,
                                            window=default_window(loaded.model))
@@ -63,17 +63,21 @@ def _eval_rows(loaded, compiled, max_tokens: int) -> tuple[list[dict[str, Any]],
         elif loaded.kind == "vision":
             row["logit cosine"] = logit_cosine(loaded.model, model, vision_images(loaded.example_inputs))
         rows.insert(0, row)
-    return rows, _measured(loaded, timed, max_tokens, default_window(loaded.model))
+    # the models take turns, call by call: timed apart, a load that came between them moved one
+    calls = [(model, accepted_inputs(model, timed) if isinstance(timed, dict) else timed) for _, model in models]
+    for row, ms in zip(rows, paired_latency_ms(calls, repeats=LATENCY_CALLS, warmup=2)):
+        row["latency_ms"] = ms
+    return rows, _measured(loaded, timed, max_tokens, default_window(loaded.model), len(models) > 1)
 
 
-def _measured(loaded, timed, max_tokens: int, window: int) -> str:
+def _measured(loaded, timed, max_tokens: int, window: int, in_turn: bool = False) -> str:
     """What the table's columns measured: the demo's table gave a latency and a perplexity with
     no word of the input or the tokens they came from. The tokens as perplexity() reads them (the
     first max_tokens of the text, at most)."""
     shapes = [tuple(v.shape) for v in (timed.values() if isinstance(timed, dict) else [timed])
               if isinstance(v, torch.Tensor)]
     on = f"on an input of {'×'.join(map(str, shapes[0]))}" if shapes else "on the example inputs"
-    latency = f"CPU latency: median of 10 calls {on}"
+    latency = f"CPU latency: median of {LATENCY_CALLS} calls {on}" + (", the models in turn" if in_turn else "")
     if loaded.tokenizer is None:
         return latency
     if loaded.kind == "causal-lm":

@@ -23,8 +23,22 @@ from .runtime.sizes import param_bytes
 
 __all__ = [
     "default_text", "eval_text", "context_length", "calibration_texts", "perplexity", "embed", "embedding_cosine", "param_bytes", "latency_ms",
+    "paired_latency_ms",
     "NotScorable",
 ]
+
+
+_MOVED = ("eval_rows", "eval_table", "eval_paragraphs", "EVAL_SENTENCES")  # to eval_table.py
+
+
+def __getattr__(name: str):
+    """`slimfx eval`'s table moved to eval_table.py; `from slimfx.evaluation import eval_rows`
+    still works (lazily: eval_table imports this module)."""
+    if name in _MOVED:
+        from . import eval_table
+
+        return getattr(eval_table, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class NotScorable(ValueError):
@@ -309,19 +323,26 @@ def latency_ms(model: Callable, inputs: Any, *, repeats: int = 20, warmup: int =
 
     `inputs` is a dict (keyword call), a tuple/list (positional) or a single tensor.
     """
+    return paired_latency_ms([(model, inputs)], repeats=repeats, warmup=warmup)[0]
+
+
+def paired_latency_ms(calls: list[tuple[Callable, Any]], *, repeats: int = 20, warmup: int = 3) -> list[float]:
+    """latency_ms of each (model, inputs), the models taking turns call by call. Timed one after
+    the other, a load that came or went between them (another process on a shared machine) moved
+    one model's time and not the other's: `slimfx eval` once gave ×0.17 for models ×0.56 apart."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    call = _caller(model, inputs)
-    sync = _synchronizer(inputs)
-    times = []
+    timed = [(_caller(model, inputs), _synchronizer(inputs)) for model, inputs in calls]
+    times: list[list[float]] = [[] for _ in calls]
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            start = time.perf_counter()
-            call()
-            sync()
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+            for (call, sync), own in zip(timed, times):
+                start = time.perf_counter()
+                call()
+                sync()
+                if i >= warmup:
+                    own.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def _caller(model: Callable, inputs: Any) -> Callable[[], Any]:

@@ -140,8 +140,9 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     PolicyCheckResult with the compiled model and every draw.
 
     In a plain test it runs a hypothesis test of its own (`max_examples` draws, no deadline, no
-    database) from `seed`, else pytest's `--hypothesis-seed`, else a fresh random seed that a
-    failure reports (a derandomized hypothesis profile fixes the draws instead). Inside an outer
+    database) from `seed`, else pytest's `--hypothesis-seed` (even under a derandomized profile),
+    else a fresh random seed that a failure reports (a derandomized hypothesis profile fixes the
+    draws instead). Inside an outer
     @given it does not nest one (hypothesis refuses nested @given): it draws up to `max_examples`
     inputs from the outer test's data, so the outer test shrinks them with its own arguments. The
     outer test must have `deadline=None` (refused otherwise), and the compiled model is reused

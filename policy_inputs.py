@@ -221,7 +221,16 @@ def _vocab_size(module: nn.Module, config) -> int | None:
 
 def sliding_window(config) -> int | None:
     """The attention window of a model with one in force below its position table (gemma2's
-    alternate layers, Mistral's), else None: beyond it the attention mask differs from a causal one."""
+    alternate layers, Mistral's, GPT-Neo's local layers; a multimodal config's text model's),
+    else None: beyond it the attention mask differs from a causal one."""
+    text = getattr(config, "text_config", None)
+    if text is not None and text is not config and sliding_window(text) is not None:
+        return sliding_window(text)
+    if "local" in (getattr(config, "attention_layers", None) or ()):  # GPT-Neo
+        window = getattr(config, "window_size", None)
+        positions = _max_positions(config)
+        if isinstance(window, int) and window > 0 and (positions is None or window < positions):
+            return window
     window = getattr(config, "sliding_window", None)
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
         return None

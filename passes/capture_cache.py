@@ -131,6 +131,10 @@ def _attr_key(value: Any, depth: int = 0) -> Any:
     call, e.g. `all_tied_weights_keys`), anything else by identity. A container nested deeper
     than _DEPTH is never equal: by identity, an edit inside it (`opts["a"]["b"]["c"][0] = 3.0`)
     kept serving the old trace, so such a model is traced every time."""
+    if callable(getattr(value, "to_dict", None)) and not isinstance(value, (type, nn.Module)):
+        # a Hugging Face config (each module holds one): by all its values, sub-configs too (a
+        # VLM's text_config.rope_parameters lists sat past the depth walked, and never hit)
+        return "config", _config_key(value)
     if depth >= _DEPTH and _walked(value):
         return _Never()  # a new one each time: tuples and dicts take an object as equal to itself
     if value is None or isinstance(value, (str, bytes)):

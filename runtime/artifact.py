@@ -93,7 +93,8 @@ def _leftovers_of_a_save(target: Path) -> bool:
 def _input_sizes(doc: dict[str, Any]) -> dict[str, list]:
     """Each input's sizes as program.json writes them: its symbols' names are program.json's
     (runtime/graph_io_values.py SymbolNames), not the ones capture or the last load gave them."""
-    return {n["name"]: n["val"]["tensor"][1] for n in doc["nodes"]
+    # by target: fx renames a placeholder called like a builtin (`input` -> node `input_1`)
+    return {n.get("target", n["name"]): n["val"]["tensor"][1] for n in doc["nodes"]
             if n["op"] == "placeholder" and isinstance(n.get("val"), dict) and "tensor" in n["val"]}
 
 
@@ -137,8 +138,9 @@ def load(path: str | os.PathLike, *, backend: str = "auto") -> CompiledModel:
 
     Reads JSON and safetensors only (no pickle), checks every file against the SHA-256 in
     meta.json (program.json: the very bytes it then parses), and resolves every operator via the
-    allow-list in runtime/program_check.py. Whatever goes wrong is an ArtifactError that says
-    what to do."""
+    allow-list in runtime/program_check.py. Whatever is wrong with the files is an ArtifactError
+    that says what to do; a failure of the backend itself (lowering the program for this machine)
+    is raised as it is."""
     root = Path(path).expanduser()
     try:
         meta = _read_meta(root)
@@ -192,7 +194,7 @@ def _to_named_device(module: torch.fx.GraphModule) -> None:
     # "cuda" beside "cuda:0" (a forward's literal device beside export's checks) is one device
     named = {d for d in devices_named(module) if d.type != "cpu"}
     indexed = {d for d in named if d.index is not None}
-    if len(indexed) == 1 and {d.type for d in named} == {next(iter(indexed)).type}:
+    if indexed == {torch.device("cuda", 0)} and {d.type for d in named} == {"cuda"}:  # "cuda": the current, 0
         named = indexed
     if len(named) == 1:
         module.to(named.pop())

@@ -213,8 +213,9 @@ def moved_aside(target: Path) -> list[Path]:
     parent = target.absolute().parent
     if not parent.is_dir():
         return []
-    prefix = f".{_short(target.name)}.old-"
-    return sorted(p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink())
+    # the full name too: saves before names were shortened left `.NAME.old-*` for long names
+    prefixes = tuple({f".{_short(target.name)}.old-", f".{target.name}.old-"})
+    return sorted(p for p in parent.iterdir() if p.name.startswith(prefixes) and p.is_dir() and not p.is_symlink())
 
 
 def _warn_moved_aside(target: Path) -> None:

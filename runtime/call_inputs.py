@@ -221,6 +221,11 @@ def _dims(info) -> str:
 
 
 def _same_flag(fixed: Any, given: Any) -> bool:
+    """Equal and of the same type, inside tuples and lists too (`fill=(1,)` took `(True,)` and
+    `(1.0,)`, where a scalar flag of 1 takes neither)."""
+    if isinstance(fixed, (tuple, list)):
+        return (type(fixed) is type(given) and len(fixed) == len(given)
+                and all(_same_flag(f, g) for f, g in zip(fixed, given)))
     try:
         return type(fixed) is type(given) and bool(fixed == given)
     except Exception:  # a value whose == raises or is not a bool

@@ -144,7 +144,7 @@ class SymbolNames:
 
     def expr(self, e: sympy.Basic) -> sympy.Basic:
         """`e` over the new names (sympy orders the arguments by them, so the written tree is
-        the same whatever the symbols were called before)."""
+        the same whatever the symbols were called before, as long as the names are)."""
         return e.xreplace(self._to) if self._to else e
 
     def _visit(self, v: Any) -> None:
@@ -154,8 +154,10 @@ class SymbolNames:
         elif isinstance(v, torch.SymInt):
             env = v.node.shape_env
             known = getattr(env, "backed_var_to_val", None) or env.var_to_val
-            # several new symbols in one expression (rare: a size is first seen alone) go by name
-            for sym in sorted((s for s in v.node.expr.free_symbols if s not in self._to), key=str):
+            # several new symbols in one expression (rare: a size is first seen alone) go by hint,
+            # then by name, which a load renames: only symbols of equal hints may swap there
+            new = [s for s in v.node.expr.free_symbols if s not in self._to]
+            for sym in sorted(new, key=lambda s: (known.get(s) is None, int(known.get(s) or 0), str(s))):
                 hint = known.get(sym)
                 prefix = "u" if hint is None else "s"
                 name = f"{prefix}{sum(1 for n in self.table if n[0] == prefix)}"

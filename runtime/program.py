@@ -5,7 +5,6 @@ it, so a saved model needs nothing of the compiler to load and run.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,11 +119,11 @@ NOT_JSON = object()  # what flag_json gives for a value it cannot write
 
 
 def flag_json(value: Any, depth: int = 0) -> Any:
-    """A flag's value as JSON: None, bools, ints, finite floats and text as they are; tuples and
+    """A flag's value as JSON: None, bools, ints, floats and text as they are; tuples and
     lists of them tagged ({"tuple": [...]}), so that a loaded model tells (1,) from [1] as the
     capture did (`dims=(1,)` was dropped from meta.json, and the loaded model refused it);
     NOT_JSON for anything else."""
-    if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
+    if value is None or isinstance(value, (bool, int, float, str)):  # inf and nan too: JSON's Infinity, NaN
         return value
     if isinstance(value, (tuple, list)) and depth < 8:
         items = [flag_json(v, depth + 1) for v in value]

@@ -231,9 +231,9 @@ def test_the_loss_line_says_which_batches_its_two_steps_read():
     line called "each on its own batch"."""
     from slimfx.commands import _loss_line
 
-    assert _loss_line(5.6, 5.5, 1.0, 11, 10) == "loss 5.6 → 5.5 (first and last step on the same batch) in 1.0s"
+    assert _loss_line(5.6, 5.5, 1.0, 11, 10) == "loss 5.600 → 5.500 (first and last step on the same batch) in 1.0s"
     assert _loss_line(5.6, 5.5, 1.0, 12, 10).endswith("(first and last step, each on its own batch) in 1.0s")
-    assert _loss_line(5.6, 5.5, 1.0, 3, 1) == "loss 5.6 → 5.5 in 1.0s"
+    assert _loss_line(5.6, 5.5, 1.0, 3, 1) == "loss 5.600 → 5.500 in 1.0s"
 
 
 def test_training_batches_say_when_they_run_past_the_calibration_text():

@@ -75,3 +75,13 @@ def test_a_cosine_near_one_is_shown_to_six_places(monkeypatch):
     console.print(et.eval_table(tiny("bert")))
     text = console.export_text()
     assert "0.999950" in text and "1.000000" in text and "×0.99995" in text
+
+
+def test_the_tables_old_home_still_gives_its_names():
+    """eval_rows, eval_table, eval_paragraphs and EVAL_SENTENCES lived in evaluation.py."""
+    from slimfx.evaluation import EVAL_SENTENCES, eval_paragraphs, eval_rows, eval_table
+
+    assert (eval_rows, eval_table, eval_paragraphs, EVAL_SENTENCES) == (
+        et.eval_rows, et.eval_table, et.eval_paragraphs, et.EVAL_SENTENCES)
+    with pytest.raises(AttributeError):
+        ev.no_such_name  # noqa: B018

@@ -160,6 +160,25 @@ def test_param_bytes_meta_tensors_count_their_size():
     assert ev.param_bytes(lin) == (12 + 3) * 4
 
 
+def test_paired_latencies_take_turns_call_by_call():
+    """Timed one model after the other, a load between them moved one model's time only
+    (`slimfx eval` gave ×0.17 for models ×0.56 apart on a shared machine)."""
+    import time
+
+    calls = []
+
+    def model(name, seconds):
+        def run(x):
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    fast, slow = ev.paired_latency_ms([(model("a", 0.001), torch.zeros(1)), (model("b", 0.004), torch.zeros(1))],
+                                      repeats=4, warmup=1)
+    assert calls == ["a", "b"] * 5
+    assert 1 <= fast < slow and slow >= 4
+
+
 def test_latency_ms_accepts_dict_tuple_tensor():
     lin = nn.Linear(8, 8)
     x = torch.randn(2, 8)

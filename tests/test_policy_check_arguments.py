@@ -80,6 +80,14 @@ def test_windows_not_in_force_keep_the_default_length():
         assert default_max_seq(_with_config(**config)) == (DEFAULT_MAX_SEQ, None), config
 
 
+def test_gpt_neo_local_layers_and_a_text_configs_window_are_seen():
+    assert sliding_window(types.SimpleNamespace(attention_layers=["global", "local"], window_size=256,
+                                                max_position_embeddings=2048)) == 256
+    assert sliding_window(types.SimpleNamespace(attention_layers=["global"], window_size=256)) is None
+    text = types.SimpleNamespace(sliding_window=64, max_position_embeddings=128)
+    assert default_max_seq(_with_config(text_config=text)) == (72, None)
+
+
 def test_a_window_too_long_to_draw_past_is_said():
     length, note = default_max_seq(_with_config(sliding_window=4096, max_position_embeddings=8192))
     assert length == DEFAULT_MAX_SEQ

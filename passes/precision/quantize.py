@@ -64,5 +64,6 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     few = ()
     if hessians:
         details["calib_tokens"] = max(h.count for h in hessians.values())
-        few = few_tokens_note("GPTQ" if method == "gptq" else "clip=output", details["calib_tokens"], items)
+        fewest = min(h.count for h in hessians.values())  # a target read on fewer rows than the rest
+        few = few_tokens_note("GPTQ" if method == "gptq" else "clip=output", fewest, items)
     return apply(graph, bound, items, chosen, details, ctx, few + dead.notes())

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...calibration import DEFAULT_TOKENS
 from ...dsl import ast as A
 from ...dsl.errors import Diagnostic, SpecError
 from ...runtime.formats import QuantizedWeight
@@ -276,4 +277,5 @@ def few_tokens_note(what: str, tokens: int | None, items: list[Item]) -> tuple[s
         return ()
     return (f"{what} read {tokens:,} calibration tokens, fewer than the {widest} inputs of its widest target: "
             "its statistics cannot pin the weights down and fit those tokens, not the model's text; calibrate on "
-            "more (the default is 3,072 tokens of built-in text; calib=N takes N)",)
+            f"more (the default is {DEFAULT_TOKENS:,} tokens of built-in text; calib=N, or --calib-tokens N, "
+            "takes N)",)

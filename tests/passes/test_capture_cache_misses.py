@@ -323,3 +323,35 @@ def test_a_hook_registered_for_every_module_misses_the_cache():
     finally:
         handle.remove()
     assert _matches_the_model(model, x)
+
+
+class NestedConfig:
+    """A config with a sub-config, as a multimodal model's (text_config.rope_parameters lists)."""
+
+    def __init__(self):
+        self.text_config = {"rope": {"section": [2.0, 3.0]}}
+
+    def to_dict(self):
+        return {"text_config": self.text_config}
+
+
+class Configured(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.config = nn.Linear(4, 4), NestedConfig()
+
+    def forward(self, x):
+        return (self.lin(x) * self.config.text_config["rope"]["section"][0],)
+
+
+def test_a_config_is_keyed_by_all_its_values_and_hits_while_unchanged():
+    """Walked as a plain object, the sub-config's list lay past the depth walked: never equal, so
+    such a model was traced on every capture (and check_policy inside @given compiled it again)."""
+    model, x = Configured().eval(), torch.randn(2, 4)
+    clear_cache()
+    assert _matches_the_model(model, x) and _matches_the_model(model, x)
+    assert cache_info()["hits"] == 1
+    model.config.text_config["rope"]["section"][0] = 5.0
+    assert _matches_the_model(model, x)
+    assert cache_info()["misses"] == 2

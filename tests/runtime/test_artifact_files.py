@@ -197,3 +197,7 @@ def test_a_long_folder_name_is_saved_and_one_past_the_limit_refused_before_work(
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     with pytest.raises(ArtifactError, match="its name is 256 bytes long, past the 255"):
         cm.save(tmp_path / ("b" * 256))
+    # a previous artifact a killed save (before names were shortened) moved aside is still found
+    old = tmp_path / f".{'c' * 120}.old-abc"
+    old.mkdir()
+    assert atomic_dir.moved_aside(tmp_path / ("c" * 120)) == [old]

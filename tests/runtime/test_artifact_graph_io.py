@@ -189,3 +189,35 @@ def test_program_that_is_not_json(llama_dir):
     (llama_dir / "program.json").write_text('{"format": "slimfx-graph", "nodes": [')
     rehash(llama_dir)
     refused(llama_dir, "program.json is not valid JSON", RESAVE)
+
+
+class _Builtin(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, input):  # fx names the placeholder `input_1`
+        return self.lin(input)
+
+
+def test_an_input_named_like_a_builtin_resaves_the_same_meta(tmp_path):
+    """meta.json looked its input sizes up by node name (`input_1`), missed `input`, and wrote the
+    capture's own symbol names: save -> load -> save gave another meta.json."""
+    import slimfx
+
+    cm = slimfx.compile(_Builtin(), "", example_inputs=(torch.randn(2, 5, 8),))
+    cm.save(tmp_path / "a")
+    load(tmp_path / "a").save(tmp_path / "b")
+    assert (tmp_path / "a" / "meta.json").read_bytes() == (tmp_path / "b" / "meta.json").read_bytes()
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["inputs"][0]["shape"] == ["s0", 5, 8]
+
+
+def test_symbols_first_seen_together_are_named_by_hint_not_by_their_old_names():
+    """A load names its symbols by a hash (s96, s89): sorted as text, they swapped at the next save."""
+    from slimfx.runtime.graph_io_values import SymbolNames, ValueDecoder, encode_val
+
+    for names in (("s0", "s1"), ("s1", "s0"), ("s96", "s89")):
+        decoder = ValueDecoder({names[0]: 2, names[1]: 3})
+        value = decoder.decode({"symint": ["Mul", names[0], names[1]]})
+        symbols = SymbolNames([value])
+        assert symbols.table == {"s0": 2, "s1": 3} and encode_val(value, symbols) == {"symint": ["Mul", "s0", "s1"]}

@@ -109,6 +109,7 @@ def test_cuda_beside_cuda_0_is_one_device(monkeypatch):
     gm, moved = graph("cuda", "cuda:0", "cpu")
     artifact._to_named_device(gm)
     assert moved == [torch.device("cuda:0")]
-    gm, moved = graph("cuda:0", "cuda:1")
-    with pytest.raises(artifact.ArtifactError, match="names several devices"):
-        artifact._to_named_device(gm)
+    for devices in (("cuda:0", "cuda:1"), ("cuda", "cuda:1")):  # "cuda" is the current device: 0
+        gm, moved = graph(*devices)
+        with pytest.raises(artifact.ArtifactError, match="names several devices"):
+            artifact._to_named_device(gm)

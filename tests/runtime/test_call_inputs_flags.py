@@ -162,3 +162,25 @@ def test_a_flag_an_artifact_cannot_store_is_refused_at_save(tmp_path):
                        match=r"captured with scale=torch.float16 \(a dtype\), which an artifact cannot store"):
         cm.save(tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+class Clipped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x, clip=float("inf"), fill=(1,)):
+        return self.proj(x).clamp(max=clip) + fill[0]
+
+
+def test_infinite_and_nested_flags_are_repeated_saved_and_compared_by_type(tmp_path):
+    """inf was refused as a default to repeat and at save ("a float, which an artifact cannot
+    store"); and `fill=(True,)` was taken for the captured `(1,)`, where a scalar 1 takes no True."""
+    x = torch.randn(2, 4)
+    cm = slimfx.compile(Clipped().eval(), "", example_inputs={"x": x, "clip": float("inf"), "fill": (2,)})
+    cm.save(tmp_path / "a")
+    for m in (cm, slimfx.load(tmp_path / "a")):
+        m(x=x, clip=float("inf"), fill=(2,))
+        for other in ((True,), (2.0,), [2]):
+            with pytest.raises(TypeError, match="needs another graph"):
+                m(x=x, clip=float("inf"), fill=other)
