@@ -1,4 +1,5 @@
 """The hypothesis strategies slimfx ships: what they draw is valid, varied, and round-trips."""
+import pytest
 from hypothesis import Phase, find, given, settings, strategies as st
 
 from slimfx import parse
@@ -241,3 +242,26 @@ def test_adapt_init_error_is_drawn_with_a_quantize_above_it():
         for i, r in enumerate(p.rules):
             if isinstance(r, A.Adapt) and r.get("init") == "error":
                 assert any(isinstance(q, (A.Quantize, A.Precision)) for q in p.rules[:i])
+
+
+def test_a_redrawn_policy_is_named_in_hypothesis_statistics(monkeypatch):
+    """policies() redraws what parse() refuses after its rewrites; unnamed, a rewrite that broke
+    only shrank coverage, unseen. Each redraw is an event naming the error's kind."""
+    import slimfx.testing as testing
+    from hypothesis import HealthCheck
+    from hypothesis.errors import Unsatisfiable
+
+    from slimfx.dsl.errors import SpecError
+
+    named = []
+    monkeypatch.setattr(testing, "event", named.append)
+    monkeypatch.setattr(testing, "parse", lambda text: (_ for _ in ()).throw(SpecError.at("illegal-order", "x")))
+
+    @settings(max_examples=1, database=None, suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+    @given(testing.policies())
+    def draw(text):
+        pass
+
+    with pytest.raises(Unsatisfiable):
+        draw()
+    assert named and set(named) == {"policies(): redrawn, illegal-order"}
