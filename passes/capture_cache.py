@@ -73,16 +73,18 @@ def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def _structure_key(model: nn.Module) -> tuple:
     """Each module's identity, class, the forward its class has now, attributes and hooks, the
-    hooks registered for every module, and the config's values: a change to any of them (`layer.mlp.act_fn = nn.ReLU()`,
-    `attn.scaling = 0.01`, `config.output_hidden_states = True`, `LlamaMLP.forward = …`) changes
-    what export traces, so it must miss. A patched module-level function is not seen."""
+    hooks registered for every module, and the config's values: a change to any of them
+    (`layer.mlp.act_fn = nn.ReLU()`, `attn.scaling = 0.01`, `config.output_hidden_states = True`,
+    `LlamaMLP.forward = …`) changes what export traces, so it must miss. A patched module-level
+    function is not seen."""
+    keys = _Keys()
     parts = []
     for name, m in model.named_modules(remove_duplicate=False):
-        hooks = _hooks(m)
         # a class-level patch (`type(m).forward = f`) keeps the class: key the function it has now
-        parts.append((name, id(m), _Same(type(m)), _OfClass(getattr(type(m), "forward", None)), _own_attrs(m), hooks))
+        parts.append((name, id(m), _Same(type(m)), _OfClass(getattr(type(m), "forward", None)), keys.attrs_of(m),
+                      _hooks(m)))
     classes = {type(m) for m in model.modules()}
-    return tuple(parts), _config_key(getattr(model, "config", None)), _class_values(classes), _global_hooks()
+    return tuple(parts), keys.config(getattr(model, "config", None)), keys.class_values(classes), _global_hooks()
 
 
 def _hooks(m: nn.Module) -> tuple:
@@ -102,81 +104,103 @@ def _global_hooks() -> tuple:
 # What nn.Module keeps for itself (its tensors, children and hooks are keyed apart); `training`
 # too: capture traces in eval mode whatever the flag.
 _MODULE_SLOTS = frozenset(vars(nn.Module())) | {"training"}
-
-
-def _own_attrs(m: nn.Module) -> tuple:
-    """A module's attributes, private ones too (a value a forward caches in `self._scale`)."""
-    return tuple((k, _attr_key(v)) for k, v in sorted(vars(m).items()) if k not in _MODULE_SLOTS)
-
-
-def _class_values(classes) -> tuple:
-    """Plain values set on the classes (`LlamaAttention.scale = 3.0` changes what a forward
-    computes), below nn.Module; functions and descriptors are keyed as the modules' forward is."""
-    out = []
-    for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__, id(c))):
-        for base in cls.__mro__:
-            if base in (nn.Module, object):
-                break
-            out.extend((base.__qualname__, k, _attr_key(v)) for k, v in vars(base).items()
-                       if not k.startswith("__") and (v is None or isinstance(v, (bool, int, float, str))))
-    return tuple(out)
-
-
-# How deep _attr_key walks containers and plain objects; one deeper is never equal (_Never).
+# How deep values are walked inside containers and plain objects; one deeper is never equal.
 _DEPTH = 3
 
 
-def _attr_key(value: Any, depth: int = 0) -> Any:
-    """Plain values and containers of them by value (transformers rebuilds some dicts on every
-    call, e.g. `all_tied_weights_keys`), anything else by identity. A container nested deeper
-    than _DEPTH is never equal: by identity, an edit inside it (`opts["a"]["b"]["c"][0] = 3.0`)
-    kept serving the old trace, so such a model is traced every time."""
-    if callable(getattr(value, "to_dict", None)) and not isinstance(value, (type, nn.Module)):
-        # a Hugging Face config (each module holds one): by all its values, sub-configs too (a
-        # VLM's text_config.rope_parameters lists sat past the depth walked, and never hit)
-        return "config", _config_key(value)
-    if depth >= _DEPTH and _walked(value):
-        return _Never()  # a new one each time: tuples and dicts take an object as equal to itself
-    if value is None or isinstance(value, (str, bytes)):
-        return value
-    if isinstance(value, (bool, int, float)):  # by type too: 1 == 1.0 == True, and torch.full tells them apart
-        return type(value).__name__, value
-    if isinstance(value, torch.Tensor):  # a plain tensor attribute (not a buffer): edits bump its version
-        return _Same(value), value._version
-    if isinstance(value, nn.Module) and not _holds_tensors(value):
+def _own_items(m: nn.Module) -> list[tuple[str, Any]]:
+    """A module's attributes, private ones too (a value a forward caches in `self._scale`)."""
+    return [(k, v) for k, v in sorted(vars(m).items()) if k not in _MODULE_SLOTS]
+
+
+class _Keys:
+    """One state_key's walk over attribute values: plain values and containers of them by value
+    (transformers rebuilds some dicts on every call, e.g. `all_tied_weights_keys`), configs by all
+    their values, anything else by identity. The config every module holds (transformers gives
+    each the model's) is keyed once per walk: to_dict and its JSON per module took half the time
+    of SmolLM2's key."""
+
+    def __init__(self):
+        self._configs: dict[int, Any] = {}
+
+    def attrs_of(self, m: nn.Module) -> tuple:
+        return tuple((k, self.value(v)) for k, v in _own_items(m))
+
+    def class_values(self, classes) -> tuple:
+        """Plain values set on the classes (`LlamaAttention.scale = 3.0` changes what a forward
+        computes), below nn.Module; functions and descriptors are keyed as the modules' forward is."""
+        out = []
+        for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__, id(c))):
+            for base in cls.__mro__:
+                if base in (nn.Module, object):
+                    break
+                out.extend((base.__qualname__, k, self.value(v)) for k, v in vars(base).items()
+                           if not k.startswith("__") and (v is None or isinstance(v, (bool, int, float, str))))
+        return tuple(out)
+
+    def config(self, config: Any) -> Any:
+        """A Hugging Face config's values (`config.output_hidden_states = True` changes the
+        outputs), with its attention implementation, which to_dict() leaves out
+        (`set_attn_implementation`); any other config (a dataclass or plain object) as a value."""
+        if not callable(getattr(config, "to_dict", None)):
+            return None if config is None else self.value(config)
+        if id(config) not in self._configs:  # alive for the whole walk: its id is its own
+            self._configs[id(config)] = _config_values(config)
+        return self._configs[id(config)]
+
+    def value(self, value: Any, depth: int = 0) -> Any:
+        """A container nested deeper than _DEPTH is never equal: by identity, an edit inside it
+        (`opts["a"]["b"]["c"][0] = 3.0`) kept serving the old trace, so such a model is traced
+        every time."""
+        if value is None or isinstance(value, (str, bytes)):
+            return value
+        if isinstance(value, (bool, int, float)):  # by type too: 1 == 1.0 == True, and torch.full tells them apart
+            return type(value).__name__, value
+        if isinstance(value, torch.Tensor):  # a plain tensor attribute (not a buffer): edits bump its version
+            return _Same(value), value._version
+        if callable(getattr(value, "to_dict", None)) and not isinstance(value, (type, nn.Module)):
+            # a Hugging Face config (each module holds one): by all its values, sub-configs too (a
+            # VLM's text_config.rope_parameters lists sat past the depth walked, and never hit)
+            return "config", self.config(value)
+        contents = _contents(value)
+        if contents is None:
+            return _Same(value)  # a function or object: its identity (a module's own fields are keyed apart)
+        if depth >= _DEPTH:
+            return _Never()  # a new one each time: tuples and dicts take an object as equal to itself
+        tag, children = contents
+        keyed = [(label, self.value(child, depth + 1)) for label, child in children]
+        if isinstance(value, (set, frozenset, dict)):  # unordered: by the keys themselves
+            keyed.sort(key=repr)
+        return tag, tuple(keyed)
+
+
+def _contents(value: Any) -> tuple[Any, list[tuple[Any, Any]]] | None:
+    """What a value is keyed by when it is keyed by what it holds: a tag and its (label, child)
+    pairs; None for a value keyed by its identity."""
+    if isinstance(value, nn.Module):
+        if any(True for _ in value.parameters()) or any(True for _ in value.buffers()):
+            return None
         # an unregistered module without tensors (transformers keeps a kernel wrapper per attention
         # in `_kernel_funcs`): by its class, attributes and hooks, as a registered one
-        return "module", _Same(type(value)), _OfClass(getattr(type(value), "forward", None)), tuple(
-            (k, _attr_key(v, depth + 1)) for k, v in sorted(vars(value).items()) if k not in _MODULE_SLOTS), _hooks(value)
+        return ("module", _Same(type(value)), _OfClass(getattr(type(value), "forward", None)), _hooks(value)), \
+            _own_items(value)
     if isinstance(value, functools.partial):
         # by what it calls with what (gemma2 makes a new `partial(gelu, approximate="tanh")` per
         # module): the same function and arguments compute the same
-        return ("partial", _attr_key(value.func, depth + 1), _attr_key(value.args, depth + 1),
-                _attr_key(value.keywords, depth + 1))
-    if isinstance(value, (tuple, list, set, frozenset)):
-        items = tuple(_attr_key(v, depth + 1) for v in value)
-        return type(value).__name__, tuple(sorted(items, key=repr)) if isinstance(value, (set, frozenset)) else items
+        return "partial", [("func", value.func), ("args", value.args), ("keywords", value.keywords)]
+    if isinstance(value, (tuple, list)):
+        return type(value).__name__, list(enumerate(value))
+    if isinstance(value, (set, frozenset)):
+        return type(value).__name__, [(None, v) for v in value]
     if isinstance(value, dict):
-        return "dict", tuple(sorted(((repr(k), _attr_key(v, depth + 1)) for k, v in value.items()), key=repr))
+        return "dict", [(repr(k), v) for k, v in value.items()]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # by its fields: `config.scale = 3.0` on a dataclass config changes what is traced
-        return _Same(type(value)), tuple((f.name, _attr_key(getattr(value, f.name), depth + 1))
-                                         for f in dataclasses.fields(value))
+        return _Same(type(value)), [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
     if _plain_object(value):
         # a SimpleNamespace or hand-written config object: by its fields, as a dataclass
-        return _Same(type(value)), tuple((k, _attr_key(v, depth + 1)) for k, v in sorted(vars(value).items()))
-    return _Same(value)  # a function or object: its identity (a module's own fields are keyed apart)
-
-
-def _walked(value: Any) -> bool:
-    """Whether _attr_key keys `value` by what it holds (at a depth it may walk)."""
-    return (isinstance(value, (tuple, list, set, frozenset, dict, functools.partial))
-            or (isinstance(value, nn.Module) and not _holds_tensors(value))
-            or (dataclasses.is_dataclass(value) and not isinstance(value, type)) or _plain_object(value))
-
-
-def _holds_tensors(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+        return _Same(type(value)), sorted(vars(value).items())
+    return None
 
 
 def _plain_object(value: Any) -> bool:
@@ -186,6 +210,18 @@ def _plain_object(value: Any) -> bool:
     fields = getattr(value, "__dict__", None)
     return (isinstance(fields, dict) and len(fields) <= 256 and not callable(value)
             and not isinstance(value, (type, nn.Module, torch.Tensor)))
+
+
+def _config_values(config: Any) -> Any:
+    """A config with to_dict() by its values (less where it was loaded from: another checkpoint
+    of the architecture computes alike) and its attention implementation."""
+    attn = getattr(config, "_attn_implementation", None)
+    try:
+        values = dict(config.to_dict())
+        values.pop("_name_or_path", None)
+        return json.dumps(values, sort_keys=True, default=repr), repr(attn)
+    except (TypeError, ValueError):  # a config that cannot say its values: key it by identity
+        return _Same(config), repr(attn)
 
 
 class _Same:
@@ -217,6 +253,12 @@ class _Same:
         return self._id
 
 
+class _OfClass(_Same):
+    """A class's own function (its forward): shared by every model that has the class."""
+
+    __slots__ = ()
+
+
 class _Never:
     """In a key, equal to nothing (itself included): what cannot be compared safely misses."""
 
@@ -227,29 +269,6 @@ class _Never:
 
     def __hash__(self) -> int:
         return 0
-
-
-
-class _OfClass(_Same):
-    """A class's own function (its forward): shared by every model that has the class."""
-
-    __slots__ = ()
-
-
-def _config_key(config: Any) -> Any:
-    """A Hugging Face config's values (`config.output_hidden_states = True` changes the outputs),
-    with its attention implementation, which to_dict() leaves out (`set_attn_implementation`);
-    any other config (a dataclass or plain object) as an attribute is keyed."""
-    to_dict = getattr(config, "to_dict", None)
-    if not callable(to_dict):
-        return None if config is None else _attr_key(config)
-    attn = getattr(config, "_attn_implementation", None)
-    try:
-        values = dict(to_dict())
-        values.pop("_name_or_path", None)  # where it was loaded from: another checkpoint computes alike
-        return json.dumps(values, sort_keys=True, default=repr), repr(attn)
-    except (TypeError, ValueError):  # a config that cannot say its values: key it by identity
-        return _Same(config), repr(attn)
 
 
 # ---- per model ------------------------------------------------------------------------------
