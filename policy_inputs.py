@@ -224,20 +224,18 @@ def sliding_window(config) -> int | None:
     alternate layers, Mistral's, GPT-Neo's local layers; a multimodal config's text model's),
     else None: beyond it the attention mask differs from a causal one."""
     text = getattr(config, "text_config", None)
-    if text is not None and text is not config and sliding_window(text) is not None:
-        return sliding_window(text)
-    if "local" in (getattr(config, "attention_layers", None) or ()):  # GPT-Neo
+    inner = sliding_window(text) if text is not None and text is not config else None
+    if inner is not None:
+        return inner
+    if "local" in (getattr(config, "attention_layers", None) or ()):  # GPT-Neo's local layers
         window = getattr(config, "window_size", None)
-        positions = _max_positions(config)
-        if isinstance(window, int) and window > 0 and (positions is None or window < positions):
-            return window
-    window = getattr(config, "sliding_window", None)
+    else:
+        window = getattr(config, "sliding_window", None)
+        types = getattr(config, "layer_types", None)
+        if getattr(config, "use_sliding_window", True) is False or (  # Qwen2's switch
+                isinstance(types, (list, tuple)) and "sliding_attention" not in types):
+            return None
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-        return None
-    if getattr(config, "use_sliding_window", True) is False:  # Qwen2's switch
-        return None
-    types = getattr(config, "layer_types", None)
-    if isinstance(types, (list, tuple)) and "sliding_attention" not in types:
         return None
     positions = _max_positions(config)
     return None if positions is not None and window >= positions else window

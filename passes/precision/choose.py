@@ -61,7 +61,6 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     details["achieved_avg_bits"] = 8 * details["weight_bytes"] / weights
     notes.insert(0, choice_note(details["choices"], details["achieved_avg_bits"], rule))
     notes.extend(scorer.unheld_notes())
-    notes.extend(few_tokens_note("the budget's scoring", details.get("calib_tokens"), items))
     return apply(graph, bound, items, chosen, details, ctx, tuple(notes) + scorer.dead.notes())
 
 
@@ -140,6 +139,7 @@ def _by_blocks(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[It
     details.update(sweep_details(rule.get("true_sequential"), corrections),
                    calib_tokens=max(rows, rows2), peak_calib_bytes=max(peak, peak2))
     notes.extend(few_rows_note(corrections, rows2))
+    notes.extend(few_tokens_note("the budget's scoring", min(rows, rows2), items))
     return {p: (cand[p], e) for p, e in encoded.items()}, costs, sizes, pick
 
 
@@ -160,6 +160,8 @@ def _in_one_run(graph: ModelGraph, bound: BoundRule, ctx: Context, items: list[I
             step()
     pick = _solve(bound.rule, items, costs, sizes, ctx)
     details["calib_tokens"] = max(h.count for h in hessians.values())
+    # the fewest rows any target's statistics read (as quantize says it)
+    notes.extend(few_tokens_note("the budget's scoring", min(h.count for h in hessians.values()), items))
     return ({it.path: (scorer.cands[j], options[i][j]) for i, (it, j) in enumerate(zip(items, pick))},
             costs, sizes, pick)
 
