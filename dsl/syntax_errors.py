@@ -43,6 +43,7 @@ def syntax_error(e: UnexpectedInput, source: str, filename: str, parser: Lark) -
     got = _got(e)
     line, column = max(1, getattr(e, "line", 1) or 1), max(1, getattr(e, "column", 1) or 1)
     earlier = _earlier_cause(expected, words, source, line, column) or \
+        _valueless_param(got, expected, source, line, column) or \
         _missing_part(e, expected, words, source, line, column)
     if earlier:
         kind, message, hint, got, column = earlier
@@ -81,6 +82,20 @@ def _earlier_cause(expected, words, source, line, column):
     if first.group() == "tokens" and second and column > second.start():
         return _after_tokens(text, second, column)
     return None
+
+
+def _valueless_param(got, expected, source, line, column):
+    """`rank alpha=16`, `prune keep score=norm`: a parameter of the rule followed by the next one,
+    without its value. Lark stops at the next one ("expected `=`, got `alpha`"); the caret goes
+    under the parameter that lacks it."""
+    if expected != {"EQUAL"} or not _WORD.fullmatch(got or ""):
+        return None
+    text = _line(source, line)
+    before = re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*$", text[: column - 1])
+    if not before or before.group(1) not in _own_params(text, column):
+        return None
+    name = before.group(1)
+    return ("missing-value", f"`{name}` has no value", f"write `{name}=<value>`", name, before.start(1) + 1)
 
 
 def _after_tokens(text: str, second: re.Match, column: int):
@@ -128,8 +143,6 @@ def _explain(e, got, expected, words, source, line, column):
         return ("syntax", "a rule takes one `auto(…)`", "put every search parameter in it, e.g. "
                 "`auto(count=2, score=angular)`")
     if expected == {"EQUAL"} and _WORD.fullmatch(got) and before in RULE_KEYWORDS:
-        if before in _own_params(_line(source, line), column):  # `prune keep score=norm`
-            return ("missing-value", f"`{before}` has no value", f"write `{before}=<value>`")
         return ("syntax", f"`{got}` follows `{before}` on the same line", "write one rule per line")
     if _WORD.fullmatch(got or "") and keyword_words and "NAME" not in expected:
         suggestion = did_you_mean(got, keyword_words)
@@ -299,6 +312,8 @@ def _own_params(text: str, column: int) -> set[str]:
         base, _, form = key.partition(".")
         if base == keyword and (not form or form in words):
             names |= set(schema)
+    if keyword == "precision":  # its format choices' own (`choose { int4 group=32 }`)
+        names |= set(SCHEMAS["choice"])
     return names
 
 

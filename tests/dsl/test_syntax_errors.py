@@ -85,7 +85,28 @@ def test_keep_without_its_value_in_a_prune_is_a_missing_value_not_a_second_rule(
     same line; write one rule per line"."""
     err = error_of("tokens after blocks[1] prune keep score=norm", bare=True)
     assert (err.kind, err.message, err.hint) == ("missing-value", "`keep` has no value", "write `keep=<value>`")
+    assert err.column == 30  # under `keep`, not `score`
     assert error_of("quantize head int8 keep embed", bare=True).message == "`embed` follows `keep` on the same line"
+
+
+@pytest.mark.parametrize("rule, name, column", [
+    ("adapt head lora rank alpha=16", "rank", 17),
+    ("quantize head int8 group sym=false", "group", 20),
+    ("drop blocks auto(count score=angular)", "count", 18),
+    ("precision blocks.* choose { int4 group sym=true, int8 } budget avg_bits<=6 by output_mse", "group", 34),
+])
+def test_a_parameter_without_its_value_before_the_next_one_is_named(rule, name, column):
+    """It said "expected `=` after `adapt <selector>`, got `alpha`", the caret under `alpha`
+    (only a parameter last on its line was named: `adapt head lora rank`). A format choice's
+    parameters count as the precision rule's own."""
+    err = error_of(rule, bare=True)
+    assert (err.kind, err.message, err.hint) == ("missing-value", f"`{name}` has no value", f"write `{name}=<value>`")
+    assert (err.line, err.column) == (1, column)
+
+
+def test_a_word_that_is_no_parameter_of_the_rule_before_another_is_still_a_syntax_error():
+    err = error_of("adapt head lora fooo alpha=16", bare=True)
+    assert err.kind == "syntax" and err.message == "expected `=` after `adapt <selector>`, got `alpha`"
 
 
 @pytest.mark.parametrize("text", ["drop blocks auto(ratio=0.5) auto(count=2)",
