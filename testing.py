@@ -21,6 +21,8 @@ test tools that read policies (linters, formatters, diff tools), not a model: `r
 (role_rules.py) draws rules that bind on supported models, and `check_policy` tests a policy of
 yours on a model. `bare_rules()` draws the rules of one such policy
 with no `policy NAME { }` around them, as `compile(model, "quantize head int8")` takes them.
+`invalid_policies()` (invalid_policies.py) draws policies with one mistake, and the error kind and
+line parse() reports for it.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ from .dsl.schema import (ADAPTERS, FORMAT_BITS, FORMATS, HEAL_METHOD_PARAMS, INT
                          TOKEN_ACTIONS, ParamSpec)
 
 __all__ = ["policies", "policy_asts", "bare_rules", "param_values", "grammar_text_strategy", "tiny_models",
-           "role_rules", "check_policy", "PolicyCheckError", "PolicyCheckResult"]
+           "role_rules", "invalid_policies", "InvalidPolicy", "MISTAKE_KINDS", "check_policy", "PolicyCheckError",
+           "PolicyCheckResult"]
 
 _CHECKER = ("check_policy", "PolicyCheckError", "PolicyCheckResult", "Draw", "DrawResult")
 
@@ -54,6 +57,10 @@ def __getattr__(name: str):
         from .role_rules import role_rules
 
         return role_rules
+    if name in ("invalid_policies", "InvalidPolicy", "MISTAKE_KINDS"):  # it edits policies() draws
+        from . import invalid_policies
+
+        return getattr(invalid_policies, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _RULES_WITH_PARAMS = {"collapse", "drop", "adapt", "quantize", "precision", "tokens", "unpad", "keep", "heal"}

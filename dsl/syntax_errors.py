@@ -85,10 +85,10 @@ def _earlier_cause(expected, words, source, line, column):
 
 
 def _valueless_param(got, expected, source, line, column):
-    """`rank alpha=16`, `prune keep score=norm`: a parameter of the rule followed by the next one,
-    without its value. Lark stops at the next one ("expected `=`, got `alpha`"); the caret goes
-    under the parameter that lacks it."""
-    if expected != {"EQUAL"} or not _WORD.fullmatch(got or ""):
+    """`rank alpha=16`, `prune keep score=norm`, `auto(ratio, count=2)`: a parameter of the rule
+    followed by the next one (or a `,`, `)` or `}`) without its value. Lark stops at what follows
+    ("expected `=`, got `alpha`"); the caret goes under the parameter that lacks it."""
+    if expected != {"EQUAL"} or not (_WORD.fullmatch(got or "") or got in (",", ")", "}")):
         return None
     text = _line(source, line)
     before = re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*$", text[: column - 1])

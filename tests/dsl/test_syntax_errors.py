@@ -93,6 +93,10 @@ def test_keep_without_its_value_in_a_prune_is_a_missing_value_not_a_second_rule(
     ("adapt head lora rank alpha=16", "rank", 17),
     ("quantize head int8 group sym=false", "group", 20),
     ("drop blocks auto(count score=angular)", "count", 18),
+    ("collapse blocks auto(ratio, interval=2)", "ratio", 22),
+    ("drop blocks auto(count)", "count", 18),
+    ("precision blocks.* choose { int4 group, int8 } budget avg_bits<=6 by output_mse", "group", 34),
+    ("precision blocks.* choose { int8, int4 group } budget avg_bits<=6 by output_mse", "group", 40),
     ("precision blocks.* choose { int4 group sym=true, int8 } budget avg_bits<=6 by output_mse", "group", 34),
 ])
 def test_a_parameter_without_its_value_before_the_next_one_is_named(rule, name, column):
