@@ -149,16 +149,6 @@ def _missing_value(draw, text, tree):
     return [(_offsets(param.children[0])[1], _offsets(param)[1], "")], _line(text, _offsets(param)[0])
 
 
-# Choices other parameters depend on (`damp` wants `method=gptq`, `max_run` wants `score=angular`):
-# with one of them wrong, the others are refused as well, for another reason.
-_DEPENDED_ON = ("method", "score")
-
-
-def _alone_wrong(spec: ParamSpec, rule_params: list) -> bool:
-    """Whether a wrong value of `spec` makes one mistake only."""
-    return spec.name not in _DEPENDED_ON or len(rule_params) == 1
-
-
 def _wrong_values(spec: ParamSpec) -> list[str]:
     if spec.type is bool:
         return ["yes", "1", '"true"']
@@ -172,8 +162,7 @@ def _wrong_values(spec: ParamSpec) -> list[str]:
 
 
 def _wrong_type(draw, text, tree):
-    params = [(p, spec) for r in _rules(tree) for p, spec in _params(r)
-              if spec is not None and _wrong_values(spec) and _alone_wrong(spec, _params(r))]
+    params = [(p, spec) for r in _rules(tree) for p, spec in _params(r) if spec is not None and _wrong_values(spec)]
     if not params:
         return None
     param, spec = draw(st.sampled_from(params))
@@ -186,13 +175,11 @@ _OUT_OF_RANGE = {int: [0, -1, -8, 2, 3, 48, 100, 10**6], float: [0.0, -0.5, -1.0
 def _out_of_range(draw, text, tree):
     params = []
     for r in _rules(tree):
-        rule_params = _params(r)
-        for p, spec in rule_params:
+        for p, spec in _params(r):
             if spec is None or spec.type is bool:
                 continue
             if spec.choices:  # a name close to no choice (a close one is read as a misspelling)
-                if _alone_wrong(spec, rule_params):
-                    params.append((p, ["qqq", "zzz_x"]))
+                params.append((p, ["qqq", "zzz_x"]))
             elif spec.type in (int, float):
                 params.append((p, [format_value(v) for v in _OUT_OF_RANGE[spec.type] if not spec.valid(v)]))
     params = [(p, values) for p, values in params if values]

@@ -5,6 +5,7 @@ to do. Several problems found in one pass travel together in `.diagnostics`.
 """
 from __future__ import annotations
 
+import collections
 import difflib
 import unicodedata
 from dataclasses import dataclass
@@ -87,9 +88,14 @@ def _window(text: str, column: int, width: int = 100) -> tuple[str, int]:
     return cut, column - start + (1 if start else 0)
 
 
+# Diagnostics str(SpecError) renders (each takes four lines); the rest are counted by kind.
+MAX_RENDERED = 50
+
+
 class SpecError(ValueError):
     """A policy that cannot be applied. `.line`, `.column`, `.source_line`, `.kind` describe the
-    first problem; `.diagnostics` holds all of them; `str()` renders each with a caret."""
+    first problem; `.diagnostics` holds all of them; `str()` renders each with a caret (the first
+    MAX_RENDERED, then a count of the rest by kind)."""
 
     def __init__(self, diagnostics: Diagnostic | Sequence[Diagnostic], source: str = "",
                  filename: str = "<policy>"):
@@ -119,7 +125,15 @@ class SpecError(ValueError):
         return lines[self.line - 1] if 0 < self.line <= len(lines) else ""
 
     def render(self) -> str:
-        return "\n".join(d.render(self.source, self.filename) for d in self.diagnostics)
+        shown = [d.render(self.source, self.filename) for d in self.diagnostics[:MAX_RENDERED]]
+        rest = self.diagnostics[MAX_RENDERED:]
+        if rest:
+            # 20,000 copies of one rule printed 80,000 lines; the first few say what to fix
+            kinds = collections.Counter(d.kind for d in rest)
+            shown.append(f"{self.filename}: … and {len(rest):,} more not shown "
+                         f"({', '.join(f'{n:,} {kind}' for kind, n in kinds.most_common())}): fix these "
+                         "and run it again")
+        return "\n".join(shown)
 
 
 def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str | None:

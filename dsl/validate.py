@@ -54,7 +54,7 @@ def _validate_rule(rule, problems: _Problems):
         changes["auto"] = dataclasses.replace(rule.auto, params=_coerce_params(rule.auto, rule.auto.params, problems))
         _check_auto(changes["auto"], rule.auto.params, problems)
     if isinstance(rule, A.Quantize):
-        _check_format_params(rule.format, changes["params"], problems)
+        _check_format_params(rule.format, changes["params"], rule.params, problems)
     if isinstance(rule, A.Adapt):
         _check_adapt(changes["params"], problems)
     if isinstance(rule, A.Heal):
@@ -63,7 +63,7 @@ def _validate_rule(rule, problems: _Problems):
         changes["choices"] = tuple(_validate_choice(c, problems) for c in rule.choices)
         _check_precision(rule, changes["choices"], problems)
     if isinstance(rule, A.Precision) or (isinstance(rule, A.Quantize) and rule.format in INT_FORMATS):
-        _check_gptq_only(changes["params"], problems)  # a float format's are refused above
+        _check_gptq_only(changes["params"], rule.params, problems)  # a float format's are refused above
     return dataclasses.replace(rule, **changes)
 
 
@@ -194,9 +194,18 @@ def _example(spec: ParamSpec) -> str:
 # ---- combinations --------------------------------------------------------------------------
 
 
-def _check_format_params(fmt: str, params: tuple[A.Param, ...], problems: _Problems):
+def _refused(name: str, params: tuple[A.Param, ...], written: tuple[A.Param, ...]) -> bool:
+    """`name` was written with a value its own check refused (reported already): the checks of
+    what it goes with cannot tell what was meant, and its default in its place would be a second,
+    made-up problem (`sym="true" zero=float`: "this one is symmetric")."""
+    return any(p.name == name for p in written) and all(p.name != name for p in params)
+
+
+def _check_format_params(fmt: str, params: tuple[A.Param, ...], written: tuple[A.Param, ...],
+                         problems: _Problems):
     if fmt in INT_FORMATS:
-        _check_zero(params, problems)
+        if not _refused("sym", params, written):
+            _check_zero(params, problems)
         return
     for p in params:
         if p.name in INT_ONLY_PARAMS:
@@ -223,9 +232,11 @@ _GPTQ_OPTIONS = {
 }
 
 
-def _check_gptq_only(params: tuple[A.Param, ...], problems: _Problems):
+def _check_gptq_only(params: tuple[A.Param, ...], written: tuple[A.Param, ...], problems: _Problems):
     """GPTQ's options (`refit`, `damp`, `act_order`, `sequential`, `true_sequential`): refused on a
     rule that does not use it (a `false` that asks for nothing is fine, `sequential` is either)."""
+    if _refused("method", params, written):  # `method=1 damp=0.01`: GPTQ or not, it cannot tell
+        return
     names = {p.name: p for p in params}
     gptq = names.get("method") is not None and names["method"].value == "gptq"
     for name, does in _GPTQ_OPTIONS.items():
@@ -246,7 +257,7 @@ def _check_gptq_only(params: tuple[A.Param, ...], problems: _Problems):
 
 def _validate_choice(choice: A.FormatChoice, problems: _Problems) -> A.FormatChoice:
     params = _coerce_params(choice, choice.params, problems)
-    _check_format_params(choice.format, params, problems)
+    _check_format_params(choice.format, params, choice.params, problems)
     return dataclasses.replace(choice, params=params)
 
 
@@ -325,7 +336,7 @@ def _check_adapt(params: tuple[A.Param, ...], problems: _Problems):
 
 def _check_auto(auto: A.Auto, written: tuple[A.Param, ...], problems: _Problems):
     names = {p.name: p for p in auto.params}
-    score_dropped = any(p.name == "score" for p in written) and "score" not in names  # reported already
+    score_dropped = _refused("score", auto.params, written)
     if {"ratio", "count"} <= set(names):
         problems.add("invalid-combination", "give `ratio` or `count`, not both", auto.span,
                      "keep one: `ratio` is a fraction of the blocks, `count` a number of them")

@@ -302,3 +302,21 @@ def test_control_characters_in_the_echoed_line_are_shown_not_sent_to_the_termina
     line, caret = str(e.value).splitlines()[1:3]
     assert line == "    " + shown and caret.index("^") == e.value.column + 3
     assert not any(ord(c) < 0x20 or c == "\x7f" for c in str(e.value).replace("\n", ""))
+
+
+def test_past_fifty_problems_the_rest_are_counted_not_printed():
+    """20,000 copies of one rule printed 80,000 lines (`slimfx check`); the first 50 are shown
+    and the rest counted by kind. `.diagnostics` still holds every one."""
+    from slimfx.dsl.errors import MAX_RENDERED
+
+    text = "policy p {\n" + "    keep head\n" * 120 + "    heal method=linear\n" * 2 + "}\n"
+    with pytest.raises(SpecError) as info:
+        parse(text, filename="dup.slim")
+    err = info.value
+    assert len(err.diagnostics) == 121 and MAX_RENDERED == 50
+    rendered = str(err)
+    assert rendered.count("error[duplicate]") == 50 and "dup.slim:52:5" in rendered and "dup.slim:53:5" not in rendered
+    assert rendered.endswith("dup.slim: … and 71 more not shown (69 duplicate, 2 illegal-order): fix these and "
+                             "run it again")
+    few = SpecError(err.diagnostics[:MAX_RENDERED], text, "dup.slim")
+    assert "not shown" not in str(few) and str(few).count("error[duplicate]") == 50

@@ -108,3 +108,25 @@ def test_token_rules_on_different_blocks_must_say_the_same_restore():
     with pytest.raises(SpecError) as e:
         _rules("tokens after blocks[1] prune restore=true", "tokens after blocks[2] merge")
     assert e.value.kind == "invalid-combination" and "restore=" in e.value.message and e.value.line == 3
+
+
+@pytest.mark.parametrize("rule, kind", [
+    ('quantize head int4 zero=float sym="true"', "wrong-type"),
+    ("quantize head int4 zero=float sym=yes", "wrong-type"),
+    ("quantize head int4 method=1 damp=0.01", "wrong-type"),
+    ("quantize head int4 method=qqq refit=true act_order=true", "out-of-range"),
+    ("precision head choose { int4 zero=float sym=1, int8 } budget avg_bits<=6 by output_mse", "wrong-type"),
+    ("precision head choose { int4, int8 } budget avg_bits<=6 by output_mse method=rtm damp=0.1", "unknown-keyword"),
+])
+def test_a_refused_value_is_not_replaced_by_its_default_in_the_checks_of_what_it_goes_with(rule, kind):
+    """A refused `sym`/`method` was dropped before the combination checks, which then read its
+    default: `sym="true" zero=float` added "this one is symmetric", `method=1 damp=0.01` added
+    "this rule does not use GPTQ" — a second problem that the user did not write."""
+    err = error_of(rule)
+    assert [d.kind for d in err.diagnostics] == [kind], [d.message for d in err.diagnostics]
+
+
+@pytest.mark.parametrize("rule", ["quantize head int4 zero=float", "quantize head int4 damp=0.01",
+                                  "quantize head int4 rank=8 zero=float"])
+def test_a_combination_with_a_default_left_out_is_still_refused(rule):
+    assert "invalid-combination" in {d.kind for d in error_of(rule).diagnostics}
