@@ -5,6 +5,7 @@ the command prints as a message."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 __all__ = ["UsageError", "check_out", "check_apart", "check_listing_folder", "check_not_nested", "check_same_model",
            "check_text_inputs", "check_train_args", "load_compiled", "non_empty"]
@@ -112,6 +113,14 @@ def check_writable(option: str, path: str) -> None:
     above = Path(path) if Path(path).is_dir() else nearest_existing(Path(path))
     if not os.access(above, os.W_OK):
         raise UsageError(f"cannot write {option} {path}: {above} is not writable")
+    # access() answers yes to root everywhere, and for places no one can make a folder in (/proc,
+    # some network mounts): the save failed there after the whole compile. A folder made and
+    # removed says it before any work.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".slimfx-probe-", dir=above))
+    except OSError as e:
+        raise UsageError(f"cannot write {option} {path}: a folder cannot be made in {above} "
+                         f"({e.strerror or e}); choose a place this user can write") from None
 
 
 def _resolved(option: str, path: str):

@@ -95,3 +95,18 @@ def test_out_may_be_a_writable_folder_in_a_parent_that_is_not(tmp_path, monkeypa
     denied.add(str(out.resolve()))
     with pytest.raises(UsageError, match="mine is not writable"):
         check_out(str(out))
+
+
+def test_a_place_where_no_folder_can_be_made_is_refused_before_any_work(monkeypatch):
+    """access() says yes to root for any place: `--out /proc/x` passed the checks and the save
+    failed after the whole compile (ENOENT). A folder is made and removed there first."""
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: True)  # as for root
+    with pytest.raises(UsageError, match=r"cannot write --out /proc/slimfx-out: a folder cannot be made in /proc \("
+                                         r".*\); choose a place this user can write"):
+        check_out("/proc/slimfx-out")
+
+
+def test_the_probe_folder_does_not_stay(tmp_path):
+    check_out(str(tmp_path / "art"))
+    check_folder("--emit-kernels", str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
