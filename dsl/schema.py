@@ -66,6 +66,9 @@ class ParamSpec:
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a name or a quoted string"}
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _fraction_open(v):  # (0, 1)
     return 0 < v < 1
 
@@ -140,7 +143,10 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
     ),
     "adapt": _specs(
         ParamSpec("rank", int, 8, "adapter rank r", lambda v: v >= 1, "an integer ≥ 1"),
-        ParamSpec("alpha", float, 16.0, "scale α (the update is α/r · B·A)", lambda v: v > 0, "a number > 0"),
+        # at most float32's largest: the scale α/r is a float32 factor, and an infinite one times
+        # B's starting zeros made every output NaN (alpha=1e308 compiled without a word)
+        ParamSpec("alpha", float, 16.0, "scale α (the update is α/r · B·A)", lambda v: 0 < v <= _FLOAT32_MAX,
+                  "a number > 0 and at most 3.4e38 (float32's largest)"),
         ParamSpec("dropout", float, 0.0, "dropout on the adapter input", lambda v: 0 <= v < 1, "a number in [0, 1)"),
         ParamSpec("init", str, "kaiming", "initialisation: A kaiming-uniform or gaussian with B zero (the outputs "
                   "start unchanged), or `error`: B·A from the calibration-weighted SVD of the quantization error "

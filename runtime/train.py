@@ -110,7 +110,14 @@ def train(cm, batches, *, steps: int, lr: float | None = None, loss: str = "lm",
                 bars.task(f"training adapters ({loss})", total=steps) as step:
             for i, batch in zip(range(steps), batches):
                 scale(lr_factor(schedule, i, steps))
-                value = _step(cm, batch, opt, loss, teacher, i)
+                try:
+                    value = _step(cm, batch, opt, loss, teacher, i)
+                except RuntimeError as e:
+                    # lr=1e39: AdamW's step size lr/(1−β₁ᵗ) has no float32 value, and torch says
+                    # "value cannot be converted to type float without overflow" mid-update
+                    if "overflow" not in str(e):
+                        raise
+                    raise Diverged(f"step {i + 1}'s update overflows float32 ({e})", updated=True) from None
                 losses.append(value)
                 step(note=f"loss {value:#.4g}")
             # A step's loss is checked before its update; the last update has no step after it, so
@@ -120,6 +127,9 @@ def train(cm, batches, *, steps: int, lr: float | None = None, loss: str = "lm",
                 after = _loss(cm, batch, loss, teacher)
             if not torch.isfinite(after):
                 raise FloatingPointError(f"after step {len(losses)}'s update the {loss} loss is {after.item()}")
+    except Diverged:
+        _put_back(params, before, optimizer, opt_before)
+        raise
     except FloatingPointError as e:
         _put_back(params, before, optimizer, opt_before)
         raise Diverged(str(e), updated=bool(losses)) from None

@@ -130,3 +130,12 @@ def test_a_refused_value_is_not_replaced_by_its_default_in_the_checks_of_what_it
                                   "quantize head int4 rank=8 zero=float"])
 def test_a_combination_with_a_default_left_out_is_still_refused(rule):
     assert "invalid-combination" in {d.kind for d in error_of(rule).diagnostics}
+
+
+@pytest.mark.parametrize("alpha", ["3.5e38", "1e308"])
+def test_an_alpha_whose_scale_has_no_float32_value_is_out_of_range(alpha):
+    """alpha/rank is a float32 factor: infinite, times B's starting zeros, it made every output NaN
+    and compile said nothing."""
+    err = error_of(f"adapt head lora alpha={alpha}")
+    assert err.kind == "out-of-range" and "at most 3.4e38 (float32's largest)" in err.message
+    parse("policy p {\n    adapt head lora alpha=3.4e38\n}\n")

@@ -261,6 +261,21 @@ def test_training_that_diverges_restores_the_adapters(steps):
     slimfx.train(cm, [batch], steps=2, lr=1e-4)  # and it trains again
 
 
+@pytest.mark.parametrize("lr", [1e39, 3e38])
+def test_an_lr_whose_step_overflows_float32_is_a_divergence_and_restores_the_adapters(lr):
+    """AdamW's step size lr/(1−β₁ᵗ) has no float32 value: torch raised "value cannot be converted
+    to type float without overflow" mid-update, a raw RuntimeError (`slimfx train --lr 1e39` called
+    it a slimfx bug; `heal method=lora lr=1e39` too)."""
+    lm, cm = fresh("llama", *MIXED)
+    batch = tokens(1, 4, pad=False)
+    before = {n: p.detach().clone() for n, p in cm.named_parameters() if p.requires_grad}
+    with pytest.raises(FloatingPointError, match=r"step 1's update overflows float32 .*training diverged \(try a "
+                                                 r"lower lr\); the adapters are restored") as info:
+        slimfx.train(cm, [batch], steps=2, lr=lr)
+    assert info.value.updated
+    assert all(torch.equal(p, before[n]) for n, p in cm.named_parameters() if p.requires_grad)
+
+
 def test_a_model_without_adapters_is_refused():
     case_ = compiled("llama")
     with pytest.raises(ValueError, match="compile with an `adapt` rule"):
