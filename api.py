@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from .dsl import ast as A
 from .dsl.errors import SpecError, did_you_mean
 from .dsl.parser import parse, parse_file
+from .dsl.check import check_spec
 
 __all__ = ["compile", "plan", "load", "resolve_policy", "unwrap"]
 
@@ -128,11 +129,19 @@ def resolve_policy(policy, name: str | None = None, *,
                    choose: str = "pass name=… (or --policy NAME) to choose one") -> tuple[A.Policy | None, A.Spec]:
     """(the one policy to apply or None for an empty spec, the Spec it came from). `choose`: the
     hint when the spec holds several policies and `name` picks none (the CLI's names its option)."""
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name= is the name of a policy in the file (a string), not the {type(name).__name__} "
+                        f"{name!r}")
     if isinstance(policy, A.Policy):
         if name is not None and name != policy.name:  # it was ignored: the policy given ran
             raise SpecError.at("unknown-policy", f"no policy `{name}`: the Policy given is `{policy.name}`",
                                hint="leave name= out, or pass the Spec that holds the policy you mean")
+        check_spec(A.Spec((policy,)))  # as below
         return policy, A.Spec((policy,))
+    if isinstance(policy, A.Spec):
+        # a Spec parsed with check=False (or built in code) skipped the checks across rules; the
+        # passes rely on them (`drop` after `quantize` compiled)
+        check_spec(policy)
     spec = policy if isinstance(policy, A.Spec) else _read_spec(policy)
     if not spec.policies:
         if name is not None:

@@ -291,6 +291,24 @@ def test_a_policy_object_with_another_name_is_refused():
     assert slimfx.plan(tiny("llama"), policy, name="a").policy.name == "a"
 
 
+@pytest.mark.parametrize("name", [3, ["a"]])
+def test_a_name_that_is_no_string_is_a_type_error(name):
+    """It was an AttributeError from inside the "did you mean" of the policy names ('int' object
+    has no attribute 'lower'), in compile, plan and check_policy alike."""
+    with pytest.raises(TypeError, match=r"name= is the name of a policy in the file \(a string\), not the"):
+        slimfx.plan(tiny("llama"), "policy a {\n    keep head\n}\n", name=name)
+
+
+@pytest.mark.parametrize("as_policy", [False, True])
+def test_a_spec_parsed_without_its_checks_is_checked_before_compiling(as_policy):
+    """parse(…, check=False) skips the checks across rules; compile ran such a Spec's `drop` after
+    its `quantize` as written."""
+    spec = slimfx.parse("policy a {\n    quantize head int8\n    drop blocks[0]\n}\n", check=False)
+    with pytest.raises(SpecError, match="`drop` after `quantize`") as info:
+        slimfx.compile(tiny("llama"), spec.policies[0] if as_policy else spec)
+    assert info.value.kind == "illegal-order" and info.value.line == 3
+
+
 def test_a_model_that_is_not_a_module_is_named():
     """compile("llama", …, example_inputs=…) was an AttributeError: 'str' object has no attribute 'forward'."""
     with pytest.raises(TypeError, match=r"not the str 'llama': load it first, e.g. slimfx.models.load\('llama'\)"):

@@ -215,3 +215,13 @@ def test_an_integer_of_thousands_of_digits_is_out_of_range_at_its_token(rule, co
         parse("policy p {\n    " + rule.format(n="1" * 5000) + "\n}\n")
     assert e.value.kind == "out-of-range" and (e.value.line, e.value.column) == (2, column)
     assert "a number of 5000 digits is too large" in e.value.message and e.value.diagnostics[0].width == 5000
+
+
+@pytest.mark.parametrize("path", [99, 0, None])
+def test_parse_file_takes_a_path_not_a_file_descriptor(path):
+    """open() reads an int as a file descriptor: parse_file(0) read standard input, and 99 failed
+    with a TypeError from inside the no-file message."""
+    from slimfx import parse_file
+
+    with pytest.raises(TypeError, match=r"parse_file takes a path \(a str or os.PathLike\), not the"):
+        parse_file(path)
