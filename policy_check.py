@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import math
-import numbers
 import os
 import random
 import warnings
@@ -34,6 +32,7 @@ from torch import nn
 from .passes.capture import bind_inputs
 from .passes.capture_cache import state_key
 from .passes.eval_mode import eval_mode
+from .policy_check_arguments import check_arguments, check_no_deadline, check_padding_drawable, whole
 from .policy_compare import (MetricReturnError, callable_name, left_padding_hint, metric_result, structure_problem,
                              token_leaves, tolerance_problem)
 from .policy_inputs import (PADDING_CHOICES, Draw, Space, build_inputs, default_max_seq, draw_mask, draws, first_line,
@@ -87,9 +86,6 @@ class _Failure(AssertionError):
     def __init__(self, draw: Draw, detail: str, value: float):
         super().__init__(f"{draw.describe()}: {detail}")
         self.draw, self.detail, self.value = draw, detail, value
-
-
-DEFAULT_RTOL = 1e-2  # with atol's 1e-2: outputs of order 1 under fp16/bf16/int8 weights
 
 
 # ---- the check -----------------------------------------------------------------------------
@@ -152,7 +148,7 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     """
     from . import api
 
-    max_examples, max_batch, max_seq, seed, rtol = _check_arguments(max_examples, max_batch, max_seq, rtol, atol,
+    max_examples, max_batch, max_seq, seed, rtol = check_arguments(max_examples, max_batch, max_seq, rtol, atol,
                                                                      seed, metric)
     if not isinstance(padding, str) or padding not in PADDING_CHOICES:  # a list raised "unhashable type"
         raise ValueError(f"check_policy: padding must be one of {', '.join(map(repr, PADDING_CHOICES))}, got {padding!r}")
@@ -170,14 +166,14 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
             if isinstance(module, CompiledModel) else " (or a slimfx.models LoadedModel, which carries them)"))
     nested = currently_in_test_context()
     if nested:
-        _check_no_deadline()
+        check_no_deadline()
     # A CompiledModel is compiled again from its own graph (compile() refuses inputs with it).
     compile_args = (model, policy, None if isinstance(module, CompiledModel) else example_inputs, calib, name)
     compiled = _compile_once_per_outer_test(module, *compile_args) if nested else _compile(*compile_args)
     tensors, consts = _split_example(module, example, compiled.input_names)
     space = within_the_model(input_space(compiled, module, tensors, max_batch, max_seq), module, consts)
     space = dataclasses.replace(space, paddings=PADDING_CHOICES[padding])
-    _check_padding_drawable(space, padding)
+    check_padding_drawable(space, padding)
     per_token = token_leaves(compiled.graph)
     results: list[DrawResult] = []
 
@@ -213,75 +209,6 @@ def _first_failure(e: BaseException) -> _Failure | None:
         if found is not None:
             return found
     return None
-
-
-def _check_arguments(max_examples, max_batch, max_seq, rtol, atol, seed, metric) -> tuple:
-    """Refused before the compile, not as hypothesis' InvalidArgument (or a NaN bound that passes
-    everything, or a metric that cannot be called) after it. Returns the counts and seed as ints
-    (numpy's integers are whole numbers too)."""
-    if metric is not None and not callable(metric):
-        raise TypeError(f"check_policy: metric must be a function of (original, compiled) outputs returning "
-                        f"True/False or a number, got the {type(metric).__name__} {metric!r} (None compares "
-                        "element by element within rtol/atol)")
-    if metric is not None:
-        _check_takes_two(metric)
-    counts = []
-    for label, n in (("max_examples", max_examples), ("max_batch", max_batch), ("max_seq", max_seq)):
-        if n is None and label == "max_seq":  # chosen from the model (default_max_seq)
-            counts.append(None)
-            continue
-        if not _whole(n) or n < 1:
-            raise ValueError(f"check_policy: {label} must be a whole number of at least 1, got {n!r}")
-        counts.append(int(n))
-    if metric is not None and rtol is not None:  # ignored before: only atol bounds a metric's float
-        raise ValueError(f"check_policy: rtol={rtol!r} has no meaning with a metric (a float it returns passes when "
-                         "<= atol): drop rtol, or scale inside the metric")
-    rtol = DEFAULT_RTOL if rtol is None else rtol
-    for label, x in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(x, numbers.Real) or isinstance(x, bool) or not math.isfinite(x) or x < 0:
-            raise ValueError(f"check_policy: {label} must be a finite number >= 0, got {x!r}")
-    if seed is not None and (not _whole(seed) or seed < 0):
-        raise ValueError(f"check_policy: seed must be a whole number >= 0 (or None), got {seed!r}")
-    return (*counts, None if seed is None else int(seed), rtol)
-
-
-def _whole(n) -> bool:
-    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
-
-
-def _check_takes_two(metric) -> None:
-    """A metric called with (original, compiled) outputs: one that cannot take two arguments
-    failed only after the compile, as "metric raised TypeError"."""
-    try:
-        signature = inspect.signature(metric)
-    except (TypeError, ValueError):  # a builtin without a signature: called as it is
-        return
-    try:
-        signature.bind(None, None)
-    except TypeError:
-        raise TypeError(f"check_policy: metric {callable_name(metric)}{signature} cannot be called with the "
-                        "(original, compiled) outputs: it must take two arguments") from None
-
-
-def _check_padding_drawable(space: Space, padding: str) -> None:
-    """`padding="left"`/`"right"` asked for padded inputs: refused where none can be drawn (the
-    model takes no attention mask, or no sequence of two tokens), rather than passing on unpadded
-    ones alone. The default ("both") pads where it can."""
-    if padding not in ("left", "right") or (space.mask_name and space.seq and space.seq[1] > 1):
-        return
-    why = ("the compiled model takes no attention mask (its example inputs hold none: add an `attention_mask` to "
-           "them)" if not space.mask_name else "no input of two or more tokens can be drawn (raise max_seq)")
-    raise ValueError(f"check_policy: padding={padding!r} asks for padded inputs, and {why}; or pass padding='none'")
-
-
-def _check_no_deadline() -> None:
-    """Inside an outer @given the first example compiles (seconds to minutes) and later ones reuse
-    it: any deadline fails the first, then hypothesis calls the timings unreliable, or shrinks
-    against it."""
-    deadline = settings.default.deadline  # the running test's settings
-    if deadline is not None:
-        raise ValueError(f"check_policy inside a @given test needs the test's deadline off (it is {deadline}): "
-                         "its first example compiles the model; add @settings(deadline=None) to the test")
 
 
 def _compile(model, policy, example_inputs, calib, name):
@@ -336,7 +263,7 @@ def _own_seed(seed: int | None) -> int | None:
         return seed
     forced = hypothesis_core.global_force_seed
     if forced is not None:  # an int, or any other text given on the command line
-        return forced if _whole(forced) and 0 <= forced < 2**32 else _seed_of_text(str(forced))
+        return forced if whole(forced) and 0 <= forced < 2**32 else _seed_of_text(str(forced))
     if not getattr(settings.default, "derandomize", False):
         return random.SystemRandom().randrange(2**32)
     return None

@@ -94,3 +94,11 @@ def test_a_window_too_long_to_draw_past_is_said():
     assert "never reach the model's 4096-token sliding window; pass max_seq=4104" in note
     # a window below the default is already drawn past
     assert default_max_seq(_with_config(sliding_window=8, max_position_embeddings=128)) == (DEFAULT_MAX_SEQ, None)
+
+
+@pytest.mark.parametrize("max_batch", [1025, 10**9])
+def test_a_batch_past_what_a_property_test_draws_is_refused_before_compiling(max_batch):
+    """max_batch=10**9 tried to allocate such a batch, and the failing allocation, not the same on
+    hypothesis' replay, came out as its FlakyFailure."""
+    with pytest.raises(ValueError, match=rf"check_policy: max_batch is at most 1024 .*got {max_batch}"):
+        check_policy(tiny("llama"), "quantize blocks.*.** : Linear int8 nonsense=1", max_batch=max_batch)
