@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .dsl import SpecError, format_spec, parse
+from .command_checks import non_empty
 from .dsl.parser import unreadable
 
 __all__ = ["main"]
@@ -92,11 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser("check", help="validate policy files")
-    check.add_argument("files", nargs="+", metavar="FILE", help="policy files (`-` for standard input)")
+    check.add_argument("files", nargs="+", metavar="FILE", type=non_empty, help="policy files (`-` for standard input)")
     check.set_defaults(run=_check)
 
     fmt = sub.add_parser("fmt", help="print policy files in canonical form")
-    fmt.add_argument("files", nargs="+", metavar="FILE", help="policy files (`-` for standard input)")
+    fmt.add_argument("files", nargs="+", metavar="FILE", type=non_empty, help="policy files (`-` for standard input)")
     mode = fmt.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="exit 1 if a file is not in canonical form")
     mode.add_argument("--write", action="store_true", help="rewrite files in place")

@@ -169,6 +169,16 @@ def _tiny_name(text: str) -> tuple[str, int] | None:
     return found["arch"], int(found["layers"] or 2)
 
 
+def _close_name(name: str) -> str:
+    """" Did you mean 'tiny:llama'?" by letters, case apart (`tiny:LLAMA` got 'tiny:vit'); every
+    tiny architecture for `tiny:` without one."""
+    if name.lower().rstrip(":") == "tiny":
+        return f" Name an architecture: {', '.join(a for a in available() if a.startswith('tiny:'))}."
+    by_lower = {a.lower(): a for a in available()}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.5)
+    return f" Did you mean {by_lower[close[0]]!r}?" if close else ""
+
+
 def _not_found_message(name: str) -> str:
     asked = _tiny_name(name)
     if asked:  # known arch, so the layers were out of range
@@ -178,8 +188,7 @@ def _not_found_message(name: str) -> str:
         return f"no model named (got {name!r}): pass one of {', '.join(available())}, or a local Hugging Face model folder"
     path = Path(name).expanduser()
     looks_like_path = os.sep in name or name.startswith((".", "~"))
-    close = [] if looks_like_path else difflib.get_close_matches(name, available(), n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = "" if looks_like_path else _close_name(name)
     where = ""
     if path.is_file() and path.suffix == ".slim":
         where = f" {name!r} is a policy file: give it before --model, and --model the model it applies to."

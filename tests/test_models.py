@@ -1,5 +1,6 @@
 """slimfx.models: tiny random models, local folders, the shipped pretrained fixtures, errors."""
 import json
+import re
 import time
 
 import pytest
@@ -162,6 +163,16 @@ def test_a_classifier_folder_keeps_its_head(tmp_path):
 
 
 # ---------------------------------------------------------------- errors and names
+
+@pytest.mark.parametrize("name, hint", [
+    ("tiny:LLAMA", "Did you mean 'tiny:llama'?"),  # it said 'tiny:vit': letters compared case and all
+    ("SmolLM2-135M", "Did you mean 'smollm2-135m'?"),
+    ("tiny:", "Name an architecture: tiny:llama, tiny:mistral"),  # it said 'tiny:vit' too
+])
+def test_the_closest_name_is_found_case_apart(name, hint):
+    with pytest.raises(ModelNotFound, match=re.escape(hint)):
+        models.load(name)
+
 
 def test_unknown_name_lists_names_and_closest_match():
     with pytest.raises(ModelNotFound) as info:
