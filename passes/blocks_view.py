@@ -23,6 +23,9 @@ class BlocksView:
         prefixes = tuple(p + "." for p in removed)
         kept = [b for b in base.blocks if b.path not in removed]
         self.blocks = tuple(replace(b, index=i) for i, b in enumerate(kept))
+        # for a selector's errors: `blocks[1]` out of range in a view of one block, where the
+        # model has two, said nothing of the rules above that removed the other
+        self.removed_count = getattr(base, "removed_count", 0) + len(base.blocks) - len(kept)
         renumber = {b.index: i for i, b in enumerate(kept)}
         self.targets: dict[str, Target] = {
             p: (replace(t, block=renumber[t.block]) if t.block is not None else t)

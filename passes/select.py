@@ -123,8 +123,9 @@ class _Resolver:
         n = len(items)
         if isinstance(index, Item):
             if not -n <= index.index < n:
-                raise self._error(f"index {index.index} is out of range: `{label}` has {n} "
-                                  f"items (valid {-n}..{n - 1})")
+                raise self._error(f"index {index.index} is out of range: `{label}` has {_items(n)} "
+                                  f"(valid {-n}..{n - 1}){self._after_removals(label, n)}",
+                                  hint=self._renumbered_hint(label))
             return [items[index.index]]
         if index.step == 0:
             raise self._error(f"slice step of `{label}` cannot be zero")
@@ -134,8 +135,9 @@ class _Resolver:
             # blocks than it says, silently
             whole = f"{label}[{_slice_text(replace(index, **{outside[0]: None}))}]"
             raise self._error(f"slice [{_slice_text(index)}] of `{label}` reaches outside it: its {outside[0]} "
-                              f"{outside[1]} is past the {n} items `{label}` has (bounds {outside[2]}); a slice "
-                              "is not cut short to fit", hint=f"write the bound that exists, e.g. `{whole}`")
+                              f"{outside[1]} is past the {_items(n)} `{label}` has (bounds {outside[2]})"
+                              f"{self._after_removals(label, n)}; a slice is not cut short to fit",
+                              hint=self._renumbered_hint(label) or f"write the bound that exists, e.g. `{whole}`")
         picked = items[index.start:index.stop:index.step]
         if not picked:
             raise self._error(f"slice [{_slice_text(index)}] of `{label}` is empty: it has {n} "
@@ -287,6 +289,21 @@ class _Resolver:
             f"{self.g.model_class} has no repeated blocks: no ModuleList of structurally "
             "identical modules holds the compute", hint="select modules by their paths")
 
+    def _removed_before(self, label: str) -> int:
+        """Blocks the rules above removed, where `label` names the blocks."""
+        names_blocks = label == "blocks" or (label and label == self.g.blocks_path)
+        return getattr(self.g, "removed_count", 0) if names_blocks else 0
+
+    def _after_removals(self, label: str, left: int) -> str:
+        removed = self._removed_before(label)
+        return f"; the rules above removed {removed} of the model's {removed + left} blocks" if removed else ""
+
+    def _renumbered_hint(self, label: str) -> str | None:
+        if not self._removed_before(label):
+            return None
+        return ("blocks are renumbered after a `drop` or `collapse`: `blocks[i]` below it is the i-th remaining "
+                "block; write its index among those, or put this rule above the removal")
+
     def _error(self, message: str, hint: str | None = None) -> SpecError:
         span = self.sel.span
         width = span.end_column - span.column if span.end_line == span.line else 1
@@ -299,6 +316,10 @@ class _Resolver:
 
 
 # ---- small helpers ---------------------------------------------------------------------------
+
+
+def _items(n: int) -> str:
+    return f"{n} item" if n == 1 else f"{n} items"
 
 
 def format_path(path: Path) -> str:

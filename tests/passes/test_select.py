@@ -320,3 +320,33 @@ def test_a_top_level_sequential_says_how_to_select_its_numbered_children():
         slimfx.compile(seq, "quantize foo int8", example_inputs={"input": torch.randn(2, 8)})
     cm = slimfx.compile(seq, "quantize * : Linear int8", example_inputs={"input": torch.randn(2, 8)})
     assert cm.report.rules[0].targets == ('0', '2')
+
+
+@pytest.mark.parametrize("rules, said", [
+    ("drop blocks[0]\nquantize blocks[1].attn.q int8",
+     "index 1 is out of range: `blocks` has 1 item (valid -1..0); the rules above removed 1 of the model's 2 blocks"),
+    ("drop blocks auto(count=1)\nkeep blocks[1]",
+     "index 1 is out of range: `blocks` has 1 item (valid -1..0); the rules above removed 1 of the model's 2 blocks"),
+    ("drop blocks[0]\nquantize blocks[0:3].attn.q int8",
+     "its stop 3 is past the 1 item `blocks` has (bounds -1..1); the rules above removed 1 of the model's 2 blocks"),
+])
+def test_an_index_past_the_blocks_a_removal_left_says_the_rules_above_renumbered_them(rules, said):
+    """It said "`blocks` has 1 items (valid -1..0)" on a model of two blocks, with no word of the
+    `drop` above that renumbered them (README: rules after a removal see the blocks left)."""
+    import slimfx
+    from slimfx.models import tiny
+
+    with pytest.raises(SpecError) as info:
+        slimfx.plan(tiny("llama"), rules)
+    assert said in info.value.message and info.value.line == 2
+    assert info.value.hint.startswith("blocks are renumbered after a `drop` or `collapse`")
+
+
+def test_an_index_past_the_blocks_of_a_model_with_none_removed_says_nothing_of_removals():
+    import slimfx
+    from slimfx.models import tiny
+
+    with pytest.raises(SpecError) as info:
+        slimfx.plan(tiny("llama"), "keep blocks[5]")
+    assert info.value.message == "index 5 is out of range: `blocks` has 2 items (valid -2..1)"
+    assert info.value.hint is None
