@@ -133,12 +133,16 @@ def flag_json(value: Any, depth: int = 0) -> Any:
 
 
 def _flag_value(doc: Any) -> Any:
-    """flag_json's value back (a plain JSON value from artifacts before the tags, as it is)."""
+    """flag_json's value back (a plain JSON value from artifacts before the tags, as it is). A
+    value no save writes (an object that is no tag) is refused: it loaded, and only the next save
+    said so."""
     if isinstance(doc, dict) and len(doc) == 1:
         ((kind, items),) = doc.items()
         if kind in ("tuple", "list") and isinstance(items, list):
             values = [_flag_value(v) for v in items]
             return tuple(values) if kind == "tuple" else values
+    if flag_json(doc) is NOT_JSON:
+        raise ValueError(f"a call flag's value {doc!r} is none that a save writes")
     return doc
 
 

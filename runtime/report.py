@@ -5,10 +5,31 @@ as a rich table for people.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 __all__ = ["RuleReport", "Report", "format_bytes", "counted"]
+
+
+# What each field of a saved report holds, by its annotation: an edited meta.json (`seconds: {}`)
+# loaded, and printing the report then raised a TypeError from its formatting.
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "str | None": (str, type(None)),
+                "dict[str, Any]": (dict,), "tuple[str, ...]": (list,), "tuple[RuleReport, ...]": (list,),
+                "tuple['Report', ...]": (list,)}
+
+
+def _check_fields(cls, d: Any) -> None:
+    if not isinstance(d, dict):
+        raise ValueError(f"a saved {cls.__name__} is a JSON object, not {d!r}")
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        value, kinds = d[f.name], _FIELD_TYPES[f.type]
+        wrong = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+        if not wrong and f.type == "tuple[str, ...]":
+            wrong = not all(isinstance(v, str) for v in value)
+        if wrong:
+            raise ValueError(f"the report's {cls.__name__}.{f.name} is {value!r}, where a save writes {f.type}")
 
 
 @dataclass(frozen=True)
@@ -33,6 +54,7 @@ class RuleReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RuleReport":
+        _check_fields(cls, d)
         return cls(**{**d, "targets": tuple(d.get("targets", ())), "notes": tuple(d.get("notes", ()))})
 
 
@@ -62,6 +84,7 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Report":
+        _check_fields(cls, d)
         return cls(**{**d, "rules": tuple(RuleReport.from_dict(r) for r in d.get("rules", ())),
                       "earlier": tuple(Report.from_dict(r) for r in d.get("earlier", ()))})
 

@@ -113,3 +113,27 @@ def test_cuda_beside_cuda_0_is_one_device(monkeypatch):
         gm, moved = graph(*devices)
         with pytest.raises(artifact.ArtifactError, match="names several devices"):
             artifact._to_named_device(gm)
+
+
+def _set(path):
+    def edit(meta):
+        node = meta
+        for key in path[:-2]:
+            node = node[key]
+        node[path[-2]] = path[-1]
+    return edit
+
+
+@pytest.mark.parametrize("edit, said", [
+    (_set(("report", "seconds", {})), "Report.seconds is {}, where a save writes float"),
+    (_set(("report", "rules", 0, "params_before", None)), "RuleReport.params_before is None, where a save writes int"),
+    (_set(("report", "rules", 0, "params_before", "nan")), "RuleReport.params_before is 'nan'"),
+    (_set(("report", "rules", 0, "notes", [1])), "RuleReport.notes is [1]"),
+    (_set(("report", "earlier", {})), "Report.earlier is {}"),
+    (_set(("call", "flags", "use_cache", {"a": 1})), "a call flag's value {'a': 1} is none that a save writes"),
+])
+def test_a_report_or_flag_of_the_wrong_kind_is_refused_at_load(llama_dir, edit, said):
+    """They loaded: printing the model (its report table) then raised a TypeError from the
+    formatting, and a flag no save writes was refused only by the next save (bad-input audit)."""
+    _edit_meta(llama_dir, edit)
+    refused(llama_dir, said, "meta.json was changed or damaged")
