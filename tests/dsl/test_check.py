@@ -202,6 +202,27 @@ def test_a_policy_of_a_thousand_rules_checks_quickly():
     assert time.perf_counter() - start < 5  # milliseconds now; 35 s before
 
 
+@pytest.mark.parametrize("rules, removal_at", [(["adapt head lora merge=true"] * 600, None),
+                                               (["adapt blocks[1] lora merge=true"] * 300 + ["drop blocks[5]"]
+                                                + ["adapt blocks[1] lora merge=true"] * 300, 300)])
+def test_copies_of_a_rule_that_may_repeat_are_compared_once_each_side_of_a_removal(monkeypatch, rules, removal_at):
+    """Each copy was compared with every earlier one on its selector and found nothing: 6,000
+    copies of `adapt head lora merge=true` took 47 s. Copies alike are compared once, or twice
+    where a removal between them renumbers the blocks (which is what can tell them apart)."""
+    from slimfx.dsl import check
+
+    policy = parse("policy p {\n" + "\n".join(rules) + "\n}\n", check=False).policy("p")
+    pairs = []
+    real = check._pair_problem
+    monkeypatch.setattr(check, "_pair_problem", lambda earlier, later, *a: pairs.append((earlier, later)) or
+                        real(earlier, later, *a))
+    problems = check.check_policy(policy)
+    if removal_at is None:
+        assert problems == [] and len(pairs) == len(rules) - 1
+    else:  # the drop after an adapt is an illegal order, and each later copy meets one or two earlier ones
+        assert [d.line for d in problems] == [removal_at + 2] and len(pairs) <= 2 * len(rules)
+
+
 @pytest.mark.parametrize("rule", ["keep head", "quantize x int8", "tokens after blocks[0] prune"])
 def test_a_rule_written_a_thousand_times_gives_one_problem_per_copy(rule):
     """Every earlier copy clashed with every later one: 499,500 diagnostics, a 78 MB message, 33 s."""
