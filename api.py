@@ -136,12 +136,9 @@ def resolve_policy(policy, name: str | None = None, *,
         if name is not None and name != policy.name:  # it was ignored: the policy given ran
             raise SpecError.at("unknown-policy", f"no policy `{name}`: the Policy given is `{policy.name}`",
                                hint="leave name= out, or pass the Spec that holds the policy you mean")
-        check_spec(A.Spec((policy,)))  # as below
-        return policy, A.Spec((policy,))
-    if isinstance(policy, A.Spec):
-        # a Spec parsed with check=False (or built in code) skipped the checks across rules; the
-        # passes rely on them (`drop` after `quantize` compiled)
-        check_spec(policy)
+        spec = A.Spec((policy,))
+        check_spec(spec)  # as below
+        return policy, spec
     spec = policy if isinstance(policy, A.Spec) else _read_spec(policy)
     if not spec.policies:
         if name is not None:
@@ -149,11 +146,16 @@ def resolve_policy(policy, name: str | None = None, *,
                                filename=spec.filename)
         return None, spec
     try:
-        return spec.policy(name), spec
+        chosen = spec.policy(name)
     except (KeyError, ValueError) as e:
         close = did_you_mean(name, [p.name for p in spec.policies]) if name is not None else None
         raise SpecError.at("unknown-policy", str(e).strip("'\""), source=spec.source, filename=spec.filename,
                            hint=close or (choose if name is None else "use one of the names it lists")) from None
+    if isinstance(policy, A.Spec):
+        # a Spec parsed with check=False (or built in code) skipped the checks across rules, which
+        # the passes rely on (`drop` after `quantize` compiled); the policy that runs is checked
+        check_spec(A.Spec((chosen,), source=spec.source, filename=spec.filename))
+    return chosen, spec
 
 
 def _read_spec(policy) -> A.Spec:

@@ -109,7 +109,7 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
     `model`, `policy`, `example_inputs`, `calib` and `name` are what `slimfx.compile` takes (a
     `slimfx.models` LoadedModel carries its example inputs; a CompiledModel — compiled again, as
     compile() does — needs `example_inputs` here to draw inputs like them, since its graph keeps
-    only their shapes). Hypothesis draws batch sizes (1 to `max_batch`), sequence lengths (1 to
+    only their shapes). Hypothesis draws batch sizes (1 to `max_batch`, at most 1,024), sequence lengths (1 to
     `max_seq`, within what the compiled graph and the original model take: a length the original
     refuses, past its position table, is never drawn; by default 32, or 8 past the model's sliding
     window where that is at most 248 tokens — a longer window is warned about, since 32 never

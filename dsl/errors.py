@@ -131,8 +131,8 @@ class SpecError(ValueError):
             # 20,000 copies of one rule printed 80,000 lines; the first few say what to fix
             kinds = collections.Counter(d.kind for d in rest)
             shown.append(f"{self.filename}: … and {len(rest):,} more not shown "
-                         f"({', '.join(f'{n:,} {kind}' for kind, n in kinds.most_common())}): fix these "
-                         "and run it again")
+                         f"({', '.join(f'{n:,} {kind}' for kind, n in kinds.most_common())}): fix the problems "
+                         "above and run it again to see the rest")
         return "\n".join(shown)
 
 

@@ -89,8 +89,9 @@ def _parse_source(source: str, filename: str, check: bool, start: str) -> A.Spec
 
 def parse_file(path, *, check: bool = True) -> A.Spec:
     """parse() the file at `path`; an unreadable file is a SpecError too."""
-    if not isinstance(path, (str, os.PathLike)):  # an int is a file descriptor to open(): 0 read stdin
-        raise TypeError(f"parse_file takes a path (a str or os.PathLike), not the {type(path).__name__} {path!r}")
+    if not isinstance(path, (str, bytes, os.PathLike)):  # an int is a file descriptor to open(): 0 read stdin
+        raise TypeError(f"parse_file takes a path (a str, bytes or os.PathLike), not the {type(path).__name__} "
+                        f"{path!r}")
     try:
         with open(path, "rb") as f:
             data = f.read()

@@ -66,7 +66,7 @@ class ParamSpec:
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a name or a quoted string"}
 
 
-_FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _fraction_open(v):  # (0, 1)
@@ -145,7 +145,7 @@ SCHEMAS: dict[str, dict[str, ParamSpec]] = {
         ParamSpec("rank", int, 8, "adapter rank r", lambda v: v >= 1, "an integer ≥ 1"),
         # at most float32's largest: the scale α/r is a float32 factor, and an infinite one times
         # B's starting zeros made every output NaN (alpha=1e308 compiled without a word)
-        ParamSpec("alpha", float, 16.0, "scale α (the update is α/r · B·A)", lambda v: 0 < v <= _FLOAT32_MAX,
+        ParamSpec("alpha", float, 16.0, "scale α (the update is α/r · B·A)", lambda v: 0 < v <= FLOAT32_MAX,
                   "a number > 0 and at most 3.4e38 (float32's largest)"),
         ParamSpec("dropout", float, 0.0, "dropout on the adapter input", lambda v: 0 <= v < 1, "a number in [0, 1)"),
         ParamSpec("init", str, "kaiming", "initialisation: A kaiming-uniform or gaussian with B zero (the outputs "

@@ -87,7 +87,8 @@ def _earlier_cause(expected, words, source, line, column):
 def _valueless_param(got, expected, source, line, column):
     """`rank alpha=16`, `prune keep score=norm`, `auto(ratio, count=2)`: a parameter of the rule
     followed by the next one (or a `,`, `)` or `}`) without its value. Lark stops at what follows
-    ("expected `=`, got `alpha`"); the caret goes under the parameter that lacks it."""
+    ("expected `=`, got `alpha`"); the caret goes under the parameter that lacks it (a parameter
+    last on its line is _missing_part's, the caret after it)."""
     if expected != {"EQUAL"} or not (_WORD.fullmatch(got or "") or got in (",", ")", "}")):
         return None
     text = _line(source, line)
@@ -95,7 +96,11 @@ def _valueless_param(got, expected, source, line, column):
     if not before or before.group(1) not in _own_params(text, column):
         return None
     name = before.group(1)
-    return ("missing-value", f"`{name}` has no value", f"write `{name}=<value>`", name, before.start(1) + 1)
+    return (*_no_value(name), name, before.start(1) + 1)
+
+
+def _no_value(name: str) -> tuple[str, str, str]:
+    return "missing-value", f"`{name}` has no value", f"write `{name}=<value>`"
 
 
 def _after_tokens(text: str, second: re.Match, column: int):
@@ -186,7 +191,7 @@ def _missing_part(e, expected, words, source, line, column):
         return None
     before = _previous_word(source, line, column)
     if before and (wanted == {"EQUAL"} or text[: column - 1].rstrip().endswith("=")):
-        return ("missing-value", f"`{before}` has no value", f"write `{before}=<value>`", "", column)
+        return (*_no_value(before), "", column)
     lines = source_lines(source)
     following = _WORD.match(lines[line].lstrip()) if line < len(lines) and not closes_policy else None
     wrapped = following is not None and any(following.group() in words.get(t, ()) for t in wanted)
@@ -303,17 +308,24 @@ def _rule_start(text: str, column: int) -> int:
 
 
 def _own_params(text: str, column: int) -> set[str]:
-    """The parameters of the rule holding `column`: `keep` is one of `tokens after … prune`'s
-    as well as a rule of its own."""
+    """The parameters the rule holding `column` takes there: inside its `auto(…)` the search's,
+    inside a `choose { … }` a format choice's, elsewhere the rule's own (`keep` is one of
+    `tokens after … prune`'s as well as a rule of its own). Where the word sits counts: `drop
+    blocks auto(count=2) ratio` was told "`ratio` has no value", and `ratio=0.5` there is refused."""
     keyword = _rule_keyword(text, column)
-    words = set(_WORD.findall(text[_rule_start(text, column): column - 1]))
+    before = text[_rule_start(text, column): column - 1]
+    opened = max(before.rfind("auto("), before.rfind("auto ("))
+    if opened >= 0 and ")" not in before[opened:]:
+        return set(SCHEMAS.get(f"{keyword}.auto", {}))
+    chosen = before.rfind("choose")
+    if keyword == "precision" and chosen >= 0 and "{" in before[chosen:] and "}" not in before[chosen:]:
+        return set(SCHEMAS["choice"])
+    words = set(_WORD.findall(before))
     names: set[str] = set()
     for key, schema in SCHEMAS.items():
         base, _, form = key.partition(".")
-        if base == keyword and (not form or form in words):
+        if base == keyword and form != "auto" and (not form or form in words):
             names |= set(schema)
-    if keyword == "precision":  # its format choices' own (`choose { int4 group=32 }`)
-        names |= set(SCHEMAS["choice"])
     return names
 
 

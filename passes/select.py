@@ -11,6 +11,7 @@ from typing import Iterable
 
 from ..dsl.ast import Alternatives, GlobStar, Item, Name, Path, Segment, Selector, Slice, Star
 from ..dsl.errors import SpecError, did_you_mean
+from ..runtime.report import counted
 from . import roles
 from .graph import Block, ModelGraph, Target
 
@@ -123,9 +124,12 @@ class _Resolver:
         n = len(items)
         if isinstance(index, Item):
             if not -n <= index.index < n:
-                raise self._error(f"index {index.index} is out of range: `{label}` has {_items(n)} "
-                                  f"(valid {-n}..{n - 1}){self._after_removals(label, n)}",
-                                  hint=self._renumbered_hint(label))
+                # blamed on the removals above only where the model had that index before them
+                whole = n + self._removed_before(label)
+                removals = self._removed_before(label) and -whole <= index.index < whole
+                raise self._error(f"index {index.index} is out of range: `{label}` has {counted(n, 'item')} "
+                                  f"(valid {-n}..{n - 1}){self._after_removals(label, n) if removals else ''}",
+                                  hint=self._renumbered_hint(label) if removals else None)
             return [items[index.index]]
         if index.step == 0:
             raise self._error(f"slice step of `{label}` cannot be zero")
@@ -134,14 +138,16 @@ class _Resolver:
             # Python would clamp it: `drop blocks[20:28]` written for a deeper model removed fewer
             # blocks than it says, silently
             whole = f"{label}[{_slice_text(replace(index, **{outside[0]: None}))}]"
+            removals = self._removed_before(label) and _outside(index, n + self._removed_before(label)) is None
             raise self._error(f"slice [{_slice_text(index)}] of `{label}` reaches outside it: its {outside[0]} "
-                              f"{outside[1]} is past the {_items(n)} `{label}` has (bounds {outside[2]})"
-                              f"{self._after_removals(label, n)}; a slice is not cut short to fit",
-                              hint=self._renumbered_hint(label) or f"write the bound that exists, e.g. `{whole}`")
+                              f"{outside[1]} is past the {counted(n, 'item')} `{label}` has (bounds {outside[2]})"
+                              f"{self._after_removals(label, n) if removals else ''}; a slice is not cut short to fit",
+                              hint=(self._renumbered_hint(label) if removals else None)
+                              or f"write the bound that exists, e.g. `{whole}`")
         picked = items[index.start:index.stop:index.step]
         if not picked:
-            raise self._error(f"slice [{_slice_text(index)}] of `{label}` is empty: it has {n} "
-                              f"items (valid indices {-n}..{n - 1})")
+            raise self._error(f"slice [{_slice_text(index)}] of `{label}` is empty: it has {counted(n, 'item')} "
+                              f"(valid indices {-n}..{n - 1})")
         return picked
 
     # ---- the name tree ----
@@ -301,7 +307,7 @@ class _Resolver:
     def _renumbered_hint(self, label: str) -> str | None:
         if not self._removed_before(label):
             return None
-        return ("blocks are renumbered after a `drop` or `collapse`: `blocks[i]` below it is the i-th remaining "
+        return (f"blocks are renumbered after a `drop` or `collapse`: `{label}[i]` below it is the i-th remaining "
                 "block; write its index among those, or put this rule above the removal")
 
     def _error(self, message: str, hint: str | None = None) -> SpecError:
@@ -316,10 +322,6 @@ class _Resolver:
 
 
 # ---- small helpers ---------------------------------------------------------------------------
-
-
-def _items(n: int) -> str:
-    return f"{n} item" if n == 1 else f"{n} items"
 
 
 def format_path(path: Path) -> str:

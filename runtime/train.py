@@ -110,14 +110,7 @@ def train(cm, batches, *, steps: int, lr: float | None = None, loss: str = "lm",
                 bars.task(f"training adapters ({loss})", total=steps) as step:
             for i, batch in zip(range(steps), batches):
                 scale(lr_factor(schedule, i, steps))
-                try:
-                    value = _step(cm, batch, opt, loss, teacher, i)
-                except RuntimeError as e:
-                    # lr=1e39: AdamW's step size lr/(1−β₁ᵗ) has no float32 value, and torch says
-                    # "value cannot be converted to type float without overflow" mid-update
-                    if "overflow" not in str(e):
-                        raise
-                    raise Diverged(f"step {i + 1}'s update overflows float32 ({e})", updated=True) from None
+                value = _step(cm, batch, opt, loss, teacher, i)
                 losses.append(value)
                 step(note=f"loss {value:#.4g}")
             # A step's loss is checked before its update; the last update has no step after it, so
@@ -346,7 +339,14 @@ def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
     if i == 0 and loss == "distill" and value.item() == 0.0:  # before any update: the adapters stay as they are
         raise NothingToDistil(_NOTHING_TO_DISTIL)
     value.backward()
-    opt.step()
+    try:
+        opt.step()
+    except RuntimeError as e:
+        # lr=1e39: AdamW's step size lr/(1−β₁ᵗ) has no float32 value, and torch says "value cannot
+        # be converted to type float without overflow" mid-update (the adapters are put back)
+        if "overflow" not in str(e):
+            raise
+        raise Diverged(f"step {i + 1}'s update overflows float32 ({e})", updated=True) from None
     return value.item()
 
 

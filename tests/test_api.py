@@ -309,6 +309,16 @@ def test_a_spec_parsed_without_its_checks_is_checked_before_compiling(as_policy)
     assert info.value.kind == "illegal-order" and info.value.line == 3
 
 
+def test_of_a_spec_parsed_without_its_checks_only_the_policy_that_runs_is_checked():
+    """The whole Spec was checked: a problem in another policy refused the one asked for."""
+    text = "policy p {\n    quantize head int8\n    drop blocks[0]\n}\npolicy ok {\n    quantize head int8\n}\n"
+    spec = slimfx.parse(text, check=False, filename="two.slim")
+    assert slimfx.plan(tiny("llama"), spec, name="ok").policy.name == "ok"
+    with pytest.raises(SpecError, match="`drop` after `quantize`") as info:
+        slimfx.plan(tiny("llama"), spec, name="p")
+    assert str(info.value).startswith("two.slim:3:5: error[illegal-order]") and "drop blocks[0]" in str(info.value)
+
+
 def test_a_model_that_is_not_a_module_is_named():
     """compile("llama", …, example_inputs=…) was an AttributeError: 'str' object has no attribute 'forward'."""
     with pytest.raises(TypeError, match=r"not the str 'llama': load it first, e.g. slimfx.models.load\('llama'\)"):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ...dsl.errors import SpecError
+from ...dsl.schema import FLOAT32_MAX
 from ...runtime.adapters import Adapter
 from ...runtime.peft_format import CONFIG, PICKLED, WEIGHTS, adapter_directory, pattern_value, split_key
 from ..bind import BoundRule
@@ -274,9 +275,11 @@ def _ranks_alphas(config: dict, paths: list[str], errors: _Errors) -> tuple[dict
         if isinstance(r_p, bool) or float(r_p) != ranks[path] or ranks[path] < 1:
             raise errors("out-of-range", f"r={r_p!r} for {path} in {errors.directory / CONFIG} is not an integer ≥ 1",
                          hint="mend r / rank_pattern in the file, or save the adapter again with PEFT")
-        if isinstance(a_p, bool) or not math.isfinite(alphas[path]) or alphas[path] <= 0:
+        # at most float32's largest, as the policy's alpha=: the scale alpha/r is a float32 factor
+        if isinstance(a_p, bool) or not math.isfinite(alphas[path]) or not 0 < alphas[path] <= FLOAT32_MAX:
             raise errors("out-of-range", f"lora_alpha={a_p!r} for {path} in {errors.directory / CONFIG} is not a "
-                         "finite number > 0", hint="mend lora_alpha / alpha_pattern in the file")
+                         "number > 0 and at most 3.4e38 (float32's largest)",
+                         hint="mend lora_alpha / alpha_pattern in the file")
     return ranks, alphas
 
 

@@ -316,7 +316,7 @@ def test_past_fifty_problems_the_rest_are_counted_not_printed():
     assert len(err.diagnostics) == 121 and MAX_RENDERED == 50
     rendered = str(err)
     assert rendered.count("error[duplicate]") == 50 and "dup.slim:52:5" in rendered and "dup.slim:53:5" not in rendered
-    assert rendered.endswith("dup.slim: … and 71 more not shown (69 duplicate, 2 illegal-order): fix these and "
-                             "run it again")
+    assert rendered.endswith("dup.slim: … and 71 more not shown (69 duplicate, 2 illegal-order): fix the problems "
+                             "above and run it again to see the rest")
     few = SpecError(err.diagnostics[:MAX_RENDERED], text, "dup.slim")
     assert "not shown" not in str(few) and str(few).count("error[duplicate]") == 50

@@ -223,5 +223,12 @@ def test_parse_file_takes_a_path_not_a_file_descriptor(path):
     with a TypeError from inside the no-file message."""
     from slimfx import parse_file
 
-    with pytest.raises(TypeError, match=r"parse_file takes a path \(a str or os.PathLike\), not the"):
+    with pytest.raises(TypeError, match=r"parse_file takes a path \(a str, bytes or os.PathLike\), not the"):
         parse_file(path)
+
+
+def test_parse_file_takes_a_path_in_bytes(tmp_path):
+    from slimfx import parse_file
+
+    (tmp_path / "p.slim").write_text("policy p {\n    keep head\n}\n")
+    assert parse_file(bytes(tmp_path / "p.slim")).policy("p").name == "p"

@@ -327,8 +327,8 @@ def test_a_top_level_sequential_says_how_to_select_its_numbered_children():
      "index 1 is out of range: `blocks` has 1 item (valid -1..0); the rules above removed 1 of the model's 2 blocks"),
     ("drop blocks auto(count=1)\nkeep blocks[1]",
      "index 1 is out of range: `blocks` has 1 item (valid -1..0); the rules above removed 1 of the model's 2 blocks"),
-    ("drop blocks[0]\nquantize blocks[0:3].attn.q int8",
-     "its stop 3 is past the 1 item `blocks` has (bounds -1..1); the rules above removed 1 of the model's 2 blocks"),
+    ("drop blocks[0]\nquantize blocks[0:2].attn.q int8",
+     "its stop 2 is past the 1 item `blocks` has (bounds -1..1); the rules above removed 1 of the model's 2 blocks"),
 ])
 def test_an_index_past_the_blocks_a_removal_left_says_the_rules_above_renumbered_them(rules, said):
     """It said "`blocks` has 1 items (valid -1..0)" on a model of two blocks, with no word of the
@@ -342,11 +342,18 @@ def test_an_index_past_the_blocks_a_removal_left_says_the_rules_above_renumbered
     assert info.value.hint.startswith("blocks are renumbered after a `drop` or `collapse`")
 
 
-def test_an_index_past_the_blocks_of_a_model_with_none_removed_says_nothing_of_removals():
+@pytest.mark.parametrize("rules, said", [
+    ("keep blocks[5]", "index 5 is out of range: `blocks` has 2 items (valid -2..1)"),
+    # past the model's own two blocks too: moving the rule above the removal would not help
+    ("drop blocks[0]\nkeep blocks[7]", "index 7 is out of range: `blocks` has 1 item (valid -1..0)"),
+    ("drop blocks[0]\nkeep blocks[0:5]", "slice [0:5] of `blocks` reaches outside it: its stop 5 is past the 1 item "
+                                         "`blocks` has (bounds -1..1); a slice is not cut short to fit"),
+])
+def test_an_index_the_model_never_had_says_nothing_of_removals(rules, said):
     import slimfx
     from slimfx.models import tiny
 
     with pytest.raises(SpecError) as info:
-        slimfx.plan(tiny("llama"), "keep blocks[5]")
-    assert info.value.message == "index 5 is out of range: `blocks` has 2 items (valid -2..1)"
-    assert info.value.hint is None
+        slimfx.plan(tiny("llama"), rules)
+    assert info.value.message == said
+    assert info.value.hint is None or "renumbered" not in info.value.hint

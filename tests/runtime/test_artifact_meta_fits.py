@@ -137,3 +137,14 @@ def test_a_report_or_flag_of_the_wrong_kind_is_refused_at_load(llama_dir, edit, 
     formatting, and a flag no save writes was refused only by the next save (bad-input audit)."""
     _edit_meta(llama_dir, edit)
     refused(llama_dir, said, "meta.json was changed or damaged")
+
+
+def test_every_report_field_has_the_kind_a_save_writes():
+    """The load's check reads each field's annotation; a field added without one in the table
+    would fail every load as "meta.json was changed or damaged"."""
+    import dataclasses
+
+    from slimfx.runtime.report import _FIELD_TYPES, Report, RuleReport
+
+    for cls in (Report, RuleReport):
+        assert {f.type for f in dataclasses.fields(cls)} <= set(_FIELD_TYPES), cls

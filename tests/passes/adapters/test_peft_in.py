@@ -234,11 +234,12 @@ def test_a_dropout_that_is_no_probability_is_refused(damaged, dropout):
     _refused(damaged, "out-of-range", "lora_dropout", "[0, 1)", "dropout=P")
 
 
-@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 0, -8, True])
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 0, -8, True, 1e39])
 def test_a_lora_alpha_the_policy_would_refuse_is_refused(damaged, alpha):
-    """Unchecked, lora_alpha NaN compiled and every output of the model was NaN."""
+    """Unchecked, lora_alpha NaN compiled and every output of the model was NaN; so did 1e39, whose
+    alpha/r has no float32 value."""
     _edit_config(damaged, lora_alpha=alpha)
-    _refused(damaged, "out-of-range", "lora_alpha=", "not a finite number > 0", "mend lora_alpha")
+    _refused(damaged, "out-of-range", "lora_alpha=", "not a number > 0 and at most 3.4e38", "mend lora_alpha")
 
 
 @pytest.mark.parametrize("changes", [{"r": 4.5}, {"rank_pattern": {"v_proj": 0}}])
