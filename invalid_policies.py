@@ -17,7 +17,8 @@ go together, something written twice, a rule in an order that cannot work. `kind
 kind (dsl/errors.py, ERROR_KINDS) and `line` the 1-based line that `slimfx.dsl.parse(text)`
 reports for it: every diagnostic it raises has that kind, and one of them points at that line
 (tests/test_invalid_policies.py checks both on every draw). Where the drawn policy has no rule to
-edit, a small policy is added to the text for the edit. An edit that the text around it makes
+edit, a small policy is added to the text for the edit. `bare=True` edits a `bare_rules()` draw
+(rules alone, as `compile(model, text)` takes them) the same way. An edit that the text around it makes
 valid after all (a misspelling that is another keyword) is redrawn, named as a hypothesis event.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .dsl.errors import SpecError
 from .dsl.parser import lark_parser, parse
 from .dsl.printer import format_value
 from .dsl.schema import FORMATS, INT_FORMATS, INT_ONLY_PARAMS, SCHEMAS, ParamSpec
-from .testing import _apply, _key, _names, _offsets, _reserved, policies
+from .testing import _apply, _key, _names, _offsets, _reserved, bare_rules, policies
 
 __all__ = ["invalid_policies", "InvalidPolicy", "MISTAKE_KINDS"]
 
@@ -259,29 +260,39 @@ _MISTAKES = {
 MISTAKE_KINDS = tuple(_MISTAKES)
 
 
+# Bare rules are edited inside this wrapper (the edits find their rules in a policy), then unwrapped.
+_WRAP = ("policy bare {\n", "\n}\n")
+
+
 @st.composite
-def _invalid(draw, kinds: tuple[str, ...]) -> InvalidPolicy:
+def _invalid(draw, kinds: tuple[str, ...], bare: bool) -> InvalidPolicy:
     kind = draw(st.sampled_from(kinds))
     mistake, fallback = _MISTAKES[kind]
-    text = draw(policies())
+    body = draw(bare_rules()) if bare else ""
+    text = f"{_WRAP[0]}{body}{_WRAP[1]}" if bare else draw(policies())
     tree = lark_parser().parse(text)
     found = mistake(draw, text, tree)
-    if found is None:  # nothing in the draw to edit: a policy of one rule is added for it
-        text = _with_rule(text, tree, fallback)
+    if found is None:  # nothing in the draw to edit: a rule (in a policy of its own) is added for it
+        text = f"{_WRAP[0]}{body.rstrip(' ')}\n{fallback}{_WRAP[1]}" if bare else _with_rule(text, tree, fallback)
         tree = lark_parser().parse(text)
         found = mistake(draw, text, tree)
     edits, line = found
     bad = _apply(text, edits)
+    if bare:  # no edit touches the wrapper: the one policy's name is never renamed, nothing follows `}`
+        assert bad.startswith(_WRAP[0]) and bad.endswith(_WRAP[1]), bad
+        bad, line = bad[len(_WRAP[0]):-len(_WRAP[1])], line - 1
     try:
-        parse(bad)
+        parse(bad, bare=bare)
     except SpecError:
         return InvalidPolicy(bad, kind, line)
     event(f"invalid_policies(): redrawn, {kind} accepted")  # e.g. a misspelling that is another name
     assume(False)
 
 
-def invalid_policies(kinds=None) -> st.SearchStrategy[InvalidPolicy]:
-    """InvalidPolicy draws (text, kind, line) of the given error kinds (all of MISTAKE_KINDS by default)."""
+def invalid_policies(kinds=None, *, bare: bool = False) -> st.SearchStrategy[InvalidPolicy]:
+    """InvalidPolicy draws (text, kind, line) of the given error kinds (all of MISTAKE_KINDS by
+    default). With bare=True the text is rules alone, as `compile(model, text)` and
+    `parse(text, bare=True)` take them (a `bare_rules()` draw with the mistake in it)."""
     if isinstance(kinds, str):
         kinds = (kinds,)
     kinds = MISTAKE_KINDS if kinds is None else tuple(kinds)
@@ -289,4 +300,6 @@ def invalid_policies(kinds=None) -> st.SearchStrategy[InvalidPolicy]:
     if unknown or not kinds:
         raise ValueError(f"invalid_policies(kinds=...) draws the kinds {', '.join(MISTAKE_KINDS)}; "
                          f"got {', '.join(map(repr, unknown)) or 'none'}")
-    return _invalid(kinds)
+    if not isinstance(bare, bool):
+        raise TypeError(f"invalid_policies(bare=...) is True or False, not {bare!r}")
+    return _invalid(kinds, bare)

@@ -30,6 +30,45 @@ def test_each_mistake_is_reported_as_its_kind_alone_at_its_line(kind):
     check()
 
 
+def test_bare_rules_with_a_mistake_are_reported_as_its_kind_alone_at_its_line():
+    """bare=True: rules alone, as compile(model, text) takes them; lines are the rules' own."""
+    kinds = set()
+
+    @settings(max_examples=120)
+    @given(invalid_policies(bare=True))
+    def check(bad):
+        assert "policy bare {" not in bad.text  # the wrapper the edits were made in is gone
+        found = _diagnostics_bare(bad.text)
+        assert {d.kind for d in found} == {bad.kind}, [(d.kind, d.line, d.message) for d in found]
+        assert bad.line in {d.line for d in found}, [(d.kind, d.line, d.message) for d in found]
+        kinds.add(bad.kind)
+
+    check()
+    assert kinds == set(MISTAKE_KINDS)
+
+
+@pytest.mark.parametrize("kind", MISTAKE_KINDS)
+def test_bare_rules_with_no_rule_to_edit_get_one_for_the_mistake(monkeypatch, kind):
+    import slimfx.invalid_policies as module
+
+    monkeypatch.setattr(module, "bare_rules", lambda: st.just("# only a comment"))
+
+    @settings(max_examples=10, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(invalid_policies(kinds=kind, bare=True))
+    def check(bad):
+        assert bad.text.startswith("# only a comment\n")
+        found = _diagnostics_bare(bad.text)
+        assert {d.kind for d in found} == {kind} and bad.line in {d.line for d in found}
+
+    check()
+
+
+def _diagnostics_bare(text: str) -> list:
+    with pytest.raises(SpecError) as info:
+        parse(text, bare=True)
+    return info.value.diagnostics
+
+
 def test_every_kind_is_drawn_by_default_and_all_are_error_kinds():
     seen = set()
 
@@ -69,7 +108,7 @@ def test_an_edit_the_text_makes_valid_is_redrawn_and_named(monkeypatch):
 
     named = []
     monkeypatch.setattr(module, "event", named.append)
-    monkeypatch.setattr(module, "parse", lambda text: None)  # every edit accepted
+    monkeypatch.setattr(module, "parse", lambda text, **options: None)  # every edit accepted
     monkeypatch.setattr(module, "policies", lambda: st.just("policy p {\n    adapt x lora rank=8\n}\n"))
 
     @settings(max_examples=1, database=None, suppress_health_check=list(HealthCheck), phases=[Phase.generate])
@@ -108,6 +147,8 @@ def test_kinds_it_cannot_draw_are_refused_with_the_ones_it_can(kinds, message):
     with pytest.raises(ValueError, match=message) as info:
         invalid_policies(kinds=kinds)
     assert "syntax, unknown-keyword" in str(info.value)
+    with pytest.raises(TypeError, match="bare=.... is True or False"):
+        invalid_policies(bare="yes")
 
 
 def test_it_is_a_frozen_record_of_text_kind_and_line():
