@@ -124,12 +124,9 @@ class _Resolver:
         n = len(items)
         if isinstance(index, Item):
             if not -n <= index.index < n:
-                # blamed on the removals above only where the model had that index before them
-                whole = n + self._removed_before(label)
-                removals = self._removed_before(label) and -whole <= index.index < whole
+                said, hint = self._removals(label, n, lambda whole: -whole <= index.index < whole)
                 raise self._error(f"index {index.index} is out of range: `{label}` has {counted(n, 'item')} "
-                                  f"(valid {-n}..{n - 1}){self._after_removals(label, n) if removals else ''}",
-                                  hint=self._renumbered_hint(label) if removals else None)
+                                  f"(valid {-n}..{n - 1}){said}", hint=hint)
             return [items[index.index]]
         if index.step == 0:
             raise self._error(f"slice step of `{label}` cannot be zero")
@@ -138,12 +135,11 @@ class _Resolver:
             # Python would clamp it: `drop blocks[20:28]` written for a deeper model removed fewer
             # blocks than it says, silently
             whole = f"{label}[{_slice_text(replace(index, **{outside[0]: None}))}]"
-            removals = self._removed_before(label) and _outside(index, n + self._removed_before(label)) is None
+            said, hint = self._removals(label, n, lambda whole_count: _outside(index, whole_count) is None)
             raise self._error(f"slice [{_slice_text(index)}] of `{label}` reaches outside it: its {outside[0]} "
                               f"{outside[1]} is past the {counted(n, 'item')} `{label}` has (bounds {outside[2]})"
-                              f"{self._after_removals(label, n) if removals else ''}; a slice is not cut short to fit",
-                              hint=(self._renumbered_hint(label) if removals else None)
-                              or f"write the bound that exists, e.g. `{whole}`")
+                              f"{said}; a slice is not cut short to fit",
+                              hint=hint or f"write the bound that exists, e.g. `{whole}`")
         picked = items[index.start:index.stop:index.step]
         if not picked:
             raise self._error(f"slice [{_slice_text(index)}] of `{label}` is empty: it has {counted(n, 'item')} "
@@ -295,19 +291,16 @@ class _Resolver:
             f"{self.g.model_class} has no repeated blocks: no ModuleList of structurally "
             "identical modules holds the compute", hint="select modules by their paths")
 
-    def _removed_before(self, label: str) -> int:
-        """Blocks the rules above removed, where `label` names the blocks."""
+    def _removals(self, label: str, left: int, fits) -> tuple[str, str | None]:
+        """(what the message adds, the hint) for an index past the `left` blocks of `label`: the
+        rules above that removed blocks and renumbered the rest are named where `label` names the
+        blocks and the model had that index before them (`fits(count)`), else nothing."""
         names_blocks = label == "blocks" or (label and label == self.g.blocks_path)
-        return getattr(self.g, "removed_count", 0) if names_blocks else 0
-
-    def _after_removals(self, label: str, left: int) -> str:
-        removed = self._removed_before(label)
-        return f"; the rules above removed {removed} of the model's {removed + left} blocks" if removed else ""
-
-    def _renumbered_hint(self, label: str) -> str | None:
-        if not self._removed_before(label):
-            return None
-        return (f"blocks are renumbered after a `drop` or `collapse`: `{label}[i]` below it is the i-th remaining "
+        removed = getattr(self.g, "removed_count", 0) if names_blocks else 0
+        if not removed or not fits(removed + left):
+            return "", None
+        return (f"; the rules above removed {removed} of the model's {removed + left} blocks",
+                f"blocks are renumbered after a `drop` or `collapse`: `{label}[i]` below it is the i-th remaining "
                 "block; write its index among those, or put this rule above the removal")
 
     def _error(self, message: str, hint: str | None = None) -> SpecError:
