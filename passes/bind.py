@@ -18,7 +18,7 @@ from ..dsl.errors import Diagnostic, SpecError
 from ..dsl.printer import format_rule
 from ..runtime.adapters import adapters_of
 from ..runtime.peft_format import adapter_directory
-from ..runtime.train import lm_loss_problem
+from ..runtime.losses import lm_loss_problem
 from .block_reads import removal_problem, step_left_last, token_step_in
 from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
 from .blocks_view import without_blocks

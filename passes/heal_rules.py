@@ -7,7 +7,7 @@ import torch
 from torch import fx
 
 from ..dsl import ast as A
-from ..runtime.train import lm_loss_problem
+from ..runtime.losses import lm_loss_problem
 from .cut_gaps import gap_edges, heal_neighbours
 from .graph import Block, ModelGraph
 from .rewrite import find_sites, shared_outside

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .losses import distill_loss, lm_loss
 from .lower import unlowered
 from .progress import Progress
 
-__all__ = ["Diverged", "train", "TrainResult", "LOSSES", "SCHEDULES", "lm_loss", "lm_loss_problem", "float32_masters", "module_mode",
+__all__ = ["Diverged", "train", "TrainResult", "LOSSES", "SCHEDULES", "float32_masters", "module_mode",
            "lr_factor"]
 
 LOSSES = ("lm", "distill")
@@ -350,12 +350,12 @@ def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
     return value.item()
 
 
-# ---------------------------------------------------------------- losses
+# ---------------------------------------------------------------- the loss of one step
 
 def _loss(cm, batch: dict, loss: str, teacher) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = cm(**{**_flags_set_away(cm), **inputs})
-    return lm_loss(out, batch) if loss == "lm" else _distill_loss(out, teacher, inputs)
+    return lm_loss(out, batch) if loss == "lm" else distill_loss(out, teacher, inputs)
 
 
 def _flags_set_away(cm) -> dict:
@@ -366,91 +366,3 @@ def _flags_set_away(cm) -> dict:
         return {}
     flags = dict(call.flags)
     return {name: flags[name] for name, _ in getattr(call, "declared", ()) if name in flags}
-
-
-def lm_loss_problem(program) -> str | None:
-    """Why loss='lm' cannot score `program`'s outputs, read from its inputs and output structure
-    before any batch runs (`plan` asks: a heal or budget that needs it failed only at compile);
-    None where it can, or where the structure does not say (a registered output class)."""
-    names = sorted(i.name for i in program.inputs)
-    if not {"input_ids", "labels"} & set(names):
-        return f"loss='lm' scores input_ids (or labels), and the model takes {names}"
-    spec = program.outputs.spec
-    keyed = spec.type is dict or any(c.__name__ == "ModelOutput" for c in getattr(spec.type, "__mro__", ()))
-    plain = spec.type in (tuple, list) or spec.is_leaf()
-    if (keyed and "logits" not in list(spec.context or ())) or plain:
-        return "loss='lm' needs a model whose output has logits (a causal LM); this one has none"
-    return None
-
-
-def lm_loss(out, batch: dict) -> torch.Tensor:
-    """Mean next-token cross entropy over the scored tokens (float32, whatever autocast did)."""
-    logits = _logits(out)
-    if logits is None:
-        raise ValueError("loss='lm' needs a model whose output has logits (a causal LM); this one "
-                         "has none: use loss='distill' with the original model as teacher")
-    labels = _labels(batch)
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"loss='lm': logits {tuple(logits.shape)} do not match token ids "
-                         f"{tuple(labels.shape)}; lm loss is for causal LMs over [batch, seq] tokens")
-    targets = labels[:, 1:]
-    if not (targets != -100).any():
-        raise ValueError("loss='lm': the batch has no token to predict (all padding, or one token per row)")
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-
-
-def _labels(batch: dict) -> torch.Tensor:
-    """Token ids to predict (`labels`, else input_ids), -100 where attention_mask is 0 (padding):
-    `labels` copied from padded input_ids, the usual way to write them, scored the pads."""
-    if "labels" not in batch and "input_ids" not in batch:
-        raise ValueError(f"loss='lm' scores input_ids (or labels); the batch has {sorted(batch)}")
-    # int64 whatever the ids are: cross_entropy takes no int32 targets, and the model takes int32 ids
-    labels = batch["labels" if "labels" in batch else "input_ids"].to(torch.long, copy=True)
-    mask = batch.get("attention_mask")
-    if mask is not None and mask.shape == labels.shape:
-        labels[mask == 0] = -100
-    return labels
-
-
-def _distill_loss(out, teacher, inputs: dict) -> torch.Tensor:
-    """KL(teacher ‖ student) per position over the logits, else the MSE of the first output
-    tensor; averaged over the positions attention_mask keeps."""
-    with torch.no_grad():
-        ref = teacher(**inputs)
-    student, target = _logits(out), _logits(ref)
-    if student is not None and target is not None:
-        log_s, log_t = F.log_softmax(student.float(), -1), F.log_softmax(target.float(), -1)
-        per_position = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
-    else:
-        student, target = _first_tensor(out), _first_tensor(ref)
-        if student.shape != target.shape:
-            raise ValueError(f"loss='distill': the student's output {tuple(student.shape)} and the "
-                             f"teacher's {tuple(target.shape)} differ in shape")
-        diff = student.float() - target.float()
-        per_position = diff.pow(2).mean(-1) if diff.dim() > 1 else diff.pow(2)
-    return _masked_mean(per_position, inputs.get("attention_mask"))
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None or mask.shape != values.shape:
-        return values.mean()
-    keep = mask != 0
-    return values[keep].mean() if keep.any() else values.mean()
-
-
-def _logits(out) -> torch.Tensor | None:
-    if isinstance(out, Mapping) or hasattr(out, "keys"):
-        return out["logits"] if "logits" in out.keys() else None
-    logits = getattr(out, "logits", None)
-    return logits if isinstance(logits, torch.Tensor) else None
-
-
-def _first_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    values = list(out.values()) if isinstance(out, Mapping) or hasattr(out, "keys") else (
-        list(out) if isinstance(out, (tuple, list)) else [])
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    raise TypeError(f"loss='distill' found no output tensor in a {type(out).__name__}")

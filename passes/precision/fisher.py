@@ -7,7 +7,7 @@ Fisher at that layer's outputs), assuming the error at an output and the gradien
 independent. Its expectation over calibration tokens is Σ_o F_o (ΔW H ΔWᵀ)_oo with H = E[x xᵀ]:
 `weighted_error` below. F comes from one forward and backward pass per calibration batch of the
 graph as earlier rules left it, with the next-token cross entropy of a causal LM as L
-(runtime/train.py's `lm_loss`); a model without logits is refused at the rule.
+(runtime/losses.py's `lm_loss`); a model without logits is refused at the rule.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from ...runtime.progress import Progress
-from ...runtime.train import lm_loss
+from ...runtime.losses import lm_loss
 from ..calibrate import kept_rows, real_rows
 from ..graph import ModelGraph
 

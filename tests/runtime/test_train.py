@@ -437,23 +437,3 @@ def test_a_loss_that_is_not_finite_before_any_update_does_not_blame_the_lr():
     with pytest.raises(FloatingPointError, match=r"the distill loss is nan at step 1: before any update, so not the "
                                                  r"lr: .*not finite; the adapters are restored"):
         slimfx.train(cm, [batch], steps=2, loss="distill", teacher=NanTeacher())
-
-
-def test_labels_given_with_a_padded_batch_do_not_score_the_padding():
-    """`labels` copied from padded input_ids (the usual way to write them) scored the pads, which
-    the docstring says are ignored: the loss equals the one over input_ids alone."""
-    from slimfx.runtime.train import lm_loss
-
-    lm, cm = fresh("llama", *MIXED)
-    batch = tokens(2, 8, pad=True)
-    assert (batch["attention_mask"] == 0).any()
-    with torch.no_grad():
-        out = cm(**batch)
-    by_ids = lm_loss(out, batch)
-    assert lm_loss(out, dict(batch, labels=batch["input_ids"])) == by_ids
-    # and -100 in the labels stays ignored: the same as masking those positions out
-    labels = batch["input_ids"].clone()
-    labels[0, 3] = -100
-    masked = dict(batch, attention_mask=batch["attention_mask"].clone())
-    masked["attention_mask"][0, 3] = 0
-    assert lm_loss(out, dict(batch, labels=labels)) == lm_loss(out, dict(masked))
