@@ -136,7 +136,7 @@ def resolve_policy(policy, name: str | None = None, *,
         if name is not None and name != policy.name:  # it was ignored: the policy given ran
             raise SpecError.at("unknown-policy", f"no policy `{name}`: the Policy given is `{policy.name}`",
                                hint="leave name= out, or pass the Spec that holds the policy you mean")
-        spec = A.Spec((policy,))
+        spec = A.Spec((policy,), source=policy.source, filename=policy.filename)
         check_spec(spec)  # as below
         return policy, spec
     spec = policy if isinstance(policy, A.Spec) else _read_spec(policy)

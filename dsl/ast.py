@@ -316,6 +316,10 @@ class Policy:
     span: Span = field(default=NO_SPAN, compare=False)
     trivia: Trivia = field(default=NO_TRIVIA, compare=False)
     closing: Trivia = field(default=NO_TRIVIA, compare=False)  # comments before `}`
+    # The text it was parsed from, so that a Policy passed alone (`compile(model, spec.policies[0])`)
+    # still shows its errors' lines with a caret: they printed an empty line under "<policy>:1:21".
+    source: str = field(default="", compare=False, repr=False)
+    filename: str = field(default="<policy>", compare=False, repr=False)
 
 
 @dataclass(frozen=True)

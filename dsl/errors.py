@@ -56,7 +56,7 @@ class Diagnostic:
         where = f"{filename}:{self.line}:{self.column}" if self.line else filename
         out = [f"{where}: error[{self.kind}]: {self.message}"]
         lines = source_lines(source)
-        if 0 < self.line <= len(lines):
+        if source and 0 < self.line <= len(lines):  # no text (a Spec built in code): no empty line and caret
             text, column = _window(_visible(lines[self.line - 1].expandtabs(1)), self.column)
             out.append(f"    {text}")
             # in terminal cells: a wide character ("漢") takes two, and the caret sat left of its place

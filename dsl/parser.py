@@ -7,6 +7,7 @@ dsl/check.py. Whatever it is given, only SpecError comes out.
 from __future__ import annotations
 
 import ast as pyast
+import dataclasses
 import functools
 import os
 import re
@@ -227,6 +228,7 @@ def _to_ast(tree, source: str, filename: str, start: str) -> A.Spec:
         raise _too_deep(source, filename, start) from None
     except RecursionError:
         raise _too_deep(source, filename, start) from None
+    policies = [dataclasses.replace(p, source=source, filename=filename) for p in policies]
     return A.Spec(tuple(policies), source=source, filename=filename)
 
 

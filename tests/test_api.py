@@ -291,6 +291,26 @@ def test_a_policy_object_with_another_name_is_refused():
     assert slimfx.plan(tiny("llama"), policy, name="a").policy.name == "a"
 
 
+def test_a_policy_passed_alone_shows_its_errors_in_its_own_text(tmp_path):
+    """The Policy kept no text: its errors printed `<policy>:3:14` over an empty line and a caret
+    at nothing, whatever file it was parsed from."""
+    path = tmp_path / "edge.slim"
+    path.write_text("policy a {\n    keep head\n    quantize blocks.*.attn.nope int8\n}\n")
+    for policy in (slimfx.parse_file(path).policies[0], slimfx.parse(path.read_text()).policies[0]):
+        with pytest.raises(SpecError, match="matches nothing") as info:
+            slimfx.compile(tiny("llama"), policy)
+        lines = str(info.value).splitlines()
+        assert lines[0].startswith(f"{policy.filename}:3:14: error[selector]")
+        assert lines[1:3] == ["        quantize blocks.*.attn.nope int8", " " * 17 + "^" * 18]
+    assert slimfx.parse_file(path).policies[0].filename == str(path)
+
+
+def test_an_error_without_policy_text_shows_no_empty_line():
+    from slimfx.dsl.errors import Diagnostic
+
+    assert Diagnostic("selector", "matches nothing", 1, 14).render("") == "<policy>:1:14: error[selector]: matches nothing"
+
+
 @pytest.mark.parametrize("name", [3, ["a"]])
 def test_a_name_that_is_no_string_is_a_type_error(name):
     """It was an AttributeError from inside the "did you mean" of the policy names ('int' object
