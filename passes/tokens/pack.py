@@ -137,10 +137,13 @@ class _Packer:
         with self.g.inserting_after(self.start):
             batch = self._call(aten.sym_size.int, (self.start, 0), None)
         with self.g.inserting_after(batch):
-            ones = self._call(aten.new_ones.default, (self.start, [batch, val.shape[1]]), None,
-                              {"dtype": torch.long})
-        self.own += [batch, ones]
-        batch.meta["val"] = val.shape[0]
+            # the length read from `start` too: the example's symbol written into the graph was
+            # defined nowhere (NameError at every call of a model that takes no attention_mask)
+            seq = self._call(aten.sym_size.int, (self.start, 1), None)
+        with self.g.inserting_after(seq):
+            ones = self._call(aten.new_ones.default, (self.start, [batch, seq]), None, {"dtype": torch.long})
+        self.own += [batch, seq, ones]
+        batch.meta["val"], seq.meta["val"] = val.shape[0], val.shape[1]
         ones.meta["val"] = val.new_ones((val.shape[0], val.shape[1]), dtype=torch.long)
         return ones
 
