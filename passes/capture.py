@@ -20,7 +20,7 @@ from . import autocast_regions
 from .capture_cache import (CachedTrace, lookup, portable_key, remember, shared, signature_key, state_key,
                             store)
 from .capture_checks import (check_at_example_sizes, check_names, refuse_nested_tensors,
-                             refuse_opaque_outputs, written_attrs)
+                             refuse_opaque_outputs, refuse_symbolic_outputs, written_attrs)
 from .eval_mode import eval_mode
 from .graph import CallInfo, InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
 from .lent import lend as lend_tensors, own_copies
@@ -179,6 +179,7 @@ def _export(model, names, args, consts, dims) -> CachedTrace:
     if any(t.shape != a.shape for t, a in zip(traced, args)):
         check_at_example_sizes(model, program, names, args, consts)
     refuse_opaque_outputs(model, consts_out)
+    refuse_symbolic_outputs(model, consts_out)
     return CachedTrace(program, _module_table(model), _input_infos(program, names, dims),
                   OutputSpec(spec, tuple(consts_out), tuple(tensor_leaves)), type(model).__name__,
                   _call_info(model, names, consts))

@@ -107,6 +107,20 @@ def refuse_opaque_outputs(model: nn.Module, consts_out) -> None:
                                 "compiling, or return a dict, a tuple or a transformers ModelOutput")
 
 
+def refuse_symbolic_outputs(model: nn.Module, consts_out) -> None:
+    """An output leaf that is a number read from the inputs' sizes (`input_ids.shape[1]`): the
+    graph returns tensors alone, so it was kept as the tracer's symbol, returned as `s70` (its
+    int() the example's length) on every call, and an artifact with it could not be saved."""
+    symbolic = next((c for c in consts_out if isinstance(c, (torch.SymInt, torch.SymFloat, torch.SymBool))), None)
+    if symbolic is not None:
+        kind = {torch.SymInt: "an int", torch.SymFloat: "a float", torch.SymBool: "a bool"}[type(symbolic)]
+        raise SpecError.at("unsupported", f"{type(model).__name__} returns {kind} computed from its inputs' sizes "
+                           "(such as `input_ids.shape[1]`), which the compiled graph cannot return per call: it "
+                           "returns tensors, and this value would stay the example's",
+                           hint="return it as a tensor (`torch.tensor(x.shape[1])`), or leave it out of the output "
+                                "and read it from the inputs")
+
+
 def _holds_tensors(value) -> bool:
     """An output leaf pytree did not open (an unregistered dataclass or object) with tensors in it."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

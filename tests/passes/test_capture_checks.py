@@ -78,6 +78,30 @@ def test_an_example_of_size_one_the_model_branches_on_is_refused():
                               lm.model(**one).logits, atol=1e-5)
 
 
+class _WithLength(nn.Module):
+    def __init__(self, dims: bool = True):
+        super().__init__()
+        self.embed, self.dims = nn.Embedding(50, 8), dims
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        return {"hidden": h, "length": input_ids.shape[1], "half": input_ids.shape[1] / 2} if self.dims else \
+            {"hidden": h, "width": 8}
+
+
+def test_an_output_number_read_from_the_inputs_sizes_is_refused_by_name():
+    """It came back as the tracer's symbol (`s70`, whose int() was the example's length, 5, on a
+    call of length 9) on every call, and the artifact could not be saved."""
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(_WithLength().eval(), "", example_inputs={"input_ids": torch.randint(0, 50, (2, 5))})
+    assert e.value.kind == "unsupported"
+    assert "returns an int computed from its inputs' sizes" in e.value.message and "torch.tensor(" in e.value.hint
+    # a number that is the same on every call stays a constant output
+    cm = slimfx.compile(_WithLength(dims=False).eval(), "", example_inputs={"input_ids": torch.randint(0, 50, (2, 5))})
+    with torch.no_grad():
+        assert cm(torch.randint(0, 50, (1, 9)))["width"] == 8
+
+
 def test_an_example_input_of_a_list_of_tensors_is_refused_by_name():
     """It became a constant of the graph, or (alone) "no tensor among the example inputs"."""
     class Pairwise(nn.Module):
