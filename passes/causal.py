@@ -39,10 +39,13 @@ def is_causal(graph: ModelGraph) -> bool:
 
 
 def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool:
-    ids_info = next((i for i in graph.inputs if i.name == "input_ids"), None)
-    others = [i.name for i in graph.inputs if i.name != "input_ids" and i.name not in FILLABLE]
-    embedding = _embedding_of(graph)
-    if ids_info is None or others or embedding is None or not graph.blocks or graph.blocks[0].output is None:
+    # The token ids are the integer input an embedding table reads, whatever forward calls it:
+    # asked for `input_ids` alone, a decoder taking `tokens` was "not causal", merged, and pruned
+    # away its last position.
+    ids_name, embedding = _token_ids_input(graph)
+    ids_info = next((i for i in graph.inputs if i.name == ids_name), None)
+    others = [i.name for i in graph.inputs if i.name != ids_name and i.name not in FILLABLE]
+    if ids_info is None or embedding is None or others or not graph.blocks or graph.blocks[0].output is None:
         return False  # no token ids to probe with (a ViT's pixels): not a causal language model
     vocab, device = embedding.shape[0], embedding.device
     batch, seq = (s if isinstance(s, int) else d for s, d in zip(ids_info.shape, (_BATCH, _SEQ)))
@@ -52,7 +55,7 @@ def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool:
     changed = ids.clone()
     changed[:, -1] = (ids[:, -1] + 1) % vocab
     rows: list[torch.Tensor] = []
-    batches = [complete_inputs({"input_ids": x.to(device)}, graph.inputs) for x in (ids, changed)]
+    batches = [complete_inputs({ids_name: x.to(device)}, graph.inputs) for x in (ids, changed)]
     observe(graph, {_stream_per_position(graph.blocks[0].output): [lambda r: rows.append(r.float())]}, batches)
     earlier = torch.ones(batch, seq, dtype=torch.bool)
     earlier[:, -1] = False
@@ -72,24 +75,31 @@ def _stream_per_position(out):
     return out
 
 
-def _embedding_of(graph: ModelGraph):
-    """The fake value of the table the input ids index (its rows: the vocabulary), or None."""
+def _token_ids_input(graph: ModelGraph) -> tuple[str | None, object]:
+    """(the name of the integer input an embedding table reads, that table's fake value: its rows
+    are the vocabulary), `input_ids` first where several are, never an input the probe fills in
+    itself; (None, None) where there is none."""
+    found: dict[str, object] = {}
     for n in graph.module.graph.nodes:
-        if n.op == "call_function" and n.target is aten.embedding.default and len(n.args) > 1 \
-                and _from_ids(n.args[1]):
-            return n.args[0].meta.get("val")
-    return None
+        if n.op == "call_function" and n.target is aten.embedding.default and len(n.args) > 1:
+            source = _placeholder_of(n.args[1])
+            val = getattr(source, "meta", {}).get("val")
+            if source is not None and isinstance(val, torch.Tensor) and not val.is_floating_point():
+                found.setdefault(source.name, n.args[0].meta.get("val"))
+    # not token_type_ids or position_ids, which embedding tables read too (BERT)
+    name = "input_ids" if "input_ids" in found else next((k for k in found if k not in FILLABLE), None)
+    return name, found.get(name)
 
 
-def _from_ids(node, depth: int = 4) -> bool:
-    """Is `node` the input ids, or a reshape of them (CLIP views them first)?"""
+def _placeholder_of(node, depth: int = 4):
+    """The input `node` is, or is a reshape of (CLIP views its ids first), else None."""
     for _ in range(depth):
         if getattr(node, "op", None) == "placeholder":
-            return node.name == "input_ids"
+            return node
         if getattr(node, "op", None) != "call_function" or not node.args:
-            return False
+            return None
         node = node.args[0]
-    return False
+    return None
 
 
 def merge_refusal(graph: ModelGraph) -> tuple[str, str] | None:

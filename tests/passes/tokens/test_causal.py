@@ -79,6 +79,39 @@ def test_prune_on_a_bare_decoder_is_the_decoders_prune():
     assert (want - plain).abs().max() > 1e-3  # the prune did something
 
 
+class _Renamed(torch.nn.Module):
+    """A model whose token ids are called `tokens`."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, tokens, attention_mask):
+        return self.inner(input_ids=tokens, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("name", ["bare LlamaModel", "CLIP text", "bert"])
+def test_the_token_ids_are_found_by_what_reads_them_not_by_their_name(name):
+    """Only an input named `input_ids` was probed: a decoder taking `tokens` was not causal, so
+    `merge` compiled on it and `prune` scored it as an encoder and dropped its last position."""
+    example = _ids()
+    renamed = {"tokens": example["input_ids"], "attention_mask": example["attention_mask"]}
+    assert is_causal(capture(_Renamed(MODELS[name]()).eval(), renamed)) == (name != "bert")
+
+
+def test_a_decoder_taking_tokens_prunes_as_one_taking_input_ids():
+    inner = tiny("llama", layers=3).model.model
+    example = _ids(12, seed=3)
+    rule = "tokens after blocks[0] prune keep=0.4 score=attention protect=none restore=true"
+    renamed = {"tokens": example["input_ids"], "attention_mask": example["attention_mask"]}
+    with pytest.raises(SpecError, match="is causal"):
+        slimfx.compile(_Renamed(inner), "tokens after blocks[0] merge ratio=0.25 restore=true", example_inputs=renamed)
+    by_name = slimfx.compile(_Renamed(inner), rule, example_inputs=renamed, calib=[renamed])
+    by_ids = slimfx.compile(inner, rule, example_inputs=example, calib=[example])
+    with torch.no_grad():
+        torch.testing.assert_close(by_name(**renamed).last_hidden_state, by_ids(**example).last_hidden_state)
+
+
 @pytest.mark.parametrize("name, rule", [("bare LlamaModel", "tokens after blocks[0] prune keep=0.5 restore=true"),
                                         ("bert", "tokens after blocks[0] merge ratio=0.5 restore=true")])
 def test_the_probe_of_a_compiled_model_reads_the_stream_before_its_token_step(name, rule):
