@@ -288,7 +288,7 @@ def _calibration(model, calib, graph):
     from .runtime.call_inputs import CallInputs
 
     names = {i.name for i in graph.inputs}
-    batches = calibration_batches(model, calib)
+    batches = calibration_batches(model, calib, ids=_ids_input(graph))
     out, problem = [], None
     for i, batch in enumerate(batches):
         binder = CallInputs(graph, f"compiled {graph.model_class} (calibration batch {i} of {len(batches)})",
@@ -301,6 +301,16 @@ def _calibration(model, calib, graph):
             problem, bound = problem or e, {k: v for k, v in batch.items() if k in names}
         out.append({**bound, **{k: v for k, v in batch.items() if k not in names}})
     return CalibrationBatches(out, problem)
+
+
+def _ids_input(graph) -> str:
+    """The input a bare calibration tensor is: `input_ids`, else forward's first (a bare tensor
+    in example_inputs is that one too). Always `input_ids` was a missing input of a model that
+    calls its ids `tokens`."""
+    names = [i.name for i in graph.inputs]
+    if "input_ids" in names or not names:
+        return "input_ids"
+    return next((p for p in graph.call.positional if p in names), names[0])
 
 
 def _check_backend(backend: str) -> None:

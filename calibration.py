@@ -28,15 +28,16 @@ ACCEPTED = ("a tensor of token ids ([batch, seq] or [seq]), a dict of tensors (o
             "the path of a text file, or a number of tokens of built-in text (an int)")
 
 
-def calibration_batches(model, calib) -> list[dict[str, Any]]:
-    """The batches `calib` stands for (see the module docstring); [] when there are none. Token
+def calibration_batches(model, calib, *, ids: str = "input_ids") -> list[dict[str, Any]]:
+    """The batches `calib` stands for (see the module docstring); [] when there are none. `ids`:
+    the input a bare tensor of token ids is (compile passes the model's own name for it). Token
     ids outside the model's vocabulary, and batches of no tokens, are refused by batch."""
-    batches = _forms(model, calib)
-    _check_ids(model, batches)
+    batches = _forms(model, calib, ids)
+    _check_ids(model, batches, ids)
     return batches
 
 
-def _forms(model, calib) -> list[dict[str, Any]]:
+def _forms(model, calib, ids: str) -> list[dict[str, Any]]:
     if calib is None:
         return _default(model)
     if isinstance(calib, int) and not isinstance(calib, bool):
@@ -44,13 +45,13 @@ def _forms(model, calib) -> list[dict[str, Any]]:
     if isinstance(calib, (str, os.PathLike)):  # one string is a file name; texts come as a list
         return _texts(model, read_paragraphs(calib, hint=TEXTS_HINT))
     if isinstance(calib, torch.Tensor):
-        return [_ids_batch(calib)]
+        return [_ids_batch(calib, ids)]
     if isinstance(calib, Mapping):
         return [_dict_batch(calib, 0)]
     if isinstance(calib, (list, tuple)):
         if calib and all(isinstance(c, str) for c in calib):
             return _texts(model, list(calib))
-        return [_one(c, i) for i, c in enumerate(calib)]
+        return [_one(c, i, ids) for i, c in enumerate(calib)]
     raise TypeError(f"calib must be {ACCEPTED}; got {type(calib).__name__}")
 
 
@@ -75,21 +76,21 @@ def read_paragraphs(path: str | os.PathLike, what: str = "calibration text", hin
     return paragraphs
 
 
-def _one(item, i: int) -> dict[str, Any]:
+def _one(item, i: int, ids: str) -> dict[str, Any]:
     if isinstance(item, torch.Tensor):
-        return _ids_batch(item)
+        return _ids_batch(item, ids)
     if isinstance(item, Mapping):
         return _dict_batch(item, i)
     raise TypeError(f"calib[{i}] is a {type(item).__name__}; a list of calibration batches holds "
                     f"tensors of token ids or dicts of tensors (calib may be {ACCEPTED})")
 
 
-def _ids_batch(ids: torch.Tensor) -> dict[str, Any]:
+def _ids_batch(ids: torch.Tensor, name: str) -> dict[str, Any]:
     # bool (a mask passed in their place) and complex are no ids either: all-True compiled as id 1
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() not in (1, 2):
         raise TypeError(f"a calibration tensor is token ids, [batch, seq] or [seq] integers; got "
                         f"{ids.dtype} {tuple(ids.shape)} (pass a dict to name other inputs)")
-    return {"input_ids": ids.reshape(1, -1) if ids.dim() == 1 else ids}
+    return {name: ids.reshape(1, -1) if ids.dim() == 1 else ids}
 
 
 def _dict_batch(batch: Mapping, i: int) -> dict[str, Any]:
@@ -167,15 +168,15 @@ def _builtin(model, tokens: int) -> list[dict[str, Any]]:
     return _batches(rows, max_tokens=tokens)
 
 
-def _check_ids(model, batches: list[dict[str, Any]]) -> None:
+def _check_ids(model, batches: list[dict[str, Any]], name: str) -> None:
     config = getattr(getattr(model, "model", model), "config", None)
     vocab = getattr(config, "vocab_size", None)
     for i, batch in enumerate(batches):
-        ids = batch.get("input_ids")
+        ids = batch.get(name)
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
             continue
         if ids.numel() == 0:
-            raise ValueError(f"calib batch {i} has input_ids of shape {tuple(ids.shape)}: no tokens to run")
+            raise ValueError(f"calib batch {i} has {name} of shape {tuple(ids.shape)}: no tokens to run")
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or (isinstance(vocab, int) and high >= vocab):
             bad = low if low < 0 else high
@@ -194,7 +195,7 @@ def _encoder(model, what: str):
     encode = getattr(model, "encode", None)
     if encode is None or getattr(model, "tokenizer", None) is None:
         raise TypeError(f"calib as {what} needs a model from slimfx.models.load(...) with a tokenizer; "
-                        "otherwise pass token batches: [{'input_ids': ...}, ...]")
+                        "otherwise pass token ids: a tensor, or a list of dicts of the model's inputs")
     return encode
 
 

@@ -76,6 +76,36 @@ def test_a_tensor_or_a_mask_less_batch_calibrates_a_compile(llama):
     assert a.report.rules[0].details["calib_tokens"] == 18 == b.report.rules[0].details["calib_tokens"]
 
 
+class _Tokens(torch.nn.Module):
+    """Token ids called `tokens`, no tokenizer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(200, 16)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(2))
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_a_tensor_calibrates_a_model_whose_ids_have_another_name():
+    """A bare tensor became {'input_ids': …}: a TypeError from inside the pass ("missing ['tokens']")."""
+    model, calib = _Tokens().eval(), ids(4, 8)
+    by_tensor = slimfx.compile(model, GPTQ, example_inputs=ids(2, 8), calib=[calib])
+    by_name = slimfx.compile(model, GPTQ, example_inputs=ids(2, 8), calib=[{"tokens": calib}])
+    assert by_tensor.report.rules[0].details["calib_tokens"] == 32
+    one, other = by_tensor.state_dict(), by_name.state_dict()
+    assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one)
+    with pytest.raises(ValueError, match="calib batch 0 holds token id -1"):
+        slimfx.compile(model, GPTQ, example_inputs=ids(2, 8), calib=torch.full((1, 4), -1))
+    with pytest.raises(TypeError, match="a tensor, or a list of dicts of the model's inputs"):
+        slimfx.compile(model, GPTQ, example_inputs=ids(2, 8), calib=["some text"])
+
+
 @pytest.mark.parametrize("calib, says", [
     ([""], "all empty or whitespace"),
     (["  ", "\n"], "calib holds 2 text(s), all empty"),
