@@ -322,7 +322,7 @@ def _check_draw(module, compiled, space, consts, d, rtol, atol, metric, results,
         return failure
     try:
         with torch.no_grad():
-            comp = compiled(**inputs)
+            comp = compiled(**inputs, **consts)  # the flags it was captured with, as the original gets them
     except Exception as e:  # noqa: BLE001
         results.append(DrawResult(d, False, math.inf))
         return f"the compiled model raised {type(e).__name__}: {first_line(e)}", math.inf

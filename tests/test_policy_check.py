@@ -327,6 +327,24 @@ def test_an_output_that_is_not_per_token_is_compared_whole_when_its_width_equals
     assert not any(seen)
 
 
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.out = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids, scale: float = 1.0):
+        return self.out(self.embed(input_ids)) * scale
+
+
+def test_a_flag_among_the_example_inputs_reaches_the_compiled_model_too():
+    """The original got scale=2.0 and the compiled model none: it refused the call ("captured with
+    scale=2.0, and a call that leaves scale out …"), and the empty policy 'departed'."""
+    torch.manual_seed(0)
+    example = {"input_ids": torch.randint(0, 50, (2, 6)), "scale": 2.0}
+    result = check_policy(_Scaled().eval(), "", example_inputs=example, max_examples=5, seed=0)
+    assert result.max_value == 0.0 and len(result.draws) == 5
+
+
 def test_a_failure_carries_its_inputs_and_the_seed_that_replays_it(llama):
     with pytest.raises(PolicyCheckError) as info:
         check_policy(llama, quantize("int2 group=16"), rtol=0, atol=1e-3, max_examples=FEW, seed=7)
