@@ -199,7 +199,9 @@ def _bare_rules(text: str) -> bool:
     """Does the text start (after comments) with a rule rather than a `policy NAME {` header? A
     misspelt rule keyword on the first of several lines counts as a rule, so that `quantise head
     int8` there gets the parser's did-you-mean, not "expected `policy`"."""
-    several = "\n" in text.strip()  # one line may be a file name: _read_spec decides that
+    # A line alone may be a file name (_read_spec decides that); with a newline, even a trailing
+    # one, it is text (`quantise head int8\n` got "expected `policy`", not the did-you-mean)
+    several = "\n" in text
     for line in text.splitlines():
         code = line.split("#", 1)[0]
         words = code.split()
