@@ -194,7 +194,19 @@ class _Index:
         found.sort(key=lambda t: t.order)
         if not any(t.role == "head" for t in found):  # an encoder's pooler is its head
             found = [replace(t, role="head") if t.role == "pooler" else t for t in found]
+        if not any(t.role == "head" for t in found) and _unnamed_head(found):
+            # a user's model names its head as it likes (`self.out`): the linear after every block,
+            # last of all, is it (`keep head` was told the model had none)
+            found[-1] = replace(found[-1], role="head")
         return {t.path: t for t in found}
+
+
+def _unnamed_head(found: list[Target]) -> bool:
+    """Is the last target in graph order an unnamed linear outside the blocks, after all of them?"""
+    in_blocks = [t.order for t in found if t.block is not None]
+    last = found[-1] if found else None
+    return bool(in_blocks) and last is not None and last.kind == "linear" and last.block is None \
+        and last.role is None and last.order > max(in_blocks)
 
 
 def _block_of(path: str, blocks_path: str | None, blocks) -> Block | None:

@@ -79,7 +79,8 @@ pm_top_roles: list[tuple[str, str]] = [
      r"|decoder\.norm)", "final_norm"),
     (r"(?:\w+\.)*(?:lm_head|embed_out|score|qa_outputs|vocab_projector|classifier(?:\.out_proj)?"
      r"|cls\.predictions\.decoder)", "head"),
-    (r"(?:\w+\.)*pooler\.dense", "pooler"),  # becomes `head` when the model has no other head
+    # becomes `head` when the model has no other head; ALBERT's pooler is the linear itself
+    (r"(?:\w+\.)*pooler(?:\.dense)?", "pooler"),
 ]
 
 # A role that does not exist because the model fuses it into another: role -> (fused, what).

@@ -283,10 +283,15 @@ class _Resolver:
 
     def _missing_top(self, name: str) -> SpecError:
         if name == "head":
+            # only what this model has: `blocks[-1]` and `final_norm` were offered to a plain MLP
+            roles = {t.role for t in self.g.targets.values()}
+            offer = (["`blocks[-1]`"] if self.g.blocks else []) + (["`final_norm`"] if "final_norm" in roles else [])
+            outside = [t.path for t in sorted(self.g.targets.values(), key=lambda t: t.order) if t.block is None]
+            path = f"a module path (the last module outside the blocks is `{outside[-1]}`)" if outside else "a module path"
             return self._error(
-                f"{self.g.model_class} has no head (no lm_head, classifier, score or pooler): "
-                "its output is the hidden state of the last block",
-                hint="select `blocks[-1]` or `final_norm`, or a module path")
+                f"{self.g.model_class} has no head: no lm_head, classifier, score or pooler"
+                + (", and no linear after the last block" if self.g.blocks else ""),
+                hint=f"select {', or '.join(offer + [path])}")
         return self._error(
             f"{self.g.model_class} has no repeated blocks: no ModuleList of structurally "
             "identical modules holds the compute", hint="select modules by their paths")
