@@ -254,6 +254,9 @@ class CompiledModel(nn.Module):
         named = devices_named(self.program)
         other = sorted({str(d) for d in named if d.type != device.type
                         or None not in (d.index, device.index) and d.index != device.index})
+        if other and device.type == "meta":  # a model on meta has no values to compile: no advice to do so
+            raise RuntimeError(f"{self._what()} was compiled on {', '.join(other)}, and its graph makes and checks "
+                               "tensors there: it cannot move to meta (to free its memory, delete it)")
         if other:
             raise RuntimeError(f"{self._what()} was compiled on {', '.join(other)}, and its graph makes and checks "
                                f"tensors there: it cannot move to {device}. Move the original model there "

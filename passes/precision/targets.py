@@ -170,7 +170,8 @@ class DeadInputs:
 
 def require_calib(ctx: Context, bound: BoundRule, who: str) -> None:
     if not ctx.calib:
-        raise SpecError(Diagnostic("missing-value", f"{who} needs calibration inputs, and none were given",
+        raise SpecError(Diagnostic("missing-value", f"{who} needs calibration inputs, and there are none "
+                                   "(calib= is empty, or was left out on a model without a tokenizer)",
                                    bound.line, bound.rule.span.column, len(bound.rule.kind),
                                    f"{CALIB_HINT}; or {_instead(who)}"), ctx.source, ctx.filename)
 
