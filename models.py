@@ -298,10 +298,19 @@ def _load_folder(folder: Path, *, name: str) -> LoadedModel:
         return _read_folder(folder, name=name)
     except ModelNotFound:  # it already names the folder and what to do
         raise
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, _weights_error()) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelNotFound(f"cannot load the Hugging Face model folder {str(folder)!r}: {first} (it needs "
                             "config.json and the weights save_pretrained writes)") from e
+
+
+def _weights_error() -> type[Exception]:
+    """safetensors' error for a damaged weights file ("header too large"): it named no file."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # an older safetensors: nothing more to catch
+        return OSError
+    return SafetensorError
 
 
 def _read_folder(folder: Path, *, name: str) -> LoadedModel:

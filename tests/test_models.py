@@ -210,11 +210,13 @@ def test_a_folder_transformers_cannot_read_is_explained(tmp_path):
     """Each raised transformers' own OSError or ValueError, as a traceback from the CLI."""
     src = models.tiny("gpt2", seed=1)
     broken, empty, unknown = tmp_path / "broken", tmp_path / "no-weights", tmp_path / "unknown"
-    for folder in (broken, empty, unknown):
+    damaged = tmp_path / "damaged"  # safetensors' "header too large" named no file
+    for folder in (broken, empty, unknown, damaged):
         src.model.config.save_pretrained(folder)
     (broken / "config.json").write_text("{ not json")
     (unknown / "config.json").write_text((unknown / "config.json").read_text().replace('"gpt2"', '"no-such-arch"'))
-    for folder in (broken, empty, unknown):
+    (damaged / "model.safetensors").write_text("garbage")
+    for folder in (broken, empty, unknown, damaged):
         with pytest.raises(ModelNotFound, match=f"cannot load the Hugging Face model folder '{folder}': "):
             models.load(folder)
 
