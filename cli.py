@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         status = args.run(args)
         sys.stdout.flush()  # here, not at exit: a closed pipe met then is "Exception ignored", exit 120
         return status
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # with what the work said as it stopped ("slimfx.train stopped after 3 of 10 steps; the
+        # adapters are restored …"): the bare word left a user guessing what was kept
+        print("\n".join(["interrupted", *(f"  {note}" for note in getattr(e, "__notes__", ()))]), file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`slimfx … | head -1`): nothing more to say
         _silence_stdout()

@@ -288,3 +288,25 @@ def test_each_steps_loss_keeps_four_significant_digits():
     from slimfx.commands import _loss
 
     assert [_loss(v) for v in (3.52, 3.718, 0.04, 12.0)] == ["3.520", "3.718", "0.04000", "12.00"]
+
+
+def test_ctrl_c_says_after_how_many_steps_training_stopped_and_saves_nothing(artifact, tmp_path, capsys, monkeypatch):
+    """It printed `interrupted` alone: slimfx.train's note (the steps done, the adapters restored)
+    was dropped."""
+    import slimfx.runtime.train as training
+
+    real, steps = training._step, []
+
+    def interrupted_at_the_third(*args):
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        steps.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(training, "_step", interrupted_at_the_third)
+    out = tmp_path / "never"
+    assert main(["train", "--model", "tiny:llama", "--compiled", str(artifact), "--steps", "5", "--batch", "2",
+                 "--seq", "32", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted\n  slimfx.train stopped after 2 of 5 steps; the adapters are restored" in err
+    assert not out.exists()
