@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 from .dsl import ast as A
 from .dsl.errors import SpecError, did_you_mean
-from .dsl.parser import parse, parse_file
+from .dsl.parser import INLINE_POLICY, parse, parse_file
 from .dsl.check import check_spec
 
 __all__ = ["compile", "plan", "load", "resolve_policy", "unwrap"]
@@ -77,6 +78,7 @@ def compile(model, policy: str | os.PathLike | A.Spec | A.Policy = "", *,  # noq
         check_triton_runs(module)  # before minutes of passes, not after them
     bars = Progress.for_terminal(progress)
     policy_ast, spec = resolve_policy(policy, name)
+    _warn_without_rules(policy, policy_ast, spec)
     with bars.task(f"capturing {type(module).__name__} with torch.export"):
         graph = _capture(model, example_inputs)
     bound = bind(graph, policy_ast, source=spec.source, filename=spec.filename)
@@ -156,6 +158,19 @@ def resolve_policy(policy, name: str | None = None, *,
         # the passes rely on (`drop` after `quantize` compiled); the policy that runs is checked
         check_spec(A.Spec((chosen,), source=spec.source, filename=spec.filename))
     return chosen, spec
+
+
+def _warn_without_rules(policy, chosen: A.Policy | None, spec: A.Spec) -> None:
+    """A policy given that holds no rules (an emptied file, comments alone, `policy p {}`) compiled
+    the model unchanged without a word, where `slimfx compile` refuses it. The default `""` is
+    the way to ask for the model captured alone: no warning there."""
+    if isinstance(policy, str) and policy == "" or chosen is not None and chosen.rules:
+        return
+    what = f"policy `{chosen.name}`" if chosen is not None and chosen.name != INLINE_POLICY else "the policy"
+    where = f" ({spec.filename})" if spec.filename != "<policy>" else ""
+    warnings.warn(f"{what}{where} has no rules: the compiled model computes what the original does; "
+                  "write rules, or leave the policy out to capture the model alone", UserWarning,
+                  stacklevel=4)  # the caller of compile (through its inference-mode wrapper)
 
 
 def _read_spec(policy) -> A.Spec:

@@ -1,5 +1,7 @@
 """compile() / plan(): policy resolution, the empty policy is the identity on every architecture,
 the user's model is never touched, and unimplemented rules are refused, never skipped."""
+import re
+
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -306,6 +308,24 @@ def test_a_policy_object_with_another_name_is_refused():
     with pytest.raises(SpecError, match="no policy `b`: the Policy given is `a`"):
         slimfx.plan(tiny("llama"), policy, name="b")
     assert slimfx.plan(tiny("llama"), policy, name="a").policy.name == "a"
+
+
+def test_a_policy_given_without_rules_warns_and_the_default_does_not(tmp_path):
+    """An emptied policy file compiled the model unchanged without a word (`slimfx compile`
+    refuses it); leaving the policy out is how the model is captured alone."""
+    import warnings
+
+    empty = tmp_path / "empty.slim"
+    empty.write_text("# nothing yet\n")
+    lm = tiny("llama")
+    for policy, says in ((empty, f"the policy ({empty}) has no rules"), ("policy p {}", "policy `p` has no rules"),
+                         ("# a comment", "the policy has no rules")):
+        with pytest.warns(UserWarning, match=re.escape(says) + ": the compiled model computes what the original does"):
+            slimfx.compile(lm, policy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slimfx.compile(lm)
+        slimfx.compile(lm, "")
 
 
 def test_a_policy_passed_alone_shows_its_errors_in_its_own_text(tmp_path):
