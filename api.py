@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -212,17 +213,23 @@ def _one_line_of_text(text: str) -> bool:
 
 def _bare_rules(text: str) -> bool:
     """Does the text start (after comments) with a rule rather than a `policy NAME {` header? A
-    misspelt rule keyword on the first of several lines counts as a rule, so that `quantise head
-    int8` there gets the parser's did-you-mean, not "expected `policy`"."""
-    # A line alone may be a file name (_read_spec decides that); with a newline, even a trailing
-    # one, it is text (`quantise head int8\n` got "expected `policy`", not the did-you-mean)
-    several = "\n" in text
-    for line in text.splitlines():
+    misspelt rule keyword counts as a rule, so that `quantise head int8` gets the parser's
+    did-you-mean, not "expected `policy`"; a misspelt header (`polcy p {`) stays a header."""
+    # A line alone may be a file name (_read_spec decides that), unless it holds a brace; with a
+    # newline, even a trailing one, it is text (`quantise head int8\n` got "expected `policy`")
+    text_for_sure = "\n" in text or "{" in text
+    for line in text.split("\n"):  # as the parser counts lines: splitlines() also broke at a form feed
         code = line.split("#", 1)[0]
         words = code.split()
         if words:
-            return words[0] in _RULE_WORDS or (several and words[0] != "policy" and not code.rstrip().endswith("{"))
+            header = words[0] == "policy" or code.rstrip().endswith("{") or _HEADER.match(code) is not None
+            return words[0] in _RULE_WORDS or (text_for_sure and not header)
     return False
+
+
+# `WORD NAME {`: a policy header, its keyword perhaps misspelt. A rule's braces follow a `.`
+# (`attn.{q,v}`), its keyword (`drop {…}`), or `after` (`tokens after {…}`).
+_HEADER = re.compile(r"\s*\S+\s+(?!after\b)[A-Za-z_][\w-]*\s*\{")
 
 
 def _capture(model, example_inputs):
