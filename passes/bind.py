@@ -29,7 +29,7 @@ from .token_attention import token_attention_problem, unpad_mask_problem
 from .token_step_checks import steps_left_last, token_step_order
 from .estimate import Estimate, estimate, leaves_as_is, stored_after
 from .graph import Block, ModelGraph, Target
-from .graph_sizes import graph_bytes, graph_params
+from .graph_sizes import graph_bytes, graph_params, read_directly_note
 from .rewrite import TIED_NOTE, has_weight, shared_outside
 from .select import resolve
 from .token_history import tokens_again_refusal
@@ -346,6 +346,8 @@ class _Binder:
                             f"`{rule.kind}` applies to linears; add `: Linear` to say so")
         if kept:
             warnings.append(f"{len(kept)} target{'s' * (len(kept) != 1)} protected by `keep`")
+        if _globbed(rule.selector.path) and (direct := read_directly_note(self.graph, targets)) is not None:
+            warnings.append(direct)
         paths = {t.path for t in targets}
         tied = [t for t in targets if t.tied and shared_outside(self.graph, t, paths)]
         if tied and not isinstance(rule, A.Adapt):
@@ -433,6 +435,13 @@ class _Binder:
     def _error(self, span: A.Span, kind: str, message: str, hint: str | None = None) -> None:
         width = max(1, span.end_column - span.column) if span.end_line == span.line else 1
         self.problems.append(Diagnostic(kind, message, span.line, span.column, width, hint))
+
+
+def _globbed(path: A.Path) -> bool:
+    """Does the selector reach everything under a place (`**`)? Said of `blocks.*.attn.q`, the
+    note on weights it cannot reach would be noise: the user named what they wanted."""
+    return any(isinstance(s, A.GlobStar) or isinstance(s, A.Alternatives) and any(map(_globbed, s.options))
+               for s in path.segments)
 
 
 def _sel(rule) -> str:

@@ -20,6 +20,8 @@ class BlocksView:
 
     def __init__(self, base: "ModelGraph | BlocksView", removed: set[str]):
         self.model_class, self.blocks_path = base.model_class, base.blocks_path
+        # the captured graph, for what reads its parameters (the blocks left keep their paths)
+        self.source: ModelGraph = getattr(base, "source", base)
         prefixes = tuple(p + "." for p in removed)
         kept = [b for b in base.blocks if b.path not in removed]
         self.blocks = tuple(replace(b, index=i) for i, b in enumerate(kept))

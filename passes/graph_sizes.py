@@ -5,7 +5,7 @@ from __future__ import annotations
 from .block_reads import HEAL_MAP
 from .graph import ModelGraph
 
-__all__ = ["graph_bytes", "graph_params"]
+__all__ = ["graph_bytes", "graph_params", "read_directly_note", "weights_read_directly"]
 
 
 def graph_bytes(graph: ModelGraph) -> int:
@@ -48,3 +48,36 @@ def _stored_weights(graph: ModelGraph) -> int:
         elif name.rpartition(".")[2].startswith(HEAL_MAP):  # heal.py's fitted map: learned weights
             counted[name] = buffer.numel()
     return sum(counted.values())
+
+
+def weights_read_directly(graph: ModelGraph, blocks: set[int]) -> tuple[list[str], int, int]:
+    """(the weights in `blocks` that the forward reads itself rather than by calling their module,
+    their bytes, all the blocks' weight bytes). No rule can select them: nn.MultiheadAttention's
+    in_proj_weight and out_proj (F.multi_head_attention_forward reads both), a mixture of
+    experts' 3-D expert tensors. A `quantize blocks.*.**` left them as they were, and said so nowhere."""
+    prefixes = tuple(graph.blocks[i].path + "." for i in sorted(blocks))
+    if not prefixes:
+        return [], 0, 0
+    owned = {name for t in graph.targets.values() for name in t.params}
+    module = getattr(graph, "source", graph).module  # a BlocksView reads the captured graph's
+    read = {n.target for n in module.graph.nodes if n.op == "get_attr"}
+    names, direct, total = [], 0, 0
+    for name, p in module.named_parameters():
+        if not name.startswith(prefixes):
+            continue
+        total += p.numel() * p.element_size()
+        if name not in owned and name in read and p.is_floating_point() and p.dim() >= 2:
+            names.append(name)
+            direct += p.numel() * p.element_size()
+    return names, direct, total
+
+
+def read_directly_note(graph: ModelGraph, targets) -> str | None:
+    """The plan's and report's note on a rule over `targets`: what the blocks they lie in hold
+    that no rule can select (weights_read_directly), or None."""
+    names, direct, total = weights_read_directly(graph, {t.block for t in targets if t.block is not None})
+    if not names:
+        return None
+    shown = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+    return (f"{direct / total:.0%} of these blocks' weight bytes are read by the forward itself, not by a module "
+            f"call ({shown}): no rule can change them")

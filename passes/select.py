@@ -66,6 +66,13 @@ class _Resolver:
                                   f"other paths ({named}{more}): a module reached by several "
                                   "paths is captured under the one its forward uses",
                                   hint="select them by the path the forward uses")
+            direct = self._read_directly(scopes)
+            if direct:  # an nn.Linear, yet "none of them is a linear" said nothing of why
+                more = f" (and {len(direct) - 1} more like it)" if len(direct) > 1 else ""
+                raise self._error(f"`{self._text()}` names `{direct[0]}`{more}, whose weight the forward reads itself "
+                                  "(as F.multi_head_attention_forward reads nn.MultiheadAttention's out_proj), "
+                                  "not by calling the module: slimfx rewrites module calls, so no rule can select it",
+                                  hint="select other modules; to compress this one, write the model to call it")
             raise self._error(f"`{self._text()}` names modules, but none of them is a linear, "
                               "embedding, norm or conv used by the captured forward")
         if self.sel.class_filter:
@@ -195,6 +202,16 @@ class _Resolver:
         if s.key in g.targets:
             return [g.targets[s.key]]
         return [t for t in g.targets.values() if t.path.startswith(s.key + ".")]
+
+    def _read_directly(self, scopes: list[_Scope]) -> list[str]:
+        """The modules named that are linears etc. whose parameters the graph reads, yet that no
+        call of the module uses (so they are no target)."""
+        module = getattr(self.g, "source", self.g).module  # a BlocksView reads the captured graph's
+        read = {n.target for n in module.graph.nodes if n.op == "get_attr"}
+        named = {s.key for s in scopes if s.kind == "module"}
+        return sorted(path for path in named if path in self.g.modules and path not in self.g.targets
+                      and roles.module_kind(self.g.modules[path].classes) is not None
+                      and any(f"{path}.{p}" in read for p in ("weight", "bias")))
 
     def _aliases(self, scopes: list[_Scope]) -> list[tuple[str, str]]:
         """(path named, target path) for each module under `scopes` whose weights are a target's
