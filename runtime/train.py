@@ -355,7 +355,12 @@ def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
 def _loss(cm, batch: dict, loss: str, teacher) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = cm(**{**_flags_set_away(cm), **inputs})
-    return lm_loss(out, batch) if loss == "lm" else distill_loss(out, teacher, inputs)
+    if loss == "lm":
+        return lm_loss(out, batch)
+    # the flags the graph was captured with (scale=2.0): with forward's defaults, the original
+    # computed another function, and the student was pulled towards it
+    return distill_loss(out, teacher, inputs, dict(getattr(getattr(getattr(cm, "graph", None), "call", None),
+                                                           "flags", ())))
 
 
 def _flags_set_away(cm) -> dict:

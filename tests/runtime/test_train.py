@@ -437,3 +437,23 @@ def test_a_loss_that_is_not_finite_before_any_update_does_not_blame_the_lr():
     with pytest.raises(FloatingPointError, match=r"the distill loss is nan at step 1: before any update, so not the "
                                                  r"lr: .*not finite; the adapters are restored"):
         slimfx.train(cm, [batch], steps=2, loss="distill", teacher=NanTeacher())
+
+
+def test_the_teacher_is_called_with_the_flags_the_student_was_captured_with():
+    """The student ran with scale=2.0 and the original teacher with forward's scale=1.0: the loss
+    of fresh adapters against their own original was 0.23, not 0, and training chased it."""
+    from slimfx.runtime.train import NothingToDistil
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.out = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, input_ids, scale: float = 1.0):
+            return self.out(self.embed(input_ids)) * scale
+
+    torch.manual_seed(0)
+    model, ids = Scaled().eval(), torch.randint(0, 50, (2, 6))
+    cm = slimfx.compile(model, "adapt out lora rank=2 alpha=4", example_inputs={"input_ids": ids, "scale": 2.0})
+    with pytest.raises(NothingToDistil):
+        slimfx.train(cm, [{"input_ids": ids}], steps=2, loss="distill", teacher=model)
