@@ -205,8 +205,9 @@ def _unnamed_head(found: list[Target]) -> bool:
     """Is the last target in graph order an unnamed linear outside the blocks, after all of them?"""
     in_blocks = [t.order for t in found if t.block is not None]
     last = found[-1] if found else None
+    # not inside another stack (`dec.1.c`, a second ModuleList the blocks are not): a head is one module
     return bool(in_blocks) and last is not None and last.kind == "linear" and last.block is None \
-        and last.role is None and last.order > max(in_blocks)
+        and last.role is None and last.order > max(in_blocks) and not any(p.isdigit() for p in last.path.split("."))
 
 
 def _block_of(path: str, blocks_path: str | None, blocks) -> Block | None:

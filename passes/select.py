@@ -304,7 +304,9 @@ class _Resolver:
             roles = {t.role for t in self.g.targets.values()}
             offer = (["`blocks[-1]`"] if self.g.blocks else []) + (["`final_norm`"] if "final_norm" in roles else [])
             outside = [t.path for t in sorted(self.g.targets.values(), key=lambda t: t.order) if t.block is None]
-            path = f"a module path (the last module outside the blocks is `{outside[-1]}`)" if outside else "a module path"
+            last = _selector_text(outside[-1]) if outside else None  # None: a number first (`2` of a Sequential)
+            where = "outside the blocks " if self.g.blocks else ""
+            path = f"a module path (the last module {where}is `{last}`)" if last else "a module path"
             return self._error(
                 f"{self.g.model_class} has no head: no lm_head, classifier, score or pooler"
                 + (", and no linear after the last block" if self.g.blocks else ""),
@@ -337,6 +339,21 @@ class _Resolver:
 
 
 # ---- small helpers ---------------------------------------------------------------------------
+
+
+def _selector_text(path: str) -> str | None:
+    """A module path as a selector writes it (`dec.1.c` is `dec[1].c`); None where a number comes
+    first, which no selector can name."""
+    parts = path.split(".")
+    if parts[0].isdigit():
+        return None
+    out = []
+    for part in parts:
+        if part.isdigit():
+            out[-1] += f"[{part}]"
+        else:
+            out.append(part)
+    return ".".join(out)
 
 
 def format_path(path: Path) -> str:

@@ -47,7 +47,7 @@ def test_a_model_without_blocks_is_offered_only_what_it_has():
     with pytest.raises(SpecError) as e:
         slimfx.plan(mlp, "keep head", example_inputs=torch.randn(3, 4))
     assert "and no linear after the last block" not in e.value.message
-    assert e.value.hint == "select a module path (the last module outside the blocks is `2`)"
+    assert e.value.hint == "select a module path"  # not `2`: no selector can start with a number
 
 
 def test_albert_pooler_is_its_head():
@@ -55,3 +55,34 @@ def test_albert_pooler_is_its_head():
                                     num_attention_heads=4, intermediate_size=64)
     albert = transformers.AlbertModel(cfg).eval()
     assert _targets(albert, "keep head", {"input_ids": torch.randint(0, 100, (2, 6))}) == ["pooler"]
+
+
+def test_a_linear_in_a_second_stack_is_no_head():
+    """The last linear after the blocks was `dec.1.c`, inside a second ModuleList."""
+
+    class Mixer(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.a, self.c = nn.Linear(d, d), nn.Linear(d, d)
+
+        def forward(self, x):
+            return x + self.c(self.a(x))
+
+    class TwoStacks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.enc = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16)) for _ in range(4))
+            self.dec = nn.ModuleList(Mixer() for _ in range(2))
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            for block in self.enc:
+                x = x + block(x)
+            for block in self.dec:
+                x = block(x)
+            return x
+
+    with pytest.raises(SpecError, match="has no head") as e:
+        slimfx.plan(TwoStacks(), "keep head", example_inputs=torch.randint(0, 50, (2, 6)))
+    assert e.value.hint == "select `blocks[-1]`, or a module path (the last module outside the blocks is `dec[1].c`)"
