@@ -328,13 +328,12 @@ def _calibration(model, calib, graph):
 
 
 def _ids_input(graph) -> str:
-    """The input a bare calibration tensor is: `input_ids`, else forward's first (a bare tensor
-    in example_inputs is that one too). Always `input_ids` was a missing input of a model that
-    calls its ids `tokens`."""
-    names = [i.name for i in graph.inputs]
-    if "input_ids" in names or not names:
-        return "input_ids"
-    return next((p for p in graph.call.positional if p in names), names[0])
+    """The input a bare calibration tensor is: the integer input an embedding table reads, as
+    the causal probe finds it (always `input_ids` was a missing input of a model that calls its
+    ids `tokens`); `input_ids` where there is none (a ViT: "missing pixel_values" says it)."""
+    from .passes.causal import token_ids_input
+
+    return token_ids_input(graph)[0] or "input_ids"
 
 
 def _check_backend(backend: str) -> None:

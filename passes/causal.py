@@ -19,7 +19,7 @@ from ..runtime.inputs import FILLABLE, complete_inputs
 from .calibrate import observe
 from .graph import ModelGraph
 
-__all__ = ["is_causal", "merge_refusal"]
+__all__ = ["is_causal", "merge_refusal", "token_ids_input"]
 
 aten = torch.ops.aten
 
@@ -42,7 +42,7 @@ def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool:
     # The token ids are the integer input an embedding table reads, whatever forward calls it:
     # asked for `input_ids` alone, a decoder taking `tokens` was "not causal", merged, and pruned
     # away its last position.
-    ids_name, embedding = _token_ids_input(graph)
+    ids_name, embedding = token_ids_input(graph)
     ids_info = next((i for i in graph.inputs if i.name == ids_name), None)
     others = [i.name for i in graph.inputs if i.name != ids_name and i.name not in FILLABLE]
     if ids_info is None or embedding is None or others or not graph.blocks or graph.blocks[0].output is None:
@@ -75,7 +75,7 @@ def _stream_per_position(out):
     return out
 
 
-def _token_ids_input(graph: ModelGraph) -> tuple[str | None, object]:
+def token_ids_input(graph: ModelGraph) -> tuple[str | None, object]:
     """(the name of the integer input an embedding table reads, that table's fake value: its rows
     are the vocabulary), `input_ids` first where several are, never an input the probe fills in
     itself; (None, None) where there is none."""
