@@ -18,7 +18,7 @@ from torch import fx
 from ..runtime.progress import Progress
 from .graph import ModelGraph
 
-__all__ = ["observe", "Observer", "CALIB_HINT", "kept_rows", "real_rows", "forward_ms", "FORWARD_REPEATS", "HessianAccumulator", "DiagonalAccumulator", "damped",
+__all__ = ["NO_CALIB", "observe", "Observer", "CALIB_HINT", "kept_rows", "real_rows", "forward_ms", "FORWARD_REPEATS", "HessianAccumulator", "DiagonalAccumulator", "damped",
            "paired_moment",
            "output_error"]
 
@@ -26,6 +26,10 @@ Observer = Callable[[torch.Tensor], None]
 
 # What to do when a rule needs calibration and compile() got none (a model of the user's own, or
 # a vision model: `slimfx compile` calibrates text models on built-in text by itself).
+# Why there is nothing to calibrate on, for every rule that needs it: "none were given" told a
+# user who passed calib=[], or ran `slimfx compile` on a model without a tokenizer, otherwise.
+NO_CALIB = ("there are no calibration batches (calib= is empty, or the model has no tokenizer to read the "
+            "built-in text with)")
 CALIB_HINT = ("pass calib= to compile(): batches of inputs, or texts with a model from slimfx.models.load "
               "(which calibrates on built-in text when calib= is left out); `slimfx compile` does that for a "
               "text model with a tokenizer (--calib FILE, --calib-tokens N), and a model without one, or a "

@@ -19,7 +19,7 @@ from torch import fx
 from ...dsl.errors import SpecError
 from ...runtime.adapters import Adapter
 from ..bind import BoundRule
-from ..calibrate import CALIB_HINT, HessianAccumulator
+from ..calibrate import CALIB_HINT, NO_CALIB, HessianAccumulator
 from ..context import Context
 from ..graph import ModelGraph
 from ..lora import BaseSite, base_sites, base_weight
@@ -118,7 +118,7 @@ def _require(bound: BoundRule, ctx: Context, paths: list[str]) -> None:
                                 "`quantize` covers")
     if not ctx.calib:
         raise SpecError.at("missing-value", "`init=error` weighs the quantization error by the inputs each linear "
-                           "sees, and no calibration inputs were given", line=bound.line, column=rule.span.column,
+                           f"sees, and {NO_CALIB}", line=bound.line, column=rule.span.column,
                            width=len("adapt"), source=ctx.source, filename=ctx.filename,
                            hint=f"{CALIB_HINT}; or use init=kaiming")
 

@@ -11,7 +11,7 @@ from ...runtime.report import RuleReport
 from ..bind import BoundRule
 from ..graph_sizes import graph_bytes, graph_params
 from ..block_rules import auto_count as rules_auto_count
-from ..calibrate import CALIB_HINT, FORWARD_REPEATS, forward_ms
+from ..calibrate import CALIB_HINT, FORWARD_REPEATS, NO_CALIB, forward_ms
 from ..context import Context, rule_error
 from ..graph import Block, ModelGraph
 from ..block_reads import removal_problem, step_left_last
@@ -26,8 +26,7 @@ PROBE_TOKENS = 256  # the report's latency: one forward of 1×256 tokens
 
 def need_calibration(bound: BoundRule, ctx: Context, why: str) -> None:
     if not ctx.calib:
-        raise rule_error(bound, ctx, "missing-value", f"`{bound.rule.kind}` {why}, and there are no "
-                         "calibration batches", CALIB_HINT)
+        raise rule_error(bound, ctx, "missing-value", f"`{bound.rule.kind}` {why}, and {NO_CALIB}", CALIB_HINT)
 
 
 def current(graph: ModelGraph, blocks) -> list[Block]:

@@ -13,7 +13,7 @@ from ...dsl.errors import Diagnostic, SpecError
 from ...runtime.formats import QuantizedWeight
 from ...runtime.report import RuleReport
 from ..bind import BoundRule
-from ..calibrate import CALIB_HINT, DiagonalAccumulator, merged, observe
+from ..calibrate import CALIB_HINT, NO_CALIB, DiagonalAccumulator, merged, observe
 from ..context import Context, rule_error
 from ..graph import ModelGraph, Target
 from ..rewrite import (TIED_NOTE, LinearSite, find_sites, release_unread, tied_storages, weight_name,
@@ -170,8 +170,7 @@ class DeadInputs:
 
 def require_calib(ctx: Context, bound: BoundRule, who: str) -> None:
     if not ctx.calib:
-        raise SpecError(Diagnostic("missing-value", f"{who} needs calibration inputs, and there are none "
-                                   "(calib= is empty, or was left out on a model without a tokenizer)",
+        raise SpecError(Diagnostic("missing-value", f"{who} needs calibration inputs, and {NO_CALIB}",
                                    bound.line, bound.rule.span.column, len(bound.rule.kind),
                                    f"{CALIB_HINT}; or {_instead(who)}"), ctx.source, ctx.filename)
 

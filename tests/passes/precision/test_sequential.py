@@ -107,7 +107,7 @@ def test_inputs_shared_by_several_targets_are_accumulated_once(monkeypatch):
 def test_sequential_gptq_needs_calibration():
     lm = tiny("llama")
     # "and none were given" said the user who passed calib=[] had passed nothing
-    with pytest.raises(slimfx.SpecError, match=r"GPTQ needs calibration inputs, and there are none \(calib= is empty"):
+    with pytest.raises(slimfx.SpecError, match=r"GPTQ needs calibration inputs, and there are no calibration batches \(calib= is empty"):
         slimfx.compile(lm.model, POLICY, example_inputs=lm.example_inputs, calib=[], backend="eager")
 
 
