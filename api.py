@@ -163,9 +163,9 @@ def resolve_policy(policy, name: str | None = None, *,
 
 def _warn_without_rules(policy, chosen: A.Policy | None, spec: A.Spec) -> None:
     """A policy given that holds no rules (an emptied file, comments alone, `policy p {}`) compiled
-    the model unchanged without a word, where `slimfx compile` refuses it. The default `""` is
-    the way to ask for the model captured alone: no warning there."""
-    if isinstance(policy, str) and policy == "" or chosen is not None and chosen.rules:
+    the model unchanged without a word, where `slimfx compile` refuses it. The default `""` (or
+    whitespace) is the way to ask for the model captured alone: no warning there."""
+    if isinstance(policy, str) and not policy.strip() or chosen is not None and chosen.rules:
         return
     what = f"policy `{chosen.name}`" if chosen is not None and chosen.name != INLINE_POLICY else "the policy"
     where = f" ({spec.filename})" if spec.filename != "<policy>" else ""
@@ -181,8 +181,10 @@ def _read_spec(policy) -> A.Spec:
         raise TypeError(f"policy must be a path, policy text, Spec or Policy, not {type(policy).__name__}")
     if "\n" not in policy and policy.strip() and _is_file(policy):  # `v{2}.slim` is a file too
         return parse_file(policy)
-    looks_like_path = "\n" not in policy and "{" not in policy and policy.strip() != ""
-    if _bare_rules(policy) or (looks_like_path and _one_line_of_text(policy)):
+    # `specs/v{2}.slim`, missing, is still a path: "expected a rule, got `specs`" said nothing of a file
+    path_shaped = _path_shaped(policy)
+    looks_like_path = path_shaped or "\n" not in policy and "{" not in policy and policy.strip() != ""
+    if not path_shaped and (_bare_rules(policy) or (looks_like_path and _one_line_of_text(policy))):
         # Rules without a `policy name { }` around them: one policy named `inline`, every line
         # and column in an error the user's own.
         return parse(policy, bare=True)
@@ -190,6 +192,12 @@ def _read_spec(policy) -> A.Spec:
         raise SpecError.at("no-file", f"no policy file {policy!r}", filename=policy,
                            hint="pass an existing .slim path, or the policy text itself")
     return parse(policy)
+
+
+def _path_shaped(text: str) -> bool:
+    """One word that names a file: a `.slim` name or a path (rules always hold a space)."""
+    words = text.split()
+    return "\n" not in text and len(words) == 1 and (words[0].endswith(".slim") or "/" in text or os.sep in text)
 
 
 def _is_file(text: str) -> bool:
