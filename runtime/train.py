@@ -130,7 +130,7 @@ def train(cm, batches, *, steps: int, lr: float | None = None, loss: str = "lm",
         # Any other stop (a bad later batch, Ctrl-C) came after some updates: the call trains
         # fully or leaves the adapters as they were, never half-trained with no result.
         _put_back(params, before, optimizer, opt_before)
-        if losses:
+        if losses and hasattr(e, "add_note"):  # Python 3.11+; pyproject allows 3.10
             e.add_note(f"slimfx.train stopped after {len(losses)} of {steps} steps; the adapters are restored to "
                        "what they were before this train() call")
         raise
