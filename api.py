@@ -318,9 +318,10 @@ def _calibration(model, calib, graph):
     from .calibration import calibration_batches
     from .passes.context import CalibrationBatches
     from .runtime.call_inputs import CallInputs
+    from .runtime.token_ids import token_ids_name
 
     names = {i.name for i in graph.inputs}
-    batches = calibration_batches(model, calib, ids=_ids_input(graph))
+    batches = calibration_batches(model, calib, ids=token_ids_name(graph.module))
     out, problem = [], None
     for i, batch in enumerate(batches):
         binder = CallInputs(graph, f"compiled {graph.model_class} (calibration batch {i} of {len(batches)})",
@@ -333,15 +334,6 @@ def _calibration(model, calib, graph):
             problem, bound = problem or e, {k: v for k, v in batch.items() if k in names}
         out.append({**bound, **{k: v for k, v in batch.items() if k not in names}})
     return CalibrationBatches(out, problem)
-
-
-def _ids_input(graph) -> str:
-    """The input a bare calibration tensor is: the integer input an embedding table reads, as
-    the causal probe finds it (always `input_ids` was a missing input of a model that calls its
-    ids `tokens`); `input_ids` where there is none (a ViT: "missing pixel_values" says it)."""
-    from .passes.causal import token_ids_input
-
-    return token_ids_input(graph)[0] or "input_ids"
 
 
 def _check_backend(backend: str) -> None:

@@ -16,10 +16,11 @@ from torch import fx
 
 from ..runtime import token_ops
 from ..runtime.inputs import FILLABLE, complete_inputs
+from ..runtime.token_ids import token_ids_input
 from .calibrate import observe
 from .graph import ModelGraph
 
-__all__ = ["is_causal", "merge_refusal", "token_ids_input"]
+__all__ = ["is_causal", "merge_refusal"]
 
 aten = torch.ops.aten
 
@@ -42,7 +43,7 @@ def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool:
     # The token ids are the integer input an embedding table reads, whatever forward calls it:
     # asked for `input_ids` alone, a decoder taking `tokens` was "not causal", merged, and pruned
     # away its last position.
-    ids_name, embedding = token_ids_input(graph)
+    ids_name, embedding = token_ids_input(graph.module)
     ids_info = next((i for i in graph.inputs if i.name == ids_name), None)
     others = [i.name for i in graph.inputs if i.name != ids_name and i.name not in FILLABLE]
     if ids_info is None or embedding is None or others or not graph.blocks or graph.blocks[0].output is None:
@@ -73,33 +74,6 @@ def _stream_per_position(out):
     if step is not None and step.target in (token_ops.token_merge, token_ops.token_prune):
         return step.args[0]
     return out
-
-
-def token_ids_input(graph: ModelGraph) -> tuple[str | None, object]:
-    """(the name of the integer input an embedding table reads, that table's fake value: its rows
-    are the vocabulary), `input_ids` first where several are, never an input the probe fills in
-    itself; (None, None) where there is none."""
-    found: dict[str, object] = {}
-    for n in graph.module.graph.nodes:
-        if n.op == "call_function" and n.target is aten.embedding.default and len(n.args) > 1:
-            source = _placeholder_of(n.args[1])
-            val = getattr(source, "meta", {}).get("val")
-            if source is not None and isinstance(val, torch.Tensor) and not val.is_floating_point():
-                found.setdefault(source.name, n.args[0].meta.get("val"))
-    # not token_type_ids or position_ids, which embedding tables read too (BERT)
-    name = "input_ids" if "input_ids" in found else next((k for k in found if k not in FILLABLE), None)
-    return name, found.get(name)
-
-
-def _placeholder_of(node, depth: int = 4):
-    """The input `node` is, or is a reshape of (CLIP views its ids first), else None."""
-    for _ in range(depth):
-        if getattr(node, "op", None) == "placeholder":
-            return node
-        if getattr(node, "op", None) != "call_function" or not node.args:
-            return None
-        node = node.args[0]
-    return None
 
 
 def merge_refusal(graph: ModelGraph) -> tuple[str, str] | None:

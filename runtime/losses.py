@@ -9,6 +9,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from .token_ids import token_ids_name
+
 __all__ = ["distill_loss", "lm_loss", "lm_loss_problem"]
 
 
@@ -17,8 +19,8 @@ def lm_loss_problem(program) -> str | None:
     before any batch runs (`plan` asks: a heal or budget that needs it failed only at compile);
     None where it can, or where the structure does not say (a registered output class)."""
     names = sorted(i.name for i in program.inputs)
-    if not {"input_ids", "labels"} & set(names):
-        return f"loss='lm' scores input_ids (or labels), and the model takes {names}"
+    if not {token_ids_name(program.module), "labels"} & set(names):
+        return f"loss='lm' scores the token ids an embedding reads (or labels), and the model takes {names}"
     spec = program.outputs.spec
     keyed = spec.type is dict or any(c.__name__ == "ModelOutput" for c in getattr(spec.type, "__mro__", ()))
     plain = spec.type in (tuple, list) or spec.is_leaf()
@@ -27,13 +29,14 @@ def lm_loss_problem(program) -> str | None:
     return None
 
 
-def lm_loss(out, batch: dict) -> torch.Tensor:
-    """Mean next-token cross entropy over the scored tokens (float32, whatever autocast did)."""
+def lm_loss(out, batch: dict, ids: str = "input_ids") -> torch.Tensor:
+    """Mean next-token cross entropy over the scored tokens (float32, whatever autocast did);
+    `ids`: the input holding the token ids (runtime/token_ids.py), scored where no `labels` are."""
     logits = _logits(out)
     if logits is None:
         raise ValueError("loss='lm' needs a model whose output has logits (a causal LM); this one "
                          "has none: use loss='distill' with the original model as teacher")
-    labels = _labels(batch)
+    labels = _labels(batch, ids)
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"loss='lm': logits {tuple(logits.shape)} do not match token ids "
                          f"{tuple(labels.shape)}; lm loss is for causal LMs over [batch, seq] tokens")
@@ -43,13 +46,13 @@ def lm_loss(out, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
-def _labels(batch: dict) -> torch.Tensor:
-    """Token ids to predict (`labels`, else input_ids), -100 where attention_mask is 0 (padding):
+def _labels(batch: dict, ids: str) -> torch.Tensor:
+    """Token ids to predict (`labels`, else the ids), -100 where attention_mask is 0 (padding):
     `labels` copied from padded input_ids, the usual way to write them, scored the pads."""
-    if "labels" not in batch and "input_ids" not in batch:
-        raise ValueError(f"loss='lm' scores input_ids (or labels); the batch has {sorted(batch)}")
+    if "labels" not in batch and ids not in batch:
+        raise ValueError(f"loss='lm' scores {ids} (or labels); the batch has {sorted(batch)}")
     # int64 whatever the ids are: cross_entropy takes no int32 targets, and the model takes int32 ids
-    labels = batch["labels" if "labels" in batch else "input_ids"].to(torch.long, copy=True)
+    labels = batch["labels" if "labels" in batch else ids].to(torch.long, copy=True)
     mask = batch.get("attention_mask")
     if mask is not None and mask.shape == labels.shape:
         labels[mask == 0] = -100

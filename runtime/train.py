@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .losses import distill_loss, lm_loss
+from .token_ids import token_ids_name
 from .lower import unlowered
 from .progress import Progress
 
@@ -356,7 +357,8 @@ def _loss(cm, batch: dict, loss: str, teacher) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = cm(**{**_flags_set_away(cm), **inputs})
     if loss == "lm":
-        return lm_loss(out, batch)
+        program = getattr(cm, "graph", None)
+        return lm_loss(out, batch, token_ids_name(program.module) if hasattr(program, "module") else "input_ids")
     # the flags the graph was captured with (scale=2.0): with forward's defaults, the original
     # computed another function, and the student was pulled towards it
     return distill_loss(out, teacher, inputs, dict(getattr(getattr(getattr(cm, "graph", None), "call", None),

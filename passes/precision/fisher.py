@@ -19,6 +19,7 @@ from torch import fx
 
 from ...runtime.progress import Progress
 from ...runtime.losses import lm_loss
+from ...runtime.token_ids import token_ids_name
 from ..calibrate import kept_rows, real_rows
 from ..graph import ModelGraph
 
@@ -34,6 +35,7 @@ def output_fisher(graph: ModelGraph, outputs: dict[str, list[fx.Node]], batches:
     """path -> F [out] (float64): the mean over calibration tokens of (∂L/∂y)², y the value of each
     of the target's output nodes (a target computed at several nodes sums their squares)."""
     names = [i.name for i in graph.inputs]
+    ids = token_ids_name(graph.module)  # the lm loss scores the input an embedding reads, whatever its name
     watched = {n: path for path, nodes in outputs.items() for n in nodes}
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
@@ -43,7 +45,7 @@ def output_fisher(graph: ModelGraph, outputs: dict[str, list[fx.Node]], batches:
             values: dict[fx.Node, torch.Tensor] = {}
             flat = _Keeper(graph.module, watched, values).run(*(batch[n] for n in names))
             try:
-                loss = lm_loss(graph.restructure(flat), batch)
+                loss = lm_loss(graph.restructure(flat), batch, ids)
             except ValueError as e:  # less train()'s advice (loss='distill'): no precision rule takes it
                 raise FisherUnavailable(str(e).partition(": use loss=")[0]) from None
             nodes = list(values)

@@ -13,7 +13,8 @@ CASES = [
     ("bert", "drop blocks[1]\nheal method=lora steps=1", 2,
      "`heal method=lora` cannot train here: loss='lm' needs a model whose output has logits"),
     ("vit", "drop blocks[1]\nheal method=lora steps=1", 2,
-     "`heal method=lora` cannot train here: loss='lm' scores input_ids (or labels), and the model takes ['pixel_values']"),
+     "`heal method=lora` cannot train here: loss='lm' scores the token ids an embedding reads (or labels), and the "
+     "model takes ['pixel_values']"),
     ("bert", "precision blocks.*.mlp.* choose {int8, int4} budget avg_bits<=6 by fisher", 1,
      "`by fisher` weighs each output by the gradient of a causal LM's next-token loss, and this model cannot give it"),
     ("llama", "drop blocks[0]\nheal method=linear fold=true", 2,

@@ -103,3 +103,34 @@ def test_distill_without_logits_is_the_mse_of_the_first_output_tensor():
         distill_loss((student,), _Teacher((teacher[:, :5],)), batch)
     with pytest.raises(TypeError, match="found no output tensor in a tuple"):
         distill_loss(("text",), _Teacher(("text",)), batch)
+
+
+class _Renamed(torch.nn.Module):
+    """A causal LM whose token ids are called `tokens`."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, tokens, attention_mask):
+        return self.inner(input_ids=tokens, attention_mask=attention_mask)
+
+
+def test_the_lm_loss_scores_the_ids_an_embedding_reads_whatever_their_name():
+    """loss='lm' took only `input_ids` (or labels): a LoRA heal and a `by fisher` budget were
+    refused on a decoder taking `tokens`, and slimfx.train died of "scores input_ids"."""
+    import slimfx
+    from slimfx.models import tiny
+
+    lm = tiny("llama")
+    batch = {"tokens": lm.example_inputs["input_ids"], "attention_mask": lm.example_inputs["attention_mask"]}
+    model = _Renamed(lm.model).eval()
+    plan = slimfx.plan(model, "precision blocks.*.mlp.* choose {int8, int4} budget avg_bits<=6 by fisher",
+                       example_inputs=batch)
+    assert plan.rules[0].targets
+    cm = slimfx.compile(model, "adapt blocks.*.attn.q lora rank=2 alpha=4", example_inputs=batch)
+    with torch.no_grad():
+        direct = lm_loss(lm.model(**lm.example_inputs), lm.example_inputs).item()
+        assert lm_loss(cm(**batch), batch, "tokens").item() == pytest.approx(direct, rel=1e-5)
+    result = slimfx.train(cm, [batch], steps=1, lr=1e-3)
+    assert result.first == pytest.approx(direct, rel=1e-4)
