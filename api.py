@@ -321,7 +321,8 @@ def _calibration(model, calib, graph):
     from .runtime.token_ids import token_ids_name
 
     names = {i.name for i in graph.inputs}
-    batches = calibration_batches(model, calib, ids=token_ids_name(graph.module))
+    ids = token_ids_name(graph.module)
+    batches = calibration_batches(model, calib, ids=ids)
     out, problem = [], None
     for i, batch in enumerate(batches):
         binder = CallInputs(graph, f"compiled {graph.model_class} (calibration batch {i} of {len(batches)})",
@@ -333,7 +334,7 @@ def _calibration(model, calib, graph):
         except (TypeError, ValueError) as e:
             problem, bound = problem or e, {k: v for k, v in batch.items() if k in names}
         out.append({**bound, **{k: v for k, v in batch.items() if k not in names}})
-    return CalibrationBatches(out, problem)
+    return CalibrationBatches(out, problem, ids)
 
 
 def _check_backend(backend: str) -> None:

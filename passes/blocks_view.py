@@ -31,7 +31,8 @@ class BlocksView:
         renumber = {b.index: i for i, b in enumerate(kept)}
         self.targets: dict[str, Target] = {
             p: (replace(t, block=renumber[t.block]) if t.block is not None else t)
-            for p, t in base.targets.items() if not p.startswith(prefixes)}
+            # a block that is itself a target (a ModuleList of Linears) goes with its block
+            for p, t in base.targets.items() if p not in removed and not p.startswith(prefixes)}
         self.modules = {p: m for p, m in base.modules.items() if p not in removed and not p.startswith(prefixes)}
         if self.blocks_path is not None and self.blocks_path in self.modules:
             info = self.modules[self.blocks_path]

@@ -20,8 +20,9 @@ class CalibrationBatches(list):
 
     read = False
 
-    def __init__(self, batches=(), problem: Exception | None = None):
+    def __init__(self, batches=(), problem: Exception | None = None, ids: str = "input_ids"):
         super().__init__(batches)
+        self.ids = ids  # the input holding the token ids (runtime/token_ids.py), for described()
         # Why a batch does not fit the graph (api._calibration binds them as a call): raised when
         # a pass reads them, not at compile's start, so a policy that never calibrates is not
         # refused for calibration it does not use.
@@ -54,8 +55,8 @@ class CalibrationBatches(list):
         """"3,072 tokens in 24 rows" (token ids), else "24 rows in 6 batches"."""
         rows = sum(next((v.shape[0] for v in b.values() if getattr(v, "ndim", 0)), 0)
                    for b in super().__iter__())
-        if all("input_ids" in b for b in super().__iter__()):
-            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+        if all(self.ids in b for b in super().__iter__()):
+            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b[self.ids].numel()
                          for b in super().__iter__())
             return f"{counted(tokens, 'token')} in {counted(rows, 'row')}"
         return f"{counted(rows, 'row')} in {counted(len(self), 'batch')}"

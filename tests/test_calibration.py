@@ -98,12 +98,33 @@ def test_a_tensor_calibrates_a_model_whose_ids_have_another_name():
     by_tensor = slimfx.compile(model, GPTQ, example_inputs=ids(2, 8), calib=[calib])
     by_name = slimfx.compile(model, GPTQ, example_inputs=ids(2, 8), calib=[{"tokens": calib}])
     assert by_tensor.report.rules[0].details["calib_tokens"] == 32
+    assert by_tensor.report.calibration == "32 tokens in 4 rows"  # "4 rows in 1 batch": no `input_ids`
     one, other = by_tensor.state_dict(), by_name.state_dict()
     assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one)
     with pytest.raises(ValueError, match="calib batch 0 holds token id -1"):
         slimfx.compile(model, GPTQ, example_inputs=ids(2, 8), calib=torch.full((1, 4), -1))
     with pytest.raises(TypeError, match="a tensor, or a list of dicts of the model's inputs"):
         slimfx.compile(model, GPTQ, example_inputs=ids(2, 8), calib=["some text"])
+    # blocks that are Linears themselves: a KeyError in the view of the blocks left, before the refusal
+    with pytest.raises(slimfx.SpecError, match="blocks do not pass it on"):
+        slimfx.plan(model, "drop blocks[0]", example_inputs=ids(2, 8))
+
+
+class _RenamedLlama(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, tokens, attention_mask):
+        return self.inner(input_ids=tokens, attention_mask=attention_mask)
+
+
+def test_a_drop_measures_its_latency_on_ids_of_another_name(llama):
+    """It ran the calibration batch as it was and reported 0 tokens."""
+    model = _RenamedLlama(llama.model).eval()
+    example = {"tokens": llama.example_inputs["input_ids"], "attention_mask": llama.example_inputs["attention_mask"]}
+    drop = slimfx.compile(model, "drop blocks[1]", example_inputs=example, calib=[example])
+    assert drop.report.rules[0].details["latency_tokens"] == 256
 
 
 @pytest.mark.parametrize("calib, says", [

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ...runtime.inputs import complete_inputs
 from ...runtime.report import RuleReport
+from ...runtime.token_ids import token_ids_name
 from ..bind import BoundRule
 from ..graph_sizes import graph_bytes, graph_params
 from ..block_rules import auto_count as rules_auto_count
@@ -131,12 +132,13 @@ def latency_ms(graph: ModelGraph, ctx: Context, repeats: int = FORWARD_REPEATS) 
     if not ctx.calib:
         return None
     batch = ctx.calib.unread()[0]  # a measurement, not calibration
-    if "input_ids" not in batch:
+    name = token_ids_name(graph.module)  # `tokens` too: it was measured on the batch as it was, "0 tokens"
+    if name not in batch:
         return forward_ms(graph, {k: v[:1] for k, v in batch.items()}, repeats), 0
-    ids = batch["input_ids"].reshape(-1)
-    for tokens in (PROBE_TOKENS, batch["input_ids"].shape[-1]):
+    ids = batch[name].reshape(-1)
+    for tokens in (PROBE_TOKENS, batch[name].shape[-1]):
         probe = ids.repeat(tokens // ids.numel() + 1)[:tokens][None]
-        inputs = complete_inputs({"input_ids": probe}, graph.inputs)
+        inputs = complete_inputs({name: probe}, graph.inputs)
         inputs = {k: v for k, v in inputs.items() if k in {i.name for i in graph.inputs}}
         try:
             return forward_ms(graph, inputs, repeats), tokens
