@@ -62,9 +62,10 @@ def _labels(batch: dict, ids: str) -> torch.Tensor:
 def distill_loss(out, teacher, inputs: dict, flags: Mapping | None = None) -> torch.Tensor:
     """KL(teacher ‖ student) per position over the logits, else the MSE of the first output
     tensor; averaged over the positions attention_mask keeps. `flags`: the non-tensor inputs the
-    student was captured with, which the teacher (its original) needs to compute the same thing."""
+    student was captured with, which a teacher module (its original) needs to compute the same
+    thing; a plain function is the caller's own, called with the tensors alone (it may set them)."""
     with torch.no_grad():
-        ref = teacher(**(flags or {}), **inputs)
+        ref = teacher(**(flags or {}), **inputs) if isinstance(teacher, torch.nn.Module) else teacher(**inputs)
     student, target = _logits(out), _logits(ref)
     if student is not None and target is not None:
         log_s, log_t = F.log_softmax(student.float(), -1), F.log_softmax(target.float(), -1)
