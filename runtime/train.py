@@ -135,6 +135,9 @@ def train(cm, batches, *, steps: int, lr: float | None = None, loss: str = "lm",
             e.add_note(f"slimfx.train stopped after {len(losses)} of {steps} steps; the adapters are restored to "
                        "what they were before this train() call")
         raise
+    finally:
+        for p in params:  # the last step's gradients, as large as the adapters, were held for nothing
+            p.grad = None
     return TrainResult(losses, time.perf_counter() - start, loss)
 
 
