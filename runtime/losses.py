@@ -23,7 +23,7 @@ def lm_loss_problem(program) -> str | None:
         return f"loss='lm' scores the token ids an embedding reads (or labels), and the model takes {names}"
     spec = program.outputs.spec
     keyed = spec.type is dict or any(c.__name__ == "ModelOutput" for c in getattr(spec.type, "__mro__", ()))
-    plain = spec.type in (tuple, list) or spec.is_leaf()
+    plain = spec.type in (tuple, list)  # a bare tensor may be logits (`return self.out(x)`): lm_loss decides
     if (keyed and "logits" not in list(spec.context or ())) or plain:
         return "loss='lm' needs a model whose output has logits (a causal LM); this one has none"
     return None
@@ -33,6 +33,9 @@ def lm_loss(out, batch: dict, ids: str = "input_ids") -> torch.Tensor:
     """Mean next-token cross entropy over the scored tokens (float32, whatever autocast did);
     `ids`: the input holding the token ids (runtime/token_ids.py), scored where no `labels` are."""
     logits = _logits(out)
+    # a model of one's own returns its logits bare (`return self.out(x)`): "this one has none" was false
+    bare = logits is None and isinstance(out, torch.Tensor) and out.dim() == 3
+    logits = out if bare else logits
     if logits is None:
         raise ValueError("loss='lm' needs a model whose output has logits (a causal LM); this one "
                          "has none: use loss='distill' with the original model as teacher")
@@ -40,6 +43,10 @@ def lm_loss(out, batch: dict, ids: str = "input_ids") -> torch.Tensor:
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"loss='lm': logits {tuple(logits.shape)} do not match token ids "
                          f"{tuple(labels.shape)}; lm loss is for causal LMs over [batch, seq] tokens")
+    if bare and int(labels.max()) >= logits.shape[-1]:  # hidden states, not scores over the vocabulary
+        raise ValueError(f"loss='lm': the model's output {tuple(logits.shape)} has {logits.shape[-1]} values per "
+                         f"position and the batch holds token id {int(labels.max())}: it is no logits over the "
+                         "vocabulary; use loss='distill' with the original model as teacher")
     targets = labels[:, 1:]
     if not (targets != -100).any():
         raise ValueError("loss='lm': the batch has no token to predict (all padding, or one token per row)")

@@ -134,3 +134,14 @@ def test_the_lm_loss_scores_the_ids_an_embedding_reads_whatever_their_name():
         assert lm_loss(cm(**batch), batch, "tokens").item() == pytest.approx(direct, rel=1e-5)
     result = slimfx.train(cm, [batch], steps=1, lr=1e-3)
     assert result.first == pytest.approx(direct, rel=1e-4)
+
+
+def test_a_bare_output_tensor_is_scored_as_logits_when_it_can_be():
+    """A model of one's own returning `self.out(x)` was told it has no logits; hidden states
+    returned bare are still refused, by the vocabulary they cannot cover."""
+    batch, logits = _batch(pad=True), _logits()
+    assert lm_loss(logits, batch).item() == pytest.approx(
+        _direct_lm(logits, batch["input_ids"], batch["attention_mask"] != 0), rel=1e-5)
+    with pytest.raises(ValueError, match=r"has 4 values per position and the batch holds token id \d+: it is no "
+                                         r"logits over the vocabulary; use loss='distill'"):
+        lm_loss(torch.randn(2, 6, 4), dict(batch, input_ids=batch["input_ids"].clamp_min(5)))
