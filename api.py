@@ -321,7 +321,7 @@ def _calibration(model, calib, graph):
     from .runtime.token_ids import token_ids_name
 
     names = {i.name for i in graph.inputs}
-    ids = token_ids_name(graph.module)
+    ids = token_ids_name(graph)
     batches = calibration_batches(model, calib, ids=ids)
     out, problem = [], None
     for i, batch in enumerate(batches):

@@ -43,7 +43,7 @@ def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool:
     # The token ids are the integer input an embedding table reads, whatever forward calls it:
     # asked for `input_ids` alone, a decoder taking `tokens` was "not causal", merged, and pruned
     # away its last position.
-    ids_name, embedding = token_ids_input(graph.module)
+    ids_name, embedding = token_ids_input(graph)
     ids_info = next((i for i in graph.inputs if i.name == ids_name), None)
     others = [i.name for i in graph.inputs if i.name != ids_name and i.name not in FILLABLE]
     if ids_info is None or embedding is None or others or not graph.blocks or graph.blocks[0].output is None:

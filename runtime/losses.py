@@ -19,7 +19,7 @@ def lm_loss_problem(program) -> str | None:
     before any batch runs (`plan` asks: a heal or budget that needs it failed only at compile);
     None where it can, or where the structure does not say (a registered output class)."""
     names = sorted(i.name for i in program.inputs)
-    if not {token_ids_name(program.module), "labels"} & set(names):
+    if not {token_ids_name(program), "labels"} & set(names):
         return f"loss='lm' scores the token ids an embedding reads (or labels), and the model takes {names}"
     spec = program.outputs.spec
     keyed = spec.type is dict or any(c.__name__ == "ModelOutput" for c in getattr(spec.type, "__mro__", ()))

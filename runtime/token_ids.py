@@ -14,25 +14,38 @@ __all__ = ["token_ids_input", "token_ids_name"]
 aten = torch.ops.aten
 
 
-def token_ids_input(module: fx.GraphModule) -> tuple[str | None, object]:
+def token_ids_input(program) -> tuple[str | None, object]:
     """(the name of the integer input an embedding table reads, that table's fake value: its rows
-    are the vocabulary), `input_ids` first where several are, never an input a call may leave
-    out and have filled (token_type_ids, position_ids: BERT reads them through embeddings too);
-    (None, None) where there is none."""
+    are the vocabulary) of `program` (a ModelGraph or Program: its fx `module` and `inputs`).
+    `input_ids` first where several are; else the one whose table has the most rows (the
+    vocabulary, not a position table: `positions` was taken for the ids of a model that reads it
+    first, and loss='lm' trained on predicting positions); never an input a call may leave out
+    and have filled (token_type_ids, position_ids). (None, None) where there is none."""
+    # fx names its nodes itself (`forward(self, input)` is node `input_1`): the inputs by position
+    placeholders = [n for n in program.module.graph.nodes if n.op == "placeholder"]
+    named = {p: i.name for p, i in zip(placeholders, program.inputs)}
     found: dict[str, object] = {}
-    for n in module.graph.nodes:
+    for n in program.module.graph.nodes:
         if n.op == "call_function" and n.target is aten.embedding.default and len(n.args) > 1:
             source = _placeholder_of(n.args[1])
             val = getattr(source, "meta", {}).get("val")
-            if source is not None and isinstance(val, torch.Tensor) and not val.is_floating_point():
-                found.setdefault(source.name, n.args[0].meta.get("val"))
-    name = "input_ids" if "input_ids" in found else next((k for k in found if k not in FILLABLE), None)
+            if source in named and isinstance(val, torch.Tensor) and not val.is_floating_point():
+                found.setdefault(named[source], n.args[0].meta.get("val"))
+    if "input_ids" in found:
+        return "input_ids", found["input_ids"]
+    candidates = [k for k in found if k not in FILLABLE]
+    name = max(candidates, key=lambda k: _rows(found[k]), default=None)  # the first of equals
     return name, found.get(name)
 
 
-def token_ids_name(module: fx.GraphModule) -> str:
+def token_ids_name(program) -> str:
     """token_ids_input's name, `input_ids` where no input is read by an embedding."""
-    return token_ids_input(module)[0] or "input_ids"
+    return token_ids_input(program)[0] or "input_ids"
+
+
+def _rows(table) -> int:
+    shape = getattr(table, "shape", None)
+    return int(shape[0]) if shape else 0
 
 
 def _placeholder_of(node, depth: int = 4):

@@ -361,7 +361,7 @@ def _loss(cm, batch: dict, loss: str, teacher) -> torch.Tensor:
     out = cm(**{**_flags_set_away(cm), **inputs})
     if loss == "lm":
         program = getattr(cm, "graph", None)
-        return lm_loss(out, batch, token_ids_name(program.module) if hasattr(program, "module") else "input_ids")
+        return lm_loss(out, batch, token_ids_name(program) if hasattr(program, "inputs") else "input_ids")
     # the flags the graph was captured with (scale=2.0): with forward's defaults, the original
     # computed another function, and the student was pulled towards it
     return distill_loss(out, teacher, inputs, dict(getattr(getattr(getattr(cm, "graph", None), "call", None),

@@ -132,7 +132,7 @@ def latency_ms(graph: ModelGraph, ctx: Context, repeats: int = FORWARD_REPEATS) 
     if not ctx.calib:
         return None
     batch = ctx.calib.unread()[0]  # a measurement, not calibration
-    name = token_ids_name(graph.module)  # `tokens` too: it was measured on the batch as it was, "0 tokens"
+    name = token_ids_name(graph)  # `tokens` too: it was measured on the batch as it was, "0 tokens"
     if name not in batch:
         return forward_ms(graph, {k: v[:1] for k, v in batch.items()}, repeats), 0
     ids = batch[name].reshape(-1)

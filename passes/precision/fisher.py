@@ -35,7 +35,7 @@ def output_fisher(graph: ModelGraph, outputs: dict[str, list[fx.Node]], batches:
     """path -> F [out] (float64): the mean over calibration tokens of (∂L/∂y)², y the value of each
     of the target's output nodes (a target computed at several nodes sums their squares)."""
     names = [i.name for i in graph.inputs]
-    ids = token_ids_name(graph.module)  # the lm loss scores the input an embedding reads, whatever its name
+    ids = token_ids_name(graph)  # the lm loss scores the input an embedding reads, whatever its name
     watched = {n: path for path, nodes in outputs.items() for n in nodes}
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
