@@ -9,6 +9,8 @@ from slimfx.calibration import (BATCH_SIZE, DEFAULT_TOKENS, MAX_TOKENS, builtin_
 from slimfx.evaluation import calibration_texts, default_text, eval_text
 from slimfx.models import load, tiny
 
+from renamed_ids import RenamedIds
+
 GPTQ = "policy p {\n    quantize blocks.*.** : Linear int4 method=gptq\n}\n"
 
 
@@ -110,18 +112,9 @@ def test_a_tensor_calibrates_a_model_whose_ids_have_another_name():
         slimfx.plan(model, "drop blocks[0]", example_inputs=ids(2, 8))
 
 
-class _RenamedLlama(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, tokens, attention_mask):
-        return self.inner(input_ids=tokens, attention_mask=attention_mask)
-
-
 def test_a_drop_measures_its_latency_on_ids_of_another_name(llama):
     """It ran the calibration batch as it was and reported 0 tokens."""
-    model = _RenamedLlama(llama.model).eval()
+    model = RenamedIds(llama.model).eval()
     example = {"tokens": llama.example_inputs["input_ids"], "attention_mask": llama.example_inputs["attention_mask"]}
     drop = slimfx.compile(model, "drop blocks[1]", example_inputs=example, calib=[example])
     assert drop.report.rules[0].details["latency_tokens"] == 256

@@ -9,6 +9,8 @@ import torch
 
 from slimfx.runtime.losses import distill_loss, lm_loss
 
+from renamed_ids import RenamedIds
+
 
 def _batch(pad: bool) -> dict:
     g = torch.Generator().manual_seed(0)
@@ -105,17 +107,6 @@ def test_distill_without_logits_is_the_mse_of_the_first_output_tensor():
         distill_loss(("text",), _Teacher(("text",)), batch)
 
 
-class _Renamed(torch.nn.Module):
-    """A causal LM whose token ids are called `tokens`."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, tokens, attention_mask):
-        return self.inner(input_ids=tokens, attention_mask=attention_mask)
-
-
 def test_the_lm_loss_scores_the_ids_an_embedding_reads_whatever_their_name():
     """loss='lm' took only `input_ids` (or labels): a LoRA heal and a `by fisher` budget were
     refused on a decoder taking `tokens`, and slimfx.train died of "scores input_ids"."""
@@ -124,7 +115,7 @@ def test_the_lm_loss_scores_the_ids_an_embedding_reads_whatever_their_name():
 
     lm = tiny("llama")
     batch = {"tokens": lm.example_inputs["input_ids"], "attention_mask": lm.example_inputs["attention_mask"]}
-    model = _Renamed(lm.model).eval()
+    model = RenamedIds(lm.model).eval()
     plan = slimfx.plan(model, "precision blocks.*.mlp.* choose {int8, int4} budget avg_bits<=6 by fisher",
                        example_inputs=batch)
     assert plan.rules[0].targets

@@ -13,6 +13,8 @@ from slimfx.models import tiny
 from slimfx.passes.capture import capture
 from slimfx.passes.causal import is_causal
 
+from renamed_ids import RenamedIds
+
 
 def _ids(seq: int = 9, seed: int = 0) -> dict:
     ids = torch.randint(3, 200, (2, seq), generator=torch.Generator().manual_seed(seed))
@@ -79,24 +81,13 @@ def test_prune_on_a_bare_decoder_is_the_decoders_prune():
     assert (want - plain).abs().max() > 1e-3  # the prune did something
 
 
-class _Renamed(torch.nn.Module):
-    """A model whose token ids are called `tokens`."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, tokens, attention_mask):
-        return self.inner(input_ids=tokens, attention_mask=attention_mask)
-
-
 @pytest.mark.parametrize("name", ["bare LlamaModel", "CLIP text", "bert"])
 def test_the_token_ids_are_found_by_what_reads_them_not_by_their_name(name):
     """Only an input named `input_ids` was probed: a decoder taking `tokens` was not causal, so
     `merge` compiled on it and `prune` scored it as an encoder and dropped its last position."""
     example = _ids()
     renamed = {"tokens": example["input_ids"], "attention_mask": example["attention_mask"]}
-    assert is_causal(capture(_Renamed(MODELS[name]()).eval(), renamed)) == (name != "bert")
+    assert is_causal(capture(RenamedIds(MODELS[name]()).eval(), renamed)) == (name != "bert")
 
 
 def test_a_decoder_taking_tokens_prunes_as_one_taking_input_ids():
@@ -105,8 +96,8 @@ def test_a_decoder_taking_tokens_prunes_as_one_taking_input_ids():
     rule = "tokens after blocks[0] prune keep=0.4 score=attention protect=none restore=true"
     renamed = {"tokens": example["input_ids"], "attention_mask": example["attention_mask"]}
     with pytest.raises(SpecError, match="is causal"):
-        slimfx.compile(_Renamed(inner), "tokens after blocks[0] merge ratio=0.25 restore=true", example_inputs=renamed)
-    by_name = slimfx.compile(_Renamed(inner), rule, example_inputs=renamed, calib=[renamed])
+        slimfx.compile(RenamedIds(inner), "tokens after blocks[0] merge ratio=0.25 restore=true", example_inputs=renamed)
+    by_name = slimfx.compile(RenamedIds(inner), rule, example_inputs=renamed, calib=[renamed])
     by_ids = slimfx.compile(inner, rule, example_inputs=example, calib=[example])
     with torch.no_grad():
         torch.testing.assert_close(by_name(**renamed).last_hidden_state, by_ids(**example).last_hidden_state)
