@@ -30,7 +30,11 @@ def token_ids_input(program) -> tuple[str | None, object]:
             source = _placeholder_of(n.args[1])
             val = getattr(source, "meta", {}).get("val")
             if source in named and isinstance(val, torch.Tensor) and not val.is_floating_point():
-                found.setdefault(named[source], n.args[0].meta.get("val"))
+                # per input the largest table it reaches: a position table reached through
+                # arange(ids.shape[1]) is not the vocabulary, whichever is read first
+                table, name = n.args[0].meta.get("val"), named[source]
+                if name not in found or _rows(table) > _rows(found[name]):
+                    found[name] = table
     if "input_ids" in found:
         return "input_ids", found["input_ids"]
     candidates = [k for k in found if k not in FILLABLE]

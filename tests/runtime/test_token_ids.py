@@ -59,3 +59,22 @@ def test_of_several_inputs_read_by_embeddings_the_vocabularys_is_the_ids():
 def test_the_architectures_ids(arch, want):
     lm = tiny(arch)
     assert token_ids_input(capture(lm.model, lm.example_inputs))[0] == want
+
+
+class _ArangePositions(nn.Module):
+    """Positions made from the ids' length and read first: both tables reach `tokens`."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pos, self.tok = nn.Embedding(16, 8), nn.Embedding(50, 8)
+
+    def forward(self, tokens):
+        return self.pos(torch.arange(tokens.shape[1])) + self.tok(tokens)
+
+
+def test_the_vocabulary_is_the_largest_table_the_ids_reach():
+    """The first table read was taken: the position table, 16 rows, for a vocabulary of 50 (the
+    causal probe then drew ids from 16 of them)."""
+    name, table = token_ids_input(capture(_ArangePositions().eval(), {"tokens": torch.randint(0, 50, (2, 6))}))
+    assert name == "tokens" and table.shape == (50, 8)
