@@ -93,6 +93,7 @@ def train(cm, batches, *, steps: int, lr: float | None = None, loss: str = "lm",
     opt = optimizer if optimizer is not None else torch.optim.AdamW(params, lr=lr)
     bars = progress if isinstance(progress, Progress) else Progress.for_terminal(progress)
     losses: list[float] = []
+    setup = _LossSetup.of(cm)
     start = time.perf_counter()
     # Generated Triton kernels have no backward: a model on that backend trains on its reference
     # graph (the same weights), and its kernels are back afterwards.
@@ -111,14 +112,14 @@ def train(cm, batches, *, steps: int, lr: float | None = None, loss: str = "lm",
                 bars.task(f"training adapters ({loss})", total=steps) as step:
             for i, batch in zip(range(steps), batches):
                 scale(lr_factor(schedule, i, steps))
-                value = _step(cm, batch, opt, loss, teacher, i)
+                value = _step(cm, batch, opt, loss, teacher, i, setup)
                 losses.append(value)
                 step(note=f"loss {value:#.4g}")
             # A step's loss is checked before its update; the last update has no step after it, so
             # one more forward (no gradient) checks what it left: an lr of 1e30 left finite adapters
             # whose outputs were nan.
             with torch.no_grad():
-                after = _loss(cm, batch, loss, teacher)
+                after = _loss(cm, batch, loss, teacher, setup)
             if not torch.isfinite(after):
                 raise FloatingPointError(f"after step {len(losses)}'s update the {loss} loss is {after.item()}")
     except Diverged:
@@ -332,12 +333,12 @@ def module_mode(module: nn.Module | None, training: bool):
             m.training = mode
 
 
-def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
+def _step(cm, batch: dict, opt, loss: str, teacher, i: int, setup: "_LossSetup") -> float:
     # Autocast caches its low-precision copy of each trainable leaf (the adapters) until the
     # caller's `with torch.autocast` ends; without this, every step would reuse step 1's copy.
     torch.clear_autocast_cache()
     opt.zero_grad(set_to_none=True)
-    value = _loss(cm, batch, loss, teacher)
+    value = _loss(cm, batch, loss, teacher, setup)
     if not torch.isfinite(value):
         raise FloatingPointError(f"the {loss} loss is {value.item()} at step {i + 1}")
     if i == 0 and loss == "distill" and value.item() == 0.0:  # before any update: the adapters stay as they are
@@ -356,16 +357,30 @@ def _step(cm, batch: dict, opt, loss: str, teacher, i: int) -> float:
 
 # ---------------------------------------------------------------- the loss of one step
 
-def _loss(cm, batch: dict, loss: str, teacher) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = cm(**{**_flags_set_away(cm), **inputs})
-    if loss == "lm":
+@dataclass(frozen=True)
+class _LossSetup:
+    """What every step's loss reads of `cm`'s graph, found once per train() call (the token ids
+    walk the whole graph)."""
+
+    student_flags: dict  # _flags_set_away
+    # the flags the graph was captured with (scale=2.0), for the teacher: with forward's
+    # defaults the original computed another function, and the student was pulled towards it
+    teacher_flags: dict
+    ids: str  # the input holding the token ids (runtime/token_ids.py)
+
+    @classmethod
+    def of(cls, cm) -> "_LossSetup":
         program = getattr(cm, "graph", None)
-        return lm_loss(out, batch, token_ids_name(program) if hasattr(program, "inputs") else "input_ids")
-    # the flags the graph was captured with (scale=2.0): with forward's defaults, the original
-    # computed another function, and the student was pulled towards it
-    return distill_loss(out, teacher, inputs, dict(getattr(getattr(getattr(cm, "graph", None), "call", None),
-                                                           "flags", ())))
+        return cls(_flags_set_away(cm), dict(getattr(getattr(program, "call", None), "flags", ())),
+                   token_ids_name(program) if hasattr(program, "inputs") else "input_ids")
+
+
+def _loss(cm, batch: dict, loss: str, teacher, setup: _LossSetup) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = cm(**{**setup.student_flags, **inputs})
+    if loss == "lm":
+        return lm_loss(out, batch, setup.ids)
+    return distill_loss(out, teacher, inputs, setup.teacher_flags)
 
 
 def _flags_set_away(cm) -> dict:
