@@ -5,7 +5,7 @@ from __future__ import annotations
 from .block_reads import HEAL_MAP
 from .graph import ModelGraph
 
-__all__ = ["graph_bytes", "graph_params", "read_directly_note", "weights_read_directly"]
+__all__ = ["attrs_read", "graph_bytes", "graph_params", "read_directly_note", "weights_read_directly"]
 
 
 def graph_bytes(graph: ModelGraph) -> int:
@@ -50,6 +50,11 @@ def _stored_weights(graph: ModelGraph) -> int:
     return sum(counted.values())
 
 
+def attrs_read(graph) -> set[str]:
+    """The parameters and buffers the captured graph reads (a BlocksView: its captured graph's)."""
+    return {n.target for n in getattr(graph, "source", graph).module.graph.nodes if n.op == "get_attr"}
+
+
 def weights_read_directly(graph: ModelGraph, blocks: set[int]) -> tuple[list[str], int, int]:
     """(the weights in `blocks` that the forward reads itself rather than by calling their module,
     their bytes, all the blocks' weight bytes). No rule can select them: nn.MultiheadAttention's
@@ -59,10 +64,9 @@ def weights_read_directly(graph: ModelGraph, blocks: set[int]) -> tuple[list[str
     if not prefixes:
         return [], 0, 0
     owned = {name for t in graph.targets.values() for name in t.params}
-    module = getattr(graph, "source", graph).module  # a BlocksView reads the captured graph's
-    read = {n.target for n in module.graph.nodes if n.op == "get_attr"}
+    read = attrs_read(graph)
     names, direct, total = [], 0, 0
-    for name, p in module.named_parameters():
+    for name, p in getattr(graph, "source", graph).module.named_parameters():
         if not name.startswith(prefixes):
             continue
         total += p.numel() * p.element_size()

@@ -14,6 +14,7 @@ from ..dsl.errors import SpecError, did_you_mean
 from ..runtime.report import counted
 from . import roles
 from .graph import Block, ModelGraph, Target
+from .graph_sizes import attrs_read
 
 __all__ = ["resolve", "format_path"]
 
@@ -206,8 +207,7 @@ class _Resolver:
     def _read_directly(self, scopes: list[_Scope]) -> list[str]:
         """The modules named that are linears etc. whose parameters the graph reads, yet that no
         call of the module uses (so they are no target)."""
-        module = getattr(self.g, "source", self.g).module  # a BlocksView reads the captured graph's
-        read = {n.target for n in module.graph.nodes if n.op == "get_attr"}
+        read = attrs_read(self.g)
         named = {s.key for s in scopes if s.kind == "module"}
         return sorted(path for path in named if path in self.g.modules and path not in self.g.targets
                       and roles.module_kind(self.g.modules[path].classes) is not None
