@@ -125,26 +125,32 @@ def remove_runs(graph: ModelGraph, runs: list[list[Block]], bound: BoundRule, ct
     return cuts
 
 
-def latency_ms(graph: ModelGraph, ctx: Context, repeats: int = FORWARD_REPEATS) -> tuple[float, int] | None:
+def latency_ms(graph: ModelGraph, ctx: Context, repeats: int = FORWARD_REPEATS) -> tuple[float, int | None] | None:
     """(least ms of one forward of `repeats`, tokens) of the graph on 1×256 tokens taken from the first
     calibration batch (repeated to length), or on its first row where the model takes fewer
-    positions; None without calibration. For the report's before → after."""
+    positions; where no such probe can be built (no token ids: a ViT; another input beside them
+    that the probe cannot make) on the first calibration row as it is, tokens None; None without
+    calibration. For the report's before → after."""
     if not ctx.calib:
         return None
     batch = ctx.calib.unread()[0]  # a measurement, not calibration
     name = token_ids_name(graph)  # `tokens` too: it was measured on the batch as it was, "0 tokens"
-    if name not in batch:
-        return forward_ms(graph, {k: v[:1] for k, v in batch.items()}, repeats), 0
-    ids = batch[name].reshape(-1)
-    for tokens in (PROBE_TOKENS, batch[name].shape[-1]):
-        probe = ids.repeat(tokens // ids.numel() + 1)[:tokens][None]
-        inputs = complete_inputs({name: probe}, graph.inputs)
-        inputs = {k: v for k, v in inputs.items() if k in {i.name for i in graph.inputs}}
-        try:
-            return forward_ms(graph, inputs, repeats), tokens
-        except Exception:  # noqa: BLE001 - a model with fewer positions (the graph's guard says so)
-            continue
-    return None
+    if name in batch:
+        ids = batch[name].reshape(-1)
+        for tokens in (PROBE_TOKENS, batch[name].shape[-1]):
+            probe = ids.repeat(tokens // ids.numel() + 1)[:tokens][None]
+            inputs = complete_inputs({name: probe}, graph.inputs)
+            inputs = {k: v for k, v in inputs.items() if k in {i.name for i in graph.inputs}}
+            try:
+                return forward_ms(graph, inputs, repeats), tokens
+            except Exception:  # noqa: BLE001 - a model with fewer positions (the graph's guard says so)
+                continue
+    # the row as calibration gave it: a ViT's report said "a 1×0 forward", and a model with an
+    # input beside its ids that the probe lacks had no latency at all
+    try:
+        return forward_ms(graph, {k: v[:1] for k, v in batch.items()}, repeats), None
+    except Exception:  # noqa: BLE001 - a batch whose inputs are not all batched: no figure, not a failure
+        return None
 
 
 @dataclass(frozen=True)
@@ -178,8 +184,8 @@ def block_report(graph: ModelGraph, bound: BoundRule, before: Before, details: d
         (was, tokens), (now, _) = ms_before, after
         was, now = round(was, 2), round(now, 2)
         details = {**details, "latency_ms": [was, now], "latency_tokens": tokens}
-        notes.append(f"CPU latency of a 1×{tokens} forward ×{now / was:.2f} ({_ms(was)} → {_ms(now)} ms, best of "
-                     f"{FORWARD_REPEATS})")
+        what = f"a 1×{tokens} forward" if tokens is not None else "a forward of the first calibration row"
+        notes.append(f"CPU latency of {what} ×{now / was:.2f} ({_ms(was)} → {_ms(now)} ms, best of {FORWARD_REPEATS})")
     return RuleReport(bound.line, bound.text, bound.rule.kind, tuple(removed), params, graph_params(graph),
                       nbytes, graph_bytes(graph), {"removed": list(removed), "blocks_before": n_before,
                                                    "blocks_after": len(graph.blocks), **details}, tuple(notes))

@@ -386,3 +386,44 @@ def test_a_block_holding_a_weight_another_block_reads_is_refused_at_the_rule():
     cm = slimfx.compile(model, "drop blocks[1:3] auto(count=1)", example_inputs=lm.example_inputs,
                         calib=[lm.example_inputs])
     assert cm.report.rules[0].details["removed"] == ["model.layers.1"]
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())
+
+    def forward(self, h):
+        return h + self.mlp(h)
+
+
+class _IdsAndBias(torch.nn.Module):
+    """Token ids and a float input beside them (a per-token bias), which a 1×256 probe of ids cannot
+    make: its drop reported no latency at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.layers = torch.nn.ModuleList(_Residual() for _ in range(3))
+
+    def forward(self, input_ids, bias):
+        h = self.embed(input_ids) + bias
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+@pytest.mark.parametrize("which", ["vit", "ids_and_bias"])
+def test_a_model_the_token_probe_cannot_call_is_timed_on_its_first_calibration_row(which):
+    """A ViT (no token ids) said "CPU latency of a 1×0 forward"; a model with an input beside its ids
+    had no latency. Both are timed on the first calibration row as it is, and say so."""
+    if which == "vit":
+        model = tiny_model("vit")
+        inputs = example_inputs("vit")
+    else:
+        model = _IdsAndBias()
+        inputs = {"input_ids": torch.randint(0, 50, (2, 9)), "bias": torch.randn(2, 9, 16)}
+    rule = _compile(model, inputs, "drop blocks[1]", calib=[inputs]).report.rules[0]
+    notes = " ".join(rule.notes)
+    assert "CPU latency of a forward of the first calibration row ×" in notes and "1×0" not in notes
+    assert rule.details["latency_tokens"] is None and all(ms > 0 for ms in rule.details["latency_ms"])
