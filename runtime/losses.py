@@ -58,12 +58,28 @@ def _labels(batch: dict, ids: str) -> torch.Tensor:
     `labels` copied from padded input_ids, the usual way to write them, scored the pads."""
     if "labels" not in batch and ids not in batch:
         raise ValueError(f"loss='lm' scores {ids} (or labels); the batch has {sorted(batch)}")
+    key = "labels" if "labels" in batch else ids
+    if not isinstance(batch[key], torch.Tensor):  # a list of ids died on `.to` with a bare AttributeError
+        raise TypeError(f"loss='lm': the batch's {key} is a {type(batch[key]).__name__}; give a tensor of "
+                        f"token ids (torch.tensor(...)) of shape [batch, seq]")
     # int64 whatever the ids are: cross_entropy takes no int32 targets, and the model takes int32 ids
-    labels = batch["labels" if "labels" in batch else ids].to(torch.long, copy=True)
-    mask = batch.get("attention_mask")
-    if mask is not None and mask.shape == labels.shape:
+    labels = batch[key].to(torch.long, copy=True)
+    mask = _mask_for(batch.get("attention_mask"), labels.shape)
+    if mask is not None:
         labels[mask == 0] = -100
     return labels
+
+
+def _mask_for(mask, shape: torch.Size) -> torch.Tensor | None:
+    """attention_mask as a [batch, seq] mask of `shape`: a [1, seq] mask beside [batch, seq] ids
+    holds for every row, as the model reads it (the loss ignored it and scored the padding); None
+    for no mask or one of another form (a 4-D mask of the model's own)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != len(shape):
+        return None
+    try:
+        return mask.expand(shape)
+    except RuntimeError:
+        return None
 
 
 def distill_loss(out, teacher, inputs: dict, flags: Mapping | None = None) -> torch.Tensor:
@@ -88,7 +104,8 @@ def distill_loss(out, teacher, inputs: dict, flags: Mapping | None = None) -> to
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None or mask.shape != values.shape:
+    mask = _mask_for(mask, values.shape)
+    if mask is None:
         return values.mean()
     keep = mask != 0
     return values[keep].mean() if keep.any() else values.mean()

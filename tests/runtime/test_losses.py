@@ -74,6 +74,26 @@ def test_lm_loss_refusals_say_what_to_do():
         lm_loss({"logits": _logits()}, {"pixel_values": torch.zeros(1)})
 
 
+def test_a_one_row_mask_holds_for_every_row_as_the_model_reads_it():
+    """A [1, seq] attention_mask beside [batch, seq] ids masks every row in the model's forward;
+    the losses ignored it (its shape was not the ids') and scored the padding."""
+    ids = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(3))
+    row = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    one, full = {"input_ids": ids, "attention_mask": row}, {"input_ids": ids, "attention_mask": row.expand(2, -1)}
+    out = {"logits": _logits()}
+    assert lm_loss(out, one) == lm_loss(out, full)
+    assert lm_loss(out, one).item() == pytest.approx(_direct_lm(out["logits"], ids, row.expand(2, -1) != 0), rel=1e-5)
+    teacher = _Teacher({"logits": _logits(2)})
+    assert distill_loss(out, teacher, one) == distill_loss(out, teacher, full)
+    assert distill_loss(out, teacher, one) != distill_loss(out, teacher, {"input_ids": ids})
+
+
+def test_labels_as_a_list_are_refused_by_name():
+    batch = _batch(pad=False)
+    with pytest.raises(TypeError, match="labels is a list; give a tensor"):
+        lm_loss({"logits": _logits()}, dict(batch, labels=batch["input_ids"].tolist()))
+
+
 class _Teacher(torch.nn.Module):
     def __init__(self, out):
         super().__init__()
