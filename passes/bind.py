@@ -31,6 +31,7 @@ from .estimate import Estimate, estimate, leaves_as_is, stored_after
 from .graph import Block, ModelGraph, Target
 from .graph_sizes import graph_bytes, graph_params, read_directly_note
 from .rewrite import TIED_NOTE, has_weight, shared_outside
+from .peft_in import check as check_adapter_directory
 from .select import resolve
 from .token_history import tokens_again_refusal
 
@@ -370,7 +371,8 @@ class _Binder:
             return BoundRule(rule, targets=(), warnings=tuple(warnings))
         if isinstance(rule, A.Adapt) and not rule.get("from"):
             self._check_rank(rule, targets)
-        elif isinstance(rule, A.Adapt) and (missing := adapter_directory(rule.get("from"))[1]) is not None:
+        missing = adapter_directory(rule.get("from"))[1] if isinstance(rule, A.Adapt) and rule.get("from") else None
+        if missing is not None:
             self._error(_param_span(rule, "from"), "no-file", *missing)
         if found and not targets:
             why = "all are protected by `keep`" if kept else f"it selects only {', '.join(others) or 'blocks'}"
@@ -382,6 +384,8 @@ class _Binder:
                         "raise the limit or offer smaller formats")
         bound = BoundRule(rule, targets=targets, protected=tuple(t.path for t in kept),
                           estimate=guess, warnings=tuple(warnings))
+        if isinstance(rule, A.Adapt) and rule.get("from") and missing is None and targets:
+            self._check_adapter_directory(rule, bound)
         self.stored.update(stored_after(rule, targets, guess))
         formats = [rule.format] if isinstance(rule, A.Quantize) else \
             [c.format for c in rule.choices] if isinstance(rule, A.Precision) else []
@@ -389,6 +393,14 @@ class _Binder:
         self.reformatted |= {t.path for t in targets if formats
                              and not any(leaves_as_is(f, t, self.graph) for f in formats)}
         return bound
+
+    def _check_adapter_directory(self, rule: A.Adapt, bound: BoundRule) -> None:
+        """`from=DIR` read as the adapter pass reads it (its modules, method, ranks against the
+        rule): `plan` said "ready" for what compile then refused."""
+        try:
+            check_adapter_directory(rule.get("from"), bound, self.source, self.filename)
+        except SpecError as e:
+            self.problems += e.diagnostics
 
     def _check_rank(self, rule: A.Adapt, targets: tuple[Target, ...]) -> None:
         """An adapter's B·A cannot have a larger rank than the layer's smaller dimension."""

@@ -1,5 +1,5 @@
 """PEFT's adapter directory format, both ways: `CompiledModel.save_adapters(dir)` writes it here,
-and `adapt … from="dir"` (passes/adapters/peft_in.py) reads it with the names and the pattern
+and `adapt … from="dir"` (passes/peft_in.py) reads it with the names and the pattern
 rule defined here. PEFT itself is not needed for either.
 
 A directory is `adapter_config.json` (a LoraConfig: r, lora_alpha, target_modules, …) and

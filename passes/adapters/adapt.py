@@ -10,7 +10,7 @@ a=√5, or normal with std 1/r; B: zeros; DoRA's magnitude: the row norms of the
 the compiled model's outputs are bit-identical to the original's until it trains. `init=error`
 starts each adapter instead from the error a `quantize` before it left in the weight
 (passes/adapters/error_init.py), so the model starts closer to the unquantized one. `from=` reads
-a PEFT adapter directory instead (passes/adapters/peft_in.py). `dtype=fp16|bf16` stores A and B
+a PEFT adapter directory instead (passes/peft_in.py). `dtype=fp16|bf16` stores A and B
 rounded to half precision (passes/adapters/storage.py). `merge=true` folds the adapters into the
 base weights right away (runtime/adapter_merge.py).
 """
@@ -31,7 +31,7 @@ from ..graph_sizes import graph_params
 from ..context import Context
 from ..graph import ModelGraph, Target
 from ..lora import BaseSite, base_sites, base_weight, has_adapter, insert_adapter, site_dims
-from . import peft_in
+from .. import peft_in
 from .error_init import ErrorFigures, error_details, error_note, fit_error_adapters
 from .storage import STORED_DTYPES, store_as
 from ...runtime.forward_parts import recompile

@@ -279,9 +279,14 @@ def test_keep_counts_a_tied_weight_once():
 
 
 def test_adapt_from_a_directory_is_sized_at_compile(llama, tmp_path, monkeypatch):
+    import slimfx
+    from slimfx.runtime.compiled import CompiledModel
+    from slimfx.runtime.program_copy import copy_program
+    from slimfx.runtime.report import Report
+
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "adapters" / "x").mkdir(parents=True)
-    (tmp_path / "adapters" / "x" / "adapter_config.json").write_text("{}")  # read at compile
+    base = CompiledModel(copy_program(llama), report=Report(None, llama.model_class))
+    slimfx.compile(base, "adapt blocks.*.attn.q lora rank=4").save_adapters(tmp_path / "adapters" / "x")
     (bound,) = plan_of(llama, 'adapt blocks.*.attn.q lora from="adapters/x" merge=true').rules
     assert bound.estimate.params_after == bound.estimate.params_before
     assert bound.estimate.note == "loaded from adapters/x at compile; merged into the base weights"

@@ -195,6 +195,30 @@ def test_the_selection_must_be_the_adapters_modules(damaged):
              rule="adapt blocks[0].attn.{q,v} lora")
 
 
+@pytest.mark.parametrize("rule", ["adapt blocks.*.attn.{q,k} lora", "adapt blocks.*.attn.{q,v} dora",
+                                  "adapt blocks.*.attn.{q,v} lora rank=8"])
+def test_plan_refuses_what_compile_would(damaged, rule):
+    """plan checked only that the directory was there, and said "ready" (the CLI exited 0) for an
+    adapter of other modules, of the other method, or of another rank than written."""
+    with pytest.raises(SpecError) as compiled:
+        slimfx.compile(_base("llama"), _policy(f'{rule} from="{damaged}"'))
+    with pytest.raises(SpecError) as planned:
+        slimfx.plan(_base("llama"), _policy(f'{rule} from="{damaged}"'))
+    assert planned.value.render() == compiled.value.render()
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_modules_keep_takes_from_the_rule_are_named_as_keeps(damaged, where):
+    """The adapter covers both blocks and `keep blocks[0]` takes block 0's from the rule: the error
+    said "in the adapter but not selected" and asked for another selector, which was right."""
+    rules = ["keep blocks[0]", f'adapt blocks.*.attn.{{q,v}} lora from="{damaged}"']
+    with pytest.raises(SpecError) as info:
+        slimfx.compile(_base("llama"), "policy p {\n" + "\n".join(rules if where == "before" else rules[::-1]) + "\n}")
+    e = info.value
+    assert e.kind == "invalid-combination" and "but `keep` protects" in e.message, e.render()
+    assert "model.layers.0.self_attn.q_proj" in e.message and "out of the `keep` rule" in e.hint
+
+
 def test_shapes_must_fit_the_linears(damaged):
     file = damaged / "adapter_model.safetensors"
     tensors = load_file(file)

@@ -1,4 +1,6 @@
-"""`adapt … from="dir"`: a PEFT LoRA/DoRA adapter directory, read for the adapter pass (adapt.py).
+"""`adapt … from="dir"`: a PEFT LoRA/DoRA adapter directory, read for the adapter pass
+(adapters/adapt.py) and checked against the rule by bind.py, so that `plan` refuses what compile
+would; here, not in the pass's folder, because the core may not import a pass (LAYOUT.md).
 
     adapt blocks.*.attn.{q,v} lora from="adapters/support-bot"
 
@@ -15,19 +17,22 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ...dsl.errors import SpecError
-from ...dsl.schema import FLOAT32_MAX
-from ...runtime.adapters import Adapter
-from ...runtime.peft_format import CONFIG, PICKLED, WEIGHTS, adapter_directory, pattern_value, split_key
-from ..bind import BoundRule
-from ..context import Context
-from ..graph import Target
-from ..lora import BaseSite, site_dims
+from ..dsl.errors import SpecError
+from ..dsl.schema import FLOAT32_MAX
+from ..runtime.adapters import Adapter
+from ..runtime.peft_format import CONFIG, PICKLED, WEIGHTS, adapter_directory, pattern_value, split_key
+from .graph import Target
+from .lora import BaseSite, site_dims
 
-__all__ = ["LoadedAdapter", "read"]
+if TYPE_CHECKING:  # bind.py checks a rule's directory with `check` at plan time
+    from .bind import BoundRule
+    from .context import Context
+
+__all__ = ["LoadedAdapter", "check", "read"]
 
 # adapter_config.json fields that never change what a trained LoRA/DoRA adapter computes; any other
 # field set to something but off (use_rslora, lora_bias, modules_to_save, a new variant…) is refused
@@ -45,18 +50,18 @@ _PLAIN_INITS = ("gaussian", "eva", "orthogonal")  # and True/False
 class _Errors:
     """SpecErrors at the rule's position."""
 
-    def __init__(self, bound: BoundRule, ctx: Context, directory: Path | None = None):
-        self.bound, self.ctx, self.directory = bound, ctx, directory
+    def __init__(self, bound: BoundRule, source: str, filename: str, directory: Path | None = None):
+        self.bound, self.source, self.filename, self.directory = bound, source, filename, directory
 
     def __call__(self, kind: str, message: str, hint: str | None = None) -> SpecError:
         # Under `from="…"`, what every one of these errors is about, when the parser gave it a span.
         span = next((p.span for p in self.bound.rule.params if p.name == "from"), None)
         if span is not None and span.line and span.line == span.end_line:
             return SpecError.at(kind, message, line=span.line, column=span.column,
-                                width=max(span.end_column - span.column, 1), source=self.ctx.source,
-                                filename=self.ctx.filename, hint=hint)
+                                width=max(span.end_column - span.column, 1), source=self.source,
+                                filename=self.filename, hint=hint)
         return SpecError.at(kind, message, line=self.bound.line, column=self.bound.rule.span.column,
-                            source=self.ctx.source, filename=self.ctx.filename, hint=hint)
+                            source=self.source, filename=self.filename, hint=hint)
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,16 @@ class LoadedAdapter:
 
 def read(source: str, bound: BoundRule, ctx: Context) -> LoadedAdapter:
     """Read and check the PEFT adapter directory `source` (relative: to the current directory)."""
-    errors = _Errors(bound, ctx)
+    return _read(source, bound, _Errors(bound, ctx.source, ctx.filename))
+
+
+def check(source: str, bound: BoundRule, text: str, filename: str) -> None:
+    """`read`'s checks, for `plan` (bind.py): it said "ready" for an adapter of other modules, of
+    the other method or of another model, which compile then refused. SpecError at the rule."""
+    _read(source, bound, _Errors(bound, text, filename))
+
+
+def _read(source: str, bound: BoundRule, errors: _Errors) -> LoadedAdapter:
     directory = _directory(source, errors)
     errors.directory = directory
     config = _config(directory, errors)
@@ -90,7 +104,7 @@ def read(source: str, bound: BoundRule, ctx: Context) -> LoadedAdapter:
     tensors = _tensors(directory, config, errors)
     method = "dora" if config.get("use_dora") else "lora"
     _check_method(bound.rule.method, method, errors)
-    _check_targets(list(tensors), [t.path for t in bound.targets], errors)
+    _check_targets(list(tensors), [t.path for t in bound.targets], bound.protected, errors)
     ranks, alphas = _ranks_alphas(config, list(tensors), errors)
     _check_written(bound, ranks, alphas, errors)
     for path, ts in tensors.items():
@@ -232,11 +246,16 @@ def _check_method(written: str, method: str, errors: _Errors) -> None:
                      hint=f"write `adapt … {method} from=…`")
 
 
-def _check_targets(adapted: list[str], selected: list[str], errors: _Errors) -> None:
+def _check_targets(adapted: list[str], selected: list[str], kept: tuple[str, ...], errors: _Errors) -> None:
     only_adapter = [p for p in adapted if p not in set(selected)]
     only_rule = [p for p in selected if p not in set(adapted)]
     if not (only_adapter or only_rule):
         return
+    held = [p for p in only_adapter if p in set(kept)]
+    if held and not only_rule and len(held) == len(only_adapter):  # the selector was right: `keep` took them
+        raise errors("invalid-combination", f"{errors.directory} adapts {_few(held)}, which the rule selects "
+                     "but `keep` protects: an adapter is brought in whole or not at all",
+                     hint="take those modules out of the `keep` rule, or use an adapter trained without them")
     sides = []
     if only_rule:
         sides.append(f"selected by the rule but not in the adapter: {_few(only_rule)}")
