@@ -11,7 +11,12 @@ import torch.nn.functional as F
 
 from .token_ids import token_ids_name
 
-__all__ = ["distill_loss", "lm_loss", "lm_loss_problem"]
+__all__ = ["distill_loss", "lm_loss", "lm_loss_problem", "NoTokenToPredict"]
+
+
+class NoTokenToPredict(ValueError):
+    """A batch whose rows are all padding or one token long: nothing for the lm loss to score (a
+    caller summing over batches may pass it over)."""
 
 
 def lm_loss_problem(program) -> str | None:
@@ -49,7 +54,7 @@ def lm_loss(out, batch: dict, ids: str = "input_ids") -> torch.Tensor:
                          "vocabulary; use loss='distill' with the original model as teacher")
     targets = labels[:, 1:]
     if not (targets != -100).any():
-        raise ValueError("loss='lm': the batch has no token to predict (all padding, or one token per row)")
+        raise NoTokenToPredict("loss='lm': the batch has no token to predict (all padding, or one token per row)")
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 

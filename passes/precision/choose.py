@@ -23,7 +23,7 @@ from ..graph import ModelGraph
 from ..threads import one_thread
 from .budget import BudgetInfeasible, solve_avg_bits, solve_budget
 from .encode import Candidate, OutOfRange, decode, encoded_bytes
-from .fisher import FisherUnavailable, output_fisher, weighted_error
+from .fisher import FisherUnavailable, NoFisherTokens, output_fisher, weighted_error
 from .compensate import error_corrections, few_rows_note, sweep_details
 from .sequential import sequential_encode, sequential_scores
 from .targets import (DeadInputs, Item, apply, encode_item, few_tokens_note, formats_by_reason, hessians_of, items_of,
@@ -172,6 +172,11 @@ def _fisher(graph: ModelGraph, items: list[Item], ctx: Context, bound: BoundRule
     require_calib(ctx, bound, "`by fisher`")
     try:
         return output_fisher(graph, {it.path: [s.node for s in it.sites] for it in items}, ctx.calib, ctx.progress)
+    except NoFisherTokens as e:
+        raise SpecError(Diagnostic(
+            "unsupported", f"`by fisher` weighs each output by the gradient of the next-token loss over the "
+            f"calibration text: {e}", bound.line, bound.rule.span.column, len(bound.rule.kind),
+            "calibrate on rows of two tokens or more, or use `by output_mse`"), ctx.source, ctx.filename) from None
     except (FisherUnavailable, RuntimeError) as e:
         raise SpecError(Diagnostic(
             "unsupported", f"`by fisher` weighs each output by the gradient of a causal LM's next-token loss, "

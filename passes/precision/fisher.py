@@ -18,16 +18,20 @@ import torch
 from torch import fx
 
 from ...runtime.progress import Progress
-from ...runtime.losses import lm_loss
+from ...runtime.losses import NoTokenToPredict, lm_loss
 from ...runtime.token_ids import token_ids_name
 from ..calibrate import kept_rows, real_rows
 from ..graph import ModelGraph
 
-__all__ = ["output_fisher", "weighted_error", "FisherUnavailable"]
+__all__ = ["output_fisher", "weighted_error", "FisherUnavailable", "NoFisherTokens"]
 
 
 class FisherUnavailable(ValueError):
     """The graph cannot give loss gradients (no logits, or an op without a backward)."""
+
+
+class NoFisherTokens(FisherUnavailable):
+    """No calibration batch has a token to predict: the model could, the text cannot."""
 
 
 def output_fisher(graph: ModelGraph, outputs: dict[str, list[fx.Node]], batches: list[dict[str, Any]],
@@ -38,7 +42,7 @@ def output_fisher(graph: ModelGraph, outputs: dict[str, list[fx.Node]], batches:
     ids = token_ids_name(graph)  # the lm loss scores the input an embedding reads, whatever its name
     watched = {n: path for path, nodes in outputs.items() for n in nodes}
     sums: dict[str, torch.Tensor] = {}
-    tokens = 0
+    tokens = skipped = 0
     with _params_need_grad(graph.module), (progress or Progress()).task(
             f"loss gradients for `by fisher` ({len(batches)} batches)", total=len(batches)) as step:
         for batch in batches:
@@ -46,6 +50,10 @@ def output_fisher(graph: ModelGraph, outputs: dict[str, list[fx.Node]], batches:
             flat = _Keeper(graph.module, watched, values).run(*(batch[n] for n in names))
             try:
                 loss = lm_loss(graph.restructure(flat), batch, ids)
+            except NoTokenToPredict:  # one-token rows give no gradient: they refused the whole model
+                skipped += 1
+                step()
+                continue
             except ValueError as e:  # less train()'s advice (loss='distill'): no precision rule takes it
                 raise FisherUnavailable(str(e).partition(": use loss=")[0]) from None
             nodes = list(values)
@@ -61,6 +69,9 @@ def output_fisher(graph: ModelGraph, outputs: dict[str, list[fx.Node]], batches:
                 rows_seen = rows.shape[0]  # the batch's real tokens, the same at every node
             tokens += rows_seen
             step()
+    if skipped == len(batches):
+        raise NoFisherTokens(f"none of the {len(batches)} calibration batches has a token to predict (every row "
+                             "is padding or one token long)")
     missing = sorted(set(outputs) - set(sums))
     if missing:
         raise FisherUnavailable(f"the loss does not depend on {', '.join(missing[:3])}")

@@ -73,6 +73,32 @@ def test_output_fisher_equals_gradients_on_the_hf_model():
         torch.testing.assert_close(got[path], want[path], rtol=1e-4, atol=1e-12 + 1e-4 * float(want[path].max()))
 
 
+def _one_token_batch():
+    return {"input_ids": torch.tensor([[5], [7]]), "attention_mask": torch.ones(2, 1, dtype=torch.long)}
+
+
+def test_a_batch_with_no_token_to_predict_is_passed_over():
+    """A batch of one-token rows (short texts batched four at a time) refused `by fisher` for the
+    whole model, "this model cannot give it": it has no gradient to give, the others do."""
+    cap = captured("llama")
+    outputs = {path: [s.node for s in find_sites(cap.graph, t)] for path, t in cap.graph.targets.items()
+               if ".layers." in path and t.kind == "linear"}
+    got = output_fisher(cap.graph, outputs, [_calib()[0], _one_token_batch(), _calib()[1]])
+    want = _hf_fisher(cap.model, _calib())
+    for path in want:
+        torch.testing.assert_close(got[path], want[path], rtol=1e-4, atol=1e-12 + 1e-4 * float(want[path].max()))
+
+
+def test_calibration_with_no_token_to_predict_at_all_says_so():
+    lm = tiny("llama", layers=2)
+    policy = "policy p {\nprecision blocks.*.** : Linear choose {int8, int4} budget avg_bits<=6 by fisher\n}"
+    with pytest.raises(SpecError) as e:
+        slimfx.compile(lm, policy, calib=[_one_token_batch()] * 2, backend="eager")
+    assert e.value.kind == "unsupported" and e.value.line == 2, e.value.render()
+    assert "none of the 2 calibration batches has a token to predict" in e.value.message
+    assert "cannot give it" not in e.value.message and "two tokens or more" in e.value.hint
+
+
 def test_weighted_error_is_the_expected_loss_weighted_output_error():
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(50, 6, generator=gen, dtype=torch.float64)
