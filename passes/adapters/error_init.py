@@ -144,10 +144,12 @@ def adapter_tensors(graph: ModelGraph, site: BaseSite, adapter: Adapter, fit: Er
     return tensors, ErrorFigures(fit.before, fit.after)
 
 
-def _left(fits: dict[str, ErrorFigures]) -> float:
-    """Mean over targets of the output error left after the adapter, as a fraction of before."""
-    ratios = [f.after / f.before if f.before > 0 else 1.0 for f in fits.values()]
-    return sum(ratios) / len(ratios)
+def _left(fits: dict[str, ErrorFigures]) -> float | None:
+    """Mean over the targets with a quantization error of the output error left after the adapter,
+    as a fraction of before; None where none has one. A target left in full precision (`keep`, or
+    kept by a budget) has none, and counted as 100% left it read 72% where the others left 43%."""
+    ratios = [f.after / f.before for f in fits.values() if f.before > 0]
+    return sum(ratios) / len(ratios) if ratios else None
 
 
 def error_details(fits: dict[str, ErrorFigures]) -> dict:
@@ -161,5 +163,12 @@ def error_note(fits: dict[str, ErrorFigures]) -> str:
         f"; {swept} of them fitted during the GPTQ sweep before, so the later layers were calibrated on "
         "them, and aimed at what the original model computed (the error there includes the drift of "
         "the inputs)")
-    return (f"init=error: the adapters leave {_left(fits):.1%} of the quantization's output error on the "
-            f"calibration inputs (mean over {len(fits)} targets{how})")
+    left, exact = _left(fits), sum(f.before <= 0 for f in fits.values())
+    if left is None:
+        return (f"init=error: none of the {len(fits)} targets has a quantization error (each is left in full "
+                "precision): each adapter starts with B = 0, as a fresh one does")
+    n = len(fits) - exact
+    over = f"{n} target{'s' * (n != 1)}" + (
+        f"; {exact} left in full precision {'has' if exact == 1 else 'have'} no error" if exact else "")
+    return (f"init=error: the adapters leave {left:.1%} of the quantization's output error on the "
+            f"calibration inputs (mean over {over}{how})")

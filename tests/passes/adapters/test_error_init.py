@@ -267,3 +267,31 @@ def test_refused_without_calibration():
                        example_inputs=lm.example_inputs, backend="eager")
     assert e.value.kind == "missing-value" and "calib" in e.value.hint
 
+
+
+class _Two(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_targets_left_in_full_precision_do_not_count_as_error_left():
+    """`a` is kept in fp32 and has no error; counted as 100% left it made the note read 71.6% where
+    the one quantized target's adapter left 43%."""
+    torch.manual_seed(0)
+    model, ex = _Two(), {"x": torch.randn(4, 32, 64)}
+    calib = [{"x": torch.randn(4, 32, 64)} for _ in range(4)]
+    both = slimfx.compile(model, "quantize a keep\nquantize b int4 group=16\nadapt {a,b} lora rank=4 init=error",
+                          example_inputs=ex, calib=calib).report.rules[-1]
+    alone = slimfx.compile(model, "quantize b int4 group=16\nadapt b lora rank=4 init=error",
+                           example_inputs=ex, calib=calib).report.rules[-1]
+    assert both.details["output_error_left"] == pytest.approx(alone.details["output_error_left"], rel=1e-6)
+    assert 0 < alone.details["output_error_left"] < 0.8
+    assert "mean over 1 target; 1 left in full precision has no error" in " ".join(both.notes)
+    none = slimfx.compile(model, "quantize {a,b} keep\nadapt {a,b} lora rank=4 init=error",
+                          example_inputs=ex, calib=calib).report.rules[-1]
+    assert none.details["output_error_left"] is None
+    assert "none of the 2 targets has a quantization error" in " ".join(none.notes)
