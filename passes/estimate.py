@@ -162,19 +162,20 @@ def _quantized(rule: A.Quantize, t) -> int:
 
 
 def _quantize(rule: A.Quantize, targets, graph, rewritten) -> Estimate:
-    before = sum(t.nbytes for t in targets)
+    # a weight tied between two targets is there once before, and encoded once per linear after
+    params_before, before = _distinct(targets, graph)
     held = _held(targets, graph, rewritten, lambda t, w: _leaves_as_is(rule.format, w))
     own = sum(_quantized(rule, t) for t in targets)
     params = sum(_numel(t) for t in targets)
     weights = sum(math.prod(_weight_shape(t)) for t in targets) or 1
     bits = 8 * (own - sum(_bias_bytes(t) for t in targets)) / weights
-    return Estimate(params, params, before, own + held, f"≈{bits:.2f} bits/weight")
+    return Estimate(params_before, params, before, own + held, f"≈{bits:.2f} bits/weight")
 
 
 def _precision(rule: A.Precision, targets, graph, rewritten) -> Estimate:
     """The budget, held between what the candidates can reach: every target at its smallest
     format and at its largest (compile picks among them; a looser budget stops at the largest)."""
-    before = sum(t.nbytes for t in targets)
+    params_before, before = _distinct(targets, graph)
     weights = sum(math.prod(_weight_shape(t)) for t in targets)
     params = sum(_numel(t) for t in targets)
     bias = sum(_bias_bytes(t) for t in targets)
@@ -188,7 +189,7 @@ def _precision(rule: A.Precision, targets, graph, rewritten) -> Estimate:
         limit, floor, unit, extra = rule.budget.limit_value, smallest, " bytes", 0
     if targets and limit < smallest * (1 - 1e-9):
         reach = f"{floor:,.0f}{unit}" if unit == " bytes" else f"{floor:.4g}{unit}"
-        return Estimate(params, params, before, smallest + extra, f"cannot be met: the smallest achievable is "
+        return Estimate(params_before, params, before, smallest + extra, f"cannot be met: the smallest achievable is "
                         f"{reach} (every target at its smallest format)", infeasible=True)
     # A tied weight's original stays for the module it is shared with, whatever is chosen: outside
     # the budget, as compile counts it, but in the bytes (plan showed 12 KiB where compile had 73);
@@ -198,7 +199,7 @@ def _precision(rule: A.Precision, targets, graph, rewritten) -> Estimate:
     held = _held(targets, graph, rewritten, lambda t, w: at_largest and _leaves_as_is(biggest[t.path], w))
     after = int(min(limit, largest)) + extra + held
     kept = f"; +{held:,} bytes of tied weights kept for the modules that share them" if held else ""
-    return Estimate(params, params, before, after, f"at most {rule.budget.limit}{rule.budget.unit or ''} "
+    return Estimate(params_before, params, before, after, f"at most {rule.budget.limit}{rule.budget.unit or ''} "
                     f"{'bits/weight' if rule.budget.metric == 'avg_bits' else ''}".strip() + kept)
 
 

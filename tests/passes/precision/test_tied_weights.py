@@ -52,6 +52,21 @@ def test_quantizing_every_sharer_frees_the_original(tmp_path):
     assert [n for n, _ in slimfx.load(tmp_path / "a").program.named_parameters()] == ["up.bias", "c.bias", "c2.bias"]
 
 
+@pytest.mark.parametrize("rule", ["quantize {c,c2} int8",
+                                  "precision {c,c2} choose {int8, int4} budget avg_bits<=6 by output_mse"])
+def test_a_tied_weight_is_counted_once_before_in_the_rule_row_and_the_plan(rule):
+    """The rule's row added each linear's view of the one weight: 16 KiB before for a model that
+    held 8 KiB there, a saving of 4× shown where it was 2×. After, each linear's packed copy counts."""
+    model, x = Shared().eval(), torch.randn(4, 64)
+    weight, biases = 32 * 64, 2 * 32
+    planned = slimfx.plan(model, rule, example_inputs={"x": x}).rules[0].estimate
+    row = slimfx.compile(model, rule, example_inputs={"x": x}, calib=[{"x": torch.randn(8, 64)}],
+                         backend="eager").report.rules[0]
+    for params, nbytes in ((planned.params_before, planned.bytes_before), (row.params_before, row.bytes_before)):
+        assert (params, nbytes) == (weight + biases, 4 * (weight + biases))
+    assert row.params_after == 2 * weight + biases == planned.params_after  # two packed copies
+
+
 def test_quantizing_one_sharer_keeps_the_original_for_the_other_and_says_so_once():
     model, x = Shared().eval(), torch.randn(4, 64)
     cm = slimfx.compile(model, "quantize c : Linear int8", example_inputs={"x": x}, backend="eager")
