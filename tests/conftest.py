@@ -73,3 +73,16 @@ def _collect_what_each_module_leaves(_out_of_sight_what_collection_imported):
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    tiny models run in milliseconds on one thread; two threads on a busy 2-core machine spin for
+    ~0.3 s per forward."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

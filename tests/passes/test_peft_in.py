@@ -22,20 +22,11 @@ from slimfx.runtime.compiled import CompiledModel
 from slimfx.runtime.program_copy import copy_program
 from slimfx.runtime.report import Report
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT's notes on fan_in_fan_out
+# PEFT's notes on fan_in_fan_out; tiny models on one thread (tests/conftest.py)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
 SELECTORS = {"llama": "blocks.*.attn.{q,v}", "gpt2": "blocks.*.attn.**", "bert": "blocks.*.attn.{q,v}",
              "vit": "blocks.*.attn.{q,v}"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run in milliseconds on one thread; two threads on a busy 2-core machine spin
-    for ~0.3 s per forward."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,22 +17,13 @@ from runtime_tiny import compiled
 from slimfx.models import tiny
 from slimfx.runtime.peft_format import PeftFormatError, pattern_value, save_adapters
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT's notes on fan_in_fan_out
+# PEFT's notes on fan_in_fan_out; tiny models on one thread (tests/conftest.py)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
 SELECTORS = {"llama": "blocks.*.attn.{q,v}", "gpt2": "blocks.*.attn.**", "bert": "blocks.*.attn.{q,v}",
              "vit": "blocks.*.attn.{q,v}"}
 # a second rule on llama gives other ranks and alphas: rank_pattern / alpha_pattern
 EXTRA = {"llama": "adapt blocks[0].mlp.down {m} rank=2 alpha=3"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run in milliseconds on one thread; two threads on a busy 2-core machine spin
-    for ~0.3 s per forward."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _compiled(arch: str, method: str, seed: int = 0):

@@ -21,17 +21,9 @@ from slimfx.runtime.formats import QuantFormat, QuantizedWeight, dequantize
 from slimfx.runtime.program_copy import copy_program
 from slimfx.runtime.report import Report
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 QV = "blocks.*.attn.{q,v}"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=None)
