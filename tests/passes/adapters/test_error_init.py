@@ -268,7 +268,6 @@ def test_refused_without_calibration():
     assert e.value.kind == "missing-value" and "calib" in e.value.hint
 
 
-
 class _Two(torch.nn.Module):
     def __init__(self):
         super().__init__()
