@@ -356,9 +356,14 @@ def _quantize_for_error_init(text: str) -> str:
 
 @st.composite
 def policies(draw) -> str:
-    """Valid policy text, drawn from the grammar. Layout, comments and blank lines vary."""
+    """Valid policy text, drawn from the grammar: one policy or more (text of comments alone, which
+    `slimfx check` refuses as holding no policy, was one draw in eight). Layout, comments and
+    blank lines vary."""
     raw = draw(grammar_text_strategy())
     tree = lark_parser().parse(raw)
+    if not any(tree.find_data("policy")):  # comments and blank lines alone: `slimfx check` refuses them
+        event("policies(): redrawn, no policy")
+        assume(False)
     text = _apply(raw, draw(_schema_edits(tree)) + _unique_policy_names(raw, tree))
     text = _quantize_for_error_init(draw(_one_unpad_first(text)))
     if draw(st.booleans()):  # else the drawn order stands, e.g. `keep` or `tokens` above `collapse`
@@ -380,10 +385,7 @@ def bare_rules(draw) -> str:
     between the braces of the first policy with rules of a `policies()` draw (its rules in their
     order, so valid together, with their comments, blank lines and spacing)."""
     text = draw(policies())
-    found = list(lark_parser().parse(text).find_data("policy"))
-    if not found:  # a draw of comments and blank lines only
-        event("bare_rules(): redrawn, no policy")
-    assume(found)
+    found = list(lark_parser().parse(text).find_data("policy"))  # one at least: policies() draws one
     # The first policy that has rules: the grammar draws `rule*`, and a third of first policies
     # had none, so a third of the draws were the empty text. It stays in one draw of eight of
     # those (the empty text is input too); the others are redrawn.
