@@ -20,13 +20,13 @@ def add_model_commands(sub) -> None:
     plan = sub.add_parser("plan", help="show what a policy would do to a model, touching nothing")
     plan.add_argument("spec", type=non_empty, help="policy file (`-` for standard input)")
     plan.add_argument("--model", required=True, type=non_empty, help=MODEL_HELP)
-    plan.add_argument("--policy", help="which policy of the file (when it holds several)")
+    plan.add_argument("--policy", type=non_empty, help="which policy of the file (when it holds several)")
     plan.set_defaults(run=_guarded(_plan))
 
     comp = sub.add_parser("compile", help="compile a model with a policy and save the artifact")
     comp.add_argument("spec", type=non_empty, help="policy file (`-` for standard input)")
     comp.add_argument("--model", required=True, type=non_empty, help=MODEL_HELP)
-    comp.add_argument("--policy", help="which policy of the file (when it holds several)")
+    comp.add_argument("--policy", type=non_empty, help="which policy of the file (when it holds several)")
     comp.add_argument("--out", required=True, type=non_empty, help="artifact directory to write")
     calib = comp.add_mutually_exclusive_group()
     calib.add_argument("--calib", metavar="FILE", type=non_empty, help="calibration text (UTF-8; paragraphs become calibration "

@@ -31,6 +31,8 @@ class Cp1252Stdout(io.TextIOWrapper):
     (["plan", "", "--model", "tiny:llama"], "spec"),
     (["check", ""], "FILE"),  # it said ": error[no-file]: cannot read : Is a directory", exit 1
     (["fmt", "P", ""], "FILE"),
+    (["plan", "P", "--model", "tiny:llama", "--policy", ""], "--policy"),  # "no policy `` in P", exit 1
+    (["compile", "P", "--model", "tiny:llama", "--out", "o", "--policy", ""], "--policy"),
 ])
 def test_an_empty_path_or_name_is_a_usage_error_not_one_left_out(tmp_path, capsys, argv, option):
     """eval --compiled '' scored the original alone and exited 0; train --out '' wrote to the default."""
