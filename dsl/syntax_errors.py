@@ -93,10 +93,53 @@ def _valueless_param(got, expected, source, line, column):
         return None
     text = _line(source, line)
     before = re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*$", text[: column - 1])
-    if not before or before.group(1) not in _own_params(text, column):
+    if not before:
         return None
+    if before.group(1) not in _own_params(text, column):
+        return _stray_word(text, before)
     name = before.group(1)
     return (*_no_value(name), name, before.start(1) + 1)
+
+
+def _stray_word(text: str, word: re.Match):
+    """A word where the rule takes a `name=value` parameter that is none of its parameters there:
+    told "`embed` has no value; write `embed=<value>`" (`keep head embed`), the user wrote it and
+    was refused again. Says what the word may have meant: a second selector (`keep {head,embed}`),
+    a value of one of the rule's parameters alone (`prune attention`: `score=attention`), a second
+    format or adapter kind, or a missing `,` between the formats of `choose {…}`."""
+    name, column = word.group(1), word.start(1) + 1
+    keyword = _rule_keyword(text, column)
+    if keyword is None or name in RULE_KEYWORDS:  # a second rule on the line: _explain says so
+        return None
+    specs = _own_specs(text, column)
+    before = text[_rule_start(text, column): word.start(1)]
+    chosen = before.rfind("choose")
+    if keyword == "precision" and name in FORMATS and chosen >= 0 and "}" not in before[chosen:]:
+        last = _WORD.findall(before)[-1]
+        return ("syntax", f"expected `,` between the formats of `choose {{…}}`, got `{name}`",
+                f"write `{last}, {name}`: each format a choice, parameters after its own format", name, column)
+    what = "`tokens after … " + before.split()[-1] + "`" if keyword == "tokens" else f"`{keyword}`"
+    owner = next((spec.name for spec in specs.values() if name in spec.choices), None)
+    if owner is not None:
+        return ("syntax", f"`{name}` is not a parameter of {what}: it is a value of `{owner}`",
+                f"write `{owner}={name}`", name, column)
+    words = before.split()
+    if keyword in ("quantize", "adapt") and len(words) == 3 and name in (FORMATS if keyword == "quantize" else ADAPTERS):
+        kind = "format" if keyword == "quantize" else "adapter kind"
+        return ("syntax", f"`{name}` is not a parameter of `{keyword}`: the rule takes one {kind}, `{words[2]}` here",
+                "to let compile choose among formats write `precision <selector> choose {" + f"{words[2]}, {name}" +
+                "} budget … by output_mse`" if keyword == "quantize" else f"write one of `{words[2]}` and `{name}`",
+                name, column)
+    takes = f"it takes {', '.join(f'`{n}`' for n in specs)}" if specs else "it takes no parameters"
+    if keyword in ("keep", "drop", "collapse") and len(words) == 2:
+        hint = f"a rule takes one selector; to name several write a set: `{keyword} {{{words[1]},{name}}}`"
+    elif name in SCHEMAS.get(f"{keyword}.auto", {}):
+        hint = f"`{name}` is a parameter of `auto(…)`: write it inside the parentheses, `{name}=<value>`"
+    elif keyword == "precision" and name in SCHEMAS["choice"]:
+        hint = f"`{name}` is a format's: write it after its format inside `choose {{…}}`, e.g. `int4 {name}=<value>`"
+    else:
+        hint = f"remove `{name}`, or write a parameter as `name=value`"
+    return "syntax", f"`{name}` is not a parameter of {what} ({takes})", hint, name, column
 
 
 def _no_value(name: str) -> tuple[str, str, str]:
@@ -190,8 +233,12 @@ def _missing_part(e, expected, words, source, line, column):
     if keyword not in RULE_KEYWORDS or not wanted:
         return None
     before = _previous_word(source, line, column)
-    if before and (wanted == {"EQUAL"} or text[: column - 1].rstrip().endswith("=")):
+    if before and text[: column - 1].rstrip().endswith("="):
         return (*_no_value(before), "", column)
+    if before and wanted == {"EQUAL"}:
+        if before in _own_params(text, column):
+            return (*_no_value(before), "", column)
+        return _stray_word(text, re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*$", text[: column - 1]))
     lines = source_lines(source)
     following = _WORD.match(lines[line].lstrip()) if line < len(lines) and not closes_policy else None
     wrapped = following is not None and any(following.group() in words.get(t, ()) for t in wanted)
@@ -312,21 +359,26 @@ def _own_params(text: str, column: int) -> set[str]:
     inside a `choose { … }` a format choice's, elsewhere the rule's own (`keep` is one of
     `tokens after … prune`'s as well as a rule of its own). Where the word sits counts: `drop
     blocks auto(count=2) ratio` was told "`ratio` has no value", and `ratio=0.5` there is refused."""
+    return set(_own_specs(text, column))
+
+
+def _own_specs(text: str, column: int) -> dict:
+    """_own_params' names -> their ParamSpecs."""
     keyword = _rule_keyword(text, column)
     before = text[_rule_start(text, column): column - 1]
     opened = max(before.rfind("auto("), before.rfind("auto ("))
     if opened >= 0 and ")" not in before[opened:]:
-        return set(SCHEMAS.get(f"{keyword}.auto", {}))
+        return dict(SCHEMAS.get(f"{keyword}.auto", {}))
     chosen = before.rfind("choose")
     if keyword == "precision" and chosen >= 0 and "{" in before[chosen:] and "}" not in before[chosen:]:
-        return set(SCHEMAS["choice"])
+        return dict(SCHEMAS["choice"])
     words = set(_WORD.findall(before))
-    names: set[str] = set()
+    specs: dict = {}
     for key, schema in SCHEMAS.items():
         base, _, form = key.partition(".")
         if base == keyword and form != "auto" and (not form or form in words):
-            names |= set(schema)
-    return names
+            specs.update(schema)
+    return specs
 
 
 def _rule_keyword(text: str, column: int) -> str | None:

@@ -108,15 +108,46 @@ def test_a_parameter_without_its_value_before_the_next_one_is_named(rule, name, 
     assert (err.line, err.column) == (1, column)
 
 
-@pytest.mark.parametrize("rule", [
-    "adapt head lora fooo alpha=16",
-    "drop blocks auto(count=2) ratio x=1",  # `ratio` is auto's, not drop's: `ratio=0.5` there is refused
-    "precision head choose { int4, int8 } budget avg_bits<=6 by output_mse group sym=true",  # a choice's
+@pytest.mark.parametrize("rule, word, hint", [
+    ("adapt head lora fooo alpha=16", "fooo", "remove `fooo`"),
+    # `ratio` is auto's, not drop's: `ratio=0.5` there is refused
+    ("drop blocks auto(count=2) ratio x=1", "ratio", "a parameter of `auto(…)`"),
+    ("precision head choose { int4, int8 } budget avg_bits<=6 by output_mse group sym=true", "group",
+     "after its format inside `choose {…}`"),  # a choice's
 ])
-def test_a_word_that_is_no_parameter_where_it_stands_before_another_is_still_a_syntax_error(rule):
+def test_a_word_that_is_no_parameter_where_it_stands_before_another_is_still_a_syntax_error(rule, word, hint):
     """Told "`ratio` has no value; write `ratio=<value>`", the user wrote it and was refused again."""
     err = error_of(rule, bare=True)
-    assert err.kind == "syntax" and err.message.startswith("expected `=` after ")
+    assert err.kind == "syntax" and err.message.startswith(f"`{word}` is not a parameter of ") and hint in err.hint
+    assert err.column == rule.index(f" {word}") + 2
+
+
+@pytest.mark.parametrize("rule, message, hint", [
+    ("keep head embed", "`embed` is not a parameter of `keep` (it takes no parameters)", "`keep {head,embed}`"),
+    ("keep head embed  # and the embedding", "`embed` is not a parameter of `keep`", "`keep {head,embed}`"),
+    ("quantize head int8 int4", "the rule takes one format, `int8` here", "choose {int8, int4} budget"),
+    ("quantize head int8 int4 group=32", "the rule takes one format, `int8` here", "choose {int8, int4} budget"),
+    ("adapt head lora dora", "the rule takes one adapter kind, `lora` here", "one of `lora` and `dora`"),
+    ("tokens after blocks[1] prune attention", "`attention` is not a parameter of `tokens after … prune`: it is a "
+                                               "value of `score`", "write `score=attention`"),
+    ("quantize head int8 rtn", "it is a value of `method`", "write `method=rtn`"),
+])
+def test_a_last_word_that_is_no_parameter_says_what_it_may_have_meant(rule, message, hint):
+    """`keep head embed` was told "`embed` has no value; write `embed=<value>`", which `keep`
+    (no parameters) then refused: the fix was `keep {head,embed}`."""
+    err = error_of(rule, bare=True)
+    word = next(w for w in ("embed", "int4", "dora", "attention", "rtn") if f" {w}" in rule)
+    assert err.kind == "syntax" and message in err.message and hint in err.hint, err.render()
+    assert (err.column, err.first.width) == (rule.index(f" {word}") + 2, len(word))
+
+
+@pytest.mark.parametrize("choose", ["{int8 int4}", "{int8 int4, int2}"])
+def test_a_missing_comma_between_formats_is_named(choose):
+    """It said "expected `=` after `precision <selector>`, got `}`": `int4=` cannot fix it."""
+    rule = f"precision head choose {choose} budget avg_bits<=5 by output_mse"
+    err = error_of(rule, bare=True)
+    assert err.message == "expected `,` between the formats of `choose {…}`, got `int4`" and "`int8, int4`" in err.hint
+    assert err.column == rule.index("int4") + 1
 
 
 @pytest.mark.parametrize("text", ["drop blocks auto(ratio=0.5) auto(count=2)",
