@@ -28,29 +28,33 @@ ACCEPTED = ("a tensor of token ids ([batch, seq] or [seq]), a dict of tensors (o
             "the path of a text file, or a number of tokens of built-in text (an int)")
 
 
-def calibration_batches(model, calib, *, ids: str = "input_ids") -> list[dict[str, Any]]:
+def calibration_batches(model, calib, *, ids: str = "input_ids", vocab: int | None = None,
+                        masked: bool = True) -> list[dict[str, Any]]:
     """The batches `calib` stands for (see the module docstring); [] when there are none. `ids`:
     the input a bare tensor of token ids is (compile passes the model's own name for it). Token
-    ids outside the model's vocabulary, and batches of no tokens, are refused by batch."""
-    batches = _forms(model, calib, ids)
-    _check_ids(model, batches, ids)
+    ids outside the model's vocabulary (`vocab` rows, else its config's), and batches of no
+    tokens, are refused by batch. `masked=False`: the model takes no attention mask, so rows of
+    text are batched only with rows of their own length — padding it cannot tell from text
+    changed the real tokens' activations (an encoder attends to it)."""
+    batches = _forms(model, calib, ids, masked)
+    _check_ids(model, batches, ids, vocab)
     return batches
 
 
-def _forms(model, calib, ids: str) -> list[dict[str, Any]]:
+def _forms(model, calib, ids: str, masked: bool) -> list[dict[str, Any]]:
     if calib is None:
-        return _default(model)
+        return _default(model, masked)
     if isinstance(calib, int) and not isinstance(calib, bool):
-        return _builtin(model, calib)
+        return _builtin(model, calib, masked)
     if isinstance(calib, (str, os.PathLike)):  # one string is a file name; texts come as a list
-        return _texts(model, read_paragraphs(calib, hint=TEXTS_HINT))
+        return _texts(model, read_paragraphs(calib, hint=TEXTS_HINT), masked=masked)
     if isinstance(calib, torch.Tensor):
         return [_ids_batch(calib, ids)]
     if isinstance(calib, Mapping):
         return [_dict_batch(calib, 0)]
     if isinstance(calib, (list, tuple)):
         if calib and all(isinstance(c, str) for c in calib):
-            return _texts(model, list(calib))
+            return _texts(model, list(calib), masked=masked)
         return [_one(c, i, ids) for i, c in enumerate(calib)]
     raise TypeError(f"calib must be {ACCEPTED}; got {type(calib).__name__}")
 
@@ -100,7 +104,7 @@ def _dict_batch(batch: Mapping, i: int) -> dict[str, Any]:
     return dict(batch)
 
 
-def _texts(model, texts: list[str], max_tokens: int | None = None) -> list[dict[str, Any]]:
+def _texts(model, texts: list[str], max_tokens: int | None = None, masked: bool = True) -> list[dict[str, Any]]:
     """Rows of at most MAX_TOKENS tokens — a longer text goes on in further rows, none of it
     dropped — BATCH_SIZE rows to a batch (the last may hold fewer), each batch only as wide as
     its longest row; with `max_tokens`, rows up to the one that reaches that many real tokens."""
@@ -110,18 +114,27 @@ def _texts(model, texts: list[str], max_tokens: int | None = None) -> list[dict[
     if not any(t.strip() for t in texts):  # the tokenizer makes no row of them; torch would say less
         raise ValueError(f"calib holds {len(texts)} text(s), all empty or whitespace: give texts to calibrate on")
     texts = [t for t in texts if t.strip()]  # an empty one has no token to lose
-    return _batches(encode(texts, max_length=MAX_TOKENS, overflow=True), max_tokens)
+    return _batches(encode(texts, max_length=MAX_TOKENS, overflow=True), max_tokens, masked)
 
 
-def _batches(rows: dict[str, Any], max_tokens: int | None) -> list[dict[str, Any]]:
-    """_texts' batches of rows already encoded."""
+def _batches(rows: dict[str, Any], max_tokens: int | None, masked: bool = True) -> list[dict[str, Any]]:
+    """_texts' batches of rows already encoded; unmasked, each of rows of one length (in the
+    order each length first comes)."""
     total = len(rows["input_ids"])
     if max_tokens is not None and "attention_mask" in rows:
         lengths = rows["attention_mask"].sum(1)
         total = int((lengths.cumsum(0) - lengths < max_tokens).sum())  # rows starting before the cap
+    if masked or "attention_mask" not in rows:
+        groups = [list(range(total))]
+    else:
+        by_length: dict[int, list[int]] = {}
+        for i, n in enumerate(rows["attention_mask"][:total].sum(1).tolist()):
+            by_length.setdefault(n, []).append(i)
+        groups = list(by_length.values())
     batches = []
-    for i in range(0, total, BATCH_SIZE):
-        batch = {k: v[i:min(i + BATCH_SIZE, total)] for k, v in rows.items()}
+    for i, rows_of in ((i, group) for group in groups for i in range(0, len(group), BATCH_SIZE)):
+        index = torch.tensor(rows_of[i:i + BATCH_SIZE])
+        batch = {k: v[index] for k, v in rows.items()}
         if "attention_mask" in batch:  # padding columns no row of this batch uses (either side)
             used = batch["attention_mask"].bool().any(0)
             batch = {k: v[:, used] if v.dim() == 2 and v.shape[1] == used.numel() else v for k, v in batch.items()}
@@ -138,14 +151,14 @@ def _batches(rows: dict[str, Any], max_tokens: int | None) -> list[dict[str, Any
 DEFAULT_TOKENS = 3072
 
 
-def _default(model) -> list[dict[str, Any]]:
+def _default(model, masked: bool = True) -> list[dict[str, Any]]:
     """Paragraphs of the default text that `slimfx eval` never scores; none without a tokenizer
     (a pass that needs calibration, GPTQ or the budget solver, then says so)."""
     if getattr(model, "tokenizer", None) is None or not hasattr(model, "encode"):
         return []
     # One text of every paragraph (headings and short lines too), cut into rows of MAX_TOKENS:
     # no row is mostly padding, and each still has the tokenizer's special tokens.
-    return _texts(model, [own_text()], max_tokens=DEFAULT_TOKENS)
+    return _texts(model, [own_text()], max_tokens=DEFAULT_TOKENS, masked=masked)
 
 
 class CalibrationSize(ValueError):
@@ -157,7 +170,7 @@ class CalibrationSize(ValueError):
                          f"for {MAX_TOKENS} to {available} (for more, pass your own text: a list of texts or a file)")
 
 
-def _builtin(model, tokens: int) -> list[dict[str, Any]]:
+def _builtin(model, tokens: int, masked: bool = True) -> list[dict[str, Any]]:
     """Rows of the default calibration text and then more_text.py's, up to `tokens` real tokens;
     `tokens` = DEFAULT_TOKENS gives exactly the default's rows."""
     _encoder(model, "a number of tokens")
@@ -165,12 +178,15 @@ def _builtin(model, tokens: int) -> list[dict[str, Any]]:
     available = _token_count(rows)
     if not MAX_TOKENS <= tokens <= available:
         raise CalibrationSize(tokens, available)
-    return _batches(rows, max_tokens=tokens)
+    return _batches(rows, max_tokens=tokens, masked=masked)
 
 
-def _check_ids(model, batches: list[dict[str, Any]], name: str) -> None:
-    config = getattr(getattr(model, "model", model), "config", None)
-    vocab = getattr(config, "vocab_size", None)
+def _check_ids(model, batches: list[dict[str, Any]], name: str, vocab: int | None = None) -> None:
+    """`vocab`: the rows of the table the ids index (a compiled or hand-written model has no
+    config: ids past it died in the embedding with a bare IndexError); else the config's."""
+    if vocab is None:
+        config = getattr(getattr(model, "model", model), "config", None)
+        vocab = getattr(config, "vocab_size", None)
     for i, batch in enumerate(batches):
         ids = batch.get(name)
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point():

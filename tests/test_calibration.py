@@ -134,6 +134,40 @@ def test_calibration_that_cannot_run_is_refused_by_batch(llama, calib, says):
     assert says in str(e.value)
 
 
+@pytest.mark.parametrize("model", ["compiled", "hand-written"])
+def test_ids_past_the_embedding_table_are_refused_for_a_model_without_a_config(llama, model):
+    """A CompiledModel or one's own module has no config.vocab_size: the ids reached the embedding
+    inside the pass, a bare IndexError. The table's rows are the vocabulary."""
+    if model == "compiled":
+        m, rows, call = slimfx.compile(llama), 256, {}
+    else:
+        m = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 16))
+        rows, call = 50, {"example_inputs": {"input": torch.randint(0, 50, (2, 8))}}
+    with pytest.raises(ValueError) as e:
+        slimfx.compile(m, "quantize ** : Linear int8 method=gptq", calib=[torch.full((2, 8), rows)], **call)
+    assert f"holds token id {rows}, outside the model's vocabulary (0..{rows - 1})" in str(e.value)
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog again and again.", "hi", "short one", "a b", "c d"]
+
+
+def test_texts_for_a_model_without_a_mask_are_batched_only_with_rows_of_their_length():
+    """Padded together, an encoder captured without attention_mask attended to the padding as
+    text: GPTQ on four texts changed 18 of 51 tensors against calibrating each text alone."""
+    bert = tiny("bert")
+    example = {"input_ids": torch.randint(3, 250, (2, 8))}  # no mask
+    batches = calibration_batches(bert, TEXTS, masked=False)
+    assert all(bool(b["attention_mask"].all()) for b in batches)  # no padding left in any batch
+    assert sorted(int(n) for b in batches for n in b["attention_mask"].sum(1)) == \
+        sorted(int(bert.encode([t])["attention_mask"].sum()) for t in TEXTS)
+    policy = "quantize blocks.*.** : Linear int4 group=32 method=gptq"
+    together = slimfx.compile(bert, policy, example_inputs=example, calib=TEXTS).state_dict()
+    alone = slimfx.compile(bert, policy, example_inputs=example, calib=[bert.encode([t]) for t in TEXTS]).state_dict()
+    assert all(torch.equal(together[k], alone[k]) for k in together)
+    # with a mask the rows are padded together as before (it tells padding from text)
+    assert any(not bool(b["attention_mask"].all()) for b in calibration_batches(bert, TEXTS))
+
+
 def test_an_empty_text_among_others_is_left_out(llama):
     assert [b["input_ids"].tolist() for b in calibration_batches(llama, ["", "some text", " "])] == \
         [b["input_ids"].tolist() for b in calibration_batches(llama, ["some text"])]
