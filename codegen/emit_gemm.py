@@ -44,6 +44,7 @@ from .dtypes import dot, float_value, narrowed, rounded, widened
 from .expr import Unsupported, node_value
 from .gemm_dequant import quant_tile, zero_kind
 from .kernel import Kernel, tensor_val
+from .kernel import interpreted as _interpreted  # `interpreted` is launch's local name
 from .ops import keeps_order, kind_of
 from .partition import Group
 from .tuning import autotuned, gemm_configs, m_bucket, tuning_enabled
@@ -83,8 +84,6 @@ class GemmKernel(Kernel):
         """The kernel on `values` (the inputs' tensors, in order). `config` (one of
         codegen/tuning.py's gemm_configs) forces a launch configuration, untimed; otherwise it is
         autotuned or the fixed choice (codegen/tuning.py's module doc)."""
-        from triton import knobs
-
         self.check_dtypes(values)
         x = values[0]
         x2 = x.reshape(-1, self.k)
@@ -103,7 +102,7 @@ class GemmKernel(Kernel):
                 dense += 1
             else:
                 args.append(value.contiguous())
-        interpreted = bool(knobs.runtime.interpret)
+        interpreted = _interpreted()
         sizes = (*args, *outs, m, self.k, *self.ns, *strides)
         if config is not None:
             meta = config["kwargs"]
@@ -437,12 +436,6 @@ def _operands(anchor: fx.Node, group: Group):
             raise Unsupported(f"{anchor.name}: addmm with beta or alpha other than 1")
         return anchor.args[1], ("dense", anchor.args[2]), anchor.args[0], "kn"
     raise Unsupported(f"{anchor.name}: no GEMM template for {anchor.target}")
-
-
-def _interpreted() -> bool:
-    from triton import knobs  # here: runtime/lower.py has set TRITON_INTERPRET before triton's import
-
-    return bool(knobs.runtime.interpret)
 
 
 def _args(node: fx.Node, names: tuple[str, ...]) -> dict:

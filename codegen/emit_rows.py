@@ -24,7 +24,7 @@ from torch import fx
 
 from .dtypes import float_value, narrowed, widened
 from .expr import Unsupported, node_value, reduction_lines
-from .kernel import Kernel, rows_of
+from .kernel import Kernel, interpreted, rows_of
 from .ops import keeps_order, kind_of
 from .partition import Group
 from .tuning import autotuned, row_configs, tuning_enabled
@@ -45,8 +45,6 @@ class RowKernel(Kernel):
 
     def launch(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run on `values` (the inputs, in order); the outputs, shaped as the graph's."""
-        from triton import knobs  # here, not at module level: TRITON_INTERPRET must be set before the first import
-
         self.check_dtypes(values)
         *shapes, full = self.output_shapes(values)
         d = int(full[-1]) if len(full) else 1
@@ -62,9 +60,9 @@ class RowKernel(Kernel):
                     extra += list(torch.broadcast_to(v, full).stride())
         if rows and d:
             block = 1 << (d - 1).bit_length()  # triton.next_power_of_2(d), without its constexpr wrapper's cost
-            interpreted = bool(knobs.runtime.interpret)
-            if tuning_enabled(interpreted):  # one launcher per row width: its own timings
-                self.launch_tuned(("rows", block), lambda: autotuned(self.compile(), row_configs(), ["D"], interpreted),
+            interpreting = interpreted()
+            if tuning_enabled(interpreting):  # one launcher per row width: its own timings
+                self.launch_tuned(("rows", block), lambda: autotuned(self.compile(), row_configs(), ["D"], interpreting),
                                   (rows,), (*args, *outs, d, *extra), {"BLOCK": block}, sizes=(d,))
             else:
                 self.compile()[(rows,)](*args, *outs, d, *extra, BLOCK=block)

@@ -33,7 +33,20 @@ from torch import fx
 
 from . import interpreter_compat
 
-__all__ = ["Kernel", "Shapes", "cache_dir", "source_name", "tensor_val"]
+__all__ = ["Kernel", "Shapes", "cache_dir", "interpreted", "source_name", "tensor_val"]
+
+
+def interpreted() -> bool:
+    """Whether Triton's interpreter runs the kernels: triton's own reading of TRITON_INTERPRET
+    (imported here, not at module level: runtime/lower.py sets the variable before triton's first
+    import). Without triton, or with one older than 3.4 (no `triton.knobs`), the variable's own
+    spellings decide: writing a listing of a bfloat16 model (`--emit-kernels`, `--stats`) needs
+    no triton, and died on `from triton import knobs`."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+    return bool(knobs.runtime.interpret)
 
 
 def cache_dir() -> Path:

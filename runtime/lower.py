@@ -29,8 +29,10 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -270,6 +272,12 @@ def check_triton_runs(gm: nn.Module) -> None:
     if importlib.util.find_spec("triton") is None:  # TRITON_INTERPRET=1 without it loaded, then every call failed
         raise BackendUnavailable("backend=\"triton\" runs kernels written in Triton, and the triton package is not "
                                  "installed here: `pip install triton`, or use backend=\"auto\" or \"eager\"")
+    if not _triton_has_knobs():  # the kernels read triton.knobs (3.4): compile and load passed, every call failed
+        from importlib.metadata import version
+
+        raise BackendUnavailable(f"backend=\"triton\" needs Triton 3.4 or newer, and triton {version('triton')} is "
+                                 "installed here: `pip install 'triton>=3.4'` (with a torch that takes it), or use "
+                                 "backend=\"auto\" or \"eager\"")
     if _on_gpu(gm):
         return
     interpreted = _interpreter_on()
@@ -288,6 +296,18 @@ def check_triton_runs(gm: nn.Module) -> None:
         "(`model.to(\"cuda\")`) and compile that (a compiled graph names the device it was compiled on), "
         "or set TRITON_INTERPRET=1 before triton is imported to run the kernels through Triton's interpreter "
         "(slow; for tests and small models)")
+
+
+def _triton_has_knobs() -> bool:
+    """triton.knobs, which the generated kernels' launchers read, came with Triton 3.4; torch 2.5–2.7
+    ship 3.1–3.3. Looked for on disk: find_spec("triton.knobs") imports triton, and TRITON_INTERPRET
+    may not be set yet (its kernels would then be compiled ones, failing at every call)."""
+    loaded = sys.modules.get("triton")
+    if loaded is not None and hasattr(loaded, "knobs"):
+        return True
+    spec = importlib.util.find_spec("triton")
+    folders = getattr(loaded, "__path__", None) or (spec.submodule_search_locations if spec else None) or ()
+    return any((Path(folder) / "knobs.py").exists() or (Path(folder) / "knobs").is_dir() for folder in folders)
 
 
 def _interpreter_on() -> bool | None:
