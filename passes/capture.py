@@ -19,8 +19,8 @@ from ..runtime.program import NOT_JSON, flag_json
 from . import autocast_regions
 from .capture_cache import (CachedTrace, lookup, portable_key, remember, shared, signature_key, state_key,
                             store)
-from .capture_checks import (check_at_example_sizes, check_names, refuse_nested_tensors,
-                             refuse_opaque_outputs, refuse_symbolic_outputs, written_attrs)
+from .capture_checks import (check_at_example_sizes, check_names, positional_params, refuse_nested_tensors,
+                             refuse_opaque_outputs, refuse_var_positional, refuse_symbolic_outputs, written_attrs)
 from .eval_mode import eval_mode
 from .graph import CallInfo, InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
 from .lent import lend as lend_tensors, own_copies
@@ -91,6 +91,7 @@ def bind_inputs(model: nn.Module, example: Mapping[str, Any] | tuple):
     else:
         params = positional_names(model)
         if len(params) < len(example):
+            refuse_var_positional(model)
             raise TypeError(f"{type(model).__name__}.forward takes {len(params)} positional "
                             f"inputs; {len(example)} were given: pass a dict of named inputs")
         items = list(zip(params, example))
@@ -107,12 +108,7 @@ def bind_inputs(model: nn.Module, example: Mapping[str, Any] | tuple):
 
 def positional_names(model: nn.Module) -> tuple[str, ...]:
     """forward's parameters that can be passed by position, in order (up to a *args)."""
-    names = []
-    for p in inspect.signature(model.forward).parameters.values():
-        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            break
-        names.append(p.name)
-    return tuple(names)
+    return tuple(p.name for p in positional_params(inspect.signature(model.forward).parameters))
 
 
 def _default_dims(name: str, value: torch.Tensor) -> dict[int, str]:
@@ -150,9 +146,19 @@ class _FlatCall(nn.Module):
             model._modules, model._parameters, model._buffers)
         object.__setattr__(self, "_target", model)  # not a child: no `_target.` name prefix
         self._names, self._consts, self._sink = names, consts, sink
+        # forward(self, x, /): such a parameter cannot be passed by name ("positional-only
+        # arguments passed as keyword arguments", blamed on torch.export)
+        self._by_position = [p for p in inspect.signature(model.forward).parameters.values()
+                             if p.kind is p.POSITIONAL_ONLY]
 
     def forward(self, *args):
-        out = self._target(**dict(zip(self._names, args)), **self._consts)
+        named = {**dict(zip(self._names, args)), **self._consts}
+        first = []
+        for p in self._by_position:  # in order; a left-out one takes its default, if it has one
+            if p.name not in named and p.default is p.empty:
+                break
+            first.append(named.pop(p.name, p.default))
+        out = self._target(*first, **named)
         leaves, spec = pytree.tree_flatten(out)
         # Export restores attributes set during tracing, so the spec leaves through a list.
         self._sink.append((spec, [None if isinstance(x, torch.Tensor) else x for x in leaves],

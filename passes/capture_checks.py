@@ -31,6 +31,9 @@ def check_names(model: nn.Module, given: list[str]) -> None:
     except (TypeError, ValueError):
         return
     kinds = {p.kind for p in params.values()}
+    star = next((p.name for p in params.values() if p.kind is p.VAR_POSITIONAL), None)
+    if star is not None and star in given:  # {'xs': x} died inside export ("unexpected keyword argument 'xs'")
+        refuse_var_positional(model)
     unknown = [n for n in given if n not in params] if inspect.Parameter.VAR_KEYWORD not in kinds else []
     missing = [p.name for p in params.values() if p.default is p.empty and p.name not in given
                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
@@ -39,6 +42,28 @@ def check_names(model: nn.Module, given: list[str]) -> None:
                                                                   ("it needs", missing)) if names)
         raise TypeError(f"{type(model).__name__}.forward{inspect.signature(model.forward)} and the example inputs "
                         f"{given} disagree: {said}; name the example's inputs as forward's parameters")
+
+
+def refuse_var_positional(model: nn.Module) -> None:
+    """forward(self, *xs) given more inputs than it names, or `xs` by name: the graph names every
+    input, and what *xs holds has no names (a tuple was told "pass a dict of named inputs", and
+    the dict then failed inside export)."""
+    params = inspect.signature(model.forward).parameters
+    star = next((p.name for p in params.values() if p.kind is p.VAR_POSITIONAL), None)
+    if star is not None:
+        raise TypeError(f"{type(model).__name__}.forward{inspect.signature(model.forward)} takes *{star}, and slimfx "
+                        "names every input of the graph: wrap the model in a module whose forward names them "
+                        "(`def forward(self, a, b): return model(a, b)`) and compile that")
+
+
+def positional_params(params) -> list[inspect.Parameter]:
+    """forward's parameters that can be passed by position, in order (up to a *args)."""
+    out = []
+    for p in params.values():
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        out.append(p)
+    return out
 
 
 def refuse_nested_tensors(model: nn.Module, consts: dict) -> None:

@@ -152,3 +152,42 @@ def test_an_example_of_size_one_whose_outputs_hold_inf_is_compared_as_the_model_
     model, x = Masked().eval(), torch.randn(1, 16)
     with torch.no_grad():
         assert torch.equal(slimfx.compile(model, "", example_inputs={"x": x})(x=x), model(x))
+
+
+class _PositionalOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, /, scale=2.0):
+        return self.lin(x) * scale
+
+
+@pytest.mark.parametrize("example", ["tuple", "dict"])
+def test_a_positional_only_input_is_passed_by_position(example):
+    """forward(self, x, /) was called with x=…: "positional-only arguments passed as keyword
+    arguments", blamed on torch.export and the model."""
+    model, x = _PositionalOnly(), torch.randn(3, 8)
+    cm = slimfx.compile(model, "quantize lin int8", example_inputs=(x,) if example == "tuple" else {"x": x})
+    other = torch.randn(5, 8)
+    assert torch.allclose(cm(other), model(other), atol=0.05) and not torch.equal(cm(other), model(other))
+    assert torch.equal(slimfx.compile(model, example_inputs=(x,))(other), model(other))
+
+
+class _Star(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, *xs):
+        return self.lin(xs[0])
+
+
+@pytest.mark.parametrize("example", ["one", "two", "named"])
+def test_star_args_are_refused_with_what_to_do(example):
+    """A tuple was told "pass a dict of named inputs", and the dict then died inside export
+    ("unexpected keyword argument 'xs'"): no form worked, and none said why."""
+    x = torch.randn(3, 8)
+    given = {"one": (x,), "two": (x, x), "named": {"xs": x}}[example]
+    with pytest.raises(TypeError, match=r"takes \*xs, and slimfx names every input of the graph: wrap the model"):
+        slimfx.compile(_Star(), example_inputs=given)
