@@ -19,7 +19,8 @@ from ..runtime.program import NOT_JSON, flag_json
 from . import autocast_regions
 from .capture_cache import (CachedTrace, lookup, portable_key, remember, shared, signature_key, state_key,
                             store)
-from .capture_checks import (check_at_example_sizes, check_names, positional_params, refuse_nested_tensors,
+from .capture_checks import (check_at_example_sizes, check_names, positional_params, positions_fill_as_counted,
+                             refuse_nested_tensors,
                              refuse_opaque_outputs, refuse_var_positional, refuse_symbolic_outputs, written_attrs)
 from .eval_mode import eval_mode
 from .graph import CallInfo, InputInfo, ModelGraph, ModuleInfo, OutputSpec, ParamInfo
@@ -186,7 +187,8 @@ def _export(model, names, args, consts, dims) -> CachedTrace:
         check_at_example_sizes(model, program, names, args, consts)
     refuse_opaque_outputs(model, consts_out)
     refuse_symbolic_outputs(model, consts_out)
-    return CachedTrace(program, _module_table(model), _input_infos(program, names, dims),
+    unfilled = set() if positions_fill_as_counted(model, names, args, consts) else {"position_ids"}
+    return CachedTrace(program, _module_table(model), _input_infos(program, names, dims, unfilled),
                   OutputSpec(spec, tuple(consts_out), tuple(tensor_leaves)), type(model).__name__,
                   _call_info(model, names, consts))
 
@@ -307,13 +309,13 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _input_infos(program, names, dims) -> tuple[InputInfo, ...]:
+def _input_infos(program, names, dims, unfilled: set[str]) -> tuple[InputInfo, ...]:
     vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
     infos = []
     for name, placeholder in zip(names, program.graph_signature.user_inputs):
         val = vals[placeholder]
         sizes = tuple(s if isinstance(s, int) else str(s) for s in val.shape)
-        infos.append(InputInfo(name, sizes, val.dtype, dict(dims[name])))
+        infos.append(InputInfo(name, sizes, val.dtype, dict(dims[name]), fill=name not in unfilled))
     return tuple(infos)
 
 

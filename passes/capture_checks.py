@@ -44,6 +44,36 @@ def check_names(model: nn.Module, given: list[str]) -> None:
                         f"{given} disagree: {said}; name the example's inputs as forward's parameters")
 
 
+def positions_fill_as_counted(model: nn.Module, names: list[str], args: list, consts: dict) -> bool:
+    """Whether the model computes, with position_ids left out, what it computes given them as
+    0, 1, 2, … per row — what a call of the compiled model that leaves them out is filled with
+    (runtime/inputs.py) — on the example with its first row's first token made padding. RoBERTa
+    numbers positions from its padding index, OPT from the mask's running sum: filled as counted,
+    their compiled models computed something else, silently. True where the graph takes none."""
+    if "position_ids" not in names:
+        return True
+    given = dict(zip(names, args))
+    positions = given.pop("position_ids")
+    mask = given.get("attention_mask")
+    if positions.dim() != 2 or positions.shape[1] < 2:
+        return True
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 1:
+        mask = mask.clone()
+        mask[0, 0] = 0  # left padding: OPT's positions start after it, counted ones do not
+        given["attention_mask"] = mask
+    counted = torch.arange(positions.shape[1], dtype=positions.dtype).expand(positions.shape).contiguous()
+    try:
+        with torch.no_grad(), eval_mode(model):
+            left_out = pytree.tree_leaves(model(**given, **consts))
+            filled = pytree.tree_leaves(model(**given, position_ids=counted, **consts))
+    except Exception:  # noqa: BLE001 - a model that cannot leave them out: a call must give them
+        return False
+    pairs = [(a, b) for a, b in zip(left_out, filled) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)]
+    return len(left_out) == len(filled) and all(
+        a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-4, equal_nan=True)
+        for a, b in pairs)
+
+
 def refuse_var_positional(model: nn.Module) -> None:
     """forward(self, *xs) given more inputs than it names, or `xs` by name: the graph names every
     input, and what *xs holds has no names (a tuple was told "pass a dict of named inputs", and

@@ -121,7 +121,8 @@ def _meta(cm: CompiledModel, aliases: dict[str, str], sizes: dict[str, list]) ->
         "policy": {"name": cm.policy_name, "text": cm.policy_text},
         "report": cm.report.to_dict(),
         "inputs": [{"name": i.name, "dtype": str(i.dtype).removeprefix("torch."),
-                    "shape": sizes.get(i.name, list(i.shape)), "dims": {str(d): r for d, r in i.dims.items()}}
+                    "shape": sizes.get(i.name, list(i.shape)), "dims": {str(d): r for d, r in i.dims.items()},
+                    **({} if i.fill else {"fill": False})}
                    for i in g.inputs],
         "outputs": {"spec": spec, "constants": list(g.outputs.constants),
                     "tensors": list(g.outputs.tensor_leaves)},
@@ -337,7 +338,7 @@ def _inputs(meta, module: torch.fx.GraphModule) -> tuple[InputInfo, ...]:
             raise ArtifactError(f"input {rec['name']!r} is {rec['dtype']} in meta.json but "
                                 f"{val.dtype} in the program; {RESAVE}")
         infos.append(InputInfo(rec["name"], input_shape(val), val.dtype,
-                               {int(d): r for d, r in rec["dims"].items()}))
+                               {int(d): r for d, r in rec["dims"].items()}, fill=rec.get("fill") is not False))
     return tuple(infos)
 
 

@@ -51,7 +51,10 @@ class CallInputs:
                 + "; ".join(f"{label} {items}" for label, items in
                             (("missing", missing), ("unexpected", extra),
                              ("given twice", twice)) if items)
-                + f". The compiled graph was captured with exactly these tensor inputs: {self.fix}")
+                + f". The compiled graph was captured with exactly these tensor inputs: {self.fix}"
+                + "".join(f" ({i.name} is not filled in when left out: the model numbers positions its own way, "
+                          "not 0, 1, 2, … as a filled one would; give it, or capture without it)"
+                          for i in self.graph.inputs if i.name in missing and not i.fill))
         self._check_values(bound)
         return self._rows_for_every_row({n: bound[n] for n in names})
 

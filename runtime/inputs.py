@@ -40,7 +40,7 @@ def complete_inputs(given: dict[str, Any], inputs: tuple[InputInfo, ...]) -> dic
     """`given` plus a default for each omitted (or None) input in FILLABLE; anything else stays
     missing (the caller reports it)."""
     given = {k: v for k, v in given.items() if not (v is None and k in FILLABLE)}
-    missing = [i for i in inputs if i.name not in given and i.name in FILLABLE and _is_token_shaped(i)]
+    missing = [i for i in inputs if i.name not in given and i.name in FILLABLE and i.fill and _is_token_shaped(i)]
     if not missing:
         return given
     out = dict(given)

@@ -51,6 +51,9 @@ class InputInfo:
     shape: tuple[int | str, ...]
     dtype: torch.dtype
     dims: dict[int, str] = field(compare=False)  # {0: "batch", 1: "seq"}
+    # False where a call may not leave it out to be filled (runtime/inputs.py): position_ids of a
+    # model that numbers positions its own way (RoBERTa from its padding index, OPT from the mask)
+    fill: bool = field(default=True, compare=False)
 
 
 def input_shape(value) -> tuple[int | str, ...]:

@@ -191,3 +191,27 @@ def test_star_args_are_refused_with_what_to_do(example):
     given = {"one": (x,), "two": (x, x), "named": {"xs": x}}[example]
     with pytest.raises(TypeError, match=r"takes \*xs, and slimfx names every input of the graph: wrap the model"):
         slimfx.compile(_Star(), example_inputs=given)
+
+
+@pytest.mark.parametrize("arch, fills", [("roberta", False), ("opt", False), ("llama", True)])
+def test_position_ids_are_filled_only_where_the_model_counts_them_so(arch, fills, tmp_path):
+    """Left out, position_ids were filled with 0, 1, 2, …: RoBERTa numbers them from its padding
+    index (2.6 off with no padding at all), OPT from the mask's running sum (0.38 off when
+    left-padded), silently. Where the model counts them so (Llama) they are still filled."""
+    model = tiny(arch).model
+    offset = 2 if arch == "roberta" else 0  # RoBERTa's own positions start after its padding index
+    example = {"input_ids": torch.randint(3, 250, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+               "position_ids": torch.arange(8).expand(2, 8) + offset}
+    cm = slimfx.compile(model, example_inputs=example)
+    ids, mask = torch.randint(3, 250, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    cm.save(tmp_path / "a")
+    for compiled in (cm, slimfx.load(tmp_path / "a")):
+        assert [i.fill for i in compiled.graph.inputs if i.name == "position_ids"] == [fills]
+        if fills:
+            got, want = compiled(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+            assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-5)
+        else:
+            with pytest.raises(TypeError, match=r"missing \['position_ids'\].*not filled in when left out: the model "
+                                                 r"numbers positions its own way"):
+                compiled(input_ids=ids, attention_mask=mask)
