@@ -101,7 +101,7 @@ def _valueless_param(got, expected, source, line, column):
     return (*_no_value(name), name, before.start(1) + 1)
 
 
-def _stray_word(text: str, word: re.Match):
+def _stray_word(text: str, word: re.Match, at_end: bool = False):
     """A word where the rule takes a `name=value` parameter that is none of its parameters there:
     told "`embed` has no value; write `embed=<value>`" (`keep head embed`), the user wrote it and
     was refused again. Says what the word may have meant: a second selector (`keep {head,embed}`),
@@ -109,16 +109,20 @@ def _stray_word(text: str, word: re.Match):
     format or adapter kind, or a missing `,` between the formats of `choose {…}`."""
     name, column = word.group(1), word.start(1) + 1
     keyword = _rule_keyword(text, column)
-    if keyword is None or name in RULE_KEYWORDS:  # a second rule on the line: _explain says so
+    if keyword is None or (name in RULE_KEYWORDS and not at_end):  # `… keep embed`: _explain's "follows"
         return None
+    if name in RULE_KEYWORDS:  # `quantize head int8 keep`: told "`keep` has no value"
+        return ("syntax", f"`{name}` is not a parameter of `{keyword}`: it starts a rule, and a rule starts a line",
+                f"write `{name} …` on a line of its own", name, column)
     specs = _own_specs(text, column)
     before = text[_rule_start(text, column): word.start(1)]
     chosen = before.rfind("choose")
     if keyword == "precision" and name in FORMATS and chosen >= 0 and "}" not in before[chosen:]:
-        last = _WORD.findall(before)[-1]
+        last = [w for w in _WORD.findall(before[chosen:]) if w in FORMATS][-1]  # the format, not its parameter
         return ("syntax", f"expected `,` between the formats of `choose {{…}}`, got `{name}`",
                 f"write `{last}, {name}`: each format a choice, parameters after its own format", name, column)
-    what = "`tokens after … " + before.split()[-1] + "`" if keyword == "tokens" else f"`{keyword}`"
+    action = next((w for w in _WORD.findall(before) if w in TOKEN_ACTIONS), "")
+    what = f"`tokens after … {action}`" if keyword == "tokens" and action else f"`{keyword}`"
     owner = next((spec.name for spec in specs.values() if name in spec.choices), None)
     if owner is not None:
         return ("syntax", f"`{name}` is not a parameter of {what}: it is a value of `{owner}`",
@@ -131,10 +135,10 @@ def _stray_word(text: str, word: re.Match):
                 "} budget … by output_mse`" if keyword == "quantize" else f"write one of `{words[2]}` and `{name}`",
                 name, column)
     takes = f"it takes {', '.join(f'`{n}`' for n in specs)}" if specs else "it takes no parameters"
-    if keyword in ("keep", "drop", "collapse") and len(words) == 2:
-        hint = f"a rule takes one selector; to name several write a set: `{keyword} {{{words[1]},{name}}}`"
-    elif name in SCHEMAS.get(f"{keyword}.auto", {}):
+    if name in SCHEMAS.get(f"{keyword}.auto", {}):
         hint = f"`{name}` is a parameter of `auto(…)`: write it inside the parentheses, `{name}=<value>`"
+    elif keyword in ("keep", "drop", "collapse") and len(words) == 2:
+        hint = f"a rule takes one selector; to name several write a set: `{keyword} {{{words[1]},{name}}}`"
     elif keyword == "precision" and name in SCHEMAS["choice"]:
         hint = f"`{name}` is a format's: write it after its format inside `choose {{…}}`, e.g. `int4 {name}=<value>`"
     else:
@@ -238,7 +242,7 @@ def _missing_part(e, expected, words, source, line, column):
     if before and wanted == {"EQUAL"}:
         if before in _own_params(text, column):
             return (*_no_value(before), "", column)
-        return _stray_word(text, re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*$", text[: column - 1]))
+        return _stray_word(text, re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*$", text[: column - 1]), at_end=True)
     lines = source_lines(source)
     following = _WORD.match(lines[line].lstrip()) if line < len(lines) and not closes_policy else None
     wrapped = following is not None and any(following.group() in words.get(t, ()) for t in wanted)

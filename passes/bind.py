@@ -384,7 +384,9 @@ class _Binder:
                         "raise the limit or offer smaller formats")
         bound = BoundRule(rule, targets=targets, protected=tuple(t.path for t in kept),
                           estimate=guess, warnings=tuple(warnings))
-        if isinstance(rule, A.Adapt) and rule.get("from") and missing is None and targets:
+        # not on a stand-in view after an auto rule: its blocks are not yet the ones the adapter was
+        # saved from (the binding after the search checks it)
+        if isinstance(rule, A.Adapt) and rule.get("from") and missing is None and targets and not self.deferred:
             self._check_adapter_directory(rule, bound)
         self.stored.update(stored_after(rule, targets, guess))
         formats = [rule.format] if isinstance(rule, A.Quantize) else \

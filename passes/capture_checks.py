@@ -61,7 +61,8 @@ def positions_fill_as_counted(model: nn.Module, names: list[str], args: list, co
         mask = mask.clone()
         mask[0, 0] = 0  # left padding: OPT's positions start after it, counted ones do not
         given["attention_mask"] = mask
-    counted = torch.arange(positions.shape[1], dtype=positions.dtype).expand(positions.shape).contiguous()
+    counted = torch.arange(positions.shape[1], dtype=positions.dtype, device=positions.device)
+    counted = counted.expand(positions.shape).contiguous()  # on the example's device: a GPU model refused a CPU one
     try:
         with torch.no_grad(), eval_mode(model):
             left_out = pytree.tree_leaves(model(**given, **consts))
@@ -80,7 +81,8 @@ def refuse_var_positional(model: nn.Module) -> None:
     the dict then failed inside export)."""
     params = inspect.signature(model.forward).parameters
     star = next((p.name for p in params.values() if p.kind is p.VAR_POSITIONAL), None)
-    if star is not None:
+    # with **kwargs beside it, named inputs reach forward (a dict example works)
+    if star is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise TypeError(f"{type(model).__name__}.forward{inspect.signature(model.forward)} takes *{star}, and slimfx "
                         "names every input of the graph: wrap the model in a module whose forward names them "
                         "(`def forward(self, a, b): return model(a, b)`) and compile that")

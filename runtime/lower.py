@@ -273,9 +273,7 @@ def check_triton_runs(gm: nn.Module) -> None:
         raise BackendUnavailable("backend=\"triton\" runs kernels written in Triton, and the triton package is not "
                                  "installed here: `pip install triton`, or use backend=\"auto\" or \"eager\"")
     if not _triton_has_knobs():  # the kernels read triton.knobs (3.4): compile and load passed, every call failed
-        from importlib.metadata import version
-
-        raise BackendUnavailable(f"backend=\"triton\" needs Triton 3.4 or newer, and triton {version('triton')} is "
+        raise BackendUnavailable(f"backend=\"triton\" needs Triton 3.4 or newer, and triton {_triton_version()} is "
                                  "installed here: `pip install 'triton>=3.4'` (with a torch that takes it), or use "
                                  "backend=\"auto\" or \"eager\"")
     if _on_gpu(gm):
@@ -308,6 +306,19 @@ def _triton_has_knobs() -> bool:
     spec = importlib.util.find_spec("triton")
     folders = getattr(loaded, "__path__", None) or (spec.submodule_search_locations if spec else None) or ()
     return any((Path(folder) / "knobs.py").exists() or (Path(folder) / "knobs").is_dir() for folder in folders)
+
+
+def _triton_version() -> str:
+    """The installed triton's version, by its distribution's metadata; ROCm's and nightly torch's
+    come as `pytorch-triton-rocm` / `pytorch-triton`, whose metadata `triton` does not find."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("triton", "pytorch-triton-rocm", "pytorch-triton"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "(of unknown version)"
 
 
 def _interpreter_on() -> bool | None:

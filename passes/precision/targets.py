@@ -17,7 +17,6 @@ from ..bind import BoundRule
 from ..calibrate import CALIB_HINT, NO_CALIB, DiagonalAccumulator, merged, observe
 from ..context import Context, rule_error
 from ..graph import ModelGraph, Target
-from ..graph_sizes import graph_params
 from ..rewrite import (TIED_NOTE, LinearSite, find_sites, release_unread, tied_storages, weight_name,
                        weight_still_held)
 from .encode import HALF, Candidate, Encoded, NotFinite, OutOfRange, encode, encoded_bytes
@@ -188,9 +187,10 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
     `ctx.originals` (the first precision rule's)."""
     # each storage once: two linears reading one tied weight counted it twice (32 KiB → 8 KiB for a
     # model of 16 KiB, a saving of 4× where it was 2×)
-    held_before = {p.storage: p for it in items for p in graph.modules[it.path].params}
+    # (the target's own weight and bias: not an earlier rule's adapter beside them)
+    held_before = {p.storage: p for it in items for p in graph.modules[it.path].params if p.name in it.target.params}
     before = sum(p.nbytes for p in held_before.values())
-    params, graph_params_before = sum(math.prod(p.shape) for p in held_before.values()), graph_params(graph)
+    params = sum(math.prod(p.shape) for p in held_before.values())
     after, weights, packed = 0, 0, 0
     kept, tied = [], []
     shared = tied_storages(graph, [it.target for it in items])
@@ -218,8 +218,8 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
         packed += encoded_bytes(enc, it)
     recompile(graph.module)  # the module's generated forward still reads the old weights
     details = {**details, "bits_per_weight": 8 * packed / weights, "weights": weights}
-    # a tied weight encoded for each of its linears is stored as that many copies: the graph's count
-    params_after = params + graph_params(graph) - graph_params_before
+    # a tied weight encoded for each of its linears is stored as that many copies (as plan counts)
+    params_after = sum(it.w.numel() + it.bias_numel for it in items)
     return RuleReport(bound.line, bound.text, bound.rule.kind, tuple(it.path for it in items),
                       params, params_after, before, after, details,
                       _notes(bound, kept, tied) + _wide_groups(items, chosen) + _packed_copies(sharing, chosen)

@@ -131,19 +131,25 @@ def test_a_word_that_is_no_parameter_where_it_stands_before_another_is_still_a_s
     ("tokens after blocks[1] prune attention", "`attention` is not a parameter of `tokens after … prune`: it is a "
                                                "value of `score`", "write `score=attention`"),
     ("quantize head int8 rtn", "it is a value of `method`", "write `method=rtn`"),
+    # named by the action, not the word before (`tokens after … ratio=0.5`)
+    ("tokens after blocks[1] prune ratio=0.5 attention", "not a parameter of `tokens after … prune`",
+     "write `score=attention`"),
+    ("drop blocks count", "`count` is not a parameter of `drop`", "a parameter of `auto(…)`"),  # not `{blocks,count}`
+    ("quantize head int8 keep", "`keep` is not a parameter of `quantize`: it starts a rule", "on a line of its own"),
 ])
 def test_a_last_word_that_is_no_parameter_says_what_it_may_have_meant(rule, message, hint):
     """`keep head embed` was told "`embed` has no value; write `embed=<value>`", which `keep`
     (no parameters) then refused: the fix was `keep {head,embed}`."""
     err = error_of(rule, bare=True)
-    word = next(w for w in ("embed", "int4", "dora", "attention", "rtn") if f" {w}" in rule)
+    word = next(w for w in ("embed", "int4", "dora", "attention", "rtn", "count", "keep") if f" {w}" in rule)
     assert err.kind == "syntax" and message in err.message and hint in err.hint, err.render()
     assert (err.column, err.first.width) == (rule.index(f" {word}") + 2, len(word))
 
 
-@pytest.mark.parametrize("choose", ["{int8 int4}", "{int8 int4, int2}"])
+@pytest.mark.parametrize("choose", ["{int8 int4}", "{int8 int4, int2}", "{int8 group=128 int4}"])
 def test_a_missing_comma_between_formats_is_named(choose):
-    """It said "expected `=` after `precision <selector>`, got `}`": `int4=` cannot fix it."""
+    """It said "expected `=` after `precision <selector>`, got `}`": `int4=` cannot fix it. The
+    hint names the format before, not its parameter (`group, int4`)."""
     rule = f"precision head choose {choose} budget avg_bits<=5 by output_mse"
     err = error_of(rule, bare=True)
     assert err.message == "expected `,` between the formats of `choose {…}`, got `int4`" and "`int8, int4`" in err.hint

@@ -215,3 +215,18 @@ def test_position_ids_are_filled_only_where_the_model_counts_them_so(arch, fills
             with pytest.raises(TypeError, match=r"missing \['position_ids'\].*not filled in when left out: the model "
                                                  r"numbers positions its own way"):
                 compiled(input_ids=ids, attention_mask=mask)
+
+
+class _StarAndKeywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, *args, **kwargs):
+        return self.lin(kwargs["x"])
+
+
+def test_star_args_beside_keywords_take_named_inputs():
+    """With **kwargs beside *args a dict of named inputs reaches forward: it is not refused."""
+    model, x = _StarAndKeywords(), torch.randn(3, 8)
+    assert torch.equal(slimfx.compile(model, example_inputs={"x": x})(x=x), model(x=x))

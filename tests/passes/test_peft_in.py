@@ -267,3 +267,18 @@ def test_a_rank_that_is_no_whole_number_is_refused(damaged, changes):
 def test_a_config_nested_too_deeply_is_refused(damaged):
     (damaged / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
     _refused(damaged, "no-file", "nested too deeply")
+
+
+def test_an_adapter_saved_after_an_auto_collapse_is_brought_in_after_the_same_search(tmp_path):
+    """Bound first on the whole model (the search decides the blocks at compile), the rule after
+    an auto collapse was checked against 4 blocks' linears, and the adapter saved from the
+    collapsed model (3 blocks) refused by plan and compile alike."""
+    from slimfx.models import tiny
+
+    lm = tiny("llama", layers=4)
+    search = "collapse blocks auto(count=1, threshold=0.01, span=2)"
+    calib = [lm.example_inputs]
+    slimfx.compile(lm, f"{search}\nadapt blocks.*.attn.q lora rank=4", calib=calib).save_adapters(tmp_path / "a")
+    policy = f'{search}\nadapt blocks.*.attn.q lora from="{tmp_path / "a"}"'
+    slimfx.plan(lm, policy)
+    assert len(slimfx.compile(lm, policy, calib=calib).adapters) == 3

@@ -67,6 +67,21 @@ def test_a_tied_weight_is_counted_once_before_in_the_rule_row_and_the_plan(rule)
     assert row.params_after == 2 * weight + biases == planned.params_after  # two packed copies
 
 
+def test_the_rule_row_counts_the_targets_weights_alone_as_plan_does():
+    """An adapter on the linear (an earlier rule) counted in "before" (36,864 bytes for 32,768, a
+    saving shown larger than it was); a head tied to the embedding, quantized alone, counted the
+    embedding's kept original in "params after" (32,768 where plan said 16,384)."""
+    from slimfx.models import tiny
+
+    for arch, rules in (("llama", "adapt blocks.*.attn.q lora rank=4\nquantize blocks.*.attn.q int8"),
+                        ("gpt2", "quantize head int8")):
+        lm = tiny(arch)
+        planned = slimfx.plan(lm, rules).rules[-1].estimate
+        row = slimfx.compile(lm, rules).report.rules[-1]
+        assert (row.params_before, row.bytes_before) == (planned.params_before, planned.bytes_before), arch
+        assert row.params_after == planned.params_after == planned.params_before, arch
+
+
 def test_quantizing_one_sharer_keeps_the_original_for_the_other_and_says_so_once():
     model, x = Shared().eval(), torch.randn(4, 64)
     cm = slimfx.compile(model, "quantize c : Linear int8", example_inputs={"x": x}, backend="eager")
