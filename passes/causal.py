@@ -56,13 +56,25 @@ def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool:
     changed = ids.clone()
     changed[:, -1] = (ids[:, -1] + 1) % vocab
     rows: list[torch.Tensor] = []
-    batches = [complete_inputs({ids_name: x.to(device)}, graph.inputs) for x in (ids, changed)]
+    batches = [_probe_inputs(graph, ids_name, x.to(device)) for x in (ids, changed)]
     observe(graph, {_stream_per_position(graph.blocks[0].output): [lambda r: rows.append(r.float())]}, batches)
     earlier = torch.ones(batch, seq, dtype=torch.bool)
     earlier[:, -1] = False
     a, b = (r[earlier.reshape(-1).to(r.device)] for r in rows)
     # Exact on the models tried; a margin for kernels that sum masked-out zeros in another order.
     return bool((a - b).abs().max() <= 1e-5 * a.abs().max().clamp_min(1e-30))
+
+
+def _probe_inputs(graph: ModelGraph, ids_name: str, ids: torch.Tensor) -> dict:
+    """The probe's call: its ids and what a call may leave out, filled — position_ids too where
+    a call must give them (a model that numbers positions its own way, runtime/inputs.py): the
+    two runs compared take the same positions, so any will do (the probe of RoBERTa captured with
+    them said "calibration batch 0 lacks inputs ['position_ids']")."""
+    inputs = complete_inputs({ids_name: ids}, graph.inputs)
+    for info in graph.inputs:
+        if info.name == "position_ids" and info.name not in inputs:
+            inputs[info.name] = torch.arange(ids.shape[1], dtype=info.dtype, device=ids.device).expand(ids.shape)
+    return inputs
 
 
 def _stream_per_position(out):

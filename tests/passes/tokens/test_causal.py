@@ -113,3 +113,14 @@ def test_the_probe_of_a_compiled_model_reads_the_stream_before_its_token_step(na
 
     cm = slimfx.compile(MODELS[name]().eval(), rule, example_inputs=_ids())
     assert is_causal(ModelGraph.of(copy_program(cm.graph))) == (name != "bert")
+
+
+@pytest.mark.parametrize("arch", ["roberta", "bare OPT"])
+def test_the_probe_gives_positions_a_call_must_give_itself(arch):
+    """Captured with position_ids that a call must give (the model numbers them its own way), the
+    probe ran without them: "calibration batch 0 lacks inputs ['position_ids']"."""
+    model = tiny("roberta", layers=2).model if arch == "roberta" else tiny("opt", layers=2).model.model.decoder
+    example = {**_ids(), "position_ids": torch.arange(9).expand(2, 9) + (2 if arch == "roberta" else 0)}
+    graph = capture(model, example)
+    assert [i.fill for i in graph.inputs if i.name == "position_ids"] == [False]
+    assert is_causal(graph) == (arch != "roberta")
