@@ -318,12 +318,11 @@ def _calibration(model, calib, graph):
     from .calibration import calibration_batches
     from .passes.context import CalibrationBatches
     from .runtime.call_inputs import CallInputs
-    from .runtime.token_ids import token_ids_input
+    from .runtime.token_ids import table_rows, token_ids_input
 
     names = {i.name for i in graph.inputs}
     ids, table = token_ids_input(graph)
-    ids = ids or "input_ids"
-    vocab = int(table.shape[0]) if getattr(table, "shape", None) else None
+    ids, vocab = ids or "input_ids", table_rows(table) or None
     # text rows padded together where the graph takes no mask: its attention read the padding as text
     batches = calibration_batches(model, calib, ids=ids, vocab=vocab, masked="attention_mask" in names)
     out, problem = [], None

@@ -45,7 +45,9 @@ def interpreted() -> bool:
     try:
         from triton import knobs
     except ImportError:
-        return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+        from ..runtime.lower import interpret_asked
+
+        return interpret_asked()
     return bool(knobs.runtime.interpret)
 
 

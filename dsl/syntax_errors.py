@@ -92,13 +92,18 @@ def _valueless_param(got, expected, source, line, column):
     if expected != {"EQUAL"} or not (_WORD.fullmatch(got or "") or got in (",", ")", "}")):
         return None
     text = _line(source, line)
-    before = re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*$", text[: column - 1])
+    before = _word_before(text, column)
     if not before:
         return None
     if before.group(1) not in _own_params(text, column):
         return _stray_word(text, before)
     name = before.group(1)
     return (*_no_value(name), name, before.start(1) + 1)
+
+
+def _word_before(text: str, column: int) -> re.Match | None:
+    """The word that ends just before `column` (spaces between), its span in group 1."""
+    return re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*$", text[: column - 1])
 
 
 def _stray_word(text: str, word: re.Match, at_end: bool = False):
@@ -239,10 +244,11 @@ def _missing_part(e, expected, words, source, line, column):
     before = _previous_word(source, line, column)
     if before and text[: column - 1].rstrip().endswith("="):
         return (*_no_value(before), "", column)
+    word = _word_before(text, column) if before and wanted == {"EQUAL"} else None
+    if word and word.group(1) not in _own_params(text, column):
+        return _stray_word(text, word, at_end=True)
     if before and wanted == {"EQUAL"}:
-        if before in _own_params(text, column):
-            return (*_no_value(before), "", column)
-        return _stray_word(text, re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*$", text[: column - 1]), at_end=True)
+        return (*_no_value(before), "", column)
     lines = source_lines(source)
     following = _WORD.match(lines[line].lstrip()) if line < len(lines) and not closes_policy else None
     wrapped = following is not None and any(following.group() in words.get(t, ()) for t in wanted)

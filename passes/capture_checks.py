@@ -13,6 +13,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..dsl.errors import SpecError
+from ..runtime.inputs import FILLABLE
 from .eval_mode import eval_mode
 
 __all__ = ["check_names", "refuse_nested_tensors", "check_at_example_sizes", "refuse_opaque_outputs",
@@ -61,8 +62,8 @@ def positions_fill_as_counted(model: nn.Module, names: list[str], args: list, co
         mask = mask.clone()
         mask[0, 0] = 0  # left padding: OPT's positions start after it, counted ones do not
         given["attention_mask"] = mask
-    counted = torch.arange(positions.shape[1], dtype=positions.dtype, device=positions.device)
-    counted = counted.expand(positions.shape).contiguous()  # on the example's device: a GPU model refused a CPU one
+    # what a call that leaves them out is filled with, on the example's device (a GPU model refused a CPU one)
+    counted = FILLABLE["position_ids"](*positions.shape, positions.dtype, positions.device).contiguous()
     try:
         with torch.no_grad(), eval_mode(model):
             left_out = pytree.tree_leaves(model(**given, **consts))

@@ -73,7 +73,7 @@ def _probe_inputs(graph: ModelGraph, ids_name: str, ids: torch.Tensor) -> dict:
     inputs = complete_inputs({ids_name: ids}, graph.inputs)
     for info in graph.inputs:
         if info.name == "position_ids" and info.name not in inputs:
-            inputs[info.name] = torch.arange(ids.shape[1], dtype=info.dtype, device=ids.device).expand(ids.shape)
+            inputs[info.name] = FILLABLE[info.name](*ids.shape, info.dtype, ids.device)
     return inputs
 
 

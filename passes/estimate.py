@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..dsl import ast as A
 from ..dsl.schema import FORMAT_BITS, HALF_DTYPES
 
-__all__ = ["Estimate", "estimate", "quantized_bytes", "stored_after", "leaves_as_is"]
+__all__ = ["Estimate", "distinct_sizes", "estimate", "quantized_bytes", "stored_after", "leaves_as_is"]
 
 SCALE_BYTES = 2  # fp16 scales and float zero points
 
@@ -46,12 +46,12 @@ def estimate(rule: A.Rule, targets, blocks, graph, stored: dict[str, int] | None
         return Estimate(note="computes on the real tokens of a padded batch; attention per sequence")
     if isinstance(rule, A.Heal):
         return _heal(rule, graph, cuts, targets)
-    params, nbytes = _distinct(targets, graph)
+    params, nbytes = distinct_sizes(targets, graph)
     return Estimate(params, params, nbytes, nbytes,
                     f"{len(targets)} target{'s' if len(targets) != 1 else ''} left as {'they are' if len(targets) != 1 else 'it is'}")
 
 
-def _distinct(targets, graph) -> tuple[int, int]:
+def distinct_sizes(targets, graph) -> tuple[int, int]:
     """(params, bytes) of the targets with tied weights counted once (`keep {embed,head}` on a
     model whose head is its embedding holds one matrix, not two)."""
     seen, params, nbytes = set(), 0, 0
@@ -163,7 +163,7 @@ def _quantized(rule: A.Quantize, t) -> int:
 
 def _quantize(rule: A.Quantize, targets, graph, rewritten) -> Estimate:
     # a weight tied between two targets is there once before, and encoded once per linear after
-    params_before, before = _distinct(targets, graph)
+    params_before, before = distinct_sizes(targets, graph)
     held = _held(targets, graph, rewritten, lambda t, w: _leaves_as_is(rule.format, w))
     own = sum(_quantized(rule, t) for t in targets)
     params = sum(_numel(t) for t in targets)
@@ -175,7 +175,7 @@ def _quantize(rule: A.Quantize, targets, graph, rewritten) -> Estimate:
 def _precision(rule: A.Precision, targets, graph, rewritten) -> Estimate:
     """The budget, held between what the candidates can reach: every target at its smallest
     format and at its largest (compile picks among them; a looser budget stops at the largest)."""
-    params_before, before = _distinct(targets, graph)
+    params_before, before = distinct_sizes(targets, graph)
     weights = sum(math.prod(_weight_shape(t)) for t in targets)
     params = sum(_numel(t) for t in targets)
     bias = sum(_bias_bytes(t) for t in targets)

@@ -251,9 +251,8 @@ def _check_targets(adapted: list[str], selected: list[str], kept: tuple[str, ...
     only_rule = [p for p in selected if p not in set(adapted)]
     if not (only_adapter or only_rule):
         return
-    held = [p for p in only_adapter if p in set(kept)]
-    if held and not only_rule and len(held) == len(only_adapter):  # the selector was right: `keep` took them
-        raise errors("invalid-combination", f"{errors.directory} adapts {_few(held)}, which the rule selects "
+    if only_adapter and not only_rule and set(only_adapter) <= set(kept):  # the selector was right: `keep` took them
+        raise errors("invalid-combination", f"{errors.directory} adapts {_few(only_adapter)}, which the rule selects "
                      "but `keep` protects: an adapter is brought in whole or not at all",
                      hint="take those modules out of the `keep` rule, or use an adapter trained without them")
     sides = []

@@ -296,6 +296,12 @@ def check_triton_runs(gm: nn.Module) -> None:
         "(slow; for tests and small models)")
 
 
+def interpret_asked() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's interpreter, in the spellings Triton itself
+    takes: what decides where triton (or its `knobs`, before 3.4) cannot be asked."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+
+
 def _triton_has_knobs() -> bool:
     """triton.knobs, which the generated kernels' launchers read, came with Triton 3.4; torch 2.5–2.7
     ship 3.1–3.3. Looked for on disk: find_spec("triton.knobs") imports triton, and TRITON_INTERPRET
@@ -332,7 +338,7 @@ def _interpreter_on() -> bool | None:
         from triton import knobs
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # no triton (its own import says so), or one without knobs: the variable decides
-        return os.environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "yes", "y")
+        return interpret_asked()
     if not knobs.runtime.interpret:  # the spellings Triton itself takes ("1", "true", "y", …)
         return False
     return True if isinstance(getattr(tl.standard, "sigmoid", None), InterpretedFunction) else None

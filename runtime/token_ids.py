@@ -5,11 +5,10 @@ causal, died inside a pass on `calib=tensor`, and could not be trained with loss
 from __future__ import annotations
 
 import torch
-from torch import fx
 
 from .inputs import FILLABLE
 
-__all__ = ["token_ids_input", "token_ids_name"]
+__all__ = ["table_rows", "token_ids_input", "token_ids_name"]
 
 aten = torch.ops.aten
 
@@ -33,12 +32,12 @@ def token_ids_input(program) -> tuple[str | None, object]:
                 # per input the largest table it reaches: a position table reached through
                 # arange(ids.shape[1]) is not the vocabulary, whichever is read first
                 table, name = n.args[0].meta.get("val"), named[source]
-                if name not in found or _rows(table) > _rows(found[name]):
+                if name not in found or table_rows(table) > table_rows(found[name]):
                     found[name] = table
     if "input_ids" in found:
         return "input_ids", found["input_ids"]
     candidates = [k for k in found if k not in FILLABLE]
-    name = max(candidates, key=lambda k: _rows(found[k]), default=None)  # the first of equals
+    name = max(candidates, key=lambda k: table_rows(found[k]), default=None)  # the first of equals
     return name, found.get(name)
 
 
@@ -47,7 +46,8 @@ def token_ids_name(program) -> str:
     return token_ids_input(program)[0] or "input_ids"
 
 
-def _rows(table) -> int:
+def table_rows(table) -> int:
+    """An embedding table's rows (its vocabulary, for the ids' one); 0 for no table."""
     shape = getattr(table, "shape", None)
     return int(shape[0]) if shape else 0
 

@@ -3,7 +3,6 @@ sites, bias), their calibration Hessians, and applying the chosen encodings to t
 report measured on the stored tensors."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +15,7 @@ from ...runtime.report import RuleReport
 from ..bind import BoundRule
 from ..calibrate import CALIB_HINT, NO_CALIB, DiagonalAccumulator, merged, observe
 from ..context import Context, rule_error
+from ..estimate import distinct_sizes
 from ..graph import ModelGraph, Target
 from ..rewrite import (TIED_NOTE, LinearSite, find_sites, release_unread, tied_storages, weight_name,
                        weight_still_held)
@@ -185,12 +185,10 @@ def apply(graph: ModelGraph, bound: BoundRule, items: list[Item], chosen: dict[s
     """Rewrite every target; report bytes measured on the stored tensors (and `notes` beside the
     rule's own). The weights of targets a later `adapt … init=error` reads are kept in
     `ctx.originals` (the first precision rule's)."""
-    # each storage once: two linears reading one tied weight counted it twice (32 KiB → 8 KiB for a
-    # model of 16 KiB, a saving of 4× where it was 2×)
-    # (the target's own weight and bias: not an earlier rule's adapter beside them)
-    held_before = {p.storage: p for it in items for p in graph.modules[it.path].params if p.name in it.target.params}
-    before = sum(p.nbytes for p in held_before.values())
-    params = sum(math.prod(p.shape) for p in held_before.values())
+    # each storage once, as plan counts: two linears reading one tied weight counted it twice (32 KiB
+    # → 8 KiB for a model of 16 KiB, a saving of 4× where it was 2×), and an earlier rule's adapter
+    # beside the weight counted too
+    params, before = distinct_sizes([it.target for it in items], graph)
     after, weights, packed = 0, 0, 0
     kept, tied = [], []
     shared = tied_storages(graph, [it.target for it in items])
