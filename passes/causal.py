@@ -20,11 +20,11 @@ from ..runtime.token_ids import token_ids_input
 from .calibrate import observe
 from .graph import ModelGraph
 
-__all__ = ["is_causal", "merge_refusal"]
+__all__ = ["is_causal", "causality", "merge_refusal"]
 
 aten = torch.ops.aten
 
-_DECIDED: "weakref.WeakKeyDictionary[ModelGraph, bool]" = weakref.WeakKeyDictionary()
+_DECIDED: "weakref.WeakKeyDictionary[ModelGraph, bool | None]" = weakref.WeakKeyDictionary()
 
 # The probe's size where the graph leaves it free: two rows, so that a batch of one is never the
 # size it was specialized to, and positions enough to see attention reach ahead.
@@ -32,6 +32,13 @@ _BATCH, _SEQ = 2, 8
 
 
 def is_causal(graph: ModelGraph) -> bool:
+    """Causal as the probe sees it; a model it cannot probe counts as not causal."""
+    return causality(graph) is True
+
+
+def causality(graph: ModelGraph) -> bool | None:
+    """True: causal; False: some position reads a later token (an encoder, a masked LM); None: the
+    probe cannot tell (no token ids an embedding reads, another input it cannot make up)."""
     if "GenerationMixin" in graph.modules[""].classes:
         return True
     if graph not in _DECIDED:
@@ -39,7 +46,7 @@ def is_causal(graph: ModelGraph) -> bool:
     return _DECIDED[graph]
 
 
-def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool:
+def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool | None:
     # The token ids are the integer input an embedding table reads, whatever forward calls it:
     # asked for `input_ids` alone, a decoder taking `tokens` was "not causal", merged, and pruned
     # away its last position.
@@ -47,11 +54,11 @@ def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool:
     ids_info = next((i for i in graph.inputs if i.name == ids_name), None)
     others = [i.name for i in graph.inputs if i.name != ids_name and i.name not in FILLABLE]
     if ids_info is None or embedding is None or others or not graph.blocks or graph.blocks[0].output is None:
-        return False  # no token ids to probe with (a ViT's pixels): not a causal language model
+        return None  # no token ids to probe with (a ViT's pixels): no telling
     vocab, device = embedding.shape[0], embedding.device
     batch, seq = (s if isinstance(s, int) else d for s, d in zip(ids_info.shape, (_BATCH, _SEQ)))
     if seq < 2:
-        return False
+        return None
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(ids_info.dtype)
     changed = ids.clone()
     changed[:, -1] = (ids[:, -1] + 1) % vocab

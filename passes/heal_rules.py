@@ -8,6 +8,7 @@ from torch import fx
 
 from ..dsl import ast as A
 from ..runtime.losses import lm_loss_problem
+from .causal import causality
 from .cut_gaps import gap_edges, heal_neighbours
 from .graph import Block, ModelGraph
 from .rewrite import find_sites, shared_outside
@@ -34,9 +35,14 @@ def heal_problem(rule: A.Heal, whole: ModelGraph, view, protected: set[str], *, 
     half, or adapted, or below a map (`mapped`). In the heal pass's order, so with its message.
     `all_cuts` false (bound again after a search, whose cuts `whole` no longer shows): the cuts
     seen are some of the heal's, so "no free linear near them" is no refusal."""
-    if rule.get("method") == "lora" and not rule.get("distill") and (problem := lm_loss_problem(whole)) is not None:
-        return ("unsupported", f"`heal method=lora` cannot train here: {problem}",
-                "write distill=true to learn the original model's outputs")
+    if rule.get("method") == "lora" and not rule.get("distill"):
+        problem = lm_loss_problem(whole)
+        if problem is None and causality(whole) is False:  # it learns to copy the next token it sees
+            problem = (f"its loss (distill=false) is next-token cross entropy, and {whole.model_class} is not causal: "
+                       "each position reads the tokens after it")
+        if problem is not None:
+            return ("unsupported", f"`heal method=lora` cannot train here: {problem}",
+                    "write distill=true to learn the original model's outputs")
     if view is None or not gap_edges(whole, view):
         return None
     if rule.get("method") == "lora":

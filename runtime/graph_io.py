@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from .artifact_errors import PROGRAM, RESAVE, WEIGHTS, ArtifactError
+from .masters import as_declared
 from .graph_io_values import NOT_STORED, SymbolNames, ValueDecoder, device_named, dtype_named, encode_val
 from .program_check import check_name, check_path, load_refuses, op_name, refused, resolve_target
 
@@ -155,14 +156,17 @@ def _plain(v: Any) -> Any:
 def _encode_tensors(gm: nn.Module, what: str):
     """Every parameter, buffer and plain tensor attribute; each distinct tensor stored once."""
     owned: list[tuple[str, torch.Tensor, dict]] = []
+    declared: dict[int, torch.Tensor] = {}  # one rounded copy of a master under every name it has
     for path, mod in gm.named_modules(remove_duplicate=False):
         if path.split(".")[0] in _DROPPED_MODULES:
             continue
         prefix = f"{path}." if path else ""
         for name, p in mod._parameters.items():
-            if p is not None:
-                owned.append((prefix + name, p, {"kind": "parameter",
-                                                 "requires_grad": p.requires_grad}))
+            if p is not None:  # a half adapter training on a float32 master is stored as declared
+                if id(p) not in declared:
+                    declared[id(p)] = as_declared(p)
+                owned.append((prefix + name, declared[id(p)], {"kind": "parameter",
+                                                               "requires_grad": p.requires_grad}))
         for name, b in mod._buffers.items():
             if b is not None:
                 owned.append((prefix + name, b, {"kind": "buffer", "persistent":

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .token_ids import token_ids_name
 
-__all__ = ["distill_loss", "lm_loss", "lm_loss_problem", "NoTokenToPredict"]
+__all__ = ["distill_loss", "lm_loss", "lm_loss_problem", "reads_later_tokens", "NoTokenToPredict"]
 
 
 class NoTokenToPredict(ValueError):
@@ -56,6 +56,25 @@ def lm_loss(out, batch: dict, ids: str = "input_ids") -> torch.Tensor:
     if not (targets != -100).any():
         raise NoTokenToPredict("loss='lm': the batch has no token to predict (all padding, or one token per row)")
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def reads_later_tokens(call, inputs: dict, ids: str) -> bool:
+    """Whether `call`'s logits at some position move when the token after it changes: a
+    bidirectional model (a masked LM), which lowers the next-token loss by copying the token it
+    sees. Two forwards of `inputs` without gradients, the second with every row's last token
+    changed; False where they cannot tell (no such ids, one position, no logits)."""
+    x = inputs.get(ids)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] < 2 or x.is_floating_point():
+        return False
+    changed = x.clone()
+    changed[:, -1] = torch.where(x[:, -1] > 0, x[:, -1] - 1, x[:, -1] + 1)  # another id, in the vocabulary
+    with torch.no_grad():
+        a, b = (_scores(call(**{**inputs, ids: t})) for t in (x, changed))
+    if a is None or b is None or a.shape[:2] != x.shape:
+        return False
+    a, b = a[:, :-1].float(), b[:, :-1].float()
+    # the margin of passes/causal.py's probe: kernels may sum masked-out zeros in another order
+    return bool((a - b).abs().max() > 1e-5 * a.abs().max().clamp_min(1e-30))
 
 
 def _labels(batch: dict, ids: str) -> torch.Tensor:
@@ -121,6 +140,12 @@ def _logits(out) -> torch.Tensor | None:
         return out["logits"] if "logits" in out.keys() else None
     logits = getattr(out, "logits", None)
     return logits if isinstance(logits, torch.Tensor) else None
+
+
+def _scores(out) -> torch.Tensor | None:
+    """The logits, or a bare [batch, seq, n] output (a model of one's own returns them so)."""
+    logits = _logits(out)
+    return out if logits is None and isinstance(out, torch.Tensor) and out.dim() == 3 else logits
 
 
 def _first_tensor(out) -> torch.Tensor:

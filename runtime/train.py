@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .losses import distill_loss, lm_loss
+from .losses import distill_loss, lm_loss, reads_later_tokens
 from .token_ids import token_ids_name
 from .lower import unlowered
+from .masters import float32_masters
 from .progress import Progress
 
 __all__ = ["Diverged", "train", "TrainResult", "LOSSES", "SCHEDULES", "float32_masters", "module_mode",
@@ -55,8 +56,9 @@ class TrainResult:
         return self.losses[-1]
 
     def __str__(self) -> str:
+        # four significant digits: a distill loss of 6.6e-07 read "0.0000"
         return (f"{len(self.losses)} step{'' if len(self.losses) == 1 else 's'} of {self.loss} loss in {self.seconds:.1f}s: "
-                f"{self.first:.4f} -> {self.last:.4f}")
+                f"{self.first:#.4g} -> {self.last:#.4g}")
 
 
 DEFAULT_LR = 3e-4
@@ -88,12 +90,21 @@ def train(cm, batches, *, steps: int, lr: float | None = None, loss: str = "lm",
     lr = DEFAULT_LR if lr is None else lr
     if optimizer is None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < float("inf")):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if optimizer is not None:
+        _check_optimizer(optimizer, params)
     batches = _batches(batches)
     teacher = _unwrap(teacher)
+    if teacher is not None and not callable(teacher):  # it failed at step 1: "'str' object is not callable"
+        raise TypeError(f"teacher= is the model to learn from: the original module, a CompiledModel, a model from "
+                        f"slimfx.models.load, or a function of the inputs; got the {type(teacher).__name__} {teacher!r:.60}")
     opt = optimizer if optimizer is not None else torch.optim.AdamW(params, lr=lr)
     bars = progress if isinstance(progress, Progress) else Progress.for_terminal(progress)
     losses: list[float] = []
     setup = _LossSetup.of(cm)
+    if loss == "lm":
+        first = next(batches)
+        batches = itertools.chain([first], batches)
+        _check_causal(cm, first, setup)
     start = time.perf_counter()
     # Generated Triton kernels have no backward: a model on that backend trains on its reference
     # graph (the same weights), and its kernels are back afterwards.
@@ -154,6 +165,16 @@ def _put_back(params: list[nn.Parameter], before: list[torch.Tensor], optimizer=
             group.update(saved)
 
 
+def _check_optimizer(optimizer, params: list[nn.Parameter]) -> None:
+    if isinstance(optimizer, type) or not hasattr(optimizer, "param_groups"):
+        raise TypeError(f"optimizer= takes an optimizer built over the adapters, e.g. "
+                        f"torch.optim.AdamW(cm.adapter_parameters(), lr=1e-4); got {optimizer!r:.80}")
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not any(id(p) in held for p in params):  # it stepped other tensors, and the model stayed as it was
+        raise ValueError("optimizer= holds none of this model's adapters: build it over cm.adapter_parameters() "
+                         "of the model you train (a copy or a loaded artifact has adapters of its own)")
+
+
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict]]:
     """Per parameter its state (moments, step) as it is, and each group's settings. Not
     state_dict()/load_state_dict(): loading casts the moments to the parameters' dtype, fp16 for
@@ -202,25 +223,6 @@ def scaled_lr(opt: torch.optim.Optimizer):
             g["lr"] = lr
 
 
-@contextmanager
-def float32_masters(params: list[nn.Parameter]):
-    """Inside, the fp16/bf16 parameters among `params` hold float32 copies of their values (the
-    same Parameter objects, so an optimizer built over them still applies); after, they are
-    rounded back to their dtype once, also on an exception. Optimizers need this: AdamW directly
-    on fp16 adapters divides by a second moment that underflows (NaN at the second step on a tiny
-    Llama), and on bf16 ones rounds away every update below 2^-9 of a weight (at lr 1e-4, 72% of
-    A's entries never moved in 10 steps). The adapter's casts up read float32 as well as half."""
-    half = [(p, p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)]
-    for p, _ in half:
-        p.data = p.data.float()
-    try:
-        yield
-    finally:
-        for p, dtype in half:
-            p.data = p.data.to(dtype)
-            p.grad = None  # a float32 gradient would not fit the rounded parameter
-
-
 def _check(cm, steps: int, loss: str, teacher) -> list[nn.Parameter]:
     if not hasattr(cm, "adapter_parameters"):
         raise TypeError(f"train() takes a CompiledModel (from slimfx.compile or slimfx.load); "
@@ -243,6 +245,9 @@ def _check(cm, steps: int, loss: str, teacher) -> list[nn.Parameter]:
     if not params:
         raise ValueError(f"{type(cm).__name__} has no adapters to train: compile with an `adapt` "
                          "rule, e.g. `adapt blocks.*.attn.{q,v} lora rank=16 alpha=32`")
+    if not any(p.requires_grad for p in params):  # autograd said only "element 0 … does not require grad"
+        raise ValueError("every adapter of this model is frozen (requires_grad=False), so no step could move one: "
+                         "unfreeze those to train, `for p in cm.adapter_parameters(): p.requires_grad_(True)`")
     token_nodes = _token_op_nodes(cm)
     if token_nodes:
         raise ValueError(f"this model was compiled with `tokens …` rules, and their ops ({token_nodes[0]}, …) "
@@ -367,20 +372,42 @@ class _LossSetup:
     # defaults the original computed another function, and the student was pulled towards it
     teacher_flags: dict
     ids: str  # the input holding the token ids (runtime/token_ids.py)
+    # `labels` go to a graph captured with them (a Hugging Face training batch), else only to the loss
+    takes_labels: bool
 
     @classmethod
     def of(cls, cm) -> "_LossSetup":
         program = getattr(cm, "graph", None)
+        inputs = getattr(program, "inputs", None)
         return cls(_flags_set_away(cm), dict(getattr(getattr(program, "call", None), "flags", ())),
-                   token_ids_name(program) if hasattr(program, "inputs") else "input_ids")
+                   token_ids_name(program) if inputs is not None else "input_ids",
+                   any(i.name == "labels" for i in inputs or ()))
+
+    def student_inputs(self, batch: dict) -> dict:
+        return {**self.student_flags, **{k: v for k, v in batch.items() if k != "labels" or self.takes_labels}}
 
 
 def _loss(cm, batch: dict, loss: str, teacher, setup: _LossSetup) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = cm(**{**setup.student_flags, **inputs})
+    out = cm(**setup.student_inputs(batch))
     if loss == "lm":
         return lm_loss(out, batch, setup.ids)
-    return distill_loss(out, teacher, inputs, setup.teacher_flags)
+    return distill_loss(out, teacher, {k: v for k, v in batch.items() if k != "labels"}, setup.teacher_flags)
+
+
+def _check_causal(cm, batch: dict, setup: _LossSetup) -> None:
+    """Refuse loss='lm' on a model whose positions read later tokens: it learns to copy them. A
+    Hugging Face generating model is causal by its class; any other is probed on the first batch
+    (two forwards, adapter dropout off)."""
+    modules = getattr(getattr(cm, "graph", None), "modules", None)
+    root = modules.get("") if isinstance(modules, Mapping) else None
+    if root is not None and "GenerationMixin" in root.classes:
+        return
+    with module_mode(cm, False):
+        later = reads_later_tokens(cm, setup.student_inputs(batch), setup.ids)
+    if later:
+        raise ValueError("loss='lm' is next-token cross entropy, and this model's outputs at a position read the "
+                         "tokens after it (a bidirectional model, e.g. a masked LM): it would learn to copy the "
+                         "next token it sees. Train with loss='distill' and the original model as teacher")
 
 
 def _flags_set_away(cm) -> dict:

@@ -271,13 +271,14 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     if not paths:
         raise _no_linear(bound, ctx, blocks, held, len(kept))
     rank = rule.get("rank")
-    inserted = []
+    inserted, ranks = [], set()
     seeded = torch.Generator().manual_seed(0)  # the same policy heals the same way; the caller's RNG untouched
     with ctx.progress.task(f"adding healing adapters (line {bound.line})", total=len(paths)) as step:
         for path in paths:
             target = graph.targets[path]
             site = base_sites(graph, target)[0]
             r = min(rank, *site_dims(site))
+            ranks.add(r)
             adapter = Adapter(path, "lora", r, 2.0 * r, 0.0, site.transposed)
             out_f, in_f = site_dims(site)
             a = torch.empty(r, in_f)
@@ -289,10 +290,12 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     graph.reindex()
     if rule.get("merge"):  # refused before the training, not after it
         _check_merge(graph, inserted, bound, ctx)
+    # Only the heal's own adapters: an earlier compile's summed every step's gradient into their
+    # .grad, and a user's loop then stepped with it (the CompiledModel makes them trainable again).
+    own = set(inserted)
     for name, p in graph.module.named_parameters():
-        p.requires_grad_(is_adapter_param(name))
-    params = [p for n, p in graph.module.named_parameters() if is_adapter_param(n)
-              and n.rsplit(".", 1)[0] in inserted]
+        p.requires_grad_(is_adapter_param(name) and name.rsplit(".", 1)[0] in own)
+    params = [p for n, p in graph.module.named_parameters() if p.requires_grad]
     batches = ctx.calib
     if written:
         try:
@@ -320,7 +323,8 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
             merge_adapters(graph, inserted)
         except MergeError as e:
             raise _merge_refused(bound, ctx, e) from None
-    details = {"adapters": len(inserted), "blocks": blocks, "rank": rank, "steps": steps, "loss": result.loss,
+    # a rank is at most a linear's smaller side: the report says the ranks the adapters have
+    details = {"adapters": len(inserted), "blocks": blocks, "rank": max(ranks), "steps": steps, "loss": result.loss,
                "schedule": schedule,
                "generated_tokens": sum(b["input_ids"][:, PROMPT:].numel() for b in batches[len(ctx.calib):]),
                "first_loss": result.first, "last_loss": result.last, "merged": bool(rule.get("merge"))}
@@ -329,8 +333,10 @@ def _lora(graph: ModelGraph, bound: BoundRule, ctx: Context):
     last_written = written and (len(result.losses) - 1) % len(batches) >= len(ctx.calib)
     where = "beside the cuts" if reach == 1 else f"of {len(blocks)} blocks within {reach} of the cuts"
     cosine = " (cosine lr)" if schedule == "cosine" else ""
-    notes = [f"LoRA r={rank} on {len(inserted)} linears {where}, {len(result.losses)} steps{cosine} of "
-             f"{result.loss} loss: {result.first:.4f} → {result.last:.4f}"
+    used = f"r={max(ranks)}" if len(ranks) == 1 else f"r={min(ranks)}–{max(ranks)}"
+    capped = f" (rank={rank} capped at the linears' sizes)" if max(ranks) < rank else ""
+    notes = [f"LoRA {used}{capped} on {len(inserted)} linears {where}, {len(result.losses)} steps{cosine} of "
+             f"{result.loss} loss: {result.first:#.4g} → {result.last:#.4g}"
              + (" (first step on calibration text, last on written text)" if last_written else "")
              + (f"; on the calibration batches and {details['generated_tokens']:,} tokens the uncompressed "
                 "model wrote" if written else "")
