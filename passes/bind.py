@@ -19,6 +19,7 @@ from ..dsl.printer import format_rule
 from ..runtime.adapters import adapters_of
 from ..runtime.peft_format import adapter_directory
 from ..runtime.losses import lm_loss_problem
+from ..runtime.token_ops import token_ops_in
 from .block_reads import removal_problem, step_left_last, token_step_in
 from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
 from .blocks_view import without_blocks
@@ -95,6 +96,11 @@ def rebind(graph: ModelGraph, plan: Plan, start: int, *, source: str = "", filen
     return replace(plan, rules=plan.rules[:start] + bound, protected=frozenset(binder.protected))
 
 
+# A rule after an auto rule whose selection `keep` protects on plan's stand-in for the search's choice.
+_MAYBE_KEPT = ("`keep` protects what this rule selects on the model as it is before the search runs; compile "
+               "refuses the rule if the blocks the search leaves make it so")
+
+
 class _Binder:
     def __init__(self, graph: ModelGraph, source: str, filename: str, rebinding: bool = False):
         self.graph, self.source, self.filename = graph, source, filename
@@ -118,6 +124,9 @@ class _Binder:
         self.earlier: set[str] = {t.path for t in graph.targets.values() if t.kind == "linear" and not has_weight(t)}
         self.reformatted: set[str] = set()
         self.mapped = False  # a `heal method=linear` (no fold) bound so far put a map at every cut
+        # The line of the first token rule bound so far: its ops have no gradients, so no rule after
+        # it trains or takes gradients through the model (autograd's raw error at compile)
+        self.token_line: int | None = None
 
     def bind_all(self, rules: tuple[A.Rule, ...], protected: set[str] | None = None) -> tuple[BoundRule, ...]:
         """`protected`: what the `keep` rules before `rules` protect (rebind: resolved before)."""
@@ -213,6 +222,8 @@ class _Binder:
         again = tokens_again_refusal(self.captured, format_rule(rule)) if isinstance(rule, (A.Tokens, A.Unpad)) else None
         if again:
             self._error(rule.span, "unsupported", *again)
+        if isinstance(rule, (A.Tokens, A.Unpad)) and self.token_line is None:
+            self.token_line = rule.span.line
         if isinstance(rule, A.Keep):
             return self._bind_keep(rule)
         if isinstance(rule, (A.Heal, A.Unpad)):  # no selector: they act on the whole model
@@ -241,11 +252,27 @@ class _Binder:
         """What the model and the rules above decide before any weight changes: compile refused
         these only when the heal ran, after every rule above it (a LoRA heal's merge only after
         its training)."""
+        if rule.get("method") == "lora" and (problem := self._no_gradients("`heal method=lora` trains its adapters")):
+            self._error(rule.span, "unsupported", *problem)
+            return
         problem = heal_problem(rule, self.captured, self.graph if cuts else None, protected,
                                adapted=self.adapted, reformatted=self.reformatted, earlier=self.earlier,
                                mapped=self.mapped, all_cuts=not self.rebinding)
         if problem is not None:
             self._error(rule.span, *problem)
+
+    def _no_gradients(self, what: str) -> tuple[str, str] | None:
+        """(message, hint) where the token rules above, or an earlier compile's, put ops without
+        gradients in the model that `what` (a rule taking gradients) would run through."""
+        if self.token_line is not None:
+            return (f"{what} through the model, and the `tokens` rule on line {self.token_line} above it puts ops "
+                    "there that have no gradients", "put the `tokens` rules after it")
+        ops = token_ops_in(self.captured.module)
+        if ops:
+            return (f"{what} through the model, and an earlier compile's token rules put ops there that have no "
+                    f"gradients ({ops[0]}, …)", "write it into the policy that compiles the original model, "
+                    "above its `tokens` rules")
+        return None
 
     def _bind_keep(self, rule: A.Keep) -> BoundRule:
         # Resolved already when `_protected` ran in this binder (not in `rebind`, which is given them).
@@ -289,13 +316,17 @@ class _Binder:
                         f"a model of {n} block{'s' * (n != 1)} has no `{rule.kind}` that leaves "
                         + ("one" if isinstance(rule, A.Drop) else "more than one"))
         hit = sorted(p for b in blocks for p in _paths_of(b, self.graph) if p in protected)
-        if hit and rule.auto is None:
+        warnings = ()
+        if hit and rule.auto is None and self.deferred:
+            warnings = (_MAYBE_KEPT,)
+        elif hit and rule.auto is None:
             self._error(rule.span, "invalid-combination", f"`keep` protects {hit[0]}, which this `{rule.kind}` "
                         "removes", "narrow the `keep` or the block range")
         kept = tuple(b.path for b in blocks if _paths_of(b, self.graph) & protected)
         if rule.auto is not None and blocks:
             self._check_auto_count(rule, [b.index for b in blocks if b.path not in kept], n)
-        warnings = ("auto: `keep`-protected blocks are not candidates",) if hit else ()
+        if hit and rule.auto is not None:
+            warnings = ("auto: `keep`-protected blocks are not candidates",)
         return BoundRule(rule, blocks=blocks, protected=kept, estimate=estimate(rule, (), blocks, self.graph),
                          warnings=warnings)
 
@@ -334,6 +365,9 @@ class _Binder:
         if isinstance(rule, A.Precision) and rule.metric == "fisher" and (problem := lm_loss_problem(self.captured)):
             self._error(rule.span, "unsupported", "`by fisher` weighs each output by the gradient of a causal LM's "
                         f"next-token loss, and this model cannot give it: {problem}", "use `by output_mse`")
+        elif isinstance(rule, A.Precision) and rule.metric == "fisher" and \
+                (problem := self._no_gradients("`by fisher` weighs each output by a gradient")):
+            self._error(rule.span, "unsupported", problem[0], problem[1] + ", or use `by output_mse`")
         # A block and a module inside it can both be selected (`blocks.*.**` on GPT-2 reaches
         # c_attn by its path and by its role): each target counts once, or it is rewritten twice.
         candidates = list({t.path: t for f in found for t in _targets_of(f, self.graph)}.values())
@@ -374,7 +408,11 @@ class _Binder:
         missing = adapter_directory(rule.get("from"))[1] if isinstance(rule, A.Adapt) and rule.get("from") else None
         if missing is not None:
             self._error(_param_span(rule, "from"), "no-file", *missing)
-        if found and not targets:
+        # After an auto rule, which blocks `keep` protects is decided by its search: what the stand-in
+        # shows protected may not be (compile refused a rule its binding after the search accepted).
+        if found and not targets and kept and self.deferred:
+            warnings.append(_MAYBE_KEPT)
+        elif found and not targets:
             why = "all are protected by `keep`" if kept else f"it selects only {', '.join(others) or 'blocks'}"
             self._error(rule.selector.span, "selector", f"`{rule.kind}` acts on linear layers, and `{_sel(rule)}` "
                         f"leaves none: {why}", "select linears, e.g. `blocks.*.** : Linear` or `blocks.*.attn.q`")

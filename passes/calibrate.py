@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from ..runtime.progress import Progress
+from ..runtime.report import counted
 from .graph import ModelGraph
 
 __all__ = ["NO_CALIB", "observe", "Observer", "CALIB_HINT", "kept_rows", "real_rows", "forward_ms", "FORWARD_REPEATS", "HessianAccumulator", "DiagonalAccumulator", "damped",
@@ -53,7 +54,7 @@ def observe(graph: ModelGraph, watch: dict[fx.Node, list[Observer]], batches: li
     # LM head is a sixth of SmolLM2's forward; a heal's rows at a cut in the middle, half of it).
     order = {n: i for i, n in enumerate(graph.module.graph.nodes)}
     last = max(watch, key=order.__getitem__, default=None) if all(n in order for n in watch) else None
-    with (progress or Progress()).task(f"{description} ({len(batches)} batches)", total=len(batches)) as step:
+    with (progress or Progress()).task(f"{description} ({counted(len(batches), 'batch')})", total=len(batches)) as step:
         for i, batch in enumerate(batches):
             missing = [n for n in names if n not in batch]
             if missing:

@@ -79,6 +79,9 @@ class Context:
     # before each rule): only then does a removal keep what every later block output, for that
     # rule's cuts to be fitted to the model before both (passes/collapse/apply.block_record).
     removals_follow: bool = True
+    # Whether a `heal` comes after this rule: without one, nothing reads what the removed blocks
+    # output, and recording it was a forward over all the calibration text, reported as calibrating.
+    heal_follows: bool = True
     # Linears that carried adapters before any rule ran (compiling a CompiledModel that has some).
     inherited_adapters: frozenset[str] = frozenset()
     # Targets a later `adapt … init=error` names (the pipeline sets it before each rule): a

@@ -58,6 +58,7 @@ def run_pipeline(graph: ModelGraph, plan: Plan, ctx: Context) -> Report:
         ctx.keep_originals = _error_init_targets(plan.rules[i + 1:])
         ctx.error_plans = _error_plans(plan.rules[i + 1:])
         ctx.removals_follow = _removals_follow(plan.rules[i + 1:])
+        ctx.heal_follows = any(isinstance(b.rule, A.Heal) for b in plan.rules[i + 1:])
         report = PASSES[type(bound.rule)](graph, bound, ctx)
         graph.reindex()
         graph.lint()

@@ -18,9 +18,11 @@ from torch import fx, nn
 
 from .adapters import Adapter, adapter_nodes, adapters_of, is_adapter_param, output_node
 from .program import Program
+from .report import Report, RuleReport, counted
+from .sizes import tensor_bytes
 from .forward_parts import recompile
 
-__all__ = ["MergeError", "check_mergeable", "merge_adapters", "merged_weight"]
+__all__ = ["MergeError", "check_mergeable", "merge_adapters", "merged_weight", "merged_report"]
 
 aten = torch.ops.aten
 _FP_BASES = {aten.linear.default: 1, aten.addmm.default: 2, aten.mm.default: 1}  # op -> weight arg
@@ -113,3 +115,15 @@ def _fold(program: Program, path: str, adapter: Adapter, owner: nn.Module, attr:
         delattr(module, name)
     info = program.modules[path]
     program.modules[path] = replace(info, params=tuple(p for p in info.params if not is_adapter_param(p.name)))
+
+
+def merged_report(report: Report, adapters: dict[str, Adapter], params: list[nn.Parameter], seconds: float) -> Report:
+    """The report of `merge_adapters()`'s model: the compile it came from kept as history, then a
+    row for the merge with the model's figures now (the compile's own counted the adapters' `params`,
+    which are gone: its params and bytes after, and its rows, no longer described this model)."""
+    n, nbytes = sum(p.numel() for p in params), tensor_bytes(*params)
+    row = RuleReport(0, "merge_adapters()", "merge", tuple(sorted(adapters)), n, 0, nbytes, 0,
+                     notes=(f"{counted(len(adapters), 'adapter')} merged into {'its' if len(adapters) == 1 else 'their'} "
+                            "weights",))
+    return Report("merge_adapters()", report.model_class, (row,), report.params_after, report.params_after - n,
+                  report.bytes_after, report.bytes_after - nbytes, seconds).after(report)

@@ -6,6 +6,7 @@ owns the graph's (possibly packed) weights, so `.parameters()` and `.state_dict(
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -298,12 +299,14 @@ class CompiledModel(nn.Module):
         fp16/bf16 weight of a half model: folded in float32, rounded once; no adapter ops left);
         this one is unchanged. Refused (MergeError, before any change) for an adapter over a
         quantized, precision-rule-stored or tied weight."""
-        from .adapter_merge import merge_adapters
+        from .adapter_merge import merge_adapters, merged_report
         from .program_copy import copy_program
 
+        start, adapters, params = time.perf_counter(), self.adapters, self.adapter_parameters()
         program = copy_program(self.graph)
         merge_adapters(program)
-        return CompiledModel(program, report=self.report, policy_text=self.policy_text,
+        report = merged_report(self.report, adapters, params, time.perf_counter() - start)
+        return CompiledModel(program, report=report, policy_text=self.policy_text,
                              policy_name=self.policy_name, backend=self.backend)
 
     def save_adapters(self, path: str | os.PathLike) -> None:

@@ -397,6 +397,16 @@ def _register() -> None:
 
 
 _register()
+
+
+def token_ops_in(gm) -> list[str]:
+    """The token ops (`slimfx::pack_tokens`, …) `gm`'s graph calls that values flow through:
+    inference only, none has a gradient, so nothing trains or takes gradients through a graph
+    that holds one. (token_index and kept_tokens read only the mask and positions.)"""
+    ops = {getattr(torch.ops.slimfx, name).default: name for name in _OPS if name not in ("token_index", "kept_tokens")}
+    return [f"slimfx::{ops[n.target]}" for n in gm.graph.nodes if n.target in ops]
+
+
 token_index = torch.ops.slimfx.token_index.default
 pack_tokens = torch.ops.slimfx.pack_tokens.default
 unpack_tokens = torch.ops.slimfx.unpack_tokens.default

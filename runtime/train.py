@@ -257,15 +257,13 @@ def _check(cm, steps: int, loss: str, teacher) -> list[nn.Parameter]:
 
 
 def _token_op_nodes(cm) -> list[str]:
-    """Targets of the token pass's ops (inference only) in the model's graph."""
+    """The token pass's ops (inference only) in the model's graph."""
     from torch import fx
 
-    from . import token_ops
+    from .token_ops import token_ops_in
 
-    ops = {token_ops.pack_tokens, token_ops.packed_attention, token_ops.token_merge, token_ops.token_prune}
     modules = cm.modules() if isinstance(cm, nn.Module) else ()
-    return [f"slimfx::{n.target._schema.name.split('::')[-1]}" for m in modules if isinstance(m, fx.GraphModule)
-            for n in m.graph.nodes if n.target in ops]
+    return [op for m in modules if isinstance(m, fx.GraphModule) for op in token_ops_in(m)]
 
 
 class NothingToDistil(ValueError):

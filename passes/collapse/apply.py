@@ -62,8 +62,8 @@ def block_record(graph: ModelGraph, ctx: Context, first: int, streams: dict[int,
     `streams`: the graph's streams if the caller has them already. `ends`: the paths of the
     runs' last blocks, all that is kept when no collapse/drop follows before a heal (every block
     after the first change, kept for a later rule, is 18 streams of SmolLM2 for a cut at 12: 1.2
-    GB at 25k calibration tokens). Empty without calibration."""
-    if not ctx.calib:
+    GB at 25k calibration tokens). Empty without calibration, or without a heal after the rule."""
+    if not ctx.calib or not ctx.heal_follows:
         return {}
     blocks = graph.blocks[first:]
     if ends is not None and not ctx.removals_follow:

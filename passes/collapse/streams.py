@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ...runtime.progress import Progress
+from ...runtime.report import counted
 from ..calibrate import kept_rows, observe, real_rows
 from ..graph import ModelGraph
 from ..rewrite import PassError
@@ -60,7 +61,7 @@ def _each_batch(graph: ModelGraph, streams: list[int], batches, progress: Progre
                 on_batch: Callable[[dict[int, torch.Tensor]], None]) -> None:
     """Run every batch once; hand `on_batch` the rows of the chosen streams of that batch."""
     nodes = {k: stream_node(graph, k) for k in streams}
-    with (progress or Progress()).task(f"{description} ({len(batches)} batches)", total=len(batches)) as step:
+    with (progress or Progress()).task(f"{description} ({counted(len(batches), 'batch')})", total=len(batches)) as step:
         for batch in batches:
             rows: dict[int, torch.Tensor] = {}
             watch: dict[fx.Node, list] = {}

@@ -25,7 +25,7 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
     prune with different lengths, which the padded grid cannot hold without re-padding."""
     blocks = selected_blocks(graph, bound, ctx)
     restore = bool(bound.rule.get("restore"))
-    probe = probe_batch(ctx)
+    probe = probe_batch(graph, ctx)
     before = forward_ms(graph, probe) if probe else None
     lengths = attention_lengths(graph, probe) if probe else None
     flops_before = block_flops(graph, lengths) if lengths else None
@@ -41,7 +41,7 @@ def apply_token_op(graph: ModelGraph, bound: BoundRule, ctx: Context, op, params
                                      proportional, per_token))
     if not restore:
         changed = shorten_outputs(graph, bound, ctx, right=is_causal(graph))
-        notes.append(f"restore=false: {changed} output{'s' if changed != 1 else ''} return the remaining tokens "
+        notes.append(f"restore=false: {changed} output{'s' if changed != 1 else ''} return{'' if changed != 1 else 's'} the remaining tokens "
                      "(CompiledModel.kept_tokens: their positions and sizes)" if changed else
                      "restore=false changes nothing here: no output carries the sequence")
     graph.module.graph.lint()

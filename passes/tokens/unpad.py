@@ -35,7 +35,7 @@ def run(graph: ModelGraph, bound: BoundRule, ctx: Context) -> RuleReport:
     if not graph.blocks:
         raise rule_error(bound, ctx, "unsupported", f"`tokens unpad` packs the tokens entering the first block, and "
                      f"{graph.model_class} has no repeated blocks", "remove the rule")
-    probe = padded_batch(ctx)
+    probe = padded_batch(graph, ctx)
     before = forward_ms(graph, probe) if probe else None
     lengths = attention_lengths(graph, probe) if probe else None
     flops_before = block_flops(graph, lengths) if lengths else None
@@ -145,14 +145,22 @@ def _mask_placeholder(graph: ModelGraph, bound: BoundRule, ctx: Context, require
     raise rule_error(bound, ctx, "unsupported", *unpad_mask_problem(graph))
 
 
-def padded_batch(ctx: Context) -> dict | None:
-    """The first calibration batch that has an attention mask (its padding shows the gain)."""
+def padded_batch(graph: ModelGraph, ctx: Context) -> dict | None:
+    """The first calibration batch that has an attention mask (its padding shows the gain), with
+    the graph's inputs only: keys it takes no input for ride along in calibration (`labels`,
+    `token_type_ids` where it was captured without them), and a call refuses them."""
     for batch in ctx.calib.unread():
         if MASK_INPUT in batch:
-            return batch
+            return _inputs_of(graph, batch)
     return None
 
 
-def probe_batch(ctx: Context) -> dict | None:
+def probe_batch(graph: ModelGraph, ctx: Context) -> dict | None:
     """What the report measures on: a padded batch where there is one, else the first batch."""
-    return padded_batch(ctx) or next(iter(ctx.calib.unread()), None)
+    first = next(iter(ctx.calib.unread()), None)
+    return padded_batch(graph, ctx) or (_inputs_of(graph, first) if first is not None else None)
+
+
+def _inputs_of(graph: ModelGraph, batch: dict) -> dict:
+    names = {i.name for i in graph.inputs}
+    return {k: v for k, v in batch.items() if k in names}

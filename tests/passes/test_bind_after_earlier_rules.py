@@ -2,6 +2,10 @@
 (raw list indexes too), an auto drop's stand-in count rounded as the drop itself counts, and an
 adapter merged in leaving its linears free for another. Each case was a mutant the other tests let
 by (mutation audit of the binder)."""
+import re
+
+import pytest
+
 from test_bind import error_of, llama, plan_of  # noqa: F401 - a fixture
 
 
@@ -36,3 +40,29 @@ def test_an_adapter_merged_in_leaves_its_linears_free_for_another(llama):
     """Different selector texts, so the static duplicate check (equal text only) cannot decide it."""
     plan = plan_of(llama, "adapt blocks.*.attn.q lora merge=true", "adapt blocks[0].attn.q lora")
     assert len(plan.rules[1].targets) == 1
+
+
+def test_what_keep_protects_after_an_auto_drop_is_checked_once_its_search_has_chosen():
+    """The stand-in an auto drop leaves for the rules after it removes the last candidates; the
+    search removed others, so `blocks[3]` after it was another block than the kept one on the
+    stand-in, and compile refused a rule its binding after the search accepts."""
+    import torch
+
+    import slimfx
+    from slimfx.models import tiny
+
+    lm = tiny("llama", layers=8, seed=4, attn_implementation="eager")
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(3, 250, (4, 32), generator=g),
+              "attention_mask": torch.ones(4, 32, dtype=torch.long)} for _ in range(2)]
+    chosen = slimfx.compile(lm, "keep blocks[3]\ndrop blocks auto(count=2)", calib=calib).report.rules[1].targets
+    assert chosen == ("model.layers.0", "model.layers.6")  # so blocks[3] after it is layer 4, not kept
+    for rule, says in (("quantize blocks[3].mlp.down int8", "model.layers.4.mlp.down_proj"),
+                       ("drop blocks[3]", "model.layers.4")):
+        policy = f"keep blocks[3]\ndrop blocks auto(count=2)\n{rule}"
+        assert any("decided at compile time" in w for w in slimfx.plan(lm, policy).rules[2].warnings)
+        assert slimfx.compile(lm, policy, calib=calib).report.rules[2].targets[0].startswith(says)
+    for rule, says in (("quantize blocks[2].mlp.down int8", "all are protected by `keep`"),
+                       ("drop blocks[2]", "`keep` protects model.layers.3")):  # blocks[2] is layer 3 after it
+        with pytest.raises(slimfx.SpecError, match=re.escape(says)):
+            slimfx.compile(lm, f"keep blocks[3]\ndrop blocks auto(count=2)\n{rule}", calib=calib)

@@ -165,3 +165,23 @@ def test_merge_still_refused_into_a_weight_stored_in_reduced_precision_by_a_rule
     cm = _trained(lm, "quantize blocks.*.attn.* : Linear bf16\nadapt blocks.*.attn.q lora rank=2")
     with pytest.raises(MergeError, match=r"reduced precision.*then quantize"):
         cm.merge_adapters()
+
+
+def test_the_merged_models_report_has_its_figures_and_the_merge_after_the_compile(tmp_path):
+    """It kept the compile's report: params and bytes counting the adapters it no longer has, and
+    "2 lora adapters: 1,024 trainable parameters" for a model with none, through save and load."""
+    from slimfx.runtime.sizes import param_bytes
+
+    lm = tiny("llama")
+    cm = _compile(lm, "adapt blocks.*.attn.q lora rank=4")
+    merged = cm.merge_adapters()
+    merged.save(tmp_path / "m")
+    for m in (merged, slimfx.load(tmp_path / "m")):
+        r = m.report
+        assert r.params_after == sum(p.numel() for p in m.parameters()) == cm.report.params_after - 1024
+        assert r.bytes_after == param_bytes(m.program) == m.weight_bytes()
+        assert [x.policy for x in r.earlier] == [cm.report.policy] and r.earlier[0].rules == cm.report.rules
+        (row,) = r.rules
+        assert row.text == "merge_adapters()" and row.notes == ("2 adapters merged into their weights",)
+        assert (row.params_before, row.params_after) == (1024, 0) and len(row.targets) == 2
+    assert "compiled before with policy p: adapt blocks.*.attn.q lora rank=4" in str(merged.report)

@@ -46,6 +46,19 @@ def test_merging_a_block_with_its_identical_copy_leaves_it_as_it_was():
         assert torch.equal(merged[name], value), name
 
 
+def test_a_half_merge_of_two_blocks_rounds_once():
+    """θ1 + (θ2 − θ1) is θ2 exactly when summed in float32; the delta rounded to bf16 first left
+    a third of the values 1 ulp off."""
+    import copy
+
+    lm = _lm(4, 3)
+    model = copy.deepcopy(lm.model).to(torch.bfloat16)
+    cm = slimfx.compile(model, "collapse blocks[1:3]", example_inputs=lm.example_inputs)
+    merged = cm.program.get_submodule("model.layers.1").state_dict()
+    for name, value in model.model.layers[2].state_dict().items():
+        assert torch.equal(merged[name], value), name
+
+
 def _similarity_by_hand(model, keep: int, merged: list[int], inputs) -> float:
     """LaCo's trial measure: mean cosine of the last layer's output, merged model vs original."""
     original = layer_streams(model, "model.layers", inputs)[-1]
@@ -200,3 +213,17 @@ def test_a_collapse_into_a_block_whose_weight_another_block_shares_is_refused():
     cm = slimfx.compile(model, "collapse blocks[0:3] auto(count=1, span=2, threshold=0.01)",
                         example_inputs=lm.example_inputs, calib=[lm.example_inputs])
     assert [t["into"] for t in cm.report.rules[0].details["trials"]] == ["model.layers.0"]
+
+
+@pytest.mark.parametrize("policy", ["drop blocks[1]", "collapse blocks[1:3]"])
+def test_an_explicit_removal_with_no_heal_after_it_reads_no_calibration(lm6, policy, monkeypatch):
+    """What the removed blocks output is recorded for a heal: without one it was a forward over
+    all the calibration text for nothing, and the report said the model was calibrated on it."""
+    from slimfx.passes.collapse import apply
+
+    seen, collect = [], apply.collect
+    monkeypatch.setattr(apply, "collect", lambda *a, **k: seen.append(a) or collect(*a, **k))
+    cm = slimfx.compile(lm6, policy)
+    assert cm.report.calibration == "" and not seen
+    healed = slimfx.compile(lm6, policy + "\nheal method=linear")
+    assert healed.report.calibration.endswith("rows") and seen

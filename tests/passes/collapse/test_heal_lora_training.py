@@ -61,3 +61,26 @@ def test_a_lora_heal_of_a_masked_lm_needs_distill_by_plan_and_by_compile():
         assert d.line == 2 and "is not causal" in d.message and "distill=true" in d.hint
     healed = slimfx.compile(model, policy + " distill=true", example_inputs=ex, calib=[ex])
     assert "distill loss" in healed.report.rules[-1].notes[0]
+
+
+@pytest.mark.parametrize("policy, says", [
+    ("tokens unpad\ndrop blocks[1]\nheal method=lora steps=1", "the `tokens` rule on line 1 above it"),
+    ("drop blocks[1]\ntokens unpad\nheal method=lora steps=1", "the `tokens` rule on line 2 above it"),
+])
+def test_a_lora_heal_after_a_token_rule_is_refused_at_its_line(policy, says):
+    """The token ops have no gradients: compile failed mid-heal with autograd's raw RuntimeError."""
+    lm = tiny("llama", layers=4)
+    for run in (lambda: slimfx.plan(lm, policy), lambda: slimfx.compile(lm, policy)):
+        with pytest.raises(SpecError) as e:
+            run()
+        (d,) = e.value.diagnostics
+        assert d.line == 3 and says in d.message and "no gradients" in d.message
+
+
+def test_a_lora_heal_or_fisher_budget_on_an_earlier_compiles_token_ops_is_refused():
+    lm = tiny("llama", layers=4)
+    unpadded = slimfx.compile(lm, "tokens unpad")
+    for rule in ("drop blocks[1]\nheal method=lora steps=1",
+                 "precision blocks.*.mlp.down choose {int8, int4} budget avg_bits<=6 by fisher"):
+        with pytest.raises(SpecError, match=r"an earlier compile's token rules put ops there that have no gradients"):
+            slimfx.compile(unpadded, rule)
