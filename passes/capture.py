@@ -19,7 +19,7 @@ from ..runtime.program import NOT_JSON, flag_json
 from . import autocast_regions
 from .capture_cache import (CachedTrace, lookup, portable_key, remember, shared, signature_key, state_key,
                             store)
-from .capture_checks import (check_at_example_sizes, check_names, positional_params, positions_fill_as_counted,
+from .capture_checks import (check_at_example_sizes, check_names, positional_params, unfillable_inputs,
                              refuse_nested_tensors,
                              refuse_opaque_outputs, refuse_var_positional, refuse_symbolic_outputs, written_attrs)
 from .eval_mode import eval_mode
@@ -187,7 +187,7 @@ def _export(model, names, args, consts, dims) -> CachedTrace:
         check_at_example_sizes(model, program, names, args, consts)
     refuse_opaque_outputs(model, consts_out)
     refuse_symbolic_outputs(model, consts_out)
-    unfilled = set() if positions_fill_as_counted(model, names, args, consts) else {"position_ids"}
+    unfilled = unfillable_inputs(model, program, names, args, consts)
     return CachedTrace(program, _module_table(model), _input_infos(program, names, dims, unfilled),
                   OutputSpec(spec, tuple(consts_out), tuple(tensor_leaves)), type(model).__name__,
                   _call_info(model, names, consts))
@@ -231,16 +231,27 @@ def _flag_defaults(model: nn.Module, names, consts) -> tuple[tuple[str, Any], ..
 
 
 def _declared_defaults(model: nn.Module, consts) -> tuple[tuple[str, Any], ...]:
-    """forward's own scalar default of each flag the example set to another value (not
-    use_cache, which capture sets itself, nor HF's None-for-the-config flags)."""
+    """What a call that leaves out a flag the example set means, where the graph computes
+    otherwise (not use_cache, which capture sets itself): forward's own scalar default, or for
+    HF's None-for-the-config flags the config's value — `return_dict=False` in the example, and
+    a call without it got a tuple where the model returns a ModelOutput, silently."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return ()
-    return tuple((name, params[name].default) for name, value in consts.items()
-                 if name != "use_cache" and name in params and params[name].default is not params[name].empty
-                 and params[name].default is not None and _is_scalar(params[name].default)
-                 and _is_scalar(value) and (type(value), value) != (type(params[name].default), params[name].default))
+    left_out = dict(_flag_defaults(model, (), {}))  # what each flag is when a call leaves it out
+    out = []
+    for name, value in consts.items():
+        p = params.get(name)
+        if p is not None and p.default is not p.empty and p.default is not None and _is_scalar(p.default):
+            default = p.default
+        elif name in _HF_FLAGS and name in left_out:
+            default = left_out[name]
+        else:
+            continue
+        if name != "use_cache" and _is_scalar(value) and (type(value), value) != (type(default), default):
+            out.append((name, default))
+    return tuple(out)
 
 
 def _is_scalar(value: Any) -> bool:
@@ -252,12 +263,16 @@ def _is_scalar(value: Any) -> bool:
 def _unaliased(args: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each example input on its own storage. torch.export merges inputs that are one tensor
     (`{**x, "labels": x["input_ids"]}`, the usual HF idiom) into one placeholder: the graph's
-    embedding then read `labels`, and every call computed its logits from the labels given."""
+    embedding then read `labels`, and every call computed its logits from the labels given. And
+    none a view: export guards a view's base (`L['input_ids']._base.size()[1] != …`), and every
+    call with a plain tensor failed on it (`x[:, :8]` as the example: "'NoneType' object has no
+    attribute 'size'"), the cached trace too."""
     seen: set[int] = set()
     out = []
     for a in args:
         ptr = a.untyped_storage().data_ptr()
-        out.append(a.clone() if ptr in seen and a.numel() else a)
+        own = (ptr in seen and a.numel()) or a._is_view() or not a.is_contiguous()
+        out.append(a.clone(memory_format=torch.contiguous_format) if own else a)
         seen.add(ptr)
     return out
 

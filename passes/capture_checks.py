@@ -45,33 +45,45 @@ def check_names(model: nn.Module, given: list[str]) -> None:
                         f"{given} disagree: {said}; name the example's inputs as forward's parameters")
 
 
-def positions_fill_as_counted(model: nn.Module, names: list[str], args: list, consts: dict) -> bool:
-    """Whether the model computes, with position_ids left out, what it computes given them as
-    0, 1, 2, … per row — what a call of the compiled model that leaves them out is filled with
-    (runtime/inputs.py) — on the example with its first row's first token made padding. RoBERTa
-    numbers positions from its padding index, OPT from the mask's running sum: filled as counted,
-    their compiled models computed something else, silently. True where the graph takes none."""
-    if "position_ids" not in names:
-        return True
+# The inputs a call may leave out that capture checks: filled as runtime/inputs.py fills them,
+# does the model compute what it computes with them left out?
+CHECKED_FILLS = ("position_ids", "token_type_ids")
+
+
+def unfillable_inputs(model: nn.Module, program, names: list[str], args: list, consts: dict) -> set[str]:
+    """The inputs of CHECKED_FILLS the example gives with which the model computes otherwise,
+    filled as a call that leaves them out is filled (runtime/inputs.py), than left out — on the
+    example with its first row's first token made padding. RoBERTa numbers positions from its
+    padding index, OPT from the mask's running sum; GPT-2 adds no type embedding without
+    token_type_ids, and zeros add its first row to every token: their compiled models computed
+    something else, silently. Not run where the forward writes its own buffers (running it would
+    change the user's model): those stay fillable, as they were."""
+    wanted = [n for n in CHECKED_FILLS if n in names]
+    if not wanted or written_attrs(program.module()):
+        return set()
+    return {n for n in wanted if not _fills_as_left_out(model, names, args, consts, n)}
+
+
+def _fills_as_left_out(model: nn.Module, names: list[str], args: list, consts: dict, name: str) -> bool:
     given = dict(zip(names, args))
-    positions = given.pop("position_ids")
+    value = given.pop(name)
     mask = given.get("attention_mask")
-    if positions.dim() != 2 or positions.shape[1] < 2:
+    if value.dim() != 2 or value.shape[1] < 2:
         return True
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 1:
         mask = mask.clone()
         mask[0, 0] = 0  # left padding: OPT's positions start after it, counted ones do not
         given["attention_mask"] = mask
-    # what a call that leaves them out is filled with, on the example's device (a GPU model refused a CPU one)
-    counted = FILLABLE["position_ids"](*positions.shape, positions.dtype, positions.device).contiguous()
+    # what a call that leaves it out is filled with, on the example's device (a GPU model refused a CPU one)
+    filled = FILLABLE[name](*value.shape, value.dtype, value.device).contiguous()
     try:
         with torch.no_grad(), eval_mode(model):
             left_out = pytree.tree_leaves(model(**given, **consts))
-            filled = pytree.tree_leaves(model(**given, position_ids=counted, **consts))
-    except Exception:  # noqa: BLE001 - a model that cannot leave them out: a call must give them
+            with_fill = pytree.tree_leaves(model(**given, **{name: filled}, **consts))
+    except Exception:  # noqa: BLE001 - a model that cannot leave it out: a call must give it
         return False
-    pairs = [(a, b) for a, b in zip(left_out, filled) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)]
-    return len(left_out) == len(filled) and all(
+    pairs = [(a, b) for a, b in zip(left_out, with_fill) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)]
+    return len(left_out) == len(with_fill) and all(
         a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-4, equal_nan=True)
         for a, b in pairs)
 

@@ -73,13 +73,13 @@ def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool | None:
 
 
 def _probe_inputs(graph: ModelGraph, ids_name: str, ids: torch.Tensor) -> dict:
-    """The probe's call: its ids and what a call may leave out, filled — position_ids too where
-    a call must give them (a model that numbers positions its own way, runtime/inputs.py): the
-    two runs compared take the same positions, so any will do (the probe of RoBERTa captured with
-    them said "calibration batch 0 lacks inputs ['position_ids']")."""
+    """The probe's call: its ids and what a call may leave out, filled — position_ids and
+    token_type_ids too where a call must give them (a model that numbers positions its own way,
+    runtime/inputs.py): the two runs compared take the same ones, so any will do (the probe of
+    RoBERTa captured with them said "calibration batch 0 lacks inputs ['position_ids']")."""
     inputs = complete_inputs({ids_name: ids}, graph.inputs)
     for info in graph.inputs:
-        if info.name == "position_ids" and info.name not in inputs:
+        if info.name in FILLABLE and info.name not in inputs:
             inputs[info.name] = FILLABLE[info.name](*ids.shape, info.dtype, ids.device)
     return inputs
 

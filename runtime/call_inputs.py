@@ -15,6 +15,15 @@ from .program import Program
 __all__ = ["CallInputs"]
 
 
+# Why capture found an input a call may not leave out (InputInfo.fill, passes/capture_checks.py).
+_NOT_FILLED = {
+    "position_ids": "the model numbers positions its own way, not 0, 1, 2, … as a filled one would",
+    "token_type_ids": "the model computes otherwise with them left out than with zeros (GPT-2 adds no type "
+                      "embedding without them)",
+    "": "the model computes otherwise with it left out than filled in",
+}
+
+
 class CallInputs:
     """`CallInputs(program, "compiled LlamaForCausalLM").bind(args, kwargs)`: the inputs by name;
     `what` begins every error message."""
@@ -52,8 +61,8 @@ class CallInputs:
                             (("missing", missing), ("unexpected", extra),
                              ("given twice", twice)) if items)
                 + f". The compiled graph was captured with exactly these tensor inputs: {self.fix}"
-                + "".join(f" ({i.name} is not filled in when left out: the model numbers positions its own way, "
-                          "not 0, 1, 2, … as a filled one would; give it, or capture without it)"
+                + "".join(f" ({i.name} is not filled in when left out: {_NOT_FILLED.get(i.name, _NOT_FILLED[''])}; "
+                          "give it, or capture without it)"
                           for i in self.graph.inputs if i.name in missing and not i.fill))
         self._check_values(bound)
         return self._rows_for_every_row({n: bound[n] for n in names})

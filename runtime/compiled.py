@@ -240,13 +240,14 @@ class CompiledModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype | None:
         """The dtype the model computes in: that of its first floating-point output (logits,
-        last_hidden_state), as the graph was captured; None for a graph without one."""
+        last_hidden_state) that is not a scalar, as the graph was captured; None for a graph
+        without one. Not a scalar: a loss comes first (`labels` given), and Hugging Face computes
+        it in float32 whatever the model's dtype (a bf16 model read as float32, and its own
+        dtype was refused by .bfloat16())."""
         out = next(n for n in reversed(self.graph.module.graph.nodes) if n.op == "output")  # the last node
-        for node in _flat_nodes(out.args):
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.is_floating_point():
-                return val.dtype
-        return None
+        vals = [node.meta.get("val") for node in _flat_nodes(out.args)]
+        floats = [v for v in vals if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        return min(floats, key=lambda v: v.dim() == 0).dtype if floats else None
 
     def _refuse_move(self, device: torch.device) -> None:
         """The captured graph names its device (aten.arange(device=cpu), the dtype/device checks

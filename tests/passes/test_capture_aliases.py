@@ -37,3 +37,18 @@ def test_an_aliased_capture_is_not_served_to_a_later_compile():
     other = _other_ids(x["input_ids"])
     with torch.no_grad():
         assert torch.equal(cm(**x, labels=other).logits, lm.model(**x, labels=other).logits)
+
+
+def test_an_example_input_that_is_a_view_leaves_a_graph_every_call_runs():
+    """export guarded the slice's base, which a plain tensor lacks: every call failed ("'NoneType'
+    object has no attribute 'size'"), and the cached trace failed a later compile's calls too."""
+    clear_cache()
+    lm = tiny("llama", layers=1)
+    ids = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    sliced = {k: v[:, :8] for k, v in batch.items()}  # views, and not contiguous
+    for example in (sliced, {k: v.contiguous() for k, v in sliced.items()}, {k: v[:2] for k, v in batch.items()}):
+        cm = slimfx.compile(lm.model, "", example_inputs=example)
+        with torch.no_grad():
+            for x in (batch, sliced):
+                assert torch.equal(cm(**x).logits, lm.model(**x).logits)

@@ -217,6 +217,50 @@ def test_position_ids_are_filled_only_where_the_model_counts_them_so(arch, fills
                 compiled(input_ids=ids, attention_mask=mask)
 
 
+@pytest.mark.parametrize("arch, fills", [("gpt2", False), ("bert", True)])
+def test_token_type_ids_are_filled_only_where_zeros_compute_what_leaving_them_out_does(arch, fills):
+    """Left out, token_type_ids were filled with zeros: GPT-2 adds no type embedding without them,
+    and zeros add its first row to every token (0.41 off, silently). BERT's are zeros."""
+    model = tiny(arch).model
+    ids = torch.randint(3, 250, (2, 8))
+    cm = slimfx.compile(model, example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                               "token_type_ids": torch.zeros_like(ids)})
+    assert [i.fill for i in cm.graph.inputs if i.name == "token_type_ids"] == [fills]
+    other = torch.randint(3, 250, (3, 5))
+    mask = torch.ones_like(other)
+    with torch.no_grad():
+        if fills:
+            torch.testing.assert_close(cm(input_ids=other, attention_mask=mask)[0], model(input_ids=other,
+                                                                                      attention_mask=mask)[0])
+        else:
+            with pytest.raises(TypeError, match=r"missing \['token_type_ids'\].*GPT-2 adds no type embedding"):
+                cm(input_ids=other, attention_mask=mask)
+        types = torch.ones_like(other) if arch == "bert" else torch.zeros_like(other)
+        torch.testing.assert_close(cm(input_ids=other, attention_mask=mask, token_type_ids=types)[0],
+                                   model(input_ids=other, attention_mask=mask, token_type_ids=types)[0])
+
+
+class _Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos, self.out = nn.Embedding(50, 16), nn.Embedding(64, 16), nn.Linear(16, 50)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        self.calls += 1
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        return self.out(self.emb(input_ids) + self.pos(position_ids))
+
+
+def test_the_fill_check_does_not_run_a_model_that_writes_its_own_buffers():
+    """It ran the user's model twice, and its counter moved from 0 to 2."""
+    model, ids = _Counting().eval(), torch.randint(0, 50, (2, 6))
+    slimfx.compile(model, example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                          "position_ids": torch.arange(6).expand(2, 6)})
+    assert model.calls.item() == 0
+
+
 class _StarAndKeywords(nn.Module):
     def __init__(self):
         super().__init__()

@@ -46,10 +46,13 @@ def test_the_report_says_what_a_calibrating_rule_ran_on_and_nothing_otherwise():
 
 def test_measuring_on_a_batch_is_not_calibrating():
     """Unpad's report figures read a calibration batch: the caption said `calibrated on 3,072
-    tokens` and compile never noted an unused --calib. (A drop does run the calibration batches:
-    it records what left the removed blocks, for its report and a later heal.)"""
+    tokens` and compile never noted an unused --calib. (A drop with a heal after it does run the
+    calibration batches: it records what left the removed blocks, for the heal; without one it
+    reads none.)"""
     model, batches = tiny_model("llama"), token_batches(n=2, rows=2, length=12)
-    cm = slimfx.compile(model, "tokens unpad", example_inputs=example_inputs("llama"), calib=batches)
-    assert cm.report.calibration == ""
-    cm = slimfx.compile(model, "drop blocks[1]", example_inputs=example_inputs("llama"), calib=batches)
+    for policy in ("tokens unpad", "drop blocks[1]"):
+        cm = slimfx.compile(model, policy, example_inputs=example_inputs("llama"), calib=batches)
+        assert cm.report.calibration == ""
+    cm = slimfx.compile(model, "drop blocks[1]\nheal method=linear", example_inputs=example_inputs("llama"),
+                        calib=batches)
     assert cm.report.calibration == "48 tokens in 4 rows"

@@ -184,3 +184,19 @@ def test_infinite_and_nested_flags_are_repeated_saved_and_compared_by_type(tmp_p
         for other in ((True,), (2.0,), [2]):
             with pytest.raises(TypeError, match="needs another graph"):
                 m(x=x, clip=float("inf"), fill=other)
+
+
+@pytest.mark.parametrize("flag, value", [("return_dict", False), ("output_hidden_states", True)])
+def test_a_call_leaving_out_a_config_flag_the_example_set_is_refused(flag, value, tmp_path):
+    """None means the config's value: `return_dict=False` in the example, and a call without it
+    got a tuple where the model returns a ModelOutput (hidden states it would not return), silently."""
+    lm = tiny("llama", layers=1)
+    x = lm.example_inputs
+    cm = slimfx.compile(lm.model, "", example_inputs={**x, flag: value})
+    cm.save(tmp_path / "a")
+    for model in (cm, slimfx.load(tmp_path / "a")):
+        with torch.no_grad():
+            assert type(model(**x, **{flag: value})) is type(lm.model(**x, **{flag: value}))
+        with pytest.raises(TypeError, match=rf"captured with {flag}={value}, and a call that leaves {flag} out means "
+                                            rf"the forward's default {flag}={not value}"):
+            model(**x)

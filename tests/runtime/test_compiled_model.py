@@ -208,6 +208,21 @@ def test_a_cast_to_the_models_own_dtype_changes_nothing():
         half.float()
 
 
+def test_a_half_model_whose_first_output_is_a_float32_loss_computes_in_its_own_dtype():
+    """With `labels`, a Hugging Face model's first output is its loss, in float32: a bf16 model
+    read as float32, `.float()` passed silently and its own `.bfloat16()` was refused."""
+    import slimfx
+    from slimfx.models import tiny
+
+    lm = tiny("llama")
+    ids = lm.example_inputs["input_ids"]
+    cm = slimfx.compile(lm.model.to(torch.bfloat16), example_inputs={**lm.example_inputs, "labels": ids})
+    assert cm(**lm.example_inputs, labels=ids).loss.dtype == torch.float32
+    assert cm.dtype == torch.bfloat16 and cm.bfloat16() is cm
+    with pytest.raises(TypeError, match="keeps the dtypes it was compiled in"):
+        cm.float()
+
+
 def test_deepcopy_is_independent_and_pickling_says_to_save(tmp_path):
     """deepcopy reached export's fake tensors ("Cannot access data pointer"); pickle and
     torch.save(cm) failed on a local lambda, or on a loaded model with an fx TraceError."""
@@ -248,17 +263,19 @@ def test_a_flag_the_graph_was_captured_with_may_be_repeated_and_another_is_refus
     cm = slimfx.compile(lm.model, "keep head", example_inputs=dict(lm.example_inputs, output_hidden_states=True))
     cm.save(tmp_path / "a")
     for model in (cm, slimfx.load(tmp_path / "a")):
-        want = model(ids).logits
+        want = lm.model(ids).logits
         assert torch.equal(model(ids, use_cache=False, output_hidden_states=True).logits, want)
-        assert torch.equal(model(ids, output_attentions=None).logits, want)  # None: the default it was captured with
+        # None: the default it was captured with (output_hidden_states, set away from the config's,
+        # must be given: tests/runtime/test_call_inputs_flags.py)
+        assert torch.equal(model(ids, output_attentions=None, output_hidden_states=True).logits, want)
         with pytest.raises(TypeError, match="captured with output_hidden_states=True, which the graph has fixed; "
                                             "output_hidden_states=False needs another graph: compile with"):
             model(ids, output_hidden_states=False)
         with pytest.raises(TypeError, match=r"captured with return_dict=True \(the model's default\).* compile with example_inputs that "
                                             "include return_dict=False"):
-            model(ids, return_dict=False)
+            model(ids, return_dict=False, output_hidden_states=True)
         with pytest.raises(TypeError, match="runs without a KV cache"):
-            model(ids, use_cache=True)
+            model(ids, use_cache=True, output_hidden_states=True)
 
 
 def test_inputs_the_graph_cannot_run_are_named_not_raised_from_inside_it():

@@ -52,9 +52,10 @@ def test_a_heal_maps_to_the_same_targets_however_many_rules_made_the_cuts(one_ru
 
 
 @pytest.mark.parametrize("policy, recorded", [
-    ("drop blocks[1]", {"model.layers.1"}),  # only the gap's end: no removal follows
+    ("drop blocks[1]", set()),  # no heal after it: nothing reads a record
+    ("drop blocks[1]\nheal method=linear", {"model.layers.1"}),  # only the gap's end: no removal follows
     ("drop blocks[1]\nheal method=linear\nquantize blocks[0].** : Linear int8", {"model.layers.1"}),
-    ("drop blocks[1]\ndrop blocks[3]", {f"model.layers.{i}" for i in range(1, 6)}),  # each block after
+    ("drop blocks[1]\ndrop blocks[3]\nheal method=linear", {f"model.layers.{i}" for i in range(1, 6)}),  # each after
 ])
 def test_a_removal_keeps_every_later_blocks_output_only_when_another_removal_follows(policy, recorded):
     """Kept for every block after the cut, SmolLM2's 18 streams at 25k calibration tokens are 1.2 GB.
