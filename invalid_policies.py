@@ -23,6 +23,8 @@ valid after all (a misspelling that is another keyword) is redrawn, named as a h
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import re
 from dataclasses import dataclass
 
@@ -295,7 +297,12 @@ def invalid_policies(kinds=None, *, bare: bool = False) -> st.SearchStrategy[Inv
     `parse(text, bare=True)` take them (a `bare_rules()` draw with the mistake in it)."""
     if isinstance(kinds, str):
         kinds = (kinds,)
-    kinds = MISTAKE_KINDS if kinds is None else tuple(kinds)
+    if kinds is not None and not isinstance(kinds, Iterable):  # kinds=3: "'int' object is not iterable"
+        raise TypeError(f"invalid_policies(kinds=...) is a kind or a collection of them (of {', '.join(MISTAKE_KINDS)}), "
+                        f"not {kinds!r}")
+    # A set's order changes with PYTHONHASHSEED: seeded runs and database replays drew other kinds.
+    kinds = MISTAKE_KINDS if kinds is None else tuple(sorted(set(kinds), key=str) if isinstance(kinds, (set, frozenset))
+                                                      else kinds)
     unknown = [k for k in kinds if k not in _MISTAKES]
     if unknown or not kinds:
         raise ValueError(f"invalid_policies(kinds=...) draws the kinds {', '.join(MISTAKE_KINDS)}; "

@@ -32,7 +32,8 @@ from torch import nn
 from .passes.capture import bind_inputs
 from .passes.capture_cache import state_key
 from .passes.eval_mode import eval_mode
-from .policy_check_arguments import check_arguments, check_no_deadline, check_padding_drawable, whole
+from .policy_check_arguments import (check_arguments, check_no_deadline, check_padding_drawable, check_padding_length,
+                                     whole)
 from .policy_compare import (MetricReturnError, callable_name, left_padding_hint, metric_result, structure_problem,
                              token_leaves, tolerance_problem)
 from .policy_inputs import (PADDING_CHOICES, Draw, Space, build_inputs, default_max_seq, draw_mask, draws, first_line,
@@ -164,9 +165,13 @@ def check_policy(model, policy, *, example_inputs: Mapping[str, Any] | None = No
         raise TypeError("check_policy needs example_inputs to draw inputs like them" + (
             ": a CompiledModel's graph keeps only their shapes (pass the inputs it was compiled with)"
             if isinstance(module, CompiledModel) else " (or a slimfx.models LoadedModel, which carries them)"))
+    check_padding_length(padding, max_seq)  # before minutes of compiling; the rest once the graph says
     nested = currently_in_test_context()
     if nested:
         check_no_deadline()
+        if seed is not None:  # the draws come from the outer test's data, whatever the seed
+            warnings.warn("check_policy(seed=…) has no effect inside a hypothesis test: its inputs are drawn from "
+                          "the outer test's data; seed that test (@hypothesis.seed(…)) to repeat them", stacklevel=2)
     # A CompiledModel is compiled again from its own graph (compile() refuses inputs with it).
     compile_args = (model, policy, None if isinstance(module, CompiledModel) else example_inputs, calib, name)
     compiled = _compile_once_per_outer_test(module, *compile_args) if nested else _compile(*compile_args)

@@ -70,6 +70,13 @@ def _check_takes_two(metric) -> None:
                         "(original, compiled) outputs: it must take two arguments") from None
 
 
+def check_padding_length(padding: str, max_seq: int) -> None:
+    """What check_padding_drawable can tell before the compile: no sequence of two tokens to pad."""
+    if padding in ("left", "right") and max_seq < 2:
+        raise ValueError(f"check_policy: padding={padding!r} asks for padded inputs, and no input of two or more "
+                         f"tokens can be drawn (max_seq={max_seq}: raise it); or pass padding='none'")
+
+
 def check_padding_drawable(space: Space, padding: str) -> None:
     """`padding="left"`/`"right"` asked for padded inputs: refused where none can be drawn (the
     model takes no attention mask, or no sequence of two tokens), rather than passing on unpadded

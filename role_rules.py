@@ -27,6 +27,8 @@ its line: the property to test is "a working model or a SpecError", never anothe
 """
 from __future__ import annotations
 
+import numbers
+
 from hypothesis import strategies as st
 
 from .dsl.printer import format_value
@@ -61,12 +63,12 @@ def role_rules(blocks: int = 4, *, max_rules: int = 4, tokens: bool = True,
     one; `tokens=False` leaves token rules out (a causal model refuses merge and prune), and
     `fused_qkv=True` names the attention's input projection `attn.qkv`, as GPT-2, GPT-NeoX and
     Phi-3 have it (their `attn.q` is refused)."""
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 3:
+    if isinstance(blocks, bool) or not isinstance(blocks, numbers.Integral) or blocks < 3:  # numpy ints too
         raise ValueError(f"role_rules needs a model of at least 3 blocks (one to remove, one to merge into, "
                          f"one to keep), got blocks={blocks!r}")
-    if isinstance(max_rules, bool) or not isinstance(max_rules, int) or max_rules < 1:
+    if isinstance(max_rules, bool) or not isinstance(max_rules, numbers.Integral) or max_rules < 1:
         raise ValueError(f"max_rules must be a whole number of at least 1, got {max_rules!r}")
-    return _rules(blocks, max_rules, tokens, fused_qkv)
+    return _rules(int(blocks), int(max_rules), tokens, fused_qkv)
 
 
 @st.composite

@@ -27,6 +27,7 @@ line parse() reports for it.
 from __future__ import annotations
 
 import functools
+import numbers
 import re
 import string
 
@@ -430,8 +431,8 @@ def tiny_models(archs=None, *, max_layers: int = 3) -> st.SearchStrategy:
     if not choices:
         raise ValueError(f"tiny_models(archs=[]) has nothing to draw; name some of {', '.join(TINY_ARCHS)}, "
                          "or leave archs out for all")
-    if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 1:
+    if isinstance(max_layers, bool) or not isinstance(max_layers, numbers.Integral) or max_layers < 1:  # numpy ints too
         raise ValueError(f"max_layers must be a whole number of at least 1, got {max_layers!r}")
     # Two layers or more unless asked for fewer: one block is a corner of its own.
     return st.builds(lambda arch, layers, seed: tiny(arch, layers=layers, seed=seed),
-                     st.sampled_from(choices), st.integers(min(2, max_layers), max_layers), st.integers(0, 2**16))
+                     st.sampled_from(choices), st.integers(min(2, int(max_layers)), int(max_layers)), st.integers(0, 2**16))

@@ -125,3 +125,14 @@ def test_an_outer_test_with_a_deadline_is_refused_before_compiling(llama, compil
                                          r"add @settings\(deadline=None\)"):
         outer()
     assert compiles[0] == 0
+
+
+def test_a_seed_inside_an_outer_given_is_said_to_have_no_effect(llama):
+    """The draws follow the outer test's data: seed=5 was ignored, and nothing said so."""
+    @settings(max_examples=1, deadline=None, database=None)
+    @given(st.integers(0, 9))
+    def outer(_):
+        with pytest.warns(UserWarning, match=r"seed=…\) has no effect inside a hypothesis test.*@hypothesis.seed"):
+            check_policy(llama, quantize("int8"), rtol=0, atol=0.02, max_examples=1, seed=5)
+
+    outer()

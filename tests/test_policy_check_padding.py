@@ -50,3 +50,16 @@ def test_a_side_asked_for_on_a_model_without_a_mask_input_is_refused(padding):
         check_policy(llama.model, "keep head", example_inputs={"input_ids": ids}, padding=padding)
     result = check_policy(llama.model, "keep head", example_inputs={"input_ids": ids}, max_examples=3)
     assert {r.draw.padding for r in result.results} == {"none"}  # the default pads where it can
+
+
+def test_padding_no_input_long_enough_can_take_is_refused_before_the_compile(bert, monkeypatch):
+    """Said after the compile: minutes of GPTQ on a large model before a refusal max_seq decides."""
+    from slimfx import api
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before refusing")
+
+    monkeypatch.setattr(api, "compile", no_compile)
+    with pytest.raises(ValueError, match=r"padding='left' asks for padded inputs, and no input of two or more tokens "
+                                         r"can be drawn \(max_seq=1: raise it\)"):
+        check_policy(bert, "tokens unpad", max_seq=1, padding="left")

@@ -141,3 +141,13 @@ def test_every_rule_kind_and_the_adapter_and_gptq_options_are_drawn():
 def test_bad_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         role_rules(**kwargs)
+
+
+def test_numpy_whole_numbers_are_taken():
+    """np.int64(4) was refused as "at least 3 blocks … got blocks=np.int64(4)"."""
+    import numpy as np
+
+    from slimfx.testing import tiny_models
+
+    role_rules(blocks=np.int64(4), max_rules=np.int64(2))
+    tiny_models(max_layers=np.int64(3))
