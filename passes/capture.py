@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 from typing import Any, Mapping
 
+import sympy
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -118,7 +119,9 @@ def _default_dims(name: str, value: torch.Tensor) -> dict[int, str]:
         return {}
     dims = {0: "batch"}
     token_like = value.dim() == 2 and not value.is_floating_point()
-    if value.dim() >= 2 and (name in SEQ_INPUTS or token_like):
+    if value.dim() == 4 and name.endswith("attention_mask"):  # [batch, 1 or heads, seq, seq]: a model's own mask
+        dims[2] = dims[3] = "seq"  # dim 1 doubled to 2 beside a broadcast head dim failed export, blamed on it
+    elif value.dim() >= 2 and (name in SEQ_INPUTS or token_like):
         dims[1] = "seq"
     return dims
 
@@ -326,11 +329,14 @@ def _join(path: str, name: str) -> str:
 
 def _input_infos(program, names, dims, unfilled: set[str]) -> tuple[InputInfo, ...]:
     vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    # the most each dim's symbol may be, where export found a bound (a table of positions)
+    uppers = {str(k): int(v.upper) for k, v in program.range_constraints.items() if isinstance(v.upper, sympy.Integer)}
     infos = []
     for name, placeholder in zip(names, program.graph_signature.user_inputs):
         val = vals[placeholder]
         sizes = tuple(s if isinstance(s, int) else str(s) for s in val.shape)
-        infos.append(InputInfo(name, sizes, val.dtype, dict(dims[name]), fill=name not in unfilled))
+        limits = {d: uppers[s] for d, s in enumerate(sizes) if isinstance(s, str) and s in uppers}
+        infos.append(InputInfo(name, sizes, val.dtype, dict(dims[name]), fill=name not in unfilled, limits=limits))
     return tuple(infos)
 
 

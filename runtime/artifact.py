@@ -122,7 +122,8 @@ def _meta(cm: CompiledModel, aliases: dict[str, str], sizes: dict[str, list]) ->
         "report": cm.report.to_dict(),
         "inputs": [{"name": i.name, "dtype": str(i.dtype).removeprefix("torch."),
                     "shape": sizes.get(i.name, list(i.shape)), "dims": {str(d): r for d, r in i.dims.items()},
-                    **({} if i.fill else {"fill": False})}
+                    **({} if i.fill else {"fill": False}),
+                    **({"limits": {str(d): n for d, n in i.limits.items()}} if i.limits else {})}
                    for i in g.inputs],
         "outputs": {"spec": spec, "constants": list(g.outputs.constants),
                     "tensors": list(g.outputs.tensor_leaves)},
@@ -338,8 +339,18 @@ def _inputs(meta, module: torch.fx.GraphModule) -> tuple[InputInfo, ...]:
             raise ArtifactError(f"input {rec['name']!r} is {rec['dtype']} in meta.json but "
                                 f"{val.dtype} in the program; {RESAVE}")
         infos.append(InputInfo(rec["name"], input_shape(val), val.dtype,
-                               {int(d): r for d, r in rec["dims"].items()}, fill=rec.get("fill") is not False))
+                               {int(d): r for d, r in rec["dims"].items()}, fill=rec.get("fill") is not False,
+                               limits=_limits(rec)))
     return tuple(infos)
+
+
+def _limits(rec: dict) -> dict[int, int]:
+    """An input's bounds (InputInfo.limits); none in artifacts of before 2026-12-08."""
+    limits = rec.get("limits") or {}
+    if not isinstance(limits, dict) or not all(isinstance(n, int) and not isinstance(n, bool) for n in limits.values()):
+        raise ArtifactError(f"meta.json's limits of input {rec['name']!r} are {limits!r}, where a save writes "
+                            f"{{dim: most}}; {RESAVE}")
+    return {int(d): n for d, n in limits.items()}
 
 
 def _outputs(meta) -> OutputSpec:

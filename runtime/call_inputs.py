@@ -87,6 +87,11 @@ class CallInputs:
             value = bound[info.name]
             if not isinstance(value, torch.Tensor):
                 raise self._not_a_tensor(info, value)
+            over = [(d, most) for d, most in info.limits.items() if d < value.dim() and value.shape[d] > most]
+            for d, most in over:  # a loaded artifact has no export guard to say it
+                raise ValueError(f"{self.what} does not take inputs of these sizes: {info.name} {list(value.shape)} "
+                                 f"has {value.shape[d]} in dim {d} ({info.dims.get(d, 'a dim')}), at most {most} — the "
+                                 "graph keeps the limits of the model it was captured from (e.g. its number of positions)")
             if info.dims.get(0) == "batch" and info.dims.get(1) == "seq" and value.dim() >= 2:
                 sized[info.name] = tuple(value.shape[:2])
                 seq_symbol[info.name] = str(info.shape[1])

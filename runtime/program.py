@@ -54,6 +54,10 @@ class InputInfo:
     # False where a call may not leave it out to be filled (runtime/inputs.py): position_ids of a
     # model that numbers positions its own way (RoBERTa from its padding index, OPT from the mask)
     fill: bool = field(default=True, compare=False)
+    # dim -> the most it may be, where the captured model bounds it (BERT's 128 positions: export's
+    # range for that dim's symbol). A loaded artifact has no export guard to say so, and a longer
+    # input failed inside the graph ("The expanded size of the tensor (129) must match …").
+    limits: dict[int, int] = field(default_factory=dict, compare=False)
 
 
 def input_shape(value) -> tuple[int | str, ...]:

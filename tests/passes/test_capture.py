@@ -263,3 +263,22 @@ def test_the_cache_does_not_keep_a_transformers_model_alive():
     del lm
     gc.collect()
     assert ref() is None
+
+
+def test_a_four_dimensional_attention_mask_varies_in_its_sequence_dims():
+    """[batch, 1, seq, seq]: dim 1 was taken for the sequence, doubled beside a broadcast head dim,
+    and export's failure was reported as a model it cannot trace."""
+    import slimfx
+    from slimfx.models import tiny
+
+    model = tiny("llama").model
+
+    def causal(b, s):
+        mask = torch.tril(torch.ones(s, s, dtype=torch.bool))[None, None].expand(b, 1, s, s).clone()
+        return {"input_ids": torch.randint(3, 250, (b, s), generator=torch.Generator().manual_seed(s)),
+                "attention_mask": mask}
+
+    cm = slimfx.compile(model, "", example_inputs=causal(2, 6))
+    assert cm.graph.inputs[1].dims == {0: "batch", 2: "seq", 3: "seq"}
+    with torch.no_grad():
+        assert torch.equal(cm(**causal(3, 9)).logits, model(**causal(3, 9)).logits)

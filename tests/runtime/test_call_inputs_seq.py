@@ -3,6 +3,7 @@ traced one sequence dim: inputs of lengths of their own (T5's decoder_input_ids,
 input) were refused on every call, the example's included."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -66,3 +67,23 @@ def test_an_omitted_mask_is_sized_by_the_input_of_its_sequence():
     out = complete_inputs({"decoder_input_ids": torch.zeros(2, 3, dtype=torch.long),
                            "input_ids": torch.zeros(2, 8, dtype=torch.long)}, infos)
     assert out["attention_mask"].shape == (2, 8)
+
+
+def test_an_input_past_the_models_positions_is_refused_by_name_after_load_too(tmp_path):
+    """Saved, the graph lost export's guard: 129 tokens into BERT's 128 positions failed inside the
+    graph ("The expanded size of the tensor (129) must match …")."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=128)).eval()
+    ids = torch.randint(0, 128, (2, 7))
+    cm = slimfx.compile(model, "", example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert [i.limits for i in cm.graph.inputs] == [{1: 128}, {1: 128}]
+    cm.save(tmp_path / "a")
+    for m in (cm, slimfx.load(tmp_path / "a")):
+        with torch.no_grad():
+            fits = torch.randint(0, 128, (2, 128))
+            torch.testing.assert_close(m(input_ids=fits).last_hidden_state, model(input_ids=fits).last_hidden_state)
+            with pytest.raises(ValueError, match=r"input_ids \[2, 129\] has 129 in dim 1 \(seq\), at most 128"):
+                m(input_ids=torch.randint(0, 128, (2, 129)))
