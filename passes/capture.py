@@ -202,7 +202,7 @@ def _call_info(model: nn.Module, names, consts) -> CallInfo:
 
 
 # Hugging Face flags a forward takes through **kwargs (or as None): None means the config's value.
-_HF_FLAGS = ("return_dict", "output_hidden_states", "output_attentions")
+_HF_FLAGS = ("return_dict", "output_hidden_states", "output_attentions", "output_router_logits")
 
 
 def _flag_defaults(model: nn.Module, names, consts) -> tuple[tuple[str, Any], ...]:

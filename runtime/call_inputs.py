@@ -159,6 +159,8 @@ class CallInputs:
                 continue
             elif name not in fixed and name in defaults and _same_flag(defaults[name], value):
                 continue
+            elif name == "use_cache" and value is False:  # what every graph computes (a forward taking it by **kwargs)
+                continue
             elif name == "use_cache":
                 raise TypeError(f"{self.what} runs without a KV cache: use_cache={value!r} is not supported "
                                 "(leave it out, or pass use_cache=False; a generation loop feeds the whole sequence)")

@@ -48,7 +48,9 @@ def _auto(graph, bound, ctx, before: Before) -> RuleReport:
     auto, n_before = bound.rule.auto, len(before.paths)
     need_calibration(bound, ctx, "with auto(…) compares merged models on calibration tokens")
     count = auto_count(bound, ctx, candidates(graph, bound), n_before)
-    allowed = {graph.blocks[i].path for i in candidates(graph, bound)}
+    # Not `candidates`, which leaves out blocks that cannot be removed: a block that begins with an
+    # earlier heal's map may still be merged into (the trial checks each block it would remove).
+    allowed = {b.path for b in current(graph, bound.blocks)} - set(bound.protected)
     protected = {b.path for b in graph.blocks if b.path not in allowed}
     # Every stream of the model before the search: the last is LaCo's reference; `record` says
     # what `heal` maps a merged block's output back to (the output of the run's last block).
@@ -64,7 +66,7 @@ def _auto(graph, bound, ctx, before: Before) -> RuleReport:
     notes = ["LaCo trials: " + "; ".join(f"{t.into} +{len(t.merged)} cos {t.similarity:.4f} "
                                           f"{'kept' if t.accepted else 'rejected'}" for t in trials)
              if trials else "no LaCo trial could run: no run of blocks within the ones this rule may merge "
-                            "(its selector, less `keep`) is left"]
+                            "(its selector, less `keep`, less blocks that cannot be merged or removed) is left"]
     removed = n_before - len(graph.blocks)
     if removed < count:
         notes.append(f"stopped at {removed} of {count} blocks: no further merge kept cos ≥ "

@@ -200,3 +200,23 @@ def test_a_call_leaving_out_a_config_flag_the_example_set_is_refused(flag, value
         with pytest.raises(TypeError, match=rf"captured with {flag}={value}, and a call that leaves {flag} out means "
                                             rf"the forward's default {flag}={not value}"):
             model(**x)
+
+
+def test_the_values_a_graph_computes_anyway_may_be_passed():
+    """use_cache=False on a forward that takes it through **kwargs (DistilBERT) was refused with
+    "… pass use_cache=False"; Mixtral's output_router_logits=False (its config's) was refused too."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    x = {"input_ids": torch.randint(0, 128, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    bert = T.DistilBertModel(T.DistilBertConfig(vocab_size=128, dim=32, hidden_dim=64, n_layers=2, n_heads=4)).eval()
+    moe = T.MixtralForCausalLM(T.MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               num_local_experts=4, num_experts_per_tok=2)).eval()
+    with torch.no_grad():
+        cm = slimfx.compile(bert, "", example_inputs=x)
+        assert torch.equal(cm(**x, use_cache=False).last_hidden_state, bert(**x).last_hidden_state)
+        cm = slimfx.compile(moe, "", example_inputs=x)
+        assert torch.equal(cm(**x, output_router_logits=False).logits, moe(**x).logits)
+        with pytest.raises(TypeError, match="output_router_logits=True"):
+            cm(**x, output_router_logits=True)

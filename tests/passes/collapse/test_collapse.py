@@ -227,3 +227,18 @@ def test_an_explicit_removal_with_no_heal_after_it_reads_no_calibration(lm6, pol
     assert cm.report.calibration == "" and not seen
     healed = slimfx.compile(lm6, policy + "\nheal method=linear")
     assert healed.report.calibration.endswith("rows") and seen
+
+
+def test_an_auto_collapse_may_merge_into_a_block_that_begins_with_an_earlier_heals_map():
+    """Such a block may not be removed (its map would go with it), but it may be kept and merged
+    into, as an explicit collapse does: the search left it out of every trial and blamed `keep`."""
+    lm = _lm(6, 3)
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(3, 250, (4, 32), generator=g),
+              "attention_mask": torch.ones(4, 32, dtype=torch.long)} for _ in range(3)]
+    healed = slimfx.compile(lm, "drop blocks[2]\nheal method=linear", calib=calib)  # layers.3 begins with the map
+    explicit = slimfx.compile(healed, "collapse blocks[2:5]", calib=calib)
+    assert explicit.report.rules[0].details["into"] == "model.layers.3"
+    auto = slimfx.compile(healed, "collapse blocks auto(count=2, threshold=0.1)", calib=calib).report.rules[0]
+    assert auto.details["trials"] and any(t["into"] == "model.layers.3" for t in auto.details["trials"])
+    assert all("model.layers.3" not in t["merged"] for t in auto.details["trials"])  # never removed
