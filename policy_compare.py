@@ -78,11 +78,15 @@ def _leaf_list(leaves) -> str:
 def _real(leaf: torch.Tensor, mask: torch.Tensor | None, per_token: bool | None = None) -> torch.Tensor | None:
     """Bool tensor shaped like `leaf`, False at padded positions, for leaves shaped [batch, seq, …]
     (and per-token when `per_token` says); None when every element counts."""
-    if mask is None or bool(mask.all()) or leaf.dim() < 2 or tuple(leaf.shape[:2]) != tuple(mask.shape):
-        return None
-    if per_token is False:  # [batch, classes] with classes == seq on this draw, attentions [B, H, S, S]
+    if mask is None or bool(mask.all()) or leaf.dim() < 2:
         return None
     keep = mask.to(device=leaf.device, dtype=torch.bool)
+    if leaf.dim() == 4 and mask.dim() == 2 and leaf.shape[0] == mask.shape[0] and tuple(leaf.shape[2:]) == (mask.shape[1],) * 2:
+        # an attention map [batch, heads, query, key]: a padded query's row is no token's (what a
+        # model computes there is its own; `tokens unpad` computes none), its keys are masked out
+        return keep[:, None, :, None].expand(leaf.shape)
+    if tuple(leaf.shape[:2]) != tuple(mask.shape) or per_token is False:  # [batch, classes], classes == seq
+        return None
     return keep.view(*keep.shape, *([1] * (leaf.dim() - 2))).expand(leaf.shape)
 
 

@@ -63,3 +63,14 @@ def test_padding_no_input_long_enough_can_take_is_refused_before_the_compile(ber
     with pytest.raises(ValueError, match=r"padding='left' asks for padded inputs, and no input of two or more tokens "
                                          r"can be drawn \(max_seq=1: raise it\)"):
         check_policy(bert, "tokens unpad", max_seq=1, padding="left")
+
+
+def test_attention_maps_are_compared_at_real_queries_only():
+    """[batch, heads, query, key] was compared whole: a padded query's row, which `tokens unpad`
+    does not compute, failed a model equal to the original at every real token."""
+    model = tiny("bert", layers=2)
+    model.model.set_attn_implementation("eager")
+    example = dict(model.example_inputs, output_attentions=True)
+    result = check_policy(model.model, "tokens unpad", example_inputs=example, rtol=1e-4, atol=1e-4, seed=1,
+                          padding="right", max_examples=6)
+    assert any(r.draw.padding == "right" for r in result.results)
