@@ -177,8 +177,13 @@ def perplexity(model: Callable, tokenizer: Any, text: str, *, window: int | None
             total_nll, total_tokens = total_nll + nll, total_tokens + count
             if progress:
                 print(f"perplexity: chunk {i + 1}/{len(chunks)} "
-                      f"running ppl {math.exp(total_nll / total_tokens):.3f}", file=sys.stderr)
-    return math.exp(total_nll / total_tokens)
+                      f"running ppl {_exp(total_nll / total_tokens):.3f}", file=sys.stderr)
+    return _exp(total_nll / total_tokens)
+
+
+def _exp(nll: float) -> float:
+    """exp(mean NLL), inf past float's range (a mean NLL over 709 raised OverflowError)."""
+    return math.exp(nll) if nll < 709.78 else math.inf
 
 
 def scored_chunks(ids: torch.Tensor, window: int) -> list[torch.Tensor]:

@@ -64,6 +64,17 @@ def test_perplexity_is_token_weighted():
     assert ppl == pytest.approx(math.exp(10 * math.log(256) / 18), rel=1e-4)
 
 
+def test_a_perplexity_past_floats_range_is_infinite():
+    """A mean NLL over 709 (a broken model) raised OverflowError from math.exp."""
+    class Sure(nn.Module):  # certain of token 0, and the text never has it
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(*input_ids.shape, 256)
+            logits[..., 0] = 1e4
+            return (logits,)
+
+    assert ev.perplexity(Sure(), ByteTokenizer(), "x" * 40, window=32) == math.inf
+
+
 def test_perplexity_rejects_short_text():
     with pytest.raises(ValueError, match="at least 2"):
         ev.perplexity(UniformLM(), ByteTokenizer(), "x")
