@@ -42,7 +42,7 @@ def module_kind(mro: Iterable[str]) -> str | None:
 # self_attn (Llama…), attn (GPT-2), attention (NeoX, DistilBERT, ViT), attention.self (BERT),
 # attention.attention (ViT before transformers 5), attention.attn (MPNet).
 _ATTN = r"(?:(?:self_attn|self_attention|attn|attention)(?:\.(?:self|attention|attn))?|layer\.0\.SelfAttention)"
-_MLP = r"(?:mlp|feed_forward|ffn|layer\.1\.DenseReluDense)"  # layer.N.…: T5
+_MLP = r"(?:mlp|feed_forward|ffn|layer\.\d+\.DenseReluDense)"  # T5: layer.1 (encoder), layer.2 (decoder)
 
 pm_block_roles: list[tuple[str, str]] = [
     (rf"{_ATTN}\.(?:q_proj|query|query_proj|q_lin|q)", "attn.q"),  # query_proj: DeBERTa-v2

@@ -357,3 +357,20 @@ def test_an_index_the_model_never_had_says_nothing_of_removals(rules, said):
         slimfx.plan(tiny("llama"), rules)
     assert info.value.message == said
     assert info.value.hint is None or "renumbered" not in info.value.hint
+
+
+def test_t5_decoder_blocks_have_their_mlp():
+    """A T5 decoder block keeps its MLP at layer.2 (layer.1 is the cross-attention): `blocks.*.mlp`
+    found nothing there."""
+    import torch
+    import transformers as T
+
+    import slimfx
+
+    torch.manual_seed(0)
+    model = T.T5ForConditionalGeneration(T.T5Config(vocab_size=128, d_model=32, d_ff=64, d_kv=8, num_layers=2,
+                                                    num_heads=4, decoder_start_token_id=0)).eval()
+    x = {"input_ids": torch.randint(0, 128, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long),
+         "decoder_input_ids": torch.randint(0, 128, (2, 5))}
+    names = slimfx.plan(model, "quantize blocks.*.mlp.down int8", example_inputs=x).rules[0].names
+    assert names == ("decoder.block.0.layer.2.DenseReluDense.wo", "decoder.block.1.layer.2.DenseReluDense.wo")
