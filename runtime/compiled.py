@@ -139,10 +139,12 @@ class CompiledModel(nn.Module):
             device = next((v.device.type for v in flat if isinstance(v, torch.Tensor)), "cpu")
             if "dtype mismatch" not in str(e) or not torch.is_autocast_enabled(device):
                 raise
-            raise TypeError(f"{self._what()} cannot run under torch.autocast: an op of the captured graph computed in "
-                            f"another dtype than at capture ({e}); the model's own code changes autocast around it in a "
-                            "way the captured graph does not keep. Call it outside autocast (its weights and kernels "
-                            "keep the precision compile gave them)") from None
+            raise TypeError(f"{self._what()} cannot run under torch.autocast: an op of the captured graph met another "
+                            f"dtype than at capture ({e}). The model's own code casts there in a way the graph, traced "
+                            "outside autocast, does not keep: a `.float()` on a linear's output (Gemma2's norms), a "
+                            "no-op at capture and a half value under autocast, or a change of autocast around some op. "
+                            "Call it outside autocast (its weights and kernels keep the precision compile gave them)"
+                            ) from None
 
     def _sizes(self, flat: list) -> str:
         return ", ".join(f"{n} {list(v.shape)}" for n, v in zip(self.input_names, flat) if isinstance(v, torch.Tensor))

@@ -297,8 +297,8 @@ def test_inputs_the_graph_cannot_run_are_named_not_raised_from_inside_it():
     with pytest.raises(ValueError, match=r"input_ids is \[2, 0\], with no tokens"):
         case.cm(ids[:, :0])
     longest = case.loaded.model.config.max_position_embeddings
-    with pytest.raises(ValueError, match=rf"does not take inputs of these sizes \(input_ids \[1, {longest + 1}\].*"
-                                         rf"<= {longest} — the graph keeps the limits"):
+    with pytest.raises(ValueError, match=rf"does not take inputs of these sizes: input_ids \[1, {longest + 1}\].*"
+                                         rf"at most {longest} — the graph keeps the limits"):
         case.cm(torch.ones(1, longest + 1, dtype=torch.long))
 
 
@@ -370,3 +370,23 @@ def test_a_graph_whose_dtypes_autocast_changes_is_refused_by_name(monkeypatch):
         assert "cannot run under torch.autocast" in str(e.value) and "Call it outside autocast" in str(e.value)
         with pytest.raises(RuntimeError, match="^Tensor dtype mismatch"):  # outside autocast: not this
             cm(**lm.example_inputs)
+
+
+def test_a_model_that_casts_a_linears_output_itself_is_refused_under_autocast_saying_so():
+    """Gemma2's norms `.float()` a linear's output: a no-op at capture, a bf16 value under autocast.
+    The refusal blamed the model changing autocast, which it does not."""
+    import transformers as T
+
+    import slimfx
+
+    torch.manual_seed(0)
+    model = T.Gemma2ForCausalLM(T.Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=8)).eval()
+    x = {"input_ids": torch.randint(0, 128, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    cm = slimfx.compile(model, "", example_inputs=x)
+    with torch.no_grad():
+        assert torch.equal(cm(**x).logits, model(**x).logits)
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError) as e:
+            cm(**x)
+    assert "a `.float()` on a linear's output (Gemma2's norms)" in str(e.value)
