@@ -60,9 +60,11 @@ def _is_token_shaped(info: InputInfo) -> bool:
 def _batch_seq(given: dict[str, Any], inputs: tuple[InputInfo, ...], missing: InputInfo):
     """[batch, seq] and device for `missing`, from a given input traced with its sequence symbol
     (T5's attention_mask goes with input_ids, not decoder_input_ids); else from any one."""
-    sized = [(info, given.get(info.name)) for info in inputs if _is_token_shaped(info)]
-    sized = [(info, v) for info, v in sized if isinstance(v, torch.Tensor) and v.dim() == 2]
+    # inputs_embeds [batch, seq, hidden] sizes them too (a call of embeddings alone could not leave the mask out)
+    sized = [(info, given.get(info.name)) for info in inputs
+             if len(info.shape) >= 2 and info.dims.get(0) == "batch" and info.dims.get(1) == "seq"]
+    sized = [(info, v) for info, v in sized if isinstance(v, torch.Tensor) and v.dim() == len(info.shape)]
     same = [v for info, v in sized if str(info.shape[1]) == str(missing.shape[1])]
     for value in same or [v for _, v in sized]:
-        return tuple(value.shape), value.device
+        return tuple(value.shape[:2]), value.device
     return None

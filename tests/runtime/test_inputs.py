@@ -44,3 +44,14 @@ def test_a_missing_input_that_cannot_be_filled_is_named():
     cm = slimfx.compile(m.model, "", example_inputs=m.example_inputs)
     with pytest.raises(TypeError, match=r"missing \['input_ids'\]"):
         cm(attention_mask=torch.ones(1, 4, dtype=torch.long))
+
+
+def test_a_mask_left_out_beside_inputs_embeds_is_filled_from_them():
+    """Only 2-D inputs sized the fill: a call of embeddings alone was refused for lacking the mask."""
+    model = tiny("llama").model
+    embeds = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    cm = slimfx.compile(model, "", example_inputs={"inputs_embeds": embeds,
+                                                   "attention_mask": torch.ones(2, 5, dtype=torch.long)})
+    other = torch.randn(3, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(cm(inputs_embeds=other).logits, model(inputs_embeds=other).logits)
