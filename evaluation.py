@@ -370,12 +370,11 @@ def _synchronizer(inputs: Any) -> Callable[[], None]:
 def context_length(model: Any) -> int | None:
     """The most tokens one sequence of `model` may hold, as its config says (None when it says
     nothing): `slimfx eval` cuts its windows and texts there — a tiny GPT-2 of 128 positions
-    raised an index error at the default 256. RoBERTa's positions start after its padding index."""
+    raised an index error at the default 256. A CompiledModel says what its original's config
+    said (perplexity() gave it another default window than the original's)."""
+    from .runtime.program import config_positions
+
     config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        n = getattr(config, name, None)
-        if isinstance(n, int) and n > 0:
-            if "roberta" in str(getattr(config, "model_type", "")) or getattr(config, "model_type", "") == "camembert":
-                n -= (getattr(config, "pad_token_id", None) or 0) + 1
-            return n
-    return None
+    if config is not None:
+        return config_positions(config)
+    return getattr(getattr(getattr(model, "graph", None), "call", None), "positions", None)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..dsl.errors import SpecError
-from ..runtime.program import NOT_JSON, flag_json
+from ..runtime.program import NOT_JSON, config_positions, flag_json
 from . import autocast_regions
 from .capture_cache import (CachedTrace, lookup, portable_key, remember, shared, signature_key, state_key,
                             store)
@@ -198,7 +198,7 @@ def _export(model, names, args, consts, dims) -> CachedTrace:
 
 def _call_info(model: nn.Module, names, consts) -> CallInfo:
     return CallInfo(positional_names(model), tuple(consts.items()), _flag_defaults(model, names, consts),
-                    _declared_defaults(model, consts))
+                    _declared_defaults(model, consts), config_positions(getattr(model, "config", None)))
 
 
 # Hugging Face flags a forward takes through **kwargs (or as None): None means the config's value.

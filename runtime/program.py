@@ -102,11 +102,16 @@ class CallInfo:
     # k=1): a call leaving it out means the default, which the graph does not compute. () from
     # artifacts of before 2026-12-06 (such a call then gets the captured value, as it did).
     declared: tuple[tuple[str, Any], ...] = ()
+    # The most tokens one sequence may hold, as the captured model's config said (config_positions):
+    # perplexity()'s default window for the compiled model is the original's. None where it says
+    # nothing, and in artifacts of before 2026-12-08.
+    positions: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON for meta.json: values flag_json can write (the others are in `unstorable`)."""
         return {"positional": list(self.positional), "flags": _storable(self.flags),
-                "defaults": _storable(self.defaults), "declared": _storable(self.declared)}
+                "defaults": _storable(self.defaults), "declared": _storable(self.declared),
+                **({"positions": self.positions} if self.positions is not None else {})}
 
     @property
     def unstorable(self) -> list[str]:
@@ -119,7 +124,21 @@ class CallInfo:
         d = d or {}
         parts = [tuple((k, _flag_value(v)) for k, v in (d.get(part) or {}).items())
                  for part in ("flags", "defaults", "declared")]
-        return cls(tuple(d.get("positional") or ()), *parts)
+        positions = d.get("positions")
+        positions = positions if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0 else None
+        return cls(tuple(d.get("positional") or ()), *parts, positions)
+
+
+def config_positions(config: Any) -> int | None:
+    """The most tokens one sequence may hold, as a Hugging Face config says (None when it says
+    nothing). RoBERTa's positions start after its padding index."""
+    for name in ("max_position_embeddings", "n_positions"):
+        n = getattr(config, name, None)
+        if isinstance(n, int) and n > 0:
+            if "roberta" in str(getattr(config, "model_type", "")) or getattr(config, "model_type", "") == "camembert":
+                n -= (getattr(config, "pad_token_id", None) or 0) + 1
+            return n
+    return None
 
 
 NOT_JSON = object()  # what flag_json gives for a value it cannot write

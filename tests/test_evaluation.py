@@ -338,3 +338,17 @@ def test_perplexity_refuses_max_tokens_below_two(max_tokens):
     """A negative max_tokens sliced tokens off the end of the text, silently."""
     with pytest.raises(ValueError, match=f"max_tokens must be at least 2 tokens, got {max_tokens}"):
         ev.perplexity(UniformLM(), ByteTokenizer(), "y" * 100, window=32, max_tokens=max_tokens)
+
+
+def test_a_compiled_model_takes_its_originals_default_window(tmp_path):
+    """A CompiledModel has no config: its window was 256 where the original's (128 positions) was
+    128, so the int4 model scored better than fp32; a GPT-2 of 128 positions failed."""
+    import slimfx
+
+    for arch in ("llama", "gpt2"):
+        lm = tiny(arch)
+        cm = slimfx.compile(lm, "quantize blocks.*.** : Linear int8")
+        cm.save(tmp_path / arch)
+        for m in (cm, slimfx.load(tmp_path / arch)):
+            assert ev.default_window(m) == ev.default_window(lm.model) == 128
+        ev.perplexity(cm, lm.tokenizer, ev.eval_text(), max_tokens=300)  # GPT-2: an IndexError past 128 positions
