@@ -133,7 +133,12 @@ def accepted_inputs(model: Callable, inputs: dict[str, torch.Tensor]) -> dict[st
     compiled model's graph was not captured with (an artifact compiled from bare input_ids)."""
     names = getattr(model, "input_names", None)
     if names is not None:
-        return {k: v for k, v in inputs.items() if k in names}
+        out = {k: v for k, v in inputs.items() if k in names}
+        # and the flags it was captured with away from what leaving them out means, which a call
+        # may not leave out (output_hidden_states=True in the example): perplexity() was refused
+        call = getattr(getattr(model, "graph", None), "call", None)
+        flags = dict(getattr(call, "flags", ()))
+        return {**out, **{n: flags[n] for n, _ in getattr(call, "declared", ()) if n in flags}}
     fn = model.forward if isinstance(model, nn.Module) else model
     try:
         params = inspect.signature(fn).parameters
@@ -183,7 +188,7 @@ def perplexity(model: Callable, tokenizer: Any, text: str, *, window: int | None
 
 def _exp(nll: float) -> float:
     """exp(mean NLL), inf past float's range (a mean NLL over 709 raised OverflowError)."""
-    return math.exp(nll) if nll < 709.78 else math.inf
+    return math.inf if nll > 709.78 else math.exp(nll)  # NaN stays NaN
 
 
 def scored_chunks(ids: torch.Tensor, window: int) -> list[torch.Tensor]:

@@ -19,7 +19,6 @@ from ..dsl.printer import format_rule
 from ..runtime.adapters import adapters_of
 from ..runtime.peft_format import adapter_directory
 from ..runtime.losses import lm_loss_problem
-from ..runtime.token_ops import token_ops_in
 from .block_reads import removal_problem, step_left_last, token_step_in
 from .block_rules import auto_count, collapse_range_problem, full_precision_problem, merge_problem
 from .blocks_view import without_blocks
@@ -34,7 +33,7 @@ from .graph_sizes import graph_bytes, graph_params, read_directly_note
 from .rewrite import TIED_NOTE, has_weight, shared_outside
 from .peft_in import check as check_adapter_directory
 from .select import resolve
-from .token_history import tokens_again_refusal
+from .token_history import no_gradients_problem, tokens_again_refusal
 
 __all__ = ["BoundRule", "Plan", "bind", "rebind"]
 
@@ -252,7 +251,9 @@ class _Binder:
         """What the model and the rules above decide before any weight changes: compile refused
         these only when the heal ran, after every rule above it (a LoRA heal's merge only after
         its training)."""
-        if rule.get("method") == "lora" and (problem := self._no_gradients("`heal method=lora` trains its adapters")):
+        lora = rule.get("method") == "lora"
+        if lora and (problem := no_gradients_problem(self.captured, self.token_line,
+                                                     "`heal method=lora` trains its adapters")):
             self._error(rule.span, "unsupported", *problem)
             return
         problem = heal_problem(rule, self.captured, self.graph if cuts else None, protected,
@@ -260,19 +261,6 @@ class _Binder:
                                mapped=self.mapped, all_cuts=not self.rebinding)
         if problem is not None:
             self._error(rule.span, *problem)
-
-    def _no_gradients(self, what: str) -> tuple[str, str] | None:
-        """(message, hint) where the token rules above, or an earlier compile's, put ops without
-        gradients in the model that `what` (a rule taking gradients) would run through."""
-        if self.token_line is not None:
-            return (f"{what} through the model, and the `tokens` rule on line {self.token_line} above it puts ops "
-                    "there that have no gradients", "put the `tokens` rules after it")
-        ops = token_ops_in(self.captured.module)
-        if ops:
-            return (f"{what} through the model, and an earlier compile's token rules put ops there that have no "
-                    f"gradients ({ops[0]}, …)", "write it into the policy that compiles the original model, "
-                    "above its `tokens` rules")
-        return None
 
     def _bind_keep(self, rule: A.Keep) -> BoundRule:
         # Resolved already when `_protected` ran in this binder (not in `rebind`, which is given them).
@@ -366,7 +354,8 @@ class _Binder:
             self._error(rule.span, "unsupported", "`by fisher` weighs each output by the gradient of a causal LM's "
                         f"next-token loss, and this model cannot give it: {problem}", "use `by output_mse`")
         elif isinstance(rule, A.Precision) and rule.metric == "fisher" and \
-                (problem := self._no_gradients("`by fisher` weighs each output by a gradient")):
+                (problem := no_gradients_problem(self.captured, self.token_line,
+                                                 "`by fisher` weighs each output by a gradient")):
             self._error(rule.span, "unsupported", problem[0], problem[1] + ", or use `by output_mse`")
         # A block and a module inside it can both be selected (`blocks.*.**` on GPT-2 reaches
         # c_attn by its path and by its role): each target counts once, or it is rewritten twice.

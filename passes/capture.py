@@ -119,8 +119,9 @@ def _default_dims(name: str, value: torch.Tensor) -> dict[int, str]:
         return {}
     dims = {0: "batch"}
     token_like = value.dim() == 2 and not value.is_floating_point()
-    if value.dim() == 4 and name.endswith("attention_mask"):  # [batch, 1 or heads, seq, seq]: a model's own mask
-        dims[2] = dims[3] = "seq"  # dim 1 doubled to 2 beside a broadcast head dim failed export, blamed on it
+    if value.dim() == 4 and name.endswith("attention_mask"):  # [batch, 1 or heads, seq or 1, seq]: a model's own
+        # mask; dim 1 doubled to 2 beside a broadcast head dim failed export, blamed on the model
+        dims.update({d: "seq" for d in (2, 3) if value.shape[d] > 1})  # a query dim of 1 broadcasts
     elif value.dim() >= 2 and (name in SEQ_INPUTS or token_like):
         dims[1] = "seq"
     return dims

@@ -5,6 +5,7 @@ user's model). capture.py calls them; each failure says what to change.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 
@@ -56,11 +57,16 @@ def unfillable_inputs(model: nn.Module, program, names: list[str], args: list, c
     example with its first row's first token made padding. RoBERTa numbers positions from its
     padding index, OPT from the mask's running sum; GPT-2 adds no type embedding without
     token_type_ids, and zeros add its first row to every token: their compiled models computed
-    something else, silently. Not run where the forward writes its own buffers (running it would
-    change the user's model): those stay fillable, as they were."""
+    something else, silently. A forward that writes its own buffers runs on a copy (it moved the
+    user's counter); one that cannot be copied leaves them unfillable (no telling)."""
     wanted = [n for n in CHECKED_FILLS if n in names]
-    if not wanted or written_attrs(program.module()):
+    if not wanted:
         return set()
+    if written_attrs(program.module()):
+        try:
+            model = copy.deepcopy(model)
+        except Exception:  # noqa: BLE001 - any copy failure: a call must give them
+            return set(wanted)
     return {n for n in wanted if not _fills_as_left_out(model, names, args, consts, n)}
 
 

@@ -64,6 +64,8 @@ def _earlier_positions_ignore_later_tokens(graph: ModelGraph) -> bool | None:
     changed[:, -1] = (ids[:, -1] + 1) % vocab
     rows: list[torch.Tensor] = []
     batches = [_probe_inputs(graph, ids_name, x.to(device)) for x in (ids, changed)]
+    if any(i.name not in batches[0] for i in graph.inputs):
+        return None  # an input the probe cannot make (a 4-D mask): no telling
     observe(graph, {_stream_per_position(graph.blocks[0].output): [lambda r: rows.append(r.float())]}, batches)
     earlier = torch.ones(batch, seq, dtype=torch.bool)
     earlier[:, -1] = False
@@ -78,8 +80,8 @@ def _probe_inputs(graph: ModelGraph, ids_name: str, ids: torch.Tensor) -> dict:
     runtime/inputs.py): the two runs compared take the same ones, so any will do (the probe of
     RoBERTa captured with them said "calibration batch 0 lacks inputs ['position_ids']")."""
     inputs = complete_inputs({ids_name: ids}, graph.inputs)
-    for info in graph.inputs:
-        if info.name in FILLABLE and info.name not in inputs:
+    for info in graph.inputs:  # token-shaped ones: a 4-D mask of the model's own is not made up
+        if info.name in FILLABLE and info.name not in inputs and len(info.shape) == 2:
             inputs[info.name] = FILLABLE[info.name](*ids.shape, info.dtype, ids.device)
     return inputs
 

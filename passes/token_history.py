@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..runtime import token_ops
 from .graph import ModelGraph
 
-__all__ = ["PACKED", "tokens_again_refusal"]
+__all__ = ["PACKED", "tokens_again_refusal", "no_gradients_problem"]
 
 # Node meta of a value that holds packed tokens (passes/tokens/pack.py writes it).
 PACKED = "slimfx_packed"
@@ -27,3 +27,18 @@ def tokens_again_refusal(graph: ModelGraph, rule_text: str) -> tuple[str, str] |
             f"tokens), and `{rule_text}` cannot be added on top of them",
             "compile the original model with all its token rules in one policy (`tokens unpad` and every "
             "`tokens after` rule); rules of other kinds (e.g. quantize) compile onto this one")
+
+
+def no_gradients_problem(graph: ModelGraph, token_line: int | None, what: str) -> tuple[str, str] | None:
+    """(message, hint) where a `tokens` rule above (on `token_line`), or an earlier compile's token
+    rules, put ops without gradients in the model that `what` (a rule taking gradients: a LoRA heal,
+    a Fisher budget) would run through; autograd's raw RuntimeError ended compile there."""
+    if token_line is not None:
+        return (f"{what} through the model, and the `tokens` rule on line {token_line} above it puts ops "
+                "there that have no gradients", "put the `tokens` rules after it")
+    ops = token_ops.token_ops_in(graph.module)
+    if ops:
+        return (f"{what} through the model, and an earlier compile's token rules put ops there that have no "
+                f"gradients ({ops[0]}, …)", "write it into the policy that compiles the original model, "
+                "above its `tokens` rules")
+    return None

@@ -19,6 +19,7 @@ from torch import fx, nn
 from .adapters import Adapter, adapter_nodes, adapters_of, is_adapter_param, output_node
 from .program import Program
 from .report import Report, RuleReport, counted
+from .masters import as_declared
 from .sizes import tensor_bytes
 from .forward_parts import recompile
 
@@ -121,7 +122,8 @@ def merged_report(report: Report, adapters: dict[str, Adapter], params: list[nn.
     """The report of `merge_adapters()`'s model: the compile it came from kept as history, then a
     row for the merge with the model's figures now (the compile's own counted the adapters' `params`,
     which are gone: its params and bytes after, and its rows, no longer described this model)."""
-    n, nbytes = sum(p.numel() for p in params), tensor_bytes(*params)
+    # as stored: inside float32_masters a half adapter holds a float32 master (runtime/masters.py)
+    n, nbytes = sum(p.numel() for p in params), tensor_bytes(*(as_declared(p) for p in params))
     row = RuleReport(0, "merge_adapters()", "merge", tuple(sorted(adapters)), n, 0, nbytes, 0,
                      notes=(f"{counted(len(adapters), 'adapter')} merged into {'its' if len(adapters) == 1 else 'their'} "
                             "weights",))

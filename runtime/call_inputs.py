@@ -139,9 +139,9 @@ class CallInputs:
         for name, default in self.graph.call.declared:
             if name not in given:
                 raise TypeError(f"{self.what} was captured with {name}={flags[name]!r}, and a call that leaves "
-                                f"{name} out means the forward's default {name}={default!r}, which the graph "
-                                f"does not compute: pass {name}={flags[name]!r}, or compile with example_inputs "
-                                f"that leave {name} out")
+                                f"{name} out means {name}={default!r} (the forward's default, or its model config's), "
+                                f"which the graph does not compute: pass {name}={flags[name]!r}, or compile with "
+                                f"example_inputs that leave {name} out")
 
     def _without_flags(self, kwargs: dict) -> dict:
         """Non-tensor keyword inputs (use_cache=False, return_dict=True) are part of the graph: one

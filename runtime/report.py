@@ -111,7 +111,8 @@ class Report:
         for col in ("line", "rule", "targets", "params before → after", "bytes before → after", "notes"):
             table.add_column(col, overflow="fold")
         for r in self.rules:
-            table.add_row(str(r.line) if r.line else "", escape(r.text),  # line 0: no policy's (merge_adapters()) str(len(r.targets)), _arrow(r.params_before, r.params_after),
+            line = str(r.line) if r.line else ""  # line 0: no policy's (merge_adapters())
+            table.add_row(line, escape(r.text), str(len(r.targets)), _arrow(r.params_before, r.params_after),
                           _arrow(r.bytes_before, r.bytes_after, format_bytes), escape("; ".join(r.notes)))
         table.add_row("", "[b]whole model[/b]", "", _arrow(self.params_before, self.params_after),
                       _arrow(self.bytes_before, self.bytes_after, format_bytes), f"{self.seconds:.1f} s")

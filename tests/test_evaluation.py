@@ -352,3 +352,24 @@ def test_a_compiled_model_takes_its_originals_default_window(tmp_path):
         for m in (cm, slimfx.load(tmp_path / arch)):
             assert ev.default_window(m) == ev.default_window(lm.model) == 128
         ev.perplexity(cm, lm.tokenizer, ev.eval_text(), max_tokens=300)  # GPT-2: an IndexError past 128 positions
+
+
+def test_a_nan_perplexity_stays_nan():
+    class Broken(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return (torch.full((*input_ids.shape, 256), math.nan),)
+
+    assert math.isnan(ev.perplexity(Broken(), ByteTokenizer(), "x" * 40, window=32))
+
+
+@pytest.mark.parametrize("flag, value", [("output_hidden_states", True), ("return_dict", False)])
+def test_a_model_compiled_with_a_flag_a_call_must_repeat_is_scored(flag, value):
+    """Such a flag may not be left out of a call (tests/runtime/test_call_inputs_flags.py), and
+    perplexity() left it out: refused."""
+    import slimfx
+
+    lm = tiny("llama")
+    cm = slimfx.compile(lm.model, "", example_inputs={**lm.example_inputs, flag: value})
+    text = "hello world, this is some text " * 20
+    assert ev.perplexity(cm, lm.tokenizer, text, window=16) == pytest.approx(
+        ev.perplexity(lm.model, lm.tokenizer, text, window=16), rel=1e-5)

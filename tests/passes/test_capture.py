@@ -282,3 +282,27 @@ def test_a_four_dimensional_attention_mask_varies_in_its_sequence_dims():
     assert cm.graph.inputs[1].dims == {0: "batch", 2: "seq", 3: "seq"}
     with torch.no_grad():
         assert torch.equal(cm(**causal(3, 9)).logits, model(**causal(3, 9)).logits)
+
+
+def test_a_four_dimensional_mask_with_one_query_row_broadcasts_it():
+    """[batch, 1, 1, seq] (BERT's extended form): its query dim of 1 was taken for the sequence,
+    widened, and export failed."""
+    import slimfx
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(50, 16), nn.Linear(16, 50)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.emb(input_ids)
+            s = (h @ h.transpose(1, 2) / 4)[:, None] + attention_mask
+            return self.out(s.softmax(-1)[:, 0] @ h)
+
+    torch.manual_seed(0)
+    model = Enc().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    cm = slimfx.compile(model, "", example_inputs={"input_ids": ids, "attention_mask": torch.zeros(2, 1, 1, 6)})
+    assert cm.graph.inputs[1].dims == {0: "batch", 3: "seq"}
+    other, mask = torch.randint(0, 50, (3, 9)), torch.zeros(3, 1, 1, 9)
+    assert torch.equal(cm(input_ids=other, attention_mask=mask), model(other, mask))

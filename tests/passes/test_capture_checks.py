@@ -241,24 +241,31 @@ def test_token_type_ids_are_filled_only_where_zeros_compute_what_leaving_them_ou
 
 
 class _Counting(nn.Module):
-    def __init__(self):
+    def __init__(self, from_mask: bool):
         super().__init__()
         self.emb, self.pos, self.out = nn.Embedding(50, 16), nn.Embedding(64, 16), nn.Linear(16, 50)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.from_mask = from_mask
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         self.calls += 1
-        if position_ids is None:
+        if position_ids is None and self.from_mask:  # as OPT numbers them
+            position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
+        elif position_ids is None:
             position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         return self.out(self.emb(input_ids) + self.pos(position_ids))
 
 
-def test_the_fill_check_does_not_run_a_model_that_writes_its_own_buffers():
-    """It ran the user's model twice, and its counter moved from 0 to 2."""
-    model, ids = _Counting().eval(), torch.randint(0, 50, (2, 6))
-    slimfx.compile(model, example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                          "position_ids": torch.arange(6).expand(2, 6)})
+@pytest.mark.parametrize("from_mask", [False, True])
+def test_the_fill_check_runs_a_model_that_writes_its_own_buffers_on_a_copy(from_mask):
+    """It ran the user's model twice, and its counter moved from 0 to 2; skipping the check left
+    positions a model numbers from its mask filled as 0, 1, 2, … (2.09 off, silently)."""
+    torch.manual_seed(0)
+    model, ids = _Counting(from_mask).eval(), torch.randint(0, 50, (2, 6))
+    cm = slimfx.compile(model, example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                               "position_ids": torch.arange(6).expand(2, 6)})
     assert model.calls.item() == 0
+    assert [i.fill for i in cm.graph.inputs if i.name == "position_ids"] == [not from_mask]
 
 
 class _StarAndKeywords(nn.Module):

@@ -82,9 +82,9 @@ def test_a_call_leaving_out_a_flag_the_example_set_away_from_its_default_is_refu
     with torch.no_grad():
         want = m(x, 3, True)
         for model in (cm, slimfx.load(tmp_path / "a")):
-            with pytest.raises(TypeError, match="leaves k out means the forward's default k=1"):
+            with pytest.raises(TypeError, match=r"leaves k out means k=1 \(the forward's default"):
                 model(x)
-            with pytest.raises(TypeError, match="leaves flip out means the forward's default flip=False"):
+            with pytest.raises(TypeError, match=r"leaves flip out means flip=False \(the forward's default"):
                 model(x, 3)
             for call in (lambda: model(x, 3, True), lambda: model(x, k=3, flip=True), lambda: model(x, 3, flip=True)):
                 assert torch.equal(call(), want)
@@ -150,7 +150,7 @@ def test_a_tuple_flag_is_saved_and_a_call_leaving_it_out_is_refused(tmp_path):
     for m in (cm, back):
         assert torch.equal(m(x=x, dims=(1,)), want)
         with pytest.raises(TypeError, match=r"captured with dims=\(1,\), and a call that leaves dims out means "
-                                            r"the forward's default dims=\(0, 1\)"):
+                                            r"dims=\(0, 1\) \(the forward's default"):
             m(x=x)
         with pytest.raises(TypeError, match=r"dims=\[1\] needs another graph"):  # a list is not the tuple
             m(x=x, dims=[1])
@@ -198,7 +198,7 @@ def test_a_call_leaving_out_a_config_flag_the_example_set_is_refused(flag, value
         with torch.no_grad():
             assert type(model(**x, **{flag: value})) is type(lm.model(**x, **{flag: value}))
         with pytest.raises(TypeError, match=rf"captured with {flag}={value}, and a call that leaves {flag} out means "
-                                            rf"the forward's default {flag}={not value}"):
+                                            rf"{flag}={not value} \(the forward's default, or its model config's\)"):
             model(**x)
 
 

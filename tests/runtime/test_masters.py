@@ -50,3 +50,11 @@ def test_a_checkpoint_copy_or_merge_inside_the_masters_holds_the_declared_dtype(
             torch.testing.assert_close(other(**lm.example_inputs).logits, after, rtol=0, atol=0)
         torch.testing.assert_close(merged(**lm.example_inputs).logits, after, atol=1e-4, rtol=1e-4)
     assert not torch.equal(inside, lm.model(**lm.example_inputs).logits)
+
+
+def test_a_merge_inside_the_masters_reports_the_bytes_the_adapters_are_stored_in():
+    lm = models.tiny("llama")
+    cm = slimfx.compile(lm, "adapt blocks.*.attn.q lora rank=4 alpha=8 dtype=fp16")
+    with float32_masters(cm.adapter_parameters()):
+        merged = cm.merge_adapters()
+    assert merged.report.bytes_after == merged.weight_bytes() == cm.report.bytes_after - merged.report.rules[0].bytes_before

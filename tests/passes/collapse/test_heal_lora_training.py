@@ -84,3 +84,23 @@ def test_a_lora_heal_or_fisher_budget_on_an_earlier_compiles_token_ops_is_refuse
                  "precision blocks.*.mlp.down choose {int8, int4} budget avg_bits<=6 by fisher"):
         with pytest.raises(SpecError, match=r"an earlier compile's token rules put ops there that have no gradients"):
             slimfx.compile(unpadded, rule)
+
+
+def test_a_model_whose_mask_the_causal_probe_cannot_make_plans_a_lora_heal():
+    """A 4-D mask of the model's own: the probe filled a 2-D one and died on the graph's guard."""
+    from torch import nn
+
+    lm = tiny("llama", layers=4)
+
+    class Wrapped(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    mask = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None].expand(2, 1, 6, 6).clone()
+    plan = slimfx.plan(Wrapped(lm.model).eval(), "drop blocks[1]\nheal method=lora steps=1",
+                       example_inputs={"input_ids": torch.randint(3, 250, (2, 6)), "attention_mask": mask})
+    assert len(plan.rules) == 2
